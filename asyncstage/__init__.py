@@ -1,0 +1,14 @@
+"""asyncstage: staging servers and volumes on EC2 for asyncio.
+
+Provision named servers and volumes, start, stop and wait for whole fleets at
+once, run commands over ssh and move data with rsync and dd.
+"""
+
+from __future__ import annotations
+
+from asyncstage import errors
+from asyncstage.errors import AsyncstageError
+
+__version__ = "0.1.0"
+
+__all__ = ["AsyncstageError", "__version__", "errors"]

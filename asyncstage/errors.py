@@ -1,0 +1,304 @@
+"""The one exception hierarchy of asyncstage.
+
+Every error the library raises derives from :class:`AsyncstageError`.
+Errors of the layers below (asyncssh, botocore, subprocesses) never reach the
+caller raw: they are wrapped in one of these, with the original kept as
+``__cause__`` and the server, volume or host they concern named in the message.
+
+::
+
+    AsyncstageError
+    ├── InvalidArgument            bad input, found before anything was changed
+    │   ├── BadSize
+    │   ├── BadFstype
+    │   ├── MountPointRefused
+    │   ├── ZoneMismatch
+    │   ├── NameTaken
+    │   └── PathError              a transfer path that cannot be resolved
+    ├── NotFound
+    │   ├── UnknownServer
+    │   ├── UnknownVolume
+    │   └── UnknownSnapshot
+    ├── WaitTimeout                what was awaited, and its last state
+    ├── EC2Error                   an EC2 API call failed (code, operation)
+    ├── SSHError                   anything over ssh; names the host
+    │   ├── ConnectError
+    │   │   └── ServerUnreachable  a server that never answered ssh
+    │   ├── HostKeyMismatch
+    │   ├── CommandFailed          command, exit status, signal, stdout, stderr
+    │   └── CommandTimeout
+    ├── VolumeError
+    │   ├── VolumeMounted          an operation that needs it unmounted
+    │   ├── VolumeNotMounted
+    │   └── VolumeInUse
+    ├── TransferError
+    │   ├── RsyncError             rsync's exit code and message
+    │   └── VerifyFailed           checksums of source and destination differ
+    └── LocalCloudError
+        ├── NeedsRoot
+        └── MissingDependency      names the Debian package to install
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AsyncstageError",
+    "BadFstype",
+    "BadSize",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConnectError",
+    "EC2Error",
+    "HostKeyMismatch",
+    "InvalidArgument",
+    "LocalCloudError",
+    "MissingDependency",
+    "MountPointRefused",
+    "NameTaken",
+    "NeedsRoot",
+    "NotFound",
+    "PathError",
+    "RsyncError",
+    "SSHError",
+    "ServerUnreachable",
+    "TransferError",
+    "UnknownServer",
+    "UnknownSnapshot",
+    "UnknownVolume",
+    "VerifyFailed",
+    "VolumeError",
+    "VolumeInUse",
+    "VolumeMounted",
+    "VolumeNotMounted",
+    "WaitTimeout",
+    "ZoneMismatch",
+]
+
+
+class AsyncstageError(Exception):
+    """Root of every error raised by asyncstage."""
+
+
+# -- bad input ---------------------------------------------------------------
+
+
+class InvalidArgument(AsyncstageError, ValueError):
+    """An argument was rejected before anything was changed."""
+
+
+class BadSize(InvalidArgument):
+    """A volume size that is not a positive whole number of GiB, or too small."""
+
+
+class BadFstype(InvalidArgument):
+    """A filesystem type that asyncstage cannot make or mount."""
+
+
+class MountPointRefused(InvalidArgument):
+    """A mount point over an essential part of the system (``/``, ``/usr`` ...)."""
+
+
+class ZoneMismatch(InvalidArgument):
+    """A volume and a server in different availability zones."""
+
+
+class NameTaken(InvalidArgument):
+    """A new server or volume was asked for with a name already in use."""
+
+
+class PathError(InvalidArgument):
+    """A transfer path that cannot be parsed or resolved."""
+
+
+# -- lookup ------------------------------------------------------------------
+
+
+class NotFound(AsyncstageError, LookupError):
+    """Something named or identified does not exist."""
+
+
+class UnknownServer(NotFound):
+    """No managed server with that name or instance id."""
+
+
+class UnknownVolume(NotFound):
+    """No managed volume with that name or volume id."""
+
+
+class UnknownSnapshot(NotFound):
+    """No snapshot with that id or name."""
+
+
+# -- waiting -----------------------------------------------------------------
+
+
+class WaitTimeout(AsyncstageError, TimeoutError):
+    """A wait ran out of time; says what was awaited and its last state."""
+
+    def __init__(self, what: str, *, timeout: float, last_state: str | None = None) -> None:
+        self.what = what
+        self.timeout = timeout
+        self.last_state = last_state
+        msg = f"timed out after {timeout:g}s waiting for {what}"
+        if last_state is not None:
+            msg += f" (last state: {last_state})"
+        super().__init__(msg)
+
+
+# -- EC2 ---------------------------------------------------------------------
+
+
+class EC2Error(AsyncstageError):
+    """An EC2 API call failed; ``code`` is EC2's error code (``InvalidVolume.NotFound`` ...)."""
+
+    def __init__(self, message: str, *, code: str | None = None, operation: str | None = None):
+        self.code = code
+        self.operation = operation
+        super().__init__(message)
+
+
+# -- ssh ---------------------------------------------------------------------
+
+
+class SSHError(AsyncstageError):
+    """A failure over ssh; ``host`` names the host it concerns."""
+
+    def __init__(self, message: str, *, host: str) -> None:
+        self.host = host
+        super().__init__(f"{host}: {message}")
+
+
+class ConnectError(SSHError):
+    """The ssh connection could not be opened or authenticated."""
+
+
+class ServerUnreachable(ConnectError):
+    """A server that never answered ssh within its timeout."""
+
+
+class HostKeyMismatch(SSHError):
+    """The host presented a key other than the pinned or expected one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        presented: str | None = None,
+        expected: Sequence[str] = (),
+    ) -> None:
+        self.presented = presented
+        self.expected = tuple(expected)
+        super().__init__(message, host=host)
+
+
+def _tail(text: str, lines: int = 10) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+class CommandFailed(SSHError):
+    """A remote command exited non-zero or was killed by a signal.
+
+    Carries the command line, ``exit_status``, ``signal``, ``stdout`` and
+    ``stderr`` (text, or bytes for binary commands).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        command: str,
+        exit_status: int | None,
+        signal: str | None = None,
+        stdout: str | bytes = "",
+        stderr: str | bytes = "",
+    ) -> None:
+        self.command = command
+        self.exit_status = exit_status
+        self.signal = signal
+        self.stdout = stdout
+        self.stderr = stderr
+        how = f"signal {signal}" if signal else f"exit status {exit_status}"
+        err = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        msg = f"command failed with {how}: {command}"
+        if err.strip():
+            msg += "\n" + _tail(err)
+        super().__init__(msg, host=host)
+
+
+class CommandTimeout(SSHError):
+    """A remote command did not finish within its timeout (it was stopped)."""
+
+    def __init__(self, *, host: str, command: str, timeout: float) -> None:
+        self.command = command
+        self.timeout = timeout
+        super().__init__(f"command timed out after {timeout:g}s: {command}", host=host)
+
+
+# -- volumes -----------------------------------------------------------------
+
+
+class VolumeError(AsyncstageError):
+    """A volume is not in the state an operation needs."""
+
+
+class VolumeMounted(VolumeError):
+    """The volume is mounted, and the operation needs it unmounted (dd, detach)."""
+
+
+class VolumeNotMounted(VolumeError):
+    """The volume is not mounted where the operation needs it."""
+
+
+class VolumeInUse(VolumeError):
+    """The volume is attached or busy and cannot be detached or deleted now."""
+
+
+# -- transfers ---------------------------------------------------------------
+
+
+class TransferError(AsyncstageError):
+    """An rsync or dd transfer failed; the destination may be partial."""
+
+
+class RsyncError(TransferError):
+    """rsync exited non-zero; ``exit_code`` and rsync's own ``message``."""
+
+    def __init__(self, message: str, *, exit_code: int, stderr: str = "") -> None:
+        self.exit_code = exit_code
+        self.stderr = stderr
+        super().__init__(message)
+
+
+class VerifyFailed(TransferError):
+    """The checksums of source and destination differ after a copy."""
+
+    def __init__(self, message: str, *, source: str, destination: str) -> None:
+        self.source_digest = source
+        self.destination_digest = destination
+        super().__init__(message)
+
+
+# -- local cloud -------------------------------------------------------------
+
+
+class LocalCloudError(AsyncstageError):
+    """The embedded local cloud could not start or do what was asked."""
+
+
+class NeedsRoot(LocalCloudError):
+    """The local cloud needs root (namespaces, mounts, loop devices)."""
+
+
+class MissingDependency(LocalCloudError):
+    """A program the local cloud needs is missing; names the package."""
+
+    def __init__(self, program: str, package: str) -> None:
+        self.program = program
+        self.package = package
+        super().__init__(
+            f"{program} is not installed: install the Debian package '{package}' "
+            f"(apt-get install {package}), or run 'make deps'"
+        )
