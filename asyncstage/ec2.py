@@ -1,0 +1,782 @@
+"""The only module that talks to EC2 (through aioboto3).
+
+:class:`EC2` wraps one aioboto3 client for one region: botocore's adaptive
+retry mode for throttling, every ``ClientError`` mapped to
+:class:`~asyncstage.errors.EC2Error` (or a ``NotFound`` subclass), describes
+batched by id, and waits that poll fast at first (about 1 s) and back off.
+Concurrent waits on instances share their poll rounds: one DescribeInstances
+call per round covers every instance anybody is waiting for.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, Literal
+
+import aioboto3
+import anyio
+from aiobotocore.config import AioConfig
+from botocore import xform_name
+from botocore.exceptions import BotoCoreError, ClientError
+
+from asyncstage.errors import (
+    AsyncstageError,
+    EC2Error,
+    UnknownServer,
+    UnknownSnapshot,
+    UnknownVolume,
+    WaitTimeout,
+)
+
+__all__ = [
+    "EC2",
+    "TAG_PREFIX",
+    "Resource",
+    "RetryMode",
+    "console_fingerprints",
+    "tag",
+    "tag_filters",
+    "tags_of",
+]
+
+TAG_PREFIX = "asyncstage:"
+"""Prefix of every tag asyncstage writes (``asyncstage:role``, ``asyncstage:name`` ...)."""
+
+Resource = dict[str, Any]
+RetryMode = Literal["adaptive", "standard"]
+
+_FILTER_CHUNK = 200  # values per filter EC2 accepts
+_FP_BEGIN = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
+_FP_END = "-----END SSH HOST KEY FINGERPRINTS-----"
+
+_NOT_FOUND: dict[str, type[AsyncstageError]] = {
+    "InvalidInstanceID.NotFound": UnknownServer,
+    "InvalidInstanceID.Malformed": UnknownServer,
+    "InvalidVolume.NotFound": UnknownVolume,
+    "InvalidVolumeID.Malformed": UnknownVolume,
+    "InvalidSnapshot.NotFound": UnknownSnapshot,
+    "InvalidSnapshotID.Malformed": UnknownSnapshot,
+}
+
+
+def tag(key: str) -> str:
+    """The full name of one of our tags: ``tag("name") == "asyncstage:name"``."""
+    return TAG_PREFIX + key
+
+
+def tags_of(resource: Mapping[str, Any]) -> dict[str, str]:
+    """The tags of an EC2 resource description as a plain dict."""
+    return {t["Key"]: t.get("Value", "") for t in resource.get("Tags", []) or []}
+
+
+def tag_filters(tags: Mapping[str, str | Sequence[str]]) -> list[dict[str, Any]]:
+    """EC2 ``Filters`` matching resources carrying all these tags (values or lists of values)."""
+    return [
+        {"Name": f"tag:{k}", "Values": [v] if isinstance(v, str) else list(v)}
+        for k, v in tags.items()
+    ]
+
+
+def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+def console_fingerprints(console: str) -> list[str]:
+    """The ``SHA256:...`` host key fingerprints cloud-init printed to an instance's console."""
+    found: list[str] = []
+    inside = False
+    for line in console.splitlines():
+        text = line.strip()
+        if _FP_BEGIN in text:
+            inside, found = True, []
+            continue
+        if _FP_END in text:
+            inside = False
+            continue
+        if inside:
+            found.extend(w for w in text.split() if w.startswith("SHA256:"))
+    return found
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class _Round:
+    """One shared DescribeInstances call: whoever comes first makes it for everybody."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.done = anyio.Event()
+        self.result: dict[str, Resource] | None = None
+        self.error: BaseException | None = None
+
+
+class EC2:
+    """An EC2 client for one region (``async with EC2(region=...) as ec2``).
+
+    ``endpoint_url`` points it at another endpoint (the local cloud, moto).
+    Credentials come from the standard AWS chain unless given.
+    ``poll_interval`` is the first pause between two polls of a wait; pauses grow
+    by ``poll_backoff`` up to ``poll_max_interval``.
+    """
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        retry_mode: RetryMode = "adaptive",
+        max_attempts: int = 10,
+        poll_interval: float = 1.0,
+        poll_backoff: float = 1.5,
+        poll_max_interval: float = 15.0,
+        coalesce_window: float = 0.05,
+        max_concurrency: int = 10,
+    ) -> None:
+        self._session = aioboto3.Session(
+            profile_name=profile,
+            region_name=region,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+        )
+        resolved = region or self._session.region_name
+        if not resolved:
+            raise EC2Error("no AWS region given and none configured (AWS_DEFAULT_REGION)")
+        self.region: str = resolved
+        self.endpoint_url = endpoint_url
+        self._config = AioConfig(
+            retries={"mode": retry_mode, "max_attempts": max_attempts},
+            max_pool_connections=max(10, max_concurrency),
+        )
+        self.poll_interval = poll_interval
+        self.poll_backoff = poll_backoff
+        self.poll_max_interval = poll_max_interval
+        self.coalesce_window = coalesce_window
+        self.limiter = anyio.CapacityLimiter(max_concurrency)
+        self.calls: Counter[str] = Counter()
+        """EC2 operations this client made, counted by name (retries not included)."""
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._round: _Round | None = None
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def open(self) -> EC2:
+        """Open the underlying client (``async with`` does it for you)."""
+        if self._client is None:
+            stack = AsyncExitStack()
+            try:
+                self._client = await stack.enter_async_context(
+                    self._session.client(
+                        "ec2",
+                        region_name=self.region,
+                        endpoint_url=self.endpoint_url,
+                        config=self._config,
+                    )
+                )
+            except (BotoCoreError, ClientError) as e:
+                await stack.aclose()
+                raise EC2Error(f"cannot open an EC2 client for {self.region}: {e}") from e
+            self._stack = stack
+        return self
+
+    async def close(self) -> None:
+        """Close the underlying client."""
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def __aenter__(self) -> EC2:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.close()
+
+    # -- calls ------------------------------------------------------------------
+
+    async def call(self, operation: str, /, **params: Any) -> Resource:
+        """Call one EC2 operation by its API name (``"DescribeInstances"``), errors mapped."""
+        if self._client is None:
+            await self.open()
+        method = getattr(self._client, xform_name(operation))
+        self.calls[operation] += 1
+        try:
+            result: Resource = await method(**params)
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", "")) or None
+            message = f"{operation} failed: {err.get('Message') or e}"
+            if code in _NOT_FOUND:
+                raise _NOT_FOUND[code](message) from e
+            raise EC2Error(message, code=code, operation=operation) from e
+        except BotoCoreError as e:
+            raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
+        return result
+
+    async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
+        """All items under ``key`` of every page of a describe call."""
+        items: list[Resource] = []
+        token: str | None = None
+        while True:
+            page = await self.call(operation, **params, **({"NextToken": token} if token else {}))
+            items.extend(page.get(key, []))
+            token = page.get("NextToken")
+            if not token:
+                return items
+
+    # -- describes ----------------------------------------------------------------
+
+    async def describe_instances(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        filters: Sequence[Mapping[str, Any]] = (),
+    ) -> list[Resource]:
+        """Instances by id (one call per 200 ids; unknown ids are left out) and/or filters."""
+        filters = list(filters)
+        if ids is None:
+            return self._flatten(
+                await self.paginate("DescribeInstances", "Reservations", Filters=filters)
+            )
+        found: list[Resource] = []
+        for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+            flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
+            found += self._flatten(
+                await self.paginate("DescribeInstances", "Reservations", Filters=flt)
+            )
+        return found
+
+    @staticmethod
+    def _flatten(reservations: list[Resource]) -> list[Resource]:
+        return [i for r in reservations for i in r.get("Instances", [])]
+
+    async def describe_instances_shared(self, ids: Iterable[str]) -> dict[str, Resource]:
+        """Instances by id, sharing one DescribeInstances round with concurrent callers.
+
+        Callers arriving within ``coalesce_window`` of each other are served by a
+        single call for the union of their ids.
+        """
+        wanted = set(ids)
+        while True:
+            rnd = self._round
+            leader = rnd is None
+            if rnd is None:
+                rnd = self._round = _Round()
+            rnd.ids |= wanted
+            if leader:
+                try:
+                    await anyio.sleep(self.coalesce_window)
+                    self._round = None
+                    found = await self.describe_instances(sorted(rnd.ids))
+                    rnd.result = {i["InstanceId"]: i for i in found}
+                except BaseException as e:
+                    rnd.error = e
+                    raise
+                finally:
+                    if self._round is rnd:
+                        self._round = None
+                    rnd.done.set()
+            else:
+                await rnd.done.wait()
+            if rnd.result is not None:
+                return {k: v for k, v in rnd.result.items() if k in wanted}
+            if isinstance(rnd.error, Exception) and not isinstance(
+                rnd.error, anyio.get_cancelled_exc_class()
+            ):
+                raise rnd.error
+            # the leader was cancelled: try again, maybe as the leader
+
+    async def describe_volumes(
+        self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
+    ) -> list[Resource]:
+        """Volumes by id (unknown ids are left out) and/or filters."""
+        flt = list(filters)
+        if ids is None:
+            return await self.paginate("DescribeVolumes", "Volumes", Filters=flt)
+        found: list[Resource] = []
+        for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+            found += await self.paginate(
+                "DescribeVolumes",
+                "Volumes",
+                Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
+            )
+        return found
+
+    async def describe_snapshots(
+        self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
+    ) -> list[Resource]:
+        """Our own snapshots by id (unknown ids are left out) and/or filters."""
+        flt = list(filters)
+        if ids is not None:
+            flt.append({"Name": "snapshot-id", "Values": list(ids)})
+        return await self.paginate("DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt)
+
+    async def describe_images(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        filters: Sequence[Mapping[str, Any]] = (),
+        owners: Sequence[str] = (),
+    ) -> list[Resource]:
+        """Images by id and/or filters, optionally of some owners only."""
+        params: dict[str, Any] = {"Filters": list(filters)}
+        if ids is not None:
+            params["ImageIds"] = list(ids)
+        if owners:
+            params["Owners"] = list(owners)
+        result = await self.call("DescribeImages", **params)
+        images: list[Resource] = result.get("Images", [])
+        return images
+
+    async def find_image(
+        self,
+        pattern: str,
+        *,
+        owners: Sequence[str] = (),
+        architecture: str | None = None,
+        root_type: str | None = None,
+    ) -> Resource:
+        """The image with this id, or the newest whose name matches the pattern."""
+        filters: list[dict[str, Any]] = [{"Name": "state", "Values": ["available"]}]
+        if architecture:
+            filters.append({"Name": "architecture", "Values": [architecture]})
+        if root_type:
+            filters.append({"Name": "root-device-type", "Values": [root_type]})
+        if pattern.startswith("ami-"):
+            images = await self.describe_images([pattern])
+        else:
+            filters.append({"Name": "name", "Values": [pattern]})
+            images = await self.describe_images(filters=filters, owners=owners)
+        if not images:
+            raise EC2Error(
+                f"no image matches {pattern!r} in {self.region}", code="InvalidAMIID.NotFound"
+            )
+        return max(images, key=lambda i: str(i.get("CreationDate", "")))
+
+    async def availability_zones(self) -> list[str]:
+        """The names of the region's available zones."""
+        result = await self.call(
+            "DescribeAvailabilityZones",
+            Filters=[{"Name": "state", "Values": ["available"]}],
+        )
+        return sorted(z["ZoneName"] for z in result.get("AvailabilityZones", []))
+
+    async def console_output(self, instance_id: str) -> str:
+        """The instance's console output as text ('' when there is none yet)."""
+        result = await self.call("GetConsoleOutput", InstanceId=instance_id)
+        raw = result.get("Output") or ""
+        try:
+            return base64.b64decode(raw, validate=True).decode(errors="replace")
+        except ValueError:
+            return str(raw)
+
+    # -- changes ----------------------------------------------------------------------
+
+    async def create_tags(self, ids: Sequence[str], tags: Mapping[str, str]) -> None:
+        """Set these tags on every resource listed (one call)."""
+        if ids and tags:
+            await self.call("CreateTags", Resources=list(ids), Tags=_tag_list(tags))
+
+    async def delete_tags(self, ids: Sequence[str], keys: Sequence[str]) -> None:
+        """Remove these tag keys from the resources."""
+        if ids and keys:
+            await self.call("DeleteTags", Resources=list(ids), Tags=[{"Key": k} for k in keys])
+
+    async def run_instances(
+        self,
+        *,
+        image_id: str,
+        count: int,
+        instance_type: str,
+        key_name: str | None = None,
+        security_group_ids: Sequence[str] = (),
+        availability_zone: str | None = None,
+        tags: Mapping[str, str] = {},
+        block_device_mappings: Sequence[Mapping[str, Any]] = (),
+        user_data: str | None = None,
+        client_token: str | None = None,
+    ) -> list[Resource]:
+        """Launch ``count`` instances in one RunInstances call (MinCount = MaxCount = count)."""
+        params: dict[str, Any] = {
+            "ImageId": image_id,
+            "MinCount": count,
+            "MaxCount": count,
+            "InstanceType": instance_type,
+        }
+        if key_name:
+            params["KeyName"] = key_name
+        if security_group_ids:
+            params["SecurityGroupIds"] = list(security_group_ids)
+        if availability_zone:
+            params["Placement"] = {"AvailabilityZone": availability_zone}
+        if tags:
+            params["TagSpecifications"] = [
+                {"ResourceType": "instance", "Tags": _tag_list(tags)},
+                {"ResourceType": "volume", "Tags": _tag_list(tags)},
+            ]
+        if block_device_mappings:
+            params["BlockDeviceMappings"] = [dict(m) for m in block_device_mappings]
+        if user_data is not None:
+            params["UserData"] = user_data
+        if client_token:
+            params["ClientToken"] = client_token
+        result = await self.call("RunInstances", **params)
+        instances: list[Resource] = result.get("Instances", [])
+        return instances
+
+    async def start_instances(self, ids: Sequence[str]) -> None:
+        """Start these instances (one call)."""
+        if ids:
+            await self.call("StartInstances", InstanceIds=list(ids))
+
+    async def stop_instances(self, ids: Sequence[str], *, force: bool = False) -> None:
+        """Stop these instances (one call)."""
+        if ids:
+            await self.call("StopInstances", InstanceIds=list(ids), Force=force)
+
+    async def terminate_instances(self, ids: Sequence[str]) -> None:
+        """Terminate these instances (one call)."""
+        if ids:
+            await self.call("TerminateInstances", InstanceIds=list(ids))
+
+    # -- volumes, snapshots, images ------------------------------------------------------
+
+    async def create_volume(
+        self,
+        *,
+        availability_zone: str,
+        size: int | None = None,
+        snapshot_id: str | None = None,
+        volume_type: str = "gp3",
+        tags: Mapping[str, str] = {},
+    ) -> Resource:
+        """Create an EBS volume (from a snapshot when given), tagged."""
+        params: dict[str, Any] = {"AvailabilityZone": availability_zone, "VolumeType": volume_type}
+        if size is not None:
+            params["Size"] = size
+        if snapshot_id:
+            params["SnapshotId"] = snapshot_id
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "volume", "Tags": _tag_list(tags)}]
+        return await self.call("CreateVolume", **params)
+
+    async def attach_volume(self, volume_id: str, instance_id: str, device: str) -> None:
+        """Attach a volume to an instance under an EC2 device name (``/dev/sdf``)."""
+        await self.call("AttachVolume", VolumeId=volume_id, InstanceId=instance_id, Device=device)
+
+    async def detach_volume(self, volume_id: str, *, force: bool = False) -> None:
+        """Detach a volume from its instance."""
+        await self.call("DetachVolume", VolumeId=volume_id, Force=force)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume."""
+        await self.call("DeleteVolume", VolumeId=volume_id)
+
+    async def create_snapshot(
+        self,
+        volume_id: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] = {},
+    ) -> Resource:
+        """Snapshot a volume, tagged."""
+        params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
+        return await self.call("CreateSnapshot", **params)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot."""
+        await self.call("DeleteSnapshot", SnapshotId=snapshot_id)
+
+    async def copy_snapshot(
+        self, snapshot_id: str, *, source_region: str, description: str = ""
+    ) -> str:
+        """Copy a snapshot of ``source_region`` into this region; the new snapshot's id."""
+        result = await self.call(
+            "CopySnapshot",
+            SourceSnapshotId=snapshot_id,
+            SourceRegion=source_region,
+            Description=description,
+        )
+        return str(result["SnapshotId"])
+
+    async def copy_image(
+        self, image_id: str, *, source_region: str, name: str, description: str = ""
+    ) -> str:
+        """Copy an image of ``source_region`` into this region; the new image's id."""
+        result = await self.call(
+            "CopyImage",
+            SourceImageId=image_id,
+            SourceRegion=source_region,
+            Name=name,
+            Description=description,
+        )
+        return str(result["ImageId"])
+
+    # -- key pairs and security groups ---------------------------------------------------
+
+    async def key_pair_exists(self, name: str) -> bool:
+        """Whether a key pair of this name exists."""
+        result = await self.call(
+            "DescribeKeyPairs", Filters=[{"Name": "key-name", "Values": [name]}]
+        )
+        return bool(result.get("KeyPairs"))
+
+    async def import_key_pair(
+        self,
+        name: str,
+        public_key: str,
+        *,
+        tags: Mapping[str, str] = {},
+    ) -> None:
+        """Import an OpenSSH public key as a key pair."""
+        params: dict[str, Any] = {"KeyName": name, "PublicKeyMaterial": public_key.encode()}
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "key-pair", "Tags": _tag_list(tags)}]
+        await self.call("ImportKeyPair", **params)
+
+    async def delete_key_pair(self, name: str) -> None:
+        """Delete a key pair."""
+        await self.call("DeleteKeyPair", KeyName=name)
+
+    async def ensure_security_group(
+        self,
+        name: str,
+        *,
+        cidrs: Sequence[str],
+        port: int = 22,
+        description: str = "asyncstage staging servers",
+        tags: Mapping[str, str] = {},
+    ) -> str:
+        """The id of the security group ``name``, made if needed, letting ssh in.
+
+        ssh is allowed from each CIDR and from members of the group itself; rules
+        already there are kept, missing ones are added.
+        """
+        found = await self.call(
+            "DescribeSecurityGroups", Filters=[{"Name": "group-name", "Values": [name]}]
+        )
+        groups = found.get("SecurityGroups", [])
+        if groups:
+            group = groups[0]
+            group_id = str(group["GroupId"])
+        else:
+            params: dict[str, Any] = {"GroupName": name, "Description": description}
+            if tags:
+                params["TagSpecifications"] = [
+                    {"ResourceType": "security-group", "Tags": _tag_list(tags)}
+                ]
+            group_id = str((await self.call("CreateSecurityGroup", **params))["GroupId"])
+            group = {}
+        have_cidrs: set[str] = set()
+        have_self = False
+        for perm in group.get("IpPermissions", []):
+            if perm.get("FromPort") == port and perm.get("IpProtocol") == "tcp":
+                have_cidrs |= {r["CidrIp"] for r in perm.get("IpRanges", [])}
+                have_self |= any(
+                    p.get("GroupId") == group_id for p in perm.get("UserIdGroupPairs", [])
+                )
+        perm_new: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
+        missing = [c for c in cidrs if c not in have_cidrs]
+        if missing or not have_self:
+            perm_new["IpRanges"] = [{"CidrIp": c} for c in missing]
+            perm_new["UserIdGroupPairs"] = [] if have_self else [{"GroupId": group_id}]
+            await self.call(
+                "AuthorizeSecurityGroupIngress", GroupId=group_id, IpPermissions=[perm_new]
+            )
+        return group_id
+
+    async def delete_security_group(self, group_id: str) -> None:
+        """Delete a security group."""
+        await self.call("DeleteSecurityGroup", GroupId=group_id)
+
+    # -- waiting -----------------------------------------------------------------------
+
+    async def _poll(
+        self,
+        fetch: Callable[[], Awaitable[bool]],
+        *,
+        what: str,
+        timeout: float,  # noqa: ASYNC109
+        last_state: Callable[[], str | None],
+    ) -> None:
+        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
+        interval = self.poll_interval
+        deadline = time.monotonic() + timeout
+        while True:
+            if await fetch():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(what, timeout=timeout, last_state=last_state())
+            await anyio.sleep(min(interval, left))
+            interval = min(interval * self.poll_backoff, self.poll_max_interval)
+
+    async def wait_for_instances(
+        self,
+        ids: Sequence[str],
+        state: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        labels: Mapping[str, str] = {},
+    ) -> tuple[dict[str, Resource], dict[str, Exception]]:
+        """Wait until every instance is in ``state``; one DescribeInstances per poll round.
+
+        Returns the instances that got there and, per instance that did not, the
+        error: :class:`WaitTimeout` with its last state, or :class:`EC2Error` when it
+        went somewhere it cannot come back from (terminated while waiting for running).
+        ``labels`` name the instances in the errors.
+        """
+        reached: dict[str, Resource] = {}
+        failed: dict[str, Exception] = {}
+        last: dict[str, str] = {}
+        waiting = set(ids)
+        dead = {"running": {"shutting-down", "terminated"}, "stopped": {"terminated"}}.get(
+            state, set()
+        )
+
+        def label(i: str) -> str:
+            return f"{labels[i]} ({i})" if i in labels else i
+
+        async def fetch() -> bool:
+            found = await self.describe_instances_shared(waiting)
+            for iid, inst in found.items():
+                now = inst.get("State", {}).get("Name", "unknown")
+                last[iid] = now
+                if now == state:
+                    reached[iid] = inst
+                    waiting.discard(iid)
+                elif now in dead:
+                    failed[iid] = EC2Error(
+                        f"instance {label(iid)} went {now} while waiting for {state}",
+                        code="IncorrectInstanceState",
+                        operation="DescribeInstances",
+                    )
+                    waiting.discard(iid)
+            return not waiting
+
+        try:
+            await self._poll(
+                fetch,
+                what=f"{len(waiting)} instance(s) to be {state}",
+                timeout=timeout,
+                last_state=lambda: None,
+            )
+        except WaitTimeout:
+            for iid in waiting:
+                failed[iid] = WaitTimeout(
+                    f"instance {label(iid)} to be {state}",
+                    timeout=timeout,
+                    last_state=last.get(iid, "unknown"),
+                )
+        return reached, failed
+
+    async def wait_for_instance(
+        self,
+        instance_id: str,
+        state: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        label: str | None = None,
+    ) -> Resource:
+        """Wait for one instance (sharing poll rounds with others); raise on failure."""
+        reached, failed = await self.wait_for_instances(
+            [instance_id], state, timeout=timeout, labels={instance_id: label} if label else {}
+        )
+        if instance_id in failed:
+            raise failed[instance_id]
+        return reached[instance_id]
+
+    async def wait_for_volume(
+        self,
+        volume_id: str,
+        check: Callable[[Resource], bool],
+        *,
+        what: str,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Resource:
+        """Poll one volume until ``check`` accepts it."""
+        seen: dict[str, Resource] = {}
+
+        async def fetch() -> bool:
+            found = await self.describe_volumes([volume_id])
+            if not found:
+                raise UnknownVolume(f"volume {volume_id} does not exist")
+            seen["v"] = found[0]
+            return check(found[0])
+
+        def last() -> str | None:
+            vol = seen.get("v")
+            if vol is None:
+                return None
+            att = vol.get("Attachments") or []
+            state = str(vol.get("State"))
+            return f"{state}, attachment {att[0].get('State')}" if att else state
+
+        await self._poll(fetch, what=what, timeout=timeout, last_state=last)
+        return seen["v"]
+
+    async def wait_for_snapshot(
+        self,
+        snapshot_id: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Resource:
+        """Poll a snapshot until it is completed."""
+        seen: dict[str, Resource] = {}
+
+        async def fetch() -> bool:
+            found = await self.describe_snapshots([snapshot_id])
+            if not found:
+                raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
+            seen["s"] = found[0]
+            if found[0].get("State") == "error":
+                raise EC2Error(f"snapshot {snapshot_id} failed", code="SnapshotError")
+            return bool(found[0].get("State") == "completed")
+
+        await self._poll(
+            fetch,
+            what=f"snapshot {snapshot_id} to complete",
+            timeout=timeout,
+            last_state=lambda: str(seen["s"].get("State")) if seen else None,
+        )
+        return seen["s"]
+
+    async def wait_for_image(
+        self,
+        image_id: str,
+        *,
+        timeout: float,  # noqa: ASYNC109
+    ) -> Resource:
+        """Poll an image until it is available."""
+        seen: dict[str, Resource] = {}
+
+        async def fetch() -> bool:
+            found = await self.describe_images([image_id])
+            if not found:
+                return False
+            seen["i"] = found[0]
+            if found[0].get("State") in ("failed", "error", "invalid", "deregistered"):
+                raise EC2Error(f"image {image_id} is {found[0].get('State')}")
+            return bool(found[0].get("State") == "available")
+
+        await self._poll(
+            fetch,
+            what=f"image {image_id} to be available",
+            timeout=timeout,
+            last_state=lambda: str(seen["i"].get("State")) if seen else None,
+        )
+        return seen["i"]
