@@ -21,6 +21,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   └── UnknownSnapshot
     ├── WaitTimeout                what was awaited, and its last state
     ├── EC2Error                   an EC2 API call failed (code, operation)
+    ├── FleetError                 an ExceptionGroup: some servers of a fleet failed;
+    │                              ``succeeded`` keeps the others
     ├── SSHError                   anything over ssh; names the host
     │   ├── ConnectError
     │   │   └── ServerUnreachable  a server that never answered ssh
@@ -42,6 +44,7 @@ caller raw: they are wrapped in one of these, with the original kept as
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AsyncstageError",
@@ -51,6 +54,7 @@ __all__ = [
     "CommandTimeout",
     "ConnectError",
     "EC2Error",
+    "FleetError",
     "HostKeyMismatch",
     "InvalidArgument",
     "LocalCloudError",
@@ -157,6 +161,34 @@ class EC2Error(AsyncstageError):
         self.code = code
         self.operation = operation
         super().__init__(message)
+
+
+# -- fleets ------------------------------------------------------------------
+
+
+class FleetError(ExceptionGroup[Exception], AsyncstageError):
+    """Some servers of a fleet operation failed (an ``ExceptionGroup``, use ``except*``).
+
+    Each sub-exception names its server; ``succeeded`` lists the servers for which
+    the operation worked (they are registered with the manager, never leaked).
+    """
+
+    succeeded: list[Any]
+
+    def __new__(
+        cls, message: str, exceptions: Sequence[Exception], *, succeeded: Sequence[Any] = ()
+    ) -> FleetError:
+        self = super().__new__(cls, message, exceptions)
+        self.succeeded = list(succeeded)
+        return self
+
+    def __init__(
+        self, message: str, exceptions: Sequence[Exception], *, succeeded: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(message, exceptions)
+
+    def derive(self, excs: Sequence[Exception]) -> FleetError:  # type: ignore[override]
+        return FleetError(self.message, excs, succeeded=self.succeeded)
 
 
 # -- ssh ---------------------------------------------------------------------
