@@ -28,7 +28,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   │   └── ServerUnreachable  a server that never answered ssh
     │   ├── HostKeyMismatch
     │   ├── CommandFailed          command, exit status, signal, stdout, stderr
-    │   └── CommandTimeout
+    │   ├── CommandTimeout
+    │   └── ConnectionLost         dropped while a command ran (it may have completed)
     ├── VolumeError
     │   ├── VolumeMounted          an operation that needs it unmounted
     │   ├── VolumeNotMounted
@@ -53,6 +54,7 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConnectError",
+    "ConnectionLost",
     "EC2Error",
     "FleetError",
     "HostKeyMismatch",
@@ -267,6 +269,13 @@ class CommandTimeout(SSHError):
         self.command = command
         self.timeout = timeout
         super().__init__(f"command timed out after {timeout:g}s: {command}", host=host)
+
+
+class ConnectionLost(SSHError):
+    """The connection dropped while a command ran; it may or may not have completed.
+
+    The command is never re-run automatically; the next command opens a new connection.
+    """
 
 
 # -- volumes -----------------------------------------------------------------

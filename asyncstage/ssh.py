@@ -1,0 +1,968 @@
+"""The ssh layer: run commands on a remote host over one shared asyncssh connection.
+
+:class:`SSHHost` is the handle a :class:`~asyncstage.Server` delegates to. It opens
+one connection per host on first use, shares it between every command, and opens
+a new one when it dropped (a command that may have started is never re-run).
+Channels are queued below the server's ``MaxSessions`` so that any number of
+concurrent commands simply wait their turn.
+
+Host keys are always verified against an OpenSSH-format ``known_hosts`` file of
+our own (:class:`KnownHosts`), which OpenSSH's ``ssh`` (used by rsync and
+:meth:`SSHHost.shell`) reads too:
+
+* ``expected_fingerprints`` given: the key must match one of them; it is then
+  pinned (replacing a stale pin for that address and port).
+* otherwise a pinned key must match (:class:`~asyncstage.errors.HostKeyMismatch`);
+* with no pin, policy ``"accept-new"`` pins the first key seen, ``"strict"``
+  refuses it.
+
+Command forms: one ``str`` (or ``bytes``) is a shell command line, run as is;
+several arguments are an argv, each quoted with :func:`quote` so that the remote
+(POSIX) shell interprets none of them. This module is the only place that builds
+shell command lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import fcntl
+import hashlib
+import hmac
+import io
+import os
+import re
+import shlex
+import shutil
+import sys
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, AnyStr, ClassVar, Generic, Literal, cast, overload
+
+import anyio
+import asyncssh
+
+from asyncstage.errors import (
+    CommandFailed,
+    CommandTimeout,
+    ConnectError,
+    ConnectionLost,
+    HostKeyMismatch,
+    InvalidArgument,
+    ServerUnreachable,
+    SSHError,
+)
+
+__all__ = [
+    "Command",
+    "CommandReader",
+    "CommandResult",
+    "CommandWriter",
+    "HostKeyPolicy",
+    "KnownHosts",
+    "SSHHost",
+    "command_line",
+    "quote",
+]
+
+Command = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+HostKeyPolicy = Literal["accept-new", "strict"]
+
+_OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed commands
+_KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
+_CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
+
+
+# -- quoting -----------------------------------------------------------------
+
+
+def _text(arg: Command) -> str:
+    value = os.fspath(arg)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value
+
+
+def quote(arg: Command) -> str:
+    """Quote one argument for a POSIX shell (str, bytes or os.PathLike)."""
+    return shlex.quote(_text(arg))
+
+
+def command_line(*cmd: Command) -> str:
+    """The shell command line for ``cmd``.
+
+    One ``str`` or ``bytes`` argument is a shell command line and is returned as
+    is; otherwise (several arguments, or one path) each argument is quoted.
+    """
+    if not cmd:
+        raise InvalidArgument("no command given")
+    if len(cmd) == 1 and isinstance(cmd[0], str | bytes):
+        line = _text(cmd[0])
+    else:
+        line = " ".join(quote(a) for a in cmd)
+    if not line.strip():
+        raise InvalidArgument("empty command line")
+    return line
+
+
+def _remote_line(cmd: Sequence[Command], sudo: bool) -> str:
+    line = command_line(*cmd)
+    if not sudo:
+        return line
+    if len(cmd) == 1 and isinstance(cmd[0], str | bytes):
+        return "sudo -n -- sh -c " + shlex.quote(line)
+    return "sudo -n -- " + line
+
+
+# -- results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished remote command: exit status (or signal name) and its output."""
+
+    command: str
+    exit_status: int | None
+    signal: str | None
+    stdout: str | bytes
+    stderr: str | bytes
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with status 0."""
+        return self.signal is None and self.exit_status == 0
+
+
+# -- known_hosts ---------------------------------------------------------------
+
+
+def _host_spec(address: str, port: int) -> str:
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def _pattern_matches(pattern: str, spec: str) -> bool:
+    regex = "".join(
+        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower()
+    )
+    return re.fullmatch(regex, spec.lower()) is not None
+
+
+def _hosts_match(field: str, spec: str) -> bool:
+    """OpenSSH host-field matching: hashed ``|1|salt|hash``, or patterns with ``*``/``?``/``!``."""
+    if field.startswith("|1|"):
+        try:
+            _, _, salt, digest = field.split("|", 3)
+            mac = hmac.new(base64.b64decode(salt), spec.encode(), hashlib.sha1).digest()
+        except (ValueError, TypeError):
+            return False
+        return hmac.compare_digest(base64.b64encode(mac).decode(), digest)
+    matched = False
+    for pattern in field.split(","):
+        negated = pattern.startswith("!")
+        if _pattern_matches(pattern[1:] if negated else pattern, spec):
+            if negated:
+                return False
+            matched = True
+    return matched
+
+
+def _key_line(key: str) -> str:
+    """``type base64`` of an OpenSSH public key line (comment dropped)."""
+    parts = key.split()
+    if len(parts) < 2:
+        raise InvalidArgument(f"not an OpenSSH public key: {key!r}")
+    return f"{parts[0]} {parts[1]}"
+
+
+class KnownHosts:
+    """An OpenSSH-format known_hosts file (also read by the OpenSSH ``ssh`` rsync runs).
+
+    Entries for port 22 are written ``address key``, others ``[address]:port key``,
+    exactly as OpenSSH does; hashed entries and patterns are understood when read.
+    """
+
+    _locks: ClassVar[dict[Path, threading.Lock]] = {}
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"KnownHosts({str(self.path)!r})"
+
+    def _lines(self) -> list[str]:
+        try:
+            return self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self._locks.setdefault(self.path.resolve(), threading.Lock())
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with lock, open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            yield
+
+    def lookup(self, address: str, port: int = 22) -> list[str]:
+        """The keys pinned for ``address``:``port``, as ``"ssh-ed25519 AAAA..."`` lines."""
+        spec = _host_spec(address, port)
+        keys: list[str] = []
+        for line in self._lines():
+            fields = line.split()
+            if len(fields) < 3 or fields[0].startswith(("#", "@")):
+                continue
+            if _hosts_match(fields[0], spec):
+                key = f"{fields[1]} {fields[2]}"
+                if key not in keys:
+                    keys.append(key)
+        return keys
+
+    def add(self, address: str, port: int, public_key: str) -> None:
+        """Pin ``public_key`` (``"ssh-ed25519 AAAA..."``) for ``address``:``port``."""
+        key = _key_line(public_key)
+        with self._locked():
+            if key in self.lookup(address, port):
+                return
+            existed = self.path.exists()
+            with open(self.path, "a") as f:
+                if not existed:
+                    os.chmod(self.path, 0o600)
+                f.write(f"{_host_spec(address, port)} {key}\n")
+
+    def remove(self, address: str, port: int = 22) -> None:
+        """Forget every key pinned for ``address``:``port``."""
+        spec = _host_spec(address, port)
+        with self._locked():
+            lines = self._lines()
+            keep = [
+                line
+                for line in lines
+                if not (
+                    len(line.split()) >= 3
+                    and not line.startswith(("#", "@"))
+                    and _hosts_match(line.split()[0], spec)
+                )
+            ]
+            if len(keep) == len(lines):
+                return
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+            os.chmod(tmp, 0o600)
+            tmp.replace(self.path)
+
+
+def _fingerprints(key: asyncssh.SSHKey) -> set[str]:
+    return {
+        key.get_fingerprint("sha256").rstrip("="),
+        key.get_fingerprint("md5"),
+    }
+
+
+def _openssh_key(key: asyncssh.SSHKey) -> str:
+    return _key_line(key.export_public_key("openssh").decode())
+
+
+# -- the asyncssh client ------------------------------------------------------
+
+
+class _Client(asyncssh.SSHClient):
+    """Judges a presented host key that is not among the pinned ones."""
+
+    def __init__(self, host: SSHHost, pinned: list[str]) -> None:
+        self._host = host
+        self._pinned = pinned
+        self.presented: asyncssh.SSHKey | None = None
+        self.refusal: str | None = None
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.presented = key
+        expected = self._host.expected_fingerprints
+        if expected:
+            if _fingerprints(key) & set(expected):
+                return True
+            self.refusal = "host key does not match the expected fingerprints"
+            return False
+        if self._pinned:
+            self.refusal = f"host key differs from the one pinned in {self._host.known_hosts.path}"
+            return False
+        if self._host.host_key_policy == "accept-new":
+            return True
+        self.refusal = (
+            f"host key not known and policy is strict (no entry in {self._host.known_hosts.path})"
+        )
+        return False
+
+
+@dataclass
+class _Link:
+    """One open connection, its session slots and its verified host key."""
+
+    conn: asyncssh.SSHClientConnection
+    sessions: anyio.Semaphore
+    host_key: str
+
+
+def _exited(proc: asyncssh.SSHClientProcess[Any]) -> bool:
+    return proc.exit_status is not None or proc.exit_signal is not None
+
+
+def _signal(proc: asyncssh.SSHClientProcess[Any], name: str) -> None:
+    with contextlib.suppress(OSError, asyncssh.Error):
+        proc.send_signal(name)
+
+
+async def _wait_gone(proc: asyncssh.SSHClientProcess[Any]) -> None:
+    """Wait until the command reported its exit, or its channel closed."""
+    async with anyio.create_task_group() as tg:
+
+        async def closed() -> None:
+            await proc.wait_closed()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(closed)
+        while not _exited(proc):  # noqa: ASYNC110 (asyncssh offers no event for exit-status)
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+
+class _Sink(io.RawIOBase):
+    """A file-like target for asyncssh output redirection: keeps a bounded tail, or echoes."""
+
+    def __init__(self, limit: int = _OUTPUT_TAIL, echo: IO[str] | None = None) -> None:
+        super().__init__()
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._limit = limit
+        self._echo = echo
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        if self._echo is not None:
+            _echo(self._echo, chunk)
+            return len(chunk)
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(self._chunks[0]) >= self._limit:
+            self._size -= len(self._chunks.popleft())
+        return len(chunk)
+
+    def close(self) -> None:
+        pass  # asyncssh closes targets at EOF; keep the tail readable
+
+    def value(self, encoding: str | None) -> str | bytes:
+        data = b"".join(self._chunks)
+        return data if encoding is None else data.decode(encoding, "replace")
+
+
+def _echo(stream: IO[str], data: bytes) -> None:
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        buffer.write(data)
+        buffer.flush()
+    else:
+        stream.write(data.decode("utf-8", "replace"))
+        stream.flush()
+
+
+# -- streams -------------------------------------------------------------------
+
+
+class CommandReader(Generic[AnyStr]):
+    """The stdout of a remote command, read as it is produced (see :meth:`SSHHost.scmd_read`)."""
+
+    def __init__(self, host: SSHHost, proc: asyncssh.SSHClientProcess[AnyStr], command: str):
+        self._host = host
+        self._proc: asyncssh.SSHClientProcess[AnyStr] = proc
+        self.command = command
+
+    async def read(self, n: int = -1) -> AnyStr:
+        """Up to ``n`` bytes/characters as soon as some are there (all until EOF if -1)."""
+        with self._host._map_errors(self.command):
+            return await self._proc.stdout.read(n)
+
+    async def readline(self) -> AnyStr:
+        """One line with its newline; the last line may lack it; empty at EOF."""
+        with self._host._map_errors(self.command):
+            return await self._proc.stdout.readline()
+
+    def at_eof(self) -> bool:
+        """True when the command closed its stdout and everything was read."""
+        return bool(self._proc.stdout.at_eof())
+
+    def __aiter__(self) -> CommandReader[AnyStr]:
+        return self
+
+    async def __anext__(self) -> AnyStr:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class CommandWriter(Generic[AnyStr]):
+    """The stdin of a remote command (see :meth:`SSHHost.scmd_write`)."""
+
+    def __init__(self, host: SSHHost, proc: asyncssh.SSHClientProcess[AnyStr], command: str):
+        self._host = host
+        self._proc: asyncssh.SSHClientProcess[AnyStr] = proc
+        self.command = command
+
+    async def write(self, data: AnyStr) -> None:
+        """Send ``data``; waits while the remote side is behind (backpressure)."""
+        try:
+            self._proc.stdin.write(data)
+            await self._proc.stdin.drain()
+        except (OSError, asyncssh.Error) as e:
+            if self._proc.channel.get_connection().is_closed():
+                raise self._host._lost(e, self.command) from e
+            raise SSHError(
+                f"command stopped reading its input: {self.command}", host=self._host.label
+            ) from e
+
+    async def drain(self) -> None:
+        """Wait until the data written so far was sent."""
+        with self._host._map_errors(self.command):
+            await self._proc.stdin.drain()
+
+
+# -- the host ------------------------------------------------------------------
+
+
+class SSHHost:
+    """A remote host reached over ssh, with one shared connection opened on first use.
+
+    ``known_hosts`` is the OpenSSH-format file where host keys are pinned;
+    ``expected_fingerprints`` (``"SHA256:..."`` as ``ssh-keygen -l`` prints them)
+    override the policy when given. ``label`` names the host in errors.
+    Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        port: int = 22,
+        username: str,
+        client_keys: Sequence[str | os.PathLike[str]] = (),
+        known_hosts: str | os.PathLike[str] | KnownHosts,
+        host_key_policy: HostKeyPolicy = "accept-new",
+        expected_fingerprints: Sequence[str] = (),
+        label: str | None = None,
+        connect_timeout: float = 30.0,
+        max_sessions: int = 10,
+        keepalive_interval: float = 15.0,
+    ) -> None:
+        if host_key_policy not in ("accept-new", "strict"):
+            raise InvalidArgument(f"unknown host key policy {host_key_policy!r}")
+        if max_sessions < 1:
+            raise InvalidArgument("max_sessions must be at least 1")
+        self.address = address
+        self.port = port
+        self.username = username
+        self.client_keys = [Path(k) for k in client_keys]
+        self.known_hosts = (
+            known_hosts if isinstance(known_hosts, KnownHosts) else KnownHosts(known_hosts)
+        )
+        self.host_key_policy: HostKeyPolicy = host_key_policy
+        self.expected_fingerprints = tuple(fp.strip().rstrip("=") for fp in expected_fingerprints)
+        self.label = label or address
+        self.connect_timeout = connect_timeout
+        self.max_sessions = max_sessions
+        self.keepalive_interval = keepalive_interval
+        self._link: _Link | None = None
+        self._connect_lock: anyio.Lock | None = None
+        self._pinged = False
+
+    def __repr__(self) -> str:
+        return f"<SSHHost {self.username}@{self.address}:{self.port} ({self.label})>"
+
+    async def __aenter__(self) -> SSHHost:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- connection ------------------------------------------------------------
+
+    async def _connection(self) -> _Link:
+        link = self._link
+        if link is not None and not link.conn.is_closed():
+            return link
+        if self._connect_lock is None:
+            self._connect_lock = anyio.Lock()
+        async with self._connect_lock:
+            link = self._link
+            if link is not None and not link.conn.is_closed():
+                return link
+            self._link = None
+            self._link = await self._connect()
+            return self._link
+
+    async def _connect(self) -> _Link:
+        pinned = (
+            [] if self.expected_fingerprints else self.known_hosts.lookup(self.address, self.port)
+        )
+        trusted = [asyncssh.import_public_key(k) for k in pinned]
+        client = _Client(self, pinned)
+        options: dict[str, Any] = {}
+        if self.client_keys:
+            options["client_keys"] = [str(k) for k in self.client_keys]
+            options["agent_path"] = None
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                conn, _ = await asyncssh.create_connection(
+                    lambda: client,
+                    self.address,
+                    self.port,
+                    username=self.username,
+                    known_hosts=(trusted, [], []),
+                    config=[],
+                    keepalive_interval=self.keepalive_interval,
+                    keepalive_count_max=3,
+                    connect_timeout=self.connect_timeout,
+                    login_timeout=self.connect_timeout,
+                    **options,
+                )
+        except asyncssh.HostKeyNotVerifiable as e:
+            presented = client.presented
+            raise HostKeyMismatch(
+                client.refusal or str(e),
+                host=self.label,
+                presented=presented.get_fingerprint("sha256") if presented else None,
+                expected=self.expected_fingerprints
+                or [asyncssh.import_public_key(k).get_fingerprint("sha256") for k in pinned],
+            ) from e
+        except TimeoutError as e:
+            raise ServerUnreachable(
+                f"no ssh answer on port {self.port} within {self.connect_timeout:g}s",
+                host=self.label,
+            ) from e
+        except asyncssh.PermissionDenied as e:
+            raise ConnectError(
+                f"ssh authentication as {self.username} failed: {e.reason}", host=self.label
+            ) from e
+        except ConnectionRefusedError as e:
+            raise ServerUnreachable(
+                f"ssh connection to port {self.port} refused", host=self.label
+            ) from e
+        except OSError as e:
+            if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
+                raise ServerUnreachable(f"unreachable: {e}", host=self.label) from e
+            raise ConnectError(f"ssh connection failed: {e}", host=self.label) from e
+        except asyncssh.Error as e:
+            raise ConnectError(f"ssh connection failed: {e.reason}", host=self.label) from e
+        key = conn.get_server_host_key()
+        if key is None:  # only with GSS key exchange, which is never enabled here
+            conn.close()
+            raise HostKeyMismatch("the server presented no host key", host=self.label)
+        host_key = _openssh_key(key)
+        if self.expected_fingerprints:
+            if host_key not in self.known_hosts.lookup(self.address, self.port):
+                self.known_hosts.remove(self.address, self.port)
+                self.known_hosts.add(self.address, self.port, host_key)
+        elif not pinned:
+            self.known_hosts.add(self.address, self.port, host_key)
+        return _Link(conn, anyio.Semaphore(self.max_sessions), host_key)
+
+    def _drop(self, link: _Link) -> None:
+        """Forget a broken connection; the next command opens a new one."""
+        self._pinged = False
+        if self._link is link:
+            self._link = None
+        link.conn.close()
+
+    def reset(self) -> None:
+        """Forget the cached :meth:`ping` result and close the connection (reopened on use)."""
+        self._pinged = False
+        link, self._link = self._link, None
+        if link is not None:
+            link.conn.close()
+
+    async def close(self) -> None:
+        """Close the connection (a later command opens a new one)."""
+        link, self._link = self._link, None
+        self._pinged = False
+        if link is not None:
+            link.conn.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_WAIT):
+                await link.conn.wait_closed()
+
+    async def host_public_key(self) -> str:
+        """The verified host key, ``"ssh-ed25519 AAAA..."`` (connects if needed)."""
+        return (await self._connection()).host_key
+
+    # -- errors ----------------------------------------------------------------
+
+    def _lost(self, exc: BaseException, command: str) -> SSHError:
+        self._pinged = False
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return ConnectionLost(
+            f"connection lost while running {command!r} ({reason}); it may or may not have "
+            "completed",
+            host=self.label,
+        )
+
+    @contextlib.contextmanager
+    def _map_errors(self, command: str) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, asyncssh.Error) as e:
+            raise self._lost(e, command) from e
+
+    @contextlib.contextmanager
+    def _timeout(self, timeout: float | None, command: str) -> Iterator[None]:
+        if timeout is None:
+            yield
+            return
+        with anyio.move_on_after(timeout) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise CommandTimeout(host=self.label, command=command, timeout=timeout)
+
+    def _result(
+        self,
+        command: str,
+        proc: asyncssh.SSHClientProcess[Any],
+        stdout: str | bytes,
+        stderr: str | bytes,
+    ) -> CommandResult:
+        signal = proc.exit_signal[0] if proc.exit_signal else None
+        status = None if signal else proc.exit_status
+        if signal is None and status is None:
+            raise self._lost(EOFError("no exit status"), command)
+        return CommandResult(command, status, signal, stdout, stderr)
+
+    def _failed(self, result: CommandResult) -> CommandFailed:
+        return CommandFailed(
+            host=self.label,
+            command=result.command,
+            exit_status=result.exit_status,
+            signal=result.signal,
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
+
+    # -- processes ---------------------------------------------------------------
+
+    async def _start(
+        self, command: str, encoding: str | None, **kwargs: Any
+    ) -> tuple[_Link, asyncssh.SSHClientProcess[Any]]:
+        """Open a channel and start ``command``; returns with a session slot held."""
+        raw = cast(str, command.encode("utf-8", "surrogateescape"))  # asyncssh sends bytes as is
+        delay = 0.005
+        deadline: float | None = None
+        reconnected = False
+        while True:
+            link = await self._connection()
+            await link.sessions.acquire()
+            try:
+                # Shielded: a channel that opened is always handed over (and later closed).
+                with anyio.CancelScope(shield=True), anyio.fail_after(self.connect_timeout):
+                    proc = await link.conn.create_process(
+                        raw, encoding=encoding, errors="replace", **kwargs
+                    )
+            except asyncssh.ChannelOpenError as e:
+                # The channel never opened (or its exec was refused): the command did not start.
+                link.sessions.release()
+                if link.conn.is_closed():
+                    self._drop(link)
+                    if not reconnected:
+                        reconnected = True
+                        continue
+                    raise self._lost(e, command) from e
+                if e.code in (
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                    asyncssh.OPEN_CONNECT_FAILED,
+                    asyncssh.OPEN_RESOURCE_SHORTAGE,
+                ):
+                    # sshd frees a session slot a little after the channel closed
+                    # ("no more sessions"): wait and try again.
+                    now = anyio.current_time()
+                    deadline = deadline if deadline is not None else now + self.connect_timeout
+                    if now < deadline:
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 0.25)
+                        continue
+                raise SSHError(
+                    f"the server refused a session for {command!r}: {e.reason}", host=self.label
+                ) from e
+            except TimeoutError as e:
+                link.sessions.release()
+                self._drop(link)
+                raise CommandTimeout(
+                    host=self.label, command=command, timeout=self.connect_timeout
+                ) from e
+            except (OSError, asyncssh.Error) as e:
+                link.sessions.release()
+                self._drop(link)
+                raise self._lost(e, command) from e
+            except BaseException:
+                link.sessions.release()
+                raise
+            return link, proc
+
+    async def _stop(self, proc: asyncssh.SSHClientProcess[Any]) -> None:
+        """Make sure the remote command is gone (TERM, then KILL) and its channel closed."""
+        if not _exited(proc):
+            # OpenSSH (>= 7.9) delivers these to the session's process group (killpg).
+            _signal(proc, "TERM")
+            with anyio.move_on_after(_KILL_GRACE):
+                await _wait_gone(proc)
+            if not _exited(proc):
+                _signal(proc, "KILL")
+        proc.close()
+        with anyio.move_on_after(_CLOSE_WAIT):
+            await proc.wait_closed()
+
+    @asynccontextmanager
+    async def _process(
+        self, command: str, encoding: str | None, **kwargs: Any
+    ) -> AsyncIterator[asyncssh.SSHClientProcess[Any]]:
+        link, proc = await self._start(command, encoding, **kwargs)
+        try:
+            yield proc
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._stop(proc)
+                finally:
+                    link.sessions.release()
+
+    # -- commands ----------------------------------------------------------------
+
+    async def run(
+        self,
+        *cmd: Command,
+        input: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-command limit is the API)
+        encoding: str | None = "utf-8",
+        sudo: bool = False,
+    ) -> CommandResult:
+        """Run a command to completion; its exit status and whole stdout/stderr.
+
+        ``check=True`` raises :class:`~asyncstage.errors.CommandFailed` on a non-zero
+        exit; ``encoding=None`` gives bytes; ``timeout`` raises
+        :class:`~asyncstage.errors.CommandTimeout` (the command is stopped).
+        """
+        command = _remote_line(cmd, sudo)
+        if input is not None and encoding is not None and isinstance(input, bytes):
+            input = input.decode(encoding)
+        elif input is not None and encoding is None and isinstance(input, str):
+            input = input.encode()
+        with self._timeout(timeout, command):
+            kwargs: dict[str, Any] = {} if input is None else {"input": input}
+            async with self._process(command, encoding, **kwargs) as proc:
+                with self._map_errors(command):
+                    done = await proc.wait()
+                result = self._result(command, proc, done.stdout or "", done.stderr or "")
+        if check and not result.ok:
+            raise self._failed(result)
+        return result
+
+    async def scmd(
+        self,
+        *cmd: Command,
+        check: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-command limit is the API)
+        input: str | bytes | None = None,
+        sudo: bool = False,
+    ) -> str:
+        """Run a command and return its stdout like shell backticks (raises on failure)."""
+        result = await self.run(*cmd, input=input, check=check, timeout=timeout, sudo=sudo)
+        return cast(str, result.stdout)
+
+    async def ssh(
+        self,
+        *cmd: Command,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-command limit is the API)
+        sudo: bool = False,
+    ) -> bool:
+        """Run a command with its output on our stdout/stderr as it comes; True on exit 0."""
+        command = _remote_line(cmd, sudo)
+        with self._timeout(timeout, command):
+            async with self._process(
+                command,
+                None,
+                stdin=asyncssh.DEVNULL,
+                stdout=_Sink(echo=sys.stdout),
+                stderr=_Sink(echo=sys.stderr),
+            ) as proc:
+                with self._map_errors(command):
+                    await proc.wait()
+                result = self._result(command, proc, b"", b"")
+        return result.ok
+
+    @overload
+    def scmd_read(
+        self, *cmd: Command, encoding: None, sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandReader[bytes]]: ...
+    @overload
+    def scmd_read(
+        self, *cmd: Command, encoding: str = "utf-8", sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandReader[str]]: ...
+    def scmd_read(
+        self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandReader[Any]]:
+        """``async with host.scmd_read(...) as f``: read the command's stdout as it is produced.
+
+        Leaving the block before the end of the output stops the remote command;
+        reading to the end waits for it and raises
+        :class:`~asyncstage.errors.CommandFailed` on a non-zero exit.
+        """
+        return self._reading(_remote_line(cmd, sudo), encoding)
+
+    @asynccontextmanager
+    async def _reading(
+        self, command: str, encoding: str | None
+    ) -> AsyncIterator[CommandReader[Any]]:
+        stderr = _Sink()
+        async with self._process(command, encoding, stdin=asyncssh.DEVNULL, stderr=stderr) as proc:
+            reader: CommandReader[Any] = CommandReader(self, proc, command)
+            yield reader
+            if not reader.at_eof():
+                return  # left early: the command is stopped on the way out
+            with self._map_errors(command):
+                await proc.wait()
+            result = self._result(command, proc, "" if encoding else b"", stderr.value(encoding))
+        if not result.ok:
+            raise self._failed(result)
+
+    @overload
+    def scmd_write(
+        self, *cmd: Command, encoding: None, sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandWriter[bytes]]: ...
+    @overload
+    def scmd_write(
+        self, *cmd: Command, encoding: str = "utf-8", sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandWriter[str]]: ...
+    def scmd_write(
+        self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandWriter[Any]]:
+        """``async with host.scmd_write(...) as f: await f.write(data)``: feed the command's stdin.
+
+        Writes wait for the remote side (flat memory). Leaving the block sends EOF,
+        waits for the command and raises :class:`~asyncstage.errors.CommandFailed`
+        on a non-zero exit; leaving it by an exception stops the command.
+        """
+        return self._writing(_remote_line(cmd, sudo), encoding)
+
+    @asynccontextmanager
+    async def _writing(
+        self, command: str, encoding: str | None
+    ) -> AsyncIterator[CommandWriter[Any]]:
+        stdout, stderr = _Sink(), _Sink()
+        async with self._process(command, encoding, stdout=stdout, stderr=stderr) as proc:
+            yield CommandWriter(self, proc, command)
+            with self._map_errors(command):
+                if not proc.is_closing():
+                    proc.stdin.write_eof()
+                await proc.wait()
+            result = self._result(command, proc, stdout.value(encoding), stderr.value(encoding))
+        if not result.ok:
+            raise self._failed(result)
+
+    async def ping(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+        """True when the host answers ssh and runs ``true`` within ``timeout``.
+
+        A success is remembered until :meth:`reset` or a connection failure.
+        """
+        link = self._link
+        if self._pinged and link is not None and not link.conn.is_closed():
+            return True
+        try:
+            with anyio.fail_after(timeout):
+                await self.run("true", timeout=timeout)
+        except (SSHError, TimeoutError):
+            self._pinged = False
+            return False
+        self._pinged = True
+        return True
+
+    # -- OpenSSH ---------------------------------------------------------------------
+
+    def openssh_options(self, *, batch: bool = True) -> list[str]:
+        """Options for OpenSSH ``ssh`` (e.g. ``rsync -e``): our key, port and known_hosts.
+
+        Host keys are checked strictly against :attr:`known_hosts` (connect once with
+        this host first, e.g. :meth:`host_public_key`, so that the key is pinned).
+        """
+        known = str(self.known_hosts.path)
+        if any(c.isspace() for c in known):
+            known = '"' + known + '"'
+        opts = ["-F", "/dev/null", "-p", str(self.port)]
+        for key in self.client_keys:
+            opts += ["-i", str(key)]
+        if self.client_keys:
+            opts += ["-o", "IdentitiesOnly=yes"]
+        if batch:
+            opts += ["-o", "BatchMode=yes"]
+        opts += [
+            "-o",
+            f"UserKnownHostsFile={known}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "CheckHostIP=no",
+            "-o",
+            f"ConnectTimeout={max(1, round(self.connect_timeout))}",
+            "-o",
+            f"ServerAliveInterval={max(1, round(self.keepalive_interval))}",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        return opts
+
+    def openssh_argv(self, *cmd: Command) -> list[str]:
+        """``["ssh", *options, "user@address", "--", line]`` running ``cmd`` (a shell if none)."""
+        argv = ["ssh", *self.openssh_options(), f"{self.username}@{self.address}"]
+        if cmd:
+            argv += ["--", command_line(*cmd)]
+        return argv
+
+    async def shell(self) -> int:
+        """An interactive shell with OpenSSH ``ssh``: in a new terminal window under X
+        (``DISPLAY`` set), else in this terminal. Returns the exit code of ``ssh``
+        (or of the terminal emulator)."""
+        await self.host_public_key()  # verify and pin the host key our way first
+        argv = ["ssh", *self.openssh_options(batch=False), f"{self.username}@{self.address}"]
+        terminal = _terminal_emulator() if os.environ.get("DISPLAY") else None
+        if terminal is not None:
+            argv = [*terminal, *argv]
+        try:
+            done = await anyio.run_process(argv, stdin=None, stdout=None, stderr=None, check=False)
+        except OSError as e:
+            raise SSHError(f"could not run {argv[0]}: {e}", host=self.label) from e
+        return done.returncode
+
+
+def _terminal_emulator() -> list[str] | None:
+    """The argv prefix that runs a command in a new terminal window, if one is installed."""
+    candidates = [os.environ.get("TERMINAL", ""), "x-terminal-emulator", "xterm", "urxvt"]
+    for name in candidates:
+        if name and shutil.which(name):
+            return [name, "-e"]
+    for name in ("gnome-terminal", "konsole", "xfce4-terminal"):
+        if shutil.which(name):
+            return [name, "--wait", "--"] if name == "gnome-terminal" else [name, "-e"]
+    return None
