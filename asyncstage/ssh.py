@@ -77,6 +77,11 @@ HostKeyPolicy = Literal["accept-new", "strict"]
 _OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed commands
 _KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
 _CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
+_PID_MARKER = b"asyncstage-pgid:"
+# Every command runs behind this line, which tells us the remote shell's pid: sshd makes
+# that shell a session and process-group leader, so `kill -- -PGID` over a second channel
+# stops the whole command even where sshd ignores signal requests (root logins).
+_WRAPPER = "printf '%s%s\\n' '" + _PID_MARKER.decode() + '\' "$$" >&2\n'
 
 
 # -- quoting -----------------------------------------------------------------
@@ -307,8 +312,19 @@ class _Link:
     """One open connection, its session slots and its verified host key."""
 
     conn: asyncssh.SSHClientConnection
-    sessions: anyio.Semaphore
+    sessions: anyio.Semaphore  # for commands: max_sessions - 1
+    spare: anyio.Semaphore  # the one session kept free for stopping commands
     host_key: str
+
+
+@dataclass
+class _Running:
+    """A started command: its channel, where it runs, and its stderr sink (with the pgid)."""
+
+    link: _Link
+    proc: asyncssh.SSHClientProcess[Any]
+    stderr: _Sink
+    sudo: bool
 
 
 def _exited(proc: asyncssh.SSHClientProcess[Any]) -> bool:
@@ -335,33 +351,68 @@ async def _wait_gone(proc: asyncssh.SSHClientProcess[Any]) -> None:
 
 
 class _Sink(io.RawIOBase):
-    """A file-like target for asyncssh output redirection: keeps a bounded tail, or echoes."""
+    """A file-like target for asyncssh's output redirection.
 
-    def __init__(self, limit: int = _OUTPUT_TAIL, echo: IO[str] | None = None) -> None:
+    Keeps the output (a bounded tail with ``limit``) or echoes it to a local
+    stream. As the stderr sink it also takes out the line our command wrapper
+    prints first (:data:`_PID_MARKER` and the remote shell's pid), remembered as
+    :attr:`pgid`: the process group to kill when the command must stop.
+    """
+
+    def __init__(
+        self, limit: int | None = _OUTPUT_TAIL, echo: IO[str] | None = None, marker: bool = False
+    ) -> None:
         super().__init__()
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._limit = limit
         self._echo = echo
+        self._head: bytes | None = b"" if marker else None  # output held until the marker
+        self.pgid: int | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        if self._echo is not None:
-            _echo(self._echo, chunk)
-            return len(chunk)
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        while self._size - len(self._chunks[0]) >= self._limit:
-            self._size -= len(self._chunks.popleft())
+        if self._head is not None:
+            self._head += chunk
+            while self._head is not None and b"\n" in self._head:
+                line, self._head = self._head.split(b"\n", 1)
+                if line.startswith(_PID_MARKER) and line[len(_PID_MARKER) :].isdigit():
+                    self.pgid = int(line[len(_PID_MARKER) :])
+                    rest, self._head = self._head, None
+                    self._keep(rest)
+                else:
+                    self._keep(line + b"\n")
+            if self._head is not None and len(self._head) > 65536:
+                self._flush_head()
+        else:
+            self._keep(chunk)
         return len(chunk)
 
+    def _flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self._keep(head)
+
+    def _keep(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        if self._echo is not None:
+            _echo(self._echo, chunk)
+            return
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        if self._limit is not None:
+            while self._size - len(self._chunks[0]) >= self._limit:
+                self._size -= len(self._chunks.popleft())
+
     def close(self) -> None:
-        pass  # asyncssh closes targets at EOF; keep the tail readable
+        self._flush_head()  # asyncssh closes targets at EOF; keep the output readable
 
     def value(self, encoding: str | None) -> str | bytes:
+        self._flush_head()
         data = b"".join(self._chunks)
         return data if encoding is None else data.decode(encoding, "replace")
 
@@ -580,7 +631,9 @@ class SSHHost:
                 self.known_hosts.add(self.address, self.port, host_key)
         elif not pinned:
             self.known_hosts.add(self.address, self.port, host_key)
-        return _Link(conn, anyio.Semaphore(self.max_sessions), host_key)
+        return _Link(
+            conn, anyio.Semaphore(max(1, self.max_sessions - 1)), anyio.Semaphore(1), host_key
+        )
 
     def _drop(self, link: _Link) -> None:
         """Forget a broken connection; the next command opens a new one."""
@@ -663,10 +716,18 @@ class SSHHost:
     # -- processes ---------------------------------------------------------------
 
     async def _start(
-        self, command: str, encoding: str | None, **kwargs: Any
-    ) -> tuple[_Link, asyncssh.SSHClientProcess[Any]]:
+        self,
+        command: str,
+        encoding: str | None,
+        *,
+        sudo: bool,
+        stderr: _Sink | None = None,
+        **kwargs: Any,
+    ) -> _Running:
         """Open a channel and start ``command``; returns with a session slot held."""
-        raw = cast(str, command.encode("utf-8", "surrogateescape"))  # asyncssh sends bytes as is
+        sink = stderr if stderr is not None else _Sink(marker=True)
+        # asyncssh sends a bytes command as is (bytes arguments need not be UTF-8).
+        raw = cast(str, (_WRAPPER + command).encode("utf-8", "surrogateescape"))
         delay = 0.005
         deadline: float | None = None
         reconnected = False
@@ -677,7 +738,7 @@ class SSHHost:
                 # Shielded: a channel that opened is always handed over (and later closed).
                 with anyio.CancelScope(shield=True), anyio.fail_after(self.connect_timeout):
                     proc = await link.conn.create_process(
-                        raw, encoding=encoding, errors="replace", **kwargs
+                        raw, encoding=encoding, errors="replace", stderr=sink, **kwargs
                     )
             except asyncssh.ChannelOpenError as e:
                 # The channel never opened (or its exec was refused): the command did not start.
@@ -717,34 +778,68 @@ class SSHHost:
             except BaseException:
                 link.sessions.release()
                 raise
-            return link, proc
+            return _Running(link, proc, sink, sudo)
 
-    async def _stop(self, proc: asyncssh.SSHClientProcess[Any]) -> None:
+    async def _kill_group(self, run: _Running, signal: str) -> None:
+        """``kill -s SIGNAL -- -PGID`` over the spare session (sshd may ignore signal requests)."""
+        if run.stderr.pgid is None or run.link.conn.is_closed():
+            return
+        kill = f"kill -s {signal} -- -{run.stderr.pgid} 2>/dev/null"
+        if run.sudo:
+            kill = "sudo -n " + kill
+        async with run.link.spare:
+            for _ in range(20):
+                try:
+                    proc = await run.link.conn.create_process(
+                        kill,
+                        stdin=asyncssh.DEVNULL,
+                        stdout=asyncssh.DEVNULL,
+                        stderr=asyncssh.DEVNULL,
+                    )
+                except asyncssh.ChannelOpenError:
+                    if run.link.conn.is_closed():
+                        return
+                    await anyio.sleep(0.05)  # the session slot is not free yet
+                    continue
+                except (OSError, asyncssh.Error):
+                    return
+                try:
+                    await proc.wait()
+                except (OSError, asyncssh.Error):
+                    pass
+                finally:
+                    proc.close()
+                return
+
+    async def _stop(self, run: _Running) -> None:
         """Make sure the remote command is gone (TERM, then KILL) and its channel closed."""
-        if not _exited(proc):
-            # OpenSSH (>= 7.9) delivers these to the session's process group (killpg).
-            _signal(proc, "TERM")
+        proc = run.proc
+        for signal in ("TERM", "KILL"):
+            if _exited(proc):
+                break
+            # OpenSSH >= 7.9 delivers signal requests to the session's process group, but
+            # not for root logins: kill the process group over a second channel as well.
+            _signal(proc, signal)
             with anyio.move_on_after(_KILL_GRACE):
+                await self._kill_group(run, signal)
                 await _wait_gone(proc)
-            if not _exited(proc):
-                _signal(proc, "KILL")
         proc.close()
         with anyio.move_on_after(_CLOSE_WAIT):
             await proc.wait_closed()
 
     @asynccontextmanager
     async def _process(
-        self, command: str, encoding: str | None, **kwargs: Any
-    ) -> AsyncIterator[asyncssh.SSHClientProcess[Any]]:
-        link, proc = await self._start(command, encoding, **kwargs)
+        self, command: str, encoding: str | None, *, sudo: bool = False, **kwargs: Any
+    ) -> AsyncIterator[_Running]:
+        run = await self._start(command, encoding, sudo=sudo, **kwargs)
         try:
-            yield proc
+            yield run
         finally:
             with anyio.CancelScope(shield=True):
                 try:
-                    await self._stop(proc)
+                    await self._stop(run)
                 finally:
-                    link.sessions.release()
+                    run.link.sessions.release()
 
     # -- commands ----------------------------------------------------------------
 
@@ -770,10 +865,14 @@ class SSHHost:
             input = input.encode()
         with self._timeout(timeout, command):
             kwargs: dict[str, Any] = {} if input is None else {"input": input}
-            async with self._process(command, encoding, **kwargs) as proc:
+            stderr = _Sink(limit=None, marker=True)
+            async with self._process(command, encoding, sudo=sudo, stderr=stderr, **kwargs) as run:
                 with self._map_errors(command):
-                    done = await proc.wait()
-                result = self._result(command, proc, done.stdout or "", done.stderr or "")
+                    done = await run.proc.wait()
+                empty = "" if encoding else b""
+                result = self._result(
+                    command, run.proc, done.stdout or empty, stderr.value(encoding)
+                )
         if check and not result.ok:
             raise self._failed(result)
         return result
@@ -802,13 +901,14 @@ class SSHHost:
             async with self._process(
                 command,
                 None,
+                sudo=sudo,
                 stdin=asyncssh.DEVNULL,
                 stdout=_Sink(echo=sys.stdout),
-                stderr=_Sink(echo=sys.stderr),
-            ) as proc:
+                stderr=_Sink(echo=sys.stderr, marker=True),
+            ) as run:
                 with self._map_errors(command):
-                    await proc.wait()
-                result = self._result(command, proc, b"", b"")
+                    await run.proc.wait()
+                result = self._result(command, run.proc, b"", b"")
         return result.ok
 
     @overload
@@ -828,21 +928,24 @@ class SSHHost:
         reading to the end waits for it and raises
         :class:`~asyncstage.errors.CommandFailed` on a non-zero exit.
         """
-        return self._reading(_remote_line(cmd, sudo), encoding)
+        return self._reading(_remote_line(cmd, sudo), encoding, sudo)
 
     @asynccontextmanager
     async def _reading(
-        self, command: str, encoding: str | None
+        self, command: str, encoding: str | None, sudo: bool
     ) -> AsyncIterator[CommandReader[Any]]:
-        stderr = _Sink()
-        async with self._process(command, encoding, stdin=asyncssh.DEVNULL, stderr=stderr) as proc:
-            reader: CommandReader[Any] = CommandReader(self, proc, command)
+        stderr = _Sink(marker=True)
+        async with self._process(
+            command, encoding, sudo=sudo, stdin=asyncssh.DEVNULL, stderr=stderr
+        ) as run:
+            reader: CommandReader[Any] = CommandReader(self, run.proc, command)
             yield reader
             if not reader.at_eof():
                 return  # left early: the command is stopped on the way out
             with self._map_errors(command):
-                await proc.wait()
-            result = self._result(command, proc, "" if encoding else b"", stderr.value(encoding))
+                await run.proc.wait()
+            empty = "" if encoding else b""
+            result = self._result(command, run.proc, empty, stderr.value(encoding))
         if not result.ok:
             raise self._failed(result)
 
@@ -863,20 +966,20 @@ class SSHHost:
         waits for the command and raises :class:`~asyncstage.errors.CommandFailed`
         on a non-zero exit; leaving it by an exception stops the command.
         """
-        return self._writing(_remote_line(cmd, sudo), encoding)
+        return self._writing(_remote_line(cmd, sudo), encoding, sudo)
 
     @asynccontextmanager
     async def _writing(
-        self, command: str, encoding: str | None
+        self, command: str, encoding: str | None, sudo: bool
     ) -> AsyncIterator[CommandWriter[Any]]:
-        stdout, stderr = _Sink(), _Sink()
-        async with self._process(command, encoding, stdout=stdout, stderr=stderr) as proc:
-            yield CommandWriter(self, proc, command)
+        stdout, stderr = _Sink(), _Sink(marker=True)
+        async with self._process(command, encoding, sudo=sudo, stdout=stdout, stderr=stderr) as run:
+            yield CommandWriter(self, run.proc, command)
             with self._map_errors(command):
-                if not proc.is_closing():
-                    proc.stdin.write_eof()
-                await proc.wait()
-            result = self._result(command, proc, stdout.value(encoding), stderr.value(encoding))
+                if not run.proc.is_closing():
+                    run.proc.stdin.write_eof()
+                await run.proc.wait()
+            result = self._result(command, run.proc, stdout.value(encoding), stderr.value(encoding))
         if not result.ok:
             raise self._failed(result)
 
