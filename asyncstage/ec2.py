@@ -422,10 +422,7 @@ class EC2:
         if availability_zone:
             params["Placement"] = {"AvailabilityZone": availability_zone}
         if tags:
-            params["TagSpecifications"] = [
-                {"ResourceType": "instance", "Tags": _tag_list(tags)},
-                {"ResourceType": "volume", "Tags": _tag_list(tags)},
-            ]
+            params["TagSpecifications"] = [{"ResourceType": "instance", "Tags": _tag_list(tags)}]
         if block_device_mappings:
             params["BlockDeviceMappings"] = [dict(m) for m in block_device_mappings]
         if user_data is not None:
@@ -514,15 +511,25 @@ class EC2:
         return str(result["SnapshotId"])
 
     async def copy_image(
-        self, image_id: str, *, source_region: str, name: str, description: str = ""
+        self,
+        image_id: str,
+        *,
+        source_region: str,
+        name: str,
+        description: str = "",
+        **options: Any,
     ) -> str:
-        """Copy an image of ``source_region`` into this region; the new image's id."""
+        """Copy an image of ``source_region`` into this region; the new image's id.
+
+        ``options`` are more CopyImage parameters (``Encrypted``, ``KmsKeyId`` ...).
+        """
         result = await self.call(
             "CopyImage",
             SourceImageId=image_id,
             SourceRegion=source_region,
             Name=name,
             Description=description,
+            **options,
         )
         return str(result["ImageId"])
 

@@ -1,0 +1,165 @@
+"""ec2.py and keys.py against a plain moto server (API only: never ssh to moto's addresses)."""
+
+from __future__ import annotations
+
+import functools
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from moto.server import ThreadedMotoServer
+
+from asyncstage import keys
+from asyncstage.ec2 import EC2, console_fingerprints, tag, tag_filters, tags_of
+from asyncstage.errors import EC2Error, UnknownServer, UnknownVolume, WaitTimeout
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+async def ec2(moto_url: str) -> AsyncIterator[EC2]:
+    async with EC2(
+        region="us-east-1",
+        endpoint_url=moto_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        poll_interval=0.05,
+    ) as client:
+        yield client
+
+
+async def _image(ec2: EC2) -> str:
+    return str((await ec2.find_image("*"))["ImageId"])
+
+
+async def test_errors_are_mapped(ec2: EC2) -> None:
+    with pytest.raises(UnknownVolume) as info:
+        await ec2.call("DescribeVolumes", VolumeIds=["vol-0123456789abcdef0"])
+    assert isinstance(info.value.__cause__, Exception)
+    with pytest.raises(UnknownServer):
+        await ec2.call("StopInstances", InstanceIds=["i-0123456789abcdef0"])
+    with pytest.raises(EC2Error) as err:
+        await ec2.call("DeleteSecurityGroup", GroupId="sg-0123456789abcdef0")
+    assert err.value.operation == "DeleteSecurityGroup" and err.value.code
+
+
+async def test_unknown_ids_are_left_out_of_describes(ec2: EC2) -> None:
+    assert await ec2.describe_instances(["i-0123456789abcdef0"]) == []
+    assert await ec2.describe_volumes(["vol-0123456789abcdef0"]) == []
+
+
+async def test_concurrent_waits_share_one_describe_per_round(ec2: EC2) -> None:
+    insts = await ec2.run_instances(
+        image_id=await _image(ec2),
+        count=10,
+        instance_type="t3.micro",
+        tags={tag("role"): "test"},
+    )
+    ids = [i["InstanceId"] for i in insts]
+    before = ec2.calls["DescribeInstances"]
+    async with anyio.create_task_group() as tg:
+        for iid in ids:
+            tg.start_soon(functools.partial(ec2.wait_for_instance, iid, "running", timeout=5))
+    assert ec2.calls["DescribeInstances"] - before == 1
+    await ec2.stop_instances(ids)
+    before = ec2.calls["DescribeInstances"]
+    reached, failed = await ec2.wait_for_instances(ids, "stopped", timeout=5)
+    assert set(reached) == set(ids) and not failed
+    assert ec2.calls["DescribeInstances"] - before == 1
+    # a wait that cannot succeed names the instance and its last state
+    reached, failed = await ec2.wait_for_instances(
+        ids[:2], "running", timeout=0.3, labels={ids[0]: "alpha"}
+    )
+    assert not reached and set(failed) == set(ids[:2])
+    err = failed[ids[0]]
+    assert isinstance(err, WaitTimeout)
+    assert "alpha" in str(err) and ids[0] in str(err) and err.last_state == "stopped"
+    await ec2.terminate_instances(ids)
+    _, failed = await ec2.wait_for_instances(ids, "running", timeout=5)
+    assert all(isinstance(e, EC2Error) and "terminated" in str(e) for e in failed.values())
+
+
+async def test_tags_and_filters(ec2: EC2) -> None:
+    vol = await ec2.create_volume(
+        availability_zone="us-east-1a", size=1, tags={tag("name"): "tagged", "Name": "tagged"}
+    )
+    found = await ec2.describe_volumes(filters=tag_filters({tag("name"): "tagged"}))
+    assert [v["VolumeId"] for v in found] == [vol["VolumeId"]]
+    assert tags_of(found[0])[tag("name")] == "tagged"
+    await ec2.delete_volume(vol["VolumeId"])
+
+
+async def test_security_group_lets_in_the_caller_and_itself_only(ec2: EC2) -> None:
+    gid = await ec2.ensure_security_group("asyncstage-test", cidrs=["127.0.0.1/32"])
+    assert await ec2.ensure_security_group("asyncstage-test", cidrs=["127.0.0.1/32"]) == gid
+    groups = await ec2.call("DescribeSecurityGroups", GroupIds=[gid])
+    perms = groups["SecurityGroups"][0]["IpPermissions"]
+    cidrs = {r["CidrIp"] for p in perms for r in p.get("IpRanges", [])}
+    assert cidrs == {"127.0.0.1/32"}
+    assert any(g["GroupId"] == gid for p in perms for g in p.get("UserIdGroupPairs", []))
+    await ec2.delete_security_group(gid)
+
+
+def test_console_fingerprints() -> None:
+    console = (
+        "boot noise\n"
+        "-----BEGIN SSH HOST KEY FINGERPRINTS-----\n"
+        "256 SHA256:abcDEF012+/xyz root@host (ED25519)\n"
+        "3072 SHA256:rsaKEY root@host (RSA)\n"
+        "-----END SSH HOST KEY FINGERPRINTS-----\n"
+        "more noise SHA256:notthis\n"
+    )
+    assert console_fingerprints(console) == ["SHA256:abcDEF012+/xyz", "SHA256:rsaKEY"]
+    assert console_fingerprints("no markers") == []
+
+
+def test_dotdir_and_local_key_permissions(tmp_path: Path) -> None:
+    d = keys.dotdir(tmp_path / "dot")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    pair = keys.local_key(d, "us-east-1")
+    assert stat.S_IMODE(pair.private_key.stat().st_mode) == 0o600
+    assert pair.public_key.startswith("ssh-ed25519 ")
+    assert pair.name.startswith("asyncstage-us-east-1-")
+    assert keys.local_key(d, "us-east-1") == pair  # reused
+    other = keys.local_key(d, "us-east-1", reuse=False)
+    assert other.name != pair.name and other.private_key.exists()
+    assert set(keys.keyfiles(d, "us-east-1")) == {pair.name, other.name}
+    assert keys.local_key(d, "eu-west-1").name != pair.name
+
+
+async def test_key_pair_imported_once(ec2: EC2, tmp_path: Path) -> None:
+    d = keys.dotdir(tmp_path / "dot")
+    pair = await keys.ensure_key_pair(ec2, d)
+    imports = ec2.calls["ImportKeyPair"]
+    assert await keys.ensure_key_pair(ec2, d) == pair
+    assert ec2.calls["ImportKeyPair"] == imports
+    assert await ec2.key_pair_exists(pair.name)
+    await ec2.delete_key_pair(pair.name)
+
+
+async def test_snapshot_and_image_waits(ec2: EC2) -> None:
+    vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+    snap = await ec2.create_snapshot(vol["VolumeId"], tags={tag("name"): "s"})
+    done = await ec2.wait_for_snapshot(snap["SnapshotId"], timeout=5)
+    assert done["State"] == "completed"
+    copy = await ec2.copy_snapshot(snap["SnapshotId"], source_region="us-east-1")
+    assert (await ec2.wait_for_snapshot(copy, timeout=5))["State"] == "completed"
+    image = await ec2.find_image("*")
+    new = await ec2.copy_image(image["ImageId"], source_region="us-east-1", name="copied")
+    assert (await ec2.wait_for_image(new, timeout=5))["State"] == "available"
