@@ -1,0 +1,710 @@
+"""Server: an EC2 instance with ssh access, its lifecycle, commands and volumes."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from asyncstage.ec2 import Resource, console_fingerprints, tag, tags_of
+from asyncstage.errors import (
+    BadFstype,
+    BadSize,
+    CommandFailed,
+    MountPointRefused,
+    NameTaken,
+    ServerUnreachable,
+    UnknownSnapshot,
+    UnknownVolume,
+    VolumeError,
+    VolumeInUse,
+    WaitTimeout,
+    ZoneMismatch,
+)
+from asyncstage.ssh import Command, CommandResult, SSHHost
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
+    from asyncstage.ssh import CommandReader, CommandWriter
+    from asyncstage.volume import Volume
+
+__all__ = ["FSTYPES", "REFUSED_MOUNT_POINTS", "Server", "check_mount_point"]
+
+FSTYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "raw")
+"""The filesystem types provision_volume can make (``raw``: attached, not formatted)."""
+
+REFUSED_MOUNT_POINTS = (
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/proc",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var",
+)
+"""Mount points refused, with ``/lib*`` and everything below ``/dev``, ``/proc`` and ``/sys``."""
+
+_MKFS_PACKAGE = {
+    "ext2": "e2fsprogs",
+    "ext3": "e2fsprogs",
+    "ext4": "e2fsprogs",
+    "xfs": "xfsprogs",
+    "btrfs": "btrfs-progs",
+    "vfat": "dosfstools",
+}
+_LABEL_MAX = {"ext2": 16, "ext3": 16, "ext4": 16, "xfs": 12, "btrfs": 255, "vfat": 11}
+_MAX_SIZE = 16384  # GiB, the largest EBS volume
+
+
+def check_mount_point(mtpt: str) -> str:
+    """The normalised absolute mount point, or MountPointRefused for essential system paths."""
+    if not mtpt.startswith("/"):
+        raise MountPointRefused(f"mount point {mtpt!r} is not an absolute path")
+    norm = posixpath.normpath(mtpt)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if (
+        norm in REFUSED_MOUNT_POINTS
+        or re.fullmatch(r"/lib[^/]*", norm)
+        or norm.startswith(("/dev/", "/proc/", "/sys/"))
+    ):
+        raise MountPointRefused(f"refusing to mount a volume over {norm}: an essential system path")
+    return norm
+
+
+def _check_size(size: object) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_SIZE:
+        raise BadSize(f"bad volume size {size!r}: a whole number of GiB from 1 to {_MAX_SIZE}")
+    return size
+
+
+def _check_fstype(fstype: str | None) -> str | None:
+    if fstype is not None and fstype not in FSTYPES:
+        raise BadFstype(f"unsupported filesystem type {fstype!r}: one of {', '.join(FSTYPES)}")
+    return fstype
+
+
+class Server:
+    """An EC2 instance of a Manager, reached over ssh (``str(server)`` is its instance id).
+
+    Made by :meth:`Manager.provision_server` / :meth:`Manager.get_server`, not directly.
+    """
+
+    def __init__(
+        self,
+        manager: Manager,
+        instance: Resource,
+        *,
+        keyfile: Path | None,
+        username: str,
+    ) -> None:
+        self.manager = manager
+        self.instance: Resource = instance
+        """The latest EC2 description of the instance (a DescribeInstances item)."""
+        self.instance_id: str = str(instance["InstanceId"])
+        self.keyfile = keyfile
+        self.username = username
+        self._host: SSHHost | None = None
+        self._expected_fingerprints: tuple[str, ...] = ()
+        self._fresh = False  # launched by this manager: no known_hosts entry to trust yet
+        self._up = False
+        self._attach_lock = anyio.Lock()
+
+    # -- info ---------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        return self.instance_id
+
+    def __repr__(self) -> str:
+        return f"<Server {self.name} {self.instance_id} {self.state} {self.address or '-'}>"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The instance's tags."""
+        return tags_of(self.instance)
+
+    @property
+    def name(self) -> str:
+        """The symbolic name (tag ``asyncstage:name``), else the instance id."""
+        return self.tags.get(tag("name")) or self.instance_id
+
+    @property
+    def state(self) -> str:
+        """The last known EC2 state: pending, running, stopping, stopped ..."""
+        return str(self.instance.get("State", {}).get("Name", "unknown"))
+
+    @property
+    def availability_zone(self) -> str:
+        """The instance's availability zone."""
+        return str(self.instance.get("Placement", {}).get("AvailabilityZone", ""))
+
+    @property
+    def address(self) -> str | None:
+        """The address ssh connects to: public IP, else private IP (None when stopped)."""
+        addr = self.instance.get("PublicIpAddress") or self.instance.get("PrivateIpAddress")
+        return str(addr) if addr else None
+
+    @property
+    def endpoint(self) -> str | None:
+        """Alias of :attr:`address`."""
+        return self.address
+
+    @property
+    def ec2(self) -> Any:
+        """The manager's :class:`asyncstage.ec2.EC2` client."""
+        return self.manager.ec2
+
+    @property
+    def host(self) -> SSHHost:
+        """The ssh connection to the server (made on first use, per address)."""
+        address = self.address
+        if address is None:
+            raise VolumeError(f"server {self.name} ({self.instance_id}) has no address")
+        if self._host is None or self._host.address != address:
+            old, self._host = self._host, None
+            if old is not None:
+                self.manager._closing(old)
+            self._host = SSHHost(
+                address,
+                username=self.username,
+                client_keys=[self.keyfile] if self.keyfile else [],
+                known_hosts=self.manager.known_hosts.path,
+                host_key_policy="accept-new",
+                expected_fingerprints=self._expected_fingerprints,
+                label=f"{self.name} ({self.instance_id})",
+            )
+        return self._host
+
+    async def refresh(self) -> Resource:
+        """Fetch the instance's description again (sharing a round with other callers)."""
+        found = await self.manager.ec2.describe_instances_shared([self.instance_id])
+        if self.instance_id in found:
+            self._update(found[self.instance_id])
+        return self.instance
+
+    def _update(self, instance: Resource) -> None:
+        self.instance = instance
+        if self.state != "running":
+            self._up = False
+
+    def volumes(self) -> list[Volume]:
+        """The managed volumes attached to this server (the root volume is not one)."""
+        return [v for v in self.manager.volumes() if v.server is self]
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def ping(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+        """True when the instance is running AND ssh answers with our key (cached)."""
+        if not self._up:
+            await self.refresh()
+            if self.state != "running":
+                return False
+        self._up = await self.host.ping(timeout=timeout)
+        return self._up
+
+    async def start(self, timeout: float = 120.0) -> None:  # noqa: ASYNC109
+        """Start the server and wait until ping() succeeds."""
+        await self.manager._start([self], timeout=timeout, single=True)
+
+    async def stop(self, timeout: float = 300.0) -> None:  # noqa: ASYNC109
+        """Stop the server and wait until it is stopped."""
+        await self.manager._stop([self], timeout=timeout, single=True)
+
+    async def terminate(self, timeout: float = 300.0) -> None:  # noqa: ASYNC109
+        """Terminate the server, wait until it is, and unregister it (and its host key)."""
+        await self.manager._terminate([self], timeout=timeout, single=True)
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        *cmd: Command,
+        input: str | bytes | None = None,
+        check: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
+        encoding: str | None = "utf-8",
+        sudo: bool = False,
+    ) -> CommandResult:
+        """Run a command; the full result (exit status, stdout, stderr)."""
+        return await self.host.run(
+            *cmd, input=input, check=check, timeout=timeout, encoding=encoding, sudo=sudo
+        )
+
+    async def scmd(
+        self,
+        *cmd: Command,
+        check: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
+        input: str | bytes | None = None,
+        sudo: bool = False,
+    ) -> str:
+        """Run a command and return its standard output, like backticks."""
+        return await self.host.scmd(*cmd, check=check, timeout=timeout, input=input, sudo=sudo)
+
+    async def ssh(
+        self,
+        *cmd: Command,
+        timeout: float | None = None,  # noqa: ASYNC109
+        sudo: bool = False,
+    ) -> bool:
+        """Run a command with its output on our stdout/stderr; true on success."""
+        return await self.host.ssh(*cmd, timeout=timeout, sudo=sudo)
+
+    def scmd_read(
+        self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandReader[Any]]:
+        """``async with server.scmd_read(...) as r``: a readable stream of its stdout."""
+        return self.host.scmd_read(*cmd, encoding=encoding, sudo=sudo)
+
+    def scmd_write(
+        self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
+    ) -> AbstractAsyncContextManager[CommandWriter[Any]]:
+        """``async with server.scmd_write(...) as w``: a writable stream to its stdin."""
+        return self.host.scmd_write(*cmd, encoding=encoding, sudo=sudo)
+
+    async def shell(self) -> int:
+        """An interactive shell on the server; its exit status."""
+        return await self.host.shell()
+
+    # -- volumes: helpers ---------------------------------------------------------------------
+
+    def default_mtpt(self, volume: Volume | str) -> str:
+        """The default mount point of a volume: ``/mnt/Staging/<name>``."""
+        name = volume if isinstance(volume, str) else volume.name
+        return f"/mnt/Staging/{name}"
+
+    def volume_description(self, volume: Volume | str) -> str:
+        """The description given to a staging volume's snapshots."""
+        name = volume if isinstance(volume, str) else volume.name
+        return f"Staging volume for {name} created by asyncstage"
+
+    async def _dev_listing(self) -> tuple[set[str], set[str]]:
+        result = await self.run("ls", "-1", "/dev", "/dev/disk/by-id", check=False)
+        section = ""
+        dev: set[str] = set()
+        by_id: set[str] = set()
+        for line in str(result.stdout).splitlines():
+            if line.endswith(":") and line.startswith("/dev"):
+                section = line[:-1]
+            elif line:
+                (by_id if section == "/dev/disk/by-id" else dev).add(line)
+        return dev, by_id
+
+    async def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
+        """A free device name: (EC2 name ``/dev/sdX``, the name the kernel may give it)."""
+        await self.refresh()
+        used = {
+            str(m.get("DeviceName", "")).rsplit("/", 1)[-1]
+            for m in self.instance.get("BlockDeviceMappings", [])
+        }
+        used |= {str(v.ec2_device).rsplit("/", 1)[-1] for v in self.volumes() if v.ec2_device}
+        dev, _ = await self._dev_listing()
+        for letter in "fghijklmnop":
+            if letter < major_start:
+                continue
+            names = {f"sd{letter}", f"xvd{letter}"}
+            if names & used or names & dev:
+                continue
+            return f"/dev/sd{letter}", f"/dev/xvd{letter}"
+        raise VolumeError(f"server {self.name}: no free block device name left")
+
+    async def _find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:  # noqa: ASYNC109
+        """The device path of an attached volume on the server: NVMe serial, xvdX, sdX."""
+        serial = volume_id.replace("-", "")
+        letter = ec2_device.rsplit("/", 1)[-1].removeprefix("xvd").removeprefix("sd")
+        interval = 0.1
+        with anyio.move_on_after(timeout):
+            while True:
+                dev, by_id = await self._dev_listing()
+                hits = sorted(n for n in by_id if serial in n and "-part" not in n)
+                if hits:
+                    real = await self.scmd("readlink", "-f", f"/dev/disk/by-id/{hits[0]}")
+                    return real.strip()
+                for name in (f"xvd{letter}", f"sd{letter}"):
+                    if name in dev:
+                        return f"/dev/{name}"
+                await anyio.sleep(interval)
+                interval = min(interval * 2, 2.0)
+        raise WaitTimeout(
+            f"volume {volume_id} to appear as a block device on {self.name}",
+            timeout=timeout,
+            last_state="no device",
+        )
+
+    async def _has_program(self, program: str) -> bool:
+        result = await self.run("which", program, check=False, sudo=True)
+        return result.exit_status == 0
+
+    async def _ensure_mkfs(self, fstype: str) -> None:
+        program = f"mkfs.{fstype}"
+        if await self._has_program(program):
+            return
+        if self.manager.install_packages and await self._has_program("apt-get"):
+            await self.run(
+                "env",
+                "DEBIAN_FRONTEND=noninteractive",
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                _MKFS_PACKAGE[fstype],
+                sudo=True,
+                check=False,
+                timeout=600,
+            )
+            if await self._has_program(program):
+                return
+        raise BadFstype(f"server {self.name} cannot make {fstype} filesystems ({program} missing)")
+
+    async def _mkfs(self, device: str, fstype: str, label: str | None, uuid: str | None) -> None:
+        argv: list[str] = [f"mkfs.{fstype}"]
+        if fstype.startswith("ext"):
+            argv += ["-F", "-q"]
+            argv += ["-L", label] if label else []
+            argv += ["-U", uuid] if uuid else []
+        elif fstype == "xfs":
+            argv += ["-f", "-q"]
+            argv += ["-L", label] if label else []
+            argv += ["-m", f"uuid={uuid}"] if uuid else []
+        elif fstype == "btrfs":
+            argv += ["-f", "-q"]
+            argv += ["-L", label] if label else []
+            argv += ["-U", uuid] if uuid else []
+        elif fstype == "vfat":
+            argv += ["-I"]
+            argv += ["-n", label.upper()] if label else []
+            argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
+        await self.run(*argv, device, sudo=True, timeout=600)
+
+    async def _grow(self, volume: Volume) -> None:
+        """Grow the volume's filesystem to fill its device (when it was made larger)."""
+        assert volume.mtdev and volume.mtpt
+        if volume.fstype.startswith("ext"):
+            await self.run("resize2fs", volume.mtdev, sudo=True, timeout=600)
+        elif volume.fstype == "xfs":
+            await self.run("xfs_growfs", volume.mtpt, sudo=True, timeout=600)
+        elif volume.fstype == "btrfs":
+            await self.run("btrfs", "filesystem", "resize", "max", volume.mtpt, sudo=True)
+
+    async def _mounts(self) -> list[tuple[str, str, str]]:
+        """(device, mount point, fstype) of every mount, from /proc/mounts."""
+        text = await self.scmd("cat", "/proc/mounts")
+        found = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                mtpt = parts[1].replace("\\040", " ").replace("\\011", "\t")
+                found.append(
+                    (parts[0], mtpt.replace("\\012", "\n").replace("\\134", "\\"), parts[2])
+                )
+        return found
+
+    async def _mounted_at(self, device: str) -> str | None:
+        for dev, mtpt, _ in await self._mounts():
+            if dev == device:
+                return mtpt
+        return None
+
+    # -- volumes: public ------------------------------------------------------------------
+
+    async def provision_volume(
+        self,
+        name: str | None = None,
+        *,
+        size: int | None = None,
+        fstype: str | None = None,
+        mtpt: str | None = None,
+        mount: str | None = None,
+        volume_id: str | None = None,
+        snapshot_id: str | None = None,
+        reuse: bool | None = None,
+        label: str | None = None,
+        uuid: str | None = None,
+        availability_zone: str | None = None,
+    ) -> Volume:
+        """Make (or reuse) a volume, attach it here, format it and mount it.
+
+        ``size`` in GiB (default 1, or the snapshot's size); ``fstype`` ext4 by
+        default (``raw``: attached but not formatted or mounted); ``mtpt``/``mount``
+        default ``/mnt/Staging/<name>``. ``volume_id`` attaches an existing volume,
+        ``snapshot_id`` makes it from a snapshot; with a name and ``reuse`` (default:
+        the manager's ``reuse_volumes``) an existing volume of that name is used, else
+        the newest snapshot of that name. A volume made larger than its snapshot has
+        its filesystem grown. Volumes from a volume or snapshot are never reformatted.
+        """
+        m = self.manager
+        size = _check_size(size)
+        fstype = _check_fstype(fstype)
+        if availability_zone and availability_zone != self.availability_zone:
+            raise ZoneMismatch(
+                f"server {self.name} is in {self.availability_zone}, not {availability_zone}"
+            )
+        name = name or m.new_volume_name()
+        where = mtpt or mount
+        where = check_mount_point(where) if where else None
+        reuse = m.reuse_volumes if reuse is None else reuse
+        if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
+            raise BadFstype(f"label {label!r} too long for {fstype}")
+
+        existing = m.find_volume_by_name(name) if volume_id is None else None
+        if existing is not None:
+            if not reuse:
+                raise NameTaken(f"a volume named {name!r} exists already ({existing.volume_id})")
+            if existing.server is not None and existing.server is not self:
+                raise VolumeInUse(
+                    f"volume {name} ({existing.volume_id}) is attached to {existing.server.name}"
+                )
+            if existing.availability_zone != self.availability_zone:
+                raise ZoneMismatch(
+                    f"volume {name} is in {existing.availability_zone}, "
+                    f"server {self.name} in {self.availability_zone}"
+                )
+            if not existing.mounted and existing.fstype != "raw":
+                await self.mount_volume(existing, where)
+            elif existing.server is None:
+                await self._attach(existing)
+            return existing
+
+        grow_from: int | None = None
+        if volume_id is not None:
+            found = await m.ec2.describe_volumes([volume_id])
+            if not found:
+                raise UnknownVolume(f"volume {volume_id} does not exist")
+            desc = found[0]
+            if desc["AvailabilityZone"] != self.availability_zone:
+                raise ZoneMismatch(
+                    f"volume {volume_id} is in {desc['AvailabilityZone']}, "
+                    f"server {self.name} in {self.availability_zone}"
+                )
+            if desc.get("State") != "available":
+                raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
+            tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+            await m.ec2.create_tags([volume_id], tags)
+            desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
+            volume = m._register_volume(desc)
+            volume.fstype = tags_of(desc).get(tag("fstype"), fstype or "")
+            await self._attach(volume)
+            if not volume.fstype:
+                volume.fstype = await volume.get_fstype() or "raw"
+                await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
+            if volume.fstype != "raw":
+                await self.mount_volume(volume, where)
+            return volume
+
+        if snapshot_id is None and reuse:
+            snap = await m._newest_snapshot(name)
+            snapshot_id = snap["SnapshotId"] if snap else None
+        if snapshot_id is not None:
+            snaps = await m.ec2.describe_snapshots([snapshot_id])
+            if not snaps:
+                raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
+            snap_size = int(snaps[0]["VolumeSize"])
+            if size is not None and size < snap_size:
+                raise BadSize(
+                    f"size {size} GiB is smaller than snapshot {snapshot_id} ({snap_size})"
+                )
+            if size is not None and size > snap_size:
+                grow_from = snap_size
+            size = size or snap_size
+            fstype = tags_of(snaps[0]).get(tag("fstype")) or fstype
+        else:
+            size = size or 1
+            fstype = fstype or "ext4"
+            if fstype != "raw":
+                await self._ensure_mkfs(fstype)
+
+        tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+        if fstype:
+            tags[tag("fstype")] = fstype
+        desc = await m.ec2.create_volume(
+            availability_zone=self.availability_zone,
+            size=size,
+            snapshot_id=snapshot_id,
+            tags=tags,
+        )
+        volume = m._register_volume(desc, created=True)
+        try:
+            await m.ec2.wait_for_volume(
+                volume.volume_id,
+                lambda v: v.get("State") == "available",
+                what=f"volume {name} ({volume.volume_id}) to be available",
+                timeout=m.volume_timeout,
+            )
+            await self._attach(volume)
+            assert volume.mtdev
+            if snapshot_id is None:
+                volume.fstype = fstype or "ext4"
+                if volume.fstype != "raw":
+                    await self._mkfs(volume.mtdev, volume.fstype, label, uuid)
+            else:
+                volume.fstype = fstype or await volume.get_fstype() or "raw"
+                await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
+            if volume.fstype != "raw":
+                await self.mount_volume(volume, where)
+                if snapshot_id is None and volume.fstype != "vfat":
+                    await self.run(
+                        "chown", f"{self.username}:", volume.mtpt or "", sudo=True, check=False
+                    )
+                if grow_from is not None:
+                    await self._grow(volume)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await m._discard_volume(volume)
+            raise
+        return volume
+
+    add_volume = provision_volume
+
+    async def _attach(self, volume: Volume) -> None:
+        """Attach an available volume here and find its device."""
+        m = self.manager
+        if volume.availability_zone != self.availability_zone:
+            raise ZoneMismatch(
+                f"volume {volume.name} is in {volume.availability_zone}, "
+                f"server {self.name} in {self.availability_zone}"
+            )
+        async with self._attach_lock:
+            ec2_device, _ = await self.unused_block_device()
+            await m.ec2.attach_volume(volume.volume_id, self.instance_id, ec2_device)
+            volume.server = self
+            volume.ec2_device = ec2_device
+            desc = await m.ec2.wait_for_volume(
+                volume.volume_id,
+                lambda v: any(
+                    a.get("State") == "attached" and a.get("InstanceId") == self.instance_id
+                    for a in v.get("Attachments", [])
+                ),
+                what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.name}",
+                timeout=m.volume_timeout,
+            )
+            volume.volume = desc
+            volume.mtdev = await self._find_device(
+                volume.volume_id, ec2_device, timeout=m.volume_timeout
+            )
+
+    async def mount_volume(self, volume: Volume, mtpt: str | None = None) -> None:
+        """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
+        if volume.server is not None and volume.server is not self:
+            raise VolumeInUse(
+                f"volume {volume.name} ({volume.volume_id}) is attached to {volume.server.name}"
+            )
+        if volume.fstype == "raw":
+            raise BadFstype(f"volume {volume.name} is raw: it has no filesystem to mount")
+        where = check_mount_point(mtpt or volume.mtpt or self.default_mtpt(volume))
+        if volume.server is None:
+            await self._attach(volume)
+        elif volume.mtdev is None:
+            assert volume.ec2_device
+            volume.mtdev = await self._find_device(
+                volume.volume_id, volume.ec2_device, timeout=self.manager.volume_timeout
+            )
+        assert volume.mtdev
+        current = await self._mounted_at(volume.mtdev)
+        if current == where:
+            volume.mtpt, volume.mounted = where, True
+            return
+        if current is not None:
+            await self.run("umount", volume.mtdev, sudo=True)
+        if any(mp == where for _, mp, _ in await self._mounts()):
+            raise MountPointRefused(f"{where} on {self.name} has another filesystem mounted")
+        await self.run("mkdir", "-p", where, sudo=True)
+        argv = ["mount"]
+        if volume.fstype == "vfat":
+            ids = (await self.scmd("id", "-u")).strip(), (await self.scmd("id", "-g")).strip()
+            argv += ["-o", f"uid={ids[0]},gid={ids[1]}"]
+        if volume.fstype:
+            argv += ["-t", volume.fstype]
+        await self.run(*argv, volume.mtdev, where, sudo=True)
+        volume.mtpt, volume.mounted = where, True
+        await self.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
+
+    async def remount_volume(self, volume: Volume) -> None:
+        """Mount again a volume unmounted from this server, at its old mount point."""
+        if volume.server is not self or volume.mtpt is None:
+            raise VolumeError(f"volume {volume.name} was not mounted on {self.name}")
+        await self.mount_volume(volume, volume.mtpt)
+
+    async def unmount_volume(self, volume: Volume) -> None:
+        """Unmount a volume (it stays attached)."""
+        if volume.server is not self:
+            raise VolumeError(f"volume {volume.name} is not attached to {self.name}")
+        if not volume.mounted or volume.mtdev is None:
+            return
+        if await self._mounted_at(volume.mtdev) is not None:
+            try:
+                await self.run("umount", volume.mtdev, sudo=True)
+            except CommandFailed as e:
+                raise VolumeInUse(f"cannot unmount {volume.name} from {self.name}: {e}") from e
+        volume.mounted = False
+
+    async def detach_volume(self, volume: Volume) -> None:
+        """Unmount and detach a volume, waiting until EC2 says it is detached."""
+        if volume.server is not self:
+            raise VolumeError(f"volume {volume.name} is not attached to {self.name}")
+        if self.state == "running":
+            await self.unmount_volume(volume)
+        m = self.manager
+        await m.ec2.detach_volume(volume.volume_id)
+        volume.volume = await m.ec2.wait_for_volume(
+            volume.volume_id,
+            lambda v: v.get("State") == "available",
+            what=f"volume {volume.name} ({volume.volume_id}) to detach from {self.name}",
+            timeout=m.volume_timeout,
+        )
+        volume.server, volume.mtdev, volume.ec2_device, volume.mounted = None, None, None, False
+
+    async def delete_volume(self, volume: Volume) -> None:
+        """Unmount, detach and delete a volume."""
+        if volume.server is self:
+            await self.detach_volume(volume)
+        await volume.delete()
+
+    async def create_snapshot(self, volume: Volume, description: str = "") -> str:
+        """Snapshot a volume cleanly (unmounted, or frozen if busy, then mounted again)."""
+        return await volume.create_snapshot(description)
+
+    # -- fleet helpers used by the manager ------------------------------------------------------
+
+    async def _pin_host_key(self) -> None:
+        """Before the first contact: expected fingerprints from the console, no stale entry."""
+        if self._fresh and self.address:
+            try:
+                console = await self.manager.ec2.console_output(self.instance_id)
+            except Exception:  # no console yet: pin on first contact
+                console = ""
+            self._expected_fingerprints = tuple(console_fingerprints(console))
+            self.manager.known_hosts.remove(self.address, 22)
+            if self._host is not None:
+                self.manager._closing(self._host)
+                self._host = None
+            self._fresh = False
+
+    async def _wait_ssh(self, deadline: float) -> None:
+        """Ping until ssh answers or the deadline passes (ServerUnreachable then)."""
+        await self._pin_host_key()
+        interval = 0.2
+        while True:
+            left = deadline - anyio.current_time()
+            ok = False
+            if left > 0:
+                ok = await self.host.ping(timeout=max(1.0, min(10.0, left)))
+            if ok:
+                self._up = True
+                return
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                raise ServerUnreachable(
+                    "never answered ssh", host=f"{self.name} ({self.instance_id})"
+                )
+            self.host.reset()
+            await anyio.sleep(min(interval, left))
+            interval = min(interval * 1.5, 5.0)

@@ -1,0 +1,244 @@
+"""Volume: an EBS volume with a name, a filesystem and maybe a mount on a server."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import TYPE_CHECKING
+
+import anyio
+
+from asyncstage.ec2 import Resource, tag, tags_of
+from asyncstage.errors import VolumeError, VolumeInUse, VolumeNotMounted
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
+    from asyncstage.server import Server
+    from asyncstage.ssh import Command
+
+__all__ = ["Volume"]
+
+
+class Volume:
+    """A managed EBS volume (``str(volume)`` is its volume id).
+
+    Made by :meth:`Server.provision_volume` / :meth:`Manager.provision_volume`.
+    ``server`` is the server it is attached to (or None), ``mtdev`` its device
+    path there, ``mtpt`` its mount point and ``mounted`` whether it is mounted now.
+    """
+
+    def __init__(self, manager: Manager, volume: Resource) -> None:
+        self.manager = manager
+        self.volume: Resource = volume
+        """The latest EC2 description of the volume (a DescribeVolumes item)."""
+        self.volume_id: str = str(volume["VolumeId"])
+        tags = tags_of(volume)
+        self.fstype: str = tags.get(tag("fstype"), "")
+        self.mtpt: str | None = tags.get(tag("mtpt")) or None
+        self.server: Server | None = None
+        self.mtdev: str | None = None
+        self.ec2_device: str | None = None
+        """The EC2 device name it is attached under (``/dev/sdf``)."""
+        self.mounted = False
+        self._remount = False  # mounted when its server stopped: mount again on start
+
+    def __str__(self) -> str:
+        return self.volume_id
+
+    def __repr__(self) -> str:
+        where = f" on {self.server.name}:{self.mtpt}" if self.server and self.mounted else ""
+        return f"<Volume {self.name} {self.volume_id} {self.size}GiB {self.fstype}{where}>"
+
+    @property
+    def name(self) -> str:
+        """The symbolic name (tag ``asyncstage:name``), else the volume id."""
+        return tags_of(self.volume).get(tag("name")) or self.volume_id
+
+    @property
+    def size(self) -> int:
+        """Size in GiB."""
+        return int(self.volume.get("Size", 0))
+
+    @property
+    def availability_zone(self) -> str:
+        """The volume's availability zone."""
+        return str(self.volume.get("AvailabilityZone", ""))
+
+    def fstab_line(self) -> str:
+        """An /etc/fstab line that mounts the volume where it is mounted now."""
+        if self.mtdev is None or self.mtpt is None:
+            raise VolumeNotMounted(f"volume {self.name} has no device or mount point")
+        return f"{self.mtdev}\t{self.mtpt}\t{self.fstype or 'auto'}\tdefaults,nofail\t0\t2"
+
+    def _need_server(self) -> Server:
+        if self.server is None:
+            raise VolumeError(f"volume {self.name} ({self.volume_id}) is not attached")
+        return self.server
+
+    async def get_fstype(self) -> str:
+        """The filesystem type on the device, as blkid reads it ('' when none)."""
+        server = self._need_server()
+        assert self.mtdev
+        result = await server.run(
+            "blkid", "-o", "value", "-s", "TYPE", self.mtdev, sudo=True, check=False
+        )
+        return str(result.stdout).strip()
+
+    async def refresh(self) -> Resource:
+        """Fetch the volume's description again."""
+        found = await self.manager.ec2.describe_volumes([self.volume_id])
+        if found:
+            self.volume = found[0]
+        return self.volume
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def mount(self, server: Server | None = None, mtpt: str | None = None) -> None:
+        """Mount the volume: on its server, the given one, or one in its zone (made if needed)."""
+        target = server or self.server
+        if target is None:
+            target = await self.manager.get_server_in_zone(self.availability_zone)
+        await target.mount_volume(self, mtpt)
+
+    async def remount(self) -> None:
+        """Mount the volume again where it was mounted on its server."""
+        await self._need_server().remount_volume(self)
+
+    async def unmount(self) -> None:
+        """Unmount the volume (it stays attached)."""
+        if self.server is not None:
+            await self.server.unmount_volume(self)
+
+    async def detach(self) -> None:
+        """Unmount and detach the volume."""
+        if self.server is not None:
+            await self.server.detach_volume(self)
+
+    async def delete(self) -> None:
+        """Unmount, detach and delete the volume; it is unregistered from its manager."""
+        await self.detach()
+        await self.manager.ec2.delete_volume(self.volume_id)
+        self.manager._unregister_volume(self)
+
+    async def create_snapshot(self, description: str = "", *, wait: bool = False) -> str:
+        """Snapshot the volume cleanly; the snapshot's id.
+
+        A mounted volume is unmounted first (or frozen with fsfreeze when it is
+        busy) and mounted again afterwards. The snapshot is tagged with the volume's
+        name and fstype, so that ``provision_volume(name, reuse=True)`` finds it.
+        ``wait`` waits until the snapshot is completed.
+        """
+        m = self.manager
+        tags = {
+            tag("role"): "snapshot",
+            tag("name"): self.name,
+            tag("fstype"): self.fstype,
+            tag("volume"): self.volume_id,
+            "Name": self.name,
+        }
+        desc = description or (
+            self.server.volume_description(self)
+            if self.server
+            else f"Staging volume for {self.name}"
+        )
+        server, was_mounted, frozen = self.server, self.mounted, False
+        if server is not None and was_mounted:
+            try:
+                await server.unmount_volume(self)
+            except VolumeInUse:
+                assert self.mtpt
+                await server.run("fsfreeze", "-f", self.mtpt, sudo=True)
+                frozen = True
+        try:
+            snap = await m.ec2.create_snapshot(self.volume_id, description=desc, tags=tags)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if server is not None and frozen:
+                    assert self.mtpt
+                    await server.run("fsfreeze", "-u", self.mtpt, sudo=True)
+                elif server is not None and was_mounted:
+                    await server.remount_volume(self)
+        snapshot_id = str(snap["SnapshotId"])
+        if wait:
+            await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.snapshot_timeout)
+        return snapshot_id
+
+    snapshot = create_snapshot
+
+    # -- file commands, run as root with paths relative to the volume's root ---------------
+
+    def _path(self, arg: str) -> str:
+        if not self.mounted or self.mtpt is None:
+            raise VolumeNotMounted(f"volume {self.name} is not mounted")
+        joined = posixpath.normpath(posixpath.join(self.mtpt, arg.lstrip("/")))
+        if joined != self.mtpt and not joined.startswith(self.mtpt.rstrip("/") + "/"):
+            raise VolumeError(f"path {arg!r} leaves volume {self.name}")
+        return joined
+
+    async def _file_cmd(self, program: str, *args: str, fixed: tuple[str, ...] = ()) -> str:
+        """Run ``program`` as root: its options, the ``fixed`` arguments, then the other
+        arguments as paths relative to the volume's root."""
+        server = self._need_server()
+        opts = [a for a in args if a.startswith("-")]
+        paths = [self._path(a) for a in args if not a.startswith("-")]
+        return await server.scmd(program, *opts, *fixed, *paths, sudo=True)
+
+    async def ls(self, *args: str) -> str:
+        """``ls`` on the volume (paths relative to its root; default its root)."""
+        if not any(not a.startswith("-") for a in args):
+            args = (*args, ".")
+        return await self._file_cmd("ls", *args)
+
+    async def df(self, *args: str) -> str:
+        """``df`` of the volume."""
+        return await self._file_cmd("df", *args, ".")
+
+    async def mkdir(self, *args: str) -> str:
+        """``mkdir`` on the volume."""
+        return await self._file_cmd("mkdir", *args)
+
+    async def chown(self, owner: str, *args: str) -> str:
+        """``chown owner paths...`` on the volume."""
+        return await self._file_cmd("chown", *args, fixed=(owner,))
+
+    async def chgrp(self, group: str, *args: str) -> str:
+        """``chgrp group paths...`` on the volume."""
+        return await self._file_cmd("chgrp", *args, fixed=(group,))
+
+    async def chmod(self, mode: str, *args: str) -> str:
+        """``chmod mode paths...`` on the volume."""
+        return await self._file_cmd("chmod", *args, fixed=(mode,))
+
+    async def cp(self, *args: str) -> str:
+        """``cp`` within the volume."""
+        return await self._file_cmd("cp", *args)
+
+    async def mv(self, *args: str) -> str:
+        """``mv`` within the volume."""
+        return await self._file_cmd("mv", *args)
+
+    async def rm(self, *args: str) -> str:
+        """``rm`` on the volume."""
+        return await self._file_cmd("rm", *args)
+
+    async def rmdir(self, *args: str) -> str:
+        """``rmdir`` on the volume."""
+        return await self._file_cmd("rmdir", *args)
+
+    async def cmd(self, *cmd: Command) -> str:
+        """Run a command as root in the volume's root directory; its output.
+
+        One string is a shell command line, several are an argv (each quoted).
+        """
+        server = self._need_server()
+        root = self._path(".")
+        if len(cmd) == 1:
+            return await server.scmd("env", "-C", root, "sh", "-c", cmd[0], sudo=True)
+        return await server.scmd("env", "-C", root, *cmd, sudo=True)
+
+    async def ssh(self, *cmd: Command) -> bool:
+        """Like :meth:`cmd`, with the output on our stdout/stderr; true on success."""
+        server = self._need_server()
+        root = self._path(".")
+        if len(cmd) == 1:
+            return await server.ssh("env", "-C", root, "sh", "-c", cmd[0], sudo=True)
+        return await server.ssh("env", "-C", root, *cmd, sudo=True)
