@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from asyncstage import errors
 from asyncstage.errors import AsyncstageError
+from asyncstage.manager import Manager
+from asyncstage.server import Server
+from asyncstage.volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncstageError", "__version__", "errors"]
+__all__ = ["AsyncstageError", "Manager", "Server", "Volume", "__version__", "errors"]
