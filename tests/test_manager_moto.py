@@ -1,0 +1,160 @@
+"""Manager behaviour that needs only the EC2 API, on a plain moto server.
+
+moto's instances have non-loopback addresses: these tests never ssh to them
+(the end-to-end tests on the local cloud do that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from moto.server import ThreadedMotoServer
+
+from asyncstage import Manager
+from asyncstage.ec2 import tag, tags_of
+from asyncstage.errors import InvalidArgument, NameTaken
+from asyncstage.manager import _user_for_image
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def make(moto_url: str, tmp_path: Path) -> Any:
+    def factory(**options: Any) -> Manager:
+        defaults: dict[str, Any] = {
+            "region": "us-east-1",
+            "endpoint_url": moto_url,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "image": "*",
+            "dotdir": tmp_path / "dot",
+            "poll_interval": 0.05,
+            "scan": False,
+        }
+        return Manager(**(defaults | options))
+
+    return factory
+
+
+async def _launch(m: Manager, *names: str) -> list[Any]:
+    spec = await m._spec(
+        image=None, instance_type=None, availability_zone=None, username=None, architecture=None
+    )
+    servers = await m._launch(spec, list(names))
+    return [servers[n] for n in names]
+
+
+async def _states(m: Manager, ids: list[str]) -> set[str]:
+    return {i["State"]["Name"] for i in await m.ec2.describe_instances(ids)}
+
+
+async def test_open_makes_key_and_group_without_opening_the_world(make: Any) -> None:
+    async with make() as m:
+        assert m.key_pair is not None and m.keyfile.exists()
+        assert await m.ec2.key_pair_exists(m.key_pair.name)
+        groups = await m.ec2.call("DescribeSecurityGroups", GroupIds=[m.security_group_id])
+        cidrs = {
+            r["CidrIp"]
+            for p in groups["SecurityGroups"][0]["IpPermissions"]
+            for r in p.get("IpRanges", [])
+        }
+        assert cidrs == {"127.0.0.1/32"}
+    with pytest.raises(InvalidArgument):
+        make(on_exit="explode")
+
+
+async def test_concurrent_provisions_with_one_spec_share_one_run_instances(make: Any) -> None:
+    async with make(on_exit="terminate", launch_window=0.2) as m:
+        spec = await m._spec(
+            image=None,
+            instance_type=None,
+            availability_zone=None,
+            username=None,
+            architecture=None,
+        )
+        got: dict[str, Any] = {}
+
+        async def one(name: str) -> None:
+            got[name] = await m._launch_coalesced(spec, name)
+
+        async with anyio.create_task_group() as tg:
+            for n in ("a", "b", "c", "d"):
+                tg.start_soon(one, n)
+        assert m.ec2.calls["RunInstances"] == 1
+        assert {s.name for s in got.values()} == {"a", "b", "c", "d"}
+        found = await m.ec2.describe_instances([s.instance_id for s in got.values()])
+        assert {tags_of(i)[tag("name")] for i in found} == {"a", "b", "c", "d"}
+        assert all(tags_of(i)["Name"] == tags_of(i)[tag("name")] for i in found)
+        with pytest.raises(NameTaken):
+            await m.provision_server("a")
+        with pytest.raises(NameTaken):
+            await m.provision_servers(["x", "x"])
+
+
+async def test_a_second_manager_adopts_servers_by_tags(make: Any) -> None:
+    async with make(on_exit="run") as first:
+        servers = await _launch(first, "adopt-me", "me-too")
+    async with make(on_exit="terminate", scan=True) as second:
+        names = {s.name: s for s in second.servers()}
+        assert {"adopt-me", "me-too"} <= set(names)
+        adopted = names["adopt-me"]
+        assert adopted.instance_id == servers[0].instance_id
+        assert adopted.keyfile == first.keyfile and adopted.username == servers[0].username
+        assert second.find_server_by_instance(adopted.instance_id) is adopted
+        # adopted servers are not "started" by the second manager: terminate them by hand
+        await second.terminate_servers([names["adopt-me"], names["me-too"]])
+        assert second.find_server_by_name("adopt-me") is None
+
+
+@pytest.mark.parametrize("mode", ["stop", "terminate", "run"])
+@pytest.mark.parametrize("how", ["normal", "raise", "cancel"])
+async def test_on_exit_modes(make: Any, mode: str, how: str, tmp_path: Path) -> None:
+    ids: list[str] = []
+    m = make(on_exit=mode)
+    with anyio.CancelScope() as scope:
+        try:
+            async with m:
+                ids = [
+                    s.instance_id for s in await _launch(m, f"{mode}-{how}-1", f"{mode}-{how}-2")
+                ]
+                if how == "raise":
+                    raise RuntimeError("boom")
+                if how == "cancel":
+                    scope.cancel()
+                    await anyio.sleep(5)
+        except RuntimeError:
+            assert how == "raise"
+    async with make(on_exit="run", dotdir=tmp_path / "check") as check:
+        want = {"stop": "stopped", "terminate": "terminated", "run": "running"}[mode]
+        assert await _states(check, ids) == {want}
+        if mode == "terminate":  # nothing of ours left: the key pair goes too
+            assert m.key_pair is not None
+            assert not await check.ec2.key_pair_exists(m.key_pair.name)
+        else:
+            await check.ec2.terminate_instances(ids)
+
+
+def test_default_user_follows_the_image() -> None:
+    assert _user_for_image({"Name": "ubuntu/images/hvm-ssd/ubuntu-noble-24.04"}) == "ubuntu"
+    assert _user_for_image({"Name": "debian-12-amd64-2024"}) == "admin"
+    assert _user_for_image({"Name": "al2023-ami-2023.4"}) == "ec2-user"
+    tagged = {"Name": "x", "Tags": [{"Key": tag("user"), "Value": "me"}]}
+    assert _user_for_image(tagged) == "me"
