@@ -1,0 +1,22 @@
+"""The embedded local cloud: an EC2-compatible endpoint with real hosts and disks.
+
+::
+
+    from asyncstage.localcloud import LocalCloud
+
+    async with LocalCloud() as cloud:
+        session = aioboto3.Session()
+        async with session.client("ec2", **cloud.session_kwargs()) as ec2:
+            ...
+
+Instances are isolated hosts on this machine (mount, pid and uts namespaces, a
+copy-on-write overlay of ``/``, their own sshd on a loopback address); volumes are
+sparse image files attached as loop devices. Needs root. ``python -m
+asyncstage.localcloud`` runs one in the foreground.
+"""
+
+from __future__ import annotations
+
+from asyncstage.localcloud._cloud import LocalCloud
+
+__all__ = ["LocalCloud"]

@@ -1,0 +1,99 @@
+"""LocalCloud: the async face of the embedded cloud."""
+
+from __future__ import annotations
+
+import collections
+import os
+from types import TracebackType
+
+import anyio
+
+from asyncstage.localcloud._engine import Engine
+from asyncstage.localcloud._hosts import LOGIN_USER
+
+
+class LocalCloud:
+    """An EC2-compatible endpoint on this machine with real hosts and block devices.
+
+    ``async with LocalCloud() as cloud:`` starts moto's EC2 API on ``127.0.0.1`` (a free
+    port unless ``port`` is given) with hooks that make instances real isolated hosts
+    (namespaces, an overlay of ``/``, their own sshd on a loopback address) and volumes
+    real loop devices. Leaving the block kills every host and frees every loop device,
+    mount and state it made — also on an exception or cancellation. Needs root.
+
+    Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
+    State lives in a temporary directory unless ``state_dir`` is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        boot_delay: float = 0.0,
+        state_dir: str | os.PathLike[str] | None = None,
+        region: str = "us-east-1",
+        port: int = 0,
+    ) -> None:
+        self._engine = Engine(boot_delay=boot_delay, state_dir=state_dir, region=region, port=port)
+        self.region = region
+        self.image_name = self._engine.image_name
+        self.default_username = LOGIN_USER
+
+    @property
+    def endpoint_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the EC2 API (empty before the cloud started)."""
+        return self._engine.endpoint_url
+
+    @property
+    def image_id(self) -> str:
+        """The AMI id of the local image (named :attr:`image_name`)."""
+        return self._engine.image_id
+
+    @property
+    def account_id(self) -> str:
+        """The cloud's own account id (its records are kept apart from other clouds')."""
+        return self._engine.account
+
+    @property
+    def api_calls(self) -> collections.Counter[str]:
+        """How many times each EC2 Action reached the endpoint."""
+        return self._engine.api_calls
+
+    @property
+    def state_dir(self) -> str:
+        """Where volumes, snapshots and instance state live while the cloud runs."""
+        return str(self._engine.state_dir)
+
+    def session_kwargs(self) -> dict[str, str]:
+        """What an aioboto3 session or client needs: endpoint, region, dummy credentials."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region_name": self.region,
+            "aws_access_key_id": "asyncstage-local",
+            "aws_secret_access_key": "asyncstage-local",
+        }
+
+    async def start(self) -> None:
+        """Start the cloud (what ``async with`` does)."""
+        try:
+            await anyio.to_thread.run_sync(self._engine.start)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._engine.close)
+            raise
+
+    async def close(self) -> None:
+        """Stop the cloud and remove everything it made; idempotent."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._engine.close)
+
+    async def __aenter__(self) -> LocalCloud:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,373 @@
+"""Instance hosts: isolated namespaces with an overlay root and their own sshd.
+
+A :class:`Host` is the machine behind one instance. Its upper and work dirs (under
+the cloud's ``roots`` tmpfs) and its host keys persist across stop and start; its
+processes and mounts do not. All methods block: the cloud calls them from its
+worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._system import (
+    children,
+    mountinfo_devices,
+    process_start_time,
+    run,
+    which,
+)
+
+LOGIN_USER = "admin"
+_HOST_KEY_TYPES = ("ecdsa", "ed25519")
+_BY_ID = "dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+_INIT = Path(__file__).with_name("_hostinit.py")
+
+_SSHD_CONFIG = """\
+# sshd of a local-cloud instance (written by asyncstage.localcloud)
+ListenAddress {address}:22
+HostKey /etc/ssh/ssh_host_ed25519_key
+HostKey /etc/ssh/ssh_host_ecdsa_key
+PidFile none
+UsePAM no
+PermitRootLogin no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+PrintMotd no
+PrintLastLog no
+MaxStartups 200:30:400
+MaxSessions 100
+ClientAliveInterval 0
+X11Forwarding no
+AcceptEnv LANG LC_*
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+# What a login user's shell reads: a clean start-up (no machine-specific rc files).
+_BASHRC = """\
+# ~/.bashrc of a local-cloud login user
+case $- in *i*) ;; *) return ;; esac
+HISTCONTROL=ignoreboth
+PS1='\\u@\\h:\\w\\$ '
+"""
+_PROFILE = """\
+# ~/.profile of a local-cloud login user
+if [ -n "$BASH_VERSION" ] && [ -f "$HOME/.bashrc" ]; then . "$HOME/.bashrc"; fi
+"""
+
+
+@dataclass
+class Host:
+    """The isolated host behind one instance (blocking; used from worker threads)."""
+
+    instance_id: str
+    address: str
+    state_dir: Path  # <cloud state>/instances/<id>: logs, console
+    root_dir: Path  # <cloud roots tmpfs>/<id>: upper, work, merged
+    public_key: str | None
+    on_pid: Callable[[int, bool], None] = lambda pid, alive: None  # registry callback
+    fingerprints: list[str] = field(default_factory=list)
+    host_public_keys: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    init_pid: int | None = None
+    init_start: int | None = None
+
+    @property
+    def hostname(self) -> str:
+        return "ip-" + self.address.replace(".", "-")
+
+    @property
+    def upper(self) -> Path:
+        return self.root_dir / "upper"
+
+    @property
+    def console_path(self) -> Path:
+        return self.state_dir / "console.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.init_pid is not None and process_start_time(self.init_pid) == self.init_start
+
+    # -- first boot: the instance's own files in its upper dir ----------------------------
+
+    def prepare(self) -> None:
+        """Write the instance's identity into its upper dir (once, before the first boot)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("upper", "work", "merged"):
+            (self.root_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._write("etc/hostname", self.hostname + "\n")
+        self._write("etc/machine-id", secrets.token_hex(16) + "\n")
+        hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
+        self._write("etc/hosts", hosts + f"{self.address}\t{self.hostname}\n")
+        self._write("etc/ssh/sshd_config", _SSHD_CONFIG.format(address=self.address))
+        self._host_keys()
+        uid, gid = self._login_user()
+        self._write(
+            "etc/sudoers.d/90-cloud-init-users", f"{LOGIN_USER} ALL=(ALL) NOPASSWD:ALL\n", 0o440
+        )
+        home = f"home/{LOGIN_USER}"
+        self._write(f"{home}/.bashrc", _BASHRC, 0o644, (uid, gid))
+        self._write(f"{home}/.profile", _PROFILE, 0o644, (uid, gid))
+        keys = (self.public_key.strip() + "\n") if self.public_key else ""
+        self._write(f"{home}/.ssh/authorized_keys", keys, 0o600, (uid, gid))
+        os.chown(self.upper / home, uid, gid)
+        os.chmod(self.upper / home, 0o755)
+        os.chown(self.upper / home / ".ssh", uid, gid)
+        os.chmod(self.upper / home / ".ssh", 0o700)
+
+    def _mkdirs(self, rel: str) -> Path:
+        """Make ``upper/rel`` with the mode and owner of the machine's dir of that name."""
+        path = self.upper
+        for part in Path(rel).parts:
+            path = path / part
+            lower = Path("/") / path.relative_to(self.upper)
+            if not path.exists():
+                path.mkdir()
+                try:
+                    st = lower.stat()
+                except FileNotFoundError:
+                    os.chmod(path, 0o755)
+                else:
+                    os.chmod(path, stat.S_IMODE(st.st_mode))
+                    os.chown(path, st.st_uid, st.st_gid)
+        return path
+
+    def _write(
+        self, rel: str, text: str, mode: int = 0o644, owner: tuple[int, int] = (0, 0)
+    ) -> Path:
+        path = self._mkdirs(str(Path(rel).parent)) / Path(rel).name
+        path.write_text(text)
+        os.chmod(path, mode)
+        os.chown(path, *owner)
+        return path
+
+    def _host_keys(self) -> None:
+        keygen = which("ssh-keygen")
+        ssh_dir = self._mkdirs("etc/ssh")
+        comment = f"root@{self.hostname}"
+        for kind in _HOST_KEY_TYPES:
+            key = ssh_dir / f"ssh_host_{kind}_key"
+            if not key.exists():
+                run(keygen, "-q", "-t", kind, "-N", "", "-C", comment, "-f", key, what="ssh-keygen")
+            pub = key.with_name(key.name + ".pub")
+            self.host_public_keys.append(pub.read_text().strip())
+            self.fingerprints.append(run(keygen, "-l", "-f", pub, what="ssh-keygen").strip())
+
+    def _login_user(self) -> tuple[int, int]:
+        """Add the login user to the overlay's passwd, shadow and group files."""
+        taken_uids = {p.pw_uid for p in pwd.getpwall()}
+        taken_gids = {g.gr_gid for g in grp.getgrall()}
+        uid = next(i for i in range(1000, 60000) if i not in taken_uids and i not in taken_gids)
+        gid = uid
+        home = f"/home/{LOGIN_USER}"
+        entries = {
+            "passwd": f"{LOGIN_USER}:x:{uid}:{gid}:Debian:{home}:/bin/bash",
+            "shadow": f"{LOGIN_USER}:*:19000:0:99999:7:::",
+            "group": f"{LOGIN_USER}:x:{gid}:",
+            "gshadow": f"{LOGIN_USER}:!::",
+        }
+        for name, entry in entries.items():
+            machine = Path("/etc") / name
+            lines = machine.read_text().splitlines() if machine.exists() else []
+            lines = [ln for ln in lines if not ln.startswith(LOGIN_USER + ":")] + [entry]
+            mode = stat.S_IMODE(machine.stat().st_mode) if machine.exists() else 0o644
+            path = self._write(f"etc/{name}", "\n".join(lines) + "\n", mode)
+            if machine.exists():
+                st = machine.stat()
+                os.chown(path, st.st_uid, st.st_gid)
+        return uid, gid
+
+    # -- boot and kill -------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Start the host's namespaces and sshd; returns once the init process exists."""
+        config = {
+            "upper": str(self.upper),
+            "work": str(self.root_dir / "work"),
+            "merged": str(self.root_dir / "merged"),
+            "hostname": self.hostname,
+            "sshd": which("sshd"),
+            "pivot_root": which("pivot_root"),
+        }
+        argv = [
+            which("unshare"),
+            "--mount",
+            "--pid",
+            "--uts",
+            "--fork",
+            "--propagation",
+            "private",
+            "--kill-child",
+            sys.executable,
+            "-I",
+            "-S",
+            str(_INIT),
+            json.dumps(config),
+        ]
+        with open(self.state_dir / "sshd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self.on_pid(self.proc.pid, True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = children(self.proc.pid)
+            if kids:
+                self.init_pid = kids[0]
+                self.init_start = process_start_time(kids[0])
+                self.on_pid(kids[0], True)
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        self.kill()
+        raise LocalCloudError(f"{self.instance_id}: host did not start: {self.log_tail()}")
+
+    def wait_for_sshd(self, timeout: float, cancelled: Callable[[], bool]) -> bool:
+        """Wait until sshd answers with its banner; False if cancelled."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cancelled():
+                return False
+            if self.proc is None or self.proc.poll() is not None:
+                raise LocalCloudError(f"{self.instance_id}: host stopped: {self.log_tail()}")
+            if _ssh_banner(self.address):
+                return True
+            time.sleep(0.05)
+        raise LocalCloudError(f"{self.instance_id}: sshd did not answer within {timeout:g}s")
+
+    def kill(self) -> None:
+        """Kill every process of the host (its PID 1 first) and wait for them."""
+        if self.init_pid is not None:
+            if self.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.init_pid, signal.SIGKILL)
+            self.on_pid(self.init_pid, False)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                # unshare exits once its child (our init) is gone
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.on_pid(self.proc.pid, False)
+        self.proc = None
+        self.init_pid = self.init_start = None
+
+    def remove(self) -> None:
+        """Remove the host's root and state (after kill, at terminate)."""
+        shutil.rmtree(self.root_dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = (self.state_dir / "sshd.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+    # -- block devices inside the host ---------------------------------------------------
+
+    def add_device(self, name: str, rdev: int, volume_id: str) -> None:
+        """Make ``/dev/<name>`` (and its by-id link) inside the running host."""
+        root = self._proc_root()
+        node = root / "dev" / name
+        with contextlib.suppress(FileNotFoundError):
+            node.unlink()
+        os.mknod(node, stat.S_IFBLK | 0o660, rdev)
+        os.chmod(node, 0o660)
+        os.chown(node, 0, _disk_gid())
+        link = root / (_BY_ID + volume_id.replace("-", ""))
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        os.symlink(f"../../{name}", link)
+
+    def remove_device(self, name: str, volume_id: str) -> None:
+        if not self.alive:
+            return
+        root = self._proc_root()
+        for path in (root / (_BY_ID + volume_id.replace("-", "")), root / "dev" / name):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def mounted_devices(self) -> dict[tuple[int, int], str]:
+        """Block devices mounted inside the host: (major, minor) -> mount point."""
+        return mountinfo_devices(self.init_pid) if self.alive and self.init_pid else {}
+
+    def _proc_root(self) -> Path:
+        if not self.alive:
+            raise LocalCloudError(f"{self.instance_id}: host is not running")
+        return Path(f"/proc/{self.init_pid}/root")
+
+    # -- console -------------------------------------------------------------------------
+
+    def write_console(self) -> None:
+        """Append this boot's log, with the host key fingerprints as cloud-init prints them."""
+        now = datetime.now(UTC)
+        stamp = now.strftime("%b %d %H:%M:%S")
+        ci = f"<14>{stamp} cloud-init: "
+        lines = [
+            f"[    0.000000] Linux version {os.uname().release} (asyncstage local cloud)",
+            f"[    0.000000] Command line: root=overlay hostname={self.hostname}",
+            f"Cloud-init v. 22.4.2 running 'init' at {now:%a, %d %b %Y %H:%M:%S +0000}.",
+            f"ci-info: | lo | True | {self.address} | 255.0.0.0 | host | . |",
+            f"{ci}#############################################################",
+            f"{ci}-----BEGIN SSH HOST KEY FINGERPRINTS-----",
+            *(f"{ci}{fp}" for fp in self.fingerprints),
+            f"{ci}-----END SSH HOST KEY FINGERPRINTS-----",
+            f"{ci}#############################################################",
+            "-----BEGIN SSH HOST KEY KEYS-----",
+            *self.host_public_keys,
+            "-----END SSH HOST KEY KEYS-----",
+            f"Cloud-init v. 22.4.2 finished at {now:%a, %d %b %Y %H:%M:%S +0000}. "
+            "Datasource DataSourceEc2Local.",
+        ]
+        with open(self.console_path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def console(self) -> str:
+        try:
+            return self.console_path.read_text()[-65536:]
+        except OSError:
+            return ""
+
+
+def _ssh_banner(address: str) -> bool:
+    try:
+        with socket.create_connection((address, 22), timeout=1.0) as s:
+            return s.recv(8).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _disk_gid() -> int:
+    try:
+        return grp.getgrnam("disk").gr_gid
+    except KeyError:
+        return 0

@@ -1,0 +1,542 @@
+"""The EC2 API of the local cloud: moto's EC2 backend, with real effects.
+
+:class:`LocalBackend` is moto's ``EC2Backend`` with the operations that touch machines
+and disks overridden: each calls moto for the records (ids, tags, filters, responses)
+and the :class:`~asyncstage.localcloud._engine.Engine` for the real thing. It is
+installed as ``moto.ec2.models.ec2_backends[account][region]`` for an account id of its
+own, so several local clouds (and plain moto tests) share one process without sharing
+records. :func:`make_app` wraps moto's EC2 WSGI app in a middleware that counts the
+Actions, pins the account and region, and answers GetConsoleOutput.
+
+Everything here runs in the server's request threads under ``engine.lock``.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
+
+from moto.ec2.exceptions import EC2ClientError
+from moto.ec2.models import EC2Backend, ec2_backends
+from moto.ec2.models.elastic_block_store import Snapshot
+from moto.ec2.models.elastic_network_interfaces import NetworkInterface
+from moto.ec2.models.instances import Instance
+from moto.moto_server.werkzeug_app import create_backend_app
+
+from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._disks import xen_name
+
+if TYPE_CHECKING:
+    from asyncstage.localcloud._engine import Engine
+
+STATE_CODES = {
+    "pending": 0,
+    "running": 16,
+    "shutting-down": 32,
+    "terminated": 48,
+    "stopping": 64,
+    "stopped": 80,
+}
+MAX_INSTANCES = 256  # live instances per cloud: a guard against runaway launches
+_XMLNS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+_CREDENTIAL = re.compile(r"Credential=[^/]*/\d+/([^/]+)/([^/]+)/")
+
+
+def set_state(instance: Any, name: str) -> None:
+    """Set an instance's state as DescribeInstances reports it."""
+    instance._state.name = name
+    instance._state.code = STATE_CODES[name]
+
+
+def _error(code: str, message: str) -> EC2ClientError:
+    return EC2ClientError(code, message)
+
+
+def _retype(obj: Any, cls: type) -> None:
+    """Make one of moto's records an instance of our subclass (same data, our properties)."""
+    obj.__class__ = cls
+
+
+class _LocalInstance(Instance):
+    """An instance whose DNS names are its loopback address (there is no DNS here)."""
+
+    @property
+    def public_dns_name(self) -> str | None:
+        return self.public_ip
+
+    @property
+    def private_dns_name(self) -> str:
+        return self.private_ip or ""
+
+
+class _LocalNic(NetworkInterface):
+    @property
+    def association(self) -> dict[str, Any]:
+        association: dict[str, Any] = super().association
+        if association:
+            association["publicDnsName"] = self.public_ip
+        return association
+
+
+class _LocalSnapshot(Snapshot):
+    @property
+    def progress(self) -> str:
+        return "100%" if self.status == "completed" else "0%"
+
+
+class LocalBackend(EC2Backend):
+    """moto's EC2 backend whose instances, volumes and snapshots are real."""
+
+    engine: Engine | None = None  # None while moto builds its own records
+    _launching = False
+
+    def reset(self) -> None:
+        """Ignore moto's global resets (``mock_aws`` in other tests): the cloud owns this."""
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _live(self) -> Engine | None:
+        """The engine, when an operation should have real effects."""
+        return None if self._launching else self.engine
+
+    def _real_volume(self, engine: Engine, volume_id: str) -> Any:
+        volume = self.get_volume(volume_id)
+        if volume_id not in engine.disks:
+            raise _error(
+                "UnsupportedOperation",
+                f"{volume_id} is the record of an instance's root device or an image: "
+                "the local cloud has no data for it",
+            )
+        return volume
+
+    # -- instances ---------------------------------------------------------------------
+
+    def run_instances(
+        self,
+        image_id: str,
+        count: int,
+        user_data: Any,
+        security_group_names: list[str],
+        **kwargs: Any,
+    ) -> Any:
+        engine = self.engine
+        if engine is None:
+            return super().run_instances(image_id, count, user_data, security_group_names, **kwargs)
+        if image_id != engine.image_id:
+            raise _error(
+                "InvalidAMIID.NotFound",
+                f"The image id '[{image_id}]' does not exist: the local cloud boots only "
+                f"{engine.image_id} ({engine.image_name})",
+            )
+        key_name = kwargs.get("key_name")
+        if key_name:
+            self.describe_key_pairs(key_names=[key_name])  # InvalidKeyPair.NotFound
+        live = sum(1 for i in self.all_instances() if i.state != "terminated")
+        if live + count > MAX_INSTANCES:
+            raise _error(
+                "InstanceLimitExceeded",
+                f"the local cloud runs at most {MAX_INSTANCES} instances ({live} now)",
+            )
+        self._launching = True
+        try:
+            reservation = super().run_instances(
+                image_id, count, user_data, security_group_names, **kwargs
+            )
+        finally:
+            self._launching = False
+        public_key = None
+        if key_name:
+            material = self.key_pairs[key_name].material_public
+            public_key = material.decode() if isinstance(material, bytes) else str(material)
+        for instance in reservation.instances:
+            address = engine.new_address()
+            nic = instance.nics[0]
+            nic.private_ip_address = address
+            nic.private_ip_addresses = [
+                {"Primary": True, "PrivateIpAddress": address, "PrivateDnsName": address}
+            ]
+            nic.private_dns_name = address
+            nic.public_ip = address
+            nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
+            _retype(nic, _LocalNic)
+            _retype(instance, _LocalInstance)
+            set_state(instance, "pending")
+            engine.launched(instance.id, address, public_key)
+        return reservation
+
+    def start_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
+        engine = self.engine
+        if engine is None:
+            return super().start_instances(instance_ids)
+        instances = self.get_multi_instances_by_id(instance_ids)
+        for instance in instances:
+            if instance.state in ("stopping", "shutting-down", "terminated"):
+                raise _error(
+                    "IncorrectInstanceState",
+                    f"The instance '{instance.id}' is not in a state from which it can be "
+                    f"started (it is {instance.state}).",
+                )
+        result = []
+        for instance in instances:
+            previous = copy.copy(instance._state)
+            if instance.state == "stopped":
+                instance.start()  # moto's bookkeeping (reason, nics)
+                set_state(instance, "pending")
+                engine.start_instance(instance.id)
+            result.append((instance, previous))
+        return result
+
+    def stop_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
+        engine = self.engine
+        if engine is None:
+            return super().stop_instances(instance_ids)
+        instances = self.get_multi_instances_by_id(instance_ids)
+        for instance in instances:
+            if instance.state in ("shutting-down", "terminated"):
+                raise _error(
+                    "IncorrectInstanceState",
+                    f"The instance '{instance.id}' is not in a state from which it can be "
+                    f"stopped (it is {instance.state}).",
+                )
+            if instance.disable_api_stop:
+                raise _error(
+                    "OperationNotPermitted",
+                    f"The instance '{instance.id}' may not be stopped (disableApiStop).",
+                )
+        result = []
+        for instance in instances:
+            previous = copy.copy(instance._state)
+            if instance.state in ("pending", "running"):
+                set_state(instance, "stopping")
+                engine.stop_instance(instance.id)
+            result.append((instance, previous))
+        return result
+
+    def terminate_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
+        engine = self.engine
+        if engine is None:
+            return super().terminate_instances(instance_ids)
+        if not instance_ids:
+            raise _error("InvalidParameterCombination", "No instances specified")
+        instances = self.get_multi_instances_by_id(instance_ids)
+        for instance in instances:
+            if instance.disable_api_termination:
+                raise _error(
+                    "OperationNotPermitted",
+                    f"The instance '{instance.id}' may not be terminated.",
+                )
+        result = []
+        for instance in instances:
+            previous = copy.copy(instance._state)
+            if instance.state not in ("shutting-down", "terminated"):
+                set_state(instance, "shutting-down")
+                engine.terminate_instance(instance.id)
+            result.append((instance, previous))
+        return result
+
+    # -- volumes -----------------------------------------------------------------------
+
+    def create_volume(  # type: ignore[override]
+        self, size: int | None, zone_name: str, snapshot_id: str | None = None, **kw: Any
+    ) -> Any:
+        engine = self._live()
+        if engine is None:
+            return super().create_volume(size, zone_name, snapshot_id, **kw)  # type: ignore[arg-type]
+        source = None
+        if snapshot_id:
+            snapshot = self.get_snapshot(snapshot_id)
+            source = engine.snapshots.get(snapshot_id)
+            if source is None:
+                raise _error(
+                    "UnsupportedOperation",
+                    f"{snapshot_id} is a record without data in the local cloud",
+                )
+            if snapshot.status != "completed":
+                raise _error("IncorrectState", f"Snapshot '{snapshot_id}' is not completed.")
+            need = -(-source.stat().st_size // (1 << 30))
+            if size is not None and int(size) < need:
+                raise _error(
+                    "InvalidParameterValue",
+                    f"Volume of {size}GiB is smaller than snapshot '{snapshot_id}', "
+                    f"expect size >= {need}GiB",
+                )
+            if size is None:
+                size = need
+        if size is not None and not 1 <= int(size) <= 16384:
+            raise _error(
+                "InvalidParameterValue",
+                f"Volume of {size}GiB is outside the allowed range 1-16384GiB",
+            )
+        volume = super().create_volume(
+            None if size is None else int(size),  # type: ignore[arg-type]  # moto: snapshot's
+            zone_name,
+            snapshot_id,
+            **kw,
+        )
+        try:
+            engine.volume_created(volume.id, int(volume.size), source)
+        except LocalCloudError as e:
+            self.volumes.pop(volume.id, None)
+            raise _error("InternalError", str(e)) from e
+        return volume
+
+    def attach_volume(
+        self,
+        volume_id: str,
+        instance_id: str,
+        device_path: str,
+        delete_on_termination: bool = False,
+    ) -> Any:
+        engine = self._live()
+        if engine is None:
+            return super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
+        volume = self._real_volume(engine, volume_id)
+        instance = self.get_instance(instance_id)
+        if volume.attachment is not None:
+            raise _error(
+                "VolumeInUse",
+                f"{volume_id} is already attached to an instance ({volume.attachment.instance.id})",
+            )
+        if instance.state not in ("pending", "running", "stopped"):
+            raise _error(
+                "IncorrectState",
+                f"The instance '{instance_id}' is {instance.state}: "
+                "volumes attach to pending, running or stopped instances",
+            )
+        if volume.zone.name != instance.placement.zone:
+            raise _error(
+                "InvalidVolume.ZoneMismatch",
+                f"The volume '{volume_id}' is not in the same availability zone as "
+                f"instance '{instance_id}'",
+            )
+        name = xen_name(device_path or "")
+        if name is None:
+            raise _error(
+                "InvalidParameterValue",
+                f"Value ({device_path}) for parameter device is invalid. "
+                "Expected /dev/sd[f-p] or /dev/xvd[a-z]",
+            )
+        taken = {xen_name(d) for d in instance.block_device_mapping}
+        if name in taken:
+            raise _error(
+                "InvalidParameterValue",
+                f"Invalid value '{device_path}' for unixDevice. "
+                f"Attachment point {device_path} is already in use",
+            )
+        try:
+            engine.volume_attached(volume_id, instance_id, name)
+        except LocalCloudError as e:
+            raise _error("InternalError", str(e)) from e
+        return super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
+
+    def detach_volume(self, volume_id: str, instance_id: str, device_path: str) -> Any:
+        """Detach (``instance_id`` and ``device_path`` may be empty, as EC2 allows)."""
+        engine = self.engine
+        volume = self.get_volume(volume_id)
+        if engine is None or volume_id not in engine.disks:
+            return super().detach_volume(volume_id, instance_id, device_path)
+        if volume.attachment is None:
+            raise _error("IncorrectState", f"Volume '{volume_id}' is in the 'available' state.")
+        instance_id = instance_id or volume.attachment.instance.id
+        if instance_id != volume.attachment.instance.id:
+            raise _error(
+                "InvalidAttachment.NotFound",
+                f"The volume '{volume_id}' is not attached to instance '{instance_id}'",
+            )
+        engine.volume_detaching(volume_id)  # refuses while mounted inside the instance
+        return super().detach_volume(volume_id, instance_id, device_path)
+
+    def delete_volume(self, volume_id: str) -> Any:
+        volume = super().delete_volume(volume_id)
+        if self.engine is not None:
+            self.engine.volume_deleted(volume_id)
+        return volume
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def create_snapshot(
+        self,
+        volume_id: str,
+        description: str,
+        owner_id: str | None = None,
+        from_ami: str | None = None,
+    ) -> Any:
+        engine = self._live()
+        if engine is None or from_ami is not None:
+            return super().create_snapshot(volume_id, description, owner_id, from_ami)
+        self._real_volume(engine, volume_id)
+        snapshot = super().create_snapshot(volume_id, description, owner_id, from_ami)
+        self._made_snapshot(engine, snapshot, engine.disks[volume_id].image)
+        return snapshot
+
+    def copy_snapshot(
+        self,
+        source_snapshot_id: str,
+        source_region: str,
+        description: str,
+        kms_key_id: str | None,
+    ) -> Any:
+        engine = self.engine
+        if engine is None:
+            return super().copy_snapshot(source_snapshot_id, source_region, description, kms_key_id)
+        if source_region and source_region != self.region_name:
+            raise _error(
+                "UnsupportedOperation",
+                f"the local cloud has one region ({self.region_name}), not {source_region}",
+            )
+        source = self.get_snapshot(source_snapshot_id)
+        image = engine.snapshots.get(source_snapshot_id)
+        if image is None:
+            raise _error(
+                "UnsupportedOperation",
+                f"{source_snapshot_id} is a record without data in the local cloud",
+            )
+        if source.status != "completed":
+            raise _error("IncorrectState", f"Snapshot '{source_snapshot_id}' is not completed.")
+        snapshot = super().copy_snapshot(
+            source_snapshot_id, self.region_name, description, kms_key_id
+        )
+        self._made_snapshot(engine, snapshot, image)
+        return snapshot
+
+    def _made_snapshot(self, engine: Engine, snapshot: Any, image: Any) -> None:
+        _retype(snapshot, _LocalSnapshot)
+        snapshot.status = "pending"
+        try:
+            engine.snapshot_created(snapshot.id, image)
+        except LocalCloudError as e:
+            self.snapshots.pop(snapshot.id, None)
+            raise _error("InternalError", str(e)) from e
+
+    def delete_snapshot(self, snapshot_id: str) -> Any:
+        snapshot = super().delete_snapshot(snapshot_id)
+        if self.engine is not None:
+            self.engine.snapshot_deleted(snapshot_id)
+        return snapshot
+
+
+def make_backend(region: str, account: str) -> LocalBackend:
+    """A new backend, installed for ``account`` in moto's registry of EC2 backends."""
+    backend = LocalBackend(region, account)
+    install_backend(backend)
+    return backend
+
+
+def install_backend(backend: LocalBackend) -> None:
+    """(Re)install ``backend`` unless it is in place (moto's resets clear the registry)."""
+    accounts = ec2_backends[backend.account_id]
+    if dict.get(accounts, backend.region_name) is not backend:
+        dict.__setitem__(accounts, backend.region_name, backend)
+
+
+def uninstall_backend(backend: LocalBackend) -> None:
+    accounts = dict.get(ec2_backends, backend.account_id)
+    if accounts is not None and dict.get(accounts, backend.region_name) is backend:
+        dict.__delitem__(accounts, backend.region_name)
+
+
+# -- the WSGI app -----------------------------------------------------------------------
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def make_app(engine: Engine) -> WSGIApp:
+    """moto's EC2 app behind the local cloud's middleware."""
+    moto_app: WSGIApp = create_backend_app("ec2")
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            size = 0
+        body = environ["wsgi.input"].read(size) if size else b""
+        params = dict(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+        action = params.get("Action") or _query_action(environ)
+        if action:
+            with engine.lock:
+                engine.api_calls[action] += 1
+        m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if m and m.group(2) == "ec2" and m.group(1) != engine.region:
+            return _error_response(
+                start_response,
+                "UnsupportedOperation",
+                f"this local cloud serves region {engine.region} only, not {m.group(1)}",
+            )
+        # The local cloud always has the capacity: like EC2 then, it launches MaxCount.
+        if action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount")):
+            params["MinCount"] = params["MaxCount"]
+            body = urlencode(params).encode()
+        if action == "GetConsoleOutput":
+            with engine.lock:
+                text = engine.console(params.get("InstanceId", ""))
+            if text is not None:
+                return _console_response(start_response, params["InstanceId"], text)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
+        with engine.lock:
+            engine.ensure_installed()
+            result = moto_app(environ, start_response)
+            try:
+                return [b"".join(result)]
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+
+    return app
+
+
+def _more(maximum: str | None, minimum: str | None) -> bool:
+    try:
+        return maximum is not None and int(maximum) > int(minimum or 1)
+    except ValueError:
+        return False
+
+
+def _query_action(environ: dict[str, Any]) -> str | None:
+    query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+    return query.get("Action")
+
+
+def _xml_response(start_response: StartResponse, status: str, xml: str) -> list[bytes]:
+    data = xml.encode()
+    start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def _error_response(start_response: StartResponse, code: str, message: str) -> list[bytes]:
+    from xml.sax.saxutils import escape
+
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{escape(code)}</Code>"
+        f"<Message>{escape(message)}</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    )
+    return _xml_response(start_response, "400 Bad Request", xml)
+
+
+def _console_response(start_response: StartResponse, instance_id: str, text: str) -> list[bytes]:
+    from xml.sax.saxutils import escape
+
+    output = base64.b64encode(text.encode()).decode()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<GetConsoleOutputResponse xmlns="{_XMLNS}">'
+        f"<requestId>{uuid.uuid4()}</requestId>"
+        f"<instanceId>{escape(instance_id)}</instanceId>"
+        f"<timestamp>{stamp}</timestamp>"
+        f"<output>{output}</output>"
+        "</GetConsoleOutputResponse>"
+    )
+    return _xml_response(start_response, "200 OK", xml)
