@@ -276,21 +276,32 @@ def _free_port(address: str) -> int:
 
 
 # -- pytest fixtures ---------------------------------------------------------
+# Each depends only on pytest's own fixtures, so a test module can import just the
+# ones it uses: ``from tests.sshd import sshd_server``.
+
+_client_keys: dict[int, ClientKey] = {}
+
+
+def _session_client_key(factory: pytest.TempPathFactory) -> ClientKey:
+    key = _client_keys.get(id(factory))
+    if key is None:
+        key = _client_keys[id(factory)] = ClientKey(factory.mktemp("client-key"))
+    return key
 
 
 @pytest.fixture(scope="session")
 def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
-    """One client key for the whole session."""
-    return ClientKey(tmp_path_factory.mktemp("client-key"))
+    """The client key every server of the session authorises."""
+    return _session_client_key(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def sshd_factory(client_key: ClientKey) -> Iterator[Callable[..., SSHServer]]:
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SSHServer]]:
     """Start sshd servers on demand (``sshd_factory(**options)``); all stopped at session end."""
     servers: list[SSHServer] = []
 
     def make(**options: Any) -> SSHServer:
-        server = SSHServer(client_key, **options)
+        server = SSHServer(_session_client_key(tmp_path_factory), **options)
         servers.append(server)
         return server
 
@@ -302,15 +313,19 @@ def sshd_factory(client_key: ClientKey) -> Iterator[Callable[..., SSHServer]]:
 
 
 @pytest.fixture(scope="session")
-def sshd_server(sshd_factory: Callable[..., SSHServer]) -> SSHServer:
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
     """One sshd shared by the session: never stop, restart or rekey it."""
-    return sshd_factory()
+    server = SSHServer(_session_client_key(tmp_path_factory))
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
-def fresh_sshd(client_key: ClientKey) -> Iterator[SSHServer]:
+def fresh_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
     """An sshd of this test's own; it may restart, rekey or stop it."""
-    server = SSHServer(client_key)
+    server = SSHServer(_session_client_key(tmp_path_factory))
     try:
         yield server
     finally:
