@@ -35,10 +35,16 @@ from asyncstage.volume import Volume
 class _CloudLike(Protocol):
     """What local_manager needs of a LocalCloud."""
 
-    endpoint_url: str
-    region: str
-    image_id: str
-    default_username: str
+    @property
+    def endpoint_url(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def image_id(self) -> str: ...
+    @property
+    def default_username(self) -> str: ...
+
+    def session_kwargs(self) -> dict[str, str]: ...
 
 
 __all__ = ["Manager", "OnExit", "local_manager"]
@@ -291,12 +297,10 @@ class Manager:
         if self.on_exit == "stop":
             live = [s for s in mine if s.state in ("pending", "running")]
             if live:
-                self._log(f"stopping {len(live)} server(s)")
                 await self._stop(live, timeout=self.server_timeout * 3)
             return
         # terminate: our servers, the volumes we made, then the key pair and group if unused
         if mine:
-            self._log(f"terminating {len(mine)} server(s)")
             await self._terminate(mine, timeout=self.server_timeout * 3)
         for volume_id in list(self._created_volumes):
             volume = self._volumes.get(volume_id)
@@ -1147,11 +1151,12 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
 
     ``options`` are Manager options; they override the local cloud's defaults.
     """
+    session = cloud.session_kwargs()
     defaults: dict[str, Any] = {
         "region": cloud.region,
         "endpoint_url": cloud.endpoint_url,
-        "aws_access_key_id": "asyncstage-local",
-        "aws_secret_access_key": "asyncstage-local",
+        "aws_access_key_id": session.get("aws_access_key_id", "asyncstage-local"),
+        "aws_secret_access_key": session.get("aws_secret_access_key", "asyncstage-local"),
         "image": cloud.image_id,
         "username": cloud.default_username,
         "ssh_cidr": "127.0.0.1/32",

@@ -5,11 +5,15 @@ from __future__ import annotations
 import collections
 import os
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from asyncstage.localcloud._engine import Engine
 from asyncstage.localcloud._hosts import LOGIN_USER
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
 
 
 class LocalCloud:
@@ -97,3 +101,9 @@ class LocalCloud:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def manager(self, **options: Any) -> Manager:
+        """A :class:`asyncstage.Manager` for this cloud: ``async with cloud.manager() as m``."""
+        from asyncstage.manager import local_manager
+
+        return local_manager(self, **options)
