@@ -466,21 +466,37 @@ class CommandReader(Generic[AnyStr]):
 class CommandWriter(Generic[AnyStr]):
     """The stdin of a remote command (see :meth:`SSHHost.scmd_write`)."""
 
-    def __init__(self, host: SSHHost, proc: asyncssh.SSHClientProcess[AnyStr], command: str):
+    def __init__(self, host: SSHHost, run: _Running, command: str, encoding: str | None):
         self._host = host
-        self._proc: asyncssh.SSHClientProcess[AnyStr] = proc
+        self._run = run
+        self._proc: asyncssh.SSHClientProcess[AnyStr] = run.proc
+        self._encoding = encoding
         self.command = command
 
     async def write(self, data: AnyStr) -> None:
-        """Send ``data``; waits while the remote side is behind (backpressure)."""
+        """Send ``data``; waits while the remote side is behind (backpressure).
+
+        Raises :class:`~asyncstage.errors.CommandFailed` (or
+        :class:`~asyncstage.errors.SSHError` after a zero exit) when the command
+        ended before reading everything.
+        """
         try:
             self._proc.stdin.write(data)
             await self._proc.stdin.drain()
         except (OSError, asyncssh.Error) as e:
-            if self._proc.channel.get_connection().is_closed():
+            if self._run.link.conn.is_closed():
                 raise self._host._lost(e, self.command) from e
+            with anyio.move_on_after(_CLOSE_WAIT):
+                await _wait_gone(self._proc)
+            if self._proc.exit_status not in (None, 0) or self._proc.exit_signal:
+                empty = "" if self._encoding else b""
+                result = self._host._result(
+                    self.command, self._proc, empty, self._run.stderr.value(self._encoding)
+                )
+                raise self._host._failed(result) from e
             raise SSHError(
-                f"command stopped reading its input: {self.command}", host=self._host.label
+                f"command exited before reading all its input: {self.command}",
+                host=self._host.label,
             ) from e
 
     async def drain(self) -> None:
@@ -523,9 +539,11 @@ class SSHHost:
         self.address = address
         self.port = port
         self.username = username
-        self.client_keys = [Path(k) for k in client_keys]
+        self.client_keys = [Path(k).expanduser() for k in client_keys]
         self.known_hosts = (
-            known_hosts if isinstance(known_hosts, KnownHosts) else KnownHosts(known_hosts)
+            known_hosts
+            if isinstance(known_hosts, KnownHosts)
+            else KnownHosts(Path(known_hosts).expanduser())
         )
         self.host_key_policy: HostKeyPolicy = host_key_policy
         self.expected_fingerprints = tuple(fp.strip().rstrip("=") for fp in expected_fingerprints)
@@ -974,7 +992,7 @@ class SSHHost:
     ) -> AsyncIterator[CommandWriter[Any]]:
         stdout, stderr = _Sink(), _Sink(marker=True)
         async with self._process(command, encoding, sudo=sudo, stdout=stdout, stderr=stderr) as run:
-            yield CommandWriter(self, run.proc, command)
+            yield CommandWriter(self, run, command, encoding)
             with self._map_errors(command):
                 if not run.proc.is_closing():
                     run.proc.stdin.write_eof()

@@ -221,6 +221,16 @@ async def test_scmd_write(sshd_server: SSHServer, tmp_path: Path) -> None:
             async with host.scmd_write("cat >/dev/null; echo nope >&2; exit 5") as f:
                 await f.write("x")
         assert (failed.value.exit_status, failed.value.stderr) == (5, "nope\n")
+        # The command stops reading early: the writer says so instead of hanging.
+        with pytest.raises(errors.SSHError, match="before reading all its input"):
+            async with host.scmd_write("head -c 1 >/dev/null", encoding=None) as f:
+                for _ in range(64):
+                    await f.write(bytes(1 << 20))
+        with pytest.raises(errors.CommandFailed) as failed:
+            async with host.scmd_write("head -c 1 >/dev/null; exit 3", encoding=None) as f:
+                for _ in range(64):
+                    await f.write(bytes(1 << 20))
+        assert failed.value.exit_status == 3
 
 
 @pytest.mark.slow
