@@ -1,0 +1,113 @@
+"""Server on the local cloud: info, lifecycle, commands and command forms."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from asyncstage import Manager, Server
+from asyncstage.errors import CommandFailed, ServerUnreachable
+from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
+from tests.cloud_fixtures import ManagerFactory
+
+pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
+
+
+@pytest.fixture
+async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
+    async with manager_factory() as m:
+        yield m
+
+
+@pytest.fixture
+async def server(manager: Manager) -> Server:
+    return await manager.get_server("srv")
+
+
+def _listening(address: str, port: int = 22) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((address, port)) == 0
+
+
+async def test_info(server: Server, manager: Manager) -> None:
+    assert str(server) == server.instance_id and server.instance_id.startswith("i-")
+    assert f"{server}:/opt" == f"{server.instance_id}:/opt"
+    assert server.name == "srv"
+    assert server.manager is manager
+    assert server.keyfile == manager.keyfile
+    assert server.username == "admin"
+    assert server.address is not None and server.address.startswith("127.")
+    assert server.endpoint == server.address
+    assert server.instance["InstanceId"] == server.instance_id
+    assert server.availability_zone.startswith(manager.region)
+    assert server.state == "running"
+    assert server.host.address == server.address
+    assert "srv" in repr(server)
+
+
+async def test_commands(server: Server) -> None:
+    assert (await server.scmd("whoami")).strip() == "admin"
+    assert (await server.scmd("whoami", sudo=True)).strip() == "root"
+    # one string is a shell line; several arguments are an argv, each quoted
+    assert (await server.scmd("echo a; echo b")).split() == ["a", "b"]
+    assert (await server.scmd("echo", "a; echo b")).strip() == "a; echo b"
+    assert (await server.scmd("printf", "%s|", "$HOME", "two words", "'q'")) == (
+        "$HOME|two words|'q'|"
+    )
+    result = await server.run("sh", "-c", "echo out; echo err >&2; exit 3", check=False)
+    assert result.exit_status == 3 and result.stdout == "out\n" and result.stderr == "err\n"
+    with pytest.raises(CommandFailed) as info:
+        await server.scmd("false")
+    assert server.name in str(info.value)
+    assert await server.ssh("true") is True
+    assert await server.ssh("false") is False
+    async with server.scmd_write("cat > /tmp/written") as w:
+        await w.write("line 1\nline 2\n")
+    async with server.scmd_read("cat", "/tmp/written") as r:
+        lines = [line async for line in r]
+    assert lines == ["line 1\n", "line 2\n"]
+    assert (await server.scmd("cat /tmp/written")) == "line 1\nline 2\n"
+
+
+async def test_ping_stop_start_terminate(manager: Manager) -> None:
+    server = await manager.provision_server("cycle")
+    assert await server.ping() is True
+    address = server.address
+    assert address is not None and manager.known_hosts.lookup(address)
+    await server.stop()
+    assert server.state == "stopped"
+    assert await server.ping() is False
+    await server.start()
+    assert server.state == "running" and await server.ping() is True
+    assert (await server.scmd("echo", "back")).strip() == "back"
+    address = server.address
+    assert address is not None
+    await server.terminate()
+    assert server.state == "terminated"
+    assert server not in manager.servers()
+    assert not manager.known_hosts.lookup(address)  # its host key entry went with it
+    assert not _listening(address)
+
+
+async def test_host_key_checked_against_console(server: Server) -> None:
+    assert server._expected_fingerprints, "the local cloud prints host key fingerprints"
+    assert server.address is not None
+    assert server.manager.known_hosts.lookup(server.address)
+
+
+async def test_unused_block_device_and_names(server: Server) -> None:
+    ec2_name, local = await server.unused_block_device()
+    assert ec2_name.startswith("/dev/sd") and local == "/dev/xvd" + ec2_name[-1]
+    assert (await server.unused_block_device("h"))[0] >= "/dev/sdh"
+    assert server.default_mtpt("vol") == "/mnt/Staging/vol"
+    assert "vol" in server.volume_description("vol")
+
+
+async def test_server_that_never_answers_ssh(manager: Manager) -> None:
+    with pytest.raises(ServerUnreachable) as info:
+        await manager.provision_server("mute", username="nobody", timeout=4)
+    assert "mute" in str(info.value)
+    assert manager.find_server_by_name("mute") is None  # terminated, not leaked
