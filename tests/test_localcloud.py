@@ -1,0 +1,607 @@
+"""The local cloud end to end: plain aioboto3 and asyncssh against real hosts and disks.
+
+One cloud serves the module (``cloud``); tests that need a cloud of their own (boot
+delay, cleanup after exit, crash recovery) start one. Host keys are always checked:
+each instance's keys come from its console output (the block cloud-init prints), are
+checked against the console's fingerprints, and are the only keys asyncssh accepts.
+
+The "nothing left behind" checks compare ``losetup -a``, ``/proc/mounts`` and the
+process list before and after a cloud's life. Other developers' tests may run on this
+machine at the same time, so the comparison fails on what belongs to that cloud (its
+state dir, its address block, its hosts' pid namespaces), not on strangers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import anyio
+import asyncssh
+import pytest
+from botocore.exceptions import ClientError
+
+from asyncstage.errors import MissingDependency, NeedsRoot
+from asyncstage.localcloud import LocalCloud
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.localcloud,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
+]
+
+BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def cloud() -> AsyncIterator[LocalCloud]:
+    async with LocalCloud() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
+    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def key(ec2: Any) -> asyncssh.SSHKey:
+    private = asyncssh.generate_private_key("ssh-ed25519")
+    await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
+    return private
+
+
+@pytest.fixture(scope="module")
+async def three(cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey) -> list[dict[str, Any]]:
+    """Three running instances, launched in one call."""
+    ids = await launch(cloud, ec2, 3, Tags=[{"Key": "Name", "Value": "three"}])
+    return await wait_state(ec2, ids, "running")
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+async def launch(cloud: LocalCloud, ec2: Any, count: int, **tags: Any) -> list[str]:
+    spec = {}
+    if "Tags" in tags:
+        spec = {"TagSpecifications": [{"ResourceType": "instance", "Tags": tags["Tags"]}]}
+    reply = await ec2.run_instances(
+        ImageId=cloud.image_id,
+        MinCount=count,
+        MaxCount=count,
+        KeyName="test",
+        InstanceType="t3.micro",
+        **spec,
+    )
+    return [i["InstanceId"] for i in reply["Instances"]]
+
+
+async def describe(ec2: Any, ids: Sequence[str]) -> list[dict[str, Any]]:
+    reply = await ec2.describe_instances(InstanceIds=list(ids))
+    by_id = {i["InstanceId"]: i for r in reply["Reservations"] for i in r["Instances"]}
+    return [by_id[i] for i in ids]
+
+
+async def wait_state(
+    ec2: Any, ids: Sequence[str], state: str, within: float = 90
+) -> list[dict[str, Any]]:
+    """Poll (one call per round for all) until every instance is in ``state``."""
+    with anyio.fail_after(within):
+        while True:
+            instances = await describe(ec2, ids)
+            if all(i["State"]["Name"] == state for i in instances):
+                return instances
+            await anyio.sleep(0.1)
+
+
+async def wait_volume(ec2: Any, volume_id: str, state: str, within: float = 30) -> dict[str, Any]:
+    with anyio.fail_after(within):
+        while True:
+            volume = (await ec2.describe_volumes(VolumeIds=[volume_id]))["Volumes"][0]
+            if volume["State"] == state:
+                return volume  # type: ignore[no-any-return]
+            await anyio.sleep(0.05)
+
+
+async def wait_snapshot(ec2: Any, snapshot_id: str, within: float = 30) -> None:
+    with anyio.fail_after(within):
+        while True:
+            snap = (await ec2.describe_snapshots(SnapshotIds=[snapshot_id]))["Snapshots"][0]
+            if snap["State"] == "completed":
+                return
+            await anyio.sleep(0.05)
+
+
+def console_host_keys(console: str) -> tuple[list[str], list[str]]:
+    """(fingerprint lines, public key lines) from a cloud-init console log."""
+    fp = re.search(
+        r"-----BEGIN SSH HOST KEY FINGERPRINTS-----\n(.*?)-----END SSH HOST KEY FINGERPRINTS-----",
+        console,
+        re.S,
+    )
+    keys = re.search(
+        r"-----BEGIN SSH HOST KEY KEYS-----\n(.*?)-----END SSH HOST KEY KEYS-----", console, re.S
+    )
+    assert fp and keys, console
+    fingerprints = [line.split("cloud-init: ", 1)[-1] for line in fp.group(1).splitlines()]
+    fingerprints = [f for f in fingerprints if f.strip()]
+    return fingerprints, [k for k in keys.group(1).splitlines() if k.strip()]
+
+
+async def known_host_keys(ec2: Any, instance_id: str) -> tuple[list[str], list[str]]:
+    """The instance's host keys from its console, checked against its fingerprints."""
+    reply = await ec2.get_console_output(InstanceId=instance_id)
+    console = reply["Output"]  # base64 on the wire; botocore decodes it
+    fingerprints, keys = console_host_keys(console)
+    sha256 = {line.split()[1] for line in fingerprints}
+    for key in keys:
+        assert asyncssh.import_public_key(key).get_fingerprint("sha256") in sha256
+    assert len(keys) == len(fingerprints) >= 1
+    return [line.split()[1] for line in fingerprints], keys
+
+
+@contextlib.asynccontextmanager
+async def ssh(
+    ec2: Any, instance: dict[str, Any], key: asyncssh.SSHKey
+) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """An ssh connection that accepts only the host keys the console printed."""
+    address = instance["PublicIpAddress"]
+    _, keys = await known_host_keys(ec2, instance["InstanceId"])
+    known = asyncssh.import_known_hosts("".join(f"{address} {k}\n" for k in keys))
+    async with asyncssh.connect(
+        address, username="admin", client_keys=[key], known_hosts=known, connect_timeout=20
+    ) as conn:
+        yield conn
+
+
+async def sh(conn: asyncssh.SSHClientConnection, command: str) -> str:
+    result = await conn.run(command, check=True)
+    return str(result.stdout)
+
+
+def exists(*paths: str) -> list[str]:
+    return [p for p in paths if os.path.lexists(p)]
+
+
+def registry_entry(cloud: LocalCloud) -> Path:
+    """The cloud's entry in the registry of runs (white box)."""
+    record = cloud._engine._record
+    assert record is not None
+    return record.path
+
+
+def losetup_lines() -> set[str]:
+    return set(
+        subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines()
+    )
+
+
+def mount_lines() -> set[str]:
+    return set(Path("/proc/mounts").read_text().splitlines())
+
+
+def processes() -> dict[int, str]:
+    """pid -> its pid namespace, for every process."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found[int(entry.name)] = os.readlink(entry / "ns" / "pid")
+    return found
+
+
+def pid_namespaces(cloud: LocalCloud) -> set[str]:
+    """The pid namespaces of the cloud's running hosts (white box: for the leak checks)."""
+    found = set()
+    for machine in cloud._engine.machines.values():
+        if machine.host.init_pid:
+            with contextlib.suppress(OSError):
+                found.add(os.readlink(f"/proc/{machine.host.init_pid}/ns/pid"))
+    return found
+
+
+class Footprint:
+    """What is on the machine before a cloud; what of that cloud is left after it."""
+
+    def __init__(self) -> None:
+        self.loops = losetup_lines()
+        self.mounts = mount_lines()
+        self.procs = processes()
+
+    def leftovers(self, state_dir: str, namespaces: Iterable[str]) -> list[str]:
+        namespaces = set(namespaces)
+        left = [f"loop: {x}" for x in losetup_lines() - self.loops if state_dir in x]
+        left += [f"mount: {x}" for x in mount_lines() - self.mounts if state_dir in x]
+        left += [
+            f"process {pid} in an instance's pid namespace"
+            for pid, ns in processes().items()
+            if pid not in self.procs and ns in namespaces
+        ]
+        if Path(state_dir).exists():
+            left.append(f"state dir {state_dir}")
+        return left
+
+
+# -- the API --------------------------------------------------------------------------------
+
+
+async def test_image_regions_zones(cloud: LocalCloud, ec2: Any) -> None:
+    images = await ec2.describe_images(Filters=[{"Name": "name", "Values": [cloud.image_name]}])
+    assert [i["ImageId"] for i in images["Images"]] == [cloud.image_id]
+    assert cloud.image_name == "asyncstage-local-debian-12"
+    assert cloud.default_username == "admin"
+    zones = await ec2.describe_availability_zones()
+    assert any(z["ZoneName"] == "us-east-1a" for z in zones["AvailabilityZones"])
+    regions = await ec2.describe_regions()
+    assert any(r["RegionName"] == "us-east-1" for r in regions["Regions"])
+    assert cloud.api_calls["DescribeImages"] >= 1
+    assert cloud.endpoint_url.startswith("http://127.0.0.1:")
+
+
+async def test_other_regions_and_images_are_refused(cloud: LocalCloud, ec2: Any) -> None:
+    kwargs = {**cloud.session_kwargs(), "region_name": "eu-west-1"}
+    async with aioboto3.Session().client("ec2", **kwargs) as other:
+        with pytest.raises(ClientError, match="serves region us-east-1 only"):
+            await other.describe_instances()
+    with pytest.raises(ClientError, match=r"InvalidAMIID\.NotFound"):
+        await ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)
+    with pytest.raises(ClientError, match=r"InvalidKeyPair\.NotFound"):
+        await ec2.run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1, KeyName="nope")
+
+
+async def test_three_instances_are_isolated_hosts(
+    ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
+) -> None:
+    addresses = [i["PublicIpAddress"] for i in three]
+    assert len(set(addresses)) == 3
+    for instance in three:
+        address = instance["PublicIpAddress"]
+        assert address.startswith("127.") and not address.startswith("127.0.0.")
+        assert instance["PrivateIpAddress"] == address
+        assert instance["PublicDnsName"] == instance["PrivateDnsName"] == address
+    reply = await ec2.describe_instances(
+        Filters=[
+            {"Name": "tag:Name", "Values": ["three"]},
+            {"Name": "instance-state-name", "Values": ["running"]},
+        ]
+    )
+    assert {i["InstanceId"] for r in reply["Reservations"] for i in r["Instances"]} == {
+        i["InstanceId"] for i in three
+    }
+
+    token = f"only-on-one-{os.getpid()}-{time.monotonic_ns()}"
+    async with ssh(ec2, three[0], key) as conn:
+        assert (await sh(conn, "id -un")).strip() == "admin"
+        assert (await sh(conn, "hostname")).strip() == "ip-" + addresses[0].replace(".", "-")
+        assert (await sh(conn, "sudo -n id -u")).strip() == "0"
+        await sh(conn, f"echo hello > ~/{token} && sudo -n touch /etc/{token} /var/{token}")
+        assert (await sh(conn, f"cat ~/{token}")).strip() == "hello"
+        # its own /dev, /proc (its processes only) and devpts
+        assert (
+            await sh(conn, "ls /dev/null /dev/zero /dev/urandom /dev/pts/ptmx | wc -l")
+        ) == "4\n"
+        assert int(await sh(conn, "ls /proc | grep -c '^[0-9]'")) < 20
+    for other in three[1:]:
+        async with ssh(ec2, other, key) as conn:
+            out = await sh(conn, f"ls ~/{token} /etc/{token} /var/{token} 2>&1 || true")
+            assert out.count("No such file") == 3
+            # instances reach each other over ssh on their loopback addresses
+            probe = await conn.run(
+                f"exec 3<>/dev/tcp/{addresses[0]}/22 && head -c 4 <&3", check=True
+            )
+            assert probe.stdout == "SSH-"
+    assert not exists(f"/etc/{token}", f"/var/{token}", f"/home/admin/{token}")
+
+
+async def test_console_fingerprints_match_the_host_key_ssh_sees(
+    ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
+) -> None:
+    for instance in three:
+        fingerprints, _ = await known_host_keys(ec2, instance["InstanceId"])
+        async with ssh(ec2, instance, key) as conn:
+            seen = conn.get_server_host_key()
+            assert seen is not None
+            assert seen.get_fingerprint("sha256") in fingerprints
+    # a wrong key is refused: host key checking is on
+    other_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    address = three[0]["PublicIpAddress"]
+    known = asyncssh.import_known_hosts(f"{address} {other_key}")
+    with pytest.raises(asyncssh.HostKeyNotVerifiable):
+        async with asyncssh.connect(
+            address, username="admin", client_keys=[key], known_hosts=known
+        ):
+            pass
+
+
+async def test_volume_snapshot_and_restore(
+    ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
+) -> None:
+    a, b = three[0], three[1]
+    zone = a["Placement"]["AvailabilityZone"]
+    volume = await ec2.create_volume(
+        Size=1,
+        AvailabilityZone=zone,
+        VolumeType="gp3",
+        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": "data"}]}],
+    )
+    vol = volume["VolumeId"]
+    await ec2.attach_volume(VolumeId=vol, InstanceId=a["InstanceId"], Device="/dev/sdf")
+    attached = await wait_volume(ec2, vol, "in-use")
+    assert attached["Attachments"][0]["State"] == "attached"
+    assert attached["Attachments"][0]["InstanceId"] == a["InstanceId"]
+    by_id = BY_ID + vol.replace("-", "")
+    async with ssh(ec2, a, key) as conn:
+        device = (await sh(conn, f"readlink -f {by_id}")).strip()
+        assert device == "/dev/xvdf"
+        assert (await sh(conn, "sudo -n blockdev --getsize64 /dev/xvdf")).strip() == str(1 << 30)
+        await sh(conn, "sudo -n mkfs.ext4 -q /dev/xvdf && sudo -n mkdir -p /data")
+        await sh(conn, "sudo -n mount /dev/xvdf /data && echo precious | sudo -n tee /data/f")
+        # detaching a mounted volume is refused, clearly
+        with pytest.raises(ClientError, match=r"VolumeInUse.*mounted at /data"):
+            await ec2.detach_volume(VolumeId=vol)
+        await sh(conn, "sudo -n umount /data")
+    # the machine does not see the instance's mount
+    assert not any(" /data " in line for line in mount_lines())
+    snap = (await ec2.create_snapshot(VolumeId=vol, Description="data"))["SnapshotId"]
+    await wait_snapshot(ec2, snap)
+    await ec2.detach_volume(VolumeId=vol)
+    await wait_volume(ec2, vol, "available")
+    async with ssh(ec2, a, key) as conn:
+        assert (await sh(conn, "ls /dev/xvdf 2>&1 || true")).count("No such file") == 1
+
+    copy = (await ec2.copy_snapshot(SourceSnapshotId=snap, SourceRegion="us-east-1"))["SnapshotId"]
+    await wait_snapshot(ec2, copy)
+    restored = (await ec2.create_volume(SnapshotId=copy, Size=2, AvailabilityZone=zone))["VolumeId"]
+    await ec2.attach_volume(VolumeId=restored, InstanceId=b["InstanceId"], Device="/dev/xvdg")
+    await wait_volume(ec2, restored, "in-use")
+    async with ssh(ec2, b, key) as conn:
+        assert (await sh(conn, f"readlink -f {BY_ID}{restored.replace('-', '')}")) == "/dev/xvdg\n"
+        assert (await sh(conn, "sudo -n blockdev --getsize64 /dev/xvdg")).strip() == str(2 << 30)
+        await sh(conn, "sudo -n mkdir -p /restored && sudo -n mount /dev/xvdg /restored")
+        assert (await sh(conn, "cat /restored/f")) == "precious\n"
+        await sh(conn, "sudo -n umount /restored")
+    await ec2.detach_volume(VolumeId=restored, InstanceId=b["InstanceId"])
+    await wait_volume(ec2, restored, "available")
+    with pytest.raises(ClientError, match="smaller than snapshot"):
+        await ec2.create_volume(SnapshotId=snap, Size=0, AvailabilityZone=zone)
+    for v in (vol, restored):
+        await ec2.delete_volume(VolumeId=v)
+    for s in (snap, copy):
+        await ec2.delete_snapshot(SnapshotId=s)
+    assert not any(vol in line or restored in line for line in losetup_lines())
+
+
+async def test_stop_start_keeps_root_and_attachment(
+    cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
+) -> None:
+    c = three[2]
+    iid = c["InstanceId"]
+    vol = (await ec2.create_volume(Size=1, AvailabilityZone=c["Placement"]["AvailabilityZone"]))[
+        "VolumeId"
+    ]
+    await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdh")
+    await wait_volume(ec2, vol, "in-use")
+    fingerprints, _ = await known_host_keys(ec2, iid)
+    async with ssh(ec2, c, key) as conn:
+        await sh(conn, "echo kept > ~/kept && sudo -n mkfs.ext4 -q /dev/xvdh")
+        await sh(conn, "sudo -n mkdir /v && sudo -n mount /dev/xvdh /v && sudo -n touch /v/x")
+    reply = await ec2.stop_instances(InstanceIds=[iid])
+    assert reply["StoppingInstances"][0]["CurrentState"]["Name"] == "stopping"
+    await wait_state(ec2, [iid], "stopped")
+    with pytest.raises(OSError):
+        await anyio.connect_tcp(c["PublicIpAddress"], 22)
+    volume = await wait_volume(ec2, vol, "in-use")  # the attachment stays
+    assert volume["Attachments"][0]["InstanceId"] == iid
+
+    reply = await ec2.start_instances(InstanceIds=[iid])
+    assert reply["StartingInstances"][0]["CurrentState"]["Name"] == "pending"
+    (started,) = await wait_state(ec2, [iid], "running")
+    assert started["PublicIpAddress"] == c["PublicIpAddress"]
+    assert (await known_host_keys(ec2, iid))[0] == fingerprints
+    async with ssh(ec2, started, key) as conn:
+        assert (await sh(conn, "cat ~/kept")) == "kept\n"
+        # the mount went with the old boot; the device and its data are still there
+        assert "/v" not in await sh(conn, "cat /proc/mounts")
+        assert (await sh(conn, f"readlink -f {BY_ID}{vol.replace('-', '')}")) == "/dev/xvdh\n"
+        await sh(conn, "sudo -n mount /dev/xvdh /v && ls /v/x && sudo -n umount /v")
+    await ec2.detach_volume(VolumeId=vol)
+    await wait_volume(ec2, vol, "available")
+    await ec2.delete_volume(VolumeId=vol)
+    assert cloud.api_calls["StopInstances"] >= 1 and cloud.api_calls["StartInstances"] >= 1
+
+
+async def test_terminate_cleans_up(cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey) -> None:
+    (iid,) = await launch(cloud, ec2, 1)
+    (instance,) = await wait_state(ec2, [iid], "running")
+    vol = (
+        await ec2.create_volume(Size=1, AvailabilityZone=instance["Placement"]["AvailabilityZone"])
+    )["VolumeId"]
+    await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdf")
+    await wait_volume(ec2, vol, "in-use")
+    namespaces = pid_namespaces(cloud)
+    ns = os.readlink(f"/proc/{cloud._engine.machines[iid].host.init_pid}/ns/pid")
+    root = Path(cloud.state_dir) / "roots" / iid
+    assert root.exists()
+    reply = await ec2.terminate_instances(InstanceIds=[iid])
+    assert reply["TerminatingInstances"][0]["CurrentState"]["Name"] == "shutting-down"
+    await wait_state(ec2, [iid], "terminated")
+    await wait_volume(ec2, vol, "available")
+    assert ns in namespaces
+    assert ns not in set(processes().values())
+    assert not root.exists()
+    assert not any(vol in line for line in losetup_lines())
+    with pytest.raises(OSError):
+        await anyio.connect_tcp(instance["PublicIpAddress"], 22)
+    with pytest.raises(ClientError, match="IncorrectInstanceState"):
+        await ec2.start_instances(InstanceIds=[iid])
+    await ec2.delete_volume(VolumeId=vol)
+
+
+@pytest.mark.slow
+async def test_fifty_instances_in_one_call(
+    cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey
+) -> None:
+    start = time.monotonic()
+    reply = await ec2.run_instances(
+        ImageId=cloud.image_id, MinCount=1, MaxCount=50, KeyName="test"
+    )  # MaxCount: the local cloud always has the capacity
+    ids = [i["InstanceId"] for i in reply["Instances"]]
+    assert len(ids) == 50
+    instances = await wait_state(ec2, ids, "running", within=120)
+    running = time.monotonic() - start
+    limit = anyio.CapacityLimiter(10)
+    hostnames: dict[str, str] = {}
+
+    async def login(instance: dict[str, Any]) -> None:
+        async with limit, ssh(ec2, instance, key) as conn:
+            hostnames[instance["InstanceId"]] = (await sh(conn, "hostname")).strip()
+
+    async with anyio.create_task_group() as tg:
+        for instance in instances:
+            tg.start_soon(login, instance)
+    assert len(set(hostnames.values())) == 50
+    answered = time.monotonic() - start
+    print(f"\n50 instances: running after {running:.1f}s, all answered ssh after {answered:.1f}s")
+    await ec2.terminate_instances(InstanceIds=ids)
+    await wait_state(ec2, ids, "terminated", within=120)
+
+
+# -- a cloud of its own ---------------------------------------------------------------------
+
+
+async def test_boot_delay_is_observed_as_pending() -> None:
+    async with (
+        LocalCloud(boot_delay=2.0) as cloud,
+        aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2,
+    ):
+        reply = await ec2.run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1)
+        instance = reply["Instances"][0]
+        assert instance["State"]["Name"] == "pending"
+        iid, address = instance["InstanceId"], instance["PublicIpAddress"]
+        with anyio.fail_after(30):  # sshd answers first ...
+            while True:
+                with contextlib.suppress(OSError):
+                    stream = await anyio.connect_tcp(address, 22)
+                    await stream.aclose()
+                    break
+                await anyio.sleep(0.05)
+        answered = time.monotonic()
+        (described,) = await describe(ec2, [iid])
+        assert described["State"]["Name"] == "pending"  # ... and still pending
+        await wait_state(ec2, [iid], "running")
+        assert time.monotonic() - answered >= 1.5
+
+
+async def _busy_cloud(cloud: LocalCloud) -> None:
+    """Launch an instance with a volume mounted inside it."""
+    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2:
+        private = asyncssh.generate_private_key("ssh-ed25519")
+        await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
+        (iid,) = await launch(cloud, ec2, 1)
+        (instance,) = await wait_state(ec2, [iid], "running")
+        vol = (await ec2.create_volume(Size=1, AvailabilityZone="us-east-1a"))["VolumeId"]
+        await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdf")
+        await wait_volume(ec2, vol, "in-use")
+        async with ssh(ec2, instance, private) as conn:
+            await sh(conn, "sudo -n mkfs.ext4 -q /dev/xvdf && sudo -n mount /dev/xvdf /mnt")
+            await sh(conn, "sleep 1000 </dev/null >/dev/null 2>&1 &")
+
+
+@pytest.mark.parametrize("how", ["normal", "exception", "cancelled"])
+async def test_nothing_left_behind(how: str) -> None:
+    before = Footprint()
+    cloud = LocalCloud()
+    namespaces: set[str] = set()
+    entry = None
+    with anyio.CancelScope() as scope:
+        with contextlib.suppress(RuntimeError):
+            async with cloud:
+                await _busy_cloud(cloud)
+                namespaces = pid_namespaces(cloud)
+                entry = registry_entry(cloud)
+                assert exists(str(entry))
+                assert losetup_lines() - before.loops
+                if how == "exception":
+                    raise RuntimeError("boom")
+                if how == "cancelled":
+                    scope.cancel()
+                    await anyio.sleep(10)
+    assert namespaces
+    assert before.leftovers(cloud.state_dir, namespaces) == []
+    assert entry is not None and not exists(str(entry))
+
+
+_CRASHER = textwrap.dedent(
+    """
+    import os, sys, anyio
+    sys.path.insert(0, {root!r})
+    from tests.test_localcloud import LocalCloud, _busy_cloud
+
+    async def main():
+        cloud = LocalCloud()
+        await cloud.start()
+        await _busy_cloud(cloud)
+        print(cloud.state_dir, flush=True)
+        os.kill(os.getpid(), 9)   # a crash: no cleanup at all
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_crashed_run_is_cleaned_at_the_next_start() -> None:
+    before = Footprint()
+    root = ROOT
+    with anyio.fail_after(120):
+        crashed = await anyio.run_process(
+            [sys.executable, "-c", _CRASHER.format(root=root)], cwd=root, check=False
+        )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    state_dir = crashed.stdout.decode().strip()
+    assert exists(state_dir)
+    assert any(state_dir in line for line in losetup_lines())
+    async with LocalCloud():
+        pass
+    left = before.leftovers(state_dir, [])
+    assert left == []
+    # and its hosts: no sshd of it listens any more
+    assert not any(state_dir in line for line in mount_lines())
+
+
+def test_errors_name_the_problem() -> None:
+    from asyncstage.localcloud._system import which
+
+    with pytest.raises(MissingDependency, match="apt-get install no-such-program-xyz"):
+        which("no-such-program-xyz")
+    # without root: a clear error (run in a child that drops root)
+    code = (
+        "import os, anyio, anyio._backends._asyncio, anyio.to_thread\n"
+        "from asyncstage.localcloud import LocalCloud\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "async def main():\n"
+        "    async with LocalCloud(): pass\n"
+        "anyio.run(main)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert NeedsRoot.__name__ in done.stderr and "needs root" in done.stderr
