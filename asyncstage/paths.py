@@ -416,6 +416,7 @@ async def _resolve_one(manager: _ManagerLike, spec: PathSpec) -> Endpoint:
             if found is None:
                 raise UnknownServer(f"{server}: no managed server with that instance id")
             server = found
+        await _ensure_running(server)
         return HostEndpoint(server.host, spec.path, True, f"{server}:{spec.path}")
     if isinstance(spec, VolumeSpec):
         volume = spec.volume
@@ -428,8 +429,16 @@ async def _resolve_one(manager: _ManagerLike, spec: PathSpec) -> Endpoint:
             await volume.mount()
         server = volume.server
         mtpt = volume.mtpt
+        if server is not None:
+            await _ensure_running(server)
         if server is None or not mtpt:
             raise PathError(f"{volume}: could not be mounted for the transfer")
         label = f"{volume}:/{spec.path}" if spec.path else str(volume)
         return HostEndpoint(server.host, mtpt.rstrip("/") + "/" + spec.path, True, label)
     raise PathError(f"unresolved path {spec!r}")  # PreviousSpec is replaced by parse_paths
+
+
+async def _ensure_running(server: Any) -> None:
+    """Start a stopped server a path lives on (waits until ssh answers)."""
+    if getattr(server, "state", "running") != "running":
+        await server.start()

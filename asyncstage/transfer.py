@@ -67,6 +67,7 @@ from asyncstage.errors import (
     PathError,
     RsyncError,
     TransferError,
+    UnknownVolume,
     VerifyFailed,
     VolumeMounted,
 )
@@ -946,12 +947,12 @@ async def dd(
 
 def _volume(manager: Any, ref: Any) -> Any:
     if isinstance(ref, str):
-        found = manager.find_volume_by_volid(ref)
+        found = None
+        with contextlib.suppress(UnknownVolume):
+            found = manager.find_volume_by_volid(ref)
         if found is None:
             found = manager.find_volume_by_name(ref)
         if found is None:
-            from asyncstage.errors import UnknownVolume
-
             raise UnknownVolume(f"{ref}: no managed volume with that id or name")
         return found
     if not hasattr(ref, "volume_id"):
