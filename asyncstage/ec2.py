@@ -639,13 +639,15 @@ class EC2:
         *,
         timeout: float,  # noqa: ASYNC109
         labels: Mapping[str, str] = {},
+        on_reached: Callable[[str, Resource], None] | None = None,
     ) -> tuple[dict[str, Resource], dict[str, Exception]]:
         """Wait until every instance is in ``state``; one DescribeInstances per poll round.
 
         Returns the instances that got there and, per instance that did not, the
         error: :class:`WaitTimeout` with its last state, or :class:`EC2Error` when it
         went somewhere it cannot come back from (terminated while waiting for running).
-        ``labels`` name the instances in the errors.
+        ``labels`` name the instances in the errors; ``on_reached(id, instance)`` is
+        called as soon as each one gets there.
         """
         reached: dict[str, Resource] = {}
         failed: dict[str, Exception] = {}
@@ -666,6 +668,8 @@ class EC2:
                 if now == state:
                     reached[iid] = inst
                     waiting.discard(iid)
+                    if on_reached is not None:
+                        on_reached(iid, inst)
                 elif now in dead:
                     failed[iid] = EC2Error(
                         f"instance {label(iid)} went {now} while waiting for {state}",

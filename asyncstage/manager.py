@@ -781,18 +781,8 @@ class Manager:
     ) -> dict[Server, Exception]:
         """Wait until running (one describe per round), then until ssh answers (at once)."""
         deadline = anyio.current_time() + timeout
-        reached, failed = await self.ec2.wait_for_instances(
-            [s.instance_id for s in servers],
-            "running",
-            timeout=timeout,
-            labels={s.instance_id: s.name for s in servers},
-        )
+        by_id = {s.instance_id: s for s in servers}
         errors: dict[Server, Exception] = {}
-        for server in servers:
-            if server.instance_id in reached:
-                server._update(reached[server.instance_id])
-            else:
-                errors[server] = failed[server.instance_id]
         limiter = anyio.CapacityLimiter(32)
 
         async def ssh_up(server: Server) -> None:
@@ -803,9 +793,21 @@ class Manager:
                     errors[server] = e
 
         async with anyio.create_task_group() as tg:
-            for server in servers:
-                if server not in errors:
-                    tg.start_soon(ssh_up, server)
+
+            def reached(instance_id: str, instance: Resource) -> None:
+                server = by_id[instance_id]
+                server._update(instance)
+                tg.start_soon(ssh_up, server)
+
+            _, failed = await self.ec2.wait_for_instances(
+                list(by_id),
+                "running",
+                timeout=timeout,
+                labels={s.instance_id: s.name for s in servers},
+                on_reached=reached,
+            )
+            for instance_id, error in failed.items():
+                errors[by_id[instance_id]] = error
         return errors
 
     async def wait_for_servers(

@@ -694,9 +694,7 @@ class Server:
         interval = 0.2
         while True:
             left = deadline - anyio.current_time()
-            ok = False
-            if left > 0:
-                ok = await self.host.ping(timeout=max(1.0, min(10.0, left)))
+            ok = await self.host.ping(timeout=max(2.0, min(10.0, left)))
             if ok:
                 self._up = True
                 return
