@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from asyncstage.paths import RemotePath
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
 from asyncstage.volume import Volume
+from tests.cloud_fixtures import cloud  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
 
@@ -61,23 +61,23 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-async def env() -> AsyncIterator[Env]:
-    if os.geteuid() != 0:
-        pytest.skip("the local cloud needs root")
-    with tempfile.TemporaryDirectory(prefix="asyncstage-transfer-dot-") as dot:
-        async with LocalCloud() as cloud, Manager(
-            endpoint_url=cloud.endpoint_url,
-            region=cloud.region,
-            aws_access_key_id="local",
-            aws_secret_access_key="local",
-            image=cloud.image_id,
-            username=cloud.default_username,
-            dotdir=dot,
-            on_exit="terminate",
-            poll_interval=0.1,
-        ) as manager:
-            s1, s2 = await manager.provision_servers(2)
-            yield Env(cloud, manager, s1, s2)
+async def env(
+    cloud: LocalCloud,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Env]:
+    """A manager of the session's shared local cloud with two servers, for this module."""
+    async with cloud.manager(
+        dotdir=tmp_path_factory.mktemp("transfer-dotdir"),
+        on_exit="terminate",
+        scan=False,
+        poll_interval=0.1,
+    ) as manager:
+        s1, s2 = await manager.provision_servers(2)
+        yield Env(cloud, manager, s1, s2)
+
+
+def mounted(volume: Volume) -> bool:
+    return volume.mounted
 
 
 def make_tree(root: Path) -> None:
@@ -222,7 +222,7 @@ async def test_round_trip_and_unmounted_volume(env: Env, tmp_path: Path) -> None
         await transfer.rsync(m, f"{src}/", f"{s1}:/srv/rt")
         stats = await transfer.rsync(m, f"{s1}:/srv/rt/", f"{vol}:/rt", compress=True)
         assert stats.route == "host->host"
-        assert vol.mounted  # mounted for the transfer
+        assert mounted(vol)  # mounted for the transfer
         await transfer.rsync(m, f"{vol}:/rt/", str(tmp_path / "back"))
         assert snapshot(tmp_path / "back") == snapshot(src)
         for server in (s1, s2):
