@@ -512,6 +512,26 @@ async def test_boot_delay_is_observed_as_pending() -> None:
         assert time.monotonic() - answered >= 1.5
 
 
+async def test_two_clouds_at_once_do_not_collide(cloud: LocalCloud, ec2: Any) -> None:
+    (mine,) = await launch(cloud, ec2, 1)
+    async with (
+        LocalCloud() as other,
+        aioboto3.Session().client("ec2", **other.session_kwargs()) as ec2_other,
+    ):
+        assert other.endpoint_url != cloud.endpoint_url
+        assert other.account_id != cloud.account_id
+        reply = await ec2_other.run_instances(ImageId=other.image_id, MinCount=1, MaxCount=1)
+        theirs = reply["Instances"][0]["InstanceId"]
+        (a,) = await wait_state(ec2, [mine], "running")
+        (b,) = await wait_state(ec2_other, [theirs], "running")
+        block = {x["PublicIpAddress"].split(".")[1] for x in (a, b)}
+        assert len(block) == 2  # each cloud has its own address block
+        listed = await ec2_other.describe_instances()
+        assert [i["InstanceId"] for r in listed["Reservations"] for i in r["Instances"]] == [theirs]
+    await ec2.terminate_instances(InstanceIds=[mine])
+    await wait_state(ec2, [mine], "terminated")
+
+
 async def _busy_cloud(cloud: LocalCloud) -> None:
     """Launch an instance with a volume mounted inside it."""
     async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2:

@@ -42,6 +42,8 @@ log = logging.getLogger("asyncstage.localcloud")
 IMAGE_NAME = "asyncstage-local-debian-12"
 SSHD_TIMEOUT = 120.0  # a host whose sshd does not answer by then failed to boot
 _BAD_PATH_CHARS = set(",:\\ \t\n")
+_ACCOUNTS: set[tuple[str, str]] = set()  # (account, region) of the clouds in this process
+_ACCOUNTS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Engine:
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="localcloud")
         self._next_address = 10
         self._closed = False
+        self._account_claimed = False
 
     # -- life --------------------------------------------------------------------------
 
@@ -100,6 +103,15 @@ class Engine:
             raise
 
     def _start(self) -> None:
+        _check_port_22()
+        with _ACCOUNTS_LOCK:
+            if (self.account, self.region) in _ACCOUNTS:
+                raise LocalCloudError(
+                    f"a local cloud of account {self.account} ({self.region}) already runs in "
+                    "this process (MOTO_ACCOUNT_ID is set: unset it to run several)"
+                )
+            _ACCOUNTS.add((self.account, self.region))
+            self._account_claimed = True
         if self._given_state_dir is None:
             self.state_dir = Path(tempfile.mkdtemp(prefix="asyncstage-localcloud-"))
             created = True
@@ -212,6 +224,9 @@ class Engine:
 
             self._backend.engine = None
             uninstall_backend(self._backend)
+        if self._account_claimed:
+            with _ACCOUNTS_LOCK:
+                _ACCOUNTS.discard((self.account, self.region))
         if self._roots_mounted:
             roots = self.state_dir / "roots"
             try:
@@ -424,6 +439,24 @@ class Engine:
         image = self.snapshots.pop(snapshot_id, None)
         if image is not None:
             image.unlink(missing_ok=True)
+
+
+def _check_port_22() -> None:
+    """Refuse when something listens on the wildcard address port 22 (it takes them all)."""
+    for table, wildcard in (
+        ("/proc/net/tcp", "00000000:0016"),
+        ("/proc/net/tcp6", "0" * 32 + ":0016"),
+    ):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(line.split()[1] == wildcard and line.split()[3] == "0A" for line in lines):
+            raise LocalCloudError(
+                "something listens on port 22 of every address (the machine's sshd?): "
+                "instances need port 22 on their own loopback addresses; give that sshd a "
+                "ListenAddress (e.g. your external address) or another Port"
+            )
 
 
 def _port_free(address: str, port: int) -> bool:
