@@ -418,6 +418,8 @@ class Manager:
         """Best effort: detach and delete a volume whose provisioning failed."""
         try:
             if volume.server is not None:
+                if volume.mtdev is not None and volume.server.state == "running":
+                    await volume.server.run("umount", volume.mtdev, sudo=True, check=False)
                 await self.ec2.detach_volume(volume.volume_id, force=True)
                 await self.ec2.wait_for_volume(
                     volume.volume_id,
@@ -997,7 +999,12 @@ class Manager:
             filters=tag_filters({tag("role"): "snapshot", tag("name"): name})
         )
         snaps = [s for s in snaps if s.get("State") != "error"]
-        return max(snaps, key=lambda s: s.get("StartTime", 0)) if snaps else None
+        # StartTime has whole seconds at best: our own tag breaks ties
+        return (
+            max(snaps, key=lambda s: (s.get("StartTime", 0), tags_of(s).get(tag("created"), "")))
+            if snaps
+            else None
+        )
 
     async def provision_volume(
         self,

@@ -118,6 +118,7 @@ class Server:
         self._fresh = False  # launched by this manager: no known_hosts entry to trust yet
         self._up = False
         self._attach_lock = anyio.Lock()
+        self._kernel_fs: set[str] = set()
 
     # -- info ---------------------------------------------------------------------
 
@@ -344,6 +345,19 @@ class Server:
         result = await self.run("which", program, check=False, sudo=True)
         return result.exit_status == 0
 
+    async def _ensure_kernel_fs(self, fstype: str) -> None:
+        """BadFstype unless the server's kernel can mount fstype (loading its module if need be)."""
+        if fstype in self._kernel_fs:
+            return
+        for attempt in range(2):
+            text = await self.scmd("cat", "/proc/filesystems")
+            self._kernel_fs = {line.split()[-1] for line in text.splitlines() if line.split()}
+            if fstype in self._kernel_fs:
+                return
+            if attempt == 0:
+                await self.run("modprobe", fstype, sudo=True, check=False)
+        raise BadFstype(f"the kernel of server {self.name} cannot mount {fstype} filesystems")
+
     async def _ensure_mkfs(self, fstype: str) -> None:
         program = f"mkfs.{fstype}"
         if await self._has_program(program):
@@ -385,12 +399,18 @@ class Server:
             argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
         await self.run(*argv, device, sudo=True, timeout=600)
 
+    async def _grow_unmounted(self, volume: Volume) -> None:
+        """Grow an ext2/3/4 filesystem to fill its device, offline (checked first)."""
+        assert volume.mtdev
+        check = await self.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True, check=False)
+        if check.exit_status not in (0, 1):  # 1: errors corrected
+            await self.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True)
+        await self.run("resize2fs", volume.mtdev, sudo=True, timeout=600)
+
     async def _grow(self, volume: Volume) -> None:
-        """Grow the volume's filesystem to fill its device (when it was made larger)."""
+        """Grow a mounted xfs or btrfs filesystem to fill its device."""
         assert volume.mtdev and volume.mtpt
-        if volume.fstype.startswith("ext"):
-            await self.run("resize2fs", volume.mtdev, sudo=True, timeout=600)
-        elif volume.fstype == "xfs":
+        if volume.fstype == "xfs":
             await self.run("xfs_growfs", volume.mtpt, sudo=True, timeout=600)
         elif volume.fstype == "btrfs":
             await self.run("btrfs", "filesystem", "resize", "max", volume.mtpt, sudo=True)
@@ -516,10 +536,13 @@ class Server:
                 grow_from = snap_size
             size = size or snap_size
             fstype = tags_of(snaps[0]).get(tag("fstype")) or fstype
+            if fstype and fstype != "raw":
+                await self._ensure_kernel_fs(fstype)
         else:
             size = size or 1
             fstype = fstype or "ext4"
             if fstype != "raw":
+                await self._ensure_kernel_fs(fstype)
                 await self._ensure_mkfs(fstype)
 
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
@@ -548,13 +571,15 @@ class Server:
             else:
                 volume.fstype = fstype or await volume.get_fstype() or "raw"
                 await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
+            if grow_from is not None and volume.fstype.startswith("ext"):
+                await self._grow_unmounted(volume)
             if volume.fstype != "raw":
                 await self.mount_volume(volume, where)
                 if snapshot_id is None and volume.fstype != "vfat":
                     await self.run(
                         "chown", f"{self.username}:", volume.mtpt or "", sudo=True, check=False
                     )
-                if grow_from is not None:
+                if grow_from is not None and volume.fstype in ("xfs", "btrfs"):
                     await self._grow(volume)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -621,6 +646,8 @@ class Server:
         if volume.fstype == "vfat":
             ids = (await self.scmd("id", "-u")).strip(), (await self.scmd("id", "-g")).strip()
             argv += ["-o", f"uid={ids[0]},gid={ids[1]}"]
+        elif volume.fstype == "xfs":  # copies of one snapshot share a UUID
+            argv += ["-o", "nouuid"]
         if volume.fstype:
             argv += ["-t", volume.fstype]
         await self.run(*argv, volume.mtdev, where, sudo=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -133,6 +134,7 @@ class Volume:
             tag("name"): self.name,
             tag("fstype"): self.fstype,
             tag("volume"): self.volume_id,
+            tag("created"): f"{time.time():020.6f}",
             "Name": self.name,
         }
         desc = description or (
