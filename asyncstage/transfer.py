@@ -76,9 +76,12 @@ from asyncstage.paths import (
     Endpoint,
     HostEndpoint,
     LocalEndpoint,
+    LocalSpec,
     PathLike,
+    RemotePath,
     UnmanagedEndpoint,
     check_one_host,
+    parse_path,
     resolve_paths,
     same_host,
 )
@@ -97,7 +100,12 @@ __all__ = [
     "host_limiter",
     "rsync",
     "rsync_endpoints",
+    "server_get",
+    "server_put",
     "set_host_limit",
+    "volume_copy",
+    "volume_get",
+    "volume_put",
 ]
 
 _log = logging.getLogger("asyncstage.transfer")
@@ -960,6 +968,57 @@ def _volume(manager: Any, ref: Any) -> Any:
     if not hasattr(ref, "volume_id"):
         raise InvalidArgument(f"dd copies volumes, not {ref!r}")
     return ref
+
+
+# -- what the Server and Volume methods call ------------------------------------------------
+
+
+def _on(target: Any, path: PathLike) -> PathLike:
+    """A path as Server.put/get and Volume.put/get take it: plain means on ``target``."""
+    if isinstance(path, (str, bytes, os.PathLike)) and not isinstance(path, RemotePath):
+        spec = parse_path(path)
+        if isinstance(spec, LocalSpec):
+            return RemotePath(target, spec.path)
+    return path
+
+
+async def server_put(server: Any, *paths: PathLike, **options: Any) -> TransferStats:
+    """``server.put(*local_sources, dest)``: a plain ``dest`` is a path on ``server``."""
+    if len(paths) < 2:
+        raise PathError("put needs at least one source and a destination")
+    *sources, dest = paths
+    return await rsync(server.manager, *sources, _on(server, dest), **options)
+
+
+async def server_get(server: Any, *paths: PathLike, **options: Any) -> TransferStats:
+    """``server.get(*sources, dest)``: plain sources are paths on ``server``."""
+    if len(paths) < 2:
+        raise PathError("get needs at least one source and a destination")
+    *sources, dest = paths
+    return await rsync(server.manager, *(_on(server, s) for s in sources), dest, **options)
+
+
+async def volume_put(
+    volume: Any, *sources: PathLike, dest: str = ".", **options: Any
+) -> TransferStats:
+    """``volume.put(*sources, dest=".")``: ``dest`` is relative to the volume's root."""
+    if not sources:
+        raise PathError("put needs at least one source")
+    sub = "" if dest in (".", "./", "/") else dest
+    return await rsync(volume.manager, *sources, RemotePath(volume, sub), **options)
+
+
+async def volume_get(volume: Any, *paths: PathLike, **options: Any) -> TransferStats:
+    """``volume.get(*sources, dest)``: plain sources are relative to the volume's root."""
+    if len(paths) < 2:
+        raise PathError("get needs at least one source and a destination")
+    *sources, dest = paths
+    return await rsync(volume.manager, *(_on(volume, s) for s in sources), dest, **options)
+
+
+async def volume_copy(volume: Any, dest: PathLike, **options: Any) -> TransferStats:
+    """``volume.copy(dest)``: the volume's whole contents to ``dest`` (any path form)."""
+    return await rsync(volume.manager, volume, dest, **options)
 
 
 # -- scripts run on the hosts (python3, standard library only) -------------------------

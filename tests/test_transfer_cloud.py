@@ -381,3 +381,34 @@ async def test_dd_same_server(env: Env) -> None:
     finally:
         for vol in (src, dst):
             await vol.delete()
+
+
+async def test_put_get_copy_helpers(env: Env, tmp_path: Path) -> None:
+    """What Server.put/get and Volume.put/get/copy delegate to."""
+    s1, s2 = env.s1, env.s2
+    src = tmp_path / "src"
+    make_tree(src)
+    want = snapshot(src)
+    vol = await s2.provision_volume(size=1)
+    try:
+        await transfer.server_put(s1, f"{src}/", "/srv/put")
+        await transfer.server_get(s1, "/srv/put/", str(tmp_path / "got"))
+        assert snapshot(tmp_path / "got") == want
+        await transfer.server_put(s1, f"{src}/", f"{vol}:/from-put")  # a volume elsewhere
+        await transfer.volume_put(vol, f"{src}/sub dir", f"{src}/sp ace")
+        await transfer.volume_put(vol, f"{src}/", dest="deep/")
+        assert sorted(await remote_listing(s2, str(vol.mtpt))) == [
+            "deep",
+            "from-put",
+            "lost+found",
+            "sp ace",
+            "sub dir",
+        ]
+        await transfer.volume_get(vol, "deep/", ":/from-put/-dash", str(tmp_path / "vget"))
+        assert set(os.listdir(tmp_path / "vget")) == set(os.listdir(src))
+        await transfer.volume_copy(vol, f"{s1}:/srv/vcopy")
+        assert "lost+found" in await remote_listing(s1, "/srv/vcopy")
+        with pytest.raises(PathError):
+            await transfer.server_put(s1, "/only-one")
+    finally:
+        await vol.delete()

@@ -473,3 +473,37 @@ async def test_dd_same_host_and_checks(
             )
         assert info.value.source_digest != info.value.destination_digest
     assert transfer_keys(a, b) == []
+
+
+async def test_host_limit_bounds_concurrency(
+    servers: tuple[SSHServer, SSHServer], tmp_path: Path
+) -> None:
+    a, _ = servers
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(os.urandom(2 << 20))
+    async with a.host() as ha:
+        transfer.set_host_limit(ha, 2)
+        limiter = transfer.host_limiter(ha)
+        peak = 0
+
+        def on_progress(p: Progress) -> None:
+            nonlocal peak
+            peak = max(peak, limiter.borrowed_tokens)
+
+        async def one(i: int) -> None:
+            await rsync_endpoints(
+                [LocalEndpoint(f"{src}/")],
+                HostEndpoint(ha, str(tmp_path / f"d{i}")),
+                options=["--bwlimit=20m"],
+                progress=on_progress,
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+        assert 1 <= peak <= 2
+        for i in range(6):
+            assert (tmp_path / f"d{i}" / "data").read_bytes() == (src / "data").read_bytes()
+        with pytest.raises(InvalidArgument):
+            transfer.set_host_limit(ha, 0)
