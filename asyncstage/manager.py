@@ -1170,7 +1170,6 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
         "username": cloud.default_username,
         "ssh_cidr": "127.0.0.1/32",
         "install_packages": False,
-        "root_type": None,
     }
     defaults.update(options)
     return Manager(**defaults)

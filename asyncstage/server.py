@@ -625,6 +625,8 @@ class Server:
         if volume.fstype == "raw":
             raise BadFstype(f"volume {volume.name} is raw: it has no filesystem to mount")
         where = check_mount_point(mtpt or volume.mtpt or self.default_mtpt(volume))
+        if not await self.ping():
+            await self.start()
         if volume.server is None:
             await self._attach(volume)
         elif volume.mtdev is None:

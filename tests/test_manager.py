@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -258,3 +260,43 @@ async def test_nothing_left_behind_after_terminate(
     for address in addresses:
         assert address is not None and not _listening(address)
     assert m.servers() == [] and m.volumes() == []
+
+
+async def test_force_terminate_and_a_key_of_its_own(
+    manager_factory: ManagerFactory, tmp_path: Path
+) -> None:
+    async with manager_factory(dotdir=tmp_path, on_exit="run") as shared:
+        shared_key = shared.key_pair
+    async with manager_factory(dotdir=tmp_path, reuse_key=False, verbosity=0) as m:
+        assert m.key_pair is not None and shared_key is not None
+        assert m.key_pair.name != shared_key.name and m.keyfile != shared_key.private_key
+        fleet = await m.provision_servers(2)
+        assert {(await s.scmd("whoami")).strip() for s in fleet} == {"admin"}
+        await m.force_terminate_all_servers()
+        assert m.servers() == []
+        found = await m.ec2.describe_instances([s.instance_id for s in fleet])
+        assert {i["State"]["Name"] for i in found} <= {"shutting-down", "terminated"}
+
+
+README_EXAMPLE_TIMEOUT = 300
+
+
+def test_readme_example_runs(cloud: LocalCloud, tmp_path: Path) -> None:
+    """The README's async API example runs as printed (on a cloud of its own)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The async API") :]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start : section.index("```\n", start)]
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {"HOME": str(tmp_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=README_EXAMPLE_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "admin" in done.stdout and "/mnt/Staging/Backup" in done.stdout

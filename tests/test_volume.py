@@ -98,6 +98,8 @@ async def test_info_and_mount_lifecycle(manager: Manager, server: Server) -> Non
     await server.remount_volume(vol)
     await server.mount_volume(vol, "/srv/elsewhere")
     assert vol.mtpt == "/srv/elsewhere" and "keep" in await vol.ls()
+    snap = await server.create_snapshot(vol, "via the server")
+    assert vol.mounted and snap.startswith("snap-")
     await vol.detach()
     assert vol.server is None and vol.mtdev is None and not vol.mounted
     # mount() with no server picks one in the volume's zone
