@@ -1,0 +1,409 @@
+"""Shared helpers of the benchmark scripts: arguments, the local cloud, OpenSSH argv, reports.
+
+Every script measures asyncstage side by side with a baseline in the same run and
+reports ratios (the machines these run on are shared and noisy: absolute times vary,
+ratios much less). Each writes ``<results>/<name>.json`` and prints its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import anyio  # noqa: E402
+
+from asyncstage import Manager  # noqa: E402
+from asyncstage.localcloud import LocalCloud  # noqa: E402
+from asyncstage.ssh import SSHHost  # noqa: E402
+
+RESULTS = HERE / "results"
+QUICK_RESULTS = RESULTS / "quick"
+
+# The cipher both sides use in the streaming benchmarks. asyncssh prefers it by default
+# (and SSHHost offers no cipher option); OpenSSH is told explicitly with -c.
+CIPHER = "chacha20-poly1305@openssh.com"
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# -- arguments ---------------------------------------------------------------------------
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: a smoke test, figures meaningless"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help=f"where the JSON goes (default {RESULTS}, or {QUICK_RESULTS} with --quick)",
+    )
+    args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = QUICK_RESULTS if args.quick else RESULTS
+    return args
+
+
+# -- the machine -------------------------------------------------------------------------
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "?"
+    out = (done.stdout or done.stderr).strip().splitlines()
+    return out[0] if out else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures came from."""
+    import asyncssh
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kb / (1 << 20), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "asyncssh": asyncssh.__version__,
+        "openssh": _version(["ssh", "-V"]),
+        "rsync": _version(["rsync", "--version"]),
+    }
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# -- statistics --------------------------------------------------------------------------
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    """min, median, p90 and mean of samples (seconds), rounded to microseconds."""
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return {
+        "n": len(ordered),
+        "min": round(ordered[0], 6),
+        "median": round(statistics.median(ordered), 6),
+        "p90": round(p90, 6),
+        "mean": round(statistics.fmean(ordered), 6),
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("inf")
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+    t = time.perf_counter()
+    await fn()
+    return time.perf_counter() - t
+
+
+def cpu_times_of(pids: Sequence[int]) -> float:
+    """utime+stime (seconds) of these processes and their waited-for children."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
+# -- reports -----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """The figures of one benchmark script: tables for people, JSON for the record."""
+
+    name: str
+    quick: bool
+    results_dir: Path
+    params: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    load: dict[str, list[float]] = field(default_factory=dict)
+    started: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    )
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.load["start"] = loadavg()
+
+    def mark_load(self, label: str) -> None:
+        """Remember the load average now (other developers' test runs share the machine)."""
+        self.load[label] = loadavg()
+
+    def target(
+        self, name: str, value: float, op: str, limit: float, what: str, unit: str = "×"
+    ) -> None:
+        """A target of the issue: ``value op limit`` (op is ``<=``, ``>=`` or ``<``)."""
+        met = {"<=": value <= limit, ">=": value >= limit, "<": value < limit}[op]
+        self.targets.append(
+            {
+                "name": name,
+                "value": value,
+                "op": op,
+                "limit": limit,
+                "unit": unit,
+                "what": what,
+                "met": bool(met),
+            }
+        )
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"note: {text}")
+
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Print a table (and keep it in the JSON)."""
+        cells = [[_cell(c) for c in row] for row in rows]
+        widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+        print(f"\n{title}")
+        print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+        print("  ".join("-" * w for w in widths))
+        for row in cells:
+            print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        self.results.setdefault("tables", []).append(
+            {"title": title, "headers": list(headers), "rows": cells}
+        )
+
+    def save(self) -> Path:
+        self.load["end"] = loadavg()
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        path = self.results_dir / f"{self.name}.json"
+        data = {
+            "benchmark": self.name,
+            "quick": self.quick,
+            "started": self.started,
+            "seconds": round(time.perf_counter() - self._t0, 1),
+            "machine": machine_info(),
+            "load": self.load,
+            "params": self.params,
+            "results": self.results,
+            "targets": self.targets,
+            "notes": self.notes,
+        }
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        if self.targets:
+            print()
+            for t in self.targets:
+                mark = "ok  " if t["met"] else "MISS"
+                print(
+                    f"[{mark}] {t['name']}: {t['value']:g}{t['unit']} (target {t['op']} "
+                    f"{t['limit']:g}{t['unit']}) - {t['what']}"
+                )
+        print(f"\nwrote {path} (load {self.load['start']} -> {self.load['end']})")
+        return path
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        if abs(value) >= 0.01:
+            return f"{value:.2f}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+# -- the local cloud -------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def local_cloud(
+    boot_delay: float = 0.0, **manager_options: Any
+) -> AsyncIterator[tuple[LocalCloud, Manager]]:
+    """A running local cloud and an open Manager on it (terminates everything on exit)."""
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmarks run on the local cloud, which needs root")
+    dotdir = Path(tempfile.mkdtemp(prefix="asyncstage-bench-"))
+    options: dict[str, Any] = {
+        "dotdir": dotdir,
+        "on_exit": "terminate",
+        "scan": False,
+        "verbosity": 0,
+    }
+    options.update(manager_options)
+    try:
+        async with LocalCloud(boot_delay=boot_delay) as cloud, cloud.manager(**options) as m:
+            yield cloud, m
+    finally:
+        shutil.rmtree(dotdir, ignore_errors=True)
+
+
+class CallWatcher:
+    """Samples ``cloud.api_calls`` in a thread: when each call of one action arrived.
+
+    Calls that arrive within ``gap`` seconds of each other form one poll round.
+    """
+
+    def __init__(self, cloud: LocalCloud, action: str, period: float = 0.005) -> None:
+        self.cloud = cloud
+        self.action = action
+        self.period = period
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        seen = self.cloud.api_calls[self.action]
+        while not self._stop.is_set():
+            now = self.cloud.api_calls[self.action]
+            if now > seen:
+                self.times += [time.perf_counter()] * (now - seen)
+                seen = now
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> CallWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def rounds(self, gap: float = 0.15) -> list[int]:
+        """Calls per round: calls closer than ``gap`` to the previous one share its round."""
+        sizes: list[int] = []
+        last = -1e9
+        for t in self.times:
+            if t - last > gap or not sizes:
+                sizes.append(0)
+            sizes[-1] += 1
+            last = t
+        return sizes
+
+
+# -- OpenSSH -----------------------------------------------------------------------------
+
+
+def openssh_base(host: SSHHost, *extra: str) -> list[str]:
+    """``ssh`` with the library's key and known_hosts, StrictHostKeyChecking=yes."""
+    return ["ssh", *host.openssh_options(), *extra]
+
+
+def target_of(host: SSHHost) -> str:
+    return f"{host.username}@{host.address}"
+
+
+class ControlMaster:
+    """An OpenSSH ControlMaster to one host, started and stopped by pid (ours only)."""
+
+    def __init__(self, host: SSHHost, directory: Path, *extra: str) -> None:
+        self.host = host
+        self.socket = directory / f"cm-{host.address}-{host.port}"
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def client_argv(self, *cmd: str) -> list[str]:
+        return [
+            *openssh_base(self.host, *self.extra),
+            "-o",
+            "ControlMaster=no",
+            "-o",
+            f"ControlPath={self.socket}",
+            target_of(self.host),
+            "--",
+            *cmd,
+        ]
+
+    def start(self, timeout: float = 20.0) -> None:
+        argv = [
+            *openssh_base(self.host, *self.extra),
+            "-N",
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            f"ControlPath={self.socket}",
+            target_of(self.host),
+        ]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ControlMaster exited: {argv}")
+            control = ["-o", f"ControlPath={self.socket}", "-O", "check", target_of(self.host)]
+            check = subprocess.run(
+                [*openssh_base(self.host), *control],
+                capture_output=True,
+                check=False,
+            )
+            if check.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("ControlMaster did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+    def __enter__(self) -> ControlMaster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_sync(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(argv), check=True, **kwargs)
+
+
+async def to_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn, *args)

@@ -1,0 +1,180 @@
+"""Fleet: provision N servers until every one answers ssh, concurrently vs one after another.
+
+asyncstage: ``manager.provision_servers(N)`` (one RunInstances call, one
+DescribeInstances per poll round for the whole fleet, then ssh to all at once).
+Baseline (the Perl module's way): ``provision_server()`` N times, one after another.
+The local cloud's ``boot_delay`` emulates EC2's pending time. API calls are
+counted at the endpoint (``cloud.api_calls``); a poll round is a burst of
+DescribeInstances calls (closer than 0.15 s to each other).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import anyio
+from _common import CallWatcher, Report, local_cloud, parse_args, ratio
+
+from asyncstage import Manager
+from asyncstage.localcloud import LocalCloud
+
+
+class _CloudClock:
+    """When the cloud itself reported the last instance running (its own view, sampled)."""
+
+    def __init__(self, cloud: LocalCloud) -> None:
+        self.cloud = cloud
+        self.last_running = 0.0
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._seen: set[str] = set()
+
+    def _run(self) -> None:
+        engine = getattr(self.cloud, "_engine", None)
+        while engine is not None and not self._stop.is_set():
+            for iid in list(engine.machines):
+                if iid in self._seen:
+                    continue
+                try:
+                    state = engine._instance(iid).state
+                except Exception:
+                    continue
+                if state == "running":
+                    self._seen.add(iid)
+                    self.last_running = time.perf_counter() - self.t0
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> _CloudClock:
+        self._seen = set(getattr(getattr(self.cloud, "_engine", None), "machines", {}))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def _concurrent(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
+    before = Counter(cloud.api_calls)
+    with CallWatcher(cloud, "DescribeInstances") as watch, _CloudClock(cloud) as clock:
+        t = time.perf_counter()
+        servers = await m.provision_servers(n)
+        wall = time.perf_counter() - t
+    calls = Counter(cloud.api_calls) - before
+    answered = sum([await s.ping() for s in servers])
+    await m.terminate_servers(servers)
+    rounds = watch.rounds()
+    return {
+        "n": n,
+        "wall_s": round(wall, 3),
+        "cloud_last_running_s": round(clock.last_running, 3),
+        "answered_ssh": answered,
+        "api_calls": dict(sorted(calls.items())),
+        "describe_rounds": len(rounds),
+        "describe_calls_per_round": round(max(rounds) if rounds else 0, 2),
+    }
+
+
+async def _serial(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
+    before = Counter(cloud.api_calls)
+    servers = []
+    t = time.perf_counter()
+    for _ in range(n):
+        servers.append(await m.provision_server())
+    wall = time.perf_counter() - t
+    calls = Counter(cloud.api_calls) - before
+    await m.terminate_servers(servers)
+    return {"n": n, "wall_s": round(wall, 3), "api_calls": dict(sorted(calls.items()))}
+
+
+async def main() -> None:
+    args = parse_args(__doc__ or "")
+    sizes = [1, 3] if args.quick else [1, 10, 50]
+    serial_max = 3 if args.quick else 10
+    boot_delay = 0.3 if args.quick else 5.0
+    poll_interval = 0.5
+    report = Report("fleet", args.quick, args.results)
+    report.params = {
+        "sizes": sizes,
+        "serial_measured_up_to": serial_max,
+        "boot_delay_s": boot_delay,
+        "poll_interval_s": poll_interval,
+    }
+    async with local_cloud(boot_delay, poll_interval=poll_interval) as (cloud, m):
+        concurrent = []
+        for n in sizes:
+            concurrent.append(await _concurrent(cloud, m, n))
+            print(f"concurrent {n}: {concurrent[-1]}")
+        report.mark_load("after_concurrent")
+        serial = []
+        for n in sizes:
+            if n <= serial_max:
+                serial.append(await _serial(cloud, m, n) | {"measured": True})
+            else:  # one after another is linear in n: scale the largest measured run
+                base = serial[-1]
+                wall = base["wall_s"] * n / base["n"]
+                serial.append({"n": n, "wall_s": round(wall, 3), "measured": False})
+            print(f"serial {n}: {serial[-1]}")
+        report.mark_load("after_serial")
+    single = concurrent[0]["wall_s"]
+    rows = []
+    for c, s in zip(concurrent, serial, strict=True):
+        rows.append(
+            [
+                c["n"],
+                c["wall_s"],
+                ratio(c["wall_s"], single),
+                s["wall_s"] if s["measured"] else f"~{s['wall_s']:.0f} (extrapolated)",
+                ratio(s["wall_s"], single),
+                ratio(s["wall_s"], c["wall_s"]),
+                c["cloud_last_running_s"],
+                c["describe_rounds"],
+                c["describe_calls_per_round"],
+                c["api_calls"].get("DescribeInstances", 0),
+                s.get("api_calls", {}).get("DescribeInstances", "-"),
+            ]
+        )
+    report.table(
+        f"Fleet: provision N servers until all answer ssh (boot_delay {boot_delay:g} s)",
+        [
+            "N",
+            "concurrent s",
+            "× single",
+            "serial s",
+            "serial × single",
+            "speed-up",
+            "cloud all running s",
+            "poll rounds",
+            "Describe/round",
+            "Describe total",
+            "serial Describe",
+        ],
+        rows,
+    )
+    report.results.update({"concurrent": concurrent, "serial": serial, "single_s": single})
+    largest = concurrent[-1]
+    report.target(
+        f"fleet_{largest['n']}_vs_single",
+        ratio(largest["wall_s"], single),
+        "<=",
+        1.3,
+        f"wall time of a fleet of {largest['n']} relative to a single server",
+    )
+    per_round = [c["describe_calls_per_round"] for c in concurrent]
+    report.target(
+        "describe_calls_per_round_max",
+        max(per_round),
+        "<=",
+        1,
+        "DescribeInstances calls per poll round, whatever N (independent of N)",
+        unit="",
+    )
+    report.save()
+
+
+if __name__ == "__main__":
+    anyio.run(main)
