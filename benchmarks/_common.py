@@ -356,7 +356,8 @@ class ControlMaster:
             *cmd,
         ]
 
-    def start(self, timeout: float = 20.0) -> None:
+    def spawn(self) -> None:
+        """Start the master process (it connects in the background)."""
         argv = [
             *openssh_base(self.host, *self.extra),
             "-N",
@@ -367,17 +368,22 @@ class ControlMaster:
             target_of(self.host),
         ]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def ready(self) -> bool:
+        """True once the master accepts clients (raises if it exited)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"ControlMaster to {target_of(self.host)} exited")
+        control = ["-o", f"ControlPath={self.socket}", "-O", "check", target_of(self.host)]
+        check = subprocess.run(
+            [*openssh_base(self.host), *control], capture_output=True, check=False
+        )
+        return check.returncode == 0
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ControlMaster exited: {argv}")
-            control = ["-o", f"ControlPath={self.socket}", "-O", "check", target_of(self.host)]
-            check = subprocess.run(
-                [*openssh_base(self.host), *control],
-                capture_output=True,
-                check=False,
-            )
-            if check.returncode == 0:
+            if self.ready():
                 return
             time.sleep(0.05)
         raise RuntimeError("ControlMaster did not come up")
@@ -407,3 +413,25 @@ def run_sync(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[
 
 async def to_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
+
+
+def _busy_jiffies() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class MachineCPU:
+    """How busy the whole machine's CPUs were during a block (1.0 = every core busy)."""
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+
+    def __enter__(self) -> MachineCPU:
+        self._start = _busy_jiffies()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _busy_jiffies()
+        total = end[1] - self._start[1]
+        self.busy = round((end[0] - self._start[0]) / total, 3) if total else 0.0

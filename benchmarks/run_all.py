@@ -1,0 +1,113 @@
+"""Run every benchmark (each in its own process), then summarise the targets.
+
+``python benchmarks/run_all.py`` (``make bench``) writes ``benchmarks/results/*.json``,
+``summary.json`` and ``summary.md`` (the table for benchmarks/README.md).
+``--quick`` (``make bench-quick``, and the CI smoke test) uses small sizes and writes
+to ``benchmarks/results/quick/``: it keeps the scripts working, its figures mean little.
+``--only fleet,commands`` runs some of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller"]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def summarise(results: Path, names: list[str]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    machine: dict[str, Any] = {}
+    loads: dict[str, Any] = {}
+    for name in names:
+        path = results / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        machine = data.get("machine", machine)
+        loads[name] = data.get("load", {})
+        for t in data.get("targets", []):
+            rows.append({"benchmark": name, **t})
+    return {"machine": machine, "load": loads, "targets": rows}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| benchmark | figure | value | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    for t in summary["targets"]:
+        lines.append(
+            f"| {t['benchmark']} | {t['what']} | {_fmt(t['value'])}{t['unit']} | "
+            f"{t['op']} {_fmt(t['limit'])}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
+        )
+    m = summary["machine"]
+    if m:
+        lines += [
+            "",
+            f"Machine: {m.get('cpus')} × {m.get('cpu')}, {m.get('memory_gib')} GiB, "
+            f"Linux {m.get('kernel')}, Python {m.get('python')}, asyncssh {m.get('asyncssh')}, "
+            f"{m.get('openssh')}, {m.get('rsync')}.",
+        ]
+    loads = summary["load"]
+    if loads:
+        parts = [
+            f"{name} {v.get('start', ['?'])[0]}→{v.get('end', ['?'])[0]}"
+            for name, v in loads.items()
+        ]
+        lines.append(f"Load average (1 min) at start→end: {', '.join(parts)}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SCRIPTS))
+    args = parser.parse_args()
+    results = args.results or (HERE / "results" / ("quick" if args.quick else ""))
+    names = [n for n in args.only.split(",") if n] or SCRIPTS
+    unknown = set(names) - set(SCRIPTS)
+    if unknown:
+        parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
+    failed = []
+    for name in names:
+        argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--results", str(results)]
+        if args.quick:
+            argv.append("--quick")
+        print(f"\n=== {name} (load {', '.join(f'{x:.2f}' for x in os.getloadavg())}) ===")
+        sys.stdout.flush()
+        t = time.perf_counter()
+        code = subprocess.run(argv, check=False).returncode
+        print(
+            f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'}, "
+            f"{time.perf_counter() - t:.0f} s ==="
+        )
+        if code != 0:
+            failed.append(name)
+    summary = summarise(results, names)
+    summary["failed"] = failed
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    (results / "summary.md").write_text(table)
+    print("\n" + table)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

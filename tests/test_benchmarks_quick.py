@@ -1,0 +1,111 @@
+"""Smoke test: the benchmark scripts run in quick mode and write sane JSON.
+
+Never asserts timings or ratios against targets: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller"]
+
+pytestmark = [
+    pytest.mark.localcloud,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
+]
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--results", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return out
+
+
+def _load(results: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    assert data["quick"] is True
+    assert data["machine"]["cpus"] >= 1
+    assert set(data["load"]) >= {"start", "end"}
+    for t in data["targets"]:
+        assert set(t) >= {"name", "value", "op", "limit", "met", "what"}
+        assert isinstance(t["met"], bool)
+    return data
+
+
+def test_every_script_wrote_its_results(results: Path) -> None:
+    for name in SCRIPTS:
+        _load(results, name)
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["failed"] == []
+    assert {t["benchmark"] for t in summary["targets"]} == set(SCRIPTS)
+    assert "| benchmark |" in (results / "summary.md").read_text()
+
+
+def test_fleet(results: Path) -> None:
+    r = _load(results, "fleet")["results"]
+    sizes = [c["n"] for c in r["concurrent"]]
+    assert sizes[0] == 1 and len(sizes) >= 2
+    for c in r["concurrent"]:
+        assert _positive(c["wall_s"])
+        assert c["answered_ssh"] == c["n"]
+        assert c["api_calls"]["RunInstances"] == 1
+        assert c["describe_rounds"] >= 1 and c["describe_calls_per_round"] >= 1
+    for s in r["serial"]:
+        assert _positive(s["wall_s"])
+
+
+def test_commands(results: Path) -> None:
+    r = _load(results, "commands")["results"]
+    for method in ("asyncstage", "asyncssh", "controlmaster", "new_connection"):
+        stats = r["latency"][method]
+        assert stats["n"] >= 1 and _positive(stats["median"])
+        assert stats["min"] <= stats["median"] <= stats["p90"]
+    assert all(_positive(v) for v in r["throughput"].values())
+
+
+def test_streaming(results: Path) -> None:
+    data = _load(results, "streaming")
+    assert data["params"]["cipher_asyncstage_negotiated"]
+    for direction in ("read", "write"):
+        assert _positive(data["results"]["mb_per_s"][f"{direction} asyncstage"])
+        assert _positive(data["results"]["mb_per_s"][f"{direction} openssh"])
+
+
+def test_transfers(results: Path) -> None:
+    r = _load(results, "transfers")["results"]
+    assert r["rsync"]["route"] == "host->host"
+    for key in ("rsync", "dd_sparse"):
+        assert _positive(r[key]["asyncstage_s"]) and _positive(r[key]["plain_s"])
+    assert 0 < r["dd_sparse"]["bytes_sent"] < r["dd_sparse"]["volume_gib"] << 30
+    assert _positive(r["parallel"]["serial_s"]) and _positive(r["parallel"]["concurrent_s"])
+
+
+def test_controller(results: Path) -> None:
+    r = _load(results, "controller")["results"]
+    for key in ("idle", "servers", "transfers"):
+        assert _positive(r[key]["peak_rss_mb"]) and _positive(r[key]["cpu_s"])
+    assert r["servers"]["connected"] == _load(results, "controller")["params"]["servers"]
+    assert _positive(r["controlmaster_baseline"]["peak_rss_mb_sum"])
