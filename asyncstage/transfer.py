@@ -181,6 +181,8 @@ class _Reporter:
         if rate is None:
             self._samples = [s for s in self._samples if now - s[0] < 5.0] + [(now, done)]
             t0, d0 = self._samples[0]
+            if len(self._samples) == 1:  # no recent sample: the average so far
+                t0, d0 = self.start, 0
             rate = (done - d0) / (now - t0) if now > t0 else 0.0
         if now - self._last_log >= 5.0:
             self._last_log = now
@@ -860,6 +862,7 @@ async def dd_endpoints(
         size=int(result["size"]),
         digest=str(result["source_sha256"]),
     )
+    _log.debug("%s: details %s", what, result)
     _log.info(
         "%s: done (%s, %d of %d bytes were data, %.1fs%s)",
         what,
@@ -1236,6 +1239,7 @@ import sys
 import time
 
 CHUNK = 1 << 20
+READ = 4 << 20
 MAGIC = b"ASDD\x01"
 SIZE = struct.Struct(">Q")
 HDR = struct.Struct(">QI")
@@ -1299,11 +1303,14 @@ def read_exact(f, n):
 
 
 def chunks(fd, size):
+    # Read READ bytes at a time (loop and network block devices are much faster
+    # with large requests), hand them out in CHUNK-sized blocks.
     off = 0
     while off < size:
-        n = min(CHUNK, size - off)
-        yield off, pread_full(fd, n, off)
-        off += n
+        buf = pread_full(fd, min(READ, size - off), off)
+        for i in range(0, len(buf), CHUNK):
+            yield off + i, buf[i : i + CHUNK]
+        off += len(buf)
 
 
 class Writer:
@@ -1440,7 +1447,9 @@ def cmd_copy(src, dst, verify):
     result = {"size": size, "source_sha256": h.hexdigest(), "data_bytes": data_bytes,
               "sent_bytes": 0, "zeroed": w.zeroed, "punched": w.punched}
     if verify == "1":
+        started = time.monotonic()
         result["dest_sha256"] = sha256_of(dfd, size)
+        result["verify_seconds"] = round(time.monotonic() - started, 3)
     say("R", json.dumps(result))
 
 
@@ -1516,7 +1525,9 @@ def cmd_recv(dst, method, verify):
     result = {"sent_bytes": sent, "zeroed": w.zeroed, "punched": w.punched,
               "stream_sha256": digest.hex()}
     if verify == "1":
+        started = time.monotonic()
         result["dest_sha256"] = sha256_of(fd, size)
+        result["verify_seconds"] = round(time.monotonic() - started, 3)
     print(json.dumps(result))
 
 
