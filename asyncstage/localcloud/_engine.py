@@ -56,6 +56,7 @@ class _Machine:
     prepared: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     op_lock: threading.Lock = field(default_factory=threading.Lock)
+    boots: int = 0  # counts boots: a pending-time timer of an earlier boot does nothing
 
 
 class Engine:
@@ -314,8 +315,6 @@ class Engine:
         return self._backend.get_instance(instance_id)
 
     def _boot(self, machine: _Machine) -> None:
-        from asyncstage.localcloud._moto import set_state
-
         host = machine.host
         with machine.op_lock:
             if machine.wanted != "running" or self._closed:
@@ -335,13 +334,16 @@ class Engine:
                             assert disk.name is not None and disk.rdev is not None
                             host.add_device(disk.name, disk.rdev, disk.volume_id)
                     machine.ready = True
-                if machine.cancel.wait(self.boot_delay):
+                    machine.boots += 1
+                    boot = machine.boots
+                if self.boot_delay > 0:
+                    # EC2's pending time runs on a timer, not on a worker: a fleet's
+                    # instances all wait it out at once, however few the workers.
+                    timer = threading.Timer(self.boot_delay, self._running, (machine, boot))
+                    timer.daemon = True
+                    timer.start()
                     return
-                with self.lock:
-                    instance = self._instance(host.instance_id)
-                    if machine.wanted == "running" and instance.state == "pending":
-                        host.write_console()
-                        set_state(instance, "running")
+                self._running(machine, boot, locked=True)
             except Exception as e:
                 log.error("local cloud: %s failed to boot: %s", host.instance_id, e)
                 host.kill()
@@ -351,6 +353,26 @@ class Engine:
                     if instance.state == "pending":
                         instance.stop()
                         instance._reason = f"Server.InternalError: {e}"
+                raise
+
+    def _running(self, machine: _Machine, boot: int, locked: bool = False) -> None:
+        """The boot delay is over: pending -> running, unless stopped or booted again since."""
+        from asyncstage.localcloud._moto import set_state
+
+        if self._closed:
+            return
+        with contextlib.nullcontext() if locked else machine.op_lock, self.lock:
+            if self._closed or machine.boots != boot or not machine.ready:
+                return
+            try:
+                instance = self._instance(machine.host.instance_id)
+                if machine.wanted == "running" and instance.state == "pending":
+                    machine.host.write_console()
+                    set_state(instance, "running")
+            except Exception:
+                if not locked:  # a timer thread: nobody else would see it
+                    log.exception("local cloud: %s did not start", machine.host.instance_id)
+                    return
                 raise
 
     def _halt(self, machine: _Machine) -> None:
