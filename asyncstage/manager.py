@@ -798,7 +798,11 @@ class Manager:
 
             def reached(instance_id: str, instance: Resource) -> None:
                 server = by_id[instance_id]
+                before = server.address
                 server._update(instance)
+                if before is not None and server.address != before:  # a new address on start
+                    self.known_hosts.remove(before, 22)
+                    server._fresh = True
                 tg.start_soon(ssh_up, server)
 
             _, failed = await self.ec2.wait_for_instances(

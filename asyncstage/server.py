@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import posixpath
 import re
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,12 +13,15 @@ import anyio
 
 from asyncstage.ec2 import Resource, console_fingerprints, tag, tags_of
 from asyncstage.errors import (
+    AsyncstageError,
     BadFstype,
     BadSize,
     CommandFailed,
+    HostKeyMismatch,
     MountPointRefused,
     NameTaken,
     ServerUnreachable,
+    SSHError,
     UnknownSnapshot,
     UnknownVolume,
     VolumeError,
@@ -116,6 +120,7 @@ class Server:
         self._host: SSHHost | None = None
         self._expected_fingerprints: tuple[str, ...] = ()
         self._fresh = False  # launched by this manager: no known_hosts entry to trust yet
+        self._pinned_for: str | None = None  # the address whose host key was settled
         self._up = False
         self._attach_lock = anyio.Lock()
         self._kernel_fs: set[str] = set()
@@ -209,6 +214,7 @@ class Server:
             await self.refresh()
             if self.state != "running":
                 return False
+            await self._pin_host_key()
         self._up = await self.host.ping(timeout=timeout)
         return self._up
 
@@ -236,7 +242,7 @@ class Server:
         sudo: bool = False,
     ) -> CommandResult:
         """Run a command; the full result (exit status, stdout, stderr)."""
-        return await self.host.run(
+        return await (await self._ready()).run(
             *cmd, input=input, check=check, timeout=timeout, encoding=encoding, sudo=sudo
         )
 
@@ -249,7 +255,9 @@ class Server:
         sudo: bool = False,
     ) -> str:
         """Run a command and return its standard output, like backticks."""
-        return await self.host.scmd(*cmd, check=check, timeout=timeout, input=input, sudo=sudo)
+        return await (await self._ready()).scmd(
+            *cmd, check=check, timeout=timeout, input=input, sudo=sudo
+        )
 
     async def ssh(
         self,
@@ -258,23 +266,37 @@ class Server:
         sudo: bool = False,
     ) -> bool:
         """Run a command with its output on our stdout/stderr; true on success."""
-        return await self.host.ssh(*cmd, timeout=timeout, sudo=sudo)
+        return await (await self._ready()).ssh(*cmd, timeout=timeout, sudo=sudo)
 
     def scmd_read(
         self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
     ) -> AbstractAsyncContextManager[CommandReader[Any]]:
         """``async with server.scmd_read(...) as r``: a readable stream of its stdout."""
-        return self.host.scmd_read(*cmd, encoding=encoding, sudo=sudo)
+        return self._streaming("read", cmd, encoding, sudo)
 
     def scmd_write(
         self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
     ) -> AbstractAsyncContextManager[CommandWriter[Any]]:
         """``async with server.scmd_write(...) as w``: a writable stream to its stdin."""
-        return self.host.scmd_write(*cmd, encoding=encoding, sudo=sudo)
+        return self._streaming("write", cmd, encoding, sudo)
+
+    async def _ready(self) -> SSHHost:
+        """The ssh host, its host key expectations settled for the current address."""
+        await self._pin_host_key()
+        return self.host
+
+    @asynccontextmanager
+    async def _streaming(
+        self, way: str, cmd: tuple[Command, ...], encoding: str | None, sudo: bool
+    ) -> AsyncIterator[Any]:
+        host = await self._ready()
+        opened = host.scmd_read if way == "read" else host.scmd_write
+        async with opened(*cmd, encoding=encoding, sudo=sudo) as stream:
+            yield stream
 
     async def shell(self) -> int:
         """An interactive shell on the server; its exit status."""
-        return await self.host.shell()
+        return await (await self._ready()).shell()
 
     # -- volumes: helpers ---------------------------------------------------------------------
 
@@ -704,34 +726,56 @@ class Server:
     # -- fleet helpers used by the manager ------------------------------------------------------
 
     async def _pin_host_key(self) -> None:
-        """Before the first contact: expected fingerprints from the console, no stale entry."""
-        if self._fresh and self.address:
+        """Before the first contact at an address: expected fingerprints from the console.
+
+        A server this manager launched (or whose address changed) has no trustworthy
+        known_hosts entry yet: any old entry for its address is dropped. When the
+        console carries host key fingerprints they are what the key must match;
+        otherwise the key is pinned on first contact.
+        """
+        address = self.address
+        if not address or self._pinned_for == address:
+            return
+        known = self.manager.known_hosts
+        if self._fresh:
+            known.remove(address, 22)
+        if self._fresh or not known.lookup(address, 22):
             try:
                 console = await self.manager.ec2.console_output(self.instance_id)
-            except Exception:  # no console yet: pin on first contact
+            except AsyncstageError:  # no console: pin on first contact
                 console = ""
             self._expected_fingerprints = tuple(console_fingerprints(console))
-            self.manager.known_hosts.remove(self.address, 22)
             if self._host is not None:
                 self.manager._closing(self._host)
                 self._host = None
-            self._fresh = False
+        self._fresh = False
+        self._pinned_for = address
 
     async def _wait_ssh(self, deadline: float) -> None:
-        """Ping until ssh answers or the deadline passes (ServerUnreachable then)."""
+        """Try ssh until it answers or the deadline passes (ServerUnreachable then).
+
+        A host key that does not match fails at once with HostKeyMismatch.
+        """
         await self._pin_host_key()
         interval = 0.2
         while True:
             left = deadline - anyio.current_time()
-            ok = await self.host.ping(timeout=max(2.0, min(10.0, left)))
-            if ok:
+            limit = max(2.0, min(10.0, left))
+            try:
+                with anyio.fail_after(limit):
+                    await self.host.run("true", timeout=limit)
+            except HostKeyMismatch:
+                raise
+            except (SSHError, TimeoutError) as e:
+                failure: BaseException = e
+            else:
                 self._up = True
                 return
             left = deadline - anyio.current_time()
             if left <= 0:
                 raise ServerUnreachable(
-                    "never answered ssh", host=f"{self.name} ({self.instance_id})"
-                )
+                    f"never answered ssh ({failure})", host=f"{self.name} ({self.instance_id})"
+                ) from failure
             self.host.reset()
             await anyio.sleep(min(interval, left))
             interval = min(interval * 1.5, 5.0)

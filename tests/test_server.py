@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncstage import Manager, Server
-from asyncstage.errors import CommandFailed, ServerUnreachable
+from asyncstage.errors import CommandFailed, FleetError, HostKeyMismatch, ServerUnreachable
+from asyncstage.keys import generate_key
 from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
 
@@ -111,3 +114,29 @@ async def test_server_that_never_answers_ssh(manager: Manager) -> None:
         await manager.provision_server("mute", username="nobody", timeout=4)
     assert "mute" in str(info.value)
     assert manager.find_server_by_name("mute") is None  # terminated, not leaked
+
+
+async def test_a_changed_host_key_is_refused(
+    manager: Manager, manager_factory: ManagerFactory, tmp_path: Path
+) -> None:
+    server = await manager.provision_server("pinned")
+    assert server.address is not None
+    _, impostor = generate_key("impostor")
+    async with manager_factory(dotdir=tmp_path, scan=True, on_exit="run") as other:
+        other.known_hosts.add(server.address, 22, impostor)  # as if the key had changed
+        adopted = other.find_server_by_name("pinned")
+        assert adopted is not None
+        assert await adopted.ping() is False
+        with pytest.raises(HostKeyMismatch):
+            await adopted.scmd("true")
+        with anyio.fail_after(20):  # refused at once, not retried until a timeout
+            with pytest.raises(FleetError) as info:
+                await other.wait_for_servers([adopted])
+        assert [type(e) for e in info.value.exceptions] == [HostKeyMismatch]
+    # with no known_hosts entry, the console's fingerprints are what the key must match
+    manager.known_hosts.remove(server.address, 22)
+    async with manager_factory(scan=True, on_exit="run") as third:
+        adopted = third.find_server_by_name("pinned")
+        assert adopted is not None
+        assert (await adopted.scmd("whoami")).strip() == "admin"
+        assert adopted._expected_fingerprints
