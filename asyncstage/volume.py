@@ -94,7 +94,12 @@ class Volume:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def mount(self, server: Server | None = None, mtpt: str | None = None) -> None:
-        """Mount the volume: on its server, the given one, or one in its zone (made if needed)."""
+        """Mount the volume: on its server, the given one, or one in its zone (made if needed).
+
+        Given another server than the one it is attached to, it is detached first.
+        """
+        if server is not None and self.server is not None and server is not self.server:
+            await self.detach()
         target = server or self.server
         if target is None:
             target = await self.manager.get_server_in_zone(self.availability_zone)

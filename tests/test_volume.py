@@ -109,6 +109,8 @@ async def test_info_and_mount_lifecycle(manager: Manager, server: Server) -> Non
     await server.detach_volume(vol)
     await other.mount_volume(vol)
     assert vol.server is other and "keep" in await vol.ls()
+    await vol.mount(server)  # moves it back: detached from the other first
+    assert vol.server is server and "keep" in await vol.ls()
     await other.delete_volume(vol)
     assert manager.find_volume_by_name("life") is None
     with pytest.raises(UnknownVolume):
