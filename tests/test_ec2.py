@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -163,3 +164,19 @@ async def test_snapshot_and_image_waits(ec2: EC2) -> None:
     image = await ec2.find_image("*")
     new = await ec2.copy_image(image["ImageId"], source_region="us-east-1", name="copied")
     assert (await ec2.wait_for_image(new, timeout=5))["State"] == "available"
+
+
+async def test_polls_start_fast_and_back_off() -> None:
+    client = EC2(region="us-east-1", poll_interval=0.1, poll_backoff=2.0, poll_max_interval=0.4)
+    assert client._config.retries == {"mode": "adaptive", "max_attempts": 10}
+    times: list[float] = []
+
+    async def fetch() -> bool:
+        times.append(anyio.current_time())
+        return False
+
+    with pytest.raises(WaitTimeout) as info:
+        await client._poll(fetch, what="nothing", timeout=1.3, last_state=lambda: "still")
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]
+    assert gaps[:3] == [0.1, 0.2, 0.4] and max(gaps) <= 0.45
+    assert "nothing" in str(info.value) and info.value.last_state == "still"
