@@ -246,13 +246,7 @@ class Manager:
             return self
         await self.ec2.open()
         try:
-            self.key_pair = await keys.ensure_key_pair(self.ec2, self.dotdir, reuse=self.reuse_key)
-            cidrs = self.ssh_cidrs or [_caller_cidr(self.endpoint_url)]
-            self.security_group_id = await self.ec2.ensure_security_group(
-                self.security_group_name,
-                cidrs=cidrs,
-                tags={tag("role"): "security-group"},
-            )
+            await self._ensure_key_and_group()
             self._open = True
             if self.scan:
                 await self.scan_region()
@@ -263,6 +257,25 @@ class Manager:
             raise
         return self
 
+    async def _ensure_key_and_group(self) -> None:
+        """Make sure of our key pair and security group (again after another removed them)."""
+        if self.key_pair is None:
+            self.key_pair = await keys.ensure_key_pair(self.ec2, self.dotdir, reuse=self.reuse_key)
+        elif not await self.ec2.key_pair_exists(self.key_pair.name):
+            try:
+                await self.ec2.import_key_pair(
+                    self.key_pair.name, self.key_pair.public_key, tags={tag("role"): "key"}
+                )
+            except EC2Error as e:
+                if e.code != "InvalidKeyPair.Duplicate":
+                    raise
+        cidrs = self.ssh_cidrs or [_caller_cidr(self.endpoint_url)]
+        self.security_group_id = await self.ec2.ensure_security_group(
+            self.security_group_name,
+            cidrs=cidrs,
+            tags={tag("role"): "security-group"},
+        )
+
     async def close(self, *, raise_errors: bool = True) -> None:
         """Apply ``on_exit`` to the servers this manager started, then close connections.
 
@@ -272,12 +285,14 @@ class Manager:
             return
         error: BaseException | None = None
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.exit_timeout):
+            with anyio.move_on_after(self.exit_timeout) as scope:
                 try:
                     await self._on_exit()
                 except Exception as e:
                     log.warning("on_exit=%s failed: %s", self.on_exit, e)
                     error = e
+            if scope.cancelled_caught:
+                log.warning("on_exit=%s gave up after %gs", self.on_exit, self.exit_timeout)
             for host in [*(s._host for s in self._servers.values()), *self._old_hosts]:
                 if host is not None:
                     try:
@@ -302,11 +317,21 @@ class Manager:
         # terminate: our servers, the volumes we made, then the key pair and group if unused
         if mine:
             await self._terminate(mine, timeout=self.server_timeout * 3)
+        failures: list[Exception] = []
         for volume_id in list(self._created_volumes):
             volume = self._volumes.get(volume_id)
             if volume is not None:
-                await volume.delete()
+                try:
+                    await volume.delete()
+                except AsyncstageError as e:
+                    failures.append(e)
         await self._delete_key_and_group_if_unused()
+        if failures:
+            raise (
+                failures[0]
+                if len(failures) == 1
+                else ExceptionGroup("some volumes could not be deleted", failures)
+            )
 
     async def _delete_key_and_group_if_unused(self) -> None:
         others = await self.ec2.describe_instances(
@@ -390,9 +415,11 @@ class Manager:
         if server is not None:
             server._update(instance)
             return server
-        keyfile = keys.keyfiles(self.dotdir, self.region).get(str(instance.get("KeyName", "")))
-        if keyfile is None and self.key_pair and instance.get("KeyName") == self.key_pair.name:
-            keyfile = self.key_pair.private_key
+        if self.key_pair and instance.get("KeyName") == self.key_pair.name:
+            keyfile: Path | None = self.key_pair.private_key
+        else:
+            known = keys.keyfiles(self.dotdir, self.region)
+            keyfile = known.get(str(instance.get("KeyName", "")))
         username = tags_of(instance).get(tag("user")) or self.username or "ubuntu"
         server = self.server_class(self, instance, keyfile=keyfile, username=username)
         self._servers[iid] = server
@@ -531,15 +558,23 @@ class Manager:
         if len(names) == 1:
             common |= {tag("name"): names[0], "Name": names[0]}
         self._log(f"launching {len(names)} server(s): {', '.join(names)}")
-        instances = await self.ec2.run_instances(
-            image_id=spec.image_id,
-            count=len(names),
-            instance_type=spec.instance_type,
-            key_name=self.key_pair.name,
-            security_group_ids=[self.security_group_id],
-            availability_zone=spec.availability_zone,
-            tags=common,
-        )
+        for attempt in range(2):
+            try:
+                instances = await self.ec2.run_instances(
+                    image_id=spec.image_id,
+                    count=len(names),
+                    instance_type=spec.instance_type,
+                    key_name=self.key_pair.name,
+                    security_group_ids=[self.security_group_id],
+                    availability_zone=spec.availability_zone,
+                    tags=common,
+                )
+                break
+            except EC2Error as e:
+                # another manager's on_exit="terminate" removed the key pair or group
+                if attempt or e.code not in ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound"):
+                    raise
+                await self._ensure_key_and_group()
         servers: dict[str, Server] = {}
         for name, inst in zip(names, instances, strict=True):
             inst.setdefault("Tags", [])

@@ -158,3 +158,15 @@ def test_default_user_follows_the_image() -> None:
     assert _user_for_image({"Name": "al2023-ami-2023.4"}) == "ec2-user"
     tagged = {"Name": "x", "Tags": [{"Key": tag("user"), "Value": "me"}]}
     assert _user_for_image(tagged) == "me"
+
+
+async def test_launch_survives_another_manager_removing_key_and_group(make: Any) -> None:
+    async with make(on_exit="terminate") as keeper:
+        async with make(on_exit="terminate") as leaver:
+            await _launch(leaver, "leaver-1")
+        # the leaver removed the shared key pair and security group on its way out
+        assert keeper.key_pair is not None
+        assert not await keeper.ec2.key_pair_exists(keeper.key_pair.name)
+        (server,) = await _launch(keeper, "keeper-1")
+        assert await keeper.ec2.key_pair_exists(keeper.key_pair.name)
+        assert server.instance["KeyName"] == keeper.key_pair.name
