@@ -675,8 +675,9 @@ class Manager:
 
     async def provision_servers(
         self,
-        names_or_count: int | Sequence[str],
+        names_or_count: int | Sequence[str] | None = None,
         *,
+        count: int | None = None,
         instance_type: str | None = None,
         image: str | None = None,
         availability_zone: str | None = None,
@@ -686,17 +687,20 @@ class Manager:
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
-        ``names_or_count`` is a list of names or a number of servers. When some fail,
-        they are terminated and a :class:`FleetError` names each, with the others in
-        its ``succeeded``.
+        ``names_or_count`` is a list of names or a number of servers (or pass
+        ``count=``). When some fail, they are terminated and a :class:`FleetError`
+        names each, with the others in its ``succeeded``.
         """
         self._require_open()
-        if isinstance(names_or_count, int):
-            if names_or_count < 1:
+        if (names_or_count is None) == (count is None):
+            raise InvalidArgument("provision_servers needs names, a number, or count=")
+        what: int | Sequence[str] = names_or_count if names_or_count is not None else count or 0
+        if isinstance(what, int):
+            if what < 1:
                 raise InvalidArgument("provision_servers needs at least one server")
-            wanted = [self.new_server_name() for _ in range(names_or_count)]
+            wanted = [self.new_server_name() for _ in range(what)]
         else:
-            wanted = list(names_or_count)
+            wanted = list(what)
             if not wanted:
                 raise InvalidArgument("provision_servers needs at least one server")
         names = self._reserve(wanted)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from asyncstage.ec2 import Resource, console_fingerprints, tag, tags_of
+from asyncstage.ec2 import EC2, Resource, console_fingerprints, tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
     BadFstype,
@@ -165,7 +165,7 @@ class Server:
         return self.address
 
     @property
-    def ec2(self) -> Any:
+    def ec2(self) -> EC2:
         """The manager's :class:`asyncstage.ec2.EC2` client."""
         return self.manager.ec2
 

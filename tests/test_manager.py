@@ -270,7 +270,7 @@ async def test_force_terminate_and_a_key_of_its_own(
     async with manager_factory(dotdir=tmp_path, reuse_key=False, verbosity=0) as m:
         assert m.key_pair is not None and shared_key is not None
         assert m.key_pair.name != shared_key.name and m.keyfile != shared_key.private_key
-        fleet = await m.provision_servers(2)
+        fleet = await m.provision_servers(count=2)
         assert {(await s.scmd("whoami")).strip() for s in fleet} == {"admin"}
         await m.force_terminate_all_servers()
         assert m.servers() == []
