@@ -9,9 +9,21 @@ from __future__ import annotations
 from asyncstage import errors
 from asyncstage.errors import AsyncstageError
 from asyncstage.manager import Manager
+from asyncstage.paths import RemotePath
 from asyncstage.server import Server
+from asyncstage.transfer import Progress, TransferStats
 from asyncstage.volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncstageError", "Manager", "Server", "Volume", "__version__", "errors"]
+__all__ = [
+    "AsyncstageError",
+    "Manager",
+    "Progress",
+    "RemotePath",
+    "Server",
+    "TransferStats",
+    "Volume",
+    "__version__",
+    "errors",
+]

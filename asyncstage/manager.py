@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Unpack
 
 import anyio
 
-from asyncstage import keys
+from asyncstage import keys, transfer
 from asyncstage.ec2 import EC2, Resource, RetryMode, tag, tag_filters, tags_of
 from asyncstage.errors import (
     AsyncstageError,
@@ -27,8 +27,10 @@ from asyncstage.errors import (
     UnknownSnapshot,
     UnknownVolume,
 )
+from asyncstage.paths import PathLike
 from asyncstage.server import Server, check_mount_point
 from asyncstage.ssh import KnownHosts, SSHHost
+from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 from asyncstage.volume import Volume
 
 
@@ -1161,6 +1163,27 @@ class Manager:
                 with anyio.CancelScope(shield=True):
                     await dest.close()
         return new_id
+
+    # -- transfers (the work is done in asyncstage.transfer) --------------------------------
+
+    async def rsync(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
+        """rsync sources to a destination (the last path), between any path forms.
+
+        Local paths (a trailing slash copies the contents), ``f"{server}:/abs"``,
+        ``f"{volume}/sub"``, ``":/sub"`` (the previous source's server or volume),
+        ``user@host:/path`` and :class:`~asyncstage.paths.RemotePath`. Several sources
+        must live on one host. Server to server goes directly, with a temporary key.
+        """
+        return await transfer.rsync(self, *paths, **options)
+
+    async def dd(
+        self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
+    ) -> TransferStats:
+        """Block-copy volume ``source`` onto ``dest``: zero blocks skipped, verified by sha256.
+
+        Both must be attached and not mounted (``unmount=True`` unmounts them first).
+        """
+        return await transfer.dd(self, source, dest, **options)
 
     async def copy_image(
         self,

@@ -7,10 +7,11 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
+from asyncstage import transfer
 from asyncstage.ec2 import EC2, Resource, console_fingerprints, tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
@@ -30,9 +31,11 @@ from asyncstage.errors import (
     ZoneMismatch,
 )
 from asyncstage.ssh import Command, CommandResult, SSHHost
+from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
+    from asyncstage.paths import PathLike
     from asyncstage.ssh import CommandReader, CommandWriter
     from asyncstage.volume import Volume
 
@@ -722,6 +725,29 @@ class Server:
     async def create_snapshot(self, volume: Volume, description: str = "") -> str:
         """Snapshot a volume cleanly (unmounted, or frozen if busy, then mounted again)."""
         return await volume.create_snapshot(description)
+
+    # -- transfers (the work is done in asyncstage.transfer) --------------------------------
+
+    async def rsync(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
+        """rsync between any path forms (the last path is the destination); see Manager.rsync."""
+        return await transfer.rsync(self.manager, *paths, **options)
+
+    async def put(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
+        """rsync sources (local, or any path form) to ``dest`` (the last path) on this server.
+
+        A plain ``dest`` is a path on this server; a volume path goes into the volume.
+        """
+        return await transfer.server_put(self, *paths, **options)
+
+    async def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
+        """rsync sources on this server (plain paths) or volumes to ``dest`` (the last path)."""
+        return await transfer.server_get(self, *paths, **options)
+
+    async def dd(
+        self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
+    ) -> TransferStats:
+        """Block-copy volume ``source`` onto volume ``dest``; see Manager.dd."""
+        return await transfer.dd(self.manager, source, dest, **options)
 
     # -- fleet helpers used by the manager ------------------------------------------------------
 

@@ -55,7 +55,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import anyio
 from anyio.abc import Process
@@ -138,6 +138,30 @@ class Progress:
 
 ProgressCallback = Callable[[Progress], object]
 """Called with a :class:`Progress`; may be a coroutine function. Keep it quick."""
+
+
+class RsyncOptions(TypedDict, total=False):
+    """Keyword options of every rsync-based method (rsync, put, get, copy)."""
+
+    options: Sequence[str]
+    """Extra rsync options, e.g. ``["--exclude", "*~"]``."""
+    compress: bool
+    """Compress on the wire (``-z``)."""
+    delete: bool
+    """Mirror: delete files in the destination that the sources lack."""
+    progress: ProgressCallback | None
+
+
+class DdOptions(TypedDict, total=False):
+    """Keyword options of every dd method."""
+
+    verify: bool
+    """Compare sha256 hash lists of source and destination after the copy (default on)."""
+    compress: bool | str
+    """``True`` (zstd when present, else gzip), ``"zstd"``, ``"gzip"`` or ``False``."""
+    unmount: bool
+    """Unmount mounted volumes first instead of refusing them."""
+    progress: ProgressCallback | None
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 import anyio
 
+from asyncstage import transfer
 from asyncstage.ec2 import Resource, tag, tags_of
 from asyncstage.errors import VolumeError, VolumeInUse, VolumeNotMounted
+from asyncstage.paths import RemotePath
+from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
+    from asyncstage.paths import PathLike
     from asyncstage.server import Server
     from asyncstage.ssh import Command
 
@@ -249,3 +254,27 @@ class Volume:
         if len(cmd) == 1:
             return await server.ssh("env", "-C", root, "sh", "-c", cmd[0], sudo=True)
         return await server.ssh("env", "-C", root, *cmd, sudo=True)
+
+    # -- transfers (the work is done in asyncstage.transfer) --------------------------------
+
+    def __truediv__(self, sub: str | os.PathLike[str]) -> RemotePath:
+        """``volume / "sub"``: a typed transfer path inside this volume."""
+        return RemotePath(self, sub)
+
+    async def put(
+        self, *sources: PathLike, dest: str = ".", **options: Unpack[RsyncOptions]
+    ) -> TransferStats:
+        """rsync sources (any path form) into ``dest``, relative to the volume's root."""
+        return await transfer.volume_put(self, *sources, dest=dest, **options)
+
+    async def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
+        """rsync sources relative to the volume's root to ``dest`` (the last path)."""
+        return await transfer.volume_get(self, *paths, **options)
+
+    async def copy(self, dest: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
+        """rsync the volume's whole contents to ``dest`` (any path form, e.g. another volume)."""
+        return await transfer.volume_copy(self, dest, **options)
+
+    async def dd(self, dest: Volume | str, **options: Unpack[DdOptions]) -> TransferStats:
+        """Block-copy this volume onto volume ``dest`` (both attached, unmounted)."""
+        return await transfer.dd(self.manager, self, dest, **options)

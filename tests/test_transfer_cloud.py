@@ -383,20 +383,20 @@ async def test_dd_same_server(env: Env) -> None:
             await vol.delete()
 
 
-async def test_put_get_copy_helpers(env: Env, tmp_path: Path) -> None:
-    """What Server.put/get and Volume.put/get/copy delegate to."""
+async def test_put_get_copy_methods(env: Env, tmp_path: Path) -> None:
+    """Server.put/get, Volume.put/get/copy and Manager.rsync, with every kind of path."""
     s1, s2 = env.s1, env.s2
     src = tmp_path / "src"
     make_tree(src)
     want = snapshot(src)
     vol = await s2.provision_volume(size=1)
     try:
-        await transfer.server_put(s1, f"{src}/", "/srv/put")
-        await transfer.server_get(s1, "/srv/put/", str(tmp_path / "got"))
+        await s1.put(f"{src}/", "/srv/put")
+        await s1.get("/srv/put/", str(tmp_path / "got"))
         assert snapshot(tmp_path / "got") == want
-        await transfer.server_put(s1, f"{src}/", f"{vol}:/from-put")  # a volume elsewhere
-        await transfer.volume_put(vol, f"{src}/sub dir", f"{src}/sp ace")
-        await transfer.volume_put(vol, f"{src}/", dest="deep/")
+        await s1.put(f"{src}/", f"{vol}:/from-put")  # a volume elsewhere
+        await vol.put(f"{src}/sub dir", f"{src}/sp ace")
+        await vol.put(f"{src}/", dest="deep/")
         assert sorted(await remote_listing(s2, str(vol.mtpt))) == [
             "deep",
             "from-put",
@@ -404,11 +404,36 @@ async def test_put_get_copy_helpers(env: Env, tmp_path: Path) -> None:
             "sp ace",
             "sub dir",
         ]
-        await transfer.volume_get(vol, "deep/", ":/from-put/-dash", str(tmp_path / "vget"))
+        await vol.get("deep/", ":/from-put/-dash", str(tmp_path / "vget"))
         assert set(os.listdir(tmp_path / "vget")) == set(os.listdir(src))
-        await transfer.volume_copy(vol, f"{s1}:/srv/vcopy")
+        await vol.copy(f"{s1}:/srv/vcopy")
         assert "lost+found" in await remote_listing(s1, "/srv/vcopy")
+        await env.manager.rsync(vol / "deep", f"{s1}:/srv/typed")  # typed volume path
+        assert sorted(await remote_listing(s1, "/srv/typed/deep")) == sorted(os.listdir(src))
+        await s2.rsync(f"{s1}:/srv/typed/deep/", str(tmp_path / "srv-rsync"))
+        assert snapshot(tmp_path / "srv-rsync") == want
         with pytest.raises(PathError):
-            await transfer.server_put(s1, "/only-one")
+            await s1.put("/only-one")
     finally:
         await vol.delete()
+
+
+async def test_dd_methods(env: Env) -> None:
+    """Volume.dd and Server.dd: verified block copies between unmounted volumes."""
+    a = await env.s1.provision_volume(size=1)
+    b = await env.s2.provision_volume(size=1)
+    c = await env.s2.provision_volume(size=1, fstype="raw")
+    try:
+        await a.cmd("sh", "-c", "echo dd-method > marker")
+        with pytest.raises(VolumeMounted):
+            await a.dd(b)
+        await a.unmount()
+        stats = await a.dd(b, unmount=True)
+        assert stats.digest and stats.size == 1 << 30
+        again = await env.s1.dd(b, c)
+        assert again.digest == stats.digest
+        await b.mount()
+        assert (await b.cmd("cat", "marker")).strip() == "dd-method"
+    finally:
+        for vol in (a, b, c):
+            await vol.delete()
