@@ -617,7 +617,7 @@ class EC2:
         fetch: Callable[[], Awaitable[bool]],
         *,
         what: str,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         last_state: Callable[[], str | None],
     ) -> None:
         """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
@@ -637,7 +637,7 @@ class EC2:
         ids: Sequence[str],
         state: str,
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         labels: Mapping[str, str] = {},
         on_reached: Callable[[str, Resource], None] | None = None,
     ) -> tuple[dict[str, Resource], dict[str, Exception]]:
@@ -700,7 +700,7 @@ class EC2:
         instance_id: str,
         state: str,
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         label: str | None = None,
     ) -> Resource:
         """Wait for one instance (sharing poll rounds with others); raise on failure."""
@@ -717,7 +717,7 @@ class EC2:
         check: Callable[[Resource], bool],
         *,
         what: str,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
     ) -> Resource:
         """Poll one volume until ``check`` accepts it."""
         seen: dict[str, Resource] = {}
@@ -744,7 +744,7 @@ class EC2:
         self,
         snapshot_id: str,
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
     ) -> Resource:
         """Poll a snapshot until it is completed."""
         seen: dict[str, Resource] = {}
@@ -770,7 +770,7 @@ class EC2:
         self,
         image_id: str,
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
     ) -> Resource:
         """Poll an image until it is available."""
         seen: dict[str, Resource] = {}

@@ -648,7 +648,7 @@ class Manager:
         availability_zone: str | None = None,
         username: str | None = None,
         architecture: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
@@ -685,7 +685,7 @@ class Manager:
         availability_zone: str | None = None,
         username: str | None = None,
         architecture: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
@@ -745,7 +745,7 @@ class Manager:
         availability_zone: str | None = None,
         username: str | None = None,
         architecture: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> Server:
         """The server of that name, started if stopped; a new one when there is none."""
         self._require_open()
@@ -810,7 +810,7 @@ class Manager:
     async def _wait_all(
         self,
         servers: Sequence[Server],
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         *,
         single: bool,
     ) -> list[Server]:
@@ -820,7 +820,7 @@ class Manager:
     async def _wait_up(
         self,
         servers: Sequence[Server],
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
     ) -> dict[Server, Exception]:
         """Wait until running (one describe per round), then until ssh answers (at once)."""
         deadline = anyio.current_time() + timeout
@@ -860,7 +860,7 @@ class Manager:
     async def wait_for_servers(
         self,
         servers: Iterable[Server],
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Wait until every server is up; FleetError names those that are not."""
         servers = list(servers)
@@ -870,7 +870,7 @@ class Manager:
         self,
         servers: Sequence[Server],
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         single: bool = False,
     ) -> list[Server]:
         if not servers:
@@ -915,7 +915,7 @@ class Manager:
         self,
         servers: Sequence[Server],
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         single: bool = False,
     ) -> list[Server]:
         if not servers:
@@ -952,7 +952,7 @@ class Manager:
         self,
         servers: Sequence[Server],
         *,
-        timeout: float,  # noqa: ASYNC109
+        timeout: float,
         single: bool = False,
         wait: bool = True,
     ) -> list[Server]:
@@ -986,7 +986,7 @@ class Manager:
 
     async def start_all_servers(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Start every managed server at once (one StartInstances call) and wait until up."""
         self._require_open()
@@ -994,7 +994,7 @@ class Manager:
 
     async def stop_all_servers(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Stop every managed server at once and wait until they are stopped."""
         self._require_open()
@@ -1002,7 +1002,7 @@ class Manager:
 
     async def terminate_all_servers(
         self,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Terminate every managed server at once, wait, and unregister them."""
         self._require_open()
@@ -1016,7 +1016,7 @@ class Manager:
     async def start_servers(
         self,
         servers: Iterable[Server],
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Start these servers at once and wait until they are up."""
         return await self._start(list(servers), timeout=timeout or self.server_timeout)
@@ -1024,7 +1024,7 @@ class Manager:
     async def stop_servers(
         self,
         servers: Iterable[Server],
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Stop these servers at once and wait until they are stopped."""
         return await self._stop(list(servers), timeout=timeout or self.server_timeout * 3)
@@ -1032,7 +1032,7 @@ class Manager:
     async def terminate_servers(
         self,
         servers: Iterable[Server],
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> list[Server]:
         """Terminate these servers at once, wait, and unregister them."""
         return await self._terminate(list(servers), timeout=timeout or self.server_timeout * 3)
@@ -1141,7 +1141,7 @@ class Manager:
         region_or_manager: str | Manager,
         *,
         description: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> str:
         """Copy one of our snapshots to another region (or manager); the copy's id, completed."""
         self._require_open()
@@ -1192,7 +1192,7 @@ class Manager:
         *,
         name: str | None = None,
         description: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         **register_options: Any,
     ) -> str:
         """Copy an image to another region (or manager); the copy's id, once available.

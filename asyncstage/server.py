@@ -211,7 +211,7 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def ping(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+    async def ping(self, timeout: float = 10.0) -> bool:
         """True when the instance is running AND ssh answers with our key (cached)."""
         if not self._up:
             await self.refresh()
@@ -221,15 +221,15 @@ class Server:
         self._up = await self.host.ping(timeout=timeout)
         return self._up
 
-    async def start(self, timeout: float = 120.0) -> None:  # noqa: ASYNC109
+    async def start(self, timeout: float = 120.0) -> None:
         """Start the server and wait until ping() succeeds."""
         await self.manager._start([self], timeout=timeout, single=True)
 
-    async def stop(self, timeout: float = 300.0) -> None:  # noqa: ASYNC109
+    async def stop(self, timeout: float = 300.0) -> None:
         """Stop the server and wait until it is stopped."""
         await self.manager._stop([self], timeout=timeout, single=True)
 
-    async def terminate(self, timeout: float = 300.0) -> None:  # noqa: ASYNC109
+    async def terminate(self, timeout: float = 300.0) -> None:
         """Terminate the server, wait until it is, and unregister it (and its host key)."""
         await self.manager._terminate([self], timeout=timeout, single=True)
 
@@ -240,7 +240,7 @@ class Server:
         *cmd: Command,
         input: str | bytes | None = None,
         check: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         encoding: str | None = "utf-8",
         sudo: bool = False,
     ) -> CommandResult:
@@ -253,7 +253,7 @@ class Server:
         self,
         *cmd: Command,
         check: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         input: str | bytes | None = None,
         sudo: bool = False,
     ) -> str:
@@ -265,7 +265,7 @@ class Server:
     async def ssh(
         self,
         *cmd: Command,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         sudo: bool = False,
     ) -> bool:
         """Run a command with its output on our stdout/stderr; true on success."""
@@ -343,7 +343,7 @@ class Server:
             return f"/dev/sd{letter}", f"/dev/xvd{letter}"
         raise VolumeError(f"server {self.name}: no free block device name left")
 
-    async def _find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:  # noqa: ASYNC109
+    async def _find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:
         """The device path of an attached volume on the server: NVMe serial, xvdX, sdX."""
         serial = volume_id.replace("-", "")
         letter = ec2_device.rsplit("/", 1)[-1].removeprefix("xvd").removeprefix("sd")

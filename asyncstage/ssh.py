@@ -866,7 +866,7 @@ class SSHHost:
         *cmd: Command,
         input: str | bytes | None = None,
         check: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109 (a per-command limit is the API)
+        timeout: float | None = None,
         encoding: str | None = "utf-8",
         sudo: bool = False,
     ) -> CommandResult:
@@ -899,7 +899,7 @@ class SSHHost:
         self,
         *cmd: Command,
         check: bool = True,
-        timeout: float | None = None,  # noqa: ASYNC109 (a per-command limit is the API)
+        timeout: float | None = None,
         input: str | bytes | None = None,
         sudo: bool = False,
     ) -> str:
@@ -910,7 +910,7 @@ class SSHHost:
     async def ssh(
         self,
         *cmd: Command,
-        timeout: float | None = None,  # noqa: ASYNC109 (a per-command limit is the API)
+        timeout: float | None = None,
         sudo: bool = False,
     ) -> bool:
         """Run a command with its output on our stdout/stderr as it comes; True on exit 0."""
@@ -1001,7 +1001,7 @@ class SSHHost:
         if not result.ok:
             raise self._failed(result)
 
-    async def ping(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+    async def ping(self, timeout: float = 10.0) -> bool:
         """True when the host answers ssh and runs ``true`` within ``timeout``.
 
         A success is remembered until :meth:`reset` or a connection failure.
