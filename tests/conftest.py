@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -28,3 +29,73 @@ def _loopback_only() -> Iterator[None]:
     tried = netguard.violations[before:]
     if tried:
         pytest.fail(f"test tried non-loopback connections: {tried}")
+
+
+# -- nothing left behind -------------------------------------------------------------------
+# After the whole session (session fixtures included) no loop device, mount or process
+# that the tests made may remain: compared with what the machine had before.
+
+
+def _loop_devices() -> set[str]:
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
+    return {line.split(":", 1)[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def _mounts() -> set[str]:
+    with open("/proc/mounts") as f:
+        return {" ".join(line.split()[:3]) for line in f}
+
+
+def _descendants() -> set[str]:
+    """Processes below this one (by parent pid), as 'pid cmdline'."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found: set[str] = set()
+    todo = [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            found.add(f"{pid} {cmd}")
+    return found
+
+
+_before: dict[str, set[str]] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _before["loop"] = _loop_devices()
+    _before["mounts"] = _mounts()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _before:
+        return
+    left = {
+        "loop devices": _loop_devices() - _before["loop"],
+        "mounts": _mounts() - _before["mounts"],
+        "processes": _descendants(),
+    }
+    left = {what: items for what, items in left.items() if items}
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "; ".join(f"{what}: {sorted(items)}" for what, items in left.items())
+        if reporter is not None:
+            reporter.write_line(
+                f"LEFT BEHIND by the tests: {text} (loop devices and mounts are compared "
+                "machine-wide: another test run or local cloud running meanwhile shows here too)",
+                red=True,
+            )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
