@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from asyncstage.ssh import Command
     from asyncstage.ssh import CommandReader as _AsyncReader
     from asyncstage.ssh import CommandWriter as _AsyncWriter
+    from asyncstage.transfer import DdOptions, TransferStats
 
 __all__ = [
     "CommandReader",
@@ -160,7 +161,8 @@ class _Loop:
 
     def register(self, obj: Manager | LocalCloud) -> None:
         with self._lock:
-            self._closing.append(obj)
+            if obj not in self._closing:
+                self._closing.append(obj)
 
     def unregister(self, obj: Manager | LocalCloud) -> None:
         with self._lock:
@@ -297,9 +299,18 @@ class _Twin(Generic[_P, _R]):
         self.name = name
 
     @functools.cached_property
+    def __signature__(self) -> inspect.Signature:
+        """The async method's signature (``self`` first), for ``help()`` and ``inspect``."""
+        return inspect.signature(self.func)
+
+    @functools.cached_property
     def _signature(self) -> inspect.Signature:
-        sig = inspect.signature(self.func)
+        sig = self.__signature__
         return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __call__(self, obj: _Twinned, /, *args: Any, **kwargs: Any) -> Any:
+        """``Class.method(obj, ...)``, as with a plain function."""
+        return self.__get__(obj)(*args, **kwargs)
 
     @overload
     def __get__(self, obj: None, owner: type[Any] | None = None) -> _Twin[_P, _R]: ...
@@ -693,6 +704,14 @@ class Manager(_Twinned):
             _twins[self._async] = self
         self._open()
 
+    @classmethod
+    def from_async(cls, manager: _AsyncManager) -> Manager:
+        """The blocking twin of an async Manager made elsewhere (e.g. ``LocalCloud.manager``
+        of an async cloud); it is opened now and closed like any blocking Manager."""
+        twin = _manager(manager)
+        twin._open()
+        return twin
+
     def _open(self) -> None:
         self.open()
         _loop.register(self)
@@ -759,6 +778,15 @@ class Manager(_Twinned):
     find_volume_by_name = _plain(_AsyncManager.find_volume_by_name, _opt_volume)
     volumes = _plain(_AsyncManager.volumes, _volumes)
     new_volume_name = _plain(_AsyncManager.new_volume_name)
+
+    # transfers
+    rsync = _twin(_AsyncManager.rsync)
+
+    def dd(
+        self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
+    ) -> TransferStats:
+        """Block-copy volume ``source`` onto volume ``dest`` (see :meth:`asyncstage.Manager.dd`)."""
+        return call(self._async.dd, source, dest, **options)
 
     # snapshots and images
     def copy_snapshot(
@@ -984,6 +1012,17 @@ class Server(_Twinned):
         """Snapshot a volume cleanly; the snapshot's id."""
         return call(self._async.create_snapshot, volume, description)
 
+    # transfers
+    rsync = _twin(_AsyncServer.rsync)
+    put = _twin(_AsyncServer.put)
+    get = _twin(_AsyncServer.get)
+
+    def dd(
+        self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
+    ) -> TransferStats:
+        """Block-copy volume ``source`` onto volume ``dest``."""
+        return call(self._async.dd, source, dest, **options)
+
 
 class Volume(_Twinned):
     """Blocking twin of :class:`asyncstage.Volume` (``str(volume)`` is its volume id)."""
@@ -1081,6 +1120,19 @@ class Volume(_Twinned):
     cmd = _twin(_AsyncVolume.cmd)
     ssh = _twin(_AsyncVolume.ssh)
 
+    # transfers
+    def __truediv__(self, sub: str | os.PathLike[str]) -> RemotePath:
+        """``volume / "sub"``: a path inside the volume, for rsync, put and get."""
+        return self._async / sub
+
+    put = _twin(_AsyncVolume.put)
+    get = _twin(_AsyncVolume.get)
+    copy = _twin(_AsyncVolume.copy)
+
+    def dd(self, dest: Volume | str, **options: Unpack[DdOptions]) -> TransferStats:
+        """Block-copy this volume onto ``dest``."""
+        return call(self._async.dd, dest, **options)
+
 
 class LocalCloud(_Twinned):
     """Blocking twin of :class:`asyncstage.localcloud.LocalCloud`; started by the constructor.
@@ -1126,9 +1178,7 @@ class LocalCloud(_Twinned):
 
     def manager(self, **options: Unpack[ManagerOptions]) -> Manager:
         """An open :class:`Manager` for this cloud: ``with cloud.manager() as m``."""
-        manager = _manager(call(self._async.manager, **options))
-        manager._open()
-        return manager
+        return Manager.from_async(call(self._async.manager, **options))
 
     session_kwargs = _plain(_AsyncLocalCloud.session_kwargs)
 
