@@ -12,19 +12,26 @@
 - 8 rsync transfers between 8 pairs of servers at once vs one after another.
 
 Both sides use OpenSSH's default cipher between the servers and run as root on the
-servers (``sudo``). The source device is read once before timing (page cache warm for
-both). The machine's CPU use during each run is recorded (1.0 = both cores busy): on
-this 2-core machine the servers, their sshd and the controller share the same cores.
+servers (``sudo``). asyncstage and the plain pipeline take turns (a b, b a, a b ...;
+the median is reported), and the source device's cache is dropped before every dd run:
+each reads its source from the (loop-device) disk. CPU seconds are those of the
+benchmark's own process tree — the cloud's hosts, their sshd and commands, and the
+controller — without other people's processes on this shared machine; with the whole
+machine's CPU use (1.0 = every core busy) they show where the limit lies.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import anyio
-from _common import GiB, MachineCPU, MiB, Report, local_cloud, parse_args, ratio
+from _common import GiB, MachineCPU, MiB, OwnCPU, Report, local_cloud, parse_args, ratio
 
 from asyncstage import Manager, Server, Volume
 from asyncstage import transfer as _transfer
@@ -119,24 +126,100 @@ async def _fill_dir(server: Server, path: str, total: int, files: int) -> None:
         await server.scmd("sh", "-c", f"head -c {each} /dev/urandom > {path}/f{i}", sudo=True)
 
 
-async def _warm(server: Server, path: str) -> None:
-    await server.scmd("sh", "-c", f"cat {path} > /dev/null", sudo=True)
+_DROP = """
+import fcntl, os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x1261, 0)  # BLKFLSBUF
+    except OSError:
+        pass
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+"""
+
+
+async def _drop_cache(server: Server, *paths: str) -> None:
+    """Start each run with the source's cache dropped: every run reads it from its disk."""
+    await server.scmd("python3", "-c", _DROP, *paths, sudo=True)
+
+
+@dataclass
+class Pair:
+    """Alternating runs of asyncstage (a) and the plain pipeline (b): a b, b a, a b ..."""
+
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    a_cpu: list[float] = field(default_factory=list)
+    b_cpu: list[float] = field(default_factory=list)
+
+    async def run(
+        self,
+        reps: int,
+        a: Callable[[], Awaitable[Any]],
+        b: Callable[[], Awaitable[Any]],
+        before: Callable[[], Awaitable[Any]],
+    ) -> None:
+        for rep in range(reps):
+            order = [("a", a), ("b", b)] if rep % 2 == 0 else [("b", b), ("a", a)]
+            for name, fn in order:
+                await before()
+                with OwnCPU() as cpu:
+                    t = time.perf_counter()
+                    await fn()
+                    elapsed = time.perf_counter() - t
+                getattr(self, name).append(elapsed)
+                getattr(self, name + "_cpu").append(cpu.seconds)
+
+    def figures(self) -> dict[str, Any]:
+        a, b = statistics.median(self.a), statistics.median(self.b)
+        return {
+            "asyncstage_s": round(a, 3),
+            "plain_s": round(b, 3),
+            "ratio": ratio(b, a),
+            "asyncstage_runs_s": [round(x, 3) for x in self.a],
+            "plain_runs_s": [round(x, 3) for x in self.b],
+            "asyncstage_cpu_s": round(statistics.median(self.a_cpu), 3),
+            "plain_cpu_s": round(statistics.median(self.b_cpu), 3),
+        }
+
+    def alone(self, label: str, mib: int) -> list[Any]:
+        """A row for asyncstage's runs only."""
+        f = self.figures()
+        return [label, mib, f["asyncstage_s"], "", "", f["asyncstage_cpu_s"], ""]
+
+    def row(self, label: str, mib: int) -> list[Any]:
+        f = self.figures()
+        return [
+            label,
+            mib,
+            f["asyncstage_s"],
+            f["plain_s"],
+            f["ratio"],
+            f["asyncstage_cpu_s"],
+            f["plain_cpu_s"],
+        ]
 
 
 async def main() -> None:
     args = parse_args(__doc__ or "")
     quick = args.quick
+    reps = 1 if quick else 3
     rsync_size = 16 * MiB if quick else GiB
     pair_size = 4 * MiB if quick else 64 * MiB
     n_parallel = 2 if quick else 8
+    sparse_gib = 1 if quick else 4
+    sparse_data = (16 if quick else 256) * MiB
     report = Report("transfers", quick, args.results)
     report.params = {
+        "repeats": reps,
         "rsync_bytes": rsync_size,
         "dd_full_volume_gib": None if quick else 1,
-        "dd_sparse_volume_gib": 1 if quick else 4,
-        "dd_sparse_data_bytes": (16 if quick else 256) * MiB,
+        "dd_sparse_volume_gib": sparse_gib,
+        "dd_sparse_data_bytes": sparse_data,
         "parallel_transfers": n_parallel,
         "parallel_bytes_each": pair_size,
+        "cpus": os.cpu_count(),
     }
     rows: list[list[Any]] = []
     res: dict[str, Any] = {}
@@ -149,36 +232,53 @@ async def main() -> None:
         link = PlainLink(s1, s2)
         await link.setup()
 
-        # rsync server -> server
+        # rsync server -> server (the destination emptied before every run)
         await _fill_dir(s1, "/srv/bench/data", rsync_size, 4)
-        await _warm(s1, "/srv/bench/data/*")
-        with MachineCPU() as cpu_a:
-            t = time.perf_counter()
+        routes: list[str] = []
+
+        async def rsync_a() -> None:
             stats = await _rsync(m, f"{s1}:/srv/bench/data/", f"{s2}:/srv/bench/copy/")
-            a = time.perf_counter() - t
-        with MachineCPU() as cpu_b:
-            b = await _plain_rsync(link, "/srv/bench/data/", "/srv/bench/plain/")
-        same = await s2.scmd("sh", "-c", "cd /srv/bench && du -sb copy plain", sudo=True)
-        res["rsync"] = {
-            "asyncstage_s": round(a, 3),
-            "plain_s": round(b, 3),
-            "ratio": ratio(b, a),
-            "route": stats.route,
-            "cpu_busy": [cpu_a.busy, cpu_b.busy],
-            "du": same.split(),
-        }
-        rows.append(
-            ["rsync server→server", rsync_size // MiB, a, b, ratio(b, a), cpu_a.busy, cpu_b.busy]
-        )
+            routes.append(stats.route)
+
+        async def rsync_b() -> None:
+            await _plain_rsync(link, "/srv/bench/data/", "/srv/bench/copy/")
+
+        async def rsync_before() -> None:
+            await s2.scmd("rm", "-rf", "/srv/bench/copy", sudo=True)
+
+        rs = Pair()
+        await rs.run(reps, rsync_a, rsync_b, rsync_before)
+        res["rsync"] = rs.figures() | {"route": routes[0]}
+        rows.append(rs.row("rsync server→server", rsync_size // MiB))
         await s1.scmd("rm", "-rf", "/srv/bench/data", sudo=True)
-        await s2.scmd("rm", "-rf", "/srv/bench/copy", "/srv/bench/plain", sudo=True)
+        await s2.scmd("rm", "-rf", "/srv/bench/copy", sudo=True)
         report.mark_load("after_rsync")
+
+        async def dd_pair(src: Volume, dst: Volume) -> tuple[Pair, Pair, list[Any]]:
+            assert src.mtdev and dst.mtdev
+            sent: list[Any] = []
+
+            async def a() -> None:
+                sent.append(await _dd(m, src, dst, verify=False))
+
+            async def a_verified() -> None:
+                await _dd(m, src, dst, verify=True)
+
+            async def b() -> None:
+                await _plain_dd(link, str(src.mtdev), str(dst.mtdev))
+
+            async def before() -> None:
+                await _drop_cache(s1, str(src.mtdev))
+
+            plain, verified = Pair(), Pair()
+            await plain.run(reps, a, b, before)
+            await verified.run(1, a_verified, _nothing, before)
+            return plain, verified, sent
 
         # dd of a volume full of data
         if not quick:
             src = await s1.provision_volume(size=1, fstype="raw")
             dst = await s2.provision_volume(size=1, fstype="raw")
-            assert src.mtdev and dst.mtdev
             await s1.scmd(
                 "dd",
                 "if=/dev/urandom",
@@ -188,63 +288,34 @@ async def main() -> None:
                 sudo=True,
                 check=False,  # "no space left" at the end of the device
             )
-            await _warm(s1, src.mtdev)
-            with MachineCPU() as cpu_a:
-                t = time.perf_counter()
-                await _dd(m, src, dst, verify=False)
-                a = time.perf_counter() - t
-            t = time.perf_counter()
-            await _dd(m, src, dst, verify=True)
-            a_verified = time.perf_counter() - t
-            with MachineCPU() as cpu_b:
-                b = await _plain_dd(link, src.mtdev, dst.mtdev)
-            res["dd_full"] = {
-                "asyncstage_s": round(a, 3),
-                "asyncstage_verified_s": round(a_verified, 3),
-                "plain_s": round(b, 3),
-                "ratio": ratio(b, a),
-                "cpu_busy": [cpu_a.busy, cpu_b.busy],
+            plain, verified, _ = await dd_pair(src, dst)
+            res["dd_full"] = plain.figures() | {
+                "asyncstage_verified_s": verified.figures()["asyncstage_s"]
             }
-            rows.append(["dd 1 GiB volume, full", 1024, a, b, ratio(b, a), cpu_a.busy, cpu_b.busy])
-            rows.append(["  same, verify=True", 1024, a_verified, b, ratio(b, a_verified), "", ""])
+            rows.append(plain.row("dd 1 GiB volume, full of data", 1024))
+            rows.append(verified.alone("  same, verify=True", 1024))
             for v in (src, dst):
                 await v.delete()
             report.mark_load("after_dd_full")
 
-        # dd of a mostly empty volume
-        vol_gib = 1 if quick else 4
-        data = (16 if quick else 256) * MiB
-        src = await s1.provision_volume(size=vol_gib)
-        dst = await s2.provision_volume(size=vol_gib, fstype="raw")
-        assert src.mtpt and src.mtdev and dst.mtdev
+        # dd of a mostly empty volume: an ext4 filesystem with one file
+        src = await s1.provision_volume(size=sparse_gib)
+        dst = await s2.provision_volume(size=sparse_gib, fstype="raw")
+        assert src.mtpt
         await s1.scmd(
-            "sh", "-c", f"head -c {data} /dev/urandom > {src.mtpt}/data && sync", sudo=True
+            "sh", "-c", f"head -c {sparse_data} /dev/urandom > {src.mtpt}/data && sync", sudo=True
         )
         await src.unmount()
-        await _warm(s1, src.mtdev)
-        with MachineCPU() as cpu_a:
-            t = time.perf_counter()
-            stats = await _dd(m, src, dst, verify=False)
-            a = time.perf_counter() - t
-        t = time.perf_counter()
-        await _dd(m, src, dst, verify=True)
-        a_verified = time.perf_counter() - t
-        with MachineCPU() as cpu_b:
-            b = await _plain_dd(link, src.mtdev, dst.mtdev)
-        res["dd_sparse"] = {
-            "volume_gib": vol_gib,
-            "data_bytes": data,
-            "asyncstage_s": round(a, 3),
-            "asyncstage_verified_s": round(a_verified, 3),
-            "plain_s": round(b, 3),
-            "ratio": ratio(b, a),
-            "bytes_sent": stats.wire_bytes,
-            "cpu_busy": [cpu_a.busy, cpu_b.busy],
+        plain, verified, sent = await dd_pair(src, dst)
+        res["dd_sparse"] = plain.figures() | {
+            "volume_gib": sparse_gib,
+            "data_bytes": sparse_data,
+            "bytes_sent": sent[0].wire_bytes,
+            "asyncstage_verified_s": verified.figures()["asyncstage_s"],
         }
-        label = f"dd {vol_gib} GiB volume, {data // MiB} MiB data"
-        rows.append([label, vol_gib * 1024, a, b, ratio(b, a), cpu_a.busy, cpu_b.busy])
-        rows.append(["  same, verify=True", vol_gib * 1024, a_verified, b, ratio(b, a_verified)])
-        rows[-1] += ["", ""]
+        label = f"dd {sparse_gib} GiB volume, {sparse_data // MiB} MiB data"
+        rows.append(plain.row(label, sparse_gib * 1024))
+        rows.append(verified.alone("  same, verify=True", sparse_gib * 1024))
         for v in (src, dst):
             await v.delete()
         report.mark_load("after_dd_sparse")
@@ -254,46 +325,76 @@ async def main() -> None:
         async with anyio.create_task_group() as tg:
             for src_server, _ in pairs:
                 tg.start_soon(_fill_dir, src_server, "/srv/bench/p", pair_size, 1)
-        for src_server, _ in pairs:
-            await _warm(src_server, "/srv/bench/p/*")
 
-        async def one(i: int, tag: str) -> None:
+        async def one(i: int) -> None:
             a_srv, b_srv = pairs[i]
-            await _rsync(m, f"{a_srv}:/srv/bench/p/", f"{b_srv}:/srv/bench/{tag}/")
+            await _rsync(m, f"{a_srv}:/srv/bench/p/", f"{b_srv}:/srv/bench/copy/")
 
-        with MachineCPU() as cpu_serial:
-            t = time.perf_counter()
+        async def clean() -> None:
+            async with anyio.create_task_group() as tg:
+                for _, b_srv in pairs:
+                    tg.start_soon(partial(b_srv.scmd, "rm", "-rf", "/srv/bench/copy", sudo=True))
+
+        async def serial() -> None:
             for i in range(n_parallel):
-                await one(i, "serial")
-            serial = time.perf_counter() - t
-        with MachineCPU() as cpu_conc:
-            t = time.perf_counter()
+                await one(i)
+
+        async def concurrent() -> None:
             async with anyio.create_task_group() as tg:
                 for i in range(n_parallel):
-                    tg.start_soon(one, i, "concurrent")
-            concurrent = time.perf_counter() - t
+                    tg.start_soon(one, i)
+
+        par = Pair()
+        busy: dict[str, list[float]] = {"concurrent": [], "serial": []}
+
+        async def measured_serial() -> None:
+            with MachineCPU() as cpu:
+                await serial()
+            busy["serial"].append(cpu.busy)
+
+        async def measured_concurrent() -> None:
+            with MachineCPU() as cpu:
+                await concurrent()
+            busy["concurrent"].append(cpu.busy)
+
+        await par.run(max(1, reps - 1), measured_concurrent, measured_serial, clean)
+        f = par.figures()
+        cores = os.cpu_count() or 1
         res["parallel"] = {
             "transfers": n_parallel,
             "bytes_each": pair_size,
-            "serial_s": round(serial, 3),
-            "concurrent_s": round(concurrent, 3),
-            "speedup": ratio(serial, concurrent),
-            "cpu_busy": {"serial": cpu_serial.busy, "concurrent": cpu_conc.busy},
+            "serial_s": f["plain_s"],
+            "concurrent_s": f["asyncstage_s"],
+            "speedup": f["ratio"],
+            "own_cpu_s": {"serial": f["plain_cpu_s"], "concurrent": f["asyncstage_cpu_s"]},
+            "cpu_floor_s": round(f["asyncstage_cpu_s"] / cores, 3),
+            "machine_busy": busy,
+            "best_possible_speedup_on_these_cores": ratio(
+                f["plain_s"], f["asyncstage_cpu_s"] / cores
+            ),
         }
         report.mark_load("after_parallel")
     report.table(
-        "Transfers (asyncstage vs the plain pipeline, run on the source server)",
-        ["transfer", "MiB", "asyncstage s", "plain s", "speed-up", "CPU busy a", "CPU busy p"],
+        f"Transfers: asyncstage vs the plain pipeline run on the source server (median of {reps}; "
+        "CPU = seconds used by the cloud's hosts and this process, others' excluded)",
+        ["transfer", "MiB", "asyncstage s", "plain s", "speed-up", "CPU s a", "CPU s plain"],
         rows,
     )
+    p = res["parallel"]
     report.table(
-        f"{n_parallel} rsync transfers of {pair_size // MiB} MiB between {n_parallel} "
-        "pairs of servers",
-        ["mode", "s", "CPU busy (1.0 = both cores)"],
+        f"{n_parallel} rsync transfers of {pair_size // MiB} MiB, {n_parallel} pairs of servers",
+        ["mode", "s", "own CPU s", "machine busy (1.0 = all cores)"],
         [
-            ["one after another", serial, cpu_serial.busy],
-            ["all at once", concurrent, cpu_conc.busy],
-            ["speed-up", ratio(serial, concurrent), ""],
+            ["one after another", p["serial_s"], p["own_cpu_s"]["serial"], str(busy["serial"])],
+            [
+                "all at once",
+                p["concurrent_s"],
+                p["own_cpu_s"]["concurrent"],
+                str(busy["concurrent"]),
+            ],
+            ["speed-up", p["speedup"], "", ""],
+            [f"CPU floor: own CPU s / {cores} cores", p["cpu_floor_s"], "", ""],
+            ["best speed-up these cores allow", p["best_possible_speedup_on_these_cores"], "", ""],
         ],
     )
     report.results.update(res)
@@ -312,6 +413,10 @@ async def main() -> None:
         f"{n_parallel} transfers one after another / all at once",
     )
     report.save()
+
+
+async def _nothing() -> None:
+    return None
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for t in summary["targets"]:
+        what = t["what"].replace("|", "\\|")  # a pipe would end the cell
         lines.append(
-            f"| {t['benchmark']} | {t['what']} | {_fmt(t['value'])}{t['unit']} | "
+            f"| {t['benchmark']} | {what} | {_fmt(t['value'])}{t['unit']} | "
             f"{t['op']} {_fmt(t['limit'])}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
         )
     m = summary["machine"]
@@ -70,32 +71,57 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_scripts(names: list[str], results: Path, quick: bool, jobs: int) -> list[str]:
+    """Run the scripts, ``jobs`` at a time; the names of those that failed."""
+    failed: list[str] = []
+    pending = list(names)
+    running: list[tuple[str, subprocess.Popen[str], float]] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--results", str(results)]
+            if quick:
+                argv.append("--quick")
+            load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(f"=== {name}: starting (load {load}) ===", flush=True)
+            capture = subprocess.PIPE if jobs > 1 else None
+            proc = subprocess.Popen(argv, stdout=capture, stderr=subprocess.STDOUT, text=True)
+            running.append((name, proc, time.perf_counter()))
+        name, proc, started = running.pop(0)
+        output, _ = proc.communicate()
+        if output:
+            print(output, end="")
+        code = proc.returncode
+        print(
+            f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'}, "
+            f"{time.perf_counter() - started:.0f} s ===",
+            flush=True,
+        )
+        if code != 0:
+            failed.append(name)
+    return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(SCRIPTS))
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="scripts run at once (default: all with --quick, where figures do not matter; "
+        "else 1, so that they do not disturb each other)",
+    )
     args = parser.parse_args()
     results = args.results or (HERE / "results" / ("quick" if args.quick else ""))
     names = [n for n in args.only.split(",") if n] or SCRIPTS
     unknown = set(names) - set(SCRIPTS)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
-    failed = []
-    for name in names:
-        argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--results", str(results)]
-        if args.quick:
-            argv.append("--quick")
-        print(f"\n=== {name} (load {', '.join(f'{x:.2f}' for x in os.getloadavg())}) ===")
-        sys.stdout.flush()
-        t = time.perf_counter()
-        code = subprocess.run(argv, check=False).returncode
-        print(
-            f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'}, "
-            f"{time.perf_counter() - t:.0f} s ==="
-        )
-        if code != 0:
-            failed.append(name)
+    jobs = args.jobs or (len(names) if args.quick else 1)
+    failed = run_scripts(names, results, args.quick, jobs)
     summary = summarise(results, names)
     summary["failed"] = failed
     results.mkdir(parents=True, exist_ok=True)
