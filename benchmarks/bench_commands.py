@@ -30,6 +30,7 @@ import anyio
 import asyncssh
 from _common import (
     ControlMaster,
+    OwnCPU,
     Report,
     local_cloud,
     ms,
@@ -152,11 +153,20 @@ async def main() -> None:
             )
 
             # throughput
-            one_server = await _fanout([one], total_cmds)
-            spread = await _fanout(servers, total_cmds)
-            cm_one = await to_thread(_parallel_ssh, [cm_argv] * total_cmds, 10)
+            cpu: dict[str, float] = {}
+            with OwnCPU() as c:
+                one_server = await _fanout([one], total_cmds)
+            cpu["asyncstage_one_server"] = c.seconds
+            with OwnCPU() as c:
+                spread = await _fanout(servers, total_cmds)
+            cpu["asyncstage_spread"] = c.seconds
+            with OwnCPU() as c:
+                cm_one = await to_thread(_parallel_ssh, [cm_argv] * total_cmds, 10)
+            cpu["controlmaster_one_server"] = c.seconds
             spread_argv = [masters[i % len(masters)].client_argv("true") for i in range(total_cmds)]
-            cm_spread = await to_thread(_parallel_ssh, spread_argv, 10)
+            with OwnCPU() as c:
+                cm_spread = await to_thread(_parallel_ssh, spread_argv, 10)
+            cpu["controlmaster_spread"] = c.seconds
             report.mark_load("after_throughput")
         finally:
             raw.close()
@@ -194,6 +204,20 @@ async def main() -> None:
                 total_cmds / serial_new,
                 serial_new,
                 total_cmds / serial_new,
+            ],
+        ],
+    )
+    tp["own_cpu_s"] = cpu
+    report.table(
+        f"CPU seconds for {total_cmds} commands (this process, the hosts' sshd and shells, "
+        "the ssh clients; other people's processes excluded)",
+        ["method", "1 server", f"{n_servers} servers"],
+        [
+            ["asyncstage", cpu["asyncstage_one_server"], cpu["asyncstage_spread"]],
+            [
+                "OpenSSH ControlMaster",
+                cpu["controlmaster_one_server"],
+                cpu["controlmaster_spread"],
             ],
         ],
     )
