@@ -94,6 +94,7 @@ log = logging.getLogger("asyncstage.blocking")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _A = TypeVar("_A")
+_T = TypeVar("_T")
 
 NOT_TWINNED: dict[str, dict[str, str]] = {
     "Manager": {
@@ -308,15 +309,15 @@ class _Twin(Generic[_P, _R]):
         sig = self.__signature__
         return sig.replace(parameters=list(sig.parameters.values())[1:])
 
-    def __call__(self, obj: _Twinned, /, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, obj: _Twinned[Any], /, *args: Any, **kwargs: Any) -> Any:
         """``Class.method(obj, ...)``, as with a plain function."""
         return self.__get__(obj)(*args, **kwargs)
 
     @overload
     def __get__(self, obj: None, owner: type[Any] | None = None) -> _Twin[_P, _R]: ...
     @overload
-    def __get__(self, obj: _Twinned, owner: type[Any] | None = None) -> Callable[_P, _R]: ...
-    def __get__(self, obj: _Twinned | None, owner: type[Any] | None = None) -> Any:
+    def __get__(self, obj: _Twinned[Any], owner: type[Any] | None = None) -> Callable[_P, _R]: ...
+    def __get__(self, obj: _Twinned[Any] | None, owner: type[Any] | None = None) -> Any:
         if obj is None:
             return self
         method = getattr(obj._async, self.name)
@@ -356,16 +357,21 @@ def _plain(func: Callable[..., Any], convert: Callable[[Any], Any] | None = None
     return _Twin(func, convert)
 
 
-class _Twinned:
+class _Twinned(Generic[_T]):
     """Base of the blocking twins: holds the async object."""
 
-    _async: Any
+    _async: _T
 
     @classmethod
     def _from_async(cls, obj: Any) -> Any:
         twin = cls.__new__(cls)
         twin._async = obj
         return twin
+
+    @property
+    def async_object(self) -> _T:
+        """The async object behind this twin (for the few things only it offers)."""
+        return self._async
 
     def __str__(self) -> str:
         return str(self._async)
@@ -688,15 +694,13 @@ class ManagerOptions(TypedDict, total=False):
     exit_timeout: float
 
 
-class Manager(_Twinned):
+class Manager(_Twinned[_AsyncManager]):
     """Blocking twin of :class:`asyncstage.Manager`; opened by the constructor.
 
     ``with blocking.Manager(region="eu-west-1") as m: s = m.get_server("a")``. Leaving the
     block, :meth:`close`, or the end of the program applies ``on_exit`` to the servers it
     started.
     """
-
-    _async: _AsyncManager
 
     def __init__(self, **options: Unpack[ManagerOptions]) -> None:
         self._async = call(_AsyncManager, **options)
@@ -863,16 +867,9 @@ class Manager(_Twinned):
         """The :class:`asyncstage.ssh.KnownHosts` file servers' host keys are pinned in."""
         return self._async.known_hosts
 
-    @property
-    def async_manager(self) -> _AsyncManager:
-        """The async :class:`asyncstage.Manager` behind this twin."""
-        return self._async
 
-
-class Server(_Twinned):
+class Server(_Twinned[_AsyncServer]):
     """Blocking twin of :class:`asyncstage.Server` (``str(server)`` is its instance id)."""
-
-    _async: _AsyncServer
 
     # information
     @property
@@ -1024,10 +1021,8 @@ class Server(_Twinned):
         return call(self._async.dd, source, dest, **options)
 
 
-class Volume(_Twinned):
+class Volume(_Twinned[_AsyncVolume]):
     """Blocking twin of :class:`asyncstage.Volume` (``str(volume)`` is its volume id)."""
-
-    _async: _AsyncVolume
 
     # information
     @property
@@ -1134,13 +1129,11 @@ class Volume(_Twinned):
         return call(self._async.dd, dest, **options)
 
 
-class LocalCloud(_Twinned):
+class LocalCloud(_Twinned[_AsyncLocalCloud]):
     """Blocking twin of :class:`asyncstage.localcloud.LocalCloud`; started by the constructor.
 
     ``with blocking.LocalCloud() as cloud, cloud.manager() as m: ...``. Needs root.
     """
-
-    _async: _AsyncLocalCloud
 
     def __init__(
         self,
@@ -1223,7 +1216,7 @@ class LocalCloud(_Twinned):
         return self._async.state_dir
 
 
-_CLASSES: list[tuple[type[Any], type[_Twinned]]] = [
+_CLASSES: list[tuple[type[Any], type[_Twinned[Any]]]] = [
     (_AsyncManager, Manager),
     (_AsyncServer, Server),
     (_AsyncVolume, Volume),

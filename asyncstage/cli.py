@@ -78,18 +78,17 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
         for i, c in enumerate(row):
             widths[i] = max(widths[i], len(c))
     numeric = [
-        all(re.fullmatch(r"[-+]?[\d.,]+( \S+)?", row[i] or "0") for row in cells) and cells
+        bool(cells) and all(re.fullmatch(r"[-+]?[\d.,]+( \S+)?", row[i]) for row in cells)
         for i in range(len(headers))
     ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for row in cells:
-        lines.append(
-            "  ".join(
-                c.rjust(w) if numeric[i] else c.ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            ).rstrip()
-        )
-    return "\n".join(lines)
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if numeric[i] else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in cells)])
 
 
 class Output:

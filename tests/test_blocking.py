@@ -238,5 +238,5 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
         scan=False,
         on_exit="run",
     ) as m:
-        found = blocking.call(m.async_manager.ec2.describe_instances, [instance_id])
+        found = blocking.call(m.async_object.ec2.describe_instances, [instance_id])
     assert [i["State"]["Name"] for i in found] == ["terminated"]

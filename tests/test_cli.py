@@ -1,0 +1,217 @@
+"""The ``asyncstage`` command through its real entry point, against a ``local up`` daemon.
+
+The module starts one daemon (in a temporary ``ASYNCSTAGE_LOCAL_DIR``) and runs every
+command as a subprocess of ``.venv/bin/asyncstage`` with ``--local``; the last test stops
+it and checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncstage.cli import human_bytes, resolve_names, size_for, table
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = Path(sys.executable).parent / "asyncstage"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root")
+
+
+def run(env: dict[str, str], *args: str, ok: bool = True, input: str | None = None) -> Any:
+    done = subprocess.run(
+        [str(EXE), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        input=input,
+    )
+    if ok:
+        assert done.returncode == 0, f"{args}: {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _alive(pid: int) -> bool:
+    """True for a live process (an exited one waiting for its reaper does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    if os.geteuid() != 0:
+        pytest.skip("the local cloud needs root")
+    base = tmp_path_factory.mktemp("cli")
+    env = os.environ | {
+        "ASYNCSTAGE_LOCAL_DIR": str(base / "local"),
+        "HOME": str(base / "home"),
+        "COLUMNS": "200",
+    }
+    env.pop("ASYNCSTAGE_ENDPOINT_URL", None)
+    up = run(env, "local", "up")
+    assert "export ASYNCSTAGE_ENDPOINT_URL=http://127.0.0.1:" in up.stdout
+    env["TEST_BASE"] = str(base)
+    try:
+        yield env
+    finally:
+        subprocess.run([str(EXE), "local", "down"], env=env, capture_output=True, timeout=240)
+
+
+def test_helpers() -> None:
+    assert human_bytes(1536) == "1.5 KiB" and human_bytes(12) == "12 B"
+    assert size_for(0) == 1 and size_for(2 << 30) == 4
+    text = table([["a", 1], ["bbb", 22]], ["NAME", "N"])
+    assert text.splitlines() == ["NAME   N", "a      1", "bbb   22"]
+
+    class _M:
+        def find_server_by_name(self, name: str) -> Any:
+            return type("S", (), {"instance_id": "i-0123456789abcdef0"}) if name == "web" else None
+
+        def find_volume_by_name(self, name: str) -> Any:
+            return type("V", (), {"volume_id": "vol-0123456789abcdef0"}) if name == "d" else None
+
+    m: Any = _M()
+    assert resolve_names(m, "web:/etc") == "i-0123456789abcdef0:/etc"
+    assert resolve_names(m, "d:/sub/") == "vol-0123456789abcdef0:/sub/"
+    assert resolve_names(m, "/local:x") == "/local:x"
+    assert resolve_names(m, "user@host:/x") == "user@host:/x"
+    with pytest.raises(Exception, match="no server or volume named 'nope'"):
+        resolve_names(m, "nope:/x")
+
+
+def test_usage_errors_exit_2() -> None:
+    done = subprocess.run([str(EXE), "servers", "explode"], capture_output=True, text=True)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+    done = subprocess.run([str(EXE), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("asyncstage ")
+
+
+@needs_root
+@pytest.mark.localcloud
+def test_local_status(daemon: dict[str, str]) -> None:
+    status = run(daemon, "local", "status", "--json")
+    state = json.loads(status.stdout)
+    assert state["running"] and state["endpoint_url"].startswith("http://127.0.0.1:")
+    again = run(daemon, "local", "up")  # idempotent: says where the running one is
+    assert state["endpoint_url"] in again.stdout and "already running" in again.stderr
+
+
+@needs_root
+@pytest.mark.localcloud
+def test_servers_ssh_volumes_rsync(daemon: dict[str, str], tmp_path: Path) -> None:
+    env = daemon
+    run(env, "--local", "servers", "provision", "web", "db")
+    listed = json.loads(run(env, "servers", "--local", "--json").stdout)
+    assert {s["name"] for s in listed} == {"web", "db"}
+    assert all(s["state"] == "running" for s in listed)
+
+    assert run(env, "--local", "ssh", "web", "whoami").stdout.strip() == "admin"
+    assert run(env, "--local", "ssh", "web", "exit 7", ok=False).returncode == 7
+    piped = run(env, "--local", "ssh", "web", "tr a-z A-Z", input="hello\n")
+    assert piped.stdout == "HELLO\n"
+
+    run(env, "--local", "volumes", "provision", "mydata", "--server", "web")
+    vols = json.loads(run(env, "--local", "--json", "volumes").stdout)
+    assert [(v["name"], v["server"], v["mtpt"]) for v in vols] == [
+        ("mydata", "web", "/mnt/Staging/mydata")
+    ]
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_text("a" * 1000)
+    (src / "b.bin").write_bytes(os.urandom(100_000))
+    stats = json.loads(run(env, "--local", "--json", "rsync", f"{src}/", "mydata:/copy/").stdout)
+    assert stats["files"] == 2 and stats["route"] == "local->host"
+    run(env, "--local", "rsync", "mydata:/copy/", "db:/tmp/copied/")  # server to server
+    back = tmp_path / "back"
+    run(env, "--local", "rsync", "db:/tmp/copied/", f"{back}/")
+    assert not filecmp.dircmp(src, back).diff_files
+    assert (back / "b.bin").read_bytes() == (src / "b.bin").read_bytes()
+
+    failed = run(env, "--local", "rsync", "nosuch:/x", str(tmp_path), ok=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        "asyncstage: error: 'nosuch:/x': no server or volume named 'nosuch' "
+        "(write ./nosuch:/x for a local path)"
+    ]
+    assert run(env, "--local", "ssh", "ghost", "true", ok=False).returncode == 1
+
+    snap = run(env, "--local", "snapshot", "mydata").stdout.strip()
+    assert snap.startswith("snap-")
+    run(env, "--local", "volumes", "provision", "copy2", "--server", "db")
+    dd = json.loads(run(env, "--local", "--json", "dd", "mydata", "copy2", "--unmount").stdout)
+    assert dd["route"] == "dd-host->host" and dd["digest"]
+
+    run(env, "--local", "servers", "stop", "web")
+    states = {
+        s["name"]: s["state"] for s in json.loads(run(env, "--local", "--json", "servers").stdout)
+    }
+    assert states == {"web": "stopped", "db": "running"}
+    run(env, "--local", "volumes", "delete", "copy2", "mydata")
+    run(env, "--local", "servers", "terminate", "--all")
+    assert json.loads(run(env, "--local", "--json", "servers").stdout) == []
+
+
+@needs_root
+@pytest.mark.localcloud
+def test_backup_and_restore(daemon: dict[str, str], tmp_path: Path) -> None:
+    env = daemon
+    data = tmp_path / "data"
+    (data / "docs").mkdir(parents=True)
+    for i in range(20):
+        (data / "docs" / f"f{i}.txt").write_text(f"file {i}\n" * (i * 100 + 1))
+    (data / "big.bin").write_bytes(os.urandom(2_000_000))
+
+    first = json.loads(run(env, "--local", "--json", "backup", "--name", "home", str(data)).stdout)
+    assert first["files"] == 21 and first["snapshot_id"].startswith("snap-")
+    (data / "docs" / "f0.txt").unlink()
+    (data / "new.txt").write_text("new\n")
+    second = json.loads(run(env, "--local", "--json", "backup", "--name", "home", str(data)).stdout)
+    assert second["files"] == 1  # incremental: only the new file is sent
+    snaps = json.loads(run(env, "--local", "--json", "snapshots", "home").stdout)
+    assert [s["snapshot_id"] for s in snaps] == [second["snapshot_id"], first["snapshot_id"]]
+    volumes = json.loads(run(env, "--local", "--json", "volumes").stdout)
+    assert "home" not in [v["name"] for v in volumes]  # the backup volume was deleted
+
+    dest = tmp_path / "restored"
+    restored = json.loads(
+        run(env, "--local", "--json", "restore", "--name", "home", str(dest)).stdout
+    )
+    assert restored["snapshot_id"] == second["snapshot_id"]
+    copy = dest / str(data).lstrip("/")
+    compare = filecmp.dircmp(data, copy)
+    assert not (compare.left_only or compare.right_only or compare.diff_files)
+    assert (copy / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
+    assert not (copy / "docs" / "f0.txt").exists()
+
+    missing = run(env, "--local", "restore", "--name", "nothing", str(dest), ok=False)
+    assert missing.returncode == 1 and "no backup named 'nothing'" in missing.stderr
+
+
+@needs_root
+@pytest.mark.localcloud
+def test_local_down_leaves_nothing_behind(daemon: dict[str, str]) -> None:
+    state = json.loads(run(daemon, "local", "status", "--json").stdout)
+    local = Path(daemon["ASYNCSTAGE_LOCAL_DIR"])
+    run(daemon, "local", "down")
+    assert run(daemon, "local", "status", ok=False).returncode == 3
+    assert not _alive(int(state["pid"]))
+    assert not (local / "cloud.json").exists() and not (local / "state").exists()
+    assert str(local) not in Path("/proc/mounts").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(local) not in loops
+    run(daemon, "local", "down")  # idempotent
+    shutil.rmtree(local, ignore_errors=True)
