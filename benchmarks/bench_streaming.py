@@ -14,12 +14,15 @@ asyncstage streams over its warm connection; OpenSSH opens a new one, so the med
 time of a bare ``ssh host true`` (connection set-up) measured in the same run is
 subtracted from its times. References, not targets: raw asyncssh (no asyncstage code)
 with the same cipher, and OpenSSH and raw asyncssh with ``aes128-gcm@openssh.com``
-(AES-NI). The client's CPU seconds per GiB are recorded too: this process's CPU time
-for asyncstage/asyncssh, the waited-for children's (``ssh``, ``head``) for OpenSSH.
+(AES-NI), and this process streaming through a pipe to or from an OpenSSH ``ssh``
+child (what an OpenSSH-backed scmd_read/scmd_write would do). The client's CPU
+seconds per GiB are recorded too: this process's CPU time for asyncstage/asyncssh,
+the waited-for children's (``ssh``, ``head``) for OpenSSH, both for the pipes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import subprocess
 import time
@@ -86,6 +89,32 @@ async def _write(server: Server, size: int) -> float:
     async with server.scmd_write("cat > /dev/null", encoding=None) as f:
         for _ in range(size // CHUNK):
             await f.write(data)
+    return time.perf_counter() - t
+
+
+async def _pipe_read(argv: list[str], size: int) -> float:
+    """This process reads OpenSSH's stdout through a pipe (an OpenSSH-backed scmd_read)."""
+    got = 0
+    t = time.perf_counter()
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                got += len(await proc.stdout.receive(CHUNK))
+    assert got == size, (got, size)
+    return time.perf_counter() - t
+
+
+async def _pipe_write(argv: list[str], size: int) -> float:
+    """This process writes into OpenSSH's stdin through a pipe (an OpenSSH-backed scmd_write)."""
+    data = b"\0" * CHUNK
+    t = time.perf_counter()
+    async with await anyio.open_process(argv, stdout=subprocess.DEVNULL) as proc:
+        assert proc.stdin is not None
+        for _ in range(size // CHUNK):
+            await proc.stdin.send(data)
+        await proc.stdin.aclose()
+        await proc.wait()
     return time.perf_counter() - t
 
 
@@ -177,12 +206,23 @@ async def main() -> None:
                     "write raw asyncssh": lambda: _raw_write(raw[CIPHER], size),
                     "read raw asyncssh aes128-gcm": lambda: _raw_read(raw[AES], size),
                     "write raw asyncssh aes128-gcm": lambda: _raw_write(raw[AES], size),
+                    "read python <- openssh pipe": lambda: _pipe_read(
+                        [*ssh_chacha, target, *read_cmd], size
+                    ),
+                    "write python -> openssh pipe": lambda: _pipe_write(
+                        [*ssh_chacha, target, *write_cmd], size
+                    ),
                 }
                 for name, fn in runs.items():
                     c0 = _cpu()
                     times.setdefault(name, []).append(await fn())
                     c1 = _cpu()
-                    spent = c1[1] - c0[1] if "openssh" in name else c1[0] - c0[0]
+                    if "pipe" in name:  # this process and its ssh child
+                        spent = c1[0] - c0[0] + c1[1] - c0[1]
+                    elif "openssh" in name:
+                        spent = c1[1] - c0[1]
+                    else:
+                        spent = c1[0] - c0[0]
                     cpu.setdefault(name, []).append(spent / (size / GiB))
         finally:
             for conn in raw.values():

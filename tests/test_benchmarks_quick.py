@@ -75,6 +75,7 @@ def test_fleet(results: Path) -> None:
         assert c["describe_rounds"] >= 1 and c["describe_calls_per_round"] >= 1
     for s in r["serial"]:
         assert _positive(s["wall_s"])
+    assert [f["n"] for f in r["fixed_poll_interval"]] == [sizes[0], sizes[-1]]
 
 
 def test_commands(results: Path) -> None:
@@ -103,7 +104,9 @@ def test_transfers(results: Path) -> None:
     for key in ("rsync", "dd_sparse"):
         assert _positive(r[key]["asyncstage_s"]) and _positive(r[key]["plain_s"])
     assert 0 < r["dd_sparse"]["bytes_sent"] < r["dd_sparse"]["volume_gib"] << 30
-    assert _positive(r["parallel"]["serial_s"]) and _positive(r["parallel"]["concurrent_s"])
+    p = r["parallel"]
+    assert _positive(p["serial_s"]) and _positive(p["concurrent_s"])
+    assert _positive(p["cpu_floor_s"]) and _positive(p["best_possible_speedup_on_these_cores"])
 
 
 def test_controller(results: Path) -> None:
