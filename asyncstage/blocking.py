@@ -140,7 +140,7 @@ class _Loop:
                 thread.start()
                 self._portal = ready.result()
                 self._thread = thread
-                atexit.register(self.shutdown)
+                _at_exit(self.shutdown)
             return self._portal
 
     @staticmethod
@@ -187,6 +187,19 @@ class _Loop:
             with contextlib.suppress(RuntimeError):  # already stopped
                 portal.call(portal.stop, True)
             thread.join(timeout=30)
+
+
+def _at_exit(func: Callable[[], None]) -> None:
+    """Run ``func`` when the interpreter exits, early enough that thread pools (the local
+    cloud's, asyncio's default executor) still take work: ``threading``'s exit hooks run
+    before ``concurrent.futures`` shuts its pools, plain ``atexit`` runs after."""
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading exit hooks")
+        register(func)
+    except RuntimeError:  # pragma: no cover - other Pythons, or already shutting down
+        atexit.register(func)
 
 
 _loop = _Loop()

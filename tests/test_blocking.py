@@ -240,3 +240,32 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
     ) as m:
         found = blocking.call(m.async_object.ec2.describe_instances, [instance_id])
     assert [i["State"]["Name"] for i in found] == ["terminated"]
+
+
+@pytest.mark.localcloud
+def test_a_script_that_closes_nothing_leaves_nothing(tmp_path: Path) -> None:
+    """Its own cloud and manager, never closed: at exit the manager's on_exit runs while
+    the cloud still works, then the cloud goes, with everything it made."""
+    if os.geteuid() != 0:
+        pytest.skip("the local cloud needs root")
+    script = textwrap.dedent(
+        f"""
+        from asyncstage import blocking
+        cloud = blocking.LocalCloud()
+        m = cloud.manager(on_exit="terminate", dotdir={str(tmp_path / "dot")!r}, scan=False)
+        m.get_server("left-open").provision_volume("data", size=1)
+        print(cloud.state_dir, flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "at exit" not in done.stderr, done.stderr
+    state_dir = done.stdout.strip()
+    assert state_dir and not Path(state_dir).exists()
+    assert state_dir not in Path("/proc/mounts").read_text()
