@@ -751,6 +751,7 @@ class Manager(_Twinned[_AsyncManager]):
 
     open = _twin(_AsyncManager.open, _manager)
     scan_region = _twin(_AsyncManager.scan_region)
+    snapshots = _twin(_AsyncManager.snapshots)
 
     # servers
     provision_server = _twin(_AsyncManager.provision_server, _server)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from asyncstage import __version__, blocking
-from asyncstage.ec2 import tag, tag_filters, tags_of
+from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import AsyncstageError, InvalidArgument, NotFound, UnknownVolume
 from asyncstage.transfer import Progress, TransferStats
 
@@ -640,7 +640,7 @@ def _snapshots(args: argparse.Namespace, out: Output) -> int:
                 "started": s.get("StartTime"),
                 "description": s.get("Description"),
             }
-            for s in snapshots(m, args.name)
+            for s in m.snapshots(args.name)
         ]
         headers = ["NAME", "SNAPSHOT", "GIB", "STATE", "STARTED", "DESCRIPTION"]
         text = table([[x if x is not None else "-" for x in r.values()] for r in rows], headers)
@@ -717,14 +717,6 @@ def size_for(nbytes: int, headroom: float = 1.5) -> int:
     return max(1, math.ceil(nbytes * headroom / GiB + 0.1))
 
 
-def snapshots(m: blocking.Manager, name: str | None = None) -> list[dict[str, Any]]:
-    """The staging snapshots (of volumes named ``name``), newest first."""
-    wanted = {tag("role"): "snapshot"} | ({tag("name"): name} if name else {})
-    found = blocking.call(m.async_object.ec2.describe_snapshots, filters=tag_filters(wanted))
-    found = [s for s in found if s.get("State") != "error"]
-    return sorted(found, key=lambda s: str(s.get("StartTime", "")), reverse=True)
-
-
 def backup(
     m: blocking.Manager,
     name: str,
@@ -747,7 +739,7 @@ def backup(
     sources = [os.path.abspath(p) for p in paths]
     started = time.monotonic()
     needed = size or size_for(data_size(sources))
-    previous = snapshots(m, name)
+    previous = m.snapshots(name)
     if previous:
         needed = max(needed, int(previous[0]["VolumeSize"]))
         note(f"backup {name}: {needed} GiB volume from {previous[0]['SnapshotId']}")
@@ -789,7 +781,7 @@ def restore(
     """Restore the newest snapshot named ``name`` into the local directory ``dest``."""
     started = time.monotonic()
     existing = m.find_volume_by_name(name)
-    found = snapshots(m, name)
+    found = m.snapshots(name)
     newest = found[0] if found else None
     if existing is None and newest is None:
         raise NotFound(f"no backup named {name!r} (see `asyncstage snapshots`)")

@@ -1039,17 +1039,23 @@ class Manager:
 
     # -- volumes ------------------------------------------------------------------------------
 
-    async def _newest_snapshot(self, name: str) -> Resource | None:
-        snaps = await self.ec2.describe_snapshots(
-            filters=tag_filters({tag("role"): "snapshot", tag("name"): name})
-        )
-        snaps = [s for s in snaps if s.get("State") != "error"]
+    async def snapshots(self, name: str | None = None) -> list[Resource]:
+        """The staging snapshots (of volumes named ``name``), newest first, failed ones left out.
+
+        Each is EC2's description (``SnapshotId``, ``VolumeSize``, ``StartTime``, ``Tags`` ...).
+        """
+        wanted = {tag("role"): "snapshot"} | ({tag("name"): name} if name else {})
+        snaps = await self.ec2.describe_snapshots(filters=tag_filters(wanted))
         # StartTime has whole seconds at best: our own tag breaks ties
-        return (
-            max(snaps, key=lambda s: (s.get("StartTime", 0), tags_of(s).get(tag("created"), "")))
-            if snaps
-            else None
+        return sorted(
+            (s for s in snaps if s.get("State") != "error"),
+            key=lambda s: (str(s.get("StartTime", "")), tags_of(s).get(tag("created"), "")),
+            reverse=True,
         )
+
+    async def _newest_snapshot(self, name: str) -> Resource | None:
+        snaps = await self.snapshots(name)
+        return snaps[0] if snaps else None
 
     async def provision_volume(
         self,
