@@ -19,6 +19,8 @@ ControlMaster clients, 10 at a time.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import subprocess
 import tempfile
 import time
@@ -104,6 +106,7 @@ async def main() -> None:
         "throughput_servers": n_servers,
     }
     workdir = Path(tempfile.mkdtemp(prefix="asyncstage-bench-cm-"))
+    atexit.register(shutil.rmtree, workdir, True)  # ControlMaster sockets
     async with local_cloud(0.0) as (_cloud, m):
         servers = await m.provision_servers(n_servers)
         for s in servers:

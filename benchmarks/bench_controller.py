@@ -19,8 +19,10 @@ peak RSS (VmHWM) and CPU seconds, one ``true`` run through each.
 
 from __future__ import annotations
 
+import atexit
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,6 +171,7 @@ async def main() -> None:
         "transfer_bytes_each": size,
     }
     workdir = Path(tempfile.mkdtemp(prefix="asyncstage-bench-cm-"))
+    atexit.register(shutil.rmtree, workdir, True)  # ControlMaster sockets
     async with local_cloud(0.0) as (cloud, m):
         info = {
             "cloud": {
