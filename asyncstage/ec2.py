@@ -139,7 +139,7 @@ class EC2:
         max_attempts: int = 10,
         poll_interval: float = 1.0,
         poll_backoff: float = 1.5,
-        poll_max_interval: float = 15.0,
+        poll_max_interval: float = 5.0,
         coalesce_window: float = 0.05,
         max_concurrency: int = 10,
     ) -> None:

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import io
@@ -82,6 +83,29 @@ _PID_MARKER = b"asyncstage-pgid:"
 # that shell a session and process-group leader, so `kill -- -PGID` over a second channel
 # stops the whole command even where sshd ignores signal requests (root logins).
 _WRAPPER = "printf '%s%s\\n' '" + _PID_MARKER.decode() + '\' "$$" >&2\n'
+
+
+# -- ciphers -----------------------------------------------------------------
+
+
+@functools.cache
+def _encryption_algs() -> list[str]:
+    """asyncssh's ciphers, AES-GCM first where the CPU has AES instructions.
+
+    asyncssh does ChaCha20-Poly1305 partly in Python per packet; AES-GCM runs in
+    OpenSSL at once: about 1.4x OpenSSH's default throughput instead of 0.7x
+    (benchmarks/README.md). Elsewhere asyncssh's own order stands.
+    """
+    algs = [a.decode() for a in asyncssh.encryption.get_encryption_algs()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_aes = any(line.startswith(("flags", "Features")) and " aes" in line for line in f)
+    except OSError:
+        has_aes = False
+    if not has_aes:
+        return algs
+    gcm = [a for a in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if a in algs]
+    return gcm + [a for a in algs if a not in gcm]
 
 
 # -- quoting -----------------------------------------------------------------
@@ -606,6 +630,7 @@ class SSHHost:
                     config=[],
                     keepalive_interval=self.keepalive_interval,
                     keepalive_count_max=3,
+                    encryption_algs=_encryption_algs(),
                     connect_timeout=self.connect_timeout,
                     login_timeout=self.connect_timeout,
                     **options,
