@@ -53,6 +53,7 @@ from typing import (
     Concatenate,
     Generic,
     ParamSpec,
+    Self,
     TypedDict,
     TypeVar,
     Unpack,
@@ -406,35 +407,22 @@ class _Twinned(Generic[_T]):
 _CHUNK = 64 * 1024
 
 
-class CommandReader(Generic[AnyStr]):
-    """The stdout of a remote command as an ordinary readable file (``str`` lines, or
-    ``bytes`` when opened with ``encoding=None``). Iterate it for lines, or ``read`` /
-    ``readline`` / ``readlines``. Closing it before the end of the output stops the
-    command; reading to the end and closing raises
-    :class:`~asyncstage.errors.CommandFailed` when the command failed.
-    """
+class _CommandFile(Generic[AnyStr]):
+    """What a remote command's stdout and stdin files share: the async stream they wrap,
+    ``close`` (stops or waits for the command), ``with``, and closing when collected."""
 
-    def __init__(
-        self, acm: AbstractAsyncContextManager[_AsyncReader[AnyStr]], empty: AnyStr
-    ) -> None:
-        self._cm: AbstractContextManager[_AsyncReader[AnyStr]] | None = None
+    _verb = ""  # "output" or "input", for messages
+
+    _empty: AnyStr
+
+    def __init__(self, acm: AbstractAsyncContextManager[Any], mode: str) -> None:
+        self._cm: AbstractContextManager[Any] | None = None
         self.closed = False
         cm = _loop.portal().wrap_async_context_manager(acm)
-        self._reader: _AsyncReader[AnyStr] = cm.__enter__()
+        self._stream: Any = cm.__enter__()
         self._cm = cm
-        self._empty: AnyStr = empty
-        self._newline: AnyStr = "\n" if isinstance(empty, str) else b"\n"
-        self._buf: AnyStr = empty
-        self._pos = 0
-        self._eof = False
-        self.name = self._reader.command
-        self.mode = "r" if isinstance(empty, str) else "rb"
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return False
+        self.name: str = self._stream.command
+        self.mode = mode
 
     def seekable(self) -> bool:
         return False
@@ -443,11 +431,78 @@ class CommandReader(Generic[AnyStr]):
         return False
 
     def fileno(self) -> int:
-        raise io.UnsupportedOperation("a remote command's output has no file descriptor")
+        raise io.UnsupportedOperation(f"a remote command's {self._verb} has no file descriptor")
 
     def _check(self) -> None:
         if self.closed:
             raise ValueError("I/O operation on a closed remote command stream")
+
+    def close(self) -> None:
+        """Stop or finish the command (see the class); CommandFailed if it failed."""
+        self._exit(None, None, None)
+
+    def _exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        cm, self._cm = self._cm, None
+        if cm is not None:
+            cm.__exit__(exc_type, exc, tb)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit(exc_type, exc, tb)
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True) and not _loop.in_loop_thread():
+            try:
+                self.close()
+            except Exception as e:
+                log.debug("closing %s when collected: %s", getattr(self, "name", "?"), e)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<blocking.{type(self).__name__} {self.name!r} mode={self.mode!r} {state}>"
+
+
+class CommandReader(_CommandFile[AnyStr]):
+    """The stdout of a remote command as an ordinary readable file (``str`` lines, or
+    ``bytes`` when opened with ``encoding=None``). Iterate it for lines, or ``read`` /
+    ``readline`` / ``readlines``. Closing it before the end of the output stops the
+    command; reading to the end and closing raises
+    :class:`~asyncstage.errors.CommandFailed` when the command failed.
+    """
+
+    _verb = "output"
+
+    def __init__(
+        self, acm: AbstractAsyncContextManager[_AsyncReader[AnyStr]], empty: AnyStr
+    ) -> None:
+        self._empty = empty
+        super().__init__(acm, "r" if isinstance(empty, str) else "rb")
+        self._reader: _AsyncReader[AnyStr] = self._stream
+        self._newline: AnyStr = "\n" if isinstance(empty, str) else b"\n"
+        self._buf: AnyStr = empty
+        self._pos = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
 
     def _fill(self, size: int = _CHUNK) -> bool:
         """Fetch more output into the buffer; False at the end."""
@@ -522,47 +577,8 @@ class CommandReader(Generic[AnyStr]):
             raise StopIteration
         return line
 
-    def close(self) -> None:
-        """Stop the command if it is still writing, else wait for it (CommandFailed)."""
-        self._exit(None, None, None)
 
-    def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        cm, self._cm = self._cm, None
-        if cm is not None:
-            cm.__exit__(exc_type, exc, tb)
-
-    def __enter__(self) -> CommandReader[AnyStr]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._exit(exc_type, exc, tb)
-
-    def __del__(self) -> None:
-        if not getattr(self, "closed", True) and not _loop.in_loop_thread():
-            try:
-                self.close()
-            except Exception as e:
-                log.debug("closing %s when collected: %s", getattr(self, "name", "?"), e)
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<blocking.CommandReader {self.name!r} mode={self.mode!r} {state}>"
-
-
-class CommandWriter(Generic[AnyStr]):
+class CommandWriter(_CommandFile[AnyStr]):
     """The stdin of a remote command as an ordinary writable file (``str``, or ``bytes``
     when opened with ``encoding=None``): ``write``, ``writelines``, ``flush``, ``close``.
     Writes are buffered (64 KiB) and wait for the remote side. Closing sends EOF, waits
@@ -570,19 +586,16 @@ class CommandWriter(Generic[AnyStr]):
     leaving a ``with`` block by an exception stops the command instead.
     """
 
+    _verb = "input"
+
     def __init__(
         self, acm: AbstractAsyncContextManager[_AsyncWriter[AnyStr]], empty: AnyStr
     ) -> None:
-        self._cm: AbstractContextManager[_AsyncWriter[AnyStr]] | None = None
-        self.closed = False
-        cm = _loop.portal().wrap_async_context_manager(acm)
-        self._writer: _AsyncWriter[AnyStr] = cm.__enter__()
-        self._cm = cm
-        self._empty: AnyStr = empty
+        self._empty = empty
+        super().__init__(acm, "w" if isinstance(empty, str) else "wb")
+        self._writer: _AsyncWriter[AnyStr] = self._stream
         self._parts: list[AnyStr] = []
         self._size = 0
-        self.name = self._writer.command
-        self.mode = "w" if isinstance(empty, str) else "wb"
 
     def readable(self) -> bool:
         return False
@@ -590,19 +603,9 @@ class CommandWriter(Generic[AnyStr]):
     def writable(self) -> bool:
         return True
 
-    def seekable(self) -> bool:
-        return False
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        raise io.UnsupportedOperation("a remote command's input has no file descriptor")
-
     def write(self, data: AnyStr) -> int:
         """Queue ``data`` (sent when 64 KiB are queued, or on flush/close); its length."""
-        if self.closed:
-            raise ValueError("I/O operation on a closed remote command stream")
+        self._check()
         self._parts.append(data)
         self._size += len(data)
         if self._size >= _CHUNK:
@@ -621,10 +624,6 @@ class CommandWriter(Generic[AnyStr]):
             self._parts, self._size = [], 0
             call(self._writer.write, data)
 
-    def close(self) -> None:
-        """Send what is queued and EOF, wait for the command (CommandFailed if it failed)."""
-        self._exit(None, None, None)
-
     def _exit(
         self,
         exc_type: type[BaseException] | None,
@@ -640,32 +639,7 @@ class CommandWriter(Generic[AnyStr]):
             exc_type, exc, tb = type(e), e, e.__traceback__
             raise
         finally:
-            self.closed = True
-            cm, self._cm = self._cm, None
-            if cm is not None:
-                cm.__exit__(exc_type, exc, tb)
-
-    def __enter__(self) -> CommandWriter[AnyStr]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._exit(exc_type, exc, tb)
-
-    def __del__(self) -> None:
-        if not getattr(self, "closed", True) and not _loop.in_loop_thread():
-            try:
-                self.close()
-            except Exception as e:
-                log.debug("closing %s when collected: %s", getattr(self, "name", "?"), e)
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<blocking.CommandWriter {self.name!r} mode={self.mode!r} {state}>"
+            super()._exit(exc_type, exc, tb)
 
 
 # -- the twins ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Import what you need into a test module::
 
-    from tests.cloud_fixtures import *  # noqa: F403 - anyio_backend, cloud, manager_factory ...
+    from tests.cloud_fixtures import *  # noqa: F403 - cloud, manager_factory ...
 
 - ``cloud``: a running :class:`~asyncstage.localcloud.LocalCloud` (session scope; it
   runs on its own event loop in a background thread, so that tests of any scope and
@@ -27,14 +27,9 @@ from asyncstage import Manager
 from asyncstage.errors import NeedsRoot
 from asyncstage.localcloud import LocalCloud
 
-__all__ = ["anyio_backend", "cloud", "cloud_dotdir", "manager_factory"]
+__all__ = ["cloud", "cloud_dotdir", "manager_factory"]
 
 ManagerFactory = Callable[..., Manager]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture(scope="session")

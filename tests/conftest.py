@@ -21,6 +21,24 @@ os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
 os.environ.pop("AWS_PROFILE", None)
 
 
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, the library's loop."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """A plain moto EC2 server on 127.0.0.1 (records only: no hosts, no disks)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _loopback_only() -> Iterator[None]:
     """Fail any test that tried a non-loopback connection, even if it was caught."""

@@ -5,32 +5,17 @@ from __future__ import annotations
 import functools
 import itertools
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
-from moto.server import ThreadedMotoServer
 
 from asyncstage import keys
 from asyncstage.ec2 import EC2, console_fingerprints, tag, tag_filters, tags_of
 from asyncstage.errors import EC2Error, UnknownServer, UnknownVolume, WaitTimeout
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -44,11 +44,6 @@ BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # -- fixtures -----------------------------------------------------------------------------
 
 

@@ -6,13 +6,11 @@ moto's instances have non-loopback addresses: these tests never ssh to them
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from moto.server import ThreadedMotoServer
 
 from asyncstage import Manager
 from asyncstage.ec2 import tag, tags_of
@@ -20,20 +18,6 @@ from asyncstage.errors import InvalidArgument, NameTaken
 from asyncstage.manager import _user_for_image
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -26,11 +26,6 @@ __all__ = ["fresh_sshd", "sshd_factory", "sshd_server"]  # pytest fixtures used 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _local_sh(line: str) -> bytes:
     return subprocess.run(["sh", "-c", line], check=True, capture_output=True).stdout
 

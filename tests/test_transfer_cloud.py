@@ -47,11 +47,6 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class Env:
     cloud: LocalCloud

@@ -44,11 +44,6 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def servers(sshd_factory: Callable[..., SSHServer]) -> tuple[SSHServer, SSHServer]:  # noqa: F811
     a = sshd_factory(address="127.0.0.21")
