@@ -333,7 +333,11 @@ class HostEndpoint:
 
 @dataclass(frozen=True)
 class UnmanagedEndpoint:
-    """``user@host:/path``, reached with the user's own ssh (``RSYNC_RSH`` honoured)."""
+    """``user@host:/path``, reached with the user's own ssh (``RSYNC_RSH`` honoured).
+
+    To or from a managed server or volume the transfer is relayed through a
+    temporary directory on this machine.
+    """
 
     username: str
     address: str

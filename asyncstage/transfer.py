@@ -15,7 +15,11 @@ Two layers:
     authorised on the destination restricted to the source's address
     (``from=``, ``restrict``); the destination's pinned host key goes into a
     temporary known_hosts on the source. Both are removed afterwards, also
-    after a failure or a cancellation.
+    after a failure or a cancellation;
+  - unmanaged ``user@host`` ↔ host (or another unmanaged host): relayed through
+    a private temporary directory on this machine (two rsyncs, the unmanaged
+    leg over the user's own ssh set-up, ``RSYNC_RSH`` honoured), removed
+    afterwards in every case.
 
   Paths are rsync arguments, never shell words: ``-s`` (``--secluded-args``)
   sends them through rsync's protocol, remote sources are glob-escaped, and
@@ -41,15 +45,18 @@ Every transfer holds a slot of each host's :class:`anyio.CapacityLimiter`
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
 import os
+import posixpath
 import re
 import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -170,6 +177,7 @@ class TransferStats:
 
     route: str
     """``local``, ``local->host``, ``host->local``, ``same-host``, ``host->host``,
+    ``unmanaged->host``, ``host->unmanaged`` (relayed through this machine),
     ``dd-same-host`` or ``dd-host->host``."""
     elapsed: float
     bytes: int
@@ -519,8 +527,9 @@ async def rsync_endpoints(
     ``compress`` adds ``-z``, ``delete`` adds ``--delete`` (a mirror).
     ``authorized_keys`` is the file on the destination host where a host → host
     transfer authorises its temporary key (default: the login user's
-    ``~/.ssh/authorized_keys``). Raises :class:`~asyncstage.errors.PathError`
-    for sources on several hosts or an unsupported pair,
+    ``~/.ssh/authorized_keys``). An unmanaged ``user@host`` and another remote
+    endpoint are copied through a temporary directory here (:func:`_rsync_relay`).
+    Raises :class:`~asyncstage.errors.PathError` for sources on several hosts,
     :class:`~asyncstage.errors.RsyncError` when rsync fails.
     """
     sources = list(sources)
@@ -532,9 +541,9 @@ async def rsync_endpoints(
     hosts = [e.host for e in (*sources, dest) if isinstance(e, HostEndpoint)]
     unmanaged = isinstance(src, UnmanagedEndpoint) or isinstance(dest, UnmanagedEndpoint)
     if unmanaged and not isinstance(src, LocalEndpoint) and not isinstance(dest, LocalEndpoint):
-        raise PathError(
-            f"{what}: an unmanaged user@host path can only be copied to or from this "
-            "machine; for a direct transfer give it as RemotePath(SSHHost(...), path)"
+        _log.info("%s: relaying through this machine", what)
+        return await _rsync_relay(
+            sources, dest, options=options, compress=compress, delete=delete, progress=progress
         )
     _log.info("%s: starting", what)
     async with _hosts_held(*hosts):
@@ -567,6 +576,68 @@ async def rsync_endpoints(
         stats.elapsed,
     )
     return stats
+
+
+async def _rsync_relay(
+    sources: Sequence[Endpoint],
+    dest: Endpoint,
+    *,
+    options: Sequence[str],
+    compress: bool,
+    delete: bool,
+    progress: ProgressCallback | None,
+) -> TransferStats:
+    """Copy between an unmanaged ``user@host`` and another remote endpoint through a private
+    temporary directory here: ``rsync sources... tmp/``, then ``tmp/<name>...`` (or ``tmp/``
+    when a source meant its contents) to ``dest``, so that trailing slashes, several sources
+    and ``delete`` keep rsync's meaning. ``options`` and ``delete`` apply to the final leg;
+    progress counts the bytes of both legs. The directory is removed in every case."""
+    start = time.monotonic()
+    done = [0, 0]  # bytes each leg has reported
+
+    def leg(i: int) -> ProgressCallback | None:
+        if progress is None:
+            return None
+
+        async def report(p: Progress) -> None:
+            done[i] = p.bytes_done
+            total = None if p.total is None else (2 * p.total if i == 0 else done[0] + p.total)
+            now = time.monotonic() - start
+            result = progress(Progress(sum(done), total, p.rate, p.current, now))
+            if inspect.isawaitable(result):
+                await result
+
+        return report
+
+    tmp = tempfile.mkdtemp(prefix="asyncstage-relay-")  # mode 0700
+    try:
+        first = await rsync_endpoints(
+            sources, LocalEndpoint(tmp + "/"), compress=compress, progress=leg(0)
+        )
+        if any(_is_contents(s.path) for s in sources):
+            relayed = [LocalEndpoint(tmp + "/")]
+        else:
+            names = dict.fromkeys(posixpath.basename(s.path) for s in sources)
+            relayed = [LocalEndpoint(f"{tmp}/{name}") for name in names]
+        second = await rsync_endpoints(
+            relayed, dest, options=options, compress=compress, delete=delete, progress=leg(1)
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, tmp, True))
+    kind = ["unmanaged" if isinstance(e, UnmanagedEndpoint) else "host" for e in (sources[0], dest)]
+    return TransferStats(
+        route="->".join(kind),
+        elapsed=time.monotonic() - start,
+        bytes=second.bytes,
+        files=second.files,
+        wire_bytes=first.wire_bytes + second.wire_bytes,
+    )
+
+
+def _is_contents(path: str) -> bool:
+    """Whether rsync copies the contents of source ``path`` rather than the entry itself."""
+    return path == "" or path.endswith("/") or posixpath.basename(path) in (".", "..")
 
 
 def _local_route(src: Endpoint, dest: Endpoint) -> str:

@@ -174,8 +174,10 @@ async def test_every_path_form(env: Env, tmp_path: Path, monkeypatch: pytest.Mon
         await transfer.rsync(m, f"{src}/", f"admin@{s2.address}:unmanaged")
         await transfer.rsync(m, f"admin@{s2.address}:unmanaged/", str(tmp_path / "um"))
         assert snapshot(tmp_path / "um") == want
-        with pytest.raises(PathError, match="unmanaged"):
-            await transfer.rsync(m, f"admin@{s2.address}:unmanaged/", f"{s1}:/srv/x")
+        # unmanaged -> server: relayed through this machine
+        stats = await transfer.rsync(m, f"admin@{s2.address}:unmanaged/", f"{s1}:/srv/x")
+        assert stats.route == "unmanaged->host"
+        assert "sp ace" in await remote_listing(s1, "/srv/x")
     finally:
         await vol.delete()
 
