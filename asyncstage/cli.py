@@ -38,7 +38,13 @@ from typing import Any, TextIO
 
 from asyncstage import __version__, blocking
 from asyncstage.ec2 import tag, tags_of
-from asyncstage.errors import AsyncstageError, InvalidArgument, NotFound, UnknownVolume
+from asyncstage.errors import (
+    AsyncstageError,
+    InvalidArgument,
+    NotFound,
+    UnknownServer,
+    UnknownVolume,
+)
 from asyncstage.transfer import Progress, TransferStats
 
 __all__ = ["ProgressPrinter", "human_bytes", "main", "table"]
@@ -429,7 +435,7 @@ def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
         with contextlib.suppress(NotFound):
             server = m.find_server_by_instance(ref)
     if server is None:
-        raise NotFound(f"no server named {ref!r} (see `asyncstage servers list`)")
+        raise UnknownServer(f"no server named {ref!r} (see `asyncstage servers list`)")
     return server
 
 
