@@ -106,8 +106,9 @@ NOT_TWINNED: dict[str, dict[str, str]] = {
     "Server": {
         "ec2": "the async EC2 client; use the Server's methods",
         "host": "the async SSHHost; the Server has its command methods",
+        **dict.fromkeys(_AsyncServer.INTERNAL_METHODS, "internal: the Manager's parts call it"),
     },
-    "Volume": {},
+    "Volume": dict.fromkeys(_AsyncVolume.INTERNAL_METHODS, "internal: its Server calls it"),
     "LocalCloud": {},
 }
 """Public members of the async classes that deliberately have no blocking twin (and why)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
@@ -21,6 +23,7 @@ from asyncstage.errors import (
     HostKeyMismatch,
     MountPointRefused,
     NameTaken,
+    ServerNotRunning,
     ServerUnreachable,
     SSHError,
     UnknownSnapshot,
@@ -39,7 +42,16 @@ if TYPE_CHECKING:
     from asyncstage.ssh import CommandReader, CommandWriter
     from asyncstage.volume import Volume
 
-__all__ = ["FSTYPES", "REFUSED_MOUNT_POINTS", "Server", "check_mount_point"]
+__all__ = [
+    "FSTYPES",
+    "REFUSED_MOUNT_POINTS",
+    "Server",
+    "check_mount_point",
+    "mkfs_argv",
+    "parse_mounts",
+]
+
+log = logging.getLogger("asyncstage")
 
 FSTYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "raw")
 """The filesystem types provision_volume can make (``raw``: attached, not formatted)."""
@@ -86,6 +98,56 @@ def check_mount_point(mtpt: str) -> str:
     return norm
 
 
+def mkfs_argv(fstype: str, label: str | None = None, uuid: str | None = None) -> list[str]:
+    """The mkfs command line (without the device) that makes ``fstype`` quietly and forcibly,
+    with this label and UUID (vfat: an 8 hex digit volume id from the UUID)."""
+    argv: list[str] = [f"mkfs.{fstype}"]
+    if fstype.startswith("ext"):
+        argv += ["-F", "-q"]
+        argv += ["-L", label] if label else []
+        argv += ["-U", uuid] if uuid else []
+    elif fstype == "xfs":
+        argv += ["-f", "-q"]
+        argv += ["-L", label] if label else []
+        argv += ["-m", f"uuid={uuid}"] if uuid else []
+    elif fstype == "btrfs":
+        argv += ["-f", "-q"]
+        argv += ["-L", label] if label else []
+        argv += ["-U", uuid] if uuid else []
+    elif fstype == "vfat":
+        argv += ["-I"]
+        argv += ["-n", label.upper()] if label else []
+        argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
+    return argv
+
+
+def _unescape_mount_field(field: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as octal; backslash last
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def parse_mounts(text: str) -> list[tuple[str, str, str]]:
+    """(device, mount point, fstype) of each line of /proc/mounts, mount points unescaped."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            found.append((parts[0], _unescape_mount_field(parts[1]), parts[2]))
+    return found
+
+
+@dataclass(frozen=True)
+class _NewVolume:
+    """What provision_volume makes a new volume from, and how."""
+
+    size: int
+    fstype: str | None
+    snapshot_id: str | None
+    grow_from: int | None  # the snapshot's smaller size: grow the filesystem
+
+
 def _check_size(size: object) -> int | None:
     if size is None:
         return None
@@ -105,6 +167,17 @@ class Server:
 
     Made by :meth:`Manager.provision_server` / :meth:`Manager.get_server`, not directly.
     """
+
+    INTERNAL_METHODS = (
+        "adopt_mounts",
+        "expect_new_host_key",
+        "record_description",
+        "record_stop",
+        "record_termination",
+        "wait_ssh",
+    )
+    """Methods without an underscore that only the Manager's parts call (they report what
+    EC2 did, so that the server changes its own state); not for users, no blocking twins."""
 
     def __init__(
         self,
@@ -177,11 +250,10 @@ class Server:
         """The ssh connection to the server (made on first use, per address)."""
         address = self.address
         if address is None:
-            raise VolumeError(f"server {self.name} ({self.instance_id}) has no address")
+            raise ServerNotRunning(
+                f"server {self.name} ({self.instance_id}) has no address: it is {self.state}"
+            )
         if self._host is None or self._host.address != address:
-            old, self._host = self._host, None
-            if old is not None:
-                self.manager._closing(old)
             self._host = SSHHost(
                 address,
                 username=self.username,
@@ -191,19 +263,16 @@ class Server:
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
             )
+            # the manager closes every connection it ever made on exit, this one too
+            self.manager.registry.track_host(self._host)
         return self._host
 
     async def refresh(self) -> Resource:
         """Fetch the instance's description again (sharing a round with other callers)."""
         found = await self.manager.ec2.describe_instances_shared([self.instance_id])
         if self.instance_id in found:
-            self._update(found[self.instance_id])
+            self.record_description(found[self.instance_id])
         return self.instance
-
-    def _update(self, instance: Resource) -> None:
-        self.instance = instance
-        if self.state != "running":
-            self._up = False
 
     def volumes(self) -> list[Volume]:
         """The managed volumes attached to this server (the root volume is not one)."""
@@ -223,15 +292,15 @@ class Server:
 
     async def start(self, timeout: float = 120.0) -> None:
         """Start the server and wait until ping() succeeds."""
-        await self.manager._start([self], timeout=timeout, single=True)
+        await self.manager.fleet.start([self], timeout=timeout, single=True)
 
     async def stop(self, timeout: float = 300.0) -> None:
         """Stop the server and wait until it is stopped."""
-        await self.manager._stop([self], timeout=timeout, single=True)
+        await self.manager.fleet.stop([self], timeout=timeout, single=True)
 
     async def terminate(self, timeout: float = 300.0) -> None:
         """Terminate the server, wait until it is, and unregister it (and its host key)."""
-        await self.manager._terminate([self], timeout=timeout, single=True)
+        await self.manager.fleet.terminate([self], timeout=timeout, single=True)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -404,26 +473,6 @@ class Server:
                 return
         raise BadFstype(f"server {self.name} cannot make {fstype} filesystems ({program} missing)")
 
-    async def _mkfs(self, device: str, fstype: str, label: str | None, uuid: str | None) -> None:
-        argv: list[str] = [f"mkfs.{fstype}"]
-        if fstype.startswith("ext"):
-            argv += ["-F", "-q"]
-            argv += ["-L", label] if label else []
-            argv += ["-U", uuid] if uuid else []
-        elif fstype == "xfs":
-            argv += ["-f", "-q"]
-            argv += ["-L", label] if label else []
-            argv += ["-m", f"uuid={uuid}"] if uuid else []
-        elif fstype == "btrfs":
-            argv += ["-f", "-q"]
-            argv += ["-L", label] if label else []
-            argv += ["-U", uuid] if uuid else []
-        elif fstype == "vfat":
-            argv += ["-I"]
-            argv += ["-n", label.upper()] if label else []
-            argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
-        await self.run(*argv, device, sudo=True, timeout=600)
-
     async def _grow_unmounted(self, volume: Volume) -> None:
         """Grow an ext2/3/4 filesystem to fill its device, offline (checked first)."""
         assert volume.mtdev
@@ -442,16 +491,7 @@ class Server:
 
     async def _mounts(self) -> list[tuple[str, str, str]]:
         """(device, mount point, fstype) of every mount, from /proc/mounts."""
-        text = await self.scmd("cat", "/proc/mounts")
-        found = []
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 3:
-                mtpt = parts[1].replace("\\040", " ").replace("\\011", "\t")
-                found.append(
-                    (parts[0], mtpt.replace("\\012", "\n").replace("\\134", "\\"), parts[2])
-                )
-        return found
+        return parse_mounts(await self.scmd("cat", "/proc/mounts"))
 
     async def _mounted_at(self, device: str) -> str | None:
         for dev, mtpt, _ in await self._mounts():
@@ -499,120 +539,181 @@ class Server:
         reuse = m.reuse_volumes if reuse is None else reuse
         if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
             raise BadFstype(f"label {label!r} too long for {fstype}")
+        if volume_id is None:
+            existing = m.find_volume_by_name(name)
+            if existing is not None:
+                return await self._reuse_volume(existing, reuse=reuse, where=where)
+            plan = await self._plan_new_volume(name, size, fstype, snapshot_id, reuse=reuse)
+            return await self._make_volume(name, plan, where=where, label=label, uuid=uuid)
+        return await self._adopt_volume_id(volume_id, name, fstype, where)
 
-        existing = m.find_volume_by_name(name) if volume_id is None else None
-        if existing is not None:
-            if not reuse:
-                raise NameTaken(f"a volume named {name!r} exists already ({existing.volume_id})")
-            if existing.server is not None and existing.server is not self:
-                raise VolumeInUse(
-                    f"volume {name} ({existing.volume_id}) is attached to {existing.server.name}"
-                )
-            if existing.availability_zone != self.availability_zone:
-                raise ZoneMismatch(
-                    f"volume {name} is in {existing.availability_zone}, "
-                    f"server {self.name} in {self.availability_zone}"
-                )
-            if not existing.mounted and existing.fstype != "raw":
-                await self.mount_volume(existing, where)
-            elif existing.server is None:
-                await self._attach(existing)
-            return existing
+    add_volume = provision_volume
 
-        grow_from: int | None = None
-        if volume_id is not None:
-            found = await m.ec2.describe_volumes([volume_id])
-            if not found:
-                raise UnknownVolume(f"volume {volume_id} does not exist")
-            desc = found[0]
-            if desc["AvailabilityZone"] != self.availability_zone:
-                raise ZoneMismatch(
-                    f"volume {volume_id} is in {desc['AvailabilityZone']}, "
-                    f"server {self.name} in {self.availability_zone}"
-                )
-            if desc.get("State") != "available":
-                raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
-            tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-            await m.ec2.create_tags([volume_id], tags)
-            desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
-            volume = m._register_volume(desc)
-            volume.fstype = tags_of(desc).get(tag("fstype"), fstype or "")
-            await self._attach(volume)
-            if not volume.fstype:
-                volume.fstype = await volume.get_fstype() or "raw"
-                await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
-            if volume.fstype != "raw":
-                await self.mount_volume(volume, where)
-            return volume
+    async def _reuse_volume(self, existing: Volume, *, reuse: bool, where: str | None) -> Volume:
+        """provision_volume of a name in use: that volume, attached and mounted here."""
+        name = existing.name
+        if not reuse:
+            raise NameTaken(f"a volume named {name!r} exists already ({existing.volume_id})")
+        if existing.server is not None and existing.server is not self:
+            raise VolumeInUse(
+                f"volume {name} ({existing.volume_id}) is attached to {existing.server.name}"
+            )
+        if existing.availability_zone != self.availability_zone:
+            raise ZoneMismatch(
+                f"volume {name} is in {existing.availability_zone}, "
+                f"server {self.name} in {self.availability_zone}"
+            )
+        if not existing.mounted and existing.fstype != "raw":
+            await self.mount_volume(existing, where)
+        elif existing.server is None:
+            await self._attach(existing)
+        return existing
 
+    async def _adopt_volume_id(
+        self, volume_id: str, name: str, fstype: str | None, where: str | None
+    ) -> Volume:
+        """provision_volume(volume_id=...): name an existing available volume, attach it here."""
+        m = self.manager
+        found = await m.ec2.describe_volumes([volume_id])
+        if not found:
+            raise UnknownVolume(f"volume {volume_id} does not exist")
+        desc = found[0]
+        if desc["AvailabilityZone"] != self.availability_zone:
+            raise ZoneMismatch(
+                f"volume {volume_id} is in {desc['AvailabilityZone']}, "
+                f"server {self.name} in {self.availability_zone}"
+            )
+        if desc.get("State") != "available":
+            raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
+        tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+        await m.ec2.create_tags([volume_id], tags)
+        desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
+        volume = m.registry.add_volume(desc)
+        volume.fstype = tags_of(desc).get(tag("fstype"), fstype or "")
+        await self._attach(volume)
+        if not volume.fstype:
+            volume.fstype = await volume.get_fstype() or "raw"
+            await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
+        if volume.fstype != "raw":
+            await self.mount_volume(volume, where)
+        return volume
+
+    async def _plan_new_volume(
+        self,
+        name: str,
+        size: int | None,
+        fstype: str | None,
+        snapshot_id: str | None,
+        *,
+        reuse: bool,
+    ) -> _NewVolume:
+        """What a new volume is made from (a snapshot or nothing), its size and fstype;
+        checks that this server can mount (and make) that filesystem."""
         if snapshot_id is None and reuse:
-            snap = await m._newest_snapshot(name)
-            snapshot_id = snap["SnapshotId"] if snap else None
-        if snapshot_id is not None:
-            snaps = await m.ec2.describe_snapshots([snapshot_id])
-            if not snaps:
-                raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
-            snap_size = int(snaps[0]["VolumeSize"])
-            if size is not None and size < snap_size:
-                raise BadSize(
-                    f"size {size} GiB is smaller than snapshot {snapshot_id} ({snap_size})"
-                )
-            if size is not None and size > snap_size:
-                grow_from = snap_size
-            size = size or snap_size
-            fstype = tags_of(snaps[0]).get(tag("fstype")) or fstype
-            if fstype and fstype != "raw":
-                await self._ensure_kernel_fs(fstype)
-        else:
-            size = size or 1
+            snaps = await self.manager.snapshots(name)
+            snapshot_id = snaps[0]["SnapshotId"] if snaps else None
+        if snapshot_id is None:
             fstype = fstype or "ext4"
             if fstype != "raw":
                 await self._ensure_kernel_fs(fstype)
                 await self._ensure_mkfs(fstype)
+            return _NewVolume(size=size or 1, fstype=fstype, snapshot_id=None, grow_from=None)
+        snaps = await self.manager.ec2.describe_snapshots([snapshot_id])
+        if not snaps:
+            raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
+        snap_size = int(snaps[0]["VolumeSize"])
+        if size is not None and size < snap_size:
+            raise BadSize(f"size {size} GiB is smaller than snapshot {snapshot_id} ({snap_size})")
+        grow_from = snap_size if size is not None and size > snap_size else None
+        fstype = tags_of(snaps[0]).get(tag("fstype")) or fstype
+        if fstype and fstype != "raw":
+            await self._ensure_kernel_fs(fstype)
+        return _NewVolume(
+            size=size or snap_size, fstype=fstype, snapshot_id=snapshot_id, grow_from=grow_from
+        )
 
+    async def _make_volume(
+        self, name: str, plan: _NewVolume, *, where: str | None, label: str | None, uuid: str | None
+    ) -> Volume:
+        """Create the planned volume; attach, format (or grow) and mount it here.
+
+        On any failure (or cancellation) the new volume is detached and deleted.
+        """
+        m = self.manager
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-        if fstype:
-            tags[tag("fstype")] = fstype
+        if plan.fstype:
+            tags[tag("fstype")] = plan.fstype
         desc = await m.ec2.create_volume(
             availability_zone=self.availability_zone,
-            size=size,
-            snapshot_id=snapshot_id,
+            size=plan.size,
+            snapshot_id=plan.snapshot_id,
             tags=tags,
         )
-        volume = m._register_volume(desc, created=True)
+        volume = m.registry.add_volume(desc, created=True)
         try:
             await m.ec2.wait_for_volume(
                 volume.volume_id,
                 lambda v: v.get("State") == "available",
                 what=f"volume {name} ({volume.volume_id}) to be available",
-                timeout=m.volume_timeout,
+                timeout=m.timeouts.volume,
             )
             await self._attach(volume)
-            assert volume.mtdev
-            if snapshot_id is None:
-                volume.fstype = fstype or "ext4"
-                if volume.fstype != "raw":
-                    await self._mkfs(volume.mtdev, volume.fstype, label, uuid)
-            else:
-                volume.fstype = fstype or await volume.get_fstype() or "raw"
-                await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
-            if grow_from is not None and volume.fstype.startswith("ext"):
-                await self._grow_unmounted(volume)
-            if volume.fstype != "raw":
-                await self.mount_volume(volume, where)
-                if snapshot_id is None and volume.fstype != "vfat":
-                    await self.run(
-                        "chown", f"{self.username}:", volume.mtpt or "", sudo=True, check=False
-                    )
-                if grow_from is not None and volume.fstype in ("xfs", "btrfs"):
-                    await self._grow(volume)
+            await self._format_new_volume(volume, plan, where=where, label=label, uuid=uuid)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await m._discard_volume(volume)
+                await self._discard_volume(volume)
             raise
         return volume
 
-    add_volume = provision_volume
+    async def _format_new_volume(
+        self,
+        volume: Volume,
+        plan: _NewVolume,
+        *,
+        where: str | None,
+        label: str | None,
+        uuid: str | None,
+    ) -> None:
+        """A new volume just attached here: make (or read) its filesystem, grow it, mount it."""
+        assert volume.mtdev
+        if plan.snapshot_id is None:
+            volume.fstype = plan.fstype or "ext4"
+            if volume.fstype != "raw":
+                await self.run(
+                    *mkfs_argv(volume.fstype, label, uuid), volume.mtdev, sudo=True, timeout=600
+                )
+        else:
+            volume.fstype = plan.fstype or await volume.get_fstype() or "raw"
+            await self.manager.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
+        grow = plan.grow_from is not None
+        if grow and volume.fstype.startswith("ext"):
+            await self._grow_unmounted(volume)
+        if volume.fstype == "raw":
+            return
+        await self.mount_volume(volume, where)
+        if plan.snapshot_id is None and volume.fstype != "vfat":
+            await self.run("chown", f"{self.username}:", volume.mtpt or "", sudo=True, check=False)
+        if grow and volume.fstype in ("xfs", "btrfs"):
+            await self._grow(volume)
+
+    async def _discard_volume(self, volume: Volume) -> None:
+        """Best effort: detach and delete a volume whose provisioning failed."""
+        m = self.manager
+        try:
+            if volume.server is not None:
+                if volume.mtdev is not None and volume.server.state == "running":
+                    await volume.server.run("umount", volume.mtdev, sudo=True, check=False)
+                await m.ec2.detach_volume(volume.volume_id, force=True)
+                await m.ec2.wait_for_volume(
+                    volume.volume_id,
+                    lambda v: v.get("State") == "available",
+                    what=f"volume {volume.volume_id} to detach",
+                    timeout=m.timeouts.volume,
+                )
+            await m.ec2.delete_volume(volume.volume_id)
+        except AsyncstageError as e:
+            log.warning("could not delete volume %s: %s", volume.volume_id, e)
+        m.registry.forget_volume(volume)
 
     async def _attach(self, volume: Volume) -> None:
         """Attach an available volume here and find its device."""
@@ -625,8 +726,7 @@ class Server:
         async with self._attach_lock:
             ec2_device, _ = await self.unused_block_device()
             await m.ec2.attach_volume(volume.volume_id, self.instance_id, ec2_device)
-            volume.server = self
-            volume.ec2_device = ec2_device
+            volume.record_attach(self, ec2_device, None)
             desc = await m.ec2.wait_for_volume(
                 volume.volume_id,
                 lambda v: any(
@@ -634,12 +734,11 @@ class Server:
                     for a in v.get("Attachments", [])
                 ),
                 what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.name}",
-                timeout=m.volume_timeout,
+                timeout=m.timeouts.volume,
             )
-            volume.volume = desc
-            volume.mtdev = await self._find_device(
-                volume.volume_id, ec2_device, timeout=m.volume_timeout
-            )
+            volume.record_description(desc)
+            mtdev = await self._find_device(volume.volume_id, ec2_device, timeout=m.timeouts.volume)
+            volume.record_attach(self, ec2_device, mtdev)
 
     async def mount_volume(self, volume: Volume, mtpt: str | None = None) -> None:
         """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
@@ -656,13 +755,14 @@ class Server:
             await self._attach(volume)
         elif volume.mtdev is None:
             assert volume.ec2_device
-            volume.mtdev = await self._find_device(
-                volume.volume_id, volume.ec2_device, timeout=self.manager.volume_timeout
+            mtdev = await self._find_device(
+                volume.volume_id, volume.ec2_device, timeout=self.manager.timeouts.volume
             )
+            volume.record_attach(self, volume.ec2_device, mtdev)
         assert volume.mtdev
         current = await self._mounted_at(volume.mtdev)
         if current == where:
-            volume.mtpt, volume.mounted = where, True
+            volume.record_mount(where)
             return
         if current is not None:
             await self.run("umount", volume.mtdev, sudo=True)
@@ -678,7 +778,7 @@ class Server:
         if volume.fstype:
             argv += ["-t", volume.fstype]
         await self.run(*argv, volume.mtdev, where, sudo=True)
-        volume.mtpt, volume.mounted = where, True
+        volume.record_mount(where)
         await self.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
 
     async def remount_volume(self, volume: Volume) -> None:
@@ -698,7 +798,7 @@ class Server:
                 await self.run("umount", volume.mtdev, sudo=True)
             except CommandFailed as e:
                 raise VolumeInUse(f"cannot unmount {volume.name} from {self.name}: {e}") from e
-        volume.mounted = False
+        volume.record_unmount()
 
     async def detach_volume(self, volume: Volume) -> None:
         """Unmount and detach a volume, waiting until EC2 says it is detached."""
@@ -708,13 +808,14 @@ class Server:
             await self.unmount_volume(volume)
         m = self.manager
         await m.ec2.detach_volume(volume.volume_id)
-        volume.volume = await m.ec2.wait_for_volume(
+        desc = await m.ec2.wait_for_volume(
             volume.volume_id,
             lambda v: v.get("State") == "available",
             what=f"volume {volume.name} ({volume.volume_id}) to detach from {self.name}",
-            timeout=m.volume_timeout,
+            timeout=m.timeouts.volume,
         )
-        volume.server, volume.mtdev, volume.ec2_device, volume.mounted = None, None, None, False
+        volume.record_description(desc)
+        volume.record_detach()
 
     async def delete_volume(self, volume: Volume) -> None:
         """Unmount, detach and delete a volume."""
@@ -749,7 +850,48 @@ class Server:
         """Block-copy volume ``source`` onto volume ``dest``; see Manager.dd."""
         return await transfer.dd(self.manager, source, dest, **options)
 
-    # -- fleet helpers used by the manager ------------------------------------------------------
+    # -- state changes: called by the Manager's fleet, not by users ----------------------------
+    # The server's fields change only here; the fleet reports what EC2 did.
+
+    def record_description(self, instance: Resource) -> None:
+        """Internal: keep a fresh EC2 description of the instance."""
+        self.instance = instance
+        if self.state != "running":
+            self._up = False
+
+    def expect_new_host_key(self) -> None:
+        """Internal: launched, or given a new address: no known_hosts entry to trust yet."""
+        self._fresh = True
+
+    def record_stop(self) -> None:
+        """Internal: asked to stop; its mounted volumes are mounted again on the next start."""
+        self._up = False
+        for volume in self.volumes():
+            volume.record_unmount(server_stopped=True)
+        self._host = None  # its address goes away (the manager closes the connection)
+
+    def record_termination(self) -> None:
+        """Internal: terminated: its volumes are detached and its host key forgotten."""
+        for volume in self.volumes():
+            volume.record_detach()
+        self._host = None
+        if self.address:
+            self.manager.known_hosts.remove(self.address, 22)
+        self.instance.setdefault("State", {})["Name"] = "terminated"
+        self._up = False
+
+    async def adopt_mounts(self, volumes: list[Volume]) -> None:
+        """Internal: find where the volumes attached here are, and whether they are mounted."""
+        mounts = await self._mounts()
+        for volume in volumes:
+            assert volume.ec2_device
+            mtdev = await self._find_device(volume.volume_id, volume.ec2_device, timeout=5.0)
+            volume.record_attach(self, volume.ec2_device, mtdev)
+            where = [mp for dev, mp, _ in mounts if dev == mtdev]
+            if where:
+                volume.record_mount(where[0])
+            else:
+                volume.record_unmount()
 
     async def _pin_host_key(self) -> None:
         """Before the first contact at an address: expected fingerprints from the console.
@@ -771,14 +913,12 @@ class Server:
             except AsyncstageError:  # no console: pin on first contact
                 console = ""
             self._expected_fingerprints = tuple(console_fingerprints(console))
-            if self._host is not None:
-                self.manager._closing(self._host)
-                self._host = None
+            self._host = None  # the next one expects these fingerprints
         self._fresh = False
         self._pinned_for = address
 
-    async def _wait_ssh(self, deadline: float) -> None:
-        """Try ssh until it answers or the deadline passes (ServerUnreachable then).
+    async def wait_ssh(self, deadline: float) -> None:
+        """Internal: try ssh until it answers or the deadline passes (ServerUnreachable then).
 
         A host key that does not match fails at once with HostKeyMismatch.
         """
