@@ -54,14 +54,12 @@ class Account:
         reuse_key: bool,
         ssh_cidrs: Sequence[str],
         security_group: str,
-        endpoint_url: str | None,
     ) -> None:
         self.ec2 = ec2
         self.dotdir = dotdir
         self.reuse_key = reuse_key
         self.ssh_cidrs = list(ssh_cidrs)
         self.security_group = security_group
-        self.endpoint_url = endpoint_url
 
     async def ensure(self, key_pair: keys.KeyPair | None) -> tuple[keys.KeyPair, str]:
         """Make sure of the key pair and the security group (again after another manager
@@ -76,7 +74,7 @@ class Account:
             except EC2Error as e:
                 if e.code != "InvalidKeyPair.Duplicate":
                     raise
-        cidrs = self.ssh_cidrs or [caller_cidr(self.endpoint_url)]
+        cidrs = self.ssh_cidrs or [caller_cidr(self.ec2.endpoint_url)]
         group_id = await self.ec2.ensure_security_group(
             self.security_group, cidrs=cidrs, tags={tag("role"): "security-group"}
         )

@@ -116,7 +116,7 @@ class Manager:
             "retry_mode": retry_mode,
             "poll_interval": poll_interval,
         }
-        waits = (server_timeout, volume_timeout, snapshot_timeout, exit_timeout)
+        waits = (server_timeout, volume_timeout, snapshot_timeout, exit_timeout)  # Timeouts' order
         self.timeouts = Timeouts(*waits, poll_interval, launch_window)
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
@@ -140,8 +140,7 @@ class Manager:
         self.security_group_id: str | None = None
         self.registry = Registry(lambda desc: self.volume_class(self, desc))
         cidrs = [ssh_cidr] if isinstance(ssh_cidr, str) else list(ssh_cidr or [])
-        account = (self.dotdir, reuse_key, cidrs, security_group, endpoint_url)
-        self.account = Account(self.ec2, *account)
+        self.account = Account(self.ec2, self.dotdir, reuse_key, cidrs, security_group)
         self.images = Images(self.ec2, image, image_owners, root_type, ec2_options)
         self.fleet = Fleet(self, self._ensure_account)
         self._open = False
@@ -194,7 +193,7 @@ class Manager:
                     error = e
             if scope.cancelled_caught:
                 log.warning("on_exit=%s gave up after %gs", self.on_exit, self.timeouts.exit)
-            await _close_all(self.registry.take_hosts())
+            await _close_all(self.registry.hosts_to_close())
             await self.ec2.close()
             self._open = False
         if error is not None and raise_errors:

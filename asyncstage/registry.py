@@ -33,7 +33,8 @@ class Registry:
         self._started: set[str] = set()
         self._created_volumes: set[str] = set()
         self._reserved_names: set[str] = set()
-        self._hosts: list[SSHHost] = []
+        self._hosts: dict[str, SSHHost] = {}  # each server's current connection
+        self._retired_hosts: list[SSHHost] = []  # connections to addresses gone
 
     def __repr__(self) -> str:
         return f"{len(self._servers)} servers {len(self._volumes)} volumes"
@@ -57,6 +58,9 @@ class Registry:
         """Forget a server (terminated)."""
         self._servers.pop(server.instance_id, None)
         self._started.discard(server.instance_id)
+        host = self._hosts.pop(server.instance_id, None)
+        if host is not None:
+            self._retired_hosts.append(host)
 
     def find_server_by_instance(self, instance_id: str) -> Server:
         """The server with this instance id (UnknownServer otherwise)."""
@@ -171,11 +175,16 @@ class Registry:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def track_host(self, host: SSHHost) -> None:
-        """Remember an ssh connection made to a server, to close it on exit."""
-        self._hosts.append(host)
+    def track_host(self, server: Server, host: SSHHost) -> None:
+        """Remember the ssh connection a server now uses (its previous one retires), to
+        close them on exit."""
+        old = self._hosts.get(server.instance_id)
+        if old is not None and old is not host:
+            self._retired_hosts.append(old)
+        self._hosts[server.instance_id] = host
 
-    def take_hosts(self) -> list[SSHHost]:
-        """Every connection remembered, forgotten here (the caller closes them)."""
-        hosts, self._hosts = self._hosts, []
-        return hosts
+    def hosts_to_close(self) -> list[SSHHost]:
+        """The connections to close on exit: the servers' current ones (kept: a later
+        command reconnects) and the retired ones (forgotten)."""
+        retired, self._retired_hosts = self._retired_hosts, []
+        return [*self._hosts.values(), *retired]

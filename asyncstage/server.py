@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -45,8 +44,6 @@ __all__ = [
     "mkfs_argv",
     "parse_mounts",
 ]
-
-log = logging.getLogger("asyncstage")
 
 
 class Server:
@@ -149,8 +146,8 @@ class Server:
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
             )
-            # the manager closes every connection it ever made on exit, this one too
-            self.manager.registry.track_host(self._host)
+            # the manager closes it on exit (and the one it replaces)
+            self.manager.registry.track_host(self, self._host)
         return self._host
 
     async def refresh(self) -> Resource:

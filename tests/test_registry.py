@@ -135,3 +135,19 @@ def test_volume_state_changes_only_through_its_own_methods() -> None:
     v.record_detach()
     assert (v.server, v.mtdev, v.ec2_device, v.mounted) == (None, None, None, False)
     assert v.mtpt == "/mnt/data"  # remembered for the next mount
+
+
+def test_connections_to_close_on_exit() -> None:
+    owner = Owner()
+    reg = owner.registry
+    a, b = _server(owner, "i-0000000a", "a"), _server(owner, "i-0000000b", "b")
+    first, second, other = object(), object(), object()
+    reg.track_host(a, first)  # type: ignore[arg-type]
+    reg.track_host(a, second)  # type: ignore[arg-type] - a new address: the first retires
+    reg.track_host(b, other)  # type: ignore[arg-type]
+    assert reg.hosts_to_close() == [second, other, first]
+    # current connections are closed at every exit (a reopened manager reconnects)
+    assert reg.hosts_to_close() == [second, other]
+    reg.forget_server(b)
+    assert reg.hosts_to_close() == [second, other]
+    assert reg.hosts_to_close() == [second]
