@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import builtins
+import copy
 import difflib
 import importlib
 import inspect
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from asyncstage import _blocking_runtime as runtime  # noqa: E402
 
 OUTPUT = ROOT / "asyncstage" / "blocking.py"
+"""Where the surface is written (and read by ``--check``)."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,12 @@ class Rewriter(ast.NodeTransformer):
         self._in_iterable = 0
 
     def rewrite(self, node: ast.expr) -> str:
-        return ast.unparse(self.visit(node))
+        return ast.unparse(self.fresh(node))
+
+    def fresh(self, node: ast.expr) -> ast.expr:
+        """The rewritten copy of ``node`` (the parsed sources are cached: left as they are)."""
+        rewritten: ast.expr = self.visit(copy.deepcopy(node))
+        return rewritten
 
     def _twin_name(self, obj: Any) -> str | None:
         if not isinstance(obj, type) or obj not in TWINS:
@@ -500,7 +507,8 @@ class Writer:
                     yield name, (klass, after)
         for klass in self.cls.__mro__[:-1]:
             for name, member in vars(klass).items():
-                if wanted(name) and (callable(member) or isinstance(member, property)):
+                other = isinstance(member, property | classmethod | staticmethod)
+                if wanted(name) and (callable(member) or other):
                     seen.add(name)
                     yield name, member
 
@@ -618,9 +626,9 @@ class Writer:
             args=[arg(a) for a in args.args],
             vararg=args.vararg and arg(args.vararg),
             kwonlyargs=[arg(a) for a in args.kwonlyargs],
-            kw_defaults=[d and defaults.visit(d) for d in args.kw_defaults],
+            kw_defaults=[d and defaults.fresh(d) for d in args.kw_defaults],
             kwarg=args.kwarg and arg(args.kwarg),
-            defaults=[defaults.visit(d) for d in args.defaults],
+            defaults=[defaults.fresh(d) for d in args.defaults],
         )
         return ast.unparse(new), listed
 
@@ -728,7 +736,15 @@ def format_code(code: str) -> str:
     """Sort the imports and format as ``ruff format`` would (the project's settings)."""
     for command in (["check", "--fix", "--quiet", "--select", "I"], ["format"]):
         done = subprocess.run(
-            [sys.executable, "-m", "ruff", *command, "--stdin-filename", str(OUTPUT), "-"],
+            [
+                sys.executable,
+                "-m",
+                "ruff",
+                *command,
+                "--stdin-filename",
+                "asyncstage/blocking.py",
+                "-",
+            ],
             input=code,
             capture_output=True,
             text=True,
@@ -749,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     except GenError as e:
         print(f"gen_blocking: {e}", file=sys.stderr)
         return 2
-    rel = OUTPUT.relative_to(ROOT)
+    rel = OUTPUT.relative_to(ROOT) if OUTPUT.is_relative_to(ROOT) else OUTPUT
     old = OUTPUT.read_text() if OUTPUT.exists() else ""
     if args.check:
         if old == code:
