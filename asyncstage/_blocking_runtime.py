@@ -644,12 +644,7 @@ class _Lifetime(_Twinned[_T]):
 
 
 class _ManagerLifetime(_Lifetime[_AsyncManager]):
-    """Blocking twin of :class:`asyncstage.Manager`; opened by the constructor.
-
-    ``with blocking.Manager(region="eu-west-1") as m: s = m.get_server("a")``. Leaving the
-    block, :meth:`close`, or the end of the program applies ``on_exit`` to the servers it
-    started.
-    """
+    """The hand-written part of :class:`asyncstage.blocking.Manager`: its lifetime."""
 
     @classmethod
     def from_async(cls, manager: _AsyncManager) -> Self:
@@ -678,10 +673,8 @@ class _ManagerLifetime(_Lifetime[_AsyncManager]):
 
 
 class _LocalCloudLifetime(_Lifetime[_AsyncLocalCloud]):
-    """Blocking twin of :class:`asyncstage.localcloud.LocalCloud`; started by the constructor.
-
-    ``with blocking.LocalCloud() as cloud, cloud.manager() as m: ...``. Needs root.
-    """
+    """The hand-written part of :class:`asyncstage.blocking.LocalCloud`: its lifetime, and
+    managers that are open blocking Managers."""
 
     def _open(self) -> None:
         call(self._async.start)
@@ -700,10 +693,8 @@ class _LocalCloudLifetime(_Lifetime[_AsyncLocalCloud]):
 
 
 class _ServerStreams(_Twinned[_AsyncServer]):
-    """Blocking twin of :class:`asyncstage.Server` (``str(server)`` is its instance id).
-
-    ``scmd_read`` and ``scmd_write`` hand out ordinary file objects.
-    """
+    """The hand-written part of :class:`asyncstage.blocking.Server`: ``scmd_read`` and
+    ``scmd_write`` hand out ordinary file objects."""
 
     @overload
     def scmd_read(
