@@ -379,11 +379,14 @@ def _is_none(t: Typ) -> bool:
 
 
 def _init_assignments(cls: type[Any]) -> Iterator[tuple[str, ast.stmt, ast.stmt | None]]:
-    """``(name, assignment, next statement)`` for each ``self.name = ...`` in ``__init__``."""
+    """``(name, assignment, next statement)`` for each ``self.name = ...`` in ``__init__``
+    (also inside ``if``, ``with`` and ``try`` blocks), in source order."""
     init = vars(cls).get("__init__")
-    if not inspect.isfunction(init):
-        return
-    body = source(init).node.body
+    if inspect.isfunction(init):
+        yield from _assignments(source(init).node.body)
+
+
+def _assignments(body: list[ast.stmt]) -> Iterator[tuple[str, ast.stmt, ast.stmt | None]]:
     for i, stmt in enumerate(body):
         target: ast.expr | None = stmt.target if isinstance(stmt, ast.AnnAssign) else None
         if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
@@ -394,6 +397,11 @@ def _init_assignments(cls: type[Any]) -> Iterator[tuple[str, ast.stmt, ast.stmt 
             and target.value.id == "self"
         ):
             yield target.attr, stmt, body[i + 1] if i + 1 < len(body) else None
+        for block in ("body", "orelse", "finalbody"):
+            if isinstance(stmt, ast.If | ast.With | ast.Try):
+                yield from _assignments(getattr(stmt, block, []))
+        for handler in getattr(stmt, "handlers", []):
+            yield from _assignments(handler.body)
 
 
 def attr_type(cls: type[Any], name: str) -> list[Typ]:
@@ -409,12 +417,13 @@ def attr_type(cls: type[Any], name: str) -> list[Typ]:
         for stmt in source(klass).node.body:
             if isinstance(stmt, ast.AnnAssign) and ast.unparse(stmt.target) == name:
                 return union_parts(stmt.annotation, klass.__module__)
-        for attr, stmt, _ in _init_assignments(klass):
-            if attr == name:
-                if isinstance(stmt, ast.AnnAssign):
-                    return union_parts(stmt.annotation, klass.__module__)
-                assert isinstance(stmt, ast.Assign)
-                return infer(stmt.value, klass)
+        assigned = [stmt for attr, stmt, _ in _init_assignments(klass) if attr == name]
+        for stmt in assigned:
+            if isinstance(stmt, ast.AnnAssign):
+                return union_parts(stmt.annotation, klass.__module__)
+        values = [stmt.value for stmt in assigned if isinstance(stmt, ast.Assign)]
+        if values:  # every value it may get
+            return [t for value in values for t in infer(value, klass)]
     raise GenError(f"{cls.__name__}.{name}: not found")
 
 

@@ -130,6 +130,10 @@ class GrownManager(Manager):
         """How often to try."""
         self.limit = LIMIT
         self.spare = self.ec2.region or None
+        if retries:
+            self.mode = "eager"
+        else:
+            self.mode = None
 
     async def clone(
         self, source: Volume, targets: Sequence[Server], *, into: Server | None = None
@@ -171,10 +175,11 @@ def test_a_grown_async_class_is_generated_without_editing_the_generator(
         'return cast( "dict[str, Volume]", '
         "_wrap(_call_async(self._async.clone, source, list(targets), into=into)), )"
     ) in flat
-    # attributes: an annotated parameter, a module constant, an inferred `x or None`
+    # attributes: an annotated parameter, a module constant, `x or None`, set in branches
     assert "def retries(self) -> int:\n        " + '"""How often to try."""' in code
     assert "def limit(self) -> int:" in code
     assert "def spare(self) -> str | None:" in code
+    assert "def mode(self) -> str | None:" in code
 
 
 def test_what_cannot_be_inferred_is_reported(
