@@ -1,6 +1,7 @@
 # One set-up path for a fresh Debian machine (run as root).
 #   make demo   - install everything, then run the fleet-backup demo on the local cloud
 #   make test   - install everything, then run the whole test suite
+#   make test-unit - only the tests that need no root, sshd or local cloud
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs b
                    dosfstools util-linux mount zstd procps iproute2 kmod
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench bench-quick lint clean
+.PHONY: all deps venv test test-unit demo bench bench-quick lint clean
 
 all: test
 
@@ -32,6 +33,11 @@ venv: deps $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit layer: no root, no sshd, no local cloud (markers set by tests/conftest.py),
+# so no system packages either.
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -m "not localcloud and not sshd" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check asyncstage tests benchmarks

@@ -22,7 +22,6 @@ from asyncstage.errors import (
     WaitTimeout,
 )
 from asyncstage.localcloud import LocalCloud
-from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]

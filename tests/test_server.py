@@ -12,7 +12,6 @@ import pytest
 from asyncstage import Manager, Server
 from asyncstage.errors import CommandFailed, FleetError, HostKeyMismatch, ServerUnreachable
 from asyncstage.keys import generate_key
-from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
