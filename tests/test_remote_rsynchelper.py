@@ -66,8 +66,8 @@ def test_symlinked_authorized_keys_refused(tmp: Path) -> None:
     target.write_text("precious\n")
     keys = tmp / "ssh" / "authorized_keys"
     keys.symlink_to(target)
-    reply = helper(tmp / "t", "authorize", USER, str(keys), "restrict", PUB, "asyncstage-transfer-x",
-                   "60")  # fmt: skip
+    tag = "asyncstage-transfer-x"
+    reply = helper(tmp / "t", "authorize", USER, str(keys), "restrict", PUB, tag, "60")
     assert "symlink" in str(reply["error"])
     assert target.read_text() == "precious\n"
     assert "symlink" in str(helper(tmp / "t", "revoke", USER, str(keys), "x")["error"])

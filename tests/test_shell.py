@@ -72,8 +72,10 @@ LOGIN = st.from_regex(r"[a-z_][a-z0-9_.-]{0,31}", fullmatch=True)
 def test_openssh_argv_shape(user: str, address: str, args: list[str]) -> None:
     cmd = ["echo", *args] if args else []
     opts = shell.openssh_options(port=2222, known_hosts="/k h", client_keys=["/id"])
-    argv = shell.openssh_argv(opts, user, address, *cmd) if cmd else shell.openssh_argv(
-        opts, user, address
+    argv = (
+        shell.openssh_argv(opts, user, address, *cmd)
+        if cmd
+        else shell.openssh_argv(opts, user, address)
     )
     i = argv.index("--")
     # the user is the value of -l, the host comes right after "--": neither is an option

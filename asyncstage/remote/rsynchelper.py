@@ -16,8 +16,8 @@ Commands:
 * ``revoke USER FILE TAG``: remove the lines carrying TAG;
 * ``cleanup DIR``: stop the process groups recorded in DIR and remove it;
 * ``sweep USER FILE DEAD_JSON``: remove expired transfer keys and those of dead
-  controllers (DEAD_JSON lists controller ids), and stale work dirs; print what
-  is left for the controller to judge;
+  controllers (DEAD_JSON lists controller ids and key tags), and stale work dirs;
+  print what is left for the controller to judge;
 * ``run PIDFILE ARGV...``: run ARGV in a process group of its own, recorded in PIDFILE.
 
 Files written as root in a directory the login user can write (``~/.ssh``) are
@@ -298,7 +298,7 @@ def _stale(fields: dict[str, str], now: float, dead: Sequence[str]) -> bool:
         expired = int(fields.get("expires", "0")) <= now
     except ValueError:
         expired = True
-    return expired or fields.get("controller") in dead
+    return expired or fields.get("controller") in dead or fields.get("tag") in dead
 
 
 def sweep(user: str, path: str, dead_json: str) -> None:

@@ -18,7 +18,8 @@ cancellation (shielded; a failing removal never replaces the error in flight).
 When the controller itself dies (SIGKILL, power loss), :func:`sweep_stale_keys`
 removes what it left: every host → host transfer sweeps both hosts first, and a
 region scan may call it for each server. Stale means expired on the host's clock,
-or made by a controller process of this machine that no longer runs.
+made by a controller process of this machine that no longer runs, or one whose
+removal failed earlier in this process (the host was down).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class Link:
         return shell.openssh_argv(self.options, self.user, self.address, *cmd)
 
 
+_unrevoked: dict[tuple[str, str, str], set[str]] = {}
+"""Tags whose revocation failed (the host was down), by (host label, user, keys file):
+the next sweep of that host removes them."""
+
+
 async def sweep_stale_keys(
     host: SSHHost, *, sudo: bool = True, authorized_keys: str | None = None
 ) -> dict[str, Any]:
@@ -80,12 +86,15 @@ async def sweep_stale_keys(
     (in ``authorized_keys``, default ``~/.ssh/authorized_keys``) and stale transfer
     work dirs (private key halves, processes) on ``host``.
 
-    Stale: past its expiry on the host's clock, or made by a controller process on
+    Stale: past its expiry on the host's clock, made by a controller process on
     this machine that no longer runs (a controller on another machine is trusted
-    until the expiry). Returns ``{"removed": [tags], "swept": [dirs]}``.
+    until the expiry), or one this process failed to remove earlier.
+    Returns ``{"removed": [tags], "swept": [dirs]}``.
     """
     keys_file = authorized_keys or ""
-    found = await helper(host, sudo, "sweep", host.username, keys_file, "[]")
+    where = (host.label, host.username, keys_file)
+    pending = sorted(_unrevoked.get(where, ()))  # our own revocations that failed earlier
+    found = await helper(host, sudo, "sweep", host.username, keys_file, json.dumps(pending))
     owners = {str(k.get("controller", "")) for k in found.get("keys", [])}
     owners |= {str(d.get("controller", "")) for d in found.get("dirs", [])}
     dead = sorted(o for o in owners if o and controller_alive(o) is False)
@@ -94,6 +103,7 @@ async def sweep_stale_keys(
         again = await helper(host, sudo, "sweep", host.username, keys_file, json.dumps(dead))
         removed += again.get("removed", [])
         swept += again.get("swept", [])
+    _unrevoked.pop(where, None)
     if removed or swept:
         _log.warning(
             "%s: swept %d stale transfer key(s) and %d work dir(s) left by a controller "
@@ -151,10 +161,19 @@ async def direct_link(
         in_flight = e
         raise
     finally:
+        _unrevoked.setdefault((dst.label, dst.username, keys_file), set()).add(tag)
         await cleanup(
-            functools.partial(helper, dst, dst_sudo, "revoke", dst.username, keys_file, tag),
+            functools.partial(_revoke, dst, dst_sudo, keys_file, tag),
             f"removing the temporary transfer key {tag} from "
             f"{keys_file or '~/.ssh/authorized_keys'}",
             dst.label,
             in_flight,
         )
+
+
+async def _revoke(dst: SSHHost, sudo: bool, keys_file: str, tag: str) -> None:
+    await helper(dst, sudo, "revoke", dst.username, keys_file, tag)
+    where = (dst.label, dst.username, keys_file)
+    _unrevoked.get(where, set()).discard(tag)
+    if not _unrevoked.get(where, True):
+        del _unrevoked[where]
