@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncstage import shell
+from asyncstage.errors import AsyncstageError
 from asyncstage.transfer.base import cleanup
 from asyncstage.transfer.run import STALE_AFTER, controller_alive, controller_id, helper
 
@@ -115,6 +116,15 @@ async def sweep_stale_keys(
     return {"removed": removed, "swept": swept}
 
 
+async def _sweep_quietly(host: SSHHost, sudo: bool, authorized_keys: str | None) -> None:
+    """A sweep before a transfer: its failure is logged, and the transfer goes on (it
+    reports its own errors, e.g. a refused authorized_keys, more precisely)."""
+    try:
+        await sweep_stale_keys(host, sudo=sudo, authorized_keys=authorized_keys)
+    except (AsyncstageError, OSError) as e:
+        _log.warning("%s: could not sweep stale transfer keys: %s", host.label, e)
+
+
 @asynccontextmanager
 async def direct_link(
     src: SSHHost,
@@ -130,10 +140,8 @@ async def direct_link(
     files on ``src`` live in ``workdir`` and go with it.
     """
     async with anyio.create_task_group() as tg:  # what a killed controller left behind
-        tg.start_soon(functools.partial(sweep_stale_keys, src, sudo=src_sudo))
-        tg.start_soon(
-            functools.partial(sweep_stale_keys, dst, sudo=dst_sudo, authorized_keys=authorized_keys)
-        )
+        tg.start_soon(_sweep_quietly, src, src_sudo, None)
+        tg.start_soon(_sweep_quietly, dst, dst_sudo, authorized_keys)
     tag = f"{KEY_MARKER}{secrets.token_hex(8)}"
     pinned = " ".join((await dst.host_public_key()).split()[:2])
     known = f"{shell.known_hosts_pattern(dst.address, dst.port)} {pinned}"
