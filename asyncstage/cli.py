@@ -20,34 +20,32 @@ import contextlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from asyncstage import __version__, blocking
+from asyncstage import __version__, backup, blocking
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
-    InvalidArgument,
     NotFound,
     UnknownServer,
     UnknownVolume,
 )
-from asyncstage.transfer import Progress, TransferStats
+from asyncstage.output import Output, human_bytes, human_duration, table
+from asyncstage.transfer import TransferStats
 
-__all__ = ["ProgressPrinter", "human_bytes", "main", "table"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("asyncstage.cli")
 
@@ -62,110 +60,6 @@ GiB = 1 << 30
 
 class UsageError(Exception):
     """A command line that cannot work (exit status 2)."""
-
-
-# -- output ---------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """A plain text table, columns aligned (numbers to the right)."""
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
-    numeric = [
-        bool(cells) and all(re.fullmatch(r"[-+]?[\d.,]+( \S+)?", row[i]) for row in cells)
-        for i in range(len(headers))
-    ]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if numeric[i] else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(headers), *(line(row) for row in cells)])
-
-
-class Output:
-    """Where a command's results and messages go: tables or JSON on stdout, notes on stderr."""
-
-    def __init__(self, *, json_output: bool, quiet: bool, verbose: int) -> None:
-        self.json = json_output
-        self.quiet = quiet
-        self.verbose = verbose
-
-    def note(self, message: str) -> None:
-        """A message for people (stderr), unless -q."""
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
-
-    def result(self, data: Any, text: str | None = None) -> None:
-        """The command's result: ``data`` as JSON with --json, else ``text`` (if any)."""
-        if self.json:
-            print(json.dumps(data, indent=2, default=str))
-        elif text is not None:
-            print(text)
-
-    def progress(self, what: str) -> ProgressPrinter:
-        """A progress line on stderr (a terminal only; nothing with -q or --json)."""
-        enabled = not self.quiet and not self.json and sys.stderr.isatty()
-        return ProgressPrinter(what, enabled=enabled)
-
-
-class ProgressPrinter:
-    """A progress callback that redraws one line on stderr, at most 10 times a second.
-
-    Called from the facade's event loop thread; only prints (never calls the API).
-    """
-
-    def __init__(self, what: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.what = what
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self._last = 0.0
-        self._drawn = False
-        self._lock = threading.Lock()
-
-    def __call__(self, p: Progress) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < 0.1:
-                return
-            self._last = now
-            done = human_bytes(p.bytes_done)
-            if p.total:
-                pct = min(100.0, 100.0 * p.bytes_done / p.total)
-                amount = f"{pct:5.1f}% {done} of {human_bytes(p.total)}"
-            else:
-                amount = done
-            current = f"  {p.current}" if p.current else ""
-            line = f"{self.what}: {amount}  {human_bytes(p.rate)}/s{current}"
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self.stream.write("\r" + line[:width].ljust(width))
-            self.stream.flush()
-            self._drawn = True
-
-    def done(self) -> None:
-        """End the line (when one was drawn)."""
-        with self._lock:
-            if self._drawn:
-                self.stream.write("\r" + " " * (shutil.get_terminal_size((100, 20)).columns - 1))
-                self.stream.write("\r")
-                self.stream.flush()
-                self._drawn = False
 
 
 # -- the local cloud daemon -----------------------------------------------------------------
@@ -354,16 +248,6 @@ def _local_env(args: argparse.Namespace, out: Output) -> int:
         raise NotFound("no local cloud running: start one with `asyncstage local up`")
     out.result(state, "\n".join(env_lines(state)))
     return EXIT_OK
-
-
-def human_duration(seconds: float) -> str:
-    """``3725`` → ``1h02m``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{sec:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 # -- the manager of a command ------------------------------------------------------------------
@@ -704,164 +588,63 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
 # -- backup and restore -----------------------------------------------------------------------
 
 
-def data_size(paths: Sequence[str]) -> int:
-    """Bytes the files under ``paths`` take (apparent sizes, 4 KiB at least per entry)."""
-    total = 0
-    for top in paths:
-        for root, dirs, files in os.walk(top):
-            for name in [*files, *dirs]:
-                with contextlib.suppress(OSError):
-                    total += max(4096, os.lstat(os.path.join(root, name)).st_size)
-        with contextlib.suppress(OSError):
-            if not os.path.isdir(top):
-                total += max(4096, os.lstat(top).st_size)
-    return total
-
-
-def size_for(nbytes: int, headroom: float = 1.5) -> int:
-    """GiB for a volume holding ``nbytes`` with headroom for growth and filesystem overhead."""
-    return max(1, math.ceil(nbytes * headroom / GiB + 0.1))
-
-
-def backup(
-    m: blocking.Manager,
-    name: str,
-    paths: Sequence[str],
-    *,
-    size: int | None = None,
-    zone: str | None = None,
-    progress: Callable[[Progress], object] | None = None,
-    note: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Back up local ``paths`` into the newest snapshot named ``name`` (incremental).
-
-    The volume comes from the previous snapshot of that name (grown when the data needs
-    more room), is brought up to date with ``rsync --delete --relative``, snapshotted and
-    deleted.
-    """
-    for p in paths:
-        if not os.path.exists(p):
-            raise InvalidArgument(f"backup: {p} does not exist")
-    sources = [os.path.abspath(p) for p in paths]
-    started = time.monotonic()
-    needed = size or size_for(data_size(sources))
-    previous = m.snapshots(name)
-    if previous:
-        needed = max(needed, int(previous[0]["VolumeSize"]))
-        note(f"backup {name}: {needed} GiB volume from {previous[0]['SnapshotId']}")
-    else:
-        note(f"backup {name}: first backup, new {needed} GiB volume")
-    volume = m.provision_volume(name, size=needed, reuse=True, availability_zone=zone)
-    try:
-        note(f"backup {name}: rsync {len(sources)} path(s) to {volume.volume_id}")
-        stats = m.rsync(
-            *sources,
-            f"{volume.volume_id}:/",
-            options=["--relative", "--hard-links", "--numeric-ids"],
-            delete=True,
-            progress=progress,
-        )
-        note(f"backup {name}: snapshot")
-        snapshot_id = volume.create_snapshot(f"asyncstage backup {name}", wait=True)
-    finally:
-        note(f"backup {name}: deleting volume {volume.volume_id}")
-        volume.delete()
-    return {
-        "name": name,
-        "snapshot_id": snapshot_id,
-        "size_gib": volume.size,
-        "bytes": stats.bytes,
-        "files": stats.files,
-        "elapsed": time.monotonic() - started,
-    }
-
-
-def restore(
-    m: blocking.Manager,
-    name: str,
-    dest: str,
-    *,
-    progress: Callable[[Progress], object] | None = None,
-    note: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Restore the newest snapshot named ``name`` into the local directory ``dest``."""
-    started = time.monotonic()
-    existing = m.find_volume_by_name(name)
-    found = m.snapshots(name)
-    newest = found[0] if found else None
-    if existing is None and newest is None:
-        raise NotFound(f"no backup named {name!r} (see `asyncstage snapshots`)")
-    if existing is not None:
-        note(f"restore {name}: from the volume {existing.volume_id}")
-    else:
-        assert newest is not None
-        note(f"restore {name}: volume from {newest['SnapshotId']}")
-    volume = existing or m.provision_volume(name, reuse=True)
-    try:
-        os.makedirs(dest, exist_ok=True)
-        stats = m.rsync(
-            f"{volume.volume_id}:/",
-            dest.rstrip("/") + "/",
-            options=["--hard-links", "--numeric-ids", "--exclude", "/lost+found"],
-            progress=progress,
-        )
-    finally:
-        if existing is None:
-            note(f"restore {name}: deleting volume {volume.volume_id}")
-            volume.delete()
-    return {
-        "name": name,
-        "snapshot_id": newest["SnapshotId"] if newest and existing is None else None,
-        "dest": os.path.abspath(dest),
-        "bytes": stats.bytes,
-        "files": stats.files,
-        "elapsed": time.monotonic() - started,
-    }
-
-
 def _backup(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
         progress = out.progress(f"backup {args.name}")
         try:
-            result = backup(
+            result = blocking.call(
+                backup.backup,
                 m,
                 args.name,
                 args.paths,
                 size=args.size,
                 zone=args.zone,
                 progress=progress,
-                note=out.note if out.verbose else lambda _: None,
+                phase=_phase_notes(out, f"backup {args.name}"),
             )
         finally:
             progress.done()
         out.result(
-            result,
-            f"backup {result['name']}: {result['snapshot_id']} ({human_bytes(result['bytes'])} "
-            f"copied, {result['files']} files, {result['elapsed']:.1f}s)",
+            result.as_dict(),
+            f"backup {result.name}: {result.snapshot_id} ({human_bytes(result.bytes)} "
+            f"copied, {result.files} files, {result.elapsed:.1f}s)",
         )
         return EXIT_OK
 
 
 def _restore(args: argparse.Namespace, out: Output) -> int:
+    backup.check_destination(args.dest, overwrite=args.force)  # before any cloud call
     with open_manager(args) as m:
         progress = out.progress(f"restore {args.name}")
         try:
-            result = restore(
+            result = blocking.call(
+                backup.restore,
                 m,
                 args.name,
                 args.dest,
+                snapshot_id=args.snapshot,
+                overwrite=args.force,
                 progress=progress,
-                note=out.note if out.verbose else lambda _: None,
+                phase=_phase_notes(out, f"restore {args.name}"),
             )
         finally:
             progress.done()
         out.result(
-            result,
-            f"restore {result['name']}: {result['snapshot_id']} → {result['dest']} "
-            f"({human_bytes(result['bytes'])}, {result['files']} files, "
-            f"{result['elapsed']:.1f}s)",
+            result.as_dict(),
+            f"restore {result.name}: {result.snapshot_id} → {result.dest} "
+            f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s)",
         )
         return EXIT_OK
+
+
+def _phase_notes(out: Output, what: str) -> Callable[[str], None]:
+    """With -v, a note as each phase of a backup or restore starts."""
+
+    def note(phase: str) -> None:
+        if out.verbose:
+            out.note(f"{what}: {phase}")
+
+    return note
 
 
 def _demo(args: argparse.Namespace, out: Output) -> int:
@@ -1015,7 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("restore", "restore the newest backup of a name into a directory", _restore)
     p.add_argument("--name", required=True, help="the backup's name")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+    p.add_argument("--snapshot", help="this snapshot of the backup (default: the newest)")
+    p.add_argument(
+        "--force", action="store_true", help="restore into a non-empty directory (merge)"
+    )
     _on_exit_option(p, "stop")
 
     p = command("demo", "fleet backup demonstration on the embedded local cloud", _demo)

@@ -30,9 +30,11 @@ from typing import Any, TextIO
 
 import anyio
 
+from asyncstage import backup
 from asyncstage.errors import AsyncstageError
 from asyncstage.localcloud import LocalCloud
 from asyncstage.manager import Manager
+from asyncstage.output import human_bytes, table
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
 from asyncstage.volume import Volume
@@ -103,14 +105,6 @@ class _Row:
     backups: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 class _Board:
     """Live progress: one line per server, redrawn in place on a terminal; on anything
     else a line per phase change."""
@@ -136,7 +130,7 @@ class _Board:
                 part = min(1.0, p.bytes_done / p.total)
                 filled = round(part * 20)
                 bar = f"[{'#' * filled}{'.' * (20 - filled)}] {100 * part:5.1f}%  "
-            self.set(name, phase, f"{bar}{_human(p.bytes_done)}  {_human(p.rate)}/s")
+            self.set(name, phase, f"{bar}{human_bytes(p.bytes_done)}  {human_bytes(p.rate)}/s")
 
         return update
 
@@ -215,36 +209,26 @@ async def _backup(
     phase: Callable[[str], None],
 ) -> dict[str, Any]:
     """One incremental backup of ``source`` into the newest snapshot named ``name``."""
-    t0 = time.monotonic()
-    phase("vault volume")
-    target = await vault.provision_volume(name, size=source.size, reuse=True)
-    t1 = time.monotonic()
-    try:
-        phase("rsync")
-        stats = await m.rsync(
-            source,
-            target,
-            options=["--exclude", "/lost+found", "--hard-links", "--numeric-ids"],
-            delete=True,
-            progress=progress,
-        )
-        t2 = time.monotonic()
-        phase("snapshot")
-        snapshot_id = await target.create_snapshot(f"asyncstage demo backup {name}", wait=True)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await target.delete()
-    t3 = time.monotonic()
+    done = await backup.backup(
+        m,
+        name,
+        [source],
+        server=vault,
+        size=source.size,
+        description=f"asyncstage demo backup {name}",
+        progress=progress,
+        phase=lambda p: phase("vault volume" if p == "volume" else p),
+    )
     return {
-        "snapshot_id": snapshot_id,
-        "bytes": stats.bytes,
-        "files": stats.files,
-        "wire_bytes": stats.wire_bytes,
-        "route": stats.route,
-        "volume_s": t1 - t0,
-        "rsync_s": t2 - t1,
-        "snapshot_s": t3 - t2,
-        "total_s": t3 - t0,
+        "snapshot_id": done.snapshot_id,
+        "bytes": done.bytes,
+        "files": done.files,
+        "wire_bytes": done.wire_bytes,
+        "route": done.route,
+        "volume_s": done.volume_s,
+        "rsync_s": done.rsync_s,
+        "snapshot_s": done.snapshot_s,
+        "total_s": done.elapsed,
     }
 
 
@@ -344,7 +328,7 @@ async def _fleet(
             sums[server.name] = await _sums(volume)
             row.files = len(sums[server.name])
             moved["bytes"] += row.data_bytes
-            board.set(server.name, "ready", f"{row.files} files, {_human(row.data_bytes)}")
+            board.set(server.name, "ready", f"{row.files} files, {human_bytes(row.data_bytes)}")
 
         async with board.running(), anyio.create_task_group() as tg:
             for i, server in enumerate(servers):
@@ -366,8 +350,8 @@ async def _fleet(
             board.set(
                 server.name,
                 "backed up",
-                f"{figures['snapshot_id']}  {_human(figures['bytes'])} of files in "
-                f"{figures['rsync_s']:.1f}s, {_human(figures['wire_bytes'])} on the wire",
+                f"{figures['snapshot_id']}  {human_bytes(figures['bytes'])} of files in "
+                f"{figures['rsync_s']:.1f}s, {human_bytes(figures['wire_bytes'])} on the wire",
             )
 
         async with board.running(), anyio.create_task_group() as tg:
@@ -401,8 +385,10 @@ async def _fleet(
     first = servers[0].name
     snapshot_id = board.rows[first].backups[-1]["snapshot_id"]
     async with steps.step(f"restore {snapshot_id} ({first}) onto a new volume, verify") as moved:
-        restored = await vault.provision_volume("restore-check", snapshot_id=snapshot_id)
-        got = await _sums(restored)
+        async with backup.snapshot_volume(
+            m, f"backup-{first}", snapshot_id=snapshot_id, server=vault, volume_name="restore-check"
+        ) as restored:
+            got = await _sums(restored)
         want = sums[first]
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))
@@ -425,7 +411,6 @@ async def _fleet(
                 f"  VERIFICATION FAILED: {len(missing)} missing, {len(extra)} unexpected, "
                 f"{len(differ)} different (e.g. {(missing + extra + differ)[:3]})"
             )
-        await restored.delete()
     result["ok"] = ok
     result["fleet"] = [
         {
@@ -439,8 +424,6 @@ async def _fleet(
 
 
 def _summary(stream: TextIO, result: dict[str, Any], board: _Board) -> None:
-    from asyncstage.cli import table
-
     print("\nSummary", file=stream)
     rows = []
     for entry in result.get("fleet", []):
@@ -452,11 +435,11 @@ def _summary(stream: TextIO, result: dict[str, Any], board: _Board) -> None:
             [
                 entry["server"],
                 entry["files"],
-                _human(entry["data_bytes"]),
-                _human(first.get("bytes", 0)),
+                human_bytes(entry["data_bytes"]),
+                human_bytes(first.get("bytes", 0)),
                 f"{first.get('rsync_s', 0):.1f}s",
-                f"{_human(rate)}/s",
-                _human(last.get("wire_bytes", 0)) if last else "-",
+                f"{human_bytes(rate)}/s",
+                human_bytes(last.get("wire_bytes", 0)) if last else "-",
                 f"{last.get('rsync_s', 0):.1f}s" if last else "-",
                 (last or first).get("snapshot_id", "-"),
             ]
@@ -466,7 +449,7 @@ def _summary(stream: TextIO, result: dict[str, Any], board: _Board) -> None:
     print("", file=stream)
     step_rows = []
     for s in result["steps"]:
-        rate = f"{_human(s['bytes'] / s['seconds'])}/s" if s["bytes"] and s["seconds"] else ""
+        rate = f"{human_bytes(s['bytes'] / s['seconds'])}/s" if s["bytes"] and s["seconds"] else ""
         step_rows.append([s["step"], f"{s['seconds']:.1f}s", rate])
     print(table(step_rows, ["STEP", "TIME", "THROUGHPUT"]), file=stream)
     verify = result.get("verify") or {}

@@ -14,7 +14,9 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   ├── MountPointRefused
     │   ├── ZoneMismatch
     │   ├── NameTaken
-    │   └── PathError              a transfer path that cannot be resolved
+    │   ├── InvalidName            a name that breaks the naming rules
+    │   ├── PathError              a transfer path that cannot be resolved
+    │   └── DestinationNotEmpty    a restore into a directory that has files
     ├── NotFound
     │   ├── UnknownServer
     │   ├── UnknownVolume
@@ -55,10 +57,12 @@ __all__ = [
     "CommandTimeout",
     "ConnectError",
     "ConnectionLost",
+    "DestinationNotEmpty",
     "EC2Error",
     "FleetError",
     "HostKeyMismatch",
     "InvalidArgument",
+    "InvalidName",
     "LocalCloudError",
     "MissingDependency",
     "MountPointRefused",
@@ -114,8 +118,16 @@ class NameTaken(InvalidArgument):
     """A new server or volume was asked for with a name already in use."""
 
 
+class InvalidName(InvalidArgument):
+    """A server, volume, backup or login user name breaks the naming rules."""
+
+
 class PathError(InvalidArgument):
     """A transfer path that cannot be parsed or resolved."""
+
+
+class DestinationNotEmpty(InvalidArgument):
+    """A restore into a directory that already holds files (``overwrite`` not given)."""
 
 
 # -- lookup ------------------------------------------------------------------
