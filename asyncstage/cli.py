@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import ipaddress
 import json
 import logging
@@ -34,15 +35,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from asyncstage import __version__, backup, blocking
+from asyncstage import __version__, backup, blocking, completion, userconfig
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
+    HostKeyMismatch,
+    NeedsRoot,
     NotFound,
     UnknownServer,
     UnknownVolume,
 )
-from asyncstage.output import Output, human_bytes, human_duration, table
+from asyncstage.output import Output, TransferTask, human_bytes, human_duration
 from asyncstage.transfer import TransferStats
 
 __all__ = ["build_parser", "main"]
@@ -157,7 +160,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
     state = read_local_state(directory)
     if state is None:
         if os.geteuid() != 0:
-            raise AsyncstageError("the local cloud needs root (namespaces, mounts, loop devices)")
+            raise NeedsRoot("the local cloud needs root (namespaces, mounts, loop devices)")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             (directory / "cloud.json").unlink()
@@ -263,10 +266,31 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def settings(args: argparse.Namespace) -> dict[str, userconfig.Setting]:
+    """The effective settings: flags, then the environment, then the config file."""
+    flags = {
+        "region": args.region,
+        "profile": args.profile,
+        "instance_type": getattr(args, "instance_type", None),
+        "image": getattr(args, "image", None),
+        "username": args.username,
+        "on_exit": getattr(args, "on_exit", None),
+    }
+    return userconfig.effective(
+        flags,
+        path=userconfig.config_path(args.config),
+        required=bool(args.config),
+        defaults={"on_exit": getattr(args, "on_exit_default", "run")},
+    )
+
+
 def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
-    """Manager options from the global options, the environment and a running local cloud."""
+    """Manager options from the global options, the environment, the config file and a
+    running local cloud (whose region, image and user name win over the file's)."""
+    found = settings(args)
+    value = {k: s.value for k, s in found.items()}
     opts: blocking.ManagerOptions = {
-        "on_exit": getattr(args, "on_exit", None) or "run",
+        "on_exit": value["on_exit"] or "run",  # type: ignore[typeddict-item]
         "verbosity": 0 if args.quiet else 1 + args.verbose,
     }
     endpoint = args.endpoint_url or os.environ.get("ASYNCSTAGE_ENDPOINT_URL") or None
@@ -277,7 +301,8 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
         endpoint = str(state["endpoint_url"])
     if endpoint:
         opts["endpoint_url"] = endpoint
-    if state is not None and endpoint == state["endpoint_url"]:
+    local = state is not None and endpoint == state["endpoint_url"]
+    if state is not None and local:
         opts |= {
             "region": str(state["region"]),
             "image": str(state["image_id"]),
@@ -290,18 +315,14 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
     elif endpoint and _is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed
         opts |= {"image": LOCAL_IMAGE_PATTERN, "install_packages": False, "root_type": None}
-        if not os.environ.get("AWS_ACCESS_KEY_ID") and not args.profile:
+        if not os.environ.get("AWS_ACCESS_KEY_ID") and not value["profile"]:
             opts |= LOCAL_CREDENTIALS  # type: ignore[typeddict-item]
-    if args.region:
-        opts["region"] = args.region
-    if args.profile:
-        opts["profile"] = args.profile
+    for key in ("region", "image", "username", "profile", "instance_type"):
+        # on the local cloud only a flag overrides what the cloud dictates
+        if value[key] and (not local or found[key].source.startswith("--")):
+            opts[key] = value[key]
     if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
         opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
-    if getattr(args, "image", None):
-        opts["image"] = args.image
-    if getattr(args, "instance_type", None):
-        opts["instance_type"] = args.instance_type
     return opts
 
 
@@ -310,6 +331,16 @@ def open_manager(args: argparse.Namespace) -> Iterator[blocking.Manager]:
     """The command's manager, closed (``--on-exit`` applied) on the way out."""
     with blocking.Manager(**manager_options(args)) as m:
         yield m
+        completion.write_names("servers", [s.name for s in m.servers()])
+        completion.write_names("volumes", [v.name for v in m.volumes()])
+
+
+def _did_you_mean(ref: str, known: Sequence[str], command: str) -> str:
+    """`` (did you mean 'web1'?)`` from the closest known names, else where to look."""
+    close = difflib.get_close_matches(ref, known, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f" (see `asyncstage {command} list`)"
 
 
 def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
@@ -319,7 +350,8 @@ def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
         with contextlib.suppress(NotFound):
             server = m.find_server_by_instance(ref)
     if server is None:
-        raise UnknownServer(f"no server named {ref!r} (see `asyncstage servers list`)")
+        known = [s.name for s in m.servers()]
+        raise UnknownServer(f"no server named {ref!r}{_did_you_mean(ref, known, 'servers')}")
     return server
 
 
@@ -330,7 +362,8 @@ def find_volume(m: blocking.Manager, ref: str) -> blocking.Volume:
         with contextlib.suppress(NotFound):
             volume = m.find_volume_by_volid(ref)
     if volume is None:
-        raise UnknownVolume(f"no volume named {ref!r} (see `asyncstage volumes list`)")
+        known = [v.name for v in m.volumes()]
+        raise UnknownVolume(f"no volume named {ref!r}{_did_you_mean(ref, known, 'volumes')}")
     return volume
 
 
@@ -391,8 +424,8 @@ def _server_row(s: blocking.Server) -> dict[str, Any]:
 def _print_servers(out: Output, servers: Sequence[blocking.Server]) -> None:
     rows = [_server_row(s) for s in sorted(servers, key=lambda s: s.name)]
     headers = ["NAME", "INSTANCE", "STATE", "ADDRESS", "ZONE", "TYPE", "VOLUMES"]
-    text = table([[*list(r.values())[:-1], ",".join(r["volumes"]) or "-"] for r in rows], headers)
-    out.result(rows, text if rows else "no servers")
+    cells = [[*list(r.values())[:-1], ",".join(r["volumes"]) or "-"] for r in rows]
+    out.table(rows, cells, headers, "no servers")
 
 
 def _servers(args: argparse.Namespace, out: Output) -> int:
@@ -405,24 +438,24 @@ def _servers(args: argparse.Namespace, out: Output) -> int:
             names: list[str] = list(args.names)
             if not names and args.count < 1:
                 raise UsageError("servers provision: give names or --count N")
-            out.note(f"provisioning {len(names) or args.count} server(s) ...")
-            servers = m.provision_servers(
-                names or args.count,
-                instance_type=args.instance_type,
-                availability_zone=args.zone,
-            )
+            with out.waiting(f"provisioning {len(names) or args.count} server(s)"):
+                servers = m.provision_servers(
+                    names or args.count,
+                    instance_type=args.instance_type,
+                    availability_zone=args.zone,
+                )
             _print_servers(out, servers)
             return EXIT_OK
         targets = m.servers() if args.all else [find_server(m, n) for n in args.names]
         if not targets:
             raise UsageError(f"servers {action}: name the servers, or --all")
-        out.note(f"{action}: {', '.join(s.name for s in targets)} ...")
-        if action == "start":
-            m.start_servers(targets)
-        elif action == "stop":
-            m.stop_servers(targets)
-        elif action == "terminate":
-            m.terminate_servers(targets)
+        with out.waiting(f"{action}: {', '.join(s.name for s in targets)}"):
+            if action == "start":
+                m.start_servers(targets)
+            elif action == "stop":
+                m.stop_servers(targets)
+            elif action == "terminate":
+                m.terminate_servers(targets)
         _print_servers(out, targets if action != "terminate" else [])
         return EXIT_OK
 
@@ -471,8 +504,8 @@ def _volume_row(v: blocking.Volume) -> dict[str, Any]:
 def _print_volumes(out: Output, volumes: Sequence[blocking.Volume]) -> None:
     rows = [_volume_row(v) for v in sorted(volumes, key=lambda v: v.name)]
     headers = ["NAME", "VOLUME", "GIB", "FSTYPE", "ZONE", "SERVER", "MOUNTED AT"]
-    text = table([[x if x is not None else "-" for x in r.values()] for r in rows], headers)
-    out.result(rows, text if rows else "no volumes")
+    cells = [[x if x is not None else "-" for x in r.values()] for r in rows]
+    out.table(rows, cells, headers, "no volumes")
 
 
 def _volumes(args: argparse.Namespace, out: Output) -> int:
@@ -485,19 +518,19 @@ def _volumes(args: argparse.Namespace, out: Output) -> int:
                 raise UsageError("volumes provision: give a volume name")
             made = []
             for name in args.names:
-                out.note(f"provisioning volume {name} ...")
-                if args.server:
-                    volume = find_server(m, args.server).provision_volume(
-                        name, size=args.size, fstype=args.fstype, mtpt=args.mtpt
-                    )
-                else:
-                    volume = m.provision_volume(
-                        name,
-                        size=args.size,
-                        fstype=args.fstype,
-                        mtpt=args.mtpt,
-                        availability_zone=args.zone,
-                    )
+                with out.waiting(f"provisioning volume {name}"):
+                    if args.server:
+                        volume = find_server(m, args.server).provision_volume(
+                            name, size=args.size, fstype=args.fstype, mtpt=args.mtpt
+                        )
+                    else:
+                        volume = m.provision_volume(
+                            name,
+                            size=args.size,
+                            fstype=args.fstype,
+                            mtpt=args.mtpt,
+                            availability_zone=args.zone,
+                        )
                 made.append(volume)
             _print_volumes(out, made)
         elif action == "delete":
@@ -513,8 +546,8 @@ def _volumes(args: argparse.Namespace, out: Output) -> int:
 def _snapshot(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
         volume = find_volume(m, args.volume)
-        out.note(f"snapshotting {volume.name} ({volume.volume_id}) ...")
-        snapshot_id = volume.create_snapshot(args.description or "", wait=not args.no_wait)
+        with out.waiting(f"snapshot of {volume.name} ({volume.volume_id}), pending"):
+            snapshot_id = volume.create_snapshot(args.description or "", wait=not args.no_wait)
         out.result({"snapshot_id": snapshot_id, "volume": volume.name}, snapshot_id)
         return EXIT_OK
 
@@ -533,8 +566,8 @@ def _snapshots(args: argparse.Namespace, out: Output) -> int:
             for s in m.snapshots(args.name)
         ]
         headers = ["NAME", "SNAPSHOT", "GIB", "STATE", "STARTED", "DESCRIPTION"]
-        text = table([[x if x is not None else "-" for x in r.values()] for r in rows], headers)
-        out.result(rows, text if rows else "no snapshots")
+        cells = [[x if x is not None else "-" for x in r.values()] for r in rows]
+        out.table(rows, cells, headers, "no snapshots")
         return EXIT_OK
 
 
@@ -551,8 +584,7 @@ def _rsync(args: argparse.Namespace, out: Output) -> int:
         options.append("--dry-run")
     with open_manager(args) as m:
         paths = [resolve_names(m, p) for p in args.paths]
-        progress = out.progress("rsync")
-        try:
+        with out.transfer("rsync") as progress:
             stats = m.rsync(
                 *paths,
                 options=options,
@@ -560,8 +592,6 @@ def _rsync(args: argparse.Namespace, out: Output) -> int:
                 delete=args.delete,
                 progress=progress,
             )
-        finally:
-            progress.done()
         out.result(_stats_dict(stats), _stats_text(stats))
         return EXIT_OK
 
@@ -569,8 +599,7 @@ def _rsync(args: argparse.Namespace, out: Output) -> int:
 def _dd(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
         source, dest = find_volume(m, args.source), find_volume(m, args.dest)
-        progress = out.progress(f"dd {source.name} → {dest.name}")
-        try:
+        with out.transfer(f"dd {source.name} → {dest.name}") as progress:
             stats = m.dd(
                 source,
                 dest,
@@ -579,8 +608,6 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
                 unmount=args.unmount,
                 progress=progress,
             )
-        finally:
-            progress.done()
         out.result(_stats_dict(stats), _stats_text(stats))
         return EXIT_OK
 
@@ -590,8 +617,7 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
 
 def _backup(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
-        progress = out.progress(f"backup {args.name}")
-        try:
+        with out.transfer(f"backup {args.name}") as progress:
             result = blocking.call(
                 backup.backup,
                 m,
@@ -600,10 +626,8 @@ def _backup(args: argparse.Namespace, out: Output) -> int:
                 size=args.size,
                 zone=args.zone,
                 progress=progress,
-                phase=_phase_notes(out, f"backup {args.name}"),
+                phase=_phase_notes(out, progress),
             )
-        finally:
-            progress.done()
         out.result(
             result.as_dict(),
             f"backup {result.name}: {result.snapshot_id} ({human_bytes(result.bytes)} "
@@ -615,8 +639,7 @@ def _backup(args: argparse.Namespace, out: Output) -> int:
 def _restore(args: argparse.Namespace, out: Output) -> int:
     backup.check_destination(args.dest, overwrite=args.force)  # before any cloud call
     with open_manager(args) as m:
-        progress = out.progress(f"restore {args.name}")
-        try:
+        with out.transfer(f"restore {args.name}") as progress:
             result = blocking.call(
                 backup.restore,
                 m,
@@ -625,10 +648,8 @@ def _restore(args: argparse.Namespace, out: Output) -> int:
                 snapshot_id=args.snapshot,
                 overwrite=args.force,
                 progress=progress,
-                phase=_phase_notes(out, f"restore {args.name}"),
+                phase=_phase_notes(out, progress),
             )
-        finally:
-            progress.done()
         out.result(
             result.as_dict(),
             f"restore {result.name}: {result.snapshot_id} → {result.dest} "
@@ -637,12 +658,21 @@ def _restore(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
 
 
-def _phase_notes(out: Output, what: str) -> Callable[[str], None]:
-    """With -v, a note as each phase of a backup or restore starts."""
+_PHASES = {
+    "volume": "making its volume",
+    "rsync": "copying",
+    "snapshot": "snapshot pending",
+    "cleanup": "deleting its volume",
+}
+
+
+def _phase_notes(out: Output, task: TransferTask) -> Callable[[str], None]:
+    """Each phase of a backup or restore: on the live row, and as a note with -v."""
 
     def note(phase: str) -> None:
+        task.phase(_PHASES.get(phase, phase))
         if out.verbose:
-            out.note(f"{what}: {phase}")
+            out.note(f"{task.label}: {phase}")
 
     return note
 
@@ -678,18 +708,30 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="use the local cloud started by `asyncstage local up`",
     )
     g.add_argument("--dotdir", default=d(None), help="keys and known_hosts (default ~/.asyncstage)")
+    g.add_argument("--username", default=d(None), help="login user name on the servers")
+    g.add_argument(
+        "--config",
+        default=d(None),
+        metavar="PATH",
+        help=f"config file (default: $ASYNCSTAGE_CONFIG or {userconfig.DEFAULT_PATH})",
+    )
     g.add_argument("--json", action="store_true", default=d(False), help="JSON on stdout")
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more output; tracebacks")
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="only results")
 
 
 def _on_exit_option(parser: argparse.ArgumentParser, default: str) -> None:
+    # no argparse default: the config file and $ASYNCSTAGE_ON_EXIT come before this one
+    parser.set_defaults(on_exit_default=default)
     parser.add_argument(
         "--on-exit",
         choices=["run", "stop", "terminate"],
-        default=default,
+        default=None,
         help=f"what to do with the servers this command started (default: {default})",
     )
+
+
+_Command = Callable[[str, str, Callable[..., int]], argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -709,6 +751,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    _local_commands(command)
+    _server_commands(command)
+    _volume_commands(command)
+    _transfer_commands(command)
+    _backup_commands(command)
+    _other_commands(command)
+    return parser
+
+
+def _local_commands(command: _Command) -> None:
     p = command("local", "run the embedded local cloud in the background", _local)
     p.add_argument("action", choices=["up", "down", "status", "env", "serve"], metavar="ACTION")
     p.add_argument(
@@ -719,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
 
+
+def _server_commands(command: _Command) -> None:
     p = command("servers", "list, provision, start, stop or terminate servers", _servers)
     p.add_argument(
         "action",
@@ -744,6 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     _on_exit_option(p, "run")
 
+
+def _volume_commands(command: _Command) -> None:
     p = command("volumes", "list, provision or delete volumes", _volumes)
     p.add_argument(
         "action",
@@ -769,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("snapshots", "list staging snapshots (backups), newest first", _snapshots)
     p.add_argument("name", nargs="?", metavar="NAME", help="only the snapshots of this name")
 
+
+def _transfer_commands(command: _Command) -> None:
     p = command(
         "rsync",
         "copy files: local paths, NAME:/path on a server or volume, user@host:/path",
@@ -789,6 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-z", "--compress", action="store_true", help="compress between hosts")
     _on_exit_option(p, "run")
 
+
+def _backup_commands(command: _Command) -> None:
     p = command("backup", "incremental backup of local directories into a snapshot", _backup)
     p.add_argument("--name", required=True, help="the backup's name (snapshots carry it)")
     p.add_argument("paths", nargs="+", metavar="PATH")
@@ -805,11 +865,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _on_exit_option(p, "stop")
 
+
+def _other_commands(command: _Command) -> None:
+    p = command("config", "show the effective settings and where each came from", _config)
+    p.add_argument("action", choices=["show"], metavar="ACTION", help="show")
+
+    p = command("completion", "print a shell completion script (bash or zsh)", _completion)
+    p.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL", help="bash or zsh")
+
     p = command("demo", "fleet backup demonstration on the embedded local cloud", _demo)
     p.add_argument("--servers", type=int, default=4, help="servers in the fleet (default 4)")
     p.add_argument("--small", action="store_true", help="little data: a quick run")
     p.add_argument("--seed", type=int, default=1, help="seed of the generated files")
-    return parser
+
+
+def _config(args: argparse.Namespace, out: Output) -> int:
+    found = settings(args)
+    rows = [[s.key, s.value, s.source] for s in found.values()]
+    out.table([vars(s) for s in found.values()], rows, ["SETTING", "VALUE", "FROM"], "")
+    return EXIT_OK
+
+
+def _completion(args: argparse.Namespace, out: Output) -> int:
+    script = completion.bash_script if args.shell == "bash" else completion.zsh_script
+    sys.stdout.write(script(build_parser()))
+    return EXIT_OK
 
 
 def _local(args: argparse.Namespace, out: Output) -> int:
@@ -842,7 +922,39 @@ def _one_line(e: BaseException) -> str:
         more = f" (+{len(e.exceptions) - 3} more)" if len(e.exceptions) > 3 else ""
         return f"{e.message}: {inner}{more}"
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) < 400 else text[:400] + " …"
+    text = text if len(text) < 400 else text[:400] + " …"
+    hint = _hint(e)
+    return f"{text}: {hint}" if hint and hint not in text else text
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _hint(e: BaseException) -> str | None:
+    """The next step for the errors people meet first, when one is known."""
+    names = {type(c).__name__ for c in _causes(e)}
+    text = " ".join(str(c) for c in _causes(e))
+    if isinstance(e, NeedsRoot) or "needs root" in text:
+        return "run it as root (sudo)"
+    if "NoCredentialsError" in names or "Unable to locate credentials" in text:
+        return (
+            "no AWS credentials: run `aws configure`, set AWS_PROFILE (or --profile), "
+            "or try the local cloud: `sudo asyncstage local up`, then --local"
+        )
+    if "NoRegionError" in names or "You must specify a region" in text:
+        return f"give --region, or set region in {userconfig.DEFAULT_PATH}"
+    if isinstance(e, HostKeyMismatch):
+        return (
+            "if the server was replaced, delete its line from known_hosts in the dot "
+            "directory (--dotdir, default ~/.asyncstage); otherwise do not connect"
+        )
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

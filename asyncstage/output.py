@@ -6,18 +6,38 @@ import it (and neither imports the other).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import shutil
 import sys
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.table import Table
 
 from asyncstage.transfer import Progress
 
-__all__ = ["Output", "ProgressPrinter", "human_bytes", "human_duration", "table"]
+__all__ = [
+    "Output",
+    "TransferDisplay",
+    "TransferTask",
+    "human_bytes",
+    "human_duration",
+    "print_table",
+    "table",
+]
 
 
 def human_bytes(n: float) -> str:
@@ -50,13 +70,133 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     return "\n".join([line(headers), *(line(row) for row in cells)])
 
 
-class Output:
-    """Where a command's results and messages go: tables or JSON on stdout, notes on stderr."""
+def print_table(
+    rows: Sequence[Sequence[object]],
+    headers: Sequence[str],
+    *,
+    console: Console | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """A table: drawn by rich on ``console`` (a terminal), else :func:`table` text on
+    ``stream``."""
+    if console is None:
+        print(table(rows, headers), file=stream or sys.stdout, flush=True)
+        return
+    drawn = Table(*headers, header_style="bold", box=None, pad_edge=False)
+    for row in rows:
+        drawn.add_row(*("-" if c is None else str(c) for c in row))
+    console.print(drawn)
 
-    def __init__(self, *, json_output: bool, quiet: bool, verbose: int) -> None:
+
+class TransferTask:
+    """One row of a :class:`TransferDisplay`: a transfer's bar, or a wait's spinner.
+
+    Calling it with a :class:`~asyncstage.transfer.Progress` updates the bar (it is a
+    progress callback); :meth:`phase` shows what it waits for. Safe from any thread.
+    """
+
+    def __init__(self, display: TransferDisplay, label: str, task: TaskID | None) -> None:
+        self.display = display
+        self.label = label
+        self._task = task
+        self._phase = ""
+
+    def phase(self, text: str, detail: str = "") -> None:
+        """A new phase (``starting``, ``snapshot``, ...): the bar becomes a spinner."""
+        changed = text != self._phase
+        self._phase = text
+        shown = f"{self.label} {text}" + (f"  {detail}" if detail else "")
+        if self._task is not None and self.display.rich is not None:
+            self.display.rich.update(self._task, description=shown, total=None, completed=0)
+        elif changed:
+            self.display.plain(shown)
+
+    def __call__(self, p: Progress) -> None:
+        if self._task is None or self.display.rich is None:
+            return
+        self.display.rich.update(
+            self._task,
+            description=f"{self.label} {self._phase}".rstrip(),
+            completed=p.bytes_done,
+            total=p.total,
+        )
+
+    def done(self, text: str) -> None:
+        """The end of this row: its last words, bar full."""
+        self._phase = text
+        if self._task is not None and self.display.rich is not None:
+            self.display.rich.update(self._task, description=f"{self.label} {text}", total=1)
+            self.display.rich.update(self._task, completed=1)
+        else:
+            self.display.plain(f"{self.label} {text}")
+
+
+class TransferDisplay:
+    """Live progress: one row per concurrent transfer (bytes, rate, time left) or wait
+    (a spinner and its state), drawn by rich on a terminal.
+
+    Off a terminal (``live=False``) nothing is drawn; ``phases`` then prints a line per
+    phase change to ``stream`` instead (the demo's log), else stays silent.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool, phases: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.phases = phases
+        self._lock = threading.Lock()
+        self.rich: RichProgress | None = None
+        if live:
+            self.rich = RichProgress(
+                SpinnerColumn(finished_text="[green]✓"),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+                refresh_per_second=8,
+            )
+
+    def plain(self, line: str) -> None:
+        """A line of the plain log (off a terminal, with ``phases``)."""
+        if self.phases:
+            with self._lock:
+                print(f"  {line}", file=self.stream, flush=True)
+
+    def task(self, label: str) -> TransferTask:
+        """A new row."""
+        task = None if self.rich is None else self.rich.add_task(label, total=None)
+        return TransferTask(self, label, task)
+
+    def __enter__(self) -> TransferDisplay:
+        if self.rich is not None:
+            self.rich.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rich is not None:
+            self.rich.stop()
+
+
+class Output:
+    """Where a command's results and messages go: tables or JSON on stdout, notes and
+    live progress on stderr.
+
+    Rich drawing (tables, bars, spinners) only when stdout is a terminal and neither
+    ``--json`` nor ``-q`` was given; otherwise plain text that scripts can read.
+    """
+
+    def __init__(
+        self, *, json_output: bool, quiet: bool, verbose: int, fancy: bool | None = None
+    ) -> None:
         self.json = json_output
         self.quiet = quiet
         self.verbose = verbose
+        if fancy is None:
+            fancy = sys.stdout.isatty() and not json_output
+        self.fancy = fancy
+        self.console = Console() if fancy else None
+        self.live = fancy and not quiet and sys.stderr.isatty()
 
     def note(self, message: str) -> None:
         """A message for people (stderr), unless -q."""
@@ -70,55 +210,33 @@ class Output:
         elif text is not None:
             print(text)
 
-    def progress(self, what: str) -> ProgressPrinter:
-        """A progress line on stderr (a terminal only; nothing with -q or --json)."""
-        enabled = not self.quiet and not self.json and sys.stderr.isatty()
-        return ProgressPrinter(what, enabled=enabled)
+    def table(
+        self, data: Any, rows: Sequence[Sequence[object]], headers: Sequence[str], empty: str
+    ) -> None:
+        """A list result: JSON, a rich table (a terminal) or aligned text; ``empty`` if none."""
+        if self.json or not rows:
+            self.result(data, empty)
+        else:
+            print_table(rows, headers, console=self.console)
 
+    @contextlib.contextmanager
+    def transfer(self, what: str) -> Iterator[TransferTask]:
+        """A live row for one transfer or wait (a progress callback with phases)."""
+        with TransferDisplay(live=self.live) as display:
+            yield display.task(what)
 
-class ProgressPrinter:
-    """A progress callback that redraws one line on stderr, at most 10 times a second.
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[Callable[[str], None]]:
+        """A spinner while the block waits (a terminal only); the note otherwise.
 
-    Called from the facade's event loop thread; only prints (never calls the API).
-    """
-
-    def __init__(self, what: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.what = what
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self._last = 0.0
-        self._drawn = False
-        self._lock = threading.Lock()
-
-    def __call__(self, p: Progress) -> None:
-        if not self.enabled:
+        Yields a function that changes the spinner's text (the state waited for)."""
+        if not self.live:
+            self.note(f"{what} ...")
+            yield lambda _: None
             return
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < 0.1:
-                return
-            self._last = now
-            done = human_bytes(p.bytes_done)
-            if p.total:
-                pct = min(100.0, 100.0 * p.bytes_done / p.total)
-                amount = f"{pct:5.1f}% {done} of {human_bytes(p.total)}"
-            else:
-                amount = done
-            current = f"  {p.current}" if p.current else ""
-            line = f"{self.what}: {amount}  {human_bytes(p.rate)}/s{current}"
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self.stream.write("\r" + line[:width].ljust(width))
-            self.stream.flush()
-            self._drawn = True
-
-    def done(self) -> None:
-        """End the line (when one was drawn)."""
-        with self._lock:
-            if self._drawn:
-                self.stream.write("\r" + " " * (shutil.get_terminal_size((100, 20)).columns - 1))
-                self.stream.write("\r")
-                self.stream.flush()
-                self._drawn = False
+        assert self.console is not None
+        with Console(stderr=True).status(what) as status:
+            yield lambda state: status.update(f"{what}: {state}")
 
 
 def human_duration(seconds: float) -> str:

@@ -150,6 +150,11 @@ def test_servers_ssh_volumes_rsync(daemon: dict[str, str], tmp_path: Path) -> No
         "(write ./nosuch:/x for a local path)"
     ]
     assert run(env, "--local", "ssh", "ghost", "true", ok=False).returncode == 1
+    near = run(env, "--local", "ssh", "wbe", "true", ok=False)
+    assert near.stderr.strip() == "asyncstage: error: no server named 'wbe' (did you mean 'web'?)"
+    cache = Path(env["HOME"]) / ".asyncstage" / "cache"  # for shell completion
+    assert (cache / "servers").read_text().split() == ["db", "web"]
+    assert "mydata" in (cache / "volumes").read_text().split()
 
     snap = run(env, "--local", "snapshot", "mydata").stdout.strip()
     assert snap.startswith("snap-")
