@@ -6,7 +6,10 @@ started (``run`` by default: servers stay as you left them; ``stop`` for backup/
 
 ``asyncstage local up`` runs the embedded local cloud as a daemon; ``--local`` (or the
 ``ASYNCSTAGE_ENDPOINT_URL`` it prints) points later commands at it. ``asyncstage demo`` runs
-the fleet-backup demonstration (:mod:`asyncstage.demo`).
+the fleet-backup demonstration (:mod:`asyncstage.demo`). ``backup``/``restore`` go through
+:mod:`asyncstage.backup`; defaults may come from a config file (:mod:`asyncstage.userconfig`,
+``config show``); ``completion bash|zsh`` prints a completion script. Output
+(:mod:`asyncstage.output`) is drawn with rich on a terminal, plain when piped or ``--json``.
 
 Exit codes: 0 success, 1 failure (one line on stderr; ``-v`` adds the traceback), 2 usage,
 3 ``local status``: not running, 130 interrupted. A remote command run by ``ssh`` exits
@@ -96,14 +99,21 @@ def read_local_state(directory: Path) -> dict[str, Any] | None:
     return state
 
 
+def local_credentials(state: dict[str, Any]) -> dict[str, str]:
+    """The local cloud's credentials: those its record holds (``credentials``), else the
+    fixed ones of older records."""
+    return dict(state.get("credentials") or LOCAL_CREDENTIALS)
+
+
 def env_lines(state: dict[str, Any]) -> list[str]:
     """``export`` lines that point later commands (and aws-cli, boto3) at the cloud."""
+    creds = local_credentials(state)
     return [
         f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
         f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
         f"export AWS_DEFAULT_REGION={state['region']}",
-        f"export AWS_ACCESS_KEY_ID={LOCAL_CREDENTIALS['aws_access_key_id']}",
-        f"export AWS_SECRET_ACCESS_KEY={LOCAL_CREDENTIALS['aws_secret_access_key']}",
+        f"export AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
+        f"export AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}",
     ]
 
 
@@ -310,7 +320,7 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
             "dotdir": str(state["dotdir"]),
             "install_packages": False,
             "root_type": None,
-            **LOCAL_CREDENTIALS,  # type: ignore[typeddict-item]
+            **local_credentials(state),  # type: ignore[typeddict-item]
         }
     elif endpoint and _is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed
