@@ -22,7 +22,6 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.progress import Progress as RichProgress
 from rich.table import Table
@@ -107,7 +106,8 @@ class TransferTask:
         self._phase = text
         shown = f"{self.label} {text}" + (f"  {detail}" if detail else "")
         if self._task is not None and self.display.rich is not None:
-            self.display.rich.update(self._task, description=shown, total=None, completed=0)
+            self.display.indeterminate(self._task)
+            self.display.rich.update(self._task, description=shown, completed=0, rate="")
         elif changed:
             self.display.plain(shown)
 
@@ -119,6 +119,7 @@ class TransferTask:
             description=f"{self.label} {self._phase}".rstrip(),
             completed=p.bytes_done,
             total=p.total,
+            rate=f"{human_bytes(p.rate)}/s",  # the transfer's own rate, not rich's estimate
         )
 
     def done(self, text: str) -> None:
@@ -139,7 +140,14 @@ class TransferDisplay:
     phase change to ``stream`` instead (the demo's log), else stays silent.
     """
 
-    def __init__(self, stream: TextIO | None = None, *, live: bool, phases: bool = False) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        live: bool,
+        phases: bool = False,
+        transient: bool = False,
+    ) -> None:
         self.stream = stream or sys.stderr
         self.phases = phases
         self._lock = threading.Lock()
@@ -150,12 +158,19 @@ class TransferDisplay:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
+                TextColumn("{task.fields[rate]}"),
                 TimeRemainingColumn(),
                 console=Console(file=self.stream),
-                transient=False,
+                transient=transient,
                 refresh_per_second=8,
             )
+
+    def indeterminate(self, task: TaskID) -> None:
+        """Make a row a spinner again (rich's ``update(total=None)`` keeps the total)."""
+        if self.rich is not None:
+            for t in self.rich.tasks:
+                if t.id == task:
+                    t.total = None
 
     def plain(self, line: str) -> None:
         """A line of the plain log (off a terminal, with ``phases``)."""
@@ -165,7 +180,7 @@ class TransferDisplay:
 
     def task(self, label: str) -> TransferTask:
         """A new row."""
-        task = None if self.rich is None else self.rich.add_task(label, total=None)
+        task = None if self.rich is None else self.rich.add_task(label, total=None, rate="")
         return TransferTask(self, label, task)
 
     def __enter__(self) -> TransferDisplay:
@@ -222,7 +237,8 @@ class Output:
     @contextlib.contextmanager
     def transfer(self, what: str) -> Iterator[TransferTask]:
         """A live row for one transfer or wait (a progress callback with phases)."""
-        with TransferDisplay(live=self.live) as display:
+        # transient: the command's result line replaces the bar (or the error does)
+        with TransferDisplay(live=self.live, transient=True) as display:
             yield display.task(what)
 
     @contextlib.contextmanager
