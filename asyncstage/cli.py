@@ -891,7 +891,7 @@ def _other_commands(command: _Command) -> None:
 
 def _config(args: argparse.Namespace, out: Output) -> int:
     found = settings(args)
-    rows = [[s.key, s.value, s.source] for s in found.values()]
+    rows = [[s.key, s.value or "-", s.source] for s in found.values()]
     out.table([vars(s) for s in found.values()], rows, ["SETTING", "VALUE", "FROM"], "")
     return EXIT_OK
 
