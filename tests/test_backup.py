@@ -20,7 +20,6 @@ from asyncstage.errors import (
     NameTaken,
     UnknownSnapshot,
 )
-from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
