@@ -205,8 +205,8 @@ def env_lines(state: dict[str, Any]) -> list[str]:
         f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
         f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
         f"export AWS_DEFAULT_REGION={state['region']}",
-        f"export AWS_ACCESS_KEY_ID={LOCAL_CREDENTIALS['aws_access_key_id']}",
-        f"export AWS_SECRET_ACCESS_KEY={LOCAL_CREDENTIALS['aws_secret_access_key']}",
+        f"export AWS_ACCESS_KEY_ID={(LOCAL_CREDENTIALS | state)['aws_access_key_id']}",
+        f"export AWS_SECRET_ACCESS_KEY={(LOCAL_CREDENTIALS | state)['aws_secret_access_key']}",
     ]
 
 
@@ -235,6 +235,7 @@ def _serve_local(args: argparse.Namespace) -> int:
                     "image_name": cloud.image_name,
                     "username": cloud.default_username,
                     "state_dir": cloud.state_dir,
+                    **cloud.credentials,
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }
@@ -401,7 +402,7 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
             "dotdir": str(state["dotdir"]),
             "install_packages": False,
             "root_type": None,
-            **LOCAL_CREDENTIALS,  # type: ignore[typeddict-item]
+            **{k: str(state.get(k, v)) for k, v in LOCAL_CREDENTIALS.items()},  # type: ignore[typeddict-item]
         }
     elif endpoint and _is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed

@@ -212,7 +212,7 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
         from asyncstage import blocking
         m = blocking.Manager(
             region={cloud.region!r}, endpoint_url={cloud.endpoint_url!r},
-            aws_access_key_id="x", aws_secret_access_key="x", image={cloud.image_id!r},
+            **{cloud.credentials!r}, image={cloud.image_id!r},
             username={cloud.default_username!r}, install_packages=False, root_type=None,
             dotdir={str(cloud_dotdir)!r}, scan=False, poll_interval=0.2, on_exit="terminate",
         )
@@ -232,8 +232,7 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
     with blocking.Manager(
         region=cloud.region,
         endpoint_url=cloud.endpoint_url,
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
+        **cloud.credentials,
         dotdir=cloud_dotdir,
         scan=False,
         on_exit="run",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncstage.localcloud._engine import Engine
+from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import LOGIN_USER
 
 if TYPE_CHECKING:
@@ -26,7 +27,9 @@ class LocalCloud:
     mount and state it made — also on an exception or cancellation. Needs root.
 
     Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
-    State lives in a temporary directory unless ``state_dir`` is given.
+    State lives in a temporary directory unless ``state_dir`` is given (one cloud per
+    state dir: a second one gets ``StateDirInUse``). The API accepts only requests
+    signed with :attr:`credentials`. ``seed`` makes its random choices replayable.
     """
 
     def __init__(
@@ -36,8 +39,16 @@ class LocalCloud:
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
+        seed: int | None = None,
     ) -> None:
-        self._engine = Engine(boot_delay=boot_delay, state_dir=state_dir, region=region, port=port)
+        self._engine = Engine(
+            boot_delay=boot_delay,
+            state_dir=state_dir,
+            region=region,
+            port=port,
+            api=_make_api,
+            seed=seed,
+        )
         self.region = region
         self.image_name = self._engine.image_name
         self.default_username = LOGIN_USER
@@ -67,13 +78,26 @@ class LocalCloud:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return str(self._engine.state_dir)
 
+    @property
+    def credentials(self) -> dict[str, str]:
+        """``aws_access_key_id`` and ``aws_secret_access_key`` of this cloud (random).
+
+        Also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials file) while
+        the cloud runs. Requests signed with anything else get EC2's ``AuthFailure``.
+        """
+        return self._engine.credentials.as_kwargs()
+
+    @property
+    def seed(self) -> int:
+        """The seed of the cloud's random choices (NVMe numbers); pass it to replay."""
+        return self._engine.seed
+
     def session_kwargs(self) -> dict[str, str]:
-        """What an aioboto3 session or client needs: endpoint, region, dummy credentials."""
+        """What an aioboto3 session or client needs: endpoint, region, the credentials."""
         return {
             "endpoint_url": self.endpoint_url,
             "region_name": self.region,
-            "aws_access_key_id": "asyncstage-local",
-            "aws_secret_access_key": "asyncstage-local",
+            **self.credentials,
         }
 
     async def start(self) -> None:
@@ -107,3 +131,10 @@ class LocalCloud:
         from asyncstage.manager import local_manager
 
         return local_manager(self, **options)
+
+
+def _make_api(engine: EngineHooks) -> ApiHooks:
+    """The cloud's API (moto is imported only when a cloud starts)."""
+    from asyncstage.localcloud._api import LocalApi
+
+    return LocalApi(engine)
