@@ -76,6 +76,7 @@ class LocalApi:
             request_handler=_QuietHandler,
         )
         self.port: int = self._server.server_address[1]
+        engine.port = self.port  # the Host header must name it
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -143,7 +144,7 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
         params.update(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
         try:
             check_host(environ, engine.port)
-            check_request(environ, body, params, engine.credentials, engine.region)
+            check_request(environ, body, params, engine.credentials)
         except AuthFailure as e:
             return _error_response(start_response, e.code, str(e), e.status)
         action = params.get("Action", "")

@@ -92,16 +92,12 @@ def check_host(environ: dict[str, Any], port: int) -> None:
 
 
 def check_request(
-    environ: dict[str, Any],
-    body: bytes,
-    params: dict[str, str],
-    credentials: Credentials,
-    region: str,
+    environ: dict[str, Any], body: bytes, params: dict[str, str], credentials: Credentials
 ) -> None:
     """Raise :class:`AuthFailure` unless the request is signed with ``credentials``."""
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     if authorization:
-        _check_sigv4(environ, body, authorization, credentials, region)
+        _check_sigv4(environ, body, authorization, credentials)
     elif "Signature" in params and "AWSAccessKeyId" in params:
         _check_sigv2(environ, params, credentials)
     elif "X-Amz-Signature" in params:
@@ -143,11 +139,7 @@ class _Verifier(SigV4Auth):  # type: ignore[misc]
 
 
 def _check_sigv4(
-    environ: dict[str, Any],
-    body: bytes,
-    authorization: str,
-    credentials: Credentials,
-    region: str,
+    environ: dict[str, Any], body: bytes, authorization: str, credentials: Credentials
 ) -> None:
     m = _SIGV4.match(authorization)
     if m is None:
@@ -160,7 +152,8 @@ def _check_sigv4(
     except ValueError:
         raise AuthFailure("the request has no valid X-Amz-Date") from None
     _check_time(when)
-    if not stamp.startswith(m["date"]) or m["service"] != "ec2" or m["region"] != region:
+    # the region of the scope is checked by the caller (a clear "this cloud serves X only")
+    if not stamp.startswith(m["date"]) or m["service"] != "ec2":
         raise AuthFailure(f"the credential scope {m['date']}/{m['region']}/{m['service']} is wrong")
     claimed = _header(environ, "x-amz-content-sha256")
     if claimed is not None and claimed != hashlib.sha256(body).hexdigest():
@@ -178,7 +171,7 @@ def _check_sigv4(
         method=environ["REQUEST_METHOD"], url=_url(environ), headers=headers, data=body
     )
     request.context["timestamp"] = stamp
-    verifier = _Verifier(BotoCredentials(*credentials.as_kwargs().values()), region, signed)
+    verifier = _Verifier(BotoCredentials(*credentials.as_kwargs().values()), m["region"], signed)
     expected = verifier.signature(
         verifier.string_to_sign(request, verifier.canonical_request(request)), request
     )

@@ -34,7 +34,7 @@ class EngineHooks(Protocol):
     account: str
     region: str
     image_name: str
-    port: int  # the API's port (0: any free one)
+    port: int  # the API's port (0 asks for a free one; the API sets the one it bound)
     credentials: Credentials
 
     @property
