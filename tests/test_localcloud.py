@@ -183,7 +183,7 @@ def exists(*paths: str) -> list[str]:
 
 def registry_entry(cloud: LocalCloud) -> Path:
     """The cloud's entry in the registry of runs (white box)."""
-    record = cloud._engine._record
+    record = cloud._engine._run.record
     assert record is not None
     return record.path
 
@@ -692,7 +692,7 @@ def test_crash_cleanup_touches_only_what_is_still_the_runs(tmp_path: Path) -> No
     for image in (reused, own):
         image.write_bytes(b"\0" * (1 << 20))
     old = LoopId.of(reused)
-    reused.unlink()
+    reused.rename(tmp_path / "old.img")  # kept: its inode is not reused at once
     reused.write_bytes(b"\1" * (1 << 20))  # same path, another file
     assert LoopId.of(reused) != old
     stranger = losetup("--find", "--show", str(reused))

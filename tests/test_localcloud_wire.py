@@ -187,6 +187,7 @@ def test_signed_requests_are_answered_and_others_refused(cloud: LocalCloud, sign
     assert status == 200
 
 
+@pytest.mark.anyio
 async def test_botocore_with_other_credentials_gets_auth_failure(cloud: LocalCloud) -> None:
     kwargs = cloud.session_kwargs() | {"aws_secret_access_key": "not-the-secret"}
     async with aioboto3.Session().client("ec2", **kwargs) as ec2:
