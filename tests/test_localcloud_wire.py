@@ -137,8 +137,8 @@ class RawClient:
 
 def raw(cloud: LocalCloud, **changes: str) -> RawClient:
     kwargs = {
-        "key": cloud.credentials["aws_access_key_id"],
-        "secret": cloud.credentials["aws_secret_access_key"],
+        "key": cloud.session_kwargs()["aws_access_key_id"],
+        "secret": cloud.session_kwargs()["aws_secret_access_key"],
     }
     return RawClient(cloud.endpoint_url, **(kwargs | changes))
 
@@ -161,7 +161,7 @@ def error_code(body: str) -> str:
 
 
 def test_credentials_are_the_clouds_own(cloud: LocalCloud) -> None:
-    creds = cloud.credentials
+    creds = cloud.session_kwargs()
     assert creds["aws_access_key_id"].startswith("AKIA") and len(creds["aws_access_key_id"]) == 20
     assert len(creds["aws_secret_access_key"]) == 40
     assert cloud.session_kwargs()["aws_secret_access_key"] == creds["aws_secret_access_key"]
@@ -273,8 +273,8 @@ def aws(cloud: LocalCloud, *args: str) -> Any:
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         "AWS_ENDPOINT_URL_EC2": cloud.endpoint_url,
         "AWS_DEFAULT_REGION": cloud.region,
-        "AWS_ACCESS_KEY_ID": cloud.credentials["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": cloud.credentials["aws_secret_access_key"],
+        "AWS_ACCESS_KEY_ID": cloud.session_kwargs()["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": cloud.session_kwargs()["aws_secret_access_key"],
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         "AWS_EC2_METADATA_DISABLED": "true",

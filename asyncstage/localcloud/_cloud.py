@@ -29,7 +29,8 @@ class LocalCloud:
     Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
     State lives in a temporary directory unless ``state_dir`` is given (one cloud per
     state dir: a second one gets ``StateDirInUse``). The API accepts only requests
-    signed with :attr:`credentials`. ``seed`` makes its random choices replayable.
+    signed with its own credentials (:meth:`session_kwargs`). ``seed`` makes its random
+    choices (NVMe device numbers) replayable; the log says which seed a cloud drew.
     """
 
     def __init__(
@@ -78,26 +79,17 @@ class LocalCloud:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return str(self._engine.state_dir)
 
-    @property
-    def credentials(self) -> dict[str, str]:
-        """``aws_access_key_id`` and ``aws_secret_access_key`` of this cloud (random).
-
-        Also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials file) while
-        the cloud runs. Requests signed with anything else get EC2's ``AuthFailure``.
-        """
-        return self._engine.credentials.as_kwargs()
-
-    @property
-    def seed(self) -> int:
-        """The seed of the cloud's random choices (NVMe numbers); pass it to replay."""
-        return self._engine.seed
-
     def session_kwargs(self) -> dict[str, str]:
-        """What an aioboto3 session or client needs: endpoint, region, the credentials."""
+        """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
+        own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
+        file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
+        """
         return {
             "endpoint_url": self.endpoint_url,
             "region_name": self.region,
-            **self.credentials,
+            **self._engine.credentials.as_kwargs(),
         }
 
     async def start(self) -> None:
