@@ -29,8 +29,9 @@ class LocalCloud:
     Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
     State lives in a temporary directory unless ``state_dir`` is given (one cloud per
     state dir: a second one gets ``StateDirInUse``). The API accepts only requests
-    signed with its own credentials (:meth:`session_kwargs`). ``seed`` makes its random
-    choices (NVMe device numbers) replayable; the log says which seed a cloud drew.
+    signed with its own credentials (:meth:`session_kwargs`). Its random choices (NVMe
+    device numbers) come from a seed that the log names; ``ASYNCSTAGE_LOCAL_SEED=N`` in
+    the environment replays them.
     """
 
     def __init__(
@@ -40,7 +41,6 @@ class LocalCloud:
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
-        seed: int | None = None,
     ) -> None:
         self._engine = Engine(
             boot_delay=boot_delay,
@@ -48,7 +48,6 @@ class LocalCloud:
             region=region,
             port=port,
             api=_make_api,
-            seed=seed,
         )
         self.region = region
         self.image_name = self._engine.image_name

@@ -85,6 +85,8 @@ class Engine:
             str(secrets.randbelow(10)) for _ in range(12)
         )
         self.credentials = Credentials.generate()
+        if seed is None and os.environ.get("ASYNCSTAGE_LOCAL_SEED", "").isdigit():
+            seed = int(os.environ["ASYNCSTAGE_LOCAL_SEED"])
         self.seed = secrets.randbits(32) if seed is None else seed
         self.random = random.Random(self.seed)  # NVMe numbers: replayable with the seed
         self.image_name = IMAGE_NAME
