@@ -142,6 +142,7 @@ def _serve_local(args: argparse.Namespace) -> int:
                     "image_name": cloud.image_name,
                     "username": cloud.default_username,
                     "state_dir": cloud.state_dir,
+                    **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }
