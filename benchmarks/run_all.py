@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller"]
+SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller", "perl", "fabric"]
 
 
 def _fmt(value: float) -> str:
@@ -49,8 +49,13 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for t in summary["targets"]:
         what = t["what"].replace("|", "\\|")  # a pipe would end the cell
+        if t["value"] is None:  # a baseline could not run the step
+            reason = t.get("not_run", "").replace("|", "\\|")
+            value = f"not run: {reason}"
+        else:
+            value = f"{_fmt(t['value'])}{t['unit']}"
         lines.append(
-            f"| {t['benchmark']} | {what} | {_fmt(t['value'])}{t['unit']} | "
+            f"| {t['benchmark']} | {what} | {value} | "
             f"{t['op']} {_fmt(t['limit'])}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
         )
     m = summary["machine"]
@@ -102,6 +107,19 @@ def run_scripts(names: list[str], results: Path, quick: bool, jobs: int) -> list
     return failed
 
 
+def _charts(results: Path) -> None:
+    """PNG charts of the full run (benchmarks/charts.py); a note when matplotlib is missing."""
+    from charts import write_charts
+
+    try:
+        written = write_charts(results)
+    except ImportError as e:  # matplotlib: pip install 'asyncstage[bench]' (make bench does)
+        print(f"no charts: {e}", file=sys.stderr)
+        return
+    for path in written:
+        print(f"chart: {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -129,6 +147,8 @@ def main() -> int:
     table = markdown(summary)
     (results / "summary.md").write_text(table)
     print("\n" + table)
+    if not args.quick:
+        _charts(results)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
