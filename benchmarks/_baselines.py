@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import time
@@ -183,7 +184,7 @@ def perl_module_missing() -> str | None:
 
 
 class PerlDriver:
-    """``perl staging_bench.pl`` answering requests; restarted after it dies or hangs."""
+    """``perl staging_bench.pl`` answering requests; stopped when it hangs."""
 
     def __init__(self, env: dict[str, str], args: list[str], log: Path) -> None:
         self.env = {**os.environ, **env}
@@ -191,12 +192,17 @@ class PerlDriver:
         self.log = log
         self.proc: subprocess.Popen[str] | None = None
 
-    def _start(self) -> subprocess.Popen[str]:
+    def start(self) -> subprocess.Popen[str]:
+        """Start the driver unless it runs; call it from the main thread (see below)."""
         if self.proc is not None and self.proc.poll() is None:
             return self.proc
+        # The driver dies with this process (SIGKILL on the death of the thread that
+        # started it): VM::EC2's get_server retries CreateTags in a loop with no end, which
+        # would otherwise go on after a crash here.
+        guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                ["perl", str(PERL_DRIVER), *self.args],
+                [*guard, "perl", str(PERL_DRIVER), *self.args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -207,7 +213,9 @@ class PerlDriver:
         return self.proc
 
     def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-        proc = self._start()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            raise NotRun(f"the Perl driver is not running ({self._last_error()})")
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(json.dumps(request) + "\n")
@@ -218,7 +226,7 @@ class PerlDriver:
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
         line = proc.stdout.readline() if ready else ""
         if not ready:
-            self.stop()
+            self.stop(timeout=5)  # it hangs: it would not read "quit" either
             raise NotRun(f"no answer from VM::EC2 within {timeout:g} s ({self._last_error()})")
         if not line:
             self.stop()

@@ -66,23 +66,41 @@ def _drop(device: str) -> str:
 class Perl:
     """The Perl side: its driver, or the reason it cannot run at all."""
 
-    def __init__(self, driver: PerlDriver | None, missing: str | None, step_timeout: float):
+    def __init__(
+        self, driver: PerlDriver | None, missing: str | None, step_timeout: float, per_server: float
+    ) -> None:
         self.driver = driver
         self.missing = missing
         self.timeout = step_timeout
+        self.per_server = per_server  # get_server's deadline for each server
         self.volumes: dict[str, dict[str, Any]] = {}
+        # Once get_server failed (or hung: it retries CreateTags until it gets "true"),
+        # the steps that need a server are not tried again: the reason stands for them.
+        self.no_servers: str | None = None
 
     async def ask(self, op: str, timeout: float | None = None, **request: Any) -> dict[str, Any]:
         if self.driver is None:
             raise NotRun(self.missing or "no Perl driver")
-        return await self.driver.ask(timeout or self.timeout, op, **request)
+        if self.no_servers is not None and op != "terminate":
+            raise NotRun(self.no_servers)
+        try:
+            return await self.driver.ask(timeout or self.timeout, op, **request)
+        except NotRun as e:
+            if op == "fleet":
+                self.no_servers = f"get_server: {e}"
+                raise NotRun(self.no_servers) from None
+            raise
+
+    async def servers(self, names: list[str]) -> float:
+        """get_server for each name, in turn: the seconds it took."""
+        return await self.timed("fleet", self.per_server * len(names), names=names)
 
     async def timed(self, op: str, timeout: float | None = None, **request: Any) -> float:
         seconds: float = (await self.ask(op, timeout, **request))["seconds"]
         return seconds
 
 
-async def _fleet(m: Manager, perl: Perl, n: int, reps: int, boot_timeout: float) -> dict[str, Any]:
+async def _fleet(m: Manager, perl: Perl, n: int, reps: int) -> dict[str, Any]:
     runs = iter(range(1000))
 
     async def a() -> float:
@@ -99,7 +117,7 @@ async def _fleet(m: Manager, perl: Perl, n: int, reps: int, boot_timeout: float)
     async def b() -> float:
         names = [f"perl-{n}-{next(runs)}-{i}" for i in range(n)]
         try:
-            return await perl.timed("fleet", boot_timeout * n, names=names)
+            return await perl.servers(names)
         finally:
             if perl.driver is not None and perl.driver.proc is not None:
                 await perl.ask("terminate", names=names)
@@ -108,12 +126,12 @@ async def _fleet(m: Manager, perl: Perl, n: int, reps: int, boot_timeout: float)
     return alt.figures("perl") | {"n": n}
 
 
-async def _setup_perl(perl: Perl, data_bytes: int, boot_timeout: float) -> str | None:
+async def _setup_perl(perl: Perl, data_bytes: int) -> str | None:
     """Perl's two work servers and four volumes; the reason when it cannot make them."""
     try:
-        await perl.ask("fleet", boot_timeout * 2, names=["perl-w1", "perl-w2"])
+        await perl.servers(["perl-w1", "perl-w2"])
     except NotRun as e:
-        return f"get_server: {e}"
+        return str(e)
     try:
         for name, server, fstype in (
             ("pput", "perl-w1", "ext4"),
@@ -230,7 +248,9 @@ async def main() -> None:
     dd_data = (8 if quick else 256) * MiB
     reps = 1 if quick else 2
     boot_delay = 0.3 if quick else 5.0
-    boot_timeout = 120.0  # per server, for Perl (get_server waits for each in turn)
+    # get_server's deadline per server: it polls every 3 s and sleeps 5 s after a failed
+    # ssh, so a server takes boot_delay + up to ~10 s; a hang is cut off after this.
+    per_server = 30.0 if quick else 60.0
     report = BaselineReport("perl", quick, args.results)
     missing = perl_module_missing()
     report.params = {
@@ -244,6 +264,7 @@ async def main() -> None:
         "repeats": reps,
         "boot_delay_s": boot_delay,
         "poll_interval_s": 0.5,
+        "perl_get_server_deadline_s": per_server,
         **_perl_versions(),
     }
     work = Path(tempfile.mkdtemp(prefix="asyncstage-bench-perl-"))
@@ -264,14 +285,15 @@ async def main() -> None:
                     work / "perl.log",
                 )
                 (work / "perl-dot").mkdir()
-            perl = Perl(driver, missing, step_timeout=300.0)
+                driver.start()
+            perl = Perl(driver, missing, step_timeout=300.0, per_server=per_server)
             try:
                 results |= await _run(m, perl, report, sizes, fleet_reps, n_commands)
                 servers, vols = await _setup_ours(m, dd_data)
                 print("set-up of Perl's servers and volumes")
                 perl_failed = None if missing is None else missing
                 if perl_failed is None:
-                    perl_failed = await _setup_perl(perl, dd_data, boot_timeout)
+                    perl_failed = await _setup_perl(perl, dd_data)
                     if perl_failed:
                         print(f"  Perl set-up failed: {perl_failed}")
                 results |= await _transfers(m, perl, servers, vols, tree, reps, perl_failed)
@@ -304,15 +326,15 @@ async def _run(
     res: dict[str, Any] = {"fleet": {}}
     for size in sizes:
         print(f"fleet of {size}")
-        res["fleet"][str(size)] = await _fleet(m, perl, size, fleet_reps[size], 120.0)
+        res["fleet"][str(size)] = await _fleet(m, perl, size, fleet_reps[size])
     report.mark_load("after_fleet")
     print(f"{n} commands on one server")
     (server,) = await m.provision_servers(["as-cmd"])
     perl_ready: str | None = None
     try:
-        await perl.ask("fleet", 240.0, names=["perl-cmd"])
+        await perl.servers(["perl-cmd"])
     except NotRun as e:
-        perl_ready = f"get_server: {e}"
+        perl_ready = str(e)
 
     async def a() -> None:
         for _ in range(n):

@@ -30,9 +30,11 @@ use VM::EC2::Staging::Manager;
 my ($image, $username, $dotdir, $zone) = @ARGV;
 die "usage: $0 IMAGE_ID USERNAME DOTDIR ZONE\n" unless $zone;
 
-my $out = IO::Handle->new_from_fd(fileno(STDOUT), 'w') or die "stdout: $!";
+# Answers go to a copy of stdout; stdout itself (the module's prints, and the ssh and
+# rsync it runs) goes to stderr.
+open my $out, '>&', \*STDOUT or die "dup stdout: $!";
 $out->autoflush(1);
-open STDOUT, '>&', \*STDERR or die "stdout to stderr: $!";   # the module's prints
+open STDOUT, '>&', \*STDERR or die "stdout to stderr: $!";
 my $json = JSON::PP->new->canonical;
 
 my $ec2 = VM::EC2->new(-raise_error => 1);   # EC2_URL, EC2_ACCESS_KEY, EC2_SECRET_KEY
