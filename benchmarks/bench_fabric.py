@@ -14,7 +14,7 @@ On one local cloud, in the same run, the two taking turns (a b, b a, ...):
 
 Fabric connects with the manager's key and its known_hosts, host keys verified
 (paramiko's RejectPolicy: an unknown or changed host key fails), no ssh_config files,
-no agent, no other keys.
+no agent, no other keys; ``in_stream=False`` (nothing of this process's stdin is sent).
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> tup
     t = time.perf_counter()
     conns = [_connection(m, s) for s in servers]
     group = ThreadingGroup.from_connections(conns)
-    results = group.run("hostname", hide=True)
+    results = group.run("hostname", hide=True, in_stream=False)
     cold = time.perf_counter() - t
     check(results)
     try:
         t = time.perf_counter()
-        results = group.run("hostname", hide=True)
+        results = group.run("hostname", hide=True, in_stream=False)
         warm = time.perf_counter() - t
         check(results)
     finally:
@@ -150,7 +150,7 @@ async def _commands(
         if conn is None:
             raise NotRun(missing)
         for _ in range(n):
-            conn.run("true", hide=True)
+            conn.run("true", hide=True, in_stream=False)
 
     async def a() -> None:
         for _ in range(n):
