@@ -24,6 +24,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +69,14 @@ class Perl:
     """The Perl side: its driver, or the reason it cannot run at all."""
 
     def __init__(
-        self, driver: PerlDriver | None, missing: str | None, step_timeout: float, per_server: float
+        self,
+        driver: PerlDriver | None,
+        missing: str | None,
+        step_timeout: float,
+        per_server: float,
+        api_calls: Callable[[], Counter[str]],
     ) -> None:
+        self.api_calls = api_calls  # the cloud's count of each Action, to say what VM::EC2 did
         self.driver = driver
         self.missing = missing
         self.timeout = step_timeout
@@ -83,13 +91,17 @@ class Perl:
             raise NotRun(self.missing or "no Perl driver")
         if self.no_servers is not None and op != "terminate":
             raise NotRun(self.no_servers)
+        before = self.api_calls()
         try:
             return await self.driver.ask(timeout or self.timeout, op, **request)
         except NotRun as e:
+            made = (self.api_calls() - before).most_common(4)
+            calls = ", ".join(f"{action} {n}" for action, n in made)
+            reason = f"{e}; its EC2 calls meanwhile: {calls or 'none'}"
             if op == "fleet":
-                self.no_servers = f"get_server: {e}"
+                self.no_servers = f"get_server: {reason}"
                 raise NotRun(self.no_servers) from None
-            raise
+            raise NotRun(reason) from None
 
     async def servers(self, names: list[str]) -> float:
         """get_server for each name, in turn: the seconds it took."""
@@ -286,7 +298,13 @@ async def main() -> None:
                 )
                 (work / "perl-dot").mkdir()
                 driver.start()
-            perl = Perl(driver, missing, step_timeout=300.0, per_server=per_server)
+            perl = Perl(
+                driver,
+                missing,
+                step_timeout=300.0,
+                per_server=per_server,
+                api_calls=lambda: Counter(cloud.api_calls),
+            )
             try:
                 results |= await _run(m, perl, report, sizes, fleet_reps, n_commands)
                 servers, vols = await _setup_ours(m, dd_data)
