@@ -95,6 +95,7 @@ def fleet_chart(results: Path, plt: Any) -> Path | None:
     delay = perl_json.get("params", {}).get("boot_delay_s")
     ax.set_xlabel("servers (N)" + _not_run_note(perl_json, ["fleet"]))
     ax.set_ylabel("seconds until all answer ssh")
+    ax.set_ylim(bottom=0)
     ax.set_title(
         "Fleet: N servers up and answering ssh"
         + (f" (local cloud, boot delay {delay:g} s)" if delay is not None else "")
@@ -236,15 +237,19 @@ def commands_chart(results: Path, plt: Any) -> Path | None:
 def _not_run_note(data: dict[str, Any], keys: list[str]) -> str:
     """Lines naming the baseline's steps that did not run, and why (empty: all ran)."""
     res = data.get("results", {})
-    reasons = []
+    steps: dict[str, list[str]] = {}  # reason -> steps (one line per distinct reason)
     for key in keys:
         value = res.get(key, {})
         items = value.values() if key == "fleet" else [value]
         for f in items:
             if isinstance(f, dict) and f.get("not_run"):
-                reasons.append(f"Perl {key}: not run ({f['not_run'][:90]})")
+                steps.setdefault(f["not_run"], []).append(key)
                 break
-    return "".join("\n" + r for r in reasons)
+    lines = []
+    for reason, names in steps.items():
+        text = f"Perl {', '.join(names)}: not run: {reason}"
+        lines.append(text if len(text) <= 150 else text[:147] + "...")
+    return "".join("\n" + line for line in lines)
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
