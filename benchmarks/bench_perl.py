@@ -206,10 +206,17 @@ async def _transfers(
     async def put_a() -> None:
         await m.rsync(f"{tree}/", f"{vols['put']}/")
 
-    async def put_before() -> None:
-        await w1.scmd("sh", "-c", _clear(str(vols["put"].mtpt)), sudo=True)
-        if perl_setup_failed is None:
-            await perl_ssh("perl-w1", "sudo " + _clear(perl.volumes["pput"]["mtpt"]))
+    def emptied(server: Server, ours: str, perl_server: str, theirs: str) -> Any:
+        """Empty both sides' destination volumes (before every run)."""
+
+        async def before() -> None:
+            await server.scmd("sh", "-c", _clear(str(vols[ours].mtpt)), sudo=True)
+            if perl_setup_failed is None:
+                await perl_ssh(perl_server, "sudo " + _clear(perl.volumes[theirs]["mtpt"]))
+
+        return before
+
+    put_before = emptied(w1, "put", "perl-w1", "pput")
 
     print("put")
     alt = await Alternate().run(
@@ -221,10 +228,7 @@ async def _transfers(
     async def rsync_a() -> None:
         await m.rsync(f"{vols['put']}/", f"{vols['copy']}/")
 
-    async def rsync_before() -> None:
-        await w2.scmd("sh", "-c", _clear(str(vols["copy"].mtpt)), sudo=True)
-        if perl_setup_failed is None:
-            await perl_ssh("perl-w2", "sudo " + _clear(perl.volumes["pcopy"]["mtpt"]))
+    rsync_before = emptied(w2, "copy", "perl-w2", "pcopy")
 
     print("rsync server to server")
     alt = await Alternate().run(

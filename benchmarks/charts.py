@@ -174,15 +174,14 @@ def throughput_chart(results: Path, plt: Any) -> Path | None:
                 "Fabric",
             )
         )
-    if not groups:
-        return None
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    _bars(ax, groups, "MB/s (higher is better)", log=False)
-    ax.set_title("Transfers: throughput against the baselines, same run, same local cloud")
-    note = _not_run_note(perl, ["put", "rsync", "dd"])
-    if note:
-        ax.set_xlabel(note.strip(), fontsize=7, color=THEIRS)
-    return _save(fig, plt, results / "throughput.png")
+    return _bar_chart(
+        plt,
+        groups,
+        results / "throughput.png",
+        "MB/s (higher is better)",
+        "Transfers: throughput against the baselines, same run, same local cloud",
+        note=_not_run_note(perl, ["put", "rsync", "dd"]),
+    )
 
 
 def commands_chart(results: Path, plt: Any) -> Path | None:
@@ -193,26 +192,18 @@ def commands_chart(results: Path, plt: Any) -> Path | None:
     def per_s(count: int | None, seconds: float | None) -> float | None:
         return count / seconds if count and seconds else None
 
-    c = perl.get("commands")
-    if c:
-        groups.append(
-            (
-                f"{c['n']} in turn\n(vs Perl scmd)",
-                per_s(c["n"], c.get("asyncstage_s")),
-                per_s(c["n"], c.get("perl_s")),
-                "Perl",
+    sources = ((perl, "perl_s", "Perl", "scmd"), (fabric, "fabric_s", "Fabric", "run"))
+    for data, key, name, how in sources:
+        c = data.get("commands")
+        if c:
+            groups.append(
+                (
+                    f"{c['n']} in turn\n(vs {name} {how})",
+                    per_s(c["n"], c.get("asyncstage_s")),
+                    per_s(c["n"], c.get(key)),
+                    name,
+                )
             )
-        )
-    c = fabric.get("commands")
-    if c:
-        groups.append(
-            (
-                f"{c['n']} in turn\n(vs Fabric run)",
-                per_s(c["n"], c.get("asyncstage_s")),
-                per_s(c["n"], c.get("fabric_s")),
-                "Fabric",
-            )
-        )
     fleet = fabric.get("fleet")
     if fleet:
         n = fleet["n"]
@@ -226,12 +217,33 @@ def commands_chart(results: Path, plt: Any) -> Path | None:
                     "Fabric",
                 )
             )
+    return _bar_chart(
+        plt,
+        groups,
+        results / "commands.png",
+        "commands per second (log scale, higher is better)",
+        "Commands: rate against the baselines, same run, same servers",
+        log=True,
+    )
+
+
+def _bar_chart(
+    plt: Any,
+    groups: list[tuple[str, float | None, float | None, str]],
+    path: Path,
+    unit: str,
+    title: str,
+    log: bool = False,
+    note: str = "",
+) -> Path | None:
     if not groups:
         return None
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    _bars(ax, groups, "commands per second (log scale, higher is better)", log=True)
-    ax.set_title("Commands: rate against the baselines, same run, same servers")
-    return _save(fig, plt, results / "commands.png")
+    _bars(ax, groups, unit, log=log)
+    ax.set_title(title)
+    if note:
+        ax.set_xlabel(note.strip(), fontsize=7, color=THEIRS)
+    return _save(fig, plt, path)
 
 
 def _not_run_note(data: dict[str, Any], keys: list[str]) -> str:
