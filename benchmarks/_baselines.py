@@ -53,9 +53,12 @@ class Alternate:
         reps: int,
         a: Callable[[], Awaitable[float | None]],
         b: Callable[[], Awaitable[float | None]],
-        before: Callable[[], Awaitable[Any]] | None = None,
+        before: Callable[[str], Awaitable[Any]] | None = None,
     ) -> Alternate:
-        """Each callable returns its own timed seconds, or None to be timed here."""
+        """Each callable returns its own timed seconds, or None to be timed here.
+
+        ``before("a")`` / ``before("b")`` runs untimed before each run of that side.
+        """
         for rep in range(reps):
             order = [("a", a), ("b", b)] if rep % 2 == 0 else [("b", b), ("a", a)]
             for name, fn in order:
@@ -63,7 +66,7 @@ class Alternate:
                     continue
                 try:
                     if before is not None:
-                        await before()
+                        await before(name)
                     t = time.perf_counter()
                     seconds = await fn()
                     elapsed = time.perf_counter() - t if seconds is None else seconds

@@ -196,7 +196,7 @@ async def _put(
         await check()
         return wall
 
-    async def before() -> None:
+    async def before(_side: str) -> None:
         await server.scmd("rm", "-f", remote, sudo=True)
 
     try:

@@ -209,9 +209,10 @@ async def _transfers(
     def emptied(server: Server, ours: str, perl_server: str, theirs: str) -> Any:
         """Empty both sides' destination volumes (before every run)."""
 
-        async def before() -> None:
-            await server.scmd("sh", "-c", _clear(str(vols[ours].mtpt)), sudo=True)
-            if perl_setup_failed is None:
+        async def before(side: str) -> None:
+            if side == "a":
+                await server.scmd("sh", "-c", _clear(str(vols[ours].mtpt)), sudo=True)
+            elif perl_setup_failed is None:
                 await perl_ssh(perl_server, "sudo " + _clear(perl.volumes[theirs]["mtpt"]))
 
         return before
@@ -240,9 +241,10 @@ async def _transfers(
     async def dd_a() -> None:
         await m.dd(vols["ddsrc"], vols["dddst"], verify=False, unmount=True)
 
-    async def dd_before() -> None:
-        await w1.scmd("sh", "-c", _drop(str(vols["ddsrc"].mtdev)), sudo=True)
-        if perl_setup_failed is None:
+    async def dd_before(side: str) -> None:
+        if side == "a":
+            await w1.scmd("sh", "-c", _drop(str(vols["ddsrc"].mtdev)), sudo=True)
+        elif perl_setup_failed is None:
             await perl_ssh("perl-w1", "sudo " + _drop(perl.volumes["pddsrc"]["mtdev"]))
 
     print("dd")
