@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,7 @@ def _not_run_note(data: dict[str, Any], keys: list[str]) -> str:
     lines = []
     for reason, names in steps.items():
         text = f"Perl {', '.join(names)}: not run: {reason}"
-        lines.append(text if len(text) <= 150 else text[:147] + "...")
+        lines += textwrap.wrap(text, 110, max_lines=3, placeholder=" ...")
     return "".join("\n" + line for line in lines)
 
 
