@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs b
                    dosfstools util-linux mount zstd procps iproute2 kmod
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test test-unit demo bench bench-quick lint docs wheel-check clean
+.PHONY: all deps venv test test-unit demo bench bench-deps bench-quick lint docs wheel-check clean
 
 all: test
 
@@ -57,10 +57,24 @@ wheel-check: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/asyncstage demo
 
-bench: venv
+# The benchmarks' baselines: the Perl VM::EC2::Staging (Debian's libvm-ec2-perl), and
+# Fabric and matplotlib (the `bench` extra), each installed only when missing.
+BENCH_SYSTEM_PACKAGES := libvm-ec2-perl
+
+bench-deps: venv
+	@missing=""; for p in $(BENCH_SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@$(PY) -c 'import fabric, matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[local,dev,bench]'
+
+bench: bench-deps
 	$(PY) benchmarks/run_all.py
 
-bench-quick: venv
+bench-quick: bench-deps
 	$(PY) benchmarks/run_all.py --quick
 
 clean:

@@ -4,7 +4,9 @@
 ``summary.json`` and ``summary.md`` (the table for benchmarks/README.md).
 ``--quick`` (``make bench-quick``, and the CI smoke test) uses small sizes and writes
 to ``benchmarks/results/quick/``: it keeps the scripts working, its figures mean little.
-``--only fleet,commands`` runs some of them.
+``--only fleet,commands`` runs some of them; the summary still covers every result
+JSON in the directory (each with the date and machine it came from), so a partial run
+updates its rows and keeps the others'.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller"]
+SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller", "perl", "fabric"]
 
 
 def _fmt(value: float) -> str:
@@ -30,6 +32,7 @@ def summarise(results: Path, names: list[str]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     machine: dict[str, Any] = {}
     loads: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
     for name in names:
         path = results / f"{name}.json"
         if not path.exists():
@@ -37,9 +40,10 @@ def summarise(results: Path, names: list[str]) -> dict[str, Any]:
         data = json.loads(path.read_text())
         machine = data.get("machine", machine)
         loads[name] = data.get("load", {})
+        runs[name] = {"started": data.get("started"), "machine": data.get("machine", {})}
         for t in data.get("targets", []):
             rows.append({"benchmark": name, **t})
-    return {"machine": machine, "load": loads, "targets": rows}
+    return {"machine": machine, "load": loads, "runs": runs, "targets": rows}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -49,18 +53,29 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for t in summary["targets"]:
         what = t["what"].replace("|", "\\|")  # a pipe would end the cell
+        if t["value"] is None:  # a baseline could not run the step
+            reason = t.get("not_run", "").replace("|", "\\|")
+            value = f"not run: {reason}"
+        else:
+            value = f"{_fmt(t['value'])}{t['unit']}"
         lines.append(
-            f"| {t['benchmark']} | {what} | {_fmt(t['value'])}{t['unit']} | "
+            f"| {t['benchmark']} | {what} | {value} | "
             f"{t['op']} {_fmt(t['limit'])}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
         )
-    m = summary["machine"]
-    if m:
-        lines += [
-            "",
-            f"Machine: {m.get('cpus')} × {m.get('cpu')}, {m.get('memory_gib')} GiB, "
+    # One line per machine the figures came from (a partial run keeps older rows).
+    machines: dict[str, list[str]] = {}
+    for name, run in summary.get("runs", {}).items():
+        m = run.get("machine") or {}
+        line = (
+            f"{m.get('cpus')} × {m.get('cpu')}, {m.get('memory_gib')} GiB, "
             f"Linux {m.get('kernel')}, Python {m.get('python')}, asyncssh {m.get('asyncssh')}, "
-            f"{m.get('openssh')}, {m.get('rsync')}.",
-        ]
+            f"{m.get('openssh')}, {m.get('rsync')}"
+        )
+        machines.setdefault(line, []).append(f"{name} {run.get('started') or '?'}")
+    if machines:
+        lines.append("")
+    for line, runs in machines.items():
+        lines.append(f"Machine ({'; '.join(runs)}): {line}.")
     loads = summary["load"]
     if loads:
         parts = [
@@ -102,6 +117,19 @@ def run_scripts(names: list[str], results: Path, quick: bool, jobs: int) -> list
     return failed
 
 
+def _charts(results: Path) -> None:
+    """PNG charts of the full run (benchmarks/charts.py); a note when matplotlib is missing."""
+    from charts import write_charts
+
+    try:
+        written = write_charts(results)
+    except ImportError as e:  # matplotlib: pip install 'asyncstage[bench]' (make bench does)
+        print(f"no charts: {e}", file=sys.stderr)
+        return
+    for path in written:
+        print(f"chart: {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -122,13 +150,15 @@ def main() -> int:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
     jobs = args.jobs or (len(names) if args.quick else 1)
     failed = run_scripts(names, results, args.quick, jobs)
-    summary = summarise(results, names)
+    summary = summarise(results, SCRIPTS)
     summary["failed"] = failed
     results.mkdir(parents=True, exist_ok=True)
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary)
     (results / "summary.md").write_text(table)
     print("\n" + table)
+    if not args.quick:
+        _charts(results)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

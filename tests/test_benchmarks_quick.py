@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller"]
+SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller", "perl", "fabric"]
 
 pytestmark = [
     pytest.mark.localcloud,
@@ -52,7 +52,20 @@ def _load(results: Path, name: str) -> dict[str, Any]:
     for t in data["targets"]:
         assert set(t) >= {"name", "value", "op", "limit", "met", "what"}
         assert isinstance(t["met"], bool)
+        if t["value"] is None:  # a baseline could not run the step: it says why
+            assert t["met"] is False and t["not_run"]
     return data
+
+
+def _against_baseline(figures: dict[str, Any], baseline: str) -> None:
+    """asyncstage's figure is sane; the baseline's too, or it says why it did not run."""
+    assert _positive(figures["asyncstage_s"])
+    assert len(figures["asyncstage_runs_s"]) >= 1
+    if figures[f"{baseline}_s"] is None:
+        assert figures["ratio"] is None
+        assert isinstance(figures["not_run"], str) and figures["not_run"]
+    else:
+        assert _positive(figures[f"{baseline}_s"]) and _positive(figures["ratio"])
 
 
 def test_every_script_wrote_its_results(results: Path) -> None:
@@ -115,3 +128,29 @@ def test_controller(results: Path) -> None:
         assert _positive(r[key]["peak_rss_mb"]) and _positive(r[key]["cpu_s"])
     assert r["servers"]["connected"] == _load(results, "controller")["params"]["servers"]
     assert _positive(r["controlmaster_baseline"]["peak_rss_mb_sum"])
+
+
+def test_perl(results: Path) -> None:
+    data = _load(results, "perl")
+    r = data["results"]
+    assert set(r["fleet"]) == {"1"}
+    for figures in (r["fleet"]["1"], r["commands"], r["put"], r["rsync"], r["dd"]):
+        _against_baseline(figures, "perl")
+    assert r["commands"]["n"] == data["params"]["commands"]
+    assert {t["name"] for t in data["targets"]} == {
+        "fleet_1_vs_perl",
+        "commands_vs_perl",
+        "put_vs_perl",
+        "rsync_vs_perl",
+        "dd_sparse_vs_perl",
+    }
+
+
+def test_fabric(results: Path) -> None:
+    data = _load(results, "fabric")
+    r = data["results"]
+    assert r["fleet"]["n"] == data["params"]["servers"]
+    for figures in (r["fleet"]["cold"], r["fleet"]["warm"], r["commands"], r["put"]):
+        _against_baseline(figures, "fabric")
+    assert r["put"]["bytes"] == data["params"]["put_bytes"]
+    assert len(data["targets"]) == 4

@@ -1,0 +1,279 @@
+"""Shared parts of the baseline benchmarks (bench_perl.py, bench_fabric.py).
+
+- :class:`Alternate`: runs of asyncstage and a baseline taking turns (a b, b a, ...),
+  where the baseline may be unable to run a step ("not run: <reason>").
+- :class:`BaselineReport`: a :class:`_common.Report` whose targets may be "not run".
+- :class:`PerlDriver`: the Perl VM::EC2::Staging driver (``perl/staging_bench.pl``),
+  one request per line, with a deadline per step; started and stopped by its pid.
+- :func:`make_tree`: a local tree of incompressible files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import HERE, Report, ratio, to_thread
+
+PERL_DRIVER = HERE / "perl" / "staging_bench.pl"
+PERL_MODULE = "VM::EC2::Staging::Manager"
+
+
+class NotRun(Exception):
+    """A baseline could not do a step; the message says why."""
+
+
+# -- taking turns --------------------------------------------------------------------------
+
+
+@dataclass
+class Alternate:
+    """asyncstage (a) and a baseline (b) taking turns: a b, b a, a b ...
+
+    A baseline run that raises :class:`NotRun` ends the baseline's runs of this step
+    (``not_run`` keeps the reason); asyncstage's runs go on.
+    """
+
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    not_run: str | None = None
+
+    async def run(
+        self,
+        reps: int,
+        a: Callable[[], Awaitable[float | None]],
+        b: Callable[[], Awaitable[float | None]],
+        before: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> Alternate:
+        """Each callable returns its own timed seconds, or None to be timed here.
+
+        ``before("a")`` / ``before("b")`` runs untimed before each run of that side.
+        """
+        for rep in range(reps):
+            order = [("a", a), ("b", b)] if rep % 2 == 0 else [("b", b), ("a", a)]
+            for name, fn in order:
+                if name == "b" and self.not_run is not None:
+                    continue
+                try:
+                    if before is not None:
+                        await before(name)
+                    t = time.perf_counter()
+                    seconds = await fn()
+                    elapsed = time.perf_counter() - t if seconds is None else seconds
+                except NotRun as e:
+                    if name == "a":
+                        raise
+                    self.not_run = str(e)
+                    print(f"  baseline not run: {e}")
+                    continue
+                getattr(self, name).append(elapsed)
+                print(f"  {'asyncstage' if name == 'a' else 'baseline'}: {elapsed:.3f} s")
+        return self
+
+    def figures(self, baseline: str) -> dict[str, Any]:
+        """Medians and runs; ``ratio`` = baseline time / asyncstage time (> 1: we are faster)."""
+        a = statistics.median(self.a)
+        out: dict[str, Any] = {
+            "asyncstage_s": round(a, 4),
+            "asyncstage_runs_s": [round(x, 4) for x in self.a],
+        }
+        if self.b:
+            b = statistics.median(self.b)
+            out |= {
+                f"{baseline}_s": round(b, 4),
+                f"{baseline}_runs_s": [round(x, 4) for x in self.b],
+                "ratio": ratio(b, a),
+            }
+        else:
+            out |= {f"{baseline}_s": None, "ratio": None}
+        if self.not_run is not None:
+            out["not_run"] = self.not_run
+        return out
+
+
+# -- reports with steps a baseline could not run --------------------------------------------
+
+
+class BaselineReport(Report):
+    """A report whose targets may be "not run: <reason>" (value None, met False)."""
+
+    def target_of(
+        self, name: str, figures: dict[str, Any], limit: float, what: str, op: str = ">="
+    ) -> None:
+        """The target ``figures["ratio"] op limit``, or "not run" when the baseline did not."""
+        value = figures.get("ratio")
+        if value is not None:
+            self.target(name, value, op, limit, what)
+            return
+        reason = figures.get("not_run") or "the baseline did not run"
+        self.targets.append(
+            {
+                "name": name,
+                "value": None,
+                "op": op,
+                "limit": limit,
+                "unit": "×",
+                "what": what,
+                "met": False,
+                "not_run": reason,
+            }
+        )
+
+    def save(self) -> Path:
+        # Report.save prints every target's value as a number: give it those that have
+        # one, then put the "not run" ones back in their places in the JSON.
+        every = list(self.targets)
+        self.targets = [t for t in every if t["value"] is not None]
+        try:
+            path = super().save()
+        finally:
+            self.targets = every
+        data = json.loads(path.read_text())
+        data["targets"] = every
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        for t in every:
+            if t["value"] is None:
+                print(f"[MISS] {t['name']}: not run: {t['not_run']} - {t['what']}")
+        return path
+
+
+# -- local data ------------------------------------------------------------------------------
+
+
+def make_tree(root: Path, total: int, files: int, dirs: int = 4) -> Path:
+    """``files`` files of random bytes, ``total`` bytes in all, spread over ``dirs`` dirs."""
+    each = max(1, total // files)
+    for i in range(files):
+        sub = root / f"d{i % dirs}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:04d}.bin").write_bytes(os.urandom(each))
+    return root
+
+
+def make_file(path: Path, size: int) -> Path:
+    with path.open("wb") as f:
+        left = size
+        while left:
+            chunk = min(left, 4 << 20)
+            f.write(os.urandom(chunk))
+            left -= chunk
+    return path
+
+
+# -- the Perl module -------------------------------------------------------------------------
+
+
+def perl_module_missing() -> str | None:
+    """Why the Perl baseline cannot run here (None: it can)."""
+    try:
+        done = subprocess.run(
+            ["perl", f"-M{PERL_MODULE}", "-e", "1"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"perl: {e}"
+    if done.returncode != 0:
+        return f"{PERL_MODULE} is not installed (apt-get install libvm-ec2-perl; `make bench` does)"
+    return None
+
+
+class PerlDriver:
+    """``perl staging_bench.pl`` answering requests; stopped when it hangs."""
+
+    def __init__(self, env: dict[str, str], args: list[str], log: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.args = args
+        self.log = log
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> subprocess.Popen[str]:
+        """Start the driver unless it runs; call it from the main thread (see below)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc
+        # The driver dies with this process (SIGKILL on the death of the thread that
+        # started it): VM::EC2's get_server retries CreateTags in a loop with no end, which
+        # would otherwise go on after a crash here.
+        guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [*guard, "perl", str(PERL_DRIVER), *self.args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=self.env,
+                text=True,
+                start_new_session=True,  # its ssh children go with it when it is stopped
+            )
+        return self.proc
+
+    def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            raise NotRun(f"the Perl driver is not running ({self._last_error()})")
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            self.stop()
+            raise NotRun(f"the Perl driver exited ({self._last_error()})") from None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else ""
+        if not ready:
+            self.stop(timeout=5)  # it hangs: it would not read "quit" either
+            raise NotRun(f"no answer from VM::EC2 within {timeout:g} s ({self._last_error()})")
+        if not line:
+            self.stop()
+            raise NotRun(f"the Perl driver exited ({self._last_error()})")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.get("ok"):
+            raise NotRun(_one_line(str(answer.get("error", "failed"))))
+        return answer
+
+    async def ask(self, timeout: float, op: str, **request: Any) -> dict[str, Any]:
+        """The driver's answer to one request; :class:`NotRun` with VM::EC2's reason."""
+        answer: dict[str, Any] = await to_thread(self._ask, {"op": op, **request}, timeout)
+        return answer
+
+    def _last_error(self) -> str:
+        """The last line the driver printed on stderr (VM::EC2 croaks there)."""
+        with contextlib.suppress(OSError):
+            lines = [x for x in self.log.read_text(errors="replace").splitlines() if x.strip()]
+            if lines:
+                return _one_line(lines[-1])
+        return "nothing on stderr"
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Ask the driver to quit (it terminates its servers), else kill its group."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert proc.stdin is not None
+                proc.stdin.write('{"op": "quit"}\n')
+                proc.stdin.close()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)  # its own session: the driver and its ssh children
+                proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                if stream is not None:
+                    stream.close()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -1,0 +1,299 @@
+"""PNG charts of a benchmark run, from the JSON in benchmarks/results/.
+
+``python benchmarks/charts.py [--results DIR]`` (``run_all.py`` calls it after a full
+run) writes into DIR:
+
+- ``fleet.png``: wall time until N servers answer ssh, against N: asyncstage's
+  ``provision_servers`` (fleet.json, perl.json), asyncstage one after another
+  (fleet.json) and the Perl module's ``get_server`` for each (perl.json);
+- ``throughput.png``: MB/s of the transfers against their baselines in the same run
+  (Perl's put, rsync and dd; Fabric's SFTP put);
+- ``commands.png``: commands per second against the baselines (Perl's ssh per
+  command, Fabric's Connection.run and ThreadingGroup.run).
+
+A missing file or a step a baseline did not run leaves its bar or line out (with a
+note on the chart). Needs matplotlib (``pip install 'asyncstage[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+OURS = "#1f77b4"
+THEIRS = "#d62728"
+OTHER = "#7f7f7f"
+BASELINE_COLORS = {"Perl": THEIRS, "Fabric": "#ff7f0e"}
+
+
+def _load(results: Path, name: str) -> dict[str, Any]:
+    path = results / f"{name}.json"
+    if not path.exists():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _fleet_series(results: Path) -> dict[str, list[tuple[int, float, bool]]]:
+    """label -> [(N, seconds, measured)]."""
+    series: dict[str, list[tuple[int, float, bool]]] = {}
+    fleet = _load(results, "fleet").get("results", {})
+    if fleet:
+        series["asyncstage provision_servers(N) (fleet.json)"] = [
+            (c["n"], c["wall_s"], True) for c in fleet.get("concurrent", [])
+        ]
+        series["asyncstage provision_server() N times in turn"] = [
+            (s["n"], s["wall_s"], bool(s.get("measured", True))) for s in fleet.get("serial", [])
+        ]
+    perl = _load(results, "perl").get("results", {}).get("fleet", {})
+    ours = [(int(n), f["asyncstage_s"], True) for n, f in perl.items() if f.get("asyncstage_s")]
+    theirs = [(int(n), f["perl_s"], True) for n, f in perl.items() if f.get("perl_s")]
+    if ours:
+        series["asyncstage provision_servers(N) (perl.json)"] = sorted(ours)
+    if theirs:
+        series["Perl VM::EC2::Staging get_server × N"] = sorted(theirs)
+    return series
+
+
+def fleet_chart(results: Path, plt: Any) -> Path | None:
+    series = _fleet_series(results)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    styles = {
+        "asyncstage provision_servers(N) (fleet.json)": (OURS, "o", "-"),
+        "asyncstage provision_servers(N) (perl.json)": (OURS, "s", ":"),
+        "asyncstage provision_server() N times in turn": (OTHER, "^", "--"),
+        "Perl VM::EC2::Staging get_server × N": (THEIRS, "D", "-"),
+    }
+    for label, points in series.items():
+        color, marker, line = styles.get(label, (OTHER, "x", "-"))
+        points = sorted(points)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=marker,
+            linestyle=line,
+            color=color,
+            label=label,
+        )
+        if "(perl.json)" in label:
+            continue  # the same library as fleet.json's line: its labels would overlap
+        for n, s, measured in points:
+            ax.annotate(
+                f"{s:.0f} s" + ("" if measured else " (extrapolated)"),
+                (n, s),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+                color=color,
+            )
+    perl_json = _load(results, "perl")
+    delay = perl_json.get("params", {}).get("boot_delay_s")
+    ax.set_xlabel("servers (N)" + _not_run_note(perl_json, ["fleet"]))
+    ax.set_ylabel("seconds until all answer ssh")
+    ax.set_ylim(bottom=0)
+    ax.set_title(
+        "Fleet: N servers up and answering ssh"
+        + (f" (local cloud, boot delay {delay:g} s)" if delay is not None else "")
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, plt, results / "fleet.png")
+
+
+def _bars(
+    ax: Any, groups: list[tuple[str, float | None, float | None, str]], unit: str, log: bool
+) -> None:
+    """Pairs of bars per group: (label, asyncstage, baseline, baseline's name)."""
+    width = 0.38
+    for i, (_label, ours, theirs, name) in enumerate(groups):
+        for offset, value, color, who in (
+            (-width / 2, ours, OURS, "asyncstage"),
+            (width / 2, theirs, BASELINE_COLORS.get(name, THEIRS), f"baseline ({name})"),
+        ):
+            x = i + offset
+            if value is None:
+                ax.text(x, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
+                continue
+            ax.bar(x, value, width, color=color, label=who)
+            ax.annotate(
+                f"{value:.3g}",
+                (x, value),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(0, 2),
+            )
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
+    ax.set_ylabel(unit)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+
+
+def _mb_s(size: float | None, seconds: float | None) -> float | None:
+    return size / 1e6 / seconds if size and seconds else None
+
+
+def throughput_chart(results: Path, plt: Any) -> Path | None:
+    perl = _load(results, "perl")
+    fabric = _load(results, "fabric")
+    groups: list[tuple[str, float | None, float | None, str]] = []
+    pr = perl.get("results", {})
+    for key, label in (
+        ("put", "put tree\n(vs Perl rsync)"),
+        ("rsync", "rsync vol→vol\n(vs Perl rsync)"),
+        ("dd", "dd 1 GiB, mostly empty\n(vs Perl dd|gzip|ssh)"),
+    ):
+        f = pr.get(key)
+        if f:
+            size = f.get("bytes")
+            groups.append(
+                (
+                    label,
+                    _mb_s(size, f.get("asyncstage_s")),
+                    _mb_s(size, f.get("perl_s")),
+                    "Perl",
+                )
+            )
+    put = fabric.get("results", {}).get("put")
+    if put:
+        groups.append(
+            (
+                "put one file\n(vs Fabric SFTP)",
+                _mb_s(put.get("bytes"), put.get("asyncstage_s")),
+                _mb_s(put.get("bytes"), put.get("fabric_s")),
+                "Fabric",
+            )
+        )
+    return _bar_chart(
+        plt,
+        groups,
+        results / "throughput.png",
+        "MB/s (higher is better)",
+        "Transfers: throughput against the baselines, same run, same local cloud",
+        note=_not_run_note(perl, ["put", "rsync", "dd"]),
+    )
+
+
+def commands_chart(results: Path, plt: Any) -> Path | None:
+    perl = _load(results, "perl").get("results", {})
+    fabric = _load(results, "fabric").get("results", {})
+    groups: list[tuple[str, float | None, float | None, str]] = []
+
+    def per_s(count: int | None, seconds: float | None) -> float | None:
+        return count / seconds if count and seconds else None
+
+    sources = ((perl, "perl_s", "Perl", "scmd"), (fabric, "fabric_s", "Fabric", "run"))
+    for data, key, name, how in sources:
+        c = data.get("commands")
+        if c:
+            groups.append(
+                (
+                    f"{c['n']} in turn\n(vs {name} {how})",
+                    per_s(c["n"], c.get("asyncstage_s")),
+                    per_s(c["n"], c.get(key)),
+                    name,
+                )
+            )
+    fleet = fabric.get("fleet")
+    if fleet:
+        n = fleet["n"]
+        for key, what in (("cold", "connecting"), ("warm", "connected")):
+            f = fleet[key]
+            groups.append(
+                (
+                    f"hostname on {n}, {what}\n(vs ThreadingGroup)",
+                    per_s(n, f.get("asyncstage_s")),
+                    per_s(n, f.get("fabric_s")),
+                    "Fabric",
+                )
+            )
+    return _bar_chart(
+        plt,
+        groups,
+        results / "commands.png",
+        "commands per second (log scale, higher is better)",
+        "Commands: rate against the baselines, same run, same servers",
+        log=True,
+    )
+
+
+def _bar_chart(
+    plt: Any,
+    groups: list[tuple[str, float | None, float | None, str]],
+    path: Path,
+    unit: str,
+    title: str,
+    log: bool = False,
+    note: str = "",
+) -> Path | None:
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    _bars(ax, groups, unit, log=log)
+    ax.set_title(title)
+    if note:
+        ax.set_xlabel(note.strip(), fontsize=7, color=THEIRS)
+    return _save(fig, plt, path)
+
+
+def _not_run_note(data: dict[str, Any], keys: list[str]) -> str:
+    """Lines naming the baseline's steps that did not run, and why (empty: all ran)."""
+    res = data.get("results", {})
+    steps: dict[str, list[str]] = {}  # reason -> steps (one line per distinct reason)
+    for key in keys:
+        value = res.get(key, {})
+        items = value.values() if key == "fleet" else [value]
+        for f in items:
+            if isinstance(f, dict) and f.get("not_run"):
+                steps.setdefault(f["not_run"], []).append(key)
+                break
+    lines = []
+    for reason, names in steps.items():
+        text = f"Perl {', '.join(names)}: not run: {reason}"
+        lines += textwrap.wrap(text, 110, max_lines=3, placeholder=" ...")
+    return "".join("\n" + line for line in lines)
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_charts(results: Path) -> list[Path]:
+    """The charts of the JSON files in ``results``; the PNGs written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on these machines
+    import matplotlib.pyplot as plt
+
+    written = []
+    for chart in (fleet_chart, throughput_chart, commands_chart):
+        path = chart(results, plt)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    for path in write_charts(args.results):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
