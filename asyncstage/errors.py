@@ -14,6 +14,7 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   ├── MountPointRefused
     │   ├── ZoneMismatch
     │   ├── NameTaken
+    │   ├── InvalidName            a name or login user name that breaks the naming rules
     │   └── PathError              a transfer path that cannot be resolved
     ├── NotFound
     │   ├── UnknownServer
@@ -59,6 +60,7 @@ __all__ = [
     "FleetError",
     "HostKeyMismatch",
     "InvalidArgument",
+    "InvalidName",
     "LocalCloudError",
     "MissingDependency",
     "MountPointRefused",
@@ -112,6 +114,10 @@ class ZoneMismatch(InvalidArgument):
 
 class NameTaken(InvalidArgument):
     """A new server or volume was asked for with a name already in use."""
+
+
+class InvalidName(InvalidArgument):
+    """A server, volume, backup or login user name breaks the naming rules."""
 
 
 class PathError(InvalidArgument):
