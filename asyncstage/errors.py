@@ -14,7 +14,7 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   ├── MountPointRefused
     │   ├── ZoneMismatch
     │   ├── NameTaken
-    │   ├── InvalidName            a name or login user name that breaks the naming rules
+    │   ├── InvalidName            a name or login user name that breaks the rules
     │   └── PathError              a transfer path that cannot be resolved
     ├── NotFound
     │   ├── UnknownServer

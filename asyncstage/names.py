@@ -66,12 +66,12 @@ NAME_RULE = (
 )
 USER_RULE = (
     "a login user name starts with a letter or '_', then only letters, digits, "
-    f"'.', '_' and '-' (a final '$' allowed), at most {MAX_USER} characters"
+    f"'.', '_' and '-', at most {MAX_USER} characters"
 )
 
 # ASCII only: str.isalnum and \w would let non-ASCII letters through.
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
-_USER = re.compile(rf"(?=.{{1,{MAX_USER}}}\Z)[A-Za-z_][A-Za-z0-9._-]*\$?", re.DOTALL)
+_USER = re.compile(rf"[A-Za-z_][A-Za-z0-9_.-]{{0,{MAX_USER - 1}}}")
 _SAFE_PATH_CHAR = re.compile(r"[A-Za-z0-9._/+@:=,%~-]*")
 
 Kind = Literal["server", "volume", "backup", "snapshot", "name"]
@@ -103,10 +103,10 @@ def is_valid_user(user: object) -> bool:
 def check_user(user: object) -> str:
     """``user`` itself when it is a portable POSIX login user name, else InvalidName.
 
-    The rule (POSIX portable user names, as useradd takes them): an ASCII
-    letter or ``_``, then letters, digits, ``.``, ``_``, ``-``, an optional final
-    ``$``, at most 32 characters. A name starting with ``-`` would be an option
-    to ssh; one with ``@`` would change the host.
+    The rule (POSIX portable user names, the same as
+    ``asyncstage.shell.check_login_user``): an ASCII letter or ``_``, then letters,
+    digits, ``.``, ``_``, ``-``, at most 32 characters. A name starting with ``-``
+    would be an option to ssh; one with ``@`` would change the host.
     """
     if isinstance(user, str) and _USER.fullmatch(user):
         return user
