@@ -53,13 +53,14 @@ DevNum = tuple[int, int]
 # the device numbers of their sources, the resolved paths.
 _PROBE = r"""
 serial=$1 dev=$2 mt=$3; shift 3
+via=recorded
 for l in /dev/disk/by-id/*"$serial"*; do
   case $l in *-part*) continue ;; esac
-  if [ -n "$serial" ] && [ -e "$l" ]; then dev=$l; break; fi
+  if [ -n "$serial" ] && [ -e "$l" ]; then dev=$l via=serial; break; fi
 done
 real=$(readlink -e -- "$dev" 2>/dev/null)
 if [ -n "$real" ] && [ -b "$real" ]; then
-  printf 'D %s %s\n' "$(stat -L -c %t:%T -- "$real")" "$real"
+  printf 'D %s %s %s\n' "$(stat -L -c %t:%T -- "$real")" "$via" "$real"
 else
   echo N
 fi
@@ -178,6 +179,8 @@ class Probe:
     """The volume's device node (resolved), None when it is not on the server."""
     devnum: DevNum | None
     """Its device number (major, minor)."""
+    by_serial: bool = False
+    """Whether the device was found by the volume's EBS serial (not the recorded path)."""
     seen: DevNum | None = None
     """The ``st_dev`` of the filesystem seen at the mount point now (None: no such path)."""
     parent: DevNum | None = None
@@ -248,6 +251,7 @@ def parse_probe(text: str) -> Probe:
     """The :class:`Probe` of the probe command's output."""
     device: str | None = None
     devnum: DevNum | None = None
+    by_serial = False
     seen: DevNum | None = None
     parent: DevNum | None = None
     info: list[str] = []
@@ -256,8 +260,9 @@ def parse_probe(text: str) -> Probe:
     for line in text.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "D":
-            num, _, device = rest.partition(" ")
-            devnum = _devnum(num, 16)
+            num, _, rest = rest.partition(" ")
+            via, _, device = rest.partition(" ")
+            devnum, by_serial = _devnum(num, 16), via == "serial"
         elif kind == "T":
             at, _, up = rest.partition(" ")
             seen, parent = _stat_dev(at), _stat_dev(up)
@@ -273,6 +278,7 @@ def parse_probe(text: str) -> Probe:
     return Probe(
         device=device or None,
         devnum=devnum,
+        by_serial=by_serial,
         seen=seen,
         parent=parent,
         mounts=parse_mountinfo(info),

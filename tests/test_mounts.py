@@ -32,7 +32,7 @@ def _probe(
     sources: dict[str, str] | None = None,
     paths: list[str] = (),  # type: ignore[assignment]
 ) -> mounts.Probe:
-    lines = [f"D {devnum} {device}" if device else "N", f"T {seen} {parent}"]
+    lines = [f"D {devnum} serial {device}" if device else "N", f"T {seen} {parent}"]
     lines += [f"M {line}" for line in info]
     lines += [f"S {num} {src}" for src, num in (sources or {}).items()]
     lines += [f"P {p}" for p in paths]
@@ -58,6 +58,7 @@ def test_mountinfo_is_parsed_and_unescaped() -> None:
 def test_the_volume_at_its_mount_point_is_mounted() -> None:
     probe = _probe(seen=_dev(202, 80), parent=_dev(254, 0), info=[ROOT, VOLUME_AT])
     assert probe.devnum == (0xCA, 0x50) == (202, 80)
+    assert probe.device == "/dev/xvdf" and probe.by_serial
     assert probe.judge("v", "/mnt/Staging/v") == "mounted"
 
 
@@ -193,7 +194,8 @@ def test_the_probe_script_runs_against_this_machine(tmp_path: Path) -> None:
     )
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     probe = mounts.parse_probe(done.stdout)
-    assert probe.device and probe.devnum == (
+    assert probe.device == os.path.realpath(device) and not probe.by_serial
+    assert probe.devnum == (
         os.major(os.stat(device).st_rdev),
         os.minor(os.stat(device).st_rdev),
     )
