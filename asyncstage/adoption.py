@@ -17,19 +17,24 @@ it as a warning and leaves the resource alone.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Any, Literal
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, Literal, TypeVar
 
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.names import check_mount_point, check_name, check_user
 
-__all__ = ["OWNER_TAG", "Kind", "owner_tags", "refusal"]
+__all__ = ["OWNER_TAG", "Kind", "ours", "owner_tags", "refusal"]
 
 OWNER_TAG = tag("owner")
 """The tag naming the EC2 key pair of the manager that made a volume or snapshot."""
 
 Kind = Literal["server", "volume", "snapshot"]
+
+log = logging.getLogger("asyncstage")
+
+R = TypeVar("R", bound=Mapping[str, Any])
 
 
 def owner_tags(key_name: str | None) -> dict[str, str]:
@@ -81,3 +86,22 @@ def refusal(
     if fstypes and fstype and fstype not in fstypes:
         return f"{what} has an unknown filesystem type tag {fstype[:40]!r}"
     return None
+
+
+def ours(
+    kind: Kind,
+    resources: Iterable[R],
+    *,
+    keys: Collection[str],
+    fstypes: Collection[str] = (),
+    level: int = logging.WARNING,
+) -> list[R]:
+    """The resources that may be adopted; each refused one is logged (at ``level``) with why."""
+    found: list[R] = []
+    for resource in resources:
+        why = refusal(kind, resource, keys=keys, fstypes=fstypes)
+        if why is None:
+            found.append(resource)
+        else:
+            log.log(level, "not adopted: %s", why)
+    return found

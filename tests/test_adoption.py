@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from asyncstage.adoption import OWNER_TAG, owner_tags, refusal
+from asyncstage.adoption import OWNER_TAG, ours, owner_tags, refusal
 from asyncstage.ec2 import tag
 
 KEYS = {"asyncstage-us-east-1-aaaa1111", "asyncstage-us-east-1-bbbb2222"}
@@ -64,3 +64,12 @@ def test_foreign_or_hostile_resources_are_refused(
     got = refusal(kind, resource, keys=KEYS, fstypes=FSTYPES)
     assert got is not None and why in got
     assert "\n" not in got  # a hostile tag never breaks the log line
+
+
+def test_ours_keeps_the_adoptable_and_logs_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    good, foreign = _volume(), _volume(**{OWNER_TAG: "other"})
+    hostile = _volume(**{tag("name"): "$(id)"})
+    with caplog.at_level("WARNING", logger="asyncstage"):
+        assert ours("volume", [good, foreign, hostile], keys=KEYS) == [good]
+    text = caplog.text
+    assert text.count("not adopted") == 2 and "is not ours" in text and "naming rules" in text
