@@ -31,6 +31,7 @@ __all__ = [
     "check_name",
     "check_user",
     "default_mount_point",
+    "is_valid_mount_point",
     "is_valid_name",
     "is_valid_user",
 ]
@@ -159,6 +160,14 @@ def check_mount_point(mtpt: object) -> str:
             f"refusing to mount a volume at {norm}: at or under {refused}, a system directory"
         )
     return norm
+
+
+def is_valid_mount_point(mtpt: object) -> bool:
+    """Whether ``mtpt`` passes :func:`check_mount_point` unchanged (already normalised)."""
+    try:
+        return check_mount_point(mtpt) == mtpt
+    except MountPointRefused:
+        return False
 
 
 def default_mount_point(name: str) -> str:

@@ -217,3 +217,9 @@ def test_refusal_names_the_system_directory() -> None:
         names.check_mount_point("/usr/local/sbin")
     with pytest.raises(MountPointRefused, match=r"'\.\.' component"):
         names.check_mount_point("/mnt/Staging/../../usr/local/sbin")
+
+
+def test_is_valid_mount_point_wants_it_normalised_already() -> None:
+    assert names.is_valid_mount_point("/mnt/x")
+    assert not names.is_valid_mount_point("/mnt/x/")  # valid, but not as written
+    assert not names.is_valid_mount_point("/usr/x") and not names.is_valid_mount_point(None)
