@@ -37,6 +37,7 @@ lint: venv
 	$(VENV)/bin/ruff check asyncstage tests benchmarks
 	$(VENV)/bin/ruff format --check asyncstage tests benchmarks
 	$(VENV)/bin/mypy
+	$(PY) scripts/gen_blocking.py --check
 
 demo: venv
 	$(VENV)/bin/asyncstage demo

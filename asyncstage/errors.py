@@ -19,11 +19,13 @@ caller raw: they are wrapped in one of these, with the original kept as
     ├── NotFound
     │   ├── UnknownServer
     │   ├── UnknownVolume
-    │   └── UnknownSnapshot
+    │   ├── UnknownSnapshot
+    │   └── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
     ├── WaitTimeout                what was awaited, and its last state
     ├── EC2Error                   an EC2 API call failed (code, operation)
     ├── FleetError                 an ExceptionGroup: some servers of a fleet failed;
     │                              ``succeeded`` keeps the others
+    ├── ServerNotRunning           a server with no address (stopped): start it first
     ├── SSHError                   anything over ssh; names the host
     │   ├── ConnectError
     │   │   └── ServerUnreachable  a server that never answered ssh
@@ -38,9 +40,10 @@ caller raw: they are wrapped in one of these, with the original kept as
     ├── TransferError
     │   ├── RsyncError             rsync's exit code and message
     │   └── VerifyFailed           checksums of source and destination differ
+    ├── MissingDependency          a program is missing here or on a server (transfers,
+    │                              local cloud); names the Debian package to install
     └── LocalCloudError
-        ├── NeedsRoot
-        └── MissingDependency      names the Debian package to install
+        └── NeedsRoot
 """
 
 from __future__ import annotations
@@ -70,8 +73,10 @@ __all__ = [
     "PathError",
     "RsyncError",
     "SSHError",
+    "ServerNotRunning",
     "ServerUnreachable",
     "TransferError",
+    "UnknownImage",
     "UnknownServer",
     "UnknownSnapshot",
     "UnknownVolume",
@@ -171,6 +176,11 @@ class EC2Error(AsyncstageError):
         super().__init__(message)
 
 
+class UnknownImage(NotFound, EC2Error):
+    """No image with that id, or none matching a name pattern (also an :class:`EC2Error`,
+    code ``InvalidAMIID.NotFound``, as EC2 reports it)."""
+
+
 # -- fleets ------------------------------------------------------------------
 
 
@@ -197,6 +207,13 @@ class FleetError(ExceptionGroup[Exception], AsyncstageError):
 
     def derive(self, excs: Sequence[Exception]) -> FleetError:  # type: ignore[override]
         return FleetError(self.message, excs, succeeded=self.succeeded)
+
+
+# -- servers -----------------------------------------------------------------
+
+
+class ServerNotRunning(AsyncstageError):
+    """A server has no address to reach it at (stopped or terminated): start it first."""
 
 
 # -- ssh ---------------------------------------------------------------------
@@ -328,6 +345,25 @@ class VerifyFailed(TransferError):
         super().__init__(message)
 
 
+# -- missing programs -------------------------------------------------------
+
+
+class MissingDependency(AsyncstageError):
+    """A program a transfer or the local cloud needs is missing (here or on a server);
+    names the Debian package to install.
+
+    Not a :class:`LocalCloudError`: transfers on AWS raise it too.
+    """
+
+    def __init__(self, program: str, package: str) -> None:
+        self.program = program
+        self.package = package
+        super().__init__(
+            f"{program} is not installed: install the Debian package '{package}' "
+            f"(apt-get install {package}), or run 'make deps'"
+        )
+
+
 # -- local cloud -------------------------------------------------------------
 
 
@@ -337,15 +373,3 @@ class LocalCloudError(AsyncstageError):
 
 class NeedsRoot(LocalCloudError):
     """The local cloud needs root (namespaces, mounts, loop devices)."""
-
-
-class MissingDependency(LocalCloudError):
-    """A program the local cloud needs is missing; names the package."""
-
-    def __init__(self, program: str, package: str) -> None:
-        self.program = program
-        self.package = package
-        super().__init__(
-            f"{program} is not installed: install the Debian package '{package}' "
-            f"(apt-get install {package}), or run 'make deps'"
-        )

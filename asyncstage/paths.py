@@ -34,11 +34,12 @@ for ``host:path`` or an option gets a ``./`` prefix.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from asyncstage.errors import PathError, UnknownServer, UnknownVolume
 
@@ -75,28 +76,27 @@ _UNMANAGED_RE = re.compile(r"^([^@/:\s]+)@([^@/:\s\[\]]+|\[[0-9A-Fa-f:.]+\]):(.*
 # -- the objects users may pass instead of strings ---------------------------
 
 
-@runtime_checkable
-class _ServerLike(Protocol):
-    @property
-    def instance_id(self) -> str: ...
-    @property
-    def host(self) -> SSHHost: ...
-    @property
-    def availability_zone(self) -> str: ...
+# Python 3.11 checks ``isinstance(obj, runtime_checkable_protocol)`` with ``hasattr``, which
+# evaluates properties: ``Server.host`` of a stopped server raises, so a protocol check would
+# refuse it. These checks look the members up statically (no property is evaluated), on the
+# instance and its class, like 3.12's protocol checks do.
+_SERVER_MEMBERS = ("instance_id", "host", "availability_zone")
+_VOLUME_MEMBERS = ("volume_id", "mtpt", "mounted", "server", "availability_zone")
+_MISSING = object()
 
 
-@runtime_checkable
-class _VolumeLike(Protocol):
-    @property
-    def volume_id(self) -> str: ...
-    @property
-    def mtpt(self) -> str | None: ...
-    @property
-    def mounted(self) -> bool: ...
-    @property
-    def server(self) -> Any: ...
-    @property
-    def availability_zone(self) -> str: ...
+def _has_members(obj: object, names: tuple[str, ...]) -> bool:
+    return all(inspect.getattr_static(obj, n, _MISSING) is not _MISSING for n in names)
+
+
+def _is_server(obj: object) -> bool:
+    """Whether obj is a managed server (or quacks like one), without evaluating properties."""
+    return _has_members(obj, _SERVER_MEMBERS)
+
+
+def _is_volume(obj: object) -> bool:
+    """Whether obj is a managed volume (or quacks like one), without evaluating properties."""
+    return _has_members(obj, _VOLUME_MEMBERS)
 
 
 class RemotePath:
@@ -112,7 +112,7 @@ class RemotePath:
     __slots__ = ("path", "sudo", "target")
 
     def __init__(self, target: Any, path: str | os.PathLike[str] = "", *, sudo: bool = True):
-        if not (isinstance(target, (_ServerLike, _VolumeLike)) or _is_ssh_host(target)):
+        if not (_is_server(target) or _is_volume(target) or _is_ssh_host(target)):
             raise PathError(f"RemotePath needs a Server, a Volume or an SSHHost, not {target!r}")
         self.target = target
         self.path = os.fspath(path)
@@ -123,10 +123,10 @@ class RemotePath:
         return RemotePath(self.target, _join(self.path, os.fspath(other)), sudo=self.sudo)
 
     def __str__(self) -> str:
-        if isinstance(self.target, _VolumeLike):
+        if _is_volume(self.target):
             sub = self.path.lstrip("/")
             return f"{self.target}:/{sub}" if sub else str(self.target)
-        if isinstance(self.target, _ServerLike):
+        if _is_server(self.target):
             return f"{self.target}:{self.path}"
         label = getattr(self.target, "label", None) or getattr(self.target, "address", "?")
         return f"{label}:{self.path}"
@@ -219,14 +219,14 @@ def parse_path(path: PathLike) -> PathSpec:
     """
     if isinstance(path, RemotePath):
         target = path.target
-        if isinstance(target, _VolumeLike):
+        if _is_volume(target):
             return VolumeSpec(target, volume_subpath(path.path))
-        if isinstance(target, _ServerLike):
+        if _is_server(target):
             return ServerSpec(target, path.path)
         return HostSpec(target, path.path, path.sudo)
-    if isinstance(path, _VolumeLike):
+    if _is_volume(path):
         return VolumeSpec(path, "")
-    if isinstance(path, _ServerLike):
+    if _is_server(path):
         raise PathError(
             f"a server alone is not a path: write f'{{server}}:/path' or RemotePath(server, path) "
             f"(got {path!r})"

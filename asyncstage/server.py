@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import posixpath
-import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -12,23 +10,21 @@ from typing import TYPE_CHECKING, Any, Unpack
 import anyio
 
 from asyncstage import transfer
+from asyncstage.disks import (
+    FSTYPES,
+    REFUSED_MOUNT_POINTS,
+    Disks,
+    check_mount_point,
+    mkfs_argv,
+    parse_mounts,
+)
 from asyncstage.ec2 import EC2, Resource, console_fingerprints, tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
-    BadFstype,
-    BadSize,
-    CommandFailed,
     HostKeyMismatch,
-    MountPointRefused,
-    NameTaken,
+    ServerNotRunning,
     ServerUnreachable,
     SSHError,
-    UnknownSnapshot,
-    UnknownVolume,
-    VolumeError,
-    VolumeInUse,
-    WaitTimeout,
-    ZoneMismatch,
 )
 from asyncstage.ssh import Command, CommandResult, SSHHost
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
@@ -39,65 +35,15 @@ if TYPE_CHECKING:
     from asyncstage.ssh import CommandReader, CommandWriter
     from asyncstage.volume import Volume
 
-__all__ = ["FSTYPES", "REFUSED_MOUNT_POINTS", "Server", "check_mount_point"]
-
-FSTYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "raw")
-"""The filesystem types provision_volume can make (``raw``: attached, not formatted)."""
-
-REFUSED_MOUNT_POINTS = (
-    "/",
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/proc",
-    "/sbin",
-    "/sys",
-    "/usr",
-    "/var",
-)
-"""Mount points refused, with ``/lib*`` and everything below ``/dev``, ``/proc`` and ``/sys``."""
-
-_MKFS_PACKAGE = {
-    "ext2": "e2fsprogs",
-    "ext3": "e2fsprogs",
-    "ext4": "e2fsprogs",
-    "xfs": "xfsprogs",
-    "btrfs": "btrfs-progs",
-    "vfat": "dosfstools",
-}
-_LABEL_MAX = {"ext2": 16, "ext3": 16, "ext4": 16, "xfs": 12, "btrfs": 255, "vfat": 11}
-_MAX_SIZE = 16384  # GiB, the largest EBS volume
-
-
-def check_mount_point(mtpt: str) -> str:
-    """The normalised absolute mount point, or MountPointRefused for essential system paths."""
-    if not mtpt.startswith("/"):
-        raise MountPointRefused(f"mount point {mtpt!r} is not an absolute path")
-    norm = posixpath.normpath(mtpt)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
-    if (
-        norm in REFUSED_MOUNT_POINTS
-        or re.fullmatch(r"/lib[^/]*", norm)
-        or norm.startswith(("/dev/", "/proc/", "/sys/"))
-    ):
-        raise MountPointRefused(f"refusing to mount a volume over {norm}: an essential system path")
-    return norm
-
-
-def _check_size(size: object) -> int | None:
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_SIZE:
-        raise BadSize(f"bad volume size {size!r}: a whole number of GiB from 1 to {_MAX_SIZE}")
-    return size
-
-
-def _check_fstype(fstype: str | None) -> str | None:
-    if fstype is not None and fstype not in FSTYPES:
-        raise BadFstype(f"unsupported filesystem type {fstype!r}: one of {', '.join(FSTYPES)}")
-    return fstype
+# the volume work lives in asyncstage.disks; these names stay importable from here
+__all__ = [
+    "FSTYPES",
+    "REFUSED_MOUNT_POINTS",
+    "Server",
+    "check_mount_point",
+    "mkfs_argv",
+    "parse_mounts",
+]
 
 
 class Server:
@@ -105,6 +51,17 @@ class Server:
 
     Made by :meth:`Manager.provision_server` / :meth:`Manager.get_server`, not directly.
     """
+
+    INTERNAL_METHODS = (
+        "adopt_mounts",
+        "expect_new_host_key",
+        "record_description",
+        "record_stop",
+        "record_termination",
+        "wait_ssh",
+    )
+    """Methods without an underscore that only the Manager's parts call (they report what
+    EC2 did, so that the server changes its own state); not for users, no blocking twins."""
 
     def __init__(
         self,
@@ -125,8 +82,7 @@ class Server:
         self._fresh = False  # launched by this manager: no known_hosts entry to trust yet
         self._pinned_for: str | None = None  # the address whose host key was settled
         self._up = False
-        self._attach_lock = anyio.Lock()
-        self._kernel_fs: set[str] = set()
+        self._disks = Disks(self)
 
     # -- info ---------------------------------------------------------------------
 
@@ -177,11 +133,10 @@ class Server:
         """The ssh connection to the server (made on first use, per address)."""
         address = self.address
         if address is None:
-            raise VolumeError(f"server {self.name} ({self.instance_id}) has no address")
+            raise ServerNotRunning(
+                f"server {self.name} ({self.instance_id}) has no address: it is {self.state}"
+            )
         if self._host is None or self._host.address != address:
-            old, self._host = self._host, None
-            if old is not None:
-                self.manager._closing(old)
             self._host = SSHHost(
                 address,
                 username=self.username,
@@ -191,19 +146,16 @@ class Server:
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
             )
+            # the manager closes it on exit (and the one it replaces)
+            self.manager.registry.track_host(self, self._host)
         return self._host
 
     async def refresh(self) -> Resource:
         """Fetch the instance's description again (sharing a round with other callers)."""
         found = await self.manager.ec2.describe_instances_shared([self.instance_id])
         if self.instance_id in found:
-            self._update(found[self.instance_id])
+            self.record_description(found[self.instance_id])
         return self.instance
-
-    def _update(self, instance: Resource) -> None:
-        self.instance = instance
-        if self.state != "running":
-            self._up = False
 
     def volumes(self) -> list[Volume]:
         """The managed volumes attached to this server (the root volume is not one)."""
@@ -223,15 +175,15 @@ class Server:
 
     async def start(self, timeout: float = 120.0) -> None:
         """Start the server and wait until ping() succeeds."""
-        await self.manager._start([self], timeout=timeout, single=True)
+        await self.manager.fleet.start([self], timeout=timeout, single=True)
 
     async def stop(self, timeout: float = 300.0) -> None:
         """Stop the server and wait until it is stopped."""
-        await self.manager._stop([self], timeout=timeout, single=True)
+        await self.manager.fleet.stop([self], timeout=timeout, single=True)
 
     async def terminate(self, timeout: float = 300.0) -> None:
         """Terminate the server, wait until it is, and unregister it (and its host key)."""
-        await self.manager._terminate([self], timeout=timeout, single=True)
+        await self.manager.fleet.terminate([self], timeout=timeout, single=True)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -313,151 +265,9 @@ class Server:
         name = volume if isinstance(volume, str) else volume.name
         return f"Staging volume for {name} created by asyncstage"
 
-    async def _dev_listing(self) -> tuple[set[str], set[str]]:
-        result = await self.run("ls", "-1", "/dev", "/dev/disk/by-id", check=False)
-        section = ""
-        dev: set[str] = set()
-        by_id: set[str] = set()
-        for line in str(result.stdout).splitlines():
-            if line.endswith(":") and line.startswith("/dev"):
-                section = line[:-1]
-            elif line:
-                (by_id if section == "/dev/disk/by-id" else dev).add(line)
-        return dev, by_id
-
     async def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
         """A free device name: (EC2 name ``/dev/sdX``, the name the kernel may give it)."""
-        await self.refresh()
-        used = {
-            str(m.get("DeviceName", "")).rsplit("/", 1)[-1]
-            for m in self.instance.get("BlockDeviceMappings", [])
-        }
-        used |= {str(v.ec2_device).rsplit("/", 1)[-1] for v in self.volumes() if v.ec2_device}
-        dev, _ = await self._dev_listing()
-        for letter in "fghijklmnop":
-            if letter < major_start:
-                continue
-            names = {f"sd{letter}", f"xvd{letter}"}
-            if names & used or names & dev:
-                continue
-            return f"/dev/sd{letter}", f"/dev/xvd{letter}"
-        raise VolumeError(f"server {self.name}: no free block device name left")
-
-    async def _find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:
-        """The device path of an attached volume on the server: NVMe serial, xvdX, sdX."""
-        serial = volume_id.replace("-", "")
-        letter = ec2_device.rsplit("/", 1)[-1].removeprefix("xvd").removeprefix("sd")
-        interval = 0.1
-        with anyio.move_on_after(timeout):
-            while True:
-                dev, by_id = await self._dev_listing()
-                hits = sorted(n for n in by_id if serial in n and "-part" not in n)
-                if hits:
-                    real = await self.scmd("readlink", "-f", f"/dev/disk/by-id/{hits[0]}")
-                    return real.strip()
-                for name in (f"xvd{letter}", f"sd{letter}"):
-                    if name in dev:
-                        return f"/dev/{name}"
-                await anyio.sleep(interval)
-                interval = min(interval * 2, 2.0)
-        raise WaitTimeout(
-            f"volume {volume_id} to appear as a block device on {self.name}",
-            timeout=timeout,
-            last_state="no device",
-        )
-
-    async def _has_program(self, program: str) -> bool:
-        result = await self.run("which", program, check=False, sudo=True)
-        return result.exit_status == 0
-
-    async def _ensure_kernel_fs(self, fstype: str) -> None:
-        """BadFstype unless the server's kernel can mount fstype (loading its module if need be)."""
-        if fstype in self._kernel_fs:
-            return
-        for attempt in range(2):
-            text = await self.scmd("cat", "/proc/filesystems")
-            self._kernel_fs = {line.split()[-1] for line in text.splitlines() if line.split()}
-            if fstype in self._kernel_fs:
-                return
-            if attempt == 0:
-                await self.run("modprobe", fstype, sudo=True, check=False)
-        raise BadFstype(f"the kernel of server {self.name} cannot mount {fstype} filesystems")
-
-    async def _ensure_mkfs(self, fstype: str) -> None:
-        program = f"mkfs.{fstype}"
-        if await self._has_program(program):
-            return
-        if self.manager.install_packages and await self._has_program("apt-get"):
-            await self.run(
-                "env",
-                "DEBIAN_FRONTEND=noninteractive",
-                "apt-get",
-                "install",
-                "-y",
-                "-q",
-                _MKFS_PACKAGE[fstype],
-                sudo=True,
-                check=False,
-                timeout=600,
-            )
-            if await self._has_program(program):
-                return
-        raise BadFstype(f"server {self.name} cannot make {fstype} filesystems ({program} missing)")
-
-    async def _mkfs(self, device: str, fstype: str, label: str | None, uuid: str | None) -> None:
-        argv: list[str] = [f"mkfs.{fstype}"]
-        if fstype.startswith("ext"):
-            argv += ["-F", "-q"]
-            argv += ["-L", label] if label else []
-            argv += ["-U", uuid] if uuid else []
-        elif fstype == "xfs":
-            argv += ["-f", "-q"]
-            argv += ["-L", label] if label else []
-            argv += ["-m", f"uuid={uuid}"] if uuid else []
-        elif fstype == "btrfs":
-            argv += ["-f", "-q"]
-            argv += ["-L", label] if label else []
-            argv += ["-U", uuid] if uuid else []
-        elif fstype == "vfat":
-            argv += ["-I"]
-            argv += ["-n", label.upper()] if label else []
-            argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
-        await self.run(*argv, device, sudo=True, timeout=600)
-
-    async def _grow_unmounted(self, volume: Volume) -> None:
-        """Grow an ext2/3/4 filesystem to fill its device, offline (checked first)."""
-        assert volume.mtdev
-        check = await self.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True, check=False)
-        if check.exit_status not in (0, 1):  # 1: errors corrected
-            await self.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True)
-        await self.run("resize2fs", volume.mtdev, sudo=True, timeout=600)
-
-    async def _grow(self, volume: Volume) -> None:
-        """Grow a mounted xfs or btrfs filesystem to fill its device."""
-        assert volume.mtdev and volume.mtpt
-        if volume.fstype == "xfs":
-            await self.run("xfs_growfs", volume.mtpt, sudo=True, timeout=600)
-        elif volume.fstype == "btrfs":
-            await self.run("btrfs", "filesystem", "resize", "max", volume.mtpt, sudo=True)
-
-    async def _mounts(self) -> list[tuple[str, str, str]]:
-        """(device, mount point, fstype) of every mount, from /proc/mounts."""
-        text = await self.scmd("cat", "/proc/mounts")
-        found = []
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 3:
-                mtpt = parts[1].replace("\\040", " ").replace("\\011", "\t")
-                found.append(
-                    (parts[0], mtpt.replace("\\012", "\n").replace("\\134", "\\"), parts[2])
-                )
-        return found
-
-    async def _mounted_at(self, device: str) -> str | None:
-        for dev, mtpt, _ in await self._mounts():
-            if dev == device:
-                return mtpt
-        return None
+        return await self._disks.unused_block_device(major_start)
 
     # -- volumes: public ------------------------------------------------------------------
 
@@ -486,235 +296,37 @@ class Server:
         the newest snapshot of that name. A volume made larger than its snapshot has
         its filesystem grown. Volumes from a volume or snapshot are never reformatted.
         """
-        m = self.manager
-        size = _check_size(size)
-        fstype = _check_fstype(fstype)
-        if availability_zone and availability_zone != self.availability_zone:
-            raise ZoneMismatch(
-                f"server {self.name} is in {self.availability_zone}, not {availability_zone}"
-            )
-        name = name or m.new_volume_name()
-        where = mtpt or mount
-        where = check_mount_point(where) if where else None
-        reuse = m.reuse_volumes if reuse is None else reuse
-        if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
-            raise BadFstype(f"label {label!r} too long for {fstype}")
-
-        existing = m.find_volume_by_name(name) if volume_id is None else None
-        if existing is not None:
-            if not reuse:
-                raise NameTaken(f"a volume named {name!r} exists already ({existing.volume_id})")
-            if existing.server is not None and existing.server is not self:
-                raise VolumeInUse(
-                    f"volume {name} ({existing.volume_id}) is attached to {existing.server.name}"
-                )
-            if existing.availability_zone != self.availability_zone:
-                raise ZoneMismatch(
-                    f"volume {name} is in {existing.availability_zone}, "
-                    f"server {self.name} in {self.availability_zone}"
-                )
-            if not existing.mounted and existing.fstype != "raw":
-                await self.mount_volume(existing, where)
-            elif existing.server is None:
-                await self._attach(existing)
-            return existing
-
-        grow_from: int | None = None
-        if volume_id is not None:
-            found = await m.ec2.describe_volumes([volume_id])
-            if not found:
-                raise UnknownVolume(f"volume {volume_id} does not exist")
-            desc = found[0]
-            if desc["AvailabilityZone"] != self.availability_zone:
-                raise ZoneMismatch(
-                    f"volume {volume_id} is in {desc['AvailabilityZone']}, "
-                    f"server {self.name} in {self.availability_zone}"
-                )
-            if desc.get("State") != "available":
-                raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
-            tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-            await m.ec2.create_tags([volume_id], tags)
-            desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
-            volume = m._register_volume(desc)
-            volume.fstype = tags_of(desc).get(tag("fstype"), fstype or "")
-            await self._attach(volume)
-            if not volume.fstype:
-                volume.fstype = await volume.get_fstype() or "raw"
-                await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
-            if volume.fstype != "raw":
-                await self.mount_volume(volume, where)
-            return volume
-
-        if snapshot_id is None and reuse:
-            snap = await m._newest_snapshot(name)
-            snapshot_id = snap["SnapshotId"] if snap else None
-        if snapshot_id is not None:
-            snaps = await m.ec2.describe_snapshots([snapshot_id])
-            if not snaps:
-                raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
-            snap_size = int(snaps[0]["VolumeSize"])
-            if size is not None and size < snap_size:
-                raise BadSize(
-                    f"size {size} GiB is smaller than snapshot {snapshot_id} ({snap_size})"
-                )
-            if size is not None and size > snap_size:
-                grow_from = snap_size
-            size = size or snap_size
-            fstype = tags_of(snaps[0]).get(tag("fstype")) or fstype
-            if fstype and fstype != "raw":
-                await self._ensure_kernel_fs(fstype)
-        else:
-            size = size or 1
-            fstype = fstype or "ext4"
-            if fstype != "raw":
-                await self._ensure_kernel_fs(fstype)
-                await self._ensure_mkfs(fstype)
-
-        tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-        if fstype:
-            tags[tag("fstype")] = fstype
-        desc = await m.ec2.create_volume(
-            availability_zone=self.availability_zone,
+        return await self._disks.provision(
+            name,
             size=size,
+            fstype=fstype,
+            mtpt=mtpt,
+            mount=mount,
+            volume_id=volume_id,
             snapshot_id=snapshot_id,
-            tags=tags,
+            reuse=reuse,
+            label=label,
+            uuid=uuid,
+            availability_zone=availability_zone,
         )
-        volume = m._register_volume(desc, created=True)
-        try:
-            await m.ec2.wait_for_volume(
-                volume.volume_id,
-                lambda v: v.get("State") == "available",
-                what=f"volume {name} ({volume.volume_id}) to be available",
-                timeout=m.volume_timeout,
-            )
-            await self._attach(volume)
-            assert volume.mtdev
-            if snapshot_id is None:
-                volume.fstype = fstype or "ext4"
-                if volume.fstype != "raw":
-                    await self._mkfs(volume.mtdev, volume.fstype, label, uuid)
-            else:
-                volume.fstype = fstype or await volume.get_fstype() or "raw"
-                await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
-            if grow_from is not None and volume.fstype.startswith("ext"):
-                await self._grow_unmounted(volume)
-            if volume.fstype != "raw":
-                await self.mount_volume(volume, where)
-                if snapshot_id is None and volume.fstype != "vfat":
-                    await self.run(
-                        "chown", f"{self.username}:", volume.mtpt or "", sudo=True, check=False
-                    )
-                if grow_from is not None and volume.fstype in ("xfs", "btrfs"):
-                    await self._grow(volume)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await m._discard_volume(volume)
-            raise
-        return volume
 
     add_volume = provision_volume
 
-    async def _attach(self, volume: Volume) -> None:
-        """Attach an available volume here and find its device."""
-        m = self.manager
-        if volume.availability_zone != self.availability_zone:
-            raise ZoneMismatch(
-                f"volume {volume.name} is in {volume.availability_zone}, "
-                f"server {self.name} in {self.availability_zone}"
-            )
-        async with self._attach_lock:
-            ec2_device, _ = await self.unused_block_device()
-            await m.ec2.attach_volume(volume.volume_id, self.instance_id, ec2_device)
-            volume.server = self
-            volume.ec2_device = ec2_device
-            desc = await m.ec2.wait_for_volume(
-                volume.volume_id,
-                lambda v: any(
-                    a.get("State") == "attached" and a.get("InstanceId") == self.instance_id
-                    for a in v.get("Attachments", [])
-                ),
-                what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.name}",
-                timeout=m.volume_timeout,
-            )
-            volume.volume = desc
-            volume.mtdev = await self._find_device(
-                volume.volume_id, ec2_device, timeout=m.volume_timeout
-            )
-
     async def mount_volume(self, volume: Volume, mtpt: str | None = None) -> None:
         """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
-        if volume.server is not None and volume.server is not self:
-            raise VolumeInUse(
-                f"volume {volume.name} ({volume.volume_id}) is attached to {volume.server.name}"
-            )
-        if volume.fstype == "raw":
-            raise BadFstype(f"volume {volume.name} is raw: it has no filesystem to mount")
-        where = check_mount_point(mtpt or volume.mtpt or self.default_mtpt(volume))
-        if not await self.ping():
-            await self.start()
-        if volume.server is None:
-            await self._attach(volume)
-        elif volume.mtdev is None:
-            assert volume.ec2_device
-            volume.mtdev = await self._find_device(
-                volume.volume_id, volume.ec2_device, timeout=self.manager.volume_timeout
-            )
-        assert volume.mtdev
-        current = await self._mounted_at(volume.mtdev)
-        if current == where:
-            volume.mtpt, volume.mounted = where, True
-            return
-        if current is not None:
-            await self.run("umount", volume.mtdev, sudo=True)
-        if any(mp == where for _, mp, _ in await self._mounts()):
-            raise MountPointRefused(f"{where} on {self.name} has another filesystem mounted")
-        await self.run("mkdir", "-p", where, sudo=True)
-        argv = ["mount"]
-        if volume.fstype == "vfat":
-            ids = (await self.scmd("id", "-u")).strip(), (await self.scmd("id", "-g")).strip()
-            argv += ["-o", f"uid={ids[0]},gid={ids[1]}"]
-        elif volume.fstype == "xfs":  # copies of one snapshot share a UUID
-            argv += ["-o", "nouuid"]
-        if volume.fstype:
-            argv += ["-t", volume.fstype]
-        await self.run(*argv, volume.mtdev, where, sudo=True)
-        volume.mtpt, volume.mounted = where, True
-        await self.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
+        await self._disks.mount(volume, mtpt)
 
     async def remount_volume(self, volume: Volume) -> None:
         """Mount again a volume unmounted from this server, at its old mount point."""
-        if volume.server is not self or volume.mtpt is None:
-            raise VolumeError(f"volume {volume.name} was not mounted on {self.name}")
-        await self.mount_volume(volume, volume.mtpt)
+        await self._disks.remount(volume)
 
     async def unmount_volume(self, volume: Volume) -> None:
         """Unmount a volume (it stays attached)."""
-        if volume.server is not self:
-            raise VolumeError(f"volume {volume.name} is not attached to {self.name}")
-        if not volume.mounted or volume.mtdev is None:
-            return
-        if await self._mounted_at(volume.mtdev) is not None:
-            try:
-                await self.run("umount", volume.mtdev, sudo=True)
-            except CommandFailed as e:
-                raise VolumeInUse(f"cannot unmount {volume.name} from {self.name}: {e}") from e
-        volume.mounted = False
+        await self._disks.unmount(volume)
 
     async def detach_volume(self, volume: Volume) -> None:
         """Unmount and detach a volume, waiting until EC2 says it is detached."""
-        if volume.server is not self:
-            raise VolumeError(f"volume {volume.name} is not attached to {self.name}")
-        if self.state == "running":
-            await self.unmount_volume(volume)
-        m = self.manager
-        await m.ec2.detach_volume(volume.volume_id)
-        volume.volume = await m.ec2.wait_for_volume(
-            volume.volume_id,
-            lambda v: v.get("State") == "available",
-            what=f"volume {volume.name} ({volume.volume_id}) to detach from {self.name}",
-            timeout=m.volume_timeout,
-        )
-        volume.server, volume.mtdev, volume.ec2_device, volume.mounted = None, None, None, False
+        await self._disks.detach(volume)
 
     async def delete_volume(self, volume: Volume) -> None:
         """Unmount, detach and delete a volume."""
@@ -749,7 +361,39 @@ class Server:
         """Block-copy volume ``source`` onto volume ``dest``; see Manager.dd."""
         return await transfer.dd(self.manager, source, dest, **options)
 
-    # -- fleet helpers used by the manager ------------------------------------------------------
+    # -- state changes: called by the Manager's fleet, not by users ----------------------------
+    # The server's fields change only here; the fleet reports what EC2 did.
+
+    def record_description(self, instance: Resource) -> None:
+        """Internal: keep a fresh EC2 description of the instance."""
+        self.instance = instance
+        if self.state != "running":
+            self._up = False
+
+    def expect_new_host_key(self) -> None:
+        """Internal: launched, or given a new address: no known_hosts entry to trust yet."""
+        self._fresh = True
+
+    def record_stop(self) -> None:
+        """Internal: asked to stop; its mounted volumes are mounted again on the next start."""
+        self._up = False
+        for volume in self.volumes():
+            volume.record_unmount(server_stopped=True)
+        self._host = None  # its address goes away (the manager closes the connection)
+
+    def record_termination(self) -> None:
+        """Internal: terminated: its volumes are detached and its host key forgotten."""
+        for volume in self.volumes():
+            volume.record_detach()
+        self._host = None
+        if self.address:
+            self.manager.known_hosts.remove(self.address, 22)
+        self.instance.setdefault("State", {})["Name"] = "terminated"
+        self._up = False
+
+    async def adopt_mounts(self, volumes: list[Volume]) -> None:
+        """Internal: find where the volumes attached here are, and whether they are mounted."""
+        await self._disks.adopt_mounts(volumes)
 
     async def _pin_host_key(self) -> None:
         """Before the first contact at an address: expected fingerprints from the console.
@@ -771,14 +415,12 @@ class Server:
             except AsyncstageError:  # no console: pin on first contact
                 console = ""
             self._expected_fingerprints = tuple(console_fingerprints(console))
-            if self._host is not None:
-                self.manager._closing(self._host)
-                self._host = None
+            self._host = None  # the next one expects these fingerprints
         self._fresh = False
         self._pinned_for = address
 
-    async def _wait_ssh(self, deadline: float) -> None:
-        """Try ssh until it answers or the deadline passes (ServerUnreachable then).
+    async def wait_ssh(self, deadline: float) -> None:
+        """Internal: try ssh until it answers or the deadline passes (ServerUnreachable then).
 
         A host key that does not match fails at once with HostKeyMismatch.
         """

@@ -32,19 +32,30 @@ class Volume:
     path there, ``mtpt`` its mount point and ``mounted`` whether it is mounted now.
     """
 
+    INTERNAL_METHODS = (
+        "prepare_remount",
+        "record_attach",
+        "record_description",
+        "record_detach",
+        "record_mount",
+        "record_unmount",
+    )
+    """Methods without an underscore that only its Server and the Manager's parts call (they
+    report what was done, so that the volume changes its own state); not for users, no
+    blocking twins."""
+
     def __init__(self, manager: Manager, volume: Resource) -> None:
         self.manager = manager
         self.volume: Resource = volume
         """The latest EC2 description of the volume (a DescribeVolumes item)."""
         self.volume_id: str = str(volume["VolumeId"])
         tags = tags_of(volume)
-        self.fstype: str = tags.get(tag("fstype"), "")
-        self.mtpt: str | None = tags.get(tag("mtpt")) or None
-        self.server: Server | None = None
-        self.mtdev: str | None = None
-        self.ec2_device: str | None = None
-        """The EC2 device name it is attached under (``/dev/sdf``)."""
-        self.mounted = False
+        self._fstype: str = tags.get(tag("fstype"), "")
+        self._mtpt: str | None = tags.get(tag("mtpt")) or None
+        self._server: Server | None = None
+        self._mtdev: str | None = None
+        self._ec2_device: str | None = None
+        self._mounted = False
         self._remount = False  # mounted when its server stopped: mount again on start
 
     def __str__(self) -> str:
@@ -68,6 +79,73 @@ class Volume:
     def availability_zone(self) -> str:
         """The volume's availability zone."""
         return str(self.volume.get("AvailabilityZone", ""))
+
+    @property
+    def fstype(self) -> str:
+        """The filesystem type (``raw``: none); set it when a block copy changed it."""
+        return self._fstype
+
+    @fstype.setter
+    def fstype(self, fstype: str) -> None:
+        self._fstype = fstype
+
+    @property
+    def server(self) -> Server | None:
+        """The server it is attached to, or None."""
+        return self._server
+
+    @property
+    def mtdev(self) -> str | None:
+        """Its device path on the server (``/dev/nvme1n1``, ``/dev/xvdf`` ...)."""
+        return self._mtdev
+
+    @property
+    def ec2_device(self) -> str | None:
+        """The EC2 device name it is attached under (``/dev/sdf``)."""
+        return self._ec2_device
+
+    @property
+    def mtpt(self) -> str | None:
+        """Its mount point (the last one when unmounted)."""
+        return self._mtpt
+
+    @property
+    def mounted(self) -> bool:
+        """Whether it is mounted now."""
+        return self._mounted
+
+    # -- state changes: called by its Server and the Manager's fleet, not by users ------------
+    # The volume's attachment fields change only here; the callers report what they did.
+
+    def record_description(self, volume: Resource) -> None:
+        """Internal: keep a fresh EC2 description of the volume."""
+        self.volume = volume
+
+    def record_attach(self, server: Server, ec2_device: str, mtdev: str | None) -> None:
+        """Internal: attached to ``server`` as ``ec2_device``, seen there as ``mtdev``."""
+        self._server, self._ec2_device, self._mtdev = server, ec2_device, mtdev
+
+    def record_mount(self, mtpt: str) -> None:
+        """Internal: mounted at ``mtpt`` on its server."""
+        self._mtpt, self._mounted, self._remount = mtpt, True, False
+
+    def record_unmount(self, *, server_stopped: bool = False) -> None:
+        """Internal: not mounted any more; ``server_stopped``: mount it again when it starts."""
+        if server_stopped:
+            self._remount = self._remount or self._mounted
+        self._mounted = False
+
+    def record_detach(self) -> None:
+        """Internal: detached from its server (or its server went away)."""
+        self._server, self._mtdev, self._ec2_device = None, None, None
+        self._mounted = self._remount = False
+
+    def prepare_remount(self) -> bool:
+        """Internal: whether its server stopped while it was mounted; if so its device
+        path is forgotten (it may differ after the start) before it is mounted again."""
+        if self._remount:
+            self._mtdev = None
+        return self._remount
 
     def fstab_line(self) -> str:
         """An /etc/fstab line that mounts the volume where it is mounted now."""
@@ -93,7 +171,7 @@ class Volume:
         """Fetch the volume's description again."""
         found = await self.manager.ec2.describe_volumes([self.volume_id])
         if found:
-            self.volume = found[0]
+            self.record_description(found[0])
         return self.volume
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -128,7 +206,7 @@ class Volume:
         """Unmount, detach and delete the volume; it is unregistered from its manager."""
         await self.detach()
         await self.manager.ec2.delete_volume(self.volume_id)
-        self.manager._unregister_volume(self)
+        self.manager.registry.forget_volume(self)
 
     async def create_snapshot(self, description: str = "", *, wait: bool = False) -> str:
         """Snapshot the volume cleanly; the snapshot's id.
@@ -171,7 +249,7 @@ class Volume:
                     await server.remount_volume(self)
         snapshot_id = str(snap["SnapshotId"])
         if wait:
-            await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.snapshot_timeout)
+            await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.timeouts.snapshot)
         return snapshot_id
 
     snapshot = create_snapshot
@@ -179,10 +257,11 @@ class Volume:
     # -- file commands, run as root with paths relative to the volume's root ---------------
 
     def _path(self, arg: str) -> str:
-        if not self.mounted or self.mtpt is None:
+        mtpt = self._mtpt
+        if not self._mounted or mtpt is None:
             raise VolumeNotMounted(f"volume {self.name} is not mounted")
-        joined = posixpath.normpath(posixpath.join(self.mtpt, arg.lstrip("/")))
-        if joined != self.mtpt and not joined.startswith(self.mtpt.rstrip("/") + "/"):
+        joined = posixpath.normpath(posixpath.join(mtpt, arg.lstrip("/")))
+        if joined != mtpt and not joined.startswith(mtpt.rstrip("/") + "/"):
             raise VolumeError(f"path {arg!r} leaves volume {self.name}")
         return joined
 

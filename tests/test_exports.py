@@ -70,3 +70,25 @@ def test_public_api_is_documented() -> None:
             if name.startswith("_") or not callable(member):
                 continue
             assert inspect.getdoc(member), f"{cls.__name__}.{name} has no docstring"
+
+
+def test_errors_sit_where_their_callers_need_them() -> None:
+    e = asyncstage.errors
+    # transfers raise MissingDependency on AWS too: it is not a local cloud error
+    assert issubclass(e.MissingDependency, e.AsyncstageError)
+    assert not issubclass(e.MissingDependency, e.LocalCloudError)
+    assert issubclass(e.NeedsRoot, e.LocalCloudError)
+    # a missing image is a lookup failure, and still the EC2Error it used to be
+    assert issubclass(e.UnknownImage, e.NotFound) and issubclass(e.UnknownImage, e.EC2Error)
+    assert e.UnknownImage("gone", code="InvalidAMIID.NotFound").code == "InvalidAMIID.NotFound"
+    # a server without an address is not a volume problem
+    assert not issubclass(e.ServerNotRunning, e.VolumeError)
+
+
+def test_internal_methods_exist_and_say_so() -> None:
+    """The underscore-less methods the Manager's parts call are declared, and documented."""
+    for cls in (asyncstage.Server, asyncstage.Volume):
+        assert cls.INTERNAL_METHODS
+        for name in cls.INTERNAL_METHODS:
+            doc = inspect.getdoc(getattr(cls, name)) or ""
+            assert doc.startswith("Internal:"), f"{cls.__name__}.{name}"

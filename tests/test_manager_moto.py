@@ -15,7 +15,8 @@ import pytest
 from asyncstage import Manager
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument, NameTaken
-from asyncstage.manager import _user_for_image
+from asyncstage.fleet import LaunchOptions
+from asyncstage.images import user_for_image
 
 pytestmark = pytest.mark.anyio
 
@@ -39,10 +40,8 @@ def make(moto_url: str, tmp_path: Path) -> Any:
 
 
 async def _launch(m: Manager, *names: str) -> list[Any]:
-    spec = await m._spec(
-        image=None, instance_type=None, availability_zone=None, username=None, architecture=None
-    )
-    servers = await m._launch(spec, list(names))
+    spec = await m.fleet.spec(LaunchOptions())
+    servers = await m.fleet.launch(spec, list(names))
     return [servers[n] for n in names]
 
 
@@ -67,17 +66,11 @@ async def test_open_makes_key_and_group_without_opening_the_world(make: Any) -> 
 
 async def test_concurrent_provisions_with_one_spec_share_one_run_instances(make: Any) -> None:
     async with make(on_exit="terminate", launch_window=0.2) as m:
-        spec = await m._spec(
-            image=None,
-            instance_type=None,
-            availability_zone=None,
-            username=None,
-            architecture=None,
-        )
+        spec = await m.fleet.spec(LaunchOptions())
         got: dict[str, Any] = {}
 
         async def one(name: str) -> None:
-            got[name] = await m._launch_coalesced(spec, name)
+            got[name] = await m.fleet.launch_coalesced(spec, name)
 
         async with anyio.create_task_group() as tg:
             for n in ("a", "b", "c", "d"):
@@ -137,11 +130,11 @@ async def test_on_exit_modes(make: Any, mode: str, how: str, tmp_path: Path) -> 
 
 
 def test_default_user_follows_the_image() -> None:
-    assert _user_for_image({"Name": "ubuntu/images/hvm-ssd/ubuntu-noble-24.04"}) == "ubuntu"
-    assert _user_for_image({"Name": "debian-12-amd64-2024"}) == "admin"
-    assert _user_for_image({"Name": "al2023-ami-2023.4"}) == "ec2-user"
+    assert user_for_image({"Name": "ubuntu/images/hvm-ssd/ubuntu-noble-24.04"}) == "ubuntu"
+    assert user_for_image({"Name": "debian-12-amd64-2024"}) == "admin"
+    assert user_for_image({"Name": "al2023-ami-2023.4"}) == "ec2-user"
     tagged = {"Name": "x", "Tags": [{"Key": tag("user"), "Value": "me"}]}
-    assert _user_for_image(tagged) == "me"
+    assert user_for_image(tagged) == "me"
 
 
 async def test_launch_survives_another_manager_removing_key_and_group(make: Any) -> None:

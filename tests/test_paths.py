@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from asyncstage.errors import PathError
+from asyncstage.errors import PathError, ServerNotRunning
 from asyncstage.paths import (
     HostEndpoint,
     HostSpec,
@@ -22,6 +22,7 @@ from asyncstage.paths import (
     check_one_host,
     parse_path,
     parse_paths,
+    resolve_paths,
     same_host,
 )
 
@@ -164,3 +165,53 @@ def test_one_host_rule() -> None:
         check_one_host([UnmanagedEndpoint("u", "h", "/x"), UnmanagedEndpoint("u", "g", "/x")])
     with pytest.raises(PathError):
         check_one_host([])
+
+
+class StoppedServer:
+    """A server whose ``host`` property raises while it is stopped, like the real one."""
+
+    def __init__(self) -> None:
+        self.instance_id = IID
+        self.availability_zone = "us-east-1a"
+        self.state = "stopped"
+        self.starts = 0
+        self._host = FakeHost("127.0.0.11")
+
+    @property
+    def host(self) -> FakeHost:
+        if self.state != "running":
+            raise ServerNotRunning(f"server {self.instance_id} has no address")
+        return self._host
+
+    async def start(self) -> None:
+        self.starts += 1
+        self.state = "running"
+
+    def __str__(self) -> str:
+        return self.instance_id
+
+
+class OneServerManager:
+    def __init__(self, server: StoppedServer) -> None:
+        self.server = server
+
+    def find_server_by_instance(self, instance_id: str) -> StoppedServer:
+        assert instance_id == self.server.instance_id
+        return self.server
+
+
+@pytest.mark.anyio
+async def test_a_stopped_server_in_a_remote_path_is_started_not_refused() -> None:
+    """Python 3.11's isinstance against a runtime protocol evaluated ``host``, which
+    raises for a stopped server: RemotePath refused it instead of starting it."""
+    server = StoppedServer()
+    path = RemotePath(server, "/etc/hostname")
+    assert str(path) == f"{IID}:/etc/hostname"
+    assert parse_path(path) == ServerSpec(server, "/etc/hostname")
+    assert server.starts == 0  # parsing looks nothing up, starts nothing
+    for given in (path, f"{IID}:/etc/hostname"):
+        server.state = "stopped"
+        (endpoint,) = await resolve_paths(OneServerManager(server), [given])
+        assert isinstance(endpoint, HostEndpoint)
+        assert endpoint.host is server.host and endpoint.path == "/etc/hostname"
+    assert server.starts == 2

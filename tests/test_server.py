@@ -9,8 +9,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncstage import Manager, Server
-from asyncstage.errors import CommandFailed, FleetError, HostKeyMismatch, ServerUnreachable
+from asyncstage import Manager, RemotePath, Server
+from asyncstage.errors import (
+    CommandFailed,
+    FleetError,
+    HostKeyMismatch,
+    ServerUnreachable,
+)
 from asyncstage.keys import generate_key
 from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
@@ -75,7 +80,7 @@ async def test_commands(server: Server) -> None:
     assert (await server.scmd("cat /tmp/written")) == "line 1\nline 2\n"
 
 
-async def test_ping_stop_start_terminate(manager: Manager) -> None:
+async def test_ping_stop_start_terminate(manager: Manager, tmp_path: Path) -> None:
     server = await manager.provision_server("cycle")
     assert await server.ping() is True
     address = server.address
@@ -86,6 +91,12 @@ async def test_ping_stop_start_terminate(manager: Manager) -> None:
     await server.start()
     assert server.state == "running" and await server.ping() is True
     assert (await server.scmd("echo", "back")).strip() == "back"
+    # a transfer from a RemotePath on a stopped server starts it first
+    await server.stop()
+    assert server.state == "stopped"
+    got = await manager.rsync(RemotePath(server, "/etc/hostname"), f"{tmp_path}/")
+    assert got.files >= 1 and (tmp_path / "hostname").read_text().strip()
+    assert server.state == "running"
     address = server.address
     assert address is not None
     await server.terminate()

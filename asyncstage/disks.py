@@ -1,0 +1,621 @@
+"""Disks: what a server does with volumes: block devices, filesystems and mounts.
+
+A :class:`Disks` belongs to one :class:`~asyncstage.server.Server` and does the work of
+its volume methods (``provision_volume``, ``mount_volume`` ...) over the server's
+commands; a volume's state changes only through its own ``record_*`` methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from asyncstage.ec2 import tag, tags_of
+from asyncstage.errors import (
+    AsyncstageError,
+    BadFstype,
+    BadSize,
+    CommandFailed,
+    MountPointRefused,
+    NameTaken,
+    UnknownSnapshot,
+    UnknownVolume,
+    VolumeError,
+    VolumeInUse,
+    WaitTimeout,
+    ZoneMismatch,
+)
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
+    from asyncstage.server import Server
+    from asyncstage.volume import Volume
+
+__all__ = [
+    "FSTYPES",
+    "REFUSED_MOUNT_POINTS",
+    "Disks",
+    "check_mount_point",
+    "mkfs_argv",
+    "parse_mounts",
+]
+
+log = logging.getLogger("asyncstage")
+
+FSTYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "raw")
+"""The filesystem types provision_volume can make (``raw``: attached, not formatted)."""
+
+REFUSED_MOUNT_POINTS = (
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/proc",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var",
+)
+"""Mount points refused, with ``/lib*`` and everything below ``/dev``, ``/proc`` and ``/sys``."""
+
+_MKFS_PACKAGE = {
+    "ext2": "e2fsprogs",
+    "ext3": "e2fsprogs",
+    "ext4": "e2fsprogs",
+    "xfs": "xfsprogs",
+    "btrfs": "btrfs-progs",
+    "vfat": "dosfstools",
+}
+_LABEL_MAX = {"ext2": 16, "ext3": 16, "ext4": 16, "xfs": 12, "btrfs": 255, "vfat": 11}
+_MAX_SIZE = 16384  # GiB, the largest EBS volume
+
+
+def check_mount_point(mtpt: str) -> str:
+    """The normalised absolute mount point, or MountPointRefused for essential system paths."""
+    if not mtpt.startswith("/"):
+        raise MountPointRefused(f"mount point {mtpt!r} is not an absolute path")
+    norm = posixpath.normpath(mtpt)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if (
+        norm in REFUSED_MOUNT_POINTS
+        or re.fullmatch(r"/lib[^/]*", norm)
+        or norm.startswith(("/dev/", "/proc/", "/sys/"))
+    ):
+        raise MountPointRefused(f"refusing to mount a volume over {norm}: an essential system path")
+    return norm
+
+
+def mkfs_argv(fstype: str, label: str | None = None, uuid: str | None = None) -> list[str]:
+    """The mkfs command line (without the device) that makes ``fstype`` quietly and forcibly,
+    with this label and UUID (vfat: an 8 hex digit volume id from the UUID)."""
+    argv: list[str] = [f"mkfs.{fstype}"]
+    if fstype.startswith("ext"):
+        argv += ["-F", "-q"]
+        argv += ["-L", label] if label else []
+        argv += ["-U", uuid] if uuid else []
+    elif fstype == "xfs":
+        argv += ["-f", "-q"]
+        argv += ["-L", label] if label else []
+        argv += ["-m", f"uuid={uuid}"] if uuid else []
+    elif fstype == "btrfs":
+        argv += ["-f", "-q"]
+        argv += ["-L", label] if label else []
+        argv += ["-U", uuid] if uuid else []
+    elif fstype == "vfat":
+        argv += ["-I"]
+        argv += ["-n", label.upper()] if label else []
+        argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
+    return argv
+
+
+def _unescape_mount_field(field: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as octal; backslash last
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def parse_mounts(text: str) -> list[tuple[str, str, str]]:
+    """(device, mount point, fstype) of each line of /proc/mounts, mount points unescaped."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            found.append((parts[0], _unescape_mount_field(parts[1]), parts[2]))
+    return found
+
+
+@dataclass(frozen=True)
+class _NewVolume:
+    """What provision_volume makes a new volume from, and how."""
+
+    size: int
+    fstype: str | None
+    snapshot_id: str | None
+    grow_from: int | None  # the snapshot's smaller size: grow the filesystem
+
+
+async def _discard_volume(manager: Manager, volume: Volume) -> None:
+    """Best effort: detach and delete a volume whose provisioning failed."""
+    m = manager
+    try:
+        if volume.server is not None:
+            if volume.mtdev is not None and volume.server.state == "running":
+                await volume.server.run("umount", volume.mtdev, sudo=True, check=False)
+            await m.ec2.detach_volume(volume.volume_id, force=True)
+            await m.ec2.wait_for_volume(
+                volume.volume_id,
+                lambda v: v.get("State") == "available",
+                what=f"volume {volume.volume_id} to detach",
+                timeout=m.timeouts.volume,
+            )
+        await m.ec2.delete_volume(volume.volume_id)
+    except AsyncstageError as e:
+        log.warning("could not delete volume %s: %s", volume.volume_id, e)
+    m.registry.forget_volume(volume)
+
+
+def _check_size(size: object) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_SIZE:
+        raise BadSize(f"bad volume size {size!r}: a whole number of GiB from 1 to {_MAX_SIZE}")
+    return size
+
+
+def _check_fstype(fstype: str | None) -> str | None:
+    if fstype is not None and fstype not in FSTYPES:
+        raise BadFstype(f"unsupported filesystem type {fstype!r}: one of {', '.join(FSTYPES)}")
+    return fstype
+
+
+class Disks:
+    """The volume work of one server: device names, filesystems, attach, mount, provision.
+
+    Holds what only this server's volume work needs: a lock that keeps two attachments
+    from picking one device name, and the filesystems its kernel can mount.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._attach_lock = anyio.Lock()
+        self._kernel_fs: set[str] = set()
+
+    async def _dev_listing(self) -> tuple[set[str], set[str]]:
+        result = await self.server.run("ls", "-1", "/dev", "/dev/disk/by-id", check=False)
+        section = ""
+        dev: set[str] = set()
+        by_id: set[str] = set()
+        for line in str(result.stdout).splitlines():
+            if line.endswith(":") and line.startswith("/dev"):
+                section = line[:-1]
+            elif line:
+                (by_id if section == "/dev/disk/by-id" else dev).add(line)
+        return dev, by_id
+
+    async def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
+        """A free device name: (EC2 name ``/dev/sdX``, the name the kernel may give it)."""
+        await self.server.refresh()
+        used = {
+            str(m.get("DeviceName", "")).rsplit("/", 1)[-1]
+            for m in self.server.instance.get("BlockDeviceMappings", [])
+        }
+        used |= {
+            str(v.ec2_device).rsplit("/", 1)[-1] for v in self.server.volumes() if v.ec2_device
+        }
+        dev, _ = await self._dev_listing()
+        for letter in "fghijklmnop":
+            if letter < major_start:
+                continue
+            names = {f"sd{letter}", f"xvd{letter}"}
+            if names & used or names & dev:
+                continue
+            return f"/dev/sd{letter}", f"/dev/xvd{letter}"
+        raise VolumeError(f"server {self.server.name}: no free block device name left")
+
+    async def _find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:
+        """The device path of an attached volume on the server: NVMe serial, xvdX, sdX."""
+        serial = volume_id.replace("-", "")
+        letter = ec2_device.rsplit("/", 1)[-1].removeprefix("xvd").removeprefix("sd")
+        interval = 0.1
+        with anyio.move_on_after(timeout):
+            while True:
+                dev, by_id = await self._dev_listing()
+                hits = sorted(n for n in by_id if serial in n and "-part" not in n)
+                if hits:
+                    real = await self.server.scmd("readlink", "-f", f"/dev/disk/by-id/{hits[0]}")
+                    return real.strip()
+                for name in (f"xvd{letter}", f"sd{letter}"):
+                    if name in dev:
+                        return f"/dev/{name}"
+                await anyio.sleep(interval)
+                interval = min(interval * 2, 2.0)
+        raise WaitTimeout(
+            f"volume {volume_id} to appear as a block device on {self.server.name}",
+            timeout=timeout,
+            last_state="no device",
+        )
+
+    async def _has_program(self, program: str) -> bool:
+        result = await self.server.run("which", program, check=False, sudo=True)
+        return result.exit_status == 0
+
+    async def _ensure_kernel_fs(self, fstype: str) -> None:
+        """BadFstype unless the server's kernel can mount fstype (loading its module if need be)."""
+        if fstype in self._kernel_fs:
+            return
+        for attempt in range(2):
+            text = await self.server.scmd("cat", "/proc/filesystems")
+            self._kernel_fs = {line.split()[-1] for line in text.splitlines() if line.split()}
+            if fstype in self._kernel_fs:
+                return
+            if attempt == 0:
+                await self.server.run("modprobe", fstype, sudo=True, check=False)
+        raise BadFstype(
+            f"the kernel of server {self.server.name} cannot mount {fstype} filesystems"
+        )
+
+    async def _ensure_mkfs(self, fstype: str) -> None:
+        program = f"mkfs.{fstype}"
+        if await self._has_program(program):
+            return
+        if self.server.manager.install_packages and await self._has_program("apt-get"):
+            await self.server.run(
+                "env",
+                "DEBIAN_FRONTEND=noninteractive",
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                _MKFS_PACKAGE[fstype],
+                sudo=True,
+                check=False,
+                timeout=600,
+            )
+            if await self._has_program(program):
+                return
+        raise BadFstype(
+            f"server {self.server.name} cannot make {fstype} filesystems ({program} missing)"
+        )
+
+    async def _grow_unmounted(self, volume: Volume) -> None:
+        """Grow an ext2/3/4 filesystem to fill its device, offline (checked first)."""
+        assert volume.mtdev
+        check = await self.server.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True, check=False)
+        if check.exit_status not in (0, 1):  # 1: errors corrected
+            await self.server.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True)
+        await self.server.run("resize2fs", volume.mtdev, sudo=True, timeout=600)
+
+    async def _grow(self, volume: Volume) -> None:
+        """Grow a mounted xfs or btrfs filesystem to fill its device."""
+        assert volume.mtdev and volume.mtpt
+        if volume.fstype == "xfs":
+            await self.server.run("xfs_growfs", volume.mtpt, sudo=True, timeout=600)
+        elif volume.fstype == "btrfs":
+            await self.server.run("btrfs", "filesystem", "resize", "max", volume.mtpt, sudo=True)
+
+    async def _mounts(self) -> list[tuple[str, str, str]]:
+        """(device, mount point, fstype) of every mount, from /proc/mounts."""
+        return parse_mounts(await self.server.scmd("cat", "/proc/mounts"))
+
+    async def _mounted_at(self, device: str) -> str | None:
+        for dev, mtpt, _ in await self._mounts():
+            if dev == device:
+                return mtpt
+        return None
+
+    async def provision(
+        self,
+        name: str | None = None,
+        *,
+        size: int | None = None,
+        fstype: str | None = None,
+        mtpt: str | None = None,
+        mount: str | None = None,
+        volume_id: str | None = None,
+        snapshot_id: str | None = None,
+        reuse: bool | None = None,
+        label: str | None = None,
+        uuid: str | None = None,
+        availability_zone: str | None = None,
+    ) -> Volume:
+        """Make (or reuse) a volume, attach it here, format it and mount it: see
+        :meth:`Server.provision_volume <asyncstage.server.Server.provision_volume>`."""
+        server, m = self.server, self.server.manager
+        size = _check_size(size)
+        fstype = _check_fstype(fstype)
+        if availability_zone and availability_zone != server.availability_zone:
+            raise ZoneMismatch(
+                f"server {server.name} is in {server.availability_zone}, not {availability_zone}"
+            )
+        name = name or m.new_volume_name()
+        where = mtpt or mount
+        where = check_mount_point(where) if where else None
+        reuse = m.reuse_volumes if reuse is None else reuse
+        if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
+            raise BadFstype(f"label {label!r} too long for {fstype}")
+        if volume_id is None:
+            existing = m.find_volume_by_name(name)
+            if existing is not None:
+                return await self._reuse_volume(existing, reuse=reuse, where=where)
+            plan = await self._plan_new_volume(name, size, fstype, snapshot_id, reuse=reuse)
+            return await self._make_volume(name, plan, where=where, label=label, uuid=uuid)
+        return await self._adopt_volume_id(volume_id, name, fstype, where)
+
+    async def _reuse_volume(self, existing: Volume, *, reuse: bool, where: str | None) -> Volume:
+        """provision_volume of a name in use: that volume, attached and mounted here."""
+        name = existing.name
+        if not reuse:
+            raise NameTaken(f"a volume named {name!r} exists already ({existing.volume_id})")
+        if existing.server is not None and existing.server is not self.server:
+            raise VolumeInUse(
+                f"volume {name} ({existing.volume_id}) is attached to {existing.server.name}"
+            )
+        if existing.availability_zone != self.server.availability_zone:
+            raise ZoneMismatch(
+                f"volume {name} is in {existing.availability_zone}, "
+                f"server {self.server.name} in {self.server.availability_zone}"
+            )
+        if not existing.mounted and existing.fstype != "raw":
+            await self.mount(existing, where)
+        elif existing.server is None:
+            await self._attach(existing)
+        return existing
+
+    async def _adopt_volume_id(
+        self, volume_id: str, name: str, fstype: str | None, where: str | None
+    ) -> Volume:
+        """provision_volume(volume_id=...): name an existing available volume, attach it here."""
+        m = self.server.manager
+        found = await m.ec2.describe_volumes([volume_id])
+        if not found:
+            raise UnknownVolume(f"volume {volume_id} does not exist")
+        desc = found[0]
+        if desc["AvailabilityZone"] != self.server.availability_zone:
+            raise ZoneMismatch(
+                f"volume {volume_id} is in {desc['AvailabilityZone']}, "
+                f"server {self.server.name} in {self.server.availability_zone}"
+            )
+        if desc.get("State") != "available":
+            raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
+        tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+        await m.ec2.create_tags([volume_id], tags)
+        desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
+        volume = m.registry.add_volume(desc)
+        volume.fstype = tags_of(desc).get(tag("fstype"), fstype or "")
+        await self._attach(volume)
+        if not volume.fstype:
+            volume.fstype = await volume.get_fstype() or "raw"
+            await m.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
+        if volume.fstype != "raw":
+            await self.mount(volume, where)
+        return volume
+
+    async def _plan_new_volume(
+        self,
+        name: str,
+        size: int | None,
+        fstype: str | None,
+        snapshot_id: str | None,
+        *,
+        reuse: bool,
+    ) -> _NewVolume:
+        """What a new volume is made from (a snapshot or nothing), its size and fstype;
+        checks that this server can mount (and make) that filesystem."""
+        if snapshot_id is None and reuse:
+            snaps = await self.server.manager.snapshots(name)
+            snapshot_id = snaps[0]["SnapshotId"] if snaps else None
+        if snapshot_id is None:
+            fstype = fstype or "ext4"
+            if fstype != "raw":
+                await self._ensure_kernel_fs(fstype)
+                await self._ensure_mkfs(fstype)
+            return _NewVolume(size=size or 1, fstype=fstype, snapshot_id=None, grow_from=None)
+        snaps = await self.server.manager.ec2.describe_snapshots([snapshot_id])
+        if not snaps:
+            raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
+        snap_size = int(snaps[0]["VolumeSize"])
+        if size is not None and size < snap_size:
+            raise BadSize(f"size {size} GiB is smaller than snapshot {snapshot_id} ({snap_size})")
+        grow_from = snap_size if size is not None and size > snap_size else None
+        fstype = tags_of(snaps[0]).get(tag("fstype")) or fstype
+        if fstype and fstype != "raw":
+            await self._ensure_kernel_fs(fstype)
+        return _NewVolume(
+            size=size or snap_size, fstype=fstype, snapshot_id=snapshot_id, grow_from=grow_from
+        )
+
+    async def _make_volume(
+        self, name: str, plan: _NewVolume, *, where: str | None, label: str | None, uuid: str | None
+    ) -> Volume:
+        """Create the planned volume; attach, format (or grow) and mount it here.
+
+        On any failure (or cancellation) the new volume is detached and deleted.
+        """
+        m = self.server.manager
+        tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+        if plan.fstype:
+            tags[tag("fstype")] = plan.fstype
+        desc = await m.ec2.create_volume(
+            availability_zone=self.server.availability_zone,
+            size=plan.size,
+            snapshot_id=plan.snapshot_id,
+            tags=tags,
+        )
+        volume = m.registry.add_volume(desc, created=True)
+        try:
+            await m.ec2.wait_for_volume(
+                volume.volume_id,
+                lambda v: v.get("State") == "available",
+                what=f"volume {name} ({volume.volume_id}) to be available",
+                timeout=m.timeouts.volume,
+            )
+            await self._attach(volume)
+            await self._format_new_volume(volume, plan, where=where, label=label, uuid=uuid)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _discard_volume(self.server.manager, volume)
+            raise
+        return volume
+
+    async def _format_new_volume(
+        self,
+        volume: Volume,
+        plan: _NewVolume,
+        *,
+        where: str | None,
+        label: str | None,
+        uuid: str | None,
+    ) -> None:
+        """A new volume just attached here: make (or read) its filesystem, grow it, mount it."""
+        assert volume.mtdev
+        if plan.snapshot_id is None:
+            volume.fstype = plan.fstype or "ext4"
+            if volume.fstype != "raw":
+                await self.server.run(
+                    *mkfs_argv(volume.fstype, label, uuid), volume.mtdev, sudo=True, timeout=600
+                )
+        else:
+            volume.fstype = plan.fstype or await volume.get_fstype() or "raw"
+            await self.server.manager.ec2.create_tags(
+                [volume.volume_id], {tag("fstype"): volume.fstype}
+            )
+        grow = plan.grow_from is not None
+        if grow and volume.fstype.startswith("ext"):
+            await self._grow_unmounted(volume)
+        if volume.fstype == "raw":
+            return
+        await self.mount(volume, where)
+        if plan.snapshot_id is None and volume.fstype != "vfat":
+            await self.server.run(
+                "chown", f"{self.server.username}:", volume.mtpt or "", sudo=True, check=False
+            )
+        if grow and volume.fstype in ("xfs", "btrfs"):
+            await self._grow(volume)
+
+    async def _attach(self, volume: Volume) -> None:
+        """Attach an available volume here and find its device."""
+        m = self.server.manager
+        if volume.availability_zone != self.server.availability_zone:
+            raise ZoneMismatch(
+                f"volume {volume.name} is in {volume.availability_zone}, "
+                f"server {self.server.name} in {self.server.availability_zone}"
+            )
+        async with self._attach_lock:
+            ec2_device, _ = await self.unused_block_device()
+            await m.ec2.attach_volume(volume.volume_id, self.server.instance_id, ec2_device)
+            volume.record_attach(self.server, ec2_device, None)
+            desc = await m.ec2.wait_for_volume(
+                volume.volume_id,
+                lambda v: any(
+                    a.get("State") == "attached" and a.get("InstanceId") == self.server.instance_id
+                    for a in v.get("Attachments", [])
+                ),
+                what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.server.name}",
+                timeout=m.timeouts.volume,
+            )
+            volume.record_description(desc)
+            mtdev = await self._find_device(volume.volume_id, ec2_device, timeout=m.timeouts.volume)
+            volume.record_attach(self.server, ec2_device, mtdev)
+
+    async def mount(self, volume: Volume, mtpt: str | None = None) -> None:
+        """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
+        if volume.server is not None and volume.server is not self.server:
+            raise VolumeInUse(
+                f"volume {volume.name} ({volume.volume_id}) is attached to {volume.server.name}"
+            )
+        if volume.fstype == "raw":
+            raise BadFstype(f"volume {volume.name} is raw: it has no filesystem to mount")
+        where = check_mount_point(mtpt or volume.mtpt or self.server.default_mtpt(volume))
+        if not await self.server.ping():
+            await self.server.start()
+        if volume.server is None:
+            await self._attach(volume)
+        elif volume.mtdev is None:
+            assert volume.ec2_device
+            mtdev = await self._find_device(
+                volume.volume_id, volume.ec2_device, timeout=self.server.manager.timeouts.volume
+            )
+            volume.record_attach(self.server, volume.ec2_device, mtdev)
+        assert volume.mtdev
+        current = await self._mounted_at(volume.mtdev)
+        if current == where:
+            volume.record_mount(where)
+            return
+        if current is not None:
+            await self.server.run("umount", volume.mtdev, sudo=True)
+        if any(mp == where for _, mp, _ in await self._mounts()):
+            raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
+        await self.server.run("mkdir", "-p", where, sudo=True)
+        argv = ["mount"]
+        if volume.fstype == "vfat":
+            ids = (
+                (await self.server.scmd("id", "-u")).strip(),
+                (await self.server.scmd("id", "-g")).strip(),
+            )
+            argv += ["-o", f"uid={ids[0]},gid={ids[1]}"]
+        elif volume.fstype == "xfs":  # copies of one snapshot share a UUID
+            argv += ["-o", "nouuid"]
+        if volume.fstype:
+            argv += ["-t", volume.fstype]
+        await self.server.run(*argv, volume.mtdev, where, sudo=True)
+        volume.record_mount(where)
+        await self.server.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
+
+    async def remount(self, volume: Volume) -> None:
+        """Mount again a volume unmounted from this server, at its old mount point."""
+        if volume.server is not self.server or volume.mtpt is None:
+            raise VolumeError(f"volume {volume.name} was not mounted on {self.server.name}")
+        await self.mount(volume, volume.mtpt)
+
+    async def unmount(self, volume: Volume) -> None:
+        """Unmount a volume (it stays attached)."""
+        if volume.server is not self.server:
+            raise VolumeError(f"volume {volume.name} is not attached to {self.server.name}")
+        if not volume.mounted or volume.mtdev is None:
+            return
+        if await self._mounted_at(volume.mtdev) is not None:
+            try:
+                await self.server.run("umount", volume.mtdev, sudo=True)
+            except CommandFailed as e:
+                raise VolumeInUse(
+                    f"cannot unmount {volume.name} from {self.server.name}: {e}"
+                ) from e
+        volume.record_unmount()
+
+    async def detach(self, volume: Volume) -> None:
+        """Unmount and detach a volume, waiting until EC2 says it is detached."""
+        if volume.server is not self.server:
+            raise VolumeError(f"volume {volume.name} is not attached to {self.server.name}")
+        if self.server.state == "running":
+            await self.unmount(volume)
+        m = self.server.manager
+        await m.ec2.detach_volume(volume.volume_id)
+        desc = await m.ec2.wait_for_volume(
+            volume.volume_id,
+            lambda v: v.get("State") == "available",
+            what=f"volume {volume.name} ({volume.volume_id}) to detach from {self.server.name}",
+            timeout=m.timeouts.volume,
+        )
+        volume.record_description(desc)
+        volume.record_detach()
+
+    async def adopt_mounts(self, volumes: list[Volume]) -> None:
+        """Find where the volumes attached here are, and whether they are mounted."""
+        mounts = await self._mounts()
+        for volume in volumes:
+            assert volume.ec2_device
+            mtdev = await self._find_device(volume.volume_id, volume.ec2_device, timeout=5.0)
+            volume.record_attach(self.server, volume.ec2_device, mtdev)
+            where = [mp for dev, mp, _ in mounts if dev == mtdev]
+            if where:
+                volume.record_mount(where[0])
+            else:
+                volume.record_unmount()

@@ -1,0 +1,523 @@
+"""Fleet: launching servers (concurrent equal launches share one RunInstances call),
+waiting for them, starting, stopping and terminating them at once, and fleet results."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from asyncstage import keys
+from asyncstage.account import LIVE_STATES
+from asyncstage.ec2 import Resource, tag, tag_filters, tags_of
+from asyncstage.errors import (
+    AsyncstageError,
+    EC2Error,
+    FleetError,
+    InvalidArgument,
+    NameTaken,
+    UnknownServer,
+    UnknownVolume,
+)
+from asyncstage.images import user_for_image
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
+    from asyncstage.server import Server
+    from asyncstage.volume import Volume
+
+__all__ = ["Fleet", "LaunchOptions"]
+
+log = logging.getLogger("asyncstage")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What a caller asked of new servers (None: the manager's default)."""
+
+    instance_type: str | None = None
+    image: str | None = None
+    availability_zone: str | None = None
+    username: str | None = None
+    architecture: str | None = None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What one RunInstances call launches: servers with equal specs launch together."""
+
+    image_id: str
+    instance_type: str
+    availability_zone: str | None
+    username: str
+
+
+@dataclass
+class _Batch:
+    names: list[str] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    servers: dict[str, Server] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+def fleet_result(
+    action: str, servers: Sequence[Server], errors: dict[Server, Exception], single: bool
+) -> list[Server]:
+    """The servers that succeeded; else the one error (``single``) or a FleetError."""
+    ok = [s for s in servers if s not in errors]
+    if errors:
+        if single and len(errors) == 1:
+            raise next(iter(errors.values()))
+        names = ", ".join(f"{s.name} ({s.instance_id})" for s in errors)
+        raise FleetError(
+            f"{len(errors)} of {len(servers)} server(s) failed to {action}: {names}",
+            list(errors.values()),
+            succeeded=ok,
+        )
+    return ok
+
+
+class Fleet:
+    """The servers of one Manager as a fleet: one EC2 call for many servers.
+
+    Reads the manager's configuration and registry; ``ensure_account`` makes sure
+    of the key pair and security group again (another manager may have removed them).
+    """
+
+    def __init__(self, manager: Manager, ensure_account: Callable[[], Awaitable[None]]) -> None:
+        self.manager = manager
+        self._ensure_account = ensure_account
+        self._batches: dict[_Spec, _Batch] = {}
+        self._zone_locks: dict[str, anyio.Lock] = {}
+
+    def names_for(self, names_or_count: int | Sequence[str] | None, count: int | None) -> list[str]:
+        """The names of a fleet to launch: given, or so many fresh ones."""
+        if (names_or_count is None) == (count is None):
+            raise InvalidArgument("provision_servers needs names, a number, or count=")
+        what: int | Sequence[str] = names_or_count if names_or_count is not None else count or 0
+        if isinstance(what, int):
+            names = [self.manager.new_server_name() for _ in range(what)]
+        else:
+            names = list(what)
+        if not names:
+            raise InvalidArgument("provision_servers needs at least one server")
+        return names
+
+    async def get(self, name: str | None, options: LaunchOptions, timeout: float) -> Server:
+        """The server of that name, started if stopped; a new one when there is none."""
+        server = self.manager.find_server_by_name(name) if name is not None else None
+        if server is None:
+            return await self.provision_one(
+                name or self.manager.new_server_name(), options, timeout
+            )
+        if not await server.ping():
+            await server.start(timeout=timeout)
+        return server
+
+    async def server_in_zone(self, zone: str) -> Server:
+        """A server up in this zone: a running one, else a started one, else a new one."""
+        lock = self._zone_locks.setdefault(zone, anyio.Lock())
+        async with lock:
+            in_zone = [s for s in self.manager.servers() if s.availability_zone == zone]
+            for server in in_zone:
+                if server.state == "running" and await server.ping():
+                    return server
+            for server in in_zone:
+                if server.state in ("stopped", "stopping"):
+                    await server.start()
+                    return server
+            return await self.provision_one(
+                self.manager.new_server_name(),
+                LaunchOptions(availability_zone=zone),
+                self.manager.timeouts.server,
+            )
+
+    async def zone_for_volume(self, volume_id: str | None, zone: str | None) -> str:
+        """The zone a volume is provisioned in: the one asked for, the manager's, the
+        existing volume's, a running server's, else the region's first."""
+        m = self.manager
+        zone = zone or m.availability_zone
+        if zone is None and volume_id is not None:
+            found = await m.ec2.describe_volumes([volume_id])
+            if not found:
+                raise UnknownVolume(f"volume {volume_id} does not exist")
+            zone = str(found[0]["AvailabilityZone"])
+        if zone is None:
+            up = [s for s in m.servers() if s.state == "running"]
+            zone = up[0].availability_zone if up else (await m.ec2.availability_zones())[0]
+        return zone
+
+    async def reuse_volume(
+        self, name: str | None, volume_id: str | None, *, reuse: bool, mtpt: str | None
+    ) -> Volume | None:
+        """Manager.provision_volume of a name in use: that volume, mounted where it is
+        attached or on a server in its zone (NameTaken unless ``reuse``); else None."""
+        if name is None or volume_id is not None:
+            return None
+        volume = self.manager.find_volume_by_name(name)
+        if volume is None:
+            return None
+        if not reuse:
+            raise NameTaken(f"a volume named {name!r} exists already ({volume.volume_id})")
+        if not (volume.mounted or (volume.fstype == "raw" and volume.server)):
+            await volume.mount(mtpt=mtpt)
+        return volume
+
+    def _log(self, message: str) -> None:
+        if self.manager.verbosity >= 1:
+            log.info("%s", message)
+        else:
+            log.debug("%s", message)
+
+    # -- adopting and launching ----------------------------------------------------------------
+
+    def adopt(self, instance: Resource) -> Server:
+        """The Server for this EC2 description: the registered one (refreshed) or a new one."""
+        m = self.manager
+        server = m.registry.server(str(instance["InstanceId"]))
+        if server is not None:
+            server.record_description(instance)
+            return server
+        if m.key_pair and instance.get("KeyName") == m.key_pair.name:
+            keyfile: Path | None = m.key_pair.private_key
+        else:
+            known = keys.keyfiles(m.dotdir, m.region)
+            keyfile = known.get(str(instance.get("KeyName", "")))
+        username = tags_of(instance).get(tag("user")) or m.username or "ubuntu"
+        return m.registry.add_server(
+            m.server_class(m, instance, keyfile=keyfile, username=username)
+        )
+
+    async def adopt_region(self) -> None:
+        """Adopt the servers and volumes earlier managers made (by tags), and their mounts."""
+        m = self.manager
+        instances = await m.ec2.describe_instances(
+            filters=[
+                *tag_filters({tag("role"): "server"}),
+                {"Name": "instance-state-name", "Values": LIVE_STATES},
+            ]
+        )
+        for inst in instances:
+            self.adopt(inst)
+        described = await m.ec2.describe_volumes(filters=tag_filters({tag("role"): "volume"}))
+        by_server = m.registry.adopt_volumes(described)
+
+        async def mounts_of(server: Server, volumes: list[Volume]) -> None:
+            try:
+                if await server.ping(timeout=10.0):
+                    await server.adopt_mounts(volumes)
+            except AsyncstageError as e:
+                log.warning("cannot read the mounts of %s: %s", server.name, e)
+
+        async with anyio.create_task_group() as tg:
+            for server, volumes in by_server.items():
+                tg.start_soon(mounts_of, server, volumes)
+
+    async def spec(self, options: LaunchOptions) -> _Spec:
+        """The launch spec of these options, the manager's defaults filled in."""
+        m = self.manager
+        desc = await m.images.find(options.image, options.architecture or m.architecture)
+        return _Spec(
+            image_id=str(desc["ImageId"]),
+            instance_type=options.instance_type or m.instance_type,
+            availability_zone=options.availability_zone or m.availability_zone,
+            username=options.username or m.username or user_for_image(desc),
+        )
+
+    async def launch(self, spec: _Spec, names: list[str]) -> dict[str, Server]:
+        """One RunInstances call for all these names; the servers, registered, by name."""
+        m = self.manager
+        common = {tag("role"): "server", tag("user"): spec.username}
+        if len(names) == 1:
+            common |= {tag("name"): names[0], "Name": names[0]}
+        self._log(f"launching {len(names)} server(s): {', '.join(names)}")
+        for attempt in range(2):
+            assert m.key_pair and m.security_group_id
+            try:
+                instances = await m.ec2.run_instances(
+                    image_id=spec.image_id,
+                    count=len(names),
+                    instance_type=spec.instance_type,
+                    key_name=m.key_pair.name,
+                    security_group_ids=[m.security_group_id],
+                    availability_zone=spec.availability_zone,
+                    tags=common,
+                )
+                break
+            except EC2Error as e:
+                # another manager's on_exit="terminate" removed the key pair or group
+                if attempt or e.code not in ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound"):
+                    raise
+                await self._ensure_account()
+        servers: dict[str, Server] = {}
+        for name, inst in zip(names, instances, strict=True):
+            inst["Tags"] = _named_tags(inst.get("Tags", []), name, common)
+            server = self.adopt(inst)
+            server.expect_new_host_key()
+            servers[name] = server
+        m.registry.mark_started(servers.values())
+        if len(names) > 1:
+            await self._name_all(servers)
+        return servers
+
+    async def _name_all(self, servers: dict[str, Server]) -> None:
+        """Tag each server of one launch with its own name (10 calls at a time)."""
+        limiter = anyio.CapacityLimiter(10)
+
+        async def name_it(name: str, server: Server) -> None:
+            async with limiter:
+                await self.manager.ec2.create_tags(
+                    [server.instance_id], {tag("name"): name, "Name": name}
+                )
+
+        async with anyio.create_task_group() as tg:
+            for name, server in servers.items():
+                tg.start_soon(name_it, name, server)
+
+    async def launch_coalesced(self, spec: _Spec, name: str) -> Server:
+        """Launch one server, sharing the RunInstances call of concurrent equal requests."""
+        batch = self._batches.get(spec)
+        leader = batch is None
+        if batch is None:
+            batch = self._batches[spec] = _Batch()
+        batch.names.append(name)
+        if leader:
+            try:
+                await anyio.sleep(self.manager.timeouts.launch_window)
+                del self._batches[spec]
+                batch.servers = await self.launch(spec, batch.names)
+            except BaseException as e:
+                batch.error = e
+                raise
+            finally:
+                if self._batches.get(spec) is batch:
+                    del self._batches[spec]
+                batch.done.set()
+        else:
+            await batch.done.wait()
+        if name in batch.servers:
+            return batch.servers[name]
+        if isinstance(batch.error, Exception) and not isinstance(
+            batch.error, anyio.get_cancelled_exc_class()
+        ):
+            raise batch.error
+        raise AsyncstageError(f"launching server {name} was cancelled")
+
+    async def provision_one(self, name: str, options: LaunchOptions, timeout: float) -> Server:
+        """Launch a server of that name (sharing a concurrent equal launch), wait until up."""
+        registry = self.manager.registry
+        registry.reserve([name])
+        try:
+            server = await self.launch_coalesced(await self.spec(options), name)
+        finally:
+            registry.release([name])
+        try:
+            await self.wait_all([server], timeout, single=True)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup_failed([server])
+            raise
+        return server
+
+    async def provision_many(
+        self, names: list[str], options: LaunchOptions, timeout: float
+    ) -> list[Server]:
+        """Launch servers of these names with one call and wait until all are up; those
+        that fail are terminated (a FleetError names them, the others in ``succeeded``)."""
+        registry = self.manager.registry
+        registry.reserve(names)
+        try:
+            launched = await self.launch(await self.spec(options), names)
+        finally:
+            registry.release(names)
+        servers = [launched[n] for n in names]
+        try:
+            await self.wait_all(servers, timeout, single=False)
+        except FleetError as e:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup_failed([s for s in servers if s not in e.succeeded])
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup_failed(servers)
+            raise
+        return servers
+
+    async def _cleanup_failed(self, servers: list[Server]) -> None:
+        try:
+            await self.terminate(servers, timeout=self.manager.timeouts.stop)
+        except AsyncstageError as e:
+            log.warning("could not terminate failed servers: %s", e)
+
+    # -- waiting --------------------------------------------------------------------------------
+
+    async def refresh(self, servers: Sequence[Server]) -> None:
+        """Fetch the descriptions of these servers (one shared DescribeInstances round)."""
+        found = await self.manager.ec2.describe_instances_shared(s.instance_id for s in servers)
+        for server in servers:
+            if server.instance_id in found:
+                server.record_description(found[server.instance_id])
+
+    async def wait_all(
+        self, servers: Sequence[Server], timeout: float, *, single: bool
+    ) -> list[Server]:
+        """Wait until every server is up; the error (``single``) or a FleetError otherwise."""
+        errors = await self._wait_up(servers, timeout)
+        return fleet_result("come up", servers, errors, single)
+
+    async def _wait_up(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
+        """Wait until running (one describe per round), then until ssh answers (at once)."""
+        m = self.manager
+        deadline = anyio.current_time() + timeout
+        by_id = {s.instance_id: s for s in servers}
+        errors: dict[Server, Exception] = {}
+        limiter = anyio.CapacityLimiter(32)
+
+        async def ssh_up(server: Server) -> None:
+            async with limiter:
+                try:
+                    await server.wait_ssh(deadline)
+                except AsyncstageError as e:
+                    errors[server] = e
+
+        async with anyio.create_task_group() as tg:
+
+            def reached(instance_id: str, instance: Resource) -> None:
+                server = by_id[instance_id]
+                before = server.address
+                server.record_description(instance)
+                if before is not None and server.address != before:  # a new address on start
+                    m.known_hosts.remove(before, 22)
+                    server.expect_new_host_key()
+                tg.start_soon(ssh_up, server)
+
+            _, failed = await m.ec2.wait_for_instances(
+                list(by_id),
+                "running",
+                timeout=timeout,
+                labels={s.instance_id: s.name for s in servers},
+                on_reached=reached,
+            )
+            for instance_id, error in failed.items():
+                errors[by_id[instance_id]] = error
+        return errors
+
+    # -- start, stop, terminate -----------------------------------------------------------------
+
+    async def start(
+        self, servers: Sequence[Server], *, timeout: float, single: bool = False
+    ) -> list[Server]:
+        """Start these servers with one call, wait until up, mount their volumes again."""
+        if not servers:
+            return []
+        m = self.manager
+        await self.refresh(servers)
+        stopping = [s for s in servers if s.state == "stopping"]
+        errors: dict[Server, Exception] = {}
+        if stopping:
+            _, failed = await m.ec2.wait_for_instances(
+                [s.instance_id for s in stopping], "stopped", timeout=timeout
+            )
+            errors |= {s: failed[s.instance_id] for s in stopping if s.instance_id in failed}
+            await self.refresh(servers)
+        errors |= _gone(servers)
+        to_start = [s for s in servers if s.state == "stopped" and s not in errors]
+        if to_start:
+            self._log(f"starting {len(to_start)} server(s)")
+            await m.ec2.start_instances([s.instance_id for s in to_start])
+        m.registry.mark_started(servers)
+        rest = [s for s in servers if s not in errors]
+        errors |= await self._wait_up(rest, timeout)
+
+        async def remount(server: Server) -> None:
+            for volume in server.volumes():
+                if volume.prepare_remount():
+                    try:
+                        await server.remount_volume(volume)
+                    except AsyncstageError as e:
+                        errors[server] = e
+
+        async with anyio.create_task_group() as tg:
+            for server in rest:
+                if server not in errors:
+                    tg.start_soon(remount, server)
+        return fleet_result("start", servers, errors, single)
+
+    async def stop(
+        self, servers: Sequence[Server], *, timeout: float, single: bool = False
+    ) -> list[Server]:
+        """Stop these servers with one call and wait until they are stopped."""
+        if not servers:
+            return []
+        m = self.manager
+        await self.refresh(servers)
+        to_stop = [s for s in servers if s.state in ("pending", "running")]
+        if to_stop:
+            self._log(f"stopping {len(to_stop)} server(s)")
+            await m.ec2.stop_instances([s.instance_id for s in to_stop])
+        for server in to_stop:
+            server.record_stop()
+        errors = _gone(servers)
+        ids = [s.instance_id for s in servers if s not in errors]
+        reached, failed = await m.ec2.wait_for_instances(
+            ids, "stopped", timeout=timeout, labels={s.instance_id: s.name for s in servers}
+        )
+        for server in servers:
+            if server.instance_id in reached:
+                server.record_description(reached[server.instance_id])
+            elif server.instance_id in failed:
+                errors[server] = failed[server.instance_id]
+        return fleet_result("stop", servers, errors, single)
+
+    async def terminate(
+        self,
+        servers: Sequence[Server],
+        *,
+        timeout: float,
+        single: bool = False,
+        wait: bool = True,
+    ) -> list[Server]:
+        """Terminate these servers with one call, wait (unless not ``wait``), unregister them."""
+        if not servers:
+            return []
+        m = self.manager
+        ids = [s.instance_id for s in servers]
+        self._log(f"terminating {len(servers)} server(s)")
+        await m.ec2.terminate_instances(ids)
+        errors: dict[Server, Exception] = {}
+        if wait:
+            _reached, failed = await m.ec2.wait_for_instances(
+                ids, "terminated", timeout=timeout, labels={s.instance_id: s.name for s in servers}
+            )
+            errors = {s: failed[s.instance_id] for s in servers if s.instance_id in failed}
+        for server in servers:
+            if server not in errors:
+                server.record_termination()
+                m.registry.forget_server(server)
+        return fleet_result("terminate", servers, errors, single)
+
+
+def _gone(servers: Sequence[Server]) -> dict[Server, Exception]:
+    """UnknownServer for each server that is terminated or shutting down."""
+    return {
+        s: UnknownServer(f"server {s.name} is {s.state}")
+        for s in servers
+        if s.state in ("terminated", "shutting-down")
+    }
+
+
+def _named_tags(
+    tags: list[dict[str, str]], name: str, common: dict[str, str]
+) -> list[dict[str, str]]:
+    """A launched instance's tags as they will be: its own name, and the launch's tags."""
+    keys_there = {t["Key"] for t in tags}
+    return [
+        *(t for t in tags if t["Key"] not in (tag("name"), "Name")),
+        {"Key": tag("name"), "Value": name},
+        {"Key": "Name", "Value": name},
+        *({"Key": k, "Value": v} for k, v in common.items() if k not in keys_there),
+    ]

@@ -1,0 +1,34 @@
+"""Timeouts: every timing knob of a Manager in one frozen object (like httpx's ``Timeout``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Timeouts"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a Manager waits, in seconds.
+
+    ``Manager(server_timeout=...)`` and the other keyword arguments fill it in;
+    read them back as ``manager.timeouts.server`` ...
+    """
+
+    server: float = 120.0
+    """For servers to come up (running and answering ssh); stopping and terminating get 3x."""
+    volume: float = 120.0
+    """For volumes to become available, attach, detach and appear as block devices."""
+    snapshot: float = 1800.0
+    """For snapshots and image copies to complete."""
+    exit: float = 600.0
+    """For ``on_exit`` (stop or terminate) when the manager closes."""
+    poll_interval: float = 1.0
+    """The first pause between two polls of EC2 in a wait (pauses grow from there)."""
+    launch_window: float = 0.05
+    """How long a launch waits for concurrent equal launches to share its RunInstances call."""
+
+    @property
+    def stop(self) -> float:
+        """For servers to stop or terminate: three times ``server``."""
+        return self.server * 3
