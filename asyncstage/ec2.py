@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import aioboto3
 import anyio
@@ -139,14 +139,8 @@ class _Round:
         self.error: BaseException | None = None
 
 
-class EC2:
-    """An EC2 client for one region (``async with EC2(region=...) as ec2``).
-
-    ``endpoint_url`` points it at another endpoint (the local cloud, moto).
-    Credentials come from the standard AWS chain unless given.
-    ``poll_interval`` is the first pause between two polls of a wait; pauses grow
-    by ``poll_backoff`` up to ``poll_max_interval``.
-    """
+class _Client:
+    """The core of :class:`EC2`: the aioboto3 client, its lifetime, calls and describes."""
 
     def __init__(
         self,
@@ -197,7 +191,7 @@ class EC2:
 
     # -- lifetime ---------------------------------------------------------------
 
-    async def open(self) -> EC2:
+    async def open(self) -> Self:
         """Open the underlying client (``async with`` does it for you)."""
         if self._client is None:
             stack = AsyncExitStack()
@@ -222,7 +216,7 @@ class EC2:
         if stack is not None:
             await stack.aclose()
 
-    async def __aenter__(self) -> EC2:
+    async def __aenter__(self) -> Self:
         return await self.open()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -406,6 +400,202 @@ class EC2:
             return base64.b64decode(raw, validate=True).decode(errors="replace")
         except ValueError:
             return str(raw)
+
+
+class _Waits(_Client):
+    """The waits of :class:`EC2`: polls that start fast and back off, shared rounds."""
+
+    # -- waiting -----------------------------------------------------------------------
+
+    async def _poll(
+        self,
+        fetch: Callable[[], Awaitable[bool]],
+        *,
+        what: str,
+        timeout: float,
+        last_state: Callable[[], str | None],
+    ) -> None:
+        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
+        interval = self.poll_interval
+        deadline = time.monotonic() + timeout
+        while True:
+            if await fetch():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(what, timeout=timeout, last_state=last_state())
+            await anyio.sleep(min(interval, left))
+            interval = min(interval * self.poll_backoff, self.poll_max_interval)
+
+    async def wait_for_instances(
+        self,
+        ids: Sequence[str],
+        state: str,
+        *,
+        timeout: float,
+        labels: Mapping[str, str] = {},
+        on_reached: Callable[[str, Resource], None] | None = None,
+    ) -> tuple[dict[str, Resource], dict[str, Exception]]:
+        """Wait until every instance is in ``state``; one DescribeInstances per poll round.
+
+        Returns the instances that got there and, per instance that did not, the
+        error: :class:`WaitTimeout` with its last state, or :class:`EC2Error` when it
+        went somewhere it cannot come back from (terminated while waiting for running).
+        ``labels`` name the instances in the errors; ``on_reached(id, instance)`` is
+        called as soon as each one gets there.
+        """
+        reached: dict[str, Resource] = {}
+        failed: dict[str, Exception] = {}
+        last: dict[str, str] = {}
+        waiting = set(ids)
+        dead = {"running": {"shutting-down", "terminated"}, "stopped": {"terminated"}}.get(
+            state, set()
+        )
+
+        def label(i: str) -> str:
+            return f"{labels[i]} ({i})" if i in labels else i
+
+        async def fetch() -> bool:
+            found = await self.describe_instances_shared(waiting)
+            for iid, inst in found.items():
+                now = inst.get("State", {}).get("Name", "unknown")
+                last[iid] = now
+                if now == state:
+                    reached[iid] = inst
+                    waiting.discard(iid)
+                    if on_reached is not None:
+                        on_reached(iid, inst)
+                elif now in dead:
+                    failed[iid] = EC2Error(
+                        f"instance {label(iid)} went {now} while waiting for {state}",
+                        code="IncorrectInstanceState",
+                        operation="DescribeInstances",
+                    )
+                    waiting.discard(iid)
+            return not waiting
+
+        try:
+            await self._poll(
+                fetch,
+                what=f"{len(waiting)} instance(s) to be {state}",
+                timeout=timeout,
+                last_state=lambda: None,
+            )
+        except WaitTimeout:
+            for iid in waiting:
+                failed[iid] = WaitTimeout(
+                    f"instance {label(iid)} to be {state}",
+                    timeout=timeout,
+                    last_state=last.get(iid, "unknown"),
+                )
+        return reached, failed
+
+    async def wait_for_instance(
+        self,
+        instance_id: str,
+        state: str,
+        *,
+        timeout: float,
+        label: str | None = None,
+    ) -> Resource:
+        """Wait for one instance (sharing poll rounds with others); raise on failure."""
+        reached, failed = await self.wait_for_instances(
+            [instance_id], state, timeout=timeout, labels={instance_id: label} if label else {}
+        )
+        if instance_id in failed:
+            raise failed[instance_id]
+        return reached[instance_id]
+
+    async def wait_for_volume(
+        self,
+        volume_id: str,
+        check: Callable[[Resource], bool],
+        *,
+        what: str,
+        timeout: float,
+    ) -> Resource:
+        """Poll one volume until ``check`` accepts it."""
+        seen: dict[str, Resource] = {}
+
+        async def fetch() -> bool:
+            found = await self.describe_volumes([volume_id])
+            if not found:
+                raise UnknownVolume(f"volume {volume_id} does not exist")
+            seen["v"] = found[0]
+            return check(found[0])
+
+        def last() -> str | None:
+            vol = seen.get("v")
+            if vol is None:
+                return None
+            att = vol.get("Attachments") or []
+            state = str(vol.get("State"))
+            return f"{state}, attachment {att[0].get('State')}" if att else state
+
+        await self._poll(fetch, what=what, timeout=timeout, last_state=last)
+        return seen["v"]
+
+    async def wait_for_snapshot(
+        self,
+        snapshot_id: str,
+        *,
+        timeout: float,
+    ) -> Resource:
+        """Poll a snapshot until it is completed."""
+        seen: dict[str, Resource] = {}
+
+        async def fetch() -> bool:
+            found = await self.describe_snapshots([snapshot_id])
+            if not found:
+                raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
+            seen["s"] = found[0]
+            if found[0].get("State") == "error":
+                raise EC2Error(f"snapshot {snapshot_id} failed", code="SnapshotError")
+            return bool(found[0].get("State") == "completed")
+
+        await self._poll(
+            fetch,
+            what=f"snapshot {snapshot_id} to complete",
+            timeout=timeout,
+            last_state=lambda: str(seen["s"].get("State")) if seen else None,
+        )
+        return seen["s"]
+
+    async def wait_for_image(
+        self,
+        image_id: str,
+        *,
+        timeout: float,
+    ) -> Resource:
+        """Poll an image until it is available."""
+        seen: dict[str, Resource] = {}
+
+        async def fetch() -> bool:
+            found = await self.describe_images([image_id])
+            if not found:
+                return False
+            seen["i"] = found[0]
+            if found[0].get("State") in ("failed", "error", "invalid", "deregistered"):
+                raise EC2Error(f"image {image_id} is {found[0].get('State')}")
+            return bool(found[0].get("State") == "available")
+
+        await self._poll(
+            fetch,
+            what=f"image {image_id} to be available",
+            timeout=timeout,
+            last_state=lambda: str(seen["i"].get("State")) if seen else None,
+        )
+        return seen["i"]
+
+
+class EC2(_Waits):
+    """An EC2 client for one region (``async with EC2(region=...) as ec2``).
+
+    ``endpoint_url`` points it at another endpoint (the local cloud, moto).
+    Credentials come from the standard AWS chain unless given.
+    ``poll_interval`` is the first pause between two polls of a wait; pauses grow
+    by ``poll_backoff`` up to ``poll_max_interval``.
+    """
 
     # -- changes ----------------------------------------------------------------------
 
@@ -734,185 +924,3 @@ class EC2:
     async def delete_security_group(self, group_id: str) -> None:
         """Delete a security group."""
         await self.call("DeleteSecurityGroup", GroupId=group_id)
-
-    # -- waiting -----------------------------------------------------------------------
-
-    async def _poll(
-        self,
-        fetch: Callable[[], Awaitable[bool]],
-        *,
-        what: str,
-        timeout: float,
-        last_state: Callable[[], str | None],
-    ) -> None:
-        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
-        interval = self.poll_interval
-        deadline = time.monotonic() + timeout
-        while True:
-            if await fetch():
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WaitTimeout(what, timeout=timeout, last_state=last_state())
-            await anyio.sleep(min(interval, left))
-            interval = min(interval * self.poll_backoff, self.poll_max_interval)
-
-    async def wait_for_instances(
-        self,
-        ids: Sequence[str],
-        state: str,
-        *,
-        timeout: float,
-        labels: Mapping[str, str] = {},
-        on_reached: Callable[[str, Resource], None] | None = None,
-    ) -> tuple[dict[str, Resource], dict[str, Exception]]:
-        """Wait until every instance is in ``state``; one DescribeInstances per poll round.
-
-        Returns the instances that got there and, per instance that did not, the
-        error: :class:`WaitTimeout` with its last state, or :class:`EC2Error` when it
-        went somewhere it cannot come back from (terminated while waiting for running).
-        ``labels`` name the instances in the errors; ``on_reached(id, instance)`` is
-        called as soon as each one gets there.
-        """
-        reached: dict[str, Resource] = {}
-        failed: dict[str, Exception] = {}
-        last: dict[str, str] = {}
-        waiting = set(ids)
-        dead = {"running": {"shutting-down", "terminated"}, "stopped": {"terminated"}}.get(
-            state, set()
-        )
-
-        def label(i: str) -> str:
-            return f"{labels[i]} ({i})" if i in labels else i
-
-        async def fetch() -> bool:
-            found = await self.describe_instances_shared(waiting)
-            for iid, inst in found.items():
-                now = inst.get("State", {}).get("Name", "unknown")
-                last[iid] = now
-                if now == state:
-                    reached[iid] = inst
-                    waiting.discard(iid)
-                    if on_reached is not None:
-                        on_reached(iid, inst)
-                elif now in dead:
-                    failed[iid] = EC2Error(
-                        f"instance {label(iid)} went {now} while waiting for {state}",
-                        code="IncorrectInstanceState",
-                        operation="DescribeInstances",
-                    )
-                    waiting.discard(iid)
-            return not waiting
-
-        try:
-            await self._poll(
-                fetch,
-                what=f"{len(waiting)} instance(s) to be {state}",
-                timeout=timeout,
-                last_state=lambda: None,
-            )
-        except WaitTimeout:
-            for iid in waiting:
-                failed[iid] = WaitTimeout(
-                    f"instance {label(iid)} to be {state}",
-                    timeout=timeout,
-                    last_state=last.get(iid, "unknown"),
-                )
-        return reached, failed
-
-    async def wait_for_instance(
-        self,
-        instance_id: str,
-        state: str,
-        *,
-        timeout: float,
-        label: str | None = None,
-    ) -> Resource:
-        """Wait for one instance (sharing poll rounds with others); raise on failure."""
-        reached, failed = await self.wait_for_instances(
-            [instance_id], state, timeout=timeout, labels={instance_id: label} if label else {}
-        )
-        if instance_id in failed:
-            raise failed[instance_id]
-        return reached[instance_id]
-
-    async def wait_for_volume(
-        self,
-        volume_id: str,
-        check: Callable[[Resource], bool],
-        *,
-        what: str,
-        timeout: float,
-    ) -> Resource:
-        """Poll one volume until ``check`` accepts it."""
-        seen: dict[str, Resource] = {}
-
-        async def fetch() -> bool:
-            found = await self.describe_volumes([volume_id])
-            if not found:
-                raise UnknownVolume(f"volume {volume_id} does not exist")
-            seen["v"] = found[0]
-            return check(found[0])
-
-        def last() -> str | None:
-            vol = seen.get("v")
-            if vol is None:
-                return None
-            att = vol.get("Attachments") or []
-            state = str(vol.get("State"))
-            return f"{state}, attachment {att[0].get('State')}" if att else state
-
-        await self._poll(fetch, what=what, timeout=timeout, last_state=last)
-        return seen["v"]
-
-    async def wait_for_snapshot(
-        self,
-        snapshot_id: str,
-        *,
-        timeout: float,
-    ) -> Resource:
-        """Poll a snapshot until it is completed."""
-        seen: dict[str, Resource] = {}
-
-        async def fetch() -> bool:
-            found = await self.describe_snapshots([snapshot_id])
-            if not found:
-                raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
-            seen["s"] = found[0]
-            if found[0].get("State") == "error":
-                raise EC2Error(f"snapshot {snapshot_id} failed", code="SnapshotError")
-            return bool(found[0].get("State") == "completed")
-
-        await self._poll(
-            fetch,
-            what=f"snapshot {snapshot_id} to complete",
-            timeout=timeout,
-            last_state=lambda: str(seen["s"].get("State")) if seen else None,
-        )
-        return seen["s"]
-
-    async def wait_for_image(
-        self,
-        image_id: str,
-        *,
-        timeout: float,
-    ) -> Resource:
-        """Poll an image until it is available."""
-        seen: dict[str, Resource] = {}
-
-        async def fetch() -> bool:
-            found = await self.describe_images([image_id])
-            if not found:
-                return False
-            seen["i"] = found[0]
-            if found[0].get("State") in ("failed", "error", "invalid", "deregistered"):
-                raise EC2Error(f"image {image_id} is {found[0].get('State')}")
-            return bool(found[0].get("State") == "available")
-
-        await self._poll(
-            fetch,
-            what=f"image {image_id} to be available",
-            timeout=timeout,
-            last_state=lambda: str(seen["i"].get("State")) if seen else None,
-        )
-        return seen["i"]
