@@ -1,6 +1,9 @@
 # One set-up path for a fresh Debian machine (run as root).
 #   make demo   - install everything, then run the fleet-backup demo on the local cloud
 #   make test   - install everything, then run the whole test suite
+#   make test-unit - only the tests that need no root, sshd or local cloud
+#   make docs   - build the documentation site into site/ (mkdocs build --strict)
+#   make wheel-check - build sdist and wheel, install the wheel in a fresh venv, run it
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +11,7 @@ SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs b
                    dosfstools util-linux mount zstd procps iproute2 kmod
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test demo bench bench-quick lint clean
+.PHONY: all deps venv test test-unit demo bench bench-quick lint docs wheel-check clean
 
 all: test
 
@@ -25,7 +28,7 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[local,dev]'
+	$(PY) -m pip install -q -e '.[local,dev,docs]'
 	touch $@
 
 venv: deps $(VENV)/.installed
@@ -33,11 +36,23 @@ venv: deps $(VENV)/.installed
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The unit layer: no root, no sshd, no local cloud (markers set by tests/conftest.py),
+# so no system packages either.
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -m "not localcloud and not sshd" $(PYTEST_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check asyncstage tests benchmarks
 	$(VENV)/bin/ruff format --check asyncstage tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) scripts/gen_blocking.py --check
+
+# Offline: the theme loads no web fonts and nothing else is fetched (see mkdocs.yml).
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+wheel-check: $(VENV)/.installed
+	BASE_PYTHON=$(PYTHON) .ci/wheel-check $(PY)
 
 demo: venv
 	$(VENV)/bin/asyncstage demo
@@ -49,4 +64,4 @@ bench-quick: venv
 	$(PY) benchmarks/run_all.py --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site dist build

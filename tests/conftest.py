@@ -1,4 +1,15 @@
-"""Test-suite wide fixtures: the loopback-only network guard."""
+"""Test-suite wide set-up: the loopback-only network guard, the shared fixtures, the layers.
+
+The shared fixtures live in tests/fixtures/ and are registered here, once, with
+``pytest_plugins``: test modules name them as arguments and never import them (an
+imported fixture is a new fixture of the importing module, so a session-scoped one
+would start again for every module that imports it).
+
+Layers: a test that uses the local cloud is marked ``localcloud`` and one that uses an
+sshd is marked ``sshd`` (from the fixtures it requests, or by hand); everything else is
+the unit layer, which needs no root: ``make test-unit`` (``-m "not localcloud and not
+sshd"``) runs it alone.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests import netguard
+
+pytest_plugins = ["tests.fixtures.cloud", "tests.fixtures.sshd", "tests.fixtures.moto"]
 
 netguard.install()
 
@@ -27,16 +40,20 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    """A plain moto EC2 server on 127.0.0.1 (records only: no hosts, no disks)."""
-    from moto.server import ThreadedMotoServer
+# Fixtures that put a test in a layer, whatever its module's marks say.
+_LAYER_FIXTURES = {
+    "localcloud": {"cloud", "manager_factory"},
+    "sshd": {"client_key", "sshd_server", "fresh_sshd", "sshd_factory"},
+}
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in _LAYER_FIXTURES.items():
+            if used & fixtures:
+                item.add_marker(marker)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +68,9 @@ def _loopback_only() -> Iterator[None]:
 
 # -- nothing left behind -------------------------------------------------------------------
 # After the whole session (session fixtures included) no loop device, mount or process
-# that the tests made may remain: compared with what the machine had before.
+# that the tests made may remain: compared with what the machine had before. Loop devices
+# and mounts are machine-wide, so they are compared only when a local-cloud test ran (the
+# unit layer may run without the test lock, beside another run that makes them).
 
 
 def _loop_devices() -> set[str]:
@@ -101,11 +120,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _before:
         return
-    left = {
-        "loop devices": _loop_devices() - _before["loop"],
-        "mounts": _mounts() - _before["mounts"],
-        "processes": _descendants(),
-    }
+    left = {"processes": _descendants()}
+    if any(item.get_closest_marker("localcloud") for item in session.items):
+        left["loop devices"] = _loop_devices() - _before["loop"]
+        left["mounts"] = _mounts() - _before["mounts"]
     left = {what: items for what, items in left.items() if items}
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

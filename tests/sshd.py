@@ -12,19 +12,11 @@ private mount namespace where ``/root/.bashrc`` is an empty file: commands start
 in a few milliseconds. Everything else (``/tmp``, processes) is shared with
 this machine, so tests can look at the files and processes a command made.
 
-Use from a test module::
-
-    from tests.sshd import sshd_factory, sshd_server  # noqa: F401  (pytest fixtures)
-
-    async def test_x(sshd_server):
-        async with sshd_server.host() as host:
-            ...
-
-``sshd_server`` is one server shared by the session (do not stop or restart
-it); ``fresh_sshd`` is a server of the test's own, which it may restart, rekey
-and stop; ``sshd_factory(**options)`` starts as many more as a test needs. All
-of them are stopped when the session (or the test) ends, and :func:`stop`
-kills the whole process tree sshd made, found from its pid.
+The fixtures that start them (``sshd_server``, ``fresh_sshd``, ``sshd_factory``,
+``client_key``) live in :mod:`tests.fixtures.sshd`, registered once for the session
+by tests/conftest.py: name them as test arguments, do not import them. Import from
+here only the helpers (:class:`SSHServer`, :class:`ClientKey`, :func:`descendants`).
+:meth:`SSHServer.stop` kills the whole process tree sshd made, found from its pid.
 """
 
 from __future__ import annotations
@@ -39,24 +31,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 
-__all__ = [
-    "ClientKey",
-    "SSHServer",
-    "client_key",
-    "descendants",
-    "fresh_sshd",
-    "sshd_factory",
-    "sshd_server",
-]
+__all__ = ["ClientKey", "SSHServer", "descendants"]
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -273,60 +254,3 @@ def _free_port(address: str) -> int:
         if port >= 10000:
             return port
     raise RuntimeError("no free high port")
-
-
-# -- pytest fixtures ---------------------------------------------------------
-# Each depends only on pytest's own fixtures, so a test module can import just the
-# ones it uses: ``from tests.sshd import sshd_server``.
-
-_client_keys: dict[int, ClientKey] = {}
-
-
-def _session_client_key(factory: pytest.TempPathFactory) -> ClientKey:
-    key = _client_keys.get(id(factory))
-    if key is None:
-        key = _client_keys[id(factory)] = ClientKey(factory.mktemp("client-key"))
-    return key
-
-
-@pytest.fixture(scope="session")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> ClientKey:
-    """The client key every server of the session authorises."""
-    return _session_client_key(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SSHServer]]:
-    """Start sshd servers on demand (``sshd_factory(**options)``); all stopped at session end."""
-    servers: list[SSHServer] = []
-
-    def make(**options: Any) -> SSHServer:
-        server = SSHServer(_session_client_key(tmp_path_factory), **options)
-        servers.append(server)
-        return server
-
-    try:
-        yield make
-    finally:
-        for server in servers:
-            server.close()
-
-
-@pytest.fixture(scope="session")
-def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """One sshd shared by the session: never stop, restart or rekey it."""
-    server = SSHServer(_session_client_key(tmp_path_factory))
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def fresh_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """An sshd of this test's own; it may restart, rekey or stop it."""
-    server = SSHServer(_session_client_key(tmp_path_factory))
-    try:
-        yield server
-    finally:
-        server.close()

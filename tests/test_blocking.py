@@ -20,7 +20,6 @@ from asyncstage import Server as AsyncServer
 from asyncstage import Volume, blocking
 from asyncstage.errors import CommandFailed
 from asyncstage.localcloud import LocalCloud as AsyncLocalCloud
-from tests.cloud_fixtures import cloud, cloud_dotdir, manager_factory  # noqa: F401
 
 PAIRS = [
     (AsyncManager, blocking.Manager),
@@ -119,7 +118,7 @@ def test_constructor_options_follow_the_async_classes() -> None:
 
 
 @pytest.fixture
-def bmanager(manager_factory: Any) -> Iterator[blocking.Manager]:  # noqa: F811
+def bmanager(manager_factory: Any) -> Iterator[blocking.Manager]:
     with blocking.Manager.from_async(manager_factory()) as m:
         yield m
 
@@ -205,7 +204,7 @@ def test_end_to_end(bmanager: blocking.Manager) -> None:
 
 
 @pytest.mark.localcloud
-def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> None:  # noqa: F811
+def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> None:
     """A script that never closes its Manager: on_exit still runs when Python exits."""
     script = textwrap.dedent(
         f"""

@@ -17,7 +17,6 @@ from asyncstage.errors import (
     ServerUnreachable,
 )
 from asyncstage.keys import generate_key
-from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]

@@ -19,9 +19,7 @@ from hypothesis import strategies as st
 
 from asyncstage import errors
 from asyncstage.ssh import KnownHosts, SSHHost, command_line, quote
-from tests.sshd import SSHServer, descendants, fresh_sshd, sshd_factory, sshd_server
-
-__all__ = ["fresh_sshd", "sshd_factory", "sshd_server"]  # pytest fixtures used below
+from tests.sshd import SSHServer, descendants
 
 pytestmark = pytest.mark.anyio
 

@@ -27,7 +27,6 @@ from asyncstage.paths import RemotePath
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
 from asyncstage.volume import Volume
-from tests.cloud_fixtures import cloud  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
 
@@ -57,7 +56,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 async def env(
-    cloud: LocalCloud,  # noqa: F811
+    cloud: LocalCloud,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Env]:
     """A manager of the session's shared local cloud with two servers, for this module."""

@@ -24,7 +24,7 @@ from asyncstage.errors import InvalidArgument, PathError, RsyncError, VerifyFail
 from asyncstage.paths import Endpoint, HostEndpoint, LocalEndpoint, UnmanagedEndpoint
 from asyncstage.ssh import SSHHost
 from asyncstage.transfer import Progress, dd_endpoints, rsync_endpoints
-from tests.sshd import SSHServer, client_key, sshd_factory  # noqa: F401  (fixtures)
+from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +45,7 @@ HOSTILE = [
 
 
 @pytest.fixture(scope="module")
-def servers(sshd_factory: Callable[..., SSHServer]) -> tuple[SSHServer, SSHServer]:  # noqa: F811
+def servers(sshd_factory: Callable[..., SSHServer]) -> tuple[SSHServer, SSHServer]:
     a = sshd_factory(address="127.0.0.21")
     b = sshd_factory(address="127.0.0.22")
     return a, b

@@ -23,8 +23,7 @@ from asyncstage.errors import RsyncError
 from asyncstage.localcloud import LocalCloud
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
-from tests.cloud_fixtures import cloud  # noqa: F401  (session fixture)
-from tests.sshd import SSHServer, sshd_factory  # noqa: F401  (fixtures)
+from tests.sshd import SSHServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
 
@@ -41,8 +40,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 async def env(
-    cloud: LocalCloud,  # noqa: F811
-    sshd_factory: Callable[..., SSHServer],  # noqa: F811
+    cloud: LocalCloud,
+    sshd_factory: Callable[..., SSHServer],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Env]:
     """One managed server, and one sshd standing for an unmanaged host."""

@@ -19,7 +19,6 @@ from asyncstage.errors import (
     VolumeNotMounted,
     ZoneMismatch,
 )
-from tests.cloud_fixtures import *  # noqa: F403 - the shared cloud fixtures
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
