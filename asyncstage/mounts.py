@@ -217,8 +217,12 @@ class Probe:
         # the kernel's own answer: the filesystem a path walk to mtpt reaches now, and
         # whether mtpt is the root of a mount (its st_dev differs from its parent's)
         is_root = self.seen is not None and (self.seen != self.parent or mtpt == "/")
+        at = [m for m in self.mounts if m.target == mtpt]
+        top = at[-1] if at else None  # mounts at one place stack in mount order
         if is_root and self.seen in self.volume_devnums():
             return "mounted"
+        if is_root and top is not None and top.fstype == "btrfs" and self.is_volume(top):
+            return "mounted"  # btrfs: stat() shows a subvolume's own anonymous st_dev
         elsewhere = [t for t in self.volume_mounts() if t != mtpt]
         if elsewhere:
             raise VolumeInUse(
@@ -226,8 +230,7 @@ class Probe:
                 "refusing to use it (mounted behind the manager's back)"
             )
         if is_root:
-            other = [m for m in self.mounts if m.target == mtpt and m.devnum == self.seen]
-            what = f"{other[-1].fstype} {other[-1].source}" if other else "another filesystem"
+            what = f"{top.fstype} {top.source}" if top is not None else "another filesystem"
             raise VolumeNotMounted(
                 f"volume {name}: {what} is mounted at {mtpt}, not the volume: "
                 "refusing to read or write there"

