@@ -18,8 +18,8 @@ our own (:class:`KnownHosts`), which OpenSSH's ``ssh`` (used by rsync and
 
 Command forms: one ``str`` (or ``bytes``) is a shell command line, run as is;
 several arguments are an argv, each quoted with :func:`quote` so that the remote
-(POSIX) shell interprets none of them. This module is the only place that builds
-shell command lines.
+(POSIX) shell interprets none of them. Command lines and OpenSSH argv are built
+by :mod:`asyncstage.shell` (``quote`` and ``command_line`` are re-exported here).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import hmac
 import io
 import os
 import re
-import shlex
 import shutil
 import sys
 import threading
@@ -49,6 +48,7 @@ from typing import IO, Any, AnyStr, ClassVar, Generic, Literal, cast, overload
 import anyio
 import asyncssh
 
+from asyncstage import shell
 from asyncstage.errors import (
     CommandFailed,
     CommandTimeout,
@@ -59,6 +59,7 @@ from asyncstage.errors import (
     ServerUnreachable,
     SSHError,
 )
+from asyncstage.shell import Command, command_line, quote
 
 __all__ = [
     "Command",
@@ -72,7 +73,6 @@ __all__ = [
     "quote",
 ]
 
-Command = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 HostKeyPolicy = Literal["accept-new", "strict"]
 
 _OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed commands
@@ -106,47 +106,6 @@ def _encryption_algs() -> list[str]:
         return algs
     gcm = [a for a in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if a in algs]
     return gcm + [a for a in algs if a not in gcm]
-
-
-# -- quoting -----------------------------------------------------------------
-
-
-def _text(arg: Command) -> str:
-    value = os.fspath(arg)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    return value
-
-
-def quote(arg: Command) -> str:
-    """Quote one argument for a POSIX shell (str, bytes or os.PathLike)."""
-    return shlex.quote(_text(arg))
-
-
-def command_line(*cmd: Command) -> str:
-    """The shell command line for ``cmd``.
-
-    One ``str`` or ``bytes`` argument is a shell command line and is returned as
-    is; otherwise (several arguments, or one path) each argument is quoted.
-    """
-    if not cmd:
-        raise InvalidArgument("no command given")
-    if len(cmd) == 1 and isinstance(cmd[0], str | bytes):
-        line = _text(cmd[0])
-    else:
-        line = " ".join(quote(a) for a in cmd)
-    if not line.strip():
-        raise InvalidArgument("empty command line")
-    return line
-
-
-def _remote_line(cmd: Sequence[Command], sudo: bool) -> str:
-    line = command_line(*cmd)
-    if not sudo:
-        return line
-    if len(cmd) == 1 and isinstance(cmd[0], str | bytes):
-        return "sudo -n -- sh -c " + shlex.quote(line)
-    return "sudo -n -- " + line
 
 
 # -- results -----------------------------------------------------------------
@@ -560,9 +519,9 @@ class SSHHost:
             raise InvalidArgument(f"unknown host key policy {host_key_policy!r}")
         if max_sessions < 1:
             raise InvalidArgument("max_sessions must be at least 1")
-        self.address = address
+        self.address = shell.check_address(address)
         self.port = port
-        self.username = username
+        self.username = shell.check_login_user(username)
         self.client_keys = [Path(k).expanduser() for k in client_keys]
         self.known_hosts = (
             known_hosts
@@ -827,9 +786,8 @@ class SSHHost:
         """``kill -s SIGNAL -- -PGID`` over the spare session (sshd may ignore signal requests)."""
         if run.stderr.pgid is None or run.link.conn.is_closed():
             return
-        kill = f"kill -s {signal} -- -{run.stderr.pgid} 2>/dev/null"
-        if run.sudo:
-            kill = "sudo -n " + kill
+        kill = shell.sudo_line(["kill", "-s", signal, "--", f"-{run.stderr.pgid}"], run.sudo)
+        kill += " 2>/dev/null"
         async with run.link.spare:
             for _ in range(20):
                 try:
@@ -901,7 +859,7 @@ class SSHHost:
         exit; ``encoding=None`` gives bytes; ``timeout`` raises
         :class:`~asyncstage.errors.CommandTimeout` (the command is stopped).
         """
-        command = _remote_line(cmd, sudo)
+        command = shell.sudo_line(cmd, sudo)
         if input is not None and encoding is not None and isinstance(input, bytes):
             input = input.decode(encoding)
         elif input is not None and encoding is None and isinstance(input, str):
@@ -939,7 +897,7 @@ class SSHHost:
         sudo: bool = False,
     ) -> bool:
         """Run a command with its output on our stdout/stderr as it comes; True on exit 0."""
-        command = _remote_line(cmd, sudo)
+        command = shell.sudo_line(cmd, sudo)
         with self._timeout(timeout, command):
             async with self._process(
                 command,
@@ -971,7 +929,7 @@ class SSHHost:
         reading to the end waits for it and raises
         :class:`~asyncstage.errors.CommandFailed` on a non-zero exit.
         """
-        return self._reading(_remote_line(cmd, sudo), encoding, sudo)
+        return self._reading(shell.sudo_line(cmd, sudo), encoding, sudo)
 
     @asynccontextmanager
     async def _reading(
@@ -1009,7 +967,7 @@ class SSHHost:
         waits for the command and raises :class:`~asyncstage.errors.CommandFailed`
         on a non-zero exit; leaving it by an exception stops the command.
         """
-        return self._writing(_remote_line(cmd, sudo), encoding, sudo)
+        return self._writing(shell.sudo_line(cmd, sudo), encoding, sudo)
 
     @asynccontextmanager
     async def _writing(
@@ -1051,47 +1009,26 @@ class SSHHost:
         Host keys are checked strictly against :attr:`known_hosts` (connect once with
         this host first, e.g. :meth:`host_public_key`, so that the key is pinned).
         """
-        known = str(self.known_hosts.path)
-        if any(c.isspace() for c in known):
-            known = '"' + known + '"'
-        opts = ["-F", "/dev/null", "-p", str(self.port)]
-        for key in self.client_keys:
-            opts += ["-i", str(key)]
-        if self.client_keys:
-            opts += ["-o", "IdentitiesOnly=yes"]
-        if batch:
-            opts += ["-o", "BatchMode=yes"]
-        opts += [
-            "-o",
-            f"UserKnownHostsFile={known}",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "CheckHostIP=no",
-            "-o",
-            f"ConnectTimeout={max(1, round(self.connect_timeout))}",
-            "-o",
-            f"ServerAliveInterval={max(1, round(self.keepalive_interval))}",
-            "-o",
-            "LogLevel=ERROR",
-        ]
-        return opts
+        return shell.openssh_options(
+            port=self.port,
+            known_hosts=str(self.known_hosts.path),
+            client_keys=[str(k) for k in self.client_keys],
+            connect_timeout=self.connect_timeout,
+            keepalive_interval=self.keepalive_interval,
+            batch=batch,
+        )
 
     def openssh_argv(self, *cmd: Command) -> list[str]:
-        """``["ssh", *options, "user@address", "--", line]`` running ``cmd`` (a shell if none)."""
-        argv = ["ssh", *self.openssh_options(), f"{self.username}@{self.address}"]
-        if cmd:
-            argv += ["--", command_line(*cmd)]
-        return argv
+        """``["ssh", *options, "-l", user, "--", address, line]`` running ``cmd``
+        (a shell if none)."""
+        return shell.openssh_argv(self.openssh_options(), self.username, self.address, *cmd)
 
     async def shell(self) -> int:
         """An interactive shell with OpenSSH ``ssh``: in a new terminal window under X
         (``DISPLAY`` set), else in this terminal. Returns the exit code of ``ssh``
         (or of the terminal emulator)."""
         await self.host_public_key()  # verify and pin the host key our way first
-        argv = ["ssh", *self.openssh_options(batch=False), f"{self.username}@{self.address}"]
+        argv = shell.openssh_argv(self.openssh_options(batch=False), self.username, self.address)
         terminal = _terminal_emulator() if os.environ.get("DISPLAY") else None
         if terminal is not None:
             argv = [*terminal, *argv]

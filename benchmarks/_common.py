@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 
 import anyio  # noqa: E402
 
-from asyncstage import Manager  # noqa: E402
+from asyncstage import Manager, shell  # noqa: E402
 from asyncstage.localcloud import LocalCloud  # noqa: E402
 from asyncstage.ssh import SSHHost  # noqa: E402
 
@@ -326,13 +326,10 @@ class CallWatcher:
 # -- OpenSSH -----------------------------------------------------------------------------
 
 
-def openssh_base(host: SSHHost, *extra: str) -> list[str]:
-    """``ssh`` with the library's key and known_hosts, StrictHostKeyChecking=yes."""
-    return ["ssh", *host.openssh_options(), *extra]
-
-
-def target_of(host: SSHHost) -> str:
-    return f"{host.username}@{host.address}"
+def openssh_argv(host: SSHHost, *cmd: str, extra: Sequence[str] = ()) -> list[str]:
+    """``ssh`` with the library's key and known_hosts (StrictHostKeyChecking=yes) and the
+    ``extra`` options, running the shell line ``cmd`` (none: no command)."""
+    return shell.openssh_argv([*host.openssh_options(), *extra], host.username, host.address, *cmd)
 
 
 class ControlMaster:
@@ -345,37 +342,22 @@ class ControlMaster:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def client_argv(self, *cmd: str) -> list[str]:
-        return [
-            *openssh_base(self.host, *self.extra),
-            "-o",
-            "ControlMaster=no",
-            "-o",
-            f"ControlPath={self.socket}",
-            target_of(self.host),
-            "--",
-            *cmd,
-        ]
+        control = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.socket}"]
+        return openssh_argv(self.host, *cmd, extra=[*self.extra, *control])
 
     def spawn(self) -> None:
         """Start the master process (it connects in the background)."""
-        argv = [
-            *openssh_base(self.host, *self.extra),
-            "-N",
-            "-o",
-            "ControlMaster=yes",
-            "-o",
-            f"ControlPath={self.socket}",
-            target_of(self.host),
-        ]
+        control = ["-N", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.socket}"]
+        argv = openssh_argv(self.host, extra=[*self.extra, *control])
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
     def ready(self) -> bool:
         """True once the master accepts clients (raises if it exited)."""
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"ControlMaster to {target_of(self.host)} exited")
-        control = ["-o", f"ControlPath={self.socket}", "-O", "check", target_of(self.host)]
+            raise RuntimeError(f"ControlMaster to {self.host.address} exited")
+        control = ["-o", f"ControlPath={self.socket}", "-O", "check"]
         check = subprocess.run(
-            [*openssh_base(self.host), *control], capture_output=True, check=False
+            openssh_argv(self.host, extra=control), capture_output=True, check=False
         )
         return check.returncode == 0
 

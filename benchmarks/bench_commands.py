@@ -36,11 +36,10 @@ from _common import (
     Report,
     local_cloud,
     ms,
-    openssh_base,
+    openssh_argv,
     parse_args,
     ratio,
     summary,
-    target_of,
     to_thread,
 )
 
@@ -117,7 +116,7 @@ async def main() -> None:
         try:
             for cm in masters:
                 await to_thread(cm.start)
-            new_conn = [*openssh_base(one.host), target_of(one.host), "--", "true"]
+            new_conn = openssh_argv(one.host, "true")
             cm_argv = masters[0].client_argv("true")
             await to_thread(_ssh_loop, cm_argv, 3)  # warm the master and the page cache
             await to_thread(_ssh_loop, new_conn, 1)

@@ -37,11 +37,10 @@ from _common import (
     MiB,
     Report,
     local_cloud,
-    openssh_base,
+    openssh_argv,
     parse_args,
     ratio,
     summary,
-    target_of,
     to_thread,
 )
 
@@ -178,43 +177,44 @@ async def main() -> None:
             )
             for alg in (same, alt)
         }
-        target = target_of(host)
-        read_cmd = ["--", f"head -c {size} /dev/zero"]
-        write_cmd = ["--", "cat > /dev/null"]
-        ssh_same = openssh_base(host, "-c", same)
-        ssh_alt = openssh_base(host, "-c", alt)
+        read_cmd = f"head -c {size} /dev/zero"
+        write_cmd = "cat > /dev/null"
+        ssh_same = ("-c", same)
+        ssh_alt = ("-c", alt)
         setup: list[float] = []
         times: dict[str, list[float]] = {}
         cpu: dict[str, list[float]] = {}
         try:
             for _ in range(3):
-                setup.append(await to_thread(_openssh, [*ssh_same, target, "true"], 0, False))
+                setup.append(
+                    await to_thread(_openssh, openssh_argv(host, "true", extra=ssh_same), 0, False)
+                )
             await _read(server, min(size, 16 * MiB))  # warm
             for _ in range(repeats):
                 runs: dict[str, Any] = {
                     "read asyncstage": lambda: _read(server, size),
                     "read openssh": lambda: to_thread(
-                        _openssh, [*ssh_same, target, *read_cmd], size, False
+                        _openssh, openssh_argv(host, read_cmd, extra=ssh_same), size, False
                     ),
                     "write asyncstage": lambda: _write(server, size),
                     "write openssh": lambda: to_thread(
-                        _openssh, [*ssh_same, target, *write_cmd], size, True
+                        _openssh, openssh_argv(host, write_cmd, extra=ssh_same), size, True
                     ),
                     f"read openssh {alt_name}": lambda: to_thread(
-                        _openssh, [*ssh_alt, target, *read_cmd], size, False
+                        _openssh, openssh_argv(host, read_cmd, extra=ssh_alt), size, False
                     ),
                     f"write openssh {alt_name}": lambda: to_thread(
-                        _openssh, [*ssh_alt, target, *write_cmd], size, True
+                        _openssh, openssh_argv(host, write_cmd, extra=ssh_alt), size, True
                     ),
                     "read raw asyncssh": lambda: _raw_read(raw[same], size),
                     "write raw asyncssh": lambda: _raw_write(raw[same], size),
                     f"read raw asyncssh {alt_name}": lambda: _raw_read(raw[alt], size),
                     f"write raw asyncssh {alt_name}": lambda: _raw_write(raw[alt], size),
                     "read python <- openssh pipe": lambda: _pipe_read(
-                        [*ssh_same, target, *read_cmd], size
+                        openssh_argv(host, read_cmd, extra=ssh_same), size
                     ),
                     "write python -> openssh pipe": lambda: _pipe_write(
-                        [*ssh_same, target, *write_cmd], size
+                        openssh_argv(host, write_cmd, extra=ssh_same), size
                     ),
                 }
                 for name, fn in runs.items():

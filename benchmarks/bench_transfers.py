@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 from _common import GiB, MachineCPU, MiB, OwnCPU, Report, local_cloud, parse_args, ratio
 
-from asyncstage import Manager, Server, Volume
+from asyncstage import Manager, Server, Volume, shell
 from asyncstage import transfer as _transfer
 
 
@@ -69,51 +69,29 @@ class PlainLink:
         line = f"{self.dst.address} {host_key}"
         await self.src.scmd("sh", "-c", 'echo "$1" > "$2"', "-", line, self.known)
 
-    def ssh(self) -> list[str]:
-        return [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            self.key,
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={self.known}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-        ]
-
-    @property
-    def target(self) -> str:
-        return f"{self.dst.username}@{self.dst.address}"
+    def options(self) -> list[str]:
+        return shell.openssh_options(port=22, known_hosts=self.known, client_keys=[self.key])
 
 
 async def _plain_rsync(link: PlainLink, src_dir: str, dst_dir: str) -> float:
-    from asyncstage.ssh import command_line
-
     t = time.perf_counter()
     await link.src.scmd(
         "rsync",
         "-a",
         "-e",
-        command_line(*link.ssh()),
-        "--rsync-path=sudo -n rsync",
+        shell.command_line("ssh", *link.options()),
+        *shell.rsync_path(True),
         src_dir,
-        f"{link.target}:{dst_dir}",
+        f"{shell.user_at_host(link.dst.host.username, link.dst.host.address)}:{dst_dir}",
         sudo=True,
     )
     return time.perf_counter() - t
 
 
 async def _plain_dd(link: PlainLink, src_dev: str, dst_dev: str) -> float:
-    from asyncstage.ssh import command_line, quote
-
-    remote = command_line("sudo", "-n", "dd", f"of={dst_dev}", "bs=1M", "status=none")
-    ssh = command_line(*link.ssh(), link.target, "--", remote)
-    line = f"dd if={quote(src_dev)} bs=1M status=none | {ssh}"
+    remote = shell.sudo_line(["dd", f"of={dst_dev}", "bs=1M", "status=none"])
+    ssh = shell.openssh_argv(link.options(), link.dst.host.username, link.dst.host.address, remote)
+    line = f"dd if={shell.quote(src_dev)} bs=1M status=none | {shell.command_line(*ssh)}"
     t = time.perf_counter()
     await link.src.scmd("sh", "-c", line, sudo=True)
     return time.perf_counter() - t

@@ -27,6 +27,7 @@ from asyncstage.paths import RemotePath
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
 from asyncstage.volume import Volume
+from tests import remote_faults
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
 
@@ -349,11 +350,7 @@ async def test_dd_volume_to_volume_across_servers(
         assert got.split()[0] == want.split()[0]
         await dst.unmount()
         # a receiver that corrupts what it writes is caught by the verification
-        broken = transfer._DD.replace(
-            "pwrite_full(self.fd, data, off)",
-            "pwrite_full(self.fd, bytes([data[0] ^ 1]) + data[1:], off)",
-        )
-        monkeypatch.setattr(transfer, "_DD", broken)
+        remote_faults.inject(monkeypatch, "blockcopy", "flip_written_bit")
         with pytest.raises(VerifyFailed):
             await transfer.dd(m, src, dst)
         for server in (s1, s2):

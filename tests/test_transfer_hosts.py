@@ -24,6 +24,7 @@ from asyncstage.errors import InvalidArgument, PathError, RsyncError, VerifyFail
 from asyncstage.paths import Endpoint, HostEndpoint, LocalEndpoint, UnmanagedEndpoint
 from asyncstage.ssh import SSHHost
 from asyncstage.transfer import Progress, dd_endpoints, rsync_endpoints
+from tests import remote_faults
 from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.anyio
@@ -454,12 +455,7 @@ async def test_dd_same_host_and_checks(
         with pytest.raises(InvalidArgument, match="same device"):
             await dd_endpoints(HostEndpoint(ha, src.device), HostEndpoint(ha, src.device))
         # A receiver that flips a bit of what it writes: the verification must notice.
-        broken = transfer._DD.replace(
-            "pwrite_full(self.fd, data, off)",
-            "pwrite_full(self.fd, bytes([data[0] ^ 1]) + data[1:], off)",
-        )
-        assert broken != transfer._DD
-        monkeypatch.setattr(transfer, "_DD", broken)
+        remote_faults.inject(monkeypatch, "blockcopy", "flip_written_bit")
         with pytest.raises(VerifyFailed) as info:
             await dd_endpoints(
                 HostEndpoint(ha, src.device),

@@ -1,0 +1,187 @@
+"""The direct link between two hosts: a temporary key, made for one transfer and swept after.
+
+A host → host transfer (rsync or dd) runs on the source and connects straight
+to the destination with OpenSSH ``ssh``:
+
+* an ed25519 key is made on the source in the transfer's private work dir;
+* its public half is authorised on the destination (the login user's
+  ``~/.ssh/authorized_keys``, or the file given) as
+  ``from="<source address>",restrict,expiry-time="<now + 6 h>" <key>
+  asyncstage-transfer-<token> controller=<id> expires=<epoch>``: usable only
+  from the source, for nothing but the command, and refused by sshd after the
+  expiry even if nobody removes it;
+* the destination's pinned host key goes into a known_hosts in the work dir
+  (``StrictHostKeyChecking=yes``).
+
+The key line is removed when the transfer ends, also after an error or a
+cancellation (shielded; a failing removal never replaces the error in flight).
+When the controller itself dies (SIGKILL, power loss), :func:`sweep_stale_keys`
+removes what it left: every host → host transfer sweeps both hosts first, and a
+region scan may call it for each server. Stale means expired on the host's clock,
+made by a controller process of this machine that no longer runs, or one whose
+removal failed earlier in this process (the host was down).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from asyncstage import shell
+from asyncstage.errors import AsyncstageError
+from asyncstage.transfer.base import cleanup
+from asyncstage.transfer.run import STALE_AFTER, controller_alive, controller_id, helper
+
+if TYPE_CHECKING:
+    from asyncstage.ssh import SSHHost
+
+__all__ = ["KEY_MARKER", "Link", "direct_link", "sweep_stale_keys"]
+
+_log = logging.getLogger("asyncstage.transfer")
+
+KEY_MARKER = "asyncstage-transfer-"
+"""Start of the tag in the comment of every temporary transfer key."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """A temporary way for one host to ssh into another (see :func:`direct_link`)."""
+
+    options: list[str]
+    """OpenSSH ``ssh`` options (key, port, known_hosts, timeouts), no destination."""
+    user: str
+    address: str
+
+    @property
+    def rsync_shell(self) -> str:
+        """The ``rsync -e`` value."""
+        return shell.command_line("ssh", *self.options)
+
+    @property
+    def target(self) -> str:
+        """``user@address`` of the destination, as rsync takes it."""
+        return shell.user_at_host(self.user, self.address)
+
+    def argv(self, *cmd: str) -> list[str]:
+        """``ssh`` argv running ``cmd`` on the destination (``-l user -- address line``)."""
+        return shell.openssh_argv(self.options, self.user, self.address, *cmd)
+
+
+_unrevoked: dict[tuple[str, str, str], set[str]] = {}
+"""Tags whose revocation failed (the host was down), by (host label, user, keys file):
+the next sweep of that host removes them."""
+
+
+async def sweep_stale_keys(
+    host: SSHHost, *, sudo: bool = True, authorized_keys: str | None = None
+) -> dict[str, Any]:
+    """Remove stale temporary transfer keys authorised on ``host`` for its login user
+    (in ``authorized_keys``, default ``~/.ssh/authorized_keys``) and stale transfer
+    work dirs (private key halves, processes) on ``host``.
+
+    Stale: past its expiry on the host's clock, made by a controller process on
+    this machine that no longer runs (a controller on another machine is trusted
+    until the expiry), or one this process failed to remove earlier.
+    Returns ``{"removed": [tags], "swept": [dirs]}``.
+    """
+    keys_file = authorized_keys or ""
+    where = (host.label, host.username, keys_file)
+    pending = sorted(_unrevoked.get(where, ()))  # our own revocations that failed earlier
+    found = await helper(host, sudo, "sweep", host.username, keys_file, json.dumps(pending))
+    owners = {str(k.get("controller", "")) for k in found.get("keys", [])}
+    owners |= {str(d.get("controller", "")) for d in found.get("dirs", [])}
+    dead = sorted(o for o in owners if o and controller_alive(o) is False)
+    removed, swept = list(found.get("removed", [])), list(found.get("swept", []))
+    if dead:
+        again = await helper(host, sudo, "sweep", host.username, keys_file, json.dumps(dead))
+        removed += again.get("removed", [])
+        swept += again.get("swept", [])
+    _unrevoked.pop(where, None)
+    if removed or swept:
+        _log.warning(
+            "%s: swept %d stale transfer key(s) and %d work dir(s) left by a controller "
+            "that did not clean up",
+            host.label,
+            len(removed),
+            len(swept),
+        )
+    return {"removed": removed, "swept": swept}
+
+
+async def _sweep_quietly(host: SSHHost, sudo: bool, authorized_keys: str | None) -> None:
+    """A sweep before a transfer: its failure is logged, and the transfer goes on (it
+    reports its own errors, e.g. a refused authorized_keys, more precisely)."""
+    try:
+        await sweep_stale_keys(host, sudo=sudo, authorized_keys=authorized_keys)
+    except (AsyncstageError, OSError) as e:
+        _log.warning("%s: could not sweep stale transfer keys: %s", host.label, e)
+
+
+@asynccontextmanager
+async def direct_link(
+    src: SSHHost,
+    src_sudo: bool,
+    workdir: str,
+    dst: SSHHost,
+    dst_sudo: bool,
+    authorized_keys: str | None,
+) -> AsyncIterator[Link]:
+    """Let ``src`` ssh into ``dst`` for one transfer (see the module docstring).
+
+    The key is revoked when the block ends (also on error or cancellation); the
+    files on ``src`` live in ``workdir`` and go with it.
+    """
+    async with anyio.create_task_group() as tg:  # what a killed controller left behind
+        tg.start_soon(_sweep_quietly, src, src_sudo, None)
+        tg.start_soon(_sweep_quietly, dst, dst_sudo, authorized_keys)
+    tag = f"{KEY_MARKER}{secrets.token_hex(8)}"
+    pinned = " ".join((await dst.host_public_key()).split()[:2])
+    known = f"{shell.known_hosts_pattern(dst.address, dst.port)} {pinned}"
+    made = await helper(src, src_sudo, "keygen", workdir, tag, known, src.address)
+    keys_file = authorized_keys or ""
+    options = f'from="{shell.check_address(src.address)}",restrict'
+    comment = f"{tag} controller={controller_id()}"
+    _log.debug("%s: authorising %s for %s", dst.label, tag, src.label)
+    in_flight: BaseException | None = None
+    await helper(
+        dst, dst_sudo, "authorize", dst.username, keys_file, options, made["public"], comment,
+        str(STALE_AFTER),
+    )  # fmt: skip
+    try:
+        ssh_options = shell.openssh_options(
+            port=dst.port,
+            known_hosts=str(made["known_hosts"]),
+            client_keys=[str(made["key"])],
+            connect_timeout=dst.connect_timeout,
+            keepalive_interval=dst.keepalive_interval,
+            bind_address=src.address if made.get("bindable") else None,
+        )
+        yield Link(ssh_options, dst.username, dst.address)
+    except BaseException as e:
+        in_flight = e
+        raise
+    finally:
+        _unrevoked.setdefault((dst.label, dst.username, keys_file), set()).add(tag)
+        await cleanup(
+            functools.partial(_revoke, dst, dst_sudo, keys_file, tag),
+            f"removing the temporary transfer key {tag} from "
+            f"{keys_file or '~/.ssh/authorized_keys'}",
+            dst.label,
+            in_flight,
+        )
+
+
+async def _revoke(dst: SSHHost, sudo: bool, keys_file: str, tag: str) -> None:
+    await helper(dst, sudo, "revoke", dst.username, keys_file, tag)
+    where = (dst.label, dst.username, keys_file)
+    _unrevoked.get(where, set()).discard(tag)
+    if not _unrevoked.get(where, True):
+        del _unrevoked[where]

@@ -1,0 +1,150 @@
+"""asyncstage.remote.rsynchelper run locally (no ssh): keys, sweeps, symlinks, process groups.
+
+Keys go into an authorized_keys file under tmp_path for the current user, and
+work dirs into a private TMPDIR, so nothing of the machine's is touched.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from asyncstage import remote
+from asyncstage.remote import rsynchelper
+
+USER = getpass.getuser()
+PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDummyKeyForTestsOnlyDummyKeyForTestsOnly"
+
+
+def helper(tmp: Path, *args: str) -> dict[str, object]:
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    done = subprocess.run(
+        remote.argv("rsynchelper", *args), capture_output=True, text=True, env=env, check=False
+    )
+    reply = remote.answer("local", done.stdout)
+    assert (done.returncode == 0) == ("error" not in reply), done.stderr
+    return reply
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "ssh").mkdir()
+    return tmp_path
+
+
+def authorize(tmp: Path, keys: Path, tag: str, ttl: int, controller: str = "c") -> None:
+    comment = f"{tag} controller={controller}"
+    reply = helper(tmp / "t", "authorize", USER, str(keys), 'from="10.0.0.1",restrict', PUB,
+                   comment, str(ttl))  # fmt: skip
+    assert reply["file"] == str(keys)
+
+
+def test_authorize_and_revoke(tmp: Path) -> None:
+    keys = tmp / "ssh" / "authorized_keys"
+    keys.write_text("ssh-ed25519 AAAA mine")  # no final newline: kept intact
+    keys.chmod(0o640)
+    authorize(tmp, keys, "asyncstage-transfer-aa", 3600)
+    lines = keys.read_text().splitlines()
+    assert lines[0] == "ssh-ed25519 AAAA mine"
+    stamp = time.strftime("%Y%m%d%H", time.localtime(time.time() + 3600))
+    assert lines[1].startswith(f'from="10.0.0.1",restrict,expiry-time="{stamp}')
+    assert f"{PUB} asyncstage-transfer-aa controller=c expires=" in lines[1]
+    assert helper(tmp / "t", "revoke", USER, str(keys), "asyncstage-transfer-aa") == {"removed": 1}
+    assert keys.read_text() == "ssh-ed25519 AAAA mine\n"
+    assert keys.stat().st_mode & 0o777 == 0o640  # rewritten with its own mode
+
+
+def test_symlinked_authorized_keys_refused(tmp: Path) -> None:
+    target = tmp / "elsewhere"
+    target.write_text("precious\n")
+    keys = tmp / "ssh" / "authorized_keys"
+    keys.symlink_to(target)
+    tag = "asyncstage-transfer-x"
+    reply = helper(tmp / "t", "authorize", USER, str(keys), "restrict", PUB, tag, "60")
+    assert "symlink" in str(reply["error"])
+    assert target.read_text() == "precious\n"
+    assert "symlink" in str(helper(tmp / "t", "revoke", USER, str(keys), "x")["error"])
+
+
+def test_symlinked_parent_refused(tmp: Path) -> None:
+    home = tmp / "home"
+    home.mkdir()
+    (tmp / "real-ssh").mkdir()
+    (home / ".ssh").symlink_to(tmp / "real-ssh")
+    with pytest.raises(rsynchelper.Refused, match="symlink"):
+        rsynchelper._open_dir(str(home / ".ssh"), str(home))
+    (home / "ok").mkdir()
+    fd = rsynchelper._open_dir(str(home / "ok"), str(home))
+    os.close(fd)
+
+
+def test_sweep_removes_expired_and_dead_keeps_live(tmp: Path) -> None:
+    keys = tmp / "ssh" / "authorized_keys"
+    authorize(tmp, keys, "asyncstage-transfer-old", -10, "ctl-a")
+    authorize(tmp, keys, "asyncstage-transfer-live", 3600, "ctl-a")
+    authorize(tmp, keys, "asyncstage-transfer-dead", 3600, "ctl-dead")
+    with keys.open("a") as f:
+        f.write("ssh-ed25519 AAAA someone-else\n")
+    first = helper(tmp / "t", "sweep", USER, str(keys), "[]")
+    assert first["removed"] == ["asyncstage-transfer-old"]
+    assert {k["controller"] for k in first["keys"]} == {"ctl-a", "ctl-dead"}  # type: ignore[union-attr,index]
+    second = helper(tmp / "t", "sweep", USER, str(keys), json.dumps(["ctl-dead"]))
+    assert second["removed"] == ["asyncstage-transfer-dead"]
+    text = keys.read_text()
+    assert "asyncstage-transfer-live" in text and "someone-else" in text
+    assert "asyncstage-transfer-old" not in text and "asyncstage-transfer-dead" not in text
+
+
+def test_sweep_work_dirs(tmp: Path) -> None:
+    t = tmp / "t"
+    owners = {
+        "expired": {"controller": "ctl-a", "expires": time.time() - 5},
+        "dead": {"controller": "ctl-dead", "expires": time.time() + 3600},
+        "live": {"controller": "ctl-a", "expires": time.time() + 3600},
+    }
+    made = {k: str(helper(t, "workdir", json.dumps(v))["dir"]) for k, v in owners.items()}
+    Path(made["dead"], "id_ed25519").write_text("private half")
+    foreign = t / "asyncstage-xfer-noowner"
+    foreign.mkdir()
+    reply = helper(t, "sweep", USER, str(tmp / "ssh" / "none"), json.dumps(["ctl-dead"]))
+    assert sorted(reply["swept"]) == sorted([made["expired"], made["dead"]])  # type: ignore[type-var]
+    assert not Path(made["dead"]).exists() and not Path(made["expired"]).exists()
+    assert Path(made["live"]).is_dir() and foreign.is_dir()  # no owner record: not judged
+
+
+def test_run_records_the_group_and_passes_the_status(tmp: Path) -> None:
+    pidfile = tmp / "t" / "x.pid"
+    done = subprocess.run(
+        remote.argv("rsynchelper", "run", str(pidfile), "sh", "-c", "echo $$; exit 7"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 7 and done.stdout.strip().isdigit()
+    assert not pidfile.exists()  # removed once the command is done
+
+
+def test_cleanup_stops_the_recorded_groups(tmp: Path) -> None:
+    d = str(helper(tmp / "t", "workdir", "{}")["dir"])
+    proc = subprocess.Popen(
+        remote.argv("rsynchelper", "run", f"{d}/s.pid", "sleep", "60"), stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(d, "s.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pgid = int(Path(d, "s.pid").read_text())
+        assert helper(tmp / "t", "cleanup", d) == {"killed": [pgid]}
+        assert proc.wait(timeout=10) != 0
+        assert not Path(d).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
