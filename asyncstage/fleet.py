@@ -26,6 +26,7 @@ from asyncstage.errors import (
     UnknownVolume,
 )
 from asyncstage.images import user_for_image
+from asyncstage.transfer import sweep_stale_keys
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
@@ -213,6 +214,9 @@ class Fleet:
             try:
                 if await server.ping(timeout=10.0):
                     await server.adopt_mounts(volumes)
+                    # a server the scan touches loses the temporary transfer keys a dead
+                    # controller left authorised (best effort: the scan goes on)
+                    await sweep_stale_keys(server.host)
             except AsyncstageError as e:
                 log.warning("cannot read the mounts of %s: %s", server.name, e)
 
