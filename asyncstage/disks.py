@@ -119,12 +119,15 @@ class _NewVolume:
 
 
 async def _discard_volume(manager: Manager, volume: Volume) -> None:
-    """Best effort: detach and delete a volume whose provisioning failed."""
+    """Best effort: detach and delete a volume whose provisioning failed (or was cancelled)."""
     m = manager
     try:
-        if volume.server is not None:
-            if volume.mtdev is not None and volume.server.state == "running":
-                await volume.server.run("umount", volume.mtdev, sudo=True, check=False)
+        server = volume.server
+        if server is not None and volume.mtdev is not None and server.state == "running":
+            await server.run("umount", volume.mtdev, sudo=True, check=False)
+        # EC2's word, not ours: a cancelled AttachVolume may have attached it unbeknown to us
+        found = await m.ec2.describe_volumes([volume.volume_id])
+        if server is not None or (found and found[0].get("Attachments")):
             await m.ec2.detach_volume(volume.volume_id, force=True)
             await m.ec2.wait_for_volume(
                 volume.volume_id,
