@@ -6,6 +6,8 @@ once, run commands over ssh and move data with rsync and dd.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 from asyncstage import errors
 from asyncstage.errors import AsyncstageError
 from asyncstage.manager import Manager
@@ -14,7 +16,10 @@ from asyncstage.server import Server
 from asyncstage.transfer import Progress, TransferStats
 from asyncstage.volume import Volume
 
-__version__ = "0.1.0"
+try:  # one place: the version in pyproject.toml, through the installed metadata
+    __version__ = version("asyncstage")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AsyncstageError",

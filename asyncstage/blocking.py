@@ -1045,7 +1045,12 @@ class LocalCloud(_LocalCloudAttributes):
         )
 
     def session_kwargs(self) -> dict[str, str]:
-        """What an aioboto3 session or client needs: endpoint, region, dummy credentials."""
+        """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
+        own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
+        file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
+        """
         return _call_sync(self._async.session_kwargs)
 
     def start(self) -> None:

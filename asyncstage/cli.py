@@ -6,7 +6,10 @@ started (``run`` by default: servers stay as you left them; ``stop`` for backup/
 
 ``asyncstage local up`` runs the embedded local cloud as a daemon; ``--local`` (or the
 ``ASYNCSTAGE_ENDPOINT_URL`` it prints) points later commands at it. ``asyncstage demo`` runs
-the fleet-backup demonstration (:mod:`asyncstage.demo`).
+the fleet-backup demonstration (:mod:`asyncstage.demo`). ``backup``/``restore`` go through
+:mod:`asyncstage.backup`; defaults may come from a config file (:mod:`asyncstage.userconfig`,
+``config show``); ``completion bash|zsh`` prints a completion script. Output
+(:mod:`asyncstage.output`) is drawn with rich on a terminal, plain when piped or ``--json``.
 
 Exit codes: 0 success, 1 failure (one line on stderr; ``-v`` adds the traceback), 2 usage,
 3 ``local status``: not running, 130 interrupted. A remote command run by ``ssh`` exits
@@ -17,37 +20,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from asyncstage import __version__, blocking
+from asyncstage import __version__, backup, blocking, completion, userconfig
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
-    InvalidArgument,
+    HostKeyMismatch,
+    NeedsRoot,
     NotFound,
     UnknownServer,
     UnknownVolume,
 )
-from asyncstage.transfer import Progress, TransferStats
+from asyncstage.output import Output, TransferTask, human_bytes, human_duration
+from asyncstage.transfer import TransferStats
 
-__all__ = ["ProgressPrinter", "human_bytes", "main", "table"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("asyncstage.cli")
 
@@ -62,110 +66,6 @@ GiB = 1 << 30
 
 class UsageError(Exception):
     """A command line that cannot work (exit status 2)."""
-
-
-# -- output ---------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """A plain text table, columns aligned (numbers to the right)."""
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
-    numeric = [
-        bool(cells) and all(re.fullmatch(r"[-+]?[\d.,]+( \S+)?", row[i]) for row in cells)
-        for i in range(len(headers))
-    ]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if numeric[i] else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(headers), *(line(row) for row in cells)])
-
-
-class Output:
-    """Where a command's results and messages go: tables or JSON on stdout, notes on stderr."""
-
-    def __init__(self, *, json_output: bool, quiet: bool, verbose: int) -> None:
-        self.json = json_output
-        self.quiet = quiet
-        self.verbose = verbose
-
-    def note(self, message: str) -> None:
-        """A message for people (stderr), unless -q."""
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
-
-    def result(self, data: Any, text: str | None = None) -> None:
-        """The command's result: ``data`` as JSON with --json, else ``text`` (if any)."""
-        if self.json:
-            print(json.dumps(data, indent=2, default=str))
-        elif text is not None:
-            print(text)
-
-    def progress(self, what: str) -> ProgressPrinter:
-        """A progress line on stderr (a terminal only; nothing with -q or --json)."""
-        enabled = not self.quiet and not self.json and sys.stderr.isatty()
-        return ProgressPrinter(what, enabled=enabled)
-
-
-class ProgressPrinter:
-    """A progress callback that redraws one line on stderr, at most 10 times a second.
-
-    Called from the facade's event loop thread; only prints (never calls the API).
-    """
-
-    def __init__(self, what: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.what = what
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self._last = 0.0
-        self._drawn = False
-        self._lock = threading.Lock()
-
-    def __call__(self, p: Progress) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < 0.1:
-                return
-            self._last = now
-            done = human_bytes(p.bytes_done)
-            if p.total:
-                pct = min(100.0, 100.0 * p.bytes_done / p.total)
-                amount = f"{pct:5.1f}% {done} of {human_bytes(p.total)}"
-            else:
-                amount = done
-            current = f"  {p.current}" if p.current else ""
-            line = f"{self.what}: {amount}  {human_bytes(p.rate)}/s{current}"
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self.stream.write("\r" + line[:width].ljust(width))
-            self.stream.flush()
-            self._drawn = True
-
-    def done(self) -> None:
-        """End the line (when one was drawn)."""
-        with self._lock:
-            if self._drawn:
-                self.stream.write("\r" + " " * (shutil.get_terminal_size((100, 20)).columns - 1))
-                self.stream.write("\r")
-                self.stream.flush()
-                self._drawn = False
 
 
 # -- the local cloud daemon -----------------------------------------------------------------
@@ -199,14 +99,21 @@ def read_local_state(directory: Path) -> dict[str, Any] | None:
     return state
 
 
+def local_credentials(state: dict[str, Any]) -> dict[str, str]:
+    """The local cloud's credentials: those its record holds (``credentials``), else the
+    fixed ones of older records."""
+    return dict(state.get("credentials") or LOCAL_CREDENTIALS)
+
+
 def env_lines(state: dict[str, Any]) -> list[str]:
     """``export`` lines that point later commands (and aws-cli, boto3) at the cloud."""
+    creds = local_credentials(state)
     return [
         f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
         f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
         f"export AWS_DEFAULT_REGION={state['region']}",
-        f"export AWS_ACCESS_KEY_ID={LOCAL_CREDENTIALS['aws_access_key_id']}",
-        f"export AWS_SECRET_ACCESS_KEY={LOCAL_CREDENTIALS['aws_secret_access_key']}",
+        f"export AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
+        f"export AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}",
     ]
 
 
@@ -235,6 +142,7 @@ def _serve_local(args: argparse.Namespace) -> int:
                     "image_name": cloud.image_name,
                     "username": cloud.default_username,
                     "state_dir": cloud.state_dir,
+                    **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }
@@ -263,7 +171,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
     state = read_local_state(directory)
     if state is None:
         if os.geteuid() != 0:
-            raise AsyncstageError("the local cloud needs root (namespaces, mounts, loop devices)")
+            raise NeedsRoot("the local cloud needs root (namespaces, mounts, loop devices)")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             (directory / "cloud.json").unlink()
@@ -356,16 +264,6 @@ def _local_env(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def human_duration(seconds: float) -> str:
-    """``3725`` → ``1h02m``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, sec = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{sec:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
 # -- the manager of a command ------------------------------------------------------------------
 
 
@@ -379,10 +277,31 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def settings(args: argparse.Namespace) -> dict[str, userconfig.Setting]:
+    """The effective settings: flags, then the environment, then the config file."""
+    flags = {
+        "region": args.region,
+        "profile": args.profile,
+        "instance_type": getattr(args, "instance_type", None),
+        "image": getattr(args, "image", None),
+        "username": args.username,
+        "on_exit": getattr(args, "on_exit", None),
+    }
+    return userconfig.effective(
+        flags,
+        path=userconfig.config_path(args.config),
+        required=bool(args.config),
+        defaults={"on_exit": getattr(args, "on_exit_default", "run")},
+    )
+
+
 def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
-    """Manager options from the global options, the environment and a running local cloud."""
+    """Manager options from the global options, the environment, the config file and a
+    running local cloud (whose region, image and user name win over the file's)."""
+    found = settings(args)
+    value = {k: s.value for k, s in found.items()}
     opts: blocking.ManagerOptions = {
-        "on_exit": getattr(args, "on_exit", None) or "run",
+        "on_exit": value["on_exit"] or "run",  # type: ignore[typeddict-item]
         "verbosity": 0 if args.quiet else 1 + args.verbose,
     }
     endpoint = args.endpoint_url or os.environ.get("ASYNCSTAGE_ENDPOINT_URL") or None
@@ -393,7 +312,8 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
         endpoint = str(state["endpoint_url"])
     if endpoint:
         opts["endpoint_url"] = endpoint
-    if state is not None and endpoint == state["endpoint_url"]:
+    local = state is not None and endpoint == state["endpoint_url"]
+    if state is not None and local:
         opts |= {
             "region": str(state["region"]),
             "image": str(state["image_id"]),
@@ -401,23 +321,19 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
             "dotdir": str(state["dotdir"]),
             "install_packages": False,
             "root_type": None,
-            **LOCAL_CREDENTIALS,  # type: ignore[typeddict-item]
+            **local_credentials(state),  # type: ignore[typeddict-item]
         }
     elif endpoint and _is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed
         opts |= {"image": LOCAL_IMAGE_PATTERN, "install_packages": False, "root_type": None}
-        if not os.environ.get("AWS_ACCESS_KEY_ID") and not args.profile:
+        if not os.environ.get("AWS_ACCESS_KEY_ID") and not value["profile"]:
             opts |= LOCAL_CREDENTIALS  # type: ignore[typeddict-item]
-    if args.region:
-        opts["region"] = args.region
-    if args.profile:
-        opts["profile"] = args.profile
+    for key in ("region", "image", "username", "profile", "instance_type"):
+        # on the local cloud only a flag overrides what the cloud dictates
+        if value[key] and (not local or found[key].source.startswith("--")):
+            opts[key] = value[key]
     if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
         opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
-    if getattr(args, "image", None):
-        opts["image"] = args.image
-    if getattr(args, "instance_type", None):
-        opts["instance_type"] = args.instance_type
     return opts
 
 
@@ -426,6 +342,16 @@ def open_manager(args: argparse.Namespace) -> Iterator[blocking.Manager]:
     """The command's manager, closed (``--on-exit`` applied) on the way out."""
     with blocking.Manager(**manager_options(args)) as m:
         yield m
+        completion.write_names("servers", [s.name for s in m.servers()])
+        completion.write_names("volumes", [v.name for v in m.volumes()])
+
+
+def _did_you_mean(ref: str, known: Sequence[str], command: str) -> str:
+    """`` (did you mean 'web1'?)`` from the closest known names, else where to look."""
+    close = difflib.get_close_matches(ref, known, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f" (see `asyncstage {command} list`)"
 
 
 def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
@@ -435,7 +361,8 @@ def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
         with contextlib.suppress(NotFound):
             server = m.find_server_by_instance(ref)
     if server is None:
-        raise UnknownServer(f"no server named {ref!r} (see `asyncstage servers list`)")
+        known = [s.name for s in m.servers()]
+        raise UnknownServer(f"no server named {ref!r}{_did_you_mean(ref, known, 'servers')}")
     return server
 
 
@@ -446,7 +373,8 @@ def find_volume(m: blocking.Manager, ref: str) -> blocking.Volume:
         with contextlib.suppress(NotFound):
             volume = m.find_volume_by_volid(ref)
     if volume is None:
-        raise UnknownVolume(f"no volume named {ref!r} (see `asyncstage volumes list`)")
+        known = [v.name for v in m.volumes()]
+        raise UnknownVolume(f"no volume named {ref!r}{_did_you_mean(ref, known, 'volumes')}")
     return volume
 
 
@@ -507,8 +435,8 @@ def _server_row(s: blocking.Server) -> dict[str, Any]:
 def _print_servers(out: Output, servers: Sequence[blocking.Server]) -> None:
     rows = [_server_row(s) for s in sorted(servers, key=lambda s: s.name)]
     headers = ["NAME", "INSTANCE", "STATE", "ADDRESS", "ZONE", "TYPE", "VOLUMES"]
-    text = table([[*list(r.values())[:-1], ",".join(r["volumes"]) or "-"] for r in rows], headers)
-    out.result(rows, text if rows else "no servers")
+    cells = [[*list(r.values())[:-1], ",".join(r["volumes"]) or "-"] for r in rows]
+    out.table(rows, cells, headers, "no servers")
 
 
 def _servers(args: argparse.Namespace, out: Output) -> int:
@@ -521,24 +449,24 @@ def _servers(args: argparse.Namespace, out: Output) -> int:
             names: list[str] = list(args.names)
             if not names and args.count < 1:
                 raise UsageError("servers provision: give names or --count N")
-            out.note(f"provisioning {len(names) or args.count} server(s) ...")
-            servers = m.provision_servers(
-                names or args.count,
-                instance_type=args.instance_type,
-                availability_zone=args.zone,
-            )
+            with out.waiting(f"provisioning {len(names) or args.count} server(s)"):
+                servers = m.provision_servers(
+                    names or args.count,
+                    instance_type=args.instance_type,
+                    availability_zone=args.zone,
+                )
             _print_servers(out, servers)
             return EXIT_OK
         targets = m.servers() if args.all else [find_server(m, n) for n in args.names]
         if not targets:
             raise UsageError(f"servers {action}: name the servers, or --all")
-        out.note(f"{action}: {', '.join(s.name for s in targets)} ...")
-        if action == "start":
-            m.start_servers(targets)
-        elif action == "stop":
-            m.stop_servers(targets)
-        elif action == "terminate":
-            m.terminate_servers(targets)
+        with out.waiting(f"{action}: {', '.join(s.name for s in targets)}"):
+            if action == "start":
+                m.start_servers(targets)
+            elif action == "stop":
+                m.stop_servers(targets)
+            elif action == "terminate":
+                m.terminate_servers(targets)
         _print_servers(out, targets if action != "terminate" else [])
         return EXIT_OK
 
@@ -587,8 +515,8 @@ def _volume_row(v: blocking.Volume) -> dict[str, Any]:
 def _print_volumes(out: Output, volumes: Sequence[blocking.Volume]) -> None:
     rows = [_volume_row(v) for v in sorted(volumes, key=lambda v: v.name)]
     headers = ["NAME", "VOLUME", "GIB", "FSTYPE", "ZONE", "SERVER", "MOUNTED AT"]
-    text = table([[x if x is not None else "-" for x in r.values()] for r in rows], headers)
-    out.result(rows, text if rows else "no volumes")
+    cells = [[x if x is not None else "-" for x in r.values()] for r in rows]
+    out.table(rows, cells, headers, "no volumes")
 
 
 def _volumes(args: argparse.Namespace, out: Output) -> int:
@@ -601,19 +529,19 @@ def _volumes(args: argparse.Namespace, out: Output) -> int:
                 raise UsageError("volumes provision: give a volume name")
             made = []
             for name in args.names:
-                out.note(f"provisioning volume {name} ...")
-                if args.server:
-                    volume = find_server(m, args.server).provision_volume(
-                        name, size=args.size, fstype=args.fstype, mtpt=args.mtpt
-                    )
-                else:
-                    volume = m.provision_volume(
-                        name,
-                        size=args.size,
-                        fstype=args.fstype,
-                        mtpt=args.mtpt,
-                        availability_zone=args.zone,
-                    )
+                with out.waiting(f"provisioning volume {name}"):
+                    if args.server:
+                        volume = find_server(m, args.server).provision_volume(
+                            name, size=args.size, fstype=args.fstype, mtpt=args.mtpt
+                        )
+                    else:
+                        volume = m.provision_volume(
+                            name,
+                            size=args.size,
+                            fstype=args.fstype,
+                            mtpt=args.mtpt,
+                            availability_zone=args.zone,
+                        )
                 made.append(volume)
             _print_volumes(out, made)
         elif action == "delete":
@@ -629,8 +557,8 @@ def _volumes(args: argparse.Namespace, out: Output) -> int:
 def _snapshot(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
         volume = find_volume(m, args.volume)
-        out.note(f"snapshotting {volume.name} ({volume.volume_id}) ...")
-        snapshot_id = volume.create_snapshot(args.description or "", wait=not args.no_wait)
+        with out.waiting(f"snapshot of {volume.name} ({volume.volume_id}), pending"):
+            snapshot_id = volume.create_snapshot(args.description or "", wait=not args.no_wait)
         out.result({"snapshot_id": snapshot_id, "volume": volume.name}, snapshot_id)
         return EXIT_OK
 
@@ -649,8 +577,8 @@ def _snapshots(args: argparse.Namespace, out: Output) -> int:
             for s in m.snapshots(args.name)
         ]
         headers = ["NAME", "SNAPSHOT", "GIB", "STATE", "STARTED", "DESCRIPTION"]
-        text = table([[x if x is not None else "-" for x in r.values()] for r in rows], headers)
-        out.result(rows, text if rows else "no snapshots")
+        cells = [[x if x is not None else "-" for x in r.values()] for r in rows]
+        out.table(rows, cells, headers, "no snapshots")
         return EXIT_OK
 
 
@@ -667,8 +595,7 @@ def _rsync(args: argparse.Namespace, out: Output) -> int:
         options.append("--dry-run")
     with open_manager(args) as m:
         paths = [resolve_names(m, p) for p in args.paths]
-        progress = out.progress("rsync")
-        try:
+        with out.transfer("rsync") as progress:
             stats = m.rsync(
                 *paths,
                 options=options,
@@ -676,8 +603,6 @@ def _rsync(args: argparse.Namespace, out: Output) -> int:
                 delete=args.delete,
                 progress=progress,
             )
-        finally:
-            progress.done()
         out.result(_stats_dict(stats), _stats_text(stats))
         return EXIT_OK
 
@@ -685,8 +610,7 @@ def _rsync(args: argparse.Namespace, out: Output) -> int:
 def _dd(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
         source, dest = find_volume(m, args.source), find_volume(m, args.dest)
-        progress = out.progress(f"dd {source.name} → {dest.name}")
-        try:
+        with out.transfer(f"dd {source.name} → {dest.name}") as progress:
             stats = m.dd(
                 source,
                 dest,
@@ -695,8 +619,6 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
                 unmount=args.unmount,
                 progress=progress,
             )
-        finally:
-            progress.done()
         out.result(_stats_dict(stats), _stats_text(stats))
         return EXIT_OK
 
@@ -704,164 +626,66 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
 # -- backup and restore -----------------------------------------------------------------------
 
 
-def data_size(paths: Sequence[str]) -> int:
-    """Bytes the files under ``paths`` take (apparent sizes, 4 KiB at least per entry)."""
-    total = 0
-    for top in paths:
-        for root, dirs, files in os.walk(top):
-            for name in [*files, *dirs]:
-                with contextlib.suppress(OSError):
-                    total += max(4096, os.lstat(os.path.join(root, name)).st_size)
-        with contextlib.suppress(OSError):
-            if not os.path.isdir(top):
-                total += max(4096, os.lstat(top).st_size)
-    return total
-
-
-def size_for(nbytes: int, headroom: float = 1.5) -> int:
-    """GiB for a volume holding ``nbytes`` with headroom for growth and filesystem overhead."""
-    return max(1, math.ceil(nbytes * headroom / GiB + 0.1))
-
-
-def backup(
-    m: blocking.Manager,
-    name: str,
-    paths: Sequence[str],
-    *,
-    size: int | None = None,
-    zone: str | None = None,
-    progress: Callable[[Progress], object] | None = None,
-    note: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Back up local ``paths`` into the newest snapshot named ``name`` (incremental).
-
-    The volume comes from the previous snapshot of that name (grown when the data needs
-    more room), is brought up to date with ``rsync --delete --relative``, snapshotted and
-    deleted.
-    """
-    for p in paths:
-        if not os.path.exists(p):
-            raise InvalidArgument(f"backup: {p} does not exist")
-    sources = [os.path.abspath(p) for p in paths]
-    started = time.monotonic()
-    needed = size or size_for(data_size(sources))
-    previous = m.snapshots(name)
-    if previous:
-        needed = max(needed, int(previous[0]["VolumeSize"]))
-        note(f"backup {name}: {needed} GiB volume from {previous[0]['SnapshotId']}")
-    else:
-        note(f"backup {name}: first backup, new {needed} GiB volume")
-    volume = m.provision_volume(name, size=needed, reuse=True, availability_zone=zone)
-    try:
-        note(f"backup {name}: rsync {len(sources)} path(s) to {volume.volume_id}")
-        stats = m.rsync(
-            *sources,
-            f"{volume.volume_id}:/",
-            options=["--relative", "--hard-links", "--numeric-ids"],
-            delete=True,
-            progress=progress,
-        )
-        note(f"backup {name}: snapshot")
-        snapshot_id = volume.create_snapshot(f"asyncstage backup {name}", wait=True)
-    finally:
-        note(f"backup {name}: deleting volume {volume.volume_id}")
-        volume.delete()
-    return {
-        "name": name,
-        "snapshot_id": snapshot_id,
-        "size_gib": volume.size,
-        "bytes": stats.bytes,
-        "files": stats.files,
-        "elapsed": time.monotonic() - started,
-    }
-
-
-def restore(
-    m: blocking.Manager,
-    name: str,
-    dest: str,
-    *,
-    progress: Callable[[Progress], object] | None = None,
-    note: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    """Restore the newest snapshot named ``name`` into the local directory ``dest``."""
-    started = time.monotonic()
-    existing = m.find_volume_by_name(name)
-    found = m.snapshots(name)
-    newest = found[0] if found else None
-    if existing is None and newest is None:
-        raise NotFound(f"no backup named {name!r} (see `asyncstage snapshots`)")
-    if existing is not None:
-        note(f"restore {name}: from the volume {existing.volume_id}")
-    else:
-        assert newest is not None
-        note(f"restore {name}: volume from {newest['SnapshotId']}")
-    volume = existing or m.provision_volume(name, reuse=True)
-    try:
-        os.makedirs(dest, exist_ok=True)
-        stats = m.rsync(
-            f"{volume.volume_id}:/",
-            dest.rstrip("/") + "/",
-            options=["--hard-links", "--numeric-ids", "--exclude", "/lost+found"],
-            progress=progress,
-        )
-    finally:
-        if existing is None:
-            note(f"restore {name}: deleting volume {volume.volume_id}")
-            volume.delete()
-    return {
-        "name": name,
-        "snapshot_id": newest["SnapshotId"] if newest and existing is None else None,
-        "dest": os.path.abspath(dest),
-        "bytes": stats.bytes,
-        "files": stats.files,
-        "elapsed": time.monotonic() - started,
-    }
-
-
 def _backup(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
-        progress = out.progress(f"backup {args.name}")
-        try:
-            result = backup(
+        with out.transfer(f"backup {args.name}") as progress:
+            result = blocking.call(
+                backup.backup,
                 m,
                 args.name,
                 args.paths,
                 size=args.size,
                 zone=args.zone,
                 progress=progress,
-                note=out.note if out.verbose else lambda _: None,
+                phase=_phase_notes(out, progress),
             )
-        finally:
-            progress.done()
         out.result(
-            result,
-            f"backup {result['name']}: {result['snapshot_id']} ({human_bytes(result['bytes'])} "
-            f"copied, {result['files']} files, {result['elapsed']:.1f}s)",
+            result.as_dict(),
+            f"backup {result.name}: {result.snapshot_id} ({human_bytes(result.bytes)} "
+            f"copied, {result.files} files, {result.elapsed:.1f}s)",
         )
         return EXIT_OK
 
 
 def _restore(args: argparse.Namespace, out: Output) -> int:
+    backup.check_destination(args.dest, overwrite=args.force)  # before any cloud call
     with open_manager(args) as m:
-        progress = out.progress(f"restore {args.name}")
-        try:
-            result = restore(
+        with out.transfer(f"restore {args.name}") as progress:
+            result = blocking.call(
+                backup.restore,
                 m,
                 args.name,
                 args.dest,
+                snapshot_id=args.snapshot,
+                overwrite=args.force,
                 progress=progress,
-                note=out.note if out.verbose else lambda _: None,
+                phase=_phase_notes(out, progress),
             )
-        finally:
-            progress.done()
         out.result(
-            result,
-            f"restore {result['name']}: {result['snapshot_id']} → {result['dest']} "
-            f"({human_bytes(result['bytes'])}, {result['files']} files, "
-            f"{result['elapsed']:.1f}s)",
+            result.as_dict(),
+            f"restore {result.name}: {result.snapshot_id} → {result.dest} "
+            f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s)",
         )
         return EXIT_OK
+
+
+_PHASES = {
+    "volume": "making its volume",
+    "rsync": "copying",
+    "snapshot": "snapshot pending",
+    "cleanup": "deleting its volume",
+}
+
+
+def _phase_notes(out: Output, task: TransferTask) -> Callable[[str], None]:
+    """Each phase of a backup or restore: on the live row, and as a note with -v."""
+
+    def note(phase: str) -> None:
+        task.phase(_PHASES.get(phase, phase))
+        if out.verbose:
+            out.note(f"{task.label}: {phase}")
+
+    return note
 
 
 def _demo(args: argparse.Namespace, out: Output) -> int:
@@ -895,18 +719,30 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="use the local cloud started by `asyncstage local up`",
     )
     g.add_argument("--dotdir", default=d(None), help="keys and known_hosts (default ~/.asyncstage)")
+    g.add_argument("--username", default=d(None), help="login user name on the servers")
+    g.add_argument(
+        "--config",
+        default=d(None),
+        metavar="PATH",
+        help=f"config file (default: $ASYNCSTAGE_CONFIG or {userconfig.DEFAULT_PATH})",
+    )
     g.add_argument("--json", action="store_true", default=d(False), help="JSON on stdout")
     g.add_argument("-v", "--verbose", action="count", default=d(0), help="more output; tracebacks")
     g.add_argument("-q", "--quiet", action="store_true", default=d(False), help="only results")
 
 
 def _on_exit_option(parser: argparse.ArgumentParser, default: str) -> None:
+    # no argparse default: the config file and $ASYNCSTAGE_ON_EXIT come before this one
+    parser.set_defaults(on_exit_default=default)
     parser.add_argument(
         "--on-exit",
         choices=["run", "stop", "terminate"],
-        default=default,
+        default=None,
         help=f"what to do with the servers this command started (default: {default})",
     )
+
+
+_Command = Callable[[str, str, Callable[..., int]], argparse.ArgumentParser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -926,6 +762,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    _local_commands(command)
+    _server_commands(command)
+    _volume_commands(command)
+    _transfer_commands(command)
+    _backup_commands(command)
+    _other_commands(command)
+    return parser
+
+
+def _local_commands(command: _Command) -> None:
     p = command("local", "run the embedded local cloud in the background", _local)
     p.add_argument("action", choices=["up", "down", "status", "env", "serve"], metavar="ACTION")
     p.add_argument(
@@ -936,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
 
+
+def _server_commands(command: _Command) -> None:
     p = command("servers", "list, provision, start, stop or terminate servers", _servers)
     p.add_argument(
         "action",
@@ -961,6 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     _on_exit_option(p, "run")
 
+
+def _volume_commands(command: _Command) -> None:
     p = command("volumes", "list, provision or delete volumes", _volumes)
     p.add_argument(
         "action",
@@ -986,6 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("snapshots", "list staging snapshots (backups), newest first", _snapshots)
     p.add_argument("name", nargs="?", metavar="NAME", help="only the snapshots of this name")
 
+
+def _transfer_commands(command: _Command) -> None:
     p = command(
         "rsync",
         "copy files: local paths, NAME:/path on a server or volume, user@host:/path",
@@ -1006,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-z", "--compress", action="store_true", help="compress between hosts")
     _on_exit_option(p, "run")
 
+
+def _backup_commands(command: _Command) -> None:
     p = command("backup", "incremental backup of local directories into a snapshot", _backup)
     p.add_argument("--name", required=True, help="the backup's name (snapshots carry it)")
     p.add_argument("paths", nargs="+", metavar="PATH")
@@ -1015,14 +869,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("restore", "restore the newest backup of a name into a directory", _restore)
     p.add_argument("--name", required=True, help="the backup's name")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("dest", metavar="DEST", help="a new or empty directory")
+    p.add_argument("--snapshot", help="this snapshot of the backup (default: the newest)")
+    p.add_argument(
+        "--force", action="store_true", help="restore into a non-empty directory (merge)"
+    )
     _on_exit_option(p, "stop")
+
+
+def _other_commands(command: _Command) -> None:
+    p = command("config", "show the effective settings and where each came from", _config)
+    p.add_argument("action", choices=["show"], metavar="ACTION", help="show")
+
+    p = command("completion", "print a shell completion script (bash or zsh)", _completion)
+    p.add_argument("shell", choices=["bash", "zsh"], metavar="SHELL", help="bash or zsh")
 
     p = command("demo", "fleet backup demonstration on the embedded local cloud", _demo)
     p.add_argument("--servers", type=int, default=4, help="servers in the fleet (default 4)")
     p.add_argument("--small", action="store_true", help="little data: a quick run")
     p.add_argument("--seed", type=int, default=1, help="seed of the generated files")
-    return parser
+
+
+def _config(args: argparse.Namespace, out: Output) -> int:
+    found = settings(args)
+    rows = [[s.key, s.value or "-", s.source] for s in found.values()]
+    out.table([vars(s) for s in found.values()], rows, ["SETTING", "VALUE", "FROM"], "")
+    return EXIT_OK
+
+
+def _completion(args: argparse.Namespace, out: Output) -> int:
+    script = completion.bash_script if args.shell == "bash" else completion.zsh_script
+    sys.stdout.write(script(build_parser()))
+    return EXIT_OK
 
 
 def _local(args: argparse.Namespace, out: Output) -> int:
@@ -1055,7 +933,39 @@ def _one_line(e: BaseException) -> str:
         more = f" (+{len(e.exceptions) - 3} more)" if len(e.exceptions) > 3 else ""
         return f"{e.message}: {inner}{more}"
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) < 400 else text[:400] + " …"
+    text = text if len(text) < 400 else text[:400] + " …"
+    hint = _hint(e)
+    return f"{text}: {hint}" if hint and hint not in text else text
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _hint(e: BaseException) -> str | None:
+    """The next step for the errors people meet first, when one is known."""
+    names = {type(c).__name__ for c in _causes(e)}
+    text = " ".join(str(c) for c in _causes(e))
+    if isinstance(e, NeedsRoot) or "needs root" in text:
+        return "run it as root (sudo)"
+    if "NoCredentialsError" in names or "Unable to locate credentials" in text:
+        return (
+            "no AWS credentials: run `aws configure`, set AWS_PROFILE (or --profile), "
+            "or try the local cloud: `sudo asyncstage local up`, then --local"
+        )
+    if "NoRegionError" in names or "You must specify a region" in text:
+        return f"give --region, or set region in {userconfig.DEFAULT_PATH}"
+    if isinstance(e, HostKeyMismatch):
+        return (
+            "if the server was replaced, delete its line from known_hosts in the dot "
+            "directory (--dotdir, default ~/.asyncstage); otherwise do not connect"
+        )
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,16 +23,18 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import anyio
 
+from asyncstage import backup
 from asyncstage.errors import AsyncstageError
 from asyncstage.localcloud import LocalCloud
 from asyncstage.manager import Manager
+from asyncstage.output import TransferDisplay, human_bytes, table
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
 from asyncstage.volume import Volume
@@ -103,76 +105,31 @@ class _Row:
     backups: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 class _Board:
-    """Live progress: one line per server, redrawn in place on a terminal; on anything
-    else a line per phase change."""
+    """Live progress (:class:`~asyncstage.output.TransferDisplay`, as the CLI's): one row
+    per server, a bar while it transfers and a spinner with its phase while it waits; off
+    a terminal a line per phase change."""
 
     def __init__(self, names: list[str], stream: TextIO, *, live: bool, quiet: bool) -> None:
         self.rows = {n: _Row(n) for n in names}
-        self.stream = stream
-        self.live = live
-        self.quiet = quiet
-        self._drawn = 0
+        self.display = TransferDisplay(stream, live=live and not quiet, phases=not quiet)
+        self.tasks = {n: self.display.task(f"{n:<10}") for n in names}
 
     def set(self, name: str, phase: str, detail: str = "") -> None:
         row = self.rows[name]
-        changed = row.phase != phase
         row.phase, row.detail = phase, detail
-        if changed and not self.live and not self.quiet:
-            print(f"  {name:<10} {phase} {detail}".rstrip(), file=self.stream, flush=True)
+        self.tasks[name].phase(phase, detail)
 
     def progress(self, name: str, phase: str) -> Callable[[Progress], None]:
-        def update(p: Progress) -> None:
-            bar = ""
-            if p.total:
-                part = min(1.0, p.bytes_done / p.total)
-                filled = round(part * 20)
-                bar = f"[{'#' * filled}{'.' * (20 - filled)}] {100 * part:5.1f}%  "
-            self.set(name, phase, f"{bar}{_human(p.bytes_done)}  {_human(p.rate)}/s")
+        """The progress callback of ``name``'s transfer (its bar)."""
+        self.set(name, phase)
+        return self.tasks[name]
 
-        return update
-
-    def draw(self) -> None:
-        if not self.live or self.quiet:
-            return
-        out = []
-        if self._drawn:
-            out.append(f"\x1b[{self._drawn}F")
-        for row in self.rows.values():
-            line = f"  {row.name:<10} {row.phase:<12} {row.detail}"
-            out.append("\x1b[2K" + line[:110] + "\n")
-        self.stream.write("".join(out))
-        self.stream.flush()
-        self._drawn = len(self.rows)
-
-    def stop(self) -> None:
-        self.draw()
-        self._drawn = 0
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Redraw five times a second while the block runs."""
-        async with anyio.create_task_group() as tg:
-
-            async def redraw() -> None:
-                while True:
-                    self.draw()
-                    await anyio.sleep(0.2)
-
-            tg.start_soon(redraw)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
-        self.stop()
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Draw the rows while the block runs (a terminal only)."""
+        with self.display:
+            yield
 
 
 class _Steps:
@@ -215,36 +172,26 @@ async def _backup(
     phase: Callable[[str], None],
 ) -> dict[str, Any]:
     """One incremental backup of ``source`` into the newest snapshot named ``name``."""
-    t0 = time.monotonic()
-    phase("vault volume")
-    target = await vault.provision_volume(name, size=source.size, reuse=True)
-    t1 = time.monotonic()
-    try:
-        phase("rsync")
-        stats = await m.rsync(
-            source,
-            target,
-            options=["--exclude", "/lost+found", "--hard-links", "--numeric-ids"],
-            delete=True,
-            progress=progress,
-        )
-        t2 = time.monotonic()
-        phase("snapshot")
-        snapshot_id = await target.create_snapshot(f"asyncstage demo backup {name}", wait=True)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await target.delete()
-    t3 = time.monotonic()
+    done = await backup.backup(
+        m,
+        name,
+        [source],
+        server=vault,
+        size=source.size,
+        description=f"asyncstage demo backup {name}",
+        progress=progress,
+        phase=lambda p: phase("vault volume" if p == "volume" else p),
+    )
     return {
-        "snapshot_id": snapshot_id,
-        "bytes": stats.bytes,
-        "files": stats.files,
-        "wire_bytes": stats.wire_bytes,
-        "route": stats.route,
-        "volume_s": t1 - t0,
-        "rsync_s": t2 - t1,
-        "snapshot_s": t3 - t2,
-        "total_s": t3 - t0,
+        "snapshot_id": done.snapshot_id,
+        "bytes": done.bytes,
+        "files": done.files,
+        "wire_bytes": done.wire_bytes,
+        "route": done.route,
+        "volume_s": done.volume_s,
+        "rsync_s": done.rsync_s,
+        "snapshot_s": done.snapshot_s,
+        "total_s": done.elapsed,
     }
 
 
@@ -312,104 +259,142 @@ async def _fleet(
     result: dict[str, Any],
     say: Callable[[str], None],
 ) -> None:
+    fleet = _Fleet(m, config, board, say)
     async with steps.step(f"launch {len(names)} servers and a vault (one RunInstances call)"):
-        fleet = await m.provision_servers([*names, "vault"])
-        servers, vault = fleet[:-1], fleet[-1]
-        for s in fleet:
-            say(f"  {s.name:<6} {s.instance_id}  {s.address}  ssh host key pinned")
-
-    volumes: dict[str, Volume] = {}
-    sums: dict[str, dict[str, str]] = {}
+        await fleet.launch(names)
     async with steps.step("a data volume per server, filled with generated files") as moved:
-
-        async def fill(i: int, server: Server) -> None:
-            board.set(server.name, "volume")
-            volume = await server.provision_volume(f"data-{server.name}", size=1)
-            volumes[server.name] = volume
-            board.set(server.name, "generating")
-            assert volume.mtpt
-            out = await server.scmd(
-                "python3",
-                "-c",
-                _GENERATE,
-                str(config.seed * 1000 + i),
-                volume.mtpt,
-                str(config.files),
-                str(config.smallest),
-                str(config.largest),
-                sudo=True,
-            )
-            row = board.rows[server.name]
-            row.data_bytes = int(out.strip())
-            sums[server.name] = await _sums(volume)
-            row.files = len(sums[server.name])
-            moved["bytes"] += row.data_bytes
-            board.set(server.name, "ready", f"{row.files} files, {_human(row.data_bytes)}")
-
-        async with board.running(), anyio.create_task_group() as tg:
-            for i, server in enumerate(servers):
-                tg.start_soon(fill, i, server)
-
-    async def backup_all(round_no: int) -> None:
-        async def one(server: Server) -> None:
-            name = f"backup-{server.name}"
-            figures = await _backup(
-                m,
-                vault,
-                volumes[server.name],
-                name,
-                board.progress(server.name, "rsync"),
-                lambda phase: board.set(server.name, phase),
-            )
-            figures["round"] = round_no
-            board.rows[server.name].backups.append(figures)
-            board.set(
-                server.name,
-                "backed up",
-                f"{figures['snapshot_id']}  {_human(figures['bytes'])} of files in "
-                f"{figures['rsync_s']:.1f}s, {_human(figures['wire_bytes'])} on the wire",
-            )
-
-        async with board.running(), anyio.create_task_group() as tg:
-            for server in servers:
-                tg.start_soon(one, server)
-
+        await fleet.on_each(fleet.fill)
+        moved["bytes"] = sum(r.data_bytes for r in board.rows.values())
     async with steps.step(
-        f"back up all {len(servers)} servers at once (server → vault rsync, then a snapshot)"
+        f"back up all {len(names)} servers at once (server → vault rsync, then a snapshot)"
     ) as moved:
-        await backup_all(1)
-        moved["bytes"] = sum(r.backups[-1]["bytes"] for r in board.rows.values())
-
+        moved["bytes"] = await fleet.backup_all(1)
     if config.rounds > 1:
         async with steps.step("change ~10% of the files, back up again (incremental)") as moved:
-
-            async def change(i: int, server: Server) -> None:
-                volume = volumes[server.name]
-                assert volume.mtpt
-                await server.scmd(
-                    "python3", "-c", _CHANGE, str(config.seed * 7 + i), volume.mtpt, sudo=True
-                )
-                sums[server.name] = await _sums(volume)
-                board.rows[server.name].files = len(sums[server.name])
-
-            async with anyio.create_task_group() as tg:
-                for i, server in enumerate(servers):
-                    tg.start_soon(change, i, server)
-            await backup_all(2)
-            moved["bytes"] = sum(r.backups[-1]["bytes"] for r in board.rows.values())
-
-    first = servers[0].name
+            await fleet.on_each(fleet.change, live=False)
+            moved["bytes"] = await fleet.backup_all(2)
+    first = names[0]
     snapshot_id = board.rows[first].backups[-1]["snapshot_id"]
     async with steps.step(f"restore {snapshot_id} ({first}) onto a new volume, verify") as moved:
-        restored = await vault.provision_volume("restore-check", snapshot_id=snapshot_id)
-        got = await _sums(restored)
-        want = sums[first]
+        result["verify"] = await fleet.verify(first, snapshot_id)
+        moved["bytes"] = board.rows[first].data_bytes
+    result["ok"] = result["verify"]["ok"]
+    result["fleet"] = [
+        {"server": r.name, "files": r.files, "data_bytes": r.data_bytes, "backups": r.backups}
+        for r in board.rows.values()
+    ]
+
+
+class _Fleet:
+    """The demo's servers, their data volumes and checksums, and the vault."""
+
+    def __init__(
+        self, m: Manager, config: DemoConfig, board: _Board, say: Callable[[str], None]
+    ) -> None:
+        self.m = m
+        self.config = config
+        self.board = board
+        self.say = say
+        self.servers: list[Server] = []
+        self.vault: Server | None = None
+        self.volumes: dict[str, Volume] = {}
+        self.sums: dict[str, dict[str, str]] = {}
+
+    async def launch(self, names: list[str]) -> None:
+        fleet = await self.m.provision_servers([*names, "vault"])
+        self.servers, self.vault = fleet[:-1], fleet[-1]
+        for s in fleet:
+            self.say(f"  {s.name:<6} {s.instance_id}  {s.address}  ssh host key pinned")
+
+    async def on_each(
+        self, func: Callable[[int, Server], Coroutine[Any, Any, None]], *, live: bool = True
+    ) -> None:
+        """``func(i, server)`` on every server at once (drawn live on a terminal)."""
+        with self.board.running() if live else nullcontext():
+            async with anyio.create_task_group() as tg:
+                for i, server in enumerate(self.servers):
+                    tg.start_soon(func, i, server)
+
+    async def fill(self, i: int, server: Server) -> None:
+        self.board.set(server.name, "volume")
+        volume = await server.provision_volume(f"data-{server.name}", size=1)
+        self.volumes[server.name] = volume
+        self.board.set(server.name, "generating")
+        assert volume.mtpt
+        c = self.config
+        out = await server.scmd(
+            "python3",
+            "-c",
+            _GENERATE,
+            str(c.seed * 1000 + i),
+            volume.mtpt,
+            *(str(x) for x in (c.files, c.smallest, c.largest)),
+            sudo=True,
+        )
+        row = self.board.rows[server.name]
+        row.data_bytes = int(out.strip())
+        self.sums[server.name] = await _sums(volume)
+        row.files = len(self.sums[server.name])
+        self.board.set(server.name, "ready", f"{row.files} files, {human_bytes(row.data_bytes)}")
+
+    async def change(self, i: int, server: Server) -> None:
+        volume = self.volumes[server.name]
+        assert volume.mtpt
+        seed = str(self.config.seed * 7 + i)
+        await server.scmd("python3", "-c", _CHANGE, seed, volume.mtpt, sudo=True)
+        self.sums[server.name] = await _sums(volume)
+        self.board.rows[server.name].files = len(self.sums[server.name])
+
+    async def backup_all(self, round_no: int) -> int:
+        """Every server backed up at once; the bytes of files sent."""
+
+        async def one(_: int, server: Server) -> None:
+            assert self.vault is not None
+            name = server.name
+            figures = await _backup(
+                self.m,
+                self.vault,
+                self.volumes[name],
+                f"backup-{name}",
+                self.board.progress(name, "rsync"),
+                lambda phase: self.board.set(name, phase),
+            )
+            figures["round"] = round_no
+            self.board.rows[name].backups.append(figures)
+            self.board.set(
+                name,
+                "backed up",
+                f"{figures['snapshot_id']}  {human_bytes(figures['bytes'])} of files in "
+                f"{figures['rsync_s']:.1f}s, {human_bytes(figures['wire_bytes'])} on the wire",
+            )
+
+        await self.on_each(one)
+        return sum(int(r.backups[-1]["bytes"]) for r in self.board.rows.values())
+
+    async def verify(self, first: str, snapshot_id: str) -> dict[str, Any]:
+        """Restore ``first``'s backup onto a new volume and compare every file's sha256."""
+        assert self.vault is not None
+        async with backup.snapshot_volume(
+            self.m,
+            f"backup-{first}",
+            snapshot_id=snapshot_id,
+            server=self.vault,
+            volume_name="restore-check",
+        ) as restored:
+            got = await _sums(restored)
+        want = self.sums[first]
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))
         differ = sorted(p for p in set(want) & set(got) if want[p] != got[p])
-        moved["bytes"] = board.rows[first].data_bytes
         ok = not (missing or extra or differ)
-        result["verify"] = {
+        if ok:
+            self.say(f"  {len(want)} files, every sha256 equal to the source's: OK")
+        else:
+            self.say(
+                f"  VERIFICATION FAILED: {len(missing)} missing, {len(extra)} unexpected, "
+                f"{len(differ)} different (e.g. {(missing + extra + differ)[:3]})"
+            )
+        return {
             "server": first,
             "snapshot_id": snapshot_id,
             "files": len(want),
@@ -418,29 +403,9 @@ async def _fleet(
             "different": differ,
             "ok": ok,
         }
-        if ok:
-            say(f"  {len(want)} files, every sha256 equal to the source's: OK")
-        else:
-            say(
-                f"  VERIFICATION FAILED: {len(missing)} missing, {len(extra)} unexpected, "
-                f"{len(differ)} different (e.g. {(missing + extra + differ)[:3]})"
-            )
-        await restored.delete()
-    result["ok"] = ok
-    result["fleet"] = [
-        {
-            "server": r.name,
-            "files": r.files,
-            "data_bytes": r.data_bytes,
-            "backups": r.backups,
-        }
-        for r in board.rows.values()
-    ]
 
 
 def _summary(stream: TextIO, result: dict[str, Any], board: _Board) -> None:
-    from asyncstage.cli import table
-
     print("\nSummary", file=stream)
     rows = []
     for entry in result.get("fleet", []):
@@ -452,11 +417,11 @@ def _summary(stream: TextIO, result: dict[str, Any], board: _Board) -> None:
             [
                 entry["server"],
                 entry["files"],
-                _human(entry["data_bytes"]),
-                _human(first.get("bytes", 0)),
+                human_bytes(entry["data_bytes"]),
+                human_bytes(first.get("bytes", 0)),
                 f"{first.get('rsync_s', 0):.1f}s",
-                f"{_human(rate)}/s",
-                _human(last.get("wire_bytes", 0)) if last else "-",
+                f"{human_bytes(rate)}/s",
+                human_bytes(last.get("wire_bytes", 0)) if last else "-",
                 f"{last.get('rsync_s', 0):.1f}s" if last else "-",
                 (last or first).get("snapshot_id", "-"),
             ]
@@ -466,7 +431,7 @@ def _summary(stream: TextIO, result: dict[str, Any], board: _Board) -> None:
     print("", file=stream)
     step_rows = []
     for s in result["steps"]:
-        rate = f"{_human(s['bytes'] / s['seconds'])}/s" if s["bytes"] and s["seconds"] else ""
+        rate = f"{human_bytes(s['bytes'] / s['seconds'])}/s" if s["bytes"] and s["seconds"] else ""
         step_rows.append([s["step"], f"{s['seconds']:.1f}s", rate])
     print(table(step_rows, ["STEP", "TIME", "THROUGHPUT"]), file=stream)
     verify = result.get("verify") or {}

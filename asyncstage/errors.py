@@ -15,7 +15,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   ├── ZoneMismatch
     │   ├── NameTaken
     │   ├── InvalidName            a name or login user name that breaks the rules
-    │   └── PathError              a transfer path that cannot be resolved
+    │   ├── PathError              a transfer path that cannot be resolved
+    │   └── DestinationNotEmpty    a restore into a directory that has files
     ├── NotFound
     │   ├── UnknownServer
     │   ├── UnknownVolume
@@ -59,6 +60,7 @@ __all__ = [
     "CommandTimeout",
     "ConnectError",
     "ConnectionLost",
+    "DestinationNotEmpty",
     "EC2Error",
     "FleetError",
     "HostKeyMismatch",
@@ -127,6 +129,10 @@ class InvalidName(InvalidArgument):
 
 class PathError(InvalidArgument):
     """A transfer path that cannot be parsed or resolved."""
+
+
+class DestinationNotEmpty(InvalidArgument):
+    """A restore into a directory that already holds files (``overwrite`` not given)."""
 
 
 # -- lookup ------------------------------------------------------------------

@@ -203,6 +203,10 @@ def test_end_to_end(bmanager: blocking.Manager) -> None:
     assert {x.name for x in m.servers()} == {"blocking-a", "blocking-b"}
 
 
+def _credentials(running: Any) -> dict[str, str]:
+    return {k: v for k, v in running.session_kwargs().items() if k.startswith("aws_")}
+
+
 @pytest.mark.localcloud
 def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> None:
     """A script that never closes its Manager: on_exit still runs when Python exits."""
@@ -211,7 +215,7 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
         from asyncstage import blocking
         m = blocking.Manager(
             region={cloud.region!r}, endpoint_url={cloud.endpoint_url!r},
-            aws_access_key_id="x", aws_secret_access_key="x", image={cloud.image_id!r},
+            **{_credentials(cloud)!r}, image={cloud.image_id!r},
             username={cloud.default_username!r}, install_packages=False, root_type=None,
             dotdir={str(cloud_dotdir)!r}, scan=False, poll_interval=0.2, on_exit="terminate",
         )
@@ -231,8 +235,7 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
     with blocking.Manager(
         region=cloud.region,
         endpoint_url=cloud.endpoint_url,
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
+        **_credentials(cloud),
         dotdir=cloud_dotdir,
         scan=False,
         on_exit="run",

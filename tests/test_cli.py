@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from asyncstage.cli import human_bytes, resolve_names, size_for, table
+from asyncstage.backup import size_for
+from asyncstage.cli import resolve_names
+from asyncstage.output import human_bytes, table
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = Path(sys.executable).parent / "asyncstage"
@@ -148,6 +150,11 @@ def test_servers_ssh_volumes_rsync(daemon: dict[str, str], tmp_path: Path) -> No
         "(write ./nosuch:/x for a local path)"
     ]
     assert run(env, "--local", "ssh", "ghost", "true", ok=False).returncode == 1
+    near = run(env, "--local", "ssh", "wbe", "true", ok=False)
+    assert near.stderr.strip() == "asyncstage: error: no server named 'wbe' (did you mean 'web'?)"
+    cache = Path(env["HOME"]) / ".asyncstage" / "cache"  # for shell completion
+    assert (cache / "servers").read_text().split() == ["db", "web"]
+    assert "mydata" in (cache / "volumes").read_text().split()
 
     snap = run(env, "--local", "snapshot", "mydata").stdout.strip()
     assert snap.startswith("snap-")
@@ -197,8 +204,43 @@ def test_backup_and_restore(daemon: dict[str, str], tmp_path: Path) -> None:
     assert (copy / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
     assert not (copy / "docs" / "f0.txt").exists()
 
-    missing = run(env, "--local", "restore", "--name", "nothing", str(dest), ok=False)
+    missing = run(env, "--local", "restore", "--name", "nothing", str(tmp_path / "x"), ok=False)
     assert missing.returncode == 1 and "no backup named 'nothing'" in missing.stderr
+
+    # the destination must be empty unless --force; / is always refused
+    again = run(env, "--local", "restore", "--name", "home", str(dest), ok=False)
+    assert again.returncode == 1 and "is not empty" in again.stderr and "--force" in again.stderr
+    (copy / "new.txt").write_text("mine\n")
+    run(env, "--local", "restore", "--name", "home", str(dest), "--force")
+    assert (copy / "new.txt").read_text() == "new\n"
+    root = run(env, "--local", "restore", "--name", "home", "/", "--force", ok=False)
+    assert root.returncode == 1 and "refusing to restore into /" in root.stderr
+
+
+@needs_root
+@pytest.mark.localcloud
+def test_backup_never_touches_a_live_volume_of_its_name(
+    daemon: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 10's first reproduction: a backup named like a live volume is refused."""
+    env = daemon
+    (tmp_path / "keep.txt").write_text("precious\n")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "other.txt").write_text("other\n")
+    run(env, "--local", "volumes", "provision", "photos")
+    run(env, "--local", "rsync", str(tmp_path / "keep.txt"), "photos:/keep.txt")
+
+    refused = run(env, "--local", "backup", "--name", "photos", str(tmp_path / "dir"), ok=False)
+    assert refused.returncode == 1
+    assert "a volume named 'photos' exists" in refused.stderr
+    bad = run(env, "--local", "backup", "--name", "../x", str(tmp_path / "dir"), ok=False)
+    assert bad.returncode == 1 and "invalid backup name '../x'" in bad.stderr
+
+    back = tmp_path / "back"
+    run(env, "--local", "rsync", "photos:/", f"{back}/")
+    assert (back / "keep.txt").read_text() == "precious\n" and not (back / "other.txt").exists()
+    assert json.loads(run(env, "--local", "--json", "snapshots", "photos").stdout) == []
+    run(env, "--local", "volumes", "delete", "photos")
 
 
 @needs_root

@@ -14,6 +14,7 @@ state dir, its address block, its hosts' pid namespaces), not on strangers.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -76,7 +77,9 @@ async def three(cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey) -> list[dict[
 # -- helpers ------------------------------------------------------------------------------
 
 
-async def launch(cloud: LocalCloud, ec2: Any, count: int, **tags: Any) -> list[str]:
+async def launch(
+    cloud: LocalCloud, ec2: Any, count: int, instance_type: str = "t3.micro", **tags: Any
+) -> list[str]:
     spec = {}
     if "Tags" in tags:
         spec = {"TagSpecifications": [{"ResourceType": "instance", "Tags": tags["Tags"]}]}
@@ -85,7 +88,7 @@ async def launch(cloud: LocalCloud, ec2: Any, count: int, **tags: Any) -> list[s
         MinCount=count,
         MaxCount=count,
         KeyName="test",
-        InstanceType="t3.micro",
+        InstanceType=instance_type,
         **spec,
     )
     return [i["InstanceId"] for i in reply["Instances"]]
@@ -180,7 +183,7 @@ def exists(*paths: str) -> list[str]:
 
 def registry_entry(cloud: LocalCloud) -> Path:
     """The cloud's entry in the registry of runs (white box)."""
-    record = cloud._engine._record
+    record = cloud._engine._run.record
     assert record is not None
     return record.path
 
@@ -328,6 +331,52 @@ async def test_console_fingerprints_match_the_host_key_ssh_sees(
             pass
 
 
+async def test_instances_look_like_ec2_of_their_type(
+    cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
+) -> None:
+    # Nitro (t3): the root as /dev/nvme0n1 + p1, its volume id as the NVMe serial
+    nitro = three[0]
+    assert nitro["RootDeviceName"] == "/dev/xvda"
+    assert [m["DeviceName"] for m in nitro["BlockDeviceMappings"]] == ["/dev/xvda"]
+    root_volume = nitro["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    async with ssh(ec2, nitro, key) as conn:
+        listing = (await sh(conn, "ls /dev")).split()
+        assert {"nvme0n1", "nvme0n1p1"} <= set(listing)
+        assert not [n for n in listing if n.startswith(("xvd", "sd"))]
+        link = f"{BY_ID}{root_volume.replace('-', '')}"
+        assert (await sh(conn, f"readlink -f {link}")) == "/dev/nvme0n1\n"
+        assert "ID=" in await sh(conn, "cat /etc/os-release")
+        assert (await sh(conn, "echo ~ && stat -c %U ~")).split() == ["/home/admin", "admin"]
+        # the root device is there to be seen, not written
+        out = await conn.run("sudo -n dd if=/dev/zero of=/dev/nvme0n1 bs=512 count=1 2>&1")
+        assert out.exit_status != 0
+    # Xen (t2): /dev/xvda + xvda1, volumes as /dev/xvdX, partition-style names accepted
+    (iid,) = await launch(cloud, ec2, 1, "t2.micro")
+    (xen,) = await wait_state(ec2, [iid], "running")
+    zone = xen["Placement"]["AvailabilityZone"]
+    vol = (await ec2.create_volume(Size=1, AvailabilityZone=zone))["VolumeId"]
+    for refused in ("/dev/xvda", "/dev/sda1", "/dev/foo", "/dev/sdf16", "xvdzzz"):
+        with pytest.raises(ClientError, match="InvalidParameterValue"):
+            await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device=refused)
+    await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdf1")
+    await wait_volume(ec2, vol, "in-use")
+    async with ssh(ec2, xen, key) as conn:
+        listing = (await sh(conn, "ls /dev")).split()
+        assert {"xvda", "xvda1", "xvdf1"} <= set(listing)
+        assert not [n for n in listing if n.startswith("nvme")]
+        assert (await sh(conn, "ls -A /dev/disk/by-id")) == ""
+        await sh(conn, "sudo -n mkfs.ext4 -q /dev/xvdf1")
+    await ec2.detach_volume(VolumeId=vol)
+    await wait_volume(ec2, vol, "available")
+    await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/xvdbc")
+    await wait_volume(ec2, vol, "in-use")
+    async with ssh(ec2, xen, key) as conn:
+        assert (await sh(conn, "sudo -n blkid -o value -s TYPE /dev/xvdbc")) == "ext4\n"
+    await ec2.terminate_instances(InstanceIds=[iid])
+    await wait_volume(ec2, vol, "available")
+    await ec2.delete_volume(VolumeId=vol)
+
+
 async def test_volume_snapshot_and_restore(
     ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
 ) -> None:
@@ -346,11 +395,12 @@ async def test_volume_snapshot_and_restore(
     assert attached["Attachments"][0]["InstanceId"] == a["InstanceId"]
     by_id = BY_ID + vol.replace("-", "")
     async with ssh(ec2, a, key) as conn:
+        # a Nitro type (t3): an NVMe name, found by the volume id as its serial
         device = (await sh(conn, f"readlink -f {by_id}")).strip()
-        assert device == "/dev/xvdf"
-        assert (await sh(conn, "sudo -n blockdev --getsize64 /dev/xvdf")).strip() == str(1 << 30)
-        await sh(conn, "sudo -n mkfs.ext4 -q /dev/xvdf && sudo -n mkdir -p /data")
-        await sh(conn, "sudo -n mount /dev/xvdf /data && echo precious | sudo -n tee /data/f")
+        assert re.fullmatch(r"/dev/nvme([1-9]|[12][0-9])n1", device), device
+        assert (await sh(conn, f"sudo -n blockdev --getsize64 {device}")).strip() == str(1 << 30)
+        await sh(conn, f"sudo -n mkfs.ext4 -q {device} && sudo -n mkdir -p /data")
+        await sh(conn, f"sudo -n mount {device} /data && echo precious | sudo -n tee /data/f")
         # detaching a mounted volume is refused, clearly
         with pytest.raises(ClientError, match=r"VolumeInUse.*mounted at /data"):
             await ec2.detach_volume(VolumeId=vol)
@@ -362,7 +412,7 @@ async def test_volume_snapshot_and_restore(
     await ec2.detach_volume(VolumeId=vol)
     await wait_volume(ec2, vol, "available")
     async with ssh(ec2, a, key) as conn:
-        assert (await sh(conn, "ls /dev/xvdf 2>&1 || true")).count("No such file") == 1
+        assert (await sh(conn, f"ls {device} {by_id} 2>&1 || true")).count("No such file") == 2
 
     copy = (await ec2.copy_snapshot(SourceSnapshotId=snap, SourceRegion="us-east-1"))["SnapshotId"]
     await wait_snapshot(ec2, copy)
@@ -370,9 +420,10 @@ async def test_volume_snapshot_and_restore(
     await ec2.attach_volume(VolumeId=restored, InstanceId=b["InstanceId"], Device="/dev/xvdg")
     await wait_volume(ec2, restored, "in-use")
     async with ssh(ec2, b, key) as conn:
-        assert (await sh(conn, f"readlink -f {BY_ID}{restored.replace('-', '')}")) == "/dev/xvdg\n"
-        assert (await sh(conn, "sudo -n blockdev --getsize64 /dev/xvdg")).strip() == str(2 << 30)
-        await sh(conn, "sudo -n mkdir -p /restored && sudo -n mount /dev/xvdg /restored")
+        device = (await sh(conn, f"readlink -f {BY_ID}{restored.replace('-', '')}")).strip()
+        assert device.startswith("/dev/nvme")
+        assert (await sh(conn, f"sudo -n blockdev --getsize64 {device}")).strip() == str(2 << 30)
+        await sh(conn, f"sudo -n mkdir -p /restored && sudo -n mount {device} /restored")
         assert (await sh(conn, "cat /restored/f")) == "precious\n"
         await sh(conn, "sudo -n umount /restored")
     await ec2.detach_volume(VolumeId=restored, InstanceId=b["InstanceId"])
@@ -397,9 +448,11 @@ async def test_stop_start_keeps_root_and_attachment(
     await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdh")
     await wait_volume(ec2, vol, "in-use")
     fingerprints, _ = await known_host_keys(ec2, iid)
+    by_id = BY_ID + vol.replace("-", "")
     async with ssh(ec2, c, key) as conn:
-        await sh(conn, "echo kept > ~/kept && sudo -n mkfs.ext4 -q /dev/xvdh")
-        await sh(conn, "sudo -n mkdir /v && sudo -n mount /dev/xvdh /v && sudo -n touch /v/x")
+        await sh(conn, f"echo kept > ~/kept && sudo -n mkfs.ext4 -q {by_id}")
+        await sh(conn, f"sudo -n mkdir /v && sudo -n mount {by_id} /v && sudo -n touch /v/x")
+        device = (await sh(conn, f"readlink -f {by_id}")).strip()
     reply = await ec2.stop_instances(InstanceIds=[iid])
     assert reply["StoppingInstances"][0]["CurrentState"]["Name"] == "stopping"
     await wait_state(ec2, [iid], "stopped")
@@ -417,8 +470,8 @@ async def test_stop_start_keeps_root_and_attachment(
         assert (await sh(conn, "cat ~/kept")) == "kept\n"
         # the mount went with the old boot; the device and its data are still there
         assert "/v" not in await sh(conn, "cat /proc/mounts")
-        assert (await sh(conn, f"readlink -f {BY_ID}{vol.replace('-', '')}")) == "/dev/xvdh\n"
-        await sh(conn, "sudo -n mount /dev/xvdh /v && ls /v/x && sudo -n umount /v")
+        assert (await sh(conn, f"readlink -f {by_id}")).strip() == device  # the same node
+        await sh(conn, f"sudo -n mount {device} /v && ls /v/x && sudo -n umount /v")
     await ec2.detach_volume(VolumeId=vol)
     await wait_volume(ec2, vol, "available")
     await ec2.delete_volume(VolumeId=vol)
@@ -538,7 +591,8 @@ async def _busy_cloud(cloud: LocalCloud) -> None:
         await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdf")
         await wait_volume(ec2, vol, "in-use")
         async with ssh(ec2, instance, private) as conn:
-            await sh(conn, "sudo -n mkfs.ext4 -q /dev/xvdf && sudo -n mount /dev/xvdf /mnt")
+            by_id = BY_ID + vol.replace("-", "")
+            await sh(conn, f"sudo -n mkfs.ext4 -q {by_id} && sudo -n mount {by_id} /mnt")
             await sh(conn, "sleep 1000 </dev/null >/dev/null 2>&1 &")
 
 
@@ -620,3 +674,74 @@ def test_errors_name_the_problem() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert NeedsRoot.__name__ in done.stderr and "needs root" in done.stderr
+
+
+def test_crash_cleanup_touches_only_what_is_still_the_runs(tmp_path: Path) -> None:
+    """A dead run's record names a loop device, a mount and a state dir; since then the
+    path of its image holds another file (bound to that loop device), another mount sits
+    on its mount point and a live cloud holds its state dir: none of them is touched.
+    What still is the dead run's (a loop bound to the very file it recorded) is freed."""
+    from asyncstage.localcloud._registry import REGISTRY_DIR, LoopId, lock_state_dir
+
+    def losetup(*args: str) -> str:
+        return subprocess.run(
+            ["losetup", *args], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    reused, own = tmp_path / "reused.img", tmp_path / "own.img"
+    for image in (reused, own):
+        image.write_bytes(b"\0" * (1 << 20))
+    old = LoopId.of(reused)
+    reused.rename(tmp_path / "old.img")  # kept: its inode is not reused at once
+    reused.write_bytes(b"\1" * (1 << 20))  # same path, another file
+    assert LoopId.of(reused) != old
+    stranger = losetup("--find", "--show", str(reused))
+    mine = losetup("--find", "--show", str(own))
+    assert stranger.startswith("/dev/loop") and mine.startswith("/dev/loop")
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "someone-else", str(mount_point)], check=True)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    held = lock_state_dir(state_dir)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    record = REGISTRY_DIR / f"{dead.pid}-deadbeef.json"
+    REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps(
+            {
+                "owner": dead.pid,
+                "owner_start": 1,
+                "token": "deadbeef",
+                "state_dir": str(state_dir),
+                "created_state_dir": True,
+                "block": None,
+                "pids": {},
+                "mounts": [[str(mount_point), "asyncstage-roots-deadbeef"]],
+                "loops": {
+                    stranger: [old.image, old.inode, old.device],
+                    mine: list(LoopId.of(own).__dict__.values()),
+                },
+                "cgroups": [],
+            }
+        )
+    )
+    try:
+
+        async def start_one() -> None:
+            async with LocalCloud():
+                pass
+
+        anyio.run(start_one)
+        assert not record.exists()
+        assert losetup("--list", "--noheadings", "-O", "BACK-FILE", stranger) == str(reused)
+        assert losetup("--list", "--noheadings", "-O", "BACK-FILE", mine) == ""
+        assert str(mount_point) in Path("/proc/mounts").read_text()
+        assert state_dir.is_dir()
+    finally:
+        record.unlink(missing_ok=True)
+        os.close(held)
+        subprocess.run(["umount", str(mount_point)], check=False)
+        for device in (stranger, mine):
+            subprocess.run(["losetup", "--detach", device], capture_output=True, check=False)

@@ -20,6 +20,12 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"image:        {cloud.image_id} ({cloud.image_name})", flush=True)
         print(f"login user:   {cloud.default_username}", flush=True)
         print(f"state dir:    {cloud.state_dir}", flush=True)
+        print(f"seed:         {cloud._engine.seed}", flush=True)
+        session = cloud.session_kwargs()
+        print(f"export AWS_ENDPOINT_URL_EC2={cloud.endpoint_url}", flush=True)
+        print(f"export AWS_DEFAULT_REGION={cloud.region}", flush=True)
+        print(f"export AWS_ACCESS_KEY_ID={session['aws_access_key_id']}", flush=True)
+        print(f"export AWS_SECRET_ACCESS_KEY={session['aws_secret_access_key']}", flush=True)
         print("serving; Ctrl-C stops the cloud and removes everything it made", flush=True)
         await anyio.sleep_forever()
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncstage.localcloud._engine import Engine
+from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import LOGIN_USER
 
 if TYPE_CHECKING:
@@ -26,7 +27,11 @@ class LocalCloud:
     mount and state it made — also on an exception or cancellation. Needs root.
 
     Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
-    State lives in a temporary directory unless ``state_dir`` is given.
+    State lives in a temporary directory unless ``state_dir`` is given (one cloud per
+    state dir: a second one gets ``StateDirInUse``). The API accepts only requests
+    signed with its own credentials (:meth:`session_kwargs`). Its random choices (NVMe
+    device numbers) come from a seed that the log names; ``ASYNCSTAGE_LOCAL_SEED=N`` in
+    the environment replays them.
     """
 
     def __init__(
@@ -37,7 +42,13 @@ class LocalCloud:
         region: str = "us-east-1",
         port: int = 0,
     ) -> None:
-        self._engine = Engine(boot_delay=boot_delay, state_dir=state_dir, region=region, port=port)
+        self._engine = Engine(
+            boot_delay=boot_delay,
+            state_dir=state_dir,
+            region=region,
+            port=port,
+            api=_make_api,
+        )
         self.region = region
         self.image_name = self._engine.image_name
         self.default_username = LOGIN_USER
@@ -68,12 +79,16 @@ class LocalCloud:
         return str(self._engine.state_dir)
 
     def session_kwargs(self) -> dict[str, str]:
-        """What an aioboto3 session or client needs: endpoint, region, dummy credentials."""
+        """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
+        own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
+        file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
+        """
         return {
             "endpoint_url": self.endpoint_url,
             "region_name": self.region,
-            "aws_access_key_id": "asyncstage-local",
-            "aws_secret_access_key": "asyncstage-local",
+            **self._engine.credentials.as_kwargs(),
         }
 
     async def start(self) -> None:
@@ -107,3 +122,10 @@ class LocalCloud:
         from asyncstage.manager import local_manager
 
         return local_manager(self, **options)
+
+
+def _make_api(engine: EngineHooks) -> ApiHooks:
+    """The cloud's API (moto is imported only when a cloud starts)."""
+    from asyncstage.localcloud._api import LocalApi
+
+    return LocalApi(engine)

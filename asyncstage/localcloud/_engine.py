@@ -1,11 +1,13 @@
-"""The engine of the local cloud: hosts, disks, the API server and their threads.
+"""The engine of the local cloud: hosts, disks and their threads.
 
-Blocking and thread-based on purpose: moto's server answers in its own threads, and
+Blocking and thread-based on purpose: the API server answers in its own threads, and
 the engine's work (boot a host, kill it, copy an image) is blocking system work. One
-lock (``lock``) guards moto's records and the engine's tables; the API request threads
+lock (``lock``) guards the API's records and the engine's tables; the API request threads
 hold it while moto and the backend hooks run, the worker threads take it to change a
-state. :class:`~asyncstage.localcloud.LocalCloud` drives ``start()`` and ``close()``
-from worker threads so that the event loop never blocks.
+state. The engine is the API's :class:`~._hooks.EngineHooks` and sees the API only as
+:class:`~._hooks.ApiHooks`; it imports nothing of the API's.
+:class:`~asyncstage.localcloud.LocalCloud` drives ``start()`` and ``close()`` from worker
+threads so that the event loop never blocks.
 """
 
 from __future__ import annotations
@@ -14,28 +16,26 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import secrets
-import shutil
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._auth import Credentials
+from asyncstage.localcloud._devices import is_nitro, nvme_node, root_nodes, xen_node
 from asyncstage.localcloud._disks import Disk, copy_sparse
+from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
 from asyncstage.localcloud._hosts import Host
-from asyncstage.localcloud._registry import RunRecord, register
-from asyncstage.localcloud._system import check_machine, run, which
-
-if TYPE_CHECKING:
-    from werkzeug.serving import BaseWSGIServer
-
-    from asyncstage.localcloud._moto import LocalBackend
+from asyncstage.localcloud._isolation import DeviceCgroup
+from asyncstage.localcloud._registry import REGISTRY_DIR
+from asyncstage.localcloud._run import _Run
+from asyncstage.localcloud._system import check_machine
 
 log = logging.getLogger("asyncstage.localcloud")
 
@@ -51,6 +51,7 @@ class _Machine:
     """An instance's host and what the engine knows about it."""
 
     host: Host
+    nitro: bool = True  # NVMe device names (else Xen's xvd names)
     wanted: str = "running"  # running | stopped | terminated
     ready: bool = False  # booted: its /dev takes device nodes
     prepared: bool = False
@@ -60,10 +61,22 @@ class _Machine:
 
 
 class Engine:
-    """Everything of one local cloud; blocking, thread-safe."""
+    """Everything of one local cloud; blocking, thread-safe.
+
+    ``api`` makes the cloud's API (:class:`~._api.LocalApi`) once the engine is ready
+    for it; the engine sees it only as :class:`~._hooks.ApiHooks`, and the API sees the
+    engine only as :class:`~._hooks.EngineHooks`.
+    """
 
     def __init__(
-        self, *, boot_delay: float, state_dir: str | os.PathLike[str] | None, region: str, port: int
+        self,
+        *,
+        boot_delay: float,
+        state_dir: str | os.PathLike[str] | None,
+        region: str,
+        port: int,
+        api: Callable[[EngineHooks], ApiHooks],
+        seed: int | None = None,
     ) -> None:
         self.boot_delay = boot_delay
         self.region = region
@@ -71,6 +84,11 @@ class Engine:
         self.account = os.environ.get("MOTO_ACCOUNT_ID") or "".join(
             str(secrets.randbelow(10)) for _ in range(12)
         )
+        self.credentials = Credentials.generate()
+        if seed is None and os.environ.get("ASYNCSTAGE_LOCAL_SEED", "").isdigit():
+            seed = int(os.environ["ASYNCSTAGE_LOCAL_SEED"])
+        self.seed = secrets.randbits(32) if seed is None else seed
+        self.random = random.Random(self.seed)  # NVMe numbers: replayable with the seed
         self.image_name = IMAGE_NAME
         self.image_id = ""
         self.endpoint_url = ""
@@ -82,11 +100,9 @@ class Engine:
         self.consoles: dict[str, str] = {}  # terminated instances' last console
         self._given_state_dir = None if state_dir is None else Path(state_dir)
         self.state_dir = Path()
-        self._record: RunRecord | None = None
-        self._roots_mounted = False
-        self._backend: LocalBackend | None = None
-        self._server: BaseWSGIServer | None = None
-        self._server_thread: threading.Thread | None = None
+        self._run = _Run()
+        self._make_api = api
+        self._api: ApiHooks | None = None
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="localcloud")
         self._next_address = 10
         self._closed = False
@@ -125,88 +141,20 @@ class Engine:
                 f"state dir {self.state_dir}: overlayfs cannot use a path with "
                 "commas, colons, backslashes or white space"
             )
-        self._record = RunRecord(self.state_dir, created)
-        register(self._record)  # cleans crashed runs, claims an address block
-        for sub in ("instances", "volumes", "snapshots", "roots"):
-            (self.state_dir / sub).mkdir(mode=0o700, exist_ok=True)
-        roots = self.state_dir / "roots"
-        self._record.add_mount(roots)
-        run(
-            which("mount"),
-            "-t",
-            "tmpfs",
-            "-o",
-            "mode=0700",
-            "asyncstage-roots",
-            roots,
-            what="mount",
-        )
-        self._roots_mounted = True
-        self._start_api()
-
-    def _start_api(self) -> None:
-        try:
-            from werkzeug.serving import make_server
-
-            from asyncstage.localcloud import _moto
-        except ImportError as e:
-            raise LocalCloudError(
-                "the local cloud needs moto: pip install 'asyncstage[local]'"
-            ) from e
-        from moto.moto_server.werkzeug_app import MotoRequestHandler
-
-        class _QuietHandler(MotoRequestHandler):
-            def log_request(self, *args: Any) -> None:
-                pass
-
-        with self.lock:
-            backend = _moto.make_backend(self.region, self.account)
-            self._backend = backend
-            image = backend.register_image(
-                name=IMAGE_NAME,
-                description="Debian 12: this machine's root, copy-on-write (asyncstage)",
-            )
-            image.architecture = "x86_64"
-            image.virtualization_type = "hvm"
-            image.hypervisor = "xen"
-            image.root_device_type = "ebs"
-            image.root_device_name = "/dev/xvda"
-            self.image_id = image.id
-            backend.engine = self
-        self._server = make_server(
-            "127.0.0.1",
-            self.port,
-            _moto.make_app(self),
-            threaded=True,
-            request_handler=_QuietHandler,
-        )
-        self.port = self._server.server_address[1]
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self._server_thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="localcloud-api",
-            daemon=True,
-        )
-        self._server_thread.start()
-
-    def ensure_installed(self) -> None:
-        if self._backend is not None:
-            from asyncstage.localcloud._moto import install_backend
-
-            install_backend(self._backend)
+        self._run.start(self.state_dir, created)
+        self.credentials.write(self.state_dir / "credentials")
+        self._api = self._make_api(self)
+        self.image_id = self._api.image_id
+        self.endpoint_url = self._api.endpoint_url
+        log.info("local cloud at %s (seed %d)", self.endpoint_url, self.seed)
 
     def close(self) -> None:
         """Stop the API, kill every host, free every loop device, remove the state."""
         if self._closed:
             return
         self._closed = True
-        errors: list[str] = []
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._server_thread is not None:
-            self._server_thread.join(timeout=10)
+        if self._api is not None:
+            self._api.close()
         with self.lock:
             for machine in self.machines.values():
                 machine.wanted = "terminated"
@@ -216,42 +164,17 @@ class Engine:
             with machine.op_lock:
                 machine.host.kill()
         for disk in list(self.disks.values()):
-            loop = disk.loop
-            disk.detach()
-            if loop is not None and self._record is not None:
-                self._record.remove_loop(loop)
-        if self._backend is not None:
-            from asyncstage.localcloud._moto import uninstall_backend
-
-            self._backend.engine = None
-            uninstall_backend(self._backend)
+            self._free(disk)
         if self._account_claimed:
             with _ACCOUNTS_LOCK:
                 _ACCOUNTS.discard((self.account, self.region))
-        if self._roots_mounted:
-            roots = self.state_dir / "roots"
-            try:
-                _unmount(roots)
-                if self._record is not None:
-                    self._record.remove_mount(roots)
-            except LocalCloudError as e:
-                errors.append(str(e))
-        if self._record is not None and not errors:
-            if self._record.data["created_state_dir"]:
-                shutil.rmtree(self.state_dir, ignore_errors=True)
-            else:
-                for sub in ("instances", "volumes", "snapshots", "roots"):
-                    shutil.rmtree(self.state_dir / sub, ignore_errors=True)
-            self._record.close()
-        if errors:
-            raise LocalCloudError("local cloud cleanup incomplete: " + "; ".join(errors))
+        self._run.close()
 
     # -- addresses ---------------------------------------------------------------------
 
     def new_address(self) -> str:
         """A loopback address of this run's block where nothing listens on port 22."""
-        assert self._record is not None
-        block = 100 + self._record.block
+        block = 100 + self._run.block
         while self._next_address < 256 * 254:
             i = self._next_address
             self._next_address += 1
@@ -262,17 +185,23 @@ class Engine:
 
     # -- instances (called by the API under self.lock) ---------------------------------
 
-    def launched(self, instance_id: str, address: str, public_key: str | None) -> None:
-        assert self._record is not None
+    def launched(
+        self, instance_id: str, address: str, public_key: str | None, instance_type: str
+    ) -> None:
+        record = self._run.record
+        assert record is not None
+        cgroups = self._run.cgroups
         host = Host(
             instance_id=instance_id,
             address=address,
             state_dir=self.state_dir / "instances" / instance_id,
             root_dir=self.state_dir / "roots" / instance_id,
             public_key=public_key,
-            on_pid=self._record.add_pid,
+            on_pid=record.add_pid,
+            cgroup=None if cgroups is None else DeviceCgroup(cgroups, instance_id),
+            masked=[self.state_dir, REGISTRY_DIR],
         )
-        machine = _Machine(host)
+        machine = _Machine(host, nitro=is_nitro(instance_type))
         self.machines[instance_id] = machine
         self._submit(self._boot, machine)
 
@@ -310,9 +239,10 @@ class Engine:
         except Exception:
             log.exception("local cloud: %s of %s failed", job.__name__, machine.host.instance_id)
 
-    def _instance(self, instance_id: str) -> Any:
-        assert self._backend is not None
-        return self._backend.get_instance(instance_id)
+    @property
+    def api(self) -> ApiHooks:
+        assert self._api is not None
+        return self._api
 
     def _boot(self, machine: _Machine) -> None:
         host = machine.host
@@ -329,10 +259,7 @@ class Engine:
                 with self.lock:
                     if machine.wanted != "running":
                         return
-                    for disk in self.disks.values():
-                        if disk.instance_id == host.instance_id:
-                            assert disk.name is not None and disk.rdev is not None
-                            host.add_device(disk.name, disk.rdev, disk.volume_id)
+                    self._add_devices(machine)
                     machine.ready = True
                     machine.boots += 1
                     boot = machine.boots
@@ -349,26 +276,38 @@ class Engine:
                 host.kill()
                 with self.lock:
                     machine.ready = False
-                    instance = self._instance(host.instance_id)
-                    if instance.state == "pending":
-                        instance.stop()
-                        instance._reason = f"Server.InternalError: {e}"
+                    self.api.boot_failed(host.instance_id, str(e))
                 raise
+
+    def _add_devices(self, machine: _Machine) -> None:
+        """The root device's nodes and those of the attached volumes, in a booted host."""
+        host = machine.host
+        root = self._run.root_disk
+        if root is not None and root.rdev is not None and root.part_rdev is not None:
+            disk_node, part_node = root_nodes(machine.nitro)
+            serial = self.api.root_volume(host.instance_id) if machine.nitro else None
+            host.add_device(disk_node, root.rdev, serial, read_only=True)
+            host.add_device(part_node, root.part_rdev, None, read_only=True)
+        for disk in self.disks.values():
+            if disk.instance_id == host.instance_id:
+                assert disk.name is not None and disk.rdev is not None
+                host.add_device(disk.name, disk.rdev, disk.serial)
 
     def _running(self, machine: _Machine, boot: int, locked: bool = False) -> None:
         """The boot delay is over: pending -> running, unless stopped or booted again since."""
-        from asyncstage.localcloud._moto import set_state
-
         if self._closed:
             return
         with contextlib.nullcontext() if locked else machine.op_lock, self.lock:
             if self._closed or machine.boots != boot or not machine.ready:
                 return
             try:
-                instance = self._instance(machine.host.instance_id)
-                if machine.wanted == "running" and instance.state == "pending":
+                instance_id = machine.host.instance_id
+                if (
+                    machine.wanted == "running"
+                    and self.api.instance_state(instance_id) == "pending"
+                ):
                     machine.host.write_console()
-                    set_state(instance, "running")
+                    self.api.set_running(instance_id)
             except Exception:
                 if not locked:  # a timer thread: nobody else would see it
                     log.exception("local cloud: %s did not start", machine.host.instance_id)
@@ -381,15 +320,13 @@ class Engine:
             host.kill()
             with self.lock:
                 machine.ready = False
-                instance = self._instance(host.instance_id)
                 if machine.wanted == "terminated":
-                    # moto's terminate detaches the volumes (through volume_detaching)
-                    instance.terminate()
+                    self.api.halted(host.instance_id, terminated=True)
                     self.consoles[host.instance_id] = host.console()
                     host.remove()
                     del self.machines[host.instance_id]
-                elif machine.wanted == "stopped" and instance.state == "stopping":
-                    instance.stop()
+                elif machine.wanted == "stopped":
+                    self.api.halted(host.instance_id, terminated=False)
                 machine.cancel.clear()
 
     # -- volumes and snapshots (called by the API under self.lock) ---------------------
@@ -398,46 +335,55 @@ class Engine:
         image = self.state_dir / "volumes" / f"{volume_id}.img"
         self.disks[volume_id] = Disk.create(volume_id, image, size, source)
 
-    def volume_attached(self, volume_id: str, instance_id: str, name: str) -> None:
-        assert self._record is not None
+    def volume_attached(self, volume_id: str, instance_id: str, device: str) -> None:
+        """Bind the volume's loop device; its node appears in the instance (if booted)."""
         disk = self.disks[volume_id]
-        loop = disk.attach()
-        self._record.add_loop(loop, disk.image)
-        disk.instance_id = instance_id
-        disk.name = name
         machine = self.machines[instance_id]
+        if machine.nitro:
+            # EC2 numbers NVMe devices in no order a client may rely on
+            taken = {d.name for d in self.disks.values() if d.instance_id == instance_id}
+            free = [n for n in range(1, 28) if nvme_node(n) not in taken]
+            if not free:
+                raise LocalCloudError(f"{instance_id}: no NVMe device number left")
+            name, serial = nvme_node(self.random.choice(free)), volume_id
+        else:
+            node = xen_node(device)
+            assert node is not None  # the API checked the name
+            name, serial = node, None
+        loop = disk.attach()
+        assert disk.loop_id is not None
+        self._run.add_loop(loop, disk.loop_id)
+        disk.instance_id, disk.name, disk.serial = instance_id, name, serial
         if machine.ready and machine.host.alive:
             assert disk.rdev is not None
             try:
-                machine.host.add_device(name, disk.rdev, volume_id)
+                machine.host.add_device(name, disk.rdev, serial)
             except OSError as e:
                 self._free(disk)
                 raise LocalCloudError(f"{volume_id}: cannot make its device node: {e}") from e
 
     def volume_detaching(self, volume_id: str) -> None:
         """Remove the volume's device node and loop device; refuse while it is mounted."""
-        from moto.ec2.exceptions import EC2ClientError
-
         disk = self.disks[volume_id]
         machine = self.machines.get(disk.instance_id or "")
         if machine is not None and disk.major_minor is not None:
             mounts = machine.host.mounted_devices()
             where = mounts.get(disk.major_minor)
             if where is not None:
-                raise EC2ClientError(
+                raise ApiRefusal(
                     "VolumeInUse",
                     f"{volume_id} is mounted at {where} on {disk.instance_id}: unmount it "
                     "first (the local cloud refuses instead of waiting in EC2's 'busy' state)",
                 )
             if disk.name is not None:
-                machine.host.remove_device(disk.name, volume_id)
+                machine.host.remove_device(disk.name, disk.rdev, disk.serial)
         self._free(disk)
 
     def _free(self, disk: Disk) -> None:
         loop = disk.loop
         disk.detach()
-        if loop is not None and self._record is not None:
-            self._record.remove_loop(loop)
+        if loop is not None:
+            self._run.remove_loop(loop)
 
     def volume_deleted(self, volume_id: str) -> None:
         disk = self.disks.pop(volume_id, None)
@@ -454,8 +400,8 @@ class Engine:
 
     def _snapshot_completed(self, snapshot_id: str) -> None:
         with self.lock:
-            if self._backend is not None and snapshot_id in self._backend.snapshots:
-                self._backend.snapshots[snapshot_id].status = "completed"
+            if self._api is not None and not self._closed:
+                self._api.snapshot_completed(snapshot_id)
 
     def snapshot_deleted(self, snapshot_id: str) -> None:
         image = self.snapshots.pop(snapshot_id, None)
@@ -488,21 +434,3 @@ def _port_free(address: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _unmount(path: Path) -> None:
-    """Unmount ``path``; waits a little for dying namespaces, then detaches lazily."""
-    umount = which("umount")
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            run(umount, path, what="umount")
-            return
-        except LocalCloudError:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    with contextlib.suppress(LocalCloudError):
-        run(umount, "--lazy", path, what="umount --lazy")
-        return
-    raise LocalCloudError(f"cannot unmount {path}")

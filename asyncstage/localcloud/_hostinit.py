@@ -4,19 +4,24 @@ Run by the local cloud as ``unshare --mount --pid --uts --fork --propagation pri
 python3 -I -S _hostinit.py CONFIG_JSON`` (standard library only, no asyncstage import:
 it starts once per boot and must be quick). In the new namespaces it
 
+0. joins its device cgroup (``cgroup`` in the config, when the machine has one) and
+   makes a cgroup namespace of its own, so that root inside never sees the rules;
 1. mounts an overlay of the machine's ``/`` (lower) with the instance's own upper and
    work dirs, which the cloud keeps across stop and start;
 2. mounts a fresh ``/proc``, ``/sys`` (read-only), a tmpfs ``/dev`` with the usual nodes
    and a new-instance ``/dev/pts``, tmpfs ``/dev/shm``, ``/tmp`` and ``/run``;
 3. sets the hostname, makes the overlay the root (``pivot_root``; the machine's mounts
    are dropped from the instance's view) and
-4. execs ``sshd -D -e``, which stays PID 1: killing it ends every process of the
+4. drops the capabilities ``drop_caps`` from its bounding set (so that nothing in the
+   instance, ``sudo`` included, ever has them) and
+5. execs ``sshd -D -e``, which stays PID 1: killing it ends every process of the
    instance, and its mounts vanish with its mount namespace.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import socket
@@ -29,6 +34,8 @@ _MS_NOSUID = 2
 _MS_NODEV = 4
 _MS_NOEXEC = 8
 _MNT_DETACH = 2
+_CLONE_NEWCGROUP = 0x02000000
+_PR_CAPBSET_DROP = 24
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -53,6 +60,22 @@ def _umount(target: str) -> None:
     if _libc.umount2(target.encode(), _MNT_DETACH) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def _join_cgroup(procs: str) -> None:
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+    if _libc.unshare(_CLONE_NEWCGROUP) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWCGROUP): {os.strerror(err)}")
+
+
+def _drop_caps(caps: list[int]) -> None:
+    for cap in caps:
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL:  # EINVAL: a capability this kernel does not know
+                raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
 
 
 def _build_dev(dev: str) -> None:
@@ -80,6 +103,8 @@ def _build_dev(dev: str) -> None:
 def main() -> None:
     config = json.loads(sys.argv[1])
     root: str = config["merged"]
+    if config.get("cgroup"):
+        _join_cgroup(config["cgroup"])
     _mount(
         "overlay",
         root,
@@ -102,6 +127,8 @@ def main() -> None:
     subprocess.run([config["pivot_root"], ".", "."], check=True)
     _umount(".")
     os.chdir("/")
+    # exec as root: sshd's permitted set becomes the bounding set without these
+    _drop_caps(config.get("drop_caps", []))
     os.execv(config["sshd"], [config["sshd"], "-D", "-e", "-f", "/etc/ssh/sshd_config"])
 
 

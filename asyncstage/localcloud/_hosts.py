@@ -27,6 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._isolation import (
+    DROPPED_CAPS,
+    DeviceCgroup,
+    mask_upper,
+    scrubbed_shadow,
+)
 from asyncstage.localcloud._system import (
     children,
     mountinfo_devices,
@@ -86,6 +92,8 @@ class Host:
     root_dir: Path  # <cloud roots tmpfs>/<id>: upper, work, merged
     public_key: str | None
     on_pid: Callable[[int, bool], None] = lambda pid, alive: None  # registry callback
+    cgroup: DeviceCgroup | None = None  # None: the machine has no device cgroups
+    masked: list[Path] = field(default_factory=list)  # more paths to hide (the state dir)
     fingerprints: list[str] = field(default_factory=list)
     host_public_keys: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
@@ -189,6 +197,8 @@ class Host:
         for name, entry in entries.items():
             machine = Path("/etc") / name
             lines = machine.read_text().splitlines() if machine.exists() else []
+            if name in ("shadow", "gshadow"):  # the machine's password hashes stay here
+                lines = scrubbed_shadow("\n".join(lines), 1)
             lines = [ln for ln in lines if not ln.startswith(LOGIN_USER + ":")] + [entry]
             mode = stat.S_IMODE(machine.stat().st_mode) if machine.exists() else 0o644
             path = self._write(f"etc/{name}", "\n".join(lines) + "\n", mode)
@@ -201,7 +211,13 @@ class Host:
 
     def boot(self) -> None:
         """Start the host's namespaces and sshd; returns once the init process exists."""
+        own_keys = {f"ssh_host_{k}_key{e}" for k in _HOST_KEY_TYPES for e in ("", ".pub")}
+        mask_upper(self.upper, self.masked, own_keys)
+        if self.cgroup is not None:
+            self.cgroup.create()
         config = {
+            "cgroup": self.cgroup.procs if self.cgroup is not None else None,
+            "drop_caps": sorted(DROPPED_CAPS.values()),
             "upper": str(self.upper),
             "work": str(self.root_dir / "work"),
             "merged": str(self.root_dir / "merged"),
@@ -281,7 +297,9 @@ class Host:
         self.init_pid = self.init_start = None
 
     def remove(self) -> None:
-        """Remove the host's root and state (after kill, at terminate)."""
+        """Remove the host's root, state and cgroup (after kill, at terminate)."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
         shutil.rmtree(self.root_dir, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -294,25 +312,40 @@ class Host:
 
     # -- block devices inside the host ---------------------------------------------------
 
-    def add_device(self, name: str, rdev: int, volume_id: str) -> None:
-        """Make ``/dev/<name>`` (and its by-id link) inside the running host."""
+    def add_device(
+        self, name: str, rdev: int, serial: str | None, *, read_only: bool = False
+    ) -> None:
+        """Make ``/dev/<name>`` inside the running host, and let it open the device.
+
+        ``serial``: the volume id of an NVMe device, linked from ``/dev/disk/by-id``.
+        """
+        if self.cgroup is not None:
+            self.cgroup.allow(rdev, "r" if read_only else "rw")
         root = self._proc_root()
         node = root / "dev" / name
         with contextlib.suppress(FileNotFoundError):
             node.unlink()
-        os.mknod(node, stat.S_IFBLK | 0o660, rdev)
-        os.chmod(node, 0o660)
+        mode = 0o440 if read_only else 0o660
+        os.mknod(node, stat.S_IFBLK | mode, rdev)
+        os.chmod(node, mode)
         os.chown(node, 0, _disk_gid())
-        link = root / (_BY_ID + volume_id.replace("-", ""))
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        os.symlink(f"../../{name}", link)
+        if serial is not None:
+            link = root / (_BY_ID + serial.replace("-", ""))
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            os.symlink(f"../../{name}", link)
 
-    def remove_device(self, name: str, volume_id: str) -> None:
+    def remove_device(self, name: str, rdev: int | None, serial: str | None) -> None:
+        """Remove the node (and link) of a device, and the host's right to open it."""
+        if self.cgroup is not None and rdev is not None:
+            self.cgroup.deny(rdev)
         if not self.alive:
             return
         root = self._proc_root()
-        for path in (root / (_BY_ID + volume_id.replace("-", "")), root / "dev" / name):
+        paths = [root / "dev" / name]
+        if serial is not None:
+            paths.insert(0, root / (_BY_ID + serial.replace("-", "")))
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

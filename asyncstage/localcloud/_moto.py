@@ -2,39 +2,28 @@
 
 :class:`LocalBackend` is moto's ``EC2Backend`` with the operations that touch machines
 and disks overridden: each calls moto for the records (ids, tags, filters, responses)
-and the :class:`~asyncstage.localcloud._engine.Engine` for the real thing. It is
-installed as ``moto.ec2.models.ec2_backends[account][region]`` for an account id of its
-own, so several local clouds (and plain moto tests) share one process without sharing
-records. :func:`make_app` wraps moto's EC2 WSGI app in a middleware that counts the
-Actions, pins the account and region, and answers GetConsoleOutput.
+and the engine, seen through :class:`~asyncstage.localcloud._hooks.EngineHooks`, for the
+real thing. It is installed as ``moto.ec2.models.ec2_backends[account][region]`` for an
+account id of its own, so several local clouds (and plain moto tests) share one process
+without sharing records.
 
 Everything here runs in the server's request threads under ``engine.lock``.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
-import re
-import uuid
-from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from typing import Any
 
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
 from moto.ec2.models.instances import Instance
-from moto.moto_server.werkzeug_app import create_backend_app
 
 from asyncstage.errors import LocalCloudError
-from asyncstage.localcloud._disks import xen_name
-
-if TYPE_CHECKING:
-    from asyncstage.localcloud._engine import Engine
+from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, xen_node
+from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
 
 STATE_CODES = {
     "pending": 0,
@@ -45,8 +34,7 @@ STATE_CODES = {
     "stopped": 80,
 }
 MAX_INSTANCES = 256  # live instances per cloud: a guard against runaway launches
-_XMLNS = "http://ec2.amazonaws.com/doc/2016-11-15/"
-_CREDENTIAL = re.compile(r"Credential=[^/]*/\d+/([^/]+)/([^/]+)/")
+_MOTO_ROOT = "/dev/sda1"  # where moto attaches an instance's root volume
 
 
 def set_state(instance: Any, name: str) -> None:
@@ -94,7 +82,8 @@ class _LocalSnapshot(Snapshot):
 class LocalBackend(EC2Backend):
     """moto's EC2 backend whose instances, volumes and snapshots are real."""
 
-    engine: Engine | None = None  # None while moto builds its own records
+    engine: EngineHooks | None = None  # None while moto builds its own records
+    image_id = ""  # the one image instances boot (set by the API)
     _launching = False
 
     def reset(self) -> None:
@@ -102,11 +91,11 @@ class LocalBackend(EC2Backend):
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _live(self) -> Engine | None:
+    def _live(self) -> EngineHooks | None:
         """The engine, when an operation should have real effects."""
         return None if self._launching else self.engine
 
-    def _real_volume(self, engine: Engine, volume_id: str) -> Any:
+    def _real_volume(self, engine: EngineHooks, volume_id: str) -> Any:
         volume = self.get_volume(volume_id)
         if volume_id not in engine.disks:
             raise _error(
@@ -129,11 +118,11 @@ class LocalBackend(EC2Backend):
         engine = self.engine
         if engine is None:
             return super().run_instances(image_id, count, user_data, security_group_names, **kwargs)
-        if image_id != engine.image_id:
+        if image_id != self.image_id:
             raise _error(
                 "InvalidAMIID.NotFound",
                 f"The image id '[{image_id}]' does not exist: the local cloud boots only "
-                f"{engine.image_id} ({engine.image_name})",
+                f"{self.image_id} ({engine.image_name})",
             )
         key_name = kwargs.get("key_name")
         if key_name:
@@ -167,8 +156,9 @@ class LocalBackend(EC2Backend):
             nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
             _retype(nic, _LocalNic)
             _retype(instance, _LocalInstance)
+            _move_root(instance)
             set_state(instance, "pending")
-            engine.launched(instance.id, address, public_key)
+            engine.launched(instance.id, address, public_key, instance.instance_type)
         return reservation
 
     def start_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
@@ -316,14 +306,14 @@ class LocalBackend(EC2Backend):
                 f"The volume '{volume_id}' is not in the same availability zone as "
                 f"instance '{instance_id}'",
             )
-        name = xen_name(device_path or "")
+        name = xen_node(device_path or "")
         if name is None:
             raise _error(
                 "InvalidParameterValue",
                 f"Value ({device_path}) for parameter device is invalid. "
-                "Expected /dev/sd[f-p] or /dev/xvd[a-z]",
+                f"{device_path} is not a valid EBS device name.",
             )
-        taken = {xen_name(d) for d in instance.block_device_mapping}
+        taken = {xen_node(d) for d in instance.block_device_mapping}
         if name in taken:
             raise _error(
                 "InvalidParameterValue",
@@ -331,7 +321,7 @@ class LocalBackend(EC2Backend):
                 f"Attachment point {device_path} is already in use",
             )
         try:
-            engine.volume_attached(volume_id, instance_id, name)
+            engine.volume_attached(volume_id, instance_id, device_path)
         except LocalCloudError as e:
             raise _error("InternalError", str(e)) from e
         return super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
@@ -350,7 +340,10 @@ class LocalBackend(EC2Backend):
                 "InvalidAttachment.NotFound",
                 f"The volume '{volume_id}' is not attached to instance '{instance_id}'",
             )
-        engine.volume_detaching(volume_id)  # refuses while mounted inside the instance
+        try:
+            engine.volume_detaching(volume_id)  # refuses while mounted inside the instance
+        except ApiRefusal as e:
+            raise _error(e.code, str(e)) from e
         return super().detach_volume(volume_id, instance_id, device_path)
 
     def delete_volume(self, volume_id: str) -> Any:
@@ -406,7 +399,7 @@ class LocalBackend(EC2Backend):
         self._made_snapshot(engine, snapshot, image)
         return snapshot
 
-    def _made_snapshot(self, engine: Engine, snapshot: Any, image: Any) -> None:
+    def _made_snapshot(self, engine: EngineHooks, snapshot: Any, image: Any) -> None:
         _retype(snapshot, _LocalSnapshot)
         snapshot.status = "pending"
         try:
@@ -420,6 +413,16 @@ class LocalBackend(EC2Backend):
         if self.engine is not None:
             self.engine.snapshot_deleted(snapshot_id)
         return snapshot
+
+
+def _move_root(instance: Any) -> None:
+    """moto attaches the root volume as /dev/sda1; EC2 names it as the image does."""
+    mapping = instance.block_device_mapping.pop(_MOTO_ROOT, None)
+    if mapping is not None:
+        instance.block_device_mapping[ROOT_DEVICE_NAME] = mapping
+        volume = instance.ec2_backend.get_volume(mapping.volume_id)
+        if volume.attachment is not None:
+            volume.attachment.device = ROOT_DEVICE_NAME
 
 
 def make_backend(region: str, account: str) -> LocalBackend:
@@ -440,103 +443,3 @@ def uninstall_backend(backend: LocalBackend) -> None:
     accounts = dict.get(ec2_backends, backend.account_id)
     if accounts is not None and dict.get(accounts, backend.region_name) is backend:
         dict.__delitem__(accounts, backend.region_name)
-
-
-# -- the WSGI app -----------------------------------------------------------------------
-
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-
-def make_app(engine: Engine) -> WSGIApp:
-    """moto's EC2 app behind the local cloud's middleware."""
-    moto_app: WSGIApp = create_backend_app("ec2")
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        try:
-            size = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            size = 0
-        body = environ["wsgi.input"].read(size) if size else b""
-        params = dict(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
-        action = params.get("Action") or _query_action(environ)
-        if action:
-            with engine.lock:
-                engine.api_calls[action] += 1
-        m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if m and m.group(2) == "ec2" and m.group(1) != engine.region:
-            return _error_response(
-                start_response,
-                "UnsupportedOperation",
-                f"this local cloud serves region {engine.region} only, not {m.group(1)}",
-            )
-        # The local cloud always has the capacity: like EC2 then, it launches MaxCount.
-        if action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount")):
-            params["MinCount"] = params["MaxCount"]
-            body = urlencode(params).encode()
-        if action == "GetConsoleOutput":
-            with engine.lock:
-                text = engine.console(params.get("InstanceId", ""))
-            if text is not None:
-                return _console_response(start_response, params["InstanceId"], text)
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
-        environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
-        with engine.lock:
-            engine.ensure_installed()
-            result = moto_app(environ, start_response)
-            try:
-                return [b"".join(result)]
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-
-    return app
-
-
-def _more(maximum: str | None, minimum: str | None) -> bool:
-    try:
-        return maximum is not None and int(maximum) > int(minimum or 1)
-    except ValueError:
-        return False
-
-
-def _query_action(environ: dict[str, Any]) -> str | None:
-    query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
-    return query.get("Action")
-
-
-def _xml_response(start_response: StartResponse, status: str, xml: str) -> list[bytes]:
-    data = xml.encode()
-    start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
-    return [data]
-
-
-def _error_response(start_response: StartResponse, code: str, message: str) -> list[bytes]:
-    from xml.sax.saxutils import escape
-
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Response><Errors><Error><Code>{escape(code)}</Code>"
-        f"<Message>{escape(message)}</Message></Error></Errors>"
-        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
-    )
-    return _xml_response(start_response, "400 Bad Request", xml)
-
-
-def _console_response(start_response: StartResponse, instance_id: str, text: str) -> list[bytes]:
-    from xml.sax.saxutils import escape
-
-    output = base64.b64encode(text.encode()).decode()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<GetConsoleOutputResponse xmlns="{_XMLNS}">'
-        f"<requestId>{uuid.uuid4()}</requestId>"
-        f"<instanceId>{escape(instance_id)}</instanceId>"
-        f"<timestamp>{stamp}</timestamp>"
-        f"<output>{output}</output>"
-        "</GetConsoleOutputResponse>"
-    )
-    return _xml_response(start_response, "200 OK", xml)

@@ -5,9 +5,12 @@ Every running :class:`~asyncstage.localcloud.LocalCloud` keeps a record in
 its address block, and every process, mount and loop device it made, updated as they
 come and go. A run whose owner process is gone (a crash, ``kill -9``) is cleaned up by
 the next local cloud that starts: it kills the recorded processes, unmounts the
-recorded mounts, frees the recorded loop devices (only if they still point at the
-recorded image) and removes the state dir if that run created it. Nothing that a run
-did not record is touched.
+recorded mounts (only if the mount there is still the run's own, known by its source
+name, which carries the run's token), frees the recorded loop devices (only if they are
+still bound to the recorded image: path, inode and device, so that a path now used by
+something else is never touched) and removes the state dir if that run created it and
+no live cloud holds it (a state dir is locked by its cloud: :func:`lock_state_dir`).
+Nothing that a run did not record is touched.
 
 Each run also owns one address block ``127.<100+n>.0.0/16`` so that clouds running at
 the same time never hand out the same address.
@@ -19,16 +22,20 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._isolation import remove_cgroup_tree
 from asyncstage.localcloud._system import process_start_time, run, which
 
 REGISTRY_DIR = Path("/run/asyncstage-localcloud")
@@ -36,21 +43,71 @@ FIRST_BLOCK = 100  # 127.100.0.0/16 and up: far from 127.0.0.0/24, where test ss
 BLOCKS = 155
 
 
+class StateDirInUse(LocalCloudError):
+    """Another local cloud runs on this state dir (each cloud locks its own)."""
+
+
+@dataclass(frozen=True)
+class LoopId:
+    """A loop device's backing file, told apart from any other file at that path."""
+
+    image: str
+    inode: int
+    device: str  # "major:minor" of the filesystem holding the image
+
+    @classmethod
+    def of(cls, image: str | os.PathLike[str]) -> LoopId:
+        st = os.stat(image)
+        return cls(os.fspath(image), st.st_ino, f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Lock ``state_dir`` for this cloud's life (an fd to close); StateDirInUse if taken."""
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirInUse(
+            f"state dir {state_dir} is in use by another local cloud (its lock "
+            f"{state_dir / '.lock'} is held): stop that cloud or choose another state dir"
+        ) from None
+    return fd
+
+
+def state_dir_locked(state_dir: Path) -> bool:
+    """True when a live cloud holds ``state_dir``'s lock."""
+    try:
+        fd = os.open(state_dir / ".lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class RunRecord:
     """The registry entry of this run; every change is written at once."""
 
     def __init__(self, state_dir: Path, created_state_dir: bool) -> None:
         self._lock = threading.Lock()
-        self.path = REGISTRY_DIR / f"{os.getpid()}-{secrets.token_hex(4)}.json"
+        self.token = secrets.token_hex(4)
+        self.path = REGISTRY_DIR / f"{os.getpid()}-{self.token}.json"
         self.data: dict[str, Any] = {
+            "token": self.token,
             "owner": os.getpid(),
             "owner_start": process_start_time(os.getpid()),
             "state_dir": str(state_dir),
             "created_state_dir": created_state_dir,
             "block": None,
             "pids": {},  # pid -> start time
-            "mounts": [],
-            "loops": {},  # /dev/loopN -> image path
+            "mounts": [],  # [path, source name]
+            "loops": {},  # /dev/loopN -> [image path, inode, "major:minor" of its fs]
+            "cgroups": [],  # device cgroups of the run (removed after its processes)
         }
 
     @property
@@ -71,24 +128,38 @@ class RunRecord:
                 self.data["pids"].pop(str(pid), None)
         self.save()
 
-    def add_mount(self, path: Path) -> None:
+    def mount_source(self, what: str) -> str:
+        """A mount's source name that says whose it is (``asyncstage-roots-<token>``)."""
+        return f"asyncstage-{what}-{self.token}"
+
+    def add_mount(self, path: Path, source: str) -> None:
         with self._lock:
-            self.data["mounts"].append(str(path))
+            self.data["mounts"].append([str(path), source])
         self.save()
 
     def remove_mount(self, path: Path) -> None:
-        with self._lock, contextlib.suppress(ValueError):
-            self.data["mounts"].remove(str(path))
+        with self._lock:
+            self.data["mounts"] = [m for m in self.data["mounts"] if m[0] != str(path)]
         self.save()
 
-    def add_loop(self, device: str, image: Path) -> None:
+    def add_loop(self, device: str, loop: LoopId) -> None:
         with self._lock:
-            self.data["loops"][device] = str(image)
+            self.data["loops"][device] = [loop.image, loop.inode, loop.device]
         self.save()
 
     def remove_loop(self, device: str) -> None:
         with self._lock:
             self.data["loops"].pop(device, None)
+        self.save()
+
+    def add_cgroup(self, path: Path) -> None:
+        with self._lock:
+            self.data["cgroups"].append(str(path))
+        self.save()
+
+    def remove_cgroup(self, path: Path) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self.data["cgroups"].remove(str(path))
         self.save()
 
     def close(self) -> None:
@@ -142,43 +213,76 @@ def clean_run(data: dict[str, Any]) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(process_start_time(p) is not None for p in pids):
         time.sleep(0.05)
+    for cgroup in data.get("cgroups", []):
+        if Path(cgroup).name.startswith("asyncstage-localcloud-"):
+            remove_cgroup_tree(Path(cgroup))
     for mount in reversed(data.get("mounts", [])):
-        if _is_mount_point(mount):
+        if isinstance(mount, list) and _mounted_source(mount[0]) == mount[1]:
             with contextlib.suppress(LocalCloudError):
-                run(which("umount"), "--lazy", mount, what="umount")
-    for device, image in data.get("loops", {}).items():
-        free_loop(device, image)
+                run(which("umount"), "--lazy", mount[0], what="umount")
+    for device, loop in data.get("loops", {}).items():
+        if isinstance(loop, list) and len(loop) == 3:
+            free_loop(device, LoopId(*loop))
     state_dir = data.get("state_dir")
-    if state_dir and data.get("created_state_dir"):
+    if state_dir and data.get("created_state_dir") and not state_dir_locked(Path(state_dir)):
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _is_mount_point(path: str) -> bool:
+def _mounted_source(path: str) -> str | None:
+    """The source name of the mount on ``path`` (the topmost), None if none."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return False
-    return any(line.split()[4] == path for line in lines)
+        return None
+    found = None
+    for line in lines:
+        fields = line.split()
+        if fields[4] == path:
+            found = fields[fields.index("-") + 2]
+    return found
 
 
-def loop_backing_file(device: str) -> str | None:
-    """The image a loop device is attached to, None when the device is free."""
-    name = Path(device).name
+def loop_backing(device: str) -> LoopId | None:
+    """What a loop device is bound to (even a deleted file), None when it is free."""
     try:
-        backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        out = subprocess.run(
+            [
+                which("losetup"),
+                "--list",
+                "--noheadings",
+                "--raw",
+                "-O",
+                "BACK-INO,BACK-MAJ:MIN,BACK-FILE",
+                device,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     except OSError:
         return None
-    return backing.removesuffix(" (deleted)")
+    if not out:
+        return None
+    inode, majmin, backing = (_unraw(f) for f in out.split(" ", 2))
+    try:
+        return LoopId(backing.removesuffix(" (deleted)"), int(inode), majmin)
+    except ValueError:
+        return None
 
 
-def free_loop(device: str, image: str | os.PathLike[str], wait: float = 10.0) -> None:
-    """Detach ``device`` if it is still attached to ``image``; wait until it is free."""
-    if loop_backing_file(device) != os.fspath(image):
+def _unraw(field: str) -> str:
+    """losetup --raw escapes blanks as \\x20."""
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m[1], 16)), field).strip()
+
+
+def free_loop(device: str, loop: LoopId, wait: float = 10.0) -> None:
+    """Detach ``device`` if it is still bound to ``loop``; wait until it is free."""
+    if loop_backing(device) != loop:
         return
     with contextlib.suppress(LocalCloudError):
         run(which("losetup"), "--detach", device, what="losetup --detach")
     # a filesystem on it that is still being unmounted (a namespace that just died)
     # keeps it busy: the kernel frees it when the last user lets go
     deadline = time.monotonic() + wait
-    while loop_backing_file(device) == os.fspath(image) and time.monotonic() < deadline:
+    while loop_backing(device) == loop and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -1,0 +1,234 @@
+"""The local cloud's EC2 endpoint: moto's EC2 app behind the cloud's own middleware.
+
+:class:`LocalApi` owns the backend (:mod:`._moto`) and the HTTP server. Its middleware,
+in the order a request meets it: the ``Host`` must be the endpoint's, the signature must
+be the cloud's (:mod:`._auth`); then it counts the Action, pins the account and region,
+answers GetConsoleOutput from the hosts' consoles, and hands the rest to moto, whose
+response it brings to EC2's wire format (:mod:`._wire`). To the engine it is the
+:class:`~._hooks.ApiHooks` it needs: the records of instances and snapshots.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+from xml.sax.saxutils import escape
+
+from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._auth import AuthFailure, check_host, check_request
+from asyncstage.localcloud._devices import ROOT_DEVICE_NAME
+from asyncstage.localcloud._hooks import EngineHooks
+from asyncstage.localcloud._wire import error_xml, fix_response, namespace
+
+try:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+    from werkzeug.serving import BaseWSGIServer, make_server
+
+    from asyncstage.localcloud._moto import (
+        install_backend,
+        make_backend,
+        set_state,
+        uninstall_backend,
+    )
+except ImportError as e:  # pragma: no cover - the [local] extra is not installed
+    raise LocalCloudError("the local cloud needs moto: pip install 'asyncstage[local]'") from e
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+_CREDENTIAL = re.compile(r"Credential=[^/]*/\d+/([^/]+)/([^/]+)/")
+IMAGE_DESCRIPTION = "Debian 12: this machine's system tree, copy-on-write (asyncstage)"
+
+
+class _QuietHandler(MotoRequestHandler):
+    def log_request(self, *args: Any) -> None:
+        pass
+
+
+class LocalApi:
+    """The API server of one cloud, started at once; :meth:`close` stops it."""
+
+    def __init__(self, engine: EngineHooks) -> None:
+        self._engine = engine
+        with engine.lock:
+            self.backend = make_backend(engine.region, engine.account)
+            image = self.backend.register_image(
+                name=engine.image_name, description=IMAGE_DESCRIPTION
+            )
+            image.architecture = "x86_64"
+            image.virtualization_type = "hvm"
+            image.hypervisor = "xen"
+            image.root_device_type = "ebs"
+            image.root_device_name = ROOT_DEVICE_NAME
+            self.image_id: str = image.id
+            self.backend.image_id = image.id
+            self.backend.engine = engine
+        self._server: BaseWSGIServer = make_server(
+            "127.0.0.1",
+            engine.port,
+            make_app(engine, self.backend),
+            threaded=True,
+            request_handler=_QuietHandler,
+        )
+        self.port: int = self._server.server_address[1]
+        engine.port = self.port  # the Host header must name it
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="localcloud-api",
+            daemon=True,
+        )
+        self._thread.start()
+
+    # -- ApiHooks (called by the engine under its lock) --------------------------------
+
+    def instance_state(self, instance_id: str) -> str:
+        return str(self.backend.get_instance(instance_id).state)
+
+    def set_running(self, instance_id: str) -> None:
+        instance = self.backend.get_instance(instance_id)
+        if instance.state == "pending":
+            set_state(instance, "running")
+
+    def boot_failed(self, instance_id: str, reason: str) -> None:
+        instance = self.backend.get_instance(instance_id)
+        if instance.state == "pending":
+            instance.stop()
+            instance._reason = f"Server.InternalError: {reason}"
+
+    def halted(self, instance_id: str, *, terminated: bool) -> None:
+        instance = self.backend.get_instance(instance_id)
+        if terminated:
+            instance.terminate()  # moto detaches the volumes (through volume_detaching)
+        elif instance.state == "stopping":
+            instance.stop()
+
+    def snapshot_completed(self, snapshot_id: str) -> None:
+        if snapshot_id in self.backend.snapshots:
+            self.backend.snapshots[snapshot_id].status = "completed"
+
+    def root_volume(self, instance_id: str) -> str | None:
+        instance = self.backend.get_instance(instance_id)
+        mapping = instance.block_device_mapping.get(ROOT_DEVICE_NAME)
+        return None if mapping is None else str(mapping.volume_id)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+        with self._engine.lock:
+            self.backend.engine = None
+            uninstall_backend(self.backend)
+
+
+# -- the WSGI app -----------------------------------------------------------------------
+
+
+def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
+    """moto's EC2 app behind the local cloud's middleware."""
+    moto_app: WSGIApp = create_backend_app("ec2")
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            size = 0
+        body = environ["wsgi.input"].read(size) if size else b""
+        params = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
+        params.update(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+        try:
+            check_host(environ, engine.port)
+            check_request(environ, body, params, engine.credentials)
+        except AuthFailure as e:
+            return _error_response(start_response, e.code, str(e), e.status)
+        action = params.get("Action", "")
+        version = params.get("Version")
+        with engine.lock:
+            engine.api_calls[action] += 1
+        m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if m and m.group(2) == "ec2" and m.group(1) != engine.region:
+            return _error_response(
+                start_response,
+                "UnsupportedOperation",
+                f"this local cloud serves region {engine.region} only, not {m.group(1)}",
+            )
+        # The local cloud always has the capacity: like EC2 then, it launches MaxCount.
+        if action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount")):
+            params["MinCount"] = params["MaxCount"]
+            body = urlencode(params).encode()
+            environ["QUERY_STRING"] = ""
+        if action == "GetConsoleOutput":
+            with engine.lock:
+                text = engine.console(params.get("InstanceId", ""))
+            if text is not None:
+                return _console_response(start_response, params["InstanceId"], text, version)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
+        status: list[Any] = []
+
+        def capture(code: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+            status[:] = [code, headers]
+            return lambda data: None
+
+        with engine.lock:
+            install_backend(backend)  # moto's resets (mock_aws elsewhere) clear it
+            result = moto_app(environ, capture)
+            try:
+                data = b"".join(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        code, headers = status
+        data = fix_response(action, version, code.startswith("2"), data)
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(code, [*headers, ("Content-Length", str(len(data)))])
+        return [data]
+
+    return app
+
+
+def _more(maximum: str | None, minimum: str | None) -> bool:
+    try:
+        return maximum is not None and int(maximum) > int(minimum or 1)
+    except ValueError:
+        return False
+
+
+def _xml_response(start_response: StartResponse, status: str, data: bytes) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+
+
+def _error_response(
+    start_response: StartResponse, code: str, message: str, status: int = 400
+) -> list[bytes]:
+    return _xml_response(start_response, f"{status} {_REASONS[status]}", error_xml(code, message))
+
+
+def _console_response(
+    start_response: StartResponse, instance_id: str, text: str, version: str | None
+) -> list[bytes]:
+    output = base64.b64encode(text.encode()).decode()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<GetConsoleOutputResponse xmlns="{namespace(version)}">'
+        "<requestId>request-id</requestId>"
+        f"<instanceId>{escape(instance_id)}</instanceId>"
+        f"<timestamp>{stamp}</timestamp>"
+        f"<output>{output}</output>"
+        "</GetConsoleOutputResponse>"
+    )
+    data = fix_response("GetConsoleOutput", version, True, xml.encode())
+    return _xml_response(start_response, "200 OK", data)

@@ -1,0 +1,76 @@
+"""The two faces the local cloud's halves show each other, declared.
+
+The engine (hosts, disks, threads: :mod:`._engine`) and the API (moto's records and the
+WSGI app: :mod:`._moto`, :mod:`._api`) call each other. Neither imports the other: each
+sees the other only through the protocol here, and :class:`~._cloud.LocalCloud` wires
+them together.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from asyncstage.localcloud._auth import Credentials
+from asyncstage.localcloud._disks import Disk
+
+
+class ApiRefusal(Exception):
+    """The engine refuses an operation; the API answers with EC2's ``code`` and the message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EngineHooks(Protocol):
+    """What the API calls on the engine (under :attr:`lock`, from request threads)."""
+
+    lock: threading.RLock
+    api_calls: collections.Counter[str]
+    account: str
+    region: str
+    image_name: str
+    port: int  # the API's port (0 asks for a free one; the API sets the one it bound)
+    credentials: Credentials
+
+    @property
+    def disks(self) -> Mapping[str, Disk]:
+        """Volume id -> its image and attachment."""
+
+    @property
+    def snapshots(self) -> Mapping[str, Path]:
+        """Snapshot id -> its image."""
+
+    def new_address(self) -> str: ...
+    def launched(
+        self, instance_id: str, address: str, public_key: str | None, instance_type: str
+    ) -> None: ...
+    def start_instance(self, instance_id: str) -> None: ...
+    def stop_instance(self, instance_id: str) -> None: ...
+    def terminate_instance(self, instance_id: str) -> None: ...
+    def console(self, instance_id: str) -> str | None: ...
+    def volume_created(self, volume_id: str, size: int, source: Path | None) -> None: ...
+    def volume_attached(self, volume_id: str, instance_id: str, device: str) -> None: ...
+    def volume_detaching(self, volume_id: str) -> None: ...
+    def volume_deleted(self, volume_id: str) -> None: ...
+    def snapshot_created(self, snapshot_id: str, source: Path) -> None: ...
+    def snapshot_deleted(self, snapshot_id: str) -> None: ...
+
+
+class ApiHooks(Protocol):
+    """What the engine calls on the API (its records of instances and snapshots)."""
+
+    endpoint_url: str
+    image_id: str  # the AMI instances boot
+
+    def instance_state(self, instance_id: str) -> str: ...
+    def set_running(self, instance_id: str) -> None: ...
+    def boot_failed(self, instance_id: str, reason: str) -> None: ...
+    def halted(self, instance_id: str, *, terminated: bool) -> None: ...
+    def snapshot_completed(self, snapshot_id: str) -> None: ...
+    def root_volume(self, instance_id: str) -> str | None: ...
+    def close(self) -> None: ...

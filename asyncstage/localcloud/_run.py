@@ -1,0 +1,132 @@
+"""What one local-cloud run holds on the machine, from its start to its end.
+
+Its state dir's lock, its registry record (so that a crash is cleaned up by the next
+cloud), its device cgroup, the tmpfs of its instances' roots and its root disk. Each is
+recorded as soon as it exists and released by :meth:`_Run.close`, also after a failed
+start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._disks import RootDisk
+from asyncstage.localcloud._isolation import (
+    device_cgroups_available,
+    remove_cgroup_tree,
+    run_cgroup_dir,
+)
+from asyncstage.localcloud._registry import LoopId, RunRecord, lock_state_dir, register
+from asyncstage.localcloud._system import run, which
+
+log = logging.getLogger("asyncstage.localcloud")
+SUBDIRS = ("instances", "volumes", "snapshots", "roots")
+
+
+class _Run:
+    """The machine-wide resources of one run (blocking)."""
+
+    def __init__(self) -> None:
+        self.record: RunRecord | None = None
+        self.state_dir = Path()
+        self.cgroups: Path | None = None  # this run's device cgroup
+        self.root_disk: RootDisk | None = None
+        self._lock_fd: int | None = None
+        self._roots_mounted = False
+
+    def start(self, state_dir: Path, created: bool) -> None:
+        self.state_dir = state_dir
+        self._lock_fd = lock_state_dir(state_dir)  # StateDirInUse: another cloud has it
+        self.record = RunRecord(state_dir, created)
+        register(self.record)  # cleans crashed runs, claims an address block
+        for sub in SUBDIRS:
+            (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        if device_cgroups_available():
+            self.cgroups = run_cgroup_dir(self.record.token)
+            self.record.add_cgroup(self.cgroups)
+            self.cgroups.mkdir()
+        else:
+            log.warning(
+                "local cloud: no cgroup v1 devices controller on this machine: root in an "
+                "instance is kept from the machine's disks by its capabilities only"
+            )
+        roots = state_dir / "roots"
+        source = self.record.mount_source("roots")
+        self.record.add_mount(roots, source)
+        run(which("mount"), "-t", "tmpfs", "-o", "mode=0700", source, roots, what="mount")
+        self._roots_mounted = True
+        disk = RootDisk(state_dir / "root-disk.img")
+        self.root_disk = disk
+        loop = disk.attach()
+        assert disk.loop_id is not None
+        self.record.add_loop(loop, disk.loop_id)
+
+    @property
+    def block(self) -> int:
+        assert self.record is not None
+        return self.record.block
+
+    def add_loop(self, device: str, loop: LoopId) -> None:
+        if self.record is not None:
+            self.record.add_loop(device, loop)
+
+    def remove_loop(self, device: str) -> None:
+        if self.record is not None:
+            self.record.remove_loop(device)
+
+    def close(self) -> None:
+        """Release everything (after the hosts are dead); LocalCloudError if a mount stays."""
+        errors: list[str] = []
+        if self.root_disk is not None and self.root_disk.loop is not None:
+            loop = self.root_disk.loop
+            self.root_disk.detach()
+            self.remove_loop(loop)
+        if self.cgroups is not None and self.record is not None:
+            remove_cgroup_tree(self.cgroups)
+            self.record.remove_cgroup(self.cgroups)
+        if self._roots_mounted:
+            roots = self.state_dir / "roots"
+            try:
+                _unmount(roots)
+                if self.record is not None:
+                    self.record.remove_mount(roots)
+            except LocalCloudError as e:
+                errors.append(str(e))
+        if self.record is not None and not errors:
+            if self.record.data["created_state_dir"]:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            else:
+                for sub in SUBDIRS:
+                    shutil.rmtree(self.state_dir / sub, ignore_errors=True)
+                for name in ("credentials", "root-disk.img"):
+                    (self.state_dir / name).unlink(missing_ok=True)
+            self.record.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if errors:
+            raise LocalCloudError("local cloud cleanup incomplete: " + "; ".join(errors))
+
+
+def _unmount(path: Path) -> None:
+    """Unmount ``path``; waits a little for dying namespaces, then detaches lazily."""
+    umount = which("umount")
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            run(umount, path, what="umount")
+            return
+        except LocalCloudError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    with contextlib.suppress(LocalCloudError):
+        run(umount, "--lazy", path, what="umount --lazy")
+        return
+    raise LocalCloudError(f"cannot unmount {path}")

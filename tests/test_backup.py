@@ -1,0 +1,180 @@
+"""Backups and restores (asyncstage.backup) on the local cloud: what they write, what they
+refuse, and what a failure or a cancellation leaves behind (nothing but earlier snapshots)."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncstage import Manager, Server, Volume, backup
+from asyncstage.ec2 import tag, tag_filters
+from asyncstage.errors import (
+    DestinationNotEmpty,
+    InvalidArgument,
+    InvalidName,
+    NameTaken,
+    UnknownSnapshot,
+)
+from tests.cloud_fixtures import ManagerFactory
+
+pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
+
+
+@pytest.fixture
+async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
+    async with manager_factory() as m:
+        yield m
+        for name in ("photos", "round", "broken", "cancelled"):
+            for snap in await m.snapshots(name):
+                await m.ec2.delete_snapshot(snap["SnapshotId"])
+
+
+@pytest.fixture
+async def server(manager: Manager) -> Server:
+    return await manager.get_server("backup-host")
+
+
+def _tree(root: Path, files: int = 6) -> Path:
+    (root / "docs").mkdir(parents=True)
+    for i in range(files):
+        (root / "docs" / f"f{i}.txt").write_text(f"file {i}\n" * (i * 50 + 1))
+    (root / "blob.bin").write_bytes(os.urandom(300_000))
+    return root
+
+
+async def _volumes_named(m: Manager, name: str) -> list[str]:
+    """Ids of the volumes EC2 still has with this name tag (whoever made them)."""
+    found = await m.ec2.describe_volumes(filters=tag_filters({tag("name"): name}))
+    return [v["VolumeId"] for v in found if v.get("State") != "deleted"]
+
+
+async def test_a_live_volume_of_the_backup_name_is_never_touched(
+    manager: Manager, server: Server, tmp_path: Path
+) -> None:
+    """The first reproduction of issue 10: `backup --name photos` with a volume `photos`."""
+    live = await server.provision_volume("photos", size=1)
+    assert live.mtpt
+    await server.scmd("sh", "-c", f"echo precious > {live.mtpt}/keep.txt", sudo=True)
+    src = _tree(tmp_path / "src")
+
+    with pytest.raises(NameTaken, match="a volume named 'photos' exists"):
+        await backup.backup(manager, "photos", [src])
+
+    assert manager.volumes() == [live] and live.mounted and live.server is server
+    assert await server.scmd("cat", f"{live.mtpt}/keep.txt", sudo=True) == "precious\n"
+    assert await _volumes_named(manager, "photos") == [live.volume_id]
+    assert await manager.snapshots("photos") == []  # nothing was written under its name
+    await live.delete()
+
+
+async def test_round_trip_incremental_and_restore_rules(
+    manager: Manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _tree(tmp_path / "src")
+    phases: list[str] = []
+    first = await backup.backup(manager, "round", [src], phase=phases.append)
+    assert phases == ["volume", "rsync", "snapshot", "cleanup"]
+    assert first.files == 7 and first.previous_snapshot_id is None
+    assert manager.volumes() == [] and await _volumes_named(manager, "round") == []
+
+    (src / "docs" / "f0.txt").unlink()
+    (src / "new.txt").write_text("added\n")
+    second = await backup.backup(manager, "round", [str(src)])
+    assert second.files == 1  # incremental: the volume came from the first snapshot
+    assert second.previous_snapshot_id == first.snapshot_id
+    snaps = [s["SnapshotId"] for s in await manager.snapshots("round")]
+    assert snaps == [second.snapshot_id, first.snapshot_id]
+    assert await _volumes_named(manager, "round") == []
+
+    dest = tmp_path / "restored"
+    done = await backup.restore(manager, "round", dest)
+    assert done.snapshot_id == second.snapshot_id
+    copy = dest / str(src).lstrip("/")
+    compare = filecmp.dircmp(src, copy)
+    assert not (compare.left_only or compare.right_only or compare.diff_files)
+    assert not (copy / "docs" / "f0.txt").exists()
+    assert manager.volumes() == []  # the temporary volume is gone
+
+    # an older snapshot, by id, merged into the now non-empty directory only when asked
+    with pytest.raises(DestinationNotEmpty, match="not empty"):
+        await backup.restore(manager, "round", dest, snapshot_id=first.snapshot_id)
+    (copy / "new.txt").write_text("mine\n")
+    await backup.restore(manager, "round", dest, snapshot_id=first.snapshot_id, overwrite=True)
+    assert (copy / "docs" / "f0.txt").exists()  # from the first backup
+    assert (copy / "new.txt").read_text() == "mine\n"  # merged: nothing deleted
+
+    with pytest.raises(InvalidArgument, match="refusing to restore into /"):
+        await backup.restore(manager, "round", "/", overwrite=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    with pytest.raises(InvalidArgument, match="home directory"):
+        await backup.restore(manager, "round", "~", overwrite=True)
+    with pytest.raises(UnknownSnapshot, match="no backup named 'nothing'"):
+        await backup.restore(manager, "nothing", tmp_path / "other")
+    assert manager.volumes() == []
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "-x", "a b", "a\nb", "$(id)", "é", "x" * 129])
+async def test_hostile_backup_names_are_refused(
+    manager: Manager, tmp_path: Path, name: str
+) -> None:
+    with pytest.raises(InvalidName, match="starts with a letter or digit"):
+        await backup.backup(manager, name, [tmp_path])
+    with pytest.raises(InvalidName):
+        await backup.restore(manager, name, tmp_path / "dest")
+    assert manager.volumes() == [] and not (tmp_path / "dest").exists()
+
+
+async def test_a_failing_backup_deletes_only_its_own_volume(
+    manager: Manager, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _tree(tmp_path / "src")
+    other = await server.provision_volume("bystander", size=1)
+    first = await backup.backup(manager, "broken", [src])
+
+    async def snapshot_fails(self: Volume, description: str = "", *, wait: bool = False) -> str:
+        raise RuntimeError("EBS is having a bad day")
+
+    monkeypatch.setattr(Volume, "create_snapshot", snapshot_fails)
+    (src / "late.txt").write_text("late\n")
+    with pytest.raises(RuntimeError, match="bad day"):
+        await backup.backup(manager, "broken", [src])
+
+    assert manager.volumes() == [other] and other.mounted
+    assert await _volumes_named(manager, "broken") == []
+    assert [s["SnapshotId"] for s in await manager.snapshots("broken")] == [first.snapshot_id]
+    await other.delete()
+
+
+async def test_a_cancelled_backup_deletes_its_volume(manager: Manager, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    with anyio.CancelScope() as scope:
+
+        def phase(name: str) -> None:
+            if name == "rsync":
+                scope.cancel()
+
+        await backup.backup(manager, "cancelled", [src], phase=phase)
+    assert scope.cancelled_caught
+    assert manager.volumes() == [] and await _volumes_named(manager, "cancelled") == []
+    assert await manager.snapshots("cancelled") == []
+
+
+def test_destination_rules_need_no_cloud(tmp_path: Path) -> None:
+    assert backup.check_destination(tmp_path / "new") == str(tmp_path / "new")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(DestinationNotEmpty):
+        backup.check_destination(tmp_path / "full")
+    assert backup.check_destination(tmp_path / "full", overwrite=True)
+    with pytest.raises(InvalidArgument, match="not a directory"):
+        backup.check_destination(tmp_path / "full" / "x", overwrite=True)
+    (tmp_path / "link").symlink_to("/")
+    with pytest.raises(InvalidArgument, match="into /"):
+        backup.check_destination(tmp_path / "link", overwrite=True)
+    assert backup.size_for(0) == 1 and backup.size_for(2 << 30) == 4

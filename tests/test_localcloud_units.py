@@ -1,0 +1,160 @@
+"""The local cloud's pure parts, without root: device names, signatures, the wire format."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials as BotoCredentials
+
+from asyncstage.localcloud._auth import AuthFailure, Credentials, check_host, check_request
+from asyncstage.localcloud._devices import is_nitro, root_nodes, xen_node
+from asyncstage.localcloud._isolation import scrubbed_shadow
+from asyncstage.localcloud._wire import boolean_actions, fix_response, namespace
+
+CREDS = Credentials("AKIAEXAMPLEEXAMPLE00", "s" * 40)
+ENDPOINT = "http://127.0.0.1:4566/"
+
+
+@pytest.mark.parametrize(
+    ("device", "node"),
+    [
+        ("/dev/sdf", "xvdf"),
+        ("/dev/sdf1", "xvdf1"),
+        ("/dev/sdp15", "xvdp15"),
+        ("/dev/hdg", "xvdg"),
+        ("/dev/xvdh", "xvdh"),
+        ("/dev/xvdbc", "xvdbc"),
+        ("xvdh", "xvdh"),
+        ("/dev/sdf16", None),
+        ("/dev/sda1", None),
+        ("/dev/xvda", None),
+        ("/dev/sda2", None),
+        ("/dev/nvme1n1", None),
+        ("/dev/foo", None),
+    ],
+)
+def test_attach_names_as_ec2_takes_them(device: str, node: str | None) -> None:
+    assert xen_node(device) == node
+
+
+def test_instance_families() -> None:
+    assert [is_nitro(t) for t in ("t3.micro", "m5.large", "m7g.xlarge", "t4g.nano")] == [True] * 4
+    assert [is_nitro(t) for t in ("t2.micro", "m4.large", "c4.xlarge", "m1.small")] == [False] * 4
+    assert root_nodes(True) == ("nvme0n1", "nvme0n1p1")
+    assert root_nodes(False) == ("xvda", "xvda1")
+
+
+def test_shadow_is_scrubbed() -> None:
+    text = "root:$6$salt$hash:19000:0:99999:7:::\ndaemon:*:19000::::::\nx:!:1::::::"
+    assert scrubbed_shadow(text, 1) == [
+        "root:*:19000:0:99999:7:::",
+        "daemon:*:19000::::::",
+        "x:!:1::::::",
+    ]
+
+
+def test_wire_fixes() -> None:
+    assert namespace("2014-10-01") == "http://ec2.amazonaws.com/doc/2014-10-01/"
+    assert namespace("nonsense") == namespace(None) == "http://ec2.amazonaws.com/doc/2016-11-15/"
+    assert {"CreateTags", "DeleteTags", "DeleteVolume", "DeleteKeyPair"} <= boolean_actions()
+    assert {"DeleteSecurityGroup", "AuthorizeSecurityGroupIngress"} <= boolean_actions()
+    assert "RunInstances" not in boolean_actions()
+    moto = (
+        b'<CreateTagsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15">'
+        b"<requestId>request-id</requestId></CreateTagsResponse>"
+    )
+    fixed = fix_response("CreateTags", "2016-11-15", True, moto).decode()
+    assert fixed.startswith('<CreateTagsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">')
+    assert fixed.endswith("<return>true</return></CreateTagsResponse>")
+    assert "request-id" not in fixed
+    error = b'<Response xmlns="x"><Errors/><RequestID>request-id</RequestID></Response>'
+    assert fix_response("X", None, False, error).startswith(b"<Response><Errors/><RequestID>")
+
+
+def environ_of(request: Any, body: bytes) -> dict[str, Any]:
+    """The WSGI environ the server sees for a prepared botocore request."""
+    url = urlsplit(request.url)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": request.method,
+        "PATH_INFO": url.path or "/",
+        "QUERY_STRING": url.query,
+        "RAW_URI": (url.path or "/") + (f"?{url.query}" if url.query else ""),
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)),
+    }
+    for name, value in request.headers.items():
+        key = name.upper().replace("-", "_")
+        if key == "CONTENT_TYPE":
+            environ["CONTENT_TYPE"] = value
+        else:
+            environ["HTTP_" + key] = value
+    environ.setdefault("HTTP_HOST", url.netloc)
+    return environ
+
+
+def signed(secret: str = CREDS.secret_access_key, key: str = CREDS.access_key_id) -> Any:
+    body = b"Action=DescribeRegions&Version=2016-11-15"
+    request = AWSRequest(
+        method="POST",
+        url=ENDPOINT,
+        data=body,
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+            "Host": "127.0.0.1:4566",
+        },
+    )
+    SigV4Auth(BotoCredentials(key, secret), "ec2", "us-east-1").add_auth(request)
+    return environ_of(request, body), body
+
+
+def test_sigv4_is_verified() -> None:
+    params = {"Action": "DescribeRegions", "Version": "2016-11-15"}
+    environ, body = signed()
+    check_request(environ, body, params, CREDS)
+    for bad in (signed(secret="x" * 40), signed(key="AKIAOTHEROTHEROTHER0")):
+        with pytest.raises(AuthFailure, match="not able to validate"):
+            check_request(*bad[:1], bad[1], params, CREDS)
+    environ, body = signed()
+    with pytest.raises(AuthFailure, match="signature does not match"):
+        check_request(environ, body + b"&DryRun=true", params, CREDS)
+    environ.pop("HTTP_AUTHORIZATION")
+    with pytest.raises(AuthFailure, match="not signed"):
+        check_request(environ, body, params, CREDS)
+
+
+def test_sigv2_timestamps_and_hosts() -> None:
+    from tests.test_localcloud_wire import RawClient
+
+    client = RawClient("http://127.0.0.1:4566", CREDS.access_key_id, CREDS.secret_access_key)
+    params = {"Action": "DescribeRegions", "Version": "2014-10-01"}
+    params |= client._sigv2(params)
+    environ = {"REQUEST_METHOD": "POST", "HTTP_HOST": "127.0.0.1:4566", "RAW_URI": "/"}
+    check_request(environ, b"", params, CREDS)
+    with pytest.raises(AuthFailure, match="not able to validate"):
+        check_request(environ, b"", params | {"Version": "2015-01-01"}, CREDS)
+    stale = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with pytest.raises(AuthFailure) as expired:
+        check_request(environ, b"", params | {"Timestamp": stale}, CREDS)
+    assert expired.value.code == "RequestExpired"
+    check_host({"HTTP_HOST": "localhost:4566"}, 4566)
+    for host in ("evil.example:4566", "127.0.0.1:80", ""):
+        with pytest.raises(AuthFailure) as refused:
+            check_host({"HTTP_HOST": host}, 4566)
+        assert refused.value.status == 403
+
+
+def test_credentials_file(tmp_path: Any) -> None:
+    creds = Credentials.generate()
+    assert creds != Credentials.generate()
+    creds.write(tmp_path / "credentials")
+    assert (tmp_path / "credentials").stat().st_mode & 0o777 == 0o600
+    assert (
+        f"aws_secret_access_key = {creds.secret_access_key}"
+        in (tmp_path / "credentials").read_text()
+    )

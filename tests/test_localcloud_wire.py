@@ -1,0 +1,349 @@
+"""The local cloud's API as EC2 clients other than the library see it.
+
+- a small raw Query-API client (urllib, signing by hand with SigV2 and with SigV4, as
+  clients in other languages do) checks the wire format: EC2's namespace with its trailing
+  slash, in the API version the client sent, ``<return>true</return>`` on boolean actions,
+  EC2's error document, and the authentication: wrong secret, wrong key id, no signature,
+  a foreign ``Host`` are refused;
+- the AWS CLI (``awscli``, of the ``dev`` extra) drives a full cycle: key pair, security
+  group, run, describe, volume create/attach/detach, snapshot, stop/start, terminate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aioboto3
+import anyio
+import pytest
+from botocore.exceptions import ClientError
+
+from asyncstage.localcloud import LocalCloud, StateDirInUse
+
+pytestmark = [
+    pytest.mark.localcloud,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
+]
+
+NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[LocalCloud]:
+    from anyio.from_thread import start_blocking_portal
+
+    with start_blocking_portal("asyncio") as portal:
+        cm = portal.wrap_async_context_manager(LocalCloud())
+        running = cm.__enter__()
+        try:
+            yield running
+        finally:
+            cm.__exit__(None, None, None)
+
+
+# -- a raw Query-API client ----------------------------------------------------------------
+
+
+def _quote(text: str) -> str:
+    return quote(text, safe="-_.~")
+
+
+class RawClient:
+    """EC2's Query API over http.client, signed by hand (no botocore)."""
+
+    def __init__(
+        self, endpoint: str, key: str, secret: str, region: str = "us-east-1", host: str = ""
+    ) -> None:
+        self.netloc = urlsplit(endpoint).netloc
+        self.host = host or self.netloc
+        self.key, self.secret, self.region = key, secret, region
+
+    def call(
+        self, action: str, version: str = "2016-11-15", sign: str = "v4", **params: str
+    ) -> tuple[int, str]:
+        """(HTTP status, body) of one POST."""
+        params = {"Action": action, "Version": version, **params}
+        headers = {"Host": self.host, "Content-Type": "application/x-www-form-urlencoded"}
+        if sign == "v2":
+            params |= self._sigv2(params)
+        body = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(params.items()))
+        if sign == "v4":
+            headers |= self._sigv4(body.encode(), headers)
+        conn = http.client.HTTPConnection(self.netloc, timeout=30)
+        try:
+            conn.request("POST", "/", body=body.encode(), headers=headers)
+            reply = conn.getresponse()
+            return reply.status, reply.read().decode()
+        finally:
+            conn.close()
+
+    def _sigv2(self, params: dict[str, str]) -> dict[str, str]:
+        extra = {
+            "AWSAccessKeyId": self.key,
+            "SignatureVersion": "2",
+            "SignatureMethod": "HmacSHA256",
+            "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        signed = params | extra
+        query = "&".join(f"{_quote(k)}={_quote(signed[k])}" for k in sorted(signed))
+        text = f"POST\n{self.host}\n/\n{query}"
+        digest = hmac.new(self.secret.encode(), text.encode(), hashlib.sha256).digest()
+        return extra | {"Signature": base64.b64encode(digest).decode()}
+
+    def _sigv4(self, body: bytes, headers: dict[str, str]) -> dict[str, str]:
+        now = datetime.now(UTC)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        signed = {"content-type": headers["Content-Type"], "host": self.host, "x-amz-date": stamp}
+        names = ";".join(sorted(signed))
+        canonical = "\n".join(
+            [
+                "POST",
+                "/",
+                "",
+                "".join(f"{k}:{signed[k]}\n" for k in sorted(signed)),
+                names,
+                hashlib.sha256(body).hexdigest(),
+            ]
+        )
+        scope = f"{day}/{self.region}/ec2/aws4_request"
+        text = "\n".join(
+            ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        key = ("AWS4" + self.secret).encode()
+        for part in (day, self.region, "ec2", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        signature = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+        return {
+            "X-Amz-Date": stamp,
+            "Authorization": f"AWS4-HMAC-SHA256 Credential={self.key}/{scope}, "
+            f"SignedHeaders={names}, Signature={signature}",
+        }
+
+
+def raw(cloud: LocalCloud, **changes: str) -> RawClient:
+    kwargs = {
+        "key": cloud.session_kwargs()["aws_access_key_id"],
+        "secret": cloud.session_kwargs()["aws_secret_access_key"],
+    }
+    return RawClient(cloud.endpoint_url, **(kwargs | changes))
+
+
+def find(body: str, tag: str, ns: str = NS) -> list[str]:
+    root = ET.fromstring(body)
+    return [e.text or "" for e in root.iter(f"{{{ns}}}{tag}" if ns else tag)]
+
+
+def error_code(body: str) -> str:
+    root = ET.fromstring(body)
+    assert root.tag == "Response", body  # EC2's error document has no namespace
+    assert root.find("RequestID") is not None, body
+    code = root.find("Errors/Error/Code")
+    assert code is not None and root.find("Errors/Error/Message") is not None, body
+    return code.text or ""
+
+
+# -- authentication ------------------------------------------------------------------------
+
+
+def test_credentials_are_the_clouds_own(cloud: LocalCloud) -> None:
+    creds = cloud.session_kwargs()
+    assert creds["aws_access_key_id"].startswith("AKIA") and len(creds["aws_access_key_id"]) == 20
+    assert len(creds["aws_secret_access_key"]) == 40
+    assert cloud.session_kwargs()["aws_secret_access_key"] == creds["aws_secret_access_key"]
+    path = Path(cloud.state_dir) / "credentials"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert creds["aws_secret_access_key"] in path.read_text()
+
+
+@pytest.mark.parametrize("sign", ["v4", "v2"])
+def test_signed_requests_are_answered_and_others_refused(cloud: LocalCloud, sign: str) -> None:
+    status, body = raw(cloud).call("DescribeRegions", sign=sign)
+    assert status == 200 and "us-east-1" in find(body, "regionName"), body
+    for client in (raw(cloud, secret="x" * 40), raw(cloud, key="AKIAWRONGWRONGWRONG0")):
+        status, body = client.call("DescribeRegions", sign=sign)
+        assert status == 401 and error_code(body) == "AuthFailure", body
+    status, body = raw(cloud).call("DescribeRegions", sign="none")
+    assert status == 401 and error_code(body) == "AuthFailure", body
+    # DNS rebinding: a page served from evil.example reaches 127.0.0.1 under its own name
+    port = urlsplit(cloud.endpoint_url).port
+    status, body = raw(cloud, host=f"evil.example:{port}").call("DescribeRegions", sign=sign)
+    assert status == 403, body
+    status, _ = raw(cloud, host=f"localhost:{port}").call("DescribeRegions", sign=sign)
+    assert status == 200
+
+
+@pytest.mark.anyio
+async def test_botocore_with_other_credentials_gets_auth_failure(cloud: LocalCloud) -> None:
+    kwargs = cloud.session_kwargs() | {"aws_secret_access_key": "not-the-secret"}
+    async with aioboto3.Session().client("ec2", **kwargs) as ec2:
+        with pytest.raises(ClientError) as failed:
+            await ec2.describe_instances()
+    assert failed.value.response["Error"]["Code"] == "AuthFailure"
+
+
+# -- the wire format -----------------------------------------------------------------------
+
+
+def test_namespace_return_and_errors_as_ec2_sends_them(cloud: LocalCloud) -> None:
+    client = raw(cloud)
+    status, body = client.call("CreateKeyPair", KeyName="wire")
+    assert status == 200 and body.count(f'xmlns="{NS}"') == 1, body
+    assert find(body, "keyName") == ["wire"]
+    # an older client, speaking a 2014 API version and SigV2: answered in its version
+    old = "http://ec2.amazonaws.com/doc/2014-10-01/"
+    status, body = client.call("DescribeKeyPairs", version="2014-10-01", sign="v2")
+    assert status == 200 and "wire" in find(body, "keyName", old), body
+    status, body = client.call("CreateVolume", Size="1", AvailabilityZone="us-east-1a")
+    (volume_id,) = find(body, "volumeId")
+    tags = {"ResourceId.1": volume_id, "Tag.1.Key": "Name", "Tag.1.Value": "wire"}
+    for action, params in (
+        ("CreateTags", tags),
+        ("DeleteTags", {"ResourceId.1": volume_id, "Tag.1.Key": "Name"}),
+        ("DeleteVolume", {"VolumeId": volume_id}),
+        ("DeleteKeyPair", {"KeyName": "wire"}),
+    ):
+        status, body = client.call(action, sign="v2", **params)
+        assert status == 200 and find(body, "return") == ["true"], (action, body)
+        assert len(find(body, "requestId")[0]) == 36, body  # a request id of its own
+    status, body = client.call("DeleteVolume", VolumeId=volume_id)
+    assert status == 400 and error_code(body) == "InvalidVolume.NotFound", body
+
+
+def test_a_raw_client_runs_an_instance_and_attaches_partition_names(cloud: LocalCloud) -> None:
+    client = raw(cloud)
+    status, body = client.call(
+        "RunInstances",
+        version="2014-10-01",
+        ImageId=cloud.image_id,
+        MinCount="1",
+        MaxCount="1",
+        InstanceType="t2.micro",
+    )
+    old = "http://ec2.amazonaws.com/doc/2014-10-01/"
+    assert status == 200, body
+    (instance_id,) = find(body, "instanceId", old)
+    status, body = client.call("CreateVolume", Size="1", AvailabilityZone="us-east-1a")
+    (volume_id,) = find(body, "volumeId")
+    try:
+        for device in ("/dev/sdf1", "/dev/xvdbc", "/dev/hdg"):
+            status, body = client.call(
+                "AttachVolume", sign="v2", VolumeId=volume_id, InstanceId=instance_id, Device=device
+            )
+            assert status == 200 and find(body, "device") == [device], body
+            status, body = client.call("DetachVolume", VolumeId=volume_id)
+            assert status == 200, body
+            _wait_raw(client, "DescribeVolumes", "status", "available", {"VolumeId.1": volume_id})
+        status, body = client.call("DescribeInstances", **{"InstanceId.1": instance_id})
+        assert find(body, "rootDeviceName") == ["/dev/xvda"], body
+    finally:
+        client.call("TerminateInstances", **{"InstanceId.1": instance_id})
+        client.call("DeleteVolume", VolumeId=volume_id)
+
+
+def _wait_raw(client: RawClient, action: str, tag: str, want: str, params: dict[str, str]) -> None:
+    for _ in range(200):
+        _, body = client.call(action, **params)
+        if want in find(body, tag):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{action}: {tag} never {want}")
+
+
+# -- the AWS CLI ---------------------------------------------------------------------------
+
+
+def aws(cloud: LocalCloud, *args: str) -> Any:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "AWS_ENDPOINT_URL_EC2": cloud.endpoint_url,
+        "AWS_DEFAULT_REGION": cloud.region,
+        "AWS_ACCESS_KEY_ID": cloud.session_kwargs()["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": cloud.session_kwargs()["aws_secret_access_key"],
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_PAGER": "",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "awscli", "ec2", *args, "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, f"aws ec2 {' '.join(args)}: {done.stderr}"
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("awscli") is None, reason="awscli missing: pip install -e '.[dev]'"
+)
+def test_the_aws_cli_drives_a_full_cycle(cloud: LocalCloud) -> None:
+    key = aws(cloud, "create-key-pair", "--key-name", "cli")
+    assert key["KeyMaterial"].startswith("-----BEGIN")
+    group = aws(cloud, "create-security-group", "--group-name", "cli", "--description", "cli")
+    gid = group["GroupId"]
+    aws(cloud, "authorize-security-group-ingress", "--group-id", gid, "--protocol", "tcp",
+        "--port", "22", "--cidr", "127.0.0.1/32")  # fmt: skip
+    reservation = aws(cloud, "run-instances", "--image-id", cloud.image_id, "--count", "1",
+                      "--instance-type", "t3.micro", "--key-name", "cli",
+                      "--security-group-ids", gid)  # fmt: skip
+    iid = reservation["Instances"][0]["InstanceId"]
+    aws(cloud, "wait", "instance-running", "--instance-ids", iid)
+    described = aws(cloud, "describe-instances", "--instance-ids", iid)
+    instance = described["Reservations"][0]["Instances"][0]
+    assert instance["State"]["Name"] == "running" and instance["KeyName"] == "cli"
+    assert instance["RootDeviceName"] == "/dev/xvda"
+    zone = instance["Placement"]["AvailabilityZone"]
+    vol = aws(cloud, "create-volume", "--size", "1", "--availability-zone", zone)["VolumeId"]
+    aws(cloud, "wait", "volume-available", "--volume-ids", vol)
+    aws(cloud, "attach-volume", "--volume-id", vol, "--instance-id", iid, "--device", "/dev/sdf")
+    aws(cloud, "wait", "volume-in-use", "--volume-ids", vol)
+    snap = aws(cloud, "create-snapshot", "--volume-id", vol)["SnapshotId"]
+    aws(cloud, "wait", "snapshot-completed", "--snapshot-ids", snap)
+    aws(cloud, "detach-volume", "--volume-id", vol)
+    aws(cloud, "wait", "volume-available", "--volume-ids", vol)
+    aws(cloud, "stop-instances", "--instance-ids", iid)
+    aws(cloud, "wait", "instance-stopped", "--instance-ids", iid)
+    aws(cloud, "start-instances", "--instance-ids", iid)
+    aws(cloud, "wait", "instance-running", "--instance-ids", iid)
+    aws(cloud, "create-tags", "--resources", iid, "--tags", "Key=Name,Value=cli")
+    tagged = aws(cloud, "describe-instances", "--filters", "Name=tag:Name,Values=cli")
+    assert [i["InstanceId"] for r in tagged["Reservations"] for i in r["Instances"]] == [iid]
+    aws(cloud, "terminate-instances", "--instance-ids", iid)
+    aws(cloud, "wait", "instance-terminated", "--instance-ids", iid)
+    aws(cloud, "delete-snapshot", "--snapshot-id", snap)
+    aws(cloud, "delete-volume", "--volume-id", vol)
+    aws(cloud, "delete-security-group", "--group-id", gid)
+    aws(cloud, "delete-key-pair", "--key-name", "cli")
+
+
+# -- one cloud per state dir ---------------------------------------------------------------
+
+
+def test_a_second_cloud_on_a_state_dir_is_refused(cloud: LocalCloud) -> None:
+    async def second() -> None:
+        async with LocalCloud(state_dir=cloud.state_dir):
+            pass
+
+    with pytest.raises(StateDirInUse, match="in use by another local cloud"):
+        anyio.run(second)
+    assert Path(cloud.state_dir, "volumes").is_dir()  # the first one's state is untouched
+    status, _ = raw(cloud).call("DescribeRegions")
+    assert status == 200
