@@ -137,13 +137,17 @@ def dotdir_for(endpoint_url: str | None, path: str | os.PathLike[str] | None = N
     For AWS (no endpoint, or an ``amazonaws.com`` one) that is ``path`` itself
     (default ``~/.asyncstage``). For any other endpoint it is a directory of its
     own under it, ``<path>/endpoints/<host>_<port>-<digest>/``, so that a local
-    cloud never shares a key pair or known_hosts file with a real region.
+    cloud never shares a key pair or known_hosts file with a real region. Given that
+    directory itself (a manager's ``dotdir`` passed on to another), it is kept.
     """
     base = dotdir(path)
     if is_aws_endpoint(endpoint_url):
         return base
     assert endpoint_url is not None  # is_aws_endpoint is true for None
-    return dotdir(dotdir(base / "endpoints") / endpoint_slug(endpoint_url))
+    slug = endpoint_slug(endpoint_url)
+    if base.name == slug and base.parent.name == "endpoints":
+        return base  # already this endpoint's own (a manager's ``dotdir`` passed on)
+    return dotdir(dotdir(base / "endpoints") / slug)
 
 
 def known_hosts_path(directory: Path) -> Path:

@@ -375,6 +375,9 @@ async def test_hostile_names_are_refused_by_the_cli(
         "ASYNCSTAGE_ENDPOINT_URL": cloud.endpoint_url,
         "ASYNCSTAGE_DOTDIR": str(cloud_dotdir),
         "AWS_DEFAULT_REGION": cloud.region,
+        # the cloud checks every request's signature: its own random credentials
+        "AWS_ACCESS_KEY_ID": cloud.session_kwargs()["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": cloud.session_kwargs()["aws_secret_access_key"],
         "HOME": str(tmp_path / "home"),
         "COLUMNS": "200",
     }

@@ -49,6 +49,7 @@ def test_other_endpoints_get_a_directory_of_their_own(tmp_path: Path, url: str) 
     assert stat.S_IMODE(own.stat().st_mode) == 0o700
     assert stat.S_IMODE((base / "endpoints").stat().st_mode) == 0o700
     assert keys.dotdir_for(url, base) == own  # stable
+    assert keys.dotdir_for(url, own) == own  # a manager's dotdir passed on is kept
     # its key is not the region's key of the real AWS dot directory
     aws = keys.local_key(keys.dotdir_for(None, base), "us-east-1")
     local = keys.local_key(own, "us-east-1")
