@@ -100,9 +100,9 @@ def read_local_state(directory: Path) -> dict[str, Any] | None:
 
 
 def local_credentials(state: dict[str, Any]) -> dict[str, str]:
-    """The local cloud's credentials: those its record holds (``credentials``), else the
-    fixed ones of older records."""
-    return dict(state.get("credentials") or LOCAL_CREDENTIALS)
+    """The local cloud's credentials: the random ones its record holds (the cloud checks
+    every request's signature), else the fixed ones of records written before it did."""
+    return {key: str(state.get(key, default)) for key, default in LOCAL_CREDENTIALS.items()}
 
 
 def env_lines(state: dict[str, Any]) -> list[str]:
@@ -147,7 +147,11 @@ def _serve_local(args: argparse.Namespace) -> int:
                     "started": time.time(),
                 }
                 tmp = record.with_suffix(".tmp")
-                tmp.write_text(json.dumps(state, indent=2))
+                tmp.unlink(missing_ok=True)
+                # the record holds the cloud's secret key: readable by its owner only
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(state, indent=2))
                 tmp.replace(record)
                 print(f"local cloud serving at {cloud.endpoint_url}", flush=True)
                 try:

@@ -109,6 +109,15 @@ def test_local_status(daemon: dict[str, str]) -> None:
     assert state["running"] and state["endpoint_url"].startswith("http://127.0.0.1:")
     again = run(daemon, "local", "up")  # idempotent: says where the running one is
     assert state["endpoint_url"] in again.stdout and "already running" in again.stderr
+    # `local env` exports the cloud's own random credentials, kept readable by root only
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in run(daemon, "local", "env").stdout.splitlines()
+    )
+    record = Path(daemon["ASYNCSTAGE_LOCAL_DIR"]) / "cloud.json"
+    secret = json.loads(record.read_text())["aws_secret_access_key"]
+    assert exports["AWS_SECRET_ACCESS_KEY"] == secret != "asyncstage-local"
+    assert record.stat().st_mode & 0o777 == 0o600
 
 
 @needs_root
