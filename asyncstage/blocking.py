@@ -111,6 +111,7 @@ class ManagerOptions(TypedDict, total=False):
     volume_timeout: float
     snapshot_timeout: float
     exit_timeout: float
+    mount_options: str
 
 
 class _ManagerAttributes(_ManagerLifetime):
@@ -159,6 +160,11 @@ class _ManagerAttributes(_ManagerLifetime):
     def username(self) -> str | None:
         """Same as :attr:`asyncstage.Manager.username`."""
         return self._async.username
+
+    @property
+    def mount_options(self) -> str:
+        """The ``mount -o`` options of every volume mount (``nosuid,nodev`` by default)."""
+        return self._async.mount_options
 
     @property
     def reuse_volumes(self) -> bool:
@@ -221,6 +227,12 @@ class Manager(_ManagerAttributes):
     def open(self) -> Manager:
         """Open the EC2 client, make sure of the key pair and security group, scan."""
         return cast("Manager", _wrap(_call_async(self._async.open)))
+
+    def known_key_names(self) -> set[str]:
+        """The EC2 key pairs whose private keys this manager holds (its dot directory's):
+        only servers launched with one, and volumes and snapshots whose owner tag names
+        one, are adopted."""
+        return _call_sync(self._async.known_key_names)
 
     def servers(self) -> list[Server]:
         """Every server this manager knows (made or adopted)."""
@@ -404,7 +416,10 @@ class Manager(_ManagerAttributes):
         )
 
     def snapshots(self, name: str | None = None) -> list[Resource]:
-        """The staging snapshots (of volumes named ``name``), newest first, failed ones left out.
+        """Our staging snapshots (of volumes named ``name``), newest first, failed ones left out.
+
+        Only snapshots this manager's keys own (their ``asyncstage:owner`` tag) with tags that
+        pass the naming rules are listed: nothing else is ever restored from.
 
         Each is EC2's description (``SnapshotId``, ``VolumeSize``, ``StartTime``, ``Tags`` ...).
         """

@@ -8,14 +8,14 @@ commands; a volume's state changes only through its own ``record_*`` methods.
 from __future__ import annotations
 
 import logging
-import posixpath
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
 
-from asyncstage.ec2 import tag, tags_of
+from asyncstage import mounts
+from asyncstage.adoption import owner_tags
+from asyncstage.ec2 import new_client_token, tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
     BadFstype,
@@ -29,6 +29,12 @@ from asyncstage.errors import (
     VolumeInUse,
     WaitTimeout,
     ZoneMismatch,
+)
+from asyncstage.names import (
+    REFUSED_MOUNT_POINTS,
+    check_mount_point,
+    check_name,
+    is_valid_mount_point,
 )
 
 if TYPE_CHECKING:
@@ -50,20 +56,6 @@ log = logging.getLogger("asyncstage")
 FSTYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "raw")
 """The filesystem types provision_volume can make (``raw``: attached, not formatted)."""
 
-REFUSED_MOUNT_POINTS = (
-    "/",
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/proc",
-    "/sbin",
-    "/sys",
-    "/usr",
-    "/var",
-)
-"""Mount points refused, with ``/lib*`` and everything below ``/dev``, ``/proc`` and ``/sys``."""
-
 _MKFS_PACKAGE = {
     "ext2": "e2fsprogs",
     "ext3": "e2fsprogs",
@@ -74,22 +66,6 @@ _MKFS_PACKAGE = {
 }
 _LABEL_MAX = {"ext2": 16, "ext3": 16, "ext4": 16, "xfs": 12, "btrfs": 255, "vfat": 11}
 _MAX_SIZE = 16384  # GiB, the largest EBS volume
-
-
-def check_mount_point(mtpt: str) -> str:
-    """The normalised absolute mount point, or MountPointRefused for essential system paths."""
-    if not mtpt.startswith("/"):
-        raise MountPointRefused(f"mount point {mtpt!r} is not an absolute path")
-    norm = posixpath.normpath(mtpt)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
-    if (
-        norm in REFUSED_MOUNT_POINTS
-        or re.fullmatch(r"/lib[^/]*", norm)
-        or norm.startswith(("/dev/", "/proc/", "/sys/"))
-    ):
-        raise MountPointRefused(f"refusing to mount a volume over {norm}: an essential system path")
-    return norm
 
 
 def mkfs_argv(fstype: str, label: str | None = None, uuid: str | None = None) -> list[str]:
@@ -143,12 +119,15 @@ class _NewVolume:
 
 
 async def _discard_volume(manager: Manager, volume: Volume) -> None:
-    """Best effort: detach and delete a volume whose provisioning failed."""
+    """Best effort: detach and delete a volume whose provisioning failed (or was cancelled)."""
     m = manager
     try:
-        if volume.server is not None:
-            if volume.mtdev is not None and volume.server.state == "running":
-                await volume.server.run("umount", volume.mtdev, sudo=True, check=False)
+        server = volume.server
+        if server is not None and volume.mtdev is not None and server.state == "running":
+            await server.run("umount", volume.mtdev, sudo=True, check=False)
+        # EC2's word, not ours: a cancelled AttachVolume may have attached it unbeknown to us
+        found = await m.ec2.describe_volumes([volume.volume_id])
+        if server is not None or (found and found[0].get("Attachments")):
             await m.ec2.detach_volume(volume.volume_id, force=True)
             await m.ec2.wait_for_volume(
                 volume.volume_id,
@@ -174,6 +153,43 @@ def _check_fstype(fstype: str | None) -> str | None:
     if fstype is not None and fstype not in FSTYPES:
         raise BadFstype(f"unsupported filesystem type {fstype!r}: one of {', '.join(FSTYPES)}")
     return fstype
+
+
+async def _check_blank(server: Server, volume: Volume) -> None:
+    """VolumeInUse unless the device about to be formatted is this volume, mounted
+    nowhere, not swap, and blank (a volume this call created empty has no signature)."""
+    assert volume.mtdev
+    argv = mounts.mkfs_probe_argv(volume.volume_id, volume.mtdev)
+    found = mounts.parse_mkfs_probe(await server.scmd(*argv, sudo=True))
+    why = found.refusal(volume.name)
+    if why is not None:
+        raise VolumeInUse(f"refusing to format {volume.mtdev} on {server.name}: {why}")
+
+
+async def _real_mount_point(server: Server, where: str) -> str:
+    """``where`` with its symlinks resolved on the server, checked again: a symlink
+    that leads into a system directory is refused (MountPointRefused)."""
+    real = (await server.scmd(*mounts.realpath_argv(where), sudo=True)).strip()
+    try:
+        return check_mount_point(real)
+    except MountPointRefused as e:
+        raise MountPointRefused(
+            f"mount point {where} on {server.name} leads to {real!r}: {e}"
+        ) from e
+
+
+async def _probe_mounts(server: Server, volume: Volume, mtdev: str) -> None:
+    """Record where an adopted volume is mounted, as its server says (device numbers)."""
+    mtpt = volume.mtpt or server.default_mtpt(volume)
+    argv = mounts.probe_argv(volume.volume_id, mtdev, mtpt)
+    probe = mounts.parse_probe(await server.scmd(*argv, sudo=True))
+    where = [t for t in probe.volume_mounts() if is_valid_mount_point(t)]
+    if mtpt in where:
+        volume.record_mount(mtpt)
+    elif where:
+        volume.record_mount(where[0])
+    else:
+        volume.record_unmount()
 
 
 class Disks:
@@ -335,7 +351,7 @@ class Disks:
             raise ZoneMismatch(
                 f"server {server.name} is in {server.availability_zone}, not {availability_zone}"
             )
-        name = name or m.new_volume_name()
+        name = check_name(name, "volume") if name is not None else m.new_volume_name()
         where = mtpt or mount
         where = check_mount_point(where) if where else None
         reuse = m.reuse_volumes if reuse is None else reuse
@@ -346,6 +362,8 @@ class Disks:
             if existing is not None:
                 return await self._reuse_volume(existing, reuse=reuse, where=where)
             plan = await self._plan_new_volume(name, size, fstype, snapshot_id, reuse=reuse)
+            if where is not None:  # a symlink out is refused before anything is made
+                where = await _real_mount_point(self.server, where)
             return await self._make_volume(name, plan, where=where, label=label, uuid=uuid)
         return await self._adopt_volume_id(volume_id, name, fstype, where)
 
@@ -386,6 +404,7 @@ class Disks:
         if desc.get("State") != "available":
             raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+        tags |= owner_tags(m.key_pair.name if m.key_pair else None)  # it is ours now
         await m.ec2.create_tags([volume_id], tags)
         desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
         volume = m.registry.add_volume(desc)
@@ -410,7 +429,7 @@ class Disks:
         """What a new volume is made from (a snapshot or nothing), its size and fstype;
         checks that this server can mount (and make) that filesystem."""
         if snapshot_id is None and reuse:
-            snaps = await self.server.manager.snapshots(name)
+            snaps = await self.server.manager.snapshots(name)  # our own only
             snapshot_id = snaps[0]["SnapshotId"] if snaps else None
         if snapshot_id is None:
             fstype = fstype or "ext4"
@@ -441,15 +460,20 @@ class Disks:
         """
         m = self.server.manager
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
+        tags |= owner_tags(m.key_pair.name if m.key_pair else None)
         if plan.fstype:
             tags[tag("fstype")] = plan.fstype
-        desc = await m.ec2.create_volume(
-            availability_zone=self.server.availability_zone,
-            size=plan.size,
-            snapshot_id=plan.snapshot_id,
-            tags=tags,
-        )
-        volume = m.registry.add_volume(desc, created=True)
+        token = new_client_token()
+        # made and registered as one step (cancellation waits): what fails below deletes it
+        with anyio.CancelScope(shield=True):
+            desc = await m.ec2.create_volume(
+                availability_zone=self.server.availability_zone,
+                size=plan.size,
+                snapshot_id=plan.snapshot_id,
+                tags=tags,
+                client_token=token,
+            )
+            volume = m.registry.add_volume(desc, created=True)
         try:
             await m.ec2.wait_for_volume(
                 volume.volume_id,
@@ -479,6 +503,7 @@ class Disks:
         if plan.snapshot_id is None:
             volume.fstype = plan.fstype or "ext4"
             if volume.fstype != "raw":
+                await _check_blank(self.server, volume)
                 await self.server.run(
                     *mkfs_argv(volume.fstype, label, uuid), volume.mtdev, sudo=True, timeout=600
                 )
@@ -545,6 +570,7 @@ class Disks:
             )
             volume.record_attach(self.server, volume.ec2_device, mtdev)
         assert volume.mtdev
+        where = await _real_mount_point(self.server, where)
         current = await self._mounted_at(volume.mtdev)
         if current == where:
             volume.record_mount(where)
@@ -554,18 +580,19 @@ class Disks:
         if any(mp == where for _, mp, _ in await self._mounts()):
             raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
         await self.server.run("mkdir", "-p", where, sudo=True)
-        argv = ["mount"]
+        options = [self.server.manager.mount_options]
         if volume.fstype == "vfat":
             ids = (
                 (await self.server.scmd("id", "-u")).strip(),
                 (await self.server.scmd("id", "-g")).strip(),
             )
-            argv += ["-o", f"uid={ids[0]},gid={ids[1]}"]
+            options.append(f"uid={ids[0]},gid={ids[1]}")
         elif volume.fstype == "xfs":  # copies of one snapshot share a UUID
-            argv += ["-o", "nouuid"]
+            options.append("nouuid")
+        argv = ["mount", "-o", ",".join(o for o in options if o)]
         if volume.fstype:
             argv += ["-t", volume.fstype]
-        await self.server.run(*argv, volume.mtdev, where, sudo=True)
+        await self.server.run(*argv, "--", volume.mtdev, where, sudo=True)
         volume.record_mount(where)
         await self.server.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
 
@@ -608,14 +635,10 @@ class Disks:
         volume.record_detach()
 
     async def adopt_mounts(self, volumes: list[Volume]) -> None:
-        """Find where the volumes attached here are, and whether they are mounted."""
-        mounts = await self._mounts()
+        """Find where the volumes attached here are, and whether they are mounted: asked
+        of the server (device numbers), never taken from tags."""
         for volume in volumes:
             assert volume.ec2_device
             mtdev = await self._find_device(volume.volume_id, volume.ec2_device, timeout=5.0)
             volume.record_attach(self.server, volume.ec2_device, mtdev)
-            where = [mp for dev, mp, _ in mounts if dev == mtdev]
-            if where:
-                volume.record_mount(where[0])
-            else:
-                volume.record_unmount()
+            await _probe_mounts(self.server, volume, mtdev)

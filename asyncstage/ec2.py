@@ -6,16 +6,26 @@ retry mode for throttling, every ``ClientError`` mapped to
 batched by id, and waits that poll fast at first (about 1 s) and back off.
 Concurrent waits on instances share their poll rounds: one DescribeInstances
 call per round covers every instance anybody is waiting for.
+
+Creating calls are idempotent: RunInstances and CreateVolume carry a
+``ClientToken`` (one per logical create, :func:`new_client_token`), which is also
+written as the ``asyncstage:client-token`` tag in the create call itself. A call
+repeated with the same token returns what the first one made instead of making
+it twice, also after a timeout or a cancellation left its outcome unknown (then
+the token's tag finds it), and :meth:`EC2.created_with` finds what a token made
+so that an owner can clean it up. Tags always go into the create call
+(``TagSpecifications``), so nothing exists untagged even for a moment.
 """
 
 from __future__ import annotations
 
 import base64
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import aioboto3
 import anyio
@@ -33,11 +43,13 @@ from asyncstage.errors import (
 )
 
 __all__ = [
+    "CLIENT_TOKEN_TAG",
     "EC2",
     "TAG_PREFIX",
     "Resource",
     "RetryMode",
     "console_fingerprints",
+    "new_client_token",
     "tag",
     "tag_filters",
     "tags_of",
@@ -48,6 +60,7 @@ TAG_PREFIX = "asyncstage:"
 
 Resource = dict[str, Any]
 RetryMode = Literal["adaptive", "standard"]
+CreatedKind = Literal["instance", "volume"]
 
 _FILTER_CHUNK = 200  # values per filter EC2 accepts
 _FP_BEGIN = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
@@ -66,6 +79,15 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
 def tag(key: str) -> str:
     """The full name of one of our tags: ``tag("name") == "asyncstage:name"``."""
     return TAG_PREFIX + key
+
+
+CLIENT_TOKEN_TAG = tag("client-token")
+"""The tag holding the ClientToken of the call that created an instance or volume."""
+
+
+def new_client_token() -> str:
+    """A fresh ClientToken for one logical create (32 hex digits; EC2 takes up to 64)."""
+    return secrets.token_hex(16)
 
 
 def tags_of(resource: Mapping[str, Any]) -> dict[str, str]:
@@ -117,14 +139,8 @@ class _Round:
         self.error: BaseException | None = None
 
 
-class EC2:
-    """An EC2 client for one region (``async with EC2(region=...) as ec2``).
-
-    ``endpoint_url`` points it at another endpoint (the local cloud, moto).
-    Credentials come from the standard AWS chain unless given.
-    ``poll_interval`` is the first pause between two polls of a wait; pauses grow
-    by ``poll_backoff`` up to ``poll_max_interval``.
-    """
+class _Client:
+    """The core of :class:`EC2`: the aioboto3 client, its lifetime, calls and describes."""
 
     def __init__(
         self,
@@ -169,10 +185,13 @@ class EC2:
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._round: _Round | None = None
+        self._made: dict[str, Any] = {}
+        self._unsettled: dict[str, CreatedKind] = {}
+        self._token_locks: dict[str, anyio.Lock] = {}
 
     # -- lifetime ---------------------------------------------------------------
 
-    async def open(self) -> EC2:
+    async def open(self) -> Self:
         """Open the underlying client (``async with`` does it for you)."""
         if self._client is None:
             stack = AsyncExitStack()
@@ -197,7 +216,7 @@ class EC2:
         if stack is not None:
             await stack.aclose()
 
-    async def __aenter__(self) -> EC2:
+    async def __aenter__(self) -> Self:
         return await self.open()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -382,233 +401,9 @@ class EC2:
         except ValueError:
             return str(raw)
 
-    # -- changes ----------------------------------------------------------------------
 
-    async def create_tags(self, ids: Sequence[str], tags: Mapping[str, str]) -> None:
-        """Set these tags on every resource listed (one call)."""
-        if ids and tags:
-            await self.call("CreateTags", Resources=list(ids), Tags=_tag_list(tags))
-
-    async def delete_tags(self, ids: Sequence[str], keys: Sequence[str]) -> None:
-        """Remove these tag keys from the resources."""
-        if ids and keys:
-            await self.call("DeleteTags", Resources=list(ids), Tags=[{"Key": k} for k in keys])
-
-    async def run_instances(
-        self,
-        *,
-        image_id: str,
-        count: int,
-        instance_type: str,
-        key_name: str | None = None,
-        security_group_ids: Sequence[str] = (),
-        availability_zone: str | None = None,
-        tags: Mapping[str, str] = {},
-        block_device_mappings: Sequence[Mapping[str, Any]] = (),
-        user_data: str | None = None,
-        client_token: str | None = None,
-    ) -> list[Resource]:
-        """Launch ``count`` instances in one RunInstances call (MinCount = MaxCount = count)."""
-        params: dict[str, Any] = {
-            "ImageId": image_id,
-            "MinCount": count,
-            "MaxCount": count,
-            "InstanceType": instance_type,
-        }
-        if key_name:
-            params["KeyName"] = key_name
-        if security_group_ids:
-            params["SecurityGroupIds"] = list(security_group_ids)
-        if availability_zone:
-            params["Placement"] = {"AvailabilityZone": availability_zone}
-        if tags:
-            params["TagSpecifications"] = [{"ResourceType": "instance", "Tags": _tag_list(tags)}]
-        if block_device_mappings:
-            params["BlockDeviceMappings"] = [dict(m) for m in block_device_mappings]
-        if user_data is not None:
-            params["UserData"] = user_data
-        if client_token:
-            params["ClientToken"] = client_token
-        result = await self.call("RunInstances", **params)
-        instances: list[Resource] = result.get("Instances", [])
-        return instances
-
-    async def start_instances(self, ids: Sequence[str]) -> None:
-        """Start these instances (one call)."""
-        if ids:
-            await self.call("StartInstances", InstanceIds=list(ids))
-
-    async def stop_instances(self, ids: Sequence[str], *, force: bool = False) -> None:
-        """Stop these instances (one call)."""
-        if ids:
-            await self.call("StopInstances", InstanceIds=list(ids), Force=force)
-
-    async def terminate_instances(self, ids: Sequence[str]) -> None:
-        """Terminate these instances (one call)."""
-        if ids:
-            await self.call("TerminateInstances", InstanceIds=list(ids))
-
-    # -- volumes, snapshots, images ------------------------------------------------------
-
-    async def create_volume(
-        self,
-        *,
-        availability_zone: str,
-        size: int | None = None,
-        snapshot_id: str | None = None,
-        volume_type: str = "gp3",
-        tags: Mapping[str, str] = {},
-    ) -> Resource:
-        """Create an EBS volume (from a snapshot when given), tagged."""
-        params: dict[str, Any] = {"AvailabilityZone": availability_zone, "VolumeType": volume_type}
-        if size is not None:
-            params["Size"] = size
-        if snapshot_id:
-            params["SnapshotId"] = snapshot_id
-        if tags:
-            params["TagSpecifications"] = [{"ResourceType": "volume", "Tags": _tag_list(tags)}]
-        return await self.call("CreateVolume", **params)
-
-    async def attach_volume(self, volume_id: str, instance_id: str, device: str) -> None:
-        """Attach a volume to an instance under an EC2 device name (``/dev/sdf``)."""
-        await self.call("AttachVolume", VolumeId=volume_id, InstanceId=instance_id, Device=device)
-
-    async def detach_volume(self, volume_id: str, *, force: bool = False) -> None:
-        """Detach a volume from its instance."""
-        await self.call("DetachVolume", VolumeId=volume_id, Force=force)
-
-    async def delete_volume(self, volume_id: str) -> None:
-        """Delete a volume."""
-        await self.call("DeleteVolume", VolumeId=volume_id)
-
-    async def create_snapshot(
-        self,
-        volume_id: str,
-        *,
-        description: str = "",
-        tags: Mapping[str, str] = {},
-    ) -> Resource:
-        """Snapshot a volume, tagged."""
-        params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
-        if tags:
-            params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
-        return await self.call("CreateSnapshot", **params)
-
-    async def delete_snapshot(self, snapshot_id: str) -> None:
-        """Delete a snapshot."""
-        await self.call("DeleteSnapshot", SnapshotId=snapshot_id)
-
-    async def copy_snapshot(
-        self, snapshot_id: str, *, source_region: str, description: str = ""
-    ) -> str:
-        """Copy a snapshot of ``source_region`` into this region; the new snapshot's id."""
-        result = await self.call(
-            "CopySnapshot",
-            SourceSnapshotId=snapshot_id,
-            SourceRegion=source_region,
-            Description=description,
-        )
-        return str(result["SnapshotId"])
-
-    async def copy_image(
-        self,
-        image_id: str,
-        *,
-        source_region: str,
-        name: str,
-        description: str = "",
-        **options: Any,
-    ) -> str:
-        """Copy an image of ``source_region`` into this region; the new image's id.
-
-        ``options`` are more CopyImage parameters (``Encrypted``, ``KmsKeyId`` ...).
-        """
-        result = await self.call(
-            "CopyImage",
-            SourceImageId=image_id,
-            SourceRegion=source_region,
-            Name=name,
-            Description=description,
-            **options,
-        )
-        return str(result["ImageId"])
-
-    # -- key pairs and security groups ---------------------------------------------------
-
-    async def key_pair_exists(self, name: str) -> bool:
-        """Whether a key pair of this name exists."""
-        result = await self.call(
-            "DescribeKeyPairs", Filters=[{"Name": "key-name", "Values": [name]}]
-        )
-        return bool(result.get("KeyPairs"))
-
-    async def import_key_pair(
-        self,
-        name: str,
-        public_key: str,
-        *,
-        tags: Mapping[str, str] = {},
-    ) -> None:
-        """Import an OpenSSH public key as a key pair."""
-        params: dict[str, Any] = {"KeyName": name, "PublicKeyMaterial": public_key.encode()}
-        if tags:
-            params["TagSpecifications"] = [{"ResourceType": "key-pair", "Tags": _tag_list(tags)}]
-        await self.call("ImportKeyPair", **params)
-
-    async def delete_key_pair(self, name: str) -> None:
-        """Delete a key pair."""
-        await self.call("DeleteKeyPair", KeyName=name)
-
-    async def ensure_security_group(
-        self,
-        name: str,
-        *,
-        cidrs: Sequence[str],
-        port: int = 22,
-        description: str = "asyncstage staging servers",
-        tags: Mapping[str, str] = {},
-    ) -> str:
-        """The id of the security group ``name``, made if needed, letting ssh in.
-
-        ssh is allowed from each CIDR and from members of the group itself; rules
-        already there are kept, missing ones are added.
-        """
-        found = await self.call(
-            "DescribeSecurityGroups", Filters=[{"Name": "group-name", "Values": [name]}]
-        )
-        groups = found.get("SecurityGroups", [])
-        if groups:
-            group = groups[0]
-            group_id = str(group["GroupId"])
-        else:
-            params: dict[str, Any] = {"GroupName": name, "Description": description}
-            if tags:
-                params["TagSpecifications"] = [
-                    {"ResourceType": "security-group", "Tags": _tag_list(tags)}
-                ]
-            group_id = str((await self.call("CreateSecurityGroup", **params))["GroupId"])
-            group = {}
-        have_cidrs: set[str] = set()
-        have_self = False
-        for perm in group.get("IpPermissions", []):
-            if perm.get("FromPort") == port and perm.get("IpProtocol") == "tcp":
-                have_cidrs |= {r["CidrIp"] for r in perm.get("IpRanges", [])}
-                have_self |= any(
-                    p.get("GroupId") == group_id for p in perm.get("UserIdGroupPairs", [])
-                )
-        perm_new: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
-        missing = [c for c in cidrs if c not in have_cidrs]
-        if missing or not have_self:
-            perm_new["IpRanges"] = [{"CidrIp": c} for c in missing]
-            perm_new["UserIdGroupPairs"] = [] if have_self else [{"GroupId": group_id}]
-            await self.call(
-                "AuthorizeSecurityGroupIngress", GroupId=group_id, IpPermissions=[perm_new]
-            )
-        return group_id
-
-    async def delete_security_group(self, group_id: str) -> None:
-        """Delete a security group."""
-        await self.call("DeleteSecurityGroup", GroupId=group_id)
+class _Waits(_Client):
+    """The waits of :class:`EC2`: polls that start fast and back off, shared rounds."""
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -791,3 +586,341 @@ class EC2:
             last_state=lambda: str(seen["i"].get("State")) if seen else None,
         )
         return seen["i"]
+
+
+class EC2(_Waits):
+    """An EC2 client for one region (``async with EC2(region=...) as ec2``).
+
+    ``endpoint_url`` points it at another endpoint (the local cloud, moto).
+    Credentials come from the standard AWS chain unless given.
+    ``poll_interval`` is the first pause between two polls of a wait; pauses grow
+    by ``poll_backoff`` up to ``poll_max_interval``.
+    """
+
+    # -- changes ----------------------------------------------------------------------
+
+    async def create_tags(self, ids: Sequence[str], tags: Mapping[str, str]) -> None:
+        """Set these tags on every resource listed (one call)."""
+        if ids and tags:
+            await self.call("CreateTags", Resources=list(ids), Tags=_tag_list(tags))
+
+    async def delete_tags(self, ids: Sequence[str], keys: Sequence[str]) -> None:
+        """Remove these tag keys from the resources."""
+        if ids and keys:
+            await self.call("DeleteTags", Resources=list(ids), Tags=[{"Key": k} for k in keys])
+
+    async def run_instances(
+        self,
+        *,
+        image_id: str,
+        count: int,
+        instance_type: str,
+        key_name: str | None = None,
+        security_group_ids: Sequence[str] = (),
+        availability_zone: str | None = None,
+        tags: Mapping[str, str] = {},
+        block_device_mappings: Sequence[Mapping[str, Any]] = (),
+        user_data: str | None = None,
+        client_token: str | None = None,
+    ) -> list[Resource]:
+        """Launch ``count`` instances in one RunInstances call (MinCount = MaxCount = count).
+
+        With a ``client_token`` the call is idempotent: repeated with the same token
+        (after a timeout, an error or a cancellation) it returns the instances the
+        first call made, if it made any, rather than launching more.
+        """
+        params: dict[str, Any] = {
+            "ImageId": image_id,
+            "MinCount": count,
+            "MaxCount": count,
+            "InstanceType": instance_type,
+        }
+        if key_name:
+            params["KeyName"] = key_name
+        if security_group_ids:
+            params["SecurityGroupIds"] = list(security_group_ids)
+        if availability_zone:
+            params["Placement"] = {"AvailabilityZone": availability_zone}
+        if client_token:
+            params["ClientToken"] = client_token
+            tags = {**tags, CLIENT_TOKEN_TAG: client_token}
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "instance", "Tags": _tag_list(tags)}]
+        if block_device_mappings:
+            params["BlockDeviceMappings"] = [dict(m) for m in block_device_mappings]
+        if user_data is not None:
+            params["UserData"] = user_data
+
+        async def create() -> list[Resource]:
+            result = await self.call("RunInstances", **params)
+            instances: list[Resource] = result.get("Instances", [])
+            return instances
+
+        if not client_token:
+            return await create()
+        made: list[Resource] = await self._create_once("instance", client_token, create)
+        return made
+
+    async def start_instances(self, ids: Sequence[str]) -> None:
+        """Start these instances (one call)."""
+        if ids:
+            await self.call("StartInstances", InstanceIds=list(ids))
+
+    async def stop_instances(self, ids: Sequence[str], *, force: bool = False) -> None:
+        """Stop these instances (one call)."""
+        if ids:
+            await self.call("StopInstances", InstanceIds=list(ids), Force=force)
+
+    async def terminate_instances(self, ids: Sequence[str]) -> None:
+        """Terminate these instances (one call)."""
+        if ids:
+            await self.call("TerminateInstances", InstanceIds=list(ids))
+
+    # -- volumes, snapshots, images ------------------------------------------------------
+
+    async def create_volume(
+        self,
+        *,
+        availability_zone: str,
+        size: int | None = None,
+        snapshot_id: str | None = None,
+        volume_type: str = "gp3",
+        tags: Mapping[str, str] = {},
+        client_token: str | None = None,
+    ) -> Resource:
+        """Create an EBS volume (from a snapshot when given), tagged.
+
+        With a ``client_token`` the call is idempotent (see :meth:`run_instances`).
+        """
+        params: dict[str, Any] = {"AvailabilityZone": availability_zone, "VolumeType": volume_type}
+        if size is not None:
+            params["Size"] = size
+        if snapshot_id:
+            params["SnapshotId"] = snapshot_id
+        if client_token:
+            params["ClientToken"] = client_token
+            tags = {**tags, CLIENT_TOKEN_TAG: client_token}
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "volume", "Tags": _tag_list(tags)}]
+
+        async def create() -> list[Resource]:
+            return [await self.call("CreateVolume", **params)]
+
+        if not client_token:
+            return (await create())[0]
+        made: list[Resource] = await self._create_once("volume", client_token, create)
+        if not made:  # cannot happen: a volume call makes exactly one
+            raise EC2Error("CreateVolume returned no volume", operation="CreateVolume")
+        return made[0]
+
+    # -- idempotent creates ------------------------------------------------------------
+
+    async def _create_once(
+        self,
+        kind: CreatedKind,
+        token: str,
+        create: Callable[[], Awaitable[list[Resource]]],
+    ) -> list[Resource]:
+        """``create()`` once per token: a repeat returns what the token already made.
+
+        EC2 itself returns the first call's result for a repeated ClientToken; this
+        also covers endpoints that ignore the token (moto, the local cloud), and
+        the call whose reply never came (a timeout, a cancellation): such a token
+        stays *unsettled* and the next call with it looks for what it made by tag.
+        """
+        lock = self._token_locks.setdefault(token, anyio.Lock())
+        async with lock:  # two concurrent calls with one token: the second waits
+            return await self._create_locked(kind, token, create)
+
+    async def _create_locked(
+        self,
+        kind: CreatedKind,
+        token: str,
+        create: Callable[[], Awaitable[list[Resource]]],
+    ) -> list[Resource]:
+        if token in self._made:
+            made: list[Resource] = self._made[token]
+            return made
+        if token in self._unsettled:
+            found = await self.created_with(kind, token)
+            if found:
+                self._made[token] = found
+                del self._unsettled[token]
+                return found
+        self._unsettled[token] = kind
+        made = await create()  # an error or a cancellation leaves the token unsettled
+        self._made[token] = made
+        del self._unsettled[token]
+        return made
+
+    @property
+    def unsettled_tokens(self) -> dict[str, CreatedKind]:
+        """ClientTokens of create calls whose outcome is unknown (failed, timed out, cancelled).
+
+        Their owner looks them up with :meth:`created_with` to clean up what they made.
+        """
+        return dict(self._unsettled)
+
+    def settle(self, token: str) -> None:
+        """Forget a token whose resources the caller has found (and cleaned up)."""
+        self._unsettled.pop(token, None)
+
+    async def created_with(self, kind: CreatedKind, token: str) -> list[Resource]:
+        """The instances or volumes a create call with this ClientToken made (by its tag).
+
+        Terminated instances and deleted volumes are left out.
+        """
+        flt = tag_filters({CLIENT_TOKEN_TAG: token})
+        if kind == "instance":
+            found = await self.describe_instances(filters=flt)
+            return [i for i in found if i.get("State", {}).get("Name") != "terminated"]
+        volumes = await self.describe_volumes(filters=flt)
+        return [v for v in volumes if v.get("State") not in ("deleting", "deleted")]
+
+    async def attach_volume(self, volume_id: str, instance_id: str, device: str) -> None:
+        """Attach a volume to an instance under an EC2 device name (``/dev/sdf``)."""
+        await self.call("AttachVolume", VolumeId=volume_id, InstanceId=instance_id, Device=device)
+
+    async def detach_volume(self, volume_id: str, *, force: bool = False) -> None:
+        """Detach a volume from its instance."""
+        await self.call("DetachVolume", VolumeId=volume_id, Force=force)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """Delete a volume."""
+        await self.call("DeleteVolume", VolumeId=volume_id)
+
+    async def create_snapshot(
+        self,
+        volume_id: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] = {},
+    ) -> Resource:
+        """Snapshot a volume, tagged."""
+        params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
+        return await self.call("CreateSnapshot", **params)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot."""
+        await self.call("DeleteSnapshot", SnapshotId=snapshot_id)
+
+    async def copy_snapshot(
+        self,
+        snapshot_id: str,
+        *,
+        source_region: str,
+        description: str = "",
+        tags: Mapping[str, str] = {},
+    ) -> str:
+        """Copy a snapshot of ``source_region`` into this region, tagged; the new snapshot's id."""
+        params: dict[str, Any] = {
+            "SourceSnapshotId": snapshot_id,
+            "SourceRegion": source_region,
+            "Description": description,
+        }
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
+        result = await self.call("CopySnapshot", **params)
+        return str(result["SnapshotId"])
+
+    async def copy_image(
+        self,
+        image_id: str,
+        *,
+        source_region: str,
+        name: str,
+        description: str = "",
+        **options: Any,
+    ) -> str:
+        """Copy an image of ``source_region`` into this region; the new image's id.
+
+        ``options`` are more CopyImage parameters (``Encrypted``, ``KmsKeyId`` ...).
+        """
+        result = await self.call(
+            "CopyImage",
+            SourceImageId=image_id,
+            SourceRegion=source_region,
+            Name=name,
+            Description=description,
+            **options,
+        )
+        return str(result["ImageId"])
+
+    # -- key pairs and security groups ---------------------------------------------------
+
+    async def key_pair_exists(self, name: str) -> bool:
+        """Whether a key pair of this name exists."""
+        result = await self.call(
+            "DescribeKeyPairs", Filters=[{"Name": "key-name", "Values": [name]}]
+        )
+        return bool(result.get("KeyPairs"))
+
+    async def import_key_pair(
+        self,
+        name: str,
+        public_key: str,
+        *,
+        tags: Mapping[str, str] = {},
+    ) -> None:
+        """Import an OpenSSH public key as a key pair."""
+        params: dict[str, Any] = {"KeyName": name, "PublicKeyMaterial": public_key.encode()}
+        if tags:
+            params["TagSpecifications"] = [{"ResourceType": "key-pair", "Tags": _tag_list(tags)}]
+        await self.call("ImportKeyPair", **params)
+
+    async def delete_key_pair(self, name: str) -> None:
+        """Delete a key pair."""
+        await self.call("DeleteKeyPair", KeyName=name)
+
+    async def ensure_security_group(
+        self,
+        name: str,
+        *,
+        cidrs: Sequence[str],
+        port: int = 22,
+        description: str = "asyncstage staging servers",
+        tags: Mapping[str, str] = {},
+    ) -> str:
+        """The id of the security group ``name``, made if needed, letting ssh in.
+
+        ssh is allowed from each CIDR and from members of the group itself; rules
+        already there are kept, missing ones are added.
+        """
+        found = await self.call(
+            "DescribeSecurityGroups", Filters=[{"Name": "group-name", "Values": [name]}]
+        )
+        groups = found.get("SecurityGroups", [])
+        if groups:
+            group = groups[0]
+            group_id = str(group["GroupId"])
+        else:
+            params: dict[str, Any] = {"GroupName": name, "Description": description}
+            if tags:
+                params["TagSpecifications"] = [
+                    {"ResourceType": "security-group", "Tags": _tag_list(tags)}
+                ]
+            group_id = str((await self.call("CreateSecurityGroup", **params))["GroupId"])
+            group = {}
+        have_cidrs: set[str] = set()
+        have_self = False
+        for perm in group.get("IpPermissions", []):
+            if perm.get("FromPort") == port and perm.get("IpProtocol") == "tcp":
+                have_cidrs |= {r["CidrIp"] for r in perm.get("IpRanges", [])}
+                have_self |= any(
+                    p.get("GroupId") == group_id for p in perm.get("UserIdGroupPairs", [])
+                )
+        perm_new: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
+        missing = [c for c in cidrs if c not in have_cidrs]
+        if missing or not have_self:
+            perm_new["IpRanges"] = [{"CidrIp": c} for c in missing]
+            perm_new["UserIdGroupPairs"] = [] if have_self else [{"GroupId": group_id}]
+            await self.call(
+                "AuthorizeSecurityGroupIngress", GroupId=group_id, IpPermissions=[perm_new]
+            )
+        return group_id
+
+    async def delete_security_group(self, group_id: str) -> None:
+        """Delete a security group."""
+        await self.call("DeleteSecurityGroup", GroupId=group_id)

@@ -13,7 +13,9 @@ import anyio
 
 from asyncstage import keys
 from asyncstage.account import LIVE_STATES
-from asyncstage.ec2 import Resource, tag, tag_filters, tags_of
+from asyncstage.adoption import ours, owner_tags
+from asyncstage.disks import FSTYPES
+from asyncstage.ec2 import Resource, new_client_token, tag, tag_filters, tags_of
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
@@ -24,6 +26,7 @@ from asyncstage.errors import (
     UnknownVolume,
 )
 from asyncstage.images import user_for_image
+from asyncstage.transfer import sweep_stale_keys
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
@@ -201,15 +204,19 @@ class Fleet:
                 {"Name": "instance-state-name", "Values": LIVE_STATES},
             ]
         )
-        for inst in instances:
+        known = m.known_key_names()
+        for inst in ours("server", instances, keys=known, fstypes=FSTYPES):
             self.adopt(inst)
         described = await m.ec2.describe_volumes(filters=tag_filters({tag("role"): "volume"}))
-        by_server = m.registry.adopt_volumes(described)
+        by_server = m.registry.adopt_volumes(ours("volume", described, keys=known, fstypes=FSTYPES))
 
         async def mounts_of(server: Server, volumes: list[Volume]) -> None:
             try:
                 if await server.ping(timeout=10.0):
                     await server.adopt_mounts(volumes)
+                    # a server the scan touches loses the temporary transfer keys a dead
+                    # controller left authorised (best effort: the scan goes on)
+                    await sweep_stale_keys(server.host)
             except AsyncstageError as e:
                 log.warning("cannot read the mounts of %s: %s", server.name, e)
 
@@ -232,9 +239,30 @@ class Fleet:
         """One RunInstances call for all these names; the servers, registered, by name."""
         m = self.manager
         common = {tag("role"): "server", tag("user"): spec.username}
+        common |= owner_tags(m.key_pair.name if m.key_pair else None)
         if len(names) == 1:
             common |= {tag("name"): names[0], "Name": names[0]}
         self._log(f"launching {len(names)} server(s): {', '.join(names)}")
+        # create-and-register is one step for cancellation: once RunInstances is sent its
+        # instances are registered (and so cleaned up by the caller) before a cancellation
+        # is delivered; the token makes the retry below idempotent
+        with anyio.CancelScope(shield=True):
+            servers = await self._launch_and_register(spec, names, common)
+        if len(names) > 1:
+            try:
+                await self._name_all(servers)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._cleanup_failed(list(servers.values()))
+                raise
+        return servers
+
+    async def _launch_and_register(
+        self, spec: _Spec, names: list[str], common: dict[str, str]
+    ) -> dict[str, Server]:
+        """RunInstances (with a ClientToken) and the registration of what it made."""
+        m = self.manager
+        token = new_client_token()
         for attempt in range(2):
             assert m.key_pair and m.security_group_id
             try:
@@ -246,6 +274,7 @@ class Fleet:
                     security_group_ids=[m.security_group_id],
                     availability_zone=spec.availability_zone,
                     tags=common,
+                    client_token=token,
                 )
                 break
             except EC2Error as e:
@@ -260,8 +289,6 @@ class Fleet:
             server.expect_new_host_key()
             servers[name] = server
         m.registry.mark_started(servers.values())
-        if len(names) > 1:
-            await self._name_all(servers)
         return servers
 
     async def _name_all(self, servers: dict[str, Server]) -> None:
@@ -298,7 +325,15 @@ class Fleet:
                     del self._batches[spec]
                 batch.done.set()
         else:
-            await batch.done.wait()
+            try:
+                await batch.done.wait()
+            except BaseException:
+                # cancelled while the leader launches for us too: ours must not stay
+                with anyio.CancelScope(shield=True):
+                    await batch.done.wait()
+                    if name in batch.servers:
+                        await self._cleanup_failed([batch.servers[name]])
+                raise
         if name in batch.servers:
             return batch.servers[name]
         if isinstance(batch.error, Exception) and not isinstance(

@@ -10,6 +10,7 @@ import anyio
 
 from asyncstage.ec2 import EC2, Resource, tag, tag_filters, tags_of
 from asyncstage.errors import EC2Error, UnknownImage, UnknownSnapshot
+from asyncstage.names import is_valid_user
 
 __all__ = ["UBUNTU_OWNER", "UBUNTU_PATTERN", "Images", "user_for_image"]
 
@@ -27,7 +28,7 @@ class _HasEC2(Protocol):
 def user_for_image(image: Resource) -> str:
     """The login user an image's name suggests (``ubuntu``, ``admin``, ``ec2-user`` ...)."""
     user = tags_of(image).get(tag("user"))
-    if user:
+    if user and is_valid_user(user):  # a tag anybody may write never reaches ssh unchecked
         return user
     name = f"{image.get('Name', '')} {image.get('Description', '')}".lower()
     for word, login in (

@@ -6,6 +6,17 @@ reused by every manager of that region, and the ``known_hosts`` file the ssh
 layer pins host keys in. The EC2 key pair's name carries a digest of the public
 key (``asyncstage-us-east-1-3f2a9c1b``), so that two dot directories never
 fight over one EC2 key pair.
+
+A manager against any endpoint other than AWS (the local cloud, moto, another
+EC2-compatible service) keeps its keys and known_hosts in a directory of its own,
+``<dot dir>/endpoints/<host>_<port>-<digest of the URL>/`` (:func:`dotdir_for`),
+so that it never reads, replaces nor pins host keys into the files used for a
+real AWS region of the same name.
+
+Key files are written with ``O_NOFOLLOW`` (a private key with ``O_CREAT |
+O_EXCL``, mode 0600), and a dot directory or key file that is a symbolic link is
+refused: asyncstage often runs as root with a dot directory in a home that
+another user can write.
 """
 
 from __future__ import annotations
@@ -13,9 +24,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -27,8 +40,11 @@ __all__ = [
     "DEFAULT_DOTDIR",
     "KeyPair",
     "dotdir",
+    "dotdir_for",
+    "endpoint_slug",
     "ensure_key_pair",
     "generate_key",
+    "is_aws_endpoint",
     "key_name",
     "keyfiles",
     "known_hosts_path",
@@ -50,13 +66,88 @@ class KeyPair:
     """The public key line, ``ssh-ed25519 AAAA... comment``."""
 
 
+def _refuse_link(path: Path, what: str) -> None:
+    """AsyncstageError when ``path`` is a symbolic link (which is never followed)."""
+    if path.is_symlink():
+        raise AsyncstageError(
+            f"refusing to use the {what} {path}: it is a symbolic link (to "
+            f"{os.readlink(path)!r}); give the real path instead"
+        )
+
+
+def _open_dir(path: Path) -> int:
+    """A descriptor of the directory ``path`` itself, never of a symlink's target."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        _refuse_link(path, "dot directory")
+        raise AsyncstageError(f"cannot open the dot directory {path}: {e.strerror}") from e
+
+
 def dotdir(path: str | os.PathLike[str] | None = None) -> Path:
-    """The dot directory, made with mode 0700 when missing (and tightened when looser)."""
+    """The dot directory, made with mode 0700 when missing (and tightened when looser).
+
+    A dot directory that is a symbolic link is refused (AsyncstageError).
+    """
     p = Path(path if path is not None else DEFAULT_DOTDIR).expanduser().absolute()
+    _refuse_link(p, "dot directory")
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if p.stat().st_mode & 0o077:
-        p.chmod(0o700)
+    fd = _open_dir(p)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return p
+
+
+_AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
+
+
+def is_aws_endpoint(endpoint_url: str | None) -> bool:
+    """Whether ``endpoint_url`` is AWS itself: none given, or a host under amazonaws.com."""
+    if not endpoint_url:
+        return True
+    host = (urlsplit(endpoint_url).hostname or "").lower().rstrip(".")
+    return host.endswith(_AWS_HOSTS)
+
+
+def endpoint_slug(endpoint_url: str) -> str:
+    """``<host>_<port>-<digest>``: a directory name of its own for an endpoint URL.
+
+    The host and port make it readable, the digest of the whole URL keeps two
+    endpoints apart that differ only in scheme or path; characters other than
+    letters, digits, ``.`` and ``-`` become ``_``.
+    """
+    parts = urlsplit(endpoint_url)
+    try:
+        port: int | str | None = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(parts.scheme, "default")
+    readable = re.sub(r"[^A-Za-z0-9.-]", "_", f"{parts.hostname or 'endpoint'}_{port}")[:64]
+    digest = hashlib.sha256(endpoint_url.encode()).hexdigest()[:8]
+    return f"{readable.lstrip('.') or 'endpoint'}-{digest}"
+
+
+def dotdir_for(endpoint_url: str | None, path: str | os.PathLike[str] | None = None) -> Path:
+    """The dot directory a manager of ``endpoint_url`` uses, made when missing.
+
+    For AWS (no endpoint, or an ``amazonaws.com`` one) that is ``path`` itself
+    (default ``~/.asyncstage``). For any other endpoint it is a directory of its
+    own under it, ``<path>/endpoints/<host>_<port>-<digest>/``, so that a local
+    cloud never shares a key pair or known_hosts file with a real region. Given that
+    directory itself (a manager's ``dotdir`` passed on to another), it is kept.
+    """
+    base = dotdir(path)
+    if is_aws_endpoint(endpoint_url):
+        return base
+    assert endpoint_url is not None  # is_aws_endpoint is true for None
+    slug = endpoint_slug(endpoint_url)
+    if base.name == slug and base.parent.name == "endpoints":
+        return base  # already this endpoint's own (a manager's ``dotdir`` passed on)
+    return dotdir(dotdir(base / "endpoints") / slug)
 
 
 def known_hosts_path(directory: Path) -> Path:
@@ -84,24 +175,54 @@ def key_name(region: str, public_key: str) -> str:
     return f"asyncstage-{region}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a new file: never through a symlink, never over an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    _write_new(path, data, 0o600)
+
+
+def _read(path: Path) -> bytes:
+    """The contents of a regular file, refusing a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        _refuse_link(path, "key file")
+        raise AsyncstageError(f"cannot read the key file {path}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def _public_of(path: Path) -> str:
     pub = path.with_suffix(".pub")
-    if pub.exists():
-        return pub.read_text().strip()
+    if pub.exists() or pub.is_symlink():
+        return _read(pub).decode().strip()
     try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        key = serialization.load_ssh_private_key(_read(path), password=None)
     except (ValueError, TypeError) as e:
         raise AsyncstageError(f"cannot read the private key {path}: {e}") from e
     line = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     return line.decode()
+
+
+def _tighten(path: Path) -> None:
+    """Mode 0600 for an existing private key, refusing a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        _refuse_link(path, "private key")
+        raise AsyncstageError(f"cannot open the private key {path}: {e.strerror}") from e
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def local_key(directory: Path, region: str, *, reuse: bool = True) -> KeyPair:
@@ -111,20 +232,21 @@ def local_key(directory: Path, region: str, *, reuse: bool = True) -> KeyPair:
     launched with it can still be reached by later managers.
     """
     path = directory / f"asyncstage-{region}.pem"
-    if not reuse or not path.exists():
+    if not reuse or not (path.exists() or path.is_symlink()):
         private, public = generate_key(f"asyncstage-{region}")
         if reuse:
             tmp = directory / f".asyncstage-{region}-{secrets.token_hex(4)}.pem"
             _write_private(tmp, private)
-            tmp.with_suffix(".pub").write_text(public + "\n")
+            _write_new(tmp.with_suffix(".pub"), (public + "\n").encode(), 0o644)
+            # rename() replaces a symlink planted at the final name, never its target
             tmp.with_suffix(".pub").replace(path.with_suffix(".pub"))
             tmp.replace(path)
         else:
             path = directory / f"{key_name(region, public)}.pem"
             _write_private(path, private)
-            path.with_suffix(".pub").write_text(public + "\n")
-    elif path.stat().st_mode & 0o077:
-        path.chmod(0o600)
+            _write_new(path.with_suffix(".pub"), (public + "\n").encode(), 0o644)
+    else:
+        _tighten(path)
     public = _public_of(path)
     return KeyPair(name=key_name(region, public), private_key=path, public_key=public)
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from logging import DEBUG
 from pathlib import Path
 from typing import Any, Literal, Protocol, Unpack
 
 import anyio
 
-from asyncstage import keys, transfer
+from asyncstage import closing, keys, transfer
 from asyncstage.account import Account
+from asyncstage.adoption import ours
+from asyncstage.disks import FSTYPES
 from asyncstage.ec2 import EC2, Resource, RetryMode
 from asyncstage.errors import (
     AsyncstageError,
@@ -28,9 +31,10 @@ from asyncstage.errors import (
 )
 from asyncstage.fleet import Fleet, LaunchOptions
 from asyncstage.images import Images
+from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
 from asyncstage.registry import Registry
-from asyncstage.server import Server, check_mount_point
+from asyncstage.server import Server
 from asyncstage.ssh import KnownHosts, SSHHost
 from asyncstage.timeouts import Timeouts
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
@@ -104,6 +108,7 @@ class Manager:
         volume_timeout: float = 120.0,
         snapshot_timeout: float = 1800.0,
         exit_timeout: float = 600.0,
+        mount_options: str = "nosuid,nodev",
     ) -> None:
         if on_exit not in ("stop", "terminate", "run"):
             raise InvalidArgument(f"on_exit must be 'stop', 'terminate' or 'run', not {on_exit!r}")
@@ -127,14 +132,17 @@ class Manager:
             "t4g.micro" if architecture == "arm64" else "t3.micro"
         )
         self.availability_zone = availability_zone
-        self.username = username
+        self.username = check_user(username) if username is not None else None
+        self.mount_options = mount_options
+        """The ``mount -o`` options of every volume mount (``nosuid,nodev`` by default)."""
         self.reuse_volumes = reuse_volumes
         self.scan = scan
         self.verbosity = verbosity
         self.server_class = server_class
         self.volume_class = volume_class
         self.install_packages = install_packages
-        self.dotdir = keys.dotdir(dotdir)
+        # a non-AWS endpoint (the local cloud ...) never shares the real region's key files
+        self.dotdir = keys.dotdir_for(endpoint_url, dotdir)
         self.known_hosts = KnownHosts(keys.known_hosts_path(self.dotdir))
         self.key_pair: keys.KeyPair | None = None
         self.security_group_id: str | None = None
@@ -200,30 +208,18 @@ class Manager:
             raise error
 
     async def _on_exit(self) -> None:
-        mine = self.registry.started()
-        if self.on_exit == "run":
-            return
-        stop_timeout = self.timeouts.stop
-        if self.on_exit == "stop":
-            live = [s for s in mine if s.state in ("pending", "running")]
-            if live:
-                await self.fleet.stop(live, timeout=stop_timeout)
-            return
-        # terminate: our servers, the volumes we made, then the key pair and group if unused
-        if mine:
-            await self.fleet.terminate(mine, timeout=stop_timeout)
-        failures = await _delete_all(self.registry.created_volumes())
-        await self.account.delete_if_unused(self.key_pair, self.security_group_id)
-        if failures:
-            raise (
-                failures[0]
-                if len(failures) == 1
-                else ExceptionGroup("some volumes could not be deleted", failures)
-            )
+        await closing.on_exit(self)
 
     def _require_open(self) -> None:
         if not self._open:
             raise AsyncstageError("the manager is not open: use `async with Manager(...)`")
+
+    def known_key_names(self) -> set[str]:
+        """The EC2 key pairs whose private keys this manager holds (its dot directory's):
+        only servers launched with one, and volumes and snapshots whose owner tag names
+        one, are adopted."""
+        names = set(keys.keyfiles(self.dotdir, self.region))
+        return names | ({self.key_pair.name} if self.key_pair else set())
 
     @property
     def keyfile(self) -> Path:
@@ -285,8 +281,8 @@ class Manager:
         Concurrent calls with the same launch options share one RunInstances call.
         """
         self._require_open()
-        options = LaunchOptions(instance_type, image, availability_zone, username, architecture)
-        name = name or self.new_server_name()
+        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        name = check_name(name, "server") if name is not None else self.new_server_name()
         return await self.fleet.provision_one(name, options, timeout or self.timeouts.server)
 
     async def provision_servers(
@@ -308,8 +304,8 @@ class Manager:
         names each, with the others in its ``succeeded``.
         """
         self._require_open()
-        options = LaunchOptions(instance_type, image, availability_zone, username, architecture)
-        names = self.fleet.names_for(names_or_count, count)
+        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
         return await self.fleet.provision_many(names, options, timeout or self.timeouts.server)
 
     async def get_server(
@@ -325,7 +321,8 @@ class Manager:
     ) -> Server:
         """The server of that name, started if stopped; a new one when there is none."""
         self._require_open()
-        options = LaunchOptions(instance_type, image, availability_zone, username, architecture)
+        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        name = check_name(name, "server") if name is not None else None
         return await self.fleet.get(name, options, timeout or self.timeouts.server)
 
     async def get_server_in_zone(self, zone: str) -> Server:
@@ -380,11 +377,15 @@ class Manager:
         return await self.fleet.terminate(list(servers), timeout=timeout or self.timeouts.stop)
 
     async def snapshots(self, name: str | None = None) -> list[Resource]:
-        """The staging snapshots (of volumes named ``name``), newest first, failed ones left out.
+        """Our staging snapshots (of volumes named ``name``), newest first, failed ones left out.
+
+        Only snapshots this manager's keys own (their ``asyncstage:owner`` tag) with tags that
+        pass the naming rules are listed: nothing else is ever restored from.
 
         Each is EC2's description (``SnapshotId``, ``VolumeSize``, ``StartTime``, ``Tags`` ...).
         """
-        return await self.images.snapshots(name)
+        found = await self.images.snapshots(name)  # another party's are never restored from
+        return ours("snapshot", found, keys=self.known_key_names(), fstypes=FSTYPES, level=DEBUG)
 
     async def provision_volume(
         self,
@@ -406,6 +407,7 @@ class Manager:
         Same options as :meth:`Server.provision_volume`.
         """
         self._require_open()
+        name = check_name(name, "volume") if name is not None else None
         reuse = self.reuse_volumes if reuse is None else reuse
         where = mtpt or mount
         where = check_mount_point(where) if where else None
@@ -509,6 +511,18 @@ class Manager:
         return await transfer.dd(self, source, dest, **options)
 
 
+def _launch_options(
+    instance_type: str | None,
+    image: str | None,
+    zone: str | None,
+    username: str | None,
+    architecture: str | None,
+) -> LaunchOptions:
+    """The launch options of a provision call, its login user name checked."""
+    user = check_user(username) if username is not None else None
+    return LaunchOptions(instance_type, image, zone, user, architecture)
+
+
 def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
     """A Manager for an embedded local cloud (its endpoint, region, image and user).
 
@@ -536,14 +550,3 @@ async def _close_all(hosts: Iterable[SSHHost]) -> None:
             await host.close()
         except Exception as e:  # pragma: no cover - best effort
             log.debug("closing %s: %s", host, e)
-
-
-async def _delete_all(volumes: Iterable[Volume]) -> list[Exception]:
-    """Delete volumes (each detached first); the errors of those that could not be."""
-    failures: list[Exception] = []
-    for volume in volumes:
-        try:
-            await volume.delete()
-        except AsyncstageError as e:
-            failures.append(e)
-    return failures

@@ -429,16 +429,14 @@ async def _resolve_one(manager: _ManagerLike, spec: PathSpec) -> Endpoint:
             if found is None:
                 raise UnknownVolume(f"{volume}: no managed volume with that volume id")
             volume = found
-        if not volume.mounted or volume.server is None or not volume.mtpt:
-            await volume.mount()
+        # checked on its server right now: this very volume at its mount point (mounted
+        # again if need be), the path resolved there and inside it; nothing is copied else
+        (where,) = await volume.checked_paths(spec.path or "./")
         server = volume.server
-        mtpt = volume.mtpt
-        if server is not None:
-            await _ensure_running(server)
-        if server is None or not mtpt:
+        if server is None:
             raise PathError(f"{volume}: could not be mounted for the transfer")
         label = f"{volume}:/{spec.path}" if spec.path else str(volume)
-        return HostEndpoint(server.host, mtpt.rstrip("/") + "/" + spec.path, True, label)
+        return HostEndpoint(server.host, where, True, label)
     raise PathError(f"unresolved path {spec!r}")  # PreviousSpec is replaced by parse_paths
 
 

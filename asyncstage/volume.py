@@ -9,9 +9,18 @@ from typing import TYPE_CHECKING, Unpack
 
 import anyio
 
-from asyncstage import transfer
+from asyncstage import mounts, transfer
+from asyncstage.adoption import owner_tags
 from asyncstage.ec2 import Resource, tag, tags_of
-from asyncstage.errors import VolumeError, VolumeInUse, VolumeNotMounted
+from asyncstage.errors import (
+    BadFstype,
+    ConnectError,
+    ConnectionLost,
+    ServerNotRunning,
+    VolumeError,
+    VolumeInUse,
+    VolumeNotMounted,
+)
 from asyncstage.paths import RemotePath
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 
@@ -33,6 +42,7 @@ class Volume:
     """
 
     INTERNAL_METHODS = (
+        "checked_paths",
         "prepare_remount",
         "record_attach",
         "record_description",
@@ -151,7 +161,8 @@ class Volume:
         """An /etc/fstab line that mounts the volume where it is mounted now."""
         if self.mtdev is None or self.mtpt is None:
             raise VolumeNotMounted(f"volume {self.name} has no device or mount point")
-        return f"{self.mtdev}\t{self.mtpt}\t{self.fstype or 'auto'}\tdefaults,nofail\t0\t2"
+        options = ",".join(o for o in (self.manager.mount_options, "nofail") if o)
+        return f"{self.mtdev}\t{self.mtpt}\t{self.fstype or 'auto'}\t{options}\t0\t2"
 
     def _need_server(self) -> Server:
         if self.server is None:
@@ -224,6 +235,7 @@ class Volume:
             tag("volume"): self.volume_id,
             tag("created"): f"{time.time():020.6f}",
             "Name": self.name,
+            **owner_tags(m.key_pair.name if m.key_pair else None),
         }
         desc = description or (
             self.server.volume_description(self)
@@ -256,22 +268,60 @@ class Volume:
 
     # -- file commands, run as root with paths relative to the volume's root ---------------
 
-    def _path(self, arg: str) -> str:
-        mtpt = self._mtpt
-        if not self._mounted or mtpt is None:
+    async def checked_paths(self, *subs: str, mount: bool = True) -> list[str]:
+        """Internal: where ``subs`` (relative to the volume's root) are on its server, after
+        checking there that its mount point holds this very volume right now.
+
+        Not mounted anywhere although the manager mounted it (an admin, a reboot): it is
+        mounted again (attached, and its server started, as needed); one the manager
+        unmounted is mounted too with ``mount``, else VolumeNotMounted. Another
+        filesystem at its mount point: VolumeNotMounted; the volume mounted elsewhere:
+        VolumeInUse. Each path is resolved on the server (symlinks followed) and must
+        stay inside the volume: PathError otherwise.
+        """
+        if self.fstype == "raw":
+            raise BadFstype(f"volume {self.name} is raw: it has no files to read or write")
+        if not mount and not self._mounted:
             raise VolumeNotMounted(f"volume {self.name} is not mounted")
-        joined = posixpath.normpath(posixpath.join(mtpt, arg.lstrip("/")))
-        if joined != mtpt and not joined.startswith(mtpt.rstrip("/") + "/"):
-            raise VolumeError(f"path {arg!r} leaves volume {self.name}")
-        return joined
+        for _ in range(3):
+            server, mtpt = self._server, self._mtpt
+            if server is None or mtpt is None:
+                await self.mount()
+                continue
+            probe = await self._probe(server, mtpt, subs)
+            if probe.by_serial and probe.device != self._mtdev and self._ec2_device:
+                self.record_attach(server, self._ec2_device, probe.device)  # renamed (a restart)
+            if probe.judge(self.name, mtpt) == "mounted":
+                self.record_mount(mtpt)
+                return [
+                    mounts.resolved_inside(mtpt, sub, real, self.name)
+                    for sub, real in zip(subs, probe.resolved, strict=True)
+                ]
+            self.record_unmount()
+            await server.mount_volume(self, mtpt)
+        raise VolumeNotMounted(f"volume {self.name} could not be mounted at {self._mtpt}")
+
+    async def _probe(self, server: Server, mtpt: str, subs: tuple[str, ...]) -> mounts.Probe:
+        """The mount probe of this volume on its server (started when it is not running)."""
+        wanted = [posixpath.join(mtpt, sub.lstrip("/")) for sub in subs]
+        argv = mounts.probe_argv(self.volume_id, self._mtdev, mtpt, wanted)
+        if server.state != "running":
+            await server.start()
+        try:
+            return mounts.parse_probe(await server.scmd(*argv, sudo=True))
+        except (ServerNotRunning, ConnectError, ConnectionLost):
+            # stopped (and maybe started again) behind our back: its state, then again
+            await server.refresh()
+            if not await server.ping():
+                await server.start()
+            return mounts.parse_probe(await server.scmd(*argv, sudo=True))
 
     async def _file_cmd(self, program: str, *args: str, fixed: tuple[str, ...] = ()) -> str:
         """Run ``program`` as root: its options, the ``fixed`` arguments, then the other
-        arguments as paths relative to the volume's root."""
-        server = self._need_server()
+        arguments as paths relative to the volume's root (checked: see checked_paths)."""
         opts = [a for a in args if a.startswith("-")]
-        paths = [self._path(a) for a in args if not a.startswith("-")]
-        return await server.scmd(program, *opts, *fixed, *paths, sudo=True)
+        paths = await self.checked_paths(*(a for a in args if not a.startswith("-")), mount=False)
+        return await self._need_server().scmd(program, *opts, *fixed, "--", *paths, sudo=True)
 
     async def ls(self, *args: str) -> str:
         """``ls`` on the volume (paths relative to its root; default its root)."""
@@ -320,16 +370,16 @@ class Volume:
 
         One string is a shell command line, several are an argv (each quoted).
         """
+        (root,) = await self.checked_paths(".", mount=False)
         server = self._need_server()
-        root = self._path(".")
         if len(cmd) == 1:
             return await server.scmd("env", "-C", root, "sh", "-c", cmd[0], sudo=True)
         return await server.scmd("env", "-C", root, *cmd, sudo=True)
 
     async def ssh(self, *cmd: Command) -> bool:
         """Like :meth:`cmd`, with the output on our stdout/stderr; true on success."""
+        (root,) = await self.checked_paths(".", mount=False)
         server = self._need_server()
-        root = self._path(".")
         if len(cmd) == 1:
             return await server.ssh("env", "-C", root, "sh", "-c", cmd[0], sudo=True)
         return await server.ssh("env", "-C", root, *cmd, sudo=True)

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import anyio
 import pytest
+from botocore.exceptions import ReadTimeoutError
 
 from asyncstage import keys
-from asyncstage.ec2 import EC2, console_fingerprints, tag, tag_filters, tags_of
+from asyncstage.ec2 import (
+    CLIENT_TOKEN_TAG,
+    EC2,
+    console_fingerprints,
+    new_client_token,
+    tag,
+    tag_filters,
+    tags_of,
+)
 from asyncstage.errors import EC2Error, UnknownServer, UnknownVolume, WaitTimeout
 
 pytestmark = pytest.mark.anyio
@@ -165,3 +174,169 @@ async def test_polls_start_fast_and_back_off() -> None:
     gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]
     assert gaps[:3] == [0.1, 0.2, 0.4] and max(gaps) <= 0.45
     assert "nothing" in str(info.value) and info.value.last_state == "still"
+
+
+# -- idempotent creates (ClientToken) ------------------------------------------------------
+
+
+def _lose_replies(ec2: EC2, operation: str) -> list[int]:
+    """Make the next reply of ``operation`` get lost after EC2 acted on the call.
+
+    The request reaches the endpoint and its resource is made; then the reply is
+    dropped as if the connection timed out (a botocore read timeout raised from
+    the ``after-call`` event). Returns a list counting the replies lost.
+    """
+    lost: list[int] = []
+
+    def drop(**_: object) -> None:
+        if not lost:
+            lost.append(1)
+            raise ReadTimeoutError(endpoint_url="lost reply")
+
+    ec2._client.meta.events.register(f"after-call.ec2.{operation}", drop)
+    return lost
+
+
+async def _ours(ec2: EC2, kind: str, token: str) -> list[str]:
+    flt = tag_filters({CLIENT_TOKEN_TAG: token})
+    if kind == "instance":
+        return [
+            i["InstanceId"]
+            for i in await ec2.describe_instances(filters=flt)
+            if i["State"]["Name"] != "terminated"
+        ]
+    return [v["VolumeId"] for v in await ec2.describe_volumes(filters=flt)]
+
+
+async def test_a_repeated_create_volume_returns_the_same_volume(ec2: EC2) -> None:
+    token = new_client_token()
+    assert len(token) <= 64 and token != new_client_token()
+    first = await ec2.create_volume(
+        availability_zone="us-east-1a", size=1, tags={tag("name"): "tok"}, client_token=token
+    )
+    again = await ec2.create_volume(
+        availability_zone="us-east-1a", size=1, tags={tag("name"): "tok"}, client_token=token
+    )
+    assert again["VolumeId"] == first["VolumeId"]
+    assert ec2.calls["CreateVolume"] == 1
+    assert await _ours(ec2, "volume", token) == [first["VolumeId"]]
+    # the token and the tags went into the create call itself
+    (desc,) = await ec2.describe_volumes([first["VolumeId"]])
+    assert tags_of(desc) == {tag("name"): "tok", CLIENT_TOKEN_TAG: token}
+    other = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+    assert other["VolumeId"] != first["VolumeId"]
+    assert not ec2.unsettled_tokens
+    for vid in (first["VolumeId"], other["VolumeId"]):
+        await ec2.delete_volume(vid)
+
+
+async def test_a_repeated_run_instances_returns_the_same_instances(ec2: EC2) -> None:
+    token = new_client_token()
+    image = await _image(ec2)
+    first = await ec2.run_instances(
+        image_id=image, count=2, instance_type="t3.micro", client_token=token
+    )
+    again = await ec2.run_instances(
+        image_id=image, count=2, instance_type="t3.micro", client_token=token
+    )
+    ids = sorted(i["InstanceId"] for i in first)
+    assert sorted(i["InstanceId"] for i in again) == ids
+    assert ec2.calls["RunInstances"] == 1
+    assert sorted(await _ours(ec2, "instance", token)) == ids
+    assert sorted(i["InstanceId"] for i in await ec2.created_with("instance", token)) == ids
+    await ec2.terminate_instances(ids)
+    assert await ec2.created_with("instance", token) == []
+
+
+async def test_a_lost_reply_leaves_the_token_unsettled_and_the_retry_finds_its_volume(
+    ec2: EC2,
+) -> None:
+    token = new_client_token()
+    lost = _lose_replies(ec2, "CreateVolume")
+    with pytest.raises(EC2Error):
+        await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+    assert lost == [1]
+    # EC2 made the volume although the caller never heard of it
+    made = await _ours(ec2, "volume", token)
+    assert len(made) == 1
+    assert ec2.unsettled_tokens == {token: "volume"}
+    # the retry with the same token returns it instead of making a second one
+    again = await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+    assert again["VolumeId"] == made[0]
+    assert await _ours(ec2, "volume", token) == made
+    assert not ec2.unsettled_tokens
+    await ec2.delete_volume(made[0])
+
+
+async def test_a_lost_run_instances_reply_is_found_by_its_owner(ec2: EC2) -> None:
+    token = new_client_token()
+    _lose_replies(ec2, "RunInstances")
+    with pytest.raises(EC2Error):
+        await ec2.run_instances(
+            image_id=await _image(ec2), count=1, instance_type="t3.micro", client_token=token
+        )
+    assert ec2.unsettled_tokens == {token: "instance"}
+    # the owner cleaning up finds what the unsettled token made, and settles it
+    found = await ec2.created_with("instance", token)
+    assert len(found) == 1
+    await ec2.terminate_instances([found[0]["InstanceId"]])
+    ec2.settle(token)
+    assert not ec2.unsettled_tokens
+
+
+async def test_a_create_cancelled_before_it_was_sent_makes_nothing(ec2: EC2) -> None:
+    token = new_client_token()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+    assert await ec2.created_with("volume", token) == []
+    vol = await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+    assert await _ours(ec2, "volume", token) == [vol["VolumeId"]]
+    await ec2.delete_volume(vol["VolumeId"])
+
+
+async def test_a_create_cancelled_in_flight_stays_unsettled_until_found(ec2: EC2) -> None:
+    token = new_client_token()
+
+    async def slow_reply(**_: object) -> None:
+        await anyio.sleep(5)  # EC2 has made the volume; its reply is slow to arrive
+
+    ec2._client.meta.events.register("after-call.ec2.CreateVolume", slow_reply)
+    with anyio.move_on_after(0.5) as scope:
+        await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+    assert scope.cancelled_caught
+    ec2._client.meta.events.unregister("after-call.ec2.CreateVolume", slow_reply)
+    assert ec2.unsettled_tokens == {token: "volume"}
+    (found,) = await ec2.created_with("volume", token)
+    await ec2.delete_volume(found["VolumeId"])
+    ec2.settle(token)
+    assert not ec2.unsettled_tokens
+
+
+async def test_concurrent_creates_with_one_token_make_one_volume(ec2: EC2) -> None:
+    token = new_client_token()
+    got: list[str] = []
+
+    async def create() -> None:
+        vol = await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+        got.append(vol["VolumeId"])
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(create)
+    assert len(set(got)) == 1 and len(got) == 5
+    assert await _ours(ec2, "volume", token) == got[:1]
+    await ec2.delete_volume(got[0])
+
+
+async def test_snapshot_copies_are_tagged_in_the_copy_call(ec2: EC2) -> None:
+    vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+    snap = await ec2.create_snapshot(vol["VolumeId"], tags={tag("name"): "s"})
+    copy = await ec2.copy_snapshot(
+        snap["SnapshotId"], source_region="us-east-1", tags={tag("name"): "s"}
+    )
+    (desc,) = await ec2.describe_snapshots([copy])
+    assert tags_of(desc) == {tag("name"): "s"}
+    for sid in (copy, snap["SnapshotId"]):
+        await ec2.delete_snapshot(sid)
+    await ec2.delete_volume(vol["VolumeId"])

@@ -6,15 +6,18 @@ moto's instances have non-loopback addresses: these tests never ssh to them
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from botocore.exceptions import ReadTimeoutError
 
 from asyncstage import Manager
-from asyncstage.ec2 import tag, tags_of
-from asyncstage.errors import InvalidArgument, NameTaken
+from asyncstage.adoption import OWNER_TAG
+from asyncstage.ec2 import new_client_token, tag, tags_of
+from asyncstage.errors import EC2Error, InvalidArgument, InvalidName, NameTaken
 from asyncstage.fleet import LaunchOptions
 from asyncstage.images import user_for_image
 
@@ -147,3 +150,142 @@ async def test_launch_survives_another_manager_removing_key_and_group(make: Any)
         (server,) = await _launch(keeper, "keeper-1")
         assert await keeper.ec2.key_pair_exists(keeper.key_pair.name)
         assert server.instance["KeyName"] == keeper.key_pair.name
+
+
+# -- data safety on the API alone (issue #10) ------------------------------------------------
+
+
+async def test_names_and_users_are_checked_before_any_call(make: Any) -> None:
+    async with make(on_exit="terminate") as m:
+        before = sum(m.ec2.calls.values())
+        for bad in ("../x", "a/b", "new\nline", "-rf", "two words", "$(id)", "ü", "x" * 300):
+            with pytest.raises(InvalidName):
+                await m.provision_server(bad)
+            with pytest.raises(InvalidName):
+                await m.provision_servers([bad])
+            with pytest.raises(InvalidName):
+                await m.get_server(bad)
+            with pytest.raises(InvalidName):
+                await m.provision_volume(bad)
+            with pytest.raises(InvalidName):
+                await m.get_volume(bad)
+        for user in ("-oProxyCommand=x", "root@evil", "a b"):
+            with pytest.raises(InvalidName):
+                await m.provision_server("fine", username=user)
+        assert sum(m.ec2.calls.values()) == before
+    with pytest.raises(InvalidName):
+        make(username="-oProxyCommand=touch /tmp/x")
+
+
+async def test_scan_adopts_only_our_own_resources_with_valid_tags(
+    make: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    async with make(on_exit="run") as first:
+        (ours,) = await _launch(first, "ours")
+        assert first.key_pair is not None
+        key, owner = first.key_pair.name, tags_of(ours.instance)[OWNER_TAG]
+        assert owner == key
+        image = (await first.ec2.find_image("*"))["ImageId"]
+        zone = ours.availability_zone
+
+        async def plant_instance(key_name: str, **tags: str) -> str:
+            got = await first.ec2.call(
+                "RunInstances",
+                ImageId=image,
+                MinCount=1,
+                MaxCount=1,
+                KeyName=key_name,
+                TagSpecifications=[
+                    {
+                        "ResourceType": "instance",
+                        "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+                    }
+                ],
+            )
+            return str(got["Instances"][0]["InstanceId"])
+
+        async def plant_volume(**tags: str) -> str:
+            got = await first.ec2.call(
+                "CreateVolume",
+                AvailabilityZone=zone,
+                Size=1,
+                TagSpecifications=[
+                    {
+                        "ResourceType": "volume",
+                        "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+                    }
+                ],
+            )
+            return str(got["VolumeId"])
+
+        role_s, role_v = {tag("role"): "server"}, {tag("role"): "volume"}
+        hostile = [
+            await plant_instance(key, **role_s, **{tag("name"): "$(reboot)"}),
+            await plant_instance(key, **role_s, **{tag("name"): "ok1", tag("user"): "-oX=y"}),
+            await plant_volume(**role_v, **{tag("name"): "../../etc", OWNER_TAG: key}),
+            await plant_volume(
+                **role_v, **{tag("name"): "ok2", OWNER_TAG: key, tag("mtpt"): "/etc"}
+            ),
+        ]
+        foreign = [
+            await plant_instance("someone-else", **role_s, **{tag("name"): "theirs"}),
+            await plant_volume(**role_v, **{tag("name"): "theirs-vol"}),
+        ]
+        good_vol = await plant_volume(**role_v, **{tag("name"): "mine-vol", OWNER_TAG: key})
+    caplog.set_level(logging.WARNING, logger="asyncstage")
+    async with make(on_exit="terminate", scan=True) as second:
+        servers = {s.instance_id for s in second.servers()}
+        volumes = {v.volume_id for v in second.volumes()}
+        assert ours.instance_id in servers and good_vol in volumes
+        assert not (servers | volumes) & set(hostile + foreign)
+        warned = caplog.text
+        assert all(rid in warned for rid in hostile + foreign)
+        await second.terminate_servers(second.servers())
+        await second.ec2.terminate_instances([i for i in hostile + foreign if i.startswith("i-")])
+        for vid in [*(v for v in hostile + foreign if v.startswith("vol-")), good_vol]:
+            await second.ec2.delete_volume(vid)
+
+
+async def test_closing_copes_with_what_others_deleted(
+    make: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asyncstage")
+    async with make(on_exit="terminate") as m:
+        a, b = await _launch(m, "gone-a", "gone-b")
+        vols = [
+            await m.ec2.create_volume(availability_zone=a.availability_zone, size=1)
+            for _ in range(2)
+        ]
+        gone, kept = (m.registry.add_volume(v, created=True) for v in vols)
+        # somebody else terminates a server and deletes a volume behind the manager's back
+        await m.ec2.terminate_instances([a.instance_id])
+        await m.ec2.delete_volume(gone.volume_id)
+    # no error: what was gone is reported, the rest is cleaned up
+    assert gone.volume_id in caplog.text and a.instance_id in caplog.text
+    async with make(on_exit="run", dotdir=tmp_path / "check") as check:
+        assert await _states(check, [a.instance_id, b.instance_id]) == {"terminated"}
+        left = await check.ec2.describe_volumes([kept.volume_id])
+        assert [v for v in left if v["State"] not in ("deleting", "deleted")] == []
+
+
+async def test_closing_removes_what_a_create_with_a_lost_reply_made(
+    make: Any, tmp_path: Path
+) -> None:
+    async with make(on_exit="run") as m:
+        lost: list[int] = []
+
+        def drop(**_: object) -> None:
+            if not lost:
+                lost.append(1)
+                raise ReadTimeoutError(endpoint_url="lost reply")
+
+        m.ec2._client.meta.events.register("after-call.ec2.CreateVolume", drop)
+        with pytest.raises(EC2Error):
+            await m.ec2.create_volume(
+                availability_zone="us-east-1a", size=1, client_token=new_client_token()
+            )
+        assert len(m.ec2.unsettled_tokens) == 1
+    # even with on_exit="run": nobody else knows of that volume
+    async with make(on_exit="run", dotdir=tmp_path / "check") as check:
+        vols = await check.ec2.describe_volumes()
+        assert [v for v in vols if tag("client-token") in tags_of(v)] == []

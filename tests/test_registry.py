@@ -18,6 +18,7 @@ class Owner:
 
     def __init__(self) -> None:
         self.registry = Registry(lambda desc: Volume(self, desc))  # type: ignore[arg-type]
+        self.mount_options = "nosuid,nodev"
 
     def volumes(self) -> list[Volume]:
         return self.registry.volumes()
@@ -126,7 +127,7 @@ def test_volume_state_changes_only_through_its_own_methods() -> None:
     v.record_attach(server, "/dev/sdf", "/dev/xvdf")
     v.record_mount("/mnt/data")
     assert (v.server, v.mtdev, v.mtpt, v.mounted) == (server, "/dev/xvdf", "/mnt/data", True)
-    assert v.fstab_line().startswith("/dev/xvdf\t/mnt/data\text4")
+    assert v.fstab_line() == "/dev/xvdf\t/mnt/data\text4\tnosuid,nodev,nofail\t0\t2"
     server.record_stop()  # a stopped server's mounted volumes are mounted again on start
     assert not v.mounted and v.server is server
     assert v.prepare_remount() and v.mtdev is None

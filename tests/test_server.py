@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncstage import Manager, RemotePath, Server
+from asyncstage import Manager, RemotePath, Server, keys
 from asyncstage.errors import (
     CommandFailed,
     FleetError,
@@ -132,6 +133,11 @@ async def test_a_changed_host_key_is_refused(
     server = await manager.provision_server("pinned")
     assert server.address is not None
     _, impostor = generate_key("impostor")
+    # another manager holding our key (only servers of our keys are adopted) but with a
+    # known_hosts file of its own
+    theirs = keys.dotdir_for(manager.endpoint_url, tmp_path)
+    for kept in manager.dotdir.glob("asyncstage-*.pem*"):
+        shutil.copy2(kept, theirs / kept.name)
     async with manager_factory(dotdir=tmp_path, scan=True, on_exit="run") as other:
         other.known_hosts.add(server.address, 22, impostor)  # as if the key had changed
         adopted = other.find_server_by_name("pinned")

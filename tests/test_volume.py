@@ -13,9 +13,9 @@ from asyncstage.errors import (
     BadSize,
     MountPointRefused,
     NameTaken,
+    PathError,
     UnknownSnapshot,
     UnknownVolume,
-    VolumeError,
     VolumeNotMounted,
     ZoneMismatch,
 )
@@ -86,7 +86,14 @@ async def test_info_and_mount_lifecycle(manager: Manager, server: Server) -> Non
     assert vol.server is server and vol.availability_zone == server.availability_zone
     assert manager.find_volume_by_volid(vol.volume_id) is vol
     assert manager.find_volume_by_name("life") is vol
-    assert vol.fstab_line().split() == [vol.mtdev, "/srv/life", "ext4", "defaults,nofail", "0", "2"]
+    assert vol.fstab_line().split() == [
+        vol.mtdev,
+        "/srv/life",
+        "ext4",
+        "nosuid,nodev,nofail",
+        "0",
+        "2",
+    ]
     await vol.mkdir("keep")
     await vol.unmount()
     assert not vol.mounted and vol.server is server
@@ -167,7 +174,7 @@ async def test_file_commands(server: Server) -> None:
     assert (await vol.cmd("whoami")).strip() == "root"
     assert await vol.ssh("test", "-d", "lost+found") is True
     assert await vol.ssh("test -d nothing-here") is False
-    with pytest.raises(VolumeError):
+    with pytest.raises(PathError):  # resolved on the server: outside the volume
         await vol.ls("../..")
     await vol.unmount()
     with pytest.raises(VolumeNotMounted):

@@ -1,0 +1,116 @@
+"""Closing a manager: ``on_exit`` applied to what is still there.
+
+Somebody else may have deleted a volume, terminated a server or removed a snapshot
+meanwhile: what is gone is skipped (with a warning naming it), the rest of the clean-up
+is done anyway, and one error at the end lists what could not be done. What create
+calls whose outcome never came back made (found by their ClientToken's tag) is removed
+whatever ``on_exit`` says: nobody else knows of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from asyncstage.errors import AsyncstageError, FleetError, NotFound, UnknownVolume
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
+    from asyncstage.server import Server
+
+__all__ = ["on_exit"]
+
+log = logging.getLogger("asyncstage")
+
+
+async def on_exit(m: Manager) -> None:
+    """Apply on_exit. What somebody else deleted already is skipped (with a warning);
+    the rest is done anyway, and one error at the end lists what could not be."""
+    problems = await _sweep_unsettled(m)
+    if m.on_exit == "run":
+        mine: list[Server] = []
+    else:
+        mine = await _still_there(m, m.registry.started())
+    try:
+        if m.on_exit == "stop":
+            live = [s for s in mine if s.state in ("pending", "running")]
+            await m.fleet.stop(live, timeout=m.timeouts.stop)
+        elif m.on_exit == "terminate":
+            await m.fleet.terminate(mine, timeout=m.timeouts.stop)
+    except FleetError as e:
+        problems += list(e.exceptions)
+    except AsyncstageError as e:
+        problems.append(e)
+    if m.on_exit == "terminate":
+        problems += await _delete_created(m)
+        await m.account.delete_if_unused(m.key_pair, m.security_group_id)
+    if problems:
+        listing = "\n".join(f"- {p}" for p in problems)
+        error = AsyncstageError(f"closing the manager left things undone:\n{listing}")
+        raise error from ExceptionGroup("on_exit failures", problems)
+
+
+async def _still_there(m: Manager, servers: list[Server]) -> list[Server]:
+    """These servers, refreshed; those terminated (or gone) elsewhere are forgotten."""
+    if not servers:
+        return []
+    found = await m.ec2.describe_instances_shared(s.instance_id for s in servers)
+    there: list[Server] = []
+    for server in servers:
+        desc = found.get(server.instance_id)
+        state = desc.get("State", {}).get("Name") if desc else "gone"
+        if state in ("gone", "shutting-down", "terminated"):
+            log.warning("server %s (%s) is %s already", server.name, server.instance_id, state)
+            server.record_termination()
+            m.registry.forget_server(server)
+            continue
+        if desc is not None:
+            server.record_description(desc)
+        there.append(server)
+    return there
+
+
+async def _delete_created(m: Manager) -> list[Exception]:
+    """Delete the volumes this manager made; those already deleted elsewhere are skipped."""
+    volumes = m.registry.created_volumes()
+    if not volumes:
+        return []
+    found = {
+        str(v["VolumeId"]): v for v in await m.ec2.describe_volumes([v.volume_id for v in volumes])
+    }
+    failures: list[Exception] = []
+    for volume in volumes:
+        desc = found.get(volume.volume_id)
+        try:
+            if desc is None or desc.get("State") in ("deleting", "deleted"):
+                raise UnknownVolume(f"volume {volume.volume_id} does not exist any more")
+            volume.record_description(desc)
+            if desc.get("State") == "available":
+                volume.record_detach()  # its server went away: nothing to unmount there
+            await volume.delete()
+        except NotFound as e:
+            log.warning("volume %s (%s) is gone already: %s", volume.name, volume.volume_id, e)
+            m.registry.forget_volume(volume)
+        except AsyncstageError as e:
+            failures.append(e)
+    return failures
+
+
+async def _sweep_unsettled(m: Manager) -> list[Exception]:
+    """Remove what create calls whose outcome never came back (a timeout, a cancellation)
+    made: found by their ClientToken's tag, never registered, so nobody else would."""
+    failures: list[Exception] = []
+    for token, kind in m.ec2.unsettled_tokens.items():
+        try:
+            made = await m.ec2.created_with(kind, token)
+            ids = [str(r.get("InstanceId") or r.get("VolumeId")) for r in made]
+            if ids:
+                log.warning("removing %s %s of a create that did not finish", kind, ids)
+            if kind == "instance":
+                await m.ec2.terminate_instances(ids)
+            for volume_id in ids if kind == "volume" else []:
+                await m.ec2.delete_volume(volume_id)
+            m.ec2.settle(token)
+        except AsyncstageError as e:
+            failures.append(e)
+    return failures
