@@ -263,7 +263,7 @@ def _openssh_key(key: asyncssh.SSHKey) -> str:
 class _Client(asyncssh.SSHClient):
     """Judges a presented host key that is not among the pinned ones."""
 
-    def __init__(self, host: SSHHost, pinned: list[str]) -> None:
+    def __init__(self, host: _HostCore, pinned: list[str]) -> None:
         self._host = host
         self._pinned = pinned
         self.presented: asyncssh.SSHKey | None = None
@@ -491,14 +491,9 @@ class CommandWriter(Generic[AnyStr]):
 # -- the host ------------------------------------------------------------------
 
 
-class SSHHost:
-    """A remote host reached over ssh, with one shared connection opened on first use.
-
-    ``known_hosts`` is the OpenSSH-format file where host keys are pinned;
-    ``expected_fingerprints`` (``"SHA256:..."`` as ``ssh-keygen -l`` prints them)
-    override the policy when given. ``label`` names the host in errors.
-    Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
-    """
+class _HostCore:
+    """The machinery under :class:`SSHHost`: its settings, the shared connection and the
+    channels, process groups and error mapping of the commands run over it."""
 
     def __init__(
         self,
@@ -537,22 +532,6 @@ class SSHHost:
         self._link: _Link | None = None
         self._connect_lock: anyio.Lock | None = None
         self._pinged = False
-
-    def __repr__(self) -> str:
-        return f"<SSHHost {self.username}@{self.address}:{self.port} ({self.label})>"
-
-    async def __aenter__(self) -> SSHHost:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    # -- connection ------------------------------------------------------------
 
     async def _connection(self) -> _Link:
         link = self._link
@@ -844,6 +823,31 @@ class SSHHost:
 
     # -- commands ----------------------------------------------------------------
 
+
+class SSHHost(_HostCore):
+    """A remote host reached over ssh, with one shared connection opened on first use.
+
+    ``known_hosts`` is the OpenSSH-format file where host keys are pinned;
+    ``expected_fingerprints`` (``"SHA256:..."`` as ``ssh-keygen -l`` prints them)
+    override the policy when given. ``label`` names the host in errors.
+    Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
+    """
+
+    def __repr__(self) -> str:
+        return f"<SSHHost {self.username}@{self.address}:{self.port} ({self.label})>"
+
+    async def __aenter__(self) -> SSHHost:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- connection ------------------------------------------------------------
     async def run(
         self,
         *cmd: Command,
