@@ -29,7 +29,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,11 +36,11 @@ from typing import Any
 
 import anyio
 
+from asyncstage import names
 from asyncstage.errors import (
     DestinationNotEmpty,
     EC2Error,
     InvalidArgument,
-    InvalidName,
     NameTaken,
     UnknownSnapshot,
 )
@@ -72,21 +71,6 @@ Source = str | os.PathLike[str] | Volume | Server
 Phase = Callable[[str], object]
 """Told each phase as it starts: ``volume``, ``rsync``, ``snapshot``, ``cleanup``."""
 ProgressCallback = Callable[[Progress], object]
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def _check_name(name: str) -> str:
-    """The backup name, checked against the naming rules (``InvalidName`` otherwise).
-
-    Kept in one function so that it can become ``names.validate_name("backup", name)``.
-    """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidName(
-            f"invalid backup name {name!r}: a name starts with a letter or digit, then "
-            "letters, digits, '.', '_' or '-', at most 128 characters"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -209,7 +193,7 @@ async def backup(
     into a volume it did not create. On failure or cancellation its own volume is deleted
     and the earlier snapshots are kept.
     """
-    _check_name(name)
+    names.check_name(name, "backup")
     if not sources:
         raise InvalidArgument("backup: nothing to back up")
     tell = phase or (lambda _: None)
@@ -336,7 +320,7 @@ async def snapshot_volume(
 ) -> AsyncIterator[Volume]:
     """A temporary volume made from the newest completed snapshot of backup ``name`` (or
     ``snapshot_id``), mounted on ``server`` (default: any), deleted on the way out."""
-    _check_name(name)
+    names.check_name(name, "backup")
     snap = await _pick_snapshot(m, name, snapshot_id)
     async with _volume_from(m, str(snap["SnapshotId"]), server, volume_name, phase) as volume:
         yield volume
@@ -381,7 +365,7 @@ async def restore(
     nothing deleted); ``/`` and the home directory are refused
     (:func:`check_destination`). Reads only from a snapshot, never from a live volume.
     """
-    _check_name(name)
+    names.check_name(name, "backup")
     path = check_destination(dest, overwrite=overwrite)
     started = time.monotonic()
     chosen = str((await _pick_snapshot(m, name, snapshot_id))["SnapshotId"])

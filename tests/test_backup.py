@@ -123,7 +123,8 @@ async def test_round_trip_incremental_and_restore_rules(
 async def test_hostile_backup_names_are_refused(
     manager: Manager, tmp_path: Path, name: str
 ) -> None:
-    with pytest.raises(InvalidName, match="starts with a letter or digit"):
+    rule = r"(?s)invalid backup name .*starts with a letter or a digit"
+    with pytest.raises(InvalidName, match=rule):
         await backup.backup(manager, name, [tmp_path])
     with pytest.raises(InvalidName):
         await backup.restore(manager, name, tmp_path / "dest")
