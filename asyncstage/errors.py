@@ -44,7 +44,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     ├── MissingDependency          a program is missing here or on a server (transfers,
     │                              local cloud); names the Debian package to install
     └── LocalCloudError
-        └── NeedsRoot
+        ├── NeedsRoot
+        └── StateDirInUse          another local cloud runs on that state dir
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ __all__ = [
     "SSHError",
     "ServerNotRunning",
     "ServerUnreachable",
+    "StateDirInUse",
     "TransferError",
     "UnknownImage",
     "UnknownServer",
@@ -379,3 +381,7 @@ class LocalCloudError(AsyncstageError):
 
 class NeedsRoot(LocalCloudError):
     """The local cloud needs root (namespaces, mounts, loop devices)."""
+
+
+class StateDirInUse(LocalCloudError):
+    """Another local cloud runs on this state dir (each cloud locks its own)."""

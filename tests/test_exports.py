@@ -78,6 +78,7 @@ def test_errors_sit_where_their_callers_need_them() -> None:
     assert issubclass(e.MissingDependency, e.AsyncstageError)
     assert not issubclass(e.MissingDependency, e.LocalCloudError)
     assert issubclass(e.NeedsRoot, e.LocalCloudError)
+    assert issubclass(e.StateDirInUse, e.LocalCloudError)
     # a missing image is a lookup failure, and still the EC2Error it used to be
     assert issubclass(e.UnknownImage, e.NotFound) and issubclass(e.UnknownImage, e.EC2Error)
     assert e.UnknownImage("gone", code="InvalidAMIID.NotFound").code == "InvalidAMIID.NotFound"

@@ -17,7 +17,7 @@ asyncstage.localcloud`` runs one in the foreground.
 
 from __future__ import annotations
 
+from asyncstage.errors import StateDirInUse as StateDirInUse
 from asyncstage.localcloud._cloud import LocalCloud
-from asyncstage.localcloud._registry import StateDirInUse as StateDirInUse
 
 __all__ = ["LocalCloud"]

@@ -34,17 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asyncstage.errors import LocalCloudError
+from asyncstage.errors import LocalCloudError, StateDirInUse
 from asyncstage.localcloud._isolation import remove_cgroup_tree
 from asyncstage.localcloud._system import process_start_time, run, which
 
 REGISTRY_DIR = Path("/run/asyncstage-localcloud")
 FIRST_BLOCK = 100  # 127.100.0.0/16 and up: far from 127.0.0.0/24, where test sshds listen
 BLOCKS = 155
-
-
-class StateDirInUse(LocalCloudError):
-    """Another local cloud runs on this state dir (each cloud locks its own)."""
 
 
 @dataclass(frozen=True)
