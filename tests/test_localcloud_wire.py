@@ -255,6 +255,26 @@ def test_a_raw_client_runs_an_instance_and_attaches_partition_names(cloud: Local
         client.call("DeleteVolume", VolumeId=volume_id)
 
 
+def test_a_filter_with_one_value_is_read_as_ec2_reads_it(cloud: LocalCloud) -> None:
+    """``Filter.N.Value`` without an index (the Perl VM::EC2 sends one value so) filters."""
+    client = raw(cloud)
+    name = "one-value-filter"
+    status, body = client.call("CreateSecurityGroup", GroupName=name, GroupDescription="test")
+    assert status == 200, body
+    (group_id,) = find(body, "groupId")
+    try:
+        for value, expected in ((name, [group_id]), ("no-such-group", [])):
+            status, body = client.call(
+                "DescribeSecurityGroups",
+                sign="v2",
+                **{"Filter.1.Name": "group-name", "Filter.1.Value": value},
+            )
+            assert status == 200, body
+            assert find(body, "groupId") == expected, body
+    finally:
+        client.call("DeleteSecurityGroup", GroupId=group_id)
+
+
 def _wait_raw(client: RawClient, action: str, tag: str, want: str, params: dict[str, str]) -> None:
     for _ in range(200):
         _, body = client.call(action, **params)

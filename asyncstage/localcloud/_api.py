@@ -159,8 +159,15 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
                 f"this local cloud serves region {engine.region} only, not {m.group(1)}",
             )
         # The local cloud always has the capacity: like EC2 then, it launches MaxCount.
-        if action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount")):
+        rewrite = action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount"))
+        if rewrite:
             params["MinCount"] = params["MaxCount"]
+        # EC2 takes a filter's one value as ``Filter.N.Value`` too (older clients, such as
+        # the Perl VM::EC2, send it so); moto reads only ``Filter.N.Value.M``.
+        for key in [k for k in params if _ONE_VALUE.fullmatch(k)]:
+            params.setdefault(f"{key}.1", params.pop(key))
+            rewrite = True
+        if rewrite:  # after the signature check, which covered what the client sent
             body = urlencode(params).encode()
             environ["QUERY_STRING"] = ""
         if action == "GetConsoleOutput":
@@ -193,6 +200,9 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
         return [data]
 
     return app
+
+
+_ONE_VALUE = re.compile(r"Filter\.\d+\.Value")
 
 
 def _more(maximum: str | None, minimum: str | None) -> bool:
