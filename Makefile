@@ -42,8 +42,8 @@ test-unit: $(VENV)/.installed
 	$(PY) -m pytest -m "not localcloud and not sshd" $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check asyncstage tests benchmarks
-	$(VENV)/bin/ruff format --check asyncstage tests benchmarks
+	$(VENV)/bin/ruff check asyncstage tests benchmarks scripts
+	$(VENV)/bin/ruff format --check asyncstage tests benchmarks scripts
 	$(VENV)/bin/mypy
 	$(PY) scripts/gen_blocking.py --check
 
