@@ -53,12 +53,13 @@ from asyncstage.volume import Volume as _AsyncVolume
 if TYPE_CHECKING:
     import collections
     import os
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
     from pathlib import Path
-    from typing import Any
+    from typing import Any, Literal
 
     from asyncstage import keys
     from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.localcloud._realism import Realism
     from asyncstage.manager import OnExit
     from asyncstage.paths import PathLike, RemotePath
     from asyncstage.ssh import Command, CommandResult, KnownHosts
@@ -979,6 +980,11 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
     """The attributes and properties of :class:`LocalCloud`."""
 
     @property
+    def realism(self) -> Realism:
+        """Same as :attr:`asyncstage.localcloud.LocalCloud.realism`."""
+        return self._async.realism
+
+    @property
     def region(self) -> str:
         """Same as :attr:`asyncstage.localcloud.LocalCloud.region`."""
         return self._async.region
@@ -997,6 +1003,11 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:PORT`` of the EC2 API (empty before the cloud started)."""
         return self._async.endpoint_url
+
+    @property
+    def seed(self) -> int:
+        """The seed of the cloud's random choices (pass it back to replay them)."""
+        return self._async.seed
 
     @property
     def image_id(self) -> str:
@@ -1032,6 +1043,10 @@ class LocalCloud(_LocalCloudAttributes):
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
+        realism: Literal["aws", "off"] | Realism = "aws",
+        api_rate: float | Literal["default"] | None = "default",
+        insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
+        seed: int | None = None,
     ) -> None:
         """Make the async LocalCloud with these arguments (see the class)."""
         self._adopt(
@@ -1041,6 +1056,10 @@ class LocalCloud(_LocalCloudAttributes):
                 state_dir=state_dir,
                 region=region,
                 port=port,
+                realism=realism,
+                api_rate=api_rate,
+                insufficient_capacity=insufficient_capacity,
+                seed=seed,
             )
         )
 

@@ -294,6 +294,9 @@ class Rewriter(ast.NodeTransformer):
 
     def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
         head = node.value.id if isinstance(node.value, ast.Name) else ""
+        if head == "Literal":  # its strings are values, not quoted annotations
+            node.value = self.visit(node.value)
+            return node
         if head in _ASYNC_ONLY:
             raise GenError(f"{self.modname}: {ast.unparse(node)} has no blocking form")
         in_type, in_iter = head == "type", head in _ITERABLES

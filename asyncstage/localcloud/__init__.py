@@ -19,5 +19,6 @@ from __future__ import annotations
 
 from asyncstage.errors import StateDirInUse as StateDirInUse
 from asyncstage.localcloud._cloud import LocalCloud
+from asyncstage.localcloud._realism import Realism
 
-__all__ = ["LocalCloud"]
+__all__ = ["LocalCloud", "Realism"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from asyncstage.localcloud._engine import Engine
 from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import LOGIN_USER
+from asyncstage.localcloud._realism import Realism, resolve
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
@@ -30,8 +32,15 @@ class LocalCloud:
     State lives in a temporary directory unless ``state_dir`` is given (one cloud per
     state dir: a second one gets ``StateDirInUse``). The API accepts only requests
     signed with its own credentials (:meth:`session_kwargs`). Its random choices (NVMe
-    device numbers) come from a seed that the log names; ``ASYNCSTAGE_LOCAL_SEED=N`` in
-    the environment replays them.
+    device numbers, delays, consistency windows) come from ``seed`` (or a random one
+    that the log names); ``ASYNCSTAGE_LOCAL_SEED=N`` in the environment replays them.
+
+    ``realism="aws"`` (the default) plays EC2's behaviour with times scaled down to
+    seconds (:class:`~asyncstage.localcloud.Realism` lists each one); ``realism="off"``
+    is the instant cloud. ``api_rate`` scales EC2's API token buckets (1.0: AWS's
+    published sizes and rates; smaller is stricter; None: unlimited);
+    ``insufficient_capacity`` names zones (or zone -> instance types) where RunInstances
+    and StartInstances answer ``InsufficientInstanceCapacity``.
     """
 
     def __init__(
@@ -41,13 +50,22 @@ class LocalCloud:
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
+        realism: Literal["aws", "off"] | Realism = "aws",
+        api_rate: float | Literal["default"] | None = "default",
+        insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
+        seed: int | None = None,
     ) -> None:
+        self.realism = resolve(
+            realism, api_rate=api_rate, insufficient_capacity=insufficient_capacity
+        )
         self._engine = Engine(
             boot_delay=boot_delay,
             state_dir=state_dir,
             region=region,
             port=port,
             api=_make_api,
+            seed=seed,
+            realism=self.realism,
         )
         self.region = region
         self.image_name = self._engine.image_name
@@ -57,6 +75,11 @@ class LocalCloud:
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:PORT`` of the EC2 API (empty before the cloud started)."""
         return self._engine.endpoint_url
+
+    @property
+    def seed(self) -> int:
+        """The seed of the cloud's random choices (pass it back to replay them)."""
+        return self._engine.seed
 
     @property
     def image_id(self) -> str:

@@ -33,6 +33,7 @@ from asyncstage.localcloud._disks import Disk, copy_sparse
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import DeviceCgroup
+from asyncstage.localcloud._realism import Realism
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._run import _Run
 from asyncstage.localcloud._system import check_machine
@@ -77,8 +78,10 @@ class Engine:
         port: int,
         api: Callable[[EngineHooks], ApiHooks],
         seed: int | None = None,
+        realism: Realism | None = None,
     ) -> None:
         self.boot_delay = boot_delay
+        self.realism = Realism() if realism is None else realism
         self.region = region
         self.port = port
         self.account = os.environ.get("MOTO_ACCOUNT_ID") or "".join(
@@ -88,7 +91,7 @@ class Engine:
         if seed is None and os.environ.get("ASYNCSTAGE_LOCAL_SEED", "").isdigit():
             seed = int(os.environ["ASYNCSTAGE_LOCAL_SEED"])
         self.seed = secrets.randbits(32) if seed is None else seed
-        self.random = random.Random(self.seed)  # NVMe numbers: replayable with the seed
+        self.random = random.Random(self.seed)  # every random choice: replayable with the seed
         self.image_name = IMAGE_NAME
         self.image_id = ""
         self.endpoint_url = ""

@@ -9,6 +9,7 @@ them together.
 from __future__ import annotations
 
 import collections
+import random
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Protocol
 
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._disks import Disk
+from asyncstage.localcloud._realism import Realism
 
 
 class ApiRefusal(Exception):
@@ -36,6 +38,8 @@ class EngineHooks(Protocol):
     image_name: str
     port: int  # the API's port (0 asks for a free one; the API sets the one it bound)
     credentials: Credentials
+    realism: Realism
+    random: random.Random  # every random choice draws from it (the cloud's seed)
 
     @property
     def disks(self) -> Mapping[str, Disk]:
