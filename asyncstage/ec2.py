@@ -20,6 +20,8 @@ so that an owner can clean it up. Tags always go into the create call
 from __future__ import annotations
 
 import base64
+import logging
+import re
 import secrets
 import time
 from collections import Counter
@@ -36,6 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
+    InsufficientCapacity,
     UnknownServer,
     UnknownSnapshot,
     UnknownVolume,
@@ -54,6 +57,8 @@ __all__ = [
     "tag_filters",
     "tags_of",
 ]
+
+log = logging.getLogger("asyncstage")
 
 TAG_PREFIX = "asyncstage:"
 """Prefix of every tag asyncstage writes (``asyncstage:role``, ``asyncstage:name`` ...)."""
@@ -74,6 +79,30 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
     "InvalidSnapshot.NotFound": UnknownSnapshot,
     "InvalidSnapshotID.Malformed": UnknownSnapshot,
 }
+
+
+_CAPACITY = re.compile(
+    r"sufficient (\S+) capacity in the Availability Zone you requested \(([^)]+)\)"
+)
+_SNAPSHOT_RATE = "SnapshotCreationPerVolumeRateExceeded"
+
+
+def _capacity_error(
+    e: EC2Error, operation: str, zone: str | None, instance_type: str | None
+) -> EC2Error:
+    """``InsufficientInstanceCapacity`` as :class:`InsufficientCapacity` (zone and type from
+    EC2's message, else those asked for); any other error as it is."""
+    if e.code != "InsufficientInstanceCapacity":
+        return e
+    m = _CAPACITY.search(str(e))
+    if m:
+        instance_type, zone = m.group(1), m.group(2)
+    return InsufficientCapacity(
+        f"no {instance_type or 'instance'} capacity in {zone or 'the region'} ({e})",
+        zone=zone,
+        instance_type=instance_type,
+        operation=operation,
+    )
 
 
 def tag(key: str) -> str:
@@ -540,24 +569,46 @@ class _Waits(_Client):
         snapshot_id: str,
         *,
         timeout: float,
+        on_progress: Callable[[Resource], object] | None = None,
     ) -> Resource:
-        """Poll a snapshot until it is completed."""
+        """Poll a snapshot until it is completed, following its ``Progress``.
+
+        Each new Progress (``"0%"`` ... ``"100%"``) is logged and given to
+        ``on_progress`` (the snapshot's description). A Progress that stands still is
+        waited on: EC2's snapshots may pause for long, so only ``timeout`` ends the wait
+        (:class:`WaitTimeout` with the last state and progress).
+        """
         seen: dict[str, Resource] = {}
 
         async def fetch() -> bool:
             found = await self.describe_snapshots([snapshot_id])
             if not found:
                 raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
-            seen["s"] = found[0]
-            if found[0].get("State") == "error":
-                raise EC2Error(f"snapshot {snapshot_id} failed", code="SnapshotError")
-            return bool(found[0].get("State") == "completed")
+            before = seen.get("s", {}).get("Progress")
+            seen["s"] = snap = found[0]
+            if snap.get("State") == "error":
+                raise EC2Error(
+                    f"snapshot {snapshot_id} failed: {snap.get('StateMessage', '')}",
+                    code="SnapshotError",
+                )
+            if snap.get("Progress") != before:
+                log.debug(
+                    "snapshot %s: %s %s", snapshot_id, snap.get("State"), snap.get("Progress")
+                )
+                if on_progress is not None:
+                    on_progress(snap)
+            return bool(snap.get("State") == "completed")
+
+        def last() -> str | None:
+            snap = seen.get("s")
+            return (
+                None
+                if snap is None
+                else f"{snap.get('State')} {snap.get('Progress') or ''}".strip()
+            )
 
         await self._poll(
-            fetch,
-            what=f"snapshot {snapshot_id} to complete",
-            timeout=timeout,
-            last_state=lambda: str(seen["s"].get("State")) if seen else None,
+            fetch, what=f"snapshot {snapshot_id} to complete", timeout=timeout, last_state=last
         )
         return seen["s"]
 
@@ -622,16 +673,20 @@ class EC2(_Waits):
         block_device_mappings: Sequence[Mapping[str, Any]] = (),
         user_data: str | None = None,
         client_token: str | None = None,
+        min_count: int | None = None,
     ) -> list[Resource]:
-        """Launch ``count`` instances in one RunInstances call (MinCount = MaxCount = count).
+        """Launch ``count`` instances in one RunInstances call (MaxCount = count).
 
+        ``min_count`` (default ``count``) is EC2's MinCount: with less, EC2 may launch
+        fewer than ``count`` (as many as fit) rather than none; the list says how many.
+        EC2's ``InsufficientInstanceCapacity`` is raised as :class:`InsufficientCapacity`.
         With a ``client_token`` the call is idempotent: repeated with the same token
         (after a timeout, an error or a cancellation) it returns the instances the
         first call made, if it made any, rather than launching more.
         """
         params: dict[str, Any] = {
             "ImageId": image_id,
-            "MinCount": count,
+            "MinCount": count if min_count is None else max(1, min(min_count, count)),
             "MaxCount": count,
             "InstanceType": instance_type,
         }
@@ -652,7 +707,10 @@ class EC2(_Waits):
             params["UserData"] = user_data
 
         async def create() -> list[Resource]:
-            result = await self.call("RunInstances", **params)
+            try:
+                result = await self.call("RunInstances", **params)
+            except EC2Error as e:
+                raise _capacity_error(e, "RunInstances", availability_zone, instance_type) from e
             instances: list[Resource] = result.get("Instances", [])
             return instances
 
@@ -662,9 +720,12 @@ class EC2(_Waits):
         return made
 
     async def start_instances(self, ids: Sequence[str]) -> None:
-        """Start these instances (one call)."""
+        """Start these instances (one call); no capacity: :class:`InsufficientCapacity`."""
         if ids:
-            await self.call("StartInstances", InstanceIds=list(ids))
+            try:
+                await self.call("StartInstances", InstanceIds=list(ids))
+            except EC2Error as e:
+                raise _capacity_error(e, "StartInstances", None, None) from e
 
     async def stop_instances(self, ids: Sequence[str], *, force: bool = False) -> None:
         """Stop these instances (one call)."""
@@ -795,12 +856,30 @@ class EC2(_Waits):
         *,
         description: str = "",
         tags: Mapping[str, str] = {},
+        rate_wait: float = 120.0,
     ) -> Resource:
-        """Snapshot a volume, tagged."""
+        """Snapshot a volume, tagged; the new snapshot (``pending``).
+
+        EC2 refuses a snapshot of a volume snapshotted moments ago
+        (``SnapshotCreationPerVolumeRateExceeded``): that is waited out and retried,
+        pausing longer each time (up to 15 s, AWS's advice), for up to ``rate_wait``
+        seconds, after which the error is raised.
+        """
         params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
         if tags:
             params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
-        return await self.call("CreateSnapshot", **params)
+        deadline = time.monotonic() + rate_wait
+        pause = self.poll_interval
+        while True:
+            try:
+                return await self.call("CreateSnapshot", **params)
+            except EC2Error as e:
+                left = deadline - time.monotonic()
+                if e.code != _SNAPSHOT_RATE or left <= 0:
+                    raise
+                log.info("snapshot of %s refused for now (%s): again in %.1fs", volume_id, e, pause)
+                await anyio.sleep(min(pause, left))
+                pause = min(pause * 2, 15.0)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot."""
