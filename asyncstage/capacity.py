@@ -3,7 +3,8 @@
 ``provision_servers(..., zones=[...], instance_types=[...])`` tries each choice of
 ``zones × instance_types`` in the order given (every type in the first zone, then every
 type in the second ...) until the fleet is complete. A choice without capacity
-(:class:`~asyncstage.errors.InsufficientCapacity`) passes to the next; any other error
+(:class:`~asyncstage.errors.InsufficientCapacity`) or over the account's instance limit
+(``InstanceLimitExceeded``, often per instance type) passes to the next; any other error
 ends the launch. With several choices (or ``partial="keep"``) each RunInstances asks for
 ``MinCount=1``: EC2 launches as many as fit and the next choice launches the rest.
 
@@ -97,28 +98,36 @@ def choices(spec: _Spec, options: LaunchOptions) -> list[_Spec]:
     ]
 
 
-def _exhausted(tried: list[InsufficientCapacity], wanted: int, got: int) -> InsufficientCapacity:
-    """The error of a launch that found too little capacity in every choice."""
+_NO_ROOM = ("InsufficientInstanceCapacity", "InstanceLimitExceeded")
+
+
+def _exhausted(tried: list[EC2Error], wanted: int, got: int) -> EC2Error:
+    """The error of a launch that found too little room in every choice: the one error,
+    or InsufficientCapacity summing them up (EC2Error when an instance limit was in it)."""
     last = tried[-1]
     if len(tried) == 1 and not got:
         return last
-    where = ", ".join(f"{e.instance_type or '?'} in {e.zone or 'the region'}" for e in tried)
     short = f"{got} of {wanted} launched; " if got else ""
-    return InsufficientCapacity(
-        f"no capacity for {wanted - got} server(s): {short}tried {where}",
-        zone=last.zone,
-        instance_type=last.instance_type,
-        operation="RunInstances",
-    )
+    message = f"no room for {wanted - got} server(s): {short}" + "; ".join(map(str, tried))
+    if all(isinstance(e, InsufficientCapacity) for e in tried):
+        return InsufficientCapacity(
+            message,
+            zone=getattr(last, "zone", None),
+            instance_type=getattr(last, "instance_type", None),
+            operation="RunInstances",
+        )
+    return EC2Error(message, code=last.code, operation="RunInstances")
 
 
 async def launch_one(fleet: Fleet, options: LaunchOptions, name: str) -> Server:
     """One server, in the first choice with capacity (sharing concurrent equal launches)."""
-    tried: list[InsufficientCapacity] = []
+    tried: list[EC2Error] = []
     for spec in choices(await fleet.spec(options), options):
         try:
             return await fleet.launch_coalesced(spec, name)
-        except InsufficientCapacity as e:
+        except EC2Error as e:
+            if e.code not in _NO_ROOM:
+                raise
             tried.append(e)
             log.info("server %s: %s; trying the next choice", name, e)
     raise _exhausted(tried, 1, 0)
@@ -126,7 +135,7 @@ async def launch_one(fleet: Fleet, options: LaunchOptions, name: str) -> Server:
 
 async def launch_many(
     fleet: Fleet, options: LaunchOptions, names: list[str]
-) -> tuple[dict[str, Server], InsufficientCapacity | None]:
+) -> tuple[dict[str, Server], EC2Error | None]:
     """The servers of ``names`` launched across the choices, by name, and (``partial="keep"``
     only) the error naming those that found no capacity anywhere.
 
@@ -136,7 +145,7 @@ async def launch_many(
     specs = choices(await fleet.spec(options), options)
     least = 1 if len(specs) > 1 or options.partial == "keep" else None
     launched: dict[str, Server] = {}
-    tried: list[InsufficientCapacity] = []
+    tried: list[EC2Error] = []
     try:
         for spec in specs:
             rest = [n for n in names if n not in launched]
@@ -144,7 +153,9 @@ async def launch_many(
                 break
             try:
                 got = await fleet.launch(spec, rest, min_count=least)
-            except InsufficientCapacity as e:
+            except EC2Error as e:
+                if e.code not in _NO_ROOM:
+                    raise
                 tried.append(e)
                 log.info("fleet: %s; trying the next choice", e)
                 continue
