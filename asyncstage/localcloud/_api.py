@@ -161,8 +161,9 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             )
         # moto launches MinCount: it gets MaxCount, the backend MinCount aside (what fits)
         rewrite = action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount"))
-        if rewrite:
+        if action == "RunInstances":  # every time: a kept-alive thread serves several requests
             LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
+        if rewrite:
             params["MinCount"] = params["MaxCount"]
         # EC2 takes a filter's one value as ``Filter.N.Value`` too (older clients, such as
         # the Perl VM::EC2, send it so); moto reads only ``Filter.N.Value.M``.

@@ -528,7 +528,10 @@ raised it to MaxCount for moto (moto launches MinCount); the backend launches wh
 
 def _launch_minimum(count: int) -> int:
     minimum = LAUNCH_REQUEST.__dict__.pop("min_count", None)
-    return count if minimum is None else max(1, min(int(minimum), count))
+    try:
+        return count if minimum is None else max(1, min(int(minimum), count))
+    except ValueError:  # moto has refused it already; never more than asked
+        return count
 
 
 def _fitting(limit: int | None, live: int, minimum: int, maximum: int) -> int:
