@@ -105,6 +105,14 @@ def _capacity_error(
     )
 
 
+def _percent(snapshot: Mapping[str, Any]) -> float | None:
+    """A snapshot's ``Progress`` (``"42%"``) as a number, if it has one."""
+    try:
+        return float(str(snapshot.get("Progress", "")).rstrip("%"))
+    except ValueError:
+        return None
+
+
 def tag(key: str) -> str:
     """The full name of one of our tags: ``tag("name") == "asyncstage:name"``."""
     return TAG_PREFIX + key
@@ -443,8 +451,10 @@ class _Waits(_Client):
         what: str,
         timeout: float,
         last_state: Callable[[], str | None],
+        eta: Callable[[], float | None] | None = None,
     ) -> None:
-        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
+        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between
+        (less when ``eta()`` expects the end sooner, never under half the first pause)."""
         interval = self.poll_interval
         deadline = time.monotonic() + timeout
         while True:
@@ -453,7 +463,9 @@ class _Waits(_Client):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(what, timeout=timeout, last_state=last_state())
-            await anyio.sleep(min(interval, left))
+            expected = eta() if eta is not None else None
+            pause = interval if expected is None else max(self.poll_interval / 2, expected)
+            await anyio.sleep(min(interval, pause, left))
             interval = min(interval * self.poll_backoff, self.poll_max_interval)
 
     async def wait_for_instances(
@@ -579,6 +591,7 @@ class _Waits(_Client):
         (:class:`WaitTimeout` with the last state and progress).
         """
         seen: dict[str, Resource] = {}
+        first: list[tuple[float, float]] = []  # (when, percent) of the first progress seen
 
         async def fetch() -> bool:
             found = await self.describe_snapshots([snapshot_id])
@@ -586,6 +599,8 @@ class _Waits(_Client):
                 raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
             before = seen.get("s", {}).get("Progress")
             seen["s"] = snap = found[0]
+            if not first and (done := _percent(snap)) is not None:
+                first.append((time.monotonic(), done))
             if snap.get("State") == "error":
                 raise EC2Error(
                     f"snapshot {snapshot_id} failed: {snap.get('StateMessage', '')}",
@@ -607,8 +622,20 @@ class _Waits(_Client):
                 else f"{snap.get('State')} {snap.get('Progress') or ''}".strip()
             )
 
+        def eta() -> float | None:
+            """Seconds left at the pace Progress has kept so far (None: no pace yet)."""
+            done = _percent(seen["s"])
+            if not first or done is None or done <= first[0][1]:
+                return None
+            since, start = first[0]
+            return (time.monotonic() - since) * (100 - done) / (done - start)
+
         await self._poll(
-            fetch, what=f"snapshot {snapshot_id} to complete", timeout=timeout, last_state=last
+            fetch,
+            what=f"snapshot {snapshot_id} to complete",
+            timeout=timeout,
+            last_state=last,
+            eta=eta,
         )
         return seen["s"]
 
@@ -862,7 +889,7 @@ class EC2(_Waits):
 
         EC2 refuses a snapshot of a volume snapshotted moments ago
         (``SnapshotCreationPerVolumeRateExceeded``): that is waited out and retried,
-        pausing longer each time (up to 15 s, AWS's advice), for up to ``rate_wait``
+        pausing longer each time (x1.5, up to 15 s: AWS's advice), for up to ``rate_wait``
         seconds, after which the error is raised.
         """
         params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
@@ -879,7 +906,7 @@ class EC2(_Waits):
                     raise
                 log.info("snapshot of %s refused for now (%s): again in %.1fs", volume_id, e, pause)
                 await anyio.sleep(min(pause, left))
-                pause = min(pause * 2, 15.0)
+                pause = min(pause * 1.5, 15.0)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot."""
