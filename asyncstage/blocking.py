@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from asyncstage import keys
+    from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
     from asyncstage.localcloud._realism import Realism
     from asyncstage.manager import OnExit
@@ -281,10 +282,12 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
+        ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
         """
         return cast(
             "Server",
@@ -298,6 +301,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    **choices,
                 )
             ),
         )
@@ -313,12 +317,14 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
-        ``names_or_count`` is a list of names or a number of servers (or pass
-        ``count=``). When some fail, they are terminated and a :class:`FleetError`
-        names each, with the others in its ``succeeded``.
+        ``names_or_count``: names or a number (or ``count=``). Servers that fail are terminated;
+        a :class:`FleetError` names them, the others in ``succeeded``. ``zones=[...]``,
+        ``instance_types=[...]``, ``partial="terminate"|"keep"``: where EC2 has no capacity,
+        the next choice (:mod:`asyncstage.capacity`).
         """
         return cast(
             "list[Server]",
@@ -333,6 +339,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    **choices,
                 )
             ),
         )

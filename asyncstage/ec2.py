@@ -20,6 +20,8 @@ so that an owner can clean it up. Tags always go into the create call
 from __future__ import annotations
 
 import base64
+import logging
+import re
 import secrets
 import time
 from collections import Counter
@@ -36,6 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
+    InsufficientCapacity,
     UnknownServer,
     UnknownSnapshot,
     UnknownVolume,
@@ -54,6 +57,8 @@ __all__ = [
     "tag_filters",
     "tags_of",
 ]
+
+log = logging.getLogger("asyncstage")
 
 TAG_PREFIX = "asyncstage:"
 """Prefix of every tag asyncstage writes (``asyncstage:role``, ``asyncstage:name`` ...)."""
@@ -74,6 +79,38 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
     "InvalidSnapshot.NotFound": UnknownSnapshot,
     "InvalidSnapshotID.Malformed": UnknownSnapshot,
 }
+
+
+_CAPACITY = re.compile(
+    r"sufficient (\S+) capacity in the Availability Zone you requested \(([^)]+)\)"
+)
+_SNAPSHOT_RATE = "SnapshotCreationPerVolumeRateExceeded"
+
+
+def _capacity_error(
+    e: EC2Error, operation: str, zone: str | None, instance_type: str | None
+) -> EC2Error:
+    """``InsufficientInstanceCapacity`` as :class:`InsufficientCapacity` (zone and type from
+    EC2's message, else those asked for); any other error as it is."""
+    if e.code != "InsufficientInstanceCapacity":
+        return e
+    m = _CAPACITY.search(str(e))
+    if m:
+        instance_type, zone = m.group(1), m.group(2)
+    return InsufficientCapacity(
+        f"no {instance_type or 'instance'} capacity in {zone or 'the region'} ({e})",
+        zone=zone,
+        instance_type=instance_type,
+        operation=operation,
+    )
+
+
+def _percent(snapshot: Mapping[str, Any]) -> float | None:
+    """A snapshot's ``Progress`` (``"42%"``) as a number, if it has one."""
+    try:
+        return float(str(snapshot.get("Progress", "")).rstrip("%"))
+    except ValueError:
+        return None
 
 
 def tag(key: str) -> str:
@@ -414,8 +451,10 @@ class _Waits(_Client):
         what: str,
         timeout: float,
         last_state: Callable[[], str | None],
+        eta: Callable[[], float | None] | None = None,
     ) -> None:
-        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
+        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between
+        (less when ``eta()`` expects the end sooner, never under half the first pause)."""
         interval = self.poll_interval
         deadline = time.monotonic() + timeout
         while True:
@@ -424,7 +463,9 @@ class _Waits(_Client):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(what, timeout=timeout, last_state=last_state())
-            await anyio.sleep(min(interval, left))
+            expected = eta() if eta is not None else None
+            pause = interval if expected is None else max(self.poll_interval / 2, expected)
+            await anyio.sleep(min(interval, pause, left))
             interval = min(interval * self.poll_backoff, self.poll_max_interval)
 
     async def wait_for_instances(
@@ -540,24 +581,61 @@ class _Waits(_Client):
         snapshot_id: str,
         *,
         timeout: float,
+        on_progress: Callable[[Resource], object] | None = None,
     ) -> Resource:
-        """Poll a snapshot until it is completed."""
+        """Poll a snapshot until it is completed, following its ``Progress``.
+
+        Each new Progress (``"0%"`` ... ``"100%"``) is logged and given to
+        ``on_progress`` (the snapshot's description). A Progress that stands still is
+        waited on: EC2's snapshots may pause for long, so only ``timeout`` ends the wait
+        (:class:`WaitTimeout` with the last state and progress).
+        """
         seen: dict[str, Resource] = {}
+        first: list[tuple[float, float]] = []  # (when, percent) of the first progress seen
 
         async def fetch() -> bool:
             found = await self.describe_snapshots([snapshot_id])
             if not found:
                 raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
-            seen["s"] = found[0]
-            if found[0].get("State") == "error":
-                raise EC2Error(f"snapshot {snapshot_id} failed", code="SnapshotError")
-            return bool(found[0].get("State") == "completed")
+            before = seen.get("s", {}).get("Progress")
+            seen["s"] = snap = found[0]
+            if not first and (done := _percent(snap)) is not None:
+                first.append((time.monotonic(), done))
+            if snap.get("State") == "error":
+                raise EC2Error(
+                    f"snapshot {snapshot_id} failed: {snap.get('StateMessage', '')}",
+                    code="SnapshotError",
+                )
+            if snap.get("Progress") != before:
+                log.debug(
+                    "snapshot %s: %s %s", snapshot_id, snap.get("State"), snap.get("Progress")
+                )
+                if on_progress is not None:
+                    on_progress(snap)
+            return bool(snap.get("State") == "completed")
+
+        def last() -> str | None:
+            snap = seen.get("s")
+            return (
+                None
+                if snap is None
+                else f"{snap.get('State')} {snap.get('Progress') or ''}".strip()
+            )
+
+        def eta() -> float | None:
+            """Seconds left at the pace Progress has kept so far (None: no pace yet)."""
+            done = _percent(seen["s"])
+            if not first or done is None or done <= first[0][1]:
+                return None
+            since, start = first[0]
+            return (time.monotonic() - since) * (100 - done) / (done - start)
 
         await self._poll(
             fetch,
             what=f"snapshot {snapshot_id} to complete",
             timeout=timeout,
-            last_state=lambda: str(seen["s"].get("State")) if seen else None,
+            last_state=last,
+            eta=eta,
         )
         return seen["s"]
 
@@ -622,16 +700,20 @@ class EC2(_Waits):
         block_device_mappings: Sequence[Mapping[str, Any]] = (),
         user_data: str | None = None,
         client_token: str | None = None,
+        min_count: int | None = None,
     ) -> list[Resource]:
-        """Launch ``count`` instances in one RunInstances call (MinCount = MaxCount = count).
+        """Launch ``count`` instances in one RunInstances call (MaxCount = count).
 
+        ``min_count`` (default ``count``) is EC2's MinCount: with less, EC2 may launch
+        fewer than ``count`` (as many as fit) rather than none; the list says how many.
+        EC2's ``InsufficientInstanceCapacity`` is raised as :class:`InsufficientCapacity`.
         With a ``client_token`` the call is idempotent: repeated with the same token
         (after a timeout, an error or a cancellation) it returns the instances the
         first call made, if it made any, rather than launching more.
         """
         params: dict[str, Any] = {
             "ImageId": image_id,
-            "MinCount": count,
+            "MinCount": count if min_count is None else max(1, min(min_count, count)),
             "MaxCount": count,
             "InstanceType": instance_type,
         }
@@ -652,7 +734,10 @@ class EC2(_Waits):
             params["UserData"] = user_data
 
         async def create() -> list[Resource]:
-            result = await self.call("RunInstances", **params)
+            try:
+                result = await self.call("RunInstances", **params)
+            except EC2Error as e:
+                raise _capacity_error(e, "RunInstances", availability_zone, instance_type) from e
             instances: list[Resource] = result.get("Instances", [])
             return instances
 
@@ -662,9 +747,12 @@ class EC2(_Waits):
         return made
 
     async def start_instances(self, ids: Sequence[str]) -> None:
-        """Start these instances (one call)."""
+        """Start these instances (one call); no capacity: :class:`InsufficientCapacity`."""
         if ids:
-            await self.call("StartInstances", InstanceIds=list(ids))
+            try:
+                await self.call("StartInstances", InstanceIds=list(ids))
+            except EC2Error as e:
+                raise _capacity_error(e, "StartInstances", None, None) from e
 
     async def stop_instances(self, ids: Sequence[str], *, force: bool = False) -> None:
         """Stop these instances (one call)."""
@@ -795,12 +883,30 @@ class EC2(_Waits):
         *,
         description: str = "",
         tags: Mapping[str, str] = {},
+        rate_wait: float = 120.0,
     ) -> Resource:
-        """Snapshot a volume, tagged."""
+        """Snapshot a volume, tagged; the new snapshot (``pending``).
+
+        EC2 refuses a snapshot of a volume snapshotted moments ago
+        (``SnapshotCreationPerVolumeRateExceeded``): that is waited out and retried,
+        pausing longer each time (x1.5, up to 15 s: AWS's advice), for up to ``rate_wait``
+        seconds, after which the error is raised.
+        """
         params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
         if tags:
             params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
-        return await self.call("CreateSnapshot", **params)
+        deadline = time.monotonic() + rate_wait
+        pause = self.poll_interval
+        while True:
+            try:
+                return await self.call("CreateSnapshot", **params)
+            except EC2Error as e:
+                left = deadline - time.monotonic()
+                if e.code != _SNAPSHOT_RATE or left <= 0:
+                    raise
+                log.info("snapshot of %s refused for now (%s): again in %.1fs", volume_id, e, pause)
+                await anyio.sleep(min(pause, left))
+                pause = min(pause * 1.5, 15.0)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot."""

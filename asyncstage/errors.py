@@ -24,6 +24,7 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   └── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
     ├── WaitTimeout                what was awaited, and its last state
     ├── EC2Error                   an EC2 API call failed (code, operation)
+    │   └── InsufficientCapacity   no capacity for an instance type in a zone (both named)
     ├── FleetError                 an ExceptionGroup: some servers of a fleet failed;
     │                              ``succeeded`` keeps the others
     ├── ServerNotRunning           a server with no address (stopped): start it first
@@ -65,6 +66,7 @@ __all__ = [
     "EC2Error",
     "FleetError",
     "HostKeyMismatch",
+    "InsufficientCapacity",
     "InvalidArgument",
     "InvalidName",
     "LocalCloudError",
@@ -182,6 +184,27 @@ class EC2Error(AsyncstageError):
         self.code = code
         self.operation = operation
         super().__init__(message)
+
+
+class InsufficientCapacity(EC2Error):
+    """EC2 has no capacity for ``instance_type`` in ``zone`` (``InsufficientInstanceCapacity``
+    from RunInstances or StartInstances); ``zone`` is None when EC2 did not name one.
+
+    A launch may try another zone or instance type; a stopped server cannot move (its
+    volumes are in its zone): start it again later.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        zone: str | None,
+        instance_type: str | None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, code="InsufficientInstanceCapacity", operation=operation)
+        self.zone = zone
+        self.instance_type = instance_type
 
 
 class UnknownImage(NotFound, EC2Error):

@@ -23,6 +23,7 @@ import anyio
 from asyncstage import closing, keys, transfer
 from asyncstage.account import Account
 from asyncstage.adoption import ours
+from asyncstage.capacity import LaunchChoices, check_choices
 from asyncstage.disks import FSTYPES
 from asyncstage.ec2 import EC2, Resource, RetryMode
 from asyncstage.errors import (
@@ -275,15 +276,17 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
+        ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
         """
         self._require_open()
-        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
-        return await self.fleet.provision_one(name, options, timeout or self.timeouts.server)
+        return await self.fleet.provision_one(name, opts, timeout or self.timeouts.server)
 
     async def provision_servers(
         self,
@@ -296,17 +299,19 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
-        ``names_or_count`` is a list of names or a number of servers (or pass
-        ``count=``). When some fail, they are terminated and a :class:`FleetError`
-        names each, with the others in its ``succeeded``.
+        ``names_or_count``: names or a number (or ``count=``). Servers that fail are terminated;
+        a :class:`FleetError` names them, the others in ``succeeded``. ``zones=[...]``,
+        ``instance_types=[...]``, ``partial="terminate"|"keep"``: where EC2 has no capacity,
+        the next choice (:mod:`asyncstage.capacity`).
         """
         self._require_open()
-        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
-        return await self.fleet.provision_many(names, options, timeout or self.timeouts.server)
+        return await self.fleet.provision_many(names, opts, timeout or self.timeouts.server)
 
     async def get_server(
         self,
@@ -321,7 +326,7 @@ class Manager:
     ) -> Server:
         """The server of that name, started if stopped; a new one when there is none."""
         self._require_open()
-        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
         return await self.fleet.get(name, options, timeout or self.timeouts.server)
 
@@ -511,16 +516,21 @@ class Manager:
         return await transfer.dd(self, source, dest, **options)
 
 
-def _launch_options(
+def _options(
     instance_type: str | None,
     image: str | None,
     zone: str | None,
     username: str | None,
     architecture: str | None,
+    **choices: Unpack[LaunchChoices],
 ) -> LaunchOptions:
-    """The launch options of a provision call, its login user name checked."""
+    """The launch options of a provision call, its login user name and choices checked."""
     user = check_user(username) if username is not None else None
-    return LaunchOptions(instance_type, image, zone, user, architecture)
+    partial = choices.get("partial", "terminate")
+    zones, types = check_choices(
+        zone, choices.get("zones"), instance_type, choices.get("instance_types"), partial
+    )
+    return LaunchOptions(instance_type, image, zone, user, architecture, zones, types, partial)
 
 
 def local_manager(cloud: _CloudLike, **options: Any) -> Manager:

@@ -31,6 +31,7 @@ try:
     from werkzeug.serving import BaseWSGIServer, make_server
 
     from asyncstage.localcloud._moto import (
+        LAUNCH_REQUEST,
         install_backend,
         make_backend,
         set_state,
@@ -158,8 +159,10 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
                 "UnsupportedOperation",
                 f"this local cloud serves region {engine.region} only, not {m.group(1)}",
             )
-        # The local cloud always has the capacity: like EC2 then, it launches MaxCount.
+        # moto launches MinCount: it gets MaxCount, the backend MinCount aside (what fits)
         rewrite = action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount"))
+        if action == "RunInstances":  # every time: a kept-alive thread serves several requests
+            LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
         if rewrite:
             params["MinCount"] = params["MaxCount"]
         # EC2 takes a filter's one value as ``Filter.N.Value`` too (older clients, such as
