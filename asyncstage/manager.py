@@ -61,6 +61,7 @@ __all__ = ["Manager", "OnExit", "local_manager"]
 log = logging.getLogger("asyncstage")
 
 OnExit = Literal["stop", "terminate", "run"]
+HostKeyPolicy = Literal["strict", "accept-new"]
 
 
 class Manager:
@@ -109,9 +110,19 @@ class Manager:
         snapshot_timeout: float = 1800.0,
         exit_timeout: float = 600.0,
         mount_options: str = "nosuid,nodev",
+        host_key_policy: HostKeyPolicy = "strict",
+        console_timeout: float = 600.0,
     ) -> None:
         if on_exit not in ("stop", "terminate", "run"):
             raise InvalidArgument(f"on_exit must be 'stop', 'terminate' or 'run', not {on_exit!r}")
+        if host_key_policy not in ("strict", "accept-new"):
+            raise InvalidArgument(
+                f"host_key_policy must be 'strict' or 'accept-new', not {host_key_policy!r}"
+            )
+        self.host_key_policy: HostKeyPolicy = host_key_policy
+        """What happens when a new server's console shows no host key fingerprints within
+        ``timeouts.console``: ``"strict"`` fails (HostKeyUnverified), ``"accept-new"``
+        pins the key first seen (and logs a warning)."""
         ec2_options: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "profile": profile,
@@ -122,7 +133,7 @@ class Manager:
             "poll_interval": poll_interval,
         }
         waits = (server_timeout, volume_timeout, snapshot_timeout, exit_timeout)  # Timeouts' order
-        self.timeouts = Timeouts(*waits, poll_interval, launch_window)
+        self.timeouts = Timeouts(*waits, poll_interval, launch_window, console=console_timeout)
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
         self.endpoint_url = endpoint_url
