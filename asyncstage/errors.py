@@ -29,10 +29,9 @@ caller raw: they are wrapped in one of these, with the original kept as
     ├── ServerNotRunning           a server with no address (stopped): start it first
     ├── SSHError                   anything over ssh; names the host
     │   ├── ConnectError
-    │   │   └── ServerUnreachable  a server that never answered ssh (its state, state
-    │   │                          reason, console tail, whether port 22 answered)
+    │   │   └── ServerUnreachable  never answered ssh (state, console tail, port 22)
     │   ├── HostKeyMismatch
-    │   ├── HostKeyUnverified      no host key fingerprints on the console in time
+    │   ├── HostKeyUnverified      no fingerprints on the console in time (policy strict)
     │   ├── CommandFailed          command, exit status, signal, stdout, stderr
     │   ├── CommandTimeout
     │   └── ConnectionLost         dropped while a command ran (it may have completed)

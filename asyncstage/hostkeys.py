@@ -17,23 +17,51 @@ console tail, whether its port 22 answered).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 import anyio
 
 from asyncstage.ec2 import console_fingerprints
-from asyncstage.errors import AsyncstageError, EC2Error, HostKeyUnverified, ServerUnreachable
+from asyncstage.errors import (
+    AsyncstageError,
+    EC2Error,
+    HostKeyUnverified,
+    InvalidArgument,
+    ServerUnreachable,
+)
 
 if TYPE_CHECKING:
     from asyncstage.server import Server
 
-__all__ = ["diagnose", "port_answers", "ssh_banner", "wait_for_fingerprints"]
+__all__ = [
+    "HostKeyPolicy",
+    "check_policy",
+    "concurrently",
+    "diagnose",
+    "port_answers",
+    "ssh_banner",
+    "wait_for_fingerprints",
+    "wait_for_sshd",
+]
 
 log = logging.getLogger("asyncstage")
 
+HostKeyPolicy = Literal["strict", "accept-new"]
+"""``Manager(host_key_policy=...)``: what happens when a new server's console shows no
+fingerprints within ``timeouts.console``: ``"strict"`` fails (HostKeyUnverified),
+``"accept-new"`` pins the key first seen (and logs a warning)."""
+
 _NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameterCombination")
 _CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
+
+
+def check_policy(policy: str) -> HostKeyPolicy:
+    """``policy`` if it is a :data:`HostKeyPolicy`, else InvalidArgument."""
+    if policy in ("strict", "accept-new"):
+        return cast(HostKeyPolicy, policy)
+    raise InvalidArgument(f"host_key_policy: 'strict' or 'accept-new', not {policy!r}")
 
 
 def _since_launch(server: Server) -> float:
@@ -98,6 +126,33 @@ async def ssh_banner(address: str, port: int = 22, timeout: float = 2.0) -> bool
                 return (await stream.receive(4)).startswith(b"SSH-")
     except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError):
         return False
+
+
+async def wait_for_sshd(server: Server, address: str, deadline: float) -> None:
+    """Until an ssh server answers at ``address`` (no ssh yet: its key is not settled);
+    a diagnosed :class:`ServerUnreachable` when the deadline passes first."""
+    while not await ssh_banner(address):
+        if anyio.current_time() >= deadline:
+            raise await diagnose(server, address, "sshd never answered")
+        await anyio.sleep(0.2)
+
+
+async def concurrently(*steps: Callable[[], Awaitable[None]]) -> None:
+    """Run the steps at once; the first that fails cancels the others, and is raised."""
+    failures: list[AsyncstageError] = []
+    async with anyio.create_task_group() as tg:
+
+        async def guarded(step: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await step()
+            except AsyncstageError as e:
+                failures.append(e)
+                tg.cancel_scope.cancel()
+
+        for step in steps:
+            tg.start_soon(guarded, step)
+    if failures:
+        raise failures[0]
 
 
 async def port_answers(address: str, port: int = 22, timeout: float = 2.0) -> bool:

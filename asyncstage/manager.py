@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, Unpack
 
 import anyio
 
-from asyncstage import closing, keys, transfer
+from asyncstage import closing, hostkeys, keys, transfer
 from asyncstage.account import Account
 from asyncstage.adoption import ours
 from asyncstage.disks import FSTYPES
@@ -30,6 +30,7 @@ from asyncstage.errors import (
     InvalidArgument,
 )
 from asyncstage.fleet import Fleet, LaunchOptions
+from asyncstage.hostkeys import HostKeyPolicy as HostKeyPolicy
 from asyncstage.images import Images
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
@@ -61,7 +62,6 @@ __all__ = ["Manager", "OnExit", "local_manager"]
 log = logging.getLogger("asyncstage")
 
 OnExit = Literal["stop", "terminate", "run"]
-HostKeyPolicy = Literal["strict", "accept-new"]
 
 
 class Manager:
@@ -115,14 +115,7 @@ class Manager:
     ) -> None:
         if on_exit not in ("stop", "terminate", "run"):
             raise InvalidArgument(f"on_exit must be 'stop', 'terminate' or 'run', not {on_exit!r}")
-        if host_key_policy not in ("strict", "accept-new"):
-            raise InvalidArgument(
-                f"host_key_policy must be 'strict' or 'accept-new', not {host_key_policy!r}"
-            )
-        self.host_key_policy: HostKeyPolicy = host_key_policy
-        """What happens when a new server's console shows no host key fingerprints within
-        ``timeouts.console``: ``"strict"`` fails (HostKeyUnverified), ``"accept-new"``
-        pins the key first seen (and logs a warning)."""
+        self.host_key_policy: HostKeyPolicy = hostkeys.check_policy(host_key_policy)
         ec2_options: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "profile": profile,

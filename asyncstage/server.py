@@ -20,7 +20,6 @@ from asyncstage.disks import (
 )
 from asyncstage.ec2 import EC2, Resource, tag, tags_of
 from asyncstage.errors import (
-    AsyncstageError,
     HostKeyMismatch,
     HostKeyUnverified,
     ServerNotRunning,
@@ -462,26 +461,9 @@ class Server:
         address = self.address
         if address is None:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
-        failures: list[AsyncstageError] = []
-        async with anyio.create_task_group() as tg:
-
-            async def guarded(step: Any) -> None:
-                try:
-                    await step()
-                except AsyncstageError as e:
-                    failures.append(e)
-                    tg.cancel_scope.cancel()
-
-            async def banner() -> None:
-                while not await hostkeys.ssh_banner(address):
-                    if anyio.current_time() >= deadline:
-                        raise await hostkeys.diagnose(self, address, "sshd never answered")
-                    await anyio.sleep(0.2)
-
-            tg.start_soon(guarded, self._pin_host_key)
-            tg.start_soon(guarded, banner)
-        if failures:
-            raise failures[0]
+        await hostkeys.concurrently(
+            self._pin_host_key, lambda: hostkeys.wait_for_sshd(self, address, deadline)
+        )
         interval = 0.2
         while True:
             left = deadline - anyio.current_time()
