@@ -16,11 +16,10 @@ import dataclasses
 import logging
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import anyio
 import pytest
 
@@ -62,12 +61,6 @@ def silent_console(cloud: LocalCloud) -> Iterator[None]:
         engine.realism = kept
 
 
-@pytest.fixture
-async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
-    async with manager_factory() as m:
-        yield m
-
-
 async def _console(ec2: Any, instance_id: str, latest: bool) -> str:
     reply = await ec2.get_console_output(InstanceId=instance_id, Latest=latest)
     return str(reply.get("Output") or "")
@@ -81,33 +74,32 @@ async def _fingerprints_shown(ec2: Any, instance_id: str, latest: bool, within: 
             await anyio.sleep(0.05)
 
 
-async def test_console_is_empty_then_present(cloud: LocalCloud, slow_console: None) -> None:
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2:
-        ids = {}
-        for kind in ("t3.micro", "t2.micro"):  # Nitro, Xen
-            reply = await ec2.run_instances(
-                ImageId=cloud.image_id, MinCount=1, MaxCount=1, InstanceType=kind
-            )
-            ids[kind] = reply["Instances"][0]["InstanceId"]
-        try:
-            with anyio.fail_after(60):
-                while True:
-                    reply = await ec2.describe_instances(InstanceIds=list(ids.values()))
-                    states = {
-                        i["State"]["Name"] for r in reply["Reservations"] for i in r["Instances"]
-                    }
-                    if states == {"running"}:
-                        break
-                    await anyio.sleep(0.05)
-            nitro, xen = ids["t3.micro"], ids["t2.micro"]
-            assert await _console(ec2, nitro, latest=False) == ""  # no Output yet
-            assert await _console(ec2, xen, latest=True) == ""  # Xen ignores Latest
-            await _fingerprints_shown(ec2, nitro, True, 2)  # Latest on Nitro: within 0.3 s
-            assert await _console(ec2, xen, latest=True) == ""
-            await _fingerprints_shown(ec2, xen, False, 10)  # then for every type, as it comes
-            assert "SSH HOST KEY FINGERPRINTS" in await _console(ec2, nitro, False)
-        finally:
-            await ec2.terminate_instances(InstanceIds=list(ids.values()))
+async def test_console_is_empty_then_present(
+    cloud: LocalCloud, ec2: Any, slow_console: None
+) -> None:
+    ids = {}
+    for kind in ("t3.micro", "t2.micro"):  # Nitro, Xen
+        reply = await ec2.run_instances(
+            ImageId=cloud.image_id, MinCount=1, MaxCount=1, InstanceType=kind
+        )
+        ids[kind] = reply["Instances"][0]["InstanceId"]
+    try:
+        with anyio.fail_after(60):
+            while True:
+                reply = await ec2.describe_instances(InstanceIds=list(ids.values()))
+                states = {i["State"]["Name"] for r in reply["Reservations"] for i in r["Instances"]}
+                if states == {"running"}:
+                    break
+                await anyio.sleep(0.05)
+        nitro, xen = ids["t3.micro"], ids["t2.micro"]
+        assert await _console(ec2, nitro, latest=False) == ""  # no Output yet
+        assert await _console(ec2, xen, latest=True) == ""  # Xen ignores Latest
+        await _fingerprints_shown(ec2, nitro, True, 2)  # Latest on Nitro: within 0.3 s
+        assert await _console(ec2, xen, latest=True) == ""
+        await _fingerprints_shown(ec2, xen, False, 10)  # then for every type, as it comes
+        assert "SSH HOST KEY FINGERPRINTS" in await _console(ec2, nitro, False)
+    finally:
+        await ec2.terminate_instances(InstanceIds=list(ids.values()))
 
 
 async def test_unverified_host_key_fails_by_default(
