@@ -12,6 +12,7 @@ Some tests slow the session cloud's console down for their own duration (white b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -37,28 +38,32 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def slow_console(cloud: LocalCloud) -> Iterator[None]:
-    """The session cloud's console: 3 s late, 0.3 s with Latest=True on Nitro."""
-    engine: Any = cloud._engine  # white box: the realism the engine draws from
+@contextlib.contextmanager
+def _console_delays(cloud: LocalCloud, console: float, latest: float) -> Iterator[None]:
+    """The session cloud's console delays, for a while (white box: the engine's realism)."""
+    engine: Any = cloud._engine
     kept = engine.realism
-    engine.realism = dataclasses.replace(kept, console=(3.0, 3.0), console_latest=(0.3, 0.3))
+    engine.realism = dataclasses.replace(
+        kept, console=(console, console), console_latest=(latest, latest)
+    )
     try:
         yield
     finally:
         engine.realism = kept
+
+
+@pytest.fixture
+def slow_console(cloud: LocalCloud) -> Iterator[None]:
+    """The console 3 s late, 0.3 s with Latest=True on Nitro."""
+    with _console_delays(cloud, 3.0, 0.3):
+        yield
 
 
 @pytest.fixture
 def silent_console(cloud: LocalCloud) -> Iterator[None]:
-    """The session cloud's console shows nothing for a minute (longer than the tests)."""
-    engine: Any = cloud._engine
-    kept = engine.realism
-    engine.realism = dataclasses.replace(kept, console=(60.0, 60.0), console_latest=(60.0, 60.0))
-    try:
+    """The console shows nothing for a minute (longer than the tests)."""
+    with _console_delays(cloud, 60.0, 60.0):
         yield
-    finally:
-        engine.realism = kept
 
 
 async def _console(ec2: Any, instance_id: str, latest: bool) -> str:
