@@ -107,6 +107,14 @@ async def test_console_is_empty_then_present(
         await ec2.terminate_instances(InstanceIds=list(ids.values()))
 
 
+async def test_library_waits_for_a_late_console(manager: Manager, slow_console: None) -> None:
+    # a Xen type: Latest does not help, the console comes 3 s after the boot
+    server = await manager.provision_server("patient", instance_type="t2.micro")
+    assert server._expected_fingerprints  # verified against the console, not trusted
+    assert manager.ec2.calls["GetConsoleOutput"] > 1  # polled until it showed them
+    assert (await server.scmd("whoami")).strip() == "admin"
+
+
 async def test_unverified_host_key_fails_by_default(
     manager_factory: ManagerFactory, silent_console: None
 ) -> None:
