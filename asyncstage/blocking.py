@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from asyncstage import keys
     from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.hostkeys import HostKeyPolicy
     from asyncstage.localcloud._realism import Realism
     from asyncstage.manager import OnExit
     from asyncstage.paths import PathLike, RemotePath
@@ -114,10 +115,17 @@ class ManagerOptions(TypedDict, total=False):
     snapshot_timeout: float
     exit_timeout: float
     mount_options: str
+    host_key_policy: HostKeyPolicy
+    console_timeout: float
 
 
 class _ManagerAttributes(_ManagerLifetime):
     """The attributes and properties of :class:`Manager`."""
+
+    @property
+    def host_key_policy(self) -> HostKeyPolicy:
+        """Same as :attr:`asyncstage.Manager.host_key_policy`."""
+        return self._async.host_key_policy
 
     @property
     def timeouts(self) -> Timeouts:

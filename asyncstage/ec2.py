@@ -429,9 +429,11 @@ class _Client:
         )
         return sorted(z["ZoneName"] for z in result.get("AvailabilityZones", []))
 
-    async def console_output(self, instance_id: str) -> str:
-        """The instance's console output as text ('' when there is none yet)."""
-        result = await self.call("GetConsoleOutput", InstanceId=instance_id)
+    async def console_output(self, instance_id: str, *, latest: bool = False) -> str:
+        """The instance's console output as text ('' when there is none yet); ``latest``:
+        the current output (EC2 supports it on Nitro instance types only)."""
+        extra = {"Latest": True} if latest else {}
+        result = await self.call("GetConsoleOutput", InstanceId=instance_id, **extra)
         raw = result.get("Output") or ""
         try:
             return base64.b64decode(raw, validate=True).decode(errors="replace")

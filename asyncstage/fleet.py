@@ -407,11 +407,8 @@ class Fleet:
 
             def reached(instance_id: str, instance: Resource) -> None:
                 server = by_id[instance_id]
-                before = server.address
+                # a new address on start: the server takes its pinned host key along
                 server.record_description(instance)
-                if before is not None and server.address != before:  # a new address on start
-                    m.known_hosts.remove(before, 22)
-                    server.expect_new_host_key()
                 tg.start_soon(ssh_up, server)
 
             _, failed = await m.ec2.wait_for_instances(

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, Unpack
 
 import anyio
 
-from asyncstage import closing, keys, transfer
+from asyncstage import closing, hostkeys, keys, transfer
 from asyncstage.account import Account
 from asyncstage.adoption import ours
 from asyncstage.capacity import LaunchChoices, check_choices
@@ -31,6 +31,7 @@ from asyncstage.errors import (
     InvalidArgument,
 )
 from asyncstage.fleet import Fleet, LaunchOptions
+from asyncstage.hostkeys import HostKeyPolicy as HostKeyPolicy
 from asyncstage.images import Images
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
@@ -110,9 +111,12 @@ class Manager:
         snapshot_timeout: float = 1800.0,
         exit_timeout: float = 600.0,
         mount_options: str = "nosuid,nodev",
+        host_key_policy: HostKeyPolicy = "strict",
+        console_timeout: float = 600.0,
     ) -> None:
         if on_exit not in ("stop", "terminate", "run"):
             raise InvalidArgument(f"on_exit must be 'stop', 'terminate' or 'run', not {on_exit!r}")
+        self.host_key_policy: HostKeyPolicy = hostkeys.check_policy(host_key_policy)
         ec2_options: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "profile": profile,
@@ -123,7 +127,7 @@ class Manager:
             "poll_interval": poll_interval,
         }
         waits = (server_timeout, volume_timeout, snapshot_timeout, exit_timeout)  # Timeouts' order
-        self.timeouts = Timeouts(*waits, poll_interval, launch_window)
+        self.timeouts = Timeouts(*waits, poll_interval, launch_window, console=console_timeout)
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
         self.endpoint_url = endpoint_url

@@ -134,9 +134,17 @@ def console_host_keys(console: str) -> tuple[list[str], list[str]]:
 
 
 async def known_host_keys(ec2: Any, instance_id: str) -> tuple[list[str], list[str]]:
-    """The instance's host keys from its console, checked against its fingerprints."""
-    reply = await ec2.get_console_output(InstanceId=instance_id)
-    console = reply["Output"]  # base64 on the wire; botocore decodes it
+    """The instance's host keys from its console, checked against its fingerprints.
+
+    EC2 shows the console late: polled for, with ``Latest=True`` (current on Nitro types).
+    """
+    with anyio.fail_after(30):
+        while True:
+            reply = await ec2.get_console_output(InstanceId=instance_id, Latest=True)
+            console = reply.get("Output")  # base64 on the wire; botocore decodes it
+            if console and "END SSH HOST KEY KEYS" in console:
+                break
+            await anyio.sleep(0.1)
     fingerprints, keys = console_host_keys(console)
     sha256 = {line.split()[1] for line in fingerprints}
     for key in keys:
@@ -258,12 +266,19 @@ async def test_three_instances_are_isolated_hosts(
     ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
 ) -> None:
     addresses = [i["PublicIpAddress"] for i in three]
-    assert len(set(addresses)) == 3
+    private = [i["PrivateIpAddress"] for i in three]
+    assert len(set(addresses) | set(private)) == 6
     for instance in three:
-        address = instance["PublicIpAddress"]
-        assert address.startswith("127.") and not address.startswith("127.0.0.")
-        assert instance["PrivateIpAddress"] == address
-        assert instance["PublicDnsName"] == instance["PrivateDnsName"] == address
+        for address in (instance["PublicIpAddress"], instance["PrivateIpAddress"]):
+            assert address.startswith("127.") and not address.startswith("127.0.0.")
+        # EC2's name shapes (never resolved: only the loopback addresses are used)
+        dashed = instance["PrivateIpAddress"].replace(".", "-")
+        assert instance["PrivateDnsName"] == f"ip-{dashed}.ec2.internal"
+        dashed = instance["PublicIpAddress"].replace(".", "-")
+        assert instance["PublicDnsName"] == f"ec2-{dashed}.compute-1.amazonaws.com"
+        (nic,) = instance["NetworkInterfaces"]
+        assert nic["Association"]["PublicDnsName"] == instance["PublicDnsName"]
+        assert nic["PrivateIpAddress"] == instance["PrivateIpAddress"]
     reply = await ec2.describe_instances(
         Filters=[
             {"Name": "tag:Name", "Values": ["three"]},
@@ -277,7 +292,7 @@ async def test_three_instances_are_isolated_hosts(
     token = f"only-on-one-{os.getpid()}-{time.monotonic_ns()}"
     async with ssh(ec2, three[0], key) as conn:
         assert (await sh(conn, "id -un")).strip() == "admin"
-        assert (await sh(conn, "hostname")).strip() == "ip-" + addresses[0].replace(".", "-")
+        assert (await sh(conn, "hostname")).strip() == "ip-" + private[0].replace(".", "-")
         assert (await sh(conn, "sudo -n id -u")).strip() == "0"
         await sh(conn, f"echo hello > ~/{token} && sudo -n touch /etc/{token} /var/{token}")
         assert (await sh(conn, f"cat ~/{token}")).strip() == "hello"
@@ -451,7 +466,13 @@ async def test_stop_start_keeps_root_and_attachment(
     reply = await ec2.start_instances(InstanceIds=[iid])
     assert reply["StartingInstances"][0]["CurrentState"]["Name"] == "pending"
     (started,) = await wait_state(ec2, [iid], "running")
-    assert started["PublicIpAddress"] == c["PublicIpAddress"]
+    # EC2: a new public address at every start; the private one stays
+    assert started["PublicIpAddress"] != c["PublicIpAddress"]
+    assert started["PrivateIpAddress"] == c["PrivateIpAddress"]
+    with pytest.raises(OSError):
+        await anyio.connect_tcp(c["PublicIpAddress"], 22)
+    async with await anyio.connect_tcp(started["PrivateIpAddress"], 22):
+        pass  # its sshd listens on the private address too
     assert (await known_host_keys(ec2, iid))[0] == fingerprints
     async with ssh(ec2, started, key) as conn:
         assert (await sh(conn, "cat ~/kept")) == "kept\n"

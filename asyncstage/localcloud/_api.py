@@ -34,6 +34,7 @@ try:
         LAUNCH_REQUEST,
         install_backend,
         make_backend,
+        release_public_address,
         set_state,
         uninstall_backend,
     )
@@ -109,6 +110,7 @@ class LocalApi:
             instance.terminate()  # moto detaches the volumes (through volume_detaching)
         elif instance.state == "stopping":
             instance.stop()
+            release_public_address(self._engine, instance)
 
     def snapshot_completed(self, snapshot_id: str) -> None:
         if snapshot_id in self.backend.snapshots:
@@ -174,8 +176,9 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             body = urlencode(params).encode()
             environ["QUERY_STRING"] = ""
         if action == "GetConsoleOutput":
+            latest = params.get("Latest", "").lower() == "true"
             with engine.lock:
-                text = engine.console(params.get("InstanceId", ""))
+                text = engine.console(params.get("InstanceId", ""), latest)
             if text is not None:
                 return _console_response(start_response, params["InstanceId"], text, version)
         environ["wsgi.input"] = io.BytesIO(body)
@@ -240,8 +243,8 @@ def _console_response(
         "<requestId>request-id</requestId>"
         f"<instanceId>{escape(instance_id)}</instanceId>"
         f"<timestamp>{stamp}</timestamp>"
-        f"<output>{output}</output>"
-        "</GetConsoleOutputResponse>"
+        + (f"<output>{output}</output>" if output else "")  # EC2: none until it has some
+        + "</GetConsoleOutputResponse>"
     )
     data = fix_response("GetConsoleOutput", version, True, xml.encode())
     return _xml_response(start_response, "200 OK", data)

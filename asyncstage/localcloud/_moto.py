@@ -17,11 +17,11 @@ import threading
 import time
 from typing import Any
 
+from moto.core.utils import utcnow
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
-from moto.ec2.models.instances import Instance
 
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, xen_node
@@ -54,25 +54,31 @@ def _retype(obj: Any, cls: type) -> None:
     obj.__class__ = cls
 
 
-class _LocalInstance(Instance):
-    """An instance whose DNS names are its loopback address (there is no DNS here)."""
-
-    @property
-    def public_dns_name(self) -> str | None:
-        return self.public_ip
-
-    @property
-    def private_dns_name(self) -> str:
-        return self.private_ip or ""
-
-
 class _LocalNic(NetworkInterface):
     @property
     def association(self) -> dict[str, Any]:
         association: dict[str, Any] = super().association
-        if association:
-            association["publicDnsName"] = self.public_ip
+        if association and self.public_ip:  # moto names it as a private one
+            region = self.ec2_backend.region_name
+            association["publicDnsName"] = public_dns_name(region, self.public_ip)
         return association
+
+
+def private_dns_name(region: str, address: str) -> str:
+    """EC2's private DNS name of an address: ``ip-127-1-2-3.ec2.internal``."""
+    dashed = address.replace(".", "-")
+    if region == "us-east-1":
+        return f"ip-{dashed}.ec2.internal"
+    return f"ip-{dashed}.{region}.compute.internal"
+
+
+def public_dns_name(region: str, address: str) -> str:
+    """EC2's public DNS name: ``ec2-127-1-2-3.compute-1.amazonaws.com`` (never resolved:
+    the local cloud's addresses are loopback ones, and only they are ever connected to)."""
+    dashed = address.replace(".", "-")
+    if region == "us-east-1":
+        return f"ec2-{dashed}.compute-1.amazonaws.com"
+    return f"ec2-{dashed}.{region}.compute.amazonaws.com"
 
 
 class _LocalSnapshot(Snapshot):
@@ -176,20 +182,10 @@ class LocalBackend(EC2Backend):
             material = self.key_pairs[key_name].material_public
             public_key = material.decode() if isinstance(material, bytes) else str(material)
         for instance in reservation.instances:
-            address = engine.new_address()
-            nic = instance.nics[0]
-            nic.private_ip_address = address
-            nic.private_ip_addresses = [
-                {"Primary": True, "PrivateIpAddress": address, "PrivateDnsName": address}
-            ]
-            nic.private_dns_name = address
-            nic.public_ip = address
-            nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
-            _retype(nic, _LocalNic)
-            _retype(instance, _LocalInstance)
+            private, public = _give_addresses(engine, instance)
             _move_root(instance)
             set_state(instance, "pending")
-            engine.launched(instance.id, address, public_key, instance.instance_type)
+            engine.launched(instance.id, private, public, public_key, instance.instance_type)
         return reservation
 
     def start_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
@@ -213,7 +209,7 @@ class LocalBackend(EC2Backend):
             if instance.state == "stopped":
                 instance.start()  # moto's bookkeeping (reason, nics)
                 set_state(instance, "pending")
-                engine.start_instance(instance.id)
+                engine.start_instance(instance.id, _new_public_address(engine, instance))
             result.append((instance, previous))
         return result
 
@@ -547,6 +543,41 @@ def _fitting(limit: int | None, live: int, minimum: int, maximum: int) -> int:
             "limit.",
         )
     return limit - live
+
+
+def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
+    """A new instance's (private, public) loopback addresses, set on its network interface.
+
+    Never moto's 10.x/54.x ones: nothing may ever connect outside 127.0.0.0/8.
+    """
+    private, public = engine.new_address(), engine.new_address()
+    nic = instance.nics[0]
+    dns = private_dns_name(engine.region, private)
+    nic.private_ip_address = private
+    nic.private_ip_addresses = [
+        {"Primary": True, "PrivateIpAddress": private, "PrivateDnsName": dns}
+    ]
+    nic.private_dns_name = dns
+    nic.public_ip = public
+    nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
+    _retype(nic, _LocalNic)
+    return private, public
+
+
+def _new_public_address(engine: EngineHooks, instance: Any) -> str | None:
+    """At a start: EC2 gives a new public address (None: it keeps its one, realism off)."""
+    instance.launch_time = utcnow()  # EC2's LaunchTime is the last start's
+    if not engine.realism.moving_public_address:
+        return None
+    public = engine.new_address()
+    instance.nics[0].public_ip = public
+    return public
+
+
+def release_public_address(engine: EngineHooks, instance: Any) -> None:
+    """A stopped instance has no public address on EC2 (a new one comes at its start)."""
+    if engine.realism.moving_public_address:
+        instance.nics[0].public_ip = None
 
 
 def _move_root(instance: Any) -> None:
