@@ -83,7 +83,7 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
 _THROTTLED = frozenset({"RequestLimitExceeded", "Throttling", "EC2ThrottledException"})
 _FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
 _MAX_PAUSE = 5.0
-_ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-f]+\b")
+_ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
 # The create calls and where their response names what they made.
 _CREATED: Mapping[str, Callable[[Resource], list[str]]] = {
     "RunInstances": lambda r: [str(i["InstanceId"]) for i in r.get("Instances", [])],
