@@ -102,16 +102,22 @@ class _Fresh:
 
     EC2 answers a new id with ``...NotFound`` (and leaves it out of filtered describes)
     for seconds after the create call returned it; within ``window`` seconds of its
-    creation such an answer means "not yet", after it "gone".
+    creation such an answer means "not yet", after it "gone". An id some answer has
+    shown (or a call naming it has succeeded) is settled and forgotten.
     """
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._made: dict[str, float] = {}  # id -> monotonic time it was created
 
-    def remember(self, operation: str, result: Resource) -> None:
+    def remember(self, operation: str, params: Mapping[str, Any], result: Resource) -> None:
+        """Note what a successful call made, and that the fresh ids it named exist."""
         get = _CREATED.get(operation)
-        if get is None or self.window <= 0:
+        if get is None:
+            if self._made:
+                self.seen(_strings(params))
+            return
+        if self.window <= 0:
             return
         now = time.monotonic()
         try:
@@ -121,6 +127,16 @@ class _Fresh:
         for old in [i for i, t in self._made.items() if t + self.window <= now]:
             del self._made[old]  # bounded: only ids of the last window stay
         self._made.update(dict.fromkeys(ids, now))
+
+    def seen(self, ids: Iterable[str]) -> None:
+        """These ids exist for EC2 now (an answer showed them)."""
+        for resource_id in ids:
+            self._made.pop(resource_id, None)
+
+    def unseen(self, prefix: str) -> list[str]:
+        """The fresh ids of one kind (``"vol-"``) no answer has shown yet."""
+        now = time.monotonic()
+        return [i for i, t in self._made.items() if i.startswith(prefix) and t + self.window > now]
 
     def left(self, ids: Iterable[str]) -> float:
         """Seconds until the newest of these ids is past its window (0: none is fresh)."""
@@ -341,7 +357,7 @@ class _Client:
                 raise EC2Error(message, code=code, operation=operation) from e
             except BotoCoreError as e:
                 raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
-            self._fresh.remember(operation, result)
+            self._fresh.remember(operation, params, result)
             return result
 
     async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
@@ -366,6 +382,7 @@ class _Client:
         """Instances by id (one call per 200 ids; unknown ids are left out) and/or filters."""
         filters = list(filters)
         if ids is None:
+            await self._settle("i-", self.describe_instances)
             return self._flatten(
                 await self.paginate("DescribeInstances", "Reservations", Filters=filters)
             )
@@ -381,6 +398,18 @@ class _Client:
 
         return await self._until_seen(ids, "InstanceId", fetch)
 
+    async def _settle(
+        self, prefix: str, describe: Callable[[list[str]], Awaitable[list[Resource]]]
+    ) -> None:
+        """Before a describe by filters: wait until EC2 shows the ids this client just made.
+
+        A filtered describe leaves out what EC2 does not show yet, and nothing says so;
+        asking by id (once per new id: shown, it is settled) waits until it does.
+        """
+        pending = self._fresh.unseen(prefix)
+        if pending:
+            await describe(pending)
+
     async def _until_seen(
         self, ids: Iterable[str], key: str, fetch: Callable[[], Awaitable[list[Resource]]]
     ) -> list[Resource]:
@@ -392,7 +421,9 @@ class _Client:
         pause = _FIRST_PAUSE
         while True:
             found = await fetch()
-            left = self._fresh.left(set(ids) - {str(r.get(key)) for r in found})
+            shown = {str(r.get(key)) for r in found}
+            self._fresh.seen(shown)
+            left = self._fresh.left(set(ids) - shown)
             if left <= 0:
                 return found
             await anyio.sleep(min(pause, left))
@@ -444,6 +475,7 @@ class _Client:
         """Volumes by id (unknown ids are left out) and/or filters."""
         flt = list(filters)
         if ids is None:
+            await self._settle("vol-", self.describe_volumes)
             return await self.paginate("DescribeVolumes", "Volumes", Filters=flt)
 
         async def fetch() -> list[Resource]:
@@ -465,6 +497,8 @@ class _Client:
         flt = list(filters)
         if ids is not None:
             flt.append({"Name": "snapshot-id", "Values": list(ids)})
+        else:
+            await self._settle("snap-", self.describe_snapshots)
 
         async def fetch() -> list[Resource]:
             return await self.paginate(

@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import asyncssh
 import pytest
 
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._isolation import DROPPED_CAPS, device_cgroups_available
 from asyncstage.localcloud._registry import REGISTRY_DIR
+from tests.patience import patient_client
 from tests.test_localcloud import launch, sh, ssh, wait_state, wait_volume
 
 pytestmark = [
@@ -36,7 +36,7 @@ async def cloud() -> AsyncIterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as client:
+    async with patient_client(**cloud.session_kwargs()) as client:
         yield client
 
 

@@ -157,9 +157,10 @@ def test_consistency_hides_new_ids_for_their_window() -> None:
 
 def test_library_retries_not_found_only_for_ids_it_just_created() -> None:
     fresh = _Fresh(60.0)
-    fresh.remember("RunInstances", {"Instances": [{"InstanceId": "i-0new"}]})
-    fresh.remember("CreateVolume", {"VolumeId": "vol-0new"})
-    fresh.remember("DescribeVolumes", {"VolumeId": "vol-0other"})  # not a create
+    fresh.remember("RunInstances", {}, {"Instances": [{"InstanceId": "i-0new"}]})
+    fresh.remember("CreateVolume", {}, {"VolumeId": "vol-0new"})
+    fresh.remember("CreateSnapshot", {}, {"SnapshotId": "snap-0new"})
+    fresh.remember("DescribeVolumes", {}, {"VolumeId": "vol-0other"})  # not a create
     code = "InvalidInstanceID.NotFound"
     wait = fresh.wait(code, "The instance ID 'i-0new' does not exist", {})
     assert wait is not None and 59 < wait <= 60
@@ -170,6 +171,12 @@ def test_library_retries_not_found_only_for_ids_it_just_created() -> None:
     assert fresh.wait("InvalidVolume.NotFound", "gone", {"VolumeId": "vol-0other"}) is None
     assert fresh.wait("IncorrectState", "The volume 'vol-0new' is busy", {}) is None
     assert fresh.left(["vol-0new", "i-0none"]) > 59
+    assert fresh.unseen("vol-") == ["vol-0new"]
+    # a call naming a fresh id succeeded: EC2 knows it, no more waiting for it
+    fresh.remember("DeleteSnapshot", {"SnapshotId": "snap-0new"}, {})
+    assert fresh.unseen("snap-") == [] and fresh.left(["snap-0new"]) == 0
+    fresh.seen(["vol-0new"])
+    assert fresh.wait("InvalidVolume.NotFound", "The volume 'vol-0new' does not exist.", {}) is None
     assert _Fresh(0).wait(code, "'i-0new'", {}) is None
 
 

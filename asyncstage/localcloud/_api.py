@@ -194,29 +194,14 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
                 text = engine.console(params.get("InstanceId", ""))
             if text is not None:
                 return _console_response(start_response, params["InstanceId"], text, version)
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
-        status: list[Any] = []
-
-        def capture(code: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
-            status[:] = [code, headers]
-            return lambda data: None
-
         with engine.lock:
             install_backend(backend)  # moto's resets (mock_aws elsewhere) clear it
-            result = moto_app(environ, capture)
-            try:
-                data = b"".join(result)
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-            ok = status[0].startswith("2")
+            code, headers, data = _call(moto_app, environ, body)
+            ok = code.startswith("2")
             made = created_ids(action, data) if ok and high > 0 else []
             if made:  # recorded before any other request can learn the ids
                 consistency.created(made, [engine.random.uniform(low, high) for _ in made])
-        code, headers = status
         if ok and hidden:
             data = consistency.leave_out(action, data, hidden)
         data = fix_response(action, version, ok, data)
@@ -228,6 +213,26 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
 
 
 _ONE_VALUE = re.compile(r"Filter\.\d+\.Value")
+
+
+def _call(app: WSGIApp, environ: dict[str, Any], body: bytes) -> tuple[str, list[Any], bytes]:
+    """Status, headers and body of ``app``'s answer to the request with this body."""
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    status: list[Any] = []
+
+    def capture(code: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+        status[:] = [code, headers]
+        return lambda data: None
+
+    result = app(environ, capture)
+    try:
+        data = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return status[0], status[1], data
 
 
 def _more(maximum: str | None, minimum: str | None) -> bool:
