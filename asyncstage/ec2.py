@@ -114,7 +114,8 @@ class _Fresh:
         """Note what a successful call made, and that the fresh ids it named exist."""
         get = _CREATED.get(operation)
         if get is None:
-            if self._made:
+            # a describe succeeds while leaving a new id out; any other call fails
+            if self._made and not operation.startswith("Describe"):
                 self.seen(_strings(params))
             return
         if self.window <= 0:

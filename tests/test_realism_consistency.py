@@ -175,6 +175,8 @@ def test_library_retries_not_found_only_for_ids_it_just_created() -> None:
     # a call naming a fresh id succeeded: EC2 knows it, no more waiting for it
     fresh.remember("DeleteSnapshot", {"SnapshotId": "snap-0new"}, {})
     assert fresh.unseen("snap-") == [] and fresh.left(["snap-0new"]) == 0
+    fresh.remember("DescribeVolumes", {"VolumeId.1": "vol-0new"}, {})  # may leave it out
+    assert fresh.unseen("vol-") == ["vol-0new"]
     fresh.seen(["vol-0new"])
     assert fresh.wait("InvalidVolume.NotFound", "The volume 'vol-0new' does not exist.", {}) is None
     assert _Fresh(0).wait(code, "'i-0new'", {}) is None
