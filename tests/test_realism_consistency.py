@@ -333,12 +333,10 @@ async def test_fleet_of_100_under_aws_rates_without_error(tmp_path: Path) -> Non
         ("terminate", "TerminateInstances"),
     ):
         assert big[phase][action] == small[phase][action] == 1, (phase, big, small)
-        # a poll round is one DescribeInstances whatever the fleet size
-        assert big[phase]["DescribeInstances"] <= small[phase]["DescribeInstances"] + 3, (
-            phase,
-            big[phase],
-            small[phase],
-        )
+        # a poll round is one DescribeInstances whatever the fleet size (100 servers boot
+        # for longer on a small machine: a few more rounds, never one call per server)
+        described = (big[phase]["DescribeInstances"], small[phase]["DescribeInstances"])
+        assert described[0] <= 2 * described[1] + 4 and described[0] < 15, (phase, big, small)
     # naming is the one per-server call: one CreateTags per name, nothing else grows
     assert big["provision"]["CreateTags"] <= 100
 
