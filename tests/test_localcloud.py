@@ -56,19 +56,6 @@ async def cloud() -> AsyncIterator[LocalCloud]:
 
 
 @pytest.fixture(scope="module")
-async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
-    async with patient_client(**cloud.session_kwargs()) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-async def key(ec2: Any) -> asyncssh.SSHKey:
-    private = asyncssh.generate_private_key("ssh-ed25519")
-    await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
-    return private
-
-
-@pytest.fixture(scope="module")
 async def three(cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey) -> list[dict[str, Any]]:
     """Three running instances, launched in one call."""
     ids = await launch(cloud, ec2, 3, Tags=[{"Key": "Name", "Value": "three"}])

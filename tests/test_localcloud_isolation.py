@@ -18,7 +18,6 @@ import pytest
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._isolation import DROPPED_CAPS, device_cgroups_available
 from asyncstage.localcloud._registry import REGISTRY_DIR
-from tests.patience import patient_client
 from tests.test_localcloud import launch, sh, ssh, wait_state, wait_volume
 
 pytestmark = [
@@ -32,19 +31,6 @@ pytestmark = [
 async def cloud() -> AsyncIterator[LocalCloud]:
     async with LocalCloud() as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
-    async with patient_client(**cloud.session_kwargs()) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-async def key(ec2: Any) -> asyncssh.SSHKey:
-    private = asyncssh.generate_private_key("ssh-ed25519")
-    await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
-    return private
 
 
 @pytest.fixture(scope="module")
