@@ -1040,6 +1040,11 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
         return self._async.api_calls
 
     @property
+    def throttled(self) -> collections.Counter[str]:
+        """How many requests of each Action were answered ``RequestLimitExceeded``."""
+        return self._async.throttled
+
+    @property
     def state_dir(self) -> str:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return self._async.state_dir

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import random
 import re
 import secrets
 import time
@@ -44,6 +45,7 @@ from asyncstage.errors import (
     UnknownVolume,
     WaitTimeout,
 )
+from asyncstage.timeouts import Timeouts
 
 __all__ = [
     "CLIENT_TOKEN_TAG",
@@ -111,6 +113,92 @@ def _percent(snapshot: Mapping[str, Any]) -> float | None:
         return float(str(snapshot.get("Progress", "")).rstrip("%"))
     except ValueError:
         return None
+
+
+# What botocore's retries may leave for us to absorb (its list of EC2's throttling codes).
+_THROTTLED = frozenset({"RequestLimitExceeded", "Throttling", "EC2ThrottledException"})
+_FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
+_MAX_PAUSE = 5.0
+_ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
+# The create calls and where their response names what they made.
+_CREATED: Mapping[str, Callable[[Resource], list[str]]] = {
+    "RunInstances": lambda r: [str(i["InstanceId"]) for i in r.get("Instances", [])],
+    "CreateVolume": lambda r: [str(r["VolumeId"])],
+    "CreateSnapshot": lambda r: [str(r["SnapshotId"])],
+    "CopySnapshot": lambda r: [str(r["SnapshotId"])],
+    "CreateSecurityGroup": lambda r: [str(r["GroupId"])],
+    "CopyImage": lambda r: [str(r["ImageId"])],
+    "CreateImage": lambda r: [str(r["ImageId"])],
+    "RegisterImage": lambda r: [str(r["ImageId"])],
+}
+
+
+class _Fresh:
+    """The ids this client created lately: EC2 may not know them yet (eventual consistency).
+
+    EC2 answers a new id with ``...NotFound`` (and leaves it out of filtered describes)
+    for seconds after the create call returned it; within ``window`` seconds of its
+    creation such an answer means "not yet", after it "gone". An id some answer has
+    shown (or a call naming it has succeeded) is settled and forgotten.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._made: dict[str, float] = {}  # id -> monotonic time it was created
+
+    def remember(self, operation: str, params: Mapping[str, Any], result: Resource) -> None:
+        """Note what a successful call made, and that the fresh ids it named exist."""
+        get = _CREATED.get(operation)
+        if get is None:
+            # a describe succeeds while leaving a new id out; any other call fails
+            if self._made and not operation.startswith("Describe"):
+                self.seen(_strings(params))
+            return
+        if self.window <= 0:
+            return
+        now = time.monotonic()
+        try:
+            ids = get(result)
+        except KeyError:  # an answer without the id: nothing to remember
+            return
+        for old in [i for i, t in self._made.items() if t + self.window <= now]:
+            del self._made[old]  # bounded: only ids of the last window stay
+        self._made.update(dict.fromkeys(ids, now))
+
+    def seen(self, ids: Iterable[str]) -> None:
+        """These ids exist for EC2 now (an answer showed them)."""
+        for resource_id in ids:
+            self._made.pop(resource_id, None)
+
+    def unseen(self, prefix: str) -> list[str]:
+        """The fresh ids of one kind (``"vol-"``) no answer has shown yet."""
+        now = time.monotonic()
+        return [i for i, t in self._made.items() if i.startswith(prefix) and t + self.window > now]
+
+    def left(self, ids: Iterable[str]) -> float:
+        """Seconds until the newest of these ids is past its window (0: none is fresh)."""
+        now = time.monotonic()
+        return max((self._made[i] + self.window - now for i in ids if i in self._made), default=0.0)
+
+    def wait(self, code: str | None, message: str, params: Mapping[str, Any]) -> float | None:
+        """How long a ``...NotFound`` about fresh ids may still be retried (None: raise)."""
+        if not code or not code.endswith(".NotFound") or not self._made:
+            return None
+        named = _ID.findall(message) or list(_strings(params))
+        left = self.left(named)
+        return left if left > 0 else None
+
+
+def _strings(value: object) -> Iterable[str]:
+    """Every string in a call's parameters (where the ids it names are)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
 
 
 def tag(key: str) -> str:
@@ -195,6 +283,8 @@ class _Client:
         poll_max_interval: float = 5.0,
         coalesce_window: float = 0.05,
         max_concurrency: int = 10,
+        consistency: float = Timeouts.consistency,
+        throttle_wait: float = 300.0,
     ) -> None:
         self._session = aioboto3.Session(
             profile_name=profile,
@@ -217,6 +307,11 @@ class _Client:
         self.poll_max_interval = poll_max_interval
         self.coalesce_window = coalesce_window
         self.limiter = anyio.CapacityLimiter(max_concurrency)
+        self.throttle_wait = throttle_wait
+        self.absorbed: Counter[str] = Counter()
+        """Error answers retried here rather than raised, by code (NotFound of a new id,
+        throttling that outlasted botocore's retries)."""
+        self._fresh = _Fresh(consistency)
         self.calls: Counter[str] = Counter()
         """EC2 operations this client made, counted by name (retries not included)."""
         self._stack: AsyncExitStack | None = None
@@ -263,23 +358,44 @@ class _Client:
     # -- calls ------------------------------------------------------------------
 
     async def call(self, operation: str, /, **params: Any) -> Resource:
-        """Call one EC2 operation by its API name (``"DescribeInstances"``), errors mapped."""
+        """Call one EC2 operation by its API name (``"DescribeInstances"``), errors mapped.
+
+        EC2's eventual consistency and throttling are absorbed here: a ``...NotFound``
+        naming an id this client created less than ``consistency`` seconds ago is
+        retried until it is seen or the window has passed (an id that is really gone
+        raises at once), and ``RequestLimitExceeded`` that outlasted botocore's own
+        retries is retried with backoff for up to ``throttle_wait`` seconds.
+        """
         if self._client is None:
             await self.open()
         method = getattr(self._client, xform_name(operation))
         self.calls[operation] += 1
-        try:
-            result: Resource = await method(**params)
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", "")) or None
-            message = f"{operation} failed: {err.get('Message') or e}"
-            if code in _NOT_FOUND:
-                raise _NOT_FOUND[code](message) from e
-            raise EC2Error(message, code=code, operation=operation) from e
-        except BotoCoreError as e:
-            raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
-        return result
+        pause = _FIRST_PAUSE
+        throttled_until: float | None = None
+        while True:
+            try:
+                result: Resource = await method(**params)
+            except ClientError as e:
+                err = e.response.get("Error", {})
+                code = str(err.get("Code", "")) or None
+                message = f"{operation} failed: {err.get('Message') or e}"
+                wait = self._fresh.wait(code, str(err.get("Message") or ""), params)
+                if wait is None and code in _THROTTLED:
+                    now = time.monotonic()
+                    throttled_until = throttled_until or now + self.throttle_wait
+                    wait = throttled_until - now if throttled_until > now else None
+                if wait is not None:
+                    self.absorbed[str(code)] += 1
+                    await anyio.sleep(min(pause * (0.5 + random.random() / 2), wait))
+                    pause = min(pause * 2, _MAX_PAUSE)
+                    continue
+                if code in _NOT_FOUND:
+                    raise _NOT_FOUND[code](message) from e
+                raise EC2Error(message, code=code, operation=operation) from e
+            except BotoCoreError as e:
+                raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
+            self._fresh.remember(operation, params, result)
+            return result
 
     async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
         """All items under ``key`` of every page of a describe call."""
@@ -303,16 +419,52 @@ class _Client:
         """Instances by id (one call per 200 ids; unknown ids are left out) and/or filters."""
         filters = list(filters)
         if ids is None:
+            await self._settle("i-", self.describe_instances)
             return self._flatten(
                 await self.paginate("DescribeInstances", "Reservations", Filters=filters)
             )
-        found: list[Resource] = []
-        for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
-            flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
-            found += self._flatten(
-                await self.paginate("DescribeInstances", "Reservations", Filters=flt)
-            )
-        return found
+
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
+                found += self._flatten(
+                    await self.paginate("DescribeInstances", "Reservations", Filters=flt)
+                )
+            return found
+
+        return await self._until_seen(ids, "InstanceId", fetch)
+
+    async def _settle(
+        self, prefix: str, describe: Callable[[list[str]], Awaitable[list[Resource]]]
+    ) -> None:
+        """Before a describe by filters: wait until EC2 shows the ids this client just made.
+
+        A filtered describe leaves out what EC2 does not show yet, and nothing says so;
+        asking by id (once per new id: shown, it is settled) waits until it does.
+        """
+        pending = self._fresh.unseen(prefix)
+        if pending:
+            await describe(pending)
+
+    async def _until_seen(
+        self, ids: Iterable[str], key: str, fetch: Callable[[], Awaitable[list[Resource]]]
+    ) -> list[Resource]:
+        """``fetch()``, again while it leaves out ids this client has just created.
+
+        EC2 leaves a new id out of describes for a moment (eventual consistency); an
+        id older than the ``consistency`` window that is missing is really gone.
+        """
+        pause = _FIRST_PAUSE
+        while True:
+            found = await fetch()
+            shown = {str(r.get(key)) for r in found}
+            self._fresh.seen(shown)
+            left = self._fresh.left(set(ids) - shown)
+            if left <= 0:
+                return found
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
 
     @staticmethod
     def _flatten(reservations: list[Resource]) -> list[Resource]:
@@ -360,15 +512,20 @@ class _Client:
         """Volumes by id (unknown ids are left out) and/or filters."""
         flt = list(filters)
         if ids is None:
+            await self._settle("vol-", self.describe_volumes)
             return await self.paginate("DescribeVolumes", "Volumes", Filters=flt)
-        found: list[Resource] = []
-        for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
-            found += await self.paginate(
-                "DescribeVolumes",
-                "Volumes",
-                Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
-            )
-        return found
+
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                found += await self.paginate(
+                    "DescribeVolumes",
+                    "Volumes",
+                    Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
+                )
+            return found
+
+        return await self._until_seen(ids, "VolumeId", fetch)
 
     async def describe_snapshots(
         self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
@@ -377,7 +534,15 @@ class _Client:
         flt = list(filters)
         if ids is not None:
             flt.append({"Name": "snapshot-id", "Values": list(ids)})
-        return await self.paginate("DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt)
+        else:
+            await self._settle("snap-", self.describe_snapshots)
+
+        async def fetch() -> list[Resource]:
+            return await self.paginate(
+                "DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt
+            )
+
+        return await self._until_seen(ids or (), "SnapshotId", fetch)
 
     async def describe_images(
         self,
@@ -392,9 +557,12 @@ class _Client:
             params["ImageIds"] = list(ids)
         if owners:
             params["Owners"] = list(owners)
-        result = await self.call("DescribeImages", **params)
-        images: list[Resource] = result.get("Images", [])
-        return images
+
+        async def fetch() -> list[Resource]:
+            images: list[Resource] = (await self.call("DescribeImages", **params)).get("Images", [])
+            return images
+
+        return await self._until_seen(ids or (), "ImageId", fetch)
 
     async def find_image(
         self,
@@ -940,12 +1108,18 @@ class EC2(_Waits):
         source_region: str,
         name: str,
         description: str = "",
+        tags: Mapping[str, str] = {},
         **options: Any,
     ) -> str:
-        """Copy an image of ``source_region`` into this region; the new image's id.
+        """Copy an image of ``source_region`` into this region, tagged; the new image's id.
 
-        ``options`` are more CopyImage parameters (``Encrypted``, ``KmsKeyId`` ...).
+        The tags go on the image and its snapshots. ``options`` are more CopyImage
+        parameters (``Encrypted``, ``KmsKeyId`` ...).
         """
+        if tags:
+            options["TagSpecifications"] = [
+                {"ResourceType": kind, "Tags": _tag_list(tags)} for kind in ("image", "snapshot")
+            ]
         result = await self.call(
             "CopyImage",
             SourceImageId=image_id,

@@ -34,6 +34,7 @@ from botocore.exceptions import ClientError
 
 from asyncstage.errors import MissingDependency, NeedsRoot
 from asyncstage.localcloud import LocalCloud
+from tests.patience import patient_client
 
 pytestmark = [
     pytest.mark.anyio,
@@ -548,7 +549,7 @@ async def test_fifty_instances_in_one_call(
 async def test_boot_delay_is_observed_as_pending() -> None:
     async with (
         LocalCloud(boot_delay=2.0) as cloud,
-        aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2,
+        patient_client(**cloud.session_kwargs()) as ec2,
     ):
         reply = await ec2.run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1)
         instance = reply["Instances"][0]
@@ -572,7 +573,7 @@ async def test_two_clouds_at_once_do_not_collide(cloud: LocalCloud, ec2: Any) ->
     (mine,) = await launch(cloud, ec2, 1)
     async with (
         LocalCloud() as other,
-        aioboto3.Session().client("ec2", **other.session_kwargs()) as ec2_other,
+        patient_client(**other.session_kwargs()) as ec2_other,
     ):
         assert other.endpoint_url != cloud.endpoint_url
         assert other.account_id != cloud.account_id
@@ -590,7 +591,7 @@ async def test_two_clouds_at_once_do_not_collide(cloud: LocalCloud, ec2: Any) ->
 
 async def _busy_cloud(cloud: LocalCloud) -> None:
     """Launch an instance with a volume mounted inside it."""
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2:
+    async with patient_client(**cloud.session_kwargs()) as ec2:
         private = asyncssh.generate_private_key("ssh-ed25519")
         await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
         (iid,) = await launch(cloud, ec2, 1)

@@ -102,6 +102,7 @@ class Engine:
         self.image_id = ""
         self.endpoint_url = ""
         self.api_calls: collections.Counter[str] = collections.Counter()
+        self.throttled: collections.Counter[str] = collections.Counter()
         self.lock = threading.RLock()
         self.machines: dict[str, _Machine] = {}
         self.disks: dict[str, Disk] = {}

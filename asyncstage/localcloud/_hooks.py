@@ -33,6 +33,7 @@ class EngineHooks(Protocol):
 
     lock: threading.RLock
     api_calls: collections.Counter[str]
+    throttled: collections.Counter[str]  # requests answered RequestLimitExceeded, by Action
     account: str
     region: str
     image_name: str
