@@ -16,10 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import aioboto3
 import anyio
 import pytest
 from botocore.exceptions import ClientError
@@ -48,12 +47,6 @@ def playing(cloud: LocalCloud, **changes: Any) -> Iterator[Realism]:
         yield engine.realism
     finally:
         engine.realism = before
-
-
-@pytest.fixture
-async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as client:
-        yield client
 
 
 async def _live(ec2: Any) -> list[dict[str, Any]]:
