@@ -186,6 +186,7 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
 
         with engine.lock:
             install_backend(backend)  # moto's resets (mock_aws elsewhere) clear it
+            backend.request = params  # what moto does not pass on (DetachVolume's Force)
             result = moto_app(environ, capture)
             try:
                 data = b"".join(result)
