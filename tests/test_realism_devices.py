@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -194,3 +195,21 @@ async def test_busy_detach_past_its_bound_names_the_mount_point(
         assert " /mnt/elsewhere " not in await server.scmd("cat", "/proc/mounts")
         await volume.delete()  # EC2 detached it already: the library sees that and goes on
         assert m.volumes() == []
+
+
+async def test_off_profile_refuses_a_mounted_detach_at_once(tmp_path: Path) -> None:
+    async with (
+        LocalCloud(realism="off") as off,
+        off.manager(dotdir=tmp_path, on_exit="terminate", scan=False, poll_interval=0.2) as m,
+    ):
+        server = await m.get_server("dev-off")
+        volume = await server.provision_volume("off-data", size=1)
+        await _second_mount(server, volume, "/mnt/elsewhere")
+        began = time.monotonic()
+        with pytest.raises(VolumeInUse, match="still mounted at /mnt/elsewhere") as refused:
+            await volume.detach()
+        assert time.monotonic() - began < m.timeouts.volume  # refused, not waited out
+        assert isinstance(refused.value.__cause__, EC2Error)
+        assert await _attachment_state(m, volume.volume_id) == "attached"
+        await server.scmd("umount", "/mnt/elsewhere", sudo=True)
+        await volume.delete()
