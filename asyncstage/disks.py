@@ -15,6 +15,7 @@ import anyio
 
 from asyncstage import mounts
 from asyncstage.adoption import owner_tags
+from asyncstage.attachments import Attachments
 from asyncstage.ec2 import new_client_token, tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
@@ -26,7 +27,6 @@ from asyncstage.errors import (
     UnknownVolume,
     VolumeError,
     VolumeInUse,
-    WaitTimeout,
     ZoneMismatch,
 )
 from asyncstage.names import (
@@ -194,69 +194,19 @@ async def _probe_mounts(server: Server, volume: Volume, mtdev: str) -> None:
 class Disks:
     """The volume work of one server: device names, filesystems, attach, mount, provision.
 
-    Holds what only this server's volume work needs: a lock that keeps two attachments
-    from picking one device name, and the filesystems its kernel can mount.
+    Holds what only this server's volume work needs: its :class:`Attachments` (device
+    names, slots, attach and detach) and the filesystems its kernel can mount.
     """
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self._attach_lock = anyio.Lock()
+        self.attachments = Attachments(server)
         self._kernel_fs: set[str] = set()
 
-    async def _dev_listing(self) -> tuple[set[str], set[str]]:
-        result = await self.server.run("ls", "-1", "/dev", "/dev/disk/by-id", check=False)
-        section = ""
-        dev: set[str] = set()
-        by_id: set[str] = set()
-        for line in str(result.stdout).splitlines():
-            if line.endswith(":") and line.startswith("/dev"):
-                section = line[:-1]
-            elif line:
-                (by_id if section == "/dev/disk/by-id" else dev).add(line)
-        return dev, by_id
-
     async def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
-        """A free device name: (EC2 name ``/dev/sdX``, the name the kernel may give it)."""
-        await self.server.refresh()
-        used = {
-            str(m.get("DeviceName", "")).rsplit("/", 1)[-1]
-            for m in self.server.instance.get("BlockDeviceMappings", [])
-        }
-        used |= {
-            str(v.ec2_device).rsplit("/", 1)[-1] for v in self.server.volumes() if v.ec2_device
-        }
-        dev, _ = await self._dev_listing()
-        for letter in "fghijklmnop":
-            if letter < major_start:
-                continue
-            names = {f"sd{letter}", f"xvd{letter}"}
-            if names & used or names & dev:
-                continue
-            return f"/dev/sd{letter}", f"/dev/xvd{letter}"
-        raise VolumeError(f"server {self.server.name}: no free block device name left")
-
-    async def _find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:
-        """The device path of an attached volume on the server: NVMe serial, xvdX, sdX."""
-        serial = volume_id.replace("-", "")
-        letter = ec2_device.rsplit("/", 1)[-1].removeprefix("xvd").removeprefix("sd")
-        interval = 0.1
-        with anyio.move_on_after(timeout):
-            while True:
-                dev, by_id = await self._dev_listing()
-                hits = sorted(n for n in by_id if serial in n and "-part" not in n)
-                if hits:
-                    real = await self.server.scmd("readlink", "-f", f"/dev/disk/by-id/{hits[0]}")
-                    return real.strip()
-                for name in (f"xvd{letter}", f"sd{letter}"):
-                    if name in dev:
-                        return f"/dev/{name}"
-                await anyio.sleep(interval)
-                interval = min(interval * 2, 2.0)
-        raise WaitTimeout(
-            f"volume {volume_id} to appear as a block device on {self.server.name}",
-            timeout=timeout,
-            last_state="no device",
-        )
+        """A free device name: see :meth:`Attachments.unused_block_device
+        <asyncstage.attachments.Attachments.unused_block_device>`."""
+        return await self.attachments.unused_block_device(major_start)
 
     async def _has_program(self, program: str) -> bool:
         result = await self.server.run("which", program, check=False, sudo=True)
@@ -484,6 +434,7 @@ class Disks:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await _discard_volume(self.server.manager, volume)
+            self.attachments.free_slot(volume.volume_id)
             raise
         return volume
 
@@ -525,28 +476,12 @@ class Disks:
 
     async def _attach(self, volume: Volume) -> None:
         """Attach an available volume here and find its device."""
-        m = self.server.manager
         if volume.availability_zone != self.server.availability_zone:
             raise ZoneMismatch(
                 f"volume {volume.name} is in {volume.availability_zone}, "
                 f"server {self.server.name} in {self.server.availability_zone}"
             )
-        async with self._attach_lock:
-            ec2_device, _ = await self.unused_block_device()
-            await m.ec2.attach_volume(volume.volume_id, self.server.instance_id, ec2_device)
-            volume.record_attach(self.server, ec2_device, None)
-            desc = await m.ec2.wait_for_volume(
-                volume.volume_id,
-                lambda v: any(
-                    a.get("State") == "attached" and a.get("InstanceId") == self.server.instance_id
-                    for a in v.get("Attachments", [])
-                ),
-                what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.server.name}",
-                timeout=m.timeouts.volume,
-            )
-            volume.record_description(desc)
-            mtdev = await self._find_device(volume.volume_id, ec2_device, timeout=m.timeouts.volume)
-            volume.record_attach(self.server, ec2_device, mtdev)
+        await self.attachments.attach(volume)
 
     async def mount(self, volume: Volume, mtpt: str | None = None) -> None:
         """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
@@ -563,7 +498,7 @@ class Disks:
             await self._attach(volume)
         elif volume.mtdev is None:
             assert volume.ec2_device
-            mtdev = await self._find_device(
+            mtdev = await self.attachments.find_device(
                 volume.volume_id, volume.ec2_device, timeout=self.server.manager.timeouts.volume
             )
             volume.record_attach(self.server, volume.ec2_device, mtdev)
@@ -574,7 +509,7 @@ class Disks:
             volume.record_mount(where)
             return
         if current is not None:
-            await self.server.run("umount", volume.mtdev, sudo=True)
+            await self.server.run("umount", "--", current, sudo=True)
         if any(mp == where for _, mp, _ in await self._mounts()):
             raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
         await self.server.run("mkdir", "-p", where, sudo=True)
@@ -606,9 +541,11 @@ class Disks:
             raise VolumeError(f"volume {volume.name} is not attached to {self.server.name}")
         if not volume.mounted or volume.mtdev is None:
             return
-        if await self._mounted_at(volume.mtdev) is not None:
+        where = [mp for dev, mp, _ in await self._mounts() if dev == volume.mtdev]
+        if where:  # its own mount point: `umount <device>` would take the latest mount
+            target = volume.mtpt if volume.mtpt in where else where[0]
             try:
-                await self.server.run("umount", volume.mtdev, sudo=True)
+                await self.server.run("umount", "--", target, sudo=True)
             except CommandFailed as e:
                 raise VolumeInUse(
                     f"cannot unmount {volume.name} from {self.server.name}: {e}"
@@ -616,27 +553,21 @@ class Disks:
         volume.record_unmount()
 
     async def detach(self, volume: Volume) -> None:
-        """Unmount and detach a volume, waiting until EC2 says it is detached."""
+        """Unmount and detach a volume, waiting until EC2 says it is detached (see
+        :meth:`Attachments.detach <asyncstage.attachments.Attachments.detach>`)."""
         if volume.server is not self.server:
             raise VolumeError(f"volume {volume.name} is not attached to {self.server.name}")
         if self.server.state == "running":
             await self.unmount(volume)
-        m = self.server.manager
-        await m.ec2.detach_volume(volume.volume_id)
-        desc = await m.ec2.wait_for_volume(
-            volume.volume_id,
-            lambda v: v.get("State") == "available",
-            what=f"volume {volume.name} ({volume.volume_id}) to detach from {self.server.name}",
-            timeout=m.timeouts.volume,
-        )
-        volume.record_description(desc)
-        volume.record_detach()
+        await self.attachments.detach(volume)
 
     async def adopt_mounts(self, volumes: list[Volume]) -> None:
         """Find where the volumes attached here are, and whether they are mounted: asked
         of the server (device numbers), never taken from tags."""
         for volume in volumes:
             assert volume.ec2_device
-            mtdev = await self._find_device(volume.volume_id, volume.ec2_device, timeout=5.0)
+            mtdev = await self.attachments.find_device(
+                volume.volume_id, volume.ec2_device, timeout=5.0
+            )
             volume.record_attach(self.server, volume.ec2_device, mtdev)
             await _probe_mounts(self.server, volume, mtdev)

@@ -203,6 +203,7 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
         with engine.lock:
             install_backend(backend)  # moto's resets (mock_aws elsewhere) clear it
+            backend.request = params  # what moto does not pass on (DetachVolume's Force)
             code, headers, data = _call(moto_app, environ, body)
             ok = code.startswith("2")
             made = created_ids(action, data) if ok and high > 0 else []

@@ -1,9 +1,8 @@
 """How EC2 names block devices, by instance type: Xen (``xvdX``) or Nitro (NVMe).
 
-AttachVolume takes the names EC2's "Device names on Linux instances" lists: ``/dev/sd[a-z]``
-and ``/dev/hd[a-z]``, each optionally with a partition number ``[1-15]``, ``/dev/xvd[a-z]``
-and ``/dev/xvd[b-z][a-z]``; ``/dev/sda1`` and ``/dev/xvda`` are the root device's. Inside a
-Xen instance (families t2, m4, c4, m3, m1, r4 ...) the volume then shows as ``/dev/xvd...``
+The names AttachVolume takes, the families and the attachment limits are EC2's, as
+:mod:`asyncstage.devices` has them (the library follows the same rules). Inside a Xen
+instance (families t2, m4, c4, m3, m1, r4 ...) a volume shows as ``/dev/xvd...``
 (``/dev/sdf`` -> ``xvdf``, ``/dev/sdf1`` -> ``xvdf1``); inside a Nitro instance (every
 newer family) as ``/dev/nvme<N>n1`` with ``N`` not in attach order, its volume id the NVMe
 serial (``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...``). The root device is
@@ -15,48 +14,19 @@ from __future__ import annotations
 
 import re
 
+from asyncstage.devices import XEN_FAMILIES, attachment_limit, is_nitro, xen_path
+
+__all__ = [
+    "ROOT_DEVICE_NAME",
+    "XEN_FAMILIES",
+    "attachment_refusal",
+    "is_nitro",
+    "nvme_node",
+    "root_nodes",
+    "xen_node",
+]
+
 ROOT_DEVICE_NAME = "/dev/xvda"
-# Families that run on Xen; every other family is a Nitro one.
-XEN_FAMILIES = frozenset(
-    {
-        "t1",
-        "t2",
-        "m1",
-        "m2",
-        "m3",
-        "m4",
-        "c1",
-        "c3",
-        "c4",
-        "r3",
-        "r4",
-        "i2",
-        "d2",
-        "g2",
-        "g3",
-        "p2",
-        "p3",
-        "x1",
-        "x1e",
-        "f1",
-        "h1",
-        "cc2",
-        "cr1",
-        "hs1",
-    }
-)
-_ATTACH_NAME = re.compile(
-    r"^(?:/dev/)?(?:"
-    r"(?P<sd>(?:sd|hd)[a-z])(?P<part>[1-9]|1[0-5])?"
-    r"|(?P<xvd>xvd[a-z]|xvd[b-z][a-z])"
-    r")$"
-)
-
-
-def is_nitro(instance_type: str | None) -> bool:
-    """True for an instance type of a Nitro family (m1.small and other Xen ones: False)."""
-    family = (instance_type or "m1.small").split(".", 1)[0]
-    return family not in XEN_FAMILIES
 
 
 def xen_node(device: str) -> str | None:
@@ -64,13 +34,27 @@ def xen_node(device: str) -> str | None:
 
     ``/dev/sdf`` -> ``xvdf``, ``/dev/sdf1`` -> ``xvdf1``, ``/dev/xvdbc`` -> ``xvdbc``.
     """
-    m = _ATTACH_NAME.match(device)
-    if m is None:
+    path = xen_path(device)
+    if path is None:
         return None
-    node = str(m["xvd"]) if m["xvd"] else "xvd" + m["sd"][2:] + (m["part"] or "")
+    node = path.removeprefix("/dev/")
     if re.fullmatch(r"xvda\d*", node):
         return None  # the root device and its partitions
     return node
+
+
+def attachment_refusal(instance_type: str, volumes: int, interfaces: int) -> str | None:
+    """EC2's AttachmentLimitExceeded message when an instance of this type with this many
+    EBS volumes (the root one included) and network interfaces takes no more; else None."""
+    limit = attachment_limit(instance_type)
+    used = volumes + (interfaces if limit.shared else 0)
+    if not limit.enforced or used < limit.attachments:
+        return None
+    what = "EBS volumes, network interfaces and NVMe instance store volumes"
+    return (
+        f"an instance of type {instance_type} takes at most {limit.attachments} "
+        f"{what if limit.shared else 'EBS volumes'} ({used} attached)"
+    )
 
 
 def root_nodes(nitro: bool) -> tuple[str, str]:

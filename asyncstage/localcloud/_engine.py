@@ -37,7 +37,7 @@ from asyncstage.localcloud._isolation import DeviceCgroup
 from asyncstage.localcloud._realism import Realism
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._run import _Run
-from asyncstage.localcloud._system import check_machine
+from asyncstage.localcloud._system import check_machine, run, which
 
 log = logging.getLogger("asyncstage.localcloud")
 
@@ -373,13 +373,16 @@ class Engine:
         self.disks[volume_id] = Disk.create(volume_id, image, size, source)
 
     def volume_attached(self, volume_id: str, instance_id: str, device: str) -> None:
-        """Bind the volume's loop device; its node appears in the instance (if booted)."""
+        """Bind the volume's loop device; its node appears in the instance (if booted) a
+        moment later (``realism.device``), as on EC2, where ``attached`` comes first."""
         disk = self.disks[volume_id]
         machine = self.machines[instance_id]
         if machine.nitro:
             # EC2 numbers NVMe devices in no order a client may rely on
             taken = {d.name for d in self.disks.values() if d.instance_id == instance_id}
-            free = [n for n in range(1, 28) if nvme_node(n) not in taken]
+            free = [n for n in range(1, 28) if nvme_node(n) not in taken] or [
+                n for n in range(28, 128) if nvme_node(n) not in taken
+            ]
             if not free:
                 raise LocalCloudError(f"{instance_id}: no NVMe device number left")
             name, serial = nvme_node(self.random.choice(free)), volume_id
@@ -391,22 +394,51 @@ class Engine:
         assert disk.loop_id is not None
         self._run.add_loop(loop, disk.loop_id)
         disk.instance_id, disk.name, disk.serial = instance_id, name, serial
-        if machine.ready and machine.host.alive:
-            assert disk.rdev is not None
-            try:
-                machine.host.add_device(name, disk.rdev, serial)
-            except OSError as e:
-                self._free(disk)
-                raise LocalCloudError(f"{volume_id}: cannot make its device node: {e}") from e
+        if not (machine.ready and machine.host.alive):
+            return  # it boots with the node (_add_devices)
+        delay = self.random.uniform(*self.realism.device)
+        if delay > 0:
+            timer = threading.Timer(delay, self._device_node, (disk, machine, loop))
+            timer.daemon = True
+            timer.start()
+            return
+        assert disk.rdev is not None
+        try:
+            machine.host.add_device(name, disk.rdev, serial)
+        except OSError as e:
+            self._free(disk)
+            raise LocalCloudError(f"{volume_id}: cannot make its device node: {e}") from e
 
-    def volume_detaching(self, volume_id: str) -> None:
-        """Remove the volume's device node and loop device; refuse while it is mounted."""
+    def _device_node(self, disk: Disk, machine: _Machine, loop: str) -> None:
+        """The late device node of an attachment, unless it is gone (or rebooted) since."""
+        with self.lock:
+            if self._closed or disk.loop != loop or disk.instance_id != machine.host.instance_id:
+                return
+            if not (machine.ready and machine.host.alive) or disk.rdev is None:
+                return  # a boot since adds it (_add_devices)
+            assert disk.name is not None
+            try:
+                machine.host.add_device(disk.name, disk.rdev, disk.serial)
+            except (OSError, LocalCloudError):
+                log.exception("local cloud: %s: no device node", disk.volume_id)
+
+    def volume_detaching(self, volume_id: str, *, force: bool = False) -> str | None:
+        """Remove the volume's device node and loop device; None once done.
+
+        While it is mounted inside its instance: with ``force``, it is unmounted there
+        (lazily: the device goes from under it, as a forced detach does on EC2); else
+        its mount point is returned (EC2's ``busy``: the API retries until it is
+        unmounted) or, when ``realism.busy_detach`` is off, the detach is refused.
+        """
         disk = self.disks[volume_id]
         machine = self.machines.get(disk.instance_id or "")
         if machine is not None and disk.major_minor is not None:
-            mounts = machine.host.mounted_devices()
-            where = mounts.get(disk.major_minor)
+            where = machine.host.mounted_devices().get(disk.major_minor)
+            if where is not None and force:
+                where = _force_unmount(machine.host, disk.major_minor)
             if where is not None:
+                if self.realism.busy_detach:
+                    return where
                 raise ApiRefusal(
                     "VolumeInUse",
                     f"{volume_id} is mounted at {where} on {disk.instance_id}: unmount it "
@@ -415,6 +447,7 @@ class Engine:
             if disk.name is not None:
                 machine.host.remove_device(disk.name, disk.rdev, disk.serial)
         self._free(disk)
+        return None
 
     def _free(self, disk: Disk) -> None:
         loop = disk.loop
@@ -444,6 +477,36 @@ class Engine:
         image = self.snapshots.pop(snapshot_id, None)
         if image is not None:
             image.unlink(missing_ok=True)
+
+
+def _force_unmount(host: Host, device: tuple[int, int]) -> str | None:
+    """Unmount (lazily) every mount of ``device`` inside the host; where it is still
+    mounted if that fails."""
+    assert host.init_pid is not None
+    for _ in range(16):  # a device mounted at several places: one each time
+        where = host.mounted_devices().get(device)
+        if where is None:
+            return None
+        try:
+            run(
+                which("nsenter"),
+                "--target",
+                str(host.init_pid),
+                "--mount",
+                "--pid",  # its /proc/self: umount reads the mount table there
+                "--root",
+                "umount",
+                "--lazy",
+                "--",
+                where,
+                what="umount (forced detach)",
+            )
+        except LocalCloudError as e:
+            log.warning(
+                "local cloud: %s: forced detach cannot unmount %s: %s", host.instance_id, where, e
+            )
+            return where
+    return host.mounted_devices().get(device)
 
 
 def _check_port_22() -> None:

@@ -13,8 +13,10 @@ Everything here runs in the server's request threads under ``engine.lock``.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from moto.core.utils import utcnow
@@ -24,7 +26,7 @@ from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
 
 from asyncstage.errors import LocalCloudError
-from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, xen_node
+from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
 from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
 
 STATE_CODES = {
@@ -37,6 +39,8 @@ STATE_CODES = {
 }
 MAX_INSTANCES = 256  # live instances per cloud: a guard against runaway launches
 _MOTO_ROOT = "/dev/sda1"  # where moto attaches an instance's root volume
+_BUSY_POLL = 0.1  # seconds between two looks at a busy detach's mounts
+log = logging.getLogger("asyncstage.localcloud")
 
 
 def set_state(instance: Any, name: str) -> None:
@@ -117,6 +121,7 @@ class LocalBackend(EC2Backend):
 
     engine: EngineHooks | None = None  # None while moto builds its own records
     image_id = ""  # the one image instances boot (set by the API)
+    request: Mapping[str, str] = {}  # the parameters of the request in hand (set by the API)
     _launching = False
 
     def reset(self) -> None:
@@ -401,6 +406,11 @@ class LocalBackend(EC2Backend):
                 f"Invalid value '{device_path}' for unixDevice. "
                 f"Attachment point {device_path} is already in use",
             )
+        refusal = attachment_refusal(
+            instance.instance_type, len(instance.block_device_mapping), len(instance.nics)
+        )
+        if refusal is not None:
+            raise _error("AttachmentLimitExceeded", refusal)
         try:
             engine.volume_attached(volume_id, instance_id, device_path)
         except LocalCloudError as e:
@@ -408,7 +418,11 @@ class LocalBackend(EC2Backend):
         return super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
 
     def detach_volume(self, volume_id: str, instance_id: str, device_path: str) -> Any:
-        """Detach (``instance_id`` and ``device_path`` may be empty, as EC2 allows)."""
+        """Detach (``instance_id`` and ``device_path`` may be empty, as EC2 allows).
+
+        A volume still mounted inside its instance stays ``busy`` until it is unmounted
+        there (then it detaches) or the detach is forced (``Force``), as on EC2.
+        """
         engine = self.engine
         volume = self.get_volume(volume_id)
         if engine is None or volume_id not in engine.disks:
@@ -421,11 +435,41 @@ class LocalBackend(EC2Backend):
                 "InvalidAttachment.NotFound",
                 f"The volume '{volume_id}' is not attached to instance '{instance_id}'",
             )
+        request = self.request if self.request.get("Action") == "DetachVolume" else {}
+        force = str(request.get("Force", "")).lower() == "true"
         try:
-            engine.volume_detaching(volume_id)  # refuses while mounted inside the instance
-        except ApiRefusal as e:
+            where = engine.volume_detaching(volume_id, force=force)
+        except ApiRefusal as e:  # mounted, and the cloud plays no busy state
             raise _error(e.code, str(e)) from e
+        if where is not None:
+            if volume.attachment.status != "busy":
+                volume.attachment.status = "busy"
+                self._busy_later(volume_id)
+            return volume.attachment
         return super().detach_volume(volume_id, instance_id, device_path)
+
+    def _busy_later(self, volume_id: str) -> None:
+        timer = threading.Timer(_BUSY_POLL, self._busy_check, (volume_id,))
+        timer.daemon = True
+        timer.start()
+
+    def _busy_check(self, volume_id: str) -> None:
+        """A busy detach: done once the volume is unmounted inside its instance."""
+        engine = self.engine
+        if engine is None:
+            return
+        with engine.lock:
+            volume = self.volumes.get(volume_id)
+            attachment = None if volume is None else volume.attachment
+            if self.engine is None or attachment is None or attachment.status != "busy":
+                return  # closed, forced or detached since
+            try:
+                if engine.volume_detaching(volume_id) is not None:
+                    self._busy_later(volume_id)
+                    return
+                super().detach_volume(volume_id, attachment.instance.id, attachment.device)
+            except Exception:
+                log.exception("local cloud: busy detach of %s", volume_id)
 
     def delete_volume(self, volume_id: str) -> Any:
         volume = super().delete_volume(volume_id)
