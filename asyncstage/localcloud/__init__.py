@@ -10,8 +10,8 @@
             ...
 
 Instances are isolated hosts on this machine (mount, pid and uts namespaces, a
-copy-on-write overlay of ``/``, their own sshd on a loopback address); volumes are
-sparse image files attached as loop devices. Needs root. ``python -m
+copy-on-write overlay of ``/``, their own sshd on private and public loopback
+addresses); volumes are sparse image files attached as loop devices. Needs root. ``python -m
 asyncstage.localcloud`` runs one in the foreground.
 """
 

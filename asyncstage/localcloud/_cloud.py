@@ -24,9 +24,10 @@ class LocalCloud:
 
     ``async with LocalCloud() as cloud:`` starts moto's EC2 API on ``127.0.0.1`` (a free
     port unless ``port`` is given) with hooks that make instances real isolated hosts
-    (namespaces, an overlay of ``/``, their own sshd on a loopback address) and volumes
-    real loop devices. Leaving the block kills every host and frees every loop device,
-    mount and state it made — also on an exception or cancellation. Needs root.
+    (namespaces, an overlay of ``/``, their own sshd on private and public loopback
+    addresses) and volumes real loop devices. Leaving the block kills every host and
+    frees every loop device, mount and state it made — also on an exception or
+    cancellation. Needs root.
 
     Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
     State lives in a temporary directory unless ``state_dir`` is given (one cloud per
