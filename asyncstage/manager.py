@@ -200,7 +200,7 @@ class Manager:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.timeouts.exit) as scope:
                 try:
-                    await self._on_exit()
+                    await closing.on_exit(self)
                 except Exception as e:
                     log.warning("on_exit=%s failed: %s", self.on_exit, e)
                     error = e
@@ -211,9 +211,6 @@ class Manager:
             self._open = False
         if error is not None and raise_errors:
             raise error
-
-    async def _on_exit(self) -> None:
-        await closing.on_exit(self)
 
     def _require_open(self) -> None:
         if not self._open:
