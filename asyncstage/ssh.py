@@ -601,7 +601,8 @@ class _HostCore:
                     keepalive_interval=self.keepalive_interval,
                     keepalive_count_max=3,
                     encryption_algs=_encryption_algs(),
-                    tunnel=cast(Any, _sshwire.DIRECT),  # a TCP connection shaped for bulk data
+                    # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
+                    tunnel=cast(Any, _sshwire.DIRECT),
                     connect_timeout=self.connect_timeout,
                     login_timeout=self.connect_timeout,
                     **options,
@@ -1054,7 +1055,7 @@ class SSHHost(_HostCore):
                 ) as run:
                     with self._map_errors(command):
                         await run.proc.wait()
-                    result = self._result(command, run.proc, b"", stderr.value(None))
+                    result = self._result(command, run.proc, "", stderr.value("utf-8"))
                 size = file.tell()
             if not result.ok:
                 raise self._failed(result)
@@ -1095,7 +1096,9 @@ class SSHHost(_HostCore):
             ) as run:
                 with self._map_errors(command):
                     await run.proc.wait()
-                result = self._result(command, run.proc, stdout.value(None), stderr.value(None))
+                result = self._result(
+                    command, run.proc, stdout.value("utf-8"), stderr.value("utf-8")
+                )
         if not result.ok:
             raise self._failed(result)
         if not source.at_eof:
