@@ -1034,6 +1034,8 @@ class SSHHost(_HostCore):
         """
         command = shell.sudo_line(cmd, sudo)
         target = Path(path)
+        if await anyio.Path(target).is_dir():
+            raise PathError(f"cannot write {str(target)!r}: it is a directory")
         try:
             fd, part = tempfile.mkstemp(
                 dir=target.parent, prefix=f".{target.name}.", suffix=".part"
@@ -1059,7 +1061,10 @@ class SSHHost(_HostCore):
                 size = file.tell()
             if not result.ok:
                 raise self._failed(result)
-            os.replace(part, target)
+            try:
+                os.replace(part, target)
+            except OSError as e:
+                raise PathError(f"cannot write {str(target)!r}: {e.strerror}") from e
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(part)

@@ -94,6 +94,8 @@ async def test_bad_local_paths_are_path_errors(sshd_server: SSHServer, tmp_path:
             await host.scmd_from_file("cat > /dev/null", path=tmp_path)
         with pytest.raises(errors.PathError, match="cannot write"):
             await host.scmd_to_file("echo x", path=tmp_path / "no such dir" / "x")
+        with pytest.raises(errors.PathError, match="is a directory"):
+            await host.scmd_to_file("echo x", path=tmp_path)
         assert await host.scmd("echo", "still fine") == "still fine\n"
 
 
