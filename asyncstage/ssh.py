@@ -415,6 +415,18 @@ def _echo(stream: IO[str], data: bytes) -> None:
         stream.flush()
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it too)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 class _CountingFile(io.RawIOBase):
     """A local file handed to asyncssh as a command's stdin, counting what it read.
 
@@ -1062,6 +1074,7 @@ class SSHHost(_HostCore):
             if not result.ok:
                 raise self._failed(result)
             try:
+                os.chmod(part, 0o666 & ~_umask())  # as open() would have made it, not 0600
                 os.replace(part, target)
             except OSError as e:
                 raise PathError(f"cannot write {str(target)!r}: {e.strerror}") from e

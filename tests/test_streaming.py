@@ -18,7 +18,7 @@ import pytest
 
 from asyncstage import errors
 from asyncstage._sshwire import _FEED_BYTES, DIRECT
-from asyncstage.ssh import SSHHost, quote
+from asyncstage.ssh import SSHHost, _umask, quote
 from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.anyio
@@ -59,6 +59,7 @@ async def test_file_round_trip_arrives_intact(sshd_server: SSHServer, tmp_path: 
         assert await _remote_sha256(host, remote) == digest
         assert await host.scmd_to_file("cat", str(remote), path=back) == size
     assert _sha256(back) == digest
+    assert back.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
     assert sorted(os.listdir(tmp_path)) == ["back.bin", "local.bin", "remote dir"]
 
 
