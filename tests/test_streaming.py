@@ -91,8 +91,10 @@ async def test_bad_local_paths_are_path_errors(sshd_server: SSHServer, tmp_path:
     async with sshd_server.host() as host:
         with pytest.raises(errors.PathError, match="cannot read"):
             await host.scmd_from_file("cat > /dev/null", path=tmp_path / "missing")
-        with pytest.raises(errors.PathError, match="not a regular file"):
+        with pytest.raises(errors.PathError, match="Is a directory"):
             await host.scmd_from_file("cat > /dev/null", path=tmp_path)
+        with pytest.raises(errors.PathError, match="not a regular file"):
+            await host.scmd_from_file("cat > /dev/null", path="/dev/null")
         with pytest.raises(errors.PathError, match="cannot write"):
             await host.scmd_to_file("echo x", path=tmp_path / "no such dir" / "x")
         with pytest.raises(errors.PathError, match="is a directory"):
