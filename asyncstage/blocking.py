@@ -690,6 +690,17 @@ class Server(_ServerAttributes):
         """Run a command with its output on our stdout/stderr; true on success."""
         return _call_async(self._async.ssh, *cmd, timeout=timeout, sudo=sudo)
 
+    def scmd_to_file(self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False) -> int:
+        """Run a command with its stdout written to the local file ``path`` (renamed into
+        place on success); the bytes written. See :meth:`SSHHost.scmd_to_file`."""
+        return _call_async(self._async.scmd_to_file, *cmd, path=path, sudo=sudo)
+
+    def scmd_from_file(
+        self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
+    ) -> int:
+        """Run a command with the local file ``path`` as its stdin; the bytes sent."""
+        return _call_async(self._async.scmd_from_file, *cmd, path=path, sudo=sudo)
+
     def shell(self) -> int:
         """An interactive shell on the server; its exit status."""
         return _call_async(self._async.shell)

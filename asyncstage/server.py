@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -242,6 +243,19 @@ class Server:
     ) -> AbstractAsyncContextManager[CommandWriter[Any]]:
         """``async with server.scmd_write(...) as w``: a writable stream to its stdin."""
         return self._streaming("write", cmd, encoding, sudo)
+
+    async def scmd_to_file(
+        self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
+    ) -> int:
+        """Run a command with its stdout written to the local file ``path`` (renamed into
+        place on success); the bytes written. See :meth:`SSHHost.scmd_to_file`."""
+        return await (await self._ready()).scmd_to_file(*cmd, path=path, sudo=sudo)
+
+    async def scmd_from_file(
+        self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
+    ) -> int:
+        """Run a command with the local file ``path`` as its stdin; the bytes sent."""
+        return await (await self._ready()).scmd_from_file(*cmd, path=path, sudo=sudo)
 
     async def _ready(self) -> SSHHost:
         """The ssh host (it settles its host key expectations before connecting)."""

@@ -35,7 +35,9 @@ import io
 import os
 import re
 import shutil
+import stat
 import sys
+import tempfile
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -48,7 +50,7 @@ from typing import IO, Any, AnyStr, ClassVar, Generic, Literal, cast, overload
 import anyio
 import asyncssh
 
-from asyncstage import shell
+from asyncstage import _sshwire, shell
 from asyncstage.errors import (
     CommandFailed,
     CommandTimeout,
@@ -56,6 +58,7 @@ from asyncstage.errors import (
     ConnectionLost,
     HostKeyMismatch,
     InvalidArgument,
+    PathError,
     ServerUnreachable,
     SSHError,
 )
@@ -78,6 +81,7 @@ HostKeyPolicy = Literal["accept-new", "strict"]
 _OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed commands
 _KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
 _CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
+_FILE_CHUNK = 1 << 20  # bytes per read/write of a local file streamed to or from a command
 _PID_MARKER = b"asyncstage-pgid:"
 # Every command runs behind this line, which tells us the remote shell's pid: sshd makes
 # that shell a session and process-group leader, so `kill -- -PGID` over a second channel
@@ -411,6 +415,46 @@ def _echo(stream: IO[str], data: bytes) -> None:
         stream.flush()
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it too)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+class _CountingFile(io.RawIOBase):
+    """A local file handed to asyncssh as a command's stdin, counting what it read.
+
+    It offers no ``fileno()``, so asyncssh reads it with ``read()`` (in
+    :data:`_FILE_CHUNK` pieces) as the channel's window allows.
+    """
+
+    def __init__(self, file: io.FileIO) -> None:
+        super().__init__()
+        self._file = file
+        self.count = 0
+        self.at_eof = False
+        self.regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size) or b""
+        self.count += len(data)
+        self.at_eof = self.at_eof or not data
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 # -- streams -------------------------------------------------------------------
 
 
@@ -583,6 +627,8 @@ class _HostCore:
                     keepalive_interval=self.keepalive_interval,
                     keepalive_count_max=3,
                     encryption_algs=_encryption_algs(),
+                    # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
+                    tunnel=cast(Any, _sshwire.DIRECT),
                     connect_timeout=self.connect_timeout,
                     login_timeout=self.connect_timeout,
                     **options,
@@ -1003,6 +1049,97 @@ class SSHHost(_HostCore):
             result = self._result(command, run.proc, stdout.value(encoding), stderr.value(encoding))
         if not result.ok:
             raise self._failed(result)
+
+    async def scmd_to_file(
+        self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
+    ) -> int:
+        """Run a command with its stdout written to the local file ``path``; the bytes written.
+
+        No Python loop touches the data: asyncssh writes each packet to the file. The
+        file is written under a temporary name beside ``path`` and renamed when the
+        command exited 0; on :class:`~asyncstage.errors.CommandFailed`, a lost
+        connection or cancellation ``path`` is left as it was (the command is stopped).
+        """
+        command = shell.sudo_line(cmd, sudo)
+        target = Path(path)
+        if await anyio.Path(target).is_dir():
+            raise PathError(f"cannot write {str(target)!r}: it is a directory")
+        try:
+            fd, part = tempfile.mkstemp(
+                dir=target.parent, prefix=f".{target.name}.", suffix=".part"
+            )
+        except OSError as e:
+            raise PathError(f"cannot write {str(target)!r}: {e.strerror}") from e
+        try:
+            # Unbuffered: each packet goes to the page cache at once, without another copy.
+            with open(fd, "wb", buffering=0) as file:  # noqa: ASYNC230 (asyncssh writes it in the loop anyway)
+                stderr = _Sink(marker=True)
+                async with self._process(
+                    command,
+                    None,
+                    sudo=sudo,
+                    stdin=asyncssh.DEVNULL,
+                    stdout=file,
+                    stderr=stderr,
+                    recv_eof=False,  # the file is ours to close
+                ) as run:
+                    with self._map_errors(command):
+                        await run.proc.wait()
+                    result = self._result(command, run.proc, "", stderr.value("utf-8"))
+                size = file.tell()
+            if not result.ok:
+                raise self._failed(result)
+            try:
+                os.chmod(part, 0o666 & ~_umask())  # as open() would have made it, not 0600
+                os.replace(part, target)
+            except OSError as e:
+                raise PathError(f"cannot write {str(target)!r}: {e.strerror}") from e
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
+        return size
+
+    async def scmd_from_file(
+        self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
+    ) -> int:
+        """Run a command with the local file ``path`` as its stdin; the bytes sent.
+
+        No Python loop of ours touches the data: asyncssh reads the file into the
+        channel as the remote side takes it (flat memory). Raises
+        :class:`~asyncstage.errors.CommandFailed` on a non-zero exit and
+        :class:`~asyncstage.errors.PathError` when ``path`` is not a readable regular file.
+        """
+        command = shell.sudo_line(cmd, sudo)
+        try:
+            source = _CountingFile(open(path, "rb", buffering=0))  # noqa: ASYNC230, SIM115
+        except OSError as e:
+            raise PathError(f"cannot read {os.fspath(path)!r}: {e.strerror}") from e
+        with source:
+            if not source.regular:
+                raise PathError(f"not a regular file: {os.fspath(path)!r}")
+            stdout, stderr = _Sink(), _Sink(marker=True)
+            async with self._process(
+                command,
+                None,
+                sudo=sudo,
+                stdin=source,
+                stdout=stdout,
+                stderr=stderr,
+                bufsize=_FILE_CHUNK,
+            ) as run:
+                with self._map_errors(command):
+                    await run.proc.wait()
+                result = self._result(
+                    command, run.proc, stdout.value("utf-8"), stderr.value("utf-8")
+                )
+        if not result.ok:
+            raise self._failed(result)
+        if not source.at_eof:
+            raise SSHError(
+                f"command exited before reading all its input: {command}", host=self.label
+            )
+        return source.count
 
     async def ping(self, timeout: float = 10.0) -> bool:
         """True when the host answers ssh and runs ``true`` within ``timeout``.

@@ -1,32 +1,40 @@
-"""Streaming: scmd_read and scmd_write throughput vs OpenSSH ``ssh host cat``, same cipher.
+"""Streaming: scmd_read/scmd_write and the file forms vs OpenSSH ``ssh``, same cipher.
 
-- read: the remote ``head -c SIZE /dev/zero``; asyncstage reads it with
-  ``scmd_read(..., encoding=None)`` in 1 MiB reads; OpenSSH's ``ssh`` writes it
-  to /dev/null.
-- write: the remote ``cat > /dev/null``; asyncstage writes 1 MiB chunks with
-  ``scmd_write(..., encoding=None)``; OpenSSH reads from a local ``head -c SIZE
-  /dev/zero`` pipe.
+Read: the remote ``head -c SIZE /dev/zero``. Write: the remote ``cat > /dev/null``.
+Every method moves the same SIZE bytes, in one run, alternating (best of N):
+
+- data that Python code consumes or produces: ``scmd_read(..., encoding=None)`` read
+  in 1 MiB pieces and ``scmd_write`` fed 1 MiB pieces, against this process reading
+  from / writing to an OpenSSH ``ssh`` child through a pipe (target >= 1.0x);
+- data between a local file and a remote command: ``scmd_to_file`` /
+  ``scmd_from_file`` against ``ssh host cmd > file`` / ``ssh host cmd < file``
+  (target >= 0.9x); the local files are on tmpfs (/dev/shm), so that the disk is
+  not what is measured;
+- references: OpenSSH to /dev/null and from a ``head`` pipe (the issue's first
+  baseline), and raw asyncssh (no asyncstage code, so none of its TCP shaping:
+  asyncstage/_sshwire.py) with the same cipher.
 
 The cipher is the same on both sides: SSHHost negotiates its preference
 (``aes128-gcm`` on CPUs with AES instructions, else ``chacha20-poly1305``; read back
 from the connection and recorded) and OpenSSH gets the same with ``-c``.
 asyncstage streams over its warm connection; OpenSSH opens a new one, so the median
 time of a bare ``ssh host true`` (connection set-up) measured in the same run is
-subtracted from its times. References, not targets: raw asyncssh (no asyncstage code)
-with the same cipher, OpenSSH and raw asyncssh with the other of the two ciphers
-(OpenSSH's own default is chacha20-poly1305), and this process streaming through a
-pipe to or from an OpenSSH ``ssh`` child (what an OpenSSH-backed scmd_read/scmd_write
-would do). The client's CPU seconds per GiB are recorded too: this process's CPU
-time for asyncstage/asyncssh, the waited-for children's (``ssh``, ``head``) for
-OpenSSH, both for the pipes.
+subtracted from every OpenSSH time (pipes included). The client's CPU seconds per
+GiB are recorded: this process's for asyncstage/asyncssh, the waited-for children's
+(``ssh``, ``head``) for OpenSSH, both for the pipes. Peak RSS growth of this process
+during each asyncstage/asyncssh run (sampled every 5 ms) shows the memory stays flat.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import subprocess
+import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -48,11 +56,13 @@ from asyncstage import Server
 
 AES = "aes128-gcm@openssh.com"
 CHUNK = MiB
+TMPFS = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
-def _openssh(argv: list[str], size: int, write: bool) -> float:
+def _openssh(argv: list[str], size: int, stdin: Any = None, stdout: Any = None) -> float:
+    """Run ``ssh``; with neither ``stdin`` nor ``stdout``, write: a ``head`` pipe as stdin."""
     t = time.perf_counter()
-    if write:
+    if stdin is None and stdout is None:
         head = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
         assert head.stdout is not None
         try:
@@ -61,8 +71,27 @@ def _openssh(argv: list[str], size: int, write: bool) -> float:
             head.stdout.close()
             head.wait()
     else:
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            argv,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.DEVNULL,
+            check=True,
+        )
     return time.perf_counter() - t
+
+
+def _openssh_to_file(argv: list[str], size: int, path: Path) -> float:
+    try:
+        with path.open("wb") as f:
+            return _openssh(argv, size, stdout=f)
+    finally:
+        assert path.stat().st_size == size
+        path.unlink()
+
+
+def _openssh_from_file(argv: list[str], size: int, path: Path) -> float:
+    with path.open("rb") as f:
+        return _openssh(argv, size, stdin=f)
 
 
 def _cpu() -> tuple[float, float]:
@@ -70,6 +99,32 @@ def _cpu() -> tuple[float, float]:
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _rss_peak() -> Iterator[list[int]]:
+    """Yields ``[growth]``: this process's peak RSS growth (bytes) while inside, sampled."""
+    base = _rss()
+    out = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            out[0] = max(out[0], _rss() - base)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        thread.join()
+        out[0] = max(out[0], _rss() - base)
 
 
 async def _read(server: Server, size: int) -> float:
@@ -90,6 +145,26 @@ async def _write(server: Server, size: int) -> float:
         for _ in range(size // CHUNK):
             await f.write(data)
     return time.perf_counter() - t
+
+
+async def _to_file(server: Server, size: int, path: Path) -> float:
+    t = time.perf_counter()
+    try:
+        got = await server.scmd_to_file("head", "-c", str(size), "/dev/zero", path=path)
+        elapsed = time.perf_counter() - t
+        assert got == size == os.stat(path).st_size, (got, size)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return elapsed
+
+
+async def _from_file(server: Server, size: int, path: Path) -> float:
+    t = time.perf_counter()
+    sent = await server.scmd_from_file("cat > /dev/null", path=path)
+    elapsed = time.perf_counter() - t
+    assert sent == size, (sent, size)
+    return elapsed
 
 
 async def _pipe_read(argv: list[str], size: int) -> float:
@@ -141,11 +216,64 @@ async def _raw_write(conn: asyncssh.SSHClientConnection, size: int) -> float:
     return time.perf_counter() - t
 
 
+# (direction, what, the baseline it is compared with, target ratio)
+TARGETS = [
+    ("read", "asyncstage", "python <- openssh pipe", 1.0),
+    ("write", "asyncstage", "python -> openssh pipe", 1.0),
+    ("read", "asyncstage to file", "openssh to file", 0.9),
+    ("write", "asyncstage from file", "openssh from file", 0.9),
+]
+RSS_LIMIT_MIB = 64.0
+
+
+async def _measure(
+    runs: dict[str, Callable[[], Awaitable[float]]], repeats: int, size: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Seconds and client CPU s/GiB of each run, repeated in turn; peak RSS growth."""
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    rss: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            c0 = _cpu()
+            with _rss_peak() as peak:
+                times.setdefault(name, []).append(await fn())
+            c1 = _cpu()
+            if "pipe" in name:  # this process and its ssh child
+                spent = c1[0] - c0[0] + c1[1] - c0[1]
+            elif "openssh" in name:
+                spent = c1[1] - c0[1]
+            else:
+                spent = c1[0] - c0[0]
+                rss[name] = max(rss.get(name, 0), peak[0])
+            cpu.setdefault(name, []).append(spent / (size / GiB))
+    return times, cpu, rss
+
+
+async def _raw_connections(server: Server, algs: list[str]) -> dict[str, Any]:
+    host = server.host
+    known = asyncssh.import_public_key(await host.host_public_key())
+    return {
+        alg: await asyncssh.connect(
+            host.address,
+            username=server.username,
+            client_keys=[str(server.keyfile)],
+            known_hosts=([known], [], []),
+            config=[],
+            agent_path=None,
+            encryption_algs=[alg],
+        )
+        for alg in algs
+    }
+
+
 async def main() -> None:
     args = parse_args(__doc__ or "")
     size = 16 * MiB if args.quick else GiB
     repeats = 1 if args.quick else 5
     report = Report("streaming", args.quick, args.results)
+    source = TMPFS / f"asyncstage-bench-stream-{os.getpid()}.in"
+    sink = TMPFS / f"asyncstage-bench-stream-{os.getpid()}.out"
     async with local_cloud(0.0) as (_cloud, m):
         server = await m.provision_server()
         await server.scmd("true")
@@ -153,102 +281,97 @@ async def main() -> None:
         link = host._link  # the negotiated cipher, read back for the record
         negotiated = link.conn.get_extra_info("send_cipher") if link else "?"
         same = negotiated if negotiated in (CIPHER, AES) else CIPHER
-        alt = AES if same == CIPHER else CIPHER
-        alt_name = alt.split("@")[0]
         report.params = {
             "size_bytes": size,
             "chunk_bytes": CHUNK,
             "repeats": repeats,
             "cipher_openssh": same,
             "cipher_asyncstage_negotiated": negotiated,
+            "local_files_on": str(TMPFS),
         }
         if negotiated != same:
             report.note(f"asyncstage negotiated {negotiated}, not {same}: ciphers differ")
-        known = asyncssh.import_public_key(await host.host_public_key())
-        raw = {
-            alg: await asyncssh.connect(
-                host.address,
-                username=server.username,
-                client_keys=[str(server.keyfile)],
-                known_hosts=([known], [], []),
-                config=[],
-                agent_path=None,
-                encryption_algs=[alg],
-            )
-            for alg in (same, alt)
-        }
+        raw = await _raw_connections(server, [same])
         read_cmd = f"head -c {size} /dev/zero"
         write_cmd = "cat > /dev/null"
-        ssh_same = ("-c", same)
-        ssh_alt = ("-c", alt)
+        ssh = ("-c", same)
         setup: list[float] = []
-        times: dict[str, list[float]] = {}
-        cpu: dict[str, list[float]] = {}
         try:
+            with source.open("wb") as f:
+                f.truncate(0)
+                for _ in range(size // CHUNK):
+                    f.write(b"\0" * CHUNK)  # written, not sparse: real pages to read
             for _ in range(3):
                 setup.append(
-                    await to_thread(_openssh, openssh_argv(host, "true", extra=ssh_same), 0, False)
+                    await to_thread(
+                        _openssh, openssh_argv(host, "true", extra=ssh), 0, subprocess.DEVNULL
+                    )
                 )
             await _read(server, min(size, 16 * MiB))  # warm
-            for _ in range(repeats):
-                runs: dict[str, Any] = {
-                    "read asyncstage": lambda: _read(server, size),
-                    "read openssh": lambda: to_thread(
-                        _openssh, openssh_argv(host, read_cmd, extra=ssh_same), size, False
-                    ),
-                    "write asyncstage": lambda: _write(server, size),
-                    "write openssh": lambda: to_thread(
-                        _openssh, openssh_argv(host, write_cmd, extra=ssh_same), size, True
-                    ),
-                    f"read openssh {alt_name}": lambda: to_thread(
-                        _openssh, openssh_argv(host, read_cmd, extra=ssh_alt), size, False
-                    ),
-                    f"write openssh {alt_name}": lambda: to_thread(
-                        _openssh, openssh_argv(host, write_cmd, extra=ssh_alt), size, True
-                    ),
-                    "read raw asyncssh": lambda: _raw_read(raw[same], size),
-                    "write raw asyncssh": lambda: _raw_write(raw[same], size),
-                    f"read raw asyncssh {alt_name}": lambda: _raw_read(raw[alt], size),
-                    f"write raw asyncssh {alt_name}": lambda: _raw_write(raw[alt], size),
-                    "read python <- openssh pipe": lambda: _pipe_read(
-                        openssh_argv(host, read_cmd, extra=ssh_same), size
-                    ),
-                    "write python -> openssh pipe": lambda: _pipe_write(
-                        openssh_argv(host, write_cmd, extra=ssh_same), size
-                    ),
-                }
-                for name, fn in runs.items():
-                    c0 = _cpu()
-                    times.setdefault(name, []).append(await fn())
-                    c1 = _cpu()
-                    if "pipe" in name:  # this process and its ssh child
-                        spent = c1[0] - c0[0] + c1[1] - c0[1]
-                    elif "openssh" in name:
-                        spent = c1[1] - c0[1]
-                    else:
-                        spent = c1[0] - c0[0]
-                    cpu.setdefault(name, []).append(spent / (size / GiB))
+            runs: dict[str, Callable[[], Awaitable[float]]] = {
+                "read asyncstage": lambda: _read(server, size),
+                "read python <- openssh pipe": lambda: _pipe_read(
+                    openssh_argv(host, read_cmd, extra=ssh), size
+                ),
+                "read asyncstage to file": lambda: _to_file(server, size, sink),
+                "read openssh to file": lambda: to_thread(
+                    _openssh_to_file, openssh_argv(host, read_cmd, extra=ssh), size, sink
+                ),
+                "read openssh": lambda: to_thread(
+                    _openssh, openssh_argv(host, read_cmd, extra=ssh), size, subprocess.DEVNULL
+                ),
+                "read raw asyncssh": lambda: _raw_read(raw[same], size),
+                "write asyncstage": lambda: _write(server, size),
+                "write python -> openssh pipe": lambda: _pipe_write(
+                    openssh_argv(host, write_cmd, extra=ssh), size
+                ),
+                "write asyncstage from file": lambda: _from_file(server, size, source),
+                "write openssh from file": lambda: to_thread(
+                    _openssh_from_file, openssh_argv(host, write_cmd, extra=ssh), size, source
+                ),
+                "write openssh": lambda: to_thread(
+                    _openssh, openssh_argv(host, write_cmd, extra=ssh), size
+                ),
+                "write raw asyncssh": lambda: _raw_write(raw[same], size),
+            }
+            times, cpu, rss = await _measure(runs, repeats, size)
         finally:
             for conn in raw.values():
                 conn.close()
+            source.unlink(missing_ok=True)
+            sink.unlink(missing_ok=True)
         report.mark_load("after_runs")
-    conn_setup = summary(setup)["median"]
+    _report(report, args.quick, size, repeats, same, summary(setup)["median"], times, cpu, rss)
+    report.save()
+
+
+def _report(
+    report: Report,
+    quick: bool,
+    size: int,
+    repeats: int,
+    cipher: str,
+    conn_setup: float,
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    rss: dict[str, int],
+) -> None:
     # Subtract OpenSSH's connection set-up, except with --quick's small sizes (where it
     # is most of the time, and the figures mean little anyway).
-    subtract = not args.quick
+    subtract = not quick
     # Throughput from the best run of each (the same estimator for every method: what it
     # does when the shared machine lets it), with the median run's next to it.
     mbps: dict[str, float] = {}
     mbps_median: dict[str, float] = {}
     for name, samples in times.items():
         cut = conn_setup if "openssh" in name and subtract else 0.0
-        mbps[name] = round(size / (min(samples) - cut) / 1e6, 1)
-        mbps_median[name] = round(size / (summary(samples)["median"] - cut) / 1e6, 1)
+        mbps[name] = round(size / max(min(samples) - cut, 1e-6) / 1e6, 1)
+        mbps_median[name] = round(size / max(summary(samples)["median"] - cut, 1e-6) / 1e6, 1)
     cpu_per_gib = {k: round(summary(v)["median"], 2) for k, v in cpu.items()}
+    rss_mib = {k: round(v / MiB, 1) for k, v in rss.items()}
     rows = []
-    for direction in ("read", "write"):
+    for direction, _what, _base, _limit in TARGETS[:2]:
         base = mbps[f"{direction} openssh"]
-        base_cpu = cpu_per_gib[f"{direction} openssh"]
         for name, value in mbps.items():
             if name.startswith(direction):
                 rows.append(
@@ -258,7 +381,7 @@ async def main() -> None:
                         ratio(value, base),
                         mbps_median[name],
                         cpu_per_gib[name],
-                        ratio(cpu_per_gib[name], base_cpu),
+                        rss_mib.get(name, "-"),
                     ]
                 )
     report.table(
@@ -267,10 +390,10 @@ async def main() -> None:
         [
             "method",
             "MB/s",
-            f"× OpenSSH {same.split('@')[0]}",
+            f"× OpenSSH {cipher.split('@')[0]}",
             "median MB/s",
             "client CPU s/GiB",
-            "CPU × OpenSSH",
+            "peak RSS +MiB",
         ],
         rows,
     )
@@ -279,20 +402,34 @@ async def main() -> None:
             "mb_per_s": mbps,
             "mb_per_s_median": mbps_median,
             "client_cpu_s_per_gib": cpu_per_gib,
+            "peak_rss_growth_mib": rss_mib,
             "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "openssh_connection_setup_s": round(conn_setup, 4),
             "openssh_setup_subtracted": subtract,
         }
     )
-    for direction in ("read", "write"):
+    for direction, what, base, limit in TARGETS:
+        ours, theirs = f"{direction} {what}", f"{direction} {base}"
+        api = {
+            "asyncstage": f"scmd_{direction}",
+            "asyncstage to file": "scmd_to_file",
+            "asyncstage from file": "scmd_from_file",
+        }[what]
         report.target(
-            f"scmd_{direction}_vs_openssh",
-            ratio(mbps[f"{direction} asyncstage"], mbps[f"{direction} openssh"]),
+            f"{api}_vs_{base.replace(' ', '_').replace('<-', 'from').replace('->', 'to')}",
+            ratio(mbps[ours], mbps[theirs]),
             ">=",
-            0.9,
-            f"scmd_{direction} MB/s / OpenSSH `ssh host cat` MB/s, same cipher",
+            limit,
+            f"{api} MB/s / {base} MB/s, same cipher, same run",
         )
-    report.save()
+    report.target(
+        "streaming_peak_rss_growth",
+        max(rss_mib.values()),
+        "<=",
+        RSS_LIMIT_MIB,
+        f"peak RSS growth of this process while moving {size // MiB} MiB (any asyncstage form)",
+        unit=" MiB",
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""Streams between local files and remote commands, and the TCP shaping under them.
+
+The file forms (``scmd_to_file`` / ``scmd_from_file``) run against real OpenSSH sshd
+processes (tests/sshd.py); the TCP shaping of asyncstage/_sshwire.py against a real
+loopback socket. No mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncstage import errors
+from asyncstage._sshwire import _FEED_BYTES, DIRECT
+from asyncstage.ssh import SSHHost, _umask, quote
+from tests.sshd import SSHServer
+
+pytestmark = pytest.mark.anyio
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _random_file(path: Path, size: int) -> str:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _running(host: SSHHost, needle: str) -> list[str]:
+    """Processes on the host whose command line starts with ``needle``."""
+    out = await host.scmd("ps -eo pid=,args=")
+    return [line for line in out.splitlines() if line.split(None, 1)[-1].startswith(needle)]
+
+
+async def _remote_sha256(host: SSHHost, path: Path) -> str:
+    return (await host.scmd("sha256sum", str(path))).split()[0]
+
+
+# -- file to command, command to file (real sshd) ------------------------------------------
+
+
+async def test_file_round_trip_arrives_intact(sshd_server: SSHServer, tmp_path: Path) -> None:
+    size = (5 << 20) + 12345  # not a multiple of any packet or read size
+    local = tmp_path / "local.bin"
+    digest = _random_file(local, size)
+    remote = tmp_path / "remote dir" / "copy.bin"  # a space: the argv is quoted
+    back = tmp_path / "back.bin"
+    async with sshd_server.host() as host:
+        await host.scmd("mkdir", "-p", str(remote.parent))
+        assert await host.scmd_from_file("cp", "/dev/stdin", str(remote), path=local) == size
+        assert await _remote_sha256(host, remote) == digest
+        assert await host.scmd_to_file("cat", str(remote), path=back) == size
+    assert _sha256(back) == digest
+    assert back.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+    assert sorted(os.listdir(tmp_path)) == ["back.bin", "local.bin", "remote dir"]
+
+
+async def test_empty_file_and_empty_output(sshd_server: SSHServer, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    async with sshd_server.host() as host:
+        assert await host.scmd_from_file("wc -c", path=empty) == 0
+        assert await host.scmd_to_file("true", path=out) == 0
+    assert out.read_bytes() == b""
+
+
+async def test_to_file_failure_leaves_the_file_as_it_was(
+    sshd_server: SSHServer, tmp_path: Path
+) -> None:
+    target = tmp_path / "kept"
+    target.write_bytes(b"the old contents\n")
+    async with sshd_server.host() as host:
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_to_file("echo partial; echo bad >&2; exit 3", path=target)
+    assert failed.value.exit_status == 3
+    assert "bad" in failed.value.stderr
+    assert target.read_bytes() == b"the old contents\n"
+    assert os.listdir(tmp_path) == ["kept"]  # no temporary file left
+
+
+async def test_bad_local_paths_are_path_errors(sshd_server: SSHServer, tmp_path: Path) -> None:
+    async with sshd_server.host() as host:
+        with pytest.raises(errors.PathError, match="cannot read"):
+            await host.scmd_from_file("cat > /dev/null", path=tmp_path / "missing")
+        with pytest.raises(errors.PathError, match="Is a directory"):
+            await host.scmd_from_file("cat > /dev/null", path=tmp_path)
+        with pytest.raises(errors.PathError, match="not a regular file"):
+            await host.scmd_from_file("cat > /dev/null", path="/dev/null")
+        with pytest.raises(errors.PathError, match="cannot write"):
+            await host.scmd_to_file("echo x", path=tmp_path / "no such dir" / "x")
+        with pytest.raises(errors.PathError, match="is a directory"):
+            await host.scmd_to_file("echo x", path=tmp_path)
+        assert await host.scmd("echo", "still fine") == "still fine\n"
+
+
+async def test_from_file_command_failure_is_typed(sshd_server: SSHServer, tmp_path: Path) -> None:
+    local = tmp_path / "in"
+    _random_file(local, 1 << 20)
+    async with sshd_server.host() as host:
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_from_file("cat >/dev/null; echo nope >&2; exit 5", path=local)
+        assert failed.value.exit_status == 5
+        assert "nope" in failed.value.stderr
+        # The command stops reading early and exits 0: said so, as scmd_write does.
+        big = tmp_path / "big"
+        _random_file(big, 16 << 20)
+        with pytest.raises(errors.SSHError, match="before reading all its input"):
+            await host.scmd_from_file("head -c 1 >/dev/null", path=big)
+        assert await host.scmd("echo", "still fine") == "still fine\n"
+
+
+async def test_cancelling_leaves_no_remote_process_and_no_file(
+    sshd_server: SSHServer, tmp_path: Path
+) -> None:
+    local = tmp_path / "in"
+    _random_file(local, 1 << 20)
+    target = tmp_path / "endless"
+    async with sshd_server.host() as host:
+        tag = f"{time.time_ns() % 10**9}.25"
+        with anyio.move_on_after(1.0) as scope:
+            await host.scmd_to_file(f"sleep {tag} & yes", path=target)
+        assert scope.cancelled_caught
+        assert await _running(host, f"sleep {tag}") == []
+        assert os.listdir(tmp_path) == ["in"]
+
+        tag2 = f"{time.time_ns() % 10**9}.5"
+        with anyio.move_on_after(1.0) as scope:
+            await host.scmd_from_file(f"sleep {tag2}; cat > /dev/null", path=local)
+        assert scope.cancelled_caught
+        assert await _running(host, f"sleep {tag2}") == []
+        assert await host.scmd("echo", "still fine") == "still fine\n"
+
+
+# -- the TCP shaping under asyncssh (a real loopback socket) --------------------------------
+
+
+class _Recorder(asyncio.Protocol):
+    """asyncssh's side of the wire, reduced to what it sees: the feeds and the transport."""
+
+    def __init__(self, expect: int) -> None:
+        self.feeds: list[bytes] = []
+        self.expect = expect
+        self.all_in = asyncio.Event()
+        self.transport: asyncio.Transport | None = None
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.feeds.append(bytes(data))
+        if sum(len(f) for f in self.feeds) >= self.expect:
+            self.all_in.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+class _Peer(asyncio.Protocol):
+    """The other end: counts how many reads the data took, echoes a blob on request."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.received = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self.blob)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def eof_received(self) -> bool | None:
+        self.done.set_result(bytes(self.received))
+        return None
+
+
+async def test_wire_feeds_packet_sized_pieces() -> None:
+    blob = os.urandom(3 << 20)
+    loop = asyncio.get_running_loop()
+    peers: list[_Peer] = []
+    server = await loop.create_server(
+        lambda: peers.append(_Peer(blob)) or peers[-1], "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, recorder = await DIRECT.create_connection(
+            lambda: _Recorder(len(blob)), "127.0.0.1", port
+        )
+        assert isinstance(recorder, _Recorder)
+        await asyncio.wait_for(recorder.all_in.wait(), 10)
+        assert b"".join(recorder.feeds) == blob
+        assert max(len(f) for f in recorder.feeds) <= _FEED_BYTES
+
+        # Writes go out as they came, in order, before the EOF that follows them.
+        transport = recorder.transport
+        assert transport is not None
+        pieces = [os.urandom(n) for n in range(1, 2000, 7)] * 20
+        for piece in pieces:
+            transport.write(piece)
+        transport.write_eof()
+        assert await asyncio.wait_for(peers[0].done, 10) == b"".join(pieces)
+        transport.close()
+        await asyncio.wait_for(recorder.lost, 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_remote_quoting_with_file_forms(sshd_server: SSHServer, tmp_path: Path) -> None:
+    local = tmp_path / "in"
+    digest = _random_file(local, 70000)
+    odd = tmp_path / "it's $HOME"
+    async with sshd_server.host() as host:
+        await host.scmd_from_file(f"cat > {quote(odd)}", path=local)
+        assert await _remote_sha256(host, odd) == digest
