@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller", "perl", "fabric"]
+SCRIPTS = [
+    "fleet",
+    "commands",
+    "streaming",
+    "transfers",
+    "controller",
+    "scale",
+    "perl",
+    "fabric",
+]
 
 
 def _fmt(value: float) -> str:
