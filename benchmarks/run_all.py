@@ -30,6 +30,7 @@ SCRIPTS = [
     "scale",
     "perl",
     "fabric",
+    "demo",
 ]
 
 

@@ -25,6 +25,7 @@ SCRIPTS = [
     "scale",
     "perl",
     "fabric",
+    "demo",
 ]
 
 pytestmark = [
@@ -154,6 +155,16 @@ def test_scale(results: Path) -> None:
     assert r["controller"]["connected"] == params["controller_servers"]
     assert _positive(r["controller"]["peak_rss_mb"])
     assert len(data["targets"]) == 4
+
+
+def test_demo(results: Path) -> None:
+    data = _load(results, "demo")
+    runs = data["results"]["runs"]
+    assert [r["servers"] for r in runs] == data["params"]["servers"]
+    for r in runs:  # a failed run says why; a run that ended has its figures
+        assert isinstance(r["ok"], bool)
+        assert r.get("error") or (_positive(r["wall_s"]) and r["steps"])
+    assert len(data["targets"]) == 1
 
 
 def test_perl(results: Path) -> None:
