@@ -3,8 +3,8 @@
 A backup named ``NAME`` is a series of EBS snapshots tagged with that name, newest
 first (``Manager.snapshots(NAME)``). One backup run:
 
-1. makes a **new** volume called ``NAME``: from the newest completed snapshot of the
-   name (grown when the data needs more room), or empty for the first backup;
+1. makes a **new** volume called ``NAME``: from the newest snapshot of the name (grown
+   when the data needs more room), or empty for the first backup;
 2. brings it up to date with ``rsync --delete`` from the sources;
 3. snapshots it and waits until the snapshot is ``completed``;
 4. deletes that volume.
@@ -21,6 +21,11 @@ Safety rules (see ``docs/backup.md``):
 - a restore reads only from a snapshot (through a temporary volume made from it, deleted
   afterwards); its destination must be empty unless ``overwrite=True``, and ``/`` and the
   home directory itself are refused.
+
+The newest snapshot of a backup may still be ``pending`` (EC2 takes minutes to hours;
+another run may have just made it). A backup or restore then **waits for it** to complete
+(up to ``Timeouts.snapshot``) and uses it: never an older snapshot in its place, which
+would silently miss the newest data. A snapshot that fails is left out.
 """
 
 from __future__ import annotations
@@ -135,8 +140,9 @@ def size_for(nbytes: int, headroom: float = 1.5) -> int:
     return max(1, math.ceil(nbytes * headroom / GiB + 0.1))
 
 
-def _completed(snaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [s for s in snaps if s.get("State") == "completed"]
+def _usable(snaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Completed or pending (made from, a pending snapshot is waited for), never failed."""
+    return [s for s in snaps if s.get("State") in ("completed", "pending")]
 
 
 def _rsync_sources(sources: Sequence[Source]) -> list[Any]:
@@ -205,7 +211,7 @@ async def backup(
             "works only on a volume of its own and never touches it: choose another backup name"
         )
     started = time.monotonic()
-    previous = _completed(await m.snapshots(name))
+    previous = _usable(await m.snapshots(name))
     needed = size if size is not None else await anyio.to_thread.run_sync(_default_size, paths)
     snapshot_id: str | None = None
     if previous:
@@ -298,11 +304,11 @@ def check_destination(dest: str | os.PathLike[str], *, overwrite: bool = False) 
 
 
 async def _pick_snapshot(m: Manager, name: str, snapshot_id: str | None) -> dict[str, Any]:
-    snaps = _completed(await m.snapshots(name))
+    snaps = _usable(await m.snapshots(name))
     if snapshot_id is not None:
         snaps = [s for s in snaps if s["SnapshotId"] == snapshot_id]
         if not snaps:
-            raise UnknownSnapshot(f"backup {name!r} has no completed snapshot {snapshot_id}")
+            raise UnknownSnapshot(f"backup {name!r} has no usable snapshot {snapshot_id}")
     if not snaps:
         raise UnknownSnapshot(f"no backup named {name!r} (see `asyncstage snapshots`)")
     return snaps[0]
@@ -318,8 +324,9 @@ async def snapshot_volume(
     volume_name: str | None = None,
     phase: Phase | None = None,
 ) -> AsyncIterator[Volume]:
-    """A temporary volume made from the newest completed snapshot of backup ``name`` (or
-    ``snapshot_id``), mounted on ``server`` (default: any), deleted on the way out."""
+    """A temporary volume made from the newest snapshot of backup ``name`` (or
+    ``snapshot_id``; a pending one is waited for), mounted on ``server`` (default: any),
+    deleted on the way out."""
     names.check_name(name, "backup")
     snap = await _pick_snapshot(m, name, snapshot_id)
     async with _volume_from(m, str(snap["SnapshotId"]), server, volume_name, phase) as volume:

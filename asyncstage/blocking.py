@@ -58,7 +58,9 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from asyncstage import keys
+    from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.hostkeys import HostKeyPolicy
     from asyncstage.localcloud._realism import Realism
     from asyncstage.manager import OnExit
     from asyncstage.paths import PathLike, RemotePath
@@ -113,10 +115,17 @@ class ManagerOptions(TypedDict, total=False):
     snapshot_timeout: float
     exit_timeout: float
     mount_options: str
+    host_key_policy: HostKeyPolicy
+    console_timeout: float
 
 
 class _ManagerAttributes(_ManagerLifetime):
     """The attributes and properties of :class:`Manager`."""
+
+    @property
+    def host_key_policy(self) -> HostKeyPolicy:
+        """Same as :attr:`asyncstage.Manager.host_key_policy`."""
+        return self._async.host_key_policy
 
     @property
     def timeouts(self) -> Timeouts:
@@ -281,10 +290,12 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
+        ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
         """
         return cast(
             "Server",
@@ -298,6 +309,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    **choices,
                 )
             ),
         )
@@ -313,12 +325,14 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
-        ``names_or_count`` is a list of names or a number of servers (or pass
-        ``count=``). When some fail, they are terminated and a :class:`FleetError`
-        names each, with the others in its ``succeeded``.
+        ``names_or_count``: names or a number (or ``count=``). Servers that fail are terminated;
+        a :class:`FleetError` names them, the others in ``succeeded``. ``zones=[...]``,
+        ``instance_types=[...]``, ``partial="terminate"|"keep"``: where EC2 has no capacity,
+        the next choice (:mod:`asyncstage.capacity`).
         """
         return cast(
             "list[Server]",
@@ -333,6 +347,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    **choices,
                 )
             ),
         )
@@ -1023,6 +1038,11 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
     def api_calls(self) -> collections.Counter[str]:
         """How many times each EC2 Action reached the endpoint."""
         return self._async.api_calls
+
+    @property
+    def throttled(self) -> collections.Counter[str]:
+        """How many requests of each Action were answered ``RequestLimitExceeded``."""
+        return self._async.throttled
 
     @property
     def state_dir(self) -> str:

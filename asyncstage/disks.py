@@ -23,7 +23,6 @@ from asyncstage.errors import (
     CommandFailed,
     MountPointRefused,
     NameTaken,
-    UnknownSnapshot,
     UnknownVolume,
     VolumeError,
     VolumeInUse,
@@ -437,9 +436,8 @@ class Disks:
                 await self._ensure_kernel_fs(fstype)
                 await self._ensure_mkfs(fstype)
             return _NewVolume(size=size or 1, fstype=fstype, snapshot_id=None, grow_from=None)
-        snaps = await self.server.manager.ec2.describe_snapshots([snapshot_id])
-        if not snaps:
-            raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
+        m = self.server.manager  # UnknownSnapshot; a pending one is waited for (EC2 needs it done)
+        snaps = [await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.timeouts.snapshot)]
         snap_size = int(snaps[0]["VolumeSize"])
         if size is not None and size < snap_size:
             raise BadSize(f"size {size} GiB is smaller than snapshot {snapshot_id} ({snap_size})")

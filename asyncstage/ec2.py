@@ -20,6 +20,9 @@ so that an owner can clean it up. Tags always go into the create call
 from __future__ import annotations
 
 import base64
+import logging
+import random
+import re
 import secrets
 import time
 from collections import Counter
@@ -36,11 +39,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
+    InsufficientCapacity,
     UnknownServer,
     UnknownSnapshot,
     UnknownVolume,
     WaitTimeout,
 )
+from asyncstage.timeouts import Timeouts
 
 __all__ = [
     "CLIENT_TOKEN_TAG",
@@ -54,6 +59,8 @@ __all__ = [
     "tag_filters",
     "tags_of",
 ]
+
+log = logging.getLogger("asyncstage")
 
 TAG_PREFIX = "asyncstage:"
 """Prefix of every tag asyncstage writes (``asyncstage:role``, ``asyncstage:name`` ...)."""
@@ -74,6 +81,124 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
     "InvalidSnapshot.NotFound": UnknownSnapshot,
     "InvalidSnapshotID.Malformed": UnknownSnapshot,
 }
+
+
+_CAPACITY = re.compile(
+    r"sufficient (\S+) capacity in the Availability Zone you requested \(([^)]+)\)"
+)
+_SNAPSHOT_RATE = "SnapshotCreationPerVolumeRateExceeded"
+
+
+def _capacity_error(
+    e: EC2Error, operation: str, zone: str | None, instance_type: str | None
+) -> EC2Error:
+    """``InsufficientInstanceCapacity`` as :class:`InsufficientCapacity` (zone and type from
+    EC2's message, else those asked for); any other error as it is."""
+    if e.code != "InsufficientInstanceCapacity":
+        return e
+    m = _CAPACITY.search(str(e))
+    if m:
+        instance_type, zone = m.group(1), m.group(2)
+    return InsufficientCapacity(
+        f"no {instance_type or 'instance'} capacity in {zone or 'the region'} ({e})",
+        zone=zone,
+        instance_type=instance_type,
+        operation=operation,
+    )
+
+
+def _percent(snapshot: Mapping[str, Any]) -> float | None:
+    """A snapshot's ``Progress`` (``"42%"``) as a number, if it has one."""
+    try:
+        return float(str(snapshot.get("Progress", "")).rstrip("%"))
+    except ValueError:
+        return None
+
+
+# What botocore's retries may leave for us to absorb (its list of EC2's throttling codes).
+_THROTTLED = frozenset({"RequestLimitExceeded", "Throttling", "EC2ThrottledException"})
+_FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
+_MAX_PAUSE = 5.0
+_ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
+# The create calls and where their response names what they made.
+_CREATED: Mapping[str, Callable[[Resource], list[str]]] = {
+    "RunInstances": lambda r: [str(i["InstanceId"]) for i in r.get("Instances", [])],
+    "CreateVolume": lambda r: [str(r["VolumeId"])],
+    "CreateSnapshot": lambda r: [str(r["SnapshotId"])],
+    "CopySnapshot": lambda r: [str(r["SnapshotId"])],
+    "CreateSecurityGroup": lambda r: [str(r["GroupId"])],
+    "CopyImage": lambda r: [str(r["ImageId"])],
+    "CreateImage": lambda r: [str(r["ImageId"])],
+    "RegisterImage": lambda r: [str(r["ImageId"])],
+}
+
+
+class _Fresh:
+    """The ids this client created lately: EC2 may not know them yet (eventual consistency).
+
+    EC2 answers a new id with ``...NotFound`` (and leaves it out of filtered describes)
+    for seconds after the create call returned it; within ``window`` seconds of its
+    creation such an answer means "not yet", after it "gone". An id some answer has
+    shown (or a call naming it has succeeded) is settled and forgotten.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._made: dict[str, float] = {}  # id -> monotonic time it was created
+
+    def remember(self, operation: str, params: Mapping[str, Any], result: Resource) -> None:
+        """Note what a successful call made, and that the fresh ids it named exist."""
+        get = _CREATED.get(operation)
+        if get is None:
+            # a describe succeeds while leaving a new id out; any other call fails
+            if self._made and not operation.startswith("Describe"):
+                self.seen(_strings(params))
+            return
+        if self.window <= 0:
+            return
+        now = time.monotonic()
+        try:
+            ids = get(result)
+        except KeyError:  # an answer without the id: nothing to remember
+            return
+        for old in [i for i, t in self._made.items() if t + self.window <= now]:
+            del self._made[old]  # bounded: only ids of the last window stay
+        self._made.update(dict.fromkeys(ids, now))
+
+    def seen(self, ids: Iterable[str]) -> None:
+        """These ids exist for EC2 now (an answer showed them)."""
+        for resource_id in ids:
+            self._made.pop(resource_id, None)
+
+    def unseen(self, prefix: str) -> list[str]:
+        """The fresh ids of one kind (``"vol-"``) no answer has shown yet."""
+        now = time.monotonic()
+        return [i for i, t in self._made.items() if i.startswith(prefix) and t + self.window > now]
+
+    def left(self, ids: Iterable[str]) -> float:
+        """Seconds until the newest of these ids is past its window (0: none is fresh)."""
+        now = time.monotonic()
+        return max((self._made[i] + self.window - now for i in ids if i in self._made), default=0.0)
+
+    def wait(self, code: str | None, message: str, params: Mapping[str, Any]) -> float | None:
+        """How long a ``...NotFound`` about fresh ids may still be retried (None: raise)."""
+        if not code or not code.endswith(".NotFound") or not self._made:
+            return None
+        named = _ID.findall(message) or list(_strings(params))
+        left = self.left(named)
+        return left if left > 0 else None
+
+
+def _strings(value: object) -> Iterable[str]:
+    """Every string in a call's parameters (where the ids it names are)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
 
 
 def tag(key: str) -> str:
@@ -158,6 +283,8 @@ class _Client:
         poll_max_interval: float = 5.0,
         coalesce_window: float = 0.05,
         max_concurrency: int = 10,
+        consistency: float = Timeouts.consistency,
+        throttle_wait: float = 300.0,
     ) -> None:
         self._session = aioboto3.Session(
             profile_name=profile,
@@ -180,6 +307,11 @@ class _Client:
         self.poll_max_interval = poll_max_interval
         self.coalesce_window = coalesce_window
         self.limiter = anyio.CapacityLimiter(max_concurrency)
+        self.throttle_wait = throttle_wait
+        self.absorbed: Counter[str] = Counter()
+        """Error answers retried here rather than raised, by code (NotFound of a new id,
+        throttling that outlasted botocore's retries)."""
+        self._fresh = _Fresh(consistency)
         self.calls: Counter[str] = Counter()
         """EC2 operations this client made, counted by name (retries not included)."""
         self._stack: AsyncExitStack | None = None
@@ -226,23 +358,44 @@ class _Client:
     # -- calls ------------------------------------------------------------------
 
     async def call(self, operation: str, /, **params: Any) -> Resource:
-        """Call one EC2 operation by its API name (``"DescribeInstances"``), errors mapped."""
+        """Call one EC2 operation by its API name (``"DescribeInstances"``), errors mapped.
+
+        EC2's eventual consistency and throttling are absorbed here: a ``...NotFound``
+        naming an id this client created less than ``consistency`` seconds ago is
+        retried until it is seen or the window has passed (an id that is really gone
+        raises at once), and ``RequestLimitExceeded`` that outlasted botocore's own
+        retries is retried with backoff for up to ``throttle_wait`` seconds.
+        """
         if self._client is None:
             await self.open()
         method = getattr(self._client, xform_name(operation))
         self.calls[operation] += 1
-        try:
-            result: Resource = await method(**params)
-        except ClientError as e:
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", "")) or None
-            message = f"{operation} failed: {err.get('Message') or e}"
-            if code in _NOT_FOUND:
-                raise _NOT_FOUND[code](message) from e
-            raise EC2Error(message, code=code, operation=operation) from e
-        except BotoCoreError as e:
-            raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
-        return result
+        pause = _FIRST_PAUSE
+        throttled_until: float | None = None
+        while True:
+            try:
+                result: Resource = await method(**params)
+            except ClientError as e:
+                err = e.response.get("Error", {})
+                code = str(err.get("Code", "")) or None
+                message = f"{operation} failed: {err.get('Message') or e}"
+                wait = self._fresh.wait(code, str(err.get("Message") or ""), params)
+                if wait is None and code in _THROTTLED:
+                    now = time.monotonic()
+                    throttled_until = throttled_until or now + self.throttle_wait
+                    wait = throttled_until - now if throttled_until > now else None
+                if wait is not None:
+                    self.absorbed[str(code)] += 1
+                    await anyio.sleep(min(pause * (0.5 + random.random() / 2), wait))
+                    pause = min(pause * 2, _MAX_PAUSE)
+                    continue
+                if code in _NOT_FOUND:
+                    raise _NOT_FOUND[code](message) from e
+                raise EC2Error(message, code=code, operation=operation) from e
+            except BotoCoreError as e:
+                raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
+            self._fresh.remember(operation, params, result)
+            return result
 
     async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
         """All items under ``key`` of every page of a describe call."""
@@ -266,16 +419,52 @@ class _Client:
         """Instances by id (one call per 200 ids; unknown ids are left out) and/or filters."""
         filters = list(filters)
         if ids is None:
+            await self._settle("i-", self.describe_instances)
             return self._flatten(
                 await self.paginate("DescribeInstances", "Reservations", Filters=filters)
             )
-        found: list[Resource] = []
-        for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
-            flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
-            found += self._flatten(
-                await self.paginate("DescribeInstances", "Reservations", Filters=flt)
-            )
-        return found
+
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
+                found += self._flatten(
+                    await self.paginate("DescribeInstances", "Reservations", Filters=flt)
+                )
+            return found
+
+        return await self._until_seen(ids, "InstanceId", fetch)
+
+    async def _settle(
+        self, prefix: str, describe: Callable[[list[str]], Awaitable[list[Resource]]]
+    ) -> None:
+        """Before a describe by filters: wait until EC2 shows the ids this client just made.
+
+        A filtered describe leaves out what EC2 does not show yet, and nothing says so;
+        asking by id (once per new id: shown, it is settled) waits until it does.
+        """
+        pending = self._fresh.unseen(prefix)
+        if pending:
+            await describe(pending)
+
+    async def _until_seen(
+        self, ids: Iterable[str], key: str, fetch: Callable[[], Awaitable[list[Resource]]]
+    ) -> list[Resource]:
+        """``fetch()``, again while it leaves out ids this client has just created.
+
+        EC2 leaves a new id out of describes for a moment (eventual consistency); an
+        id older than the ``consistency`` window that is missing is really gone.
+        """
+        pause = _FIRST_PAUSE
+        while True:
+            found = await fetch()
+            shown = {str(r.get(key)) for r in found}
+            self._fresh.seen(shown)
+            left = self._fresh.left(set(ids) - shown)
+            if left <= 0:
+                return found
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
 
     @staticmethod
     def _flatten(reservations: list[Resource]) -> list[Resource]:
@@ -323,15 +512,20 @@ class _Client:
         """Volumes by id (unknown ids are left out) and/or filters."""
         flt = list(filters)
         if ids is None:
+            await self._settle("vol-", self.describe_volumes)
             return await self.paginate("DescribeVolumes", "Volumes", Filters=flt)
-        found: list[Resource] = []
-        for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
-            found += await self.paginate(
-                "DescribeVolumes",
-                "Volumes",
-                Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
-            )
-        return found
+
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                found += await self.paginate(
+                    "DescribeVolumes",
+                    "Volumes",
+                    Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
+                )
+            return found
+
+        return await self._until_seen(ids, "VolumeId", fetch)
 
     async def describe_snapshots(
         self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
@@ -340,7 +534,15 @@ class _Client:
         flt = list(filters)
         if ids is not None:
             flt.append({"Name": "snapshot-id", "Values": list(ids)})
-        return await self.paginate("DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt)
+        else:
+            await self._settle("snap-", self.describe_snapshots)
+
+        async def fetch() -> list[Resource]:
+            return await self.paginate(
+                "DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt
+            )
+
+        return await self._until_seen(ids or (), "SnapshotId", fetch)
 
     async def describe_images(
         self,
@@ -355,9 +557,12 @@ class _Client:
             params["ImageIds"] = list(ids)
         if owners:
             params["Owners"] = list(owners)
-        result = await self.call("DescribeImages", **params)
-        images: list[Resource] = result.get("Images", [])
-        return images
+
+        async def fetch() -> list[Resource]:
+            images: list[Resource] = (await self.call("DescribeImages", **params)).get("Images", [])
+            return images
+
+        return await self._until_seen(ids or (), "ImageId", fetch)
 
     async def find_image(
         self,
@@ -392,9 +597,11 @@ class _Client:
         )
         return sorted(z["ZoneName"] for z in result.get("AvailabilityZones", []))
 
-    async def console_output(self, instance_id: str) -> str:
-        """The instance's console output as text ('' when there is none yet)."""
-        result = await self.call("GetConsoleOutput", InstanceId=instance_id)
+    async def console_output(self, instance_id: str, *, latest: bool = False) -> str:
+        """The instance's console output as text ('' when there is none yet); ``latest``:
+        the current output (EC2 supports it on Nitro instance types only)."""
+        extra = {"Latest": True} if latest else {}
+        result = await self.call("GetConsoleOutput", InstanceId=instance_id, **extra)
         raw = result.get("Output") or ""
         try:
             return base64.b64decode(raw, validate=True).decode(errors="replace")
@@ -414,8 +621,10 @@ class _Waits(_Client):
         what: str,
         timeout: float,
         last_state: Callable[[], str | None],
+        eta: Callable[[], float | None] | None = None,
     ) -> None:
-        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between."""
+        """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between
+        (less when ``eta()`` expects the end sooner, never under half the first pause)."""
         interval = self.poll_interval
         deadline = time.monotonic() + timeout
         while True:
@@ -424,7 +633,9 @@ class _Waits(_Client):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(what, timeout=timeout, last_state=last_state())
-            await anyio.sleep(min(interval, left))
+            expected = eta() if eta is not None else None
+            pause = interval if expected is None else max(self.poll_interval / 2, expected)
+            await anyio.sleep(min(interval, pause, left))
             interval = min(interval * self.poll_backoff, self.poll_max_interval)
 
     async def wait_for_instances(
@@ -540,24 +751,61 @@ class _Waits(_Client):
         snapshot_id: str,
         *,
         timeout: float,
+        on_progress: Callable[[Resource], object] | None = None,
     ) -> Resource:
-        """Poll a snapshot until it is completed."""
+        """Poll a snapshot until it is completed, following its ``Progress``.
+
+        Each new Progress (``"0%"`` ... ``"100%"``) is logged and given to
+        ``on_progress`` (the snapshot's description). A Progress that stands still is
+        waited on: EC2's snapshots may pause for long, so only ``timeout`` ends the wait
+        (:class:`WaitTimeout` with the last state and progress).
+        """
         seen: dict[str, Resource] = {}
+        first: list[tuple[float, float]] = []  # (when, percent) of the first progress seen
 
         async def fetch() -> bool:
             found = await self.describe_snapshots([snapshot_id])
             if not found:
                 raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
-            seen["s"] = found[0]
-            if found[0].get("State") == "error":
-                raise EC2Error(f"snapshot {snapshot_id} failed", code="SnapshotError")
-            return bool(found[0].get("State") == "completed")
+            before = seen.get("s", {}).get("Progress")
+            seen["s"] = snap = found[0]
+            if not first and (done := _percent(snap)) is not None:
+                first.append((time.monotonic(), done))
+            if snap.get("State") == "error":
+                raise EC2Error(
+                    f"snapshot {snapshot_id} failed: {snap.get('StateMessage', '')}",
+                    code="SnapshotError",
+                )
+            if snap.get("Progress") != before:
+                log.debug(
+                    "snapshot %s: %s %s", snapshot_id, snap.get("State"), snap.get("Progress")
+                )
+                if on_progress is not None:
+                    on_progress(snap)
+            return bool(snap.get("State") == "completed")
+
+        def last() -> str | None:
+            snap = seen.get("s")
+            return (
+                None
+                if snap is None
+                else f"{snap.get('State')} {snap.get('Progress') or ''}".strip()
+            )
+
+        def eta() -> float | None:
+            """Seconds left at the pace Progress has kept so far (None: no pace yet)."""
+            done = _percent(seen["s"])
+            if not first or done is None or done <= first[0][1]:
+                return None
+            since, start = first[0]
+            return (time.monotonic() - since) * (100 - done) / (done - start)
 
         await self._poll(
             fetch,
             what=f"snapshot {snapshot_id} to complete",
             timeout=timeout,
-            last_state=lambda: str(seen["s"].get("State")) if seen else None,
+            last_state=last,
+            eta=eta,
         )
         return seen["s"]
 
@@ -622,16 +870,20 @@ class EC2(_Waits):
         block_device_mappings: Sequence[Mapping[str, Any]] = (),
         user_data: str | None = None,
         client_token: str | None = None,
+        min_count: int | None = None,
     ) -> list[Resource]:
-        """Launch ``count`` instances in one RunInstances call (MinCount = MaxCount = count).
+        """Launch ``count`` instances in one RunInstances call (MaxCount = count).
 
+        ``min_count`` (default ``count``) is EC2's MinCount: with less, EC2 may launch
+        fewer than ``count`` (as many as fit) rather than none; the list says how many.
+        EC2's ``InsufficientInstanceCapacity`` is raised as :class:`InsufficientCapacity`.
         With a ``client_token`` the call is idempotent: repeated with the same token
         (after a timeout, an error or a cancellation) it returns the instances the
         first call made, if it made any, rather than launching more.
         """
         params: dict[str, Any] = {
             "ImageId": image_id,
-            "MinCount": count,
+            "MinCount": count if min_count is None else max(1, min(min_count, count)),
             "MaxCount": count,
             "InstanceType": instance_type,
         }
@@ -652,7 +904,10 @@ class EC2(_Waits):
             params["UserData"] = user_data
 
         async def create() -> list[Resource]:
-            result = await self.call("RunInstances", **params)
+            try:
+                result = await self.call("RunInstances", **params)
+            except EC2Error as e:
+                raise _capacity_error(e, "RunInstances", availability_zone, instance_type) from e
             instances: list[Resource] = result.get("Instances", [])
             return instances
 
@@ -662,9 +917,12 @@ class EC2(_Waits):
         return made
 
     async def start_instances(self, ids: Sequence[str]) -> None:
-        """Start these instances (one call)."""
+        """Start these instances (one call); no capacity: :class:`InsufficientCapacity`."""
         if ids:
-            await self.call("StartInstances", InstanceIds=list(ids))
+            try:
+                await self.call("StartInstances", InstanceIds=list(ids))
+            except EC2Error as e:
+                raise _capacity_error(e, "StartInstances", None, None) from e
 
     async def stop_instances(self, ids: Sequence[str], *, force: bool = False) -> None:
         """Stop these instances (one call)."""
@@ -795,12 +1053,30 @@ class EC2(_Waits):
         *,
         description: str = "",
         tags: Mapping[str, str] = {},
+        rate_wait: float = 120.0,
     ) -> Resource:
-        """Snapshot a volume, tagged."""
+        """Snapshot a volume, tagged; the new snapshot (``pending``).
+
+        EC2 refuses a snapshot of a volume snapshotted moments ago
+        (``SnapshotCreationPerVolumeRateExceeded``): that is waited out and retried,
+        pausing longer each time (x1.5, up to 15 s: AWS's advice), for up to ``rate_wait``
+        seconds, after which the error is raised.
+        """
         params: dict[str, Any] = {"VolumeId": volume_id, "Description": description}
         if tags:
             params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": _tag_list(tags)}]
-        return await self.call("CreateSnapshot", **params)
+        deadline = time.monotonic() + rate_wait
+        pause = self.poll_interval
+        while True:
+            try:
+                return await self.call("CreateSnapshot", **params)
+            except EC2Error as e:
+                left = deadline - time.monotonic()
+                if e.code != _SNAPSHOT_RATE or left <= 0:
+                    raise
+                log.info("snapshot of %s refused for now (%s): again in %.1fs", volume_id, e, pause)
+                await anyio.sleep(min(pause, left))
+                pause = min(pause * 1.5, 15.0)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot."""
@@ -832,12 +1108,18 @@ class EC2(_Waits):
         source_region: str,
         name: str,
         description: str = "",
+        tags: Mapping[str, str] = {},
         **options: Any,
     ) -> str:
-        """Copy an image of ``source_region`` into this region; the new image's id.
+        """Copy an image of ``source_region`` into this region, tagged; the new image's id.
 
-        ``options`` are more CopyImage parameters (``Encrypted``, ``KmsKeyId`` ...).
+        The tags go on the image and its snapshots. ``options`` are more CopyImage
+        parameters (``Encrypted``, ``KmsKeyId`` ...).
         """
+        if tags:
+            options["TagSpecifications"] = [
+                {"ResourceType": kind, "Tags": _tag_list(tags)} for kind in ("image", "snapshot")
+            ]
         result = await self.call(
             "CopyImage",
             SourceImageId=image_id,

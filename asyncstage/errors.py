@@ -24,13 +24,15 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   └── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
     ├── WaitTimeout                what was awaited, and its last state
     ├── EC2Error                   an EC2 API call failed (code, operation)
+    │   └── InsufficientCapacity   no capacity for an instance type in a zone (both named)
     ├── FleetError                 an ExceptionGroup: some servers of a fleet failed;
     │                              ``succeeded`` keeps the others
     ├── ServerNotRunning           a server with no address (stopped): start it first
     ├── SSHError                   anything over ssh; names the host
     │   ├── ConnectError
-    │   │   └── ServerUnreachable  a server that never answered ssh
+    │   │   └── ServerUnreachable  never answered ssh (state, console tail, port 22)
     │   ├── HostKeyMismatch
+    │   ├── HostKeyUnverified      no fingerprints on the console in time (policy strict)
     │   ├── CommandFailed          command, exit status, signal, stdout, stderr
     │   ├── CommandTimeout
     │   └── ConnectionLost         dropped while a command ran (it may have completed)
@@ -65,6 +67,8 @@ __all__ = [
     "EC2Error",
     "FleetError",
     "HostKeyMismatch",
+    "HostKeyUnverified",
+    "InsufficientCapacity",
     "InvalidArgument",
     "InvalidName",
     "LocalCloudError",
@@ -184,6 +188,27 @@ class EC2Error(AsyncstageError):
         super().__init__(message)
 
 
+class InsufficientCapacity(EC2Error):
+    """EC2 has no capacity for ``instance_type`` in ``zone`` (``InsufficientInstanceCapacity``
+    from RunInstances or StartInstances); ``zone`` is None when EC2 did not name one.
+
+    A launch may try another zone or instance type; a stopped server cannot move (its
+    volumes are in its zone): start it again later.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        zone: str | None,
+        instance_type: str | None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, code="InsufficientInstanceCapacity", operation=operation)
+        self.zone = zone
+        self.instance_type = instance_type
+
+
 class UnknownImage(NotFound, EC2Error):
     """No image with that id, or none matching a name pattern (also an :class:`EC2Error`,
     code ``InvalidAMIID.NotFound``, as EC2 reports it)."""
@@ -240,7 +265,37 @@ class ConnectError(SSHError):
 
 
 class ServerUnreachable(ConnectError):
-    """A server that never answered ssh within its timeout."""
+    """A server that never answered ssh within its timeout.
+
+    For a server (not a plain host) it says why it may be: its EC2 ``state`` and
+    ``state_reason``, the tail of its console (``console_tail``) and whether anything
+    answered on its ssh port (``port_open``); each None when unknown.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        state: str | None = None,
+        state_reason: str | None = None,
+        console_tail: str | None = None,
+        port_open: bool | None = None,
+    ) -> None:
+        self.state = state
+        self.state_reason = state_reason
+        self.console_tail = console_tail
+        self.port_open = port_open
+        facts = []
+        if state is not None:
+            facts.append(f"state {state}" + (f" ({state_reason})" if state_reason else ""))
+        if port_open is not None:
+            facts.append("port 22 answered" if port_open else "nothing answered on port 22")
+        if facts:
+            message += "; " + ", ".join(facts)
+        if console_tail is not None:
+            message += "; console: " + ("\n" + console_tail if console_tail.strip() else "(empty)")
+        super().__init__(message, host=host)
 
 
 class HostKeyMismatch(SSHError):
@@ -256,6 +311,16 @@ class HostKeyMismatch(SSHError):
     ) -> None:
         self.presented = presented
         self.expected = tuple(expected)
+        super().__init__(message, host=host)
+
+
+class HostKeyUnverified(SSHError):
+    """The host key could not be verified before the first contact: the console showed
+    no host key fingerprints within ``waited`` seconds, and the host key policy is
+    ``"strict"`` (``Manager(host_key_policy="accept-new")`` pins the first key instead)."""
+
+    def __init__(self, message: str, *, host: str, waited: float) -> None:
+        self.waited = waited
         super().__init__(message, host=host)
 
 

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from asyncstage import keys
+from asyncstage import capacity, keys
 from asyncstage.account import LIVE_STATES
 from asyncstage.adoption import ours, owner_tags
 from asyncstage.disks import FSTYPES
-from asyncstage.ec2 import Resource, new_client_token, tag, tag_filters, tags_of
+from asyncstage.ec2 import Resource, tag, tag_filters, tags_of
 from asyncstage.errors import (
     AsyncstageError,
-    EC2Error,
     FleetError,
     InvalidArgument,
     NameTaken,
@@ -40,13 +39,21 @@ log = logging.getLogger("asyncstage")
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    """What a caller asked of new servers (None: the manager's default)."""
+    """What a caller asked of new servers (None: the manager's default).
+
+    ``zones`` and ``instance_types`` are the choices to fall back on when EC2 has no
+    capacity, tried in order; ``partial`` what a fleet that stays short does with the
+    servers that launched (see :mod:`asyncstage.capacity`).
+    """
 
     instance_type: str | None = None
     image: str | None = None
     availability_zone: str | None = None
     username: str | None = None
     architecture: str | None = None
+    zones: tuple[str, ...] = ()
+    instance_types: tuple[str, ...] = ()
+    partial: capacity.Partial = "terminate"
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class Fleet:
 
     def __init__(self, manager: Manager, ensure_account: Callable[[], Awaitable[None]]) -> None:
         self.manager = manager
-        self._ensure_account = ensure_account
+        self.ensure_account = ensure_account
         self._batches: dict[_Spec, _Batch] = {}
         self._zone_locks: dict[str, anyio.Lock] = {}
 
@@ -235,8 +242,11 @@ class Fleet:
             username=options.username or m.username or user_for_image(desc),
         )
 
-    async def launch(self, spec: _Spec, names: list[str]) -> dict[str, Server]:
-        """One RunInstances call for all these names; the servers, registered, by name."""
+    async def launch(
+        self, spec: _Spec, names: list[str], *, min_count: int | None = None
+    ) -> dict[str, Server]:
+        """One RunInstances call for all these names; the servers, registered, by name
+        (with ``min_count``, maybe only the first names: as many as EC2 launched)."""
         m = self.manager
         common = {tag("role"): "server", tag("user"): spec.username}
         common |= owner_tags(m.key_pair.name if m.key_pair else None)
@@ -247,48 +257,14 @@ class Fleet:
         # instances are registered (and so cleaned up by the caller) before a cancellation
         # is delivered; the token makes the retry below idempotent
         with anyio.CancelScope(shield=True):
-            servers = await self._launch_and_register(spec, names, common)
+            servers = await capacity.register_launch(self, spec, names, common, min_count)
         if len(names) > 1:
             try:
                 await self._name_all(servers)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._cleanup_failed(list(servers.values()))
+                    await self.cleanup_failed(list(servers.values()))
                 raise
-        return servers
-
-    async def _launch_and_register(
-        self, spec: _Spec, names: list[str], common: dict[str, str]
-    ) -> dict[str, Server]:
-        """RunInstances (with a ClientToken) and the registration of what it made."""
-        m = self.manager
-        token = new_client_token()
-        for attempt in range(2):
-            assert m.key_pair and m.security_group_id
-            try:
-                instances = await m.ec2.run_instances(
-                    image_id=spec.image_id,
-                    count=len(names),
-                    instance_type=spec.instance_type,
-                    key_name=m.key_pair.name,
-                    security_group_ids=[m.security_group_id],
-                    availability_zone=spec.availability_zone,
-                    tags=common,
-                    client_token=token,
-                )
-                break
-            except EC2Error as e:
-                # another manager's on_exit="terminate" removed the key pair or group
-                if attempt or e.code not in ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound"):
-                    raise
-                await self._ensure_account()
-        servers: dict[str, Server] = {}
-        for name, inst in zip(names, instances, strict=True):
-            inst["Tags"] = _named_tags(inst.get("Tags", []), name, common)
-            server = self.adopt(inst)
-            server.expect_new_host_key()
-            servers[name] = server
-        m.registry.mark_started(servers.values())
         return servers
 
     async def _name_all(self, servers: dict[str, Server]) -> None:
@@ -332,7 +308,7 @@ class Fleet:
                 with anyio.CancelScope(shield=True):
                     await batch.done.wait()
                     if name in batch.servers:
-                        await self._cleanup_failed([batch.servers[name]])
+                        await self.cleanup_failed([batch.servers[name]])
                 raise
         if name in batch.servers:
             return batch.servers[name]
@@ -347,42 +323,50 @@ class Fleet:
         registry = self.manager.registry
         registry.reserve([name])
         try:
-            server = await self.launch_coalesced(await self.spec(options), name)
+            server = await capacity.launch_one(self, options, name)
         finally:
             registry.release([name])
         try:
             await self.wait_all([server], timeout, single=True)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._cleanup_failed([server])
+                await self.cleanup_failed([server])
             raise
         return server
 
     async def provision_many(
         self, names: list[str], options: LaunchOptions, timeout: float
     ) -> list[Server]:
-        """Launch servers of these names with one call and wait until all are up; those
-        that fail are terminated (a FleetError names them, the others in ``succeeded``)."""
+        """Launch servers of these names with one call (per fallback choice) and wait until
+        all are up; those that fail are terminated (a FleetError names them, the others in
+        ``succeeded``); a short fleet: see :mod:`asyncstage.capacity`."""
         registry = self.manager.registry
         registry.reserve(names)
         try:
-            launched = await self.launch(await self.spec(options), names)
+            launched, short = await capacity.launch_many(self, options, names)
         finally:
             registry.release(names)
-        servers = [launched[n] for n in names]
+        servers = [launched[n] for n in names if n in launched]
         try:
             await self.wait_all(servers, timeout, single=False)
         except FleetError as e:
             with anyio.CancelScope(shield=True):
-                await self._cleanup_failed([s for s in servers if s not in e.succeeded])
-            raise
+                await self.cleanup_failed([s for s in servers if s not in e.succeeded])
+            raise (
+                e
+                if short is None
+                else FleetError(str(e), [*e.exceptions, short], succeeded=e.succeeded)
+            ) from None
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._cleanup_failed(servers)
+                await self.cleanup_failed(servers)
             raise
+        if short is not None:
+            missing = ", ".join(n for n in names if n not in launched)
+            raise FleetError(f"no capacity for {missing}: {short}", [short], succeeded=servers)
         return servers
 
-    async def _cleanup_failed(self, servers: list[Server]) -> None:
+    async def cleanup_failed(self, servers: list[Server]) -> None:
         try:
             await self.terminate(servers, timeout=self.manager.timeouts.stop)
         except AsyncstageError as e:
@@ -423,11 +407,8 @@ class Fleet:
 
             def reached(instance_id: str, instance: Resource) -> None:
                 server = by_id[instance_id]
-                before = server.address
+                # a new address on start: the server takes its pinned host key along
                 server.record_description(instance)
-                if before is not None and server.address != before:  # a new address on start
-                    m.known_hosts.remove(before, 22)
-                    server.expect_new_host_key()
                 tg.start_soon(ssh_up, server)
 
             _, failed = await m.ec2.wait_for_instances(
@@ -463,7 +444,7 @@ class Fleet:
         to_start = [s for s in servers if s.state == "stopped" and s not in errors]
         if to_start:
             self._log(f"starting {len(to_start)} server(s)")
-            await m.ec2.start_instances([s.instance_id for s in to_start])
+            errors |= await capacity.start_where_able(self, to_start)
         m.registry.mark_started(servers)
         rest = [s for s in servers if s not in errors]
         errors |= await self._wait_up(rest, timeout)
@@ -543,16 +524,3 @@ def _gone(servers: Sequence[Server]) -> dict[Server, Exception]:
         for s in servers
         if s.state in ("terminated", "shutting-down")
     }
-
-
-def _named_tags(
-    tags: list[dict[str, str]], name: str, common: dict[str, str]
-) -> list[dict[str, str]]:
-    """A launched instance's tags as they will be: its own name, and the launch's tags."""
-    keys_there = {t["Key"] for t in tags}
-    return [
-        *(t for t in tags if t["Key"] not in (tag("name"), "Name")),
-        {"Key": tag("name"), "Value": name},
-        {"Key": "Name", "Value": name},
-        *({"Key": k, "Value": v} for k, v in common.items() if k not in keys_there),
-    ]

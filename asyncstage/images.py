@@ -124,8 +124,8 @@ class Images:
                 str(snapshot),
                 source_region=self.ec2.region,
                 description=description or str(snaps[0].get("Description", "")),
+                tags=tags_of(snaps[0]),  # in the copy call: no CreateTags racing the new id
             )
-            await dest.create_tags([new_id], tags_of(snaps[0]))
             await dest.wait_for_snapshot(new_id, timeout=timeout)
         finally:
             if own:

@@ -20,9 +20,10 @@ from typing import Any, Literal, Protocol, Unpack
 
 import anyio
 
-from asyncstage import closing, keys, transfer
+from asyncstage import closing, hostkeys, keys, transfer
 from asyncstage.account import Account
 from asyncstage.adoption import ours
+from asyncstage.capacity import LaunchChoices, check_choices
 from asyncstage.disks import FSTYPES
 from asyncstage.ec2 import EC2, Resource, RetryMode
 from asyncstage.errors import (
@@ -30,6 +31,7 @@ from asyncstage.errors import (
     InvalidArgument,
 )
 from asyncstage.fleet import Fleet, LaunchOptions
+from asyncstage.hostkeys import HostKeyPolicy as HostKeyPolicy
 from asyncstage.images import Images
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
@@ -109,9 +111,12 @@ class Manager:
         snapshot_timeout: float = 1800.0,
         exit_timeout: float = 600.0,
         mount_options: str = "nosuid,nodev",
+        host_key_policy: HostKeyPolicy = "strict",
+        console_timeout: float = 600.0,
     ) -> None:
         if on_exit not in ("stop", "terminate", "run"):
             raise InvalidArgument(f"on_exit must be 'stop', 'terminate' or 'run', not {on_exit!r}")
+        self.host_key_policy: HostKeyPolicy = hostkeys.check_policy(host_key_policy)
         ec2_options: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "profile": profile,
@@ -122,7 +127,7 @@ class Manager:
             "poll_interval": poll_interval,
         }
         waits = (server_timeout, volume_timeout, snapshot_timeout, exit_timeout)  # Timeouts' order
-        self.timeouts = Timeouts(*waits, poll_interval, launch_window)
+        self.timeouts = Timeouts(*waits, poll_interval, launch_window, console=console_timeout)
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
         self.endpoint_url = endpoint_url
@@ -275,15 +280,17 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
+        ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
         """
         self._require_open()
-        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
-        return await self.fleet.provision_one(name, options, timeout or self.timeouts.server)
+        return await self.fleet.provision_one(name, opts, timeout or self.timeouts.server)
 
     async def provision_servers(
         self,
@@ -296,17 +303,19 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
-        ``names_or_count`` is a list of names or a number of servers (or pass
-        ``count=``). When some fail, they are terminated and a :class:`FleetError`
-        names each, with the others in its ``succeeded``.
+        ``names_or_count``: names or a number (or ``count=``). Servers that fail are terminated;
+        a :class:`FleetError` names them, the others in ``succeeded``. ``zones=[...]``,
+        ``instance_types=[...]``, ``partial="terminate"|"keep"``: where EC2 has no capacity,
+        the next choice (:mod:`asyncstage.capacity`).
         """
         self._require_open()
-        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
-        return await self.fleet.provision_many(names, options, timeout or self.timeouts.server)
+        return await self.fleet.provision_many(names, opts, timeout or self.timeouts.server)
 
     async def get_server(
         self,
@@ -321,7 +330,7 @@ class Manager:
     ) -> Server:
         """The server of that name, started if stopped; a new one when there is none."""
         self._require_open()
-        options = _launch_options(instance_type, image, availability_zone, username, architecture)
+        options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
         return await self.fleet.get(name, options, timeout or self.timeouts.server)
 
@@ -511,16 +520,21 @@ class Manager:
         return await transfer.dd(self, source, dest, **options)
 
 
-def _launch_options(
+def _options(
     instance_type: str | None,
     image: str | None,
     zone: str | None,
     username: str | None,
     architecture: str | None,
+    **choices: Unpack[LaunchChoices],
 ) -> LaunchOptions:
-    """The launch options of a provision call, its login user name checked."""
+    """The launch options of a provision call, its login user name and choices checked."""
     user = check_user(username) if username is not None else None
-    return LaunchOptions(instance_type, image, zone, user, architecture)
+    partial = choices.get("partial", "terminate")
+    zones, types = check_choices(
+        zone, choices.get("zones"), instance_type, choices.get("instance_types"), partial
+    )
+    return LaunchOptions(instance_type, image, zone, user, architecture, zones, types, partial)
 
 
 def local_manager(cloud: _CloudLike, **options: Any) -> Manager:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 import anyio
 
-from asyncstage import transfer
+from asyncstage import hostkeys, transfer
 from asyncstage.disks import (
     FSTYPES,
     REFUSED_MOUNT_POINTS,
@@ -18,12 +18,11 @@ from asyncstage.disks import (
     mkfs_argv,
     parse_mounts,
 )
-from asyncstage.ec2 import EC2, Resource, console_fingerprints, tag, tags_of
+from asyncstage.ec2 import EC2, Resource, tag, tags_of
 from asyncstage.errors import (
-    AsyncstageError,
     HostKeyMismatch,
+    HostKeyUnverified,
     ServerNotRunning,
-    ServerUnreachable,
     SSHError,
 )
 from asyncstage.ssh import Command, CommandResult, SSHHost
@@ -79,8 +78,14 @@ class Server:
         self.username = username
         self._host: SSHHost | None = None
         self._expected_fingerprints: tuple[str, ...] = ()
+        self._accept_new = False  # the console never showed fingerprints; policy accept-new
         self._fresh = False  # launched by this manager: no known_hosts entry to trust yet
         self._pinned_for: str | None = None  # the address whose host key was settled
+        self._running_at: str | None = None  # the address of the last running description
+        self._moved_from: str | None = None  # its address before a start gave it a new one
+        self._pin_lock: anyio.Lock | None = None
+        if self.state == "running":
+            self._running_at = self.address
         self._up = False
         self._disks = Disks(self)
 
@@ -142,10 +147,14 @@ class Server:
                 username=self.username,
                 client_keys=[self.keyfile] if self.keyfile else [],
                 known_hosts=self.manager.known_hosts.path,
-                host_key_policy="accept-new",
+                host_key_policy="accept-new" if self._accept_new else "strict",
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
+                before_connect=self._pin_host_key,  # whoever connects first: settled then
             )
+            vpc, private = self.instance.get("VpcId"), self.instance.get("PrivateIpAddress")
+            if vpc and private:  # servers of one VPC reach each other there
+                self._host.private_network = (str(vpc), str(private))
             # the manager closes it on exit (and the one it replaces)
             self.manager.registry.track_host(self, self._host)
         return self._host
@@ -169,8 +178,7 @@ class Server:
             await self.refresh()
             if self.state != "running":
                 return False
-            await self._pin_host_key()
-        self._up = await self.host.ping(timeout=timeout)
+        self._up = await self.host.ping(timeout=timeout)  # settles the host key first
         return self._up
 
     async def start(self, timeout: float = 120.0) -> None:
@@ -236,8 +244,7 @@ class Server:
         return self._streaming("write", cmd, encoding, sudo)
 
     async def _ready(self) -> SSHHost:
-        """The ssh host, its host key expectations settled for the current address."""
-        await self._pin_host_key()
+        """The ssh host (it settles its host key expectations before connecting)."""
         return self.host
 
     @asynccontextmanager
@@ -369,6 +376,10 @@ class Server:
         self.instance = instance
         if self.state != "running":
             self._up = False
+        elif self.address:
+            if self._running_at not in (None, self.address):  # a start gave a new address
+                self._moved_from = self._moved_from or self._running_at
+            self._running_at = self.address
 
     def expect_new_host_key(self) -> None:
         """Internal: launched, or given a new address: no known_hosts entry to trust yet."""
@@ -386,8 +397,9 @@ class Server:
         for volume in self.volumes():
             volume.record_detach()
         self._host = None
-        if self.address:
-            self.manager.known_hosts.remove(self.address, 22)
+        for address in {self.address, self._pinned_for} - {None}:
+            assert address is not None
+            self.manager.known_hosts.remove(address, 22)
         self.instance.setdefault("State", {})["Name"] = "terminated"
         self._up = False
 
@@ -396,35 +408,62 @@ class Server:
         await self._disks.adopt_mounts(volumes)
 
     async def _pin_host_key(self) -> None:
-        """Before the first contact at an address: expected fingerprints from the console.
+        """Before the first contact at an address: settle what its host key must be.
 
-        A server this manager launched (or whose address changed) has no trustworthy
-        known_hosts entry yet: any old entry for its address is dropped. When the
-        console carries host key fingerprints they are what the key must match;
-        otherwise the key is pinned on first contact.
+        A server this manager launched has no trustworthy known_hosts entry yet (any old
+        entry for its address is dropped): its key must match the fingerprints on its
+        console, polled for (:func:`asyncstage.hostkeys.wait_for_fingerprints`; the host
+        key policy decides when they never come). A server given a new address by a
+        start takes its pinned key along (the entry moves; the key is not trusted anew
+        from whatever answers there).
         """
         address = self.address
         if not address or self._pinned_for == address:
             return
+        if self._pin_lock is None:
+            self._pin_lock = anyio.Lock()
+        async with self._pin_lock:
+            if self._pinned_for != address:
+                await self._settle_host_key(address)
+
+    async def _settle_host_key(self, address: str) -> None:
         known = self.manager.known_hosts
-        if self._fresh:
-            known.remove(address, 22)
-        if self._fresh or not known.lookup(address, 22):
-            try:
-                console = await self.manager.ec2.console_output(self.instance_id)
-            except AsyncstageError:  # no console: pin on first contact
-                console = ""
-            self._expected_fingerprints = tuple(console_fingerprints(console))
-            self._host = None  # the next one expects these fingerprints
+        old = self._pinned_for or self._moved_from
+        keys = known.lookup(old, 22) if old and not self._fresh else []
+        if old and keys:
+            known.remove(address, 22)  # a stale entry of whoever had the address before
+            for key in keys:
+                known.add(address, 22, key)
+            known.remove(old, 22)
+            expected: tuple[str, ...] = ()
+        elif self._fresh or not known.lookup(address, 22):
+            if self._fresh:
+                known.remove(address, 22)
+            expected = await hostkeys.wait_for_fingerprints(self)
+            self._accept_new = not expected
+        else:
+            expected = ()  # the pinned entry (an adopted server's) must match
+        self._expected_fingerprints = expected
+        if self._host is not None and self._host.address == address:
+            self._host.expect(expected, "accept-new" if self._accept_new else "strict")
         self._fresh = False
+        self._moved_from = None
         self._pinned_for = address
 
     async def wait_ssh(self, deadline: float) -> None:
-        """Internal: try ssh until it answers or the deadline passes (ServerUnreachable then).
+        """Internal: try ssh until it answers or the deadline passes (ServerUnreachable
+        then, saying what is known of the server).
 
-        A host key that does not match fails at once with HostKeyMismatch.
+        The console is watched for the host key fingerprints while sshd comes up (at
+        once, not one after the other). A host key that does not match fails at once
+        with HostKeyMismatch; one that cannot be verified with HostKeyUnverified.
         """
-        await self._pin_host_key()
+        address = self.address
+        if address is None:
+            raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
+        await hostkeys.concurrently(
+            self._pin_host_key, lambda: hostkeys.wait_for_sshd(self, address, deadline)
+        )
         interval = 0.2
         while True:
             left = deadline - anyio.current_time()
@@ -432,7 +471,7 @@ class Server:
             try:
                 with anyio.fail_after(limit):
                     await self.host.run("true", timeout=limit)
-            except HostKeyMismatch:
+            except (HostKeyMismatch, HostKeyUnverified):
                 raise
             except (SSHError, TimeoutError) as e:
                 failure: BaseException = e
@@ -441,8 +480,8 @@ class Server:
                 return
             left = deadline - anyio.current_time()
             if left <= 0:
-                raise ServerUnreachable(
-                    f"never answered ssh ({failure})", host=f"{self.name} ({self.instance_id})"
+                raise await hostkeys.diagnose(
+                    self, address, f"never answered ssh ({failure})"
                 ) from failure
             self.host.reset()
             await anyio.sleep(min(interval, left))

@@ -38,7 +38,7 @@ import shutil
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -509,9 +509,8 @@ class _HostCore:
         connect_timeout: float = 30.0,
         max_sessions: int = 10,
         keepalive_interval: float = 15.0,
+        before_connect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        if host_key_policy not in ("accept-new", "strict"):
-            raise InvalidArgument(f"unknown host key policy {host_key_policy!r}")
         if max_sessions < 1:
             raise InvalidArgument("max_sessions must be at least 1")
         self.address = shell.check_address(address)
@@ -523,8 +522,14 @@ class _HostCore:
             if isinstance(known_hosts, KnownHosts)
             else KnownHosts(Path(known_hosts).expanduser())
         )
-        self.host_key_policy: HostKeyPolicy = host_key_policy
-        self.expected_fingerprints = tuple(fp.strip().rstrip("=") for fp in expected_fingerprints)
+        self.host_key_policy: HostKeyPolicy = "strict"
+        self.expected_fingerprints: tuple[str, ...] = ()
+        self.expect(expected_fingerprints, host_key_policy)
+        self.before_connect = before_connect
+        """Awaited before each new connection (a Server settles its host key there)."""
+        self.private_network: tuple[str, str] | None = None
+        """(network, address): the host's address inside a private network (an EC2 VPC);
+        hosts of one network reach each other there (host -> host transfers)."""
         self.label = label or address
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
@@ -547,7 +552,16 @@ class _HostCore:
             self._link = await self._connect()
             return self._link
 
+    def expect(self, fingerprints: Sequence[str], policy: HostKeyPolicy) -> None:
+        """The host key checks of the next connection (see the module docstring)."""
+        if policy not in ("accept-new", "strict"):
+            raise InvalidArgument(f"unknown host key policy {policy!r}")
+        self.host_key_policy = policy
+        self.expected_fingerprints = tuple(fp.strip().rstrip("=") for fp in fingerprints)
+
     async def _connect(self) -> _Link:
+        if self.before_connect is not None:
+            await self.before_connect()
         pinned = (
             [] if self.expected_fingerprints else self.known_hosts.lookup(self.address, self.port)
         )
@@ -829,7 +843,9 @@ class SSHHost(_HostCore):
 
     ``known_hosts`` is the OpenSSH-format file where host keys are pinned;
     ``expected_fingerprints`` (``"SHA256:..."`` as ``ssh-keygen -l`` prints them)
-    override the policy when given. ``label`` names the host in errors.
+    override the policy when given (:meth:`expect` changes both later);
+    ``before_connect`` is awaited before each new connection. ``label`` names the
+    host in errors.
     Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
     """
 

@@ -27,6 +27,12 @@ class Timeouts:
     """The first pause between two polls of EC2 in a wait (pauses grow from there)."""
     launch_window: float = 0.05
     """How long a launch waits for concurrent equal launches to share its RunInstances call."""
+    console: float = 600.0
+    """For host key fingerprints on a new server's console (from its launch; EC2 takes
+    minutes); then ``Manager(host_key_policy=...)`` decides."""
+    consistency: float = 60.0
+    """How long after a create EC2 may still answer ``...NotFound`` for the new id (eventual
+    consistency): such answers are retried within it, for the ids this client created."""
 
     @property
     def stop(self) -> float:

@@ -34,7 +34,7 @@ PUBLIC = {
         "Volume",
         "call",
     ],
-    asyncstage.localcloud: ["LocalCloud"],
+    asyncstage.localcloud: ["LocalCloud", "Realism"],
 }
 
 

@@ -15,7 +15,6 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +62,6 @@ HOSTILE_MOUNT_POINTS = [
     "/mnt/new\nline",
     "/mnt/$(id)",
 ]
-
-
-@pytest.fixture
-async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
-    async with manager_factory() as m:
-        yield m
 
 
 @pytest.fixture

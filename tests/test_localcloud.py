@@ -34,6 +34,7 @@ from botocore.exceptions import ClientError
 
 from asyncstage.errors import MissingDependency, NeedsRoot
 from asyncstage.localcloud import LocalCloud
+from tests.patience import patient_client
 
 pytestmark = [
     pytest.mark.anyio,
@@ -52,19 +53,6 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 async def cloud() -> AsyncIterator[LocalCloud]:
     async with LocalCloud() as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-async def key(ec2: Any) -> asyncssh.SSHKey:
-    private = asyncssh.generate_private_key("ssh-ed25519")
-    await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
-    return private
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +135,17 @@ def console_host_keys(console: str) -> tuple[list[str], list[str]]:
 
 
 async def known_host_keys(ec2: Any, instance_id: str) -> tuple[list[str], list[str]]:
-    """The instance's host keys from its console, checked against its fingerprints."""
-    reply = await ec2.get_console_output(InstanceId=instance_id)
-    console = reply["Output"]  # base64 on the wire; botocore decodes it
+    """The instance's host keys from its console, checked against its fingerprints.
+
+    EC2 shows the console late: polled for, with ``Latest=True`` (current on Nitro types).
+    """
+    with anyio.fail_after(30):
+        while True:
+            reply = await ec2.get_console_output(InstanceId=instance_id, Latest=True)
+            console = reply.get("Output")  # base64 on the wire; botocore decodes it
+            if console and "END SSH HOST KEY KEYS" in console:
+                break
+            await anyio.sleep(0.1)
     fingerprints, keys = console_host_keys(console)
     sha256 = {line.split()[1] for line in fingerprints}
     for key in keys:
@@ -271,12 +267,19 @@ async def test_three_instances_are_isolated_hosts(
     ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
 ) -> None:
     addresses = [i["PublicIpAddress"] for i in three]
-    assert len(set(addresses)) == 3
+    private = [i["PrivateIpAddress"] for i in three]
+    assert len(set(addresses) | set(private)) == 6
     for instance in three:
-        address = instance["PublicIpAddress"]
-        assert address.startswith("127.") and not address.startswith("127.0.0.")
-        assert instance["PrivateIpAddress"] == address
-        assert instance["PublicDnsName"] == instance["PrivateDnsName"] == address
+        for address in (instance["PublicIpAddress"], instance["PrivateIpAddress"]):
+            assert address.startswith("127.") and not address.startswith("127.0.0.")
+        # EC2's name shapes (never resolved: only the loopback addresses are used)
+        dashed = instance["PrivateIpAddress"].replace(".", "-")
+        assert instance["PrivateDnsName"] == f"ip-{dashed}.ec2.internal"
+        dashed = instance["PublicIpAddress"].replace(".", "-")
+        assert instance["PublicDnsName"] == f"ec2-{dashed}.compute-1.amazonaws.com"
+        (nic,) = instance["NetworkInterfaces"]
+        assert nic["Association"]["PublicDnsName"] == instance["PublicDnsName"]
+        assert nic["PrivateIpAddress"] == instance["PrivateIpAddress"]
     reply = await ec2.describe_instances(
         Filters=[
             {"Name": "tag:Name", "Values": ["three"]},
@@ -290,7 +293,7 @@ async def test_three_instances_are_isolated_hosts(
     token = f"only-on-one-{os.getpid()}-{time.monotonic_ns()}"
     async with ssh(ec2, three[0], key) as conn:
         assert (await sh(conn, "id -un")).strip() == "admin"
-        assert (await sh(conn, "hostname")).strip() == "ip-" + addresses[0].replace(".", "-")
+        assert (await sh(conn, "hostname")).strip() == "ip-" + private[0].replace(".", "-")
         assert (await sh(conn, "sudo -n id -u")).strip() == "0"
         await sh(conn, f"echo hello > ~/{token} && sudo -n touch /etc/{token} /var/{token}")
         assert (await sh(conn, f"cat ~/{token}")).strip() == "hello"
@@ -464,7 +467,13 @@ async def test_stop_start_keeps_root_and_attachment(
     reply = await ec2.start_instances(InstanceIds=[iid])
     assert reply["StartingInstances"][0]["CurrentState"]["Name"] == "pending"
     (started,) = await wait_state(ec2, [iid], "running")
-    assert started["PublicIpAddress"] == c["PublicIpAddress"]
+    # EC2: a new public address at every start; the private one stays
+    assert started["PublicIpAddress"] != c["PublicIpAddress"]
+    assert started["PrivateIpAddress"] == c["PrivateIpAddress"]
+    with pytest.raises(OSError):
+        await anyio.connect_tcp(c["PublicIpAddress"], 22)
+    async with await anyio.connect_tcp(started["PrivateIpAddress"], 22):
+        pass  # its sshd listens on the private address too
     assert (await known_host_keys(ec2, iid))[0] == fingerprints
     async with ssh(ec2, started, key) as conn:
         assert (await sh(conn, "cat ~/kept")) == "kept\n"
@@ -540,7 +549,7 @@ async def test_fifty_instances_in_one_call(
 async def test_boot_delay_is_observed_as_pending() -> None:
     async with (
         LocalCloud(boot_delay=2.0) as cloud,
-        aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2,
+        patient_client(**cloud.session_kwargs()) as ec2,
     ):
         reply = await ec2.run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1)
         instance = reply["Instances"][0]
@@ -564,7 +573,7 @@ async def test_two_clouds_at_once_do_not_collide(cloud: LocalCloud, ec2: Any) ->
     (mine,) = await launch(cloud, ec2, 1)
     async with (
         LocalCloud() as other,
-        aioboto3.Session().client("ec2", **other.session_kwargs()) as ec2_other,
+        patient_client(**other.session_kwargs()) as ec2_other,
     ):
         assert other.endpoint_url != cloud.endpoint_url
         assert other.account_id != cloud.account_id
@@ -582,7 +591,7 @@ async def test_two_clouds_at_once_do_not_collide(cloud: LocalCloud, ec2: Any) ->
 
 async def _busy_cloud(cloud: LocalCloud) -> None:
     """Launch an instance with a volume mounted inside it."""
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as ec2:
+    async with patient_client(**cloud.session_kwargs()) as ec2:
         private = asyncssh.generate_private_key("ssh-ed25519")
         await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
         (iid,) = await launch(cloud, ec2, 1)

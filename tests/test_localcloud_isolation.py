@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import asyncssh
 import pytest
 
@@ -32,19 +31,6 @@ pytestmark = [
 async def cloud() -> AsyncIterator[LocalCloud]:
     async with LocalCloud() as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-async def ec2(cloud: LocalCloud) -> AsyncIterator[Any]:
-    async with aioboto3.Session().client("ec2", **cloud.session_kwargs()) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-async def key(ec2: Any) -> asyncssh.SSHKey:
-    private = asyncssh.generate_private_key("ssh-ed25519")
-    await ec2.import_key_pair(KeyName="test", PublicKeyMaterial=private.export_public_key())
-    return private
 
 
 @pytest.fixture(scope="module")

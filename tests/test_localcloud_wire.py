@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import http.client
@@ -33,7 +34,7 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 
-from asyncstage.localcloud import LocalCloud, StateDirInUse
+from asyncstage.localcloud import LocalCloud, Realism, StateDirInUse
 
 pytestmark = [
     pytest.mark.localcloud,
@@ -48,7 +49,11 @@ def cloud() -> Iterator[LocalCloud]:
     from anyio.from_thread import start_blocking_portal
 
     with start_blocking_portal("asyncio") as portal:
-        cm = portal.wrap_async_context_manager(LocalCloud())
+        # The wire format and the AWS CLI are under test here, on the realistic profile but
+        # for the consistency window (tests/test_realism_consistency.py has its own tests):
+        # the CLI's waiters would wait out a NotFound in 5 - 15 s steps.
+        consistent = dataclasses.replace(Realism(), consistency=(0.0, 0.0))
+        cm = portal.wrap_async_context_manager(LocalCloud(realism=consistent))
         running = cm.__enter__()
         try:
             yield running

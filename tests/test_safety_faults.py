@@ -10,7 +10,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -25,12 +25,6 @@ from tests.cloud_fixtures import ManagerFactory
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
 FILES = {"a.txt": "alpha\n", "sub/b.txt": "beta\n", "sub/deeper/c.bin": "gamma" * 1000}
-
-
-@pytest.fixture
-async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
-    async with manager_factory() as m:
-        yield m
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -21,12 +20,6 @@ from asyncstage.keys import generate_key
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
-
-
-@pytest.fixture
-async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
-    async with manager_factory() as m:
-        yield m
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -21,13 +19,12 @@ from asyncstage.errors import (
     VerifyFailed,
     VolumeMounted,
 )
-from asyncstage.localcloud import LocalCloud
-from asyncstage.manager import Manager
 from asyncstage.paths import RemotePath
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
 from asyncstage.volume import Volume
 from tests import remote_faults
+from tests.fixtures.cloud import Env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
 
@@ -45,30 +42,6 @@ HOSTILE = [
     "-dash",
     "back\\slash",
 ]
-
-
-@dataclass
-class Env:
-    cloud: LocalCloud
-    manager: Manager
-    s1: Server
-    s2: Server
-
-
-@pytest.fixture(scope="module")
-async def env(
-    cloud: LocalCloud,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[Env]:
-    """A manager of the session's shared local cloud with two servers, for this module."""
-    async with cloud.manager(
-        dotdir=tmp_path_factory.mktemp("transfer-dotdir"),
-        on_exit="terminate",
-        scan=False,
-        poll_interval=0.1,
-    ) as manager:
-        s1, s2 = await manager.provision_servers(2)
-        yield Env(cloud, manager, s1, s2)
 
 
 def mounted(volume: Volume) -> bool:

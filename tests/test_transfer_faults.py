@@ -17,8 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -26,11 +25,10 @@ import pytest
 
 from asyncstage import transfer
 from asyncstage.errors import RsyncError, TransferError, VolumeInUse, VolumeMounted
-from asyncstage.localcloud import LocalCloud
-from asyncstage.manager import Manager
 from asyncstage.paths import HostEndpoint
 from asyncstage.server import Server
 from asyncstage.transfer import Progress, rsync_endpoints, sweep_stale_keys
+from tests.fixtures.cloud import Env
 from tests.sshd import SSHServer
 
 pytestmark = pytest.mark.anyio
@@ -246,29 +244,6 @@ async def test_controller_killed_mid_transfer_leaves_no_key_after_a_sweep(
 
 
 # -- on the local cloud ---------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    cloud: LocalCloud
-    manager: Manager
-    s1: Server
-    s2: Server
-
-
-@pytest.fixture(scope="module")
-async def env(
-    cloud: LocalCloud,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[Env]:
-    async with cloud.manager(
-        dotdir=tmp_path_factory.mktemp("faults-dotdir"),
-        on_exit="terminate",
-        scan=False,
-        poll_interval=0.1,
-    ) as manager:
-        s1, s2 = await manager.provision_servers(2)
-        yield Env(cloud, manager, s1, s2)
 
 
 async def sha(server: Server, path: str) -> str:

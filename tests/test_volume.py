@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from asyncstage import Manager, Server, Volume
@@ -22,12 +20,6 @@ from asyncstage.errors import (
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
-
-
-@pytest.fixture
-async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
-    async with manager_factory() as m:
-        yield m
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@
 :class:`LocalApi` owns the backend (:mod:`._moto`) and the HTTP server. Its middleware,
 in the order a request meets it: the ``Host`` must be the endpoint's, the signature must
 be the cloud's (:mod:`._auth`); then it counts the Action, pins the account and region,
-answers GetConsoleOutput from the hosts' consoles, and hands the rest to moto, whose
-response it brings to EC2's wire format (:mod:`._wire`). To the engine it is the
+throttles (:mod:`._throttle`), answers ``...NotFound`` for ids too new to be seen
+(:mod:`._consistency`), answers GetConsoleOutput from the hosts' consoles, and hands the
+rest to moto, whose response it brings to EC2's wire format (:mod:`._wire`). To the engine it is the
 :class:`~._hooks.ApiHooks` it needs: the records of instances and snapshots.
 """
 
@@ -22,8 +23,15 @@ from xml.sax.saxutils import escape
 
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._auth import AuthFailure, check_host, check_request
+from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME
 from asyncstage.localcloud._hooks import EngineHooks
+from asyncstage.localcloud._throttle import (
+    THROTTLED_CODE,
+    THROTTLED_MESSAGE,
+    THROTTLED_STATUS,
+    Throttle,
+)
 from asyncstage.localcloud._wire import error_xml, fix_response, namespace
 
 try:
@@ -31,8 +39,10 @@ try:
     from werkzeug.serving import BaseWSGIServer, make_server
 
     from asyncstage.localcloud._moto import (
+        LAUNCH_REQUEST,
         install_backend,
         make_backend,
+        release_public_address,
         set_state,
         uninstall_backend,
     )
@@ -108,6 +118,7 @@ class LocalApi:
             instance.terminate()  # moto detaches the volumes (through volume_detaching)
         elif instance.state == "stopping":
             instance.stop()
+            release_public_address(self._engine, instance)
 
     def snapshot_completed(self, snapshot_id: str) -> None:
         if snapshot_id in self.backend.snapshots:
@@ -133,6 +144,9 @@ class LocalApi:
 def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
     """moto's EC2 app behind the local cloud's middleware."""
     moto_app: WSGIApp = create_backend_app("ec2")
+    throttle = Throttle(engine.realism.api_rate, counter=engine.throttled)
+    consistency = Consistency()
+    low, high = engine.realism.consistency
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -158,8 +172,18 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
                 "UnsupportedOperation",
                 f"this local cloud serves region {engine.region} only, not {m.group(1)}",
             )
-        # The local cloud always has the capacity: like EC2 then, it launches MaxCount.
+        if not throttle.admit(action, params):
+            return _error_response(
+                start_response, THROTTLED_CODE, THROTTLED_MESSAGE, THROTTLED_STATUS
+            )
+        hidden = consistency.hidden()
+        refused = consistency.refusal(params, hidden)
+        if refused is not None:
+            return _error_response(start_response, *refused)
+        # moto launches MinCount: it gets MaxCount, the backend MinCount aside (what fits)
         rewrite = action == "RunInstances" and _more(params.get("MaxCount"), params.get("MinCount"))
+        if action == "RunInstances":  # every time: a kept-alive thread serves several requests
+            LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
         if rewrite:
             params["MinCount"] = params["MaxCount"]
         # EC2 takes a filter's one value as ``Filter.N.Value`` too (older clients, such as
@@ -171,30 +195,22 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             body = urlencode(params).encode()
             environ["QUERY_STRING"] = ""
         if action == "GetConsoleOutput":
+            latest = params.get("Latest", "").lower() == "true"
             with engine.lock:
-                text = engine.console(params.get("InstanceId", ""))
+                text = engine.console(params.get("InstanceId", ""), latest)
             if text is not None:
                 return _console_response(start_response, params["InstanceId"], text, version)
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
-        status: list[Any] = []
-
-        def capture(code: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
-            status[:] = [code, headers]
-            return lambda data: None
-
         with engine.lock:
             install_backend(backend)  # moto's resets (mock_aws elsewhere) clear it
-            result = moto_app(environ, capture)
-            try:
-                data = b"".join(result)
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-        code, headers = status
-        data = fix_response(action, version, code.startswith("2"), data)
+            code, headers, data = _call(moto_app, environ, body)
+            ok = code.startswith("2")
+            made = created_ids(action, data) if ok and high > 0 else []
+            if made:  # recorded before any other request can learn the ids
+                consistency.created(made, [engine.random.uniform(low, high) for _ in made])
+        if ok and hidden:
+            data = consistency.leave_out(action, data, hidden)
+        data = fix_response(action, version, ok, data)
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(code, [*headers, ("Content-Length", str(len(data)))])
         return [data]
@@ -203,6 +219,26 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
 
 
 _ONE_VALUE = re.compile(r"Filter\.\d+\.Value")
+
+
+def _call(app: WSGIApp, environ: dict[str, Any], body: bytes) -> tuple[str, list[Any], bytes]:
+    """Status, headers and body of ``app``'s answer to the request with this body."""
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    status: list[Any] = []
+
+    def capture(code: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+        status[:] = [code, headers]
+        return lambda data: None
+
+    result = app(environ, capture)
+    try:
+        data = b"".join(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return status[0], status[1], data
 
 
 def _more(maximum: str | None, minimum: str | None) -> bool:
@@ -217,7 +253,7 @@ def _xml_response(start_response: StartResponse, status: str, data: bytes) -> li
     return [data]
 
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
 
 
 def _error_response(
@@ -237,8 +273,8 @@ def _console_response(
         "<requestId>request-id</requestId>"
         f"<instanceId>{escape(instance_id)}</instanceId>"
         f"<timestamp>{stamp}</timestamp>"
-        f"<output>{output}</output>"
-        "</GetConsoleOutputResponse>"
+        + (f"<output>{output}</output>" if output else "")  # EC2: none until it has some
+        + "</GetConsoleOutputResponse>"
     )
     data = fix_response("GetConsoleOutput", version, True, xml.encode())
     return _xml_response(start_response, "200 OK", data)

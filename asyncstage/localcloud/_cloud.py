@@ -97,6 +97,11 @@ class LocalCloud:
         return self._engine.api_calls
 
     @property
+    def throttled(self) -> collections.Counter[str]:
+        """How many requests of each Action were answered ``RequestLimitExceeded``."""
+        return self._engine.throttled
+
+    @property
     def state_dir(self) -> str:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return str(self._engine.state_dir)

@@ -21,6 +21,7 @@ import secrets
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class _Machine:
     cancel: threading.Event = field(default_factory=threading.Event)
     op_lock: threading.Lock = field(default_factory=threading.Lock)
     boots: int = 0  # counts boots: a pending-time timer of an earlier boot does nothing
+    # GetConsoleOutput shows this boot's output only from these (monotonic) times on;
+    # before, what earlier boots wrote (``console_shown`` characters)
+    console_at: float = 0.0
+    console_latest_at: float = 0.0  # with Latest=True (Nitro types only)
+    console_shown: int = 0
 
 
 class Engine:
@@ -96,6 +102,7 @@ class Engine:
         self.image_id = ""
         self.endpoint_url = ""
         self.api_calls: collections.Counter[str] = collections.Counter()
+        self.throttled: collections.Counter[str] = collections.Counter()
         self.lock = threading.RLock()
         self.machines: dict[str, _Machine] = {}
         self.disks: dict[str, Disk] = {}
@@ -189,14 +196,21 @@ class Engine:
     # -- instances (called by the API under self.lock) ---------------------------------
 
     def launched(
-        self, instance_id: str, address: str, public_key: str | None, instance_type: str
+        self,
+        instance_id: str,
+        address: str,
+        public_address: str,
+        public_key: str | None,
+        instance_type: str,
     ) -> None:
+        """A new instance at its private ``address`` (for life) and ``public_address``."""
         record = self._run.record
         assert record is not None
         cgroups = self._run.cgroups
         host = Host(
             instance_id=instance_id,
             address=address,
+            public_address=public_address,
             state_dir=self.state_dir / "instances" / instance_id,
             root_dir=self.state_dir / "roots" / instance_id,
             public_key=public_key,
@@ -208,8 +222,11 @@ class Engine:
         self.machines[instance_id] = machine
         self._submit(self._boot, machine)
 
-    def start_instance(self, instance_id: str) -> None:
+    def start_instance(self, instance_id: str, public_address: str | None = None) -> None:
+        """Boot a stopped instance again (at a new ``public_address``, if given)."""
         machine = self.machines[instance_id]
+        if public_address is not None:
+            machine.host.public_address = public_address
         machine.wanted = "running"
         machine.cancel.clear()
         self._submit(self._boot, machine)
@@ -226,11 +243,20 @@ class Engine:
         machine.cancel.set()
         self._submit(self._halt, machine)
 
-    def console(self, instance_id: str) -> str | None:
+    def console(self, instance_id: str, latest: bool = False) -> str | None:
+        """The console as GetConsoleOutput shows it: a boot's output only after a while.
+
+        EC2 makes it available minutes after the boot (``realism.console``); with
+        ``Latest=True`` a Nitro instance shows it current (``realism.console_latest``),
+        a Xen one ignores Latest.
+        """
         machine = self.machines.get(instance_id)
-        if machine is not None:
-            return machine.host.console()
-        return self.consoles.get(instance_id)
+        if machine is None:
+            return self.consoles.get(instance_id)
+        shown_at = machine.console_latest_at if latest and machine.nitro else machine.console_at
+        if time.monotonic() < shown_at:
+            return machine.host.console(upto=machine.console_shown)
+        return machine.host.console()
 
     def _submit(self, job: Callable[[_Machine], None], machine: _Machine) -> None:
         if not self._closed:
@@ -309,13 +335,21 @@ class Engine:
                     machine.wanted == "running"
                     and self.api.instance_state(instance_id) == "pending"
                 ):
-                    machine.host.write_console()
+                    self._write_console(machine)
                     self.api.set_running(instance_id)
             except Exception:
                 if not locked:  # a timer thread: nobody else would see it
                     log.exception("local cloud: %s did not start", machine.host.instance_id)
                     return
                 raise
+
+    def _write_console(self, machine: _Machine) -> None:
+        """This boot's console output, shown after the delays the realism draws."""
+        machine.console_shown = machine.host.console_length()
+        machine.host.write_console()
+        now, realism = time.monotonic(), self.realism
+        machine.console_at = now + self.random.uniform(*realism.console)
+        machine.console_latest_at = now + self.random.uniform(*realism.console_latest)
 
     def _halt(self, machine: _Machine) -> None:
         host = machine.host

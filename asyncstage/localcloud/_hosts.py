@@ -47,8 +47,9 @@ _BY_ID = "dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
 _INIT = Path(__file__).with_name("_hostinit.py")
 
 _SSHD_CONFIG = """\
-# sshd of a local-cloud instance (written by asyncstage.localcloud)
-ListenAddress {address}:22
+# sshd of a local-cloud instance (written by asyncstage.localcloud at every boot):
+# its private address (for life) and its public one (new at every start)
+{listen}
 HostKey /etc/ssh/ssh_host_ed25519_key
 HostKey /etc/ssh/ssh_host_ecdsa_key
 PidFile none
@@ -98,18 +99,24 @@ class Host:
     """The isolated host behind one instance (blocking; used from worker threads)."""
 
     instance_id: str
-    address: str
+    address: str  # the private address: the instance keeps it for life
     state_dir: Path  # <cloud state>/instances/<id>: logs, console
     root_dir: Path  # <cloud roots tmpfs>/<id>: upper, work, merged
     public_key: str | None
     on_pid: Callable[[int, bool], None] = lambda pid, alive: None  # registry callback
     cgroup: DeviceCgroup | None = None  # None: the machine has no device cgroups
     masked: list[Path] = field(default_factory=list)  # more paths to hide (the state dir)
+    public_address: str = ""  # changes at every start (EC2's public IP); "": none
     fingerprints: list[str] = field(default_factory=list)
     host_public_keys: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     init_pid: int | None = None
     init_start: int | None = None
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where its sshd listens: the private address, then the public one."""
+        return [a for a in (self.address, self.public_address) if a]
 
     @property
     def hostname(self) -> str:
@@ -138,7 +145,6 @@ class Host:
         self._write("etc/machine-id", secrets.token_hex(16) + "\n")
         hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
         self._write("etc/hosts", hosts + f"{self.address}\t{self.hostname}\n")
-        self._write("etc/ssh/sshd_config", _SSHD_CONFIG.format(address=self.address))
         self._write("etc/ssh/ssh_config", _SSH_CONFIG)
         self._host_keys()
         uid, gid = self._login_user()
@@ -225,6 +231,8 @@ class Host:
         """Start the host's namespaces and sshd; returns once the init process exists."""
         own_keys = {f"ssh_host_{k}_key{e}" for k in _HOST_KEY_TYPES for e in ("", ".pub")}
         mask_upper(self.upper, self.masked, own_keys)
+        listen = "\n".join(f"ListenAddress {a}:22" for a in self.addresses)
+        self._write("etc/ssh/sshd_config", _SSHD_CONFIG.format(listen=listen))
         if self.cgroup is not None:
             self.cgroup.create()
         config = {
@@ -284,7 +292,7 @@ class Host:
                 return False
             if self.proc is None or self.proc.poll() is not None:
                 raise LocalCloudError(f"{self.instance_id}: host stopped: {self.log_tail()}")
-            if _ssh_banner(self.address):
+            if all(_ssh_banner(a) for a in self.addresses):
                 return True
             time.sleep(0.05)
         raise LocalCloudError(f"{self.instance_id}: sshd did not answer within {timeout:g}s")
@@ -396,9 +404,17 @@ class Host:
         with open(self.console_path, "a") as f:
             f.write("\n".join(lines) + "\n")
 
-    def console(self) -> str:
+    def console(self, upto: int | None = None) -> str:
+        """The console's last 64 KiB (of its first ``upto`` characters, if given)."""
+        return self._console_text()[:upto][-65536:]
+
+    def console_length(self) -> int:
+        """How many characters the console holds."""
+        return len(self._console_text())
+
+    def _console_text(self) -> str:
         try:
-            return self.console_path.read_text()[-65536:]
+            return self.console_path.read_text()
         except OSError:
             return ""
 

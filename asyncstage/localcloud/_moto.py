@@ -13,13 +13,15 @@ Everything here runs in the server's request threads under ``engine.lock``.
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from typing import Any
 
+from moto.core.utils import utcnow
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
-from moto.ec2.models.instances import Instance
 
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, xen_node
@@ -52,31 +54,62 @@ def _retype(obj: Any, cls: type) -> None:
     obj.__class__ = cls
 
 
-class _LocalInstance(Instance):
-    """An instance whose DNS names are its loopback address (there is no DNS here)."""
-
-    @property
-    def public_dns_name(self) -> str | None:
-        return self.public_ip
-
-    @property
-    def private_dns_name(self) -> str:
-        return self.private_ip or ""
-
-
 class _LocalNic(NetworkInterface):
     @property
     def association(self) -> dict[str, Any]:
         association: dict[str, Any] = super().association
-        if association:
-            association["publicDnsName"] = self.public_ip
+        if association and self.public_ip:  # moto names it as a private one
+            region = self.ec2_backend.region_name
+            association["publicDnsName"] = public_dns_name(region, self.public_ip)
         return association
 
 
+def private_dns_name(region: str, address: str) -> str:
+    """EC2's private DNS name of an address: ``ip-127-1-2-3.ec2.internal``."""
+    dashed = address.replace(".", "-")
+    if region == "us-east-1":
+        return f"ip-{dashed}.ec2.internal"
+    return f"ip-{dashed}.{region}.compute.internal"
+
+
+def public_dns_name(region: str, address: str) -> str:
+    """EC2's public DNS name: ``ec2-127-1-2-3.compute-1.amazonaws.com`` (never resolved:
+    the local cloud's addresses are loopback ones, and only they are ever connected to)."""
+    dashed = address.replace(".", "-")
+    if region == "us-east-1":
+        return f"ec2-{dashed}.compute-1.amazonaws.com"
+    return f"ec2-{dashed}.{region}.compute.amazonaws.com"
+
+
 class _LocalSnapshot(Snapshot):
+    """A snapshot that stays ``pending`` while its Progress rises over ``duration`` seconds.
+
+    It is ``completed`` once both that time is over and the engine has its copy of the
+    image (the engine sets ``status`` to ``completed`` when the copy is done).
+    """
+
+    started = 0.0  # time.monotonic() of CreateSnapshot
+    duration = 0.0
+
+    @property
+    def status(self) -> str:
+        state = str(self.__dict__.get("_status", "pending"))
+        if state == "completed" and time.monotonic() < self.started + self.duration:
+            return "pending"
+        return state
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self.__dict__["_status"] = value
+
     @property
     def progress(self) -> str:
-        return "100%" if self.status == "completed" else "0%"
+        if self.status == "completed":
+            return "100%"
+        if self.duration <= 0:
+            return "99%"  # only the copy is left
+        done = (time.monotonic() - self.started) / self.duration
+        return f"{max(0, min(99, int(done * 100)))}%"
 
 
 class LocalBackend(EC2Backend):
@@ -133,6 +166,10 @@ class LocalBackend(EC2Backend):
                 "InstanceLimitExceeded",
                 f"the local cloud runs at most {MAX_INSTANCES} instances ({live} now)",
             )
+        instance_type = str(kwargs.get("instance_type") or "m1.small")
+        if not kwargs.get("subnet_id"):
+            kwargs["placement"] = self._launch_zone(engine, kwargs.get("placement"), instance_type)
+        count = _fitting(engine.realism.instance_limit, live, _launch_minimum(count), count)
         self._launching = True
         try:
             reservation = super().run_instances(
@@ -145,20 +182,10 @@ class LocalBackend(EC2Backend):
             material = self.key_pairs[key_name].material_public
             public_key = material.decode() if isinstance(material, bytes) else str(material)
         for instance in reservation.instances:
-            address = engine.new_address()
-            nic = instance.nics[0]
-            nic.private_ip_address = address
-            nic.private_ip_addresses = [
-                {"Primary": True, "PrivateIpAddress": address, "PrivateDnsName": address}
-            ]
-            nic.private_dns_name = address
-            nic.public_ip = address
-            nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
-            _retype(nic, _LocalNic)
-            _retype(instance, _LocalInstance)
+            private, public = _give_addresses(engine, instance)
             _move_root(instance)
             set_state(instance, "pending")
-            engine.launched(instance.id, address, public_key, instance.instance_type)
+            engine.launched(instance.id, private, public, public_key, instance.instance_type)
         return reservation
 
     def start_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
@@ -173,15 +200,69 @@ class LocalBackend(EC2Backend):
                     f"The instance '{instance.id}' is not in a state from which it can be "
                     f"started (it is {instance.state}).",
                 )
+        for instance in instances:
+            if instance.state == "stopped":
+                self._check_capacity(engine, str(instance.placement.zone), instance.instance_type)
         result = []
         for instance in instances:
             previous = copy.copy(instance._state)
             if instance.state == "stopped":
                 instance.start()  # moto's bookkeeping (reason, nics)
                 set_state(instance, "pending")
-                engine.start_instance(instance.id)
+                engine.start_instance(instance.id, _new_public_address(engine, instance))
             result.append((instance, previous))
         return result
+
+    def _zones(self) -> list[str]:
+        return sorted(str(z.name) for z in self.describe_availability_zones())
+
+    def _has_capacity(self, engine: EngineHooks, zone: str, instance_type: str) -> bool:
+        gaps = engine.realism.insufficient_capacity
+        if zone not in gaps:
+            return True
+        types = gaps[zone]
+        return types is not None and instance_type not in types
+
+    def _check_capacity(self, engine: EngineHooks, zone: str, instance_type: str) -> None:
+        """InsufficientInstanceCapacity, in EC2's words, when the zone has none of the type.
+
+        EC2 answers it with HTTP 500, which SDKs retry several times before giving up; the
+        local cloud answers 400 so that a client sees it at once (same code and message).
+        """
+        if self._has_capacity(engine, zone, instance_type):
+            return
+        others = [
+            z for z in self._zones() if z != zone and self._has_capacity(engine, z, instance_type)
+        ]
+        hint = (
+            f" You can currently get {instance_type} capacity by not specifying an "
+            f"Availability Zone in your request or choosing {', '.join(others)}."
+            if others
+            else ""
+        )
+        raise _error(
+            "InsufficientInstanceCapacity",
+            f"We currently do not have sufficient {instance_type} capacity in the Availability "
+            f"Zone you requested ({zone}). Our system will be working on provisioning "
+            f"additional capacity.{hint}",
+        )
+
+    def _launch_zone(self, engine: EngineHooks, asked: str | None, instance_type: str) -> str:
+        """The zone asked for (if it has capacity), else the first one that has it (as EC2
+        places an instance launched without a zone where there is capacity)."""
+        if asked:
+            self._check_capacity(engine, asked, instance_type)
+            return asked
+        default = f"{self.region_name}a"
+        for zone in [default, *self._zones()]:
+            if self._has_capacity(engine, zone, instance_type):
+                return zone
+        raise _error(
+            "InsufficientInstanceCapacity",
+            f"We currently do not have sufficient {instance_type} capacity in the Region "
+            f"you requested ({self.region_name}). Our system will be working on "
+            "provisioning additional capacity.",
+        )
 
     def stop_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
         engine = self.engine
@@ -365,9 +446,26 @@ class LocalBackend(EC2Backend):
         if engine is None or from_ami is not None:
             return super().create_snapshot(volume_id, description, owner_id, from_ami)
         self._real_volume(engine, volume_id)
+        last = self._last_snapshot.get(volume_id)
+        interval = engine.realism.snapshot_interval
+        if last is not None and interval > 0 and time.monotonic() - last < interval:
+            raise _error(
+                "SnapshotCreationPerVolumeRateExceeded",
+                "The maximum per volume CreateSnapshot request rate has been exceeded. "
+                "Use an increasing or variable sleep interval between requests.",
+            )
         snapshot = super().create_snapshot(volume_id, description, owner_id, from_ami)
         self._made_snapshot(engine, snapshot, engine.disks[volume_id].image)
+        self._last_snapshot[volume_id] = time.monotonic()
         return snapshot
+
+    @property
+    def _last_snapshot(self) -> dict[str, float]:
+        """Volume id -> when it was last snapshotted (for EC2's per-volume rate)."""
+        found: dict[str, float] | None = self.__dict__.get("_snapshotted")
+        if found is None:
+            found = self.__dict__["_snapshotted"] = {}
+        return found
 
     def copy_snapshot(
         self,
@@ -399,9 +497,13 @@ class LocalBackend(EC2Backend):
         self._made_snapshot(engine, snapshot, image)
         return snapshot
 
-    def _made_snapshot(self, engine: EngineHooks, snapshot: Any, image: Any) -> None:
-        _retype(snapshot, _LocalSnapshot)
+    def _made_snapshot(self, engine: EngineHooks, record: Snapshot, image: Any) -> None:
+        _retype(record, _LocalSnapshot)
+        snapshot: Any = record
         snapshot.status = "pending"
+        snapshot.started = time.monotonic()
+        low, high = engine.realism.snapshot
+        snapshot.duration = engine.random.uniform(low, high) if high > 0 else 0.0
         try:
             engine.snapshot_created(snapshot.id, image)
         except LocalCloudError as e:
@@ -413,6 +515,69 @@ class LocalBackend(EC2Backend):
         if self.engine is not None:
             self.engine.snapshot_deleted(snapshot_id)
         return snapshot
+
+
+LAUNCH_REQUEST = threading.local()
+"""``min_count``: the MinCount of the RunInstances request this thread serves, when the API
+raised it to MaxCount for moto (moto launches MinCount); the backend launches what fits."""
+
+
+def _launch_minimum(count: int) -> int:
+    minimum = LAUNCH_REQUEST.__dict__.pop("min_count", None)
+    try:
+        return count if minimum is None else max(1, min(int(minimum), count))
+    except ValueError:  # moto has refused it already; never more than asked
+        return count
+
+
+def _fitting(limit: int | None, live: int, minimum: int, maximum: int) -> int:
+    """How many of MinCount..MaxCount instances fit under the account's instance limit."""
+    if limit is None or live + maximum <= limit:
+        return maximum
+    if live + minimum > limit:
+        raise _error(
+            "InstanceLimitExceeded",
+            f"You have requested more instances ({minimum}) than your current instance limit "
+            f"of {limit} allows for the specified instance type. Please visit "
+            "http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this "
+            "limit.",
+        )
+    return limit - live
+
+
+def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
+    """A new instance's (private, public) loopback addresses, set on its network interface.
+
+    Never moto's 10.x/54.x ones: nothing may ever connect outside 127.0.0.0/8.
+    """
+    private, public = engine.new_address(), engine.new_address()
+    nic = instance.nics[0]
+    dns = private_dns_name(engine.region, private)
+    nic.private_ip_address = private
+    nic.private_ip_addresses = [
+        {"Primary": True, "PrivateIpAddress": private, "PrivateDnsName": dns}
+    ]
+    nic.private_dns_name = dns
+    nic.public_ip = public
+    nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
+    _retype(nic, _LocalNic)
+    return private, public
+
+
+def _new_public_address(engine: EngineHooks, instance: Any) -> str | None:
+    """At a start: EC2 gives a new public address (None: it keeps its one, realism off)."""
+    instance.launch_time = utcnow()  # EC2's LaunchTime is the last start's
+    if not engine.realism.moving_public_address:
+        return None
+    public = engine.new_address()
+    instance.nics[0].public_ip = public
+    return public
+
+
+def release_public_address(engine: EngineHooks, instance: Any) -> None:
+    """A stopped instance has no public address on EC2 (a new one comes at its start)."""
+    if engine.realism.moving_public_address:
+        instance.nics[0].public_ip = None
 
 
 def _move_root(instance: Any) -> None:

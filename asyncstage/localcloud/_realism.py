@@ -87,6 +87,9 @@ class Realism:
     ``moving_public_address``     True           a new public address at every start
     ``api_rate``                  1.0            AWS's token buckets (:data:`BUCKETS`)
     ``insufficient_capacity``     none           InsufficientInstanceCapacity there
+    ``instance_limit``            none           InstanceLimitExceeded past it (live
+                                                 instances); MinCount..MaxCount launches
+                                                 what fits
     ============================  =============  ==========================================
     """
 
@@ -101,6 +104,7 @@ class Realism:
     moving_public_address: bool = True
     api_rate: float | None = 1.0
     insufficient_capacity: CapacityGaps = field(default_factory=dict)
+    instance_limit: int | None = None
 
     @classmethod
     def off(cls) -> Realism:

@@ -13,6 +13,14 @@ to the destination with OpenSSH ``ssh``:
 * the destination's pinned host key goes into a known_hosts in the work dir
   (``StrictHostKeyChecking=yes``).
 
+Which addresses: two hosts of one private network (two servers of one EC2 VPC, see
+``SSHHost.private_network``) talk over their private addresses, and the destination
+then sees the source come from the source's private address; otherwise the source
+connects to the destination's address and is seen at its own (on EC2, its public
+address: the one the NAT shows). The source binds that address when it can (it
+always can a private one; never a public one on EC2), so that ``from=`` matches
+where it really comes from.
+
 The key line is removed when the transfer ends, also after an error or a
 cancellation (shielded; a failing removal never replaces the error in flight).
 When the controller itself dies (SIGKILL, power loss), :func:`sweep_stale_keys`
@@ -43,7 +51,7 @@ from asyncstage.transfer.run import STALE_AFTER, controller_alive, controller_id
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
 
-__all__ = ["KEY_MARKER", "Link", "direct_link", "sweep_stale_keys"]
+__all__ = ["KEY_MARKER", "Link", "direct_link", "route", "sweep_stale_keys"]
 
 _log = logging.getLogger("asyncstage.transfer")
 
@@ -143,11 +151,12 @@ async def direct_link(
         tg.start_soon(_sweep_quietly, src, src_sudo, None)
         tg.start_soon(_sweep_quietly, dst, dst_sudo, authorized_keys)
     tag = f"{KEY_MARKER}{secrets.token_hex(8)}"
+    src_at, dst_at = route(src, dst)
     pinned = " ".join((await dst.host_public_key()).split()[:2])
-    known = f"{shell.known_hosts_pattern(dst.address, dst.port)} {pinned}"
-    made = await helper(src, src_sudo, "keygen", workdir, tag, known, src.address)
+    known = f"{shell.known_hosts_pattern(dst_at, dst.port)} {pinned}"
+    made = await helper(src, src_sudo, "keygen", workdir, tag, known, src_at)
     keys_file = authorized_keys or ""
-    options = f'from="{shell.check_address(src.address)}",restrict'
+    options = f'from="{shell.check_address(src_at)}",restrict'
     comment = f"{tag} controller={controller_id()}"
     _log.debug("%s: authorising %s for %s", dst.label, tag, src.label)
     in_flight: BaseException | None = None
@@ -162,9 +171,9 @@ async def direct_link(
             client_keys=[str(made["key"])],
             connect_timeout=dst.connect_timeout,
             keepalive_interval=dst.keepalive_interval,
-            bind_address=src.address if made.get("bindable") else None,
+            bind_address=src_at if made.get("bindable") else None,
         )
-        yield Link(ssh_options, dst.username, dst.address)
+        yield Link(ssh_options, dst.username, dst_at)
     except BaseException as e:
         in_flight = e
         raise
@@ -177,6 +186,15 @@ async def direct_link(
             dst.label,
             in_flight,
         )
+
+
+def route(src: SSHHost, dst: SSHHost) -> tuple[str, str]:
+    """(the address ``dst`` sees ``src`` come from, the address ``src`` reaches ``dst`` at):
+    the private ones within one private network, else the hosts' own addresses."""
+    inside, other = src.private_network, dst.private_network
+    if inside is not None and other is not None and inside[0] == other[0]:
+        return inside[1], other[1]
+    return src.address, dst.address
 
 
 async def _revoke(dst: SSHHost, sudo: bool, keys_file: str, tag: str) -> None:

@@ -1,0 +1,201 @@
+"""A server's host key before the first contact: its console, its policy, its diagnosis.
+
+EC2 shows an instance's console output (where cloud-init prints the host key
+fingerprints) minutes after its launch; ``GetConsoleOutput`` with ``Latest=True``
+shows the current output sooner, on Nitro instance types only. So before the first
+contact with a new server the console is polled (``Latest=True`` first; a type that
+refuses it is then polled without) until the fingerprints appear or
+``timeouts.console`` has passed since its launch; then the manager's
+``host_key_policy`` decides, and says so: ``"strict"`` fails with
+:class:`~asyncstage.errors.HostKeyUnverified`, ``"accept-new"`` pins the key first
+seen and logs a warning. Never a silent downgrade.
+
+:func:`diagnose` says why a server never answered ssh (its state, state reason,
+console tail, whether its port 22 answered).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal, cast
+
+import anyio
+
+from asyncstage.ec2 import console_fingerprints
+from asyncstage.errors import (
+    AsyncstageError,
+    EC2Error,
+    HostKeyUnverified,
+    InvalidArgument,
+    ServerUnreachable,
+)
+
+if TYPE_CHECKING:
+    from asyncstage.server import Server
+
+__all__ = [
+    "HostKeyPolicy",
+    "check_policy",
+    "concurrently",
+    "diagnose",
+    "port_answers",
+    "ssh_banner",
+    "wait_for_fingerprints",
+    "wait_for_sshd",
+]
+
+log = logging.getLogger("asyncstage")
+
+HostKeyPolicy = Literal["strict", "accept-new"]
+"""``Manager(host_key_policy=...)``: what happens when a new server's console shows no
+fingerprints within ``timeouts.console``: ``"strict"`` fails (HostKeyUnverified),
+``"accept-new"`` pins the key first seen (and logs a warning)."""
+
+_NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameterCombination")
+_CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
+
+
+def check_policy(policy: str) -> HostKeyPolicy:
+    """``policy`` if it is a :data:`HostKeyPolicy`, else InvalidArgument."""
+    if policy in ("strict", "accept-new"):
+        return cast(HostKeyPolicy, policy)
+    raise InvalidArgument(f"host_key_policy: 'strict' or 'accept-new', not {policy!r}")
+
+
+def _since_launch(server: Server) -> float:
+    """Seconds since the instance's last start (EC2's LaunchTime); 0 when unknown."""
+    launched = server.instance.get("LaunchTime")
+    if not isinstance(launched, datetime):
+        return 0.0
+    if launched.tzinfo is None:
+        launched = launched.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - launched).total_seconds())
+
+
+async def wait_for_fingerprints(server: Server) -> tuple[str, ...]:
+    """The host key fingerprints on the server's console, polled for until
+    ``timeouts.console`` has passed since its launch; then the policy decides:
+    ``()`` (pin the first key seen, with a warning) or :class:`HostKeyUnverified`."""
+    manager = server.manager
+    bound = manager.timeouts.console
+    deadline = anyio.current_time() + max(0.0, bound - _since_launch(server))
+    interval = min(0.2, manager.timeouts.poll_interval)
+    latest = True
+    while True:
+        try:
+            console = await manager.ec2.console_output(server.instance_id, latest=latest)
+        except EC2Error as e:
+            if latest and e.code in _NO_LATEST:  # a Xen type: the console as it comes
+                latest = False
+                continue
+            log.debug("%s: no console output: %s", server.name, e)
+            console = ""
+        found = console_fingerprints(console)
+        if found:
+            return tuple(found)
+        left = deadline - anyio.current_time()
+        if left <= 0:
+            break
+        await anyio.sleep(min(interval, left))
+        interval = min(interval * 1.5, 10.0)
+    label = f"{server.name} ({server.instance_id})"
+    if manager.host_key_policy == "accept-new":
+        log.warning(
+            "%s: no host key fingerprints on its console within %gs of its launch: pinning "
+            "the key it presents first, unverified (host_key_policy='accept-new')",
+            label,
+            bound,
+        )
+        return ()
+    raise HostKeyUnverified(
+        f"no host key fingerprints on its console within {bound:g}s of its launch, so its "
+        "host key cannot be verified; a longer console_timeout may do, or "
+        "host_key_policy='accept-new' pins the first key seen",
+        host=label,
+        waited=bound,
+    )
+
+
+async def ssh_banner(address: str, port: int = 22, timeout: float = 2.0) -> bool:
+    """True when an ssh server answers at ``address``:``port`` (its ``SSH-`` banner)."""
+    try:
+        with anyio.fail_after(timeout):
+            async with await anyio.connect_tcp(address, port) as stream:
+                return (await stream.receive(4)).startswith(b"SSH-")
+    except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError):
+        return False
+
+
+async def wait_for_sshd(server: Server, address: str, deadline: float) -> None:
+    """Until an ssh server answers at ``address`` (no ssh yet: its key is not settled);
+    a diagnosed :class:`ServerUnreachable` when the deadline passes first."""
+    while not await ssh_banner(address):
+        if anyio.current_time() >= deadline:
+            raise await diagnose(server, address, "sshd never answered")
+        await anyio.sleep(0.2)
+
+
+async def concurrently(*steps: Callable[[], Awaitable[None]]) -> None:
+    """Run the steps at once; the first that fails cancels the others, and is raised."""
+    failures: list[AsyncstageError] = []
+    async with anyio.create_task_group() as tg:
+
+        async def guarded(step: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await step()
+            except AsyncstageError as e:
+                failures.append(e)
+                tg.cancel_scope.cancel()
+
+        for step in steps:
+            tg.start_soon(guarded, step)
+    if failures:
+        raise failures[0]
+
+
+async def port_answers(address: str, port: int = 22, timeout: float = 2.0) -> bool:
+    """True when anything accepts a TCP connection at ``address``:``port``."""
+    try:
+        with anyio.fail_after(timeout):
+            stream = await anyio.connect_tcp(address, port)
+    except (OSError, TimeoutError):
+        return False
+    await stream.aclose()
+    return True
+
+
+async def diagnose(server: Server, address: str, message: str) -> ServerUnreachable:
+    """A :class:`ServerUnreachable` for ``server`` (tried at ``address``) that says what
+    is known: its state and state reason, its console's tail, whether port 22 answered."""
+    console: str | None = None
+    port_open: bool | None = None
+    with anyio.move_on_after(15):  # a diagnosis never hangs the error it explains
+        try:
+            await server.refresh()
+        except AsyncstageError as e:
+            log.debug("%s: no description: %s", server.name, e)
+        try:
+            text = await server.ec2.console_output(server.instance_id, latest=True)
+        except EC2Error:
+            try:
+                text = await server.ec2.console_output(server.instance_id)
+            except AsyncstageError:
+                text = None
+        except AsyncstageError:
+            text = None
+        if text is not None:
+            console = "\n".join(text.rstrip("\n").splitlines()[-_CONSOLE_LINES:])
+        port_open = await port_answers(address)
+    reason = server.instance.get("StateReason", {}).get("Message") or server.instance.get(
+        "StateTransitionReason"
+    )
+    return ServerUnreachable(
+        message,
+        host=f"{server.name} ({server.instance_id})",
+        state=server.state,
+        state_reason=str(reason) if reason else None,
+        console_tail=console,
+        port_open=port_open,
+    )

@@ -1,0 +1,223 @@
+"""Consoles, addresses, host keys and diagnosis on the realistic local cloud (issue 12).
+
+EC2 shows a console late (``Latest=True`` is current on Nitro types only), gives an
+instance a new public address at every start, and a server that never answers ssh
+must say why. The library waits for the console's fingerprints alongside sshd, lets
+its host key policy decide when they never come, moves a pinned key with a moved
+server, and links two servers over the addresses they really see each other at.
+
+Some tests slow the session cloud's console down for their own duration (white box:
+``cloud._engine.realism``), always restoring it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from asyncstage import Manager
+from asyncstage.errors import HostKeyMismatch, HostKeyUnverified, ServerUnreachable
+from asyncstage.localcloud import LocalCloud
+from asyncstage.transfer.link import direct_link, route
+from asyncstage.transfer.run import workdir
+from tests.cloud_fixtures import ManagerFactory
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.localcloud,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
+]
+
+
+@contextlib.contextmanager
+def _console_delays(cloud: LocalCloud, console: float, latest: float) -> Iterator[None]:
+    """The session cloud's console delays, for a while (white box: the engine's realism)."""
+    engine: Any = cloud._engine
+    kept = engine.realism
+    engine.realism = dataclasses.replace(
+        kept, console=(console, console), console_latest=(latest, latest)
+    )
+    try:
+        yield
+    finally:
+        engine.realism = kept
+
+
+@pytest.fixture
+def slow_console(cloud: LocalCloud) -> Iterator[None]:
+    """The console 3 s late, 0.3 s with Latest=True on Nitro."""
+    with _console_delays(cloud, 3.0, 0.3):
+        yield
+
+
+@pytest.fixture
+def silent_console(cloud: LocalCloud) -> Iterator[None]:
+    """The console shows nothing for a minute (longer than the tests)."""
+    with _console_delays(cloud, 60.0, 60.0):
+        yield
+
+
+async def _console(ec2: Any, instance_id: str, latest: bool) -> str:
+    reply = await ec2.get_console_output(InstanceId=instance_id, Latest=latest)
+    return str(reply.get("Output") or "")
+
+
+async def _fingerprints_shown(ec2: Any, instance_id: str, latest: bool, within: float) -> None:
+    with anyio.fail_after(within):
+        while True:
+            if "SSH HOST KEY FINGERPRINTS" in await _console(ec2, instance_id, latest):
+                return
+            await anyio.sleep(0.05)
+
+
+async def test_console_is_empty_then_present(
+    cloud: LocalCloud, ec2: Any, slow_console: None
+) -> None:
+    ids = {}
+    for kind in ("t3.micro", "t2.micro"):  # Nitro, Xen
+        reply = await ec2.run_instances(
+            ImageId=cloud.image_id, MinCount=1, MaxCount=1, InstanceType=kind
+        )
+        ids[kind] = reply["Instances"][0]["InstanceId"]
+    try:
+        with anyio.fail_after(60):
+            while True:
+                reply = await ec2.describe_instances(InstanceIds=list(ids.values()))
+                states = {i["State"]["Name"] for r in reply["Reservations"] for i in r["Instances"]}
+                if states == {"running"}:
+                    break
+                await anyio.sleep(0.05)
+        nitro, xen = ids["t3.micro"], ids["t2.micro"]
+        assert await _console(ec2, nitro, latest=False) == ""  # no Output yet
+        assert await _console(ec2, xen, latest=True) == ""  # Xen ignores Latest
+        await _fingerprints_shown(ec2, nitro, True, 2)  # Latest on Nitro: within 0.3 s
+        assert await _console(ec2, xen, latest=True) == ""
+        await _fingerprints_shown(ec2, xen, False, 10)  # then for every type, as it comes
+        assert "SSH HOST KEY FINGERPRINTS" in await _console(ec2, nitro, False)
+    finally:
+        await ec2.terminate_instances(InstanceIds=list(ids.values()))
+
+
+async def test_library_waits_for_a_late_console(manager: Manager, slow_console: None) -> None:
+    # a Xen type: Latest does not help, the console comes 3 s after the boot
+    server = await manager.provision_server("patient", instance_type="t2.micro")
+    assert server._expected_fingerprints  # verified against the console, not trusted
+    assert manager.ec2.calls["GetConsoleOutput"] > 1  # polled until it showed them
+    assert (await server.scmd("whoami")).strip() == "admin"
+
+
+async def test_unverified_host_key_fails_by_default(
+    manager_factory: ManagerFactory, silent_console: None
+) -> None:
+    async with manager_factory(console_timeout=1.0) as m:
+        with anyio.fail_after(60), pytest.raises(HostKeyUnverified) as info:
+            await m.provision_server("unverified")
+        assert info.value.waited == 1.0
+        assert "accept-new" in str(info.value) and "unverified" in str(info.value)
+        assert m.find_server_by_name("unverified") is None  # terminated, not leaked
+
+
+async def test_accept_new_pins_and_warns(
+    manager_factory: ManagerFactory, silent_console: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with manager_factory(console_timeout=1.0, host_key_policy="accept-new") as m:
+        with caplog.at_level(logging.WARNING, logger="asyncstage"):
+            server = await m.provision_server("trusting")
+        assert any(
+            "accept-new" in r.getMessage() and "unverified" in r.getMessage()
+            for r in caplog.records
+        )
+        assert server.address is not None
+        assert m.known_hosts.lookup(server.address)  # pinned on first contact
+        assert (await server.scmd("whoami")).strip() == "admin"
+    with pytest.raises(ValueError, match="host_key_policy"):
+        manager_factory(host_key_policy="yolo")
+
+
+async def test_stop_start_moves_address_and_key(manager: Manager) -> None:
+    server = await manager.provision_server("mover")
+    first, private = server.address, server.instance["PrivateIpAddress"]
+    assert first is not None and first != private
+    keys = manager.known_hosts.lookup(first)
+    assert keys
+    await server.stop()
+    consoles = manager.ec2.calls["GetConsoleOutput"]
+    await server.start()
+    assert server.address not in (None, first)
+    assert server.instance["PrivateIpAddress"] == private  # the private address stays
+    assert manager.known_hosts.lookup(server.address) == keys  # the key moved ...
+    assert not manager.known_hosts.lookup(first)
+    assert manager.ec2.calls["GetConsoleOutput"] == consoles  # ... not trusted anew
+    assert (await server.scmd("hostname")).strip() == "ip-" + private.replace(".", "-")
+
+
+def _new_host_keys(cloud: LocalCloud, instance_id: str) -> None:
+    """Replace a stopped instance's host keys (white box: its overlay's upper dir)."""
+    ssh_dir = Path(cloud.state_dir) / "roots" / instance_id / "upper" / "etc" / "ssh"
+    for kind in ("ed25519", "ecdsa"):
+        key = ssh_dir / f"ssh_host_{kind}_key"
+        key.unlink()
+        key.with_name(key.name + ".pub").unlink()
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(key)], check=True)
+
+
+async def test_tampered_host_key_after_a_move_is_refused(
+    cloud: LocalCloud, manager: Manager
+) -> None:
+    server = await manager.provision_server("tampered")
+    first = server.address
+    await server.stop()
+    _new_host_keys(cloud, server.instance_id)  # what answers at the new address is not it
+    with anyio.fail_after(60), pytest.raises(HostKeyMismatch):
+        await server.start()
+    assert server.address != first
+
+
+async def test_server_to_server_after_a_move(manager: Manager, tmp_path: Path) -> None:
+    a, b = await manager.provision_servers(["near", "far"])
+    await b.stop()
+    await b.start()  # b has a new public address, its private one stays
+    a_private, b_private = a.instance["PrivateIpAddress"], b.instance["PrivateIpAddress"]
+    assert route(a.host, b.host) == (a_private, b_private)
+    # what b's sshd really sees a come from is what the temporary key allows
+    async with (
+        workdir(a.host, True) as wd,
+        direct_link(a.host, True, wd, b.host, False, None) as link,
+    ):
+        assert link.address == b_private
+        allowed = await b.scmd("cat", ".ssh/authorized_keys")
+        assert f'from="{a_private}"' in allowed
+        seen = await a.scmd(*link.argv("sh", "-c", "echo $SSH_CONNECTION"), sudo=True)
+        assert seen.split()[0] == a_private
+    (tmp_path / "data").write_text("moved along\n")
+    await a.put(str(tmp_path / "data"), "/tmp/data")
+    await manager.rsync(f"{a}:/tmp/data", f"{b}:/tmp/copied")
+    assert await b.scmd("cat", "/tmp/copied") == "moved along\n"
+
+
+async def test_unreachable_server_says_why(cloud: LocalCloud, manager: Manager) -> None:
+    with pytest.raises(ServerUnreachable) as info:
+        await manager.provision_server("refused", username="nobody", timeout=4)
+    error = info.value
+    assert error.state == "running" and error.port_open is True
+    assert error.console_tail and "cloud-init" in error.console_tail
+    assert "port 22 answered" in str(error) and "state running" in str(error)
+
+    server = await manager.provision_server("gone")
+    engine: Any = cloud._engine  # white box: its sshd dies, EC2 still says running
+    await anyio.to_thread.run_sync(engine.machines[server.instance_id].host.kill)
+    server.host.reset()
+    with anyio.fail_after(30), pytest.raises(ServerUnreachable) as info:
+        await server.start(timeout=3)
+    error = info.value
+    assert error.state == "running" and error.port_open is False
+    assert "nothing answered on port 22" in str(error)
