@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _baselines import Alternate, BaselineReport, NotRun, make_file
+from _baselines import Alternate, BaselineReport, NotRun, left_out, make_file
 from _common import MiB, local_cloud, parse_args, to_thread
 
 from asyncstage import Manager, Server
@@ -34,6 +34,8 @@ from asyncstage import Manager, Server
 
 def _fabric_missing() -> str | None:
     """Why Fabric cannot run here (None: it can)."""
+    if (reason := left_out("fabric")) is not None:
+        return reason
     try:
         import fabric  # noqa: F401
     except ImportError:

@@ -43,8 +43,8 @@ class _CloudClock:
                 if iid in self._seen:
                     continue
                 try:
-                    state = engine._instance(iid).state
-                except Exception:
+                    state = engine.api.instance_state(iid)
+                except Exception:  # terminated meanwhile, or not in the API yet
                     continue
                 if state == "running":
                     self._seen.add(iid)

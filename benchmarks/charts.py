@@ -4,7 +4,7 @@
 run) writes into DIR:
 
 - ``fleet.png``: wall time until N servers answer ssh, against N: asyncstage's
-  ``provision_servers`` (fleet.json, perl.json), asyncstage one after another
+  ``provision_servers`` (fleet.json, perl.json, scale.json up to 200), asyncstage one after another
   (fleet.json) and the Perl module's ``get_server`` for each (perl.json);
 - ``throughput.png``: MB/s of the transfers against their baselines in the same run
   (Perl's put, rsync and dd; Fabric's SFTP put);
@@ -49,6 +49,11 @@ def _fleet_series(results: Path) -> dict[str, list[tuple[int, float, bool]]]:
         series["asyncstage provision_server() N times in turn"] = [
             (s["n"], s["wall_s"], bool(s.get("measured", True))) for s in fleet.get("serial", [])
         ]
+    scale = _load(results, "scale").get("results", {}).get("fleet", [])
+    if scale:
+        series["asyncstage provision_servers(N) (scale.json)"] = [
+            (r["n"], r["wall_s"], True) for r in scale
+        ]
     perl = _load(results, "perl").get("results", {}).get("fleet", {})
     ours = [(int(n), f["asyncstage_s"], True) for n, f in perl.items() if f.get("asyncstage_s")]
     theirs = [(int(n), f["perl_s"], True) for n, f in perl.items() if f.get("perl_s")]
@@ -67,6 +72,7 @@ def fleet_chart(results: Path, plt: Any) -> Path | None:
     styles = {
         "asyncstage provision_servers(N) (fleet.json)": (OURS, "o", "-"),
         "asyncstage provision_servers(N) (perl.json)": (OURS, "s", ":"),
+        "asyncstage provision_servers(N) (scale.json)": (OURS, "*", "-."),
         "asyncstage provision_server() N times in turn": (OTHER, "^", "--"),
         "Perl VM::EC2::Staging get_server × N": (THEIRS, "D", "-"),
     }
@@ -97,6 +103,8 @@ def fleet_chart(results: Path, plt: Any) -> Path | None:
     ax.set_xlabel("servers (N)" + _not_run_note(perl_json, ["fleet"]))
     ax.set_ylabel("seconds until all answer ssh")
     ax.set_ylim(bottom=0)
+    if max(p[0] for points in series.values() for p in points) > 60:
+        ax.set_xscale("log")  # 1 ... 200 servers: the small fleets stay readable
     ax.set_title(
         "Fleet: N servers up and answering ssh"
         + (f" (local cloud, boot delay {delay:g} s)" if delay is not None else "")

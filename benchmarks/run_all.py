@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller", "perl", "fabric"]
+SCRIPTS = [
+    "fleet",
+    "commands",
+    "streaming",
+    "transfers",
+    "controller",
+    "scale",
+    "perl",
+    "fabric",
+    "demo",
+]
 
 
 def _fmt(value: float) -> str:

@@ -16,7 +16,17 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["fleet", "commands", "streaming", "transfers", "controller", "perl", "fabric"]
+SCRIPTS = [
+    "fleet",
+    "commands",
+    "streaming",
+    "transfers",
+    "controller",
+    "scale",
+    "perl",
+    "fabric",
+    "demo",
+]
 
 pytestmark = [
     pytest.mark.localcloud,
@@ -120,6 +130,8 @@ def test_transfers(results: Path) -> None:
     p = r["parallel"]
     assert _positive(p["serial_s"]) and _positive(p["concurrent_s"])
     assert _positive(p["cpu_floor_s"]) and _positive(p["best_possible_speedup_on_these_cores"])
+    assert _positive(p["cpu_limit_mb_s"]) and _positive(p["aggregate_mb_s"])
+    assert _positive(p["vs_cpu_limit"]) and 0 <= p["idle_concurrent"] <= 1
 
 
 def test_controller(results: Path) -> None:
@@ -128,6 +140,31 @@ def test_controller(results: Path) -> None:
         assert _positive(r[key]["peak_rss_mb"]) and _positive(r[key]["cpu_s"])
     assert r["servers"]["connected"] == _load(results, "controller")["params"]["servers"]
     assert _positive(r["controlmaster_baseline"]["peak_rss_mb_sum"])
+
+
+def test_scale(results: Path) -> None:
+    data = _load(results, "scale")
+    r, params = data["results"], data["params"]
+    assert [f["n"] for f in r["fleet"]] == params["fleet_sizes"]
+    for f in r["fleet"]:
+        assert _positive(f["wall_s"]) and f["answered_ssh"] == f["n"]
+        assert f["api_calls"]["RunInstances"] == 1
+    c = r["commands"]
+    assert c["commands"] == params["commands"]
+    assert c["succeeded"] + c["failed"] == c["commands"]
+    assert r["controller"]["connected"] == params["controller_servers"]
+    assert _positive(r["controller"]["peak_rss_mb"])
+    assert len(data["targets"]) == 4
+
+
+def test_demo(results: Path) -> None:
+    data = _load(results, "demo")
+    runs = data["results"]["runs"]
+    assert [r["servers"] for r in runs] == data["params"]["servers"]
+    for r in runs:  # a failed run says why; a run that ended has its figures
+        assert isinstance(r["ok"], bool)
+        assert r.get("error") or (_positive(r["wall_s"]) and r["steps"])
+    assert len(data["targets"]) == 1
 
 
 def test_perl(results: Path) -> None:

@@ -68,6 +68,17 @@ ClientAliveInterval 0
 X11Forwarding no
 AcceptEnv LANG LC_*
 Subsystem sftp /usr/lib/openssh/sftp-server
+# DSA keys, as the images of VM::EC2::Staging's era accepted (its server-to-server keys)
+PubkeyAcceptedAlgorithms +ssh-dss
+"""
+# The instance's ssh client (Debian's defaults) offers DSA keys too, for the same reason.
+_SSH_CONFIG = """\
+# ssh client of a local-cloud instance (written by asyncstage.localcloud)
+Include /etc/ssh/ssh_config.d/*.conf
+Host *
+    SendEnv LANG LC_*
+    HashKnownHosts yes
+    PubkeyAcceptedAlgorithms +ssh-dss
 """
 
 # What a login user's shell reads: a clean start-up (no machine-specific rc files).
@@ -134,6 +145,7 @@ class Host:
         self._write("etc/machine-id", secrets.token_hex(16) + "\n")
         hosts = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
         self._write("etc/hosts", hosts + f"{self.address}\t{self.hostname}\n")
+        self._write("etc/ssh/ssh_config", _SSH_CONFIG)
         self._host_keys()
         uid, gid = self._login_user()
         self._write(

@@ -46,7 +46,8 @@ my $manager = $ec2->staging_manager(
     -image_name        => $image,
     -architecture      => 'x86_64',
     -username          => $username,
-    -instance_type     => 't3.micro',
+    # the module's own default (m1.small, a Xen type): it names devices the Xen way
+    # (/dev/xvda1, /dev/sdf1 -> /dev/xvdf1) and cannot find a device on Nitro (NVMe) types
     -availability_zone => $zone,
 );
 my %volumes;   # name -> VM::EC2::Staging::Volume
