@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 import anyio  # noqa: E402
 
 from asyncstage import Manager, shell  # noqa: E402
-from asyncstage.localcloud import LocalCloud  # noqa: E402
+from asyncstage.localcloud import LocalCloud, Realism  # noqa: E402
 from asyncstage.ssh import SSHHost  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -260,9 +260,12 @@ def ms(seconds: float) -> float:
 
 @contextlib.asynccontextmanager
 async def local_cloud(
-    boot_delay: float = 0.0, **manager_options: Any
+    boot_delay: float = 0.0, realism: Realism | None = None, **manager_options: Any
 ) -> AsyncIterator[tuple[LocalCloud, Manager]]:
-    """A running local cloud and an open Manager on it (terminates everything on exit)."""
+    """A running local cloud and an open Manager on it (terminates everything on exit).
+
+    ``realism``: the cloud's profile (default: the realistic one, as in the tests).
+    """
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks run on the local cloud, which needs root")
     dotdir = Path(tempfile.mkdtemp(prefix="asyncstage-bench-"))
@@ -274,7 +277,11 @@ async def local_cloud(
     }
     options.update(manager_options)
     try:
-        async with LocalCloud(boot_delay=boot_delay) as cloud, cloud.manager(**options) as m:
+        cloud_options: dict[str, Any] = {} if realism is None else {"realism": realism}
+        async with (
+            LocalCloud(boot_delay=boot_delay, **cloud_options) as cloud,
+            cloud.manager(**options) as m,
+        ):
             yield cloud, m
     finally:
         shutil.rmtree(dotdir, ignore_errors=True)

@@ -21,6 +21,7 @@ VM::EC2 said>" (its target then counts as not met), and the run goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +42,14 @@ from _baselines import (
 from _common import MiB, local_cloud, parse_args
 
 from asyncstage import Manager, Server, Volume
+from asyncstage.localcloud import Realism
+
+# VM::EC2::Staging creates its security group and reads it back at once (``$sg->update or
+# die``): on EC2 that read usually finds it, on the realistic local cloud a new id is
+# always NotFound for up to a second, so the module would never get a server. Both sides
+# run on the realistic profile without that window (asyncstage copes with it either way:
+# tests/test_realism_consistency.py).
+PERL_REALISM = dataclasses.replace(Realism(), consistency=(0.0, 0.0))
 
 ZONE = "us-east-1a"
 
@@ -283,13 +292,14 @@ async def main() -> None:
         "boot_delay_s": boot_delay,
         "poll_interval_s": 0.5,
         "perl_get_server_deadline_s": per_server,
+        "realism": "aws, without the consistency window (see PERL_REALISM)",
         **_perl_versions(),
     }
     work = Path(tempfile.mkdtemp(prefix="asyncstage-bench-perl-"))
     results: dict[str, Any] = {"perl_module_missing": missing}
     try:
         tree = make_tree(work / "tree", tree_bytes, tree_files)
-        async with local_cloud(boot_delay, poll_interval=0.5) as (cloud, m):
+        async with local_cloud(boot_delay, PERL_REALISM, poll_interval=0.5) as (cloud, m):
             creds = cloud.session_kwargs()
             driver = None
             if missing is None:
