@@ -206,7 +206,7 @@ class Server:
         sudo: bool = False,
     ) -> CommandResult:
         """Run a command; the full result (exit status, stdout, stderr)."""
-        return await (await self._ready()).run(
+        return await self.host.run(
             *cmd, input=input, check=check, timeout=timeout, encoding=encoding, sudo=sudo
         )
 
@@ -219,9 +219,7 @@ class Server:
         sudo: bool = False,
     ) -> str:
         """Run a command and return its standard output, like backticks."""
-        return await (await self._ready()).scmd(
-            *cmd, check=check, timeout=timeout, input=input, sudo=sudo
-        )
+        return await self.host.scmd(*cmd, check=check, timeout=timeout, input=input, sudo=sudo)
 
     async def ssh(
         self,
@@ -230,7 +228,7 @@ class Server:
         sudo: bool = False,
     ) -> bool:
         """Run a command with its output on our stdout/stderr; true on success."""
-        return await (await self._ready()).ssh(*cmd, timeout=timeout, sudo=sudo)
+        return await self.host.ssh(*cmd, timeout=timeout, sudo=sudo)
 
     def scmd_read(
         self, *cmd: Command, encoding: str | None = "utf-8", sudo: bool = False
@@ -249,30 +247,26 @@ class Server:
     ) -> int:
         """Run a command with its stdout written to the local file ``path`` (renamed into
         place on success); the bytes written. See :meth:`SSHHost.scmd_to_file`."""
-        return await (await self._ready()).scmd_to_file(*cmd, path=path, sudo=sudo)
+        return await self.host.scmd_to_file(*cmd, path=path, sudo=sudo)
 
     async def scmd_from_file(
         self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
     ) -> int:
         """Run a command with the local file ``path`` as its stdin; the bytes sent."""
-        return await (await self._ready()).scmd_from_file(*cmd, path=path, sudo=sudo)
-
-    async def _ready(self) -> SSHHost:
-        """The ssh host (it settles its host key expectations before connecting)."""
-        return self.host
+        return await self.host.scmd_from_file(*cmd, path=path, sudo=sudo)
 
     @asynccontextmanager
     async def _streaming(
         self, way: str, cmd: tuple[Command, ...], encoding: str | None, sudo: bool
     ) -> AsyncIterator[Any]:
-        host = await self._ready()
+        host = self.host
         opened = host.scmd_read if way == "read" else host.scmd_write
         async with opened(*cmd, encoding=encoding, sudo=sudo) as stream:
             yield stream
 
     async def shell(self) -> int:
         """An interactive shell on the server; its exit status."""
-        return await (await self._ready()).shell()
+        return await self.host.shell()
 
     # -- volumes: helpers ---------------------------------------------------------------------
 
