@@ -677,8 +677,10 @@ class _Waits(_Client):
                     if on_reached is not None:
                         on_reached(iid, inst)
                 elif now in dead:
+                    why = inst.get("StateReason", {}).get("Message")
                     failed[iid] = EC2Error(
-                        f"instance {label(iid)} went {now} while waiting for {state}",
+                        f"instance {label(iid)} went {now} while waiting for {state}"
+                        + (f" ({why})" if why else ""),
                         code="IncorrectInstanceState",
                         operation="DescribeInstances",
                     )

@@ -46,7 +46,7 @@ from asyncstage.localcloud import Realism
 
 # VM::EC2::Staging creates its security group and reads it back at once (``$sg->update or
 # die``): on EC2 that read usually finds it, on the realistic local cloud a new id is
-# always NotFound for up to a second, so the module would never get a server. Both sides
+# NotFound for up to half a second, so the module would never get a server. Both sides
 # run on the realistic profile without that window (asyncstage copes with it either way:
 # tests/test_realism_consistency.py).
 PERL_REALISM = dataclasses.replace(Realism(), consistency=(0.0, 0.0))

@@ -1,7 +1,7 @@
 """Raw botocore clients that wait out EC2's eventual consistency, as AWS's waiters do.
 
 The realistic local cloud answers ``...NotFound`` for an id just created (for up to
-``Realism.consistency``, 1 s by default). Tests that drive it with plain botocore clients
+``Realism.consistency``, up to 0.5 s by default). Tests that drive it with plain botocore clients
 to check something else (hosts, disks, isolation) make their clients :func:`patient`:
 such an answer is retried a few times, briefly, as ``aws ec2 wait instance-exists``
 would. The library needs no such help (tests/test_realism_consistency.py).

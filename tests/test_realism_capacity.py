@@ -272,7 +272,9 @@ async def test_snapshot_waits_follow_progress(
 ) -> None:
     async with manager_factory() as m:
         volume = await m.provision_volume("snap-prog", size=1)
-        with playing(cloud, snapshot=(1.0, 1.5), snapshot_interval=1.5):
+        # no consistency window here: a retried describe of the new id must not outlast the
+        # snapshot's pending time (the progress seen is what is under test)
+        with playing(cloud, snapshot=(2.0, 2.5), snapshot_interval=1.5, consistency=(0.0, 0.0)):
             first = await volume.create_snapshot()
             began = time.monotonic()
             second = await volume.create_snapshot()  # refused at first, retried
@@ -294,3 +296,29 @@ async def test_snapshot_waits_follow_progress(
                 await m.ec2.create_snapshot(again.volume_id, rate_wait=0)
                 await m.ec2.create_snapshot(again.volume_id, rate_wait=0)
             assert e.value.code == "SnapshotCreationPerVolumeRateExceeded"
+
+
+async def test_instance_lost_at_launch(
+    cloud: LocalCloud, ec2: Any, manager_factory: ManagerFactory
+) -> None:
+    """EC2 sometimes loses a new instance: pending -> terminated with Server.InternalError."""
+    with playing(cloud, launch_failure=1.0):
+        ran = await ec2.run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1)
+        instance_id = ran["Instances"][0]["InstanceId"]
+        with anyio.fail_after(30):
+            while True:
+                found = await ec2.describe_instances(InstanceIds=[instance_id])
+                instance = found["Reservations"][0]["Instances"][0]
+                if instance["State"]["Name"] == "terminated":
+                    break
+                await anyio.sleep(0.2)
+        assert instance["StateReason"] == {
+            "Code": "Server.InternalError",
+            "Message": "Server.InternalError: Internal error on launch",
+        }
+        async with manager_factory() as m:
+            with pytest.raises(EC2Error) as e:
+                await m.provision_server("lost-1")
+            assert "terminated" in str(e.value) and "Internal error on launch" in str(e.value)
+            assert m.servers() == []
+            assert set((await _states(m, ["lost-1"])).values()) == {"terminated"}

@@ -43,6 +43,7 @@ try:
         install_backend,
         make_backend,
         release_public_address,
+        set_reason,
         set_state,
         uninstall_backend,
     )
@@ -111,6 +112,10 @@ class LocalApi:
         if instance.state == "pending":
             instance.stop()
             instance._reason = f"Server.InternalError: {reason}"
+
+    def launch_failed(self, instance_id: str, message: str) -> None:
+        """A terminated launch's StateReason as EC2 gives it (``Server.InternalError``)."""
+        set_reason(self.backend.get_instance(instance_id), "Server.InternalError", message)
 
     def halted(self, instance_id: str, *, terminated: bool) -> None:
         instance = self.backend.get_instance(instance_id)

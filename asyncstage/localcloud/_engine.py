@@ -275,6 +275,14 @@ class Engine:
 
     def _boot(self, machine: _Machine) -> None:
         host = machine.host
+        if self._launch_fails(machine):
+            # EC2 sometimes loses a new instance: pending -> terminated, with a StateReason
+            with self.lock:
+                machine.wanted = "terminated"
+            self._halt(machine)
+            with self.lock:
+                self.api.launch_failed(host.instance_id, "Internal error on launch")
+            return
         with machine.op_lock:
             if machine.wanted != "running" or self._closed:
                 return
@@ -307,6 +315,13 @@ class Engine:
                     machine.ready = False
                     self.api.boot_failed(host.instance_id, str(e))
                 raise
+
+    def _launch_fails(self, machine: _Machine) -> bool:
+        """A first boot that ``realism.launch_failure`` (seeded) makes fail."""
+        if machine.prepared or machine.boots or self.realism.launch_failure <= 0:
+            return False
+        with self.lock:
+            return self.random.random() < self.realism.launch_failure
 
     def _add_devices(self, machine: _Machine) -> None:
         """The root device's nodes and those of the attached volumes, in a booted host."""

@@ -24,6 +24,7 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
+from moto.ec2.models.instances import StateReason
 
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
@@ -47,6 +48,12 @@ def set_state(instance: Any, name: str) -> None:
     """Set an instance's state as DescribeInstances reports it."""
     instance._state.name = name
     instance._state.code = STATE_CODES[name]
+
+
+def set_reason(instance: Any, code: str, message: str) -> None:
+    """Set an instance's StateReason (and StateTransitionReason) as EC2 gives them."""
+    instance._reason = f"{code}: {message}"
+    instance.state_reason = StateReason(instance._reason, code)
 
 
 def _error(code: str, message: str) -> EC2ClientError:

@@ -77,16 +77,17 @@ class Realism:
     ============================  =============  ==========================================
     field                         ``aws``        on AWS
     ============================  =============  ==========================================
-    ``consistency``               0 - 1.0 s      a new id is ``...NotFound`` for seconds
-    ``console``                   1.0 - 3.0 s    GetConsoleOutput empty for 2 - 20 minutes
-    ``console_latest``            0 - 0.2 s      ``Latest=True`` on Nitro: current output
-    ``device``                    0.05 - 0.5 s   the node appears after ``attached``
-    ``snapshot``                  1.0 - 3.0 s    ``pending`` with rising Progress, minutes+
-    ``snapshot_interval``         2.0 s          SnapshotCreationPerVolumeRateExceeded
+    ``consistency``               0 - 0.5 s      a new id is ``...NotFound`` for seconds
+    ``console``                   0.5 - 1.5 s    GetConsoleOutput empty for 2 - 20 minutes
+    ``console_latest``            0 - 0.1 s      ``Latest=True`` on Nitro: current output
+    ``device``                    0.05 - 0.3 s   the node appears after ``attached``
+    ``snapshot``                  0.5 - 1.5 s    ``pending`` with rising Progress, minutes+
+    ``snapshot_interval``         1.0 s          SnapshotCreationPerVolumeRateExceeded
     ``busy_detach``               True           a mounted volume's detach stays ``busy``
     ``moving_public_address``     True           a new public address at every start
     ``api_rate``                  1.0            AWS's token buckets (:data:`BUCKETS`)
     ``insufficient_capacity``     none           InsufficientInstanceCapacity there
+    ``launch_failure``            0.0            pending -> terminated, Server.InternalError
     ``instance_limit``            none           InstanceLimitExceeded past it (live
                                                  instances); MinCount..MaxCount launches
                                                  what fits
@@ -94,16 +95,17 @@ class Realism:
     """
 
     name: Literal["aws", "off", "custom"] = "aws"
-    consistency: Span = (0.0, 1.0)
-    console: Span = (1.0, 3.0)
-    console_latest: Span = (0.0, 0.2)
-    device: Span = (0.05, 0.5)
-    snapshot: Span = (1.0, 3.0)
-    snapshot_interval: float = 2.0
+    consistency: Span = (0.0, 0.5)
+    console: Span = (0.5, 1.5)
+    console_latest: Span = (0.0, 0.1)
+    device: Span = (0.05, 0.3)
+    snapshot: Span = (0.5, 1.5)
+    snapshot_interval: float = 1.0
     busy_detach: bool = True
     moving_public_address: bool = True
     api_rate: float | None = 1.0
     insufficient_capacity: CapacityGaps = field(default_factory=dict)
+    launch_failure: float = 0.0
     instance_limit: int | None = None
 
     @classmethod
