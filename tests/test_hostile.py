@@ -284,6 +284,10 @@ async def test_hostile_tags_planted_with_raw_ec2_calls_are_skipped(
                 TagSpecifications=[{"ResourceType": "instance", "Tags": _tag_list(tags)}],
             )
             planted_insts += [i["InstanceId"] for i in got["Instances"]]
+        # EC2 shows another party's new ids only after a while (eventual consistency): the
+        # planting party waits until they are visible, so that the scan below meets them
+        assert len(await raw.describe_volumes(planted_vols)) == len(planted_vols)
+        assert len(await raw.describe_instances(planted_insts)) == len(planted_insts)
         caplog.set_level(logging.WARNING, logger="asyncstage")
         async with manager_factory(on_exit="run", scan=True) as scanner:
             adopted_vols = {v.volume_id for v in scanner.volumes()}
