@@ -9,6 +9,10 @@ for N hosts on this machine's cores is in there), "then up" is the library's par
 after that (seeing it in a poll round, host keys, ssh). API calls are
 counted at the endpoint (``cloud.api_calls``); a poll round is a burst of
 DescribeInstances calls (closer than 0.15 s to each other).
+
+The fleets run on the realistic cloud (the default profile: eventual consistency, AWS's
+API token buckets, late consoles, ...) and again on the instant one (``realism="off"``),
+side by side with the throttled answers and what the library absorbed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import anyio
 from _common import CallWatcher, Report, local_cloud, parse_args, ratio
 
 from asyncstage import Manager
-from asyncstage.localcloud import LocalCloud
+from asyncstage.localcloud import LocalCloud, Realism
 
 
 class _CloudClock:
@@ -63,6 +67,7 @@ class _CloudClock:
 
 async def _concurrent(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
     before = Counter(cloud.api_calls)
+    throttled, absorbed = Counter(cloud.throttled), Counter(m.ec2.absorbed)
     with CallWatcher(cloud, "DescribeInstances") as watch, _CloudClock(cloud) as clock:
         t = time.perf_counter()
         servers = await m.provision_servers(n)
@@ -79,7 +84,15 @@ async def _concurrent(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
         "api_calls": dict(sorted(calls.items())),
         "describe_rounds": len(rounds),
         "describe_calls_per_round": round(max(rounds) if rounds else 0, 2),
+        "throttled": sum((Counter(cloud.throttled) - throttled).values()),
+        "absorbed": dict(Counter(m.ec2.absorbed) - absorbed),
     }
+
+
+async def _instant(boot_delay: float, poll_interval: float, sizes: list[int]) -> list[Any]:
+    """The concurrent fleets again on the instant cloud (``realism="off"``)."""
+    async with local_cloud(boot_delay, Realism.off(), poll_interval=poll_interval) as (cloud, m):
+        return [await _concurrent(cloud, m, n) for n in sizes]
 
 
 async def _serial(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
@@ -96,7 +109,7 @@ async def _serial(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
 
 async def main() -> None:
     args = parse_args(__doc__ or "")
-    sizes = [1, 3] if args.quick else [1, 10, 50]
+    sizes = [1, 3] if args.quick else [1, 10, 50, 100]
     serial_max = 3 if args.quick else 10
     boot_delay = 0.3 if args.quick else 5.0
     poll_interval = 0.5
@@ -131,6 +144,8 @@ async def main() -> None:
                 serial.append({"n": n, "wall_s": round(wall, 3), "measured": False})
             print(f"serial {n}: {serial[-1]}")
         report.mark_load("after_serial")
+    instant = await _instant(boot_delay, poll_interval, sizes)
+    report.mark_load("after_instant")
     single = concurrent[0]["wall_s"]
     rows = []
     for c, s in zip(concurrent, serial, strict=True):
@@ -183,8 +198,35 @@ async def main() -> None:
             for f in fixed
         ],
     )
+    report.table(
+        "The realistic cloud (eventual consistency, AWS's API rates, late consoles ...) "
+        "beside the instant one (realism='off'), same fleets",
+        [
+            "N",
+            "realistic s",
+            "instant s",
+            "realistic / instant",
+            "Describe/round",
+            "throttled answers",
+            "absorbed by the library",
+        ],
+        [
+            [
+                c["n"],
+                c["wall_s"],
+                i["wall_s"],
+                ratio(c["wall_s"], i["wall_s"]),
+                c["describe_calls_per_round"],
+                c["throttled"],
+                sum(c["absorbed"].values()),
+            ]
+            for c, i in zip(concurrent, instant, strict=True)
+        ],
+    )
     report.results.update(
         {
+            "realism": "aws (the default); 'instant' is realism='off'",
+            "instant": instant,
             "concurrent": concurrent,
             "serial": serial,
             "single_s": single,
