@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,8 +14,10 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
+from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._auth import AuthFailure, Credentials, check_host, check_request
 from asyncstage.localcloud._devices import is_nitro, root_nodes, xen_node
+from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import scrubbed_shadow
 from asyncstage.localcloud._wire import boolean_actions, fix_response, namespace
 
@@ -158,3 +162,30 @@ def test_credentials_file(tmp_path: Any) -> None:
         f"aws_secret_access_key = {creds.secret_access_key}"
         in (tmp_path / "credentials").read_text()
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes files owned by root")
+@pytest.mark.parametrize("planted", ["etc/ssh/sshd_config", "etc/ssh"])
+def test_boot_writes_never_follow_a_symlink_the_instance_planted(
+    tmp_path: Path, planted: str
+) -> None:
+    """sshd_config is written again at every boot, as root on the machine, into the upper
+    dir the instance's root controls: a symlink there is refused, its target untouched."""
+    host = Host(
+        instance_id="i-test",
+        address="127.200.0.1",
+        state_dir=tmp_path / "state",
+        root_dir=tmp_path / "root",
+        public_key=None,
+    )
+    (host.upper / "etc" / "ssh").mkdir(parents=True)
+    target = tmp_path / "machine-file"
+    target.write_text("the machine's\n")
+    link = host.upper / planted
+    if link.is_dir():
+        link.rmdir()
+    link.symlink_to(target if planted.endswith("config") else tmp_path)
+    with pytest.raises((LocalCloudError, OSError)):
+        host._write("etc/ssh/sshd_config", "ListenAddress 127.200.0.1:22\n")
+    assert target.read_text() == "the machine's\n"
+    assert not (tmp_path / "sshd_config").exists()

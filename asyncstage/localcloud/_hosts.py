@@ -167,6 +167,8 @@ class Host:
         for part in Path(rel).parts:
             path = path / part
             lower = Path("/") / path.relative_to(self.upper)
+            if path.is_symlink():  # the instance's root made it one: never followed as root
+                raise LocalCloudError(f"{self.instance_id}: /{rel} is a symlink in the instance")
             if not path.exists():
                 path.mkdir()
                 try:
@@ -182,9 +184,13 @@ class Host:
         self, rel: str, text: str, mode: int = 0o644, owner: tuple[int, int] = (0, 0)
     ) -> Path:
         path = self._mkdirs(str(Path(rel).parent)) / Path(rel).name
-        path.write_text(text)
-        os.chmod(path, mode)
-        os.chown(path, *owner)
+        # Written again at later boots, into a tree the instance's root controls: a symlink
+        # planted there must not make this process (root on the machine) write elsewhere.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, mode)
+            os.fchown(fd, *owner)
+            f.write(text)
         return path
 
     def _host_keys(self) -> None:
