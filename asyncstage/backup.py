@@ -25,7 +25,8 @@ Safety rules (see ``docs/backup.md``):
 The newest snapshot of a backup may still be ``pending`` (EC2 takes minutes to hours;
 another run may have just made it). A backup or restore then **waits for it** to complete
 (up to ``Timeouts.snapshot``) and uses it: never an older snapshot in its place, which
-would silently miss the newest data. A snapshot that fails is left out.
+would silently miss the newest data. A snapshot already in ``error`` is left out; one that
+fails while it is waited for fails the backup or restore (``EC2Error``).
 """
 
 from __future__ import annotations

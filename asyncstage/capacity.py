@@ -43,8 +43,10 @@ __all__ = [
     "LaunchChoices",
     "Partial",
     "check_choices",
+    "choices",
     "launch_many",
     "launch_one",
+    "register_launch",
     "start_where_able",
 ]
 

@@ -367,6 +367,7 @@ class Fleet:
         return servers
 
     async def cleanup_failed(self, servers: list[Server]) -> None:
+        """Terminate servers a launch or wait gave up on (errors logged, not raised)."""
         try:
             await self.terminate(servers, timeout=self.manager.timeouts.stop)
         except AsyncstageError as e:

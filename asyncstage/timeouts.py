@@ -29,7 +29,8 @@ class Timeouts:
     """How long a launch waits for concurrent equal launches to share its RunInstances call."""
     console: float = 600.0
     """For host key fingerprints on a new server's console (from its launch; EC2 takes
-    minutes); then ``Manager(host_key_policy=...)`` decides."""
+    minutes); then ``Manager(host_key_policy=...)`` decides. A bound of its own: it may
+    outlast ``server``, because a server is up only once its host key is settled."""
     consistency: float = 60.0
     """How long after a create EC2 may still answer ``...NotFound`` for the new id (eventual
     consistency): such answers are retried within it, for the ids this client created."""

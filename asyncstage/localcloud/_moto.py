@@ -455,12 +455,12 @@ class LocalBackend(EC2Backend):
             return volume.attachment
         return super().detach_volume(volume_id, instance_id, device_path)
 
-    def _busy_later(self, volume_id: str) -> None:
-        timer = threading.Timer(_BUSY_POLL, self._busy_check, (volume_id,))
+    def _busy_later(self, volume_id: str, pause: float = _BUSY_POLL) -> None:
+        timer = threading.Timer(pause, self._busy_check, (volume_id, pause))
         timer.daemon = True
         timer.start()
 
-    def _busy_check(self, volume_id: str) -> None:
+    def _busy_check(self, volume_id: str, pause: float = _BUSY_POLL) -> None:
         """A busy detach: done once the volume is unmounted inside its instance."""
         engine = self.engine
         if engine is None:
@@ -472,7 +472,8 @@ class LocalBackend(EC2Backend):
                 return  # closed, forced or detached since
             try:
                 if engine.volume_detaching(volume_id) is not None:
-                    self._busy_later(volume_id)
+                    # still mounted: look again, less often the longer it stays (up to 1 s)
+                    self._busy_later(volume_id, min(pause * 1.5, 1.0))
                     return
                 super().detach_volume(volume_id, attachment.instance.id, attachment.device)
             except Exception:
