@@ -75,21 +75,20 @@ class _LocalNic(NetworkInterface):
         return association
 
 
+# EC2 names instances ip-1-2-3-4.ec2.internal / ec2-1-2-3-4.compute-1.amazonaws.com. Here
+# the names are the loopback addresses themselves: clients connect by DNS name (the Perl
+# VM::EC2::Staging does), and a name under amazonaws.com would send a DNS query off this
+# machine (nothing may leave 127.0.0.0/8) and then fail to resolve.
+
+
 def private_dns_name(region: str, address: str) -> str:
-    """EC2's private DNS name of an address: ``ip-127-1-2-3.ec2.internal``."""
-    dashed = address.replace(".", "-")
-    if region == "us-east-1":
-        return f"ip-{dashed}.ec2.internal"
-    return f"ip-{dashed}.{region}.compute.internal"
+    """The private DNS name of an instance at ``address``: the address itself (see above)."""
+    return address
 
 
 def public_dns_name(region: str, address: str) -> str:
-    """EC2's public DNS name: ``ec2-127-1-2-3.compute-1.amazonaws.com`` (never resolved:
-    the local cloud's addresses are loopback ones, and only they are ever connected to)."""
-    dashed = address.replace(".", "-")
-    if region == "us-east-1":
-        return f"ec2-{dashed}.compute-1.amazonaws.com"
-    return f"ec2-{dashed}.{region}.compute.amazonaws.com"
+    """The public DNS name of an instance at ``address``: the address itself (see above)."""
+    return address
 
 
 class _LocalSnapshot(Snapshot):
