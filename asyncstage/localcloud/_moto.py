@@ -24,7 +24,7 @@ from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
-from moto.ec2.models.instances import StateReason
+from moto.ec2.models.instances import Instance, StateReason
 
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
@@ -89,6 +89,18 @@ def private_dns_name(region: str, address: str) -> str:
 def public_dns_name(region: str, address: str) -> str:
     """The public DNS name of an instance at ``address``: the address itself (see above)."""
     return address
+
+
+class _LocalInstance(Instance):
+    """An instance whose DNS names are its addresses (see :func:`private_dns_name`)."""
+
+    @property
+    def private_dns_name(self) -> str:
+        return private_dns_name(self.region_name, str(self.private_ip))
+
+    @property
+    def public_dns_name(self) -> str | None:
+        return public_dns_name(self.region_name, self.public_ip) if self.public_ip else None
 
 
 class _LocalSnapshot(Snapshot):
@@ -612,6 +624,7 @@ def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
     nic.public_ip = public
     nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
     _retype(nic, _LocalNic)
+    _retype(instance, _LocalInstance)
     return private, public
 
 
