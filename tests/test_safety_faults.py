@@ -230,7 +230,9 @@ async def _cancelled_at_20_points(
         if not completed:
             cancelled += 1
             assert await left_behind(name) == [], f"left behind after a cancel at point {i}"
-    assert cancelled >= 15  # most points fall inside the operation
+    # most points fall inside the operation; on the realistic profile each run's own random
+    # delays (console, consistency, device) make it shorter or longer than the timed one
+    assert cancelled >= 10
 
 
 async def test_provision_volume_cancelled_at_20_points_leaves_no_volume(
