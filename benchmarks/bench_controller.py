@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from _common import (
@@ -43,6 +43,10 @@ from _common import (
     ratio,
     to_thread,
 )
+
+if TYPE_CHECKING:
+    from asyncstage import Manager
+    from asyncstage.localcloud import LocalCloud
 
 
 @dataclass
@@ -133,6 +137,20 @@ async def _child(scenario: str, info: dict[str, Any], count: int, size: int) -> 
     return out
 
 
+def _child_info(cloud: LocalCloud, m: Manager) -> dict[str, Any]:
+    """What a child process needs to reach the cloud and the manager's key pair."""
+    return {
+        "cloud": {
+            "endpoint_url": cloud.endpoint_url,
+            "region": cloud.region,
+            "image_id": cloud.image_id,
+            "default_username": cloud.default_username,
+            "access": cloud.session_kwargs(),
+        },
+        "dotdir": str(m.dotdir),
+    }
+
+
 def _run_child(scenario: str, info: dict[str, Any], count: int, size: int) -> dict[str, Any]:
     argv = [sys.executable, str(HERE / "bench_controller.py"), "--child", scenario]
     done = subprocess.run(
@@ -173,16 +191,7 @@ async def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="asyncstage-bench-cm-"))
     atexit.register(shutil.rmtree, workdir, True)  # ControlMaster sockets
     async with local_cloud(0.0) as (cloud, m):
-        info = {
-            "cloud": {
-                "endpoint_url": cloud.endpoint_url,
-                "region": cloud.region,
-                "image_id": cloud.image_id,
-                "default_username": cloud.default_username,
-                "access": cloud.session_kwargs(),
-            },
-            "dotdir": str(m.dotdir),
-        }
+        info = _child_info(cloud, m)
         idle = await to_thread(_run_child, "idle", info, 0, 0)
         servers = await to_thread(_run_child, "servers", info, n_servers, 0)
         report.mark_load("after_servers_child")

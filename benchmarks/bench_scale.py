@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio
 from _common import MachineCPU, OwnCPU, Report, local_cloud, parse_args, ratio, to_thread
-from bench_controller import _run_child
+from bench_controller import _child_info, _run_child
 from bench_fleet import _concurrent
 
 from asyncstage import Manager, Server
@@ -67,19 +67,6 @@ async def _commands(m: Manager, n_servers: int, n_commands: int) -> dict[str, An
         "failures": dict(failures.most_common(5)),
         "wall_s": round(wall, 3),
         "per_second": round(n_commands / wall, 1) if wall else None,
-    }
-
-
-def _child_info(cloud: LocalCloud, m: Manager) -> dict[str, Any]:
-    return {
-        "cloud": {
-            "endpoint_url": cloud.endpoint_url,
-            "region": cloud.region,
-            "image_id": cloud.image_id,
-            "default_username": cloud.default_username,
-            "access": cloud.session_kwargs(),
-        },
-        "dotdir": str(m.dotdir),
     }
 
 
