@@ -1,7 +1,8 @@
 """Devices and detach on the realistic local cloud (issue #12) and volumes at scale (#14).
 
-The session cloud plays EC2: a device node appears a moment after the attachment says
-``attached``; Nitro types show volumes as NVMe devices named by serial, Xen types as
+The session cloud plays EC2: a volume's device node appears a moment after AttachVolume
+(on a Xen type the attachment says ``attaching`` until then, on Nitro ``attached`` comes
+first); Nitro types show volumes as NVMe devices named by serial, Xen types as
 ``/dev/xvdX``; a detach of a volume still mounted stays ``busy``; an instance type takes
 only so many attachments.
 """
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
 from asyncstage import Manager, Server, Volume
-from asyncstage.devices import nvme_link, volume_slots
+from asyncstage.devices import is_nitro, nvme_link, volume_slots
 from asyncstage.errors import EC2Error, VolumeInUse
 from asyncstage.localcloud import LocalCloud
 from tests.cloud_fixtures import ManagerFactory
@@ -66,6 +67,53 @@ async def test_nitro_node_comes_late_and_is_found_by_serial(
     assert link == volume.mtdev
     assert volume.ec2_device == "/dev/sdf"
     await volume.delete()
+
+
+async def _watch_attach(
+    m: Manager, server: Server, device: str, node: Callable[[str], str]
+) -> list[str]:
+    """Attach a new volume under ``device``; the attachment states seen until ``attached``,
+    each as ``state:node`` when ``node(volume id)`` was a block device right after."""
+    raw = await m.ec2.create_volume(availability_zone=server.availability_zone, size=1)
+    vid = str(raw["VolumeId"])
+    await m.ec2.wait_for_volume(
+        vid, lambda v: v.get("State") == "available", what="available", timeout=30
+    )
+    await m.ec2.attach_volume(vid, server.instance_id, device)
+    seen: list[str] = []
+    for _ in range(100):
+        state = await _attachment_state(m, vid)
+        there = await server.run("test", "-b", node(vid), check=False)
+        seen.append(f"{state}:node" if there.exit_status == 0 else str(state))
+        if state == "attached":
+            break
+        await anyio.sleep(0.02)
+    if not is_nitro(server.instance["InstanceType"]):  # the Perl module: mkfs right after it
+        await server.scmd("mkfs.ext4", "-q", node(vid), sudo=True)
+    await m.ec2.detach_volume(vid)
+    await m.ec2.wait_for_volume(
+        vid, lambda v: v.get("State") == "available", what="detached", timeout=30
+    )
+    await m.ec2.delete_volume(vid)
+    return seen
+
+
+async def test_xen_node_is_there_when_attached_nitro_node_may_come_after(
+    manager: Manager,
+) -> None:
+    # Xen: the attach completes through blkfront before EC2 says 'attached'
+    xen = await manager.get_server("att-xen", instance_type="m1.small")
+    seen = await _watch_attach(manager, xen, "/dev/sdf1", lambda _: "/dev/xvdf1")
+    assert seen[0] == "attaching", seen  # the shortest delay outlasts one describe
+    assert seen[-1] == "attached:node", seen  # 'attached' (read first): the node is there
+    # and not long before: the node and the state change at one moment (a look at the
+    # node after the state was read may see it one round early)
+    assert set(seen[:-2]) <= {"attaching"}, seen
+    # Nitro: 'attached' at once (only AttachVolume's answer says 'attaching'), the NVMe
+    # node whenever the guest's hotplug scan finds it
+    nitro = await manager.get_server("att-nitro")  # t3.micro
+    seen = await _watch_attach(manager, nitro, "/dev/sdf", nvme_link)
+    assert seen[0] in ("attached", "attached:node"), seen
 
 
 async def test_xen_names_and_partition_style_names(manager: Manager) -> None:

@@ -129,6 +129,13 @@ class LocalApi:
         if snapshot_id in self.backend.snapshots:
             self.backend.snapshots[snapshot_id].status = "completed"
 
+    def attachment_done(self, volume_id: str) -> None:
+        """An ``attaching`` attachment is ``attached`` now (its device node is there)."""
+        volume = self.backend.volumes.get(volume_id)
+        attachment = None if volume is None else volume.attachment
+        if attachment is not None and attachment.status == "attaching":
+            attachment.status = "attached"
+
     def root_volume(self, instance_id: str) -> str | None:
         instance = self.backend.get_instance(instance_id)
         mapping = instance.block_device_mapping.get(ROOT_DEVICE_NAME)

@@ -387,9 +387,10 @@ class Engine:
         image = self.state_dir / "volumes" / f"{volume_id}.img"
         self.disks[volume_id] = Disk.create(volume_id, image, size, source)
 
-    def volume_attached(self, volume_id: str, instance_id: str, device: str) -> None:
+    def volume_attached(self, volume_id: str, instance_id: str, device: str) -> bool:
         """Bind the volume's loop device; its node appears in the instance (if booted) a
-        moment later (``realism.device``), as on EC2, where ``attached`` comes first."""
+        moment later (``realism.device``). True: the attachment says ``attaching`` until
+        then (Xen: blkfront's node is there by ``attached``); Nitro says ``attached`` first."""
         disk = self.disks[volume_id]
         machine = self.machines[instance_id]
         if machine.nitro:
@@ -410,32 +411,36 @@ class Engine:
         self._run.add_loop(loop, disk.loop_id)
         disk.instance_id, disk.name, disk.serial = instance_id, name, serial
         if not (machine.ready and machine.host.alive):
-            return  # it boots with the node (_add_devices)
+            return False  # it boots with the node (_add_devices)
         delay = self.random.uniform(*self.realism.device)
         if delay > 0:
             timer = threading.Timer(delay, self._device_node, (disk, machine, loop))
             timer.daemon = True
             timer.start()
-            return
+            return not machine.nitro
         assert disk.rdev is not None
         try:
             machine.host.add_device(name, disk.rdev, serial)
         except OSError as e:
             self._free(disk)
             raise LocalCloudError(f"{volume_id}: cannot make its device node: {e}") from e
+        return False
 
     def _device_node(self, disk: Disk, machine: _Machine, loop: str) -> None:
-        """The late device node of an attachment, unless it is gone (or rebooted) since."""
+        """The late device node of an attachment, unless it is gone since; on Xen the
+        attachment turns ``attached`` with it (a boot since adds the node: _add_devices)."""
         with self.lock:
             if self._closed or disk.loop != loop or disk.instance_id != machine.host.instance_id:
                 return
-            if not (machine.ready and machine.host.alive) or disk.rdev is None:
-                return  # a boot since adds it (_add_devices)
-            assert disk.name is not None
-            try:
-                machine.host.add_device(disk.name, disk.rdev, disk.serial)
-            except (OSError, LocalCloudError):
-                log.exception("local cloud: %s: no device node", disk.volume_id)
+            if machine.ready and machine.host.alive and disk.rdev is not None:
+                assert disk.name is not None
+                try:
+                    machine.host.add_device(disk.name, disk.rdev, disk.serial)
+                except (OSError, LocalCloudError):  # stays attaching, as a stuck one on EC2
+                    log.exception("local cloud: %s: no device node", disk.volume_id)
+                    return
+            if not machine.nitro and self._api is not None:
+                self._api.attachment_done(disk.volume_id)
 
     def volume_detaching(self, volume_id: str, *, force: bool = False) -> str | None:
         """Remove the volume's device node and loop device; None once done.

@@ -430,10 +430,13 @@ class LocalBackend(EC2Backend):
         if refusal is not None:
             raise _error("AttachmentLimitExceeded", refusal)
         try:
-            engine.volume_attached(volume_id, instance_id, device_path)
+            attaching = engine.volume_attached(volume_id, instance_id, device_path)
         except LocalCloudError as e:
             raise _error("InternalError", str(e)) from e
-        return super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
+        done = super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
+        if attaching and done is not None:  # until the node is there (attachment_done)
+            done.status = "attaching"
+        return done
 
     def detach_volume(self, volume_id: str, instance_id: str, device_path: str) -> Any:
         """Detach (``instance_id`` and ``device_path`` may be empty, as EC2 allows).

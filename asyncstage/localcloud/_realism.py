@@ -3,9 +3,10 @@
 ``LocalCloud(realism="aws")`` (the default) plays what real EC2 does that a kinder cloud
 would hide: eventual consistency, throttling, missing capacity, a late console, public
 addresses that change at every start, busy detaches, slow snapshots, device nodes that
-appear after the attachment. AWS's times (minutes) are scaled down to seconds so that
-tests stay fast; each is a field of :class:`Realism` (a ``(low, high)`` pair is drawn
-uniformly from the cloud's seeded generator). ``realism="off"`` is the instant cloud.
+come a moment after AttachVolume (on Nitro even after ``attached``). AWS's times
+(minutes) are scaled down to seconds so that tests stay fast; each is a field of
+:class:`Realism` (a ``(low, high)`` pair is drawn uniformly from the cloud's seeded
+generator). ``realism="off"`` is the instant cloud.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class Realism:
     ``consistency``               0 - 0.5 s      a new id is ``...NotFound`` for seconds
     ``console``                   0.5 - 1.5 s    GetConsoleOutput empty for 2 - 20 minutes
     ``console_latest``            0 - 0.1 s      ``Latest=True`` on Nitro: current output
-    ``device``                    0.05 - 0.3 s   the node appears after ``attached``
+    ``device``                    0.05 - 0.3 s   the volume's node comes after AttachVolume:
+                                                 Nitro (NVMe hotplug) after ``attached``;
+                                                 Xen ``attaching`` until it is there
     ``snapshot``                  0.5 - 1.5 s    ``pending`` with rising Progress, minutes+
     ``snapshot_interval``         1.0 s          SnapshotCreationPerVolumeRateExceeded
     ``busy_detach``               True           a mounted volume's detach stays ``busy``
