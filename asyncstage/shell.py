@@ -150,9 +150,11 @@ def openssh_options(
     keepalive_interval: float = 15.0,
     batch: bool = True,
     bind_address: str | None = None,
+    algorithms: Sequence[str] = (),
 ) -> list[str]:
     """Options for OpenSSH ``ssh``: no config file, our keys only, strict host key
-    checking against ``known_hosts`` alone, the given timeouts."""
+    checking against ``known_hosts`` alone, the given timeouts; ``algorithms`` are
+    more ``-o`` options (algorithm preferences)."""
     if any(c.isspace() for c in known_hosts):
         known_hosts = '"' + known_hosts + '"'
     opts = ["-F", "/dev/null", "-p", str(int(port))]
@@ -180,6 +182,7 @@ def openssh_options(
         f"ServerAliveInterval={_seconds(keepalive_interval)}",
         "-o",
         "LogLevel=ERROR",
+        *algorithms,
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -444,6 +445,28 @@ async def test_openssh_uses_the_same_key_and_known_hosts(
         (tmp_path / "kh").write_text("")  # without the pin, OpenSSH refuses
         refused = await anyio.run_process(argv, check=False)
         assert refused.returncode == 255
+
+
+async def test_openssh_prefers_the_key_exchange_of_our_own_connections(
+    sshd_server: SSHServer, tmp_path: Path
+) -> None:
+    # sntrup761x25519, OpenSSH 9's first choice, costs ~70 ms per connection; every
+    # rsync and OpenSSH leg pays it. Ours goes first, and nothing beyond ssh's defaults.
+    defaults = subprocess.run(  # noqa: ASYNC221 (a 3 ms ssh -G, before any I/O of the test)
+        ["ssh", "-G", "-F", "/dev/null", "localhost"], capture_output=True, text=True, check=True
+    ).stdout
+    default = dict(line.split(" ", 1) for line in defaults.splitlines() if " " in line)
+    async with sshd_server.host(known_hosts=tmp_path / "kh") as host:
+        await host.host_public_key()
+        opts = host.openssh_options()
+        kex = next(o.split("=", 1)[1] for o in opts if o.startswith("KexAlgorithms="))
+        assert kex.split(",")[0] in ("mlkem768x25519-sha256", "curve25519-sha256")
+        assert sorted(kex.split(",")) == sorted(default["kexalgorithms"].split(","))
+        argv = host.openssh_argv("true")
+        done = await anyio.run_process([argv[0], "-v", *argv[1:]], check=False)
+        assert done.returncode == 0, done.stderr
+        chosen = re.search(rb"kex: algorithm: (\S+)", done.stderr)
+        assert chosen is not None and chosen.group(1).decode() == kex.split(",")[0]
 
 
 async def test_shell_in_this_terminal(
