@@ -23,6 +23,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from asyncstage import remote, shell
 from asyncstage.errors import (
     CommandFailed,
@@ -64,6 +66,27 @@ async def _device_size(ep: HostEndpoint) -> int:
         return int((await _dd_info(ep.host, ep.sudo, "size", ep.path))["size"])
     except CommandFailed as e:
         raise InvalidArgument(f"{ep}: not a readable block device ({e})") from e
+
+
+async def _device_sizes(*eps: HostEndpoint) -> list[int]:
+    """The sizes of the devices, asked at once; the first failure is raised as itself."""
+    found: list[int | Exception] = [0] * len(eps)
+
+    async def one(i: int) -> None:
+        try:
+            found[i] = await _device_size(eps[i])
+        except Exception as e:  # raised below, not as an ExceptionGroup
+            found[i] = e
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(eps)):
+            tg.start_soon(one, i)
+    sizes = []
+    for value in found:
+        if isinstance(value, Exception):
+            raise value
+        sizes.append(value)
+    return sizes
 
 
 async def _compression(method: bool | str, *eps: HostEndpoint) -> str:
@@ -118,8 +141,7 @@ async def dd_endpoints(
     reporter.current = source.path
     expect = (_expect(source_volume), _expect(dest_volume))
     async with hosts_held(source.host, dest.host):
-        src_size = await _device_size(source)
-        dst_size = await _device_size(dest)
+        src_size, dst_size = await _device_sizes(source, dest)
         if dst_size < src_size:
             raise InvalidArgument(
                 f"{what}: the destination ({dst_size} bytes) is smaller than the source "
