@@ -27,6 +27,9 @@ allowed); with ``EXPECT`` each device must be that volume (its NVMe serial, its
 
 Blocks of zeros are not sent. The destination stays sparse: ranges that must be zero
 are punched (``fallocate``), or written with zeros only where they are not zero yet.
+On an ext2/3/4 filesystem only the blocks its bitmaps mark used are read; the others
+count as zeros (:class:`ExtMap`, which declines anything it does not fully trust: then
+the whole device is read). The hash lists are of the copy as made.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Blocks of zeros are not sent and the destination stays sparse (ranges that
 must be zero are punched, or written with zeros only where the old contents are
 not zero); optional compression (zstd, else gzip); a sha256 hash list (over 1 MiB
 blocks, so that blocks of zeros cost a compare rather than a hash) of the source
-and of the destination read back (caches dropped) is compared afterwards.
+and of the destination read back (caches dropped) is compared afterwards. When the
+source holds a cleanly unmounted ext2/3/4 filesystem, only the blocks it uses are
+read (its block bitmaps): its free blocks arrive as zeros (see docs/transfers.md).
 
 The copy itself is :mod:`asyncstage.remote.blockcopy`, run on the source host
 (and, between hosts, its receiver on the destination over the direct link,
