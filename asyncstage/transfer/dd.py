@@ -123,7 +123,9 @@ async def dd_endpoints(
     """Copy block device ``source.path`` to ``dest.path`` (each on its host), block by block.
 
     Blocks of zeros are not sent; the destination's matching ranges are made
-    zero without writing where possible (it stays sparse). ``compress``: True
+    zero without writing where possible (it stays sparse). Of a cleanly unmounted
+    ext2/3/4 filesystem only the blocks it uses are read and copied (free ones
+    arrive as zeros); anything else is read whole. ``compress``: True
     (zstd when both hosts have it, else gzip), ``"zstd"``, ``"gzip"`` or False.
     ``verify``: the sha256 of the source and of the destination read back must
     match (:class:`~asyncstage.errors.VerifyFailed` otherwise). The destination
