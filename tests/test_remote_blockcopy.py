@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,47 @@ def test_bitmap_bit_helpers() -> None:
             assert blockcopy._bits_any(bm, lo, hi) == any(lo <= b < hi for b in bits), (lo, hi)
     for n in range(49):
         assert blockcopy._bits_set(bm, n) == sum(b < n for b in bits)
+
+
+def test_fast_cipher_only_with_aes_instructions(tmp_path: Path) -> None:
+    argv = ["ssh", "-o", "BatchMode=yes", "-l", "admin", "--", "10.0.0.2", "recv"]
+    with_aes = tmp_path / "with"
+    with_aes.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 vaes_not\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n")
+    fast = blockcopy.fast_cipher(argv, str(with_aes))
+    assert fast == ["ssh", "-c", blockcopy.CIPHERS, *argv[1:]]
+    assert blockcopy.CIPHERS.startswith("aes128-gcm@openssh.com,chacha20-poly1305")
+    assert blockcopy.fast_cipher(argv, str(arm))[1:3] == ["-c", blockcopy.CIPHERS]
+    assert blockcopy.fast_cipher(argv, str(without)) == argv
+    assert blockcopy.fast_cipher(argv, str(tmp_path / "none")) == argv
+    assert blockcopy.fast_cipher(["sudo", *argv], str(with_aes)) == ["sudo", *argv]
+
+
+def test_read_ahead_keeps_order_errors_and_stops() -> None:
+    items = [(i, bytes([i])) for i in range(50)]
+    assert list(blockcopy.ahead(iter(items), depth=3)) == items
+
+    def failing() -> Iterator[tuple[int, bytes]]:
+        yield 0, b"a"
+        raise OSError("unexpected end of device")
+
+    got = blockcopy.ahead(failing())
+    assert next(got) == (0, b"a")
+    with pytest.raises(OSError, match="unexpected end"):
+        next(got)
+    made: list[int] = []
+
+    def endless() -> Iterator[tuple[int, bytes]]:
+        i = 0
+        while True:
+            made.append(i)
+            yield i, b""
+            i += 1
+
+    reader = blockcopy.ahead(endless(), depth=2)
+    assert next(reader) == (0, b"")
+    reader.close()  # the consumer stops early (a broken pipe): the thread ends too
+    assert len(made) <= 5
