@@ -370,3 +370,19 @@ def test_read_ahead_keeps_order_errors_and_stops() -> None:
     assert next(reader) == (0, b"")
     reader.close()  # the consumer stops early (a broken pipe): the thread ends too
     assert len(made) <= 5
+
+
+def test_direct_reads_match_plain_ones(tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB) + b"tail"
+    (tmp_path / "d").write_bytes(data)
+    fd = os.open(tmp_path / "d", os.O_RDONLY)
+    try:
+        reader = blockcopy.Direct(fd)  # O_DIRECT where the filesystem allows it
+        assert reader.read(4 * MiB, 0) == data[: 4 * MiB]
+        assert reader.read(4096, MiB) == data[MiB : MiB + 4096]
+        assert reader.read(100, 5) == data[5:105]  # unaligned: a plain read
+        assert reader.read(4096, 5 * MiB - 4096 + 4) == data[5 * MiB - 4092 :]  # short
+        reader.close()
+        assert b"".join(block for _, block in blockcopy.chunks(fd, len(data))) == data
+    finally:
+        os.close(fd)

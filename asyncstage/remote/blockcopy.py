@@ -40,6 +40,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import mmap
 import os
 import queue
 import re
@@ -126,9 +127,57 @@ def read_exact(f: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
+class Direct:
+    """Reads of the device ``fd`` that bypass the page cache (``O_DIRECT``, into an
+    aligned buffer): what the device holds, not a cached copy, and on loop devices
+    several times faster than buffered reads of the same size. Plain reads where it
+    is refused (tmpfs, files, unaligned sizes)."""
+
+    ALIGN = 4096
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dfd = -1
+        self.buf: mmap.mmap | None = None
+        try:  # the same open file again, with O_DIRECT (a second, shared open)
+            self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.buf = mmap.mmap(-1, READ)
+        except (OSError, AttributeError, ValueError):
+            self.close()
+
+    def read(self, n: int, off: int) -> bytes:
+        if self.buf is not None and n <= READ and not (n % self.ALIGN or off % self.ALIGN):
+            try:
+                with memoryview(self.buf) as view:
+                    got = os.preadv(self.dfd, [view[:n]], off)
+                    data = bytes(view[:got])
+                return data if got == n else data + pread_full(self.fd, n - got, off + got)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.close()  # not for this device: plain reads from now on
+        return pread_full(self.fd, n, off)
+
+    def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+        if self.buf is not None:
+            self.buf.close()
+            self.buf = None
+
+
 def chunks(fd: int, size: int, used: bytearray | None = None) -> Iterator[tuple[int, bytes]]:
     """The device's CHUNK-sized blocks in order: (offset, data), where the data of a
     block ``used`` marks unused (0) is zeros that were not read."""
+    reader = Direct(fd)
+    try:
+        yield from _chunks(reader, size, used)
+    finally:
+        reader.close()
+
+
+def _chunks(reader: Direct, size: int, used: bytearray | None) -> Iterator[tuple[int, bytes]]:
     # Read up to READ bytes at a time (loop and network block devices are much faster
     # with large requests) within runs of used blocks.
     off = 0
@@ -144,7 +193,7 @@ def chunks(fd: int, size: int, used: bytearray | None = None) -> Iterator[tuple[
             while stop * CHUNK < end and used[stop]:
                 stop += 1
             end = min(end, stop * CHUNK)
-        buf = pread_full(fd, end - off, off)
+        buf = reader.read(end - off, off)
         for i in range(0, len(buf), CHUNK):
             yield off + i, buf[i : i + CHUNK]
         off = end
