@@ -232,11 +232,13 @@ def _stats(
     )
     _log.debug("%s: details %s", what, result)
     _log.info(
-        "%s: done (%s, %d of %d bytes were data, %.1fs%s)",
+        "%s: done (%s, %d of %d bytes were data, %d read%s, %.1fs%s)",
         what,
         route,
         stats.bytes,
         stats.size,
+        int(result.get("read_bytes", stats.size)),
+        " (the ext filesystem's used blocks)" if result.get("layout") == "ext" else "",
         stats.elapsed,
         ", verified" if verify else "",
     )
