@@ -27,6 +27,9 @@ allowed); with ``EXPECT`` each device must be that volume (its NVMe serial, its
 
 Blocks of zeros are not sent. The destination stays sparse: ranges that must be zero
 are punched (``fallocate``), or written with zeros only where they are not zero yet.
+On an ext2/3/4 filesystem only the blocks its bitmaps mark used are read; the others
+count as zeros (:class:`ExtMap`, which declines anything it does not fully trust: then
+the whole device is read). The hash lists are of the copy as made.
 """
 
 from __future__ import annotations
@@ -37,17 +40,21 @@ import fcntl
 import glob
 import hashlib
 import json
+import mmap
 import os
+import queue
 import re
 import shutil
 import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+STARTED = time.monotonic()
 CHUNK = 1 << 20
 READ = 4 << 20
 MAGIC = b"ASDD\x01"
@@ -120,15 +127,76 @@ def read_exact(f: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
-def chunks(fd: int, size: int) -> Iterator[tuple[int, bytes]]:
-    # Read READ bytes at a time (loop and network block devices are much faster
-    # with large requests), hand them out in CHUNK-sized blocks.
+class Direct:
+    """Reads of the device ``fd`` that bypass the page cache (``O_DIRECT``, into an
+    aligned buffer): what the device holds, not a cached copy, and on loop devices
+    several times faster than buffered reads of the same size. Plain reads where it
+    is refused (tmpfs, files, unaligned sizes)."""
+
+    ALIGN = 4096
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dfd = -1
+        self.buf: mmap.mmap | None = None
+        try:  # the same open file again, with O_DIRECT (a second, shared open)
+            self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.buf = mmap.mmap(-1, READ)
+        except (OSError, AttributeError, ValueError):
+            self.close()
+
+    def read(self, n: int, off: int) -> bytes:
+        if self.buf is not None and n <= READ and not (n % self.ALIGN or off % self.ALIGN):
+            try:
+                with memoryview(self.buf) as view:
+                    got = os.preadv(self.dfd, [view[:n]], off)
+                    data = bytes(view[:got])
+                return data if got == n else data + pread_full(self.fd, n - got, off + got)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.close()  # not for this device: plain reads from now on
+        return pread_full(self.fd, n, off)
+
+    def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+        if self.buf is not None:
+            self.buf.close()
+            self.buf = None
+
+
+def chunks(fd: int, size: int, used: bytearray | None = None) -> Iterator[tuple[int, bytes]]:
+    """The device's CHUNK-sized blocks in order: (offset, data), where the data of a
+    block ``used`` marks unused (0) is zeros that were not read."""
+    reader = Direct(fd)
+    try:
+        yield from _chunks(reader, size, used)
+    finally:
+        reader.close()
+
+
+def _chunks(reader: Direct, size: int, used: bytearray | None) -> Iterator[tuple[int, bytes]]:
+    # Read up to READ bytes at a time (loop and network block devices are much faster
+    # with large requests) within runs of used blocks.
     off = 0
     while off < size:
-        buf = pread_full(fd, min(READ, size - off), off)
+        if used is not None and not used[off // CHUNK]:
+            n = min(CHUNK, size - off)
+            yield off, ZERO[:n]
+            off += n
+            continue
+        end = min(off + READ, size)
+        if used is not None:
+            stop = off // CHUNK + 1
+            while stop * CHUNK < end and used[stop]:
+                stop += 1
+            end = min(end, stop * CHUNK)
+        buf = reader.read(end - off, off)
         for i in range(0, len(buf), CHUNK):
             yield off + i, buf[i : i + CHUNK]
-        off += len(buf)
+        off = end
 
 
 def is_zero(data: bytes) -> bool:
@@ -230,6 +298,174 @@ def sha256_of(fd: int, size: int) -> str:
     return h.hexdigest()
 
 
+# -- which blocks an ext2/3/4 filesystem uses ---------------------------------------------
+
+EXT_MAGIC = 0xEF53
+# Features whose layout this reader knows (the group descriptors at the usual place,
+# one bitmap bit per block); any other (meta_bg, bigalloc, mmp, journal needing
+# recovery, a journal device, new ones) makes the copier read the whole device.
+EXT_INCOMPAT = 0x0002 | 0x0040 | 0x0080 | 0x0200 | 0x0400 | 0x1000 | 0x2000 | 0x4000
+EXT_INCOMPAT |= 0x8000 | 0x10000 | 0x20000
+EXT_RO_COMPAT = 0x0001 | 0x0002 | 0x0004 | 0x0008 | 0x0010 | 0x0020 | 0x0040 | 0x0100
+EXT_RO_COMPAT |= 0x0400 | 0x1000 | 0x2000 | 0x8000 | 0x10000
+GROUP_CSUM = 0x0010 | 0x0400  # gdt_csum, metadata_csum: only then are *_UNINIT flags valid
+BLOCK_UNINIT = 0x0002
+
+
+def _bits_any(bm: bytes, lo: int, hi: int) -> bool:
+    """Is any bit in [lo, hi) set (bit i: byte i // 8, bit i % 8, as ext bitmaps are)?"""
+    while lo < hi and lo % 8:
+        if bm[lo // 8] >> (lo % 8) & 1:
+            return True
+        lo += 1
+    a, b = lo // 8, hi // 8
+    if a < b and bm.count(0, a, b) != b - a:
+        return True
+    return any(bm[b] >> i & 1 for i in range(max(lo - 8 * b, 0), hi - 8 * b))
+
+
+def _bits_set(bm: bytes, n: int) -> int:
+    whole = bin(int.from_bytes(bm[: n // 8], "little")).count("1")
+    return whole + sum(bm[n // 8] >> i & 1 for i in range(n % 8))
+
+
+class ExtMap:
+    """The 1 MiB blocks of a device that an ext2/3/4 filesystem on it uses: read from
+    its superblock, group descriptors and block bitmaps. :meth:`read` returns None
+    (read everything) for anything else or anything it does not fully understand: no
+    ext magic, not cleanly unmounted, unknown features, numbers out of range, a group
+    whose bitmap disagrees with its descriptor's free count."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.used = bytearray((size + CHUNK - 1) // CHUNK)
+        self.bs = self.first = self.blocks = self.per_group = self.desc = 0
+        self.base = self.itable_bytes = 0
+        self.csum = False
+
+    @classmethod
+    def read(cls, fd: int, size: int) -> bytearray | None:
+        """Which 1 MiB blocks of the device to read (1) or not (0); None: all of them."""
+        try:
+            m = cls(fd, size)
+            return m.used if m.superblock() and m.groups() else None
+        except (OSError, ValueError, IndexError, struct.error):
+            return None
+
+    def mark(self, start: int, end: int) -> None:
+        """Mark the blocks [start, end) of the filesystem used."""
+        bs = self.bs
+        for c in range(start * bs // CHUNK, min((end * bs + CHUNK - 1) // CHUNK, len(self.used))):
+            self.used[c] = 1
+
+    def superblock(self) -> bool:
+        sb = pread_full(self.fd, 1024, 1024)
+        magic, state = struct.unpack_from("<HH", sb, 0x38)
+        incompat, ro_compat = struct.unpack_from("<II", sb, 0x60)
+        if magic != EXT_MAGIC or state & 7 != 1:  # valid (cleanly unmounted): no errors, orphans
+            return False
+        if incompat & ~EXT_INCOMPAT or ro_compat & ~EXT_RO_COMPAT:
+            return False
+        blocks, inodes_per_group = (
+            struct.unpack_from("<I", sb, 4)[0],
+            struct.unpack_from("<I", sb, 0x28)[0],
+        )
+        self.first, log_bs, _, self.per_group = struct.unpack_from("<4I", sb, 20)
+        self.desc = 32
+        if incompat & 0x80:  # 64bit
+            blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+            (self.desc,) = struct.unpack_from("<H", sb, 0xFE)
+        self.blocks, self.bs = blocks, 1024 << log_bs
+        self.csum = bool(ro_compat & GROUP_CSUM)
+        rev, inode_size = (
+            struct.unpack_from("<I", sb, 0x4C)[0],
+            struct.unpack_from("<H", sb, 0x58)[0],
+        )
+        self.itable_bytes = inodes_per_group * (inode_size if rev else 128)
+        groups = (blocks - self.first + self.per_group - 1) // max(self.per_group, 1)
+        # the superblock and the group descriptors (with their reserve), in group 0 and
+        # in the groups that hold a backup
+        self.base = 1 + (groups * self.desc + self.bs - 1) // self.bs
+        self.base += struct.unpack_from("<H", sb, 0xCE)[0]
+        return (
+            1024 <= self.bs <= 65536
+            and 0 < self.per_group <= 8 * self.bs
+            and 32 <= self.desc <= 1024
+            and self.first == (1 if self.bs == 1024 else 0)
+            and self.first < blocks
+            and blocks * self.bs <= self.size
+        )
+
+    def descriptors(self) -> list[tuple[int, int, int, int, int]]:
+        """(block bitmap, inode bitmap, inode table, free blocks, flags) of each group."""
+        desc, blocks = self.desc, self.blocks
+        groups = (blocks - self.first + self.per_group - 1) // self.per_group
+        gdt = pread_full(self.fd, groups * desc, (self.first + 1) * self.bs)
+        found = []
+        for g in range(groups):
+            d = gdt[g * desc : (g + 1) * desc]
+            bitmap, ibitmap, itable, free = struct.unpack_from("<3IH", d, 0)
+            if desc >= 64:  # the high halves
+                hb, hi, ht, hf = struct.unpack_from("<3IH", d, 0x20)
+                bitmap, ibitmap, itable = bitmap | hb << 32, ibitmap | hi << 32, itable | ht << 32
+                free |= hf << 16
+            lo = (bitmap, ibitmap, itable, free, struct.unpack_from("<H", d, 0x12)[0])
+            if not all(self.first <= b < blocks for b in lo[:3]):
+                raise ValueError(f"group {g}: metadata outside the filesystem")
+            found.append(lo)
+        return found
+
+    def groups(self) -> bool:
+        bs, first, per_group = self.bs, self.first, self.per_group
+        self.mark(0, first + self.base)
+        self.mark(self.blocks, (self.size + bs - 1) // bs)  # past the filesystem: not its own
+        groups = self.descriptors()
+        for bitmap, ibitmap, itable, _, _ in groups:
+            # every group's own metadata, wherever flex_bg put it (uninit groups' too)
+            self.mark(bitmap, bitmap + 1)
+            self.mark(ibitmap, ibitmap + 1)
+            self.mark(itable, itable + (self.itable_bytes + bs - 1) // bs)
+        bitmaps = self.bitmaps(
+            [b for b, _, _, _, flags in groups if not (self.csum and flags & BLOCK_UNINIT)]
+        )
+        per_chunk = CHUNK // bs
+        for g, (bitmap, _, _, free, flags) in enumerate(groups):
+            start = first + g * per_group
+            n = min(per_group, self.blocks - start)
+            if self.csum and flags & BLOCK_UNINIT:
+                # no bitmap on disk yet: nothing in the group but metadata (a backup
+                # superblock and descriptors: counted whether or not it has one)
+                self.mark(start, start + self.base)
+                continue
+            bm = bitmaps[bitmap]
+            if n - _bits_set(bm, n) != free:
+                return False
+            lo = 0
+            while lo < n:
+                hi = min(n, ((start + lo) // per_chunk + 1) * per_chunk - start)
+                if _bits_any(bm, lo, hi):
+                    self.mark(start + lo, start + hi)
+                lo = hi
+        return True
+
+    def bitmaps(self, where: list[int]) -> dict[int, bytes]:
+        """The blocks ``where`` (block numbers), neighbours read together (flex_bg puts a
+        flex group's bitmaps side by side)."""
+        found: dict[int, bytes] = {}
+        todo = sorted(set(where))
+        i = 0
+        while i < len(todo):
+            j = i + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + 1 and j - i < 256:
+                j += 1
+            data = pread_full(self.fd, (j - i) * self.bs, todo[i] * self.bs)
+            for k in range(i, j):
+                found[todo[k]] = data[(k - i) * self.bs : (k - i + 1) * self.bs]
+            i = j
+        return found
+
+
 # -- which device, and is it free ---------------------------------------------------------
 
 
@@ -315,6 +551,83 @@ def _verify(result: dict[str, Any], fd: int, size: int) -> None:
     result["verify_seconds"] = round(time.monotonic() - started, 3)
 
 
+def ahead(items: Iterator[tuple[int, bytes]], depth: int = 8) -> Iterator[tuple[int, bytes]]:
+    """``items``, made by a thread up to ``depth`` ahead of the consumer: the source's
+    reads and hashes overlap the writes (all three release the GIL)."""
+    q: queue.Queue[tuple[int, bytes] | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: tuple[int, bytes] | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(None)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Source:
+    """The source device's blocks: those an ext filesystem on it uses (:class:`ExtMap`),
+    else all; the rest count as zeros (not read, not sent: punched at the destination).
+    Every block goes into the hash list, so the hash is of the copy as made."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.used = ExtMap.read(fd, size)
+        self.digest = Digest()
+        self.data_bytes = 0
+
+    def data(self, progress: Progress) -> Iterator[tuple[int, bytes]]:
+        """(offset, data) of the blocks that are not zeros, in order (read ahead)."""
+        return ahead(self._data(progress))
+
+    def _data(self, progress: Progress) -> Iterator[tuple[int, bytes]]:
+        for off, data in chunks(self.fd, self.size, self.used):
+            zero = is_zero(data)
+            self.digest.add(data, zero)
+            if not zero:
+                self.data_bytes += len(data)
+                yield off, data
+            progress(off + len(data))
+
+    def info(self) -> dict[str, Any]:
+        read = self.size
+        if self.used is not None:
+            read = sum(min(CHUNK, self.size - i * CHUNK) for i, u in enumerate(self.used) if u)
+        return {
+            "size": self.size,
+            "source_sha256": self.digest.hexdigest(),
+            "data_bytes": self.data_bytes,
+            "layout": "device" if self.used is None else "ext",
+            "read_bytes": read,
+        }
+
+
 def cmd_copy(src: str, dst: str, verify: str, src_expect: str = "", dst_expect: str = "") -> None:
     sfd = open_device(src, False, src_expect)
     dfd = open_device(dst, True, dst_expect)
@@ -323,51 +636,55 @@ def cmd_copy(src: str, dst: str, verify: str, src_expect: str = "", dst_expect: 
         raise Refused("small", f"destination {dst} is smaller than source {src}")
     progress = Progress(size)
     w = Writer(dfd, size)
-    h = Digest()
-    data_bytes = 0
-    for off, data in chunks(sfd, size):
-        zero = is_zero(data)
-        h.add(data, zero)
-        if not zero:
-            w.put(off, data)
-            data_bytes += len(data)
-        progress(off + len(data))
+    source = Source(sfd, size)
+    for off, data in source.data(progress):
+        w.put(off, data)
     w.finish()
     progress(size, True)
-    result: dict[str, Any] = {
-        "size": size,
-        "source_sha256": h.hexdigest(),
-        "data_bytes": data_bytes,
-        "sent_bytes": 0,
-        "zeroed": w.zeroed,
-        "punched": w.punched,
-    }
+    result = source.info()
+    result.update({"sent_bytes": 0, "zeroed": w.zeroed, "punched": w.punched})
     if verify == "1":
         _verify(result, dfd, size)
     say("R", json.dumps(result))
 
 
-def _send_records(fd: int, size: int, out: IO[bytes], progress: Progress) -> tuple[Digest, int]:
-    h = Digest()
-    data_bytes = 0
-    out.write(MAGIC + SIZE.pack(size))
-    for off, data in chunks(fd, size):
-        zero = is_zero(data)
-        h.add(data, zero)
-        if not zero:
-            out.write(HDR.pack(off, len(data)))
-            out.write(data)
-            data_bytes += len(data)
-        progress(off + len(data))
+def _send_records(source: Source, out: IO[bytes], progress: Progress) -> None:
+    out.write(MAGIC + SIZE.pack(source.size))
+    for off, data in source.data(progress):
+        out.write(HDR.pack(off, len(data)))
+        out.write(data)
     out.write(HDR.pack(END, 0))
-    out.write(h.digest())
-    return h, data_bytes
+    out.write(source.digest.digest())
+
+
+# OpenSSH's default ciphers, AES-GCM first: with AES instructions it costs both ends
+# a fraction of ChaCha20-Poly1305's CPU time (the default); either end may still pick
+# any of them, so nothing connects that would not have otherwise.
+CIPHERS = (
+    "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
+    "aes128-ctr,aes192-ctr,aes256-ctr"
+)
+
+
+def fast_cipher(argv: list[str], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """``argv`` (an OpenSSH ``ssh``) told to prefer AES-GCM when this CPU has AES
+    instructions (x86 ``aes``, arm64 ``aes`` feature)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        return argv
+    if "aes" not in flags.split(":", 1)[-1].split() or os.path.basename(argv[0]) != "ssh":
+        return argv
+    return [argv[0], "-c", CIPHERS, *argv[1:]]
 
 
 def cmd_send(src: str, method: str, ssh_argv_json: str, src_expect: str = "") -> None:
     fd = open_device(src, False, src_expect)
     size = devsize(fd)
-    ssh = subprocess.Popen(json.loads(ssh_argv_json), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ssh = subprocess.Popen(
+        fast_cipher(json.loads(ssh_argv_json)), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     assert ssh.stdin is not None and ssh.stdout is not None
     comp = None
     out: IO[bytes] = ssh.stdin
@@ -377,9 +694,10 @@ def cmd_send(src: str, method: str, ssh_argv_json: str, src_expect: str = "") ->
         assert comp.stdin is not None
         out = comp.stdin
     progress = Progress(size)
-    h, data_bytes = Digest(), 0
+    source = Source(fd, size)
+    t0 = time.monotonic()
     try:
-        h, data_bytes = _send_records(fd, size, out, progress)
+        _send_records(source, out, progress)
         out.close()
     except BrokenPipeError:
         pass
@@ -396,11 +714,9 @@ def cmd_send(src: str, method: str, ssh_argv_json: str, src_expect: str = "") ->
     if rc != 0:
         sys.exit(f"the receiving side failed (exit status {rc})")
     progress(size, True)
-    result: dict[str, Any] = {
-        "size": size,
-        "source_sha256": h.hexdigest(),
-        "data_bytes": data_bytes,
-    }
+    result = source.info()
+    result["send_seconds"] = round(time.monotonic() - t0, 3)
+    result["started_seconds"] = round(time.monotonic() - STARTED, 3)
     result.update(remote)
     say("R", json.dumps(result))
 
@@ -434,7 +750,9 @@ def cmd_recv(dst: str, method: str, verify: str, dst_expect: str = "") -> None:
             f"destination {dst} ({devsize(fd)} bytes) is smaller than the source ({size} bytes)",
         )
     w = Writer(fd, size)
+    t0 = time.monotonic()
     sent, digest = receive(inp, w)
+    t1 = time.monotonic()
     w.finish()
     if dec is not None and dec.wait() != 0:
         sys.exit(f"decompressor {method} failed")
@@ -443,6 +761,8 @@ def cmd_recv(dst: str, method: str, verify: str, dst_expect: str = "") -> None:
         "zeroed": w.zeroed,
         "punched": w.punched,
         "stream_sha256": digest.hex(),
+        "recv_seconds": round(t1 - t0, 3),
+        "finish_seconds": round(time.monotonic() - t1, 3),
     }
     if verify == "1":
         _verify(result, fd, size)

@@ -4,7 +4,9 @@ Blocks of zeros are not sent and the destination stays sparse (ranges that
 must be zero are punched, or written with zeros only where the old contents are
 not zero); optional compression (zstd, else gzip); a sha256 hash list (over 1 MiB
 blocks, so that blocks of zeros cost a compare rather than a hash) of the source
-and of the destination read back (caches dropped) is compared afterwards.
+and of the destination read back (caches dropped) is compared afterwards. When the
+source holds a cleanly unmounted ext2/3/4 filesystem, only the blocks it uses are
+read (its block bitmaps): its free blocks arrive as zeros (see docs/transfers.md).
 
 The copy itself is :mod:`asyncstage.remote.blockcopy`, run on the source host
 (and, between hosts, its receiver on the destination over the direct link,
@@ -22,6 +24,8 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from asyncstage import remote, shell
 from asyncstage.errors import (
@@ -66,6 +70,27 @@ async def _device_size(ep: HostEndpoint) -> int:
         raise InvalidArgument(f"{ep}: not a readable block device ({e})") from e
 
 
+async def _device_sizes(*eps: HostEndpoint) -> list[int]:
+    """The sizes of the devices, asked at once; the first failure is raised as itself."""
+    found: list[int | Exception] = [0] * len(eps)
+
+    async def one(i: int) -> None:
+        try:
+            found[i] = await _device_size(eps[i])
+        except Exception as e:  # raised below, not as an ExceptionGroup
+            found[i] = e
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(eps)):
+            tg.start_soon(one, i)
+    sizes = []
+    for value in found:
+        if isinstance(value, Exception):
+            raise value
+        sizes.append(value)
+    return sizes
+
+
 async def _compression(method: bool | str, *eps: HostEndpoint) -> str:
     if method is False or method in ("", "none"):
         return "none"
@@ -98,7 +123,9 @@ async def dd_endpoints(
     """Copy block device ``source.path`` to ``dest.path`` (each on its host), block by block.
 
     Blocks of zeros are not sent; the destination's matching ranges are made
-    zero without writing where possible (it stays sparse). ``compress``: True
+    zero without writing where possible (it stays sparse). Of a cleanly unmounted
+    ext2/3/4 filesystem only the blocks it uses are read and copied (free ones
+    arrive as zeros); anything else is read whole. ``compress``: True
     (zstd when both hosts have it, else gzip), ``"zstd"``, ``"gzip"`` or False.
     ``verify``: the sha256 of the source and of the destination read back must
     match (:class:`~asyncstage.errors.VerifyFailed` otherwise). The destination
@@ -118,8 +145,7 @@ async def dd_endpoints(
     reporter.current = source.path
     expect = (_expect(source_volume), _expect(dest_volume))
     async with hosts_held(source.host, dest.host):
-        src_size = await _device_size(source)
-        dst_size = await _device_size(dest)
+        src_size, dst_size = await _device_sizes(source, dest)
         if dst_size < src_size:
             raise InvalidArgument(
                 f"{what}: the destination ({dst_size} bytes) is smaller than the source "
@@ -206,11 +232,13 @@ def _stats(
     )
     _log.debug("%s: details %s", what, result)
     _log.info(
-        "%s: done (%s, %d of %d bytes were data, %.1fs%s)",
+        "%s: done (%s, %d of %d bytes were data, %d read%s, %.1fs%s)",
         what,
         route,
         stats.bytes,
         stats.size,
+        int(result.get("read_bytes", stats.size)),
+        " (the ext filesystem's used blocks)" if result.get("layout") == "ext" else "",
         stats.elapsed,
         ", verified" if verify else "",
     )
