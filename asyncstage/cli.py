@@ -621,6 +621,7 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
                 verify=not args.no_verify,
                 compress=args.compress,
                 unmount=args.unmount,
+                blocks="all" if args.all_blocks else "used",
                 progress=progress,
             )
         out.result(_stats_dict(stats), _stats_text(stats))
@@ -860,6 +861,12 @@ def _transfer_commands(command: _Command) -> None:
     p.add_argument("--unmount", action="store_true", help="unmount mounted volumes first")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 comparison")
     p.add_argument("-z", "--compress", action="store_true", help="compress between hosts")
+    p.add_argument(
+        "--all-blocks",
+        action="store_true",
+        help="copy every block, a byte-for-byte image (default: of an ext filesystem, "
+        "only the blocks it uses)",
+    )
     _on_exit_option(p, "run")
 
 

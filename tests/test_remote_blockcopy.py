@@ -386,3 +386,27 @@ def test_direct_reads_match_plain_ones(tmp_path: Path) -> None:
         assert b"".join(block for _, block in blockcopy.chunks(fd, len(data))) == data
     finally:
         os.close(fd)
+
+
+@needs_e2fsprogs
+@pytest.mark.parametrize("command", ["copy", "send"])
+def test_all_blocks_copies_a_byte_for_byte_image(tmp_path: Path, command: str) -> None:
+    """``blocks="all"``: free blocks of an ext filesystem too (a deleted file's bytes)."""
+    size = 48 * MiB
+    src = ext_image(tmp_path / "src", size, make_tree(tmp_path / "tree", 8), "-t", "ext4")
+    (tmp_path / "secret").write_bytes(b"SECRET-DELETED!!" * (MiB // 16))
+    debugfs(src, f"write {tmp_path}/secret secret", "rm secret", write=True)
+    assert used_map(src) is not None  # "used" would skip the free blocks
+    dst = sparse(tmp_path / "dst", size, {MiB: os.urandom(MiB)})
+    if command == "copy":
+        done = run("copy", str(src), str(dst), "1", "", "", "all")
+    else:
+        recv = json.dumps(remote.argv("blockcopy", "recv", str(dst), "none", "1"))
+        done = run("send", str(src), "none", recv, "", "all")
+    assert done.returncode == 0, done.stderr
+    result = answer(done)
+    assert result["layout"] == "device" and result["read_bytes"] == size
+    assert dst.read_bytes() == src.read_bytes()
+    assert b"SECRET-DELETED!!" in dst.read_bytes()
+    assert result["source_sha256"] == result["dest_sha256"] == hash_list(src.read_bytes())
+    assert run("copy", str(src), str(dst), "1", "", "", "some").returncode != 0

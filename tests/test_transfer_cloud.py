@@ -363,6 +363,12 @@ async def test_dd_of_an_ext4_volume_reads_only_what_it_uses(
         assert result["layout"] == "ext"
         assert stats.bytes <= result["read_bytes"] < 400 * MiB  # not the whole 1 GiB
         assert result["dest_sha256"] == result["source_sha256"] == stats.digest
+        # blocks="all": a byte-for-byte image, the deleted files' bytes included
+        whole = await m.dd(src, dst, blocks="all", verify=False)
+        details = [r.getMessage() for r in caplog.records if ": details " in r.getMessage()]
+        result = ast.literal_eval(details[-1].split(": details ", 1)[1])
+        assert result["layout"] == "device" and result["read_bytes"] == 1 << 30
+        assert whole.bytes >= stats.bytes + 30 * MiB  # the 40 MiB deleted, nearly all
         await s2.scmd("e2fsck", "-fn", str(dst.mtdev), sudo=True)
         dst.fstype = "ext4"
         await dst.mount()

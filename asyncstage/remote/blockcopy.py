@@ -595,10 +595,12 @@ class Source:
     else all; the rest count as zeros (not read, not sent: punched at the destination).
     Every block goes into the hash list, so the hash is of the copy as made."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, blocks: str = "used") -> None:
+        if blocks not in ("used", "all"):
+            raise ValueError(f"blocks must be 'used' or 'all', not {blocks!r}")
         self.fd = fd
         self.size = size
-        self.used = ExtMap.read(fd, size)
+        self.used = ExtMap.read(fd, size) if blocks == "used" else None
         self.digest = Digest()
         self.data_bytes = 0
 
@@ -628,7 +630,14 @@ class Source:
         }
 
 
-def cmd_copy(src: str, dst: str, verify: str, src_expect: str = "", dst_expect: str = "") -> None:
+def cmd_copy(
+    src: str,
+    dst: str,
+    verify: str,
+    src_expect: str = "",
+    dst_expect: str = "",
+    blocks: str = "used",
+) -> None:
     sfd = open_device(src, False, src_expect)
     dfd = open_device(dst, True, dst_expect)
     size = devsize(sfd)
@@ -636,7 +645,7 @@ def cmd_copy(src: str, dst: str, verify: str, src_expect: str = "", dst_expect: 
         raise Refused("small", f"destination {dst} is smaller than source {src}")
     progress = Progress(size)
     w = Writer(dfd, size)
-    source = Source(sfd, size)
+    source = Source(sfd, size, blocks)
     for off, data in source.data(progress):
         w.put(off, data)
     w.finish()
@@ -679,7 +688,9 @@ def fast_cipher(argv: list[str], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return [argv[0], "-c", CIPHERS, *argv[1:]]
 
 
-def cmd_send(src: str, method: str, ssh_argv_json: str, src_expect: str = "") -> None:
+def cmd_send(
+    src: str, method: str, ssh_argv_json: str, src_expect: str = "", blocks: str = "used"
+) -> None:
     fd = open_device(src, False, src_expect)
     size = devsize(fd)
     ssh = subprocess.Popen(
@@ -694,7 +705,7 @@ def cmd_send(src: str, method: str, ssh_argv_json: str, src_expect: str = "") ->
         assert comp.stdin is not None
         out = comp.stdin
     progress = Progress(size)
-    source = Source(fd, size)
+    source = Source(fd, size, blocks)
     t0 = time.monotonic()
     try:
         _send_records(source, out, progress)

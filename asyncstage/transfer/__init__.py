@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Unpack
+from typing import TYPE_CHECKING, Literal, Unpack
 
 from asyncstage.errors import InvalidArgument, PathError, UnknownVolume, VolumeMounted
 from asyncstage.paths import (
@@ -108,6 +108,7 @@ async def dd(
     verify: bool = True,
     compress: bool | str = False,
     unmount: bool = False,
+    blocks: Literal["used", "all"] = "used",
     progress: ProgressCallback | None = None,
 ) -> TransferStats:
     """Block-copy volume ``source`` onto volume ``dest`` (both attached, neither mounted).
@@ -132,6 +133,7 @@ async def dd(
         _attached(dst),
         verify=verify,
         compress=compress,
+        blocks=blocks,
         progress=progress,
         source_volume=_identity(src),
         dest_volume=_identity(dst),

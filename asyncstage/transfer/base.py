@@ -9,7 +9,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import anyio
 
@@ -68,6 +68,9 @@ class DdOptions(TypedDict, total=False):
     """``True`` (zstd when present, else gzip), ``"zstd"``, ``"gzip"`` or ``False``."""
     unmount: bool
     """Unmount mounted volumes first instead of refusing them."""
+    blocks: Literal["used", "all"]
+    """``"used"`` (default): of a cleanly unmounted ext2/3/4 filesystem only the blocks
+    it uses (free ones arrive as zeros); ``"all"``: every block, a byte-for-byte image."""
     progress: ProgressCallback | None
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -115,6 +115,7 @@ async def dd_endpoints(
     *,
     verify: bool = True,
     compress: bool | str = False,
+    blocks: Literal["used", "all"] = "used",
     progress: ProgressCallback | None = None,
     authorized_keys: str | None = None,
     source_volume: Mapping[str, str] | None = None,
@@ -125,7 +126,8 @@ async def dd_endpoints(
     Blocks of zeros are not sent; the destination's matching ranges are made
     zero without writing where possible (it stays sparse). Of a cleanly unmounted
     ext2/3/4 filesystem only the blocks it uses are read and copied (free ones
-    arrive as zeros); anything else is read whole. ``compress``: True
+    arrive as zeros); anything else is read whole. ``blocks="all"`` reads every
+    block of any device (a byte-for-byte image, free blocks included). ``compress``: True
     (zstd when both hosts have it, else gzip), ``"zstd"``, ``"gzip"`` or False.
     ``verify``: the sha256 of the source and of the destination read back must
     match (:class:`~asyncstage.errors.VerifyFailed` otherwise). The destination
@@ -138,6 +140,8 @@ async def dd_endpoints(
     (:class:`~asyncstage.errors.VolumeError` otherwise).
     """
     what = f"dd {source} -> {dest}"
+    if blocks not in ("used", "all"):
+        raise InvalidArgument(f"{what}: blocks must be 'used' or 'all', not {blocks!r}")
     same = same_host(source, dest)
     if same and source.path == dest.path:
         raise InvalidArgument(f"{what}: source and destination are the same device")
@@ -153,7 +157,9 @@ async def dd_endpoints(
             )
         method = "none" if same else await _compression(compress, source, dest)
         _log.info("%s: starting (%d bytes, compression %s)", what, src_size, method)
-        result = await _copy(source, dest, method, verify, reporter, authorized_keys, expect)
+        result = await _copy(
+            source, dest, method, verify, reporter, authorized_keys, (*expect, blocks)
+        )
     return _stats(what, result, reporter, verify, "dd-same-host" if same else "dd-host->host")
 
 
@@ -164,9 +170,12 @@ async def _copy(
     verify: bool,
     reporter: Reporter,
     authorized_keys: str | None,
-    expect: tuple[str, str],
+    expect: tuple[str, str, str],
 ) -> dict[str, Any]:
-    """Run the block copier on the source host; its result (``R`` line)."""
+    """Run the block copier on the source host; its result (``R`` line).
+
+    ``expect``: the source's and the destination's identity, and which blocks to copy.
+    """
     result: dict[str, Any] = {}
     refusal: dict[str, Any] = {}
 
@@ -194,7 +203,7 @@ async def _copy(
                     recv = remote.argv("blockcopy", "recv", dest.path, method, flag, expect[1])
                     ssh = link.argv(*shell.sudo_argv(recv, dest.sudo))
                     argv = remote.argv(
-                        "blockcopy", "send", source.path, method, json.dumps(ssh), expect[0]
+                        "blockcopy", "send", source.path, method, json.dumps(ssh), *expect[::2]
                     )
                     await stream(source.host, source.sudo, wd, argv, feed.feed)
         except CommandFailed as e:
