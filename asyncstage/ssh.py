@@ -154,6 +154,40 @@ def _openssh_preferences() -> tuple[str, ...]:
     return tuple(options)
 
 
+# -- client keys ---------------------------------------------------------------
+
+# Files asyncssh reads for a client key: the key, its public half, its certificate.
+_KEY_FILES = ("", ".pub", "-cert.pub")
+_client_keys_read: dict[tuple[str, ...], tuple[tuple[Any, ...], list[asyncssh.SSHKeyPair]]] = {}
+
+
+def _file_stamp(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _client_keys(paths: Sequence[Path]) -> list[asyncssh.SSHKeyPair] | list[str]:
+    """The client keys as asyncssh loads them, read again only when one of their files
+    changed: given paths, asyncssh would read and parse every file at every connection.
+    Paths when they cannot be loaded (asyncssh then fails the connection as it would)."""
+    names = tuple(str(p) for p in paths)
+    stamps = tuple(_file_stamp(name + suffix) for name in names for suffix in _KEY_FILES)
+    cached = _client_keys_read.get(names)
+    if cached is not None and cached[0] == stamps:
+        return cached[1]
+    try:
+        keys = list(asyncssh.load_keypairs(list(names)))
+    except (OSError, ValueError, asyncssh.Error):
+        return list(names)
+    if len(_client_keys_read) >= 64:  # many keys (tests): keep the cache small
+        _client_keys_read.clear()
+    _client_keys_read[names] = (stamps, keys)
+    return keys
+
+
 # -- results -----------------------------------------------------------------
 
 
@@ -206,6 +240,62 @@ def _hosts_match(field: str, spec: str) -> bool:
     return matched
 
 
+def _is_literal(field: str) -> bool:
+    """A host field of plain names (``host`` or ``[host]:port``, comma-separated)."""
+    return not field.startswith("|") and not any(c in field for c in "*?!")
+
+
+@dataclass(frozen=True)
+class _Entries:
+    """A known_hosts file as read at one ``stamp``: its entries in file order, with the
+    plain names indexed (a lookup is then a dict access, not a pattern match per line:
+    a fleet's connections each look their address up in a file of the whole fleet)."""
+
+    stamp: tuple[int, ...]
+    lines: tuple[str, ...]
+    keys: tuple[tuple[str, str], ...]  # (host field, "type base64") per entry
+    by_name: dict[str, tuple[int, ...]]  # plain name (lower case) -> entry numbers
+    patterned: tuple[int, ...]  # entries with hashed names or patterns
+
+    @classmethod
+    def parse(cls, stamp: tuple[int, ...], text: str) -> _Entries:
+        lines = tuple(text.splitlines())
+        keys: list[tuple[str, str]] = []
+        by_name: dict[str, list[int]] = {}
+        patterned: list[int] = []
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 3 or fields[0].startswith(("#", "@")):
+                continue
+            number = len(keys)
+            keys.append((fields[0], f"{fields[1]} {fields[2]}"))
+            if _is_literal(fields[0]):
+                for name in fields[0].lower().split(","):
+                    by_name.setdefault(name, []).append(number)
+            else:
+                patterned.append(number)
+        return cls(
+            stamp,
+            lines,
+            tuple(keys),
+            {name: tuple(numbers) for name, numbers in by_name.items()},
+            tuple(patterned),
+        )
+
+    def lookup(self, spec: str) -> list[str]:
+        numbers = sorted(
+            {
+                *self.by_name.get(spec.lower(), ()),
+                *(n for n in self.patterned if _hosts_match(self.keys[n][0], spec)),
+            }
+        )
+        found: list[str] = []
+        for n in numbers:
+            if self.keys[n][1] not in found:
+                found.append(self.keys[n][1])
+        return found
+
+
 def _key_line(key: str) -> str:
     """``type base64`` of an OpenSSH public key line (comment dropped)."""
     parts = key.split()
@@ -222,6 +312,9 @@ class KnownHosts:
     """
 
     _locks: ClassVar[dict[Path, threading.Lock]] = {}
+    # The file as last read, per path: read again only when its inode, size or times
+    # changed (every KnownHosts of one file shares it; a server's host makes its own).
+    _read: ClassVar[dict[str, _Entries]] = {}
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -229,11 +322,33 @@ class KnownHosts:
     def __repr__(self) -> str:
         return f"KnownHosts({str(self.path)!r})"
 
-    def _lines(self) -> list[str]:
+    def _entries(self) -> _Entries:
+        key = os.path.abspath(self.path)
         try:
-            return self.path.read_text().splitlines()
+            st = os.stat(key)
         except FileNotFoundError:
-            return []
+            return _Entries.parse((), "")
+        stamp = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._read.get(key)
+        if cached is not None and cached.stamp == stamp:
+            return cached
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return _Entries.parse((), "")
+        entries = _Entries.parse(stamp, text)
+        if len(self._read) >= 64:  # many files (tests): keep the cache small
+            self._read.clear()
+        self._read[key] = entries
+        return entries
+
+    def _forget(self) -> None:
+        """Drop the cached reading after a write of ours (the stamp would tell too, unless
+        a rewrite gave the same inode, size and times: coarse clocks, reused inodes)."""
+        self._read.pop(os.path.abspath(self.path), None)
+
+    def _lines(self) -> list[str]:
+        return list(self._entries().lines)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -246,17 +361,7 @@ class KnownHosts:
 
     def lookup(self, address: str, port: int = 22) -> list[str]:
         """The keys pinned for ``address``:``port``, as ``"ssh-ed25519 AAAA..."`` lines."""
-        spec = _host_spec(address, port)
-        keys: list[str] = []
-        for line in self._lines():
-            fields = line.split()
-            if len(fields) < 3 or fields[0].startswith(("#", "@")):
-                continue
-            if _hosts_match(fields[0], spec):
-                key = f"{fields[1]} {fields[2]}"
-                if key not in keys:
-                    keys.append(key)
-        return keys
+        return self._entries().lookup(_host_spec(address, port))
 
     def add(self, address: str, port: int, public_key: str) -> None:
         """Pin ``public_key`` (``"ssh-ed25519 AAAA..."``) for ``address``:``port``."""
@@ -265,10 +370,13 @@ class KnownHosts:
             if key in self.lookup(address, port):
                 return
             existed = self.path.exists()
-            with open(self.path, "a") as f:
-                if not existed:
-                    os.chmod(self.path, 0o600)
-                f.write(f"{_host_spec(address, port)} {key}\n")
+            try:
+                with open(self.path, "a") as f:
+                    if not existed:
+                        os.chmod(self.path, 0o600)
+                    f.write(f"{_host_spec(address, port)} {key}\n")
+            finally:
+                self._forget()
 
     def remove(self, address: str, port: int = 22) -> None:
         """Forget every key pinned for ``address``:``port``."""
@@ -289,7 +397,10 @@ class KnownHosts:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(f"{line}\n" for line in keep))
             os.chmod(tmp, 0o600)
-            tmp.replace(self.path)
+            try:
+                tmp.replace(self.path)
+            finally:
+                self._forget()
 
 
 def _fingerprints(key: asyncssh.SSHKey) -> set[str]:
@@ -655,8 +766,9 @@ class _HostCore:
         client = _Client(self, pinned)
         options: dict[str, Any] = {}
         if self.client_keys:
-            options["client_keys"] = [str(k) for k in self.client_keys]
+            options["client_keys"] = _client_keys(self.client_keys)
             options["agent_path"] = None
+            options["preferred_auth"] = "publickey"  # the only method we have the means for
         try:
             with anyio.fail_after(self.connect_timeout):
                 conn, _ = await asyncssh.create_connection(

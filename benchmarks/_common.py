@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -473,3 +474,190 @@ class OwnCPU:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = round(tree_cpu() - self._start, 3)
+
+
+# -- where the CPU went: the controller, the local cloud, the instances ---------------------
+
+# Threads of the local cloud, which runs inside the benchmark process: its API server
+# ("localcloud-api") and the threads answering requests, its engine's workers
+# ("localcloud_N") and its timers (boot, device nodes, snapshots).
+_CLOUD_THREAD_NAMES = ("localcloud", "process_request_thread")
+
+
+def _is_cloud_thread(thread: threading.Thread) -> bool:
+    return isinstance(thread, threading.Timer) or any(
+        part in thread.name for part in _CLOUD_THREAD_NAMES
+    )
+
+
+def _thread_cpu(native_id: int, pid: int | str = "self") -> float:
+    """CPU seconds of one thread (its scheduler run time, counted in ns: /proc's stat
+    counts in clock ticks, and a process that lives for a few ms shows 0 there)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path(f"/proc/{pid}/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
+    return 0.0
+
+
+def descendants_cpu(root: int | None = None) -> float:
+    """CPU seconds used so far by the processes under ``root`` (default: this process).
+
+    Like :func:`tree_cpu` without ``root``'s own time, but a live process counts with
+    its threads' scheduler run time (ns) rather than /proc's clock ticks, which show 0
+    for the short lives of sshd's sessions; ended ones count through the waited-for
+    children time of whoever reaped them.
+    """
+    root = os.getpid() if root is None else root
+    tick = os.sysconf("SC_CLK_TCK")
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total = 0.0
+    with contextlib.suppress(OSError, IndexError, ValueError):  # what root reaped
+        fields = Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[13]) + int(fields[14])) / tick
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[13]) + int(fields[14])) / tick
+            with contextlib.suppress(OSError):
+                total += sum(_thread_cpu(int(t), pid) for t in os.listdir(f"/proc/{pid}/task"))
+        todo += children.get(pid, [])
+    return total
+
+
+def cloud_threads_cpu() -> float:
+    """CPU seconds used so far by the local cloud's live threads in this process."""
+    return sum(
+        _thread_cpu(t.native_id)
+        for t in threading.enumerate()
+        if t.native_id is not None and _is_cloud_thread(t)
+    )
+
+
+def process_cpu() -> float:
+    """CPU seconds of this process: every thread, ended ones too; no child processes."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CPUAccounting:
+    """This process and every process it starts from now on (the local cloud's
+    instances, their sshd, sessions and commands) in a cgroup v1 ``cpuacct`` group of
+    their own, whose counter has every CPU nanosecond they used, ended processes' too.
+
+    /proc counts a live process's children in clock ticks, and sshd's short-lived
+    processes (each session's pre-auth child, the commands) in their parent's only once
+    it has ended, so ``descendants`` from /proc lags and rounds. Without the cgroup (no
+    cpuacct hierarchy, not root) :func:`descendants_cpu` is the fallback. Enter it before
+    the local cloud starts; on exit this process moves back and the group is removed
+    (once the instances are gone).
+    """
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+    active: CPUAccounting | None = None
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def __enter__(self) -> CPUAccounting:
+        path = self.ROOT / f"asyncstage-bench-{os.getpid()}"
+        try:
+            path.mkdir()
+        except OSError:
+            return self
+        try:
+            (path / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+            return self
+        self.path = path
+        CPUAccounting.active = self
+        return self
+
+    def usage(self) -> float:
+        """CPU seconds used in the group so far."""
+        assert self.path is not None
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is None:
+            return
+        CPUAccounting.active = None
+        with contextlib.suppress(OSError):
+            (self.ROOT / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        for _ in range(50):  # processes that are still ending keep it busy for a moment
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"note: {self.path} left behind (processes still in it)")
+
+
+@dataclass(frozen=True)
+class CPUSample:
+    """Clocks at one moment, to split a stretch of time by who used the CPU.
+
+    ``process``: this process (the controller, plus the local cloud's threads, counted
+    apart in ``cloud``), read before and after the sample's own reading of /proc (that
+    reading is then counted to neither side of it); ``descendants``: the processes under
+    it — the local cloud's instances with their sshd, the sessions and the commands (see
+    :func:`tree_cpu`); ``busy``/``jiffies``: the whole machine's busy and total CPU time.
+    """
+
+    wall: float
+    process: float
+    process_after: float
+    cloud: float
+    descendants: float
+    busy: int
+    jiffies: int
+
+    @classmethod
+    def now(cls) -> CPUSample:
+        wall, process = time.perf_counter(), process_cpu()
+        busy, jiffies = _busy_jiffies()
+        cloud = cloud_threads_cpu()
+        group = CPUAccounting.active  # every process of ours: take this one's away
+        descendants = group.usage() - process_cpu() if group else descendants_cpu()
+        return cls(wall, process, process_cpu(), cloud, descendants, busy, jiffies)
+
+
+def cpu_split(start: CPUSample, end: CPUSample, settled: CPUSample | None = None) -> dict[str, Any]:
+    """Wall time, the CPU of the controller, the cloud's threads and the instances, and the
+    idle share of the machine's cores from ``start`` to ``end``.
+
+    ``settled``: a later sample taken once the instances' processes have finished
+    (:func:`settled_sample`); their CPU is counted up to it (a process that ends is
+    counted again through whoever reaps it, a moment later). The rest ends at ``end``.
+    """
+    cloud = end.cloud - start.cloud
+    jiffies = end.jiffies - start.jiffies
+    return {
+        "wall_s": round(end.wall - start.wall, 4),
+        "controller_cpu_s": round(end.process - start.process_after - cloud, 4),
+        "cloud_cpu_s": round(cloud, 4),
+        "instances_cpu_s": round((settled or end).descendants - start.descendants, 4),
+        "idle_share": round(1 - (end.busy - start.busy) / jiffies, 3) if jiffies else None,
+    }
+
+
+def settled_sample(quiet: float = 0.002, step: float = 0.05, limit: float = 3.0) -> CPUSample:
+    """A :class:`CPUSample` taken once the instances' processes stopped using CPU (their
+    CPU grew by less than ``quiet`` seconds over ``step``), or after ``limit`` seconds.
+
+    Blocking: call it in a thread from async code (``await to_thread(settled_sample)``).
+    """
+    deadline = time.monotonic() + limit
+    last = CPUSample.now()
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        sample = CPUSample.now()
+        if sample.descendants - last.descendants < quiet:
+            return sample
+        last = sample
+    return last

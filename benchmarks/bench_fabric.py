@@ -19,15 +19,29 @@ no agent, no other keys; ``in_stream=False`` (nothing of this process's stdin is
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 from _baselines import Alternate, BaselineReport, NotRun, left_out, make_file
-from _common import MiB, local_cloud, parse_args, to_thread
+from _common import (
+    CPUAccounting,
+    CPUSample,
+    MiB,
+    cpu_split,
+    local_cloud,
+    parse_args,
+    ratio,
+    settled_sample,
+    to_thread,
+)
 
 from asyncstage import Manager, Server
 
@@ -67,8 +81,26 @@ def _connection(m: Manager, server: Server) -> Any:
     return conn
 
 
-def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> tuple[float, float]:
-    """Seconds of ThreadingGroup.run("hostname"): new connections, then over them again."""
+class _Phases:
+    """Where the CPU went in each phase of one side's fleet run (see :func:`cpu_split`).
+
+    Each phase ends with a sample, then waits for the instances' processes to finish
+    (sessions that close, commands that exit) before the next phase starts.
+    """
+
+    def __init__(self) -> None:
+        self.splits: dict[str, dict[str, Any]] = {}
+        self._start = settled_sample()
+
+    def end(self, phase: str, sample: CPUSample) -> None:
+        """Blocking (it waits for the instances): call it in a thread from async code."""
+        settled = settled_sample()
+        self.splits[phase] = cpu_split(self._start, sample, settled)
+        self._start = settled
+
+
+def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> _FleetRun:
+    """ThreadingGroup.run("hostname"): new connections, then over them again, then closed."""
     from fabric import ThreadingGroup
 
     def check(results: Any) -> None:
@@ -76,23 +108,28 @@ def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> tup
         if got != expected:
             raise RuntimeError(f"Fabric hostname gave {got[:3]}... expected {expected[:3]}...")
 
+    phases = _Phases()
     t = time.perf_counter()
     conns = [_connection(m, s) for s in servers]
     group = ThreadingGroup.from_connections(conns)
-    results = group.run("hostname", hide=True, in_stream=False)
-    cold = time.perf_counter() - t
-    check(results)
     try:
+        results = group.run("hostname", hide=True, in_stream=False)
+        cold = time.perf_counter() - t
+        phases.end("cold", CPUSample.now())
+        check(results)
         t = time.perf_counter()
         results = group.run("hostname", hide=True, in_stream=False)
         warm = time.perf_counter() - t
+        phases.end("warm", CPUSample.now())
         check(results)
     finally:
         group.close()
-    return cold, warm
+    phases.end("close", CPUSample.now())
+    return _FleetRun(cold, warm, phases.splits)
 
 
-async def _ours_fleet(servers: list[Server], expected: list[str]) -> tuple[float, float]:
+async def _ours_fleet(servers: list[Server], expected: list[str]) -> _FleetRun:
+    """scmd("hostname") on every server at once: connecting, connected, then closed."""
     out: dict[int, str] = {}
 
     async def one(i: int, server: Server) -> None:
@@ -110,11 +147,41 @@ async def _ours_fleet(servers: list[Server], expected: list[str]) -> tuple[float
             raise RuntimeError(f"hostname gave {got[:3]}... expected {expected[:3]}...")
         return wall
 
-    for server in servers:  # cold: every connection opened again, as Fabric's are
-        await server.host.close()
+    async def close_all() -> None:
+        async with anyio.create_task_group() as tg:
+            for server in servers:
+                tg.start_soon(server.host.close)
+
+    await close_all()  # cold: every connection opened anew, as Fabric's are
+    phases: _Phases = await to_thread(_Phases)
     cold = await run_all()
+    await to_thread(phases.end, "cold", CPUSample.now())
     warm = await run_all()
-    return cold, warm
+    await to_thread(phases.end, "warm", CPUSample.now())
+    await close_all()
+    await to_thread(phases.end, "close", CPUSample.now())
+    return _FleetRun(cold, warm, phases.splits)
+
+
+@dataclass
+class _FleetRun:
+    cold: float
+    warm: float
+    splits: dict[str, dict[str, Any]]
+
+
+def _median_splits(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per phase and figure, the median over the runs."""
+    if not runs:
+        return {}
+    return {
+        phase: {
+            key: round(statistics.median(r[phase][key] for r in runs), 4)
+            for key in runs[0][phase]
+            if all(r[phase][key] is not None for r in runs)
+        }
+        for phase in runs[0]
+    }
 
 
 async def _fleet(
@@ -122,23 +189,31 @@ async def _fleet(
 ) -> dict[str, Any]:
     expected = [(await s.scmd("hostname")).strip() for s in servers]
     samples: dict[str, list[float]] = {"a_warm": [], "b_warm": []}
+    splits: dict[str, list[dict[str, dict[str, Any]]]] = {"asyncstage": [], "fabric": []}
 
     async def a() -> float:
-        cold, warm = await _ours_fleet(servers, expected)
-        samples["a_warm"].append(warm)
-        return cold
+        run = await _ours_fleet(servers, expected)
+        samples["a_warm"].append(run.warm)
+        splits["asyncstage"].append(run.splits)
+        return run.cold
 
     async def b() -> float:
         if missing is not None:
             raise NotRun(missing)
-        cold, warm = await to_thread(_fabric_fleet, m, servers, expected)
-        samples["b_warm"].append(warm)
-        return float(cold)
+        run: _FleetRun = await to_thread(_fabric_fleet, m, servers, expected)
+        samples["b_warm"].append(run.warm)
+        splits["fabric"].append(run.splits)
+        return run.cold
 
     cold = await Alternate().run(reps, a, b)
     # The warm runs ride on the cold ones: a baseline that did not run, did not run either.
     warm = Alternate(a=samples["a_warm"], b=samples["b_warm"], not_run=cold.not_run)
-    return {"n": len(servers), "cold": cold.figures("fabric"), "warm": warm.figures("fabric")}
+    return {
+        "n": len(servers),
+        "cold": cold.figures("fabric"),
+        "warm": warm.figures("fabric"),
+        "cpu": {side: _median_splits(runs) for side, runs in splits.items()},
+    }
 
 
 async def _commands(
@@ -235,17 +310,12 @@ async def main() -> None:
     res: dict[str, Any] = {}
     try:
         local = make_file(work / "put.bin", put_bytes)
-        async with local_cloud(0.0) as (_cloud, m):
-            servers = await m.provision_servers(n_servers)
-            print(f"hostname on {n_servers} servers")
-            res["fleet"] = await _fleet(m, servers, reps, missing)
-            report.mark_load("after_fleet")
-            print(f"{n_commands} commands on one server")
-            res["commands"] = await _commands(m, servers[0], n_commands, max(1, reps - 1), missing)
-            report.mark_load("after_commands")
-            print(f"put of {put_bytes // MiB} MiB")
-            res["put"] = await _put(m, servers[0], local, put_bytes, reps, missing)
-            report.mark_load("after_put")
+        # before the cloud starts: its instances are then in the group with this process
+        with CPUAccounting() as accounting:
+            report.params["instances_cpu_from"] = (
+                "cgroup cpuacct" if accounting.path else "/proc (clock ticks)"
+            )
+            await _run_all(report, res, n_servers, n_commands, local, put_bytes, reps, missing)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.results.update(res)
@@ -261,6 +331,7 @@ async def main() -> None:
             [f"put {put_bytes // MiB} MiB file", *_row(put)],
         ],
     )
+    _cpu_table(report, fleet)
     put["asyncstage_mb_s"] = round(mb / put["asyncstage_s"], 1)
     put["fabric_mb_s"] = round(mb / put["fabric_s"], 1) if put["fabric_s"] else None
     report.target_of(
@@ -268,6 +339,14 @@ async def main() -> None:
         fleet["cold"],
         3,
         f"Fabric ThreadingGroup.run('hostname') on {n_servers} servers (connecting) / asyncstage",
+    )
+    client = _client_cpu(fleet)
+    report.target_of(
+        "fleet_command_client_cpu_vs_fabric",
+        client,
+        3,
+        f"controller CPU per server of the fleet command on {n_servers} servers (connecting): "
+        "Fabric / asyncstage (what decides on EC2, where every server has its own CPUs)",
     )
     report.target_of(
         "fleet_command_warm_vs_fabric",
@@ -285,6 +364,89 @@ async def main() -> None:
         "put_vs_fabric", put, 1, f"put of a {put_bytes // MiB} MiB file: Fabric SFTP / asyncstage"
     )
     report.save()
+
+
+async def _run_all(
+    report: BaselineReport,
+    res: dict[str, Any],
+    n_servers: int,
+    n_commands: int,
+    local: Path,
+    put_bytes: int,
+    reps: int,
+    missing: str | None,
+) -> None:
+    """The three jobs on one local cloud, their figures into ``res``."""
+    async with local_cloud(0.0) as (cloud, m):
+        servers = await m.provision_servers(n_servers)
+        # The local cloud (moto, botocore's models) lives in this process: a few hundred
+        # thousand objects that a controller of its own would not have. Out of the
+        # collector's way, so that neither side's collections walk them.
+        gc.collect()
+        gc.freeze()
+        print(f"hostname on {n_servers} servers")
+        calls = sum(cloud.api_calls.values())
+        res["fleet"] = await _fleet(m, servers, reps, missing)
+        res["fleet"]["api_calls"] = sum(cloud.api_calls.values()) - calls
+        report.mark_load("after_fleet")
+        print(f"{n_commands} commands on one server")
+        res["commands"] = await _commands(m, servers[0], n_commands, max(1, reps - 1), missing)
+        report.mark_load("after_commands")
+        print(f"put of {put_bytes // MiB} MiB")
+        res["put"] = await _put(m, servers[0], local, put_bytes, reps, missing)
+        report.mark_load("after_put")
+
+
+def _client_cpu(fleet: dict[str, Any]) -> dict[str, Any]:
+    """The controller's CPU of the cold fleet command, both sides, and Fabric / asyncstage."""
+    n = fleet["n"]
+    cpu = fleet["cpu"]
+    ours = cpu["asyncstage"]["cold"]["controller_cpu_s"]
+    figures: dict[str, Any] = {"asyncstage_ms_per_server": round(1000 * ours / n, 3)}
+    if cpu["fabric"]:
+        theirs = cpu["fabric"]["cold"]["controller_cpu_s"]
+        figures |= {
+            "fabric_ms_per_server": round(1000 * theirs / n, 3),
+            "ratio": ratio(theirs, ours),
+        }
+    else:
+        figures |= {"ratio": None, "not_run": fleet["cold"].get("not_run")}
+    fleet["client_cpu"] = figures
+    return figures
+
+
+def _cpu_table(report: BaselineReport, fleet: dict[str, Any]) -> None:
+    """Where the time of the fleet command went, side by side."""
+    n, cores = fleet["n"], os.cpu_count() or 1
+    rows: list[list[Any]] = []
+    for side, label in (("asyncstage", "asyncstage"), ("fabric", "Fabric")):
+        for phase, splits in fleet["cpu"][side].items():
+            rows.append(
+                [
+                    f"{label} {phase}",
+                    splits["wall_s"],
+                    splits["controller_cpu_s"],
+                    round(1000 * splits["controller_cpu_s"] / n, 2),
+                    splits["instances_cpu_s"],
+                    round(splits["instances_cpu_s"] / cores, 3),
+                    splits["cloud_cpu_s"],
+                    splits.get("idle_share", "-"),
+                ]
+            )
+    report.table(
+        f"where the fleet command's time went, {n} servers on {cores} cores (medians; CPU s)",
+        [
+            "side, phase",
+            "wall s",
+            "controller",
+            "ms/server",
+            "instances",
+            f"/ {cores} cores",
+            "cloud",
+            "idle share",
+        ],
+        rows,
+    )
 
 
 def _row(figures: dict[str, Any]) -> list[Any]:

@@ -190,4 +190,6 @@ def test_fabric(results: Path) -> None:
     for figures in (r["fleet"]["cold"], r["fleet"]["warm"], r["commands"], r["put"]):
         _against_baseline(figures, "fabric")
     assert r["put"]["bytes"] == data["params"]["put_bytes"]
-    assert len(data["targets"]) == 4
+    for phases in r["fleet"]["cpu"].values():  # where the time went, phase by phase
+        assert all(p["wall_s"] >= 0 and p["controller_cpu_s"] >= 0 for p in phases.values())
+    assert len(data["targets"]) == 5

@@ -1,0 +1,127 @@
+"""What a new connection reads: known_hosts and the client keys, read once per change.
+
+Pure file tests (no root, no sshd): a fleet's connections each look their address up
+in a known_hosts file of the whole fleet and load the same key; both are read again
+exactly when their files change, by us or by another program.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from asyncstage.ssh import KnownHosts, _client_keys
+
+KEY_A = "ssh-ed25519 AAAAkeyA"
+KEY_B = "ssh-ed25519 AAAAkeyB"
+
+
+def test_lookups_share_one_reading_until_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    lines = [f"127.0.0.{i} ssh-ed25519 AAAAkey{i}\n" for i in range(1, 60)]
+    path.write_text("".join(lines))
+    first, second = KnownHosts(path), KnownHosts(path)  # every server's host has its own
+    assert first.lookup("127.0.0.7") == ["ssh-ed25519 AAAAkey7"]
+    reading = KnownHosts._read[os.path.abspath(path)]
+    assert second.lookup("127.0.0.59") == ["ssh-ed25519 AAAAkey59"]
+    assert KnownHosts._read[os.path.abspath(path)] is reading  # not read again
+
+    second.add("127.0.0.60", 22, KEY_A)  # a write of ours: the next lookup sees it
+    assert first.lookup("127.0.0.60") == [KEY_A]
+    second.remove("127.0.0.7")
+    assert first.lookup("127.0.0.7") == []
+    assert first.lookup("127.0.0.8") == ["ssh-ed25519 AAAAkey8"]
+
+
+def test_another_programs_rewrite_is_seen(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    path.write_text(f"127.0.0.5 {KEY_A}\n")
+    kh = KnownHosts(path)
+    assert kh.lookup("127.0.0.5") == [KEY_A]
+    # The same size, written in place (same inode), its times put back as they were:
+    # the change time still moves.
+    st = path.stat()
+    with open(path, "r+") as f:
+        f.write(f"127.0.0.5 {KEY_B}\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_ino == st.st_ino
+    assert kh.lookup("127.0.0.5") == [KEY_B]
+    # Replaced by a rename, as ssh-keygen -R does.
+    tmp = tmp_path / "known_hosts.new"
+    tmp.write_text(f"127.0.0.6 {KEY_A}\n")
+    tmp.replace(path)
+    assert kh.lookup("127.0.0.5") == []
+    assert kh.lookup("127.0.0.6") == [KEY_A]
+    path.unlink()
+    assert kh.lookup("127.0.0.6") == []
+
+
+def test_names_patterns_and_hashes_keep_file_order(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    path.write_text(
+        "# a comment line\n"
+        "@cert-authority *.example ssh-ed25519 AAAAca\n"
+        f"127.0.0.* {KEY_B}\n"
+        f"host-a,127.0.0.9 {KEY_A}\n"
+        f"127.0.0.9 {KEY_B}\n"  # again: listed once
+        "[127.0.0.9]:2222 ssh-ed25519 AAAAport\n"
+        "!127.0.0.3,127.0.0.? ssh-ed25519 AAAAneg\n"
+        "HOST-C ssh-ed25519 AAAAupper\n"
+    )
+    kh = KnownHosts(path)
+    assert kh.lookup("127.0.0.9") == [KEY_B, KEY_A, "ssh-ed25519 AAAAneg"]
+    assert kh.lookup("host-a") == [KEY_A]
+    assert kh.lookup("host-c") == ["ssh-ed25519 AAAAupper"]  # names match in any case
+    assert kh.lookup("127.0.0.3") == [KEY_B]  # negated in the last entry
+    assert kh.lookup("127.0.0.9", 2222) == ["ssh-ed25519 AAAAport"]
+    assert kh.lookup("x.example") == []  # CA lines are not host keys
+
+    plain = tmp_path / "plain"
+    plain.write_text(f"[127.0.0.7]:2200 {KEY_A}\n127.0.0.8 {KEY_B}\n")
+    subprocess.run(["ssh-keygen", "-H", "-f", str(plain)], check=True, capture_output=True)
+    hashed = KnownHosts(plain)
+    assert hashed.lookup("127.0.0.7", 2200) == [KEY_A]
+    assert hashed.lookup("127.0.0.8") == [KEY_B]
+    assert hashed.lookup("127.0.0.7") == []
+
+
+def _keygen(path: Path) -> None:
+    for old in (path, path.with_name(path.name + ".pub")):
+        old.unlink(missing_ok=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_client_keys_are_loaded_once_per_version_of_their_files(tmp_path: Path) -> None:
+    key = tmp_path / "id"
+    _keygen(key)
+    loaded = _client_keys([key])
+    assert len(loaded) == 1
+    first = loaded[0]
+    assert isinstance(first, asyncssh.SSHKeyPair)
+    public = key.with_name("id.pub").read_text().split()[1]
+    assert first.public_data == asyncssh.import_public_key(f"ssh-ed25519 {public}").public_data
+    assert _client_keys([key]) is loaded  # the same files: not read again
+
+    _keygen(key)  # a new key in the same file: read again
+    again = _client_keys([key])
+    assert again is not loaded
+    assert isinstance(again[0], asyncssh.SSHKeyPair)
+    assert again[0].public_data != first.public_data
+
+
+@pytest.mark.parametrize("content", [None, "not a key\n"])
+def test_unloadable_keys_are_left_to_asyncssh(tmp_path: Path, content: str | None) -> None:
+    """A key that cannot be loaded goes to asyncssh as a path: the connection fails
+    there, as it did before keys were loaded ahead."""
+    key = tmp_path / "id"
+    if content is not None:
+        key.write_text(content)
+    assert _client_keys([key]) == [str(key)]
