@@ -83,6 +83,10 @@ _OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed com
 _KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
 _CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
 _FILE_CHUNK = 1 << 20  # bytes per read/write of a local file streamed to or from a command
+# Smaller files go to scmd_from_file's command over asyncssh: an ssh child costs ~4 ms
+# more per call (7.5 against 3.5 ms for 4 KiB), won back at about 2.7 MB (464 against
+# ~1500 MB/s; docs/guide/commands.md).
+_OPENSSH_FROM_FILE_MIN = 2 << 20
 _PID_MARKER = b"asyncstage-pgid:"
 # Every command runs behind this line, which tells us the remote shell's pid: sshd makes
 # that shell a session and process-group leader, so `kill -- -PGID` over a second channel
@@ -1132,8 +1136,9 @@ class SSHHost(_HostCore):
     ) -> int:
         """Run a command with the local file ``path`` as its stdin; the bytes sent.
 
-        No Python code touches the data: OpenSSH ``ssh`` reads the file (or, without
-        ``ssh`` on ``PATH``, asyncssh as the remote side takes it; flat memory). Raises
+        No Python code touches the data: OpenSSH ``ssh`` reads the file (or, for files
+        under 2 MiB or without ``ssh`` on ``PATH``, asyncssh as the remote side takes
+        it; flat memory). Raises
         :class:`~asyncstage.errors.CommandFailed` on a non-zero exit,
         :class:`~asyncstage.errors.SSHError` when the command exited 0 before reading
         all of it, and :class:`~asyncstage.errors.PathError` when ``path`` is not a
@@ -1148,7 +1153,7 @@ class SSHHost(_HostCore):
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 raise PathError(f"not a regular file: {os.fspath(path)!r}")
             ssh = _openssh_stream.openssh()
-            if ssh is None:
+            if ssh is None or os.fstat(file.fileno()).st_size < _OPENSSH_FROM_FILE_MIN:
                 result, sent, at_eof = await self._asyncssh_from_file(command, file, sudo)
             else:
                 result = await self._openssh_file(ssh, command, sudo, file.fileno(), None)

@@ -120,9 +120,13 @@ async def test_bad_local_paths_are_path_errors(sshd_server: SSHServer, tmp_path:
 
 
 async def test_from_file_command_failure_is_typed(sshd_server: SSHServer, tmp_path: Path) -> None:
-    local = tmp_path / "in"
-    _random_file(local, 1 << 20)
+    small, local = tmp_path / "small", tmp_path / "in"
+    _random_file(small, 1 << 20)  # under _OPENSSH_FROM_FILE_MIN: over asyncssh
+    _random_file(local, 3 << 20)  # an OpenSSH child
     async with sshd_server.host() as host:
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_from_file("cat >/dev/null; echo nope >&2; exit 5", path=small)
+        assert (failed.value.exit_status, failed.value.stderr) == (5, "nope\n")
         with pytest.raises(errors.CommandFailed) as failed:
             await host.scmd_from_file("cat >/dev/null; echo nope >&2; exit 5", path=local)
         assert failed.value.exit_status == 5
@@ -139,7 +143,7 @@ async def test_cancelling_leaves_no_remote_process_and_no_file(
     sshd_server: SSHServer, tmp_path: Path
 ) -> None:
     local = tmp_path / "in"
-    _random_file(local, 1 << 20)
+    _random_file(local, 3 << 20)  # over _OPENSSH_FROM_FILE_MIN: an OpenSSH child
     target = tmp_path / "endless"
     async with sshd_server.host() as host:
         tag = f"{time.time_ns() % 10**9}.25"
@@ -189,6 +193,8 @@ async def test_exit_255_is_the_command_and_ssh_failure_is_ssh_error(
 ) -> None:
     target = tmp_path / "kept"
     target.write_bytes(b"old\n")
+    big = tmp_path / "big"
+    _random_file(big, 3 << 20)  # over _OPENSSH_FROM_FILE_MIN: an OpenSSH child
     async with sshd_server.host() as host:
         # ssh exits 255 for its own failures too: the command's 255 is still the command's.
         with pytest.raises(errors.CommandFailed) as failed:
@@ -207,12 +213,12 @@ async def test_exit_255_is_the_command_and_ssh_failure_is_ssh_error(
                 await host.scmd_to_file("echo x", path=target)
             assert not isinstance(err.value, errors.CommandFailed)
             with pytest.raises(errors.SSHError, match="Host key verification failed"):
-                await host.scmd_from_file("cat >/dev/null", path=target)
+                await host.scmd_from_file("cat >/dev/null", path=big)
         finally:
             await known_hosts.write_text(pinned)
         assert await host.scmd_to_file("echo", "back", path=tmp_path / "x") == 5
     assert target.read_bytes() == b"old\n"
-    assert sorted(os.listdir(tmp_path)) == ["kept", "x"]
+    assert sorted(os.listdir(tmp_path)) == ["big", "kept", "x"]
     assert _our_ssh_children() == []
 
 
@@ -220,7 +226,7 @@ async def test_file_streams_share_one_openssh_master(
     sshd_server: SSHServer, tmp_path: Path
 ) -> None:
     local = tmp_path / "in"
-    digest = _random_file(local, 1 << 20)
+    digest = _random_file(local, 3 << 20)
     async with sshd_server.host() as host:
         # More streams at once than sshd's sessions per connection (10): they wait their turn.
         async with anyio.create_task_group() as tg:
@@ -231,7 +237,7 @@ async def test_file_streams_share_one_openssh_master(
         assert host._master is not None and host._master.key[-1] == await host.host_public_key()
         assert len(_our_ssh_children()) == 1  # the master, nothing else left running
         sums = tmp_path / "sums"
-        assert await host.scmd_from_file(f"sha256sum > {quote(sums)}", path=local) == 1 << 20
+        assert await host.scmd_from_file(f"sha256sum > {quote(sums)}", path=local) == 3 << 20
     assert _our_ssh_children() == []  # close() stopped and reaped the master
     for i in range(14):
         assert (tmp_path / f"o{i}").read_text().startswith(hashlib.sha256(b"").hexdigest())
