@@ -8,6 +8,7 @@ loopback socket. No mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -19,7 +20,7 @@ import pytest
 from asyncstage import _openssh_stream, errors
 from asyncstage._sshwire import _FEED_BYTES, DIRECT
 from asyncstage.ssh import SSHHost, _umask, quote
-from tests.sshd import SSHServer
+from tests.sshd import SSHServer, descendants
 
 pytestmark = pytest.mark.anyio
 
@@ -40,20 +41,13 @@ async def _running(host: SSHHost, needle: str) -> list[str]:
     return [line for line in out.splitlines() if line.split(None, 1)[-1].startswith(needle)]
 
 
-def _our_ssh_children() -> list[str]:
-    """The ``ssh`` processes this test process started and that still exist (zombies too)."""
+def _our_ssh_children() -> list[int]:
+    """The ``ssh`` processes below this test process that still exist (zombies too)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == os.getpid() and name == "ssh":
-            found.append(entry)
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
+                found.append(pid)
     return found
 
 
