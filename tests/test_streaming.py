@@ -69,6 +69,15 @@ async def test_file_round_trip_arrives_intact(sshd_server: SSHServer, tmp_path: 
         assert await host.scmd_from_file("cp", "/dev/stdin", str(remote), path=local) == size
         assert await _remote_sha256(host, remote) == digest
         assert await host.scmd_to_file("cat", str(remote), path=back) == size
+        # sudo: the whole shell line runs as root, through the OpenSSH child too
+        sudo_copy = tmp_path / "remote dir" / "sudo.bin"
+        line = f"cat > {quote(sudo_copy)}; id -u >&2"
+        assert await host.scmd_from_file(line, path=local, sudo=True) == size
+        assert await _remote_sha256(host, sudo_copy) == digest
+        uid = tmp_path / "uid"
+        assert await host.scmd_to_file("id -u", path=uid, sudo=True) == 2
+        assert uid.read_text() == "0\n"
+        uid.unlink()
     assert _sha256(back) == digest
     assert back.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
     assert sorted(os.listdir(tmp_path)) == ["back.bin", "local.bin", "remote dir"]
