@@ -11,7 +11,8 @@ The remote line is the command inside a subshell between two lines of ours (see
 :func:`remote_line`): the first prints the remote shell's pid (the process group to
 kill on cancellation, as for asyncssh commands), the last the command's exit status.
 ``ssh`` exits 255 for its own failures and for a command's exit 255 alike; the
-status line tells the command's status apart from ssh's failure.
+status line tells the command's status apart from ssh's failure. The children are
+multiplexed over one OpenSSH ``ControlMaster`` per host (:class:`Master`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from anyio.abc import ByteReceiveStream, Process
 __all__ = ["Master", "Outcome", "cipher_options", "openssh", "remote_line", "run"]
 
 _EXIT_MARKER = b"asyncstage-exit:"
-_EXIT_LINE = re.compile(rb"asyncstage-exit:(\d+)\n\Z")
+_EXIT_LINE = re.compile(rb"asyncstage-exit:(\d+)\n")
 _PUMP_BYTES = 65536
 _MASTER_EXIT = 2.0  # seconds a terminated master may take to exit before SIGKILL
 
@@ -73,14 +74,16 @@ def remote_line(wrapper: str, command: str) -> str:
 
 
 def split_status(stderr: bytes) -> tuple[bytes, int | None]:
-    """The command's stderr without our status line, and the status it gave (None: no line)."""
+    """The command's stderr without our status line, and the status it gave (None: no line).
+
+    The line is the last one of ours; what a background process of the command wrote
+    after it stays in the stderr.
+    """
     at = stderr.rfind(_EXIT_MARKER)
-    if at < 0:
-        return stderr, None
-    found = _EXIT_LINE.match(stderr, at)
+    found = _EXIT_LINE.match(stderr, at) if at >= 0 else None
     if found is None:
         return stderr, None
-    return stderr[:at], int(found.group(1))
+    return stderr[:at] + stderr[found.end() :], int(found.group(1))
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,10 @@ async def test_exit_255_is_the_command_and_ssh_failure_is_ssh_error(
             await host.scmd_to_file("echo gone >&2; exit 255", path=target)
         assert (failed.value.exit_status, failed.value.stderr) == (255, "gone\n")
         assert "asyncstage" not in failed.value.stderr  # our status and pgid lines are out
+        # A background process writing after the command ended: its stderr is kept.
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_to_file("(sleep 0.2; echo late >&2) & exit 3", path=target)
+        assert (failed.value.exit_status, failed.value.stderr) == (3, "late\n")
         # ssh itself fails: the pinned key is gone from known_hosts (asyncssh's connection,
         # already verified, goes on; ssh checks the file strictly).
         await host.close()
