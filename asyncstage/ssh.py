@@ -51,7 +51,7 @@ from typing import IO, Any, AnyStr, ClassVar, Generic, Literal, cast, overload
 import anyio
 import asyncssh
 
-from asyncstage import _sshwire, shell
+from asyncstage import _openssh_stream, _sshwire, shell
 from asyncstage.errors import (
     CommandFailed,
     CommandTimeout,
@@ -83,6 +83,10 @@ _OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed com
 _KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
 _CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
 _FILE_CHUNK = 1 << 20  # bytes per read/write of a local file streamed to or from a command
+# Smaller files go to scmd_from_file's command over asyncssh: an ssh child costs ~4 ms
+# more per call (7.5 against 3.5 ms for 4 KiB), won back at about 2.7 MB (464 against
+# ~1500 MB/s; docs/guide/commands.md).
+_OPENSSH_FROM_FILE_MIN = 2 << 20
 _PID_MARKER = b"asyncstage-pgid:"
 # Every command runs behind this line, which tells us the remote shell's pid: sshd makes
 # that shell a session and process-group leader, so `kill -- -PGID` over a second channel
@@ -977,21 +981,26 @@ class _HostCore:
 
     async def _kill_group(self, run: _Running, signal: str) -> None:
         """``kill -s SIGNAL -- -PGID`` over the spare session (sshd may ignore signal requests)."""
-        if run.stderr.pgid is None or run.link.conn.is_closed():
+        if run.stderr.pgid is not None:
+            await self._kill_pgid(run.link, run.stderr.pgid, run.sudo, signal)
+
+    async def _kill_pgid(self, link: _Link, pgid: int, sudo: bool, signal: str) -> None:
+        """``kill -s SIGNAL -- -PGID`` over ``link``'s spare session."""
+        if link.conn.is_closed():
             return
-        kill = shell.sudo_line(["kill", "-s", signal, "--", f"-{run.stderr.pgid}"], run.sudo)
+        kill = shell.sudo_line(["kill", "-s", signal, "--", f"-{pgid}"], sudo)
         kill += " 2>/dev/null"
-        async with run.link.spare:
+        async with link.spare:
             for _ in range(20):
                 try:
-                    proc = await run.link.conn.create_process(
+                    proc = await link.conn.create_process(
                         kill,
                         stdin=asyncssh.DEVNULL,
                         stdout=asyncssh.DEVNULL,
                         stderr=asyncssh.DEVNULL,
                     )
                 except asyncssh.ChannelOpenError:
-                    if run.link.conn.is_closed():
+                    if link.conn.is_closed():
                         return
                     await anyio.sleep(0.05)  # the session slot is not free yet
                     continue
@@ -1049,8 +1058,20 @@ class SSHHost(_HostCore):
     Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
     """
 
+    _master: _openssh_stream.Master | None = None  # the file streams' OpenSSH master
+
     def __repr__(self) -> str:
         return f"<SSHHost {self.username}@{self.address}:{self.port} ({self.label})>"
+
+    def reset(self) -> None:
+        """Forget the cached :meth:`ping` result and close the connections (reopened on use)."""
+        self._stop_master()
+        super().reset()
+
+    async def close(self) -> None:
+        """Close the connections (a later command opens new ones)."""
+        self._stop_master()
+        await super().close()
 
     async def __aenter__(self) -> SSHHost:
         return self
@@ -1209,10 +1230,11 @@ class SSHHost(_HostCore):
     ) -> int:
         """Run a command with its stdout written to the local file ``path``; the bytes written.
 
-        No Python loop touches the data: asyncssh writes each packet to the file. The
-        file is written under a temporary name beside ``path`` and renamed when the
-        command exited 0; on :class:`~asyncstage.errors.CommandFailed`, a lost
-        connection or cancellation ``path`` is left as it was (the command is stopped).
+        No Python code touches the data: OpenSSH ``ssh`` writes it to the file (or,
+        without ``ssh`` on ``PATH``, asyncssh each packet). The file is written under
+        a temporary name beside ``path`` and renamed when the command exited 0; on
+        :class:`~asyncstage.errors.CommandFailed`, a lost connection or cancellation
+        ``path`` is left as it was (the command is stopped).
         """
         command = shell.sudo_line(cmd, sudo)
         target = Path(path)
@@ -1226,21 +1248,13 @@ class SSHHost(_HostCore):
             raise PathError(f"cannot write {str(target)!r}: {e.strerror}") from e
         try:
             # Unbuffered: each packet goes to the page cache at once, without another copy.
-            with open(fd, "wb", buffering=0) as file:  # noqa: ASYNC230 (asyncssh writes it in the loop anyway)
-                stderr = _Sink(marker=True)
-                async with self._process(
-                    command,
-                    None,
-                    sudo=sudo,
-                    stdin=asyncssh.DEVNULL,
-                    stdout=file,
-                    stderr=stderr,
-                    recv_eof=False,  # the file is ours to close
-                ) as run:
-                    with self._map_errors(command):
-                        await run.proc.wait()
-                    result = self._result(command, run.proc, "", stderr.value("utf-8"))
-                size = file.tell()
+            with open(fd, "wb", buffering=0) as file:  # noqa: ASYNC230 (nothing is read or written here)
+                ssh = _openssh_stream.openssh()
+                if ssh is not None:
+                    result = await self._openssh_file(ssh, command, sudo, subprocess.DEVNULL, fd)
+                else:
+                    result = await self._asyncssh_to_file(command, file, sudo)
+                size = os.fstat(fd).st_size
             if not result.ok:
                 raise self._failed(result)
             try:
@@ -1254,46 +1268,152 @@ class SSHHost(_HostCore):
             raise
         return size
 
+    async def _asyncssh_to_file(self, command: str, file: io.FileIO, sudo: bool) -> CommandResult:
+        """scmd_to_file without OpenSSH: asyncssh writes each packet to ``file``."""
+        stderr = _Sink(marker=True)
+        async with self._process(
+            command,
+            None,
+            sudo=sudo,
+            stdin=asyncssh.DEVNULL,
+            stdout=file,
+            stderr=stderr,
+            recv_eof=False,  # the file is ours to close
+        ) as run:
+            with self._map_errors(command):
+                await run.proc.wait()
+            return self._result(command, run.proc, "", stderr.value("utf-8"))
+
     async def scmd_from_file(
         self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
     ) -> int:
         """Run a command with the local file ``path`` as its stdin; the bytes sent.
 
-        No Python loop of ours touches the data: asyncssh reads the file into the
-        channel as the remote side takes it (flat memory). Raises
-        :class:`~asyncstage.errors.CommandFailed` on a non-zero exit and
-        :class:`~asyncstage.errors.PathError` when ``path`` is not a readable regular file.
+        No Python code touches the data: OpenSSH ``ssh`` reads the file (or, for files
+        under 2 MiB or without ``ssh`` on ``PATH``, asyncssh as the remote side takes
+        it; flat memory). Raises
+        :class:`~asyncstage.errors.CommandFailed` on a non-zero exit,
+        :class:`~asyncstage.errors.SSHError` when the command exited 0 before reading
+        all of it, and :class:`~asyncstage.errors.PathError` when ``path`` is not a
+        readable regular file.
         """
         command = shell.sudo_line(cmd, sudo)
         try:
-            source = _CountingFile(open(path, "rb", buffering=0))  # noqa: ASYNC230, SIM115
+            file = open(path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
         except OSError as e:
             raise PathError(f"cannot read {os.fspath(path)!r}: {e.strerror}") from e
-        with source:
-            if not source.regular:
+        with file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 raise PathError(f"not a regular file: {os.fspath(path)!r}")
-            stdout, stderr = _Sink(), _Sink(marker=True)
-            async with self._process(
-                command,
-                None,
-                sudo=sudo,
-                stdin=source,
-                stdout=stdout,
-                stderr=stderr,
-                bufsize=_FILE_CHUNK,
-            ) as run:
-                with self._map_errors(command):
-                    await run.proc.wait()
-                result = self._result(
-                    command, run.proc, stdout.value("utf-8"), stderr.value("utf-8")
-                )
+            ssh = _openssh_stream.openssh()
+            if ssh is None or os.fstat(file.fileno()).st_size < _OPENSSH_FROM_FILE_MIN:
+                result, sent, at_eof = await self._asyncssh_from_file(command, file, sudo)
+            else:
+                result = await self._openssh_file(ssh, command, sudo, file.fileno(), None)
+                # ssh read the file through our descriptor: its offset is what was sent.
+                sent = os.lseek(file.fileno(), 0, os.SEEK_CUR)
+                at_eof = sent >= os.fstat(file.fileno()).st_size
         if not result.ok:
             raise self._failed(result)
-        if not source.at_eof:
+        if not at_eof:
             raise SSHError(
                 f"command exited before reading all its input: {command}", host=self.label
             )
-        return source.count
+        return sent
+
+    async def _asyncssh_from_file(
+        self, command: str, file: io.FileIO, sudo: bool
+    ) -> tuple[CommandResult, int, bool]:
+        """scmd_from_file without OpenSSH: asyncssh reads ``file`` as the window allows."""
+        source = _CountingFile(file)
+        stdout, stderr = _Sink(), _Sink(marker=True)
+        async with self._process(
+            command,
+            None,
+            sudo=sudo,
+            stdin=source,
+            stdout=stdout,
+            stderr=stderr,
+            bufsize=_FILE_CHUNK,
+        ) as run:
+            with self._map_errors(command):
+                await run.proc.wait()
+            result = self._result(command, run.proc, stdout.value("utf-8"), stderr.value("utf-8"))
+        return result, source.count, source.at_eof
+
+    async def _openssh_file(
+        self, ssh: str, command: str, sudo: bool, stdin: int, stdout: int | None
+    ) -> CommandResult:
+        """Run ``command`` with an OpenSSH ``ssh`` child on these descriptors (see
+        asyncstage/_openssh_stream.py); ``stdout=None``: kept for the result."""
+        options = [
+            *self.openssh_options(),
+            *_openssh_stream.cipher_options(tuple(_encryption_algs())),
+        ]
+
+        def argv(extra: list[str], line: str) -> list[str]:
+            return shell.openssh_argv(
+                [*options, *extra], self.username, self.address, line, ssh=ssh
+            )
+
+        master = await self._openssh_master(ssh)
+        async with master.sessions:
+            mux = await master.options(argv, self.connect_timeout)
+            line = _openssh_stream.remote_line(_WRAPPER, command)
+            return await self._openssh_run(argv(mux, line), command, sudo, stdin, stdout)
+
+    async def _openssh_master(self, ssh: str) -> _openssh_stream.Master:
+        """This host's OpenSSH master (see asyncstage/_openssh_stream.py), a new one when
+        what it connects to changed."""
+        host_key = await self.host_public_key()  # verified and pinned our way: ssh checks strictly
+        key = (ssh, self.address, self.port, self.username, *self.client_keys)
+        key = (*key, str(self.known_hosts.path), host_key)
+        if self._master is None or self._master.key != key:
+            self._stop_master()
+            self._master = _openssh_stream.Master(key, self.max_sessions - 1)
+        return self._master
+
+    def _stop_master(self) -> None:
+        master, self._master = self._master, None
+        if master is not None:
+            master.close()
+
+    async def _openssh_run(
+        self, argv: list[str], command: str, sudo: bool, stdin: int, stdout: int | None
+    ) -> CommandResult:
+        """Run the ``ssh`` child ``argv`` (running ``command``) to its end: its result."""
+        ssh = argv[0]
+        out, err = _Sink(), _Sink(marker=True)
+
+        async def stop_remote(signal: str) -> None:
+            if err.pgid is not None:
+                with contextlib.suppress(SSHError):
+                    await self._kill_pgid(await self._connection(), err.pgid, sudo, signal)
+
+        try:
+            done = await _openssh_stream.run(
+                argv,
+                stdin=stdin,
+                stdout=stdout,
+                out=out,
+                err=err,
+                err_bytes=lambda: cast(bytes, err.value(None)),
+                stop_remote=stop_remote,
+                grace=_KILL_GRACE,
+            )
+        except OSError as e:
+            raise SSHError(f"could not run {ssh}: {e}", host=self.label) from e
+        stderr = done.stderr.decode("utf-8", "replace")
+        if done.status is None or (done.returncode != 0 and done.status == 0):
+            why = stderr.strip() or f"ssh exited {done.returncode}"
+            if done.started:
+                raise ConnectionLost(
+                    f"connection lost while running {command!r} ({why}); it may or may not "
+                    "have completed",
+                    host=self.label,
+                )
+            raise SSHError(f"ssh could not run {command!r}: {why}", host=self.label)
+        return CommandResult(command, done.status, None, out.value("utf-8"), stderr)
 
     async def ping(self, timeout: float = 10.0) -> bool:
         """True when the host answers ssh and runs ``true`` within ``timeout``.

@@ -8,6 +8,7 @@ loopback socket. No mocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -16,10 +17,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncstage import errors
+from asyncstage import _openssh_stream, errors
 from asyncstage._sshwire import _FEED_BYTES, DIRECT
 from asyncstage.ssh import SSHHost, _umask, quote
-from tests.sshd import SSHServer
+from tests.sshd import SSHServer, descendants
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +41,16 @@ async def _running(host: SSHHost, needle: str) -> list[str]:
     return [line for line in out.splitlines() if line.split(None, 1)[-1].startswith(needle)]
 
 
+def _our_ssh_children() -> list[int]:
+    """The ``ssh`` processes below this test process that still exist (zombies too)."""
+    found = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
+                found.append(pid)
+    return found
+
+
 async def _remote_sha256(host: SSHHost, path: Path) -> str:
     return (await host.scmd("sha256sum", str(path))).split()[0]
 
@@ -58,6 +69,15 @@ async def test_file_round_trip_arrives_intact(sshd_server: SSHServer, tmp_path: 
         assert await host.scmd_from_file("cp", "/dev/stdin", str(remote), path=local) == size
         assert await _remote_sha256(host, remote) == digest
         assert await host.scmd_to_file("cat", str(remote), path=back) == size
+        # sudo: the whole shell line runs as root, through the OpenSSH child too
+        sudo_copy = tmp_path / "remote dir" / "sudo.bin"
+        line = f"cat > {quote(sudo_copy)}; id -u >&2"
+        assert await host.scmd_from_file(line, path=local, sudo=True) == size
+        assert await _remote_sha256(host, sudo_copy) == digest
+        uid = tmp_path / "uid"
+        assert await host.scmd_to_file("id -u", path=uid, sudo=True) == 2
+        assert uid.read_text() == "0\n"
+        uid.unlink()
     assert _sha256(back) == digest
     assert back.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
     assert sorted(os.listdir(tmp_path)) == ["back.bin", "local.bin", "remote dir"]
@@ -103,9 +123,13 @@ async def test_bad_local_paths_are_path_errors(sshd_server: SSHServer, tmp_path:
 
 
 async def test_from_file_command_failure_is_typed(sshd_server: SSHServer, tmp_path: Path) -> None:
-    local = tmp_path / "in"
-    _random_file(local, 1 << 20)
+    small, local = tmp_path / "small", tmp_path / "in"
+    _random_file(small, 1 << 20)  # under _OPENSSH_FROM_FILE_MIN: over asyncssh
+    _random_file(local, 3 << 20)  # an OpenSSH child
     async with sshd_server.host() as host:
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_from_file("cat >/dev/null; echo nope >&2; exit 5", path=small)
+        assert (failed.value.exit_status, failed.value.stderr) == (5, "nope\n")
         with pytest.raises(errors.CommandFailed) as failed:
             await host.scmd_from_file("cat >/dev/null; echo nope >&2; exit 5", path=local)
         assert failed.value.exit_status == 5
@@ -122,7 +146,7 @@ async def test_cancelling_leaves_no_remote_process_and_no_file(
     sshd_server: SSHServer, tmp_path: Path
 ) -> None:
     local = tmp_path / "in"
-    _random_file(local, 1 << 20)
+    _random_file(local, 3 << 20)  # over _OPENSSH_FROM_FILE_MIN: an OpenSSH child
     target = tmp_path / "endless"
     async with sshd_server.host() as host:
         tag = f"{time.time_ns() % 10**9}.25"
@@ -138,6 +162,93 @@ async def test_cancelling_leaves_no_remote_process_and_no_file(
         assert scope.cancelled_caught
         assert await _running(host, f"sleep {tag2}") == []
         assert await host.scmd("echo", "still fine") == "still fine\n"
+        assert len(_our_ssh_children()) <= 1  # the ssh children reaped; the master may stay
+    assert _our_ssh_children() == []
+
+
+async def test_file_forms_without_openssh_use_asyncssh(
+    sshd_server: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no ssh on PATH: the asyncssh path
+    assert _openssh_stream.openssh() is None
+    local = tmp_path / "local.bin"
+    digest = _random_file(local, (3 << 20) + 7)
+    back = tmp_path / "back.bin"
+    kept = tmp_path / "kept"
+    kept.write_bytes(b"old\n")
+    async with sshd_server.host() as host:
+        remote = tmp_path / "remote.bin"
+        assert await host.scmd_from_file(f"cat > {quote(remote)}", path=local) == (3 << 20) + 7
+        assert await host.scmd_to_file("cat", str(remote), path=back) == (3 << 20) + 7
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_to_file("echo x; echo bad >&2; exit 4", path=kept)
+        assert (failed.value.exit_status, failed.value.stderr) == (4, "bad\n")
+        with pytest.raises(errors.SSHError, match="before reading all its input"):
+            await host.scmd_from_file("head -c 1 >/dev/null", path=local)
+        assert host._master is None  # no OpenSSH master either
+    assert _sha256(back) == digest
+    assert kept.read_bytes() == b"old\n"
+    assert sorted(os.listdir(tmp_path)) == ["back.bin", "kept", "local.bin", "remote.bin"]
+
+
+async def test_exit_255_is_the_command_and_ssh_failure_is_ssh_error(
+    sshd_server: SSHServer, tmp_path: Path
+) -> None:
+    target = tmp_path / "kept"
+    target.write_bytes(b"old\n")
+    big = tmp_path / "big"
+    _random_file(big, 3 << 20)  # over _OPENSSH_FROM_FILE_MIN: an OpenSSH child
+    async with sshd_server.host() as host:
+        # ssh exits 255 for its own failures too: the command's 255 is still the command's.
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_to_file("echo gone >&2; exit 255", path=target)
+        assert (failed.value.exit_status, failed.value.stderr) == (255, "gone\n")
+        assert "asyncstage" not in failed.value.stderr  # our status and pgid lines are out
+        # A background process writing after the command ended: its stderr is kept.
+        with pytest.raises(errors.CommandFailed) as failed:
+            await host.scmd_to_file("(sleep 0.2; echo late >&2) & exit 3", path=target)
+        assert (failed.value.exit_status, failed.value.stderr) == (3, "late\n")
+        # ssh itself fails: the pinned key is gone from known_hosts (asyncssh's connection,
+        # already verified, goes on; ssh checks the file strictly).
+        await host.close()
+        await host.host_public_key()
+        known_hosts = anyio.Path(host.known_hosts.path)
+        pinned = await known_hosts.read_text()
+        await known_hosts.write_text("")
+        try:
+            with pytest.raises(errors.SSHError, match="Host key verification failed") as err:
+                await host.scmd_to_file("echo x", path=target)
+            assert not isinstance(err.value, errors.CommandFailed)
+            with pytest.raises(errors.SSHError, match="Host key verification failed"):
+                await host.scmd_from_file("cat >/dev/null", path=big)
+        finally:
+            await known_hosts.write_text(pinned)
+        assert await host.scmd_to_file("echo", "back", path=tmp_path / "x") == 5
+    assert target.read_bytes() == b"old\n"
+    assert sorted(os.listdir(tmp_path)) == ["big", "kept", "x"]
+    assert _our_ssh_children() == []
+
+
+async def test_file_streams_share_one_openssh_master(
+    sshd_server: SSHServer, tmp_path: Path
+) -> None:
+    local = tmp_path / "in"
+    digest = _random_file(local, 3 << 20)
+    async with sshd_server.host() as host:
+        # More streams at once than sshd's sessions per connection (10): they wait their turn.
+        async with anyio.create_task_group() as tg:
+            for i in range(14):
+                tg.start_soon(
+                    lambda i=i: host.scmd_to_file("sha256sum", "-", path=tmp_path / f"o{i}")
+                )
+        assert host._master is not None and host._master.key[-1] == await host.host_public_key()
+        assert len(_our_ssh_children()) == 1  # the master, nothing else left running
+        sums = tmp_path / "sums"
+        assert await host.scmd_from_file(f"sha256sum > {quote(sums)}", path=local) == 3 << 20
+    assert _our_ssh_children() == []  # close() stopped and reaped the master
+    for i in range(14):
+        assert (tmp_path / f"o{i}").read_text().startswith(hashlib.sha256(b"").hexdigest())
+    assert sums.read_text().split()[0] == digest
 
 
 # -- the TCP shaping under asyncssh (a real loopback socket) --------------------------------
