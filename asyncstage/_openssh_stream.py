@@ -18,7 +18,6 @@ multiplexed over one OpenSSH ``ControlMaster`` per host (:class:`Master`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-__all__ = ["Master", "Outcome", "cipher_options", "openssh", "remote_line", "run"]
+__all__ = ["Master", "Outcome", "openssh", "remote_line", "run"]
 
 _EXIT_MARKER = b"asyncstage-exit:"
 _EXIT_LINE = re.compile(rb"asyncstage-exit:(\d+)\n")
@@ -50,20 +49,6 @@ class _Sink(Protocol):
 def openssh() -> str | None:
     """The ``ssh`` on ``PATH`` (looked up on each call: PATH may change), or None."""
     return shutil.which("ssh")
-
-
-@functools.cache
-def cipher_options(preferred: tuple[str, ...]) -> list[str]:
-    """``-c`` with the AES-GCM ciphers first when asyncssh prefers them (AES instructions).
-
-    OpenSSH puts chacha20-poly1305 first; on CPUs with AES instructions AES-GCM
-    is the faster one (and the one asyncssh negotiates, see ssh._encryption_algs).
-    """
-    gcm = [c for c in preferred if c.startswith("aes") and "gcm" in c]
-    if not gcm or not preferred[0].startswith("aes"):
-        return []
-    rest = ["chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"]
-    return ["-c", ",".join(gcm + [c for c in rest if c not in gcm])]
 
 
 def remote_line(wrapper: str, command: str) -> str:

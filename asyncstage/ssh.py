@@ -1346,10 +1346,7 @@ class SSHHost(_HostCore):
     ) -> CommandResult:
         """Run ``command`` with an OpenSSH ``ssh`` child on these descriptors (see
         asyncstage/_openssh_stream.py); ``stdout=None``: kept for the result."""
-        options = [
-            *self.openssh_options(),
-            *_openssh_stream.cipher_options(tuple(_encryption_algs())),
-        ]
+        options = self.openssh_options()  # AES-GCM first where asyncssh prefers it too
 
         def argv(extra: list[str], line: str) -> list[str]:
             return shell.openssh_argv(
