@@ -138,14 +138,15 @@ async def wait_for_sshd(server: Server, address: str, deadline: float) -> None:
 
 
 async def concurrently(*steps: Callable[[], Awaitable[None]]) -> None:
-    """Run the steps at once; the first that fails cancels the others, and is raised."""
-    failures: list[AsyncstageError] = []
+    """Run the steps at once; the first that fails cancels the others, and is raised
+    as itself (not inside an exception group), whatever its type."""
+    failures: list[Exception] = []
     async with anyio.create_task_group() as tg:
 
         async def guarded(step: Callable[[], Awaitable[None]]) -> None:
             try:
                 await step()
-            except AsyncstageError as e:
+            except Exception as e:  # cancellation (BaseException) passes through
                 failures.append(e)
                 tg.cancel_scope.cancel()
 

@@ -221,3 +221,31 @@ async def test_unreachable_server_says_why(cloud: LocalCloud, manager: Manager) 
     error = info.value
     assert error.state == "running" and error.port_open is False
     assert "nothing answered on port 22" in str(error)
+
+
+async def test_concurrent_steps_raise_the_first_failure_as_itself() -> None:
+    """The console watch and the ssh attempts run side by side: whichever fails first
+    (an OSError as much as a HostKeyMismatch) cancels the other and comes out bare."""
+    from asyncstage import hostkeys
+
+    cancelled = anyio.Event()
+
+    async def slow() -> None:
+        try:
+            await anyio.sleep(30)
+        finally:
+            cancelled.set()
+
+    async def fails() -> None:
+        await anyio.sleep(0.01)
+        raise OSError("no route")
+
+    with anyio.fail_after(5), pytest.raises(OSError, match="no route"):
+        await hostkeys.concurrently(slow, fails)
+    assert cancelled.is_set()
+    with pytest.raises(HostKeyMismatch):
+        await hostkeys.concurrently(slow, _mismatch)
+
+
+async def _mismatch() -> None:
+    raise HostKeyMismatch("changed", host="h")
