@@ -622,14 +622,22 @@ class _Waits(_Client):
         timeout: float,
         last_state: Callable[[], str | None],
         eta: Callable[[], float | None] | None = None,
+        progress: Callable[[], int] | None = None,
     ) -> None:
         """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between
-        (less when ``eta()`` expects the end sooner, never under half the first pause)."""
+        (less when ``eta()`` expects the end sooner, never under half the first pause).
+
+        A round in which ``progress()`` grew (a fleet's instances arriving one by one)
+        starts the pauses over: the rest are likely close, and one call polls them all.
+        """
         interval = self.poll_interval
         deadline = time.monotonic() + timeout
+        seen = progress() if progress is not None else 0
         while True:
             if await fetch():
                 return
+            if progress is not None and progress() != seen:
+                seen, interval = progress(), self.poll_interval
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(what, timeout=timeout, last_state=last_state())
@@ -693,6 +701,7 @@ class _Waits(_Client):
                 what=f"{len(waiting)} instance(s) to be {state}",
                 timeout=timeout,
                 last_state=lambda: None,
+                progress=lambda: len(reached) + len(failed),
             )
         except WaitTimeout:
             for iid in waiting:

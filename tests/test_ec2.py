@@ -176,6 +176,25 @@ async def test_polls_start_fast_and_back_off() -> None:
     assert "nothing" in str(info.value) and info.value.last_state == "still"
 
 
+async def test_polls_start_over_while_a_fleet_arrives() -> None:
+    """Rounds in which more instances arrived keep the first pause; idle ones back off."""
+    client = EC2(region="us-east-1", poll_interval=0.1, poll_backoff=2.0, poll_max_interval=0.4)
+    times: list[float] = []
+    arrived = [0]
+
+    async def fetch() -> bool:
+        times.append(anyio.current_time())
+        if 2 <= len(times) <= 4:  # three rounds each see one more instance
+            arrived[0] += 1
+        return len(times) == 7
+
+    await client._poll(
+        fetch, what="fleet", timeout=5, last_state=lambda: None, progress=lambda: arrived[0]
+    )
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]
+    assert gaps == [0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+
+
 # -- idempotent creates (ClientToken) ------------------------------------------------------
 
 
