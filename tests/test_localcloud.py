@@ -176,7 +176,9 @@ async def ssh(
 
 
 async def sh(conn: asyncssh.SSHClientConnection, command: str) -> str:
-    result = await conn.run(command, check=True)
+    """Run ``command``; its stdout, or a failure that shows what it printed."""
+    result = await conn.run(command)
+    assert result.exit_status == 0, (command, result.exit_status, result.stdout, result.stderr)
     return str(result.stdout)
 
 

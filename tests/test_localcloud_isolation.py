@@ -18,7 +18,7 @@ import pytest
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._isolation import DROPPED_CAPS, device_cgroups_available
 from asyncstage.localcloud._registry import REGISTRY_DIR
-from tests.test_localcloud import launch, sh, ssh, wait_state, wait_volume
+from tests.test_localcloud import launch, node, sh, ssh, wait_state, wait_volume
 
 pytestmark = [
     pytest.mark.anyio,
@@ -138,16 +138,18 @@ async def test_devices_are_the_clouds_only(
             # a devtmpfs shows every node of the machine; the kernel refuses to open them
             if device_cgroups_available():
                 await root_sh(conn, "mkdir -p /mnt/d && mount -t devtmpfs devtmpfs /mnt/d")
-                for node in (machine_disk, Path(loop).name, "loop-control", "mem"):
-                    status, out = await root_sh(conn, f"head -c 512 /mnt/d/{node} | wc -c")
-                    assert out.strip().splitlines()[-1] == "0", (node, out)  # nothing read
-                    if node == machine_disk:
+                for name in (machine_disk, Path(loop).name, "loop-control", "mem"):
+                    status, out = await root_sh(conn, f"head -c 512 /mnt/d/{name} | wc -c")
+                    assert out.strip().splitlines()[-1] == "0", (name, out)  # nothing read
+                    if name == machine_disk:
                         assert "Operation not permitted" in out, out
                 status, out = await root_sh(conn, f"mount /mnt/d/{machine_disk} /mnt")
                 assert status != 0, out
                 await root_sh(conn, "umount /mnt/d")
         async with ssh(ec2, b, key) as conn:
-            # its own volume it may use (the library mounts volumes as root inside)
+            # its own volume it may use (the library mounts volumes as root inside); the
+            # volume says in-use while its attachment is still attaching: wait for the node
+            await node(conn, "/dev/xvdf")
             await sh(conn, "sudo -n mkfs.ext4 -q /dev/xvdf && sudo -n mount /dev/xvdf /mnt")
             await sh(conn, "sudo -n umount /mnt")
     finally:
