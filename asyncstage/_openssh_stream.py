@@ -30,12 +30,15 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-__all__ = ["Master", "Outcome", "openssh", "remote_line", "run"]
+__all__ = ["Master", "Outcome", "openssh", "remote_line", "run", "sweep_dead_masters"]
 
 _EXIT_MARKER = b"asyncstage-exit:"
 _EXIT_LINE = re.compile(rb"asyncstage-exit:(\d+)\n")
 _PUMP_BYTES = 65536
 _MASTER_EXIT = 2.0  # seconds a terminated master may take to exit before SIGKILL
+_MASTER_DIR = "asyncstage-ssh-"  # + the controller's pid + "-" + mkdtemp's letters
+_MASTER_DIR_PID = re.compile(re.escape(_MASTER_DIR) + r"(\d+)-")
+_swept = False  # this process has removed the dead controllers' master dirs
 
 
 class _Sink(Protocol):
@@ -161,6 +164,39 @@ async def _stop(
         tg.cancel_scope.cancel()
 
 
+def _alive_pid(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal sent, only whether the pid exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_dead_masters() -> list[str]:
+    """Remove the master directories of controllers that died without :meth:`Master.close`
+    (SIGKILL, power loss): their masters ended with them (the session reads a pipe of
+    theirs) and took the socket along, but not its directory. Once per process; only
+    this user's directories, named with a pid that no longer runs. The removed paths."""
+    global _swept
+    if _swept:
+        return []
+    _swept = True
+    removed = []
+    top = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(top):
+            found = _MASTER_DIR_PID.match(entry.name)
+            if found is None or _alive_pid(int(found[1])):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid():
+                    shutil.rmtree(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
 class Master:
     """One OpenSSH ``ControlMaster`` per host: the file streams' ``ssh`` children
     multiplex over its connection instead of each opening its own (about 0.2 s of key
@@ -169,7 +205,8 @@ class Master:
     A multiplexed ``ssh`` hands its descriptors to the master, which reads and writes
     them itself: still no byte through Python. The master's own session is
     ``cat > /dev/null`` reading a pipe of ours, so that it ends with this process even
-    when :meth:`close` is never reached. ``key`` names what it connected to (address,
+    when :meth:`close` is never reached (:func:`sweep_dead_masters` removes the empty
+    directory such a crash leaves). ``key`` names what it connected to (address,
     port, user, keys, known_hosts, host key): a host that changed gets a new master.
     """
 
@@ -202,7 +239,8 @@ class Master:
             return ["-o", "ControlMaster=no", "-o", f"ControlPath={self._path()}"]
 
     async def _start(self, argv: Callable[[list[str], str], list[str]], timeout: float) -> None:
-        self._dir = tempfile.mkdtemp(prefix="asyncstage-ssh-")
+        sweep_dead_masters()
+        self._dir = tempfile.mkdtemp(prefix=f"{_MASTER_DIR}{os.getpid()}-")
         options = ["-o", "ControlMaster=yes", "-o", f"ControlPath={self._path()}"]
         options += ["-o", "ControlPersist=no"]
         try:

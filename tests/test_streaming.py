@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -249,6 +251,58 @@ async def test_file_streams_share_one_openssh_master(
     for i in range(14):
         assert (tmp_path / f"o{i}").read_text().startswith(hashlib.sha256(b"").hexdigest())
     assert sums.read_text().split()[0] == digest
+
+
+_CRASHING_CONTROLLER = """
+import os, signal, sys
+import anyio
+from asyncstage.ssh import SSHHost
+
+async def main() -> None:
+    address, port, user, known_hosts, key, out = sys.argv[1:]
+    options = {"known_hosts": known_hosts, "client_keys": [key]}
+    host = SSHHost(address, port=int(port), username=user, **options)
+    await host.scmd_to_file("echo up", path=out)
+    print(host._master._dir, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # a crash: no close(), no finally
+
+anyio.run(main)
+"""
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
+
+
+async def test_a_crashed_controllers_master_is_gone_and_its_dir_swept(
+    sshd_server: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [sys.executable, "-c", _CRASHING_CONTROLLER, sshd_server.address]
+    argv += [str(sshd_server.port), sshd_server.username, str(sshd_server.known_hosts)]
+    argv += [str(sshd_server.client_key), str(tmp_path / "out")]
+    crashed = await anyio.run_process(argv, check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    left = crashed.stdout.decode().strip()
+    assert (tmp_path / "out").read_text() == "up\n" and _is_dir(left)
+    with anyio.fail_after(10):  # its master read the dead controller's pipe: it ends too
+        while _processes_mentioning(left):  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    async with sshd_server.host() as host:  # a live controller's master: kept
+        await host.scmd_to_file("true", path=tmp_path / "mine")
+        assert host._master is not None and host._master._dir is not None
+        monkeypatch.setattr(_openssh_stream, "_swept", False)
+        assert left in _openssh_stream.sweep_dead_masters()
+        assert not _is_dir(left) and _is_dir(host._master._dir)
+        assert _openssh_stream.sweep_dead_masters() == []  # once per process
 
 
 # -- the TCP shaping under asyncssh (a real loopback socket) --------------------------------
