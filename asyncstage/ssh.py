@@ -63,6 +63,7 @@ from asyncstage.errors import (
     ServerUnreachable,
     SSHError,
 )
+from asyncstage.remote import rsynchelper
 from asyncstage.shell import Command, command_line, quote
 
 __all__ = [
@@ -106,56 +107,24 @@ def _encryption_algs() -> list[str]:
     (benchmarks/README.md). Elsewhere asyncssh's own order stands.
     """
     algs = [a.decode() for a in asyncssh.encryption.get_encryption_algs()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            has_aes = any(line.startswith(("flags", "Features")) and " aes" in line for line in f)
-    except OSError:
-        has_aes = False
-    if not has_aes:
+    if not rsynchelper.has_aes():
         return algs
-    gcm = [a for a in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if a in algs]
+    gcm = [a for a in rsynchelper.GCM if a in algs]
     return gcm + [a for a in algs if a not in gcm]
-
-
-# Key exchanges asyncssh itself prefers (ML-KEM hybrid, then curve25519): OpenSSH 9.x
-# puts sntrup761x25519 first, whose key generation costs ~70 ms of a ~200 ms connection.
-_FAST_KEX = ("mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org")
 
 
 @functools.cache
 def _openssh_preferences() -> tuple[str, ...]:
-    """``-o`` options that make OpenSSH ``ssh`` prefer what our asyncssh connections use.
-
-    The key exchange (:data:`_FAST_KEX`) and, on CPUs with AES instructions, AES-GCM,
-    moved to the front of the local ``ssh``'s own defaults (read once with ``ssh -G``),
-    so nothing is enabled that it does not enable by default. Empty when ``ssh`` is
-    missing or says nothing.
-    """
+    """``-o`` options that make the local OpenSSH ``ssh`` prefer what our asyncssh
+    connections use: the key exchange (:data:`rsynchelper.FAST_KEX`) and, on CPUs with
+    AES instructions, AES-GCM, moved to the front of its own defaults (read once with
+    ``ssh -G``). Host -> host legs get the same from the source host's ``ssh``
+    (``rsynchelper keygen``)."""
     ssh = shutil.which("ssh")
     if ssh is None:
         return ()
-    try:
-        out = subprocess.run(
-            [ssh, "-G", "-F", "/dev/null", "localhost"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    defaults = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
-    wanted = {
-        "KexAlgorithms": ("kexalgorithms", _FAST_KEX),
-        "Ciphers": ("ciphers", tuple(a for a in _encryption_algs() if "-gcm@" in a)),
-    }
-    options: list[str] = []
-    for option, (key, first) in wanted.items():
-        have = defaults.get(key, "").split(",")
-        front = [a for a in first if a in have]
-        if front and have[: len(front)] != front:
-            options += ["-o", option + "=" + ",".join(front + [a for a in have if a not in front])]
-    return tuple(options)
+    gcm = tuple(a for a in _encryption_algs() if "-gcm@" in a)
+    return tuple(rsynchelper.openssh_preferences(ssh, ciphers=gcm))
 
 
 # -- client keys ---------------------------------------------------------------

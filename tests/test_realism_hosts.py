@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +25,10 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncstage import Manager
+from asyncstage import Manager, shell
 from asyncstage.errors import HostKeyMismatch, HostKeyUnverified, ServerUnreachable
 from asyncstage.localcloud import LocalCloud
+from asyncstage.remote import rsynchelper
 from asyncstage.transfer.link import direct_link, route
 from asyncstage.transfer.run import workdir
 from tests.cloud_fixtures import ManagerFactory
@@ -198,6 +200,11 @@ async def test_server_to_server_after_a_move(manager: Manager, tmp_path: Path) -
         assert f'from="{a_private}"' in allowed
         seen = await a.scmd(*link.argv("sh", "-c", "echo $SSH_CONNECTION"), sudo=True)
         assert seen.split()[0] == a_private
+        # a's own ssh (OpenSSH 9: sntrup761x25519 first, ~70 ms) told to prefer ours
+        ssh, *options = link.argv("true")
+        verbose = shell.command_line(ssh, "-v", *options) + " 2>&1"
+        chosen = re.search(r"kex: algorithm: (\S+)", await a.scmd(verbose, sudo=True))
+        assert chosen is not None and chosen[1] in rsynchelper.FAST_KEX, chosen
     (tmp_path / "data").write_text("moved along\n")
     await a.put(str(tmp_path / "data"), "/tmp/data")
     await manager.rsync(f"{a}:/tmp/data", f"{b}:/tmp/copied")

@@ -328,23 +328,6 @@ def test_bitmap_bit_helpers() -> None:
         assert blockcopy._bits_set(bm, n) == sum(b < n for b in bits)
 
 
-def test_fast_cipher_only_with_aes_instructions(tmp_path: Path) -> None:
-    argv = ["ssh", "-o", "BatchMode=yes", "-l", "admin", "--", "10.0.0.2", "recv"]
-    with_aes = tmp_path / "with"
-    with_aes.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
-    without = tmp_path / "without"
-    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 vaes_not\n")
-    arm = tmp_path / "arm"
-    arm.write_text("processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n")
-    fast = blockcopy.fast_cipher(argv, str(with_aes))
-    assert fast == ["ssh", "-c", blockcopy.CIPHERS, *argv[1:]]
-    assert blockcopy.CIPHERS.startswith("aes128-gcm@openssh.com,chacha20-poly1305")
-    assert blockcopy.fast_cipher(argv, str(arm))[1:3] == ["-c", blockcopy.CIPHERS]
-    assert blockcopy.fast_cipher(argv, str(without)) == argv
-    assert blockcopy.fast_cipher(argv, str(tmp_path / "none")) == argv
-    assert blockcopy.fast_cipher(["sudo", *argv], str(with_aes)) == ["sudo", *argv]
-
-
 def test_read_ahead_keeps_order_errors_and_stops() -> None:
     items = [(i, bytes([i])) for i in range(50)]
     assert list(blockcopy.ahead(iter(items), depth=3)) == items

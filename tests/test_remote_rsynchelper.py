@@ -148,3 +148,58 @@ def test_cleanup_stops_the_recorded_groups(tmp: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_keygen_answers_with_this_hosts_ssh_preference(tmp: Path) -> None:
+    made = helper(tmp / "t", "keygen", str(tmp / "t"), "asyncstage-transfer-x", "h k", "127.0.0.1")
+    assert made["prefer"] == rsynchelper.openssh_preferences()
+    defaults = subprocess.run(
+        ["ssh", "-G", "-F", "/dev/null", "localhost"], capture_output=True, text=True, check=True
+    ).stdout
+    default = dict(line.split(" ", 1) for line in defaults.splitlines() if " " in line)
+    prefer = made["prefer"]
+    assert isinstance(prefer, list)
+    for option, value in zip(prefer[::2], prefer[1::2], strict=True):
+        name, order = value.split("=", 1)
+        assert option == "-o" and name in ("KexAlgorithms", "Ciphers")
+        # an order of what this ssh enables by default, nothing more
+        assert sorted(order.split(",")) == sorted(default[name.lower()].split(","))
+
+
+def _old_ssh(tmp: Path, kex: str, ciphers: str) -> str:
+    """An ``ssh`` whose ``-G`` prints the defaults of an older or newer OpenSSH."""
+    script = tmp / "t" / f"ssh-{len(list((tmp / 't').iterdir()))}"
+    lines = f"user root\\nkexalgorithms {kex}\\nciphers {ciphers}\\n"
+    script.write_text(f"#!/bin/sh\nprintf '{lines}'\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_openssh_preferences_reorder_only_what_that_ssh_has(tmp: Path) -> None:
+    chacha, ctr, gcm = "chacha20-poly1305@openssh.com", "aes128-ctr", "aes128-gcm@openssh.com"
+    # OpenSSH 9.x: sntrup first; ours moved to the front, the rest in its order
+    ssh = _old_ssh(tmp, "sntrup761x25519-sha512@openssh.com,curve25519-sha256,ecdh-sha2-nistp256",
+                   f"{chacha},{ctr},{gcm}")  # fmt: skip
+    assert rsynchelper.openssh_preferences(ssh, ciphers=rsynchelper.GCM) == [
+        "-o", "KexAlgorithms=curve25519-sha256,sntrup761x25519-sha512@openssh.com,"
+        "ecdh-sha2-nistp256",
+        "-o", f"Ciphers={gcm},{chacha},{ctr}",
+    ]  # fmt: skip
+    kex_only = rsynchelper.openssh_preferences(ssh, ciphers=())  # a CPU without AES
+    assert [o.split("=")[0] for o in kex_only] == ["-o", "KexAlgorithms"]
+    # an old OpenSSH (7.x) already puts curve25519 first and has no AES-GCM enabled
+    old = _old_ssh(tmp, "curve25519-sha256,ecdh-sha2-nistp256", f"{chacha},{ctr}")
+    assert rsynchelper.openssh_preferences(old, ciphers=rsynchelper.GCM) == []
+    assert rsynchelper.openssh_preferences(str(tmp / "missing")) == []
+
+
+def test_has_aes_reads_x86_flags_and_arm_features(tmp: Path) -> None:
+    cpus = {
+        "processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n": True,
+        "processor\t: 0\nflags\t\t: fpu sse2 avx2 vaes_not\n": False,
+        "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n": True,
+    }
+    for text, expected in cpus.items():
+        (tmp / "cpuinfo").write_text(text)
+        assert rsynchelper.has_aes(str(tmp / "cpuinfo")) is expected
+    assert rsynchelper.has_aes(str(tmp / "none")) is False

@@ -27,7 +27,7 @@ from asyncstage import transfer
 from asyncstage.errors import RsyncError, TransferError, VolumeInUse, VolumeMounted
 from asyncstage.paths import HostEndpoint
 from asyncstage.server import Server
-from asyncstage.transfer import Progress, rsync_endpoints, sweep_stale_keys
+from asyncstage.transfer import Progress, link, rsync_endpoints, sweep_stale_keys
 from tests.fixtures.cloud import Env
 from tests.sshd import SSHServer
 
@@ -347,3 +347,22 @@ async def test_destination_stopped_in_the_middle_of_an_rsync(env: Env) -> None:
     swept = await sweep_stale_keys(s2.host)
     assert len(swept["removed"]) == 1
     assert MARK not in await s2.scmd("cat", ".ssh/authorized_keys")
+
+
+def test_a_hosts_ssh_preference_carries_algorithm_names_only() -> None:
+    # keygen's answer comes from the source host: only an algorithm order is taken
+    good = ["-o", "KexAlgorithms=curve25519-sha256,sntrup761x25519-sha512@openssh.com"]
+    good += ["-o", "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"]
+    assert link._preferences({"prefer": good}) == good
+    hostile = [
+        ["-o", "ProxyCommand=sh -c 'touch /tmp/owned'"],
+        ["-o", "KexAlgorithms=curve25519-sha256 -oProxyCommand=x"],
+        ["-oKexAlgorithms=curve25519-sha256"],
+        ["-o"],
+        "-o KexAlgorithms=curve25519-sha256",
+        ["-F", "/tmp/evil_config"],
+        [*good, "-o", "LocalCommand=id"],
+    ]
+    for answer in hostile:
+        assert link._preferences({"prefer": answer}) == [], answer
+    assert link._preferences({}) == []  # an older helper says nothing: ssh's own order

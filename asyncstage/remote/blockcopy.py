@@ -666,36 +666,12 @@ def _send_records(source: Source, out: IO[bytes], progress: Progress) -> None:
     out.write(source.digest.digest())
 
 
-# OpenSSH's default ciphers, AES-GCM first: with AES instructions it costs both ends
-# a fraction of ChaCha20-Poly1305's CPU time (the default); either end may still pick
-# any of them, so nothing connects that would not have otherwise.
-CIPHERS = (
-    "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
-    "aes128-ctr,aes192-ctr,aes256-ctr"
-)
-
-
-def fast_cipher(argv: list[str], cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """``argv`` (an OpenSSH ``ssh``) told to prefer AES-GCM when this CPU has AES
-    instructions (x86 ``aes``, arm64 ``aes`` feature)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
-    except OSError:
-        return argv
-    if "aes" not in flags.split(":", 1)[-1].split() or os.path.basename(argv[0]) != "ssh":
-        return argv
-    return [argv[0], "-c", CIPHERS, *argv[1:]]
-
-
 def cmd_send(
     src: str, method: str, ssh_argv_json: str, src_expect: str = "", blocks: str = "used"
 ) -> None:
     fd = open_device(src, False, src_expect)
     size = devsize(fd)
-    ssh = subprocess.Popen(
-        fast_cipher(json.loads(ssh_argv_json)), stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
+    ssh = subprocess.Popen(json.loads(ssh_argv_json), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert ssh.stdin is not None and ssh.stdout is not None
     comp = None
     out: IO[bytes] = ssh.stdin

@@ -9,7 +9,9 @@ Commands:
 * ``workdir OWNER_JSON``: a private temporary directory, with an ``owner`` record
   (the controller that made it and when it is stale), printed as ``{"dir": ...}``;
 * ``keygen DIR COMMENT KNOWN_HOSTS_LINE BIND_ADDRESS``: a temporary ed25519 key in DIR
-  and a known_hosts holding the destination's pinned key;
+  and a known_hosts holding the destination's pinned key; also the ``-o`` options
+  that make this host's ``ssh`` prefer the fast key exchange and cipher
+  (:func:`openssh_preferences`);
 * ``authorize USER FILE OPTIONS PUBLIC_KEY COMMENT TTL``: append a key line to USER's
   authorized_keys (FILE, or ``~USER/.ssh/authorized_keys``) with
   ``expiry-time`` TTL seconds from now (this host's clock);
@@ -212,6 +214,57 @@ def _bindable(address: str) -> bool:
     return True
 
 
+# -- OpenSSH's algorithm order ----------------------------------------------------------
+
+FAST_KEX = ("mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org")
+"""Key exchanges asyncssh itself prefers (ML-KEM hybrid, then curve25519). OpenSSH 9.x
+puts sntrup761x25519 first, whose key generation costs ~70 ms of a ~200 ms connection."""
+GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def has_aes(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AES instructions (x86 ``aes`` flag, arm64 ``aes`` feature)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        return False
+    return "aes" in flags.split(":", 1)[-1].split()
+
+
+def openssh_preferences(
+    ssh: str = "ssh", kex: Sequence[str] = FAST_KEX, ciphers: Sequence[str] | None = None
+) -> list[str]:
+    """``-o`` options that move ``kex`` and ``ciphers`` (default: AES-GCM where the CPU
+    has AES instructions) to the front of this ``ssh``'s own defaults, read with
+    ``ssh -G``: an order only, nothing enabled that it does not enable by default.
+    Empty when ``ssh`` is missing, too old for ``-G``, or already prefers them."""
+    if ciphers is None:
+        ciphers = GCM if has_aes() else ()
+    try:
+        out = subprocess.run(
+            [ssh, "-G", "-F", "/dev/null", "localhost"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    defaults = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    wanted = {"KexAlgorithms": ("kexalgorithms", kex), "Ciphers": ("ciphers", ciphers)}
+    options: list[str] = []
+    for option, (key, first) in wanted.items():
+        have = defaults.get(key, "").split(",")
+        front = [a for a in first if a in have]
+        if front and have[: len(front)] != front:
+            options += ["-o", option + "=" + ",".join(front + [a for a in have if a not in front])]
+    return options
+
+
+# -- temporary keys ----------------------------------------------------------------------
+
+
 def keygen(d: str, comment: str, known_hosts_line: str, bind_address: str) -> None:
     key = os.path.join(d, "id_ed25519")
     subprocess.run(
@@ -226,7 +279,8 @@ def keygen(d: str, comment: str, known_hosts_line: str, bind_address: str) -> No
     with open(key + ".pub") as f:
         pub = f.read().split()
     public = " ".join(pub[:2])
-    say({"key": key, "known_hosts": kh, "public": public, "bindable": _bindable(bind_address)})
+    answer = {"key": key, "known_hosts": kh, "public": public, "bindable": _bindable(bind_address)}
+    say({**answer, "prefer": openssh_preferences()})  # this host's ssh, to the destination
 
 
 def _kill_group(pgid: int) -> None:
