@@ -23,6 +23,7 @@ from asyncstage.errors import (
 )
 from asyncstage.localcloud import LocalCloud
 from tests.cloud_fixtures import ManagerFactory
+from tests.fleet import calls_since, fleet_cycle
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
@@ -31,12 +32,6 @@ def _listening(address: str, port: int = 22) -> bool:
     with socket.socket() as s:
         s.settimeout(2)
         return s.connect_ex((address, port)) == 0
-
-
-def _calls_since(cloud: LocalCloud, before: Counter[str]) -> Counter[str]:
-    now = Counter(cloud.api_calls)
-    now.subtract(before)
-    return +now
 
 
 async def _live_instances(m: Manager, ids: list[str]) -> list[dict[str, Any]]:
@@ -92,42 +87,11 @@ async def test_concurrent_provisions_coalesce(
         async with anyio.create_task_group() as tg:
             for n in ("co-1", "co-2", "co-3"):
                 tg.start_soon(one, n)
-        calls = _calls_since(cloud, before)
+        calls = calls_since(cloud, before)
         assert calls["RunInstances"] == 1
         assert {s.name for s in servers} == {"co-1", "co-2", "co-3"}
         outs = [await s.scmd("hostname") for s in servers]
         assert len(set(outs)) == 3
-
-
-async def _fleet_cycle(m: Manager, cloud: LocalCloud, n: int) -> dict[str, Counter[str]]:
-    phases: dict[str, Counter[str]] = {}
-    before = Counter(cloud.api_calls)
-    fleet = await m.provision_servers(n)
-    phases["provision"] = _calls_since(cloud, before)
-    assert len(fleet) == n and len({s.address for s in fleet}) == n
-    before = Counter(cloud.api_calls)
-    stopped = await m.stop_all_servers()
-    phases["stop"] = _calls_since(cloud, before)
-    assert {s.state for s in stopped} == {"stopped"}
-    before = Counter(cloud.api_calls)
-    started = await m.start_all_servers()
-    phases["start"] = _calls_since(cloud, before)
-    assert len(started) == n
-    answers: list[str] = []
-
-    async def ask(s: Server) -> None:
-        answers.append((await s.scmd("hostname")).strip())
-
-    async with anyio.create_task_group() as tg:
-        for s in fleet:
-            tg.start_soon(ask, s)
-    assert len(set(answers)) == n
-    before = Counter(cloud.api_calls)
-    await m.terminate_all_servers()
-    phases["terminate"] = _calls_since(cloud, before)
-    assert m.servers() == []
-    assert not await _live_instances(m, [s.instance_id for s in fleet])
-    return phases
 
 
 @pytest.mark.slow
@@ -135,8 +99,8 @@ async def test_fleet_calls_do_not_grow_with_fleet_size(
     manager_factory: ManagerFactory, cloud: LocalCloud
 ) -> None:
     async with manager_factory() as m:
-        small = await _fleet_cycle(m, cloud, 2)
-        big = await _fleet_cycle(m, cloud, 20)
+        small = await fleet_cycle(m, cloud, 2, ask=True)
+        big = await fleet_cycle(m, cloud, 20, ask=True)
     for phase, action in (
         ("provision", "RunInstances"),
         ("stop", "StopInstances"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from asyncstage import Manager
 from asyncstage.ec2 import EC2, _Fresh
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._realism import BUCKETS, Realism
 from asyncstage.localcloud._throttle import Throttle, cost, unfiltered
+from tests.fleet import fleet_cycle
 
 # -- the arithmetic (no root) -------------------------------------------------------------
 
@@ -287,36 +286,6 @@ async def test_new_ids_not_found_for_raw_clients_but_fine_through_the_library(
             assert m.ec2.absorbed, "the window was not met: the test proves nothing"
 
 
-async def _fleet(m: Manager, cloud: LocalCloud, n: int) -> dict[str, Counter[str]]:
-    """Provision, stop, start, terminate ``n`` servers: the API calls of each phase."""
-    phases: dict[str, Counter[str]] = {}
-
-    def since(before: Counter[str]) -> Counter[str]:
-        calls = Counter(cloud.api_calls)
-        calls.subtract(before)
-        calls.subtract(cloud.throttled)  # botocore's retries of throttled calls
-        return +calls
-
-    throttled = Counter(cloud.throttled)
-    absorbed = Counter(m.ec2.absorbed)
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("provision", lambda: m.provision_servers(n)),
-        ("stop", m.stop_all_servers),
-        ("start", m.start_all_servers),
-        ("terminate", m.terminate_all_servers),
-    ]
-    for phase, step in steps:
-        before = Counter(cloud.api_calls)
-        before.subtract(cloud.throttled)
-        result = await step()
-        phases[phase] = since(before)
-        if phase == "provision":
-            assert len(result) == n
-    phases["throttled"] = Counter(cloud.throttled) - throttled
-    phases["absorbed"] = Counter(m.ec2.absorbed) - absorbed  # NotFound of new ids, retried
-    return phases
-
-
 @pytest.mark.localcloud
 @pytest.mark.slow
 @pytest.mark.anyio
@@ -326,8 +295,8 @@ async def test_fleet_of_100_under_aws_rates_without_error(tmp_path: Path) -> Non
         LocalCloud(api_rate=1.0) as cloud,
         cloud.manager(dotdir=tmp_path, on_exit="terminate", scan=False, poll_interval=0.2) as m,
     ):
-        small = await _fleet(m, cloud, 10)
-        big = await _fleet(m, cloud, 100)
+        small = await fleet_cycle(m, cloud, 10)
+        big = await fleet_cycle(m, cloud, 100)
     for phase, action in (
         ("provision", "RunInstances"),
         ("stop", "StopInstances"),
@@ -361,6 +330,6 @@ async def test_strict_api_rate_throttles_and_the_library_absorbs_it(tmp_path: Pa
         async with cloud.manager(
             dotdir=tmp_path, on_exit="terminate", scan=False, poll_interval=0.2
         ) as m:
-            phases = await _fleet(m, cloud, 4)
+            phases = await fleet_cycle(m, cloud, 4)
         assert sum(cloud.throttled.values()) > len(refused), cloud.throttled
         assert phases["throttled"], phases
