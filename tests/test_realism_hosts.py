@@ -30,7 +30,6 @@ from asyncstage.errors import HostKeyMismatch, HostKeyUnverified, ServerUnreacha
 from asyncstage.localcloud import LocalCloud
 from asyncstage.remote import rsynchelper
 from asyncstage.transfer.link import direct_link, route
-from asyncstage.transfer.run import workdir
 from tests.cloud_fixtures import ManagerFactory
 
 pytestmark = [
@@ -191,10 +190,7 @@ async def test_server_to_server_after_a_move(manager: Manager, tmp_path: Path) -
     a_private, b_private = a.instance["PrivateIpAddress"], b.instance["PrivateIpAddress"]
     assert route(a.host, b.host) == (a_private, b_private)
     # what b's sshd really sees a come from is what the temporary key allows
-    async with (
-        workdir(a.host, True) as wd,
-        direct_link(a.host, True, wd, b.host, False, None) as link,
-    ):
+    async with direct_link(a.host, True, b.host, False, None) as link:
         assert link.address == b_private
         allowed = await b.scmd("cat", ".ssh/authorized_keys")
         assert f'from="{a_private}"' in allowed

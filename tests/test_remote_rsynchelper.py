@@ -10,6 +10,7 @@ import getpass
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,8 +151,15 @@ def test_cleanup_stops_the_recorded_groups(tmp: Path) -> None:
             proc.wait()
 
 
-def test_keygen_answers_with_this_hosts_ssh_preference(tmp: Path) -> None:
-    made = helper(tmp / "t", "keygen", str(tmp / "t"), "asyncstage-transfer-x", "h k", "127.0.0.1")
+def test_linkdir_makes_the_dir_the_key_and_this_hosts_ssh_preference(tmp: Path) -> None:
+    owner = json.dumps({"controller": "c", "expires": time.time() + 60})
+    made = helper(tmp / "t", "linkdir", owner, "asyncstage-transfer-x", "h k", "127.0.0.1")
+    d = Path(str(made["dir"]))
+    assert d.parent == tmp / "t" and d.name.startswith(rsynchelper.WORKDIR_PREFIX)
+    assert (d / "owner").read_text() == owner and (d / "known_hosts").read_text() == "h k\n"
+    assert made["key"] == str(d / "id_ed25519") and made["bindable"] is True
+    assert str(made["public"]).startswith("ssh-ed25519 ")
+    assert (d / "id_ed25519.pub").read_text().split()[2] == "asyncstage-transfer-x"
     assert made["prefer"] == rsynchelper.openssh_preferences()
     defaults = subprocess.run(
         ["ssh", "-G", "-F", "/dev/null", "localhost"], capture_output=True, text=True, check=True
@@ -203,3 +211,12 @@ def test_has_aes_reads_x86_flags_and_arm_features(tmp: Path) -> None:
         (tmp / "cpuinfo").write_text(text)
         assert rsynchelper.has_aes(str(tmp / "cpuinfo")) is expected
     assert rsynchelper.has_aes(str(tmp / "none")) is False
+
+
+def test_linkdir_leaves_no_dir_when_the_key_cannot_be_made(tmp: Path) -> None:
+    owner = json.dumps({"controller": "c", "expires": time.time() + 60})
+    argv = remote.argv("rsynchelper", "linkdir", owner, "asyncstage-transfer-x", "h k", "")
+    env = {"TMPDIR": str(tmp / "t"), "PATH": str(tmp / "ssh")}  # no ssh-keygen there
+    done = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, check=False)
+    assert done.returncode != 0 and b"ssh-keygen" in done.stderr
+    assert list((tmp / "t").iterdir()) == []

@@ -113,6 +113,7 @@ async def test_a_failing_cleanup_never_replaces_the_error_in_flight(
             raise Boom("the caller's own error")
 
     opts = {"options": ["--bwlimit=1m"], "authorized_keys": str(keys_file(b))}
+    dirs = xfer_dirs()
     try:
         async with a.host() as ha, b.host() as hb:
             with pytest.raises(Boom) as info:
@@ -124,6 +125,7 @@ async def test_a_failing_cleanup_never_replaces_the_error_in_flight(
                 )
             notes = " ".join(getattr(info.value, "__notes__", []))
             assert "removing the temporary transfer key" in notes and "symlink" in notes
+            assert xfer_dirs() == dirs  # the source's cleanup, run beside it, went on
             restore()
             assert len(transfer_keys(b)) == 1  # the revocation did fail...
             keys_file(b).write_text(
@@ -143,7 +145,7 @@ async def test_a_failing_cleanup_never_replaces_the_error_in_flight(
                     progress=later,
                     **opts,  # type: ignore[arg-type]
                 )
-            assert scope.cancelled_caught
+            assert scope.cancelled_caught and xfer_dirs() == dirs
             restore()
             assert len(transfer_keys(b)) == 1  # its revocation failed, and was not raised
     finally:

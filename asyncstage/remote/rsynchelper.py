@@ -8,10 +8,10 @@ Commands:
 
 * ``workdir OWNER_JSON``: a private temporary directory, with an ``owner`` record
   (the controller that made it and when it is stale), printed as ``{"dir": ...}``;
-* ``keygen DIR COMMENT KNOWN_HOSTS_LINE BIND_ADDRESS``: a temporary ed25519 key in DIR
-  and a known_hosts holding the destination's pinned key; also the ``-o`` options
-  that make this host's ``ssh`` prefer the fast key exchange and cipher
-  (:func:`openssh_preferences`);
+* ``linkdir OWNER_JSON COMMENT KNOWN_HOSTS_LINE BIND_ADDRESS``: a work dir (as
+  ``workdir``) holding a temporary ed25519 key and a known_hosts with the
+  destination's pinned key; also the ``-o`` options that make this host's ``ssh``
+  prefer the fast key exchange and cipher (:func:`openssh_preferences`);
 * ``authorize USER FILE OPTIONS PUBLIC_KEY COMMENT TTL``: append a key line to USER's
   authorized_keys (FILE, or ``~USER/.ssh/authorized_keys``) with
   ``expiry-time`` TTL seconds from now (this host's clock);
@@ -195,11 +195,15 @@ def revoke(user: str, path: str, tag: str) -> None:
 # -- temporary keys and work dirs ----------------------------------------------------------
 
 
-def workdir(owner: str) -> None:
+def _workdir(owner: str) -> str:
     d = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
     with open(os.path.join(d, "owner"), "w") as f:
         f.write(owner)
-    say({"dir": d})
+    return d
+
+
+def workdir(owner: str) -> None:
+    say({"dir": _workdir(owner)})
 
 
 def _bindable(address: str) -> bool:
@@ -265,7 +269,19 @@ def openssh_preferences(
 # -- temporary keys ----------------------------------------------------------------------
 
 
-def keygen(d: str, comment: str, known_hosts_line: str, bind_address: str) -> None:
+def linkdir(owner: str, comment: str, known_hosts_line: str, bind_address: str) -> None:
+    """A work dir (as :func:`workdir`) holding a new key (:func:`_keygen`): one run of
+    this helper where a host -> host transfer used to make two."""
+    d = _workdir(owner)
+    try:
+        made = _keygen(d, comment, known_hosts_line, bind_address)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)  # no answer, so nobody would remove it
+        raise
+    say({"dir": d, **made})
+
+
+def _keygen(d: str, comment: str, known_hosts_line: str, bind_address: str) -> dict[str, Any]:
     key = os.path.join(d, "id_ed25519")
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
@@ -280,7 +296,7 @@ def keygen(d: str, comment: str, known_hosts_line: str, bind_address: str) -> No
         pub = f.read().split()
     public = " ".join(pub[:2])
     answer = {"key": key, "known_hosts": kh, "public": public, "bindable": _bindable(bind_address)}
-    say({**answer, "prefer": openssh_preferences()})  # this host's ssh, to the destination
+    return {**answer, "prefer": openssh_preferences()}  # this host's ssh, to the destination
 
 
 def _kill_group(pgid: int) -> None:
@@ -425,7 +441,7 @@ def run(pidfile: str, argv: Sequence[str]) -> None:
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "workdir": workdir,
-    "keygen": keygen,
+    "linkdir": linkdir,
     "authorize": authorize,
     "revoke": revoke,
     "cleanup": cleanup,

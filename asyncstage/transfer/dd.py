@@ -191,29 +191,29 @@ async def _copy(
     feed = LineFeeder(on_line)
     flag = "1" if verify else "0"
     what = f"dd {source} -> {dest}"
-    async with workdir(source.host, source.sudo) as wd:
-        try:
-            if same_host(source, dest):
+    try:
+        if same_host(source, dest):
+            async with workdir(source.host, source.sudo) as wd:
                 argv = remote.argv("blockcopy", "copy", source.path, dest.path, flag, *expect)
                 await stream(source.host, source.sudo, wd, argv, feed.feed)
-            else:
-                async with direct_link(
-                    source.host, source.sudo, wd, dest.host, dest.sudo, authorized_keys
-                ) as link:
-                    recv = remote.argv("blockcopy", "recv", dest.path, method, flag, expect[1])
-                    ssh = link.argv(*shell.sudo_argv(recv, dest.sudo))
-                    argv = remote.argv(
-                        "blockcopy", "send", source.path, method, json.dumps(ssh), *expect[::2]
-                    )
-                    await stream(source.host, source.sudo, wd, argv, feed.feed)
-        except CommandFailed as e:
-            await feed.close()
-            if refusal:
-                error = REFUSALS.get(str(refusal.get("kind")), TransferError)
-                raise error(f"{what}: {refusal.get('error')}") from e
-            err = e.stderr.decode("utf-8", "replace") if isinstance(e.stderr, bytes) else e.stderr
-            tail = "\n".join(err.strip().splitlines()[-10:])
-            raise TransferError(f"{what} failed: {tail or e}") from e
+        else:
+            async with direct_link(
+                source.host, source.sudo, dest.host, dest.sudo, authorized_keys
+            ) as link:
+                recv = remote.argv("blockcopy", "recv", dest.path, method, flag, expect[1])
+                ssh = link.argv(*shell.sudo_argv(recv, dest.sudo))
+                argv = remote.argv(
+                    "blockcopy", "send", source.path, method, json.dumps(ssh), *expect[::2]
+                )
+                await stream(source.host, source.sudo, link.workdir, argv, feed.feed)
+    except CommandFailed as e:
+        await feed.close()
+        if refusal:
+            error = REFUSALS.get(str(refusal.get("kind")), TransferError)
+            raise error(f"{what}: {refusal.get('error')}") from e
+        err = e.stderr.decode("utf-8", "replace") if isinstance(e.stderr, bytes) else e.stderr
+        tail = "\n".join(err.strip().splitlines()[-10:])
+        raise TransferError(f"{what} failed: {tail or e}") from e
     await feed.close()
     return result
 

@@ -333,10 +333,7 @@ async def _rsync_direct(
 ) -> None:
     src = sources[0]
     assert isinstance(src, HostEndpoint)
-    async with (
-        workdir(src.host, src.sudo) as wd,
-        direct_link(src.host, src.sudo, wd, dest.host, dest.sudo, authorized_keys) as link,
-    ):
+    async with direct_link(src.host, src.sudo, dest.host, dest.sudo, authorized_keys) as link:
         argv = [
             "rsync",
             *_rsync_base(options, compress, delete),
@@ -348,5 +345,5 @@ async def _rsync_direct(
             f"{link.target}:{dest.path}",
         ]
         await _remote_rsync(
-            src.host, src.sudo, wd, argv, parser, f"{src.host.label} -> {dest.host.label}"
+            src.host, src.sudo, link.workdir, argv, parser, f"{src.host.label} -> {dest.host.label}"
         )
