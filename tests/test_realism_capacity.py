@@ -169,9 +169,12 @@ async def test_snapshots_pending_with_progress_and_rate(cloud: LocalCloud, ec2: 
         assert {s for s, _ in seen[:-1]} == {"pending"}
         with playing(cloud, snapshot=(0.0, 0.0), snapshot_interval=0.0):  # as realism="off"
             quick = await ec2.create_snapshot(VolumeId=vol_id)
-            await anyio.sleep(0.2)
-            found = await ec2.describe_snapshots(SnapshotIds=[quick["SnapshotId"]])
-            assert found["Snapshots"][0]["State"] == "completed"
+            with anyio.fail_after(1.0):  # well short of the 1.5 s played above
+                while True:
+                    found = await ec2.describe_snapshots(SnapshotIds=[quick["SnapshotId"]])
+                    if found["Snapshots"][0]["State"] == "completed":
+                        break
+                    await anyio.sleep(0.05)
         for snap_id in (snap["SnapshotId"], quick["SnapshotId"]):
             await ec2.delete_snapshot(SnapshotId=snap_id)
     finally:

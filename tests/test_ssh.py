@@ -281,8 +281,9 @@ async def test_cancelled_commands_stop_on_the_host(sshd_server: SSHServer) -> No
         tag3 = f"{time.time_ns() % 10**9}.75"
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.ssh, f"sleep {tag3} & sleep {tag3}; wait")
-            await anyio.sleep(0.5)
-            assert len(await _running(host, f"sleep {tag3}")) == 2
+            with anyio.fail_after(10):  # both started (a loaded machine may take a while)
+                while len(await _running(host, f"sleep {tag3}")) < 2:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
         assert await _running(host, f"sleep {tag3}") == []
 
@@ -486,10 +487,10 @@ async def test_stop_leaves_no_sshd_or_session(sshd_factory: Callable[..., SSHSer
     server = sshd_factory()
     async with server.host() as host, anyio.create_task_group() as tg:
         tg.start_soon(host.ssh, "sleep 60")
-        await anyio.sleep(0.5)
         assert server.pid is not None
-        tree = [server.pid, *descendants(server.pid)]
-        assert len(tree) >= 3  # sshd, its session process, the shell running sleep
+        with anyio.fail_after(10):  # sshd, its session process, the shell running sleep
+            while len(tree := [server.pid, *descendants(server.pid)]) < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
         server.stop()
         tg.cancel_scope.cancel()
     assert [pid for pid in tree if _alive(pid)] == []
