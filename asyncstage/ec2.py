@@ -20,6 +20,7 @@ so that an owner can clean it up. Tags always go into the create call
 from __future__ import annotations
 
 import base64
+import email.utils
 import logging
 import random
 import re
@@ -28,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Self
 
 import aioboto3
@@ -314,6 +316,9 @@ class _Client:
         self._fresh = _Fresh(consistency)
         self.calls: Counter[str] = Counter()
         """EC2 operations this client made, counted by name (retries not included)."""
+        self.clock_offset: float | None = None
+        """EC2's clock minus this machine's, in seconds (to about 1 s: the HTTP ``Date``
+        of its last answer); None before the first answer."""
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._round: _Round | None = None
@@ -395,7 +400,25 @@ class _Client:
             except BotoCoreError as e:
                 raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
             self._fresh.remember(operation, params, result)
+            self._note_clock(result)
             return result
+
+    def _note_clock(self, result: Resource) -> None:
+        """Keep EC2's clock against ours from the answer's ``Date`` header: EC2's
+        timestamps (``LaunchTime``) are on its clock, and botocore itself corrects a
+        skewed local clock when it signs, so a skewed machine would not notice."""
+        headers = result.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        try:
+            stamp = email.utils.parsedate_to_datetime(str(headers["date"]))
+        except (KeyError, TypeError, ValueError):
+            return
+        if stamp.tzinfo is None:  # an ill-formed header; EC2 always says GMT
+            return
+        self.clock_offset = (stamp - datetime.now(UTC)).total_seconds()
+
+    def now(self) -> datetime:
+        """The time on EC2's clock (this machine's, moved by :attr:`clock_offset`)."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset or 0.0)
 
     async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
         """All items under ``key`` of every page of a describe call."""

@@ -65,13 +65,15 @@ def check_policy(policy: str) -> HostKeyPolicy:
 
 
 def _since_launch(server: Server) -> float:
-    """Seconds since the instance's last start (EC2's LaunchTime); 0 when unknown."""
+    """Seconds since the instance's last start (EC2's LaunchTime, on EC2's clock: a
+    machine whose clock is ahead would otherwise see a new server as long launched and
+    not wait for its console at all); 0 when unknown."""
     launched = server.instance.get("LaunchTime")
     if not isinstance(launched, datetime):
         return 0.0
     if launched.tzinfo is None:
         launched = launched.replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - launched).total_seconds())
+    return max(0.0, (server.manager.ec2.now() - launched).total_seconds())
 
 
 async def wait_for_fingerprints(server: Server) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ import functools
 import itertools
 import stat
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -52,6 +53,17 @@ async def test_errors_are_mapped(ec2: EC2) -> None:
     with pytest.raises(EC2Error) as err:
         await ec2.call("DeleteSecurityGroup", GroupId="sg-0123456789abcdef0")
     assert err.value.operation == "DeleteSecurityGroup" and err.value.code
+
+
+async def test_ec2s_clock_is_read_from_its_answers(ec2: EC2) -> None:
+    assert ec2.clock_offset is None
+    await ec2.availability_zones()  # a real answer of the moto server: its Date, our clock
+    assert ec2.clock_offset is not None and abs(ec2.clock_offset) < 2
+    assert abs((ec2.now() - datetime.now(UTC)).total_seconds()) < 2
+    seen = ec2.clock_offset
+    for headers in ({}, {"date": "not a date"}, {"date": "Mon, 30 Nov 2026 07:00:00"}):
+        ec2._note_clock({"ResponseMetadata": {"HTTPHeaders": headers}})
+        assert ec2.clock_offset == seen  # a missing or ill-formed Date changes nothing
 
 
 async def test_unknown_ids_are_left_out_of_describes(ec2: EC2) -> None:

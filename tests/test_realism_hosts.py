@@ -13,7 +13,6 @@ Some tests slow the session cloud's console down for their own duration (white b
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from asyncstage.localcloud import LocalCloud
 from asyncstage.remote import rsynchelper
 from asyncstage.transfer.link import direct_link, route
 from tests.cloud_fixtures import ManagerFactory
+from tests.test_realism_capacity import playing
 
 pytestmark = [
     pytest.mark.anyio,
@@ -42,15 +42,8 @@ pytestmark = [
 @contextlib.contextmanager
 def _console_delays(cloud: LocalCloud, console: float, latest: float) -> Iterator[None]:
     """The session cloud's console delays, for a while (white box: the engine's realism)."""
-    engine: Any = cloud._engine
-    kept = engine.realism
-    engine.realism = dataclasses.replace(
-        kept, console=(console, console), console_latest=(latest, latest)
-    )
-    try:
+    with playing(cloud, console=(console, console), console_latest=(latest, latest)):
         yield
-    finally:
-        engine.realism = kept
 
 
 @pytest.fixture
@@ -114,6 +107,21 @@ async def test_library_waits_for_a_late_console(manager: Manager, slow_console: 
     assert server._expected_fingerprints  # verified against the console, not trusted
     assert manager.ec2.calls["GetConsoleOutput"] > 1  # polled until it showed them
     assert (await server.scmd("whoami")).strip() == "admin"
+
+
+async def test_a_clock_ahead_of_ec2s_still_waits_for_the_console(
+    cloud: LocalCloud, manager_factory: ManagerFactory
+) -> None:
+    # This machine's clock a minute ahead of EC2's (botocore signs anyway): a new server's
+    # LaunchTime looks a minute old, longer than console_timeout, unless the library reads
+    # EC2's clock from its answers. Xen: the console comes 3 s after the boot.
+    with playing(cloud, clock_offset=-60.0, console=(3.0, 3.0)):
+        async with manager_factory(console_timeout=20) as m:
+            server = await m.provision_server("skewed", instance_type="t2.micro")
+            assert m.ec2.clock_offset is not None and abs(m.ec2.clock_offset + 60) < 2
+            assert server._expected_fingerprints  # waited for them: verified, not trusted
+            assert m.ec2.calls["GetConsoleOutput"] > 1
+            await server.terminate()
 
 
 async def test_unverified_host_key_fails_by_default(

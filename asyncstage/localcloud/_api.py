@@ -15,6 +15,7 @@ import base64
 import io
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -79,12 +80,19 @@ class LocalApi:
             self.image_id: str = image.id
             self.backend.image_id = image.id
             self.backend.engine = engine
+
+        class _Handler(_QuietHandler):
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                """The ``Date`` header on the cloud's clock (``realism.clock_offset``)."""
+                now = time.time() if timestamp is None else timestamp
+                return str(super().date_time_string(now + engine.realism.clock_offset))
+
         self._server: BaseWSGIServer = make_server(
             "127.0.0.1",
             engine.port,
             make_app(engine, self.backend),
             threaded=True,
-            request_handler=_QuietHandler,
+            request_handler=_Handler,
         )
         self.port: int = self._server.server_address[1]
         engine.port = self.port  # the Host header must name it

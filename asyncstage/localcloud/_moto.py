@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from moto.core.utils import utcnow
@@ -611,12 +612,18 @@ def _fitting(limit: int | None, live: int, minimum: int, maximum: int) -> int:
     return limit - live
 
 
+def ec2_now(engine: EngineHooks) -> datetime:
+    """The time on the cloud's own clock (``realism.clock_offset`` off this machine's)."""
+    return utcnow() + timedelta(seconds=engine.realism.clock_offset)
+
+
 def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
     """A new instance's (private, public) loopback addresses, set on its network interface.
 
     Never moto's 10.x/54.x ones: nothing may ever connect outside 127.0.0.0/8.
     """
     private, public = engine.new_address(), engine.new_address()
+    instance.launch_time = ec2_now(engine)
     nic = instance.nics[0]
     dns = private_dns_name(engine.region, private)
     nic.private_ip_address = private
@@ -633,7 +640,7 @@ def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
 
 def _new_public_address(engine: EngineHooks, instance: Any) -> str | None:
     """At a start: EC2 gives a new public address (None: it keeps its one, realism off)."""
-    instance.launch_time = utcnow()  # EC2's LaunchTime is the last start's
+    instance.launch_time = ec2_now(engine)  # EC2's LaunchTime is the last start's
     if not engine.realism.moving_public_address:
         return None
     public = engine.new_address()

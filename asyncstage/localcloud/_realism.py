@@ -94,6 +94,10 @@ class Realism:
     ``instance_limit``            none           InstanceLimitExceeded past it (live
                                                  instances); MinCount..MaxCount launches
                                                  what fits
+    ``clock_offset``              0 s            EC2's clock is not this machine's: the
+                                                 API's ``Date`` header and ``LaunchTime``
+                                                 run this many seconds off it (botocore
+                                                 corrects its signatures, nothing else)
     ============================  =============  ==========================================
     """
 
@@ -110,6 +114,7 @@ class Realism:
     insufficient_capacity: CapacityGaps = field(default_factory=dict)
     launch_failure: float = 0.0
     instance_limit: int | None = None
+    clock_offset: float = 0.0
 
     @classmethod
     def off(cls) -> Realism:
