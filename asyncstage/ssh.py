@@ -119,7 +119,7 @@ def _openssh_preferences() -> tuple[str, ...]:
     connections use: the key exchange (:data:`rsynchelper.FAST_KEX`) and, on CPUs with
     AES instructions, AES-GCM, moved to the front of its own defaults (read once with
     ``ssh -G``). Host -> host legs get the same from the source host's ``ssh``
-    (``rsynchelper keygen``)."""
+    (``rsynchelper linkdir``)."""
     ssh = shutil.which("ssh")
     if ssh is None:
         return ()

@@ -97,7 +97,7 @@ _PREFERENCE = re.compile(r"(KexAlgorithms|Ciphers)=[A-Za-z0-9@.,_+-]+")
 
 
 def _preferences(made: Mapping[str, Any]) -> list[str]:
-    """The source host's ``ssh`` algorithm order (``rsynchelper keygen``), if it is only
+    """The source host's ``ssh`` algorithm order (``rsynchelper linkdir``), if it is only
     ``-o KexAlgorithms=...`` / ``-o Ciphers=...`` pairs of algorithm names: a host's
     answer is not ours to trust with arbitrary ssh options (a ``ProxyCommand``)."""
     got = made.get("prefer")
