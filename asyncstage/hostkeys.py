@@ -17,7 +17,6 @@ console tail, whether its port 22 answered).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HostKeyPolicy",
     "check_policy",
-    "concurrently",
     "diagnose",
     "port_answers",
     "ssh_banner",
@@ -137,25 +135,6 @@ async def wait_for_sshd(server: Server, address: str, deadline: float) -> None:
         if anyio.current_time() >= deadline:
             raise await diagnose(server, address, "sshd never answered")
         await anyio.sleep(0.2)
-
-
-async def concurrently(*steps: Callable[[], Awaitable[None]]) -> None:
-    """Run the steps at once; the first that fails cancels the others, and is raised
-    as itself (not inside an exception group), whatever its type."""
-    failures: list[Exception] = []
-    async with anyio.create_task_group() as tg:
-
-        async def guarded(step: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await step()
-            except Exception as e:  # cancellation (BaseException) passes through
-                failures.append(e)
-                tg.cancel_scope.cancel()
-
-        for step in steps:
-            tg.start_soon(guarded, step)
-    if failures:
-        raise failures[0]
 
 
 async def port_answers(address: str, port: int = 22, timeout: float = 2.0) -> bool:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 import anyio
 
 from asyncstage import hostkeys, transfer
+from asyncstage.concurrency import concurrently
 from asyncstage.disks import (
     FSTYPES,
     REFUSED_MOUNT_POINTS,
@@ -469,7 +470,7 @@ class Server:
         address = self.address
         if address is None:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
-        await hostkeys.concurrently(
+        await concurrently(
             self._pin_host_key, lambda: hostkeys.wait_for_sshd(self, address, deadline)
         )
         interval = 0.2

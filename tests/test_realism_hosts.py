@@ -237,7 +237,7 @@ async def test_unreachable_server_says_why(cloud: LocalCloud, manager: Manager) 
 async def test_concurrent_steps_raise_the_first_failure_as_itself() -> None:
     """The console watch and the ssh attempts run side by side: whichever fails first
     (an OSError as much as a HostKeyMismatch) cancels the other and comes out bare."""
-    from asyncstage import hostkeys
+    from asyncstage.concurrency import concurrently
 
     cancelled = anyio.Event()
 
@@ -252,10 +252,20 @@ async def test_concurrent_steps_raise_the_first_failure_as_itself() -> None:
         raise OSError("no route")
 
     with anyio.fail_after(5), pytest.raises(OSError, match="no route"):
-        await hostkeys.concurrently(slow, fails)
+        await concurrently(slow, fails)
     assert cancelled.is_set()
     with pytest.raises(HostKeyMismatch):
-        await hostkeys.concurrently(slow, _mismatch)
+        await concurrently(slow, _mismatch)
+    # cleanups: the failure still comes out bare, but only once the others have finished
+    finished: list[str] = []
+
+    async def short() -> None:
+        await anyio.sleep(0.2)
+        finished.append("short")
+
+    with anyio.fail_after(5), pytest.raises(OSError, match="no route"):
+        await concurrently(short, fails, cancel_others=False)
+    assert finished == ["short"]
 
 
 async def _mismatch() -> None:

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from asyncstage import shell
+from asyncstage.concurrency import concurrently
 from asyncstage.errors import AsyncstageError
-from asyncstage.hostkeys import concurrently
 from asyncstage.transfer.base import cleanup
 from asyncstage.transfer.run import (
     STALE_AFTER,
@@ -232,25 +232,7 @@ async def direct_link(
                 functools.partial(cleanup, remove, what, src.label, in_flight, required=False)
             )
         with anyio.CancelScope(shield=True):  # each cleanup has its own time limit
-            await _to_the_end(*steps)
-
-
-async def _to_the_end(*steps: Callable[[], Awaitable[None]]) -> None:
-    """Run the steps at once, each to its end (one cleanup's failure does not stop
-    another); then the first failure, raised as itself."""
-    failures: list[Exception] = []
-
-    async def one(step: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await step()
-        except Exception as e:
-            failures.append(e)
-
-    async with anyio.create_task_group() as tg:
-        for step in steps:
-            tg.start_soon(one, step)
-    if failures:
-        raise failures[0]
+            await concurrently(*steps, cancel_others=False)
 
 
 def route(src: SSHHost, dst: SSHHost) -> tuple[str, str]:
