@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from asyncstage.localcloud._realism import Realism
     from asyncstage.manager import OnExit
     from asyncstage.paths import PathLike, RemotePath
-    from asyncstage.ssh import Command, CommandResult, KnownHosts
+    from asyncstage.ssh import Command, CommandResult
+    from asyncstage.ssh.known_hosts import KnownHosts
     from asyncstage.timeouts import Timeouts
     from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -27,9 +27,9 @@ from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
     HostKeyUnverified,
-    InvalidArgument,
     ServerUnreachable,
 )
+from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
 
 if TYPE_CHECKING:
     from asyncstage.server import Server
@@ -46,20 +46,8 @@ __all__ = [
 
 log = logging.getLogger("asyncstage")
 
-HostKeyPolicy = Literal["strict", "accept-new"]
-"""``Manager(host_key_policy=...)``: what happens when a new server's console shows no
-fingerprints within ``timeouts.console``: ``"strict"`` fails (HostKeyUnverified),
-``"accept-new"`` pins the key first seen (and logs a warning)."""
-
 _NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameterCombination")
 _CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
-
-
-def check_policy(policy: str) -> HostKeyPolicy:
-    """``policy`` if it is a :data:`HostKeyPolicy`, else InvalidArgument."""
-    if policy in ("strict", "accept-new"):
-        return cast(HostKeyPolicy, policy)
-    raise InvalidArgument(f"host_key_policy: 'strict' or 'accept-new', not {policy!r}")
 
 
 def _since_launch(server: Server) -> float:

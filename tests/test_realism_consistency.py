@@ -18,7 +18,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from asyncstage.ec2 import EC2, _Fresh
+from asyncstage.ec2 import EC2
+from asyncstage.ec2.client import _Fresh
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._realism import BUCKETS, Realism

@@ -258,7 +258,7 @@ async def test_500_concurrent_commands_on_one_host(sshd_server: SSHServer) -> No
         async with anyio.create_task_group() as tg:
             for i in range(500):
                 tg.start_soon(one, i)
-        conn = host._link.conn if host._link else None
+        conn = host._conn._link.conn if host._conn._link else None
     assert results == {i: f"{i}\n" for i in range(500)}
     assert conn is not None  # one connection served them all
 
@@ -330,11 +330,11 @@ async def test_memory_stays_flat_while_streaming(sshd_server: SSHServer) -> None
 async def test_reconnects_after_sshd_restart(fresh_sshd: SSHServer) -> None:
     async with fresh_sshd.host() as host:
         assert await host.ping() is True
-        first = host._link.conn if host._link else None
+        first = host._conn._link.conn if host._conn._link else None
         fresh_sshd.restart()
         await anyio.sleep(0.1)
         assert await host.scmd("echo", "again") == "again\n"
-        assert host._link is not None and host._link.conn is not first
+        assert host._conn._link is not None and host._conn._link.conn is not first
         assert await host.ping() is True
 
 

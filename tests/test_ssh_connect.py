@@ -14,7 +14,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from asyncstage.ssh import KnownHosts, _client_keys
+from asyncstage.ssh import KnownHosts
+from asyncstage.ssh.connection import client_keys as _client_keys
 
 KEY_A = "ssh-ed25519 AAAAkeyA"
 KEY_B = "ssh-ed25519 AAAAkeyB"

@@ -21,7 +21,8 @@ import pytest
 
 from asyncstage import _openssh_stream, errors
 from asyncstage._sshwire import _FEED_BYTES, DIRECT
-from asyncstage.ssh import SSHHost, _umask, quote
+from asyncstage.ssh import SSHHost, quote
+from asyncstage.ssh.openssh import umask as _umask
 from tests.sshd import SSHServer, descendants
 
 pytestmark = pytest.mark.anyio
@@ -187,7 +188,7 @@ async def test_file_forms_without_openssh_use_asyncssh(
         assert (failed.value.exit_status, failed.value.stderr) == (4, "bad\n")
         with pytest.raises(errors.SSHError, match="before reading all its input"):
             await host.scmd_from_file("head -c 1 >/dev/null", path=local)
-        assert host._master is None  # no OpenSSH master either
+        assert host._files.master is None  # no OpenSSH master either
     assert _sha256(back) == digest
     assert kept.read_bytes() == b"old\n"
     assert sorted(os.listdir(tmp_path)) == ["back.bin", "kept", "local.bin", "remote.bin"]
@@ -243,7 +244,10 @@ async def test_file_streams_share_one_openssh_master(
                 tg.start_soon(
                     lambda i=i: host.scmd_to_file("sha256sum", "-", path=tmp_path / f"o{i}")
                 )
-        assert host._master is not None and host._master.key[-1] == await host.host_public_key()
+        assert (
+            host._files.master is not None
+            and host._files.master.key[-1] == await host.host_public_key()
+        )
         assert len(_our_ssh_children()) == 1  # the master, nothing else left running
         sums = tmp_path / "sums"
         assert await host.scmd_from_file(f"sha256sum > {quote(sums)}", path=local) == 3 << 20
@@ -263,7 +267,7 @@ async def main() -> None:
     options = {"known_hosts": known_hosts, "client_keys": [key]}
     host = SSHHost(address, port=int(port), username=user, **options)
     await host.scmd_to_file("echo up", path=out)
-    print(host._master._dir, flush=True)
+    print(host._files.master._dir, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # a crash: no close(), no finally
 
 anyio.run(main)
@@ -298,10 +302,10 @@ async def test_a_crashed_controllers_master_is_gone_and_its_dir_swept(
             await anyio.sleep(0.05)
     async with sshd_server.host() as host:  # a live controller's master: kept
         await host.scmd_to_file("true", path=tmp_path / "mine")
-        assert host._master is not None and host._master._dir is not None
+        assert host._files.master is not None and host._files.master._dir is not None
         monkeypatch.setattr(_openssh_stream, "_swept", False)
         assert left in _openssh_stream.sweep_dead_masters()
-        assert not _is_dir(left) and _is_dir(host._master._dir)
+        assert not _is_dir(left) and _is_dir(host._files.master._dir)
         assert _openssh_stream.sweep_dead_masters() == []  # once per process
 
 

@@ -1,0 +1,33 @@
+"""The only package that talks to EC2 (through aioboto3).
+
+:mod:`~asyncstage.ec2.client` holds the API client and EC2's clock,
+:mod:`~asyncstage.ec2.waits` the waits, :mod:`~asyncstage.ec2.creates` the idempotent
+creates, :mod:`~asyncstage.ec2.console` what we read on a console and
+:mod:`~asyncstage.ec2.tags` our tags; :class:`EC2` (:mod:`~asyncstage.ec2.api`) is
+the client the rest of asyncstage uses.
+"""
+
+from asyncstage.ec2.api import EC2
+from asyncstage.ec2.client import Resource, RetryMode
+from asyncstage.ec2.console import console_fingerprints
+from asyncstage.ec2.tags import (
+    CLIENT_TOKEN_TAG,
+    TAG_PREFIX,
+    new_client_token,
+    tag,
+    tag_filters,
+    tags_of,
+)
+
+__all__ = [
+    "CLIENT_TOKEN_TAG",
+    "EC2",
+    "TAG_PREFIX",
+    "Resource",
+    "RetryMode",
+    "console_fingerprints",
+    "new_client_token",
+    "tag",
+    "tag_filters",
+    "tags_of",
+]

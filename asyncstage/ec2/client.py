@@ -1,0 +1,510 @@
+"""The EC2 API client for one region: calls with errors mapped, EC2's eventual
+consistency and throttling absorbed, EC2's clock, and describes batched by id."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Self
+
+import aioboto3
+import anyio
+from aiobotocore.config import AioConfig
+from botocore import xform_name
+from botocore.exceptions import BotoCoreError, ClientError
+
+from asyncstage.errors import (
+    AsyncstageError,
+    EC2Error,
+    UnknownServer,
+    UnknownSnapshot,
+    UnknownVolume,
+)
+from asyncstage.timeouts import Timeouts
+
+__all__ = ["Client", "Resource", "RetryMode"]
+
+Resource = dict[str, Any]
+RetryMode = Literal["adaptive", "standard"]
+
+_FILTER_CHUNK = 200  # values per filter EC2 accepts
+
+_NOT_FOUND: dict[str, type[AsyncstageError]] = {
+    "InvalidInstanceID.NotFound": UnknownServer,
+    "InvalidInstanceID.Malformed": UnknownServer,
+    "InvalidVolume.NotFound": UnknownVolume,
+    "InvalidVolumeID.Malformed": UnknownVolume,
+    "InvalidSnapshot.NotFound": UnknownSnapshot,
+    "InvalidSnapshotID.Malformed": UnknownSnapshot,
+}
+
+
+# What botocore's retries may leave for us to absorb (its list of EC2's throttling codes).
+_THROTTLED = frozenset({"RequestLimitExceeded", "Throttling", "EC2ThrottledException"})
+_FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
+_MAX_PAUSE = 5.0
+_ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
+# The create calls and where their response names what they made.
+_CREATED: Mapping[str, Callable[[Resource], list[str]]] = {
+    "RunInstances": lambda r: [str(i["InstanceId"]) for i in r.get("Instances", [])],
+    "CreateVolume": lambda r: [str(r["VolumeId"])],
+    "CreateSnapshot": lambda r: [str(r["SnapshotId"])],
+    "CopySnapshot": lambda r: [str(r["SnapshotId"])],
+    "CreateSecurityGroup": lambda r: [str(r["GroupId"])],
+    "CopyImage": lambda r: [str(r["ImageId"])],
+    "CreateImage": lambda r: [str(r["ImageId"])],
+    "RegisterImage": lambda r: [str(r["ImageId"])],
+}
+
+
+class _Fresh:
+    """The ids this client created lately: EC2 may not know them yet (eventual consistency).
+
+    EC2 answers a new id with ``...NotFound`` (and leaves it out of filtered describes)
+    for seconds after the create call returned it; within ``window`` seconds of its
+    creation such an answer means "not yet", after it "gone". An id some answer has
+    shown (or a call naming it has succeeded) is settled and forgotten.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._made: dict[str, float] = {}  # id -> monotonic time it was created
+
+    def remember(self, operation: str, params: Mapping[str, Any], result: Resource) -> None:
+        """Note what a successful call made, and that the fresh ids it named exist."""
+        get = _CREATED.get(operation)
+        if get is None:
+            # a describe succeeds while leaving a new id out; any other call fails
+            if self._made and not operation.startswith("Describe"):
+                self.seen(_strings(params))
+            return
+        if self.window <= 0:
+            return
+        now = time.monotonic()
+        try:
+            ids = get(result)
+        except KeyError:  # an answer without the id: nothing to remember
+            return
+        for old in [i for i, t in self._made.items() if t + self.window <= now]:
+            del self._made[old]  # bounded: only ids of the last window stay
+        self._made.update(dict.fromkeys(ids, now))
+
+    def seen(self, ids: Iterable[str]) -> None:
+        """These ids exist for EC2 now (an answer showed them)."""
+        for resource_id in ids:
+            self._made.pop(resource_id, None)
+
+    def unseen(self, prefix: str) -> list[str]:
+        """The fresh ids of one kind (``"vol-"``) no answer has shown yet."""
+        now = time.monotonic()
+        return [i for i, t in self._made.items() if i.startswith(prefix) and t + self.window > now]
+
+    def left(self, ids: Iterable[str]) -> float:
+        """Seconds until the newest of these ids is past its window (0: none is fresh)."""
+        now = time.monotonic()
+        return max((self._made[i] + self.window - now for i in ids if i in self._made), default=0.0)
+
+    def wait(self, code: str | None, message: str, params: Mapping[str, Any]) -> float | None:
+        """How long a ``...NotFound`` about fresh ids may still be retried (None: raise)."""
+        if not code or not code.endswith(".NotFound") or not self._made:
+            return None
+        named = _ID.findall(message) or list(_strings(params))
+        left = self.left(named)
+        return left if left > 0 else None
+
+
+def _strings(value: object) -> Iterable[str]:
+    """Every string in a call's parameters (where the ids it names are)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class _Round:
+    """One shared DescribeInstances call: whoever comes first makes it for everybody."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.done = anyio.Event()
+        self.result: dict[str, Resource] | None = None
+        self.error: BaseException | None = None
+
+
+class Client:
+    """The aioboto3 client of one region, its lifetime, calls and describes."""
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        retry_mode: RetryMode = "adaptive",
+        max_attempts: int = 10,
+        poll_interval: float = 1.0,
+        poll_backoff: float = 1.5,
+        poll_max_interval: float = 5.0,
+        coalesce_window: float = 0.05,
+        max_concurrency: int = 10,
+        consistency: float = Timeouts.consistency,
+        throttle_wait: float = 300.0,
+    ) -> None:
+        self._session = aioboto3.Session(
+            profile_name=profile,
+            region_name=region,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+        )
+        resolved = region or self._session.region_name
+        if not resolved:
+            raise EC2Error("no AWS region given and none configured (AWS_DEFAULT_REGION)")
+        self.region: str = resolved
+        self.endpoint_url = endpoint_url
+        self._config = AioConfig(
+            retries={"mode": retry_mode, "max_attempts": max_attempts},
+            max_pool_connections=max(10, max_concurrency),
+        )
+        self.poll_interval = poll_interval
+        self.poll_backoff = poll_backoff
+        self.poll_max_interval = poll_max_interval
+        self.coalesce_window = coalesce_window
+        self.limiter = anyio.CapacityLimiter(max_concurrency)
+        self.throttle_wait = throttle_wait
+        self.absorbed: Counter[str] = Counter()
+        """Error answers retried here rather than raised, by code (NotFound of a new id,
+        throttling that outlasted botocore's retries)."""
+        self._fresh = _Fresh(consistency)
+        self.calls: Counter[str] = Counter()
+        """EC2 operations this client made, counted by name (retries not included)."""
+        self.clock_offset: float | None = None
+        """EC2's clock minus this machine's, in seconds (to about 1 s: the HTTP ``Date``
+        of its last answer); None before the first answer."""
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._round: _Round | None = None
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def open(self) -> Self:
+        """Open the underlying client (``async with`` does it for you)."""
+        if self._client is None:
+            stack = AsyncExitStack()
+            try:
+                self._client = await stack.enter_async_context(
+                    self._session.client(
+                        "ec2",
+                        region_name=self.region,
+                        endpoint_url=self.endpoint_url,
+                        config=self._config,
+                    )
+                )
+            except (BotoCoreError, ClientError) as e:
+                await stack.aclose()
+                raise EC2Error(f"cannot open an EC2 client for {self.region}: {e}") from e
+            self._stack = stack
+        return self
+
+    async def close(self) -> None:
+        """Close the underlying client."""
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.close()
+
+    # -- calls ------------------------------------------------------------------
+
+    async def call(self, operation: str, /, **params: Any) -> Resource:
+        """Call one EC2 operation by its API name (``"DescribeInstances"``), errors mapped.
+
+        EC2's eventual consistency and throttling are absorbed here: a ``...NotFound``
+        naming an id this client created less than ``consistency`` seconds ago is
+        retried until it is seen or the window has passed (an id that is really gone
+        raises at once), and ``RequestLimitExceeded`` that outlasted botocore's own
+        retries is retried with backoff for up to ``throttle_wait`` seconds.
+        """
+        if self._client is None:
+            await self.open()
+        method = getattr(self._client, xform_name(operation))
+        self.calls[operation] += 1
+        pause = _FIRST_PAUSE
+        throttled_until: float | None = None
+        while True:
+            try:
+                result: Resource = await method(**params)
+            except ClientError as e:
+                err = e.response.get("Error", {})
+                code = str(err.get("Code", "")) or None
+                message = f"{operation} failed: {err.get('Message') or e}"
+                wait = self._fresh.wait(code, str(err.get("Message") or ""), params)
+                if wait is None and code in _THROTTLED:
+                    now = time.monotonic()
+                    throttled_until = throttled_until or now + self.throttle_wait
+                    wait = throttled_until - now if throttled_until > now else None
+                if wait is not None:
+                    self.absorbed[str(code)] += 1
+                    await anyio.sleep(min(pause * (0.5 + random.random() / 2), wait))
+                    pause = min(pause * 2, _MAX_PAUSE)
+                    continue
+                if code in _NOT_FOUND:
+                    raise _NOT_FOUND[code](message) from e
+                raise EC2Error(message, code=code, operation=operation) from e
+            except BotoCoreError as e:
+                raise EC2Error(f"{operation} failed: {e}", operation=operation) from e
+            self._fresh.remember(operation, params, result)
+            self._note_clock(result)
+            return result
+
+    def _note_clock(self, result: Resource) -> None:
+        """Keep EC2's clock against ours from the answer's ``Date`` header: EC2's
+        timestamps (``LaunchTime``) are on its clock, and botocore itself corrects a
+        skewed local clock when it signs, so a skewed machine would not notice."""
+        headers = result.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        try:
+            stamp = email.utils.parsedate_to_datetime(str(headers["date"]))
+        except (KeyError, TypeError, ValueError):
+            return
+        if stamp.tzinfo is None:  # an ill-formed header; EC2 always says GMT
+            return
+        self.clock_offset = (stamp - datetime.now(UTC)).total_seconds()
+
+    def now(self) -> datetime:
+        """The time on EC2's clock (this machine's, moved by :attr:`clock_offset`)."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset or 0.0)
+
+    async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
+        """All items under ``key`` of every page of a describe call."""
+        items: list[Resource] = []
+        token: str | None = None
+        while True:
+            page = await self.call(operation, **params, **({"NextToken": token} if token else {}))
+            items.extend(page.get(key, []))
+            token = page.get("NextToken")
+            if not token:
+                return items
+
+    # -- describes ----------------------------------------------------------------
+
+    async def describe_instances(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        filters: Sequence[Mapping[str, Any]] = (),
+    ) -> list[Resource]:
+        """Instances by id (one call per 200 ids; unknown ids are left out) and/or filters."""
+        filters = list(filters)
+        if ids is None:
+            await self._settle("i-", self.describe_instances)
+            return self._flatten(
+                await self.paginate("DescribeInstances", "Reservations", Filters=filters)
+            )
+
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
+                found += self._flatten(
+                    await self.paginate("DescribeInstances", "Reservations", Filters=flt)
+                )
+            return found
+
+        return await self._until_seen(ids, "InstanceId", fetch)
+
+    async def _settle(
+        self, prefix: str, describe: Callable[[list[str]], Awaitable[list[Resource]]]
+    ) -> None:
+        """Before a describe by filters: wait until EC2 shows the ids this client just made.
+
+        A filtered describe leaves out what EC2 does not show yet, and nothing says so;
+        asking by id (once per new id: shown, it is settled) waits until it does.
+        """
+        pending = self._fresh.unseen(prefix)
+        if pending:
+            await describe(pending)
+
+    async def _until_seen(
+        self, ids: Iterable[str], key: str, fetch: Callable[[], Awaitable[list[Resource]]]
+    ) -> list[Resource]:
+        """``fetch()``, again while it leaves out ids this client has just created.
+
+        EC2 leaves a new id out of describes for a moment (eventual consistency); an
+        id older than the ``consistency`` window that is missing is really gone.
+        """
+        pause = _FIRST_PAUSE
+        while True:
+            found = await fetch()
+            shown = {str(r.get(key)) for r in found}
+            self._fresh.seen(shown)
+            left = self._fresh.left(set(ids) - shown)
+            if left <= 0:
+                return found
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 2, _MAX_PAUSE)
+
+    @staticmethod
+    def _flatten(reservations: list[Resource]) -> list[Resource]:
+        return [i for r in reservations for i in r.get("Instances", [])]
+
+    async def describe_instances_shared(self, ids: Iterable[str]) -> dict[str, Resource]:
+        """Instances by id, sharing one DescribeInstances round with concurrent callers.
+
+        Callers arriving within ``coalesce_window`` of each other are served by a
+        single call for the union of their ids.
+        """
+        wanted = set(ids)
+        while True:
+            rnd = self._round
+            leader = rnd is None
+            if rnd is None:
+                rnd = self._round = _Round()
+            rnd.ids |= wanted
+            if leader:
+                try:
+                    await anyio.sleep(self.coalesce_window)
+                    self._round = None
+                    found = await self.describe_instances(sorted(rnd.ids))
+                    rnd.result = {i["InstanceId"]: i for i in found}
+                except BaseException as e:
+                    rnd.error = e
+                    raise
+                finally:
+                    if self._round is rnd:
+                        self._round = None
+                    rnd.done.set()
+            else:
+                await rnd.done.wait()
+            if rnd.result is not None:
+                return {k: v for k, v in rnd.result.items() if k in wanted}
+            if isinstance(rnd.error, Exception) and not isinstance(
+                rnd.error, anyio.get_cancelled_exc_class()
+            ):
+                raise rnd.error
+            # the leader was cancelled: try again, maybe as the leader
+
+    async def describe_volumes(
+        self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
+    ) -> list[Resource]:
+        """Volumes by id (unknown ids are left out) and/or filters."""
+        flt = list(filters)
+        if ids is None:
+            await self._settle("vol-", self.describe_volumes)
+            return await self.paginate("DescribeVolumes", "Volumes", Filters=flt)
+
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                found += await self.paginate(
+                    "DescribeVolumes",
+                    "Volumes",
+                    Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
+                )
+            return found
+
+        return await self._until_seen(ids, "VolumeId", fetch)
+
+    async def describe_snapshots(
+        self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
+    ) -> list[Resource]:
+        """Our own snapshots by id (unknown ids are left out) and/or filters."""
+        flt = list(filters)
+        if ids is not None:
+            flt.append({"Name": "snapshot-id", "Values": list(ids)})
+        else:
+            await self._settle("snap-", self.describe_snapshots)
+
+        async def fetch() -> list[Resource]:
+            return await self.paginate(
+                "DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt
+            )
+
+        return await self._until_seen(ids or (), "SnapshotId", fetch)
+
+    async def describe_images(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        filters: Sequence[Mapping[str, Any]] = (),
+        owners: Sequence[str] = (),
+    ) -> list[Resource]:
+        """Images by id and/or filters, optionally of some owners only."""
+        params: dict[str, Any] = {"Filters": list(filters)}
+        if ids is not None:
+            params["ImageIds"] = list(ids)
+        if owners:
+            params["Owners"] = list(owners)
+
+        async def fetch() -> list[Resource]:
+            images: list[Resource] = (await self.call("DescribeImages", **params)).get("Images", [])
+            return images
+
+        return await self._until_seen(ids or (), "ImageId", fetch)
+
+    async def find_image(
+        self,
+        pattern: str,
+        *,
+        owners: Sequence[str] = (),
+        architecture: str | None = None,
+        root_type: str | None = None,
+    ) -> Resource:
+        """The image with this id, or the newest whose name matches the pattern."""
+        filters: list[dict[str, Any]] = [{"Name": "state", "Values": ["available"]}]
+        if architecture:
+            filters.append({"Name": "architecture", "Values": [architecture]})
+        if root_type:
+            filters.append({"Name": "root-device-type", "Values": [root_type]})
+        if pattern.startswith("ami-"):
+            images = await self.describe_images([pattern])
+        else:
+            filters.append({"Name": "name", "Values": [pattern]})
+            images = await self.describe_images(filters=filters, owners=owners)
+        if not images:
+            raise EC2Error(
+                f"no image matches {pattern!r} in {self.region}", code="InvalidAMIID.NotFound"
+            )
+        return max(images, key=lambda i: str(i.get("CreationDate", "")))
+
+    async def availability_zones(self) -> list[str]:
+        """The names of the region's available zones."""
+        result = await self.call(
+            "DescribeAvailabilityZones",
+            Filters=[{"Name": "state", "Values": ["available"]}],
+        )
+        return sorted(z["ZoneName"] for z in result.get("AvailabilityZones", []))
+
+    async def console_output(self, instance_id: str, *, latest: bool = False) -> str:
+        """The instance's console output as text ('' when there is none yet); ``latest``:
+        the current output (EC2 supports it on Nitro instance types only)."""
+        extra = {"Latest": True} if latest else {}
+        result = await self.call("GetConsoleOutput", InstanceId=instance_id, **extra)
+        raw = result.get("Output") or ""
+        try:
+            return base64.b64decode(raw, validate=True).decode(errors="replace")
+        except ValueError:
+            return str(raw)

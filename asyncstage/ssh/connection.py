@@ -1,0 +1,483 @@
+"""One shared asyncssh connection to a host: opened on first use with its host key
+checked, its session slots, and the channels, process groups and errors of the
+commands run over it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import anyio
+import asyncssh
+
+from asyncstage import _sshwire, shell
+from asyncstage.errors import (
+    CommandFailed,
+    CommandTimeout,
+    ConnectError,
+    ConnectionLost,
+    HostKeyMismatch,
+    ServerUnreachable,
+    SSHError,
+)
+from asyncstage.ssh._stamps import StampCache
+from asyncstage.ssh.ciphers import encryption_algs
+from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts, fingerprints, openssh_key
+from asyncstage.ssh.sinks import WRAPPER, CommandResult, Sink
+
+__all__ = ["KILL_GRACE", "Connection", "Link", "Running", "Target", "client_keys"]
+
+KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
+CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
+
+
+class Target(Protocol):
+    """What a :class:`Connection` connects to, and how it checks the host key."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def client_keys(self) -> list[Path]: ...
+    @property
+    def known_hosts(self) -> KnownHosts: ...
+    @property
+    def host_key_policy(self) -> HostKeyPolicy: ...
+    @property
+    def expected_fingerprints(self) -> tuple[str, ...]: ...
+    @property
+    def before_connect(self) -> Callable[[], Awaitable[None]] | None: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def max_sessions(self) -> int: ...
+    @property
+    def keepalive_interval(self) -> float: ...
+
+
+# -- client keys ---------------------------------------------------------------
+
+# Files asyncssh reads for a client key: the key, its public half, its certificate.
+_KEY_FILES = ("", ".pub", "-cert.pub")
+_client_keys_read: StampCache[list[asyncssh.SSHKeyPair] | list[str]] = StampCache()
+
+
+def client_keys(paths: Sequence[Path]) -> list[asyncssh.SSHKeyPair] | list[str]:
+    """The client keys as asyncssh loads them, read again only when one of their files
+    changed: given paths, asyncssh would read and parse every file at every connection.
+    Paths when they cannot be loaded (asyncssh then fails the connection as it would)."""
+    names = tuple(str(p) for p in paths)
+
+    def load() -> list[asyncssh.SSHKeyPair] | list[str]:
+        try:
+            return list(asyncssh.load_keypairs(list(names)))
+        except (OSError, ValueError, asyncssh.Error):
+            return list(names)
+
+    files = [name + suffix for name in names for suffix in _KEY_FILES]
+    return _client_keys_read.get(names, files, load)
+
+
+# -- the asyncssh client ------------------------------------------------------
+
+
+class _Client(asyncssh.SSHClient):
+    """Judges a presented host key that is not among the pinned ones."""
+
+    def __init__(self, target: Target, pinned: list[str]) -> None:
+        self._target = target
+        self._pinned = pinned
+        self.presented: asyncssh.SSHKey | None = None
+        self.refusal: str | None = None
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        self.presented = key
+        expected = self._target.expected_fingerprints
+        if expected:
+            if fingerprints(key) & set(expected):
+                return True
+            self.refusal = "host key does not match the expected fingerprints"
+            return False
+        known_hosts = self._target.known_hosts.path
+        if self._pinned:
+            self.refusal = f"host key differs from the one pinned in {known_hosts}"
+            return False
+        if self._target.host_key_policy == "accept-new":
+            return True
+        self.refusal = f"host key not known and policy is strict (no entry in {known_hosts})"
+        return False
+
+
+@dataclass
+class Link:
+    """One open connection, its session slots and its verified host key."""
+
+    conn: asyncssh.SSHClientConnection
+    sessions: anyio.Semaphore  # for commands: max_sessions - 1
+    spare: anyio.Semaphore  # the one session kept free for stopping commands
+    host_key: str
+
+
+@dataclass
+class Running:
+    """A started command: its channel, where it runs, and its stderr sink (with the pgid)."""
+
+    link: Link
+    proc: asyncssh.SSHClientProcess[Any]
+    stderr: Sink
+    sudo: bool
+
+
+def _exited(proc: asyncssh.SSHClientProcess[Any]) -> bool:
+    return proc.exit_status is not None or proc.exit_signal is not None
+
+
+def _signal(proc: asyncssh.SSHClientProcess[Any], name: str) -> None:
+    with contextlib.suppress(OSError, asyncssh.Error):
+        proc.send_signal(name)
+
+
+async def wait_gone(proc: asyncssh.SSHClientProcess[Any]) -> None:
+    """Wait until the command reported its exit, or its channel closed."""
+    async with anyio.create_task_group() as tg:
+
+        async def closed() -> None:
+            await proc.wait_closed()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(closed)
+        while not _exited(proc):  # noqa: ASYNC110 (asyncssh offers no event for exit-status)
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+
+class Connection:
+    """The shared connection to ``target`` (opened again when it dropped) and the
+    channels, process groups and error mapping of the commands run over it."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._link: Link | None = None
+        self._connect_lock: anyio.Lock | None = None
+        self.pinged = False
+        """A :meth:`SSHHost.ping` succeeded over the current connection."""
+
+    @property
+    def label(self) -> str:
+        return self.target.label
+
+    def open_link(self) -> Link | None:
+        """The current connection, if one is open."""
+        link = self._link
+        return link if link is not None and not link.conn.is_closed() else None
+
+    async def link(self) -> Link:
+        """The open connection, connecting first if needed."""
+        link = self.open_link()
+        if link is not None:
+            return link
+        if self._connect_lock is None:
+            self._connect_lock = anyio.Lock()
+        async with self._connect_lock:
+            link = self.open_link()
+            if link is not None:
+                return link
+            self._link = None
+            self._link = await self._connect()
+            return self._link
+
+    async def _connect(self) -> Link:
+        t = self.target
+        if t.before_connect is not None:
+            await t.before_connect()
+        pinned = [] if t.expected_fingerprints else t.known_hosts.lookup(t.address, t.port)
+        trusted = [asyncssh.import_public_key(k) for k in pinned]
+        client = _Client(t, pinned)
+        options: dict[str, Any] = {}
+        if t.client_keys:
+            options["client_keys"] = client_keys(t.client_keys)
+            options["agent_path"] = None
+            options["preferred_auth"] = "publickey"  # the only method we have the means for
+        try:
+            with anyio.fail_after(t.connect_timeout):
+                conn, _ = await asyncssh.create_connection(
+                    lambda: client,
+                    t.address,
+                    t.port,
+                    username=t.username,
+                    known_hosts=(trusted, [], []),
+                    config=[],
+                    keepalive_interval=t.keepalive_interval,
+                    keepalive_count_max=3,
+                    encryption_algs=encryption_algs(),
+                    # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
+                    tunnel=cast(Any, _sshwire.DIRECT),
+                    connect_timeout=t.connect_timeout,
+                    login_timeout=t.connect_timeout,
+                    **options,
+                )
+        except asyncssh.HostKeyNotVerifiable as e:
+            presented = client.presented
+            raise HostKeyMismatch(
+                client.refusal or str(e),
+                host=t.label,
+                presented=presented.get_fingerprint("sha256") if presented else None,
+                expected=t.expected_fingerprints
+                or [asyncssh.import_public_key(k).get_fingerprint("sha256") for k in pinned],
+            ) from e
+        except (TimeoutError, OSError, asyncssh.Error) as e:
+            raise self._connect_error(e) from e
+        key = conn.get_server_host_key()
+        if key is None:  # only with GSS key exchange, which is never enabled here
+            conn.close()
+            raise HostKeyMismatch("the server presented no host key", host=t.label)
+        host_key = openssh_key(key)
+        if t.expected_fingerprints:
+            if host_key not in t.known_hosts.lookup(t.address, t.port):
+                t.known_hosts.remove(t.address, t.port)
+                t.known_hosts.add(t.address, t.port, host_key)
+        elif not pinned:
+            t.known_hosts.add(t.address, t.port, host_key)
+        return Link(conn, anyio.Semaphore(max(1, t.max_sessions - 1)), anyio.Semaphore(1), host_key)
+
+    def _connect_error(self, e: BaseException) -> SSHError:
+        """The error of a connection attempt that failed with ``e``."""
+        t = self.target
+        if isinstance(e, TimeoutError):
+            return ServerUnreachable(
+                f"no ssh answer on port {t.port} within {t.connect_timeout:g}s", host=t.label
+            )
+        if isinstance(e, asyncssh.PermissionDenied):
+            return ConnectError(
+                f"ssh authentication as {t.username} failed: {e.reason}", host=t.label
+            )
+        if isinstance(e, ConnectionRefusedError):
+            return ServerUnreachable(f"ssh connection to port {t.port} refused", host=t.label)
+        if isinstance(e, OSError):
+            if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN):
+                return ServerUnreachable(f"unreachable: {e}", host=t.label)
+            return ConnectError(f"ssh connection failed: {e}", host=t.label)
+        reason = e.reason if isinstance(e, asyncssh.Error) else str(e)
+        return ConnectError(f"ssh connection failed: {reason}", host=t.label)
+
+    def drop(self, link: Link) -> None:
+        """Forget a broken connection; the next command opens a new one."""
+        self.pinged = False
+        if self._link is link:
+            self._link = None
+        link.conn.close()
+
+    def reset(self) -> None:
+        """Forget the ping and close the connection (reopened on use)."""
+        self.pinged = False
+        link, self._link = self._link, None
+        if link is not None:
+            link.conn.close()
+
+    async def close(self) -> None:
+        """Close the connection and wait a little for it to be closed."""
+        link, self._link = self._link, None
+        self.pinged = False
+        if link is not None:
+            link.conn.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_WAIT):
+                await link.conn.wait_closed()
+
+    # -- errors ----------------------------------------------------------------
+
+    def lost(self, exc: BaseException, command: str) -> SSHError:
+        """The error of a connection lost while ``command`` ran."""
+        self.pinged = False
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return ConnectionLost(
+            f"connection lost while running {command!r} ({reason}); it may or may not have "
+            "completed",
+            host=self.label,
+        )
+
+    @contextlib.contextmanager
+    def map_errors(self, command: str) -> Iterator[None]:
+        """asyncssh's errors as :meth:`lost`."""
+        try:
+            yield
+        except (OSError, asyncssh.Error) as e:
+            raise self.lost(e, command) from e
+
+    @contextlib.contextmanager
+    def timeout(self, timeout: float | None, command: str) -> Iterator[None]:
+        """CommandTimeout when the block takes longer than ``timeout``."""
+        if timeout is None:
+            yield
+            return
+        with anyio.move_on_after(timeout) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise CommandTimeout(host=self.label, command=command, timeout=timeout)
+
+    def result(
+        self,
+        command: str,
+        proc: asyncssh.SSHClientProcess[Any],
+        stdout: str | bytes,
+        stderr: str | bytes,
+    ) -> CommandResult:
+        """The result of the finished ``proc``."""
+        signal = proc.exit_signal[0] if proc.exit_signal else None
+        status = None if signal else proc.exit_status
+        if signal is None and status is None:
+            raise self.lost(EOFError("no exit status"), command)
+        return CommandResult(command, status, signal, stdout, stderr)
+
+    def failed(self, result: CommandResult) -> CommandFailed:
+        """The error of a command that failed with ``result``."""
+        return CommandFailed(
+            host=self.label,
+            command=result.command,
+            exit_status=result.exit_status,
+            signal=result.signal,
+            stdout=result.stdout,
+            stderr=result.stderr,
+        )
+
+    # -- processes ---------------------------------------------------------------
+
+    async def _start(
+        self,
+        command: str,
+        encoding: str | None,
+        *,
+        sudo: bool,
+        stderr: Sink | None = None,
+        **kwargs: Any,
+    ) -> Running:
+        """Open a channel and start ``command``; returns with a session slot held."""
+        sink = stderr if stderr is not None else Sink(marker=True)
+        # asyncssh sends a bytes command as is (bytes arguments need not be UTF-8).
+        raw = cast(str, (WRAPPER + command).encode("utf-8", "surrogateescape"))
+        connect_timeout = self.target.connect_timeout
+        delay = 0.005
+        deadline: float | None = None
+        reconnected = False
+        while True:
+            link = await self.link()
+            await link.sessions.acquire()
+            try:
+                # Shielded: a channel that opened is always handed over (and later closed).
+                with anyio.CancelScope(shield=True), anyio.fail_after(connect_timeout):
+                    proc = await link.conn.create_process(
+                        raw, encoding=encoding, errors="replace", stderr=sink, **kwargs
+                    )
+            except asyncssh.ChannelOpenError as e:
+                # The channel never opened (or its exec was refused): the command did not start.
+                link.sessions.release()
+                if link.conn.is_closed():
+                    self.drop(link)
+                    if not reconnected:
+                        reconnected = True
+                        continue
+                    raise self.lost(e, command) from e
+                if e.code in (
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                    asyncssh.OPEN_CONNECT_FAILED,
+                    asyncssh.OPEN_RESOURCE_SHORTAGE,
+                ):
+                    # sshd frees a session slot a little after the channel closed
+                    # ("no more sessions"): wait and try again.
+                    now = anyio.current_time()
+                    deadline = deadline if deadline is not None else now + connect_timeout
+                    if now < deadline:
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 0.25)
+                        continue
+                raise SSHError(
+                    f"the server refused a session for {command!r}: {e.reason}", host=self.label
+                ) from e
+            except TimeoutError as e:
+                link.sessions.release()
+                self.drop(link)
+                raise CommandTimeout(
+                    host=self.label, command=command, timeout=connect_timeout
+                ) from e
+            except (OSError, asyncssh.Error) as e:
+                link.sessions.release()
+                self.drop(link)
+                raise self.lost(e, command) from e
+            except BaseException:
+                link.sessions.release()
+                raise
+            return Running(link, proc, sink, sudo)
+
+    async def kill_pgid(self, link: Link, pgid: int, sudo: bool, signal: str) -> None:
+        """``kill -s SIGNAL -- -PGID`` over ``link``'s spare session (sshd may ignore
+        signal requests)."""
+        if link.conn.is_closed():
+            return
+        kill = shell.sudo_line(["kill", "-s", signal, "--", f"-{pgid}"], sudo)
+        kill += " 2>/dev/null"
+        async with link.spare:
+            for _ in range(20):
+                try:
+                    proc = await link.conn.create_process(
+                        kill,
+                        stdin=asyncssh.DEVNULL,
+                        stdout=asyncssh.DEVNULL,
+                        stderr=asyncssh.DEVNULL,
+                    )
+                except asyncssh.ChannelOpenError:
+                    if link.conn.is_closed():
+                        return
+                    await anyio.sleep(0.05)  # the session slot is not free yet
+                    continue
+                except (OSError, asyncssh.Error):
+                    return
+                try:
+                    await proc.wait()
+                except (OSError, asyncssh.Error):
+                    pass
+                finally:
+                    proc.close()
+                return
+
+    async def _stop(self, run: Running) -> None:
+        """Make sure the remote command is gone (TERM, then KILL) and its channel closed."""
+        proc = run.proc
+        for signal in ("TERM", "KILL"):
+            if _exited(proc):
+                break
+            # OpenSSH >= 7.9 delivers signal requests to the session's process group, but
+            # not for root logins: kill the process group over a second channel as well.
+            _signal(proc, signal)
+            with anyio.move_on_after(KILL_GRACE):
+                if run.stderr.pgid is not None:
+                    await self.kill_pgid(run.link, run.stderr.pgid, run.sudo, signal)
+                await wait_gone(proc)
+        proc.close()
+        with anyio.move_on_after(CLOSE_WAIT):
+            await proc.wait_closed()
+
+    @asynccontextmanager
+    async def process(
+        self, command: str, encoding: str | None, *, sudo: bool = False, **kwargs: Any
+    ) -> AsyncIterator[Running]:
+        """``command`` running on a channel of its own; stopped on the way out."""
+        run = await self._start(command, encoding, sudo=sudo, **kwargs)
+        try:
+            yield run
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._stop(run)
+                finally:
+                    run.link.sessions.release()
