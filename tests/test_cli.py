@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from asyncstage.backup import size_for
-from asyncstage.cli import resolve_names
+from asyncstage.cli.common import resolve_names
 from asyncstage.output import human_bytes, table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,185 @@
+"""What every command shares: its manager (from the options, the environment, the config
+file and a running local cloud), names resolved to servers and volumes, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import ipaddress
+import os
+import re
+import urllib.parse
+from collections.abc import Iterator, Sequence
+
+from asyncstage import blocking, completion, userconfig
+from asyncstage.cli.daemon import (
+    LOCAL_CREDENTIALS,
+    LOCAL_IMAGE_PATTERN,
+    local_credentials,
+    local_dir,
+    read_local_state,
+)
+from asyncstage.errors import (
+    NotFound,
+    UnknownServer,
+    UnknownVolume,
+)
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_RUNNING",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "find_server",
+    "find_volume",
+    "manager_options",
+    "open_manager",
+    "resolve_names",
+    "settings",
+]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """A command line that cannot work (exit status 2)."""
+
+
+def is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def settings(args: argparse.Namespace) -> dict[str, userconfig.Setting]:
+    """The effective settings: flags, then the environment, then the config file."""
+    flags = {
+        "region": args.region,
+        "profile": args.profile,
+        "instance_type": getattr(args, "instance_type", None),
+        "image": getattr(args, "image", None),
+        "username": args.username,
+        "on_exit": getattr(args, "on_exit", None),
+    }
+    return userconfig.effective(
+        flags,
+        path=userconfig.config_path(args.config),
+        required=bool(args.config),
+        defaults={"on_exit": getattr(args, "on_exit_default", "run")},
+    )
+
+
+def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
+    """Manager options from the global options, the environment, the config file and a
+    running local cloud (whose region, image and user name win over the file's)."""
+    found = settings(args)
+    value = {k: s.value for k, s in found.items()}
+    opts: blocking.ManagerOptions = {
+        "on_exit": value["on_exit"] or "run",  # type: ignore[typeddict-item]
+        "verbosity": 0 if args.quiet else 1 + args.verbose,
+    }
+    endpoint = args.endpoint_url or os.environ.get("ASYNCSTAGE_ENDPOINT_URL") or None
+    state = read_local_state(local_dir())
+    if args.local:
+        if state is None:
+            raise NotFound("no local cloud running: start one with `asyncstage local up`")
+        endpoint = str(state["endpoint_url"])
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    local = state is not None and endpoint == state["endpoint_url"]
+    if state is not None and local:
+        opts |= {
+            "region": str(state["region"]),
+            "image": str(state["image_id"]),
+            "username": str(state["username"]),
+            "dotdir": str(state["dotdir"]),
+            "install_packages": False,
+            "root_type": None,
+            **local_credentials(state),  # type: ignore[typeddict-item]
+        }
+    elif endpoint and is_loopback(endpoint):
+        # another local cloud (a test's, say): its image by name, no real credentials needed
+        opts |= {"image": LOCAL_IMAGE_PATTERN, "install_packages": False, "root_type": None}
+        if not os.environ.get("AWS_ACCESS_KEY_ID") and not value["profile"]:
+            opts |= LOCAL_CREDENTIALS  # type: ignore[typeddict-item]
+    for key in ("region", "image", "username", "profile", "instance_type"):
+        # on the local cloud only a flag overrides what the cloud dictates
+        if value[key] and (not local or found[key].source.startswith("--")):
+            opts[key] = value[key]
+    if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
+        opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
+    return opts
+
+
+@contextlib.contextmanager
+def open_manager(args: argparse.Namespace) -> Iterator[blocking.Manager]:
+    """The command's manager, closed (``--on-exit`` applied) on the way out."""
+    with blocking.Manager(**manager_options(args)) as m:
+        yield m
+        completion.write_names("servers", [s.name for s in m.servers()])
+        completion.write_names("volumes", [v.name for v in m.volumes()])
+
+
+def _did_you_mean(ref: str, known: Sequence[str], command: str) -> str:
+    """`` (did you mean 'web1'?)`` from the closest known names, else where to look."""
+    close = difflib.get_close_matches(ref, known, n=3, cutoff=0.6)
+    if close:
+        return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f" (see `asyncstage {command} list`)"
+
+
+def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
+    """A managed server by name or instance id (NotFound otherwise)."""
+    server = m.find_server_by_name(ref)
+    if server is None and ref.startswith("i-"):
+        with contextlib.suppress(NotFound):
+            server = m.find_server_by_instance(ref)
+    if server is None:
+        known = [s.name for s in m.servers()]
+        raise UnknownServer(f"no server named {ref!r}{_did_you_mean(ref, known, 'servers')}")
+    return server
+
+
+def find_volume(m: blocking.Manager, ref: str) -> blocking.Volume:
+    """A managed volume by name or volume id (NotFound otherwise)."""
+    volume = m.find_volume_by_name(ref)
+    if volume is None and ref.startswith("vol-"):
+        with contextlib.suppress(NotFound):
+            volume = m.find_volume_by_volid(ref)
+    if volume is None:
+        known = [v.name for v in m.volumes()]
+        raise UnknownVolume(f"no volume named {ref!r}{_did_you_mean(ref, known, 'volumes')}")
+    return volume
+
+
+_NAMED_PATH = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*):(.*)$", re.DOTALL)
+
+
+def resolve_names(m: blocking.Manager, path: str) -> str:
+    """``mydata:/sub`` → ``vol-…:/sub``, ``web:/etc`` → ``i-…:/etc``; other paths unchanged.
+
+    ``NAME:…`` with a NAME that is neither a server nor a volume is refused (rsync would
+    take it for a remote host).
+    """
+    match = _NAMED_PATH.match(path)
+    if match is None or "@" in match.group(1):
+        return path
+    name, rest = match.groups()
+    if re.fullmatch(r"(i|vol)-[0-9a-f]{8,17}", name):
+        return path
+    server = m.find_server_by_name(name)
+    if server is not None:
+        return f"{server.instance_id}:{rest}"
+    volume = m.find_volume_by_name(name)
+    if volume is not None:
+        return f"{volume.volume_id}:{rest}"
+    raise NotFound(
+        f"{path!r}: no server or volume named {name!r} (write ./{path} for a local path)"
+    )

@@ -1,0 +1,121 @@
+"""The local cloud's daemon (``asyncstage local serve``): its directory, its record
+(``cloud.json``: pid, endpoint, region, credentials) and whether it still runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOCAL_IMAGE_PATTERN",
+    "env_lines",
+    "local_credentials",
+    "local_dir",
+    "pid_is_daemon",
+    "read_local_state",
+    "serve",
+]
+
+LOCAL_IMAGE_PATTERN = "asyncstage-local-*"
+LOCAL_CREDENTIALS = {
+    "aws_access_key_id": "asyncstage-local",
+    "aws_secret_access_key": "asyncstage-local",
+}
+
+
+def local_dir(path: str | None = None) -> Path:
+    """The local cloud daemon's directory: ``--dir``, ``$ASYNCSTAGE_LOCAL_DIR`` or
+    ``~/.asyncstage/local``."""
+    chosen = path or os.environ.get("ASYNCSTAGE_LOCAL_DIR") or "~/.asyncstage/local"
+    return Path(chosen).expanduser().absolute()
+
+
+def pid_is_daemon(pid: int, directory: Path) -> bool:
+    """True when ``pid`` is alive and is our ``local serve`` for this directory."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in cmdline]
+    return "asyncstage.cli" in args and "serve" in args and str(directory) in args
+
+
+def read_local_state(directory: Path) -> dict[str, Any] | None:
+    """The running daemon's record (pid, endpoint_url, region, ...), or None."""
+    try:
+        state: dict[str, Any] = json.loads((directory / "cloud.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not pid_is_daemon(int(state.get("pid", 0)), directory):
+        return None
+    return state
+
+
+def local_credentials(state: dict[str, Any]) -> dict[str, str]:
+    """The local cloud's credentials: the random ones its record holds (the cloud checks
+    every request's signature), else the fixed ones of records written before it did."""
+    return {key: str(state.get(key, default)) for key, default in LOCAL_CREDENTIALS.items()}
+
+
+def env_lines(state: dict[str, Any]) -> list[str]:
+    """``export`` lines that point later commands (and aws-cli, boto3) at the cloud."""
+    creds = local_credentials(state)
+    return [
+        f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
+        f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
+        f"export AWS_DEFAULT_REGION={state['region']}",
+        f"export AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
+        f"export AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}",
+    ]
+
+
+def serve(directory: Path, *, port: int, region: str, boot_delay: float) -> None:
+    """``local serve``: run the cloud in the foreground, record it, stop on TERM/INT."""
+    import anyio
+
+    from asyncstage.localcloud import LocalCloud
+
+    record = directory / "cloud.json"
+
+    async def run() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with LocalCloud(
+                state_dir=directory / "state",
+                port=port,
+                region=region,
+                boot_delay=boot_delay,
+            ) as cloud:
+                state = {
+                    "pid": os.getpid(),
+                    "endpoint_url": cloud.endpoint_url,
+                    "region": cloud.region,
+                    "image_id": cloud.image_id,
+                    "image_name": cloud.image_name,
+                    "username": cloud.default_username,
+                    "state_dir": cloud.state_dir,
+                    **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
+                    "dotdir": str(directory / "dot"),
+                    "started": time.time(),
+                }
+                tmp = record.with_suffix(".tmp")
+                tmp.unlink(missing_ok=True)
+                # the record holds the cloud's secret key: readable by its owner only
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(state, indent=2))
+                tmp.replace(record)
+                print(f"local cloud serving at {cloud.endpoint_url}", flush=True)
+                try:
+                    async for signum in signals:
+                        print(f"signal {signum}: stopping", flush=True)
+                        break
+                finally:
+                    with contextlib.suppress(OSError):
+                        record.unlink()
+
+    anyio.run(run)
