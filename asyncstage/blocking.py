@@ -60,12 +60,11 @@ if TYPE_CHECKING:
     from asyncstage import keys
     from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
-    from asyncstage.hostkeys import HostKeyPolicy
     from asyncstage.localcloud._realism import Realism
-    from asyncstage.manager import OnExit
     from asyncstage.paths import PathLike, RemotePath
+    from asyncstage.settings import OnExit
     from asyncstage.ssh import Command, CommandResult
-    from asyncstage.ssh.known_hosts import KnownHosts
+    from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts
     from asyncstage.timeouts import Timeouts
     from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 
@@ -109,15 +108,16 @@ class ManagerOptions(TypedDict, total=False):
     security_group: str
     install_packages: bool
     retry_mode: RetryMode
-    poll_interval: float
-    launch_window: float
-    server_timeout: float
-    volume_timeout: float
-    snapshot_timeout: float
-    exit_timeout: float
     mount_options: str
     host_key_policy: HostKeyPolicy
-    console_timeout: float
+    timeouts: Timeouts | None
+    server_timeout: float | None
+    volume_timeout: float | None
+    snapshot_timeout: float | None
+    exit_timeout: float | None
+    console_timeout: float | None
+    poll_interval: float | None
+    launch_window: float | None
 
 
 class _ManagerAttributes(_ManagerLifetime):
@@ -642,16 +642,16 @@ class Server(_ServerAttributes):
         """True when the instance is running AND ssh answers with our key (cached)."""
         return _call_async(self._async.ping, timeout)
 
-    def start(self, timeout: float = 120.0) -> None:
-        """Start the server and wait until ping() succeeds."""
+    def start(self, timeout: float | None = None) -> None:
+        """Start the server and wait until ping() succeeds (default: ``timeouts.server``)."""
         _call_async(self._async.start, timeout)
 
-    def stop(self, timeout: float = 300.0) -> None:
-        """Stop the server and wait until it is stopped."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the server and wait until it is stopped (default: ``timeouts.stop``)."""
         _call_async(self._async.stop, timeout)
 
-    def terminate(self, timeout: float = 300.0) -> None:
-        """Terminate the server, wait until it is, and unregister it (and its host key)."""
+    def terminate(self, timeout: float | None = None) -> None:
+        """Terminate, wait (default: ``timeouts.stop``), unregister it and its host key."""
         _call_async(self._async.terminate, timeout)
 
     def run(

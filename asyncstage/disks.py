@@ -29,26 +29,14 @@ from asyncstage.errors import (
     VolumeInUse,
     ZoneMismatch,
 )
-from asyncstage.names import (
-    REFUSED_MOUNT_POINTS,
-    check_mount_point,
-    check_name,
-    is_valid_mount_point,
-)
+from asyncstage.names import check_mount_point, check_name, is_valid_mount_point
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
     from asyncstage.server import Server
     from asyncstage.volume import Volume
 
-__all__ = [
-    "FSTYPES",
-    "REFUSED_MOUNT_POINTS",
-    "Disks",
-    "check_mount_point",
-    "mkfs_argv",
-    "parse_mounts",
-]
+__all__ = ["FSTYPES", "Disks", "mkfs_argv"]
 
 log = logging.getLogger("asyncstage")
 
@@ -88,23 +76,6 @@ def mkfs_argv(fstype: str, label: str | None = None, uuid: str | None = None) ->
         argv += ["-n", label.upper()] if label else []
         argv += ["-i", uuid.replace("-", "")[:8]] if uuid else []
     return argv
-
-
-def _unescape_mount_field(field: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as octal; backslash last
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
-
-
-def parse_mounts(text: str) -> list[tuple[str, str, str]]:
-    """(device, mount point, fstype) of each line of /proc/mounts, mount points unescaped."""
-    found = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            found.append((parts[0], _unescape_mount_field(parts[1]), parts[2]))
-    return found
 
 
 @dataclass(frozen=True)
@@ -268,7 +239,7 @@ class Disks:
 
     async def _mounts(self) -> list[tuple[str, str, str]]:
         """(device, mount point, fstype) of every mount, from /proc/mounts."""
-        return parse_mounts(await self.server.scmd("cat", "/proc/mounts"))
+        return mounts.parse_mounts(await self.server.scmd("cat", "/proc/mounts"))
 
     async def _mounted_at(self, device: str) -> str | None:
         for dev, mtpt, _ in await self._mounts():

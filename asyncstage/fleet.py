@@ -75,13 +75,11 @@ class _Batch:
 
 
 def fleet_result(
-    action: str, servers: Sequence[Server], errors: dict[Server, Exception], single: bool
+    action: str, servers: Sequence[Server], errors: dict[Server, Exception]
 ) -> list[Server]:
-    """The servers that succeeded; else the one error (``single``) or a FleetError."""
+    """The servers; a FleetError when any of them failed (``succeeded``: the others)."""
     ok = [s for s in servers if s not in errors]
     if errors:
-        if single and len(errors) == 1:
-            raise next(iter(errors.values()))
         names = ", ".join(f"{s.name} ({s.instance_id})" for s in errors)
         raise FleetError(
             f"{len(errors)} of {len(servers)} server(s) failed to {action}: {names}",
@@ -89,6 +87,12 @@ def fleet_result(
             succeeded=ok,
         )
     return ok
+
+
+def one_result(errors: dict[Server, Exception]) -> None:
+    """Raise the error of the one server an action was for, if it failed."""
+    for error in errors.values():
+        raise error
 
 
 class Fleet:
@@ -327,7 +331,7 @@ class Fleet:
         finally:
             registry.release([name])
         try:
-            await self.wait_all([server], timeout, single=True)
+            one_result(await self._wait_up([server], timeout))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.cleanup_failed([server])
@@ -348,7 +352,7 @@ class Fleet:
             registry.release(names)
         servers = [launched[n] for n in names if n in launched]
         try:
-            await self.wait_all(servers, timeout, single=False)
+            await self.wait_all(servers, timeout)
         except FleetError as e:
             with anyio.CancelScope(shield=True):
                 await self.cleanup_failed([s for s in servers if s not in e.succeeded])
@@ -382,12 +386,9 @@ class Fleet:
             if server.instance_id in found:
                 server.record_description(found[server.instance_id])
 
-    async def wait_all(
-        self, servers: Sequence[Server], timeout: float, *, single: bool
-    ) -> list[Server]:
-        """Wait until every server is up; the error (``single``) or a FleetError otherwise."""
-        errors = await self._wait_up(servers, timeout)
-        return fleet_result("come up", servers, errors, single)
+    async def wait_all(self, servers: Sequence[Server], timeout: float) -> list[Server]:
+        """Wait until every server is up; a FleetError otherwise."""
+        return fleet_result("come up", servers, await self._wait_up(servers, timeout))
 
     async def _wait_up(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
         """Wait until running (one describe per round), then until ssh answers (at once)."""
@@ -425,12 +426,18 @@ class Fleet:
 
     # -- start, stop, terminate -----------------------------------------------------------------
 
-    async def start(
-        self, servers: Sequence[Server], *, timeout: float, single: bool = False
-    ) -> list[Server]:
-        """Start these servers with one call, wait until up, mount their volumes again."""
+    async def start(self, servers: Sequence[Server], *, timeout: float) -> list[Server]:
+        """Start these servers with one call, wait until up, mount their volumes again;
+        FleetError when any of them failed."""
+        return fleet_result("start", servers, await self._start(servers, timeout))
+
+    async def start_one(self, server: Server, *, timeout: float) -> None:
+        """:meth:`start` for one server, raising its own error."""
+        one_result(await self._start([server], timeout))
+
+    async def _start(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
         if not servers:
-            return []
+            return {}
         m = self.manager
         await self.refresh(servers)
         stopping = [s for s in servers if s.state == "stopping"]
@@ -462,14 +469,20 @@ class Fleet:
             for server in rest:
                 if server not in errors:
                     tg.start_soon(remount, server)
-        return fleet_result("start", servers, errors, single)
+        return errors
 
-    async def stop(
-        self, servers: Sequence[Server], *, timeout: float, single: bool = False
-    ) -> list[Server]:
-        """Stop these servers with one call and wait until they are stopped."""
+    async def stop(self, servers: Sequence[Server], *, timeout: float) -> list[Server]:
+        """Stop these servers with one call and wait until they are stopped; FleetError
+        when any of them failed."""
+        return fleet_result("stop", servers, await self._stop(servers, timeout))
+
+    async def stop_one(self, server: Server, *, timeout: float) -> None:
+        """:meth:`stop` for one server, raising its own error."""
+        one_result(await self._stop([server], timeout))
+
+    async def _stop(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
         if not servers:
-            return []
+            return {}
         m = self.manager
         await self.refresh(servers)
         to_stop = [s for s in servers if s.state in ("pending", "running")]
@@ -488,34 +501,46 @@ class Fleet:
                 server.record_description(reached[server.instance_id])
             elif server.instance_id in failed:
                 errors[server] = failed[server.instance_id]
-        return fleet_result("stop", servers, errors, single)
+        return errors
 
-    async def terminate(
-        self,
-        servers: Sequence[Server],
-        *,
-        timeout: float,
-        single: bool = False,
-        wait: bool = True,
-    ) -> list[Server]:
-        """Terminate these servers with one call, wait (unless not ``wait``), unregister them."""
+    async def terminate(self, servers: Sequence[Server], *, timeout: float) -> list[Server]:
+        """Terminate these servers with one call, wait, unregister them; FleetError when
+        any of them failed."""
+        return fleet_result("terminate", servers, await self._terminate(servers, timeout))
+
+    async def terminate_one(self, server: Server, *, timeout: float) -> None:
+        """:meth:`terminate` for one server, raising its own error."""
+        one_result(await self._terminate([server], timeout))
+
+    async def terminate_now(self, servers: Sequence[Server]) -> None:
+        """Terminate these servers with one call and unregister them, without waiting."""
+        if servers:
+            await self._terminate_call(servers)
+            self._forget(servers)
+
+    async def _terminate(
+        self, servers: Sequence[Server], timeout: float
+    ) -> dict[Server, Exception]:
         if not servers:
-            return []
-        m = self.manager
+            return {}
+        ids = await self._terminate_call(servers)
+        _reached, failed = await self.manager.ec2.wait_for_instances(
+            ids, "terminated", timeout=timeout, labels={s.instance_id: s.name for s in servers}
+        )
+        errors = {s: failed[s.instance_id] for s in servers if s.instance_id in failed}
+        self._forget([s for s in servers if s not in errors])
+        return errors
+
+    async def _terminate_call(self, servers: Sequence[Server]) -> list[str]:
         ids = [s.instance_id for s in servers]
         self._log(f"terminating {len(servers)} server(s)")
-        await m.ec2.terminate_instances(ids)
-        errors: dict[Server, Exception] = {}
-        if wait:
-            _reached, failed = await m.ec2.wait_for_instances(
-                ids, "terminated", timeout=timeout, labels={s.instance_id: s.name for s in servers}
-            )
-            errors = {s: failed[s.instance_id] for s in servers if s.instance_id in failed}
+        await self.manager.ec2.terminate_instances(ids)
+        return ids
+
+    def _forget(self, servers: Sequence[Server]) -> None:
         for server in servers:
-            if server not in errors:
-                server.record_termination()
-                m.registry.forget_server(server)
-        return fleet_result("terminate", servers, errors, single)
+            server.record_termination()
+            self.manager.registry.forget_server(server)
 
 
 def _gone(servers: Sequence[Server]) -> dict[Server, Exception]:

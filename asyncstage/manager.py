@@ -16,11 +16,11 @@ import logging
 from collections.abc import Iterable, Sequence
 from logging import DEBUG
 from pathlib import Path
-from typing import Any, Literal, Protocol, Unpack
+from typing import Any, Protocol, Unpack
 
 import anyio
 
-from asyncstage import closing, hostkeys, keys, transfer
+from asyncstage import closing, keys, transfer
 from asyncstage.account import Account
 from asyncstage.adoption import ours
 from asyncstage.capacity import LaunchChoices, check_choices
@@ -28,17 +28,17 @@ from asyncstage.disks import FSTYPES
 from asyncstage.ec2 import EC2, Resource, RetryMode
 from asyncstage.errors import (
     AsyncstageError,
-    InvalidArgument,
 )
 from asyncstage.fleet import Fleet, LaunchOptions
-from asyncstage.hostkeys import HostKeyPolicy as HostKeyPolicy
 from asyncstage.images import Images
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
 from asyncstage.registry import Registry
 from asyncstage.server import Server
+from asyncstage.settings import OnExit, check_on_exit, local_credentials
 from asyncstage.ssh import KnownHosts, SSHHost
-from asyncstage.timeouts import Timeouts
+from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
+from asyncstage.timeouts import Timeouts, timeouts_from
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 from asyncstage.volume import Volume
 
@@ -62,8 +62,6 @@ __all__ = ["Manager", "OnExit", "local_manager"]
 
 log = logging.getLogger("asyncstage")
 
-OnExit = Literal["stop", "terminate", "run"]
-
 
 class Manager:
     """Staging servers and volumes of one EC2 region.
@@ -72,8 +70,8 @@ class Manager:
     On leaving the block (also on an exception or cancellation) the servers this
     manager started are stopped (``on_exit="stop"``), terminated (``"terminate"``,
     which also deletes the volumes it made) or left running (``"run"``).
-    Keyword arguments mirror VM::EC2::Staging::Manager's options without the dash;
-    the timing ones are gathered in ``manager.timeouts`` (a :class:`Timeouts`).
+    Keyword arguments mirror VM::EC2::Staging::Manager's options without the dash; the
+    timings (``manager.timeouts``) come as a :class:`Timeouts` and/or one by one.
     """
 
     def __init__(
@@ -104,19 +102,18 @@ class Manager:
         security_group: str = "asyncstage",
         install_packages: bool = True,
         retry_mode: RetryMode = "adaptive",
-        poll_interval: float = 1.0,
-        launch_window: float = 0.05,
-        server_timeout: float = 120.0,
-        volume_timeout: float = 120.0,
-        snapshot_timeout: float = 1800.0,
-        exit_timeout: float = 600.0,
         mount_options: str = "nosuid,nodev",
         host_key_policy: HostKeyPolicy = "strict",
-        console_timeout: float = 600.0,
+        timeouts: Timeouts | None = None,
+        server_timeout: float | None = None,
+        volume_timeout: float | None = None,
+        snapshot_timeout: float | None = None,
+        exit_timeout: float | None = None,
+        console_timeout: float | None = None,
+        poll_interval: float | None = None,
+        launch_window: float | None = None,
     ) -> None:
-        if on_exit not in ("stop", "terminate", "run"):
-            raise InvalidArgument(f"on_exit must be 'stop', 'terminate' or 'run', not {on_exit!r}")
-        self.host_key_policy: HostKeyPolicy = hostkeys.check_policy(host_key_policy)
+        self.host_key_policy: HostKeyPolicy = check_policy(host_key_policy)
         ec2_options: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "profile": profile,
@@ -124,14 +121,16 @@ class Manager:
             "aws_secret_access_key": aws_secret_access_key,
             "aws_session_token": aws_session_token,
             "retry_mode": retry_mode,
-            "poll_interval": poll_interval,
         }
-        waits = (server_timeout, volume_timeout, snapshot_timeout, exit_timeout)  # Timeouts' order
-        self.timeouts = Timeouts(*waits, poll_interval, launch_window, console=console_timeout)
+        given = {"server": server_timeout, "volume": volume_timeout, "exit": exit_timeout}
+        given |= {"snapshot": snapshot_timeout, "console": console_timeout}
+        given |= {"poll_interval": poll_interval, "launch_window": launch_window}
+        self.timeouts = timeouts_from(timeouts, **given)
+        ec2_options["poll_interval"] = self.timeouts.poll_interval
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
         self.endpoint_url = endpoint_url
-        self.on_exit: OnExit = on_exit
+        self.on_exit: OnExit = check_on_exit(on_exit)
         self.architecture = architecture
         self.instance_type = instance_type or (
             "t4g.micro" if architecture == "arm64" else "t3.micro"
@@ -340,9 +339,7 @@ class Manager:
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Wait until every server is up; FleetError names those that are not."""
-        return await self.fleet.wait_all(
-            list(servers), timeout or self.timeouts.server, single=False
-        )
+        return await self.fleet.wait_all(list(servers), timeout or self.timeouts.server)
 
     async def start_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Start every managed server at once (one StartInstances call) and wait until up."""
@@ -362,7 +359,7 @@ class Manager:
     async def force_terminate_all_servers(self) -> None:
         """Terminate every managed server at once without waiting (emergency brake)."""
         self._require_open()
-        await self.fleet.terminate(self.servers(), timeout=0, wait=False)
+        await self.fleet.terminate_now(self.servers())
 
     async def start_servers(
         self, servers: Iterable[Server], timeout: float | None = None
@@ -543,8 +540,7 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
     defaults: dict[str, Any] = {
         "region": cloud.region,
         "endpoint_url": cloud.endpoint_url,
-        "aws_access_key_id": session.get("aws_access_key_id", "asyncstage-local"),
-        "aws_secret_access_key": session.get("aws_secret_access_key", "asyncstage-local"),
+        **local_credentials(session),
         "image": cloud.image_id,
         "username": cloud.default_username,
         "ssh_cidr": "127.0.0.1/32",

@@ -39,11 +39,13 @@ __all__ = [
     "mkfs_probe_argv",
     "parse_mkfs_probe",
     "parse_mountinfo",
+    "parse_mounts",
     "parse_probe",
     "probe_argv",
     "realpath_argv",
     "resolved_inside",
     "serial_of",
+    "unescape",
 ]
 
 DevNum = tuple[int, int]
@@ -117,9 +119,19 @@ def mkfs_probe_argv(volume_id: str, device: str) -> list[str]:
     return ["sh", "-c", _MKFS_PROBE, "sh", serial_of(volume_id), device]
 
 
-def _unescape(field_text: str) -> str:
-    """A mountinfo field with its octal escapes (``\\040`` for a space) decoded."""
+def unescape(field_text: str) -> str:
+    """A mount table field with its octal escapes (``\\040`` for a space) decoded."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
+
+
+def parse_mounts(text: str) -> list[tuple[str, str, str]]:
+    """(device, mount point, fstype) of each line of /proc/mounts, mount points unescaped."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            found.append((parts[0], unescape(parts[1]), parts[2]))
+    return found
 
 
 def _devnum(text: str, base: int) -> DevNum | None:
@@ -153,9 +165,9 @@ def parse_mountinfo(lines: list[str]) -> list[Mount]:
             continue
         mounts.append(
             Mount(
-                target=_unescape(head[4]),
+                target=unescape(head[4]),
                 devnum=_devnum(head[2], 10),
-                source=_unescape(tail[1]),
+                source=unescape(tail[1]),
                 fstype=tail[0],
             )
         )

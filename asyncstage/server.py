@@ -12,14 +12,7 @@ import anyio
 
 from asyncstage import hostkeys, transfer
 from asyncstage.concurrency import concurrently
-from asyncstage.disks import (
-    FSTYPES,
-    REFUSED_MOUNT_POINTS,
-    Disks,
-    check_mount_point,
-    mkfs_argv,
-    parse_mounts,
-)
+from asyncstage.disks import Disks
 from asyncstage.ec2 import EC2, Resource, tag, tags_of
 from asyncstage.errors import (
     HostKeyMismatch,
@@ -36,15 +29,7 @@ if TYPE_CHECKING:
     from asyncstage.ssh import CommandReader, CommandWriter
     from asyncstage.volume import Volume
 
-# the volume work lives in asyncstage.disks; these names stay importable from here
-__all__ = [
-    "FSTYPES",
-    "REFUSED_MOUNT_POINTS",
-    "Server",
-    "check_mount_point",
-    "mkfs_argv",
-    "parse_mounts",
-]
+__all__ = ["Server"]
 
 
 class Server:
@@ -183,17 +168,17 @@ class Server:
         self._up = await self.host.ping(timeout=timeout)  # settles the host key first
         return self._up
 
-    async def start(self, timeout: float = 120.0) -> None:
-        """Start the server and wait until ping() succeeds."""
-        await self.manager.fleet.start([self], timeout=timeout, single=True)
+    async def start(self, timeout: float | None = None) -> None:
+        """Start the server and wait until ping() succeeds (default: ``timeouts.server``)."""
+        await self.manager.fleet.start_one(self, timeout=timeout or self.manager.timeouts.server)
 
-    async def stop(self, timeout: float = 300.0) -> None:
-        """Stop the server and wait until it is stopped."""
-        await self.manager.fleet.stop([self], timeout=timeout, single=True)
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the server and wait until it is stopped (default: ``timeouts.stop``)."""
+        await self.manager.fleet.stop_one(self, timeout=timeout or self.manager.timeouts.stop)
 
-    async def terminate(self, timeout: float = 300.0) -> None:
-        """Terminate the server, wait until it is, and unregister it (and its host key)."""
-        await self.manager.fleet.terminate([self], timeout=timeout, single=True)
+    async def terminate(self, timeout: float | None = None) -> None:
+        """Terminate, wait (default: ``timeouts.stop``), unregister it and its host key."""
+        await self.manager.fleet.terminate_one(self, timeout=timeout or self.manager.timeouts.stop)
 
     # -- commands -------------------------------------------------------------------------
 

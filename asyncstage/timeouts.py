@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["Timeouts"]
+__all__ = ["Timeouts", "timeouts_from"]
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,9 @@ class Timeouts:
     def stop(self) -> float:
         """For servers to stop or terminate: three times ``server``."""
         return self.server * 3
+
+
+def timeouts_from(base: Timeouts | None, **given: float | None) -> Timeouts:
+    """``base`` (default: :class:`Timeouts`' defaults) with the timings ``given`` (those
+    not None) put in: ``Manager(timeouts=..., server_timeout=...)``."""
+    return replace(base or Timeouts(), **{k: v for k, v in given.items() if v is not None})

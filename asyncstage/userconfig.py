@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asyncstage.errors import InvalidArgument
+from asyncstage.settings import ON_EXIT
 
 __all__ = ["DEFAULT_PATH", "ENVIRONMENT", "KEYS", "Setting", "config_path", "effective", "load"]
 
@@ -49,8 +50,6 @@ FLAGS = {
     "username": "--username",
     "on_exit": "--on-exit",
 }
-
-ON_EXIT = ("run", "stop", "terminate")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from asyncstage.disks import mkfs_argv
 from asyncstage.errors import MountPointRefused
-from asyncstage.server import check_mount_point, mkfs_argv, parse_mounts
+from asyncstage.mounts import parse_mounts
+from asyncstage.names import check_mount_point
 
 
 def test_mounts_are_parsed_and_unescaped() -> None:

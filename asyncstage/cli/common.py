@@ -13,18 +13,13 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 
 from asyncstage import blocking, completion, userconfig
-from asyncstage.cli.daemon import (
-    LOCAL_CREDENTIALS,
-    LOCAL_IMAGE_PATTERN,
-    local_credentials,
-    local_dir,
-    read_local_state,
-)
+from asyncstage.cli.daemon import LOCAL_IMAGE_PATTERN, local_dir, read_local_state
 from asyncstage.errors import (
     NotFound,
     UnknownServer,
     UnknownVolume,
 )
+from asyncstage.settings import LOCAL_CREDENTIALS, local_credentials
 
 __all__ = [
     "EXIT_FAILURE",

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asyncstage.settings import local_credentials
+
 __all__ = [
     "LOCAL_IMAGE_PATTERN",
     "env_lines",
-    "local_credentials",
     "local_dir",
     "pid_is_daemon",
     "read_local_state",
@@ -22,10 +23,6 @@ __all__ = [
 ]
 
 LOCAL_IMAGE_PATTERN = "asyncstage-local-*"
-LOCAL_CREDENTIALS = {
-    "aws_access_key_id": "asyncstage-local",
-    "aws_secret_access_key": "asyncstage-local",
-}
 
 
 def local_dir(path: str | None = None) -> Path:
@@ -54,12 +51,6 @@ def read_local_state(directory: Path) -> dict[str, Any] | None:
     if not pid_is_daemon(int(state.get("pid", 0)), directory):
         return None
     return state
-
-
-def local_credentials(state: dict[str, Any]) -> dict[str, str]:
-    """The local cloud's credentials: the random ones its record holds (the cloud checks
-    every request's signature), else the fixed ones of records written before it did."""
-    return {key: str(state.get(key, default)) for key, default in LOCAL_CREDENTIALS.items()}
 
 
 def env_lines(state: dict[str, Any]) -> list[str]:

@@ -34,6 +34,7 @@ from asyncstage.errors import (
     NeedsRoot,
 )
 from asyncstage.output import Output
+from asyncstage.settings import ON_EXIT
 
 __all__ = ["build_parser", "main"]
 
@@ -77,7 +78,7 @@ def _on_exit_option(parser: argparse.ArgumentParser, default: str) -> None:
     parser.set_defaults(on_exit_default=default)
     parser.add_argument(
         "--on-exit",
-        choices=["run", "stop", "terminate"],
+        choices=ON_EXIT,
         default=None,
         help=f"what to do with the servers this command started (default: {default})",
     )
