@@ -4,16 +4,10 @@ asyncssh parses the bytes it receives out of one ``bytearray`` and, for every SS
 packet, slices the *rest* of that buffer into a new one (twice: header, then body).
 asyncio hands it up to 256 KiB per read, i.e. eight 32 KiB packets (sshd's packet
 size for sessions, which a client cannot raise), so each packet copied up to 224 KiB:
-about eight times the data in memory copies, more than a third of the client's CPU
-when streaming (measured: benchmarks/bench_streaming.py, docs/guide/commands.md).
-:class:`_WireProtocol` hands it the received bytes a packet's worth at a time, so
-the rest it copies stays small: about 15 % less client CPU per GiB read, 12-20 %
-more throughput (scmd_read, scmd_to_file).
-
-Measured (in the same runs) and left out: feeds of 16 KiB (slower: more calls) or
-64 KiB (no better), and corking asyncssh's writes (it sends each packet, and the empty
-``MSG_IGNORE`` it puts before each, with its own ``send()``: gathering one loop turn's
-writes into one call saved no measurable CPU and no throughput).
+several times the data in memory copies when streaming. :class:`_WireProtocol` hands
+it the received bytes a packet's worth at a time, so the rest it copies stays small
+(benchmarks/bench_streaming.py measures the saving; benchmarks/README.md has the
+figures, and the feed sizes and write corking tried and left out).
 
 asyncssh takes this connection through its ``tunnel`` argument: any object with an
 async ``create_connection(session_factory, host, port)`` (asyncssh's

@@ -172,7 +172,7 @@ class Report:
         self.load["start"] = loadavg()
 
     def mark_load(self, label: str) -> None:
-        """Remember the load average now (other developers' test runs share the machine)."""
+        """Remember the load average now (other test runs may share the machine)."""
         self.load[label] = loadavg()
 
     def target(

@@ -20,7 +20,7 @@ from asyncstage.errors import (
     NameTaken,
     UnknownSnapshot,
 )
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
@@ -56,7 +56,7 @@ async def _volumes_named(m: Manager, name: str) -> list[str]:
 async def test_a_live_volume_of_the_backup_name_is_never_touched(
     manager: Manager, server: Server, tmp_path: Path
 ) -> None:
-    """The first reproduction of issue 10: `backup --name photos` with a volume `photos`."""
+    """`backup --name photos` with a live volume `photos` is refused."""
     live = await server.provision_volume("photos", size=1)
     assert live.mtpt
     await server.scmd("sh", "-c", f"echo precious > {live.mtpt}/keep.txt", sudo=True)

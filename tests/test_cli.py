@@ -231,7 +231,7 @@ def test_backup_and_restore(daemon: dict[str, str], tmp_path: Path) -> None:
 def test_backup_never_touches_a_live_volume_of_its_name(
     daemon: dict[str, str], tmp_path: Path
 ) -> None:
-    """Issue 10's first reproduction: a backup named like a live volume is refused."""
+    """A backup named like a live volume is refused."""
     env = daemon
     (tmp_path / "keep.txt").write_text("precious\n")
     (tmp_path / "dir").mkdir()

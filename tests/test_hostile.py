@@ -25,7 +25,7 @@ from asyncstage import Manager, Server
 from asyncstage.ec2 import EC2, tag, tag_filters, tags_of
 from asyncstage.errors import InvalidName, MountPointRefused, PathError
 from asyncstage.localcloud import LocalCloud
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 

@@ -6,8 +6,8 @@ each instance's keys come from its console output (the block cloud-init prints),
 checked against the console's fingerprints, and are the only keys asyncssh accepts.
 
 The "nothing left behind" checks compare ``losetup -a``, ``/proc/mounts`` and the
-process list before and after a cloud's life. Other developers' tests may run on this
-machine at the same time, so the comparison fails on what belongs to that cloud (its
+process list before and after a cloud's life. Other test runs may use this machine
+at the same time, so the comparison fails on what belongs to that cloud (its
 state dir, its address block, its hosts' pid namespaces), not on strangers.
 """
 

@@ -22,7 +22,7 @@ from asyncstage.errors import (
     WaitTimeout,
 )
 from asyncstage.localcloud import LocalCloud
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 from tests.fleet import calls_since, fleet_cycle
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]

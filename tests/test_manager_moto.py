@@ -152,7 +152,7 @@ async def test_launch_survives_another_manager_removing_key_and_group(make: Any)
         assert server.instance["KeyName"] == keeper.key_pair.name
 
 
-# -- data safety on the API alone (issue #10) ------------------------------------------------
+# -- data safety on the API alone ---------------------------------------------------------------
 
 
 async def test_names_and_users_are_checked_before_any_call(make: Any) -> None:

@@ -28,7 +28,7 @@ from asyncstage.ec2 import tag
 from asyncstage.errors import EC2Error, FleetError, InsufficientCapacity, InvalidArgument
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._realism import Realism, capacity_gaps
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 

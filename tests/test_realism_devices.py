@@ -1,4 +1,4 @@
-"""Devices and detach on the realistic local cloud (issue #12) and volumes at scale (#14).
+"""Devices and detach on the realistic local cloud, and volumes at scale.
 
 The session cloud plays EC2: a volume's device node appears a moment after AttachVolume
 (on a Xen type the attachment says ``attaching`` until then, on Nitro ``attached`` comes
@@ -21,7 +21,7 @@ from asyncstage import Manager, Server, Volume
 from asyncstage.devices import is_nitro, nvme_link, volume_slots
 from asyncstage.errors import EC2Error, VolumeInUse
 from asyncstage.localcloud import LocalCloud
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 

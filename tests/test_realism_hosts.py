@@ -1,4 +1,4 @@
-"""Consoles, addresses, host keys and diagnosis on the realistic local cloud (issue 12).
+"""Consoles, addresses, host keys and diagnosis on the realistic local cloud.
 
 EC2 shows a console late (``Latest=True`` is current on Nitro types only), gives an
 instance a new public address at every start, and a server that never answers ssh
@@ -29,7 +29,7 @@ from asyncstage.errors import HostKeyMismatch, HostKeyUnverified, ServerUnreacha
 from asyncstage.localcloud import LocalCloud
 from asyncstage.remote import rsynchelper
 from asyncstage.transfer.link import direct_link, route
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 from tests.test_realism_capacity import playing
 
 pytestmark = [

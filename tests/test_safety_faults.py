@@ -20,7 +20,7 @@ from asyncstage import Manager, Server, Volume
 from asyncstage.ec2 import EC2, tag, tag_filters
 from asyncstage.errors import VolumeInUse, VolumeNotMounted
 from asyncstage.localcloud import LocalCloud
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 

@@ -17,7 +17,7 @@ from asyncstage.errors import (
     VolumeNotMounted,
     ZoneMismatch,
 )
-from tests.cloud_fixtures import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
