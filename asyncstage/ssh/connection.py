@@ -37,32 +37,21 @@ CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
 
 
 class Target(Protocol):
-    """What a :class:`Connection` connects to, and how it checks the host key."""
+    """What a :class:`Connection` connects to, and how it checks the host key (an
+    :class:`~asyncstage.ssh.SSHHost`'s settings)."""
 
-    @property
-    def address(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def username(self) -> str: ...
-    @property
-    def client_keys(self) -> list[Path]: ...
-    @property
-    def known_hosts(self) -> KnownHosts: ...
-    @property
-    def host_key_policy(self) -> HostKeyPolicy: ...
-    @property
-    def expected_fingerprints(self) -> tuple[str, ...]: ...
-    @property
-    def before_connect(self) -> Callable[[], Awaitable[None]] | None: ...
-    @property
-    def label(self) -> str: ...
-    @property
-    def connect_timeout(self) -> float: ...
-    @property
-    def max_sessions(self) -> int: ...
-    @property
-    def keepalive_interval(self) -> float: ...
+    address: str
+    port: int
+    username: str
+    client_keys: list[Path]
+    known_hosts: KnownHosts
+    host_key_policy: HostKeyPolicy
+    expected_fingerprints: tuple[str, ...]
+    before_connect: Callable[[], Awaitable[None]] | None
+    label: str
+    connect_timeout: float
+    max_sessions: int
+    keepalive_interval: float
 
 
 # -- client keys ---------------------------------------------------------------
