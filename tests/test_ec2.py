@@ -182,7 +182,7 @@ async def test_polls_start_fast_and_back_off() -> None:
         return False
 
     with pytest.raises(WaitTimeout) as info:
-        await client.waits._poll(fetch, what="nothing", timeout=1.3, last_state=lambda: "still")
+        await client._poll(fetch, what="nothing", timeout=1.3, last_state=lambda: "still")
     gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]
     assert gaps[:3] == [0.1, 0.2, 0.4] and max(gaps) <= 0.45
     assert "nothing" in str(info.value) and info.value.last_state == "still"
@@ -200,7 +200,7 @@ async def test_polls_start_over_while_a_fleet_arrives() -> None:
             arrived[0] += 1
         return len(times) == 7
 
-    await client.waits._poll(
+    await client._poll(
         fetch, what="fleet", timeout=5, last_state=lambda: None, progress=lambda: arrived[0]
     )
     gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]

@@ -1,4 +1,4 @@
-"""The only module that talks to EC2 (through aioboto3).
+"""The EC2 client the rest of asyncstage uses.
 
 :class:`EC2` wraps one aioboto3 client for one region: botocore's adaptive
 retry mode for throttling, every ``ClientError`` mapped to
@@ -19,6 +19,7 @@ so that an owner can clean it up. Tags always go into the create call
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -27,10 +28,10 @@ from typing import Any
 
 import anyio
 
+from asyncstage.ec2 import waits
 from asyncstage.ec2.client import Client, Resource
 from asyncstage.ec2.creates import CreatedKind, Tokens
 from asyncstage.ec2.tags import CLIENT_TOKEN_TAG, tag_list
-from asyncstage.ec2.waits import Waits
 from asyncstage.errors import EC2Error, InsufficientCapacity
 
 __all__ = ["EC2"]
@@ -71,16 +72,17 @@ class EC2(Client):
     by ``poll_backoff`` up to ``poll_max_interval``.
     """
 
-    def __init__(self, **options: Any) -> None:
-        """``options``: those of :class:`~asyncstage.ec2.client.Client`."""
-        super().__init__(**options)
-        self.waits = Waits(self)
-        self._tokens = Tokens(self)
-        self.wait_for_instances = self.waits.wait_for_instances
-        self.wait_for_instance = self.waits.wait_for_instance
-        self.wait_for_volume = self.waits.wait_for_volume
-        self.wait_for_snapshot = self.waits.wait_for_snapshot
-        self.wait_for_image = self.waits.wait_for_image
+    # The waits (asyncstage/ec2/waits.py), as methods of this client.
+    _poll = waits.poll
+    wait_for_instances = waits.wait_for_instances
+    wait_for_instance = waits.wait_for_instance
+    wait_for_volume = waits.wait_for_volume
+    wait_for_snapshot = waits.wait_for_snapshot
+    wait_for_image = waits.wait_for_image
+
+    @functools.cached_property
+    def _tokens(self) -> Tokens:
+        return Tokens(self)
 
     # -- changes ----------------------------------------------------------------------
 
