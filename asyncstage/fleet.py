@@ -223,7 +223,7 @@ class Fleet:
 
         async def mounts_of(server: Server, volumes: list[Volume]) -> None:
             try:
-                if await server.ping(timeout=10.0):
+                if await server.ping():
                     await server.adopt_mounts(volumes)
                     # a server the scan touches loses the temporary transfer keys a dead
                     # controller left authorised (best effort: the scan goes on)
