@@ -38,29 +38,20 @@ class Tokens:
         the call whose reply never came (a timeout, a cancellation): such a token
         stays *unsettled* and the next call with it looks for what it made by tag.
         """
-        lock = self._locks.setdefault(token, anyio.Lock())
-        async with lock:  # two concurrent calls with one token: the second waits
-            return await self._locked(kind, token, create)
-
-    async def _locked(
-        self,
-        kind: CreatedKind,
-        token: str,
-        create: Callable[[], Awaitable[list[Resource]]],
-    ) -> list[Resource]:
-        if token in self._made:
-            return self._made[token]
-        if token in self._unsettled:
-            found = await self.created_with(kind, token)
-            if found:
-                self._made[token] = found
-                del self._unsettled[token]
-                return found
-        self._unsettled[token] = kind
-        made = await create()  # an error or a cancellation leaves the token unsettled
-        self._made[token] = made
-        del self._unsettled[token]
-        return made
+        async with self._locks.setdefault(token, anyio.Lock()):  # a second call waits
+            if token in self._made:
+                return self._made[token]
+            if token in self._unsettled:
+                found = await self.created_with(kind, token)
+                if found:
+                    self._made[token] = found
+                    del self._unsettled[token]
+                    return found
+            self._unsettled[token] = kind
+            made = await create()  # an error or a cancellation leaves the token unsettled
+            self._made[token] = made
+            del self._unsettled[token]
+            return made
 
     @property
     def unsettled(self) -> dict[str, CreatedKind]:
