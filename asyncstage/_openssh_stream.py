@@ -42,7 +42,7 @@ _swept = False  # this process has removed the dead controllers' master dirs
 
 
 class _Sink(Protocol):
-    """Where a pipe's bytes go (ssh.py's ``_Sink``); the stderr sink finds the pgid."""
+    """Where a pipe's bytes go (``asyncstage.ssh.sinks.Sink``); the stderr sink finds the pgid."""
 
     pgid: int | None
 

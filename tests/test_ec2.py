@@ -1,4 +1,4 @@
-"""ec2.py and keys.py against a plain moto server (API only: never ssh to moto's addresses)."""
+"""asyncstage.ec2 and keys.py against a plain moto server (API only: no ssh to its addresses)."""
 
 from __future__ import annotations
 
