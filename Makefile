@@ -10,6 +10,9 @@ PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs btrfs-progs \
                    dosfstools util-linux mount zstd procps iproute2 kmod
 PYTEST_ARGS ?=
+# The suite runs in parallel workers, each with a local cloud of its own; whole modules go
+# to one worker (--dist loadscope), so a module's servers are made once.
+PYTEST_WORKERS ?= 3
 
 .PHONY: all deps venv test test-unit demo bench bench-deps bench-quick lint docs wheel-check clean
 
@@ -34,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # The unit layer: no root, no sshd, no local cloud (markers set by tests/conftest.py),
 # so no system packages either.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -70,7 +71,10 @@ def _loopback_only() -> Iterator[None]:
 # After the whole session (session fixtures included) no loop device, mount or process
 # that the tests made may remain: compared with what the machine had before. Loop devices
 # and mounts are machine-wide, so they are compared only when a local-cloud test ran (the
-# unit layer may run without the test lock, beside another run that makes them).
+# unit layer may run without the test lock, beside another run that makes them), and,
+# when the tests run in parallel workers (pytest-xdist), only by the controller once every
+# worker has ended: a worker would see its siblings' clouds. Each worker still checks its
+# own processes.
 
 
 def _loop_devices() -> set[str]:
@@ -109,25 +113,62 @@ def _descendants() -> set[str]:
     return found
 
 
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    """The process that hands tests to pytest-xdist workers and runs none itself."""
+    return not _is_worker(config) and getattr(config.option, "numprocesses", None) not in (
+        None,
+        0,
+    )
+
+
 _before: dict[str, set[str]] = {}
+_ran_localcloud: list[bool] = []
+_workers_left: list[str] = []  # what workers reported left behind (controller only)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _before["loop"] = _loop_devices()
-    _before["mounts"] = _mounts()
+    if not _is_worker(session.config):
+        _before["loop"] = _loop_devices()
+        _before["mounts"] = _mounts()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Reports reach the controller from its workers too: it learns here whether any
+    # local-cloud test ran (its own session holds no items).
+    if report.when == "call" and "localcloud" in report.keywords:
+        _ran_localcloud.append(True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """(pytest-xdist, controller) A worker ended: keep what it reported left behind."""
+    text = getattr(node, "workeroutput", {}).get("left_behind")
+    if text:
+        _workers_left.append(f"{node.gateway.id}: {text}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not _before:
-        return
-    left = {"processes": _descendants()}
-    if any(item.get_closest_marker("localcloud") for item in session.items):
+    config = session.config
+    left: dict[str, set[str]] = {}
+    if _workers_left:
+        left["in workers"] = set(_workers_left)
+    if not _is_controller(config):
+        left["processes"] = _descendants()
+    if _before and (
+        _ran_localcloud or any(item.get_closest_marker("localcloud") for item in session.items)
+    ):
         left["loop devices"] = _loop_devices() - _before["loop"]
         left["mounts"] = _mounts() - _before["mounts"]
     left = {what: items for what, items in left.items() if items}
     if left:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
         text = "; ".join(f"{what}: {sorted(items)}" for what, items in left.items())
+        if _is_worker(config):  # the controller reports it and fails the run
+            config.workeroutput["left_behind"] = text  # type: ignore[attr-defined]
         if reporter is not None:
             reporter.write_line(
                 f"LEFT BEHIND by the tests: {text} (loop devices and mounts are compared "

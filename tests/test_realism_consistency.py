@@ -305,10 +305,11 @@ async def test_fleet_of_100_under_aws_rates_without_error(tmp_path: Path) -> Non
         ("terminate", "TerminateInstances"),
     ):
         assert big[phase][action] == small[phase][action] == 1, (phase, big, small)
-        # a poll round is one DescribeInstances whatever the fleet size (100 servers boot
-        # for longer on a small machine: a few more rounds, never one call per server)
-        described = (big[phase]["DescribeInstances"], small[phase]["DescribeInstances"])
-        assert described[0] <= 2 * described[1] + 4 and described[0] < 15, (phase, big, small)
+        # a poll round is one DescribeInstances whatever the fleet size: one call per
+        # server would be 100 or more. How many rounds 100 servers take to boot depends on
+        # the machine's load, so the small fleet's count is no yardstick for it.
+        assert big[phase]["DescribeInstances"] < 15, (phase, big, small)
+        assert small[phase]["DescribeInstances"] < 15, (phase, big, small)
     # naming is the one per-server call: one CreateTags per name (and its retries while
     # EC2 does not know the new instance yet), nothing else grows
     assert big["provision"]["CreateTags"] <= 100 + big["absorbed"]["InvalidInstanceID.NotFound"]
