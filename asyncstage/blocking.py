@@ -207,13 +207,14 @@ class _ManagerAttributes(_ManagerLifetime):
         return self._async.known_hosts
 
     @property
-    def key_pair(self) -> keys.KeyPair | None:
-        """Same as :attr:`asyncstage.Manager.key_pair`."""
+    def key_pair(self) -> keys.KeyPair:
+        """The key pair of the servers this manager launches (the dot directory's; made
+        there on first use; imported into EC2 at the first launch)."""
         return self._async.key_pair
 
     @property
     def security_group_id(self) -> str | None:
-        """Same as :attr:`asyncstage.Manager.security_group_id`."""
+        """The security group's id, once a launch or a connection needed it (else None)."""
         return self._async.security_group_id
 
     @property
@@ -235,7 +236,11 @@ class Manager(_ManagerAttributes):
         self._adopt(call(_AsyncManager, **options))
 
     def open(self) -> Manager:
-        """Open the EC2 client, make sure of the key pair and security group, scan."""
+        """Open the EC2 client and scan: reads only.
+
+        The key pair and the security group are made or checked when first needed (a
+        launch, an ssh connection to one of our servers), not here.
+        """
         return cast("Manager", _wrap(_call_async(self._async.open)))
 
     def known_key_names(self) -> set[str]:
