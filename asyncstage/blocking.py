@@ -1099,14 +1099,18 @@ class LocalCloud(_LocalCloudAttributes):
             )
         )
 
-    def session_kwargs(self) -> dict[str, str]:
+    def session_kwargs(self, *, read_only: bool = False) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
         file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
+
+        ``read_only=True``: the cloud's second pair (profile ``read-only`` of that file),
+        which may call only ``Describe*`` and ``Get*``, a small stand-in for an IAM
+        policy: anything else is answered ``UnauthorizedOperation``.
         """
-        return _call_sync(self._async.session_kwargs)
+        return _call_sync(self._async.session_kwargs, read_only=read_only)
 
     def start(self) -> None:
         """Start the cloud (what ``async with`` does)."""

@@ -99,15 +99,29 @@ def read_local_state(directory: Path) -> dict[str, Any] | None:
     return state
 
 
-def local_credentials(state: dict[str, Any]) -> dict[str, str]:
+def local_credentials(state: dict[str, Any], *, read_only: bool = False) -> dict[str, str]:
     """The local cloud's credentials: the random ones its record holds (the cloud checks
-    every request's signature), else the fixed ones of records written before it did."""
+    every request's signature), else the fixed ones of records written before it did.
+
+    ``read_only``: its read-only pair (``Describe*``/``Get*`` only). Without it, the
+    read-only pair when the environment holds it (``eval "$(asyncstage local env
+    --read-only)"``), so that later commands run as the read-only user.
+    """
+    if not read_only and os.environ.get("AWS_ACCESS_KEY_ID") == state.get("read_only_key_id"):
+        read_only = bool(state.get("read_only_key_id"))
+    if read_only:
+        if not state.get("read_only_key_id"):
+            raise NotFound("this local cloud's record has no read-only credentials")
+        return {
+            "aws_access_key_id": str(state["read_only_key_id"]),
+            "aws_secret_access_key": str(state["read_only_secret"]),
+        }
     return {key: str(state.get(key, default)) for key, default in LOCAL_CREDENTIALS.items()}
 
 
-def env_lines(state: dict[str, Any]) -> list[str]:
+def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
     """``export`` lines that point later commands (and aws-cli, boto3) at the cloud."""
-    creds = local_credentials(state)
+    creds = local_credentials(state, read_only=read_only)
     return [
         f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
         f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
@@ -143,6 +157,7 @@ def _serve_local(args: argparse.Namespace) -> int:
                     "username": cloud.default_username,
                     "state_dir": cloud.state_dir,
                     **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
+                    **_read_only_record(cloud.session_kwargs(read_only=True)),
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }
@@ -164,6 +179,14 @@ def _serve_local(args: argparse.Namespace) -> int:
 
     anyio.run(serve)
     return EXIT_OK
+
+
+def _read_only_record(session: dict[str, str]) -> dict[str, str]:
+    """The cloud record's entries for its read-only credential pair."""
+    return {
+        "read_only_key_id": session["aws_access_key_id"],
+        "read_only_secret": session["aws_secret_access_key"],
+    }
 
 
 def _local_serve(args: argparse.Namespace, out: Output) -> int:
@@ -264,7 +287,8 @@ def _local_env(args: argparse.Namespace, out: Output) -> int:
     state = read_local_state(local_dir(args.dir))
     if state is None:
         raise NotFound("no local cloud running: start one with `asyncstage local up`")
-    out.result(state, "\n".join(env_lines(state)))
+    read_only = bool(getattr(args, "read_only", False))
+    out.result(state, "\n".join(env_lines(state, read_only=read_only)))
     return EXIT_OK
 
 
@@ -786,6 +810,11 @@ def _local_commands(command: _Command) -> None:
     p.add_argument("--cloud-region", default="us-east-1", help="the cloud's region")
     p.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="env: export the cloud's read-only credentials (Describe*/Get* only)",
+    )
 
 
 def _server_commands(command: _Command) -> None:
