@@ -103,12 +103,8 @@ def local_credentials(state: dict[str, Any], *, read_only: bool = False) -> dict
     """The local cloud's credentials: the random ones its record holds (the cloud checks
     every request's signature), else the fixed ones of records written before it did.
 
-    ``read_only``: its read-only pair (``Describe*``/``Get*`` only). Without it, the
-    read-only pair when the environment holds it (``eval "$(asyncstage local env
-    --read-only)"``), so that later commands run as the read-only user.
+    ``read_only``: its read-only pair (``Describe*``/``Get*`` only).
     """
-    if not read_only and os.environ.get("AWS_ACCESS_KEY_ID") == state.get("read_only_key_id"):
-        read_only = bool(state.get("read_only_key_id"))
     if read_only:
         if not state.get("read_only_key_id"):
             raise NotFound("this local cloud's record has no read-only credentials")
@@ -117,6 +113,12 @@ def local_credentials(state: dict[str, Any], *, read_only: bool = False) -> dict
             "aws_secret_access_key": str(state["read_only_secret"]),
         }
     return {key: str(state.get(key, default)) for key, default in LOCAL_CREDENTIALS.items()}
+
+
+def _read_only_exported(state: dict[str, Any]) -> bool:
+    """Whether the environment holds the local cloud's read-only pair."""
+    key = state.get("read_only_key_id")
+    return bool(key) and os.environ.get("AWS_ACCESS_KEY_ID") == key
 
 
 def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
@@ -349,7 +351,8 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
             "dotdir": str(state["dotdir"]),
             "install_packages": False,
             "root_type": None,
-            **local_credentials(state),  # type: ignore[typeddict-item]
+            # the read-only pair when the environment holds it (`local env --read-only`)
+            **local_credentials(state, read_only=_read_only_exported(state)),  # type: ignore[typeddict-item]
         }
     elif endpoint and _is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed

@@ -170,6 +170,7 @@ def test_the_read_only_pair_lists_and_cannot_launch(daemon: dict[str, str], raw:
 
 @needs_root
 @pytest.mark.localcloud
+@pytest.mark.anyio
 async def test_a_read_only_manager_reads_and_names_the_permission_it_lacks(
     manager_factory: ManagerFactory, tmp_path: Path
 ) -> None:
@@ -186,6 +187,7 @@ async def test_a_read_only_manager_reads_and_names_the_permission_it_lacks(
 
 @needs_root
 @pytest.mark.localcloud
+@pytest.mark.anyio
 async def test_dry_runs_answer_as_ec2_does(cloud: LocalCloud) -> None:
     session = aioboto3.Session()
     read_only = cloud.session_kwargs(read_only=True)
