@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from asyncstage import _commandline
+
+if _commandline.is_command_line():  # before asyncssh is imported (below)
+    _commandline.hide_dependency_warnings()
+
 from asyncstage import errors
 from asyncstage.errors import AsyncstageError
 from asyncstage.manager import Manager

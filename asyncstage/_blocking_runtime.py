@@ -691,9 +691,11 @@ class _LocalCloudLifetime(_Lifetime[_AsyncLocalCloud]):
         _loop.unregister(self)
         call(self._async.close)
 
-    def manager(self, **options: Unpack[ManagerOptions]) -> Manager:
-        """An open :class:`Manager` for this cloud: ``with cloud.manager() as m``."""
-        twin = cast("Manager", _twin_of(call(self._async.manager, **options)))
+    def manager(self, *, read_only: bool = False, **options: Unpack[ManagerOptions]) -> Manager:
+        """An open :class:`Manager` for this cloud: ``with cloud.manager() as m``
+        (``read_only=True``: with the cloud's read-only credential pair)."""
+        made = call(self._async.manager, read_only=read_only, **options)
+        twin = cast("Manager", _twin_of(made))
         twin._open()
         return twin
 

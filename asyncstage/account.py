@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ipaddress
 import logging
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import anyio
 
 from asyncstage import keys
 from asyncstage.ec2 import EC2, tag
 from asyncstage.errors import EC2Error, InvalidArgument
 
-__all__ = ["LIVE_STATES", "Account", "caller_cidr"]
+__all__ = ["LIVE_STATES", "Account", "caller_cidr", "reading_only"]
 
 log = logging.getLogger("asyncstage")
 
@@ -44,7 +48,12 @@ def caller_cidr(endpoint_url: str | None) -> str:
 class Account:
     """The key pair servers are launched with and the security group that lets ssh in.
 
-    Holds no state of its own: the Manager keeps the key pair and group id it gets.
+    Nothing is made or checked when a manager opens: :meth:`ensure` does it the first
+    time something needs it (a launch), :meth:`admit` the first time ssh needs the group
+    to let this machine in, and only then is the caller's address looked up. Both are
+    idempotent across processes (see :meth:`asyncstage.ec2.EC2.ensure_security_group`
+    and :func:`asyncstage.keys.import_key`). What they found is kept until
+    :meth:`forget` (another manager removed it).
     """
 
     def __init__(
@@ -54,37 +63,80 @@ class Account:
         reuse_key: bool,
         ssh_cidrs: Sequence[str],
         security_group: str,
+        patience: float = 60.0,
     ) -> None:
         self.ec2 = ec2
         self.dotdir = dotdir
         self.reuse_key = reuse_key
         self.ssh_cidrs = list(ssh_cidrs)
         self.security_group = security_group
+        self.patience = patience
+        """Seconds a ``Duplicate`` answer's resource is looked for again (EC2's consistency)."""
+        self.key_pair: keys.KeyPair | None = None
+        """The local key, once something needed it (:meth:`local_key`)."""
+        self.group_id: str | None = None
+        """The security group's id, once made or checked (:meth:`admit`)."""
+        self._imported = False
+        self._lock: anyio.Lock | None = None
 
-    async def ensure(self, key_pair: keys.KeyPair | None) -> tuple[keys.KeyPair, str]:
-        """Make sure of the key pair and the security group (again after another manager
-        removed them); the key pair and the group's id."""
-        if key_pair is None:
-            key_pair = await keys.ensure_key_pair(self.ec2, self.dotdir, reuse=self.reuse_key)
-        elif not await self.ec2.key_pair_exists(key_pair.name):
-            try:
-                await self.ec2.import_key_pair(
-                    key_pair.name, key_pair.public_key, tags={tag("role"): "key"}
+    def local_key(self) -> keys.KeyPair:
+        """The key pair in the dot directory (made there when missing); no EC2 call."""
+        if self.key_pair is None:
+            self.key_pair = keys.local_key(self.dotdir, self.ec2.region, reuse=self.reuse_key)
+        return self.key_pair
+
+    @property
+    def ready(self) -> bool:
+        """Whether this manager made or checked the key pair and the group."""
+        return self._imported and self.group_id is not None
+
+    async def ensure(self) -> tuple[keys.KeyPair, str]:
+        """Make sure of the key pair and the security group (made when missing); both."""
+        pair = self.local_key()
+        async with self._locked():
+            if not self._imported:
+                await keys.import_key(self.ec2, pair, patience=self.patience)
+                self._imported = True
+        return pair, await self.admit()
+
+    async def before_ssh(self) -> None:
+        """Before an ssh connection to one of our servers: :meth:`admit`, except while
+        :func:`reading_only` is in force."""
+        if not _READ_ONLY.get():
+            await self.admit()
+
+    async def admit(self) -> str:
+        """Make sure the security group exists and lets this machine in by ssh; its id."""
+        async with self._locked():
+            if self.group_id is None:
+                cidrs = self.ssh_cidrs or [caller_cidr(self.ec2.endpoint_url)]
+                self.group_id = await self.ec2.ensure_security_group(
+                    self.security_group,
+                    cidrs=cidrs,
+                    tags={tag("role"): "security-group"},
+                    patience=self.patience,
                 )
-            except EC2Error as e:
-                if e.code != "InvalidKeyPair.Duplicate":
-                    raise
-        cidrs = self.ssh_cidrs or [caller_cidr(self.ec2.endpoint_url)]
-        group_id = await self.ec2.ensure_security_group(
-            self.security_group, cidrs=cidrs, tags={tag("role"): "security-group"}
-        )
-        return key_pair, group_id
+            return self.group_id
 
-    async def delete_if_unused(self, key_pair: keys.KeyPair | None, group_id: str | None) -> None:
-        """Delete the key pair and the group unless a live instance still uses them."""
+    def forget(self) -> None:
+        """Check the key pair and the group again next time (another manager removed them)."""
+        self._imported = False
+        self.group_id = None
+
+    def _locked(self) -> anyio.Lock:
+        if self._lock is None:  # made in the event loop that uses it
+            self._lock = anyio.Lock()
+        return self._lock
+
+    async def delete_if_unused(self) -> None:
+        """Delete the key pair and the group this manager made or checked, unless a live
+        instance still uses them (nothing when it never needed them)."""
+        if not self.ready:
+            return
         others = await self.ec2.describe_instances(
             filters=[{"Name": "instance-state-name", "Values": [*LIVE_STATES, "shutting-down"]}]
         )
+        key_pair, group_id = self.key_pair, self.group_id
         if key_pair and not any(i.get("KeyName") == key_pair.name for i in others):
             await self.ec2.delete_key_pair(key_pair.name)
         if group_id and not any(
@@ -94,3 +146,21 @@ class Account:
                 await self.ec2.delete_security_group(group_id)
             except EC2Error as e:  # still referenced somewhere: leave it
                 log.debug("security group %s kept: %s", group_id, e)
+        self.forget()
+
+
+_READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("_READ_ONLY", default=False)
+
+
+@contextlib.contextmanager
+def reading_only() -> Iterator[None]:
+    """Within (and in tasks started within): ssh connections do not set up the account.
+
+    A scan reads what earlier managers made; a connection it makes goes to a server
+    whose group admits this machine already, or fails (and the scan goes on).
+    """
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)

@@ -208,13 +208,14 @@ class _ManagerAttributes(_ManagerLifetime):
         return self._async.known_hosts
 
     @property
-    def key_pair(self) -> keys.KeyPair | None:
-        """Same as :attr:`asyncstage.Manager.key_pair`."""
+    def key_pair(self) -> keys.KeyPair:
+        """The key pair of the servers this manager launches (the dot directory's; made
+        there on first use; imported into EC2 at the first launch)."""
         return self._async.key_pair
 
     @property
     def security_group_id(self) -> str | None:
-        """Same as :attr:`asyncstage.Manager.security_group_id`."""
+        """The security group's id, once a launch or a connection needed it (else None)."""
         return self._async.security_group_id
 
     @property
@@ -236,7 +237,11 @@ class Manager(_ManagerAttributes):
         self._adopt(call(_AsyncManager, **options))
 
     def open(self) -> Manager:
-        """Open the EC2 client, make sure of the key pair and security group, scan."""
+        """Open the EC2 client and scan: reads only.
+
+        The key pair and the security group are made or checked when first needed (a
+        launch, an ssh connection to one of our servers), not here.
+        """
         return cast("Manager", _wrap(_call_async(self._async.open)))
 
     def known_key_names(self) -> set[str]:
@@ -1095,14 +1100,18 @@ class LocalCloud(_LocalCloudAttributes):
             )
         )
 
-    def session_kwargs(self) -> dict[str, str]:
+    def session_kwargs(self, *, read_only: bool = False) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
         file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
+
+        ``read_only=True``: the cloud's second pair (profile ``read-only`` of that file),
+        which may call only ``Describe*`` and ``Get*``, a small stand-in for an IAM
+        policy: anything else is answered ``UnauthorizedOperation``.
         """
-        return _call_sync(self._async.session_kwargs)
+        return _call_sync(self._async.session_kwargs, read_only=read_only)
 
     def start(self) -> None:
         """Start the cloud (what ``async with`` does)."""

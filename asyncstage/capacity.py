@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, TypedDict
 
@@ -228,26 +229,32 @@ async def register_launch(
     names get the instances when fewer than all launched (``min_count``)."""
     m = fleet.manager
     token = new_client_token()
-    for attempt in range(2):
-        assert m.key_pair and m.security_group_id
+    deadline = time.monotonic() + m.account.patience
+    while True:
+        pair, group_id = await m.account.ensure()  # known already: no call
         try:
             instances = await m.ec2.run_instances(
                 image_id=spec.image_id,
                 count=len(names),
                 min_count=min_count,
                 instance_type=spec.instance_type,
-                key_name=m.key_pair.name,
-                security_group_ids=[m.security_group_id],
+                key_name=pair.name,
+                security_group_ids=[group_id],
                 availability_zone=spec.availability_zone,
                 tags=common,
                 client_token=token,
             )
             break
         except EC2Error as e:
-            # another manager's on_exit="terminate" removed the key pair or group
-            if attempt or e.code not in ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound"):
+            # another manager's on_exit="terminate" removed the key pair or group, or
+            # another process made them a moment ago and EC2 does not show them yet: look
+            # again (the client token keeps the retries one launch)
+            if e.code not in ("InvalidKeyPair.NotFound", "InvalidGroup.NotFound"):
                 raise
-            await fleet.ensure_account()
+            if time.monotonic() >= deadline:
+                raise
+            m.account.forget()
+            await anyio.sleep(m.ec2.poll_interval)
     servers: dict[str, Server] = {}
     for name, inst in zip(names, instances, strict=False):
         inst["Tags"] = _named_tags(inst.get("Tags", []), name, common)

@@ -43,7 +43,7 @@ async def on_exit(m: Manager) -> None:
         problems.append(e)
     if m.on_exit == "terminate":
         problems += await _delete_created(m)
-        await m.account.delete_if_unused(m.key_pair, m.security_group_id)
+        await m.account.delete_if_unused()
     if problems:
         listing = "\n".join(f"- {p}" for p in problems)
         error = AsyncstageError(f"closing the manager left things undone:\n{listing}")

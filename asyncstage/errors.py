@@ -24,7 +24,9 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   └── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
     ├── WaitTimeout                what was awaited, and its last state
     ├── EC2Error                   an EC2 API call failed (code, operation)
-    │   └── InsufficientCapacity   no capacity for an instance type in a zone (both named)
+    │   ├── InsufficientCapacity   no capacity for an instance type in a zone (both named)
+    │   └── PermissionDenied       IAM refused the call (``UnauthorizedOperation``); names
+    │                              the missing permission (``ec2:RunInstances``)
     ├── FleetError                 an ExceptionGroup: some servers of a fleet failed;
     │                              ``succeeded`` keeps the others
     ├── ServerNotRunning           a server with no address (stopped): start it first
@@ -78,6 +80,7 @@ __all__ = [
     "NeedsRoot",
     "NotFound",
     "PathError",
+    "PermissionDenied",
     "RsyncError",
     "SSHError",
     "ServerNotRunning",
@@ -207,6 +210,15 @@ class InsufficientCapacity(EC2Error):
         super().__init__(message, code="InsufficientInstanceCapacity", operation=operation)
         self.zone = zone
         self.instance_type = instance_type
+
+
+class PermissionDenied(EC2Error):
+    """IAM refused an EC2 call (``UnauthorizedOperation``): the credentials lack
+    ``permission`` (``ec2:RunInstances`` ...). Nothing was changed by the refused call."""
+
+    def __init__(self, message: str, *, permission: str, operation: str | None = None) -> None:
+        super().__init__(message, code="UnauthorizedOperation", operation=operation)
+        self.permission = permission
 
 
 class UnknownImage(NotFound, EC2Error):

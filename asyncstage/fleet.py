@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from asyncstage import capacity, keys
-from asyncstage.account import LIVE_STATES
+from asyncstage.account import LIVE_STATES, reading_only
 from asyncstage.adoption import ours, owner_tags
 from asyncstage.disks import FSTYPES
 from asyncstage.ec2 import Resource, tag, tag_filters, tags_of
@@ -196,8 +196,9 @@ class Fleet:
         if server is not None:
             server.record_description(instance)
             return server
-        if m.key_pair and instance.get("KeyName") == m.key_pair.name:
-            keyfile: Path | None = m.key_pair.private_key
+        pair = m.account.key_pair  # never made here: adopting reads only
+        if pair and instance.get("KeyName") == pair.name:
+            keyfile: Path | None = pair.private_key
         else:
             known = keys.keyfiles(m.dotdir, m.region)
             keyfile = known.get(str(instance.get("KeyName", "")))
@@ -231,9 +232,11 @@ class Fleet:
             except AsyncstageError as e:
                 log.warning("cannot read the mounts of %s: %s", server.name, e)
 
-        async with anyio.create_task_group() as tg:
-            for server, volumes in by_server.items():
-                tg.start_soon(mounts_of, server, volumes)
+        # reads only: a server whose group does not admit this machine yet stays unread
+        with reading_only():
+            async with anyio.create_task_group() as tg:
+                for server, volumes in by_server.items():
+                    tg.start_soon(mounts_of, server, volumes)
 
     async def spec(self, options: LaunchOptions) -> _Spec:
         """The launch spec of these options, the manager's defaults filled in."""
@@ -253,10 +256,11 @@ class Fleet:
         (with ``min_count``, maybe only the first names: as many as EC2 launched)."""
         m = self.manager
         common = {tag("role"): "server", tag("user"): spec.username}
-        common |= owner_tags(m.key_pair.name if m.key_pair else None)
+        common |= owner_tags(m.key_pair.name)
         if len(names) == 1:
             common |= {tag("name"): names[0], "Name": names[0]}
         self._log(f"launching {len(names)} server(s): {', '.join(names)}")
+        await self.ensure_account()  # the key pair and group: made or checked when first needed
         # create-and-register is one step for cancellation: once RunInstances is sent its
         # instances are registered (and so cleaned up by the caller) before a cancellation
         # is delivered; the token makes the retry below idempotent

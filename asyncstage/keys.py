@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import anyio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -44,12 +47,15 @@ __all__ = [
     "endpoint_slug",
     "ensure_key_pair",
     "generate_key",
+    "import_key",
     "is_aws_endpoint",
     "key_name",
     "keyfiles",
     "known_hosts_path",
     "local_key",
 ]
+
+log = logging.getLogger("asyncstage")
 
 DEFAULT_DOTDIR = "~/.asyncstage"
 
@@ -235,12 +241,7 @@ def local_key(directory: Path, region: str, *, reuse: bool = True) -> KeyPair:
     if not reuse or not (path.exists() or path.is_symlink()):
         private, public = generate_key(f"asyncstage-{region}")
         if reuse:
-            tmp = directory / f".asyncstage-{region}-{secrets.token_hex(4)}.pem"
-            _write_private(tmp, private)
-            _write_new(tmp.with_suffix(".pub"), (public + "\n").encode(), 0o644)
-            # rename() replaces a symlink planted at the final name, never its target
-            tmp.with_suffix(".pub").replace(path.with_suffix(".pub"))
-            tmp.replace(path)
+            _publish_key(path, private, public)
         else:
             path = directory / f"{key_name(region, public)}.pem"
             _write_private(path, private)
@@ -249,6 +250,26 @@ def local_key(directory: Path, region: str, *, reuse: bool = True) -> KeyPair:
         _tighten(path)
     public = _public_of(path)
     return KeyPair(name=key_name(region, public), private_key=path, public_key=public)
+
+
+def _publish_key(path: Path, private: bytes, public: str) -> None:
+    """Put a new key pair at ``path`` unless another process was first (its key stays).
+
+    The private key appears at once and whole: it is written under a temporary name and
+    hard-linked to ``path``, which fails when anything (a key, a symlink) is there, so
+    that processes starting together all end with one key. The ``.pub`` follows.
+    """
+    tmp = path.with_name(f".{path.stem}-{secrets.token_hex(4)}.pem")
+    _write_private(tmp, private)
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        return  # another process's key is the one: read back by the caller
+    finally:
+        tmp.unlink()
+    pub = path.with_name(f".{path.stem}-{secrets.token_hex(4)}.pub")
+    _write_new(pub, (public + "\n").encode(), 0o644)
+    pub.replace(path.with_suffix(".pub"))  # replaces a symlink planted there, not its target
 
 
 def keyfiles(directory: Path, region: str) -> dict[str, Path]:
@@ -262,13 +283,32 @@ def keyfiles(directory: Path, region: str) -> dict[str, Path]:
     return found
 
 
-async def ensure_key_pair(ec2: EC2, directory: Path, *, reuse: bool = True) -> KeyPair:
+async def ensure_key_pair(
+    ec2: EC2, directory: Path, *, reuse: bool = True, patience: float = 60.0
+) -> KeyPair:
     """The region's local key, imported as an EC2 key pair when EC2 does not have it yet."""
     pair = local_key(directory, ec2.region, reuse=reuse)
-    if not await ec2.key_pair_exists(pair.name):
-        try:
-            await ec2.import_key_pair(pair.name, pair.public_key, tags={tag("role"): "key"})
-        except EC2Error as e:
-            if e.code != "InvalidKeyPair.Duplicate":  # another manager was quicker
-                raise
+    await import_key(ec2, pair, patience=patience)
     return pair
+
+
+async def import_key(ec2: EC2, pair: KeyPair, *, patience: float = 60.0) -> None:
+    """Import ``pair`` into EC2 unless it is there; safe from many processes at once.
+
+    ``InvalidKeyPair.Duplicate`` means another process imported it first (the name
+    carries the key's digest: the same key): it is looked up again until EC2 shows it,
+    within ``patience`` seconds (EC2 is eventually consistent), then taken as there.
+    """
+    if await ec2.key_pair_exists(pair.name):
+        return
+    try:
+        await ec2.import_key_pair(pair.name, pair.public_key, tags={tag("role"): "key"})
+    except EC2Error as e:
+        if e.code != "InvalidKeyPair.Duplicate":
+            raise
+        deadline = time.monotonic() + patience
+        while not await ec2.key_pair_exists(pair.name):
+            if time.monotonic() >= deadline:
+                log.warning("key pair %s: said to exist, not shown in %gs", pair.name, patience)
+                return  # RunInstances names it; EC2 answers there if it is really missing
+            await anyio.sleep(ec2.poll_interval)

@@ -148,13 +148,11 @@ class Manager:
         # a non-AWS endpoint (the local cloud ...) never shares the real region's key files
         self.dotdir = keys.dotdir_for(endpoint_url, dotdir)
         self.known_hosts = KnownHosts(keys.known_hosts_path(self.dotdir))
-        self.key_pair: keys.KeyPair | None = None
-        self.security_group_id: str | None = None
         self.registry = Registry(lambda desc: self.volume_class(self, desc))
         cidrs = [ssh_cidr] if isinstance(ssh_cidr, str) else list(ssh_cidr or [])
         self.account = Account(self.ec2, self.dotdir, reuse_key, cidrs, security_group)
         self.images = Images(self.ec2, image, image_owners, root_type, ec2_options)
-        self.fleet = Fleet(self, self._ensure_account)
+        self.fleet = Fleet(self, self._ensure_account)  # the account, set up when first needed
         self._open = False
 
     def __repr__(self) -> str:
@@ -168,12 +166,15 @@ class Manager:
         await self.close(raise_errors=exc_info[1] is None)
 
     async def open(self) -> Manager:
-        """Open the EC2 client, make sure of the key pair and security group, scan."""
+        """Open the EC2 client and scan: reads only.
+
+        The key pair and the security group are made or checked when first needed (a
+        launch, an ssh connection to one of our servers), not here.
+        """
         if self._open:
             return self
         await self.ec2.open()
         try:
-            await self._ensure_account()
             self._open = True
             if self.scan:
                 await self.scan_region()
@@ -186,7 +187,18 @@ class Manager:
 
     async def _ensure_account(self) -> None:
         """Make sure of our key pair and security group (again after another removed them)."""
-        self.key_pair, self.security_group_id = await self.account.ensure(self.key_pair)
+        await self.account.ensure()
+
+    @property
+    def key_pair(self) -> keys.KeyPair:
+        """The key pair of the servers this manager launches (the dot directory's; made
+        there on first use; imported into EC2 at the first launch)."""
+        return self.account.local_key()
+
+    @property
+    def security_group_id(self) -> str | None:
+        """The security group's id, once a launch or a connection needed it (else None)."""
+        return self.account.group_id
 
     async def close(self, *, raise_errors: bool = True) -> None:
         """Apply ``on_exit`` to the servers this manager started, then close connections.
@@ -220,13 +232,12 @@ class Manager:
         only servers launched with one, and volumes and snapshots whose owner tag names
         one, are adopted."""
         names = set(keys.keyfiles(self.dotdir, self.region))
-        return names | ({self.key_pair.name} if self.key_pair else set())
+        pair = self.account.key_pair  # a key made with reuse_key=False, once there is one
+        return names | ({pair.name} if pair else set())
 
     @property
     def keyfile(self) -> Path:
         """The private key file servers of this manager are reached with."""
-        if self.key_pair is None:
-            raise AsyncstageError("the manager is not open yet: no key pair")
         return self.key_pair.private_key
 
     def servers(self) -> list[Server]:

@@ -137,7 +137,7 @@ class Server:
                 host_key_policy="accept-new" if self._accept_new else "strict",
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
-                before_connect=self._pin_host_key,  # whoever connects first: settled then
+                before_connect=self._before_connect,  # whoever connects first: settled then
             )
             vpc, private = self.instance.get("VpcId"), self.instance.get("PrivateIpAddress")
             if vpc and private:  # servers of one VPC reach each other there
@@ -400,6 +400,12 @@ class Server:
     async def adopt_mounts(self, volumes: list[Volume]) -> None:
         """Internal: find where the volumes attached here are, and whether they are mounted."""
         await self._disks.adopt_mounts(volumes)
+
+    async def _before_connect(self) -> None:
+        """Before a new ssh connection: the group lets this machine in, the host key is
+        settled."""
+        await self.manager.account.before_ssh()
+        await self._pin_host_key()
 
     async def _pin_host_key(self) -> None:
         """Before the first contact at an address: settle what its host key must be.

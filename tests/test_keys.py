@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from asyncstage import keys
 from asyncstage.errors import AsyncstageError
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = os.environ | {"PYTHONPATH": str(ROOT)}
 
 
 @pytest.mark.parametrize(
@@ -146,3 +151,26 @@ def test_a_loose_dot_directory_is_tightened(tmp_path: Path) -> None:
     d.chmod(0o755)
     assert keys.dotdir(d) == d
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_processes_making_the_key_at_once_all_end_with_one_key(tmp_path: Path) -> None:
+    d = keys.dotdir(tmp_path / "dot")
+    code = (
+        "import sys; from pathlib import Path; from asyncstage import keys; "
+        "print(keys.local_key(Path(sys.argv[1]), 'us-east-1').name)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, text=True, env=ENV
+        )
+        for _ in range(8)
+    ]
+    names = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    pair = keys.local_key(d, "us-east-1")
+    assert names == {pair.name}
+    assert keys.key_name("us-east-1", pair.public_key) == pair.name  # .pub matches the key
+    assert sorted(p.name for p in d.iterdir()) == [
+        "asyncstage-us-east-1.pem",
+        "asyncstage-us-east-1.pub",
+    ]  # no temporary file left

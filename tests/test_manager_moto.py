@@ -52,19 +52,83 @@ async def _states(m: Manager, ids: list[str]) -> set[str]:
     return {i["State"]["Name"] for i in await m.ec2.describe_instances(ids)}
 
 
-async def test_open_makes_key_and_group_without_opening_the_world(make: Any) -> None:
-    async with make() as m:
-        assert m.key_pair is not None and m.keyfile.exists()
-        assert await m.ec2.key_pair_exists(m.key_pair.name)
-        groups = await m.ec2.call("DescribeSecurityGroups", GroupIds=[m.security_group_id])
-        cidrs = {
-            r["CidrIp"]
-            for p in groups["SecurityGroups"][0]["IpPermissions"]
-            for r in p.get("IpRanges", [])
-        }
-        assert cidrs == {"127.0.0.1/32"}
+async def _group_cidrs(m: Manager) -> set[str]:
+    groups = await m.ec2.call("DescribeSecurityGroups", GroupIds=[m.security_group_id])
+    return {
+        r["CidrIp"]
+        for p in groups["SecurityGroups"][0]["IpPermissions"]
+        for r in p.get("IpRanges", [])
+    }
+
+
+async def _groups_named(m: Manager, name: str) -> list[Any]:
+    found = await m.ec2.call(
+        "DescribeSecurityGroups", Filters=[{"Name": "group-name", "Values": [name]}]
+    )
+    return list(found["SecurityGroups"])
+
+
+def _writes(m: Manager) -> list[str]:
+    return sorted(op for op in m.ec2.calls if not op.startswith(("Describe", "Get")))
+
+
+async def test_open_and_reads_make_no_write_calls(make: Any, tmp_path: Path) -> None:
+    # a region no other test of the module uses: a fresh account
+    fresh = {"region": "eu-west-3", "security_group": "readonly-test", "ssh_cidr": None}
+    async with make(**fresh, scan=True, dotdir=tmp_path / "reader") as m:
+        assert m.servers() == [] and m.volumes() == []
+        await m.scan_region()
+        assert await m.snapshots() == []
+        assert m.known_key_names() == set()
+        assert _writes(m) == [] and m.security_group_id is None
+        assert await _groups_named(m, "readonly-test") == []
+        assert (await m.ec2.call("DescribeKeyPairs"))["KeyPairs"] == []
+    assert _writes(m) == []  # closing (on_exit="stop", nothing started) writes nothing
+
+
+async def test_a_launch_makes_key_and_group_without_opening_the_world(make: Any) -> None:
+    async with make(on_exit="terminate") as m:
+        await _launch(m, "first-launch")
+        assert m.keyfile.exists() and await m.ec2.key_pair_exists(m.key_pair.name)
+        assert await _group_cidrs(m) == {"127.0.0.1/32"}
+        made = m.ec2.calls["ImportKeyPair"] + m.ec2.calls["CreateSecurityGroup"]
+        await _launch(m, "second-launch")  # what the first made is known: no new checks
+        assert m.ec2.calls["ImportKeyPair"] + m.ec2.calls["CreateSecurityGroup"] == made
     with pytest.raises(InvalidArgument):
         make(on_exit="explode")
+
+
+async def test_two_managers_launching_at_once_share_one_key_pair_and_one_group(
+    make: Any, tmp_path: Path
+) -> None:
+    fresh = {"region": "ap-south-1", "dotdir": tmp_path / "shared", "on_exit": "terminate"}
+    # a rule of the group there already, as another machine left it: kept, not refused
+    async with make(**fresh, ssh_cidr="192.0.2.7/32") as earlier:
+        await earlier.account.admit()
+    first, second = make(**fresh), make(**fresh)
+    async with first, second:
+        got: dict[str, Any] = {}
+
+        async def launch(m: Manager, name: str) -> None:
+            (got[name],) = await _launch(m, name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(launch, first, "racer-1")
+            tg.start_soon(launch, second, "racer-2")
+        assert first.key_pair == second.key_pair
+        assert first.security_group_id == second.security_group_id
+        pairs = (await first.ec2.call("DescribeKeyPairs"))["KeyPairs"]
+        assert [p["KeyName"] for p in pairs] == [first.key_pair.name]
+        assert len(await _groups_named(first, "asyncstage")) == 1
+        assert await _group_cidrs(first) == {"192.0.2.7/32", "127.0.0.1/32"}
+        for name, server in got.items():
+            assert server.instance["KeyName"] == first.key_pair.name, name
+            groups = {g["GroupId"] for g in server.instance.get("SecurityGroups", [])}
+            assert groups == {first.security_group_id}, name
+    # both terminated theirs; the last one out removed the key pair and the group
+    async with make(**fresh) as check:
+        assert (await check.ec2.call("DescribeKeyPairs"))["KeyPairs"] == []
+        assert await _groups_named(check, "asyncstage") == []
 
 
 async def test_concurrent_provisions_with_one_spec_share_one_run_instances(make: Any) -> None:

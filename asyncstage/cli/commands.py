@@ -150,7 +150,8 @@ def _local_env(args: argparse.Namespace, out: Output) -> int:
     state = daemon.read_local_state(daemon.local_dir(args.dir))
     if state is None:
         raise NotFound("no local cloud running: start one with `asyncstage local up`")
-    out.result(state, "\n".join(daemon.env_lines(state)))
+    read_only = bool(getattr(args, "read_only", False))
+    out.result(state, "\n".join(daemon.env_lines(state, read_only=read_only)))
     return EXIT_OK
 
 

@@ -13,13 +13,14 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 
 from asyncstage import blocking, completion, userconfig
+from asyncstage.cli import daemon
 from asyncstage.cli.daemon import LOCAL_IMAGE_PATTERN, local_dir, read_local_state
 from asyncstage.errors import (
     NotFound,
     UnknownServer,
     UnknownVolume,
 )
-from asyncstage.settings import LOCAL_CREDENTIALS, local_credentials
+from asyncstage.settings import LOCAL_CREDENTIALS
 
 __all__ = [
     "EXIT_FAILURE",
@@ -97,7 +98,8 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
             "dotdir": str(state["dotdir"]),
             "install_packages": False,
             "root_type": None,
-            **local_credentials(state),  # type: ignore[typeddict-item]
+            # the read-only pair when the environment holds it (`local env --read-only`)
+            **daemon.cloud_credentials(state, read_only=daemon.read_only_exported(state)),  # type: ignore[typeddict-item]
         }
     elif endpoint and is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asyncstage.errors import NotFound
 from asyncstage.settings import local_credentials
 
 __all__ = [
@@ -53,9 +54,28 @@ def read_local_state(directory: Path) -> dict[str, Any] | None:
     return state
 
 
-def env_lines(state: dict[str, Any]) -> list[str]:
+def cloud_credentials(state: dict[str, Any], *, read_only: bool = False) -> dict[str, str]:
+    """The credentials of the cloud a record describes; ``read_only``: its read-only pair
+    (``Describe*``/``Get*`` only)."""
+    if not read_only:
+        return local_credentials(state)
+    if not state.get("read_only_key_id"):
+        raise NotFound("this local cloud's record has no read-only credentials")
+    return {
+        "aws_access_key_id": str(state["read_only_key_id"]),
+        "aws_secret_access_key": str(state["read_only_secret"]),
+    }
+
+
+def read_only_exported(state: dict[str, Any]) -> bool:
+    """Whether the environment holds the local cloud's read-only pair."""
+    key = state.get("read_only_key_id")
+    return bool(key) and os.environ.get("AWS_ACCESS_KEY_ID") == key
+
+
+def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
     """``export`` lines that point later commands (and aws-cli, boto3) at the cloud."""
-    creds = local_credentials(state)
+    creds = cloud_credentials(state, read_only=read_only)
     return [
         f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
         f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
@@ -81,6 +101,7 @@ def serve(directory: Path, *, port: int, region: str, boot_delay: float) -> None
                 region=region,
                 boot_delay=boot_delay,
             ) as cloud:
+                read_only = cloud.session_kwargs(read_only=True)
                 state = {
                     "pid": os.getpid(),
                     "endpoint_url": cloud.endpoint_url,
@@ -90,6 +111,8 @@ def serve(directory: Path, *, port: int, region: str, boot_delay: float) -> None
                     "username": cloud.default_username,
                     "state_dir": cloud.state_dir,
                     **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
+                    "read_only_key_id": read_only["aws_access_key_id"],
+                    "read_only_secret": read_only["aws_secret_access_key"],
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }

@@ -123,6 +123,11 @@ def _local_commands(command: _Command) -> None:
     p.add_argument("--cloud-region", default="us-east-1", help="the cloud's region")
     p.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="env: export the cloud's read-only credentials (Describe*/Get* only)",
+    )
 
 
 def _server_commands(command: _Command) -> None:

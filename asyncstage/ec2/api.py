@@ -360,27 +360,38 @@ class EC2(Client):
         port: int = 22,
         description: str = "asyncstage staging servers",
         tags: Mapping[str, str] = {},
+        patience: float = 60.0,
     ) -> str:
         """The id of the security group ``name``, made if needed, letting ssh in.
 
         ssh is allowed from each CIDR and from members of the group itself; rules
-        already there are kept, missing ones are added.
+        already there are kept, missing ones are added, one call each. Safe to run from
+        many processes at once: ``InvalidGroup.Duplicate`` (another made the group first)
+        means looking it up again until EC2 shows it (within ``patience`` seconds), and
+        ``InvalidPermission.Duplicate`` means the rule is there already.
         """
-        found = await self.call(
-            "DescribeSecurityGroups", Filters=[{"Name": "group-name", "Values": [name]}]
-        )
-        groups = found.get("SecurityGroups", [])
-        if groups:
-            group = groups[0]
-            group_id = str(group["GroupId"])
-        else:
+        group = await self._group_named(name)
+        if group is None:
             params: dict[str, Any] = {"GroupName": name, "Description": description}
             if tags:
                 params["TagSpecifications"] = [
                     {"ResourceType": "security-group", "Tags": tag_list(tags)}
                 ]
-            group_id = str((await self.call("CreateSecurityGroup", **params))["GroupId"])
-            group = {}
+            try:
+                made = await self.call("CreateSecurityGroup", **params)
+                group = {"GroupId": str(made["GroupId"])}
+            except EC2Error as e:
+                if e.code != "InvalidGroup.Duplicate":
+                    raise
+                group = await self._group_named(name, patience=patience)
+                if group is None:
+                    raise EC2Error(
+                        f"security group {name!r} exists (CreateSecurityGroup said so) but "
+                        f"DescribeSecurityGroups did not show it within {patience:g}s",
+                        code="InvalidGroup.NotFound",
+                        operation="DescribeSecurityGroups",
+                    ) from e
+        group_id = str(group["GroupId"])
         have_cidrs: set[str] = set()
         have_self = False
         for perm in group.get("IpPermissions", []):
@@ -389,15 +400,36 @@ class EC2(Client):
                 have_self |= any(
                     p.get("GroupId") == group_id for p in perm.get("UserIdGroupPairs", [])
                 )
-        perm_new: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
-        missing = [c for c in cidrs if c not in have_cidrs]
-        if missing or not have_self:
-            perm_new["IpRanges"] = [{"CidrIp": c} for c in missing]
-            perm_new["UserIdGroupPairs"] = [] if have_self else [{"GroupId": group_id}]
-            await self.call(
-                "AuthorizeSecurityGroupIngress", GroupId=group_id, IpPermissions=[perm_new]
-            )
+        rules: list[dict[str, Any]] = [
+            {"IpRanges": [{"CidrIp": c}]} for c in dict.fromkeys(cidrs) if c not in have_cidrs
+        ]
+        if not have_self:
+            rules.append({"UserIdGroupPairs": [{"GroupId": group_id}]})
+        # one rule a call: EC2 refuses a whole call when one of its rules exists already
+        for rule in rules:
+            perm = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, **rule}
+            try:
+                await self.call(
+                    "AuthorizeSecurityGroupIngress", GroupId=group_id, IpPermissions=[perm]
+                )
+            except EC2Error as e:
+                if e.code != "InvalidPermission.Duplicate":  # another process added it
+                    raise
         return group_id
+
+    async def _group_named(self, name: str, *, patience: float = 0.0) -> Resource | None:
+        """The security group called ``name``, looked for again until ``patience`` is up."""
+        deadline = time.monotonic() + patience
+        pause = self.poll_interval
+        while True:
+            found = await self.call(
+                "DescribeSecurityGroups", Filters=[{"Name": "group-name", "Values": [name]}]
+            )
+            groups: list[Resource] = found.get("SecurityGroups", [])
+            if groups or time.monotonic() >= deadline:
+                return groups[0] if groups else None
+            await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * self.poll_backoff, self.poll_max_interval)
 
     async def delete_security_group(self, group_id: str) -> None:
         """Delete a security group."""

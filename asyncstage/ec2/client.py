@@ -23,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
+    PermissionDenied,
     UnknownServer,
     UnknownSnapshot,
     UnknownVolume,
@@ -62,6 +63,16 @@ _CREATED: Mapping[str, Callable[[Resource], list[str]]] = {
     "CreateImage": lambda r: [str(r["ImageId"])],
     "RegisterImage": lambda r: [str(r["ImageId"])],
 }
+
+
+def _denied(operation: str, message: str) -> PermissionDenied:
+    """``UnauthorizedOperation`` as :class:`PermissionDenied`, naming the IAM permission."""
+    permission = f"ec2:{operation}"
+    return PermissionDenied(
+        f"{message} (the credentials lack the IAM permission {permission})",
+        permission=permission,
+        operation=operation,
+    )
 
 
 class _Fresh:
@@ -274,6 +285,8 @@ class Client:
                     continue
                 if code in _NOT_FOUND:
                     raise _NOT_FOUND[code](message) from e
+                if code == "UnauthorizedOperation":
+                    raise _denied(operation, message) from e
                 raise EC2Error(message, code=code, operation=operation) from e
             except BotoCoreError as e:
                 raise EC2Error(f"{operation} failed: {e}", operation=operation) from e

@@ -23,7 +23,8 @@ from urllib.parse import parse_qsl, urlencode
 from xml.sax.saxutils import escape
 
 from asyncstage.errors import LocalCloudError
-from asyncstage.localcloud._auth import AuthFailure, check_host, check_request
+from asyncstage.localcloud import _iam
+from asyncstage.localcloud._auth import AuthFailure, check_host, check_request, signer
 from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME
 from asyncstage.localcloud._hooks import EngineHooks
@@ -176,9 +177,10 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
         body = environ["wsgi.input"].read(size) if size else b""
         params = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
         params.update(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+        pair = signer(environ, params, (engine.credentials, engine.read_only_credentials))
         try:
             check_host(environ, engine.port)
-            check_request(environ, body, params, engine.credentials)
+            check_request(environ, body, params, pair)
         except AuthFailure as e:
             return _error_response(start_response, e.code, str(e), e.status)
         action = params.get("Action", "")
@@ -192,6 +194,9 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
                 "UnsupportedOperation",
                 f"this local cloud serves region {engine.region} only, not {m.group(1)}",
             )
+        read_only = pair is engine.read_only_credentials
+        if (denied := _iam.refusal(action, params, read_only=read_only)) is not None:
+            return _error_response(start_response, *denied)
         if not throttle.admit(action, params):
             return _error_response(
                 start_response, THROTTLED_CODE, THROTTLED_MESSAGE, THROTTLED_STATUS
@@ -274,7 +279,13 @@ def _xml_response(start_response: StartResponse, status: str, data: bytes) -> li
     return [data]
 
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    412: "Precondition Failed",
+    503: "Service Unavailable",
+}
 
 
 def _error_response(

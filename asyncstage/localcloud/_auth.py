@@ -7,6 +7,9 @@ SigV4 (``Authorization: AWS4-HMAC-SHA256 ...``) or SigV2 (``SignatureVersion=2``
 the parameters, as older Query-API clients sign), must be the one the secret gives.
 The signatures are recomputed with botocore's own signers over the request as received,
 not with crypto written here.
+
+A cloud also makes a second, read-only pair; :func:`signer` tells which pair a request
+names, and :mod:`._iam` what that pair may call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import re
 import secrets
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,13 +65,12 @@ class Credentials:
         secret = base64.b64encode(secrets.token_bytes(30)).decode()
         return cls(key, secret)
 
-    def write(self, path: Path) -> None:
-        """An AWS shared-credentials file (``[default]``), mode 0600 from the start."""
+    def write(self, path: Path, others: Mapping[str, Credentials] = {}) -> None:
+        """An AWS shared-credentials file (``[default]``, then a profile for each of
+        ``others`` by name), mode 0600 from the start."""
         config = configparser.ConfigParser()
-        config["default"] = {
-            "aws_access_key_id": self.access_key_id,
-            "aws_secret_access_key": self.secret_access_key,
-        }
+        for profile, pair in {"default": self, **others}.items():
+            config[profile] = pair.as_kwargs()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -78,6 +81,16 @@ class Credentials:
             "aws_access_key_id": self.access_key_id,
             "aws_secret_access_key": self.secret_access_key,
         }
+
+
+def signer(
+    environ: dict[str, Any], params: dict[str, str], pairs: Sequence[Credentials]
+) -> Credentials:
+    """The pair among ``pairs`` whose access key id the request names (the first when
+    none does: its check then refuses the request)."""
+    m = _SIGV4.match(environ.get("HTTP_AUTHORIZATION", ""))
+    key = m["key"] if m else params.get("AWSAccessKeyId")
+    return next((p for p in pairs if p.access_key_id == key), pairs[0])
 
 
 def check_host(environ: dict[str, Any], port: int) -> None:

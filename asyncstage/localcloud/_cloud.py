@@ -107,17 +107,23 @@ class LocalCloud:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return str(self._engine.state_dir)
 
-    def session_kwargs(self) -> dict[str, str]:
+    def session_kwargs(self, *, read_only: bool = False) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
         file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
+
+        ``read_only=True``: the cloud's second pair (profile ``read-only`` of that file),
+        which may call only ``Describe*`` and ``Get*``, a small stand-in for an IAM
+        policy: anything else is answered ``UnauthorizedOperation``.
         """
+        engine = self._engine
+        pair = engine.read_only_credentials if read_only else engine.credentials
         return {
             "endpoint_url": self.endpoint_url,
             "region_name": self.region,
-            **self._engine.credentials.as_kwargs(),
+            **pair.as_kwargs(),
         }
 
     async def start(self) -> None:
@@ -146,10 +152,16 @@ class LocalCloud:
     ) -> None:
         await self.close()
 
-    def manager(self, **options: Any) -> Manager:
-        """A :class:`asyncstage.Manager` for this cloud: ``async with cloud.manager() as m``."""
+    def manager(self, *, read_only: bool = False, **options: Any) -> Manager:
+        """A :class:`asyncstage.Manager` for this cloud: ``async with cloud.manager() as m``.
+
+        ``read_only=True``: signed with the read-only pair (:meth:`session_kwargs`).
+        """
         from asyncstage.manager import local_manager
 
+        if read_only:
+            creds = self.session_kwargs(read_only=True)
+            options = {k: v for k, v in creds.items() if k.startswith("aws_")} | options
         return local_manager(self, **options)
 
 

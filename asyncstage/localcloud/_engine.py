@@ -94,6 +94,7 @@ class Engine:
             str(secrets.randbelow(10)) for _ in range(12)
         )
         self.credentials = Credentials.generate()
+        self.read_only_credentials = Credentials.generate()  # Describe*/Get* only (_iam)
         if seed is None and os.environ.get("ASYNCSTAGE_LOCAL_SEED", "").isdigit():
             seed = int(os.environ["ASYNCSTAGE_LOCAL_SEED"])
         self.seed = secrets.randbits(32) if seed is None else seed
@@ -152,7 +153,9 @@ class Engine:
                 "commas, colons, backslashes or white space"
             )
         self._run.start(self.state_dir, created)
-        self.credentials.write(self.state_dir / "credentials")
+        self.credentials.write(
+            self.state_dir / "credentials", {"read-only": self.read_only_credentials}
+        )
         self._api = self._make_api(self)
         self.image_id = self._api.image_id
         self.endpoint_url = self._api.endpoint_url

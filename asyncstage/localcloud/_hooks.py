@@ -39,6 +39,7 @@ class EngineHooks(Protocol):
     image_name: str
     port: int  # the API's port (0 asks for a free one; the API sets the one it bound)
     credentials: Credentials
+    read_only_credentials: Credentials  # may call Describe*/Get* only (_iam)
     realism: Realism
     random: random.Random  # every random choice draws from it (the cloud's seed)
 
