@@ -1074,7 +1074,7 @@ class LocalCloud(_LocalCloudAttributes):
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
-        realism: Literal["aws", "off"] | Realism = "aws",
+        realism: Literal["aws", "off", "harsh"] | Realism = "aws",
         api_rate: float | Literal["default"] | None = "default",
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,

@@ -144,11 +144,18 @@ def console_host_keys(console: str) -> tuple[list[str], list[str]]:
 async def known_host_keys(ec2: Any, instance_id: str) -> tuple[list[str], list[str]]:
     """The instance's host keys from its console, checked against its fingerprints.
 
-    EC2 shows the console late: polled for, with ``Latest=True`` (current on Nitro types).
+    EC2 shows the console late: polled for, with ``Latest=True`` (current on Nitro types;
+    a Xen type refuses it, and is then polled without, as clients do).
     """
+    latest = True
     with anyio.fail_after(30):
         while True:
-            reply = await ec2.get_console_output(InstanceId=instance_id, Latest=True)
+            try:
+                reply = await ec2.get_console_output(InstanceId=instance_id, Latest=latest)
+            except ClientError as e:
+                assert latest and e.response["Error"]["Code"] == "UnsupportedOperation", e
+                latest = False
+                continue
             console = reply.get("Output")  # base64 on the wire; botocore decodes it
             if console and "END SSH HOST KEY KEYS" in console:
                 break

@@ -25,8 +25,9 @@ from xml.sax.saxutils import escape
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._auth import AuthFailure, check_host, check_request
 from asyncstage.localcloud._consistency import Consistency, created_ids
-from asyncstage.localcloud._devices import ROOT_DEVICE_NAME
+from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, is_nitro
 from asyncstage.localcloud._hooks import EngineHooks
+from asyncstage.localcloud._query import renumber
 from asyncstage.localcloud._throttle import (
     THROTTLED_CODE,
     THROTTLED_MESSAGE,
@@ -166,7 +167,6 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
     moto_app: WSGIApp = create_backend_app("ec2")
     throttle = Throttle(engine.realism.api_rate, counter=engine.throttled)
     consistency = Consistency()
-    low, high = engine.realism.consistency
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -206,18 +206,20 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
         if rewrite:
             params["MinCount"] = params["MaxCount"]
-        # EC2 takes a filter's one value as ``Filter.N.Value`` too (older clients, such as
-        # the Perl VM::EC2, send it so); moto reads only ``Filter.N.Value.M``.
-        for key in [k for k in params if _ONE_VALUE.fullmatch(k)]:
-            params.setdefault(f"{key}.1", params.pop(key))
-            rewrite = True
+        numbered = renumber(params)  # lists from any index, as EC2 reads them (._query)
+        if numbered != params:
+            params, rewrite = numbered, True
         if rewrite:  # after the signature check, which covered what the client sent
             body = urlencode(params).encode()
             environ["QUERY_STRING"] = ""
         if action == "GetConsoleOutput":
             latest = params.get("Latest", "").lower() == "true"
+            instance_id = params.get("InstanceId", "")
             with engine.lock:
-                text = engine.console(params.get("InstanceId", ""), latest)
+                no_latest = _latest_refusal(backend, instance_id) if latest else None
+                text = None if no_latest else engine.console(instance_id, latest)
+            if no_latest is not None:
+                return _error_response(start_response, "UnsupportedOperation", no_latest)
             if text is not None:
                 return _console_response(start_response, params["InstanceId"], text, version)
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
@@ -226,9 +228,10 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             backend.request = params  # what moto does not pass on (DetachVolume's Force)
             code, headers, data = _call(moto_app, environ, body)
             ok = code.startswith("2")
-            made = created_ids(action, data) if ok and high > 0 else []
+            made = created_ids(action, data) if ok else []
             if made:  # recorded before any other request can learn the ids
-                consistency.created(made, [engine.random.uniform(low, high) for _ in made])
+                draw = engine.realism.consistency_window
+                consistency.created(made, [draw(engine.random.random) for _ in made])
         if ok and hidden:
             data = consistency.leave_out(action, data, hidden)
         data = fix_response(action, version, ok, data)
@@ -239,7 +242,18 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
     return app
 
 
-_ONE_VALUE = re.compile(r"Filter\.\d+\.Value")
+def _latest_refusal(backend: Any, instance_id: str) -> str | None:
+    """EC2's refusal of ``Latest=true`` on a Xen instance type (Nitro types only)."""
+    try:
+        instance_type = str(backend.get_instance(instance_id).instance_type)
+    except Exception:  # unknown: moto answers InvalidInstanceID.NotFound
+        return None
+    if is_nitro(instance_type):
+        return None
+    return (
+        f"The instance type {instance_type} does not support retrieving the latest console "
+        "output (Latest): it is supported on instance types built on the Nitro System."
+    )
 
 
 def _call(app: WSGIApp, environ: dict[str, Any], body: bytes) -> tuple[str, list[Any], bytes]:

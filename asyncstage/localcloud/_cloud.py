@@ -37,8 +37,9 @@ class LocalCloud:
     that the log names); ``ASYNCSTAGE_LOCAL_SEED=N`` in the environment replays them.
 
     ``realism="aws"`` (the default) plays EC2's behaviour with times scaled down to
-    seconds (:class:`~asyncstage.localcloud.Realism` lists each one); ``realism="off"``
-    is the instant cloud. ``api_rate`` scales EC2's API token buckets (1.0: AWS's
+    seconds (:class:`~asyncstage.localcloud.Realism` lists each one); ``realism="harsh"``
+    hides every new id for a while, not only some (for tests of retries);
+    ``realism="off"`` is the instant cloud. ``api_rate`` scales EC2's API token buckets (1.0: AWS's
     published sizes and rates; smaller is stricter; None: unlimited);
     ``insufficient_capacity`` names zones (or zone -> instance types) where RunInstances
     and StartInstances answer ``InsufficientInstanceCapacity``.
@@ -51,7 +52,7 @@ class LocalCloud:
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
-        realism: Literal["aws", "off"] | Realism = "aws",
+        realism: Literal["aws", "off", "harsh"] | Realism = "aws",
         api_rate: float | Literal["default"] | None = "default",
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
