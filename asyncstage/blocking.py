@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     import collections
     import os
     from collections.abc import Iterable, Mapping, Sequence
+    from datetime import datetime
     from pathlib import Path
     from typing import Any, Literal
 
@@ -1094,14 +1095,30 @@ class LocalCloud(_LocalCloudAttributes):
             )
         )
 
-    def session_kwargs(self) -> dict[str, str]:
+    def image_id_in(self, region: str) -> str:
+        """The AMI id of the local image in ``region`` (each region has its own ids)."""
+        return _call_sync(self._async.image_id_in, region)
+
+    def set_snapshot_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Give a snapshot another ``StartTime`` (any region's), as DescribeSnapshots shows it.
+
+        Not an EC2 operation (EC2's StartTime is the moment of CreateSnapshot): it lets
+        tests of retention make snapshots of many dates at once. ``when`` is aware, or UTC.
+        """
+        _call_sync(self._async.set_snapshot_start_time, snapshot_id, when)
+
+    def session_kwargs(self, region: str | None = None) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        One cloud serves every EC2 region, each taken from the signature of a request
+        (its SigV4 credential scope): ``region`` (default: the cloud's own) is the one
+        the client signs for.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
         file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
         """
-        return _call_sync(self._async.session_kwargs)
+        return _call_sync(self._async.session_kwargs, region)
 
     def start(self) -> None:
         """Start the cloud (what ``async with`` does)."""

@@ -42,6 +42,9 @@ try:
 
     from asyncstage.localcloud._moto import (
         LAUNCH_REQUEST,
+        LocalBackend,
+        ec2_regions,
+        find_record,
         install_backend,
         make_backend,
         release_public_address,
@@ -68,19 +71,10 @@ class LocalApi:
 
     def __init__(self, engine: EngineHooks) -> None:
         self._engine = engine
+        self.backends: dict[str, LocalBackend] = {}
         with engine.lock:
-            self.backend = make_backend(engine.region, engine.account)
-            image = self.backend.register_image(
-                name=engine.image_name, description=IMAGE_DESCRIPTION
-            )
-            image.architecture = "x86_64"
-            image.virtualization_type = "hvm"
-            image.hypervisor = "xen"
-            image.root_device_type = "ebs"
-            image.root_device_name = ROOT_DEVICE_NAME
-            self.image_id: str = image.id
-            self.backend.image_id = image.id
-            self.backend.engine = engine
+            self.backend = self.region(engine.region)
+            self.image_id: str = self.backend.image_id
 
         class _Handler(_QuietHandler):
             def date_time_string(self, timestamp: float | None = None) -> str:
@@ -91,7 +85,7 @@ class LocalApi:
         self._server: BaseWSGIServer = make_server(
             "127.0.0.1",
             engine.port,
-            make_app(engine, self.backend),
+            make_app(engine, self.region),
             threaded=True,
             request_handler=_Handler,
         )
@@ -106,28 +100,70 @@ class LocalApi:
         )
         self._thread.start()
 
+    def region(self, name: str) -> LocalBackend:
+        """The backend of region ``name``, made at its first use (under ``engine.lock``).
+
+        Each region has its own records (zones, key pairs, groups, volumes, snapshots)
+        and its own AMI id for the one image, as EC2's regions do.
+        """
+        backend = self.backends.get(name)
+        if backend is not None:
+            return backend
+        if name not in ec2_regions():
+            raise AuthFailure(
+                f"Credential should be scoped to a valid region, not '{name}'",
+                code="AuthFailure",
+            )
+        engine = self._engine
+        backend = make_backend(name, engine.account)
+        image = backend.register_image(name=engine.image_name, description=IMAGE_DESCRIPTION)
+        image.architecture = "x86_64"
+        image.virtualization_type = "hvm"
+        image.hypervisor = "xen"
+        image.root_device_type = "ebs"
+        image.root_device_name = ROOT_DEVICE_NAME
+        backend.image_id = image.id
+        backend.engine = engine
+        backend.peers = self.region
+        self.backends[name] = backend
+        return backend
+
+    def image_in(self, region: str) -> str:
+        """The AMI id of the local image in ``region``."""
+        with self._engine.lock:
+            return self.region(region).image_id
+
+    def set_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Set a snapshot's StartTime (not EC2: for tests of retention)."""
+        with self._engine.lock:
+            snapshot = find_record(self.backends.values(), "get_snapshot", snapshot_id)
+            snapshot.start_time = when.astimezone(UTC).replace(tzinfo=None)
+
+    def _instance(self, instance_id: str) -> Any:
+        return find_record(self.backends.values(), "get_instance", instance_id)
+
     # -- ApiHooks (called by the engine under its lock) --------------------------------
 
     def instance_state(self, instance_id: str) -> str:
-        return str(self.backend.get_instance(instance_id).state)
+        return str(self._instance(instance_id).state)
 
     def set_running(self, instance_id: str) -> None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         if instance.state == "pending":
             set_state(instance, "running")
 
     def boot_failed(self, instance_id: str, reason: str) -> None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         if instance.state == "pending":
             instance.stop()
             instance._reason = f"Server.InternalError: {reason}"
 
     def launch_failed(self, instance_id: str, message: str) -> None:
         """A terminated launch's StateReason as EC2 gives it (``Server.InternalError``)."""
-        set_reason(self.backend.get_instance(instance_id), "Server.InternalError", message)
+        set_reason(self._instance(instance_id), "Server.InternalError", message)
 
     def halted(self, instance_id: str, *, terminated: bool) -> None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         if terminated:
             instance.terminate()  # moto detaches the volumes (through volume_detaching)
         elif instance.state == "stopping":
@@ -135,18 +171,20 @@ class LocalApi:
             release_public_address(self._engine, instance)
 
     def snapshot_completed(self, snapshot_id: str) -> None:
-        if snapshot_id in self.backend.snapshots:
-            self.backend.snapshots[snapshot_id].status = "completed"
+        for backend in self.backends.values():
+            if snapshot_id in backend.snapshots:
+                backend.snapshots[snapshot_id].status = "completed"
 
     def attachment_done(self, volume_id: str) -> None:
         """An ``attaching`` attachment is ``attached`` now (its device node is there)."""
-        volume = self.backend.volumes.get(volume_id)
-        attachment = None if volume is None else volume.attachment
-        if attachment is not None and attachment.status == "attaching":
-            attachment.status = "attached"
+        for backend in self.backends.values():
+            volume = backend.volumes.get(volume_id)
+            attachment = None if volume is None else volume.attachment
+            if attachment is not None and attachment.status == "attaching":
+                attachment.status = "attached"
 
     def root_volume(self, instance_id: str) -> str | None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         mapping = instance.block_device_mapping.get(ROOT_DEVICE_NAME)
         return None if mapping is None else str(mapping.volume_id)
 
@@ -155,15 +193,18 @@ class LocalApi:
         self._server.server_close()
         self._thread.join(timeout=10)
         with self._engine.lock:
-            self.backend.engine = None
-            uninstall_backend(self.backend)
+            for backend in self.backends.values():
+                backend.engine = None
+                uninstall_backend(backend)
 
 
 # -- the WSGI app -----------------------------------------------------------------------
 
 
-def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
-    """moto's EC2 app behind the local cloud's middleware."""
+def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIApp:
+    """moto's EC2 app behind the local cloud's middleware; ``region_backend`` gives the
+    backend of the region a request is signed for (SigV4's credential scope; SigV2,
+    which names none, is the cloud's own region)."""
     moto_app: WSGIApp = create_backend_app("ec2")
     throttle = Throttle(engine.realism.api_rate, counter=engine.throttled)
     consistency = Consistency()
@@ -186,12 +227,14 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
         with engine.lock:
             engine.api_calls[action] += 1
         m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if m and m.group(2) == "ec2" and m.group(1) != engine.region:
-            return _error_response(
-                start_response,
-                "UnsupportedOperation",
-                f"this local cloud serves region {engine.region} only, not {m.group(1)}",
-            )
+        region = m.group(1) if m and m.group(2) == "ec2" else engine.region
+        try:
+            with engine.lock:
+                backend = region_backend(region)
+        except AuthFailure as e:
+            return _error_response(start_response, e.code, str(e), e.status)
+        # moto takes the region from the User-Agent before the signature: pin it
+        environ["HTTP_USER_AGENT"] = f"asyncstage-localcloud region/{region}"
         if not throttle.admit(action, params):
             return _error_response(
                 start_response, THROTTLED_CODE, THROTTLED_MESSAGE, THROTTLED_STATUS

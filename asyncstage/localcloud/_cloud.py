@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -88,6 +89,18 @@ class LocalCloud:
         """The AMI id of the local image (named :attr:`image_name`)."""
         return self._engine.image_id
 
+    def image_id_in(self, region: str) -> str:
+        """The AMI id of the local image in ``region`` (each region has its own ids)."""
+        return self._engine.api.image_in(region)
+
+    def set_snapshot_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Give a snapshot another ``StartTime`` (any region's), as DescribeSnapshots shows it.
+
+        Not an EC2 operation (EC2's StartTime is the moment of CreateSnapshot): it lets
+        tests of retention make snapshots of many dates at once. ``when`` is aware, or UTC.
+        """
+        self._engine.api.set_start_time(snapshot_id, when)
+
     @property
     def account_id(self) -> str:
         """The cloud's own account id (its records are kept apart from other clouds')."""
@@ -108,8 +121,12 @@ class LocalCloud:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return str(self._engine.state_dir)
 
-    def session_kwargs(self) -> dict[str, str]:
+    def session_kwargs(self, region: str | None = None) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        One cloud serves every EC2 region, each taken from the signature of a request
+        (its SigV4 credential scope): ``region`` (default: the cloud's own) is the one
+        the client signs for.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
@@ -117,7 +134,7 @@ class LocalCloud:
         """
         return {
             "endpoint_url": self.endpoint_url,
-            "region_name": self.region,
+            "region_name": region or self.region,
             **self._engine.credentials.as_kwargs(),
         }
 
@@ -148,7 +165,11 @@ class LocalCloud:
         await self.close()
 
     def manager(self, **options: Any) -> Manager:
-        """A :class:`asyncstage.Manager` for this cloud: ``async with cloud.manager() as m``."""
+        """A :class:`asyncstage.Manager` for this cloud: ``async with cloud.manager() as m``.
+
+        ``cloud.manager(region="eu-west-1")`` manages that region of the same cloud
+        (its own zones, image id, key pairs, volumes and snapshots).
+        """
         from asyncstage.manager import local_manager
 
         return local_manager(self, **options)

@@ -88,6 +88,9 @@ class Realism:
                                                  Nitro (NVMe hotplug) after ``attached``;
                                                  Xen ``attaching`` until it is there
     ``snapshot``                  0.5 - 1.5 s    ``pending`` with rising Progress, minutes+
+    ``copy_per_gib``              2.0 s          a CopySnapshot is ``pending`` for longer
+                                                 the more data it copies (per GiB used,
+                                                 after ``snapshot``)
     ``snapshot_interval``         1.0 s          SnapshotCreationPerVolumeRateExceeded
     ``busy_detach``               True           a mounted volume's detach stays ``busy``
     ``moving_public_address``     True           a new public address at every start
@@ -111,6 +114,7 @@ class Realism:
     console_latest: Span = (0.0, 0.1)
     device: Span = (0.05, 0.3)
     snapshot: Span = (0.5, 1.5)
+    copy_per_gib: float = 2.0
     snapshot_interval: float = 1.0
     busy_detach: bool = True
     moving_public_address: bool = True
@@ -130,6 +134,7 @@ class Realism:
             console_latest=(0.0, 0.0),
             device=(0.0, 0.0),
             snapshot=(0.0, 0.0),
+            copy_per_gib=0.0,
             snapshot_interval=0.0,
             busy_detach=False,
             moving_public_address=False,
