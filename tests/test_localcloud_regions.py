@@ -184,6 +184,38 @@ async def test_copy_snapshot_across_regions_by_ec2s_rules(
     assert not {r for _, r in made} & {n.removesuffix(".img") for n in left}
 
 
+async def test_encryption_by_default_is_a_setting_of_each_region(
+    cloud: LocalCloud, ec2: Any, other: Any
+) -> None:
+    made: list[tuple[Any, str]] = []
+    await other.enable_ebs_encryption_by_default()
+    try:
+        assert (await other.get_ebs_encryption_by_default())["EbsEncryptionByDefault"]
+        assert not (await ec2.get_ebs_encryption_by_default())["EbsEncryptionByDefault"]
+        volume = await other.create_volume(AvailabilityZone=f"{OTHER}a", Size=1)
+        made.append((other, volume["VolumeId"]))
+        assert volume["Encrypted"] is True and f":{OTHER}:" in volume["KmsKeyId"]
+        home = await ec2.create_volume(AvailabilityZone=f"{cloud.region}a", Size=1)
+        made.append((ec2, home["VolumeId"]))
+        assert home["Encrypted"] is False
+        snap = await ec2.create_snapshot(VolumeId=home["VolumeId"])
+        made.append((ec2, snap["SnapshotId"]))
+        await _completed(ec2, snap["SnapshotId"])
+        copy = await other.copy_snapshot(
+            SourceSnapshotId=snap["SnapshotId"], SourceRegion=cloud.region
+        )
+        made.append((other, copy["SnapshotId"]))
+        described = await _completed(other, copy["SnapshotId"])
+        assert described["Encrypted"] is True  # the destination's default, not asked
+    finally:
+        await other.disable_ebs_encryption_by_default()
+        for client, resource in reversed(made):
+            if resource.startswith("vol-"):
+                await client.delete_volume(VolumeId=resource)
+            else:
+                await client.delete_snapshot(SnapshotId=resource)
+
+
 async def test_managers_in_two_regions_copy_a_snapshot_and_read_it_back(
     cloud: LocalCloud, manager_factory: ManagerFactory
 ) -> None:

@@ -8,12 +8,16 @@ completed snapshot, pending ones and those an image uses are never removed.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from asyncstage import Manager
+from asyncstage.adoption import owner_tags
+from asyncstage.ec2 import tag
 from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud import LocalCloud
 from asyncstage.retention import InvalidPolicy, Policy, forget, parse_duration, plan
@@ -110,6 +114,46 @@ def test_durations_and_future_ones() -> None:
     assert parse_duration("36h") == timedelta(hours=36)
     with pytest.raises(InvalidPolicy):
         Policy(within=timedelta(days=-1))
+
+
+# -- API calls (plain moto: records only) ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_forget_reads_pages_not_one_call_per_snapshot(moto_url: str, tmp_path: Path) -> None:
+    async with Manager(
+        region="us-east-1",
+        endpoint_url=moto_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        image="*",
+        dotdir=tmp_path / "dot",
+        scan=False,
+    ) as m:
+        assert m.key_pair is not None
+        volume = await m.ec2.create_volume(availability_zone="us-east-1a", size=1)
+        count = 150
+        for n in range(count):
+            await m.ec2.create_snapshot(
+                str(volume["VolumeId"]),
+                tags={
+                    tag("role"): "snapshot",
+                    tag("name"): "many",
+                    tag("fstype"): "ext4",
+                    tag("created"): f"{n:020.6f}",
+                    **owner_tags(m.key_pair.name),
+                },
+            )
+        before = Counter(m.ec2.calls)
+        result = await forget(m, ["many"], Policy(last=5), report=lambda line: None)
+        calls = Counter(m.ec2.calls) - before
+        assert sum(d.keep for d in result["many"]) == 5
+        assert len(await m.snapshots("many")) == 5
+        # two readings of the list, each a few pages and one DescribeImages, and one
+        # DeleteSnapshot per snapshot removed (EC2 has no batch delete)
+        assert calls["DeleteSnapshot"] == count - 5
+        assert calls["DescribeImages"] == 2
+        assert 2 <= calls["DescribeSnapshots"] <= 2 * (count // 100 + 2), calls
 
 
 # -- on the local cloud ---------------------------------------------------------------------

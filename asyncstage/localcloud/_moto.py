@@ -391,6 +391,8 @@ class LocalBackend(EC2Backend):
         if engine is None:
             return super().create_volume(size, zone_name, snapshot_id, **kw)  # type: ignore[arg-type]
         self._check_zone(zone_name)
+        if self.ebs_encryption_by_default:  # the region's setting (EnableEbsEncryptionByDefault)
+            kw["encrypted"] = True
         source = None
         if snapshot_id:
             snapshot = self.get_snapshot(snapshot_id)
@@ -661,7 +663,11 @@ class LocalBackend(EC2Backend):
         home = self._source_backend(source_region)
         source = home.describe_images(ami_ids=[source_image_id])[0]
         install_backend(home)  # moto reads the source from its registry
-        image = super().copy_image(source_image_id, home.region_name, name, description)
+        self._launching = True  # moto's record of a root volume and snapshot: no disk
+        try:
+            image = super().copy_image(source_image_id, home.region_name, name, description)
+        finally:
+            self._launching = False
         _retype(image, _LocalImage)
         local: Any = image
         local.boots_local = source_image_id == home.image_id or bool(
@@ -704,12 +710,13 @@ def _copy_encryption(
 ) -> tuple[bool, str | None]:
     """(encrypted, key ARN) of a snapshot copy into ``backend``'s region, by EC2's rules.
 
-    The copy of an encrypted snapshot is encrypted; ``Encrypted=true`` encrypts the copy
-    of a plain one. The key is ``KmsKeyId`` (it needs ``Encrypted=true``, and it must be a
-    key of the destination region: a key never leaves its region), else the region's
-    default key (``alias/aws/ebs``).
+    The copy of an encrypted snapshot is encrypted; ``Encrypted=true``, or encryption by
+    default in the destination region, encrypts the copy of a plain one. The key is
+    ``KmsKeyId`` (it needs ``Encrypted=true``, and it must be a key of the destination
+    region: a key never leaves its region), else the region's default key
+    (``alias/aws/ebs``).
     """
-    asked = str(request.get("Encrypted", "")).lower() == "true"
+    asked = _true(request.get("Encrypted"))
     key = request.get("KmsKeyId") or None
     region, account = backend.region_name, backend.account_id
     if key is not None and not asked:
@@ -717,7 +724,7 @@ def _copy_encryption(
             "InvalidParameterDependency",
             "The parameter KmsKeyId requires the parameter Encrypted to be set.",
         )
-    encrypted = asked or bool(source.encrypted)
+    encrypted = asked or bool(source.encrypted) or bool(backend.ebs_encryption_by_default)
     if not encrypted:
         return False, None
     if key is None or key == "alias/aws/ebs":  # the region's own AWS managed key
