@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     import collections
     import os
     from collections.abc import Iterable, Mapping, Sequence
+    from datetime import datetime
     from pathlib import Path
     from typing import Any, Literal
 
@@ -1080,7 +1081,7 @@ class LocalCloud(_LocalCloudAttributes):
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
-        realism: Literal["aws", "off"] | Realism = "aws",
+        realism: Literal["aws", "off", "harsh"] | Realism = "aws",
         api_rate: float | Literal["default"] | None = "default",
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
@@ -1100,8 +1101,26 @@ class LocalCloud(_LocalCloudAttributes):
             )
         )
 
-    def session_kwargs(self, *, read_only: bool = False) -> dict[str, str]:
+    def image_id_in(self, region: str) -> str:
+        """The AMI id of the local image in ``region`` (each region has its own ids)."""
+        return _call_sync(self._async.image_id_in, region)
+
+    def set_snapshot_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Give a snapshot another ``StartTime`` (any region's), as DescribeSnapshots shows it.
+
+        Not an EC2 operation (EC2's StartTime is the moment of CreateSnapshot): it lets
+        tests of retention make snapshots of many dates at once. ``when`` is aware, or UTC.
+        """
+        _call_sync(self._async.set_snapshot_start_time, snapshot_id, when)
+
+    def session_kwargs(
+        self, region: str | None = None, *, read_only: bool = False
+    ) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        One cloud serves every EC2 region, each taken from the signature of a request
+        (its SigV4 credential scope): ``region`` (default: the cloud's own) is the one
+        the client signs for.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
@@ -1111,7 +1130,7 @@ class LocalCloud(_LocalCloudAttributes):
         which may call only ``Describe*`` and ``Get*``, a small stand-in for an IAM
         policy: anything else is answered ``UnauthorizedOperation``.
         """
-        return _call_sync(self._async.session_kwargs, read_only=read_only)
+        return _call_sync(self._async.session_kwargs, region, read_only=read_only)
 
     def start(self) -> None:
         """Start the cloud (what ``async with`` does)."""

@@ -545,14 +545,17 @@ def _options(
 def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
     """A Manager for an embedded local cloud (its endpoint, region, image and user).
 
-    ``options`` are Manager options; they override the local cloud's defaults.
+    ``options`` are Manager options; they override the local cloud's defaults. A
+    ``region`` other than the cloud's own gets that region's id of the image.
     """
     session = cloud.session_kwargs()
+    region = str(options.get("region") or cloud.region)
+    image_in = getattr(cloud, "image_id_in", None)  # a cloud of several regions
     defaults: dict[str, Any] = {
-        "region": cloud.region,
+        "region": region,
         "endpoint_url": cloud.endpoint_url,
         **local_credentials(session),
-        "image": cloud.image_id,
+        "image": cloud.image_id if image_in is None else image_in(region),
         "username": cloud.default_username,
         "ssh_cidr": "127.0.0.1/32",
         "install_packages": False,

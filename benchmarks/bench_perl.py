@@ -45,10 +45,10 @@ from asyncstage import Manager, Server, Volume
 from asyncstage.localcloud import Realism
 
 # VM::EC2::Staging creates its security group and reads it back at once (``$sg->update or
-# die``): on EC2 that read usually finds it, on the realistic local cloud a new id is
-# NotFound for up to half a second, so the module would never get a server. Both sides
-# run on the realistic profile without that window (asyncstage copes with it either way:
-# tests/test_realism_consistency.py).
+# die``): on EC2 that read usually finds it, and so it does on the realistic local cloud,
+# which hides a tenth of new ids for a moment; a run meeting one would die. So that the
+# figures compare the same work, both sides run on the realistic profile without that
+# window (asyncstage copes with it either way: tests/test_realism_consistency.py).
 PERL_REALISM = dataclasses.replace(Realism(), consistency=(0.0, 0.0))
 
 ZONE = "us-east-1a"

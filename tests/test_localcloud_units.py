@@ -19,6 +19,7 @@ from asyncstage.localcloud._auth import AuthFailure, Credentials, check_host, ch
 from asyncstage.localcloud._devices import is_nitro, root_nodes, xen_node
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import scrubbed_shadow
+from asyncstage.localcloud._query import renumber
 from asyncstage.localcloud._wire import boolean_actions, fix_response, namespace
 
 CREDS = Credentials("AKIAEXAMPLEEXAMPLE00", "s" * 40)
@@ -189,3 +190,41 @@ def test_boot_writes_never_follow_a_symlink_the_instance_planted(
         host._write("etc/ssh/sshd_config", "ListenAddress 127.200.0.1:22\n")
     assert target.read_text() == "the machine's\n"
     assert not (tmp_path / "sshd_config").exists()
+
+
+def test_list_parameters_are_renumbered_in_the_order_of_their_indexes() -> None:
+    assert renumber(
+        {"Action": "X", "ResourceId.0": "a", "ResourceId.7": "c", "ResourceId.3": "b"}
+    ) == {
+        "Action": "X",
+        "ResourceId.1": "a",
+        "ResourceId.2": "b",
+        "ResourceId.3": "c",
+    }
+    nested = renumber(
+        {
+            "Filter.5.Name": "n",
+            "Filter.5.Value": "x",  # one value, without an index
+            "Filter.2.Name": "m",
+            "Filter.2.Value.9": "z",
+            "Filter.2.Value.0": "y",
+            "TagSpecification.0.Tag.3.Key": "k",
+            "TagSpecification.0.Tag.3.Value": "v",
+            "TagSpecification.0.ResourceType": "volume",
+        }
+    )
+    assert nested == {
+        "Filter.2.Name": "n",
+        "Filter.2.Value.1": "x",
+        "Filter.1.Name": "m",
+        "Filter.1.Value.2": "z",
+        "Filter.1.Value.1": "y",
+        "TagSpecification.1.Tag.1.Key": "k",
+        "TagSpecification.1.Tag.1.Value": "v",
+        "TagSpecification.1.ResourceType": "volume",
+    }
+    ordinary = {"InstanceId.1": "i-1", "InstanceId.2": "i-2", "MaxCount": "2"}
+    assert renumber(ordinary) == ordinary
+    many = {f"InstanceId.{n}": f"i-{n}" for n in range(0, 2000, 2)}
+    assert list(renumber(many).values()) == list(many.values())
+    assert set(renumber(many)) == {f"InstanceId.{n}" for n in range(1, 1001)}

@@ -280,6 +280,56 @@ def test_a_filter_with_one_value_is_read_as_ec2_reads_it(cloud: LocalCloud) -> N
         client.call("DeleteSecurityGroup", GroupId=group_id)
 
 
+def test_list_parameters_at_any_index_as_ec2_reads_them(cloud: LocalCloud) -> None:
+    """Lists from index 0, with gaps, out of order: EC2 reads them sorted by index."""
+    client = raw(cloud)
+    volumes = []
+    for _ in range(3):
+        status, body = client.call("CreateVolume", Size="1", AvailabilityZone="us-east-1a")
+        assert status == 200, body
+        volumes += find(body, "volumeId")
+    try:
+        status, body = client.call(
+            "CreateTags",
+            **{
+                "ResourceId.0": volumes[0],
+                "ResourceId.7": volumes[2],
+                "ResourceId.3": volumes[1],
+                "Tag.0.Key": "Name",
+                "Tag.0.Value": "zero",
+                "Tag.5.Key": "kept",
+                "Tag.5.Value": "",
+            },
+        )
+        assert status == 200 and find(body, "return") == ["true"], body
+        status, body = client.call(
+            "DescribeVolumes",
+            sign="v2",
+            **{
+                "Filter.0.Name": "tag:Name",
+                "Filter.0.Value.0": "zero",
+                "Filter.0.Value.4": "other",
+                "Filter.9.Name": "volume-id",
+                "Filter.9.Value.2": volumes[2],
+                "Filter.9.Value.0": volumes[0],
+            },
+        )
+        assert status == 200 and sorted(find(body, "volumeId")) == sorted(
+            [volumes[0], volumes[2]]
+        ), body
+        by_id = {f"VolumeId.{n}": v for n, v in zip((0, 10, 2), volumes, strict=True)}
+        status, body = client.call("DescribeVolumes", **by_id)
+        assert status == 200 and sorted(find(body, "volumeId")) == sorted(volumes), body
+        assert find(body, "key").count("kept") == 3, body
+        status, body = client.call(
+            "DescribeTags", **{"Filter.0.Name": "key", "Filter.0.Value": "kept"}
+        )
+        assert status == 200 and sorted(find(body, "resourceId")) == sorted(volumes), body
+    finally:
+        for volume_id in volumes:
+            client.call("DeleteVolume", VolumeId=volume_id)
+
+
 def _wait_raw(client: RawClient, action: str, tag: str, want: str, params: dict[str, str]) -> None:
     for _ in range(200):
         _, body = client.call(action, **params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from botocore.exceptions import ClientError
 
 from asyncstage.ec2 import EC2
 from asyncstage.ec2.client import _Fresh
+from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._consistency import Consistency, created_ids
-from asyncstage.localcloud._realism import BUCKETS, Realism
+from asyncstage.localcloud._realism import BUCKETS, Realism, resolve
 from asyncstage.localcloud._throttle import Throttle, cost, unfiltered
 from tests.fleet import fleet_cycle
 
@@ -155,6 +157,20 @@ def test_consistency_hides_new_ids_for_their_window() -> None:
     assert seen.leave_out("DescribeInstances", DESCRIBE, frozenset()) == DESCRIBE
 
 
+def test_default_profile_hides_some_new_ids_and_harsh_hides_all() -> None:
+    draws = random.Random(7)
+    aws = [Realism().consistency_window(draws.random) for _ in range(2000)]
+    hidden = [w for w in aws if w > 0]
+    assert 0.05 < len(hidden) / len(aws) < 0.15  # about Realism().consistency_share
+    assert all(0.1 <= w <= 0.5 for w in hidden)
+    harsh = [Realism.harsh().consistency_window(draws.random) for _ in range(200)]
+    assert all(0 < w <= 0.5 for w in harsh)
+    assert {Realism.off().consistency_window(draws.random) for _ in range(50)} == {0.0}
+    assert resolve("harsh") == Realism.harsh() and resolve("harsh").name == "harsh"
+    with pytest.raises(InvalidArgument):
+        resolve("brutal")  # type: ignore[arg-type]
+
+
 def test_library_retries_not_found_only_for_ids_it_just_created() -> None:
     fresh = _Fresh(60.0)
     fresh.remember("RunInstances", {}, {"Instances": [{"InstanceId": "i-0new"}]})
@@ -192,8 +208,8 @@ def _need_root() -> None:
 
 @pytest.fixture
 def strict_consistency() -> Realism:
-    """Every new id unknown for exactly 0.5 s (the realistic profile otherwise)."""
-    return dataclasses.replace(Realism(), consistency=(0.5, 0.5))
+    """Every new id unknown for exactly 0.5 s (the harsh profile: all of them hidden)."""
+    return dataclasses.replace(Realism.harsh(), consistency=(0.5, 0.5))
 
 
 def _raw(cloud: LocalCloud) -> Any:

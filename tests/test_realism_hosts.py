@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
+from botocore.exceptions import ClientError
 
 from asyncstage import Manager, shell
 from asyncstage.errors import HostKeyMismatch, HostKeyUnverified, ServerUnreachable
@@ -100,9 +101,9 @@ async def test_console_is_empty_then_present(cloud: LocalCloud, ec2: Any) -> Non
             ids = await _launch_running(cloud, ec2, *kinds)
         nitro, xen = ids["t3.micro"], ids["t2.micro"]
         assert await _console(ec2, nitro, latest=False) == ""  # no Output yet
-        assert await _console(ec2, xen, latest=True) == ""  # Xen ignores Latest
+        await _no_latest_on_xen(ec2, xen)
         await _fingerprints_shown(ec2, nitro, True, 10)  # Latest on Nitro: current
-        assert await _console(ec2, xen, latest=True) == ""
+        assert await _console(ec2, xen, latest=False) == ""
         assert await _console(ec2, nitro, latest=False) == ""
         with _console_delays(cloud, 1.0, 1.0):
             later = await _launch_running(cloud, ec2, *kinds)
@@ -114,12 +115,30 @@ async def test_console_is_empty_then_present(cloud: LocalCloud, ec2: Any) -> Non
             await ec2.terminate_instances(InstanceIds=list(ids.values()))
 
 
+async def _no_latest_on_xen(ec2: Any, instance_id: str) -> None:
+    """EC2 refuses ``Latest=true`` on a Xen type (Nitro only): UnsupportedOperation."""
+    with pytest.raises(ClientError) as refused:
+        await _console(ec2, instance_id, latest=True)
+    assert refused.value.response["Error"]["Code"] == "UnsupportedOperation"
+    assert "Nitro" in refused.value.response["Error"]["Message"]
+
+
 async def test_library_waits_for_a_late_console(manager: Manager, slow_console: None) -> None:
     # a Xen type: Latest does not help, the console comes 3 s after the boot
     server = await manager.provision_server("patient", instance_type="t2.micro")
     assert server._expected_fingerprints  # verified against the console, not trusted
     assert manager.ec2.calls["GetConsoleOutput"] > 1  # polled until it showed them
     assert (await server.scmd("whoami")).strip() == "admin"
+
+
+async def test_library_reads_a_nitro_console_with_latest(
+    manager: Manager, slow_console: None
+) -> None:
+    # a Nitro type: Latest shows the console within 0.3 s, long before the 3 s it takes
+    server = await manager.provision_server("current", instance_type="t3.micro")
+    assert server._expected_fingerprints
+    assert (await server.scmd("whoami")).strip() == "admin"
+    await server.terminate()
 
 
 async def test_a_clock_ahead_of_ec2s_still_waits_for_the_console(

@@ -26,8 +26,9 @@ from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud import _iam
 from asyncstage.localcloud._auth import AuthFailure, check_host, check_request, signer
 from asyncstage.localcloud._consistency import Consistency, created_ids
-from asyncstage.localcloud._devices import ROOT_DEVICE_NAME
+from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, is_nitro
 from asyncstage.localcloud._hooks import EngineHooks
+from asyncstage.localcloud._query import renumber
 from asyncstage.localcloud._throttle import (
     THROTTLED_CODE,
     THROTTLED_MESSAGE,
@@ -42,6 +43,9 @@ try:
 
     from asyncstage.localcloud._moto import (
         LAUNCH_REQUEST,
+        LocalBackend,
+        ec2_regions,
+        find_record,
         install_backend,
         make_backend,
         release_public_address,
@@ -68,19 +72,10 @@ class LocalApi:
 
     def __init__(self, engine: EngineHooks) -> None:
         self._engine = engine
+        self.backends: dict[str, LocalBackend] = {}
         with engine.lock:
-            self.backend = make_backend(engine.region, engine.account)
-            image = self.backend.register_image(
-                name=engine.image_name, description=IMAGE_DESCRIPTION
-            )
-            image.architecture = "x86_64"
-            image.virtualization_type = "hvm"
-            image.hypervisor = "xen"
-            image.root_device_type = "ebs"
-            image.root_device_name = ROOT_DEVICE_NAME
-            self.image_id: str = image.id
-            self.backend.image_id = image.id
-            self.backend.engine = engine
+            self.backend = self.region(engine.region)
+            self.image_id: str = self.backend.image_id
 
         class _Handler(_QuietHandler):
             def date_time_string(self, timestamp: float | None = None) -> str:
@@ -91,7 +86,7 @@ class LocalApi:
         self._server: BaseWSGIServer = make_server(
             "127.0.0.1",
             engine.port,
-            make_app(engine, self.backend),
+            make_app(engine, self.region),
             threaded=True,
             request_handler=_Handler,
         )
@@ -106,28 +101,70 @@ class LocalApi:
         )
         self._thread.start()
 
+    def region(self, name: str) -> LocalBackend:
+        """The backend of region ``name``, made at its first use (under ``engine.lock``).
+
+        Each region has its own records (zones, key pairs, groups, volumes, snapshots)
+        and its own AMI id for the one image, as EC2's regions do.
+        """
+        backend = self.backends.get(name)
+        if backend is not None:
+            return backend
+        if name not in ec2_regions():
+            raise AuthFailure(
+                f"Credential should be scoped to a valid region, not '{name}'",
+                code="AuthFailure",
+            )
+        engine = self._engine
+        backend = make_backend(name, engine.account)
+        image = backend.register_image(name=engine.image_name, description=IMAGE_DESCRIPTION)
+        image.architecture = "x86_64"
+        image.virtualization_type = "hvm"
+        image.hypervisor = "xen"
+        image.root_device_type = "ebs"
+        image.root_device_name = ROOT_DEVICE_NAME
+        backend.image_id = image.id
+        backend.engine = engine
+        backend.peers = self.region
+        self.backends[name] = backend
+        return backend
+
+    def image_in(self, region: str) -> str:
+        """The AMI id of the local image in ``region``."""
+        with self._engine.lock:
+            return self.region(region).image_id
+
+    def set_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Set a snapshot's StartTime (not EC2: for tests of retention)."""
+        with self._engine.lock:
+            snapshot = find_record(self.backends.values(), "get_snapshot", snapshot_id)
+            snapshot.start_time = when.astimezone(UTC).replace(tzinfo=None)
+
+    def _instance(self, instance_id: str) -> Any:
+        return find_record(self.backends.values(), "get_instance", instance_id)
+
     # -- ApiHooks (called by the engine under its lock) --------------------------------
 
     def instance_state(self, instance_id: str) -> str:
-        return str(self.backend.get_instance(instance_id).state)
+        return str(self._instance(instance_id).state)
 
     def set_running(self, instance_id: str) -> None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         if instance.state == "pending":
             set_state(instance, "running")
 
     def boot_failed(self, instance_id: str, reason: str) -> None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         if instance.state == "pending":
             instance.stop()
             instance._reason = f"Server.InternalError: {reason}"
 
     def launch_failed(self, instance_id: str, message: str) -> None:
         """A terminated launch's StateReason as EC2 gives it (``Server.InternalError``)."""
-        set_reason(self.backend.get_instance(instance_id), "Server.InternalError", message)
+        set_reason(self._instance(instance_id), "Server.InternalError", message)
 
     def halted(self, instance_id: str, *, terminated: bool) -> None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         if terminated:
             instance.terminate()  # moto detaches the volumes (through volume_detaching)
         elif instance.state == "stopping":
@@ -135,18 +172,20 @@ class LocalApi:
             release_public_address(self._engine, instance)
 
     def snapshot_completed(self, snapshot_id: str) -> None:
-        if snapshot_id in self.backend.snapshots:
-            self.backend.snapshots[snapshot_id].status = "completed"
+        for backend in self.backends.values():
+            if snapshot_id in backend.snapshots:
+                backend.snapshots[snapshot_id].status = "completed"
 
     def attachment_done(self, volume_id: str) -> None:
         """An ``attaching`` attachment is ``attached`` now (its device node is there)."""
-        volume = self.backend.volumes.get(volume_id)
-        attachment = None if volume is None else volume.attachment
-        if attachment is not None and attachment.status == "attaching":
-            attachment.status = "attached"
+        for backend in self.backends.values():
+            volume = backend.volumes.get(volume_id)
+            attachment = None if volume is None else volume.attachment
+            if attachment is not None and attachment.status == "attaching":
+                attachment.status = "attached"
 
     def root_volume(self, instance_id: str) -> str | None:
-        instance = self.backend.get_instance(instance_id)
+        instance = self._instance(instance_id)
         mapping = instance.block_device_mapping.get(ROOT_DEVICE_NAME)
         return None if mapping is None else str(mapping.volume_id)
 
@@ -155,19 +194,21 @@ class LocalApi:
         self._server.server_close()
         self._thread.join(timeout=10)
         with self._engine.lock:
-            self.backend.engine = None
-            uninstall_backend(self.backend)
+            for backend in self.backends.values():
+                backend.engine = None
+                uninstall_backend(backend)
 
 
 # -- the WSGI app -----------------------------------------------------------------------
 
 
-def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
-    """moto's EC2 app behind the local cloud's middleware."""
+def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIApp:
+    """moto's EC2 app behind the local cloud's middleware; ``region_backend`` gives the
+    backend of the region a request is signed for (SigV4's credential scope; SigV2,
+    which names none, is the cloud's own region)."""
     moto_app: WSGIApp = create_backend_app("ec2")
     throttle = Throttle(engine.realism.api_rate, counter=engine.throttled)
     consistency = Consistency()
-    low, high = engine.realism.consistency
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -188,12 +229,14 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
         with engine.lock:
             engine.api_calls[action] += 1
         m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if m and m.group(2) == "ec2" and m.group(1) != engine.region:
-            return _error_response(
-                start_response,
-                "UnsupportedOperation",
-                f"this local cloud serves region {engine.region} only, not {m.group(1)}",
-            )
+        region = m.group(1) if m and m.group(2) == "ec2" else engine.region
+        try:
+            with engine.lock:
+                backend = region_backend(region)
+        except AuthFailure as e:
+            return _error_response(start_response, e.code, str(e), e.status)
+        # moto takes the region from the User-Agent before the signature: pin it
+        environ["HTTP_USER_AGENT"] = f"asyncstage-localcloud region/{region}"
         read_only = pair is engine.read_only_credentials
         if (denied := _iam.refusal(action, params, read_only=read_only)) is not None:
             return _error_response(start_response, *denied)
@@ -211,18 +254,20 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
         if rewrite:
             params["MinCount"] = params["MaxCount"]
-        # EC2 takes a filter's one value as ``Filter.N.Value`` too (older clients, such as
-        # the Perl VM::EC2, send it so); moto reads only ``Filter.N.Value.M``.
-        for key in [k for k in params if _ONE_VALUE.fullmatch(k)]:
-            params.setdefault(f"{key}.1", params.pop(key))
-            rewrite = True
+        numbered = renumber(params)  # lists from any index, as EC2 reads them (._query)
+        if numbered != params:
+            params, rewrite = numbered, True
         if rewrite:  # after the signature check, which covered what the client sent
             body = urlencode(params).encode()
             environ["QUERY_STRING"] = ""
         if action == "GetConsoleOutput":
             latest = params.get("Latest", "").lower() == "true"
+            instance_id = params.get("InstanceId", "")
             with engine.lock:
-                text = engine.console(params.get("InstanceId", ""), latest)
+                no_latest = _latest_refusal(backend, instance_id) if latest else None
+                text = None if no_latest else engine.console(instance_id, latest)
+            if no_latest is not None:
+                return _error_response(start_response, "UnsupportedOperation", no_latest)
             if text is not None:
                 return _console_response(start_response, params["InstanceId"], text, version)
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
@@ -231,9 +276,10 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
             backend.request = params  # what moto does not pass on (DetachVolume's Force)
             code, headers, data = _call(moto_app, environ, body)
             ok = code.startswith("2")
-            made = created_ids(action, data) if ok and high > 0 else []
+            made = created_ids(action, data) if ok else []
             if made:  # recorded before any other request can learn the ids
-                consistency.created(made, [engine.random.uniform(low, high) for _ in made])
+                draw = engine.realism.consistency_window
+                consistency.created(made, [draw(engine.random.random) for _ in made])
         if ok and hidden:
             data = consistency.leave_out(action, data, hidden)
         data = fix_response(action, version, ok, data)
@@ -244,7 +290,18 @@ def make_app(engine: EngineHooks, backend: Any) -> WSGIApp:
     return app
 
 
-_ONE_VALUE = re.compile(r"Filter\.\d+\.Value")
+def _latest_refusal(backend: Any, instance_id: str) -> str | None:
+    """EC2's refusal of ``Latest=true`` on a Xen instance type (Nitro types only)."""
+    try:
+        instance_type = str(backend.get_instance(instance_id).instance_type)
+    except Exception:  # unknown: moto answers InvalidInstanceID.NotFound
+        return None
+    if is_nitro(instance_type):
+        return None
+    return (
+        f"The instance type {instance_type} does not support retrieving the latest console "
+        "output (Latest): it is supported on instance types built on the Nitro System."
+    )
 
 
 def _call(app: WSGIApp, environ: dict[str, Any], body: bytes) -> tuple[str, list[Any], bytes]:

@@ -165,7 +165,7 @@ def _check_sigv4(
     except ValueError:
         raise AuthFailure("the request has no valid X-Amz-Date") from None
     _check_time(when)
-    # the region of the scope is checked by the caller (a clear "this cloud serves X only")
+    # the region of the scope chooses the records the request sees (the caller: ._api)
     if not stamp.startswith(m["date"]) or m["service"] != "ec2":
         raise AuthFailure(f"the credential scope {m['date']}/{m['region']}/{m['service']} is wrong")
     claimed = _header(environ, "x-amz-content-sha256")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,8 +38,9 @@ class LocalCloud:
     that the log names); ``ASYNCSTAGE_LOCAL_SEED=N`` in the environment replays them.
 
     ``realism="aws"`` (the default) plays EC2's behaviour with times scaled down to
-    seconds (:class:`~asyncstage.localcloud.Realism` lists each one); ``realism="off"``
-    is the instant cloud. ``api_rate`` scales EC2's API token buckets (1.0: AWS's
+    seconds (:class:`~asyncstage.localcloud.Realism` lists each one); ``realism="harsh"``
+    hides every new id for a while, not only some (for tests of retries);
+    ``realism="off"`` is the instant cloud. ``api_rate`` scales EC2's API token buckets (1.0: AWS's
     published sizes and rates; smaller is stricter; None: unlimited);
     ``insufficient_capacity`` names zones (or zone -> instance types) where RunInstances
     and StartInstances answer ``InsufficientInstanceCapacity``.
@@ -51,7 +53,7 @@ class LocalCloud:
         state_dir: str | os.PathLike[str] | None = None,
         region: str = "us-east-1",
         port: int = 0,
-        realism: Literal["aws", "off"] | Realism = "aws",
+        realism: Literal["aws", "off", "harsh"] | Realism = "aws",
         api_rate: float | Literal["default"] | None = "default",
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
@@ -87,6 +89,18 @@ class LocalCloud:
         """The AMI id of the local image (named :attr:`image_name`)."""
         return self._engine.image_id
 
+    def image_id_in(self, region: str) -> str:
+        """The AMI id of the local image in ``region`` (each region has its own ids)."""
+        return self._engine.api.image_in(region)
+
+    def set_snapshot_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Give a snapshot another ``StartTime`` (any region's), as DescribeSnapshots shows it.
+
+        Not an EC2 operation (EC2's StartTime is the moment of CreateSnapshot): it lets
+        tests of retention make snapshots of many dates at once. ``when`` is aware, or UTC.
+        """
+        self._engine.api.set_start_time(snapshot_id, when)
+
     @property
     def account_id(self) -> str:
         """The cloud's own account id (its records are kept apart from other clouds')."""
@@ -107,8 +121,14 @@ class LocalCloud:
         """Where volumes, snapshots and instance state live while the cloud runs."""
         return str(self._engine.state_dir)
 
-    def session_kwargs(self, *, read_only: bool = False) -> dict[str, str]:
+    def session_kwargs(
+        self, region: str | None = None, *, read_only: bool = False
+    ) -> dict[str, str]:
         """What an aioboto3 session or client needs: endpoint, region, the credentials.
+
+        One cloud serves every EC2 region, each taken from the signature of a request
+        (its SigV4 credential scope): ``region`` (default: the cloud's own) is the one
+        the client signs for.
 
         The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
         own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
@@ -122,7 +142,7 @@ class LocalCloud:
         pair = engine.read_only_credentials if read_only else engine.credentials
         return {
             "endpoint_url": self.endpoint_url,
-            "region_name": self.region,
+            "region_name": region or self.region,
             **pair.as_kwargs(),
         }
 
@@ -155,6 +175,8 @@ class LocalCloud:
     def manager(self, *, read_only: bool = False, **options: Any) -> Manager:
         """A :class:`asyncstage.Manager` for this cloud: ``async with cloud.manager() as m``.
 
+        ``cloud.manager(region="eu-west-1")`` manages that region of the same cloud
+        (its own zones, image id, key pairs, volumes and snapshots).
         ``read_only=True``: signed with the read-only pair (:meth:`session_kwargs`).
         """
         from asyncstage.manager import local_manager

@@ -250,8 +250,8 @@ class Engine:
         """The console as GetConsoleOutput shows it: a boot's output only after a while.
 
         EC2 makes it available minutes after the boot (``realism.console``); with
-        ``Latest=True`` a Nitro instance shows it current (``realism.console_latest``),
-        a Xen one ignores Latest.
+        ``Latest=True`` a Nitro instance shows it current (``realism.console_latest``);
+        the API refuses Latest on a Xen one, as EC2 does.
         """
         machine = self.machines.get(instance_id)
         if machine is None:

@@ -12,6 +12,7 @@ import collections
 import random
 import threading
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -76,7 +77,13 @@ class ApiHooks(Protocol):
     """What the engine calls on the API (its records of instances and snapshots)."""
 
     endpoint_url: str
-    image_id: str  # the AMI instances boot
+    image_id: str  # the AMI instances boot (in the cloud's own region)
+
+    def image_in(self, region: str) -> str:
+        """The AMI id of the same image in ``region`` (each region has its own)."""
+
+    def set_start_time(self, snapshot_id: str, when: datetime) -> None:
+        """Set a snapshot's StartTime (not EC2: for tests of retention)."""
 
     def instance_state(self, instance_id: str) -> str: ...
     def set_running(self, instance_id: str) -> None: ...

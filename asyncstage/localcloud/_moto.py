@@ -13,16 +13,18 @@ Everything here runs in the server's request threads under ``engine.lock``.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from moto.core.utils import utcnow
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
+from moto.ec2.models.amis import Ami
 from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
 from moto.ec2.models.instances import Instance, StateReason
@@ -135,12 +137,50 @@ class _LocalSnapshot(Snapshot):
         return f"{max(0, min(99, int(done * 100)))}%"
 
 
+class _LocalImage(Ami):
+    """A copied image: ``pending`` for ``duration`` seconds, then ``available``."""
+
+    started = 0.0
+    duration = 0.0
+    boots_local = False  # a copy of the local image: RunInstances boots it
+
+    @property
+    def state(self) -> str:
+        if time.monotonic() < self.started + self.duration:
+            return "pending"
+        return str(self.__dict__.get("_state", "available"))
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self.__dict__["_state"] = value
+
+
+def _true(value: str | None) -> bool:
+    return str(value or "").lower() == "true"
+
+
+def _tag_specifications(request: Mapping[str, str], kind: str) -> dict[str, str]:
+    """The tags that ``TagSpecification.N`` of the request gives resources of ``kind``."""
+    tags: dict[str, str] = {}
+    n = 1
+    while f"TagSpecification.{n}.ResourceType" in request:
+        if request[f"TagSpecification.{n}.ResourceType"] == kind:
+            m = 1
+            while f"TagSpecification.{n}.Tag.{m}.Key" in request:
+                key = request[f"TagSpecification.{n}.Tag.{m}.Key"]
+                tags[key] = request.get(f"TagSpecification.{n}.Tag.{m}.Value", "")
+                m += 1
+        n += 1
+    return tags
+
+
 class LocalBackend(EC2Backend):
     """moto's EC2 backend whose instances, volumes and snapshots are real."""
 
     engine: EngineHooks | None = None  # None while moto builds its own records
     image_id = ""  # the one image instances boot (set by the API)
     request: Mapping[str, str] = {}  # the parameters of the request in hand (set by the API)
+    peers: Callable[[str], LocalBackend] | None = None  # region -> its backend (the API's)
     _launching = False
 
     def reset(self) -> None:
@@ -175,11 +215,11 @@ class LocalBackend(EC2Backend):
         engine = self.engine
         if engine is None:
             return super().run_instances(image_id, count, user_data, security_group_names, **kwargs)
-        if image_id != self.image_id:
+        if image_id != self.image_id and not self._boots(image_id):
             raise _error(
                 "InvalidAMIID.NotFound",
                 f"The image id '[{image_id}]' does not exist: the local cloud boots only "
-                f"{self.image_id} ({engine.image_name})",
+                f"{self.image_id} ({engine.image_name}) and its copies",
             )
         key_name = kwargs.get("key_name")
         if key_name:
@@ -240,6 +280,11 @@ class LocalBackend(EC2Backend):
     def _zones(self) -> list[str]:
         return sorted(str(z.name) for z in self.describe_availability_zones())
 
+    def _check_zone(self, zone: str) -> None:
+        """EC2's answer to a zone this region does not have (another region's, say)."""
+        if zone not in self._zones():
+            raise _error("InvalidParameterValue", f"Invalid availability zone: [{zone}]")
+
     def _has_capacity(self, engine: EngineHooks, zone: str, instance_type: str) -> bool:
         gaps = engine.realism.insufficient_capacity
         if zone not in gaps:
@@ -275,6 +320,7 @@ class LocalBackend(EC2Backend):
         """The zone asked for (if it has capacity), else the first one that has it (as EC2
         places an instance launched without a zone where there is capacity)."""
         if asked:
+            self._check_zone(asked)
             self._check_capacity(engine, asked, instance_type)
             return asked
         default = f"{self.region_name}a"
@@ -344,6 +390,9 @@ class LocalBackend(EC2Backend):
         engine = self._live()
         if engine is None:
             return super().create_volume(size, zone_name, snapshot_id, **kw)  # type: ignore[arg-type]
+        self._check_zone(zone_name)
+        if self.ebs_encryption_by_default:  # the region's setting (EnableEbsEncryptionByDefault)
+            kw["encrypted"] = True
         source = None
         if snapshot_id:
             snapshot = self.get_snapshot(snapshot_id)
@@ -541,15 +590,18 @@ class LocalBackend(EC2Backend):
         description: str,
         kms_key_id: str | None,
     ) -> Any:
+        """EC2's CopySnapshot, within the region or from ``source_region`` into this one.
+
+        The copy is ``pending`` for longer the more data the source holds
+        (``realism.copy_per_gib``); it is encrypted when the source is or ``Encrypted``
+        is asked, with ``KmsKeyId`` (a key of this region) or this region's default key.
+        """
         engine = self.engine
         if engine is None:
             return super().copy_snapshot(source_snapshot_id, source_region, description, kms_key_id)
-        if source_region and source_region != self.region_name:
-            raise _error(
-                "UnsupportedOperation",
-                f"the local cloud has one region ({self.region_name}), not {source_region}",
-            )
-        source = self.get_snapshot(source_snapshot_id)
+        home = self._source_backend(source_region)
+        source = home.get_snapshot(source_snapshot_id)
+        encrypted, key = _copy_encryption(self, source, self.request)
         image = engine.snapshots.get(source_snapshot_id)
         if image is None:
             raise _error(
@@ -558,30 +610,162 @@ class LocalBackend(EC2Backend):
             )
         if source.status != "completed":
             raise _error("IncorrectState", f"Snapshot '{source_snapshot_id}' is not completed.")
+        install_backend(home)  # moto reads the source from its registry
         snapshot = super().copy_snapshot(
-            source_snapshot_id, self.region_name, description, kms_key_id
+            source_snapshot_id, home.region_name, description, kms_key_id
         )
-        self._made_snapshot(engine, snapshot, image)
+        snapshot.encrypted, snapshot.kms_key_id = encrypted, key
+        used = image.stat().st_blocks * 512 / (1 << 30)  # the data, not the sparse size
+        self._made_snapshot(engine, snapshot, image, extra=used * engine.realism.copy_per_gib)
         return snapshot
 
-    def _made_snapshot(self, engine: EngineHooks, record: Snapshot, image: Any) -> None:
+    def _made_snapshot(
+        self, engine: EngineHooks, record: Snapshot, image: Any, extra: float = 0.0
+    ) -> None:
         _retype(record, _LocalSnapshot)
         snapshot: Any = record
         snapshot.status = "pending"
         snapshot.started = time.monotonic()
         low, high = engine.realism.snapshot
-        snapshot.duration = engine.random.uniform(low, high) if high > 0 else 0.0
+        snapshot.duration = (engine.random.uniform(low, high) if high > 0 else 0.0) + extra
         try:
             engine.snapshot_created(snapshot.id, image)
         except LocalCloudError as e:
             self.snapshots.pop(snapshot.id, None)
             raise _error("InternalError", str(e)) from e
 
+    # -- images --------------------------------------------------------------------------
+
+    def _boots(self, image_id: str) -> bool:
+        """Whether ``image_id`` is a copy of the local image (RunInstances boots it)."""
+        image = self.amis.get(image_id)
+        if not isinstance(image, _LocalImage) or not image.boots_local:
+            return False
+        if image.state != "available":
+            raise _error(
+                "InvalidAMIID.Unavailable", f"Image '{image_id}' is not available (it is pending)"
+            )
+        return True
+
+    def copy_image(
+        self,
+        source_image_id: str,
+        source_region: str,
+        name: str | None = None,
+        description: str | None = None,
+    ) -> Any:
+        """EC2's CopyImage: ``pending`` for a while, then ``available``; the source's tags
+        only with ``CopyImageTags=true``, plus those of ``TagSpecifications``. A copy of
+        the local image (or of a copy of it) boots as the image does."""
+        engine = self.engine
+        if engine is None:
+            return super().copy_image(source_image_id, source_region, name, description)
+        home = self._source_backend(source_region)
+        source = home.describe_images(ami_ids=[source_image_id])[0]
+        install_backend(home)  # moto reads the source from its registry
+        self._launching = True  # moto's record of a root volume and snapshot: no disk
+        try:
+            image = super().copy_image(source_image_id, home.region_name, name, description)
+        finally:
+            self._launching = False
+        _retype(image, _LocalImage)
+        local: Any = image
+        local.boots_local = source_image_id == home.image_id or bool(
+            getattr(source, "boots_local", False)
+        )
+        local.started = time.monotonic()
+        low, high = engine.realism.snapshot
+        local.duration = engine.random.uniform(low, high) if high > 0 else 0.0
+        tags: dict[str, str] = {}
+        if _true(self.request.get("CopyImageTags")):
+            tags = {str(t["key"]): str(t["value"]) for t in source.get_tags()}
+        tags.update(_tag_specifications(self.request, "image"))
+        if tags:
+            self.create_tags([image.id], tags)
+        return image
+
+    def _source_backend(self, source_region: str) -> LocalBackend:
+        """The backend a copy reads from: this one, or ``source_region``'s."""
+        if not source_region or source_region == self.region_name:
+            return self
+        if self.peers is None:
+            raise _error("UnsupportedOperation", "the local cloud has no other region")
+        try:
+            return self.peers(source_region)
+        except Exception:
+            raise _error(
+                "InvalidParameterValue",
+                f"Value ({source_region}) for parameter sourceRegion is invalid.",
+            ) from None
+
     def delete_snapshot(self, snapshot_id: str) -> Any:
         snapshot = super().delete_snapshot(snapshot_id)
         if self.engine is not None:
             self.engine.snapshot_deleted(snapshot_id)
         return snapshot
+
+
+def _copy_encryption(
+    backend: LocalBackend, source: Any, request: Mapping[str, str]
+) -> tuple[bool, str | None]:
+    """(encrypted, key ARN) of a snapshot copy into ``backend``'s region, by EC2's rules.
+
+    The copy of an encrypted snapshot is encrypted; ``Encrypted=true``, or encryption by
+    default in the destination region, encrypts the copy of a plain one. The key is
+    ``KmsKeyId`` (it needs ``Encrypted=true``, and it must be a key of the destination
+    region: a key never leaves its region), else the region's default key
+    (``alias/aws/ebs``).
+    """
+    asked = _true(request.get("Encrypted"))
+    key = request.get("KmsKeyId") or None
+    region, account = backend.region_name, backend.account_id
+    if key is not None and not asked:
+        raise _error(
+            "InvalidParameterDependency",
+            "The parameter KmsKeyId requires the parameter Encrypted to be set.",
+        )
+    encrypted = asked or bool(source.encrypted) or bool(backend.ebs_encryption_by_default)
+    if not encrypted:
+        return False, None
+    if key is None or key == "alias/aws/ebs":  # the region's own AWS managed key
+        return True, backend.default_kms_key_id or backend._create_default_encryption_key()
+    if key.startswith("arn:"):
+        parts = key.split(":")
+        if len(parts) < 6 or parts[2] != "kms" or parts[3] != region:
+            raise _error(
+                "InvalidParameterValue",
+                f"KMS key {key} is not a key of region {region}: an encrypted snapshot "
+                f"copied to {region} needs a key there",
+            )
+        return True, key
+    if key.startswith("alias/"):
+        return True, f"arn:aws:kms:{region}:{account}:{key}"
+    return True, f"arn:aws:kms:{region}:{account}:key/{key}"
+
+
+def ec2_regions() -> frozenset[str]:
+    """The regions of EC2 in the aws partition (botocore's endpoint data)."""
+    return _regions()
+
+
+@functools.cache
+def _regions() -> frozenset[str]:
+    import botocore.session
+
+    return frozenset(botocore.session.get_session().get_available_regions("ec2"))
+
+
+def find_record(backends: Iterable[LocalBackend], getter: str, resource_id: str) -> Any:
+    """The record of ``resource_id`` in whichever region's backend holds it."""
+    error: EC2ClientError | None = None
+    for backend in backends:
+        try:
+            return getattr(backend, getter)(resource_id)
+        except EC2ClientError as e:
+            error = e
+    if error is None:
+        raise LocalCloudError(f"no region holds {resource_id}")
+    raise error
 
 
 LAUNCH_REQUEST = threading.local()

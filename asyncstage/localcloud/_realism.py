@@ -1,18 +1,19 @@
 """How much of EC2's behaviour a local cloud plays: the parameters, in one place.
 
 ``LocalCloud(realism="aws")`` (the default) plays what real EC2 does that a kinder cloud
-would hide: eventual consistency, throttling, missing capacity, a late console, public
-addresses that change at every start, busy detaches, slow snapshots, device nodes that
-come a moment after AttachVolume (on Nitro even after ``attached``). AWS's times
-(minutes) are scaled down to seconds so that tests stay fast; each is a field of
-:class:`Realism` (a ``(low, high)`` pair is drawn uniformly from the cloud's seeded
-generator). ``realism="off"`` is the instant cloud.
+would hide: eventual consistency (some new ids unknown for a moment), throttling, missing
+capacity, a late console, public addresses that change at every start, busy detaches,
+slow snapshots, device nodes that come a moment after AttachVolume (on Nitro even after
+``attached``). AWS's times (minutes) are scaled down to seconds so that tests stay fast;
+each is a field of :class:`Realism` (a ``(low, high)`` pair is drawn uniformly from the
+cloud's seeded generator). ``realism="harsh"`` is ``aws`` with every new id hidden for a while (for
+tests of retries); ``realism="off"`` is the instant cloud.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,13 +79,18 @@ class Realism:
     ============================  =============  ==========================================
     field                         ``aws``        on AWS
     ============================  =============  ==========================================
-    ``consistency``               0 - 0.5 s      a new id is ``...NotFound`` for seconds
+    ``consistency``               0.1 - 0.5 s    a new id is ``...NotFound`` for seconds
+    ``consistency_share``         0.1            the share of new ids hidden so (``harsh``:
+                                                 all of them); most are seen at once
     ``console``                   0.5 - 1.5 s    GetConsoleOutput empty for 2 - 20 minutes
     ``console_latest``            0 - 0.1 s      ``Latest=True`` on Nitro: current output
     ``device``                    0.05 - 0.3 s   the volume's node comes after AttachVolume:
                                                  Nitro (NVMe hotplug) after ``attached``;
                                                  Xen ``attaching`` until it is there
     ``snapshot``                  0.5 - 1.5 s    ``pending`` with rising Progress, minutes+
+    ``copy_per_gib``              2.0 s          a CopySnapshot is ``pending`` for longer
+                                                 the more data it copies (per GiB used,
+                                                 after ``snapshot``)
     ``snapshot_interval``         1.0 s          SnapshotCreationPerVolumeRateExceeded
     ``busy_detach``               True           a mounted volume's detach stays ``busy``
     ``moving_public_address``     True           a new public address at every start
@@ -101,12 +107,14 @@ class Realism:
     ============================  =============  ==========================================
     """
 
-    name: Literal["aws", "off", "custom"] = "aws"
-    consistency: Span = (0.0, 0.5)
+    name: Literal["aws", "off", "harsh", "custom"] = "aws"
+    consistency: Span = (0.1, 0.5)
+    consistency_share: float = 0.1
     console: Span = (0.5, 1.5)
     console_latest: Span = (0.0, 0.1)
     device: Span = (0.05, 0.3)
     snapshot: Span = (0.5, 1.5)
+    copy_per_gib: float = 2.0
     snapshot_interval: float = 1.0
     busy_detach: bool = True
     moving_public_address: bool = True
@@ -126,11 +134,26 @@ class Realism:
             console_latest=(0.0, 0.0),
             device=(0.0, 0.0),
             snapshot=(0.0, 0.0),
+            copy_per_gib=0.0,
             snapshot_interval=0.0,
             busy_detach=False,
             moving_public_address=False,
             api_rate=None,
         )
+
+    @classmethod
+    def harsh(cls) -> Realism:
+        """``aws``, but every new id is hidden for 0 - 0.5 s (the tests of retries)."""
+        return cls(name="harsh", consistency=(0.0, 0.5), consistency_share=1.0)
+
+    def consistency_window(self, draw: Callable[[], float]) -> float:
+        """How long a new id stays hidden: 0 (seen at once) or a window of
+        :attr:`consistency`, for :attr:`consistency_share` of the ids; ``draw`` gives
+        uniform numbers in [0, 1) (the cloud's seeded generator)."""
+        low, high = self.consistency
+        if high <= 0 or draw() >= self.consistency_share:
+            return 0.0
+        return low + (high - low) * draw()
 
 
 def capacity_gaps(spec: Iterable[str] | Mapping[str, Iterable[str] | None] | None) -> CapacityGaps:
@@ -148,7 +171,7 @@ def capacity_gaps(spec: Iterable[str] | Mapping[str, Iterable[str] | None] | Non
 
 
 def resolve(
-    realism: Literal["aws", "off"] | Realism,
+    realism: Literal["aws", "off", "harsh"] | Realism,
     *,
     api_rate: float | Literal["default"] | None = "default",
     insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
@@ -160,8 +183,10 @@ def resolve(
         base = Realism()
     elif realism == "off":
         base = Realism.off()
+    elif realism == "harsh":
+        base = Realism.harsh()
     else:
-        raise InvalidArgument(f"realism: 'aws', 'off' or a Realism, not {realism!r}")
+        raise InvalidArgument(f"realism: 'aws', 'harsh', 'off' or a Realism, not {realism!r}")
     changes: dict[str, object] = {}
     if api_rate != "default":
         if api_rate is not None and not api_rate > 0:
