@@ -133,6 +133,7 @@ def _serve_local(args: argparse.Namespace) -> int:
                 port=args.port,
                 region=args.cloud_region,
                 boot_delay=args.boot_delay,
+                device_isolation=args.device_isolation,
             ) as cloud:
                 state = {
                     "pid": os.getpid(),
@@ -143,6 +144,7 @@ def _serve_local(args: argparse.Namespace) -> int:
                     "username": cloud.default_username,
                     "state_dir": cloud.state_dir,
                     **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
+                    "device_isolation": cloud.device_isolation,
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }
@@ -183,6 +185,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
         argv = [sys.executable, "-m", "asyncstage.cli", "local", "serve", "--dir", str(directory)]
         argv += ["--port", str(args.port), "--cloud-region", args.cloud_region]
         argv += ["--boot-delay", str(args.boot_delay)]
+        argv += ["--device-isolation", args.device_isolation]
         with open(logfile, "ab") as log_out:
             proc = subprocess.Popen(
                 argv,
@@ -253,11 +256,19 @@ def _local_status(args: argparse.Namespace, out: Output) -> int:
             f"endpoint:    {state['endpoint_url']}",
             f"region:      {state['region']}",
             f"image:       {state['image_id']} ({state['image_name']})",
+            f"isolation:   {_isolation_text(state.get('device_isolation'))}",
             f"state:       {directory}",
         ]
     )
     out.result({"running": True, **state}, text)
     return EXIT_OK
+
+
+def _isolation_text(mechanism: Any) -> str:
+    """How a running cloud keeps its instances off the machine's disks, in words."""
+    from asyncstage.localcloud._isolation import MECHANISMS
+
+    return MECHANISMS.get(str(mechanism), "unknown (a cloud started by an older asyncstage)")
 
 
 def _local_env(args: argparse.Namespace, out: Output) -> int:
@@ -785,6 +796,13 @@ def _local_commands(command: _Command) -> None:
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--cloud-region", default="us-east-1", help="the cloud's region")
     p.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
+    p.add_argument(
+        "--device-isolation",
+        choices=["auto", "v1", "bpf", "none"],
+        default="auto",
+        help="how instances are kept off this machine's disks: auto (default), v1 (cgroup "
+        "v1 devices), bpf (cgroup v2 device program), none (accept weaker isolation)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
 
 
