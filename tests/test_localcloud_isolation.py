@@ -278,6 +278,15 @@ async def test_the_rules_follow_the_instance(cloud: LocalCloud, ec2: Any) -> Non
         else:
             rules = (cgroup.outer / "devices.list").read_text().splitlines()
             assert not any(r.startswith(f"b {os.major(rdev)}:{os.minor(rdev)} ") for r in rules)
+        # a stop and a start: the cgroup and its rules stay, the new init joins it
+        await ec2.stop_instances(InstanceIds=[iid])
+        await wait_state(ec2, [iid], "stopped")
+        await ec2.start_instances(InstanceIds=[iid])
+        await wait_state(ec2, [iid], "running")
+        assert host.init_pid is not None
+        assert str(host.init_pid) in (cgroup.inner / "cgroup.procs").read_text().split()
+        if bpf:
+            assert _programs(cgroup.outer) == [seen[-1]]
     finally:
         await ec2.terminate_instances(InstanceIds=[iid])
         await wait_state(ec2, [iid], "terminated")

@@ -340,8 +340,9 @@ class BpfDeviceCgroup(InstanceCgroup):
 
     def allow(self, rdev: int, access: str = "rw") -> None:
         with self._lock:
-            self._blocks[rdev] = "".join(sorted(set(self._blocks.get(rdev, "")) | set(access)))
-            if self._prog is not None:
+            before = self._blocks.get(rdev, "")
+            self._blocks[rdev] = "".join(sorted(set(before) | set(access)))
+            if self._prog is not None and self._blocks[rdev] != before:  # a boot adds again
                 self._replace()
 
     def deny(self, rdev: int) -> None:
