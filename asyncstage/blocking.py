@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from asyncstage import keys
     from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.localcloud._isolation import DeviceIsolation
     from asyncstage.localcloud._realism import Realism
     from asyncstage.paths import PathLike, RemotePath
     from asyncstage.settings import OnExit
@@ -1038,6 +1039,13 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
         return self._async.endpoint_url
 
     @property
+    def device_isolation(self) -> str:
+        """How instances are kept off the machine's disks: ``"v1"`` (cgroup v1 devices
+        controller), ``"bpf"`` (cgroup v2 device program) or ``"none"`` once started;
+        what was asked for before."""
+        return self._async.device_isolation
+
+    @property
     def seed(self) -> int:
         """The seed of the cloud's random choices (pass it back to replay them)."""
         return self._async.seed
@@ -1085,6 +1093,7 @@ class LocalCloud(_LocalCloudAttributes):
         api_rate: float | Literal["default"] | None = "default",
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
+        device_isolation: DeviceIsolation = "auto",
     ) -> None:
         """Make the async LocalCloud with these arguments (see the class)."""
         self._adopt(
@@ -1098,6 +1107,7 @@ class LocalCloud(_LocalCloudAttributes):
                 api_rate=api_rate,
                 insufficient_capacity=insufficient_capacity,
                 seed=seed,
+                device_isolation=device_isolation,
             )
         )
 

@@ -49,7 +49,9 @@ caller raw: they are wrapped in one of these, with the original kept as
     │                              local cloud); names the Debian package to install
     └── LocalCloudError
         ├── NeedsRoot
-        └── StateDirInUse          another local cloud runs on that state dir
+        ├── StateDirInUse          another local cloud runs on that state dir
+        └── NoDeviceIsolation      neither device cgroup mechanism works here (names
+                                   what is missing)
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "MountPointRefused",
     "NameTaken",
     "NeedsRoot",
+    "NoDeviceIsolation",
     "NotFound",
     "PathError",
     "PermissionDenied",
@@ -462,3 +465,9 @@ class NeedsRoot(LocalCloudError):
 
 class StateDirInUse(LocalCloudError):
     """Another local cloud runs on this state dir (each cloud locks its own)."""
+
+
+class NoDeviceIsolation(LocalCloudError):
+    """The machine offers no way to keep instances off its disks: no cgroup v1 ``devices``
+    controller and no cgroup v2 device BPF (the message names what is missing). Start
+    the cloud with ``device_isolation="none"`` to accept the weaker isolation."""

@@ -68,13 +68,13 @@ def _loopback_only() -> Iterator[None]:
 
 
 # -- nothing left behind -------------------------------------------------------------------
-# After the whole session (session fixtures included) no loop device, mount or process
-# that the tests made may remain: compared with what the machine had before. Loop devices
-# and mounts are machine-wide, so they are compared only when a local-cloud test ran (the
-# unit layer may run without the test lock, beside another run that makes them), and,
-# when the tests run in parallel workers (pytest-xdist), only by the controller once every
-# worker has ended: a worker would see its siblings' clouds. Each worker still checks its
-# own processes.
+# After the whole session (session fixtures included) no loop device, mount, device cgroup
+# (with its BPF program) or process that the tests made may remain: compared with what the
+# machine had before. Loop devices, mounts and cgroups are machine-wide, so they are
+# compared only when a local-cloud test ran (the unit layer may run without the test
+# lock, beside another run that makes them), and, when the tests run in parallel workers
+# (pytest-xdist), only by the controller once every worker has ended: a worker would see
+# its siblings' clouds. Each worker still checks its own processes.
 
 
 def _loop_devices() -> set[str]:
@@ -85,6 +85,17 @@ def _loop_devices() -> set[str]:
 def _mounts() -> set[str]:
     with open("/proc/mounts") as f:
         return {" ".join(line.split()[:3]) for line in f}
+
+
+def _cloud_cgroups() -> set[str]:
+    """The local clouds' device cgroups (v1 devices controller, v2 hierarchy)."""
+    from asyncstage.localcloud._isolation import DEVICES_V1, cgroup2_mount
+
+    found: set[str] = set()
+    for hierarchy in (DEVICES_V1, cgroup2_mount()):
+        if hierarchy is not None and hierarchy.is_dir():
+            found |= {str(p) for p in hierarchy.glob("asyncstage-localcloud-*")}
+    return found
 
 
 def _descendants() -> set[str]:
@@ -134,6 +145,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if not _is_worker(session.config):
         _before["loop"] = _loop_devices()
         _before["mounts"] = _mounts()
+        _before["cgroups"] = _cloud_cgroups()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -163,6 +175,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ):
         left["loop devices"] = _loop_devices() - _before["loop"]
         left["mounts"] = _mounts() - _before["mounts"]
+        left["device cgroups"] = _cloud_cgroups() - _before["cgroups"]
     left = {what: items for what, items in left.items() if items}
     if left:
         reporter = config.pluginmanager.get_plugin("terminalreporter")

@@ -21,6 +21,7 @@ import pytest
 
 from asyncstage.backup import size_for
 from asyncstage.cli.common import resolve_names
+from asyncstage.localcloud._isolation import MECHANISMS, device_cgroups_available
 from asyncstage.output import human_bytes, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,10 @@ def test_local_status(daemon: dict[str, str]) -> None:
     status = run(daemon, "local", "status", "--json")
     state = json.loads(status.stdout)
     assert state["running"] and state["endpoint_url"].startswith("http://127.0.0.1:")
+    # which device isolation is in force: the best the machine has ("auto")
+    assert state["device_isolation"] == ("v1" if device_cgroups_available() else "bpf")
+    shown = run(daemon, "local", "status").stdout
+    assert f"isolation:   {MECHANISMS[state['device_isolation']]}\n" in shown
     again = run(daemon, "local", "up")  # idempotent: says where the running one is
     assert state["endpoint_url"] in again.stdout and "already running" in again.stderr
     # `local env` exports the cloud's own random credentials, kept readable by root only

@@ -69,6 +69,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
         argv = [sys.executable, "-m", "asyncstage.cli", "local", "serve", "--dir", str(directory)]
         argv += ["--port", str(args.port), "--cloud-region", args.cloud_region]
         argv += ["--boot-delay", str(args.boot_delay)]
+        argv += ["--device-isolation", args.device_isolation]
         with open(logfile, "ab") as log_out:
             proc = subprocess.Popen(
                 argv,
@@ -139,11 +140,19 @@ def _local_status(args: argparse.Namespace, out: Output) -> int:
             f"endpoint:    {state['endpoint_url']}",
             f"region:      {state['region']}",
             f"image:       {state['image_id']} ({state['image_name']})",
+            f"isolation:   {_isolation_text(state.get('device_isolation'))}",
             f"state:       {directory}",
         ]
     )
     out.result({"running": True, **state}, text)
     return EXIT_OK
+
+
+def _isolation_text(mechanism: Any) -> str:
+    """How a running cloud keeps its instances off the machine's disks, in words."""
+    from asyncstage.localcloud._isolation import MECHANISMS
+
+    return MECHANISMS.get(str(mechanism), "unknown (a cloud started by an older asyncstage)")
 
 
 def _local_env(args: argparse.Namespace, out: Output) -> int:
@@ -170,7 +179,13 @@ def local(args: argparse.Namespace, out: Output) -> int:
 
 def _local_serve(args: argparse.Namespace, out: Output) -> int:
     directory = daemon.local_dir(args.dir)
-    daemon.serve(directory, port=args.port, region=args.cloud_region, boot_delay=args.boot_delay)
+    daemon.serve(
+        directory,
+        port=args.port,
+        region=args.cloud_region,
+        boot_delay=args.boot_delay,
+        device_isolation=args.device_isolation,
+    )
     return EXIT_OK
 
 

@@ -9,10 +9,13 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncstage.errors import NotFound
 from asyncstage.settings import local_credentials
+
+if TYPE_CHECKING:
+    from asyncstage.localcloud._isolation import DeviceIsolation
 
 __all__ = [
     "LOCAL_IMAGE_PATTERN",
@@ -85,7 +88,14 @@ def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
     ]
 
 
-def serve(directory: Path, *, port: int, region: str, boot_delay: float) -> None:
+def serve(
+    directory: Path,
+    *,
+    port: int,
+    region: str,
+    boot_delay: float,
+    device_isolation: DeviceIsolation,
+) -> None:
     """``local serve``: run the cloud in the foreground, record it, stop on TERM/INT."""
     import anyio
 
@@ -100,6 +110,7 @@ def serve(directory: Path, *, port: int, region: str, boot_delay: float) -> None
                 port=port,
                 region=region,
                 boot_delay=boot_delay,
+                device_isolation=device_isolation,
             ) as cloud:
                 read_only = cloud.session_kwargs(read_only=True)
                 state = {
@@ -113,6 +124,7 @@ def serve(directory: Path, *, port: int, region: str, boot_delay: float) -> None
                     **{k: v for k, v in cloud.session_kwargs().items() if k.startswith("aws_")},
                     "read_only_key_id": read_only["aws_access_key_id"],
                     "read_only_secret": read_only["aws_secret_access_key"],
+                    "device_isolation": cloud.device_isolation,
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }

@@ -122,6 +122,13 @@ def _local_commands(command: _Command) -> None:
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--cloud-region", default="us-east-1", help="the cloud's region")
     p.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
+    p.add_argument(
+        "--device-isolation",
+        choices=["auto", "v1", "bpf", "none"],
+        default="auto",
+        help="how instances are kept off this machine's disks: auto (default), v1 (cgroup "
+        "v1 devices), bpf (cgroup v2 device program), none (accept weaker isolation)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
     p.add_argument(
         "--read-only",

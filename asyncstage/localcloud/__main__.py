@@ -9,11 +9,16 @@ import anyio
 
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._cloud import LocalCloud
+from asyncstage.localcloud._isolation import ISOLATION_MODES, MECHANISMS
 
 
 async def _serve(args: argparse.Namespace) -> None:
     async with LocalCloud(
-        boot_delay=args.boot_delay, state_dir=args.state_dir, region=args.region, port=args.port
+        boot_delay=args.boot_delay,
+        state_dir=args.state_dir,
+        region=args.region,
+        port=args.port,
+        device_isolation=args.device_isolation,
     ) as cloud:
         print(f"endpoint_url: {cloud.endpoint_url}", flush=True)
         print(f"region:       {cloud.region}", flush=True)
@@ -21,6 +26,7 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"login user:   {cloud.default_username}", flush=True)
         print(f"state dir:    {cloud.state_dir}", flush=True)
         print(f"seed:         {cloud._engine.seed}", flush=True)
+        print(f"isolation:    {MECHANISMS[cloud.device_isolation]}", flush=True)
         session = cloud.session_kwargs()
         print(f"export AWS_ENDPOINT_URL_EC2={cloud.endpoint_url}", flush=True)
         print(f"export AWS_DEFAULT_REGION={cloud.region}", flush=True)
@@ -39,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--boot-delay", type=float, default=0.0, help="extra seconds in pending")
     parser.add_argument("--state-dir", default=None, help="default: a temporary directory")
+    parser.add_argument(
+        "--device-isolation",
+        choices=ISOLATION_MODES,
+        default="auto",
+        help="auto (default), v1, bpf, or none (accept weaker isolation)",
+    )
     args = parser.parse_args(argv)
     try:
         anyio.run(_serve, args)

@@ -14,6 +14,7 @@ import anyio
 from asyncstage.localcloud._engine import Engine
 from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import LOGIN_USER
+from asyncstage.localcloud._isolation import DeviceIsolation
 from asyncstage.localcloud._realism import Realism, resolve
 
 if TYPE_CHECKING:
@@ -44,6 +45,13 @@ class LocalCloud:
     published sizes and rates; smaller is stricter; None: unlimited);
     ``insufficient_capacity`` names zones (or zone -> instance types) where RunInstances
     and StartInstances answer ``InsufficientInstanceCapacity``.
+
+    ``device_isolation`` chooses how instances are kept off the machine's block devices:
+    ``"auto"`` (the default) the cgroup v1 ``devices`` controller if the machine has it,
+    else a cgroup v2 device BPF program; ``"v1"`` or ``"bpf"`` that one only. Where none
+    works the cloud refuses to start (:class:`~asyncstage.errors.NoDeviceIsolation`,
+    naming what is missing) unless given ``"none"``, which accepts that root in an
+    instance can reach the machine's disks. :attr:`device_isolation` says which is in force.
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class LocalCloud:
         api_rate: float | Literal["default"] | None = "default",
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
+        device_isolation: DeviceIsolation = "auto",
     ) -> None:
         self.realism = resolve(
             realism, api_rate=api_rate, insufficient_capacity=insufficient_capacity
@@ -69,6 +78,7 @@ class LocalCloud:
             api=_make_api,
             seed=seed,
             realism=self.realism,
+            device_isolation=device_isolation,
         )
         self.region = region
         self.image_name = self._engine.image_name
@@ -78,6 +88,13 @@ class LocalCloud:
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:PORT`` of the EC2 API (empty before the cloud started)."""
         return self._engine.endpoint_url
+
+    @property
+    def device_isolation(self) -> str:
+        """How instances are kept off the machine's disks: ``"v1"`` (cgroup v1 devices
+        controller), ``"bpf"`` (cgroup v2 device program) or ``"none"`` once started;
+        what was asked for before."""
+        return self._engine.device_isolation
 
     @property
     def seed(self) -> int:

@@ -27,13 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asyncstage.errors import LocalCloudError
+from asyncstage.errors import InvalidArgument, LocalCloudError
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._devices import is_nitro, nvme_node, root_nodes, xen_node
 from asyncstage.localcloud._disks import Disk, copy_sparse
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
 from asyncstage.localcloud._hosts import Host
-from asyncstage.localcloud._isolation import DeviceCgroup
+from asyncstage.localcloud._isolation import ISOLATION_MODES, DeviceIsolation
 from asyncstage.localcloud._realism import Realism
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._run import _Run
@@ -85,7 +85,15 @@ class Engine:
         api: Callable[[EngineHooks], ApiHooks],
         seed: int | None = None,
         realism: Realism | None = None,
+        device_isolation: DeviceIsolation = "auto",
     ) -> None:
+        if device_isolation not in ISOLATION_MODES:
+            raise InvalidArgument(
+                f"device_isolation={device_isolation!r}: one of {', '.join(ISOLATION_MODES)}"
+            )
+        self._isolation_wanted = device_isolation
+        # what was asked for; once started the mechanism in force: "v1", "bpf" or "none"
+        self.device_isolation: str = device_isolation
         self.boot_delay = boot_delay
         self.realism = Realism() if realism is None else realism
         self.region = region
@@ -152,7 +160,8 @@ class Engine:
                 f"state dir {self.state_dir}: overlayfs cannot use a path with "
                 "commas, colons, backslashes or white space"
             )
-        self._run.start(self.state_dir, created)
+        self._run.start(self.state_dir, created, self._isolation_wanted)
+        self.device_isolation = self._run.isolation
         self.credentials.write(
             self.state_dir / "credentials", {"read-only": self.read_only_credentials}
         )
@@ -176,6 +185,8 @@ class Engine:
         for machine in list(self.machines.values()):
             with machine.op_lock:
                 machine.host.kill()
+                if machine.host.cgroup is not None:  # and its device program's fd
+                    machine.host.cgroup.remove()
         for disk in list(self.disks.values()):
             self._free(disk)
         if self._account_claimed:
@@ -209,7 +220,6 @@ class Engine:
         """A new instance at its private ``address`` (for life) and ``public_address``."""
         record = self._run.record
         assert record is not None
-        cgroups = self._run.cgroups
         host = Host(
             instance_id=instance_id,
             address=address,
@@ -218,7 +228,7 @@ class Engine:
             root_dir=self.state_dir / "roots" / instance_id,
             public_key=public_key,
             on_pid=record.add_pid,
-            cgroup=None if cgroups is None else DeviceCgroup(cgroups, instance_id),
+            cgroup=self._run.instance_cgroup(instance_id),
             masked=[self.state_dir, REGISTRY_DIR],
         )
         machine = _Machine(host, nitro=is_nitro(instance_type))

@@ -29,7 +29,7 @@ from pathlib import Path
 from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._isolation import (
     DROPPED_CAPS,
-    DeviceCgroup,
+    InstanceCgroup,
     mask_upper,
     scrubbed_shadow,
 )
@@ -104,7 +104,7 @@ class Host:
     root_dir: Path  # <cloud roots tmpfs>/<id>: upper, work, merged
     public_key: str | None
     on_pid: Callable[[int, bool], None] = lambda pid, alive: None  # registry callback
-    cgroup: DeviceCgroup | None = None  # None: the machine has no device cgroups
+    cgroup: InstanceCgroup | None = None  # None: device_isolation="none"
     masked: list[Path] = field(default_factory=list)  # more paths to hide (the state dir)
     public_address: str = ""  # changes at every start (EC2's public IP); "": none
     fingerprints: list[str] = field(default_factory=list)

@@ -9,12 +9,14 @@ Three mechanisms, each for what it does best (docs/local-cloud.md says why):
   ``/mnt``, the cloud's state dir and every top-level dir that is not part of a Debian
   system are empty or absent; the machine's ssh host keys, shadow backups, TLS private
   keys and logs are hidden, and ``/etc/shadow`` carries no password hash.
-- **A device cgroup** (cgroup v1 ``devices`` controller): an instance's processes may open
-  only the character devices every host has and the block devices the cloud gave it
-  (its volumes' loop devices, its read-only root disk). Root inside can still mount a
-  ``devtmpfs`` or guess a major:minor, but the kernel refuses to open the machine's disks.
-  The instance's init joins the cgroup and then makes a cgroup namespace of its own, so
-  that root inside never sees (or loosens) the rules above its own cgroup.
+- **A device cgroup**: an instance's processes may open only the character devices every
+  host has and the block devices the cloud gave it (its volumes' loop devices, its
+  read-only root disk). Root inside can still mount a ``devtmpfs`` or guess a
+  major:minor, but the kernel refuses to open the machine's disks. The rules are the
+  cgroup v1 ``devices`` controller's (:class:`DeviceCgroup`) or, on cgroup v2, a device
+  BPF program (:class:`BpfDeviceCgroup`); the instance's init joins the cgroup and then
+  makes a cgroup namespace of its own, so that root inside never sees (or loosens) the
+  rules above its own cgroup.
 - **Capabilities** dropped from the bounding set of the instance's init (hence of
   everything in it, ``sudo`` included): no ``mknod``, no kernel modules, no raw I/O,
   no ``open_by_handle_at``, no network or clock administration of the machine.
@@ -28,8 +30,12 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from pathlib import Path
+from typing import Literal
+
+from asyncstage.localcloud import _bpf
 
 log = logging.getLogger("asyncstage.localcloud")
 
@@ -165,7 +171,7 @@ def _opaque_dir(upper: Path, rel: str) -> None:
 
 # -- the device cgroup ------------------------------------------------------------------------
 
-_DEVICES_V1 = Path("/sys/fs/cgroup/devices")
+DEVICES_V1 = Path("/sys/fs/cgroup/devices")
 # (type, major, minor): the character devices every host has, and its ptys
 BASE_DEVICES = (
     ("c", 1, 3),  # null
@@ -177,19 +183,76 @@ BASE_DEVICES = (
     ("c", 5, 2),  # ptmx
     ("c", 136, "*"),  # pts
 )
+# What LocalCloud(device_isolation=...) takes: a mechanism, the best there is, or none.
+DeviceIsolation = Literal["auto", "v1", "bpf", "none"]
+ISOLATION_MODES: tuple[DeviceIsolation, ...] = ("auto", "v1", "bpf", "none")
+# How each mechanism in force is named to users (status, logs, docs).
+MECHANISMS = {
+    "v1": "cgroup v1 devices controller",
+    "bpf": "cgroup v2 device BPF program",
+    "none": "none: capabilities only (device_isolation='none')",
+}
 
 
 def device_cgroups_available() -> bool:
     """True when the cgroup v1 ``devices`` controller is mounted and writable."""
-    return (_DEVICES_V1 / "devices.allow").exists() and os.access(_DEVICES_V1, os.W_OK)
+    return (DEVICES_V1 / "devices.allow").exists() and os.access(DEVICES_V1, os.W_OK)
 
 
-class DeviceCgroup:
+def cgroup2_mount() -> Path | None:
+    """Where this process sees the cgroup v2 hierarchy mounted writable, None if nowhere.
+
+    ``/sys/fs/cgroup`` on a cgroup-v2-only machine, ``/sys/fs/cgroup/unified`` on a hybrid
+    one; the first read-write ``cgroup2`` mount of ``/proc/self/mountinfo``.
+    """
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        after = fields[fields.index("-") + 1 :]
+        if after[0] == "cgroup2" and "rw" in fields[5].split(","):
+            path = Path(fields[4].replace("\\040", " "))
+            if os.access(path, os.W_OK):
+                return path
+    return None
+
+
+def bpf_probe(cgroup: Path) -> str | None:
+    """None when device programs load and attach to ``cgroup`` (an empty one); else what
+    is missing. The probe program is detached and closed again."""
+    try:
+        prog = _bpf.load(_bpf.device_program(_base_rules()))
+    except OSError as e:
+        return f"no cgroup device BPF programs (a kernel without CONFIG_CGROUP_BPF?): {e}"
+    try:
+        with _bpf.opened(cgroup) as fd:
+            _bpf.attach(fd, prog)
+            _bpf.detach(fd, prog)
+    except OSError as e:
+        return f"cannot attach a device program to cgroup {cgroup}: {e}"
+    finally:
+        os.close(prog)
+    return None
+
+
+def _base_rules() -> list[_bpf.DeviceRule]:
+    return [
+        # "m": the init makes these nodes itself (before it drops CAP_MKNOD)
+        _bpf.DeviceRule(kind, major, None if minor == "*" else int(minor), "rwm")
+        for kind, major, minor in BASE_DEVICES
+    ]
+
+
+class InstanceCgroup:
     """``<run dir>/<instance>`` (the rules) and its child ``host`` (the processes).
 
     Processes live in the child; root inside (in its own cgroup namespace) may see the
     child as its cgroup root, but a child can never allow more than its parent.
     """
+
+    mechanism = ""
 
     def __init__(self, run_dir: Path, name: str) -> None:
         self.outer = run_dir / name
@@ -199,6 +262,28 @@ class DeviceCgroup:
     def procs(self) -> str:
         """The file the instance's init writes its pid into."""
         return str(self.inner / "cgroup.procs")
+
+    def create(self) -> None:
+        """Make the cgroups with the base rules (again at each boot: a no-op then)."""
+        raise NotImplementedError
+
+    def allow(self, rdev: int, access: str = "rw") -> None:
+        """Let the instance open block device ``rdev`` ("r" or "rw")."""
+        raise NotImplementedError
+
+    def deny(self, rdev: int) -> None:
+        """Take back the instance's right to open block device ``rdev``."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Remove the cgroups (their processes are gone) and what holds their rules."""
+        remove_cgroup_tree(self.outer)
+
+
+class DeviceCgroup(InstanceCgroup):
+    """The rules as the cgroup v1 ``devices`` controller's text."""
+
+    mechanism = "v1"
 
     def create(self) -> None:
         if self.inner.exists():
@@ -221,13 +306,82 @@ class DeviceCgroup:
             with contextlib.suppress(OSError):
                 _write(group / "devices.deny", rule)
 
+
+class BpfDeviceCgroup(InstanceCgroup):
+    """The rules as a cgroup v2 device program attached to ``outer`` (see :mod:`._bpf`).
+
+    The cloud keeps the fd of the program in force; a change of the rules loads a new
+    program, attaches it and then detaches the old one. The kernel frees a program when
+    it is neither attached nor open: at :meth:`remove`, or when a crashed cloud's fds
+    are closed and the next cloud removes its cgroups.
+    """
+
+    mechanism = "bpf"
+
+    def __init__(self, run_dir: Path, name: str) -> None:
+        super().__init__(run_dir, name)
+        self._blocks: dict[int, str] = {}  # rdev -> access, beside the base rules
+        self._prog: int | None = None  # fd of the program attached to outer
+        self._lock = threading.Lock()  # boots, attaches and detaches come from threads
+
+    @property
+    def program_id(self) -> int | None:
+        """The kernel's id of the program in force (None before create, after remove)."""
+        with self._lock:
+            return None if self._prog is None else _bpf.program_id(self._prog)
+
+    def create(self) -> None:
+        with self._lock:
+            if self._prog is not None:
+                return
+            self.outer.mkdir(parents=True, exist_ok=True)
+            self.inner.mkdir(exist_ok=True)
+            self._replace()
+
+    def allow(self, rdev: int, access: str = "rw") -> None:
+        with self._lock:
+            before = self._blocks.get(rdev, "")
+            self._blocks[rdev] = "".join(sorted(set(before) | set(access)))
+            if self._prog is not None and self._blocks[rdev] != before:  # a boot adds again
+                self._replace()
+
+    def deny(self, rdev: int) -> None:
+        with self._lock:
+            if self._blocks.pop(rdev, None) is not None and self._prog is not None:
+                self._replace()
+
     def remove(self) -> None:
-        remove_cgroup_tree(self.outer)
+        with self._lock:
+            if self._prog is not None:
+                with contextlib.suppress(OSError), _bpf.opened(self.outer) as fd:
+                    _bpf.detach(fd, self._prog)
+                os.close(self._prog)
+                self._prog = None
+            super().remove()
+
+    def _replace(self) -> None:
+        rules = _base_rules() + [
+            _bpf.DeviceRule("b", os.major(rdev), os.minor(rdev), access)
+            for rdev, access in sorted(self._blocks.items())
+        ]
+        new = _bpf.load(_bpf.device_program(rules))
+        try:
+            with _bpf.opened(self.outer) as fd:
+                _bpf.attach(fd, new)
+                if self._prog is not None:
+                    # both ran until now: an access passed only if both allowed it
+                    _bpf.detach(fd, self._prog)
+        except BaseException:
+            os.close(new)  # never attached, or attached beside the old one: both strict
+            raise
+        if self._prog is not None:
+            os.close(self._prog)
+        self._prog = new
 
 
-def run_cgroup_dir(token: str) -> Path:
-    """The devices cgroup of one local-cloud run (its instances' cgroups below it)."""
-    return _DEVICES_V1 / f"asyncstage-localcloud-{token}"
+def run_cgroup_dir(token: str, hierarchy: Path = DEVICES_V1) -> Path:
+    """The cgroup of one local-cloud run (its instances' cgroups below it)."""
+    return hierarchy / f"asyncstage-localcloud-{token}"
 
 
 def remove_cgroup_tree(path: Path) -> None:

@@ -15,9 +15,17 @@ import shutil
 import time
 from pathlib import Path
 
-from asyncstage.errors import LocalCloudError
+from asyncstage.errors import LocalCloudError, NoDeviceIsolation
 from asyncstage.localcloud._disks import RootDisk
 from asyncstage.localcloud._isolation import (
+    DEVICES_V1,
+    MECHANISMS,
+    BpfDeviceCgroup,
+    DeviceCgroup,
+    DeviceIsolation,
+    InstanceCgroup,
+    bpf_probe,
+    cgroup2_mount,
     device_cgroups_available,
     remove_cgroup_tree,
     run_cgroup_dir,
@@ -36,26 +44,20 @@ class _Run:
         self.record: RunRecord | None = None
         self.state_dir = Path()
         self.cgroups: Path | None = None  # this run's device cgroup
+        self.isolation = ""  # the mechanism in force: "v1", "bpf" or "none"
         self.root_disk: RootDisk | None = None
         self._lock_fd: int | None = None
         self._roots_mounted = False
 
-    def start(self, state_dir: Path, created: bool) -> None:
+    def start(self, state_dir: Path, created: bool, isolation: DeviceIsolation = "auto") -> None:
         self.state_dir = state_dir
         self._lock_fd = lock_state_dir(state_dir)  # StateDirInUse: another cloud has it
         self.record = RunRecord(state_dir, created)
         register(self.record)  # cleans crashed runs, claims an address block
         for sub in SUBDIRS:
             (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
-        if device_cgroups_available():
-            self.cgroups = run_cgroup_dir(self.record.token)
-            self.record.add_cgroup(self.cgroups)
-            self.cgroups.mkdir()
-        else:
-            log.warning(
-                "local cloud: no cgroup v1 devices controller on this machine: root in an "
-                "instance is kept from the machine's disks by its capabilities only"
-            )
+        self._device_isolation(isolation)
+        log.info("local cloud: device isolation: %s", MECHANISMS[self.isolation])
         roots = state_dir / "roots"
         source = self.record.mount_source("roots")
         self.record.add_mount(roots, source)
@@ -66,6 +68,62 @@ class _Run:
         loop = disk.attach()
         assert disk.loop_id is not None
         self.record.add_loop(loop, disk.loop_id)
+
+    def _device_isolation(self, wanted: DeviceIsolation) -> None:
+        """The best mechanism the machine has (of those ``wanted`` allows), or refuse."""
+        assert self.record is not None
+        missing = []
+        if wanted in ("auto", "v1"):
+            if device_cgroups_available():
+                self._run_cgroup("v1", DEVICES_V1)
+                return
+            missing.append(f"no writable cgroup v1 devices controller at {DEVICES_V1}")
+        if wanted in ("auto", "bpf"):
+            hierarchy = cgroup2_mount()
+            if hierarchy is None:
+                missing.append("no writable cgroup2 hierarchy mounted")
+            else:
+                cgroups = self._run_cgroup("bpf", hierarchy)
+                why = bpf_probe(cgroups)
+                if why is None:
+                    return
+                missing.append(why)
+                self._remove_run_cgroup()
+                self.isolation = ""
+        if wanted == "none":
+            self.isolation = "none"
+            log.warning(
+                "local cloud: device_isolation='none': root in an instance is kept from the "
+                "machine's disks by its capabilities only (a devtmpfs mount reaches them)"
+            )
+            return
+        raise NoDeviceIsolation(
+            f"the local cloud cannot keep instances off this machine's disks "
+            f"(device_isolation={wanted!r}): {'; '.join(missing)}. Use a machine with either "
+            "mechanism, or pass device_isolation='none' to accept that root in an instance "
+            "can read and write the machine's disks"
+        )
+
+    def _run_cgroup(self, mechanism: str, hierarchy: Path) -> Path:
+        assert self.record is not None
+        self.cgroups = run_cgroup_dir(self.record.token, hierarchy)
+        self.record.add_cgroup(self.cgroups)
+        self.cgroups.mkdir()
+        self.isolation = mechanism
+        return self.cgroups
+
+    def _remove_run_cgroup(self) -> None:
+        if self.cgroups is not None and self.record is not None:
+            remove_cgroup_tree(self.cgroups)
+            self.record.remove_cgroup(self.cgroups)
+        self.cgroups = None
+
+    def instance_cgroup(self, name: str) -> InstanceCgroup | None:
+        """The device cgroup of a new instance (None: device_isolation='none')."""
+        if self.cgroups is None:
+            return None
+        kind = BpfDeviceCgroup if self.isolation == "bpf" else DeviceCgroup
+        return kind(self.cgroups, name)
 
     @property
     def block(self) -> int:
@@ -87,9 +145,7 @@ class _Run:
             loop = self.root_disk.loop
             self.root_disk.detach()
             self.remove_loop(loop)
-        if self.cgroups is not None and self.record is not None:
-            remove_cgroup_tree(self.cgroups)
-            self.record.remove_cgroup(self.cgroups)
+        self._remove_run_cgroup()
         if self._roots_mounted:
             roots = self.state_dir / "roots"
             try:
