@@ -25,7 +25,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncstage import __version__, backup, blocking, completion, userconfig
+from asyncstage import paths as paths_module
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
@@ -382,30 +382,10 @@ def find_volume(m: blocking.Manager, ref: str) -> blocking.Volume:
     return volume
 
 
-_NAMED_PATH = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*):(.*)$", re.DOTALL)
-
-
 def resolve_names(m: blocking.Manager, path: str) -> str:
-    """``mydata:/sub`` → ``vol-…:/sub``, ``web:/etc`` → ``i-…:/etc``; other paths unchanged.
-
-    ``NAME:…`` with a NAME that is neither a server nor a volume is refused (rsync would
-    take it for a remote host).
-    """
-    match = _NAMED_PATH.match(path)
-    if match is None or "@" in match.group(1):
-        return path
-    name, rest = match.groups()
-    if re.fullmatch(r"(i|vol)-[0-9a-f]{8,17}", name):
-        return path
-    server = m.find_server_by_name(name)
-    if server is not None:
-        return f"{server.instance_id}:{rest}"
-    volume = m.find_volume_by_name(name)
-    if volume is not None:
-        return f"{volume.volume_id}:{rest}"
-    raise NotFound(
-        f"{path!r}: no server or volume named {name!r} (write ./{path} for a local path)"
-    )
+    """``mydata:/sub`` → ``vol-…:/sub``, ``web:/etc`` → ``i-…:/etc``; other paths unchanged
+    (:func:`asyncstage.paths.resolve_names`)."""
+    return str(paths_module.resolve_names(m, path))
 
 
 def _stats_dict(stats: TransferStats) -> dict[str, Any]:
@@ -632,24 +612,9 @@ def _dd(args: argparse.Namespace, out: Output) -> int:
 
 
 def _backup(args: argparse.Namespace, out: Output) -> int:
-    with open_manager(args) as m:
-        with out.transfer(f"backup {args.name}") as progress:
-            result = blocking.call(
-                backup.backup,
-                m,
-                args.name,
-                args.paths,
-                size=args.size,
-                zone=args.zone,
-                progress=progress,
-                phase=_phase_notes(out, progress),
-            )
-        out.result(
-            result.as_dict(),
-            f"backup {result.name}: {result.snapshot_id} ({human_bytes(result.bytes)} "
-            f"copied, {result.files} files, {result.elapsed:.1f}s)",
-        )
-        return EXIT_OK
+    from asyncstage import _cli_backup
+
+    return _cli_backup.backup_command(args, out)
 
 
 def _restore(args: argparse.Namespace, out: Output) -> int:
@@ -871,11 +836,10 @@ def _transfer_commands(command: _Command) -> None:
 
 
 def _backup_commands(command: _Command) -> None:
-    p = command("backup", "incremental backup of local directories into a snapshot", _backup)
-    p.add_argument("--name", required=True, help="the backup's name (snapshots carry it)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--size", type=int, help="volume GiB (default: from the data, with room)")
-    p.add_argument("--zone", help="availability zone")
+    from asyncstage import _cli_backup
+
+    p = command("backup", _cli_backup.HELP, _backup)
+    _cli_backup.add_arguments(p)
     _on_exit_option(p, "stop")
 
     p = command("restore", "restore the newest backup of a name into a directory", _restore)
