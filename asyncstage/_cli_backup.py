@@ -224,7 +224,9 @@ def _list(args: argparse.Namespace, out: Output) -> int:
         snaps = blocking.call(_backup_snapshots, m)
     found: dict[str, list[dict[str, Any]]] = {}
     for snap in snaps:
-        found.setdefault(tags_of(snap)[tag("name")], []).append(snap)
+        name = tags_of(snap).get(tag("name"))
+        if name:
+            found.setdefault(name, []).append(snap)
     now = datetime.now(UTC)
     data: list[dict[str, Any]] = []
     for name in sorted(found):
