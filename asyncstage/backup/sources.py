@@ -113,9 +113,14 @@ def plan_sources(m: Manager, sources: Sequence[Source]) -> list[Group]:
             g.paths.append(f"{server.instance_id}:{spec.path}")
             g.labels.append(f"{server.name}:{spec.path}")
         elif isinstance(spec, paths.UnmanagedSpec):
+            # relayed through a temporary directory here, so rsync --relative would keep
+            # the relay's path: each path is copied into its own parent directory instead
             where = f"{spec.username}@{spec.address}"
-            g = group(("ssh", spec.username, spec.address), _dir_label(where), True)
-            g.paths.append(f"{spec.username}@{_bracketed(spec.address)}:{spec.path}")
+            path = spec.path.rstrip("/") or "/"
+            parent = posixpath.dirname(path).strip("/")
+            dest = posixpath.join(_dir_label(where), parent) if parent else _dir_label(where)
+            g = group(("ssh", spec.username, spec.address, path), dest, False)
+            g.paths.append(f"{spec.username}@{_bracketed(spec.address)}:{path}")
             g.labels.append(f"{where}:{spec.path}")
         elif isinstance(spec, paths.HostSpec):
             host = spec.host
