@@ -6,8 +6,10 @@ dot directory), the backup's name, its sources, the server of its work volume, a
 point to stop at. At that point the process prints ``STOPPED <point>`` and blocks until it
 is killed:
 
+- ``lease``: the lease is taken, nothing else made yet;
 - ``volume``: the work volume is made and mounted, nothing copied yet;
 - ``copy``: rsync has reported progress (it is copying);
+- ``copied``: the copy is done, the snapshot not yet asked for;
 - ``snapshot``: CreateSnapshot has returned (the snapshot is pending);
 - ``complete``: the snapshot is completed but not yet marked complete.
 """
@@ -43,6 +45,12 @@ async def main(config: dict[str, Any]) -> None:
             _stop(point)
 
         EC2.create_snapshot = create_then_stop  # type: ignore[method-assign]
+    if point == "lease":
+
+        async def stop_before_sweeping(*args: Any, **kwargs: Any) -> None:
+            _stop(point)
+
+        backup_copy.sweep = stop_before_sweeping  # type: ignore[assignment]
     if point == "complete":
 
         async def stop_before_marking(*args: Any) -> None:
@@ -51,7 +59,7 @@ async def main(config: dict[str, Any]) -> None:
         backup_copy.mark_complete = stop_before_marking  # type: ignore[assignment]
 
     def phase(name: str) -> None:
-        if name == "rsync" and point == "volume":
+        if (name, point) in (("rsync", "volume"), ("snapshot", "copied")):
             _stop(point)
 
     def progress(_: Any) -> None:
