@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any, Literal, TypeVar
 
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.names import check_mount_point, check_name, check_user
 
-__all__ = ["OWNER_TAG", "Kind", "ours", "owner_tags", "refusal"]
+__all__ = ["OWNER_TAG", "Kind", "creation_tags", "extra_tags", "ours", "owner_tags", "refusal"]
 
 OWNER_TAG = tag("owner")
 """The tag naming the EC2 key pair of the manager that made a volume or snapshot."""
@@ -40,6 +41,18 @@ R = TypeVar("R", bound=Mapping[str, Any])
 def owner_tags(key_name: str | None) -> dict[str, str]:
     """The owner tag a manager with this key pair writes into its create calls."""
     return {OWNER_TAG: key_name} if key_name else {}
+
+
+extra_tags: ContextVar[Mapping[str, str] | None] = ContextVar("asyncstage_extra_tags", default=None)
+"""Tags that volumes and snapshots made in this context carry from their create call on.
+
+A backup run sets its run tags here, so that a work volume or snapshot is marked as its
+own atomically: a controller killed right after the create leaves nothing unmarked."""
+
+
+def creation_tags(key_name: str | None) -> dict[str, str]:
+    """The owner tag and this context's :data:`extra_tags`, for a create call."""
+    return {**(extra_tags.get() or {}), **owner_tags(key_name)}
 
 
 def _owner_of(kind: Kind, resource: Mapping[str, Any], tags: Mapping[str, str]) -> str:

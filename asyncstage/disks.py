@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from asyncstage import mounts
-from asyncstage.adoption import owner_tags
+from asyncstage.adoption import creation_tags, owner_tags
 from asyncstage.attachments import Attachments
 from asyncstage.ec2 import new_client_token, tag, tags_of
 from asyncstage.errors import (
@@ -379,7 +379,7 @@ class Disks:
         """
         m = self.server.manager
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-        tags |= owner_tags(m.key_pair.name if m.key_pair else None)
+        tags |= creation_tags(m.key_pair.name if m.key_pair else None)
         if plan.fstype:
             tags[tag("fstype")] = plan.fstype
         token = new_client_token()

@@ -22,6 +22,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   ├── UnknownVolume
     │   ├── UnknownSnapshot
     │   └── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
+    ├── BackupInProgress           another run of the backup holds its lease (named)
+    ├── HookFailed                 a backup's pre/post hook failed or timed out (on_error="fail")
     ├── WaitTimeout                what was awaited, and its last state
     ├── EC2Error                   an EC2 API call failed (code, operation)
     │   ├── InsufficientCapacity   no capacity for an instance type in a zone (both named)
@@ -61,6 +63,7 @@ from typing import Any
 
 __all__ = [
     "AsyncstageError",
+    "BackupInProgress",
     "BadFstype",
     "BadSize",
     "CommandFailed",
@@ -70,6 +73,7 @@ __all__ = [
     "DestinationNotEmpty",
     "EC2Error",
     "FleetError",
+    "HookFailed",
     "HostKeyMismatch",
     "HostKeyUnverified",
     "InsufficientCapacity",
@@ -167,6 +171,21 @@ class UnknownSnapshot(NotFound):
 
 
 # -- waiting -----------------------------------------------------------------
+
+
+class BackupInProgress(AsyncstageError):
+    """Another run of the same backup holds its lease (or took it over from this one).
+
+    ``run_id`` and ``controller`` (``host:pid:start``) name the other run when known."""
+
+    def __init__(self, message: str, *, run_id: str = "", controller: str = "") -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.controller = controller
+
+
+class HookFailed(AsyncstageError):
+    """A backup's ``pre`` or ``post`` hook with ``on_error="fail"`` failed or timed out."""
 
 
 class WaitTimeout(AsyncstageError, TimeoutError):

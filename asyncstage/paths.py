@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from asyncstage.errors import PathError, UnknownServer, UnknownVolume
+from asyncstage.errors import NotFound, PathError, UnknownServer, UnknownVolume
 
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
@@ -63,6 +63,7 @@ __all__ = [
     "check_one_host",
     "parse_path",
     "parse_paths",
+    "resolve_names",
     "resolve_paths",
     "same_host",
     "volume_subpath",
@@ -381,6 +382,40 @@ def check_one_host(sources: Sequence[Endpoint]) -> None:
 
 
 # -- resolution against a manager ---------------------------------------------
+
+_NAMED_PATH = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*):(.*)$", re.DOTALL)
+
+
+class _NamesLike(Protocol):
+    def find_server_by_name(self, name: str) -> Any: ...
+    def find_volume_by_name(self, name: str) -> Any: ...
+
+
+def resolve_names(manager: _NamesLike, path: PathLike) -> PathLike:
+    """``mydata:/sub`` → ``vol-…:/sub``, ``web:/etc`` → ``i-…:/etc``; other paths unchanged.
+
+    Names are looked up among the servers and volumes ``manager`` knows (a blocking or an
+    async manager). ``NAME:…`` with a NAME that is neither a server nor a volume is refused
+    with :class:`~asyncstage.errors.NotFound` (rsync would take it for a remote host);
+    ``user@host:…``, ids and non-strings are returned as they are.
+    """
+    if not isinstance(path, str):
+        return path
+    match = _NAMED_PATH.match(path)
+    if match is None or "@" in match.group(1):
+        return path
+    name, rest = match.groups()
+    if re.fullmatch(r"(i|vol)-[0-9a-f]{8,17}", name):
+        return path
+    server = manager.find_server_by_name(name)
+    if server is not None:
+        return f"{server.instance_id}:{rest}"
+    volume = manager.find_volume_by_name(name)
+    if volume is not None:
+        return f"{volume.volume_id}:{rest}"
+    raise NotFound(
+        f"{path!r}: no server or volume named {name!r} (write ./{path} for a local path)"
+    )
 
 
 class _ManagerLike(Protocol):

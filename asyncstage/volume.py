@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Unpack
 import anyio
 
 from asyncstage import mounts, transfer
-from asyncstage.adoption import owner_tags
+from asyncstage.adoption import creation_tags
 from asyncstage.ec2 import Resource, tag, tags_of
 from asyncstage.errors import (
     BadFstype,
@@ -235,7 +235,7 @@ class Volume:
             tag("volume"): self.volume_id,
             tag("created"): f"{time.time():020.6f}",
             "Name": self.name,
-            **owner_tags(m.key_pair.name if m.key_pair else None),
+            **creation_tags(m.key_pair.name if m.key_pair else None),
         }
         desc = description or (
             self.server.volume_description(self)

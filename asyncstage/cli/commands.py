@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +24,7 @@ from asyncstage.cli.common import (
     find_server,
     find_volume,
     open_manager,
+    phase_notes,
     resolve_names,
     settings,
 )
@@ -33,7 +34,7 @@ from asyncstage.errors import (
     NeedsRoot,
     NotFound,
 )
-from asyncstage.output import Output, TransferTask, human_bytes, human_duration
+from asyncstage.output import Output, human_bytes, human_duration
 from asyncstage.transfer import TransferStats
 
 __all__ = [
@@ -413,24 +414,9 @@ def dd(args: argparse.Namespace, out: Output) -> int:
 
 
 def make_backup(args: argparse.Namespace, out: Output) -> int:
-    with open_manager(args) as m:
-        with out.transfer(f"backup {args.name}") as progress:
-            result = blocking.call(
-                backup.backup,
-                m,
-                args.name,
-                args.paths,
-                size=args.size,
-                zone=args.zone,
-                progress=progress,
-                phase=_phase_notes(out, progress),
-            )
-        out.result(
-            result.as_dict(),
-            f"backup {result.name}: {result.snapshot_id} ({human_bytes(result.bytes)} "
-            f"copied, {result.files} files, {result.elapsed:.1f}s)",
-        )
-        return EXIT_OK
+    from asyncstage.cli import backup as backup_cli
+
+    return backup_cli.backup_command(args, out)
 
 
 def restore(args: argparse.Namespace, out: Output) -> int:
@@ -445,7 +431,7 @@ def restore(args: argparse.Namespace, out: Output) -> int:
                 snapshot_id=args.snapshot,
                 overwrite=args.force,
                 progress=progress,
-                phase=_phase_notes(out, progress),
+                phase=phase_notes(out, progress),
             )
         out.result(
             result.as_dict(),
@@ -453,25 +439,6 @@ def restore(args: argparse.Namespace, out: Output) -> int:
             f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s)",
         )
         return EXIT_OK
-
-
-_PHASES = {
-    "volume": "making its volume",
-    "rsync": "copying",
-    "snapshot": "snapshot pending",
-    "cleanup": "deleting its volume",
-}
-
-
-def _phase_notes(out: Output, task: TransferTask) -> Callable[[str], None]:
-    """Each phase of a backup or restore: on the live row, and as a note with -v."""
-
-    def note(phase: str) -> None:
-        task.phase(_PHASES.get(phase, phase))
-        if out.verbose:
-            out.note(f"{task.label}: {phase}")
-
-    return note
 
 
 def demo(args: argparse.Namespace, out: Output) -> int:

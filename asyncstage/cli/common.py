@@ -8,11 +8,10 @@ import contextlib
 import difflib
 import ipaddress
 import os
-import re
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from asyncstage import blocking, completion, userconfig
+from asyncstage import blocking, completion, paths, userconfig
 from asyncstage.cli import daemon
 from asyncstage.cli.daemon import LOCAL_IMAGE_PATTERN, local_dir, read_local_state
 from asyncstage.errors import (
@@ -20,6 +19,7 @@ from asyncstage.errors import (
     UnknownServer,
     UnknownVolume,
 )
+from asyncstage.output import Output, TransferTask
 from asyncstage.settings import LOCAL_CREDENTIALS
 
 __all__ = [
@@ -156,27 +156,26 @@ def find_volume(m: blocking.Manager, ref: str) -> blocking.Volume:
     return volume
 
 
-_NAMED_PATH = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._+-]*):(.*)$", re.DOTALL)
-
-
 def resolve_names(m: blocking.Manager, path: str) -> str:
-    """``mydata:/sub`` → ``vol-…:/sub``, ``web:/etc`` → ``i-…:/etc``; other paths unchanged.
+    """``mydata:/sub`` → ``vol-…:/sub``, ``web:/etc`` → ``i-…:/etc``; other paths unchanged
+    (:func:`asyncstage.paths.resolve_names`)."""
+    return str(paths.resolve_names(m, path))
 
-    ``NAME:…`` with a NAME that is neither a server nor a volume is refused (rsync would
-    take it for a remote host).
-    """
-    match = _NAMED_PATH.match(path)
-    if match is None or "@" in match.group(1):
-        return path
-    name, rest = match.groups()
-    if re.fullmatch(r"(i|vol)-[0-9a-f]{8,17}", name):
-        return path
-    server = m.find_server_by_name(name)
-    if server is not None:
-        return f"{server.instance_id}:{rest}"
-    volume = m.find_volume_by_name(name)
-    if volume is not None:
-        return f"{volume.volume_id}:{rest}"
-    raise NotFound(
-        f"{path!r}: no server or volume named {name!r} (write ./{path} for a local path)"
-    )
+
+_PHASES = {
+    "volume": "making its volume",
+    "rsync": "copying",
+    "snapshot": "snapshot pending",
+    "cleanup": "deleting its volume",
+}
+
+
+def phase_notes(out: Output, task: TransferTask) -> Callable[[str], None]:
+    """Each phase of a backup or restore: on the live row, and as a note with -v."""
+
+    def note(phase: str) -> None:
+        task.phase(_PHASES.get(phase, phase))
+        if out.verbose:
+            out.note(f"{task.label}: {phase}")
+
+    return note

@@ -22,7 +22,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from asyncstage.errors import InvalidArgument, LocalCloudError
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._devices import is_nitro, nvme_node, root_nodes, xen_node
 from asyncstage.localcloud._disks import Disk, copy_sparse
+from asyncstage.localcloud._freeze import frozen
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import ISOLATION_MODES, DeviceIsolation
@@ -493,6 +494,18 @@ class Engine:
         if disk is not None:
             self._free(disk)
             disk.image.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def instance_frozen(self, instance_id: str) -> Iterator[None]:
+        """Every process of the instance stopped (and its writes synced) while the block
+        runs: one instant for all its volumes (``CreateSnapshots``)."""
+        machine = self.machines.get(instance_id)
+        pid = machine.host.init_pid if machine is not None and machine.host.alive else None
+        if pid is None:
+            yield  # stopped or gone: nothing writes
+            return
+        with frozen(pid):
+            yield
 
     def snapshot_created(self, snapshot_id: str, source: Path) -> None:
         """Copy the image now (the snapshot's moment); report `completed` right after."""

@@ -12,6 +12,7 @@ import collections
 import random
 import threading
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -71,6 +72,7 @@ class EngineHooks(Protocol):
     def volume_deleted(self, volume_id: str) -> None: ...
     def snapshot_created(self, snapshot_id: str, source: Path) -> None: ...
     def snapshot_deleted(self, snapshot_id: str) -> None: ...
+    def instance_frozen(self, instance_id: str) -> AbstractContextManager[None]: ...
 
 
 class ApiHooks(Protocol):

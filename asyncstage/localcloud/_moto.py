@@ -575,6 +575,31 @@ class LocalBackend(EC2Backend):
         self._last_snapshot[volume_id] = time.monotonic()
         return snapshot
 
+    def create_snapshots(
+        self, instance_spec: dict[str, Any], description: str, tags: dict[str, str]
+    ) -> list[Any]:
+        """Snapshots of every data volume of an instance at one instant: the instance's
+        processes are stopped (and their writes synced) while all the images are copied."""
+        engine = self._live()
+        if engine is None:
+            return list(super().create_snapshots(instance_spec, description, tags))
+        instance_id = str(instance_spec.get("InstanceId", ""))
+        instance = self.get_instance(instance_id)
+        root = instance.root_device_name
+        exclude = str(instance_spec.get("ExcludeBootVolume", False)).lower() == "true"
+        volumes = [
+            m.volume_id
+            for device, m in instance.get_block_device_mapping
+            if not (exclude and device == root)
+        ]
+        for volume_id in volumes:  # every one must have data, before any is taken
+            self._real_volume(engine, volume_id)
+        with engine.lock, engine.instance_frozen(instance_id):
+            snapshots = [self.create_snapshot(v, description=description) for v in volumes]
+        for snapshot in snapshots:
+            snapshot.add_tags(tags)
+        return snapshots
+
     @property
     def _last_snapshot(self) -> dict[str, float]:
         """Volume id -> when it was last snapshotted (for EC2's per-volume rate)."""

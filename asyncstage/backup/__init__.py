@@ -1,0 +1,68 @@
+"""Incremental backups into named snapshots, and restores from them.
+
+A backup named ``NAME`` is a series of EBS snapshots tagged with that name, newest
+first (``Manager.snapshots(NAME)``), of which only those marked complete count.
+
+- :mod:`~asyncstage.backup.sources`: what may be backed up (local paths, ``SERVER:/path``,
+  ``user@host:/path``, ``VOLUME:/sub``) and where each lands in the snapshot;
+- :mod:`~asyncstage.backup.copy`: one run in ``copy`` mode (:func:`backup`);
+- :mod:`~asyncstage.backup.snapshot_mode`: ``snapshot`` mode, a server's own volumes at
+  one instant (:func:`snapshot_backup`);
+- :mod:`~asyncstage.backup.runs`, :mod:`~asyncstage.backup.lease`,
+  :mod:`~asyncstage.backup.sweep`: runs, the one-run-at-a-time lease on EC2, and the
+  removal of what dead runs left;
+- :mod:`~asyncstage.backup.hooks`: ``pre``/``post`` consistency hooks per source;
+- :mod:`~asyncstage.backup.snapshots`: which snapshots are complete backups;
+- :mod:`~asyncstage.backup.plans`: plans of many backups run at once (:func:`run_plan`);
+- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`).
+
+Safety rules: see ``docs/backup.md``.
+"""
+
+from __future__ import annotations
+
+from asyncstage.backup.copy import DEFAULT_TTL, BackupResult, backup
+from asyncstage.backup.hooks import Hook, Hooked, HookFailed
+from asyncstage.backup.plans import (
+    BackupOutcome,
+    Plan,
+    PlannedBackup,
+    PlanReport,
+    load_plan,
+    parse_plan,
+    run_plan,
+)
+from asyncstage.backup.restore import RestoreResult, check_destination, restore, snapshot_volume
+from asyncstage.backup.runs import RunInfo
+from asyncstage.backup.sizes import data_size, size_for
+from asyncstage.backup.snapshot_mode import SnapshotSetResult, snapshot_backup
+from asyncstage.backup.sources import Source
+from asyncstage.backup.sweep import SweepResult, sweep
+
+__all__ = [
+    "DEFAULT_TTL",
+    "BackupOutcome",
+    "BackupResult",
+    "Hook",
+    "HookFailed",
+    "Hooked",
+    "Plan",
+    "PlanReport",
+    "PlannedBackup",
+    "RestoreResult",
+    "RunInfo",
+    "SnapshotSetResult",
+    "Source",
+    "SweepResult",
+    "backup",
+    "check_destination",
+    "data_size",
+    "load_plan",
+    "parse_plan",
+    "restore",
+    "run_plan",
+    "size_for",
+    "snapshot_backup",
+    "snapshot_volume",
+    "sweep",
+]

@@ -1,0 +1,264 @@
+"""``copy`` mode: rsync the sources into a work volume of the run's own, snapshot it.
+
+One run of backup ``NAME``:
+
+1. takes the backup's lease (:mod:`asyncstage.backup.lease`): another live run of the
+   name makes it wait (``wait`` seconds) or refuse with ``BackupInProgress``;
+2. removes the leftovers of runs of the name that died (:mod:`asyncstage.backup.sweep`);
+3. makes a **new** work volume called ``NAME``, tagged as the run's from its create call
+   on: from the newest complete snapshot of the name (grown when the data needs more
+   room), or empty for the first backup;
+4. brings it up to date with ``rsync --delete``, one host's sources after another;
+5. snapshots it, waits until the snapshot is ``completed``, and marks it complete with
+   its parent snapshot and its consistency;
+6. deletes the work volume and releases the lease.
+
+A live volume that has the backup's name, made by someone else, is never written,
+adopted nor deleted: the backup is refused with :class:`~asyncstage.errors.NameTaken`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import anyio
+
+from asyncstage import names
+from asyncstage.adoption import extra_tags
+from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own, log
+from asyncstage.backup.hooks import Hook, HookFailed, run_hook
+from asyncstage.backup.lease import Lease, with_lease
+from asyncstage.backup.runs import RunInfo
+from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
+from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
+from asyncstage.backup.sweep import sweep
+from asyncstage.errors import NameTaken
+from asyncstage.manager import Manager
+from asyncstage.server import Server
+from asyncstage.transfer import TransferStats
+from asyncstage.volume import Volume
+
+__all__ = ["DEFAULT_TTL", "BackupResult", "backup"]
+
+DEFAULT_TTL = 300.0
+"""Seconds a run's lease lasts unless renewed (it is renewed every third of that)."""
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """What one backup run did."""
+
+    name: str
+    snapshot_id: str
+    """The new snapshot (completed, marked complete)."""
+    previous_snapshot_id: str | None
+    """The snapshot the volume was made from (None for a first backup)."""
+    volume_id: str
+    """The temporary volume (deleted)."""
+    size_gib: int
+    bytes: int
+    """Size of the files transferred (rsync)."""
+    files: int
+    wire_bytes: int
+    route: str
+    volume_s: float
+    rsync_s: float
+    snapshot_s: float
+    elapsed: float
+    run_id: str = ""
+    """This run's id (in the tags of everything it made)."""
+    consistency: str = "crash-consistent"
+    """``crash-consistent``, or ``application-consistent`` when ``pre`` hooks ran."""
+    swept: tuple[str, ...] = ()
+    """Leftovers of dead runs this run removed first (volume and snapshot ids)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as a plain dict (``--json``)."""
+        found = asdict(self)
+        found["swept"] = list(self.swept)
+        return found
+
+
+@contextlib.contextmanager
+def run_tags(run: RunInfo) -> Iterator[None]:
+    """Volumes and snapshots made inside carry ``run``'s tags from their create call on."""
+    token = extra_tags.set({**run.tags(), STATE_TAG: "pending"})
+    try:
+        yield
+    finally:
+        extra_tags.reset(token)
+
+
+async def backup(
+    m: Manager,
+    name: str,
+    sources: Sequence[Source],
+    *,
+    server: Server | None = None,
+    size: int | None = None,
+    zone: str | None = None,
+    description: str | None = None,
+    progress: ProgressCallback | None = None,
+    phase: Phase | None = None,
+    wait: float = 0.0,
+    ttl: float = DEFAULT_TTL,
+) -> BackupResult:
+    """Back ``sources`` up into a new snapshot named ``name`` (incremental).
+
+    Sources are local paths, ``SERVER:/path``, ``user@host:/path``, ``VOLUME:`` or
+    ``VOLUME:/sub`` (see :mod:`asyncstage.backup.sources` for where each lands in the
+    snapshot). The work volume is made on ``server`` (default: any server in ``zone``).
+    ``size`` is in GiB (default: room for the data, never less than the previous snapshot).
+
+    Another live run of ``name`` is waited for up to ``wait`` seconds, then refused with
+    :class:`~asyncstage.errors.BackupInProgress`. :class:`NameTaken` when a volume called
+    ``name`` that is no run's work volume exists. On failure or cancellation the run's own
+    volume is deleted and the earlier snapshots are kept.
+    """
+    names.check_name(name, "backup")
+    groups = plan_sources(m, sources)
+    run = RunInfo.new(name, ttl)
+
+    async def body(lease: Lease) -> BackupResult:
+        return await _run(m, lease, groups, server, size, zone, description, progress, phase)
+
+    return await with_lease(m, run, body, wait=wait, ttl=ttl)
+
+
+async def _run(
+    m: Manager,
+    lease: Lease,
+    groups: list[Group],
+    server: Server | None,
+    size: int | None,
+    zone: str | None,
+    description: str | None,
+    progress: ProgressCallback | None,
+    phase: Phase | None,
+) -> BackupResult:
+    tell = phase or (lambda _: None)
+    name = lease.run.name
+    swept = await sweep(m, name, current_run=lease.run.run_id)
+    existing = m.find_volume_by_name(name)
+    if existing is not None:
+        raise NameTaken(
+            f"backup {name!r}: a volume named {name!r} exists ({existing.volume_id}); a backup "
+            "works only on a volume of its own and never touches it: choose another backup name"
+        )
+    started = time.monotonic()
+    previous = usable(await m.snapshots(name))
+    needed = size if size is not None else await measure(groups)
+    parent: str | None = None
+    if previous:
+        needed = max(needed, int(previous[0]["VolumeSize"]))
+        parent = str(previous[0]["SnapshotId"])
+    tell("volume")
+    with run_tags(lease.run):  # reuse=False: a volume of this name is refused, never adopted
+        if server is not None:
+            volume = await server.provision_volume(
+                name, size=needed, snapshot_id=parent, reuse=False
+            )
+        else:
+            volume = await m.provision_volume(
+                name, size=needed, snapshot_id=parent, reuse=False, availability_zone=zone
+            )
+    t_volume = time.monotonic()
+    try:
+        tell("rsync")
+        stats, consistency = await _copy_into(m, volume, groups, progress)
+        t_rsync = time.monotonic()
+        tell("snapshot")
+        await lease.check()
+        with run_tags(lease.run):
+            new_id = await volume.create_snapshot(
+                description or f"asyncstage backup {name}", wait=True
+            )
+        await require_completed(m, new_id)
+        await lease.check()  # a run that lost its lease never marks anything complete
+        await mark_complete(m, [new_id], parent, consistency)
+    except BaseException:
+        tell("cleanup")
+        await delete_own(volume)
+        raise
+    t_snapshot = time.monotonic()
+    tell("cleanup")
+    await delete_own(volume)
+    return BackupResult(
+        name=name,
+        snapshot_id=new_id,
+        previous_snapshot_id=parent,
+        volume_id=volume.volume_id,
+        size_gib=volume.size,
+        bytes=stats.bytes,
+        files=stats.files,
+        wire_bytes=stats.wire_bytes,
+        route=stats.route,
+        volume_s=t_volume - started,
+        rsync_s=t_rsync - t_volume,
+        snapshot_s=t_snapshot - t_rsync,
+        elapsed=time.monotonic() - started,
+        run_id=lease.run.run_id,
+        consistency=consistency,
+        swept=tuple(swept.volumes + swept.snapshots),
+    )
+
+
+async def _copy_into(
+    m: Manager, volume: Volume, groups: list[Group], progress: ProgressCallback | None
+) -> tuple[TransferStats, str]:
+    """rsync each host's sources into its directory of the volume, between their hooks;
+    the summed figures and the consistency (application-consistent only when every
+    source had a ``pre`` hook that succeeded)."""
+    total = TransferStats(route="", elapsed=0.0, bytes=0)
+    routes: list[str] = []
+    quiesced = True
+    for g in groups:
+        posts: list[Hook] = []
+        post_error: HookFailed | None = None
+        try:
+            for hooks in g.hooks:
+                if hooks.post is not None:
+                    posts.append(hooks.post)  # runs once its pre has started, whatever happens
+                ok = hooks.pre is not None and await run_hook("pre", hooks.pre, g.server)
+                quiesced = quiesced and ok
+            stats = await _rsync_group(m, volume, g, progress)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for post in reversed(posts):
+                    try:
+                        await run_hook("post", post, g.server)
+                    except HookFailed as e:
+                        log.warning("backup: %s", e)
+                        post_error = post_error or e
+        if post_error is not None:
+            raise post_error
+        if stats.route not in routes:
+            routes.append(stats.route)
+        total = TransferStats(
+            route=",".join(routes),
+            elapsed=total.elapsed + stats.elapsed,
+            bytes=total.bytes + stats.bytes,
+            files=total.files + stats.files,
+            wire_bytes=total.wire_bytes + stats.wire_bytes,
+        )
+    return total, ("application-consistent" if quiesced else "crash-consistent")
+
+
+async def _rsync_group(
+    m: Manager, volume: Volume, g: Group, progress: ProgressCallback | None
+) -> TransferStats:
+    if g.dest:
+        assert volume.server is not None and volume.mtpt
+        await volume.server.scmd("mkdir", "-p", "--", f"{volume.mtpt}/{g.dest}", sudo=True)
+    options = [*RSYNC_OPTIONS, *(["--relative"] if g.relative else [])]
+    return await m.rsync(
+        *g.paths,
+        f"{volume.volume_id}:{volume_dir(g.dest)}",
+        options=options,
+        delete=True,
+        progress=progress,
+    )

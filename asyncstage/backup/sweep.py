@@ -1,0 +1,128 @@
+"""Leftovers of runs that died: found by their run tags, removed only when that run is over.
+
+A run is over when its lease is no longer its own (released, broken, or taken by a newer
+run) or its controller is dead or expired (:meth:`RunInfo.dead`). A live run's work
+volumes and snapshots are never touched, and neither is anything whose run tags do not
+parse (it is reported instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncstage.adoption import ours
+from asyncstage.backup.lease import leases, release
+from asyncstage.backup.runs import OF_TAG, RUN_TAG, RunInfo
+from asyncstage.backup.snapshots import is_backup
+from asyncstage.ec2 import tags_of
+from asyncstage.errors import AsyncstageError, UnknownVolume
+from asyncstage.manager import Manager
+
+__all__ = ["SweepResult", "sweep"]
+
+log = logging.getLogger("asyncstage.backup")
+
+
+@dataclass
+class SweepResult:
+    """What a sweep removed, kept (live runs) and left alone (tags that do not parse)."""
+
+    volumes: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
+    leases: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as a plain dict (``--json``)."""
+        return {
+            "volumes": self.volumes,
+            "snapshots": self.snapshots,
+            "leases": self.leases,
+            "kept": self.kept,
+            "refused": self.refused,
+        }
+
+
+def _over(run: RunInfo, holders: dict[str, RunInfo], current: str | None) -> bool:
+    if run.run_id == current:
+        return False
+    holder = holders.get(run.name)
+    return holder is None or holder.run_id != run.run_id or run.dead()
+
+
+async def sweep(
+    m: Manager, name: str | None = None, *, current_run: str | None = None
+) -> SweepResult:
+    """Remove the work volumes, unfinished snapshots and dead leases of runs that are over
+    (of backup ``name``, or of every backup). ``current_run`` is never swept."""
+    done = SweepResult()
+    holders: dict[str, RunInfo] = {}
+    for group_id, held in await leases(m):
+        if not held.dead():
+            holders[held.name] = held
+        elif name is None or held.name == name:
+            await release(m, group_id)
+            done.leases.append(group_id)
+    filters = [{"Name": "tag-key", "Values": [RUN_TAG]}]
+    if name is not None:
+        filters.append({"Name": f"tag:{OF_TAG}", "Values": [name]})
+    keys = m.known_key_names()
+    volumes = ours("volume", await m.ec2.describe_volumes(filters=filters), keys=keys)
+    scanned = False
+    for desc in volumes:
+        vid = str(desc["VolumeId"])
+        if desc.get("State") not in ("available", "in-use", "creating"):
+            continue
+        found = RunInfo.from_tags(tags_of(desc))
+        if found is None:
+            done.refused.append(vid)
+            continue
+        if not _over(found, holders, current_run):
+            done.kept.append(vid)
+            continue
+        if not scanned and desc.get("Attachments"):
+            await m.scan_region()  # its server and mount, to unmount and detach it cleanly
+            scanned = True
+        await _delete_volume(m, desc)
+        log.info("backup %s: removed work volume %s of run %s", found.name, vid, found.run_id)
+        done.volumes.append(vid)
+    snaps = ours("snapshot", await m.ec2.describe_snapshots(filters=filters), keys=keys)
+    for snap in snaps:
+        sid = str(snap["SnapshotId"])
+        found = RunInfo.from_tags(tags_of(snap))
+        if found is None:
+            done.refused.append(sid)
+            continue
+        if is_backup(snap):
+            continue
+        if not _over(found, holders, current_run):
+            done.kept.append(sid)
+            continue
+        await m.ec2.delete_snapshot(sid)
+        log.info("backup %s: removed snapshot %s of run %s", found.name, sid, found.run_id)
+        done.snapshots.append(sid)
+    return done
+
+
+async def _delete_volume(m: Manager, desc: dict[str, Any]) -> None:
+    vid = str(desc["VolumeId"])
+    try:
+        volume = m.find_volume_by_volid(vid)
+    except UnknownVolume:
+        volume = None
+    if volume is not None:
+        await volume.delete()
+        return
+    for att in desc.get("Attachments", []):  # on a server this manager cannot reach
+        try:
+            await m.ec2.detach_volume(vid, force=True)
+        except AsyncstageError as e:
+            log.debug("detaching %s from %s: %s", vid, att.get("InstanceId"), e)
+        await m.ec2.wait_for_volume(
+            vid, lambda v: v.get("State") == "available", what=f"{vid} detached", timeout=300
+        )
+        break
+    await m.ec2.delete_volume(vid)

@@ -1,0 +1,90 @@
+"""``snapshot`` mode: a server's own data volumes at one instant (CreateSnapshots), proven
+by a writer that writes to two volumes in a known order while the set is taken."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from asyncstage import Manager, Server, backup
+from asyncstage.backup import Hook
+from asyncstage.ec2 import tag, tags_of
+from asyncstage.errors import HookFailed
+from tests.backup_support import NOTHING, leftovers, manager_dropping
+
+pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
+
+NAME = "inplace"
+
+
+manager = manager_dropping(NAME)
+
+
+@pytest.fixture
+async def server(manager: Manager) -> Server:
+    return await manager.provision_server("inplace-host")
+
+
+async def _count(server: Server, path: str) -> int:
+    """The number in ``path`` (0 while the file is not there yet)."""
+    text = await server.scmd("sh", "-c", f"cat {path} 2>/dev/null || true", sudo=True)
+    return int(text.strip() or 0)
+
+
+async def test_one_instant_for_all_volumes_of_a_server(manager: Manager, server: Server) -> None:
+    first = await server.provision_volume("inplace-a", size=1)
+    second = await server.provision_volume("inplace-b", size=1)
+    a, b = f"{first.mtpt}/counter", f"{second.mtpt}/counter"
+    # each number reaches the first volume's disk before the second's (sync FILE: fsync)
+    writer = f"i=0; while :; do i=$((i+1)); echo $i > {a}; sync {a}; echo $i > {b}; sync {b}; done"
+    pid = (
+        await server.scmd(
+            "sh", "-c", f"setsid sh -c '{writer}' >/dev/null 2>&1 & echo $!", sudo=True
+        )
+    ).strip()
+    try:
+        with anyio.fail_after(60):
+            while await _count(server, b) < 20:  # noqa: ASYNC110 - a count on the server
+                await anyio.sleep(0.1)
+        done = await backup.snapshot_backup(manager, NAME, server)
+        assert set(done.snapshots) == {first.volume_id, second.volume_id}
+        assert done.consistency == "crash-consistent"
+        running = await _count(server, b)
+    finally:
+        await server.scmd("kill", pid, sudo=True)
+
+    seen: dict[str, int] = {}
+    for volume in (first, second):
+        snap = done.snapshots[volume.volume_id]
+        async with backup.snapshot_volume(manager, NAME, snapshot_id=snap, server=server) as v:
+            seen[volume.name] = await _count(server, f"{v.mtpt}/counter")
+    # one instant: the second volume is never ahead of the first, and at most one behind
+    assert seen["inplace-b"] <= seen["inplace-a"] <= seen["inplace-b"] + 1, seen
+    assert 20 <= seen["inplace-b"] <= running
+    for snap in await manager.snapshots(NAME):
+        tags = tags_of(snap)
+        assert tags[tag("backup-state")] == "complete"
+        assert tags[tag("backup-consistency")] == "crash-consistent"
+    assert await leftovers(manager, NAME) == NOTHING
+    await first.delete()
+    await second.delete()
+
+
+async def test_snapshot_mode_hooks_run_on_the_server(manager: Manager, server: Server) -> None:
+    volume = await server.provision_volume("inplace-c", size=1)
+    log = "/root/inplace-hooks.log"
+    done = await backup.snapshot_backup(
+        manager,
+        NAME,
+        server,
+        pre=Hook(f"echo pre >> {log}"),
+        post=Hook(f"echo post >> {log}"),
+    )
+    assert done.consistency == "application-consistent"
+    with pytest.raises(HookFailed, match="pre hook on inplace-host failed"):
+        await backup.snapshot_backup(
+            manager, NAME, server, pre=Hook("exit 4"), post=Hook(f"echo post >> {log}")
+        )
+    assert (await server.scmd("cat", log, sudo=True)).split() == ["pre", "post", "post"]
+    assert len(await manager.snapshots(NAME)) == 1  # the failed run made none
+    await volume.delete()

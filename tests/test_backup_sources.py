@@ -1,0 +1,101 @@
+"""Every source form of a backup, from the library and the command line's parsing: a local
+path, ``SERVER:/path`` by name, ``VOLUME:/sub``, and ``user@host:/path`` (a pull backup
+from a real sshd reached with the user's own ssh set-up)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from asyncstage import Manager, Server, backup
+from asyncstage.backup.sources import plan_sources
+from asyncstage.errors import InvalidArgument, NotFound, RsyncError
+from tests.backup_support import NOTHING, leftovers, manager_dropping
+from tests.sshd import SSHServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
+
+
+manager = manager_dropping("mixed")
+
+
+@pytest.fixture
+def unmanaged(sshd_factory: Callable[..., SSHServer], monkeypatch: pytest.MonkeyPatch) -> SSHServer:
+    """An sshd standing for any ssh host, reached through the user's own ``RSYNC_RSH``."""
+    u = sshd_factory(address="127.0.0.43")
+    u.known_hosts.write_text(f"[{u.address}]:{u.port} {u.host_public_key}\n")
+    monkeypatch.setenv(
+        "RSYNC_RSH",
+        f"ssh -F /dev/null -i {u.client_key} -p {u.port} -o IdentitiesOnly=yes "
+        f"-o BatchMode=yes -o UserKnownHostsFile={u.known_hosts} -o StrictHostKeyChecking=yes",
+    )
+    return u
+
+
+async def test_server_volume_ssh_and_local_sources_in_one_backup(
+    manager: Manager, unmanaged: SSHServer, tmp_path: Path
+) -> None:
+    web = await manager.provision_server("src-web")
+    await web.scmd("sh", "-c", "mkdir -p /srv/app && echo served > /srv/app/index.html", sudo=True)
+    data = await web.provision_volume("src-data", size=1)
+    await web.scmd(
+        "sh", "-c", f"mkdir -p {data.mtpt}/db && echo rows > {data.mtpt}/db/t", sudo=True
+    )
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    (pulled / "far.txt").write_text("from afar\n")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "near.txt").write_text("near\n")
+
+    sources = [
+        "src-web:/srv/app",
+        "src-data:/db",
+        f"root@{unmanaged.address}:{pulled}",
+        str(local),
+    ]
+    done = await backup.backup(manager, "mixed", sources, server=web)
+    assert done.files == 4 and done.previous_snapshot_id is None
+
+    async with backup.snapshot_volume(manager, "mixed", server=web) as vol:
+        found = await web.scmd("sh", "-c", f"cd {vol.mtpt} && find . -type f | sort", sudo=True)
+        far = f"./root@{unmanaged.address}{pulled}/far.txt"
+        assert found.split() == sorted(
+            ["./src-data/db/t", "./src-web/srv/app/index.html", far, f".{local}/near.txt"]
+        )
+    again = await backup.backup(manager, "mixed", sources, server=web)
+    assert again.files == 0 and again.previous_snapshot_id == done.snapshot_id  # incremental
+    assert manager.volumes() == [data]
+    await data.delete()
+
+
+async def test_an_unreachable_ssh_host_fails_that_backup_cleanly(
+    manager: Manager, unmanaged: SSHServer
+) -> None:
+    server = await manager.get_server("backup-host")
+    # nothing listens on 127.0.0.44 at the sshd's port (RSYNC_RSH names the port)
+    with pytest.raises(RsyncError):
+        await backup.backup(manager, "mixed", ["root@127.0.0.44:/srv"], server=server)
+    assert manager.volumes() == []
+    assert await leftovers(manager, "mixed") == NOTHING
+    assert await manager.snapshots("mixed") == []
+
+
+async def test_bad_sources_are_typed_errors_before_anything_is_made(
+    manager: Manager, tmp_path: Path
+) -> None:
+    with pytest.raises(NotFound, match="no server or volume named 'nosuch'"):
+        plan_sources(manager, ["nosuch:/srv"])
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        plan_sources(manager, [tmp_path / "missing"])
+    with pytest.raises(InvalidArgument, match="nothing to back up"):
+        plan_sources(manager, [])
+    server: Server = await manager.provision_server("src-empty")
+    with pytest.raises(InvalidArgument, match="name a path"):
+        plan_sources(manager, [server])
+    with pytest.raises(InvalidArgument, match="missing or unreadable"):
+        await backup.backup(manager, "mixed", ["src-empty:/no/such/dir"], server=server)
+    assert manager.volumes() == []
+    assert await manager.snapshots("mixed") == []
