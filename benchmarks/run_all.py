@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bounds import restate
+
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "fleet",
+    "fleet_ec2",
     "commands",
     "streaming",
     "transfers",
@@ -30,6 +33,7 @@ SCRIPTS = [
     "scale",
     "perl",
     "fabric",
+    "pyinfra",
     "demo",
 ]
 
@@ -52,26 +56,33 @@ def summarise(results: Path, names: list[str]) -> dict[str, Any]:
         loads[name] = data.get("load", {})
         runs[name] = {"started": data.get("started"), "machine": data.get("machine", {})}
         for t in data.get("targets", []):
-            rows.append({"benchmark": name, **t})
+            rows.append({"benchmark": name, **restate(name, data, t)})
     return {"machine": machine, "load": loads, "runs": runs, "targets": rows}
 
 
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
-        "| benchmark | figure | value | target | met |",
-        "|---|---|---|---|---|",
+        "| benchmark | figure | value (spread) | target | met | bound | evidence (same run) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in summary["targets"]:
-        what = t["what"].replace("|", "\\|")  # a pipe would end the cell
         if t["value"] is None:  # a baseline could not run the step
-            reason = t.get("not_run", "").replace("|", "\\|")
-            value = f"not run: {reason}"
+            value = f"not run: {t.get('not_run', '')}"
         else:
             value = f"{_fmt(t['value'])}{t['unit']}"
-        lines.append(
-            f"| {t['benchmark']} | {what} | {value} | "
-            f"{t['op']} {_fmt(t['limit'])}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
-        )
+            if t.get("spread"):
+                lo, hi = t["spread"]
+                value += f" ({_fmt(lo)}–{_fmt(hi)})"
+        cells = [
+            t["benchmark"],
+            t["what"],
+            value,
+            f"{t['op']} {_fmt(t['limit'])}{t['unit']}",
+            "yes" if t["met"] else "**no**",
+            t.get("bound", ""),
+            t.get("evidence", ""),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     # One line per machine the figures came from (a partial run keeps older rows).
     machines: dict[str, list[str]] = {}
     for name, run in summary.get("runs", {}).items():

@@ -1,0 +1,186 @@
+"""What decides each target, and what the same run measured that shows it.
+
+Every row of ``summary.json``/``summary.md`` carries ``bound``: ``library`` when the
+library's own code decides the figure, else the machine or dependency limit that does;
+and ``evidence``: figures of the same run that show it. A machine-bound row gives the
+measured limit and the ratio to it; a dependency-bound row names the upstream behaviour.
+A script may state both itself (:meth:`_common.Report.target`); otherwise
+:func:`restate` derives them here from the script's own JSON, so that results written
+before a script stated them are restated from their own figures, not guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+LIBRARY = "library"
+Rule = Callable[[dict[str, Any], dict[str, Any]], tuple[str, str]]
+
+
+def _f(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _fleet_machine(run: dict[str, Any], single: dict[str, Any], cores: int) -> tuple[str, str]:
+    """A fleet whose hosts boot on this machine's cores before the boot delay starts."""
+    n, limit = run["n"], run["cloud_last_running_s"]
+    text = (
+        f"limit: the local cloud had all {n} instances running (sshd listening) "
+        f"{_f(limit)} s after the launch, one in {_f(single['cloud_last_running_s'])} s "
+        f"({_f(limit / single['cloud_last_running_s'])}×: {n} hosts booted on {cores} cores, "
+        f"then the boot delay); all {n} answered ssh at {_f(run['wall_s'])} s, "
+        f"{_f(run['wall_s'] / limit)}× that limit"
+    )
+    if run.get("own_cpu_s") is not None:
+        text += (
+            f"; the run used {_f(run['own_cpu_s'])} CPU s (cloud, hosts, controller), "
+            f"{_f(run['own_cpu_s'] / cores)} s of all {cores} cores"
+        )
+    bound = f"machine: the local cloud boots the {n} hosts on {cores} cores (instant boot)"
+    return bound, text + ". At EC2's pace (hosts booting inside the pending time): fleet_ec2"
+
+
+def _fleet(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    runs = data["results"]["concurrent"]
+    return _fleet_machine(runs[-1], runs[0], _cores(data))
+
+
+def _scale_fleet(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    runs = data["results"]["fleet"]
+    return _fleet_machine(runs[-1], runs[0], _cores(data))
+
+
+def _describe(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    runs = data["results"].get("concurrent") or data["results"].get("fleet") or []
+    sizes = ", ".join(f"N={r['n']}: {r['describe_calls_per_round']}" for r in runs)
+    return LIBRARY, f"counted at the cloud's endpoint, most calls in one round: {sizes}"
+
+
+def _fabric_floor(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    """The fleet command's wall time against the instances' sshd CPU on these cores."""
+    fleet, cores = data["results"]["fleet"], _cores(data)
+    cpu = fleet["cpu"]
+    ours = cpu["asyncstage"]["cold"]
+    floor = ours["instances_cpu_s"] / cores
+    text = (
+        f"limit: the {fleet['n']} instances' sshd (fork, key exchange, auth, session, shell) "
+        f"used {_f(ours['instances_cpu_s'])} CPU s, the same whoever connects: "
+        f"{_f(floor)} s of {cores} cores, a floor under both sides; asyncstage "
+        f"{_f(fleet['cold']['asyncstage_s'])} s = {_f(fleet['cold']['asyncstage_s'] / floor)}× "
+        "the floor"
+    )
+    if cpu.get("fabric") and fleet["cold"].get("fabric_s"):
+        theirs = fleet["cold"]["fabric_s"]
+        text += (
+            f", Fabric {_f(theirs)} s = {_f(theirs / floor)}× it: no client can be more than "
+            f"{_f(theirs / floor)}× ahead of Fabric here"
+        )
+    return f"machine: {fleet['n']} servers' sshd on the controller's {cores} cores", text
+
+
+def _fabric_client_cpu(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    c = data["results"]["fleet"].get("client_cpu", {})
+    if c.get("fabric_ms_per_server") is None:
+        return LIBRARY, "not run"
+    return LIBRARY, (
+        f"controller CPU per server, connecting: asyncstage {_f(c['asyncstage_ms_per_server'])} "
+        f"ms (asyncssh's key exchange, user auth and channel in Python), Fabric "
+        f"{_f(c['fabric_ms_per_server'])} ms"
+    )
+
+
+def _streaming_pipe(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    """scmd_read/scmd_write against raw asyncssh with the same cipher, same run."""
+    direction = "read" if target["name"].startswith("scmd_read") else "write"
+    r = data["results"]
+    rates = r.get("mb_per_s_median") or r["mb_per_s"]
+    cpu = r.get("client_cpu_s_per_gib", {})
+    ours, raw = rates[f"{direction} asyncstage"], rates[f"{direction} raw asyncssh"]
+    text = (
+        f"raw asyncssh (no asyncstage code), same cipher, same run: {_f(raw)} MB/s, "
+        f"asyncstage {_f(ours)} MB/s ({_f(ours / raw)}× raw asyncssh); client CPU "
+        f"{cpu.get(f'{direction} raw asyncssh', '?')} vs "
+        f"{cpu.get(f'{direction} asyncstage', '?')} s/GiB"
+    )
+    if target["met"]:
+        return LIBRARY, text
+    bound = (
+        "asyncssh: its SSH packet layer runs in Python and sends an SSH_MSG_IGNORE packet "
+        "before every data packet it encrypts (connection.py send_packet)"
+    )
+    return bound, text + "; the limit is raw asyncssh's rate, asyncstage is at " + (
+        f"{_f(ours / raw)}× it"
+    )
+
+
+def _streaming_file(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    r = data["results"]
+    spread = target.get("spread")
+    text = "both sides run OpenSSH (the file forms go through the host's OpenSSH master)"
+    if spread:
+        text += f"; rounds' ratios from {spread[0]} to {spread[1]}"
+    return LIBRARY, text + f"; OpenSSH set-up subtracted: {r.get('openssh_connection_setup_s')} s"
+
+
+def _parallel(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    p, cores = data["results"]["parallel"], _cores(data)
+    return (
+        f"machine: {cores} cores (every transfer is CPU-bound)",
+        f"limit: {_f(p['cpu_limit_mb_s'])} MB/s ({cores} cores over the CPU seconds per byte "
+        f"of all processes involved, same run); 8 at once moved {_f(p['aggregate_mb_s'])} MB/s, "
+        f"{_f(p['vs_cpu_limit'])}× that limit, idle share {p.get('idle_concurrent')}",
+    )
+
+
+RULES: dict[tuple[str, str], Rule] = {
+    ("fleet", "fleet_*_vs_single"): _fleet,
+    ("fleet", "describe_calls_per_round_max"): _describe,
+    ("scale", "fleet_*_vs_single"): _scale_fleet,
+    ("scale", "fleet_*_describe_calls_per_round"): _describe,
+    ("fabric", "fleet_command_vs_fabric"): _fabric_floor,
+    ("fabric", "fleet_command_client_cpu_vs_fabric"): _fabric_client_cpu,
+    ("streaming", "scmd_read_vs_*"): _streaming_pipe,
+    ("streaming", "scmd_write_vs_*"): _streaming_pipe,
+    ("streaming", "scmd_to_file_vs_*"): _streaming_file,
+    ("streaming", "scmd_from_file_vs_*"): _streaming_file,
+    ("transfers", "parallel_vs_cpu_limit"): _parallel,
+}
+
+
+def _cores(data: dict[str, Any]) -> int:
+    return int(data.get("machine", {}).get("cpus") or os.cpu_count() or 1)
+
+
+def _default(data: dict[str, Any], target: dict[str, Any]) -> str:
+    """What a library-bound row's figure is: the same run's sides, rounds and spread."""
+    params = data.get("params", {})
+    if target.get("not_run"):
+        return f"not run: {target['not_run']}"
+    parts = []
+    reps = params.get("repeats")
+    if reps:
+        parts.append(f"{reps} rounds each side, taken in turn, medians")
+    if target.get("spread"):
+        lo, hi = target["spread"]
+        parts.append(f"rounds' ratios {lo}-{hi}")
+    return "; ".join(parts) or "measured in the same run (see the benchmark's JSON)"
+
+
+def restate(benchmark: str, data: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """``target`` with ``bound`` and ``evidence`` (the script's own, else derived)."""
+    if target.get("bound") and target.get("evidence"):
+        return target
+    from fnmatch import fnmatch
+
+    for (bench, pattern), rule in RULES.items():
+        if bench == benchmark and fnmatch(target["name"], pattern):
+            try:
+                bound, evidence = rule(data, target)
+            except (KeyError, TypeError, ZeroDivisionError) as e:  # an older JSON's shape
+                bound, evidence = LIBRARY, f"not derivable from this run's JSON ({e!r})"
+            break
+    else:
+        bound, evidence = LIBRARY, _default(data, target)
+    return {"bound": bound, "evidence": evidence} | target
