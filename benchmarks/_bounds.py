@@ -20,7 +20,7 @@ Rule = Callable[[dict[str, Any], dict[str, Any]], tuple[str, str]]
 
 
 def _f(x: float) -> str:
-    return f"{x:.3g}"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
 def _fleet_machine(run: dict[str, Any], single: dict[str, Any], cores: int) -> tuple[str, str]:
@@ -134,7 +134,61 @@ def _parallel(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
     )
 
 
+def _latency(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    lat = data["results"]["latency"]
+    return LIBRARY, "medians, samples interleaved in blocks: " + ", ".join(
+        f"{k} {_f(1000 * v['median'])} ms (n={v['n']}, p90 {_f(1000 * v['p90'])})"
+        for k, v in lat.items()
+    )
+
+
+def _controller(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    r = data["results"]
+    cm = r["controlmaster_baseline"]
+    return LIBRARY, (
+        f"an idle Manager's peak RSS {_f(r['idle']['peak_rss_mb'])} MB of it; "
+        f"{cm['masters']} OpenSSH ControlMasters to the same servers: "
+        f"{_f(cm['peak_rss_mb_sum'])} MB"
+    )
+
+
+def _scale_rest(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    r = data["results"]
+    c, ctl = r["commands"], r["controller"]
+    if target["name"].startswith("commands_"):
+        return LIBRARY, (
+            f"{c['succeeded']} of {c['commands']} succeeded, each output checked, "
+            f"{_f(c['wall_s'])} s ({_f(c['per_second'])}/s)"
+        )
+    return LIBRARY, (
+        f"idle Manager {_f(ctl['idle_peak_rss_mb'])} MB, {ctl['connected']} connected; "
+        f"{_f(ctl['rss_per_server_mb'])} MB per server"
+    )
+
+
+def _demo(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    runs = data["results"]["runs"]
+    return LIBRARY, ", ".join(
+        f"{r['servers']} servers: {'ok' if r['ok'] else 'failed'}"
+        + (f" in {_f(r['wall_s'])} s" if r.get("wall_s") else "")
+        for r in runs
+    )
+
+
+def _rss(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    growth = data["results"]["peak_rss_growth_mib"]
+    return LIBRARY, "peak RSS growth per form (MiB): " + ", ".join(
+        f"{k} {v}" for k, v in growth.items()
+    )
+
+
 RULES: dict[tuple[str, str], Rule] = {
+    ("commands", "*"): _latency,
+    ("controller", "*"): _controller,
+    ("scale", "peak_rss_*"): _scale_rest,
+    ("scale", "commands_*"): _scale_rest,
+    ("demo", "*"): _demo,
+    ("streaming", "streaming_peak_rss_growth"): _rss,
     ("fleet", "fleet_*_vs_single"): _fleet,
     ("fleet", "describe_calls_per_round_max"): _describe,
     ("scale", "fleet_*_vs_single"): _scale_fleet,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,11 @@ async def main() -> None:
     n_servers = 3 if quick else 50
     put_bytes = (1 if quick else 100) * MiB
     reps = 1 if quick else 3
+    # A shorter run on a shared machine: ASYNCSTAGE_BENCH_PYINFRA="SERVERS,MIB,ROUNDS"
+    # (recorded in the JSON's params like every size).
+    if tune := os.environ.get("ASYNCSTAGE_BENCH_PYINFRA"):
+        n_text, mib_text, reps_text = tune.split(",")
+        n_servers, put_bytes, reps = int(n_text), int(mib_text) * MiB, int(reps_text)
     missing = _pyinfra_missing()
     report = BaselineReport("pyinfra", quick, args.results)
     report.params = {

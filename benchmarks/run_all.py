@@ -49,7 +49,19 @@ def summarise(results: Path, names: list[str]) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for name in names:
         path = results / f"{name}.json"
-        if not path.exists():
+        if not path.exists():  # shown, not dropped: the benchmark has no figures here
+            rows.append(
+                {
+                    "benchmark": name,
+                    "name": f"{name}_results",
+                    "what": f"{name}.json",
+                    "value": None,
+                    "not_run": "no results in this directory",
+                    "met": False,
+                    "bound": "-",
+                    "evidence": f"run `run_all.py --only {name}`",
+                }
+            )
             continue
         data = json.loads(path.read_text())
         machine = data.get("machine", machine)
@@ -77,7 +89,7 @@ def markdown(summary: dict[str, Any]) -> str:
             t["benchmark"],
             t["what"],
             value,
-            f"{t['op']} {_fmt(t['limit'])}{t['unit']}",
+            f"{t['op']} {_fmt(t['limit'])}{t['unit']}" if "limit" in t else "-",
             "yes" if t["met"] else "**no**",
             t.get("bound", ""),
             t.get("evidence", ""),
