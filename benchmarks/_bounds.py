@@ -182,7 +182,60 @@ def _rss(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
     )
 
 
+def _ec2_runs(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The largest fleet, the median single server's run, and the pending time."""
+    runs = data["results"]["runs"]
+    singles = sorted((r for r in runs if r["n"] == 1), key=lambda r: r["wall_s"])
+    big = max(runs, key=lambda r: r["n"])
+    return big, singles[len(singles) // 2], float(data["params"]["pending_s"])
+
+
+def _ec2_fleet(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    big, one, pending = _ec2_runs(data)
+    n, cloud = big["n"], big["cloud_last_running_s"]
+    text = (
+        f"the cloud had all {n} running (sshd listening) {_f(cloud)} s after the launch, "
+        f"one in {_f(one['cloud_last_running_s'])} s; the library's share then "
+        f"{_f(big['library_share_s'])} s, one server's {_f(one['library_share_s'])} s"
+    )
+    if cloud > pending + 1.0:
+        over = cloud - pending
+        return (
+            f"library and machine: the {n} hosts' boot on {_cores(data)} cores outlasted "
+            f"the {pending:g} s pending",
+            text + f"; the boot ran {_f(over)} s past the pending time, so the cloud alone "
+            f"is {_f(cloud / one['cloud_last_running_s'])}× one server's; all ready "
+            f"{_f(big['wall_s'] / cloud)}× the cloud's time",
+        )
+    return LIBRARY, text + ": the boot hid inside the pending time"
+
+
+def _ec2_share(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    big, one, _ = _ec2_runs(data)
+    split = (
+        f"{_f(big['poll_wait_s'])} s waiting for the next poll round, "
+        f"{_f(big['after_poll_s'])} s after it (host keys from the console outputs, ssh)"
+        if big.get("poll_wait_s") is not None
+        else "no poll round after it (the library saw them at once)"
+    )
+    return LIBRARY, (
+        f"of it {split}; the controller used {_f(big['controller_cpu_s'])} CPU s for the "
+        f"{big['n']} ({_f(big['controller_cpu_ms_per_server'])} ms per server) on one event "
+        f"loop; one server's share {_f(one['library_share_s'])} s"
+    )
+
+
+def _ec2_cpu(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+    runs = [r for r in data["results"]["runs"] if r["n"] > 1]
+    return LIBRARY, "controller CPU per server: " + ", ".join(
+        f"N={r['n']} {_f(r['controller_cpu_ms_per_server'])} ms" for r in runs
+    )
+
+
 RULES: dict[tuple[str, str], Rule] = {
+    ("fleet_ec2", "fleet_ec2_*_vs_single"): _ec2_fleet,
+    ("fleet_ec2", "fleet_ec2_*_library_share"): _ec2_share,
+    ("fleet_ec2", "fleet_ec2_controller_cpu_flat"): _ec2_cpu,
     ("commands", "*"): _latency,
     ("controller", "*"): _controller,
     ("scale", "peak_rss_*"): _scale_rest,

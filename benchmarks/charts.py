@@ -135,7 +135,7 @@ def _bars(
                 ax.text(x, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
                 continue
             ax.bar(x, value, width, color=color, label=who)
-            _label(ax, x, value, f"{value:.3g}")
+            _annotate_bar(ax, x, value, f"{value:.3g}")
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
     ax.set_ylabel(unit)
     if log:
@@ -146,7 +146,7 @@ def _bars(
     ax.legend(unique.values(), unique.keys(), fontsize=8)
 
 
-def _label(ax: Any, x: float, value: float, text: str) -> None:
+def _annotate_bar(ax: Any, x: float, value: float, text: str) -> None:
     """``text`` just above the bar at ``x``."""
     ax.annotate(
         text,
@@ -351,7 +351,7 @@ def baselines_chart(results: Path, plt: Any) -> Path | None:
         spread = (f or {}).get("ratio_spread")
         err = None if not spread else [[value - spread[0]], [spread[1] - value]]
         ax.bar(i, value, 0.6, color=color, yerr=err, capsize=4, label=f"vs {who}")
-        _label(ax, i, value, f"{value:.2f}×")
+        _annotate_bar(ax, i, value, f"{value:.2f}×")
     ax.axhline(1, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_yscale("log")

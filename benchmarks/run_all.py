@@ -175,6 +175,11 @@ def main() -> int:
         help="scripts run at once (default: all with --quick, where figures do not matter; "
         "else 1, so that they do not disturb each other)",
     )
+    parser.add_argument(
+        "--summarise",
+        action="store_true",
+        help="run nothing: the summary (and charts) of the result JSON already there",
+    )
     args = parser.parse_args()
     results = args.results or (HERE / "results" / ("quick" if args.quick else ""))
     names = [n for n in args.only.split(",") if n] or SCRIPTS
@@ -182,7 +187,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
     jobs = args.jobs or (len(names) if args.quick else 1)
-    failed = run_scripts(names, results, args.quick, jobs)
+    failed = [] if args.summarise else run_scripts(names, results, args.quick, jobs)
     summary = summarise(results, SCRIPTS)
     summary["failed"] = failed
     results.mkdir(parents=True, exist_ok=True)
