@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _bounds import restate
-
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "fleet",
@@ -43,6 +41,10 @@ def _fmt(value: float) -> str:
 
 
 def summarise(results: Path, names: list[str]) -> dict[str, Any]:
+    if str(HERE) not in sys.path:  # imported from elsewhere (the smoke test reads SCRIPTS)
+        sys.path.insert(0, str(HERE))
+    from _bounds import restate
+
     rows: list[dict[str, Any]] = []
     machine: dict[str, Any] = {}
     loads: dict[str, Any] = {}
