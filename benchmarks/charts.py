@@ -356,7 +356,7 @@ def baselines_chart(results: Path, plt: Any) -> Path | None:
     ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("baseline time / asyncstage time (log; above 1: asyncstage ahead)")
-    ax.set_title("asyncstage against pyinfra and Fabric, same servers, same run")
+    ax.set_title("asyncstage against pyinfra and Fabric (each pair: same servers, same run)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
