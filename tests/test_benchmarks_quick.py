@@ -129,6 +129,7 @@ def test_pyinfra(results: Path) -> None:
     r = data["results"]
     for job in ("command", "facts", "put"):
         _against_baseline(r[job], "pyinfra")
+    assert _positive(r["command"]["instances_cpu_s"])  # the sshd floor of the same run
     assert {t["name"] for t in data["targets"]} == {
         "fleet_command_vs_pyinfra",
         "facts_vs_pyinfra",
