@@ -61,7 +61,7 @@ demo: venv
 	$(VENV)/bin/asyncstage demo
 
 # The benchmarks' baselines: the Perl VM::EC2::Staging (Debian's libvm-ec2-perl), and
-# Fabric and matplotlib (the `bench` extra), each installed only when missing.
+# Fabric, pyinfra and matplotlib (the `bench` extra), each installed only when missing.
 BENCH_SYSTEM_PACKAGES := libvm-ec2-perl
 
 bench-deps: venv
@@ -72,7 +72,7 @@ bench-deps: venv
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	@$(PY) -c 'import fabric, matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[local,dev,bench]'
+	@$(PY) -c 'import fabric, matplotlib, pyinfra' 2>/dev/null || $(PY) -m pip install -q -e '.[local,dev,bench]'
 
 bench: bench-deps
 	$(PY) benchmarks/run_all.py

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import HERE, Report, ratio, to_thread
+from _common import HERE, Report, paired_spread, ratio, to_thread
 
 PERL_DRIVER = HERE / "perl" / "staging_bench.pl"
 PERL_MODULE = "VM::EC2::Staging::Manager"
@@ -93,6 +93,7 @@ class Alternate:
                 f"{baseline}_s": round(b, 4),
                 f"{baseline}_runs_s": [round(x, 4) for x in self.b],
                 "ratio": ratio(b, a),
+                "ratio_spread": paired_spread(self.b, self.a),
             }
         else:
             out |= {f"{baseline}_s": None, "ratio": None}
@@ -108,12 +109,23 @@ class BaselineReport(Report):
     """A report whose targets may be "not run: <reason>" (value None, met False)."""
 
     def target_of(
-        self, name: str, figures: dict[str, Any], limit: float, what: str, op: str = ">="
+        self,
+        name: str,
+        figures: dict[str, Any],
+        limit: float,
+        what: str,
+        op: str = ">=",
+        **facts: Any,
     ) -> None:
-        """The target ``figures["ratio"] op limit``, or "not run" when the baseline did not."""
+        """The target ``figures["ratio"] op limit``, or "not run" when the baseline did not.
+
+        ``facts``: :meth:`Report.target`'s ``bound``, ``evidence`` and ``spread`` (default:
+        the spread of the paired rounds' ratios).
+        """
         value = figures.get("ratio")
         if value is not None:
-            self.target(name, value, op, limit, what)
+            facts.setdefault("spread", figures.get("ratio_spread"))
+            self.target(name, value, op, limit, what, **facts)
             return
         reason = figures.get("not_run") or "the baseline did not run"
         self.targets.append(
@@ -126,6 +138,8 @@ class BaselineReport(Report):
                 "what": what,
                 "met": False,
                 "not_run": reason,
+                "bound": facts.get("bound", "library"),
+                "evidence": f"not run: {reason}",
             }
         )
 

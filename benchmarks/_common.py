@@ -131,6 +131,13 @@ def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("inf")
 
 
+def paired_spread(top: Sequence[float], bottom: Sequence[float]) -> list[float] | None:
+    """[lowest, highest] of the ratios ``top[i] / bottom[i]`` of rounds run in turn
+    (None with fewer than two pairs): how far one round's figure moved from another's."""
+    pairs = [ratio(t, b) for t, b in zip(top, bottom, strict=False)]
+    return [min(pairs), max(pairs)] if len(pairs) >= 2 else None
+
+
 async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
     t = time.perf_counter()
     await fn()
@@ -176,21 +183,42 @@ class Report:
         self.load[label] = loadavg()
 
     def target(
-        self, name: str, value: float, op: str, limit: float, what: str, unit: str = "×"
+        self,
+        name: str,
+        value: float,
+        op: str,
+        limit: float,
+        what: str,
+        unit: str = "×",
+        *,
+        bound: str | None = None,
+        evidence: str | None = None,
+        spread: Sequence[float] | None = None,
     ) -> None:
-        """A target of the issue: ``value op limit`` (op is ``<=``, ``>=`` or ``<``)."""
+        """A target: ``value op limit`` (op is ``<=``, ``>=`` or ``<``), judged on ``value``
+        (a median where there are rounds; ``spread``: [lowest, highest] round beside it).
+
+        ``bound``: ``library``, or the machine or dependency limit that decides the figure;
+        ``evidence``: what this run measured that shows it. Left out, the summary restates
+        them from the run's own figures (``_bounds.py``).
+        """
         met = {"<=": value <= limit, ">=": value >= limit, "<": value < limit}[op]
-        self.targets.append(
-            {
-                "name": name,
-                "value": value,
-                "op": op,
-                "limit": limit,
-                "unit": unit,
-                "what": what,
-                "met": bool(met),
-            }
-        )
+        row: dict[str, Any] = {
+            "name": name,
+            "value": value,
+            "op": op,
+            "limit": limit,
+            "unit": unit,
+            "what": what,
+            "met": bool(met),
+        }
+        if spread is not None:
+            row["spread"] = [round(x, 3) for x in spread]
+        if bound is not None:
+            row["bound"] = bound
+        if evidence is not None:
+            row["evidence"] = evidence
+        self.targets.append(row)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -300,7 +328,7 @@ class CallWatcher:
         self.period = period
         self.times: list[float] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-calls")
 
     def _run(self) -> None:
         seen = self.cloud.api_calls[self.action]

@@ -37,7 +37,8 @@ class _CloudClock:
         self.last_running = 0.0
         self.t0 = time.perf_counter()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.last_running_at = 0.0  # the same, as time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-clock")
         self._seen: set[str] = set()
 
     def _run(self) -> None:
@@ -52,7 +53,8 @@ class _CloudClock:
                     continue
                 if state == "running":
                     self._seen.add(iid)
-                    self.last_running = time.perf_counter() - self.t0
+                    self.last_running_at = time.perf_counter()
+                    self.last_running = self.last_running_at - self.t0
             self._stop.wait(0.02)
 
     def __enter__(self) -> _CloudClock:
@@ -65,7 +67,12 @@ class _CloudClock:
         self._thread.join()
 
 
-async def _concurrent(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
+async def _concurrent(
+    cloud: LocalCloud, m: Manager, n: int, keep_times: bool = False
+) -> dict[str, Any]:
+    """``provision_servers(n)``; with ``keep_times`` also ``_last_running_at`` and
+    ``_describe_at`` (``time.perf_counter()`` of the last instance running and of each
+    DescribeInstances call)."""
     before = Counter(cloud.api_calls)
     throttled, absorbed = Counter(cloud.throttled), Counter(m.ec2.absorbed)
     with CallWatcher(cloud, "DescribeInstances") as watch, _CloudClock(cloud) as clock:
@@ -76,7 +83,8 @@ async def _concurrent(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
     answered = sum([await s.ping() for s in servers])
     await m.terminate_servers(servers)
     rounds = watch.rounds()
-    return {
+    times = {"_last_running_at": clock.last_running_at, "_describe_at": watch.times}
+    return (times if keep_times else {}) | {
         "n": n,
         "wall_s": round(wall, 3),
         "cloud_last_running_s": round(clock.last_running, 3),

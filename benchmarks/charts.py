@@ -9,7 +9,13 @@ run) writes into DIR:
 - ``throughput.png``: MB/s of the transfers against their baselines in the same run
   (Perl's put, rsync and dd; Fabric's SFTP put);
 - ``commands.png``: commands per second against the baselines (Perl's ssh per
-  command, Fabric's Connection.run and ThreadingGroup.run).
+  command, Fabric's Connection.run and ThreadingGroup.run);
+- ``fleet_ec2.png``: fleets at EC2's pace (fleet_ec2.json): for each N, the cloud's
+  time until the last instance ran with the library's share stacked on it, and the
+  controller's CPU per server;
+- ``baselines.png``: asyncstage against pyinfra (pyinfra.json: a command, facts and
+  a put on every server) and Fabric (fabric.json), as baseline time / asyncstage time
+  with the rounds' spread.
 
 A missing file or a step a baseline did not run leaves its bar or line out (with a
 note on the chart). Needs matplotlib (``pip install 'asyncstage[bench]'``).
@@ -129,15 +135,7 @@ def _bars(
                 ax.text(x, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
                 continue
             ax.bar(x, value, width, color=color, label=who)
-            ax.annotate(
-                f"{value:.3g}",
-                (x, value),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                textcoords="offset points",
-                xytext=(0, 2),
-            )
+            _annotate_bar(ax, x, value, f"{value:.3g}")
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
     ax.set_ylabel(unit)
     if log:
@@ -146,6 +144,19 @@ def _bars(
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
+
+
+def _annotate_bar(ax: Any, x: float, value: float, text: str) -> None:
+    """``text`` just above the bar at ``x``."""
+    ax.annotate(
+        text,
+        (x, value),
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        textcoords="offset points",
+        xytext=(0, 2),
+    )
 
 
 def _mb_s(size: float | None, seconds: float | None) -> float | None:
@@ -273,6 +284,86 @@ def _not_run_note(data: dict[str, Any], keys: list[str]) -> str:
     return "".join("\n" + line for line in lines)
 
 
+def fleet_ec2_chart(results: Path, plt: Any) -> Path | None:
+    data = _load(results, "fleet_ec2")
+    runs = data.get("results", {}).get("runs", [])
+    if not runs:
+        return None
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_n.setdefault(r["n"], []).append(r)
+    sizes = sorted(by_n)
+    # One server ran several times: the run nearest the median, as in the table.
+    picked = [sorted(by_n[n], key=lambda r: r["wall_s"])[len(by_n[n]) // 2] for n in sizes]
+    cloud = [r["cloud_last_running_s"] for r in picked]
+    library = [r["library_share_s"] for r in picked]
+    fig, (ax, cpu_ax) = plt.subplots(1, 2, figsize=(11, 5), dpi=110, width_ratios=[3, 2])
+    x = range(len(sizes))
+    ax.bar(x, cloud, color=OTHER, label="cloud: last instance running (pending, boot inside)")
+    ax.bar(x, library, bottom=cloud, color=OURS, label="library: then all ready")
+    for i, (c, lib) in enumerate(zip(cloud, library, strict=True)):
+        ax.annotate(f"{lib:.2f} s", (i, c + lib), ha="center", va="bottom", fontsize=8, color=OURS)
+    ax.set_xticks(list(x), [str(n) for n in sizes])
+    ax.set_xlabel("servers (N)")
+    ax.set_ylabel("seconds until all answer ssh")
+    pending = data.get("params", {}).get("pending_s")
+    ax.set_title(f"Fleets at EC2's pace (pending {pending:g} s)" if pending else "Fleets")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, axis="y", alpha=0.3)
+    cpu_ax.plot(sizes, [r["controller_cpu_ms_per_server"] for r in picked], marker="o", color=OURS)
+    cpu_ax.set_xscale("log")
+    cpu_ax.set_xlabel("servers (N)")
+    cpu_ax.set_ylabel("controller CPU ms per server")
+    cpu_ax.set_ylim(bottom=0)
+    cpu_ax.set_title("Controller CPU per server (flat in N)")
+    cpu_ax.grid(True, alpha=0.3)
+    return _save(fig, plt, results / "fleet_ec2.png")
+
+
+def baselines_chart(results: Path, plt: Any) -> Path | None:
+    """Baseline time / asyncstage time (above 1: asyncstage ahead), with the spread."""
+    rows: list[tuple[str, dict[str, Any] | None, str]] = []
+    pyinfra = _load(results, "pyinfra")
+    p, n = pyinfra.get("results", {}), pyinfra.get("params", {}).get("servers")
+    for key, label in (
+        ("command", "hostname on {n}"),
+        ("facts", "facts from {n}"),
+        ("put", "put to {n}"),
+    ):
+        if key in p:
+            rows.append((label.format(n=n) + "\n(vs pyinfra)", p[key], "pyinfra"))
+    fabric = _load(results, "fabric").get("results", {})
+    fleet = fabric.get("fleet")
+    if fleet:
+        rows.append((f"hostname on {fleet['n']}\n(vs Fabric)", fleet.get("cold"), "Fabric"))
+    for key, label in (("commands", "commands in turn"), ("put", "put one file")):
+        if key in fabric:
+            rows.append((f"{label}\n(vs Fabric)", fabric[key], "Fabric"))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    for i, (_name, f, who) in enumerate(rows):
+        value = (f or {}).get("ratio")
+        if value is None:
+            ax.text(i, 1, "not run", rotation=90, ha="center", va="bottom", fontsize=8)
+            continue
+        color = BASELINE_COLORS.get(who, THEIRS)
+        spread = (f or {}).get("ratio_spread")
+        err = None if not spread else [[value - spread[0]], [spread[1] - value]]
+        ax.bar(i, value, 0.6, color=color, yerr=err, capsize=4, label=f"vs {who}")
+        _annotate_bar(ax, i, value, f"{value:.2f}×")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("baseline time / asyncstage time (log; above 1: asyncstage ahead)")
+    ax.set_title("asyncstage against pyinfra and Fabric (each pair: same servers, same run)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, plt, results / "baselines.png")
+
+
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
@@ -288,7 +379,7 @@ def write_charts(results: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for chart in (fleet_chart, throughput_chart, commands_chart):
+    for chart in (fleet_chart, throughput_chart, commands_chart, fleet_ec2_chart, baselines_chart):
         path = chart(results, plt)
         if path is not None:
             written.append(path)

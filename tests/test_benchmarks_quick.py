@@ -64,6 +64,9 @@ def _load(results: Path, name: str) -> dict[str, Any]:
     for t in data["targets"]:
         assert set(t) >= {"name", "value", "op", "limit", "met", "what"}
         assert isinstance(t["met"], bool)
+        if t.get("spread") is not None:  # [lowest, highest] round beside the median
+            lo, hi = t["spread"]
+            assert lo <= hi
         if t["value"] is None:  # a baseline could not run the step: it says why
             assert t["met"] is False and t["not_run"]
     return data
@@ -86,6 +89,9 @@ def test_every_script_wrote_its_results(results: Path) -> None:
     summary = json.loads((results / "summary.json").read_text())
     assert summary["failed"] == []
     assert {t["benchmark"] for t in summary["targets"]} == set(SCRIPTS)
+    for t in summary["targets"]:  # every target says what decides it, and shows it
+        assert isinstance(t["bound"], str) and t["bound"]
+        assert isinstance(t["evidence"], str) and t["evidence"]
     assert "| benchmark |" in (results / "summary.md").read_text()
 
 
@@ -101,6 +107,34 @@ def test_fleet(results: Path) -> None:
     for s in r["serial"]:
         assert _positive(s["wall_s"])
     assert [f["n"] for f in r["fixed_poll_interval"]] == [sizes[0], sizes[-1]]
+
+
+def test_fleet_ec2(results: Path) -> None:
+    data = _load(results, "fleet_ec2")
+    runs = data["results"]["runs"]
+    assert [r["n"] for r in runs] == data["params"]["order"]
+    for r in runs:
+        assert r["answered_ssh"] == r["n"] and r["api_calls"]["RunInstances"] == 1
+        # the pending time holds every instance at least that long from its launch
+        assert r["cloud_last_running_s"] >= data["params"]["pending_s"]
+        assert r["library_share_s"] == pytest.approx(
+            r["wall_s"] - r["cloud_last_running_s"], abs=0.002
+        )
+        assert r["controller_cpu_s"] > 0
+    assert {t["name"].rsplit("_", 1)[-1] for t in data["targets"]} >= {"single", "share", "flat"}
+
+
+def test_pyinfra(results: Path) -> None:
+    data = _load(results, "pyinfra")
+    r = data["results"]
+    for job in ("command", "facts", "put"):
+        _against_baseline(r[job], "pyinfra")
+    assert _positive(r["command"]["instances_cpu_s"])  # the sshd floor of the same run
+    assert {t["name"] for t in data["targets"]} == {
+        "fleet_command_vs_pyinfra",
+        "facts_vs_pyinfra",
+        "put_vs_pyinfra",
+    }
 
 
 def test_commands(results: Path) -> None:

@@ -66,6 +66,7 @@ class _Machine:
     console_at: float = 0.0
     console_latest_at: float = 0.0  # with Latest=True (Nitro types only)
     console_shown: int = 0
+    launched: float = field(default_factory=time.monotonic)  # the last launch or start
 
 
 class Engine:
@@ -243,6 +244,7 @@ class Engine:
             machine.host.public_address = public_address
         machine.wanted = "running"
         machine.cancel.clear()
+        machine.launched = time.monotonic()
         self._submit(self._boot, machine)
 
     def stop_instance(self, instance_id: str) -> None:
@@ -314,10 +316,12 @@ class Engine:
                     machine.ready = True
                     machine.boots += 1
                     boot = machine.boots
-                if self.boot_delay > 0:
-                    # EC2's pending time runs on a timer, not on a worker: a fleet's
-                    # instances all wait it out at once, however few the workers.
-                    timer = threading.Timer(self.boot_delay, self._running, (machine, boot))
+                # EC2's pending time runs on a timer, not on a worker: a fleet's
+                # instances all wait it out at once, however few the workers.
+                since = time.monotonic() - machine.launched
+                delay = max(self.boot_delay, self.realism.pending - since)
+                if delay > 0:
+                    timer = threading.Timer(delay, self._running, (machine, boot))
                     timer.daemon = True
                     timer.start()
                     return

@@ -104,6 +104,9 @@ class Realism:
                                                  API's ``Date`` header and ``LaunchTime``
                                                  run this many seconds off it (botocore
                                                  corrects its signatures, nothing else)
+    ``pending``                   0 s            10 - 40 s ``pending`` from the launch, on
+                                                 hardware of its own: the host's boot here
+                                                 runs inside it (``boot_delay`` comes after)
     ============================  =============  ==========================================
     """
 
@@ -123,6 +126,7 @@ class Realism:
     launch_failure: float = 0.0
     instance_limit: int | None = None
     clock_offset: float = 0.0
+    pending: float = 0.0
 
     @classmethod
     def off(cls) -> Realism:
