@@ -105,7 +105,7 @@ async def _child(scenario: str, info: dict[str, Any], count: int, size: int) -> 
             async with anyio.create_task_group() as tg:
                 for s in servers:
                     tg.start_soon(s.scmd, "true")
-            out["connected"] = sum(1 for s in servers if s.host._link is not None)
+            out["connected"] = sum(1 for s in servers if s.host._conn.open_link() is not None)
             out["servers"] = [[s.instance_id, s.address] for s in servers]
         elif scenario == "transfers":
             servers = await m.provision_servers(2 * count)

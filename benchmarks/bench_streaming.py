@@ -305,7 +305,7 @@ async def main() -> None:
         server = await m.provision_server()
         await server.scmd("true")
         host = server.host
-        link = host._link  # the negotiated cipher, read back for the record
+        link = host._conn.open_link()  # the negotiated cipher, read back for the record
         negotiated = link.conn.get_extra_info("send_cipher") if link else "?"
         same = negotiated if negotiated in (CIPHER, AES) else CIPHER
         report.params = {

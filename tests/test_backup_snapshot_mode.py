@@ -35,8 +35,17 @@ async def test_one_instant_for_all_volumes_of_a_server(manager: Manager, server:
     first = await server.provision_volume("inplace-a", size=1)
     second = await server.provision_volume("inplace-b", size=1)
     a, b = f"{first.mtpt}/counter", f"{second.mtpt}/counter"
-    # each number reaches the first volume's disk before the second's (sync FILE: fsync)
-    writer = f"i=0; while :; do i=$((i+1)); echo $i > {a}; sync {a}; echo $i > {b}; sync {b}; done"
+    # each number reaches the first volume's disk before the second's. Each file is replaced
+    # whole (written aside, fsynced, renamed, its directory fsynced), as a crash-safe program
+    # writes: an instant caught between a truncate and its write would show an empty file.
+    step = "echo $i > {f}.new; sync {f}.new; mv {f}.new {f}; sync {d}"
+    writer = (
+        "i=0; while :; do i=$((i+1)); "
+        + step.format(f=a, d=first.mtpt)
+        + "; "
+        + step.format(f=b, d=second.mtpt)
+        + "; done"
+    )
     pid = (
         await server.scmd(
             "sh", "-c", f"setsid sh -c '{writer}' >/dev/null 2>&1 & echo $!", sudo=True

@@ -34,6 +34,7 @@ pytestmark = [
     pytest.mark.localcloud,
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
+    pytest.mark.timeout(660),  # the first test waits for every quick run (below)
 ]
 
 
@@ -41,17 +42,33 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+def _failures(stdout: str) -> str:
+    """The output of each script that failed (run_all prints a script's output before its
+    '=== NAME: FAILED' line), its last lines."""
+    shown, block = [], []
+    for line in stdout.splitlines():
+        block.append(line)
+        if line.startswith("=== ") and ": starting" not in line:
+            if "FAILED" in line:
+                shown += block[-40:]
+            block = []
+    return "\n".join(shown) or stdout[-4000:]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
+    # two scripts at a time: the suite's other workers share the machine's cores
+    argv = [str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--jobs", "2"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--results", str(out)],
+        [sys.executable, *argv, "--results", str(out)],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=600,
         check=False,
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    failed = done.stderr.rpartition("failed: ")[2]
+    assert done.returncode == 0, f"failed: {failed}\n" + _failures(done.stdout)
     return out
 
 
