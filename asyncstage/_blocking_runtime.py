@@ -45,7 +45,6 @@ from asyncstage.localcloud import LocalCloud as _AsyncLocalCloud
 from asyncstage.manager import Manager as _AsyncManager
 from asyncstage.paths import RemotePath
 from asyncstage.server import Server as _AsyncServer
-from asyncstage.volume import Volume as _AsyncVolume
 
 if TYPE_CHECKING:
     from asyncstage.blocking import Manager, ManagerOptions
@@ -75,9 +74,8 @@ NOT_TWINNED: dict[str, dict[str, str]] = {
     "Server": {
         "ec2": "the async EC2 client; use the Server's methods",
         "host": "the async SSHHost; the Server has its command methods",
-        **dict.fromkeys(_AsyncServer.INTERNAL_METHODS, "internal: the Manager's parts call it"),
     },
-    "Volume": dict.fromkeys(_AsyncVolume.INTERNAL_METHODS, "internal: its Server calls it"),
+    "Volume": {},
     "LocalCloud": {},
 }
 """Public members of the async classes that deliberately have no blocking twin (and why)."""

@@ -129,7 +129,7 @@ class Attachments:
             async with self._name_lock:
                 ec2_device, _ = await self.unused_block_device()
                 await m.ec2.attach_volume(volume.volume_id, self.server.instance_id, ec2_device)
-                volume.record_attach(self.server, ec2_device, None)
+                volume._record_attach(self.server, ec2_device, None)
         finally:
             self._reserved -= 1  # attached, the volume holds it now; failed, it is free
             self.free_slot()
@@ -142,9 +142,9 @@ class Attachments:
             what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.server.name}",
             timeout=m.timeouts.volume,
         )
-        volume.record_description(desc)
+        volume._record_description(desc)
         mtdev = await self.find_device(volume.volume_id, ec2_device, timeout=m.timeouts.volume)
-        volume.record_attach(self.server, ec2_device, mtdev)
+        volume._record_attach(self.server, ec2_device, mtdev)
 
     async def find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:
         """The device path of a volume attached here: by its NVMe serial on Nitro, by the
@@ -195,8 +195,8 @@ class Attachments:
                 + (f" after {m.timeouts.volume:g}s busy" if isinstance(e, WaitTimeout) else "")
                 + " (unmount it there, or detach it with force)"
             ) from e
-        volume.record_description(desc)
-        volume.record_detach()
+        volume._record_description(desc)
+        volume._record_detach()
         self.free_slot(volume.volume_id)
 
     async def _detach_call(self, volume: Volume) -> None:

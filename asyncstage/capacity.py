@@ -259,7 +259,7 @@ async def register_launch(
     for name, inst in zip(names, instances, strict=False):
         inst["Tags"] = _named_tags(inst.get("Tags", []), name, common)
         server = fleet.adopt(inst)
-        server.expect_new_host_key()
+        server._expect_new_host_key()
         servers[name] = server
     m.registry.mark_started(servers.values())
     return servers

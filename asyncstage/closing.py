@@ -61,11 +61,11 @@ async def _still_there(m: Manager, servers: list[Server]) -> list[Server]:
         state = desc.get("State", {}).get("Name") if desc else "gone"
         if state in ("gone", "shutting-down", "terminated"):
             log.warning("server %s (%s) is %s already", server.name, server.instance_id, state)
-            server.record_termination()
+            server._record_termination()
             m.registry.forget_server(server)
             continue
         if desc is not None:
-            server.record_description(desc)
+            server._record_description(desc)
         there.append(server)
     return there
 
@@ -84,9 +84,9 @@ async def _delete_created(m: Manager) -> list[Exception]:
         try:
             if desc is None or desc.get("State") in ("deleting", "deleted"):
                 raise UnknownVolume(f"volume {volume.volume_id} does not exist any more")
-            volume.record_description(desc)
+            volume._record_description(desc)
             if desc.get("State") == "available":
-                volume.record_detach()  # its server went away: nothing to unmount there
+                volume._record_detach()  # its server went away: nothing to unmount there
             await volume.delete()
         except NotFound as e:
             log.warning("volume %s (%s) is gone already: %s", volume.name, volume.volume_id, e)

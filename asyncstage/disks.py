@@ -155,11 +155,11 @@ async def _probe_mounts(server: Server, volume: Volume, mtdev: str) -> None:
     probe = mounts.parse_probe(await server.scmd(*argv, sudo=True))
     where = [t for t in probe.volume_mounts() if is_valid_mount_point(t)]
     if mtpt in where:
-        volume.record_mount(mtpt)
+        volume._record_mount(mtpt)
     elif where:
-        volume.record_mount(where[0])
+        volume._record_mount(where[0])
     else:
-        volume.record_unmount()
+        volume._record_unmount()
 
 
 class Disks:
@@ -472,12 +472,12 @@ class Disks:
             mtdev = await self.attachments.find_device(
                 volume.volume_id, volume.ec2_device, timeout=self.server.manager.timeouts.volume
             )
-            volume.record_attach(self.server, volume.ec2_device, mtdev)
+            volume._record_attach(self.server, volume.ec2_device, mtdev)
         assert volume.mtdev
         where = await _real_mount_point(self.server, where)
         current = await self._mounted_at(volume.mtdev)
         if current == where:
-            volume.record_mount(where)
+            volume._record_mount(where)
             return
         if current is not None:
             await self.server.run("umount", "--", current, sudo=True)
@@ -497,7 +497,7 @@ class Disks:
         if volume.fstype:
             argv += ["-t", volume.fstype]
         await self.server.run(*argv, "--", volume.mtdev, where, sudo=True)
-        volume.record_mount(where)
+        volume._record_mount(where)
         await self.server.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
 
     async def remount(self, volume: Volume) -> None:
@@ -521,7 +521,7 @@ class Disks:
                 raise VolumeInUse(
                     f"cannot unmount {volume.name} from {self.server.name}: {e}"
                 ) from e
-        volume.record_unmount()
+        volume._record_unmount()
 
     async def detach(self, volume: Volume) -> None:
         """Unmount and detach a volume, waiting until EC2 says it is detached (see
@@ -540,5 +540,5 @@ class Disks:
             mtdev = await self.attachments.find_device(
                 volume.volume_id, volume.ec2_device, timeout=5.0
             )
-            volume.record_attach(self.server, volume.ec2_device, mtdev)
+            volume._record_attach(self.server, volume.ec2_device, mtdev)
             await _probe_mounts(self.server, volume, mtdev)

@@ -194,7 +194,7 @@ class Fleet:
         m = self.manager
         server = m.registry.server(str(instance["InstanceId"]))
         if server is not None:
-            server.record_description(instance)
+            server._record_description(instance)
             return server
         pair = m.account.key_pair  # never made here: adopting reads only
         if pair and instance.get("KeyName") == pair.name:
@@ -225,7 +225,7 @@ class Fleet:
         async def mounts_of(server: Server, volumes: list[Volume]) -> None:
             try:
                 if await server.ping():
-                    await server.adopt_mounts(volumes)
+                    await server._adopt_mounts(volumes)
                     # a server the scan touches loses the temporary transfer keys a dead
                     # controller left authorised (best effort: the scan goes on)
                     await sweep_stale_keys(server.host)
@@ -388,7 +388,7 @@ class Fleet:
         found = await self.manager.ec2.describe_instances_shared(s.instance_id for s in servers)
         for server in servers:
             if server.instance_id in found:
-                server.record_description(found[server.instance_id])
+                server._record_description(found[server.instance_id])
 
     async def wait_all(self, servers: Sequence[Server], timeout: float) -> list[Server]:
         """Wait until every server is up; a FleetError otherwise."""
@@ -405,7 +405,7 @@ class Fleet:
         async def ssh_up(server: Server) -> None:
             async with limiter:
                 try:
-                    await server.wait_ssh(deadline)
+                    await server._wait_ssh(deadline)
                 except AsyncstageError as e:
                     errors[server] = e
 
@@ -414,7 +414,7 @@ class Fleet:
             def reached(instance_id: str, instance: Resource) -> None:
                 server = by_id[instance_id]
                 # a new address on start: the server takes its pinned host key along
-                server.record_description(instance)
+                server._record_description(instance)
                 tg.start_soon(ssh_up, server)
 
             _, failed = await m.ec2.wait_for_instances(
@@ -463,7 +463,7 @@ class Fleet:
 
         async def remount(server: Server) -> None:
             for volume in server.volumes():
-                if volume.prepare_remount():
+                if volume._prepare_remount():
                     try:
                         await server.remount_volume(volume)
                     except AsyncstageError as e:
@@ -494,7 +494,7 @@ class Fleet:
             self._log(f"stopping {len(to_stop)} server(s)")
             await m.ec2.stop_instances([s.instance_id for s in to_stop])
         for server in to_stop:
-            server.record_stop()
+            server._record_stop()
         errors = _gone(servers)
         ids = [s.instance_id for s in servers if s not in errors]
         reached, failed = await m.ec2.wait_for_instances(
@@ -502,7 +502,7 @@ class Fleet:
         )
         for server in servers:
             if server.instance_id in reached:
-                server.record_description(reached[server.instance_id])
+                server._record_description(reached[server.instance_id])
             elif server.instance_id in failed:
                 errors[server] = failed[server.instance_id]
         return errors
@@ -543,7 +543,7 @@ class Fleet:
 
     def _forget(self, servers: Sequence[Server]) -> None:
         for server in servers:
-            server.record_termination()
+            server._record_termination()
             self.manager.registry.forget_server(server)
 
 

@@ -466,7 +466,7 @@ async def _resolve_one(manager: _ManagerLike, spec: PathSpec) -> Endpoint:
             volume = found
         # checked on its server right now: this very volume at its mount point (mounted
         # again if need be), the path resolved there and inside it; nothing is copied else
-        (where,) = await volume.checked_paths(spec.path or "./")
+        (where,) = await volume._checked_paths(spec.path or "./")
         server = volume.server
         if server is None:
             raise PathError(f"{volume}: could not be mounted for the transfer")

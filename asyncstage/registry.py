@@ -127,7 +127,7 @@ class Registry:
         if volume is None:
             volume = self._volumes[vid] = self._make_volume(desc)
         else:
-            volume.record_description(desc)
+            volume._record_description(desc)
         if created:
             self._created_volumes.add(vid)
         return volume
@@ -143,9 +143,9 @@ class Registry:
             atts = [a for a in desc.get("Attachments", []) if a.get("State") == "attached"]
             server = self._servers.get(str(atts[0]["InstanceId"])) if atts else None
             if server is None:
-                volume.record_detach()
+                volume._record_detach()
                 continue
-            volume.record_attach(server, str(atts[0]["Device"]), volume.mtdev)
+            volume._record_attach(server, str(atts[0]["Device"]), volume.mtdev)
             if server.state == "running":
                 by_server.setdefault(server, []).append(volume)
         return by_server

@@ -38,17 +38,6 @@ class Server:
     Made by :meth:`Manager.provision_server` / :meth:`Manager.get_server`, not directly.
     """
 
-    INTERNAL_METHODS = (
-        "adopt_mounts",
-        "expect_new_host_key",
-        "record_description",
-        "record_stop",
-        "record_termination",
-        "wait_ssh",
-    )
-    """Methods without an underscore that only the Manager's parts call (they report what
-    EC2 did, so that the server changes its own state); not for users, no blocking twins."""
-
     def __init__(
         self,
         manager: Manager,
@@ -150,7 +139,7 @@ class Server:
         """Fetch the instance's description again (sharing a round with other callers)."""
         found = await self.manager.ec2.describe_instances_shared([self.instance_id])
         if self.instance_id in found:
-            self.record_description(found[self.instance_id])
+            self._record_description(found[self.instance_id])
         return self.instance
 
     def volumes(self) -> list[Volume]:
@@ -365,8 +354,8 @@ class Server:
     # -- state changes: called by the Manager's fleet, not by users ----------------------------
     # The server's fields change only here; the fleet reports what EC2 did.
 
-    def record_description(self, instance: Resource) -> None:
-        """Internal: keep a fresh EC2 description of the instance."""
+    def _record_description(self, instance: Resource) -> None:
+        """Keep a fresh EC2 description of the instance."""
         self.instance = instance
         if self.state != "running":
             self._up = False
@@ -375,21 +364,21 @@ class Server:
                 self._moved_from = self._moved_from or self._running_at
             self._running_at = self.address
 
-    def expect_new_host_key(self) -> None:
-        """Internal: launched, or given a new address: no known_hosts entry to trust yet."""
+    def _expect_new_host_key(self) -> None:
+        """Launched, or given a new address: no known_hosts entry to trust yet."""
         self._fresh = True
 
-    def record_stop(self) -> None:
-        """Internal: asked to stop; its mounted volumes are mounted again on the next start."""
+    def _record_stop(self) -> None:
+        """Asked to stop; its mounted volumes are mounted again on the next start."""
         self._up = False
         for volume in self.volumes():
-            volume.record_unmount(server_stopped=True)
+            volume._record_unmount(server_stopped=True)
         self._host = None  # its address goes away (the manager closes the connection)
 
-    def record_termination(self) -> None:
-        """Internal: terminated: its volumes are detached and its host key forgotten."""
+    def _record_termination(self) -> None:
+        """Terminated: its volumes are detached and its host key forgotten."""
         for volume in self.volumes():
-            volume.record_detach()
+            volume._record_detach()
         self._host = None
         for address in {self.address, self._pinned_for} - {None}:
             assert address is not None
@@ -397,8 +386,8 @@ class Server:
         self.instance.setdefault("State", {})["Name"] = "terminated"
         self._up = False
 
-    async def adopt_mounts(self, volumes: list[Volume]) -> None:
-        """Internal: find where the volumes attached here are, and whether they are mounted."""
+    async def _adopt_mounts(self, volumes: list[Volume]) -> None:
+        """Find where the volumes attached here are, and whether they are mounted."""
         await self._disks.adopt_mounts(volumes)
 
     async def _before_connect(self) -> None:
@@ -450,8 +439,8 @@ class Server:
         self._moved_from = None
         self._pinned_for = address
 
-    async def wait_ssh(self, deadline: float) -> None:
-        """Internal: try ssh until it answers or the deadline passes (ServerUnreachable
+    async def _wait_ssh(self, deadline: float) -> None:
+        """Try ssh until it answers or the deadline passes (ServerUnreachable
         then, saying what is known of the server).
 
         The console is watched for the host key fingerprints while sshd comes up (at

@@ -41,19 +41,6 @@ class Volume:
     path there, ``mtpt`` its mount point and ``mounted`` whether it is mounted now.
     """
 
-    INTERNAL_METHODS = (
-        "checked_paths",
-        "prepare_remount",
-        "record_attach",
-        "record_description",
-        "record_detach",
-        "record_mount",
-        "record_unmount",
-    )
-    """Methods without an underscore that only its Server and the Manager's parts call (they
-    report what was done, so that the volume changes its own state); not for users, no
-    blocking twins."""
-
     def __init__(self, manager: Manager, volume: Resource) -> None:
         self.manager = manager
         self.volume: Resource = volume
@@ -127,31 +114,31 @@ class Volume:
     # -- state changes: called by its Server and the Manager's fleet, not by users ------------
     # The volume's attachment fields change only here; the callers report what they did.
 
-    def record_description(self, volume: Resource) -> None:
-        """Internal: keep a fresh EC2 description of the volume."""
+    def _record_description(self, volume: Resource) -> None:
+        """Keep a fresh EC2 description of the volume."""
         self.volume = volume
 
-    def record_attach(self, server: Server, ec2_device: str, mtdev: str | None) -> None:
-        """Internal: attached to ``server`` as ``ec2_device``, seen there as ``mtdev``."""
+    def _record_attach(self, server: Server, ec2_device: str, mtdev: str | None) -> None:
+        """Attached to ``server`` as ``ec2_device``, seen there as ``mtdev``."""
         self._server, self._ec2_device, self._mtdev = server, ec2_device, mtdev
 
-    def record_mount(self, mtpt: str) -> None:
-        """Internal: mounted at ``mtpt`` on its server."""
+    def _record_mount(self, mtpt: str) -> None:
+        """Mounted at ``mtpt`` on its server."""
         self._mtpt, self._mounted, self._remount = mtpt, True, False
 
-    def record_unmount(self, *, server_stopped: bool = False) -> None:
-        """Internal: not mounted any more; ``server_stopped``: mount it again when it starts."""
+    def _record_unmount(self, *, server_stopped: bool = False) -> None:
+        """Not mounted any more; ``server_stopped``: mount it again when it starts."""
         if server_stopped:
             self._remount = self._remount or self._mounted
         self._mounted = False
 
-    def record_detach(self) -> None:
-        """Internal: detached from its server (or its server went away)."""
+    def _record_detach(self) -> None:
+        """Detached from its server (or its server went away)."""
         self._server, self._mtdev, self._ec2_device = None, None, None
         self._mounted = self._remount = False
 
-    def prepare_remount(self) -> bool:
-        """Internal: whether its server stopped while it was mounted; if so its device
+    def _prepare_remount(self) -> bool:
+        """Whether its server stopped while it was mounted; if so its device
         path is forgotten (it may differ after the start) before it is mounted again."""
         if self._remount:
             self._mtdev = None
@@ -182,7 +169,7 @@ class Volume:
         """Fetch the volume's description again."""
         found = await self.manager.ec2.describe_volumes([self.volume_id])
         if found:
-            self.record_description(found[0])
+            self._record_description(found[0])
         return self.volume
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -268,8 +255,8 @@ class Volume:
 
     # -- file commands, run as root with paths relative to the volume's root ---------------
 
-    async def checked_paths(self, *subs: str, mount: bool = True) -> list[str]:
-        """Internal: where ``subs`` (relative to the volume's root) are on its server, after
+    async def _checked_paths(self, *subs: str, mount: bool = True) -> list[str]:
+        """Where ``subs`` (relative to the volume's root) are on its server, after
         checking there that its mount point holds this very volume right now.
 
         Not mounted anywhere although the manager mounted it (an admin, a reboot): it is
@@ -290,14 +277,14 @@ class Volume:
                 continue
             probe = await self._probe(server, mtpt, subs)
             if probe.by_serial and probe.device != self._mtdev and self._ec2_device:
-                self.record_attach(server, self._ec2_device, probe.device)  # renamed (a restart)
+                self._record_attach(server, self._ec2_device, probe.device)  # renamed (a restart)
             if probe.judge(self.name, mtpt) == "mounted":
-                self.record_mount(mtpt)
+                self._record_mount(mtpt)
                 return [
                     mounts.resolved_inside(mtpt, sub, real, self.name)
                     for sub, real in zip(subs, probe.resolved, strict=True)
                 ]
-            self.record_unmount()
+            self._record_unmount()
             await server.mount_volume(self, mtpt)
         raise VolumeNotMounted(f"volume {self.name} could not be mounted at {self._mtpt}")
 
@@ -318,9 +305,9 @@ class Volume:
 
     async def _file_cmd(self, program: str, *args: str, fixed: tuple[str, ...] = ()) -> str:
         """Run ``program`` as root: its options, the ``fixed`` arguments, then the other
-        arguments as paths relative to the volume's root (checked: see checked_paths)."""
+        arguments as paths relative to the volume's root (checked: see _checked_paths)."""
         opts = [a for a in args if a.startswith("-")]
-        paths = await self.checked_paths(*(a for a in args if not a.startswith("-")), mount=False)
+        paths = await self._checked_paths(*(a for a in args if not a.startswith("-")), mount=False)
         return await self._need_server().scmd(program, *opts, *fixed, "--", *paths, sudo=True)
 
     async def ls(self, *args: str) -> str:
@@ -370,7 +357,7 @@ class Volume:
 
         One string is a shell command line, several are an argv (each quoted).
         """
-        (root,) = await self.checked_paths(".", mount=False)
+        (root,) = await self._checked_paths(".", mount=False)
         server = self._need_server()
         if len(cmd) == 1:
             return await server.scmd("env", "-C", root, "sh", "-c", cmd[0], sudo=True)
@@ -378,7 +365,7 @@ class Volume:
 
     async def ssh(self, *cmd: Command) -> bool:
         """Like :meth:`cmd`, with the output on our stdout/stderr; true on success."""
-        (root,) = await self.checked_paths(".", mount=False)
+        (root,) = await self._checked_paths(".", mount=False)
         server = self._need_server()
         if len(cmd) == 1:
             return await server.ssh("env", "-C", root, "sh", "-c", cmd[0], sudo=True)

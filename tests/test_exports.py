@@ -86,10 +86,16 @@ def test_errors_sit_where_their_callers_need_them() -> None:
     assert not issubclass(e.ServerNotRunning, e.VolumeError)
 
 
-def test_internal_methods_exist_and_say_so() -> None:
-    """The underscore-less methods the Manager's parts call are declared, and documented."""
-    for cls in (asyncstage.Server, asyncstage.Volume):
-        assert cls.INTERNAL_METHODS
-        for name in cls.INTERNAL_METHODS:
-            doc = inspect.getdoc(getattr(cls, name)) or ""
-            assert doc.startswith("Internal:"), f"{cls.__name__}.{name}"
+@pytest.mark.parametrize("name", ["Server", "Volume"])
+def test_an_underscore_is_the_only_privacy_marker(name: str) -> None:
+    """Every name of a handle without an underscore is for users: it has a blocking twin or
+    a stated reason in NOT_TWINNED, and no docstring calls it internal."""
+    cls, twin = getattr(asyncstage, name), getattr(asyncstage.blocking, name)
+    reasons = asyncstage.blocking.NOT_TWINNED[name]
+    public = {n for n in dir(cls) if not n.startswith("_")}
+    assert not hasattr(cls, "INTERNAL_METHODS")
+    assert set(reasons) <= public, "NOT_TWINNED names a member the class does not have"
+    for member in sorted(public):
+        assert hasattr(twin, member) or reasons.get(member), f"{name}.{member}: no twin"
+        doc = inspect.getdoc(inspect.getattr_static(cls, member)) or ""
+        assert not doc.startswith("Internal:"), f"{name}.{member} is private: rename it _{member}"

@@ -124,16 +124,16 @@ def test_volume_state_changes_only_through_its_own_methods() -> None:
     v = owner.registry.add_volume(_volume("vol-0000000a", "data"))
     with pytest.raises(AttributeError):
         v.mounted = True  # type: ignore[misc]
-    v.record_attach(server, "/dev/sdf", "/dev/xvdf")
-    v.record_mount("/mnt/data")
+    v._record_attach(server, "/dev/sdf", "/dev/xvdf")
+    v._record_mount("/mnt/data")
     assert (v.server, v.mtdev, v.mtpt, v.mounted) == (server, "/dev/xvdf", "/mnt/data", True)
     assert v.fstab_line() == "/dev/xvdf\t/mnt/data\text4\tnosuid,nodev,nofail\t0\t2"
-    server.record_stop()  # a stopped server's mounted volumes are mounted again on start
+    server._record_stop()  # a stopped server's mounted volumes are mounted again on start
     assert not v.mounted and v.server is server
-    assert v.prepare_remount() and v.mtdev is None
-    v.record_mount("/mnt/data")
-    assert not v.prepare_remount()
-    v.record_detach()
+    assert v._prepare_remount() and v.mtdev is None
+    v._record_mount("/mnt/data")
+    assert not v._prepare_remount()
+    v._record_detach()
     assert (v.server, v.mtdev, v.ec2_device, v.mounted) == (None, None, None, False)
     assert v.mtpt == "/mnt/data"  # remembered for the next mount
 
