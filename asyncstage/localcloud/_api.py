@@ -46,9 +46,11 @@ try:
         LocalBackend,
         ec2_regions,
         find_record,
-        install_backend,
         make_backend,
         release_public_address,
+    )
+    from asyncstage.localcloud._records import (
+        install_backend,
         set_reason,
         set_state,
         uninstall_backend,

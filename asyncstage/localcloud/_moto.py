@@ -5,7 +5,8 @@ and disks overridden: each calls moto for the records (ids, tags, filters, respo
 and the engine, seen through :class:`~asyncstage.localcloud._hooks.EngineHooks`, for the
 real thing. It is installed as ``moto.ec2.models.ec2_backends[account][region]`` for an
 account id of its own, so several local clouds (and plain moto tests) share one process
-without sharing records.
+without sharing records. Copies within and across regions are :mod:`._copies`' part of it;
+the records it retypes and moto's registry of backends are in :mod:`._records`.
 
 Everything here runs in the server's request threads under ``engine.lock``.
 """
@@ -23,158 +24,30 @@ from typing import Any
 
 from moto.core.utils import utcnow
 from moto.ec2.exceptions import EC2ClientError
-from moto.ec2.models import EC2Backend, ec2_backends
-from moto.ec2.models.amis import Ami
-from moto.ec2.models.elastic_block_store import Snapshot
-from moto.ec2.models.elastic_network_interfaces import NetworkInterface
-from moto.ec2.models.instances import Instance, StateReason
 
 from asyncstage.errors import LocalCloudError
+from asyncstage.localcloud._copies import RegionCopies
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
 from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
+from asyncstage.localcloud._records import (
+    LocalInstance,
+    LocalNic,
+    ec2_error,
+    install_backend,
+    private_dns_name,
+    retype,
+    set_state,
+    snapshot_data,
+    start_snapshot,
+)
 
-STATE_CODES = {
-    "pending": 0,
-    "running": 16,
-    "shutting-down": 32,
-    "terminated": 48,
-    "stopping": 64,
-    "stopped": 80,
-}
 MAX_INSTANCES = 256  # live instances per cloud: a guard against runaway launches
 _MOTO_ROOT = "/dev/sda1"  # where moto attaches an instance's root volume
 _BUSY_POLL = 0.1  # seconds between two looks at a busy detach's mounts
 log = logging.getLogger("asyncstage.localcloud")
 
 
-def set_state(instance: Any, name: str) -> None:
-    """Set an instance's state as DescribeInstances reports it."""
-    instance._state.name = name
-    instance._state.code = STATE_CODES[name]
-
-
-def set_reason(instance: Any, code: str, message: str) -> None:
-    """Set an instance's StateReason (and StateTransitionReason) as EC2 gives them."""
-    instance._reason = f"{code}: {message}"
-    instance.state_reason = StateReason(instance._reason, code)
-
-
-def _error(code: str, message: str) -> EC2ClientError:
-    return EC2ClientError(code, message)
-
-
-def _retype(obj: Any, cls: type) -> None:
-    """Make one of moto's records an instance of our subclass (same data, our properties)."""
-    obj.__class__ = cls
-
-
-class _LocalNic(NetworkInterface):
-    @property
-    def association(self) -> dict[str, Any]:
-        association: dict[str, Any] = super().association
-        if association and self.public_ip:  # moto names it as a private one
-            region = self.ec2_backend.region_name
-            association["publicDnsName"] = public_dns_name(region, self.public_ip)
-        return association
-
-
-# EC2 names instances ip-1-2-3-4.ec2.internal / ec2-1-2-3-4.compute-1.amazonaws.com. Here
-# the names are the loopback addresses themselves: clients connect by DNS name (the Perl
-# VM::EC2::Staging does), and a name under amazonaws.com would send a DNS query off this
-# machine (nothing may leave 127.0.0.0/8) and then fail to resolve.
-
-
-def private_dns_name(region: str, address: str) -> str:
-    """The private DNS name of an instance at ``address``: the address itself (see above)."""
-    return address
-
-
-def public_dns_name(region: str, address: str) -> str:
-    """The public DNS name of an instance at ``address``: the address itself (see above)."""
-    return address
-
-
-class _LocalInstance(Instance):
-    """An instance whose DNS names are its addresses (see :func:`private_dns_name`)."""
-
-    @property
-    def private_dns_name(self) -> str:
-        return private_dns_name(self.region_name, str(self.private_ip))
-
-    @property
-    def public_dns_name(self) -> str | None:
-        return public_dns_name(self.region_name, self.public_ip) if self.public_ip else None
-
-
-class _LocalSnapshot(Snapshot):
-    """A snapshot that stays ``pending`` while its Progress rises over ``duration`` seconds.
-
-    It is ``completed`` once both that time is over and the engine has its copy of the
-    image (the engine sets ``status`` to ``completed`` when the copy is done).
-    """
-
-    started = 0.0  # time.monotonic() of CreateSnapshot
-    duration = 0.0
-
-    @property
-    def status(self) -> str:
-        state = str(self.__dict__.get("_status", "pending"))
-        if state == "completed" and time.monotonic() < self.started + self.duration:
-            return "pending"
-        return state
-
-    @status.setter
-    def status(self, value: str) -> None:
-        self.__dict__["_status"] = value
-
-    @property
-    def progress(self) -> str:
-        if self.status == "completed":
-            return "100%"
-        if self.duration <= 0:
-            return "99%"  # only the copy is left
-        done = (time.monotonic() - self.started) / self.duration
-        return f"{max(0, min(99, int(done * 100)))}%"
-
-
-class _LocalImage(Ami):
-    """A copied image: ``pending`` for ``duration`` seconds, then ``available``."""
-
-    started = 0.0
-    duration = 0.0
-    boots_local = False  # a copy of the local image: RunInstances boots it
-
-    @property
-    def state(self) -> str:
-        if time.monotonic() < self.started + self.duration:
-            return "pending"
-        return str(self.__dict__.get("_state", "available"))
-
-    @state.setter
-    def state(self, value: str) -> None:
-        self.__dict__["_state"] = value
-
-
-def _true(value: str | None) -> bool:
-    return str(value or "").lower() == "true"
-
-
-def _tag_specifications(request: Mapping[str, str], kind: str) -> dict[str, str]:
-    """The tags that ``TagSpecification.N`` of the request gives resources of ``kind``."""
-    tags: dict[str, str] = {}
-    n = 1
-    while f"TagSpecification.{n}.ResourceType" in request:
-        if request[f"TagSpecification.{n}.ResourceType"] == kind:
-            m = 1
-            while f"TagSpecification.{n}.Tag.{m}.Key" in request:
-                key = request[f"TagSpecification.{n}.Tag.{m}.Key"]
-                tags[key] = request.get(f"TagSpecification.{n}.Tag.{m}.Value", "")
-                m += 1
-        n += 1
-    return tags
-
-
-class LocalBackend(EC2Backend):
+class LocalBackend(RegionCopies):
     """moto's EC2 backend whose instances, volumes and snapshots are real."""
 
     engine: EngineHooks | None = None  # None while moto builds its own records
@@ -195,7 +68,7 @@ class LocalBackend(EC2Backend):
     def _real_volume(self, engine: EngineHooks, volume_id: str) -> Any:
         volume = self.get_volume(volume_id)
         if volume_id not in engine.disks:
-            raise _error(
+            raise ec2_error(
                 "UnsupportedOperation",
                 f"{volume_id} is the record of an instance's root device or an image: "
                 "the local cloud has no data for it",
@@ -216,7 +89,7 @@ class LocalBackend(EC2Backend):
         if engine is None:
             return super().run_instances(image_id, count, user_data, security_group_names, **kwargs)
         if image_id != self.image_id and not self._boots(image_id):
-            raise _error(
+            raise ec2_error(
                 "InvalidAMIID.NotFound",
                 f"The image id '[{image_id}]' does not exist: the local cloud boots only "
                 f"{self.image_id} ({engine.image_name}) and its copies",
@@ -226,7 +99,7 @@ class LocalBackend(EC2Backend):
             self.describe_key_pairs(key_names=[key_name])  # InvalidKeyPair.NotFound
         live = sum(1 for i in self.all_instances() if i.state != "terminated")
         if live + count > MAX_INSTANCES:
-            raise _error(
+            raise ec2_error(
                 "InstanceLimitExceeded",
                 f"the local cloud runs at most {MAX_INSTANCES} instances ({live} now)",
             )
@@ -259,7 +132,7 @@ class LocalBackend(EC2Backend):
         instances = self.get_multi_instances_by_id(instance_ids)
         for instance in instances:
             if instance.state in ("stopping", "shutting-down", "terminated"):
-                raise _error(
+                raise ec2_error(
                     "IncorrectInstanceState",
                     f"The instance '{instance.id}' is not in a state from which it can be "
                     f"started (it is {instance.state}).",
@@ -283,7 +156,7 @@ class LocalBackend(EC2Backend):
     def _check_zone(self, zone: str) -> None:
         """EC2's answer to a zone this region does not have (another region's, say)."""
         if zone not in self._zones():
-            raise _error("InvalidParameterValue", f"Invalid availability zone: [{zone}]")
+            raise ec2_error("InvalidParameterValue", f"Invalid availability zone: [{zone}]")
 
     def _has_capacity(self, engine: EngineHooks, zone: str, instance_type: str) -> bool:
         gaps = engine.realism.insufficient_capacity
@@ -309,7 +182,7 @@ class LocalBackend(EC2Backend):
             if others
             else ""
         )
-        raise _error(
+        raise ec2_error(
             "InsufficientInstanceCapacity",
             f"We currently do not have sufficient {instance_type} capacity in the Availability "
             f"Zone you requested ({zone}). Our system will be working on provisioning "
@@ -327,7 +200,7 @@ class LocalBackend(EC2Backend):
         for zone in [default, *self._zones()]:
             if self._has_capacity(engine, zone, instance_type):
                 return zone
-        raise _error(
+        raise ec2_error(
             "InsufficientInstanceCapacity",
             f"We currently do not have sufficient {instance_type} capacity in the Region "
             f"you requested ({self.region_name}). Our system will be working on "
@@ -341,13 +214,13 @@ class LocalBackend(EC2Backend):
         instances = self.get_multi_instances_by_id(instance_ids)
         for instance in instances:
             if instance.state in ("shutting-down", "terminated"):
-                raise _error(
+                raise ec2_error(
                     "IncorrectInstanceState",
                     f"The instance '{instance.id}' is not in a state from which it can be "
                     f"stopped (it is {instance.state}).",
                 )
             if instance.disable_api_stop:
-                raise _error(
+                raise ec2_error(
                     "OperationNotPermitted",
                     f"The instance '{instance.id}' may not be stopped (disableApiStop).",
                 )
@@ -365,11 +238,11 @@ class LocalBackend(EC2Backend):
         if engine is None:
             return super().terminate_instances(instance_ids)
         if not instance_ids:
-            raise _error("InvalidParameterCombination", "No instances specified")
+            raise ec2_error("InvalidParameterCombination", "No instances specified")
         instances = self.get_multi_instances_by_id(instance_ids)
         for instance in instances:
             if instance.disable_api_termination:
-                raise _error(
+                raise ec2_error(
                     "OperationNotPermitted",
                     f"The instance '{instance.id}' may not be terminated.",
                 )
@@ -395,18 +268,10 @@ class LocalBackend(EC2Backend):
             kw["encrypted"] = True
         source = None
         if snapshot_id:
-            snapshot = self.get_snapshot(snapshot_id)
-            source = engine.snapshots.get(snapshot_id)
-            if source is None:
-                raise _error(
-                    "UnsupportedOperation",
-                    f"{snapshot_id} is a record without data in the local cloud",
-                )
-            if snapshot.status != "completed":
-                raise _error("IncorrectState", f"Snapshot '{snapshot_id}' is not completed.")
+            source = snapshot_data(engine, self.get_snapshot(snapshot_id))
             need = -(-source.stat().st_size // (1 << 30))
             if size is not None and int(size) < need:
-                raise _error(
+                raise ec2_error(
                     "InvalidParameterValue",
                     f"Volume of {size}GiB is smaller than snapshot '{snapshot_id}', "
                     f"expect size >= {need}GiB",
@@ -414,7 +279,7 @@ class LocalBackend(EC2Backend):
             if size is None:
                 size = need
         if size is not None and not 1 <= int(size) <= 16384:
-            raise _error(
+            raise ec2_error(
                 "InvalidParameterValue",
                 f"Volume of {size}GiB is outside the allowed range 1-16384GiB",
             )
@@ -428,7 +293,7 @@ class LocalBackend(EC2Backend):
             engine.volume_created(volume.id, int(volume.size), source)
         except LocalCloudError as e:
             self.volumes.pop(volume.id, None)
-            raise _error("InternalError", str(e)) from e
+            raise ec2_error("InternalError", str(e)) from e
         return volume
 
     def attach_volume(
@@ -444,32 +309,32 @@ class LocalBackend(EC2Backend):
         volume = self._real_volume(engine, volume_id)
         instance = self.get_instance(instance_id)
         if volume.attachment is not None:
-            raise _error(
+            raise ec2_error(
                 "VolumeInUse",
                 f"{volume_id} is already attached to an instance ({volume.attachment.instance.id})",
             )
         if instance.state not in ("pending", "running", "stopped"):
-            raise _error(
+            raise ec2_error(
                 "IncorrectState",
                 f"The instance '{instance_id}' is {instance.state}: "
                 "volumes attach to pending, running or stopped instances",
             )
         if volume.zone.name != instance.placement.zone:
-            raise _error(
+            raise ec2_error(
                 "InvalidVolume.ZoneMismatch",
                 f"The volume '{volume_id}' is not in the same availability zone as "
                 f"instance '{instance_id}'",
             )
         name = xen_node(device_path or "")
         if name is None:
-            raise _error(
+            raise ec2_error(
                 "InvalidParameterValue",
                 f"Value ({device_path}) for parameter device is invalid. "
                 f"{device_path} is not a valid EBS device name.",
             )
         taken = {xen_node(d) for d in instance.block_device_mapping}
         if name in taken:
-            raise _error(
+            raise ec2_error(
                 "InvalidParameterValue",
                 f"Invalid value '{device_path}' for unixDevice. "
                 f"Attachment point {device_path} is already in use",
@@ -478,11 +343,11 @@ class LocalBackend(EC2Backend):
             instance.instance_type, len(instance.block_device_mapping), len(instance.nics)
         )
         if refusal is not None:
-            raise _error("AttachmentLimitExceeded", refusal)
+            raise ec2_error("AttachmentLimitExceeded", refusal)
         try:
             attaching = engine.volume_attached(volume_id, instance_id, device_path)
         except LocalCloudError as e:
-            raise _error("InternalError", str(e)) from e
+            raise ec2_error("InternalError", str(e)) from e
         done = super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
         if attaching and done is not None:  # until the node is there (attachment_done)
             done.status = "attaching"
@@ -499,10 +364,10 @@ class LocalBackend(EC2Backend):
         if engine is None or volume_id not in engine.disks:
             return super().detach_volume(volume_id, instance_id, device_path)
         if volume.attachment is None:
-            raise _error("IncorrectState", f"Volume '{volume_id}' is in the 'available' state.")
+            raise ec2_error("IncorrectState", f"Volume '{volume_id}' is in the 'available' state.")
         instance_id = instance_id or volume.attachment.instance.id
         if instance_id != volume.attachment.instance.id:
-            raise _error(
+            raise ec2_error(
                 "InvalidAttachment.NotFound",
                 f"The volume '{volume_id}' is not attached to instance '{instance_id}'",
             )
@@ -511,7 +376,7 @@ class LocalBackend(EC2Backend):
         try:
             where = engine.volume_detaching(volume_id, force=force)
         except ApiRefusal as e:  # mounted, and the cloud plays no busy state
-            raise _error(e.code, str(e)) from e
+            raise ec2_error(e.code, str(e)) from e
         if where is not None:
             if volume.attachment.status != "busy":
                 volume.attachment.status = "busy"
@@ -565,13 +430,13 @@ class LocalBackend(EC2Backend):
         last = self._last_snapshot.get(volume_id)
         interval = engine.realism.snapshot_interval
         if last is not None and interval > 0 and time.monotonic() - last < interval:
-            raise _error(
+            raise ec2_error(
                 "SnapshotCreationPerVolumeRateExceeded",
                 "The maximum per volume CreateSnapshot request rate has been exceeded. "
                 "Use an increasing or variable sleep interval between requests.",
             )
         snapshot = super().create_snapshot(volume_id, description, owner_id, from_ami)
-        self._made_snapshot(engine, snapshot, engine.disks[volume_id].image)
+        start_snapshot(self, engine, snapshot, engine.disks[volume_id].image)
         self._last_snapshot[volume_id] = time.monotonic()
         return snapshot
 
@@ -608,164 +473,11 @@ class LocalBackend(EC2Backend):
             found = self.__dict__["_snapshotted"] = {}
         return found
 
-    def copy_snapshot(
-        self,
-        source_snapshot_id: str,
-        source_region: str,
-        description: str,
-        kms_key_id: str | None,
-    ) -> Any:
-        """EC2's CopySnapshot, within the region or from ``source_region`` into this one.
-
-        The copy is ``pending`` for longer the more data the source holds
-        (``realism.copy_per_gib``); it is encrypted when the source is or ``Encrypted``
-        is asked, with ``KmsKeyId`` (a key of this region) or this region's default key.
-        """
-        engine = self.engine
-        if engine is None:
-            return super().copy_snapshot(source_snapshot_id, source_region, description, kms_key_id)
-        home = self._source_backend(source_region)
-        source = home.get_snapshot(source_snapshot_id)
-        encrypted, key = _copy_encryption(self, source, self.request)
-        image = engine.snapshots.get(source_snapshot_id)
-        if image is None:
-            raise _error(
-                "UnsupportedOperation",
-                f"{source_snapshot_id} is a record without data in the local cloud",
-            )
-        if source.status != "completed":
-            raise _error("IncorrectState", f"Snapshot '{source_snapshot_id}' is not completed.")
-        install_backend(home)  # moto reads the source from its registry
-        snapshot = super().copy_snapshot(
-            source_snapshot_id, home.region_name, description, kms_key_id
-        )
-        snapshot.encrypted, snapshot.kms_key_id = encrypted, key
-        used = image.stat().st_blocks * 512 / (1 << 30)  # the data, not the sparse size
-        self._made_snapshot(engine, snapshot, image, extra=used * engine.realism.copy_per_gib)
-        return snapshot
-
-    def _made_snapshot(
-        self, engine: EngineHooks, record: Snapshot, image: Any, extra: float = 0.0
-    ) -> None:
-        _retype(record, _LocalSnapshot)
-        snapshot: Any = record
-        snapshot.status = "pending"
-        snapshot.started = time.monotonic()
-        low, high = engine.realism.snapshot
-        snapshot.duration = (engine.random.uniform(low, high) if high > 0 else 0.0) + extra
-        try:
-            engine.snapshot_created(snapshot.id, image)
-        except LocalCloudError as e:
-            self.snapshots.pop(snapshot.id, None)
-            raise _error("InternalError", str(e)) from e
-
-    # -- images --------------------------------------------------------------------------
-
-    def _boots(self, image_id: str) -> bool:
-        """Whether ``image_id`` is a copy of the local image (RunInstances boots it)."""
-        image = self.amis.get(image_id)
-        if not isinstance(image, _LocalImage) or not image.boots_local:
-            return False
-        if image.state != "available":
-            raise _error(
-                "InvalidAMIID.Unavailable", f"Image '{image_id}' is not available (it is pending)"
-            )
-        return True
-
-    def copy_image(
-        self,
-        source_image_id: str,
-        source_region: str,
-        name: str | None = None,
-        description: str | None = None,
-    ) -> Any:
-        """EC2's CopyImage: ``pending`` for a while, then ``available``; the source's tags
-        only with ``CopyImageTags=true``, plus those of ``TagSpecifications``. A copy of
-        the local image (or of a copy of it) boots as the image does."""
-        engine = self.engine
-        if engine is None:
-            return super().copy_image(source_image_id, source_region, name, description)
-        home = self._source_backend(source_region)
-        source = home.describe_images(ami_ids=[source_image_id])[0]
-        install_backend(home)  # moto reads the source from its registry
-        self._launching = True  # moto's record of a root volume and snapshot: no disk
-        try:
-            image = super().copy_image(source_image_id, home.region_name, name, description)
-        finally:
-            self._launching = False
-        _retype(image, _LocalImage)
-        local: Any = image
-        local.boots_local = source_image_id == home.image_id or bool(
-            getattr(source, "boots_local", False)
-        )
-        local.started = time.monotonic()
-        low, high = engine.realism.snapshot
-        local.duration = engine.random.uniform(low, high) if high > 0 else 0.0
-        tags: dict[str, str] = {}
-        if _true(self.request.get("CopyImageTags")):
-            tags = {str(t["key"]): str(t["value"]) for t in source.get_tags()}
-        tags.update(_tag_specifications(self.request, "image"))
-        if tags:
-            self.create_tags([image.id], tags)
-        return image
-
-    def _source_backend(self, source_region: str) -> LocalBackend:
-        """The backend a copy reads from: this one, or ``source_region``'s."""
-        if not source_region or source_region == self.region_name:
-            return self
-        if self.peers is None:
-            raise _error("UnsupportedOperation", "the local cloud has no other region")
-        try:
-            return self.peers(source_region)
-        except Exception:
-            raise _error(
-                "InvalidParameterValue",
-                f"Value ({source_region}) for parameter sourceRegion is invalid.",
-            ) from None
-
     def delete_snapshot(self, snapshot_id: str) -> Any:
         snapshot = super().delete_snapshot(snapshot_id)
         if self.engine is not None:
             self.engine.snapshot_deleted(snapshot_id)
         return snapshot
-
-
-def _copy_encryption(
-    backend: LocalBackend, source: Any, request: Mapping[str, str]
-) -> tuple[bool, str | None]:
-    """(encrypted, key ARN) of a snapshot copy into ``backend``'s region, by EC2's rules.
-
-    The copy of an encrypted snapshot is encrypted; ``Encrypted=true``, or encryption by
-    default in the destination region, encrypts the copy of a plain one. The key is
-    ``KmsKeyId`` (it needs ``Encrypted=true``, and it must be a key of the destination
-    region: a key never leaves its region), else the region's default key
-    (``alias/aws/ebs``).
-    """
-    asked = _true(request.get("Encrypted"))
-    key = request.get("KmsKeyId") or None
-    region, account = backend.region_name, backend.account_id
-    if key is not None and not asked:
-        raise _error(
-            "InvalidParameterDependency",
-            "The parameter KmsKeyId requires the parameter Encrypted to be set.",
-        )
-    encrypted = asked or bool(source.encrypted) or bool(backend.ebs_encryption_by_default)
-    if not encrypted:
-        return False, None
-    if key is None or key == "alias/aws/ebs":  # the region's own AWS managed key
-        return True, backend.default_kms_key_id or backend._create_default_encryption_key()
-    if key.startswith("arn:"):
-        parts = key.split(":")
-        if len(parts) < 6 or parts[2] != "kms" or parts[3] != region:
-            raise _error(
-                "InvalidParameterValue",
-                f"KMS key {key} is not a key of region {region}: an encrypted snapshot "
-                f"copied to {region} needs a key there",
-            )
-        return True, key
-    if key.startswith("alias/"):
-        return True, f"arn:aws:kms:{region}:{account}:{key}"
-    return True, f"arn:aws:kms:{region}:{account}:key/{key}"
 
 
 def ec2_regions() -> frozenset[str]:
@@ -811,7 +523,7 @@ def _fitting(limit: int | None, live: int, minimum: int, maximum: int) -> int:
     if limit is None or live + maximum <= limit:
         return maximum
     if live + minimum > limit:
-        raise _error(
+        raise ec2_error(
             "InstanceLimitExceeded",
             f"You have requested more instances ({minimum}) than your current instance limit "
             f"of {limit} allows for the specified instance type. Please visit "
@@ -842,8 +554,8 @@ def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
     nic.private_dns_name = dns
     nic.public_ip = public
     nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
-    _retype(nic, _LocalNic)
-    _retype(instance, _LocalInstance)
+    retype(nic, LocalNic)
+    retype(instance, LocalInstance)
     return private, public
 
 
@@ -878,16 +590,3 @@ def make_backend(region: str, account: str) -> LocalBackend:
     backend = LocalBackend(region, account)
     install_backend(backend)
     return backend
-
-
-def install_backend(backend: LocalBackend) -> None:
-    """(Re)install ``backend`` unless it is in place (moto's resets clear the registry)."""
-    accounts = ec2_backends[backend.account_id]
-    if dict.get(accounts, backend.region_name) is not backend:
-        dict.__setitem__(accounts, backend.region_name, backend)
-
-
-def uninstall_backend(backend: LocalBackend) -> None:
-    accounts = dict.get(ec2_backends, backend.account_id)
-    if accounts is not None and dict.get(accounts, backend.region_name) is backend:
-        dict.__delitem__(accounts, backend.region_name)
