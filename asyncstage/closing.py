@@ -12,15 +12,40 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import anyio
+
 from asyncstage.errors import AsyncstageError, FleetError, NotFound, UnknownVolume
 
 if TYPE_CHECKING:
     from asyncstage.manager import Manager
     from asyncstage.server import Server
 
-__all__ = ["on_exit"]
+__all__ = ["close", "on_exit"]
 
 log = logging.getLogger("asyncstage")
+
+
+async def close(m: Manager, *, raise_errors: bool = True) -> None:
+    """Apply ``on_exit`` (bounded by ``timeouts.exit``), then close every ssh connection
+    and the EC2 client, all shielded from cancellation; its error last, if asked."""
+    error: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(m.timeouts.exit) as scope:
+            try:
+                await on_exit(m)
+            except Exception as e:
+                log.warning("on_exit=%s failed: %s", m.on_exit, e)
+                error = e
+        if scope.cancelled_caught:
+            log.warning("on_exit=%s gave up after %gs", m.on_exit, m.timeouts.exit)
+        for host in m.registry.hosts_to_close():
+            try:
+                await host.close()
+            except Exception as e:  # pragma: no cover - best effort
+                log.debug("closing %s: %s", host, e)
+        await m.ec2.close()
+    if error is not None and raise_errors:
+        raise error
 
 
 async def on_exit(m: Manager) -> None:
@@ -61,7 +86,6 @@ async def _still_there(m: Manager, servers: list[Server]) -> list[Server]:
         state = desc.get("State", {}).get("Name") if desc else "gone"
         if state in ("gone", "shutting-down", "terminated"):
             log.warning("server %s (%s) is %s already", server.name, server.instance_id, state)
-            server._record_termination()
             m.registry.forget_server(server)
             continue
         if desc is not None:

@@ -494,7 +494,7 @@ class Fleet:
             self._log(f"stopping {len(to_stop)} server(s)")
             await m.ec2.stop_instances([s.instance_id for s in to_stop])
         for server in to_stop:
-            server._record_stop()
+            m.registry.record_stop(server)
         errors = _gone(servers)
         ids = [s.instance_id for s in servers if s not in errors]
         reached, failed = await m.ec2.wait_for_instances(
@@ -543,7 +543,6 @@ class Fleet:
 
     def _forget(self, servers: Sequence[Server]) -> None:
         for server in servers:
-            server._record_termination()
             self.manager.registry.forget_server(server)
 
 

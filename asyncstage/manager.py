@@ -36,7 +36,7 @@ from asyncstage.paths import PathLike
 from asyncstage.registry import Registry
 from asyncstage.server import Server
 from asyncstage.settings import OnExit, check_on_exit, local_credentials
-from asyncstage.ssh import KnownHosts, SSHHost
+from asyncstage.ssh import KnownHosts
 from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
 from asyncstage.timeouts import Timeouts, timeouts_from
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
@@ -205,23 +205,11 @@ class Manager:
 
         Runs shielded from cancellation (bounded by ``timeouts.exit``).
         """
-        if not self._open:
-            return
-        error: BaseException | None = None
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.timeouts.exit) as scope:
-                try:
-                    await closing.on_exit(self)
-                except Exception as e:
-                    log.warning("on_exit=%s failed: %s", self.on_exit, e)
-                    error = e
-            if scope.cancelled_caught:
-                log.warning("on_exit=%s gave up after %gs", self.on_exit, self.timeouts.exit)
-            await _close_all(self.registry.hosts_to_close())
-            await self.ec2.close()
-            self._open = False
-        if error is not None and raise_errors:
-            raise error
+        if self._open:
+            try:
+                await closing.close(self, raise_errors=raise_errors)
+            finally:
+                self._open = False
 
     def _require_open(self) -> None:
         if not self._open:
@@ -562,12 +550,3 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
     }
     defaults.update(options)
     return Manager(**defaults)
-
-
-async def _close_all(hosts: Iterable[SSHHost]) -> None:
-    """Close ssh connections, best effort."""
-    for host in hosts:
-        try:
-            await host.close()
-        except Exception as e:  # pragma: no cover - best effort
-            log.debug("closing %s: %s", host, e)

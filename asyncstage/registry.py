@@ -54,13 +54,26 @@ class Registry:
         self._servers[server.instance_id] = server
         return server
 
+    def record_stop(self, server: Server) -> None:
+        """A server was asked to stop: its mounted volumes are mounted again when it starts."""
+        server._record_stop()
+        for volume in self._volumes_on(server):
+            volume._record_unmount(server_stopped=True)
+
     def forget_server(self, server: Server) -> None:
-        """Forget a server (terminated)."""
+        """Forget a server (terminated): its volumes are detached from it."""
+        attached = self._volumes_on(server)
+        server._record_termination()
+        for volume in attached:
+            volume._record_detach()
         self._servers.pop(server.instance_id, None)
         self._started.discard(server.instance_id)
         host = self._hosts.pop(server.instance_id, None)
         if host is not None:
             self._retired_hosts.append(host)
+
+    def _volumes_on(self, server: Server) -> list[Volume]:
+        return [v for v in self._volumes.values() if v.server is server]
 
     def find_server_by_instance(self, instance_id: str) -> Server:
         """The server with this instance id (UnknownServer otherwise)."""

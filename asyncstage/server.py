@@ -369,16 +369,12 @@ class Server:
         self._fresh = True
 
     def _record_stop(self) -> None:
-        """Asked to stop; its mounted volumes are mounted again on the next start."""
+        """Asked to stop (the registry tells its volumes)."""
         self._up = False
-        for volume in self.volumes():
-            volume._record_unmount(server_stopped=True)
         self._host = None  # its address goes away (the manager closes the connection)
 
     def _record_termination(self) -> None:
-        """Terminated: its volumes are detached and its host key forgotten."""
-        for volume in self.volumes():
-            volume._record_detach()
+        """Terminated: its host key is forgotten (the registry detaches its volumes)."""
         self._host = None
         for address in {self.address, self._pinned_for} - {None}:
             assert address is not None

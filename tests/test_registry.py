@@ -128,7 +128,7 @@ def test_volume_state_changes_only_through_its_own_methods() -> None:
     v._record_mount("/mnt/data")
     assert (v.server, v.mtdev, v.mtpt, v.mounted) == (server, "/dev/xvdf", "/mnt/data", True)
     assert v.fstab_line() == "/dev/xvdf\t/mnt/data\text4\tnosuid,nodev,nofail\t0\t2"
-    server._record_stop()  # a stopped server's mounted volumes are mounted again on start
+    owner.registry.record_stop(server)  # its mounted volumes are mounted again on start
     assert not v.mounted and v.server is server
     assert v._prepare_remount() and v.mtdev is None
     v._record_mount("/mnt/data")
@@ -136,6 +136,10 @@ def test_volume_state_changes_only_through_its_own_methods() -> None:
     v._record_detach()
     assert (v.server, v.mtdev, v.ec2_device, v.mounted) == (None, None, None, False)
     assert v.mtpt == "/mnt/data"  # remembered for the next mount
+    v._record_attach(server, "/dev/sdf", "/dev/xvdf")
+    owner.registry.forget_server(server)  # terminated: its volumes are detached
+    assert (v.server, v.mounted) == (None, False)
+    assert owner.registry.find_server_by_name("alpha") is None
 
 
 def test_connections_to_close_on_exit() -> None:

@@ -69,6 +69,24 @@ class _Machine:
     launched: float = field(default_factory=time.monotonic)  # the last launch or start
 
 
+def _checked_isolation(value: DeviceIsolation) -> DeviceIsolation:
+    if value not in ISOLATION_MODES:
+        raise InvalidArgument(f"device_isolation={value!r}: one of {', '.join(ISOLATION_MODES)}")
+    return value
+
+
+def _random_account() -> str:
+    """A 12-digit account id of the cloud's own (moto's default is a fixed one)."""
+    return "".join(str(secrets.randbelow(10)) for _ in range(12))
+
+
+def _seed(seed: int | None) -> int:
+    """The seed asked for, else ``ASYNCSTAGE_LOCAL_SEED`` (to replay a run), else random."""
+    if seed is None and os.environ.get("ASYNCSTAGE_LOCAL_SEED", "").isdigit():
+        seed = int(os.environ["ASYNCSTAGE_LOCAL_SEED"])
+    return secrets.randbits(32) if seed is None else seed
+
+
 class Engine:
     """Everything of one local cloud; blocking, thread-safe.
 
@@ -89,25 +107,17 @@ class Engine:
         realism: Realism | None = None,
         device_isolation: DeviceIsolation = "auto",
     ) -> None:
-        if device_isolation not in ISOLATION_MODES:
-            raise InvalidArgument(
-                f"device_isolation={device_isolation!r}: one of {', '.join(ISOLATION_MODES)}"
-            )
-        self._isolation_wanted = device_isolation
+        self._isolation_wanted = _checked_isolation(device_isolation)
         # what was asked for; once started the mechanism in force: "v1", "bpf" or "none"
         self.device_isolation: str = device_isolation
         self.boot_delay = boot_delay
         self.realism = Realism() if realism is None else realism
         self.region = region
         self.port = port
-        self.account = os.environ.get("MOTO_ACCOUNT_ID") or "".join(
-            str(secrets.randbelow(10)) for _ in range(12)
-        )
+        self.account = os.environ.get("MOTO_ACCOUNT_ID") or _random_account()
         self.credentials = Credentials.generate()
         self.read_only_credentials = Credentials.generate()  # Describe*/Get* only (_iam)
-        if seed is None and os.environ.get("ASYNCSTAGE_LOCAL_SEED", "").isdigit():
-            seed = int(os.environ["ASYNCSTAGE_LOCAL_SEED"])
-        self.seed = secrets.randbits(32) if seed is None else seed
+        self.seed = _seed(seed)
         self.random = random.Random(self.seed)  # every random choice: replayable with the seed
         self.image_name = IMAGE_NAME
         self.image_id = ""
