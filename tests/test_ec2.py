@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import stat
+import types
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from asyncstage.ec2 import (
     tag,
     tag_filters,
     tags_of,
+    waits,
 )
 from asyncstage.errors import EC2Error, UnknownServer, UnknownVolume, WaitTimeout
 
@@ -82,11 +84,11 @@ async def test_concurrent_waits_share_one_describe_per_round(ec2: EC2) -> None:
     before = ec2.calls["DescribeInstances"]
     async with anyio.create_task_group() as tg:
         for iid in ids:
-            tg.start_soon(functools.partial(ec2.wait_for_instance, iid, "running", timeout=5))
+            tg.start_soon(functools.partial(ec2.wait_for_instance, iid, "running", timeout=60))
     assert ec2.calls["DescribeInstances"] - before == 1
     await ec2.stop_instances(ids)
     before = ec2.calls["DescribeInstances"]
-    reached, failed = await ec2.wait_for_instances(ids, "stopped", timeout=5)
+    reached, failed = await ec2.wait_for_instances(ids, "stopped", timeout=60)
     assert set(reached) == set(ids) and not failed
     assert ec2.calls["DescribeInstances"] - before == 1
     # a wait that cannot succeed names the instance and its last state
@@ -98,7 +100,7 @@ async def test_concurrent_waits_share_one_describe_per_round(ec2: EC2) -> None:
     assert isinstance(err, WaitTimeout)
     assert "alpha" in str(err) and ids[0] in str(err) and err.last_state == "stopped"
     await ec2.terminate_instances(ids)
-    _, failed = await ec2.wait_for_instances(ids, "running", timeout=5)
+    _, failed = await ec2.wait_for_instances(ids, "running", timeout=60)
     assert all(isinstance(e, EC2Error) and "terminated" in str(e) for e in failed.values())
 
 
@@ -163,39 +165,69 @@ async def test_key_pair_imported_once(ec2: EC2, tmp_path: Path) -> None:
 async def test_snapshot_and_image_waits(ec2: EC2) -> None:
     vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
     snap = await ec2.create_snapshot(vol["VolumeId"], tags={tag("name"): "s"})
-    done = await ec2.wait_for_snapshot(snap["SnapshotId"], timeout=5)
+    done = await ec2.wait_for_snapshot(snap["SnapshotId"], timeout=60)
     assert done["State"] == "completed"
     copy = await ec2.copy_snapshot(snap["SnapshotId"], source_region="us-east-1")
-    assert (await ec2.wait_for_snapshot(copy, timeout=5))["State"] == "completed"
+    assert (await ec2.wait_for_snapshot(copy, timeout=60))["State"] == "completed"
     image = await ec2.find_image("*")
     new = await ec2.copy_image(image["ImageId"], source_region="us-east-1", name="copied")
-    assert (await ec2.wait_for_image(new, timeout=5))["State"] == "available"
+    assert (await ec2.wait_for_image(new, timeout=60))["State"] == "available"
 
 
-async def test_polls_start_fast_and_back_off() -> None:
+class _Clock:
+    """A virtual clock for ``waits.poll``: its pauses pass at once and exactly as asked.
+
+    The pacing is under test, not how late a loaded machine wakes a sleeper: measured
+    gaps would round up under load.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += delay
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    virtual = _Clock()
+    monkeypatch.setattr(waits, "time", types.SimpleNamespace(monotonic=virtual.monotonic))
+    monkeypatch.setattr(waits, "anyio", types.SimpleNamespace(sleep=virtual.sleep))
+    return virtual
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 6) for a, b in itertools.pairwise(times)]
+
+
+async def test_polls_start_fast_and_back_off(clock: _Clock) -> None:
     client = EC2(region="us-east-1", poll_interval=0.1, poll_backoff=2.0, poll_max_interval=0.4)
     assert client._config.retries == {"mode": "adaptive", "max_attempts": 10}
     times: list[float] = []
 
     async def fetch() -> bool:
-        times.append(anyio.current_time())
+        times.append(clock.now)
         return False
 
     with pytest.raises(WaitTimeout) as info:
         await client._poll(fetch, what="nothing", timeout=1.3, last_state=lambda: "still")
-    gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]
-    assert gaps[:3] == [0.1, 0.2, 0.4] and max(gaps) <= 0.45
+    # doubling up to the cap, the last pause cut short by the deadline, one last look there
+    assert _gaps(times) == [0.1, 0.2, 0.4, 0.4, 0.2]
     assert "nothing" in str(info.value) and info.value.last_state == "still"
 
 
-async def test_polls_start_over_while_a_fleet_arrives() -> None:
+async def test_polls_start_over_while_a_fleet_arrives(clock: _Clock) -> None:
     """Rounds in which more instances arrived keep the first pause; idle ones back off."""
     client = EC2(region="us-east-1", poll_interval=0.1, poll_backoff=2.0, poll_max_interval=0.4)
     times: list[float] = []
     arrived = [0]
 
     async def fetch() -> bool:
-        times.append(anyio.current_time())
+        times.append(clock.now)
         if 2 <= len(times) <= 4:  # three rounds each see one more instance
             arrived[0] += 1
         return len(times) == 7
@@ -203,8 +235,7 @@ async def test_polls_start_over_while_a_fleet_arrives() -> None:
     await client._poll(
         fetch, what="fleet", timeout=5, last_state=lambda: None, progress=lambda: arrived[0]
     )
-    gaps = [round(b - a, 1) for a, b in itertools.pairwise(times)]
-    assert gaps == [0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+    assert _gaps(times) == [0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
 
 
 # -- idempotent creates (ClientToken) ------------------------------------------------------
@@ -328,14 +359,24 @@ async def test_a_create_cancelled_before_it_was_sent_makes_nothing(ec2: EC2) -> 
 
 async def test_a_create_cancelled_in_flight_stays_unsettled_until_found(ec2: EC2) -> None:
     token = new_client_token()
+    made = anyio.Event()
 
     async def slow_reply(**_: object) -> None:
-        await anyio.sleep(5)  # EC2 has made the volume; its reply is slow to arrive
+        made.set()  # EC2 has made the volume (its answer is here) ...
+        await anyio.sleep_forever()  # ... and the caller never hears of it
+
+    async def cancel_once_made(scope: anyio.CancelScope) -> None:
+        # cancelled when the volume exists, not after a delay: a loaded machine may not
+        # even have sent the call by then
+        await made.wait()
+        scope.cancel()
 
     ec2._client.meta.events.register("after-call.ec2.CreateVolume", slow_reply)
-    with anyio.move_on_after(0.5) as scope:
-        await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
-    assert scope.cancelled_caught
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_made, scope)
+            await ec2.create_volume(availability_zone="us-east-1a", size=1, client_token=token)
+    assert scope.cancelled_caught and made.is_set()
     ec2._client.meta.events.unregister("after-call.ec2.CreateVolume", slow_reply)
     assert ec2.unsettled_tokens == {token: "volume"}
     (found,) = await ec2.created_with("volume", token)
