@@ -174,10 +174,10 @@ async def acquire(m: Manager, run: RunInfo, *, wait: float, poll: float = 1.0) -
         await anyio.sleep(min(poll, left))
 
 
-async def _keep(lease: Lease, ttl: float, scope: anyio.CancelScope) -> None:
-    """Renew the lease every ``ttl / 3`` s; when it is lost, cancel the run."""
+async def _keep(lease: Lease, ttl: float, every: float, scope: anyio.CancelScope) -> None:
+    """Renew the lease every ``every`` s; when it is lost, cancel the run."""
     while True:
-        await anyio.sleep(ttl / 3)
+        await anyio.sleep(every)
         try:
             await lease.renew(ttl)
         except BackupInProgress:
@@ -198,9 +198,11 @@ async def with_lease(
     *,
     wait: float,
     ttl: float,
+    renew_every: float | None = None,
 ) -> T:
     """``await body(lease)`` while holding the lease of ``run.name`` (see the module's
-    guarantees); its result, or its error as itself.
+    guarantees); its result, or its error as itself. The lease is renewed every
+    ``renew_every`` seconds (``ttl / 3`` by default).
 
     A lost lease cancels the body and raises :class:`BackupInProgress`; the lease is
     released (its group deleted) on the way out, also on error and cancellation.
@@ -220,7 +222,8 @@ async def with_lease(
                     tg.cancel_scope.cancel()  # the renewals end with the body
 
             tg.start_soon(main)
-            tg.start_soon(_keep, lease, ttl, tg.cancel_scope)
+            every = ttl / 3 if renew_every is None else renew_every
+            tg.start_soon(_keep, lease, ttl, every, tg.cancel_scope)
     finally:
         with anyio.CancelScope(shield=True):
             if not lease.lost:
