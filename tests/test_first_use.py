@@ -35,6 +35,7 @@ READS = (
     ["volumes", "list"],
     ["snapshots"],
     ["config", "show"],
+    ["backup", "list"],
 )
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root")
 
