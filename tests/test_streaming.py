@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -290,16 +292,31 @@ def _processes_mentioning(text: str) -> list[int]:
 async def test_a_crashed_controllers_master_is_gone_and_its_dir_swept(
     sshd_server: SSHServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A temporary directory of this test's own: the other test processes running beside it
+    # sweep the machine's one at their first master, and would take the crashed one first.
+    private = tempfile.mkdtemp(prefix="as-sweep-")  # short: the master's socket lives in it
+    monkeypatch.setattr(tempfile, "tempdir", private)
+    try:
+        await _crash_and_sweep(sshd_server, tmp_path, private, monkeypatch)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+async def _crash_and_sweep(
+    sshd_server: SSHServer, tmp_path: Path, private: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     argv = [sys.executable, "-c", _CRASHING_CONTROLLER, sshd_server.address]
     argv += [str(sshd_server.port), sshd_server.username, str(sshd_server.known_hosts)]
     argv += [str(sshd_server.client_key), str(tmp_path / "out")]
-    crashed = await anyio.run_process(argv, check=False)
+    env = {**os.environ, "TMPDIR": private}
+    crashed = await anyio.run_process(argv, check=False, env=env)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     left = crashed.stdout.decode().strip()
     assert (tmp_path / "out").read_text() == "up\n" and _is_dir(left)
     with anyio.fail_after(10):  # its master read the dead controller's pipe: it ends too
         while _processes_mentioning(left):  # noqa: ASYNC110
             await anyio.sleep(0.05)
+    monkeypatch.setattr(_openssh_stream, "_swept", True)  # the sweep below is the first
     async with sshd_server.host() as host:  # a live controller's master: kept
         await host.scmd_to_file("true", path=tmp_path / "mine")
         assert host._files.master is not None and host._files.master._dir is not None
