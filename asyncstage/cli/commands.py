@@ -31,9 +31,9 @@ from asyncstage.cli.common import (
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
-    NeedsRoot,
     NotFound,
 )
+from asyncstage.localcloud.errors import NeedsRoot
 from asyncstage.output import Output, human_bytes, human_duration
 from asyncstage.transfer import TransferStats
 
