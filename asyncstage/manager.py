@@ -1,7 +1,8 @@
 """Manager: one region's staging servers and volumes, their fleets and their lifetime.
 
 The Manager holds the configuration and the lifetime (open, scan, close with ``on_exit``);
-the work is done by its parts, each given the manager it serves:
+the work is done by its parts, which share one :class:`~asyncstage.context.Context`
+(``manager.context``) and never hold the manager:
 
 - :class:`~asyncstage.registry.Registry` (``manager.registry``): servers, volumes, names;
 - :class:`~asyncstage.fleet.Fleet` (``manager.fleet``): launch, wait, start, stop, terminate;
@@ -14,25 +15,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from logging import DEBUG
 from pathlib import Path
-from typing import Any, Protocol, Unpack
+from typing import Any, Protocol, Unpack, cast
 
 import anyio
 
 from asyncstage import closing, keys, transfer
 from asyncstage.account import Account
-from asyncstage.adoption import ours
-from asyncstage.capacity import LaunchChoices, check_choices
-from asyncstage.disks import FSTYPES
+from asyncstage.capacity import LaunchChoices, LaunchOptions, check_choices
+from asyncstage.context import Context
+from asyncstage.disks import our_snapshots
 from asyncstage.ec2 import EC2, Resource, RetryMode
 from asyncstage.errors import (
     AsyncstageError,
 )
-from asyncstage.fleet import Fleet, LaunchOptions
+from asyncstage.fleet import Fleet
 from asyncstage.images import Images
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
+from asyncstage.refs import ServerRef
 from asyncstage.registry import Registry
 from asyncstage.server import Server
 from asyncstage.settings import OnExit, check_on_exit, local_credentials
@@ -152,7 +153,29 @@ class Manager:
         cidrs = [ssh_cidr] if isinstance(ssh_cidr, str) else list(ssh_cidr or [])
         self.account = Account(self.ec2, self.dotdir, reuse_key, cidrs, security_group)
         self.images = Images(self.ec2, image, image_owners, root_type, ec2_options)
-        self.fleet = Fleet(self, self._ensure_account)  # the account, set up when first needed
+        self.context = Context(
+            self.ec2,
+            self.registry,
+            self.timeouts,
+            self.known_hosts,
+            self.account,
+            self.images,
+            self.region,
+            self.dotdir,
+            self._make_server,
+            host_key_policy=self.host_key_policy,
+            verbosity=verbosity,
+            architecture=architecture,
+            instance_type=self.instance_type,
+            availability_zone=availability_zone,
+            username=self.username,
+            reuse_volumes=reuse_volumes,
+            install_packages=install_packages,
+            mount_options=mount_options,
+        )
+        """What the manager's parts, servers and volumes share (they never hold the manager)."""
+        self.fleet = Fleet(self.context)  # the account, set up when a launch first needs it
+        self.context.fleet = self.fleet
         self._open = False
 
     def __repr__(self) -> str:
@@ -185,9 +208,9 @@ class Manager:
             raise
         return self
 
-    async def _ensure_account(self) -> None:
-        """Make sure of our key pair and security group (again after another removed them)."""
-        await self.account.ensure()
+    def _make_server(self, instance: Resource, keyfile: Path | None, username: str) -> Server:
+        """The handle of an EC2 instance: this manager's ``server_class``."""
+        return self.server_class(self, instance, keyfile=keyfile, username=username)
 
     @property
     def key_pair(self) -> keys.KeyPair:
@@ -207,7 +230,7 @@ class Manager:
         """
         if self._open:
             try:
-                await closing.close(self, raise_errors=raise_errors)
+                await closing.close(self.fleet, self.on_exit, raise_errors=raise_errors)
             finally:
                 self._open = False
 
@@ -219,9 +242,7 @@ class Manager:
         """The EC2 key pairs whose private keys this manager holds (its dot directory's):
         only servers launched with one, and volumes and snapshots whose owner tag names
         one, are adopted."""
-        names = set(keys.keyfiles(self.dotdir, self.region))
-        pair = self.account.key_pair  # a key made with reuse_key=False, once there is one
-        return names | ({pair.name} if pair else set())
+        return self.context.known_key_names()
 
     @property
     def keyfile(self) -> Path:
@@ -230,27 +251,27 @@ class Manager:
 
     def servers(self) -> list[Server]:
         """Every server this manager knows (made or adopted)."""
-        return self.registry.servers()
+        return cast(list[Server], self.registry.servers())
 
     def volumes(self) -> list[Volume]:
         """Every volume this manager knows (made or adopted)."""
-        return self.registry.volumes()
+        return cast(list[Volume], self.registry.volumes())
 
     def find_server_by_instance(self, instance_id: str) -> Server:
         """The managed server with this instance id (UnknownServer otherwise)."""
-        return self.registry.find_server_by_instance(instance_id)
+        return cast(Server, self.registry.find_server_by_instance(instance_id))
 
     def find_server_by_name(self, name: str) -> Server | None:
         """The managed server of that name, or None."""
-        return self.registry.find_server_by_name(name)
+        return cast(Server | None, self.registry.find_server_by_name(name))
 
     def find_volume_by_volid(self, volume_id: str) -> Volume:
         """The managed volume with this id (UnknownVolume otherwise)."""
-        return self.registry.find_volume_by_volid(volume_id)
+        return cast(Volume, self.registry.find_volume_by_volid(volume_id))
 
     def find_volume_by_name(self, name: str) -> Volume | None:
         """The managed volume of that name, or None."""
-        return self.registry.find_volume_by_name(name)
+        return cast(Volume | None, self.registry.find_volume_by_name(name))
 
     def new_server_name(self) -> str:
         """A fresh name: ``server-xxxxxxxx``."""
@@ -285,7 +306,7 @@ class Manager:
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
-        return await self.fleet.provision_one(name, opts, timeout or self.timeouts.server)
+        return _one(await self.fleet.provision_one(name, opts, timeout or self.timeouts.server))
 
     async def provision_servers(
         self,
@@ -310,7 +331,7 @@ class Manager:
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
-        return await self.fleet.provision_many(names, opts, timeout or self.timeouts.server)
+        return _all(await self.fleet.provision_many(names, opts, timeout or self.timeouts.server))
 
     async def get_server(
         self,
@@ -327,33 +348,35 @@ class Manager:
         self._require_open()
         options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
-        return await self.fleet.get(name, options, timeout or self.timeouts.server)
+        return _one(await self.fleet.get(name, options, timeout or self.timeouts.server))
 
     async def get_server_in_zone(self, zone: str) -> Server:
         """A server up in this zone: a running one, else a started one, else a new one."""
         self._require_open()
-        return await self.fleet.server_in_zone(zone)
+        return _one(await self.fleet.server_in_zone(zone))
 
     async def wait_for_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Wait until every server is up; FleetError names those that are not."""
-        return await self.fleet.wait_all(list(servers), timeout or self.timeouts.server)
+        return _all(await self.fleet.wait_all(list(servers), timeout or self.timeouts.server))
 
     async def start_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Start every managed server at once (one StartInstances call) and wait until up."""
         self._require_open()
-        return await self.fleet.start(self.servers(), timeout=timeout or self.timeouts.server)
+        return _all(await self.fleet.start(self.servers(), timeout=timeout or self.timeouts.server))
 
     async def stop_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Stop every managed server at once and wait until they are stopped."""
         self._require_open()
-        return await self.fleet.stop(self.servers(), timeout=timeout or self.timeouts.stop)
+        return _all(await self.fleet.stop(self.servers(), timeout=timeout or self.timeouts.stop))
 
     async def terminate_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Terminate every managed server at once, wait, and unregister them."""
         self._require_open()
-        return await self.fleet.terminate(self.servers(), timeout=timeout or self.timeouts.stop)
+        return _all(
+            await self.fleet.terminate(self.servers(), timeout=timeout or self.timeouts.stop)
+        )
 
     async def force_terminate_all_servers(self) -> None:
         """Terminate every managed server at once without waiting (emergency brake)."""
@@ -364,19 +387,21 @@ class Manager:
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Start these servers at once and wait until they are up."""
-        return await self.fleet.start(list(servers), timeout=timeout or self.timeouts.server)
+        return _all(await self.fleet.start(list(servers), timeout=timeout or self.timeouts.server))
 
     async def stop_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Stop these servers at once and wait until they are stopped."""
-        return await self.fleet.stop(list(servers), timeout=timeout or self.timeouts.stop)
+        return _all(await self.fleet.stop(list(servers), timeout=timeout or self.timeouts.stop))
 
     async def terminate_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Terminate these servers at once, wait, and unregister them."""
-        return await self.fleet.terminate(list(servers), timeout=timeout or self.timeouts.stop)
+        return _all(
+            await self.fleet.terminate(list(servers), timeout=timeout or self.timeouts.stop)
+        )
 
     async def snapshots(self, name: str | None = None) -> list[Resource]:
         """Our staging snapshots (of volumes named ``name``), newest first, failed ones left out.
@@ -386,8 +411,7 @@ class Manager:
 
         Each is EC2's description (``SnapshotId``, ``VolumeSize``, ``StartTime``, ``Tags`` ...).
         """
-        found = await self.images.snapshots(name)  # another party's are never restored from
-        return ours("snapshot", found, keys=self.known_key_names(), fstypes=FSTYPES, level=DEBUG)
+        return await our_snapshots(self.context, name)
 
     async def provision_volume(
         self,
@@ -414,7 +438,7 @@ class Manager:
         where = mtpt or mount
         where = check_mount_point(where) if where else None
         if existing := await self.fleet.reuse_volume(name, volume_id, reuse=reuse, mtpt=where):
-            return existing
+            return cast(Volume, existing)  # made by this manager's volume_class
         zone = await self.fleet.zone_for_volume(volume_id, availability_zone)
         server = await self.get_server_in_zone(zone)
         return await server.provision_volume(
@@ -511,6 +535,16 @@ class Manager:
         Both must be attached and not mounted (``unmount=True`` unmounts them first).
         """
         return await transfer.dd(self, source, dest, **options)
+
+
+def _one(server: ServerRef) -> Server:
+    """A server of the fleet as what it is: made by this manager's ``server_class``."""
+    return cast(Server, server)
+
+
+def _all(servers: list[ServerRef]) -> list[Server]:
+    """The servers of the fleet as what they are (see :func:`_one`)."""
+    return cast(list[Server], servers)
 
 
 def _options(

@@ -128,6 +128,14 @@ def load(path: str) -> Any:
 
 
 TWINS: dict[type[Any], str] = {load(t.async_path): t.name for t in TARGETS}
+PROTOCOL_TWINS = {
+    "asyncstage.context:ManagerRef": "Manager",
+    "asyncstage.refs:ServerRef": "Server",
+    "asyncstage.refs:VolumeRef": "Volume",
+}
+"""Protocols by which a handle names another (imports flow one way); at run time it is
+always the handle itself, so its twin is the handle's."""
+TWINS |= {load(path): name for path, name in PROTOCOL_TWINS.items()}
 
 
 # -- names: what a name in an async module refers to --------------------------------------
