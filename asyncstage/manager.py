@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, Unpack, cast
 
@@ -25,7 +26,7 @@ from asyncstage.account import Account
 from asyncstage.capacity import LaunchChoices, LaunchOptions, check_choices
 from asyncstage.context import Context
 from asyncstage.disks import our_snapshots
-from asyncstage.ec2 import EC2, Resource, RetryMode
+from asyncstage.ec2 import EC2, Resource
 from asyncstage.errors import (
     AsyncstageError,
 )
@@ -36,10 +37,20 @@ from asyncstage.paths import PathLike
 from asyncstage.refs import ServerRef
 from asyncstage.registry import Registry
 from asyncstage.server import Server
-from asyncstage.settings import OnExit, check_on_exit, local_credentials
+from asyncstage.settings import (
+    Access,
+    Connection,
+    Launch,
+    ManagerKeywords,
+    OnExit,
+    Storage,
+    check_on_exit,
+    local_credentials,
+    settings_from,
+)
 from asyncstage.ssh import KnownHosts
 from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
-from asyncstage.timeouts import Timeouts, timeouts_from
+from asyncstage.timeouts import Timeouts
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 from asyncstage.volume import Volume
 
@@ -71,88 +82,78 @@ class Manager:
     On leaving the block (also on an exception or cancellation) the servers this
     manager started are stopped (``on_exit="stop"``), terminated (``"terminate"``,
     which also deletes the volumes it made) or left running (``"run"``).
-    Keyword arguments mirror VM::EC2::Staging::Manager's options without the dash; the
-    timings (``manager.timeouts``) come as a :class:`Timeouts` and/or one by one.
+    The settings come as objects, as httpx's ``Timeout`` and ``Limits`` do:
+    ``connection`` (:class:`~asyncstage.settings.Connection`: endpoint, credentials),
+    ``launch`` (:class:`~asyncstage.settings.Launch`: instance type, image, zone, user),
+    ``access`` (:class:`~asyncstage.settings.Access`: ssh CIDR, security group, key,
+    host key policy), ``storage`` (:class:`~asyncstage.settings.Storage`: volume reuse,
+    mount options) and ``timeouts`` (:class:`~asyncstage.timeouts.Timeouts`). Each of
+    their fields may also be given as a keyword argument (:class:`~asyncstage.settings.
+    ManagerKeywords`: ``instance_type=``, ``server_timeout=`` ..., the names of
+    VM::EC2::Staging::Manager's options without the dash), which overrides the object's.
     """
 
     def __init__(
         self,
         *,
         region: str | None = None,
-        endpoint_url: str | None = None,
-        profile: str | None = None,
-        aws_access_key_id: str | None = None,
-        aws_secret_access_key: str | None = None,
-        aws_session_token: str | None = None,
         on_exit: OnExit = "stop",
-        instance_type: str | None = None,
-        image: str | None = None,
-        image_owners: Sequence[str] | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str = "x86_64",
-        root_type: str | None = "ebs",
-        reuse_key: bool = True,
-        reuse_volumes: bool = True,
+        connection: Connection | None = None,
+        launch: Launch | None = None,
+        access: Access | None = None,
+        storage: Storage | None = None,
+        timeouts: Timeouts | None = None,
         scan: bool = True,
         dotdir: str | Path | None = None,
         verbosity: int = 1,
         server_class: type[Server] = Server,
         volume_class: type[Volume] = Volume,
-        ssh_cidr: str | Sequence[str] | None = None,
-        security_group: str = "asyncstage",
-        install_packages: bool = True,
-        retry_mode: RetryMode = "adaptive",
-        mount_options: str = "nosuid,nodev",
-        host_key_policy: HostKeyPolicy = "strict",
-        timeouts: Timeouts | None = None,
-        server_timeout: float | None = None,
-        volume_timeout: float | None = None,
-        snapshot_timeout: float | None = None,
-        exit_timeout: float | None = None,
-        console_timeout: float | None = None,
-        poll_interval: float | None = None,
-        launch_window: float | None = None,
+        **settings: Unpack[ManagerKeywords],
     ) -> None:
-        self.host_key_policy: HostKeyPolicy = check_policy(host_key_policy)
-        ec2_options: dict[str, Any] = {
-            "endpoint_url": endpoint_url,
-            "profile": profile,
-            "aws_access_key_id": aws_access_key_id,
-            "aws_secret_access_key": aws_secret_access_key,
-            "aws_session_token": aws_session_token,
-            "retry_mode": retry_mode,
-        }
-        given = {"server": server_timeout, "volume": volume_timeout, "exit": exit_timeout}
-        given |= {"snapshot": snapshot_timeout, "console": console_timeout}
-        given |= {"poll_interval": poll_interval, "launch_window": launch_window}
-        self.timeouts = timeouts_from(timeouts, **given)
+        given = settings_from(connection, launch, access, storage, timeouts, settings)
+        self.connection: Connection = given.connection
+        """How it reaches EC2 (:class:`~asyncstage.settings.Connection`)."""
+        self.launch: Launch = given.launch
+        """What new servers are launched as (:class:`~asyncstage.settings.Launch`)."""
+        self.access: Access = given.access
+        """Key pair, security group, host keys (:class:`~asyncstage.settings.Access`)."""
+        self.storage: Storage = given.storage
+        """How volumes are made and mounted (:class:`~asyncstage.settings.Storage`)."""
+        self.timeouts: Timeouts = given.timeouts
+        self.host_key_policy: HostKeyPolicy = check_policy(self.access.host_key_policy)
+        ec2_options: dict[str, Any] = asdict(self.connection)
         ec2_options["poll_interval"] = self.timeouts.poll_interval
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
-        self.endpoint_url = endpoint_url
+        self.endpoint_url: str | None = self.connection.endpoint_url
         self.on_exit: OnExit = check_on_exit(on_exit)
-        self.architecture = architecture
-        self.instance_type = instance_type or (
-            "t4g.micro" if architecture == "arm64" else "t3.micro"
+        self.architecture: str = self.launch.architecture
+        self.instance_type: str = self.launch.instance_type or (
+            "t4g.micro" if self.architecture == "arm64" else "t3.micro"
         )
-        self.availability_zone = availability_zone
+        self.availability_zone: str | None = self.launch.availability_zone
+        username = self.launch.username
         self.username = check_user(username) if username is not None else None
-        self.mount_options = mount_options
+        self.mount_options: str = self.storage.mount_options
         """The ``mount -o`` options of every volume mount (``nosuid,nodev`` by default)."""
-        self.reuse_volumes = reuse_volumes
+        self.reuse_volumes: bool = self.storage.reuse_volumes
         self.scan = scan
         self.verbosity = verbosity
         self.server_class = server_class
         self.volume_class = volume_class
-        self.install_packages = install_packages
+        self.install_packages: bool = self.storage.install_packages
         # a non-AWS endpoint (the local cloud ...) never shares the real region's key files
-        self.dotdir = keys.dotdir_for(endpoint_url, dotdir)
+        self.dotdir = keys.dotdir_for(self.endpoint_url, dotdir)
         self.known_hosts = KnownHosts(keys.known_hosts_path(self.dotdir))
         self.registry = Registry(lambda desc: self.volume_class(self, desc))
-        cidrs = [ssh_cidr] if isinstance(ssh_cidr, str) else list(ssh_cidr or [])
-        self.account = Account(self.ec2, self.dotdir, reuse_key, cidrs, security_group)
-        self.images = Images(self.ec2, image, image_owners, root_type, ec2_options)
+        cidr = self.access.ssh_cidr
+        cidrs = [cidr] if isinstance(cidr, str) else list(cidr or [])
+        group = self.access.security_group
+        self.account = Account(self.ec2, self.dotdir, self.access.reuse_key, cidrs, group)
+        launch = self.launch
+        self.images = Images(
+            self.ec2, launch.image, launch.image_owners, launch.root_type, ec2_options
+        )
         self.context = Context(
             self.ec2,
             self.registry,
@@ -165,13 +166,13 @@ class Manager:
             self._make_server,
             host_key_policy=self.host_key_policy,
             verbosity=verbosity,
-            architecture=architecture,
+            architecture=self.architecture,
             instance_type=self.instance_type,
-            availability_zone=availability_zone,
+            availability_zone=self.availability_zone,
             username=self.username,
-            reuse_volumes=reuse_volumes,
-            install_packages=install_packages,
-            mount_options=mount_options,
+            reuse_volumes=self.reuse_volumes,
+            install_packages=self.install_packages,
+            mount_options=self.mount_options,
         )
         """What the manager's parts, servers and volumes share (they never hold the manager)."""
         self.fleet = Fleet(self.context)  # the account, set up when a launch first needs it
