@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol, TypeVar
 
 from asyncstage.ec2 import Resource
 from asyncstage.errors import NameTaken, UnknownServer, UnknownVolume
@@ -73,17 +74,11 @@ class Registry:
 
     def find_server_by_instance(self, instance_id: str) -> ServerRef:
         """The server with this instance id (UnknownServer otherwise)."""
-        found = self._servers.get(str(instance_id))
-        if found is None:
-            raise UnknownServer(f"no managed server {instance_id}")
-        return found
+        return _by_id(self._servers, instance_id, UnknownServer(f"no managed server {instance_id}"))
 
     def find_server_by_name(self, name: str) -> ServerRef | None:
         """The server of that name, or None."""
-        for server in self._servers.values():
-            if server.name == name:
-                return server
-        return None
+        return _named(self._servers.values(), name)
 
     def mark_started(self, servers: Iterable[ServerRef]) -> None:
         """These servers were launched or started here: ``on_exit`` applies to them."""
@@ -170,17 +165,11 @@ class Registry:
 
     def find_volume_by_volid(self, volume_id: str) -> VolumeRef:
         """The volume with this id (UnknownVolume otherwise)."""
-        found = self._volumes.get(str(volume_id))
-        if found is None:
-            raise UnknownVolume(f"no managed volume {volume_id}")
-        return found
+        return _by_id(self._volumes, volume_id, UnknownVolume(f"no managed volume {volume_id}"))
 
     def find_volume_by_name(self, name: str) -> VolumeRef | None:
         """The volume of that name, or None."""
-        for volume in self._volumes.values():
-            if volume.name == name:
-                return volume
-        return None
+        return _named(self._volumes.values(), name)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -197,3 +186,24 @@ class Registry:
         command reconnects) and the retired ones (forgotten)."""
         retired, self._retired_hosts = self._retired_hosts, []
         return [*self._hosts.values(), *retired]
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_Named)
+
+
+def _named(known: Iterable[_T], name: str) -> _T | None:
+    """The first of ``known`` with that name, or None."""
+    return next((item for item in known if item.name == name), None)
+
+
+def _by_id(known: Mapping[str, _T], key: str, missing: Exception) -> _T:
+    """``known[key]``; ``missing`` raised when there is none."""
+    found = known.get(str(key))
+    if found is None:
+        raise missing
+    return found
