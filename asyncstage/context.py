@@ -20,6 +20,7 @@ from asyncstage.ec2 import EC2, Resource
 from asyncstage.images import Images
 from asyncstage.refs import FleetRef, LookupRef, ServerRef
 from asyncstage.registry import Registry
+from asyncstage.settings import Launch, Storage
 from asyncstage.ssh import KnownHosts
 from asyncstage.ssh.known_hosts import HostKeyPolicy
 from asyncstage.timeouts import Timeouts
@@ -43,15 +44,10 @@ class Context:
     region: str
     dotdir: Path
     make_server: ServerFactory
+    launch: Launch
+    storage: Storage
     host_key_policy: HostKeyPolicy = "strict"
     verbosity: int = 1
-    architecture: str = "x86_64"
-    instance_type: str = "t3.micro"
-    availability_zone: str | None = None
-    username: str | None = None
-    reuse_volumes: bool = True
-    install_packages: bool = True
-    mount_options: str = "nosuid,nodev"
     fleet: FleetRef = field(init=False)
     """The manager's fleet (set by the Manager once it is made: the fleet takes this
     context)."""

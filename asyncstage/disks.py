@@ -212,7 +212,7 @@ class Disks:
         program = f"mkfs.{fstype}"
         if await self._has_program(program):
             return
-        if self.ctx.install_packages and await self._has_program("apt-get"):
+        if self.ctx.storage.install_packages and await self._has_program("apt-get"):
             await self.server.run(
                 "env",
                 "DEBIAN_FRONTEND=noninteractive",
@@ -284,7 +284,7 @@ class Disks:
         name = check_name(name, "volume") if name is not None else m.registry.new_volume_name()
         where = mtpt or mount
         where = check_mount_point(where) if where else None
-        reuse = m.reuse_volumes if reuse is None else reuse
+        reuse = m.storage.reuse_volumes if reuse is None else reuse
         if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
             raise BadFstype(f"label {label!r} too long for {fstype}")
         if volume_id is None:
@@ -494,7 +494,7 @@ class Disks:
         if any(mp == where for _, mp, _ in await self._mounts()):
             raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
         await self.server.run("mkdir", "-p", where, sudo=True)
-        options = [self.ctx.mount_options]
+        options = [self.ctx.storage.mount_options]
         if volume.fstype == "vfat":
             ids = (
                 (await self.server.scmd("id", "-u")).strip(),

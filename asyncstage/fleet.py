@@ -125,7 +125,7 @@ class Fleet:
         """The zone a volume is provisioned in: the one asked for, the manager's, the
         existing volume's, a running server's, else the region's first."""
         m = self.ctx
-        zone = zone or m.availability_zone
+        zone = zone or m.launch.availability_zone
         if zone is None and volume_id is not None:
             found = await m.ec2.describe_volumes([volume_id])
             if not found:
@@ -173,7 +173,7 @@ class Fleet:
         else:
             known = keys.keyfiles(m.dotdir, m.region)
             keyfile = known.get(str(instance.get("KeyName", "")))
-        username = tags_of(instance).get(tag("user")) or m.username or "ubuntu"
+        username = tags_of(instance).get(tag("user")) or m.launch.username or "ubuntu"
         return m.registry.add_server(m.make_server(instance, keyfile, username))
 
     async def adopt_region(self) -> None:
@@ -210,12 +210,12 @@ class Fleet:
     async def spec(self, options: LaunchOptions) -> LaunchSpec:
         """The launch spec of these options, the manager's defaults filled in."""
         m = self.ctx
-        desc = await m.images.find(options.image, options.architecture or m.architecture)
+        desc = await m.images.find(options.image, options.architecture or m.launch.architecture)
         return LaunchSpec(
             image_id=str(desc["ImageId"]),
-            instance_type=options.instance_type or m.instance_type,
-            availability_zone=options.availability_zone or m.availability_zone,
-            username=options.username or m.username or user_for_image(desc),
+            instance_type=options.instance_type or m.launch.effective_instance_type,
+            availability_zone=options.availability_zone or m.launch.availability_zone,
+            username=options.username or m.launch.username or user_for_image(desc),
         )
 
     async def launch(

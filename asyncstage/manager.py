@@ -128,9 +128,7 @@ class Manager:
         self.endpoint_url: str | None = self.connection.endpoint_url
         self.on_exit: OnExit = check_on_exit(on_exit)
         self.architecture: str = self.launch.architecture
-        self.instance_type: str = self.launch.instance_type or (
-            "t4g.micro" if self.architecture == "arm64" else "t3.micro"
-        )
+        self.instance_type: str = self.launch.effective_instance_type
         self.availability_zone: str | None = self.launch.availability_zone
         username = self.launch.username
         self.username = check_user(username) if username is not None else None
@@ -164,15 +162,10 @@ class Manager:
             self.region,
             self.dotdir,
             self._make_server,
-            host_key_policy=self.host_key_policy,
-            verbosity=verbosity,
-            architecture=self.architecture,
-            instance_type=self.instance_type,
-            availability_zone=self.availability_zone,
-            username=self.username,
-            reuse_volumes=self.reuse_volumes,
-            install_packages=self.install_packages,
-            mount_options=self.mount_options,
+            self.launch,
+            self.storage,
+            self.host_key_policy,
+            verbosity,
         )
         """What the manager's parts, servers and volumes share (they never hold the manager)."""
         self.fleet = Fleet(self.context)  # the account, set up when a launch first needs it

@@ -96,6 +96,12 @@ class Launch:
     username: str | None = None
     """The login user; None: the one the image's name implies."""
 
+    @property
+    def effective_instance_type(self) -> str:
+        """``instance_type``, else ``t3.micro`` (``t4g.micro`` for ``arm64``)."""
+        default = "t4g.micro" if self.architecture == "arm64" else "t3.micro"
+        return self.instance_type or default
+
 
 @dataclass(frozen=True)
 class Access:

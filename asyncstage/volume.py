@@ -149,7 +149,7 @@ class Volume:
         """An /etc/fstab line that mounts the volume where it is mounted now."""
         if self.mtdev is None or self.mtpt is None:
             raise VolumeNotMounted(f"volume {self.name} has no device or mount point")
-        options = ",".join(o for o in (self._ctx.mount_options, "nofail") if o)
+        options = ",".join(o for o in (self._ctx.storage.mount_options, "nofail") if o)
         return f"{self.mtdev}\t{self.mtpt}\t{self.fstype or 'auto'}\t{options}\t0\t2"
 
     def _need_server(self) -> ServerRef:

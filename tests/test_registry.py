@@ -11,6 +11,7 @@ from asyncstage.ec2 import Resource
 from asyncstage.errors import NameTaken, UnknownServer, UnknownVolume
 from asyncstage.registry import Registry
 from asyncstage.server import Server
+from asyncstage.settings import Storage
 from asyncstage.volume import Volume
 
 
@@ -19,7 +20,7 @@ class Owner:
 
     def __init__(self) -> None:
         self.registry = Registry(lambda desc: Volume(self, desc))  # type: ignore[arg-type]
-        self.context = SimpleNamespace(registry=self.registry, mount_options="nosuid,nodev")
+        self.context = SimpleNamespace(registry=self.registry, storage=Storage())
 
 
 def _instance(iid: str, name: str, state: str = "running") -> Resource:

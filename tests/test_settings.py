@@ -104,11 +104,7 @@ def test_the_old_keywords_reach_the_manager_and_its_parts(tmp_path: Path) -> Non
     assert m.account.ssh_cidrs == ["10.0.0.0/8"] and m.account.security_group == "elsewhere"
     assert m.ec2.endpoint_url == "http://127.0.0.1:9"
     ctx = m.context
-    assert (ctx.instance_type, ctx.architecture, ctx.mount_options) == (
-        "t3.large",
-        "arm64",
-        "noatime",
-    )
+    assert ctx.launch is m.launch and ctx.storage is m.storage
     assert ctx.timeouts is m.timeouts and ctx.host_key_policy == "accept-new"
 
 
@@ -129,6 +125,7 @@ def test_without_settings_the_defaults(tmp_path: Path) -> None:
     m = _manager(tmp_path)
     assert _settings(m) == (Connection(), Launch(), Access(), Storage(), Timeouts())
     assert m.instance_type == "t3.micro" and m.mount_options == "nosuid,nodev"
+    assert _manager(tmp_path, architecture="arm64").instance_type == "t4g.micro"
 
 
 def test_an_unknown_keyword_is_refused(tmp_path: Path) -> None:
