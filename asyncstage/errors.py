@@ -472,8 +472,8 @@ here still import (without loading the local cloud until one is asked for)."""
 
 def __getattr__(name: str) -> type[Exception]:
     if name in _MOVED:
-        from asyncstage.localcloud import errors
+        import asyncstage.localcloud.errors as moved
 
-        found: type[Exception] = getattr(errors, name)
+        found: type[Exception] = getattr(moved, name)
         return found
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

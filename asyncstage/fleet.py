@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["Fleet"]
 
 log = logging.getLogger("asyncstage")
+
+_Errors: TypeAlias = "dict[ServerRef, Exception]"
+"""What failed, by server."""
 
 
 @dataclass
@@ -67,12 +70,10 @@ def one_result(errors: dict[ServerRef, Exception]) -> None:
 
 
 class Fleet:
-    """The servers of one Manager as a fleet: one EC2 call for many servers.
-
-    Reads the manager's settings and registry from its :class:`~asyncstage.context.Context`;
-    its account set-up makes sure of the key pair and security group at each launch
-    (another manager may have removed them).
-    """
+    """The servers of one Manager as a fleet: one EC2 call for many servers. Its
+    :class:`~asyncstage.context.Context` gives the settings, the registry and the account
+    set-up (the key pair and group are made sure of at each launch: another manager may
+    have removed them)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -363,9 +364,7 @@ class Fleet:
         """Wait until every server is up; a FleetError otherwise."""
         return fleet_result("come up", servers, await self._wait_up(servers, timeout))
 
-    async def _wait_up(
-        self, servers: Sequence[ServerRef], timeout: float
-    ) -> dict[ServerRef, Exception]:
+    async def _wait_up(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         """Wait until running (one describe per round), then until ssh answers (at once)."""
         m = self.ctx
         deadline = anyio.current_time() + timeout
@@ -410,9 +409,7 @@ class Fleet:
         """:meth:`start` for one server, raising its own error."""
         one_result(await self._start([server], timeout))
 
-    async def _start(
-        self, servers: Sequence[ServerRef], timeout: float
-    ) -> dict[ServerRef, Exception]:
+    async def _start(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         if not servers:
             return {}
         m = self.ctx
@@ -457,9 +454,7 @@ class Fleet:
         """:meth:`stop` for one server, raising its own error."""
         one_result(await self._stop([server], timeout))
 
-    async def _stop(
-        self, servers: Sequence[ServerRef], timeout: float
-    ) -> dict[ServerRef, Exception]:
+    async def _stop(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         if not servers:
             return {}
         m = self.ctx
@@ -497,9 +492,7 @@ class Fleet:
             await self._terminate_call(servers)
             self._forget(servers)
 
-    async def _terminate(
-        self, servers: Sequence[ServerRef], timeout: float
-    ) -> dict[ServerRef, Exception]:
+    async def _terminate(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         if not servers:
             return {}
         ids = await self._terminate_call(servers)

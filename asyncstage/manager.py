@@ -161,7 +161,7 @@ class Manager:
             self.images,
             self.region,
             self.dotdir,
-            self._make_server,
+            lambda desc, key, user: self.server_class(self, desc, keyfile=key, username=user),
             self.launch,
             self.storage,
             self.host_key_policy,
@@ -201,10 +201,6 @@ class Manager:
             self._open = False
             raise
         return self
-
-    def _make_server(self, instance: Resource, keyfile: Path | None, username: str) -> Server:
-        """The handle of an EC2 instance: this manager's ``server_class``."""
-        return self.server_class(self, instance, keyfile=keyfile, username=username)
 
     @property
     def key_pair(self) -> keys.KeyPair:
