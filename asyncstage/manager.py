@@ -558,7 +558,10 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
     """A Manager for an embedded local cloud (its endpoint, region, image and user).
 
     ``options`` are Manager options; they override the local cloud's defaults. A
-    ``region`` other than the cloud's own gets that region's id of the image.
+    ``region`` other than the cloud's own gets that region's id of the image. The cloud's
+    endpoint, credentials, image and user are given as keywords, so they win over the same
+    fields of a settings object passed (the endpoint above all: it keeps the manager on
+    this cloud); pass ``image=`` ... to change them.
     """
     session = cloud.session_kwargs()
     region = str(options.get("region") or cloud.region)

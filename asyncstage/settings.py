@@ -196,14 +196,18 @@ def settings_from(
     keywords: Mapping[str, Any],
 ) -> Settings:
     """The settings objects given (their defaults where None) with the ``keywords``
-    (:class:`ManagerKeywords`) put in; TypeError names a keyword that is none of them."""
+    (:class:`ManagerKeywords`) put in; TypeError names a keyword that is none of them.
+
+    A keyword given as None where None is the field's default leaves the object's field
+    as it is (None says "not given", as it did for the timings)."""
     unknown = set(keywords) - set(ManagerKeywords.__annotations__)
     if unknown:
         raise TypeError(f"Manager() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
 
     def put(obj: _S) -> _S:
-        names = {f.name for f in fields(obj)}
-        return replace(obj, **{k: v for k, v in keywords.items() if k in names})
+        unset = {f.name: f.default is None for f in fields(obj)}
+        given = {k: v for k, v in keywords.items() if k in unset}
+        return replace(obj, **{k: v for k, v in given.items() if v is not None or not unset[k]})
 
     timings = {TIMING_KEYWORDS[k]: v for k, v in keywords.items() if k in TIMING_KEYWORDS}
     return Settings(

@@ -119,6 +119,9 @@ def test_a_keyword_overrides_its_field_of_the_object(tmp_path: Path) -> None:
     assert m.launch == Launch(instance_type="t3.large", image="ami-87654321")
     assert m.timeouts == Timeouts(server=5.0, volume=40.0)
     assert m.instance_type == "t3.large"
+    # None where None is the default says "not given"; elsewhere it is a value
+    kept = _manager(tmp_path, launch=Launch(image="ami-87654321"), image=None, root_type=None)
+    assert kept.launch == Launch(image="ami-87654321", root_type=None)
 
 
 def test_without_settings_the_defaults(tmp_path: Path) -> None:
