@@ -11,7 +11,8 @@ SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs b
                    dosfstools util-linux mount zstd procps iproute2 kmod
 PYTEST_ARGS ?=
 # The suite runs in parallel workers, each with a local cloud of its own; whole modules go
-# to one worker (--dist loadscope), so a module's servers are made once.
+# to one worker (--dist loadscope), so a module's servers are made once, the longest modules
+# first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
 PYTEST_WORKERS ?= 3
 
 .PHONY: all deps venv test test-unit demo bench bench-deps bench-quick lint docs wheel-check clean
@@ -37,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The unit layer: no root, no sshd, no local cloud (markers set by tests/conftest.py),
 # so no system packages either.

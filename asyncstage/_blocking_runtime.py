@@ -70,6 +70,7 @@ NOT_TWINNED: dict[str, dict[str, str]] = {
         "fleet": "the async manager's internal part; use the Manager's methods",
         "account": "the async manager's internal part; use the Manager's methods",
         "images": "the async manager's internal part; use the Manager's methods",
+        "context": "what the async manager's parts share; use the Manager's methods",
     },
     "Server": {
         "ec2": "the async EC2 client; use the Server's methods",

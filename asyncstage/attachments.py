@@ -19,8 +19,8 @@ from asyncstage.devices import device_names, is_nitro, nvme_link, slot_of, volum
 from asyncstage.errors import AsyncstageError, EC2Error, VolumeError, VolumeInUse, WaitTimeout
 
 if TYPE_CHECKING:
-    from asyncstage.server import Server
-    from asyncstage.volume import Volume
+    from asyncstage.context import Context
+    from asyncstage.refs import ServerRef, VolumeRef
 
 __all__ = ["Attachments"]
 
@@ -35,7 +35,8 @@ _WAIT_FOR_NODE = (
 class Attachments:
     """The attachments of one server's volumes (see the module's docstring)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, ctx: Context, server: ServerRef) -> None:
+        self.ctx = ctx
         self.server = server
         self._name_lock = anyio.Lock()  # two attachments never pick one name
         self._reserved = 0  # attachments on their way: a slot taken, no device name yet
@@ -95,7 +96,7 @@ class Attachments:
     async def _take_slot(self) -> None:
         """Wait while the server has as many volumes as its type takes (their turn comes
         as others detach); VolumeError when none is freed within ``timeouts.volume``."""
-        bound = self.server.manager.timeouts.volume
+        bound = self.ctx.timeouts.volume
         while True:
             slots = self.volume_slots()
             if len(self._names_in_use()) + self._reserved < slots:
@@ -121,9 +122,9 @@ class Attachments:
         self._slot_freed.set()
         self._slot_freed = anyio.Event()
 
-    async def attach(self, volume: Volume) -> None:
+    async def attach(self, volume: VolumeRef) -> None:
         """Attach an available volume here (once a slot is free) and find its device."""
-        m = self.server.manager
+        m = self.ctx
         await self._take_slot()
         try:
             async with self._name_lock:
@@ -167,14 +168,14 @@ class Attachments:
             last_state="no device",
         )
 
-    async def detach(self, volume: Volume) -> None:
+    async def detach(self, volume: VolumeRef) -> None:
         """Detach a volume (unmounted by the caller), waiting until EC2 says it is.
 
         A detach that stays ``busy`` (the volume is still mounted elsewhere on the server)
         past ``timeouts.volume``, or is refused, raises VolumeInUse naming where it is
         mounted.
         """
-        m = self.server.manager
+        m = self.ctx
         try:
             await self._detach_call(volume)
             desc = await m.ec2.wait_for_volume(
@@ -199,24 +200,24 @@ class Attachments:
         volume._record_detach()
         self.free_slot(volume.volume_id)
 
-    async def _detach_call(self, volume: Volume) -> None:
+    async def _detach_call(self, volume: VolumeRef) -> None:
         """DetachVolume; one EC2 finished meanwhile (a busy detach that was unmounted
         since, a forced one) is done, not an error."""
         try:
-            await self.server.manager.ec2.detach_volume(volume.volume_id)
+            await self.ctx.ec2.detach_volume(volume.volume_id)
         except EC2Error as e:
             if e.code != "IncorrectState":
                 raise
-            found = await self.server.manager.ec2.describe_volumes([volume.volume_id])
+            found = await self.ctx.ec2.describe_volumes([volume.volume_id])
             if not found or found[0].get("State") != "available":
                 raise
 
-    async def _busy(self, volume: Volume) -> bool:
+    async def _busy(self, volume: VolumeRef) -> bool:
         """Whether EC2 says the volume's detach is ``busy`` (mounted on the server)."""
-        found = await self.server.manager.ec2.describe_volumes([volume.volume_id])
+        found = await self.ctx.ec2.describe_volumes([volume.volume_id])
         return any(a.get("State") == "busy" for v in found for a in v.get("Attachments", []))
 
-    async def _mount_points(self, volume: Volume) -> list[str]:
+    async def _mount_points(self, volume: VolumeRef) -> list[str]:
         """Where the server has the volume's device mounted (by device numbers)."""
         mtpt = volume.mtpt or self.server.default_mtpt(volume)
         argv = mounts.probe_argv(volume.volume_id, volume.mtdev, mtpt)

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from asyncstage.localcloud._isolation import DeviceIsolation
     from asyncstage.localcloud._realism import Realism
     from asyncstage.paths import PathLike, RemotePath
-    from asyncstage.settings import OnExit
+    from asyncstage.settings import Access, Connection, Launch, OnExit, Storage
     from asyncstage.ssh import Command, CommandResult
     from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts
     from asyncstage.timeouts import Timeouts
@@ -86,12 +86,23 @@ class ManagerOptions(TypedDict, total=False):
     """The keyword arguments of :class:`asyncstage.Manager` (generated from them)."""
 
     region: str | None
+    on_exit: OnExit
+    connection: Connection | None
+    launch: Launch | None
+    access: Access | None
+    storage: Storage | None
+    timeouts: Timeouts | None
+    scan: bool
+    dotdir: str | Path | None
+    verbosity: int
+    server_class: type[_AsyncServer]
+    volume_class: type[_AsyncVolume]
     endpoint_url: str | None
     profile: str | None
     aws_access_key_id: str | None
     aws_secret_access_key: str | None
     aws_session_token: str | None
-    on_exit: OnExit
+    retry_mode: RetryMode
     instance_type: str | None
     image: str | None
     image_owners: Sequence[str] | None
@@ -99,20 +110,13 @@ class ManagerOptions(TypedDict, total=False):
     username: str | None
     architecture: str
     root_type: str | None
-    reuse_key: bool
-    reuse_volumes: bool
-    scan: bool
-    dotdir: str | Path | None
-    verbosity: int
-    server_class: type[_AsyncServer]
-    volume_class: type[_AsyncVolume]
     ssh_cidr: str | Sequence[str] | None
     security_group: str
-    install_packages: bool
-    retry_mode: RetryMode
-    mount_options: str
+    reuse_key: bool
     host_key_policy: HostKeyPolicy
-    timeouts: Timeouts | None
+    reuse_volumes: bool
+    mount_options: str
+    install_packages: bool
     server_timeout: float | None
     volume_timeout: float | None
     snapshot_timeout: float | None
@@ -126,14 +130,34 @@ class _ManagerAttributes(_ManagerLifetime):
     """The attributes and properties of :class:`Manager`."""
 
     @property
-    def host_key_policy(self) -> HostKeyPolicy:
-        """Same as :attr:`asyncstage.Manager.host_key_policy`."""
-        return self._async.host_key_policy
+    def connection(self) -> Connection:
+        """How it reaches EC2 (:class:`~asyncstage.settings.Connection`)."""
+        return self._async.connection
+
+    @property
+    def launch(self) -> Launch:
+        """What new servers are launched as (:class:`~asyncstage.settings.Launch`)."""
+        return self._async.launch
+
+    @property
+    def access(self) -> Access:
+        """Key pair, security group, host keys (:class:`~asyncstage.settings.Access`)."""
+        return self._async.access
+
+    @property
+    def storage(self) -> Storage:
+        """How volumes are made and mounted (:class:`~asyncstage.settings.Storage`)."""
+        return self._async.storage
 
     @property
     def timeouts(self) -> Timeouts:
         """Same as :attr:`asyncstage.Manager.timeouts`."""
         return self._async.timeouts
+
+    @property
+    def host_key_policy(self) -> HostKeyPolicy:
+        """Same as :attr:`asyncstage.Manager.host_key_policy`."""
+        return self._async.host_key_policy
 
     @property
     def region(self) -> str:

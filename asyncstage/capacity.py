@@ -28,20 +28,24 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, TypedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
 import anyio
 
-from asyncstage.ec2 import new_client_token, tag
+from asyncstage.ec2 import Resource, new_client_token, tag
 from asyncstage.errors import EC2Error, InsufficientCapacity, InvalidArgument
 
 if TYPE_CHECKING:
-    from asyncstage.fleet import Fleet, LaunchOptions, _Spec
-    from asyncstage.server import Server
+    from asyncstage.context import Context
+    from asyncstage.refs import ServerRef
 
 __all__ = [
     "PARTIAL",
     "LaunchChoices",
+    "LaunchOptions",
+    "LaunchSpec",
+    "Launcher",
     "Partial",
     "check_choices",
     "choices",
@@ -56,6 +60,49 @@ log = logging.getLogger("asyncstage")
 Partial = Literal["keep", "terminate"]
 """What a fleet launch that falls short of its count does with what launched."""
 PARTIAL: tuple[Partial, ...] = ("keep", "terminate")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What a caller asked of new servers (None: the manager's default).
+
+    ``zones`` and ``instance_types`` are the choices to fall back on when EC2 has no
+    capacity, tried in order; ``partial`` what a fleet that stays short does with the
+    servers that launched.
+    """
+
+    instance_type: str | None = None
+    image: str | None = None
+    availability_zone: str | None = None
+    username: str | None = None
+    architecture: str | None = None
+    zones: tuple[str, ...] = ()
+    instance_types: tuple[str, ...] = ()
+    partial: Partial = "terminate"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What one RunInstances call launches: servers with equal specs launch together."""
+
+    image_id: str
+    instance_type: str
+    availability_zone: str | None
+    username: str
+
+
+class Launcher(Protocol):
+    """What the choices here ask of the fleet that launches (:class:`~asyncstage.fleet.Fleet`)."""
+
+    @property
+    def ctx(self) -> Context: ...
+    async def spec(self, options: LaunchOptions) -> LaunchSpec: ...
+    async def launch_coalesced(self, spec: LaunchSpec, name: str) -> ServerRef: ...
+    async def launch(
+        self, spec: LaunchSpec, names: list[str], *, min_count: int | None = None
+    ) -> dict[str, ServerRef]: ...
+    async def cleanup_failed(self, servers: list[ServerRef]) -> None: ...
+    def adopt(self, instance: Resource) -> ServerRef: ...
 
 
 class LaunchChoices(TypedDict, total=False):
@@ -90,7 +137,7 @@ def check_choices(
     return tuple(zones or ()), tuple(instance_types or ())
 
 
-def choices(spec: _Spec, options: LaunchOptions) -> list[_Spec]:
+def choices(spec: LaunchSpec, options: LaunchOptions) -> list[LaunchSpec]:
     """The launch specs to try, in order: zones × instance types."""
     zones: Sequence[str | None] = options.zones or (spec.availability_zone,)
     types = options.instance_types or (spec.instance_type,)
@@ -122,7 +169,7 @@ def _exhausted(tried: list[EC2Error], wanted: int, got: int) -> EC2Error:
     return EC2Error(message, code=last.code, operation="RunInstances")
 
 
-async def launch_one(fleet: Fleet, options: LaunchOptions, name: str) -> Server:
+async def launch_one(fleet: Launcher, options: LaunchOptions, name: str) -> ServerRef:
     """One server, in the first choice with capacity (sharing concurrent equal launches)."""
     tried: list[EC2Error] = []
     for spec in choices(await fleet.spec(options), options):
@@ -137,8 +184,8 @@ async def launch_one(fleet: Fleet, options: LaunchOptions, name: str) -> Server:
 
 
 async def launch_many(
-    fleet: Fleet, options: LaunchOptions, names: list[str]
-) -> tuple[dict[str, Server], EC2Error | None]:
+    fleet: Launcher, options: LaunchOptions, names: list[str]
+) -> tuple[dict[str, ServerRef], EC2Error | None]:
     """The servers of ``names`` launched across the choices, by name, and (``partial="keep"``
     only) the error naming those that found no capacity anywhere.
 
@@ -147,7 +194,7 @@ async def launch_many(
     """
     specs = choices(await fleet.spec(options), options)
     least = 1 if len(specs) > 1 or options.partial == "keep" else None
-    launched: dict[str, Server] = {}
+    launched: dict[str, ServerRef] = {}
     tried: list[EC2Error] = []
     try:
         for spec in specs:
@@ -186,12 +233,14 @@ async def launch_many(
         raise
 
 
-async def start_where_able(fleet: Fleet, servers: Sequence[Server]) -> dict[Server, Exception]:
+async def start_where_able(
+    fleet: Launcher, servers: Sequence[ServerRef]
+) -> dict[ServerRef, Exception]:
     """StartInstances for these stopped servers (one call); those in a zone where EC2 has
     no capacity for their type get an :class:`InsufficientCapacity` naming them, and the
     others are started with one more call."""
-    ec2 = fleet.manager.ec2
-    errors: dict[Server, Exception] = {}
+    ec2 = fleet.ctx.ec2
+    errors: dict[ServerRef, Exception] = {}
     todo = list(servers)
     while todo:
         try:
@@ -205,12 +254,12 @@ async def start_where_able(fleet: Fleet, servers: Sequence[Server]) -> dict[Serv
     return errors
 
 
-def _matches(server: Server, e: InsufficientCapacity) -> bool:
+def _matches(server: ServerRef, e: InsufficientCapacity) -> bool:
     itype = str(server.instance.get("InstanceType", ""))
     return (e.zone in (None, server.availability_zone)) and (e.instance_type in (None, itype))
 
 
-def _cannot_start(server: Server, e: InsufficientCapacity) -> InsufficientCapacity:
+def _cannot_start(server: ServerRef, e: InsufficientCapacity) -> InsufficientCapacity:
     itype = str(server.instance.get("InstanceType", "")) or e.instance_type
     return InsufficientCapacity(
         f"server {server.name} ({server.instance_id}) cannot start: EC2 has no {itype} "
@@ -223,11 +272,15 @@ def _cannot_start(server: Server, e: InsufficientCapacity) -> InsufficientCapaci
 
 
 async def register_launch(
-    fleet: Fleet, spec: _Spec, names: list[str], common: dict[str, str], min_count: int | None
-) -> dict[str, Server]:
+    fleet: Launcher,
+    spec: LaunchSpec,
+    names: list[str],
+    common: dict[str, str],
+    min_count: int | None,
+) -> dict[str, ServerRef]:
     """RunInstances (with a ClientToken) and the registration of what it made: the first
     names get the instances when fewer than all launched (``min_count``)."""
-    m = fleet.manager
+    m = fleet.ctx
     token = new_client_token()
     deadline = time.monotonic() + m.account.patience
     while True:
@@ -255,7 +308,7 @@ async def register_launch(
                 raise
             m.account.forget()
             await anyio.sleep(m.ec2.poll_interval)
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerRef] = {}
     for name, inst in zip(names, instances, strict=False):
         inst["Tags"] = _named_tags(inst.get("Tags", []), name, common)
         server = fleet.adopt(inst)

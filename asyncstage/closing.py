@@ -17,27 +17,31 @@ import anyio
 from asyncstage.errors import AsyncstageError, FleetError, NotFound, UnknownVolume
 
 if TYPE_CHECKING:
-    from asyncstage.manager import Manager
-    from asyncstage.server import Server
+    from asyncstage.context import Context
+    from asyncstage.fleet import Fleet
+    from asyncstage.refs import ServerRef
+    from asyncstage.settings import OnExit
 
-__all__ = ["close", "on_exit"]
+__all__ = ["apply_on_exit", "close"]
 
 log = logging.getLogger("asyncstage")
 
 
-async def close(m: Manager, *, raise_errors: bool = True) -> None:
-    """Apply ``on_exit`` (bounded by ``timeouts.exit``), then close every ssh connection
-    and the EC2 client, all shielded from cancellation; its error last, if asked."""
+async def close(fleet: Fleet, on_exit: OnExit, *, raise_errors: bool = True) -> None:
+    """Apply ``on_exit`` to the fleet's servers (bounded by ``timeouts.exit``), then close
+    every ssh connection and the EC2 client, all shielded from cancellation; its error
+    last, if asked."""
+    m = fleet.ctx
     error: BaseException | None = None
     with anyio.CancelScope(shield=True):
         with anyio.move_on_after(m.timeouts.exit) as scope:
             try:
-                await on_exit(m)
+                await apply_on_exit(fleet, on_exit)
             except Exception as e:
-                log.warning("on_exit=%s failed: %s", m.on_exit, e)
+                log.warning("on_exit=%s failed: %s", on_exit, e)
                 error = e
         if scope.cancelled_caught:
-            log.warning("on_exit=%s gave up after %gs", m.on_exit, m.timeouts.exit)
+            log.warning("on_exit=%s gave up after %gs", on_exit, m.timeouts.exit)
         for host in m.registry.hosts_to_close():
             try:
                 await host.close()
@@ -48,25 +52,26 @@ async def close(m: Manager, *, raise_errors: bool = True) -> None:
         raise error
 
 
-async def on_exit(m: Manager) -> None:
+async def apply_on_exit(fleet: Fleet, on_exit: OnExit) -> None:
     """Apply on_exit. What somebody else deleted already is skipped (with a warning);
     the rest is done anyway, and one error at the end lists what could not be."""
+    m = fleet.ctx
     problems = await _sweep_unsettled(m)
-    if m.on_exit == "run":
-        mine: list[Server] = []
+    if on_exit == "run":
+        mine: list[ServerRef] = []
     else:
         mine = await _still_there(m, m.registry.started())
     try:
-        if m.on_exit == "stop":
+        if on_exit == "stop":
             live = [s for s in mine if s.state in ("pending", "running")]
-            await m.fleet.stop(live, timeout=m.timeouts.stop)
-        elif m.on_exit == "terminate":
-            await m.fleet.terminate(mine, timeout=m.timeouts.stop)
+            await fleet.stop(live, timeout=m.timeouts.stop)
+        elif on_exit == "terminate":
+            await fleet.terminate(mine, timeout=m.timeouts.stop)
     except FleetError as e:
         problems += list(e.exceptions)
     except AsyncstageError as e:
         problems.append(e)
-    if m.on_exit == "terminate":
+    if on_exit == "terminate":
         problems += await _delete_created(m)
         await m.account.delete_if_unused()
     if problems:
@@ -75,12 +80,12 @@ async def on_exit(m: Manager) -> None:
         raise error from ExceptionGroup("on_exit failures", problems)
 
 
-async def _still_there(m: Manager, servers: list[Server]) -> list[Server]:
+async def _still_there(m: Context, servers: list[ServerRef]) -> list[ServerRef]:
     """These servers, refreshed; those terminated (or gone) elsewhere are forgotten."""
     if not servers:
         return []
     found = await m.ec2.describe_instances_shared(s.instance_id for s in servers)
-    there: list[Server] = []
+    there: list[ServerRef] = []
     for server in servers:
         desc = found.get(server.instance_id)
         state = desc.get("State", {}).get("Name") if desc else "gone"
@@ -94,7 +99,7 @@ async def _still_there(m: Manager, servers: list[Server]) -> list[Server]:
     return there
 
 
-async def _delete_created(m: Manager) -> list[Exception]:
+async def _delete_created(m: Context) -> list[Exception]:
     """Delete the volumes this manager made; those already deleted elsewhere are skipped."""
     volumes = m.registry.created_volumes()
     if not volumes:
@@ -120,7 +125,7 @@ async def _delete_created(m: Manager) -> list[Exception]:
     return failures
 
 
-async def _sweep_unsettled(m: Manager) -> list[Exception]:
+async def _sweep_unsettled(m: Context) -> list[Exception]:
     """Remove what create calls whose outcome never came back (a timeout, a cancellation)
     made: found by their ClientToken's tag, never registered, so nobody else would."""
     failures: list[Exception] = []

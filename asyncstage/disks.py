@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from logging import DEBUG
 from typing import TYPE_CHECKING
 
 import anyio
 
 from asyncstage import mounts
-from asyncstage.adoption import creation_tags, owner_tags
+from asyncstage.adoption import creation_tags, ours, owner_tags
 from asyncstage.attachments import Attachments
 from asyncstage.ec2 import new_client_token, tag, tags_of
 from asyncstage.errors import (
@@ -32,11 +33,11 @@ from asyncstage.errors import (
 from asyncstage.names import check_mount_point, check_name, is_valid_mount_point
 
 if TYPE_CHECKING:
-    from asyncstage.manager import Manager
-    from asyncstage.server import Server
-    from asyncstage.volume import Volume
+    from asyncstage.context import Context
+    from asyncstage.ec2 import Resource
+    from asyncstage.refs import ServerRef, VolumeRef
 
-__all__ = ["FSTYPES", "Disks", "mkfs_argv"]
+__all__ = ["FSTYPES", "Disks", "mkfs_argv", "our_snapshots"]
 
 log = logging.getLogger("asyncstage")
 
@@ -88,9 +89,9 @@ class _NewVolume:
     grow_from: int | None  # the snapshot's smaller size: grow the filesystem
 
 
-async def _discard_volume(manager: Manager, volume: Volume) -> None:
+async def _discard_volume(ctx: Context, volume: VolumeRef) -> None:
     """Best effort: detach and delete a volume whose provisioning failed (or was cancelled)."""
-    m = manager
+    m = ctx
     try:
         server = volume.server
         if server is not None and volume.mtdev is not None and server.state == "running":
@@ -125,7 +126,7 @@ def _check_fstype(fstype: str | None) -> str | None:
     return fstype
 
 
-async def _check_blank(server: Server, volume: Volume) -> None:
+async def _check_blank(server: ServerRef, volume: VolumeRef) -> None:
     """VolumeInUse unless the device about to be formatted is this volume, mounted
     nowhere, not swap, and blank (a volume this call created empty has no signature)."""
     assert volume.mtdev
@@ -136,7 +137,7 @@ async def _check_blank(server: Server, volume: Volume) -> None:
         raise VolumeInUse(f"refusing to format {volume.mtdev} on {server.name}: {why}")
 
 
-async def _real_mount_point(server: Server, where: str) -> str:
+async def _real_mount_point(server: ServerRef, where: str) -> str:
     """``where`` with its symlinks resolved on the server, checked again: a symlink
     that leads into a system directory is refused (MountPointRefused)."""
     real = (await server.scmd(*mounts.realpath_argv(where), sudo=True)).strip()
@@ -148,7 +149,7 @@ async def _real_mount_point(server: Server, where: str) -> str:
         ) from e
 
 
-async def _probe_mounts(server: Server, volume: Volume, mtdev: str) -> None:
+async def _probe_mounts(server: ServerRef, volume: VolumeRef, mtdev: str) -> None:
     """Record where an adopted volume is mounted, as its server says (device numbers)."""
     mtpt = volume.mtpt or server.default_mtpt(volume)
     argv = mounts.probe_argv(volume.volume_id, mtdev, mtpt)
@@ -162,6 +163,14 @@ async def _probe_mounts(server: Server, volume: Volume, mtdev: str) -> None:
         volume._record_unmount()
 
 
+async def our_snapshots(ctx: Context, name: str | None = None) -> list[Resource]:
+    """Our staging snapshots (of volumes named ``name``), newest first, failed ones left
+    out: only those our keys own (their ``asyncstage:owner`` tag), with tags that pass the
+    naming rules; nothing else is ever restored from."""
+    found = await ctx.images.snapshots(name)
+    return ours("snapshot", found, keys=ctx.known_key_names(), fstypes=FSTYPES, level=DEBUG)
+
+
 class Disks:
     """The volume work of one server: device names, filesystems, attach, mount, provision.
 
@@ -169,9 +178,10 @@ class Disks:
     names, slots, attach and detach) and the filesystems its kernel can mount.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, ctx: Context, server: ServerRef) -> None:
+        self.ctx = ctx
         self.server = server
-        self.attachments = Attachments(server)
+        self.attachments = Attachments(ctx, server)
         self._kernel_fs: set[str] = set()
 
     async def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
@@ -202,7 +212,7 @@ class Disks:
         program = f"mkfs.{fstype}"
         if await self._has_program(program):
             return
-        if self.server.manager.install_packages and await self._has_program("apt-get"):
+        if self.ctx.storage.install_packages and await self._has_program("apt-get"):
             await self.server.run(
                 "env",
                 "DEBIAN_FRONTEND=noninteractive",
@@ -221,7 +231,7 @@ class Disks:
             f"server {self.server.name} cannot make {fstype} filesystems ({program} missing)"
         )
 
-    async def _grow_unmounted(self, volume: Volume) -> None:
+    async def _grow_unmounted(self, volume: VolumeRef) -> None:
         """Grow an ext2/3/4 filesystem to fill its device, offline (checked first)."""
         assert volume.mtdev
         check = await self.server.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True, check=False)
@@ -229,7 +239,7 @@ class Disks:
             await self.server.run("e2fsck", "-f", "-p", volume.mtdev, sudo=True)
         await self.server.run("resize2fs", volume.mtdev, sudo=True, timeout=600)
 
-    async def _grow(self, volume: Volume) -> None:
+    async def _grow(self, volume: VolumeRef) -> None:
         """Grow a mounted xfs or btrfs filesystem to fill its device."""
         assert volume.mtdev and volume.mtpt
         if volume.fstype == "xfs":
@@ -261,24 +271,24 @@ class Disks:
         label: str | None = None,
         uuid: str | None = None,
         availability_zone: str | None = None,
-    ) -> Volume:
+    ) -> VolumeRef:
         """Make (or reuse) a volume, attach it here, format it and mount it: see
         :meth:`Server.provision_volume <asyncstage.server.Server.provision_volume>`."""
-        server, m = self.server, self.server.manager
+        server, m = self.server, self.ctx
         size = _check_size(size)
         fstype = _check_fstype(fstype)
         if availability_zone and availability_zone != server.availability_zone:
             raise ZoneMismatch(
                 f"server {server.name} is in {server.availability_zone}, not {availability_zone}"
             )
-        name = check_name(name, "volume") if name is not None else m.new_volume_name()
+        name = check_name(name, "volume") if name is not None else m.registry.new_volume_name()
         where = mtpt or mount
         where = check_mount_point(where) if where else None
-        reuse = m.reuse_volumes if reuse is None else reuse
+        reuse = m.storage.reuse_volumes if reuse is None else reuse
         if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
             raise BadFstype(f"label {label!r} too long for {fstype}")
         if volume_id is None:
-            existing = m.find_volume_by_name(name)
+            existing = m.registry.find_volume_by_name(name)
             if existing is not None:
                 return await self._reuse_volume(existing, reuse=reuse, where=where)
             plan = await self._plan_new_volume(name, size, fstype, snapshot_id, reuse=reuse)
@@ -287,7 +297,9 @@ class Disks:
             return await self._make_volume(name, plan, where=where, label=label, uuid=uuid)
         return await self._adopt_volume_id(volume_id, name, fstype, where)
 
-    async def _reuse_volume(self, existing: Volume, *, reuse: bool, where: str | None) -> Volume:
+    async def _reuse_volume(
+        self, existing: VolumeRef, *, reuse: bool, where: str | None
+    ) -> VolumeRef:
         """provision_volume of a name in use: that volume, attached and mounted here."""
         name = existing.name
         if not reuse:
@@ -309,9 +321,9 @@ class Disks:
 
     async def _adopt_volume_id(
         self, volume_id: str, name: str, fstype: str | None, where: str | None
-    ) -> Volume:
+    ) -> VolumeRef:
         """provision_volume(volume_id=...): name an existing available volume, attach it here."""
-        m = self.server.manager
+        m = self.ctx
         found = await m.ec2.describe_volumes([volume_id])
         if not found:
             raise UnknownVolume(f"volume {volume_id} does not exist")
@@ -324,7 +336,7 @@ class Disks:
         if desc.get("State") != "available":
             raise VolumeInUse(f"volume {volume_id} is {desc.get('State')}, not available")
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-        tags |= owner_tags(m.key_pair.name if m.key_pair else None)  # it is ours now
+        tags |= owner_tags(m.account.local_key().name)  # it is ours now
         await m.ec2.create_tags([volume_id], tags)
         desc.setdefault("Tags", []).extend({"Key": k, "Value": v} for k, v in tags.items())
         volume = m.registry.add_volume(desc)
@@ -349,7 +361,7 @@ class Disks:
         """What a new volume is made from (a snapshot or nothing), its size and fstype;
         checks that this server can mount (and make) that filesystem."""
         if snapshot_id is None and reuse:
-            snaps = await self.server.manager.snapshots(name)  # our own only
+            snaps = await our_snapshots(self.ctx, name)  # our own only
             snapshot_id = snaps[0]["SnapshotId"] if snaps else None
         if snapshot_id is None:
             fstype = fstype or "ext4"
@@ -357,7 +369,7 @@ class Disks:
                 await self._ensure_kernel_fs(fstype)
                 await self._ensure_mkfs(fstype)
             return _NewVolume(size=size or 1, fstype=fstype, snapshot_id=None, grow_from=None)
-        m = self.server.manager  # UnknownSnapshot; a pending one is waited for (EC2 needs it done)
+        m = self.ctx  # UnknownSnapshot; a pending one is waited for (EC2 needs it done)
         snaps = [await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.timeouts.snapshot)]
         snap_size = int(snaps[0]["VolumeSize"])
         if size is not None and size < snap_size:
@@ -372,14 +384,14 @@ class Disks:
 
     async def _make_volume(
         self, name: str, plan: _NewVolume, *, where: str | None, label: str | None, uuid: str | None
-    ) -> Volume:
+    ) -> VolumeRef:
         """Create the planned volume; attach, format (or grow) and mount it here.
 
         On any failure (or cancellation) the new volume is detached and deleted.
         """
-        m = self.server.manager
+        m = self.ctx
         tags = {tag("role"): "volume", tag("name"): name, "Name": name}
-        tags |= creation_tags(m.key_pair.name if m.key_pair else None)
+        tags |= creation_tags(m.account.local_key().name)
         if plan.fstype:
             tags[tag("fstype")] = plan.fstype
         token = new_client_token()
@@ -404,14 +416,14 @@ class Disks:
             await self._format_new_volume(volume, plan, where=where, label=label, uuid=uuid)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await _discard_volume(self.server.manager, volume)
+                await _discard_volume(self.ctx, volume)
             self.attachments.free_slot(volume.volume_id)
             raise
         return volume
 
     async def _format_new_volume(
         self,
-        volume: Volume,
+        volume: VolumeRef,
         plan: _NewVolume,
         *,
         where: str | None,
@@ -429,9 +441,7 @@ class Disks:
                 )
         else:
             volume.fstype = plan.fstype or await volume.get_fstype() or "raw"
-            await self.server.manager.ec2.create_tags(
-                [volume.volume_id], {tag("fstype"): volume.fstype}
-            )
+            await self.ctx.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
         grow = plan.grow_from is not None
         if grow and volume.fstype.startswith("ext"):
             await self._grow_unmounted(volume)
@@ -445,7 +455,7 @@ class Disks:
         if grow and volume.fstype in ("xfs", "btrfs"):
             await self._grow(volume)
 
-    async def _attach(self, volume: Volume) -> None:
+    async def _attach(self, volume: VolumeRef) -> None:
         """Attach an available volume here and find its device."""
         if volume.availability_zone != self.server.availability_zone:
             raise ZoneMismatch(
@@ -454,7 +464,7 @@ class Disks:
             )
         await self.attachments.attach(volume)
 
-    async def mount(self, volume: Volume, mtpt: str | None = None) -> None:
+    async def mount(self, volume: VolumeRef, mtpt: str | None = None) -> None:
         """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
         if volume.server is not None and volume.server is not self.server:
             raise VolumeInUse(
@@ -470,7 +480,7 @@ class Disks:
         elif volume.mtdev is None:
             assert volume.ec2_device
             mtdev = await self.attachments.find_device(
-                volume.volume_id, volume.ec2_device, timeout=self.server.manager.timeouts.volume
+                volume.volume_id, volume.ec2_device, timeout=self.ctx.timeouts.volume
             )
             volume._record_attach(self.server, volume.ec2_device, mtdev)
         assert volume.mtdev
@@ -484,7 +494,7 @@ class Disks:
         if any(mp == where for _, mp, _ in await self._mounts()):
             raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
         await self.server.run("mkdir", "-p", where, sudo=True)
-        options = [self.server.manager.mount_options]
+        options = [self.ctx.storage.mount_options]
         if volume.fstype == "vfat":
             ids = (
                 (await self.server.scmd("id", "-u")).strip(),
@@ -498,15 +508,15 @@ class Disks:
             argv += ["-t", volume.fstype]
         await self.server.run(*argv, "--", volume.mtdev, where, sudo=True)
         volume._record_mount(where)
-        await self.server.manager.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
+        await self.ctx.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
 
-    async def remount(self, volume: Volume) -> None:
+    async def remount(self, volume: VolumeRef) -> None:
         """Mount again a volume unmounted from this server, at its old mount point."""
         if volume.server is not self.server or volume.mtpt is None:
             raise VolumeError(f"volume {volume.name} was not mounted on {self.server.name}")
         await self.mount(volume, volume.mtpt)
 
-    async def unmount(self, volume: Volume) -> None:
+    async def unmount(self, volume: VolumeRef) -> None:
         """Unmount a volume (it stays attached)."""
         if volume.server is not self.server:
             raise VolumeError(f"volume {volume.name} is not attached to {self.server.name}")
@@ -523,7 +533,7 @@ class Disks:
                 ) from e
         volume._record_unmount()
 
-    async def detach(self, volume: Volume) -> None:
+    async def detach(self, volume: VolumeRef) -> None:
         """Unmount and detach a volume, waiting until EC2 says it is detached (see
         :meth:`Attachments.detach <asyncstage.attachments.Attachments.detach>`)."""
         if volume.server is not self.server:
@@ -532,7 +542,7 @@ class Disks:
             await self.unmount(volume)
         await self.attachments.detach(volume)
 
-    async def adopt_mounts(self, volumes: list[Volume]) -> None:
+    async def adopt_mounts(self, volumes: list[VolumeRef]) -> None:
         """Find where the volumes attached here are, and whether they are mounted: asked
         of the server (device numbers), never taken from tags."""
         for volume in volumes:

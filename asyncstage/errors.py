@@ -47,13 +47,11 @@ caller raw: they are wrapped in one of these, with the original kept as
     ├── TransferError
     │   ├── RsyncError             rsync's exit code and message
     │   └── VerifyFailed           checksums of source and destination differ
-    ├── MissingDependency          a program is missing here or on a server (transfers,
-    │                              local cloud); names the Debian package to install
-    └── LocalCloudError
-        ├── NeedsRoot
-        ├── StateDirInUse          another local cloud runs on that state dir
-        └── NoDeviceIsolation      neither device cgroup mechanism works here (names
-                                   what is missing)
+    └── MissingDependency          a program is missing here or on a server (transfers,
+                                   local cloud); names the Debian package to install
+
+The local cloud's own errors (it could not start, it needs root ...) form a tree of their
+own in :mod:`asyncstage.localcloud.errors`.
 """
 
 from __future__ import annotations
@@ -79,12 +77,9 @@ __all__ = [
     "InsufficientCapacity",
     "InvalidArgument",
     "InvalidName",
-    "LocalCloudError",
     "MissingDependency",
     "MountPointRefused",
     "NameTaken",
-    "NeedsRoot",
-    "NoDeviceIsolation",
     "NotFound",
     "PathError",
     "PermissionDenied",
@@ -92,7 +87,6 @@ __all__ = [
     "SSHError",
     "ServerNotRunning",
     "ServerUnreachable",
-    "StateDirInUse",
     "TransferError",
     "UnknownImage",
     "UnknownServer",
@@ -459,7 +453,7 @@ class MissingDependency(AsyncstageError):
     """A program a transfer or the local cloud needs is missing (here or on a server);
     names the Debian package to install.
 
-    Not a :class:`LocalCloudError`: transfers on AWS raise it too.
+    Not a :class:`~asyncstage.localcloud.errors.LocalCloudError`: transfers on AWS raise it too.
     """
 
     def __init__(self, program: str, package: str) -> None:
@@ -471,22 +465,15 @@ class MissingDependency(AsyncstageError):
         )
 
 
-# -- local cloud -------------------------------------------------------------
+_MOVED = {"LocalCloudError", "NeedsRoot", "StateDirInUse", "NoDeviceIsolation"}
+"""The local cloud's errors, now in :mod:`asyncstage.localcloud.errors`; their old names
+here still import (without loading the local cloud until one is asked for)."""
 
 
-class LocalCloudError(AsyncstageError):
-    """The embedded local cloud could not start or do what was asked."""
+def __getattr__(name: str) -> type[Exception]:
+    if name in _MOVED:
+        import asyncstage.localcloud.errors as moved
 
-
-class NeedsRoot(LocalCloudError):
-    """The local cloud needs root (namespaces, mounts, loop devices)."""
-
-
-class StateDirInUse(LocalCloudError):
-    """Another local cloud runs on this state dir (each cloud locks its own)."""
-
-
-class NoDeviceIsolation(LocalCloudError):
-    """The machine offers no way to keep instances off its disks: no cgroup v1 ``devices``
-    controller and no cgroup v2 device BPF (the message names what is missing). Start
-    the cloud with ``device_isolation="none"`` to accept the weaker isolation."""
+        found: type[Exception] = getattr(moved, name)
+        return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,16 +4,17 @@ waiting for them, starting, stopping and terminating them at once, and fleet res
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 
 from asyncstage import capacity, keys
 from asyncstage.account import LIVE_STATES, reading_only
 from asyncstage.adoption import ours, owner_tags
+from asyncstage.capacity import LaunchOptions, LaunchSpec
 from asyncstage.disks import FSTYPES
 from asyncstage.ec2 import Resource, tag, tag_filters, tags_of
 from asyncstage.errors import (
@@ -28,55 +29,28 @@ from asyncstage.images import user_for_image
 from asyncstage.transfer import sweep_stale_keys
 
 if TYPE_CHECKING:
-    from asyncstage.manager import Manager
-    from asyncstage.server import Server
-    from asyncstage.volume import Volume
+    from asyncstage.context import Context
+    from asyncstage.refs import ServerRef, VolumeRef
 
-__all__ = ["Fleet", "LaunchOptions"]
+__all__ = ["Fleet"]
 
 log = logging.getLogger("asyncstage")
 
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """What a caller asked of new servers (None: the manager's default).
-
-    ``zones`` and ``instance_types`` are the choices to fall back on when EC2 has no
-    capacity, tried in order; ``partial`` what a fleet that stays short does with the
-    servers that launched (see :mod:`asyncstage.capacity`).
-    """
-
-    instance_type: str | None = None
-    image: str | None = None
-    availability_zone: str | None = None
-    username: str | None = None
-    architecture: str | None = None
-    zones: tuple[str, ...] = ()
-    instance_types: tuple[str, ...] = ()
-    partial: capacity.Partial = "terminate"
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """What one RunInstances call launches: servers with equal specs launch together."""
-
-    image_id: str
-    instance_type: str
-    availability_zone: str | None
-    username: str
+_Errors: TypeAlias = "dict[ServerRef, Exception]"
+"""What failed, by server."""
 
 
 @dataclass
 class _Batch:
     names: list[str] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
-    servers: dict[str, Server] = field(default_factory=dict)
+    servers: dict[str, ServerRef] = field(default_factory=dict)
     error: BaseException | None = None
 
 
 def fleet_result(
-    action: str, servers: Sequence[Server], errors: dict[Server, Exception]
-) -> list[Server]:
+    action: str, servers: Sequence[ServerRef], errors: dict[ServerRef, Exception]
+) -> list[ServerRef]:
     """The servers; a FleetError when any of them failed (``succeeded``: the others)."""
     ok = [s for s in servers if s not in errors]
     if errors:
@@ -89,23 +63,21 @@ def fleet_result(
     return ok
 
 
-def one_result(errors: dict[Server, Exception]) -> None:
+def one_result(errors: dict[ServerRef, Exception]) -> None:
     """Raise the error of the one server an action was for, if it failed."""
     for error in errors.values():
         raise error
 
 
 class Fleet:
-    """The servers of one Manager as a fleet: one EC2 call for many servers.
+    """The servers of one Manager as a fleet: one EC2 call for many servers. Its
+    :class:`~asyncstage.context.Context` gives the settings, the registry and the account
+    set-up (the key pair and group are made sure of at each launch: another manager may
+    have removed them)."""
 
-    Reads the manager's configuration and registry; ``ensure_account`` makes sure
-    of the key pair and security group again (another manager may have removed them).
-    """
-
-    def __init__(self, manager: Manager, ensure_account: Callable[[], Awaitable[None]]) -> None:
-        self.manager = manager
-        self.ensure_account = ensure_account
-        self._batches: dict[_Spec, _Batch] = {}
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._batches: dict[LaunchSpec, _Batch] = {}
         self._zone_locks: dict[str, anyio.Lock] = {}
 
     def names_for(self, names_or_count: int | Sequence[str] | None, count: int | None) -> list[str]:
@@ -114,29 +86,29 @@ class Fleet:
             raise InvalidArgument("provision_servers needs names, a number, or count=")
         what: int | Sequence[str] = names_or_count if names_or_count is not None else count or 0
         if isinstance(what, int):
-            names = [self.manager.new_server_name() for _ in range(what)]
+            names = [self.ctx.registry.new_server_name() for _ in range(what)]
         else:
             names = list(what)
         if not names:
             raise InvalidArgument("provision_servers needs at least one server")
         return names
 
-    async def get(self, name: str | None, options: LaunchOptions, timeout: float) -> Server:
+    async def get(self, name: str | None, options: LaunchOptions, timeout: float) -> ServerRef:
         """The server of that name, started if stopped; a new one when there is none."""
-        server = self.manager.find_server_by_name(name) if name is not None else None
+        server = self.ctx.registry.find_server_by_name(name) if name is not None else None
         if server is None:
             return await self.provision_one(
-                name or self.manager.new_server_name(), options, timeout
+                name or self.ctx.registry.new_server_name(), options, timeout
             )
         if not await server.ping():
             await server.start(timeout=timeout)
         return server
 
-    async def server_in_zone(self, zone: str) -> Server:
+    async def server_in_zone(self, zone: str) -> ServerRef:
         """A server up in this zone: a running one, else a started one, else a new one."""
         lock = self._zone_locks.setdefault(zone, anyio.Lock())
         async with lock:
-            in_zone = [s for s in self.manager.servers() if s.availability_zone == zone]
+            in_zone = [s for s in self.ctx.registry.servers() if s.availability_zone == zone]
             for server in in_zone:
                 if server.state == "running" and await server.ping():
                     return server
@@ -145,34 +117,34 @@ class Fleet:
                     await server.start()
                     return server
             return await self.provision_one(
-                self.manager.new_server_name(),
+                self.ctx.registry.new_server_name(),
                 LaunchOptions(availability_zone=zone),
-                self.manager.timeouts.server,
+                self.ctx.timeouts.server,
             )
 
     async def zone_for_volume(self, volume_id: str | None, zone: str | None) -> str:
         """The zone a volume is provisioned in: the one asked for, the manager's, the
         existing volume's, a running server's, else the region's first."""
-        m = self.manager
-        zone = zone or m.availability_zone
+        m = self.ctx
+        zone = zone or m.launch.availability_zone
         if zone is None and volume_id is not None:
             found = await m.ec2.describe_volumes([volume_id])
             if not found:
                 raise UnknownVolume(f"volume {volume_id} does not exist")
             zone = str(found[0]["AvailabilityZone"])
         if zone is None:
-            up = [s for s in m.servers() if s.state == "running"]
+            up = [s for s in m.registry.servers() if s.state == "running"]
             zone = up[0].availability_zone if up else (await m.ec2.availability_zones())[0]
         return zone
 
     async def reuse_volume(
         self, name: str | None, volume_id: str | None, *, reuse: bool, mtpt: str | None
-    ) -> Volume | None:
+    ) -> VolumeRef | None:
         """Manager.provision_volume of a name in use: that volume, mounted where it is
         attached or on a server in its zone (NameTaken unless ``reuse``); else None."""
         if name is None or volume_id is not None:
             return None
-        volume = self.manager.find_volume_by_name(name)
+        volume = self.ctx.registry.find_volume_by_name(name)
         if volume is None:
             return None
         if not reuse:
@@ -182,16 +154,16 @@ class Fleet:
         return volume
 
     def _log(self, message: str) -> None:
-        if self.manager.verbosity >= 1:
+        if self.ctx.verbosity >= 1:
             log.info("%s", message)
         else:
             log.debug("%s", message)
 
     # -- adopting and launching ----------------------------------------------------------------
 
-    def adopt(self, instance: Resource) -> Server:
+    def adopt(self, instance: Resource) -> ServerRef:
         """The Server for this EC2 description: the registered one (refreshed) or a new one."""
-        m = self.manager
+        m = self.ctx
         server = m.registry.server(str(instance["InstanceId"]))
         if server is not None:
             server._record_description(instance)
@@ -202,14 +174,12 @@ class Fleet:
         else:
             known = keys.keyfiles(m.dotdir, m.region)
             keyfile = known.get(str(instance.get("KeyName", "")))
-        username = tags_of(instance).get(tag("user")) or m.username or "ubuntu"
-        return m.registry.add_server(
-            m.server_class(m, instance, keyfile=keyfile, username=username)
-        )
+        username = tags_of(instance).get(tag("user")) or m.launch.username or "ubuntu"
+        return m.registry.add_server(m.make_server(instance, keyfile, username))
 
     async def adopt_region(self) -> None:
         """Adopt the servers and volumes earlier managers made (by tags), and their mounts."""
-        m = self.manager
+        m = self.ctx
         instances = await m.ec2.describe_instances(
             filters=[
                 *tag_filters({tag("role"): "server"}),
@@ -222,7 +192,7 @@ class Fleet:
         described = await m.ec2.describe_volumes(filters=tag_filters({tag("role"): "volume"}))
         by_server = m.registry.adopt_volumes(ours("volume", described, keys=known, fstypes=FSTYPES))
 
-        async def mounts_of(server: Server, volumes: list[Volume]) -> None:
+        async def mounts_of(server: ServerRef, volumes: list[VolumeRef]) -> None:
             try:
                 if await server.ping():
                     await server._adopt_mounts(volumes)
@@ -238,29 +208,29 @@ class Fleet:
                 for server, volumes in by_server.items():
                     tg.start_soon(mounts_of, server, volumes)
 
-    async def spec(self, options: LaunchOptions) -> _Spec:
+    async def spec(self, options: LaunchOptions) -> LaunchSpec:
         """The launch spec of these options, the manager's defaults filled in."""
-        m = self.manager
-        desc = await m.images.find(options.image, options.architecture or m.architecture)
-        return _Spec(
+        m = self.ctx
+        desc = await m.images.find(options.image, options.architecture or m.launch.architecture)
+        return LaunchSpec(
             image_id=str(desc["ImageId"]),
-            instance_type=options.instance_type or m.instance_type,
-            availability_zone=options.availability_zone or m.availability_zone,
-            username=options.username or m.username or user_for_image(desc),
+            instance_type=options.instance_type or m.launch.effective_instance_type,
+            availability_zone=options.availability_zone or m.launch.availability_zone,
+            username=options.username or m.launch.username or user_for_image(desc),
         )
 
     async def launch(
-        self, spec: _Spec, names: list[str], *, min_count: int | None = None
-    ) -> dict[str, Server]:
+        self, spec: LaunchSpec, names: list[str], *, min_count: int | None = None
+    ) -> dict[str, ServerRef]:
         """One RunInstances call for all these names; the servers, registered, by name
         (with ``min_count``, maybe only the first names: as many as EC2 launched)."""
-        m = self.manager
+        m = self.ctx
         common = {tag("role"): "server", tag("user"): spec.username}
-        common |= owner_tags(m.key_pair.name)
+        common |= owner_tags(m.account.local_key().name)
         if len(names) == 1:
             common |= {tag("name"): names[0], "Name": names[0]}
         self._log(f"launching {len(names)} server(s): {', '.join(names)}")
-        await self.ensure_account()  # the key pair and group: made or checked when first needed
+        await self.ctx.account.ensure()  # the key pair and group: made or checked when first needed
         # create-and-register is one step for cancellation: once RunInstances is sent its
         # instances are registered (and so cleaned up by the caller) before a cancellation
         # is delivered; the token makes the retry below idempotent
@@ -275,13 +245,13 @@ class Fleet:
                 raise
         return servers
 
-    async def _name_all(self, servers: dict[str, Server]) -> None:
+    async def _name_all(self, servers: dict[str, ServerRef]) -> None:
         """Tag each server of one launch with its own name (10 calls at a time)."""
         limiter = anyio.CapacityLimiter(10)
 
-        async def name_it(name: str, server: Server) -> None:
+        async def name_it(name: str, server: ServerRef) -> None:
             async with limiter:
-                await self.manager.ec2.create_tags(
+                await self.ctx.ec2.create_tags(
                     [server.instance_id], {tag("name"): name, "Name": name}
                 )
 
@@ -289,7 +259,7 @@ class Fleet:
             for name, server in servers.items():
                 tg.start_soon(name_it, name, server)
 
-    async def launch_coalesced(self, spec: _Spec, name: str) -> Server:
+    async def launch_coalesced(self, spec: LaunchSpec, name: str) -> ServerRef:
         """Launch one server, sharing the RunInstances call of concurrent equal requests."""
         batch = self._batches.get(spec)
         leader = batch is None
@@ -298,7 +268,7 @@ class Fleet:
         batch.names.append(name)
         if leader:
             try:
-                await anyio.sleep(self.manager.timeouts.launch_window)
+                await anyio.sleep(self.ctx.timeouts.launch_window)
                 del self._batches[spec]
                 batch.servers = await self.launch(spec, batch.names)
             except BaseException as e:
@@ -326,9 +296,9 @@ class Fleet:
             raise batch.error
         raise AsyncstageError(f"launching server {name} was cancelled")
 
-    async def provision_one(self, name: str, options: LaunchOptions, timeout: float) -> Server:
+    async def provision_one(self, name: str, options: LaunchOptions, timeout: float) -> ServerRef:
         """Launch a server of that name (sharing a concurrent equal launch), wait until up."""
-        registry = self.manager.registry
+        registry = self.ctx.registry
         registry.reserve([name])
         try:
             server = await capacity.launch_one(self, options, name)
@@ -344,11 +314,11 @@ class Fleet:
 
     async def provision_many(
         self, names: list[str], options: LaunchOptions, timeout: float
-    ) -> list[Server]:
+    ) -> list[ServerRef]:
         """Launch servers of these names with one call (per fallback choice) and wait until
         all are up; those that fail are terminated (a FleetError names them, the others in
         ``succeeded``); a short fleet: see :mod:`asyncstage.capacity`."""
-        registry = self.manager.registry
+        registry = self.ctx.registry
         registry.reserve(names)
         try:
             launched, short = await capacity.launch_many(self, options, names)
@@ -374,35 +344,35 @@ class Fleet:
             raise FleetError(f"no capacity for {missing}: {short}", [short], succeeded=servers)
         return servers
 
-    async def cleanup_failed(self, servers: list[Server]) -> None:
+    async def cleanup_failed(self, servers: list[ServerRef]) -> None:
         """Terminate servers a launch or wait gave up on (errors logged, not raised)."""
         try:
-            await self.terminate(servers, timeout=self.manager.timeouts.stop)
+            await self.terminate(servers, timeout=self.ctx.timeouts.stop)
         except AsyncstageError as e:
             log.warning("could not terminate failed servers: %s", e)
 
     # -- waiting --------------------------------------------------------------------------------
 
-    async def refresh(self, servers: Sequence[Server]) -> None:
+    async def refresh(self, servers: Sequence[ServerRef]) -> None:
         """Fetch the descriptions of these servers (one shared DescribeInstances round)."""
-        found = await self.manager.ec2.describe_instances_shared(s.instance_id for s in servers)
+        found = await self.ctx.ec2.describe_instances_shared(s.instance_id for s in servers)
         for server in servers:
             if server.instance_id in found:
                 server._record_description(found[server.instance_id])
 
-    async def wait_all(self, servers: Sequence[Server], timeout: float) -> list[Server]:
+    async def wait_all(self, servers: Sequence[ServerRef], timeout: float) -> list[ServerRef]:
         """Wait until every server is up; a FleetError otherwise."""
         return fleet_result("come up", servers, await self._wait_up(servers, timeout))
 
-    async def _wait_up(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
+    async def _wait_up(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         """Wait until running (one describe per round), then until ssh answers (at once)."""
-        m = self.manager
+        m = self.ctx
         deadline = anyio.current_time() + timeout
         by_id = {s.instance_id: s for s in servers}
-        errors: dict[Server, Exception] = {}
+        errors: dict[ServerRef, Exception] = {}
         limiter = anyio.CapacityLimiter(32)
 
-        async def ssh_up(server: Server) -> None:
+        async def ssh_up(server: ServerRef) -> None:
             async with limiter:
                 try:
                     await server._wait_ssh(deadline)
@@ -430,22 +400,22 @@ class Fleet:
 
     # -- start, stop, terminate -----------------------------------------------------------------
 
-    async def start(self, servers: Sequence[Server], *, timeout: float) -> list[Server]:
+    async def start(self, servers: Sequence[ServerRef], *, timeout: float) -> list[ServerRef]:
         """Start these servers with one call, wait until up, mount their volumes again;
         FleetError when any of them failed."""
         return fleet_result("start", servers, await self._start(servers, timeout))
 
-    async def start_one(self, server: Server, *, timeout: float) -> None:
+    async def start_one(self, server: ServerRef, *, timeout: float) -> None:
         """:meth:`start` for one server, raising its own error."""
         one_result(await self._start([server], timeout))
 
-    async def _start(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
+    async def _start(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         if not servers:
             return {}
-        m = self.manager
+        m = self.ctx
         await self.refresh(servers)
         stopping = [s for s in servers if s.state == "stopping"]
-        errors: dict[Server, Exception] = {}
+        errors: dict[ServerRef, Exception] = {}
         if stopping:
             _, failed = await m.ec2.wait_for_instances(
                 [s.instance_id for s in stopping], "stopped", timeout=timeout
@@ -461,7 +431,7 @@ class Fleet:
         rest = [s for s in servers if s not in errors]
         errors |= await self._wait_up(rest, timeout)
 
-        async def remount(server: Server) -> None:
+        async def remount(server: ServerRef) -> None:
             for volume in server.volumes():
                 if volume._prepare_remount():
                     try:
@@ -475,19 +445,19 @@ class Fleet:
                     tg.start_soon(remount, server)
         return errors
 
-    async def stop(self, servers: Sequence[Server], *, timeout: float) -> list[Server]:
+    async def stop(self, servers: Sequence[ServerRef], *, timeout: float) -> list[ServerRef]:
         """Stop these servers with one call and wait until they are stopped; FleetError
         when any of them failed."""
         return fleet_result("stop", servers, await self._stop(servers, timeout))
 
-    async def stop_one(self, server: Server, *, timeout: float) -> None:
+    async def stop_one(self, server: ServerRef, *, timeout: float) -> None:
         """:meth:`stop` for one server, raising its own error."""
         one_result(await self._stop([server], timeout))
 
-    async def _stop(self, servers: Sequence[Server], timeout: float) -> dict[Server, Exception]:
+    async def _stop(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         if not servers:
             return {}
-        m = self.manager
+        m = self.ctx
         await self.refresh(servers)
         to_stop = [s for s in servers if s.state in ("pending", "running")]
         if to_stop:
@@ -507,46 +477,44 @@ class Fleet:
                 errors[server] = failed[server.instance_id]
         return errors
 
-    async def terminate(self, servers: Sequence[Server], *, timeout: float) -> list[Server]:
+    async def terminate(self, servers: Sequence[ServerRef], *, timeout: float) -> list[ServerRef]:
         """Terminate these servers with one call, wait, unregister them; FleetError when
         any of them failed."""
         return fleet_result("terminate", servers, await self._terminate(servers, timeout))
 
-    async def terminate_one(self, server: Server, *, timeout: float) -> None:
+    async def terminate_one(self, server: ServerRef, *, timeout: float) -> None:
         """:meth:`terminate` for one server, raising its own error."""
         one_result(await self._terminate([server], timeout))
 
-    async def terminate_now(self, servers: Sequence[Server]) -> None:
+    async def terminate_now(self, servers: Sequence[ServerRef]) -> None:
         """Terminate these servers with one call and unregister them, without waiting."""
         if servers:
             await self._terminate_call(servers)
             self._forget(servers)
 
-    async def _terminate(
-        self, servers: Sequence[Server], timeout: float
-    ) -> dict[Server, Exception]:
+    async def _terminate(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         if not servers:
             return {}
         ids = await self._terminate_call(servers)
-        _reached, failed = await self.manager.ec2.wait_for_instances(
+        _reached, failed = await self.ctx.ec2.wait_for_instances(
             ids, "terminated", timeout=timeout, labels={s.instance_id: s.name for s in servers}
         )
         errors = {s: failed[s.instance_id] for s in servers if s.instance_id in failed}
         self._forget([s for s in servers if s not in errors])
         return errors
 
-    async def _terminate_call(self, servers: Sequence[Server]) -> list[str]:
+    async def _terminate_call(self, servers: Sequence[ServerRef]) -> list[str]:
         ids = [s.instance_id for s in servers]
         self._log(f"terminating {len(servers)} server(s)")
-        await self.manager.ec2.terminate_instances(ids)
+        await self.ctx.ec2.terminate_instances(ids)
         return ids
 
-    def _forget(self, servers: Sequence[Server]) -> None:
+    def _forget(self, servers: Sequence[ServerRef]) -> None:
         for server in servers:
-            self.manager.registry.forget_server(server)
+            self.ctx.registry.forget_server(server)
 
 
-def _gone(servers: Sequence[Server]) -> dict[Server, Exception]:
+def _gone(servers: Sequence[ServerRef]) -> dict[ServerRef, Exception]:
     """UnknownServer for each server that is terminated or shutting down."""
     return {
         s: UnknownServer(f"server {s.name} is {s.state}")

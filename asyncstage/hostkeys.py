@@ -32,7 +32,8 @@ from asyncstage.errors import (
 from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
 
 if TYPE_CHECKING:
-    from asyncstage.server import Server
+    from asyncstage.context import Context
+    from asyncstage.refs import ServerRef
 
 __all__ = [
     "HostKeyPolicy",
@@ -50,7 +51,7 @@ _NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameter
 _CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
 
 
-def _since_launch(server: Server) -> float:
+def _since_launch(ctx: Context, server: ServerRef) -> float:
     """Seconds since the instance's last start (EC2's LaunchTime, on EC2's clock: a
     machine whose clock is ahead would otherwise see a new server as long launched and
     not wait for its console at all); 0 when unknown."""
@@ -59,21 +60,20 @@ def _since_launch(server: Server) -> float:
         return 0.0
     if launched.tzinfo is None:
         launched = launched.replace(tzinfo=UTC)
-    return max(0.0, (server.manager.ec2.now() - launched).total_seconds())
+    return max(0.0, (ctx.ec2.now() - launched).total_seconds())
 
 
-async def wait_for_fingerprints(server: Server) -> tuple[str, ...]:
+async def wait_for_fingerprints(ctx: Context, server: ServerRef) -> tuple[str, ...]:
     """The host key fingerprints on the server's console, polled for until
     ``timeouts.console`` has passed since its launch; then the policy decides:
     ``()`` (pin the first key seen, with a warning) or :class:`HostKeyUnverified`."""
-    manager = server.manager
-    bound = manager.timeouts.console
-    deadline = anyio.current_time() + max(0.0, bound - _since_launch(server))
-    interval = min(0.2, manager.timeouts.poll_interval)
+    bound = ctx.timeouts.console
+    deadline = anyio.current_time() + max(0.0, bound - _since_launch(ctx, server))
+    interval = min(0.2, ctx.timeouts.poll_interval)
     latest = True
     while True:
         try:
-            console = await manager.ec2.console_output(server.instance_id, latest=latest)
+            console = await ctx.ec2.console_output(server.instance_id, latest=latest)
         except EC2Error as e:
             if latest and e.code in _NO_LATEST:  # a Xen type: the console as it comes
                 latest = False
@@ -89,7 +89,7 @@ async def wait_for_fingerprints(server: Server) -> tuple[str, ...]:
         await anyio.sleep(min(interval, left))
         interval = min(interval * 1.5, 10.0)
     label = f"{server.name} ({server.instance_id})"
-    if manager.host_key_policy == "accept-new":
+    if ctx.host_key_policy == "accept-new":
         log.warning(
             "%s: no host key fingerprints on its console within %gs of its launch: pinning "
             "the key it presents first, unverified (host_key_policy='accept-new')",
@@ -116,12 +116,12 @@ async def ssh_banner(address: str, port: int = 22, timeout: float = 2.0) -> bool
         return False
 
 
-async def wait_for_sshd(server: Server, address: str, deadline: float) -> None:
+async def wait_for_sshd(ctx: Context, server: ServerRef, address: str, deadline: float) -> None:
     """Until an ssh server answers at ``address`` (no ssh yet: its key is not settled);
     a diagnosed :class:`ServerUnreachable` when the deadline passes first."""
     while not await ssh_banner(address):
         if anyio.current_time() >= deadline:
-            raise await diagnose(server, address, "sshd never answered")
+            raise await diagnose(ctx, server, address, "sshd never answered")
         await anyio.sleep(0.2)
 
 
@@ -136,7 +136,9 @@ async def port_answers(address: str, port: int = 22, timeout: float = 2.0) -> bo
     return True
 
 
-async def diagnose(server: Server, address: str, message: str) -> ServerUnreachable:
+async def diagnose(
+    ctx: Context, server: ServerRef, address: str, message: str
+) -> ServerUnreachable:
     """A :class:`ServerUnreachable` for ``server`` (tried at ``address``) that says what
     is known: its state and state reason, its console's tail, whether port 22 answered."""
     console: str | None = None
@@ -147,10 +149,10 @@ async def diagnose(server: Server, address: str, message: str) -> ServerUnreacha
         except AsyncstageError as e:
             log.debug("%s: no description: %s", server.name, e)
         try:
-            text = await server.ec2.console_output(server.instance_id, latest=True)
+            text = await ctx.ec2.console_output(server.instance_id, latest=True)
         except EC2Error:
             try:
-                text = await server.ec2.console_output(server.instance_id)
+                text = await ctx.ec2.console_output(server.instance_id)
             except AsyncstageError:
                 text = None
         except AsyncstageError:

@@ -3,7 +3,8 @@ to other regions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -99,11 +100,21 @@ class Images:
             reverse=True,
         )
 
-    def _other_ec2(self, region_or_manager: str | _HasEC2) -> tuple[EC2, bool]:
-        """The destination's EC2 client, and whether it is ours to close."""
+    @contextlib.asynccontextmanager
+    async def _destination(self, region_or_manager: str | _HasEC2) -> AsyncIterator[EC2]:
+        """The destination's EC2 client, open; closed afterwards when it was made here."""
+        own = isinstance(region_or_manager, str)
         if isinstance(region_or_manager, str):
-            return EC2(region=region_or_manager, **self._ec2_options), True
-        return region_or_manager.ec2, False
+            dest = EC2(region=region_or_manager, **self._ec2_options)
+        else:
+            dest = region_or_manager.ec2
+        try:
+            await dest.open()
+            yield dest
+        finally:
+            if own:
+                with anyio.CancelScope(shield=True):
+                    await dest.close()
 
     async def copy_snapshot(
         self,
@@ -117,9 +128,7 @@ class Images:
         snaps = await self.ec2.describe_snapshots([str(snapshot)])
         if not snaps:
             raise UnknownSnapshot(f"snapshot {snapshot} does not exist")
-        dest, own = self._other_ec2(region_or_manager)
-        try:
-            await dest.open()
+        async with self._destination(region_or_manager) as dest:
             new_id = await dest.copy_snapshot(
                 str(snapshot),
                 source_region=self.ec2.region,
@@ -127,10 +136,6 @@ class Images:
                 tags=tags_of(snaps[0]),  # in the copy call: no CreateTags racing the new id
             )
             await dest.wait_for_snapshot(new_id, timeout=timeout)
-        finally:
-            if own:
-                with anyio.CancelScope(shield=True):
-                    await dest.close()
         return new_id
 
     async def copy_image(
@@ -147,9 +152,7 @@ class Images:
         found = await self.ec2.describe_images([str(image)])
         if not found:
             raise UnknownImage(f"image {image} does not exist", code="InvalidAMIID.NotFound")
-        dest, own = self._other_ec2(region_or_manager)
-        try:
-            await dest.open()
+        async with self._destination(region_or_manager) as dest:
             new_id = await dest.copy_image(
                 str(image),
                 source_region=self.ec2.region,
@@ -158,8 +161,4 @@ class Images:
                 **register_options,
             )
             await dest.wait_for_image(new_id, timeout=timeout)
-        finally:
-            if own:
-                with anyio.CancelScope(shield=True):
-                    await dest.close()
         return new_id

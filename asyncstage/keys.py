@@ -192,13 +192,19 @@ def _write_private(path: Path, data: bytes) -> None:
     _write_new(path, data, 0o600)
 
 
+def _open_no_link(path: Path, what: str, verb: str) -> int:
+    """A descriptor of ``path`` for reading; a symlink is refused, and any other failure
+    is an AsyncstageError saying it could not ``verb`` the ``what``."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        _refuse_link(path, what)
+        raise AsyncstageError(f"cannot {verb} the {what} {path}: {e.strerror}") from e
+
+
 def _read(path: Path) -> bytes:
     """The contents of a regular file, refusing a symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        _refuse_link(path, "key file")
-        raise AsyncstageError(f"cannot read the key file {path}: {e.strerror}") from e
+    fd = _open_no_link(path, "key file", "read")
     with os.fdopen(fd, "rb") as f:
         return f.read()
 
@@ -219,11 +225,7 @@ def _public_of(path: Path) -> str:
 
 def _tighten(path: Path) -> None:
     """Mode 0600 for an existing private key, refusing a symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        _refuse_link(path, "private key")
-        raise AsyncstageError(f"cannot open the private key {path}: {e.strerror}") from e
+    fd = _open_no_link(path, "private key", "open")
     try:
         if os.fstat(fd).st_mode & 0o077:
             os.fchmod(fd, 0o600)

@@ -1,7 +1,8 @@
 """Manager: one region's staging servers and volumes, their fleets and their lifetime.
 
 The Manager holds the configuration and the lifetime (open, scan, close with ``on_exit``);
-the work is done by its parts, each given the manager it serves:
+the work is done by its parts, which share one :class:`~asyncstage.context.Context`
+(``manager.context``) and never hold the manager:
 
 - :class:`~asyncstage.registry.Registry` (``manager.registry``): servers, volumes, names;
 - :class:`~asyncstage.fleet.Fleet` (``manager.fleet``): launch, wait, start, stop, terminate;
@@ -14,31 +15,42 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from logging import DEBUG
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol, Unpack
+from typing import Any, Protocol, Unpack, cast
 
 import anyio
 
 from asyncstage import closing, keys, transfer
 from asyncstage.account import Account
-from asyncstage.adoption import ours
-from asyncstage.capacity import LaunchChoices, check_choices
-from asyncstage.disks import FSTYPES
-from asyncstage.ec2 import EC2, Resource, RetryMode
+from asyncstage.capacity import LaunchChoices, LaunchOptions, check_choices
+from asyncstage.context import Context
+from asyncstage.disks import our_snapshots
+from asyncstage.ec2 import EC2, Resource
 from asyncstage.errors import (
     AsyncstageError,
 )
-from asyncstage.fleet import Fleet, LaunchOptions
+from asyncstage.fleet import Fleet
 from asyncstage.images import Images
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
+from asyncstage.refs import ServerRef
 from asyncstage.registry import Registry
 from asyncstage.server import Server
-from asyncstage.settings import OnExit, check_on_exit, local_credentials
+from asyncstage.settings import (
+    Access,
+    Connection,
+    Launch,
+    ManagerKeywords,
+    OnExit,
+    Storage,
+    check_on_exit,
+    local_credentials,
+    settings_from,
+)
 from asyncstage.ssh import KnownHosts
 from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
-from asyncstage.timeouts import Timeouts, timeouts_from
+from asyncstage.timeouts import Timeouts
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 from asyncstage.volume import Volume
 
@@ -70,89 +82,94 @@ class Manager:
     On leaving the block (also on an exception or cancellation) the servers this
     manager started are stopped (``on_exit="stop"``), terminated (``"terminate"``,
     which also deletes the volumes it made) or left running (``"run"``).
-    Keyword arguments mirror VM::EC2::Staging::Manager's options without the dash; the
-    timings (``manager.timeouts``) come as a :class:`Timeouts` and/or one by one.
+    The settings come as objects, as httpx's ``Timeout`` and ``Limits`` do:
+    ``connection`` (:class:`~asyncstage.settings.Connection`: endpoint, credentials),
+    ``launch`` (:class:`~asyncstage.settings.Launch`: instance type, image, zone, user),
+    ``access`` (:class:`~asyncstage.settings.Access`: ssh CIDR, security group, key,
+    host key policy), ``storage`` (:class:`~asyncstage.settings.Storage`: volume reuse,
+    mount options) and ``timeouts`` (:class:`~asyncstage.timeouts.Timeouts`). Each of
+    their fields may also be given as a keyword argument (:class:`~asyncstage.settings.
+    ManagerKeywords`: ``instance_type=``, ``server_timeout=`` ..., the names of
+    VM::EC2::Staging::Manager's options without the dash), which overrides the object's.
     """
 
     def __init__(
         self,
         *,
         region: str | None = None,
-        endpoint_url: str | None = None,
-        profile: str | None = None,
-        aws_access_key_id: str | None = None,
-        aws_secret_access_key: str | None = None,
-        aws_session_token: str | None = None,
         on_exit: OnExit = "stop",
-        instance_type: str | None = None,
-        image: str | None = None,
-        image_owners: Sequence[str] | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str = "x86_64",
-        root_type: str | None = "ebs",
-        reuse_key: bool = True,
-        reuse_volumes: bool = True,
+        connection: Connection | None = None,
+        launch: Launch | None = None,
+        access: Access | None = None,
+        storage: Storage | None = None,
+        timeouts: Timeouts | None = None,
         scan: bool = True,
         dotdir: str | Path | None = None,
         verbosity: int = 1,
         server_class: type[Server] = Server,
         volume_class: type[Volume] = Volume,
-        ssh_cidr: str | Sequence[str] | None = None,
-        security_group: str = "asyncstage",
-        install_packages: bool = True,
-        retry_mode: RetryMode = "adaptive",
-        mount_options: str = "nosuid,nodev",
-        host_key_policy: HostKeyPolicy = "strict",
-        timeouts: Timeouts | None = None,
-        server_timeout: float | None = None,
-        volume_timeout: float | None = None,
-        snapshot_timeout: float | None = None,
-        exit_timeout: float | None = None,
-        console_timeout: float | None = None,
-        poll_interval: float | None = None,
-        launch_window: float | None = None,
+        **settings: Unpack[ManagerKeywords],
     ) -> None:
-        self.host_key_policy: HostKeyPolicy = check_policy(host_key_policy)
-        ec2_options: dict[str, Any] = {
-            "endpoint_url": endpoint_url,
-            "profile": profile,
-            "aws_access_key_id": aws_access_key_id,
-            "aws_secret_access_key": aws_secret_access_key,
-            "aws_session_token": aws_session_token,
-            "retry_mode": retry_mode,
-        }
-        given = {"server": server_timeout, "volume": volume_timeout, "exit": exit_timeout}
-        given |= {"snapshot": snapshot_timeout, "console": console_timeout}
-        given |= {"poll_interval": poll_interval, "launch_window": launch_window}
-        self.timeouts = timeouts_from(timeouts, **given)
+        given = settings_from(connection, launch, access, storage, timeouts, settings)
+        self.connection: Connection = given.connection
+        """How it reaches EC2 (:class:`~asyncstage.settings.Connection`)."""
+        self.launch: Launch = given.launch
+        """What new servers are launched as (:class:`~asyncstage.settings.Launch`)."""
+        self.access: Access = given.access
+        """Key pair, security group, host keys (:class:`~asyncstage.settings.Access`)."""
+        self.storage: Storage = given.storage
+        """How volumes are made and mounted (:class:`~asyncstage.settings.Storage`)."""
+        self.timeouts: Timeouts = given.timeouts
+        self.host_key_policy: HostKeyPolicy = check_policy(self.access.host_key_policy)
+        ec2_options: dict[str, Any] = asdict(self.connection)
         ec2_options["poll_interval"] = self.timeouts.poll_interval
         self.ec2 = EC2(region=region, **ec2_options)
         self.region = self.ec2.region
-        self.endpoint_url = endpoint_url
+        self.endpoint_url: str | None = self.connection.endpoint_url
         self.on_exit: OnExit = check_on_exit(on_exit)
-        self.architecture = architecture
-        self.instance_type = instance_type or (
-            "t4g.micro" if architecture == "arm64" else "t3.micro"
-        )
-        self.availability_zone = availability_zone
+        self.architecture: str = self.launch.architecture
+        self.instance_type: str = self.launch.effective_instance_type
+        self.availability_zone: str | None = self.launch.availability_zone
+        username = self.launch.username
         self.username = check_user(username) if username is not None else None
-        self.mount_options = mount_options
+        self.mount_options: str = self.storage.mount_options
         """The ``mount -o`` options of every volume mount (``nosuid,nodev`` by default)."""
-        self.reuse_volumes = reuse_volumes
+        self.reuse_volumes: bool = self.storage.reuse_volumes
         self.scan = scan
         self.verbosity = verbosity
         self.server_class = server_class
         self.volume_class = volume_class
-        self.install_packages = install_packages
+        self.install_packages: bool = self.storage.install_packages
         # a non-AWS endpoint (the local cloud ...) never shares the real region's key files
-        self.dotdir = keys.dotdir_for(endpoint_url, dotdir)
+        self.dotdir = keys.dotdir_for(self.endpoint_url, dotdir)
         self.known_hosts = KnownHosts(keys.known_hosts_path(self.dotdir))
         self.registry = Registry(lambda desc: self.volume_class(self, desc))
-        cidrs = [ssh_cidr] if isinstance(ssh_cidr, str) else list(ssh_cidr or [])
-        self.account = Account(self.ec2, self.dotdir, reuse_key, cidrs, security_group)
-        self.images = Images(self.ec2, image, image_owners, root_type, ec2_options)
-        self.fleet = Fleet(self, self._ensure_account)  # the account, set up when first needed
+        cidr = self.access.ssh_cidr
+        cidrs = [cidr] if isinstance(cidr, str) else list(cidr or [])
+        group = self.access.security_group
+        self.account = Account(self.ec2, self.dotdir, self.access.reuse_key, cidrs, group)
+        launch = self.launch
+        self.images = Images(
+            self.ec2, launch.image, launch.image_owners, launch.root_type, ec2_options
+        )
+        self.context = Context(
+            self.ec2,
+            self.registry,
+            self.timeouts,
+            self.known_hosts,
+            self.account,
+            self.images,
+            self.region,
+            self.dotdir,
+            lambda desc, key, user: self.server_class(self, desc, keyfile=key, username=user),
+            self.launch,
+            self.storage,
+            self.host_key_policy,
+            verbosity,
+        )
+        """What the manager's parts, servers and volumes share (they never hold the manager)."""
+        self.fleet = Fleet(self.context)  # the account, set up when a launch first needs it
+        self.context.fleet = self.fleet
         self._open = False
 
     def __repr__(self) -> str:
@@ -185,10 +202,6 @@ class Manager:
             raise
         return self
 
-    async def _ensure_account(self) -> None:
-        """Make sure of our key pair and security group (again after another removed them)."""
-        await self.account.ensure()
-
     @property
     def key_pair(self) -> keys.KeyPair:
         """The key pair of the servers this manager launches (the dot directory's; made
@@ -207,7 +220,7 @@ class Manager:
         """
         if self._open:
             try:
-                await closing.close(self, raise_errors=raise_errors)
+                await closing.close(self.fleet, self.on_exit, raise_errors=raise_errors)
             finally:
                 self._open = False
 
@@ -219,9 +232,7 @@ class Manager:
         """The EC2 key pairs whose private keys this manager holds (its dot directory's):
         only servers launched with one, and volumes and snapshots whose owner tag names
         one, are adopted."""
-        names = set(keys.keyfiles(self.dotdir, self.region))
-        pair = self.account.key_pair  # a key made with reuse_key=False, once there is one
-        return names | ({pair.name} if pair else set())
+        return self.context.known_key_names()
 
     @property
     def keyfile(self) -> Path:
@@ -230,27 +241,27 @@ class Manager:
 
     def servers(self) -> list[Server]:
         """Every server this manager knows (made or adopted)."""
-        return self.registry.servers()
+        return cast(list[Server], self.registry.servers())
 
     def volumes(self) -> list[Volume]:
         """Every volume this manager knows (made or adopted)."""
-        return self.registry.volumes()
+        return cast(list[Volume], self.registry.volumes())
 
     def find_server_by_instance(self, instance_id: str) -> Server:
         """The managed server with this instance id (UnknownServer otherwise)."""
-        return self.registry.find_server_by_instance(instance_id)
+        return cast(Server, self.registry.find_server_by_instance(instance_id))
 
     def find_server_by_name(self, name: str) -> Server | None:
         """The managed server of that name, or None."""
-        return self.registry.find_server_by_name(name)
+        return cast(Server | None, self.registry.find_server_by_name(name))
 
     def find_volume_by_volid(self, volume_id: str) -> Volume:
         """The managed volume with this id (UnknownVolume otherwise)."""
-        return self.registry.find_volume_by_volid(volume_id)
+        return cast(Volume, self.registry.find_volume_by_volid(volume_id))
 
     def find_volume_by_name(self, name: str) -> Volume | None:
         """The managed volume of that name, or None."""
-        return self.registry.find_volume_by_name(name)
+        return cast(Volume | None, self.registry.find_volume_by_name(name))
 
     def new_server_name(self) -> str:
         """A fresh name: ``server-xxxxxxxx``."""
@@ -285,7 +296,7 @@ class Manager:
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
-        return await self.fleet.provision_one(name, opts, timeout or self.timeouts.server)
+        return _one(await self.fleet.provision_one(name, opts, timeout or self.timeouts.server))
 
     async def provision_servers(
         self,
@@ -310,7 +321,7 @@ class Manager:
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
-        return await self.fleet.provision_many(names, opts, timeout or self.timeouts.server)
+        return _all(await self.fleet.provision_many(names, opts, timeout or self.timeouts.server))
 
     async def get_server(
         self,
@@ -327,33 +338,35 @@ class Manager:
         self._require_open()
         options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
-        return await self.fleet.get(name, options, timeout or self.timeouts.server)
+        return _one(await self.fleet.get(name, options, timeout or self.timeouts.server))
 
     async def get_server_in_zone(self, zone: str) -> Server:
         """A server up in this zone: a running one, else a started one, else a new one."""
         self._require_open()
-        return await self.fleet.server_in_zone(zone)
+        return _one(await self.fleet.server_in_zone(zone))
 
     async def wait_for_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Wait until every server is up; FleetError names those that are not."""
-        return await self.fleet.wait_all(list(servers), timeout or self.timeouts.server)
+        return _all(await self.fleet.wait_all(list(servers), timeout or self.timeouts.server))
 
     async def start_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Start every managed server at once (one StartInstances call) and wait until up."""
         self._require_open()
-        return await self.fleet.start(self.servers(), timeout=timeout or self.timeouts.server)
+        return _all(await self.fleet.start(self.servers(), timeout=timeout or self.timeouts.server))
 
     async def stop_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Stop every managed server at once and wait until they are stopped."""
         self._require_open()
-        return await self.fleet.stop(self.servers(), timeout=timeout or self.timeouts.stop)
+        return _all(await self.fleet.stop(self.servers(), timeout=timeout or self.timeouts.stop))
 
     async def terminate_all_servers(self, timeout: float | None = None) -> list[Server]:
         """Terminate every managed server at once, wait, and unregister them."""
         self._require_open()
-        return await self.fleet.terminate(self.servers(), timeout=timeout or self.timeouts.stop)
+        return _all(
+            await self.fleet.terminate(self.servers(), timeout=timeout or self.timeouts.stop)
+        )
 
     async def force_terminate_all_servers(self) -> None:
         """Terminate every managed server at once without waiting (emergency brake)."""
@@ -364,19 +377,21 @@ class Manager:
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Start these servers at once and wait until they are up."""
-        return await self.fleet.start(list(servers), timeout=timeout or self.timeouts.server)
+        return _all(await self.fleet.start(list(servers), timeout=timeout or self.timeouts.server))
 
     async def stop_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Stop these servers at once and wait until they are stopped."""
-        return await self.fleet.stop(list(servers), timeout=timeout or self.timeouts.stop)
+        return _all(await self.fleet.stop(list(servers), timeout=timeout or self.timeouts.stop))
 
     async def terminate_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
         """Terminate these servers at once, wait, and unregister them."""
-        return await self.fleet.terminate(list(servers), timeout=timeout or self.timeouts.stop)
+        return _all(
+            await self.fleet.terminate(list(servers), timeout=timeout or self.timeouts.stop)
+        )
 
     async def snapshots(self, name: str | None = None) -> list[Resource]:
         """Our staging snapshots (of volumes named ``name``), newest first, failed ones left out.
@@ -386,8 +401,7 @@ class Manager:
 
         Each is EC2's description (``SnapshotId``, ``VolumeSize``, ``StartTime``, ``Tags`` ...).
         """
-        found = await self.images.snapshots(name)  # another party's are never restored from
-        return ours("snapshot", found, keys=self.known_key_names(), fstypes=FSTYPES, level=DEBUG)
+        return await our_snapshots(self.context, name)
 
     async def provision_volume(
         self,
@@ -414,7 +428,7 @@ class Manager:
         where = mtpt or mount
         where = check_mount_point(where) if where else None
         if existing := await self.fleet.reuse_volume(name, volume_id, reuse=reuse, mtpt=where):
-            return existing
+            return cast(Volume, existing)  # made by this manager's volume_class
         zone = await self.fleet.zone_for_volume(volume_id, availability_zone)
         server = await self.get_server_in_zone(zone)
         return await server.provision_volume(
@@ -513,6 +527,16 @@ class Manager:
         return await transfer.dd(self, source, dest, **options)
 
 
+def _one(server: ServerRef) -> Server:
+    """A server of the fleet as what it is: made by this manager's ``server_class``."""
+    return cast(Server, server)
+
+
+def _all(servers: list[ServerRef]) -> list[Server]:
+    """The servers of the fleet as what they are (see :func:`_one`)."""
+    return cast(list[Server], servers)
+
+
 def _options(
     instance_type: str | None,
     image: str | None,
@@ -534,7 +558,10 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
     """A Manager for an embedded local cloud (its endpoint, region, image and user).
 
     ``options`` are Manager options; they override the local cloud's defaults. A
-    ``region`` other than the cloud's own gets that region's id of the image.
+    ``region`` other than the cloud's own gets that region's id of the image. The cloud's
+    endpoint, credentials, image and user are given as keywords, so they win over the same
+    fields of a settings object passed (the endpoint above all: it keeps the manager on
+    this cloud); pass ``image=`` ... to change them.
     """
     session = cloud.session_kwargs()
     region = str(options.get("region") or cloud.region)

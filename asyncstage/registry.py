@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol, TypeVar
 
 from asyncstage.ec2 import Resource
 from asyncstage.errors import NameTaken, UnknownServer, UnknownVolume
-
-if TYPE_CHECKING:
-    from asyncstage.server import Server
-    from asyncstage.ssh import SSHHost
-    from asyncstage.volume import Volume
+from asyncstage.refs import ServerRef, VolumeRef
+from asyncstage.ssh import SSHHost
 
 __all__ = ["Registry"]
 
@@ -26,10 +23,10 @@ class Registry:
     ``volume_class``).
     """
 
-    def __init__(self, make_volume: Callable[[Resource], Volume]) -> None:
+    def __init__(self, make_volume: Callable[[Resource], VolumeRef]) -> None:
         self._make_volume = make_volume
-        self._servers: dict[str, Server] = {}
-        self._volumes: dict[str, Volume] = {}
+        self._servers: dict[str, ServerRef] = {}
+        self._volumes: dict[str, VolumeRef] = {}
         self._started: set[str] = set()
         self._created_volumes: set[str] = set()
         self._reserved_names: set[str] = set()
@@ -41,26 +38,26 @@ class Registry:
 
     # -- servers -----------------------------------------------------------------------------
 
-    def servers(self) -> list[Server]:
+    def servers(self) -> list[ServerRef]:
         """Every server known (made or adopted)."""
         return list(self._servers.values())
 
-    def server(self, instance_id: str) -> Server | None:
+    def server(self, instance_id: str) -> ServerRef | None:
         """The server with this instance id, or None."""
         return self._servers.get(str(instance_id))
 
-    def add_server(self, server: Server) -> Server:
+    def add_server(self, server: ServerRef) -> ServerRef:
         """Know this server (by its instance id)."""
         self._servers[server.instance_id] = server
         return server
 
-    def record_stop(self, server: Server) -> None:
+    def record_stop(self, server: ServerRef) -> None:
         """A server was asked to stop: its mounted volumes are mounted again when it starts."""
         server._record_stop()
         for volume in self._volumes_on(server):
             volume._record_unmount(server_stopped=True)
 
-    def forget_server(self, server: Server) -> None:
+    def forget_server(self, server: ServerRef) -> None:
         """Forget a server (terminated): its volumes are detached from it."""
         attached = self._volumes_on(server)
         server._record_termination()
@@ -72,28 +69,22 @@ class Registry:
         if host is not None:
             self._retired_hosts.append(host)
 
-    def _volumes_on(self, server: Server) -> list[Volume]:
+    def _volumes_on(self, server: ServerRef) -> list[VolumeRef]:
         return [v for v in self._volumes.values() if v.server is server]
 
-    def find_server_by_instance(self, instance_id: str) -> Server:
+    def find_server_by_instance(self, instance_id: str) -> ServerRef:
         """The server with this instance id (UnknownServer otherwise)."""
-        found = self._servers.get(str(instance_id))
-        if found is None:
-            raise UnknownServer(f"no managed server {instance_id}")
-        return found
+        return _by_id(self._servers, instance_id, UnknownServer(f"no managed server {instance_id}"))
 
-    def find_server_by_name(self, name: str) -> Server | None:
+    def find_server_by_name(self, name: str) -> ServerRef | None:
         """The server of that name, or None."""
-        for server in self._servers.values():
-            if server.name == name:
-                return server
-        return None
+        return _named(self._servers.values(), name)
 
-    def mark_started(self, servers: Iterable[Server]) -> None:
+    def mark_started(self, servers: Iterable[ServerRef]) -> None:
         """These servers were launched or started here: ``on_exit`` applies to them."""
         self._started.update(s.instance_id for s in servers)
 
-    def started(self) -> list[Server]:
+    def started(self) -> list[ServerRef]:
         """The known servers this manager launched or started."""
         return [s for s in self._servers.values() if s.instance_id in self._started]
 
@@ -126,11 +117,11 @@ class Registry:
 
     # -- volumes -----------------------------------------------------------------------------
 
-    def volumes(self) -> list[Volume]:
+    def volumes(self) -> list[VolumeRef]:
         """Every volume known (made or adopted)."""
         return list(self._volumes.values())
 
-    def add_volume(self, desc: Resource, *, created: bool = False) -> Volume:
+    def add_volume(self, desc: Resource, *, created: bool = False) -> VolumeRef:
         """The Volume for this EC2 description (known already: its description refreshed).
 
         ``created``: made by this manager (``on_exit="terminate"`` deletes it).
@@ -145,10 +136,10 @@ class Registry:
             self._created_volumes.add(vid)
         return volume
 
-    def adopt_volumes(self, described: Iterable[Resource]) -> dict[Server, list[Volume]]:
+    def adopt_volumes(self, described: Iterable[Resource]) -> dict[ServerRef, list[VolumeRef]]:
         """Know these volumes (EC2 descriptions, found by a scan) and their attachments to
         known servers; the volumes attached to each running server, whose mounts are to read."""
-        by_server: dict[Server, list[Volume]] = {}
+        by_server: dict[ServerRef, list[VolumeRef]] = {}
         for desc in described:
             if desc.get("State") not in ("available", "in-use", "creating"):
                 continue
@@ -163,32 +154,26 @@ class Registry:
                 by_server.setdefault(server, []).append(volume)
         return by_server
 
-    def forget_volume(self, volume: Volume) -> None:
+    def forget_volume(self, volume: VolumeRef) -> None:
         """Forget a volume (deleted)."""
         self._volumes.pop(volume.volume_id, None)
         self._created_volumes.discard(volume.volume_id)
 
-    def created_volumes(self) -> list[Volume]:
+    def created_volumes(self) -> list[VolumeRef]:
         """The known volumes this manager created."""
         return [v for vid, v in self._volumes.items() if vid in self._created_volumes]
 
-    def find_volume_by_volid(self, volume_id: str) -> Volume:
+    def find_volume_by_volid(self, volume_id: str) -> VolumeRef:
         """The volume with this id (UnknownVolume otherwise)."""
-        found = self._volumes.get(str(volume_id))
-        if found is None:
-            raise UnknownVolume(f"no managed volume {volume_id}")
-        return found
+        return _by_id(self._volumes, volume_id, UnknownVolume(f"no managed volume {volume_id}"))
 
-    def find_volume_by_name(self, name: str) -> Volume | None:
+    def find_volume_by_name(self, name: str) -> VolumeRef | None:
         """The volume of that name, or None."""
-        for volume in self._volumes.values():
-            if volume.name == name:
-                return volume
-        return None
+        return _named(self._volumes.values(), name)
 
     # -- connections ---------------------------------------------------------------------------
 
-    def track_host(self, server: Server, host: SSHHost) -> None:
+    def track_host(self, server: ServerRef, host: SSHHost) -> None:
         """Remember the ssh connection a server now uses (its previous one retires), to
         close them on exit."""
         old = self._hosts.get(server.instance_id)
@@ -201,3 +186,24 @@ class Registry:
         command reconnects) and the retired ones (forgotten)."""
         retired, self._retired_hosts = self._retired_hosts, []
         return [*self._hosts.values(), *retired]
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_T = TypeVar("_T", bound=_Named)
+
+
+def _named(known: Iterable[_T], name: str) -> _T | None:
+    """The first of ``known`` with that name, or None."""
+    return next((item for item in known if item.name == name), None)
+
+
+def _by_id(known: Mapping[str, _T], key: str, missing: Exception) -> _T:
+    """``known[key]``; ``missing`` raised when there is none."""
+    found = known.get(str(key))
+    if found is None:
+        raise missing
+    return found

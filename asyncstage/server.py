@@ -6,7 +6,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack, cast
 
 import anyio
 
@@ -22,12 +22,13 @@ from asyncstage.errors import (
 )
 from asyncstage.ssh import Command, CommandResult, SSHHost
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
+from asyncstage.volume import Volume
 
 if TYPE_CHECKING:
-    from asyncstage.manager import Manager
+    from asyncstage.context import ManagerRef
     from asyncstage.paths import PathLike
+    from asyncstage.refs import VolumeRef
     from asyncstage.ssh import CommandReader, CommandWriter
-    from asyncstage.volume import Volume
 
 __all__ = ["Server"]
 
@@ -40,13 +41,14 @@ class Server:
 
     def __init__(
         self,
-        manager: Manager,
+        manager: ManagerRef,
         instance: Resource,
         *,
         keyfile: Path | None,
         username: str,
     ) -> None:
         self.manager = manager
+        self._ctx = manager.context
         self.instance: Resource = instance
         """The latest EC2 description of the instance (a DescribeInstances item)."""
         self.instance_id: str = str(instance["InstanceId"])
@@ -63,7 +65,7 @@ class Server:
         if self.state == "running":
             self._running_at = self.address
         self._up = False
-        self._disks = Disks(self)
+        self._disks = Disks(self._ctx, self)
 
     # -- info ---------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ class Server:
     @property
     def ec2(self) -> EC2:
         """The manager's :class:`asyncstage.ec2.EC2` client."""
-        return self.manager.ec2
+        return self._ctx.ec2
 
     @property
     def host(self) -> SSHHost:
@@ -122,7 +124,7 @@ class Server:
                 address,
                 username=self.username,
                 client_keys=[self.keyfile] if self.keyfile else [],
-                known_hosts=self.manager.known_hosts.path,
+                known_hosts=self._ctx.known_hosts.path,
                 host_key_policy="accept-new" if self._accept_new else "strict",
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
@@ -132,19 +134,19 @@ class Server:
             if vpc and private:  # servers of one VPC reach each other there
                 self._host.private_network = (str(vpc), str(private))
             # the manager closes it on exit (and the one it replaces)
-            self.manager.registry.track_host(self, self._host)
+            self._ctx.registry.track_host(self, self._host)
         return self._host
 
     async def refresh(self) -> Resource:
         """Fetch the instance's description again (sharing a round with other callers)."""
-        found = await self.manager.ec2.describe_instances_shared([self.instance_id])
+        found = await self._ctx.ec2.describe_instances_shared([self.instance_id])
         if self.instance_id in found:
             self._record_description(found[self.instance_id])
         return self.instance
 
     def volumes(self) -> list[Volume]:
         """The managed volumes attached to this server (the root volume is not one)."""
-        return [v for v in self.manager.volumes() if v.server is self]
+        return [cast(Volume, v) for v in self._ctx.registry.volumes() if v.server is self]
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -159,15 +161,15 @@ class Server:
 
     async def start(self, timeout: float | None = None) -> None:
         """Start the server and wait until ping() succeeds (default: ``timeouts.server``)."""
-        await self.manager.fleet.start_one(self, timeout=timeout or self.manager.timeouts.server)
+        await self._ctx.fleet.start_one(self, timeout=timeout or self._ctx.timeouts.server)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop the server and wait until it is stopped (default: ``timeouts.stop``)."""
-        await self.manager.fleet.stop_one(self, timeout=timeout or self.manager.timeouts.stop)
+        await self._ctx.fleet.stop_one(self, timeout=timeout or self._ctx.timeouts.stop)
 
     async def terminate(self, timeout: float | None = None) -> None:
         """Terminate, wait (default: ``timeouts.stop``), unregister it and its host key."""
-        await self.manager.fleet.terminate_one(self, timeout=timeout or self.manager.timeouts.stop)
+        await self._ctx.fleet.terminate_one(self, timeout=timeout or self._ctx.timeouts.stop)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -245,12 +247,12 @@ class Server:
 
     # -- volumes: helpers ---------------------------------------------------------------------
 
-    def default_mtpt(self, volume: Volume | str) -> str:
+    def default_mtpt(self, volume: VolumeRef | str) -> str:
         """The default mount point of a volume: ``/mnt/Staging/<name>``."""
         name = volume if isinstance(volume, str) else volume.name
         return f"/mnt/Staging/{name}"
 
-    def volume_description(self, volume: Volume | str) -> str:
+    def volume_description(self, volume: VolumeRef | str) -> str:
         """The description given to a staging volume's snapshots."""
         name = volume if isinstance(volume, str) else volume.name
         return f"Staging volume for {name} created by asyncstage"
@@ -286,7 +288,7 @@ class Server:
         the newest snapshot of that name. A volume made larger than its snapshot has
         its filesystem grown. Volumes from a volume or snapshot are never reformatted.
         """
-        return await self._disks.provision(
+        volume = await self._disks.provision(
             name,
             size=size,
             fstype=fstype,
@@ -299,22 +301,23 @@ class Server:
             uuid=uuid,
             availability_zone=availability_zone,
         )
+        return cast(Volume, volume)  # the registry makes the manager's volume_class
 
     add_volume = provision_volume
 
-    async def mount_volume(self, volume: Volume, mtpt: str | None = None) -> None:
+    async def mount_volume(self, volume: VolumeRef, mtpt: str | None = None) -> None:
         """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
         await self._disks.mount(volume, mtpt)
 
-    async def remount_volume(self, volume: Volume) -> None:
+    async def remount_volume(self, volume: VolumeRef) -> None:
         """Mount again a volume unmounted from this server, at its old mount point."""
         await self._disks.remount(volume)
 
-    async def unmount_volume(self, volume: Volume) -> None:
+    async def unmount_volume(self, volume: VolumeRef) -> None:
         """Unmount a volume (it stays attached)."""
         await self._disks.unmount(volume)
 
-    async def detach_volume(self, volume: Volume) -> None:
+    async def detach_volume(self, volume: VolumeRef) -> None:
         """Unmount and detach a volume, waiting until EC2 says it is detached."""
         await self._disks.detach(volume)
 
@@ -378,18 +381,18 @@ class Server:
         self._host = None
         for address in {self.address, self._pinned_for} - {None}:
             assert address is not None
-            self.manager.known_hosts.remove(address, 22)
+            self._ctx.known_hosts.remove(address, 22)
         self.instance.setdefault("State", {})["Name"] = "terminated"
         self._up = False
 
-    async def _adopt_mounts(self, volumes: list[Volume]) -> None:
+    async def _adopt_mounts(self, volumes: list[VolumeRef]) -> None:
         """Find where the volumes attached here are, and whether they are mounted."""
         await self._disks.adopt_mounts(volumes)
 
     async def _before_connect(self) -> None:
         """Before a new ssh connection: the group lets this machine in, the host key is
         settled."""
-        await self.manager.account.before_ssh()
+        await self._ctx.account.before_ssh()
         await self._pin_host_key()
 
     async def _pin_host_key(self) -> None:
@@ -412,7 +415,7 @@ class Server:
                 await self._settle_host_key(address)
 
     async def _settle_host_key(self, address: str) -> None:
-        known = self.manager.known_hosts
+        known = self._ctx.known_hosts
         old = self._pinned_for or self._moved_from
         keys = known.lookup(old, 22) if old and not self._fresh else []
         if old and keys:
@@ -424,7 +427,7 @@ class Server:
         elif self._fresh or not known.lookup(address, 22):
             if self._fresh:
                 known.remove(address, 22)
-            expected = await hostkeys.wait_for_fingerprints(self)
+            expected = await hostkeys.wait_for_fingerprints(self._ctx, self)
             self._accept_new = not expected
         else:
             expected = ()  # the pinned entry (an adopted server's) must match
@@ -447,7 +450,7 @@ class Server:
         if address is None:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
         await concurrently(
-            self._pin_host_key, lambda: hostkeys.wait_for_sshd(self, address, deadline)
+            self._pin_host_key, lambda: hostkeys.wait_for_sshd(self._ctx, self, address, deadline)
         )
         interval = 0.2
         while True:
@@ -466,7 +469,7 @@ class Server:
             left = deadline - anyio.current_time()
             if left <= 0:
                 raise await hostkeys.diagnose(
-                    self, address, f"never answered ssh ({failure})"
+                    self._ctx, self, address, f"never answered ssh ({failure})"
                 ) from failure
             self.host.reset()
             await anyio.sleep(min(interval, left))

@@ -25,9 +25,9 @@ from asyncstage.paths import RemotePath
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 
 if TYPE_CHECKING:
-    from asyncstage.manager import Manager
+    from asyncstage.context import ManagerRef
     from asyncstage.paths import PathLike
-    from asyncstage.server import Server
+    from asyncstage.refs import ServerRef
     from asyncstage.ssh import Command
 
 __all__ = ["Volume"]
@@ -41,15 +41,16 @@ class Volume:
     path there, ``mtpt`` its mount point and ``mounted`` whether it is mounted now.
     """
 
-    def __init__(self, manager: Manager, volume: Resource) -> None:
+    def __init__(self, manager: ManagerRef, volume: Resource) -> None:
         self.manager = manager
+        self._ctx = manager.context
         self.volume: Resource = volume
         """The latest EC2 description of the volume (a DescribeVolumes item)."""
         self.volume_id: str = str(volume["VolumeId"])
         tags = tags_of(volume)
         self._fstype: str = tags.get(tag("fstype"), "")
         self._mtpt: str | None = tags.get(tag("mtpt")) or None
-        self._server: Server | None = None
+        self._server: ServerRef | None = None
         self._mtdev: str | None = None
         self._ec2_device: str | None = None
         self._mounted = False
@@ -87,7 +88,7 @@ class Volume:
         self._fstype = fstype
 
     @property
-    def server(self) -> Server | None:
+    def server(self) -> ServerRef | None:
         """The server it is attached to, or None."""
         return self._server
 
@@ -118,7 +119,7 @@ class Volume:
         """Keep a fresh EC2 description of the volume."""
         self.volume = volume
 
-    def _record_attach(self, server: Server, ec2_device: str, mtdev: str | None) -> None:
+    def _record_attach(self, server: ServerRef, ec2_device: str, mtdev: str | None) -> None:
         """Attached to ``server`` as ``ec2_device``, seen there as ``mtdev``."""
         self._server, self._ec2_device, self._mtdev = server, ec2_device, mtdev
 
@@ -148,10 +149,10 @@ class Volume:
         """An /etc/fstab line that mounts the volume where it is mounted now."""
         if self.mtdev is None or self.mtpt is None:
             raise VolumeNotMounted(f"volume {self.name} has no device or mount point")
-        options = ",".join(o for o in (self.manager.mount_options, "nofail") if o)
+        options = ",".join(o for o in (self._ctx.storage.mount_options, "nofail") if o)
         return f"{self.mtdev}\t{self.mtpt}\t{self.fstype or 'auto'}\t{options}\t0\t2"
 
-    def _need_server(self) -> Server:
+    def _need_server(self) -> ServerRef:
         if self.server is None:
             raise VolumeError(f"volume {self.name} ({self.volume_id}) is not attached")
         return self.server
@@ -167,14 +168,14 @@ class Volume:
 
     async def refresh(self) -> Resource:
         """Fetch the volume's description again."""
-        found = await self.manager.ec2.describe_volumes([self.volume_id])
+        found = await self._ctx.ec2.describe_volumes([self.volume_id])
         if found:
             self._record_description(found[0])
         return self.volume
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def mount(self, server: Server | None = None, mtpt: str | None = None) -> None:
+    async def mount(self, server: ServerRef | None = None, mtpt: str | None = None) -> None:
         """Mount the volume: on its server, the given one, or one in its zone (made if needed).
 
         Given another server than the one it is attached to, it is detached first.
@@ -203,8 +204,8 @@ class Volume:
     async def delete(self) -> None:
         """Unmount, detach and delete the volume; it is unregistered from its manager."""
         await self.detach()
-        await self.manager.ec2.delete_volume(self.volume_id)
-        self.manager.registry.forget_volume(self)
+        await self._ctx.ec2.delete_volume(self.volume_id)
+        self._ctx.registry.forget_volume(self)
 
     async def create_snapshot(self, description: str = "", *, wait: bool = False) -> str:
         """Snapshot the volume cleanly; the snapshot's id.
@@ -214,7 +215,7 @@ class Volume:
         name and fstype, so that ``provision_volume(name, reuse=True)`` finds it.
         ``wait`` waits until the snapshot is completed.
         """
-        m = self.manager
+        m = self._ctx
         tags = {
             tag("role"): "snapshot",
             tag("name"): self.name,
@@ -222,7 +223,7 @@ class Volume:
             tag("volume"): self.volume_id,
             tag("created"): f"{time.time():020.6f}",
             "Name": self.name,
-            **creation_tags(m.key_pair.name if m.key_pair else None),
+            **creation_tags(m.account.local_key().name),
         }
         desc = description or (
             self.server.volume_description(self)
@@ -288,7 +289,7 @@ class Volume:
             await server.mount_volume(self, mtpt)
         raise VolumeNotMounted(f"volume {self.name} could not be mounted at {self._mtpt}")
 
-    async def _probe(self, server: Server, mtpt: str, subs: tuple[str, ...]) -> mounts.Probe:
+    async def _probe(self, server: ServerRef, mtpt: str, subs: tuple[str, ...]) -> mounts.Probe:
         """The mount probe of this volume on its server (started when it is not running)."""
         wanted = [posixpath.join(mtpt, sub.lstrip("/")) for sub in subs]
         argv = mounts.probe_argv(self.volume_id, self._mtdev, mtpt, wanted)

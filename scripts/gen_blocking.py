@@ -128,6 +128,14 @@ def load(path: str) -> Any:
 
 
 TWINS: dict[type[Any], str] = {load(t.async_path): t.name for t in TARGETS}
+PROTOCOL_TWINS = {
+    "asyncstage.context:ManagerRef": "Manager",
+    "asyncstage.refs:ServerRef": "Server",
+    "asyncstage.refs:VolumeRef": "Volume",
+}
+"""Protocols by which a handle names another (imports flow one way); at run time it is
+always the handle itself, so its twin is the handle's."""
+TWINS |= {load(path): name for path, name in PROTOCOL_TWINS.items()}
 
 
 # -- names: what a name in an async module refers to --------------------------------------
@@ -662,19 +670,44 @@ class Writer:
         )
 
     def options(self) -> Iterator[str]:
-        """``<Name>Options``: the keyword arguments of the async class's ``__init__``."""
+        """``<Name>Options``: the keyword arguments of the async class's ``__init__`` (those
+        of a ``**kwargs: Unpack[SomeTypedDict]`` included)."""
         t = self.target
         init = source(vars(self.cls)["__init__"])
         args = init.node.args
-        if args.args[1:] or args.posonlyargs or args.vararg or args.kwarg:
+        if args.args[1:] or args.posonlyargs or args.vararg:
             raise GenError(f"{t.name}.__init__: only keyword-only parameters are handled")
         yield f"class {t.name}Options(TypedDict, total=False):"
         yield f'{IND}"""The keyword arguments of :class:`{t.public}` (generated from them)."""\n'
-        for a in args.kwonlyargs:
-            if a.annotation is None:
-                raise GenError(f"{t.name}.__init__: {a.arg} has no annotation")
-            rewriter = Rewriter(self.imports, init.modname, twins=False, at_runtime=False)
-            yield f"{IND}{a.arg}: {rewriter.rewrite(a.annotation)}"
+        params = [(a.arg, a.annotation, init.modname) for a in args.kwonlyargs]
+        if args.kwarg:
+            params += unpacked(args.kwarg, init.modname, f"{t.name}.__init__")
+        for name, annotation, modname in params:
+            if annotation is None:
+                raise GenError(f"{t.name}.__init__: {name} has no annotation")
+            rewriter = Rewriter(self.imports, modname, twins=False, at_runtime=False)
+            yield f"{IND}{name}: {rewriter.rewrite(annotation)}"
+
+
+def unpacked(kwarg: ast.arg, modname: str, where: str) -> list[tuple[str, Any, str]]:
+    """The keys of ``**kwarg: Unpack[SomeTypedDict]``: (name, annotation, its module)."""
+    note = kwarg.annotation
+    if not (
+        isinstance(note, ast.Subscript)
+        and isinstance(note.value, ast.Name)
+        and note.value.id == "Unpack"
+        and isinstance(note.slice, ast.Name)
+    ):
+        raise GenError(f"{where}: **{kwarg.arg} must be annotated Unpack[SomeTypedDict]")
+    ref = resolve(note.slice.id, modname)
+    if ref is None:
+        raise GenError(f"{where}: cannot find {note.slice.id}")
+    typed = source(ref_object(ref))
+    return [
+        (item.target.id, item.annotation, typed.modname)
+        for item in typed.node.body
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+    ]
 
 
 # -- the module ----------------------------------------------------------------------------

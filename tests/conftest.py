@@ -48,6 +48,26 @@ _LAYER_FIXTURES = {
 }
 
 
+# The modules that take longest (from --durations on 2 cores), longest first. With
+# `--dist loadscope --no-loadscope-reorder` (make test) each module goes whole to one worker
+# in this order, so no worker is handed a long module when the others are nearly done.
+_LONGEST_FIRST = (
+    "test_benchmarks_quick.py",
+    "test_safety_faults.py",
+    "test_cli.py",
+    "test_backup_runs.py",
+    "test_demo.py",
+    "test_hostile.py",
+    "test_realism_consistency.py",
+    "test_transfer_cloud.py",
+    "test_manager.py",
+    "test_localcloud_wire.py",
+    "test_realism_devices.py",
+    "test_first_use.py",
+    "test_blocking.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -55,6 +75,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for marker, fixtures in _LAYER_FIXTURES.items():
             if used & fixtures:
                 item.add_marker(marker)
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
 
 
 @pytest.fixture(autouse=True)

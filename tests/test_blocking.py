@@ -20,6 +20,7 @@ from asyncstage import Server as AsyncServer
 from asyncstage import Volume, blocking
 from asyncstage.errors import CommandFailed
 from asyncstage.localcloud import LocalCloud as AsyncLocalCloud
+from asyncstage.settings import ManagerKeywords
 
 PAIRS = [
     (AsyncManager, blocking.Manager),
@@ -111,8 +112,12 @@ def test_the_coverage_check_catches_methods_added_later() -> None:
 
 
 def test_constructor_options_follow_the_async_classes() -> None:
+    """The Manager's options: its named parameters and the settings it takes one by one."""
     params = inspect.signature(AsyncManager.__init__).parameters
-    assert set(blocking.ManagerOptions.__annotations__) == set(params) - {"self"}
+    named = set(params) - {"self", "settings"}
+    assert params["settings"].kind is inspect.Parameter.VAR_KEYWORD
+    one_by_one = set(ManagerKeywords.__annotations__)
+    assert set(blocking.ManagerOptions.__annotations__) == named | one_by_one
     cloud_params = inspect.signature(AsyncLocalCloud.__init__).parameters
     assert list(inspect.signature(blocking.LocalCloud.__init__).parameters) == list(cloud_params)
 

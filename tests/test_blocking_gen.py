@@ -16,6 +16,7 @@ import pytest
 from asyncstage import Manager as AsyncManager
 from asyncstage import blocking
 from asyncstage.localcloud import LocalCloud as AsyncLocalCloud
+from asyncstage.settings import ManagerKeywords
 from tests.test_blocking import PAIRS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,10 @@ def test_types_name_the_blocking_classes() -> None:
 
 
 def test_manager_options_are_the_keyword_arguments_in_order() -> None:
+    """The named parameters, then the keys of ``**settings: Unpack[ManagerKeywords]``."""
     params = [p for p in inspect.signature(AsyncManager.__init__).parameters if p != "self"]
+    assert params[-1] == "settings"
+    params = params[:-1] + list(ManagerKeywords.__annotations__)
     assert list(blocking.ManagerOptions.__annotations__) == params
     cloud = inspect.signature(AsyncLocalCloud.__init__).parameters
     have = inspect.signature(blocking.LocalCloud.__init__).parameters

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -11,6 +15,7 @@ import asyncstage
 import asyncstage.blocking
 import asyncstage.errors
 import asyncstage.localcloud
+import asyncstage.localcloud.errors
 
 PUBLIC = {
     asyncstage: [
@@ -35,6 +40,12 @@ PUBLIC = {
         "call",
     ],
     asyncstage.localcloud: ["LocalCloud", "Realism"],
+    asyncstage.localcloud.errors: [
+        "LocalCloudError",
+        "NeedsRoot",
+        "NoDeviceIsolation",
+        "StateDirInUse",
+    ],
 }
 
 
@@ -72,13 +83,30 @@ def test_public_api_is_documented() -> None:
             assert inspect.getdoc(member), f"{cls.__name__}.{name} has no docstring"
 
 
+def test_local_cloud_errors_form_a_tree_of_their_own() -> None:
+    """The local cloud's errors root at LocalCloudError, outside the library's tree, are
+    documented in their module's tree, and still import under their old names."""
+    module = asyncstage.localcloud.errors
+    doc = module.__doc__ or ""
+    for name in module.__all__:
+        cls = getattr(module, name)
+        assert issubclass(cls, module.LocalCloudError), name
+        assert not issubclass(cls, asyncstage.AsyncstageError), name
+        assert name in doc, f"{name} missing from the hierarchy in the module docstring"
+        assert getattr(asyncstage.errors, name) is cls, f"asyncstage.errors.{name} is gone"
+    from asyncstage.errors import NeedsRoot
+
+    assert NeedsRoot is module.NeedsRoot
+    assert asyncstage.localcloud.StateDirInUse is module.StateDirInUse
+    with pytest.raises(AttributeError):
+        _ = asyncstage.errors.NoSuchError  # type: ignore[attr-defined]
+
+
 def test_errors_sit_where_their_callers_need_them() -> None:
     e = asyncstage.errors
     # transfers raise MissingDependency on AWS too: it is not a local cloud error
     assert issubclass(e.MissingDependency, e.AsyncstageError)
-    assert not issubclass(e.MissingDependency, e.LocalCloudError)
-    assert issubclass(e.NeedsRoot, e.LocalCloudError)
-    assert issubclass(e.StateDirInUse, e.LocalCloudError)
+    assert not issubclass(e.MissingDependency, asyncstage.localcloud.errors.LocalCloudError)
     # a missing image is a lookup failure, and still the EC2Error it used to be
     assert issubclass(e.UnknownImage, e.NotFound) and issubclass(e.UnknownImage, e.EC2Error)
     assert e.UnknownImage("gone", code="InvalidAMIID.NotFound").code == "InvalidAMIID.NotFound"
@@ -99,3 +127,23 @@ def test_an_underscore_is_the_only_privacy_marker(name: str) -> None:
         assert hasattr(twin, member) or reasons.get(member), f"{name}.{member}: no twin"
         doc = inspect.getdoc(inspect.getattr_static(cls, member)) or ""
         assert not doc.startswith("Internal:"), f"{name}.{member} is private: rename it _{member}"
+
+
+def test_a_local_cloud_error_reaches_the_command_line_as_one_line(tmp_path: Path) -> None:
+    """Out of the library's tree, a local cloud error still ends a command with one line
+    and its hint, not a traceback (`local up` without root, in a child that drops root)."""
+    tmp_path.chmod(0o777)
+    code = (
+        "import os, sys\n"
+        "from asyncstage.cli import main\n"
+        "if os.geteuid() == 0:\n"
+        "    os.setgid(65534); os.setuid(65534)\n"
+        f"sys.exit(main(['local', 'up', '--dir', {str(tmp_path / 'cloud')!r}]))\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 1, done.stderr
+    assert "asyncstage: error: the local cloud needs root" in done.stderr
+    assert "run it as root (sudo)" in done.stderr and "Traceback" not in done.stderr

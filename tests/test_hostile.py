@@ -365,6 +365,22 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, timeout=240)
 
 
+async def _run_all(
+    env: dict[str, str], argvs: list[list[str]]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Each command's outcome, in the order given; three run at once."""
+    results: list[subprocess.CompletedProcess[str] | None] = [None] * len(argvs)
+    limiter = anyio.CapacityLimiter(3)
+
+    async def one(i: int) -> None:
+        results[i] = await anyio.to_thread.run_sync(lambda: _cli(env, *argvs[i]), limiter=limiter)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(argvs)):
+            tg.start_soon(one, i)
+    return [r for r in results if r is not None]
+
+
 async def test_hostile_names_are_refused_by_the_cli(
     manager_factory: ManagerFactory, cloud: LocalCloud, cloud_dotdir: Path, tmp_path: Path
 ) -> None:
@@ -384,25 +400,29 @@ async def test_hostile_names_are_refused_by_the_cli(
         web = await m.get_server(f"cli-web-{run}")
         before_vols = await _live_volumes(m.ec2)
         before_mounts = await _mounts(web)
-        for name in [n for n in HOSTILE_NAMES if n != "--help"]:  # that one asks for help
+        named = [n for n in HOSTILE_NAMES if n != "--help"]  # that one asks for help
+        calls = [
+            (name, argv)
+            for name in named
             for argv in (
                 ["volumes", "provision", name, "--server", web.name],
                 ["servers", "provision", name],
-            ):
-                done = await anyio.to_thread.run_sync(lambda a=argv: _cli(env, *a))
-                assert done.returncode != 0, (argv, done.stdout, done.stderr)
-                assert "Traceback" not in done.stderr
-                # a leading "-" is an option to argparse: a usage error; the rest reach the
-                # naming rule, which the message states
-                why = "usage:" if name.startswith("-") else "starts with a letter or a digit"
-                assert why in done.stderr, (argv, done.stderr)
-        for where in ("/usr/local/sbin", "/mnt/Staging/../../etc"):
-            done = await anyio.to_thread.run_sync(
-                lambda w=where: _cli(
-                    env, "volumes", "provision", f"ok-{run}", "--server", web.name, "--mtpt", w
-                )
             )
-            assert done.returncode != 0 and "Traceback" not in done.stderr
+        ]
+        for where in ("/usr/local/sbin", "/mnt/Staging/../../etc"):
+            argv = ["volumes", "provision", f"ok-{run}", "--server", web.name, "--mtpt", where]
+            calls.append((None, argv))
+        # independent commands, each refused before it opens a manager: a few at a time
+        results = await _run_all(env, [argv for _, argv in calls])
+        for (name, argv), done in zip(calls, results, strict=True):
+            assert done.returncode != 0, (argv, done.stdout, done.stderr)
+            assert "Traceback" not in done.stderr
+            if name is None:
+                continue
+            # a leading "-" is an option to argparse: a usage error; the rest reach the
+            # naming rule, which the message states
+            why = "usage:" if name.startswith("-") else "starts with a letter or a digit"
+            assert why in done.stderr, (argv, done.stderr)
         assert await _live_volumes(m.ec2) == before_vols
         assert await _mounts(web) == before_mounts
         described = await m.ec2.describe_volumes(filters=tag_filters({tag("role"): "volume"}))

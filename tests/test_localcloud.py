@@ -32,8 +32,9 @@ import asyncssh
 import pytest
 from botocore.exceptions import ClientError
 
-from asyncstage.errors import MissingDependency, NeedsRoot
+from asyncstage.errors import MissingDependency
 from asyncstage.localcloud import LocalCloud
+from asyncstage.localcloud.errors import NeedsRoot
 from tests.patience import patient_client
 
 pytestmark = [

@@ -26,7 +26,6 @@ import anyio
 import asyncssh
 import pytest
 
-from asyncstage.errors import NoDeviceIsolation
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._bpf import (
     DeviceRule,
@@ -49,6 +48,7 @@ from asyncstage.localcloud._isolation import (
 )
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._system import process_start_time
+from asyncstage.localcloud.errors import NoDeviceIsolation
 from tests.test_localcloud import launch, node, sh, ssh, wait_state, wait_volume
 
 pytestmark = [
@@ -371,7 +371,7 @@ def test_no_mechanism_refuses_to_start() -> None:
     code = textwrap.dedent(
         """
         import anyio, logging
-        from asyncstage.errors import NoDeviceIsolation
+        from asyncstage.localcloud.errors import NoDeviceIsolation
         from asyncstage.localcloud import LocalCloud
 
         async def main():

@@ -14,13 +14,13 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._auth import AuthFailure, Credentials, check_host, check_request
 from asyncstage.localcloud._devices import is_nitro, root_nodes, xen_node
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import scrubbed_shadow
 from asyncstage.localcloud._query import renumber
 from asyncstage.localcloud._wire import boolean_actions, fix_response, namespace
+from asyncstage.localcloud.errors import LocalCloudError
 
 CREDS = Credentials("AKIAEXAMPLEEXAMPLE00", "s" * 40)
 ENDPOINT = "http://127.0.0.1:4566/"

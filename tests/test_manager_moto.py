@@ -16,9 +16,9 @@ from botocore.exceptions import ReadTimeoutError
 
 from asyncstage import Manager
 from asyncstage.adoption import OWNER_TAG
+from asyncstage.capacity import LaunchOptions
 from asyncstage.ec2 import new_client_token, tag, tags_of
 from asyncstage.errors import EC2Error, InvalidArgument, InvalidName, NameTaken
-from asyncstage.fleet import LaunchOptions
 from asyncstage.images import user_for_image
 
 pytestmark = pytest.mark.anyio

@@ -223,3 +223,27 @@ def test_is_valid_mount_point_wants_it_normalised_already() -> None:
     assert names.is_valid_mount_point("/mnt/x")
     assert not names.is_valid_mount_point("/mnt/x/")  # valid, but not as written
     assert not names.is_valid_mount_point("/usr/x") and not names.is_valid_mount_point(None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["volumes", "provision", "../x", "--server", "web"],
+        ["volumes", "provision", "ok", "--server", "web", "--mtpt", "/etc"],
+        ["servers", "provision", "two words"],
+    ],
+)
+def test_the_command_refuses_bad_names_before_asking_ec2(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The endpoint is a closed port: the refusal names the rule, not a failed call."""
+    from asyncstage.cli import main
+
+    monkeypatch.setenv("ASYNCSTAGE_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "starts with a letter or a digit" in err or "refusing to mount" in err, err
+    assert "127.0.0.1:9" not in err and "Could not connect" not in err

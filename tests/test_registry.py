@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -10,18 +11,16 @@ from asyncstage.ec2 import Resource
 from asyncstage.errors import NameTaken, UnknownServer, UnknownVolume
 from asyncstage.registry import Registry
 from asyncstage.server import Server
+from asyncstage.settings import Storage
 from asyncstage.volume import Volume
 
 
 class Owner:
-    """The manager side a Server and a Volume see: just the registry's lists."""
+    """The manager side a Server and a Volume see: a context with just the registry."""
 
     def __init__(self) -> None:
         self.registry = Registry(lambda desc: Volume(self, desc))  # type: ignore[arg-type]
-        self.mount_options = "nosuid,nodev"
-
-    def volumes(self) -> list[Volume]:
-        return self.registry.volumes()
+        self.context = SimpleNamespace(registry=self.registry, storage=Storage())
 
 
 def _instance(iid: str, name: str, state: str = "running") -> Resource:

@@ -31,9 +31,10 @@ from asyncstage.cli.common import (
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     AsyncstageError,
-    NeedsRoot,
     NotFound,
 )
+from asyncstage.localcloud.errors import NeedsRoot
+from asyncstage.names import Kind, check_mount_point, check_name
 from asyncstage.output import Output, human_bytes, human_duration
 from asyncstage.transfer import TransferStats
 
@@ -225,8 +226,19 @@ def _print_servers(out: Output, servers: Sequence[blocking.Server]) -> None:
     out.table(rows, cells, headers, "no servers")
 
 
+def _refuse_bad_input(args: argparse.Namespace, kind: Kind) -> None:
+    """Names and a mount point to provision, checked before the manager opens: bad input
+    is refused before any call to EC2 (the library checks them again)."""
+    if args.action == "provision":
+        for name in args.names:
+            check_name(name, kind)
+        if getattr(args, "mtpt", None):
+            check_mount_point(args.mtpt)
+
+
 def servers(args: argparse.Namespace, out: Output) -> int:
     action = args.action or "list"
+    _refuse_bad_input(args, "server")
     with open_manager(args) as m:
         if action == "list":
             _print_servers(out, m.servers())
@@ -307,6 +319,7 @@ def _print_volumes(out: Output, volumes: Sequence[blocking.Volume]) -> None:
 
 def volumes(args: argparse.Namespace, out: Output) -> int:
     action = args.action or "list"
+    _refuse_bad_input(args, "volume")
     with open_manager(args) as m:
         if action == "list":
             _print_volumes(out, m.volumes())

@@ -10,6 +10,8 @@ import ipaddress
 import os
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from asyncstage import blocking, completion, paths, userconfig
 from asyncstage.cli import daemon
@@ -134,26 +136,39 @@ def _did_you_mean(ref: str, known: Sequence[str], command: str) -> str:
 
 def find_server(m: blocking.Manager, ref: str) -> blocking.Server:
     """A managed server by name or instance id (NotFound otherwise)."""
-    server = m.find_server_by_name(ref)
-    if server is None and ref.startswith("i-"):
-        with contextlib.suppress(NotFound):
-            server = m.find_server_by_instance(ref)
-    if server is None:
-        known = [s.name for s in m.servers()]
-        raise UnknownServer(f"no server named {ref!r}{_did_you_mean(ref, known, 'servers')}")
-    return server
+    kind = _Kind("server", "i-", UnknownServer, lambda: [s.name for s in m.servers()])
+    return _find(ref, kind, m.find_server_by_name, m.find_server_by_instance)
 
 
 def find_volume(m: blocking.Manager, ref: str) -> blocking.Volume:
     """A managed volume by name or volume id (NotFound otherwise)."""
-    volume = m.find_volume_by_name(ref)
-    if volume is None and ref.startswith("vol-"):
+    kind = _Kind("volume", "vol-", UnknownVolume, lambda: [v.name for v in m.volumes()])
+    return _find(ref, kind, m.find_volume_by_name, m.find_volume_by_volid)
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    id_prefix: str
+    unknown: type[NotFound]
+    known_names: Callable[[], list[str]]
+
+
+def _find(
+    ref: str, kind: _Kind, by_name: Callable[[str], _T | None], by_id: Callable[[str], _T]
+) -> _T:
+    """What ``ref`` names, else what it is the id of; NotFound with the names it may mean."""
+    found = by_name(ref)
+    if found is None and ref.startswith(kind.id_prefix):
         with contextlib.suppress(NotFound):
-            volume = m.find_volume_by_volid(ref)
-    if volume is None:
-        known = [v.name for v in m.volumes()]
-        raise UnknownVolume(f"no volume named {ref!r}{_did_you_mean(ref, known, 'volumes')}")
-    return volume
+            found = by_id(ref)
+    if found is None:
+        hint = _did_you_mean(ref, kind.known_names(), f"{kind.name}s")
+        raise kind.unknown(f"no {kind.name} named {ref!r}{hint}")
+    return found
 
 
 def resolve_names(m: blocking.Manager, path: str) -> str:

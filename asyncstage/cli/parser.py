@@ -32,8 +32,8 @@ from asyncstage.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_
 from asyncstage.errors import (
     AsyncstageError,
     HostKeyMismatch,
-    NeedsRoot,
 )
+from asyncstage.localcloud.errors import LocalCloudError, NeedsRoot
 from asyncstage.output import Output
 from asyncstage.settings import ON_EXIT
 
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asyncstage: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (AsyncstageError, OSError, ValueError) as e:
+    except (AsyncstageError, LocalCloudError, OSError, ValueError) as e:
         if args.verbose:
             traceback.print_exc()
         print(f"asyncstage: error: {_one_line(e)}", file=sys.stderr)

@@ -17,8 +17,8 @@ asyncstage.localcloud`` runs one in the foreground.
 
 from __future__ import annotations
 
-from asyncstage.errors import StateDirInUse as StateDirInUse
 from asyncstage.localcloud._cloud import LocalCloud
 from asyncstage.localcloud._realism import Realism
+from asyncstage.localcloud.errors import StateDirInUse as StateDirInUse
 
 __all__ = ["LocalCloud", "Realism"]

@@ -7,9 +7,9 @@ import sys
 
 import anyio
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._cloud import LocalCloud
 from asyncstage.localcloud._isolation import ISOLATION_MODES, MECHANISMS
+from asyncstage.localcloud.errors import LocalCloudError
 
 
 async def _serve(args: argparse.Namespace) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 from xml.sax.saxutils import escape
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud import _iam
 from asyncstage.localcloud._auth import AuthFailure, check_host, check_request, signer
 from asyncstage.localcloud._consistency import Consistency, created_ids
@@ -36,6 +35,7 @@ from asyncstage.localcloud._throttle import (
     Throttle,
 )
 from asyncstage.localcloud._wire import error_xml, fix_response, namespace
+from asyncstage.localcloud.errors import LocalCloudError
 
 try:
     from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app

@@ -49,7 +49,7 @@ class LocalCloud:
     ``device_isolation`` chooses how instances are kept off the machine's block devices:
     ``"auto"`` (the default) the cgroup v1 ``devices`` controller if the machine has it,
     else a cgroup v2 device BPF program; ``"v1"`` or ``"bpf"`` that one only. Where none
-    works the cloud refuses to start (:class:`~asyncstage.errors.NoDeviceIsolation`,
+    works the cloud refuses to start (:class:`~asyncstage.localcloud.errors.NoDeviceIsolation`,
     naming what is missing) unless given ``"none"``, which accepts that root in an
     instance can reach the machine's disks. :attr:`device_isolation` says which is in force.
     """

@@ -7,9 +7,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._registry import LoopId, free_loop
 from asyncstage.localcloud._system import run, which
+from asyncstage.localcloud.errors import LocalCloudError
 
 GIB = 1 << 30
 ROOT_DISK_GIB = 8  # EC2's default root volume size

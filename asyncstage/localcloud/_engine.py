@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asyncstage.errors import InvalidArgument, LocalCloudError
+from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._devices import is_nitro, nvme_node, root_nodes, xen_node
 from asyncstage.localcloud._disks import Disk, copy_sparse
@@ -39,6 +39,7 @@ from asyncstage.localcloud._realism import Realism
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._run import _Run
 from asyncstage.localcloud._system import check_machine, run, which
+from asyncstage.localcloud.errors import LocalCloudError
 
 log = logging.getLogger("asyncstage.localcloud")
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._isolation import (
     DROPPED_CAPS,
     InstanceCgroup,
@@ -40,6 +39,7 @@ from asyncstage.localcloud._system import (
     run,
     which,
 )
+from asyncstage.localcloud.errors import LocalCloudError
 
 LOGIN_USER = "admin"
 _HOST_KEY_TYPES = ("ecdsa", "ed25519")

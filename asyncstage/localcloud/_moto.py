@@ -25,7 +25,6 @@ from typing import Any
 from moto.core.utils import utcnow
 from moto.ec2.exceptions import EC2ClientError
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._copies import RegionCopies
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
 from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
@@ -40,6 +39,7 @@ from asyncstage.localcloud._records import (
     snapshot_data,
     start_snapshot,
 )
+from asyncstage.localcloud.errors import LocalCloudError
 
 MAX_INSTANCES = 256  # live instances per cloud: a guard against runaway launches
 _MOTO_ROOT = "/dev/sda1"  # where moto attaches an instance's root volume

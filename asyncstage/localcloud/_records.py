@@ -18,8 +18,8 @@ from moto.ec2.models.elastic_block_store import Snapshot
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
 from moto.ec2.models.instances import Instance, StateReason
 
-from asyncstage.errors import LocalCloudError
 from asyncstage.localcloud._hooks import EngineHooks
+from asyncstage.localcloud.errors import LocalCloudError
 
 STATE_CODES = {
     "pending": 0,

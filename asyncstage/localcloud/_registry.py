@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asyncstage.errors import LocalCloudError, StateDirInUse
 from asyncstage.localcloud._isolation import remove_cgroup_tree
 from asyncstage.localcloud._system import process_start_time, run, which
+from asyncstage.localcloud.errors import LocalCloudError, StateDirInUse
 
 REGISTRY_DIR = Path("/run/asyncstage-localcloud")
 FIRST_BLOCK = 100  # 127.100.0.0/16 and up: far from 127.0.0.0/24, where test sshds listen

@@ -15,7 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-from asyncstage.errors import LocalCloudError, NoDeviceIsolation
 from asyncstage.localcloud._disks import RootDisk
 from asyncstage.localcloud._isolation import (
     DEVICES_V1,
@@ -32,6 +31,7 @@ from asyncstage.localcloud._isolation import (
 )
 from asyncstage.localcloud._registry import LoopId, RunRecord, lock_state_dir, register
 from asyncstage.localcloud._system import run, which
+from asyncstage.localcloud.errors import LocalCloudError, NoDeviceIsolation
 
 log = logging.getLogger("asyncstage.localcloud")
 SUBDIRS = ("instances", "volumes", "snapshots", "roots")

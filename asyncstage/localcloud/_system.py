@@ -7,7 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from asyncstage.errors import LocalCloudError, MissingDependency, NeedsRoot
+from asyncstage.errors import MissingDependency
+from asyncstage.localcloud.errors import LocalCloudError, NeedsRoot
 
 # program -> Debian package that provides it
 _PROGRAMS = {

@@ -49,10 +49,10 @@ from asyncstage.transfer.dd import dd_endpoints
 from asyncstage.transfer.link import sweep_stale_keys
 from asyncstage.transfer.rsync import rsync_endpoints
 
-if TYPE_CHECKING:
-    from asyncstage.manager import Manager
-    from asyncstage.server import Server
-    from asyncstage.volume import Volume
+if TYPE_CHECKING:  # what transfers use of a manager, server and volume (imports flow one way)
+    from asyncstage.refs import LookupRef as Manager
+    from asyncstage.refs import ServerRef as Server
+    from asyncstage.refs import VolumeRef as Volume
 
 __all__ = [
     "DEFAULT_HOST_LIMIT",
