@@ -30,7 +30,7 @@ from asyncstage.backup._common import Phase
 from asyncstage.backup.manifest import MANIFEST_NAME, recorded
 from asyncstage.backup.scratch import volume_from
 from asyncstage.backup.snapshots import pick_snapshot, usable
-from asyncstage.errors import UnknownSnapshot
+from asyncstage.errors import InvalidArgument, UnknownSnapshot
 from asyncstage.manager import Manager
 from asyncstage.remote import manifest as script
 from asyncstage.server import Server
@@ -157,7 +157,7 @@ async def check(
     """
     names.check_name(name, "backup")
     if all_snapshots and snapshot_id is not None:
-        raise UnknownSnapshot("check: give a snapshot id or all snapshots, not both")
+        raise InvalidArgument("check: give a snapshot id or all snapshots, not both")
     if all_snapshots:
         snaps = usable(await m.snapshots(name))
         if not snaps:
