@@ -133,17 +133,26 @@ def file_sha256(path: bytes) -> str:
     """sha256 of a file's content, read in chunks (never through a symlink)."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    # One read buffer for many files: a new one per file would cost more than a small
+    # file takes to hash. A thread that finds none free makes its own.
+    buf, view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            while n := f.readinto(buf):
-                h.update(view[:n])
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
     finally:
         os.close(fd)
+        _BUFFERS.append((buf, view))
     return h.hexdigest()
+
+
+_BUFFERS: list[tuple[bytearray, memoryview]] = []
+
+
+def _new_buffer() -> tuple[bytearray, memoryview]:
+    buf = bytearray(_CHUNK)
+    return buf, memoryview(buf)
 
 
 def _dump(entry: Entry) -> bytes:
