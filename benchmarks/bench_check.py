@@ -25,7 +25,8 @@ from typing import Any
 import anyio
 from _common import MiB, Report, local_cloud, parse_args
 
-from asyncstage import Server, backup, remote
+from asyncstage import Server, backup
+from asyncstage.backup.check import check_mounted
 from asyncstage.backup.manifest import MANIFEST_NAME, recorded
 from asyncstage.backup.scratch import volume_from
 
@@ -52,17 +53,7 @@ async def _fill(server: Server, root: str, big: int, big_size: int, small: int) 
 
 async def _timed_helper(server: Server, root: str, digest: str) -> tuple[float, dict[str, Any]]:
     t = time.perf_counter()
-    reply = await remote.run_json(
-        server.host,
-        True,
-        "manifest",
-        "check",
-        root,
-        f"{root}/{MANIFEST_NAME}",
-        digest,
-        "read-data",
-        timeout=None,
-    )
+    reply = await check_mounted(server, root, digest, read_data=True)
     return time.perf_counter() - t, reply
 
 

@@ -36,7 +36,7 @@ from asyncstage.remote import manifest as script
 from asyncstage.server import Server
 from asyncstage.volume import Volume
 
-__all__ = ["MANIFEST_STATES", "CheckResult", "check", "verify_restored"]
+__all__ = ["MANIFEST_STATES", "CheckResult", "check", "check_mounted", "verify_restored"]
 
 MANIFEST_STATES = {
     "ok": "the manifest matches its tag",
@@ -186,21 +186,28 @@ async def _check_one(
         await volume.server.run("mount", "-o", "remount,ro", "--", volume.mtpt, sudo=True)
         if phase:
             phase("check")
-        flags = ["read-data"] if read_data else []
-        root = volume.mtpt
-        reply = await remote.run_json(
-            volume.server.host,
-            True,
-            "manifest",
-            "check",
-            root,
-            f"{root}/{MANIFEST_NAME}",
-            digest,
-            *flags,
-            timeout=None,
-        )
+        reply = await check_mounted(volume.server, volume.mtpt, digest, read_data=read_data)
     found = _from_reply(name, sid, read_data, reply)
     return CheckResult(**{**asdict(found), "elapsed": time.monotonic() - started})
+
+
+async def check_mounted(
+    server: Server, root: str, digest: str, *, read_data: bool
+) -> dict[str, Any]:
+    """The manifest helper's answer for the tree mounted at ``root`` on ``server``, whose
+    manifest must have the sha256 ``digest`` (see :mod:`asyncstage.remote.manifest`)."""
+    flags = ["read-data"] if read_data else []
+    return await remote.run_json(
+        server.host,
+        True,
+        "manifest",
+        "check",
+        root,
+        f"{root}/{MANIFEST_NAME}",
+        digest,
+        *flags,
+        timeout=None,
+    )
 
 
 async def verify_restored(
