@@ -46,7 +46,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   └── VolumeInUse
     ├── TransferError
     │   ├── RsyncError             rsync's exit code and message
-    │   └── VerifyFailed           checksums of source and destination differ
+    │   ├── VerifyFailed           checksums of source and destination differ
+    │   └── RestoreVerifyFailed    restored files differ from the backup's manifest
     └── MissingDependency          a program is missing here or on a server (transfers,
                                    local cloud); names the Debian package to install
 
@@ -83,6 +84,7 @@ __all__ = [
     "NotFound",
     "PathError",
     "PermissionDenied",
+    "RestoreVerifyFailed",
     "RsyncError",
     "SSHError",
     "ServerNotRunning",
@@ -443,6 +445,16 @@ class VerifyFailed(TransferError):
     def __init__(self, message: str, *, source: str, destination: str) -> None:
         self.source_digest = source
         self.destination_digest = destination
+        super().__init__(message)
+
+
+class RestoreVerifyFailed(TransferError):
+    """A restore wrote its files, and they differ from the backup's manifest (or the
+    manifest could not be trusted). ``findings`` is the check's result as a dict:
+    ``manifest``, ``missing``, ``changed``, ``extra``, ``damaged`` and ``counts``."""
+
+    def __init__(self, message: str, *, findings: dict[str, Any]) -> None:
+        self.findings = findings
         super().__init__(message)
 
 

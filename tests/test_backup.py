@@ -78,7 +78,7 @@ async def test_round_trip_incremental_and_restore_rules(
     src = _tree(tmp_path / "src")
     phases: list[str] = []
     first = await backup.backup(manager, "round", [src], phase=phases.append)
-    assert phases == ["volume", "rsync", "snapshot", "cleanup"]
+    assert phases == ["volume", "rsync", "manifest", "snapshot", "cleanup"]
     assert first.files == 7 and first.previous_snapshot_id is None
     assert manager.volumes() == [] and await _volumes_named(manager, "round") == []
 

@@ -246,3 +246,13 @@ def test_fabric(results: Path) -> None:
     for phases in r["fleet"]["cpu"].values():  # where the time went, phase by phase
         assert all(p["wall_s"] >= 0 and p["controller_cpu_s"] >= 0 for p in phases.values())
     assert len(data["targets"]) == 5
+
+
+def test_check(results: Path) -> None:
+    data = _load(results, "check")
+    r, p = data["results"], data["params"]
+    assert r["files"] == p["big_files"] + p["small_files"]
+    assert len(r["helper_runs_s"]) == len(r["sha256sum_runs_s"]) == p["repeats"]
+    assert all(_positive(x) for x in (*r["helper_runs_s"], *r["sha256sum_runs_s"]))
+    assert _positive(r["whole_check_s"]) and r["bytes"] > 0
+    assert [t["name"] for t in data["targets"]] == ["check_read_data_vs_sha256sum"]

@@ -212,6 +212,11 @@ def test_backup_and_restore(daemon: dict[str, str], tmp_path: Path) -> None:
         run(env, "--local", "--json", "restore", "--name", "home", str(dest)).stdout
     )
     assert restored["snapshot_id"] == second["snapshot_id"]
+    assert restored["verified"] == "verified"  # against the manifest, content included
+    checked = run(env, "--local", "--json", "backup", "check", "home", "--all", "--read-data")
+    found = json.loads(checked.stdout)
+    assert [c["snapshot_id"] for c in found] == [second["snapshot_id"], first["snapshot_id"]]
+    assert all(c["verified"] and c["files_read"] > 0 for c in found)
     copy = dest / str(data).lstrip("/")
     compare = filecmp.dircmp(data, copy)
     assert not (compare.left_only or compare.right_only or compare.diff_files)
@@ -220,6 +225,8 @@ def test_backup_and_restore(daemon: dict[str, str], tmp_path: Path) -> None:
 
     missing = run(env, "--local", "restore", "--name", "nothing", str(tmp_path / "x"), ok=False)
     assert missing.returncode == 1 and "no backup named 'nothing'" in missing.stderr
+    unknown = run(env, "--local", "backup", "check", "nothing", ok=False)
+    assert unknown.returncode == 1 and "no backup named 'nothing'" in unknown.stderr
 
     # the destination must be empty unless --force; / is always refused
     again = run(env, "--local", "restore", "--name", "home", str(dest), ok=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,8 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncstage import demo
-from asyncstage.volume import Volume
+from asyncstage import backup, demo
 
 EXE = Path(sys.executable).parent / "asyncstage"
 
@@ -31,28 +31,29 @@ def test_small_demo_through_the_command() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "every sha256 equal to the source's: OK" in done.stdout
+    assert "every sha256 equal to the backup's manifest" in done.stdout
     assert "verification: OK" in done.stdout
     for name in ("web1", "web16"):
         assert f"\n{name} " in done.stdout  # its row in the summary table
 
 
 def test_a_failed_verification_fails_the_demo(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_sums = demo._sums
+    real_check = backup.check
 
-    async def corrupted(volume: Volume) -> dict[str, str]:
-        sums = await real_sums(volume)
-        if volume.name == "restore-check":
-            first = sorted(sums)[0]
-            sums[first] = "0" * 64
-        return sums
+    async def damaged(*args: Any, **kwargs: Any) -> list[backup.CheckResult]:
+        """The real check, with its first file reported damaged."""
+        (found,) = await real_check(*args, **kwargs)
+        hurt = {"path": "file-0000", "error": "content differs"}
+        counts = {**found.counts, "damaged": 1}
+        return [dataclasses.replace(found, damaged=(hurt,), counts=counts)]
 
-    monkeypatch.setattr(demo, "_sums", corrupted)
+    monkeypatch.setattr(demo.backup, "check", damaged)
 
     async def main() -> dict[str, Any]:
         return await demo.run_demo(demo.DemoConfig.small(1), quiet=True)
 
     result = anyio.run(main)
     assert result["ok"] is False
-    assert len(result["verify"]["different"]) == 1
+    assert result["verify"]["check"]["counts"]["damaged"] == 1
+    assert result["verify"]["check"]["files_read"] == result["verify"]["files"] > 0
     assert [s["step"].split()[0] for s in result["steps"]][-2:] == ["clean", "stop"]

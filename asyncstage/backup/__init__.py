@@ -14,13 +14,16 @@ first (``Manager.snapshots(NAME)``), of which only those marked complete count.
 - :mod:`~asyncstage.backup.hooks`: ``pre``/``post`` consistency hooks per source;
 - :mod:`~asyncstage.backup.snapshots`: which snapshots are complete backups;
 - :mod:`~asyncstage.backup.plans`: plans of many backups run at once (:func:`run_plan`);
-- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`).
+- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`);
+- :mod:`~asyncstage.backup.manifest`, :mod:`~asyncstage.backup.check`: each backup's
+  manifest of every file, and checks of snapshots and restores against it (:func:`check`).
 
 Safety rules: see ``docs/backup.md``.
 """
 
 from __future__ import annotations
 
+from asyncstage.backup.check import CheckResult, check
 from asyncstage.backup.copy import DEFAULT_TTL, BackupResult, backup
 from asyncstage.backup.hooks import Hook, Hooked, HookFailed
 from asyncstage.backup.plans import (
@@ -43,6 +46,7 @@ __all__ = [
     "DEFAULT_TTL",
     "BackupOutcome",
     "BackupResult",
+    "CheckResult",
     "Hook",
     "HookFailed",
     "Hooked",
@@ -55,6 +59,7 @@ __all__ = [
     "Source",
     "SweepResult",
     "backup",
+    "check",
     "check_destination",
     "data_size",
     "load_plan",

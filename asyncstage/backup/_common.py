@@ -17,7 +17,8 @@ RSYNC_OPTIONS = ("--hard-links", "--numeric-ids", "--exclude", "/lost+found")
 """rsync options of every backup and restore; a volume's own ``lost+found`` never moves."""
 
 Phase = Callable[[str], object]
-"""Told each phase as it starts: ``volume``, ``rsync``, ``snapshot``, ``cleanup``."""
+"""Told each phase as it starts: ``volume``, ``rsync``, ``manifest``, ``snapshot``,
+``cleanup`` (a backup); ``check`` and ``verify`` (checks and restores)."""
 ProgressCallback = Callable[[Progress], object]
 
 

@@ -8,9 +8,10 @@ One run of backup ``NAME``:
 3. makes a **new** work volume called ``NAME``, tagged as the run's from its create call
    on: from the newest complete snapshot of the name (grown when the data needs more
    room), or empty for the first backup;
-4. brings it up to date with ``rsync --delete``, one host's sources after another;
-5. snapshots it, waits until the snapshot is ``completed``, and marks it complete with
-   its parent snapshot and its consistency;
+4. brings it up to date with ``rsync --delete``, one host's sources after another, and
+   writes the manifest of every file at its root (:mod:`asyncstage.backup.manifest`);
+5. snapshots it, waits until the snapshot is ``completed``, records the manifest's
+   digest in a tag, and marks it complete with its parent snapshot and its consistency;
 6. deletes the work volume and releases the lease.
 
 A live volume that has the backup's name, made by someone else, is never written,
@@ -32,6 +33,7 @@ from asyncstage.adoption import extra_tags
 from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own, log
 from asyncstage.backup.hooks import Hook, HookFailed, run_hook
 from asyncstage.backup.lease import Lease, with_lease
+from asyncstage.backup.manifest import tag_manifest, write_manifest
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
@@ -75,6 +77,10 @@ class BackupResult:
     """``crash-consistent``, or ``application-consistent`` when ``pre`` hooks ran."""
     swept: tuple[str, ...] = ()
     """Leftovers of dead runs this run removed first (volume and snapshot ids)."""
+    manifest_sha256: str = ""
+    """sha256 of the snapshot's manifest (also in its ``asyncstage:backup-manifest`` tag)."""
+    manifest_s: float = 0.0
+    """Seconds spent writing the manifest (hashing every file on the work volume)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a plain dict (``--json``)."""
@@ -171,6 +177,9 @@ async def _run(
         tell("rsync")
         stats, consistency = await _copy_into(m, volume, groups, progress)
         t_rsync = time.monotonic()
+        tell("manifest")
+        manifest = await write_manifest(volume)
+        t_manifest = time.monotonic()
         tell("snapshot")
         await lease.check()
         with run_tags(lease.run):
@@ -178,6 +187,7 @@ async def _run(
                 description or f"asyncstage backup {name}", wait=True
             )
         await require_completed(m, new_id)
+        await tag_manifest(m, [new_id], manifest["sha256"])
         await lease.check()  # a run that lost its lease never marks anything complete
         await mark_complete(m, [new_id], parent, consistency)
     except BaseException:
@@ -199,11 +209,13 @@ async def _run(
         route=stats.route,
         volume_s=t_volume - started,
         rsync_s=t_rsync - t_volume,
-        snapshot_s=t_snapshot - t_rsync,
+        snapshot_s=t_snapshot - t_manifest,
         elapsed=time.monotonic() - started,
         run_id=lease.run.run_id,
         consistency=consistency,
         swept=tuple(swept.volumes + swept.snapshots),
+        manifest_sha256=manifest["sha256"],
+        manifest_s=t_manifest - t_rsync,
     )
 
 

@@ -10,9 +10,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from asyncstage import names
-from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own
+from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, log
+from asyncstage.backup.check import CheckResult, verify_restored
+from asyncstage.backup.manifest import MANIFEST_NAME
+from asyncstage.backup.scratch import volume_from as _volume_from
 from asyncstage.backup.snapshots import pick_snapshot
-from asyncstage.errors import DestinationNotEmpty, InvalidArgument
+from asyncstage.errors import DestinationNotEmpty, InvalidArgument, RestoreVerifyFailed
 from asyncstage.manager import Manager
 from asyncstage.server import Server
 from asyncstage.volume import Volume
@@ -30,6 +33,9 @@ class RestoreResult:
     bytes: int
     files: int
     elapsed: float
+    verified: str = "not asked"
+    """``verified`` (every file as its manifest says), ``not asked``, or why it could not
+    be (``none``/``untagged``: the snapshot has no manifest)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a plain dict (``--json``)."""
@@ -78,28 +84,6 @@ async def snapshot_volume(
         yield volume
 
 
-@contextlib.asynccontextmanager
-async def _volume_from(
-    m: Manager,
-    snapshot_id: str,
-    server: Server | None,
-    volume_name: str | None,
-    phase: Phase | None,
-) -> AsyncIterator[Volume]:
-    if phase:
-        phase("volume")
-    if server is not None:
-        volume = await server.provision_volume(volume_name, snapshot_id=snapshot_id, reuse=False)
-    else:
-        volume = await m.provision_volume(volume_name, snapshot_id=snapshot_id, reuse=False)
-    try:
-        yield volume
-    finally:
-        if phase:
-            phase("cleanup")
-        await delete_own(volume)
-
-
 async def restore(
     m: Manager,
     name: str,
@@ -109,6 +93,7 @@ async def restore(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     phase: Phase | None = None,
+    verify: bool = True,
 ) -> RestoreResult:
     """Restore the newest complete snapshot of backup ``name`` (or ``snapshot_id``) into
     the local directory ``dest``.
@@ -116,11 +101,18 @@ async def restore(
     ``dest`` must be empty or missing unless ``overwrite`` (then files are merged into it,
     nothing deleted); ``/`` and the home directory are refused
     (:func:`check_destination`). Reads only from a snapshot, never from a live volume.
+
+    With ``verify`` (the default) the restored files are then checked, content included,
+    against the snapshot's manifest (:func:`~asyncstage.backup.check.verify_restored`):
+    :class:`~asyncstage.errors.RestoreVerifyFailed` when they differ or the manifest
+    cannot be trusted (the files stay where they were written).
     """
     names.check_name(name, "backup")
     path = check_destination(dest, overwrite=overwrite)
     started = time.monotonic()
-    chosen = str((await pick_snapshot(m, name, snapshot_id))["SnapshotId"])
+    snap = await pick_snapshot(m, name, snapshot_id)
+    chosen = str(snap["SnapshotId"])
+    found: CheckResult | None = None
     async with _volume_from(m, chosen, None, None, phase) as volume:
         os.makedirs(path, exist_ok=True)
         if phase:
@@ -128,14 +120,30 @@ async def restore(
         stats = await m.rsync(
             f"{volume.volume_id}:/",
             path.rstrip("/") + "/",
-            options=list(RSYNC_OPTIONS),
+            options=[*RSYNC_OPTIONS, "--exclude", f"/{MANIFEST_NAME}"],
             progress=progress,
         )
-    return RestoreResult(
+        if verify:
+            if phase:
+                phase("verify")
+            found = await verify_restored(m, name, snap, volume, path, merged=overwrite)
+    result = RestoreResult(
         name=name,
         snapshot_id=chosen,
         dest=path,
         bytes=stats.bytes,
         files=stats.files,
         elapsed=time.monotonic() - started,
+        verified="not asked" if found is None else "verified" if found.verified else found.manifest,
     )
+    if found is None:
+        return result
+    if found.failed:
+        raise RestoreVerifyFailed(
+            f"restore {name}: {chosen} was written to {path}, and it does not match the "
+            f"backup's manifest: {found.summary()}",
+            findings=found.as_dict(),
+        )
+    if not found.verified:
+        log.warning("restore %s: %s: %s", name, chosen, found.summary())
+    return result

@@ -22,6 +22,7 @@ from asyncstage.adoption import owner_tags
 from asyncstage.backup.copy import DEFAULT_TTL
 from asyncstage.backup.hooks import Hook, run_hook
 from asyncstage.backup.lease import Lease, with_lease
+from asyncstage.backup.manifest import MANIFEST_TAG, NO_MANIFEST
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete
 from asyncstage.backup.sweep import sweep
@@ -136,6 +137,7 @@ async def _create_snapshots(m: Manager, run: RunInfo, server: Server) -> list[di
         "Name": run.name,
         **run.tags(),
         STATE_TAG: "pending",
+        MANIFEST_TAG: NO_MANIFEST,  # the server's own volumes: no manifest (see manifest.py)
         **owner_tags(m.key_pair.name if m.key_pair else None),
     }
     answer = await m.ec2.call(

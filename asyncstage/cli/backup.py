@@ -10,7 +10,9 @@ word is an action:
   failed, the failures named);
 - ``asyncstage backup list``: each backup's last run, age, size, snapshots, consistency;
 - ``asyncstage backup sweep [NAME...]``: remove what dead runs left (work volumes,
-  unfinished snapshots, leases).
+  unfinished snapshots, leases);
+- ``asyncstage backup check NAME [--snapshot ID | --all] [--read-data]``: check snapshots
+  against their manifests (:mod:`asyncstage.cli.backup_check`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.table import Table
 
 from asyncstage import backup, blocking
 from asyncstage.backup.snapshots import consistency_of, is_backup
+from asyncstage.cli import backup_check
 from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, phase_notes
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
@@ -36,7 +39,7 @@ from asyncstage.output import Output, human_bytes, human_duration
 __all__ = ["ACTIONS", "HELP", "add_arguments", "backup_command"]
 
 HELP = "incremental backup of any sources into a snapshot; `backup sweep` removes leftovers"
-ACTIONS = ("run", "list", "sweep")
+ACTIONS = ("run", "list", "sweep", "check")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="seconds to wait for another run of the same backup (default: refuse at once)",
     )
+    backup_check.add_arguments(p)
 
 
 def backup_command(args: argparse.Namespace, out: Output) -> int:
@@ -78,6 +82,8 @@ def backup_command(args: argparse.Namespace, out: Output) -> int:
             return _sweep(args, out, rest)
         if action == "list":
             return _list(args, out)
+        if action == "check":
+            return backup_check.check_command(args, out, rest)
         if action == "run" and len(rest) == 1:
             return _run_plan(args, out, backup.load_plan(rest[0]))
         raise InvalidArgument(

@@ -445,11 +445,13 @@ def restore(args: argparse.Namespace, out: Output) -> int:
                 overwrite=args.force,
                 progress=progress,
                 phase=phase_notes(out, progress),
+                verify=args.verify,
             )
         out.result(
             result.as_dict(),
             f"restore {result.name}: {result.snapshot_id} → {result.dest} "
-            f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s)",
+            f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s; "
+            f"{result.verified})",
         )
         return EXIT_OK
 

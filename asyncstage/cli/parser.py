@@ -232,6 +232,12 @@ def _backup_commands(command: _Command) -> None:
     p.add_argument(
         "--force", action="store_true", help="restore into a non-empty directory (merge)"
     )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not check the restored files against the backup's manifest",
+    )
     _on_exit_option(p, "stop")
 
 

@@ -4,7 +4,9 @@ The scripts are modules of this package (standard library only, no asyncstage
 import), linted and type-checked with the rest, and unit-tested locally:
 
 * :mod:`asyncstage.remote.rsynchelper`: work dirs, temporary keys, process groups;
-* :mod:`asyncstage.remote.blockcopy`: dd's sparse block copier.
+* :mod:`asyncstage.remote.blockcopy`: dd's sparse block copier;
+* :mod:`asyncstage.remote.manifest`: a backup's manifest, written and checked where
+  the data is.
 
 A script is sent as package data (read with :mod:`importlib.resources`) to
 ``python3 -c``, followed by a call of its ``main`` (:func:`program`): nothing is
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCRIPTS", "answer", "argv", "program", "run_json", "source"]
 
-SCRIPTS = ("rsynchelper", "blockcopy")
+SCRIPTS = ("rsynchelper", "blockcopy", "manifest")
 """The scripts this package ships."""
 
 _ENTRY = "\nimport sys as _sys\n\nraise SystemExit(main(_sys.argv[1:]))\n"
@@ -71,10 +73,11 @@ async def run_json(
     sudo: bool,
     name: str,
     *args: str,
-    timeout: float = 120,
+    timeout: float | None = 120,
     refused: Mapping[str, type[Exception]] | None = None,
 ) -> dict[str, Any]:
-    """Run script ``name`` on ``host`` and return its JSON answer.
+    """Run script ``name`` on ``host`` and return its JSON answer (``timeout`` None:
+    as long as it takes).
 
     A refusal (``{"error": ...}``) raises the error type ``refused`` maps its
     ``kind`` to (:class:`~asyncstage.errors.TransferError` by default); any other

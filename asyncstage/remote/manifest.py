@@ -1,0 +1,368 @@
+"""Runs where a backup's data is: writes the manifest of a tree, checks a tree against one.
+
+Standard library only, no asyncstage import: the controller sends this file's text to
+``python3 -c`` (see :mod:`asyncstage.remote`), followed by a call of :func:`main`; a
+restore imports it to check the local copy the same way. Every command prints one JSON
+object as its last line of output.
+
+A manifest is a file of JSON lines: a header ``{"asyncstage-manifest": 1}``, then one
+entry per file, directory, symlink or special file below the root (the root itself,
+its ``lost+found`` and the manifest are not listed), in the order of a depth-first walk
+whose directories are read in byte order of their names, so that writing and checking
+are single streaming passes whatever the size of the tree:
+
+    {"path": "etc/hosts", "type": "file", "size": 220, "mode": 420,
+     "mtime_ns": 1700000000000000000, "sha256": "..."}
+
+``mode`` is the permission bits (``st_mode & 0o7777``); symlinks carry ``target``
+instead of ``sha256`` and no mode or time (both follow the link's own rules, not the
+data's). Names that are not UTF-8 are kept byte for byte (surrogate escapes).
+
+Commands:
+
+* ``write ROOT``: write ``ROOT/.asyncstage-manifest`` (a temporary file renamed over it,
+  synced), print its ``sha256`` and the number of ``entries``, ``files`` and ``bytes``;
+* ``check ROOT MANIFEST SHA256 [read-data] [ignore-extra]``: compare the tree at ROOT
+  with the manifest file MANIFEST, which is trusted only when its own digest is SHA256;
+  print ``manifest`` (``ok``, ``missing``, ``mismatch`` or ``unreadable``) and the
+  ``missing``, ``changed``, ``extra`` and ``damaged`` paths (the first
+  :data:`LISTED` of each, and their ``counts``). With ``read-data`` every file's
+  content is hashed, else only metadata is compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+NAME = ".asyncstage-manifest"
+"""The manifest's file name, at the root of the tree it lists."""
+FORMAT = 1
+LISTED = 200
+"""Paths listed per kind of finding (all are counted)."""
+KINDS = ("missing", "changed", "extra", "damaged")
+_CHUNK = 1 << 20
+_SKIP_AT_ROOT = (NAME.encode(), b"lost+found")
+_TMP_PREFIX = (NAME + ".tmp-").encode()
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TYPES = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "char",
+    stat.S_IFBLK: "block",
+}
+_NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+Entry = dict[str, Any]
+Key = tuple[bytes, ...]
+
+
+class Unreadable(Exception):
+    """A manifest whose text is not a manifest (trusted digest or not)."""
+
+
+def say(answer: dict[str, Any]) -> None:
+    print(json.dumps(answer), flush=True)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+# -- the tree ---------------------------------------------------------------------
+
+
+def walk(root: bytes) -> Iterator[tuple[Key, bytes, os.stat_result]]:
+    """(key, path relative to root, lstat) of everything below ``root``, depth first,
+    each directory's names in byte order (so keys come in increasing order)."""
+    stack: list[tuple[Key, Iterator[bytes]]] = [((), iter(_names(root, top=True)))]
+    while stack:
+        prefix, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        key = (*prefix, name)
+        rel = b"/".join(key)
+        try:
+            st = os.lstat(os.path.join(root, rel))
+        except FileNotFoundError:
+            continue  # gone since the directory was read
+        yield key, rel, st
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((key, iter(_names(os.path.join(root, rel), top=False))))
+
+
+def _names(path: bytes, *, top: bool) -> list[bytes]:
+    found = sorted(e.name for e in os.scandir(path))
+    if top:
+        found = [n for n in found if n not in _SKIP_AT_ROOT and not n.startswith(_TMP_PREFIX)]
+    return found
+
+
+def entry_of(rel: bytes, st: os.stat_result, root: bytes, digest: bool) -> Entry:
+    """The manifest entry of one path (its content hashed when ``digest``)."""
+    kind = _TYPES.get(stat.S_IFMT(st.st_mode), "other")
+    entry: Entry = {"path": _text(rel), "type": kind}
+    if kind == "symlink":
+        entry["target"] = _text(os.readlink(os.path.join(root, rel)))
+        return entry
+    entry["mode"] = stat.S_IMODE(st.st_mode)
+    entry["mtime_ns"] = st.st_mtime_ns
+    if kind == "file":
+        entry["size"] = st.st_size
+        if digest:
+            entry["sha256"] = file_sha256(os.path.join(root, rel))
+    return entry
+
+
+def file_sha256(path: bytes) -> str:
+    """sha256 of a file's content, read in chunks (never through a symlink)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    # One read buffer for many files: a new one per file would cost more than a small
+    # file takes to hash. A thread that finds none free makes its own.
+    buf, view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+        _BUFFERS.append((buf, view))
+    return h.hexdigest()
+
+
+_BUFFERS: list[tuple[bytearray, memoryview]] = []
+
+
+def _new_buffer() -> tuple[bytearray, memoryview]:
+    buf = bytearray(_CHUNK)
+    return buf, memoryview(buf)
+
+
+def _dump(entry: Entry) -> bytes:
+    return (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode("ascii")
+
+
+# -- writing ----------------------------------------------------------------------
+
+
+def write(root_text: str) -> dict[str, Any]:
+    """Write the manifest of ``root`` into it; its digest and counts."""
+    root = _raw(root_text)
+    final = os.path.join(root, NAME.encode())
+    tmp = os.path.join(root, _TMP_PREFIX + str(os.getpid()).encode())
+    h = hashlib.sha256()
+    counts = {"entries": 0, "files": 0, "bytes": 0}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
+    try:
+        with open(fd, "wb", closefd=False) as out:
+
+            def put(data: bytes) -> None:
+                out.write(data)
+                h.update(data)
+
+            put(_dump({"asyncstage-manifest": FORMAT}))
+            for _key, rel, st in walk(root):
+                entry = entry_of(rel, st, root, digest=True)
+                put(_dump(entry))
+                counts["entries"] += 1
+                if entry["type"] == "file":
+                    counts["files"] += 1
+                    counts["bytes"] += int(entry["size"])
+            out.flush()
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, final)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return {"sha256": h.hexdigest(), **counts}
+
+
+# -- checking ---------------------------------------------------------------------
+
+
+def digest_of(path: str) -> str | None:
+    """sha256 of a file, or None when there is none."""
+    try:
+        return file_sha256(_raw(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _key_of(path: object) -> Key:
+    if not isinstance(path, str) or not path:
+        raise Unreadable(f"bad path {path!r}")
+    parts = tuple(_raw(path).split(b"/"))
+    if any(p in (b"", b".", b"..") or b"\0" in p for p in parts):
+        raise Unreadable(f"bad path {path!r}")
+    return parts
+
+
+def _check_entry(entry: object) -> Entry:
+    if not isinstance(entry, dict):
+        raise Unreadable("an entry is not an object")
+    kind = entry.get("type")
+    if kind not in (*_TYPES.values(), "other"):
+        raise Unreadable(f"bad type {kind!r}")
+    ints: tuple[str, ...] = ("size", "mode", "mtime_ns") if kind == "file" else ("mode", "mtime_ns")
+    if kind == "symlink":
+        ints = ()
+        if not isinstance(entry.get("target"), str):
+            raise Unreadable(f"symlink {entry.get('path')!r} has no target")
+    for field in ints:
+        value = entry.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise Unreadable(f"{entry.get('path')!r}: bad {field} {value!r}")
+    if kind == "file" and not _SHA256.match(str(entry.get("sha256", ""))):
+        raise Unreadable(f"{entry.get('path')!r}: bad sha256")
+    return entry
+
+
+def read_manifest(path: str) -> Iterator[tuple[Key, Entry]]:
+    """The entries of a manifest file with their keys; :class:`Unreadable` when it is not
+    one (bad header, bad entry, or entries out of order)."""
+    with open(_raw(path), "rb") as f:
+        try:
+            header = json.loads(f.readline())
+        except ValueError as e:
+            raise Unreadable("no header") from e
+        if not isinstance(header, dict) or header.get("asyncstage-manifest") != FORMAT:
+            raise Unreadable(f"unknown header {header!r}")
+        last: Key | None = None
+        for line in f:
+            try:
+                entry = _check_entry(json.loads(line))
+            except ValueError as e:
+                raise Unreadable(f"bad line {line[:80]!r}") from e
+            key = _key_of(entry.get("path"))
+            if last is not None and key <= last:
+                raise Unreadable(f"entries out of order at {entry['path']!r}")
+            last = key
+            yield key, entry
+
+
+def _differences(want: Entry, got: Entry) -> list[str]:
+    if want["type"] != got["type"]:
+        return ["type"]
+    fields = ("target",) if want["type"] == "symlink" else ("size", "mode", "mtime_ns")
+    return [f for f in fields if want.get(f) != got.get(f)]
+
+
+class Findings:
+    """What a check found, the first :data:`LISTED` of each kind and their counts."""
+
+    def __init__(self) -> None:
+        self.lists: dict[str, list[Any]] = {k: [] for k in KINDS}
+        self.counts = dict.fromkeys(KINDS, 0)
+
+    def add(self, kind: str, item: Any) -> None:
+        self.counts[kind] += 1
+        if len(self.lists[kind]) < LISTED:
+            self.lists[kind].append(item)
+
+
+def check(
+    root_text: str,
+    manifest: str,
+    expected: str,
+    *,
+    read_data: bool,
+    ignore_extra: bool = False,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Compare the tree at ``root_text`` with ``manifest`` once its digest is ``expected``
+    (the answer described in the module's docstring). ``cancelled`` is asked between
+    files; when it says so the check stops with :class:`InterruptedError`."""
+    if not _SHA256.match(expected):
+        return {"manifest": "unreadable", "detail": "the expected digest is not a sha256"}
+    actual = digest_of(manifest)
+    if actual is None:
+        return {"manifest": "missing"}
+    if actual != expected:
+        return {"manifest": "mismatch", "sha256": actual}
+    root = _raw(root_text)
+    found = Findings()
+    totals = {"entries": 0, "files_read": 0, "bytes_read": 0}
+    tree = walk(root)
+    here = next(tree, None)
+    try:
+        for key, want in read_manifest(manifest):
+            totals["entries"] += 1
+            while here is not None and here[0] < key:
+                if not ignore_extra:
+                    found.add("extra", _text(here[1]))
+                here = next(tree, None)
+            if cancelled():
+                raise InterruptedError("check cancelled")
+            if here is None or here[0] != key:
+                found.add("missing", want["path"])
+                continue
+            _, rel, st = here
+            here = next(tree, None)
+            got = entry_of(rel, st, root, digest=False)
+            if differs := _differences(want, got):
+                found.add("changed", {"path": want["path"], "fields": differs})
+                continue
+            if read_data and want["type"] == "file":
+                try:
+                    digest = file_sha256(os.path.join(root, rel))
+                except OSError as e:
+                    found.add("damaged", {"path": want["path"], "error": str(e)})
+                    continue
+                totals["files_read"] += 1
+                totals["bytes_read"] += int(want["size"])
+                if digest != want["sha256"]:
+                    found.add("damaged", {"path": want["path"], "error": "content differs"})
+    except Unreadable as e:
+        return {"manifest": "unreadable", "detail": str(e)}
+    while here is not None:
+        if not ignore_extra:
+            found.add("extra", _text(here[1]))
+        here = next(tree, None)
+    return {"manifest": "ok", **totals, **found.lists, "counts": found.counts}
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) == 2 and argv[0] == "write":
+        say(write(argv[1]))
+        return 0
+    if len(argv) >= 4 and argv[0] == "check" and set(argv[4:]) <= {"read-data", "ignore-extra"}:
+        flags = set(argv[4:])
+        say(
+            check(
+                argv[1],
+                argv[2],
+                argv[3],
+                read_data="read-data" in flags,
+                ignore_extra="ignore-extra" in flags,
+            )
+        )
+        return 0
+    say({"error": "usage: manifest write ROOT | check ROOT MANIFEST SHA256 [read-data]"})
+    return 2

@@ -1,0 +1,173 @@
+"""asyncstage.remote.manifest run locally (no ssh): what a manifest lists, and what a check
+of a tree against it finds, metadata only and with the content read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asyncstage import remote
+from asyncstage.remote import manifest
+
+
+def helper(*args: str) -> dict[str, object]:
+    """The script as a server runs it (``python3 -c``), answering on its last line."""
+    done = subprocess.run(remote.argv("manifest", *args), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return remote.answer("local", done.stdout)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "lost+found").mkdir()  # a filesystem's own: never listed
+    (root / "a" / "b" / "data.bin").write_bytes(os.urandom(3 << 20))  # several chunks
+    (root / "a" / "one.txt").write_text("one\n")
+    (root / "a-b.txt").write_text("sorts after a/ as bytes, before it as text\n")
+    (root / "empty").write_bytes(b"")
+    os.symlink("a/one.txt", root / "link")
+    (root / os.fsdecode(b"caf\xe9")).write_text("a name that is not UTF-8\n")
+    os.mkfifo(root / "pipe")
+    return root
+
+
+def _write(root: Path) -> str:
+    reply = helper("write", str(root))
+    digest = str(reply["sha256"])
+    assert hashlib.sha256((root / manifest.NAME).read_bytes()).hexdigest() == digest
+    return digest
+
+
+def _check(root: Path, digest: str, *flags: str) -> dict[str, object]:
+    return helper("check", str(root), str(root / manifest.NAME), digest, *flags)
+
+
+def test_a_manifest_lists_every_path_once_in_walk_order(tree: Path) -> None:
+    listed = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]
+    reply = helper("write", str(tree))
+    assert reply["files"] == 5 and reply["bytes"] == sum(p.stat().st_size for p in listed)
+    lines = (tree / manifest.NAME).read_bytes().splitlines()
+    assert json.loads(lines[0]) == {"asyncstage-manifest": 1}
+    entries = [json.loads(line) for line in lines[1:]]
+    paths = [e["path"] for e in entries]
+    assert paths == [
+        "a",
+        "a/b",
+        "a/b/data.bin",
+        "a/one.txt",
+        "a-b.txt",
+        os.fsdecode(b"caf\xe9"),
+        "empty",
+        "link",
+        "pipe",
+    ]
+    by_path = {e["path"]: e for e in entries}
+    data = tree / "a" / "b" / "data.bin"
+    assert by_path["a/b/data.bin"] == {
+        "path": "a/b/data.bin",
+        "type": "file",
+        "size": data.stat().st_size,
+        "mode": data.stat().st_mode & 0o7777,
+        "mtime_ns": data.stat().st_mtime_ns,
+        "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+    }
+    assert by_path["link"] == {"path": "link", "type": "symlink", "target": "a/one.txt"}
+    assert by_path["pipe"]["type"] == "fifo" and by_path["a"]["type"] == "dir"
+
+
+def test_a_clean_tree_checks_clean(tree: Path) -> None:
+    digest = _write(tree)
+    for flags in ((), ("read-data",)):
+        reply = _check(tree, digest, *flags)
+        assert reply["manifest"] == "ok" and reply["entries"] == 9
+        assert reply["counts"] == dict.fromkeys(manifest.KINDS, 0)
+    assert _check(tree, digest, "read-data")["files_read"] == 5
+
+
+def test_a_byte_changed_in_place_is_found_only_by_reading_the_data(tree: Path) -> None:
+    digest = _write(tree)
+    data = tree / "a" / "b" / "data.bin"
+    before = data.stat()
+    with open(data, "r+b") as f:
+        f.seek(2 << 20)
+        byte = f.read(1)
+        f.seek(2 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    assert _check(tree, digest)["counts"] == dict.fromkeys(manifest.KINDS, 0)
+    reply = _check(tree, digest, "read-data")
+    assert reply["damaged"] == [{"path": "a/b/data.bin", "error": "content differs"}]
+    assert reply["counts"] == {"missing": 0, "changed": 0, "extra": 0, "damaged": 1}
+
+
+def test_missing_changed_and_extra_paths_are_named(tree: Path) -> None:
+    digest = _write(tree)
+    (tree / "a" / "one.txt").unlink()
+    (tree / "empty").write_bytes(b"now with content")
+    os.chmod(tree / "a-b.txt", 0o600)
+    (tree / "link").unlink()
+    os.symlink("elsewhere", tree / "link")
+    (tree / "a" / "b" / "new").write_text("new\n")
+    (tree / "zz").mkdir()
+
+    reply = _check(tree, digest, "read-data")
+    assert reply["missing"] == ["a/one.txt"]
+    assert reply["extra"] == ["a/b/new", "zz"]
+    changed = {c["path"]: c["fields"] for c in reply["changed"]}  # type: ignore[attr-defined]
+    assert changed["empty"][0] == "size" and changed["a-b.txt"] == ["mode"]
+    assert changed["link"] == ["target"]
+    assert "a/b" not in changed or changed["a/b"] == ["mtime_ns"]  # a new file in it
+    # a restore merged into a directory that had files of its own does not list them
+    merged = _check(tree, digest, "ignore-extra")
+    assert merged["extra"] == [] and merged["missing"] == ["a/one.txt"]
+
+
+def test_a_manifest_that_does_not_match_its_digest_is_never_used(tree: Path) -> None:
+    digest = _write(tree)
+    text = (tree / manifest.NAME).read_text()
+    (tree / manifest.NAME).write_text(text.replace('"size":0', '"size":1'))
+    (tree / "a" / "one.txt").unlink()  # would be found by a manifest that were trusted
+    reply = _check(tree, digest, "read-data")
+    assert reply == {
+        "manifest": "mismatch",
+        "sha256": hashlib.sha256((tree / manifest.NAME).read_bytes()).hexdigest(),
+    }
+    assert _check(tree, "0" * 64)["manifest"] == "mismatch"
+    assert _check(tree, "not-a-digest")["manifest"] == "unreadable"
+    (tree / manifest.NAME).unlink()
+    assert _check(tree, digest) == {"manifest": "missing"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"asyncstage-manifest": 2}\n',
+        "not json\n",
+        '{"asyncstage-manifest": 1}\n{"path": "../etc", "type": "dir", "mode": 1, "mtime_ns": 1}\n',
+        '{"asyncstage-manifest": 1}\n{"path": "b", "type": "dir", "mode": 1, "mtime_ns": 1}\n'
+        '{"path": "a", "type": "dir", "mode": 1, "mtime_ns": 1}\n',
+        '{"asyncstage-manifest": 1}\n{"path": "f", "type": "file", "size": -1, "mode": 1, '
+        '"mtime_ns": 1, "sha256": "' + "0" * 64 + '"}\n',
+        '{"asyncstage-manifest": 1}\n{"path": "l", "type": "symlink"}\n',
+    ],
+)
+def test_a_matching_manifest_that_is_not_one_is_unreadable(tmp_path: Path, body: str) -> None:
+    """Its digest matches (whoever wrote the tag wrote it too), and it is still refused."""
+    (tmp_path / manifest.NAME).write_text(body)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    assert _check(tmp_path, digest)["manifest"] == "unreadable"
+
+
+def test_a_local_check_can_be_cancelled_between_files(tree: Path) -> None:
+    digest = _write(tree)
+    with pytest.raises(InterruptedError):
+        manifest.check(
+            str(tree), str(tree / manifest.NAME), digest, read_data=True, cancelled=lambda: True
+        )
