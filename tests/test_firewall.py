@@ -510,3 +510,35 @@ def test_hostile_rule_refused(fields: dict[str, object]) -> None:
 def test_hostile_namespace_refused(name: str) -> None:
     with pytest.raises(InvalidArgument):
         fw.apply(name, fw.ruleset(Policy(())))
+
+
+def test_firewalls_follow_the_records(net: Net) -> None:
+    """The engine's keeper: a boot loads the table at once, a change reaches it shortly,
+    and a failed boot load is an error (an instance is never left without its table)."""
+    import threading
+    import time
+
+    from asyncstage.errors import LocalCloudError
+
+    lock = threading.RLock()
+    rules: dict[str, GroupRules] = {"i-b": GroupRules("sg-01", ())}
+    running: dict[str, str] = {}
+    keeper = fw.Firewalls(lock, lambda: dict(running), lambda i: Policy((rules[i],)))
+    try:
+        keeper.booted("i-b", net.ns["b"])
+        running["i-b"] = net.ns["b"]
+        assert net.probe("a", tcp("b", 80)) == ["timeout"]
+        with lock:
+            rules["i-b"] = GroupRules("sg-01", (permission("tcp", 80, 80, cidr="10.213.0.1/32"),))
+            keeper.changed()
+        deadline = time.monotonic() + 30
+        listed = ""
+        while time.monotonic() < deadline and "dport 80" not in listed:
+            listed = sh("ip", "netns", "exec", net.ns["b"], "nft", "list", "ruleset")
+            time.sleep(0.05)
+        assert "dport 80" in listed
+        assert net.probe("a", tcp("b", 80)) == ["open"]
+        with pytest.raises(LocalCloudError):
+            keeper.booted("i-b", PREFIX + "missing")
+    finally:
+        keeper.close()
