@@ -173,3 +173,14 @@ def test_every_change_tells_the_engine(backend: LocalBackend) -> None:
         assert told.calls == len(steps) + 1
     finally:
         backend.engine = None
+
+
+def test_default_group_admits_its_members(backend: LocalBackend) -> None:
+    """EC2's default group of a VPC: all traffic from its own members, all egress."""
+    default = backend.get_default_security_group()
+    assert default is not None
+    member = launch(backend, default.id)
+    policy = instance_policy(backend, member)
+    assert policy.groups[0].ingress == (Permission(None, None, None, default.id),)
+    assert policy.groups[0].egress == (ALL_OUT,)
+    assert policy.members == {default.id: (ipaddress.ip_address(member.private_ip),)}

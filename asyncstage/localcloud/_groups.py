@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from moto.ec2.models import EC2Backend
+from moto.ec2.models.security_groups import SecurityGroupRule
 
 from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud._firewall import Address, GroupRules, Permission, Policy, permission
@@ -48,6 +49,17 @@ class GroupEffects(EC2Backend):
     def _groups_changed(self) -> None:
         if self.engine is not None:
             self.engine.security_changed()
+
+    def create_security_group(self, *args: Any, **kwargs: Any) -> Any:
+        """CreateSecurityGroup; a VPC's default group admits its own members, as on EC2."""
+        group = super().create_security_group(*args, **kwargs)
+        if group.is_default and not group.ingress_rules:
+            account = self.account_id
+            itself = {"GroupId": group.id, "UserId": account, "OwnerId": account}
+            group.ingress_rules.append(
+                SecurityGroupRule(self, "-1", group.id, None, None, None, itself, is_egress=False)
+            )
+        return group
 
     authorize_security_group_ingress = _telling("authorize_security_group_ingress")
     revoke_security_group_ingress = _telling("revoke_security_group_ingress")
