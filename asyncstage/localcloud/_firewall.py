@@ -353,8 +353,8 @@ class Firewalls:
         self._worker.shutdown(wait=True, cancel_futures=True)
 
     def _refresh(self, booting: tuple[str, str] | None = None) -> None:
-        scripts: dict[str, tuple[str, str]] = {}
-        with self._lock:
+        policies: dict[str, tuple[str, Policy]] = {}
+        with self._lock:  # only the records are read under it; compiling takes longer
             if booting is None:
                 self._queued = False
                 targets = dict(self._running())
@@ -362,11 +362,12 @@ class Firewalls:
                 targets = dict([booting])
             for instance_id, netns in targets.items():
                 try:
-                    scripts[instance_id] = (netns, ruleset(self._policy(instance_id)))
+                    policies[instance_id] = (netns, self._policy(instance_id))
                 except Exception:
                     if booting is not None:
                         raise
                     log.exception("local cloud: %s: no security groups", instance_id)
+        scripts = {i: (netns, ruleset(policy)) for i, (netns, policy) in policies.items()}
         if booting is None:
             for gone in set(self._applied) - set(targets):
                 del self._applied[gone]
