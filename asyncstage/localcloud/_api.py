@@ -26,6 +26,7 @@ from asyncstage.localcloud import _iam
 from asyncstage.localcloud._auth import AuthFailure, check_host, check_request, signer
 from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, is_nitro
+from asyncstage.localcloud._firewall import Policy
 from asyncstage.localcloud._hooks import EngineHooks
 from asyncstage.localcloud._query import renumber
 from asyncstage.localcloud._throttle import (
@@ -41,6 +42,7 @@ try:
     from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
     from werkzeug.serving import BaseWSGIServer, make_server
 
+    from asyncstage.localcloud._groups import instance_policy
     from asyncstage.localcloud._moto import (
         LAUNCH_REQUEST,
         LocalBackend,
@@ -190,6 +192,10 @@ class LocalApi:
         instance = self._instance(instance_id)
         mapping = instance.block_device_mapping.get(ROOT_DEVICE_NAME)
         return None if mapping is None else str(mapping.volume_id)
+
+    def security_policy(self, instance_id: str) -> Policy:
+        instance = self._instance(instance_id)
+        return instance_policy(instance.ec2_backend, instance)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -31,6 +31,7 @@ from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._devices import is_nitro, nvme_node, root_nodes, xen_node
 from asyncstage.localcloud._disks import Disk, copy_sparse
+from asyncstage.localcloud._firewall import Firewalls, Policy
 from asyncstage.localcloud._freeze import frozen
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
 from asyncstage.localcloud._hosts import Host
@@ -136,6 +137,7 @@ class Engine:
         self._make_api = api
         self._api: ApiHooks | None = None
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="localcloud")
+        self.firewalls = Firewalls(self.lock, self._firewalled, self._security_policy)
         self._next_address = 10
         self._closed = False
         self._account_claimed = False
@@ -195,6 +197,7 @@ class Engine:
                 machine.wanted = "terminated"
                 machine.cancel.set()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self.firewalls.close()
         for machine in list(self.machines.values()):
             with machine.op_lock:
                 machine.host.kill()
@@ -247,6 +250,7 @@ class Engine:
         machine = _Machine(host, nitro=is_nitro(instance_type))
         self.machines[instance_id] = machine
         self._submit(self._boot, machine)
+        self.security_changed()  # a new member of its groups
 
     def start_instance(self, instance_id: str, public_address: str | None = None) -> None:
         """Boot a stopped instance again (at a new ``public_address``, if given)."""
@@ -320,11 +324,14 @@ class Engine:
                 host.boot()
                 if not host.wait_for_sshd(SSHD_TIMEOUT, machine.cancel.is_set):
                     return
+                if host.netns:  # its security groups, before it is running
+                    self.firewalls.booted(host.instance_id, host.netns)
                 with self.lock:
                     if machine.wanted != "running":
                         return
                     self._add_devices(machine)
                     machine.ready = True
+                    self.security_changed()  # any change since its table was made
                     machine.boots += 1
                     boot = machine.boots
                 # EC2's pending time runs on a timer, not on a worker: a fleet's
@@ -406,9 +413,28 @@ class Engine:
                     self.consoles[host.instance_id] = host.console()
                     host.remove()
                     del self.machines[host.instance_id]
+                    self.security_changed()  # no longer a member of its groups
                 elif machine.wanted == "stopped":
                     self.api.halted(host.instance_id, terminated=False)
                 machine.cancel.clear()
+
+    # -- security groups (called under self.lock) --------------------------------------
+
+    def security_changed(self) -> None:
+        """Groups, rules or members changed: every instance's table follows shortly."""
+        if any(m.host.netns for m in self.machines.values()):
+            self.firewalls.changed()
+
+    def _firewalled(self) -> dict[str, str]:
+        """The running instances that have a network namespace: id -> its name."""
+        return {
+            i: m.host.netns
+            for i, m in self.machines.items()
+            if m.host.netns and m.ready and m.wanted == "running"
+        }
+
+    def _security_policy(self, instance_id: str) -> Policy:
+        return self.api.security_policy(instance_id)
 
     # -- volumes and snapshots (called by the API under self.lock) ---------------------
 

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._disks import Disk
+from asyncstage.localcloud._firewall import Policy
 from asyncstage.localcloud._realism import Realism
 
 
@@ -73,6 +74,8 @@ class EngineHooks(Protocol):
     def snapshot_created(self, snapshot_id: str, source: Path) -> None: ...
     def snapshot_deleted(self, snapshot_id: str) -> None: ...
     def instance_frozen(self, instance_id: str) -> AbstractContextManager[None]: ...
+    def security_changed(self) -> None:
+        """Groups, their rules or their members changed: refresh the firewalls."""
 
 
 class ApiHooks(Protocol):
@@ -95,4 +98,7 @@ class ApiHooks(Protocol):
     def snapshot_completed(self, snapshot_id: str) -> None: ...
     def attachment_done(self, volume_id: str) -> None: ...
     def root_volume(self, instance_id: str) -> str | None: ...
+    def security_policy(self, instance_id: str) -> Policy:
+        """The instance's security groups, parsed (:mod:`._firewall`)."""
+
     def close(self) -> None: ...

@@ -107,6 +107,7 @@ class Host:
     cgroup: InstanceCgroup | None = None  # None: device_isolation="none"
     masked: list[Path] = field(default_factory=list)  # more paths to hide (the state dir)
     public_address: str = ""  # changes at every start (EC2's public IP); "": none
+    netns: str = ""  # the instance's network namespace (ip netns name); "": none
     fingerprints: list[str] = field(default_factory=list)
     host_public_keys: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None

@@ -5,8 +5,9 @@ and disks overridden: each calls moto for the records (ids, tags, filters, respo
 and the engine, seen through :class:`~asyncstage.localcloud._hooks.EngineHooks`, for the
 real thing. It is installed as ``moto.ec2.models.ec2_backends[account][region]`` for an
 account id of its own, so several local clouds (and plain moto tests) share one process
-without sharing records. Copies within and across regions are :mod:`._copies`' part of it;
-the records it retypes and moto's registry of backends are in :mod:`._records`.
+without sharing records. Copies within and across regions are :mod:`._copies`' part of it,
+security groups :mod:`._groups`' part; the records it retypes and moto's registry of
+backends are in :mod:`._records`.
 
 Everything here runs in the server's request threads under ``engine.lock``.
 """
@@ -27,6 +28,7 @@ from moto.ec2.exceptions import EC2ClientError
 
 from asyncstage.localcloud._copies import RegionCopies
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
+from asyncstage.localcloud._groups import GroupEffects
 from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
 from asyncstage.localcloud._records import (
     LocalInstance,
@@ -47,7 +49,7 @@ _BUSY_POLL = 0.1  # seconds between two looks at a busy detach's mounts
 log = logging.getLogger("asyncstage.localcloud")
 
 
-class LocalBackend(RegionCopies):
+class LocalBackend(GroupEffects, RegionCopies):
     """moto's EC2 backend whose instances, volumes and snapshots are real."""
 
     engine: EngineHooks | None = None  # None while moto builds its own records
