@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs btrfs-progs \
-                   dosfstools util-linux mount zstd procps iproute2 kmod
+                   dosfstools util-linux mount zstd procps iproute2 kmod nftables
 PYTEST_ARGS ?=
 # The suite runs in parallel workers, each with a local cloud of its own; whole modules go
 # to one worker (--dist loadscope), so a module's servers are made once.
