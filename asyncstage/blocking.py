@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
     from asyncstage.localcloud._isolation import DeviceIsolation
+    from asyncstage.localcloud._network import NetworkMode
     from asyncstage.localcloud._realism import Realism
     from asyncstage.paths import PathLike, RemotePath
     from asyncstage.settings import Access, Connection, Launch, OnExit, Storage
@@ -1070,6 +1071,20 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
         return self._async.device_isolation
 
     @property
+    def network(self) -> str:
+        """Where instances live once started: ``"vpc"`` (namespaces behind the cloud's
+        router) or ``"loopback"`` (the machine's loopback addresses); what was asked for
+        before."""
+        return self._async.network
+
+    @property
+    def checkip_url(self) -> str:
+        """The cloud's checkip.amazonaws.com: an HTTP GET answers the caller's address as
+        the cloud's edge sees it (an instance's public address, or the machine's own on
+        the cloud's network); "" with ``network="loopback"`` or before the start."""
+        return self._async.checkip_url
+
+    @property
     def seed(self) -> int:
         """The seed of the cloud's random choices (pass it back to replay them)."""
         return self._async.seed
@@ -1118,6 +1133,7 @@ class LocalCloud(_LocalCloudAttributes):
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
         device_isolation: DeviceIsolation = "auto",
+        network: NetworkMode = "auto",
     ) -> None:
         """Make the async LocalCloud with these arguments (see the class)."""
         self._adopt(
@@ -1132,6 +1148,7 @@ class LocalCloud(_LocalCloudAttributes):
                 insufficient_capacity=insufficient_capacity,
                 seed=seed,
                 device_isolation=device_isolation,
+                network=network,
             )
         )
 

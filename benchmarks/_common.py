@@ -35,6 +35,7 @@ import anyio  # noqa: E402
 
 from asyncstage import Manager, shell  # noqa: E402
 from asyncstage.localcloud import LocalCloud, Realism  # noqa: E402
+from asyncstage.localcloud._network import NetworkMode  # noqa: E402
 from asyncstage.ssh import SSHHost  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -289,11 +290,15 @@ def ms(seconds: float) -> float:
 
 @contextlib.asynccontextmanager
 async def local_cloud(
-    boot_delay: float = 0.0, realism: Realism | None = None, **manager_options: Any
+    boot_delay: float = 0.0,
+    realism: Realism | None = None,
+    network: NetworkMode = "auto",
+    **manager_options: Any,
 ) -> AsyncIterator[tuple[LocalCloud, Manager]]:
     """A running local cloud and an open Manager on it (terminates everything on exit).
 
-    ``realism``: the cloud's profile (default: the realistic one, as in the tests).
+    ``realism``: the cloud's profile (default: the realistic one, as in the tests);
+    ``network``: where its instances live (the default: namespaces where the machine can).
     """
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks run on the local cloud, which needs root")
@@ -306,7 +311,9 @@ async def local_cloud(
     }
     options.update(manager_options)
     try:
-        cloud_options: dict[str, Any] = {} if realism is None else {"realism": realism}
+        cloud_options: dict[str, Any] = {"network": network}
+        if realism is not None:
+            cloud_options["realism"] = realism
         async with (
             LocalCloud(boot_delay=boot_delay, **cloud_options) as cloud,
             cloud.manager(**options) as m,

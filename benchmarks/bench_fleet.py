@@ -103,6 +103,18 @@ async def _instant(boot_delay: float, poll_interval: float, sizes: list[int]) ->
         return [await _concurrent(cloud, m, n) for n in sizes]
 
 
+async def _networks(sizes: list[int], poll_interval: float) -> dict[str, list[Any]]:
+    """The same fleets on the instant cloud with instances in namespaces of their own
+    (``network="vpc"``) and on the machine's loopback addresses, one after the other."""
+    found: dict[str, list[Any]] = {}
+    for network in ("vpc", "loopback"):
+        async with local_cloud(
+            0.0, Realism.off(), network=network, poll_interval=poll_interval
+        ) as (cloud, m):
+            found[network] = [await _concurrent(cloud, m, n) for n in sizes]
+    return found
+
+
 async def _serial(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
     before = Counter(cloud.api_calls)
     servers = []
@@ -154,6 +166,8 @@ async def main() -> None:
         report.mark_load("after_serial")
     instant = await _instant(boot_delay, poll_interval, sizes)
     report.mark_load("after_instant")
+    networks = await _networks(sizes[:2], poll_interval)
+    report.mark_load("after_networks")
     single = concurrent[0]["wall_s"]
     rows = []
     for c, s in zip(concurrent, serial, strict=True):
@@ -231,8 +245,23 @@ async def main() -> None:
             for c, i in zip(concurrent, instant, strict=True)
         ],
     )
+    report.table(
+        "Instance boot in namespaces of their own (network='vpc') against on the "
+        "machine's loopback addresses, instant cloud, same run",
+        ["N", "vpc: cloud all running s", "loopback: cloud all running s", "vpc / loopback"],
+        [
+            [
+                v["n"],
+                v["cloud_last_running_s"],
+                lo["cloud_last_running_s"],
+                ratio(v["cloud_last_running_s"], lo["cloud_last_running_s"]),
+            ]
+            for v, lo in zip(networks["vpc"], networks["loopback"], strict=True)
+        ],
+    )
     report.results.update(
         {
+            "networks": networks,
             "realism": "aws (the default); 'instant' is realism='off'",
             "instant": instant,
             "concurrent": concurrent,

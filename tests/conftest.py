@@ -13,6 +13,7 @@ sshd"``) runs it alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -91,7 +92,8 @@ def _loopback_only() -> Iterator[None]:
 
 # -- nothing left behind -------------------------------------------------------------------
 # After the whole session (session fixtures included) no loop device, mount, device cgroup
-# (with its BPF program) or process that the tests made may remain: compared with what the
+# (with its BPF program), network namespace, link, route or process that the tests made
+# may remain: compared with what the
 # machine had before. Loop devices, mounts and cgroups are machine-wide, so they are
 # compared only when a local-cloud test ran (the unit layer may run without the test
 # lock, beside another run that makes them), and, when the tests run in parallel workers
@@ -118,6 +120,19 @@ def _cloud_cgroups() -> set[str]:
         if hierarchy is not None and hierarchy.is_dir():
             found |= {str(p) for p in hierarchy.glob("asyncstage-localcloud-*")}
     return found
+
+
+def _cloud_network() -> set[str]:
+    """The local clouds' namespaces, machine links and unreachable routes."""
+    from asyncstage.localcloud._network import netns_names
+
+    found = {f"netns {n}" for n in netns_names()}
+    with contextlib.suppress(OSError):
+        found |= {f"link {n}" for n in os.listdir("/sys/class/net") if n.startswith("asl")}
+    routes = subprocess.run(
+        ["ip", "route", "show", "type", "unreachable"], capture_output=True, text=True, check=False
+    )
+    return found | {f"route {line.strip()}" for line in routes.stdout.splitlines()}
 
 
 def _descendants() -> set[str]:
@@ -168,6 +183,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _before["loop"] = _loop_devices()
         _before["mounts"] = _mounts()
         _before["cgroups"] = _cloud_cgroups()
+        _before["network"] = _cloud_network()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -198,6 +214,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         left["loop devices"] = _loop_devices() - _before["loop"]
         left["mounts"] = _mounts() - _before["mounts"]
         left["device cgroups"] = _cloud_cgroups() - _before["cgroups"]
+        left["network"] = _cloud_network() - _before["network"]
     left = {what: items for what, items in left.items() if items}
     if left:
         reporter = config.pluginmanager.get_plugin("terminalreporter")

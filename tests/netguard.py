@@ -4,6 +4,11 @@ Installed for the whole test session by ``conftest.py``: any attempt to
 connect (or send a datagram) to an address outside 127.0.0.0/8 and ::1 raises
 :class:`NonLoopbackConnection`, and the attempt is recorded so that the test
 fails even when the code under test swallows the exception.
+
+The one exception: the public range of a local cloud running in this process (its
+addresses live only in the namespaces it made, behind its router), which the cloud
+registers while it runs (``asyncstage.localcloud._network.RUNNING_RANGES``); the rest of
+198.18.0.0/15, a range of a cloud that stopped, and every other address stay refused.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ _orig_sendto = socket.socket.sendto
 
 
 class NonLoopbackConnection(RuntimeError):
-    """A test tried to reach an address outside 127.0.0.0/8 and ::1."""
+    """A test tried to reach an address outside 127.0.0.0/8, ::1 and a running cloud's
+    public range."""
 
 
 def _allowed(sock: socket.socket, address: Any) -> bool:
@@ -35,7 +41,11 @@ def _allowed(sock: socket.socket, address: Any) -> bool:
         return False  # an unresolved name: refuse, tests use addresses
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_loopback
+    if ip.is_loopback:
+        return True
+    from asyncstage.localcloud._network import RUNNING_RANGES
+
+    return any(ip in network for network in list(RUNNING_RANGES))
 
 
 def _check(sock: socket.socket, address: Any) -> None:

@@ -112,6 +112,12 @@ def test_local_status(daemon: dict[str, str]) -> None:
     assert state["device_isolation"] == ("v1" if device_cgroups_available() else "bpf")
     shown = run(daemon, "local", "status").stdout
     assert f"isolation:   {MECHANISMS[state['device_isolation']]}\n" in shown
+    # where its instances live: the cloud's own network where the machine can make it
+    from asyncstage.localcloud._network import possible
+
+    assert state["network"] == ("vpc" if possible() is None else "loopback")
+    assert f"network:     {state['network']} (" in shown
+    assert bool(state["checkip_url"]) is (state["network"] == "vpc")
     again = run(daemon, "local", "up")  # idempotent: says where the running one is
     assert state["endpoint_url"] in again.stdout and "already running" in again.stderr
     # `local env` exports the cloud's own random credentials, kept readable by root only

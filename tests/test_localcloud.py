@@ -14,6 +14,7 @@ state dir, its address block, its hosts' pid namespaces), not on strangers.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -281,14 +282,19 @@ async def test_unknown_regions_and_images_are_refused(cloud: LocalCloud, ec2: An
 
 
 async def test_three_instances_are_isolated_hosts(
-    ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
+    cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey, three: list[dict[str, Any]]
 ) -> None:
     addresses = [i["PublicIpAddress"] for i in three]
     private = [i["PrivateIpAddress"] for i in three]
     assert len(set(addresses) | set(private)) == 6
     for instance in three:
-        for address in (instance["PublicIpAddress"], instance["PrivateIpAddress"]):
-            assert address.startswith("127.") and not address.startswith("127.0.0.")
+        public, own = instance["PublicIpAddress"], instance["PrivateIpAddress"]
+        if cloud.network == "vpc":  # the default VPC's, and the cloud's public range
+            assert ipaddress.ip_address(own) in ipaddress.ip_network("172.31.0.0/16")
+            assert ipaddress.ip_address(public) in ipaddress.ip_network("198.18.0.0/15")
+        else:
+            for address in (public, own):
+                assert address.startswith("127.") and not address.startswith("127.0.0.")
         # DNS names are the addresses: a client connecting by name (the Perl module) must
         # not send a DNS query off the machine for an amazonaws.com name
         assert instance["PrivateDnsName"] == instance["PrivateIpAddress"]
@@ -322,11 +328,12 @@ async def test_three_instances_are_isolated_hosts(
         async with ssh(ec2, other, key) as conn:
             out = await sh(conn, f"ls ~/{token} /etc/{token} /var/{token} 2>&1 || true")
             assert out.count("No such file") == 3
-            # instances reach each other over ssh on their loopback addresses
-            probe = await conn.run(
-                f"exec 3<>/dev/tcp/{addresses[0]}/22 && head -c 4 <&3", check=True
-            )
-            assert probe.stdout == "SSH-"
+            # instances reach each other's sshd at its public and its private address
+            for address in (addresses[0], private[0]):
+                probe = await conn.run(
+                    f"exec 3<>/dev/tcp/{address}/22 && head -c 4 <&3", check=True
+                )
+                assert probe.stdout == "SSH-"
     assert not exists(f"/etc/{token}", f"/var/{token}", f"/home/admin/{token}")
 
 
@@ -492,8 +499,9 @@ async def test_stop_start_keeps_root_and_attachment(
     assert started["PrivateIpAddress"] == c["PrivateIpAddress"]
     with pytest.raises(OSError):
         await anyio.connect_tcp(c["PublicIpAddress"], 22)
-    async with await anyio.connect_tcp(started["PrivateIpAddress"], 22):
-        pass  # its sshd listens on the private address too
+    if cloud.network == "loopback":
+        async with await anyio.connect_tcp(started["PrivateIpAddress"], 22):
+            pass  # its sshd listens on the private address too
     assert (await known_host_keys(ec2, iid))[0] == fingerprints
     async with ssh(ec2, started, key) as conn:
         assert (await sh(conn, "cat ~/kept")) == "kept\n"
@@ -601,8 +609,8 @@ async def test_two_clouds_at_once_do_not_collide(cloud: LocalCloud, ec2: Any) ->
         theirs = reply["Instances"][0]["InstanceId"]
         (a,) = await wait_state(ec2, [mine], "running")
         (b,) = await wait_state(ec2_other, [theirs], "running")
-        block = {x["PublicIpAddress"].split(".")[1] for x in (a, b)}
-        assert len(block) == 2  # each cloud has its own address block
+        block = {x["PublicIpAddress"].rsplit(".", 1)[0] for x in (a, b)}
+        assert len(block) == 2  # each cloud has its own address block (a /24 of it)
         listed = await ec2_other.describe_instances()
         assert [i["InstanceId"] for r in listed["Reservations"] for i in r["Instances"]] == [theirs]
     await ec2.terminate_instances(InstanceIds=[mine])

@@ -36,3 +36,22 @@ def test_asyncio_refused() -> None:
     with pytest.raises(netguard.NonLoopbackConnection):
         asyncio.run(main())
     del netguard.violations[before:]
+
+
+def test_a_running_clouds_public_range_only() -> None:
+    """Judged without connecting: the guard's verdict on an address."""
+    import ipaddress
+
+    from asyncstage.localcloud._network import RUNNING_RANGES
+
+    mine = ipaddress.IPv4Network("198.18.250.0/24")
+    with socket.socket() as s:
+        assert not netguard._allowed(s, ("198.18.250.5", 22))
+        RUNNING_RANGES.add(mine)
+        try:
+            assert netguard._allowed(s, ("198.18.250.5", 22))
+            assert not netguard._allowed(s, ("198.18.251.5", 22))  # the rest of the range
+            assert not netguard._allowed(s, ("172.31.0.5", 22))  # a private address
+        finally:
+            RUNNING_RANGES.discard(mine)
+        assert not netguard._allowed(s, ("198.18.250.5", 22))

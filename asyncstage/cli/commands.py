@@ -71,7 +71,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
         argv = [sys.executable, "-m", "asyncstage.cli", "local", "serve", "--dir", str(directory)]
         argv += ["--port", str(args.port), "--cloud-region", args.cloud_region]
         argv += ["--boot-delay", str(args.boot_delay)]
-        argv += ["--device-isolation", args.device_isolation]
+        argv += ["--device-isolation", args.device_isolation, "--network", args.network]
         with open(logfile, "ab") as log_out:
             proc = subprocess.Popen(
                 argv,
@@ -143,6 +143,7 @@ def _local_status(args: argparse.Namespace, out: Output) -> int:
             f"region:      {state['region']}",
             f"image:       {state['image_id']} ({state['image_name']})",
             f"isolation:   {_isolation_text(state.get('device_isolation'))}",
+            f"network:     {_network_text(state)}",
             f"state:       {directory}",
         ]
     )
@@ -155,6 +156,16 @@ def _isolation_text(mechanism: Any) -> str:
     from asyncstage.localcloud._isolation import MECHANISMS
 
     return MECHANISMS.get(str(mechanism), "unknown (a cloud started by an older asyncstage)")
+
+
+def _network_text(state: dict[str, Any]) -> str:
+    """Where a running cloud's instances live, in words."""
+    network = state.get("network")
+    if network == "vpc":
+        return f"vpc (namespaces behind the cloud's router; checkip {state.get('checkip_url')})"
+    if network == "loopback":
+        return "loopback (instances on 127.x addresses of this machine)"
+    return "unknown (a cloud started by an older asyncstage)"
 
 
 def _local_env(args: argparse.Namespace, out: Output) -> int:
@@ -187,6 +198,7 @@ def _local_serve(args: argparse.Namespace, out: Output) -> int:
         region=args.cloud_region,
         boot_delay=args.boot_delay,
         device_isolation=args.device_isolation,
+        network=args.network,
     )
     return EXIT_OK
 

@@ -16,6 +16,7 @@ from asyncstage.settings import local_credentials
 
 if TYPE_CHECKING:
     from asyncstage.localcloud._isolation import DeviceIsolation
+    from asyncstage.localcloud._network import NetworkMode
 
 __all__ = [
     "LOCAL_IMAGE_PATTERN",
@@ -95,6 +96,7 @@ def serve(
     region: str,
     boot_delay: float,
     device_isolation: DeviceIsolation,
+    network: NetworkMode = "auto",
 ) -> None:
     """``local serve``: run the cloud in the foreground, record it, stop on TERM/INT."""
     import anyio
@@ -111,6 +113,7 @@ def serve(
                 region=region,
                 boot_delay=boot_delay,
                 device_isolation=device_isolation,
+                network=network,
             ) as cloud:
                 read_only = cloud.session_kwargs(read_only=True)
                 state = {
@@ -125,6 +128,8 @@ def serve(
                     "read_only_key_id": read_only["aws_access_key_id"],
                     "read_only_secret": read_only["aws_secret_access_key"],
                     "device_isolation": cloud.device_isolation,
+                    "network": cloud.network,
+                    "checkip_url": cloud.checkip_url,
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),
                 }

@@ -130,6 +130,13 @@ def _local_commands(command: _Command) -> None:
         help="how instances are kept off this machine's disks: auto (default), v1 (cgroup "
         "v1 devices), bpf (cgroup v2 device program), none (accept weaker isolation)",
     )
+    p.add_argument(
+        "--network",
+        choices=["auto", "vpc", "loopback"],
+        default="auto",
+        help="where instances live: auto (default: vpc where the machine can), vpc (each "
+        "in a network namespace behind the cloud's router), loopback (127.x addresses)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
     p.add_argument(
         "--read-only",

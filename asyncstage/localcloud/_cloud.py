@@ -15,6 +15,7 @@ from asyncstage.localcloud._engine import Engine
 from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import LOGIN_USER
 from asyncstage.localcloud._isolation import DeviceIsolation
+from asyncstage.localcloud._network import NetworkMode
 from asyncstage.localcloud._realism import Realism, resolve
 
 if TYPE_CHECKING:
@@ -26,10 +27,9 @@ class LocalCloud:
 
     ``async with LocalCloud() as cloud:`` starts moto's EC2 API on ``127.0.0.1`` (a free
     port unless ``port`` is given) with hooks that make instances real isolated hosts
-    (namespaces, an overlay of ``/``, their own sshd on private and public loopback
-    addresses) and volumes real loop devices. Leaving the block kills every host and
-    frees every loop device, mount and state it made — also on an exception or
-    cancellation. Needs root.
+    (namespaces, an overlay of ``/``, their own sshd) and volumes real loop devices.
+    Leaving the block kills every host and frees every loop device, mount, namespace,
+    route and state it made — also on an exception or cancellation. Needs root.
 
     Instances stay ``pending`` until their sshd answers, plus ``boot_delay`` seconds.
     State lives in a temporary directory unless ``state_dir`` is given (one cloud per
@@ -52,6 +52,15 @@ class LocalCloud:
     works the cloud refuses to start (:class:`~asyncstage.localcloud.errors.NoDeviceIsolation`,
     naming what is missing) unless given ``"none"``, which accepts that root in an
     instance can reach the machine's disks. :attr:`device_isolation` says which is in force.
+
+    ``network`` chooses where instances live: ``"vpc"`` each in a network namespace of
+    its own, at its private address from its subnet's CIDR, behind the cloud's router,
+    which NATs public addresses (of ``198.18.0.0/15``) to them (the machine reaches only
+    those, as a controller outside the VPC does on EC2); ``"loopback"`` on the machine's
+    own loopback addresses (127.x, a private and a public one each); ``"auto"`` (the
+    default) ``"vpc"`` where the machine can make it (``ip``, ``nft``, network
+    namespaces). :attr:`network` says which is in force; :attr:`checkip_url` is the
+    cloud's checkip service.
     """
 
     def __init__(
@@ -66,6 +75,7 @@ class LocalCloud:
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
         device_isolation: DeviceIsolation = "auto",
+        network: NetworkMode = "auto",
     ) -> None:
         self.realism = resolve(
             realism, api_rate=api_rate, insufficient_capacity=insufficient_capacity
@@ -79,6 +89,7 @@ class LocalCloud:
             seed=seed,
             realism=self.realism,
             device_isolation=device_isolation,
+            network=network,
         )
         self.region = region
         self.image_name = self._engine.image_name
@@ -95,6 +106,20 @@ class LocalCloud:
         controller), ``"bpf"`` (cgroup v2 device program) or ``"none"`` once started;
         what was asked for before."""
         return self._engine.device_isolation
+
+    @property
+    def network(self) -> str:
+        """Where instances live once started: ``"vpc"`` (namespaces behind the cloud's
+        router) or ``"loopback"`` (the machine's loopback addresses); what was asked for
+        before."""
+        return self._engine.network
+
+    @property
+    def checkip_url(self) -> str:
+        """The cloud's checkip.amazonaws.com: an HTTP GET answers the caller's address as
+        the cloud's edge sees it (an instance's public address, or the machine's own on
+        the cloud's network); "" with ``network="loopback"`` or before the start."""
+        return self._engine.checkip_url
 
     @property
     def seed(self) -> int:

@@ -36,6 +36,14 @@ from asyncstage.localcloud._freeze import frozen
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import ISOLATION_MODES, DeviceIsolation
+from asyncstage.localcloud._network import (
+    Network,
+    NetworkMode,
+    Placement,
+    add_unreachable,
+    checked_mode,
+    possible,
+)
 from asyncstage.localcloud._realism import Realism
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._run import _Run
@@ -69,6 +77,7 @@ class _Machine:
     console_latest_at: float = 0.0  # with Latest=True (Nitro types only)
     console_shown: int = 0
     launched: float = field(default_factory=time.monotonic)  # the last launch or start
+    placement: Placement | None = None  # its VPC and subnet (network="vpc")
 
 
 def _checked_isolation(value: DeviceIsolation) -> DeviceIsolation:
@@ -108,8 +117,13 @@ class Engine:
         seed: int | None = None,
         realism: Realism | None = None,
         device_isolation: DeviceIsolation = "auto",
+        network: NetworkMode = "auto",
     ) -> None:
         self._isolation_wanted = _checked_isolation(device_isolation)
+        self._network_wanted = checked_mode(network)
+        # what was asked for; once started the network in force: "vpc" or "loopback"
+        self.network: str = network
+        self.net: Network | None = None
         # what was asked for; once started the mechanism in force: "v1", "bpf" or "none"
         self.device_isolation: str = device_isolation
         self.boot_delay = boot_delay
@@ -177,6 +191,7 @@ class Engine:
             )
         self._run.start(self.state_dir, created, self._isolation_wanted)
         self.device_isolation = self._run.isolation
+        self._start_network()
         self.credentials.write(
             self.state_dir / "credentials", {"read-only": self.read_only_credentials}
         )
@@ -184,6 +199,37 @@ class Engine:
         self.image_id = self._api.image_id
         self.endpoint_url = self._api.endpoint_url
         log.info("local cloud at %s (seed %d)", self.endpoint_url, self.seed)
+
+    def _start_network(self) -> None:
+        """The cloud's own network (``network="vpc"``), or loopback addresses."""
+        record = self._run.record
+        assert record is not None
+        why = possible() if self._network_wanted != "loopback" else "loopback asked for"
+        if why is None:
+            self.net = Network(
+                record.token,
+                self._run.block,
+                claim_route=lambda prefix: record.claim_route(prefix, add_unreachable),
+                release_routes=record.release_routes,
+            )
+            try:
+                self.net.start()
+            except LocalCloudError as e:
+                self.net.close()
+                self.net = None
+                why = str(e)
+        if self.net is not None:
+            self.network = "vpc"
+        elif self._network_wanted == "vpc":
+            raise LocalCloudError(f"the local cloud cannot make its network here: {why}")
+        else:
+            self.network = "loopback"
+        log.info("local cloud: network: %s", self.network if why is None else f"loopback ({why})")
+
+    @property
+    def checkip_url(self) -> str:
+        """The cloud's checkip service ("" without the cloud's network)."""
+        return self.net.checkip_url if self.net is not None else ""
 
     def close(self) -> None:
         """Stop the API, kill every host, free every loop device, remove the state."""
@@ -205,6 +251,8 @@ class Engine:
                     machine.host.cgroup.remove()
         for disk in list(self.disks.values()):
             self._free(disk)
+        if self.net is not None:
+            self.net.close()
         if self._account_claimed:
             with _ACCOUNTS_LOCK:
                 _ACCOUNTS.discard((self.account, self.region))
@@ -223,6 +271,14 @@ class Engine:
                 return address
         raise LocalCloudError(f"no free address left in 127.{block}.0.0/16")
 
+    def new_public_address(self) -> str:
+        """A public address no instance holds: of the cloud's range on its network."""
+        if self.net is None:
+            return self.new_address()
+        with self.lock:
+            taken = {m.host.public_address for m in self.machines.values()}
+            return self.net.new_public_address(taken)
+
     # -- instances (called by the API under self.lock) ---------------------------------
 
     def launched(
@@ -232,8 +288,10 @@ class Engine:
         public_address: str,
         public_key: str | None,
         instance_type: str,
+        placement: Placement | None = None,
     ) -> None:
-        """A new instance at its private ``address`` (for life) and ``public_address``."""
+        """A new instance at its private ``address`` (for life) and ``public_address``
+        ("": none), in ``placement`` (its VPC and subnet) on the cloud's network."""
         record = self._run.record
         assert record is not None
         host = Host(
@@ -247,13 +305,13 @@ class Engine:
             cgroup=self._run.instance_cgroup(instance_id),
             masked=[self.state_dir, REGISTRY_DIR],
         )
-        machine = _Machine(host, nitro=is_nitro(instance_type))
+        machine = _Machine(host, nitro=is_nitro(instance_type), placement=placement)
         self.machines[instance_id] = machine
         self._submit(self._boot, machine)
         self.security_changed()  # a new member of its groups
 
     def start_instance(self, instance_id: str, public_address: str | None = None) -> None:
-        """Boot a stopped instance again (at a new ``public_address``, if given)."""
+        """Boot a stopped instance again (at a new ``public_address``, if given; "": none)."""
         machine = self.machines[instance_id]
         if public_address is not None:
             machine.host.public_address = public_address
@@ -321,6 +379,7 @@ class Engine:
                 if not machine.prepared:
                     host.prepare()
                     machine.prepared = True
+                self._connect(machine)
                 host.boot()
                 if not host.wait_for_sshd(SSHD_TIMEOUT, machine.cancel.is_set):
                     return
@@ -351,6 +410,15 @@ class Engine:
                     machine.ready = False
                     self.api.boot_failed(host.instance_id, str(e))
                 raise
+
+    def _connect(self, machine: _Machine) -> None:
+        """The host's namespace on the cloud's network, its public address NATed to it."""
+        host = machine.host
+        if self.net is None or machine.placement is None:
+            return
+        host.netns = self.net.attach(host.instance_id, machine.placement, host.address)
+        if host.public_address:
+            self.net.publish(host.instance_id, host.public_address)
 
     def _launch_fails(self, machine: _Machine) -> bool:
         """A first boot that ``realism.launch_failure`` (seeded) makes fail."""
@@ -406,11 +474,16 @@ class Engine:
         host = machine.host
         with machine.op_lock:
             host.kill()
+            if self.net is not None:
+                self.net.unpublish(host.instance_id)
             with self.lock:
                 machine.ready = False
                 if machine.wanted == "terminated":
                     self.api.halted(host.instance_id, terminated=True)
                     self.consoles[host.instance_id] = host.console()
+                    if self.net is not None:
+                        self.net.remove(host.instance_id)
+                        host.netns = ""
                     host.remove()
                     del self.machines[host.instance_id]
                     self.security_changed()  # no longer a member of its groups

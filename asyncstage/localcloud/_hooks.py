@@ -20,6 +20,7 @@ from typing import Protocol
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._disks import Disk
 from asyncstage.localcloud._firewall import Policy
+from asyncstage.localcloud._network import Placement
 from asyncstage.localcloud._realism import Realism
 
 
@@ -54,7 +55,10 @@ class EngineHooks(Protocol):
     def snapshots(self) -> Mapping[str, Path]:
         """Snapshot id -> its image."""
 
+    network: str  # the network in force: "vpc" or "loopback"
+
     def new_address(self) -> str: ...
+    def new_public_address(self) -> str: ...
     def launched(
         self,
         instance_id: str,
@@ -62,6 +66,7 @@ class EngineHooks(Protocol):
         public_address: str,
         public_key: str | None,
         instance_type: str,
+        placement: Placement | None = None,
     ) -> None: ...
     def start_instance(self, instance_id: str, public_address: str | None = None) -> None: ...
     def stop_instance(self, instance_id: str) -> None: ...

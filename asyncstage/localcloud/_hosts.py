@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import ipaddress
 import json
 import os
 import pwd
@@ -116,7 +117,10 @@ class Host:
 
     @property
     def addresses(self) -> list[str]:
-        """Where its sshd listens: the private address, then the public one."""
+        """Where its sshd listens: the private address, then the public one (which, in
+        a namespace of its own, is NATed to the private one by the cloud's router)."""
+        if self.netns:
+            return [self.address]
         return [a for a in (self.address, self.public_address) if a]
 
     @property
@@ -252,7 +256,10 @@ class Host:
             "sshd": which("sshd"),
             "pivot_root": which("pivot_root"),
         }
+        # in its own network namespace: nsenter joins it, then unshare makes the rest
+        enter = [which("nsenter"), f"--net=/run/netns/{self.netns}"] if self.netns else []
         argv = [
+            *enter,
             which("unshare"),
             "--mount",
             "--pid",
@@ -299,10 +306,20 @@ class Host:
                 return False
             if self.proc is None or self.proc.poll() is not None:
                 raise LocalCloudError(f"{self.instance_id}: host stopped: {self.log_tail()}")
-            if all(_ssh_banner(a) for a in self.addresses):
+            if self._sshd_answers():
                 return True
             time.sleep(0.05)
         raise LocalCloudError(f"{self.instance_id}: sshd did not answer within {timeout:g}s")
+
+    def _sshd_answers(self) -> bool:
+        if not self.netns:
+            return all(_ssh_banner(a) for a in self.addresses)
+        # through the router: its public address answers once the NAT is in place too
+        if self.public_address:
+            return _ssh_banner(self.public_address)
+        # no way in from the machine (as on EC2): its listening socket, read from its
+        # namespace's own table
+        return self.init_pid is not None and _listens(self.init_pid, self.address, 22)
 
     def kill(self) -> None:
         """Kill every process of the host (its PID 1 first) and wait for them."""
@@ -396,7 +413,7 @@ class Host:
             f"[    0.000000] Linux version {os.uname().release} (asyncstage local cloud)",
             f"[    0.000000] Command line: root=overlay hostname={self.hostname}",
             f"Cloud-init v. 22.4.2 running 'init' at {now:%a, %d %b %Y %H:%M:%S +0000}.",
-            f"ci-info: | lo | True | {self.address} | 255.0.0.0 | host | . |",
+            f"ci-info: | {'eth0' if self.netns else 'lo'} | True | {self.address} | . | . | . |",
             f"{ci}#############################################################",
             f"{ci}-----BEGIN SSH HOST KEY FINGERPRINTS-----",
             *(f"{ci}{fp}" for fp in self.fingerprints),
@@ -432,6 +449,16 @@ def _ssh_banner(address: str) -> bool:
             return s.recv(8).startswith(b"SSH-")
     except OSError:
         return False
+
+
+def _listens(pid: int, address: str, port: int) -> bool:
+    """Whether a socket of ``pid``'s network namespace listens on ``address:port``."""
+    want = f"{socket.htonl(int(ipaddress.IPv4Address(address))):08X}:{port:04X}"
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] == want and line.split()[3] == "0A" for line in lines)
 
 
 def _disk_gid() -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from asyncstage.localcloud._copies import RegionCopies
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal, xen_node
 from asyncstage.localcloud._groups import GroupEffects
 from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
+from asyncstage.localcloud._network import Placement
 from asyncstage.localcloud._records import (
     LocalInstance,
     LocalNic,
@@ -121,10 +123,14 @@ class LocalBackend(GroupEffects, RegionCopies):
             material = self.key_pairs[key_name].material_public
             public_key = material.decode() if isinstance(material, bytes) else str(material)
         for instance in reservation.instances:
-            private, public = _give_addresses(engine, instance)
+            private, public, placement = _give_addresses(
+                engine, instance, _wants_public(kwargs, instance)
+            )
             _move_root(instance)
             set_state(instance, "pending")
-            engine.launched(instance.id, private, public, public_key, instance.instance_type)
+            engine.launched(
+                instance.id, private, public, public_key, instance.instance_type, placement
+            )
         return reservation
 
     def start_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
@@ -540,33 +546,66 @@ def ec2_now(engine: EngineHooks) -> datetime:
     return utcnow() + timedelta(seconds=engine.realism.clock_offset)
 
 
-def _give_addresses(engine: EngineHooks, instance: Any) -> tuple[str, str]:
-    """A new instance's (private, public) loopback addresses, set on its network interface.
+def _wants_public(kwargs: dict[str, Any], instance: Any) -> bool:
+    """EC2's rule: the first network interface's AssociatePublicIpAddress if given, else
+    the subnet's MapPublicIpOnLaunch (true in a default VPC's subnets)."""
+    for nic in kwargs.get("nics") or []:
+        if str(nic.get("DeviceIndex", "0")) == "0" and "AssociatePublicIpAddress" in nic:
+            return str(nic["AssociatePublicIpAddress"]).lower() == "true"
+    subnet = getattr(instance.nics[0], "subnet", None)
+    return bool(getattr(subnet, "map_public_ip_on_launch", True))
 
-    Never moto's 10.x/54.x ones: nothing may ever connect outside 127.0.0.0/8.
+
+def _give_addresses(
+    engine: EngineHooks, instance: Any, public_wanted: bool
+) -> tuple[str, str, Placement | None]:
+    """A new instance's (private, public, placement), set on its network interface.
+
+    On the cloud's network (``engine.network == "vpc"``) the private address is moto's,
+    from the subnet's CIDR, and lives only inside the instance's namespace; the public
+    one comes from the cloud's range of 198.18.0.0/15. Else both are loopback
+    addresses. Never moto's 54.x: nothing may ever leave the machine.
     """
-    private, public = engine.new_address(), engine.new_address()
-    instance.launch_time = ec2_now(engine)
     nic = instance.nics[0]
+    placement = None
+    if engine.network == "vpc":
+        subnet = nic.subnet
+        private = str(nic.private_ip_address)
+        if ipaddress.ip_address(private) not in subnet.cidr:
+            # moto draws a default-VPC instance's address at random (EC2-Classic's way):
+            # EC2 takes it from the subnet, as moto does for a subnet named in the call
+            private = subnet.get_available_subnet_ip(instance=instance)
+            instance._private_ips.add(private)  # freed by moto at termination
+        vpc = instance.ec2_backend.get_vpc(subnet.vpc_id)
+        placement = Placement(str(subnet.vpc_id), str(vpc.cidr_block), str(subnet.cidr_block))
+        public = engine.new_public_address() if public_wanted else ""
+    else:
+        private = engine.new_address()
+        public = engine.new_address() if public_wanted else ""
+    instance.launch_time = ec2_now(engine)
     dns = private_dns_name(engine.region, private)
     nic.private_ip_address = private
     nic.private_ip_addresses = [
         {"Primary": True, "PrivateIpAddress": private, "PrivateDnsName": dns}
     ]
     nic.private_dns_name = dns
-    nic.public_ip = public
+    nic.public_ip = public or None
     nic.public_ip_auto_assign = False  # moto's stop/start would hand out 54.x
+    nic.public_wanted = public_wanted  # a start gives a new one only then
     retype(nic, LocalNic)
     retype(instance, LocalInstance)
-    return private, public
+    return private, public, placement
 
 
 def _new_public_address(engine: EngineHooks, instance: Any) -> str | None:
-    """At a start: EC2 gives a new public address (None: it keeps its one, realism off)."""
+    """At a start: EC2 gives a new public address (None: it keeps its one, realism off;
+    "": it has none)."""
     instance.launch_time = ec2_now(engine)  # EC2's LaunchTime is the last start's
     if not engine.realism.moving_public_address:
         return None
-    public = engine.new_address()
+    if not getattr(instance.nics[0], "public_wanted", True):
+        return ""
+    public = engine.new_public_address()
     instance.nics[0].public_ip = public
     return public
 

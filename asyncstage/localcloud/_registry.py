@@ -29,12 +29,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asyncstage.localcloud._isolation import remove_cgroup_tree
+from asyncstage.localcloud._network import del_unreachable, sweep
 from asyncstage.localcloud._system import process_start_time, run, which
 from asyncstage.localcloud.errors import LocalCloudError, StateDirInUse
 
@@ -104,6 +105,7 @@ class RunRecord:
             "mounts": [],  # [path, source name]
             "loops": {},  # /dev/loopN -> [image path, inode, "major:minor" of its fs]
             "cgroups": [],  # device cgroups of the run (removed after its processes)
+            "routes": [],  # the machine's unreachable routes the run claims (its network)
         }
 
     @property
@@ -158,6 +160,27 @@ class RunRecord:
             self.data["cgroups"].remove(str(path))
         self.save()
 
+    def claim_route(self, prefix: str, add: Callable[[str], object]) -> None:
+        """Record ``prefix`` as the run's, then ``add`` its route (another run's may be
+        there already: both claim it, the last to end removes it)."""
+        with _locked():
+            with self._lock:
+                if prefix not in self.data["routes"]:
+                    self.data["routes"].append(prefix)
+            self.save()
+            add(prefix)
+
+    def release_routes(self) -> None:
+        """Remove the run's routes that no other running cloud claims."""
+        with _locked():
+            claimed = _live_routes(self.token)
+            with self._lock:
+                mine, self.data["routes"] = list(self.data["routes"]), []
+            for prefix in mine:
+                if prefix not in claimed:
+                    del_unreachable(prefix)
+            self.save()
+
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -174,20 +197,38 @@ def _locked() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _records() -> Iterator[tuple[Path, dict[str, Any], bool]]:
+    """Every run's record: (path, data, whether its owner lives)."""
+    for path in sorted(REGISTRY_DIR.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            yield path, data, _alive(data.get("owner"), data.get("owner_start"))
+
+
+def _live_routes(except_token: str | None = None) -> set[str]:
+    """The machine routes that running clouds (other than ``except_token``) claim."""
+    return {
+        str(prefix)
+        for _, data, alive in _records()
+        if alive and data.get("token") != except_token
+        for prefix in data.get("routes", [])
+    }
+
+
 def register(record: RunRecord) -> None:
     """Clean up crashed runs, then claim a free address block and enter ``record``."""
     with _locked():
         used: set[int] = set()
-        for path in sorted(REGISTRY_DIR.glob("*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if _alive(data.get("owner"), data.get("owner_start")):
+        claimed = _live_routes()
+        for path, data, alive in list(_records()):
+            if alive:
                 if data.get("block") is not None:
                     used.add(int(data["block"]))
                 continue
-            clean_run(data)
+            clean_run(data, claimed)
             path.unlink(missing_ok=True)
         free = [n for n in range(BLOCKS) if n not in used]
         if not free:
@@ -200,8 +241,9 @@ def _alive(pid: Any, start: Any) -> bool:
     return isinstance(pid, int) and process_start_time(pid) == start
 
 
-def clean_run(data: dict[str, Any]) -> None:
-    """Undo what a dead run recorded: its processes, mounts, loop devices, state dir."""
+def clean_run(data: dict[str, Any], claimed: set[str] | frozenset[str] = frozenset()) -> None:
+    """Undo what a dead run recorded: its processes, mounts, loop devices, network (its
+    routes but those in ``claimed`` by running clouds), state dir."""
     pids = [int(p) for p, start in data.get("pids", {}).items() if _alive(int(p), start)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -209,6 +251,10 @@ def clean_run(data: dict[str, Any]) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(process_start_time(p) is not None for p in pids):
         time.sleep(0.05)
+    token = data.get("token")
+    if isinstance(token, str) and re.fullmatch(r"[0-9a-f]{8}", token):
+        routes = [str(r) for r in data.get("routes", []) if str(r) not in claimed]
+        sweep(token, routes)
     for cgroup in data.get("cgroups", []):
         if Path(cgroup).name.startswith("asyncstage-localcloud-"):
             remove_cgroup_tree(Path(cgroup))
