@@ -518,7 +518,7 @@ def test_firewalls_follow_the_records(net: Net) -> None:
     import threading
     import time
 
-    from asyncstage.errors import LocalCloudError
+    from asyncstage.localcloud.errors import LocalCloudError
 
     lock = threading.RLock()
     rules: dict[str, GroupRules] = {"i-b": GroupRules("sg-01", ())}

@@ -32,6 +32,7 @@ from asyncstage.backup.scratch import volume_from
 from asyncstage.backup.snapshots import pick_snapshot, usable
 from asyncstage.errors import InvalidArgument, UnknownSnapshot
 from asyncstage.manager import Manager
+from asyncstage.refs import ServerRef
 from asyncstage.remote import manifest as script
 from asyncstage.server import Server
 from asyncstage.volume import Volume
@@ -192,7 +193,7 @@ async def _check_one(
 
 
 async def check_mounted(
-    server: Server, root: str, digest: str, *, read_data: bool
+    server: ServerRef, root: str, digest: str, *, read_data: bool
 ) -> dict[str, Any]:
     """The manifest helper's answer for the tree mounted at ``root`` on ``server``, whose
     manifest must have the sha256 ``digest`` (see :mod:`asyncstage.remote.manifest`)."""

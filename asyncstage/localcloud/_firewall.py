@@ -35,8 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from asyncstage.errors import InvalidArgument, LocalCloudError, MissingDependency
+from asyncstage.errors import InvalidArgument, MissingDependency
 from asyncstage.localcloud._system import which
+from asyncstage.localcloud.errors import LocalCloudError
 
 TABLE = "asyncstage_sg"  # the table's name in each instance's namespace (family inet)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

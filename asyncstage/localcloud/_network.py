@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from asyncstage.errors import InvalidArgument, LocalCloudError, MissingDependency
+from asyncstage.errors import InvalidArgument, MissingDependency
 from asyncstage.localcloud._system import run, which
+from asyncstage.localcloud.errors import LocalCloudError
 
 log = logging.getLogger("asyncstage.localcloud")
 
