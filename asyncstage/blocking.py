@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from asyncstage import keys
     from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.jumps import JumpSpec
     from asyncstage.localcloud._isolation import DeviceIsolation
     from asyncstage.localcloud._realism import Realism
     from asyncstage.paths import PathLike, RemotePath
@@ -120,6 +121,8 @@ class ManagerOptions(TypedDict, total=False):
     console_timeout: float | None
     poll_interval: float | None
     launch_window: float | None
+    jump_host: JumpSpec | None
+    checkip_url: str | None
 
 
 class _ManagerAttributes(_ManagerLifetime):
@@ -129,6 +132,16 @@ class _ManagerAttributes(_ManagerLifetime):
     def host_key_policy(self) -> HostKeyPolicy:
         """Same as :attr:`asyncstage.Manager.host_key_policy`."""
         return self._async.host_key_policy
+
+    @property
+    def jump_host(self) -> JumpSpec | None:
+        """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""
+        return self._async.jump_host
+
+    @property
+    def server_jump_hosts(self) -> dict[str, JumpSpec]:
+        """Jump hosts set for single servers, by server name (:attr:`Server.jump_host`)."""
+        return self._async.server_jump_hosts
 
     @property
     def timeouts(self) -> Timeouts:
@@ -298,12 +311,14 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
         ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
         """
         return cast(
             "Server",
@@ -317,6 +332,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    jump_host=jump_host,
                     **choices,
                 )
             ),
@@ -333,6 +349,7 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
@@ -355,6 +372,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    jump_host=jump_host,
                     **choices,
                 )
             ),
@@ -370,8 +388,12 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
     ) -> Server:
-        """The server of that name, started if stopped; a new one when there is none."""
+        """The server of that name, started if stopped; a new one when there is none.
+
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
+        """
         return cast(
             "Server",
             _wrap(
@@ -384,6 +406,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    jump_host=jump_host,
                 )
             ),
         )
@@ -632,6 +655,21 @@ class _ServerAttributes(_ServerStreams):
     def endpoint(self) -> str | None:
         """Alias of :attr:`address`."""
         return self._async.endpoint
+
+    @property
+    def jump_host(self) -> JumpSpec | None:
+        """The jump host (bastion) this server is reached through, or None (directly).
+
+        Its own (set here, or by ``jump_host=`` of ``provision_server``/``get_server``),
+        else the manager's when the server has no public address. Setting one makes
+        ssh go through it (to the server's private address) from the next connection;
+        None goes back to the default. See :mod:`asyncstage.jumps`.
+        """
+        return self._async.jump_host
+
+    @jump_host.setter
+    def jump_host(self, value: JumpSpec | None) -> None:
+        self._async.jump_host = value
 
 
 class Server(_ServerAttributes):

@@ -31,6 +31,7 @@ from asyncstage.errors import (
 )
 from asyncstage.fleet import Fleet, LaunchOptions
 from asyncstage.images import Images
+from asyncstage.jumps import JumpSpec, check_jump
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
 from asyncstage.registry import Registry
@@ -72,6 +73,9 @@ class Manager:
     which also deletes the volumes it made) or left running (``"run"``).
     Keyword arguments mirror VM::EC2::Staging::Manager's options without the dash; the
     timings (``manager.timeouts``) come as a :class:`Timeouts` and/or one by one.
+    ``jump_host``: the bastion that servers without a public address are reached
+    through (:mod:`asyncstage.jumps`); ``checkip_url``: where this machine asks its own
+    public address for the security group's ssh rule when no ``ssh_cidr`` is given.
     """
 
     def __init__(
@@ -112,8 +116,14 @@ class Manager:
         console_timeout: float | None = None,
         poll_interval: float | None = None,
         launch_window: float | None = None,
+        jump_host: JumpSpec | None = None,
+        checkip_url: str | None = None,
     ) -> None:
         self.host_key_policy: HostKeyPolicy = check_policy(host_key_policy)
+        self.jump_host: JumpSpec | None = check_jump(jump_host)
+        """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""
+        self.server_jump_hosts: dict[str, JumpSpec] = {}
+        """Jump hosts set for single servers, by server name (:attr:`Server.jump_host`)."""
         ec2_options: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "profile": profile,
@@ -151,6 +161,7 @@ class Manager:
         self.registry = Registry(lambda desc: self.volume_class(self, desc))
         cidrs = [ssh_cidr] if isinstance(ssh_cidr, str) else list(ssh_cidr or [])
         self.account = Account(self.ec2, self.dotdir, reuse_key, cidrs, security_group)
+        self.account.checkip_url = checkip_url
         self.images = Images(self.ec2, image, image_owners, root_type, ec2_options)
         self.fleet = Fleet(self, self._ensure_account)  # the account, set up when first needed
         self._open = False
@@ -275,16 +286,19 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
         ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
         """
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
+        self._jump_for(jump_host, [name])
         return await self.fleet.provision_one(name, opts, timeout or self.timeouts.server)
 
     async def provision_servers(
@@ -298,6 +312,7 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
@@ -322,12 +337,27 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
     ) -> Server:
-        """The server of that name, started if stopped; a new one when there is none."""
+        """The server of that name, started if stopped; a new one when there is none.
+
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
+        """
         self._require_open()
         options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
+        if jump_host is not None:
+            name = name or self.new_server_name()
+            self._jump_for(jump_host, [name])
         return await self.fleet.get(name, options, timeout or self.timeouts.server)
+
+    def _jump_for(self, spec: JumpSpec | None, names: Sequence[str]) -> None:
+        """Remember ``spec`` as the jump host of the servers ``names`` (before they exist:
+        waiting for a launched server goes through it)."""
+        checked = check_jump(spec)
+        if checked is not None:
+            for name in names:
+                self.server_jump_hosts[name] = checked
 
     async def get_server_in_zone(self, zone: str) -> Server:
         """A server up in this zone: a running one, else a started one, else a new one."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from asyncstage.paths import HostEndpoint, LocalEndpoint
 from asyncstage.ssh import SSHHost
 from asyncstage.transfer import dd_endpoints, rsync_endpoints
 from tests.sshd import SSHServer
+from tests.test_transfer_hosts import Loop
 
 pytestmark = pytest.mark.anyio
 
@@ -163,27 +163,6 @@ async def test_rsync_through_the_jump_host(net: Net, tmp_path: Path) -> None:
     assert_through_jump(net, net.b, direct_from=net.a)
 
 
-class Loop:
-    def __init__(self, image: Path, size: int) -> None:
-        self.image = image
-        with image.open("wb") as f:
-            f.truncate(size)
-        self.device = subprocess.run(
-            ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
-        ).stdout.strip()
-
-    def read(self, offset: int, size: int) -> bytes:
-        fd = os.open(self.device, os.O_RDONLY)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        subprocess.run(["losetup", "-d", self.device], check=False)
-        self.image.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def two_loops(tmp_path: Path) -> Iterator[tuple[Loop, Loop]]:
     made = [Loop(tmp_path / "a.img", 8 * MiB), Loop(tmp_path / "b.img", 8 * MiB)]
@@ -197,12 +176,7 @@ def two_loops(tmp_path: Path) -> Iterator[tuple[Loop, Loop]]:
 async def test_dd_through_the_jump_host(net: Net, two_loops: tuple[Loop, Loop]) -> None:
     src, dst = two_loops
     data = os.urandom(MiB)
-    fd = os.open(src.device, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, 3 * MiB)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    src.write(3 * MiB, data)
     async with behind(net) as (ha, hb):
         stats = await dd_endpoints(
             HostEndpoint(ha, src.device),
@@ -210,7 +184,7 @@ async def test_dd_through_the_jump_host(net: Net, two_loops: tuple[Loop, Loop]) 
             authorized_keys=str(net.b.dir / "authorized_keys"),
         )
     assert stats.route == "dd-host->host" and stats.bytes == MiB
-    assert dst.read(3 * MiB, MiB) == data
+    assert dst.read(4 * MiB)[3 * MiB :] == data
     assert_through_jump(net, net.a)
     assert_through_jump(net, net.b, direct_from=net.a)
 

@@ -83,6 +83,12 @@ class SSHHost:
         self.private_network: tuple[str, str] | None = None
         """(network, address): the host's address inside a private network (an EC2 VPC);
         hosts of one network reach each other there (host -> host transfers)."""
+        self.public_address: str | None = None
+        """With :attr:`private_network`: the host's public address (None: it has none);
+        hosts of different networks reach each other there."""
+        self.admit_ssh: Callable[[str], AbstractAsyncContextManager[None]] | None = None
+        """With :attr:`private_network`: ``async with host.admit_ssh("a.b.c.d/32")``
+        lets that address in by ssh for the block (a cross-network transfer leg)."""
         self.label = label or address
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
