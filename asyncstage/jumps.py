@@ -56,6 +56,7 @@ def _unmanaged(spec: str) -> tuple[str, str, int] | None:
 
 def check_jump(spec: object) -> JumpSpec | None:
     """``spec`` if it names a jump host (or is None); InvalidArgument otherwise."""
+    spec = getattr(spec, "_async", spec)  # a blocking twin: the Server it wraps
     if spec is None or isinstance(spec, SSHHost):
         return spec
     if isinstance(spec, str):
