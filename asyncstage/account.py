@@ -16,8 +16,9 @@ import anyio
 from asyncstage import keys
 from asyncstage.ec2 import EC2, tag
 from asyncstage.errors import EC2Error, InvalidArgument
+from asyncstage.transfer.ingress import sweep_stale_rules
 
-__all__ = ["LIVE_STATES", "Account", "caller_cidr", "reading_only"]
+__all__ = ["CHECKIP_URL", "LIVE_STATES", "Account", "caller_cidr", "reading_only"]
 
 log = logging.getLogger("asyncstage")
 
@@ -25,9 +26,15 @@ LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 """The instance states of servers that still exist (for scans and on_exit)."""
 
 
-def caller_cidr(endpoint_url: str | None) -> str:
-    """The caller's address as a /32: loopback for a local endpoint, else asked of AWS."""
-    if endpoint_url:
+CHECKIP_URL = "https://checkip.amazonaws.com"
+"""Where the controller asks its own public address, as EC2 users do."""
+
+
+def caller_cidr(endpoint_url: str | None, checkip_url: str | None = None) -> str:
+    """The caller's address as a /32: what ``checkip_url`` answers (the address the
+    servers see this machine come from); without one, loopback for a local endpoint,
+    else what :data:`CHECKIP_URL` answers."""
+    if checkip_url is None and endpoint_url:
         host = urllib.parse.urlsplit(endpoint_url).hostname or ""
         try:
             if ipaddress.ip_address(host).is_loopback:
@@ -35,14 +42,19 @@ def caller_cidr(endpoint_url: str | None) -> str:
         except ValueError:
             if host == "localhost":
                 return "127.0.0.1/32"
-    try:  # pragma: no cover - needs the internet
-        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=10) as r:
-            address = r.read().decode().strip()
-        return f"{ipaddress.ip_address(address)}/32"
-    except (OSError, ValueError) as e:  # pragma: no cover
+    checkip_url = checkip_url or CHECKIP_URL
+    if urllib.parse.urlsplit(checkip_url).scheme not in ("http", "https"):
+        raise InvalidArgument(f"checkip_url: an http(s) URL, not {checkip_url!r}")
+    try:
+        with urllib.request.urlopen(checkip_url, timeout=10) as r:
+            answer = r.read(64).decode().strip()
+        address = ipaddress.ip_address(answer)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise InvalidArgument(
-            "cannot find this machine's public address: pass ssh_cidr='a.b.c.d/32'"
+            f"cannot find this machine's public address at {checkip_url} ({e}): pass "
+            "ssh_cidr='a.b.c.d/32'"
         ) from e
+    return f"{address}/{address.max_prefixlen}"
 
 
 class Account:
@@ -76,6 +88,9 @@ class Account:
         """The local key, once something needed it (:meth:`local_key`)."""
         self.group_id: str | None = None
         """The security group's id, once made or checked (:meth:`admit`)."""
+        self.checkip_url: str | None = None
+        """Where this machine's public address is asked when no ``ssh_cidrs`` are given
+        (None: :data:`CHECKIP_URL`, or loopback for a local endpoint)."""
         self._imported = False
         self._lock: anyio.Lock | None = None
 
@@ -109,14 +124,26 @@ class Account:
         """Make sure the security group exists and lets this machine in by ssh; its id."""
         async with self._locked():
             if self.group_id is None:
-                cidrs = self.ssh_cidrs or [caller_cidr(self.ec2.endpoint_url)]
+                cidrs = self.ssh_cidrs or [
+                    await anyio.to_thread.run_sync(
+                        caller_cidr, self.ec2.endpoint_url, self.checkip_url
+                    )
+                ]
                 self.group_id = await self.ec2.ensure_security_group(
                     self.security_group,
                     cidrs=cidrs,
                     tags={tag("role"): "security-group"},
                     patience=self.patience,
                 )
+                await self._sweep_rules(self.group_id)
             return self.group_id
+
+    async def _sweep_rules(self, group_id: str) -> None:
+        """Revoke the temporary transfer rules a dead controller left in the group."""
+        try:
+            await sweep_stale_rules(self.ec2, group_id)
+        except EC2Error as e:  # the set-up goes on: the next one sweeps again
+            log.warning("security group %s: could not sweep temporary rules: %s", group_id, e)
 
     def forget(self) -> None:
         """Check the key pair and the group again next time (another manager removed them)."""

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from asyncstage import keys
     from asyncstage.capacity import LaunchChoices
     from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.jumps import JumpSpec
     from asyncstage.localcloud._isolation import DeviceIsolation
     from asyncstage.localcloud._network import NetworkMode
     from asyncstage.localcloud._realism import Realism
@@ -98,6 +99,7 @@ class ManagerOptions(TypedDict, total=False):
     verbosity: int
     server_class: type[_AsyncServer]
     volume_class: type[_AsyncVolume]
+    jump_host: JumpSpec | None
     endpoint_url: str | None
     profile: str | None
     aws_access_key_id: str | None
@@ -115,6 +117,7 @@ class ManagerOptions(TypedDict, total=False):
     security_group: str
     reuse_key: bool
     host_key_policy: HostKeyPolicy
+    checkip_url: str | None
     reuse_volumes: bool
     mount_options: str
     install_packages: bool
@@ -235,6 +238,20 @@ class _ManagerAttributes(_ManagerLifetime):
         return self._async.known_hosts
 
     @property
+    def jump_host(self) -> JumpSpec | None:
+        """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""
+        return self._async.jump_host
+
+    @jump_host.setter
+    def jump_host(self, value: JumpSpec | None) -> None:
+        self._async.jump_host = value
+
+    @property
+    def server_jump_hosts(self) -> dict[str, JumpSpec]:
+        """Jump hosts set for single servers, by server name (:attr:`Server.jump_host`)."""
+        return self._async.server_jump_hosts
+
+    @property
     def key_pair(self) -> keys.KeyPair:
         """The key pair of the servers this manager launches (the dot directory's; made
         there on first use; imported into EC2 at the first launch)."""
@@ -323,12 +340,14 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
         ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
         """
         return cast(
             "Server",
@@ -342,6 +361,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    jump_host=jump_host,
                     **choices,
                 )
             ),
@@ -358,6 +378,7 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
@@ -380,6 +401,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    jump_host=jump_host,
                     **choices,
                 )
             ),
@@ -395,8 +417,12 @@ class Manager(_ManagerAttributes):
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
     ) -> Server:
-        """The server of that name, started if stopped; a new one when there is none."""
+        """The server of that name, started if stopped; a new one when there is none.
+
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
+        """
         return cast(
             "Server",
             _wrap(
@@ -409,6 +435,7 @@ class Manager(_ManagerAttributes):
                     username=username,
                     architecture=architecture,
                     timeout=timeout,
+                    jump_host=jump_host,
                 )
             ),
         )
@@ -657,6 +684,21 @@ class _ServerAttributes(_ServerStreams):
     def endpoint(self) -> str | None:
         """Alias of :attr:`address`."""
         return self._async.endpoint
+
+    @property
+    def jump_host(self) -> JumpSpec | None:
+        """The jump host (bastion) this server is reached through, or None (directly).
+
+        Its own (set here, or by ``jump_host=`` of ``provision_server``/``get_server``),
+        else the manager's when the server has no public address. Setting one makes
+        ssh go through it (to the server's private address) from the next connection;
+        None goes back to the default. See :mod:`asyncstage.jumps`.
+        """
+        return self._async.jump_host
+
+    @jump_host.setter
+    def jump_host(self, value: JumpSpec | None) -> None:
+        self._async.jump_host = value
 
 
 class Server(_ServerAttributes):

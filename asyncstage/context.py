@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from asyncstage import keys
 from asyncstage.account import Account
@@ -24,6 +24,9 @@ from asyncstage.settings import Launch, Storage
 from asyncstage.ssh import KnownHosts
 from asyncstage.ssh.known_hosts import HostKeyPolicy
 from asyncstage.timeouts import Timeouts
+
+if TYPE_CHECKING:
+    from asyncstage.jumps import JumpSpec
 
 __all__ = ["Context", "ManagerRef", "ServerFactory"]
 
@@ -48,6 +51,10 @@ class Context:
     storage: Storage
     host_key_policy: HostKeyPolicy = "strict"
     verbosity: int = 1
+    jump_host: JumpSpec | None = None
+    """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""
+    server_jump_hosts: dict[str, JumpSpec] = field(default_factory=dict)
+    """Jump hosts set for single servers, by server name (``Server.jump_host``)."""
     fleet: FleetRef = field(init=False)
     """The manager's fleet (set by the Manager once it is made: the fleet takes this
     context)."""

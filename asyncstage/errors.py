@@ -34,7 +34,10 @@ caller raw: they are wrapped in one of these, with the original kept as
     ├── ServerNotRunning           a server with no address (stopped): start it first
     ├── SSHError                   anything over ssh; names the host
     │   ├── ConnectError
-    │   │   └── ServerUnreachable  never answered ssh (state, console tail, port 22)
+    │   │   ├── ServerUnreachable  never answered ssh (state, console tail, port 22)
+    │   │   ├── JumpHostError      the jump host failed, or refused the tunnel (both named)
+    │   │   └── NoRoute            no network path as set up (no public address and no
+    │   │                          jump host; a cross-VPC leg without public addresses)
     │   ├── HostKeyMismatch
     │   ├── HostKeyUnverified      no fingerprints on the console in time (policy strict)
     │   ├── CommandFailed          command, exit status, signal, stdout, stderr
@@ -78,9 +81,11 @@ __all__ = [
     "InsufficientCapacity",
     "InvalidArgument",
     "InvalidName",
+    "JumpHostError",
     "MissingDependency",
     "MountPointRefused",
     "NameTaken",
+    "NoRoute",
     "NotFound",
     "PathError",
     "PermissionDenied",
@@ -326,6 +331,21 @@ class ServerUnreachable(ConnectError):
         if console_tail is not None:
             message += "; console: " + ("\n" + console_tail if console_tail.strip() else "(empty)")
         super().__init__(message, host=host)
+
+
+class JumpHostError(ConnectError):
+    """A host reached through a jump host (bastion) could not be: the jump host itself
+    failed (``jump`` names it), or it could not open the tunnel to the host."""
+
+    def __init__(self, message: str, *, host: str, jump: str) -> None:
+        self.jump = jump
+        super().__init__(message, host=host)
+
+
+class NoRoute(ConnectError):
+    """No network path to a host as things are set up, found before connecting: a server
+    without a public address and no jump host, or a server -> server leg across VPCs or
+    regions where one side has no public address. The message names the fix."""
 
 
 class HostKeyMismatch(SSHError):

@@ -137,10 +137,12 @@ async def port_answers(address: str, port: int = 22, timeout: float = 2.0) -> bo
 
 
 async def diagnose(
-    ctx: Context, server: ServerRef, address: str, message: str
+    ctx: Context, server: ServerRef, address: str | None, message: str
 ) -> ServerUnreachable:
     """A :class:`ServerUnreachable` for ``server`` (tried at ``address``) that says what
-    is known: its state and state reason, its console's tail, whether port 22 answered."""
+    is known: its state and state reason, its console's tail, whether port 22 answered
+    (not asked when ``address`` is None: a server behind a jump host is not this
+    machine's to probe)."""
     console: str | None = None
     port_open: bool | None = None
     with anyio.move_on_after(15):  # a diagnosis never hangs the error it explains
@@ -159,7 +161,7 @@ async def diagnose(
             text = None
         if text is not None:
             console = "\n".join(text.rstrip("\n").splitlines()[-_CONSOLE_LINES:])
-        port_open = await port_answers(address)
+        port_open = None if address is None else await port_answers(address)
     reason = server.instance.get("StateReason", {}).get("Message") or server.instance.get(
         "StateTransitionReason"
     )

@@ -32,6 +32,7 @@ from asyncstage.errors import (
 )
 from asyncstage.fleet import Fleet
 from asyncstage.images import Images
+from asyncstage.jumps import JumpSpec, check_jump
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
 from asyncstage.refs import ServerRef
@@ -91,6 +92,10 @@ class Manager:
     their fields may also be given as a keyword argument (:class:`~asyncstage.settings.
     ManagerKeywords`: ``instance_type=``, ``server_timeout=`` ..., the names of
     VM::EC2::Staging::Manager's options without the dash), which overrides the object's.
+    ``jump_host``: the bastion that servers without a public address are reached
+    through (:mod:`asyncstage.jumps`); ``checkip_url`` (in ``access``): where this machine
+    asks its own public address for the security group's ssh rule when no ``ssh_cidr`` is
+    given.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class Manager:
         verbosity: int = 1,
         server_class: type[Server] = Server,
         volume_class: type[Volume] = Volume,
+        jump_host: JumpSpec | None = None,
         **settings: Unpack[ManagerKeywords],
     ) -> None:
         given = settings_from(connection, launch, access, storage, timeouts, settings)
@@ -168,6 +174,8 @@ class Manager:
             verbosity,
         )
         """What the manager's parts, servers and volumes share (they never hold the manager)."""
+        self.context.jump_host = check_jump(jump_host)
+        self.account.checkip_url = self.access.checkip_url
         self.fleet = Fleet(self.context)  # the account, set up when a launch first needs it
         self.context.fleet = self.fleet
         self._open = False
@@ -201,6 +209,20 @@ class Manager:
             self._open = False
             raise
         return self
+
+    @property
+    def jump_host(self) -> JumpSpec | None:
+        """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""
+        return self.context.jump_host
+
+    @jump_host.setter
+    def jump_host(self, spec: JumpSpec | None) -> None:
+        self.context.jump_host = check_jump(spec)
+
+    @property
+    def server_jump_hosts(self) -> dict[str, JumpSpec]:
+        """Jump hosts set for single servers, by server name (:attr:`Server.jump_host`)."""
+        return self.context.server_jump_hosts
 
     @property
     def key_pair(self) -> keys.KeyPair:
@@ -286,16 +308,19 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
         Concurrent calls with the same launch options share one RunInstances call.
         ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
         """
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
+        self._jump_for(jump_host, [name])
         return _one(await self.fleet.provision_one(name, opts, timeout or self.timeouts.server))
 
     async def provision_servers(
@@ -309,6 +334,7 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
         **choices: Unpack[LaunchChoices],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
@@ -333,12 +359,27 @@ class Manager:
         username: str | None = None,
         architecture: str | None = None,
         timeout: float | None = None,
+        jump_host: JumpSpec | None = None,
     ) -> Server:
-        """The server of that name, started if stopped; a new one when there is none."""
+        """The server of that name, started if stopped; a new one when there is none.
+
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
+        """
         self._require_open()
         options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
+        if jump_host is not None:
+            name = name or self.new_server_name()
+            self._jump_for(jump_host, [name])
         return _one(await self.fleet.get(name, options, timeout or self.timeouts.server))
+
+    def _jump_for(self, spec: JumpSpec | None, names: Sequence[str]) -> None:
+        """Remember ``spec`` as the jump host of the servers ``names`` (before they exist:
+        waiting for a launched server goes through it)."""
+        checked = check_jump(spec)
+        if checked is not None:
+            for name in names:
+                self.server_jump_hosts[name] = checked
 
     async def get_server_in_zone(self, zone: str) -> Server:
         """A server up in this zone: a running one, else a started one, else a new one."""

@@ -32,6 +32,8 @@ class Registry:
         self._reserved_names: set[str] = set()
         self._hosts: dict[str, SSHHost] = {}  # each server's current connection
         self._retired_hosts: list[SSHHost] = []  # connections to addresses gone
+        self.jump_hosts: dict[str, SSHHost] = {}
+        """The unmanaged jump hosts (``"user@host[:port]"``) servers were reached through."""
 
     def __repr__(self) -> str:
         return f"{len(self._servers)} servers {len(self._volumes)} volumes"
@@ -183,9 +185,9 @@ class Registry:
 
     def hosts_to_close(self) -> list[SSHHost]:
         """The connections to close on exit: the servers' current ones (kept: a later
-        command reconnects) and the retired ones (forgotten)."""
+        command reconnects), the retired ones (forgotten) and the unmanaged jump hosts."""
         retired, self._retired_hosts = self._retired_hosts, []
-        return [*self._hosts.values(), *retired]
+        return [*self._hosts.values(), *retired, *self.jump_hosts.values()]
 
 
 class _Named(Protocol):

@@ -17,11 +17,14 @@ from asyncstage.ec2 import EC2, Resource, tag, tags_of
 from asyncstage.errors import (
     HostKeyMismatch,
     HostKeyUnverified,
+    NoRoute,
     ServerNotRunning,
     SSHError,
 )
+from asyncstage.jumps import JumpSpec, check_jump, route_for, ssh_target
 from asyncstage.ssh import Command, CommandResult, SSHHost
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
+from asyncstage.transfer.ingress import temporary_ingress
 from asyncstage.volume import Volume
 
 if TYPE_CHECKING:
@@ -112,14 +115,36 @@ class Server:
         return self._ctx.ec2
 
     @property
+    def jump_host(self) -> JumpSpec | None:
+        """The jump host (bastion) this server is reached through, or None (directly).
+
+        Its own (set here, or by ``jump_host=`` of ``provision_server``/``get_server``),
+        else the manager's when the server has no public address. Setting one makes
+        ssh go through it (to the server's private address) from the next connection;
+        None goes back to the default. See :mod:`asyncstage.jumps`.
+        """
+        own = self._ctx.server_jump_hosts.get(self.name)
+        if own is not None:
+            return own
+        return None if self.instance.get("PublicIpAddress") else self._ctx.jump_host
+
+    @jump_host.setter
+    def jump_host(self, spec: JumpSpec | None) -> None:
+        checked = check_jump(spec)
+        if checked is None:
+            self._ctx.server_jump_hosts.pop(self.name, None)
+        else:
+            self._ctx.server_jump_hosts[self.name] = checked
+
+    @property
     def host(self) -> SSHHost:
-        """The ssh connection to the server (made on first use, per address)."""
-        address = self.address
-        if address is None:
+        """The ssh connection to the server (made on first use, per address and jump host)."""
+        if self.address is None:
             raise ServerNotRunning(
                 f"server {self.name} ({self.instance_id}) has no address: it is {self.state}"
             )
-        if self._host is None or self._host.address != address:
+        address, jump = route_for(self, self._ctx)
+        if self._host is None or self._host.address != address or self._host.jump is not jump:
             self._host = SSHHost(
                 address,
                 username=self.username,
@@ -129,13 +154,28 @@ class Server:
                 expected_fingerprints=self._expected_fingerprints,
                 label=f"{self.name} ({self.instance_id})",
                 before_connect=self._before_connect,  # whoever connects first: settled then
+                jump=jump,
             )
             vpc, private = self.instance.get("VpcId"), self.instance.get("PrivateIpAddress")
-            if vpc and private:  # servers of one VPC reach each other there
-                self._host.private_network = (str(vpc), str(private))
+            if vpc and private:  # servers of one VPC (of one region) reach each other there
+                self._host.private_network = (f"{self._ctx.region}/{vpc}", str(private))
+                public = self.instance.get("PublicIpAddress")
+                self._host.public_address = str(public) if public else None
+                self._host.admit_ssh = self._admit_ssh
             # the manager closes it on exit (and the one it replaces)
             self._ctx.registry.track_host(self, self._host)
         return self._host
+
+    @asynccontextmanager
+    async def _admit_ssh(self, cidr: str) -> AsyncIterator[None]:
+        """The server's group (the library's) admits ``cidr`` by ssh within the block."""
+        groups = [g for g in self.instance.get("SecurityGroups", []) if g.get("GroupId")]
+        ours = [g for g in groups if g.get("GroupName") == self._ctx.account.security_group]
+        if not groups:
+            raise NoRoute("it is in no security group to admit a transfer by", host=self.name)
+        group_id = str((ours or groups)[0]["GroupId"])
+        async with temporary_ingress(self._ctx.ec2, group_id, cidr):
+            yield
 
     async def refresh(self) -> Resource:
         """Fetch the instance's description again (sharing a round with other callers)."""
@@ -405,7 +445,7 @@ class Server:
         start takes its pinned key along (the entry moves; the key is not trusted anew
         from whatever answers there).
         """
-        address = self.address
+        address = ssh_target(self, self._ctx)[0] if self.address else None
         if not address or self._pinned_for == address:
             return
         if self._pin_lock is None:
@@ -446,12 +486,16 @@ class Server:
         once, not one after the other). A host key that does not match fails at once
         with HostKeyMismatch; one that cannot be verified with HostKeyUnverified.
         """
-        address = self.address
-        if address is None:
+        if self.address is None:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
-        await concurrently(
-            self._pin_host_key, lambda: hostkeys.wait_for_sshd(self._ctx, self, address, deadline)
-        )
+        at, jump = ssh_target(self, self._ctx)
+        address = None if jump is not None else at  # behind a jump host: not ours to probe
+        if address is None:
+            await self._pin_host_key()  # ssh through the jump host below tells when it is up
+        else:
+            await concurrently(
+                self._pin_host_key, lambda: hostkeys.wait_for_sshd(self._ctx, self, at, deadline)
+            )
         interval = 0.2
         while True:
             left = deadline - anyio.current_time()

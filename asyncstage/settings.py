@@ -116,6 +116,9 @@ class Access:
     host_key_policy: HostKeyPolicy = "strict"
     """When a new server's console shows no fingerprints in time: ``strict`` refuses,
     ``accept-new`` pins the first key seen."""
+    checkip_url: str | None = None
+    """Where this machine asks its own public address when ``ssh_cidr`` is None (EC2's
+    checkip service by default; a local endpoint without one: 127.0.0.1/32)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class ManagerKeywords(TypedDict, total=False):
     security_group: str
     reuse_key: bool
     host_key_policy: HostKeyPolicy
+    checkip_url: str | None
     reuse_volumes: bool
     mount_options: str
     install_packages: bool

@@ -22,6 +22,7 @@ from asyncstage.errors import (
     ConnectError,
     ConnectionLost,
     HostKeyMismatch,
+    JumpHostError,
     ServerUnreachable,
     SSHError,
 )
@@ -30,10 +31,23 @@ from asyncstage.ssh.ciphers import encryption_algs
 from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts, fingerprints, openssh_key
 from asyncstage.ssh.sinks import WRAPPER, CommandResult, Sink
 
-__all__ = ["KILL_GRACE", "Connection", "Link", "Running", "Target", "client_keys"]
+__all__ = ["KILL_GRACE", "Connection", "Jump", "Link", "Running", "Target", "client_keys"]
 
 KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
 CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
+
+
+class Jump(Protocol):
+    """A jump host (bastion): an :class:`~asyncstage.ssh.SSHHost` whose connection
+    carries the connections to the hosts behind it."""
+
+    address: str
+    username: str
+    label: str
+
+    async def tunnel(self) -> asyncssh.SSHClientConnection: ...
+
+    def openssh_options(self, *, batch: bool = True) -> list[str]: ...
 
 
 class Target(Protocol):
@@ -52,6 +66,9 @@ class Target(Protocol):
     connect_timeout: float
     max_sessions: int
     keepalive_interval: float
+
+    @property
+    def jump(self) -> Jump | None: ...
 
 
 # -- client keys ---------------------------------------------------------------
@@ -194,7 +211,10 @@ class Connection:
         pinned = [] if t.expected_fingerprints else t.known_hosts.lookup(t.address, t.port)
         trusted = [asyncssh.import_public_key(k) for k in pinned]
         client = _Client(t, pinned)
-        options: dict[str, Any] = {}
+        # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
+        options: dict[str, Any] = {"tunnel": cast(Any, _sshwire.DIRECT)}
+        if t.jump is not None:
+            options["tunnel"] = await self._jump_tunnel(t.jump)
         if t.client_keys:
             options["client_keys"] = client_keys(t.client_keys)
             options["agent_path"] = None
@@ -211,8 +231,6 @@ class Connection:
                     keepalive_interval=t.keepalive_interval,
                     keepalive_count_max=3,
                     encryption_algs=encryption_algs(),
-                    # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
-                    tunnel=cast(Any, _sshwire.DIRECT),
                     connect_timeout=t.connect_timeout,
                     login_timeout=t.connect_timeout,
                     **options,
@@ -241,9 +259,27 @@ class Connection:
             t.known_hosts.add(t.address, t.port, host_key)
         return Link(conn, anyio.Semaphore(max(1, t.max_sessions - 1)), anyio.Semaphore(1), host_key)
 
+    async def _jump_tunnel(self, jump: Jump) -> asyncssh.SSHClientConnection:
+        """The jump host's connection, which carries ours (opened if needed)."""
+        try:
+            return await jump.tunnel()
+        except SSHError as e:
+            raise JumpHostError(
+                f"cannot reach it through the jump host {jump.label}: {e}",
+                host=self.target.label,
+                jump=jump.label,
+            ) from e
+
     def _connect_error(self, e: BaseException) -> SSHError:
         """The error of a connection attempt that failed with ``e``."""
         t = self.target
+        if t.jump is not None and isinstance(e, asyncssh.ChannelOpenError):
+            return JumpHostError(
+                f"the jump host {t.jump.label} could not open a tunnel to "
+                f"{t.address}:{t.port}: {e.reason}",
+                host=t.label,
+                jump=t.jump.label,
+            )
         if isinstance(e, TimeoutError):
             return ServerUnreachable(
                 f"no ssh answer on port {t.port} within {t.connect_timeout:g}s", host=t.label

@@ -42,7 +42,8 @@ class SSHHost:
     ``expected_fingerprints`` (``"SHA256:..."`` as ``ssh-keygen -l`` prints them)
     override the policy when given (:meth:`expect` changes both later);
     ``before_connect`` is awaited before each new connection. ``label`` names the
-    host in errors.
+    host in errors. ``jump``: another host (a bastion) through which this one is
+    reached, by every command, stream and OpenSSH child (:attr:`jump`).
     Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
     """
 
@@ -61,6 +62,7 @@ class SSHHost:
         max_sessions: int = 10,
         keepalive_interval: float = 15.0,
         before_connect: Callable[[], Awaitable[None]] | None = None,
+        jump: SSHHost | None = None,
     ) -> None:
         if max_sessions < 1:
             raise InvalidArgument("max_sessions must be at least 1")
@@ -81,12 +83,44 @@ class SSHHost:
         self.private_network: tuple[str, str] | None = None
         """(network, address): the host's address inside a private network (an EC2 VPC);
         hosts of one network reach each other there (host -> host transfers)."""
+        self.public_address: str | None = None
+        """With :attr:`private_network`: the host's public address (None: it has none);
+        hosts of different networks reach each other there."""
+        self.admit_ssh: Callable[[str], AbstractAsyncContextManager[None]] | None = None
+        """With :attr:`private_network`: ``async with host.admit_ssh("a.b.c.d/32")``
+        lets that address in by ssh for the block (a cross-network transfer leg)."""
         self.label = label or address
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.keepalive_interval = keepalive_interval
+        self._jump: SSHHost | None = None
+        self.jump = jump
         self._conn = Connection(self)
         self._files = FileStreams(self, self._conn)
+
+    @property
+    def jump(self) -> SSHHost | None:
+        """The jump host (bastion) this host is reached through, or None (directly).
+
+        Its connection carries this host's (an asyncssh tunnel to :attr:`address`
+        as the jump host resolves it), and OpenSSH children (rsync, file streams, the
+        shell) go through it with ``ProxyCommand=ssh ... -W %h:%p`` using the jump
+        host's own key, known_hosts and strict host key checking. A change takes effect
+        at the next connection."""
+        return self._jump
+
+    @jump.setter
+    def jump(self, jump: SSHHost | None) -> None:
+        seen: SSHHost | None = jump
+        while seen is not None:
+            if seen is self:
+                raise InvalidArgument(f"{self.label}: a jump host chain must not loop back to it")
+            seen = seen.jump
+        self._jump = jump
+
+    async def tunnel(self) -> asyncssh.SSHClientConnection:
+        """This host's open connection, to carry the connection to a host behind it."""
+        return (await self._conn.link()).conn
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.username}@{self.address}:{self.port} ({self.label})>"

@@ -13,16 +13,17 @@ from typing import cast
 from asyncstage import _openssh_stream, shell
 from asyncstage.errors import ConnectionLost, SSHError
 from asyncstage.ssh.ciphers import openssh_preferences
-from asyncstage.ssh.connection import KILL_GRACE, Connection, Target
+from asyncstage.ssh.connection import KILL_GRACE, Connection, Jump, Target
 from asyncstage.ssh.sinks import WRAPPER, CommandResult, Sink
 
-__all__ = ["FileStreams", "openssh_options", "terminal_emulator", "umask"]
+__all__ = ["FileStreams", "openssh_options", "proxy_command", "terminal_emulator", "umask"]
 
 
 def openssh_options(target: Target, *, batch: bool = True) -> list[str]:
     """Options for OpenSSH ``ssh`` reaching ``target``: its key, port and known_hosts,
-    and the key exchange and cipher our asyncssh connections use first."""
-    return shell.openssh_options(
+    and the key exchange and cipher our asyncssh connections use first; through its
+    jump host if it has one (:func:`proxy_command`)."""
+    options = shell.openssh_options(
         port=target.port,
         known_hosts=str(target.known_hosts.path),
         client_keys=[str(k) for k in target.client_keys],
@@ -31,6 +32,20 @@ def openssh_options(target: Target, *, batch: bool = True) -> list[str]:
         batch=batch,
         algorithms=openssh_preferences(),
     )
+    if target.jump is not None:
+        options += ["-o", f"ProxyCommand={proxy_command(target.jump)}"]
+    return options
+
+
+def proxy_command(jump: Jump) -> str:
+    """The ``ProxyCommand`` reaching a host through ``jump``: ``ssh -W %h:%p`` with the
+    jump host's own options (its key, known_hosts checked strictly, its own jump host
+    in turn), never the user's ssh config. OpenSSH's own ``ProxyJump`` would read the
+    jump host's key and host key settings from a config file instead."""
+    ssh = shell.command_line("ssh", *jump.openssh_options(), "-l", jump.username)
+    # ssh expands %-tokens in the whole line: only ours may be expanded.
+    address = shell.quote(shell.check_address(jump.address))
+    return f"{ssh.replace('%', '%%')} -W %h:%p -- {address.replace('%', '%%')}"
 
 
 def umask() -> int:
@@ -88,7 +103,7 @@ class FileStreams:
         # The host key verified and pinned our way: ssh checks it strictly.
         host_key = (await self._conn.link()).host_key
         key = (ssh, t.address, t.port, t.username, *t.client_keys)
-        key = (*key, str(t.known_hosts.path), host_key)
+        key = (*key, str(t.known_hosts.path), host_key, *openssh_options(t))
         if self.master is None or self.master.key != key:
             self.close()
             self.master = _openssh_stream.Master(key, t.max_sessions - 1)

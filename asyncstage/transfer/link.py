@@ -15,11 +15,15 @@ to the destination with OpenSSH ``ssh``:
 
 Which addresses: two hosts of one private network (two servers of one EC2 VPC, see
 ``SSHHost.private_network``) talk over their private addresses, and the destination
-then sees the source come from the source's private address; otherwise the source
-connects to the destination's address and is seen at its own (on EC2, its public
-address: the one the NAT shows). The source binds that address when it can (it
-always can a private one; never a public one on EC2), so that ``from=`` matches
-where it really comes from.
+then sees the source come from the source's private address (the library's group
+admits its own members); two servers of different VPCs or regions talk over their
+public addresses, the destination's group admitting the source's public ``/32`` for
+that transfer alone (:mod:`asyncstage.transfer.ingress`), and a leg where either side
+has no public address is a :class:`~asyncstage.errors.NoRoute` (EC2 has no path for
+it); other hosts connect to the destination's address and are seen at their own.
+The source binds the address it is seen at when it can (it always can a private
+one; never a public one on EC2), so that ``from=`` matches where it really comes
+from.
 
 The key line is removed when the transfer ends, also after an error or a
 cancellation (shielded; a failing removal never replaces the error in flight).
@@ -46,7 +50,7 @@ import anyio
 
 from asyncstage import shell
 from asyncstage.concurrency import concurrently
-from asyncstage.errors import AsyncstageError
+from asyncstage.errors import AsyncstageError, NoRoute
 from asyncstage.transfer.base import cleanup
 from asyncstage.transfer.run import (
     STALE_AFTER,
@@ -179,8 +183,26 @@ async def direct_link(
     hosts' share runs side by side: ``src`` is swept and then makes the dir and key
     while ``dst`` is swept; only the authorisation waits for both.
     """
-    tag = f"{KEY_MARKER}{secrets.token_hex(8)}"
     src_at, dst_at = route(src, dst)
+    async with (
+        _admitted(src, dst),
+        _keyed_link(src, src_sudo, dst, dst_sudo, authorized_keys, src_at, dst_at) as link,
+    ):
+        yield link
+
+
+@asynccontextmanager
+async def _keyed_link(
+    src: SSHHost,
+    src_sudo: bool,
+    dst: SSHHost,
+    dst_sudo: bool,
+    authorized_keys: str | None,
+    src_at: str,
+    dst_at: str,
+) -> AsyncIterator[Link]:
+    """:func:`direct_link` once the route is open: the key, authorised and revoked."""
+    tag = f"{KEY_MARKER}{secrets.token_hex(8)}"
     pinned = " ".join((await dst.host_public_key()).split()[:2])
     known = f"{shell.known_hosts_pattern(dst_at, dst.port)} {pinned}"
     keys_file = authorized_keys or ""
@@ -237,11 +259,37 @@ async def direct_link(
 
 def route(src: SSHHost, dst: SSHHost) -> tuple[str, str]:
     """(the address ``dst`` sees ``src`` come from, the address ``src`` reaches ``dst`` at):
-    the private ones within one private network, else the hosts' own addresses."""
+    the private ones within one private network, the public ones between two networks
+    (:class:`~asyncstage.errors.NoRoute` when one side has none), else the hosts' own
+    addresses."""
     inside, other = src.private_network, dst.private_network
-    if inside is not None and other is not None and inside[0] == other[0]:
+    if inside is None or other is None:
+        return src.address, dst.address
+    if inside[0] == other[0]:
         return inside[1], other[1]
-    return src.address, dst.address
+    if src.public_address is None or dst.public_address is None:
+        lacking = src if src.public_address is None else dst
+        raise NoRoute(
+            f"a transfer from {src.label} to {dst.label} crosses VPCs (or regions) and "
+            f"{lacking.label} has no public address, so EC2 gives the leg no path: copy "
+            "through this machine (get, then put), or use servers with a public address "
+            "(or in one VPC)",
+            host=lacking.label,
+        )
+    return src.public_address, dst.public_address
+
+
+@asynccontextmanager
+async def _admitted(src: SSHHost, dst: SSHHost) -> AsyncIterator[None]:
+    """Between two networks: ``dst`` admits ``src``'s public address for the block
+    (:mod:`asyncstage.transfer.ingress`)."""
+    inside, other = src.private_network, dst.private_network
+    across = inside is not None and other is not None and inside[0] != other[0]
+    if not across or dst.admit_ssh is None or src.public_address is None:
+        yield
+        return
+    async with dst.admit_ssh(f"{src.public_address}/32"):
+        yield
 
 
 async def _revoke(dst: SSHHost, sudo: bool, keys_file: str, tag: str) -> None:
