@@ -38,6 +38,7 @@ SAMPLES: dict[str, Any] = {
     "security_group": "elsewhere",
     "reuse_key": False,
     "host_key_policy": "accept-new",
+    "checkip_url": "http://127.0.0.1:9/checkip",
     "reuse_volumes": False,
     "mount_options": "noatime",
     "install_packages": False,
