@@ -613,8 +613,12 @@ def local_manager(cloud: _CloudLike, **options: Any) -> Manager:
         **local_credentials(session),
         "image": cloud.image_id if image_in is None else image_in(region),
         "username": cloud.default_username,
-        "ssh_cidr": "127.0.0.1/32",
         "install_packages": False,
     }
+    checkip = str(getattr(cloud, "checkip_url", "") or "")
+    if checkip:  # instances behind the cloud's router: this machine as they see it
+        defaults["checkip_url"] = checkip
+    else:  # instances on the machine's loopback
+        defaults["ssh_cidr"] = "127.0.0.1/32"
     defaults.update(options)
     return Manager(**defaults)

@@ -386,6 +386,7 @@ async def test_hostile_names_are_refused_by_the_cli(
 ) -> None:
     env = os.environ | {
         "ASYNCSTAGE_ENDPOINT_URL": cloud.endpoint_url,
+        "ASYNCSTAGE_CHECKIP_URL": cloud.checkip_url,
         "ASYNCSTAGE_DOTDIR": str(cloud_dotdir),
         "AWS_DEFAULT_REGION": cloud.region,
         # the cloud checks every request's signature: its own random credentials

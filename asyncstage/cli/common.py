@@ -112,6 +112,9 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
         # on the local cloud only a flag overrides what the cloud dictates
         if value[key] and (not local or found[key].source.startswith("--")):
             opts[key] = value[key]
+    checkip = os.environ.get("ASYNCSTAGE_CHECKIP_URL") or (state or {}).get("checkip_url")
+    if checkip and (local or os.environ.get("ASYNCSTAGE_CHECKIP_URL")):
+        opts["checkip_url"] = str(checkip)  # a local cloud's router: this machine's address
     if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
         opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
     return opts

@@ -86,6 +86,7 @@ def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
         f"export AWS_DEFAULT_REGION={state['region']}",
         f"export AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
         f"export AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}",
+        *([f"export ASYNCSTAGE_CHECKIP_URL={url}"] if (url := state.get("checkip_url")) else []),
     ]
 
 
