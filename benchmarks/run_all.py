@@ -12,10 +12,12 @@ updates its rows and keeps the others'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -122,35 +124,80 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A running script: its name, process, start time and output file (None: the terminal).
+Running = tuple[str, subprocess.Popen[str], float, Any]
+
+# The longest quick runs (each compares with a baseline that takes its own time) start
+# first, so that the short ones fill the other slots instead of one long run ending alone.
+QUICK_FIRST = ["perl", "fabric", "transfers", "controller", "demo"]
+
+
+def quick_order(names: list[str]) -> list[str]:
+    """``names``, the longest quick runs first, the others in their order."""
+    return sorted(names, key=lambda n: QUICK_FIRST.index(n) if n in QUICK_FIRST else len(names))
+
+
 def run_scripts(names: list[str], results: Path, quick: bool, jobs: int) -> list[str]:
-    """Run the scripts, ``jobs`` at a time; the names of those that failed."""
+    """Run the scripts, ``jobs`` at a time; the names of those that failed.
+
+    A slot is refilled as soon as any of its scripts ends; each script's output is
+    printed in one piece when it ends.
+    """
     failed: list[str] = []
-    pending = list(names)
-    running: list[tuple[str, subprocess.Popen[str], float]] = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            name = pending.pop(0)
-            argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--results", str(results)]
-            if quick:
-                argv.append("--quick")
-            load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-            print(f"=== {name}: starting (load {load}) ===", flush=True)
-            capture = subprocess.PIPE if jobs > 1 else None
-            proc = subprocess.Popen(argv, stdout=capture, stderr=subprocess.STDOUT, text=True)
-            running.append((name, proc, time.perf_counter()))
-        name, proc, started = running.pop(0)
-        output, _ = proc.communicate()
-        if output:
-            print(output, end="")
-        code = proc.returncode
-        print(
-            f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'}, "
-            f"{time.perf_counter() - started:.0f} s ===",
-            flush=True,
-        )
-        if code != 0:
-            failed.append(name)
+    pending = quick_order(names) if quick else list(names)
+    running: list[Running] = []
+    with contextlib.ExitStack() as files:
+        while pending or running:
+            _refill(pending, running, results, quick, jobs, files)
+            ended = [r for r in running if r[1].poll() is not None]
+            if not ended:
+                time.sleep(0.2)
+                continue
+            for entry in ended:
+                running.remove(entry)
+                if not _report(*entry):
+                    failed.append(entry[0])
     return failed
+
+
+def _refill(
+    pending: list[str],
+    running: list[Running],
+    results: Path,
+    quick: bool,
+    jobs: int,
+    files: contextlib.ExitStack,
+) -> None:
+    """Start pending scripts until ``jobs`` run."""
+    while pending and len(running) < jobs:
+        name = pending.pop(0)
+        argv = [sys.executable, str(HERE / f"bench_{name}.py"), "--results", str(results)]
+        if quick:
+            argv.append("--quick")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"=== {name}: starting (load {load}) ===", flush=True)
+        # a file, not a pipe: a script is never blocked on output nobody reads yet
+        capture = None
+        if jobs > 1:
+            # closed by the ExitStack: it outlives this function
+            capture = files.enter_context(tempfile.TemporaryFile("w+"))  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdout=capture, stderr=subprocess.STDOUT, text=True)
+        running.append((name, proc, time.perf_counter(), capture))
+
+
+def _report(name: str, proc: subprocess.Popen[str], started: float, capture: Any) -> bool:
+    """Print an ended script's output and its line; whether it succeeded."""
+    if capture is not None:
+        capture.seek(0)
+        print(capture.read(), end="")
+        capture.close()
+    code = proc.returncode
+    print(
+        f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'}, "
+        f"{time.perf_counter() - started:.0f} s ===",
+        flush=True,
+    )
+    return code == 0
 
 
 def _charts(results: Path) -> None:

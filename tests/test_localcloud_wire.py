@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import http.client
@@ -33,6 +34,7 @@ import aioboto3
 import anyio
 import pytest
 from botocore.exceptions import ClientError
+from botocore.loaders import create_loader
 
 from asyncstage.localcloud import LocalCloud, Realism, StateDirInUse
 
@@ -342,7 +344,25 @@ def _wait_raw(client: RawClient, action: str, tag: str, want: str, params: dict[
 # -- the AWS CLI ---------------------------------------------------------------------------
 
 
-def aws(cloud: LocalCloud, *args: str) -> Any:
+def brisk_waiters(root: Path) -> Path:
+    """A botocore data directory (for ``AWS_DATA_PATH``) whose EC2 waiters poll every second.
+
+    The AWS CLI's waiters poll every 15 s, paced for EC2; the local cloud answers in
+    about a second. Each waiter keeps its bound: fifteen times the attempts.
+    """
+    loader = create_loader()
+    version = loader.determine_latest_version("ec2", "waiters-2")
+    model = loader.load_service_model("ec2", "waiters-2", version)
+    for waiter in model["waiters"].values():
+        waiter["maxAttempts"] = waiter["maxAttempts"] * waiter["delay"]
+        waiter["delay"] = 1
+    target = root / "ec2" / version / "waiters-2.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(model))
+    return root
+
+
+def aws(cloud: LocalCloud, *args: str, data_path: Path | None = None) -> Any:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
@@ -355,6 +375,8 @@ def aws(cloud: LocalCloud, *args: str) -> Any:
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_PAGER": "",
     }
+    if data_path is not None:
+        env["AWS_DATA_PATH"] = str(data_path)
     done = subprocess.run(
         [sys.executable, "-m", "awscli", "ec2", *args, "--output", "json"],
         capture_output=True,
@@ -369,44 +391,46 @@ def aws(cloud: LocalCloud, *args: str) -> Any:
 @pytest.mark.skipif(
     importlib.util.find_spec("awscli") is None, reason="awscli missing: pip install -e '.[dev]'"
 )
-def test_the_aws_cli_drives_a_full_cycle(cloud: LocalCloud) -> None:
-    key = aws(cloud, "create-key-pair", "--key-name", "cli")
+def test_the_aws_cli_drives_a_full_cycle(cloud: LocalCloud, tmp_path: Path) -> None:
+    cli = functools.partial(aws, data_path=brisk_waiters(tmp_path / "models"))
+
+    key = cli(cloud, "create-key-pair", "--key-name", "cli")
     assert key["KeyMaterial"].startswith("-----BEGIN")
-    group = aws(cloud, "create-security-group", "--group-name", "cli", "--description", "cli")
+    group = cli(cloud, "create-security-group", "--group-name", "cli", "--description", "cli")
     gid = group["GroupId"]
-    aws(cloud, "authorize-security-group-ingress", "--group-id", gid, "--protocol", "tcp",
+    cli(cloud, "authorize-security-group-ingress", "--group-id", gid, "--protocol", "tcp",
         "--port", "22", "--cidr", "127.0.0.1/32")  # fmt: skip
-    reservation = aws(cloud, "run-instances", "--image-id", cloud.image_id, "--count", "1",
+    reservation = cli(cloud, "run-instances", "--image-id", cloud.image_id, "--count", "1",
                       "--instance-type", "t3.micro", "--key-name", "cli",
                       "--security-group-ids", gid)  # fmt: skip
     iid = reservation["Instances"][0]["InstanceId"]
-    aws(cloud, "wait", "instance-running", "--instance-ids", iid)
-    described = aws(cloud, "describe-instances", "--instance-ids", iid)
+    cli(cloud, "wait", "instance-running", "--instance-ids", iid)
+    described = cli(cloud, "describe-instances", "--instance-ids", iid)
     instance = described["Reservations"][0]["Instances"][0]
     assert instance["State"]["Name"] == "running" and instance["KeyName"] == "cli"
     assert instance["RootDeviceName"] == "/dev/xvda"
     zone = instance["Placement"]["AvailabilityZone"]
-    vol = aws(cloud, "create-volume", "--size", "1", "--availability-zone", zone)["VolumeId"]
-    aws(cloud, "wait", "volume-available", "--volume-ids", vol)
-    aws(cloud, "attach-volume", "--volume-id", vol, "--instance-id", iid, "--device", "/dev/sdf")
-    aws(cloud, "wait", "volume-in-use", "--volume-ids", vol)
-    snap = aws(cloud, "create-snapshot", "--volume-id", vol)["SnapshotId"]
-    aws(cloud, "wait", "snapshot-completed", "--snapshot-ids", snap)
-    aws(cloud, "detach-volume", "--volume-id", vol)
-    aws(cloud, "wait", "volume-available", "--volume-ids", vol)
-    aws(cloud, "stop-instances", "--instance-ids", iid)
-    aws(cloud, "wait", "instance-stopped", "--instance-ids", iid)
-    aws(cloud, "start-instances", "--instance-ids", iid)
-    aws(cloud, "wait", "instance-running", "--instance-ids", iid)
-    aws(cloud, "create-tags", "--resources", iid, "--tags", "Key=Name,Value=cli")
-    tagged = aws(cloud, "describe-instances", "--filters", "Name=tag:Name,Values=cli")
+    vol = cli(cloud, "create-volume", "--size", "1", "--availability-zone", zone)["VolumeId"]
+    cli(cloud, "wait", "volume-available", "--volume-ids", vol)
+    cli(cloud, "attach-volume", "--volume-id", vol, "--instance-id", iid, "--device", "/dev/sdf")
+    cli(cloud, "wait", "volume-in-use", "--volume-ids", vol)
+    snap = cli(cloud, "create-snapshot", "--volume-id", vol)["SnapshotId"]
+    cli(cloud, "wait", "snapshot-completed", "--snapshot-ids", snap)
+    cli(cloud, "detach-volume", "--volume-id", vol)
+    cli(cloud, "wait", "volume-available", "--volume-ids", vol)
+    cli(cloud, "stop-instances", "--instance-ids", iid)
+    cli(cloud, "wait", "instance-stopped", "--instance-ids", iid)
+    cli(cloud, "start-instances", "--instance-ids", iid)
+    cli(cloud, "wait", "instance-running", "--instance-ids", iid)
+    cli(cloud, "create-tags", "--resources", iid, "--tags", "Key=Name,Value=cli")
+    tagged = cli(cloud, "describe-instances", "--filters", "Name=tag:Name,Values=cli")
     assert [i["InstanceId"] for r in tagged["Reservations"] for i in r["Instances"]] == [iid]
-    aws(cloud, "terminate-instances", "--instance-ids", iid)
-    aws(cloud, "wait", "instance-terminated", "--instance-ids", iid)
-    aws(cloud, "delete-snapshot", "--snapshot-id", snap)
-    aws(cloud, "delete-volume", "--volume-id", vol)
-    aws(cloud, "delete-security-group", "--group-id", gid)
-    aws(cloud, "delete-key-pair", "--key-name", "cli")
+    cli(cloud, "terminate-instances", "--instance-ids", iid)
+    cli(cloud, "wait", "instance-terminated", "--instance-ids", iid)
+    cli(cloud, "delete-snapshot", "--snapshot-id", snap)
+    cli(cloud, "delete-volume", "--volume-id", vol)
+    cli(cloud, "delete-security-group", "--group-id", gid)
+    cli(cloud, "delete-key-pair", "--key-name", "cli")
 
 
 # -- one cloud per state dir ---------------------------------------------------------------

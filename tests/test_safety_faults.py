@@ -245,11 +245,14 @@ async def test_provision_volume_cancelled_at_20_points_leaves_no_volume(
 
         async def run(name: str, deadline: float | None) -> tuple[bool, float]:
             # a manager of its own that leaves everything running on exit: only the
-            # provision's own clean-up may remove what it made
+            # provision's own clean-up may remove what it made. It adopts the one host
+            # from EC2's description (what a scan does for each server), not the region:
+            # a scan per point would read every server the session's other tests left up
             done = False
-            async with manager_factory(on_exit="run", scan=True) as m:
-                server = m.find_server_by_name("cancel-vol-host")
-                assert server is not None
+            async with manager_factory(on_exit="run") as m:
+                (described,) = await m.ec2.describe_instances([host.instance_id])
+                server = m.fleet.adopt(described)
+                assert server.name == "cancel-vol-host"
                 started = time.monotonic()
                 with anyio.move_on_after(deadline if deadline is not None else 600):
                     await server.provision_volume(name, size=1)
