@@ -365,7 +365,7 @@ class Network:
         )
         self._forwarding(self.router)
         _nft(self.router, self._filter_table(self._cloud_ranges()))
-        RUNNING_RANGES.update(self.ranges)
+        RUNNING_RANGES.add(self.public_range)
         self._checkip = _CheckIp(self.router, self.checkip_address)
         self.checkip_url = self._checkip.url
 
@@ -546,7 +546,7 @@ table inet {NFT_TABLE} {{
             self._checkip.close()
             self._checkip = None
         self.checkip_url = ""
-        RUNNING_RANGES.difference_update(self.ranges)
+        RUNNING_RANGES.discard(self.public_range)
         with self._lock:
             self._ports.clear()
             self._vpcs.clear()
