@@ -354,6 +354,9 @@ class Network:
                 f"addr add {self.router_address}/30 dev up0",
                 "link set up0 up",
                 f"addr add {self.checkip_address}/32 dev lo",
+                # what every VPC router needs, tried now: a bridge
+                "link add probe0 type bridge",
+                "link delete probe0",
             ],
             self.router,
         )
@@ -366,7 +369,13 @@ class Network:
         )
         self._forwarding(self.router)
         _nft(self.router, self._filter_table(self._cloud_ranges()))
-        RUNNING_RANGES.update(self.ranges)
+        # ... and NAT (the kernel's nf_nat), so that "auto" falls back now, not at a boot
+        _nft(
+            self.router,
+            "table ip asl_probe {\n chain probe { type nat hook prerouting priority dstnat; }\n}\n"
+            "delete table ip asl_probe\n",
+        )
+        RUNNING_RANGES.add(self.public_range)
         self._checkip = _CheckIp(self.router, self.checkip_address)
         self.checkip_url = self._checkip.url
 
@@ -547,7 +556,7 @@ table inet {NFT_TABLE} {{
             self._checkip.close()
             self._checkip = None
         self.checkip_url = ""
-        RUNNING_RANGES.difference_update(self.ranges)
+        RUNNING_RANGES.discard(self.public_range)
         with self._lock:
             self._ports.clear()
             self._vpcs.clear()
