@@ -182,3 +182,17 @@ async def test_a_snapshot_mode_set_says_it_has_no_manifest(made: Made) -> None:
     assert found.manifest == "none" and not found.verified and not found.failed
     assert "snapshot-mode" in found.summary()
     assert await _state(made) == before
+
+
+async def test_a_server_started_for_a_check_is_stopped_again(made: Made) -> None:
+    """With no server running, the check starts one for its scratch volume, and puts it back."""
+    await made.server.stop()
+    try:
+        (found,) = await backup.check(made.m, NAME)
+        assert found.verified
+        assert made.server.state == "stopped"
+        (described,) = await made.m.ec2.describe_instances([made.server.instance_id])
+        assert described["State"]["Name"] == "stopped"
+    finally:
+        if made.server.state != "running":
+            await made.server.start()

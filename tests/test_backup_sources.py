@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from asyncstage import Manager, Server, backup
+from asyncstage.backup.manifest import MANIFEST_NAME
 from asyncstage.backup.sources import plan_sources
 from asyncstage.errors import InvalidArgument, NotFound, RsyncError
 from tests.backup_support import NOTHING, leftovers, manager_dropping
@@ -62,9 +63,14 @@ async def test_server_volume_ssh_and_local_sources_in_one_backup(
     async with backup.snapshot_volume(manager, "mixed", server=web) as vol:
         found = await web.scmd("sh", "-c", f"cd {vol.mtpt} && find . -type f | sort", sudo=True)
         far = f"./root@{unmanaged.address}{pulled}/far.txt"
-        assert found.split() == sorted(
-            ["./src-data/db/t", "./src-web/srv/app/index.html", far, f".{local}/near.txt"]
-        )
+        listed = [
+            "./src-data/db/t",
+            "./src-web/srv/app/index.html",
+            far,
+            f".{local}/near.txt",
+            f"./{MANIFEST_NAME}",  # the backup's own list of its files
+        ]
+        assert found.split() == sorted(listed)
     again = await backup.backup(manager, "mixed", sources, server=web)
     assert again.files == 0 and again.previous_snapshot_id == done.snapshot_id  # incremental
     assert manager.volumes() == [data]
