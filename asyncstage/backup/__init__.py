@@ -14,7 +14,9 @@ first (``Manager.snapshots(NAME)``), of which only those marked complete count.
 - :mod:`~asyncstage.backup.hooks`: ``pre``/``post`` consistency hooks per source;
 - :mod:`~asyncstage.backup.snapshots`: which snapshots are complete backups;
 - :mod:`~asyncstage.backup.plans`: plans of many backups run at once (:func:`run_plan`);
-- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`).
+- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`);
+- :mod:`~asyncstage.backup.keep`: retention by name (:func:`forget`) and copies in other
+  regions (:class:`CopyTarget`, :func:`copy_backup`).
 
 Safety rules: see ``docs/backup.md``.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from asyncstage.backup.copy import DEFAULT_TTL, BackupResult, backup
 from asyncstage.backup.hooks import Hook, Hooked, HookFailed
+from asyncstage.backup.keep import CopyTarget, ForgetResult, UnknownKmsKey, copy_backup, forget
 from asyncstage.backup.plans import (
     BackupOutcome,
     Plan,
@@ -43,6 +46,8 @@ __all__ = [
     "DEFAULT_TTL",
     "BackupOutcome",
     "BackupResult",
+    "CopyTarget",
+    "ForgetResult",
     "Hook",
     "HookFailed",
     "Hooked",
@@ -54,9 +59,12 @@ __all__ = [
     "SnapshotSetResult",
     "Source",
     "SweepResult",
+    "UnknownKmsKey",
     "backup",
     "check_destination",
+    "copy_backup",
     "data_size",
+    "forget",
     "load_plan",
     "parse_plan",
     "restore",

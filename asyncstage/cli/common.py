@@ -110,6 +110,10 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
         # on the local cloud only a flag overrides what the cloud dictates
         if value[key] and (not local or found[key].source.startswith("--")):
             opts[key] = value[key]
+    flagged_image = bool(value["image"]) and found["image"].source.startswith("--")
+    if state is not None and local and opts.get("region") != state["region"] and not flagged_image:
+        # an AMI id is a region's own: another region of the cloud has the image by name
+        opts["image"] = LOCAL_IMAGE_PATTERN
     if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
         opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
     return opts
