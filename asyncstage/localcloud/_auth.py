@@ -141,8 +141,8 @@ def _header(environ: dict[str, Any], name: str) -> str | None:
 class _Verifier(SigV4Auth):  # type: ignore[misc]
     """botocore's SigV4 signer, signing exactly the headers the client signed."""
 
-    def __init__(self, credentials: Any, region: str, signed: list[str]) -> None:
-        super().__init__(credentials, "ec2", region)
+    def __init__(self, credentials: Any, service: str, region: str, signed: list[str]) -> None:
+        super().__init__(credentials, service, region)
         self._signed = signed
 
     def headers_to_sign(self, request: Any) -> Any:
@@ -185,7 +185,9 @@ def _check_sigv4(
         method=environ["REQUEST_METHOD"], url=_url(environ), headers=headers, data=body
     )
     request.context["timestamp"] = stamp
-    verifier = _Verifier(BotoCredentials(*credentials.as_kwargs().values()), m["region"], signed)
+    verifier = _Verifier(
+        BotoCredentials(*credentials.as_kwargs().values()), m["service"], m["region"], signed
+    )
     expected = verifier.signature(
         verifier.string_to_sign(request, verifier.canonical_request(request)), request
     )
