@@ -18,14 +18,12 @@ import anyio
 import pytest
 
 from asyncstage import Manager, backup, cli
-from asyncstage.adoption import owner_tags
 from asyncstage.backup import CopyTarget, PlannedBackup, UnknownKmsKey
 from asyncstage.backup.keep import check_keys, copy_of, parse_copy_to
-from asyncstage.backup.runs import RunInfo
-from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG
 from asyncstage.ec2 import tag
 from asyncstage.errors import InvalidArgument
 from asyncstage.retention import InvalidPolicy, Policy
+from tests.backup_support import backup_history
 from tests.fixtures.moto import moto_manager
 
 PLAN = """
@@ -139,32 +137,6 @@ async def home(moto_url: str, tmp_path: Path) -> AsyncIterator[Manager]:
         yield m
 
 
-async def _backups(m: Manager, name: str, count: int, unfinished: int = 0) -> list[str]:
-    """``count`` complete backups of ``name`` (oldest first), then ``unfinished`` ones that
-    a live run has not marked complete."""
-    volume = await m.ec2.create_volume(availability_zone="us-east-1a", size=1)
-    run = RunInfo.new(name, 3600)
-    made = []
-    for n in range(count + unfinished):
-        state = "complete" if n < count else "pending"
-        snap = await m.ec2.create_snapshot(
-            str(volume["VolumeId"]),
-            tags={
-                tag("role"): "snapshot",
-                tag("name"): name,
-                tag("fstype"): "ext4",
-                tag("created"): f"{n:020.6f}",
-                **owner_tags(m.key_pair.name),
-                **run.tags(),
-                STATE_TAG: state,
-                PARENT_TAG: "none",
-                CONSISTENCY_TAG: "crash-consistent",
-            },
-        )
-        made.append(str(snap["SnapshotId"]))
-    return made
-
-
 def _start_times(snapshot_ids: list[str]) -> None:
     """Give plain moto's snapshots an hour between each (it is this process's moto)."""
     from datetime import UTC, datetime, timedelta
@@ -180,7 +152,7 @@ def _start_times(snapshot_ids: list[str]) -> None:
 @pytest.mark.anyio
 async def test_forget_keeps_unfinished_backups_and_reports_each(home: Manager) -> None:
     m = home
-    made = await _backups(m, "kept-app", 6, unfinished=1)
+    made = await backup_history(m, "kept-app", 6, "us-east-1a", unfinished=1)
     _start_times(made)
     lines: list[str] = []
     dry = await backup.forget(m, ["kept-app"], Policy(last=2), dry_run=True, report=lines.append)
@@ -204,7 +176,7 @@ async def test_forget_interrupted_midway_loses_nothing_it_should_keep(
     home: Manager,
 ) -> None:
     m = home
-    made = await _backups(m, "kept-cut", 12)
+    made = await backup_history(m, "kept-cut", 12, "us-east-1a")
     _start_times(made)
     policy = Policy(last=3, hourly=2)
     dry = await backup.forget(m, ["kept-cut"], policy, dry_run=True, report=lambda _: None)

@@ -69,24 +69,21 @@ async def test_kms_keys_are_a_regions_own_and_a_copy_needs_one_there(cloud: Loca
             snap = await ec2_home.create_snapshot(VolumeId=volume["VolumeId"])
             made.append((ec2_home, snap["SnapshotId"]))
             await _completed(ec2_home, snap["SnapshotId"])
-            good = await ec2_away.copy_snapshot(
-                SourceSnapshotId=snap["SnapshotId"],
-                SourceRegion=cloud.region,
-                Encrypted=True,
-                KmsKeyId="alias/keys-test",
-            )
-            made.append((ec2_away, good["SnapshotId"]))
-            copy = await _completed(ec2_away, good["SnapshotId"])
+
+            async def encrypted_copy(key: str) -> dict[str, Any]:
+                made_now = await ec2_away.copy_snapshot(
+                    SourceSnapshotId=snap["SnapshotId"],
+                    SourceRegion=cloud.region,
+                    Encrypted=True,
+                    KmsKeyId=key,
+                )
+                made.append((ec2_away, made_now["SnapshotId"]))
+                return await _completed(ec2_away, made_now["SnapshotId"])
+
+            copy = await encrypted_copy("alias/keys-test")
             assert copy["State"] == "completed" and copy["KmsKeyId"].endswith("alias/keys-test")
             # EC2 accepts a key the region lacks and fails the copy afterwards
-            bad = await ec2_away.copy_snapshot(
-                SourceSnapshotId=snap["SnapshotId"],
-                SourceRegion=cloud.region,
-                Encrypted=True,
-                KmsKeyId="alias/no-such-key",
-            )
-            made.append((ec2_away, bad["SnapshotId"]))
-            failed = await _completed(ec2_away, bad["SnapshotId"])
+            failed = await encrypted_copy("alias/no-such-key")
             assert failed["State"] == "error" and "alias/no-such-key" in failed["StateMessage"]
         finally:
             for client, snapshot_id in reversed(made):
