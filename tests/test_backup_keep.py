@@ -19,7 +19,7 @@ import pytest
 
 from asyncstage import Manager, backup, cli
 from asyncstage.backup import CopyTarget, PlannedBackup, UnknownKmsKey
-from asyncstage.backup.keep import check_keys, copy_of, parse_copy_to
+from asyncstage.backup.keep import check_keys, copy_backup, copy_of, parse_copy_to
 from asyncstage.ec2 import tag
 from asyncstage.errors import InvalidArgument
 from asyncstage.retention import InvalidPolicy, Policy
@@ -221,3 +221,34 @@ async def test_a_missing_kms_key_is_refused_before_any_copy(
         assert sum(away.ec2.calls.values()) == before  # no EC2 call, no copy
         with pytest.raises(InvalidArgument, match="no manager"):
             await check_keys({}, [CopyTarget("us-west-2", "alias/dr")])
+
+
+def test_backup_list_shows_the_copy_region_too(
+    moto_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dot = tmp_path / "dot"
+
+    async def made() -> tuple[str, str]:
+        async with (
+            moto_manager(moto_url, dot) as home,
+            moto_manager(moto_url, dot, "eu-west-1") as away,
+        ):
+            (source,) = await backup_history(home, "kept-listed", 1, "us-east-1a")
+            return source, await copy_backup(home, away, source, CopyTarget("eu-west-1"))
+
+    source, copied = anyio.run(made)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("ASYNCSTAGE_ENDPOINT_URL", raising=False)
+    common = ["--endpoint-url", moto_url, "--dotdir", str(dot), "--region", "us-east-1"]
+    argv = [*common, "backup", "list", "--copy-region", "eu-west-1", "--json"]
+    assert cli.main(argv) == 0
+    listed = {(d["name"], d["region"]): d for d in json.loads(capsys.readouterr().out)}
+    home, away = listed["kept-listed", "us-east-1"], listed["kept-listed", "eu-west-1"]
+    assert home["newest"] == source and home["copy_of"] is None
+    assert away["newest"] == copied and away["copy_of"] == f"us-east-1/{source}"
+    assert cli.main([*common, "backup", "list", "--copy-region", "eu-west-1"]) == 0
+    assert "eu-west-1 (copy)" in capsys.readouterr().out
