@@ -227,8 +227,12 @@ async def _used_by_images(manager: Manager) -> dict[str, str]:
     return used
 
 
-async def _read(manager: Manager, name: str, policy: Policy) -> list[Decision]:
-    snapshots = await manager.snapshots(name)
+View = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+"""How :func:`forget` sees a listing (a backup's marks, say) before it decides."""
+
+
+async def _read(manager: Manager, name: str, policy: Policy, view: View) -> list[Decision]:
+    snapshots = view(await manager.snapshots(name))
     return plan(snapshots, policy, used_by=await _used_by_images(manager))
 
 
@@ -239,6 +243,8 @@ async def forget(
     *,
     dry_run: bool = False,
     report: Callable[[str], None] | None = None,
+    view: View = list,
+    on_removed: Callable[[str, str], object] | None = None,
 ) -> dict[str, list[Decision]]:
     """Apply ``policy`` to the snapshots of the volumes ``names``; the decisions by name.
 
@@ -246,22 +252,26 @@ async def forget(
     ``dry_run`` the snapshots to remove are deleted by id, oldest first, and only those
     that a second reading of the list, just before, also marks for removal: a snapshot
     that appeared or changed in between is never deleted on an old reading.
+    ``view`` turns each listing into what the rules see (default: as listed);
+    ``on_removed`` is told (name, snapshot id) after each deletion.
     """
     if isinstance(names, str) or not names:
         raise InvalidArgument("forget: name one or more volumes")
     say = report or log.info
     result: dict[str, list[Decision]] = {}
     for name in names:
-        decisions = await _read(manager, name, policy)
+        decisions = await _read(manager, name, policy, view)
         result[name] = decisions
         for decision in decisions:
             say(f"{name}: {decision}")
         doomed = {d.snapshot_id for d in decisions if not d.keep}
         if dry_run or not doomed:
             continue
-        again = await _read(manager, name, policy)
+        again = await _read(manager, name, policy, view)
         confirmed = [d for d in reversed(again) if not d.keep and d.snapshot_id in doomed]
         for decision in confirmed:
             await manager.ec2.delete_snapshot(decision.snapshot_id)
             say(f"{name}: removed {decision.snapshot_id}")
+            if on_removed is not None:
+                on_removed(name, decision.snapshot_id)
     return result

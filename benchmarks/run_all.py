@@ -36,6 +36,7 @@ SCRIPTS = [
     "pyinfra",
     "demo",
     "check",
+    "keep",
 ]
 
 

@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from asyncstage import Manager
+from asyncstage.adoption import owner_tags
 from asyncstage.backup.lease import leases
-from asyncstage.backup.snapshots import is_backup
+from asyncstage.backup.runs import RunInfo
+from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG, is_backup
 from asyncstage.ec2 import tag, tag_filters
 from tests.fixtures.cloud import ManagerFactory
 
-__all__ = ["NOTHING", "leftovers", "manager_dropping"]
+__all__ = ["NOTHING", "backup_history", "leftovers", "manager_dropping"]
 
 NOTHING: dict[str, list[str]] = {"volumes": [], "unfinished": [], "leases": []}
 
@@ -43,3 +45,36 @@ async def leftovers(m: Manager, name: str) -> dict[str, list[str]]:
         "unfinished": [s["SnapshotId"] for s in snaps if not is_backup(s)],
         "leases": [g for g, run in await leases(m) if run.name == name],
     }
+
+
+async def backup_history(
+    m: Manager, name: str, count: int, zone: str, *, unfinished: int = 0
+) -> list[str]:
+    """``count`` complete backups of ``name`` (oldest first), then ``unfinished`` ones that
+    a live run has not marked complete: snapshots of a volume made for them in ``zone``
+    (deleted once they are completed), tagged as a run tags its own."""
+    volume = str((await m.ec2.create_volume(availability_zone=zone, size=1))["VolumeId"])
+    run = RunInfo.new(name, 3600)
+    made: list[str] = []
+    try:
+        for n in range(count + unfinished):
+            snap = await m.ec2.create_snapshot(
+                volume,
+                tags={
+                    tag("role"): "snapshot",
+                    tag("name"): name,
+                    tag("fstype"): "ext4",
+                    tag("created"): f"{n:020.6f}",
+                    **owner_tags(m.key_pair.name),
+                    **run.tags(),
+                    STATE_TAG: "complete" if n < count else "pending",
+                    PARENT_TAG: "none",
+                    CONSISTENCY_TAG: "crash-consistent",
+                },
+            )
+            made.append(str(snap["SnapshotId"]))
+        for snapshot_id in made:
+            await m.ec2.wait_for_snapshot(snapshot_id, timeout=120)
+    finally:
+        await m.ec2.delete_volume(volume)
+    return made

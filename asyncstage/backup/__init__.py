@@ -17,6 +17,8 @@ first (``Manager.snapshots(NAME)``), of which only those marked complete count.
 - :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`);
 - :mod:`~asyncstage.backup.manifest`, :mod:`~asyncstage.backup.check`: each backup's
   manifest of every file, and checks of snapshots and restores against it (:func:`check`).
+- :mod:`~asyncstage.backup.keep`: retention by name (:func:`forget`) and copies in other
+  regions (:class:`CopyTarget`, :func:`copy_backup`).
 
 Safety rules: see ``docs/backup.md``.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 from asyncstage.backup.check import CheckResult, check
 from asyncstage.backup.copy import DEFAULT_TTL, BackupResult, backup
 from asyncstage.backup.hooks import Hook, Hooked, HookFailed
+from asyncstage.backup.keep import CopyTarget, ForgetResult, UnknownKmsKey, copy_backup, forget
 from asyncstage.backup.plans import (
     BackupOutcome,
     Plan,
@@ -47,6 +50,8 @@ __all__ = [
     "BackupOutcome",
     "BackupResult",
     "CheckResult",
+    "CopyTarget",
+    "ForgetResult",
     "Hook",
     "HookFailed",
     "Hooked",
@@ -58,10 +63,13 @@ __all__ = [
     "SnapshotSetResult",
     "Source",
     "SweepResult",
+    "UnknownKmsKey",
     "backup",
     "check",
     "check_destination",
+    "copy_backup",
     "data_size",
+    "forget",
     "load_plan",
     "parse_plan",
     "restore",

@@ -16,6 +16,12 @@ A plan is a TOML file or the same as Python objects (:class:`Plan`, :class:`Plan
     ]
 
     [[backup]]
+    name = "www"
+    sources = ["www:/srv/www"]
+    retention = { keep_daily = 7, keep_weekly = 4 }   # applied after each successful run
+    copy_to = ["eu-west-1", { region = "us-west-2", kms_key_id = "alias/dr" }]
+
+    [[backup]]
     name = "db1-disks"
     mode = "snapshot"        # the server's own volumes, at one instant
     server = "db1"
@@ -41,9 +47,17 @@ import anyio
 from asyncstage import names
 from asyncstage.backup.copy import backup
 from asyncstage.backup.hooks import Hook, Hooked
+from asyncstage.backup.keep import (
+    CopyTarget,
+    check_keys,
+    keep_after,
+    parse_copy_to,
+    parse_retention,
+)
 from asyncstage.backup.snapshot_mode import snapshot_backup
 from asyncstage.errors import InvalidArgument
 from asyncstage.manager import Manager
+from asyncstage.retention import Policy
 from asyncstage.transfer import Progress
 
 __all__ = [
@@ -58,7 +72,7 @@ __all__ = [
 
 Mode = Literal["copy", "snapshot"]
 _PLAN_KEYS = {"concurrency", "wait", "backup"}
-_BACKUP_KEYS = {"name", "sources", "mode", "server", "size", "zone"}
+_BACKUP_KEYS = {"name", "sources", "mode", "server", "size", "zone", "retention", "copy_to"}
 _SOURCE_KEYS = {"path", "pre", "post"}
 _HOOK_KEYS = {"command", "timeout", "on_error"}
 
@@ -75,9 +89,23 @@ class PlannedBackup:
     is made (default: any server)."""
     size: int | None = None
     zone: str | None = None
+    retention: Policy | None = None
+    """Applied to the backup's snapshots after each successful run (and to its copies,
+    unless a target has its own)."""
+    copy_to: tuple[CopyTarget, ...] = ()
+    """Regions that get a copy of each new snapshot (:mod:`asyncstage.backup.keep`)."""
 
     def __post_init__(self) -> None:
         names.check_name(self.name, "backup")
+        retention: object = self.retention
+        if retention is not None and not isinstance(retention, Policy):
+            object.__setattr__(self, "retention", parse_retention(self.name, retention))
+        object.__setattr__(self, "copy_to", parse_copy_to(self.name, list(self.copy_to)))
+        if self.mode == "snapshot" and (self.retention is not None or self.copy_to):
+            raise InvalidArgument(
+                f"backup {self.name}: retention and copy_to apply to copy-mode backups "
+                "(a snapshot-mode set is several snapshots per run)"
+            )
         if self.mode not in ("copy", "snapshot"):
             raise InvalidArgument(f"backup {self.name}: mode is 'copy' or 'snapshot'")
         if self.mode == "copy" and not self.sources:
@@ -180,6 +208,10 @@ def parse_plan(data: Mapping[str, Any]) -> Plan:
                 server=b.get("server"),
                 size=b.get("size"),
                 zone=b.get("zone"),
+                retention=None
+                if b.get("retention") is None
+                else parse_retention(where, b["retention"]),
+                copy_to=parse_copy_to(where, b.get("copy_to", [])),
             )
         )
     return Plan(tuple(backups), concurrency=data.get("concurrency", 4), wait=data.get("wait", 0.0))
@@ -264,9 +296,15 @@ async def run_plan(
     plan: Plan | Sequence[PlannedBackup],
     *,
     on_change: Callable[[BackupOutcome], object] | None = None,
+    regions: Mapping[str, Manager] = {},
 ) -> PlanReport:
     """Run every backup of ``plan`` at once (``plan.concurrency`` at a time); one that
-    fails never stops the others. ``on_change`` is told each outcome as it changes."""
+    fails never stops the others. ``on_change`` is told each outcome as it changes.
+
+    After each successful backup its ``copy_to`` copies are made (with ``regions``, a
+    manager per destination region) and its ``retention`` applied; a failure there fails
+    that backup's outcome (its new snapshot stays).
+    """
     if not isinstance(plan, Plan):
         plan = Plan(tuple(plan))
     outcomes = [BackupOutcome(b.name, b.mode) for b in plan.backups]
@@ -288,7 +326,18 @@ async def run_plan(
                 tell(o)
 
             try:
+                await check_keys(regions, b.copy_to)  # a missing key: before any work
                 o.result = await _run_one(m, b, plan.wait, phase, progress)
+                if b.retention is not None or b.copy_to:
+                    o.result |= await keep_after(
+                        m,
+                        b.name,
+                        [str(o.result["snapshot_id"])],
+                        retention=b.retention,
+                        copy_to=b.copy_to,
+                        regions=regions,
+                        phase=phase,
+                    )
                 o.ok, o.phase = True, "done"
             except Exception as e:  # each backup's failure is its own
                 o.ok, o.phase = False, "failed"

@@ -13,6 +13,7 @@ word is an action:
   unfinished snapshots, leases);
 - ``asyncstage backup check NAME [--snapshot ID | --all] [--read-data]``: check snapshots
   against their manifests (:mod:`asyncstage.cli.backup_check`).
+- ``asyncstage backup forget NAME... --keep-*``: retention (:mod:`.backup_keep`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ from rich.live import Live
 from rich.table import Table
 
 from asyncstage import backup, blocking
+from asyncstage.backup.keep import copy_of
 from asyncstage.backup.snapshots import consistency_of, is_backup
 from asyncstage.cli import backup_check
+from asyncstage.cli.backup_keep import (
+    add_keep_arguments,
+    forget_command,
+    plan_regions,
+    region_managers,
+    run_plan_in_regions,
+)
 from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, phase_notes
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
@@ -39,7 +48,7 @@ from asyncstage.output import Output, human_bytes, human_duration
 __all__ = ["ACTIONS", "HELP", "add_arguments", "backup_command"]
 
 HELP = "incremental backup of any sources into a snapshot; `backup sweep` removes leftovers"
-ACTIONS = ("run", "list", "sweep", "check")
+ACTIONS = ("run", "list", "sweep", "check", "forget")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for another run of the same backup (default: refuse at once)",
     )
     backup_check.add_arguments(p)
+    add_keep_arguments(p)
 
 
 def backup_command(args: argparse.Namespace, out: Output) -> int:
@@ -84,6 +94,8 @@ def backup_command(args: argparse.Namespace, out: Output) -> int:
             return _list(args, out)
         if action == "check":
             return backup_check.check_command(args, out, rest)
+        if action == "forget":
+            return forget_command(args, out, rest)
         if action == "run" and len(rest) == 1:
             return _run_plan(args, out, backup.load_plan(rest[0]))
         raise InvalidArgument(
@@ -164,11 +176,16 @@ def _template(template: str, server: str) -> str:
 def _run_plan(args: argparse.Namespace, out: Output, plan: backup.Plan) -> int:
     if args.concurrency:
         plan = backup.Plan(plan.backups, concurrency=args.concurrency, wait=plan.wait)
-    with open_manager(args) as m:
-        return _report(out, _run_with_table(m, plan, out))
+    with open_manager(args) as m, region_managers(args, plan_regions(plan)) as others:
+        return _report(out, _run_with_table(m, plan, out, others))
 
 
-def _run_with_table(m: blocking.Manager, plan: backup.Plan, out: Output) -> backup.PlanReport:
+def _run_with_table(
+    m: blocking.Manager,
+    plan: backup.Plan,
+    out: Output,
+    others: list[blocking.Manager] | None = None,
+) -> backup.PlanReport:
     """Run the plan; a live table (phase, bytes, rate, ETA) on a terminal meanwhile."""
     rows: dict[str, backup.BackupOutcome] = {}
     lock = threading.Lock()
@@ -198,10 +215,11 @@ def _run_with_table(m: blocking.Manager, plan: backup.Plan, out: Output) -> back
             )
         return t
 
+    regions = others or []  # a manager of each region the plan copies to
     if not out.live:
-        return blocking.call(backup.run_plan, m, plan, on_change=changed)
+        return blocking.call(run_plan_in_regions, m, plan, regions, on_change=changed)
     with Live(get_renderable=render, refresh_per_second=4, transient=True, console=None):
-        return blocking.call(backup.run_plan, m, plan, on_change=changed)
+        return blocking.call(run_plan_in_regions, m, plan, regions, on_change=changed)
 
 
 def _report(out: Output, report: backup.PlanReport) -> int:
@@ -225,27 +243,32 @@ def _report(out: Output, report: backup.PlanReport) -> int:
 
 
 def _list(args: argparse.Namespace, out: Output) -> int:
-    """Each backup (complete snapshots only): last run, age, size, count, consistency."""
-    with open_manager(args) as m:
-        snaps = blocking.call(_backup_snapshots, m)
-    found: dict[str, list[dict[str, Any]]] = {}
-    for snap in snaps:
-        name = tags_of(snap).get(tag("name"))
-        if name:
-            found.setdefault(name, []).append(snap)
+    """Each backup (complete snapshots only): last run, age, size, count, consistency; with
+    ``--copy-region``, each of those regions' too (a REGION column)."""
+    with open_manager(args) as m, region_managers(args, args.copy_region) as others:
+        listed = [(x.region, blocking.call(_backup_snapshots, x)) for x in [m, *others]]
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for region, snaps in listed:
+        for snap in snaps:
+            name = tags_of(snap).get(tag("name"))
+            if name:
+                found.setdefault((name, region), []).append(snap)
     now = datetime.now(UTC)
     data: list[dict[str, Any]] = []
-    for name in sorted(found):
-        newest = found[name][0]
+    for name, region in sorted(found):
+        newest = found[name, region][0]
+        source = copy_of(newest)
         started = newest.get("StartTime")
         age = (now - started).total_seconds() if isinstance(started, datetime) else None
         data.append(
             {
                 "name": name,
+                "region": region,
+                "copy_of": None if source is None else "/".join(source),
                 "last_run": started.isoformat() if isinstance(started, datetime) else None,
                 "age_s": None if age is None else round(age, 1),
                 "size_gib": int(newest.get("VolumeSize", 0)),
-                "snapshots": len(found[name]),
+                "snapshots": len(found[name, region]),
                 "consistency": consistency_of(newest),
                 "newest": newest["SnapshotId"],
             }
@@ -262,6 +285,10 @@ def _list(args: argparse.Namespace, out: Output) -> int:
         for d in data
     ]
     headers = ["BACKUP", "LAST RUN", "AGE", "SIZE", "SNAPSHOTS", "CONSISTENCY"]
+    if args.copy_region:
+        headers.insert(1, "REGION")
+        for row, d in zip(rows, data, strict=True):
+            row.insert(1, d["region"] + (" (copy)" if d["copy_of"] else ""))
     out.table(data, rows, headers, "no backups")
     return EXIT_OK
 

@@ -115,6 +115,10 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
     checkip = os.environ.get("ASYNCSTAGE_CHECKIP_URL") or (state or {}).get("checkip_url")
     if checkip and (local or os.environ.get("ASYNCSTAGE_CHECKIP_URL")):
         opts["checkip_url"] = str(checkip)  # a local cloud's router: this machine's address
+    flagged_image = bool(value["image"]) and found["image"].source.startswith("--")
+    if state is not None and local and opts.get("region") != state["region"] and not flagged_image:
+        # an AMI id is a region's own: another region of the cloud has the image by name
+        opts["image"] = LOCAL_IMAGE_PATTERN
     if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
         opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
     return opts

@@ -285,12 +285,17 @@ class EC2(Client):
         source_region: str,
         description: str = "",
         tags: Mapping[str, str] = {},
+        **options: Any,
     ) -> str:
-        """Copy a snapshot of ``source_region`` into this region, tagged; the new snapshot's id."""
+        """Copy a snapshot of ``source_region`` into this region, tagged; the new snapshot's id.
+
+        ``options`` are more CopySnapshot parameters (``Encrypted``, ``KmsKeyId`` ...).
+        """
         params: dict[str, Any] = {
             "SourceSnapshotId": snapshot_id,
             "SourceRegion": source_region,
             "Description": description,
+            **options,
         }
         if tags:
             params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": tag_list(tags)}]

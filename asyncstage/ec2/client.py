@@ -4,12 +4,13 @@ consistency and throttling absorbed, EC2's clock, and describes batched by id.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Self
@@ -235,6 +236,18 @@ class Client:
                 raise EC2Error(f"cannot open an EC2 client for {self.region}: {e}") from e
             self._stack = stack
         return self
+
+    @contextlib.asynccontextmanager
+    async def service(self, name: str) -> AsyncIterator[Any]:
+        """A raw aioboto3 client of another AWS service (``"kms"``) of this region, with
+        this client's credentials, endpoint and retries."""
+        try:
+            async with self._session.client(
+                name, region_name=self.region, endpoint_url=self.endpoint_url, config=self._config
+            ) as client:
+                yield client
+        except BotoCoreError as e:
+            raise EC2Error(f"{name} in {self.region}: {e}") from e
 
     async def close(self) -> None:
         """Close the underlying client."""

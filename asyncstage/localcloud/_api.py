@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 from xml.sax.saxutils import escape
 
-from asyncstage.localcloud import _iam
+from asyncstage.localcloud import _iam, _kms
 from asyncstage.localcloud._auth import AuthFailure, check_host, check_request, signer
 from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, is_nitro
@@ -215,6 +215,7 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
     backend of the region a request is signed for (SigV4's credential scope; SigV2,
     which names none, is the cloud's own region)."""
     moto_app: WSGIApp = create_backend_app("ec2")
+    kms_app = _kms.make_kms_app()
     throttle = Throttle(engine.realism.api_rate, counter=engine.throttled)
     consistency = Consistency()
 
@@ -234,15 +235,19 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
             return _error_response(start_response, e.code, str(e), e.status)
         action = params.get("Action", "")
         version = params.get("Version")
-        with engine.lock:
-            engine.api_calls[action] += 1
         m = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-        region = m.group(1) if m and m.group(2) == "ec2" else engine.region
+        if not (m and m.group(2) == "kms"):
+            with engine.lock:
+                engine.api_calls[action] += 1
+        region = m.group(1) if m and m.group(2) in ("ec2", "kms") else engine.region
         try:
             with engine.lock:
                 backend = region_backend(region)
         except AuthFailure as e:
             return _error_response(start_response, e.code, str(e), e.status)
+        if m and m.group(2) == "kms":
+            read_only = pair is engine.read_only_credentials
+            return _kms_call(engine, kms_app, environ, body, region, read_only, start_response)
         # moto takes the region from the User-Agent before the signature: pin it
         environ["HTTP_USER_AGENT"] = f"asyncstage-localcloud region/{region}"
         read_only = pair is engine.read_only_credentials
@@ -296,6 +301,31 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
         return [data]
 
     return app
+
+
+def _kms_call(
+    engine: EngineHooks,
+    app: WSGIApp,
+    environ: dict[str, Any],
+    body: bytes,
+    region: str,
+    read_only: bool,
+    start_response: StartResponse,
+) -> Iterable[bytes]:
+    """A KMS request, answered by moto's KMS of ``region`` (:mod:`._kms`)."""
+    action = _kms.action_of(environ)
+    if read_only and not action.startswith(_kms.READ_ONLY_PREFIXES):
+        data = b'{"__type": "AccessDeniedException", "message": "not authorized"}'
+        start_response("400 Bad Request", [("Content-Type", "application/x-amz-json-1.1")])
+        return [data]
+    environ["HTTP_USER_AGENT"] = f"asyncstage-localcloud region/{region}"
+    environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
+    with engine.lock:
+        engine.api_calls[f"kms:{action}"] += 1
+        code, headers, data = _call(app, environ, body)
+    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    start_response(code, [*headers, ("Content-Length", str(len(data)))])
+    return [data]
 
 
 def _latest_refusal(backend: Any, instance_id: str) -> str | None:

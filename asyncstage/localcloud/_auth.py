@@ -33,6 +33,7 @@ from botocore.auth import SigV2Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest, HTTPHeaders
 from botocore.credentials import Credentials as BotoCredentials
 
+SERVICES = ("ec2", "kms")  # KMS: the keys EC2's encryption names (._kms)
 MAX_SKEW = timedelta(minutes=15)  # EC2 refuses requests signed longer ago (or ahead)
 _SIGV4 = re.compile(
     r"^AWS4-HMAC-SHA256\s+Credential=(?P<key>[^/,\s]+)/(?P<date>\d{8})/(?P<region>[^/]+)/"
@@ -140,8 +141,8 @@ def _header(environ: dict[str, Any], name: str) -> str | None:
 class _Verifier(SigV4Auth):  # type: ignore[misc]
     """botocore's SigV4 signer, signing exactly the headers the client signed."""
 
-    def __init__(self, credentials: Any, region: str, signed: list[str]) -> None:
-        super().__init__(credentials, "ec2", region)
+    def __init__(self, credentials: Any, service: str, region: str, signed: list[str]) -> None:
+        super().__init__(credentials, service, region)
         self._signed = signed
 
     def headers_to_sign(self, request: Any) -> Any:
@@ -166,7 +167,7 @@ def _check_sigv4(
         raise AuthFailure("the request has no valid X-Amz-Date") from None
     _check_time(when)
     # the region of the scope chooses the records the request sees (the caller: ._api)
-    if not stamp.startswith(m["date"]) or m["service"] != "ec2":
+    if not stamp.startswith(m["date"]) or m["service"] not in SERVICES:
         raise AuthFailure(f"the credential scope {m['date']}/{m['region']}/{m['service']} is wrong")
     claimed = _header(environ, "x-amz-content-sha256")
     if claimed is not None and claimed != hashlib.sha256(body).hexdigest():
@@ -184,7 +185,9 @@ def _check_sigv4(
         method=environ["REQUEST_METHOD"], url=_url(environ), headers=headers, data=body
     )
     request.context["timestamp"] = stamp
-    verifier = _Verifier(BotoCredentials(*credentials.as_kwargs().values()), m["region"], signed)
+    verifier = _Verifier(
+        BotoCredentials(*credentials.as_kwargs().values()), m["service"], m["region"], signed
+    )
     expected = verifier.signature(
         verifier.string_to_sign(request, verifier.canonical_request(request)), request
     )

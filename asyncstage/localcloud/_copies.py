@@ -18,8 +18,10 @@ from typing import Any
 from moto.ec2.models import EC2Backend
 from moto.ec2.models.amis import Ami
 
+from asyncstage.localcloud import _kms
 from asyncstage.localcloud._hooks import EngineHooks
 from asyncstage.localcloud._records import (
+    LocalSnapshot,
     ec2_error,
     install_backend,
     retype,
@@ -99,6 +101,14 @@ class RegionCopies(EC2Backend):
         snapshot = super().copy_snapshot(
             source_snapshot_id, home.region_name, description, kms_key_id
         )
+        if key is not None and _kms.key_arn(self.account_id, self.region_name, key) is None:
+            # EC2 checks the key after accepting the copy, which then fails (state error)
+            retype(snapshot, LocalSnapshot)
+            failed: Any = snapshot
+            failed.status = "error"
+            failed.state_message = f"KMS key {key} does not exist in {self.region_name}"
+            failed.encrypted, failed.kms_key_id = True, key
+            return snapshot
         snapshot.encrypted, snapshot.kms_key_id = encrypted, key
         used = image.stat().st_blocks * 512 / (1 << 30)  # the data, not the sparse size
         start_snapshot(self, engine, snapshot, image, extra=used * engine.realism.copy_per_gib)
@@ -176,7 +186,8 @@ def _copy_encryption(
     default in the destination region, encrypts the copy of a plain one. The key is
     ``KmsKeyId`` (it needs ``Encrypted=true``, and it must be a key of the destination
     region: a key never leaves its region), else the region's default key
-    (``alias/aws/ebs``).
+    (``alias/aws/ebs``). A key the region does not have is accepted here, as EC2 accepts
+    it: the copy then fails (:meth:`RegionCopies.copy_snapshot`).
     """
     asked = _true(request.get("Encrypted"))
     key = request.get("KmsKeyId") or None
