@@ -3,7 +3,8 @@
 - The controller SIGKILLed at every step of a run (see :mod:`tests.backup_controller` for
   the points), then a rerun that completes, removes exactly what the dead run left and
   never builds on a snapshot that was not marked complete.
-- A source server terminated mid-run: that backup fails, the others of the plan complete.
+- A source server terminated mid-run (its backup's work volume made, its copy about to
+  start): that backup fails with ``ServerNotRunning``, the others of the plan complete.
 - A work volume too small for the data: a typed error, nothing left, a bigger one works.
 """
 
@@ -14,17 +15,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import boto3
 import pytest
 
 from asyncstage import Manager, Server, backup
 from asyncstage.backup.snapshots import usable
 from asyncstage.ec2 import tag, tag_filters
+from asyncstage.errors import RsyncError
 from asyncstage.localcloud import LocalCloud
 from tests.backup_support import NOTHING, leftovers
 
@@ -95,6 +99,21 @@ def _controller(fleet: Fleet, config: dict[str, Any]) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,  # its rsync and ssh children die with it
     )
+
+
+def _boto_options(cloud: LocalCloud) -> dict[str, Any]:
+    session = cloud.session_kwargs()
+    return {
+        "endpoint_url": cloud.endpoint_url,
+        "region_name": cloud.region,
+        "aws_access_key_id": session["aws_access_key_id"],
+        "aws_secret_access_key": session["aws_secret_access_key"],
+    }
+
+
+def _state(raw: Any, instance_id: str) -> str:
+    found = raw.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return str(found[0]["Instances"][0]["State"]["Name"]) if found else "gone"
 
 
 async def _kill_at(
@@ -210,3 +229,72 @@ async def test_a_snapshot_set_killed_before_it_is_marked_is_never_a_backup(
         assert await leftovers(m, "crash-set") == NOTHING
     finally:
         await disk.delete()
+
+
+async def test_a_source_server_terminated_mid_run_fails_only_its_backup(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    m, host = fleet.manager, fleet.host
+    victim = await m.provision_server("crash-victim")
+    await victim.scmd("sh", "-c", "mkdir -p /srv/app && echo v > /srv/app/index.html", sudo=True)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(name)
+    plan = backup.Plan(
+        (
+            backup.PlannedBackup("gone-a", (str(tmp_path / "a"),), server=host.name),
+            backup.PlannedBackup("gone-victim", ("crash-victim:/srv/app",), server=host.name),
+            backup.PlannedBackup("gone-b", (str(tmp_path / "b"),), server=host.name),
+        ),
+        concurrency=3,
+    )
+    raw = boto3.client("ec2", **_boto_options(fleet.cloud))
+
+    def terminate_at_copy(o: backup.BackupOutcome) -> None:
+        # the victim's work volume is made, its copy about to start: the source goes away
+        # (as if by someone else), and only then does the copy go on
+        if o.name == "gone-victim" and o.phase == "rsync" and not terminated:
+            terminated.append(victim.instance_id)
+            raw.terminate_instances(InstanceIds=[victim.instance_id])
+            deadline = time.monotonic() + 120
+            while _state(raw, victim.instance_id) != "terminated":
+                assert time.monotonic() < deadline, "the victim was never terminated"
+                time.sleep(0.1)
+
+    terminated: list[str] = []
+    names = ("gone-a", "gone-victim", "gone-b")
+    try:
+        report = await backup.run_plan(m, plan, on_change=terminate_at_copy)
+        assert terminated and report.as_dict()["failed"] == ["gone-victim"]
+        gone = report.failed[0]
+        assert gone.error_type == "ServerNotRunning"
+        assert f"source server crash-victim ({victim.instance_id}) is terminated" in gone.error
+        for o in report.outcomes:
+            assert await leftovers(m, o.name) == NOTHING
+        assert await _complete(m, "gone-victim") == []
+        for ok in ("gone-a", "gone-b"):
+            assert len(await _complete(m, ok)) == 1
+        assert m.volumes() == []
+    finally:
+        for name in names:
+            for sid in await _complete(m, name):
+                await m.ec2.delete_snapshot(sid)
+
+
+async def test_a_full_work_volume_is_a_typed_error_and_a_bigger_one_works(fleet: Fleet) -> None:
+    m, host = fleet.manager, fleet.host
+    # 1.2 GB of data (a sparse file on the server, copied whole) for a 1 GiB volume
+    await host.scmd("sh", "-c", "mkdir -p /srv/big && truncate -s 1200M /srv/big/data", sudo=True)
+    sources = ["crash-host:/srv/big"]
+    try:
+        with pytest.raises(RsyncError, match=r"work volume \(1 GiB\) is full .* bigger size"):
+            await backup.backup(m, "crash-full", sources, server=host, size=1)
+        assert await leftovers(m, "crash-full") == NOTHING
+        assert m.volumes() == [] and await m.snapshots("crash-full") == []
+        done = await backup.backup(m, "crash-full", sources, server=host, size=2)
+        assert done.files == 1 and done.bytes == 1200 << 20 and done.size_gib == 2
+        assert await leftovers(m, "crash-full") == NOTHING
+    finally:
+        await host.scmd("rm", "-rf", "/srv/big", sudo=True)
+        for sid in await _complete(m, "crash-full"):
+            await m.ec2.delete_snapshot(sid)
