@@ -6,6 +6,7 @@
 - A source server terminated mid-run (its backup's work volume made, its copy about to
   start): that backup fails with ``ServerNotRunning``, the others of the plan complete.
 - A work volume too small for the data: a typed error, nothing left, a bigger one works.
+- Hostile paths in a plan (options, shell syntax): typed errors, nothing run nor made.
 """
 
 from __future__ import annotations
@@ -298,3 +299,35 @@ async def test_a_full_work_volume_is_a_typed_error_and_a_bigger_one_works(fleet:
         await host.scmd("rm", "-rf", "/srv/big", sudo=True)
         for sid in await _complete(m, "crash-full"):
             await m.ec2.delete_snapshot(sid)
+
+
+async def test_hostile_paths_in_a_plan_are_typed_errors_and_run_nothing(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    m, host = fleet.manager, fleet.host
+    mark = f"/tmp/hostile-{os.getpid()}"
+    hostile = (
+        f"--rsh=touch {mark}",
+        f"$(touch {mark})",
+        f"crash-host:--rsh=touch {mark}",
+        f"crash-host:/srv; touch {mark}",
+        f"crash-host:`touch {mark}`",
+        "crash-host:/no/such/../../dir",
+    )
+    plan = backup.Plan(
+        tuple(
+            backup.PlannedBackup(f"hostile-{i}", (path,), server=host.name)
+            for i, path in enumerate(hostile)
+        ),
+        concurrency=3,
+    )
+    report = await backup.run_plan(m, plan)
+    assert [o.error_type for o in report.outcomes] == ["InvalidArgument"] * len(hostile)
+    for o, path in zip(report.outcomes, hostile, strict=True):
+        assert (
+            "does not exist" if path.startswith(("-", "$")) else "missing or unreadable"
+        ) in o.error
+        assert await leftovers(m, o.name) == NOTHING
+    assert not await anyio.Path(mark).exists()
+    assert (await host.scmd("sh", "-c", f"test -e {mark} && echo there || true")).strip() == ""
+    assert m.volumes() == []
