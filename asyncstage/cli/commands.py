@@ -433,9 +433,14 @@ def restore(args: argparse.Namespace, out: Output) -> int:
                 progress=progress,
                 phase=phase_notes(out, progress),
             )
+        shown = (
+            f"a set of {len(result.snapshots)} ({', '.join(result.snapshots.values())})"
+            if result.snapshots
+            else result.snapshot_id
+        )
         out.result(
             result.as_dict(),
-            f"restore {result.name}: {result.snapshot_id} → {result.dest} "
+            f"restore {result.name}: {shown} → {result.dest} "
             f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s)",
         )
         return EXIT_OK
