@@ -1,7 +1,10 @@
 """``snapshot`` mode: a server's own data volumes at one instant (CreateSnapshots), proven
-by a writer that writes to two volumes in a known order while the set is taken."""
+by a writer that writes to two volumes in a known order while the set is taken; a set
+restored whole, into directories and onto new volumes."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import anyio
 import pytest
@@ -9,7 +12,7 @@ import pytest
 from asyncstage import Manager, Server, backup
 from asyncstage.backup import Hook
 from asyncstage.ec2 import tag, tags_of
-from asyncstage.errors import HookFailed
+from asyncstage.errors import HookFailed, InvalidArgument, InvalidName
 from tests.backup_support import NOTHING, leftovers, manager_dropping
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
@@ -97,3 +100,41 @@ async def test_snapshot_mode_hooks_run_on_the_server(manager: Manager, server: S
     assert (await server.scmd("cat", log, sudo=True)).split() == ["pre", "post", "post"]
     assert len(await manager.snapshots(NAME)) == 1  # the failed run made none
     await volume.delete()
+
+
+async def test_a_set_restores_whole_into_directories_and_onto_volumes(
+    manager: Manager, server: Server, tmp_path: Path
+) -> None:
+    made = [await server.provision_volume(n, size=1) for n in ("inplace-d", "inplace-e")]
+    for volume in made:
+        await server.scmd("sh", "-c", f"echo {volume.name} > {volume.mtpt}/which", sudo=True)
+    done = await backup.snapshot_backup(manager, NAME, server)
+    for volume in made:  # changed after the set was taken: never seen in a restore
+        await server.scmd("sh", "-c", f"echo later > {volume.mtpt}/which", sudo=True)
+
+    restored = await backup.restore(manager, NAME, tmp_path / "back")
+    assert restored.snapshots == {done.snapshots[v.volume_id]: v.name for v in made}
+    for volume in made:
+        assert (tmp_path / "back" / volume.name / "which").read_text() == f"{volume.name}\n"
+    one = await backup.restore(
+        manager, NAME, tmp_path / "one", snapshot_id=done.snapshots[made[0].volume_id]
+    )
+    assert one.snapshots == {} and (tmp_path / "one" / "which").read_text() == "inplace-d\n"
+
+    copies = await backup.restore_volumes(manager, NAME, server)
+    try:
+        assert {sid: v.name for sid, v in copies.items()} == {
+            done.snapshots[v.volume_id]: f"{v.name}-restored" for v in made
+        }
+        for sid, copy in copies.items():
+            text = await server.scmd("cat", f"{copy.mtpt}/which", sudo=True)
+            assert text.strip() == restored.snapshots[sid]
+        with pytest.raises(InvalidArgument, match=r"only \{volume\} is known"):
+            await backup.restore_volumes(manager, NAME, server, name_template="{disk}")
+        with pytest.raises(InvalidName):
+            await backup.restore_volumes(manager, NAME, server, name_template="../{volume}")
+    finally:
+        for volume in [*copies.values(), *made]:
+            await volume.delete()
+    assert manager.volumes() == []
+    assert await leftovers(manager, NAME) == NOTHING

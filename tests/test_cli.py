@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,25 +22,9 @@ from asyncstage.backup import size_for
 from asyncstage.cli.common import resolve_names
 from asyncstage.localcloud._isolation import MECHANISMS, device_cgroups_available
 from asyncstage.output import human_bytes, table
-
-ROOT = Path(__file__).resolve().parent.parent
-EXE = Path(sys.executable).parent / "asyncstage"
+from tests.fixtures.daemon import EXE, local_daemon, run
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root")
-
-
-def run(env: dict[str, str], *args: str, ok: bool = True, input: str | None = None) -> Any:
-    done = subprocess.run(
-        [str(EXE), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-        input=input,
-    )
-    if ok:
-        assert done.returncode == 0, f"{args}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def _alive(pid: int) -> bool:
@@ -55,22 +38,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    if os.geteuid() != 0:
-        pytest.skip("the local cloud needs root")
-    base = tmp_path_factory.mktemp("cli")
-    env = os.environ | {
-        "ASYNCSTAGE_LOCAL_DIR": str(base / "local"),
-        "HOME": str(base / "home"),
-        "COLUMNS": "200",
-    }
-    env.pop("ASYNCSTAGE_ENDPOINT_URL", None)
-    up = run(env, "local", "up")
-    assert "export ASYNCSTAGE_ENDPOINT_URL=http://127.0.0.1:" in up.stdout
-    env["TEST_BASE"] = str(base)
-    try:
+    with local_daemon(tmp_path_factory.mktemp("cli"), COLUMNS="200") as env:
         yield env
-    finally:
-        subprocess.run([str(EXE), "local", "down"], env=env, capture_output=True, timeout=240)
 
 
 def test_helpers() -> None:
@@ -268,6 +237,99 @@ def test_backup_never_touches_a_live_volume_of_its_name(
     assert (back / "keep.txt").read_text() == "precious\n" and not (back / "other.txt").exists()
     assert json.loads(run(env, "--local", "--json", "snapshots", "photos").stdout) == []
     run(env, "--local", "volumes", "delete", "photos")
+
+
+PLAN = """
+concurrency = 3
+
+[[backup]]
+name = "site-web1"
+sources = ["web1:/srv/app"]
+
+[[backup]]
+name = "docs"
+sources = ["{docs}"]
+
+[[backup]]
+name = "broken"
+sources = ["ghost:/srv/app"]
+"""
+
+
+@needs_root
+@pytest.mark.localcloud
+def test_backup_plans_each_and_list(daemon: dict[str, str], tmp_path: Path) -> None:
+    env = daemon
+    run(env, "--local", "servers", "provision", "web1", "web2")
+    for web in ("web1", "web2"):
+        run(
+            env, "--local", "ssh", web, f"sudo sh -c 'mkdir -p /srv/app && echo {web} > /srv/app/i'"
+        )
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("a\n")
+
+    each = run(
+        env,
+        "--local",
+        "--json",
+        "backup",
+        "--each",
+        "web*",
+        "/srv/app",
+        "--name-template",
+        "site-{server}",
+    )
+    report = json.loads(each.stdout)
+    assert report["ok"] and report["failed"] == []
+    assert [(b["name"], b["ok"], b["result"]["files"]) for b in report["backups"]] == [
+        ("site-web1", True, 1),
+        ("site-web2", True, 1),
+    ]
+    nomatch = run(env, "--local", "backup", "--each", "db*", "/srv", ok=False)
+    assert nomatch.returncode == 1 and "no server matches" in nomatch.stderr
+
+    # one backup of the plan fails: exit 1, every backup in the report, the failure named
+    plan = tmp_path / "nightly.toml"
+    plan.write_text(PLAN.format(docs=docs))
+    failed = run(env, "--local", "--json", "backup", "run", str(plan), ok=False)
+    assert failed.returncode == 1, failed.stderr
+    report = json.loads(failed.stdout)
+    assert not report["ok"] and report["failed"] == ["broken"]
+    assert [(b["name"], b["ok"]) for b in report["backups"]] == [
+        ("site-web1", True),
+        ("docs", True),
+        ("broken", False),
+    ]
+    broken = report["backups"][2]
+    assert broken["error_type"] == "NotFound" and "ghost" in broken["error"]
+    assert broken["result"] is None
+    assert report["backups"][0]["result"]["previous_snapshot_id"] == each_snapshot(each, 0)
+    assert "asyncstage: backup broken failed: NotFound: " in failed.stderr
+    # without it, the plan succeeds: exit 0, and a human table
+    plan.write_text(PLAN.format(docs=docs).split('[[backup]]\nname = "broken"')[0])
+    shown = run(env, "--local", "backup", "run", str(plan)).stdout
+    assert shown.split("\n")[0].split() == ["BACKUP", "RESULT", "COPIED", "TIME", "SNAPSHOT"]
+    assert {line.split()[0] for line in shown.splitlines()[1:]} == {"site-web1", "docs"}
+
+    listed = {
+        b["name"]: b for b in json.loads(run(env, "--local", "--json", "backup", "list").stdout)
+    }
+    assert {n: listed[n]["snapshots"] for n in ("site-web1", "site-web2", "docs")} == {
+        "site-web1": 3,
+        "site-web2": 1,
+        "docs": 2,
+    }
+    assert "broken" not in listed
+    assert listed["docs"]["consistency"] == "crash-consistent"
+    table = run(env, "--local", "backup", "list").stdout.splitlines()
+    assert table[0].split()[:3] == ["BACKUP", "LAST", "RUN"]
+    assert json.loads(run(env, "--local", "--json", "volumes").stdout) == []
+    run(env, "--local", "servers", "terminate", "--all")
+
+
+def each_snapshot(done: Any, index: int) -> str:
+    return str(json.loads(done.stdout)["backups"][index]["result"]["snapshot_id"])
 
 
 @needs_root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,9 +24,8 @@ from botocore.exceptions import ClientError
 from asyncstage.errors import PermissionDenied
 from asyncstage.localcloud import LocalCloud
 from tests.fixtures.cloud import ManagerFactory
+from tests.fixtures.daemon import EXE, ROOT, local_daemon, run
 
-EXE = Path(sys.executable).parent / "asyncstage"
-ROOT = Path(__file__).resolve().parent.parent
 READS = (
     ["servers"],
     ["servers", "list", "--json"],
@@ -40,13 +38,6 @@ READS = (
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root")
 
 
-def run(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(EXE), *args], capture_output=True, text=True, env=env, timeout=240)
-    if ok:
-        assert done.returncode == 0, f"{args}: {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
 def _exports(text: str) -> dict[str, str]:
     return dict(line.removeprefix("export ").split("=", 1) for line in text.splitlines())
 
@@ -54,24 +45,8 @@ def _exports(text: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A fresh local cloud of the module's own, run by ``asyncstage local up``."""
-    if os.geteuid() != 0:
-        pytest.skip("the local cloud needs root")
-    base = tmp_path_factory.mktemp("first-use")
-    env = os.environ | {
-        "ASYNCSTAGE_LOCAL_DIR": str(base / "local"),
-        "HOME": str(base / "home"),
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("ASYNCSTAGE_ENDPOINT_URL", None)
-    run(env, "local", "up")
-    try:
+    with local_daemon(tmp_path_factory.mktemp("first-use")) as env:
         yield env
-    finally:
-        run(env, "local", "down", ok=False)
-        local = Path(env["ASYNCSTAGE_LOCAL_DIR"])
-        assert not (local / "state").exists()
-        assert str(local) not in Path("/proc/mounts").read_text()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

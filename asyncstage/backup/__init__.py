@@ -14,7 +14,8 @@ first (``Manager.snapshots(NAME)``), of which only those marked complete count.
 - :mod:`~asyncstage.backup.hooks`: ``pre``/``post`` consistency hooks per source;
 - :mod:`~asyncstage.backup.snapshots`: which snapshots are complete backups;
 - :mod:`~asyncstage.backup.plans`: plans of many backups run at once (:func:`run_plan`);
-- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`snapshot_volume`);
+- :mod:`~asyncstage.backup.restore`: restores (:func:`restore`, :func:`restore_volumes`,
+  :func:`snapshot_volume`).
 - :mod:`~asyncstage.backup.manifest`, :mod:`~asyncstage.backup.check`: each backup's
   manifest of every file, and checks of snapshots and restores against it (:func:`check`).
 - :mod:`~asyncstage.backup.keep`: retention by name (:func:`forget`) and copies in other
@@ -38,7 +39,14 @@ from asyncstage.backup.plans import (
     parse_plan,
     run_plan,
 )
-from asyncstage.backup.restore import RestoreResult, check_destination, restore, snapshot_volume
+from asyncstage.backup.restore import (
+    RestoreResult,
+    check_destination,
+    pick_set,
+    restore,
+    restore_volumes,
+    snapshot_volume,
+)
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.sizes import data_size, size_for
 from asyncstage.backup.snapshot_mode import SnapshotSetResult, snapshot_backup
@@ -72,7 +80,9 @@ __all__ = [
     "forget",
     "load_plan",
     "parse_plan",
+    "pick_set",
     "restore",
+    "restore_volumes",
     "run_plan",
     "size_for",
     "snapshot_backup",

@@ -38,7 +38,7 @@ from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
 from asyncstage.backup.sweep import sweep
-from asyncstage.errors import NameTaken
+from asyncstage.errors import AsyncstageError, NameTaken, RsyncError, ServerNotRunning, SSHError
 from asyncstage.manager import Manager
 from asyncstage.server import Server
 from asyncstage.transfer import TransferStats
@@ -237,7 +237,13 @@ async def _copy_into(
                     posts.append(hooks.post)  # runs once its pre has started, whatever happens
                 ok = hooks.pre is not None and await run_hook("pre", hooks.pre, g.server)
                 quiesced = quiesced and ok
-            stats = await _rsync_group(m, volume, g, progress)
+            try:
+                stats = await _rsync_group(m, volume, g, progress)
+            except (RsyncError, SSHError) as e:
+                better = await _explained(volume, g, e)
+                if better is e:
+                    raise
+                raise better from e
         finally:
             with anyio.CancelScope(shield=True):
                 for post in reversed(posts):
@@ -258,6 +264,30 @@ async def _copy_into(
             wire_bytes=total.wire_bytes + stats.wire_bytes,
         )
     return total, ("application-consistent" if quiesced else "crash-consistent")
+
+
+async def _explained(volume: Volume, g: Group, e: RsyncError | SSHError) -> Exception:
+    """The error a failed copy of one group stands for: a work volume that is full, or a
+    source server that is no longer running (stopped, terminated), said as such; else ``e``."""
+    if isinstance(e, RsyncError) and "No space left on device" in f"{e.stderr}\n{e}":
+        return RsyncError(
+            f"backup {volume.name}: its work volume ({volume.size} GiB) is full while copying "
+            f"{', '.join(g.labels)}; give it a bigger size (--size, size=, or size in a plan)",
+            exit_code=e.exit_code,
+            stderr=e.stderr,
+        )
+    if g.server is not None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await g.server.refresh()
+            except AsyncstageError as why:
+                log.debug("backup: could not look %s up again: %s", g.server.name, why)
+        if g.server.state != "running":
+            return ServerNotRunning(
+                f"backup {volume.name}: source server {g.server.name} "
+                f"({g.server.instance_id}) is {g.server.state}; its copy failed: {e}"
+            )
+    return e
 
 
 async def _rsync_group(

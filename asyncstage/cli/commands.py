@@ -459,9 +459,14 @@ def restore(args: argparse.Namespace, out: Output) -> int:
                 phase=phase_notes(out, progress),
                 verify=args.verify,
             )
+        shown = (
+            f"a set of {len(result.snapshots)} ({', '.join(result.snapshots.values())})"
+            if result.snapshots
+            else result.snapshot_id
+        )
         out.result(
             result.as_dict(),
-            f"restore {result.name}: {result.snapshot_id} → {result.dest} "
+            f"restore {result.name}: {shown} → {result.dest} "
             f"({human_bytes(result.bytes)}, {result.files} files, {result.elapsed:.1f}s; "
             f"{result.verified})",
         )
