@@ -33,6 +33,7 @@ SCRIPTS = [
     "fabric",
     "pyinfra",
     "demo",
+    "backup",
 ]
 
 
