@@ -510,6 +510,7 @@ def _tables(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> No
 
 
 def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> None:
+    measured = report.params["perl_measured_up_to"]
     for n in sizes:
         row = res["fleets"][str(n)]
         ours = row["asyncstage"]
@@ -522,8 +523,7 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         if row["perl_s"] is not None:
             evidence += f", Perl {_f(row['perl_s'])} s ({_f(row['perl_s'] / n)} s per server"
             evidence += (
-                f"; extrapolated: its time per server at {res['perl_measured_up_to']} servers, "
-                f"times {n})"
+                f"; extrapolated: its time per server at {measured} servers, times {n})"
                 if extrapolated
                 else ")"
             )
