@@ -212,11 +212,33 @@ def perl_module_missing() -> str | None:
     return None
 
 
-class PerlDriver:
-    """``perl staging_bench.pl`` answering requests; stopped when it hangs."""
+def perl_driver(cloud: Any, work: Path, zone: str, script: Path = PERL_DRIVER) -> PerlDriver:
+    """A driver of ``script`` for this local cloud (not started): VM::EC2's own variables
+    name its endpoint and credentials; the module's keys go to ``work/perl-dot``, what it
+    prints to ``work/perl.log``."""
+    creds = cloud.session_kwargs()
+    (work / "perl-dot").mkdir()
+    return PerlDriver(
+        {
+            "EC2_URL": creds["endpoint_url"],
+            "EC2_ACCESS_KEY": creds["aws_access_key_id"],
+            "EC2_SECRET_KEY": creds["aws_secret_access_key"],
+        },
+        [cloud.image_id, cloud.default_username, str(work / "perl-dot"), zone],
+        work / "perl.log",
+        script,
+    )
 
-    def __init__(self, env: dict[str, str], args: list[str], log: Path) -> None:
+
+class PerlDriver:
+    """A Perl driver (default ``perl/staging_bench.pl``) answering requests; stopped when
+    it hangs."""
+
+    def __init__(
+        self, env: dict[str, str], args: list[str], log: Path, script: Path = PERL_DRIVER
+    ) -> None:
         self.env = {**os.environ, **env}
+        self.script = script
         self.args = args
         self.log = log
         self.proc: subprocess.Popen[str] | None = None
@@ -231,7 +253,7 @@ class PerlDriver:
         guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                [*guard, "perl", str(PERL_DRIVER), *self.args],
+                [*guard, "perl", str(self.script), *self.args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

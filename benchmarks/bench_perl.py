@@ -37,6 +37,7 @@ from _baselines import (
     NotRun,
     PerlDriver,
     make_tree,
+    perl_driver,
     perl_module_missing,
 )
 from _common import MiB, local_cloud, parse_args
@@ -314,19 +315,9 @@ async def main() -> None:
     try:
         tree = make_tree(work / "tree", tree_bytes, tree_files)
         async with local_cloud(boot_delay, PERL_REALISM, poll_interval=0.5) as (cloud, m):
-            creds = cloud.session_kwargs()
             driver = None
             if missing is None:
-                driver = PerlDriver(
-                    {
-                        "EC2_URL": creds["endpoint_url"],
-                        "EC2_ACCESS_KEY": creds["aws_access_key_id"],
-                        "EC2_SECRET_KEY": creds["aws_secret_access_key"],
-                    },
-                    [cloud.image_id, cloud.default_username, str(work / "perl-dot"), ZONE],
-                    work / "perl.log",
-                )
-                (work / "perl-dot").mkdir()
+                driver = perl_driver(cloud, work, ZONE)
                 driver.start()
             perl = Perl(
                 driver,

@@ -15,7 +15,10 @@ run) writes into DIR:
   controller's CPU per server;
 - ``baselines.png``: asyncstage against pyinfra (pyinfra.json: a command, facts and
   a put on every server) and Fabric (fabric.json), as baseline time / asyncstage time
-  with the rounds' spread.
+  with the rounds' spread;
+- ``backup.png``: fleet-backup throughput against the CPU limit (backup.json): the
+  bare rsync of the same bytes on every server at once, the plan's copy phases and
+  its whole run (MB/s); beside it, the fleet backups' times against the Perl module's.
 
 A missing file or a step a baseline did not run leaves its bar or line out (with a
 note on the chart). Needs matplotlib (``pip install 'asyncstage[bench]'``).
@@ -364,6 +367,37 @@ def baselines_chart(results: Path, plt: Any) -> Path | None:
     return _save(fig, plt, results / "baselines.png")
 
 
+def backup_chart(results: Path, plt: Any) -> Path | None:
+    """Fleet-backup throughput against the CPU limit; the fleets against the Perl module."""
+    res = _load(results, "backup").get("results", {})
+    c, fleets = res.get("cpu_limit"), res.get("fleets", {})
+    if not c:
+        return None
+    fig, (ax, fleet_ax) = plt.subplots(1, 2, figsize=(11, 5), dpi=110, width_ratios=[2, 3])
+    bars = [
+        ("CPU limit:\nbare rsync,\nall at once", c["limit_mb_s"], OTHER),
+        ("plan:\ncopy phases", c["copy_phase_mb_s"], OURS),
+        ("plan:\nwhole run", c["whole_run_mb_s"], OURS),
+    ]
+    for i, (_label, value, color) in enumerate(bars):
+        ax.bar(i, value, 0.6, color=color, alpha=1.0 if i < 2 else 0.55)
+        share = f" ({value / c['limit_mb_s']:.2f}×)" if i else ""
+        _annotate_bar(ax, i, value, f"{value:.3g}{share}")
+    ax.axhline(0.8 * c["limit_mb_s"], color=THEIRS, linewidth=0.8, linestyle="--")
+    ax.text(2.4, 0.8 * c["limit_mb_s"], "target 0.8×", color=THEIRS, fontsize=7, va="bottom")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("MB/s, every server's data together")
+    ax.set_title(f"Backup throughput against the CPU limit ({c['bare']['busy']:.0%} busy)")
+    ax.grid(True, axis="y", alpha=0.3)
+    groups = []
+    for n, row in sorted(fleets.items(), key=lambda kv: int(kv[0])):
+        label = f"{n} servers" + ("\n(Perl extrapolated)" if row.get("perl_extrapolated") else "")
+        groups.append((label, row["asyncstage"]["wall_s"], row.get("perl_s"), "Perl"))
+    _bars(fleet_ax, groups, "seconds until every backup's snapshot is completed", log=True)
+    fleet_ax.set_title("Fleet backups: run_plan against the Perl module, one after another")
+    return _save(fig, plt, results / "backup.png")
+
+
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
@@ -379,7 +413,15 @@ def write_charts(results: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for chart in (fleet_chart, throughput_chart, commands_chart, fleet_ec2_chart, baselines_chart):
+    charts = (
+        fleet_chart,
+        throughput_chart,
+        commands_chart,
+        fleet_ec2_chart,
+        baselines_chart,
+        backup_chart,
+    )
+    for chart in charts:
         path = chart(results, plt)
         if path is not None:
             written.append(path)

@@ -37,6 +37,7 @@ SCRIPTS = [
     "demo",
     "check",
     "keep",
+    "backup",
 ]
 
 

@@ -187,6 +187,28 @@ def test_transfers(results: Path) -> None:
     assert _positive(p["vs_cpu_limit"]) and 0 <= p["idle_concurrent"] <= 1
 
 
+def test_backup(results: Path) -> None:
+    data = _load(results, "backup")
+    r = data["results"]
+    for n in data["params"]["fleet_sizes"]:
+        ours = r["fleets"][str(n)]["asyncstage"]
+        assert ours["n"] == n and _positive(ours["wall_s"]) and ours["parents"] == 0
+        assert ours["bytes"] >= n * data["params"]["bytes_per_server"] * 0.99
+        assert ours["routes"] == ["same-host"]  # each copied on its own server
+    c = r["cpu_limit"]
+    assert _positive(c["limit_mb_s"]) and _positive(c["copy_phase_mb_s"])
+    assert 0 <= c["bare"]["busy"] <= 1
+    rerun = r["incremental"]["rerun"]
+    assert rerun["parents"] == data["params"]["focus_fleet"]  # every one incremental
+    assert 0 < rerun["files"] < r["incremental"]["first"]["files"]
+    assert r["snapshot_mode"]["snapshot"]["snapshots"] == data["params"]["focus_fleet"]
+    assert {t["name"] for t in data["targets"]} >= {
+        "copy_mode_vs_cpu_limit",
+        "incremental_rerun",
+        "snapshot_vs_copy_mode",
+    }
+
+
 def test_controller(results: Path) -> None:
     r = _load(results, "controller")["results"]
     for key in ("idle", "servers", "transfers"):

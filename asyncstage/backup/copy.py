@@ -21,6 +21,7 @@ adopted nor deleted: the backup is refused with :class:`~asyncstage.errors.NameT
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -117,7 +118,8 @@ async def backup(
 
     Sources are local paths, ``SERVER:/path``, ``user@host:/path``, ``VOLUME:`` or
     ``VOLUME:/sub`` (see :mod:`asyncstage.backup.sources` for where each lands in the
-    snapshot). The work volume is made on ``server`` (default: any server in ``zone``).
+    snapshot). The work volume is made on ``server`` (default: the managed server all
+    sources are on, when they are on one that is running; else any server in ``zone``).
     ``size`` is in GiB (default: room for the data, never less than the previous snapshot).
 
     Another live run of ``name`` is waited for up to ``wait`` seconds, then refused with
@@ -156,6 +158,8 @@ async def _run(
             "works only on a volume of its own and never touches it: choose another backup name"
         )
     started = time.monotonic()
+    if server is None:
+        server = _sole_source_server(groups, zone, name)
     previous = usable(await m.snapshots(name))
     needed = size if size is not None else await measure(groups)
     parent: str | None = None
@@ -217,6 +221,28 @@ async def _run(
         manifest_sha256=manifest["sha256"],
         manifest_s=t_manifest - t_rsync,
     )
+
+
+def _sole_source_server(groups: list[Group], zone: str | None, name: str) -> Server | None:
+    """The managed server all sources are on, when it is running (in ``zone``, if one is
+    asked for) and no source holds the work volume's mount point: the work volume is
+    made there, so rsync copies on that server alone (no ssh leg, no temporary key).
+    Otherwise every backup of a fleet would funnel its data over ssh into one server."""
+    hosts = {id(g.server): g.server for g in groups}
+    if len(hosts) != 1:
+        return None
+    (only,) = hosts.values()
+    if only is None or only.state != "running":
+        return None
+    if zone is not None and only.availability_zone != zone:
+        return None
+    mtpt = only.default_mtpt(name)
+    for g in groups:
+        for p in g.paths:
+            top = posixpath.normpath(str(p).split(":", 1)[1]).rstrip("/") + "/"
+            if mtpt.startswith(top):  # the copy would take in its own destination
+                return None
+    return only
 
 
 async def _copy_into(

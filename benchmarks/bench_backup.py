@@ -1,0 +1,591 @@
+"""Fleet backups: asyncstage's plans against the seed's Perl module, the CPU limit,
+incremental reruns, and snapshot mode against copy mode, all in one run.
+
+The fleet: N servers, each with a source directory ``/srv/app`` (a 1 GiB data volume of
+its own mounted there) holding files of random bytes. One backup per server, as
+``asyncstage backup --each 'src-*' /srv/app`` writes it: a :class:`~asyncstage.backup.Plan`
+of copy-mode backups named after the servers, run by :func:`~asyncstage.backup.run_plan`.
+
+1. **Against the seed's module** (N = 4, 16, 50; 2 in quick mode, without Perl): the
+   plan, against Debian's ``libvm-ec2-perl`` (VM::EC2::Staging) backing the same amount
+   of data up its way, one server after another: a volume on the server, ``rsync`` into
+   it, a snapshot, the volume deleted; then the wait until every snapshot is completed
+   (``perl/fleet_backup.pl``). Each side backs up a fleet of its own (Perl's servers are
+   made by its ``get_server``), the same files on each. Ratio: Perl's time / asyncstage's.
+2. **Against the CPU limit** (the fleet of 16): the aggregate rsync throughput of the
+   plan's copy phases (all bytes over the span from the first backup's rsync start to the
+   last one's end), against the same bytes copied by bare ``rsync -a`` on every server at
+   once, the route the plan took (its work volume on the source server: ``rsync`` on
+   that server, into a volume of the same kind), with the cores busy: the most this
+   machine moves. The plan's whole run (volumes and snapshots included) is shown beside.
+3. **Incremental** (the fleet of 16): 1 % of the files on every server rewritten with
+   new bytes, then the same plan again: its time / the first run's.
+4. **Snapshot mode against copy mode** (the fleet of 16): a plan of snapshot-mode
+   backups of the same servers (their ``/srv/app`` volumes, one ``CreateSnapshots``
+   each), against the copy-mode plan's first run.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+from _baselines import HERE, BaselineReport, NotRun, PerlDriver, perl_driver, perl_module_missing
+from _common import (
+    CPUSample,
+    GiB,
+    MachineCPU,
+    MiB,
+    OwnCPU,
+    cpu_split,
+    local_cloud,
+    parse_args,
+    ratio,
+)
+from bench_perl import PERL_REALISM, ZONE
+
+from asyncstage import Manager, Server, Volume
+from asyncstage.backup import BackupOutcome, Plan, PlannedBackup, PlanReport, run_plan
+
+SRC = "/srv/app"
+SCRATCH = "/mnt/bench-scratch"
+PERL_BACKUP_DRIVER = HERE / "perl" / "fleet_backup.pl"
+QUICK_NO_PERL = "quick mode: the Perl module's serial backup takes ~10 s per server"
+
+
+def _fill_script(nbytes: int, files: int) -> str:
+    """Shell: ``files`` files of random bytes, ``nbytes`` in all, in 4 directories of SRC."""
+    each = max(1, nbytes // files)
+    return (
+        f"set -e; for d in 0 1 2 3; do mkdir -p {SRC}/d$d; done; i=0; "
+        f'while [ $i -lt {files} ]; do head -c {each} /dev/urandom > "{SRC}/d$((i % 4))/f$i.bin"; '
+        "i=$((i + 1)); done; sync"
+    )
+
+
+def _change_script(every: int) -> str:
+    """Shell: every ``every``-th file of SRC (in name order) rewritten with new random bytes
+    of the same size (1 % of the files with ``every`` = 100)."""
+    return (
+        f"set -e; find {SRC} -type f -name 'f*.bin' | sort | awk 'NR % {every} == 1' | "
+        'while read -r f; do head -c "$(stat -c %s "$f")" /dev/urandom > "$f"; done; sync'
+    )
+
+
+class Timeline:
+    """When each backup of a plan entered each phase (``on_change`` of run_plan)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def __call__(self, o: BackupOutcome) -> None:
+        self.phases.setdefault(o.name, {}).setdefault(o.phase, time.perf_counter())
+
+    def copy_span(self) -> float:
+        """From the first backup's rsync start to the last backup's rsync end."""
+        starts = [p["rsync"] for p in self.phases.values() if "rsync" in p]
+        ends = [p["snapshot"] for p in self.phases.values() if "snapshot" in p]
+        return max(ends) - min(starts)
+
+
+def copy_plan(servers: list[Server], prefix: str) -> Plan:
+    """One copy-mode backup per server (as ``backup --each``), all at once."""
+    planned = tuple(
+        PlannedBackup(name=f"{prefix}-{s.name}", sources=(f"{s.name}:{SRC}",)) for s in servers
+    )
+    return Plan(planned, concurrency=len(servers))
+
+
+def snapshot_plan(servers: list[Server], prefix: str) -> Plan:
+    planned = tuple(
+        PlannedBackup(name=f"{prefix}-{s.name}", mode="snapshot", server=s.name) for s in servers
+    )
+    return Plan(planned, concurrency=len(servers))
+
+
+def _checked(report: PlanReport) -> PlanReport:
+    if not report.ok:
+        failed = "; ".join(f"{o.name}: {o.error_type}: {o.error}" for o in report.failed)
+        raise RuntimeError(f"backups failed: {failed}")
+    return report
+
+
+async def run_timed(m: Manager, plan: Plan) -> dict[str, Any]:
+    """Run a plan: its wall time, phase timeline, CPU and the backups' own figures."""
+    timeline = Timeline()
+    with MachineCPU() as busy, OwnCPU() as cpu:
+        start = CPUSample.now()
+        t = time.perf_counter()
+        report = _checked(await run_plan(m, plan, on_change=timeline))
+        wall = time.perf_counter() - t
+        split = cpu_split(start, CPUSample.now())
+    results = [o.result for o in report.outcomes]
+    out: dict[str, Any] = {
+        "n": len(plan.backups),
+        "wall_s": round(wall, 3),
+        "own_cpu_s": cpu.seconds,
+        # who used it: this process (the controller, and the local cloud's threads: those
+        # that ended count as the controller's), and the instances' processes (mkfs,
+        # mount, rsync, sshd, sudo)
+        "cpu_split": {k: split[k] for k in ("controller_cpu_s", "cloud_cpu_s", "instances_cpu_s")},
+        "machine_busy": busy.busy,
+    }
+    if plan.backups[0].mode == "copy":
+        nbytes = sum(int(r["bytes"]) for r in results)
+        span = timeline.copy_span()
+        out |= {
+            "bytes": nbytes,
+            "files": sum(int(r["files"]) for r in results),
+            "routes": sorted({str(r["route"]) for r in results}),
+            "copy_span_s": round(span, 3),
+            "median_s": {
+                k: round(statistics.median(float(r[k]) for r in results), 3)
+                for k in ("volume_s", "rsync_s", "snapshot_s", "elapsed")
+            },
+            "parents": sum(1 for r in results if r["previous_snapshot_id"]),
+        }
+    else:
+        out["snapshots"] = sum(len(r["snapshots"]) for r in results)
+    return out
+
+
+# -- the fleets ---------------------------------------------------------------------------
+
+
+async def our_fleet(m: Manager, n: int, nbytes: int, files: int) -> list[Server]:
+    """n servers, each with SRC on a data volume of its own, filled."""
+    servers = await m.provision_servers([f"src-{i:02d}" for i in range(n)])
+
+    async def prepare(s: Server) -> None:
+        await s.provision_volume(f"data-{s.name}", size=1, mount=SRC)
+        await s.scmd("sh", "-c", _fill_script(nbytes, files), sudo=True, timeout=600)
+
+    async with anyio.create_task_group() as tg:
+        for s in servers:
+            tg.start_soon(prepare, s)
+    return servers
+
+
+class Perl:
+    """The Perl side: its driver, or why it cannot run."""
+
+    def __init__(self, driver: PerlDriver | None, missing: str | None, api: Any) -> None:
+        self.driver, self.missing, self.api = driver, missing, api
+        self.servers: list[str] = []
+        self.measured_up_to = 0
+        self.per_server_s: float | None = None  # at the largest fleet measured
+
+    async def ask(self, timeout: float, op: str, **request: Any) -> dict[str, Any]:
+        if self.driver is None:
+            raise NotRun(self.missing or "no Perl driver")
+        before = Counter(self.api())
+        try:
+            return await self.driver.ask(timeout, op, **request)
+        except NotRun as e:
+            made = (Counter(self.api()) - before).most_common(4)
+            calls = ", ".join(f"{action} {k}" for action, k in made)
+            self.missing = f"{op}: {e}; its EC2 calls meanwhile: {calls or 'none'}"
+            raise NotRun(self.missing) from None
+
+    async def fleet(self, n: int, nbytes: int, files: int) -> None:
+        """get_server for n servers (one after another, the module's way), filled."""
+        names = [f"perl-src-{i:02d}" for i in range(n)]
+        await self.ask(60.0 * n, "fleet", names=names)
+        fill = f"sudo sh -c {shlex.quote(_fill_script(nbytes, files))}"
+        for name in names:
+            await self.ask(300.0, "ssh", server=name, command=fill)
+        self.servers = names
+
+    async def backup(self, n: int, prefix: str) -> tuple[float, bool]:
+        """Its time for a fleet backup of n, and whether that time is extrapolated."""
+        if n > self.measured_up_to and self.per_server_s is not None:
+            return self.per_server_s * n, True
+        answer = await self.ask(
+            120.0 * n + 120,
+            "backup",
+            servers=self.servers[:n],
+            prefix=prefix,
+            source=SRC,
+            size=1,
+        )
+        seconds = float(answer["seconds"])
+        self.per_server_s = seconds / n
+        return seconds, False
+
+
+# -- the CPU limit ----------------------------------------------------------------------------
+
+
+async def bare_copies(servers: list[Server], scratch: dict[str, Volume]) -> dict[str, Any]:
+    """The same bytes copied by bare ``rsync -a`` on every server at once, each into a
+    volume of its own (the plan's route), after the destinations were emptied."""
+
+    async def clear(s: Server) -> None:
+        await s.scmd("sh", "-c", f"rm -rf {SCRATCH}/copy && sync", sudo=True)
+
+    async def one(s: Server) -> None:
+        await s.scmd(
+            "rsync", "-a", "--numeric-ids", f"{SRC}/", f"{SCRATCH}/copy/", sudo=True, timeout=900
+        )
+
+    rounds: list[dict[str, float]] = []
+    for _ in range(2):
+        async with anyio.create_task_group() as tg:
+            for s in servers:
+                tg.start_soon(clear, s)
+        with MachineCPU() as busy, OwnCPU() as cpu:
+            t = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for s in servers:
+                    tg.start_soon(one, s)
+            wall = time.perf_counter() - t
+        rounds.append({"wall_s": round(wall, 3), "own_cpu_s": cpu.seconds, "busy": busy.busy})
+    best = min(rounds, key=lambda r: r["wall_s"])  # the limit: the fastest the machine did
+    return {"rounds": rounds, **best}
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+async def main() -> None:
+    args = parse_args(__doc__ or "")
+    if args.quick:  # two servers, no Perl: a smoke test of every part
+        await measure(args.results, True, sizes=[2], focus=2, per_server=2 * MiB, files=100)
+    else:
+        await measure(
+            args.results, False, sizes=[4, 16, 50], focus=16, per_server=64 * MiB, perl_max=16
+        )
+
+
+async def measure(
+    results: Path,
+    quick: bool,
+    *,
+    sizes: list[int],
+    focus: int,
+    per_server: int,
+    files: int = 200,
+    perl_too: bool | None = None,
+    perl_max: int | None = None,
+) -> None:
+    """Every part, on fleets of ``sizes`` (``focus``: the fleet of parts 2-4). The Perl
+    module backs up fleets up to ``perl_max`` servers; beyond, its time is its time per
+    server at the largest of those, times N (one after another: linear by construction),
+    marked extrapolated."""
+    report = BaselineReport("backup", quick, results)
+    perl_too = not quick if perl_too is None else perl_too
+    missing = perl_module_missing() if perl_too else QUICK_NO_PERL
+    report.params = {
+        "fleet_sizes": sizes,
+        "focus_fleet": focus,
+        "bytes_per_server": per_server,
+        "files_per_server": files,
+        "changed_share": 0.01,
+        "plan_concurrency": "N (every backup at once)",
+        "perl_measured_up_to": perl_max or max(sizes),
+        "source": f"{SRC}: a 1 GiB ext4 data volume per server",
+        "boot_delay_s": 0.0,
+        "realism": "aws, without the consistency window (as bench_perl)",
+    }
+    work = Path(tempfile.mkdtemp(prefix="asyncstage-bench-backup-"))
+    res: dict[str, Any] = {"perl_module_missing": missing, "fleets": {}}
+    try:
+        async with local_cloud(0.0, PERL_REALISM, poll_interval=0.5) as (cloud, m):
+            driver = None
+            if missing is None:
+                driver = perl_driver(cloud, work, ZONE, PERL_BACKUP_DRIVER)
+                driver.start()
+            perl = Perl(driver, missing, lambda: cloud.api_calls)
+            try:
+                perl.measured_up_to = perl_max or max(sizes)
+                await _run(m, perl, report, res, sizes, focus, per_server, files)
+            finally:
+                if driver is not None:
+                    await anyio.to_thread.run_sync(driver.stop)
+                    log = (work / "perl.log").read_text(errors="replace")
+                    res["perl_stderr_tail"] = log.splitlines()[-40:]
+            res["api_calls"] = dict(sorted(cloud.api_calls.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.results.update(res)
+    _tables(report, res, sizes)
+    _targets(report, res, sizes)
+    report.save()
+
+
+async def _run(
+    m: Manager,
+    perl: Perl,
+    report: BaselineReport,
+    res: dict[str, Any],
+    sizes: list[int],
+    focus: int,
+    per_server: int,
+    files: int,
+) -> None:
+    largest = max(sizes)
+    print(f"set-up: {largest} servers with {per_server // MiB} MiB each")
+    t = time.perf_counter()
+    servers = await our_fleet(m, largest, per_server, files)
+    res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
+    if perl.driver is not None:
+        t = time.perf_counter()
+        try:
+            await perl.fleet(min(largest, perl.measured_up_to), per_server, files)
+        except NotRun as e:
+            print(f"  Perl set-up failed: {e}")
+        res["setup_s"]["perl"] = round(time.perf_counter() - t, 1)
+    report.mark_load("after_setup")
+
+    for n in sizes:
+        print(f"fleet backup of {n}")
+        ours = await run_timed(m, copy_plan(servers[:n], f"bk{n}"))
+        print(f"  asyncstage: {ours['wall_s']:.2f} s")
+        row: dict[str, Any] = {"n": n, "asyncstage": ours}
+        try:
+            perl_s, row["perl_extrapolated"] = await perl.backup(n, f"pbk{n}")
+            row["perl_s"] = round(perl_s, 3)
+            row["ratio"] = ratio(row["perl_s"], ours["wall_s"])
+            print(f"  Perl: {row['perl_s']:.2f} s{' (extrapolated)' * row['perl_extrapolated']}")
+        except NotRun as e:
+            row["perl_s"] = row["ratio"] = None
+            row["not_run"] = str(e)
+            print(f"  Perl not run: {e}")
+        res["fleets"][str(n)] = row
+        report.mark_load(f"after_fleet_{n}")
+
+    group = servers[:focus]
+    first = res["fleets"][str(focus)]["asyncstage"]
+    print(f"CPU limit: bare rsync on {focus} servers at once")
+    scratch: dict[str, Volume] = {}
+
+    async def make_scratch(s: Server) -> None:
+        scratch[s.name] = await s.provision_volume(f"scratch-{s.name}", size=1, mount=SCRATCH)
+
+    async with anyio.create_task_group() as tg:
+        for s in group:
+            tg.start_soon(make_scratch, s)
+    bare = await bare_copies(group, scratch)
+    async with anyio.create_task_group() as tg:  # snapshot mode takes every data volume
+        for v in scratch.values():
+            tg.start_soon(v.delete)
+    limit = first["bytes"] / bare["wall_s"]
+    res["cpu_limit"] = {
+        "bare": bare,
+        "limit_mb_s": round(limit / 1e6, 1),
+        "copy_phase_mb_s": round(first["bytes"] / first["copy_span_s"] / 1e6, 1),
+        "whole_run_mb_s": round(first["bytes"] / first["wall_s"] / 1e6, 1),
+        "bare_cpu_s_per_gib": round(bare["own_cpu_s"] / first["bytes"] * GiB, 2),
+        "plan_cpu_s_per_gib": round(first["own_cpu_s"] / first["bytes"] * GiB, 2),
+    }
+    res["cpu_limit"]["vs_limit"] = ratio(res["cpu_limit"]["copy_phase_mb_s"] * 1e6, limit)
+    res["cpu_limit"]["whole_run_vs_limit"] = ratio(res["cpu_limit"]["whole_run_mb_s"] * 1e6, limit)
+    report.mark_load("after_cpu_limit")
+
+    print(f"incremental: 1 % of the files changed on {focus} servers, the plan again")
+    async with anyio.create_task_group() as tg:
+        for s in group:
+            tg.start_soon(partial(s.scmd, "sh", "-c", _change_script(100), sudo=True))
+    rerun = await run_timed(m, copy_plan(group, f"bk{focus}"))
+    res["incremental"] = {
+        "first": first,
+        "rerun": rerun,
+        "ratio": ratio(rerun["wall_s"], first["wall_s"]),
+    }
+    print(f"  rerun {rerun['wall_s']:.2f} s, first {first['wall_s']:.2f} s")
+    report.mark_load("after_incremental")
+
+    print(f"snapshot mode on {focus} servers")
+    snap = await run_timed(m, snapshot_plan(group, f"snap{focus}"))
+    res["snapshot_mode"] = {
+        "copy": first,
+        "snapshot": snap,
+        "ratio": ratio(first["wall_s"], snap["wall_s"]),
+    }
+    print(f"  snapshot mode {snap['wall_s']:.2f} s, copy mode {first['wall_s']:.2f} s")
+    report.mark_load("after_snapshot_mode")
+
+
+def _f(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _phases(run: dict[str, Any]) -> str:
+    """A run's median phases per backup, as text."""
+    p = run["median_s"]
+    return (
+        f"volume {_f(p['volume_s'])} s, rsync {_f(p['rsync_s'])} s, "
+        f"snapshot {_f(p['snapshot_s'])} s"
+    )
+
+
+def _cpu(run: dict[str, Any]) -> str:
+    """Where a run's CPU went, as text."""
+    c = run["cpu_split"]
+    return (
+        f"{_f(run['own_cpu_s'])} CPU s of ours in {_f(run['wall_s'])} s ("
+        f"{_f(_own_share(run) * 100)} % of the cores: this process, the controller with the "
+        f"local cloud's API, {_f(c['controller_cpu_s'] + c['cloud_cpu_s'])}; the instances "
+        f"{_f(c['instances_cpu_s'])}), cores {_f(run['machine_busy'] * 100)} % busy in all"
+    )
+
+
+def _own_share(run: dict[str, Any]) -> float:
+    """The share of the machine's cores the run's own processes used."""
+    return float(run["own_cpu_s"]) / ((os.cpu_count() or 1) * float(run["wall_s"]))
+
+
+def _bound(run: dict[str, Any]) -> str:
+    """``library``, unless the run's own processes (controller, local cloud, instances)
+    kept the cores busy: then the machine."""
+    if _own_share(run) >= 0.8:
+        return (
+            "machine: the cores, busy with the run's own work: the copies, and the local "
+            "cloud's and the instances' for every backup (volumes, mounts, snapshots)"
+        )
+    return "library"
+
+
+def _perl_cell(row: dict[str, Any], key: str) -> Any:
+    if row[key] is None:
+        return "not run"
+    return f"{_f(row[key])} (extrapolated)" if row.get("perl_extrapolated") else row[key]
+
+
+def _tables(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> None:
+    rows: list[list[Any]] = []
+    for n in sizes:
+        row = res["fleets"][str(n)]
+        ours = row["asyncstage"]
+        p = ours["median_s"]
+        rows.append(
+            [
+                n,
+                round(ours["bytes"] / MiB, 1),
+                ours["wall_s"],
+                _perl_cell(row, "perl_s"),
+                _perl_cell(row, "ratio"),
+                p["volume_s"],
+                p["rsync_s"],
+                p["snapshot_s"],
+            ]
+        )
+    report.table(
+        "Fleet backup: asyncstage run_plan (all at once) vs Perl VM::EC2::Staging one server "
+        "after another (seconds; ratio = Perl / asyncstage; asyncstage's median phases)",
+        ["servers", "MiB", "asyncstage s", "Perl s", "ratio", "volume s", "rsync s", "snapshot s"],
+        rows,
+    )
+    c, inc, snap = res["cpu_limit"], res["incremental"], res["snapshot_mode"]
+    first = inc["first"]["wall_s"]
+    copy_phase = [c["copy_phase_mb_s"], c["vs_limit"]]
+    report.table(
+        "Copy mode against the CPU limit, the incremental rerun and snapshot mode (same fleet)",
+        ["figure", "value", "ratio"],
+        [
+            ["bare rsync on every server at once (the limit), MB/s", c["limit_mb_s"], 1.0],
+            ["plan, copy phases (first rsync start to last end), MB/s", *copy_phase],
+            ["plan, whole run, MB/s", c["whole_run_mb_s"], c["whole_run_vs_limit"]],
+            ["copy mode, first run, s", first, 1.0],
+            ["copy mode, rerun with 1 % changed, s", inc["rerun"]["wall_s"], inc["ratio"]],
+            [
+                "snapshot mode, s",
+                snap["snapshot"]["wall_s"],
+                ratio(snap["snapshot"]["wall_s"], first),
+            ],
+        ],
+    )
+    for n in sizes:
+        if res["fleets"][str(n)].get("not_run"):
+            report.note(f"Perl fleet of {n}: not run: {res['fleets'][str(n)]['not_run']}")
+
+
+def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> None:
+    measured = report.params["perl_measured_up_to"]
+    for n in sizes:
+        row = res["fleets"][str(n)]
+        ours = row["asyncstage"]
+        extrapolated = bool(row.get("perl_extrapolated"))
+        evidence = (
+            f"one run each side, same local cloud: asyncstage {_f(ours['wall_s'])} s for {n} "
+            f"backups of {_f(ours['bytes'] / n / MiB)} MiB at once (median per backup: "
+            f"{_phases(ours)})"
+        )
+        if row["perl_s"] is not None:
+            evidence += f", Perl {_f(row['perl_s'])} s ({_f(row['perl_s'] / n)} s per server"
+            evidence += (
+                f"; extrapolated: its time per server at {measured} servers, times {n})"
+                if extrapolated
+                else ")"
+            )
+        what = f"Perl one server after another / asyncstage run_plan, fleet backup of {n}"
+        report.target_of(
+            f"fleet_backup_{n}_vs_perl",
+            {"ratio": row["ratio"], "not_run": row.get("not_run")},
+            5,
+            what + (" (Perl extrapolated)" if extrapolated else ""),
+            bound="library",
+            evidence=evidence,
+        )
+    c, first, rerun = res["cpu_limit"], res["incremental"]["first"], res["incremental"]["rerun"]
+    focus, bare = first["n"], c["bare"]
+    report.target(
+        "copy_mode_vs_cpu_limit",
+        c["vs_limit"],
+        ">=",
+        0.8,
+        f"copy mode, {focus} backups at once: aggregate rsync throughput / the CPU-bound "
+        "limit (bare rsync of the same bytes on every server at once, same run)",
+        bound=_bound(first),
+        evidence=(
+            f"limit: bare rsync -a of the same {_f(first['bytes'] / MiB)} MiB on all {focus} "
+            f"servers at once: {_f(c['limit_mb_s'])} MB/s (cores {_f(bare['busy'] * 100)} % "
+            f"busy, {_f(c['bare_cpu_s_per_gib'])} CPU s/GiB); the plan's copy phases "
+            f"{_f(c['copy_phase_mb_s'])} MB/s (route {', '.join(first['routes'])}); its whole "
+            f"run, volumes and snapshots included, {_f(c['whole_run_mb_s'])} MB/s "
+            f"({_f(c['whole_run_vs_limit'])}× the limit, {_f(c['plan_cpu_s_per_gib'])} CPU "
+            f"s/GiB): {_cpu(first)}"
+        ),
+    )
+    report.target(
+        "incremental_rerun",
+        res["incremental"]["ratio"],
+        "<=",
+        0.2,
+        f"rerun with 1 % of the files changed / first run, copy mode, {focus} servers",
+        bound=_bound(rerun),
+        evidence=(
+            f"first {_f(first['wall_s'])} s ({_f(first['bytes'] / MiB)} MiB), rerun "
+            f"{_f(rerun['wall_s'])} s ({_f(rerun['bytes'] / MiB)} MiB sent, {rerun['parents']} "
+            f"of {focus} from their previous snapshot); median per backup: first "
+            f"{_phases(first)}; rerun {_phases(rerun)}; first run {_cpu(first)}; rerun "
+            f"{_cpu(rerun)}"
+        ),
+    )
+    snap = res["snapshot_mode"]
+    report.target(
+        "snapshot_vs_copy_mode",
+        snap["ratio"],
+        ">=",
+        1,
+        f"copy mode first run / snapshot mode, same {focus} servers",
+        bound=_bound(snap["snapshot"]),
+        evidence=(
+            f"copy mode {_f(snap['copy']['wall_s'])} s, snapshot mode "
+            f"{_f(snap['snapshot']['wall_s'])} s ({snap['snapshot']['snapshots']} snapshots, one "
+            f"CreateSnapshots per server): {_cpu(snap['snapshot'])}"
+        ),
+    )
+
+
+if __name__ == "__main__":
+    anyio.run(main)
