@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from asyncstage.paths import PathLike, RemotePath
     from asyncstage.settings import Access, Connection, Launch, OnExit, Storage
     from asyncstage.ssh import Command, CommandResult
-    from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts
+    from asyncstage.ssh.known_hosts import HostKeyPolicy
     from asyncstage.timeouts import Timeouts
     from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 
@@ -228,16 +228,6 @@ class _ManagerAttributes(_ManagerLifetime):
         return self._async.install_packages
 
     @property
-    def dotdir(self) -> Path:
-        """Same as :attr:`asyncstage.Manager.dotdir`."""
-        return self._async.dotdir
-
-    @property
-    def known_hosts(self) -> KnownHosts:
-        """Same as :attr:`asyncstage.Manager.known_hosts`."""
-        return self._async.known_hosts
-
-    @property
     def jump_host(self) -> JumpSpec | None:
         """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""
         return self._async.jump_host
@@ -245,11 +235,6 @@ class _ManagerAttributes(_ManagerLifetime):
     @jump_host.setter
     def jump_host(self, value: JumpSpec | None) -> None:
         self._async.jump_host = value
-
-    @property
-    def server_jump_hosts(self) -> dict[str, JumpSpec]:
-        """Jump hosts set for single servers, by server name (:attr:`Server.jump_host`)."""
-        return self._async.server_jump_hosts
 
     @property
     def key_pair(self) -> keys.KeyPair:
@@ -420,9 +405,7 @@ class Manager(_ManagerAttributes):
         jump_host: JumpSpec | None = None,
     ) -> Server:
         """The server of that name, started if stopped; a new one when there is none.
-
-        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
-        """
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`)."""
         return cast(
             "Server",
             _wrap(
@@ -687,13 +670,10 @@ class _ServerAttributes(_ServerStreams):
 
     @property
     def jump_host(self) -> JumpSpec | None:
-        """The jump host (bastion) this server is reached through, or None (directly).
-
-        Its own (set here, or by ``jump_host=`` of ``provision_server``/``get_server``),
-        else the manager's when the server has no public address. Setting one makes
-        ssh go through it (to the server's private address) from the next connection;
-        None goes back to the default. See :mod:`asyncstage.jumps`.
-        """
+        """The jump host (bastion) it is reached through, or None (directly): its own (set
+        here, or by ``jump_host=`` of ``provision_server``/``get_server``), else the
+        manager's when it has no public address (:mod:`asyncstage.jumps`). Setting one
+        takes effect at the next connection; None goes back to the default."""
         return self._async.jump_host
 
     @jump_host.setter

@@ -17,6 +17,8 @@ console tail, whether its port 22 answered).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -34,8 +36,10 @@ from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
 if TYPE_CHECKING:
     from asyncstage.context import Context
     from asyncstage.refs import ServerRef
+    from asyncstage.ssh import SSHHost
 
 __all__ = [
+    "HostKeyPin",
     "HostKeyPolicy",
     "check_policy",
     "diagnose",
@@ -49,6 +53,71 @@ log = logging.getLogger("asyncstage")
 
 _NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameterCombination")
 _CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
+
+
+@dataclass(eq=False)
+class HostKeyPin:
+    """What a server's host key must be, settled before the first contact at an address.
+
+    A server this manager launched (``fresh``) has no trustworthy known_hosts entry yet
+    (any old entry for its address is dropped): its key must match the fingerprints on
+    its console, polled for (:func:`wait_for_fingerprints`; the host key policy decides
+    when they never come). A server given a new address by a start (``moved_from``)
+    takes its pinned key along (the entry moves; the key is not trusted anew from
+    whatever answers there).
+    """
+
+    fresh: bool = False
+    pinned_for: str | None = None  # the address whose host key was settled
+    moved_from: str | None = None  # its address before a start gave it a new one
+    expected: tuple[str, ...] = ()  # fingerprints the connection checks the key against
+    accept_new: bool = False  # the console never showed fingerprints; policy accept-new
+    _lock: anyio.Lock | None = field(default=None, repr=False)
+
+    @property
+    def policy(self) -> HostKeyPolicy:
+        return "accept-new" if self.accept_new else "strict"
+
+    async def settle(
+        self,
+        ctx: Context,
+        server: ServerRef,
+        address: str,
+        connection: Callable[[], SSHHost | None],
+    ) -> None:
+        """Settle the key at ``address`` once (``connection``: the server's current one)."""
+        if self.pinned_for == address:
+            return
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if self.pinned_for != address:
+                await self._settle(ctx, server, address)
+                host = connection()
+                if host is not None and host.address == address:
+                    host.expect(self.expected, self.policy)
+
+    async def _settle(self, ctx: Context, server: ServerRef, address: str) -> None:
+        known = ctx.known_hosts
+        old = self.pinned_for or self.moved_from
+        keys = known.lookup(old, 22) if old and not self.fresh else []
+        if old and keys:
+            known.remove(address, 22)  # a stale entry of whoever had the address before
+            for key in keys:
+                known.add(address, 22, key)
+            known.remove(old, 22)
+            expected: tuple[str, ...] = ()
+        elif self.fresh or not known.lookup(address, 22):
+            if self.fresh:
+                known.remove(address, 22)
+            expected = await wait_for_fingerprints(ctx, server)
+            self.accept_new = not expected
+        else:
+            expected = ()  # the pinned entry (an adopted server's) must match
+        self.expected = expected
+        self.fresh = False
+        self.moved_from = None
+        self.pinned_for = address
 
 
 def _since_launch(ctx: Context, server: ServerRef) -> float:

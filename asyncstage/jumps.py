@@ -31,7 +31,16 @@ if TYPE_CHECKING:
     from asyncstage.ssh import KnownHosts
     from asyncstage.ssh.known_hosts import HostKeyPolicy
 
-__all__ = ["JumpContext", "JumpSpec", "check_jump", "route_for", "ssh_target"]
+__all__ = [
+    "JumpContext",
+    "JumpSpec",
+    "check_jump",
+    "jump_of",
+    "remember",
+    "route_for",
+    "set_jump",
+    "ssh_target",
+]
 
 JumpSpec = Union["ServerRef", SSHHost, str]
 """A jump host: a managed server (object, name or instance id), ``"user@host[:port]"``,
@@ -135,6 +144,31 @@ def _unmanaged_host(ctx: JumpContext, spec: str, user: str, host: str, port: int
             label=f"jump host {spec}",
         )
     return made[spec]
+
+
+def jump_of(server: ServerRef, ctx: JumpContext) -> JumpSpec | None:
+    """``server``'s own jump host, else the manager's when it has no public address."""
+    own = ctx.server_jump_hosts.get(server.name)
+    if own is not None:
+        return own
+    return None if server.instance.get("PublicIpAddress") else ctx.jump_host
+
+
+def set_jump(ctx: JumpContext, name: str, spec: object) -> None:
+    """Give the server ``name`` a jump host of its own (also before it exists: waiting for
+    a launched server goes through it); None: back to the default."""
+    checked = check_jump(spec)
+    if checked is None:
+        ctx.server_jump_hosts.pop(name, None)
+    else:
+        ctx.server_jump_hosts[name] = checked
+
+
+def remember(ctx: JumpContext, spec: JumpSpec | None, *names: str) -> None:
+    """Jump host ``spec`` for the servers ``names`` about to be launched (None: none)."""
+    if spec is not None:
+        for name in names:
+            set_jump(ctx, name, spec)
 
 
 def ssh_target(server: ServerRef, ctx: JumpContext) -> tuple[str, JumpSpec | None]:

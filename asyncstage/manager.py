@@ -32,7 +32,7 @@ from asyncstage.errors import (
 )
 from asyncstage.fleet import Fleet
 from asyncstage.images import Images
-from asyncstage.jumps import JumpSpec, check_jump
+from asyncstage.jumps import JumpSpec, check_jump, remember, set_jump
 from asyncstage.names import check_mount_point, check_name, check_user
 from asyncstage.paths import PathLike
 from asyncstage.refs import ServerRef
@@ -44,6 +44,7 @@ from asyncstage.settings import (
     Launch,
     ManagerKeywords,
     OnExit,
+    Settings,
     Storage,
     check_on_exit,
     local_credentials,
@@ -92,10 +93,7 @@ class Manager:
     their fields may also be given as a keyword argument (:class:`~asyncstage.settings.
     ManagerKeywords`: ``instance_type=``, ``server_timeout=`` ..., the names of
     VM::EC2::Staging::Manager's options without the dash), which overrides the object's.
-    ``jump_host``: the bastion that servers without a public address are reached
-    through (:mod:`asyncstage.jumps`); ``checkip_url`` (in ``access``): where this machine
-    asks its own public address for the security group's ssh rule when no ``ssh_cidr`` is
-    given.
+    ``jump_host``: the bastion of servers without a public address (:mod:`asyncstage.jumps`).
     """
 
     def __init__(
@@ -146,36 +144,12 @@ class Manager:
         self.server_class = server_class
         self.volume_class = volume_class
         self.install_packages: bool = self.storage.install_packages
-        # a non-AWS endpoint (the local cloud ...) never shares the real region's key files
-        self.dotdir = keys.dotdir_for(self.endpoint_url, dotdir)
-        self.known_hosts = KnownHosts(keys.known_hosts_path(self.dotdir))
-        self.registry = Registry(lambda desc: self.volume_class(self, desc))
-        cidr = self.access.ssh_cidr
-        cidrs = [cidr] if isinstance(cidr, str) else list(cidr or [])
-        group = self.access.security_group
-        self.account = Account(self.ec2, self.dotdir, self.access.reuse_key, cidrs, group)
-        launch = self.launch
-        self.images = Images(
-            self.ec2, launch.image, launch.image_owners, launch.root_type, ec2_options
-        )
-        self.context = Context(
-            self.ec2,
-            self.registry,
-            self.timeouts,
-            self.known_hosts,
-            self.account,
-            self.images,
-            self.region,
-            self.dotdir,
-            lambda desc, key, user: self.server_class(self, desc, keyfile=key, username=user),
-            self.launch,
-            self.storage,
-            self.host_key_policy,
-            verbosity,
-        )
+        self.context = _context(self, self.ec2, given, dotdir, verbosity)
         """What the manager's parts, servers and volumes share (they never hold the manager)."""
-        self.context.jump_host = check_jump(jump_host)
-        self.account.checkip_url = self.access.checkip_url
+        ctx = self.context
+        self.dotdir, self.known_hosts, self.registry = ctx.dotdir, ctx.known_hosts, ctx.registry
+        self.account, self.images = ctx.account, ctx.images
+        ctx.jump_host = check_jump(jump_host)
         self.fleet = Fleet(self.context)  # the account, set up when a launch first needs it
         self.context.fleet = self.fleet
         self._open = False
@@ -218,11 +192,6 @@ class Manager:
     @jump_host.setter
     def jump_host(self, spec: JumpSpec | None) -> None:
         self.context.jump_host = check_jump(spec)
-
-    @property
-    def server_jump_hosts(self) -> dict[str, JumpSpec]:
-        """Jump hosts set for single servers, by server name (:attr:`Server.jump_host`)."""
-        return self.context.server_jump_hosts
 
     @property
     def key_pair(self) -> keys.KeyPair:
@@ -320,7 +289,7 @@ class Manager:
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         name = check_name(name, "server") if name is not None else self.new_server_name()
-        self._jump_for(jump_host, [name])
+        remember(self.context, jump_host, name)
         return _one(await self.fleet.provision_one(name, opts, timeout or self.timeouts.server))
 
     async def provision_servers(
@@ -347,6 +316,7 @@ class Manager:
         self._require_open()
         opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
         names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
+        remember(self.context, jump_host, *names)
         return _all(await self.fleet.provision_many(names, opts, timeout or self.timeouts.server))
 
     async def get_server(
@@ -362,24 +332,14 @@ class Manager:
         jump_host: JumpSpec | None = None,
     ) -> Server:
         """The server of that name, started if stopped; a new one when there is none.
-
-        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
-        """
+        ``jump_host``: reach it through this one (:attr:`Server.jump_host`)."""
         self._require_open()
         options = _options(instance_type, image, availability_zone, username, architecture)
         name = check_name(name, "server") if name is not None else None
         if jump_host is not None:
             name = name or self.new_server_name()
-            self._jump_for(jump_host, [name])
+            set_jump(self.context, name, jump_host)
         return _one(await self.fleet.get(name, options, timeout or self.timeouts.server))
-
-    def _jump_for(self, spec: JumpSpec | None, names: Sequence[str]) -> None:
-        """Remember ``spec`` as the jump host of the servers ``names`` (before they exist:
-        waiting for a launched server goes through it)."""
-        checked = check_jump(spec)
-        if checked is not None:
-            for name in names:
-                self.server_jump_hosts[name] = checked
 
     async def get_server_in_zone(self, zone: str) -> Server:
         """A server up in this zone: a running one, else a started one, else a new one."""
@@ -566,6 +526,35 @@ class Manager:
         Both must be attached and not mounted (``unmount=True`` unmounts them first).
         """
         return await transfer.dd(self, source, dest, **options)
+
+
+def _context(
+    m: Manager, ec2: EC2, given: Settings, dotdir: str | Path | None, verbosity: int
+) -> Context:
+    """The parts of manager ``m`` (on ``ec2``, with ``given`` settings) as one Context."""
+    access, launch = given.access, given.launch
+    # a non-AWS endpoint (the local cloud ...) never shares the real region's key files
+    home = keys.dotdir_for(given.connection.endpoint_url, dotdir)
+    cidrs = [access.ssh_cidr] if isinstance(access.ssh_cidr, str) else list(access.ssh_cidr or [])
+    account = Account(ec2, home, access.reuse_key, cidrs, access.security_group)
+    account.checkip_url = access.checkip_url
+    ec2_options = {**asdict(given.connection), "poll_interval": given.timeouts.poll_interval}
+    images = Images(ec2, launch.image, launch.image_owners, launch.root_type, ec2_options)
+    return Context(
+        ec2,
+        Registry(lambda desc: m.volume_class(m, desc)),
+        given.timeouts,
+        KnownHosts(keys.known_hosts_path(home)),
+        account,
+        images,
+        ec2.region,
+        home,
+        lambda desc, key, user: m.server_class(m, desc, keyfile=key, username=user),
+        launch,
+        given.storage,
+        check_policy(access.host_key_policy),
+        verbosity,
+    )
 
 
 def _one(server: ServerRef) -> Server:

@@ -10,21 +10,20 @@ from typing import TYPE_CHECKING, Any, Unpack, cast
 
 import anyio
 
-from asyncstage import hostkeys, transfer
+from asyncstage import hostkeys, jumps, transfer
 from asyncstage.concurrency import concurrently
 from asyncstage.disks import Disks
 from asyncstage.ec2 import EC2, Resource, tag, tags_of
 from asyncstage.errors import (
     HostKeyMismatch,
     HostKeyUnverified,
-    NoRoute,
     ServerNotRunning,
     SSHError,
 )
-from asyncstage.jumps import JumpSpec, check_jump, route_for, ssh_target
+from asyncstage.jumps import JumpSpec, route_for, ssh_target
 from asyncstage.ssh import Command, CommandResult, SSHHost
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
-from asyncstage.transfer.ingress import temporary_ingress
+from asyncstage.transfer.ingress import admit_ssh
 from asyncstage.volume import Volume
 
 if TYPE_CHECKING:
@@ -58,13 +57,8 @@ class Server:
         self.keyfile = keyfile
         self.username = username
         self._host: SSHHost | None = None
-        self._expected_fingerprints: tuple[str, ...] = ()
-        self._accept_new = False  # the console never showed fingerprints; policy accept-new
-        self._fresh = False  # launched by this manager: no known_hosts entry to trust yet
-        self._pinned_for: str | None = None  # the address whose host key was settled
+        self._pin = hostkeys.HostKeyPin()
         self._running_at: str | None = None  # the address of the last running description
-        self._moved_from: str | None = None  # its address before a start gave it a new one
-        self._pin_lock: anyio.Lock | None = None
         if self.state == "running":
             self._running_at = self.address
         self._up = False
@@ -116,25 +110,15 @@ class Server:
 
     @property
     def jump_host(self) -> JumpSpec | None:
-        """The jump host (bastion) this server is reached through, or None (directly).
-
-        Its own (set here, or by ``jump_host=`` of ``provision_server``/``get_server``),
-        else the manager's when the server has no public address. Setting one makes
-        ssh go through it (to the server's private address) from the next connection;
-        None goes back to the default. See :mod:`asyncstage.jumps`.
-        """
-        own = self._ctx.server_jump_hosts.get(self.name)
-        if own is not None:
-            return own
-        return None if self.instance.get("PublicIpAddress") else self._ctx.jump_host
+        """The jump host (bastion) it is reached through, or None (directly): its own (set
+        here, or by ``jump_host=`` of ``provision_server``/``get_server``), else the
+        manager's when it has no public address (:mod:`asyncstage.jumps`). Setting one
+        takes effect at the next connection; None goes back to the default."""
+        return jumps.jump_of(self, self._ctx)
 
     @jump_host.setter
     def jump_host(self, spec: JumpSpec | None) -> None:
-        checked = check_jump(spec)
-        if checked is None:
-            self._ctx.server_jump_hosts.pop(self.name, None)
-        else:
-            self._ctx.server_jump_hosts[self.name] = checked
+        jumps.set_jump(self._ctx, self.name, spec)
 
     @property
     def host(self) -> SSHHost:
@@ -150,8 +134,8 @@ class Server:
                 username=self.username,
                 client_keys=[self.keyfile] if self.keyfile else [],
                 known_hosts=self._ctx.known_hosts.path,
-                host_key_policy="accept-new" if self._accept_new else "strict",
-                expected_fingerprints=self._expected_fingerprints,
+                host_key_policy=self._pin.policy,
+                expected_fingerprints=self._pin.expected,
                 label=f"{self.name} ({self.instance_id})",
                 before_connect=self._before_connect,  # whoever connects first: settled then
                 jump=jump,
@@ -161,21 +145,13 @@ class Server:
                 self._host.private_network = (f"{self._ctx.region}/{vpc}", str(private))
                 public = self.instance.get("PublicIpAddress")
                 self._host.public_address = str(public) if public else None
-                self._host.admit_ssh = self._admit_ssh
+                ctx, label = self._ctx, self.name
+                self._host.admit_ssh = lambda cidr: admit_ssh(
+                    ctx.ec2, self.instance, ctx.account.security_group, label, cidr
+                )
             # the manager closes it on exit (and the one it replaces)
             self._ctx.registry.track_host(self, self._host)
         return self._host
-
-    @asynccontextmanager
-    async def _admit_ssh(self, cidr: str) -> AsyncIterator[None]:
-        """The server's group (the library's) admits ``cidr`` by ssh within the block."""
-        groups = [g for g in self.instance.get("SecurityGroups", []) if g.get("GroupId")]
-        ours = [g for g in groups if g.get("GroupName") == self._ctx.account.security_group]
-        if not groups:
-            raise NoRoute("it is in no security group to admit a transfer by", host=self.name)
-        group_id = str((ours or groups)[0]["GroupId"])
-        async with temporary_ingress(self._ctx.ec2, group_id, cidr):
-            yield
 
     async def refresh(self) -> Resource:
         """Fetch the instance's description again (sharing a round with other callers)."""
@@ -404,12 +380,12 @@ class Server:
             self._up = False
         elif self.address:
             if self._running_at not in (None, self.address):  # a start gave a new address
-                self._moved_from = self._moved_from or self._running_at
+                self._pin.moved_from = self._pin.moved_from or self._running_at
             self._running_at = self.address
 
     def _expect_new_host_key(self) -> None:
         """Launched, or given a new address: no known_hosts entry to trust yet."""
-        self._fresh = True
+        self._pin.fresh = True
 
     def _record_stop(self) -> None:
         """Asked to stop (the registry tells its volumes)."""
@@ -419,7 +395,7 @@ class Server:
     def _record_termination(self) -> None:
         """Terminated: its host key is forgotten (the registry detaches its volumes)."""
         self._host = None
-        for address in {self.address, self._pinned_for} - {None}:
+        for address in {self.address, self._pin.pinned_for} - {None}:
             assert address is not None
             self._ctx.known_hosts.remove(address, 22)
         self.instance.setdefault("State", {})["Name"] = "terminated"
@@ -436,47 +412,11 @@ class Server:
         await self._pin_host_key()
 
     async def _pin_host_key(self) -> None:
-        """Before the first contact at an address: settle what its host key must be.
-
-        A server this manager launched has no trustworthy known_hosts entry yet (any old
-        entry for its address is dropped): its key must match the fingerprints on its
-        console, polled for (:func:`asyncstage.hostkeys.wait_for_fingerprints`; the host
-        key policy decides when they never come). A server given a new address by a
-        start takes its pinned key along (the entry moves; the key is not trusted anew
-        from whatever answers there).
-        """
+        """Before the first contact at an address: settle what its host key must be
+        (:class:`~asyncstage.hostkeys.HostKeyPin`)."""
         address = ssh_target(self, self._ctx)[0] if self.address else None
-        if not address or self._pinned_for == address:
-            return
-        if self._pin_lock is None:
-            self._pin_lock = anyio.Lock()
-        async with self._pin_lock:
-            if self._pinned_for != address:
-                await self._settle_host_key(address)
-
-    async def _settle_host_key(self, address: str) -> None:
-        known = self._ctx.known_hosts
-        old = self._pinned_for or self._moved_from
-        keys = known.lookup(old, 22) if old and not self._fresh else []
-        if old and keys:
-            known.remove(address, 22)  # a stale entry of whoever had the address before
-            for key in keys:
-                known.add(address, 22, key)
-            known.remove(old, 22)
-            expected: tuple[str, ...] = ()
-        elif self._fresh or not known.lookup(address, 22):
-            if self._fresh:
-                known.remove(address, 22)
-            expected = await hostkeys.wait_for_fingerprints(self._ctx, self)
-            self._accept_new = not expected
-        else:
-            expected = ()  # the pinned entry (an adopted server's) must match
-        self._expected_fingerprints = expected
-        if self._host is not None and self._host.address == address:
-            self._host.expect(expected, "accept-new" if self._accept_new else "strict")
-        self._fresh = False
-        self._moved_from = None
-        self._pinned_for = address
+        if address:
+            await self._pin.settle(self._ctx, self, address, lambda: self._host)
 
     async def _wait_ssh(self, deadline: float) -> None:
         """Try ssh until it answers or the deadline passes (ServerUnreachable
@@ -490,12 +430,10 @@ class Server:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
         at, jump = ssh_target(self, self._ctx)
         address = None if jump is not None else at  # behind a jump host: not ours to probe
-        if address is None:
-            await self._pin_host_key()  # ssh through the jump host below tells when it is up
-        else:
-            await concurrently(
-                self._pin_host_key, lambda: hostkeys.wait_for_sshd(self._ctx, self, at, deadline)
-            )
+        waits = [self._pin_host_key]  # through a jump host: the ssh below tells when it is up
+        if address is not None:
+            waits.append(lambda: hostkeys.wait_for_sshd(self._ctx, self, at, deadline))
+        await concurrently(*waits)
         interval = 0.2
         while True:
             left = deadline - anyio.current_time()

@@ -126,7 +126,7 @@ async def _no_latest_on_xen(ec2: Any, instance_id: str) -> None:
 async def test_library_waits_for_a_late_console(manager: Manager, slow_console: None) -> None:
     # a Xen type: Latest does not help, the console comes 3 s after the boot
     server = await manager.provision_server("patient", instance_type="t2.micro")
-    assert server._expected_fingerprints  # verified against the console, not trusted
+    assert server._pin.expected  # verified against the console, not trusted
     assert manager.ec2.calls["GetConsoleOutput"] > 1  # polled until it showed them
     assert (await server.scmd("whoami")).strip() == "admin"
 
@@ -136,7 +136,7 @@ async def test_library_reads_a_nitro_console_with_latest(
 ) -> None:
     # a Nitro type: Latest shows the console within 0.3 s, long before the 3 s it takes
     server = await manager.provision_server("current", instance_type="t3.micro")
-    assert server._expected_fingerprints
+    assert server._pin.expected
     assert (await server.scmd("whoami")).strip() == "admin"
     await server.terminate()
 
@@ -151,7 +151,7 @@ async def test_a_clock_ahead_of_ec2s_still_waits_for_the_console(
         async with manager_factory(console_timeout=20) as m:
             server = await m.provision_server("skewed", instance_type="t2.micro")
             assert m.ec2.clock_offset is not None and abs(m.ec2.clock_offset + 60) < 2
-            assert server._expected_fingerprints  # waited for them: verified, not trusted
+            assert server._pin.expected  # waited for them: verified, not trusted
             assert m.ec2.calls["GetConsoleOutput"] > 1
             await server.terminate()
 

@@ -101,7 +101,7 @@ async def test_ping_stop_start_terminate(manager: Manager, tmp_path: Path) -> No
 
 
 async def test_host_key_checked_against_console(server: Server) -> None:
-    assert server._expected_fingerprints, "the local cloud prints host key fingerprints"
+    assert server._pin.expected, "the local cloud prints host key fingerprints"
     assert server.address is not None
     assert server.manager.known_hosts.lookup(server.address)
 
@@ -149,4 +149,4 @@ async def test_a_changed_host_key_is_refused(
         adopted = third.find_server_by_name("pinned")
         assert adopted is not None
         assert (await adopted.scmd("whoami")).strip() == "admin"
-        assert adopted._expected_fingerprints
+        assert adopted._pin.expected

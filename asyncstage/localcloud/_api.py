@@ -220,13 +220,7 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
     consistency = Consistency()
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        try:
-            size = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            size = 0
-        body = environ["wsgi.input"].read(size) if size else b""
-        params = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
-        params.update(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+        body, params = _read_request(environ)
         pair = signer(environ, params, (engine.credentials, engine.read_only_credentials))
         try:
             check_host(environ, engine.port)
@@ -301,6 +295,18 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
         return [data]
 
     return app
+
+
+def _read_request(environ: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """The request's body and its parameters (query string and form body together)."""
+    try:
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        size = 0
+    body = environ["wsgi.input"].read(size) if size else b""
+    params = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
+    params.update(parse_qsl(body.decode(errors="replace"), keep_blank_values=True))
+    return body, params
 
 
 def _kms_call(

@@ -22,20 +22,19 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud._auth import Credentials
-from asyncstage.localcloud._devices import is_nitro, nvme_node, root_nodes, xen_node
-from asyncstage.localcloud._disks import Disk, copy_sparse
+from asyncstage.localcloud._devices import is_nitro, root_nodes
+from asyncstage.localcloud._disks import Disk
 from asyncstage.localcloud._firewall import Firewalls, Policy
-from asyncstage.localcloud._freeze import frozen
-from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal, EngineHooks
+from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import ISOLATION_MODES, DeviceIsolation
+from asyncstage.localcloud._machine import Machine
 from asyncstage.localcloud._network import (
     Network,
     NetworkMode,
@@ -47,7 +46,8 @@ from asyncstage.localcloud._network import (
 from asyncstage.localcloud._realism import Realism
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._run import _Run
-from asyncstage.localcloud._system import check_machine, run, which
+from asyncstage.localcloud._storage import StorageEvents
+from asyncstage.localcloud._system import check_machine
 from asyncstage.localcloud.errors import LocalCloudError
 
 log = logging.getLogger("asyncstage.localcloud")
@@ -57,27 +57,6 @@ SSHD_TIMEOUT = 120.0  # a host whose sshd does not answer by then failed to boot
 _BAD_PATH_CHARS = set(",:\\ \t\n")
 _ACCOUNTS: set[tuple[str, str]] = set()  # (account, region) of the clouds in this process
 _ACCOUNTS_LOCK = threading.Lock()
-
-
-@dataclass
-class _Machine:
-    """An instance's host and what the engine knows about it."""
-
-    host: Host
-    nitro: bool = True  # NVMe device names (else Xen's xvd names)
-    wanted: str = "running"  # running | stopped | terminated
-    ready: bool = False  # booted: its /dev takes device nodes
-    prepared: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
-    op_lock: threading.Lock = field(default_factory=threading.Lock)
-    boots: int = 0  # counts boots: a pending-time timer of an earlier boot does nothing
-    # GetConsoleOutput shows this boot's output only from these (monotonic) times on;
-    # before, what earlier boots wrote (``console_shown`` characters)
-    console_at: float = 0.0
-    console_latest_at: float = 0.0  # with Latest=True (Nitro types only)
-    console_shown: int = 0
-    launched: float = field(default_factory=time.monotonic)  # the last launch or start
-    placement: Placement | None = None  # its VPC and subnet (network="vpc")
 
 
 def _checked_isolation(value: DeviceIsolation) -> DeviceIsolation:
@@ -98,7 +77,7 @@ def _seed(seed: int | None) -> int:
     return secrets.randbits(32) if seed is None else seed
 
 
-class Engine:
+class Engine(StorageEvents):
     """Everything of one local cloud; blocking, thread-safe.
 
     ``api`` makes the cloud's API (:class:`~._api.LocalApi`) once the engine is ready
@@ -141,7 +120,7 @@ class Engine:
         self.api_calls: collections.Counter[str] = collections.Counter()
         self.throttled: collections.Counter[str] = collections.Counter()
         self.lock = threading.RLock()
-        self.machines: dict[str, _Machine] = {}
+        self.machines: dict[str, Machine] = {}
         self.disks: dict[str, Disk] = {}
         self.snapshots: dict[str, Path] = {}
         self.consoles: dict[str, str] = {}  # terminated instances' last console
@@ -305,7 +284,7 @@ class Engine:
             cgroup=self._run.instance_cgroup(instance_id),
             masked=[self.state_dir, REGISTRY_DIR],
         )
-        machine = _Machine(host, nitro=is_nitro(instance_type), placement=placement)
+        machine = Machine(host, nitro=is_nitro(instance_type), placement=placement)
         self.machines[instance_id] = machine
         self._submit(self._boot, machine)
         self.security_changed()  # a new member of its groups
@@ -347,11 +326,11 @@ class Engine:
             return machine.host.console(upto=machine.console_shown)
         return machine.host.console()
 
-    def _submit(self, job: Callable[[_Machine], None], machine: _Machine) -> None:
+    def _submit(self, job: Callable[[Machine], None], machine: Machine) -> None:
         if not self._closed:
             self._workers.submit(self._guarded, job, machine)
 
-    def _guarded(self, job: Callable[[_Machine], None], machine: _Machine) -> None:
+    def _guarded(self, job: Callable[[Machine], None], machine: Machine) -> None:
         try:
             job(machine)
         except Exception:
@@ -362,7 +341,7 @@ class Engine:
         assert self._api is not None
         return self._api
 
-    def _boot(self, machine: _Machine) -> None:
+    def _boot(self, machine: Machine) -> None:
         host = machine.host
         if self._launch_fails(machine):
             # EC2 sometimes loses a new instance: pending -> terminated, with a StateReason
@@ -411,7 +390,7 @@ class Engine:
                     self.api.boot_failed(host.instance_id, str(e))
                 raise
 
-    def _connect(self, machine: _Machine) -> None:
+    def _connect(self, machine: Machine) -> None:
         """The host's namespace on the cloud's network, its public address NATed to it."""
         host = machine.host
         if self.net is None or machine.placement is None:
@@ -420,14 +399,14 @@ class Engine:
         if host.public_address:
             self.net.publish(host.instance_id, host.public_address)
 
-    def _launch_fails(self, machine: _Machine) -> bool:
+    def _launch_fails(self, machine: Machine) -> bool:
         """A first boot that ``realism.launch_failure`` (seeded) makes fail."""
         if machine.prepared or machine.boots or self.realism.launch_failure <= 0:
             return False
         with self.lock:
             return self.random.random() < self.realism.launch_failure
 
-    def _add_devices(self, machine: _Machine) -> None:
+    def _add_devices(self, machine: Machine) -> None:
         """The root device's nodes and those of the attached volumes, in a booted host."""
         host = machine.host
         root = self._run.root_disk
@@ -441,7 +420,7 @@ class Engine:
                 assert disk.name is not None and disk.rdev is not None
                 host.add_device(disk.name, disk.rdev, disk.serial)
 
-    def _running(self, machine: _Machine, boot: int, locked: bool = False) -> None:
+    def _running(self, machine: Machine, boot: int, locked: bool = False) -> None:
         """The boot delay is over: pending -> running, unless stopped or booted again since."""
         if self._closed:
             return
@@ -462,7 +441,7 @@ class Engine:
                     return
                 raise
 
-    def _write_console(self, machine: _Machine) -> None:
+    def _write_console(self, machine: Machine) -> None:
         """This boot's console output, shown after the delays the realism draws."""
         machine.console_shown = machine.host.console_length()
         machine.host.write_console()
@@ -470,7 +449,7 @@ class Engine:
         machine.console_at = now + self.random.uniform(*realism.console)
         machine.console_latest_at = now + self.random.uniform(*realism.console_latest)
 
-    def _halt(self, machine: _Machine) -> None:
+    def _halt(self, machine: Machine) -> None:
         host = machine.host
         with machine.op_lock:
             host.kill()
@@ -508,165 +487,6 @@ class Engine:
 
     def _security_policy(self, instance_id: str) -> Policy:
         return self.api.security_policy(instance_id)
-
-    # -- volumes and snapshots (called by the API under self.lock) ---------------------
-
-    def volume_created(self, volume_id: str, size: int, source: Path | None) -> None:
-        image = self.state_dir / "volumes" / f"{volume_id}.img"
-        self.disks[volume_id] = Disk.create(volume_id, image, size, source)
-
-    def volume_attached(self, volume_id: str, instance_id: str, device: str) -> bool:
-        """Bind the volume's loop device; its node appears in the instance (if booted) a
-        moment later (``realism.device``). True: the attachment says ``attaching`` until
-        then (Xen: blkfront's node is there by ``attached``); Nitro says ``attached`` first."""
-        disk = self.disks[volume_id]
-        machine = self.machines[instance_id]
-        if machine.nitro:
-            # EC2 numbers NVMe devices in no order a client may rely on
-            taken = {d.name for d in self.disks.values() if d.instance_id == instance_id}
-            free = [n for n in range(1, 28) if nvme_node(n) not in taken] or [
-                n for n in range(28, 128) if nvme_node(n) not in taken
-            ]
-            if not free:
-                raise LocalCloudError(f"{instance_id}: no NVMe device number left")
-            name, serial = nvme_node(self.random.choice(free)), volume_id
-        else:
-            node = xen_node(device)
-            assert node is not None  # the API checked the name
-            name, serial = node, None
-        loop = disk.attach()
-        assert disk.loop_id is not None
-        self._run.add_loop(loop, disk.loop_id)
-        disk.instance_id, disk.name, disk.serial = instance_id, name, serial
-        if not (machine.ready and machine.host.alive):
-            return False  # it boots with the node (_add_devices)
-        delay = self.random.uniform(*self.realism.device)
-        if delay > 0:
-            timer = threading.Timer(delay, self._device_node, (disk, machine, loop))
-            timer.daemon = True
-            timer.start()
-            return not machine.nitro
-        assert disk.rdev is not None
-        try:
-            machine.host.add_device(name, disk.rdev, serial)
-        except OSError as e:
-            self._free(disk)
-            raise LocalCloudError(f"{volume_id}: cannot make its device node: {e}") from e
-        return False
-
-    def _device_node(self, disk: Disk, machine: _Machine, loop: str) -> None:
-        """The late device node of an attachment, unless it is gone since; on Xen the
-        attachment turns ``attached`` with it (a boot since adds the node: _add_devices)."""
-        with self.lock:
-            if self._closed or disk.loop != loop or disk.instance_id != machine.host.instance_id:
-                return
-            if machine.ready and machine.host.alive and disk.rdev is not None:
-                assert disk.name is not None
-                try:
-                    machine.host.add_device(disk.name, disk.rdev, disk.serial)
-                except (OSError, LocalCloudError):  # stays attaching, as a stuck one on EC2
-                    log.exception("local cloud: %s: no device node", disk.volume_id)
-                    return
-            if not machine.nitro and self._api is not None:
-                self._api.attachment_done(disk.volume_id)
-
-    def volume_detaching(self, volume_id: str, *, force: bool = False) -> str | None:
-        """Remove the volume's device node and loop device; None once done.
-
-        While it is mounted inside its instance: with ``force``, it is unmounted there
-        (lazily: the device goes from under it, as a forced detach does on EC2); else
-        its mount point is returned (EC2's ``busy``: the API retries until it is
-        unmounted) or, when ``realism.busy_detach`` is off, the detach is refused.
-        """
-        disk = self.disks[volume_id]
-        machine = self.machines.get(disk.instance_id or "")
-        if machine is not None and disk.major_minor is not None:
-            where = machine.host.mounted_devices().get(disk.major_minor)
-            if where is not None and force:
-                where = _force_unmount(machine.host, disk.major_minor)
-            if where is not None:
-                if self.realism.busy_detach:
-                    return where
-                raise ApiRefusal(
-                    "VolumeInUse",
-                    f"{volume_id} is mounted at {where} on {disk.instance_id}: unmount it "
-                    "first (the local cloud refuses instead of waiting in EC2's 'busy' state)",
-                )
-            if disk.name is not None:
-                machine.host.remove_device(disk.name, disk.rdev, disk.serial)
-        self._free(disk)
-        return None
-
-    def _free(self, disk: Disk) -> None:
-        loop = disk.loop
-        disk.detach()
-        if loop is not None:
-            self._run.remove_loop(loop)
-
-    def volume_deleted(self, volume_id: str) -> None:
-        disk = self.disks.pop(volume_id, None)
-        if disk is not None:
-            self._free(disk)
-            disk.image.unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def instance_frozen(self, instance_id: str) -> Iterator[None]:
-        """Every process of the instance stopped (and its writes synced) while the block
-        runs: one instant for all its volumes (``CreateSnapshots``)."""
-        machine = self.machines.get(instance_id)
-        pid = machine.host.init_pid if machine is not None and machine.host.alive else None
-        if pid is None:
-            yield  # stopped or gone: nothing writes
-            return
-        with frozen(pid):
-            yield
-
-    def snapshot_created(self, snapshot_id: str, source: Path) -> None:
-        """Copy the image now (the snapshot's moment); report `completed` right after."""
-        image = self.state_dir / "snapshots" / f"{snapshot_id}.img"
-        copy_sparse(source, image)
-        self.snapshots[snapshot_id] = image
-        threading.Timer(0.05, self._snapshot_completed, args=(snapshot_id,)).start()
-
-    def _snapshot_completed(self, snapshot_id: str) -> None:
-        with self.lock:
-            if self._api is not None and not self._closed:
-                self._api.snapshot_completed(snapshot_id)
-
-    def snapshot_deleted(self, snapshot_id: str) -> None:
-        image = self.snapshots.pop(snapshot_id, None)
-        if image is not None:
-            image.unlink(missing_ok=True)
-
-
-def _force_unmount(host: Host, device: tuple[int, int]) -> str | None:
-    """Unmount (lazily) every mount of ``device`` inside the host; where it is still
-    mounted if that fails."""
-    assert host.init_pid is not None
-    for _ in range(16):  # a device mounted at several places: one each time
-        where = host.mounted_devices().get(device)
-        if where is None:
-            return None
-        try:
-            run(
-                which("nsenter"),
-                "--target",
-                str(host.init_pid),
-                "--mount",
-                "--pid",  # its /proc/self: umount reads the mount table there
-                "--root",
-                "umount",
-                "--lazy",
-                "--",
-                where,
-                what="umount (forced detach)",
-            )
-        except LocalCloudError as e:
-            log.warning(
-                "local cloud: %s: forced detach cannot unmount %s: %s", host.instance_id, where, e
-            )
-            return where
-    return host.mounted_devices().get(device)
 
 
 def _check_port_22() -> None:

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from asyncstage.errors import EC2Error
+from asyncstage.errors import EC2Error, NoRoute
 from asyncstage.transfer.run import STALE_AFTER, controller_alive, controller_id
 
 if TYPE_CHECKING:
-    from asyncstage.ec2 import EC2
+    from asyncstage.ec2 import EC2, Resource
 
-__all__ = ["RULE_MARKER", "sweep_stale_rules", "temporary_ingress"]
+__all__ = ["RULE_MARKER", "admit_ssh", "sweep_stale_rules", "temporary_ingress"]
 
 _log = logging.getLogger("asyncstage.transfer")
 
@@ -67,6 +67,20 @@ def rule_description(expires: float) -> str:
     """The description of a rule this controller authorises now."""
     owner = _NOT_ALLOWED.sub("_", controller_id())
     return f"{RULE_MARKER} controller={owner} expires={int(expires)}"
+
+
+@asynccontextmanager
+async def admit_ssh(
+    ec2: EC2, instance: Resource, our_group: str, label: str, cidr: str
+) -> AsyncIterator[None]:
+    """The instance's group (``our_group``, the library's, if it is in it) admits ``cidr``
+    by ssh within the block; NoRoute when it is in no group."""
+    groups = [g for g in instance.get("SecurityGroups", []) if g.get("GroupId")]
+    if not groups:
+        raise NoRoute("it is in no security group to admit a transfer by", host=label)
+    ours = [g for g in groups if g.get("GroupName") == our_group]
+    async with temporary_ingress(ec2, str((ours or groups)[0]["GroupId"]), cidr):
+        yield
 
 
 @asynccontextmanager
