@@ -56,6 +56,8 @@ _LONGEST_FIRST = (
     "test_benchmarks_quick.py",
     "test_safety_faults.py",
     "test_cli.py",
+    "test_backup_faults.py",
+    "test_localcloud_isolation.py",
     "test_backup_runs.py",
     "test_demo.py",
     "test_hostile.py",

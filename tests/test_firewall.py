@@ -187,10 +187,12 @@ def sh(*argv: str, input: str | None = None) -> str:
 
 
 def links() -> set[str]:
-    """The link names of the machine's own namespace."""
-    return {
+    """The link names of the machine's own namespace, but the local clouds' (``asl...``:
+    the clouds of other test processes come and go while this test runs)."""
+    names = {
         line.split(":")[1].strip().split("@")[0] for line in sh("ip", "-o", "link").splitlines()
     }
+    return {name for name in names if not name.startswith("asl")}
 
 
 def ours() -> set[str]:

@@ -23,6 +23,7 @@ import pytest
 
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._firewall import TABLE
+from tests.fixtures.cloud import vpc_cloud
 from tests.test_localcloud import sh, ssh, wait_state
 
 pytestmark = [
@@ -30,6 +31,9 @@ pytestmark = [
     pytest.mark.localcloud,
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
 ]
+
+# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 PREFIX = f"fw-e2e-{os.getpid()}-"
 SETTLE = 15.0  # seconds a change may take to reach the instances (polled, not slept)

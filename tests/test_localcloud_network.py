@@ -25,6 +25,7 @@ import pytest
 
 from asyncstage.localcloud import LocalCloud
 from asyncstage.localcloud._network import NFT_TABLE, Network, in_netns, netns_names
+from tests.fixtures.cloud import vpc_cloud
 from tests.test_localcloud import sh, ssh, wait_state
 
 pytestmark = [
@@ -32,6 +33,9 @@ pytestmark = [
     pytest.mark.localcloud,
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
 ]
+
+# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 OUTSIDE = ("8.8.8.8", "1.1.1.1", "192.0.2.77")  # asked about by `ip route get` only
@@ -71,12 +75,42 @@ def in_range(address: str, network: str | ipaddress.IPv4Network) -> bool:
     return ipaddress.ip_address(address) in ipaddress.ip_network(network)
 
 
+@pytest.fixture(scope="module")
+async def groups(ec2: Any) -> list[str]:
+    """The default VPC's default group and one that admits ssh from anywhere: groups are
+    enforced on this network, and the tests reach instances from the machine and from
+    each other's public addresses (as an EC2 user opens port 22 to reach them)."""
+    vpcs = await ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])
+    vpc = vpcs["Vpcs"][0]["VpcId"]
+    named = [{"Name": "vpc-id", "Values": [vpc]}, {"Name": "group-name", "Values": ["default"]}]
+    default = (await ec2.describe_security_groups(Filters=named))["SecurityGroups"][0]
+    made = await ec2.create_security_group(
+        GroupName="network-test-ssh", Description="ssh from anywhere", VpcId=vpc
+    )
+    await ec2.authorize_security_group_ingress(
+        GroupId=made["GroupId"],
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "IpRanges": [{"CidrIp": "0.0.0.0/0"}],
+            }
+        ],
+    )
+    return [default["GroupId"], made["GroupId"]]
+
+
 @pytest.fixture
-async def instances(cloud: LocalCloud, ec2: Any) -> AsyncIterator[Any]:
-    """Launch with ``await launch(**kwargs)``; all terminated after the test."""
+async def instances(cloud: LocalCloud, ec2: Any, groups: list[str]) -> AsyncIterator[Any]:
+    """Launch with ``await launch(**kwargs)`` (in :func:`groups`); all terminated after."""
     launched: list[str] = []
 
     async def launch(count: int = 1, **kwargs: Any) -> list[dict[str, Any]]:
+        for interface in kwargs.get("NetworkInterfaces", []):
+            interface.setdefault("Groups", groups)
+        if "NetworkInterfaces" not in kwargs:
+            kwargs.setdefault("SecurityGroupIds", groups)
         reply = await ec2.run_instances(
             ImageId=cloud.image_id, MinCount=count, MaxCount=count, KeyName="test", **kwargs
         )

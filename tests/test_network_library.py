@@ -9,6 +9,7 @@ without a public address is launched as any SDK user would (``RunInstances`` wit
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,12 @@ from asyncstage.errors import NoRoute
 from asyncstage.fleet import LaunchOptions
 from asyncstage.server import Server
 from asyncstage.transfer import Progress
-from tests.fixtures.cloud import ManagerFactory
+from tests.fixtures.cloud import ManagerFactory, vpc_cloud
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
+
+# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 
 async def _launch(
@@ -75,9 +79,11 @@ async def _ssh_cidrs(m: Manager, group_id: str) -> set[str]:
 async def bastion_and_private(
     manager_factory: ManagerFactory,
 ) -> AsyncIterator[tuple[Manager, Server, Server]]:
-    async with manager_factory(scan=True, jump_host="net-bastion") as m:
-        bastion = await _launch(m, "net-bastion", public=True)
-        hidden = await _launch(m, "net-private", public=False)
+    # names of this test's own: the previous test's servers may still be shutting down
+    suffix = secrets.token_hex(3)
+    async with manager_factory(scan=True, jump_host=f"net-bastion-{suffix}") as m:
+        bastion = await _launch(m, f"net-bastion-{suffix}", public=True)
+        hidden = await _launch(m, f"net-private-{suffix}", public=False)
         yield m, bastion, hidden
 
 
@@ -86,7 +92,7 @@ async def test_a_private_server_is_reached_through_the_bastion(
 ) -> None:
     m, bastion, hidden = bastion_and_private
     assert "PublicIpAddress" not in hidden.instance
-    assert hidden.jump_host == "net-bastion" and hidden.host.jump is bastion.host
+    assert hidden.jump_host == bastion.name and hidden.host.jump is bastion.host
     # sshd on the private server sees the bastion's private address come in
     seen = (await hidden.scmd("echo $SSH_CONNECTION")).split()[0]
     assert seen == bastion.instance["PrivateIpAddress"]

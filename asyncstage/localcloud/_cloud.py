@@ -57,10 +57,10 @@ class LocalCloud:
     its own, at its private address from its subnet's CIDR, behind the cloud's router,
     which NATs public addresses (of ``198.18.0.0/15``) to them (the machine reaches only
     those, as a controller outside the VPC does on EC2); ``"loopback"`` on the machine's
-    own loopback addresses (127.x, a private and a public one each); ``"auto"`` (the
-    default) ``"vpc"`` where the machine can make it (``ip``, ``nft``, network
-    namespaces). :attr:`network` says which is in force; :attr:`checkip_url` is the
-    cloud's checkip service.
+    own loopback addresses (127.x, a private and a public one each; the default: security
+    groups are recorded, not enforced); ``"auto"`` ``"vpc"`` where the machine can make it
+    (``ip``, ``nft``, network namespaces). :attr:`network` says which is in force;
+    :attr:`checkip_url` is the cloud's checkip service.
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class LocalCloud:
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
         device_isolation: DeviceIsolation = "auto",
-        network: NetworkMode = "auto",
+        network: NetworkMode = "loopback",
     ) -> None:
         self.realism = resolve(
             realism, api_rate=api_rate, insufficient_capacity=insufficient_capacity

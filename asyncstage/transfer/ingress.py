@@ -75,7 +75,9 @@ async def admit_ssh(
 ) -> AsyncIterator[None]:
     """The instance's group (``our_group``, the library's, if it is in it) admits ``cidr``
     by ssh within the block; NoRoute when it is in no group."""
-    groups = [g for g in instance.get("SecurityGroups", []) if g.get("GroupId")]
+    found = [*instance.get("SecurityGroups", [])]  # and its interfaces' (launched with them)
+    found += [g for i in instance.get("NetworkInterfaces", []) for g in i.get("Groups", [])]
+    groups = [g for g in found if g.get("GroupId")]
     if not groups:
         raise NoRoute("it is in no security group to admit a transfer by", host=label)
     ours = [g for g in groups if g.get("GroupName") == our_group]
