@@ -103,6 +103,15 @@ def xfer_dirs() -> set[str]:
     return set(glob.glob("/tmp/asyncstage-xfer-*"))
 
 
+async def new_xfer_dirs(before: set[str]) -> set[str]:
+    """Work dirs that appeared since ``before`` and stay: the suite's other processes make
+    and remove their own beside this test (theirs go within seconds, a leftover stays)."""
+    with anyio.move_on_after(30):
+        while xfer_dirs() - before:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+    return xfer_dirs() - before
+
+
 async def test_round_trip_local_host_host_local(
     servers: tuple[SSHServer, SSHServer], tmp_path: Path
 ) -> None:
@@ -141,7 +150,7 @@ async def test_round_trip_local_host_host_local(
     assert seen and seen[-1].bytes_done >= 300_000
     assert any(p.current for p in seen)
     assert transfer_keys(a, b) == []
-    assert xfer_dirs() == before
+    assert await new_xfer_dirs(before) == set()
 
 
 @pytest.mark.parametrize("slash", ["", "/"])
@@ -309,7 +318,7 @@ async def test_cancelled_direct_transfer_cleans_up(
                 tg.cancel_scope.cancel()
         assert started.is_set()
     assert transfer_keys(a, b) == []
-    assert xfer_dirs() == before
+    assert await new_xfer_dirs(before) == set()
     with anyio.fail_after(10):
         while _rsync_pids(str(src)):  # noqa: ASYNC110
             await anyio.sleep(0.05)
