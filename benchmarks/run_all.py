@@ -28,6 +28,7 @@ SCRIPTS = [
     "fleet_ec2",
     "commands",
     "streaming",
+    "network",
     "transfers",
     "controller",
     "scale",

@@ -1,0 +1,389 @@
+"""Network: the local cloud's namespaced network against loopback; a jump host against direct.
+
+Two local clouds run at once in this process, both with the instant profile
+(``Realism.off()``, no boot delay), so that only their networks differ:
+
+- ``network="vpc"``: every instance in a network namespace of its own, behind its VPC's
+  router namespace (a bridge, 1:1 NAT of its public address in nftables) and the cloud's
+  router; this machine reaches a public address through a veth pair into that router;
+- ``network="loopback"``: every instance's sshd on an address of the machine's loopback.
+
+Measured, each pair of sides in turn within one run (the order swaps every round, so
+that load from other processes hits both alike), a target judged on the median of the
+rounds' ratios with the lowest and highest round beside it:
+
+- warm command latency: ``server.scmd("true")`` over the open connection, blocks of
+  samples on each cloud's server in turn (target: vpc no more than 10 % slower);
+- streaming: ``scmd_read`` (the remote ``head -c SIZE /dev/zero``) and ``scmd_write``
+  (into the remote ``cat > /dev/null``) in 1 MiB pieces, MB/s vpc / loopback
+  (target >= 0.9x);
+- a jump host: on the VPC cloud, a server without a public address (``provision_server``
+  into a subnet that maps none on launch, a private subnet as EC2 users make them),
+  reached through a bastion with one (``Manager(jump_host=...)``: its connection is
+  carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
+  server with a public address reached directly (target >= 0.8x). This process's CPU
+  seconds per GiB of each side are recorded: through the bastion every byte is encrypted
+  twice here (the inner connection's packets travel as data of the outer one);
+- instance boot: ``provision_server()`` on each cloud in turn, from the launch to the
+  cloud switching the instance to running (its sshd listening, the cloud's own view),
+  and to the library having it answer ssh; vpc / loopback (reported, no target).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from _common import (
+    MachineCPU,
+    MiB,
+    Report,
+    local_cloud,
+    ms,
+    paired_spread,
+    parse_args,
+    process_cpu,
+    ratio,
+    summary,
+)
+from bench_fleet import _concurrent
+from bench_streaming import _read, _write
+
+from asyncstage import Manager, Server
+from asyncstage.localcloud import LocalCloud, Realism
+
+BASTION = "netbench-bastion"
+PRIVATE = "netbench-private"
+
+
+async def _private_server(m: Manager, name: str) -> Server:
+    """A server without a public address, as EC2 users make one: launched by the library
+    into a subnet that maps none on launch (the last zone's default subnet, switched back
+    once the server is up), and waited for through the manager's jump host."""
+    found = await m.ec2.call(
+        "DescribeSubnets", Filters=[{"Name": "default-for-az", "Values": ["true"]}]
+    )
+    subnet = max(found["Subnets"], key=lambda s: s["AvailabilityZone"])
+
+    async def map_public(value: bool) -> None:
+        await m.ec2.call(
+            "ModifySubnetAttribute",
+            SubnetId=subnet["SubnetId"],
+            MapPublicIpOnLaunch={"Value": value},
+        )
+
+    await map_public(False)
+    try:
+        return await m.provision_server(name, availability_zone=subnet["AvailabilityZone"])
+    finally:
+        await map_public(True)
+
+
+def _in_turn(round_no: int, sides: list[str]) -> list[str]:
+    """The sides in this round's order: a b, b a, a b, ..."""
+    return sides if round_no % 2 == 0 else sides[::-1]
+
+
+async def _latency(
+    servers: dict[str, Server], blocks: int, per_block: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``scmd("true")`` samples of each server, in blocks taken in turn; (samples, each
+    block's median) per side."""
+    samples: dict[str, list[float]] = {k: [] for k in servers}
+    block_medians: dict[str, list[float]] = {k: [] for k in servers}
+    for b in range(blocks):
+        for side in _in_turn(b, list(servers)):
+            block = []
+            for _ in range(per_block):
+                t = time.perf_counter()
+                await servers[side].scmd("true")
+                block.append(time.perf_counter() - t)
+            samples[side] += block
+            block_medians[side].append(statistics.median(block))
+    return samples, block_medians
+
+
+async def _streams(
+    servers: dict[str, Server], size: int, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """MB/s of each round, this process's CPU seconds per GiB and how busy the machine's
+    cores were, per ``<direction> <side>``."""
+    runs: dict[str, Callable[[], Awaitable[float]]] = {}
+    for direction, fn in (("read", _read), ("write", _write)):
+        for side, server in servers.items():
+            runs[f"{direction} {side}"] = lambda fn=fn, server=server: fn(server, size)
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    busy: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name in _in_turn(r, list(runs)):
+            c = process_cpu()
+            with MachineCPU() as machine:
+                seconds = await runs[name]()
+            cpu[name].append((process_cpu() - c) / (size / (1 << 30)))
+            rates[name].append(size / seconds / 1e6)
+            busy[name].append(machine.busy)
+    return rates, cpu, busy
+
+
+async def _boots(
+    clouds: dict[str, tuple[LocalCloud, Manager]], rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``provision_server()`` on each cloud in turn (the server terminated after each)."""
+    found: dict[str, list[dict[str, Any]]] = {k: [] for k in clouds}
+    for r in range(rounds):
+        for side in _in_turn(r, list(clouds)):
+            cloud, m = clouds[side]
+            found[side].append(await _concurrent(cloud, m, 1))
+    return found
+
+
+def _paired(top: list[float], bottom: list[float]) -> tuple[float, list[float] | None]:
+    """The median of the rounds' ratios, and [lowest, highest] (None with one round)."""
+    pairs = [ratio(a, b) for a, b in zip(top, bottom, strict=True)]
+    return round(statistics.median(pairs), 3), paired_spread(top, bottom)
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+async def main() -> None:
+    args = parse_args(__doc__ or "")
+    quick = args.quick
+    size = 16 * MiB if quick else 512 * MiB
+    rounds = 1 if quick else 9
+    blocks, per_block = (2, 5) if quick else (20, 20)
+    boot_rounds = 1 if quick else 6
+    report = Report("network", quick, args.results)
+    report.params = {
+        "realism": "off (instant profile), boot delay 0",
+        "stream_bytes": size,
+        "stream_rounds": rounds,
+        "latency_blocks": blocks,
+        "latency_samples_per_block": per_block,
+        "boot_rounds": boot_rounds,
+        "command": "true",
+    }
+    off = Realism.off()
+    async with (
+        local_cloud(0.0, off, network="vpc", jump_host=BASTION) as vpc,
+        local_cloud(0.0, off, network="loopback") as loop,
+    ):
+        vpc_m, loop_m = vpc[1], loop[1]
+        direct, bastion, looped = await _gather(
+            vpc_m.provision_server("netbench-direct"),
+            vpc_m.provision_server(BASTION),
+            loop_m.provision_server("netbench-loopback"),
+        )
+        private = await _private_server(vpc_m, PRIVATE)
+        if "PublicIpAddress" in private.instance or private.jump_host != BASTION:
+            raise RuntimeError(f"{PRIVATE} is not reached through {BASTION}")
+        by_side = {"vpc": direct, "loopback": looped, "jump": private}
+        for server in by_side.values():
+            await server.scmd("true")  # warm: connection open, host key pinned
+            await _read(server, min(size, 16 * MiB))
+        report.params["addresses"] = {k: s.host.address for k, s in by_side.items()}
+        report.params["jump_host_address"] = bastion.host.address
+        report.params["clouds_network"] = {"vpc": vpc[0].network, "loopback": loop[0].network}
+        samples, blocks_med = await _latency(by_side, blocks, per_block)
+        report.mark_load("after_latency")
+        rates, cpu, busy = await _streams(by_side, size, rounds)
+        report.mark_load("after_streams")
+        boots = await _boots({"vpc": vpc, "loopback": loop}, boot_rounds)
+        report.mark_load("after_boots")
+    _report(report, size, samples, blocks_med, rates, cpu, busy, boots)
+    report.save()
+
+
+async def _gather(*calls: Awaitable[Server]) -> list[Server]:
+    out: list[Server | None] = [None] * len(calls)
+
+    async def one(i: int, call: Awaitable[Server]) -> None:
+        out[i] = await call
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(calls):
+            tg.start_soon(one, i, call)
+    return [s for s in out if s is not None]
+
+
+def _report(
+    report: Report,
+    size: int,
+    samples: dict[str, list[float]],
+    blocks_med: dict[str, list[float]],
+    rates: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    busy: dict[str, list[float]],
+    boots: dict[str, list[dict[str, Any]]],
+) -> None:
+    latency = {k: summary(v) for k, v in samples.items()}
+    report.table(
+        "Warm command latency, scmd('true') (blocks taken in turn)",
+        ["server", "median ms", "p90 ms", "n", "× loopback (median of blocks)"],
+        [
+            [
+                side,
+                ms(s["median"]),
+                ms(s["p90"]),
+                s["n"],
+                _paired(blocks_med[side], blocks_med["loopback"])[0],
+            ]
+            for side, s in latency.items()
+        ],
+    )
+    mb_s = {k: _median(v) for k, v in rates.items()}
+    cpu_gib = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+    busy_med = {k: round(statistics.median(v), 2) for k, v in busy.items()}
+    report.table(
+        f"Streaming {size // MiB} MiB, 1 MiB pieces (median of {len(rates['read vpc'])} rounds)",
+        ["stream", "MB/s", "lowest", "highest", "client CPU s/GiB", "machine busy"],
+        [[k, mb_s[k], min(v), max(v), cpu_gib[k], busy_med[k]] for k, v in rates.items()],
+    )
+    boot = {
+        side: {
+            "cloud_running_s": [r["cloud_last_running_s"] for r in runs],
+            "answering_ssh_s": [r["wall_s"] for r in runs],
+        }
+        for side, runs in boots.items()
+    }
+    boot_ratio = {
+        key: _paired(boot["vpc"][key], boot["loopback"][key])
+        for key in ("cloud_running_s", "answering_ssh_s")
+    }
+    report.table(
+        "Instance boot, provision_server() on each cloud in turn (medians)",
+        ["until", "vpc s", "loopback s", "vpc / loopback (median of rounds)", "spread"],
+        [
+            [
+                key.removesuffix("_s").replace("_", " "),
+                round(statistics.median(boot["vpc"][key]), 3),
+                round(statistics.median(boot["loopback"][key]), 3),
+                boot_ratio[key][0],
+                "-" if boot_ratio[key][1] is None else f"{boot_ratio[key][1]}",
+            ]
+            for key in ("cloud_running_s", "answering_ssh_s")
+        ],
+    )
+    report.results.update(
+        {
+            "latency": latency,
+            "latency_block_medians_s": {k: [round(x, 6) for x in v] for k, v in blocks_med.items()},
+            "mb_per_s_median": mb_s,
+            "mb_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+            "client_cpu_s_per_gib": cpu_gib,
+            "machine_busy_share": busy_med,
+            "boot": boot,
+            "boot_vpc_vs_loopback": {
+                k: {"ratio": v[0], "spread": v[1]} for k, v in boot_ratio.items()
+            },
+        }
+    )
+    _targets(report, latency, blocks_med, rates, mb_s, cpu_gib, busy_med)
+
+
+def _targets(
+    report: Report,
+    latency: dict[str, dict[str, float]],
+    blocks_med: dict[str, list[float]],
+    rates: dict[str, list[float]],
+    mb_s: dict[str, float],
+    cpu_gib: dict[str, float],
+    busy: dict[str, float],
+) -> None:
+    value, spread = _paired(blocks_med["vpc"], blocks_med["loopback"])
+    path = (
+        "the VPC side's packets cross two veth pairs, a bridge and the router's nftables "
+        "NAT on this machine's cores"
+    )
+    report.target(
+        "command_latency_vpc_vs_loopback",
+        value,
+        "<=",
+        1.1,
+        "warm command latency through the namespaced network / on loopback, same run "
+        f"(median of {len(blocks_med['vpc'])} blocks' ratios)",
+        spread=spread,
+        bound="library",
+        evidence=(
+            f"medians: vpc {ms(latency['vpc']['median'])} ms (p90 {ms(latency['vpc']['p90'])}), "
+            f"loopback {ms(latency['loopback']['median'])} ms "
+            f"(p90 {ms(latency['loopback']['p90'])}), n={latency['vpc']['n']} each; {path}"
+        ),
+    )
+    for direction in ("read", "write"):
+        value, spread = _paired(rates[f"{direction} vpc"], rates[f"{direction} loopback"])
+        vpc_cpu, loop_cpu = cpu_gib[f"{direction} vpc"], cpu_gib[f"{direction} loopback"]
+        cap = ratio(loop_cpu, vpc_cpu)
+        limit = 0.9
+        evidence = (
+            f"vpc {mb_s[f'{direction} vpc']} MB/s, loopback {mb_s[f'{direction} loopback']} "
+            f"MB/s; this process's CPU {vpc_cpu} s/GiB through the namespaces against "
+            f"{loop_cpu} on loopback (the same asyncstage and asyncssh code on both: the "
+            "kernel's forwarding through veth pairs, bridge and NAT is counted to the "
+            f"processes that send and receive): on its one core at most "
+            f"{_rate_cap(vpc_cpu)} and {_rate_cap(loop_cpu)} MB/s, a ratio of {cap}× at most; "
+            f"machine busy {busy[f'{direction} vpc']:.0%} / {busy[f'{direction} loopback']:.0%}"
+        )
+        bound = (
+            "library"
+            if value >= limit or cap >= limit
+            else "machine: the namespaced path (veth pairs, a bridge, nftables NAT and "
+            "conntrack) runs in this machine's kernel on the controller's own core; on EC2 "
+            "the VPC's network is not the controller's CPU"
+        )
+        report.target(
+            f"scmd_{direction}_vpc_vs_loopback",
+            value,
+            ">=",
+            limit,
+            f"scmd_{direction} MB/s through the namespaced network / on loopback, same run "
+            f"(median of {len(rates['read vpc'])} rounds)",
+            spread=spread,
+            bound=bound,
+            evidence=evidence,
+        )
+    for direction in ("read", "write"):
+        value, spread = _paired(rates[f"{direction} jump"], rates[f"{direction} vpc"])
+        jump_cpu, direct_cpu = cpu_gib[f"{direction} jump"], cpu_gib[f"{direction} vpc"]
+        # This process streams on one core: its CPU per byte caps each side's rate, and
+        # the two caps' ratio caps the jump's ratio, whatever the network does.
+        cap = ratio(direct_cpu, jump_cpu)
+        evidence = (
+            f"through the bastion {mb_s[f'{direction} jump']} MB/s, direct "
+            f"{mb_s[f'{direction} vpc']} MB/s; this process's CPU {jump_cpu} s/GiB through "
+            f"the bastion against {direct_cpu} direct: on its one core at most "
+            f"{_rate_cap(jump_cpu)} and {_rate_cap(direct_cpu)} MB/s, a ratio of {cap}× at "
+            "most (the inner connection's packets are encrypted again as the outer one's data)"
+        )
+        limit = 0.8
+        bound = (
+            "library"
+            if value >= limit or cap >= limit
+            else "asyncssh: a connection through a jump host (its direct-tcpip channel) is "
+            "encrypted and decrypted twice in this process, in its Python packet layer"
+        )
+        report.target(
+            f"scmd_{direction}_jump_vs_direct",
+            value,
+            ">=",
+            limit,
+            f"scmd_{direction} MB/s through a jump host / direct to a server with a public "
+            f"address, same VPC cloud, same run (median of {len(rates['read vpc'])} rounds)",
+            spread=spread,
+            bound=bound,
+            evidence=evidence,
+        )
+
+
+def _rate_cap(cpu_s_per_gib: float) -> float:
+    """MB/s one core allows at this many CPU seconds per GiB."""
+    return round((1 << 30) / 1e6 / cpu_s_per_gib, 1) if cpu_s_per_gib else float("inf")
+
+
+if __name__ == "__main__":
+    anyio.run(main)
