@@ -18,7 +18,11 @@ run) writes into DIR:
   with the rounds' spread;
 - ``backup.png``: fleet-backup throughput against the CPU limit (backup.json): the
   bare rsync of the same bytes on every server at once, the plan's copy phases and
-  its whole run (MB/s); beside it, the fleet backups' times against the Perl module's.
+  its whole run (MB/s); beside it, the fleet backups' times against the Perl module's;
+  without backup.json, a chart that says "not run";
+- ``network.png``: the local cloud's namespaced network against loopback and a jump host
+  against direct (network.json): streaming MB/s with the rounds' spread, warm command
+  latency, and instance boot with namespaces against without.
 
 A missing file or a step a baseline did not run leaves its bar or line out (with a
 note on the chart). Needs matplotlib (``pip install 'asyncstage[bench]'``).
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -144,9 +149,14 @@ def _bars(
     if log:
         ax.set_yscale("log")
     ax.grid(True, axis="y", alpha=0.3)
+    _legend(ax, fontsize=8)
+
+
+def _legend(ax: Any, **options: Any) -> None:
+    """The axes' legend, each label once (bars of one side share theirs)."""
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.legend(unique.values(), unique.keys(), **options)
 
 
 def _annotate_bar(ax: Any, x: float, value: float, text: str) -> None:
@@ -360,9 +370,7 @@ def baselines_chart(results: Path, plt: Any) -> Path | None:
     ax.set_yscale("log")
     ax.set_ylabel("baseline time / asyncstage time (log; above 1: asyncstage ahead)")
     ax.set_title("asyncstage against pyinfra and Fabric (each pair: same servers, same run)")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    _legend(ax, fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, plt, results / "baselines.png")
 
@@ -372,7 +380,7 @@ def backup_chart(results: Path, plt: Any) -> Path | None:
     res = _load(results, "backup").get("results", {})
     c, fleets = res.get("cpu_limit"), res.get("fleets", {})
     if not c:
-        return None
+        return _not_run(plt, results / "backup.png", "Backup throughput against the CPU limit")
     fig, (ax, fleet_ax) = plt.subplots(1, 2, figsize=(11, 5), dpi=110, width_ratios=[2, 3])
     bars = [
         ("CPU limit:\nbare rsync,\nall at once", c["limit_mb_s"], OTHER),
@@ -398,6 +406,128 @@ def backup_chart(results: Path, plt: Any) -> Path | None:
     return _save(fig, plt, results / "backup.png")
 
 
+def _not_run(plt: Any, path: Path, title: str) -> Path:
+    """A chart that says its benchmark has no figures in this directory."""
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=110)
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(
+        0.5,
+        0.5,
+        f"not run: no {path.stem}.json in {path.parent.name or path.parent}/",
+        ha="center",
+        va="center",
+        fontsize=12,
+        color=THEIRS,
+    )
+    return _save(fig, plt, path)
+
+
+# The network benchmark's sides: label and colour.
+NETWORK_SIDES = {
+    "loopback": ("loopback", OTHER),
+    "vpc": ("vpc (namespaces)", OURS),
+    "jump": ("vpc via jump host", "#2ca02c"),
+}
+
+
+def network_chart(results: Path, plt: Any) -> Path | None:
+    """Streaming, command latency and boot: namespaced network against loopback, jump
+    host against direct (network.json)."""
+    data = _load(results, "network")
+    r = data.get("results", {})
+    if not r.get("mb_per_s_rounds"):
+        return None
+    fig, (stream_ax, lat_ax, boot_ax) = plt.subplots(
+        1, 3, figsize=(13, 5), dpi=110, width_ratios=[3, 2, 2]
+    )
+    _stream_bars(stream_ax, data)
+    latency = r.get("latency", {})
+    for i, (side, (_label, color)) in enumerate(NETWORK_SIDES.items()):
+        if side not in latency:
+            continue
+        median, p90 = 1000 * latency[side]["median"], 1000 * latency[side]["p90"]
+        lat_ax.bar(i, median, 0.6, color=color)
+        lat_ax.plot([i], [p90], marker="_", markersize=20, color="black")
+        _inside_bar(lat_ax, i, median, f"{median:.2f}")
+    ratio = _target_values(data).get("command_latency_vpc_vs_loopback")
+    if ratio is not None:
+        lat_ax.annotate(f"vpc / loopback\n{ratio:.2f}×", (1, 0), xytext=(0, -38),
+                        textcoords="offset points", ha="center", fontsize=7)  # fmt: skip
+    lat_ax.set_xticks(range(len(NETWORK_SIDES)), [v[0] for v in NETWORK_SIDES.values()], fontsize=7)
+    lat_ax.set_ylabel("ms (median; the dash: p90)")
+    lat_ax.set_title("Warm scmd('true') latency", fontsize=10)
+    lat_ax.grid(True, axis="y", alpha=0.3)
+    if r.get("boot"):
+        _boot_bars(boot_ax, r["boot"], r.get("boot_vpc_vs_loopback", {}))
+    fig.suptitle("The local cloud's namespaced network against loopback, same run")
+    return _save(fig, plt, results / "network.png")
+
+
+def _target_values(data: dict[str, Any]) -> dict[str, float]:
+    """Target name -> value (the medians of the rounds' ratios that the summary judges)."""
+    return {t["name"]: t["value"] for t in data.get("targets", []) if t.get("value") is not None}
+
+
+def _inside_bar(ax: Any, x: float, value: float, text: str) -> None:
+    """``text`` inside the bar at ``x``, near its foot (clear of the error bars)."""
+    ax.text(x, value * 0.04, text, ha="center", va="bottom", fontsize=7, color="white")
+
+
+def _stream_bars(ax: Any, data: dict[str, Any]) -> None:
+    """MB/s of each side, read and write, with the rounds' spread and the targets' ratios."""
+    r, width = data["results"], 0.27
+    ratios = _target_values(data)
+    for d, direction in enumerate(("read", "write")):
+        for i, (side, (label, color)) in enumerate(NETWORK_SIDES.items()):
+            values = r["mb_per_s_rounds"].get(f"{direction} {side}")
+            if not values:
+                continue
+            median = r["mb_per_s_median"][f"{direction} {side}"]
+            x = d + (i - 1) * width
+            err = [[median - min(values)], [max(values) - median]]
+            ax.bar(x, median, width, color=color, yerr=err, capsize=3, label=label)
+            against = {"vpc": "vpc_vs_loopback", "jump": "jump_vs_direct"}.get(side)
+            share = ratios.get(f"scmd_{direction}_{against}") if against else None
+            text = f"{median:.0f}" + ("" if share is None else f"\n{share:.2f}×")
+            _inside_bar(ax, x, median, text)
+    ax.set_xticks([0, 1], ["scmd_read", "scmd_write"])
+    ax.set_ylabel("MB/s (median; whiskers: lowest and highest round)")
+    size = data.get("params", {}).get("stream_bytes", 0) >> 20
+    ax.set_title(f"Streaming {size} MiB (× loopback; jump: × direct)", fontsize=10)
+    _legend(ax, fontsize=7, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+BOOT_STAGES = {
+    "cloud_running_s": "cloud: running\n(sshd listening)",
+    "answering_ssh_s": "library: answering ssh",
+}
+
+
+def _boot_bars(
+    ax: Any, boot: dict[str, dict[str, list[float]]], ratios: dict[str, dict[str, Any]]
+) -> None:
+    """One server's boot from the launch, loopback beside namespaced, for each stage
+    (``ratios``: vpc / loopback, the median of the rounds', per stage)."""
+    for k, key in enumerate(BOOT_STAGES):
+        for j, side in enumerate(("loopback", "vpc")):
+            label, color = NETWORK_SIDES[side]
+            value = statistics.median(boot[side][key])
+            x = k + (j - 0.5) * 0.38
+            ax.bar(x, value, 0.38, color=color, label=label)
+            _annotate_bar(ax, x, value, f"{value:.2f}")
+    labels = [
+        text + (f"\nvpc / loopback {ratios[key]['ratio']:.2f}×" if key in ratios else "")
+        for key, text in BOOT_STAGES.items()
+    ]
+    ax.set_xticks(range(len(BOOT_STAGES)), labels, fontsize=8)
+    ax.set_ylabel("seconds from the launch (median)")
+    ax.set_title("Instance boot, one server", fontsize=10)
+    _legend(ax, fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
@@ -420,6 +550,7 @@ def write_charts(results: Path) -> list[Path]:
         fleet_ec2_chart,
         baselines_chart,
         backup_chart,
+        network_chart,
     )
     for chart in charts:
         path = chart(results, plt)
