@@ -52,11 +52,16 @@ _LAYER_FIXTURES = {
 # The modules that take longest (from --durations on 2 cores), longest first. With
 # `--dist loadscope --no-loadscope-reorder` (make test) each module goes whole to one worker
 # in this order, so no worker is handed a long module when the others are nearly done.
+# The benchmark groups (each runs its scripts' quick mode in its first test) go between
+# the long test modules: spread over the workers, not queued behind each other.
 _LONGEST_FIRST = (
-    "test_benchmarks_quick.py",
+    "test_benchmarks_quick_baselines.py",
     "test_safety_faults.py",
+    "test_benchmarks_quick.py",
     "test_cli.py",
+    "test_benchmarks_quick_fleets.py",
     "test_backup_faults.py",
+    "test_benchmarks_quick_backups.py",
     "test_localcloud_isolation.py",
     "test_backup_runs.py",
     "test_demo.py",

@@ -259,7 +259,9 @@ def test_a_script_that_closes_nothing_leaves_nothing(tmp_path: Path) -> None:
         f"""
         from asyncstage import blocking
         cloud = blocking.LocalCloud()
-        m = cloud.manager(on_exit="terminate", dotdir={str(tmp_path / "dot")!r}, scan=False)
+        m = cloud.manager(
+            on_exit="terminate", dotdir={str(tmp_path / "dot")!r}, scan=False, poll_interval=0.2
+        )
         m.get_server("left-open").provision_volume("data", size=1)
         print(cloud.state_dir, flush=True)
         """

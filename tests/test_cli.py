@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 from asyncstage.backup import size_for
+from asyncstage.cli import common
 from asyncstage.cli.common import resolve_names
+from asyncstage.cli.parser import build_parser
 from asyncstage.localcloud._isolation import MECHANISMS, device_cgroups_available
 from asyncstage.output import human_bytes, table
 from tests.fixtures.daemon import EXE, local_daemon, run
@@ -62,6 +64,33 @@ def test_helpers() -> None:
     assert resolve_names(m, "user@host:/x") == "user@host:/x"
     with pytest.raises(Exception, match="no server or volume named 'nope'"):
         resolve_names(m, "nope:/x")
+
+
+def test_the_local_cloud_is_polled_sooner_than_ec2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On a local cloud the waits end in a fraction of a second: its commands poll first
+    after 0.2 s; elsewhere the library's default (1 s) stays."""
+    state = {
+        "pid": 1,
+        "endpoint_url": "http://127.0.0.1:4567",
+        "region": "us-east-1",
+        "image_id": "ami-0123456789abcdef0",
+        "username": "admin",
+        "dotdir": str(tmp_path / "dot"),
+        "aws_access_key_id": "local-key",
+        "aws_secret_access_key": "local-secret",
+    }
+    monkeypatch.setenv("ASYNCSTAGE_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("ASYNCSTAGE_ENDPOINT_URL", raising=False)
+    monkeypatch.setattr(common, "read_local_state", lambda _: state)
+    local = common.manager_options(build_parser().parse_args(["--local", "servers"]))
+    assert local["poll_interval"] == 0.2 and local["endpoint_url"] == state["endpoint_url"]
+    monkeypatch.setattr(common, "read_local_state", lambda _: None)
+    test_cloud = ["--endpoint-url", "http://127.0.0.1:4568", "servers"]
+    assert common.manager_options(build_parser().parse_args(test_cloud))["poll_interval"] == 0.2
+    remote = common.manager_options(build_parser().parse_args(["servers"]))
+    assert "poll_interval" not in remote and "endpoint_url" not in remote
 
 
 def test_usage_errors_exit_2() -> None:

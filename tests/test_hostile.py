@@ -26,6 +26,7 @@ from asyncstage.ec2 import EC2, tag, tag_filters, tags_of
 from asyncstage.errors import InvalidName, MountPointRefused, PathError
 from asyncstage.localcloud import LocalCloud
 from tests.fixtures.cloud import ManagerFactory
+from tests.shared_server import shared_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
@@ -64,9 +65,8 @@ HOSTILE_MOUNT_POINTS = [
 ]
 
 
-@pytest.fixture
-async def server(manager: Manager) -> Server:
-    return await manager.get_server("hostile-host")
+# the API tests share one server: each leaves it as it found it
+manager, server = shared_server("hostile-host")
 
 
 async def _mounts(server: Server) -> list[str]:

@@ -21,15 +21,15 @@ from asyncstage.ec2 import EC2, tag, tag_filters
 from asyncstage.errors import VolumeInUse, VolumeNotMounted
 from asyncstage.localcloud import LocalCloud
 from tests.fixtures.cloud import ManagerFactory
+from tests.shared_server import shared_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
 FILES = {"a.txt": "alpha\n", "sub/b.txt": "beta\n", "sub/deeper/c.bin": "gamma" * 1000}
 
 
-@pytest.fixture
-async def server(manager: Manager) -> Server:
-    return await manager.get_server("fault-host")
+# the first tests share one server: each puts its mounts back and deletes its volume
+manager, server = shared_server("fault-host")
 
 
 @pytest.fixture

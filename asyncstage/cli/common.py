@@ -74,6 +74,11 @@ def settings(args: argparse.Namespace) -> dict[str, userconfig.Setting]:
     )
 
 
+# A local cloud's waits end in a fraction of a second: EC2's first pause of 1 s would be
+# most of a command's time there (the pauses still grow while a wait lasts).
+LOCAL_POLL_INTERVAL = 0.2
+
+
 def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
     """Manager options from the global options, the environment, the config file and a
     running local cloud (whose region, image and user name win over the file's)."""
@@ -100,12 +105,18 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
             "dotdir": str(state["dotdir"]),
             "install_packages": False,
             "root_type": None,
+            "poll_interval": LOCAL_POLL_INTERVAL,
             # the read-only pair when the environment holds it (`local env --read-only`)
             **daemon.cloud_credentials(state, read_only=daemon.read_only_exported(state)),  # type: ignore[typeddict-item]
         }
     elif endpoint and is_loopback(endpoint):
         # another local cloud (a test's, say): its image by name, no real credentials needed
-        opts |= {"image": LOCAL_IMAGE_PATTERN, "install_packages": False, "root_type": None}
+        opts |= {
+            "image": LOCAL_IMAGE_PATTERN,
+            "install_packages": False,
+            "root_type": None,
+            "poll_interval": LOCAL_POLL_INTERVAL,
+        }
         if not os.environ.get("AWS_ACCESS_KEY_ID") and not value["profile"]:
             opts |= LOCAL_CREDENTIALS  # type: ignore[typeddict-item]
     for key in ("region", "image", "username", "profile", "instance_type"):

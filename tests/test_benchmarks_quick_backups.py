@@ -1,0 +1,52 @@
+"""Smoke test: the backup, keep and check benchmarks run in quick mode and write sane JSON.
+
+Never asserts timings or ratios against targets: the machines are shared and noisy. The
+scripts run in groups (tests/benchmarks_quick.py), a module each, so that the suite's
+workers run the groups side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.benchmarks_quick import check_group_results, load, marks, positive, results_of
+
+pytestmark = marks()
+
+results = results_of("backups")
+
+
+def test_every_script_wrote_its_results(results: Path) -> None:
+    check_group_results(results, "backups")
+
+
+def test_backup(results: Path) -> None:
+    data = load(results, "backup")
+    r = data["results"]
+    for n in data["params"]["fleet_sizes"]:
+        ours = r["fleets"][str(n)]["asyncstage"]
+        assert ours["n"] == n and positive(ours["wall_s"]) and ours["parents"] == 0
+        assert ours["bytes"] >= n * data["params"]["bytes_per_server"] * 0.99
+        assert ours["routes"] == ["same-host"]  # each copied on its own server
+    c = r["cpu_limit"]
+    assert positive(c["limit_mb_s"]) and positive(c["copy_phase_mb_s"])
+    assert 0 <= c["bare"]["busy"] <= 1
+    rerun = r["incremental"]["rerun"]
+    assert rerun["parents"] == data["params"]["focus_fleet"]  # every one incremental
+    assert 0 < rerun["files"] < r["incremental"]["first"]["files"]
+    assert r["snapshot_mode"]["snapshot"]["snapshots"] == data["params"]["focus_fleet"]
+    assert {t["name"] for t in data["targets"]} >= {
+        "copy_mode_vs_cpu_limit",
+        "incremental_rerun",
+        "snapshot_vs_copy_mode",
+    }
+
+
+def test_check(results: Path) -> None:
+    data = load(results, "check")
+    r, p = data["results"], data["params"]
+    assert r["files"] == p["big_files"] + p["small_files"]
+    assert len(r["helper_runs_s"]) == len(r["sha256sum_runs_s"]) == p["repeats"]
+    assert all(positive(x) for x in (*r["helper_runs_s"], *r["sha256sum_runs_s"]))
+    assert positive(r["whole_check_s"]) and r["bytes"] > 0
+    assert [t["name"] for t in data["targets"]] == ["check_read_data_vs_sha256sum"]
