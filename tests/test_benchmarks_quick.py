@@ -42,23 +42,23 @@ def test_streaming(results: Path) -> None:
 
 
 def test_network(results: Path) -> None:
-    data = _load(results, "network")
+    data = load(results, "network")
     r = data["results"]
     assert data["params"]["clouds_network"] == {"vpc": "vpc", "loopback": "loopback"}
     addresses = data["params"]["addresses"]
     assert addresses["loopback"].startswith("127.")
     assert not addresses["vpc"].startswith("127.")  # a public address inside the cloud's range
     for side in ("vpc", "loopback", "jump"):
-        assert r["latency"][side]["n"] >= 1 and _positive(r["latency"][side]["median"])
+        assert r["latency"][side]["n"] >= 1 and positive(r["latency"][side]["median"])
         for direction in ("read", "write"):
-            assert _positive(r["mb_per_s_median"][f"{direction} {side}"])
+            assert positive(r["mb_per_s_median"][f"{direction} {side}"])
             assert (
                 len(r["mb_per_s_rounds"][f"{direction} {side}"]) == data["params"]["stream_rounds"]
             )
     for side in ("vpc", "loopback"):
         boot = r["boot"][side]
         assert len(boot["answering_ssh_s"]) == data["params"]["boot_rounds"]
-        assert all(_positive(x) for x in (*boot["cloud_running_s"], *boot["answering_ssh_s"]))
+        assert all(positive(x) for x in (*boot["cloud_running_s"], *boot["answering_ssh_s"]))
     assert {t["name"] for t in data["targets"]} == {
         "command_latency_vpc_vs_loopback",
         "scmd_read_vpc_vs_loopback",
