@@ -362,7 +362,7 @@ class Server:
 
     async def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
         """rsync sources on this server (plain paths) or volumes to ``dest`` (the last path)."""
-        return await transfer.server_get(self, *paths, **options)
+        return await transfer.get_from(self, *paths, **options)
 
     async def dd(
         self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
