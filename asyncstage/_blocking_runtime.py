@@ -243,8 +243,12 @@ _CLASSES: list[tuple[type[Any], type[_Twinned[Any]]]] = []
 
 
 def _register(async_cls: type[Any], blocking_cls: type[_Twinned[Any]]) -> None:
-    """Hand out ``blocking_cls`` twins for instances of ``async_cls``."""
+    """Hand out ``blocking_cls`` twins for instances of ``async_cls``; its generated
+    methods, written without docstrings, get those of their async twins."""
     _CLASSES.append((async_cls, blocking_cls))
+    for name, member in vars(blocking_cls).items():
+        if inspect.isfunction(member) and member.__doc__ is None:
+            member.__doc__ = getattr(async_cls, name).__doc__
 
 
 def _twin_of(obj: Any) -> Any:
