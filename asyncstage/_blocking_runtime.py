@@ -23,7 +23,6 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -417,31 +416,22 @@ class _CommandFile(Generic[AnyStr]):
 
     def close(self) -> None:
         """Stop or finish the command (see the class); CommandFailed if it failed."""
-        self._exit(None, None, None)
+        self._exit(None)
 
-    def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _exit(self, exc: BaseException | None) -> None:
+        """Close: the command is stopped when ``exc`` (what ends a ``with`` block) is set."""
         if self.closed:
             return
         self.closed = True
         cm, self._cm = self._cm, None
         if cm is not None:
-            cm.__exit__(exc_type, exc, tb)
+            cm.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._exit(exc_type, exc, tb)
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        self._exit(exc)
 
     def __del__(self) -> None:
         if not getattr(self, "closed", True) and not _loop.in_loop_thread():
@@ -602,22 +592,17 @@ class CommandWriter(_CommandFile[AnyStr]):
             self._parts, self._size = [], 0
             call(self._writer.write, data)
 
-    def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _exit(self, exc: BaseException | None) -> None:
         if self.closed:
             return
         try:
-            if exc_type is None:
+            if exc is None:
                 self.flush()
         except BaseException as e:
-            exc_type, exc, tb = type(e), e, e.__traceback__
+            exc = e
             raise
         finally:
-            super()._exit(exc_type, exc, tb)
+            super()._exit(exc)
 
 
 # -- what the generated classes build on ------------------------------------------------------
@@ -643,12 +628,7 @@ class _Lifetime(_Twinned[_T]):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         self.close()
 
 
@@ -667,12 +647,7 @@ class _ManagerLifetime(_Lifetime[_AsyncManager]):
         call(self._async.open)
         _loop.register(self)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         self.close(raise_errors=exc is None)
 
     def close(self, *, raise_errors: bool = True) -> None:
