@@ -23,7 +23,6 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -243,8 +242,12 @@ _CLASSES: list[tuple[type[Any], type[_Twinned[Any]]]] = []
 
 
 def _register(async_cls: type[Any], blocking_cls: type[_Twinned[Any]]) -> None:
-    """Hand out ``blocking_cls`` twins for instances of ``async_cls``."""
+    """Hand out ``blocking_cls`` twins for instances of ``async_cls``; its generated
+    methods, written without docstrings, get those of their async twins."""
     _CLASSES.append((async_cls, blocking_cls))
+    for name, member in vars(blocking_cls).items():
+        if inspect.isfunction(member) and member.__doc__ is None:
+            member.__doc__ = getattr(async_cls, name).__doc__
 
 
 def _twin_of(obj: Any) -> Any:
@@ -413,31 +416,22 @@ class _CommandFile(Generic[AnyStr]):
 
     def close(self) -> None:
         """Stop or finish the command (see the class); CommandFailed if it failed."""
-        self._exit(None, None, None)
+        self._exit(None)
 
-    def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _exit(self, exc: BaseException | None) -> None:
+        """Close: the command is stopped when ``exc`` (what ends a ``with`` block) is set."""
         if self.closed:
             return
         self.closed = True
         cm, self._cm = self._cm, None
         if cm is not None:
-            cm.__exit__(exc_type, exc, tb)
+            cm.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._exit(exc_type, exc, tb)
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        self._exit(exc)
 
     def __del__(self) -> None:
         if not getattr(self, "closed", True) and not _loop.in_loop_thread():
@@ -598,22 +592,17 @@ class CommandWriter(_CommandFile[AnyStr]):
             self._parts, self._size = [], 0
             call(self._writer.write, data)
 
-    def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _exit(self, exc: BaseException | None) -> None:
         if self.closed:
             return
         try:
-            if exc_type is None:
+            if exc is None:
                 self.flush()
         except BaseException as e:
-            exc_type, exc, tb = type(e), e, e.__traceback__
+            exc = e
             raise
         finally:
-            super()._exit(exc_type, exc, tb)
+            super()._exit(exc)
 
 
 # -- what the generated classes build on ------------------------------------------------------
@@ -639,12 +628,7 @@ class _Lifetime(_Twinned[_T]):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         self.close()
 
 
@@ -663,12 +647,7 @@ class _ManagerLifetime(_Lifetime[_AsyncManager]):
         call(self._async.open)
         _loop.register(self)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
         self.close(raise_errors=exc is None)
 
     def close(self, *, raise_errors: bool = True) -> None:

@@ -48,6 +48,7 @@ from asyncstage._blocking_runtime import _Twinned as _Twinned
 from asyncstage.localcloud import LocalCloud as _AsyncLocalCloud
 from asyncstage.manager import Manager as _AsyncManager
 from asyncstage.server import Server as _AsyncServer
+from asyncstage.settings import ManagerKeywords
 from asyncstage.volume import Volume as _AsyncVolume
 
 if TYPE_CHECKING:
@@ -59,12 +60,12 @@ if TYPE_CHECKING:
     from typing import Any, Literal
 
     from asyncstage import keys
-    from asyncstage.capacity import LaunchChoices
-    from asyncstage.ec2 import Resource, RetryMode
+    from asyncstage.ec2 import Resource
     from asyncstage.jumps import JumpSpec
     from asyncstage.localcloud._isolation import DeviceIsolation
     from asyncstage.localcloud._network import NetworkMode
     from asyncstage.localcloud._realism import Realism
+    from asyncstage.options import NewVolumeOptions, ProvisionOptions, ServerOptions, VolumeOptions
     from asyncstage.paths import PathLike, RemotePath
     from asyncstage.settings import Access, Connection, Launch, OnExit, Storage
     from asyncstage.ssh import Command, CommandResult
@@ -76,6 +77,7 @@ __all__ = [
     "CommandReader",
     "CommandWriter",
     "LocalCloud",
+    "LocalCloudOptions",
     "Manager",
     "ManagerOptions",
     "Server",
@@ -84,7 +86,7 @@ __all__ = [
 ]
 
 
-class ManagerOptions(TypedDict, total=False):
+class ManagerOptions(ManagerKeywords, total=False):
     """The keyword arguments of :class:`asyncstage.Manager` (generated from them)."""
 
     region: str | None
@@ -100,34 +102,6 @@ class ManagerOptions(TypedDict, total=False):
     server_class: type[_AsyncServer]
     volume_class: type[_AsyncVolume]
     jump_host: JumpSpec | None
-    endpoint_url: str | None
-    profile: str | None
-    aws_access_key_id: str | None
-    aws_secret_access_key: str | None
-    aws_session_token: str | None
-    retry_mode: RetryMode
-    instance_type: str | None
-    image: str | None
-    image_owners: Sequence[str] | None
-    availability_zone: str | None
-    username: str | None
-    architecture: str
-    root_type: str | None
-    ssh_cidr: str | Sequence[str] | None
-    security_group: str
-    reuse_key: bool
-    host_key_policy: HostKeyPolicy
-    checkip_url: str | None
-    reuse_volumes: bool
-    mount_options: str
-    install_packages: bool
-    server_timeout: float | None
-    volume_timeout: float | None
-    snapshot_timeout: float | None
-    exit_timeout: float | None
-    console_timeout: float | None
-    poll_interval: float | None
-    launch_window: float | None
 
 
 class _ManagerAttributes(_ManagerLifetime):
@@ -266,201 +240,90 @@ class Manager(_ManagerAttributes):
         self._adopt(call(_AsyncManager, **options))
 
     def open(self) -> Manager:
-        """Open the EC2 client and scan: reads only.
-
-        The key pair and the security group are made or checked when first needed (a
-        launch, an ssh connection to one of our servers), not here.
-        """
         return cast("Manager", _wrap(_call_async(self._async.open)))
 
     def known_key_names(self) -> set[str]:
-        """The EC2 key pairs whose private keys this manager holds (its dot directory's):
-        only servers launched with one, and volumes and snapshots whose owner tag names
-        one, are adopted."""
         return _call_sync(self._async.known_key_names)
 
     def servers(self) -> list[Server]:
-        """Every server this manager knows (made or adopted)."""
         return cast("list[Server]", _wrap(_call_sync(self._async.servers)))
 
     def volumes(self) -> list[Volume]:
-        """Every volume this manager knows (made or adopted)."""
         return cast("list[Volume]", _wrap(_call_sync(self._async.volumes)))
 
     def find_server_by_instance(self, instance_id: str) -> Server:
-        """The managed server with this instance id (UnknownServer otherwise)."""
         return cast("Server", _wrap(_call_sync(self._async.find_server_by_instance, instance_id)))
 
     def find_server_by_name(self, name: str) -> Server | None:
-        """The managed server of that name, or None."""
         return cast("Server | None", _wrap(_call_sync(self._async.find_server_by_name, name)))
 
     def find_volume_by_volid(self, volume_id: str) -> Volume:
-        """The managed volume with this id (UnknownVolume otherwise)."""
         return cast("Volume", _wrap(_call_sync(self._async.find_volume_by_volid, volume_id)))
 
     def find_volume_by_name(self, name: str) -> Volume | None:
-        """The managed volume of that name, or None."""
         return cast("Volume | None", _wrap(_call_sync(self._async.find_volume_by_name, name)))
 
     def new_server_name(self) -> str:
-        """A fresh name: ``server-xxxxxxxx``."""
         return _call_sync(self._async.new_server_name)
 
     def new_volume_name(self) -> str:
-        """A fresh name: ``volume-xxxxxxxx``."""
         return _call_sync(self._async.new_volume_name)
 
     def scan_region(self) -> None:
-        """Adopt the servers and volumes earlier managers made (by tags), and their mounts."""
         _call_async(self._async.scan_region)
 
     def provision_server(
-        self,
-        name: str | None = None,
-        *,
-        instance_type: str | None = None,
-        image: str | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str | None = None,
-        timeout: float | None = None,
-        jump_host: JumpSpec | None = None,
-        **choices: Unpack[LaunchChoices],
+        self, name: str | None = None, **options: Unpack[ProvisionOptions]
     ) -> Server:
-        """Launch a new server and wait until it is up (running and answering ssh).
-
-        Concurrent calls with the same launch options share one RunInstances call.
-        ``zones`` / ``instance_types``: fallbacks, as for :meth:`provision_servers`.
-        ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
-        """
-        return cast(
-            "Server",
-            _wrap(
-                _call_async(
-                    self._async.provision_server,
-                    name,
-                    instance_type=instance_type,
-                    image=image,
-                    availability_zone=availability_zone,
-                    username=username,
-                    architecture=architecture,
-                    timeout=timeout,
-                    jump_host=jump_host,
-                    **choices,
-                )
-            ),
-        )
+        return cast("Server", _wrap(_call_async(self._async.provision_server, name, **options)))
 
     def provision_servers(
         self,
         names_or_count: int | Sequence[str] | None = None,
         *,
         count: int | None = None,
-        instance_type: str | None = None,
-        image: str | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str | None = None,
-        timeout: float | None = None,
-        jump_host: JumpSpec | None = None,
-        **choices: Unpack[LaunchChoices],
+        **options: Unpack[ProvisionOptions],
     ) -> list[Server]:
-        """Launch a fleet with one RunInstances call and wait until all are up.
-
-        ``names_or_count``: names or a number (or ``count=``). Servers that fail are terminated;
-        a :class:`FleetError` names them, the others in ``succeeded``. ``zones=[...]``,
-        ``instance_types=[...]``, ``partial="terminate"|"keep"``: where EC2 has no capacity,
-        the next choice (:mod:`asyncstage.capacity`).
-        """
         return cast(
             "list[Server]",
             _wrap(
-                _call_async(
-                    self._async.provision_servers,
-                    names_or_count,
-                    count=count,
-                    instance_type=instance_type,
-                    image=image,
-                    availability_zone=availability_zone,
-                    username=username,
-                    architecture=architecture,
-                    timeout=timeout,
-                    jump_host=jump_host,
-                    **choices,
-                )
+                _call_async(self._async.provision_servers, names_or_count, count=count, **options)
             ),
         )
 
-    def get_server(
-        self,
-        name: str | None = None,
-        *,
-        instance_type: str | None = None,
-        image: str | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str | None = None,
-        timeout: float | None = None,
-        jump_host: JumpSpec | None = None,
-    ) -> Server:
-        """The server of that name, started if stopped; a new one when there is none.
-        ``jump_host``: reach it through this one (:attr:`Server.jump_host`)."""
-        return cast(
-            "Server",
-            _wrap(
-                _call_async(
-                    self._async.get_server,
-                    name,
-                    instance_type=instance_type,
-                    image=image,
-                    availability_zone=availability_zone,
-                    username=username,
-                    architecture=architecture,
-                    timeout=timeout,
-                    jump_host=jump_host,
-                )
-            ),
-        )
+    def get_server(self, name: str | None = None, **options: Unpack[ServerOptions]) -> Server:
+        return cast("Server", _wrap(_call_async(self._async.get_server, name, **options)))
 
     def get_server_in_zone(self, zone: str) -> Server:
-        """A server up in this zone: a running one, else a started one, else a new one."""
         return cast("Server", _wrap(_call_async(self._async.get_server_in_zone, zone)))
 
     def wait_for_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
-        """Wait until every server is up; FleetError names those that are not."""
         return cast(
             "list[Server]", _wrap(_call_async(self._async.wait_for_servers, list(servers), timeout))
         )
 
     def start_all_servers(self, timeout: float | None = None) -> list[Server]:
-        """Start every managed server at once (one StartInstances call) and wait until up."""
         return cast("list[Server]", _wrap(_call_async(self._async.start_all_servers, timeout)))
 
     def stop_all_servers(self, timeout: float | None = None) -> list[Server]:
-        """Stop every managed server at once and wait until they are stopped."""
         return cast("list[Server]", _wrap(_call_async(self._async.stop_all_servers, timeout)))
 
     def terminate_all_servers(self, timeout: float | None = None) -> list[Server]:
-        """Terminate every managed server at once, wait, and unregister them."""
         return cast("list[Server]", _wrap(_call_async(self._async.terminate_all_servers, timeout)))
 
     def force_terminate_all_servers(self) -> None:
-        """Terminate every managed server at once without waiting (emergency brake)."""
         _call_async(self._async.force_terminate_all_servers)
 
     def start_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
-        """Start these servers at once and wait until they are up."""
         return cast(
             "list[Server]", _wrap(_call_async(self._async.start_servers, list(servers), timeout))
         )
 
     def stop_servers(self, servers: Iterable[Server], timeout: float | None = None) -> list[Server]:
-        """Stop these servers at once and wait until they are stopped."""
         return cast(
             "list[Server]", _wrap(_call_async(self._async.stop_servers, list(servers), timeout))
         )
@@ -468,86 +331,19 @@ class Manager(_ManagerAttributes):
     def terminate_servers(
         self, servers: Iterable[Server], timeout: float | None = None
     ) -> list[Server]:
-        """Terminate these servers at once, wait, and unregister them."""
         return cast(
             "list[Server]",
             _wrap(_call_async(self._async.terminate_servers, list(servers), timeout)),
         )
 
     def snapshots(self, name: str | None = None) -> list[Resource]:
-        """Our staging snapshots (of volumes named ``name``), newest first, failed ones left out.
-
-        Only snapshots this manager's keys own (their ``asyncstage:owner`` tag) with tags that
-        pass the naming rules are listed: nothing else is ever restored from.
-
-        Each is EC2's description (``SnapshotId``, ``VolumeSize``, ``StartTime``, ``Tags`` ...).
-        """
         return _call_async(self._async.snapshots, name)
 
-    def provision_volume(
-        self,
-        name: str | None = None,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        volume_id: str | None = None,
-        snapshot_id: str | None = None,
-        reuse: bool | None = None,
-        label: str | None = None,
-        uuid: str | None = None,
-        availability_zone: str | None = None,
-    ) -> Volume:
-        """A volume mounted on a server of its zone (one is started or made if needed).
+    def provision_volume(self, name: str | None = None, **options: Unpack[VolumeOptions]) -> Volume:
+        return cast("Volume", _wrap(_call_async(self._async.provision_volume, name, **options)))
 
-        Same options as :meth:`Server.provision_volume`.
-        """
-        return cast(
-            "Volume",
-            _wrap(
-                _call_async(
-                    self._async.provision_volume,
-                    name,
-                    size=size,
-                    fstype=fstype,
-                    mtpt=mtpt,
-                    mount=mount,
-                    volume_id=volume_id,
-                    snapshot_id=snapshot_id,
-                    reuse=reuse,
-                    label=label,
-                    uuid=uuid,
-                    availability_zone=availability_zone,
-                )
-            ),
-        )
-
-    def get_volume(
-        self,
-        name: str,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        availability_zone: str | None = None,
-    ) -> Volume:
-        """The volume of that name (mounted somewhere), made when there is none."""
-        return cast(
-            "Volume",
-            _wrap(
-                _call_async(
-                    self._async.get_volume,
-                    name,
-                    size=size,
-                    fstype=fstype,
-                    mtpt=mtpt,
-                    mount=mount,
-                    availability_zone=availability_zone,
-                )
-            ),
-        )
+    def get_volume(self, name: str, **options: Unpack[NewVolumeOptions]) -> Volume:
+        return cast("Volume", _wrap(_call_async(self._async.get_volume, name, **options)))
 
     def copy_snapshot(
         self,
@@ -557,7 +353,6 @@ class Manager(_ManagerAttributes):
         description: str | None = None,
         timeout: float | None = None,
     ) -> str:
-        """Copy one of our snapshots to another region (or manager); the copy's id, completed."""
         return _call_async(
             self._async.copy_snapshot,
             snapshot,
@@ -576,10 +371,6 @@ class Manager(_ManagerAttributes):
         timeout: float | None = None,
         **register_options: Any,
     ) -> str:
-        """Copy an image to another region (or manager); the copy's id, once available.
-
-        ``register_options`` are passed on to CopyImage (``Encrypted``, ``KmsKeyId`` ...).
-        """
         return _call_async(
             self._async.copy_image,
             image,
@@ -591,22 +382,11 @@ class Manager(_ManagerAttributes):
         )
 
     def rsync(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
-        """rsync sources to a destination (the last path), between any path forms.
-
-        Local paths (a trailing slash copies the contents), ``f"{server}:/abs"``,
-        ``f"{volume}/sub"``, ``":/sub"`` (the previous source's server or volume),
-        ``user@host:/path`` and :class:`~asyncstage.paths.RemotePath`. Several sources
-        must live on one host. Server to server goes directly, with a temporary key.
-        """
         return _call_async(self._async.rsync, *paths, **options)
 
     def dd(
         self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
     ) -> TransferStats:
-        """Block-copy volume ``source`` onto ``dest``: zero blocks skipped, verified by sha256.
-
-        Both must be attached and not mounted (``unmount=True`` unmounts them first).
-        """
         return _call_async(self._async.dd, source, dest, **options)
 
 
@@ -685,27 +465,21 @@ class Server(_ServerAttributes):
     """Blocking twin of :class:`asyncstage.Server` (``str(server)`` is its instance id)."""
 
     def refresh(self) -> Resource:
-        """Fetch the instance's description again (sharing a round with other callers)."""
         return _call_async(self._async.refresh)
 
     def volumes(self) -> list[Volume]:
-        """The managed volumes attached to this server (the root volume is not one)."""
         return cast("list[Volume]", _wrap(_call_sync(self._async.volumes)))
 
     def ping(self, timeout: float = 10.0) -> bool:
-        """True when the instance is running AND ssh answers with our key (cached)."""
         return _call_async(self._async.ping, timeout)
 
     def start(self, timeout: float | None = None) -> None:
-        """Start the server and wait until ping() succeeds (default: ``timeouts.server``)."""
         _call_async(self._async.start, timeout)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the server and wait until it is stopped (default: ``timeouts.stop``)."""
         _call_async(self._async.stop, timeout)
 
     def terminate(self, timeout: float | None = None) -> None:
-        """Terminate, wait (default: ``timeouts.stop``), unregister it and its host key."""
         _call_async(self._async.terminate, timeout)
 
     def run(
@@ -717,7 +491,6 @@ class Server(_ServerAttributes):
         encoding: str | None = "utf-8",
         sudo: bool = False,
     ) -> CommandResult:
-        """Run a command; the full result (exit status, stdout, stderr)."""
         return _call_async(
             self._async.run,
             *cmd,
@@ -736,132 +509,68 @@ class Server(_ServerAttributes):
         input: str | bytes | None = None,
         sudo: bool = False,
     ) -> str:
-        """Run a command and return its standard output, like backticks."""
         return _call_async(
             self._async.scmd, *cmd, check=check, timeout=timeout, input=input, sudo=sudo
         )
 
     def ssh(self, *cmd: Command, timeout: float | None = None, sudo: bool = False) -> bool:
-        """Run a command with its output on our stdout/stderr; true on success."""
         return _call_async(self._async.ssh, *cmd, timeout=timeout, sudo=sudo)
 
     def scmd_to_file(self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False) -> int:
-        """Run a command with its stdout written to the local file ``path`` (renamed into
-        place on success); the bytes written. See :meth:`SSHHost.scmd_to_file`."""
         return _call_async(self._async.scmd_to_file, *cmd, path=path, sudo=sudo)
 
     def scmd_from_file(
         self, *cmd: Command, path: str | os.PathLike[str], sudo: bool = False
     ) -> int:
-        """Run a command with the local file ``path`` as its stdin; the bytes sent."""
         return _call_async(self._async.scmd_from_file, *cmd, path=path, sudo=sudo)
 
     def shell(self) -> int:
-        """An interactive shell on the server; its exit status."""
         return _call_async(self._async.shell)
 
     def default_mtpt(self, volume: Volume | str) -> str:
-        """The default mount point of a volume: ``/mnt/Staging/<name>``."""
         return _call_sync(self._async.default_mtpt, volume)
 
     def volume_description(self, volume: Volume | str) -> str:
-        """The description given to a staging volume's snapshots."""
         return _call_sync(self._async.volume_description, volume)
 
     def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
-        """A free device name: (EC2 name ``/dev/sdX``, the name the kernel may give it)."""
         return _call_async(self._async.unused_block_device, major_start)
 
-    def provision_volume(
-        self,
-        name: str | None = None,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        volume_id: str | None = None,
-        snapshot_id: str | None = None,
-        reuse: bool | None = None,
-        label: str | None = None,
-        uuid: str | None = None,
-        availability_zone: str | None = None,
-    ) -> Volume:
-        """Make (or reuse) a volume, attach it here, format it and mount it.
-
-        ``size`` in GiB (default 1, or the snapshot's size); ``fstype`` ext4 by
-        default (``raw``: attached but not formatted or mounted); ``mtpt``/``mount``
-        default ``/mnt/Staging/<name>``. ``volume_id`` attaches an existing volume,
-        ``snapshot_id`` makes it from a snapshot; with a name and ``reuse`` (default:
-        the manager's ``reuse_volumes``) an existing volume of that name is used, else
-        the newest snapshot of that name. A volume made larger than its snapshot has
-        its filesystem grown. Volumes from a volume or snapshot are never reformatted.
-        """
-        return cast(
-            "Volume",
-            _wrap(
-                _call_async(
-                    self._async.provision_volume,
-                    name,
-                    size=size,
-                    fstype=fstype,
-                    mtpt=mtpt,
-                    mount=mount,
-                    volume_id=volume_id,
-                    snapshot_id=snapshot_id,
-                    reuse=reuse,
-                    label=label,
-                    uuid=uuid,
-                    availability_zone=availability_zone,
-                )
-            ),
-        )
+    def provision_volume(self, name: str | None = None, **options: Unpack[VolumeOptions]) -> Volume:
+        return cast("Volume", _wrap(_call_async(self._async.provision_volume, name, **options)))
 
     add_volume = provision_volume
 
     def mount_volume(self, volume: Volume, mtpt: str | None = None) -> None:
-        """Mount a volume here (attaching it first if needed) at mtpt or its last mount point."""
         _call_async(self._async.mount_volume, volume, mtpt)
 
     def remount_volume(self, volume: Volume) -> None:
-        """Mount again a volume unmounted from this server, at its old mount point."""
         _call_async(self._async.remount_volume, volume)
 
     def unmount_volume(self, volume: Volume) -> None:
-        """Unmount a volume (it stays attached)."""
         _call_async(self._async.unmount_volume, volume)
 
     def detach_volume(self, volume: Volume) -> None:
-        """Unmount and detach a volume, waiting until EC2 says it is detached."""
         _call_async(self._async.detach_volume, volume)
 
     def delete_volume(self, volume: Volume) -> None:
-        """Unmount, detach and delete a volume."""
         _call_async(self._async.delete_volume, volume)
 
     def create_snapshot(self, volume: Volume, description: str = "") -> str:
-        """Snapshot a volume cleanly (unmounted, or frozen if busy, then mounted again)."""
         return _call_async(self._async.create_snapshot, volume, description)
 
     def rsync(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
-        """rsync between any path forms (the last path is the destination); see Manager.rsync."""
         return _call_async(self._async.rsync, *paths, **options)
 
     def put(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
-        """rsync sources (local, or any path form) to ``dest`` (the last path) on this server.
-
-        A plain ``dest`` is a path on this server; a volume path goes into the volume.
-        """
         return _call_async(self._async.put, *paths, **options)
 
     def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
-        """rsync sources on this server (plain paths) or volumes to ``dest`` (the last path)."""
         return _call_async(self._async.get, *paths, **options)
 
     def dd(
         self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]
     ) -> TransferStats:
-        """Block-copy volume ``source`` onto volume ``dest``; see Manager.dd."""
         return _call_async(self._async.dd, source, dest, **options)
 
 
@@ -937,124 +646,101 @@ class Volume(_VolumeAttributes):
     """Blocking twin of :class:`asyncstage.Volume` (``str(volume)`` is its volume id)."""
 
     def fstab_line(self) -> str:
-        """An /etc/fstab line that mounts the volume where it is mounted now."""
         return _call_sync(self._async.fstab_line)
 
     def get_fstype(self) -> str:
-        """The filesystem type on the device, as blkid reads it ('' when none)."""
         return _call_async(self._async.get_fstype)
 
     def refresh(self) -> Resource:
-        """Fetch the volume's description again."""
         return _call_async(self._async.refresh)
 
     def mount(self, server: Server | None = None, mtpt: str | None = None) -> None:
-        """Mount the volume: on its server, the given one, or one in its zone (made if needed).
-
-        Given another server than the one it is attached to, it is detached first.
-        """
         _call_async(self._async.mount, server, mtpt)
 
     def remount(self) -> None:
-        """Mount the volume again where it was mounted on its server."""
         _call_async(self._async.remount)
 
     def unmount(self) -> None:
-        """Unmount the volume (it stays attached)."""
         _call_async(self._async.unmount)
 
     def detach(self) -> None:
-        """Unmount and detach the volume."""
         _call_async(self._async.detach)
 
     def delete(self) -> None:
-        """Unmount, detach and delete the volume; it is unregistered from its manager."""
         _call_async(self._async.delete)
 
     def create_snapshot(self, description: str = "", *, wait: bool = False) -> str:
-        """Snapshot the volume cleanly; the snapshot's id.
-
-        A mounted volume is unmounted first (or frozen with fsfreeze when it is
-        busy) and mounted again afterwards. The snapshot is tagged with the volume's
-        name and fstype, so that ``provision_volume(name, reuse=True)`` finds it.
-        ``wait`` waits until the snapshot is completed.
-        """
         return _call_async(self._async.create_snapshot, description, wait=wait)
 
     snapshot = create_snapshot
 
     def ls(self, *args: str) -> str:
-        """``ls`` on the volume (paths relative to its root; default its root)."""
         return _call_async(self._async.ls, *args)
 
     def df(self, *args: str) -> str:
-        """``df`` of the volume."""
         return _call_async(self._async.df, *args)
 
     def mkdir(self, *args: str) -> str:
-        """``mkdir`` on the volume."""
         return _call_async(self._async.mkdir, *args)
 
     def chown(self, owner: str, *args: str) -> str:
-        """``chown owner paths...`` on the volume."""
         return _call_async(self._async.chown, owner, *args)
 
     def chgrp(self, group: str, *args: str) -> str:
-        """``chgrp group paths...`` on the volume."""
         return _call_async(self._async.chgrp, group, *args)
 
     def chmod(self, mode: str, *args: str) -> str:
-        """``chmod mode paths...`` on the volume."""
         return _call_async(self._async.chmod, mode, *args)
 
     def cp(self, *args: str) -> str:
-        """``cp`` within the volume."""
         return _call_async(self._async.cp, *args)
 
     def mv(self, *args: str) -> str:
-        """``mv`` within the volume."""
         return _call_async(self._async.mv, *args)
 
     def rm(self, *args: str) -> str:
-        """``rm`` on the volume."""
         return _call_async(self._async.rm, *args)
 
     def rmdir(self, *args: str) -> str:
-        """``rmdir`` on the volume."""
         return _call_async(self._async.rmdir, *args)
 
     def cmd(self, *cmd: Command) -> str:
-        """Run a command as root in the volume's root directory; its output.
-
-        One string is a shell command line, several are an argv (each quoted).
-        """
         return _call_async(self._async.cmd, *cmd)
 
     def ssh(self, *cmd: Command) -> bool:
-        """Like :meth:`cmd`, with the output on our stdout/stderr; true on success."""
         return _call_async(self._async.ssh, *cmd)
 
     def __truediv__(self, sub: str | os.PathLike[str]) -> RemotePath:
-        """``volume / "sub"``: a typed transfer path inside this volume."""
         return _call_sync(self._async.__truediv__, sub)
 
     def put(
         self, *sources: PathLike, dest: str = ".", **options: Unpack[RsyncOptions]
     ) -> TransferStats:
-        """rsync sources (any path form) into ``dest``, relative to the volume's root."""
         return _call_async(self._async.put, *sources, dest=dest, **options)
 
     def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
-        """rsync sources relative to the volume's root to ``dest`` (the last path)."""
         return _call_async(self._async.get, *paths, **options)
 
     def copy(self, dest: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
-        """rsync the volume's whole contents to ``dest`` (any path form, e.g. another volume)."""
         return _call_async(self._async.copy, dest, **options)
 
     def dd(self, dest: Volume | str, **options: Unpack[DdOptions]) -> TransferStats:
-        """Block-copy this volume onto volume ``dest`` (both attached, unmounted)."""
         return _call_async(self._async.dd, dest, **options)
+
+
+class LocalCloudOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`asyncstage.localcloud.LocalCloud` (generated from them)."""
+
+    boot_delay: float
+    state_dir: str | os.PathLike[str] | None
+    region: str
+    port: int
+    realism: Literal["aws", "off", "harsh"] | Realism
+    api_rate: float | Literal["default"] | None
+    insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None
+    seed: int | None
+    device_isolation: DeviceIsolation
+    network: NetworkMode
 
 
 class _LocalCloudAttributes(_LocalCloudLifetime):
@@ -1143,70 +829,22 @@ class LocalCloud(_LocalCloudAttributes):
     ``with blocking.LocalCloud() as cloud, cloud.manager() as m: ...``. Needs root.
     """
 
-    def __init__(
-        self,
-        *,
-        boot_delay: float = 0.0,
-        state_dir: str | os.PathLike[str] | None = None,
-        region: str = "us-east-1",
-        port: int = 0,
-        realism: Literal["aws", "off", "harsh"] | Realism = "aws",
-        api_rate: float | Literal["default"] | None = "default",
-        insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
-        seed: int | None = None,
-        device_isolation: DeviceIsolation = "auto",
-        network: NetworkMode = "loopback",
-    ) -> None:
+    def __init__(self, **options: Unpack[LocalCloudOptions]) -> None:
         """Make the async LocalCloud with these arguments (see the class)."""
-        self._adopt(
-            call(
-                _AsyncLocalCloud,
-                boot_delay=boot_delay,
-                state_dir=state_dir,
-                region=region,
-                port=port,
-                realism=realism,
-                api_rate=api_rate,
-                insufficient_capacity=insufficient_capacity,
-                seed=seed,
-                device_isolation=device_isolation,
-                network=network,
-            )
-        )
+        self._adopt(call(_AsyncLocalCloud, **options))
 
     def image_id_in(self, region: str) -> str:
-        """The AMI id of the local image in ``region`` (each region has its own ids)."""
         return _call_sync(self._async.image_id_in, region)
 
     def set_snapshot_start_time(self, snapshot_id: str, when: datetime) -> None:
-        """Give a snapshot another ``StartTime`` (any region's), as DescribeSnapshots shows it.
-
-        Not an EC2 operation (EC2's StartTime is the moment of CreateSnapshot): it lets
-        tests of retention make snapshots of many dates at once. ``when`` is aware, or UTC.
-        """
         _call_sync(self._async.set_snapshot_start_time, snapshot_id, when)
 
     def session_kwargs(
         self, region: str | None = None, *, read_only: bool = False
     ) -> dict[str, str]:
-        """What an aioboto3 session or client needs: endpoint, region, the credentials.
-
-        One cloud serves every EC2 region, each taken from the signature of a request
-        (its SigV4 credential scope): ``region`` (default: the cloud's own) is the one
-        the client signs for.
-
-        The credentials (``aws_access_key_id``, ``aws_secret_access_key``) are the cloud's
-        own, random; also in ``<state_dir>/credentials`` (0600, an AWS shared-credentials
-        file) while it runs. Requests signed otherwise get EC2's ``AuthFailure``.
-
-        ``read_only=True``: the cloud's second pair (profile ``read-only`` of that file),
-        which may call only ``Describe*`` and ``Get*``, a small stand-in for an IAM
-        policy: anything else is answered ``UnauthorizedOperation``.
-        """
         return _call_sync(self._async.session_kwargs, region, read_only=read_only)
 
     def start(self) -> None:
-        """Start the cloud (what ``async with`` does)."""
         _call_async(self._async.start)
 
 

@@ -23,12 +23,8 @@ from pathlib import Path
 __all__ = ["NAME_KINDS", "bash_script", "cache_dir", "write_names", "zsh_script"]
 
 NAME_KINDS = {
-    "servers": "servers",
-    "ssh": "servers",
-    "shell": "servers",
-    "volumes": "volumes",
-    "snapshot": "volumes",
-    "dd": "volumes",
+    **dict.fromkeys(("servers", "ssh", "shell"), "servers"),
+    **dict.fromkeys(("volumes", "snapshot", "dd"), "volumes"),
     "rsync": "both",
 }
 """Which names each command's positional arguments take."""

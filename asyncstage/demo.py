@@ -38,7 +38,7 @@ from asyncstage.localcloud import LocalCloud
 from asyncstage.manager import Manager
 from asyncstage.output import TransferDisplay, human_bytes, table
 from asyncstage.server import Server
-from asyncstage.transfer import Progress
+from asyncstage.transfer import Progress, ProgressCallback
 from asyncstage.volume import Volume
 
 __all__ = ["DemoConfig", "main_from_cli", "run_demo"]
@@ -166,7 +166,7 @@ async def _backup(
     vault: Server,
     source: Volume,
     name: str,
-    progress: Callable[[Progress], None],
+    progress: ProgressCallback,
     phase: Callable[[str], None],
 ) -> dict[str, Any]:
     """One incremental backup of ``source`` into the newest snapshot named ``name``."""

@@ -35,6 +35,7 @@ from asyncstage.names import check_mount_point, check_name, is_valid_mount_point
 if TYPE_CHECKING:
     from asyncstage.context import Context
     from asyncstage.ec2 import Resource
+    from asyncstage.options import VolumeOptions
     from asyncstage.refs import ServerRef, VolumeRef
 
 __all__ = ["FSTYPES", "Disks", "mkfs_argv", "our_snapshots"]
@@ -257,32 +258,20 @@ class Disks:
                 return mtpt
         return None
 
-    async def provision(
-        self,
-        name: str | None = None,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        volume_id: str | None = None,
-        snapshot_id: str | None = None,
-        reuse: bool | None = None,
-        label: str | None = None,
-        uuid: str | None = None,
-        availability_zone: str | None = None,
-    ) -> VolumeRef:
+    async def provision(self, name: str | None, options: VolumeOptions) -> VolumeRef:
         """Make (or reuse) a volume, attach it here, format it and mount it: see
         :meth:`Server.provision_volume <asyncstage.server.Server.provision_volume>`."""
         server, m = self.server, self.ctx
-        size = _check_size(size)
-        fstype = _check_fstype(fstype)
+        size = _check_size(options.get("size"))
+        fstype = _check_fstype(options.get("fstype"))
+        availability_zone, label = options.get("availability_zone"), options.get("label")
+        volume_id, reuse = options.get("volume_id"), options.get("reuse")
         if availability_zone and availability_zone != server.availability_zone:
             raise ZoneMismatch(
                 f"server {server.name} is in {server.availability_zone}, not {availability_zone}"
             )
         name = check_name(name, "volume") if name is not None else m.registry.new_volume_name()
-        where = mtpt or mount
+        where = options.get("mtpt") or options.get("mount")
         where = check_mount_point(where) if where else None
         reuse = m.storage.reuse_volumes if reuse is None else reuse
         if fstype and label and len(label) > _LABEL_MAX.get(fstype, 255):
@@ -291,9 +280,11 @@ class Disks:
             existing = m.registry.find_volume_by_name(name)
             if existing is not None:
                 return await self._reuse_volume(existing, reuse=reuse, where=where)
+            snapshot_id = options.get("snapshot_id")
             plan = await self._plan_new_volume(name, size, fstype, snapshot_id, reuse=reuse)
             if where is not None:  # a symlink out is refused before anything is made
                 where = await _real_mount_point(self.server, where)
+            uuid = options.get("uuid")
             return await self._make_volume(name, plan, where=where, label=label, uuid=uuid)
         return await self._adopt_volume_id(volume_id, name, fstype, where)
 

@@ -61,7 +61,7 @@ own in :mod:`asyncstage.localcloud.errors`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 __all__ = [
     "AsyncstageError",
@@ -299,6 +299,15 @@ class ConnectError(SSHError):
     """The ssh connection could not be opened or authenticated."""
 
 
+class _Unreachable(TypedDict, total=False):
+    """What may be known of a server that never answered ssh (see ServerUnreachable)."""
+
+    state: str | None
+    state_reason: str | None
+    console_tail: str | None
+    port_open: bool | None
+
+
 class ServerUnreachable(ConnectError):
     """A server that never answered ssh within its timeout.
 
@@ -307,20 +316,11 @@ class ServerUnreachable(ConnectError):
     answered on its ssh port (``port_open``); each None when unknown.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        host: str,
-        state: str | None = None,
-        state_reason: str | None = None,
-        console_tail: str | None = None,
-        port_open: bool | None = None,
-    ) -> None:
-        self.state = state
-        self.state_reason = state_reason
-        self.console_tail = console_tail
-        self.port_open = port_open
+    def __init__(self, message: str, *, host: str, **known: Unpack[_Unreachable]) -> None:
+        self.state = state = known.get("state")
+        self.state_reason = state_reason = known.get("state_reason")
+        self.console_tail = console_tail = known.get("console_tail")
+        self.port_open = port_open = known.get("port_open")
         facts = []
         if state is not None:
             facts.append(f"state {state}" + (f" ({state_reason})" if state_reason else ""))

@@ -4,7 +4,7 @@ to other regions."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -125,15 +125,14 @@ class Images:
         timeout: float,
     ) -> str:
         """Copy a snapshot to another region (or manager); the copy's id, completed."""
-        snaps = await self.ec2.describe_snapshots([str(snapshot)])
-        if not snaps:
-            raise UnknownSnapshot(f"snapshot {snapshot} does not exist")
+        missing = UnknownSnapshot(f"snapshot {snapshot} does not exist")
+        snap = await _first(self.ec2.describe_snapshots([str(snapshot)]), missing)
         async with self._destination(region_or_manager) as dest:
             new_id = await dest.copy_snapshot(
                 str(snapshot),
                 source_region=self.ec2.region,
-                description=description or str(snaps[0].get("Description", "")),
-                tags=tags_of(snaps[0]),  # in the copy call: no CreateTags racing the new id
+                description=description or str(snap.get("Description", "")),
+                tags=tags_of(snap),  # in the copy call: no CreateTags racing the new id
             )
             await dest.wait_for_snapshot(new_id, timeout=timeout)
         return new_id
@@ -149,16 +148,23 @@ class Images:
         **register_options: Any,
     ) -> str:
         """Copy an image to another region (or manager); the copy's id, once available."""
-        found = await self.ec2.describe_images([str(image)])
-        if not found:
-            raise UnknownImage(f"image {image} does not exist", code="InvalidAMIID.NotFound")
+        missing = UnknownImage(f"image {image} does not exist", code="InvalidAMIID.NotFound")
+        found = await _first(self.ec2.describe_images([str(image)]), missing)
         async with self._destination(region_or_manager) as dest:
             new_id = await dest.copy_image(
                 str(image),
                 source_region=self.ec2.region,
-                name=name or str(found[0].get("Name", image)),
-                description=description or str(found[0].get("Description", "")),
+                name=name or str(found.get("Name", image)),
+                description=description or str(found.get("Description", "")),
                 **register_options,
             )
             await dest.wait_for_image(new_id, timeout=timeout)
         return new_id
+
+
+async def _first(described: Awaitable[list[Resource]], missing: Exception) -> Resource:
+    """The first of EC2's descriptions; ``missing`` raised when there is none."""
+    found = await described
+    if not found:
+        raise missing
+    return found[0]

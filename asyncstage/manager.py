@@ -23,7 +23,7 @@ import anyio
 
 from asyncstage import closing, keys, transfer
 from asyncstage.account import Account
-from asyncstage.capacity import LaunchChoices, LaunchOptions, check_choices
+from asyncstage.capacity import LaunchOptions, check_choices
 from asyncstage.context import Context
 from asyncstage.disks import our_snapshots
 from asyncstage.ec2 import EC2, Resource
@@ -34,6 +34,13 @@ from asyncstage.fleet import Fleet
 from asyncstage.images import Images
 from asyncstage.jumps import JumpSpec, check_jump, remember, set_jump
 from asyncstage.names import check_mount_point, check_name, check_user
+from asyncstage.options import (
+    NewVolumeOptions,
+    ProvisionOptions,
+    ServerOptions,
+    VolumeOptions,
+    check_keys,
+)
 from asyncstage.paths import PathLike
 from asyncstage.refs import ServerRef
 from asyncstage.registry import Registry
@@ -268,17 +275,7 @@ class Manager:
         await self.fleet.adopt_region()
 
     async def provision_server(
-        self,
-        name: str | None = None,
-        *,
-        instance_type: str | None = None,
-        image: str | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str | None = None,
-        timeout: float | None = None,
-        jump_host: JumpSpec | None = None,
-        **choices: Unpack[LaunchChoices],
+        self, name: str | None = None, **options: Unpack[ProvisionOptions]
     ) -> Server:
         """Launch a new server and wait until it is up (running and answering ssh).
 
@@ -287,24 +284,18 @@ class Manager:
         ``jump_host``: reach it through this one (:attr:`Server.jump_host`).
         """
         self._require_open()
-        opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
+        opts = _options(options, ProvisionOptions, "provision_server")
         name = check_name(name, "server") if name is not None else self.new_server_name()
-        remember(self.context, jump_host, name)
-        return _one(await self.fleet.provision_one(name, opts, timeout or self.timeouts.server))
+        remember(self.context, options.get("jump_host"), name)
+        timeout = options.get("timeout") or self.timeouts.server
+        return _one(await self.fleet.provision_one(name, opts, timeout))
 
     async def provision_servers(
         self,
         names_or_count: int | Sequence[str] | None = None,
         *,
         count: int | None = None,
-        instance_type: str | None = None,
-        image: str | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str | None = None,
-        timeout: float | None = None,
-        jump_host: JumpSpec | None = None,
-        **choices: Unpack[LaunchChoices],
+        **options: Unpack[ProvisionOptions],
     ) -> list[Server]:
         """Launch a fleet with one RunInstances call and wait until all are up.
 
@@ -314,32 +305,24 @@ class Manager:
         the next choice (:mod:`asyncstage.capacity`).
         """
         self._require_open()
-        opts = _options(instance_type, image, availability_zone, username, architecture, **choices)
+        opts = _options(options, ProvisionOptions, "provision_servers")
         names = [check_name(n, "server") for n in self.fleet.names_for(names_or_count, count)]
-        remember(self.context, jump_host, *names)
-        return _all(await self.fleet.provision_many(names, opts, timeout or self.timeouts.server))
+        remember(self.context, options.get("jump_host"), *names)
+        timeout = options.get("timeout") or self.timeouts.server
+        return _all(await self.fleet.provision_many(names, opts, timeout))
 
-    async def get_server(
-        self,
-        name: str | None = None,
-        *,
-        instance_type: str | None = None,
-        image: str | None = None,
-        availability_zone: str | None = None,
-        username: str | None = None,
-        architecture: str | None = None,
-        timeout: float | None = None,
-        jump_host: JumpSpec | None = None,
-    ) -> Server:
+    async def get_server(self, name: str | None = None, **options: Unpack[ServerOptions]) -> Server:
         """The server of that name, started if stopped; a new one when there is none.
         ``jump_host``: reach it through this one (:attr:`Server.jump_host`)."""
         self._require_open()
-        options = _options(instance_type, image, availability_zone, username, architecture)
+        launch = _options(options, ServerOptions, "get_server")
         name = check_name(name, "server") if name is not None else None
+        jump_host = options.get("jump_host")
         if jump_host is not None:
             name = name or self.new_server_name()
             set_jump(self.context, name, jump_host)
-        return _one(await self.fleet.get(name, options, timeout or self.timeouts.server))
+        timeout = options.get("timeout") or self.timeouts.server
+        return _one(await self.fleet.get(name, launch, timeout))
 
     async def get_server_in_zone(self, zone: str) -> Server:
         """A server up in this zone: a running one, else a started one, else a new one."""
@@ -405,67 +388,31 @@ class Manager:
         return await our_snapshots(self.context, name)
 
     async def provision_volume(
-        self,
-        name: str | None = None,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        volume_id: str | None = None,
-        snapshot_id: str | None = None,
-        reuse: bool | None = None,
-        label: str | None = None,
-        uuid: str | None = None,
-        availability_zone: str | None = None,
+        self, name: str | None = None, **options: Unpack[VolumeOptions]
     ) -> Volume:
         """A volume mounted on a server of its zone (one is started or made if needed).
 
         Same options as :meth:`Server.provision_volume`.
         """
         self._require_open()
+        check_keys(options, VolumeOptions, "provision_volume")
         name = check_name(name, "volume") if name is not None else None
+        reuse = options.get("reuse")
         reuse = self.reuse_volumes if reuse is None else reuse
-        where = mtpt or mount
+        where = options.get("mtpt") or options.get("mount")
         where = check_mount_point(where) if where else None
+        volume_id = options.get("volume_id")
         if existing := await self.fleet.reuse_volume(name, volume_id, reuse=reuse, mtpt=where):
             return cast(Volume, existing)  # made by this manager's volume_class
-        zone = await self.fleet.zone_for_volume(volume_id, availability_zone)
+        zone = await self.fleet.zone_for_volume(volume_id, options.get("availability_zone"))
         server = await self.get_server_in_zone(zone)
-        return await server.provision_volume(
-            name,
-            size=size,
-            fstype=fstype,
-            mtpt=mtpt,
-            mount=mount,
-            volume_id=volume_id,
-            snapshot_id=snapshot_id,
-            reuse=reuse,
-            label=label,
-            uuid=uuid,
-            availability_zone=zone,
-        )
+        chosen: VolumeOptions = {**options, "reuse": reuse, "availability_zone": zone}
+        return await server.provision_volume(name, **chosen)
 
-    async def get_volume(
-        self,
-        name: str,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        availability_zone: str | None = None,
-    ) -> Volume:
+    async def get_volume(self, name: str, **options: Unpack[NewVolumeOptions]) -> Volume:
         """The volume of that name (mounted somewhere), made when there is none."""
-        return await self.provision_volume(
-            name,
-            size=size,
-            fstype=fstype,
-            mtpt=mtpt,
-            mount=mount,
-            reuse=True,
-            availability_zone=availability_zone,
-        )
+        check_keys(options, NewVolumeOptions, "get_volume")
+        return await self.provision_volume(name, **options, reuse=True)
 
     async def copy_snapshot(
         self,
@@ -567,20 +514,18 @@ def _all(servers: list[ServerRef]) -> list[Server]:
     return cast(list[Server], servers)
 
 
-def _options(
-    instance_type: str | None,
-    image: str | None,
-    zone: str | None,
-    username: str | None,
-    architecture: str | None,
-    **choices: Unpack[LaunchChoices],
-) -> LaunchOptions:
-    """The launch options of a provision call, its login user name and choices checked."""
+def _options(options: Any, allowed: Any, call: str) -> LaunchOptions:
+    """The launch options of a provision call (``options`` of the TypedDict ``allowed``),
+    its login user name and choices checked."""
+    check_keys(options, allowed, call)
+    username = options.get("username")
     user = check_user(username) if username is not None else None
-    partial = choices.get("partial", "terminate")
+    zone, instance_type = options.get("availability_zone"), options.get("instance_type")
+    partial = options.get("partial", "terminate")
     zones, types = check_choices(
-        zone, choices.get("zones"), instance_type, choices.get("instance_types"), partial
+        zone, options.get("zones"), instance_type, options.get("instance_types"), partial
     )
+    image, architecture = options.get("image"), options.get("architecture")
     return LaunchOptions(instance_type, image, zone, user, architecture, zones, types, partial)
 
 

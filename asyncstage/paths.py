@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from asyncstage.errors import NotFound, PathError, UnknownServer, UnknownVolume
+from asyncstage.errors import NotFound, PathError
 
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
@@ -450,20 +450,14 @@ async def _resolve_one(manager: _ManagerLike, spec: PathSpec) -> Endpoint:
         return HostEndpoint(spec.host, spec.path, spec.sudo)
     if isinstance(spec, ServerSpec):
         server = spec.server
-        if isinstance(server, str):
-            found = manager.find_server_by_instance(server)
-            if found is None:
-                raise UnknownServer(f"{server}: no managed server with that instance id")
-            server = found
+        if isinstance(server, str):  # the manager raises UnknownServer for a stranger
+            server = manager.find_server_by_instance(server)
         await _ensure_running(server)
         return HostEndpoint(server.host, spec.path, True, f"{server}:{spec.path}")
     if isinstance(spec, VolumeSpec):
         volume = spec.volume
-        if isinstance(volume, str):
-            found = manager.find_volume_by_volid(volume)
-            if found is None:
-                raise UnknownVolume(f"{volume}: no managed volume with that volume id")
-            volume = found
+        if isinstance(volume, str):  # likewise UnknownVolume
+            volume = manager.find_volume_by_volid(volume)
         # checked on its server right now: this very volume at its mount point (mounted
         # again if need be), the path resolved there and inside it; nothing is copied else
         (where,) = await volume._checked_paths(spec.path or "./")

@@ -21,6 +21,7 @@ from asyncstage.errors import (
     SSHError,
 )
 from asyncstage.jumps import JumpSpec, route_for, ssh_target
+from asyncstage.options import VolumeOptions, check_keys
 from asyncstage.ssh import Command, CommandResult, SSHHost
 from asyncstage.transfer import DdOptions, RsyncOptions, TransferStats
 from asyncstage.transfer.ingress import admit_ssh
@@ -280,19 +281,7 @@ class Server:
     # -- volumes: public ------------------------------------------------------------------
 
     async def provision_volume(
-        self,
-        name: str | None = None,
-        *,
-        size: int | None = None,
-        fstype: str | None = None,
-        mtpt: str | None = None,
-        mount: str | None = None,
-        volume_id: str | None = None,
-        snapshot_id: str | None = None,
-        reuse: bool | None = None,
-        label: str | None = None,
-        uuid: str | None = None,
-        availability_zone: str | None = None,
+        self, name: str | None = None, **options: Unpack[VolumeOptions]
     ) -> Volume:
         """Make (or reuse) a volume, attach it here, format it and mount it.
 
@@ -304,19 +293,8 @@ class Server:
         the newest snapshot of that name. A volume made larger than its snapshot has
         its filesystem grown. Volumes from a volume or snapshot are never reformatted.
         """
-        volume = await self._disks.provision(
-            name,
-            size=size,
-            fstype=fstype,
-            mtpt=mtpt,
-            mount=mount,
-            volume_id=volume_id,
-            snapshot_id=snapshot_id,
-            reuse=reuse,
-            label=label,
-            uuid=uuid,
-            availability_zone=availability_zone,
-        )
+        check_keys(options, VolumeOptions, "provision_volume")
+        volume = await self._disks.provision(name, options)
         return cast(Volume, volume)  # the registry makes the manager's volume_class
 
     add_volume = provision_volume
@@ -362,7 +340,7 @@ class Server:
 
     async def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
         """rsync sources on this server (plain paths) or volumes to ``dest`` (the last path)."""
-        return await transfer.server_get(self, *paths, **options)
+        return await transfer.get_from(self, *paths, **options)
 
     async def dd(
         self, source: Volume | str, dest: Volume | str, **options: Unpack[DdOptions]

@@ -386,7 +386,7 @@ class Volume:
 
     async def get(self, *paths: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
         """rsync sources relative to the volume's root to ``dest`` (the last path)."""
-        return await transfer.volume_get(self, *paths, **options)
+        return await transfer.get_from(self, *paths, **options)
 
     async def copy(self, dest: PathLike, **options: Unpack[RsyncOptions]) -> TransferStats:
         """rsync the volume's whole contents to ``dest`` (any path form, e.g. another volume)."""

@@ -10,10 +10,13 @@ method of the same name on the one event loop of :mod:`asyncstage._blocking_runt
 
 For each public member of the async ``Manager``, ``Server``, ``Volume`` and ``LocalCloud``
 (methods, properties, and the public attributes their ``__init__`` sets) the generator
-reads the source with :mod:`ast` and writes a method or property with the same parameters,
-defaults and docstring. In annotations the async classes become their blocking twins
-(except inside ``type[...]``: a class, not an instance); results that hold async objects
-are wrapped into twins. ``ManagerOptions`` is the keyword arguments of ``Manager.__init__``.
+reads the source with :mod:`ast` and writes a method or property with the same parameters
+and defaults; a property keeps its docstring, a method gets the async method's docstring
+when the module is imported (``_register``; ``scripts/griffe_blocking.py`` does the same
+for the docs). In annotations the async classes become their blocking twins (except inside
+``type[...]``: a class, not an instance); results that hold async objects are wrapped into
+twins. ``<Name>Options`` is the keyword arguments of ``<Name>.__init__`` (a TypedDict that
+``**kwargs: Unpack[...]`` names is its base, not copied).
 What cannot be derived (a Manager's and a LocalCloud's lifetime, the file objects of
 ``scmd_read`` / ``scmd_write``) is written by hand in the runtime module, in the bases of
 the generated classes: whatever a base defines is not generated. Members that have no
@@ -97,7 +100,7 @@ TARGETS = [
         """Blocking twin of :class:`asyncstage.localcloud.LocalCloud`; started by the constructor.
 
     ``with blocking.LocalCloud() as cloud, cloud.manager() as m: ...``. Needs root.""",
-        constructor="signature",
+        constructor="options",
     ),
 ]
 
@@ -620,8 +623,10 @@ class Writer:
             statement = f"return cast({ret!r}, _wrap({value}))"
         else:
             statement = f"return {value}"
-        doc = docstring(src.text, node.body[0], IND * 2) or self.fallback_doc(name, "meth")
-        yield f"\n{IND}def {name}({sig}) -> {ret}:\n{doc}\n{IND * 2}{statement}"
+        if docstring(src.text, node.body[0], "") is None:
+            raise GenError(f"{self.target.name}.{name}: no docstring to share")
+        # no docstring here: _register gives it the async method's (one text, one home)
+        yield f"\n{IND}def {name}({sig}) -> {ret}:\n{IND * 2}{statement}"
 
     def signature(self, args: ast.arguments, modname: str) -> tuple[str, set[str]]:
         """The parameters rewritten for the blocking module, and those that take an
@@ -653,20 +658,11 @@ class Writer:
         return ast.unparse(new), listed
 
     def constructor(self) -> Iterator[str]:
-        t = self.target
-        init = source(vars(self.cls)["__init__"])
-        create = f"_Async{t.name}"
-        if t.constructor == "options":
-            sig, passed = f"self, **options: Unpack[{t.name}Options]", "**options"
-        else:
-            sig, _ = self.signature(init.node.args, init.modname)
-            passed = ", ".join(f"{a.arg}={a.arg}" for a in init.node.args.kwonlyargs)
-            if init.node.args.args[1:] or init.node.args.vararg or init.node.args.kwarg:
-                raise GenError(f"{t.name}.__init__: only keyword-only parameters are handled")
+        name = self.target.name
         yield (
-            f"\n{IND}def __init__({sig}) -> None:\n"
-            f'{IND * 2}"""Make the async {t.name} with these arguments (see the class)."""\n'
-            f"{IND * 2}self._adopt(call({', '.join([create, passed])}))"
+            f"\n{IND}def __init__(self, **options: Unpack[{name}Options]) -> None:\n"
+            f'{IND * 2}"""Make the async {name} with these arguments (see the class)."""\n'
+            f"{IND * 2}self._adopt(call(_Async{name}, **options))"
         )
 
     def options(self) -> Iterator[str]:
@@ -677,37 +673,31 @@ class Writer:
         args = init.node.args
         if args.args[1:] or args.posonlyargs or args.vararg:
             raise GenError(f"{t.name}.__init__: only keyword-only parameters are handled")
-        yield f"class {t.name}Options(TypedDict, total=False):"
+        base = "TypedDict"
+        if args.kwarg:  # its keys are the TypedDict's: inherited, not copied
+            base = self.unpacked(args.kwarg, init.modname, f"{t.name}.__init__")
+        yield f"class {t.name}Options({base}, total=False):"
         yield f'{IND}"""The keyword arguments of :class:`{t.public}` (generated from them)."""\n'
-        params = [(a.arg, a.annotation, init.modname) for a in args.kwonlyargs]
-        if args.kwarg:
-            params += unpacked(args.kwarg, init.modname, f"{t.name}.__init__")
-        for name, annotation, modname in params:
-            if annotation is None:
-                raise GenError(f"{t.name}.__init__: {name} has no annotation")
-            rewriter = Rewriter(self.imports, modname, twins=False, at_runtime=False)
-            yield f"{IND}{name}: {rewriter.rewrite(annotation)}"
+        for a in args.kwonlyargs:
+            if a.annotation is None:
+                raise GenError(f"{t.name}.__init__: {a.arg} has no annotation")
+            rewriter = Rewriter(self.imports, init.modname, twins=False, at_runtime=False)
+            yield f"{IND}{a.arg}: {rewriter.rewrite(a.annotation)}"
 
-
-def unpacked(kwarg: ast.arg, modname: str, where: str) -> list[tuple[str, Any, str]]:
-    """The keys of ``**kwarg: Unpack[SomeTypedDict]``: (name, annotation, its module)."""
-    note = kwarg.annotation
-    if not (
-        isinstance(note, ast.Subscript)
-        and isinstance(note.value, ast.Name)
-        and note.value.id == "Unpack"
-        and isinstance(note.slice, ast.Name)
-    ):
-        raise GenError(f"{where}: **{kwarg.arg} must be annotated Unpack[SomeTypedDict]")
-    ref = resolve(note.slice.id, modname)
-    if ref is None:
-        raise GenError(f"{where}: cannot find {note.slice.id}")
-    typed = source(ref_object(ref))
-    return [
-        (item.target.id, item.annotation, typed.modname)
-        for item in typed.node.body
-        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-    ]
+    def unpacked(self, kwarg: ast.arg, modname: str, where: str) -> str:
+        """The local name of the TypedDict of ``**kwarg: Unpack[SomeTypedDict]``, imported."""
+        note = kwarg.annotation
+        if not (
+            isinstance(note, ast.Subscript)
+            and isinstance(note.value, ast.Name)
+            and note.value.id == "Unpack"
+            and isinstance(note.slice, ast.Name)
+        ):
+            raise GenError(f"{where}: **{kwarg.arg} must be annotated Unpack[SomeTypedDict]")
+        ref = resolve(note.slice.id, modname)
+        if ref is None:
+            raise GenError(f"{where}: cannot find {note.slice.id}")
+        return self.imports.local(ref, note.slice.id, at_runtime=True)
 
 
 # -- the module ----------------------------------------------------------------------------
@@ -739,7 +729,8 @@ Ctrl-C during a call cancels the call. See docs/blocking.md.
 # Regenerate with `python scripts/gen_blocking.py`; the runtime is asyncstage/_blocking_runtime.py.
 '''
 
-EXPORTS = ["CommandReader", "CommandWriter", "LocalCloud", "Manager", "ManagerOptions"]
+EXPORTS = ["CommandReader", "CommandWriter", "LocalCloud", "LocalCloudOptions", "Manager"]
+EXPORTS += ["ManagerOptions"]
 EXPORTS += ["Server", "Volume", "call"]
 REEXPORTS = ["NOT_TWINNED", "_Twin", "_Twinned", "_plain", "_twin"]
 """Runtime names that tests and subclasses reach through ``asyncstage.blocking``."""

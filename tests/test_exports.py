@@ -33,6 +33,7 @@ PUBLIC = {
         "CommandReader",
         "CommandWriter",
         "LocalCloud",
+        "LocalCloudOptions",
         "Manager",
         "ManagerOptions",
         "Server",

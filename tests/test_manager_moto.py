@@ -241,6 +241,26 @@ async def test_names_and_users_are_checked_before_any_call(make: Any) -> None:
         make(username="-oProxyCommand=touch /tmp/x")
 
 
+async def test_an_unknown_keyword_is_a_type_error_before_any_call(make: Any) -> None:
+    """The shared keyword sets (asyncstage.options) refuse a keyword they do not have, as
+    a function with those parameters would, and nothing reaches EC2."""
+    unknown: dict[str, Any] = {"instance_typ": "t3.nano"}
+    async with make(on_exit="terminate") as m:
+        before = sum(m.ec2.calls.values())
+        calls = [
+            m.provision_server("a", **unknown),
+            m.provision_servers(["a"], **unknown),
+            m.get_server("a", **unknown),
+            m.provision_volume("v", **unknown),
+            m.get_volume("v", **unknown),
+            m.get_volume("v", reuse=False),  # get_volume always reuses: not one of its keys
+        ]
+        for call in calls:
+            with pytest.raises(TypeError, match="unexpected keyword argument"):
+                await call
+        assert sum(m.ec2.calls.values()) == before
+
+
 async def test_scan_adopts_only_our_own_resources_with_valid_tags(
     make: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

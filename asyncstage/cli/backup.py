@@ -40,7 +40,7 @@ from asyncstage.cli.backup_keep import (
     region_managers,
     run_plan_in_regions,
 )
-from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, phase_notes
+from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, with_progress
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.output import Output, human_bytes, human_duration
@@ -102,18 +102,17 @@ def backup_command(args: argparse.Namespace, out: Output) -> int:
             f"backup: give --name NAME to back up {action!r}, or an action: {', '.join(ACTIONS)}"
         )
     with open_manager(args) as m:
-        with out.transfer(f"backup {args.name}") as progress:
-            result = blocking.call(
-                backup.backup,
-                m,
-                args.name,
-                args.paths,
-                size=args.size,
-                zone=args.zone,
-                wait=args.wait,
-                progress=progress,
-                phase=phase_notes(out, progress),
-            )
+        result = with_progress(
+            out,
+            f"backup {args.name}",
+            backup.backup,
+            m,
+            args.name,
+            args.paths,
+            size=args.size,
+            zone=args.zone,
+            wait=args.wait,
+        )
         swept = f", {len(result.swept)} leftovers of dead runs removed" if result.swept else ""
         out.result(
             result.as_dict(),

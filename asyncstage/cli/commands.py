@@ -24,9 +24,9 @@ from asyncstage.cli.common import (
     find_server,
     find_volume,
     open_manager,
-    phase_notes,
     resolve_names,
     settings,
+    with_progress,
 )
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
@@ -35,6 +35,7 @@ from asyncstage.errors import (
 )
 from asyncstage.localcloud.errors import NeedsRoot
 from asyncstage.names import Kind, check_mount_point, check_name
+from asyncstage.options import VolumeOptions
 from asyncstage.output import Output, human_bytes, human_duration
 from asyncstage.transfer import TransferStats
 
@@ -238,19 +239,20 @@ def _print_servers(out: Output, servers: Sequence[blocking.Server]) -> None:
     out.table(rows, cells, headers, "no servers")
 
 
-def _refuse_bad_input(args: argparse.Namespace, kind: Kind) -> None:
-    """Names and a mount point to provision, checked before the manager opens: bad input
-    is refused before any call to EC2 (the library checks them again)."""
+def _action(args: argparse.Namespace, kind: Kind) -> str:
+    """The action asked for (``list`` by default). Names and a mount point to provision are
+    checked before the manager opens: bad input is refused before any call to EC2 (the
+    library checks them again)."""
     if args.action == "provision":
         for name in args.names:
             check_name(name, kind)
         if getattr(args, "mtpt", None):
             check_mount_point(args.mtpt)
+    return str(args.action or "list")
 
 
 def servers(args: argparse.Namespace, out: Output) -> int:
-    action = args.action or "list"
-    _refuse_bad_input(args, "server")
+    action = _action(args, "server")
     with open_manager(args) as m:
         if action == "list":
             _print_servers(out, m.servers())
@@ -281,12 +283,18 @@ def servers(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
 
 
+def _running(m: blocking.Manager, name: str, out: Output) -> blocking.Server:
+    """The managed server of that name, started first (with a note) when it is not running."""
+    server = find_server(m, name)
+    if server.state != "running":
+        out.note(f"starting {server.name} ...")
+        server.start()
+    return server
+
+
 def ssh(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
-        server = find_server(m, args.name)
-        if server.state != "running":
-            out.note(f"starting {server.name} ...")
-            server.start()
+        server = _running(m, args.name, out)
         host = server.async_object.host
         blocking.call(host.host_public_key)  # verified and pinned before OpenSSH sees it
         argv = host.openssh_argv(*args.command) if args.command else None
@@ -299,11 +307,7 @@ def ssh(args: argparse.Namespace, out: Output) -> int:
 
 def shell(args: argparse.Namespace, out: Output) -> int:
     with open_manager(args) as m:
-        server = find_server(m, args.name)
-        if server.state != "running":
-            out.note(f"starting {server.name} ...")
-            server.start()
-        return server.shell()
+        return _running(m, args.name, out).shell()
 
 
 # -- volumes --------------------------------------------------------------------------------
@@ -330,8 +334,7 @@ def _print_volumes(out: Output, volumes: Sequence[blocking.Volume]) -> None:
 
 
 def volumes(args: argparse.Namespace, out: Output) -> int:
-    action = args.action or "list"
-    _refuse_bad_input(args, "volume")
+    action = _action(args, "volume")
     with open_manager(args) as m:
         if action == "list":
             _print_volumes(out, m.volumes())
@@ -340,19 +343,13 @@ def volumes(args: argparse.Namespace, out: Output) -> int:
                 raise UsageError("volumes provision: give a volume name")
             made = []
             for name in args.names:
+                options = VolumeOptions(size=args.size, fstype=args.fstype, mtpt=args.mtpt)
                 with out.waiting(f"provisioning volume {name}"):
                     if args.server:
-                        volume = find_server(m, args.server).provision_volume(
-                            name, size=args.size, fstype=args.fstype, mtpt=args.mtpt
-                        )
+                        volume = find_server(m, args.server).provision_volume(name, **options)
                     else:
-                        volume = m.provision_volume(
-                            name,
-                            size=args.size,
-                            fstype=args.fstype,
-                            mtpt=args.mtpt,
-                            availability_zone=args.zone,
-                        )
+                        options["availability_zone"] = args.zone
+                        volume = m.provision_volume(name, **options)
                 made.append(volume)
             _print_volumes(out, made)
         elif action == "delete":
@@ -447,18 +444,17 @@ def make_backup(args: argparse.Namespace, out: Output) -> int:
 def restore(args: argparse.Namespace, out: Output) -> int:
     backup.check_destination(args.dest, overwrite=args.force)  # before any cloud call
     with open_manager(args) as m:
-        with out.transfer(f"restore {args.name}") as progress:
-            result = blocking.call(
-                backup.restore,
-                m,
-                args.name,
-                args.dest,
-                snapshot_id=args.snapshot,
-                overwrite=args.force,
-                progress=progress,
-                phase=phase_notes(out, progress),
-                verify=args.verify,
-            )
+        result = with_progress(
+            out,
+            f"restore {args.name}",
+            backup.restore,
+            m,
+            args.name,
+            args.dest,
+            snapshot_id=args.snapshot,
+            overwrite=args.force,
+            verify=args.verify,
+        )
         shown = (
             f"a set of {len(result.snapshots)} ({', '.join(result.snapshots.values())})"
             if result.snapshots

@@ -9,9 +9,9 @@ import difflib
 import ipaddress
 import os
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from asyncstage import blocking, completion, paths, userconfig
 from asyncstage.cli import daemon
@@ -201,6 +201,16 @@ _PHASES = {
     "snapshot": "snapshot pending",
     "cleanup": "deleting its volume",
 }
+
+
+def with_progress(
+    out: Output, what: str, func: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any
+) -> _T:
+    """``func(*args, **kwargs)``, a backup or a restore, run on the facade's loop under a
+    live row ``what`` that shows its progress and phases."""
+    with out.transfer(what) as progress:
+        phase = phase_notes(out, progress)
+        return blocking.call(func, *args, progress=progress, phase=phase, **kwargs)
 
 
 def phase_notes(out: Output, task: TransferTask) -> Callable[[str], None]:

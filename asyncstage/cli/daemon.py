@@ -9,14 +9,13 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from asyncstage.errors import NotFound
 from asyncstage.settings import local_credentials
 
 if TYPE_CHECKING:
-    from asyncstage.localcloud._isolation import DeviceIsolation
-    from asyncstage.localcloud._network import NetworkMode
+    from asyncstage.blocking import LocalCloudOptions
 
 __all__ = [
     "LOCAL_IMAGE_PATTERN",
@@ -90,32 +89,19 @@ def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
     ]
 
 
-def serve(
-    directory: Path,
-    *,
-    port: int,
-    region: str,
-    boot_delay: float,
-    device_isolation: DeviceIsolation,
-    network: NetworkMode = "loopback",
-) -> None:
-    """``local serve``: run the cloud in the foreground, record it, stop on TERM/INT."""
+def serve(directory: Path, **options: Unpack[LocalCloudOptions]) -> None:
+    """``local serve``: run the cloud (made with ``options``) in the foreground, record it,
+    stop on TERM/INT."""
     import anyio
 
     from asyncstage.localcloud import LocalCloud
 
     record = directory / "cloud.json"
+    options["state_dir"] = directory / "state"
 
     async def run() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with LocalCloud(
-                state_dir=directory / "state",
-                port=port,
-                region=region,
-                boot_delay=boot_delay,
-                device_isolation=device_isolation,
-                network=network,
-            ) as cloud:
+            async with LocalCloud(**options) as cloud:
                 read_only = cloud.session_kwargs(read_only=True)
                 state = {
                     "pid": os.getpid(),

@@ -31,6 +31,7 @@ from asyncstage.localcloud._isolation import (
     DROPPED_CAPS,
     InstanceCgroup,
     mask_upper,
+    mkdir_as_machine,
     scrubbed_shadow,
 )
 from asyncstage.localcloud._system import (
@@ -171,18 +172,10 @@ class Host:
         path = self.upper
         for part in Path(rel).parts:
             path = path / part
-            lower = Path("/") / path.relative_to(self.upper)
             if path.is_symlink():  # the instance's root made it one: never followed as root
                 raise LocalCloudError(f"{self.instance_id}: /{rel} is a symlink in the instance")
             if not path.exists():
-                path.mkdir()
-                try:
-                    st = lower.stat()
-                except FileNotFoundError:
-                    os.chmod(path, 0o755)
-                else:
-                    os.chmod(path, stat.S_IMODE(st.st_mode))
-                    os.chown(path, st.st_uid, st.st_gid)
+                mkdir_as_machine(self.upper, path)
         return path
 
     def _write(

@@ -134,15 +134,20 @@ def _parents(upper: Path, rel: Path) -> None:
         path = path / part
         if path.is_symlink() or path.exists():
             continue
-        lower = Path("/") / path.relative_to(upper)
-        path.mkdir()
-        try:
-            st = lower.stat()
-        except FileNotFoundError:
-            os.chmod(path, 0o755)
-        else:
-            os.chmod(path, stat.S_IMODE(st.st_mode))
-            os.chown(path, st.st_uid, st.st_gid)
+        mkdir_as_machine(upper, path)
+
+
+def mkdir_as_machine(upper: Path, path: Path) -> None:
+    """Make ``path`` (under ``upper``) with the mode and owner of the machine's dir of that
+    name, or 0755 where the machine has none."""
+    path.mkdir()
+    try:
+        st = (Path("/") / path.relative_to(upper)).stat()
+    except FileNotFoundError:
+        os.chmod(path, 0o755)
+    else:
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+        os.chown(path, st.st_uid, st.st_gid)
 
 
 def _whiteout(upper: Path, rel: str) -> None:

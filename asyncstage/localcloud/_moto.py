@@ -138,13 +138,7 @@ class LocalBackend(GroupEffects, RegionCopies):
         if engine is None:
             return super().start_instances(instance_ids)
         instances = self.get_multi_instances_by_id(instance_ids)
-        for instance in instances:
-            if instance.state in ("stopping", "shutting-down", "terminated"):
-                raise ec2_error(
-                    "IncorrectInstanceState",
-                    f"The instance '{instance.id}' is not in a state from which it can be "
-                    f"started (it is {instance.state}).",
-                )
+        _refuse_states(instances, ("stopping", "shutting-down", "terminated"), "started")
         for instance in instances:
             if instance.state == "stopped":
                 self._check_capacity(engine, str(instance.placement.zone), instance.instance_type)
@@ -220,26 +214,14 @@ class LocalBackend(GroupEffects, RegionCopies):
         if engine is None:
             return super().stop_instances(instance_ids)
         instances = self.get_multi_instances_by_id(instance_ids)
+        _refuse_states(instances, ("shutting-down", "terminated"), "stopped")
         for instance in instances:
-            if instance.state in ("shutting-down", "terminated"):
-                raise ec2_error(
-                    "IncorrectInstanceState",
-                    f"The instance '{instance.id}' is not in a state from which it can be "
-                    f"stopped (it is {instance.state}).",
-                )
             if instance.disable_api_stop:
                 raise ec2_error(
                     "OperationNotPermitted",
                     f"The instance '{instance.id}' may not be stopped (disableApiStop).",
                 )
-        result = []
-        for instance in instances:
-            previous = copy.copy(instance._state)
-            if instance.state in ("pending", "running"):
-                set_state(instance, "stopping")
-                engine.stop_instance(instance.id)
-            result.append((instance, previous))
-        return result
+        return _moved(instances, ("pending", "running"), "stopping", engine.stop_instance)
 
     def terminate_instances(self, instance_ids: list[str]) -> list[tuple[Any, Any]]:
         engine = self.engine
@@ -254,14 +236,8 @@ class LocalBackend(GroupEffects, RegionCopies):
                     "OperationNotPermitted",
                     f"The instance '{instance.id}' may not be terminated.",
                 )
-        result = []
-        for instance in instances:
-            previous = copy.copy(instance._state)
-            if instance.state not in ("shutting-down", "terminated"):
-                set_state(instance, "shutting-down")
-                engine.terminate_instance(instance.id)
-            result.append((instance, previous))
-        return result
+        alive = ("pending", "running", "stopping", "stopped")
+        return _moved(instances, alive, "shutting-down", engine.terminate_instance)
 
     # -- volumes -----------------------------------------------------------------------
 
@@ -614,6 +590,32 @@ def release_public_address(engine: EngineHooks, instance: Any) -> None:
     """A stopped instance has no public address on EC2 (a new one comes at its start)."""
     if engine.realism.moving_public_address:
         instance.nics[0].public_ip = None
+
+
+def _refuse_states(instances: list[Any], refused: tuple[str, ...], done: str) -> None:
+    """EC2's answer when one of the instances is in a state it cannot be ``done`` from."""
+    for instance in instances:
+        if instance.state in refused:
+            raise ec2_error(
+                "IncorrectInstanceState",
+                f"The instance '{instance.id}' is not in a state from which it can be "
+                f"{done} (it is {instance.state}).",
+            )
+
+
+def _moved(
+    instances: list[Any], start: tuple[str, ...], to: str, tell: Callable[[str], None]
+) -> list[tuple[Any, Any]]:
+    """Each instance with its previous state; those in a ``start`` state are set to ``to``
+    and told to the engine (``tell(instance_id)``)."""
+    result = []
+    for instance in instances:
+        previous = copy.copy(instance._state)
+        if instance.state in start:
+            set_state(instance, to)
+            tell(instance.id)
+        result.append((instance, previous))
+    return result
 
 
 def _move_root(instance: Any) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from asyncstage.errors import CommandFailed, TransferError
+from asyncstage.errors import TransferError
 
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
@@ -91,14 +91,7 @@ async def run_json(
         except TransferError:
             reply = {}
         if "error" not in reply:
-            raise CommandFailed(
-                host=host.label,
-                command=result.command,
-                exit_status=result.exit_status,
-                signal=result.signal,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
+            raise result.failure(host.label)
     else:
         reply = answer(host.label, out)
     if "error" in reply:

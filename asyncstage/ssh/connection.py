@@ -367,14 +367,7 @@ class Connection:
 
     def failed(self, result: CommandResult) -> CommandFailed:
         """The error of a command that failed with ``result``."""
-        return CommandFailed(
-            host=self.label,
-            command=result.command,
-            exit_status=result.exit_status,
-            signal=result.signal,
-            stdout=result.stdout,
-            stderr=result.stderr,
-        )
+        return result.failure(self.label)
 
     # -- processes ---------------------------------------------------------------
 

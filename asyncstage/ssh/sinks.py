@@ -10,6 +10,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import IO, Any
 
+from asyncstage.errors import CommandFailed
+
 __all__ = ["FILE_CHUNK", "PID_MARKER", "WRAPPER", "CommandResult", "CountingFile", "Sink"]
 
 OUTPUT_TAIL = 1 << 20  # bytes of stdout/stderr kept for errors of streamed commands
@@ -35,6 +37,10 @@ class CommandResult:
     def ok(self) -> bool:
         """True when the command exited with status 0."""
         return self.signal is None and self.exit_status == 0
+
+    def failure(self, host: str) -> CommandFailed:
+        """The error that says this command failed on ``host``."""
+        return CommandFailed(host=host, **vars(self))  # the error carries every field
 
 
 class Sink(io.RawIOBase):

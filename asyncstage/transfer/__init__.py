@@ -63,15 +63,14 @@ __all__ = [
     "TransferStats",
     "dd",
     "dd_endpoints",
+    "get_from",
     "host_limiter",
     "rsync",
     "rsync_endpoints",
-    "server_get",
     "server_put",
     "set_host_limit",
     "sweep_stale_keys",
     "volume_copy",
-    "volume_get",
     "volume_put",
 ]
 
@@ -192,16 +191,6 @@ async def server_put(
     return await rsync(server.manager, *sources, _on(server, dest), **options)
 
 
-async def server_get(
-    server: Server, *paths: PathLike, **options: Unpack[RsyncOptions]
-) -> TransferStats:
-    """``server.get(*sources, dest)``: plain sources are paths on ``server``."""
-    if len(paths) < 2:
-        raise PathError("get needs at least one source and a destination")
-    *sources, dest = paths
-    return await rsync(server.manager, *(_on(server, s) for s in sources), dest, **options)
-
-
 async def volume_put(
     volume: Volume, *sources: PathLike, dest: str = ".", **options: Unpack[RsyncOptions]
 ) -> TransferStats:
@@ -212,14 +201,15 @@ async def volume_put(
     return await rsync(volume.manager, *sources, RemotePath(volume, sub), **options)
 
 
-async def volume_get(
-    volume: Volume, *paths: PathLike, **options: Unpack[RsyncOptions]
+async def get_from(
+    target: Server | Volume, *paths: PathLike, **options: Unpack[RsyncOptions]
 ) -> TransferStats:
-    """``volume.get(*sources, dest)``: plain sources are relative to the volume's root."""
+    """``server.get(*sources, dest)`` and ``volume.get(*sources, dest)``: plain sources are
+    paths on the server, or relative to the volume's root."""
     if len(paths) < 2:
         raise PathError("get needs at least one source and a destination")
     *sources, dest = paths
-    return await rsync(volume.manager, *(_on(volume, s) for s in sources), dest, **options)
+    return await rsync(target.manager, *(_on(target, s) for s in sources), dest, **options)
 
 
 async def volume_copy(

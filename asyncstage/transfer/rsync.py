@@ -141,7 +141,7 @@ async def rsync_endpoints(
         if isinstance(src, HostEndpoint) and isinstance(dest, HostEndpoint):
             if same_host(src, dest):
                 route = "same-host"
-                await _rsync_same_host(sources, dest, parser, options, compress, delete)
+                await _rsync_same_host(sources, dest, parser, options, delete)
             else:
                 route = "host->host"
                 await _rsync_direct(
@@ -296,9 +296,9 @@ async def _rsync_same_host(
     dest: HostEndpoint,
     parser: RsyncOutput,
     options: Sequence[str],
-    compress: bool,
     delete: bool,
 ) -> None:
+    """A copy on one host: nothing crosses a wire, so nothing is compressed."""
     host = dest.host
     argv = [
         "rsync",
