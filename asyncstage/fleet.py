@@ -365,12 +365,21 @@ class Fleet:
         return fleet_result("come up", servers, await self._wait_up(servers, timeout))
 
     async def _wait_up(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
-        """Wait until running (one describe per round), then until ssh answers (at once)."""
+        """Wait until running (one describe per round); each server, as soon as it is
+        seen running, has its host key read from its console and its ssh tried."""
         m = self.ctx
         deadline = anyio.current_time() + timeout
         by_id = {s.instance_id: s for s in servers}
         errors: dict[ServerRef, Exception] = {}
         limiter = anyio.CapacityLimiter(32)
+
+        async def pin(server: ServerRef) -> None:
+            # the console is read outside the ssh slots (its calls have slots of their
+            # own): a server waiting for a slot has its host key settled by then
+            try:
+                await server._pin_host_key()
+            except AsyncstageError as e:  # raised again by the ssh wait, which retries
+                log.debug("%s: host key not settled yet: %s", server.name, e)
 
         async def ssh_up(server: ServerRef) -> None:
             async with limiter:
@@ -385,6 +394,7 @@ class Fleet:
                 server = by_id[instance_id]
                 # a new address on start: the server takes its pinned host key along
                 server._record_description(instance)
+                tg.start_soon(pin, server)
                 tg.start_soon(ssh_up, server)
 
             _, failed = await m.ec2.wait_for_instances(

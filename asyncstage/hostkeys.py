@@ -5,7 +5,9 @@ fingerprints) minutes after its launch; ``GetConsoleOutput`` with ``Latest=True`
 shows the current output sooner, on Nitro instance types only. So before the first
 contact with a new server the console is polled (``Latest=True`` first; a type that
 refuses it is then polled without) until the fingerprints appear or
-``timeouts.console`` has passed since its launch; then the manager's
+``timeouts.console`` has passed since its launch (a fleet's consoles a few at a
+time, each as soon as its instance runs; a current console that is still empty is
+asked again within a second, the late one of a Xen type ever less often); then the manager's
 ``host_key_policy`` decides, and says so: ``"strict"`` fails with
 :class:`~asyncstage.errors.HostKeyUnverified`, ``"accept-new"`` pins the key first
 seen and logs a warning. Never a silent downgrade.
@@ -17,6 +19,7 @@ console tail, whether its port 22 answered).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +56,14 @@ log = logging.getLogger("asyncstage")
 
 _NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameterCombination")
 _CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
+_CONSOLE_CALLS = 8  # GetConsoleOutput calls at once per manager (leaves the client's
+# other slots to the poll rounds that notice the next instances running)
+_LATEST_PAUSE = 1.0  # the longest pause between two reads of a current (Latest) console
+_LATE_PAUSE = 10.0  # the longest between two reads of a late (not Latest) one
+
+_console_slots: weakref.WeakKeyDictionary[Context, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(eq=False)
@@ -140,9 +151,13 @@ async def wait_for_fingerprints(ctx: Context, server: ServerRef) -> tuple[str, .
     deadline = anyio.current_time() + max(0.0, bound - _since_launch(ctx, server))
     interval = min(0.2, ctx.timeouts.poll_interval)
     latest = True
+    slots = _console_slots.get(ctx)
+    if slots is None:
+        slots = _console_slots[ctx] = anyio.CapacityLimiter(_CONSOLE_CALLS)
     while True:
         try:
-            console = await ctx.ec2.console_output(server.instance_id, latest=latest)
+            async with slots:
+                console = await ctx.ec2.console_output(server.instance_id, latest=latest)
         except EC2Error as e:
             if latest and e.code in _NO_LATEST:  # a Xen type: the console as it comes
                 latest = False
@@ -156,7 +171,7 @@ async def wait_for_fingerprints(ctx: Context, server: ServerRef) -> tuple[str, .
         if left <= 0:
             break
         await anyio.sleep(min(interval, left))
-        interval = min(interval * 1.5, 10.0)
+        interval = min(interval * 1.5, _LATEST_PAUSE if latest else _LATE_PAUSE)
     label = f"{server.name} ({server.instance_id})"
     if ctx.host_key_policy == "accept-new":
         log.warning(

@@ -7,7 +7,7 @@ import itertools
 import stat
 import types
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -220,8 +220,12 @@ async def test_polls_start_fast_and_back_off(clock: _Clock) -> None:
     assert "nothing" in str(info.value) and info.value.last_state == "still"
 
 
-async def test_polls_start_over_while_a_fleet_arrives(clock: _Clock) -> None:
-    """Rounds in which more instances arrived keep the first pause; idle ones back off."""
+async def test_polls_start_over_while_a_fleet_arrives(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds in which more instances arrived keep the first pause, and so do those of
+    the steady time after the last arrival; then the pauses back off again."""
+    monkeypatch.setattr(waits, "_STEADY", 0.25)
     client = EC2(region="us-east-1", poll_interval=0.1, poll_backoff=2.0, poll_max_interval=0.4)
     times: list[float] = []
     arrived = [0]
@@ -230,12 +234,33 @@ async def test_polls_start_over_while_a_fleet_arrives(clock: _Clock) -> None:
         times.append(clock.now)
         if 2 <= len(times) <= 4:  # three rounds each see one more instance
             arrived[0] += 1
-        return len(times) == 7
+        return len(times) == 9
 
     await client._poll(
         fetch, what="fleet", timeout=5, last_state=lambda: None, progress=lambda: arrived[0]
     )
-    assert _gaps(times) == [0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+    # the last arrival at 0.3: the rounds at 0.4 and 0.5 still within the steady 0.25 s
+    assert _gaps(times) == [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+
+
+def test_pending_time_seen_before_brings_the_polls_forward() -> None:
+    """Once a client saw how long instances stay pending, a wait for new ones polls at
+    the first pause from three quarters of that time on, and backs off as usual again
+    when they are overdue by as long."""
+    client = EC2(region="us-east-1", poll_interval=0.5)
+    now = client.now()
+
+    def launched(seconds_ago: float) -> dict[str, object]:
+        return {"LaunchTime": now - timedelta(seconds=seconds_ago)}
+
+    assert waits._pending_eta(client, {"i-1": launched(5)}) is None  # nothing seen yet
+    waits._learn_pending(client, launched(20))
+    waits._learn_pending(client, launched(24))
+    left = waits._pending_eta(client, {"i-1": launched(5), "i-2": launched(3)})
+    assert left is not None and 9.5 < left <= 10  # 0.75 * 20 - 5, the oldest decides
+    assert waits._pending_eta(client, {"i-1": launched(15.5)}) == 0.5  # due: steady
+    assert waits._pending_eta(client, {"i-1": launched(40)}) is None  # overdue by 15+
+    assert waits._pending_eta(client, {"i-1": {}}) is None  # no LaunchTime
 
 
 # -- idempotent creates (ClientToken) ------------------------------------------------------

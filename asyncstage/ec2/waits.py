@@ -1,13 +1,22 @@
 """Waits on EC2 resources: polls that start fast and back off; concurrent waits on
 instances share their poll rounds. Each takes the :class:`Client` to poll with; its
 ``poll_interval`` is the first pause, growing by ``poll_backoff`` up to
-``poll_max_interval``."""
+``poll_max_interval``.
+
+A wait for instances to run polls at ``poll_interval`` again as the pending time its
+client saw before comes to an end (EC2's pending time is much the same from one launch
+to the next), and while a fleet's instances are arriving: a second spent between an
+instance running and the library noticing it is a second of every launch.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -25,6 +34,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("asyncstage")
+
+_STEADY = 10.0
+"""Seconds after an instance of a wait arrived during which the others are polled for
+at the first pause (a fleet's instances come up within seconds of each other)."""
+
+_PENDING_KEPT = 16
+"""How many pending times (launch to running) a client remembers."""
+
+_pending_seen: weakref.WeakKeyDictionary[Client, deque[float]] = weakref.WeakKeyDictionary()
+"""Per client, the pending times of its latest instances (seconds, on EC2's clock)."""
 
 
 def _percent(snapshot: Mapping[str, Any]) -> float | None:
@@ -49,23 +68,67 @@ async def poll(
     (less when ``eta()`` expects the end sooner, never under half the first pause).
 
     A round in which ``progress()`` grew (a fleet's instances arriving one by one)
-    starts the pauses over: the rest are likely close, and one call polls them all.
+    starts the pauses over and holds them at the first for ``_STEADY`` seconds: the
+    rest are likely close, and one call polls them all.
     """
     interval = client.poll_interval
     deadline = time.monotonic() + timeout
     seen = progress() if progress is not None else 0
+    moved: float | None = None  # when progress last grew
     while True:
         if await fetch():
             return
+        now = time.monotonic()
         if progress is not None and progress() != seen:
-            seen, interval = progress(), client.poll_interval
-        left = deadline - time.monotonic()
+            seen, moved = progress(), now
+        if moved is not None and now - moved < _STEADY:
+            interval = client.poll_interval
+        left = deadline - now
         if left <= 0:
             raise WaitTimeout(what, timeout=timeout, last_state=last_state())
         expected = eta() if eta is not None else None
         pause = interval if expected is None else max(client.poll_interval / 2, expected)
         await anyio.sleep(min(interval, pause, left))
         interval = min(interval * client.poll_backoff, client.poll_max_interval)
+
+
+def _launched(instance: Resource) -> datetime | None:
+    """An instance's ``LaunchTime`` (its last start), timezone-aware; None if unknown."""
+    launched = instance.get("LaunchTime")
+    if not isinstance(launched, datetime):
+        return None
+    return launched if launched.tzinfo is not None else launched.replace(tzinfo=UTC)
+
+
+def _pending_eta(client: Client, pending: Mapping[str, Resource]) -> float | None:
+    """Seconds until the first of these pending instances may be running: three
+    quarters of the shortest pending time this client saw lately (pending times vary,
+    and each was seen a poll round late), at least ``poll_interval`` (poll at that
+    pace once it is due); None when nothing is known, or when it is overdue by as long
+    again (the pending time changed: back off as usual)."""
+    seen = _pending_seen.get(client)
+    if not seen or not pending:
+        return None
+    expect = 0.75 * min(seen)
+    now = client.now()
+    since = [
+        (now - at).total_seconds() for at in map(_launched, pending.values()) if at is not None
+    ]
+    if not since:
+        return None
+    left = expect - max(since)
+    if left < -max(expect, _STEADY):
+        return None
+    return max(client.poll_interval, left)
+
+
+def _learn_pending(client: Client, instance: Resource) -> None:
+    """Remember how long this instance, just seen running, was pending."""
+    launched = _launched(instance)
+    if launched is not None:
+        took = (client.now() - launched).total_seconds()
+        if took >= 0:
+            _pending_seen.setdefault(client, deque(maxlen=_PENDING_KEPT)).append(took)
 
 
 async def wait_for_instances(
@@ -88,6 +151,7 @@ async def wait_for_instances(
     reached: dict[str, Resource] = {}
     failed: dict[str, Exception] = {}
     last: dict[str, str] = {}
+    pending: dict[str, Resource] = {}  # the instances last seen pending (towards running)
     waiting = set(ids)
     dead = {"running": {"shutting-down", "terminated"}, "stopped": {"terminated"}}.get(state, set())
 
@@ -99,7 +163,11 @@ async def wait_for_instances(
         for iid, inst in found.items():
             now = inst.get("State", {}).get("Name", "unknown")
             last[iid] = now
+            if now == "pending" and state == "running":
+                pending[iid] = inst
             if now == state:
+                if pending.pop(iid, None) is not None:
+                    _learn_pending(client, inst)
                 reached[iid] = inst
                 waiting.discard(iid)
                 if on_reached is not None:
@@ -122,6 +190,7 @@ async def wait_for_instances(
             what=f"{len(waiting)} instance(s) to be {state}",
             timeout=timeout,
             last_state=lambda: None,
+            eta=lambda: _pending_eta(client, {i: pending[i] for i in waiting if i in pending}),
             progress=lambda: len(reached) + len(failed),
         )
     except WaitTimeout:
