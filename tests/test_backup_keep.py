@@ -86,11 +86,6 @@ def test_hostile_retention_and_copies_are_refused(
         backup.load_plan(path)
 
 
-def test_snapshot_mode_sets_take_no_retention_yet() -> None:
-    with pytest.raises(InvalidArgument, match="copy-mode"):
-        PlannedBackup("disks", mode="snapshot", server="db1", retention=Policy(last=1))
-
-
 @pytest.mark.parametrize(
     "options",
     [
