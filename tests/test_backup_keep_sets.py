@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -19,7 +20,7 @@ import pytest
 
 from asyncstage import Manager, backup
 from asyncstage.backup import CopyTarget, PlannedBackup
-from asyncstage.backup.keep import FORGETTING, copy_backup, copy_of, copy_set
+from asyncstage.backup.keep import COPY_OF_TAG, FORGETTING, copy_backup, copy_of, copy_set
 from asyncstage.backup.manifest import MANIFEST_TAG, NO_MANIFEST
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshot_mode import SET_SIZE_TAG, set_of
@@ -29,6 +30,7 @@ from asyncstage.errors import InvalidArgument, UnknownSnapshot
 from asyncstage.retention import Policy
 from tests.backup_support import run_snapshot_tags
 from tests.fixtures.moto import moto_manager
+from tests.test_backup_keep import image_uses
 
 pytestmark = pytest.mark.anyio
 
@@ -77,15 +79,7 @@ def _hours_apart(sets: list[list[str]], region: str) -> None:
             backend.snapshots[snapshot_id].start_time = now - timedelta(hours=n)
 
 
-def _uses(image_id: str, snapshot_id: str) -> None:
-    """Make moto's image use ``snapshot_id`` (plain moto makes a snapshot of its own for a
-    registered image, whatever its mappings say)."""
-    from moto.ec2.models import ec2_backends
-
-    backend = ec2_backends["123456789012"]["us-east-1"]
-    image = backend.amis[image_id]
-    made, image.ebs_snapshot = image.ebs_snapshot, backend.snapshots[snapshot_id]
-    backend.snapshots.pop(made.id, None)
+_copies = [{"Name": "tag-key", "Values": [COPY_OF_TAG]}]
 
 
 async def _ids(m: Manager, name: str) -> set[str]:
@@ -128,7 +122,7 @@ async def test_a_set_in_use_or_not_whole_is_never_removed(home: Manager) -> None
         RootDeviceName="/dev/sda1",
         BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": sets[0][1]}}],
     )
-    _uses(image["ImageId"], sets[0][1])
+    image_uses(image["ImageId"], sets[0][1])
     # the second set lost a member (deleted by hand): not a backup any more, never removed
     await m.ec2.delete_snapshot(sets[1][0])
     # the newest set has a member its run never marked complete: a backup in the making
@@ -187,7 +181,7 @@ async def test_a_set_removal_cut_short_counts_no_part_and_is_finished_later(
 
 
 async def test_a_set_is_copied_whole_or_not_at_all(
-    home: Manager, moto_url: str, tmp_path: Path
+    home: Manager, moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with moto_manager(moto_url, tmp_path / "dot", "eu-west-1") as away:
         (first, second) = await set_history(home, "kept-copied", 2)
@@ -196,6 +190,23 @@ async def test_a_set_is_copied_whole_or_not_at_all(
         with pytest.raises(InvalidArgument, match="copied whole"):
             await copy_set(home, away, [first[0], second[0]], CopyTarget("eu-west-1"))
         assert await away.snapshots("kept-copied") == []
+
+        # the controller is stopped after the set's first copy started: that copy goes too
+        started: list[str] = []
+        copy = away.ec2.copy_snapshot
+
+        async def copy_then_stop(*args: Any, **kwargs: Any) -> str:
+            started.append(await copy(*args, **kwargs))
+            scope.cancel()
+            return started[-1]
+
+        monkeypatch.setattr(away.ec2, "copy_snapshot", copy_then_stop)
+        with anyio.CancelScope() as scope:
+            await copy_set(home, away, first, CopyTarget("eu-west-1"))
+        monkeypatch.undo()
+        assert scope.cancelled_caught and len(started) == 1
+        left = await away.ec2.describe_snapshots(filters=_copies)
+        assert [s for s in left if (copy_of(s) or ("", ""))[1] in first] == []
 
         copies = await copy_set(home, away, second, CopyTarget("eu-west-1"))
         found = {str(s["SnapshotId"]): s for s in await away.snapshots("kept-copied")}
