@@ -176,7 +176,7 @@ def _backups_view(snaps: list[dict[str, Any]], leftovers: set[str]) -> list[dict
     seen: list[dict[str, Any]] = []
     sets: dict[str, list[dict[str, Any]]] = {}
     for s in snaps:
-        if tags_of(s).get(STATE_TAG) == FORGETTING:
+        if tags_of(s).get(STATE_TAG) == FORGETTING and set_of(s) is not None:
             leftovers.add(str(s["SnapshotId"]))
         elif (run := set_of(s)) is not None:
             sets.setdefault(run, []).append(s)
@@ -276,7 +276,10 @@ async def forget(
             if dry_run:
                 say(f"{name}: remove {snapshot_id}: an earlier forget was removing its set")
                 continue
-            await m.ec2.delete_snapshot(snapshot_id)
+            try:
+                await m.ec2.delete_snapshot(snapshot_id)
+            except NotFound:  # gone meanwhile (a sweep, another forget): as wanted
+                continue
             say(f"{name}: removed {snapshot_id} (an earlier forget was removing its set)")
             removed.setdefault(name, []).append(snapshot_id)
     return ForgetResult(m.region, decisions, removed, dry_run)
