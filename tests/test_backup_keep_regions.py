@@ -173,14 +173,20 @@ async def test_a_plan_copies_keeps_there_and_restores_and_checks_from_there_alon
             checked = await backup.check(away, name, all_snapshots=True, read_data=True)
             assert [r.snapshot_id for r in checked] == [s["SnapshotId"] for s in copies]
             assert all(r.verified and r.files_read == 1 for r in checked), checked
-            argv, env = cli_command(
-                cloud, cloud_dotdir, "backup", "check", name, "--read-data", "--json", region=OTHER
+            for command in (
+                ("backup", "check", name, "--read-data"),
+                ("restore", "--name", name, str(tmp_path / "cli")),
+            ):
+                argv, env = cli_command(cloud, cloud_dotdir, "--json", *command, region=OTHER)
+                with anyio.fail_after(300):
+                    ran = await anyio.run_process(argv, env=env, check=False)
+                assert ran.returncode == 0, ran.stderr.decode()
+                answer = json.loads(ran.stdout)
+                (answer,) = answer if isinstance(answer, list) else [answer]
+                assert answer["snapshot_id"] == copied and answer["verified"] in (True, "verified")
+            assert (tmp_path / "cli" / landed.relative_to(tmp_path / "out")).read_text() == (
+                "version 2"
             )
-            with anyio.fail_after(300):
-                ran = await anyio.run_process(argv, env=env, check=False)
-            assert ran.returncode == 0, ran.stderr.decode()
-            (answer,) = json.loads(ran.stdout)
-            assert answer["snapshot_id"] == copied and answer["verified"]
             assert await _live_volumes(away) == before  # the scratch volumes are gone
         finally:
             await _drop(home, name)
