@@ -16,13 +16,17 @@ Beyond restic, some snapshots are never deleted whatever the rules say: the newe
 completed one, any not completed yet (a backup in the making), and any an image uses.
 :func:`forget` deletes by id, and only ids that a second reading of the list, made just
 before deleting, also marks for removal.
+
+An entry of the list may stand for several snapshots taken at one instant (a set): its
+description then carries ``Members``, every snapshot id of the set. The set is decided
+as one snapshot (kept when an image uses any member) and removed whole.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -139,12 +143,20 @@ class Decision:
     start_time: datetime
     keep: bool
     reasons: tuple[str, ...]
+    members: tuple[str, ...] = ()
+    """Every snapshot of a set the decision stands for (empty: the one snapshot)."""
+
+    @property
+    def snapshot_ids(self) -> tuple[str, ...]:
+        """The snapshots this decision keeps or removes."""
+        return self.members or (self.snapshot_id,)
 
     def __str__(self) -> str:
         verb = "keep  " if self.keep else "remove"
-        return f"{verb} {self.snapshot_id} {self.start_time:%Y-%m-%d %H:%M:%S}: " + "; ".join(
-            self.reasons
-        )
+        what = self.snapshot_id
+        if len(self.members) > 1:
+            what += f" (set of {len(self.members)}: {' '.join(self.members)})"
+        return f"{verb} {what} {self.start_time:%Y-%m-%d %H:%M:%S}: " + "; ".join(self.reasons)
 
 
 @dataclass
@@ -157,7 +169,8 @@ class _Bucket:
     last: object = None
 
 
-def _start(snapshot: Mapping[str, Any]) -> datetime:
+def start_time(snapshot: Mapping[str, Any]) -> datetime:
+    """A snapshot description's ``StartTime`` as an aware UTC datetime."""
     when = snapshot.get("StartTime")
     if isinstance(when, str):
         when = datetime.fromisoformat(when.replace("Z", "+00:00"))
@@ -174,24 +187,28 @@ def plan(
 ) -> list[Decision]:
     """A decision for every snapshot (EC2 descriptions), newest first.
 
-    ``used_by`` maps snapshot ids to the image that uses them (those are kept).
+    ``used_by`` maps snapshot ids to the image that uses them (those are kept, and so is
+    a set when an image uses any of its ``Members``).
     """
     listed = sorted(
-        ((_start(s), str(s["SnapshotId"]), str(s.get("State", "completed"))) for s in snapshots),
+        (
+            (start_time(s), str(s["SnapshotId"]), str(s.get("State", "completed")), _members(s))
+            for s in snapshots
+        ),
         key=lambda t: (t[0], t[1]),
         reverse=True,
     )
-    completed = [(t, i) for t, i, state in listed if state == "completed"]
+    completed = [(t, i) for t, i, state, _ in listed if state == "completed"]
     newest = completed[0] if completed else None
     rules = [_Bucket(reason, count, key) for reason, count, key in policy._rules()]
     decisions: list[Decision] = []
     n = 0
-    for when, snapshot_id, state in listed:
+    for when, snapshot_id, state, members in listed:
         reasons: list[str] = []
         if state != "completed":
             reasons.append(f"{state}: not completed yet")
-        if snapshot_id in used_by:
-            reasons.append(f"used by image {used_by[snapshot_id]}")
+        for used in dict.fromkeys(used_by[i] for i in members or (snapshot_id,) if i in used_by):
+            reasons.append(f"used by image {used}")
         if newest is not None and (when, snapshot_id) == newest:
             reasons.append("newest completed snapshot")
         if state == "completed":  # restic's rules look at completed snapshots only
@@ -210,10 +227,19 @@ def plan(
                 reasons.append(f"within {policy.within} of the newest")
             n += 1
         keep = bool(reasons)
-        decisions.append(
-            Decision(snapshot_id, when, keep, tuple(reasons) if keep else ("no rule keeps it",))
-        )
+        why = tuple(reasons) if keep else ("no rule keeps it",)
+        decisions.append(Decision(snapshot_id, when, keep, why, members))
     return decisions
+
+
+def _members(snapshot: Mapping[str, Any]) -> tuple[str, ...]:
+    """A set's snapshot ids (sorted), or () for one snapshot."""
+    members = snapshot.get("Members")
+    if not members:
+        return ()
+    if isinstance(members, str) or not all(isinstance(i, str) for i in members):
+        raise InvalidArgument(f"snapshot set {snapshot.get('SnapshotId')}: bad members")
+    return tuple(sorted(members))
 
 
 async def _used_by_images(manager: Manager) -> dict[str, str]:
@@ -229,6 +255,8 @@ async def _used_by_images(manager: Manager) -> dict[str, str]:
 
 View = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 """How :func:`forget` sees a listing (a backup's marks, say) before it decides."""
+Remove = Callable[[Decision], Awaitable[object]]
+"""How :func:`forget` removes what a decision stands for."""
 
 
 async def _read(manager: Manager, name: str, policy: Policy, view: View) -> list[Decision]:
@@ -245,6 +273,7 @@ async def forget(
     report: Callable[[str], None] | None = None,
     view: View = list,
     on_removed: Callable[[str, str], object] | None = None,
+    remove: Remove | None = None,
 ) -> dict[str, list[Decision]]:
     """Apply ``policy`` to the snapshots of the volumes ``names``; the decisions by name.
 
@@ -253,7 +282,8 @@ async def forget(
     that a second reading of the list, just before, also marks for removal: a snapshot
     that appeared or changed in between is never deleted on an old reading.
     ``view`` turns each listing into what the rules see (default: as listed);
-    ``on_removed`` is told (name, snapshot id) after each deletion.
+    ``remove`` removes what one decision stands for (default: deletes each of its
+    snapshots); ``on_removed`` is told (name, snapshot id) of each snapshot removed.
     """
     if isinstance(names, str) or not names:
         raise InvalidArgument("forget: name one or more volumes")
@@ -264,14 +294,21 @@ async def forget(
         result[name] = decisions
         for decision in decisions:
             say(f"{name}: {decision}")
-        doomed = {d.snapshot_id for d in decisions if not d.keep}
+        doomed = {(d.snapshot_id, d.members) for d in decisions if not d.keep}
         if dry_run or not doomed:
             continue
         again = await _read(manager, name, policy, view)
-        confirmed = [d for d in reversed(again) if not d.keep and d.snapshot_id in doomed]
+        confirmed = [
+            d for d in reversed(again) if not d.keep and (d.snapshot_id, d.members) in doomed
+        ]
         for decision in confirmed:
-            await manager.ec2.delete_snapshot(decision.snapshot_id)
-            say(f"{name}: removed {decision.snapshot_id}")
-            if on_removed is not None:
-                on_removed(name, decision.snapshot_id)
+            if remove is not None:
+                await remove(decision)
+            else:
+                for snapshot_id in decision.snapshot_ids:
+                    await manager.ec2.delete_snapshot(snapshot_id)
+            for snapshot_id in decision.snapshot_ids:
+                say(f"{name}: removed {snapshot_id}")
+                if on_removed is not None:
+                    on_removed(name, snapshot_id)
     return result

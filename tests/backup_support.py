@@ -16,7 +16,7 @@ from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG, 
 from asyncstage.ec2 import tag, tag_filters
 from tests.fixtures.cloud import ManagerFactory
 
-__all__ = ["NOTHING", "backup_history", "leftovers", "manager_dropping"]
+__all__ = ["NOTHING", "backup_history", "leftovers", "manager_dropping", "run_snapshot_tags"]
 
 NOTHING: dict[str, list[str]] = {"volumes": [], "unfinished": [], "leases": []}
 
@@ -47,6 +47,20 @@ async def leftovers(m: Manager, name: str) -> dict[str, list[str]]:
     }
 
 
+def run_snapshot_tags(m: Manager, run: RunInfo, state: str) -> dict[str, str]:
+    """The tags a backup run gives its snapshot (``state``: ``complete`` or ``pending``)."""
+    return {
+        tag("role"): "snapshot",
+        tag("name"): run.name,
+        tag("fstype"): "ext4",
+        **owner_tags(m.key_pair.name),
+        **run.tags(),
+        STATE_TAG: state,
+        PARENT_TAG: "none",
+        CONSISTENCY_TAG: "crash-consistent",
+    }
+
+
 async def backup_history(
     m: Manager, name: str, count: int, zone: str, *, unfinished: int = 0
 ) -> list[str]:
@@ -60,17 +74,8 @@ async def backup_history(
         for n in range(count + unfinished):
             snap = await m.ec2.create_snapshot(
                 volume,
-                tags={
-                    tag("role"): "snapshot",
-                    tag("name"): name,
-                    tag("fstype"): "ext4",
-                    tag("created"): f"{n:020.6f}",
-                    **owner_tags(m.key_pair.name),
-                    **run.tags(),
-                    STATE_TAG: "complete" if n < count else "pending",
-                    PARENT_TAG: "none",
-                    CONSISTENCY_TAG: "crash-consistent",
-                },
+                tags=run_snapshot_tags(m, run, "complete" if n < count else "pending")
+                | {tag("created"): f"{n:020.6f}"},
             )
             made.append(str(snap["SnapshotId"]))
         for snapshot_id in made:

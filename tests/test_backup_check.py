@@ -19,6 +19,7 @@ from asyncstage.backup.manifest import MANIFEST_NAME, MANIFEST_TAG
 from asyncstage.ec2 import tag, tag_filters, tags_of
 from asyncstage.errors import RestoreVerifyFailed
 from asyncstage.localcloud import LocalCloud
+from tests.test_backup_keep_cli import cli_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
@@ -40,6 +41,7 @@ class Made:
     src: Path
     result: backup.BackupResult
     snap: dict[str, Any]
+    dotdir: Path
 
     @property
     def rel(self) -> str:
@@ -56,8 +58,9 @@ async def made(cloud: LocalCloud, tmp_path_factory: pytest.TempPathFactory) -> A
         (src / "docs" / f"f{i}.txt").write_text(f"file {i}\n" * (i * 40 + 1))
     (src / VICTIM).write_bytes(os.urandom(200_000))
     os.symlink("docs/f1.txt", src / "link")
+    dotdir = tmp_path_factory.mktemp("check-dotdir")
     async with cloud.manager(
-        dotdir=tmp_path_factory.mktemp("check-dotdir"),
+        dotdir=dotdir,
         on_exit="terminate",
         scan=False,
         poll_interval=0.1,
@@ -66,7 +69,7 @@ async def made(cloud: LocalCloud, tmp_path_factory: pytest.TempPathFactory) -> A
         try:
             result = await backup.backup(m, NAME, [src])
             (snap,) = await m.ec2.describe_snapshots([result.snapshot_id])
-            yield Made(m, server, src, result, snap)
+            yield Made(m, server, src, result, snap, dotdir)
         finally:
             for name in (NAME, INPLACE):
                 for s in await m.ec2.describe_snapshots(filters=tag_filters({tag("name"): name})):
@@ -111,7 +114,7 @@ async def test_a_restore_verifies_against_the_manifest(made: Made, tmp_path: Pat
 
 
 async def test_read_data_finds_a_byte_corrupted_inside_a_snapshot(
-    made: Made, tmp_path: Path
+    cloud: LocalCloud, made: Made, tmp_path: Path
 ) -> None:
     """A copy of the snapshot with one byte changed, carrying the original's tags."""
     volume = await made.server.provision_volume(snapshot_id=made.result.snapshot_id, reuse=False)
@@ -130,6 +133,15 @@ async def test_read_data_finds_a_byte_corrupted_inside_a_snapshot(
     damaged = {"path": f"{made.rel}/{VICTIM}", "error": "content differs"}
     assert full.failed and full.damaged == (damaged,)
     assert full.counts == {"missing": 0, "changed": 0, "extra": 0, "damaged": 1}
+    # the command says so on stderr and exits 1
+    argv, env = cli_command(
+        cloud, made.dotdir, "backup", "check", NAME, "--snapshot", corrupted, "--read-data"
+    )
+    with anyio.fail_after(300):
+        ran = await anyio.run_process(argv, env=env, check=False)
+    assert ran.returncode == 1, ran.stderr.decode()
+    said = f"{corrupted}: damaged: {made.rel}/{VICTIM} (content differs)"
+    assert said in ran.stderr.decode() and "FAILED" in ran.stdout.decode()
 
     with pytest.raises(RestoreVerifyFailed, match="does not match") as caught:
         await backup.restore(made.m, NAME, tmp_path / "r", snapshot_id=corrupted)

@@ -20,6 +20,7 @@ import pytest
 from asyncstage import Manager, backup, cli
 from asyncstage.backup import CopyTarget, PlannedBackup, UnknownKmsKey
 from asyncstage.backup.keep import check_keys, copy_backup, copy_of, parse_copy_to
+from asyncstage.backup.snapshots import STATE_TAG
 from asyncstage.ec2 import tag
 from asyncstage.errors import InvalidArgument
 from asyncstage.retention import InvalidPolicy, Policy
@@ -86,11 +87,6 @@ def test_hostile_retention_and_copies_are_refused(
         backup.load_plan(path)
 
 
-def test_snapshot_mode_sets_take_no_retention_yet() -> None:
-    with pytest.raises(InvalidArgument, match="copy-mode"):
-        PlannedBackup("disks", mode="snapshot", server="db1", retention=Policy(last=1))
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -147,6 +143,51 @@ def _start_times(snapshot_ids: list[str]) -> None:
     now = datetime.now(UTC).replace(tzinfo=None)
     for n, snapshot_id in enumerate(reversed(snapshot_ids)):
         backend.snapshots[snapshot_id].start_time = now - timedelta(hours=n)
+
+
+def image_uses(image_id: str, snapshot_id: str) -> None:
+    """Make moto's image use ``snapshot_id`` (plain moto makes a snapshot of its own for a
+    registered image, whatever its mappings say)."""
+    from moto.ec2.models import ec2_backends
+
+    backend = ec2_backends["123456789012"]["us-east-1"]
+    image = backend.amis[image_id]
+    made, image.ebs_snapshot = image.ebs_snapshot, backend.snapshots[snapshot_id]
+    backend.snapshots.pop(made.id, None)
+
+
+@pytest.mark.anyio
+async def test_forget_deletes_only_what_a_second_reading_confirms(home: Manager) -> None:
+    m = home
+    made = await backup_history(m, "kept-again", 6, "us-east-1a")
+    _start_times(made)
+    from moto.ec2.models import ec2_backends
+
+    backend = ec2_backends["123456789012"]["us-east-1"]
+    image = await m.ec2.call("RegisterImage", Name="kept-again", RootDeviceName="/dev/sda1")
+    image_uses(image["ImageId"], made[0])  # the oldest: an image uses it from the start
+    lines: list[str] = []
+
+    def report(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 6:  # every decision of the first reading is out, none deleted yet
+            # meanwhile, another program starts a run whose snapshot is this one (a record
+            # of EC2 changed between the two readings): it is no longer for removal
+            backend.create_tags([made[1]], {STATE_TAG: "pending"})
+
+    try:
+        done = await backup.forget(m, ["kept-again"], Policy(last=2), report=report)
+        first = {d.snapshot_id: d for d in done.decisions["kept-again"]}
+        assert first[made[0]].reasons == (f"used by image {image['ImageId']}",)
+        assert not first[made[1]].keep  # doomed by the first reading ...
+        assert sorted(done.removed["kept-again"]) == sorted(made[2:4])  # ... not deleted
+        assert {s["SnapshotId"] for s in await m.snapshots("kept-again")} == {
+            made[0],
+            made[1],
+            *made[4:],
+        }
+    finally:
+        await m.ec2.call("DeregisterImage", ImageId=image["ImageId"])
 
 
 @pytest.mark.anyio

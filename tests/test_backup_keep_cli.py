@@ -41,7 +41,11 @@ async def _history(cloud: LocalCloud, m: Manager, name: str, count: int) -> list
     return made
 
 
-def _command(cloud: LocalCloud, dotdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+def cli_command(
+    cloud: LocalCloud, dotdir: Path, *args: str, region: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``asyncstage`` command line for the session's cloud (in ``region``, default the
+    cloud's), and its environment."""
     session = cloud.session_kwargs()
     env = os.environ | {
         "PYTHONPATH": str(ROOT),
@@ -49,7 +53,7 @@ def _command(cloud: LocalCloud, dotdir: Path, *args: str) -> tuple[list[str], di
         "AWS_SECRET_ACCESS_KEY": session["aws_secret_access_key"],
     }
     env.pop("ASYNCSTAGE_ENDPOINT_URL", None)
-    argv = [str(EXE), "--endpoint-url", cloud.endpoint_url, "--region", cloud.region]
+    argv = [str(EXE), "--endpoint-url", cloud.endpoint_url, "--region", region or cloud.region]
     return [*argv, "--dotdir", str(dotdir), *args], env
 
 
@@ -77,7 +81,9 @@ async def test_forget_prints_every_decision_and_a_killed_run_loses_nothing(
     async with manager_factory() as m:
         made = await _history(cloud, m, name, 12)
         try:
-            argv, env = _command(cloud, cloud_dotdir, "backup", "forget", name, "--keep-last", "3")
+            argv, env = cli_command(
+                cloud, cloud_dotdir, "backup", "forget", name, "--keep-last", "3"
+            )
             with anyio.fail_after(120):
                 dry = await anyio.run_process([*argv, "--dry-run", "--json"], env=env)
             decided = json.loads(dry.stdout)["backups"][name]

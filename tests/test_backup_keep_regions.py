@@ -10,6 +10,7 @@ cancelled is deleted.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from asyncstage.errors import EC2Error
 from asyncstage.localcloud import LocalCloud
 from asyncstage.retention import Policy
 from tests.fixtures.cloud import ManagerFactory
+from tests.test_backup_keep_cli import cli_command
 from tests.test_realism_capacity import playing
 
 pytestmark = [
@@ -107,13 +109,19 @@ async def _completed(client: Any, snapshot_id: str, within: float = 60) -> dict[
             await anyio.sleep(0.05)
 
 
+async def _live_volumes(m: Manager) -> set[str]:
+    """The region's data volumes (not servers' root volumes) that are not deleted."""
+    found = await m.ec2.describe_volumes(filters=tag_filters({tag("role"): "volume"}))
+    return {v["VolumeId"] for v in found if v["State"] not in ("deleting", "deleted")}
+
+
 async def _drop(m: Manager, name: str) -> None:
     for snap in await m.ec2.describe_snapshots(filters=tag_filters({tag("name"): name})):
         await m.ec2.delete_snapshot(snap["SnapshotId"])
 
 
-async def test_a_plan_copies_keeps_there_and_restores_from_there_alone(
-    cloud: LocalCloud, manager_factory: ManagerFactory, tmp_path: Path
+async def test_a_plan_copies_keeps_there_and_restores_and_checks_from_there_alone(
+    cloud: LocalCloud, manager_factory: ManagerFactory, cloud_dotdir: Path, tmp_path: Path
 ) -> None:
     name = "keep-dr"
     async with manager_factory() as home, manager_factory(region=OTHER) as away:
@@ -160,6 +168,26 @@ async def test_a_plan_copies_keeps_there_and_restores_from_there_alone(
             assert restored.snapshot_id == copied
             landed = tmp_path / "out" / str(src).lstrip("/") / "f.txt"  # its full path
             assert landed.read_text() == "version 2"
+            # ... and checks alone: every copy, content included, from its manifest
+            before = await _live_volumes(away)
+            checked = await backup.check(away, name, all_snapshots=True, read_data=True)
+            assert [r.snapshot_id for r in checked] == [s["SnapshotId"] for s in copies]
+            assert all(r.verified and r.files_read == 1 for r in checked), checked
+            for command in (
+                ("backup", "check", name, "--read-data"),
+                ("restore", "--name", name, str(tmp_path / "cli")),
+            ):
+                argv, env = cli_command(cloud, cloud_dotdir, "--json", *command, region=OTHER)
+                with anyio.fail_after(300):
+                    ran = await anyio.run_process(argv, env=env, check=False)
+                assert ran.returncode == 0, ran.stderr.decode()
+                answer = json.loads(ran.stdout)
+                (answer,) = answer if isinstance(answer, list) else [answer]
+                assert answer["snapshot_id"] == copied and answer["verified"] in (True, "verified")
+            assert (tmp_path / "cli" / landed.relative_to(tmp_path / "out")).read_text() == (
+                "version 2"
+            )
+            assert await _live_volumes(away) == before  # the scratch volumes are gone
         finally:
             await _drop(home, name)
             await _drop(away, name)
@@ -204,5 +232,54 @@ async def test_a_copy_that_fails_or_is_cancelled_leaves_no_half_copy(
             assert await _copies_of(away, source) == []
             assert usable(await away.snapshots(name)) == []
         finally:
+            await _drop(home, name)
+            await _drop(away, name)
+
+
+async def test_a_set_is_copied_kept_and_restored_whole_from_the_copy_region(
+    cloud: LocalCloud, manager_factory: ManagerFactory, tmp_path: Path
+) -> None:
+    name = "keep-set"
+    async with manager_factory() as home, manager_factory(region=OTHER) as away:
+        made = []
+        try:
+            server = await home.get_server("keep-set-host")
+            made = [await server.provision_volume(n, size=1) for n in ("keep-a", "keep-b")]
+            planned = PlannedBackup(
+                name,
+                mode="snapshot",
+                server=server.name,
+                retention=Policy(last=1),
+                copy_to=(CopyTarget(OTHER, retention=Policy(last=2)),),
+            )
+            with playing(cloud, snapshot_interval=0.0):
+                for n in range(3):
+                    for v in made:
+                        await server.scmd("sh", "-c", f"echo {n} > {v.mtpt}/which; sync", sudo=True)
+                    report = await backup.run_plan(home, [planned], regions={OTHER: away})
+                    assert report.ok, report.as_dict()
+            result = report.outcomes[0].result
+            newest = sorted(result["snapshots"].values())
+            copies = result["copies"][OTHER]
+            assert len(newest) == 2 and len(copies) == 2
+            # each region removed one whole set (two snapshots) on the last run
+            assert len(result["retention"][cloud.region]["removed"]) == 2
+            assert len(result["retention"][OTHER]["removed"]) == 2
+            assert sorted(s["SnapshotId"] for s in usable(await home.snapshots(name))) == newest
+            there = usable(await away.snapshots(name))
+            assert len(there) == 4 and {s["SnapshotId"] for s in there} >= set(copies)
+
+            # the source region loses every snapshot: the copy region restores the set whole
+            await _drop(home, name)
+            restored = await backup.restore(away, name, tmp_path / "out")
+            assert sorted(restored.snapshots) == sorted(copies)
+            assert sorted(restored.snapshots.values()) == ["keep-a", "keep-b"]
+            for v in made:
+                assert (tmp_path / "out" / v.name / "which").read_text() == "2\n"
+            (checked,) = await backup.check(away, name)
+            assert checked.manifest == "none" and not checked.failed  # a set has no manifest
+        finally:
+            for v in made:
+                await v.delete()
             await _drop(home, name)
             await _drop(away, name)

@@ -77,6 +77,7 @@ async def test_one_instant_for_all_volumes_of_a_server(manager: Manager, server:
         tags = tags_of(snap)
         assert tags[tag("backup-state")] == "complete"
         assert tags[tag("backup-consistency")] == "crash-consistent"
+        assert tags[tag("backup-set-size")] == "2"
     assert await leftovers(manager, NAME) == NOTHING
     await first.delete()
     await second.delete()

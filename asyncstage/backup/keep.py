@@ -9,6 +9,12 @@
   ``REGION/snap-...``; it is marked ``pending`` until EC2 says it is completed, then
   ``complete``. A copy that fails or is cancelled is deleted; one whose controller died
   stays ``pending`` (never a backup) until ``sweep`` in that region removes it.
+  :func:`copy_set` does the same for a ``snapshot``-mode set, whole: every copy is
+  marked complete in one call once all are completed, and all are deleted when one fails.
+- A ``snapshot``-mode set (:func:`~asyncstage.backup.snapshot_mode.set_of`) is one
+  backup to retention: decided as one, kept when any member is in use, and removed whole
+  (its members first marked ``forgetting`` in one call, so that a removal cut short
+  leaves no partial set counted as a backup; the next ``forget`` finishes it).
 - :func:`keep_after` is what a plan does after each successful backup: the copies first
   (every key checked in its region before any copy starts), then retention in every
   region.
@@ -25,11 +31,12 @@ import anyio
 
 from asyncstage.adoption import OWNER_TAG
 from asyncstage.backup._common import log
+from asyncstage.backup.snapshot_mode import set_of, set_size
 from asyncstage.backup.snapshots import STATE_TAG, is_backup
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import EC2Error, InvalidArgument, NotFound
 from asyncstage.manager import Manager
-from asyncstage.retention import Decision, InvalidPolicy, Policy
+from asyncstage.retention import Decision, InvalidPolicy, Policy, start_time
 from asyncstage.retention import forget as forget_snapshots
 
 __all__ = [
@@ -40,13 +47,17 @@ __all__ = [
     "check_keys",
     "copy_backup",
     "copy_of",
+    "copy_set",
     "forget",
     "keep_after",
     "parse_copy_to",
     "parse_retention",
+    "run_snapshots",
 ]
 
 COPY_OF_TAG = tag("copy-of")
+FORGETTING = "forgetting"
+"""The state tag of a set's members that a ``forget`` is removing (never a backup)."""
 _REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d{1,2}$")
 _COPY_OF = re.compile(r"^([a-z]{2}(?:-[a-z]+)+-\d{1,2})/(snap-[0-9a-f]{8,17})$")
 _KEY = re.compile(
@@ -156,13 +167,37 @@ def copy_of(snap: Mapping[str, Any]) -> tuple[str, str] | None:
 # -- retention ----------------------------------------------------------------------------
 
 
-def _backups_view(snaps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _backups_view(snaps: list[dict[str, Any]], leftovers: set[str]) -> list[dict[str, Any]]:
     """What the rules see: a completed snapshot that is not a complete backup counts as
-    not completed (never removed, never the newest)."""
-    return [
-        s if s.get("State") != "completed" or is_backup(s) else {**s, "State": "unfinished"}
-        for s in snaps
-    ]
+    not completed (never removed, never the newest); a set is one entry with its
+    ``Members``, completed only when every member is a complete backup and they are as
+    many as the set was taken with. Snapshots that an earlier ``forget`` was removing
+    are left out, and their ids added to ``leftovers``."""
+    seen: list[dict[str, Any]] = []
+    sets: dict[str, list[dict[str, Any]]] = {}
+    for s in snaps:
+        if tags_of(s).get(STATE_TAG) == FORGETTING and set_of(s) is not None:
+            leftovers.add(str(s["SnapshotId"]))
+        elif (run := set_of(s)) is not None:
+            sets.setdefault(run, []).append(s)
+        elif s.get("State") != "completed" or is_backup(s):
+            seen.append(s)
+        else:
+            seen.append({**s, "State": "unfinished"})
+    for members in sets.values():
+        whole = all(is_backup(s) for s in members) and all(
+            set_size(s) in (None, len(members)) for s in members
+        )
+        ids = sorted(str(s["SnapshotId"]) for s in members)
+        seen.append(
+            {
+                "SnapshotId": ids[0],
+                "StartTime": min(start_time(s) for s in members),
+                "State": "completed" if whole else "unfinished",
+                "Members": ids,
+            }
+        )
+    return seen
 
 
 @dataclass
@@ -183,6 +218,7 @@ class ForgetResult:
                 name: [
                     {
                         "snapshot_id": d.snapshot_id,
+                        "members": list(d.members),
                         "start_time": d.start_time.isoformat(),
                         "keep": d.keep,
                         "reasons": list(d.reasons),
@@ -212,15 +248,40 @@ async def forget(
     if not isinstance(policy, Policy):
         raise InvalidPolicy("forget: a retention Policy is needed")
     removed: dict[str, list[str]] = {}
-    decisions = await forget_snapshots(
-        m,
-        list(names),
-        policy,
-        dry_run=dry_run,
-        report=report,
-        view=_backups_view,
-        on_removed=lambda name, snap: removed.setdefault(name, []).append(snap),
-    )
+    leftovers: dict[str, set[str]] = {}
+    say = report or log.info
+
+    def view(name: str) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+        return lambda snaps: _backups_view(snaps, leftovers.setdefault(name, set()))
+
+    async def remove(decision: Decision) -> None:
+        if decision.members:  # a set: no longer a backup before its first member goes
+            await m.ec2.create_tags(list(decision.members), {STATE_TAG: FORGETTING})
+        for snapshot_id in decision.snapshot_ids:
+            await m.ec2.delete_snapshot(snapshot_id)
+
+    decisions: dict[str, list[Decision]] = {}
+    for name in names:  # one at a time: each name's view gathers its own leftovers
+        decisions |= await forget_snapshots(
+            m,
+            [name],
+            policy,
+            dry_run=dry_run,
+            report=report,
+            view=view(name),
+            remove=remove,
+            on_removed=lambda name, snap: removed.setdefault(name, []).append(snap),
+        )
+        for snapshot_id in sorted(leftovers.get(name, ())):
+            if dry_run:
+                say(f"{name}: remove {snapshot_id}: an earlier forget was removing its set")
+                continue
+            try:
+                await m.ec2.delete_snapshot(snapshot_id)
+            except NotFound:  # gone meanwhile (a sweep, another forget): as wanted
+                continue
+            say(f"{name}: removed {snapshot_id} (an earlier forget was removing its set)")
+            removed.setdefault(name, []).append(snapshot_id)
     return ForgetResult(m.region, decisions, removed, dry_run)
 
 
@@ -259,36 +320,69 @@ def _manager_for(regions: Mapping[str, Manager], region: str) -> Manager:
 async def copy_backup(src: Manager, dest: Manager, snapshot_id: str, target: CopyTarget) -> str:
     """Copy the complete backup ``snapshot_id`` of ``src``'s region into ``dest``'s; the
     copy's id once completed and marked complete (see the module's rules)."""
-    found = await src.ec2.describe_snapshots([snapshot_id])
-    if not found or not is_backup(found[0]):
-        raise InvalidArgument(f"copy: {snapshot_id} is not a complete backup")
-    snap = found[0]
-    tags = tags_of(snap) | {
-        OWNER_TAG: dest.key_pair.name,
-        STATE_TAG: "pending",
-        COPY_OF_TAG: f"{src.region}/{snapshot_id}",
-    }
+    (made,) = await copy_set(src, dest, [snapshot_id], target)
+    return made
+
+
+async def copy_set(
+    src: Manager, dest: Manager, snapshot_ids: Sequence[str], target: CopyTarget
+) -> list[str]:
+    """Copy a backup of one run whole (one snapshot, or a ``snapshot``-mode set) from
+    ``src``'s region into ``dest``'s; the copies' ids, in order, once every one is
+    completed and all are marked complete in one call. On a failure or cancellation every
+    copy started is deleted: no part of a set is ever counted as a backup."""
+    if isinstance(snapshot_ids, str) or not snapshot_ids:
+        raise InvalidArgument("copy: name the snapshots of one backup run")
+    found = {str(s["SnapshotId"]): s for s in await src.ec2.describe_snapshots(snapshot_ids)}
+    for snapshot_id in snapshot_ids:
+        if snapshot_id not in found or not is_backup(found[snapshot_id]):
+            raise InvalidArgument(f"copy: {snapshot_id} is not a complete backup")
+    runs = {set_of(found[i]) for i in snapshot_ids}
+    sizes = {set_size(found[i]) for i in snapshot_ids} - {None}
+    if (len(snapshot_ids) > 1 and (len(runs) != 1 or None in runs)) or sizes - {len(snapshot_ids)}:
+        raise InvalidArgument("copy: a set is copied whole, and only its own snapshots")
     options: dict[str, Any] = {}
     if target.kms_key_id is not None:
         options = {"Encrypted": True, "KmsKeyId": target.kms_key_id}
-    new_id = await dest.ec2.copy_snapshot(
-        snapshot_id,
-        source_region=src.region,
-        description=str(snap.get("Description", "")),
-        tags=tags,
-        **options,
-    )
+    made: list[str] = []
     try:
-        await dest.ec2.wait_for_snapshot(new_id, timeout=dest.timeouts.snapshot)
-        await dest.ec2.create_tags([new_id], {STATE_TAG: "complete"})
+        for snapshot_id in snapshot_ids:
+            snap = found[snapshot_id]
+            tags = tags_of(snap) | {
+                OWNER_TAG: dest.key_pair.name,
+                STATE_TAG: "pending",
+                COPY_OF_TAG: f"{src.region}/{snapshot_id}",
+            }
+            made.append(
+                await dest.ec2.copy_snapshot(
+                    snapshot_id,
+                    source_region=src.region,
+                    description=str(snap.get("Description", "")),
+                    tags=tags,
+                    **options,
+                )
+            )
+        for new_id in made:
+            await dest.ec2.wait_for_snapshot(new_id, timeout=dest.timeouts.snapshot)
+        await dest.ec2.create_tags(made, {STATE_TAG: "complete"})
     except BaseException:
         with anyio.CancelScope(shield=True):
-            try:
-                await dest.ec2.delete_snapshot(new_id)
-            except Exception as e:  # left pending: never a backup; sweep removes it
-                log.warning("copy: could not delete the unfinished copy %s: %s", new_id, e)
+            for new_id in made:
+                try:
+                    await dest.ec2.delete_snapshot(new_id)
+                except Exception as e:  # left pending: never a backup; sweep removes it
+                    log.warning("copy: could not delete the unfinished copy %s: %s", new_id, e)
         raise
-    return new_id
+    return made
+
+
+def run_snapshots(result: Mapping[str, Any]) -> list[str]:
+    """The snapshots a backup run made, from its result (``as_dict``): a ``copy``-mode
+    run's one, or every snapshot of a ``snapshot``-mode set."""
+    found = result.get("snapshots")
+    if isinstance(found, Mapping) and found:
+        return [str(i) for i in found.values()]
+    return [str(result["snapshot_id"])]
 
 
 async def keep_after(
@@ -301,9 +395,9 @@ async def keep_after(
     regions: Mapping[str, Manager] = {},
     phase: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
-    """After a successful backup: copy its new snapshots to each target (every key
-    checked first), then apply retention in ``m``'s region and each target's; what was
-    done, as a plain dict (the run's report)."""
+    """After a successful backup: copy its new snapshots (one run's: one snapshot, or a
+    set) whole to each target (every key checked first), then apply retention in ``m``'s
+    region and each target's; what was done, as a plain dict (the run's report)."""
     done: dict[str, Any] = {}
     if copy_to:
         await check_keys(regions, copy_to)
@@ -312,10 +406,7 @@ async def keep_after(
         copies: dict[str, list[str]] = {}
         for target in copy_to:
             dest = _manager_for(regions, target.region)
-            for snapshot_id in snapshot_ids:
-                copies.setdefault(target.region, []).append(
-                    await copy_backup(m, dest, snapshot_id, target)
-                )
+            copies[target.region] = await copy_set(m, dest, snapshot_ids, target)
         done["copies"] = copies
     kept: dict[str, Any] = {}
     places = [(m, retention)] + [

@@ -53,6 +53,7 @@ from asyncstage.backup.keep import (
     keep_after,
     parse_copy_to,
     parse_retention,
+    run_snapshots,
 )
 from asyncstage.backup.snapshot_mode import snapshot_backup
 from asyncstage.errors import InvalidArgument
@@ -91,7 +92,7 @@ class PlannedBackup:
     zone: str | None = None
     retention: Policy | None = None
     """Applied to the backup's snapshots after each successful run (and to its copies,
-    unless a target has its own)."""
+    unless a target has its own); a ``snapshot``-mode set is kept or removed whole."""
     copy_to: tuple[CopyTarget, ...] = ()
     """Regions that get a copy of each new snapshot (:mod:`asyncstage.backup.keep`)."""
 
@@ -101,11 +102,6 @@ class PlannedBackup:
         if retention is not None and not isinstance(retention, Policy):
             object.__setattr__(self, "retention", parse_retention(self.name, retention))
         object.__setattr__(self, "copy_to", parse_copy_to(self.name, list(self.copy_to)))
-        if self.mode == "snapshot" and (self.retention is not None or self.copy_to):
-            raise InvalidArgument(
-                f"backup {self.name}: retention and copy_to apply to copy-mode backups "
-                "(a snapshot-mode set is several snapshots per run)"
-            )
         if self.mode not in ("copy", "snapshot"):
             raise InvalidArgument(f"backup {self.name}: mode is 'copy' or 'snapshot'")
         if self.mode == "copy" and not self.sources:
@@ -332,7 +328,7 @@ async def run_plan(
                     o.result |= await keep_after(
                         m,
                         b.name,
-                        [str(o.result["snapshot_id"])],
+                        run_snapshots(o.result),
                         retention=b.retention,
                         copy_to=b.copy_to,
                         regions=regions,

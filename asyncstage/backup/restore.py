@@ -21,9 +21,15 @@ from asyncstage.backup.check import CheckResult, verify_restored
 from asyncstage.backup.manifest import MANIFEST_NAME
 from asyncstage.backup.runs import RUN_TAG
 from asyncstage.backup.scratch import volume_from as _volume_from
+from asyncstage.backup.snapshot_mode import set_size
 from asyncstage.backup.snapshots import pick_snapshot, usable
 from asyncstage.ec2 import tag, tags_of
-from asyncstage.errors import DestinationNotEmpty, InvalidArgument, RestoreVerifyFailed
+from asyncstage.errors import (
+    DestinationNotEmpty,
+    InvalidArgument,
+    RestoreVerifyFailed,
+    UnknownSnapshot,
+)
 from asyncstage.manager import Manager
 from asyncstage.server import Server
 from asyncstage.volume import Volume
@@ -62,12 +68,20 @@ class RestoreResult:
 async def pick_set(m: Manager, name: str, snapshot_id: str | None = None) -> list[dict[str, Any]]:
     """The snapshots to restore of backup ``name``: with ``snapshot_id`` that one, else
     every complete snapshot of the newest run (one, or a ``snapshot``-mode set), else
-    :class:`~asyncstage.errors.UnknownSnapshot`."""
+    :class:`~asyncstage.errors.UnknownSnapshot` (also for a set that has lost members:
+    never restored in part without being asked for a snapshot by id)."""
     newest = await pick_snapshot(m, name, snapshot_id)
     run = tags_of(newest).get(RUN_TAG)
     if snapshot_id is not None or not run:
         return [newest]
-    return [s for s in usable(await m.snapshots(name)) if tags_of(s).get(RUN_TAG) == run]
+    found = [s for s in usable(await m.snapshots(name)) if tags_of(s).get(RUN_TAG) == run]
+    size = set_size(newest)
+    if size is not None and len(found) != size:
+        raise UnknownSnapshot(
+            f"backup {name!r}: its newest set has {len(found)} complete snapshots of "
+            f"{size}; restore one by id (--snapshot), or the set is still being copied"
+        )
+    return found
 
 
 def _labels(snaps: list[dict[str, Any]]) -> dict[str, str]:

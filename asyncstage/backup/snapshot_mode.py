@@ -6,7 +6,13 @@ leftovers of dead runs, runs the server's ``pre`` hook (say ``fsfreeze -f /data`
 one snapshot of every data volume of the server in one ``CreateSnapshots`` call (one
 instant for all of them), runs ``post`` (always, once ``pre`` has started), waits until
 every snapshot is completed and marks the set complete. Each snapshot carries the backup's
-name, the run's tags, the volume it was taken from and its name, and the set's consistency.
+name, the run's tags, the volume it was taken from and its name, the set's consistency
+and its size (``asyncstage:backup-set-size``).
+
+A set is one backup: retention keeps or removes it whole, a copy to another region copies
+it whole (:mod:`asyncstage.backup.keep`), and a restore takes it whole. Its members are
+the snapshots of one run (:func:`set_of`); a set with fewer complete members than its
+size is not a backup.
 """
 
 from __future__ import annotations
@@ -22,16 +28,33 @@ from asyncstage.adoption import owner_tags
 from asyncstage.backup.copy import DEFAULT_TTL
 from asyncstage.backup.hooks import Hook, run_hook
 from asyncstage.backup.lease import Lease, with_lease
-from asyncstage.backup.manifest import MANIFEST_TAG, NO_MANIFEST
-from asyncstage.backup.runs import RunInfo
+from asyncstage.backup.manifest import MANIFEST_TAG, NO_MANIFEST, recorded
+from asyncstage.backup.runs import RUN_TAG, RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete
 from asyncstage.backup.sweep import sweep
-from asyncstage.ec2 import tag
+from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.manager import Manager
 from asyncstage.server import Server
 
-__all__ = ["SnapshotSetResult", "snapshot_backup"]
+__all__ = ["SET_SIZE_TAG", "SnapshotSetResult", "set_of", "set_size", "snapshot_backup"]
+
+SET_SIZE_TAG = tag("backup-set-size")
+_MAX_SET = 128  # more volumes than any instance type can attach
+
+
+def set_of(snap: dict[str, Any]) -> str | None:
+    """The run id of the set a snapshot belongs to, or None (not a ``snapshot``-mode set:
+    a ``copy``-mode backup is one snapshot)."""
+    run = tags_of(snap).get(RUN_TAG)
+    return run if run and recorded(snap)[0] == "none" else None
+
+
+def set_size(snap: dict[str, Any]) -> int | None:
+    """How many snapshots the set was taken with, as recorded (None: not recorded, or a
+    value that does not parse; tags are anyone's to write)."""
+    text = tags_of(snap).get(SET_SIZE_TAG, "")
+    return int(text) if text.isdigit() and 0 < int(text) <= _MAX_SET else None
 
 
 @dataclass(frozen=True)
@@ -113,6 +136,8 @@ async def _run(
                 [sid],
                 {tag("volume"): vid, tag("volume-name"): volume.name, tag("fstype"): volume.fstype},
             )
+    if snapshots:
+        await m.ec2.create_tags(list(snapshots.values()), {SET_SIZE_TAG: str(len(snapshots))})
     for sid in snapshots.values():
         await m.ec2.wait_for_snapshot(sid, timeout=m.timeouts.snapshot)
     await lease.check()  # a run that lost its lease never marks anything complete
