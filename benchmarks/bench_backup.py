@@ -36,6 +36,7 @@ again). Measured plans start 10 s apart, so that each finds EC2's request bucket
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shlex
@@ -362,6 +363,7 @@ async def _part(
     """One part in a local cloud of its own: its figures."""
     work = Path(tempfile.mkdtemp(prefix="asyncstage-bench-backup-"))
     res: dict[str, Any] = {"part": part, "fleets": {}, "load": {"start": loadavg()}}
+    res["started"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     try:
         async with local_cloud(0.0, PERL_REALISM, poll_interval=0.5) as (cloud, m):
@@ -497,6 +499,9 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
             return
         parts[part] = json.loads(path.read_text())
     rep = BaselineReport("backup", quick, results)
+    began = min(parts.values(), key=lambda r: str(r.get("started", "")))
+    rep.started = began.get("started", rep.started)  # the runs', not the report's
+    rep.load["start"] = began["load"]["start"]
     rep.params = {
         "fleet_sizes": setup.sizes,
         "focus_fleet": setup.focus,
