@@ -23,10 +23,21 @@ of copy-mode backups named after the servers, run by :func:`~asyncstage.backup.r
 4. **Snapshot mode against copy mode** (the fleet of 16): a plan of snapshot-mode
    backups of the same servers (their ``/srv/app`` volumes, one ``CreateSnapshots``
    each), against the copy-mode plan's first run.
+
+The run has two parts, each in a local cloud of its own (``--part perl``, ``--part
+scale``; both without ``--part``): ``perl`` sets up the fleets the Perl module backs up
+too (up to 16) and times both sides; ``scale`` times the larger fleet (Perl's time there:
+its time per server in the ``perl`` part, times N) and parts 2-4 on a first run of the
+fleet of 16 of its own. Each part keeps its figures in ``backup.part-NAME.json``; the
+report (``backup.json``) is written once both are there (``--part report`` writes it
+again). Measured plans start 10 s apart, so that each finds EC2's request buckets full.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
 import shlex
 import shutil
@@ -34,6 +45,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +59,7 @@ from _common import (
     MiB,
     OwnCPU,
     cpu_split,
+    loadavg,
     local_cloud,
     parse_args,
     ratio,
@@ -55,6 +68,7 @@ from bench_perl import PERL_REALISM, ZONE
 
 from asyncstage import Manager, Server, Volume
 from asyncstage.backup import BackupOutcome, Plan, PlannedBackup, PlanReport, run_plan
+from asyncstage.localcloud import LocalCloud
 
 SRC = "/srv/app"
 SCRATCH = "/mnt/bench-scratch"
@@ -91,7 +105,8 @@ class Timeline:
         self.phases.setdefault(o.name, {}).setdefault(o.phase, time.perf_counter())
 
     def copy_span(self) -> float:
-        """From the first backup's rsync start to the last backup's rsync end."""
+        """From the first backup's rsync start to the last backup's snapshot start (its
+        rsync, then its manifest: both read the data)."""
         starts = [p["rsync"] for p in self.phases.values() if "rsync" in p]
         ends = [p["snapshot"] for p in self.phases.values() if "snapshot" in p]
         return max(ends) - min(starts)
@@ -119,9 +134,12 @@ def _checked(report: PlanReport) -> PlanReport:
     return report
 
 
-async def run_timed(m: Manager, plan: Plan) -> dict[str, Any]:
-    """Run a plan: its wall time, phase timeline, CPU and the backups' own figures."""
+async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> dict[str, Any]:
+    """Run a plan: its wall time, phase timeline, CPU and the backups' own figures (and
+    the API calls the local cloud throttled meanwhile: EC2's request rates)."""
     timeline = Timeline()
+    await anyio.sleep(REST_S)  # the account's request buckets refill, as between batches
+    throttled = Counter(cloud.throttled) if cloud is not None else Counter()
     with MachineCPU() as busy, OwnCPU() as cpu:
         start = CPUSample.now()
         t = time.perf_counter()
@@ -139,6 +157,8 @@ async def run_timed(m: Manager, plan: Plan) -> dict[str, Any]:
         "cpu_split": {k: split[k] for k in ("controller_cpu_s", "cloud_cpu_s", "instances_cpu_s")},
         "machine_busy": busy.busy,
     }
+    if cloud is not None:
+        out["throttled"] = dict(Counter(cloud.throttled) - throttled)
     if plan.backups[0].mode == "copy":
         nbytes = sum(int(r["bytes"]) for r in results)
         span = timeline.copy_span()
@@ -149,9 +169,12 @@ async def run_timed(m: Manager, plan: Plan) -> dict[str, Any]:
             "copy_span_s": round(span, 3),
             "median_s": {
                 k: round(statistics.median(float(r[k]) for r in results), 3)
-                for k in ("volume_s", "rsync_s", "snapshot_s", "elapsed")
+                for k in ("volume_s", "rsync_s", "manifest_s", "snapshot_s", "elapsed")
             },
             "parents": sum(1 for r in results if r["previous_snapshot_id"]),
+            # files whose digest the previous snapshot's manifest gave; bytes read to hash
+            "manifest_reused": sum(int(r["manifest_reused"]) for r in results),
+            "manifest_hashed_bytes": sum(int(r["manifest_hashed"]) for r in results),
         }
     else:
         out["snapshots"] = sum(len(r["snapshots"]) for r in results)
@@ -256,58 +279,107 @@ async def bare_copies(servers: list[Server], scratch: dict[str, Volume]) -> dict
 # -- the run ------------------------------------------------------------------------------------
 
 
+REST_S = 10.0
+"""Seconds between measured plans: EC2's mutating-request bucket (50 calls, 5 a second
+refilled; the local cloud plays it) is full again, so that no plan pays for the calls of
+the one before it. Quick mode: none."""
+
+PARTS = ("perl", "scale")
+"""The run's parts, each in a local cloud of its own (so that one holds the machine a
+few minutes, not all of them): ``perl``, the fleets the Perl module backs up too, both
+sides; ``scale``, the larger fleets, and parts 2-4 on a first run of the focus fleet of
+its own. ``--part report`` writes the report of the parts' results on disk."""
+
+
 async def main() -> None:
-    args = parse_args(__doc__ or "")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--part", choices=(*PARTS, "report"), default=None)
+    known, rest = pre.parse_known_args()
+    args = parse_args(__doc__ or "", rest)
     if args.quick:  # two servers, no Perl: a smoke test of every part
-        await measure(args.results, True, sizes=[2], focus=2, per_server=2 * MiB, files=100)
+        setup = Setup(sizes=[2], focus=2, per_server=2 * MiB, files=100, perl_max=0)
+        await measure(args.results, True, setup, PARTS, perl_too=False)
+    elif known.part == "report":
+        report(args.results, False, FULL)
     else:
-        await measure(
-            args.results, False, sizes=[4, 16, 50], focus=16, per_server=64 * MiB, perl_max=16
-        )
+        await measure(args.results, False, FULL, (known.part,) if known.part else PARTS)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The fleets: ``sizes`` (the Perl module backs up those up to ``perl_max``; beyond,
+    its time is its time per server at the largest of those times N, one after another:
+    linear by construction, marked extrapolated); ``focus``: the fleet of parts 2-4."""
+
+    sizes: list[int]
+    focus: int
+    per_server: int
+    files: int = 200
+    perl_max: int = 16
+
+    def of(self, part: str) -> list[int]:
+        """The fleet sizes part ``part`` backs up."""
+        return [n for n in self.sizes if (n <= self.perl_max) == (part == "perl")]
+
+
+FULL = Setup(sizes=[4, 16, 50], focus=16, per_server=64 * MiB)
+
+
+def _part_path(results: Path, part: str) -> Path:
+    return results / f"backup.part-{part}.json"
 
 
 async def measure(
     results: Path,
     quick: bool,
+    setup: Setup,
+    parts: tuple[str, ...],
     *,
-    sizes: list[int],
-    focus: int,
-    per_server: int,
-    files: int = 200,
     perl_too: bool | None = None,
-    perl_max: int | None = None,
 ) -> None:
-    """Every part, on fleets of ``sizes`` (``focus``: the fleet of parts 2-4). The Perl
-    module backs up fleets up to ``perl_max`` servers; beyond, its time is its time per
-    server at the largest of those, times N (one after another: linear by construction),
-    marked extrapolated."""
-    report = BaselineReport("backup", quick, results)
+    """Run ``parts``, each in a local cloud of its own, keep each one's figures in
+    ``backup.part-NAME.json``; once every part's are there, the report (``backup.json``)."""
+    global REST_S
+    REST_S = 0.0 if quick else REST_S
     perl_too = not quick if perl_too is None else perl_too
-    missing = perl_module_missing() if perl_too else QUICK_NO_PERL
-    report.params = {
-        "fleet_sizes": sizes,
-        "focus_fleet": focus,
-        "bytes_per_server": per_server,
-        "files_per_server": files,
-        "changed_share": 0.01,
-        "plan_concurrency": "N (every backup at once)",
-        "perl_measured_up_to": perl_max or max(sizes),
-        "source": f"{SRC}: a 1 GiB ext4 data volume per server",
-        "boot_delay_s": 0.0,
-        "realism": "aws, without the consistency window (as bench_perl)",
-    }
+    for part in parts:
+        sizes = setup.of(part)
+        if part == "perl" and not sizes:
+            continue
+        missing = perl_module_missing() if perl_too else QUICK_NO_PERL
+        res = await _part(part, setup, sizes, missing, results)
+        _save_part(results, part, res)
+    report(results, quick, setup)
+
+
+def _save_part(results: Path, part: str, res: dict[str, Any]) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    _part_path(results, part).write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+
+async def _part(
+    part: str, setup: Setup, sizes: list[int], missing: str | None, results: Path
+) -> dict[str, Any]:
+    """One part in a local cloud of its own: its figures."""
     work = Path(tempfile.mkdtemp(prefix="asyncstage-bench-backup-"))
-    res: dict[str, Any] = {"perl_module_missing": missing, "fleets": {}}
+    res: dict[str, Any] = {"part": part, "fleets": {}, "load": {"start": loadavg()}}
+    res["started"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
     try:
         async with local_cloud(0.0, PERL_REALISM, poll_interval=0.5) as (cloud, m):
             driver = None
-            if missing is None:
+            if part == "perl" and missing is None:
                 driver = perl_driver(cloud, work, ZONE, PERL_BACKUP_DRIVER)
                 driver.start()
             perl = Perl(driver, missing, lambda: cloud.api_calls)
+            perl.measured_up_to = setup.perl_max
+            if part != "perl":  # its time: the perl part's per server, times N (the report)
+                perl.missing = missing or "the perl part has not run: no time per server"
             try:
-                perl.measured_up_to = perl_max or max(sizes)
-                await _run(m, perl, report, res, sizes, focus, per_server, files)
+                if part == "perl":
+                    await _fleets(m, cloud, perl, res, sizes, setup, largest=max(sizes))
+                else:
+                    await _scale(m, cloud, perl, res, sizes, setup)
             finally:
                 if driver is not None:
                     await anyio.to_thread.run_sync(driver.stop)
@@ -316,39 +388,42 @@ async def measure(
             res["api_calls"] = dict(sorted(cloud.api_calls.items()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report.results.update(res)
-    _tables(report, res, sizes)
-    _targets(report, res, sizes)
-    report.save()
+    res["perl_module_missing"] = perl.missing
+    res["perl_per_server_s"] = perl.per_server_s
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["load"]["end"] = loadavg()
+    return res
 
 
-async def _run(
+async def _fleets(
     m: Manager,
+    cloud: LocalCloud,
     perl: Perl,
-    report: BaselineReport,
     res: dict[str, Any],
     sizes: list[int],
-    focus: int,
-    per_server: int,
-    files: int,
-) -> None:
-    largest = max(sizes)
-    print(f"set-up: {largest} servers with {per_server // MiB} MiB each")
-    t = time.perf_counter()
-    servers = await our_fleet(m, largest, per_server, files)
-    res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
-    if perl.driver is not None:
+    setup: Setup,
+    *,
+    largest: int,
+    servers: list[Server] | None = None,
+) -> list[Server]:
+    """Set up (unless ``servers`` are given) and back up the fleets of ``sizes``, both
+    sides: each size's row in ``res["fleets"]``."""
+    if servers is None:
+        print(f"set-up: {largest} servers with {setup.per_server // MiB} MiB each")
         t = time.perf_counter()
-        try:
-            await perl.fleet(min(largest, perl.measured_up_to), per_server, files)
-        except NotRun as e:
-            print(f"  Perl set-up failed: {e}")
-        res["setup_s"]["perl"] = round(time.perf_counter() - t, 1)
-    report.mark_load("after_setup")
-
+        servers = await our_fleet(m, largest, setup.per_server, setup.files)
+        res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
+        if perl.driver is not None:
+            t = time.perf_counter()
+            try:
+                await perl.fleet(min(largest, perl.measured_up_to), setup.per_server, setup.files)
+            except NotRun as e:
+                print(f"  Perl set-up failed: {e}")
+            res["setup_s"]["perl"] = round(time.perf_counter() - t, 1)
+        res["load"]["after_setup"] = loadavg()
     for n in sizes:
         print(f"fleet backup of {n}")
-        ours = await run_timed(m, copy_plan(servers[:n], f"bk{n}"))
+        ours = await run_timed(m, copy_plan(servers[:n], f"bk{n}"), cloud)
         print(f"  asyncstage: {ours['wall_s']:.2f} s")
         row: dict[str, Any] = {"n": n, "asyncstage": ours}
         try:
@@ -361,10 +436,27 @@ async def _run(
             row["not_run"] = str(e)
             print(f"  Perl not run: {e}")
         res["fleets"][str(n)] = row
-        report.mark_load(f"after_fleet_{n}")
+        res["load"][f"after_fleet_{n}"] = loadavg()
+    return servers
 
+
+async def _scale(
+    m: Manager, cloud: LocalCloud, perl: Perl, res: dict[str, Any], sizes: list[int], setup: Setup
+) -> None:
+    """The larger fleets, and parts 2-4 on the focus fleet (its first run here)."""
+    focus = setup.focus
+    servers = await _fleets(m, cloud, perl, res, [], setup, largest=max([*sizes, focus]))
     group = servers[:focus]
-    first = res["fleets"][str(focus)]["asyncstage"]
+    if str(focus) in [str(n) for n in sizes]:
+        await _fleets(m, cloud, perl, res, sizes, setup, largest=0, servers=servers)
+        first = res["fleets"][str(focus)]["asyncstage"]
+    else:
+        print(f"first run of the focus fleet: {focus} servers")
+        first = await run_timed(m, copy_plan(group, f"bk{focus}"), cloud)
+        print(f"  asyncstage: {first['wall_s']:.2f} s")
+        await _fleets(m, cloud, perl, res, sizes, setup, largest=0, servers=servers)
+    res["first"] = first
+
     print(f"CPU limit: bare rsync on {focus} servers at once")
     scratch: dict[str, Volume] = {}
 
@@ -378,6 +470,78 @@ async def _run(
     async with anyio.create_task_group() as tg:  # snapshot mode takes every data volume
         for v in scratch.values():
             tg.start_soon(v.delete)
+    res["bare"] = bare
+    res["load"]["after_cpu_limit"] = loadavg()
+
+    print(f"incremental: 1 % of the files changed on {focus} servers, the plan again")
+    async with anyio.create_task_group() as tg:
+        for s in group:
+            tg.start_soon(partial(s.scmd, "sh", "-c", _change_script(100), sudo=True))
+    res["rerun"] = rerun = await run_timed(m, copy_plan(group, f"bk{focus}"), cloud)
+    print(f"  rerun {rerun['wall_s']:.2f} s, first {first['wall_s']:.2f} s")
+    res["load"]["after_incremental"] = loadavg()
+
+    print(f"snapshot mode on {focus} servers")
+    res["snapshot"] = snap = await run_timed(m, snapshot_plan(group, f"snap{focus}"), cloud)
+    print(f"  snapshot mode {snap['wall_s']:.2f} s, copy mode {first['wall_s']:.2f} s")
+    res["load"]["after_snapshot_mode"] = loadavg()
+
+
+def report(results: Path, quick: bool, setup: Setup) -> None:
+    """``backup.json`` from the parts' figures on disk (nothing when one is missing)."""
+    parts: dict[str, dict[str, Any]] = {}
+    for part in PARTS:
+        path = _part_path(results, part)
+        if part == "perl" and not setup.of("perl"):
+            continue
+        if not path.exists():
+            print(f"part {part} not run yet ({path}): no report")
+            return
+        parts[part] = json.loads(path.read_text())
+    rep = BaselineReport("backup", quick, results)
+    began = min(parts.values(), key=lambda r: str(r.get("started", "")))
+    rep.started = began.get("started", rep.started)  # the runs', not the report's
+    rep.load["start"] = began["load"]["start"]
+    rep.params = {
+        "fleet_sizes": setup.sizes,
+        "focus_fleet": setup.focus,
+        "bytes_per_server": setup.per_server,
+        "files_per_server": setup.files,
+        "changed_share": 0.01,
+        "plan_concurrency": "N (every backup at once)",
+        "perl_measured_up_to": setup.perl_max,
+        "source": f"{SRC}: a 1 GiB ext4 data volume per server",
+        "boot_delay_s": 0.0,
+        "realism": "aws, without the consistency window (as bench_perl)",
+        "parts": {
+            p: f"local cloud of its own, fleets {setup.of(p)}"
+            + (f", parts 2-4 on a first run of {setup.focus}" if p == "scale" else "")
+            for p in parts
+        },
+    }
+    scale = parts["scale"]
+    res: dict[str, Any] = {
+        "perl_module_missing": parts.get("perl", scale)["perl_module_missing"],
+        "fleets": {},
+        "parts": {
+            p: {k: v for k, v in r.items() if k in ("seconds", "setup_s", "api_calls")}
+            for p, r in parts.items()
+        },
+    }
+    for r in parts.values():
+        res["fleets"] |= r["fleets"]
+        rep.load |= {f"{r['part']}_{k}": v for k, v in r["load"].items()}
+        if r.get("perl_stderr_tail"):
+            res["perl_stderr_tail"] = r["perl_stderr_tail"]
+    res["fleets"] = {str(n): res["fleets"][str(n)] for n in setup.sizes}
+    per_server = parts.get("perl", {}).get("perl_per_server_s")
+    for n in setup.sizes:  # beyond what Perl backed up: its time per server, times N
+        row = res["fleets"][str(n)]
+        if n > setup.perl_max and per_server is not None:
+            row.pop("not_run", None)
+            row["perl_s"], row["perl_extrapolated"] = round(per_server * n, 3), True
+            row["ratio"] = ratio(row["perl_s"], row["asyncstage"]["wall_s"])
+    first, bare = scale["first"], scale["bare"]
     limit = first["bytes"] / bare["wall_s"]
     res["cpu_limit"] = {
         "bare": bare,
@@ -389,30 +553,21 @@ async def _run(
     }
     res["cpu_limit"]["vs_limit"] = ratio(res["cpu_limit"]["copy_phase_mb_s"] * 1e6, limit)
     res["cpu_limit"]["whole_run_vs_limit"] = ratio(res["cpu_limit"]["whole_run_mb_s"] * 1e6, limit)
-    report.mark_load("after_cpu_limit")
-
-    print(f"incremental: 1 % of the files changed on {focus} servers, the plan again")
-    async with anyio.create_task_group() as tg:
-        for s in group:
-            tg.start_soon(partial(s.scmd, "sh", "-c", _change_script(100), sudo=True))
-    rerun = await run_timed(m, copy_plan(group, f"bk{focus}"))
+    rerun, snap = scale["rerun"], scale["snapshot"]
     res["incremental"] = {
         "first": first,
         "rerun": rerun,
         "ratio": ratio(rerun["wall_s"], first["wall_s"]),
     }
-    print(f"  rerun {rerun['wall_s']:.2f} s, first {first['wall_s']:.2f} s")
-    report.mark_load("after_incremental")
-
-    print(f"snapshot mode on {focus} servers")
-    snap = await run_timed(m, snapshot_plan(group, f"snap{focus}"))
     res["snapshot_mode"] = {
         "copy": first,
         "snapshot": snap,
         "ratio": ratio(first["wall_s"], snap["wall_s"]),
     }
-    print(f"  snapshot mode {snap['wall_s']:.2f} s, copy mode {first['wall_s']:.2f} s")
-    report.mark_load("after_snapshot_mode")
+    rep.results.update(res)
+    _tables(rep, res, setup.sizes)
+    _targets(rep, res, setup.sizes)
+    rep.save()
 
 
 def _f(x: float) -> str:
@@ -453,6 +608,21 @@ def _bound(run: dict[str, Any]) -> str:
             "cloud's and the instances' for every backup (volumes, mounts, snapshots)"
         )
     return "library"
+
+
+def _data_s(run: dict[str, Any]) -> float:
+    """A copy run's median seconds per backup that read data (rsync, manifest)."""
+    p = run["median_s"]
+    return float(p["rsync_s"]) + float(p.get("manifest_s", 0.0))
+
+
+def _throttled(run: dict[str, Any]) -> str:
+    """The calls the local cloud throttled during a run (EC2's rates), as text."""
+    if "throttled" not in run:
+        return ""
+    calls = run["throttled"]
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(calls.items())) or "none"
+    return f"API calls throttled (RequestLimitExceeded, retried): {shown}; "
 
 
 def _perl_cell(row: dict[str, Any], key: str) -> Any:
@@ -545,7 +715,14 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         0.8,
         f"copy mode, {focus} backups at once: aggregate rsync throughput / the CPU-bound "
         "limit (bare rsync of the same bytes on every server at once, same run)",
-        bound=_bound(first),
+        bound=_bound(first)
+        if _own_share(first) >= 0.8
+        else (
+            "ec2 and machine: each backup's copy starts once EC2 has made, attached and the "
+            "server formatted and mounted its own work volume, so the copies are spread over "
+            "the run, not all at once as the bare rsyncs; meanwhile the cores also run the "
+            "other backups' volume and snapshot work"
+        ),
         evidence=(
             f"limit: bare rsync -a of the same {_f(first['bytes'] / MiB)} MiB on all {focus} "
             f"servers at once: {_f(c['limit_mb_s'])} MB/s (cores {_f(bare['busy'] * 100)} % "
@@ -562,9 +739,20 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         "<=",
         0.2,
         f"rerun with 1 % of the files changed / first run, copy mode, {focus} servers",
-        bound=_bound(rerun),
+        bound=(
+            "ec2: the run's fixed part, the same in a first run and a rerun: every backup "
+            "makes a volume (from the previous snapshot), attaches and mounts it, waits for "
+            "a new snapshot to be completed (the local cloud keeps one pending 0.5-1.5 s), "
+            "detaches and deletes the volume, within EC2's request rates; the changed data's "
+            "part (rsync of the change, manifest hashing only changed files) is small"
+        ),
         evidence=(
-            f"first {_f(first['wall_s'])} s ({_f(first['bytes'] / MiB)} MiB), rerun "
+            f"rerun median per backup: data {_f(_data_s(rerun))} s (rsync + manifest) of "
+            f"{_f(rerun['median_s']['elapsed'])} s; manifest: {rerun.get('manifest_reused', 0)} "
+            f"digests kept, {_f(rerun.get('manifest_hashed_bytes', 0) / MiB)} MiB hashed "
+            f"(first run {_f(first.get('manifest_hashed_bytes', 0) / MiB)} MiB); "
+            f"{_throttled(rerun)}first {_f(first['wall_s'])} s "
+            f"({_f(first['bytes'] / MiB)} MiB), rerun "
             f"{_f(rerun['wall_s'])} s ({_f(rerun['bytes'] / MiB)} MiB sent, {rerun['parents']} "
             f"of {focus} from their previous snapshot); median per backup: first "
             f"{_phases(first)}; rerun {_phases(rerun)}; first run {_cpu(first)}; rerun "
@@ -578,11 +766,18 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         ">=",
         1,
         f"copy mode first run / snapshot mode, same {focus} servers",
-        bound=_bound(snap["snapshot"]),
+        bound=_bound(snap["snapshot"])
+        if _own_share(snap["snapshot"]) >= 0.8
+        else (
+            "ec2: snapshot mode copies nothing; its time is EC2's: the calls of each backup "
+            "(lease, CreateSnapshots, tags) within the account's request rates, and the "
+            "snapshots pending until completed (0.5-1.5 s in the local cloud)"
+        ),
         evidence=(
             f"copy mode {_f(snap['copy']['wall_s'])} s, snapshot mode "
             f"{_f(snap['snapshot']['wall_s'])} s ({snap['snapshot']['snapshots']} snapshots, one "
-            f"CreateSnapshots per server): {_cpu(snap['snapshot'])}"
+            f"CreateSnapshots per server): {_throttled(snap['snapshot'])}"
+            f"{_cpu(snap['snapshot'])}"
         ),
     )
 

@@ -48,6 +48,17 @@ def _check(root: Path, digest: str, *flags: str) -> dict[str, object]:
     return helper("check", str(root), str(root / manifest.NAME), digest, *flags)
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    """One bit of the file changed in place, its size and times set back as they were."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
 def test_a_manifest_lists_every_path_once_in_walk_order(tree: Path) -> None:
     listed = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]
     reply = helper("write", str(tree))
@@ -75,6 +86,8 @@ def test_a_manifest_lists_every_path_once_in_walk_order(tree: Path) -> None:
         "size": data.stat().st_size,
         "mode": data.stat().st_mode & 0o7777,
         "mtime_ns": data.stat().st_mtime_ns,
+        "ctime_ns": data.stat().st_ctime_ns,
+        "ino": data.stat().st_ino,
         "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
     }
     assert by_path["link"] == {"path": "link", "type": "symlink", "target": "a/one.txt"}
@@ -92,14 +105,7 @@ def test_a_clean_tree_checks_clean(tree: Path) -> None:
 
 def test_a_byte_changed_in_place_is_found_only_by_reading_the_data(tree: Path) -> None:
     digest = _write(tree)
-    data = tree / "a" / "b" / "data.bin"
-    before = data.stat()
-    with open(data, "r+b") as f:
-        f.seek(2 << 20)
-        byte = f.read(1)
-        f.seek(2 << 20)
-        f.write(bytes([byte[0] ^ 1]))
-    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    _flip_byte(tree / "a" / "b" / "data.bin", 2 << 20)
 
     assert _check(tree, digest)["counts"] == dict.fromkeys(manifest.KINDS, 0)
     reply = _check(tree, digest, "read-data")
@@ -143,6 +149,74 @@ def test_a_manifest_that_does_not_match_its_digest_is_never_used(tree: Path) -> 
     assert _check(tree, "not-a-digest")["manifest"] == "unreadable"
     (tree / manifest.NAME).unlink()
     assert _check(tree, digest) == {"manifest": "missing"}
+
+
+def _entries(root: Path) -> dict[str, dict[str, object]]:
+    lines = (root / manifest.NAME).read_bytes().splitlines()[1:]
+    return {e["path"]: e for e in map(json.loads, lines)}
+
+
+def test_a_rewrite_keeps_the_digests_of_unchanged_files_and_hashes_the_rest(
+    tree: Path,
+) -> None:
+    first = _write(tree)
+    # the same size and times as before, the content not: only its ctime tells
+    data = tree / "a" / "b" / "data.bin"
+    _flip_byte(data, 1 << 20)
+    # replaced as rsync does (a new file renamed over it), same size and time
+    one = tree / "a" / "one.txt"
+    old_one = one.stat()
+    (tree / "a" / ".one.tmp").write_text("two\n")
+    os.utime(tree / "a" / ".one.tmp", ns=(old_one.st_atime_ns, old_one.st_mtime_ns))
+    os.rename(tree / "a" / ".one.tmp", one)
+    (tree / "new.txt").write_text("new\n")
+
+    reply = helper("write", str(tree), first)
+    entries = _entries(tree)
+    for path, entry in entries.items():
+        if entry["type"] == "file":
+            real = (tree / os.fsencode(path).decode("utf-8", "surrogateescape")).read_bytes()
+            assert entry["sha256"] == hashlib.sha256(real).hexdigest(), path
+    assert reply["files"] == 6 and reply["reused"] == 3  # a-b.txt, café, empty
+    changed = data.stat().st_size + one.stat().st_size + len("new\n")
+    assert reply["hashed"] == changed
+    # the same tree again: nothing to read
+    again = helper("write", str(tree), str(reply["sha256"]))
+    assert again["reused"] == 6 and again["hashed"] == 0
+    assert again["sha256"] == reply["sha256"]
+
+
+def test_an_earlier_manifest_is_reused_only_when_its_digest_is_the_one_expected(
+    tree: Path,
+) -> None:
+    first = _write(tree)
+    # the manifest there changed since its digest was taken (a forged digest for a file
+    # that did not change): were it trusted, the forgery would be kept
+    text = (tree / manifest.NAME).read_text()
+    real = _entries(tree)["a/one.txt"]["sha256"]
+    (tree / manifest.NAME).write_text(text.replace(str(real), "0" * 64))
+    for expected in (first, "0" * 64, "not-a-digest"):
+        reply = helper("write", str(tree), expected)
+        assert reply["reused"] == 0 and reply["hashed"] == reply["bytes"]
+        assert _entries(tree)["a/one.txt"]["sha256"] == real
+        (tree / manifest.NAME).write_text(text.replace(str(real), "0" * 64))
+    # no earlier manifest at all, or one without inode and ctime: every file hashed
+    (tree / manifest.NAME).unlink()
+    assert helper("write", str(tree), first)["reused"] == 0
+    old_style = "".join(
+        line
+        if '"ino"' not in line
+        else json.dumps(
+            {k: v for k, v in json.loads(line).items() if k not in ("ino", "ctime_ns")},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        + "\n"
+        for line in (tree / manifest.NAME).read_text().splitlines(keepends=True)
+    )
+    (tree / manifest.NAME).write_text(old_style)
+    digest = hashlib.sha256(old_style.encode()).hexdigest()
+    assert helper("write", str(tree), digest)["reused"] == 0
 
 
 @pytest.mark.parametrize(

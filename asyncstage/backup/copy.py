@@ -34,7 +34,7 @@ from asyncstage.adoption import extra_tags
 from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own, log
 from asyncstage.backup.hooks import Hook, HookFailed, run_hook
 from asyncstage.backup.lease import Lease, with_lease
-from asyncstage.backup.manifest import tag_manifest, write_manifest
+from asyncstage.backup.manifest import recorded, tag_manifest, write_manifest
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
@@ -81,7 +81,12 @@ class BackupResult:
     manifest_sha256: str = ""
     """sha256 of the snapshot's manifest (also in its ``asyncstage:backup-manifest`` tag)."""
     manifest_s: float = 0.0
-    """Seconds spent writing the manifest (hashing every file on the work volume)."""
+    """Seconds spent writing the manifest (hashing the files on the work volume that
+    changed since the previous snapshot's manifest, or every file)."""
+    manifest_reused: int = 0
+    """Files whose digest the previous snapshot's manifest gave (unchanged since)."""
+    manifest_hashed: int = 0
+    """Bytes of files read and hashed for the manifest."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a plain dict (``--json``)."""
@@ -163,9 +168,12 @@ async def _run(
     previous = usable(await m.snapshots(name))
     needed = size if size is not None else await measure(groups)
     parent: str | None = None
+    earlier: str | None = None  # the parent's manifest digest: its unchanged files kept
     if previous:
         needed = max(needed, int(previous[0]["VolumeSize"]))
         parent = str(previous[0]["SnapshotId"])
+        kind, digest = recorded(previous[0])
+        earlier = digest if kind == "sha256" else None
     tell("volume")
     with run_tags(lease.run):  # reuse=False: a volume of this name is refused, never adopted
         if server is not None:
@@ -182,7 +190,7 @@ async def _run(
         stats, consistency = await _copy_into(m, volume, groups, progress)
         t_rsync = time.monotonic()
         tell("manifest")
-        manifest = await write_manifest(volume)
+        manifest = await write_manifest(volume, earlier)
         t_manifest = time.monotonic()
         tell("snapshot")
         await lease.check()
@@ -220,6 +228,8 @@ async def _run(
         swept=tuple(swept.volumes + swept.snapshots),
         manifest_sha256=manifest["sha256"],
         manifest_s=t_manifest - t_rsync,
+        manifest_reused=int(manifest.get("reused", 0)),
+        manifest_hashed=int(manifest.get("hashed", 0)),
     )
 
 

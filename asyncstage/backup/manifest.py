@@ -61,13 +61,16 @@ def recorded(snap: dict[str, Any]) -> Recorded:
     return ("bad-tag", value[:80])
 
 
-async def write_manifest(volume: Volume) -> dict[str, Any]:
+async def write_manifest(volume: Volume, earlier: str | None = None) -> dict[str, Any]:
     """Write the manifest of a mounted volume at its root, on its server; its ``sha256``
-    and its counts (``entries``, ``files``, ``bytes``)."""
+    and its counts (``entries``, ``files``, ``bytes``; ``reused`` digests and ``hashed``
+    bytes). ``earlier``: the digest of the manifest the volume holds already (its
+    snapshot's tag): the files it lists that did not change are not read again."""
     server = volume.server
     if server is None or not volume.mtpt:
         raise TransferError(f"manifest: volume {volume.name} is not mounted")
-    reply = await remote.run_json(server.host, True, "manifest", "write", volume.mtpt, timeout=None)
+    args = ["write", volume.mtpt, *([earlier] if earlier and _SHA256.match(earlier) else [])]
+    reply = await remote.run_json(server.host, True, "manifest", *args, timeout=None)
     digest = reply.get("sha256")
     if not isinstance(digest, str) or not _SHA256.match(digest):
         raise TransferError(f"manifest: {server.name} answered no digest: {reply!r}")

@@ -43,6 +43,7 @@ from asyncstage.localcloud._records import (
     snapshot_data,
     start_snapshot,
 )
+from asyncstage.localcloud._tags import TagLookups
 from asyncstage.localcloud.errors import LocalCloudError
 
 MAX_INSTANCES = 256  # live instances per cloud: a guard against runaway launches
@@ -51,7 +52,7 @@ _BUSY_POLL = 0.1  # seconds between two looks at a busy detach's mounts
 log = logging.getLogger("asyncstage.localcloud")
 
 
-class LocalBackend(GroupEffects, RegionCopies):
+class LocalBackend(TagLookups, GroupEffects, RegionCopies):
     """moto's EC2 backend whose instances, volumes and snapshots are real."""
 
     engine: EngineHooks | None = None  # None while moto builds its own records

@@ -12,16 +12,29 @@ whose directories are read in byte order of their names, so that writing and che
 are single streaming passes whatever the size of the tree:
 
     {"path": "etc/hosts", "type": "file", "size": 220, "mode": 420,
-     "mtime_ns": 1700000000000000000, "sha256": "..."}
+     "mtime_ns": 1700000000000000000, "ctime_ns": 1700000000000000000,
+     "ino": 12, "sha256": "..."}
 
 ``mode`` is the permission bits (``st_mode & 0o7777``); symlinks carry ``target``
 instead of ``sha256`` and no mode or time (both follow the link's own rules, not the
-data's). Names that are not UTF-8 are kept byte for byte (surrogate escapes).
+data's). Names that are not UTF-8 are kept byte for byte (surrogate escapes). A file's
+``ino`` and ``ctime_ns`` are where it was listed (the backup's volume): a check never
+compares them (a restored copy has its own); the next manifest of that volume does.
+
+Writing over an earlier manifest of the same tree (a backup's volume made from the
+previous snapshot) hashes only what changed, as restic does: a file whose size,
+``mtime_ns``, ``ctime_ns`` and ``ino`` are all the earlier entry's keeps that entry's
+digest. Anything that rewrites a file (rsync's rename into place, a write, a ``touch``
+back to the old time) changes its ctime or inode, so it is read again. The earlier
+manifest is used only when its own digest is the one the caller expects (its
+snapshot's tag).
 
 Commands:
 
-* ``write ROOT``: write ``ROOT/.asyncstage-manifest`` (a temporary file renamed over it,
-  synced), print its ``sha256`` and the number of ``entries``, ``files`` and ``bytes``;
+* ``write ROOT [SHA256]``: write ``ROOT/.asyncstage-manifest`` (a temporary file renamed
+  over it, synced), print its ``sha256``, the number of ``entries``, ``files`` and
+  ``bytes``, and how many files were ``reused`` from the manifest already there (only
+  when its digest is SHA256) and how many bytes were ``hashed``;
 * ``check ROOT MANIFEST SHA256 [read-data] [ignore-extra]``: compare the tree at ROOT
   with the manifest file MANIFEST, which is trusted only when its own digest is SHA256;
   print ``manifest`` (``ok``, ``missing``, ``mismatch`` or ``unreadable``) and the
@@ -124,9 +137,51 @@ def entry_of(rel: bytes, st: os.stat_result, root: bytes, digest: bool) -> Entry
     entry["mtime_ns"] = st.st_mtime_ns
     if kind == "file":
         entry["size"] = st.st_size
+        entry["ctime_ns"] = st.st_ctime_ns
+        entry["ino"] = st.st_ino
         if digest:
             entry["sha256"] = file_sha256(os.path.join(root, rel))
     return entry
+
+
+_SAME_FILE = ("size", "mtime_ns", "ctime_ns", "ino")
+"""What must all be unchanged for a file's earlier digest to be kept."""
+
+
+class Earlier:
+    """The digests of an earlier manifest of the tree, looked up in walk order (one
+    streaming pass beside the walk). Empty when there is none, or its digest is not
+    the expected one, or it does not read as a manifest."""
+
+    def __init__(self, path: bytes, expected: str | None) -> None:
+        self.entries: Iterator[tuple[Key, Entry]] = iter(())
+        self.here: tuple[Key, Entry] | None = None
+        if expected is None or not _SHA256.match(expected):
+            return
+        try:
+            if file_sha256(path) != expected:
+                return
+        except OSError:
+            return
+        self.entries = read_manifest(_text(path))
+        self._next()
+
+    def _next(self) -> None:
+        try:
+            self.here = next(self.entries, None)
+        except (Unreadable, OSError):
+            self.here, self.entries = None, iter(())
+
+    def digest(self, key: Key, entry: Entry) -> str | None:
+        """The earlier digest of the file ``entry`` (at ``key``), if it is unchanged."""
+        while self.here is not None and self.here[0] < key:
+            self._next()
+        if self.here is None or self.here[0] != key:
+            return None
+        old = self.here[1]
+        if old["type"] != "file" or any(old.get(f) != entry.get(f) for f in _SAME_FILE):
+            return None
+        return str(old["sha256"])
 
 
 def file_sha256(path: bytes) -> str:
@@ -162,13 +217,15 @@ def _dump(entry: Entry) -> bytes:
 # -- writing ----------------------------------------------------------------------
 
 
-def write(root_text: str) -> dict[str, Any]:
-    """Write the manifest of ``root`` into it; its digest and counts."""
+def write(root_text: str, earlier: str | None = None) -> dict[str, Any]:
+    """Write the manifest of ``root`` into it; its digest and counts. ``earlier``: the
+    digest of the manifest there now, whose unchanged files are not hashed again."""
     root = _raw(root_text)
     final = os.path.join(root, NAME.encode())
     tmp = os.path.join(root, _TMP_PREFIX + str(os.getpid()).encode())
     h = hashlib.sha256()
-    counts = {"entries": 0, "files": 0, "bytes": 0}
+    counts = {"entries": 0, "files": 0, "bytes": 0, "reused": 0, "hashed": 0}
+    before = Earlier(final, earlier)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
     try:
         with open(fd, "wb", closefd=False) as out:
@@ -178,13 +235,20 @@ def write(root_text: str) -> dict[str, Any]:
                 h.update(data)
 
             put(_dump({"asyncstage-manifest": FORMAT}))
-            for _key, rel, st in walk(root):
-                entry = entry_of(rel, st, root, digest=True)
-                put(_dump(entry))
-                counts["entries"] += 1
+            for key, rel, st in walk(root):
+                entry = entry_of(rel, st, root, digest=False)
                 if entry["type"] == "file":
+                    known = before.digest(key, entry)
+                    if known is None:
+                        known = file_sha256(os.path.join(root, rel))
+                        counts["hashed"] += int(entry["size"])
+                    else:
+                        counts["reused"] += 1
+                    entry["sha256"] = known
                     counts["files"] += 1
                     counts["bytes"] += int(entry["size"])
+                put(_dump(entry))
+                counts["entries"] += 1
             out.flush()
             os.fsync(fd)
         os.close(fd)
@@ -349,8 +413,8 @@ def check(
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) == 2 and argv[0] == "write":
-        say(write(argv[1]))
+    if len(argv) in (2, 3) and argv[0] == "write":
+        say(write(argv[1], argv[2] if len(argv) == 3 else None))
         return 0
     if len(argv) >= 4 and argv[0] == "check" and set(argv[4:]) <= {"read-data", "ignore-extra"}:
         flags = set(argv[4:])
@@ -364,5 +428,5 @@ def main(argv: Sequence[str]) -> int:
             )
         )
         return 0
-    say({"error": "usage: manifest write ROOT | check ROOT MANIFEST SHA256 [read-data]"})
+    say({"error": "usage: manifest write ROOT [SHA256] | check ROOT MANIFEST SHA256 [read-data]"})
     return 2
