@@ -115,6 +115,35 @@ async def test_console_is_empty_then_present(cloud: LocalCloud, ec2: Any) -> Non
             await ec2.terminate_instances(InstanceIds=list(ids.values()))
 
 
+async def test_a_terminated_instance_is_listed_for_a_while_then_gone(
+    cloud: LocalCloud, ec2: Any
+) -> None:
+    # EC2 lists a terminated instance for about an hour (here realism.terminated_visible)
+    with playing(cloud, terminated_visible=3.0):
+        ids = await _launch_running(cloud, ec2, "t3.micro")
+        (instance_id,) = ids.values()
+        await ec2.terminate_instances(InstanceIds=[instance_id])
+        with anyio.fail_after(60):
+            await _until_listed_as(ec2, instance_id, "terminated")
+            await _until_listed_as(ec2, instance_id, None)
+        with pytest.raises(ClientError) as gone:
+            await ec2.describe_instances(InstanceIds=[instance_id])
+        assert gone.value.response["Error"]["Code"] == "InvalidInstanceID.NotFound"
+        tags = await ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
+        assert tags["Tags"] == []
+
+
+async def _until_listed_as(ec2: Any, instance_id: str, state: str | None) -> None:
+    """Until the whole listing shows the instance in ``state`` (None: not listed)."""
+    while True:
+        reply = await ec2.describe_instances()
+        found = [i for r in reply["Reservations"] for i in r["Instances"]]
+        states = [i["State"]["Name"] for i in found if i["InstanceId"] == instance_id]
+        if states == ([] if state is None else [state]):
+            return
+        await anyio.sleep(0.1)
+
+
 async def _no_latest_on_xen(ec2: Any, instance_id: str) -> None:
     """EC2 refuses ``Latest=true`` on a Xen type (Nitro only): UnsupportedOperation."""
     with pytest.raises(ClientError) as refused:

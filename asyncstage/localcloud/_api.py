@@ -77,6 +77,7 @@ class LocalApi:
     def __init__(self, engine: EngineHooks) -> None:
         self._engine = engine
         self.backends: dict[str, LocalBackend] = {}
+        self._terminated: dict[str, float] = {}  # instance id -> when (monotonic)
         with engine.lock:
             self.backend = self.region(engine.region)
             self.image_id: str = self.backend.image_id
@@ -90,7 +91,7 @@ class LocalApi:
         self._server: BaseWSGIServer = make_server(
             "127.0.0.1",
             engine.port,
-            make_app(engine, self.region),
+            make_app(engine, self._serving),
             threaded=True,
             request_handler=_Handler,
         )
@@ -133,6 +134,13 @@ class LocalApi:
         self.backends[name] = backend
         return backend
 
+    def _serving(self, name: str) -> LocalBackend:
+        """The backend that serves a request for region ``name`` (under ``engine.lock``),
+        once the instances terminated too long ago are dropped."""
+        if self._terminated:
+            self._forget_terminated()
+        return self.region(name)
+
     def image_in(self, region: str) -> str:
         """The AMI id of the local image in ``region``."""
         with self._engine.lock:
@@ -171,9 +179,33 @@ class LocalApi:
         instance = self._instance(instance_id)
         if terminated:
             instance.terminate()  # moto detaches the volumes (through volume_detaching)
+            self._terminated[instance_id] = time.monotonic()
         elif instance.state == "stopping":
             instance.stop()
             release_public_address(self._engine, instance)
+
+    def _forget_terminated(self) -> None:
+        """Drop the instances terminated longer ago than ``realism.terminated_visible``.
+
+        EC2 lists a terminated instance for about an hour; a cloud that kept every one
+        would answer each DescribeInstances slower the longer it runs (moto walks them all).
+        """
+        visible = self._engine.realism.terminated_visible
+        if visible is None:
+            return
+        now = time.monotonic()
+        gone = {i for i, when in self._terminated.items() if now - when >= visible}
+        if not gone:
+            return
+        for backend in self.backends.values():
+            for key, reservation in list(backend.reservations.items()):
+                reservation.instances = [i for i in reservation.instances if i.id not in gone]
+                if not reservation.instances:
+                    del backend.reservations[key]
+            for instance_id in gone:
+                backend.tags.pop(instance_id, None)
+        for instance_id in gone:
+            del self._terminated[instance_id]
 
     def snapshot_completed(self, snapshot_id: str) -> None:
         for backend in self.backends.values():

@@ -107,6 +107,9 @@ class Realism:
     ``pending``                   0 s            10 - 40 s ``pending`` from the launch, on
                                                  hardware of its own: the host's boot here
                                                  runs inside it (``boot_delay`` comes after)
+    ``terminated_visible``        60 s           a terminated instance stays listed for
+                                                 about an hour, then is gone (``None``:
+                                                 listed for the cloud's whole life)
     ============================  =============  ==========================================
     """
 
@@ -127,6 +130,7 @@ class Realism:
     instance_limit: int | None = None
     clock_offset: float = 0.0
     pending: float = 0.0
+    terminated_visible: float | None = 60.0
 
     @classmethod
     def off(cls) -> Realism:
