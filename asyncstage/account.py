@@ -155,13 +155,14 @@ class Account:
             self._lock = anyio.Lock()
         return self._lock
 
-    async def delete_if_unused(self, patience: float = 120.0) -> None:
+    async def delete_if_unused(self, patience: float = 30.0) -> None:
         """Delete the key pair and the group this manager made or checked, unless a live
         instance still uses them (nothing when it never needed them).
 
         EC2 refuses to delete a group while an instance is in it (``DependencyViolation``),
         also one that is still shutting down: the deletion is tried again until those are
-        gone (for ``patience`` seconds at most; then the group is left, and logged).
+        gone (for ``patience`` seconds at most; then the group is left, and logged, as it
+        is when another group's rule still names it).
         """
         if not self.ready:
             return
