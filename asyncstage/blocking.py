@@ -1155,7 +1155,7 @@ class LocalCloud(_LocalCloudAttributes):
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
         device_isolation: DeviceIsolation = "auto",
-        network: NetworkMode = "loopback",
+        network: NetworkMode = "auto",
     ) -> None:
         """Make the async LocalCloud with these arguments (see the class)."""
         self._adopt(

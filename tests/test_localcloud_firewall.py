@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
 ]
 
-# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+# a cloud of this module's own, with the VPC network insisted on ("vpc", never a fallback)
 cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 PREFIX = f"fw-e2e-{os.getpid()}-"

@@ -97,7 +97,7 @@ def serve(
     region: str,
     boot_delay: float,
     device_isolation: DeviceIsolation,
-    network: NetworkMode = "loopback",
+    network: NetworkMode = "auto",
 ) -> None:
     """``local serve``: run the cloud in the foreground, record it, stop on TERM/INT."""
     import anyio

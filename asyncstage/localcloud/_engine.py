@@ -96,7 +96,7 @@ class Engine(StorageEvents):
         seed: int | None = None,
         realism: Realism | None = None,
         device_isolation: DeviceIsolation = "auto",
-        network: NetworkMode = "loopback",
+        network: NetworkMode = "auto",
     ) -> None:
         self._isolation_wanted = _checked_isolation(device_isolation)
         self._network_wanted = checked_mode(network)
