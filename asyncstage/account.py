@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 
 from asyncstage import keys
-from asyncstage.ec2 import EC2, tag
+from asyncstage.ec2 import EC2, Resource, tag
 from asyncstage.errors import EC2Error, InvalidArgument
 from asyncstage.transfer.ingress import sweep_stale_rules
 
@@ -155,25 +155,69 @@ class Account:
             self._lock = anyio.Lock()
         return self._lock
 
-    async def delete_if_unused(self) -> None:
+    async def delete_if_unused(self, patience: float = 30.0) -> None:
         """Delete the key pair and the group this manager made or checked, unless a live
-        instance still uses them (nothing when it never needed them)."""
+        instance still uses them (nothing when it never needed them).
+
+        EC2 refuses to delete a group while an instance is in it (``DependencyViolation``),
+        also one that is still shutting down: the deletion is tried again until those are
+        gone (for ``patience`` seconds at most; then the group is left, and logged, as it
+        is when another group's rule still names it).
+        """
         if not self.ready:
             return
-        others = await self.ec2.describe_instances(
-            filters=[{"Name": "instance-state-name", "Values": [*LIVE_STATES, "shutting-down"]}]
-        )
         key_pair, group_id = self.key_pair, self.group_id
+        others = await self._instances_not_gone()
         if key_pair and not any(i.get("KeyName") == key_pair.name for i in others):
             await self.ec2.delete_key_pair(key_pair.name)
-        if group_id and not any(
-            g.get("GroupId") == group_id for i in others for g in i.get("SecurityGroups", [])
-        ):
-            try:
-                await self.ec2.delete_security_group(group_id)
-            except EC2Error as e:  # still referenced somewhere: leave it
-                log.debug("security group %s kept: %s", group_id, e)
+        if group_id:
+            await self._delete_group(group_id, others, patience)
         self.forget()
+
+    async def _instances_not_gone(self) -> list[Resource]:
+        states = [*LIVE_STATES, "shutting-down"]
+        found = await self.ec2.describe_instances(
+            filters=[{"Name": "instance-state-name", "Values": states}]
+        )
+        return list(found)
+
+    async def _delete_group(self, group_id: str, others: list[Resource], patience: float) -> None:
+        """Delete ``group_id`` once no instance is in it; kept while a live one is."""
+        deadline = anyio.current_time() + patience
+        pause = self.ec2.poll_interval
+        while True:
+            users = [i for i in others if group_id in _group_ids(i)]
+            if any(_state(i) in LIVE_STATES for i in users):
+                return  # another manager's live server is in it: it stays
+            if not users:
+                try:
+                    await self.ec2.delete_security_group(group_id)
+                    return
+                except EC2Error as e:
+                    if e.code != "DependencyViolation":  # gone, or no right to: leave it
+                        log.debug("security group %s kept: %s", group_id, e)
+                        return
+                    why = str(e)
+            else:
+                why = f"{len(users)} instance(s) still shutting down in it"
+            if anyio.current_time() >= deadline:
+                log.warning("security group %s kept: %s", group_id, why)
+                return
+            await anyio.sleep(pause)
+            pause = min(pause * self.ec2.poll_backoff, self.ec2.poll_max_interval)
+            others = await self._instances_not_gone()
+
+
+def _group_ids(instance: Resource) -> set[str]:
+    """The ids of an instance's groups: its own and its interfaces' (one set on EC2)."""
+    groups = list(instance.get("SecurityGroups") or [])
+    for nic in instance.get("NetworkInterfaces") or []:
+        groups += nic.get("Groups") or []
+    return {str(g.get("GroupId")) for g in groups if isinstance(g, dict)}
+
+
+def _state(instance: Resource) -> str:
+    return str((instance.get("State") or {}).get("Name", ""))
 
 
 _READ_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("_READ_ONLY", default=False)

@@ -292,13 +292,14 @@ def ms(seconds: float) -> float:
 async def local_cloud(
     boot_delay: float = 0.0,
     realism: Realism | None = None,
-    network: NetworkMode = "loopback",
+    network: NetworkMode = "auto",
     **manager_options: Any,
 ) -> AsyncIterator[tuple[LocalCloud, Manager]]:
     """A running local cloud and an open Manager on it (terminates everything on exit).
 
     ``realism``: the cloud's profile (default: the realistic one, as in the tests);
-    ``network``: where its instances live (the default: loopback, as the local cloud).
+    ``network``: where its instances live (the default: the VPC network where the machine
+    can make it, as the local cloud).
     """
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks run on the local cloud, which needs root")

@@ -58,6 +58,7 @@ class _CloudInfo:
     image_id: str
     default_username: str
     access: dict[str, str]
+    checkip_url: str = ""  # the cloud's checkip (its network): where this machine comes from
 
     def session_kwargs(self) -> dict[str, str]:
         return self.access
@@ -146,6 +147,7 @@ def _child_info(cloud: LocalCloud, m: Manager) -> dict[str, Any]:
             "image_id": cloud.image_id,
             "default_username": cloud.default_username,
             "access": cloud.session_kwargs(),
+            "checkip_url": cloud.checkip_url,
         },
         "dotdir": str(m.dotdir),
     }

@@ -54,6 +54,7 @@ from _common import (
 )
 
 from asyncstage import Server
+from asyncstage.localcloud._network import RUNNING_RANGES
 
 DRIVER = HERE / "pyinfra_driver.py"
 REMOTE = "/tmp/bench-pyinfra-put.bin"
@@ -74,6 +75,8 @@ def _pyinfra_missing() -> str | None:
 def _spec(servers: list[Server], local: Path, work: Path) -> Path:
     first = servers[0]
     spec = {
+        # the running local cloud's public range: the driver connects there or to loopback
+        "cloud_ranges": [str(r) for r in RUNNING_RANGES],
         "user": first.username,
         "key": str(first.keyfile),
         "hosts": [

@@ -69,6 +69,9 @@ class PlainLink:
         self.dst = dst
         self.key = "/home/admin/.ssh/bench_plain"
         self.known = "/home/admin/.ssh/bench_plain_known_hosts"
+        # the destination's private address, as an EC2 user reaches a server of the same
+        # VPC (its group admits its members' private addresses, not their public ones)
+        self.target = str(dst.instance.get("PrivateIpAddress") or dst.address)
 
     async def setup(self) -> None:
         await self.src.scmd("rm", "-f", self.key, self.key + ".pub")
@@ -76,7 +79,7 @@ class PlainLink:
         pub = (await self.src.scmd("cat", self.key + ".pub")).strip()
         await self.dst.scmd("sh", "-c", 'echo "$1" >> ~/.ssh/authorized_keys', "-", pub)
         host_key = " ".join((await self.dst.host.host_public_key()).split()[:2])
-        line = f"{self.dst.address} {host_key}"
+        line = f"{self.target} {host_key}"
         await self.src.scmd("sh", "-c", 'echo "$1" > "$2"', "-", line, self.known)
 
     def options(self) -> list[str]:
@@ -92,7 +95,7 @@ async def _plain_rsync(link: PlainLink, src_dir: str, dst_dir: str) -> float:
         shell.command_line("ssh", *link.options()),
         *shell.rsync_path(True),
         src_dir,
-        f"{shell.user_at_host(link.dst.host.username, link.dst.host.address)}:{dst_dir}",
+        f"{shell.user_at_host(link.dst.host.username, link.target)}:{dst_dir}",
         sudo=True,
     )
     return time.perf_counter() - t
@@ -100,7 +103,7 @@ async def _plain_rsync(link: PlainLink, src_dir: str, dst_dir: str) -> float:
 
 async def _plain_dd(link: PlainLink, src_dev: str, dst_dev: str) -> float:
     remote = shell.sudo_line(["dd", f"of={dst_dev}", "bs=1M", "status=none"])
-    ssh = shell.openssh_argv(link.options(), link.dst.host.username, link.dst.host.address, remote)
+    ssh = shell.openssh_argv(link.options(), link.dst.host.username, link.target, remote)
     line = f"dd if={shell.quote(src_dev)} bs=1M status=none | {shell.command_line(*ssh)}"
     t = time.perf_counter()
     await link.src.scmd("sh", "-c", line, sudo=True)

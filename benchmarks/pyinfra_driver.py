@@ -12,7 +12,8 @@ here (Python's and pyinfra's start-up left out), and what each server answered.
 
 Connections use the manager's key and each server's known_hosts with
 ``ssh_strict_host_key_checking=yes`` (an unknown or changed host key fails), no agent,
-no other keys; the spec names only the local cloud's loopback addresses.
+no other keys; the spec names only loopback addresses and the running local cloud's
+public range (its instances' addresses, behind its router on this machine).
 """
 
 from gevent import monkey
@@ -37,9 +38,11 @@ from pyinfra.operations import files, server  # noqa: E402
 
 def _state(spec: dict[str, Any]) -> State:
     hosts = []
+    cloud = [ipaddress.ip_network(r) for r in spec.get("cloud_ranges", [])]
     for h in spec["hosts"]:
-        if not ipaddress.ip_address(h["address"]).is_loopback:  # never anywhere else
-            raise SystemExit(f"not a loopback address: {h['address']}")
+        address = ipaddress.ip_address(h["address"])
+        if not address.is_loopback and not any(address in r for r in cloud):  # nowhere else
+            raise SystemExit(f"not a loopback or local cloud address: {h['address']}")
         hosts.append(
             (
                 h["address"],

@@ -223,6 +223,7 @@ def test_on_exit_applies_at_interpreter_exit(cloud: Any, cloud_dotdir: Path) -> 
             **{_credentials(cloud)!r}, image={cloud.image_id!r},
             username={cloud.default_username!r}, install_packages=False, root_type=None,
             dotdir={str(cloud_dotdir)!r}, scan=False, poll_interval=0.2, on_exit="terminate",
+            checkip_url={cloud.checkip_url or None!r},
         )
         s = m.get_server("blocking-atexit")
         print(s.instance_id, flush=True)

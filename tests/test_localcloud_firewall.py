@@ -32,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
 ]
 
-# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+# a cloud of this module's own, with the VPC network insisted on ("vpc", never a fallback)
 cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 PREFIX = f"fw-e2e-{os.getpid()}-"
@@ -155,7 +155,9 @@ async def trio(cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey) -> AsyncIterat
         if ids:
             await ec2.terminate_instances(InstanceIds=list(ids.values()))
             await wait_state(ec2, list(ids.values()), "terminated", within=120)
-        for group_id in groups.values():
+        # the newest first: a group another one's rule names goes after it (EC2 refuses
+        # it before, with DependencyViolation)
+        for group_id in reversed(list(groups.values())):
             await ec2.delete_security_group(GroupId=group_id)
 
 

@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
 ]
 
-# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+# a cloud of this module's own, with the VPC network insisted on ("vpc", never a fallback)
 cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -359,3 +359,22 @@ async def test_a_crashed_clouds_network_is_swept_at_the_next_start(cloud: LocalC
         assert "unreachable 198.18.0.0/15" in routes
     assert "unreachable 198.18.0.0/15" in ip("route", "show").stdout  # the session's
     assert forwarding() == forward  # never changed
+
+
+async def test_auto_is_the_default_and_falls_back_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``LocalCloud()`` asks for "auto": on a machine that cannot make the network (here:
+    one told it has no nft) it runs on loopback and logs why; "vpc" refuses, naming it."""
+    from asyncstage.localcloud import _engine
+    from asyncstage.localcloud.errors import LocalCloudError
+
+    why = "no nft program (Debian: iproute2, nftables, util-linux)"
+    monkeypatch.setattr(_engine, "possible", lambda: why)
+    with caplog.at_level("INFO", logger="asyncstage.localcloud"):
+        async with LocalCloud() as cloud:
+            assert cloud.network == "loopback" and cloud.checkip_url == ""
+    assert f"network: loopback ({why})" in caplog.text
+    with pytest.raises(LocalCloudError, match="no nft program"):
+        async with LocalCloud(network="vpc"):
+            pass

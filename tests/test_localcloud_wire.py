@@ -36,6 +36,7 @@ import pytest
 from botocore.exceptions import ClientError
 from botocore.loaders import create_loader
 
+from asyncstage.account import caller_cidr
 from asyncstage.localcloud import LocalCloud, Realism, StateDirInUse
 
 pytestmark = [
@@ -282,6 +283,59 @@ def test_a_filter_with_one_value_is_read_as_ec2_reads_it(cloud: LocalCloud) -> N
         client.call("DeleteSecurityGroup", GroupId=group_id)
 
 
+def test_a_group_in_use_is_not_deleted(cloud: LocalCloud) -> None:
+    """DeleteSecurityGroup of a group an instance is in, or another group's rule names,
+    answers EC2's DependencyViolation; once the instance is terminated and the rule
+    revoked, it is deleted."""
+    client = raw(cloud)
+    made = []
+    for name in ("in-use", "naming-it"):
+        status, body = client.call(
+            "CreateSecurityGroup", GroupName=f"{name}-{os.getpid()}", GroupDescription=name
+        )
+        assert status == 200, body
+        made += find(body, "groupId")
+    used, naming = made
+    reference = {
+        "IpPermissions.1.IpProtocol": "tcp",
+        "IpPermissions.1.FromPort": "80",
+        "IpPermissions.1.ToPort": "80",
+        "IpPermissions.1.Groups.1.GroupId": used,
+    }
+    status, body = client.call("AuthorizeSecurityGroupIngress", GroupId=naming, **reference)
+    assert status == 200, body
+    status, body = client.call(
+        "RunInstances",
+        ImageId=cloud.image_id,
+        MinCount="1",
+        MaxCount="1",
+        InstanceType="t3.micro",
+        **{"SecurityGroupId.1": used},
+    )
+    assert status == 200, body
+    (instance_id,) = find(body, "instanceId")
+    try:
+        status, body = client.call("DeleteSecurityGroup", GroupId=used)
+        assert status == 400 and error_code(body) == "DependencyViolation", body
+        status, body = client.call("RevokeSecurityGroupIngress", GroupId=naming, **reference)
+        assert status == 200, body
+        status, body = client.call("DeleteSecurityGroup", GroupId=used)  # the instance still
+        assert status == 400 and error_code(body) == "DependencyViolation", body
+    finally:
+        client.call("TerminateInstances", **{"InstanceId.1": instance_id})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, body = client.call("DeleteSecurityGroup", GroupId=used)
+        if status == 200 or error_code(body) != "DependencyViolation":
+            break
+        time.sleep(0.2)  # terminating: the group is freed once the instance is gone
+    assert status == 200, body
+    _, body = client.call("DescribeInstances", **{"InstanceId.1": instance_id})
+    assert "terminated" in find(body, "name"), body
+    status, body = client.call("DeleteSecurityGroup", GroupId=naming)
+    assert status == 200, body
+
+
 def test_list_parameters_at_any_index_as_ec2_reads_them(cloud: LocalCloud) -> None:
     """Lists from index 0, with gaps, out of order: EC2 reads them sorted by index."""
     client = raw(cloud)
@@ -398,8 +452,10 @@ def test_the_aws_cli_drives_a_full_cycle(cloud: LocalCloud, tmp_path: Path) -> N
     assert key["KeyMaterial"].startswith("-----BEGIN")
     group = cli(cloud, "create-security-group", "--group-name", "cli", "--description", "cli")
     gid = group["GroupId"]
+    # ssh from this machine's address, as the cloud's checkip sees it (as on EC2)
+    here = caller_cidr(None, cloud.checkip_url) if cloud.checkip_url else "127.0.0.1/32"
     cli(cloud, "authorize-security-group-ingress", "--group-id", gid, "--protocol", "tcp",
-        "--port", "22", "--cidr", "127.0.0.1/32")  # fmt: skip
+        "--port", "22", "--cidr", here)  # fmt: skip
     reservation = cli(cloud, "run-instances", "--image-id", cloud.image_id, "--count", "1",
                       "--instance-type", "t3.micro", "--key-name", "cli",
                       "--security-group-ids", gid)  # fmt: skip

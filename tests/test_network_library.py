@@ -28,7 +28,7 @@ from tests.fixtures.cloud import ManagerFactory, vpc_cloud
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud, pytest.mark.slow]
 
-# a cloud of this module's own, with the VPC network (the suite's shared cloud is loopback)
+# a cloud of this module's own, with the VPC network insisted on ("vpc", never a fallback)
 cloud = pytest.fixture(vpc_cloud, scope="module", name="cloud")
 
 

@@ -133,10 +133,10 @@ def _local_commands(command: _Command) -> None:
     p.add_argument(
         "--network",
         choices=["auto", "vpc", "loopback"],
-        default="loopback",
-        help="where instances live: loopback (default: 127.x addresses), vpc (each in a "
-        "network namespace behind the cloud's router, security groups enforced), auto "
-        "(vpc where the machine can)",
+        default="auto",
+        help="where instances live: auto (default: vpc where the machine can), vpc (each "
+        "in a network namespace behind the cloud's router, security groups enforced), "
+        "loopback (127.x addresses, groups not enforced: for machines without nftables)",
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
     p.add_argument(

@@ -56,11 +56,13 @@ class LocalCloud:
     ``network`` chooses where instances live: ``"vpc"`` each in a network namespace of
     its own, at its private address from its subnet's CIDR, behind the cloud's router,
     which NATs public addresses (of ``198.18.0.0/15``) to them (the machine reaches only
-    those, as a controller outside the VPC does on EC2); ``"loopback"`` on the machine's
-    own loopback addresses (127.x, a private and a public one each; the default: security
-    groups are recorded, not enforced); ``"auto"`` ``"vpc"`` where the machine can make it
-    (``ip``, ``nft``, network namespaces). :attr:`network` says which is in force;
-    :attr:`checkip_url` is the cloud's checkip service.
+    those, as a controller outside the VPC does on EC2), security groups enforced;
+    ``"auto"`` (the default) ``"vpc"`` where the machine can make it (``ip``, ``nft``,
+    network namespaces), else ``"loopback"``, with the reason in the log; ``"loopback"``
+    on the machine's own loopback addresses (127.x, a private and a public one each;
+    security groups recorded, not enforced), the fallback for machines without network
+    namespaces or nftables. :attr:`network` says which is in force; :attr:`checkip_url`
+    is the cloud's checkip service.
     """
 
     def __init__(
@@ -75,7 +77,7 @@ class LocalCloud:
         insufficient_capacity: Iterable[str] | Mapping[str, Iterable[str] | None] | None = None,
         seed: int | None = None,
         device_isolation: DeviceIsolation = "auto",
-        network: NetworkMode = "loopback",
+        network: NetworkMode = "auto",
     ) -> None:
         self.realism = resolve(
             realism, api_rate=api_rate, insufficient_capacity=insufficient_capacity

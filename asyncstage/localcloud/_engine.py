@@ -96,7 +96,7 @@ class Engine(StorageEvents):
         seed: int | None = None,
         realism: Realism | None = None,
         device_isolation: DeviceIsolation = "auto",
-        network: NetworkMode = "loopback",
+        network: NetworkMode = "auto",
     ) -> None:
         self._isolation_wanted = _checked_isolation(device_isolation)
         self._network_wanted = checked_mode(network)
@@ -453,16 +453,18 @@ class Engine(StorageEvents):
         host = machine.host
         with machine.op_lock:
             host.kill()
-            if self.net is not None:
-                self.net.unpublish(host.instance_id)
             with self.lock:
-                machine.ready = False
-                if machine.wanted == "terminated":
+                machine.ready = False  # out of the firewalls' refreshes
+                gone = machine.wanted == "terminated"  # final once so
+            if self.net is not None:  # out of the cloud's lock: the kernel takes its time
+                self.net.unpublish(host.instance_id)
+                if gone:  # its namespace goes before it is reported terminated
+                    self.net.remove(host.instance_id)
+            with self.lock:
+                if gone:
                     self.api.halted(host.instance_id, terminated=True)
                     self.consoles[host.instance_id] = host.console()
-                    if self.net is not None:
-                        self.net.remove(host.instance_id)
-                        host.netns = ""
+                    host.netns = ""
                     host.remove()
                     del self.machines[host.instance_id]
                     self.security_changed()  # no longer a member of its groups

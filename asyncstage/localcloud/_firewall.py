@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
-import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from asyncstage.errors import InvalidArgument, MissingDependency
-from asyncstage.localcloud._system import which
+from asyncstage.errors import InvalidArgument
+from asyncstage.localcloud._netns import nft as load_nft
 from asyncstage.localcloud.errors import LocalCloudError
 
 TABLE = "asyncstage_sg"  # the table's name in each instance's namespace (family inet)
@@ -52,7 +50,6 @@ _GROUP_ID = re.compile(r"sg-[0-9a-f]{1,32}\Z")
 _NETNS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 # The link's own upkeep (IPv6 neighbour and router discovery): never filtered.
 _ND = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
-_NFT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -280,25 +277,7 @@ def netns_name(value: object) -> str:
 
 
 def _nft(netns: str, script: str, what: str) -> None:
-    try:
-        nft = which("nft")
-    except MissingDependency:
-        raise MissingDependency("nft", "nftables") from None
-    argv = [which("ip"), "netns", "exec", netns_name(netns), nft, "-f", "-"]
-    try:
-        done = subprocess.run(
-            argv,
-            input=script,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=_NFT_TIMEOUT,
-            env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LocalCloudError(f"{what} in {netns}: {e}") from e
-    if done.returncode != 0:
-        raise LocalCloudError(f"{what} in {netns} failed: {done.stderr.strip()}")
+    load_nft(netns_name(netns), script, what)
 
 
 def apply(netns: str, script: str) -> None:
@@ -346,8 +325,12 @@ class Firewalls:
         self._worker.submit(self._refresh)
 
     def booted(self, instance_id: str, netns: str) -> None:
-        """Load the table of an instance that just booted in ``netns``; raises on failure."""
-        self._worker.submit(self._refresh, (instance_id, netns)).result()
+        """Load the table of an instance that just booted in ``netns``; raises on failure.
+
+        In the caller's thread, beside other boots and the refreshes: the instance is
+        not running yet, so no refresh loads its table meanwhile (its first one after it
+        is running brings any change since)."""
+        self._refresh((instance_id, netns))
 
     def close(self) -> None:
         self._closed = True
@@ -371,7 +354,7 @@ class Firewalls:
         scripts = {i: (netns, ruleset(policy)) for i, (netns, policy) in policies.items()}
         if booting is None:
             for gone in set(self._applied) - set(targets):
-                del self._applied[gone]
+                self._applied.pop(gone, None)  # (a boot may touch it meanwhile)
         for instance_id, loaded in scripts.items():
             if booting is None and self._applied.get(instance_id) == loaded:
                 continue

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from moto.ec2.exceptions import DependencyViolationError
 from moto.ec2.models import EC2Backend
 from moto.ec2.models.security_groups import SecurityGroupRule
 
@@ -67,6 +68,25 @@ class GroupEffects(EC2Backend):
     revoke_security_group_egress = _telling("revoke_security_group_egress")
     modify_security_group_rules = _telling("modify_security_group_rules")
     delete_security_group = _telling("delete_security_group")
+
+    def _delete_security_group(self, vpc_id: str | None, group_id: str) -> None:
+        """DeleteSecurityGroup of a found group: refused with EC2's ``DependencyViolation``
+        while an instance (not terminated) is in it or another group's rule names it."""
+        for instance in self.all_instances():
+            if instance.state != "terminated" and any(
+                str(g.id) == group_id for g in _groups_of(instance)
+            ):
+                raise DependencyViolationError(f"resource {group_id} has a dependent object")
+        for groups in self.groups.values():
+            for other in groups.values():
+                if str(other.id) == group_id:
+                    continue  # its own rules naming itself (a default group's) do not count
+                for rule in (*other.ingress_rules, *other.egress_rules):
+                    if (rule.source_group or {}).get("GroupId") == group_id:
+                        raise DependencyViolationError(
+                            f"resource {group_id} has a dependent object"
+                        )
+        super()._delete_security_group(vpc_id, group_id)
 
     def modify_instance_security_groups(
         self, instance_id: str, new_group_id_list: list[str]

@@ -307,11 +307,9 @@ class Host:
     def _sshd_answers(self) -> bool:
         if not self.netns:
             return all(_ssh_banner(a) for a in self.addresses)
-        # through the router: its public address answers once the NAT is in place too
-        if self.public_address:
-            return _ssh_banner(self.public_address)
-        # no way in from the machine (as on EC2): its listening socket, read from its
-        # namespace's own table
+        # its listening socket, read from its namespace's own table: the machine may have
+        # no way in, by its security groups (a restarted instance keeps its table) or for
+        # want of a public address, exactly as on EC2
         return self.init_pid is not None and _listens(self.init_pid, self.address, 22)
 
     def kill(self) -> None:

@@ -28,7 +28,6 @@ All methods block; the engine calls them from its worker threads.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.server
 import ipaddress
 import json
@@ -40,9 +39,11 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from asyncstage.errors import InvalidArgument, MissingDependency
+from asyncstage.localcloud._netns import NETNS_DIR, in_netns
+from asyncstage.localcloud._netns import nft as load_nft
 from asyncstage.localcloud._system import run, which
 from asyncstage.localcloud.errors import LocalCloudError
 
@@ -51,10 +52,7 @@ log = logging.getLogger("asyncstage.localcloud")
 NetworkMode = Literal["auto", "vpc", "loopback"]
 NETWORK_MODES: tuple[NetworkMode, ...] = ("auto", "vpc", "loopback")
 PUBLIC_RANGE = ipaddress.IPv4Network("198.18.0.0/15")  # RFC 2544: never routed on the internet
-NETNS_DIR = Path("/run/netns")
 NFT_TABLE = "asyncstage_net"  # the routers' table (instances' namespaces hold none of ours)
-_CLONE_NEWNET = 0x40000000
-_T = TypeVar("_T")
 
 # The public ranges of the clouds running in this process (the test suite's network
 # guard lets connections to these through, and nothing else outside the loopback range).
@@ -139,38 +137,7 @@ def _in_netns(netns: str, *argv: str, stdin: str | None = None, what: str) -> st
 
 
 def _nft(netns: str, script: str) -> None:
-    _in_netns(netns, which("nft"), "-f", "-", stdin=script, what="nft")
-
-
-def in_netns(netns: str, job: Callable[[], _T]) -> _T:
-    """Run ``job`` in a short-lived thread that entered ``netns``.
-
-    A network namespace belongs to a thread (``setns``): sockets ``job`` makes stay in
-    ``netns`` for their whole life, wherever they are used afterwards.
-    """
-    result: list[_T] = []
-    failure: list[BaseException] = []
-
-    def enter() -> None:
-        try:
-            fd = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(job())
-        except BaseException as e:  # handed to the caller's thread
-            failure.append(e)
-
-    thread = threading.Thread(target=enter, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    load_nft(netns, script, "nft")
 
 
 def _add_netns(name: str) -> None:
@@ -454,7 +421,7 @@ table inet {NFT_TABLE} {{
 
     def attach(self, instance_id: str, placement: Placement, address: str) -> str:
         """The instance's namespace (made at its first boot; it keeps it until terminated)."""
-        with self._lock:
+        with self._lock:  # the shared parts: its VPC's router and its subnet's gateway
             port = self._ports.get(instance_id)
             if port is not None:
                 return port.netns
@@ -469,26 +436,28 @@ table inet {NFT_TABLE} {{
             netns = netns_prefix(self.token) + instance_id
             port = _Port(netns, vpc, address)
             self._ports[instance_id] = port
-            _add_netns(netns)
-            _ip_batch(
-                [
-                    f"link add {link} type veth peer name eth0 netns {netns}",
-                    f"link set {link} master br0",
-                    f"link set {link} up",
-                ],
-                vpc.netns,
-            )
-            routes = [str(vpc.cidr), *(str(r) for r in self.ranges)]
-            _ip_batch(
-                [
-                    "link set lo up",
-                    f"addr add {address}/{subnet.prefixlen} dev eth0",
-                    "link set eth0 up",
-                    *(f"route add {r} via {gateway}" for r in routes if r != str(subnet)),
-                ],
-                netns,
-            )
-            return netns
+        # its own parts, beside other instances' boots: most of the time a namespace and
+        # a link take is the kernel's, waiting (not working), so a fleet's overlap
+        _add_netns(netns)
+        _ip_batch(
+            [
+                f"link add {link} type veth peer name eth0 netns {netns}",
+                f"link set {link} master br0",
+                f"link set {link} up",
+            ],
+            vpc.netns,
+        )
+        routes = [str(vpc.cidr), *(str(r) for r in self.ranges)]
+        _ip_batch(
+            [
+                "link set lo up",
+                f"addr add {address}/{subnet.prefixlen} dev eth0",
+                "link set eth0 up",
+                *(f"route add {r} via {gateway}" for r in routes if r != str(subnet)),
+            ],
+            netns,
+        )
+        return netns
 
     def new_public_address(self, taken: set[str]) -> str:
         """A free address of the cloud's public range (never one in ``taken``)."""
@@ -506,24 +475,26 @@ table inet {NFT_TABLE} {{
         """NAT ``public`` 1:1 to the instance's private address, and route it to its VPC."""
         with self._lock:
             port = self._ports[instance_id]
-            if port.public == public:
-                return
-            self._unpublish(port)
-            table = f"inet {NFT_TABLE}"
-            _nft(
-                port.vpc.netns,
-                f"add element {table} to_private {{ {public} : {port.address} }}\n"
-                f"add element {table} to_public {{ {port.address} : {public} }}\n",
-            )
-            port.public = public
-            _ip_batch([f"route add {public}/32 via 169.254.{port.vpc.index}.2"], self.router)
+        # one instance's publish, unpublish and remove never overlap (the engine holds
+        # its lock of the instance); other instances' go on beside
+        if port.public == public:
+            return
+        self._unpublish(port)
+        table = f"inet {NFT_TABLE}"
+        _nft(
+            port.vpc.netns,
+            f"add element {table} to_private {{ {public} : {port.address} }}\n"
+            f"add element {table} to_public {{ {port.address} : {public} }}\n",
+        )
+        port.public = public
+        _ip_batch([f"route add {public}/32 via 169.254.{port.vpc.index}.2"], self.router)
 
     def unpublish(self, instance_id: str) -> None:
         """The instance's public address reaches it no more (it stopped)."""
         with self._lock:
             port = self._ports.get(instance_id)
-            if port is not None:
-                self._unpublish(port)
+        if port is not None:
+            self._unpublish(port)
 
     def _unpublish(self, port: _Port) -> None:
         if not port.public:
@@ -543,9 +514,9 @@ table inet {NFT_TABLE} {{
         """The instance is terminated: its namespace (and its link) go."""
         with self._lock:
             port = self._ports.pop(instance_id, None)
-            if port is not None:
-                self._unpublish(port)
-                _del_netns(port.netns)
+        if port is not None:
+            self._unpublish(port)
+            _del_netns(port.netns)
 
     def close(self) -> None:
         """Remove everything of the run (after its hosts are dead)."""
