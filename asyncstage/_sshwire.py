@@ -11,15 +11,27 @@ figures, and the feed sizes and write corking tried and left out).
 
 asyncssh takes this connection through its ``tunnel`` argument: any object with an
 async ``create_connection(session_factory, host, port)`` (asyncssh's
-``_TunnelConnectorProtocol``); :data:`DIRECT` is the one used for every host.
+``_TunnelConnectorProtocol``); :data:`DIRECT` is the one used for every host reached
+directly, :class:`JumpTunnel` for one reached through a jump host.
+
+Through a jump host, the connection is a ``direct-tcpip`` channel of the jump host's
+connection, and each of its SSH packets is sent as that channel's data. A full packet
+(32 KiB of data and its framing) is a little larger than the channel's largest packet
+(OpenSSH's 32 KiB), so asyncssh sent every one as a full outer packet and a small one:
+twice the outer packets, each encrypted, MAC'd and framed in Python. :class:`JumpTunnel`
+gathers the packets written in one turn of the event loop and hands them to the channel
+at once, which cuts them into whole outer packets.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["DIRECT"]
+import asyncssh
+
+__all__ = ["DIRECT", "JumpTunnel"]
 
 _FEED_BYTES = 32 * 1024 + 256  # one sshd session packet and its framing, at a time
 
@@ -74,3 +86,134 @@ class _Direct:
 
 
 DIRECT = _Direct()
+
+
+_OUTER_PACKET = 32 * 1024  # OpenSSH's largest packet of a direct-tcpip channel
+_GATHER_BYTES = 8 * _OUTER_PACKET  # handed on at once when this much is waiting
+
+
+class _GatheredWrites(asyncio.Transport):
+    """The transport the tunnelled connection writes to: its packets, gathered.
+
+    Whole outer packets' worth goes on once :data:`_GATHER_BYTES` wait, the rest at the
+    end of the event loop's turn, so nothing waits for more data that may never come.
+    Closing, aborting and EOF hand on what waits first, in order."""
+
+    def __init__(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        super().__init__()
+        self._chan = chan
+        self._waiting = bytearray()
+        self._flush_at_turn_end: asyncio.Handle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._waiting += data
+        if len(self._waiting) >= _GATHER_BYTES:
+            whole = len(self._waiting) - len(self._waiting) % _OUTER_PACKET
+            self._send(whole)
+        if self._waiting and self._flush_at_turn_end is None:
+            loop = asyncio.get_running_loop()
+            self._flush_at_turn_end = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_at_turn_end is not None:
+            self._flush_at_turn_end.cancel()  # harmless when it is the one running
+            self._flush_at_turn_end = None
+        self._send(len(self._waiting))
+
+    def _send(self, size: int) -> None:
+        if not size:
+            return
+        if size == len(self._waiting):
+            data, self._waiting = self._waiting, bytearray()
+        else:
+            data = self._waiting[:size]
+            del self._waiting[:size]
+        try:
+            self._chan.write(data)
+        except ConnectionError:  # the channel closed under it: as asyncssh's own _send
+            self._waiting.clear()
+
+    def drop(self) -> None:
+        """Forget what waits (the channel is gone)."""
+        self._waiting.clear()
+        if self._flush_at_turn_end is not None:
+            self._flush_at_turn_end.cancel()
+            self._flush_at_turn_end = None
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._chan.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._flush()
+        self._chan.close()
+
+    def abort(self) -> None:
+        self._flush()
+        self._chan.abort()
+
+    def is_closing(self) -> bool:
+        return self._chan.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._waiting) + self._chan.get_write_buffer_size()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._chan.get_extra_info(name, default)
+
+
+class _TunnelSession(asyncssh.SSHTCPSession[bytes]):
+    """The channel's session: hands the tunnelled connection what the channel receives
+    (one outer packet at a time already) and the gathered transport to write to."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner: Any = inner  # an asyncssh connection: data_received takes a datatype
+        self._transport: _GatheredWrites | None = None
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self._transport = _GatheredWrites(chan)
+        self.inner.connection_made(self._transport)
+
+    def session_started(self) -> None:
+        self.inner.session_started()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.inner.data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        return bool(self.inner.eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._transport.drop()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class JumpTunnel:
+    """A connection through ``jump``'s open connection (a ``direct-tcpip`` channel),
+    its packets gathered into whole outer packets (see the module's docstring)."""
+
+    def __init__(self, jump: asyncssh.SSHClientConnection) -> None:
+        self.jump = jump
+
+    async def create_connection(
+        self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int
+    ) -> tuple[asyncssh.SSHTCPChannel[bytes], asyncio.Protocol]:
+        session = _TunnelSession(session_factory())
+        chan, _ = await self.jump.create_connection(lambda: session, host, port)
+        return chan, session.inner
+
+    def close(self) -> None:
+        """Nothing to close: the jump host's connection belongs to the jump host."""
+
+    async def wait_closed(self) -> None:
+        """Nothing to wait for (see :meth:`close`)."""

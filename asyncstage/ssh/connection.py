@@ -214,7 +214,7 @@ class Connection:
         # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
         options: dict[str, Any] = {"tunnel": cast(Any, _sshwire.DIRECT)}
         if t.jump is not None:
-            options["tunnel"] = await self._jump_tunnel(t.jump)
+            options["tunnel"] = _sshwire.JumpTunnel(await self._jump_tunnel(t.jump))
         if t.client_keys:
             options["client_keys"] = client_keys(t.client_keys)
             options["agent_path"] = None
