@@ -36,8 +36,22 @@ __all__ = ["DIRECT", "JumpTunnel"]
 _FEED_BYTES = 32 * 1024 + 256  # one sshd session packet and its framing, at a time
 
 
-class _WireProtocol(asyncio.Protocol):
+class _InnerFlow:
+    """Flow control passed on to the asyncssh connection this layer carries."""
+
+    inner: Any
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _WireProtocol(_InnerFlow, asyncio.Protocol):
     """Sits between the socket and asyncssh's connection: hands it small feeds."""
+
+    inner: asyncio.Protocol
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner
@@ -58,12 +72,6 @@ class _WireProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
 
 
 class _Direct:
@@ -165,7 +173,7 @@ class _GatheredWrites(asyncio.Transport):
         return self._chan.get_extra_info(name, default)
 
 
-class _TunnelSession(asyncssh.SSHTCPSession[bytes]):
+class _TunnelSession(_InnerFlow, asyncssh.SSHTCPSession[bytes]):
     """The channel's session: hands the tunnelled connection what the channel receives
     (one outer packet at a time already) and the gathered transport to write to."""
 
@@ -190,12 +198,6 @@ class _TunnelSession(asyncssh.SSHTCPSession[bytes]):
         if self._transport is not None:
             self._transport.drop()
         self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
 
 
 class JumpTunnel:

@@ -373,14 +373,6 @@ class Fleet:
         errors: dict[ServerRef, Exception] = {}
         limiter = anyio.CapacityLimiter(32)
 
-        async def pin(server: ServerRef) -> None:
-            # the console is read outside the ssh slots (its calls have slots of their
-            # own): a server waiting for a slot has its host key settled by then
-            try:
-                await server._pin_host_key()
-            except AsyncstageError as e:  # raised again by the ssh wait, which retries
-                log.debug("%s: host key not settled yet: %s", server.name, e)
-
         async def ssh_up(server: ServerRef) -> None:
             async with limiter:
                 try:
@@ -394,7 +386,7 @@ class Fleet:
                 server = by_id[instance_id]
                 # a new address on start: the server takes its pinned host key along
                 server._record_description(instance)
-                tg.start_soon(pin, server)
+                tg.start_soon(_settle_host_key, server)
                 tg.start_soon(ssh_up, server)
 
             _, failed = await m.ec2.wait_for_instances(
@@ -531,3 +523,12 @@ def _gone(servers: Sequence[ServerRef]) -> dict[ServerRef, Exception]:
         for s in servers
         if s.state in ("terminated", "shutting-down")
     }
+
+
+async def _settle_host_key(server: ServerRef) -> None:
+    """Read a server's host key from its console, outside the ssh slots (the console's
+    calls have slots of their own): a server waiting for a slot has it settled by then."""
+    try:
+        await server._pin_host_key()
+    except AsyncstageError as e:  # raised again by the ssh wait, which retries
+        log.debug("%s: host key not settled yet: %s", server.name, e)
