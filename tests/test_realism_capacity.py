@@ -306,6 +306,28 @@ async def test_snapshot_waits_follow_progress(
             assert e.value.code == "SnapshotCreationPerVolumeRateExceeded"
 
 
+async def test_an_instants_snapshots_are_retried_like_one_volumes(
+    cloud: LocalCloud, manager_factory: ManagerFactory
+) -> None:
+    async with manager_factory() as m:
+        server = await m.provision_server("snaps-rate")
+        volume = await server.provision_volume("snaps-rate-data", size=1)
+        with playing(cloud, snapshot=(0.2, 0.2), snapshot_interval=1.5, consistency=(0.0, 0.0)):
+            first = await m.ec2.create_snapshots(server.instance_id)
+            second = await m.ec2.create_snapshots(server.instance_id)  # refused, retried
+            assert m.ec2.calls["CreateSnapshots"] >= 3
+            assert len(first) == len(second) == 1
+            with pytest.raises(EC2Error) as e:  # the bound still holds
+                await m.ec2.create_snapshots(server.instance_id, rate_wait=0)
+            assert e.value.code == "SnapshotCreationPerVolumeRateExceeded"
+        made = [s["SnapshotId"] for s in (*first, *second)]
+        for snapshot in await m.ec2.describe_snapshots(made):
+            await m.ec2.wait_for_snapshot(snapshot["SnapshotId"], timeout=30)
+            await m.ec2.delete_snapshot(snapshot["SnapshotId"])
+        await server.terminate()
+        await volume.delete()
+
+
 async def test_instance_lost_at_launch(
     cloud: LocalCloud, ec2: Any, manager_factory: ManagerFactory
 ) -> None:

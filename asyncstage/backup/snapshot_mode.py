@@ -165,12 +165,8 @@ async def _create_snapshots(m: Manager, run: RunInfo, server: Server) -> list[di
         MANIFEST_TAG: NO_MANIFEST,  # the server's own volumes: no manifest (see manifest.py)
         **owner_tags(m.key_pair.name if m.key_pair else None),
     }
-    answer = await m.ec2.call(
-        "CreateSnapshots",
-        InstanceSpecification={"InstanceId": server.instance_id, "ExcludeBootVolume": True},
-        Description=f"asyncstage backup {run.name} of {server.name}",
-        TagSpecifications=[
-            {"ResourceType": "snapshot", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
-        ],
+    return await m.ec2.create_snapshots(
+        server.instance_id,
+        description=f"asyncstage backup {run.name} of {server.name}",
+        tags=tags,
     )
-    return list(answer.get("Snapshots", []))
