@@ -584,6 +584,7 @@ async def test_boot_delay_is_observed_as_pending() -> None:
         LocalCloud(boot_delay=2.0) as cloud,
         patient_client(**cloud.session_kwargs()) as ec2,
     ):
+        await admit_ssh_from_here(cloud, ec2)
         reply = await ec2.run_instances(ImageId=cloud.image_id, MinCount=1, MaxCount=1)
         instance = reply["Instances"][0]
         assert instance["State"]["Name"] == "pending"

@@ -235,7 +235,7 @@ async def test_controller_killed_mid_transfer_leaves_no_key_after_a_sweep(
             "swept": [],
         }
     assert transfer_keys(b) == []
-    assert xfer_dirs() - before == set()  # no private half left on the source
+    assert await new_xfer_dirs(before) == set()  # no private half left on the source
     assert (tmp_path / "again" / "data").read_bytes() == (src / "data").read_bytes()
 
     # and the orphaned rsync of the dead controller was stopped with its work dir

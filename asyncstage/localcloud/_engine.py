@@ -359,11 +359,11 @@ class Engine(StorageEvents):
                     host.prepare()
                     machine.prepared = True
                 self._connect(machine)
+                if host.netns:  # its security groups, before sshd listens: from the first packet
+                    self.firewalls.booted(host.instance_id, host.netns)
                 host.boot()
                 if not host.wait_for_sshd(SSHD_TIMEOUT, machine.cancel.is_set):
                     return
-                if host.netns:  # its security groups, before it is running
-                    self.firewalls.booted(host.instance_id, host.netns)
                 with self.lock:
                     if machine.wanted != "running":
                         return
