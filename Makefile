@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # The suite runs in parallel workers, each with a local cloud of its own; whole modules go
 # to one worker (--dist loadscope), so a module's servers are made once, the longest modules
 # first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 4
 
 .PHONY: all deps venv test test-unit demo bench bench-deps bench-quick lint docs wheel-check clean
 
