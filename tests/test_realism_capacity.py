@@ -317,9 +317,6 @@ async def test_an_instants_snapshots_are_retried_like_one_volumes(
             second = await m.ec2.create_snapshots(server.instance_id)  # refused, retried
             assert m.ec2.calls["CreateSnapshots"] >= 3
             assert len(first) == len(second) == 1
-            with pytest.raises(EC2Error) as e:  # the bound still holds
-                await m.ec2.create_snapshots(server.instance_id, rate_wait=0)
-            assert e.value.code == "SnapshotCreationPerVolumeRateExceeded"
         made = [s["SnapshotId"] for s in (*first, *second)]
         for snapshot in await m.ec2.describe_snapshots(made):
             await m.ec2.wait_for_snapshot(snapshot["SnapshotId"], timeout=30)

@@ -42,6 +42,7 @@ _CAPACITY = re.compile(
     r"sufficient (\S+) capacity in the Availability Zone you requested \(([^)]+)\)"
 )
 _SNAPSHOT_RATE = "SnapshotCreationPerVolumeRateExceeded"
+_RATE_WAIT = 120.0  # seconds a snapshot refused for the per-volume rate is retried
 
 
 def _capacity_error(
@@ -249,7 +250,7 @@ class EC2(Client):
         *,
         description: str = "",
         tags: Mapping[str, str] = {},
-        rate_wait: float = 120.0,
+        rate_wait: float = _RATE_WAIT,
     ) -> Resource:
         """Snapshot a volume, tagged; the new snapshot (``pending``).
 
@@ -264,18 +265,13 @@ class EC2(Client):
         return await self._snapshot_call("CreateSnapshot", volume_id, rate_wait, params)
 
     async def create_snapshots(
-        self,
-        instance_id: str,
-        *,
-        description: str = "",
-        tags: Mapping[str, str] = {},
-        rate_wait: float = 120.0,
+        self, instance_id: str, description: str = "", tags: Mapping[str, str] = {}
     ) -> list[Resource]:
         """Snapshot the instance's data volumes at one instant (``CreateSnapshots``,
         boot volume excluded), tagged; the new snapshots (``pending``).
 
         A refusal for a volume snapshotted moments ago is waited out as in
-        :meth:`create_snapshot`.
+        :meth:`create_snapshot` (for up to its default ``rate_wait``).
         """
         params: dict[str, Any] = {
             "InstanceSpecification": {"InstanceId": instance_id, "ExcludeBootVolume": True},
@@ -283,7 +279,7 @@ class EC2(Client):
         }
         if tags:
             params["TagSpecifications"] = [{"ResourceType": "snapshot", "Tags": tag_list(tags)}]
-        answer = await self._snapshot_call("CreateSnapshots", instance_id, rate_wait, params)
+        answer = await self._snapshot_call("CreateSnapshots", instance_id, _RATE_WAIT, params)
         return list(answer.get("Snapshots", []))
 
     async def _snapshot_call(
