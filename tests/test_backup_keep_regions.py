@@ -29,6 +29,7 @@ from asyncstage.errors import EC2Error
 from asyncstage.localcloud import LocalCloud
 from asyncstage.retention import Policy
 from tests.fixtures.cloud import ManagerFactory
+from tests.patience import patient_client
 from tests.test_backup_keep_cli import cli_command
 from tests.test_realism_capacity import playing
 
@@ -52,8 +53,8 @@ async def test_kms_keys_are_a_regions_own_and_a_copy_needs_one_there(cloud: Loca
     async with (
         session.client("kms", **cloud.session_kwargs(OTHER)) as away,
         session.client("kms", **cloud.session_kwargs()) as home,
-        session.client("ec2", **cloud.session_kwargs(OTHER)) as ec2_away,
-        session.client("ec2", **cloud.session_kwargs()) as ec2_home,
+        patient_client(**cloud.session_kwargs(OTHER)) as ec2_away,
+        patient_client(**cloud.session_kwargs()) as ec2_home,
     ):
         key = (await away.create_key(Description="keys-test"))["KeyMetadata"]
         assert f":{OTHER}:" in key["Arn"]
