@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 
 from asyncstage import keys
-from asyncstage.ec2 import EC2, Resource, tag
+from asyncstage.ec2 import EC2, Resource, groups_of, tag
 from asyncstage.errors import EC2Error, InvalidArgument
 from asyncstage.transfer.ingress import sweep_stale_rules
 
@@ -186,7 +186,7 @@ class Account:
         deadline = anyio.current_time() + patience
         pause = self.ec2.poll_interval
         while True:
-            users = [i for i in others if group_id in _group_ids(i)]
+            users = [i for i in others if group_id in {g["GroupId"] for g in groups_of(i)}]
             if any(_state(i) in LIVE_STATES for i in users):
                 return  # another manager's live server is in it: it stays
             if not users:
@@ -206,14 +206,6 @@ class Account:
             await anyio.sleep(pause)
             pause = min(pause * self.ec2.poll_backoff, self.ec2.poll_max_interval)
             others = await self._instances_not_gone()
-
-
-def _group_ids(instance: Resource) -> set[str]:
-    """The ids of an instance's groups: its own and its interfaces' (one set on EC2)."""
-    groups = list(instance.get("SecurityGroups") or [])
-    for nic in instance.get("NetworkInterfaces") or []:
-        groups += nic.get("Groups") or []
-    return {str(g.get("GroupId")) for g in groups if isinstance(g, dict)}
 
 
 def _state(instance: Resource) -> str:

@@ -7,7 +7,7 @@ creates, :mod:`~asyncstage.ec2.console` what we read on a console and
 the client the rest of asyncstage uses.
 """
 
-from asyncstage.ec2.api import EC2
+from asyncstage.ec2.api import EC2, groups_of
 from asyncstage.ec2.client import Resource, RetryMode
 from asyncstage.ec2.console import console_fingerprints
 from asyncstage.ec2.tags import (
@@ -26,6 +26,7 @@ __all__ = [
     "Resource",
     "RetryMode",
     "console_fingerprints",
+    "groups_of",
     "new_client_token",
     "tag",
     "tag_filters",

@@ -45,6 +45,19 @@ _SNAPSHOT_RATE = "SnapshotCreationPerVolumeRateExceeded"
 _RATE_WAIT = 120.0  # seconds a snapshot refused for the per-volume rate is retried
 
 
+def groups_of(instance: Resource) -> list[dict[str, Any]]:
+    """An instance's security groups (``GroupId``, ``GroupName``): its own and its network
+    interfaces' (an instance launched with interfaces lists them there), once each."""
+    found = [*(instance.get("SecurityGroups") or [])]
+    for nic in instance.get("NetworkInterfaces") or []:
+        found += nic.get("Groups") or []
+    seen: dict[str, dict[str, Any]] = {}
+    for group in found:
+        if isinstance(group, dict) and group.get("GroupId"):
+            seen.setdefault(str(group["GroupId"]), group)
+    return list(seen.values())
+
+
 def _capacity_error(
     e: EC2Error, operation: str, zone: str | None, instance_type: str | None
 ) -> EC2Error:

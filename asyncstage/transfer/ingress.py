@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from asyncstage.ec2.api import groups_of
 from asyncstage.errors import EC2Error, NoRoute
 from asyncstage.transfer.run import STALE_AFTER, controller_alive, controller_id
 
@@ -75,9 +76,7 @@ async def admit_ssh(
 ) -> AsyncIterator[None]:
     """The instance's group (``our_group``, the library's, if it is in it) admits ``cidr``
     by ssh within the block; NoRoute when it is in no group."""
-    found = [*instance.get("SecurityGroups", [])]  # and its interfaces' (launched with them)
-    found += [g for i in instance.get("NetworkInterfaces", []) for g in i.get("Groups", [])]
-    groups = [g for g in found if g.get("GroupId")]
+    groups = groups_of(instance)
     if not groups:
         raise NoRoute("it is in no security group to admit a transfer by", host=label)
     ours = [g for g in groups if g.get("GroupName") == our_group]
