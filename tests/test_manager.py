@@ -108,13 +108,13 @@ async def test_fleet_calls_do_not_grow_with_fleet_size(
         ("terminate", "TerminateInstances"),
     ):
         assert big[phase][action] == small[phase][action] == 1, (phase, big, small)
-        # one DescribeInstances per poll round, whatever the fleet size
-        assert big[phase]["DescribeInstances"] <= small[phase]["DescribeInstances"] + 2, (
-            phase,
-            big[phase],
-            small[phase],
-        )
-        assert big[phase]["DescribeInstances"] < 10, (phase, big[phase])
+        # one DescribeInstances per poll round, naming every instance still on its way:
+        # none polled alone, whatever the fleet size (how many rounds a wait takes follows
+        # the machine's load, so their number is no measure of it)
+        for fleet in (small, big):
+            assert fleet["polls"][phase] >= 1, (phase, fleet)
+            assert fleet["partial polls"][phase] == 0, (phase, fleet)
+            assert fleet["polls"][phase] <= fleet[phase]["DescribeInstances"], (phase, fleet)
 
 
 async def test_wait_timeout_and_partial_fleet_failure(manager_factory: ManagerFactory) -> None:
