@@ -185,11 +185,12 @@ async def test_sudo(sshd_server: SSHServer) -> None:
 
 async def test_streaming_before_completion(sshd_server: SSHServer) -> None:
     async with sshd_server.host() as host:
+        # the command runs far longer than the bound, which a loaded machine meets too
         started = time.monotonic()
-        async with host.scmd_read("echo first; sleep 5; echo second") as f:
-            with anyio.fail_after(3):
+        async with host.scmd_read("echo first; sleep 120; echo second") as f:
+            with anyio.fail_after(60):
                 assert await f.readline() == "first\n"
-        assert time.monotonic() - started < 3  # left early: not waiting for `sleep 5`
+        assert time.monotonic() - started < 60  # left early: not waiting for `sleep 120`
         async with host.scmd_read("printf 'a\\nb\\nc'") as f:
             assert [line async for line in f] == ["a\n", "b\n", "c"]
         async with host.scmd_read("printf abcdef", encoding=None) as f:
@@ -338,18 +339,25 @@ async def test_reconnects_after_sshd_restart(fresh_sshd: SSHServer) -> None:
         assert await host.ping() is True
 
 
-async def test_connection_lost_mid_command_is_not_rerun(fresh_sshd: SSHServer) -> None:
+async def test_connection_lost_mid_command_is_not_rerun(
+    fresh_sshd: SSHServer, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
     async with fresh_sshd.host() as host:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(anyio.to_thread.run_sync, _stop_later, fresh_sshd)
+            tg.start_soon(anyio.to_thread.run_sync, _stop_once_running, fresh_sshd, runs)
             with pytest.raises(errors.ConnectionLost):
-                await host.scmd("sleep 30")
+                await host.scmd(f"echo run >> {runs}; sleep 30")
         fresh_sshd.start()
         assert await host.scmd("echo", "back") == "back\n"
+    assert runs.read_text() == "run\n"  # not run a second time
 
 
-def _stop_later(server: SSHServer) -> None:
-    time.sleep(0.5)
+def _stop_once_running(server: SSHServer, runs: Path) -> None:
+    """Stop sshd once the command runs (however long the connection took to come up)."""
+    deadline = time.monotonic() + 60
+    while not runs.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.stop()
 
 
