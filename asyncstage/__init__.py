@@ -6,20 +6,24 @@ once, run commands over ssh and move data with rsync and dd.
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from asyncstage import _commandline
 
-if _commandline.is_command_line():  # before asyncssh is imported (below)
+if _commandline.is_command_line():  # before asyncssh is imported (by the Manager's modules)
     _commandline.hide_dependency_warnings()
 
 from asyncstage import errors
 from asyncstage.errors import AsyncstageError
-from asyncstage.manager import Manager
-from asyncstage.paths import RemotePath
-from asyncstage.server import Server
-from asyncstage.transfer import Progress, TransferStats
-from asyncstage.volume import Volume
+
+if TYPE_CHECKING:
+    from asyncstage.manager import Manager
+    from asyncstage.paths import RemotePath
+    from asyncstage.server import Server
+    from asyncstage.transfer import Progress, TransferStats
+    from asyncstage.volume import Volume
 
 try:  # one place: the version in pyproject.toml, through the installed metadata
     __version__ = version("asyncstage")
@@ -37,3 +41,27 @@ __all__ = [
     "__version__",
     "errors",
 ]
+
+# The Manager and the handles import aioboto3 and asyncssh (most of a second of CPU): they
+# are imported when first named, so that a module of the package (the command line's
+# parser, the local cloud's errors) can be imported without them.
+_LAZY = {
+    "Manager": "asyncstage.manager",
+    "Progress": "asyncstage.transfer",
+    "RemotePath": "asyncstage.paths",
+    "Server": "asyncstage.server",
+    "TransferStats": "asyncstage.transfer",
+    "Volume": "asyncstage.volume",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'asyncstage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

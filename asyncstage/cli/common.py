@@ -11,9 +11,9 @@ import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from asyncstage import blocking, completion, paths, userconfig
+from asyncstage import completion, paths, userconfig
 from asyncstage.cli import daemon
 from asyncstage.cli.daemon import LOCAL_IMAGE_PATTERN, local_dir, read_local_state
 from asyncstage.errors import (
@@ -23,6 +23,9 @@ from asyncstage.errors import (
 )
 from asyncstage.output import Output, TransferTask
 from asyncstage.settings import LOCAL_CREDENTIALS
+
+if TYPE_CHECKING:  # imported by the functions that open a manager (it is most of a second)
+    from asyncstage import blocking
 
 __all__ = [
     "EXIT_FAILURE",
@@ -138,6 +141,8 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
 @contextlib.contextmanager
 def open_manager(args: argparse.Namespace) -> Iterator[blocking.Manager]:
     """The command's manager, closed (``--on-exit`` applied) on the way out."""
+    from asyncstage import blocking
+
     with blocking.Manager(**manager_options(args)) as m:
         yield m
         completion.write_names("servers", [s.name for s in m.servers()])
@@ -208,6 +213,8 @@ def with_progress(
 ) -> _T:
     """``func(*args, **kwargs)``, a backup or a restore, run on the facade's loop under a
     live row ``what`` that shows its progress and phases."""
+    from asyncstage import blocking
+
     with out.transfer(what) as progress:
         phase = phase_notes(out, progress)
         return blocking.call(func, *args, progress=progress, phase=phase, **kwargs)
