@@ -12,7 +12,8 @@ SYSTEM_PACKAGES := openssh-server openssh-client rsync sudo e2fsprogs xfsprogs b
 PYTEST_ARGS ?=
 # The suite runs in parallel workers, each with a local cloud of its own; whole modules go
 # to one worker (--dist loadscope), so a module's servers are made once, the longest modules
-# first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
+# first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order). The
+# slowest tests are listed at the end, to keep that order and the suite's time in view.
 PYTEST_WORKERS ?= 4
 
 .PHONY: all deps venv test test-unit demo bench bench-deps bench-quick lint docs wheel-check clean
@@ -38,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 venv: deps $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=30 $(PYTEST_ARGS)
 
 # The unit layer: no root, no sshd, no local cloud (markers set by tests/conftest.py),
 # so no system packages either.
