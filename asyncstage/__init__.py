@@ -7,6 +7,7 @@ once, run commands over ssh and move data with rsync and dd.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,9 @@ __all__ = [
 
 # The Manager and the handles import aioboto3 and asyncssh (most of a second of CPU): they
 # are imported when first named, so that a module of the package (the command line's
-# parser, the local cloud's errors) can be imported without them.
+# parser, the local cloud's errors) can be imported without them. So are the modules
+# that importing the package used to load (``asyncstage.transfer.rsync`` after a bare
+# ``import asyncstage``).
 _LAZY = {
     "Manager": "asyncstage.manager",
     "Progress": "asyncstage.transfer",
@@ -56,11 +59,13 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'asyncstage' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # found directly from now on
-    return value
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # found directly from now on
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # sets the attribute too
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
