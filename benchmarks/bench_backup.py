@@ -789,8 +789,9 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         else (
             "ec2 and machine: each backup's copy starts once EC2 has made, attached and the "
             "server formatted and mounted its own work volume, so the copies are spread over "
-            "the run, not all at once as the bare rsyncs; meanwhile the cores also run the "
-            "other backups' volume and snapshot work"
+            "the run, not all at once as the bare rsyncs; the copy phases also hold each "
+            "backup's manifest (every file read again and hashed, on the same two cores); "
+            "meanwhile the cores also run the other backups' volume and snapshot work"
         ),
         evidence=(
             f"limit: bare rsync -a of the same {_f(first['bytes'] / MiB)} MiB on all {focus} "
@@ -839,10 +840,12 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         f"rerun with 1 % of the files changed / first run, copy mode keeping its work "
         f"volume (keep_volume), {focus} servers",
         bound=(
-            "ec2: what is left of a run that copies only the change into its kept volume: "
-            "the lease, a snapshot pending until completed (the local cloud keeps one "
-            "pending 0.5-1.5 s) and its tags, within EC2's request rates; the data's part "
-            "(rsync's scan and the change, the manifest hashing only changed files) is small"
+            "ec2 and machine: a rerun into its kept volume makes no volume, but still takes "
+            "a snapshot and waits until it is completed: the local cloud keeps one pending "
+            "0.5-1.5 s and writes each as a sparse copy of the whole volume image (EC2 "
+            "stores only the changed blocks), 16 at once on this machine's disk and two "
+            "cores; then rsync's scan of every file with the change, and the manifest "
+            "hashing only changed files"
         ),
         evidence=(
             f"rerun median per backup: data {_f(_data_s(k_rerun))} s (rsync + manifest), "
