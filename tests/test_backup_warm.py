@@ -5,10 +5,12 @@ a stale one is deleted by the run, sweep or forget, and nothing else is left beh
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from asyncstage import Manager, Server, backup
@@ -19,6 +21,7 @@ from asyncstage.localcloud import LocalCloud
 from asyncstage.retention import Policy
 from tests.backup_support import NOTHING, leftovers
 from tests.fixtures.cloud import ManagerFactory
+from tests.test_backup_keep_cli import cli_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
@@ -158,13 +161,19 @@ async def test_a_kept_volume_that_does_not_hold_the_newest_backup_is_not_used(
 
 
 async def test_sweep_and_forget_keep_the_kept_volume_until_its_backup_is_gone(
-    manager: Manager, server: Server, tmp_path: Path
+    manager: Manager, server: Server, cloud: LocalCloud, cloud_dotdir: Path, tmp_path: Path
 ) -> None:
     m = manager
     src = _tree(tmp_path / "src")
     first = await backup.backup(m, "warm-gone", [src], server=server, keep_volume=True)
     (src / "more.txt").write_text("more\n")
     second = await backup.backup(m, "warm-gone", [src], server=server, keep_volume=True)
+
+    argv, env = cli_command(cloud, cloud_dotdir, "--json", "backup", "list")
+    with anyio.fail_after(120):
+        listed = await anyio.run_process(argv, env=env)
+    (row,) = [r for r in json.loads(listed.stdout) if r["name"] == "warm-gone"]
+    assert row["kept_volume"] == second.volume_id and row["newest"] == second.snapshot_id
 
     swept = await backup.sweep(m, "warm-gone")
     assert swept.kept_volumes == [second.volume_id] and swept.volumes == []
