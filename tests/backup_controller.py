@@ -3,10 +3,11 @@ can SIGKILL it there: ``python -m tests.backup_controller CONFIG_JSON``.
 
 CONFIG_JSON holds the Manager options (the local cloud's endpoint, credentials, image,
 dot directory), the backup's name, its mode (``copy``, the default, or ``snapshot``), its
-sources, the server (of the work volume, or whose volumes are taken), and the point to
-stop at. At that point the process prints ``STOPPED <point>`` and blocks, event loop and
-all, until it is killed. Each point wraps the one library call that ends the step, so the
-stop comes right after (or right before) that step, whatever its timing:
+sources, whether it keeps its work volume (``keep_volume``), the server (of the work
+volume, or whose volumes are taken), and the point to stop at. At that point the process
+prints ``STOPPED <point>`` and blocks, event loop and all, until it is killed. Each point
+wraps the one library call that ends the step, so the stop comes right after (or right
+before) that step, whatever its timing:
 
 - ``lease``: the lease is taken, nothing else made yet (before the sweep);
 - ``created``: CreateVolume has returned (the work volume exists, is not attached);
@@ -130,7 +131,13 @@ async def main(config: dict[str, Any]) -> None:
             await backup.snapshot_backup(m, config["name"], server)
         else:
             await backup.backup(
-                m, config["name"], config["sources"], server=server, progress=progress, phase=phase
+                m,
+                config["name"],
+                config["sources"],
+                server=server,
+                progress=progress,
+                phase=phase,
+                keep_volume=config.get("keep_volume", False),
             )
     print("DONE", flush=True)
 

@@ -36,7 +36,7 @@ from tests.backup_support import NOTHING, leftovers
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("crashy", "crash-fresh", "crash-set")
+NAMES = ("crashy", "crash-fresh", "crash-set", "crash-warm")
 
 
 @dataclass
@@ -118,12 +118,18 @@ def _state(raw: Any, instance_id: str) -> str:
 
 
 async def _kill_at(
-    fleet: Fleet, name: str, point: str, want: dict[str, int], mode: str = "copy"
+    fleet: Fleet,
+    name: str,
+    point: str,
+    want: dict[str, int],
+    mode: str = "copy",
+    keep_volume: bool = False,
 ) -> dict[str, list[str]]:
     """Run a controller up to ``point``, see what it made, SIGKILL it; what it left."""
     config = {
         "name": name,
         "mode": mode,
+        "keep_volume": keep_volume,
         "sources": [str(fleet.src)],
         "server": fleet.host.name,
         "point": point,
@@ -209,6 +215,29 @@ async def test_a_controller_killed_at_any_point_leaves_nothing_a_rerun_keeps(
     assert m.volumes() == []
     mounts = await host.scmd("findmnt", "-rn", "-o", "TARGET", check=False)
     assert f"/{name}" not in mounts
+
+
+async def test_a_controller_killed_copying_into_a_kept_volume_leaves_it_to_be_dropped(
+    fleet: Fleet,
+) -> None:
+    """The kept volume is the dead run's from the moment it started to write to it: the
+    next run never uses it as kept, removes it, and builds on the last complete backup."""
+    m, host = fleet.manager, fleet.host
+    first = await backup.backup(m, "crash-warm", [fleet.src], server=host, keep_volume=True)
+    (fleet.src / "warm-late.txt").write_text("late\n")
+    left = await _kill_at(
+        fleet, "crash-warm", "copy", {"volumes": 1, "unfinished": 0}, keep_volume=True
+    )
+    assert left["volumes"] == [first.volume_id]
+
+    again = await backup.backup(m, "crash-warm", [fleet.src], server=host, keep_volume=True)
+    assert first.volume_id in again.swept and not again.volume_reused
+    assert again.previous_snapshot_id == first.snapshot_id and again.files == 1
+    assert await leftovers(m, "crash-warm") == NOTHING | {"volumes": [again.volume_id]}
+    await m.find_volume_by_volid(again.volume_id).delete()
+    assert await leftovers(m, "crash-warm") == NOTHING
+    mounts = await host.scmd("findmnt", "-rn", "-o", "TARGET", check=False)
+    assert "/crash-warm" not in mounts
 
 
 @pytest.mark.parametrize("point", ["set", "set-complete"])

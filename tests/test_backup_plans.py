@@ -56,6 +56,18 @@ def test_a_toml_plan_becomes_the_same_objects(tmp_path: Path) -> None:
     )
 
 
+def test_keep_volume_is_read_from_a_plan_and_off_unless_asked_for() -> None:
+    plan = backup.parse_plan(
+        {
+            "backup": [
+                {"name": "warm", "sources": ["/a"], "keep_volume": True},
+                {"name": "cold", "sources": ["/b"]},
+            ]
+        }
+    )
+    assert [b.keep_volume for b in plan.backups] == [True, False]
+
+
 @pytest.mark.parametrize(
     ("text", "error", "match"),
     [
@@ -84,6 +96,16 @@ def test_a_toml_plan_becomes_the_same_objects(tmp_path: Path) -> None:
             '[[backup]]\nname = "x"\nsources = ["/a"]\n[[backup]]\nname = "x"\nsources = ["/b"]',
             InvalidArgument,
             "listed twice",
+        ),
+        (
+            '[[backup]]\nname = "x"\nsources = ["/a"]\nkeep_volume = "yes"',
+            InvalidArgument,
+            "keep_volume is true or false",
+        ),
+        (
+            '[[backup]]\nname = "x"\nmode = "snapshot"\nserver = "s"\nkeep_volume = true',
+            InvalidArgument,
+            "keep_volume is for copy backups",
         ),
         ("concurrency = 0\n[[backup]]\nname = 'x'\nsources = ['/a']", InvalidArgument, "1..256"),
         ("", InvalidArgument, "no backups"),

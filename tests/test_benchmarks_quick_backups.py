@@ -34,10 +34,14 @@ def test_backup(results: Path) -> None:
     rerun = r["incremental"]["rerun"]
     assert rerun["parents"] == data["params"]["focus_fleet"]  # every one incremental
     assert 0 < rerun["files"] < r["incremental"]["first"]["files"]
+    kept = r["incremental_kept"]["rerun"]  # every one copied into the volume its first kept
+    assert kept["volumes_reused"] == kept["parents"] == data["params"]["focus_fleet"]
+    assert 0 < kept["files"] < r["incremental_kept"]["first"]["files"]
     assert r["snapshot_mode"]["snapshot"]["snapshots"] == data["params"]["focus_fleet"]
     assert {t["name"] for t in data["targets"]} >= {
         "copy_mode_vs_cpu_limit",
         "incremental_rerun",
+        "incremental_rerun_kept_volume",
         "snapshot_vs_copy_mode",
     }
 

@@ -7,12 +7,14 @@ One run of backup ``NAME``:
 2. removes the leftovers of runs of the name that died (:mod:`asyncstage.backup.sweep`);
 3. makes a **new** work volume called ``NAME``, tagged as the run's from its create call
    on: from the newest complete snapshot of the name (grown when the data needs more
-   room), or empty for the first backup;
+   room), or empty for the first backup; with ``keep_volume``, the volume the previous
+   run kept, when it holds that snapshot (:mod:`asyncstage.backup.warm`);
 4. brings it up to date with ``rsync --delete``, one host's sources after another, and
    writes the manifest of every file at its root (:mod:`asyncstage.backup.manifest`);
 5. snapshots it, waits until the snapshot is ``completed``, records the manifest's
    digest in a tag, and marks it complete with its parent snapshot and its consistency;
-6. deletes the work volume and releases the lease.
+6. deletes the work volume (with ``keep_volume``: unmounts it and tags it as kept for
+   the new snapshot) and releases the lease.
 
 A live volume that has the backup's name, made by someone else, is never written,
 adopted nor deleted: the backup is refused with :class:`~asyncstage.errors.NameTaken`.
@@ -39,7 +41,15 @@ from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
 from asyncstage.backup.sweep import sweep
-from asyncstage.errors import AsyncstageError, NameTaken, RsyncError, ServerNotRunning, SSHError
+from asyncstage.backup.warm import claim, is_kept, mark_kept, reuse
+from asyncstage.errors import (
+    AsyncstageError,
+    InvalidArgument,
+    NameTaken,
+    RsyncError,
+    ServerNotRunning,
+    SSHError,
+)
 from asyncstage.manager import Manager
 from asyncstage.server import Server
 from asyncstage.transfer import TransferStats
@@ -61,7 +71,7 @@ class BackupResult:
     previous_snapshot_id: str | None
     """The snapshot the volume was made from (None for a first backup)."""
     volume_id: str
-    """The temporary volume (deleted)."""
+    """The work volume (deleted, unless kept)."""
     size_gib: int
     bytes: int
     """Size of the files transferred (rsync)."""
@@ -87,6 +97,10 @@ class BackupResult:
     """Files whose digest the previous snapshot's manifest gave (unchanged since)."""
     manifest_hashed: int = 0
     """Bytes of files read and hashed for the manifest."""
+    volume_kept: bool = False
+    """Whether the work volume was kept for the next run (``keep_volume``)."""
+    volume_reused: bool = False
+    """Whether this run copied into the volume the previous run kept."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a plain dict (``--json``)."""
@@ -118,6 +132,7 @@ async def backup(
     phase: Phase | None = None,
     wait: float = 0.0,
     ttl: float = DEFAULT_TTL,
+    keep_volume: bool = False,
 ) -> BackupResult:
     """Back ``sources`` up into a new snapshot named ``name`` (incremental).
 
@@ -131,13 +146,21 @@ async def backup(
     :class:`~asyncstage.errors.BackupInProgress`. :class:`NameTaken` when a volume called
     ``name`` that is no run's work volume exists. On failure or cancellation the run's own
     volume is deleted and the earlier snapshots are kept.
+
+    ``keep_volume`` keeps the work volume (attached, unmounted) for the next run, which
+    then copies only the change into it (:mod:`asyncstage.backup.warm`: when it is used,
+    what it costs). A run without it deletes a volume an earlier run kept.
     """
     names.check_name(name, "backup")
+    if not isinstance(keep_volume, bool):
+        raise InvalidArgument(f"backup {name}: keep_volume is true or false")
     groups = plan_sources(m, sources)
     run = RunInfo.new(name, ttl)
 
     async def body(lease: Lease) -> BackupResult:
-        return await _run(m, lease, groups, server, size, zone, description, progress, phase)
+        return await _run(
+            m, lease, groups, server, size, zone, description, progress, phase, keep_volume
+        )
 
     return await with_lease(m, run, body, wait=wait, ttl=ttl)
 
@@ -152,12 +175,17 @@ async def _run(
     description: str | None,
     progress: ProgressCallback | None,
     phase: Phase | None,
+    keep_volume: bool,
 ) -> BackupResult:
     tell = phase or (lambda _: None)
     name = lease.run.name
     swept = await sweep(m, name, current_run=lease.run.run_id)
     existing = m.find_volume_by_name(name)
-    if existing is not None:
+    if existing is None and swept.kept_volumes:  # kept by a run of another manager
+        await m.scan_region()  # adopted with its server, as a manager that scans would
+        existing = m.find_volume_by_name(name)
+    kept_desc = await existing.refresh() if existing is not None else {}
+    if existing is not None and not is_kept(kept_desc, name):
         raise NameTaken(
             f"backup {name!r}: a volume named {name!r} exists ({existing.volume_id}); a backup "
             "works only on a volume of its own and never touches it: choose another backup name"
@@ -175,15 +203,32 @@ async def _run(
         kind, digest = recorded(previous[0])
         earlier = digest if kind == "sha256" else None
     tell("volume")
-    with run_tags(lease.run):  # reuse=False: a volume of this name is refused, never adopted
-        if server is not None:
-            volume = await server.provision_volume(
-                name, size=needed, snapshot_id=parent, reuse=False
-            )
-        else:
-            volume = await m.provision_volume(
-                name, size=needed, snapshot_id=parent, reuse=False, availability_zone=zone
-            )
+    volume: Volume | None = None
+    if existing is not None:  # a kept volume (sweep left it: it holds the newest backup)
+        newest = previous[0] if previous else None
+        if keep_volume and await reuse(
+            existing, kept_desc, name, newest, needed=needed, server=server, zone=zone
+        ):
+            volume = existing
+            try:
+                await claim(m, volume, lease.run)
+            except BaseException:
+                await delete_own(volume)
+                raise
+        elif not keep_volume:  # kept by an earlier run, no longer asked for: dropped
+            log.info("backup %s: deleting the volume an earlier run kept", name)
+            await delete_own(existing)
+    reused = volume is not None
+    if volume is None:
+        with run_tags(lease.run):  # reuse=False: a volume of this name is refused, never adopted
+            if server is not None:
+                volume = await server.provision_volume(
+                    name, size=needed, snapshot_id=parent, reuse=False
+                )
+            else:
+                volume = await m.provision_volume(
+                    name, size=needed, snapshot_id=parent, reuse=False, availability_zone=zone
+                )
     t_volume = time.monotonic()
     try:
         tell("rsync")
@@ -194,6 +239,7 @@ async def _run(
         t_manifest = time.monotonic()
         tell("snapshot")
         await lease.check()
+        await volume.unmount()  # the snapshot needs it unmounted; nothing mounts it again
         with run_tags(lease.run):
             new_id = await volume.create_snapshot(
                 description or f"asyncstage backup {name}", wait=True
@@ -202,13 +248,16 @@ async def _run(
         await tag_manifest(m, [new_id], manifest["sha256"])
         await lease.check()  # a run that lost its lease never marks anything complete
         await mark_complete(m, [new_id], parent, consistency)
+        if keep_volume:  # only now: a kept volume always holds a complete backup
+            await mark_kept(m, volume, new_id)
     except BaseException:
         tell("cleanup")
         await delete_own(volume)
         raise
     t_snapshot = time.monotonic()
     tell("cleanup")
-    await delete_own(volume)
+    if not keep_volume:
+        await delete_own(volume)
     return BackupResult(
         name=name,
         snapshot_id=new_id,
@@ -230,6 +279,8 @@ async def _run(
         manifest_s=t_manifest - t_rsync,
         manifest_reused=int(manifest.get("reused", 0)),
         manifest_hashed=int(manifest.get("hashed", 0)),
+        volume_kept=keep_volume,
+        volume_reused=reused,
     )
 
 

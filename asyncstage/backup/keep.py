@@ -15,6 +15,10 @@
   backup to retention: decided as one, kept when any member is in use, and removed whole
   (its members first marked ``forgetting`` in one call, so that a removal cut short
   leaves no partial set counted as a backup; the next ``forget`` finishes it).
+- A volume a run kept (:mod:`asyncstage.backup.warm`) holds the newest complete backup,
+  which retention never removes; after removing snapshots, :func:`forget` removes any
+  kept volume of the backup that no longer holds its newest complete backup
+  (:func:`~asyncstage.backup.sweep.drop_stale_kept`).
 - :func:`keep_after` is what a plan does after each successful backup: the copies first
   (every key checked in its region before any copy starts), then retention in every
   region.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -33,6 +37,7 @@ from asyncstage.adoption import OWNER_TAG
 from asyncstage.backup._common import log
 from asyncstage.backup.snapshot_mode import set_of, set_size
 from asyncstage.backup.snapshots import STATE_TAG, is_backup
+from asyncstage.backup.sweep import drop_stale_kept
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import EC2Error, InvalidArgument, NotFound
 from asyncstage.manager import Manager
@@ -208,12 +213,15 @@ class ForgetResult:
     decisions: dict[str, list[Decision]]
     removed: dict[str, list[str]]
     dry_run: bool
+    volumes: dict[str, list[str]] = field(default_factory=dict)
+    """Kept volumes removed after the snapshots (they no longer held the newest backup)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a plain dict (``--json``)."""
         return {
             "region": self.region,
             "dry_run": self.dry_run,
+            "volumes": self.volumes,
             "backups": {
                 name: [
                     {
@@ -248,6 +256,7 @@ async def forget(
     if not isinstance(policy, Policy):
         raise InvalidPolicy("forget: a retention Policy is needed")
     removed: dict[str, list[str]] = {}
+    volumes: dict[str, list[str]] = {}
     leftovers: dict[str, set[str]] = {}
     say = report or log.info
 
@@ -282,7 +291,13 @@ async def forget(
                 continue
             say(f"{name}: removed {snapshot_id} (an earlier forget was removing its set)")
             removed.setdefault(name, []).append(snapshot_id)
-    return ForgetResult(m.region, decisions, removed, dry_run)
+        if not dry_run:
+            swept = await drop_stale_kept(m, name)
+            for volume_id in swept:
+                say(f"{name}: removed kept volume {volume_id} (it no longer held the newest)")
+            if swept:
+                volumes[name] = swept
+    return ForgetResult(m.region, decisions, removed, dry_run, volumes)
 
 
 # -- copies -------------------------------------------------------------------------------

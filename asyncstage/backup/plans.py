@@ -22,6 +22,11 @@ A plan is a TOML file or the same as Python objects (:class:`Plan`, :class:`Plan
     copy_to = ["eu-west-1", { region = "us-west-2", kms_key_id = "alias/dr" }]
 
     [[backup]]
+    name = "logs"
+    sources = ["web1:/var/log/app"]
+    keep_volume = true       # keep the work volume: reruns copy only the change into it
+
+    [[backup]]
     name = "db1-disks"
     mode = "snapshot"        # the server's own volumes, at one instant
     server = "db1"
@@ -73,7 +78,9 @@ __all__ = [
 
 Mode = Literal["copy", "snapshot"]
 _PLAN_KEYS = {"concurrency", "wait", "backup"}
-_BACKUP_KEYS = {"name", "sources", "mode", "server", "size", "zone", "retention", "copy_to"}
+_BACKUP_KEYS = {"name", "sources", "mode", "server", "size", "zone", "retention", "copy_to"} | {
+    "keep_volume"
+}
 _SOURCE_KEYS = {"path", "pre", "post"}
 _HOOK_KEYS = {"command", "timeout", "on_error"}
 
@@ -95,6 +102,8 @@ class PlannedBackup:
     unless a target has its own); a ``snapshot``-mode set is kept or removed whole."""
     copy_to: tuple[CopyTarget, ...] = ()
     """Regions that get a copy of each new snapshot (:mod:`asyncstage.backup.keep`)."""
+    keep_volume: bool = False
+    """``copy``: keep the work volume for the next run (:mod:`asyncstage.backup.warm`)."""
 
     def __post_init__(self) -> None:
         names.check_name(self.name, "backup")
@@ -106,6 +115,12 @@ class PlannedBackup:
             raise InvalidArgument(f"backup {self.name}: mode is 'copy' or 'snapshot'")
         if self.mode == "copy" and not self.sources:
             raise InvalidArgument(f"backup {self.name}: a copy backup needs sources")
+        if not isinstance(self.keep_volume, bool):
+            raise InvalidArgument(f"backup {self.name}: keep_volume is true or false")
+        if self.mode == "snapshot" and self.keep_volume:
+            raise InvalidArgument(
+                f"backup {self.name}: keep_volume is for copy backups (snapshot mode has none)"
+            )
         if self.mode == "snapshot" and (self.server is None or self.sources):
             raise InvalidArgument(
                 f"backup {self.name}: a snapshot backup names a server and no sources"
@@ -208,6 +223,7 @@ def parse_plan(data: Mapping[str, Any]) -> Plan:
                 if b.get("retention") is None
                 else parse_retention(where, b["retention"]),
                 copy_to=parse_copy_to(where, b.get("copy_to", [])),
+                keep_volume=b.get("keep_volume", False),
             )
         )
     return Plan(tuple(backups), concurrency=data.get("concurrency", 4), wait=data.get("wait", 0.0))
@@ -374,5 +390,6 @@ async def _run_one(
         wait=wait,
         progress=progress,
         phase=phase,
+        keep_volume=b.keep_volume,
     )
     return done.as_dict()

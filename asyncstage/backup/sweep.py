@@ -4,6 +4,11 @@ A run is over when its lease is no longer its own (released, broken, or taken by
 run) or its controller is dead or expired (:meth:`RunInfo.dead`). A live run's work
 volumes and snapshots are never touched, and neither is anything whose run tags do not
 parse (it is reported instead).
+
+A volume a finished run kept (:mod:`asyncstage.backup.warm`) stays while it holds its
+backup's newest complete snapshot, and while a live run of that backup holds the lease
+(that run decides); otherwise (the backup was forgotten, a newer snapshot came from
+elsewhere) it is removed, after its tags are read once more.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from typing import Any
 from asyncstage.adoption import ours
 from asyncstage.backup.lease import leases, release
 from asyncstage.backup.runs import OF_TAG, RUN_TAG, RunInfo
-from asyncstage.backup.snapshots import is_backup
+from asyncstage.backup.snapshots import is_backup, usable
+from asyncstage.backup.warm import KEPT_TAG, holds_newest, is_kept
 from asyncstage.ec2 import tags_of
 from asyncstage.errors import AsyncstageError, UnknownVolume
 from asyncstage.manager import Manager
 
-__all__ = ["SweepResult", "sweep"]
+__all__ = ["SweepResult", "drop_stale_kept", "sweep"]
 
 log = logging.getLogger("asyncstage.backup")
 
@@ -34,6 +40,8 @@ class SweepResult:
     leases: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    kept_volumes: list[str] = field(default_factory=list)
+    """Volumes finished runs kept, left since they hold their backup's newest snapshot."""
 
     def as_dict(self) -> dict[str, Any]:
         """The result as a plain dict (``--json``)."""
@@ -43,6 +51,7 @@ class SweepResult:
             "leases": self.leases,
             "kept": self.kept,
             "refused": self.refused,
+            "kept_volumes": self.kept_volumes,
         }
 
 
@@ -83,6 +92,14 @@ async def sweep(
         if not _over(found, holders, current_run):
             done.kept.append(vid)
             continue
+        if is_kept(desc, found.name):
+            holder = holders.get(found.name)
+            if holder is not None and holder.run_id != current_run:
+                done.kept.append(vid)  # a live run of the backup may be about to use it
+                continue
+            if await _still_kept(m, desc, found.name):
+                done.kept_volumes.append(vid)
+                continue
         if not scanned and desc.get("Attachments"):
             await m.scan_region()  # its server and mount, to unmount and detach it cleanly
             scanned = True
@@ -105,6 +122,40 @@ async def sweep(
         log.info("backup %s: removed snapshot %s of run %s", found.name, sid, found.run_id)
         done.snapshots.append(sid)
     return done
+
+
+async def drop_stale_kept(m: Manager, name: str) -> list[str]:
+    """Remove backup ``name``'s kept volumes that no longer hold its newest complete
+    snapshot (none while a live run of it holds the lease); their ids. Nothing else is
+    touched: what dead runs left is :func:`sweep`'s."""
+    holder = {held.name: held for _, held in await leases(m) if not held.dead()}.get(name)
+    if holder is not None:
+        return []
+    filters = [
+        {"Name": "tag-key", "Values": [KEPT_TAG]},
+        {"Name": f"tag:{OF_TAG}", "Values": [name]},
+    ]
+    found = await m.ec2.describe_volumes(filters=filters)
+    removed: list[str] = []
+    for desc in ours("volume", found, keys=m.known_key_names()):
+        if desc.get("State") not in ("available", "in-use") or not is_kept(desc, name):
+            continue
+        if await _still_kept(m, desc, name):
+            continue
+        await _delete_volume(m, desc)
+        log.info("backup %s: removed kept volume %s (stale)", name, desc["VolumeId"])
+        removed.append(str(desc["VolumeId"]))
+    return removed
+
+
+async def _still_kept(m: Manager, desc: dict[str, Any], name: str) -> bool:
+    """Whether a kept volume holds its backup's newest complete snapshot, or changed since
+    ``desc`` was read (a run took it meanwhile: left to that run)."""
+    newest = usable(await m.snapshots(name))
+    if holds_newest(desc, name, newest[0] if newest else None):
+        return True
+    again = await m.ec2.describe_volumes([str(desc["VolumeId"])])
+    return not again or tags_of(again[0]) != tags_of(desc)
 
 
 async def _delete_volume(m: Manager, desc: dict[str, Any]) -> None:

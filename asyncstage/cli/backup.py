@@ -8,7 +8,8 @@ word is an action:
 
 - ``asyncstage backup run PLAN``: every backup of a TOML plan at once (exit 1 when any
   failed, the failures named);
-- ``asyncstage backup list``: each backup's last run, age, size, snapshots, consistency;
+- ``asyncstage backup list``: each backup's last run, age, size, snapshots, consistency,
+  and the volume kept for its next run (``--keep-volume``);
 - ``asyncstage backup sweep [NAME...]``: remove what dead runs left (work volumes,
   unfinished snapshots, leases);
 - ``asyncstage backup check NAME [--snapshot ID | --all] [--read-data]``: check snapshots
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import logging
 import sys
 import threading
 import time
@@ -30,8 +32,10 @@ from rich.live import Live
 from rich.table import Table
 
 from asyncstage import backup, blocking
+from asyncstage.adoption import ours
 from asyncstage.backup.keep import copy_of
 from asyncstage.backup.snapshots import consistency_of, is_backup
+from asyncstage.backup.warm import KEPT_TAG, holds_newest
 from asyncstage.cli import backup_check
 from asyncstage.cli.backup_keep import (
     add_keep_arguments,
@@ -78,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="seconds to wait for another run of the same backup (default: refuse at once)",
     )
+    p.add_argument(
+        "--keep-volume",
+        action="store_true",
+        help="keep the work volume for the next run (an EBS volume billed between runs; "
+        "reruns copy only the change)",
+    )
     backup_check.add_arguments(p)
     add_keep_arguments(p)
 
@@ -112,6 +122,7 @@ def backup_command(args: argparse.Namespace, out: Output) -> int:
             size=args.size,
             zone=args.zone,
             wait=args.wait,
+            keep_volume=args.keep_volume,
         )
         swept = f", {len(result.swept)} leftovers of dead runs removed" if result.swept else ""
         out.result(
@@ -129,7 +140,7 @@ def _sweep(args: argparse.Namespace, out: Output, names: list[str]) -> int:
         ]
     done = backup.SweepResult()
     for r in results:
-        for key in ("volumes", "snapshots", "leases", "kept", "refused"):
+        for key in ("volumes", "snapshots", "leases", "kept", "refused", "kept_volumes"):
             getattr(done, key).extend(getattr(r, key))
     if done.refused:
         out.note(
@@ -138,7 +149,8 @@ def _sweep(args: argparse.Namespace, out: Output, names: list[str]) -> int:
     out.result(
         done.as_dict(),
         f"swept: {len(done.volumes)} work volumes, {len(done.snapshots)} unfinished "
-        f"snapshots, {len(done.leases)} dead leases; kept {len(done.kept)} of live runs",
+        f"snapshots, {len(done.leases)} dead leases; kept {len(done.kept)} of live runs"
+        + (f", {len(done.kept_volumes)} kept volumes" if done.kept_volumes else ""),
     )
     return EXIT_OK
 
@@ -158,6 +170,7 @@ def _each(args: argparse.Namespace, out: Output) -> int:
                 sources=tuple(f"{s.name}:{p}" for p in args.paths),
                 size=args.size,
                 zone=args.zone,
+                keep_volume=args.keep_volume,
             )
             for s in servers
         ]
@@ -246,6 +259,7 @@ def _list(args: argparse.Namespace, out: Output) -> int:
     ``--copy-region``, each of those regions' too (a REGION column)."""
     with open_manager(args) as m, region_managers(args, args.copy_region) as others:
         listed = [(x.region, blocking.call(_backup_snapshots, x)) for x in [m, *others]]
+        kept = blocking.call(_kept_volumes, m)
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for region, snaps in listed:
         for snap in snaps:
@@ -270,6 +284,14 @@ def _list(args: argparse.Namespace, out: Output) -> int:
                 "snapshots": len(found[name, region]),
                 "consistency": consistency_of(newest),
                 "newest": newest["SnapshotId"],
+                "kept_volume": next(
+                    (
+                        str(v["VolumeId"])
+                        for v in kept
+                        if region == m.region and holds_newest(v, name, newest)
+                    ),
+                    None,
+                ),
             }
         )
     rows = [
@@ -280,16 +302,23 @@ def _list(args: argparse.Namespace, out: Output) -> int:
             f"{d['size_gib']} GiB",
             d["snapshots"],
             d["consistency"],
+            d["kept_volume"] or "-",
         ]
         for d in data
     ]
-    headers = ["BACKUP", "LAST RUN", "AGE", "SIZE", "SNAPSHOTS", "CONSISTENCY"]
+    headers = ["BACKUP", "LAST RUN", "AGE", "SIZE", "SNAPSHOTS", "CONSISTENCY", "KEPT VOLUME"]
     if args.copy_region:
         headers.insert(1, "REGION")
         for row, d in zip(rows, data, strict=True):
             row.insert(1, d["region"] + (" (copy)" if d["copy_of"] else ""))
     out.table(data, rows, headers, "no backups")
     return EXIT_OK
+
+
+async def _kept_volumes(m: Any) -> list[dict[str, Any]]:
+    """Our volumes that runs kept for their next run (:mod:`asyncstage.backup.warm`)."""
+    found = await m.ec2.describe_volumes(filters=[{"Name": "tag-key", "Values": [KEPT_TAG]}])
+    return ours("volume", found, keys=m.known_key_names(), level=logging.DEBUG)
 
 
 async def _backup_snapshots(m: Any) -> list[dict[str, Any]]:
