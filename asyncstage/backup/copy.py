@@ -180,16 +180,7 @@ async def _run(
     tell = phase or (lambda _: None)
     name = lease.run.name
     swept = await sweep(m, name, current_run=lease.run.run_id)
-    existing = m.find_volume_by_name(name)
-    if existing is None and swept.kept_volumes:  # kept by a run of another manager
-        await m.scan_region()  # adopted with its server, as a manager that scans would
-        existing = m.find_volume_by_name(name)
-    kept_desc = await existing.refresh() if existing is not None else {}
-    if existing is not None and not is_kept(kept_desc, name):
-        raise NameTaken(
-            f"backup {name!r}: a volume named {name!r} exists ({existing.volume_id}); a backup "
-            "works only on a volume of its own and never touches it: choose another backup name"
-        )
+    existing, kept_desc = await _kept_volume(m, name, kept_elsewhere=bool(swept.kept_volumes))
     started = time.monotonic()
     if server is None:
         server = _sole_source_server(groups, zone, name)
@@ -205,30 +196,12 @@ async def _run(
     tell("volume")
     volume: Volume | None = None
     if existing is not None:  # a kept volume (sweep left it: it holds the newest backup)
-        newest = previous[0] if previous else None
-        if keep_volume and await reuse(
-            existing, kept_desc, name, newest, needed=needed, server=server, zone=zone
-        ):
-            volume = existing
-            try:
-                await claim(m, volume, lease.run)
-            except BaseException:
-                await delete_own(volume)
-                raise
-        elif not keep_volume:  # kept by an earlier run, no longer asked for: dropped
-            log.info("backup %s: deleting the volume an earlier run kept", name)
-            await delete_own(existing)
+        volume = await _reuse_kept(
+            m, lease.run, existing, kept_desc, previous, needed, server, zone, keep_volume
+        )
     reused = volume is not None
     if volume is None:
-        with run_tags(lease.run):  # reuse=False: a volume of this name is refused, never adopted
-            if server is not None:
-                volume = await server.provision_volume(
-                    name, size=needed, snapshot_id=parent, reuse=False
-                )
-            else:
-                volume = await m.provision_volume(
-                    name, size=needed, snapshot_id=parent, reuse=False, availability_zone=zone
-                )
+        volume = await _new_volume(m, lease.run, server, needed, parent, zone)
     t_volume = time.monotonic()
     try:
         tell("rsync")
@@ -282,6 +255,71 @@ async def _run(
         volume_kept=keep_volume,
         volume_reused=reused,
     )
+
+
+async def _kept_volume(
+    m: Manager, name: str, *, kept_elsewhere: bool
+) -> tuple[Volume | None, dict[str, Any]]:
+    """The volume an earlier run kept for backup ``name``, with its description, if any.
+
+    ``kept_elsewhere``: the sweep saw one that a run of another manager kept, which is
+    adopted with its server, as a manager that scans would. A volume of the name that is
+    no kept backup volume is someone else's: refused."""
+    existing = m.find_volume_by_name(name)
+    if existing is None and kept_elsewhere:
+        await m.scan_region()
+        existing = m.find_volume_by_name(name)
+    if existing is None:
+        return None, {}
+    desc = await existing.refresh()
+    if not is_kept(desc, name):
+        raise NameTaken(
+            f"backup {name!r}: a volume named {name!r} exists ({existing.volume_id}); a backup "
+            "works only on a volume of its own and never touches it: choose another backup name"
+        )
+    return existing, desc
+
+
+async def _reuse_kept(
+    m: Manager,
+    run: RunInfo,
+    kept: Volume,
+    desc: dict[str, Any],
+    previous: Sequence[dict[str, Any]],
+    needed: int,
+    server: Server | None,
+    zone: str | None,
+    keep_volume: bool,
+) -> Volume | None:
+    """``kept``, claimed by the run, when it is asked for and holds the newest of the
+    backup's ``previous`` snapshots; else None (and deleted when no longer asked for)."""
+    if not keep_volume:  # kept by an earlier run, no longer asked for: dropped
+        log.info("backup %s: deleting the volume an earlier run kept", run.name)
+        await delete_own(kept)
+        return None
+    newest = previous[0] if previous else None
+    if not await reuse(kept, desc, run.name, newest, needed=needed, server=server, zone=zone):
+        return None
+    try:
+        await claim(m, kept, run)
+    except BaseException:
+        await delete_own(kept)
+        raise
+    return kept
+
+
+async def _new_volume(
+    m: Manager, run: RunInfo, server: Server | None, size: int, parent: str | None, zone: str | None
+) -> Volume:
+    """A new work volume of the run, on ``server`` when given, from ``parent`` if any."""
+    with run_tags(run):  # reuse=False: a volume of this name is refused, never adopted
+        if server is not None:
+            return await server.provision_volume(
+                run.name, size=size, snapshot_id=parent, reuse=False
+            )
+        return await m.provision_volume(
+            run.name, size=size, snapshot_id=parent, reuse=False, availability_zone=zone
+        )
 
 
 def _sole_source_server(groups: list[Group], zone: str | None, name: str) -> Server | None:
