@@ -21,15 +21,22 @@ rounds' ratios with the lowest and highest round beside it:
   into a subnet that maps none on launch, a private subnet as EC2 users make them),
   reached through a bastion with one (``Manager(jump_host=...)``: its connection is
   carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
-  server with a public address reached directly (target >= 0.8x). This process's CPU
-  seconds per GiB of each side are recorded: through the bastion every byte is encrypted
-  twice here (the inner connection's packets travel as data of the outer one);
+  server with a public address reached directly (target >= 0.8x). Through the bastion
+  every byte is encrypted twice in this process (the inner connection's packets travel
+  as data of the outer one);
 - the same jump with OpenSSH's own client, in the same rounds: ``ssh`` through the
   bastion (``ProxyCommand=ssh -W %h:%p bastion``, which is what ``ssh -J`` runs, here
   with the library's key and known_hosts for the bastion hop) against ``ssh`` direct, the
   same cipher, reading ``head -c SIZE /dev/zero`` and writing into ``cat > /dev/null``;
   its connection setup (the median ``ssh ... true`` of each side) is subtracted, and its
   CPU per GiB is that of the ``ssh`` processes. What double encryption costs any client;
+- what bounds the jump's ratio on this machine: in the same rounds, the CPU seconds per
+  GiB of every process that carries each stream: this one (or OpenSSH's ``ssh``
+  processes), the server's sshd and, through the bastion, the bastion's sshd (every
+  process of each instance: sshd, its sessions, the command). Each runs on one core at
+  most and all of them share this machine's cores, which caps each side's rate and so
+  the ratio; on EC2 the bastion and the server are machines of their own, and what this
+  process alone allows (its CPU per GiB direct against through the bastion) is the cap;
 - instance boot: ``provision_server()`` on each cloud in turn, from the launch to the
   cloud switching the instance to running (its sshd listening, the cloud's own view),
   and to the library having it answer ssh; vpc / loopback (reported, no target).
@@ -53,6 +60,7 @@ from _common import (
     MachineCPU,
     MiB,
     Report,
+    descendants_cpu,
     local_cloud,
     ms,
     openssh_argv,
@@ -99,6 +107,29 @@ async def _private_server(m: Manager, name: str) -> Server:
 def _in_turn(round_no: int, sides: list[str]) -> list[str]:
     """The sides in this round's order: a b, b a, a b, ..."""
     return sides if round_no % 2 == 0 else sides[::-1]
+
+
+class _Beside:
+    """CPU of the processes beside the client that carry a stream: the server's and,
+    through the bastion, the bastion's (every process of the instance, under its init:
+    sshd, its sessions and the command they run)."""
+
+    def __init__(self, cloud: LocalCloud, bastion: Server, servers: dict[str, Server]) -> None:
+        machines = cloud._engine.machines
+        self._bastion = machines[bastion.instance_id].host.init_pid
+        self._init = {side: machines[s.instance_id].host.init_pid for side, s in servers.items()}
+        self._jumped = {side for side, s in servers.items() if s.jump_host is not None}
+
+    def usage(self, side: str) -> dict[str, float]:
+        """Cumulative CPU seconds of ``side``'s server (and bastion), by who; nothing for
+        a side of another cloud."""
+        got: dict[str, float] = {}
+        if side in self._jumped and self._bastion is not None:
+            got["bastion"] = descendants_cpu(self._bastion)
+        init = self._init.get(side)
+        if init is not None:
+            got["server"] = descendants_cpu(init)
+        return got
 
 
 async def _latency(
@@ -170,24 +201,27 @@ async def _openssh_setup(argv: list[str], times: int = 3) -> float:
     )
 
 
+_Timed = tuple[
+    dict[str, list[float]],
+    dict[str, list[float]],
+    dict[str, list[float]],
+    dict[str, dict[str, list[float]]],
+]
+
+
 async def _streams(
-    servers: dict[str, Server], size: int, rounds: int, openssh: dict[str, Server], cipher: str
-) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
-    """MB/s of each round, the client's CPU seconds per GiB (this process's; the ``ssh``
-    processes' for OpenSSH) and how busy the machine's cores were, per ``<direction>
-    <side>``; OpenSSH's sides are ``openssh <side>``."""
-    with _SshCPU() as ssh_cpu:
-        return await _timed(servers, size, rounds, openssh, cipher, ssh_cpu)
-
-
-async def _timed(
     servers: dict[str, Server],
     size: int,
     rounds: int,
     openssh: dict[str, Server],
     cipher: str,
     ssh_cpu: _SshCPU,
-) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    beside: _Beside,
+) -> _Timed:
+    """MB/s of each round, the client's CPU seconds per GiB (this process's; the ``ssh``
+    processes' for OpenSSH), how busy the machine's cores were, per ``<direction>
+    <side>`` (OpenSSH's sides are ``openssh <side>``), and the CPU seconds per GiB of the
+    processes beside the client (:class:`_Beside`) per stream and process."""
     runs: dict[str, Callable[[], Awaitable[float]]] = {}
     for direction, fn in (("read", _read), ("write", _write)):
         for side, server in servers.items():
@@ -208,16 +242,25 @@ async def _timed(
     rates: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     busy: dict[str, list[float]] = {k: [] for k in runs}
+    others: dict[str, dict[str, list[float]]] = {}
+    gib = size / (1 << 30)
     for r in range(rounds):
         for name in _in_turn(r, list(runs)):
+            side = name.split(" ")[-1]
+            before = beside.usage(side)  # read outside the client's CPU below
             c, kids = process_cpu(), ssh_cpu.usage()
             with MachineCPU() as machine:
                 seconds = await runs[name]()
             spent = ssh_cpu.usage() - kids if "openssh" in name else process_cpu() - c
-            cpu[name].append(spent / (size / (1 << 30)))
+            for who, used in beside.usage(side).items():
+                if who in before:
+                    others.setdefault(name, {}).setdefault(who, []).append(
+                        (used - before[who]) / gib
+                    )
+            cpu[name].append(spent / gib)
             rates[name].append(size / seconds / 1e6)
             busy[name].append(machine.busy)
-    return rates, cpu, busy
+    return rates, cpu, busy, others
 
 
 async def _less(run: Awaitable[float], setup: float) -> float:
@@ -289,13 +332,16 @@ async def main() -> None:
         report.params["cipher"] = {"jump": cipher, "vpc": _negotiated(direct)}
         samples, blocks_med = await _latency(by_side, blocks, per_block)
         report.mark_load("after_latency")
-        rates, cpu, busy = await _streams(
-            by_side, size, rounds, {"vpc": direct, "jump": private}, cipher
-        )
+        pair = {"vpc": direct, "jump": private}
+        beside = _Beside(vpc[0], bastion, pair)
+        with _SshCPU() as ssh_cpu:
+            rates, cpu, busy, others = await _streams(
+                by_side, size, rounds, pair, cipher, ssh_cpu, beside
+            )
         report.mark_load("after_streams")
         boots = await _boots({"vpc": vpc, "loopback": loop}, boot_rounds)
         report.mark_load("after_boots")
-    _report(report, size, samples, blocks_med, rates, cpu, busy, boots)
+    _report(report, size, samples, blocks_med, rates, cpu, busy, others, boots)
     report.save()
 
 
@@ -327,6 +373,7 @@ def _report(
     rates: dict[str, list[float]],
     cpu: dict[str, list[float]],
     busy: dict[str, list[float]],
+    others: dict[str, dict[str, list[float]]],
     boots: dict[str, list[dict[str, Any]]],
 ) -> None:
     latency = {k: summary(v) for k, v in samples.items()}
@@ -347,6 +394,10 @@ def _report(
     mb_s = {k: _median(v) for k, v in rates.items()}
     cpu_gib = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
     busy_med = {k: round(statistics.median(v), 2) for k, v in busy.items()}
+    beside_gib = {
+        k: {who: round(statistics.median(v), 2) for who, v in by.items()}
+        for k, by in others.items()
+    }
     report.table(
         f"Streaming {size // MiB} MiB, 1 MiB pieces (median of {len(rates['read vpc'])} rounds)",
         ["stream", "MB/s", "lowest", "highest", "client CPU s/GiB", "machine busy"],
@@ -385,6 +436,8 @@ def _report(
             "mb_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
             "client_cpu_s_per_gib": cpu_gib,
             "machine_busy_share": busy_med,
+            "beside_cpu_s_per_gib": beside_gib,
+            "cores": os.cpu_count(),
             "boot": boot,
             "boot_vpc_vs_loopback": {
                 k: {"ratio": v[0], "spread": v[1]} for k, v in boot_ratio.items()
@@ -392,6 +445,7 @@ def _report(
         }
     )
     _targets(report, latency, blocks_med, rates, mb_s, cpu_gib, busy_med)
+    _jump_targets(report, rates, mb_s, cpu_gib, beside_gib, busy_med)
 
 
 def _targets(
@@ -455,41 +509,81 @@ def _targets(
             bound=bound,
             evidence=evidence,
         )
+
+
+# Who carries a stream, as the evidence names them; OpenSSH's ``ssh`` through the bastion
+# is two processes (``ssh`` and its ProxyCommand ``ssh -W``), measured together.
+_WHO = {
+    "client": "this process",
+    "ssh": "ssh",
+    "bastion": "the bastion's sshd",
+    "server": "the server's sshd",
+}
+
+
+def _jump_targets(
+    report: Report,
+    rates: dict[str, list[float]],
+    mb_s: dict[str, float],
+    cpu_gib: dict[str, float],
+    beside: dict[str, dict[str, float]],
+    busy: dict[str, float],
+) -> None:
+    """Through the bastion against direct, and what caps that ratio on this machine's
+    cores: every process carrying each stream, measured in the same rounds."""
+    cores = os.cpu_count() or 1
     for direction in ("read", "write"):
-        value, spread = _paired(rates[f"{direction} jump"], rates[f"{direction} vpc"])
-        jump_cpu, direct_cpu = cpu_gib[f"{direction} jump"], cpu_gib[f"{direction} vpc"]
-        # This process streams on one core: its CPU per byte caps each side's rate, and
-        # the two caps' ratio caps the jump's ratio, whatever the network does.
-        cap = ratio(direct_cpu, jump_cpu)
+        jump, direct = f"{direction} jump", f"{direction} vpc"
         ours, theirs = f"{direction} openssh jump", f"{direction} openssh vpc"
+        value, spread = _paired(rates[jump], rates[direct])
         openssh_value, _ = _paired(rates[ours], rates[theirs])
-        openssh_work = ratio(cpu_gib[ours], cpu_gib[theirs])
+        path = {"client": cpu_gib[jump], **beside.get(jump, {})}
+        straight = {"client": cpu_gib[direct], **beside.get(direct, {})}
+        (cap, tight), (straight_cap, _) = _cap(path, cores), _cap(straight, cores)
+        here = ratio(cap, straight_cap)
+        # On EC2 the bastion and the server are machines of their own: this process's
+        # CPU per byte is what is left on the controller's cores.
+        alone = ratio(cpu_gib[direct], cpu_gib[jump])
+        two = {"ssh": 2}
+        o_path = {"ssh": cpu_gib[ours], **beside.get(ours, {})}
+        o_straight = {"ssh": cpu_gib[theirs], **beside.get(theirs, {})}
+        o_here = ratio(_cap(o_path, cores, two)[0], _cap(o_straight, cores)[0])
+        o_alone = ratio(
+            _cap({"ssh": cpu_gib[ours]}, cores, two)[0], _cap({"ssh": cpu_gib[theirs]}, cores)[0]
+        )
         evidence = (
-            f"through the bastion {mb_s[f'{direction} jump']} MB/s, direct "
-            f"{mb_s[f'{direction} vpc']} MB/s; this process's CPU {jump_cpu} s/GiB through "
-            f"the bastion against {direct_cpu} direct: on its one core at most "
-            f"{_rate_cap(jump_cpu)} and {_rate_cap(direct_cpu)} MB/s, a ratio of {cap}× at "
-            "most (the inner connection's packets are encrypted again as the outer one's "
-            f"data). OpenSSH's ssh, same cipher, same rounds: {mb_s[ours]} MB/s through the "
-            f"bastion against {mb_s[theirs]} direct ({openssh_value}×), its ssh processes' "
-            f"CPU {cpu_gib[ours]} s/GiB against {cpu_gib[theirs]} ({openssh_work}× the work "
-            "per byte through the bastion), the outer layer in a second ssh process "
-            "(ProxyCommand ssh -W, as ssh -J runs it) that can run on the other core"
+            f"through the bastion {mb_s[jump]} MB/s, direct {mb_s[direct]} MB/s (machine "
+            f"busy {busy[jump]:.0%} / {busy[direct]:.0%}). CPU s/GiB of every process "
+            f"carrying the stream, same rounds: through the bastion {_listed(path)}; direct "
+            f"{_listed(straight)}. Each on one core at most, all on these {cores} cores: at "
+            f"most {_gib_mb(cap)} against {_gib_mb(straight_cap)} MB/s, a ratio of {here}× "
+            f"at most here ({tight} the tightest through the bastion); measured "
+            f"{ratio(value, here)}× that cap. This process alone (EC2, where the bastion and "
+            f"the server run on machines of their own): {cpu_gib[jump]} s/GiB through the "
+            f"bastion against {cpu_gib[direct]} direct (every byte encrypted twice, for the "
+            f"server and again for the bastion), at most {alone}×. OpenSSH's ssh -J (ssh and "
+            f"its ssh -W), same cipher, same rounds: {mb_s[ours]} MB/s through the bastion "
+            f"against {mb_s[theirs]} direct ({openssh_value}×); CPU s/GiB through the "
+            f"bastion {_listed(o_path)}, direct {_listed(o_straight)}: at most {o_here}× "
+            f"here, measured {ratio(openssh_value, o_here)}× that cap; its ssh processes "
+            f"alone (the two sharing the work evenly at best) allow {o_alone}×"
         )
         limit = 0.8
-        if value >= limit or cap >= limit:
+        if value >= limit or here >= limit:
             bound = "library"
-        elif openssh_value >= limit:
-            # OpenSSH pays the second encryption too, but in a second process: a
-            # controller that ran the outer layer in an ssh -W child would do the same.
+        elif tight == _tightest("client"):
+            # Both encryptions run on this process's one core, here as on EC2: the cap
+            # is the hop's design, not this machine's cores or the sshd beside it.
             bound = (
-                "library: the second encryption runs on this process's one core; OpenSSH's "
-                "ProxyJump runs it in a second process on another core"
+                "design: the hop in this process encrypts every byte twice (for the server "
+                f"and again for the bastion) on its one core: at most {alone}× here and "
+                "with the bastion and the server on machines of their own (EC2) alike"
             )
         else:
             bound = (
-                "design: two encryptions on one controller core (OpenSSH's own client "
-                "through the same bastion is held back alike)"
+                f"machine: the processes carrying the stream (this one, the bastion's and "
+                f"the server's sshd) on these {cores} cores allow at most {here}× ({tight} "
+                f"the tightest); on EC2 this process alone allows {alone}×"
             )
         report.target(
             f"scmd_{direction}_jump_vs_direct",
@@ -497,12 +591,43 @@ def _targets(
             ">=",
             limit,
             f"scmd_{direction} MB/s through a jump host / direct to a server with a public "
-            f"address, same VPC cloud, same run (median of {len(rates['read vpc'])} rounds)",
+            f"address, same VPC cloud, same run (median of {len(rates[direct])} rounds)",
             spread=spread,
             bound=bound,
             evidence=evidence,
         )
-        report.results.setdefault("openssh_jump_vs_direct", {})[direction] = openssh_value
+        found = report.results
+        found.setdefault("openssh_jump_vs_direct", {})[direction] = openssh_value
+        found.setdefault("jump_cap_here", {})[direction] = here
+        found.setdefault("jump_cap_this_process_alone", {})[direction] = alone
+        found.setdefault("openssh_jump_cap_here", {})[direction] = o_here
+
+
+def _cap(
+    cpu_s_per_gib: dict[str, float], cores: int, processes: dict[str, int] | None = None
+) -> tuple[float, str]:
+    """GiB/s at most that processes using these CPU seconds per GiB allow, and which
+    limit it is: each on one core at most (a group of ``processes[who]`` processes
+    measured together, that many cores at most), all of them on ``cores`` together."""
+    groups = processes or {}
+    each = {who: v / groups.get(who, 1) for who, v in cpu_s_per_gib.items()}
+    worst = max(each, key=lambda who: each[who])
+    shared = sum(cpu_s_per_gib.values()) / cores
+    if shared >= each[worst]:
+        return (1 / shared if shared else float("inf")), f"the {cores} cores shared"
+    return 1 / each[worst], _tightest(worst)
+
+
+def _tightest(who: str) -> str:
+    return f"{_WHO.get(who, who)}'s one core"
+
+
+def _listed(cpu_s_per_gib: dict[str, float]) -> str:
+    return ", ".join(f"{_WHO.get(who, who)} {v}" for who, v in cpu_s_per_gib.items())
+
+
+def _gib_mb(gib_per_s: float) -> float:
+    return round(gib_per_s * (1 << 30) / 1e6, 1)
 
 
 def _rate_cap(cpu_s_per_gib: float) -> float:
