@@ -15,6 +15,12 @@ On one local cloud, in the same run, the two taking turns (a b, b a, ...):
 Fabric connects with the manager's key and its known_hosts, host keys verified
 (paramiko's RejectPolicy: an unknown or changed host key fails), no ssh_config files,
 no agent, no other keys; ``in_stream=False`` (nothing of this process's stdin is sent).
+
+The fleet command also runs on raw asyncssh (``asyncssh.connect`` and ``conn.run``, no
+asyncstage code on the way) before each of asyncstage's rounds: the same key, the same
+pinned host key, cipher order and default key exchange, no config files, no agent. Its
+controller CPU per server is the floor of the library asyncstage is built on, so the
+CPU row shows asyncstage's own overhead apart from asyncssh's.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncssh
 from _baselines import Alternate, BaselineReport, NotRun, left_out, make_file
 from _common import (
     CPUAccounting,
@@ -37,6 +45,7 @@ from _common import (
     MiB,
     cpu_split,
     local_cloud,
+    paired_spread,
     parse_args,
     ratio,
     settled_sample,
@@ -44,6 +53,7 @@ from _common import (
 )
 
 from asyncstage import Manager, Server
+from asyncstage.ssh.ciphers import encryption_algs
 
 
 def _fabric_missing() -> str | None:
@@ -163,6 +173,70 @@ async def _ours_fleet(servers: list[Server], expected: list[str]) -> _FleetRun:
     return _FleetRun(cold, warm, phases.splits)
 
 
+async def _raw_fleet(servers: list[Server], expected: list[str]) -> _FleetRun:
+    """Raw asyncssh: connect and run ``hostname`` on every server at once, then again
+    over the same connections, then close them (as :func:`_ours_fleet`).
+
+    The key is loaded and the pinned host keys parsed before the clock starts, once, as
+    a script of its own would; the host keys are verified (no other key is trusted)."""
+    targets = []
+    for server in servers:
+        host = server.host
+        keys = asyncssh.load_keypairs([str(k) for k in host.client_keys])
+        trusted = [
+            asyncssh.import_public_key(k) for k in host.known_hosts.lookup(host.address, host.port)
+        ]
+        if not trusted:
+            raise RuntimeError(f"no pinned host key for {host.address}")
+        targets.append((host, keys, trusted))
+    conns: dict[int, asyncssh.SSHClientConnection] = {}
+    out: dict[int, str] = {}
+
+    async def connect(i: int) -> None:
+        host, keys, trusted = targets[i]
+        conns[i] = await asyncssh.connect(
+            host.address,
+            host.port,
+            username=host.username,
+            client_keys=keys,
+            agent_path=None,
+            preferred_auth="publickey",
+            known_hosts=(trusted, [], []),
+            config=[],
+            encryption_algs=encryption_algs(),
+        )
+        await run(i)
+
+    async def run(i: int) -> None:
+        out[i] = str((await conns[i].run("hostname", check=True)).stdout).strip()
+
+    async def all_of(fn: Callable[[int], Awaitable[None]]) -> float:
+        out.clear()
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(len(servers)):
+                tg.start_soon(fn, i)
+        wall = time.perf_counter() - t
+        got = [out[i] for i in range(len(servers))]
+        if got != expected:
+            raise RuntimeError(f"raw asyncssh: {got[:3]}... expected {expected[:3]}...")
+        return wall
+
+    phases: _Phases = await to_thread(_Phases)
+    try:
+        cold = await all_of(connect)
+        await to_thread(phases.end, "cold", CPUSample.now())
+        warm = await all_of(run)
+        await to_thread(phases.end, "warm", CPUSample.now())
+    finally:
+        for conn in conns.values():
+            conn.close()
+        for conn in conns.values():
+            await conn.wait_closed()
+    await to_thread(phases.end, "close", CPUSample.now())
+    return _FleetRun(cold, warm, phases.splits)
+
+
 @dataclass
 class _FleetRun:
     cold: float
@@ -189,7 +263,11 @@ async def _fleet(
 ) -> dict[str, Any]:
     expected = [(await s.scmd("hostname")).strip() for s in servers]
     samples: dict[str, list[float]] = {"a_warm": [], "b_warm": []}
-    splits: dict[str, list[dict[str, dict[str, Any]]]] = {"asyncstage": [], "fabric": []}
+    splits: dict[str, list[dict[str, dict[str, Any]]]] = {
+        "asyncstage": [],
+        "fabric": [],
+        "raw_asyncssh": [],
+    }
 
     async def a() -> float:
         run = await _ours_fleet(servers, expected)
@@ -205,7 +283,11 @@ async def _fleet(
         splits["fabric"].append(run.splits)
         return run.cold
 
-    cold = await Alternate().run(reps, a, b)
+    async def before(side: str) -> None:
+        if side == "a":  # raw asyncssh, untimed by Alternate: its CPU is in its own splits
+            splits["raw_asyncssh"].append((await _raw_fleet(servers, expected)).splits)
+
+    cold = await Alternate().run(reps, a, b, before)
     # The warm runs ride on the cold ones: a baseline that did not run, did not run either.
     warm = Alternate(a=samples["a_warm"], b=samples["b_warm"], not_run=cold.not_run)
     return {
@@ -213,6 +295,9 @@ async def _fleet(
         "cold": cold.figures("fabric"),
         "warm": warm.figures("fabric"),
         "cpu": {side: _median_splits(runs) for side, runs in splits.items()},
+        "cold_controller_cpu_runs_s": {
+            side: [r["cold"]["controller_cpu_s"] for r in runs] for side, runs in splits.items()
+        },
     }
 
 
@@ -292,6 +377,7 @@ async def main() -> None:
     n_commands = 20 if quick else 1000
     put_bytes = (4 if quick else 100) * MiB
     reps = 1 if quick else 3
+    fleet_reps = 1 if quick else 5  # its CPU figures are judged on their median
     missing = _fabric_missing()
     report = BaselineReport("fabric", quick, args.results)
     report.params = {
@@ -299,6 +385,7 @@ async def main() -> None:
         "commands": n_commands,
         "put_bytes": put_bytes,
         "repeats": reps,
+        "fleet_repeats": fleet_reps,
         "fabric_missing": missing,
     }
     if missing is None:
@@ -315,7 +402,9 @@ async def main() -> None:
             report.params["instances_cpu_from"] = (
                 "cgroup cpuacct" if accounting.path else "/proc (clock ticks)"
             )
-            await _run_all(report, res, n_servers, n_commands, local, put_bytes, reps, missing)
+            await _run_all(
+                report, res, n_servers, n_commands, local, put_bytes, (fleet_reps, reps), missing
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.results.update(res)
@@ -373,10 +462,12 @@ async def _run_all(
     n_commands: int,
     local: Path,
     put_bytes: int,
-    reps: int,
+    repeats: tuple[int, int],
     missing: str | None,
 ) -> None:
-    """The three jobs on one local cloud, their figures into ``res``."""
+    """The three jobs on one local cloud, their figures into ``res`` (``repeats``: the
+    fleet's rounds, the others')."""
+    fleet_reps, reps = repeats
     async with local_cloud(0.0) as (cloud, m):
         servers = await m.provision_servers(n_servers)
         # The local cloud (moto, botocore's models) lives in this process: a few hundred
@@ -386,7 +477,7 @@ async def _run_all(
         gc.freeze()
         print(f"hostname on {n_servers} servers")
         calls = sum(cloud.api_calls.values())
-        res["fleet"] = await _fleet(m, servers, reps, missing)
+        res["fleet"] = await _fleet(m, servers, fleet_reps, missing)
         res["fleet"]["api_calls"] = sum(cloud.api_calls.values()) - calls
         report.mark_load("after_fleet")
         print(f"{n_commands} commands on one server")
@@ -398,17 +489,29 @@ async def _run_all(
 
 
 def _client_cpu(fleet: dict[str, Any]) -> dict[str, Any]:
-    """The controller's CPU of the cold fleet command, both sides, and Fabric / asyncstage."""
+    """The controller's CPU per server of the cold fleet command: asyncstage, Fabric and
+    raw asyncssh; Fabric / asyncstage (the target), Fabric / raw asyncssh (the most any
+    client on asyncssh, used as above, gets) and asyncstage / raw asyncssh (its own
+    overhead), with the rounds' spread of the target's ratio."""
     n = fleet["n"]
-    cpu = fleet["cpu"]
+    cpu, runs = fleet["cpu"], fleet["cold_controller_cpu_runs_s"]
     ours = cpu["asyncstage"]["cold"]["controller_cpu_s"]
     figures: dict[str, Any] = {"asyncstage_ms_per_server": round(1000 * ours / n, 3)}
+    if cpu.get("raw_asyncssh"):
+        raw = cpu["raw_asyncssh"]["cold"]["controller_cpu_s"]
+        figures |= {
+            "raw_asyncssh_ms_per_server": round(1000 * raw / n, 3),
+            "asyncstage_vs_raw_asyncssh": ratio(ours, raw),
+        }
     if cpu["fabric"]:
         theirs = cpu["fabric"]["cold"]["controller_cpu_s"]
         figures |= {
             "fabric_ms_per_server": round(1000 * theirs / n, 3),
             "ratio": ratio(theirs, ours),
+            "ratio_spread": paired_spread(runs["fabric"], runs["asyncstage"]),
         }
+        if cpu.get("raw_asyncssh"):
+            figures["fabric_vs_raw_asyncssh"] = ratio(theirs, raw)
     else:
         figures |= {"ratio": None, "not_run": fleet["cold"].get("not_run")}
     fleet["client_cpu"] = figures
@@ -419,8 +522,9 @@ def _cpu_table(report: BaselineReport, fleet: dict[str, Any]) -> None:
     """Where the time of the fleet command went, side by side."""
     n, cores = fleet["n"], os.cpu_count() or 1
     rows: list[list[Any]] = []
-    for side, label in (("asyncstage", "asyncstage"), ("fabric", "Fabric")):
-        for phase, splits in fleet["cpu"][side].items():
+    sides = (("asyncstage", "asyncstage"), ("raw_asyncssh", "raw asyncssh"), ("fabric", "Fabric"))
+    for side, label in sides:
+        for phase, splits in fleet["cpu"].get(side, {}).items():
             rows.append(
                 [
                     f"{label} {phase}",

@@ -1,7 +1,7 @@
 """Run every benchmark (each in its own process), then summarise the targets.
 
 ``python benchmarks/run_all.py`` (``make bench``) writes ``benchmarks/results/*.json``,
-``summary.json`` and ``summary.md`` (the table for benchmarks/README.md).
+``summary.json`` and ``summary.md`` (the table benchmarks/README.md links to).
 ``--quick`` (``make bench-quick``, and the CI smoke test) uses small sizes and writes
 to ``benchmarks/results/quick/``: it keeps the scripts working, its figures mean little.
 ``--only fleet,commands`` runs some of them; the summary still covers every result

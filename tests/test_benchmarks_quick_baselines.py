@@ -53,6 +53,12 @@ def test_fabric(results: Path) -> None:
     assert r["put"]["bytes"] == data["params"]["put_bytes"]
     for phases in r["fleet"]["cpu"].values():  # where the time went, phase by phase
         assert all(p["wall_s"] >= 0 and p["controller_cpu_s"] >= 0 for p in phases.values())
+    # raw asyncssh ran the same fleet command beside them: the floor under the CPU row
+    assert set(r["fleet"]["cpu"]["raw_asyncssh"]) == {"cold", "warm", "close"}
+    client = r["fleet"]["client_cpu"]
+    assert positive(client["asyncstage_ms_per_server"])
+    assert positive(client["raw_asyncssh_ms_per_server"])
+    assert positive(client["asyncstage_vs_raw_asyncssh"])
     assert len(data["targets"]) == 5
 
 

@@ -431,6 +431,34 @@ async def test_expected_fingerprints(fresh_sshd: SSHServer, tmp_path: Path) -> N
     ]
 
 
+async def test_expected_fingerprints_decide_over_a_pinned_key(
+    fresh_sshd: SSHServer, tmp_path: Path
+) -> None:
+    kh = tmp_path / "kh"
+    KnownHosts(kh).add(fresh_sshd.address, fresh_sshd.port, fresh_sshd.host_public_key)
+    wrong = "SHA256:" + "A" * 43
+    # The server's own key is pinned, but the fingerprints expected now are another's.
+    async with fresh_sshd.host(known_hosts=kh, expected_fingerprints=[wrong]) as h:
+        with pytest.raises(errors.HostKeyMismatch) as e:
+            await h.scmd("true")
+        assert e.value.presented == fresh_sshd.host_fingerprint
+        assert e.value.expected == (wrong,)
+    # Pinned and expected: every new connection accepts it (the pin is trusted as it is).
+    expected = [fresh_sshd.host_fingerprint]
+    async with fresh_sshd.host(known_hosts=kh, expected_fingerprints=expected) as h:
+        for _ in range(2):
+            assert await h.scmd("echo", "ok") == "ok\n"
+            h.reset()
+    # The same pin after the server changed its key: the new key is refused, not pinned.
+    old_key = fresh_sshd.host_public_key
+    fresh_sshd.rekey()
+    async with fresh_sshd.host(known_hosts=kh, expected_fingerprints=expected) as h:
+        with pytest.raises(errors.HostKeyMismatch) as e:
+            await h.scmd("true")
+        assert e.value.presented == fresh_sshd.host_fingerprint
+    assert KnownHosts(kh).lookup(fresh_sshd.address, fresh_sshd.port) == [old_key]
+
+
 async def test_strict_policy(sshd_server: SSHServer, tmp_path: Path) -> None:
     kh = tmp_path / "strict_known_hosts"
     async with sshd_server.host(known_hosts=kh, host_key_policy="strict") as host:

@@ -1,20 +1,24 @@
-"""What a new connection reads: known_hosts and the client keys, read once per change.
+"""What a new connection reads: known_hosts and the client keys, read once per change;
+and how long it waits for a server that never answers.
 
-Pure file tests (no root, no sshd): a fleet's connections each look their address up
-in a known_hosts file of the whole fleet and load the same key; both are read again
-exactly when their files change, by us or by another program.
+No root, no sshd: a fleet's connections each look their address up in a known_hosts
+file of the whole fleet and load the same key; both are read again exactly when their
+files change, by us or by another program.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
+import anyio
 import asyncssh
 import pytest
 
-from asyncstage.ssh import KnownHosts
+from asyncstage import errors
+from asyncstage.ssh import KnownHosts, SSHHost
 from asyncstage.ssh.connection import client_keys as _client_keys
 
 KEY_A = "ssh-ed25519 AAAAkeyA"
@@ -126,3 +130,33 @@ def test_unloadable_keys_are_left_to_asyncssh(tmp_path: Path, content: str | Non
     if content is not None:
         key.write_text(content)
     assert _client_keys([key]) == [str(key)]
+
+
+@pytest.mark.anyio
+async def test_a_server_that_never_answers_is_unreachable_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """A port that accepts the TCP connection but sends no SSH banner: the connection
+    attempt ends after connect_timeout as ServerUnreachable, its socket closed."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        host = SSHHost(
+            "127.0.0.1",
+            port=port,
+            username="nobody",
+            known_hosts=tmp_path / "kh",
+            connect_timeout=0.5,
+        )
+        with anyio.fail_after(30):  # a bound on the test, far beyond the timeout
+            with pytest.raises(errors.ServerUnreachable, match="no ssh answer"):
+                await host.scmd("true")
+        accepted, _ = listener.accept()  # the attempt's connection, queued by the kernel
+        with accepted, anyio.fail_after(30):
+            accepted.setblocking(False)
+            while True:  # our banner, then end of file: the client closed its socket
+                try:
+                    if not accepted.recv(4096):
+                        break
+                except BlockingIOError:
+                    await anyio.sleep(0.01)  # the close is the event loop's to do
+        await host.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -92,6 +93,34 @@ def client_keys(paths: Sequence[Path]) -> list[asyncssh.SSHKeyPair] | list[str]:
 
     files = [name + suffix for name in names for suffix in _KEY_FILES]
     return _client_keys_read.get(names, files, load)
+
+
+# -- host keys -----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(line: str) -> asyncssh.SSHKey:
+    """A pinned key line, parsed once (every reconnection to a host reads the same)."""
+    return asyncssh.import_public_key(line)
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_fingerprints(line: str) -> frozenset[str]:
+    return frozenset(fingerprints(_public_key(line)))
+
+
+def _trusted_keys(t: Target) -> tuple[list[str], list[asyncssh.SSHKey]]:
+    """(the keys pinned for ``t`` when they decide, the keys asyncssh is to accept).
+
+    With expected fingerprints, those decide (:class:`_Client`); the keys pinned after
+    matching them are handed to asyncssh as well, so that it accepts the same key again
+    by comparing it, without our callback hashing it at every connection. A pinned key
+    that does not match them is not trusted."""
+    pinned = t.known_hosts.lookup(t.address, t.port)
+    if not t.expected_fingerprints:
+        return pinned, [_public_key(k) for k in pinned]
+    expected = set(t.expected_fingerprints)
+    return [], [_public_key(k) for k in pinned if _key_fingerprints(k) & expected]
 
 
 # -- the asyncssh client ------------------------------------------------------
@@ -208,8 +237,7 @@ class Connection:
         t = self.target
         if t.before_connect is not None:
             await t.before_connect()
-        pinned = [] if t.expected_fingerprints else t.known_hosts.lookup(t.address, t.port)
-        trusted = [asyncssh.import_public_key(k) for k in pinned]
+        pinned, trusted = _trusted_keys(t)
         client = _Client(t, pinned)
         # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
         options: dict[str, Any] = {"tunnel": cast(Any, _sshwire.DIRECT)}
@@ -220,6 +248,8 @@ class Connection:
             options["agent_path"] = None
             options["preferred_auth"] = "publickey"  # the only method we have the means for
         try:
+            # This bounds the TCP connect and the handshake: asyncssh's own connect_timeout
+            # would run a second timer (and task) for the same span, and never fire first.
             with anyio.fail_after(t.connect_timeout):
                 conn, _ = await asyncssh.create_connection(
                     lambda: client,
@@ -231,7 +261,6 @@ class Connection:
                     keepalive_interval=t.keepalive_interval,
                     keepalive_count_max=3,
                     encryption_algs=encryption_algs(),
-                    connect_timeout=t.connect_timeout,
                     login_timeout=t.connect_timeout,
                     **options,
                 )
@@ -242,7 +271,7 @@ class Connection:
                 host=t.label,
                 presented=presented.get_fingerprint("sha256") if presented else None,
                 expected=t.expected_fingerprints
-                or [asyncssh.import_public_key(k).get_fingerprint("sha256") for k in pinned],
+                or [_public_key(k).get_fingerprint("sha256") for k in pinned],
             ) from e
         except (TimeoutError, OSError, asyncssh.Error) as e:
             raise self._connect_error(e) from e
