@@ -147,12 +147,13 @@ async def _kill_at(
         assert seen and seen[-1] == f"STOPPED {point}", "\n".join(seen)
         # EC2 lists what was just made after a while (the local cloud plays that too)
         with anyio.fail_after(60):
+            # and the run's lease among them (its volume, a new id, may be listed later)
+            want = {**want, "leases": 1}
             while True:
                 left = await leftovers(fleet.manager, name)
                 if {k: len(left[k]) for k in want} == want:
                     break
                 await anyio.sleep(0.2)
-        assert len(left["leases"]) == 1, left
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
