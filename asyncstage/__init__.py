@@ -6,10 +6,8 @@ once, run commands over ssh and move data with rsync and dd.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from asyncstage import _commandline
 
@@ -17,6 +15,7 @@ if _commandline.is_command_line():  # before asyncssh is imported (by the Manage
     _commandline.hide_dependency_warnings()
 
 from asyncstage import errors
+from asyncstage._lazy import lazy_names
 from asyncstage.errors import AsyncstageError
 
 if TYPE_CHECKING:
@@ -57,16 +56,4 @@ _LAZY = {
     "Volume": "asyncstage.volume",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # found directly from now on
-        return value
-    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")  # sets the attribute too
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, submodules=True)

@@ -75,6 +75,11 @@ def test_the_command_line_shows_no_dependency_warnings(tmp_path: Path) -> None:
         env=env,
     )
     assert module.returncode == 0 and module.stderr == ""
+    # the parser imports no dependency that warns: a command that loads the library does
+    # (``backup forget`` loads the Manager, then refuses the option before any call)
+    library = ["backup", "forget", "web", "--keep-daily", "many"]
+    refused = "asyncstage: error: --keep-daily: a whole number, not 'many'\n"
+    assert run(env, *library, ok=False).stderr == refused
     # a program that imports the library sees its dependencies' warnings as before
     plain = [sys.executable, "-c"]
     deps = subprocess.run([*plain, "import asyncssh"], capture_output=True, text=True, env=env)
@@ -85,12 +90,13 @@ def test_the_command_line_shows_no_dependency_warnings(tmp_path: Path) -> None:
     ]
     # and -W (or PYTHONWARNINGS) still wins over the command's own choice
     loud = subprocess.run(
-        [sys.executable, "-W", "default", "-m", "asyncstage.cli", "config", "show"],
+        [sys.executable, "-W", "default", "-m", "asyncstage.cli", *library],
         capture_output=True,
         text=True,
         env=env,
     )
-    assert all(w in loud.stderr for w in deps.stderr.splitlines() if "Warning" in w)
+    warned = [w for w in deps.stderr.splitlines() if "Warning" in w]
+    assert warned and all(w in loud.stderr for w in warned)
 
 
 @needs_root

@@ -38,58 +38,18 @@ from asyncstage.backup.snapshots import consistency_of, is_backup
 from asyncstage.backup.warm import KEPT_TAG, holds_newest
 from asyncstage.cli import backup_check
 from asyncstage.cli.backup_keep import (
-    add_keep_arguments,
     forget_command,
     plan_regions,
     region_managers,
     run_plan_in_regions,
 )
+from asyncstage.cli.backup_options import ACTIONS
 from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, with_progress
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.output import Output, human_bytes, human_duration
 
-__all__ = ["ACTIONS", "HELP", "add_arguments", "backup_command"]
-
-HELP = "incremental backup of any sources into a snapshot; `backup sweep` removes leftovers"
-ACTIONS = ("run", "list", "sweep", "check", "forget")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``backup`` command's arguments."""
-    p.add_argument("--name", help="the backup's name (snapshots carry it); else an action")
-    p.add_argument(
-        "paths",
-        nargs="+",
-        metavar="SOURCE",
-        help="PATH, SERVER:/path, user@host:/path, VOLUME: or VOLUME:/sub; "
-        "without --name: sweep [NAME...]",
-    )
-    p.add_argument("--size", type=int, help="volume GiB (default: from the data, with room)")
-    p.add_argument("--zone", help="availability zone")
-    p.add_argument("--each", metavar="PATTERN", help="one backup per server matching PATTERN")
-    p.add_argument(
-        "--name-template",
-        default="{server}",
-        help="with --each: the backups' names (default '{server}')",
-    )
-    p.add_argument(
-        "--concurrency", type=int, help="backups at once (run, --each; default: the plan's, 4)"
-    )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        help="seconds to wait for another run of the same backup (default: refuse at once)",
-    )
-    p.add_argument(
-        "--keep-volume",
-        action="store_true",
-        help="keep the work volume for the next run (an EBS volume billed between runs; "
-        "reruns copy only the change)",
-    )
-    backup_check.add_arguments(p)
-    add_keep_arguments(p)
+__all__ = ["backup_command"]
 
 
 def backup_command(args: argparse.Namespace, out: Output) -> int:

@@ -17,18 +17,7 @@ from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, phase_not
 from asyncstage.errors import InvalidArgument
 from asyncstage.output import Output, human_bytes
 
-__all__ = ["add_arguments", "check_command"]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``backup check`` (on the ``backup`` command)."""
-    p.add_argument("--snapshot", help="check: this snapshot of the backup (default: the newest)")
-    p.add_argument(
-        "--all", action="store_true", dest="all_snapshots", help="check: every complete snapshot"
-    )
-    p.add_argument(
-        "--read-data", action="store_true", help="check: also read and hash every file's content"
-    )
+__all__ = ["check_command"]
 
 
 def check_command(args: argparse.Namespace, out: Output, rest: list[str]) -> int:

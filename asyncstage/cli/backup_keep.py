@@ -18,6 +18,7 @@ from typing import Any
 from asyncstage import blocking
 from asyncstage.backup.keep import ForgetResult, forget
 from asyncstage.backup.plans import BackupOutcome, Plan, PlanReport, run_plan
+from asyncstage.cli.backup_options import KEEP_RULES
 from asyncstage.cli.common import EXIT_OK, open_manager
 from asyncstage.errors import InvalidArgument
 from asyncstage.manager import Manager
@@ -25,8 +26,6 @@ from asyncstage.output import Output
 from asyncstage.retention import InvalidPolicy, Policy
 
 __all__ = [
-    "KEEP_RULES",
-    "add_keep_arguments",
     "forget_command",
     "plan_regions",
     "policy_of",
@@ -34,33 +33,7 @@ __all__ = [
     "run_plan_in_regions",
 ]
 
-KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 _COUNT = re.compile(r"^[+-]?\d{1,12}$")
-
-
-def add_keep_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``backup forget`` and ``backup list --copy-region``."""
-    g = p.add_argument_group("forget (retention, restic's --keep-* rules)")
-    for rule in KEEP_RULES:
-        g.add_argument(
-            f"--keep-{rule}",
-            metavar="N",
-            help=f"keep the newest {rule if rule == 'last' else rule + ' snapshot'} "
-            + ("N" if rule == "last" else "of each of the last N periods"),
-        )
-    g.add_argument(
-        "--keep-within",
-        metavar="DURATION",
-        help="keep every snapshot within DURATION (1y2m3d4h) of the newest",
-    )
-    g.add_argument("--dry-run", action="store_true", help="decide and print, delete nothing")
-    p.add_argument(
-        "--copy-region",
-        action="append",
-        default=[],
-        metavar="REGION",
-        help="backup list: also list REGION's backups (copies); repeatable",
-    )
 
 
 def _count(rule: str, text: str | None) -> int | None:

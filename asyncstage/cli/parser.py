@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from asyncstage import __version__, completion, userconfig
-from asyncstage.cli import backup as backup_cli
+from asyncstage.cli import backup_options
 from asyncstage.cli import commands as c
 from asyncstage.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from asyncstage.errors import (
@@ -229,8 +229,8 @@ def _transfer_commands(command: _Command) -> None:
 
 
 def _backup_commands(command: _Command) -> None:
-    p = command("backup", backup_cli.HELP, c.make_backup)
-    backup_cli.add_arguments(p)
+    p = command("backup", backup_options.HELP, c.make_backup)
+    backup_options.add_arguments(p)
     _on_exit_option(p, "stop")
 
     p = command("restore", "restore the newest backup of a name into a directory", c.restore)

@@ -17,8 +17,23 @@ asyncstage.localcloud`` runs one in the foreground.
 
 from __future__ import annotations
 
-from asyncstage.localcloud._cloud import LocalCloud
-from asyncstage.localcloud._realism import Realism
-from asyncstage.localcloud.errors import StateDirInUse as StateDirInUse
+from typing import TYPE_CHECKING
+
+from asyncstage._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from asyncstage.localcloud._cloud import LocalCloud
+    from asyncstage.localcloud._realism import Realism
+    from asyncstage.localcloud.errors import StateDirInUse as StateDirInUse
 
 __all__ = ["LocalCloud", "Realism"]
+
+# The cloud imports moto, its hosts and disks: they are imported when first named, so that
+# the command line (and the library's errors) can read asyncstage.localcloud.errors without.
+_LAZY = {
+    "LocalCloud": "asyncstage.localcloud._cloud",
+    "Realism": "asyncstage.localcloud._realism",
+    "StateDirInUse": "asyncstage.localcloud.errors",
+}
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

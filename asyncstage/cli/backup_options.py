@@ -1,0 +1,89 @@
+"""The ``backup`` command's options, apart from the code that runs it.
+
+The parser needs only these; :mod:`asyncstage.cli.backup` and its helpers import the
+backup package, the Manager (aioboto3, asyncssh) and rich's live display, most of a second
+of CPU that ``--help``, ``--version`` and every other command would otherwise pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["ACTIONS", "HELP", "KEEP_RULES", "add_arguments"]
+
+HELP = "incremental backup of any sources into a snapshot; `backup sweep` removes leftovers"
+ACTIONS = ("run", "list", "sweep", "check", "forget")
+KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``backup`` command's arguments."""
+    p.add_argument("--name", help="the backup's name (snapshots carry it); else an action")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE",
+        help="PATH, SERVER:/path, user@host:/path, VOLUME: or VOLUME:/sub; "
+        "without --name: sweep [NAME...]",
+    )
+    p.add_argument("--size", type=int, help="volume GiB (default: from the data, with room)")
+    p.add_argument("--zone", help="availability zone")
+    p.add_argument("--each", metavar="PATTERN", help="one backup per server matching PATTERN")
+    p.add_argument(
+        "--name-template",
+        default="{server}",
+        help="with --each: the backups' names (default '{server}')",
+    )
+    p.add_argument(
+        "--concurrency", type=int, help="backups at once (run, --each; default: the plan's, 4)"
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait for another run of the same backup (default: refuse at once)",
+    )
+    p.add_argument(
+        "--keep-volume",
+        action="store_true",
+        help="keep the work volume for the next run (an EBS volume billed between runs; "
+        "reruns copy only the change)",
+    )
+    _check_arguments(p)
+    _keep_arguments(p)
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``backup check`` (on the ``backup`` command)."""
+    p.add_argument("--snapshot", help="check: this snapshot of the backup (default: the newest)")
+    p.add_argument(
+        "--all", action="store_true", dest="all_snapshots", help="check: every complete snapshot"
+    )
+    p.add_argument(
+        "--read-data", action="store_true", help="check: also read and hash every file's content"
+    )
+
+
+def _keep_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``backup forget`` and ``backup list --copy-region``."""
+    g = p.add_argument_group("forget (retention, restic's --keep-* rules)")
+    for rule in KEEP_RULES:
+        g.add_argument(
+            f"--keep-{rule}",
+            metavar="N",
+            help=f"keep the newest {rule if rule == 'last' else rule + ' snapshot'} "
+            + ("N" if rule == "last" else "of each of the last N periods"),
+        )
+    g.add_argument(
+        "--keep-within",
+        metavar="DURATION",
+        help="keep every snapshot within DURATION (1y2m3d4h) of the newest",
+    )
+    g.add_argument("--dry-run", action="store_true", help="decide and print, delete nothing")
+    p.add_argument(
+        "--copy-region",
+        action="append",
+        default=[],
+        metavar="REGION",
+        help="backup list: also list REGION's backups (copies); repeatable",
+    )
