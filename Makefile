@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # to one worker (--dist loadscope), so a module's servers are made once, the longest modules
 # first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order). The
 # slowest tests are listed at the end, to keep that order and the suite's time in view.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 6
 
 .PHONY: all deps venv test test-unit demo bench bench-deps bench-quick lint docs wheel-check clean
 
