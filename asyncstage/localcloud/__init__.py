@@ -10,9 +10,11 @@
             ...
 
 Instances are isolated hosts on this machine (mount, pid and uts namespaces, a
-copy-on-write overlay of ``/``, their own sshd on private and public loopback
-addresses); volumes are sparse image files attached as loop devices. Needs root. ``python -m
-asyncstage.localcloud`` runs one in the foreground.
+copy-on-write overlay of ``/``, their own sshd), each in a network namespace of its own
+on a VPC-like network: private addresses on the VPC's bridge, public ones from
+198.18.0.0/15 through the cloud's router (``network="loopback"``: loopback addresses
+instead); volumes are sparse image files attached as loop devices. Needs root.
+``python -m asyncstage.localcloud`` runs one in the foreground.
 """
 
 from __future__ import annotations
