@@ -663,7 +663,14 @@ async def test_nothing_left_behind(how: str) -> None:
                     scope.cancel()
                     await anyio.sleep(10)
     assert namespaces
-    assert before.leftovers(cloud.state_dir, namespaces) == []
+    # a killed process stays in /proc until its parent reaps it, which on a loaded machine
+    # may come a moment after the cloud returned: allowed a bound, never a leak that lasts
+    left = before.leftovers(cloud.state_dir, namespaces)
+    with anyio.move_on_after(15):
+        while left:
+            await anyio.sleep(0.2)
+            left = before.leftovers(cloud.state_dir, namespaces)
+    assert left == []
     assert entry is not None and not exists(str(entry))
 
 
