@@ -80,16 +80,11 @@ def is_kept(desc: dict[str, Any], name: str) -> bool:
 def holds_newest(desc: dict[str, Any], name: str, newest: dict[str, Any] | None) -> bool:
     """Whether volume ``desc`` is backup ``name``'s kept volume holding ``newest`` (the
     backup's newest complete snapshot): tags and EC2's own record agree."""
-    tags = tags_of(desc)
-    run = RunInfo.from_tags(tags)
-    held = kept_snapshot(desc)
     return (
         newest is not None
-        and run is not None
-        and run.name == name
-        and tags.get(OF_TAG) == name
-        and tags.get(tag("name")) == name
-        and held is not None
+        and is_kept(desc, name)
+        and tags_of(desc).get(tag("name")) == name
+        and (held := kept_snapshot(desc)) is not None
         and held == newest.get("SnapshotId")
         and newest.get("VolumeId") == desc.get("VolumeId")
         and desc.get("State") in ("available", "in-use")
