@@ -147,7 +147,7 @@ async def _kill_at(
         assert seen and seen[-1] == f"STOPPED {point}", "\n".join(seen)
         # EC2 lists what was just made after a while (the local cloud plays that too)
         with anyio.fail_after(60):
-            # and the run's lease among them (its volume, a new id, may be listed later)
+            # and the run's lease among them (its security group, a new id, listed late too)
             want = {**want, "leases": 1}
             while True:
                 left = await leftovers(fleet.manager, name)
