@@ -1,9 +1,13 @@
-"""What the backup tests share: a manager that deletes a test's snapshots afterwards, and
-what EC2 still holds of a backup besides its complete snapshots."""
+"""What the backup tests share: a manager that deletes a test's snapshots afterwards,
+what EC2 still holds of a backup besides its complete snapshots, and the command line
+for the session's cloud."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,11 +18,22 @@ from asyncstage.backup.lease import leases
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG, is_backup
 from asyncstage.ec2 import tag, tag_filters
+from asyncstage.localcloud import LocalCloud
 from tests.fixtures.cloud import ManagerFactory
 
-__all__ = ["NOTHING", "backup_history", "leftovers", "manager_dropping", "run_snapshot_tags"]
+__all__ = [
+    "NOTHING",
+    "backup_history",
+    "cli_command",
+    "leftovers",
+    "manager_dropping",
+    "run_snapshot_tags",
+]
 
 NOTHING: dict[str, list[str]] = {"volumes": [], "unfinished": [], "leases": []}
+
+EXE = Path(sys.executable).parent / "asyncstage"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def manager_dropping(*names: str) -> Callable[..., Any]:
@@ -83,3 +98,19 @@ async def backup_history(
     finally:
         await m.ec2.delete_volume(volume)
     return made
+
+
+def cli_command(
+    cloud: LocalCloud, dotdir: Path, *args: str, region: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``asyncstage`` command line for the session's cloud (in ``region``, default the
+    cloud's), and its environment."""
+    session = cloud.session_kwargs()
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "AWS_ACCESS_KEY_ID": session["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": session["aws_secret_access_key"],
+    }
+    env.pop("ASYNCSTAGE_ENDPOINT_URL", None)
+    argv = [str(EXE), "--endpoint-url", cloud.endpoint_url, "--region", region or cloud.region]
+    return [*argv, "--dotdir", str(dotdir), *args], env

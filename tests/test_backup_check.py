@@ -19,7 +19,7 @@ from asyncstage.backup.manifest import MANIFEST_NAME, MANIFEST_TAG
 from asyncstage.ec2 import tag, tag_filters, tags_of
 from asyncstage.errors import RestoreVerifyFailed
 from asyncstage.localcloud import LocalCloud
-from tests.test_backup_keep_cli import cli_command
+from tests.backup_support import cli_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from asyncstage import Manager
 from asyncstage.localcloud import LocalCloud
-from tests.backup_support import backup_history
+from tests.backup_support import backup_history, cli_command
 from tests.fixtures.cloud import ManagerFactory
 from tests.test_realism_capacity import playing
 
@@ -26,9 +25,6 @@ pytestmark = [
     pytest.mark.localcloud,
     pytest.mark.skipif(os.geteuid() != 0, reason="the local cloud needs root"),
 ]
-
-EXE = Path(sys.executable).parent / "asyncstage"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _history(cloud: LocalCloud, m: Manager, name: str, count: int) -> list[str]:
@@ -39,22 +35,6 @@ async def _history(cloud: LocalCloud, m: Manager, name: str, count: int) -> list
     for hours, snapshot_id in enumerate(reversed(made)):
         cloud.set_snapshot_start_time(snapshot_id, now - timedelta(hours=hours))
     return made
-
-
-def cli_command(
-    cloud: LocalCloud, dotdir: Path, *args: str, region: str | None = None
-) -> tuple[list[str], dict[str, str]]:
-    """The ``asyncstage`` command line for the session's cloud (in ``region``, default the
-    cloud's), and its environment."""
-    session = cloud.session_kwargs()
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "AWS_ACCESS_KEY_ID": session["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": session["aws_secret_access_key"],
-    }
-    env.pop("ASYNCSTAGE_ENDPOINT_URL", None)
-    argv = [str(EXE), "--endpoint-url", cloud.endpoint_url, "--region", region or cloud.region]
-    return [*argv, "--dotdir", str(dotdir), *args], env
 
 
 def _killed_after_first_removal(argv: list[str], env: dict[str, str]) -> list[str]:

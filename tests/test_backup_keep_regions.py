@@ -28,9 +28,9 @@ from asyncstage.ec2 import tag, tag_filters
 from asyncstage.errors import EC2Error
 from asyncstage.localcloud import LocalCloud
 from asyncstage.retention import Policy
+from tests.backup_support import cli_command
 from tests.fixtures.cloud import ManagerFactory
 from tests.patience import patient_client
-from tests.test_backup_keep_cli import cli_command
 from tests.test_realism_capacity import playing
 
 pytestmark = [

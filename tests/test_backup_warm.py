@@ -19,9 +19,8 @@ from asyncstage.backup.warm import COPYING, KEPT_TAG
 from asyncstage.ec2 import tag, tag_filters, tags_of
 from asyncstage.localcloud import LocalCloud
 from asyncstage.retention import Policy
-from tests.backup_support import NOTHING, leftovers
+from tests.backup_support import NOTHING, cli_command, leftovers
 from tests.fixtures.cloud import ManagerFactory
-from tests.test_backup_keep_cli import cli_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 
