@@ -12,21 +12,14 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as RichProgress
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported where it draws: most commands print plain text
+    from rich.console import Console
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
-from asyncstage.transfer import Progress
+    from asyncstage.transfer import Progress
 
 __all__ = [
     "Output",
@@ -81,6 +74,8 @@ def print_table(
     if console is None:
         print(table(rows, headers), file=stream or sys.stdout, flush=True)
         return
+    from rich.table import Table
+
     drawn = Table(*headers, header_style="bold", box=None, pad_edge=False)
     for row in rows:
         drawn.add_row(*("-" if c is None else str(c) for c in row))
@@ -153,6 +148,16 @@ class TransferDisplay:
         self._lock = threading.Lock()
         self.rich: RichProgress | None = None
         if live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                SpinnerColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
             self.rich = RichProgress(
                 SpinnerColumn(finished_text="[green]✓"),
                 TextColumn("{task.description}"),
@@ -210,7 +215,11 @@ class Output:
         if fancy is None:
             fancy = sys.stdout.isatty() and not json_output
         self.fancy = fancy
-        self.console = Console() if fancy else None
+        self.console: Console | None = None
+        if fancy:
+            from rich.console import Console
+
+            self.console = Console()
         self.live = fancy and not quiet and sys.stderr.isatty()
 
     def note(self, message: str) -> None:
@@ -250,7 +259,8 @@ class Output:
             self.note(f"{what} ...")
             yield lambda _: None
             return
-        assert self.console is not None
+        from rich.console import Console
+
         with Console(stderr=True).status(what) as status:
             yield lambda state: status.update(f"{what}: {state}")
 

@@ -25,6 +25,8 @@ HEAVY = (
     "asyncstage.blocking",
     "asyncstage.cli.backup",
     "asyncstage.localcloud._cloud",
+    "asyncstage.transfer",
+    "rich.console",  # drawing on a terminal: imported where a command draws
 )
 
 
@@ -79,3 +81,13 @@ def test_backup_command_imports_its_parts_when_run() -> None:
     code = "from asyncstage.cli import commands, backup"
     loaded = set(_loaded_after(code))
     assert {"asyncstage.backup", "asyncstage.cli.backup", "asyncstage.manager"} <= loaded
+
+
+@pytest.mark.parametrize("fancy", [False, True])
+def test_output_draws_with_rich_only_when_asked(fancy: bool) -> None:
+    code = (
+        "from asyncstage.output import Output\n"
+        f"out = Output(json_output=False, quiet=False, verbose=0, fancy={fancy})\n"
+        "out.table([], [[1]], ['n'], '')"
+    )
+    assert ("rich.console" in _loaded_after(code)) is fancy
