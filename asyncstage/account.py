@@ -122,6 +122,10 @@ class Account:
 
     async def admit(self) -> str:
         """Make sure the security group exists and lets this machine in by ssh; its id."""
+        if self.group_id is not None:
+            # Known: no turn of the lock, which every new ssh connection of a fleet
+            # would otherwise take one after another, a turn of the event loop each.
+            return self.group_id
         async with self._locked():
             if self.group_id is None:
                 cidrs = self.ssh_cidrs or [

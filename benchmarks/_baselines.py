@@ -1,8 +1,11 @@
-"""Shared parts of the baseline benchmarks (bench_perl.py, bench_fabric.py).
+"""Shared parts of the baseline benchmarks (bench_perl.py, bench_fabric.py, bench_pyinfra.py).
 
 - :class:`Alternate`: runs of asyncstage and a baseline taking turns (a b, b a, ...),
   where the baseline may be unable to run a step ("not run: <reason>").
 - :class:`BaselineReport`: a :class:`_common.Report` whose targets may be "not run".
+- :func:`raw_fleet`: a command on every server over raw asyncssh, the floor under the
+  controller's CPU per server of asyncstage's fleet command; :class:`Phases` splits
+  each phase's CPU, :func:`client_cpu` sets the sides' figures against it.
 - :class:`PerlDriver`: the Perl VM::EC2::Staging driver (``perl/staging_bench.pl``),
   one request per line, with a deadline per step; started and stopped by its pid.
 - :func:`make_tree`: a local tree of incompressible files.
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import select
@@ -18,12 +22,26 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import HERE, Report, paired_spread, ratio, to_thread
+import anyio
+import asyncssh
+from _common import (
+    HERE,
+    CPUSample,
+    Report,
+    cpu_split,
+    paired_spread,
+    ratio,
+    settled_sample,
+    to_thread,
+)
+
+from asyncstage import Server
+from asyncstage.ssh.ciphers import encryption_algs
 
 PERL_DRIVER = HERE / "perl" / "staging_bench.pl"
 PERL_MODULE = "VM::EC2::Staging::Manager"
@@ -159,6 +177,158 @@ class BaselineReport(Report):
             if t["value"] is None:
                 print(f"[MISS] {t['name']}: not run: {t['not_run']} - {t['what']}")
         return path
+
+
+# -- the controller's CPU of a fleet command, raw asyncssh as its floor ---------------------
+
+
+def set_cloud_aside() -> None:
+    """Out of the garbage collector's way: the objects made so far.
+
+    The local cloud (moto, botocore's models) lives in the benchmark's process: a few
+    hundred thousand objects that a controller of its own would not have. Frozen once
+    the fleet is up, so that no side's collections walk them.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+class Phases:
+    """Where the CPU went in each phase of one side's fleet run (see :func:`cpu_split`).
+
+    Each phase ends with a sample, then waits for the instances' processes to finish
+    (sessions that close, commands that exit) before the next phase starts.
+    """
+
+    def __init__(self) -> None:
+        self.splits: dict[str, dict[str, Any]] = {}
+        self._start = settled_sample()
+
+    def end(self, phase: str, sample: CPUSample) -> None:
+        """Blocking (it waits for the instances): call it in a thread from async code."""
+        settled = settled_sample()
+        self.splits[phase] = cpu_split(self._start, sample, settled)
+        self._start = settled
+
+
+@dataclass
+class FleetRun:
+    """One side's fleet command: connecting (cold), connected (warm), each phase's CPU."""
+
+    cold: float
+    warm: float
+    splits: dict[str, dict[str, Any]]
+
+
+async def raw_fleet(servers: Sequence[Server], expected: list[str]) -> FleetRun:
+    """Raw asyncssh: connect and run ``hostname`` on every server at once, then again
+    over the same connections, then close them (as asyncstage's fleet command does).
+
+    No asyncstage code on the way: ``asyncssh.connect`` and ``conn.run`` with the same
+    key, the same pinned host key (no other key is trusted), cipher order and default
+    key exchange, no config files, no agent. The key is loaded and the pinned host keys
+    parsed before the clock starts, once, as a script of its own would."""
+    targets = []
+    for server in servers:
+        host = server.host
+        keys = asyncssh.load_keypairs([str(k) for k in host.client_keys])
+        trusted = [
+            asyncssh.import_public_key(k) for k in host.known_hosts.lookup(host.address, host.port)
+        ]
+        if not trusted:
+            raise RuntimeError(f"no pinned host key for {host.address}")
+        targets.append((host, keys, trusted))
+    conns: dict[int, asyncssh.SSHClientConnection] = {}
+    out: dict[int, str] = {}
+
+    async def connect(i: int) -> None:
+        host, keys, trusted = targets[i]
+        conns[i] = await asyncssh.connect(
+            host.address,
+            host.port,
+            username=host.username,
+            client_keys=keys,
+            agent_path=None,
+            preferred_auth="publickey",
+            known_hosts=(trusted, [], []),
+            config=[],
+            encryption_algs=encryption_algs(),
+        )
+        await run(i)
+
+    async def run(i: int) -> None:
+        out[i] = str((await conns[i].run("hostname", check=True)).stdout).strip()
+
+    async def all_of(fn: Callable[[int], Awaitable[None]]) -> float:
+        out.clear()
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(len(servers)):
+                tg.start_soon(fn, i)
+        wall = time.perf_counter() - t
+        got = [out[i] for i in range(len(servers))]
+        if got != expected:
+            raise RuntimeError(f"raw asyncssh: {got[:3]}... expected {expected[:3]}...")
+        return wall
+
+    phases: Phases = await to_thread(Phases)
+    try:
+        cold = await all_of(connect)
+        await to_thread(phases.end, "cold", CPUSample.now())
+        warm = await all_of(run)
+        await to_thread(phases.end, "warm", CPUSample.now())
+    finally:
+        for conn in conns.values():
+            conn.close()
+        for conn in conns.values():
+            await conn.wait_closed()
+    await to_thread(phases.end, "close", CPUSample.now())
+    return FleetRun(cold, warm, phases.splits)
+
+
+def median_splits(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per phase and figure, the median over the runs."""
+    if not runs:
+        return {}
+    return {
+        phase: {
+            key: round(statistics.median(r[phase][key] for r in runs), 4)
+            for key in runs[0][phase]
+            if all(r[phase][key] is not None for r in runs)
+        }
+        for phase in runs[0]
+    }
+
+
+def client_cpu(n: int, runs: dict[str, list[float]], baseline: str) -> dict[str, Any]:
+    """The controller's CPU per server of a fleet command on ``n`` servers, connecting.
+
+    ``runs``: each round's controller CPU seconds of ``asyncstage``, ``raw_asyncssh``
+    and ``baseline`` (a side that did not run: no rounds). Medians per server; ``ratio``
+    = baseline / asyncstage (the target) with the spread of the paired rounds' ratios;
+    baseline / raw asyncssh (the most any client on asyncssh, used as there, gets) and
+    asyncstage / raw asyncssh (its own overhead).
+    """
+    ours = statistics.median(runs["asyncstage"])
+    figures: dict[str, Any] = {"asyncstage_ms_per_server": round(1000 * ours / n, 3)}
+    raw = statistics.median(runs["raw_asyncssh"]) if runs.get("raw_asyncssh") else None
+    if raw is not None:
+        figures |= {
+            "raw_asyncssh_ms_per_server": round(1000 * raw / n, 3),
+            "asyncstage_vs_raw_asyncssh": ratio(ours, raw),
+        }
+    if runs.get(baseline):
+        theirs = statistics.median(runs[baseline])
+        figures |= {
+            f"{baseline}_ms_per_server": round(1000 * theirs / n, 3),
+            "ratio": ratio(theirs, ours),
+            "ratio_spread": paired_spread(runs[baseline], runs["asyncstage"]),
+        }
+        if raw is not None:
+            figures[f"{baseline}_vs_raw_asyncssh"] = ratio(theirs, raw)
+    else:
+        figures["ratio"] = None
+    return figures
 
 
 # -- local data ------------------------------------------------------------------------------

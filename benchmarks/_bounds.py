@@ -90,35 +90,41 @@ _ASYNCSSH_CONNECT = (
 )
 
 
-def _fabric_client_cpu(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
-    """asyncstage and Fabric against raw asyncssh's controller CPU in the same run."""
-    c = data["results"]["fleet"].get("client_cpu", {})
-    if c.get("fabric_ms_per_server") is None:
-        return LIBRARY, "not run"
-    text = (
-        f"controller CPU per server, connecting: asyncstage {_f(c['asyncstage_ms_per_server'])} "
-        f"ms, Fabric {_f(c['fabric_ms_per_server'])} ms"
-    )
-    raw = c.get("raw_asyncssh_ms_per_server")
-    if raw is None:  # an older run, without raw asyncssh
-        return LIBRARY, text + " (asyncssh's key exchange, user auth and channel in Python)"
-    most = c["fabric_vs_raw_asyncssh"]
-    text += (
-        f"; raw asyncssh (asyncssh.connect and conn.run, no asyncstage code; same key, "
-        f"host key, ciphers) {_f(raw)} ms: Fabric / raw asyncssh {_f(most)}×, asyncstage "
-        f"{_f(c['asyncstage_vs_raw_asyncssh'])}× raw asyncssh"
-    )
-    if target.get("spread"):
-        lo, hi = target["spread"]
-        text += f"; rounds' ratios {lo}-{hi}"
-    if target["met"] or most >= target["limit"]:
-        return LIBRARY, text
-    bound = _ASYNCSSH_CONNECT
-    if c["asyncstage_vs_raw_asyncssh"] > 1.1:  # its own overhead counts as well
-        bound = f"library and {bound}"
-    return bound, text + (
-        f": no client on asyncssh gets more than {_f(most)}× ahead of Fabric here"
-    )
+def _client_cpu(baseline: str, label: str, where: Callable[[dict[str, Any]], Any]) -> Rule:
+    """asyncstage and ``baseline`` against raw asyncssh's controller CPU in the same run
+    (``where``: the client_cpu figures in the script's results)."""
+
+    def rule(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
+        c = where(data["results"]) or {}
+        if c.get(f"{baseline}_ms_per_server") is None:
+            return LIBRARY, "not run"
+        text = (
+            "controller CPU per server, connecting: asyncstage "
+            f"{_f(c['asyncstage_ms_per_server'])} ms, {label} "
+            f"{_f(c[f'{baseline}_ms_per_server'])} ms"
+        )
+        raw = c.get("raw_asyncssh_ms_per_server")
+        if raw is None:  # an older run, without raw asyncssh
+            return LIBRARY, text + " (asyncssh's key exchange, user auth and channel in Python)"
+        most = c[f"{baseline}_vs_raw_asyncssh"]
+        text += (
+            f"; raw asyncssh (asyncssh.connect and conn.run, no asyncstage code; same key, "
+            f"host key, ciphers) {_f(raw)} ms: {label} / raw asyncssh {_f(most)}×, "
+            f"asyncstage {_f(c['asyncstage_vs_raw_asyncssh'])}× raw asyncssh"
+        )
+        if target.get("spread"):
+            lo, hi = target["spread"]
+            text += f"; rounds' ratios {lo}-{hi}"
+        if target["met"] or most >= target["limit"]:
+            return LIBRARY, text
+        bound = _ASYNCSSH_CONNECT
+        if c["asyncstage_vs_raw_asyncssh"] > 1.1:  # its own overhead counts as well
+            bound = f"library and {bound}"
+        return bound, text + (
+            f": no client on asyncssh gets more than {_f(most)}× ahead of {label} here"
+        )
+
+    return rule
 
 
 def _fabric_fleet_rounds(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, str]:
@@ -293,6 +299,9 @@ def _pyinfra_floor(data: dict[str, Any], target: dict[str, Any]) -> tuple[str, s
 
 RULES: dict[tuple[str, str], Rule] = {
     ("pyinfra", "fleet_command_vs_pyinfra"): _pyinfra_floor,
+    ("pyinfra", "fleet_command_client_cpu_vs_pyinfra"): _client_cpu(
+        "pyinfra", "pyinfra", lambda r: r.get("command_client_cpu")
+    ),
     ("fleet_ec2", "fleet_ec2_*_vs_single"): _ec2_fleet,
     ("fleet_ec2", "fleet_ec2_*_library_share"): _ec2_share,
     ("fleet_ec2", "fleet_ec2_controller_cpu_flat"): _ec2_cpu,
@@ -307,7 +316,9 @@ RULES: dict[tuple[str, str], Rule] = {
     ("scale", "fleet_*_vs_single"): _scale_fleet,
     ("scale", "fleet_*_describe_calls_per_round"): _describe,
     ("fabric", "fleet_command_vs_fabric"): _fabric_floor,
-    ("fabric", "fleet_command_client_cpu_vs_fabric"): _fabric_client_cpu,
+    ("fabric", "fleet_command_client_cpu_vs_fabric"): _client_cpu(
+        "fabric", "Fabric", lambda r: r["fleet"].get("client_cpu")
+    ),
     ("fabric", "fleet_command_warm_vs_fabric"): _fabric_fleet_rounds,
     ("streaming", "scmd_read_vs_*"): _streaming_pipe,
     ("streaming", "scmd_write_vs_*"): _streaming_pipe,

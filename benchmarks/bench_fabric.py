@@ -25,35 +25,37 @@ CPU row shows asyncstage's own overhead apart from asyncssh's.
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import asyncssh
-from _baselines import Alternate, BaselineReport, NotRun, left_out, make_file
+from _baselines import (
+    Alternate,
+    BaselineReport,
+    FleetRun,
+    NotRun,
+    Phases,
+    client_cpu,
+    left_out,
+    make_file,
+    median_splits,
+    raw_fleet,
+    set_cloud_aside,
+)
 from _common import (
     CPUAccounting,
     CPUSample,
     MiB,
-    cpu_split,
     local_cloud,
-    paired_spread,
     parse_args,
-    ratio,
-    settled_sample,
     to_thread,
 )
 
 from asyncstage import Manager, Server
-from asyncstage.ssh.ciphers import encryption_algs
 
 
 def _fabric_missing() -> str | None:
@@ -91,25 +93,7 @@ def _connection(m: Manager, server: Server) -> Any:
     return conn
 
 
-class _Phases:
-    """Where the CPU went in each phase of one side's fleet run (see :func:`cpu_split`).
-
-    Each phase ends with a sample, then waits for the instances' processes to finish
-    (sessions that close, commands that exit) before the next phase starts.
-    """
-
-    def __init__(self) -> None:
-        self.splits: dict[str, dict[str, Any]] = {}
-        self._start = settled_sample()
-
-    def end(self, phase: str, sample: CPUSample) -> None:
-        """Blocking (it waits for the instances): call it in a thread from async code."""
-        settled = settled_sample()
-        self.splits[phase] = cpu_split(self._start, sample, settled)
-        self._start = settled
-
-
-def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> _FleetRun:
+def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> FleetRun:
     """ThreadingGroup.run("hostname"): new connections, then over them again, then closed."""
     from fabric import ThreadingGroup
 
@@ -118,7 +102,7 @@ def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> _Fl
         if got != expected:
             raise RuntimeError(f"Fabric hostname gave {got[:3]}... expected {expected[:3]}...")
 
-    phases = _Phases()
+    phases = Phases()
     t = time.perf_counter()
     conns = [_connection(m, s) for s in servers]
     group = ThreadingGroup.from_connections(conns)
@@ -135,10 +119,10 @@ def _fabric_fleet(m: Manager, servers: list[Server], expected: list[str]) -> _Fl
     finally:
         group.close()
     phases.end("close", CPUSample.now())
-    return _FleetRun(cold, warm, phases.splits)
+    return FleetRun(cold, warm, phases.splits)
 
 
-async def _ours_fleet(servers: list[Server], expected: list[str]) -> _FleetRun:
+async def _ours_fleet(servers: list[Server], expected: list[str]) -> FleetRun:
     """scmd("hostname") on every server at once: connecting, connected, then closed."""
     out: dict[int, str] = {}
 
@@ -163,99 +147,14 @@ async def _ours_fleet(servers: list[Server], expected: list[str]) -> _FleetRun:
                 tg.start_soon(server.host.close)
 
     await close_all()  # cold: every connection opened anew, as Fabric's are
-    phases: _Phases = await to_thread(_Phases)
+    phases: Phases = await to_thread(Phases)
     cold = await run_all()
     await to_thread(phases.end, "cold", CPUSample.now())
     warm = await run_all()
     await to_thread(phases.end, "warm", CPUSample.now())
     await close_all()
     await to_thread(phases.end, "close", CPUSample.now())
-    return _FleetRun(cold, warm, phases.splits)
-
-
-async def _raw_fleet(servers: list[Server], expected: list[str]) -> _FleetRun:
-    """Raw asyncssh: connect and run ``hostname`` on every server at once, then again
-    over the same connections, then close them (as :func:`_ours_fleet`).
-
-    The key is loaded and the pinned host keys parsed before the clock starts, once, as
-    a script of its own would; the host keys are verified (no other key is trusted)."""
-    targets = []
-    for server in servers:
-        host = server.host
-        keys = asyncssh.load_keypairs([str(k) for k in host.client_keys])
-        trusted = [
-            asyncssh.import_public_key(k) for k in host.known_hosts.lookup(host.address, host.port)
-        ]
-        if not trusted:
-            raise RuntimeError(f"no pinned host key for {host.address}")
-        targets.append((host, keys, trusted))
-    conns: dict[int, asyncssh.SSHClientConnection] = {}
-    out: dict[int, str] = {}
-
-    async def connect(i: int) -> None:
-        host, keys, trusted = targets[i]
-        conns[i] = await asyncssh.connect(
-            host.address,
-            host.port,
-            username=host.username,
-            client_keys=keys,
-            agent_path=None,
-            preferred_auth="publickey",
-            known_hosts=(trusted, [], []),
-            config=[],
-            encryption_algs=encryption_algs(),
-        )
-        await run(i)
-
-    async def run(i: int) -> None:
-        out[i] = str((await conns[i].run("hostname", check=True)).stdout).strip()
-
-    async def all_of(fn: Callable[[int], Awaitable[None]]) -> float:
-        out.clear()
-        t = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for i in range(len(servers)):
-                tg.start_soon(fn, i)
-        wall = time.perf_counter() - t
-        got = [out[i] for i in range(len(servers))]
-        if got != expected:
-            raise RuntimeError(f"raw asyncssh: {got[:3]}... expected {expected[:3]}...")
-        return wall
-
-    phases: _Phases = await to_thread(_Phases)
-    try:
-        cold = await all_of(connect)
-        await to_thread(phases.end, "cold", CPUSample.now())
-        warm = await all_of(run)
-        await to_thread(phases.end, "warm", CPUSample.now())
-    finally:
-        for conn in conns.values():
-            conn.close()
-        for conn in conns.values():
-            await conn.wait_closed()
-    await to_thread(phases.end, "close", CPUSample.now())
-    return _FleetRun(cold, warm, phases.splits)
-
-
-@dataclass
-class _FleetRun:
-    cold: float
-    warm: float
-    splits: dict[str, dict[str, Any]]
-
-
-def _median_splits(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per phase and figure, the median over the runs."""
-    if not runs:
-        return {}
-    return {
-        phase: {
-            key: round(statistics.median(r[phase][key] for r in runs), 4)
-            for key in runs[0][phase]
-            if all(r[phase][key] is not None for r in runs)
-        }
-        for phase in runs[0]
-    }
+    return FleetRun(cold, warm, phases.splits)
 
 
 async def _fleet(
@@ -278,14 +177,14 @@ async def _fleet(
     async def b() -> float:
         if missing is not None:
             raise NotRun(missing)
-        run: _FleetRun = await to_thread(_fabric_fleet, m, servers, expected)
+        run: FleetRun = await to_thread(_fabric_fleet, m, servers, expected)
         samples["b_warm"].append(run.warm)
         splits["fabric"].append(run.splits)
         return run.cold
 
     async def before(side: str) -> None:
         if side == "a":  # raw asyncssh, untimed by Alternate: its CPU is in its own splits
-            splits["raw_asyncssh"].append((await _raw_fleet(servers, expected)).splits)
+            splits["raw_asyncssh"].append((await raw_fleet(servers, expected)).splits)
 
     cold = await Alternate().run(reps, a, b, before)
     # The warm runs ride on the cold ones: a baseline that did not run, did not run either.
@@ -294,7 +193,7 @@ async def _fleet(
         "n": len(servers),
         "cold": cold.figures("fabric"),
         "warm": warm.figures("fabric"),
-        "cpu": {side: _median_splits(runs) for side, runs in splits.items()},
+        "cpu": {side: median_splits(runs) for side, runs in splits.items()},
         "cold_controller_cpu_runs_s": {
             side: [r["cold"]["controller_cpu_s"] for r in runs] for side, runs in splits.items()
         },
@@ -470,11 +369,7 @@ async def _run_all(
     fleet_reps, reps = repeats
     async with local_cloud(0.0) as (cloud, m):
         servers = await m.provision_servers(n_servers)
-        # The local cloud (moto, botocore's models) lives in this process: a few hundred
-        # thousand objects that a controller of its own would not have. Out of the
-        # collector's way, so that neither side's collections walk them.
-        gc.collect()
-        gc.freeze()
+        set_cloud_aside()
         print(f"hostname on {n_servers} servers")
         calls = sum(cloud.api_calls.values())
         res["fleet"] = await _fleet(m, servers, fleet_reps, missing)
@@ -489,31 +384,11 @@ async def _run_all(
 
 
 def _client_cpu(fleet: dict[str, Any]) -> dict[str, Any]:
-    """The controller's CPU per server of the cold fleet command: asyncstage, Fabric and
-    raw asyncssh; Fabric / asyncstage (the target), Fabric / raw asyncssh (the most any
-    client on asyncssh, used as above, gets) and asyncstage / raw asyncssh (its own
-    overhead), with the rounds' spread of the target's ratio."""
-    n = fleet["n"]
-    cpu, runs = fleet["cpu"], fleet["cold_controller_cpu_runs_s"]
-    ours = cpu["asyncstage"]["cold"]["controller_cpu_s"]
-    figures: dict[str, Any] = {"asyncstage_ms_per_server": round(1000 * ours / n, 3)}
-    if cpu.get("raw_asyncssh"):
-        raw = cpu["raw_asyncssh"]["cold"]["controller_cpu_s"]
-        figures |= {
-            "raw_asyncssh_ms_per_server": round(1000 * raw / n, 3),
-            "asyncstage_vs_raw_asyncssh": ratio(ours, raw),
-        }
-    if cpu["fabric"]:
-        theirs = cpu["fabric"]["cold"]["controller_cpu_s"]
-        figures |= {
-            "fabric_ms_per_server": round(1000 * theirs / n, 3),
-            "ratio": ratio(theirs, ours),
-            "ratio_spread": paired_spread(runs["fabric"], runs["asyncstage"]),
-        }
-        if cpu.get("raw_asyncssh"):
-            figures["fabric_vs_raw_asyncssh"] = ratio(theirs, raw)
-    else:
-        figures |= {"ratio": None, "not_run": fleet["cold"].get("not_run")}
+    """The controller's CPU per server of the cold fleet command, against Fabric and raw
+    asyncssh (:func:`_baselines.client_cpu`), kept in ``fleet["client_cpu"]``."""
+    figures = client_cpu(fleet["n"], fleet["cold_controller_cpu_runs_s"], "fabric")
+    if figures["ratio"] is None:
+        figures["not_run"] = fleet["cold"].get("not_run")
     fleet["client_cpu"] = figures
     return figures
 

@@ -6,7 +6,12 @@ turns (a b, b a, ...; medians, and the spread of the rounds' ratios):
 - command: ``hostname`` on every server, connecting. pyinfra: ``connect_all``, a
   ``server.shell`` operation, ``run_ops`` (what ``pyinfra INVENTORY exec -- hostname``
   does); asyncstage: ``scmd("hostname")`` on every server in one task group, its
-  connections closed first.
+  connections closed first. Also the controller's CPU for it, per server (what
+  decides on EC2, where every server has its own CPUs, while here the servers' sshd
+  share the controller's cores): asyncstage's process (the local cloud's threads in
+  it left out), pyinfra's (its driver's, children included), and raw asyncssh's
+  (``_baselines.raw_fleet``: ``asyncssh.connect`` and ``conn.run``, no asyncstage code)
+  right before each of asyncstage's rounds, the floor of the library it is built on.
 - facts: ``uname -a`` and ``df -P /`` from every server, over the open connections
   (both sides connected: the connecting is the command's figure).
   pyinfra: ``get_facts(state, Command, ...)``, one fact at a time over the fleet;
@@ -40,7 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _baselines import Alternate, BaselineReport, left_out, make_file
+from _baselines import (
+    Alternate,
+    BaselineReport,
+    client_cpu,
+    left_out,
+    make_file,
+    raw_fleet,
+    set_cloud_aside,
+)
 from _common import (
     HERE,
     CPUAccounting,
@@ -178,10 +191,12 @@ def _same_facts(ours: dict[str, list[str]], theirs: dict[str, list[str]]) -> Non
 
 async def _rounds(
     servers: list[Server], local: Path, size: int, spec: Path, reps: int, missing: str | None
-) -> tuple[dict[str, Alternate], list[float]]:
-    """Each job's rounds, and the instances' CPU seconds in each of our command runs."""
+) -> tuple[dict[str, Alternate], list[float], dict[str, list[float]]]:
+    """Each job's rounds, the instances' CPU seconds in each of our command runs, and
+    each side's controller CPU seconds in each of its command runs."""
     alts = {job: Alternate() for job in JOBS}
     sshd: list[float] = []
+    cpu: dict[str, list[float]] = {"asyncstage": [], "raw_asyncssh": [], "pyinfra": []}
     expected = [(await s.scmd("hostname")) for s in servers]
     facts: dict[str, dict[str, list[str]]] = {}
     for rep in range(reps):
@@ -191,14 +206,18 @@ async def _rounds(
                 continue
             await _on_all(servers, "rm", "-f", REMOTE, sudo=True)  # Server.put's is root's
             if side == "a":
+                raw = await raw_fleet(servers, [e.strip() for e in expected])
+                cpu["raw_asyncssh"].append(raw.splits["cold"]["controller_cpu_s"])
                 got = await _ours_round(servers, local)
                 if got["hostnames"] != expected:
                     raise RuntimeError(f"hostname gave {got['hostnames'][:3]}...")
                 facts["asyncstage"] = got["facts"]
                 sshd.append(got["command_cpu"]["instances_cpu_s"])
+                cpu["asyncstage"].append(got["command_cpu"]["controller_cpu_s"])
             else:
                 got = await to_thread(_pyinfra_round, spec)
                 facts["pyinfra"] = got["facts"]
+                cpu["pyinfra"].append(got["command_cpu_s"])
             await _check_put(servers, size)
             who = "asyncstage" if side == "a" else "pyinfra"
             print(f"  {who}: " + ", ".join(f"{j} {got[f'{j}_s']:.3f} s" for j in JOBS))
@@ -209,7 +228,7 @@ async def _rounds(
             alt.not_run = missing
     else:
         _same_facts(facts["asyncstage"], facts["pyinfra"])
-    return alts, sshd
+    return alts, sshd, cpu
 
 
 async def main() -> None:
@@ -247,14 +266,19 @@ async def main() -> None:
             )
             async with local_cloud(0.0) as (_cloud, m):
                 servers = await m.provision_servers(n_servers)
+                set_cloud_aside()
                 spec = _spec(servers, local, work)
-                alts, sshd = await _rounds(servers, local, put_bytes, spec, reps, missing)
+                alts, sshd, cpu = await _rounds(servers, local, put_bytes, spec, reps, missing)
                 report.mark_load("after_rounds")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures = {job: alt.figures("pyinfra") for job, alt in alts.items()}
     if sshd:
         figures["command"]["instances_cpu_s"] = round(statistics.median(sshd), 4)
+    client = client_cpu(n_servers, cpu, "pyinfra")
+    if client["ratio"] is None:
+        client["not_run"] = missing
+    figures["command_client_cpu"] = client
     report.results.update(figures)
     mb = put_bytes * n_servers / 1e6
     put = figures["put"]
@@ -270,11 +294,33 @@ async def main() -> None:
             [f"put {put_bytes // MiB} MiB to {n_servers}", *_row(put)],
         ],
     )
+    report.table(
+        f"controller CPU per server of hostname on {n_servers}, connecting (medians, ms)",
+        ["asyncstage", "raw asyncssh", "pyinfra", "pyinfra / asyncstage", "spread"],
+        [
+            [
+                client["asyncstage_ms_per_server"],
+                client.get("raw_asyncssh_ms_per_server", "-"),
+                client.get("pyinfra_ms_per_server", "not run"),
+                client["ratio"] or "-",
+                "-"
+                if not client.get("ratio_spread")
+                else "{:.2f}-{:.2f}".format(*client["ratio_spread"]),
+            ]
+        ],
+    )
     report.target_of(
         "fleet_command_vs_pyinfra",
         figures["command"],
         2,
         f"pyinfra exec of hostname on {n_servers} servers (connecting) / asyncstage",
+    )
+    report.target_of(
+        "fleet_command_client_cpu_vs_pyinfra",
+        client,
+        2,
+        f"controller CPU per server of the fleet command on {n_servers} servers (connecting): "
+        "pyinfra / asyncstage (what decides on EC2, where every server has its own CPUs)",
     )
     report.target_of(
         "facts_vs_pyinfra",

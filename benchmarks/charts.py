@@ -15,7 +15,8 @@ run) writes into DIR:
   controller's CPU per server;
 - ``baselines.png``: asyncstage against pyinfra (pyinfra.json: a command, facts and
   a put on every server) and Fabric (fabric.json), as baseline time / asyncstage time
-  with the rounds' spread;
+  with the rounds' spread, and the controller's CPU per server of the fleet command
+  (baseline / asyncstage);
 - ``backup.png``: fleet-backup throughput against the CPU limit (backup.json): the
   bare rsync of the same bytes on every server at once, the plan's copy phases and
   its whole run (MB/s); beside it, the fleet backups' times against the Perl module's;
@@ -345,10 +346,14 @@ def baselines_chart(results: Path, plt: Any) -> Path | None:
     ):
         if key in p:
             rows.append((label.format(n=n) + "\n(vs pyinfra)", p[key], "pyinfra"))
+    if "command_client_cpu" in p:
+        rows.append(("controller CPU\nper server (vs pyinfra)", p["command_client_cpu"], "pyinfra"))
     fabric = _load(results, "fabric").get("results", {})
     fleet = fabric.get("fleet")
     if fleet:
         rows.append((f"hostname on {fleet['n']}\n(vs Fabric)", fleet.get("cold"), "Fabric"))
+        if "client_cpu" in fleet:
+            rows.append(("controller CPU\nper server (vs Fabric)", fleet["client_cpu"], "Fabric"))
     for key, label in (("commands", "commands in turn"), ("put", "put one file")):
         if key in fabric:
             rows.append((f"{label}\n(vs Fabric)", fabric[key], "Fabric"))
@@ -368,7 +373,7 @@ def baselines_chart(results: Path, plt: Any) -> Path | None:
     ax.axhline(1, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("baseline time / asyncstage time (log; above 1: asyncstage ahead)")
+    ax.set_ylabel("baseline / asyncstage, time or CPU (log; above 1: asyncstage ahead)")
     ax.set_title("asyncstage against pyinfra and Fabric (each pair: same servers, same run)")
     _legend(ax, fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)

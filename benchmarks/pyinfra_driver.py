@@ -4,7 +4,8 @@
 here (Python's and pyinfra's start-up left out), and what each server answered.
 
 - command: connect to every server and run ``hostname`` on each (what
-  ``pyinfra INVENTORY exec -- hostname`` does);
+  ``pyinfra INVENTORY exec -- hostname`` does); with the CPU this process used for it
+  (every thread, and any child processes it waited for), the controller's share;
 - facts: ``uname -a`` and ``df -P /`` from every server (pyinfra's ``Command`` fact),
   over those connections, ``fact_repeats`` times (each time timed);
 - put: ``files.put`` of one file to every server (SFTP, pyinfra's default), on a
@@ -22,6 +23,7 @@ monkey.patch_all()  # as pyinfra's CLI does: its connections and its pool are ge
 
 import ipaddress  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -61,6 +63,17 @@ def _state(spec: dict[str, Any]) -> State:
     return State(Inventory((hosts, {})), config)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and the children it waited for, so far."""
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+
+
 def _check(state: State, n: int, what: str) -> None:
     active = len(list(state.inventory.get_active_hosts()))
     if state.failed_hosts or active != n:
@@ -74,11 +87,12 @@ def main() -> None:
     out: dict[str, Any] = {}
 
     state = _state(spec)
-    t = time.perf_counter()
+    cpu, t = _cpu(), time.perf_counter()
     connect_all(state)
     add_op(state, server.shell, commands=["hostname"])
     run_ops(state)
     out["command_s"] = time.perf_counter() - t
+    out["command_cpu_s"] = _cpu() - cpu
     _check(state, n, "command")
 
     out["facts_runs_s"] = []

@@ -68,8 +68,19 @@ def test_pyinfra(results: Path) -> None:
     for job in ("command", "facts", "put"):
         against_baseline(r[job], "pyinfra")
     assert positive(r["command"]["instances_cpu_s"])  # the sshd floor of the same run
+    # the controller's CPU per server of the command: asyncstage, pyinfra's process and
+    # raw asyncssh, in the same rounds
+    client = r["command_client_cpu"]
+    assert positive(client["asyncstage_ms_per_server"])
+    assert positive(client["raw_asyncssh_ms_per_server"])
+    if r["command"]["pyinfra_s"] is None:
+        assert client["ratio"] is None and client["not_run"]
+    else:
+        assert positive(client["pyinfra_ms_per_server"]) and positive(client["ratio"])
+        assert positive(client["pyinfra_vs_raw_asyncssh"])
     assert {t["name"] for t in data["targets"]} == {
         "fleet_command_vs_pyinfra",
+        "fleet_command_client_cpu_vs_pyinfra",
         "facts_vs_pyinfra",
         "put_vs_pyinfra",
     }

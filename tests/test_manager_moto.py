@@ -131,6 +131,23 @@ async def test_two_managers_launching_at_once_share_one_key_pair_and_one_group(
         assert await _groups_named(check, "asyncstage") == []
 
 
+async def test_ssh_admission_of_a_known_group_takes_no_turn_of_the_account_lock(
+    make: Any,
+) -> None:
+    # Every new ssh connection is admitted first: once the group is known, a fleet's
+    # connections must not queue for the lock one by one (nor wait for a key import).
+    async with make(region="eu-north-1", security_group="admit-once") as m:
+        group = await m.account.admit()
+        calls = dict(m.ec2.calls)
+        async with m.account._locked():  # held, as by a set-up under way
+            assert await m.account.admit() == group
+            await m.account.before_ssh()
+        assert dict(m.ec2.calls) == calls
+        m.account.forget()  # another manager removed it: made or found again, locked
+        assert await m.account.admit() == group
+        assert m.ec2.calls["DescribeSecurityGroups"] > calls.get("DescribeSecurityGroups", 0)
+
+
 async def test_concurrent_provisions_with_one_spec_share_one_run_instances(make: Any) -> None:
     async with make(on_exit="terminate", launch_window=0.2) as m:
         spec = await m.fleet.spec(LaunchOptions())
