@@ -366,7 +366,9 @@ class Fleet:
 
     async def _wait_up(self, servers: Sequence[ServerRef], timeout: float) -> _Errors:
         """Wait until running (one describe per round); each server, as soon as it is
-        seen running, has its host key read from its console and its ssh tried."""
+        seen running, has its host key read from its console and its ssh tried as soon
+        as the key is known (the ssh slots go to the servers in the order their keys
+        come, not held by those still waiting for theirs)."""
         m = self.ctx
         deadline = anyio.current_time() + timeout
         by_id = {s.instance_id: s for s in servers}
@@ -374,6 +376,7 @@ class Fleet:
         limiter = anyio.CapacityLimiter(32)
 
         async def ssh_up(server: ServerRef) -> None:
+            await _settle_host_key(server)
             async with limiter:
                 try:
                     await server._wait_ssh(deadline)
@@ -386,7 +389,6 @@ class Fleet:
                 server = by_id[instance_id]
                 # a new address on start: the server takes its pinned host key along
                 server._record_description(instance)
-                tg.start_soon(_settle_host_key, server)
                 tg.start_soon(ssh_up, server)
 
             _, failed = await m.ec2.wait_for_instances(
@@ -526,8 +528,9 @@ def _gone(servers: Sequence[ServerRef]) -> dict[ServerRef, Exception]:
 
 
 async def _settle_host_key(server: ServerRef) -> None:
-    """Read a server's host key from its console, outside the ssh slots (the console's
-    calls have slots of their own): a server waiting for a slot has it settled by then."""
+    """Read a server's host key from its console, before it takes an ssh slot (the
+    console's calls have a pace of their own): a failure is raised again by the ssh
+    wait, which says what is known."""
     try:
         await server._pin_host_key()
     except AsyncstageError as e:  # raised again by the ssh wait, which retries

@@ -5,8 +5,9 @@ fingerprints) minutes after its launch; ``GetConsoleOutput`` with ``Latest=True`
 shows the current output sooner, on Nitro instance types only. So before the first
 contact with a new server the console is polled (``Latest=True`` first; a type that
 refuses it is then polled without) until the fingerprints appear or
-``timeouts.console`` has passed since its launch (a fleet's consoles a few at a
-time, each as soon as its instance runs; a current console that is still empty is
+``timeouts.console`` has passed since its launch (a fleet's consoles as fast as EC2's
+request rate for ``GetConsoleOutput`` allows, in the order its instances were seen
+running, see :mod:`~asyncstage.ec2.rate`; a current console that is still empty is
 asked again within a second, the late one of a Xen type ever less often); then the manager's
 ``host_key_policy`` decides, and says so: ``"strict"`` fails with
 :class:`~asyncstage.errors.HostKeyUnverified`, ``"accept-new"`` pins the key first
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from asyncstage.ec2 import console_fingerprints
+from asyncstage.ec2.console import CONSOLE_READS
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
@@ -56,8 +58,6 @@ log = logging.getLogger("asyncstage")
 
 _NO_LATEST = ("UnsupportedOperation", "InvalidParameterValue", "InvalidParameterCombination")
 _CONSOLE_LINES = 15  # the console tail a ServerUnreachable carries
-_CONSOLE_CALLS = 8  # GetConsoleOutput calls at once per manager (leaves the client's
-# other slots to the poll rounds that notice the next instances running)
 _LATEST_PAUSE = 1.0  # the longest pause between two reads of a current (Latest) console
 _LATE_PAUSE = 10.0  # the longest between two reads of a late (not Latest) one
 
@@ -153,7 +153,7 @@ async def wait_for_fingerprints(ctx: Context, server: ServerRef) -> tuple[str, .
     latest = True
     slots = _console_slots.get(ctx)
     if slots is None:
-        slots = _console_slots[ctx] = anyio.CapacityLimiter(_CONSOLE_CALLS)
+        slots = _console_slots[ctx] = anyio.CapacityLimiter(CONSOLE_READS)
     while True:
         try:
             async with slots:

@@ -38,6 +38,7 @@ class _CloudClock:
         self.t0 = time.perf_counter()
         self._stop = threading.Event()
         self.last_running_at = 0.0  # the same, as time.perf_counter()
+        self.running_at: list[float] = []  # each instance's, as time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-clock")
         self._seen: set[str] = set()
 
@@ -54,6 +55,7 @@ class _CloudClock:
                 if state == "running":
                     self._seen.add(iid)
                     self.last_running_at = time.perf_counter()
+                    self.running_at.append(self.last_running_at)
                     self.last_running = self.last_running_at - self.t0
             self._stop.wait(0.02)
 
@@ -70,9 +72,9 @@ class _CloudClock:
 async def _concurrent(
     cloud: LocalCloud, m: Manager, n: int, keep_times: bool = False
 ) -> dict[str, Any]:
-    """``provision_servers(n)``; with ``keep_times`` also ``_last_running_at`` and
-    ``_describe_at`` (``time.perf_counter()`` of the last instance running and of each
-    DescribeInstances call)."""
+    """``provision_servers(n)``; with ``keep_times`` also ``_last_running_at``,
+    ``_running_at`` and ``_describe_at`` (``time.perf_counter()`` of the last instance
+    running, of each one's and of each DescribeInstances call)."""
     before = Counter(cloud.api_calls)
     throttled, absorbed = Counter(cloud.throttled), Counter(m.ec2.absorbed)
     with CallWatcher(cloud, "DescribeInstances") as watch, _CloudClock(cloud) as clock:
@@ -83,7 +85,11 @@ async def _concurrent(
     answered = sum([await s.ping() for s in servers])
     await m.terminate_servers(servers)
     rounds = watch.rounds()
-    times = {"_last_running_at": clock.last_running_at, "_describe_at": watch.times}
+    times = {
+        "_last_running_at": clock.last_running_at,
+        "_running_at": clock.running_at,
+        "_describe_at": watch.times,
+    }
     return (times if keep_times else {}) | {
         "n": n,
         "wall_s": round(wall, 3),

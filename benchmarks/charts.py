@@ -317,6 +317,9 @@ def fleet_ec2_chart(results: Path, plt: Any) -> Path | None:
     ax.bar(x, library, bottom=cloud, color=OURS, label="library: then all ready")
     for i, (c, lib) in enumerate(zip(cloud, library, strict=True)):
         ax.annotate(f"{lib:.2f} s", (i, c + lib), ha="center", va="bottom", fontsize=8, color=OURS)
+    if all("share_floor_s" in r for r in picked):  # what EC2's API rate leaves to any client
+        floors = [c + r["share_floor_s"] for c, r in zip(cloud, picked, strict=True)]
+        ax.scatter(x, floors, marker="_", s=400, color="black", zorder=3, label="EC2-rate floor")
     ax.set_xticks(list(x), [str(n) for n in sizes])
     ax.set_xlabel("servers (N)")
     ax.set_ylabel("seconds until all answer ssh")

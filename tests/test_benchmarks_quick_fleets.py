@@ -49,6 +49,9 @@ def test_fleet_ec2(results: Path) -> None:
             r["wall_s"] - r["cloud_last_running_s"], abs=0.002
         )
         assert r["controller_cpu_s"] > 0
+        # what EC2's rate leaves of the share, and when the host keys and servers came
+        assert r["share_floor_s"] >= 0 and r["running_spread_s"] >= 0
+        assert r["timeline"]["console_calls_in_share"] <= r["console_calls"]
     assert {t["name"].rsplit("_", 1)[-1] for t in data["targets"]} >= {"single", "share", "flat"}
 
 

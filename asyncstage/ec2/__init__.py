@@ -3,7 +3,8 @@
 :mod:`~asyncstage.ec2.client` holds the API client and EC2's clock,
 :mod:`~asyncstage.ec2.waits` the waits, :mod:`~asyncstage.ec2.creates` the idempotent
 creates, :mod:`~asyncstage.ec2.console` what we read on a console and
-:mod:`~asyncstage.ec2.tags` our tags; :class:`EC2` (:mod:`~asyncstage.ec2.api`) is
+:mod:`~asyncstage.ec2.tags` our tags, :mod:`~asyncstage.ec2.rate` EC2's request rate kept
+on this side; :class:`EC2` (:mod:`~asyncstage.ec2.api`) is
 the client the rest of asyncstage uses.
 """
 

@@ -21,6 +21,8 @@ from aiobotocore.config import AioConfig
 from botocore import xform_name
 from botocore.exceptions import BotoCoreError, ClientError
 
+from asyncstage.ec2.console import CONSOLE_READS
+from asyncstage.ec2.rate import THROTTLED, RequestBuckets
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
@@ -49,7 +51,7 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
 
 
 # What botocore's retries may leave for us to absorb (its list of EC2's throttling codes).
-_THROTTLED = frozenset({"RequestLimitExceeded", "Throttling", "EC2ThrottledException"})
+_THROTTLED = THROTTLED
 _FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
 _MAX_PAUSE = 5.0
 _ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
@@ -180,6 +182,7 @@ class Client:
         max_concurrency: int = 10,
         consistency: float = Timeouts.consistency,
         throttle_wait: float = 300.0,
+        request_rate: float | None = 1.0,
     ) -> None:
         self._session = aioboto3.Session(
             profile_name=profile,
@@ -195,7 +198,7 @@ class Client:
         self.endpoint_url = endpoint_url
         self._config = AioConfig(
             retries={"mode": retry_mode, "max_attempts": max_attempts},
-            max_pool_connections=max(10, max_concurrency),
+            max_pool_connections=max(10, max_concurrency) + CONSOLE_READS,
         )
         self.poll_interval = poll_interval
         self.poll_backoff = poll_backoff
@@ -203,6 +206,9 @@ class Client:
         self.coalesce_window = coalesce_window
         self.limiter = anyio.CapacityLimiter(max_concurrency)
         self.throttle_wait = throttle_wait
+        self.requests = RequestBuckets(request_rate) if request_rate else None
+        """This side's buckets of EC2's non-mutating actions (``request_rate``: the
+        account's rates relative to EC2's defaults; None: calls are not paced here)."""
         self.absorbed: Counter[str] = Counter()
         """Error answers retried here rather than raised, by code (NotFound of a new id,
         throttling that outlasted botocore's retries)."""
@@ -235,6 +241,8 @@ class Client:
                 await stack.aclose()
                 raise EC2Error(f"cannot open an EC2 client for {self.region}: {e}") from e
             self._stack = stack
+            if self.requests is not None:
+                self.requests.register(self._client.meta.events)
         return self
 
     @contextlib.asynccontextmanager

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["console_fingerprints"]
+__all__ = ["CONSOLE_READS", "console_fingerprints"]
+
+CONSOLE_READS = 24
+"""GetConsoleOutput calls in flight at once per client: enough to spend EC2's burst of
+the action's bucket (100) within a second at 0.2 s a call; the rate after it is the
+bucket's (:mod:`~asyncstage.ec2.rate`). The client's connection pool has room for
+them beside its other calls."""
 
 _FP_BEGIN = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
 _FP_END = "-----END SSH HOST KEY FINGERPRINTS-----"

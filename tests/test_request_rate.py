@@ -1,0 +1,165 @@
+"""EC2's request rate kept on the client's side: calls go out at the bucket's pace, first
+come first served, and a throttled answer (another process on the account) still backs off.
+
+The bucket arithmetic needs no root; the behaviour tests count calls and throttled answers
+at a local cloud's endpoint, whose buckets are EC2's scaled down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asyncstage.ec2 import EC2
+from asyncstage.ec2.rate import (
+    MARGIN,
+    NON_MUTATING,
+    Rate,
+    RequestBuckets,
+    TokenBucket,
+    non_mutating,
+)
+from asyncstage.localcloud import LocalCloud, Realism
+from tests.test_realism_consistency import Clock
+
+
+def test_bucket_gives_its_burst_at_once_then_its_refill() -> None:
+    clock = Clock()
+    bucket = TokenBucket(Rate(3, 2), clock)
+    assert bucket.level == 3
+    bucket.drain()
+    assert bucket.level == 0
+    clock.now += 0.5  # 2 a second: one token
+    assert bucket.level == 1
+    clock.now += 100  # up to the burst, not beyond
+    assert bucket.level == 3
+    assert TokenBucket(Rate(3, 2), clock, reserve=1).level == 2  # kept in hand
+
+
+@pytest.mark.anyio
+async def test_bucket_serves_takers_in_the_order_they_came() -> None:
+    bucket = TokenBucket(Rate(2, 500))
+    served: list[int] = []
+
+    async def take(n: int) -> None:
+        await bucket.take()
+        served.append(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(take, n)
+            await (
+                anyio.lowlevel.checkpoint()
+            )  # each taker reaches the bucket before the next starts
+    assert served == list(range(8))
+    assert bucket.level <= 2
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_taker_gives_its_reserved_token_back() -> None:
+    clock = Clock()
+    bucket = TokenBucket(Rate(1, 0.001), clock)  # one token, then one in 1000 s
+    await bucket.take()
+    with anyio.move_on_after(0.05):
+        await bucket.take()  # reserves the next token and waits for it: cancelled
+    assert bucket.level == 0  # not -1: the next taker is not made to wait for it
+
+
+def test_non_mutating_actions_have_a_bucket_each_and_throttling_drains_it() -> None:
+    clock = Clock()
+    buckets = RequestBuckets(0.5, clock)
+    assert buckets.rate == Rate(NON_MUTATING.burst / 2, NON_MUTATING.refill / 2)
+    assert non_mutating("GetConsoleOutput") and non_mutating("DescribeInstances")
+    assert buckets.bucket("RunInstances") is None and buckets.bucket("CreateTags") is None
+    console = buckets.bucket("GetConsoleOutput")
+    assert console is not None and console is buckets.bucket("GetConsoleOutput")
+    assert buckets.bucket("DescribeInstances") is not console  # EC2 counts each API apart
+    throttled = {"Error": {"Code": "RequestLimitExceeded", "Message": "slow down"}}
+    buckets._needs_retry("needs-retry.ec2.GetConsoleOutput", response=(None, throttled))
+    assert buckets.throttled == 1 and console.level == 0
+    describe = buckets.bucket("DescribeInstances")
+    # the other bucket stays full (less a quarter second of refill kept in hand)
+    assert describe is not None and describe.level == 50 - 10 * MARGIN
+    other = {"Error": {"Code": "InvalidInstanceID.NotFound", "Message": "gone"}}
+    buckets._needs_retry("needs-retry.ec2.DescribeInstances", response=(None, other))
+    buckets._needs_retry("needs-retry.ec2.RunInstances", response=(None, throttled))
+    buckets._needs_retry("needs-retry.ec2.DescribeInstances", response=None)
+    assert buckets.throttled == 1 and describe.level == 50 - 10 * MARGIN
+
+
+# -- behaviour on a local cloud -----------------------------------------------------------
+
+API_RATE = 0.2  # the cloud's buckets: 20 Describe/Get calls at once, then 4 a second
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the local cloud needs root")
+
+
+async def _console_reads(ec2: EC2, instance_id: str, count: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(ec2.console_output, instance_id)
+
+
+@pytest.mark.localcloud
+@pytest.mark.anyio
+async def test_console_reads_go_out_at_the_accounts_rate_and_no_faster() -> None:
+    _need_root()
+    realism = dataclasses.replace(Realism.off(), api_rate=API_RATE)
+    async with LocalCloud(realism=realism, seed=5) as cloud:
+        kwargs = cloud.session_kwargs()
+        region = kwargs.pop("region_name")
+
+        def client(rate: float | None) -> EC2:
+            return EC2(region=region, **kwargs, request_rate=rate, poll_interval=0.1)
+
+        def console_calls() -> Callable[[], tuple[int, int]]:
+            before = cloud.api_calls["GetConsoleOutput"], cloud.throttled["GetConsoleOutput"]
+            return lambda: (
+                cloud.api_calls["GetConsoleOutput"] - before[0],
+                cloud.throttled["GetConsoleOutput"] - before[1],
+            )
+
+        async with client(API_RATE) as paced:
+            made = await paced.run_instances(
+                image_id=cloud.image_id, count=1, instance_type="t3.micro"
+            )
+            iid = str(made[0]["InstanceId"])
+            try:
+                # twice the burst at once: half of them wait for the refill, none is refused
+                counted = console_calls()
+                await _console_reads(paced, iid, 40)
+                assert counted() == (40, 0)
+                assert paced.requests is not None and paced.requests.throttled == 0
+
+                # the same without the client's pacing: EC2 refuses some (the test's control)
+                async with client(None) as unpaced:
+                    counted = console_calls()
+                    await _console_reads(unpaced, iid, 40)
+                    calls, throttled = counted()
+                    assert throttled > 0 and calls == 40 + throttled  # each retried
+
+                # two processes on one account, each paced as if alone: the cloud refuses
+                # some, each refusal empties that side's bucket, and every read is answered
+                async with client(API_RATE) as other:
+                    counted = console_calls()
+                    await _console_reads_of_both(paced, other, iid, 25)
+                    calls, throttled = counted()
+                    assert throttled > 0 and calls == 50 + throttled
+                    assert other.requests is not None
+                    assert paced.requests.throttled + other.requests.throttled == throttled
+            finally:
+                await paced.terminate_instances([iid])
+
+
+async def _console_reads_of_both(one: EC2, other: EC2, instance_id: str, count: int) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_console_reads, one, instance_id, count)
+        tg.start_soon(_console_reads, other, instance_id, count)
