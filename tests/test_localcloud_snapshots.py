@@ -176,6 +176,8 @@ async def test_a_snapshot_is_the_volume_at_the_instant_of_the_call(
             with anyio.fail_after(60):
                 while int(await sh(conn, count)) < 20:  # noqa: ASYNC110 - counted there
                     await anyio.sleep(0.05)
+            # written before the call but never synced: still only in the instance's cache
+            await sh(conn, "echo unsynced | sudo -n tee /data/unsynced >/dev/null")
             before = int(await sh(conn, count))
             snap = (await ec2.create_snapshot(VolumeId=vol))["SnapshotId"]
             # written after the call: never in the snapshot
@@ -191,6 +193,7 @@ async def test_a_snapshot_is_the_volume_at_the_instant_of_the_call(
         assert numbers == list(range(1, len(numbers) + 1))  # no gap: a prefix of the order
         assert before <= len(numbers) <= after
         assert not (await sh(rconn, "ls /restored")).count("after")
+        assert await sh(rconn, "cat /restored/unsynced") == "unsynced\n"
         size = await sh(rconn, "stat -c %s /restored/big")
         assert int(size) == DATA_MIB << 20
     await ec2.delete_snapshot(SnapshotId=snap)

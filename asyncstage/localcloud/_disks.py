@@ -117,6 +117,20 @@ def _mbr(sectors: int) -> bytes:
     return b"\0" * 440 + os.urandom(4) + b"\0\0" + entry + b"\0" * 48 + b"\x55\xaa"
 
 
+BLKFLSBUF = 0x1261  # linux/fs.h: _IO(0x12, 97)
+
+
+def flush_loop(loop: str) -> None:
+    """Write what was written to ``loop`` into its image: the device's buffers, and the
+    filesystem mounted on it synced (the kernel syncs a holder's filesystem on
+    ``BLKFLSBUF``); what reaches the image file is then read by any copy of it."""
+    fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    finally:
+        os.close(fd)
+
+
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 _NO_CLONE = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
 _NO_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncstage.localcloud._devices import nvme_node, xen_node
-from asyncstage.localcloud._disks import GIB, CopyStopped, Disk, copy_image
+from asyncstage.localcloud._disks import GIB, CopyStopped, Disk, copy_image, flush_loop
 from asyncstage.localcloud._freeze import frozen
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal
 from asyncstage.localcloud._hosts import Host
@@ -215,9 +215,16 @@ class StorageEvents:
             pid = machine.host.init_pid if machine is not None and alive else None
             if pid is None:
                 return False
-            stack.enter_context(frozen(pid))
+            stack.enter_context(frozen(pid, lambda: self._flush(instance_id)))
         self._frozen[instance_id] = (count + 1, stack)
         return True
+
+    def _flush(self, instance_id: str) -> None:
+        """What the (stopped) instance wrote to its volumes, into their images: each loop
+        device's buffers and the filesystem mounted on it (``BLKFLSBUF`` syncs that)."""
+        for disk in self.disks.values():
+            if disk.instance_id == instance_id and disk.loop is not None:
+                flush_loop(disk.loop)
 
     def _thaw(self, instance_id: str) -> None:
         """One hold fewer; the instance's processes continue with the last."""
