@@ -141,35 +141,39 @@ class CopyStopped(Exception):
     """:func:`copy_image` was asked to stop (its target deleted, the cloud closed)."""
 
 
-def copy_image(source: int, dest: int, stop: threading.Event, size: int = 0) -> None:
+def copy_image(source: int, dest: int, stop: threading.Event, size: int = 0) -> int:
     """Copy the image open at ``source`` into the empty file open at ``dest``, holes kept,
-    the kernel doing the work; ``dest`` is at least ``size`` bytes long afterwards.
+    the kernel doing the work; ``dest`` is at least ``size`` bytes long afterwards. The
+    bytes of data copied (those a reflink shares: the source's allocated bytes).
 
     A reflink (``FICLONE``: xfs, btrfs) shares the blocks at once; elsewhere (ext4) each
     data run that ``SEEK_DATA``/``SEEK_HOLE`` find is copied by ``copy_file_range``, so
     the holes of a sparse image cost nothing. Raises :class:`CopyStopped` when ``stop``
     is set between two runs, ``OSError`` when the copy fails.
     """
-    length = os.fstat(source).st_size
+    info = os.fstat(source)
+    length = info.st_size
     try:
         fcntl.ioctl(dest, FICLONE, source)
+        copied = info.st_blocks * 512
     except OSError as e:
         if e.errno not in _NO_CLONE:
             raise
-        _copy_runs(source, dest, length, stop)
+        copied = _copy_runs(source, dest, length, stop)
     if os.fstat(dest).st_size < max(size, length):
         os.ftruncate(dest, max(size, length))
+    return copied
 
 
-def _copy_runs(source: int, dest: int, length: int, stop: threading.Event) -> None:
+def _copy_runs(source: int, dest: int, length: int, stop: threading.Event) -> int:
     ranged = True
-    at = 0
+    at = copied = 0
     while at < length:
         try:
             start = os.lseek(source, at, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:
-                return  # only a hole is left
+                return copied  # only a hole is left
             raise
         end = os.lseek(source, start, os.SEEK_HOLE)
         while start < end:
@@ -187,6 +191,8 @@ def _copy_runs(source: int, dest: int, length: int, stop: threading.Event) -> No
             else:
                 done = os.pwrite(dest, os.pread(source, min(count, 1 << 20), start), start)
             if done <= 0:
-                return  # the source ended early
+                return copied  # the source ended early
             start += done
+            copied += done
         at = end
+    return copied

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class _Copy:
     source: str | None
     dest: Path
     frozen: str | None  # the instance kept stopped for it
+    began: float = field(default_factory=time.monotonic)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
@@ -71,9 +73,11 @@ class StorageEvents:
     copies: dict[str, _Copy]  # target id -> its copy under way
     copied: threading.Condition  # on ``lock``: notified as each copy ends
     _frozen: dict[str, tuple[int, contextlib.ExitStack]]  # instance -> (holds, its freeze)
+    copy_totals: dict[str, float]  # copies made: "copies", "bytes" of data, "seconds" each
 
     def _start_storage(self) -> None:
         self.copies = {}
+        self.copy_totals = {"copies": 0, "bytes": 0, "seconds": 0.0}
         self.copied = threading.Condition(self.lock)
         self._frozen = {}
 
@@ -284,8 +288,9 @@ class StorageEvents:
     def _copying(self, job: _Copy, source: int, dest: int, size: int) -> None:
         """The copy's thread: copy, thaw, report; a stopped or failed copy leaves no file."""
         error: str | None = None
+        copied = 0
         try:
-            copy_image(source, dest, job.stop, size)
+            copied = copy_image(source, dest, job.stop, size)
         except CopyStopped:
             pass
         except OSError as e:
@@ -301,7 +306,12 @@ class StorageEvents:
                 done = error is None and not job.stop.is_set() and not self._closed
                 if not done:
                     job.dest.unlink(missing_ok=True)
-                elif job.target.startswith("snap-"):
+                else:
+                    totals = self.copy_totals
+                    totals["copies"] += 1
+                    totals["bytes"] += copied
+                    totals["seconds"] += time.monotonic() - job.began
+                if done and job.target.startswith("snap-"):
                     self.snapshots[job.target] = job.dest
                 if (done or error) and self._api is not None and not self._closed:
                     self._api.copy_done(job.target, error)
