@@ -76,6 +76,10 @@ class Connection:
     aws_session_token: str | None = None
     retry_mode: RetryMode = "adaptive"
     """botocore's retry mode: ``adaptive`` also paces calls after throttling."""
+    request_rate: float | None = 1.0
+    """Non-mutating calls (``Describe*``, ``Get*``) go out at this multiple of EC2's
+    default request rate (:mod:`asyncstage.ec2.rate`): more for an account whose limits
+    AWS raised, ``None`` not paced at all."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class ManagerKeywords(TypedDict, total=False):
     aws_secret_access_key: str | None
     aws_session_token: str | None
     retry_mode: RetryMode
+    request_rate: float | None
     instance_type: str | None
     image: str | None
     image_owners: Sequence[str] | None

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
+from asyncstage import Manager
 from asyncstage.ec2 import EC2
 from asyncstage.ec2.rate import (
     MARGIN,
@@ -24,6 +26,7 @@ from asyncstage.ec2.rate import (
     TokenBucket,
     non_mutating,
 )
+from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud import LocalCloud, Realism
 from tests.test_realism_consistency import Clock
 
@@ -163,3 +166,20 @@ async def _console_reads_of_both(one: EC2, other: EC2, instance_id: str, count: 
     async with anyio.create_task_group() as tg:
         tg.start_soon(_console_reads, one, instance_id, count)
         tg.start_soon(_console_reads, other, instance_id, count)
+
+
+@pytest.mark.parametrize("rate", [0, -1, "fast", True, float("nan")])
+def test_a_bad_request_rate_is_refused(rate: Any) -> None:
+    with pytest.raises(InvalidArgument, match="request_rate"):
+        RequestBuckets(rate)
+
+
+def test_a_manager_passes_its_request_rate_to_its_client() -> None:
+    # made, never entered: nothing is sent anywhere
+    paced = Manager(region="us-east-1", endpoint_url="http://127.0.0.1:9", request_rate=2.5)
+    assert paced.ec2.requests is not None
+    assert paced.ec2.requests.rate.refill == 2.5 * NON_MUTATING.refill
+    free = Manager(region="us-east-1", endpoint_url="http://127.0.0.1:9", request_rate=None)
+    assert free.ec2.requests is None
+    with pytest.raises(InvalidArgument, match="request_rate"):
+        Manager(region="us-east-1", endpoint_url="http://127.0.0.1:9", request_rate=-1)

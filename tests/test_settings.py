@@ -27,6 +27,7 @@ SAMPLES: dict[str, Any] = {
     "aws_secret_access_key": "secret",
     "aws_session_token": "token",
     "retry_mode": "standard",
+    "request_rate": 2.0,
     "instance_type": "t3.large",
     "image": "ami-12345678",
     "image_owners": ["self"],

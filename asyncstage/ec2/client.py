@@ -206,7 +206,7 @@ class Client:
         self.coalesce_window = coalesce_window
         self.limiter = anyio.CapacityLimiter(max_concurrency)
         self.throttle_wait = throttle_wait
-        self.requests = RequestBuckets(request_rate) if request_rate else None
+        self.requests = None if request_rate is None else RequestBuckets(request_rate)
         """This side's buckets of EC2's non-mutating actions (``request_rate``: the
         account's rates relative to EC2's defaults; None: calls are not paced here)."""
         self.absorbed: Counter[str] = Counter()

@@ -20,6 +20,8 @@ from typing import Any
 
 import anyio
 
+from asyncstage.errors import InvalidArgument
+
 __all__ = [
     "MARGIN",
     "NON_MUTATING",
@@ -113,6 +115,8 @@ class RequestBuckets:
     defaults (a raised limit, or a cloud that plays them scaled)."""
 
     def __init__(self, scale: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+            raise InvalidArgument(f"request_rate must be a number above 0 or None, not {scale!r}")
         self.rate = Rate(NON_MUTATING.burst * scale, NON_MUTATING.refill * scale)
         self._clock = clock
         self.buckets: dict[str, TokenBucket] = {}
