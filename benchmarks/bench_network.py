@@ -22,8 +22,9 @@ rounds' ratios with the lowest and highest round beside it:
   reached through a bastion with one (``Manager(jump_host=...)``: its connection is
   carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
   server with a public address reached directly (target >= 0.8x). Through the bastion
-  every byte is encrypted twice in this process (the inner connection's packets travel
-  as data of the outer one);
+  every byte is encrypted twice: for the server in this process, and again for the
+  bastion in the hop's child process (asyncstage/_jumphop.py), which holds the
+  bastion's connection and carries the inner one as a channel's data;
 - the same jump with OpenSSH's own client, in the same rounds: ``ssh`` through the
   bastion (``ProxyCommand=ssh -W %h:%p bastion``, which is what ``ssh -J`` runs, here
   with the library's key and known_hosts for the bastion hop) against ``ssh`` direct, the
@@ -32,11 +33,12 @@ rounds' ratios with the lowest and highest round beside it:
   CPU per GiB is that of the ``ssh`` processes. What double encryption costs any client;
 - what bounds the jump's ratio on this machine: in the same rounds, the CPU seconds per
   GiB of every process that carries each stream: this one (or OpenSSH's ``ssh``
-  processes), the server's sshd and, through the bastion, the bastion's sshd (every
-  process of each instance: sshd, its sessions, the command). Each runs on one core at
-  most and all of them share this machine's cores, which caps each side's rate and so
-  the ratio; on EC2 the bastion and the server are machines of their own, and what this
-  process alone allows (its CPU per GiB direct against through the bastion) is the cap;
+  processes), the server's sshd and, through the bastion, the hop's child and the
+  bastion's sshd (every process of each instance: sshd, its sessions, the command).
+  Each runs on one core at most and all of them share this machine's cores, which caps
+  each side's rate and so the ratio; on EC2 the bastion and the server are machines of
+  their own, and what this process and the hop's child allow, each on a core of its
+  own (their CPU per GiB against this process's direct), is the cap;
 - instance boot: ``provision_server()`` on each cloud in turn, from the launch to the
   cloud switching the instance to running (its sshd listening, the cloud's own view),
   and to the library having it answer ssh; vpc / loopback (reported, no target).
@@ -111,25 +113,40 @@ def _in_turn(round_no: int, sides: list[str]) -> list[str]:
 
 class _Beside:
     """CPU of the processes beside the client that carry a stream: the server's and,
-    through the bastion, the bastion's (every process of the instance, under its init:
-    sshd, its sessions and the command they run)."""
+    through the bastion, the hop's child process and the bastion's (every process of
+    the instance, under its init: sshd, its sessions and the command they run)."""
 
     def __init__(self, cloud: LocalCloud, bastion: Server, servers: dict[str, Server]) -> None:
         machines = cloud._engine.machines
+        self._bastion_host = bastion.host
         self._bastion = machines[bastion.instance_id].host.init_pid
         self._init = {side: machines[s.instance_id].host.init_pid for side, s in servers.items()}
         self._jumped = {side for side, s in servers.items() if s.jump_host is not None}
 
-    def usage(self, side: str) -> dict[str, float]:
-        """Cumulative CPU seconds of ``side``'s server (and bastion), by who; nothing for
-        a side of another cloud."""
+    def usage(self, side: str, hop: bool = True) -> dict[str, float]:
+        """Cumulative CPU seconds of ``side``'s server (and bastion, and with ``hop`` the
+        hop's child), by who; nothing for a side of another cloud."""
         got: dict[str, float] = {}
+        if side in self._jumped and hop:
+            child = self._bastion_host._conn._hop
+            if child is not None:
+                got["hop"] = _pid_cpu(child.pid)
         if side in self._jumped and self._bastion is not None:
             got["bastion"] = descendants_cpu(self._bastion)
         init = self._init.get(side)
         if init is not None:
             got["server"] = descendants_cpu(init)
         return got
+
+
+def _pid_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` so far: its threads' scheduler run time."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 async def _latency(
@@ -246,13 +263,13 @@ async def _streams(
     gib = size / (1 << 30)
     for r in range(rounds):
         for name in _in_turn(r, list(runs)):
-            side = name.split(" ")[-1]
-            before = beside.usage(side)  # read outside the client's CPU below
+            side, hop = name.split(" ")[-1], "openssh" not in name
+            before = beside.usage(side, hop)  # read outside the client's CPU below
             c, kids = process_cpu(), ssh_cpu.usage()
             with MachineCPU() as machine:
                 seconds = await runs[name]()
             spent = ssh_cpu.usage() - kids if "openssh" in name else process_cpu() - c
-            for who, used in beside.usage(side).items():
+            for who, used in beside.usage(side, hop).items():
                 if who in before:
                     others.setdefault(name, {}).setdefault(who, []).append(
                         (used - before[who]) / gib
@@ -515,6 +532,7 @@ def _targets(
 # is two processes (``ssh`` and its ProxyCommand ``ssh -W``), measured together.
 _WHO = {
     "client": "this process",
+    "hop": "the hop's child process",
     "ssh": "ssh",
     "bastion": "the bastion's sshd",
     "server": "the server's sshd",
@@ -542,8 +560,10 @@ def _jump_targets(
         (cap, tight), (straight_cap, _) = _cap(path, cores), _cap(straight, cores)
         here = ratio(cap, straight_cap)
         # On EC2 the bastion and the server are machines of their own: this process's
-        # CPU per byte is what is left on the controller's cores.
-        alone = ratio(cpu_gib[direct], cpu_gib[jump])
+        # and the hop's CPU per byte, each on a core of its own, is what is left on the
+        # controller's.
+        ours_most = max(cpu_gib[jump], beside.get(jump, {}).get("hop", 0.0))
+        alone = ratio(cpu_gib[direct], ours_most)
         two = {"ssh": 2}
         o_path = {"ssh": cpu_gib[ours], **beside.get(ours, {})}
         o_straight = {"ssh": cpu_gib[theirs], **beside.get(theirs, {})}
@@ -558,10 +578,11 @@ def _jump_targets(
             f"{_listed(straight)}. Each on one core at most, all on these {cores} cores: at "
             f"most {_gib_mb(cap)} against {_gib_mb(straight_cap)} MB/s, a ratio of {here}× "
             f"at most here ({tight} the tightest through the bastion); measured "
-            f"{ratio(value, here)}× that cap. This process alone (EC2, where the bastion and "
-            f"the server run on machines of their own): {cpu_gib[jump]} s/GiB through the "
-            f"bastion against {cpu_gib[direct]} direct (every byte encrypted twice, for the "
-            f"server and again for the bastion), at most {alone}×. OpenSSH's ssh -J (ssh and "
+            f"{ratio(value, here)}× that cap. This process and the hop's child alone, each on "
+            f"a core of its own (EC2, where the bastion and the server run on machines of "
+            f"their own): {_listed(_ours(path))} s/GiB through the bastion against "
+            f"{cpu_gib[direct]} direct (every byte encrypted for the server here and again "
+            f"for the bastion in the child), at most {alone}×. OpenSSH's ssh -J (ssh and "
             f"its ssh -W), same cipher, same rounds: {mb_s[ours]} MB/s through the bastion "
             f"against {mb_s[theirs]} direct ({openssh_value}×); CPU s/GiB through the "
             f"bastion {_listed(o_path)}, direct {_listed(o_straight)}: at most {o_here}× "
@@ -571,19 +592,21 @@ def _jump_targets(
         limit = 0.8
         if value >= limit or here >= limit:
             bound = "library"
-        elif tight == _tightest("client"):
-            # Both encryptions run on this process's one core, here as on EC2: the cap
-            # is the hop's design, not this machine's cores or the sshd beside it.
+        elif alone < limit and tight in (_tightest("client"), _tightest("hop")):
+            # One of our two processes' one core is the cap, here as on EC2: the hop's
+            # design, not this machine's cores or the sshd beside it.
             bound = (
-                "design: the hop in this process encrypts every byte twice (for the server "
-                f"and again for the bastion) on its one core: at most {alone}× here and "
-                "with the bastion and the server on machines of their own (EC2) alike"
+                f"design: {tight} caps the stream through the bastion "
+                f"({_listed(_ours(path))} s/GiB against {cpu_gib[direct]} direct): at most "
+                f"{alone}× here and with the bastion and the server on machines of their "
+                "own (EC2) alike"
             )
         else:
             bound = (
-                f"machine: the processes carrying the stream (this one, the bastion's and "
-                f"the server's sshd) on these {cores} cores allow at most {here}× ({tight} "
-                f"the tightest); on EC2 this process alone allows {alone}×"
+                f"machine: the processes carrying the stream (this one, the hop's child, "
+                f"the bastion's and the server's sshd) on these {cores} cores allow at most "
+                f"{here}× ({tight} the tightest); on EC2, each on a core of its own, this "
+                f"process and the hop's child allow {alone}×"
             )
         report.target(
             f"scmd_{direction}_jump_vs_direct",
@@ -601,6 +624,11 @@ def _jump_targets(
         found.setdefault("jump_cap_here", {})[direction] = here
         found.setdefault("jump_cap_this_process_alone", {})[direction] = alone
         found.setdefault("openssh_jump_cap_here", {})[direction] = o_here
+
+
+def _ours(cpu_s_per_gib: dict[str, float]) -> dict[str, float]:
+    """The controller's processes among those carrying a stream."""
+    return {who: v for who, v in cpu_s_per_gib.items() if who in ("client", "hop")}
 
 
 def _cap(
