@@ -33,7 +33,14 @@ from typing import Any
 
 import asyncssh
 
-__all__ = ["DIRECT", "DIRECT_QUICKACK", "GatheringWire", "JumpTunnel", "gathered"]
+__all__ = [
+    "DIRECT",
+    "DIRECT_QUICKACK",
+    "GatheringWire",
+    "JumpTunnel",
+    "acknowledge_at_once",
+    "gathered",
+]
 
 _FEED_BYTES = 32 * 1024 + 256  # one sshd session packet and its framing, at a time
 
@@ -93,6 +100,18 @@ class _QuickAckWire(_WireProtocol):
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         super().data_received(data)
+
+
+def acknowledge_at_once(conn: asyncssh.SSHClientConnection) -> None:
+    """Have the open connection ``conn`` (to a jump host) acknowledge what it receives at
+    once from now on, as :class:`_QuickAckWire` does."""
+    transport = getattr(conn, "_transport", None)  # asyncssh keeps its transport there
+    wire = transport.get_protocol() if isinstance(transport, asyncio.Transport) else None
+    if isinstance(wire, _WireProtocol) and not isinstance(wire, _QuickAckWire):
+        assert transport is not None
+        quick = _QuickAckWire(wire.inner)
+        quick._sock = transport.get_extra_info("socket")
+        transport.set_protocol(quick)
 
 
 class _Direct:

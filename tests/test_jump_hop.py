@@ -1,4 +1,5 @@
-"""The jump host's outer hop in a child process (asyncstage/_jumphop.py), on real sshd
+"""The jump host's outer hop in a child process (asyncstage/_jumphop.py,
+``SSHHost.hop_process = True``), on real sshd
 processes on 127.0.0.x: one child per jump host carries every tunnel, it holds the
 jump host's connection itself, it is reaped on close, on cancellation and when this
 process is killed, and errors keep their types."""
@@ -78,6 +79,7 @@ async def test_one_child_carries_every_tunnel_and_is_reaped_on_close(
     data = os.urandom(MiB) * 4
     (tmp_path / "data").write_bytes(data)
     async with jump.host() as j, a.host(jump=j) as ha, b.host(jump=j) as hb:
+        j.hop_process = True
         assert (await ha.scmd("echo", "a")).strip() == "a"
         assert (await hb.scmd("echo", "b")).strip() == "b"
         children = _hop_children()
@@ -97,12 +99,12 @@ async def test_one_child_carries_every_tunnel_and_is_reaped_on_close(
     assert _wait_gone([hop], within=5) == []
 
 
-async def test_the_in_process_tunnel_remains_as_an_option(
+async def test_the_in_process_tunnel_is_the_default(
     pair: tuple[SSHServer, SSHServer, SSHServer],
 ) -> None:
     jump, a, _ = pair
     async with jump.host() as j, a.host(jump=j) as ha:
-        j.hop_process = False
+        assert j.hop_process is False
         assert (await ha.scmd("echo", "inline")).strip() == "inline"
         assert _hop_children() == []
         assert os.getpid() in _connection_owners(jump)
@@ -116,6 +118,7 @@ from asyncstage.ssh import SSHHost
 async def main() -> None:
     jump = SSHHost(sys.argv[2], port=int(sys.argv[3]), username="root",
                    client_keys=[sys.argv[4]], known_hosts=sys.argv[5])
+    jump.hop_process = True
     target = SSHHost(sys.argv[6], port=int(sys.argv[7]), username="root",
                      client_keys=[sys.argv[4]], known_hosts=sys.argv[8], jump=jump)
     await target.scmd("true")
@@ -153,6 +156,7 @@ async def test_a_cancelled_connection_leaves_no_child(
 ) -> None:
     jump, a, _ = pair
     async with jump.host() as j, a.host(jump=j) as ha:
+        j.hop_process = True
         await j.host_public_key()  # the jump host's connection is up: the child is next
         with anyio.move_on_after(0.05):
             await ha.scmd("true")
@@ -170,6 +174,7 @@ async def test_errors_through_the_child_keep_their_types(
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"[{jump.address}]:{jump.port} {a.host_public_key}\n")
     bad = jump.host(known_hosts=wrong, host_key_policy="strict", label="bastion")
+    bad.hop_process = True
     async with bad, a.host(jump=bad) as ha:
         with pytest.raises(JumpHostError, match="bastion") as caught:
             await ha.scmd("true")
@@ -178,6 +183,7 @@ async def test_errors_through_the_child_keep_their_types(
         assert _hop_children() == []
     # the jump host refuses the tunnel (nothing listens there): its refusal, named
     async with jump.host(label="bastion") as j:
+        j.hop_process = True
         gone = SSHHost(
             "127.0.0.84",
             port=a.port,

@@ -314,6 +314,7 @@ class Connection:
         link = await self.link()  # the host key checked and pinned as for any connection
         t = self.target
         if not t.hop_process or t.jump is not None:
+            _sshwire.acknowledge_at_once(link.conn)
             return _sshwire.JumpTunnel(link.conn)
         if self._hop_lock is None:
             self._hop_lock = anyio.Lock()

@@ -92,11 +92,13 @@ class SSHHost:
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.keepalive_interval = keepalive_interval
-        self.hop_process = True
+        self.hop_process = False
         """As a jump host: carry the connections to the hosts behind it from a child
         process of its own (its connection to this host, our key, only the host key this
-        process verified), so that their two layers of encryption run on two cores. False:
-        as channels of this process's own connection (:meth:`carrier`)."""
+        process verified), so that their two layers of encryption run on two cores.
+        False (the default): as channels of this process's own connection, one core for
+        both layers but no extra hop for each packet (:meth:`carrier`; the figures are
+        in benchmarks/results/summary.md)."""
         self._jump: SSHHost | None = None
         self.jump = jump
         self._conn = Connection(self)
