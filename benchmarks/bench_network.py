@@ -13,7 +13,10 @@ that load from other processes hits both alike), a target judged on the median o
 rounds' ratios with the lowest and highest round beside it:
 
 - warm command latency: ``server.scmd("true")`` over the open connection, blocks of
-  samples on each cloud's server in turn (target: vpc no more than 10 % slower);
+  samples on each cloud's server in turn (target: vpc no more than 10 % slower); and
+  through the bastion both ways, the hop in its child process (``jump``) and in this
+  process (``jump in-process``, the default: a second private server whose jump host
+  is an ``SSHHost`` of the bastion with ``hop_process = False``), reported;
 - streaming: ``scmd_read`` (the remote ``head -c SIZE /dev/zero``) and ``scmd_write``
   (into the remote ``cat > /dev/null``) in 1 MiB pieces, MB/s vpc / loopback
   (target >= 0.9x);
@@ -23,8 +26,9 @@ rounds' ratios with the lowest and highest round beside it:
   carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
   server with a public address reached directly (target >= 0.8x). Through the bastion
   every byte is encrypted twice: for the server in this process, and again for the
-  bastion in the hop's child process (asyncstage/_jumphop.py), which holds the
-  bastion's connection and carries the inner one as a channel's data;
+  bastion in the hop's child process (asyncstage/_jumphop.py, the bastion's
+  ``hop_process = True``), which holds the bastion's connection and carries the inner
+  one as a channel's data;
 - the same jump with OpenSSH's own client, in the same rounds: ``ssh`` through the
   bastion (``ProxyCommand=ssh -W %h:%p bastion``, which is what ``ssh -J`` runs, here
   with the library's key and known_hosts for the bastion hop) against ``ssh`` direct, the
@@ -78,6 +82,7 @@ from bench_streaming import _openssh, _read, _write
 
 from asyncstage import Manager, Server
 from asyncstage.localcloud import LocalCloud, Realism
+from asyncstage.ssh import SSHHost
 
 BASTION = "netbench-bastion"
 PRIVATE = "netbench-private"
@@ -335,19 +340,27 @@ async def main() -> None:
             vpc_m.provision_server(BASTION),
             loop_m.provision_server("netbench-loopback"),
         )
+        bastion.host.hop_process = True  # the private server is reached through a child
         private = await _private_server(vpc_m, PRIVATE)
         if "PublicIpAddress" in private.instance or private.jump_host != BASTION:
             raise RuntimeError(f"{PRIVATE} is not reached through {BASTION}")
         by_side = {"vpc": direct, "loopback": looped, "jump": private}
-        for server in by_side.values():
+        in_process = _in_process_hop(bastion)
+        other = await _private_server(vpc_m, f"{PRIVATE}-2")
+        other.jump_host = in_process
+        for server in [*by_side.values(), other]:
             await server.scmd("true")  # warm: connection open, host key pinned
             await _read(server, min(size, 16 * MiB))
+        if in_process._conn.open_link() is None or bastion.host._conn._hop is None:
+            raise RuntimeError("the jump sides do not use the hop they are named for")
         report.params["addresses"] = {k: s.host.address for k, s in by_side.items()}
         report.params["jump_host_address"] = bastion.host.address
         report.params["clouds_network"] = {"vpc": vpc[0].network, "loopback": loop[0].network}
         cipher = _negotiated(private)
         report.params["cipher"] = {"jump": cipher, "vpc": _negotiated(direct)}
-        samples, blocks_med = await _latency(by_side, blocks, per_block)
+        timed = {**by_side, "jump in-process": other}
+        samples, blocks_med = await _latency(timed, blocks, per_block)
+        await in_process.close()
         report.mark_load("after_latency")
         pair = {"vpc": direct, "jump": private}
         beside = _Beside(vpc[0], bastion, pair)
@@ -360,6 +373,22 @@ async def main() -> None:
         report.mark_load("after_boots")
     _report(report, size, samples, blocks_med, rates, cpu, busy, others, boots)
     report.save()
+
+
+def _in_process_hop(bastion: Server) -> SSHHost:
+    """The bastion as a jump host whose tunnels run in this process."""
+    host = bastion.host
+    hop = SSHHost(
+        host.address,
+        port=host.port,
+        username=host.username,
+        client_keys=host.client_keys,
+        known_hosts=host.known_hosts,
+        host_key_policy="strict",
+        label=f"{host.label}, in-process hop",
+    )
+    hop.hop_process = False
+    return hop
 
 
 def _negotiated(server: Server) -> str:
@@ -461,6 +490,11 @@ def _report(
             },
         }
     )
+    hop_latency = _paired(blocks_med["jump"], blocks_med["jump in-process"])
+    report.results["latency_jump_child_vs_in_process"] = {
+        "ratio": hop_latency[0],
+        "spread": hop_latency[1],
+    }
     _targets(report, latency, blocks_med, rates, mb_s, cpu_gib, busy_med)
     _jump_targets(report, rates, mb_s, cpu_gib, beside_gib, busy_med)
 
@@ -613,8 +647,9 @@ def _jump_targets(
             value,
             ">=",
             limit,
-            f"scmd_{direction} MB/s through a jump host / direct to a server with a public "
-            f"address, same VPC cloud, same run (median of {len(rates[direct])} rounds)",
+            f"scmd_{direction} MB/s through a jump host (its hop in a child process) / direct "
+            "to a server with a public address, same VPC cloud, same run "
+            f"(median of {len(rates[direct])} rounds)",
             spread=spread,
             bound=bound,
             evidence=evidence,
