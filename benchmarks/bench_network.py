@@ -14,9 +14,9 @@ rounds' ratios with the lowest and highest round beside it:
 
 - warm command latency: ``server.scmd("true")`` over the open connection, blocks of
   samples on each cloud's server in turn (target: vpc no more than 10 % slower); and
-  through the bastion both ways, the hop in its child process (``jump``) and in this
-  process (``jump in-process``, the default: a second private server whose jump host
-  is an ``SSHHost`` of the bastion with ``hop_process = False``), reported;
+  through the bastion both ways, the hop in this process (``jump``, the default) and in
+  its child process (``jump-child``: a second private server whose jump host is an
+  ``SSHHost`` of the bastion with ``hop_process = True``), reported;
 - streaming: ``scmd_read`` (the remote ``head -c SIZE /dev/zero``) and ``scmd_write``
   (into the remote ``cat > /dev/null``) in 1 MiB pieces, MB/s vpc / loopback
   (target >= 0.9x);
@@ -25,10 +25,13 @@ rounds' ratios with the lowest and highest round beside it:
   reached through a bastion with one (``Manager(jump_host=...)``: its connection is
   carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
   server with a public address reached directly (target >= 0.8x). Through the bastion
-  every byte is encrypted twice: for the server in this process, and again for the
-  bastion in the hop's child process (asyncstage/_jumphop.py, the bastion's
-  ``hop_process = True``), which holds the bastion's connection and carries the inner
-  one as a channel's data;
+  every byte is encrypted twice: for the server and again for the bastion. Both hop
+  modes stream in the same rounds, each judged against direct: the default, the hop in
+  this process (``jump``: both encryptions on this process's core), and the opt-in
+  child (``jump-child``, asyncstage/_jumphop.py, ``hop_process = True``: the bastion's
+  connection in a child process that carries the inner one as a channel's data). The
+  child's streams are as long and as many as the others' (a round takes a few seconds
+  more); OpenSSH is compared with the default only;
 - the same jump with OpenSSH's own client, in the same rounds: ``ssh`` through the
   bastion (``ProxyCommand=ssh -W %h:%p bastion``, which is what ``ssh -J`` runs, here
   with the library's key and known_hosts for the bastion hop) against ``ssh`` direct, the
@@ -37,8 +40,8 @@ rounds' ratios with the lowest and highest round beside it:
   CPU per GiB is that of the ``ssh`` processes. What double encryption costs any client;
 - what bounds the jump's ratio on this machine: in the same rounds, the CPU seconds per
   GiB of every process that carries each stream: this one (or OpenSSH's ``ssh``
-  processes), the server's sshd and, through the bastion, the hop's child and the
-  bastion's sshd (every process of each instance: sshd, its sessions, the command).
+  processes), the server's sshd and, through the bastion, the bastion's sshd and (for
+  ``jump-child``) the hop's child (every process of each instance: sshd, its sessions, the command).
   Each runs on one core at most and all of them share this machine's cores, which caps
   each side's rate and so the ratio; on EC2 the bastion and the server are machines of
   their own, and what this process and the hop's child allow, each on a core of its
@@ -51,6 +54,7 @@ rounds' ratios with the lowest and highest round beside it:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import statistics
@@ -121,9 +125,15 @@ class _Beside:
     through the bastion, the hop's child process and the bastion's (every process of
     the instance, under its init: sshd, its sessions and the command they run)."""
 
-    def __init__(self, cloud: LocalCloud, bastion: Server, servers: dict[str, Server]) -> None:
+    def __init__(
+        self,
+        cloud: LocalCloud,
+        bastion: Server,
+        servers: dict[str, Server],
+        hops: dict[str, SSHHost],
+    ) -> None:
         machines = cloud._engine.machines
-        self._bastion_host = bastion.host
+        self._hops = hops
         self._bastion = machines[bastion.instance_id].host.init_pid
         self._init = {side: machines[s.instance_id].host.init_pid for side, s in servers.items()}
         self._jumped = {side for side, s in servers.items() if s.jump_host is not None}
@@ -132,8 +142,8 @@ class _Beside:
         """Cumulative CPU seconds of ``side``'s server (and bastion, and with ``hop`` the
         hop's child), by who; nothing for a side of another cloud."""
         got: dict[str, float] = {}
-        if side in self._jumped and hop:
-            child = self._bastion_host._conn._hop
+        if side in self._hops and hop:
+            child = self._hops[side]._conn._hop
             if child is not None:
                 got["hop"] = _pid_cpu(child.pid)
         if side in self._jumped and self._bastion is not None:
@@ -340,34 +350,33 @@ async def main() -> None:
             vpc_m.provision_server(BASTION),
             loop_m.provision_server("netbench-loopback"),
         )
-        bastion.host.hop_process = True  # the private server is reached through a child
-        private = await _private_server(vpc_m, PRIVATE)
+        private = await _private_server(vpc_m, PRIVATE)  # the default hop, in this process
         if "PublicIpAddress" in private.instance or private.jump_host != BASTION:
             raise RuntimeError(f"{PRIVATE} is not reached through {BASTION}")
-        by_side = {"vpc": direct, "loopback": looped, "jump": private}
-        in_process = _in_process_hop(bastion)
+        child_hop = _child_hop(bastion)
         other = await _private_server(vpc_m, f"{PRIVATE}-2")
-        other.jump_host = in_process
-        for server in [*by_side.values(), other]:
+        other.jump_host = child_hop
+        by_side = {"vpc": direct, "loopback": looped, "jump": private, "jump-child": other}
+        for server in by_side.values():
             await server.scmd("true")  # warm: connection open, host key pinned
             await _read(server, min(size, 16 * MiB))
-        if in_process._conn.open_link() is None or bastion.host._conn._hop is None:
+        if bastion.host._conn._hop is not None or child_hop._conn._hop is None:
             raise RuntimeError("the jump sides do not use the hop they are named for")
         report.params["addresses"] = {k: s.host.address for k, s in by_side.items()}
         report.params["jump_host_address"] = bastion.host.address
         report.params["clouds_network"] = {"vpc": vpc[0].network, "loopback": loop[0].network}
         cipher = _negotiated(private)
         report.params["cipher"] = {"jump": cipher, "vpc": _negotiated(direct)}
-        timed = {**by_side, "jump in-process": other}
-        samples, blocks_med = await _latency(timed, blocks, per_block)
-        await in_process.close()
+        samples, blocks_med = await _latency(by_side, blocks, per_block)
         report.mark_load("after_latency")
         pair = {"vpc": direct, "jump": private}
-        beside = _Beside(vpc[0], bastion, pair)
+        jumped = {"vpc": direct, "jump": private, "jump-child": other}
+        beside = _Beside(vpc[0], bastion, jumped, {"jump-child": child_hop})
         with _SshCPU() as ssh_cpu:
             rates, cpu, busy, others = await _streams(
                 by_side, size, rounds, pair, cipher, ssh_cpu, beside
             )
+        await child_hop.close()
         report.mark_load("after_streams")
         boots = await _boots({"vpc": vpc, "loopback": loop}, boot_rounds)
         report.mark_load("after_boots")
@@ -375,8 +384,8 @@ async def main() -> None:
     report.save()
 
 
-def _in_process_hop(bastion: Server) -> SSHHost:
-    """The bastion as a jump host whose tunnels run in this process."""
+def _child_hop(bastion: Server) -> SSHHost:
+    """The bastion as a jump host whose tunnels run in a child process (the opt-in)."""
     host = bastion.host
     hop = SSHHost(
         host.address,
@@ -385,9 +394,9 @@ def _in_process_hop(bastion: Server) -> SSHHost:
         client_keys=host.client_keys,
         known_hosts=host.known_hosts,
         host_key_policy="strict",
-        label=f"{host.label}, in-process hop",
+        label=f"{host.label}, hop in a child",
     )
-    hop.hop_process = False
+    hop.hop_process = True
     return hop
 
 
@@ -490,11 +499,12 @@ def _report(
             },
         }
     )
-    hop_latency = _paired(blocks_med["jump"], blocks_med["jump in-process"])
-    report.results["latency_jump_child_vs_in_process"] = {
-        "ratio": hop_latency[0],
-        "spread": hop_latency[1],
-    }
+    for key, (top, bottom) in {
+        "latency_jump_child_vs_in_process": ("jump-child", "jump"),
+        "latency_jump_vs_direct": ("jump", "vpc"),
+    }.items():
+        value, spread = _paired(blocks_med[top], blocks_med[bottom])
+        report.results[key] = {"ratio": value, "spread": spread}
     _targets(report, latency, blocks_med, rates, mb_s, cpu_gib, busy_med)
     _jump_targets(report, rates, mb_s, cpu_gib, beside_gib, busy_med)
 
@@ -573,6 +583,13 @@ _WHO = {
 }
 
 
+# The two hop modes streamed through the bastion: side, target suffix, how the rows name it.
+_HOPS = {
+    "jump": ("jump", "its hop in this process, the default"),
+    "jump-child": ("jump_child", "its hop in a child process, hop_process = True"),
+}
+
+
 def _jump_targets(
     report: Report,
     rates: dict[str, list[float]],
@@ -581,29 +598,29 @@ def _jump_targets(
     beside: dict[str, dict[str, float]],
     busy: dict[str, float],
 ) -> None:
-    """Through the bastion against direct, and what caps that ratio on this machine's
-    cores: every process carrying each stream, measured in the same rounds."""
+    """Through the bastion against direct, each hop mode, and what caps that ratio on
+    this machine's cores: every process carrying each stream, measured in the same rounds."""
     cores = os.cpu_count() or 1
-    for direction in ("read", "write"):
-        jump, direct = f"{direction} jump", f"{direction} vpc"
-        ours, theirs = f"{direction} openssh jump", f"{direction} openssh vpc"
+    for side, direction in itertools.product(_HOPS, ("read", "write")):
+        suffix, mode = _HOPS[side]
+        child = side == "jump-child"
+        jump, direct = f"{direction} {side}", f"{direction} vpc"
         value, spread = _paired(rates[jump], rates[direct])
-        openssh_value, _ = _paired(rates[ours], rates[theirs])
         path = {"client": cpu_gib[jump], **beside.get(jump, {})}
         straight = {"client": cpu_gib[direct], **beside.get(direct, {})}
         (cap, tight), (straight_cap, _) = _cap(path, cores), _cap(straight, cores)
         here = ratio(cap, straight_cap)
-        # On EC2 the bastion and the server are machines of their own: this process's
-        # and the hop's CPU per byte, each on a core of its own, is what is left on the
+        # On EC2 the bastion and the server are machines of their own: this process's (and
+        # the hop's child's) CPU per byte, each on a core of its own, is what is left on the
         # controller's.
         ours_most = max(cpu_gib[jump], beside.get(jump, {}).get("hop", 0.0))
         alone = ratio(cpu_gib[direct], ours_most)
-        two = {"ssh": 2}
-        o_path = {"ssh": cpu_gib[ours], **beside.get(ours, {})}
-        o_straight = {"ssh": cpu_gib[theirs], **beside.get(theirs, {})}
-        o_here = ratio(_cap(o_path, cores, two)[0], _cap(o_straight, cores)[0])
-        o_alone = ratio(
-            _cap({"ssh": cpu_gib[ours]}, cores, two)[0], _cap({"ssh": cpu_gib[theirs]}, cores)[0]
+        controller = "this process and the hop's child" if child else "this process"
+        own = "each on a core of its own" if child else "on a core of its own"
+        twice = (
+            "for the server here and again for the bastion in the child"
+            if child
+            else "for the server and again for the bastion, both in this process"
         )
         evidence = (
             f"through the bastion {mb_s[jump]} MB/s, direct {mb_s[direct]} MB/s (machine "
@@ -612,23 +629,19 @@ def _jump_targets(
             f"{_listed(straight)}. Each on one core at most, all on these {cores} cores: at "
             f"most {_gib_mb(cap)} against {_gib_mb(straight_cap)} MB/s, a ratio of {here}× "
             f"at most here ({tight} the tightest through the bastion); measured "
-            f"{ratio(value, here)}× that cap. This process and the hop's child alone, each on "
-            f"a core of its own (EC2, where the bastion and the server run on machines of "
-            f"their own): {_listed(_ours(path))} s/GiB through the bastion against "
-            f"{cpu_gib[direct]} direct (every byte encrypted for the server here and again "
-            f"for the bastion in the child), at most {alone}×. OpenSSH's ssh -J (ssh and "
-            f"its ssh -W), same cipher, same rounds: {mb_s[ours]} MB/s through the bastion "
-            f"against {mb_s[theirs]} direct ({openssh_value}×); CPU s/GiB through the "
-            f"bastion {_listed(o_path)}, direct {_listed(o_straight)}: at most {o_here}× "
-            f"here, measured {ratio(openssh_value, o_here)}× that cap; its ssh processes "
-            f"alone (the two sharing the work evenly at best) allow {o_alone}×"
+            f"{ratio(value, here)}× that cap. {controller.capitalize()} alone, {own} (EC2, "
+            "where the bastion and the server run on machines of their own): "
+            f"{_listed(_ours(path))} s/GiB through the bastion against {cpu_gib[direct]} "
+            f"direct (every byte encrypted {twice}), at most {alone}×"
         )
+        if not child:
+            evidence += _openssh_evidence(report, direction, rates, mb_s, cpu_gib, beside, cores)
         limit = 0.8
         if value >= limit or here >= limit:
             bound = "library"
         elif alone < limit and tight in (_tightest("client"), _tightest("hop")):
-            # One of our two processes' one core is the cap, here as on EC2: the hop's
-            # design, not this machine's cores or the sshd beside it.
+            # One of our processes' one core is the cap, here as on EC2: the hop's design,
+            # not this machine's cores or the sshd beside it.
             bound = (
                 f"design: {tight} caps the stream through the bastion "
                 f"({_listed(_ours(path))} s/GiB against {cpu_gib[direct]} direct): at most "
@@ -636,29 +649,59 @@ def _jump_targets(
                 "own (EC2) alike"
             )
         else:
+            carriers = "this one, the hop's child," if child else "this one,"
             bound = (
-                f"machine: the processes carrying the stream (this one, the hop's child, "
-                f"the bastion's and the server's sshd) on these {cores} cores allow at most "
-                f"{here}× ({tight} the tightest); on EC2, each on a core of its own, this "
-                f"process and the hop's child allow {alone}×"
+                f"machine: the processes carrying the stream ({carriers} the bastion's and "
+                f"the server's sshd) on these {cores} cores allow at most {here}× ({tight} "
+                f"the tightest); on EC2, each on a core of its own, {controller} allow "
+                f"{alone}×"
             )
         report.target(
-            f"scmd_{direction}_jump_vs_direct",
+            f"scmd_{direction}_{suffix}_vs_direct",
             value,
             ">=",
             limit,
-            f"scmd_{direction} MB/s through a jump host (its hop in a child process) / direct "
-            "to a server with a public address, same VPC cloud, same run "
-            f"(median of {len(rates[direct])} rounds)",
+            f"scmd_{direction} MB/s through a jump host ({mode}) / direct to a server with a "
+            f"public address, same VPC cloud, same run (median of {len(rates[direct])} rounds)",
             spread=spread,
             bound=bound,
             evidence=evidence,
         )
         found = report.results
-        found.setdefault("openssh_jump_vs_direct", {})[direction] = openssh_value
-        found.setdefault("jump_cap_here", {})[direction] = here
-        found.setdefault("jump_cap_this_process_alone", {})[direction] = alone
-        found.setdefault("openssh_jump_cap_here", {})[direction] = o_here
+        found.setdefault(f"{suffix}_cap_here", {})[direction] = here
+        found.setdefault(f"{suffix}_cap_this_process_alone", {})[direction] = alone
+
+
+def _openssh_evidence(
+    report: Report,
+    direction: str,
+    rates: dict[str, list[float]],
+    mb_s: dict[str, float],
+    cpu_gib: dict[str, float],
+    beside: dict[str, dict[str, float]],
+    cores: int,
+) -> str:
+    """OpenSSH's ssh -J against its ssh direct, same rounds: what double encryption
+    costs any client (also kept in the results)."""
+    ours, theirs = f"{direction} openssh jump", f"{direction} openssh vpc"
+    openssh_value, _ = _paired(rates[ours], rates[theirs])
+    two = {"ssh": 2}
+    o_path = {"ssh": cpu_gib[ours], **beside.get(ours, {})}
+    o_straight = {"ssh": cpu_gib[theirs], **beside.get(theirs, {})}
+    o_here = ratio(_cap(o_path, cores, two)[0], _cap(o_straight, cores)[0])
+    o_alone = ratio(
+        _cap({"ssh": cpu_gib[ours]}, cores, two)[0], _cap({"ssh": cpu_gib[theirs]}, cores)[0]
+    )
+    found = report.results
+    found.setdefault("openssh_jump_vs_direct", {})[direction] = openssh_value
+    found.setdefault("openssh_jump_cap_here", {})[direction] = o_here
+    return (
+        f". OpenSSH's ssh -J (ssh and its ssh -W), same cipher, same rounds: {mb_s[ours]} "
+        f"MB/s through the bastion against {mb_s[theirs]} direct ({openssh_value}×); CPU "
+        f"s/GiB through the bastion {_listed(o_path)}, direct {_listed(o_straight)}: at "
+        f"most {o_here}× here, measured {ratio(openssh_value, o_here)}× that cap; its ssh "
+        f"processes alone (the two sharing the work evenly at best) allow {o_alone}×"
+    )
 
 
 def _ours(cpu_s_per_gib: dict[str, float]) -> dict[str, float]:
