@@ -26,12 +26,21 @@ at once, which cuts them into whole outer packets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import asyncssh
 
-__all__ = ["DIRECT", "JumpTunnel"]
+__all__ = [
+    "DIRECT",
+    "DIRECT_QUICKACK",
+    "GatheringWire",
+    "JumpTunnel",
+    "acknowledge_at_once",
+    "gathered",
+]
 
 _FEED_BYTES = 32 * 1024 + 256  # one sshd session packet and its framing, at a time
 
@@ -74,15 +83,49 @@ class _WireProtocol(_InnerFlow, asyncio.Protocol):
         self.inner.connection_lost(exc)
 
 
+class _QuickAckWire(_WireProtocol):
+    """:class:`_WireProtocol` that acknowledges what it receives at once.
+
+    An sshd sets ``TCP_NODELAY`` only for a session with a terminal: a jump host's, which
+    runs no session for us, holds a small packet (a command's exit status) while an
+    earlier one is unacknowledged, and the kernel delays that acknowledgement by up to
+    40 ms when nothing goes back. ``TCP_QUICKACK`` lasts until the kernel's next choice,
+    so it is set again after each read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._sock = transport.get_extra_info("socket")
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        super().data_received(data)
+
+
+def acknowledge_at_once(conn: asyncssh.SSHClientConnection) -> None:
+    """Have the open connection ``conn`` (to a jump host) acknowledge what it receives at
+    once from now on, as :class:`_QuickAckWire` does."""
+    transport = getattr(conn, "_transport", None)  # asyncssh keeps its transport there
+    wire = transport.get_protocol() if isinstance(transport, asyncio.Transport) else None
+    if isinstance(wire, _WireProtocol) and not isinstance(wire, _QuickAckWire):
+        assert transport is not None
+        quick = _QuickAckWire(wire.inner)
+        quick._sock = transport.get_extra_info("socket")
+        transport.set_protocol(quick)
+
+
 class _Direct:
-    """A plain TCP connection to the host, through :class:`_WireProtocol`."""
+    """A plain TCP connection to the host, through ``wire`` (:class:`_WireProtocol`)."""
+
+    def __init__(self, wire: type[_WireProtocol] = _WireProtocol) -> None:
+        self._wire = wire
 
     async def create_connection(
         self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int
     ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         loop = asyncio.get_running_loop()
         transport, wire = await loop.create_connection(
-            lambda: _WireProtocol(session_factory()), host, port
+            lambda: self._wire(session_factory()), host, port
         )
         return transport, wire.inner
 
@@ -94,6 +137,8 @@ class _Direct:
 
 
 DIRECT = _Direct()
+DIRECT_QUICKACK = _Direct(_QuickAckWire)
+"""A connection to a jump host carrying tunnels from a process of their own."""
 
 
 _OUTER_PACKET = 32 * 1024  # OpenSSH's largest packet of a direct-tcpip channel
@@ -101,13 +146,14 @@ _GATHER_BYTES = 8 * _OUTER_PACKET  # handed on at once when this much is waiting
 
 
 class _GatheredWrites(asyncio.Transport):
-    """The transport the tunnelled connection writes to: its packets, gathered.
+    """The transport the tunnelled connection writes to: its packets, gathered, handed
+    on to ``chan`` (a channel, or a socket's transport).
 
     Whole outer packets' worth goes on once :data:`_GATHER_BYTES` wait, the rest at the
     end of the event loop's turn, so nothing waits for more data that may never come.
     Closing, aborting and EOF hand on what waits first, in order."""
 
-    def __init__(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+    def __init__(self, chan: asyncssh.SSHTCPChannel[bytes] | asyncio.Transport) -> None:
         super().__init__()
         self._chan = chan
         self._waiting = bytearray()
@@ -197,6 +243,25 @@ class _TunnelSession(_InnerFlow, asyncssh.SSHTCPSession[bytes]):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._transport.drop()
+        self.inner.connection_lost(exc)
+
+
+def gathered(transport: asyncio.Transport) -> asyncio.Transport:
+    """``transport`` with its writes gathered as :class:`_GatheredWrites` does."""
+    return _GatheredWrites(transport)
+
+
+class GatheringWire(_WireProtocol):
+    """:class:`_WireProtocol` whose writes are gathered (:class:`_GatheredWrites`): a
+    socket to a process that forwards them wakes once for many packets."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._gathered = _GatheredWrites(transport)
+        self.inner.connection_made(self._gathered)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gathered.drop()
         self.inner.connection_lost(exc)
 
 

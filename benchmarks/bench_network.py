@@ -13,7 +13,10 @@ that load from other processes hits both alike), a target judged on the median o
 rounds' ratios with the lowest and highest round beside it:
 
 - warm command latency: ``server.scmd("true")`` over the open connection, blocks of
-  samples on each cloud's server in turn (target: vpc no more than 10 % slower);
+  samples on each cloud's server in turn (target: vpc no more than 10 % slower); and
+  through the bastion both ways, the hop in this process (``jump``, the default) and in
+  its child process (``jump-child``: a second private server whose jump host is an
+  ``SSHHost`` of the bastion with ``hop_process = True``), reported;
 - streaming: ``scmd_read`` (the remote ``head -c SIZE /dev/zero``) and ``scmd_write``
   (into the remote ``cat > /dev/null``) in 1 MiB pieces, MB/s vpc / loopback
   (target >= 0.9x);
@@ -22,8 +25,13 @@ rounds' ratios with the lowest and highest round beside it:
   reached through a bastion with one (``Manager(jump_host=...)``: its connection is
   carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
   server with a public address reached directly (target >= 0.8x). Through the bastion
-  every byte is encrypted twice in this process (the inner connection's packets travel
-  as data of the outer one);
+  every byte is encrypted twice: for the server and again for the bastion. Both hop
+  modes stream in the same rounds, each judged against direct: the default, the hop in
+  this process (``jump``: both encryptions on this process's core), and the opt-in
+  child (``jump-child``, asyncstage/_jumphop.py, ``hop_process = True``: the bastion's
+  connection in a child process that carries the inner one as a channel's data). The
+  child's streams are as long and as many as the others' (a round takes a few seconds
+  more); OpenSSH is compared with the default only;
 - the same jump with OpenSSH's own client, in the same rounds: ``ssh`` through the
   bastion (``ProxyCommand=ssh -W %h:%p bastion``, which is what ``ssh -J`` runs, here
   with the library's key and known_hosts for the bastion hop) against ``ssh`` direct, the
@@ -32,11 +40,12 @@ rounds' ratios with the lowest and highest round beside it:
   CPU per GiB is that of the ``ssh`` processes. What double encryption costs any client;
 - what bounds the jump's ratio on this machine: in the same rounds, the CPU seconds per
   GiB of every process that carries each stream: this one (or OpenSSH's ``ssh``
-  processes), the server's sshd and, through the bastion, the bastion's sshd (every
-  process of each instance: sshd, its sessions, the command). Each runs on one core at
-  most and all of them share this machine's cores, which caps each side's rate and so
-  the ratio; on EC2 the bastion and the server are machines of their own, and what this
-  process alone allows (its CPU per GiB direct against through the bastion) is the cap;
+  processes), the server's sshd and, through the bastion, the bastion's sshd and (for
+  ``jump-child``) the hop's child (every process of each instance: sshd, its sessions, the command).
+  Each runs on one core at most and all of them share this machine's cores, which caps
+  each side's rate and so the ratio; on EC2 the bastion and the server are machines of
+  their own, and what this process and the hop's child allow, each on a core of its
+  own (their CPU per GiB against this process's direct), is the cap;
 - instance boot: ``provision_server()`` on each cloud in turn, from the launch to the
   cloud switching the instance to running (its sshd listening, the cloud's own view),
   and to the library having it answer ssh; vpc / loopback (reported, no target).
@@ -45,6 +54,7 @@ rounds' ratios with the lowest and highest round beside it:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import statistics
@@ -76,6 +86,7 @@ from bench_streaming import _openssh, _read, _write
 
 from asyncstage import Manager, Server
 from asyncstage.localcloud import LocalCloud, Realism
+from asyncstage.ssh import SSHHost
 
 BASTION = "netbench-bastion"
 PRIVATE = "netbench-private"
@@ -111,25 +122,46 @@ def _in_turn(round_no: int, sides: list[str]) -> list[str]:
 
 class _Beside:
     """CPU of the processes beside the client that carry a stream: the server's and,
-    through the bastion, the bastion's (every process of the instance, under its init:
-    sshd, its sessions and the command they run)."""
+    through the bastion, the hop's child process and the bastion's (every process of
+    the instance, under its init: sshd, its sessions and the command they run)."""
 
-    def __init__(self, cloud: LocalCloud, bastion: Server, servers: dict[str, Server]) -> None:
+    def __init__(
+        self,
+        cloud: LocalCloud,
+        bastion: Server,
+        servers: dict[str, Server],
+        hops: dict[str, SSHHost],
+    ) -> None:
         machines = cloud._engine.machines
+        self._hops = hops
         self._bastion = machines[bastion.instance_id].host.init_pid
         self._init = {side: machines[s.instance_id].host.init_pid for side, s in servers.items()}
         self._jumped = {side for side, s in servers.items() if s.jump_host is not None}
 
-    def usage(self, side: str) -> dict[str, float]:
-        """Cumulative CPU seconds of ``side``'s server (and bastion), by who; nothing for
-        a side of another cloud."""
+    def usage(self, side: str, hop: bool = True) -> dict[str, float]:
+        """Cumulative CPU seconds of ``side``'s server (and bastion, and with ``hop`` the
+        hop's child), by who; nothing for a side of another cloud."""
         got: dict[str, float] = {}
+        if side in self._hops and hop:
+            child = self._hops[side]._conn._hop
+            if child is not None:
+                got["hop"] = _pid_cpu(child.pid)
         if side in self._jumped and self._bastion is not None:
             got["bastion"] = descendants_cpu(self._bastion)
         init = self._init.get(side)
         if init is not None:
             got["server"] = descendants_cpu(init)
         return got
+
+
+def _pid_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` so far: its threads' scheduler run time."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 async def _latency(
@@ -246,13 +278,13 @@ async def _streams(
     gib = size / (1 << 30)
     for r in range(rounds):
         for name in _in_turn(r, list(runs)):
-            side = name.split(" ")[-1]
-            before = beside.usage(side)  # read outside the client's CPU below
+            side, hop = name.split(" ")[-1], "openssh" not in name
+            before = beside.usage(side, hop)  # read outside the client's CPU below
             c, kids = process_cpu(), ssh_cpu.usage()
             with MachineCPU() as machine:
                 seconds = await runs[name]()
             spent = ssh_cpu.usage() - kids if "openssh" in name else process_cpu() - c
-            for who, used in beside.usage(side).items():
+            for who, used in beside.usage(side, hop).items():
                 if who in before:
                     others.setdefault(name, {}).setdefault(who, []).append(
                         (used - before[who]) / gib
@@ -318,13 +350,18 @@ async def main() -> None:
             vpc_m.provision_server(BASTION),
             loop_m.provision_server("netbench-loopback"),
         )
-        private = await _private_server(vpc_m, PRIVATE)
+        private = await _private_server(vpc_m, PRIVATE)  # the default hop, in this process
         if "PublicIpAddress" in private.instance or private.jump_host != BASTION:
             raise RuntimeError(f"{PRIVATE} is not reached through {BASTION}")
-        by_side = {"vpc": direct, "loopback": looped, "jump": private}
+        child_hop = _child_hop(bastion)
+        other = await _private_server(vpc_m, f"{PRIVATE}-2")
+        other.jump_host = child_hop
+        by_side = {"vpc": direct, "loopback": looped, "jump": private, "jump-child": other}
         for server in by_side.values():
             await server.scmd("true")  # warm: connection open, host key pinned
             await _read(server, min(size, 16 * MiB))
+        if bastion.host._conn._hop is not None or child_hop._conn._hop is None:
+            raise RuntimeError("the jump sides do not use the hop they are named for")
         report.params["addresses"] = {k: s.host.address for k, s in by_side.items()}
         report.params["jump_host_address"] = bastion.host.address
         report.params["clouds_network"] = {"vpc": vpc[0].network, "loopback": loop[0].network}
@@ -333,16 +370,34 @@ async def main() -> None:
         samples, blocks_med = await _latency(by_side, blocks, per_block)
         report.mark_load("after_latency")
         pair = {"vpc": direct, "jump": private}
-        beside = _Beside(vpc[0], bastion, pair)
+        jumped = {"vpc": direct, "jump": private, "jump-child": other}
+        beside = _Beside(vpc[0], bastion, jumped, {"jump-child": child_hop})
         with _SshCPU() as ssh_cpu:
             rates, cpu, busy, others = await _streams(
                 by_side, size, rounds, pair, cipher, ssh_cpu, beside
             )
+        await child_hop.close()
         report.mark_load("after_streams")
         boots = await _boots({"vpc": vpc, "loopback": loop}, boot_rounds)
         report.mark_load("after_boots")
     _report(report, size, samples, blocks_med, rates, cpu, busy, others, boots)
     report.save()
+
+
+def _child_hop(bastion: Server) -> SSHHost:
+    """The bastion as a jump host whose tunnels run in a child process (the opt-in)."""
+    host = bastion.host
+    hop = SSHHost(
+        host.address,
+        port=host.port,
+        username=host.username,
+        client_keys=host.client_keys,
+        known_hosts=host.known_hosts,
+        host_key_policy="strict",
+        label=f"{host.label}, hop in a child",
+    )
+    hop.hop_process = True
+    return hop
 
 
 def _negotiated(server: Server) -> str:
@@ -444,6 +499,12 @@ def _report(
             },
         }
     )
+    for key, (top, bottom) in {
+        "latency_jump_child_vs_in_process": ("jump-child", "jump"),
+        "latency_jump_vs_direct": ("jump", "vpc"),
+    }.items():
+        value, spread = _paired(blocks_med[top], blocks_med[bottom])
+        report.results[key] = {"ratio": value, "spread": spread}
     _targets(report, latency, blocks_med, rates, mb_s, cpu_gib, busy_med)
     _jump_targets(report, rates, mb_s, cpu_gib, beside_gib, busy_med)
 
@@ -515,9 +576,17 @@ def _targets(
 # is two processes (``ssh`` and its ProxyCommand ``ssh -W``), measured together.
 _WHO = {
     "client": "this process",
+    "hop": "the hop's child process",
     "ssh": "ssh",
     "bastion": "the bastion's sshd",
     "server": "the server's sshd",
+}
+
+
+# The two hop modes streamed through the bastion: side, target suffix, how the rows name it.
+_HOPS = {
+    "jump": ("jump", "its hop in this process, the default"),
+    "jump-child": ("jump_child", "its hop in a child process, hop_process = True"),
 }
 
 
@@ -529,27 +598,29 @@ def _jump_targets(
     beside: dict[str, dict[str, float]],
     busy: dict[str, float],
 ) -> None:
-    """Through the bastion against direct, and what caps that ratio on this machine's
-    cores: every process carrying each stream, measured in the same rounds."""
+    """Through the bastion against direct, each hop mode, and what caps that ratio on
+    this machine's cores: every process carrying each stream, measured in the same rounds."""
     cores = os.cpu_count() or 1
-    for direction in ("read", "write"):
-        jump, direct = f"{direction} jump", f"{direction} vpc"
-        ours, theirs = f"{direction} openssh jump", f"{direction} openssh vpc"
+    for side, direction in itertools.product(_HOPS, ("read", "write")):
+        suffix, mode = _HOPS[side]
+        child = side == "jump-child"
+        jump, direct = f"{direction} {side}", f"{direction} vpc"
         value, spread = _paired(rates[jump], rates[direct])
-        openssh_value, _ = _paired(rates[ours], rates[theirs])
         path = {"client": cpu_gib[jump], **beside.get(jump, {})}
         straight = {"client": cpu_gib[direct], **beside.get(direct, {})}
         (cap, tight), (straight_cap, _) = _cap(path, cores), _cap(straight, cores)
         here = ratio(cap, straight_cap)
-        # On EC2 the bastion and the server are machines of their own: this process's
-        # CPU per byte is what is left on the controller's cores.
-        alone = ratio(cpu_gib[direct], cpu_gib[jump])
-        two = {"ssh": 2}
-        o_path = {"ssh": cpu_gib[ours], **beside.get(ours, {})}
-        o_straight = {"ssh": cpu_gib[theirs], **beside.get(theirs, {})}
-        o_here = ratio(_cap(o_path, cores, two)[0], _cap(o_straight, cores)[0])
-        o_alone = ratio(
-            _cap({"ssh": cpu_gib[ours]}, cores, two)[0], _cap({"ssh": cpu_gib[theirs]}, cores)[0]
+        # On EC2 the bastion and the server are machines of their own: this process's (and
+        # the hop's child's) CPU per byte, each on a core of its own, is what is left on the
+        # controller's.
+        ours_most = max(cpu_gib[jump], beside.get(jump, {}).get("hop", 0.0))
+        alone = ratio(cpu_gib[direct], ours_most)
+        controller = "this process and the hop's child" if child else "this process"
+        own = "each on a core of its own" if child else "on a core of its own"
+        twice = (
+            "for the server here and again for the bastion in the child"
+            if child
+            else "for the server and again for the bastion, both in this process"
         )
         evidence = (
             f"through the bastion {mb_s[jump]} MB/s, direct {mb_s[direct]} MB/s (machine "
@@ -558,49 +629,84 @@ def _jump_targets(
             f"{_listed(straight)}. Each on one core at most, all on these {cores} cores: at "
             f"most {_gib_mb(cap)} against {_gib_mb(straight_cap)} MB/s, a ratio of {here}× "
             f"at most here ({tight} the tightest through the bastion); measured "
-            f"{ratio(value, here)}× that cap. This process alone (EC2, where the bastion and "
-            f"the server run on machines of their own): {cpu_gib[jump]} s/GiB through the "
-            f"bastion against {cpu_gib[direct]} direct (every byte encrypted twice, for the "
-            f"server and again for the bastion), at most {alone}×. OpenSSH's ssh -J (ssh and "
-            f"its ssh -W), same cipher, same rounds: {mb_s[ours]} MB/s through the bastion "
-            f"against {mb_s[theirs]} direct ({openssh_value}×); CPU s/GiB through the "
-            f"bastion {_listed(o_path)}, direct {_listed(o_straight)}: at most {o_here}× "
-            f"here, measured {ratio(openssh_value, o_here)}× that cap; its ssh processes "
-            f"alone (the two sharing the work evenly at best) allow {o_alone}×"
+            f"{ratio(value, here)}× that cap. {controller.capitalize()} alone, {own} (EC2, "
+            "where the bastion and the server run on machines of their own): "
+            f"{_listed(_ours(path))} s/GiB through the bastion against {cpu_gib[direct]} "
+            f"direct (every byte encrypted {twice}), at most {alone}×"
         )
+        if not child:
+            evidence += _openssh_evidence(report, direction, rates, mb_s, cpu_gib, beside, cores)
         limit = 0.8
         if value >= limit or here >= limit:
             bound = "library"
-        elif tight == _tightest("client"):
-            # Both encryptions run on this process's one core, here as on EC2: the cap
-            # is the hop's design, not this machine's cores or the sshd beside it.
+        elif alone < limit and tight in (_tightest("client"), _tightest("hop")):
+            # One of our processes' one core is the cap, here as on EC2: the hop's design,
+            # not this machine's cores or the sshd beside it.
             bound = (
-                "design: the hop in this process encrypts every byte twice (for the server "
-                f"and again for the bastion) on its one core: at most {alone}× here and "
-                "with the bastion and the server on machines of their own (EC2) alike"
+                f"design: {tight} caps the stream through the bastion "
+                f"({_listed(_ours(path))} s/GiB against {cpu_gib[direct]} direct): at most "
+                f"{alone}× here and with the bastion and the server on machines of their "
+                "own (EC2) alike"
             )
         else:
+            carriers = "this one, the hop's child," if child else "this one,"
             bound = (
-                f"machine: the processes carrying the stream (this one, the bastion's and "
+                f"machine: the processes carrying the stream ({carriers} the bastion's and "
                 f"the server's sshd) on these {cores} cores allow at most {here}× ({tight} "
-                f"the tightest); on EC2 this process alone allows {alone}×"
+                f"the tightest); on EC2, each on a core of its own, {controller} allow "
+                f"{alone}×"
             )
         report.target(
-            f"scmd_{direction}_jump_vs_direct",
+            f"scmd_{direction}_{suffix}_vs_direct",
             value,
             ">=",
             limit,
-            f"scmd_{direction} MB/s through a jump host / direct to a server with a public "
-            f"address, same VPC cloud, same run (median of {len(rates[direct])} rounds)",
+            f"scmd_{direction} MB/s through a jump host ({mode}) / direct to a server with a "
+            f"public address, same VPC cloud, same run (median of {len(rates[direct])} rounds)",
             spread=spread,
             bound=bound,
             evidence=evidence,
         )
         found = report.results
-        found.setdefault("openssh_jump_vs_direct", {})[direction] = openssh_value
-        found.setdefault("jump_cap_here", {})[direction] = here
-        found.setdefault("jump_cap_this_process_alone", {})[direction] = alone
-        found.setdefault("openssh_jump_cap_here", {})[direction] = o_here
+        found.setdefault(f"{suffix}_cap_here", {})[direction] = here
+        found.setdefault(f"{suffix}_cap_this_process_alone", {})[direction] = alone
+
+
+def _openssh_evidence(
+    report: Report,
+    direction: str,
+    rates: dict[str, list[float]],
+    mb_s: dict[str, float],
+    cpu_gib: dict[str, float],
+    beside: dict[str, dict[str, float]],
+    cores: int,
+) -> str:
+    """OpenSSH's ssh -J against its ssh direct, same rounds: what double encryption
+    costs any client (also kept in the results)."""
+    ours, theirs = f"{direction} openssh jump", f"{direction} openssh vpc"
+    openssh_value, _ = _paired(rates[ours], rates[theirs])
+    two = {"ssh": 2}
+    o_path = {"ssh": cpu_gib[ours], **beside.get(ours, {})}
+    o_straight = {"ssh": cpu_gib[theirs], **beside.get(theirs, {})}
+    o_here = ratio(_cap(o_path, cores, two)[0], _cap(o_straight, cores)[0])
+    o_alone = ratio(
+        _cap({"ssh": cpu_gib[ours]}, cores, two)[0], _cap({"ssh": cpu_gib[theirs]}, cores)[0]
+    )
+    found = report.results
+    found.setdefault("openssh_jump_vs_direct", {})[direction] = openssh_value
+    found.setdefault("openssh_jump_cap_here", {})[direction] = o_here
+    return (
+        f". OpenSSH's ssh -J (ssh and its ssh -W), same cipher, same rounds: {mb_s[ours]} "
+        f"MB/s through the bastion against {mb_s[theirs]} direct ({openssh_value}×); CPU "
+        f"s/GiB through the bastion {_listed(o_path)}, direct {_listed(o_straight)}: at "
+        f"most {o_here}× here, measured {ratio(openssh_value, o_here)}× that cap; its ssh "
+        f"processes alone (the two sharing the work evenly at best) allow {o_alone}×"
+    )
+
+
+def _ours(cpu_s_per_gib: dict[str, float]) -> dict[str, float]:
+    """The controller's processes among those carrying a stream."""
+    return {who: v for who, v in cpu_s_per_gib.items() if who in ("client", "hop")}
 
 
 def _cap(

@@ -435,7 +435,8 @@ def _not_run(plt: Any, path: Path, title: str) -> Path:
 NETWORK_SIDES = {
     "loopback": ("loopback", OTHER),
     "vpc": ("vpc (namespaces)", OURS),
-    "jump": ("vpc via jump host", "#2ca02c"),
+    "jump": ("vpc via\njump host", "#2ca02c"),
+    "jump-child": ("jump host,\nhop in a child", "#98df8a"),
 }
 
 
@@ -484,7 +485,7 @@ def _inside_bar(ax: Any, x: float, value: float, text: str) -> None:
 
 def _stream_bars(ax: Any, data: dict[str, Any]) -> None:
     """MB/s of each side, read and write, with the rounds' spread and the targets' ratios."""
-    r, width = data["results"], 0.27
+    r, width = data["results"], 0.8 / len(NETWORK_SIDES)
     ratios = _target_values(data)
     for d, direction in enumerate(("read", "write")):
         for i, (side, (label, color)) in enumerate(NETWORK_SIDES.items()):
@@ -492,10 +493,12 @@ def _stream_bars(ax: Any, data: dict[str, Any]) -> None:
             if not values:
                 continue
             median = r["mb_per_s_median"][f"{direction} {side}"]
-            x = d + (i - 1) * width
+            x = d + (i - (len(NETWORK_SIDES) - 1) / 2) * width
             err = [[median - min(values)], [max(values) - median]]
             ax.bar(x, median, width, color=color, yerr=err, capsize=3, label=label)
-            against = {"vpc": "vpc_vs_loopback", "jump": "jump_vs_direct"}.get(side)
+            against = "vpc_vs_loopback" if side == "vpc" else None
+            if side.startswith("jump"):
+                against = f"{side.replace('-', '_')}_vs_direct"
             share = ratios.get(f"scmd_{direction}_{against}") if against else None
             text = f"{median:.0f}" + ("" if share is None else f"\n{share:.2f}×")
             _inside_bar(ax, x, median, text)

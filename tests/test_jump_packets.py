@@ -1,5 +1,6 @@
-"""Through a jump host, the tunnelled connection's packets travel in whole packets of
-the jump host's ``direct-tcpip`` channel (asyncstage/_sshwire.py), on real sshd
+"""Through a jump host's connection in this process (``hop_process``, the default), the
+tunnelled connection's packets travel in whole packets of the jump host's
+``direct-tcpip`` channel (asyncstage/_sshwire.py), on real sshd
 processes on 127.0.0.x: the data arrives intact and in order, and the channel carries
 it in about as few packets as it fits in, not a full packet and smaller ones for each
 packet of the inner connection."""

@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 import anyio
 import asyncssh
 
-from asyncstage import _sshwire, shell
+from asyncstage import _jumphop, _sshwire, shell
 from asyncstage.errors import (
     CommandFailed,
     CommandTimeout,
@@ -48,6 +48,8 @@ class Jump(Protocol):
 
     async def tunnel(self) -> asyncssh.SSHClientConnection: ...
 
+    async def carrier(self) -> Any: ...
+
     def openssh_options(self, *, batch: bool = True) -> list[str]: ...
 
 
@@ -67,6 +69,7 @@ class Target(Protocol):
     connect_timeout: float
     max_sessions: int
     keepalive_interval: float
+    hop_process: bool
 
     @property
     def jump(self) -> Jump | None: ...
@@ -208,6 +211,8 @@ class Connection:
         self._connect_lock: anyio.Lock | None = None
         self.pinged = False
         """A :meth:`SSHHost.ping` succeeded over the current connection."""
+        self._hop: _jumphop.Hop | None = None
+        self._hop_lock: anyio.Lock | None = None
 
     @property
     def label(self) -> str:
@@ -242,7 +247,7 @@ class Connection:
         # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
         options: dict[str, Any] = {"tunnel": cast(Any, _sshwire.DIRECT)}
         if t.jump is not None:
-            options["tunnel"] = _sshwire.JumpTunnel(await self._jump_tunnel(t.jump))
+            options["tunnel"] = await self._jump_tunnel(t.jump)
         if t.client_keys:
             options["client_keys"] = client_keys(t.client_keys)
             options["agent_path"] = None
@@ -288,16 +293,70 @@ class Connection:
             t.known_hosts.add(t.address, t.port, host_key)
         return Link(conn, anyio.Semaphore(max(1, t.max_sessions - 1)), anyio.Semaphore(1), host_key)
 
-    async def _jump_tunnel(self, jump: Jump) -> asyncssh.SSHClientConnection:
-        """The jump host's connection, which carries ours (opened if needed)."""
+    async def _jump_tunnel(self, jump: Jump) -> Any:
+        """What carries our connection through ``jump`` (opened if needed)."""
         try:
-            return await jump.tunnel()
+            return await jump.carrier()
         except SSHError as e:
             raise JumpHostError(
                 f"cannot reach it through the jump host {jump.label}: {e}",
                 host=self.target.label,
                 jump=jump.label,
             ) from e
+
+    # -- carrying the hosts behind this one (this host as a jump host) -----------
+
+    async def carrier(self) -> Any:
+        """asyncssh's ``tunnel`` for a connection to a host behind this one: through the
+        outer hop's child process (:mod:`asyncstage._jumphop`), or with
+        :attr:`Target.hop_process` false (or a jump host of its own), a channel of this
+        process's connection (:class:`~asyncstage._sshwire.JumpTunnel`)."""
+        link = await self.link()  # the host key checked and pinned as for any connection
+        t = self.target
+        if not t.hop_process or t.jump is not None:
+            _sshwire.acknowledge_at_once(link.conn)
+            return _sshwire.JumpTunnel(link.conn)
+        if self._hop_lock is None:
+            self._hop_lock = anyio.Lock()
+        async with self._hop_lock:
+            hop = self._hop
+            if hop is None or not hop.alive or hop.host_key != link.host_key:
+                self._hop = None
+                if hop is not None:
+                    await hop.aclose()
+                self._hop = hop = await self._start_hop(link)
+        return _jumphop.HopTunnel(hop)
+
+    async def _start_hop(self, link: Link) -> _jumphop.Hop:
+        """The child holding the outer hop: our key, only the host key just verified,
+        the same ciphers and keepalives."""
+        t = self.target
+        settings = {
+            "address": t.address,
+            "port": t.port,
+            "username": t.username,
+            "client_keys": [str(k) for k in t.client_keys],
+            "host_keys": [link.host_key],
+            "encryption_algs": encryption_algs(),
+            "keepalive_interval": t.keepalive_interval,
+            "connect_timeout": t.connect_timeout,
+        }
+        try:
+            return await _jumphop.Hop.start(settings, t.connect_timeout)
+        except _jumphop.HopUnavailable as e:
+            if e.kind == "HostKeyNotVerifiable":
+                raise HostKeyMismatch(
+                    f"the hop process was shown another host key: {e.reason}", host=t.label
+                ) from e
+            raise ConnectError(
+                f"the hop process could not connect: {e.reason}", host=t.label
+            ) from e
+        except TimeoutError as e:
+            raise ServerUnreachable(
+                f"the hop process had no ssh answer within {t.connect_timeout:g}s", host=t.label
+            ) from e
+        except OSError as e:
+            raise ConnectError(f"cannot start the hop process: {e}", host=t.label) from e
 
     def _connect_error(self, e: BaseException) -> SSHError:
         """The error of a connection attempt that failed with ``e``."""
@@ -337,13 +396,19 @@ class Connection:
         """Forget the ping and close the connection (reopened on use)."""
         self.pinged = False
         link, self._link = self._link, None
+        hop, self._hop = self._hop, None
+        if hop is not None:
+            hop.close_now()
         if link is not None:
             link.conn.close()
 
     async def close(self) -> None:
-        """Close the connection and wait a little for it to be closed."""
+        """Close the connection (and the hop's child) and wait a little for it to be closed."""
         link, self._link = self._link, None
+        hop, self._hop = self._hop, None
         self.pinged = False
+        if hop is not None:
+            await hop.aclose()
         if link is not None:
             link.conn.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_WAIT):

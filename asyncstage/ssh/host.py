@@ -92,6 +92,13 @@ class SSHHost:
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.keepalive_interval = keepalive_interval
+        self.hop_process = False
+        """As a jump host: carry the connections to the hosts behind it from a child
+        process of its own (its connection to this host, our key, only the host key this
+        process verified), so that their two layers of encryption run on two cores.
+        False (the default): as channels of this process's own connection, one core for
+        both layers but no extra hop for each packet (:meth:`carrier`; the figures are
+        in benchmarks/results/summary.md)."""
         self._jump: SSHHost | None = None
         self.jump = jump
         self._conn = Connection(self)
@@ -120,6 +127,11 @@ class SSHHost:
     async def tunnel(self) -> asyncssh.SSHClientConnection:
         """This host's open connection, to carry the connection to a host behind it."""
         return (await self._conn.link()).conn
+
+    async def carrier(self) -> Any:
+        """asyncssh's ``tunnel`` carrying a connection to a host behind this one (see
+        :attr:`hop_process`)."""
+        return await self._conn.carrier()
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.username}@{self.address}:{self.port} ({self.label})>"
