@@ -107,10 +107,10 @@ async def _connect(asyncssh: Any, sshwire: Any, settings: dict[str, Any]) -> Any
         options["agent_path"] = None
         options["preferred_auth"] = "publickey"
     async with asyncio.timeout(settings["connect_timeout"]):
-        return await asyncssh.connect(
+        conn = await asyncssh.connect(
             settings["address"],
             settings["port"],
-            tunnel=sshwire.DIRECT_QUICKACK,
+            tunnel=sshwire.DIRECT,
             username=settings["username"],
             known_hosts=(trusted, [], []),
             config=[],
@@ -120,6 +120,8 @@ async def _connect(asyncssh: Any, sshwire: Any, settings: dict[str, Any]) -> Any
             login_timeout=settings["connect_timeout"],
             **options,
         )
+    sshwire.acknowledge_at_once(conn)  # as the in-process hop's bastion connection does
+    return conn
 
 
 class _Requests:

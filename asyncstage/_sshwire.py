@@ -35,7 +35,6 @@ import asyncssh
 
 __all__ = [
     "DIRECT",
-    "DIRECT_QUICKACK",
     "GatheringWire",
     "JumpTunnel",
     "acknowledge_at_once",
@@ -92,9 +91,7 @@ class _QuickAckWire(_WireProtocol):
     40 ms when nothing goes back. ``TCP_QUICKACK`` lasts until the kernel's next choice,
     so it is set again after each read."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._sock = transport.get_extra_info("socket")
-        super().connection_made(transport)
+    _sock: socket.socket
 
     def data_received(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -115,17 +112,14 @@ def acknowledge_at_once(conn: asyncssh.SSHClientConnection) -> None:
 
 
 class _Direct:
-    """A plain TCP connection to the host, through ``wire`` (:class:`_WireProtocol`)."""
-
-    def __init__(self, wire: type[_WireProtocol] = _WireProtocol) -> None:
-        self._wire = wire
+    """A plain TCP connection to the host, through :class:`_WireProtocol`."""
 
     async def create_connection(
         self, session_factory: Callable[[], asyncio.Protocol], host: str, port: int
     ) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
         loop = asyncio.get_running_loop()
         transport, wire = await loop.create_connection(
-            lambda: self._wire(session_factory()), host, port
+            lambda: _WireProtocol(session_factory()), host, port
         )
         return transport, wire.inner
 
@@ -137,8 +131,6 @@ class _Direct:
 
 
 DIRECT = _Direct()
-DIRECT_QUICKACK = _Direct(_QuickAckWire)
-"""A connection to a jump host carrying tunnels from a process of their own."""
 
 
 _OUTER_PACKET = 32 * 1024  # OpenSSH's largest packet of a direct-tcpip channel

@@ -50,8 +50,6 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
 }
 
 
-# What botocore's retries may leave for us to absorb (its list of EC2's throttling codes).
-_THROTTLED = THROTTLED
 _FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
 _MAX_PAUSE = 5.0
 _ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
@@ -295,7 +293,7 @@ class Client:
                 code = str(err.get("Code", "")) or None
                 message = f"{operation} failed: {err.get('Message') or e}"
                 wait = self._fresh.wait(code, str(err.get("Message") or ""), params)
-                if wait is None and code in _THROTTLED:
+                if wait is None and code in THROTTLED:
                     now = time.monotonic()
                     throttled_until = throttled_until or now + self.throttle_wait
                     wait = throttled_until - now if throttled_until > now else None
