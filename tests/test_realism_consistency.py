@@ -47,15 +47,14 @@ def test_request_bucket_burst_then_refill() -> None:
     flt = {"Filter.1.Name": "instance-state-name", "Filter.1.Value.1": "running"}
     assert all(throttle.admit("DescribeInstances", flt) for _ in range(100))  # burst 100
     assert not throttle.admit("DescribeInstances", flt)
-    assert not throttle.admit("DescribeVolumes", {"VolumeId.1": "vol-1"})  # one bucket
+    # each action has a bucket of its own: another describe is still at its full burst
+    assert sum(throttle.admit("DescribeVolumes", {"VolumeId.1": "v"}) for _ in range(101)) == 100
     clock.now += 0.06  # 20 per second: one token (and a bit)
-    assert throttle.admit("DescribeImages", {})
-    assert not throttle.admit("DescribeImages", {})
+    assert throttle.admit("DescribeInstances", flt)
+    assert not throttle.admit("DescribeInstances", flt)
     clock.now += 1000  # refills up to the burst, not beyond
-    assert sum(throttle.admit("DescribeImages", {}) for _ in range(150)) == 100
-    assert throttle.throttled == Counter(
-        {"DescribeInstances": 1, "DescribeVolumes": 1, "DescribeImages": 51}
-    )
+    assert sum(throttle.admit("DescribeInstances", flt) for _ in range(150)) == 100
+    assert throttle.throttled == Counter({"DescribeInstances": 52, "DescribeVolumes": 1})
     # other buckets were untouched
     assert throttle.admit("CreateTags", {"ResourceId.1": "i-1"})
 
@@ -66,9 +65,10 @@ def test_buckets_scale_with_api_rate_and_none_is_unlimited() -> None:
     # mutating: 50 * 0.1 = 5 tokens, 5 * 0.1 = 0.5 per second
     assert sum(strict.admit("AttachVolume", {}) for _ in range(10)) == 5
     clock.now += 1.0
-    assert sum(strict.admit("DeleteTags", {}) for _ in range(10)) == 0  # half a token
+    assert sum(strict.admit("AttachVolume", {}) for _ in range(10)) == 0  # half a token
     clock.now += 1.0
-    assert sum(strict.admit("DeleteTags", {}) for _ in range(10)) == 1
+    assert sum(strict.admit("AttachVolume", {}) for _ in range(10)) == 1
+    assert sum(strict.admit("DeleteTags", {}) for _ in range(10)) == 5  # a bucket of its own
     free = Throttle(None, clock=clock)
     assert all(free.admit("RunInstances", {"MaxCount": "1000"}) for _ in range(100))
     assert not free.throttled
@@ -96,8 +96,10 @@ def test_resource_buckets_count_instances() -> None:
     clock = Clock()
     throttle = Throttle(1.0, clock=clock)
     assert throttle.admit("RunInstances", {"MaxCount": "600"})
-    assert not throttle.admit("StartInstances", {f"InstanceId.{n}": "i" for n in range(1, 402)})
-    assert throttle.admit("StartInstances", {f"InstanceId.{n}": "i" for n in range(1, 401)})
+    assert not throttle.admit("RunInstances", {"MaxCount": "401"})
+    assert throttle.admit("RunInstances", {"MaxCount": "400"})
+    # StartInstances has a bucket of its own, full
+    assert throttle.admit("StartInstances", {f"InstanceId.{n}": "i" for n in range(1, 1001)})
     clock.now += 1.0  # 2 instances per second
     assert throttle.admit("RunInstances", {"MaxCount": "2"})
     assert not throttle.admit("RunInstances", {"MaxCount": "1"})

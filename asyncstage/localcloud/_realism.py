@@ -28,7 +28,8 @@ CapacityGaps = Mapping[str, frozenset[str] | None]
 
 @dataclass(frozen=True)
 class Bucket:
-    """An EC2 API token bucket at ``api_rate=1.0``: ``burst`` tokens, ``refill`` per second.
+    """EC2's token bucket of each action of a category at ``api_rate=1.0``: ``burst`` tokens,
+    ``refill`` per second.
 
     Request buckets take one token per call; resource buckets (RunInstances,
     StartInstances, StopInstances, TerminateInstances) one per instance named.
@@ -52,7 +53,7 @@ BUCKETS: Mapping[str, Bucket] = {
 
 
 def bucket_of(action: str, *, unfiltered: bool = False) -> str:
-    """The :data:`BUCKETS` key an API action draws from."""
+    """The :data:`BUCKETS` category whose bucket size an API action's own bucket has."""
     if action in ("RunInstances", "StartInstances"):
         return "launch"
     if action in ("StopInstances", "TerminateInstances"):

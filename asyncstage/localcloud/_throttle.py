@@ -1,11 +1,13 @@
 """EC2's API throttling: per-account token buckets, as :data:`._realism.BUCKETS` sets them.
 
-Each bucket holds ``burst * api_rate`` tokens and gains ``refill * api_rate`` per
-second; a request takes one token from its bucket (a resource bucket: one per
-instance it names, at most the whole bucket, so that a launch larger than a small
-``api_rate``'s bucket waits for a full one rather than failing for ever) or, when the
-bucket has too few, is refused with ``RequestLimitExceeded`` and takes nothing.
-``api_rate=None`` never refuses.
+EC2 evaluates each API action on its own ("each API is evaluated individually"): every
+action has a bucket of its own, sized by its category in :data:`BUCKETS`, so that a burst
+of one action never throttles another. Each bucket holds ``burst * api_rate`` tokens and
+gains ``refill * api_rate`` per second; a request takes one token from its bucket (a
+resource bucket: one per instance it names, at most the whole bucket, so that a launch
+larger than a small ``api_rate``'s bucket waits for a full one rather than failing for
+ever) or, when the bucket has too few, is refused with ``RequestLimitExceeded`` and takes
+nothing. ``api_rate=None`` never refuses.
 Thread-safe: the API answers on several threads.
 """
 
@@ -80,7 +82,7 @@ class Throttle:
         self.api_rate = api_rate
         self._buckets = buckets
         self._clock = clock
-        self._tokens: dict[str, _Tokens] = {}
+        self._tokens: dict[tuple[str, str], _Tokens] = {}
         self._lock = threading.Lock()
         self.throttled: collections.Counter[str] = (
             collections.Counter() if counter is None else counter
@@ -96,10 +98,11 @@ class Throttle:
         amount = cost(action, params, spec)
         with self._lock:
             now = self._clock()
-            tokens = self._tokens.get(key)
+            tokens = self._tokens.get((key, action))
             if tokens is None:
                 rate = self.api_rate
-                tokens = self._tokens[key] = _Tokens(spec.burst * rate, spec.refill * rate, now)
+                tokens = _Tokens(spec.burst * rate, spec.refill * rate, now)
+                self._tokens[key, action] = tokens
             if tokens.take(min(amount, tokens.burst), now):
                 return True
             self.throttled[action] += 1
