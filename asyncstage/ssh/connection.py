@@ -4,9 +4,12 @@ commands run over it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import errno
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -96,6 +99,126 @@ def client_keys(paths: Sequence[Path]) -> list[asyncssh.SSHKeyPair] | list[str]:
 
     files = [name + suffix for name in names for suffix in _KEY_FILES]
     return _client_keys_read.get(names, files, load)
+
+
+# -- connection options --------------------------------------------------------
+
+# asyncssh.connect() builds a new SSHClientConnectionOptions for every connection, in a
+# worker thread (a thread hop, the options prepared again, saslprep of the user name,
+# ~/.ssh looked at), also when handed one to start from: a fleet's connections differ
+# only in what is the host's. The options are prepared here once per set of settings
+# and copied for each connection with the host's own fields set (:func:`host_options`),
+# which :func:`_open` connects with.
+
+# What asyncssh reads from ~/.ssh while preparing options (X.509 trust for host
+# certificates): a prepared set is made again when one of them changes.
+_X509_DEFAULTS = ("~/.ssh/ca-bundle.crt", "~/.ssh/crt")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Options prepared once for ``keys`` (the key objects they hold)."""
+
+    keys: list[asyncssh.SSHKeyPair]
+    options: asyncssh.SSHClientConnectionOptions
+
+
+_prepared: StampCache[_Prepared] = StampCache()
+
+
+def _settings(t: Target) -> dict[str, Any]:
+    """What asyncssh is told for every connection to ``t``, but the host's own fields."""
+    return {
+        "username": t.username,
+        "agent_path": None,
+        "preferred_auth": "publickey",  # the only method we have the means for
+        "config": [],
+        "keepalive_interval": t.keepalive_interval,
+        "keepalive_count_max": 3,
+        "encryption_algs": encryption_algs(),
+        "login_timeout": t.connect_timeout,
+    }
+
+
+def prepared_options(
+    t: Target, keys: list[asyncssh.SSHKeyPair]
+) -> asyncssh.SSHClientConnectionOptions:
+    """asyncssh's options for connections to hosts like ``t`` with ``keys``, prepared once.
+
+    Made again when the settings differ (another user, key file, keepalive or timeout:
+    each has its own), when ``keys`` are other objects (their files changed:
+    :func:`client_keys`), or when a file asyncssh read for them changed. The host's own
+    fields (address, port, tunnel, trusted host keys, the client judging its key) are
+    never in them: :func:`host_options` sets them for each connection."""
+    settings = _settings(t)
+    name = (tuple(str(k) for k in t.client_keys), repr(sorted(settings.items())))
+    files = [os.path.expanduser(f) for f in _X509_DEFAULTS]
+
+    def make() -> _Prepared:
+        return _Prepared(keys, asyncssh.SSHClientConnectionOptions(client_keys=keys, **settings))
+
+    entry = _prepared.get(name, files, make)
+    if entry.keys is not keys:
+        _prepared.forget(name)
+        entry = _prepared.get(name, files, make)
+    return entry.options
+
+
+def host_options(
+    base: asyncssh.SSHClientConnectionOptions,
+    client: asyncssh.SSHClient,
+    t: Target,
+    tunnel: Any,
+    trusted: list[asyncssh.SSHKey],
+) -> asyncssh.SSHClientConnectionOptions:
+    """``base`` (:func:`prepared_options`) with ``t``'s own fields: what asyncssh derives
+    from connect()'s host, port, tunnel, known_hosts and client_factory (with config=[]).
+    Every other option is the same for each host; the copy shares their values, which
+    a connection copies before it changes any (its key list, its trusted X.509 certs)."""
+    options = copy.copy(base)
+    vars(options).update(
+        host=t.address,
+        orig_host=t.address,
+        port=t.port,
+        tunnel=tunnel,
+        known_hosts=(trusted, [], []),
+        protocol_factory=lambda: client,
+    )
+    options.kwargs = {
+        **base.kwargs,
+        "host": t.address,
+        "port": t.port,
+        "tunnel": tunnel,
+        "known_hosts": options.known_hosts,
+        "client_factory": options.protocol_factory,
+    }
+    return options
+
+
+async def _open(
+    options: asyncssh.SSHClientConnectionOptions, t: Target, tunnel: Any
+) -> asyncssh.SSHClientConnection:
+    """A connection to ``t`` through ``tunnel``, authenticated, with ``options``
+    (:func:`host_options`): what asyncssh.connect() does for a tunnel object, without
+    preparing the options again (the same constructor, ``wait="auth"``, and waiter)."""
+    loop = asyncio.get_running_loop()
+    options.waiter = loop.create_future()
+    try:
+        _, conn = await tunnel.create_connection(
+            lambda: asyncssh.SSHClientConnection(loop, options, wait="auth"), t.address, t.port
+        )
+    except BaseException:
+        options.waiter.cancel()
+        raise
+    conn.set_extra_info(host=t.address, port=t.port)
+    try:
+        await options.waiter
+    except BaseException:
+        conn.abort()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_WAIT):
+            await conn.wait_closed()
+        raise
+    return cast(asyncssh.SSHClientConnection, conn)
 
 
 # -- host keys -----------------------------------------------------------------
@@ -245,30 +368,32 @@ class Connection:
         pinned, trusted = _trusted_keys(t)
         client = _Client(t, pinned)
         # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
-        options: dict[str, Any] = {"tunnel": cast(Any, _sshwire.DIRECT)}
+        tunnel: Any = _sshwire.DIRECT
         if t.jump is not None:
-            options["tunnel"] = await self._jump_tunnel(t.jump)
-        if t.client_keys:
-            options["client_keys"] = client_keys(t.client_keys)
-            options["agent_path"] = None
-            options["preferred_auth"] = "publickey"  # the only method we have the means for
+            tunnel = await self._jump_tunnel(t.jump)
+        keys = client_keys(t.client_keys) if t.client_keys else None
         try:
             # This bounds the TCP connect and the handshake: asyncssh's own connect_timeout
             # would run a second timer (and task) for the same span, and never fire first.
             with anyio.fail_after(t.connect_timeout):
-                conn, _ = await asyncssh.create_connection(
-                    lambda: client,
-                    t.address,
-                    t.port,
-                    username=t.username,
-                    known_hosts=(trusted, [], []),
-                    config=[],
-                    keepalive_interval=t.keepalive_interval,
-                    keepalive_count_max=3,
-                    encryption_algs=encryption_algs(),
-                    login_timeout=t.connect_timeout,
-                    **options,
-                )
+                if keys and isinstance(keys[0], asyncssh.SSHKeyPair):
+                    options = host_options(prepared_options(t, keys), client, t, tunnel, trusted)
+                    conn = await _open(options, t, tunnel)
+                else:
+                    # No key of ours, or one that does not load: asyncssh looks for keys
+                    # (or fails the connection) as it prepares the options, every time.
+                    settings = _settings(t)
+                    if keys is None:
+                        del settings["agent_path"], settings["preferred_auth"]
+                    conn, _ = await asyncssh.create_connection(
+                        lambda: client,
+                        t.address,
+                        t.port,
+                        known_hosts=(trusted, [], []),
+                        tunnel=tunnel,
+                        **({} if keys is None else {"client_keys": keys}),
+                        **settings,
+                    )
         except asyncssh.HostKeyNotVerifiable as e:
             presented = client.presented
             raise HostKeyMismatch(
