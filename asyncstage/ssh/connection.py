@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import anyio
+import anyio.lowlevel
 import asyncssh
 
 from asyncstage import _jumphop, _sshwire, shell
@@ -299,6 +300,14 @@ class Running:
     proc: asyncssh.SSHClientProcess[Any]
     stderr: Sink
     sudo: bool
+    closed: bool = False
+    """:meth:`wait` returned: the command exited and its channel closed."""
+
+    async def wait(self) -> asyncssh.SSHCompletedProcess:
+        """Wait for the command's exit and its channel's close (``proc.wait()``)."""
+        done = await self.proc.wait()
+        self.closed = True  # asyncssh's wait() returns once the channel closed
+        return done
 
 
 def _exited(proc: asyncssh.SSHClientProcess[Any]) -> bool:
@@ -609,13 +618,24 @@ class Connection:
         reconnected = False
         while True:
             link = await self.link()
-            await link.sessions.acquire()
+            # A free slot is taken without a turn of the event loop (acquire() yields one
+            # even then); a cancelled caller still starts nothing.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                link.sessions.acquire_nowait()
+            except anyio.WouldBlock:
+                await link.sessions.acquire()
             try:
                 # Shielded: a channel that opened is always handed over (and later closed).
-                with anyio.CancelScope(shield=True), anyio.fail_after(connect_timeout):
+                # One scope with the deadline: fail_after inside a shielded one costs a
+                # second scope for each command.
+                deadline = anyio.current_time() + connect_timeout
+                with anyio.CancelScope(shield=True, deadline=deadline) as opening:
                     proc = await link.conn.create_process(
                         raw, encoding=encoding, errors="replace", stderr=sink, **kwargs
                     )
+                if opening.cancelled_caught:
+                    raise TimeoutError
             except asyncssh.ChannelOpenError as e:
                 # The channel never opened (or its exec was refused): the command did not start.
                 link.sessions.release()
@@ -713,8 +733,12 @@ class Connection:
         try:
             yield run
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._stop(run)
-                finally:
-                    run.link.sessions.release()
+            if run.closed and _exited(run.proc):
+                # Ran to its end, channel closed: nothing to stop or wait for.
+                run.link.sessions.release()
+            else:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._stop(run)
+                    finally:
+                        run.link.sessions.release()
