@@ -151,12 +151,14 @@ def prepared_options(
     :func:`client_keys`), or when a file asyncssh read for them changed. The host's own
     fields (address, port, tunnel, trusted host keys, the client judging its key) are
     never in them: :func:`host_options` sets them for each connection."""
-    settings = _settings(t)
-    name = (tuple(str(k) for k in t.client_keys), repr(sorted(settings.items())))
+    # Every setting of _settings() that can differ between hosts (the ciphers are the
+    # same for the whole process).
+    name = (t.username, tuple(map(str, t.client_keys)), t.keepalive_interval, t.connect_timeout)
     files = [os.path.expanduser(f) for f in _X509_DEFAULTS]
 
     def make() -> _Prepared:
-        return _Prepared(keys, asyncssh.SSHClientConnectionOptions(client_keys=keys, **settings))
+        options = asyncssh.SSHClientConnectionOptions(client_keys=keys, **_settings(t))
+        return _Prepared(keys, options)
 
     entry = _prepared.get(name, files, make)
     if entry.keys is not keys:
