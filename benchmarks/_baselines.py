@@ -227,7 +227,9 @@ async def raw_fleet(servers: Sequence[Server], expected: list[str]) -> FleetRun:
     No asyncstage code on the way: ``asyncssh.connect`` and ``conn.run`` with the same
     key, the same pinned host key (no other key is trusted), cipher order and default
     key exchange, no config files, no agent. The key is loaded and the pinned host keys
-    parsed before the clock starts, once, as a script of its own would."""
+    parsed before the clock starts, once, as a script of its own would; the options
+    are asyncssh.connect's to prepare, for every connection, as they are for such a
+    script."""
     targets = []
     for server in servers:
         host = server.host

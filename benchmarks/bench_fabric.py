@@ -20,7 +20,9 @@ The fleet command also runs on raw asyncssh (``asyncssh.connect`` and ``conn.run
 asyncstage code on the way) before each of asyncstage's rounds: the same key, the same
 pinned host key, cipher order and default key exchange, no config files, no agent. Its
 controller CPU per server is the floor of the library asyncstage is built on, so the
-CPU row shows asyncstage's own overhead apart from asyncssh's.
+CPU row shows asyncstage's own overhead apart from asyncssh's. asyncstage prepares
+the connection options once for the fleet, which ``asyncssh.connect`` does for every
+connection: it can come in under that floor.
 """
 
 from __future__ import annotations

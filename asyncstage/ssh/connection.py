@@ -4,9 +4,12 @@ commands run over it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import errno
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import anyio
+import anyio.lowlevel
 import asyncssh
 
 from asyncstage import _jumphop, _sshwire, shell
@@ -98,6 +102,128 @@ def client_keys(paths: Sequence[Path]) -> list[asyncssh.SSHKeyPair] | list[str]:
     return _client_keys_read.get(names, files, load)
 
 
+# -- connection options --------------------------------------------------------
+
+# asyncssh.connect() builds a new SSHClientConnectionOptions for every connection, in a
+# worker thread (a thread hop, the options prepared again, saslprep of the user name,
+# ~/.ssh looked at), also when handed one to start from: a fleet's connections differ
+# only in what is the host's. The options are prepared here once per set of settings
+# and copied for each connection with the host's own fields set (:func:`host_options`),
+# which :func:`_open` connects with.
+
+# What asyncssh reads from ~/.ssh while preparing options (X.509 trust for host
+# certificates): a prepared set is made again when one of them changes.
+_X509_DEFAULTS = ("~/.ssh/ca-bundle.crt", "~/.ssh/crt")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Options prepared once for ``keys`` (the key objects they hold)."""
+
+    keys: list[asyncssh.SSHKeyPair]
+    options: asyncssh.SSHClientConnectionOptions
+
+
+_prepared: StampCache[_Prepared] = StampCache()
+
+
+def _settings(t: Target) -> dict[str, Any]:
+    """What asyncssh is told for every connection to ``t``, but the host's own fields."""
+    return {
+        "username": t.username,
+        "agent_path": None,
+        "preferred_auth": "publickey",  # the only method we have the means for
+        "config": [],
+        "keepalive_interval": t.keepalive_interval,
+        "keepalive_count_max": 3,
+        "encryption_algs": encryption_algs(),
+        "login_timeout": t.connect_timeout,
+    }
+
+
+def prepared_options(
+    t: Target, keys: list[asyncssh.SSHKeyPair]
+) -> asyncssh.SSHClientConnectionOptions:
+    """asyncssh's options for connections to hosts like ``t`` with ``keys``, prepared once.
+
+    Made again when the settings differ (another user, key file, keepalive or timeout:
+    each has its own), when ``keys`` are other objects (their files changed:
+    :func:`client_keys`), or when a file asyncssh read for them changed. The host's own
+    fields (address, port, tunnel, trusted host keys, the client judging its key) are
+    never in them: :func:`host_options` sets them for each connection."""
+    # Every setting of _settings() that can differ between hosts (the ciphers are the
+    # same for the whole process).
+    name = (t.username, tuple(map(str, t.client_keys)), t.keepalive_interval, t.connect_timeout)
+    files = [os.path.expanduser(f) for f in _X509_DEFAULTS]
+
+    def make() -> _Prepared:
+        options = asyncssh.SSHClientConnectionOptions(client_keys=keys, **_settings(t))
+        return _Prepared(keys, options)
+
+    entry = _prepared.get(name, files, make)
+    if entry.keys is not keys:
+        _prepared.forget(name)
+        entry = _prepared.get(name, files, make)
+    return entry.options
+
+
+def host_options(
+    base: asyncssh.SSHClientConnectionOptions,
+    client: asyncssh.SSHClient,
+    t: Target,
+    tunnel: Any,
+    trusted: list[asyncssh.SSHKey],
+) -> asyncssh.SSHClientConnectionOptions:
+    """``base`` (:func:`prepared_options`) with ``t``'s own fields: what asyncssh derives
+    from connect()'s host, port, tunnel, known_hosts and client_factory (with config=[]).
+    Every other option is the same for each host; the copy shares their values, which
+    a connection copies before it changes any (its key list, its trusted X.509 certs)."""
+    options = copy.copy(base)
+    vars(options).update(
+        host=t.address,
+        orig_host=t.address,
+        port=t.port,
+        tunnel=tunnel,
+        known_hosts=(trusted, [], []),
+        protocol_factory=lambda: client,
+    )
+    options.kwargs = {
+        **base.kwargs,
+        "host": t.address,
+        "port": t.port,
+        "tunnel": tunnel,
+        "known_hosts": options.known_hosts,
+        "client_factory": options.protocol_factory,
+    }
+    return options
+
+
+async def _open(
+    options: asyncssh.SSHClientConnectionOptions, t: Target, tunnel: Any
+) -> asyncssh.SSHClientConnection:
+    """A connection to ``t`` through ``tunnel``, authenticated, with ``options``
+    (:func:`host_options`): what asyncssh.connect() does for a tunnel object, without
+    preparing the options again (the same constructor, ``wait="auth"``, and waiter)."""
+    loop = asyncio.get_running_loop()
+    options.waiter = loop.create_future()
+    try:
+        _, conn = await tunnel.create_connection(
+            lambda: asyncssh.SSHClientConnection(loop, options, wait="auth"), t.address, t.port
+        )
+    except BaseException:
+        options.waiter.cancel()
+        raise
+    conn.set_extra_info(host=t.address, port=t.port)
+    try:
+        await options.waiter
+    except BaseException:
+        conn.abort()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_WAIT):
+            await conn.wait_closed()
+        raise
+    return cast(asyncssh.SSHClientConnection, conn)
+
+
 # -- host keys -----------------------------------------------------------------
 
 
@@ -176,6 +302,14 @@ class Running:
     proc: asyncssh.SSHClientProcess[Any]
     stderr: Sink
     sudo: bool
+    closed: bool = False
+    """:meth:`wait` returned: the command exited and its channel closed."""
+
+    async def wait(self) -> asyncssh.SSHCompletedProcess:
+        """Wait for the command's exit and its channel's close (``proc.wait()``)."""
+        done = await self.proc.wait()
+        self.closed = True  # asyncssh's wait() returns once the channel closed
+        return done
 
 
 def _exited(proc: asyncssh.SSHClientProcess[Any]) -> bool:
@@ -245,30 +379,32 @@ class Connection:
         pinned, trusted = _trusted_keys(t)
         client = _Client(t, pinned)
         # asyncssh is fed a packet at a time: see asyncstage/_sshwire.py
-        options: dict[str, Any] = {"tunnel": cast(Any, _sshwire.DIRECT)}
+        tunnel: Any = _sshwire.DIRECT
         if t.jump is not None:
-            options["tunnel"] = await self._jump_tunnel(t.jump)
-        if t.client_keys:
-            options["client_keys"] = client_keys(t.client_keys)
-            options["agent_path"] = None
-            options["preferred_auth"] = "publickey"  # the only method we have the means for
+            tunnel = await self._jump_tunnel(t.jump)
+        keys = client_keys(t.client_keys) if t.client_keys else None
         try:
             # This bounds the TCP connect and the handshake: asyncssh's own connect_timeout
             # would run a second timer (and task) for the same span, and never fire first.
             with anyio.fail_after(t.connect_timeout):
-                conn, _ = await asyncssh.create_connection(
-                    lambda: client,
-                    t.address,
-                    t.port,
-                    username=t.username,
-                    known_hosts=(trusted, [], []),
-                    config=[],
-                    keepalive_interval=t.keepalive_interval,
-                    keepalive_count_max=3,
-                    encryption_algs=encryption_algs(),
-                    login_timeout=t.connect_timeout,
-                    **options,
-                )
+                if keys and isinstance(keys[0], asyncssh.SSHKeyPair):
+                    options = host_options(prepared_options(t, keys), client, t, tunnel, trusted)
+                    conn = await _open(options, t, tunnel)
+                else:
+                    # No key of ours, or one that does not load: asyncssh looks for keys
+                    # (or fails the connection) as it prepares the options, every time.
+                    settings = _settings(t)
+                    if keys is None:
+                        del settings["agent_path"], settings["preferred_auth"]
+                    conn, _ = await asyncssh.create_connection(
+                        lambda: client,
+                        t.address,
+                        t.port,
+                        known_hosts=(trusted, [], []),
+                        tunnel=tunnel,
+                        **({} if keys is None else {"client_keys": keys}),
+                        **settings,
+                    )
         except asyncssh.HostKeyNotVerifiable as e:
             presented = client.presented
             raise HostKeyMismatch(
@@ -484,13 +620,24 @@ class Connection:
         reconnected = False
         while True:
             link = await self.link()
-            await link.sessions.acquire()
+            # A free slot is taken without a turn of the event loop (acquire() yields one
+            # even then); a cancelled caller still starts nothing.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                link.sessions.acquire_nowait()
+            except anyio.WouldBlock:
+                await link.sessions.acquire()
             try:
                 # Shielded: a channel that opened is always handed over (and later closed).
-                with anyio.CancelScope(shield=True), anyio.fail_after(connect_timeout):
+                # One scope with the deadline: fail_after inside a shielded one costs a
+                # second scope for each command.
+                deadline = anyio.current_time() + connect_timeout
+                with anyio.CancelScope(shield=True, deadline=deadline) as opening:
                     proc = await link.conn.create_process(
                         raw, encoding=encoding, errors="replace", stderr=sink, **kwargs
                     )
+                if opening.cancelled_caught:
+                    raise TimeoutError
             except asyncssh.ChannelOpenError as e:
                 # The channel never opened (or its exec was refused): the command did not start.
                 link.sessions.release()
@@ -588,8 +735,12 @@ class Connection:
         try:
             yield run
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._stop(run)
-                finally:
-                    run.link.sessions.release()
+            if run.closed and _exited(run.proc):
+                # Ran to its end, channel closed: nothing to stop or wait for.
+                run.link.sessions.release()
+            else:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._stop(run)
+                    finally:
+                        run.link.sessions.release()

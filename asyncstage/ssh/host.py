@@ -205,7 +205,7 @@ class SSHHost:
             stderr = Sink(limit=None, marker=True)
             async with conn.process(command, encoding, sudo=sudo, stderr=stderr, **kwargs) as run:
                 with conn.map_errors(command):
-                    done = await run.proc.wait()
+                    done = await run.wait()
                 empty = "" if encoding else b""
                 result = conn.result(
                     command, run.proc, done.stdout or empty, stderr.value(encoding)
@@ -245,7 +245,7 @@ class SSHHost:
                 stderr=Sink(echo=sys.stderr, marker=True),
             ) as run:
                 with conn.map_errors(command):
-                    await run.proc.wait()
+                    await run.wait()
                 result = conn.result(command, run.proc, b"", b"")
         return result.ok
 
@@ -282,7 +282,7 @@ class SSHHost:
             if not reader.at_eof():
                 return  # left early: the command is stopped on the way out
             with conn.map_errors(command):
-                await run.proc.wait()
+                await run.wait()
             empty = "" if encoding else b""
             result = conn.result(command, run.proc, empty, stderr.value(encoding))
         if not result.ok:
@@ -318,7 +318,7 @@ class SSHHost:
             with conn.map_errors(command):
                 if not run.proc.is_closing():
                     run.proc.stdin.write_eof()
-                await run.proc.wait()
+                await run.wait()
             result = conn.result(command, run.proc, stdout.value(encoding), stderr.value(encoding))
         if not result.ok:
             raise conn.failed(result)
@@ -382,7 +382,7 @@ class SSHHost:
             recv_eof=False,  # the file is ours to close
         ) as run:
             with conn.map_errors(command):
-                await run.proc.wait()
+                await run.wait()
             return conn.result(command, run.proc, "", stderr.value("utf-8"))
 
     async def scmd_from_file(
@@ -439,7 +439,7 @@ class SSHHost:
             bufsize=FILE_CHUNK,
         ) as run:
             with conn.map_errors(command):
-                await run.proc.wait()
+                await run.wait()
             result = conn.result(command, run.proc, stdout.value("utf-8"), stderr.value("utf-8"))
         return result, source.count, source.at_eof
 
