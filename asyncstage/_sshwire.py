@@ -21,6 +21,12 @@ connection, and each of its SSH packets is sent as that channel's data. A full p
 twice the outer packets, each encrypted, MAC'd and framed in Python. :class:`JumpTunnel`
 gathers the packets written in one turn of the event loop and hands them to the channel
 at once, which cuts them into whole outer packets.
+
+Every connection made here also re-arms asyncssh's keepalive timer at most once a second
+(:func:`_coarse_keepalive`): asyncssh cancels and schedules it again at each
+``data_received`` call, which is once per packet-sized feed here and, through a jump host,
+once more per outer packet for the connection it carries
+(benchmarks/bench_network.py measures what that saved).
 """
 
 from __future__ import annotations
@@ -44,6 +50,38 @@ __all__ = [
 _FEED_BYTES = 32 * 1024 + 256  # one sshd session packet and its framing, at a time
 
 
+_KEEPALIVE_SLACK = 1.0  # seconds a keepalive may come early, at most a tenth of its interval
+
+
+def _coarse_keepalive(conn: Any) -> None:
+    """Have asyncssh's connection ``conn`` re-arm its keepalive timer at most once a
+    second (a tenth of its interval, if shorter) while data arrives, not at each
+    ``data_received``.
+
+    asyncssh cancels the timer and schedules a new one (a handle pushed on the event
+    loop's heap with Python comparisons, about 10 µs) every time it is given data: 32768
+    times per GiB fed in packet-sized pieces, and through a jump host once more per packet
+    of the outer connection. A keepalive fires after ``keepalive_interval`` seconds
+    without data as before, at most a tenth of that (and :data:`_KEEPALIVE_SLACK`
+    seconds) early; a changed interval (``set_keepalive``) takes effect at once. The
+    timer itself, its count of unanswered requests and the disconnect are asyncssh's,
+    untouched."""
+    reset = getattr(conn, "_reset_keepalive_timer", None)
+    if reset is None or "_reset_keepalive_timer" in vars(conn):
+        return  # not asyncssh's connection as this module knows it, or done already
+    loop = asyncio.get_running_loop()
+    armed_at, armed_for = float("-inf"), -1.0
+
+    def coarse_reset() -> None:
+        nonlocal armed_at, armed_for
+        now, interval = loop.time(), getattr(conn, "_keepalive_interval", 0.0)
+        if now - armed_at >= min(_KEEPALIVE_SLACK, interval / 10) or interval != armed_for:
+            armed_at, armed_for = now, interval
+            reset()
+
+    conn._reset_keepalive_timer = coarse_reset
+
+
 class _InnerFlow:
     """Flow control passed on to the asyncssh connection this layer carries."""
 
@@ -65,6 +103,7 @@ class _WireProtocol(_InnerFlow, asyncio.Protocol):
         self.inner = inner
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _coarse_keepalive(self.inner)
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -143,20 +182,28 @@ class _GatheredWrites(asyncio.Transport):
 
     Whole outer packets' worth goes on once :data:`_GATHER_BYTES` wait, the rest at the
     end of the event loop's turn, so nothing waits for more data that may never come.
-    Closing, aborting and EOF hand on what waits first, in order."""
+    Closing, aborting and EOF hand on what waits first, in order.
+
+    The packets wait as they came (asyncssh hands over each as a ``bytes`` of its own)
+    and are joined once, when handed on: appending them to one growing ``bytearray``
+    copied what had gathered again at each reallocation."""
 
     def __init__(self, chan: asyncssh.SSHTCPChannel[bytes] | asyncio.Transport) -> None:
         super().__init__()
         self._chan = chan
-        self._waiting = bytearray()
+        self._waiting: list[bytes] = []
+        self._size = 0
         self._flush_at_turn_end: asyncio.Handle | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._waiting += data
-        if len(self._waiting) >= _GATHER_BYTES:
-            whole = len(self._waiting) - len(self._waiting) % _OUTER_PACKET
-            self._send(whole)
-        if self._waiting and self._flush_at_turn_end is None:
+        if not data:
+            return
+        # bytes are kept as they are; anything its writer may change is copied now
+        self._waiting.append(data if type(data) is bytes else bytes(data))
+        self._size += len(data)
+        if self._size >= _GATHER_BYTES:
+            self._send(self._size - self._size % _OUTER_PACKET)
+        if self._size and self._flush_at_turn_end is None:
             loop = asyncio.get_running_loop()
             self._flush_at_turn_end = loop.call_soon(self._flush)
 
@@ -164,24 +211,26 @@ class _GatheredWrites(asyncio.Transport):
         if self._flush_at_turn_end is not None:
             self._flush_at_turn_end.cancel()  # harmless when it is the one running
             self._flush_at_turn_end = None
-        self._send(len(self._waiting))
+        self._send(self._size)
 
     def _send(self, size: int) -> None:
         if not size:
             return
-        if size == len(self._waiting):
-            data, self._waiting = self._waiting, bytearray()
+        joined = self._waiting[0] if len(self._waiting) == 1 else b"".join(self._waiting)
+        if size == len(joined):
+            data: bytes | memoryview = joined
+            self._waiting, self._size = [], 0
         else:
-            data = self._waiting[:size]
-            del self._waiting[:size]
+            data = memoryview(joined)[:size]
+            self._waiting, self._size = [joined[size:]], len(joined) - size
         try:
-            self._chan.write(data)
+            self._chan.write(data)  # asyncssh and asyncio both take any buffer
         except ConnectionError:  # the channel closed under it: as asyncssh's own _send
-            self._waiting.clear()
+            self.drop()
 
     def drop(self) -> None:
         """Forget what waits (the channel is gone)."""
-        self._waiting.clear()
+        self._waiting, self._size = [], 0
         if self._flush_at_turn_end is not None:
             self._flush_at_turn_end.cancel()
             self._flush_at_turn_end = None
@@ -205,7 +254,7 @@ class _GatheredWrites(asyncio.Transport):
         return self._chan.is_closing()
 
     def get_write_buffer_size(self) -> int:
-        return len(self._waiting) + self._chan.get_write_buffer_size()
+        return self._size + self._chan.get_write_buffer_size()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._chan.get_extra_info(name, default)
@@ -221,6 +270,7 @@ class _TunnelSession(_InnerFlow, asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._transport = _GatheredWrites(chan)
+        _coarse_keepalive(self.inner)
         self.inner.connection_made(self._transport)
 
     def session_started(self) -> None:
@@ -250,6 +300,7 @@ class GatheringWire(_WireProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._gathered = _GatheredWrites(transport)
+        _coarse_keepalive(self.inner)
         self.inner.connection_made(self._gathered)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -49,20 +49,32 @@ rounds' ratios with the lowest and highest round beside it:
 - instance boot: ``provision_server()`` on each cloud in turn, from the launch to the
   cloud switching the instance to running (its sshd listening, the cloud's own view),
   and to the library having it answer ssh; vpc / loopback (reported, no target).
+
+With ``--before REV`` it measures instead what the hop's code changed since the git
+revision REV, in one run (``network_before_after.json``, on the VPC cloud alone): the
+same streams direct, through the bastion in this process and through the hop's child,
+each side twice, with REV's code (its wire layer in this process, all of it in the
+hop's child) and with this checkout's, the sides in turn; the CPU seconds per GiB of
+every process that carries each stream. The rows of the main run cite its figures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
+import json
 import os
 import resource
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 import anyio
 from _common import (
@@ -84,7 +96,7 @@ from _common import (
 from bench_fleet import _concurrent
 from bench_streaming import _openssh, _read, _write
 
-from asyncstage import Manager, Server
+from asyncstage import Manager, Server, _jumphop, _sshwire
 from asyncstage.localcloud import LocalCloud, Realism
 from asyncstage.ssh import SSHHost
 
@@ -323,7 +335,15 @@ def _median(values: list[float]) -> float:
 
 
 async def main() -> None:
-    args = parse_args(__doc__ or "")
+    argv = sys.argv[1:]
+    before = None
+    if "--before" in argv:
+        at = argv.index("--before")
+        before, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+    args = parse_args(__doc__ or "", argv)
+    if before is not None:
+        await _before_after(args.quick, args.results, before)
+        return
     quick = args.quick
     size = 16 * MiB if quick else 512 * MiB
     rounds = 1 if quick else 9
@@ -384,20 +404,203 @@ async def main() -> None:
     report.save()
 
 
-def _child_hop(bastion: Server) -> SSHHost:
-    """The bastion as a jump host whose tunnels run in a child process (the opt-in)."""
-    host = bastion.host
-    hop = SSHHost(
+# -- before and after: the hop's code at another revision against this checkout's ---------
+
+_AB_SIDES = ("direct", "jump", "jump-child")
+
+
+async def _before_after(quick: bool, results: Path, rev: str) -> None:
+    """The streams of each side with ``rev``'s code and with this checkout's, in turn."""
+    size = 16 * MiB if quick else 512 * MiB
+    rounds = 1 if quick else 7
+    report = Report("network_before_after", quick, results)
+    report.params = {"revision_before": rev, "stream_bytes": size, "stream_rounds": rounds}
+    with tempfile.TemporaryDirectory(prefix="asyncstage-bench-before-") as tree:
+        old_wire = _checkout(rev, Path(tree))
+        off = Realism.off()
+        async with local_cloud(0.0, off, network="vpc", jump_host=BASTION) as (cloud, m):
+            direct, bastion = await _gather(
+                m.provision_server("netbench-direct"), m.provision_server(BASTION)
+            )
+            private = await _private_server(m, PRIVATE)
+            await private.scmd("true")  # its host key pinned through the bastion
+            hosts: dict[str, SSHHost] = {}
+            for when in ("before", "after"):
+                with _code_of(when, tree, old_wire):
+                    for side in _AB_SIDES:
+                        jump = None
+                        if side != "direct":
+                            jump = _copy(bastion.host, side, hop_process=side == "jump-child")
+                        target = direct if side == "direct" else private
+                        host = _copy(target.host, side, jump)
+                        await host.scmd("true")  # connected now, with this side's code
+                        await _read(cast(Any, host), min(size, 16 * MiB))
+                        hosts[f"{side} {when}"] = host
+            machines = cloud._engine.machines
+            inits = {
+                "server": {
+                    "direct": machines[direct.instance_id].host.init_pid,
+                    "jump": machines[private.instance_id].host.init_pid,
+                },
+                "bastion": machines[bastion.instance_id].host.init_pid,
+            }
+            rates, cpu = await _ab_streams(hosts, size, rounds, inits)
+            for host in hosts.values():
+                await host.close()
+                if host.jump is not None:
+                    await host.jump.close()
+    _ab_report(report, rates, cpu, size)
+    report.save()
+
+
+def _checkout(rev: str, tree: Path) -> ModuleType:
+    """``rev``'s asyncstage package in ``tree`` (for the hop's child), and its wire layer
+    loaded as a module of its own (for this process)."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "asyncstage"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    spec = importlib.util.spec_from_file_location(
+        "_sshwire_before", tree / "asyncstage" / "_sshwire.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _code_of(when: str, tree: str, old_wire: ModuleType) -> Iterator[None]:
+    """Connections made inside run ``rev``'s code (``when == "before"``): its gathered
+    writes and keepalive handling in this process, its whole package in the hop's child."""
+    if when != "before":
+        yield
+        return
+    swapped: list[tuple[ModuleType, str, Any]] = [
+        (_sshwire, "_GatheredWrites", old_wire._GatheredWrites),
+        (_sshwire, "_coarse_keepalive", getattr(old_wire, "_coarse_keepalive", _unchanged)),
+        (_jumphop, "_PACKAGE_ROOT", tree),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swapped]
+    for module, name, value in swapped:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _unchanged(conn: object) -> None:
+    """asyncssh's keepalive handling as it is (the code before had none of its own)."""
+
+
+def _copy(
+    host: SSHHost, side: str, jump: SSHHost | None = None, *, hop_process: bool = False
+) -> SSHHost:
+    """A host of its own for ``host`` (a connection of its own), its host key pinned."""
+    copy = SSHHost(
         host.address,
         port=host.port,
         username=host.username,
         client_keys=host.client_keys,
         known_hosts=host.known_hosts,
         host_key_policy="strict",
-        label=f"{host.label}, hop in a child",
+        label=f"{host.label} ({side})",
+        jump=jump,
     )
-    hop.hop_process = True
-    return hop
+    copy.hop_process = hop_process
+    return copy
+
+
+async def _ab_streams(
+    hosts: dict[str, SSHHost], size: int, rounds: int, inits: dict[str, Any]
+) -> tuple[dict[str, list[float]], dict[str, dict[str, list[float]]]]:
+    """MB/s of each stream per round, and the CPU s/GiB of each process carrying it."""
+    rates: dict[str, list[float]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
+    gib = size / (1 << 30)
+    names = [f"{d} {side}" for d in ("read", "write") for side in hosts]
+    for r in range(rounds):
+        for name in _in_turn(r, names):
+            direction, side = name.split(" ", 1)
+            host = hosts[side]
+            kind = side.split(" ")[0]
+            hop = host.jump._conn._hop if host.jump is not None else None
+
+            def used(hop: Any = hop, kind: str = kind) -> dict[str, float]:
+                got = {"client": process_cpu()}
+                if hop is not None:
+                    got["hop"] = _pid_cpu(hop.pid)
+                if kind != "direct":
+                    got["bastion"] = descendants_cpu(inits["bastion"])
+                server = inits["server"]["direct" if kind == "direct" else "jump"]
+                got["server"] = descendants_cpu(server)
+                return got
+
+            start = used()
+            seconds = await (_read if direction == "read" else _write)(cast(Any, host), size)
+            end = used()
+            rates.setdefault(name, []).append(size / seconds / 1e6)
+            for who, value in end.items():
+                cpu.setdefault(name, {}).setdefault(who, []).append((value - start[who]) / gib)
+    return rates, cpu
+
+
+def _ab_report(
+    report: Report,
+    rates: dict[str, list[float]],
+    cpu: dict[str, dict[str, list[float]]],
+    size: int,
+) -> None:
+    mb_s = {k: _median(v) for k, v in rates.items()}
+    cpu_gib = {
+        k: {who: round(statistics.median(v), 2) for who, v in by.items()} for k, by in cpu.items()
+    }
+    report.table(
+        f"Before / after, {size // MiB} MiB streams (median of {len(rates[next(iter(rates))])} "
+        "rounds), CPU s/GiB of each process",
+        ["stream", "MB/s", "this process", "hop's child", "bastion's sshd", "server's sshd"],
+        [
+            [k, mb_s[k], *(cpu_gib[k].get(w, "-") for w in ("client", "hop", "bastion", "server"))]
+            for k in rates
+        ],
+    )
+    report.results.update({"mb_per_s_median": mb_s, "cpu_s_per_gib": cpu_gib})
+
+
+def _before_after_evidence(results: Path, streams: list[str]) -> str:
+    """What ``streams`` cost before and after the hop's last changes, from a run of
+    their own (``--before``), or nothing without one."""
+    path = results / "network_before_after.json"
+    if not path.exists():
+        return ""
+    found = json.loads(path.read_text())
+    if found.get("quick"):
+        return ""
+    cpu = found["results"]["cpu_s_per_gib"]
+    parts = []
+    for stream in streams:
+        direction, side = stream.split(" ")
+        side = {"vpc": "direct"}.get(side, side)
+        old, new = cpu.get(f"{direction} {side} before"), cpu.get(f"{direction} {side} after")
+        if old and new:
+            changes = ", ".join(
+                f"{_WHO.get(who, who)} {old[who]} → {new[who]}" for who in new if who in old
+            )
+            parts.append(f"{'direct' if side == 'direct' else 'through the bastion'} {changes}")
+    if not parts:
+        return ""
+    return (
+        f". Before → after the hop's changes since {found['params']['revision_before']}, "
+        f"CPU s/GiB in one run of their own (network_before_after.json): {'; '.join(parts)}"
+    )
+
+
+def _child_hop(bastion: Server) -> SSHHost:
+    """The bastion as a jump host whose tunnels run in a child process (the opt-in)."""
+    return _copy(bastion.host, "hop in a child", hop_process=True)
 
 
 def _negotiated(server: Server) -> str:
@@ -634,6 +837,7 @@ def _jump_targets(
             f"{_listed(_ours(path))} s/GiB through the bastion against {cpu_gib[direct]} "
             f"direct (every byte encrypted {twice}), at most {alone}×"
         )
+        evidence += _before_after_evidence(report.results_dir, [jump, direct])
         if not child:
             evidence += _openssh_evidence(report, direction, rates, mb_s, cpu_gib, beside, cores)
         limit = 0.8
