@@ -6,7 +6,7 @@ import functools
 import itertools
 import stat
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -102,6 +102,33 @@ async def test_concurrent_waits_share_one_describe_per_round(ec2: EC2) -> None:
     await ec2.terminate_instances(ids)
     _, failed = await ec2.wait_for_instances(ids, "running", timeout=60)
     assert all(isinstance(e, EC2Error) and "terminated" in str(e) for e in failed.values())
+
+
+async def test_a_round_can_ask_only_for_the_instances_that_changed(ec2: EC2) -> None:
+    """A shared round with ``states`` names every instance and EC2 answers only those in
+    these states: a wait's later rounds carry what changed, not the whole fleet; rounds
+    asking for the same states are one call, other states a call of their own."""
+    insts = await ec2.run_instances(
+        image_id=await _image(ec2), count=3, instance_type="t3.micro", tags={tag("role"): "t"}
+    )
+    ids = [i["InstanceId"] for i in insts]
+    await ec2.wait_for_instances(ids, "running", timeout=60)
+    await ec2.stop_instances(ids[:1])
+    await ec2.wait_for_instances(ids[:1], "stopped", timeout=60)
+    before = ec2.calls["DescribeInstances"]
+    results: dict[str, dict[str, object]] = {}
+
+    async def ask(name: str, wanted: list[str], states: tuple[str, ...]) -> None:
+        results[name] = await ec2.describe_instances_shared(wanted, states=states)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "stopped", ids[:2], ("stopped",))
+        tg.start_soon(ask, "stopped too", ids[1:], ("stopped",))
+        tg.start_soon(ask, "any", ids, ())
+    assert set(results["stopped"]) == {ids[0]} and results["stopped too"] == {}
+    assert set(results["any"]) == set(ids)
+    assert ec2.calls["DescribeInstances"] - before == 2
+    await ec2.terminate_instances(ids)
 
 
 async def test_tags_and_filters(ec2: EC2) -> None:
@@ -286,6 +313,10 @@ def test_the_steady_pace_leaves_most_of_the_request_rate() -> None:
     )
 
 
+ANSWER = 0.2
+"""Seconds each (virtual) DescribeInstances takes to answer."""
+
+
 async def _late_fleet(
     clock: _Clock, monkeypatch: pytest.MonkeyPatch, client: EC2, running_at: dict[str, float]
 ) -> tuple[list[float], dict[str, float]]:
@@ -295,9 +326,11 @@ async def _late_fleet(
     monkeypatch.setattr(client, "now", lambda: launched + timedelta(seconds=clock.now))
     rounds: list[float] = []
 
-    async def describe(ids: object) -> dict[str, dict[str, object]]:
+    async def describe(ids: object, states: Collection[str] = ()) -> dict[str, object]:
+        # the first round asks for every instance, the later ones for those not pending
+        assert bool(states) == bool(rounds) and "pending" not in states
         rounds.append(clock.now)
-        return {
+        found = {
             i: {
                 "InstanceId": i,
                 "LaunchTime": launched,
@@ -305,6 +338,9 @@ async def _late_fleet(
             }
             for i, at in running_at.items()
         }
+        found = {i: d for i, d in found.items() if not states or d["State"]["Name"] in states}
+        await clock.sleep(ANSWER)  # EC2 answers as it was when it got the call
+        return found
 
     monkeypatch.setattr(client, "describe_instances_shared", describe)
     seen: dict[str, float] = {}
@@ -324,9 +360,10 @@ async def test_a_fleet_running_late_is_seen_within_one_steady_pause(
 ) -> None:
     """A fleet whose boot outlasts the pending time seen before (or EC2's, before any was
     seen), its instances running one by one over half a minute: each is seen running by
-    the first round after it ran, at most one steady pause later; the rounds come no
-    more often than the steady pace (one call for the whole fleet each), far inside
-    EC2's rate for DescribeInstances."""
+    the first round after it ran, at most one steady pause (and the answer) later: the
+    rounds start one steady pause after each other, the answer's time included; no more
+    often (one call for the whole fleet each), far inside EC2's rate for
+    DescribeInstances."""
     client = EC2(region="us-east-1", poll_interval=0.5, poll_max_interval=5.0)
     if history is not None:
         waits._learn_pending(client, list(history))
@@ -334,11 +371,11 @@ async def test_a_fleet_running_late_is_seen_within_one_steady_pause(
     rounds, seen = await _late_fleet(clock, monkeypatch, client, running_at)
     steady = waits.steady_interval(client)
     for instance, ran in running_at.items():
-        assert ran <= seen[instance] <= ran + steady
+        assert ran <= seen[instance] <= ran + steady + ANSWER
     due = 0.75 * (history or (10.0, 40.0))[0]
-    gaps = [b - a for a, b in itertools.pairwise(rounds)]
-    assert max(g for g, at in zip(gaps, rounds[1:], strict=True) if at > due) <= steady
-    assert min(gaps) >= steady - 1e-9  # never faster than the steady pace
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(rounds)]
+    assert {g for g, at in zip(gaps, rounds[1:], strict=True) if at > due + steady} == {steady}
+    assert min(gaps) >= steady  # never faster than the steady pace
     # before they are due, the pauses back off: half the rounds of a steady pace at most
     assert sum(1 for at in rounds if at < due) <= due / steady / 2
     assert len(rounds) <= 1 + 77.3 / steady
@@ -352,7 +389,7 @@ async def test_an_overdue_fleet_backs_off_again(
     steady pace for ever."""
     client = EC2(region="us-east-1", poll_interval=0.5, poll_max_interval=5.0)
     rounds, _ = await _late_fleet(clock, monkeypatch, client, {"i-1": 200.0})
-    late = [b - a for a, b in itertools.pairwise(rounds) if a > 80]
+    late = [round(b - a, 6) for a, b in itertools.pairwise(rounds) if a > 80]
     assert late and max(late) == 5.0 and late.count(5.0) >= len(late) - 5
 
 

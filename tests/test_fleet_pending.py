@@ -4,7 +4,8 @@ it is due, within EC2's request rate.
 EC2 keeps a new instance ``pending`` for 10-40 s. The session cloud plays a pending time
 past EC2's shortest for the test's duration (white box: ``cloud._engine.realism``,
 restored after). What is under test is the pace the wait asks for (the pauses it
-requests, recorded as it requests them), not how late a loaded machine wakes it.
+requests, recorded as it requests them), not how late a loaded machine wakes it; the
+exact pace is under test on a virtual clock (tests/test_ec2.py).
 """
 
 from __future__ import annotations
@@ -51,16 +52,16 @@ async def test_a_long_pending_fleet_is_polled_steadily_within_the_rate(
             monkeypatch.undo()
             assert [await s.ping() for s in servers] == [True, True]
             await m.terminate_servers(servers)
-    asked = 0.0  # the pauses asked so far: the wait has been at it at least as long
+    asked = 0.0  # the pauses asked so far: the wait has been at it longer
     due = 0.75 * 10.0 + CLOCK_SLACK
     after_due: list[float] = []
     for pause in pauses:
         if asked >= due:
             after_due.append(pause)
         asked += pause
-    assert asked >= PENDING - CLOCK_SLACK  # the wait did go through the pending time
-    # once due, one steady pause after another until they ran: no back-off
-    assert after_due and set(after_due) == {steady}
+    # once due, one round a steady pause after the start of the one before (less the
+    # time its answer took) until they ran: no back-off
+    assert len(after_due) >= 2 and max(after_due) <= steady
     # before, the pauses backed off: fewer rounds than a steady pace would have made
     assert len(pauses) - len(after_due) < due / steady
     # never faster than half the steady pace (the pause that brings a round to when

@@ -11,7 +11,9 @@ least twice EC2's longest: 80 s; a boot that outlasts that backs off as usual), 
 fleet's instances are arriving: a second spent between an instance running and the
 library noticing it is a second of every launch. One DescribeInstances serves the
 whole fleet's round, and the steady pace is never under a quarter of that action's
-refill of EC2's request rate (:mod:`~asyncstage.ec2.rate`).
+refill of EC2's request rate (:mod:`~asyncstage.ec2.rate`). Once each instance was
+seen, a round asks EC2 only for those no longer pending (a filter on the state): its
+answer holds what changed, not the whole fleet's descriptions.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ _EC2_PENDING = (10.0, 40.0)
 """EC2's pending time, shortest and longest, seconds: what a client expects before it
 saw any of its own."""
 
+_ARRIVED = {"running": ("running", "shutting-down", "terminated", "stopping", "stopped")}
+"""Per state waited for, the states an instance on its way there (``pending``) may be
+found in next: once EC2 showed each of a wait's instances, its rounds ask for these
+only, and EC2 leaves those still on their way out of the answer."""
+
 _STEADY_SHARE = 4
 """The steady polls take at most this share (one in so many) of the refill of their
 action's request bucket: other waits and describes of the client draw from it too."""
@@ -82,8 +89,9 @@ async def poll(
     eta: Callable[[], float | None] | None = None,
     progress: Callable[[], int] | None = None,
 ) -> None:
-    """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between
-    (less when ``eta()`` expects the end sooner, never under half the first pause).
+    """Call ``fetch`` until it returns true, 1 s, 1.5 s, 2.25 s ... after the start of
+    the call before (less when ``eta()`` expects the end sooner, never under half the
+    first pause; at once when the call took longer).
 
     An ``eta()`` of at most :func:`steady_interval` holds the pauses there (what is
     awaited is due: a steady pace, no back-off while it is). A round in which ``progress()`` grew
@@ -96,6 +104,7 @@ async def poll(
     seen = progress() if progress is not None else 0
     moved: float | None = None  # when progress last grew
     while True:
+        began = time.monotonic()
         if await fetch():
             return
         now = time.monotonic()
@@ -110,7 +119,8 @@ async def poll(
         if left <= 0:
             raise WaitTimeout(what, timeout=timeout, last_state=last_state())
         pause = interval if expected is None else max(client.poll_interval / 2, expected)
-        await anyio.sleep(min(interval, pause, left))
+        # the pauses are between the rounds' starts: a slow answer is not waited for twice
+        await anyio.sleep(max(0.0, min(interval, pause, left) - (now - began)))
         interval = min(interval * client.poll_backoff, client.poll_max_interval)
 
 
@@ -207,7 +217,9 @@ async def wait_for_instances(
         return f"{labels[i]} ({i})" if i in labels else i
 
     async def fetch() -> bool:
-        found = await client.describe_instances_shared(waiting)
+        # once each was seen, a round asks only for those that left their way there
+        arrived = _ARRIVED.get(state, ()) if waiting.issubset(last) else ()
+        found = await client.describe_instances_shared(waiting, states=arrived)
         for iid, inst in found.items():
             now = inst.get("State", {}).get("Name", "unknown")
             last[iid] = now
