@@ -28,7 +28,16 @@ are compared with, as a median with its spread):
 - where the share goes: each GetConsoleOutput call and each throttled one as the
   cloud's endpoint counted them, when each server's host key was known and when it
   was ready (its first command answered), the controller's CPU seconds within the
-  share (``timeline`` in the JSON, times from the last instance running).
+  share (``timeline`` in the JSON, times from the last instance running);
+- each server's way from its instance running (sshd listening) to ready, traced on
+  both sides: the cloud's (its engine's moments: running, sshd listening, the console
+  shown; its endpoint's time on each request) and the library's (each DescribeInstances
+  round sent and answered, each console read, the host key known, the ssh slot taken,
+  ready), split by whose time each step was: the cloud's, the poll schedule's pause, the
+  client's, ssh (``timeline.last_ready_path`` and ``last_split`` of the last server
+  ready, medians and maxima over all, the event loop's lateness in the share).
+
+``--sizes 200`` runs one part (one server before and after it) for a look at one size.
 
 The realistic cloud (the default profile: eventual consistency, AWS's API token
 buckets, late consoles ...) with the pending time added; ``poll_interval`` 0.5 s with
@@ -37,7 +46,10 @@ the library's default back-off.
 
 from __future__ import annotations
 
+import argparse
+import base64
 import dataclasses
+import io
 import os
 import statistics
 import threading
@@ -45,6 +57,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 from _common import (
@@ -52,6 +65,7 @@ from _common import (
     _busy_jiffies,
     _is_cloud_thread,
     _thread_cpu,
+    cloud_threads_cpu,
     local_cloud,
     parse_args,
     ratio,
@@ -59,6 +73,7 @@ from _common import (
 from bench_fleet import _concurrent
 
 from asyncstage import Manager, hostkeys
+from asyncstage.ec2.console import console_fingerprints
 from asyncstage.localcloud import LocalCloud, Realism
 from asyncstage.localcloud._realism import BUCKETS
 from asyncstage.server import Server
@@ -117,22 +132,42 @@ def machine_busy() -> float:
 
 
 class _Timeline:
-    """When things happened during a fleet's wait (``time.perf_counter()``): each
-    GetConsoleOutput call and each throttled one as the cloud's endpoint counted them
-    (sampled every 5 ms), each server's host key known (its fingerprints read) and each
-    server ready (its first command answered), and the controller's CPU seconds by time
-    (sampled every 50 ms)."""
+    """When things happened during a fleet's wait (``time.perf_counter()``), per instance.
 
-    def __init__(self, cloud: LocalCloud) -> None:
+    The cloud's side, from its own engine: when it switched each instance to running,
+    when its sshd listened, when its console (``Latest=True``) held the boot's output.
+    The library's side: each DescribeInstances round (sent, answered) and when each
+    instance was first seen running in one, each GetConsoleOutput call (sent, answered,
+    whether the fingerprints were on it), when each host key was known, when each
+    server's ssh wait began (its slot), and when it was ready (its first command
+    answered). Also each GetConsoleOutput and each throttled one as the cloud's endpoint
+    counted them (sampled every 5 ms), and the controller's CPU seconds by time (sampled
+    every 100 ms)."""
+
+    def __init__(self, cloud: LocalCloud, m: Manager) -> None:
         self.cloud = cloud
+        self.m = m
         self.calls: list[float] = []
         self.throttled: list[float] = []
-        self.cpu: list[tuple[float, float, float]] = []  # time, controller, machine busy
+        # time, controller, machine busy, the in-process cloud's threads (CPU seconds)
+        self.cpu: list[tuple[float, float, float, float]] = []
+        # the cloud's side, by instance id
+        self.running: dict[str, float] = {}
+        self.listening: dict[str, float] = {}
+        self.console_shown: dict[str, float] = {}
+        # (action, instance id of a console) -> when the endpoint began and ended each
+        self.served: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        # the library's side
+        self.polls: list[tuple[float, float]] = []  # each DescribeInstances: sent, answered
+        self.seen: dict[str, tuple[float, float]] = {}  # first seen running: round sent, answered
+        self.reads: dict[str, list[tuple[float, float, bool]]] = {}  # sent, answered, key on it
         self.key_known: dict[str, float] = {}
+        self.ssh_start: dict[str, float] = {}
         self.ready: dict[str, float] = {}
+        self.lags: list[tuple[float, float]] = []  # the event loop's lateness, by time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-timeline")
-        self._saved: list[tuple[object, str, object]] = []
+        self._saved: list[tuple[object, str, object, bool]] = []
 
     def _run(self) -> None:
         action = "GetConsoleOutput"
@@ -144,44 +179,238 @@ class _Timeline:
             self.calls += [now] * (calls - seen[0])
             self.throttled += [now] * (throttled - seen[1])
             seen = calls, throttled
-            if step % 10 == 0:
-                self.cpu.append((now, controller_cpu(), machine_busy()))
+            if step % 20 == 0:
+                self.cpu.append((now, controller_cpu(), machine_busy(), cloud_threads_cpu()))
             step += 1
             self._stop.wait(0.005)
 
+    async def probe_loop(self) -> None:
+        """How late the controller's event loop wakes a 50 ms sleeper (its backlog)."""
+        while True:
+            began = time.perf_counter()
+            await anyio.sleep(0.05)
+            self.lags.append((began, time.perf_counter() - began - 0.05))
+
+    def _patch(self, owner: object, name: str, new: object) -> None:
+        """Put ``new`` in place of ``owner.name`` until the exit (an instance's own
+        attribute is removed again, a class's or module's restored)."""
+        own = name in getattr(owner, "__dict__", {})
+        self._saved.append((owner, name, getattr(owner, name), own))
+        setattr(owner, name, new)
+
+    def _hook_cloud(self) -> None:
+        engine = self.cloud._engine
+        api = engine.api
+        set_running, add_devices = api.set_running, engine._add_devices
+
+        def running(instance_id: str) -> None:
+            set_running(instance_id)
+            now = time.perf_counter()
+            self.running.setdefault(instance_id, now)
+            machine = engine.machines.get(instance_id)
+            if machine is not None:  # its console's time, moved to this clock
+                shown = machine.console_latest_at if machine.nitro else machine.console_at
+                self.console_shown.setdefault(instance_id, shown - time.monotonic() + now)
+
+        def listening(machine: Any) -> None:  # called as its sshd listens
+            self.listening.setdefault(machine.host.instance_id, time.perf_counter())
+            add_devices(machine)
+
+        server = api._server  # the endpoint: how long the cloud took over each request
+        app = server.app
+
+        def served(environ: dict[str, Any], start_response: Any) -> Any:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(size) if size else b""
+            environ["wsgi.input"] = io.BytesIO(body)
+            params = dict(parse_qsl(body.decode(errors="replace")))
+            began = time.perf_counter()
+            try:
+                return app(environ, start_response)
+            finally:
+                what = params.get("Action", ""), params.get("InstanceId", "")
+                self.served.setdefault(what, []).append((began, time.perf_counter()))
+
+        self._patch(api, "set_running", running)
+        self._patch(engine, "_add_devices", listening)
+        self._patch(server, "app", served)
+
+    def _hook_library(self) -> None:
+        call = self.m.ec2.call
+
+        async def traced(operation: str, /, **params: Any) -> Any:
+            sent = time.perf_counter()
+            result = await call(operation, **params)
+            answered = time.perf_counter()
+            if operation == "DescribeInstances":
+                self.polls.append((sent, answered))
+                for reservation in result.get("Reservations", []):
+                    for inst in reservation.get("Instances", []):
+                        if inst.get("State", {}).get("Name") == "running":
+                            self.seen.setdefault(inst["InstanceId"], (sent, answered))
+            elif operation == "GetConsoleOutput":
+                raw = result.get("Output") or ""
+                try:  # as the client reads it: base64, or the text itself
+                    text = base64.b64decode(raw, validate=True).decode(errors="replace")
+                except ValueError:
+                    text = str(raw)
+                found = bool(console_fingerprints(text))
+                self.reads.setdefault(params["InstanceId"], []).append((sent, answered, found))
+            return result
+
+        self._patch(self.m.ec2, "call", traced)
+        self._wrap(hostkeys, "wait_for_fingerprints", self.key_known, None)
+        self._wrap(Server, "_wait_ssh", self.ready, self.ssh_start)
+
     def _wrap(
-        self, owner: object, name: str, times: dict[str, float], key: Callable[..., str]
+        self,
+        owner: object,
+        name: str,
+        ended: dict[str, float],
+        began: dict[str, float] | None,
     ) -> None:
         inner = getattr(owner, name)
 
         async def timed(*args: Any) -> Any:
+            server = next(a for a in args if isinstance(a, Server))
+            if began is not None:
+                began.setdefault(server.instance_id, time.perf_counter())
             result = await inner(*args)
-            times[key(*args)] = time.perf_counter()
+            ended[server.instance_id] = time.perf_counter()
             return result
 
-        self._saved.append((owner, name, inner))
-        setattr(owner, name, timed)
+        self._patch(owner, name, timed)
 
     def __enter__(self) -> _Timeline:
-        self._wrap(hostkeys, "wait_for_fingerprints", self.key_known, lambda ctx, s: s.name)
-        self._wrap(Server, "_wait_ssh", self.ready, lambda s, deadline: s.name)
+        self._hook_cloud()
+        self._hook_library()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for owner, name, inner in reversed(self._saved):
-            setattr(owner, name, inner)
+        for owner, name, inner, own in reversed(self._saved):
+            if own:
+                setattr(owner, name, inner)
+            else:
+                delattr(owner, name)
         self._stop.set()
         self._thread.join()
 
-    def cpu_between(self, start: float, end: float) -> tuple[float, float, float]:
-        """Seconds, the controller's CPU seconds and the machine's busy CPU seconds from
-        ``start`` to ``end`` (between the samples nearest inside)."""
+    def cpu_between(self, start: float, end: float) -> tuple[float, float, float, float]:
+        """Seconds, the controller's CPU seconds, the machine's busy CPU seconds and the
+        in-process cloud threads' CPU seconds from ``start`` to ``end`` (between the
+        samples nearest inside)."""
         inside = [c for c in self.cpu if start <= c[0] <= end]
         if len(inside) < 2:
-            return 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0
         first, last = inside[0], inside[-1]
-        return last[0] - first[0], last[1] - first[1], last[2] - first[2]
+        return (
+            last[0] - first[0],
+            last[1] - first[1],
+            last[2] - first[2],
+            last[3] - first[3],
+        )
+
+    def window(self, start: float, end: float) -> dict[str, float | None]:
+        """What the controller's process did from ``start`` to ``end``: its event loop's
+        lateness at most, the share of one core the controller's threads used and the
+        cloud's threads in this process, the share of all cores the machine was busy.
+        A late loop whose threads used little CPU waited for the cores and the
+        interpreter's lock (the cloud's threads hold it too), not on its own work."""
+        span, controller, busy, cloud = self.cpu_between(start, end)
+        lags = [lag for t, lag in self.lags if start <= t <= end]
+        return {
+            "seconds": round(end - start, 3),
+            "loop_lag_max_s": round(max(lags), 3) if lags else None,
+            "controller_core_share": round(controller / span, 3) if span else None,
+            "cloud_threads_core_share": round(cloud / span, 3) if span else None,
+            "machine_busy_share": round(busy / (span * CORES), 3) if span else None,
+        }
+
+    def up(self, iid: str) -> float | None:
+        """When the cloud had the instance running with its sshd listening."""
+        if iid not in self.running:
+            return None
+        return max(self.running[iid], self.listening.get(iid, self.running[iid]))
+
+    def cloud_time(self, action: str, iid: str, sent: float, answered: float) -> float:
+        """How long the cloud's endpoint worked on the request sent and answered so (the
+        longest it served in that time: another caller's may have overlapped)."""
+        return max(
+            (
+                end - began
+                for began, end in self.served.get((action, iid), [])
+                if sent <= began and end <= answered
+            ),
+            default=0.0,
+        )
+
+    def path(self, iid: str) -> dict[str, float | int]:
+        """One server's way from running (sshd listening) to ready, in seconds, each
+        step split into the cloud's time and the library's: the wait for the poll round
+        that saw it running (the library's schedule), that round's answer (the cloud's
+        endpoint at work, the rest the client's), its console (not written yet, and the
+        endpoint at work: the cloud's; queueing for EC2's rate and the pauses between
+        reads: the library's), the wait for an ssh slot, the ssh handshake and the first
+        command (both ends here on the machine's cores)."""
+        up, seen = self.up(iid), self.seen.get(iid)
+        if up is None or seen is None or iid not in self.ready:
+            return {}
+        key = self.key_known.get(iid, seen[1])
+        reads = self.reads.get(iid, [])
+        shown = self.console_shown.get(iid, up)
+        sent, answered = seen
+        poll_cloud = self.cloud_time("DescribeInstances", "", sent, answered)
+        # a round sent before it ran and answered after: the cloud was still answering
+        in_flight = max(
+            (min(b, sent) - up for a, b in self.polls if a < up < b),
+            default=0.0,
+        )
+        first_read = reads[0][0] if reads else key
+        console = max(0.0, key - seen[1])
+        unwritten = max(0.0, min(shown, key) - seen[1])
+        reading = sum(self.cloud_time("GetConsoleOutput", iid, a, b) for a, b, _ in reads)
+        ssh_start = self.ssh_start.get(iid, key)
+        return {
+            "ran_s": round(up - self.last_up, 3),
+            "poll_wait_s": round(max(0.0, sent - up), 3),
+            "poll_in_flight_s": round(max(0.0, in_flight), 3),
+            "poll_pause_s": round(max(0.0, sent - up - max(0.0, in_flight)), 3),
+            "poll_cloud_s": round(poll_cloud, 3),
+            "poll_client_s": round(answered - max(sent, up) - poll_cloud, 3),
+            "console_cloud_s": round(min(console, unwritten + reading), 3),
+            "console_library_s": round(console - min(console, unwritten + reading), 3),
+            "console_queue_s": round(max(0.0, first_read - seen[1]), 3),
+            "console_reads": len(reads),
+            "console_empty_reads": sum(not found for _, _, found in reads),
+            "ssh_slot_wait_s": round(max(0.0, ssh_start - key), 3),
+            "ssh_s": round(self.ready[iid] - max(key, ssh_start), 3),
+            "ready_s": round(self.ready[iid] - self.last_up, 3),
+        }
+
+    def slowest_round(self, rel: Callable[[float], float]) -> dict[str, Any]:
+        """The DescribeInstances round with the most time outside the cloud's endpoint."""
+        if not self.polls:
+            return {}
+        client = [
+            (b - a - self.cloud_time("DescribeInstances", "", a, b), a, b) for a, b in self.polls
+        ]
+        outside, sent, answered = max(client)
+        return {
+            "sent_s": rel(sent),
+            "answered_s": rel(answered),
+            "outside_cloud_s": round(outside, 3),
+            **self.window(sent, answered),
+        }
+
+    def ups(self) -> list[float]:
+        """When each instance was up (running, sshd listening), in order."""
+        return sorted(u for i in self.running if (u := self.up(i)) is not None)
+
+    @property
+    def last_up(self) -> float:
+        """When the last instance was up (0 when none was)."""
+        return max(self.ups(), default=0.0)
 
     def summary(self, last_running: float, end: float) -> dict[str, Any]:
         """The share's timeline, in seconds from the last instance running."""
@@ -192,7 +421,13 @@ class _Timeline:
         gaps = sorted(self.ready[s] - self.key_known[s] for s in self.ready if s in self.key_known)
         in_share = [t for t in self.calls if last_running <= t <= end]
         keys = sorted(self.key_known.values())
-        span, controller, busy = self.cpu_between(last_running, end)
+        span, controller, busy, _ = self.cpu_between(last_running, end)
+        paths = {i: p for i in self.ready if (p := self.path(i))}
+        last = max(paths, key=lambda i: self.ready[i]) if paths else None
+        steps = [k for k in next(iter(paths.values()), {}) if k.endswith("_s")]
+        reads = [r for rs in self.reads.values() for r in rs]
+        ups = self.ups()
+        lags = [lag for t, lag in self.lags if last_running <= t <= end]
         return {
             "console_calls_at_s": [rel(t) for t in self.calls],
             "console_throttled_at_s": [rel(t) for t in self.throttled],
@@ -208,28 +443,63 @@ class _Timeline:
             "share_machine_busy_s": round(busy, 3),
             "share_machine_busy_share": round(busy / (span * CORES), 3) if span else None,
             "share_s": rel(end),
+            # the traced way of each server from its instance up to ready
+            "cloud_up_spread_s": round(self.last_up - min(ups), 3) if ups else None,
+            "loop_lag_in_share_s": {
+                "median": round(statistics.median(lags), 3) if lags else None,
+                "max": round(max(lags), 3) if lags else None,
+            },
+            "polls_at_s": [[rel(a), rel(b)] for a, b in self.polls],
+            # the round the client took longest over, beyond the cloud's own time
+            "slowest_round": self.slowest_round(rel),
+            "share_window": self.window(last_running, end),
+            "polls_in_share": sum(1 for a, _ in self.polls if a >= self.last_up),
+            "console_reads": len(reads),
+            "console_empty_reads": sum(not found for _, _, found in reads),
+            "last_ready_path": {"instance": last, **paths[last]} if last else {},
+            "steps_median_s": {
+                k: round(statistics.median(float(p[k] or 0) for p in paths.values()), 3)
+                for k in steps
+                if k not in ("ran_s", "ready_s")
+            },
+            "steps_max_s": {
+                k: round(max(float(p[k] or 0) for p in paths.values()), 3)
+                for k in steps
+                if k not in ("ran_s", "ready_s")
+            },
+            "paths_last_10": sorted(
+                (p for p in paths.values()), key=lambda p: float(p["ready_s"] or 0)
+            )[-10:],
         }
 
 
 async def _fleet(cloud: LocalCloud, m: Manager, n: int, api_rate: float | None) -> dict[str, Any]:
     cpu = controller_cpu()
     throttled = Counter(cloud.throttled)
-    with _Timeline(cloud) as timeline:
-        run = await _concurrent(cloud, m, n, keep_times=True)
+    with _Timeline(cloud, m) as timeline:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(timeline.probe_loop)
+            run = await _concurrent(cloud, m, n, keep_times=True)
+            tg.cancel_scope.cancel()
     run["controller_cpu_s"] = round(controller_cpu() - cpu, 3)
     run["throttled_by_action"] = dict(Counter(cloud.throttled) - throttled)
     consoles = int(run["api_calls"].get("GetConsoleOutput", 0))
     run["console_calls"] = consoles
     run["console_floor_s"] = round(console_floor(consoles, api_rate), 3)
     run["controller_cpu_ms_per_server"] = round(1000 * run["controller_cpu_s"] / n, 2)
-    last = run.pop("_last_running_at")
-    running = run.pop("_running_at")
-    run["timeline"] = timeline.summary(last, last + run["wall_s"] - run["cloud_last_running_s"])
+    sampled = run.pop("_last_running_at")
+    run.pop("_running_at")
+    end = sampled + run["wall_s"] - run["cloud_last_running_s"]  # provision_servers returned
+    # the cloud's own moments (its engine's hooks), not the 20 ms samples
+    last = timeline.last_up or sampled
+    running = timeline.ups()
+    run["timeline"] = timeline.summary(last, end)
     # what EC2's rate leaves of the share to any client: the last console it can read
     run["share_floor_s"] = round(max(0.0, ideal_reads(running, api_rate) - last), 3)
     run["running_spread_s"] = round(last - min(running), 3) if running else 0.0
+    run["last_split"] = _split(run["timeline"].get("last_ready_path", {}))
     polls = [t for t in run.pop("_describe_at") if t >= last]
-    run["library_share_s"] = round(run["wall_s"] - run["cloud_last_running_s"], 3)
+    run["library_share_s"] = round(end - last, 3)
     run["poll_wait_s"] = round(polls[0] - last, 3) if polls else None
     if run["poll_wait_s"] is not None:
         run["after_poll_s"] = round(run["library_share_s"] - run["poll_wait_s"], 3)
@@ -237,11 +507,17 @@ async def _fleet(cloud: LocalCloud, m: Manager, n: int, api_rate: float | None) 
 
 
 async def main() -> None:
-    args = parse_args(__doc__ or "")
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--sizes", type=lambda v: [int(n) for n in v.split(",")], default=None)
+    given, rest = own.parse_known_args()
+    args = parse_args(__doc__ or "", rest)
     quick = args.quick
     sizes = [1, 3] if quick else [1, 10, 50, 100, 200]
     pending = 1.0 if quick else 20.0
     order = [1, 3, 1] if quick else [1, 10, 50, 1, 100, 200, 1]
+    if given.sizes:  # a part of the run (one server around the others)
+        sizes = sorted({1, *given.sizes})
+        order = [1, *(n for n in given.sizes if n != 1), 1]
     poll_interval = 0.5
     report = Report("fleet_ec2", quick, args.results)
     report.params = {
@@ -277,9 +553,13 @@ async def main() -> None:
             "then up s",
             "controller CPU s",
             "ms/server",
-            "Describe/round",
+            "Describe calls",
             "consoles",
             "EC2-rate floor s",
+            "last: cloud s",
+            "pause s",
+            "client s",
+            "ssh s",
         ],
         [
             [
@@ -292,9 +572,10 @@ async def main() -> None:
                 r.get("after_poll_s", "-"),
                 r["controller_cpu_s"],
                 r["controller_cpu_ms_per_server"],
-                r["describe_calls_per_round"],
+                r["api_calls"].get("DescribeInstances", 0),
                 r["console_calls"],
                 r["share_floor_s"],
+                *(r["last_split"].get(k, "-") for k in ("cloud_s", "pause_s", "client_s", "ssh_s")),
             ]
             for r in table
         ],
@@ -333,8 +614,25 @@ async def main() -> None:
         "<=",
         1.5,
         "controller CPU per server, highest / lowest over fleets of 10 and more (flat in N)",
+        bound="library",
+        evidence=_cpu_flat_text(fleets, singles),
     )
     report.save()
+
+
+def _cpu_flat_text(fleets: list[dict[str, Any]], singles: list[dict[str, Any]]) -> str:
+    """Per server, and per server beyond one server's launch (its fixed cost apart)."""
+    one = statistics.median(r["controller_cpu_s"] for r in singles)
+    return (
+        "controller CPU ms per server: "
+        + ", ".join(f"N={r['n']} {r['controller_cpu_ms_per_server']:g}" for r in fleets)
+        + f"; one server's launch {1000 * one:.0f} ms, and beyond it per further server: "
+        + ", ".join(
+            f"N={r['n']} {1000 * (r['controller_cpu_s'] - one) / (r['n'] - 1):.1f}" for r in fleets
+        )
+        + "; DescribeInstances calls: "
+        + ", ".join(f"N={r['n']} {r['api_calls'].get('DescribeInstances', 0)}" for r in fleets)
+    )
 
 
 API_BOUND = (
@@ -362,15 +660,6 @@ def _console_text(big: dict[str, Any]) -> str:
     )
 
 
-def _split_text(big: dict[str, Any]) -> str:
-    if big.get("poll_wait_s") is None:
-        return "no poll round after the last one ran (seen running at once)"
-    return (
-        f"{big['poll_wait_s']:g} s until the next poll round, {big['after_poll_s']:g} s after "
-        "it (host keys from the consoles, ssh)"
-    )
-
-
 def _tail_text(big: dict[str, Any]) -> str:
     tl = big["timeline"]
     if tl["last_key_known_s"] is None or tl["last_ready_s"] is None:
@@ -394,11 +683,79 @@ def _cpu_text(big: dict[str, Any]) -> str:
     )
 
 
+def _split(path: dict[str, Any]) -> dict[str, float]:
+    """The last server's way from the last instance running to ready, by whose time it
+    was: the cloud's (a round sent before it ran still being answered, the endpoint at
+    work on the round that saw it and on its console, a console not written yet), the
+    library's poll schedule (the pause before that round), the client's (botocore and
+    the event loop around the calls, the queue for a console slot and EC2's rate), ssh
+    (the wait for a slot, the handshake and the first command, both ends on this
+    machine's cores). Its ``ran_s`` (<= 0) is when its own instance ran."""
+    if not path:
+        return {}
+    return {
+        "cloud_s": round(
+            path["poll_in_flight_s"] + path["poll_cloud_s"] + path["console_cloud_s"], 3
+        ),
+        "pause_s": path["poll_pause_s"],
+        "client_s": round(path["poll_client_s"] + path["console_library_s"], 3),
+        "ssh_s": round(path["ssh_slot_wait_s"] + path["ssh_s"], 3),
+        "ran_s": path["ran_s"],
+    }
+
+
+def _way_text(big: dict[str, Any]) -> str:
+    """The last server's way, step by step, with whose time each step was."""
+    tl, split = big["timeline"], big.get("last_split") or {}
+    path = tl.get("last_ready_path") or {}
+    if not path or not split:
+        return "no traced way"
+    lag = tl.get("loop_lag_in_share_s") or {}
+    return (
+        f"the last server ready (its instance ran {-split['ran_s']:g} s before the last "
+        f"one): {split['pause_s']:g} s the poll's pause (the library's schedule), "
+        f"{split['cloud_s']:g} s the cloud's (a round in flight {path['poll_in_flight_s']:g} "
+        f"s, the endpoint at work on the round that saw it {path['poll_cloud_s']:g} s and "
+        f"on its console {path['console_cloud_s']:g} s), {split['client_s']:g} s in the "
+        f"client (around the round {path['poll_client_s']:g} s, before its console read "
+        f"{path['console_queue_s']:g} s: a console slot and EC2's rate, "
+        f"{tl['console_calls_in_share']} reads after the last instance ran), "
+        f"{split['ssh_s']:g} s ssh (a slot {path['ssh_slot_wait_s']:g} s, the handshake "
+        f"and first command {path['ssh_s']:g} s); the controller's event loop late by up "
+        f"to {lag.get('max')} s (median {lag.get('median')} s) in the share; "
+        f"{big['api_calls'].get('DescribeInstances', 0)} DescribeInstances for the fleet "
+        f"({tl['polls_in_share']} after the last one ran), {big['console_calls']} "
+        f"GetConsoleOutput ({tl['console_empty_reads']} empty)"
+        + _slowest_text(tl.get("slowest_round") or {})
+    )
+
+
+def _share(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0%}"
+
+
+def _slowest_text(slow: dict[str, Any]) -> str:
+    """The round the client took longest over, and what the process did meanwhile."""
+    if not slow or slow["outside_cloud_s"] < 1.0:
+        return ""
+    return (
+        f"; the slowest round took {slow['seconds']:g} s ({slow['sent_s']:g} to "
+        f"{slow['answered_s']:g} s), {slow['outside_cloud_s']:g} s of it outside the cloud's "
+        f"endpoint, while the controller's threads used "
+        f"{_share(slow['controller_core_share'])} of a core and its event loop was at most "
+        f"{slow['loop_lag_max_s']} s late, the cloud's threads in this process "
+        f"{_share(slow['cloud_threads_core_share'])} of a core, the machine's cores "
+        f"{_share(slow['machine_busy_share'])} busy: it waited on neither the controller's "
+        "CPU nor the cloud's endpoint, but in the HTTP exchange between them, inside one "
+        "process whose interpreter the local cloud's threads share (not traced further)"
+    )
+
+
 def _share_bound(big: dict[str, Any], single_share: float) -> dict[str, str]:
     """The share target's bound: EC2's API rate when its floor alone misses the target;
     the machine when its cores were saturated in the share."""
     text = (
-        f"of it {_split_text(big)}; {_console_text(big)}; {_tail_text(big)}; "
+        f"{_way_text(big)}; {_console_text(big)}; {_tail_text(big)}; "
         f"{_cpu_text(big)}; one server's share {single_share:g} s"
     )
     floor = big["share_floor_s"]
@@ -409,11 +766,30 @@ def _share_bound(big: dict[str, Any], single_share: float) -> dict[str, str]:
             f"; the share is {big['library_share_s'] / floor:.2f}× that floor "
             f"(+{big['library_share_s'] - floor:.2f} s beyond it)"
         )
+    split = big.get("last_split") or {}
+    if split.get("cloud_s", 0.0) > 1.0:  # the cloud's answers alone miss the target
+        parts.append("the local cloud: its endpoint's answers (in this process, on the same cores)")
+    window = big["timeline"].get("share_window") or {}
+    contended = split.get("client_s", 0.0) + split.get("ssh_s", 0.0)
+    if (
+        split.get("pause_s", 1.0) + split.get("cloud_s", 0.0) < 1.0 < big["library_share_s"]
+        and contended > 1.0
+        and (window.get("controller_core_share") or 1.0) < 0.5
+    ):  # the schedule is small; the calls and handshakes waited, the controller mostly idle
+        parts.append(
+            "the machine: the controller's calls and handshakes wait outside its own CPU, "
+            f"in the process and on the {CORES} cores it shares with the local cloud and "
+            "the instances' sshd (the controller used "
+            f"{_share(window.get('controller_core_share'))} of a core in the share)"
+        )
     if (big["timeline"].get("share_machine_busy_share") or 0) >= 0.9:
         parts.append(
             f"the machine: its {CORES} cores saturated in the share (the ssh handshakes' "
-            "two ends, the instances' sshd here on the controller's cores)"
+            "two ends, the instances' sshd, the in-process cloud and the controller on "
+            "the same cores)"
         )
+    if big["library_share_s"] <= 1.0:
+        parts = []
     return {"bound": "; and ".join(parts) or "library", "evidence": text}
 
 

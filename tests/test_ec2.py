@@ -6,7 +6,7 @@ import functools
 import itertools
 import stat
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -102,6 +102,33 @@ async def test_concurrent_waits_share_one_describe_per_round(ec2: EC2) -> None:
     await ec2.terminate_instances(ids)
     _, failed = await ec2.wait_for_instances(ids, "running", timeout=60)
     assert all(isinstance(e, EC2Error) and "terminated" in str(e) for e in failed.values())
+
+
+async def test_a_round_can_ask_only_for_the_instances_that_changed(ec2: EC2) -> None:
+    """A shared round with ``states`` names every instance and EC2 answers only those in
+    these states: a wait's later rounds carry what changed, not the whole fleet; rounds
+    asking for the same states are one call, other states a call of their own."""
+    insts = await ec2.run_instances(
+        image_id=await _image(ec2), count=3, instance_type="t3.micro", tags={tag("role"): "t"}
+    )
+    ids = [i["InstanceId"] for i in insts]
+    await ec2.wait_for_instances(ids, "running", timeout=60)
+    await ec2.stop_instances(ids[:1])
+    await ec2.wait_for_instances(ids[:1], "stopped", timeout=60)
+    before = ec2.calls["DescribeInstances"]
+    results: dict[str, dict[str, object]] = {}
+
+    async def ask(name: str, wanted: list[str], states: tuple[str, ...]) -> None:
+        results[name] = await ec2.describe_instances_shared(wanted, states=states)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "stopped", ids[:2], ("stopped",))
+        tg.start_soon(ask, "stopped too", ids[1:], ("stopped",))
+        tg.start_soon(ask, "any", ids, ())
+    assert set(results["stopped"]) == {ids[0]} and results["stopped too"] == {}
+    assert set(results["any"]) == set(ids)
+    assert ec2.calls["DescribeInstances"] - before == 2
+    await ec2.terminate_instances(ids)
 
 
 async def test_tags_and_filters(ec2: EC2) -> None:
@@ -243,24 +270,127 @@ async def test_polls_start_over_while_a_fleet_arrives(
     assert _gaps(times) == [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
 
 
-def test_pending_time_seen_before_brings_the_polls_forward() -> None:
-    """Once a client saw how long instances stay pending, a wait for new ones polls at
-    the first pause from three quarters of that time on, and backs off as usual again
-    when they are overdue by as long."""
+def test_pending_instances_are_polled_steadily_while_due() -> None:
+    """New instances are due from three quarters of the shortest pending time the
+    client saw (EC2's shortest, 10 s, before it saw any) until twice the longest (at
+    least twice EC2's longest, 40 s): until then the pauses bring the next round to
+    that time, while due they stay at the steady pace, and only after it do they back
+    off as usual."""
     client = EC2(region="us-east-1", poll_interval=0.5)
     now = client.now()
 
-    def launched(seconds_ago: float) -> dict[str, object]:
-        return {"LaunchTime": now - timedelta(seconds=seconds_ago)}
+    def eta(*seconds_ago: float) -> float | None:
+        pending = {
+            f"i-{n}": {"LaunchTime": now - timedelta(seconds=ago)}
+            for n, ago in enumerate(seconds_ago)
+        }
+        return waits._pending_eta(client, pending)
 
-    assert waits._pending_eta(client, {"i-1": launched(5)}) is None  # nothing seen yet
-    waits._learn_pending(client, launched(20))
-    waits._learn_pending(client, launched(24))
-    left = waits._pending_eta(client, {"i-1": launched(5), "i-2": launched(3)})
+    left = eta(5)  # nothing seen yet: EC2's shortest pending time
+    assert left is not None and 2.0 < left <= 2.5  # 0.75 * 10 - 5
+    assert eta(8) == eta(60) == 0.5  # due, and still within twice EC2's longest
+    assert eta(81) is None  # overdue: back off
+    waits._learn_pending(client, [20.0, 24.0])  # one launch's instances: one entry
+    waits._learn_pending(client, [30.0, 50.0])
+    left = eta(5, 3)
     assert left is not None and 9.5 < left <= 10  # 0.75 * 20 - 5, the oldest decides
-    assert waits._pending_eta(client, {"i-1": launched(15.5)}) == 0.5  # due: steady
-    assert waits._pending_eta(client, {"i-1": launched(40)}) is None  # overdue by 15+
+    assert eta(15.5) == eta(99) == 0.5  # due until twice the longest seen
+    assert eta(101) is None
     assert waits._pending_eta(client, {"i-1": {}}) is None  # no LaunchTime
+
+
+def test_the_steady_pace_leaves_most_of_the_request_rate() -> None:
+    """A steady poll takes at most a quarter of its action's refill (EC2's 20 a second:
+    every 0.2 s at the most), whatever ``poll_interval`` asks; a client that keeps no
+    buckets (``request_rate=None``) polls at ``poll_interval``."""
+    assert waits.steady_interval(EC2(region="us-east-1", poll_interval=0.5)) == 0.5
+    assert waits.steady_interval(EC2(region="us-east-1", poll_interval=0.05)) == 0.2
+    doubled = EC2(region="us-east-1", poll_interval=0.05, request_rate=2.0)
+    assert waits.steady_interval(doubled) == 0.1
+    assert (
+        waits.steady_interval(EC2(region="us-east-1", poll_interval=0.05, request_rate=None))
+        == 0.05
+    )
+
+
+ANSWER = 0.2
+"""Seconds each (virtual) DescribeInstances takes to answer."""
+
+
+async def _late_fleet(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch, client: EC2, running_at: dict[str, float]
+) -> tuple[list[float], dict[str, float]]:
+    """Wait for instances launched at virtual time 0 that run at ``running_at``: when each
+    round was sent and when each instance was seen running (virtual seconds)."""
+    launched = client.now()
+    monkeypatch.setattr(client, "now", lambda: launched + timedelta(seconds=clock.now))
+    rounds: list[float] = []
+
+    async def describe(ids: object, states: Collection[str] = ()) -> dict[str, object]:
+        # the first round asks for every instance, the later ones for those not pending
+        assert bool(states) == bool(rounds) and "pending" not in states
+        rounds.append(clock.now)
+        found = {
+            i: {
+                "InstanceId": i,
+                "LaunchTime": launched,
+                "State": {"Name": "running" if clock.now >= at else "pending"},
+            }
+            for i, at in running_at.items()
+        }
+        found = {i: d for i, d in found.items() if not states or d["State"]["Name"] in states}
+        await clock.sleep(ANSWER)  # EC2 answers as it was when it got the call
+        return found
+
+    monkeypatch.setattr(client, "describe_instances_shared", describe)
+    seen: dict[str, float] = {}
+    reached, failed = await client.wait_for_instances(
+        list(running_at),
+        "running",
+        timeout=600,
+        on_reached=lambda i, _: seen.setdefault(i, clock.now),
+    )
+    assert set(reached) == set(running_at) and not failed
+    return rounds, seen
+
+
+@pytest.mark.parametrize("history", [None, (20.0, 22.0)])
+async def test_a_fleet_running_late_is_seen_within_one_steady_pause(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch, history: tuple[float, float] | None
+) -> None:
+    """A fleet whose boot outlasts the pending time seen before (or EC2's, before any was
+    seen), its instances running one by one over half a minute: each is seen running by
+    the first round after it ran, at most one steady pause (and the answer) later: the
+    rounds start one steady pause after each other, the answer's time included; no more
+    often (one call for the whole fleet each), far inside EC2's rate for
+    DescribeInstances."""
+    client = EC2(region="us-east-1", poll_interval=0.5, poll_max_interval=5.0)
+    if history is not None:
+        waits._learn_pending(client, list(history))
+    running_at = {f"i-{n}": 45.0 + 1.7 * n for n in range(20)}  # 45 s to 77.3 s
+    rounds, seen = await _late_fleet(clock, monkeypatch, client, running_at)
+    steady = waits.steady_interval(client)
+    for instance, ran in running_at.items():
+        assert ran <= seen[instance] <= ran + steady + ANSWER
+    due = 0.75 * (history or (10.0, 40.0))[0]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(rounds)]
+    assert {g for g, at in zip(gaps, rounds[1:], strict=True) if at > due + steady} == {steady}
+    assert min(gaps) >= steady  # never faster than the steady pace
+    # before they are due, the pauses back off: half the rounds of a steady pace at most
+    assert sum(1 for at in rounds if at < due) <= due / steady / 2
+    assert len(rounds) <= 1 + 77.3 / steady
+
+
+async def test_an_overdue_fleet_backs_off_again(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances still pending past twice the longest pending time seen (here 2 x 40 s)
+    are polled with the usual back-off: a boot that went wrong is not polled at the
+    steady pace for ever."""
+    client = EC2(region="us-east-1", poll_interval=0.5, poll_max_interval=5.0)
+    rounds, _ = await _late_fleet(clock, monkeypatch, client, {"i-1": 200.0})
+    late = [round(b - a, 6) for a, b in itertools.pairwise(rounds) if a > 80]
+    assert late and max(late) == 5.0 and late.count(5.0) >= len(late) - 5
 
 
 # -- idempotent creates (ClientToken) ------------------------------------------------------

@@ -10,7 +10,15 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Self
@@ -218,7 +226,7 @@ class Client:
         of its last answer); None before the first answer."""
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
-        self._round: _Round | None = None
+        self._rounds: dict[frozenset[str], _Round] = {}  # by the states asked for
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -403,31 +411,44 @@ class Client:
     def _flatten(reservations: list[Resource]) -> list[Resource]:
         return [i for r in reservations for i in r.get("Instances", [])]
 
-    async def describe_instances_shared(self, ids: Iterable[str]) -> dict[str, Resource]:
+    async def describe_instances_shared(
+        self, ids: Iterable[str], *, states: Collection[str] = ()
+    ) -> dict[str, Resource]:
         """Instances by id, sharing one DescribeInstances round with concurrent callers.
 
         Callers arriving within ``coalesce_window`` of each other are served by a
-        single call for the union of their ids.
+        single call for the union of their ids. With ``states``, the call still names
+        every id but EC2 answers only those in one of these states (the rest are left
+        out, as is an id EC2 does not show yet): a wait's round costs what changed, not
+        the whole fleet's descriptions; such rounds are shared with callers asking for
+        the same states.
         """
         wanted = set(ids)
+        key = frozenset(states)
         while True:
-            rnd = self._round
+            rnd = self._rounds.get(key)
             leader = rnd is None
             if rnd is None:
-                rnd = self._round = _Round()
+                rnd = self._rounds[key] = _Round()
             rnd.ids |= wanted
             if leader:
                 try:
                     await anyio.sleep(self.coalesce_window)
-                    self._round = None
-                    found = await self.describe_instances(sorted(rnd.ids))
+                    if self._rounds.get(key) is rnd:
+                        del self._rounds[key]
+                    named = sorted(rnd.ids)
+                    found = await (
+                        self._describe_in_states(named, key)
+                        if key
+                        else self.describe_instances(named)
+                    )
                     rnd.result = {i["InstanceId"]: i for i in found}
                 except BaseException as e:
                     rnd.error = e
                     raise
                 finally:
-                    if self._round is rnd:
-                        self._round = None
+                    if self._rounds.get(key) is rnd:
+                        del self._rounds[key]
                     rnd.done.set()
             else:
                 await rnd.done.wait()
@@ -438,6 +459,22 @@ class Client:
             ):
                 raise rnd.error
             # the leader was cancelled: try again, maybe as the leader
+
+    async def _describe_in_states(
+        self, ids: Sequence[str], states: Collection[str]
+    ) -> list[Resource]:
+        """The instances of these ids that are in one of these states (one call per 200
+        ids; the others are left out of EC2's answer)."""
+        found: list[Resource] = []
+        for chunk in _chunks(ids, _FILTER_CHUNK):
+            flt = [
+                {"Name": "instance-id", "Values": list(chunk)},
+                {"Name": "instance-state-name", "Values": sorted(states)},
+            ]
+            found += self._flatten(
+                await self.paginate("DescribeInstances", "Reservations", Filters=flt)
+            )
+        return found
 
     async def describe_volumes(
         self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()

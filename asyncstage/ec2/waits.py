@@ -3,10 +3,17 @@ instances share their poll rounds. Each takes the :class:`Client` to poll with; 
 ``poll_interval`` is the first pause, growing by ``poll_backoff`` up to
 ``poll_max_interval``.
 
-A wait for instances to run polls at ``poll_interval`` again as the pending time its
-client saw before comes to an end (EC2's pending time is much the same from one launch
-to the next), and while a fleet's instances are arriving: a second spent between an
-instance running and the library noticing it is a second of every launch.
+A wait for instances to run does not back off without bound while they are due: from
+the time they may run on (three quarters of the shortest pending time its client saw
+before; EC2's shortest, 10 s, before it saw any) it polls at a steady ``poll_interval``
+for as long as they may still be pending (twice the longest pending time it saw, at
+least twice EC2's longest: 80 s; a boot that outlasts that backs off as usual), and while a
+fleet's instances are arriving: a second spent between an instance running and the
+library noticing it is a second of every launch. One DescribeInstances serves the
+whole fleet's round, and the steady pace is never under a quarter of that action's
+refill of EC2's request rate (:mod:`~asyncstage.ec2.rate`). Once each instance was
+seen, a round asks EC2 only for those no longer pending (a filter on the state): its
+answer holds what changed, not the whole fleet's descriptions.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 import anyio
 
 from asyncstage.ec2.client import Client, Resource
+from asyncstage.ec2.rate import non_mutating
 from asyncstage.errors import EC2Error, UnknownSnapshot, UnknownVolume, WaitTimeout
 
 __all__ = [
@@ -40,10 +48,27 @@ _STEADY = 10.0
 at the first pause (a fleet's instances come up within seconds of each other)."""
 
 _PENDING_KEPT = 16
-"""How many pending times (launch to running) a client remembers."""
+"""Of how many launches a client remembers the pending times (launch to running)."""
 
-_pending_seen: weakref.WeakKeyDictionary[Client, deque[float]] = weakref.WeakKeyDictionary()
-"""Per client, the pending times of its latest instances (seconds, on EC2's clock)."""
+_EC2_PENDING = (10.0, 40.0)
+"""EC2's pending time, shortest and longest, seconds: what a client expects before it
+saw any of its own."""
+
+_ARRIVED = {"running": ("running", "shutting-down", "terminated", "stopping", "stopped")}
+"""Per state waited for, the states an instance on its way there (``pending``) may be
+found in next: once EC2 showed each of a wait's instances, its rounds ask for these
+only, and EC2 leaves those still on their way out of the answer."""
+
+_STEADY_SHARE = 4
+"""The steady polls take at most this share (one in so many) of the refill of their
+action's request bucket: other waits and describes of the client draw from it too."""
+
+_pending_seen: weakref.WeakKeyDictionary[Client, deque[tuple[float, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per client, the shortest and longest pending time of each of its latest waits for
+instances to run (seconds, on EC2's clock): one entry a wait, so that a fleet's
+instances, whose boot may queue behind each other, count as one launch."""
 
 
 def _percent(snapshot: Mapping[str, Any]) -> float | None:
@@ -64,32 +89,49 @@ async def poll(
     eta: Callable[[], float | None] | None = None,
     progress: Callable[[], int] | None = None,
 ) -> None:
-    """Call ``fetch`` until it returns true, pausing 1 s, 1.5 s, 2.25 s ... in between
-    (less when ``eta()`` expects the end sooner, never under half the first pause).
+    """Call ``fetch`` until it returns true, 1 s, 1.5 s, 2.25 s ... after the start of
+    the call before (less when ``eta()`` expects the end sooner, never under half the
+    first pause; at once when the call took longer).
 
-    A round in which ``progress()`` grew (a fleet's instances arriving one by one)
-    starts the pauses over and holds them at the first for ``_STEADY`` seconds: the
-    rest are likely close, and one call polls them all.
+    An ``eta()`` of at most :func:`steady_interval` holds the pauses there (what is
+    awaited is due: a steady pace, no back-off while it is). A round in which ``progress()`` grew
+    (a fleet's instances arriving one by one) starts the pauses over and holds them at
+    the first for ``_STEADY`` seconds: the rest are likely close, and one call polls
+    them all.
     """
     interval = client.poll_interval
     deadline = time.monotonic() + timeout
     seen = progress() if progress is not None else 0
     moved: float | None = None  # when progress last grew
     while True:
+        began = time.monotonic()
         if await fetch():
             return
         now = time.monotonic()
         if progress is not None and progress() != seen:
             seen, moved = progress(), now
-        if moved is not None and now - moved < _STEADY:
+        expected = eta() if eta is not None else None
+        if expected is not None and expected <= steady_interval(client):
+            interval = max(client.poll_interval, expected)  # due: a steady pace
+        elif moved is not None and now - moved < _STEADY:
             interval = client.poll_interval
         left = deadline - now
         if left <= 0:
             raise WaitTimeout(what, timeout=timeout, last_state=last_state())
-        expected = eta() if eta is not None else None
         pause = interval if expected is None else max(client.poll_interval / 2, expected)
-        await anyio.sleep(min(interval, pause, left))
+        # the pauses are between the rounds' starts: a slow answer is not waited for twice
+        await anyio.sleep(max(0.0, min(interval, pause, left) - (now - began)))
         interval = min(interval * client.poll_backoff, client.poll_max_interval)
+
+
+def steady_interval(client: Client, operation: str = "DescribeInstances") -> float:
+    """The pause of a steady poll with ``operation``: ``poll_interval``, but never so
+    short that the polls take more than a quarter of the action's refill of EC2's
+    request rate (the client's own buckets, when it keeps them)."""
+    rate = client.requests.rate.refill if client.requests is not None else None
+    if rate is None or not non_mutating(operation):
+        return client.poll_interval
+    return max(client.poll_interval, _STEADY_SHARE / rate)
 
 
 def _launched(instance: Resource) -> datetime | None:
@@ -101,34 +143,49 @@ def _launched(instance: Resource) -> datetime | None:
 
 
 def _pending_eta(client: Client, pending: Mapping[str, Resource]) -> float | None:
-    """Seconds until the first of these pending instances may be running: three
-    quarters of the shortest pending time this client saw lately (pending times vary,
-    and each was seen a poll round late), at least ``poll_interval`` (poll at that
-    pace once it is due); None when nothing is known, or when it is overdue by as long
-    again (the pending time changed: back off as usual)."""
-    seen = _pending_seen.get(client)
-    if not seen or not pending:
+    """Seconds until the next round for these pending instances.
+
+    They are due from three quarters of the shortest pending time this client saw
+    lately (pending times vary, and each was seen a poll round late; EC2's shortest
+    before it saw any) until twice the longest (at least twice EC2's longest): until
+    then the seconds until the first is due, at least the steady pace; while due, the
+    steady pace (:func:`steady_interval`); None when nothing is known of them (no
+    ``LaunchTime``) or they are overdue (a boot that outlasts twice the longest pending
+    time seen: back off as usual).
+    """
+    if not pending:
         return None
-    expect = 0.75 * min(seen)
+    seen = _pending_seen.get(client)
+    if seen:
+        shortest, longest = min(s for s, _ in seen), max(s for _, s in seen)
+    else:
+        shortest, longest = _EC2_PENDING
+    start = 0.75 * shortest
+    end = 2 * max(longest, _EC2_PENDING[1])
     now = client.now()
     since = [
         (now - at).total_seconds() for at in map(_launched, pending.values()) if at is not None
     ]
-    if not since:
+    if not since or min(since) > end:
         return None
-    left = expect - max(since)
-    if left < -max(expect, _STEADY):
-        return None
-    return max(client.poll_interval, left)
+    steady = steady_interval(client)
+    return max(steady, start - max(since))
 
 
-def _learn_pending(client: Client, instance: Resource) -> None:
-    """Remember how long this instance, just seen running, was pending."""
+def _pending_time(client: Client, instance: Resource) -> float | None:
+    """How long this instance, just seen running, was pending (None: unknown)."""
     launched = _launched(instance)
-    if launched is not None:
-        took = (client.now() - launched).total_seconds()
-        if took >= 0:
-            _pending_seen.setdefault(client, deque(maxlen=_PENDING_KEPT)).append(took)
+    if launched is None:
+        return None
+    took = (client.now() - launched).total_seconds()
+    return took if took >= 0 else None
+
+
+def _learn_pending(client: Client, took: Sequence[float]) -> None:
+    """Remember the pending times of one wait's instances (shortest and longest)."""
+    if took:
+        kept = _pending_seen.setdefault(client, deque(maxlen=_PENDING_KEPT))
+        kept.append((min(took), max(took)))
 
 
 async def wait_for_instances(
@@ -152,6 +209,7 @@ async def wait_for_instances(
     failed: dict[str, Exception] = {}
     last: dict[str, str] = {}
     pending: dict[str, Resource] = {}  # the instances last seen pending (towards running)
+    took: list[float] = []  # the pending times of those seen running since
     waiting = set(ids)
     dead = {"running": {"shutting-down", "terminated"}, "stopped": {"terminated"}}.get(state, set())
 
@@ -159,15 +217,18 @@ async def wait_for_instances(
         return f"{labels[i]} ({i})" if i in labels else i
 
     async def fetch() -> bool:
-        found = await client.describe_instances_shared(waiting)
+        # once each was seen, a round asks only for those that left their way there
+        arrived = _ARRIVED.get(state, ()) if waiting.issubset(last) else ()
+        found = await client.describe_instances_shared(waiting, states=arrived)
         for iid, inst in found.items():
             now = inst.get("State", {}).get("Name", "unknown")
             last[iid] = now
             if now == "pending" and state == "running":
                 pending[iid] = inst
             if now == state:
-                if pending.pop(iid, None) is not None:
-                    _learn_pending(client, inst)
+                was_pending = pending.pop(iid, None) is not None
+                if was_pending and (t := _pending_time(client, inst)) is not None:
+                    took.append(t)
                 reached[iid] = inst
                 waiting.discard(iid)
                 if on_reached is not None:
@@ -200,6 +261,7 @@ async def wait_for_instances(
                 timeout=timeout,
                 last_state=last.get(iid, "unknown"),
             )
+    _learn_pending(client, took)
     return reached, failed
 
 
