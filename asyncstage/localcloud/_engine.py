@@ -134,6 +134,7 @@ class Engine(StorageEvents):
         self._next_address = 10
         self._closed = False
         self._account_claimed = False
+        self._start_storage()
 
     # -- life --------------------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class Engine(StorageEvents):
             for machine in self.machines.values():
                 machine.wanted = "terminated"
                 machine.cancel.set()
+        self._stop_copies()  # (and a boot waiting for one goes on, to its cancel)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.firewalls.close()
         for machine in list(self.machines.values()):
@@ -365,6 +367,11 @@ class Engine(StorageEvents):
                 if not host.wait_for_sshd(SSHD_TIMEOUT, machine.cancel.is_set):
                     return
                 with self.lock:
+                    # no device node while a snapshot of a volume is copied (lock let go)
+                    mine = [
+                        d for d, disk in self.disks.items() if disk.instance_id == host.instance_id
+                    ]
+                    self.wait_copied(mine)
                     if machine.wanted != "running":
                         return
                     self._add_devices(machine)

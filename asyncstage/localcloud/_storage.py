@@ -2,19 +2,32 @@
 
 :class:`StorageEvents` is the part of :class:`~._engine.Engine` that the API calls when
 volumes and snapshots change (under the engine's lock).
+
+Image copies (a snapshot of a volume, a copy of a snapshot, a volume from a snapshot)
+run in threads of their own, out of the API call and out of the engine's lock, as EC2
+answers CreateSnapshot at once with a ``pending`` snapshot. The snapshot is still the
+volume's content at the instant of the call: both files are opened in the call, under
+the lock (a DeleteVolume right after cannot race the open), and while the image of a
+volume attached to a live instance is copied, that instance's processes stay stopped
+(:func:`~._freeze.frozen`, taken in the call), so none of its writes reaches the image
+before the copy has read it. An AttachVolume of the volume waits until its copies are
+done, and so does a boot that would give an instance its device node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncstage.localcloud._devices import nvme_node, xen_node
-from asyncstage.localcloud._disks import Disk, copy_sparse
+from asyncstage.localcloud._disks import GIB, CopyStopped, Disk, copy_image, flush_loop
 from asyncstage.localcloud._freeze import frozen
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal
 from asyncstage.localcloud._hosts import Host
@@ -27,6 +40,21 @@ from asyncstage.localcloud.errors import LocalCloudError
 __all__ = ["StorageEvents"]
 
 log = logging.getLogger("asyncstage.localcloud")
+_WAIT = 1.0  # seconds between two looks at the cloud's closing while waiting for a copy
+
+
+@dataclass
+class _Copy:
+    """One image copy under way: of ``source`` (a volume id; None: a snapshot's image)
+    into ``dest``, the image of ``target`` (the new snapshot's or volume's id)."""
+
+    target: str
+    source: str | None
+    dest: Path
+    frozen: str | None  # the instance kept stopped for it
+    began: float = field(default_factory=time.monotonic)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
 
 
 class StorageEvents:
@@ -42,10 +70,33 @@ class StorageEvents:
     _run: _Run
     _api: ApiHooks | None
     _closed: bool
+    copies: dict[str, _Copy]  # target id -> its copy under way
+    copied: threading.Condition  # on ``lock``: notified as each copy ends
+    _frozen: dict[str, tuple[int, contextlib.ExitStack]]  # instance -> (holds, its freeze)
+    copy_totals: dict[str, float]  # copies made: "copies", "bytes" of data, "seconds" each
 
-    def volume_created(self, volume_id: str, size: int, source: Path | None) -> None:
+    def _start_storage(self) -> None:
+        self.copies = {}
+        self.copy_totals = {"copies": 0, "bytes": 0, "seconds": 0.0}
+        self.copied = threading.Condition(self.lock)
+        self._frozen = {}
+
+    def volume_created(self, volume_id: str, size: int, source: Path | None) -> bool:
+        """A new volume's image; True: ``creating`` until the copy of ``source`` (a
+        snapshot's image) is done (:meth:`ApiHooks.copy_done`)."""
         image = self.state_dir / "volumes" / f"{volume_id}.img"
-        self.disks[volume_id] = Disk.create(volume_id, image, size, source)
+        if source is None:
+            self.disks[volume_id] = Disk.create(volume_id, image, size)
+            return False
+        self._copy(volume_id, source, image, None, size * GIB)
+        self.disks[volume_id] = Disk(volume_id, image)
+        return True
+
+    def wait_copied(self, volume_ids: Iterable[str]) -> None:
+        """Wait (the lock released meanwhile) until no copy reads one of the volumes."""
+        wanted = set(volume_ids)
+        while not self._closed and any(c.source in wanted for c in self.copies.values()):
+            self.copied.wait(_WAIT)
 
     def volume_attached(self, volume_id: str, instance_id: str, device: str) -> bool:
         """Bind the volume's loop device; its node appears in the instance (if booted) a
@@ -136,6 +187,11 @@ class StorageEvents:
             self._run.remove_loop(loop)
 
     def volume_deleted(self, volume_id: str) -> None:
+        """Its image goes (a copy being made of it stops); copies reading it go on from
+        the image they hold open."""
+        copy = self.copies.get(volume_id)
+        if copy is not None:
+            copy.stop.set()
         disk = self.disks.pop(volume_id, None)
         if disk is not None:
             self._free(disk)
@@ -144,31 +200,134 @@ class StorageEvents:
     @contextlib.contextmanager
     def instance_frozen(self, instance_id: str) -> Iterator[None]:
         """Every process of the instance stopped (and its writes synced) while the block
-        runs: one instant for all its volumes (``CreateSnapshots``)."""
-        machine = self.machines.get(instance_id)
-        pid = machine.host.init_pid if machine is not None and machine.host.alive else None
-        if pid is None:
-            yield  # stopped or gone: nothing writes
-            return
-        with frozen(pid):
+        runs: one instant for all its volumes (``CreateSnapshots``). The copies started
+        meanwhile keep it stopped until they are done."""
+        held = self._freeze(instance_id)
+        try:
             yield
+        finally:
+            if held:
+                self._thaw(instance_id)
+
+    def _freeze(self, instance_id: str) -> bool:
+        """One more hold on the instance's freeze (it starts with the first); False: the
+        instance is not running (stopped or gone: nothing writes)."""
+        count, stack = self._frozen.get(instance_id, (0, contextlib.ExitStack()))
+        if count == 0:
+            machine = self.machines.get(instance_id)
+            alive = machine is not None and machine.host.alive
+            pid = machine.host.init_pid if machine is not None and alive else None
+            if pid is None:
+                return False
+            stack.enter_context(frozen(pid, lambda: self._flush(instance_id)))
+        self._frozen[instance_id] = (count + 1, stack)
+        return True
+
+    def _flush(self, instance_id: str) -> None:
+        """What the (stopped) instance wrote to its volumes, into their images: each loop
+        device's buffers and the filesystem mounted on it (``BLKFLSBUF`` syncs that)."""
+        for disk in self.disks.values():
+            if disk.instance_id == instance_id and disk.loop is not None:
+                flush_loop(disk.loop)
+
+    def _thaw(self, instance_id: str) -> None:
+        """One hold fewer; the instance's processes continue with the last."""
+        count, stack = self._frozen.pop(instance_id)
+        if count > 1:
+            self._frozen[instance_id] = (count - 1, stack)
+        else:
+            stack.close()
 
     def snapshot_created(self, snapshot_id: str, source: Path) -> None:
-        """Copy the image now (the snapshot's moment); report `completed` right after."""
+        """Start the copy of ``source`` (a volume's image or a snapshot's) for the new
+        snapshot; the API hears of its end (:meth:`ApiHooks.copy_done`)."""
         image = self.state_dir / "snapshots" / f"{snapshot_id}.img"
-        copy_sparse(source, image)
-        self.snapshots[snapshot_id] = image
-        threading.Timer(0.05, self._snapshot_completed, args=(snapshot_id,)).start()
-
-    def _snapshot_completed(self, snapshot_id: str) -> None:
-        with self.lock:
-            if self._api is not None and not self._closed:
-                self._api.snapshot_completed(snapshot_id)
+        disk = next((d for d in self.disks.values() if d.image == source), None)
+        self._copy(snapshot_id, source, image, disk, 0)
 
     def snapshot_deleted(self, snapshot_id: str) -> None:
+        copy = self.copies.get(snapshot_id)
+        if copy is not None:
+            copy.stop.set()  # its thread removes the part it wrote
         image = self.snapshots.pop(snapshot_id, None)
         if image is not None:
             image.unlink(missing_ok=True)
+
+    def _copy(self, target: str, source: Path, dest: Path, disk: Disk | None, size: int) -> None:
+        """Open both files, freeze the instance ``disk`` is attached to (if it runs), and
+        copy in a thread of the copy's own (under the lock: the instant of the call)."""
+        opened: list[int] = []
+        try:
+            opened.append(os.open(source, os.O_RDONLY | os.O_CLOEXEC))
+            opened.append(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            for fd in opened:
+                os.close(fd)
+            if len(opened) == 1:
+                dest.unlink(missing_ok=True)
+            raise LocalCloudError(f"{target}: cannot copy {source.name}: {e}") from e
+        held = disk.instance_id if disk is not None else None
+        try:
+            if held is not None and not self._freeze(held):
+                held = None
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            dest.unlink(missing_ok=True)
+            raise
+        job = _Copy(target, disk.volume_id if disk is not None else None, dest, held)
+        job.thread = threading.Thread(
+            target=self._copying,
+            args=(job, opened[0], opened[1], size),
+            name=f"localcloud-copy-{target}",
+            daemon=True,
+        )
+        self.copies[target] = job
+        job.thread.start()
+
+    def _copying(self, job: _Copy, source: int, dest: int, size: int) -> None:
+        """The copy's thread: copy, thaw, report; a stopped or failed copy leaves no file."""
+        error: str | None = None
+        copied = 0
+        try:
+            copied = copy_image(source, dest, job.stop, size)
+        except CopyStopped:
+            pass
+        except OSError as e:
+            error = f"the copy of its data failed: {e.strerror or e}"
+            log.error("local cloud: %s: %s", job.target, error)
+        finally:
+            os.close(source)
+            os.close(dest)
+        with self.lock:
+            try:
+                if job.frozen is not None:
+                    self._thaw(job.frozen)
+                done = error is None and not job.stop.is_set() and not self._closed
+                if not done:
+                    job.dest.unlink(missing_ok=True)
+                else:
+                    totals = self.copy_totals
+                    totals["copies"] += 1
+                    totals["bytes"] += copied
+                    totals["seconds"] += time.monotonic() - job.began
+                if done and job.target.startswith("snap-"):
+                    self.snapshots[job.target] = job.dest
+                if (done or error) and self._api is not None and not self._closed:
+                    self._api.copy_done(job.target, error)
+            finally:
+                self.copies.pop(job.target, None)
+                self.copied.notify_all()
+
+    def _stop_copies(self) -> None:
+        """Stop every copy and wait for its thread (at close: no thread, no part left)."""
+        with self.lock:
+            jobs = list(self.copies.values())
+            for job in jobs:
+                job.stop.set()
+        for job in jobs:
+            if job.thread is not None:
+                job.thread.join()
 
 
 def _force_unmount(host: Host, device: tuple[int, int]) -> str | None:
