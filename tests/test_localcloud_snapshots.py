@@ -6,7 +6,10 @@ of its lock. These tests hold it to EC2's semantics: the snapshot is the volume 
 instant of the call, whatever the instance writes after it; other calls are answered
 while a copy runs; an AttachVolume waits for the copy of the volume; a DeleteVolume or
 DeleteSnapshot during a copy corrupts nothing and leaves nothing; a cloud closed during
-copies leaves no thread and no image.
+copies leaves no thread and no image. While an instance is held still for its copies
+none of its processes is ever seen stopped (a parent that watches its children, as
+``sudo`` does, would stop itself for good), and once the copies are over, however they
+overlapped or ended, nothing of it stays held.
 
 The copies must take a while for some of this to be seen: each volume holds 768 MiB of
 data (the store here is ext4, copied run by run; on a filesystem with reflinks a copy
@@ -20,6 +23,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,9 @@ import asyncssh
 import pytest
 from botocore.exceptions import ClientError
 
-from asyncstage.localcloud import LocalCloud
+from asyncstage.localcloud import LocalCloud, _storage
 from asyncstage.localcloud._disks import FICLONE
+from asyncstage.localcloud._freeze import namespace_pids
 from tests.patience import patient_client
 from tests.test_localcloud import (
     BY_ID,
@@ -79,6 +84,63 @@ def _copies(cloud: LocalCloud) -> set[str]:
 
 def _images(cloud: LocalCloud) -> set[str]:
     return {p.name for d in ("volumes", "snapshots") for p in (Path(cloud.state_dir) / d).iterdir()}
+
+
+def _stopped(cloud: LocalCloud, instance_id: str) -> list[str]:
+    """The instance's processes in the stopped state (``T``: what their parents see and
+    ``sudo`` answers by stopping itself), as "pid name" (white box)."""
+    engine = cloud._engine
+    with engine.lock:
+        pid = engine.machines[instance_id].host.init_pid
+    found = []
+    for p in namespace_pids(pid) if pid is not None else ():
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if state in "Tt":
+            found.append(f"{p} {name}")
+    return found
+
+
+def _held(cloud: LocalCloud, instance_id: str) -> tuple[bool, bool]:
+    """(whether the engine holds the instance still, whether its cgroup is frozen)."""
+    engine = cloud._engine
+    with engine.lock:
+        held = instance_id in engine._frozen
+        freezer = engine.machines[instance_id].host.freezer
+    frozen = freezer is not None and (freezer / "cgroup.freeze").read_text().strip() == "1"
+    return held, frozen
+
+
+async def _answers(ec2: Any, key: asyncssh.SSHKey, instance: dict[str, Any]) -> None:
+    """A new ssh session on the instance runs a ``sudo`` command to its end."""
+    with anyio.fail_after(60):
+        async with ssh(ec2, instance, key) as conn:
+            assert await sh(conn, "sudo -n echo up") == "up\n"
+
+
+async def _drop(ec2: Any, vol: str) -> None:
+    """Detach (forced, if it is attached) and delete a volume of a test."""
+    with contextlib.suppress(ClientError):
+        await ec2.detach_volume(VolumeId=vol, Force=True)
+        await wait_volume(ec2, vol, "available")
+    with contextlib.suppress(ClientError):
+        await ec2.delete_volume(VolumeId=vol)
+
+
+async def _snapshot_each(ec2: Any, volumes: list[str]) -> list[str]:
+    """A CreateSnapshot of each volume, all at once; the snapshots' ids."""
+    made: dict[str, str] = {}
+
+    async def one(vol: str) -> None:
+        made[vol] = (await ec2.create_snapshot(VolumeId=vol))["SnapshotId"]
+
+    async with anyio.create_task_group() as tg:
+        for vol in volumes:
+            tg.start_soon(one, vol)
+    return [made[v] for v in volumes]
 
 
 def _fill(image: Path) -> None:
@@ -156,8 +218,7 @@ async def restored(
         await ec2.detach_volume(VolumeId=vol)
         await wait_volume(ec2, vol, "available")
     finally:
-        with contextlib.suppress(ClientError):
-            await ec2.delete_volume(VolumeId=vol)
+        await _drop(ec2, vol)
 
 
 async def test_a_snapshot_is_the_volume_at_the_instant_of_the_call(
@@ -274,3 +335,117 @@ async def test_a_cloud_closed_during_copies_leaves_nothing(tmp_path: Path) -> No
         assert _copies(cloud) & set(snaps)  # closed while they are copied
     assert not [t.name for t in threading.enumerate() if t.name.startswith("localcloud-copy-")]
     assert not list(state.rglob("*.img"))
+
+
+async def test_overlapping_copies_never_stop_the_instance_and_leave_it_running(
+    cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey, pair: list[dict[str, Any]]
+) -> None:
+    """CreateSnapshot, CreateSnapshots, a DeleteSnapshot during a copy and a volume made
+    from a snapshot, all at once on one instance's volumes, while the instance runs a
+    ``sudo`` command: no process of it is seen stopped while it is held still, and after
+    the copies it is neither held nor frozen and answers."""
+    writer_host, _ = pair
+    iid = writer_host["InstanceId"]
+    zone = writer_host["Placement"]["AvailabilityZone"]
+    small = (await ec2.create_volume(Size=1, AvailabilityZone=zone))["VolumeId"]
+    made: list[str] = []
+    snaps: list[str] = []
+    try:
+        async with data_volume(ec2, key, writer_host) as (big, conn, _):
+            await ec2.attach_volume(VolumeId=small, InstanceId=iid, Device="/dev/sdg")
+            await wait_volume(ec2, small, "in-use")
+            device = await node(conn, BY_ID + small.replace("-", ""))
+            await sh(conn, f"sudo -n mkfs.ext4 -q {device} && sudo -n mkdir -p /small")
+            await sh(conn, f"sudo -n mount {device} /small && echo s | sudo -n tee /small/s")
+            # a command under sudo for the whole test (sudo waits for its stops)
+            await sh(conn, "setsid sudo -n sleep 600 </dev/null >/dev/null 2>&1 &")
+            seen_frozen = False
+
+            async def watch() -> None:  # while copies of the instance's volumes run
+                nonlocal seen_frozen
+                while _copies(cloud) & set(snaps):
+                    assert _stopped(cloud, iid) == []
+                    seen_frozen |= _held(cloud, iid)[1]
+                    await anyio.sleep(0.01)
+
+            for turn in range(3):
+                if turn:
+                    await anyio.sleep(1.1)  # EC2's per-volume CreateSnapshot rate
+                if turn == 1:
+                    spec = {"InstanceId": iid, "ExcludeBootVolume": True}
+                    reply = await ec2.create_snapshots(InstanceSpecification=spec)
+                    new = [s["SnapshotId"] for s in reply["Snapshots"]]
+                    assert len(new) == 2
+                else:
+                    new = await _snapshot_each(ec2, [big, small])
+                snaps.extend(new)
+                if turn == 2:  # one deleted while it is copied, a volume from the first
+                    await ec2.delete_snapshot(SnapshotId=new[0])
+                    snaps.remove(new[0])
+                    await wait_snapshot(ec2, snaps[0], within=120)
+                    vol = await ec2.create_volume(SnapshotId=snaps[0], AvailabilityZone=zone)
+                    made.append(vol["VolumeId"])
+                await watch()
+            for snap in snaps:
+                await wait_snapshot(ec2, snap, within=120)
+            for vol in made:
+                await wait_volume(ec2, vol, "available", within=120)
+            assert _held(cloud, iid) == (False, False)
+            assert _stopped(cloud, iid) == []
+            if cloud._engine.machines[iid].host.freezer is not None:
+                assert seen_frozen  # held still by its cgroup while its volumes were read
+            await _answers(ec2, key, writer_host)
+            await sh(conn, "sudo -n pkill -x sleep; sudo -n umount /small")
+            await ec2.detach_volume(VolumeId=small)
+            await wait_volume(ec2, small, "available")
+    finally:
+        for vol in [small, *made]:
+            await _drop(ec2, vol)
+        for snap in snaps:
+            with contextlib.suppress(ClientError):
+                await ec2.delete_snapshot(SnapshotId=snap)
+
+
+@pytest.mark.parametrize("fault", [OSError(errno.EIO, "I/O error"), RuntimeError("a bug")])
+async def test_a_failed_copy_lets_the_instance_go(
+    cloud: LocalCloud,
+    ec2: Any,
+    key: asyncssh.SSHKey,
+    pair: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    fault: BaseException,
+) -> None:
+    """A copy that fails (an I/O error, or any other exception) ends as ``error`` and
+    takes its hold on the instance with it."""
+    writer_host, _ = pair
+    iid = writer_host["InstanceId"]
+    zone = writer_host["Placement"]["AvailabilityZone"]
+    vol = (await ec2.create_volume(Size=1, AvailabilityZone=zone))["VolumeId"]
+    real = _storage.copy_image
+
+    def failing(source: int, dest: int, stop: threading.Event, size: int = 0) -> int:
+        time.sleep(0.2)  # under way for a moment, the instance held still
+        raise fault
+
+    try:
+        await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdh")
+        await wait_volume(ec2, vol, "in-use")
+        monkeypatch.setattr(_storage, "copy_image", failing)
+        snap = (await ec2.create_snapshot(VolumeId=vol))["SnapshotId"]
+        try:
+            with anyio.fail_after(60):
+                while True:
+                    found = (await ec2.describe_snapshots(SnapshotIds=[snap]))["Snapshots"]
+                    if found[0]["State"] == "error":
+                        break
+                    await anyio.sleep(0.05)
+        finally:
+            monkeypatch.setattr(_storage, "copy_image", real)
+            await ec2.delete_snapshot(SnapshotId=snap)
+        assert _held(cloud, iid) == (False, False)
+        assert _stopped(cloud, iid) == []
+        await _answers(ec2, key, writer_host)
+        await ec2.detach_volume(VolumeId=vol)
+        await wait_volume(ec2, vol, "available")
+    finally:
+        await _drop(ec2, vol)

@@ -275,6 +275,7 @@ class Engine(StorageEvents):
         ("": none), in ``placement`` (its VPC and subnet) on the cloud's network."""
         record = self._run.record
         assert record is not None
+        cgroup = self._run.instance_cgroup(instance_id)
         host = Host(
             instance_id=instance_id,
             address=address,
@@ -283,7 +284,8 @@ class Engine(StorageEvents):
             root_dir=self.state_dir / "roots" / instance_id,
             public_key=public_key,
             on_pid=record.add_pid,
-            cgroup=self._run.instance_cgroup(instance_id),
+            cgroup=cgroup,
+            freezer=self._run.instance_freezer(instance_id, cgroup),
             masked=[self.state_dir, REGISTRY_DIR],
         )
         machine = Machine(host, nitro=is_nitro(instance_type), placement=placement)
@@ -461,6 +463,7 @@ class Engine(StorageEvents):
         with machine.op_lock:
             host.kill()
             with self.lock:
+                self.host_halted(host.instance_id)
                 machine.ready = False  # out of the firewalls' refreshes
                 gone = machine.wanted == "terminated"  # final once so
             if self.net is not None:  # out of the cloud's lock: the kernel takes its time

@@ -44,6 +44,15 @@ _WAIT = 1.0  # seconds between two looks at the cloud's closing while waiting fo
 
 
 @dataclass
+class _Hold:
+    """The freeze of one instance's boot (its init ``pid``), held ``count`` times."""
+
+    count: int
+    pid: int | None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
+@dataclass
 class _Copy:
     """One image copy under way: of ``source`` (a volume id; None: a snapshot's image)
     into ``dest``, the image of ``target`` (the new snapshot's or volume's id)."""
@@ -72,7 +81,7 @@ class StorageEvents:
     _closed: bool
     copies: dict[str, _Copy]  # target id -> its copy under way
     copied: threading.Condition  # on ``lock``: notified as each copy ends
-    _frozen: dict[str, tuple[int, contextlib.ExitStack]]  # instance -> (holds, its freeze)
+    _frozen: dict[str, _Hold]  # instance -> its freeze
     copy_totals: dict[str, float]  # copies made: "copies", "bytes" of data, "seconds" each
 
     def _start_storage(self) -> None:
@@ -212,16 +221,32 @@ class StorageEvents:
     def _freeze(self, instance_id: str) -> bool:
         """One more hold on the instance's freeze (it starts with the first); False: the
         instance is not running (stopped or gone: nothing writes)."""
-        count, stack = self._frozen.get(instance_id, (0, contextlib.ExitStack()))
-        if count == 0:
-            machine = self.machines.get(instance_id)
-            alive = machine is not None and machine.host.alive
-            pid = machine.host.init_pid if machine is not None and alive else None
+        machine = self.machines.get(instance_id)
+        alive = machine is not None and machine.host.alive
+        pid = machine.host.init_pid if machine is not None and alive else None
+        hold = self._frozen.get(instance_id)
+        if hold is None:
             if pid is None:
                 return False
-            stack.enter_context(frozen(pid, lambda: self._flush(instance_id)))
-        self._frozen[instance_id] = (count + 1, stack)
+            hold = _Hold(0, None)
+        if pid is not None and hold.pid != pid:  # the first hold, or a boot since the last
+            assert machine is not None
+            hold.stack.enter_context(
+                frozen(pid, lambda: self._flush(instance_id), machine.host.freezer)
+            )
+            hold.pid = pid
+        hold.count += 1
+        self._frozen[instance_id] = hold
         return True
+
+    def host_halted(self, instance_id: str) -> None:
+        """The instance's processes are gone (stopped, terminated): its freeze ends now,
+        not with the copies that hold it, so that its next boot is not born frozen (the
+        copies read images that no process of it writes any more)."""
+        hold = self._frozen.get(instance_id)
+        if hold is not None and hold.pid is not None:
+            hold.pid = None
+            hold.stack.close()
 
     def _flush(self, instance_id: str) -> None:
         """What the (stopped) instance wrote to its volumes, into their images: each loop
@@ -232,11 +257,11 @@ class StorageEvents:
 
     def _thaw(self, instance_id: str) -> None:
         """One hold fewer; the instance's processes continue with the last."""
-        count, stack = self._frozen.pop(instance_id)
-        if count > 1:
-            self._frozen[instance_id] = (count - 1, stack)
-        else:
-            stack.close()
+        hold = self._frozen[instance_id]
+        hold.count -= 1
+        if hold.count <= 0:
+            del self._frozen[instance_id]
+            hold.stack.close()
 
     def snapshot_created(self, snapshot_id: str, source: Path) -> None:
         """Start the copy of ``source`` (a volume's image or a snapshot's) for the new
@@ -283,26 +308,39 @@ class StorageEvents:
             daemon=True,
         )
         self.copies[target] = job
-        job.thread.start()
+        try:
+            job.thread.start()
+        except BaseException:
+            self.copies.pop(target, None)
+            for fd in opened:
+                os.close(fd)
+            dest.unlink(missing_ok=True)
+            if held is not None:
+                self._thaw(held)
+            raise
 
     def _copying(self, job: _Copy, source: int, dest: int, size: int) -> None:
         """The copy's thread: copy, thaw, report; a stopped or failed copy leaves no file."""
-        error: str | None = None
+        error: str | None = "the copy of its data failed"  # until it ends well
         copied = 0
         try:
             copied = copy_image(source, dest, job.stop, size)
+            error = None
         except CopyStopped:
-            pass
+            error = None
         except OSError as e:
             error = f"the copy of its data failed: {e.strerror or e}"
             log.error("local cloud: %s: %s", job.target, error)
+        except BaseException:
+            log.exception("local cloud: %s: the copy of its data failed", job.target)
         finally:
             os.close(source)
             os.close(dest)
-        with self.lock:
-            try:
+            with self.lock:  # whatever happened: its hold on the instance goes with it
                 if job.frozen is not None:
                     self._thaw(job.frozen)
+        with self.lock:
+            try:
                 done = error is None and not job.stop.is_set() and not self._closed
                 if not done:
                     job.dest.unlink(missing_ok=True)
