@@ -41,6 +41,11 @@ __all__ = ["StorageEvents"]
 
 log = logging.getLogger("asyncstage.localcloud")
 _WAIT = 1.0  # seconds between two looks at the cloud's closing while waiting for a copy
+# Copies that hold no instance still run this many at a time, the rest waiting their
+# turn: all at once, each would end only with the last (they share the cores), so
+# every volume made from a snapshot would stay ``creating`` as long as the slowest.
+_SLOTS = max(1, os.cpu_count() or 1)
+_NICE = 10  # a copy thread's nice value: the API and the instances go first
 
 
 @dataclass
@@ -83,12 +88,14 @@ class StorageEvents:
     copied: threading.Condition  # on ``lock``: notified as each copy ends
     _frozen: dict[str, _Hold]  # instance -> its freeze
     copy_totals: dict[str, float]  # copies made: "copies", "bytes" of data, "seconds" each
+    _slots: threading.Semaphore  # turns of the copies that hold no instance
 
     def _start_storage(self) -> None:
         self.copies = {}
         self.copy_totals = {"copies": 0, "bytes": 0, "seconds": 0.0}
         self.copied = threading.Condition(self.lock)
         self._frozen = {}
+        self._slots = threading.Semaphore(_SLOTS)
 
     def volume_created(self, volume_id: str, size: int, source: Path | None) -> bool:
         """A new volume's image; True: ``creating`` until the copy of ``source`` (a
@@ -323,8 +330,11 @@ class StorageEvents:
         """The copy's thread: copy, thaw, report; a stopped or failed copy leaves no file."""
         error: str | None = "the copy of its data failed"  # until it ends well
         copied = 0
+        with contextlib.suppress(OSError):  # this thread only (Linux: a nice per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         try:
-            copied = copy_image(source, dest, job.stop, size)
+            with self._turn(job):
+                copied = copy_image(source, dest, job.stop, size)
             error = None
         except CopyStopped:
             error = None
@@ -356,6 +366,21 @@ class StorageEvents:
             finally:
                 self.copies.pop(job.target, None)
                 self.copied.notify_all()
+
+    @contextlib.contextmanager
+    def _turn(self, job: _Copy) -> Iterator[None]:
+        """The copy's turn: at once for one that keeps an instance frozen (it is held
+        still until the copy ends), else one of the slots (CopyStopped if stopped first)."""
+        if job.frozen is not None:
+            yield
+            return
+        while not self._slots.acquire(timeout=0.05):
+            if job.stop.is_set():
+                raise CopyStopped
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def _stop_copies(self) -> None:
         """Stop every copy and wait for its thread (at close: no thread, no part left)."""
