@@ -179,10 +179,15 @@ async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> 
         out["throttled"] = dict(Counter(cloud.throttled) - throttled)
         after = _copy_totals(cloud)
         made = int(after["copies"] - copies["copies"])
+        volumes = int(after.get("volumes", 0) - copies.get("volumes", 0))
+        volume_s = after.get("volume_seconds", 0.0) - copies.get("volume_seconds", 0.0)
         out["image_copies"] = {  # the local cloud's: snapshots, volumes from snapshots
             "copies": made,
             "mib": round((after["bytes"] - copies["bytes"]) / MiB, 1),
             "mean_s": round((after["seconds"] - copies["seconds"]) / made, 3) if made else 0.0,
+            # of them, volumes from snapshots: creating from the call to the copy's end
+            "volumes": volumes,
+            "volume_mean_s": round(volume_s / volumes, 3) if volumes else 0.0,
         }
     if plan.backups[0].mode == "copy":
         nbytes = sum(int(r["bytes"]) for r in results)
@@ -703,10 +708,16 @@ def _copies(run: dict[str, Any]) -> str:
     c = run.get("image_copies")
     if not c:
         return "image copies not counted"
+    volumes = (
+        f"; {c['volumes']} of them volumes from snapshots, creating {_f(c['volume_mean_s'])} s "
+        "each on average"
+        if c.get("volumes")
+        else ""
+    )
     return (
         f"the local cloud copied {c['copies']} images ({_f(c['mib'])} MiB of data; snapshots "
         f"and volumes from snapshots), {_f(c['mean_s'])} s each on average from the call "
-        f"to the end of the copy, against a snapshot's pending {_pending()} s"
+        f"to the end of the copy, against a snapshot's pending {_pending()} s{volumes}"
     )
 
 

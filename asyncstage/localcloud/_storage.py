@@ -87,12 +87,20 @@ class StorageEvents:
     copies: dict[str, _Copy]  # target id -> its copy under way
     copied: threading.Condition  # on ``lock``: notified as each copy ends
     _frozen: dict[str, _Hold]  # instance -> its freeze
-    copy_totals: dict[str, float]  # copies made: "copies", "bytes" of data, "seconds" each
+    # copies made: "copies", "bytes" of data, "seconds" each (call to end); of them, the
+    # volumes made from snapshots: "volumes", "volume_seconds"
+    copy_totals: dict[str, float]
     _slots: threading.Semaphore  # turns of the copies that hold no instance
 
     def _start_storage(self) -> None:
         self.copies = {}
-        self.copy_totals = {"copies": 0, "bytes": 0, "seconds": 0.0}
+        self.copy_totals = {
+            "copies": 0,
+            "bytes": 0,
+            "seconds": 0.0,
+            "volumes": 0,
+            "volume_seconds": 0.0,
+        }
         self.copied = threading.Condition(self.lock)
         self._frozen = {}
         self._slots = threading.Semaphore(_SLOTS)
@@ -356,9 +364,13 @@ class StorageEvents:
                     job.dest.unlink(missing_ok=True)
                 else:
                     totals = self.copy_totals
+                    took = time.monotonic() - job.began
                     totals["copies"] += 1
                     totals["bytes"] += copied
-                    totals["seconds"] += time.monotonic() - job.began
+                    totals["seconds"] += took
+                    if job.target.startswith("vol-"):
+                        totals["volumes"] += 1
+                        totals["volume_seconds"] += took
                 if done and job.target.startswith("snap-"):
                     self.snapshots[job.target] = job.dest
                 if (done or error) and self._api is not None and not self._closed:
