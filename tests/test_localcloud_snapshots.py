@@ -449,3 +449,30 @@ async def test_a_failed_copy_lets_the_instance_go(
         await wait_volume(ec2, vol, "available")
     finally:
         await _drop(ec2, vol)
+
+
+async def test_an_unmounted_volume_is_copied_without_freezing_its_instance(
+    cloud: LocalCloud, ec2: Any, key: asyncssh.SSHKey, pair: list[dict[str, Any]]
+) -> None:
+    """An attached volume that is not mounted and whose device nobody holds open (a
+    backup's work volume at its snapshot): nothing of the instance can write to it, so
+    the instance goes on while the image is copied, and the snapshot is whole."""
+    if _reflinks(Path(cloud.state_dir)):
+        pytest.skip("the store shares blocks (reflink): a copy is over at once")
+    writer_host, reader = pair
+    iid = writer_host["InstanceId"]
+    async with data_volume(ec2, key, writer_host) as (vol, conn, _):
+        digest = (await sh(conn, "sha256sum < /data/big")).split()[0]
+        await sh(conn, "sudo -n umount /data")
+        snap = (await ec2.create_snapshot(VolumeId=vol))["SnapshotId"]
+        during = 0
+        while snap in _copies(cloud):
+            assert _held(cloud, iid) == (False, False)
+            during += 1
+            await anyio.sleep(0.01)
+        assert during > 0
+        assert await sh(conn, "sudo -n echo on") == "on\n"
+        await wait_snapshot(ec2, snap, within=120)
+    async with restored(ec2, key, reader, snap) as rconn:
+        assert (await sh(rconn, "sha256sum < /restored/big")).split()[0] == digest
+    await ec2.delete_snapshot(SnapshotId=snap)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from asyncstage.localcloud._devices import nvme_node, xen_node
 from asyncstage.localcloud._disks import GIB, CopyStopped, Disk, copy_image, flush_loop
-from asyncstage.localcloud._freeze import frozen
+from asyncstage.localcloud._freeze import frozen, namespace_pids
 from asyncstage.localcloud._hooks import ApiHooks, ApiRefusal
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._machine import Machine
@@ -263,6 +264,31 @@ class StorageEvents:
             hold.pid = None
             hold.stack.close()
 
+    def _writable(self, disk: Disk) -> bool:
+        """Whether the instance ``disk`` is attached to could write to it during a copy:
+        it is mounted there, or a process of it holds its device open. An attached volume
+        that is neither (a backup unmounts its work volume for the snapshot) is copied
+        without freezing the instance, so that its other work goes on."""
+        machine = self.machines.get(disk.instance_id or "")
+        if machine is None or not machine.host.alive or disk.rdev is None:
+            return False
+        if disk.major_minor in machine.host.mounted_devices():
+            return True
+        assert machine.host.init_pid is not None
+        for pid in namespace_pids(machine.host.init_pid):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue  # gone meanwhile
+            for fd in fds:
+                try:
+                    found = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if stat.S_ISBLK(found.st_mode) and found.st_rdev == disk.rdev:
+                    return True
+        return False
+
     def _flush(self, instance_id: str) -> None:
         """What the (stopped) instance wrote to its volumes, into their images: each loop
         device's buffers and the filesystem mounted on it (``BLKFLSBUF`` syncs that)."""
@@ -308,6 +334,10 @@ class StorageEvents:
             raise LocalCloudError(f"{target}: cannot copy {source.name}: {e}") from e
         held = disk.instance_id if disk is not None else None
         try:
+            if disk is not None and held is not None and not self._writable(disk):
+                held = None  # nothing of the instance can write to it: it runs on
+                if disk.loop is not None:
+                    flush_loop(disk.loop)
             if held is not None and not self._freeze(held):
                 held = None
         except BaseException:
