@@ -33,6 +33,10 @@ def test_backup(results: Path) -> None:
     assert 0 <= c["bare"]["busy"] <= 1
     rerun = r["incremental"]["rerun"]
     assert rerun["parents"] == data["params"]["focus_fleet"]  # every one incremental
+    # the local cloud's image copies: each backup's volume from its snapshot, its snapshot
+    assert rerun["image_copies"]["copies"] == 2 * data["params"]["focus_fleet"]
+    assert rerun["image_copies"]["volumes"] == data["params"]["focus_fleet"]
+    assert positive(rerun["image_copies"]["volume_mean_s"])
     assert 0 < rerun["files"] < r["incremental"]["first"]["files"]
     kept = r["incremental_kept"]["rerun"]  # every one copied into the volume its first kept
     assert kept["volumes_reused"] == kept["parents"] == data["params"]["focus_fleet"]

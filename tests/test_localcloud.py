@@ -451,6 +451,7 @@ async def test_volume_snapshot_and_restore(
     copy = (await ec2.copy_snapshot(SourceSnapshotId=snap, SourceRegion="us-east-1"))["SnapshotId"]
     await wait_snapshot(ec2, copy)
     restored = (await ec2.create_volume(SnapshotId=copy, Size=2, AvailabilityZone=zone))["VolumeId"]
+    await wait_volume(ec2, restored, "available")  # creating while its image is copied
     await ec2.attach_volume(VolumeId=restored, InstanceId=b["InstanceId"], Device="/dev/xvdg")
     await wait_volume(ec2, restored, "in-use")
     async with ssh(ec2, b, key) as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from botocore.credentials import Credentials as BotoCredentials
 
 from asyncstage.localcloud._auth import AuthFailure, Credentials, check_host, check_request
 from asyncstage.localcloud._devices import is_nitro, root_nodes, xen_node
+from asyncstage.localcloud._disks import CopyStopped, copy_image
 from asyncstage.localcloud._hosts import Host
 from asyncstage.localcloud._isolation import scrubbed_shadow
 from asyncstage.localcloud._query import renumber
@@ -228,3 +230,58 @@ def test_list_parameters_are_renumbered_in_the_order_of_their_indexes() -> None:
     many = {f"InstanceId.{n}": f"i-{n}" for n in range(0, 2000, 2)}
     assert list(renumber(many).values()) == list(many.values())
     assert set(renumber(many)) == {f"InstanceId.{n}" for n in range(1, 1001)}
+
+
+def _sparse(path: Path, runs: list[tuple[int, bytes]], length: int) -> None:
+    with open(path, "wb") as f:
+        for offset, data in runs:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(length)
+
+
+def test_image_copy_keeps_data_and_holes(tmp_path: Path) -> None:
+    source, dest = tmp_path / "source.img", tmp_path / "dest.img"
+    runs = [(0, os.urandom(5000)), (3 << 20, os.urandom(1 << 20)), ((40 << 20) - 7, b"end!!!!")]
+    _sparse(source, runs, 40 << 20)
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        copy_image(src, dst, threading.Event(), size=64 << 20)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert dest.stat().st_size == 64 << 20  # grown to the size asked for
+    with open(source, "rb") as a, open(dest, "rb") as b:
+        assert b.read(40 << 20) == a.read()
+        assert b.read() == bytes(24 << 20)
+    # the holes stay holes: far fewer blocks than the image's length
+    assert dest.stat().st_blocks * 512 < 8 << 20
+
+
+def test_image_copy_stops_when_asked(tmp_path: Path) -> None:
+    source, dest = tmp_path / "source.img", tmp_path / "dest.img"
+    _sparse(source, [(0, b"x" * 4096)], 1 << 20)
+    stop = threading.Event()
+    stop.set()
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with pytest.raises(CopyStopped):
+            copy_image(src, dst, stop)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def test_an_empty_image_copies_as_its_length(tmp_path: Path) -> None:
+    source, dest = tmp_path / "source.img", tmp_path / "dest.img"
+    _sparse(source, [], 8 << 20)
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        copy_image(src, dst, threading.Event())
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (dest.stat().st_size, dest.stat().st_blocks) == (8 << 20, 0)

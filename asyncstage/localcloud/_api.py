@@ -52,6 +52,7 @@ try:
         release_public_address,
     )
     from asyncstage.localcloud._records import (
+        copy_done,
         install_backend,
         set_reason,
         set_state,
@@ -207,10 +208,13 @@ class LocalApi:
         for instance_id in gone:
             del self._terminated[instance_id]
 
-    def snapshot_completed(self, snapshot_id: str) -> None:
+    def copy_done(self, resource_id: str, error: str | None) -> None:
+        """A snapshot is ``completed`` (once its pending time is over too) or ``error``; a
+        volume from a snapshot ``available`` or ``error``, as EC2 reports them."""
         for backend in self.backends.values():
-            if snapshot_id in backend.snapshots:
-                backend.snapshots[snapshot_id].status = "completed"
+            record = backend.snapshots.get(resource_id) or backend.volumes.get(resource_id)
+            if record is not None:
+                copy_done(record, error)
 
     def attachment_done(self, volume_id: str) -> None:
         """An ``attaching`` attachment is ``attached`` now (its device node is there)."""

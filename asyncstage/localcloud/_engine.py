@@ -134,6 +134,7 @@ class Engine(StorageEvents):
         self._next_address = 10
         self._closed = False
         self._account_claimed = False
+        self._start_storage()
 
     # -- life --------------------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class Engine(StorageEvents):
             for machine in self.machines.values():
                 machine.wanted = "terminated"
                 machine.cancel.set()
+        self._stop_copies()  # (and a boot waiting for one goes on, to its cancel)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.firewalls.close()
         for machine in list(self.machines.values()):
@@ -273,6 +275,7 @@ class Engine(StorageEvents):
         ("": none), in ``placement`` (its VPC and subnet) on the cloud's network."""
         record = self._run.record
         assert record is not None
+        cgroup = self._run.instance_cgroup(instance_id)
         host = Host(
             instance_id=instance_id,
             address=address,
@@ -281,7 +284,8 @@ class Engine(StorageEvents):
             root_dir=self.state_dir / "roots" / instance_id,
             public_key=public_key,
             on_pid=record.add_pid,
-            cgroup=self._run.instance_cgroup(instance_id),
+            cgroup=cgroup,
+            freezer=self._run.instance_freezer(instance_id, cgroup),
             masked=[self.state_dir, REGISTRY_DIR],
         )
         machine = Machine(host, nitro=is_nitro(instance_type), placement=placement)
@@ -365,6 +369,11 @@ class Engine(StorageEvents):
                 if not host.wait_for_sshd(SSHD_TIMEOUT, machine.cancel.is_set):
                     return
                 with self.lock:
+                    # no device node while a snapshot of a volume is copied (lock let go)
+                    mine = [
+                        d for d, disk in self.disks.items() if disk.instance_id == host.instance_id
+                    ]
+                    self.wait_copied(mine)
                     if machine.wanted != "running":
                         return
                     self._add_devices(machine)
@@ -454,6 +463,7 @@ class Engine(StorageEvents):
         with machine.op_lock:
             host.kill()
             with self.lock:
+                self.host_halted(host.instance_id)
                 machine.ready = False  # out of the firewalls' refreshes
                 gone = machine.wanted == "terminated"  # final once so
             if self.net is not None:  # out of the cloud's lock: the kernel takes its time

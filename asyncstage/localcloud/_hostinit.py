@@ -4,8 +4,9 @@ Run by the local cloud as ``unshare --mount --pid --uts --fork --propagation pri
 python3 -I -S _hostinit.py CONFIG_JSON`` (standard library only, no asyncstage import:
 it starts once per boot and must be quick). In the new namespaces it
 
-0. joins its device cgroup (``cgroup`` in the config, when the machine has one) and
-   makes a cgroup namespace of its own, so that root inside never sees the rules;
+0. joins its device cgroup (``cgroup`` in the config, when the machine has one) and the
+   cgroup v2 that freezes it (``freezer``, when that is another one) and makes a cgroup
+   namespace of its own, so that root inside never sees the rules;
 1. mounts an overlay of the machine's ``/`` (lower) with the instance's own upper and
    work dirs, which the cloud keeps across stop and start;
 2. mounts a fresh ``/proc``, ``/sys`` (read-only), a tmpfs ``/dev`` with the usual nodes
@@ -62,9 +63,10 @@ def _umount(target: str) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def _join_cgroup(procs: str) -> None:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
+def _join_cgroups(procs: list[str]) -> None:
+    for path in procs:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
     if _libc.unshare(_CLONE_NEWCGROUP) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWCGROUP): {os.strerror(err)}")
@@ -103,8 +105,9 @@ def _build_dev(dev: str) -> None:
 def main() -> None:
     config = json.loads(sys.argv[1])
     root: str = config["merged"]
-    if config.get("cgroup"):
-        _join_cgroup(config["cgroup"])
+    joined = [p for p in (config.get("cgroup"), config.get("freezer")) if p]
+    if joined:
+        _join_cgroups(list(dict.fromkeys(joined)))
     _mount(
         "overlay",
         root,

@@ -32,6 +32,7 @@ from asyncstage.localcloud._isolation import (
     InstanceCgroup,
     mask_upper,
     mkdir_as_machine,
+    remove_cgroup_tree,
     scrubbed_shadow,
 )
 from asyncstage.localcloud._system import (
@@ -107,6 +108,7 @@ class Host:
     public_key: str | None
     on_pid: Callable[[int, bool], None] = lambda pid, alive: None  # registry callback
     cgroup: InstanceCgroup | None = None  # None: device_isolation="none"
+    freezer: Path | None = None  # its cgroup v2 (cgroup.freeze); None: frozen by SIGSTOP
     masked: list[Path] = field(default_factory=list)  # more paths to hide (the state dir)
     public_address: str = ""  # changes at every start (EC2's public IP); "": none
     netns: str = ""  # the instance's network namespace (ip netns name); "": none
@@ -239,8 +241,11 @@ class Host:
         self._write("etc/ssh/sshd_config", _SSHD_CONFIG.format(listen=listen))
         if self.cgroup is not None:
             self.cgroup.create()
+        if self.freezer is not None:
+            self.freezer.mkdir(exist_ok=True)
         config = {
             "cgroup": self.cgroup.procs if self.cgroup is not None else None,
+            "freezer": str(self.freezer / "cgroup.procs") if self.freezer is not None else None,
             "drop_caps": sorted(DROPPED_CAPS.values()),
             "upper": str(self.upper),
             "work": str(self.root_dir / "work"),
@@ -335,6 +340,8 @@ class Host:
         """Remove the host's root, state and cgroup (after kill, at terminate)."""
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.freezer is not None:
+            remove_cgroup_tree(self.freezer)  # (gone already if it was the device cgroup)
         shutil.rmtree(self.root_dir, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 

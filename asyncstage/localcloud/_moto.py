@@ -35,6 +35,7 @@ from asyncstage.localcloud._network import Placement
 from asyncstage.localcloud._records import (
     LocalInstance,
     LocalNic,
+    creating,
     ec2_error,
     install_backend,
     private_dns_name,
@@ -275,7 +276,8 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
             **kw,
         )
         try:
-            engine.volume_created(volume.id, int(volume.size), source)
+            if engine.volume_created(volume.id, int(volume.size), source):
+                creating(volume)  # until the engine has copied the snapshot's image
         except LocalCloudError as e:
             self.volumes.pop(volume.id, None)
             raise ec2_error("InternalError", str(e)) from e
@@ -291,8 +293,15 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
         engine = self._live()
         if engine is None:
             return super().attach_volume(volume_id, instance_id, device_path, delete_on_termination)
-        volume = self._real_volume(engine, volume_id)
+        self._real_volume(engine, volume_id)
+        # a snapshot of it being copied: no instance may write to it until that is done
+        engine.wait_copied([volume_id])
+        volume = self._real_volume(engine, volume_id)  # as it is now (deleted meanwhile?)
         instance = self.get_instance(instance_id)
+        if volume.status in ("creating", "error"):
+            raise ec2_error(
+                "IncorrectState", f"The volume '{volume_id}' is not in the 'available' state."
+            )
         if volume.attachment is not None:
             raise ec2_error(
                 "VolumeInUse",
@@ -411,7 +420,10 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
         engine = self._live()
         if engine is None or from_ami is not None:
             return super().create_snapshot(volume_id, description, owner_id, from_ami)
-        self._real_volume(engine, volume_id)
+        if self._real_volume(engine, volume_id).status in ("creating", "error"):
+            raise ec2_error(
+                "IncorrectState", f"The volume '{volume_id}' is not 'available' or 'in-use'."
+            )
         last = self._last_snapshot.get(volume_id)
         interval = engine.realism.snapshot_interval
         if last is not None and interval > 0 and time.monotonic() - last < interval:
@@ -429,7 +441,8 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
         self, instance_spec: dict[str, Any], description: str, tags: dict[str, str]
     ) -> list[Any]:
         """Snapshots of every data volume of an instance at one instant: the instance's
-        processes are stopped (and their writes synced) while all the images are copied."""
+        processes are stopped (and their writes synced) in the call, and stay stopped
+        until every image is copied (in the engine's threads, after the call)."""
         engine = self._live()
         if engine is None:
             return list(super().create_snapshots(instance_spec, description, tags))

@@ -2,8 +2,9 @@
 
 Some of moto's records are retyped to subclasses of ours (:func:`retype`): the same data,
 with the properties EC2 has and moto lacks (DNS names that are addresses, a snapshot that
-stays ``pending`` while its copy is made). The backends (:mod:`._moto`, :mod:`._copies`)
-make them; nothing here calls the engine but :func:`start_snapshot`.
+stays ``pending`` and a volume ``creating`` while its copy is made). The backends
+(:mod:`._moto`, :mod:`._copies`) make them; nothing here calls the engine but
+:func:`start_snapshot`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from moto.ec2.exceptions import EC2ClientError
 from moto.ec2.models import EC2Backend, ec2_backends
-from moto.ec2.models.elastic_block_store import Snapshot
+from moto.ec2.models.elastic_block_store import Snapshot, Volume
 from moto.ec2.models.elastic_network_interfaces import NetworkInterface
 from moto.ec2.models.instances import Instance, StateReason
 
@@ -99,6 +100,7 @@ class LocalSnapshot(Snapshot):
 
     started = 0.0  # time.monotonic() of CreateSnapshot
     duration = 0.0
+    state_message: str | None = None  # why it is ``error``
 
     @property
     def status(self) -> str:
@@ -121,6 +123,32 @@ class LocalSnapshot(Snapshot):
         return f"{max(0, min(99, int(done * 100)))}%"
 
 
+class LocalVolume(Volume):
+    """A volume from a snapshot: ``creating`` until its image is made (then moto's states),
+    ``error`` if that failed."""
+
+    @property
+    def status(self) -> str:
+        made = self.__dict__.get("_made", "available")
+        return str(made) if made != "available" else str(super().status)
+
+
+def creating(volume: Any) -> None:
+    """Make ``volume`` a :class:`LocalVolume`, ``creating`` until :func:`copy_done`."""
+    retype(volume, LocalVolume)
+    volume.__dict__["_made"] = "creating"
+
+
+def copy_done(record: Any, error: str | None) -> None:
+    """The engine's copy for a snapshot or volume record is over (``error``: it failed)."""
+    if isinstance(record, LocalVolume):
+        record.__dict__["_made"] = "available" if error is None else "error"
+    elif isinstance(record, LocalSnapshot):
+        record.status = "completed" if error is None else "error"
+        if error is not None:
+            record.state_message = error
+
+
 def start_snapshot(
     backend: EC2Backend, engine: EngineHooks, record: Snapshot, image: Any, extra: float = 0.0
 ) -> None:
@@ -141,13 +169,13 @@ def start_snapshot(
 
 def snapshot_data(engine: EngineHooks, snapshot: Any) -> Path:
     """The engine's image of ``snapshot``, which must be completed (EC2's errors else)."""
+    if snapshot.status != "completed":
+        raise ec2_error("IncorrectState", f"Snapshot '{snapshot.id}' is not completed.")
     image = engine.snapshots.get(snapshot.id)
     if image is None:
         raise ec2_error(
             "UnsupportedOperation", f"{snapshot.id} is a record without data in the local cloud"
         )
-    if snapshot.status != "completed":
-        raise ec2_error("IncorrectState", f"Snapshot '{snapshot.id}' is not completed.")
     return image
 
 

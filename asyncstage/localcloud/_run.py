@@ -1,9 +1,10 @@
 """What one local-cloud run holds on the machine, from its start to its end.
 
 Its state dir's lock, its registry record (so that a crash is cleaned up by the next
-cloud), its device cgroup, the tmpfs of its instances' roots and its root disk. Each is
-recorded as soon as it exists and released by :meth:`_Run.close`, also after a failed
-start.
+cloud), its device cgroup, the cgroup v2 tree whose cgroups freeze its instances (none
+when the device cgroups are v2 ones: they freeze then), the tmpfs of its instances'
+roots and its root disk. Each is recorded as soon as it exists and released by
+:meth:`_Run.close`, also after a failed start.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class _Run:
         self.record: RunRecord | None = None
         self.state_dir = Path()
         self.cgroups: Path | None = None  # this run's device cgroup
+        self.freezers: Path | None = None  # its cgroup v2 tree for freezing instances
         self.isolation = ""  # the mechanism in force: "v1", "bpf" or "none"
         self.root_disk: RootDisk | None = None
         self._lock_fd: int | None = None
@@ -57,6 +59,7 @@ class _Run:
         for sub in SUBDIRS:
             (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
         self._device_isolation(isolation)
+        self._freezers()
         log.info("local cloud: device isolation: %s", MECHANISMS[self.isolation])
         roots = state_dir / "roots"
         source = self.record.mount_source("roots")
@@ -104,6 +107,29 @@ class _Run:
             "can read and write the machine's disks"
         )
 
+    def _freezers(self) -> None:
+        """A cgroup v2 tree for the instances' freezes, unless their device cgroups are
+        v2 ones (they freeze then); none without a writable cgroup v2 (``SIGSTOP`` then)."""
+        assert self.record is not None
+        hierarchy = None if self.isolation == "bpf" else cgroup2_mount()
+        if hierarchy is None:
+            return
+        path = run_cgroup_dir(self.record.token, hierarchy)
+        self.record.add_cgroup(path)
+        try:
+            path.mkdir()
+        except OSError as e:
+            self.record.remove_cgroup(path)
+            log.warning("local cloud: no cgroup to freeze instances in (%s): SIGSTOP then", e)
+            return
+        self.freezers = path
+
+    def instance_freezer(self, name: str, cgroup: InstanceCgroup | None) -> Path | None:
+        """The cgroup v2 that freezes instance ``name`` (None: the machine has none)."""
+        if isinstance(cgroup, BpfDeviceCgroup):
+            return cgroup.inner
+        return None if self.freezers is None else self.freezers / name
+
     def _run_cgroup(self, mechanism: str, hierarchy: Path) -> Path:
         assert self.record is not None
         self.cgroups = run_cgroup_dir(self.record.token, hierarchy)
@@ -146,6 +172,10 @@ class _Run:
             self.root_disk.detach()
             self.remove_loop(loop)
         self._remove_run_cgroup()
+        if self.freezers is not None and self.record is not None:
+            remove_cgroup_tree(self.freezers)
+            self.record.remove_cgroup(self.freezers)
+            self.freezers = None
         if self._roots_mounted:
             roots = self.state_dir / "roots"
             try:
