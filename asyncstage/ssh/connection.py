@@ -40,6 +40,9 @@ __all__ = ["KILL_GRACE", "Connection", "Jump", "Link", "Running", "Target", "cli
 
 KILL_GRACE = 0.5  # seconds between TERM and KILL when a command is stopped
 CLOSE_WAIT = 2.0  # seconds to wait for a channel to close
+_KILL_DELIVERY = 10.0
+"""Seconds a stop may take to have ``kill`` run on the host: not the grace, which is for the
+command to go once signalled (a loaded host can take longer than that to run ``kill``)."""
 
 
 class Jump(Protocol):
@@ -718,9 +721,10 @@ class Connection:
             # OpenSSH >= 7.9 delivers signal requests to the session's process group, but
             # not for root logins: kill the process group over a second channel as well.
             _signal(proc, signal)
-            with anyio.move_on_after(KILL_GRACE):
-                if run.stderr.pgid is not None:
+            if run.stderr.pgid is not None:
+                with anyio.move_on_after(_KILL_DELIVERY):
                     await self.kill_pgid(run.link, run.stderr.pgid, run.sudo, signal)
+            with anyio.move_on_after(KILL_GRACE):
                 await wait_gone(proc)
         proc.close()
         with anyio.move_on_after(CLOSE_WAIT):
