@@ -430,8 +430,10 @@ class Disks:
                 await self.server.run(
                     *mkfs_argv(volume.fstype, label, uuid), volume.mtdev, sudo=True, timeout=600
                 )
+        elif plan.fstype:
+            volume.fstype = plan.fstype  # the snapshot's, tagged with the volume's creation
         else:
-            volume.fstype = plan.fstype or await volume.get_fstype() or "raw"
+            volume.fstype = await volume.get_fstype() or "raw"
             await self.ctx.ec2.create_tags([volume.volume_id], {tag("fstype"): volume.fstype})
         grow = plan.grow_from is not None
         if grow and volume.fstype.startswith("ext"):

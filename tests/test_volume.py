@@ -17,6 +17,7 @@ from asyncstage.errors import (
     VolumeNotMounted,
     ZoneMismatch,
 )
+from asyncstage.localcloud import LocalCloud
 from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
@@ -174,7 +175,9 @@ async def test_file_commands(server: Server) -> None:
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs"])
-async def test_snapshot_reuse_and_growth(server: Server, manager: Manager, fstype: str) -> None:
+async def test_snapshot_reuse_and_growth(
+    server: Server, manager: Manager, fstype: str, cloud: LocalCloud
+) -> None:
     name = f"backup-{fstype}"
     vol = await server.provision_volume(name, fstype=fstype, size=1)
     await vol.mkdir("data")
@@ -195,8 +198,15 @@ async def test_snapshot_reuse_and_growth(server: Server, manager: Manager, fstyp
     df = (await again.df("--block-size=1M", "--output=size")).split()
     assert int(df[-1]) > 1500, df
     # from an explicit snapshot, at its own size
+    tagged = cloud.api_calls["CreateTags"]
     old = await server.provision_volume(f"{name}-old", snapshot_id=snap)
     assert old.size == 1 and (await old.cmd("cat", "data/file")) == "v1\n"
+    # the snapshot's fstype went on with the volume's creation: afterwards only the mount
+    # point is tagged
+    assert cloud.api_calls["CreateTags"] == tagged + 1
+    assert old.fstype == fstype
+    described = await manager.ec2.describe_volumes([old.volume_id])
+    assert {t["Key"]: t["Value"] for t in described[0]["Tags"]}[tag("fstype")] == fstype
     big = await again.create_snapshot()
     with pytest.raises(BadSize):  # smaller than the snapshot
         await server.provision_volume(f"{name}-small", snapshot_id=big, size=1)
