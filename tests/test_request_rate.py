@@ -64,6 +64,27 @@ async def test_bucket_serves_takers_in_the_order_they_came() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_newcomer_waits_for_a_taker_whose_token_came_while_the_loop_ran_late() -> None:
+    # The second taker sleeps half a second for its token. Meanwhile the bucket's clock
+    # jumps ahead (the event loop ran late): a third finds tokens, but goes after it.
+    clock = Clock()
+    bucket = TokenBucket(Rate(1, 2), clock)
+    served: list[str] = []
+
+    async def take(name: str) -> None:
+        await bucket.take()
+        served.append(name)
+
+    async with anyio.create_task_group() as tg:
+        for name in ("first", "second"):
+            tg.start_soon(take, name)
+            await anyio.lowlevel.checkpoint()
+        clock.now += 100
+        tg.start_soon(take, "third")
+    assert served == ["first", "second", "third"]
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_taker_gives_its_reserved_token_back() -> None:
     clock = Clock()
     bucket = TokenBucket(Rate(1, 0.001), clock)  # one token, then one in 1000 s

@@ -67,9 +67,11 @@ class TokenBucket:
     """One action's bucket: :meth:`take` waits for a token, first come first served.
 
     A taker that finds no token reserves the next one (the level goes below zero) and
-    sleeps until it has been refilled, so takers go out in the order they came at the
-    bucket's refill rate and no faster. ``reserve`` tokens of the burst are never
-    spent (see :data:`MARGIN`).
+    sleeps until it has been refilled, so takers go out at the bucket's refill rate and
+    no faster; each also waits for the taker before it, so that they go out in the order
+    they came even when the event loop runs late (a newcomer may find a token refilled
+    while an earlier taker's sleep is over but it has not run yet). ``reserve`` tokens of
+    the burst are never spent (see :data:`MARGIN`).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class TokenBucket:
         self._top = max(1.0, rate.burst - reserve)
         self._level = self._top
         self._stamp = clock()
+        self._last: anyio.Event | None = None  # set once the latest waiting taker went
 
     def _refill(self) -> float:
         now = self._clock()
@@ -95,13 +98,20 @@ class TokenBucket:
     async def take(self) -> None:
         """Take a token; wait for it, after those who came first, when there is none."""
         self._level = self._refill() - 1.0
-        if self._level >= 0:
+        before = self._last
+        if self._level >= 0 and (before is None or before.is_set()):
             return
+        gone = self._last = anyio.Event()
         try:
-            await anyio.sleep(-self._level / self.rate.refill)
+            if self._level < 0:
+                await anyio.sleep(-self._level / self.rate.refill)
+            if before is not None:
+                await before.wait()
         except BaseException:
             self._level += 1.0  # cancelled: the reserved token goes back
             raise
+        finally:
+            gone.set()  # the next taker's turn (also when this one was cancelled)
 
     def drain(self) -> None:
         """The account's bucket is empty (a throttled answer): so is this one."""
