@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -158,11 +159,33 @@ async def test_console_reads_go_out_at_the_accounts_rate_and_no_faster() -> None
             )
             iid = str(made[0]["InstanceId"])
             try:
-                # twice the burst at once: half of them wait for the refill, none is refused
+                # Twice the burst at once: half of them wait for the refill. The cloud counts
+                # a call when it arrives, and a loaded machine can deliver the burst's first
+                # call later than MARGIN after it left (then the cloud refuses one), so the
+                # client is judged where it acts: when each call leaves. Its bucket is full
+                # (less MARGIN) when the reads start; call k leaves no sooner than its token.
+                sent: list[float] = []
+
+                def leaves(event_name: str, **_: Any) -> None:
+                    if event_name.endswith(".GetConsoleOutput"):
+                        sent.append(time.monotonic())
+
+                # after the bucket's own hook (botocore calls a more specific name's first)
+                paced._client.meta.events.register_last("before-send.ec2", leaves)
+                assert paced.requests is not None
+                top = paced.requests.rate.burst - MARGIN * paced.requests.rate.refill
                 counted = console_calls()
+                start = time.monotonic()
                 await _console_reads(paced, iid, 40)
-                assert counted() == (40, 0)
-                assert paced.requests is not None and paced.requests.throttled == 0
+                calls, refused = counted()
+                assert calls == 40 + refused == len(sent)  # every read answered, retries sent
+                assert paced.requests.throttled == refused
+                early = [
+                    k
+                    for k, when in enumerate(sorted(sent), start=1)
+                    if when - start < (k - top) / paced.requests.rate.refill
+                ]
+                assert not early, f"calls {early} left before the bucket had their tokens"
 
                 # The controls: each is refused only if its burst outruns the cloud's refill,
                 # and a loaded machine serves a burst slowly, so each goes again (a few
@@ -180,6 +203,7 @@ async def test_console_reads_go_out_at_the_accounts_rate_and_no_faster() -> None
                 # two processes on one account, each paced as if alone: the cloud refuses
                 # some, each refusal empties that side's bucket, and every read is answered
                 async with client(API_RATE) as other:
+                    earlier = paced.requests.throttled
                     counted = console_calls()
                     rounds = await _until_refused(
                         lambda: _console_reads_of_both(paced, other, iid, 25),
@@ -188,7 +212,8 @@ async def test_console_reads_go_out_at_the_accounts_rate_and_no_faster() -> None
                     calls, throttled = counted()
                     assert throttled > 0 and calls == 50 * rounds + throttled
                     assert other.requests is not None
-                    assert paced.requests.throttled + other.requests.throttled == throttled
+                    ours = paced.requests.throttled - earlier + other.requests.throttled
+                    assert ours == throttled
             finally:
                 await paced.terminate_instances([iid])
 
