@@ -403,13 +403,19 @@ class Server:
         The console is watched for the host key fingerprints while sshd comes up (at
         once, not one after the other). A host key that does not match fails at once
         with HostKeyMismatch; one that cannot be verified with HostKeyUnverified.
+
+        A console that showed the fingerprints already was written after sshd started
+        (cloud-init prints them in its last stage): ssh is tried at once, and sshd is
+        probed for only if that fails. A probe is a connection of its own, which the
+        server's sshd serves with a process of its own: a fleet would pay it twice.
         """
         if self.address is None:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
         at, jump = ssh_target(self, self._ctx)
         address = None if jump is not None else at  # behind a jump host: not ours to probe
+        shown = self._pin.pinned_for == at and bool(self._pin.expected)  # on its console
         waits = [self._pin_host_key]  # through a jump host: the ssh below tells when it is up
-        if address is not None:
+        if address is not None and not shown:
             waits.append(lambda: hostkeys.wait_for_sshd(self._ctx, self, at, deadline))
         await concurrently(*waits)
         interval = 0.2
@@ -432,5 +438,9 @@ class Server:
                     self._ctx, self, address, f"never answered ssh ({failure})"
                 ) from failure
             self.host.reset()
+            if address is not None and shown:  # not up after all: probe for its sshd now
+                shown = False
+                await hostkeys.wait_for_sshd(self._ctx, self, address, deadline)
+                continue
             await anyio.sleep(min(interval, left))
             interval = min(interval * 1.5, 5.0)

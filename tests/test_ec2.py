@@ -393,6 +393,40 @@ async def test_an_overdue_fleet_backs_off_again(
     assert late and max(late) == 5.0 and late.count(5.0) >= len(late) - 5
 
 
+@pytest.mark.parametrize(
+    ("state", "way"), [("terminated", "shutting-down"), ("stopped", "stopping")]
+)
+async def test_a_fleet_on_its_way_out_is_described_once_more_each(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch, state: str, way: str
+) -> None:
+    """A wait for a fleet to stop or terminate asks, once each instance was seen, only for
+    those that got there: every instance is described in the first round and once more
+    as it arrives, whatever the number of rounds; not the whole fleet each round."""
+    client = EC2(region="us-east-1", poll_interval=0.5, poll_max_interval=5.0)
+    arrives = {f"i-{n}": 1.0 + 0.25 * n for n in range(120)}  # one by one over 30 s
+    rounds: list[tuple[str, ...]] = []
+    described = [0]
+
+    async def describe(ids: Collection[str], states: Collection[str] = ()) -> dict[str, object]:
+        rounds.append(tuple(states))
+        found = {
+            i: {"InstanceId": i, "State": {"Name": state if clock.now >= at else way}}
+            for i, at in arrives.items()
+            if i in ids
+        }
+        found = {i: d for i, d in found.items() if not states or d["State"]["Name"] in states}
+        described[0] += len(found)
+        await clock.sleep(ANSWER)
+        return found
+
+    monkeypatch.setattr(client, "describe_instances_shared", describe)
+    reached, failed = await client.wait_for_instances(list(arrives), state, timeout=600)
+    assert set(reached) == set(arrives) and not failed
+    assert len(rounds) > 20 and not rounds[0] and all(state in r for r in rounds[1:])
+    assert way not in {s for r in rounds for s in r}
+    assert described[0] <= 2 * len(arrives)
+
+
 # -- idempotent creates (ClientToken) ------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import asyncssh
 import pytest
 
 from asyncstage import errors
-from asyncstage.ssh import KnownHosts, SSHHost
+from asyncstage.ssh import KnownHosts, SSHHost, known_hosts
 from asyncstage.ssh.connection import client_keys as _client_keys
 
 KEY_A = "ssh-ed25519 AAAAkeyA"
@@ -40,6 +40,42 @@ def test_lookups_share_one_reading_until_the_file_changes(tmp_path: Path) -> Non
     second.remove("127.0.0.7")
     assert first.lookup("127.0.0.7") == []
     assert first.lookup("127.0.0.8") == ["ssh-ed25519 AAAAkey8"]
+
+
+def test_a_fleets_addresses_are_forgotten_without_matching_each_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgetting an address looks its plain name up in the index: in a file of the
+    whole fleet only hashed names and patterns are matched one by one, and an address
+    that has no entry leaves the file as it was (not written again)."""
+    path = tmp_path / "known_hosts"
+    fleet = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(200)]
+    path.write_text(
+        "# pinned by hand\n"
+        + "".join(f"{a} ssh-ed25519 AAAAkey{n}\n" for n, a in enumerate(fleet))
+        + f"10.9.9.* {KEY_B}\n"
+    )
+    matched: list[str] = []
+    real = known_hosts._hosts_match
+
+    def counted(field: str, spec: str) -> bool:
+        matched.append(field)
+        return real(field, spec)
+
+    monkeypatch.setattr(known_hosts, "_hosts_match", counted)
+    kh = KnownHosts(path)
+    inode = path.stat().st_ino
+    for address in fleet:
+        kh.remove("127.0.0.1" if address == fleet[0] else address)
+        if address == fleet[0]:
+            assert path.stat().st_ino == inode  # nothing to forget: not written
+    assert matched == ["10.9.9.*"] * len(fleet)  # the pattern only, once per address
+    assert (
+        path.read_text() == f"# pinned by hand\n{fleet[0]} ssh-ed25519 AAAAkey0\n10.9.9.* {KEY_B}\n"
+    )
+    kh.remove("10.9.9.4")  # an address a pattern names: that entry goes
+    assert path.read_text() == f"# pinned by hand\n{fleet[0]} ssh-ed25519 AAAAkey0\n"
+    assert kh.lookup(fleet[0]) == ["ssh-ed25519 AAAAkey0"]
 
 
 def test_another_programs_rewrite_is_seen(tmp_path: Path) -> None:

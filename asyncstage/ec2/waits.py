@@ -12,8 +12,9 @@ fleet's instances are arriving: a second spent between an instance running and t
 library noticing it is a second of every launch. One DescribeInstances serves the
 whole fleet's round, and the steady pace is never under a quarter of that action's
 refill of EC2's request rate (:mod:`~asyncstage.ec2.rate`). Once each instance was
-seen, a round asks EC2 only for those no longer pending (a filter on the state): its
-answer holds what changed, not the whole fleet's descriptions.
+seen, a round asks EC2 only for those no longer on their way (a filter on the state:
+not pending, stopping or shutting down): its answer holds what changed, not the whole
+fleet's descriptions.
 """
 
 from __future__ import annotations
@@ -54,10 +55,16 @@ _EC2_PENDING = (10.0, 40.0)
 """EC2's pending time, shortest and longest, seconds: what a client expects before it
 saw any of its own."""
 
-_ARRIVED = {"running": ("running", "shutting-down", "terminated", "stopping", "stopped")}
-"""Per state waited for, the states an instance on its way there (``pending``) may be
-found in next: once EC2 showed each of a wait's instances, its rounds ask for these
-only, and EC2 leaves those still on their way out of the answer."""
+_ARRIVED = {
+    "running": ("running", "shutting-down", "terminated", "stopping", "stopped"),
+    "stopped": ("stopped", "terminated"),
+    "terminated": ("terminated",),
+}
+"""Per state waited for, the states an instance on its way there (``pending``,
+``stopping``, ``shutting-down``) may be found in next that end or decide the wait:
+once EC2 showed each of a wait's instances, its rounds ask for these only, and EC2
+leaves those still on their way out of the answer (a fleet's rounds carry what
+changed, not all of its descriptions each time)."""
 
 _STEADY_SHARE = 4
 """The steady polls take at most this share (one in so many) of the refill of their

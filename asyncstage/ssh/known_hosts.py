@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import hashlib
 import hmac
 import os
@@ -39,11 +40,16 @@ def _host_spec(address: str, port: int) -> str:
     return address if port == 22 else f"[{address}]:{port}"
 
 
-def _pattern_matches(pattern: str, spec: str) -> bool:
-    regex = "".join(
-        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower()
+@functools.lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """An OpenSSH host pattern (``*``, ``?``) as a regular expression, compiled once."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower())
     )
-    return re.fullmatch(regex, spec.lower()) is not None
+
+
+def _pattern_matches(pattern: str, spec: str) -> bool:
+    return _pattern(pattern).fullmatch(spec.lower()) is not None
 
 
 def _hosts_match(field: str, spec: str) -> bool:
@@ -80,6 +86,7 @@ class _Entries:
     keys: tuple[tuple[str, str], ...]  # (host field, "type base64") per entry
     by_name: dict[str, tuple[int, ...]]  # plain name (lower case) -> entry numbers
     patterned: tuple[int, ...]  # entries with hashed names or patterns
+    line_of: tuple[int, ...]  # per entry, its line's number
 
     @classmethod
     def parse(cls, text: str) -> _Entries:
@@ -87,12 +94,14 @@ class _Entries:
         keys: list[tuple[str, str]] = []
         by_name: dict[str, list[int]] = {}
         patterned: list[int] = []
-        for line in lines:
+        line_of: list[int] = []
+        for at, line in enumerate(lines):
             fields = line.split()
             if len(fields) < 3 or fields[0].startswith(("#", "@")):
                 continue
             number = len(keys)
             keys.append((fields[0], f"{fields[1]} {fields[2]}"))
+            line_of.append(at)
             if _is_literal(fields[0]):
                 for name in fields[0].lower().split(","):
                     by_name.setdefault(name, []).append(number)
@@ -103,15 +112,21 @@ class _Entries:
             tuple(keys),
             {name: tuple(numbers) for name, numbers in by_name.items()},
             tuple(patterned),
+            tuple(line_of),
         )
 
-    def lookup(self, spec: str) -> list[str]:
-        numbers = sorted(
+    def matching(self, spec: str) -> list[int]:
+        """The numbers of the entries for ``spec``, in file order (the plain names from
+        the index: only hashed names and patterns are matched one by one)."""
+        return sorted(
             {
                 *self.by_name.get(spec.lower(), ()),
                 *(n for n in self.patterned if _hosts_match(self.keys[n][0], spec)),
             }
         )
+
+    def lookup(self, spec: str) -> list[str]:
+        numbers = self.matching(spec)
         found: list[str] = []
         for n in numbers:
             if self.keys[n][1] not in found:
@@ -171,9 +186,6 @@ class KnownHosts:
     def _forget(self) -> None:
         self._read.forget(os.path.abspath(self.path))
 
-    def _lines(self) -> list[str]:
-        return list(self._entries().lines)
-
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         lock = self._locks.setdefault(self.path.resolve(), threading.Lock())
@@ -206,18 +218,13 @@ class KnownHosts:
         """Forget every key pinned for ``address``:``port``."""
         spec = _host_spec(address, port)
         with self._locked():
-            lines = self._lines()
-            keep = [
-                line
-                for line in lines
-                if not (
-                    len(line.split()) >= 3
-                    and not line.startswith(("#", "@"))
-                    and _hosts_match(line.split()[0], spec)
-                )
-            ]
-            if len(keep) == len(lines):
+            # by the index: a fleet's servers each forget their address in a file of the
+            # whole fleet, which is not matched line by line each time
+            entries = self._entries()
+            doomed = {entries.line_of[n] for n in entries.matching(spec)}
+            if not doomed:
                 return
+            keep = [line for at, line in enumerate(entries.lines) if at not in doomed]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(f"{line}\n" for line in keep))
             os.chmod(tmp, 0o600)
