@@ -525,7 +525,9 @@ def test_firewalls_follow_the_records(net: Net) -> None:
     lock = threading.RLock()
     rules: dict[str, GroupRules] = {"i-b": GroupRules("sg-01", ())}
     running: dict[str, str] = {}
-    keeper = fw.Firewalls(lock, lambda: dict(running), lambda i: Policy((rules[i],)))
+    keeper = fw.Firewalls(
+        lock, lambda: dict(running), lambda ids: {i: Policy((rules[i],)) for i in ids}
+    )
     try:
         keeper.booted("i-b", net.ns["b"])
         running["i-b"] = net.ns["b"]
@@ -542,5 +544,51 @@ def test_firewalls_follow_the_records(net: Net) -> None:
         assert net.probe("a", tcp("b", 80)) == ["open"]
         with pytest.raises(LocalCloudError):
             keeper.booted("i-b", PREFIX + "missing")
+    finally:
+        keeper.close()
+
+
+def test_firewalls_compile_a_shared_policy_once(net: Net) -> None:
+    """A burst of boots into one group that admits its own members: each refresh reads
+    the records once and compiles the group's table once, however many instances share
+    it; every instance ends with the newest members."""
+    import ipaddress
+    import threading
+    import time
+
+    lock = threading.RLock()
+    group = GroupRules("sg-01", (permission("tcp", 80, 80, group="sg-01"),))
+    members: list[ipaddress.IPv4Address] = []
+    running: dict[str, str] = {}
+    reads: list[int] = []
+
+    def policies(ids: list[str]) -> dict[str, Policy]:
+        reads.append(len(ids))
+        shared = Policy((group,), {"sg-01": tuple(members)})
+        return {i: shared for i in ids}
+
+    keeper = fw.Firewalls(lock, lambda: dict(running), policies)
+    fleet = 40
+    try:
+        for n in range(fleet):
+            with lock:
+                running[f"i-{n}"] = net.ns["b"]
+                members.append(ipaddress.IPv4Address(f"10.213.9.{n + 1}"))
+                keeper.changed()
+        last = str(members[-1])
+        deadline = time.monotonic() + 60
+        listed = ""
+        while time.monotonic() < deadline and last not in listed:
+            listed = sh("ip", "netns", "exec", net.ns["b"], "nft", "list", "ruleset")
+            time.sleep(0.05)
+        assert last in listed
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and keeper.counts["refreshes"] < len(reads):
+            time.sleep(0.05)
+        counts = keeper.counts
+        assert counts["refreshes"] == len(reads) >= 1
+        # one text per refresh, not one per instance
+        assert counts["compiled"] <= counts["refreshes"] < fleet
+        assert counts["loaded"] <= counts["refreshes"] * fleet
     finally:
         keeper.close()

@@ -16,7 +16,7 @@ import pytest
 from moto.ec2.exceptions import EC2ClientError
 
 from asyncstage.localcloud._firewall import Permission, ruleset
-from asyncstage.localcloud._groups import instance_policy
+from asyncstage.localcloud._groups import instance_policies, instance_policy
 from asyncstage.localcloud._moto import LocalBackend, make_backend
 from asyncstage.localcloud._records import uninstall_backend
 
@@ -188,3 +188,34 @@ def test_default_group_admits_its_members(backend: LocalBackend) -> None:
     assert policy.groups[0].ingress == (Permission(None, None, None, default.id),)
     assert policy.groups[0].egress == (ALL_OUT,)
     assert policy.members == {default.id: (ipaddress.ip_address(member.private_ip),)}
+
+
+def test_policies_of_a_fleet_read_once(
+    backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet's policies in one go: the members are found in one pass over the instances
+    (not one per instance), and instances with the same groups share one policy (one
+    table to compile), the same as each one's own."""
+    default = backend.get_default_security_group()
+    assert default is not None
+    web = backend.create_security_group("web", "web servers")
+    fleet = [launch(backend, default.id) for _ in range(30)]
+    server = launch(backend, web.id)
+    passes = 0
+    every = backend.all_instances
+
+    def counted() -> Any:
+        nonlocal passes
+        passes += 1
+        return every()
+
+    monkeypatch.setattr(backend, "all_instances", counted)
+    policies = instance_policies(backend, [*fleet, server])
+    assert passes == 1
+    assert len({id(policies[i.id]) for i in fleet}) == 1
+    assert policies[fleet[0].id] == instance_policy(backend, fleet[0])
+    assert policies[fleet[0].id].members == {
+        default.id: tuple(ipaddress.ip_address(i.private_ip) for i in fleet)
+    }
+    assert policies[server.id] == instance_policy(backend, server)
+    assert policies[server.id].members == {}  # no rule of its group names a group

@@ -39,10 +39,11 @@ from asyncstage.localcloud._wire import error_xml, fix_response, namespace
 from asyncstage.localcloud.errors import LocalCloudError
 
 try:
+    from moto.ec2.exceptions import EC2ClientError
     from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
     from werkzeug.serving import BaseWSGIServer, make_server
 
-    from asyncstage.localcloud._groups import instance_policy
+    from asyncstage.localcloud._groups import instance_policies
     from asyncstage.localcloud._moto import (
         LAUNCH_REQUEST,
         LocalBackend,
@@ -229,9 +230,19 @@ class LocalApi:
         mapping = instance.block_device_mapping.get(ROOT_DEVICE_NAME)
         return None if mapping is None else str(mapping.volume_id)
 
-    def security_policy(self, instance_id: str) -> Policy:
-        instance = self._instance(instance_id)
-        return instance_policy(instance.ec2_backend, instance)
+    def security_policies(self, instance_ids: Iterable[str]) -> dict[str, Policy]:
+        by_backend: dict[int, tuple[Any, list[Any]]] = {}
+        for instance_id in instance_ids:
+            try:
+                instance = self._instance(instance_id)
+            except (EC2ClientError, LocalCloudError):
+                continue  # gone meanwhile: the caller sees it missing
+            backend = instance.ec2_backend
+            by_backend.setdefault(id(backend), (backend, []))[1].append(instance)
+        policies: dict[str, Policy] = {}
+        for backend, instances in by_backend.values():
+            policies.update(instance_policies(backend, instances))
+        return policies
 
     def close(self) -> None:
         self._server.shutdown()

@@ -130,7 +130,7 @@ class Engine(StorageEvents):
         self._make_api = api
         self._api: ApiHooks | None = None
         self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="localcloud")
-        self.firewalls = Firewalls(self.lock, self._firewalled, self._security_policy)
+        self.firewalls = Firewalls(self.lock, self._firewalled, self._security_policies)
         self._next_address = 10
         self._closed = False
         self._account_claimed = False
@@ -497,8 +497,8 @@ class Engine(StorageEvents):
             if m.host.netns and m.ready and m.wanted == "running"
         }
 
-    def _security_policy(self, instance_id: str) -> Policy:
-        return self.api.security_policy(instance_id)
+    def _security_policies(self, instance_ids: list[str]) -> dict[str, Policy]:
+        return self.api.security_policies(instance_ids)
 
 
 def _check_port_22() -> None:

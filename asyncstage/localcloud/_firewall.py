@@ -24,11 +24,13 @@ same as once.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -49,6 +51,9 @@ _PROTOCOL_NAMES = {"-1": ALL, "all": ALL, "icmp": ICMP, "tcp": TCP, "udp": UDP, 
 _GROUP_ID = re.compile(r"sg-[0-9a-f]{1,32}\Z")
 _NETNS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 # The link's own upkeep (IPv6 neighbour and router discovery): never filtered.
+# The longest a refresh waits for more changes to join it (it waits as long as the last
+# one took): a change reaches every table within about twice that.
+_MAX_PAUSE = 1.0
 _ND = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert"
 
 
@@ -297,29 +302,39 @@ class Firewalls:
     """Each running instance's table, kept to its groups by one worker thread.
 
     ``running()`` (called under ``lock``) names the instances that have a namespace
-    and are up (instance id -> namespace); ``policy(instance_id)`` (under ``lock``) reads
-    one instance's records. :meth:`changed` asks for a refresh of them all (it coalesces:
-    one refresh runs at a time and reads the records when it starts, so the last one
-    applied is always the newest); a table whose text did not change is not loaded again.
+    and are up (instance id -> namespace); ``policies(instance_ids)`` (under ``lock``)
+    reads their records in one go (an instance not found is left out; instances with the
+    same groups may share one :class:`Policy`). :meth:`changed` asks for a refresh of
+    them all. Refreshes coalesce: one runs at a time, it first waits as long as the last
+    one took (so a burst of boots makes few refreshes, and the worker never takes more
+    than half a core), then reads the records, so the last one applied is always the
+    newest. The lock is held only to read the records; a policy is compiled once per
+    refresh whatever the number of instances that share it (and not again while it does
+    not change), and a table whose text did not change is not loaded again.
+
+    ``counts``: ``refreshes``, ``compiled`` (tables' texts made) and ``loaded``.
     """
 
     def __init__(
         self,
         lock: threading.RLock,
         running: Callable[[], Mapping[str, str]],
-        policy: Callable[[str], Policy],
+        policies: Callable[[list[str]], Mapping[str, Policy]],
     ) -> None:
         self._lock = lock
         self._running = running
-        self._policy = policy
+        self._policies = policies
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localcloud-fw")
         self._queued = False
-        self._closed = False
+        self._closed = threading.Event()
+        self._pause = 0.0  # how long the last refresh took: the next one waits as long
         self._applied: dict[str, tuple[str, str]] = {}  # instance -> (netns, script) loaded
+        self._scripts: dict[Hashable, str] = {}  # the texts of the last refresh's policies
+        self.counts: collections.Counter[str] = collections.Counter()
 
     def changed(self) -> None:
         """Records changed: refresh every table soon (call under ``lock``)."""
-        if self._queued or self._closed:
+        if self._queued or self._closed.is_set():
             return
         self._queued = True
         self._worker.submit(self._refresh)
@@ -330,40 +345,63 @@ class Firewalls:
         In the caller's thread, beside other boots and the refreshes: the instance is
         not running yet, so no refresh loads its table meanwhile (its first one after it
         is running brings any change since)."""
-        self._refresh((instance_id, netns))
+        with self._lock:
+            policy = self._policies([instance_id]).get(instance_id)
+        if policy is None:
+            raise LocalCloudError(f"{instance_id}: no such instance: no security groups")
+        self._load(instance_id, (netns, self._script(policy, {}, self._scripts)))
 
     def close(self) -> None:
-        self._closed = True
+        self._closed.set()
         self._worker.shutdown(wait=True, cancel_futures=True)
 
-    def _refresh(self, booting: tuple[str, str] | None = None) -> None:
-        policies: dict[str, tuple[str, Policy]] = {}
+    def _script(
+        self, policy: Policy, known: dict[Hashable, str], earlier: Mapping[Hashable, str]
+    ) -> str:
+        """The policy's text: from ``known`` or ``earlier`` if there, else compiled."""
+        key = (policy.groups, tuple(sorted(policy.members.items())))
+        script = known.get(key) or earlier.get(key)
+        if script is None:
+            script = ruleset(policy)
+            self.counts["compiled"] += 1
+        known[key] = script
+        return script
+
+    def _load(self, instance_id: str, loaded: tuple[str, str]) -> None:
+        try:
+            apply(*loaded)
+        except LocalCloudError:
+            self._applied.pop(instance_id, None)
+            raise
+        self._applied[instance_id] = loaded
+        self.counts["loaded"] += 1
+
+    def _refresh(self) -> None:
+        if self._closed.wait(self._pause):  # changes meanwhile join this refresh
+            return
+        started = time.monotonic()
         with self._lock:  # only the records are read under it; compiling takes longer
-            if booting is None:
-                self._queued = False
-                targets = dict(self._running())
-            else:
-                targets = dict([booting])
-            for instance_id, netns in targets.items():
-                try:
-                    policies[instance_id] = (netns, self._policy(instance_id))
-                except Exception:
-                    if booting is not None:
-                        raise
-                    log.exception("local cloud: %s: no security groups", instance_id)
-        scripts = {i: (netns, ruleset(policy)) for i, (netns, policy) in policies.items()}
-        if booting is None:
-            for gone in set(self._applied) - set(targets):
-                self._applied.pop(gone, None)  # (a boot may touch it meanwhile)
-        for instance_id, loaded in scripts.items():
-            if booting is None and self._applied.get(instance_id) == loaded:
+            self._queued = False
+            targets = dict(self._running())
+            policies = self._policies(list(targets))
+        self.counts["refreshes"] += 1
+        for gone in set(self._applied) - set(targets):
+            self._applied.pop(gone, None)  # (a boot may touch it meanwhile)
+        previous, scripts = self._scripts, dict[Hashable, str]()
+        by_policy: dict[int, str] = {}  # instances sharing a policy share its text
+        for instance_id, netns in targets.items():
+            policy = policies.get(instance_id)
+            if policy is None:
+                log.error("local cloud: %s: no security groups", instance_id)
+                continue
+            if id(policy) not in by_policy:
+                by_policy[id(policy)] = self._script(policy, scripts, previous)
+            loaded = (netns, by_policy[id(policy)])
+            if self._applied.get(instance_id) == loaded:
                 continue
             try:
-                apply(*loaded)
+                self._load(instance_id, loaded)
             except LocalCloudError:
-                self._applied.pop(instance_id, None)
-                if booting is not None:
-                    raise
                 log.exception("local cloud: %s: security groups not applied", instance_id)
-                continue
-            self._applied[instance_id] = loaded
+        self._scripts = scripts
+        self._pause = min(_MAX_PAUSE, time.monotonic() - started)

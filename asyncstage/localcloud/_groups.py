@@ -176,26 +176,44 @@ def _permissions(group: Any, rules: Iterable[Any]) -> tuple[Permission, ...]:
 
 
 def instance_policy(backend: EC2Backend, instance: Any) -> Policy:
-    """The firewall policy of ``instance`` from ``backend``'s records.
+    """The firewall policy of ``instance`` from ``backend``'s records (see
+    :func:`instance_policies`)."""
+    return instance_policies(backend, [instance])[str(instance.id)]
+
+
+def instance_policies(backend: EC2Backend, instances: Iterable[Any]) -> dict[str, Policy]:
+    """The firewall policies of ``instances`` (of ``backend``), by instance id.
 
     A group deleted since (moto lets a group in use be deleted) counts as none; a group
     reference means the private addresses of the instances (not terminated) of that group.
+    The records are read once for them all: each group's rules are parsed once, the
+    members of the groups that rules name are found in one pass over the instances, and
+    instances with the same groups share one :class:`Policy` (one table to compile).
     """
     existing = {str(g.id): g for groups in backend.groups.values() for g in groups.values()}
-    groups: list[GroupRules] = []
-    for group in _groups_of(instance):
-        record = existing.get(str(group.id))
-        if record is None:
-            continue
-        groups.append(
-            GroupRules(
-                group_id=str(record.id),
-                ingress=_permissions(record, record.ingress_rules),
-                egress=_permissions(record, record.egress_rules),
-            )
-        )
-    named = {p.peer for g in groups for p in (*g.ingress, *g.egress) if isinstance(p.peer, str)}
-    members: dict[str, list[Address]] = {name: [] for name in named if name in existing}
+    parsed: dict[str, GroupRules] = {}
+    chosen: dict[str, tuple[GroupRules, ...]] = {}
+    for instance in instances:
+        rules: list[GroupRules] = []
+        for group in _groups_of(instance):
+            record = existing.get(str(group.id))
+            if record is None:
+                continue
+            if str(record.id) not in parsed:
+                parsed[str(record.id)] = GroupRules(
+                    group_id=str(record.id),
+                    ingress=_permissions(record, record.ingress_rules),
+                    egress=_permissions(record, record.egress_rules),
+                )
+            rules.append(parsed[str(record.id)])
+        chosen[str(instance.id)] = tuple(rules)
+    named = {
+        p.peer
+        for g in parsed.values()
+        for p in (*g.ingress, *g.egress)
+        if isinstance(p.peer, str) and p.peer in existing
+    }
+    members: dict[str, list[Address]] = {name: [] for name in named}
     if members:
         for other in backend.all_instances():
             if other.state == "terminated":
@@ -203,4 +221,12 @@ def instance_policy(backend: EC2Backend, instance: Any) -> Policy:
             for group in _groups_of(other):
                 if str(group.id) in members:
                     members[str(group.id)] += _addresses(other)
-    return Policy(tuple(groups), {k: tuple(v) for k, v in members.items()})
+    shared: dict[tuple[str, ...], Policy] = {}
+    policies: dict[str, Policy] = {}
+    for instance_id, groups in chosen.items():
+        key = tuple(g.group_id for g in groups)
+        if key not in shared:
+            names = {p.peer for g in groups for p in (*g.ingress, *g.egress)}
+            shared[key] = Policy(groups, {n: tuple(members[n]) for n in members if n in names})
+        policies[instance_id] = shared[key]
+    return policies

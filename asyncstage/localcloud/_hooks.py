@@ -112,7 +112,8 @@ class ApiHooks(Protocol):
 
     def attachment_done(self, volume_id: str) -> None: ...
     def root_volume(self, instance_id: str) -> str | None: ...
-    def security_policy(self, instance_id: str) -> Policy:
-        """The instance's security groups, parsed (:mod:`._firewall`)."""
+    def security_policies(self, instance_ids: Iterable[str]) -> dict[str, Policy]:
+        """The instances' security groups, parsed (:mod:`._firewall`), read in one go;
+        an instance that is not found is left out."""
 
     def close(self) -> None: ...
