@@ -81,6 +81,16 @@ async def _streams_intact(ha: SSHHost, hb: SSHHost, tmp_path: Path) -> None:
     assert (tmp_path / "back").read_bytes() == data
 
 
+def _ssh_hops_of(hop: _jumphop.OpenSSHHop, target: SSHServer) -> list[int]:
+    """The hop's children that carry a tunnel to ``target`` (by their ``-W``)."""
+    found = []
+    for pid in hop.pids:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if argv[argv.index(b"-W") + 1] == f"{target.address}:{target.port}".encode():
+            found.append(pid)
+    return found
+
+
 def _exists(path: str | Path) -> bool:
     return os.path.exists(path)
 
@@ -166,6 +176,12 @@ async def test_the_openssh_hop_carries_each_tunnel_in_an_ssh_child_of_its_own(
         assert isinstance(gathered._chan.get_protocol(), _jumphop._AcknowledgingWire)
         await _streams_intact(ha, hb, tmp_path)
         assert sorted(_ssh_hops()) == sorted(children)
+        # a tunnel's ssh ends with its connection; the others carry on
+        ours = [p for p in children if p not in _ssh_hops_of(hop, b)]
+        await ha.close()
+        assert _wait_gone(ours, within=5) == []
+        assert (await hb.scmd("echo", "b")).strip() == "b"
+        assert hop.pids == _ssh_hops()
     assert _wait_gone(children, within=5) == []
     assert not _exists(directory)
 
