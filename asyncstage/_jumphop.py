@@ -262,23 +262,29 @@ def _forward(host: str, port: int) -> str:
 
 
 class OpenSSHHop:
-    """The outer hop as OpenSSH's ``ssh -W host:port`` children (what ``ssh -J`` runs),
-    one per tunnel, each the transport of one connection of this process to a host
-    behind the jump host: OpenSSH's C code encrypts the jump host's layer, on a core of
-    its own, and this process does the work of a direct connection.
+    """The outer hop in OpenSSH's client: one ``ControlMaster`` connection to the jump
+    host (:class:`asyncstage._openssh_stream.Master`), and for each tunnel an
+    ``ssh -W host:port`` client of it (what ``ssh -J`` runs, multiplexed), the transport
+    of one connection of this process to a host behind the jump host. The client hands
+    its stdin and stdout to the master, which carries them as a channel of its one
+    connection: OpenSSH's C code encrypts the jump host's layer, on a core of its own,
+    this process does the work of a direct connection, and a new tunnel costs a
+    client's start, not a login.
 
-    Each child connects to the jump host as :attr:`argv` says: no ssh config
+    The master connects to the jump host as :attr:`argv` says: no ssh config
     (``-F /dev/null``), batch mode, only our key files (``IdentitiesOnly``, no agent),
-    no forwarding of agent or X11, no master connection, and strict host key checking
-    against a known_hosts file of its own holding exactly the key this process verified
-    (``HostKeyAlias``). Its stdin and stdout are one end of a socket pair; a tunnel is
-    handed over once the host behind sends its first bytes (its ssh banner), else the
-    child's own error is raised as :class:`HopUnavailable` or asyncssh's
-    ``ChannelOpenError``.
+    no forwarding of agent or X11, and strict host key checking against a known_hosts
+    file of its own holding exactly the key this process verified (``HostKeyAlias``).
+    When it cannot start, or ended on its own (a jump host that runs no session for
+    us), each ``ssh -W`` logs in with the same options (``ControlPath=none``). A
+    client's stdin and stdout are one end of a socket pair; a tunnel is handed over once
+    the host behind sends its first bytes (its ssh banner), else the child's own error
+    is raised as :class:`HopUnavailable` or asyncssh's ``ChannelOpenError``.
 
-    The hop owns its children and its directory: a child ends with its tunnel (its
-    socket's EOF: the connection closed, or this process died), and :meth:`aclose`
-    stops the rest by their pids, reaps them and removes the directory."""
+    The hop owns its children, its master and their directories: a child ends with its
+    tunnel (its socket's EOF: the connection closed, or this process died), the master
+    with this process (its session reads a pipe of ours), and :meth:`aclose` stops the
+    rest by their pids, reaps them and removes the directories."""
 
     def __init__(
         self,
@@ -305,6 +311,9 @@ class OpenSSHHop:
             raise
         self.argv = [*argv, "-l", username]
         self._target = address
+        self._master = _openssh_stream.Master(("jump", address, port, host_key), 1)
+        self._master_started: int | None = None  # the master's pid, once one started
+        self._shared = True  # tunnels go through the master (False: it ended on its own)
         self._port = port
         self._children: dict[int, anyio.abc.Process] = {}
         self._reapers: set[asyncio.Task[None]] = set()
@@ -328,15 +337,46 @@ class OpenSSHHop:
         child's socket to the jump host (:func:`_jump_socket`; None: not ours to take)."""
         if self._ended:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "hop closed")
+        mux = await self._control(timeout)
+        master = self._master.pid if mux is not _UNSHARED else None
         async with self._startups:
-            ours, pid = await self._open(host, port, timeout)
+            ours, pid = await self._open(host, port, timeout, mux or _UNSHARED)
         try:
-            return ours, _jump_socket(pid, self._port)
+            return ours, _jump_socket(master or pid, self._port)
         except BaseException:
             ours.close()
             raise
 
-    async def _open(self, host: str, port: int, timeout: float) -> tuple[socket.socket, int]:
+    async def _control(self, timeout: float) -> list[str]:
+        """The options that make a tunnel's ``ssh`` a client of the master (started if
+        need be), or :data:`_UNSHARED`."""
+        if not self._shared:
+            return _UNSHARED
+        mux = await self._master.options(self._master_argv, timeout)
+        pid = self._master.pid
+        if self._master_started is not None and pid != self._master_started:
+            # The master ended on its own: a jump host that runs no session for us
+            # (ForceCommand) ends it at once, and each new one would be a login more.
+            # The tunnels it still carries keep it; new ones log in on their own.
+            self._shared = False
+            return _UNSHARED
+        self._master_started = pid
+        return mux or _UNSHARED
+
+    def _master_argv(self, options: list[str], command: str) -> list[str]:
+        """The master's ``ssh``: the children's options with ``options`` (its control
+        socket), and ``command`` its session (which ends it with this process)."""
+        return [*self.argv, *options, "--", self._target, command]
+
+    @property
+    def master_pid(self) -> int | None:
+        """The ``ControlMaster`` whose connection to the jump host carries the tunnels,
+        if it runs."""
+        return self._master.pid
+
+    async def _open(
+        self, host: str, port: int, timeout: float, control: list[str]
+    ) -> tuple[socket.socket, int]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for end in (ours, theirs):
             with contextlib.suppress(OSError):
@@ -345,7 +385,7 @@ class OpenSSHHop:
         with tempfile.TemporaryFile(dir=self._dir) as errors:
             proc: anyio.abc.Process | None = None
             try:
-                argv = [*self.argv, "-W", _forward(host, port), "--", self._target]
+                argv = [*self.argv, *control, "-W", _forward(host, port), "--", self._target]
                 proc = await anyio.open_process(
                     argv,
                     stdin=theirs.fileno(),
@@ -362,7 +402,12 @@ class OpenSSHHop:
                         return ours, proc.pid
                     await proc.wait()  # ssh closed its end: it failed, and is ending
                 errors.seek(0)
-                raise _failure(errors.read().decode("utf-8", "replace"), proc.returncode)
+                said = errors.read().decode("utf-8", "replace")
+                if control is not _UNSHARED and not said.strip() and self._master.pid:
+                    # the master opened the channel and the jump host refused it: the
+                    # reason went to the master's log, not to this client
+                    said = f"open failed: the jump host could not reach {_forward(host, port)}"
+                raise _failure(said, proc.returncode)
             except BaseException:
                 ours.close()
                 theirs.close()
@@ -397,6 +442,7 @@ class OpenSSHHop:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
+        self._master.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -418,9 +464,11 @@ class OpenSSHHop:
             self.close_now()
 
 
+_UNSHARED = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+"""A tunnel's ``ssh`` with a connection of its own (the master could not start)."""
+
 # Options that keep each hop's ssh to its one job, whatever it was built with.
 _SEALED = [
-    *("-o", "ControlMaster=no", "-o", "ControlPath=none"),
     *("-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"),
     *("-o", "ProxyCommand=none", "-o", "PermitLocalCommand=no", "-o", "UpdateHostKeys=no"),
     *("-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes"),
@@ -438,7 +486,7 @@ _FAILURES = (
 def _failure(stderr: str, returncode: int | None) -> Exception:
     """The error of a hop's ``ssh`` that ended without a tunnel, from what it said."""
     said = " ".join(stderr.split()) or f"ssh exited {returncode}"
-    if "open failed" in said or "stdio forwarding failed" in said:
+    if "open failed" in said or "forwarding failed" in said or "forwarding request failed" in said:
         code = asyncssh.OPEN_CONNECT_FAILED
         if "administratively prohibited" in said:
             code = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED

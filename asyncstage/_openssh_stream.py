@@ -233,6 +233,12 @@ class Master:
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        """The master's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def _path(self) -> str:
         assert self._dir is not None
         return os.path.join(self._dir, "control")

@@ -163,7 +163,8 @@ class _Beside:
         if side in self._hops and hop:
             child = self._hops[side]._conn._hop
             if isinstance(child, _jumphop.OpenSSHHop):
-                got["ssh-w"] = sum(_pid_cpu(pid) for pid in child.pids)
+                carriers = [*child.pids, *([child.master_pid] if child.master_pid else [])]
+                got["ssh-w"] = sum(_pid_cpu(pid) for pid in carriers)
             elif child is not None:
                 got["hop"] = _pid_cpu(child.pid)
         if side in self._jumped and self._bastion is not None:
@@ -206,8 +207,8 @@ async def _latency(
 async def _connects(servers: dict[str, Server], rounds: int) -> dict[str, list[float]]:
     """Seconds from a new connection to each server to its first command's end, the
     sides in turn: a host of its own, through the same jump host (whose own connection,
-    and the Python hop's child, are open already; the OpenSSH hop starts an ``ssh`` for
-    each connection)."""
+    and the Python hop's child, are open already; the OpenSSH hop starts an ``ssh -W``
+    for each connection, a client of its master connection to the jump host)."""
     found: dict[str, list[float]] = {k: [] for k in servers}
     for r in range(rounds):
         for side in _in_turn(r, list(servers)):

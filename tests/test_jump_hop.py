@@ -1,8 +1,9 @@
 """The jump host's outer hop in child processes (asyncstage/_jumphop.py), on real sshd
 processes on 127.0.0.x: OpenSSH's ``ssh -W`` children (``SSHHost.hop = "openssh"``, the
-default where ``ssh`` is installed), one per tunnel, and the Python child
-(``hop = "python"``, ``hop_process = True``), one per jump host. The children hold the
-jump host's connections themselves, accept only the host key this process verified,
+default where ``ssh`` is installed), one per tunnel, clients of one OpenSSH master per
+jump host, and the Python child (``hop = "python"``, ``hop_process = True``), one per
+jump host. The children (or the master) hold the jump host's connections, accept only
+the host key this process verified,
 are reaped on close, on cancellation and when this process is killed, and errors keep
 their types."""
 
@@ -106,15 +107,32 @@ def _wait_gone(pids: list[int], within: float = 10.0) -> list[int]:
     return [p for p in pids if _running(p)]
 
 
-def _connection_owners(server: SSHServer) -> set[int]:
-    """The pids holding a TCP connection to ``server``."""
-    out = subprocess.run(
+def _argv(pid: int) -> list[str]:
+    """Process ``pid``'s command line."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _connections(server: SSHServer) -> str:
+    """``ss``'s lines for the TCP connections to ``server``, with their processes."""
+    return subprocess.run(
         ["ss", "-Htnp", "state", "established", "dst", f"{server.address}:{server.port}"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return {int(p) for p in re.findall(r"pid=(\d+)", out)}
+
+
+def _connection_owners(server: SSHServer) -> set[int]:
+    """The pids holding a TCP connection to ``server``."""
+    return {int(p) for p in re.findall(r"pid=(\d+)", _connections(server))}
+
+
+def _local_ports(server: SSHServer, pid: int) -> set[int]:
+    """The local ports of ``pid``'s TCP connections to ``server``."""
+    out = _connections(server)
+    return {
+        int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line
+    }
 
 
 async def test_one_child_carries_every_tunnel_and_is_reaped_on_close(
@@ -137,43 +155,53 @@ async def test_one_child_carries_every_tunnel_and_is_reaped_on_close(
     assert _wait_gone([hop], within=5) == []
 
 
-async def test_the_openssh_hop_carries_each_tunnel_in_an_ssh_child_of_its_own(
+async def test_the_openssh_hop_carries_each_tunnel_over_one_master(
     pair: tuple[SSHServer, SSHServer, SSHServer], tmp_path: Path
 ) -> None:
     jump, a, b = pair
     async with jump.host() as j, a.host(jump=j) as ha, b.host(jump=j) as hb:
-        assert j.hop == "auto" and j._conn.hop_mode() == "openssh"
+        j.hop = "openssh"
         assert (await ha.scmd("echo", "a")).strip() == "a"
         assert (await hb.scmd("echo", "b")).strip() == "b"
         children = _ssh_hops()
         assert len(children) == 2, children
-        # each child holds a connection to the jump host; the targets are reached
-        # through them, not from here
-        assert set(children) <= _connection_owners(jump)
-        assert os.getpid() not in _connection_owners(a) | _connection_owners(b)
-        # the children trust exactly the key this process verified, and nothing else
         hop = j._conn._hop
         assert isinstance(hop, _jumphop.OpenSSHHop) and hop._dir is not None
+        master = hop.master_pid
+        assert master is not None and master not in children
+        # one login to the jump host, the master's: the tunnels' ssh are its mux
+        # clients, and the targets are reached through it, not from here
+        assert master in _connection_owners(jump)
+        assert not set(children) & _connection_owners(jump)
+        assert os.getpid() not in _connection_owners(a) | _connection_owners(b)
+        control = hop._master._path()
+        for pid in children:
+            argv = _argv(pid)
+            assert f"ControlPath={control}" in argv and "ControlMaster=no" in argv
+        # the master trusts exactly the key this process verified, and nothing else
         directory = Path(hop._dir)
         known = (directory / "known_hosts").read_text()
         assert known == f"asyncstage-jump-host {jump.host_public_key}\n"
-        argv = hop.argv
-        assert argv[argv.index("-F") + 1] == "/dev/null"
+        master_argv = _argv(master)
+        assert master_argv[master_argv.index("-F") + 1] == "/dev/null"
         for option in (
             "StrictHostKeyChecking=yes",
             "BatchMode=yes",
             "IdentitiesOnly=yes",
             "IdentityAgent=none",
             "ForwardAgent=no",
-            "ControlMaster=no",
+            "ClearAllForwardings=yes",
+            "ControlMaster=yes",
             "HostKeyAlias=asyncstage-jump-host",
             f"UserKnownHostsFile={directory / 'known_hosts'}",
         ):
-            assert option in argv, option
-        assert argv[argv.index("-i") + 1] == str(jump.client_key)
-        # this process asks the jump host's socket to acknowledge at once
+            assert option in master_argv, option
+        assert master_argv[master_argv.index("-i") + 1] == str(jump.client_key)
+        # this process asks the master's socket to the jump host to acknowledge at once
         gathered = ha._conn.open_link().conn._transport  # type: ignore[union-attr]
-        assert isinstance(gathered._chan.get_protocol(), _jumphop._AcknowledgingWire)
+        wire = gathered._chan.get_protocol()
+        assert isinstance(wire, _jumphop._AcknowledgingWire)
+        assert wire._jump.getsockname()[1] in _local_ports(jump, master)
         await _streams_intact(ha, hb, tmp_path)
         assert sorted(_ssh_hops()) == sorted(children)
         # a tunnel's ssh ends with its connection; the others carry on
@@ -182,8 +210,62 @@ async def test_the_openssh_hop_carries_each_tunnel_in_an_ssh_child_of_its_own(
         assert _wait_gone(ours, within=5) == []
         assert (await hb.scmd("echo", "b")).strip() == "b"
         assert hop.pids == _ssh_hops()
-    assert _wait_gone(children, within=5) == []
-    assert not _exists(directory)
+        assert hop.master_pid == master
+        control_dir = Path(control).parent
+    assert _wait_gone([*children, master], within=5) == []
+    assert not _exists(directory) and not _exists(control_dir)
+
+
+async def test_many_tunnels_at_once_are_one_login_to_the_jump_host(
+    pair: tuple[SSHServer, SSHServer, SSHServer],
+) -> None:
+    """More connections at once than sshd lets log in at once (``MaxStartups``): each is
+    a client of the one master, so the jump host sees one connection of the hop's."""
+    jump, a, _ = pair
+    async with jump.host() as j:
+        j.hop = "openssh"
+        hosts = [a.host(jump=j) for _ in range(12)]
+        try:
+            said: list[str] = []
+
+            async def run(h: SSHHost) -> None:
+                said.append((await h.scmd("echo", "up")).strip())
+
+            async with anyio.create_task_group() as tg:
+                for h in hosts:
+                    tg.start_soon(run, h)
+            assert said == ["up"] * len(hosts)
+            hop = j._conn._hop
+            assert isinstance(hop, _jumphop.OpenSSHHop) and hop.master_pid is not None
+            assert len(_ssh_hops()) == len(hosts)
+            assert _connection_owners(jump) == {os.getpid(), hop.master_pid}
+        finally:
+            for h in hosts:
+                await h.close()
+    assert _wait_gone(_ssh_hops(), within=5) == []
+
+
+async def test_a_jump_host_that_runs_no_session_for_us_still_carries_tunnels(
+    pair: tuple[SSHServer, SSHServer, SSHServer], sshd_factory: Callable[..., SSHServer]
+) -> None:
+    """A bastion whose sshd forces a command that exits at once ends the master's session,
+    and with it the master: the tunnels then log in with an ``ssh -W`` each."""
+    _, a, _ = pair
+    jump = sshd_factory(address="127.0.0.85", extra_config="ForceCommand /bin/false\n")
+    async with jump.host() as j:
+        j.hop = "openssh"
+        hosts = [a.host(jump=j) for _ in range(3)]
+        try:
+            for h in hosts:
+                assert (await h.scmd("echo", "up")).strip() == "up"
+            hop = j._conn._hop
+            assert isinstance(hop, _jumphop.OpenSSHHop)
+            assert len(_ssh_hops()) == len(hosts)
+        finally:
+            for h in hosts:
+                await h.close()
+    assert _wait_gone(_ssh_hops(), within=5) == []
+    assert _connection_owners(jump) == set()
 
 
 async def test_the_in_process_tunnel(pair: tuple[SSHServer, SSHServer, SSHServer]) -> None:
