@@ -251,8 +251,9 @@ class HopTunnel:
 # -- the outer hop in OpenSSH's client ------------------------------------------------
 
 _STARTUPS = 8
-"""Tunnels whose ``ssh`` may be connecting to one jump host at once: sshd drops new
-connections at random beyond ``MaxStartups`` (10 by default) unauthenticated ones."""
+"""Tunnels whose ``ssh`` may be starting at once: without the master each logs in, and
+sshd drops new connections at random beyond ``MaxStartups`` (10 by default)
+unauthenticated ones."""
 _ALIAS = "asyncstage-jump-host"  # the name the temporary known_hosts holds the key under
 
 

@@ -318,7 +318,9 @@ async def main() -> None:
     await target.scmd("true")
     hop = jump._conn._hop
     pids = hop.pids if hasattr(hop, "pids") else [hop.pid]
-    print(getattr(hop, "_dir", None) or "-", *pids, flush=True)
+    master = getattr(hop, "_master", None)
+    shared = [master._dir, master.pid] if master is not None else ["-", "-"]
+    print(getattr(hop, "_dir", None) or "-", *shared, *pids, flush=True)
     await anyio.sleep(60)
 
 anyio.run(main)
@@ -341,19 +343,23 @@ async def test_the_child_ends_when_its_parent_is_killed(
                 line += chunk
                 if line.endswith(b"\n"):
                     break
-        directory, *pids = line.decode().split()
+        directory, master_dir, master, *pids = line.decode().split()
         hops = [int(p) for p in pids]
         assert len(hops) == 1
         assert all(_running(p) for p in hops)
         assert set(hops) <= set(_CHILDREN[mode](controller.pid))
+        if mode == "openssh":  # the tunnel's ssh -W is a client of the hop's master
+            hops.append(int(master))
+            assert _running(hops[-1]) and hops[-1] in descendants(controller.pid)
         controller.send_signal(signal.SIGKILL)
         await controller.wait()
     assert _wait_gone(hops) == []
     if mode == "openssh":
-        # the known_hosts directory of a controller that died is swept by the next one
+        # the directories of a controller that died are swept by the next one
         monkeypatch.setattr(_openssh_stream, "_swept", False)
-        assert directory in _openssh_stream.sweep_dead_masters()
-        assert not _exists(directory)
+        swept = _openssh_stream.sweep_dead_masters()
+        assert directory in swept and master_dir in swept
+        assert not _exists(directory) and not _exists(master_dir)
 
 
 @pytest.mark.parametrize("mode", ["python", "openssh"])
