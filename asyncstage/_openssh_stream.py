@@ -30,7 +30,15 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-__all__ = ["Master", "Outcome", "openssh", "remote_line", "run", "sweep_dead_masters"]
+__all__ = [
+    "Master",
+    "Outcome",
+    "openssh",
+    "private_dir",
+    "remote_line",
+    "run",
+    "sweep_dead_masters",
+]
 
 _EXIT_MARKER = b"asyncstage-exit:"
 _EXIT_LINE = re.compile(rb"asyncstage-exit:(\d+)\n")
@@ -197,6 +205,14 @@ def sweep_dead_masters() -> list[str]:
     return removed
 
 
+def private_dir() -> str:
+    """A new directory of this process's own (mode 0700) for an ``ssh`` child's files
+    (a master's socket, a jump hop's known_hosts), named with this process's pid so that
+    :func:`sweep_dead_masters` removes it once this process is gone without removing it."""
+    sweep_dead_masters()
+    return tempfile.mkdtemp(prefix=f"{_MASTER_DIR}{os.getpid()}-")
+
+
 class Master:
     """One OpenSSH ``ControlMaster`` per host: the file streams' ``ssh`` children
     multiplex over its connection instead of each opening its own (about 0.2 s of key
@@ -216,6 +232,12 @@ class Master:
         self._lock = anyio.Lock()
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The master's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _path(self) -> str:
         assert self._dir is not None
@@ -239,8 +261,7 @@ class Master:
             return ["-o", "ControlMaster=no", "-o", f"ControlPath={self._path()}"]
 
     async def _start(self, argv: Callable[[list[str], str], list[str]], timeout: float) -> None:
-        sweep_dead_masters()
-        self._dir = tempfile.mkdtemp(prefix=f"{_MASTER_DIR}{os.getpid()}-")
+        self._dir = private_dir()
         options = ["-o", "ControlMaster=yes", "-o", f"ControlPath={self._path()}"]
         options += ["-o", "ControlPersist=no"]
         try:

@@ -14,9 +14,13 @@ rounds' ratios with the lowest and highest round beside it:
 
 - warm command latency: ``server.scmd("true")`` over the open connection, blocks of
   samples on each cloud's server in turn (target: vpc no more than 10 % slower); and
-  through the bastion both ways, the hop in this process (``jump``, the default) and in
-  its child process (``jump-child``: a second private server whose jump host is an
-  ``SSHHost`` of the bastion with ``hop_process = True``), reported;
+  through the bastion each way, the hop in this process (``jump``, ``hop =
+  "in-process"``), in a Python child process (``jump-child``: a second private server
+  whose jump host is an ``SSHHost`` of the bastion with ``hop = "python"``) and in
+  OpenSSH's ``ssh -W`` children (``jump-openssh``: a third, ``hop = "openssh"``, the
+  default where ``ssh`` is installed), reported; and a new connection's first command
+  on each of them and direct, in turn (through the bastion its own connection already
+  open), reported;
 - streaming: ``scmd_read`` (the remote ``head -c SIZE /dev/zero``) and ``scmd_write``
   (into the remote ``cat > /dev/null``) in 1 MiB pieces, MB/s vpc / loopback
   (target >= 0.9x);
@@ -25,13 +29,14 @@ rounds' ratios with the lowest and highest round beside it:
   reached through a bastion with one (``Manager(jump_host=...)``: its connection is
   carried inside the bastion's, a ``direct-tcpip`` channel); the same streams against a
   server with a public address reached directly (target >= 0.8x). Through the bastion
-  every byte is encrypted twice: for the server and again for the bastion. Both hop
-  modes stream in the same rounds, each judged against direct: the default, the hop in
-  this process (``jump``: both encryptions on this process's core), and the opt-in
-  child (``jump-child``, asyncstage/_jumphop.py, ``hop_process = True``: the bastion's
-  connection in a child process that carries the inner one as a channel's data). The
-  child's streams are as long and as many as the others' (a round takes a few seconds
-  more); OpenSSH is compared with the default only;
+  every byte is encrypted twice: for the server and again for the bastion. The three
+  hop modes stream in the same rounds, each judged against direct: the hop in this
+  process (``jump``: both encryptions on this process's core), the Python child
+  (``jump-child``, asyncstage/_jumphop.py: the bastion's connection in a child process
+  that carries the inner one as a channel's data) and OpenSSH's ``ssh -W`` for each
+  connection (``jump-openssh``, the same module: the bastion's layer in C). Their
+  streams are as long and as many as the others'; OpenSSH's own client is compared with
+  the hop in this process only;
 - the same jump with OpenSSH's own client, in the same rounds: ``ssh`` through the
   bastion (``ProxyCommand=ssh -W %h:%p bastion``, which is what ``ssh -J`` runs, here
   with the library's key and known_hosts for the bastion hop) against ``ssh`` direct, the
@@ -40,8 +45,9 @@ rounds' ratios with the lowest and highest round beside it:
   CPU per GiB is that of the ``ssh`` processes. What double encryption costs any client;
 - what bounds the jump's ratio on this machine: in the same rounds, the CPU seconds per
   GiB of every process that carries each stream: this one (or OpenSSH's ``ssh``
-  processes), the server's sshd and, through the bastion, the bastion's sshd and (for
-  ``jump-child``) the hop's child (every process of each instance: sshd, its sessions, the command).
+  processes), the server's sshd and, through the bastion, the bastion's sshd and the
+  hop's child (``jump-child``) or its ``ssh -W`` (``jump-openssh``; every process of
+  each instance: sshd, its sessions, the command).
   Each runs on one core at most and all of them share this machine's cores, which caps
   each side's rate and so the ratio; on EC2 the bastion and the server are machines of
   their own, and what this process and the hop's child allow, each on a core of its
@@ -98,7 +104,7 @@ from bench_streaming import _openssh, _read, _write
 
 from asyncstage import Manager, Server, _jumphop, _sshwire
 from asyncstage.localcloud import LocalCloud, Realism
-from asyncstage.ssh import SSHHost
+from asyncstage.ssh import HopMode, SSHHost
 
 BASTION = "netbench-bastion"
 PRIVATE = "netbench-private"
@@ -156,7 +162,10 @@ class _Beside:
         got: dict[str, float] = {}
         if side in self._hops and hop:
             child = self._hops[side]._conn._hop
-            if child is not None:
+            if isinstance(child, _jumphop.OpenSSHHop):
+                carriers = [*child.pids, *([child.master_pid] if child.master_pid else [])]
+                got["ssh-w"] = sum(_pid_cpu(pid) for pid in carriers)
+            elif child is not None:
                 got["hop"] = _pid_cpu(child.pid)
         if side in self._jumped and self._bastion is not None:
             got["bastion"] = descendants_cpu(self._bastion)
@@ -193,6 +202,23 @@ async def _latency(
             samples[side] += block
             block_medians[side].append(statistics.median(block))
     return samples, block_medians
+
+
+async def _connects(servers: dict[str, Server], rounds: int) -> dict[str, list[float]]:
+    """Seconds from a new connection to each server to its first command's end, the
+    sides in turn: a host of its own, through the same jump host (whose own connection,
+    and the Python hop's child, are open already; the OpenSSH hop starts an ``ssh -W``
+    for each connection, a client of its master connection to the jump host)."""
+    found: dict[str, list[float]] = {k: [] for k in servers}
+    for r in range(rounds):
+        for side in _in_turn(r, list(servers)):
+            server = servers[side]
+            host = _copy(server.host, f"{side} connecting", server.host.jump)
+            started = time.perf_counter()
+            await host.run("true")
+            found[side].append(time.perf_counter() - started)
+            await host.close()
+    return found
 
 
 class _SshCPU:
@@ -290,13 +316,13 @@ async def _streams(
     gib = size / (1 << 30)
     for r in range(rounds):
         for name in _in_turn(r, list(runs)):
-            side, hop = name.split(" ")[-1], "openssh" not in name
-            before = beside.usage(side, hop)  # read outside the client's CPU below
+            side, theirs = name.split(" ")[-1], name.split(" ")[1] == "openssh"
+            before = beside.usage(side, not theirs)  # read outside the client's CPU below
             c, kids = process_cpu(), ssh_cpu.usage()
             with MachineCPU() as machine:
                 seconds = await runs[name]()
-            spent = ssh_cpu.usage() - kids if "openssh" in name else process_cpu() - c
-            for who, used in beside.usage(side, hop).items():
+            spent = ssh_cpu.usage() - kids if theirs else process_cpu() - c
+            for who, used in beside.usage(side, not theirs).items():
                 if who in before:
                     others.setdefault(name, {}).setdefault(who, []).append(
                         (used - before[who]) / gib
@@ -370,17 +396,31 @@ async def main() -> None:
             vpc_m.provision_server(BASTION),
             loop_m.provision_server("netbench-loopback"),
         )
-        private = await _private_server(vpc_m, PRIVATE)  # the default hop, in this process
+        bastion.host.hop = "in-process"  # the "jump" side: the hop in this process
+        private = await _private_server(vpc_m, PRIVATE)
         if "PublicIpAddress" in private.instance or private.jump_host != BASTION:
             raise RuntimeError(f"{PRIVATE} is not reached through {BASTION}")
         child_hop = _child_hop(bastion)
         other = await _private_server(vpc_m, f"{PRIVATE}-2")
         other.jump_host = child_hop
-        by_side = {"vpc": direct, "loopback": looped, "jump": private, "jump-child": other}
+        ssh_hop = _copy(bastion.host, "hop in ssh -W", hop="openssh")
+        third = await _private_server(vpc_m, f"{PRIVATE}-3")
+        third.jump_host = ssh_hop
+        by_side = {
+            "vpc": direct,
+            "loopback": looped,
+            "jump": private,
+            "jump-child": other,
+            "jump-openssh": third,
+        }
         for server in by_side.values():
             await server.scmd("true")  # warm: connection open, host key pinned
             await _read(server, min(size, 16 * MiB))
-        if bastion.host._conn._hop is not None or child_hop._conn._hop is None:
+        if (
+            bastion.host._conn._hop is not None
+            or not isinstance(child_hop._conn._hop, _jumphop.Hop)
+            or not isinstance(ssh_hop._conn._hop, _jumphop.OpenSSHHop)
+        ):
             raise RuntimeError("the jump sides do not use the hop they are named for")
         report.params["addresses"] = {k: s.host.address for k, s in by_side.items()}
         report.params["jump_host_address"] = bastion.host.address
@@ -388,19 +428,36 @@ async def main() -> None:
         cipher = _negotiated(private)
         report.params["cipher"] = {"jump": cipher, "vpc": _negotiated(direct)}
         samples, blocks_med = await _latency(by_side, blocks, per_block)
+        connects = await _connects(
+            {k: s for k, s in by_side.items() if k != "loopback"}, 2 if quick else 10
+        )
         report.mark_load("after_latency")
         pair = {"vpc": direct, "jump": private}
-        jumped = {"vpc": direct, "jump": private, "jump-child": other}
-        beside = _Beside(vpc[0], bastion, jumped, {"jump-child": child_hop})
+        jumped = {"vpc": direct, "jump": private, "jump-child": other, "jump-openssh": third}
+        hops = {"jump-child": child_hop, "jump-openssh": ssh_hop}
+        beside = _Beside(vpc[0], bastion, jumped, hops)
         with _SshCPU() as ssh_cpu:
             rates, cpu, busy, others = await _streams(
                 by_side, size, rounds, pair, cipher, ssh_cpu, beside
             )
         await child_hop.close()
+        await ssh_hop.close()
         report.mark_load("after_streams")
         boots = await _boots({"vpc": vpc, "loopback": loop}, boot_rounds)
         report.mark_load("after_boots")
     _report(report, size, samples, blocks_med, rates, cpu, busy, others, boots)
+    report.table(
+        "A new connection's first command, scmd('true') (sides in turn)",
+        ["server", "median ms", "lowest ms", "highest ms", "n"],
+        [
+            [k, ms(statistics.median(v)), ms(min(v)), ms(max(v)), len(v)]
+            for k, v in connects.items()
+        ],
+    )
+    report.results["connect_s"] = {k: [round(x, 4) for x in v] for k, v in connects.items()}
+    report.results["connect_median_s"] = {
+        k: round(statistics.median(v), 4) for k, v in connects.items()
+    }
     report.save()
 
 
@@ -497,7 +554,12 @@ def _unchanged(conn: object) -> None:
 
 
 def _copy(
-    host: SSHHost, side: str, jump: SSHHost | None = None, *, hop_process: bool = False
+    host: SSHHost,
+    side: str,
+    jump: SSHHost | None = None,
+    *,
+    hop_process: bool = False,
+    hop: HopMode | None = None,
 ) -> SSHHost:
     """A host of its own for ``host`` (a connection of its own), its host key pinned."""
     copy = SSHHost(
@@ -510,7 +572,9 @@ def _copy(
         label=f"{host.label} ({side})",
         jump=jump,
     )
-    copy.hop_process = hop_process
+    copy.hop_process = hop_process  # False: the hop in this process
+    if hop is not None:
+        copy.hop = hop
     return copy
 
 
@@ -704,6 +768,7 @@ def _report(
     )
     for key, (top, bottom) in {
         "latency_jump_child_vs_in_process": ("jump-child", "jump"),
+        "latency_jump_openssh_vs_in_process": ("jump-openssh", "jump"),
         "latency_jump_vs_direct": ("jump", "vpc"),
     }.items():
         value, spread = _paired(blocks_med[top], blocks_med[bottom])
@@ -780,6 +845,7 @@ def _targets(
 _WHO = {
     "client": "this process",
     "hop": "the hop's child process",
+    "ssh-w": "the hop's ssh -W",
     "ssh": "ssh",
     "bastion": "the bastion's sshd",
     "server": "the server's sshd",
@@ -788,9 +854,12 @@ _WHO = {
 
 # The two hop modes streamed through the bastion: side, target suffix, how the rows name it.
 _HOPS = {
-    "jump": ("jump", "its hop in this process, the default"),
-    "jump-child": ("jump_child", "its hop in a child process, hop_process = True"),
+    "jump": ("jump", 'its hop in this process, hop = "in-process"'),
+    "jump-child": ("jump_child", 'its hop in a Python child process, hop = "python"'),
+    "jump-openssh": ("jump_openssh", 'its hop in OpenSSH\'s ssh -W, hop = "openssh"'),
 }
+# The process beside this one that encrypts the bastion's layer, per hop mode.
+_HOP_PROCESS = {"jump-child": "hop", "jump-openssh": "ssh-w"}
 
 
 def _jump_targets(
@@ -806,7 +875,7 @@ def _jump_targets(
     cores = os.cpu_count() or 1
     for side, direction in itertools.product(_HOPS, ("read", "write")):
         suffix, mode = _HOPS[side]
-        child = side == "jump-child"
+        child = _HOP_PROCESS.get(side)  # the hop's process beside this one, if any
         jump, direct = f"{direction} {side}", f"{direction} vpc"
         value, spread = _paired(rates[jump], rates[direct])
         path = {"client": cpu_gib[jump], **beside.get(jump, {})}
@@ -816,12 +885,12 @@ def _jump_targets(
         # On EC2 the bastion and the server are machines of their own: this process's (and
         # the hop's child's) CPU per byte, each on a core of its own, is what is left on the
         # controller's.
-        ours_most = max(cpu_gib[jump], beside.get(jump, {}).get("hop", 0.0))
+        ours_most = max(cpu_gib[jump], beside.get(jump, {}).get(child or "", 0.0))
         alone = ratio(cpu_gib[direct], ours_most)
-        controller = "this process and the hop's child" if child else "this process"
+        controller = f"this process and {_WHO[child]}" if child else "this process"
         own = "each on a core of its own" if child else "on a core of its own"
         twice = (
-            "for the server here and again for the bastion in the child"
+            f"for the server here and again for the bastion in {_WHO[child]}"
             if child
             else "for the server and again for the bastion, both in this process"
         )
@@ -838,12 +907,12 @@ def _jump_targets(
             f"direct (every byte encrypted {twice}), at most {alone}×"
         )
         evidence += _before_after_evidence(report.results_dir, [jump, direct])
-        if not child:
+        if side == "jump":
             evidence += _openssh_evidence(report, direction, rates, mb_s, cpu_gib, beside, cores)
         limit = 0.8
         if value >= limit or here >= limit:
             bound = "library"
-        elif alone < limit and tight in (_tightest("client"), _tightest("hop")):
+        elif alone < limit and tight in (_tightest("client"), _tightest(child or "client")):
             # One of our processes' one core is the cap, here as on EC2: the hop's design,
             # not this machine's cores or the sshd beside it.
             bound = (
@@ -853,7 +922,7 @@ def _jump_targets(
                 "own (EC2) alike"
             )
         else:
-            carriers = "this one, the hop's child," if child else "this one,"
+            carriers = f"this one, {_WHO[child]}," if child else "this one,"
             bound = (
                 f"machine: the processes carrying the stream ({carriers} the bastion's and "
                 f"the server's sshd) on these {cores} cores allow at most {here}× ({tight} "
@@ -910,7 +979,7 @@ def _openssh_evidence(
 
 def _ours(cpu_s_per_gib: dict[str, float]) -> dict[str, float]:
     """The controller's processes among those carrying a stream."""
-    return {who: v for who, v in cpu_s_per_gib.items() if who in ("client", "hop")}
+    return {who: v for who, v in cpu_s_per_gib.items() if who in ("client", *_HOP_PROCESS.values())}
 
 
 def _cap(

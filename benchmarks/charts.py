@@ -452,8 +452,9 @@ def _not_run(plt: Any, path: Path, title: str) -> Path:
 NETWORK_SIDES = {
     "loopback": ("loopback", OTHER),
     "vpc": ("vpc (namespaces)", OURS),
-    "jump": ("vpc via\njump host", "#2ca02c"),
+    "jump": ("jump host,\nin this process", "#2ca02c"),
     "jump-child": ("jump host,\nhop in a child", "#98df8a"),
+    "jump-openssh": ("jump host,\nhop in ssh -W", "#17becf"),
 }
 
 

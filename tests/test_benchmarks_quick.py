@@ -48,7 +48,7 @@ def test_network(results: Path) -> None:
     addresses = data["params"]["addresses"]
     assert addresses["loopback"].startswith("127.")
     assert not addresses["vpc"].startswith("127.")  # a public address inside the cloud's range
-    for side in ("vpc", "loopback", "jump", "jump-child"):
+    for side in ("vpc", "loopback", "jump", "jump-child", "jump-openssh"):
         assert r["latency"][side]["n"] >= 1 and positive(r["latency"][side]["median"])
         for direction in ("read", "write"):
             assert positive(r["mb_per_s_median"][f"{direction} {side}"])
@@ -67,6 +67,8 @@ def test_network(results: Path) -> None:
         "scmd_write_jump_vs_direct",
         "scmd_read_jump_child_vs_direct",
         "scmd_write_jump_child_vs_direct",
+        "scmd_read_jump_openssh_vs_direct",
+        "scmd_write_jump_openssh_vs_direct",
     }
 
 

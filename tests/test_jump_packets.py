@@ -1,4 +1,4 @@
-"""Through a jump host's connection in this process (``hop_process``, the default), the
+"""Through a jump host's connection in this process (``SSHHost.hop = "in-process"``), the
 tunnelled connection's packets travel in whole packets of the jump host's
 ``direct-tcpip`` channel (asyncstage/_sshwire.py), on real sshd
 processes on 127.0.0.x: the data arrives intact and in order, and the channel carries
@@ -50,6 +50,7 @@ async def test_writes_through_a_jump_host_fill_its_channel_packets(
     pieces = 8
     written = tmp_path / "written"
     async with jump.host() as j, target.host(jump=j) as host:
+        j.hop = "in-process"
         await host.scmd("true")  # connected: only the stream's packets are counted
         monkeypatch.setattr(SSHTCPChannel, "send_packet", counting)
         async with host.scmd_write(f"cat > {written}", encoding=None) as w:
@@ -86,6 +87,7 @@ async def test_a_stream_re_arms_the_keepalive_about_once_a_second(
 
     size = 32 * MiB
     async with jump.host() as j, target.host(jump=j) as host:
+        j.hop = "in-process"
         await host.scmd("true")
         monkeypatch.setattr(SSHClientConnection, "_set_keepalive_timer", arming)
         monkeypatch.setattr(SSHClientConnection, "data_received", feeding)

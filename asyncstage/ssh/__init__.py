@@ -30,7 +30,7 @@ and output), :mod:`~asyncstage.ssh.known_hosts` (host keys),
 """
 
 from asyncstage.shell import Command, command_line, quote
-from asyncstage.ssh.host import SSHHost
+from asyncstage.ssh.host import HopMode, SSHHost
 from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts
 from asyncstage.ssh.sinks import CommandResult
 from asyncstage.ssh.streams import CommandReader, CommandWriter
@@ -40,6 +40,7 @@ __all__ = [
     "CommandReader",
     "CommandResult",
     "CommandWriter",
+    "HopMode",
     "HostKeyPolicy",
     "KnownHosts",
     "SSHHost",

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, Literal, cast, get_args, overload
 
 import anyio
 import asyncssh
@@ -26,7 +26,10 @@ from asyncstage.ssh.openssh import FileStreams, openssh_options, terminal_emulat
 from asyncstage.ssh.sinks import FILE_CHUNK, CommandResult, CountingFile, Sink
 from asyncstage.ssh.streams import CommandReader, CommandWriter
 
-__all__ = ["SSHHost"]
+__all__ = ["HopMode", "SSHHost"]
+
+HopMode = Literal["auto", "openssh", "python", "in-process"]
+"""How a jump host carries the connections to the hosts behind it (:attr:`SSHHost.hop`)."""
 
 # Smaller files go to scmd_from_file's command over asyncssh: an ssh child costs more
 # per call than a channel of the open connection, won back by its faster copy only for
@@ -92,17 +95,46 @@ class SSHHost:
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.keepalive_interval = keepalive_interval
-        self.hop_process = False
-        """As a jump host: carry the connections to the hosts behind it from a child
-        process of its own (its connection to this host, our key, only the host key this
-        process verified), so that their two layers of encryption run on two cores.
-        False (the default): as channels of this process's own connection, one core for
-        both layers but no extra hop for each packet (:meth:`carrier`; the figures are
-        in benchmarks/results/summary.md)."""
+        self._hop: HopMode = "auto"
         self._jump: SSHHost | None = None
         self.jump = jump
         self._conn = Connection(self)
         self._files = FileStreams(self, self._conn)
+
+    @property
+    def hop(self) -> HopMode:
+        """As a jump host, how the connections to the hosts behind it are carried (the
+        outer of their two layers of encryption, :meth:`carrier`):
+
+        * ``"openssh"``: each by an OpenSSH ``ssh -W`` child (what ``ssh -J`` runs) with
+          our key files, no ssh config or agent, and only the host key this process
+          verified; the outer layer is encrypted in C on a core of its own;
+        * ``"python"``: all by one Python child process of this host's own (asyncssh,
+          the same key, ciphers and host key);
+        * ``"in-process"``: as channels of this process's own connection, both layers
+          on its one core;
+        * ``"auto"`` (the default): ``"openssh"`` when ``ssh`` is on PATH and this host
+          has a key file, else ``"in-process"``.
+
+        A jump host reached through a jump host of its own carries them in this
+        process. The figures are in benchmarks/results/summary.md."""
+        return self._hop
+
+    @hop.setter
+    def hop(self, mode: HopMode) -> None:
+        if mode not in get_args(HopMode):
+            raise InvalidArgument(f"hop: one of {', '.join(get_args(HopMode))}, not {mode!r}")
+        self._hop = mode
+
+    @property
+    def hop_process(self) -> bool:
+        """``hop == "python"``: the hosts behind this one are carried by a Python child
+        process of its own. Setting True selects it; False, the hop in this process."""
+        return self.hop == "python"
+
+    @hop_process.setter
+    def hop_process(self, value: bool) -> None:
+        self.hop = "python" if value else "in-process"
 
     @property
     def jump(self) -> SSHHost | None:
@@ -130,7 +162,7 @@ class SSHHost:
 
     async def carrier(self) -> Any:
         """asyncssh's ``tunnel`` carrying a connection to a host behind this one (see
-        :attr:`hop_process`)."""
+        :attr:`hop`)."""
         return await self._conn.carrier()
 
     def __repr__(self) -> str:
