@@ -90,6 +90,15 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+# Lazily unmounts, in the shell's mount namespace, each mount whose source is a loop
+# device (mountinfo: the mount point is field 5, the source follows the "-" separator).
+_DROP_LOOP_MOUNTS = (
+    'awk \'{for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 2) ~ /^\\/dev\\/loop/)'
+    " print $5; break }}' /proc/self/mountinfo"
+    ' | while read -r m; do umount -l "$m" 2>/dev/null; done'
+)
+
+
 class ClientKey:
     """An ed25519 client key pair, 0600 in a 0700 directory."""
 
@@ -186,9 +195,11 @@ class SSHServer:
         argv = [SSHD, "-D", "-e", "-f", str(self.config)]
         if self.clean_login:
             # A private mount namespace where root's .bashrc is empty; `exec` keeps the pid.
-            script = f"mount --bind {self.dir / 'empty'} /root/.bashrc 2>/dev/null; " + shlex.join(
-                ["exec", *argv]
-            )
+            # Its copy of the machine's mounts lets go of every loop-backed one first: a
+            # copy lives as long as this sshd and would keep a local cloud's image store
+            # (or any test's loop mount) busy after the machine's own is unmounted.
+            bashrc = f"mount --bind {self.dir / 'empty'} /root/.bashrc 2>/dev/null"
+            script = f"{_DROP_LOOP_MOUNTS}; {bashrc}; " + shlex.join(["exec", *argv])
             argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(

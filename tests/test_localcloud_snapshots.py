@@ -245,7 +245,10 @@ async def test_a_snapshot_is_the_volume_at_the_instant_of_the_call(
             await sh(conn, "sudo -n touch /data/after && sync /data")
             after = int(await sh(conn, count))
         finally:
-            await sh(conn, f"kill {pid}")
+            # the writer's whole session (a sync or mv it started may outlive the shell),
+            # waited for: its files on /data keep it busy, and it is unmounted next
+            gone = f"kill -- -{pid}; n=0; while kill -0 -- -{pid} 2>/dev/null && [ $n -lt 200 ]"
+            await sh(conn, f"{gone}; do n=$((n+1)); sleep 0.05; done")
         await wait_snapshot(ec2, snap, within=120)
         await _unmounted(ec2, conn, vol)
     async with restored(ec2, key, reader, snap) as rconn:
