@@ -161,7 +161,7 @@ class _Beside:
         hop's child), by who; nothing for a side of another cloud."""
         got: dict[str, float] = {}
         if side in self._hops and hop:
-            child = self._hops[side]._conn._hop
+            child = self._hops[side]._conn.hops.hop
             if isinstance(child, _jumphop.OpenSSHHop):
                 carriers = [*child.pids, *([child.master_pid] if child.master_pid else [])]
                 got["ssh-w"] = sum(_pid_cpu(pid) for pid in carriers)
@@ -417,9 +417,9 @@ async def main() -> None:
             await server.scmd("true")  # warm: connection open, host key pinned
             await _read(server, min(size, 16 * MiB))
         if (
-            bastion.host._conn._hop is not None
-            or not isinstance(child_hop._conn._hop, _jumphop.Hop)
-            or not isinstance(ssh_hop._conn._hop, _jumphop.OpenSSHHop)
+            bastion.host._conn.hops.hop is not None
+            or not isinstance(child_hop._conn.hops.hop, _jumphop.Hop)
+            or not isinstance(ssh_hop._conn.hops.hop, _jumphop.OpenSSHHop)
         ):
             raise RuntimeError("the jump sides do not use the hop they are named for")
         report.params["addresses"] = {k: s.host.address for k, s in by_side.items()}
@@ -591,7 +591,7 @@ async def _ab_streams(
             direction, side = name.split(" ", 1)
             host = hosts[side]
             kind = side.split(" ")[0]
-            hop = host.jump._conn._hop if host.jump is not None else None
+            hop = host.jump._conn.hops.hop if host.jump is not None else None
 
             def used(hop: Any = hop, kind: str = kind) -> dict[str, float]:
                 got = {"client": process_cpu()}

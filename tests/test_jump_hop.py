@@ -165,7 +165,7 @@ async def test_the_openssh_hop_carries_each_tunnel_over_one_master(
         assert (await hb.scmd("echo", "b")).strip() == "b"
         children = _ssh_hops()
         assert len(children) == 2, children
-        hop = j._conn._hop
+        hop = j._conn.hops.hop
         assert isinstance(hop, _jumphop.OpenSSHHop) and hop._dir is not None
         master = hop.master_pid
         assert master is not None and master not in children
@@ -236,7 +236,7 @@ async def test_many_tunnels_at_once_are_one_login_to_the_jump_host(
                 for h in hosts:
                     tg.start_soon(run, h)
             assert said == ["up"] * len(hosts)
-            hop = j._conn._hop
+            hop = j._conn.hops.hop
             assert isinstance(hop, _jumphop.OpenSSHHop) and hop.master_pid is not None
             assert len(_ssh_hops()) == len(hosts)
             assert _connection_owners(jump) == {os.getpid(), hop.master_pid}
@@ -259,7 +259,7 @@ async def test_a_jump_host_that_runs_no_session_for_us_still_carries_tunnels(
         try:
             for h in hosts:
                 assert (await h.scmd("echo", "up")).strip() == "up"
-            hop = j._conn._hop
+            hop = j._conn.hops.hop
             assert isinstance(hop, _jumphop.OpenSSHHop)
             assert len(_ssh_hops()) == len(hosts)
         finally:
@@ -285,24 +285,24 @@ async def test_how_a_hop_is_chosen(
     jump, a, _ = pair
     j = jump.host()
     assert j.hop == "auto" and j.hop_process is False
-    assert j._conn.hop_mode() == "openssh"  # ssh is installed here
+    assert j._conn.hops.mode() == "openssh"  # ssh is installed here
     j.hop_process = True  # the old switch keeps its meaning: the Python child
-    assert j.hop == "python" and j._conn.hop_mode() == "python"
+    assert j.hop == "python" and j._conn.hops.mode() == "python"
     j.hop_process = False
-    assert j.hop == "in-process" and j._conn.hop_mode() == "in-process"
+    assert j.hop == "in-process" and j._conn.hops.mode() == "in-process"
     with pytest.raises(InvalidArgument):
         j.hop = "ssh"  # type: ignore[assignment]
     j.hop = "auto"
-    assert jump.host(client_keys=[])._conn.hop_mode() == "in-process"  # no key file of ours
+    assert jump.host(client_keys=[])._conn.hops.mode() == "in-process"  # no key file of ours
     # a jump host reached through another one carries its tunnels itself
-    assert a.host(jump=j)._conn.hop_mode() == "in-process"
+    assert a.host(jump=j)._conn.hops.mode() == "in-process"
     # where the kernel refuses this process its children's sockets, the hop's commands
     # would wait for delayed acknowledgements: the default stays in this process
     monkeypatch.setattr(_jumphop, "_acknowledging", False)
-    assert j._conn.hop_mode() == "in-process"
+    assert j._conn.hops.mode() == "in-process"
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(_jumphop, "_acknowledging", True)
-    assert j._conn.hop_mode() == "in-process"  # no ssh on PATH
+    assert j._conn.hops.mode() == "in-process"  # no ssh on PATH
 
 
 _CONTROLLER = """
@@ -317,7 +317,7 @@ async def main() -> None:
     target = SSHHost(sys.argv[6], port=int(sys.argv[7]), username="root",
                      client_keys=[sys.argv[4]], known_hosts=sys.argv[8], jump=jump)
     await target.scmd("true")
-    hop = jump._conn._hop
+    hop = jump._conn.hops.hop
     pids = hop.pids if hasattr(hop, "pids") else [hop.pid]
     master = getattr(hop, "_master", None)
     shared = [master._dir, master.pid] if master is not None else ["-", "-"]

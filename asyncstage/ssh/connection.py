@@ -20,7 +20,7 @@ import anyio
 import anyio.lowlevel
 import asyncssh
 
-from asyncstage import _jumphop, _openssh_stream, _sshwire, shell
+from asyncstage import _jumphop, _sshwire, shell
 from asyncstage.errors import (
     CommandFailed,
     CommandTimeout,
@@ -32,7 +32,8 @@ from asyncstage.errors import (
     SSHError,
 )
 from asyncstage.ssh._stamps import StampCache
-from asyncstage.ssh.ciphers import encryption_algs, openssh_preferences
+from asyncstage.ssh.carrier import Carrier, hop_failure
+from asyncstage.ssh.ciphers import encryption_algs
 from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts, fingerprints, openssh_key
 from asyncstage.ssh.sinks import WRAPPER, CommandResult, Sink
 
@@ -340,17 +341,6 @@ async def wait_gone(proc: asyncssh.SSHClientProcess[Any]) -> None:
         tg.cancel_scope.cancel()
 
 
-def _hop_failure(e: _jumphop.HopUnavailable, label: str) -> SSHError:
-    """The error of a jump hop's child that could not connect to the jump host ``label``."""
-    if e.kind == "HostKeyNotVerifiable":
-        return HostKeyMismatch(
-            f"the hop process was shown another host key: {e.reason}", host=label
-        )
-    if e.kind == "TimeoutError":
-        return ServerUnreachable(f"the hop process had no ssh answer: {e.reason}", host=label)
-    return ConnectError(f"the hop process could not connect: {e.reason}", host=label)
-
-
 class Connection:
     """The shared connection to ``target`` (opened again when it dropped) and the
     channels, process groups and error mapping of the commands run over it."""
@@ -361,8 +351,8 @@ class Connection:
         self._connect_lock: anyio.Lock | None = None
         self.pinged = False
         """A :meth:`SSHHost.ping` succeeded over the current connection."""
-        self._hop: _jumphop.Hop | _jumphop.OpenSSHHop | None = None
-        self._hop_lock: anyio.Lock | None = None
+        self.hops = Carrier(target)
+        """The hop carrying the hosts behind this one (this host as a jump host)."""
 
     @property
     def label(self) -> str:
@@ -432,7 +422,7 @@ class Connection:
             ) from e
         except _jumphop.HopUnavailable as e:  # a hop's ssh child, reaching the jump host
             assert t.jump is not None
-            failure = _hop_failure(e, t.jump.label)
+            failure = hop_failure(e, t.jump.label)
             failure.__cause__ = e
             raise JumpHostError(
                 f"cannot reach it through the jump host {t.jump.label}: {failure}",
@@ -467,100 +457,11 @@ class Connection:
 
     # -- carrying the hosts behind this one (this host as a jump host) -----------
 
-    def hop_mode(self) -> str:
-        """How this host carries the connections to the hosts behind it:
-        :attr:`Target.hop`, with ``"auto"`` resolved: OpenSSH's ``ssh`` when it is on
-        PATH, the host has a key file of ours and the kernel lets this process take its
-        children's sockets (:func:`asyncstage._jumphop.acknowledging`), else in this
-        process. A jump host with a jump host of its own carries them in this process."""
-        t = self.target
-        if t.jump is not None:
-            return "in-process"
-        if t.hop == "auto":
-            usable = t.client_keys and _jumphop.acknowledging() and _openssh_stream.openssh()
-            return "openssh" if usable else "in-process"
-        return t.hop
-
     async def carrier(self) -> Any:
-        """asyncssh's ``tunnel`` for a connection to a host behind this one (see
-        :meth:`hop_mode`): OpenSSH's ``ssh -W`` children or the Python hop's child
-        (:mod:`asyncstage._jumphop`), or a channel of this process's connection
-        (:class:`~asyncstage._sshwire.JumpTunnel`)."""
+        """asyncssh's ``tunnel`` for a connection to a host behind this one
+        (:class:`~asyncstage.ssh.carrier.Carrier`)."""
         link = await self.link()  # the host key checked and pinned as for any connection
-        mode = self.hop_mode()
-        if mode == "in-process":
-            _sshwire.acknowledge_at_once(link.conn)
-            return _sshwire.JumpTunnel(link.conn)
-        if self._hop_lock is None:
-            self._hop_lock = anyio.Lock()
-        async with self._hop_lock:
-            hop = self._hop
-            if (
-                hop is None
-                or not hop.alive
-                or hop.host_key != link.host_key
-                or isinstance(hop, _jumphop.OpenSSHHop) != (mode == "openssh")
-            ):
-                self._hop = None
-                if hop is not None:
-                    await hop.aclose()
-                if mode == "openssh":
-                    self._hop = hop = self._openssh_hop(link)
-                else:
-                    self._hop = hop = await self._start_hop(link)
-        if isinstance(hop, _jumphop.OpenSSHHop):
-            return _jumphop.OpenSSHTunnel(hop, self.target.connect_timeout)
-        return _jumphop.HopTunnel(hop)
-
-    def _openssh_hop(self, link: Link) -> _jumphop.OpenSSHHop:
-        """The ``ssh -W`` children's hop: our key files, no agent, only the host key just
-        verified, the same key exchange and ciphers as OpenSSH's other children."""
-        t = self.target
-        ssh = _openssh_stream.openssh()
-        if ssh is None:
-            raise ConnectError("no OpenSSH ssh on PATH for the jump hop", host=t.label)
-        keys = [str(k) for k in t.client_keys]
-
-        def options(known_hosts: str) -> list[str]:
-            found = shell.openssh_options(
-                port=t.port,
-                known_hosts=known_hosts,
-                client_keys=keys,
-                connect_timeout=t.connect_timeout,
-                keepalive_interval=t.keepalive_interval,
-                algorithms=openssh_preferences(),
-            )
-            return [*found, "-o", "IdentityAgent=none"] if keys else found
-
-        try:
-            return _jumphop.OpenSSHHop(ssh, options, t.username, t.address, t.port, link.host_key)
-        except OSError as e:
-            raise ConnectError(f"cannot set up the jump hop: {e}", host=t.label) from e
-
-    async def _start_hop(self, link: Link) -> _jumphop.Hop:
-        """The child holding the outer hop: our key, only the host key just verified,
-        the same ciphers and keepalives."""
-        t = self.target
-        settings = {
-            "address": t.address,
-            "port": t.port,
-            "username": t.username,
-            "client_keys": [str(k) for k in t.client_keys],
-            "host_keys": [link.host_key],
-            "encryption_algs": encryption_algs(),
-            "keepalive_interval": t.keepalive_interval,
-            "connect_timeout": t.connect_timeout,
-        }
-        try:
-            return await _jumphop.Hop.start(settings, t.connect_timeout)
-        except _jumphop.HopUnavailable as e:
-            raise _hop_failure(e, t.label) from e
-        except TimeoutError as e:
-            raise ServerUnreachable(
-                f"the hop process had no ssh answer within {t.connect_timeout:g}s", host=t.label
-            ) from e
-        except OSError as e:
-            raise ConnectError(f"cannot start the hop process: {e}", host=t.label) from e
+        return await self.hops.tunnel(link.conn, link.host_key)
 
     def _connect_error(self, e: BaseException) -> SSHError:
         """The error of a connection attempt that failed with ``e``."""
@@ -600,19 +501,15 @@ class Connection:
         """Forget the ping and close the connection (reopened on use)."""
         self.pinged = False
         link, self._link = self._link, None
-        hop, self._hop = self._hop, None
-        if hop is not None:
-            hop.close_now()
+        self.hops.close_now()
         if link is not None:
             link.conn.close()
 
     async def close(self) -> None:
         """Close the connection (and the hop's child) and wait a little for it to be closed."""
         link, self._link = self._link, None
-        hop, self._hop = self._hop, None
         self.pinged = False
-        if hop is not None:
-            await hop.aclose()
+        await self.hops.aclose()
         if link is not None:
             link.conn.close()
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_WAIT):

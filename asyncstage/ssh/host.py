@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, cast, get_args, overload
+from typing import Any, cast, overload
 
 import anyio
 import asyncssh
@@ -20,6 +20,7 @@ import asyncssh
 from asyncstage import _openssh_stream, shell
 from asyncstage.errors import InvalidArgument, PathError, SSHError
 from asyncstage.shell import Command
+from asyncstage.ssh.carrier import HopMode, HopSetting
 from asyncstage.ssh.connection import Connection
 from asyncstage.ssh.known_hosts import HostKeyPolicy, KnownHosts, check_policy
 from asyncstage.ssh.openssh import FileStreams, openssh_options, terminal_emulator, umask
@@ -27,9 +28,6 @@ from asyncstage.ssh.sinks import FILE_CHUNK, CommandResult, CountingFile, Sink
 from asyncstage.ssh.streams import CommandReader, CommandWriter
 
 __all__ = ["HopMode", "SSHHost"]
-
-HopMode = Literal["auto", "openssh", "python", "in-process"]
-"""How a jump host carries the connections to the hosts behind it (:attr:`SSHHost.hop`)."""
 
 # Smaller files go to scmd_from_file's command over asyncssh: an ssh child costs more
 # per call than a channel of the open connection, won back by its faster copy only for
@@ -48,6 +46,11 @@ class SSHHost:
     reached, by every command, stream and OpenSSH child (:attr:`jump`).
     Use as ``async with SSHHost(...) as host:`` or call :meth:`close`.
     """
+
+    hop = HopSetting()
+    """As a jump host, how the connections to the hosts behind it are carried:
+    ``"auto"`` (the default), ``"openssh"``, ``"python"`` or ``"in-process"``
+    (:class:`~asyncstage.ssh.carrier.HopSetting`)."""
 
     def __init__(
         self,
@@ -95,36 +98,10 @@ class SSHHost:
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.keepalive_interval = keepalive_interval
-        self._hop: HopMode = "auto"
         self._jump: SSHHost | None = None
         self.jump = jump
         self._conn = Connection(self)
         self._files = FileStreams(self, self._conn)
-
-    @property
-    def hop(self) -> HopMode:
-        """As a jump host, how the connections to the hosts behind it are carried (the
-        outer of their two layers of encryption, :meth:`carrier`):
-
-        * ``"openssh"``: each by an OpenSSH ``ssh -W`` child (what ``ssh -J`` runs) with
-          our key files, no ssh config or agent, and only the host key this process
-          verified; the outer layer is encrypted in C on a core of its own;
-        * ``"python"``: all by one Python child process of this host's own (asyncssh,
-          the same key, ciphers and host key);
-        * ``"in-process"``: as channels of this process's own connection, both layers
-          on its one core;
-        * ``"auto"`` (the default): ``"openssh"`` when ``ssh`` is on PATH and this host
-          has a key file, else ``"in-process"``.
-
-        A jump host reached through a jump host of its own carries them in this
-        process. The figures are in benchmarks/results/summary.md."""
-        return self._hop
-
-    @hop.setter
-    def hop(self, mode: HopMode) -> None:
-        if mode not in get_args(HopMode):
-            raise InvalidArgument(f"hop: one of {', '.join(get_args(HopMode))}, not {mode!r}")
-        self._hop = mode
 
     @property
     def hop_process(self) -> bool:
