@@ -42,6 +42,64 @@ def test_lookups_share_one_reading_until_the_file_changes(tmp_path: Path) -> Non
     assert first.lookup("127.0.0.8") == ["ssh-ed25519 AAAAkey8"]
 
 
+def test_a_fleets_own_writes_are_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each server of a fleet forgets any old entry of its address, has it looked up,
+    pins its key and, at termination, forgets it: the file is read once, not again
+    after each of our own writes (a fleet of N would parse up to N lines N times). A
+    write by another program is still seen, and the file holds what was written."""
+    path = tmp_path / "known_hosts"
+    parsed: list[int] = []  # lines parsed, per reading
+    real = known_hosts._Entries.parse
+
+    def counted(text: str) -> known_hosts._Entries:
+        parsed.append(len(text.splitlines()))
+        return real(text)
+
+    monkeypatch.setattr(known_hosts._Entries, "parse", staticmethod(counted))
+    kh = KnownHosts(path)
+    fleet = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(200)]
+    for n, address in enumerate(fleet):
+        kh.remove(address)
+        assert kh.lookup(address) == []
+        kh.add(address, 22, f"ssh-ed25519 AAAAkey{n}")
+        kh.add(address, 22, f"ssh-ed25519 AAAAkey{n}")  # pinned already: not written
+        assert kh.lookup(address) == [f"ssh-ed25519 AAAAkey{n}"]
+    assert parsed == [0]  # the file before the first server: none there yet
+    assert path.read_text() == "".join(f"{a} ssh-ed25519 AAAAkey{n}\n" for n, a in enumerate(fleet))
+
+    with open(path, "a") as f:  # another program's write: read again
+        f.write(f"10.9.9.* {KEY_B}\n")
+    assert kh.lookup("10.9.9.1") == [KEY_B]
+    assert parsed == [0, 201]
+    for address in fleet[1:]:
+        kh.remove(address)
+        assert kh.lookup(address) == []
+    assert parsed == [0, 201]
+    assert path.read_text() == f"{fleet[0]} ssh-ed25519 AAAAkey0\n10.9.9.* {KEY_B}\n"
+    assert kh.lookup(fleet[0]) == ["ssh-ed25519 AAAAkey0"]
+    kh._forget()  # read from the file: what the kept reading said
+    assert (kh.lookup(fleet[0]), kh.lookup(fleet[1]), kh.lookup("10.9.9.1")) == (
+        ["ssh-ed25519 AAAAkey0"],
+        [],
+        [KEY_B],
+    )
+
+
+def test_a_pin_after_a_last_line_without_its_end(tmp_path: Path) -> None:
+    """A file whose last line has no newline (edited by hand) keeps that entry whole."""
+    path = tmp_path / "known_hosts"
+    path.write_text(f"127.0.0.1 {KEY_A}")
+    kh = KnownHosts(path)
+    kh.add("127.0.0.2", 22, KEY_B)
+    assert path.read_text() == f"127.0.0.1 {KEY_A}\n127.0.0.2 {KEY_B}\n"
+    assert (kh.lookup("127.0.0.1"), kh.lookup("127.0.0.2")) == ([KEY_A], [KEY_B])
+    kh.remove("127.0.0.1")
+    assert path.read_text() == f"127.0.0.2 {KEY_B}\n"
+    assert KnownHosts(path).lookup("127.0.0.2") == [KEY_B]
+
+
 def test_a_fleets_addresses_are_forgotten_without_matching_each_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

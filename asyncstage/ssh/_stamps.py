@@ -41,6 +41,18 @@ class StampCache(Generic[T]):
         self._entries[key] = (stamps, value)
         return value
 
+    def put(self, key: object, files: Sequence[str], value: T) -> None:
+        """Keep ``value`` for ``key`` as made of ``files`` as they are now (what a write
+        of ours made of them, kept without reading them again)."""
+        if key not in self._entries and len(self._entries) >= _MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = (tuple(file_stamp(name) for name in files), value)
+
+    def stamps(self, key: object) -> tuple[tuple[int, ...] | None, ...] | None:
+        """The files' stamps when ``key``'s value was made (None: no value)."""
+        cached = self._entries.get(key)
+        return None if cached is None else cached[0]
+
     def __getitem__(self, key: object) -> T:
         """The value last made for ``key`` (KeyError when there is none)."""
         return self._entries[key][1]

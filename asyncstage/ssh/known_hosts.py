@@ -12,15 +12,14 @@ import hmac
 import os
 import re
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import ClassVar, Literal, cast
 
 import asyncssh
 
 from asyncstage.errors import InvalidArgument
-from asyncstage.ssh._stamps import StampCache
+from asyncstage.ssh._stamps import StampCache, file_stamp
 
 __all__ = ["HostKeyPolicy", "KnownHosts", "check_policy", "fingerprints", "openssh_key"]
 
@@ -76,44 +75,67 @@ def _is_literal(field: str) -> bool:
     return not field.startswith("|") and not any(c in field for c in "*?!")
 
 
-@dataclass(frozen=True)
 class _Entries:
     """A known_hosts file as read: its entries in file order, with the plain names
     indexed (a lookup is then a dict access, not a pattern match per line: a fleet's
-    connections each look their address up in a file of the whole fleet)."""
+    connections each look their address up in a file of the whole fleet).
 
-    lines: tuple[str, ...]
-    keys: tuple[tuple[str, str], ...]  # (host field, "type base64") per entry
-    by_name: dict[str, tuple[int, ...]]  # plain name (lower case) -> entry numbers
-    patterned: tuple[int, ...]  # entries with hashed names or patterns
-    line_of: tuple[int, ...]  # per entry, its line's number
+    Our own writes change it in place (:meth:`append`, :meth:`drop`) rather than have
+    the file read and parsed again: a fleet's servers each pin their key in, and at
+    termination drop it from, a file of the whole fleet."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines: list[str | None] = []  # None: a line dropped by one of our writes
+        self.keys: list[tuple[str, str]] = []  # (host field, "type base64") per entry
+        self.by_name: dict[str, list[int]] = {}  # plain name (lower case) -> entry numbers
+        self.patterned: list[int] = []  # entries with hashed names or patterns
+        self.line_of: list[int] = []  # per entry, its line's index in ``lines``
+        self.gone: set[int] = set()  # entries dropped
+        self.open_end = False  # the text read did not end its last line
+        self.size = 0  # the file's size in bytes, as read or as we wrote it
+        for line in lines:
+            self.append(line)
 
     @classmethod
     def parse(cls, text: str) -> _Entries:
-        lines = tuple(text.splitlines())
-        keys: list[tuple[str, str]] = []
-        by_name: dict[str, list[int]] = {}
-        patterned: list[int] = []
-        line_of: list[int] = []
-        for at, line in enumerate(lines):
-            fields = line.split()
-            if len(fields) < 3 or fields[0].startswith(("#", "@")):
-                continue
-            number = len(keys)
-            keys.append((fields[0], f"{fields[1]} {fields[2]}"))
-            line_of.append(at)
-            if _is_literal(fields[0]):
-                for name in fields[0].lower().split(","):
-                    by_name.setdefault(name, []).append(number)
+        entries = cls(text.splitlines())
+        entries.open_end = bool(text) and not text.endswith("\n")
+        entries.size = len(text.encode())
+        return entries
+
+    def append(self, line: str) -> None:
+        """Take in one more line of the file."""
+        at = len(self.lines)
+        self.lines.append(line)
+        fields = line.split()
+        if len(fields) < 3 or fields[0].startswith(("#", "@")):
+            return
+        number = len(self.keys)
+        self.keys.append((fields[0], f"{fields[1]} {fields[2]}"))
+        self.line_of.append(at)
+        if _is_literal(fields[0]):
+            for name in fields[0].lower().split(","):
+                self.by_name.setdefault(name, []).append(number)
+        else:
+            self.patterned.append(number)
+
+    def drop(self, numbers: Collection[int]) -> None:
+        """Forget these entries and their lines."""
+        for n in numbers:
+            self.lines[self.line_of[n]] = None
+        self.gone.update(numbers)
+        for name in {name for n in numbers for name in self.keys[n][0].lower().split(",")}:
+            kept = [n for n in self.by_name.get(name, ()) if n not in self.gone]
+            if kept:
+                self.by_name[name] = kept
             else:
-                patterned.append(number)
-        return cls(
-            lines,
-            tuple(keys),
-            {name: tuple(numbers) for name, numbers in by_name.items()},
-            tuple(patterned),
-            tuple(line_of),
-        )
+                self.by_name.pop(name, None)
+        if any(n in self.gone for n in self.patterned):
+            self.patterned = [n for n in self.patterned if n not in self.gone]
+
+    def text(self) -> str:
+        """The file's text as these lines make it (each line ended)."""
+        return "".join(f"{line}\n" for line in self.lines if line is not None)
 
     def matching(self, spec: str) -> list[int]:
         """The numbers of the entries for ``spec``, in file order (the plain names from
@@ -187,6 +209,24 @@ class KnownHosts:
         self._read.forget(os.path.abspath(self.path))
 
     @contextlib.contextmanager
+    def _rewriting(self) -> Iterator[_Entries]:
+        """The file's entries, for one write of ours (under the lock) to change in place
+        as it changes the file: kept as the file's after it when nobody else wrote the
+        file since it was read, else read again at the next use."""
+        key = os.path.abspath(self.path)
+        entries = self._entries()
+        read = self._read.stamps(key) == (file_stamp(key),)
+        try:
+            yield entries
+        except BaseException:
+            self._forget()
+            raise
+        self._read.put(key, [key], entries)
+        (after,) = self._read.stamps(key) or (None,)
+        if not read or (0 if after is None else after[2]) != entries.size:
+            self._forget()  # not the file as read (or not as we wrote it): read it again
+
+    @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         lock = self._locks.setdefault(self.path.resolve(), threading.Lock())
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -202,33 +242,36 @@ class KnownHosts:
     def add(self, address: str, port: int, public_key: str) -> None:
         """Pin ``public_key`` (``"ssh-ed25519 AAAA..."``) for ``address``:``port``."""
         key = key_line(public_key)
-        with self._locked():
-            if key in self.lookup(address, port):
+        spec = _host_spec(address, port)
+        with self._locked(), self._rewriting() as entries:
+            if key in entries.lookup(spec):
                 return
             existed = self.path.exists()
-            try:
-                with open(self.path, "a") as f:
-                    if not existed:
-                        os.chmod(self.path, 0o600)
-                    f.write(f"{_host_spec(address, port)} {key}\n")
-            finally:
-                self._forget()
+            with open(self.path, "a") as f:
+                if not existed:
+                    os.chmod(self.path, 0o600)
+                line = f"{spec} {key}"
+                # a last line left without its end (edited by hand) is ended first,
+                # not joined to ours
+                end = "\n" if entries.open_end else ""
+                f.write(f"{end}{line}\n")
+            entries.append(line)
+            entries.open_end = False
+            entries.size += len(f"{end}{line}\n".encode())
 
     def remove(self, address: str, port: int = 22) -> None:
         """Forget every key pinned for ``address``:``port``."""
         spec = _host_spec(address, port)
-        with self._locked():
+        with self._locked(), self._rewriting() as entries:
             # by the index: a fleet's servers each forget their address in a file of the
             # whole fleet, which is not matched line by line each time
-            entries = self._entries()
-            doomed = {entries.line_of[n] for n in entries.matching(spec)}
+            doomed = entries.matching(spec)
             if not doomed:
                 return
-            keep = [line for at, line in enumerate(entries.lines) if at not in doomed]
+            entries.drop(doomed)
+            text = entries.text().encode()
+            entries.size = len(text)
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(f"{line}\n" for line in keep))
+            tmp.write_bytes(text)
             os.chmod(tmp, 0o600)
-            try:
-                tmp.replace(self.path)
-            finally:
-                self._forget()
+            tmp.replace(self.path)
