@@ -8,6 +8,7 @@ files change, by us or by another program.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -58,6 +59,14 @@ def test_a_fleets_own_writes_are_not_read_back(
         return real(text)
 
     monkeypatch.setattr(known_hosts._Entries, "parse", staticmethod(counted))
+    locked: list[str] = []  # the file's lock taken (a write)
+    real_lock = KnownHosts._locked
+
+    def lock(self: KnownHosts) -> contextlib.AbstractContextManager[None]:
+        locked.append(str(self.path))
+        return real_lock(self)
+
+    monkeypatch.setattr(KnownHosts, "_locked", lock)
     kh = KnownHosts(path)
     fleet = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(200)]
     for n, address in enumerate(fleet):
@@ -67,6 +76,7 @@ def test_a_fleets_own_writes_are_not_read_back(
         kh.add(address, 22, f"ssh-ed25519 AAAAkey{n}")  # pinned already: not written
         assert kh.lookup(address) == [f"ssh-ed25519 AAAAkey{n}"]
     assert parsed == [0]  # the file before the first server: none there yet
+    assert len(locked) == len(fleet)  # a write each: nothing to forget, pinned already
     assert path.read_text() == "".join(f"{a} ssh-ed25519 AAAAkey{n}\n" for n, a in enumerate(fleet))
 
     with open(path, "a") as f:  # another program's write: read again
@@ -77,6 +87,7 @@ def test_a_fleets_own_writes_are_not_read_back(
         kh.remove(address)
         assert kh.lookup(address) == []
     assert parsed == [0, 201]
+    assert len(locked) == 2 * len(fleet) - 1
     assert path.read_text() == f"{fleet[0]} ssh-ed25519 AAAAkey0\n10.9.9.* {KEY_B}\n"
     assert kh.lookup(fleet[0]) == ["ssh-ed25519 AAAAkey0"]
     kh._forget()  # read from the file: what the kept reading said

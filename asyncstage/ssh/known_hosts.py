@@ -93,6 +93,7 @@ class _Entries:
         self.gone: set[int] = set()  # entries dropped
         self.open_end = False  # the text read did not end its last line
         self.size = 0  # the file's size in bytes, as read or as we wrote it
+        self.version = 0  # changes made by our writes
         for line in lines:
             self.append(line)
 
@@ -107,6 +108,7 @@ class _Entries:
         """Take in one more line of the file."""
         at = len(self.lines)
         self.lines.append(line)
+        self.version += 1
         fields = line.split()
         if len(fields) < 3 or fields[0].startswith(("#", "@")):
             return
@@ -121,6 +123,7 @@ class _Entries:
 
     def drop(self, numbers: Collection[int]) -> None:
         """Forget these entries and their lines."""
+        self.version += 1
         for n in numbers:
             self.lines[self.line_of[n]] = None
         self.gone.update(numbers)
@@ -243,6 +246,8 @@ class KnownHosts:
         """Pin ``public_key`` (``"ssh-ed25519 AAAA..."``) for ``address``:``port``."""
         key = key_line(public_key)
         spec = _host_spec(address, port)
+        if key in self._entries().lookup(spec):
+            return  # pinned already: the file's lock is not taken
         with self._locked(), self._rewriting() as entries:
             if key in entries.lookup(spec):
                 return
@@ -262,10 +267,15 @@ class KnownHosts:
     def remove(self, address: str, port: int = 22) -> None:
         """Forget every key pinned for ``address``:``port``."""
         spec = _host_spec(address, port)
+        read = self._entries()
+        version, doomed = read.version, read.matching(spec)
+        if not doomed:
+            return  # none pinned (a new server's address): the file's lock is not taken
         with self._locked(), self._rewriting() as entries:
             # by the index: a fleet's servers each forget their address in a file of the
             # whole fleet, which is not matched line by line each time
-            doomed = entries.matching(spec)
+            if entries is not read or entries.version != version:  # changed meanwhile
+                doomed = entries.matching(spec)
             if not doomed:
                 return
             entries.drop(doomed)
