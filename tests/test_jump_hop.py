@@ -25,7 +25,7 @@ import pytest
 from asyncstage import _jumphop, _openssh_stream
 from asyncstage.errors import ConnectError, HostKeyMismatch, InvalidArgument, JumpHostError
 from asyncstage.remote import rsynchelper
-from asyncstage.ssh import SSHHost
+from asyncstage.ssh import SSHHost, connection
 from asyncstage.ssh.ciphers import encryption_algs
 from tests.sshd import SSHServer, descendants
 from tests.sshd import _alive as _running
@@ -305,6 +305,21 @@ async def test_both_layers_use_the_cheapest_cipher_and_no_compression(
                 assert str(link.conn.get_extra_info(key)) == wanted
             for key in ("send_compression", "recv_compression"):
                 assert str(link.conn.get_extra_info(key)) == "none"
+
+
+async def test_sessions_through_a_jump_host_advertise_a_larger_window(
+    pair: tuple[SSHServer, SSHServer, SSHServer], tmp_path: Path
+) -> None:
+    """A session channel through a jump host lets the server send ``JUMP_WINDOW`` ahead
+    (its window adjustments cross the hop and the jump host's sshd); a direct one keeps
+    asyncssh's own. A stream through it arrives intact."""
+    jump, a, b = pair
+    async with jump.host() as j, a.host(jump=j) as ha, b.host(jump=j) as hb, a.host() as direct:
+        j.hop = "openssh"
+        for host, window in ((ha, connection.JUMP_WINDOW), (direct, 2 << 20)):
+            async with host._conn.process("true", None) as run:
+                assert run.proc.channel.get_recv_window() == window
+        await _streams_intact(ha, hb, tmp_path)
 
 
 async def test_the_in_process_tunnel(pair: tuple[SSHServer, SSHServer, SSHServer]) -> None:
