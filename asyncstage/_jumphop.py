@@ -471,6 +471,8 @@ _UNSHARED = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
 # Options that keep each hop's ssh to its one job, whatever it was built with.
 _SEALED = [
     *("-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes"),
+    # what it carries is ssh's own ciphertext (compression: none), which zlib cannot shrink
+    *("-o", "Compression=no"),
     *("-o", "ProxyCommand=none", "-o", "PermitLocalCommand=no", "-o", "UpdateHostKeys=no"),
     *("-o", "ServerAliveCountMax=3", "-o", "ExitOnForwardFailure=yes"),
     *("-a", "-x", "-T"),

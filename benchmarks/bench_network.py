@@ -8,9 +8,10 @@ Two local clouds run at once in this process, both with the instant profile
   router; this machine reaches a public address through a veth pair into that router;
 - ``network="loopback"``: every instance's sshd on an address of the machine's loopback.
 
-Measured, each pair of sides in turn within one run (the order swaps every round, so
-that load from other processes hits both alike), a target judged on the median of the
-rounds' ratios with the lowest and highest round beside it:
+Measured, each pair of sides in turn within one run (the order swaps every round, and
+the two sides of a ratio run next to each other where they can, so that load from
+other processes hits both alike), a target judged on the median of the rounds' ratios
+with the lowest and highest round beside it:
 
 - warm command latency: ``server.scmd("true")`` over the open connection, blocks of
   samples on each cloud's server in turn (target: vpc no more than 10 % slower); and
@@ -293,18 +294,20 @@ async def _streams(
     <side>`` (OpenSSH's sides are ``openssh <side>``), and the CPU seconds per GiB of the
     processes beside the client (:class:`_Beside`) per stream and process."""
     runs: dict[str, Callable[[], Awaitable[float]]] = {}
-    for direction, fn in (("read", _read), ("write", _write)):
-        for side, server in servers.items():
-            runs[f"{direction} {side}"] = lambda fn=fn, server=server: fn(server, size)
     cmds = {"read": f"head -c {size} /dev/zero", "write": "cat > /dev/null"}
     setup: dict[str, float] = {}
+    ssh = ("-c", cipher)
     for side, server in openssh.items():
-        ssh = ("-c", cipher)
         setup[side] = await _openssh_setup(
             ssh_cpu.argv(openssh_argv(server.host, "true", extra=ssh))
         )
-        for direction, cmd in cmds.items():
-            argv = ssh_cpu.argv(openssh_argv(server.host, cmd, extra=ssh))
+    # one direction's streams after the other's, in the order of ``servers``, then
+    # OpenSSH's (direct next to ours): the sides a ratio pairs run close together
+    for direction, fn in (("read", _read), ("write", _write)):
+        for side, server in servers.items():
+            runs[f"{direction} {side}"] = lambda fn=fn, server=server: fn(server, size)
+        for side, server in openssh.items():
+            argv = ssh_cpu.argv(openssh_argv(server.host, cmds[direction], extra=ssh))
             stdout = subprocess.DEVNULL if direction == "read" else None
             runs[f"{direction} openssh {side}"] = lambda argv=argv, stdout=stdout, side=side: _less(
                 to_thread(_openssh, argv, size, None, stdout), setup[side]
@@ -371,8 +374,8 @@ async def main() -> None:
         await _before_after(args.quick, args.results, before)
         return
     quick = args.quick
-    size = 16 * MiB if quick else 512 * MiB
-    rounds = 1 if quick else 9
+    size = 16 * MiB if quick else 384 * MiB
+    rounds = 1 if quick else 12
     blocks, per_block = (2, 5) if quick else (20, 20)
     boot_rounds = 1 if quick else 6
     report = Report("network", quick, args.results)
@@ -406,12 +409,15 @@ async def main() -> None:
         ssh_hop = _copy(bastion.host, "hop in ssh -W", hop="openssh")
         third = await _private_server(vpc_m, f"{PRIVATE}-3")
         third.jump_host = ssh_hop
+        # the order the streams run in, each round (reversed every other): each jump
+        # side's ratio is to "vpc", so the default hop's streams run next to it, and
+        # "vpc" next to "loopback" (load that comes and goes hits neighbours alike)
         by_side = {
-            "vpc": direct,
             "loopback": looped,
+            "vpc": direct,
+            "jump-openssh": third,
             "jump": private,
             "jump-child": other,
-            "jump-openssh": third,
         }
         for server in by_side.values():
             await server.scmd("true")  # warm: connection open, host key pinned

@@ -24,7 +24,9 @@ import pytest
 
 from asyncstage import _jumphop, _openssh_stream
 from asyncstage.errors import ConnectError, HostKeyMismatch, InvalidArgument, JumpHostError
-from asyncstage.ssh import SSHHost
+from asyncstage.remote import rsynchelper
+from asyncstage.ssh import SSHHost, connection
+from asyncstage.ssh.ciphers import encryption_algs
 from tests.sshd import SSHServer, descendants
 from tests.sshd import _alive as _running
 
@@ -267,6 +269,57 @@ async def test_a_jump_host_that_runs_no_session_for_us_still_carries_tunnels(
                 await h.close()
     assert _wait_gone(_ssh_hops(), within=5) == []
     assert _connection_owners(jump) == set()
+
+
+_KEX_LINE = re.compile(r"kex: (?:client->server|server->client) cipher: (\S+) .*compression: (\S+)")
+
+
+async def test_both_layers_use_the_cheapest_cipher_and_no_compression(
+    pair: tuple[SSHServer, SSHServer, SSHServer],
+) -> None:
+    """Through OpenSSH's hop every byte is encrypted twice: both layers, and a direct
+    connection alike, use the first of :func:`encryption_algs` (AES-128-GCM on a CPU with
+    AES instructions, the cheapest per byte in OpenSSH and asyncssh alike) and no
+    compression. The master's side is what the jump host's sshd negotiates with an
+    ``ssh`` given the master's options (``-v`` shows the choice)."""
+    jump, a, _ = pair
+    wanted = encryption_algs()[0]
+    if rsynchelper.has_aes():
+        assert wanted == "aes128-gcm@openssh.com"
+    async with jump.host() as j, a.host(jump=j) as ha, a.host() as direct:
+        j.hop = "openssh"
+        assert (await ha.scmd("echo", "up")).strip() == "up"
+        assert (await direct.scmd("echo", "up")).strip() == "up"
+        hop = j._conn.hops.hop
+        assert isinstance(hop, _jumphop.OpenSSHHop)
+        assert "Compression=no" in hop.argv
+        said = await anyio.run_process(
+            [*hop.argv, "-v", "--", jump.address, "true"], stdin=subprocess.DEVNULL
+        )
+        chosen = _KEX_LINE.findall(said.stderr.decode())
+        assert chosen == [(wanted, "none")] * 2, said.stderr.decode()
+        for host in (ha, direct):
+            link = host._conn.open_link()
+            assert link is not None
+            for key in ("send_cipher", "recv_cipher"):
+                assert str(link.conn.get_extra_info(key)) == wanted
+            for key in ("send_compression", "recv_compression"):
+                assert str(link.conn.get_extra_info(key)) == "none"
+
+
+async def test_sessions_through_a_jump_host_advertise_a_larger_window(
+    pair: tuple[SSHServer, SSHServer, SSHServer], tmp_path: Path
+) -> None:
+    """A session channel through a jump host lets the server send ``JUMP_WINDOW`` ahead
+    (its window adjustments cross the hop and the jump host's sshd); a direct one keeps
+    asyncssh's own. A stream through it arrives intact."""
+    jump, a, b = pair
+    async with jump.host() as j, a.host(jump=j) as ha, b.host(jump=j) as hb, a.host() as direct:
+        j.hop = "openssh"
+        for host, window in ((ha, connection.JUMP_WINDOW), (direct, 2 << 20)):
+            async with host._conn.process("true", None) as run:
+                assert run.proc.channel.get_recv_window() == window
+        await _streams_intact(ha, hb, tmp_path)
 
 
 async def test_the_in_process_tunnel(pair: tuple[SSHServer, SSHServer, SSHServer]) -> None:

@@ -45,6 +45,13 @@ _KILL_DELIVERY = 10.0
 """Seconds a stop may take to have ``kill`` run on the host: not the grace, which is for the
 command to go once signalled (a loaded host can take longer than that to run ``kill``)."""
 
+# The window a session channel through a jump host advertises (asyncssh's own: 2 MiB).
+# Its window adjustments go back through every process of the path (this one, the hop,
+# the jump host's sshd) before the server may send on: a larger one keeps the server
+# sending while they wait for a core (benchmarks/README.md, bench_network). At most this much
+# of a stream waits in this process when its reader does not keep up.
+JUMP_WINDOW = 8 << 20
+
 
 class Jump(Protocol):
     """A jump host (bastion): an :class:`~asyncstage.ssh.SSHHost` whose connection
@@ -577,6 +584,8 @@ class Connection:
     ) -> Running:
         """Open a channel and start ``command``; returns with a session slot held."""
         sink = stderr if stderr is not None else Sink(marker=True)
+        if self.target.jump is not None:
+            kwargs.setdefault("window", JUMP_WINDOW)
         # asyncssh sends a bytes command as is (bytes arguments need not be UTF-8).
         raw = cast(str, (WRAPPER + command).encode("utf-8", "surrogateescape"))
         connect_timeout = self.target.connect_timeout
