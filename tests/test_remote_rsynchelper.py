@@ -198,6 +198,28 @@ def test_cleanup_of_a_solo_token_stops_its_group(tmp: Path) -> None:
             proc.wait()
 
 
+def test_scripts_run_isolated_from_the_environment_and_the_directory(tmp: Path) -> None:
+    """Nothing planted in the current directory or named by ``PYTHON*`` variables runs
+    beside a script (as root, on a server), and no site-packages start-up code either."""
+    planted = tmp / "planted"
+    planted.mkdir()
+    for module in ("sitecustomize", "usercustomize", "json", "tempfile"):
+        (planted / f"{module}.py").write_text(f"open({str(tmp / module)!r}, 'w').close()\n")
+    env = {**os.environ, "TMPDIR": str(tmp / "t"), "PYTHONPATH": str(planted)}
+    env["PYTHONSTARTUP"] = str(planted / "json.py")
+    done = subprocess.run(
+        remote.argv("rsynchelper", "workdir", "{}"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=planted,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(str(remote.answer("local", done.stdout)["dir"])).parent == tmp / "t"
+    assert sorted(p.name for p in tmp.iterdir()) == ["planted", "ssh", "t"]
+
+
 def test_linkdir_makes_the_dir_the_key_and_this_hosts_ssh_preference(tmp: Path) -> None:
     owner = json.dumps({"controller": "c", "expires": time.time() + 60})
     made = helper(tmp / "t", "linkdir", owner, "asyncstage-transfer-x", "h k", "127.0.0.1")
