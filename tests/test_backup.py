@@ -97,6 +97,14 @@ async def test_round_trip_incremental_and_restore_rules(
     tagged = [p for op, p in calls if op == "CreateTags" and second.snapshot_id in p["Resources"]]
     marked = {STATE_TAG, PARENT_TAG, CONSISTENCY_TAG}
     assert [{t["Key"] for t in p["Tags"]} for p in tagged] == [marked]
+    # the work volume is detached while EC2 completes the snapshot, not after
+    order = [
+        op
+        for op, p in calls
+        if (op in ("DetachVolume", "DeleteVolume") and p["VolumeId"] == second.volume_id)
+        or (op == "CreateTags" and second.snapshot_id in p["Resources"])
+    ]
+    assert order == ["DetachVolume", "CreateTags", "DeleteVolume"], order
     assert second.previous_snapshot_id == first.snapshot_id
     snaps = [s["SnapshotId"] for s in await manager.snapshots("round")]
     assert snaps == [second.snapshot_id, first.snapshot_id]

@@ -12,8 +12,8 @@ One run of backup ``NAME``:
 4. brings it up to date with ``rsync --delete``, one host's sources after another, and
    writes the manifest of every file at its root (:mod:`asyncstage.backup.manifest`);
 5. snapshots it (the manifest's digest in a tag from its create call on), waits until
-   the snapshot is ``completed``, and marks it complete with its parent snapshot and
-   its consistency;
+   the snapshot is ``completed`` (detaching the volume meanwhile, unless it is kept),
+   and marks it complete with its parent snapshot and its consistency;
 6. deletes the work volume (with ``keep_volume``: unmounts it and tags it as kept for
    the new snapshot) and releases the lease.
 
@@ -217,9 +217,8 @@ async def _run(
         await volume.unmount()  # the snapshot needs it unmounted; nothing mounts it again
         # the manifest's digest is known: tagged in the create call, not a call of its own
         with run_tags(lease.run, manifest_tag(manifest["sha256"])):
-            new_id = await volume.create_snapshot(
-                description or f"asyncstage backup {name}", wait=True
-            )
+            new_id = await volume.create_snapshot(description or f"asyncstage backup {name}")
+        await _completed(m, new_id, None if keep_volume else volume)
         await require_completed(m, new_id)
         await lease.check()  # a run that lost its lease never marks anything complete
         await mark_complete(m, [new_id], parent, consistency)
@@ -257,6 +256,22 @@ async def _run(
         volume_kept=keep_volume,
         volume_reused=reused,
     )
+
+
+async def _completed(m: Manager, snapshot_id: str, detach: Volume | None) -> None:
+    """Wait until the snapshot is completed, detaching ``detach`` meanwhile: a snapshot
+    holds the volume as it was at its create call, so the volume that is deleted next
+    need not wait for EC2 to finish it. The detach is never cut short (a failed wait
+    waits for it), so that the cleanup finds the volume attached or detached."""
+
+    async def detached(volume: Volume) -> None:
+        with anyio.CancelScope(shield=True):
+            await volume.detach()
+
+    async with anyio.create_task_group() as tg:
+        if detach is not None:
+            tg.start_soon(detached, detach)
+        await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.timeouts.snapshot)
 
 
 async def _kept_volume(
