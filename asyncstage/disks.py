@@ -252,12 +252,6 @@ class Disks:
         """(device, mount point, fstype) of every mount, from /proc/mounts."""
         return mounts.parse_mounts(await self.server.scmd("cat", "/proc/mounts"))
 
-    async def _mounted_at(self, device: str) -> str | None:
-        for dev, mtpt, _ in await self._mounts():
-            if dev == device:
-                return mtpt
-        return None
-
     async def provision(self, name: str | None, options: VolumeOptions) -> VolumeRef:
         """Make (or reuse) a volume, attach it here, format it and mount it: see
         :meth:`Server.provision_volume <asyncstage.server.Server.provision_volume>`."""
@@ -478,13 +472,15 @@ class Disks:
             volume._record_attach(self.server, volume.ec2_device, mtdev)
         assert volume.mtdev
         where = await _real_mount_point(self.server, where)
-        current = await self._mounted_at(volume.mtdev)
+        table = await self._mounts()  # read once: again only when an unmount changed it
+        current = next((mp for dev, mp, _ in table if dev == volume.mtdev), None)
         if current == where:
             volume._record_mount(where)
             return
         if current is not None:
             await self.server.run("umount", "--", current, sudo=True)
-        if any(mp == where for _, mp, _ in await self._mounts()):
+            table = await self._mounts()
+        if any(mp == where for _, mp, _ in table):
             raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
         await self.server.run("mkdir", "-p", where, sudo=True)
         options = [self.ctx.storage.mount_options]

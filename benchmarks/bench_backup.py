@@ -125,6 +125,11 @@ class Timeline:
         ends = [p["snapshot"] for p in self.phases.values() if "snapshot" in p]
         return max(ends) - min(starts)
 
+    def start_spread(self) -> float:
+        """From the first backup's rsync start to the last one's."""
+        starts = [p["rsync"] for p in self.phases.values() if "rsync" in p]
+        return max(starts) - min(starts)
+
 
 def copy_plan(servers: list[Server], prefix: str, *, keep_volume: bool = False) -> Plan:
     """One copy-mode backup per server (as ``backup --each``), all at once."""
@@ -197,6 +202,7 @@ async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> 
             "files": sum(int(r["files"]) for r in results),
             "routes": sorted({str(r["route"]) for r in results}),
             "copy_span_s": round(span, 3),
+            "rsync_start_spread_s": round(timeline.start_spread(), 3),
             "median_s": {
                 k: round(statistics.median(float(r[k]) for r in results), 3)
                 for k in ("volume_s", "rsync_s", "manifest_s", "snapshot_s", "elapsed")
@@ -838,13 +844,15 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         bound=_bound(first)
         if _own_share(first) >= 0.8
         else (
-            "library and ec2: each backup's copy starts once EC2 has made, attached and the "
-            "server formatted and mounted its own work volume, so the copies are spread over "
-            "the run, not all at once as the bare rsyncs; the copy phases also hold each "
-            "backup's manifest pass (every file read again and hashed, on the same two "
-            f"cores: median {_f(first['median_s']['manifest_s'])} s beside rsync's "
-            f"{_f(first['median_s']['rsync_s'])} s); the local cloud's snapshot copies run "
-            f"beside the later backups' ({_copies(first)})"
+            "library: the copy phases hold each backup's manifest pass, every file read "
+            "again and hashed (sha256) where the data is, on the same two cores as the "
+            f"copies: median {_f(first['median_s']['manifest_s'])} s beside rsync's "
+            f"{_f(first['median_s']['rsync_s'])} s, where the bare rsyncs keep no digest "
+            "(rsync's own whole-file checksums cannot stand in for it: rsync computes them "
+            "on both of its sides, so one a check could verify later, md5 or sha1, would "
+            "be hashed twice); the copies start within "
+            f"{_f(first.get('rsync_start_spread_s', float('nan')))} s of each other; the "
+            f"local cloud's snapshot copies run beside the later backups' ({_copies(first)})"
         ),
         evidence=(
             f"limit: bare rsync -a of the same {_f(first['bytes'] / MiB)} MiB on all {focus} "
@@ -873,10 +881,10 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
             "cores, where EBS makes it available at once and loads its blocks later; the "
             "rest is the polls for available and attached, the attach and the mount), "
             "unmounts it, takes "
-            f"a snapshot and waits until it is completed (pending {_pending()} s), tags it, "
-            "detaches and deletes the volume, each step a call or an ssh command of its "
-            "own; the changed data's part (rsync of the change, manifest hashing only "
-            "changed files) is small"
+            f"a snapshot (tagged in the call) and waits until it is completed (pending "
+            f"{_pending()} s), marks it complete, detaches and deletes the volume, each step "
+            "a call or an ssh command of its own; the changed data's part (rsync of the "
+            "change, manifest hashing only changed files) is small"
         ),
         evidence=(
             f"rerun: {_copies(rerun)}; "
@@ -905,8 +913,8 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
             "library and ec2: a rerun into its kept volume makes no volume, but still "
             "unmounts it, takes a snapshot and waits until it is completed (pending "
             f"{_pending()} s; the local cloud's copy of the image, made out of the call and "
-            "all at once, ends within about that time), then tags it, each step a call or "
-            "an ssh command of its own; then rsync's scan of every file with the change, "
+            "all at once, ends within about that time), then marks it complete, each step a "
+            "call or an ssh command of its own; then rsync's scan of every file with the change, "
             "and the manifest hashing only changed files"
         ),
         evidence=(

@@ -7,11 +7,14 @@ import filecmp
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from asyncstage import Manager, Server, Volume, backup
+from asyncstage.backup.manifest import MANIFEST_TAG
+from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG
 from asyncstage.ec2 import tag, tag_filters
 from asyncstage.errors import (
     DestinationNotEmpty,
@@ -84,8 +87,24 @@ async def test_round_trip_incremental_and_restore_rules(
 
     (src / "docs" / "f0.txt").unlink()
     (src / "new.txt").write_text("added\n")
+    calls = _recorded_calls(manager, monkeypatch)
     second = await backup.backup(manager, "round", [str(src)])
     assert second.files == 1  # incremental: the volume came from the first snapshot
+    # the manifest's digest is tagged in the create call; one more call marks it complete
+    (made,) = [p for op, p in calls if op == "CreateSnapshot"]
+    (specs,) = made["TagSpecifications"]
+    assert {"Key": MANIFEST_TAG, "Value": second.manifest_sha256} in specs["Tags"]
+    tagged = [p for op, p in calls if op == "CreateTags" and second.snapshot_id in p["Resources"]]
+    marked = {STATE_TAG, PARENT_TAG, CONSISTENCY_TAG}
+    assert [{t["Key"] for t in p["Tags"]} for p in tagged] == [marked]
+    # the work volume is detached while EC2 completes the snapshot, not after
+    order = [
+        op
+        for op, p in calls
+        if (op in ("DetachVolume", "DeleteVolume") and p["VolumeId"] == second.volume_id)
+        or (op == "CreateTags" and second.snapshot_id in p["Resources"])
+    ]
+    assert order == ["DetachVolume", "CreateTags", "DeleteVolume"], order
     assert second.previous_snapshot_id == first.snapshot_id
     snaps = [s["SnapshotId"] for s in await manager.snapshots("round")]
     assert snaps == [second.snapshot_id, first.snapshot_id]
@@ -117,6 +136,19 @@ async def test_round_trip_incremental_and_restore_rules(
     with pytest.raises(UnknownSnapshot, match="no backup named 'nothing'"):
         await backup.restore(manager, "nothing", tmp_path / "other")
     assert manager.volumes() == []
+
+
+def _recorded_calls(m: Manager, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """The EC2 calls ``m`` makes from now on, with their parameters."""
+    calls: list[tuple[str, Any]] = []
+    original = m.ec2.call
+
+    async def call(operation: str, /, **params: Any) -> Any:
+        calls.append((operation, params))
+        return await original(operation, **params)
+
+    monkeypatch.setattr(m.ec2, "call", call)
+    return calls
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "-x", "a b", "a\nb", "$(id)", "é", "x" * 129])

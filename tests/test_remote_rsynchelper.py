@@ -151,6 +151,75 @@ def test_cleanup_stops_the_recorded_groups(tmp: Path) -> None:
             proc.wait()
 
 
+def test_solo_runs_in_a_work_dir_that_lives_as_long_as_the_command(tmp: Path) -> None:
+    token = "ab" * 16
+    d = tmp / "t" / (rsynchelper.WORKDIR_PREFIX + token)
+    wait = f"i=0; while [ ! -e {d}/cmd.pid ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done"
+    script = f"{wait}; cat {d}/owner; echo; cat {d}/cmd.pid; echo; echo $$; exit 5"
+    done = subprocess.run(
+        remote.argv("rsynchelper", "solo", token, '{"controller": "c"}', "sh", "-c", script),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp / "t")},
+        check=False,
+    )
+    owner, pgid, pid = done.stdout.split("\n")[:3]
+    assert done.returncode == 5 and owner == '{"controller": "c"}' and pgid == pid
+    assert not d.exists()  # removed once the command is done
+    taken = tmp / "t" / (rsynchelper.WORKDIR_PREFIX + "cd" * 16)
+    taken.mkdir()  # a dir of that name is never used, nor removed
+    again = subprocess.run(
+        remote.argv("rsynchelper", "solo", "cd" * 16, "{}", "true"),
+        capture_output=True,
+        env={**os.environ, "TMPDIR": str(tmp / "t")},
+        check=False,
+    )
+    assert again.returncode != 0 and taken.is_dir()
+    assert helper(tmp / "t", "solo", "../x", "{}", "true")["refused"] is True
+
+
+def test_cleanup_of_a_solo_token_stops_its_group(tmp: Path) -> None:
+    token = "ef" * 16
+    d = tmp / "t" / (rsynchelper.WORKDIR_PREFIX + token)
+    env = {**os.environ, "TMPDIR": str(tmp / "t")}
+    argv = remote.argv("rsynchelper", "solo", token, "{}", "sleep", "60")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 10
+        while not (d / "cmd.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pgid = int((d / "cmd.pid").read_text())
+        assert helper(tmp / "t", "cleanup", token) == {"killed": [pgid]}
+        assert proc.wait(timeout=10) != 0
+        assert not d.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_scripts_run_isolated_from_the_environment_and_the_directory(tmp: Path) -> None:
+    """Nothing planted in the current directory or named by ``PYTHON*`` variables runs
+    beside a script (as root, on a server), and no site-packages start-up code either."""
+    planted = tmp / "planted"
+    planted.mkdir()
+    for module in ("sitecustomize", "usercustomize", "json", "tempfile"):
+        (planted / f"{module}.py").write_text(f"open({str(tmp / module)!r}, 'w').close()\n")
+    env = {**os.environ, "TMPDIR": str(tmp / "t"), "PYTHONPATH": str(planted)}
+    env["PYTHONSTARTUP"] = str(planted / "json.py")
+    done = subprocess.run(
+        remote.argv("rsynchelper", "workdir", "{}"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=planted,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(str(remote.answer("local", done.stdout)["dir"])).parent == tmp / "t"
+    assert sorted(p.name for p in tmp.iterdir()) == ["planted", "ssh", "t"]
+
+
 def test_linkdir_makes_the_dir_the_key_and_this_hosts_ssh_preference(tmp: Path) -> None:
     owner = json.dumps({"controller": "c", "expires": time.time() + 60})
     made = helper(tmp / "t", "linkdir", owner, "asyncstage-transfer-x", "h k", "127.0.0.1")

@@ -11,7 +11,7 @@ import glob
 import hashlib
 import os
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -288,36 +288,107 @@ async def test_cancelled_direct_transfer_cleans_up(
     servers: tuple[SSHServer, SSHServer], tmp_path: Path
 ) -> None:
     a, b = servers
+    src = _big_tree(tmp_path)
+    before = xfer_dirs()
+    async with hosts(a, b) as (ha, hb):
+
+        async def copy(on_progress: Callable[[Progress], None]) -> None:
+            await rsync_endpoints(
+                [HostEndpoint(ha, str(src))],
+                HostEndpoint(hb, str(tmp_path / "dst")),
+                options=["--bwlimit=1m"],
+                progress=on_progress,
+                authorized_keys=keys_file(b),
+            )
+
+        def during() -> None:
+            assert transfer_keys(b), "the temporary key is authorised during the transfer"
+
+        await _cancelled_mid_copy(copy, during)
+    assert transfer_keys(a, b) == []
+    await _nothing_left(before, src)
+
+
+async def test_same_host_rsync_is_one_remote_command(
+    servers: tuple[SSHServer, SSHServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy, its work dir and the dir's removal are one command on the host (each
+    command an interpreter's start there), and nothing is left."""
+    a, _ = servers
+    src = tmp_path / "src"
+    make_tree(src)
+    commands: list[str] = []
+    for method in ("run", "scmd_read"):
+        original = getattr(SSHHost, method)
+
+        def counted(self: SSHHost, *cmd: Any, _o: Any = original, **kw: Any) -> Any:
+            commands.append(" ".join(map(str, cmd))[:60])
+            return _o(self, *cmd, **kw)
+
+        monkeypatch.setattr(SSHHost, method, counted)
+    before = xfer_dirs()
+    async with a.host() as ha:
+        stats = await rsync_endpoints(
+            [HostEndpoint(ha, f"{src}/")], HostEndpoint(ha, str(tmp_path / "copy"))
+        )
+    assert stats.route == "same-host"
+    assert len(commands) == 1, commands
+    assert snapshot(tmp_path / "copy") == snapshot(src)
+    assert await new_xfer_dirs(before) == set()
+
+
+async def test_cancelled_same_host_rsync_is_stopped(
+    servers: tuple[SSHServer, SSHServer], tmp_path: Path
+) -> None:
+    a, _ = servers
+    src = _big_tree(tmp_path)
+    before = xfer_dirs()
+    async with a.host() as ha:
+
+        async def copy(on_progress: Callable[[Progress], None]) -> None:
+            await rsync_endpoints(
+                [HostEndpoint(ha, str(src))],
+                HostEndpoint(ha, str(tmp_path / "dst")),
+                options=["--bwlimit=1m"],
+                progress=on_progress,
+            )
+
+        def during() -> None:
+            assert xfer_dirs() - before, "the copy runs in a work dir of its own"
+
+        await _cancelled_mid_copy(copy, during)
+    await _nothing_left(before, src)
+
+
+def _big_tree(tmp_path: Path) -> Path:
     src = tmp_path / "big"
     src.mkdir()
     for i in range(4):
         (src / f"f{i}").write_bytes(os.urandom(4 << 20))
-    before = xfer_dirs()
+    return src
+
+
+async def _cancelled_mid_copy(
+    copy: Callable[[Callable[[Progress], None]], Awaitable[None]], during: Callable[[], None]
+) -> None:
+    """Start ``copy``, and once bytes have moved check ``during`` and cancel it."""
     started = anyio.Event()
 
     def on_progress(p: Progress) -> None:
         if p.bytes_done > 0:
             started.set()
 
-    async with hosts(a, b) as (ha, hb):
-        with anyio.move_on_after(60):
-            async with anyio.create_task_group() as tg:
+    with anyio.move_on_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(copy, on_progress)
+            await started.wait()
+            during()
+            tg.cancel_scope.cancel()
+    assert started.is_set()
 
-                async def run() -> None:
-                    await rsync_endpoints(
-                        [HostEndpoint(ha, str(src))],
-                        HostEndpoint(hb, str(tmp_path / "dst")),
-                        options=["--bwlimit=1m"],
-                        progress=on_progress,
-                        authorized_keys=keys_file(b),
-                    )
 
-                tg.start_soon(run)
-                await started.wait()
-                assert transfer_keys(b), "the temporary key is authorised during the transfer"
-                tg.cancel_scope.cancel()
-        assert started.is_set()
-    assert transfer_keys(a, b) == []
+async def _nothing_left(before: set[str], src: Path) -> None:
+    """No work dir left, and the rsync processes of ``src`` end."""
     assert await new_xfer_dirs(before) == set()
     with anyio.fail_after(10):
         while _rsync_pids(str(src)):  # noqa: ASYNC110

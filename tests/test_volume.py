@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from asyncstage import Manager, Server, Volume
@@ -18,6 +20,7 @@ from asyncstage.errors import (
     ZoneMismatch,
 )
 from asyncstage.localcloud import LocalCloud
+from asyncstage.ssh import SSHHost
 from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
@@ -114,6 +117,32 @@ async def test_info_and_mount_lifecycle(manager: Manager, server: Server) -> Non
     assert manager.find_volume_by_name("life") is None
     with pytest.raises(UnknownVolume):
         manager.find_volume_by_volid(vol.volume_id)
+
+
+async def test_a_mount_reads_the_mount_table_once(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ssh command is a round trip (and a process) on the server: a mount reads the
+    table once, and again only after it unmounted the volume from elsewhere."""
+    vol = await server.provision_volume("tables", size=1)
+    try:
+        await vol.unmount()
+        reads: list[str] = []
+        original = SSHHost.run
+
+        async def run(self: SSHHost, *cmd: Any, **kw: Any) -> Any:
+            if " ".join(map(str, cmd)) == "cat /proc/mounts":
+                reads.append(self.label)
+            return await original(self, *cmd, **kw)
+
+        monkeypatch.setattr(SSHHost, "run", run)
+        await vol.remount()
+        assert len(reads) == 1 and vol.mounted
+        await server.mount_volume(vol, "/srv/tables-moved")  # unmounted first: read again
+        assert len(reads) == 3 and vol.mtpt == "/srv/tables-moved"
+        assert "/srv/tables-moved" in await server.scmd("cat", "/proc/mounts")
+    finally:
+        await server.delete_volume(vol)
 
 
 async def test_volumes_come_back_after_stop_and_start(server: Server) -> None:

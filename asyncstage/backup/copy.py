@@ -11,8 +11,9 @@ One run of backup ``NAME``:
    run kept, when it holds that snapshot (:mod:`asyncstage.backup.warm`);
 4. brings it up to date with ``rsync --delete``, one host's sources after another, and
    writes the manifest of every file at its root (:mod:`asyncstage.backup.manifest`);
-5. snapshots it, waits until the snapshot is ``completed``, records the manifest's
-   digest in a tag, and marks it complete with its parent snapshot and its consistency;
+5. snapshots it (the manifest's digest in a tag from its create call on), waits until
+   the snapshot is ``completed`` (detaching the volume meanwhile, unless it is kept),
+   and marks it complete with its parent snapshot and its consistency;
 6. deletes the work volume (with ``keep_volume``: unmounts it and tags it as kept for
    the new snapshot) and releases the lease.
 
@@ -36,7 +37,7 @@ from asyncstage.adoption import extra_tags
 from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own, log
 from asyncstage.backup.hooks import Hook, HookFailed, run_hook
 from asyncstage.backup.lease import Lease, with_lease
-from asyncstage.backup.manifest import recorded, tag_manifest, write_manifest
+from asyncstage.backup.manifest import manifest_tag, recorded, write_manifest
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
@@ -110,9 +111,10 @@ class BackupResult:
 
 
 @contextlib.contextmanager
-def run_tags(run: RunInfo) -> Iterator[None]:
-    """Volumes and snapshots made inside carry ``run``'s tags from their create call on."""
-    token = extra_tags.set({**run.tags(), STATE_TAG: "pending"})
+def run_tags(run: RunInfo, more: dict[str, str] | None = None) -> Iterator[None]:
+    """Volumes and snapshots made inside carry ``run``'s tags (and ``more``) from their
+    create call on."""
+    token = extra_tags.set({**run.tags(), STATE_TAG: "pending", **(more or {})})
     try:
         yield
     finally:
@@ -213,12 +215,11 @@ async def _run(
         tell("snapshot")
         await lease.check()
         await volume.unmount()  # the snapshot needs it unmounted; nothing mounts it again
-        with run_tags(lease.run):
-            new_id = await volume.create_snapshot(
-                description or f"asyncstage backup {name}", wait=True
-            )
+        # the manifest's digest is known: tagged in the create call, not a call of its own
+        with run_tags(lease.run, manifest_tag(manifest["sha256"])):
+            new_id = await volume.create_snapshot(description or f"asyncstage backup {name}")
+        await _completed(m, new_id, None if keep_volume else volume)
         await require_completed(m, new_id)
-        await tag_manifest(m, [new_id], manifest["sha256"])
         await lease.check()  # a run that lost its lease never marks anything complete
         await mark_complete(m, [new_id], parent, consistency)
         if keep_volume:  # only now: a kept volume always holds a complete backup
@@ -255,6 +256,22 @@ async def _run(
         volume_kept=keep_volume,
         volume_reused=reused,
     )
+
+
+async def _completed(m: Manager, snapshot_id: str, detach: Volume | None) -> None:
+    """Wait until the snapshot is completed, detaching ``detach`` meanwhile: a snapshot
+    holds the volume as it was at its create call, so the volume that is deleted next
+    need not wait for EC2 to finish it. The detach is never cut short (a failed wait
+    waits for it), so that the cleanup finds the volume attached or detached."""
+
+    async def detached(volume: Volume) -> None:
+        with anyio.CancelScope(shield=True):
+            await volume.detach()
+
+    async with anyio.create_task_group() as tg:
+        if detach is not None:
+            tg.start_soon(detached, detach)
+        await m.ec2.wait_for_snapshot(snapshot_id, timeout=m.timeouts.snapshot)
 
 
 async def _kept_volume(

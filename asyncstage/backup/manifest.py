@@ -4,7 +4,8 @@ A ``copy``-mode run writes the manifest on the server holding its work volume on
 is done (:func:`write_manifest`, by :mod:`asyncstage.remote.manifest`: one streaming
 pass, bounded memory), as the file ``/.asyncstage-manifest`` at the volume's root, so the
 snapshot carries it. The manifest's own sha256 goes into the snapshot's
-``asyncstage:backup-manifest`` tag before the snapshot is marked complete.
+``asyncstage:backup-manifest`` tag with its create call (the manifest is written
+first), so before the snapshot is marked complete.
 
 A ``snapshot``-mode set records ``none`` there: its snapshots are the server's own
 volumes, taken in place, and a manifest would mean reading all of them at backup time.
@@ -22,7 +23,6 @@ from typing import Any, Literal
 from asyncstage import remote
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import TransferError
-from asyncstage.manager import Manager
 from asyncstage.remote import manifest as script
 from asyncstage.volume import Volume
 
@@ -31,8 +31,8 @@ __all__ = [
     "MANIFEST_TAG",
     "NO_MANIFEST",
     "Recorded",
+    "manifest_tag",
     "recorded",
-    "tag_manifest",
     "write_manifest",
 ]
 
@@ -77,8 +77,8 @@ async def write_manifest(volume: Volume, earlier: str | None = None) -> dict[str
     return reply
 
 
-async def tag_manifest(m: Manager, snapshot_ids: list[str], digest: str) -> None:
-    """Record a manifest digest (or :data:`NO_MANIFEST`) on snapshots."""
+def manifest_tag(digest: str) -> dict[str, str]:
+    """The tag that records a manifest digest (or :data:`NO_MANIFEST`)."""
     if digest != NO_MANIFEST and not _SHA256.match(digest):
         raise ValueError(f"not a sha256: {digest!r}")
-    await m.ec2.create_tags(snapshot_ids, {MANIFEST_TAG: digest})
+    return {MANIFEST_TAG: digest}

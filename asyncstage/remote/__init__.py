@@ -9,7 +9,7 @@ import), linted and type-checked with the rest, and unit-tested locally:
   the data is.
 
 A script is sent as package data (read with :mod:`importlib.resources`) to
-``python3 -c``, followed by a call of its ``main`` (:func:`program`): nothing is
+``python3 -I -S -c``, followed by a call of its ``main`` (:func:`program`): nothing is
 installed on the server. Every script answers with one JSON object on its last
 line of output; :func:`answer` is the one guard that reads it.
 """
@@ -49,8 +49,13 @@ def program(name: str) -> str:
 
 
 def argv(name: str, *args: str) -> list[str]:
-    """The argv that runs script ``name`` with ``args`` (``python3 -c PROGRAM ARGS...``)."""
-    return ["python3", "-c", program(name), *args]
+    """The argv that runs script ``name`` with ``args`` (``python3 -I -S -c PROGRAM
+    ARGS...``): isolated (no ``PYTHON*`` variables, no current directory on the path: a
+    module planted there or named in the environment never runs as root) and without
+    ``site``, which the standard library does not need and whose ``.pth`` files a
+    server may run at every start (a fleet of backups starts these scripts on every
+    server at once)."""
+    return ["python3", "-I", "-S", "-c", program(name), *args]
 
 
 def answer(label: str, output: str, *, prefix: str = "") -> dict[str, Any]:

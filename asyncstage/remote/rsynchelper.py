@@ -16,11 +16,16 @@ Commands:
   authorized_keys (FILE, or ``~USER/.ssh/authorized_keys``) with
   ``expiry-time`` TTL seconds from now (this host's clock);
 * ``revoke USER FILE TAG``: remove the lines carrying TAG;
-* ``cleanup DIR``: stop the process groups recorded in DIR and remove it;
+* ``cleanup DIR``: stop the process groups recorded in DIR and remove it (DIR may also
+  be the TOKEN of a ``solo`` work dir);
 * ``sweep USER FILE DEAD_JSON``: remove expired transfer keys and those of dead
   controllers (DEAD_JSON lists controller ids and key tags), and stale work dirs;
   print what is left for the controller to judge;
-* ``run PIDFILE ARGV...``: run ARGV in a process group of its own, recorded in PIDFILE.
+* ``run PIDFILE ARGV...``: run ARGV in a process group of its own, recorded in PIDFILE;
+* ``solo TOKEN OWNER_JSON ARGV...``: ``workdir``, ``run`` and ``cleanup`` in one command
+  (one interpreter and one round trip instead of three): makes the work dir named by
+  TOKEN (random hex chosen by the controller, so that it can clean up without an
+  answer), runs ARGV there as ``run`` does, and removes the dir once ARGV has ended.
 
 Files written as root in a directory the login user can write (``~/.ssh``) are
 opened with ``O_NOFOLLOW`` below the home directory: a symlinked ``.ssh`` or
@@ -35,6 +40,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +56,7 @@ from typing import Any
 MARKER = "asyncstage-transfer-"
 """Start of the tag in the comment of every temporary key (and of work dir names)."""
 WORKDIR_PREFIX = "asyncstage-xfer-"
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 _NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -339,7 +346,7 @@ def _remove_workdir(d: str) -> list[int]:
 
 
 def cleanup(d: str) -> None:
-    say({"killed": _remove_workdir(d)})
+    say({"killed": _remove_workdir(_solo_dir(d) if _TOKEN.match(d) else d)})
 
 
 def _alive(pgid: int) -> bool:
@@ -410,6 +417,10 @@ def sweep(user: str, path: str, dead_json: str) -> None:
 
 
 def run(pidfile: str, argv: Sequence[str]) -> None:
+    sys.exit(_run_group(pidfile, argv))
+
+
+def _run_group(pidfile: str, argv: Sequence[str]) -> int:
     # The command runs in a process group of its own whose id is written to
     # pidfile, so that a cleanup can stop it and everything it started.
     pid = os.fork()
@@ -435,8 +446,27 @@ def run(pidfile: str, argv: Sequence[str]) -> None:
     with suppress(OSError):
         os.unlink(pidfile)
     if os.WIFSIGNALED(status):
-        sys.exit(128 + os.WTERMSIG(status))
-    sys.exit(os.WEXITSTATUS(status))
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _solo_dir(token: str) -> str:
+    if not _TOKEN.match(token):
+        raise Refused(f"bad work dir token {token[:40]!r}")
+    return os.path.join(tempfile.gettempdir(), WORKDIR_PREFIX + token)
+
+
+def solo(token: str, owner: str, argv: Sequence[str]) -> int:
+    """Run ``argv`` as ``run`` does, in a work dir of its own (``TOKEN``) that exists
+    only while it runs."""
+    d = _solo_dir(token)
+    os.mkdir(d, 0o700)  # as mkdtemp: a name taken (or a symlink) fails, never followed
+    try:
+        with open(os.path.join(d, "owner"), "w") as f:
+            f.write(owner)
+        return _run_group(os.path.join(d, "cmd.pid"), argv)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -455,6 +485,12 @@ def main(argv: Sequence[str]) -> int:
     cmd, args = argv[0], list(argv[1:])
     if cmd == "run":
         run(args[0], args[1:])
+    if cmd == "solo":
+        try:
+            sys.exit(solo(args[0], args[1], args[2:]))
+        except Refused as e:
+            say({"error": str(e), "refused": True})
+            return 3
     if cmd not in COMMANDS:
         sys.exit("unknown helper command " + cmd)
     try:

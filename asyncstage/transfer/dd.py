@@ -41,7 +41,7 @@ from asyncstage.errors import (
 from asyncstage.paths import HostEndpoint, same_host
 from asyncstage.transfer.base import ProgressCallback, Reporter, TransferStats, hosts_held
 from asyncstage.transfer.link import direct_link
-from asyncstage.transfer.run import LineFeeder, stream, workdir
+from asyncstage.transfer.run import LineFeeder, stream, stream_solo
 
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
@@ -193,9 +193,8 @@ async def _copy(
     what = f"dd {source} -> {dest}"
     try:
         if same_host(source, dest):
-            async with workdir(source.host, source.sudo) as wd:
-                argv = remote.argv("blockcopy", "copy", source.path, dest.path, flag, *expect)
-                await stream(source.host, source.sudo, wd, argv, feed.feed)
+            argv = remote.argv("blockcopy", "copy", source.path, dest.path, flag, *expect)
+            await stream_solo(source.host, source.sudo, argv, feed.feed)
         else:
             async with direct_link(
                 source.host, source.sudo, dest.host, dest.sudo, authorized_keys

@@ -53,7 +53,7 @@ from asyncstage.transfer.base import (
 )
 from asyncstage.transfer.link import direct_link
 from asyncstage.transfer.rsyncout import RSYNC_MARK, RsyncOutput, rsync_error
-from asyncstage.transfer.run import run_local, stream, workdir
+from asyncstage.transfer.run import run_local, stream, stream_solo
 
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
@@ -307,15 +307,18 @@ async def _rsync_same_host(
         *(_local_arg(s.path) for s in sources),
         _local_arg(dest.path),
     ]
-    async with workdir(host, dest.sudo) as wd:
-        await _remote_rsync(host, dest.sudo, wd, argv, parser, f"on {host.label}")
+    await _remote_rsync(host, dest.sudo, None, argv, parser, f"on {host.label}")
 
 
 async def _remote_rsync(
-    host: SSHHost, sudo: bool, wd: str, argv: list[str], parser: RsyncOutput, what: str
+    host: SSHHost, sudo: bool, wd: str | None, argv: list[str], parser: RsyncOutput, what: str
 ) -> None:
+    """rsync on ``host``: in the work dir ``wd`` (a link's), or in one of its own."""
     try:
-        await stream(host, sudo, wd, argv, parser.feed)
+        if wd is None:
+            await stream_solo(host, sudo, argv, parser.feed)
+        else:
+            await stream(host, sudo, wd, argv, parser.feed)
     except CommandFailed as e:
         stderr = e.stderr.decode("utf-8", "replace") if isinstance(e.stderr, bytes) else e.stderr
         code = e.exit_status if e.exit_status is not None else 255

@@ -18,15 +18,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import Process
 
 from asyncstage import remote
-from asyncstage.errors import MissingDependency
+from asyncstage.errors import CommandFailed, MissingDependency
 from asyncstage.transfer.base import cleanup
 
 if TYPE_CHECKING:
@@ -86,25 +85,38 @@ async def helper(host: SSHHost, sudo: bool, *args: str) -> dict[str, Any]:
     return await remote.run_json(host, sudo, "rsynchelper", *args)
 
 
-@asynccontextmanager
-async def workdir(host: SSHHost, sudo: bool) -> AsyncIterator[str]:
-    """A private temporary directory on ``host``; processes started in it are stopped at exit."""
-    made = await helper(host, sudo, "workdir", owner_record())
-    path = str(made["dir"])
-    in_flight: BaseException | None = None
+async def stream_solo(
+    host: SSHHost,
+    sudo: bool,
+    argv: Sequence[str],
+    on_data: Callable[[bytes], Awaitable[object]],
+) -> None:
+    """Run ``argv`` on ``host`` in a process group recorded in a work dir of its own,
+    feeding its stdout to ``on_data``; raises CommandFailed.
+
+    One remote command (the helper's ``solo``): it makes the work dir, runs ``argv``
+    and removes the dir once ``argv`` has ended, where a work dir of its own, the
+    command, and the dir's cleanup would take three, each an interpreter's start. The
+    controller names the dir, so that when it stops waiting (cancelled, or the
+    connection lost) a cleanup stops the group without an answer from the helper.
+    """
+    token = secrets.token_hex(16)
+    command = remote.argv("rsynchelper", "solo", token, owner_record(), *argv)
     try:
-        yield path
+        async with host.scmd_read(*command, encoding=None, sudo=sudo) as out:
+            while chunk := await out.read(65536):
+                await on_data(chunk)
+    except CommandFailed:
+        raise  # it ended: the helper removed its dir
     except BaseException as e:
-        in_flight = e
-        raise
-    finally:
         await cleanup(
-            functools.partial(helper, host, sudo, "cleanup", path),
-            f"removing {path}",
+            functools.partial(helper, host, sudo, "cleanup", token),
+            f"removing work dir {token}",
             host.label,
-            in_flight,
+            e,
             required=False,
         )
+        raise
 
 
 async def stream(
