@@ -193,38 +193,51 @@ class LaunchKey:
 # in place of the launch key, sshd's listener (the topmost sshd among this session's
 # ancestors, whatever its init system) told to load it by SIGHUP, which it does by
 # executing itself again (sessions survive); then waited for (up to 10 s) until it
-# listens again (its sockets are new ones), and the new public key printed.
+# listens again (its sockets are new ones), and the new public key printed. Shell
+# builtins where they do (a fleet's servers run it at once, on cores of their own on
+# EC2 but not in a local cloud).
 _ROTATE = r"""set -eu
-umask 077
+umask 022
 key=/etc/ssh/ssh_host_ed25519_key
+new=/etc/ssh/.asyncstage-hostkey.$$
 listener= p=$$
-while [ -n "$p" ] && [ "$p" != 0 ]; do
-  [ "$(cat /proc/$p/comm 2>/dev/null)" = sshd ] && listener=$p
-  p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status 2>/dev/null)
+while [ -n "$p" ] && [ "$p" != 0 ] && [ -r "/proc/$p/status" ]; do
+  read -r comm < "/proc/$p/comm" || comm=
+  [ "$comm" != sshd ] || listener=$p
+  ppid=
+  while read -r field value; do
+    [ "$field" != PPid: ] || { ppid=$value; break; }
+  done < "/proc/$p/status"
+  p=$ppid
 done
 [ -n "$listener" ] || { echo "no sshd listener above this session" >&2; exit 3; }
 socks() {
-  for f in /proc/$listener/fd/*; do readlink "$f" 2>/dev/null; done |
-    grep '^socket:' | sort | tr '\n' ' '
+  found=
+  for word in $(ls -l "/proc/$listener/fd" 2>/dev/null); do
+    case $word in socket:*) found="$found $word" ;; esac
+  done
+  echo "$found"
 }
-dir=$(mktemp -d /etc/ssh/.asyncstage-hostkey.XXXXXX)
-trap 'rm -rf "$dir"' EXIT
-ssh-keygen -q -t ed25519 -N '' -C "root@$(hostname)" -f "$dir/key" </dev/null >/dev/null
-chmod 644 "$dir/key.pub"
+read -r host < /proc/sys/kernel/hostname || host=localhost
+rm -f "$new" "$new.pub"
+trap 'rm -f "$new" "$new.pub"' EXIT
+ssh-keygen -q -t ed25519 -N '' -C "root@$host" -f "$new" </dev/null >/dev/null
 before=$(socks)
-mv -f "$dir/key" "$key"
-mv -f "$dir/key.pub" "$key.pub"
+mv -f "$new.pub" "$key.pub"
+mv -f "$new" "$key"
+trap - EXIT
 # installed: from here on the new key is printed whatever happens (it is the one sshd
 # serves now), so that the pin follows it
 kill -HUP "$listener" || echo "sshd not told to reload" >&2
 i=0
-while [ -n "$before" ] && [ "$i" -lt 200 ]; do
+while [ -n "$before" ] && [ "$i" -lt 500 ]; do
   now=$(socks)
   [ -z "$now" ] || [ "$now" = "$before" ] || break
   i=$((i + 1))
-  sleep 0.05
+  sleep 0.02
 done
-cat "$key.pub"
+read -r line < "$key.pub"
+echo "$line"
 """
 
 
