@@ -632,34 +632,11 @@ async def main() -> None:
             for r in table
         ],
     )
-    big = fleets[-1]
-    walls = [r["wall_s"] for r in singles]
-    spread = [ratio(big["wall_s"], max(walls)), ratio(big["wall_s"], min(walls))]
     report.results.update(
         {"runs": runs, "single_s": single, "single_library_share_s": single_share}
     )
     _user_data_rows(report, keyed, pending)
-    n = big["n"]
-    vs_single = ratio(big["wall_s"], single)
-    report.target(
-        f"fleet_ec2_{n}_vs_single",
-        vs_single,
-        "<=",
-        1.3,
-        f"wall time of a fleet of {n} relative to one server, EC2's pace (pending {pending:g} s)",
-        spread=spread,
-        **_ratio_bound(big, single, pending, vs_single),
-    )
-    report.target(
-        f"fleet_ec2_{n}_library_share",
-        big["library_share_s"],
-        "<=",
-        1.0,
-        f"the library's share of a fleet of {n}: from the last instance running (sshd "
-        "listening) to all ready",
-        unit=" s",
-        **_share_bound(big, single_share),
-    )
+    _fleet_targets(report, fleets[-1], singles, pending, keyed=False)
     further = _per_further_server(fleets, singles)
     report.results["controller_cpu_ms_per_further_server"] = further
     flat = [ms for n, ms in further.items() if n >= 10]
@@ -749,26 +726,43 @@ def _user_data_rows(report: Report, keyed: list[dict[str, Any]], pending: float)
             "user_data_single_library_share_s": single_share,
         }
     )
-    walls = [r["wall_s"] for r in singles]
+    _fleet_targets(report, big, singles, pending, keyed=True)
+
+
+def _fleet_targets(
+    report: Report,
+    big: dict[str, Any],
+    singles: list[dict[str, Any]],
+    pending: float,
+    *,
+    keyed: bool,
+) -> None:
+    """The largest fleet's targets against one server (``singles``: its runs): the wall
+    time's ratio and the library's share (``keyed``: host keys from the user data)."""
     n = big["n"]
+    walls = [r["wall_s"] for r in singles]
+    single = statistics.median(walls)
+    single_share = statistics.median(r["library_share_s"] for r in singles)
+    name = f"fleet_ec2_{n}_user_data" if keyed else f"fleet_ec2_{n}"
+    whose = " whose host keys come from their user data" if keyed else ""
     vs_single = ratio(big["wall_s"], single)
     report.target(
-        f"fleet_ec2_{n}_user_data_vs_single",
+        f"{name}_vs_single",
         vs_single,
         "<=",
         1.3,
-        f"wall time of a fleet of {n} whose host keys come from their user data, relative "
-        f"to one server so keyed, EC2's pace (pending {pending:g} s)",
+        f"wall time of a fleet of {n}{whose} relative to one server"
+        f"{' so keyed' if keyed else ''}, EC2's pace (pending {pending:g} s)",
         spread=[ratio(big["wall_s"], max(walls)), ratio(big["wall_s"], min(walls))],
         **_ratio_bound(big, single, pending, vs_single),
     )
     report.target(
-        f"fleet_ec2_{n}_user_data_library_share",
+        f"{name}_library_share",
         big["library_share_s"],
         "<=",
         1.0,
-        f"the library's share of a fleet of {n} whose host keys come from their user data: "
-        "from the last instance running (sshd listening) to all ready, keys replaced",
+        f"the library's share of a fleet of {n}{whose}: from the last instance running "
+        "(sshd listening) to all ready" + (", keys replaced" if keyed else ""),
         unit=" s",
         **_share_bound(big, single_share),
     )
@@ -997,11 +991,26 @@ def _ratio_bound(
         f"before {limit:.1f} s = {limit / single:.2f}× one server's {single:g} s; all ready "
         f"at {big['wall_s']:g} s, {big['wall_s'] / limit:.2f}× that limit"
     )
-    if limit / single <= 1.3:  # a client could meet the target within EC2's rate
+    tl = big["timeline"]
+    saturated = (tl.get("share_machine_busy_share") or 0.0) >= 0.9
+    if saturated:
+        text += (
+            f"; after the last instance ran the machine's {CORES} cores were "
+            f"{tl['share_machine_busy_share']:.0%} busy ({tl['share_machine_busy_s']:g} CPU s, "
+            f"the controller's {tl['share_controller_cpu_s']:g} of them)"
+        )
+    if limit / single <= 1.3 and not (saturated and vs_single > 1.3):
+        # a client could meet the target within EC2's rate, on cores to spare
         return {"bound": "library", "evidence": text}
     parts = [API_BOUND] if big["share_floor_s"] > 1.0 else []
     if cloud > pending + 1.0:
         parts.append(f"the machine: the {big['n']} hosts' boot outlasted the pending time")
+    if saturated:
+        parts.append(
+            f"the machine: its {CORES} cores saturated after the last instance ran (the "
+            f"{big['n']} servers' ssh handshakes and first commands at both ends, the "
+            "instances' sshd, the in-process cloud and the controller on the same cores)"
+        )
     return {"bound": "; and ".join(parts) or "library", "evidence": text}
 
 
