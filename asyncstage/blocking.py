@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from asyncstage.localcloud._realism import Realism
     from asyncstage.options import NewVolumeOptions, ProvisionOptions, ServerOptions, VolumeOptions
     from asyncstage.paths import PathLike, RemotePath
-    from asyncstage.settings import Access, Connection, Launch, OnExit, Storage
+    from asyncstage.settings import Access, Connection, HostKeySource, Launch, OnExit, Storage
     from asyncstage.ssh import Command, CommandResult
     from asyncstage.ssh.known_hosts import HostKeyPolicy
     from asyncstage.timeouts import Timeouts
@@ -136,6 +136,11 @@ class _ManagerAttributes(_ManagerLifetime):
     def host_key_policy(self) -> HostKeyPolicy:
         """Same as :attr:`asyncstage.Manager.host_key_policy`."""
         return self._async.host_key_policy
+
+    @property
+    def host_keys(self) -> HostKeySource:
+        """Where new servers' host keys come from: ``console`` or ``user-data``."""
+        return self._async.host_keys
 
     @property
     def region(self) -> str:

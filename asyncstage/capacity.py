@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
 import anyio
 
+from asyncstage import hostkeys
 from asyncstage.ec2 import Resource, new_client_token, tag
 from asyncstage.errors import EC2Error, InsufficientCapacity, InvalidArgument
 
@@ -282,6 +283,8 @@ async def register_launch(
     names get the instances when fewer than all launched (``min_count``)."""
     m = fleet.ctx
     token = new_client_token()
+    # one user data for every instance of the call (and for its retries: one launch)
+    key = hostkeys.LaunchKey.new() if m.host_keys == "user-data" else None
     deadline = time.monotonic() + m.account.patience
     while True:
         pair, group_id = await m.account.ensure()  # known already: no call
@@ -296,6 +299,7 @@ async def register_launch(
                 availability_zone=spec.availability_zone,
                 tags=common,
                 client_token=token,
+                user_data=key.user_data if key is not None else None,
             )
             break
         except EC2Error as e:
@@ -312,7 +316,7 @@ async def register_launch(
     for name, inst in zip(names, instances, strict=False):
         inst["Tags"] = _named_tags(inst.get("Tags", []), name, common)
         server = fleet.adopt(inst)
-        server._expect_new_host_key()
+        server._expect_new_host_key(key.public if key is not None else None)
         servers[name] = server
     m.registry.mark_started(servers.values())
     return servers

@@ -20,7 +20,7 @@ from asyncstage.ec2 import EC2, Resource
 from asyncstage.images import Images
 from asyncstage.refs import FleetRef, LookupRef, ServerRef
 from asyncstage.registry import Registry
-from asyncstage.settings import Launch, Storage
+from asyncstage.settings import HostKeySource, Launch, Storage
 from asyncstage.ssh import KnownHosts
 from asyncstage.ssh.known_hosts import HostKeyPolicy
 from asyncstage.timeouts import Timeouts
@@ -50,6 +50,8 @@ class Context:
     launch: Launch
     storage: Storage
     host_key_policy: HostKeyPolicy = "strict"
+    host_keys: HostKeySource = "console"
+    """Where new servers' host keys come from (:data:`~asyncstage.settings.HostKeySource`)."""
     verbosity: int = 1
     jump_host: JumpSpec | None = None
     """The jump host of servers without a public address (:mod:`asyncstage.jumps`)."""

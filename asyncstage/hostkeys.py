@@ -13,12 +13,26 @@ asked again within a second, the late one of a Xen type ever less often); then t
 :class:`~asyncstage.errors.HostKeyUnverified`, ``"accept-new"`` pins the key first
 seen and logs a warning. Never a silent downgrade.
 
+With ``Manager(host_keys="user-data")`` the console is not read at all when it can be
+helped: each launch makes an ed25519 host key pair here (:class:`LaunchKey`, in memory
+only), gives it to its instances in their cloud-init user data (``ssh_keys``, with
+``ssh_deletekeys``) and pins its public key before the first contact. That key is no
+secret (anyone allowed ``ec2:DescribeInstanceAttribute``, and any process on the
+instance through its metadata service, can read the user data), so at the first contact,
+over the connection it verified, the server is made to generate a new key, sshd is told
+to load it (SIGHUP: sessions survive) and the new key replaces the pin (:func:`rotate`).
+A server that presents another key than the launch key (an image without cloud-init, a
+user data that was not honoured) falls back to its console's fingerprints, then to the
+policy as above: a mismatch never pins what it was shown. A rotation that fails keeps
+the launch key pinned and logs a warning (the server stays usable).
+
 :func:`diagnose` says why a server never answered ssh (its state, state reason,
 console tail, whether its port 22 answered).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from collections.abc import Callable
@@ -27,6 +41,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio
+import asyncssh
 
 from asyncstage.ec2 import console_fingerprints
 from asyncstage.ec2.console import CONSOLE_READS
@@ -34,9 +49,10 @@ from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
     HostKeyUnverified,
+    InvalidArgument,
     ServerUnreachable,
 )
-from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy
+from asyncstage.ssh.known_hosts import HostKeyPolicy, check_policy, key_line
 
 if TYPE_CHECKING:
     from asyncstage.context import Context
@@ -46,9 +62,11 @@ if TYPE_CHECKING:
 __all__ = [
     "HostKeyPin",
     "HostKeyPolicy",
+    "LaunchKey",
     "check_policy",
     "diagnose",
     "port_answers",
+    "rotate",
     "ssh_banner",
     "wait_for_fingerprints",
     "wait_for_sshd",
@@ -79,6 +97,8 @@ class HostKeyPin:
     """
 
     fresh: bool = False
+    launch_key: str | None = None  # the public key its user data gave it (pinned at once)
+    rotate: bool = False  # replace the launch key at the first contact
     pinned_for: str | None = None  # the address whose host key was settled
     moved_from: str | None = None  # its address before a start gave it a new one
     expected: tuple[str, ...] = ()  # fingerprints the connection checks the key against
@@ -118,6 +138,11 @@ class HostKeyPin:
                 known.add(address, 22, key)
             known.remove(old, 22)
             expected: tuple[str, ...] = ()
+        elif self.fresh and self.launch_key is not None:
+            known.remove(address, 22)  # a stale entry of whoever had the address before
+            known.add(address, 22, self.launch_key)
+            expected = ()  # strict: the launch key or a HostKeyMismatch (see fall_back)
+            self.accept_new = False
         elif self.fresh or not known.lookup(address, 22):
             if self.fresh:
                 known.remove(address, 22)
@@ -129,6 +154,131 @@ class HostKeyPin:
         self.fresh = False
         self.moved_from = None
         self.pinned_for = address
+
+    def fall_back(self) -> bool:
+        """The server presented another key than its launch key: its console decides
+        at the next settle (False when there was no launch key to fall back from)."""
+        if self.launch_key is None or self.pinned_for is None:
+            return False
+        self.launch_key = None  # still replaced at the first contact: it may be on it
+        self.fresh = True
+        self.pinned_for = None
+        return True
+
+
+@dataclass(frozen=True, repr=False)
+class LaunchKey:
+    """An ed25519 host key pair made for one launch, and the cloud-init user data that
+    gives it to the launch's instances (it lives in memory only: never on disk here)."""
+
+    public: str  # "ssh-ed25519 AAAA..."
+    user_data: str
+
+    @classmethod
+    def new(cls) -> LaunchKey:
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="asyncstage launch key")
+        public = key_line(key.export_public_key("openssh").decode())
+        config = {
+            "ssh_deletekeys": True,
+            "ssh_keys": {
+                "ed25519_private": key.export_private_key("openssh").decode(),
+                "ed25519_public": public,
+            },
+        }
+        # JSON is YAML: cloud-init reads it as the cloud-config it is
+        return cls(public, "#cloud-config\n" + json.dumps(config, indent=1) + "\n")
+
+
+# Run as root (sudo) over the connection that verified the launch key: a new ed25519 key
+# in place of the launch key, sshd's listener (the topmost sshd among this session's
+# ancestors, whatever its init system) told to load it by SIGHUP, which it does by
+# executing itself again (sessions survive); then waited for (up to 10 s) until it
+# listens again (its sockets are new ones), and the new public key printed. Shell
+# builtins where they do (a fleet's servers run it at once, on cores of their own on
+# EC2 but not in a local cloud).
+_ROTATE = r"""set -eu
+umask 022
+key=/etc/ssh/ssh_host_ed25519_key
+new=/etc/ssh/.asyncstage-hostkey.$$
+listener= p=$$
+while [ -n "$p" ] && [ "$p" != 0 ] && [ -r "/proc/$p/status" ]; do
+  read -r comm < "/proc/$p/comm" || comm=
+  [ "$comm" != sshd ] || listener=$p
+  ppid=
+  while read -r field value; do
+    [ "$field" != PPid: ] || { ppid=$value; break; }
+  done < "/proc/$p/status"
+  p=$ppid
+done
+[ -n "$listener" ] || { echo "no sshd listener above this session" >&2; exit 3; }
+socks() {
+  found=
+  for word in $(ls -l "/proc/$listener/fd" 2>/dev/null); do
+    case $word in socket:*) found="$found $word" ;; esac
+  done
+  echo "$found"
+}
+read -r host < /proc/sys/kernel/hostname || host=localhost
+rm -f "$new" "$new.pub"
+trap 'rm -f "$new" "$new.pub"' EXIT
+ssh-keygen -q -t ed25519 -N '' -C "root@$host" -f "$new" </dev/null >/dev/null
+before=$(socks)
+mv -f "$new.pub" "$key.pub"
+mv -f "$new" "$key"
+trap - EXIT
+# installed: from here on the new key is printed whatever happens (it is the one sshd
+# serves now), so that the pin follows it
+kill -HUP "$listener" || echo "sshd not told to reload" >&2
+i=0
+while [ -n "$before" ] && [ "$i" -lt 500 ]; do
+  now=$(socks)
+  [ -z "$now" ] || [ "$now" = "$before" ] || break
+  i=$((i + 1))
+  sleep 0.02
+done
+read -r line < "$key.pub"
+echo "$line"
+"""
+
+
+async def rotate(ctx: Context, server: ServerRef, host: SSHHost, pin: HostKeyPin) -> bool:
+    """Replace the launch key of a server just reached (over ``host``'s verified
+    connection) by a key it makes itself, and pin that one; True when done. A failure
+    keeps the launch key pinned and logs a warning: the server stays usable, its key
+    was readable in its user data."""
+    pin.rotate = False
+    label = f"{server.name} ({server.instance_id})"
+    address = pin.pinned_for
+    try:
+        result = await host.run(_ROTATE, sudo=True, check=False, timeout=60)
+        lines = str(result.stdout).strip().splitlines()
+        if result.exit_status != 0 or not lines:
+            raise InvalidArgument(
+                f"exit status {result.exit_status}: {str(result.stderr).strip()[-300:]}"
+            )
+        new = key_line(lines[-1])
+        if not new.startswith("ssh-ed25519 "):
+            raise InvalidArgument(f"not an ed25519 public key: {lines[-1][:80]!r}")
+        asyncssh.import_public_key(new)
+    except (AsyncstageError, asyncssh.KeyImportError, TimeoutError) as e:
+        log.warning(
+            "%s: its host key could not be replaced after the first contact (%s): the key "
+            "of its user data stays pinned",
+            label,
+            e,
+        )
+        return False
+    if address is not None:  # where the launch key is pinned: the new key replaces it
+        ctx.known_hosts.remove(address, 22)
+        ctx.known_hosts.add(address, 22, new)
+    # the next connection is checked against the new pin alone (not the console's
+    # fingerprints, when those verified the first one)
+    pin.launch_key = None
+    pin.expected = ()
+    pin.accept_new = False
+    host.expect((), "strict")
+    log.debug("%s: host key replaced after the first contact", label)
+    return True
 
 
 def _since_launch(ctx: Context, server: ServerRef) -> float:

@@ -48,11 +48,13 @@ from asyncstage.server import Server
 from asyncstage.settings import (
     Access,
     Connection,
+    HostKeySource,
     Launch,
     ManagerKeywords,
     OnExit,
     Settings,
     Storage,
+    check_host_keys,
     check_on_exit,
     local_credentials,
     settings_from,
@@ -132,6 +134,8 @@ class Manager:
         """How volumes are made and mounted (:class:`~asyncstage.settings.Storage`)."""
         self.timeouts: Timeouts = given.timeouts
         self.host_key_policy: HostKeyPolicy = check_policy(self.access.host_key_policy)
+        self.host_keys: HostKeySource = check_host_keys(self.access.host_keys)
+        """Where new servers' host keys come from: ``console`` or ``user-data``."""
         ec2_options: dict[str, Any] = asdict(self.connection)
         ec2_options["poll_interval"] = self.timeouts.poll_interval
         self.ec2 = EC2(region=region, **ec2_options)
@@ -500,6 +504,7 @@ def _context(
         launch,
         given.storage,
         check_policy(access.host_key_policy),
+        check_host_keys(access.host_keys),
         verbosity,
     )
 

@@ -361,9 +361,12 @@ class Server:
                 self._pin.moved_from = self._pin.moved_from or self._running_at
             self._running_at = self.address
 
-    def _expect_new_host_key(self) -> None:
-        """Launched, or given a new address: no known_hosts entry to trust yet."""
+    def _expect_new_host_key(self, launch_key: str | None = None) -> None:
+        """Launched, or given a new address: no known_hosts entry to trust yet (but the
+        host key its user data gave it, ``launch_key``, replaced at the first contact)."""
         self._pin.fresh = True
+        self._pin.launch_key = launch_key
+        self._pin.rotate = launch_key is not None
 
     def _record_stop(self) -> None:
         """Asked to stop (the registry tells its volumes)."""
@@ -413,7 +416,9 @@ class Server:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
         at, jump = ssh_target(self, self._ctx)
         address = None if jump is not None else at  # behind a jump host: not ours to probe
-        shown = self._pin.pinned_for == at and bool(self._pin.expected)  # on its console
+        # on its console, or given in its user data: ssh is tried at once
+        known = bool(self._pin.expected) or self._pin.launch_key is not None
+        shown = self._pin.pinned_for == at and known
         waits = [self._pin_host_key]  # through a jump host: the ssh below tells when it is up
         if address is not None and not shown:
             waits.append(lambda: hostkeys.wait_for_sshd(self._ctx, self, at, deadline))
@@ -425,11 +430,21 @@ class Server:
             try:
                 with anyio.fail_after(limit):
                     await self.host.run("true", timeout=limit)
-            except (HostKeyMismatch, HostKeyUnverified):
+            except HostKeyMismatch as e:
+                if not self._pin.fall_back():
+                    raise
+                # not the key its user data gave it: never pinned, its console decides
+                hostkeys.log.info("%s: %s; reading its console", self.name, e)
+                self.host.reset()
+                await self._pin_host_key()
+                continue
+            except HostKeyUnverified:
                 raise
             except (SSHError, TimeoutError) as e:
                 failure: BaseException = e
             else:
+                if self._pin.rotate:
+                    await hostkeys.rotate(self._ctx, self, self.host, self._pin)
                 self._up = True
                 return
             left = deadline - anyio.current_time()

@@ -14,16 +14,19 @@ if TYPE_CHECKING:
     from asyncstage.ssh.known_hosts import HostKeyPolicy
 
 __all__ = [
+    "HOST_KEY_SOURCES",
     "LOCAL_CREDENTIALS",
     "ON_EXIT",
     "TIMING_KEYWORDS",
     "Access",
     "Connection",
+    "HostKeySource",
     "Launch",
     "ManagerKeywords",
     "OnExit",
     "Settings",
     "Storage",
+    "check_host_keys",
     "check_on_exit",
     "local_credentials",
     "settings_from",
@@ -42,6 +45,21 @@ def check_on_exit(value: str, where: str = "on_exit") -> OnExit:
     if value in ON_EXIT:
         return cast(OnExit, value)
     raise InvalidArgument(f"{where} must be one of {', '.join(ON_EXIT)}, not {value!r}")
+
+
+HostKeySource = Literal["console", "user-data"]
+"""Where a new server's host key is learned before the first contact: ``console`` (its
+console's fingerprints), ``user-data`` (a key made here and given in its cloud-init user
+data, replaced at the first contact; see :mod:`asyncstage.hostkeys`)."""
+
+HOST_KEY_SOURCES: tuple[str, ...] = get_args(HostKeySource)
+
+
+def check_host_keys(value: str, where: str = "host_keys") -> HostKeySource:
+    """``value`` if it is a :data:`HostKeySource`, else InvalidArgument naming ``where``."""
+    if value in HOST_KEY_SOURCES:
+        return cast(HostKeySource, value)
+    raise InvalidArgument(f"{where} must be one of {', '.join(HOST_KEY_SOURCES)}, not {value!r}")
 
 
 LOCAL_CREDENTIALS = {
@@ -120,6 +138,10 @@ class Access:
     host_key_policy: HostKeyPolicy = "strict"
     """When a new server's console shows no fingerprints in time: ``strict`` refuses,
     ``accept-new`` pins the first key seen."""
+    host_keys: HostKeySource = "console"
+    """Where a new server's host key comes from: ``console`` (its console's fingerprints:
+    no secret leaves this machine) or ``user-data`` (a key made here, given in its
+    cloud-init user data and replaced at the first contact: no wait for the console)."""
     checkip_url: str | None = None
     """Where this machine asks its own public address when ``ssh_cidr`` is None (EC2's
     checkip service by default; a local endpoint without one: 127.0.0.1/32)."""
@@ -160,6 +182,7 @@ class ManagerKeywords(TypedDict, total=False):
     security_group: str
     reuse_key: bool
     host_key_policy: HostKeyPolicy
+    host_keys: HostKeySource
     checkip_url: str | None
     reuse_volumes: bool
     mount_options: str

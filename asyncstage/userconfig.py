@@ -8,6 +8,7 @@
     image = "ami-0123456789abcdef0"   # or a name pattern
     username = "admin"
     on_exit = "stop"                  # run, stop or terminate
+    host_keys = "user-data"           # console (default) or user-data
 
 Each value is taken from, in this order: the command's flag, the environment, the file,
 the built-in default. ``asyncstage config show`` prints the effective values and where
@@ -23,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asyncstage.errors import InvalidArgument
-from asyncstage.settings import ON_EXIT
+from asyncstage.settings import HOST_KEY_SOURCES, ON_EXIT
 
 __all__ = ["DEFAULT_PATH", "ENVIRONMENT", "KEYS", "Setting", "config_path", "effective", "load"]
 
 DEFAULT_PATH = "~/.asyncstage/config.toml"
 
-KEYS = ("region", "profile", "instance_type", "image", "username", "on_exit")
+KEYS = ("region", "profile", "instance_type", "image", "username", "on_exit", "host_keys")
 """The settings a config file may hold."""
 
 ENVIRONMENT: dict[str, tuple[str, ...]] = {
@@ -39,6 +40,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "image": ("ASYNCSTAGE_IMAGE",),
     "username": ("ASYNCSTAGE_USERNAME",),
     "on_exit": ("ASYNCSTAGE_ON_EXIT",),
+    "host_keys": ("ASYNCSTAGE_HOST_KEYS",),
 }
 """The environment variables that override the file, per setting (first set wins)."""
 
@@ -49,6 +51,7 @@ FLAGS = {
     "image": "--image",
     "username": "--username",
     "on_exit": "--on-exit",
+    "host_keys": "--host-keys",
 }
 
 
@@ -101,6 +104,11 @@ def load(path: Path, *, required: bool = False) -> dict[str, str]:
             f"config file {path}: on_exit must be one of {', '.join(ON_EXIT)}, "
             f"not {settings['on_exit']!r}"
         )
+    if settings.get("host_keys", "console") not in HOST_KEY_SOURCES:
+        raise InvalidArgument(
+            f"config file {path}: host_keys must be one of {', '.join(HOST_KEY_SOURCES)}, "
+            f"not {settings['host_keys']!r}"
+        )
     return settings
 
 
@@ -132,5 +140,9 @@ def effective(
     if result["on_exit"].value not in (None, *ON_EXIT):
         raise InvalidArgument(
             f"{result['on_exit'].source}: on_exit must be one of {', '.join(ON_EXIT)}"
+        )
+    if result["host_keys"].value not in (None, *HOST_KEY_SOURCES):
+        raise InvalidArgument(
+            f"{result['host_keys'].source}: host_keys must be one of {', '.join(HOST_KEY_SOURCES)}"
         )
     return result

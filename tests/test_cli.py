@@ -91,6 +91,9 @@ def test_the_local_cloud_is_polled_sooner_than_ec2(
     assert common.manager_options(build_parser().parse_args(test_cloud))["poll_interval"] == 0.2
     remote = common.manager_options(build_parser().parse_args(["servers"]))
     assert "poll_interval" not in remote and "endpoint_url" not in remote
+    assert "host_keys" not in remote  # the library's default
+    keyed = build_parser().parse_args(["servers", "--host-keys", "user-data"])
+    assert common.manager_options(keyed)["host_keys"] == "user-data"
 
 
 def test_usage_errors_exit_2() -> None:

@@ -39,6 +39,7 @@ SAMPLES: dict[str, Any] = {
     "security_group": "elsewhere",
     "reuse_key": False,
     "host_key_policy": "accept-new",
+    "host_keys": "user-data",
     "checkip_url": "http://127.0.0.1:9/checkip",
     "reuse_volumes": False,
     "mount_options": "noatime",
@@ -108,6 +109,7 @@ def test_the_old_keywords_reach_the_manager_and_its_parts(tmp_path: Path) -> Non
     ctx = m.context
     assert ctx.launch is m.launch and ctx.storage is m.storage
     assert ctx.timeouts is m.timeouts and ctx.host_key_policy == "accept-new"
+    assert m.host_keys == "user-data" and ctx.host_keys == "user-data"
 
 
 def test_a_keyword_overrides_its_field_of_the_object(tmp_path: Path) -> None:
@@ -143,5 +145,7 @@ def test_settings_are_checked_as_before(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidArgument):
         _manager(tmp_path, access=Access(host_key_policy="trust-all"))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="host_keys must be one of console, user-data"):
+        _manager(tmp_path, host_keys="userdata")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         _manager(tmp_path, launch=Launch(username="no such user"))

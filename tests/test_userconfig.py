@@ -50,6 +50,7 @@ def test_flags_then_environment_then_file_then_default(tmp_path: Path) -> None:
         "image": (None, "unset"),
         "username": (None, "unset"),
         "on_exit": ("run", "default"),
+        "host_keys": (None, "unset"),
     }
 
 
@@ -59,6 +60,7 @@ def test_flags_then_environment_then_file_then_default(tmp_path: Path) -> None:
         ('regoin = "x"\n', "unknown setting"),
         ("region = 3\n", "must be a non-empty string"),
         ('on_exit = "explode"\n', "on_exit must be one of"),
+        ('host_keys = "imds"\n', "host_keys must be one of console, user-data"),
         ("region = \n", "not valid TOML"),
     ],
 )
@@ -82,6 +84,13 @@ def test_config_show_through_the_command(tmp_path: Path) -> None:
     assert shown["region"] == {"key": "region", "value": "us-west-2", "source": "--region"}
     assert shown["on_exit"]["value"] == "stop" and shown["on_exit"]["source"] == str(default)
     assert shown["username"]["value"] == "ubuntu"
+
+    flagged = run(tmp_path, "config", "show", "--json", "--host-keys", "user-data").stdout
+    shown = {s["key"]: s for s in json.loads(flagged)}
+    assert shown["host_keys"] == {"key": "host_keys", "value": "user-data", "source": "--host-keys"}
+    from_env = run(tmp_path, "config", "show", "--json", env={"ASYNCSTAGE_HOST_KEYS": "console"})
+    shown = {s["key"]: s for s in json.loads(from_env.stdout)}
+    assert shown["host_keys"]["source"] == "$ASYNCSTAGE_HOST_KEYS"
 
     env = {"ASYNCSTAGE_USERNAME": "admin"}
     text = run(tmp_path, "config", "show", env=env).stdout

@@ -68,6 +68,7 @@ def settings(args: argparse.Namespace) -> dict[str, userconfig.Setting]:
         "image": getattr(args, "image", None),
         "username": args.username,
         "on_exit": getattr(args, "on_exit", None),
+        "host_keys": getattr(args, "host_keys", None),
     }
     return userconfig.effective(
         flags,
@@ -133,6 +134,8 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
     if state is not None and local and opts.get("region") != state["region"] and not flagged_image:
         # an AMI id is a region's own: another region of the cloud has the image by name
         opts["image"] = LOCAL_IMAGE_PATTERN
+    if value["host_keys"]:
+        opts["host_keys"] = value["host_keys"]  # type: ignore[typeddict-item]
     if args.dotdir or os.environ.get("ASYNCSTAGE_DOTDIR"):
         opts["dotdir"] = args.dotdir or os.environ["ASYNCSTAGE_DOTDIR"]
     return opts

@@ -35,7 +35,7 @@ from asyncstage.errors import (
 )
 from asyncstage.localcloud.errors import LocalCloudError, NeedsRoot
 from asyncstage.output import Output
-from asyncstage.settings import ON_EXIT
+from asyncstage.settings import HOST_KEY_SOURCES, ON_EXIT
 
 __all__ = ["build_parser", "main"]
 
@@ -63,6 +63,12 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
     g.add_argument("--dotdir", default=d(None), help="keys and known_hosts (default ~/.asyncstage)")
     g.add_argument("--username", default=d(None), help="login user name on the servers")
+    g.add_argument(
+        "--host-keys",
+        choices=HOST_KEY_SOURCES,
+        default=d(None),
+        help="new servers' host keys from their console (default) or given in user-data",
+    )
     g.add_argument(
         "--config",
         default=d(None),

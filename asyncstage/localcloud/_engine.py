@@ -270,9 +270,12 @@ class Engine(StorageEvents):
         public_key: str | None,
         instance_type: str,
         placement: Placement | None = None,
+        user_data: bytes | None = None,
     ) -> None:
         """A new instance at its private ``address`` (for life) and ``public_address``
-        ("": none), in ``placement`` (its VPC and subnet) on the cloud's network."""
+        ("": none), in ``placement`` (its VPC and subnet) on the cloud's network;
+        ``user_data`` its launch's (cloud-config ``ssh_keys`` honoured at its first boot,
+        unless ``realism.cloud_init`` is off: an image without cloud-init)."""
         record = self._run.record
         assert record is not None
         cgroup = self._run.instance_cgroup(instance_id)
@@ -287,6 +290,7 @@ class Engine(StorageEvents):
             cgroup=cgroup,
             freezer=self._run.instance_freezer(instance_id, cgroup),
             masked=[self.state_dir, REGISTRY_DIR],
+            user_data=user_data if self.realism.cloud_init else None,
         )
         machine = Machine(host, nitro=is_nitro(instance_type), placement=placement)
         self.machines[instance_id] = machine

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml  # type: ignore[import-untyped]  # moto's dependency
+
 from asyncstage.localcloud._isolation import (
     DROPPED_CAPS,
     InstanceCgroup,
@@ -114,6 +116,8 @@ class Host:
     netns: str = ""  # the instance's network namespace (ip netns name); "": none
     fingerprints: list[str] = field(default_factory=list)
     host_public_keys: list[str] = field(default_factory=list)
+    user_data: bytes | None = None  # its launch's, read at the first boot only
+    notes: list[str] = field(default_factory=list)  # cloud-init's words for the next console
     proc: subprocess.Popen[bytes] | None = None
     init_pid: int | None = None
     init_start: int | None = None
@@ -194,16 +198,61 @@ class Host:
         return path
 
     def _host_keys(self) -> None:
+        """Its host keys, as cloud-init's ssh module makes them at an instance's first
+        boot: those of its user data's ``ssh_keys`` (cloud-config) when it gives any
+        valid ones (and only those), else one of each type made here."""
         keygen = which("ssh-keygen")
         ssh_dir = self._mkdirs("etc/ssh")
         comment = f"root@{self.hostname}"
-        for kind in _HOST_KEY_TYPES:
+        given, self.notes = cloud_config_keys(self.user_data)
+        self.user_data = None  # read once: a later boot is not the instance's first
+        installed = self._given_keys(ssh_dir, given, keygen) if given else []
+        for kind in installed or _HOST_KEY_TYPES:
             key = ssh_dir / f"ssh_host_{kind}_key"
-            if not key.exists():
+            if not installed and not key.exists():
                 run(keygen, "-q", "-t", kind, "-N", "", "-C", comment, "-f", key, what="ssh-keygen")
             pub = key.with_name(key.name + ".pub")
             self.host_public_keys.append(pub.read_text().strip())
             self.fingerprints.append(run(keygen, "-l", "-f", pub, what="ssh-keygen").strip())
+
+    def _given_keys(
+        self, ssh_dir: Path, given: dict[str, tuple[str, str | None]], keygen: str
+    ) -> list[str]:
+        """Install the key pairs of the user data (written by someone else: each private
+        key must load, be of its type and match its public key, else it is ignored with
+        a console line); the types installed."""
+        installed: list[str] = []
+        for kind, (private, public) in given.items():
+            key = ssh_dir / f"ssh_host_{kind}_key"
+            tmp = ssh_dir / f".ssh_host_{kind}_key.new"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(private if private.endswith("\n") else private + "\n")
+            try:
+                derived = run(keygen, "-y", "-f", tmp, what="ssh-keygen").split()
+            except LocalCloudError:
+                derived = []
+            wanted = _KEY_ALGORITHMS[kind]
+            problem = (
+                "is not a valid private key"
+                if len(derived) < 2 or not derived[0].startswith(wanted)
+                else "does not match its public key"
+                if public is not None and public.split()[:2] != derived[:2]
+                else None
+            )
+            if problem is not None:
+                tmp.unlink()
+                self.notes.append(f"ssh_keys: {kind}_private {problem}: ignored")
+                continue
+            tmp.replace(key)
+            comment = f"root@{self.hostname}"
+            self._write(
+                f"etc/ssh/ssh_host_{kind}_key.pub", f"{derived[0]} {derived[1]} {comment}\n"
+            )
+            installed.append(kind)
+        if not installed:
+            self.notes.append("ssh_keys: no valid key: generating host keys")
+        return installed
 
     def _login_user(self) -> tuple[int, int]:
         """Add the login user to the overlay's passwd, shadow and group files."""
@@ -235,7 +284,14 @@ class Host:
 
     def boot(self) -> None:
         """Start the host's namespaces and sshd; returns once the init process exists."""
-        own_keys = {f"ssh_host_{k}_key{e}" for k in _HOST_KEY_TYPES for e in ("", ".pub")}
+        # its own keys (those its first boot installed or made): the machine's others
+        # of those names are masked, never seen through the overlay
+        own_keys = {
+            name
+            for k in _HOST_KEY_TYPES
+            for name in (f"ssh_host_{k}_key", f"ssh_host_{k}_key.pub")
+            if (self.upper / "etc/ssh" / name).is_file()
+        }
         mask_upper(self.upper, self.masked, own_keys)
         listen = "\n".join(f"ListenAddress {a}:22" for a in self.addresses)
         self._write("etc/ssh/sshd_config", _SSHD_CONFIG.format(listen=listen))
@@ -412,6 +468,7 @@ class Host:
             f"[    0.000000] Command line: root=overlay hostname={self.hostname}",
             f"Cloud-init v. 22.4.2 running 'init' at {now:%a, %d %b %Y %H:%M:%S +0000}.",
             f"ci-info: | {'eth0' if self.netns else 'lo'} | True | {self.address} | . | . | . |",
+            *(f"{ci}{note}" for note in self.notes),
             f"{ci}#############################################################",
             f"{ci}-----BEGIN SSH HOST KEY FINGERPRINTS-----",
             *(f"{ci}{fp}" for fp in self.fingerprints),
@@ -423,6 +480,7 @@ class Host:
             f"Cloud-init v. 22.4.2 finished at {now:%a, %d %b %Y %H:%M:%S +0000}. "
             "Datasource DataSourceEc2Local.",
         ]
+        self.notes = []  # said at the first boot only
         with open(self.console_path, "a") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -439,6 +497,44 @@ class Host:
             return self.console_path.read_text()
         except OSError:
             return ""
+
+
+_KEY_ALGORITHMS = {"ed25519": "ssh-ed25519", "ecdsa": "ecdsa-sha2-"}
+
+
+def cloud_config_keys(
+    user_data: bytes | None,
+) -> tuple[dict[str, tuple[str, str | None]], list[str]]:
+    """The host key pairs (type -> private, public or None) that a ``#cloud-config``
+    user data gives in ``ssh_keys``, as cloud-init's ssh module reads them, and what it
+    says of what it ignores (user data is anyone's: nothing in it is trusted)."""
+    if not user_data or not user_data.startswith(b"#cloud-config"):
+        return {}, []
+    try:
+        config = yaml.safe_load(user_data.decode())
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        return {}, [f"user data is not valid cloud-config: {str(e).splitlines()[0]}"]
+    if not isinstance(config, dict) or "ssh_keys" not in config:
+        return {}, []
+    keys = config["ssh_keys"]
+    if not isinstance(keys, dict):
+        return {}, ["ssh_keys is not a mapping: ignored"]
+    found: dict[str, tuple[str, str | None]] = {}
+    notes: list[str] = []
+    for name, value in keys.items():
+        kind, _, part = str(name).rpartition("_")
+        if kind not in _HOST_KEY_TYPES or part not in ("private", "public"):
+            notes.append(f"ssh_keys: skipping unknown ssh key type {str(name)[:40]!r}")
+            continue
+        if not isinstance(value, str) or len(value) > 16384:
+            notes.append(f"ssh_keys: {name} is not a key: ignored")
+            continue
+    for kind in _HOST_KEY_TYPES:
+        private, public = keys.get(f"{kind}_private"), keys.get(f"{kind}_public")
+        if isinstance(private, str) and len(private) <= 16384:
+            ok_public = public if isinstance(public, str) and len(public) <= 16384 else None
+            found[kind] = (private, ok_public)
+    return found, notes
 
 
 def _ssh_banner(address: str) -> bool:

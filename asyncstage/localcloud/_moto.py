@@ -14,6 +14,7 @@ Everything here runs in the server's request threads under ``engine.lock``.
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import ipaddress
@@ -131,7 +132,13 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
             _move_root(instance)
             set_state(instance, "pending")
             engine.launched(
-                instance.id, private, public, public_key, instance.instance_type, placement
+                instance.id,
+                private,
+                public,
+                public_key,
+                instance.instance_type,
+                placement,
+                _decoded(user_data),
             )
         return reservation
 
@@ -647,3 +654,15 @@ def make_backend(region: str, account: str) -> LocalBackend:
     backend = LocalBackend(region, account)
     install_backend(backend)
     return backend
+
+
+def _decoded(user_data: Any) -> bytes | None:
+    """The bytes of a RunInstances ``UserData`` (moto keeps it base64-encoded)."""
+    if user_data is None:
+        return None
+    try:
+        return base64.b64decode(
+            user_data.as_bytes() if hasattr(user_data, "as_bytes") else user_data
+        )
+    except (ValueError, TypeError):
+        return None

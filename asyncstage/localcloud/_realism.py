@@ -108,6 +108,10 @@ class Realism:
     ``pending``                   0 s            10 - 40 s ``pending`` from the launch, on
                                                  hardware of its own: the host's boot here
                                                  runs inside it (``boot_delay`` comes after)
+    ``cloud_init``                True           the image's cloud-init honours the
+                                                 cloud-config ``ssh_keys`` of the user
+                                                 data at the first boot (False: an image
+                                                 without cloud-init)
     ``terminated_visible``        60 s           a terminated instance stays listed for
                                                  about an hour, then is gone (``None``:
                                                  listed for the cloud's whole life)
@@ -132,6 +136,7 @@ class Realism:
     clock_offset: float = 0.0
     pending: float = 0.0
     terminated_visible: float | None = 60.0
+    cloud_init: bool = True
 
     @classmethod
     def off(cls) -> Realism:
