@@ -250,7 +250,11 @@ async def rotate(ctx: Context, server: ServerRef, host: SSHHost, pin: HostKeyPin
     label = f"{server.name} ({server.instance_id})"
     address = pin.pinned_for
     try:
-        result = await host.run(_ROTATE, sudo=True, check=False, timeout=60)
+        # shielded: a cancellation that came after the new key was installed but before
+        # it was read would leave the server serving a key nothing pins (the script ends
+        # within its timeout; the cancellation then takes effect)
+        with anyio.CancelScope(shield=True):
+            result = await host.run(_ROTATE, sudo=True, check=False, timeout=60)
         lines = str(result.stdout).strip().splitlines()
         if result.exit_status != 0 or not lines:
             raise InvalidArgument(

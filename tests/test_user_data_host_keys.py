@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 import yaml  # type: ignore[import-untyped]
 
@@ -168,3 +169,48 @@ async def test_failed_rotation_keeps_the_launch_key(
             await _connects_again(server)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("could not be replaced" in w and "no ssh-keygen here" in w for w in warned)
+
+
+async def test_a_rotation_cancelled_once_installed_still_moves_the_pin(
+    manager_factory: ManagerFactory, ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that comes after the server installed its new key (seen over the
+    same verified connection) waits for the rotation: the pin follows the new key, and a
+    new connection verifies."""
+    installed = "trap - EXIT\n"
+    assert installed in hostkeys._ROTATE
+    # the installed key is left in place a while before sshd is told, for the cancel to land
+    monkeypatch.setattr(
+        hostkeys, "_ROTATE", hostkeys._ROTATE.replace(installed, installed + "sleep 2\n")
+    )
+    real = hostkeys.rotate
+    cancelled: list[bool] = []
+
+    async def cancelled_once_installed(ctx: Any, server: Any, host: Any, pin: Any) -> bool:
+        launch = pin.launch_key
+        done = False
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_once_installed() -> None:
+                    with anyio.fail_after(30):
+                        while True:
+                            line = await host.run("cat /etc/ssh/ssh_host_ed25519_key.pub")
+                            if " ".join(str(line.stdout).split()[:2]) != launch:
+                                break
+                            await anyio.sleep(0.05)
+                    scope.cancel()
+
+                tg.start_soon(cancel_once_installed)
+                done = await real(ctx, server, host, pin)
+        cancelled.append(scope.cancelled_caught)
+        return done
+
+    monkeypatch.setattr(hostkeys, "rotate", cancelled_once_installed)
+    async with manager_factory(host_keys="user-data") as m:
+        server = await m.provision_server()
+        assert cancelled == [True]
+        own = await _own_key(server)
+        assert own != await _user_data_key(ec2, server.instance_id)
+        assert _pinned(m, server) == [own]
+        await _connects_again(server)
