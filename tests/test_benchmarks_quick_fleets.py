@@ -39,8 +39,12 @@ def test_fleet(results: Path) -> None:
 
 def test_fleet_ec2(results: Path) -> None:
     data = load(results, "fleet_ec2")
-    runs = data["results"]["runs"]
-    assert [r["n"] for r in runs] == data["params"]["order"]
+    runs, keyed = data["results"]["runs"], data["results"]["user_data_runs"]
+    order = data["params"]["order"]  # "3u": a fleet of 3 with host keys from the user data
+    assert [str(r["n"]) for r in runs] == [o for o in order if not o.endswith("u")]
+    assert [f"{r['n']}u" for r in keyed] == [o for o in order if o.endswith("u")]
+    for r in keyed:  # no console read: the keys came with the launch, then replaced
+        assert r["answered_ssh"] == r["n"] and r["console_calls"] == 0
     for r in runs:
         assert r["answered_ssh"] == r["n"] and r["api_calls"]["RunInstances"] == 1
         # the pending time holds every instance at least that long from its launch

@@ -184,10 +184,11 @@ async def test_a_rotation_cancelled_once_installed_still_moves_the_pin(
         hostkeys, "_ROTATE", hostkeys._ROTATE.replace(installed, installed + "sleep 2\n")
     )
     real = hostkeys.rotate
-    cancelled: list[bool] = []
+    cancelled: list[bool] = []  # per rotation: cancelled while it ran
 
     async def cancelled_once_installed(ctx: Any, server: Any, host: Any, pin: Any) -> bool:
         launch = pin.launch_key
+        rotating = True
         done = False
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
@@ -199,11 +200,14 @@ async def test_a_rotation_cancelled_once_installed_still_moves_the_pin(
                             if " ".join(str(line.stdout).split()[:2]) != launch:
                                 break
                             await anyio.sleep(0.05)
+                    cancelled.append(rotating)
                     scope.cancel()
 
                 tg.start_soon(cancel_once_installed)
-                done = await real(ctx, server, host, pin)
-        cancelled.append(scope.cancelled_caught)
+                try:
+                    done = await real(ctx, server, host, pin)
+                finally:
+                    rotating = False
         return done
 
     monkeypatch.setattr(hostkeys, "rotate", cancelled_once_installed)
