@@ -195,7 +195,8 @@ class LaunchKey:
 # executing itself again (sessions survive); then waited for (up to 10 s) until it
 # listens again (its sockets are new ones), and the new public key printed. Shell
 # builtins where they do (a fleet's servers run it at once, on cores of their own on
-# EC2 but not in a local cloud).
+# EC2 but not in a local cloud). Once the key is installed (``trap - EXIT``) the new key
+# is printed whatever happens (it is the one sshd serves), so that the pin follows it.
 _ROTATE = r"""set -eu
 umask 022
 key=/etc/ssh/ssh_host_ed25519_key
@@ -226,8 +227,6 @@ before=$(socks)
 mv -f "$new.pub" "$key.pub"
 mv -f "$new" "$key"
 trap - EXIT
-# installed: from here on the new key is printed whatever happens (it is the one sshd
-# serves now), so that the pin follows it
 kill -HUP "$listener" || echo "sshd not told to reload" >&2
 i=0
 while [ -n "$before" ] && [ "$i" -lt 500 ]; do
@@ -236,8 +235,7 @@ while [ -n "$before" ] && [ "$i" -lt 500 ]; do
   i=$((i + 1))
   sleep 0.02
 done
-read -r line < "$key.pub"
-echo "$line"
+read -r line < "$key.pub" && echo "$line"
 """
 
 
