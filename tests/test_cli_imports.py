@@ -91,3 +91,15 @@ def test_output_draws_with_rich_only_when_asked(fancy: bool) -> None:
         "out.table([], [[1]], ['n'], '')"
     )
     assert ("rich.console" in _loaded_after(code)) is fancy
+
+
+def test_library_imports_without_the_local_extra() -> None:
+    # What a wheel installed without `[local]` has: moto and what it brings are absent.
+    code = (
+        "import sys\n"
+        "for name in ('moto', 'yaml', 'werkzeug', 'flask'):\n"
+        "    sys.modules[name] = None\n"
+        "import asyncstage, asyncstage.blocking, asyncstage.cli\n"
+        "from asyncstage.localcloud import LocalCloud"
+    )
+    assert "asyncstage.blocking" in _loaded_after(code)

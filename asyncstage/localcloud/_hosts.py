@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import yaml  # type: ignore[import-untyped]  # moto's dependency
-
 from asyncstage.localcloud._isolation import (
     DROPPED_CAPS,
     InstanceCgroup,
@@ -510,6 +508,9 @@ def cloud_config_keys(
     says of what it ignores (user data is anyone's: nothing in it is trusted)."""
     if not user_data or not user_data.startswith(b"#cloud-config"):
         return {}, []
+    # Here, not at the top: the library imports this module without the `local` extra.
+    import yaml  # type: ignore[import-untyped]
+
     try:
         config = yaml.safe_load(user_data.decode())
     except (UnicodeDecodeError, yaml.YAMLError) as e:
