@@ -113,9 +113,16 @@ def _loop_devices() -> set[str]:
     return {line.split(":", 1)[0] for line in out.stdout.splitlines() if line.strip()}
 
 
+_SHARED_MOUNT_POINTS = {"/run/netns"}
+"""Made once per boot by iproute2's first ``ip netns add`` (a shared bind of itself) and
+never undone: every program that names namespaces uses it. The mounts inside it (each
+namespace's) are compared."""
+
+
 def _mounts() -> set[str]:
     with open("/proc/mounts") as f:
-        return {" ".join(line.split()[:3]) for line in f}
+        fields = [line.split()[:3] for line in f]
+    return {" ".join(m) for m in fields if m[1] not in _SHARED_MOUNT_POINTS}
 
 
 def _cloud_cgroups() -> set[str]:
