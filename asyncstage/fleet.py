@@ -39,6 +39,9 @@ log = logging.getLogger("asyncstage")
 _Errors: TypeAlias = "dict[ServerRef, Exception]"
 """What failed, by server."""
 
+_SSH_SLOTS = 32
+"""How many servers of a wait may be reaching theirs (ssh handshakes) at once."""
+
 
 @dataclass
 class _Batch:
@@ -368,20 +371,22 @@ class Fleet:
         """Wait until running (one describe per round); each server, as soon as it is
         seen running, has its host key read from its console and its ssh tried as soon
         as the key is known (the ssh slots go to the servers in the order their keys
-        come, not held by those still waiting for theirs)."""
+        come, not held by those still waiting for theirs nor by a launch key's replacement)."""
         m = self.ctx
         deadline = anyio.current_time() + timeout
         by_id = {s.instance_id: s for s in servers}
         errors: dict[ServerRef, Exception] = {}
-        limiter = anyio.CapacityLimiter(32)
+        limiter = anyio.CapacityLimiter(_SSH_SLOTS)
 
         async def ssh_up(server: ServerRef) -> None:
             await _settle_host_key(server)
-            async with limiter:
-                try:
+            try:
+                async with limiter:
                     await server._wait_ssh(deadline)
-                except AsyncstageError as e:
-                    errors[server] = e
+                # a command over the connection made: no slot held while sshd reloads
+                await server._replace_launch_key()
+            except AsyncstageError as e:
+                errors[server] = e
 
         async with anyio.create_task_group() as tg:
 

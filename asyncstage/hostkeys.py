@@ -189,51 +189,55 @@ class LaunchKey:
         return cls(public, "#cloud-config\n" + json.dumps(config, indent=1) + "\n")
 
 
-# Run as root (sudo) over the connection that verified the launch key: a new ed25519 key
-# in place of the launch key, sshd's listener (the topmost sshd among this session's
-# ancestors, whatever its init system) told to load it by SIGHUP, which it does by
-# executing itself again (sessions survive); then waited for (up to 10 s) until it
-# listens again (its sockets are new ones), and the new public key printed. Shell
-# builtins where they do (a fleet's servers run it at once, on cores of their own on
-# EC2 but not in a local cloud). Once the key is installed (``trap - EXIT``) the new key
-# is printed whatever happens (it is the one sshd serves), so that the pin follows it.
+# Run as root (sudo) over the connection that verified the launch key, as its first
+# command: a new ed25519 key in place of the launch key, sshd's listener (the topmost sshd
+# among this session's ancestors, whatever its init system) told to load it by SIGHUP,
+# which it does by executing itself again (sessions survive); then waited for (up to
+# 10 s) until it listens again: as many sockets as before, none of them an old one (or
+# the same new ones twice running), and the new public key printed. The listener's
+# sockets are read with shell builtins (their inodes from fdinfo; ``ls`` only on kernels
+# whose fdinfo has none): a fleet's servers all run this at once, on cores of their own
+# on EC2 but not in a local cloud, and every process started here is paid by each. Once
+# the key is installed (``trap - EXIT``) the new key is printed whatever happens (it is
+# the one sshd serves), so that the pin follows it.
 _ROTATE = r"""set -eu
 umask 022
-key=/etc/ssh/ssh_host_ed25519_key
-new=/etc/ssh/.asyncstage-hostkey.$$
-listener= p=$$
+key=/etc/ssh/ssh_host_ed25519_key new=/etc/ssh/.asyncstage-hostkey.$$ listener= p=$$
 while [ -n "$p" ] && [ "$p" != 0 ] && [ -r "/proc/$p/status" ]; do
   read -r comm < "/proc/$p/comm" || comm=
   [ "$comm" != sshd ] || listener=$p
   ppid=
-  while read -r field value; do
-    [ "$field" != PPid: ] || { ppid=$value; break; }
-  done < "/proc/$p/status"
+  while read -r field value; do [ "$field" != PPid: ] || { ppid=$value; break; }; done \
+    < "/proc/$p/status"
   p=$ppid
 done
 [ -n "$listener" ] || { echo "no sshd listener above this session" >&2; exit 3; }
 socks() {
-  found=
-  for word in $(ls -l "/proc/$listener/fd" 2>/dev/null); do
-    case $word in socket:*) found="$found $word" ;; esac
+  socks= n=0
+  for fd in "/proc/$listener/fd/"*; do
+    [ -S "$fd" ] || continue
+    ino=
+    { while read -r field value; do [ "$field" != ino: ] || ino=$value; done \
+      < "/proc/$listener/fdinfo/${fd##*/}"; } 2>/dev/null || :
+    [ -n "$ino" ] || { ino=$(ls -l "$fd" 2>/dev/null) || :; ino=${ino##*:}; ino=${ino#?}; }
+    socks="$socks $ino" n=$((n + 1))
   done
-  echo "$found"
 }
 read -r host < /proc/sys/kernel/hostname || host=localhost
-rm -f "$new" "$new.pub"
+[ ! -e "$new" ] && [ ! -e "$new.pub" ] || rm -f "$new" "$new.pub"
 trap 'rm -f "$new" "$new.pub"' EXIT
 ssh-keygen -q -t ed25519 -N '' -C "root@$host" -f "$new" </dev/null >/dev/null
-before=$(socks)
+socks; before="$socks " was=$n last= i=0
 mv -f "$new.pub" "$key.pub"
 mv -f "$new" "$key"
 trap - EXIT
-kill -HUP "$listener" || echo "sshd not told to reload" >&2
-i=0
-while [ -n "$before" ] && [ "$i" -lt 500 ]; do
-  now=$(socks)
-  [ -z "$now" ] || [ "$now" = "$before" ] || break
-  i=$((i + 1))
+kill -HUP "$listener" || { echo "sshd not told to reload" >&2; was=0; }
+while [ "$was" -gt 0 ] && [ "$i" -lt 500 ]; do
   sleep 0.02
+  socks; fresh=$n i=$((i + 1))
+  for s in $socks; do case $before in *" $s "*) fresh=0 ;; esac; done
+  [ "$fresh" = 0 ] || { [ "$n" -lt "$was" ] && [ "$socks" != "$last" ]; } || break
+  last=$socks
 done
 read -r line < "$key.pub" && echo "$line"
 """

@@ -411,6 +411,10 @@ class Server:
         (cloud-init prints them in its last stage): ssh is tried at once, and sshd is
         probed for only if that fails. A probe is a connection of its own, which the
         server's sshd serves with a process of its own: a fleet would pay it twice.
+
+        A server whose launch key is to be replaced is only connected to (verified): the
+        replacement is its first command (:meth:`_replace_launch_key`, run by the caller
+        once it has let go of its share of the ssh slots).
         """
         if self.address is None:
             raise ServerNotRunning(f"server {self.name} ({self.instance_id}) has no address")
@@ -429,7 +433,10 @@ class Server:
             limit = max(2.0, min(10.0, left))
             try:
                 with anyio.fail_after(limit):
-                    await self.host.run("true", timeout=limit)
+                    if self._pin.rotate:  # the handshake alone: the replacement comes next
+                        await self.host.host_public_key()
+                    else:
+                        await self.host.run("true", timeout=limit)
             except HostKeyMismatch as e:
                 if not self._pin.fall_back():
                     raise
@@ -443,9 +450,7 @@ class Server:
             except (SSHError, TimeoutError) as e:
                 failure: BaseException = e
             else:
-                if self._pin.rotate:
-                    await hostkeys.rotate(self._ctx, self, self.host, self._pin)
-                self._up = True
+                self._up = not self._pin.rotate
                 return
             left = deadline - anyio.current_time()
             if left <= 0:
@@ -459,3 +464,14 @@ class Server:
                 continue
             await anyio.sleep(min(interval, left))
             interval = min(interval * 1.5, 5.0)
+
+    async def _replace_launch_key(self) -> None:
+        """After :meth:`_wait_ssh` reached the server: its launch key replaced, as its first
+        command (:func:`~asyncstage.hostkeys.rotate`). A replacement that failed leaves
+        the server usable with the launch key pinned, once a command shows that it runs
+        them (an error of that command is the server's)."""
+        if not self._pin.rotate:
+            return
+        if not await hostkeys.rotate(self._ctx, self, self.host, self._pin):
+            await self.host.run("true", timeout=10.0)
+        self._up = True

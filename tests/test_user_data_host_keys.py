@@ -20,8 +20,9 @@ import anyio
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from asyncstage import Manager, Server, hostkeys
+from asyncstage import Manager, Server, fleet, hostkeys
 from asyncstage.localcloud import LocalCloud
+from asyncstage.ssh import SSHHost
 from tests.fixtures.cloud import ManagerFactory
 from tests.test_realism_capacity import playing
 
@@ -68,6 +69,11 @@ async def _own_key(server: Server) -> str:
 def _pinned(m: Manager, server: Server) -> list[str]:
     assert server.address is not None
     return m.known_hosts.lookup(server.address, 22)
+
+
+def _fdinfo() -> str:
+    with open("/proc/self/fdinfo/0") as fdinfo:
+        return fdinfo.read()
 
 
 async def _connects_again(server: Server) -> None:
@@ -216,5 +222,95 @@ async def test_a_rotation_cancelled_once_installed_still_moves_the_pin(
         assert cancelled == [True]
         own = await _own_key(server)
         assert own != await _user_data_key(ec2, server.instance_id)
+        assert _pinned(m, server) == [own]
+        await _connects_again(server)
+
+
+async def test_the_replacement_is_the_first_contact_s_only_command(
+    manager_factory: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first contact is the verified handshake and one command, the replacement:
+    no other command before it (each is a session its sshd starts a shell for)."""
+    commands: list[str] = []
+    real = SSHHost.run
+
+    async def run(self: SSHHost, *cmd: Any, **kwargs: Any) -> Any:
+        commands.append(" ".join(map(str, cmd)))
+        return await real(self, *cmd, **kwargs)
+
+    monkeypatch.setattr(SSHHost, "run", run)
+    async with manager_factory(host_keys="user-data") as m:
+        server = await m.provision_server()
+        assert commands == [hostkeys._ROTATE]
+        own = await _own_key(server)
+        assert _pinned(m, server) == [own]
+        await _connects_again(server)
+
+
+async def test_a_launch_key_replacement_holds_no_ssh_slot(
+    manager_factory: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet's servers are reached a few at a time (ssh slots); one that replaces its
+    launch key has been reached and holds none. With one slot, the first replacement
+    waits until the other server was reached: it could not while that slot was held."""
+    monkeypatch.setattr(fleet, "_SSH_SLOTS", 1)
+    reached: list[str] = []
+    both = anyio.Event()
+    real_wait = Server._wait_ssh
+
+    async def wait_ssh(self: Server, deadline: float) -> None:
+        await real_wait(self, deadline)
+        reached.append(self.instance_id)
+        if len(reached) == 2:
+            both.set()
+
+    real_rotate = hostkeys.rotate
+    rotating: list[str] = []
+    waited: list[bool] = []  # the first replacement: did the other server get reached?
+
+    async def rotate(ctx: Any, server: Any, host: Any, pin: Any) -> bool:
+        rotating.append(server.instance_id)
+        if len(rotating) == 1:
+            with anyio.move_on_after(30):
+                await both.wait()
+            waited.append(both.is_set())
+        return await real_rotate(ctx, server, host, pin)
+
+    monkeypatch.setattr(Server, "_wait_ssh", wait_ssh)
+    monkeypatch.setattr(hostkeys, "rotate", rotate)
+    async with manager_factory(host_keys="user-data") as m:
+        servers = await m.provision_servers(2)
+        assert waited == [True]
+        for server in servers:
+            own = await _own_key(server)
+            assert _pinned(m, server) == [own]
+            await _connects_again(server)
+
+
+async def test_the_replacement_reads_sshd_s_sockets_without_a_process(
+    manager_factory: ManagerFactory,
+) -> None:
+    """The replacement's reads of the sshd listener's sockets (before it is told to
+    reload, and while it comes back) start no process: each would be paid by every
+    server of a fleet at once. Here ``ls`` and ``rm`` first on root's PATH note each
+    start; a replacement starts neither, and the pin still follows the key sshd serves."""
+    if "\nino:" not in _fdinfo():
+        pytest.skip("this kernel's fdinfo has no inode: the replacement uses ls")
+    async with manager_factory(host_keys="user-data") as m:
+        server = await m.provision_server()
+        await server.run(
+            "for tool in ls rm; do"
+            " printf '#!/bin/sh\\necho %s >> /run/started\\nexec /bin/%s \"$@\"\\n'"
+            ' "$tool" "$tool" > "/usr/local/sbin/$tool"; chmod 755 "/usr/local/sbin/$tool";'
+            " done",
+            sudo=True,
+        )
+        assert (await server.scmd("ls -d / && cat /run/started", sudo=True)).split() == ["/", "ls"]
+        await server.run("rm -f /run/started", sudo=True)
+        before = await _own_key(server)
+        assert await hostkeys.rotate(server._ctx, server, server.host, server._pin)
+        assert (await server.scmd("cat /run/started || true", sudo=True)).split() == []
+        own = await _own_key(server)
+        assert own != before
         assert _pinned(m, server) == [own]
         await _connects_again(server)
