@@ -114,8 +114,15 @@ def _loop_devices() -> set[str]:
 
 
 def _mounts() -> set[str]:
+    """The machine's mounts, but iproute2's own /run/netns: the first ``ip netns add`` on a
+    machine binds that directory onto itself and no ``ip netns`` command ever undoes it,
+    so on a fresh machine the first run would take it for a cloud's leftover. The
+    namespaces mounted in it are still compared, here and by :func:`_cloud_network`."""
+    from asyncstage.localcloud._netns import NETNS_DIR
+
     with open("/proc/mounts") as f:
-        return {" ".join(line.split()[:3]) for line in f}
+        found = {" ".join(line.split()[:3]) for line in f}
+    return {m for m in found if m.split()[1] != str(NETNS_DIR)}
 
 
 def _cloud_cgroups() -> set[str]:
