@@ -73,6 +73,7 @@ _LONGEST_FIRST = (
     "test_manager_moto.py",
     "test_backup_check.py",
     "test_hostile.py",
+    "test_volume.py",
     "test_transfer_cloud.py",
     "test_manager.py",
     "test_backup.py",
