@@ -181,7 +181,7 @@ async def main() -> None:
         print(json.dumps(await _child(scenario, info, count, size)))
         return
     args = parse_args(__doc__ or "")
-    n_servers = 4 if args.quick else 100
+    n_servers = 2 if args.quick else 100
     n_transfers = 2 if args.quick else 8
     size = 4 * MiB if args.quick else 64 * MiB
     report = Report("controller", args.quick, args.results)

@@ -274,7 +274,7 @@ async def _put(
 async def main() -> None:
     args = parse_args(__doc__ or "")
     quick = args.quick
-    n_servers = 5 if quick else 50
+    n_servers = 3 if quick else 50
     n_commands = 20 if quick else 1000
     put_bytes = (4 if quick else 100) * MiB
     reps = 1 if quick else 3

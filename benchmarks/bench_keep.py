@@ -11,7 +11,7 @@ over many snapshots.
    DeleteSnapshot per removed snapshot) and its time, against a naive retention of the
    same history that describes each snapshot before deleting it.
 
-Quick mode: 100 snapshots, 16 MiB of data.
+Quick mode: 30 snapshots, 16 MiB of data.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ async def forget_many(report: Report, count: int) -> None:
 async def main() -> None:
     args = parse_args(__doc__ or "")
     report = Report("keep", args.quick, args.results)
-    count = 100 if args.quick else 1000
+    count = 30 if args.quick else 1000
     data_mib = 16 if args.quick else 256
     rounds = 1 if args.quick else 3
     report.params = {"snapshots": count, "data_mib": data_mib, "rounds": rounds}

@@ -374,7 +374,7 @@ async def main() -> None:
         await _before_after(args.quick, args.results, before)
         return
     quick = args.quick
-    size = 16 * MiB if quick else 384 * MiB
+    size = 4 * MiB if quick else 384 * MiB
     rounds = 1 if quick else 12
     blocks, per_block = (2, 5) if quick else (20, 20)
     boot_rounds = 1 if quick else 6

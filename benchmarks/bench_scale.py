@@ -91,9 +91,9 @@ async def _controller(cloud: LocalCloud, m: Manager, n: int) -> dict[str, Any]:
 async def main() -> None:
     args = parse_args(__doc__ or "")
     quick = args.quick
-    fleet = 8 if quick else 200
-    connected = 8 if quick else 250
-    spread, n_commands = (4, 80) if quick else (50, 2000)
+    fleet = 4 if quick else 200
+    connected = 4 if quick else 250
+    spread, n_commands = (2, 40) if quick else (50, 2000)
     boot_delay = 0.3 if quick else 5.0
     cores = os.cpu_count() or 1
     report = Report("scale", quick, args.results)

@@ -210,11 +210,11 @@ async def main() -> None:
     args = parse_args(__doc__ or "")
     quick = args.quick
     reps = 1 if quick else 3
-    rsync_size = 16 * MiB if quick else GiB
+    rsync_size = 4 * MiB if quick else GiB
     pair_size = 4 * MiB if quick else 64 * MiB
     n_parallel = 2 if quick else 8
     sparse_gib = 1 if quick else 4
-    sparse_data = (16 if quick else 256) * MiB
+    sparse_data = (4 if quick else 256) * MiB
     report = Report("transfers", quick, args.results)
     report.params = {
         "repeats": reps,

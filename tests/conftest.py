@@ -51,27 +51,40 @@ _LAYER_FIXTURES = {
 
 # The modules that take longest (from --durations on 2 cores), longest first. With
 # `--dist loadscope --no-loadscope-reorder` (make test) each module goes whole to one worker
-# in this order, so no worker is handed a long module when the others are nearly done.
-# The benchmark groups (each runs its scripts' quick mode in its first test) go between
-# the long test modules: spread over the workers, not queued behind each other.
+# in this order, so no worker is handed a long module when the others are nearly done: a
+# module missing here is handed out in file-name order, late, and a long one then ends the
+# run alone. The benchmark groups (each runs its scripts' quick mode in its first test) go
+# between the long test modules: spread over the workers, not queued behind each other.
 _LONGEST_FIRST = (
-    "test_benchmarks_quick_baselines.py",
-    "test_safety_faults.py",
-    "test_benchmarks_quick.py",
     "test_cli.py",
+    "test_localcloud_snapshots.py",
+    "test_benchmarks_quick.py",
+    "test_safety_faults.py",
     "test_benchmarks_quick_fleets.py",
     "test_backup_faults.py",
     "test_benchmarks_quick_backups.py",
+    "test_first_use.py",
+    "test_realism_consistency.py",
     "test_localcloud_isolation.py",
+    "test_localcloud_wire.py",
+    "test_benchmarks_quick_baselines.py",
     "test_backup_runs.py",
     "test_demo.py",
+    "test_manager_moto.py",
+    "test_backup_check.py",
     "test_hostile.py",
-    "test_realism_consistency.py",
+    "test_volume.py",
     "test_transfer_cloud.py",
     "test_manager.py",
-    "test_localcloud_wire.py",
+    "test_backup.py",
+    "test_backup_keep_regions.py",
+    "test_localcloud.py",
+    "test_request_rate.py",
+    "test_transfer_hosts.py",
+    "test_remote_blockcopy.py",
+    "test_jump.py",
+    "test_network_library.py",
     "test_realism_devices.py",
-    "test_first_use.py",
     "test_blocking.py",
 )
 
@@ -113,16 +126,16 @@ def _loop_devices() -> set[str]:
     return {line.split(":", 1)[0] for line in out.stdout.splitlines() if line.strip()}
 
 
-_SHARED_MOUNT_POINTS = {"/run/netns"}
-"""Made once per boot by iproute2's first ``ip netns add`` (a shared bind of itself) and
-never undone: every program that names namespaces uses it. The mounts inside it (each
-namespace's) are compared."""
-
-
 def _mounts() -> set[str]:
+    """The machine's mounts, but iproute2's own /run/netns: the first ``ip netns add`` on a
+    machine binds that directory onto itself and no ``ip netns`` command ever undoes it,
+    so on a fresh machine the first run would take it for a cloud's leftover. The
+    namespaces mounted in it are still compared, here and by :func:`_cloud_network`."""
+    from asyncstage.localcloud._netns import NETNS_DIR
+
     with open("/proc/mounts") as f:
-        fields = [line.split()[:3] for line in f]
-    return {" ".join(m) for m in fields if m[1] not in _SHARED_MOUNT_POINTS}
+        found = {" ".join(line.split()[:3]) for line in f}
+    return {m for m in found if m.split()[1] != str(NETNS_DIR)}
 
 
 def _cloud_cgroups() -> set[str]:
