@@ -256,9 +256,12 @@ async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
 async def test_a_copy_cancelled_or_failed_stops_its_follow_pass(
     manager: Manager, server: Server, tmp_path: Path, ending: str
 ) -> None:
-    src = _tree(tmp_path / "src")
+    await server.scmd("sh", "-c", "mkdir -p /srv/held && echo early > /srv/held/a", sudo=True)
+    late = _tree(tmp_path / "late")
     go = tmp_path / "go"
+    # the follow pass starts with the first host's rsync; the second's hook holds the copy
     held = backup.Hook(f"while [ ! -e {go} ]; do sleep 0.05; done; exit 3", timeout=120)
+    sources = [f"{server.name}:/srv/held", backup.Hooked(str(late), pre=held)]
     root = server.default_mtpt("follow-stopped")
     scope = anyio.CancelScope()
 
@@ -275,9 +278,7 @@ async def test_a_copy_cancelled_or_failed_stops_its_follow_pass(
     async with anyio.create_task_group() as tg:
         tg.start_soon(end_the_copy_once_followed)
         with scope, failing:
-            await backup.backup(
-                manager, "follow-stopped", [backup.Hooked(str(src), pre=held)], server=server
-            )
+            await backup.backup(manager, "follow-stopped", sources, server=server)
     assert scope.cancelled_caught == (ending == "cancelled")
     assert await _following(server, root) == []
     assert manager.volumes() == [] and await _volumes_named(manager, "follow-stopped") == []

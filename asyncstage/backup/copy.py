@@ -278,9 +278,10 @@ async def _copy_listed(
     done: list[tuple[TransferStats, str, float]] = []
 
     async def copy() -> None:
-        stats, consistency = await _copy_into(m, volume, groups, progress)
+        stats, consistency = await _copy_into(m, volume, groups, progress, follower.rsyncing)
         done.append((stats, consistency, time.monotonic()))
         tell("manifest")
+        follower.rsyncing.set()  # (set already, unless no rsync ran)
         follower.copied.set()
 
     await concurrently(copy, follower.run)  # the copy's error as itself, the follower stopped
@@ -392,11 +393,15 @@ def _sole_source_server(groups: list[Group], zone: str | None, name: str) -> Ser
 
 
 async def _copy_into(
-    m: Manager, volume: Volume, groups: list[Group], progress: ProgressCallback | None
+    m: Manager,
+    volume: Volume,
+    groups: list[Group],
+    progress: ProgressCallback | None,
+    rsyncing: anyio.Event,
 ) -> tuple[TransferStats, str]:
-    """rsync each host's sources into its directory of the volume, between their hooks;
-    the summed figures and the consistency (application-consistent only when every
-    source had a ``pre`` hook that succeeded)."""
+    """rsync each host's sources into its directory of the volume, between their hooks
+    (``rsyncing`` set as the first rsync starts); the summed figures and the consistency
+    (application-consistent only when every source had a ``pre`` hook that succeeded)."""
     total = TransferStats(route="", elapsed=0.0, bytes=0)
     routes: list[str] = []
     quiesced = True
@@ -410,6 +415,7 @@ async def _copy_into(
                 ok = hooks.pre is not None and await run_hook("pre", hooks.pre, g.server)
                 quiesced = quiesced and ok
             try:
+                rsyncing.set()
                 stats = await _rsync_group(m, volume, g, progress)
             except (RsyncError, SSHError) as e:
                 better = await _explained(volume, g, e)

@@ -102,14 +102,16 @@ def _digest_arg(digest: str | None) -> list[str]:
 
 class Follower:
     """The follow pass on the server of a mounted volume while a copy writes into it:
-    :meth:`run` in a task beside the copy, :attr:`copied` set once the copy is done;
-    :attr:`digest` is then the provisional manifest's (None when there is none: the
-    final pass hashes without it). A copy that fails or is cancelled cancels the task,
-    which stops the remote command."""
+    :meth:`run` in a task beside the copy, :attr:`rsyncing` set as its first rsync
+    starts (not before: its hooks may take long, and nothing lands meanwhile),
+    :attr:`copied` once the copy is done; :attr:`digest` is then the provisional
+    manifest's (None when there is none: the final pass hashes without it). A copy that
+    fails or is cancelled cancels the task, which stops the remote command."""
 
     def __init__(self, volume: Volume, earlier: str | None) -> None:
         self.volume = volume
         self.earlier = earlier
+        self.rsyncing = anyio.Event()
         self.copied = anyio.Event()
         self.digest: str | None = None
         self.reply: dict[str, Any] = {}
@@ -117,6 +119,7 @@ class Follower:
     async def run(self) -> None:
         """Run the follow pass until :attr:`copied`, then take its answer. Its own
         failures are logged, never raised: the copy does not depend on it."""
+        await self.rsyncing.wait()
         server, root = self.volume.server, self.volume.mtpt
         if server is None or not root or self.copied.is_set():
             return
