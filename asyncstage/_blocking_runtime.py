@@ -550,8 +550,9 @@ class CommandWriter(_CommandFile[AnyStr]):
     """The stdin of a remote command as an ordinary writable file (``str``, or ``bytes``
     when opened with ``encoding=None``): ``write``, ``writelines``, ``flush``, ``close``.
     Writes are buffered (64 KiB) and wait for the remote side. Closing sends EOF, waits
-    for the command and raises :class:`~asyncstage.errors.CommandFailed` when it failed;
-    leaving a ``with`` block by an exception stops the command instead.
+    for the command and raises :class:`~asyncstage.errors.CommandFailed` when it failed
+    (its stdout is then :attr:`output`); leaving a ``with`` block by an exception stops
+    the command instead.
     """
 
     _verb = "input"
@@ -579,6 +580,12 @@ class CommandWriter(_CommandFile[AnyStr]):
         if self._size >= _CHUNK:
             self.flush()
         return len(data)
+
+    @property
+    def output(self) -> AnyStr:
+        """What the command wrote to its stdout so far (its last MiB): all of it once
+        the file is closed."""
+        return self._writer.output
 
     def writelines(self, lines: Iterable[AnyStr]) -> None:
         """Write each item (no newlines are added, as with ordinary files)."""

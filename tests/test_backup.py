@@ -3,6 +3,7 @@ refuse, and what a failure or a cancellation leaves behind (nothing but earlier 
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 from collections.abc import AsyncIterator
@@ -12,12 +13,13 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncstage import Manager, Server, Volume, backup
-from asyncstage.backup.manifest import MANIFEST_TAG
+from asyncstage import Manager, Server, Volume, backup, remote
+from asyncstage.backup.manifest import MANIFEST_NAME, MANIFEST_TAG
 from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG
 from asyncstage.ec2 import tag, tag_filters
 from asyncstage.errors import (
     DestinationNotEmpty,
+    HookFailed,
     InvalidArgument,
     InvalidName,
     NameTaken,
@@ -32,7 +34,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
     async with manager_factory() as m:
         yield m
-        for name in ("photos", "round", "broken", "cancelled"):
+        for name in ("photos", "round", "broken", "cancelled", "follow", "follow-stopped"):
             for snap in await m.snapshots(name):
                 await m.ec2.delete_snapshot(snap["SnapshotId"])
 
@@ -196,6 +198,91 @@ async def test_a_cancelled_backup_deletes_its_volume(manager: Manager, tmp_path:
     assert scope.cancelled_caught
     assert manager.volumes() == [] and await _volumes_named(manager, "cancelled") == []
     assert await manager.snapshots("cancelled") == []
+
+
+_FOLLOWING = """
+import os, sys
+for pid in os.listdir("/proc"):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\\0")
+    except OSError:
+        continue
+    if b"follow" in argv and sys.argv[1].encode() in argv:
+        print(pid)
+"""
+
+
+async def _following(server: Server, root: str) -> list[str]:
+    """The processes of a follow pass over ``root`` on ``server`` (with its sudo)."""
+    return (await server.scmd("python3", "-c", _FOLLOWING, root)).split()
+
+
+async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
+    manager: Manager, server: Server, tmp_path: Path
+) -> None:
+    """The first host's files land (server to server), then the second host's ``pre``
+    hook holds the copy a while: the follow pass hashes the files there meanwhile and the
+    final pass reads only what came later. What it writes is, byte for byte, the manifest
+    a plain pass writes; a rerun still hashes only what changed."""
+    src = await manager.get_server("follow-src")
+    fill = "for i in $(seq 30); do head -c 20000 /dev/urandom > /srv/early/f$i; done"
+    await src.scmd("sh", "-c", f"mkdir -p /srv/early && {fill}", sudo=True)
+    late = _tree(tmp_path / "late")
+    late_bytes = sum(p.stat().st_size for p in late.rglob("*") if p.is_file())
+    sources = ["follow-src:/srv/early", backup.Hooked(str(late), pre=backup.Hook("sleep 3"))]
+
+    first = await backup.backup(manager, "follow", sources, server=server)
+    assert first.files == 37 and first.route == "host->host,local->host"
+    assert first.manifest_followed >= 30 and first.manifest_hashed <= late_bytes
+
+    await src.scmd("sh", "-c", "head -c 20000 /dev/urandom > /srv/early/f7", sudo=True)
+    second = await backup.backup(manager, "follow", sources, server=server)
+    assert (second.manifest_reused, second.manifest_followed, second.manifest_hashed) == (
+        36,
+        1,
+        0,
+    )
+    async with backup.snapshot_volume(manager, "follow", server=server) as vol:
+        assert vol.mtpt
+        top = (await server.scmd("ls", "-A", vol.mtpt, sudo=True)).split()
+        assert MANIFEST_NAME in top
+        assert not [n for n in top if n.startswith(MANIFEST_NAME + ".")]  # no provisional
+        plain = await remote.run_json(server.host, True, "manifest", "write", vol.mtpt)
+    assert plain["hashed"] == plain["bytes"] and plain["sha256"] == second.manifest_sha256
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+async def test_a_copy_cancelled_or_failed_stops_its_follow_pass(
+    manager: Manager, server: Server, tmp_path: Path, ending: str
+) -> None:
+    await server.scmd("sh", "-c", "mkdir -p /srv/held && echo early > /srv/held/a", sudo=True)
+    late = _tree(tmp_path / "late")
+    go = tmp_path / "go"
+    # the follow pass starts with the first host's rsync; the second's hook holds the copy
+    held = backup.Hook(f"while [ ! -e {go} ]; do sleep 0.05; done; exit 3", timeout=120)
+    sources = [f"{server.name}:/srv/held", backup.Hooked(str(late), pre=held)]
+    root = server.default_mtpt("follow-stopped")
+    scope = anyio.CancelScope()
+
+    async def end_the_copy_once_followed() -> None:
+        with anyio.fail_after(120):
+            while not await _following(server, root):  # noqa: ASYNC110 (a remote process)
+                await anyio.sleep(0.1)
+        if ending == "cancelled":
+            scope.cancel()
+        else:
+            go.touch()  # the hook fails: so does the backup
+
+    failing = pytest.raises(HookFailed) if ending == "failed" else contextlib.nullcontext()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(end_the_copy_once_followed)
+        with scope, failing:
+            await backup.backup(manager, "follow-stopped", sources, server=server)
+    assert scope.cancelled_caught == (ending == "cancelled")
+    assert await _following(server, root) == []
+    assert manager.volumes() == [] and await _volumes_named(manager, "follow-stopped") == []
+    assert await manager.snapshots("follow-stopped") == []
 
 
 def test_destination_rules_need_no_cloud(tmp_path: Path) -> None:

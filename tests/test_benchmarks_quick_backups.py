@@ -38,6 +38,9 @@ def test_backup(results: Path) -> None:
     assert rerun["image_copies"]["volumes"] == data["params"]["focus_fleet"]
     assert positive(rerun["image_copies"]["volume_mean_s"])
     assert 0 < rerun["files"] < r["incremental"]["first"]["files"]
+    first = r["incremental"]["first"]  # every file's digest: from the follow pass or read after
+    assert 0 <= first["manifest_followed"] <= first["files"]
+    assert first["manifest_hashed_bytes"] <= first["bytes"]
     kept = r["incremental_kept"]["rerun"]  # every one copied into the volume its first kept
     assert kept["volumes_reused"] == kept["parents"] == data["params"]["focus_fleet"]
     assert 0 < kept["files"] < r["incremental_kept"]["first"]["files"]

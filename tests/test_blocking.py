@@ -163,6 +163,9 @@ def test_end_to_end(bmanager: blocking.Manager) -> None:
     with s.scmd_write("cat > /tmp/blocking.bin", encoding=None) as wb:
         wb.write(bytes(range(256)) * 1000)
     assert s.scmd("stat -c %s /tmp/blocking.bin").strip() == "256000"
+    with s.scmd_write("wc -c") as w:
+        w.write("four")
+    assert w.output.strip() == "4"
     w = s.scmd_write("read x; exit 4")
     w.write("hello\n")
     with pytest.raises(CommandFailed):

@@ -221,6 +221,10 @@ async def test_scmd_write(sshd_server: SSHServer, tmp_path: Path) -> None:
             await f.write("héllo\n")
             await f.write("world\n")
         assert target.read_text() == "héllo\nworld\n"
+        # what the command answers on stdout, once its input ended
+        async with host.scmd_write("sha256sum", encoding=None) as f:
+            await f.write(b"abc")
+        assert f.output.split()[0] == hashlib.sha256(b"abc").hexdigest().encode()
         with pytest.raises(errors.CommandFailed) as failed:
             async with host.scmd_write("cat >/dev/null; echo nope >&2; exit 5") as f:
                 await f.write("x")

@@ -10,7 +10,8 @@ One run of backup ``NAME``:
    room), or empty for the first backup; with ``keep_volume``, the volume the previous
    run kept, when it holds that snapshot (:mod:`asyncstage.backup.warm`);
 4. brings it up to date with ``rsync --delete``, one host's sources after another, and
-   writes the manifest of every file at its root (:mod:`asyncstage.backup.manifest`);
+   writes the manifest of every file at its root (:mod:`asyncstage.backup.manifest`;
+   what landed is hashed while rsync runs, the final pass reads what changed since);
 5. snapshots it (the manifest's digest in a tag from its create call on), waits until
    the snapshot is ``completed`` (detaching the volume meanwhile, unless it is kept),
    and marks it complete with its parent snapshot and its consistency;
@@ -37,12 +38,13 @@ from asyncstage.adoption import extra_tags
 from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own, log
 from asyncstage.backup.hooks import Hook, HookFailed, run_hook
 from asyncstage.backup.lease import Lease, with_lease
-from asyncstage.backup.manifest import manifest_tag, recorded, write_manifest
+from asyncstage.backup.manifest import Follower, manifest_tag, recorded, write_manifest
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
 from asyncstage.backup.sweep import sweep
 from asyncstage.backup.warm import claim, is_kept, mark_kept, reuse
+from asyncstage.concurrency import concurrently
 from asyncstage.errors import (
     AsyncstageError,
     InvalidArgument,
@@ -92,12 +94,15 @@ class BackupResult:
     manifest_sha256: str = ""
     """sha256 of the snapshot's manifest (also in its ``asyncstage:backup-manifest`` tag)."""
     manifest_s: float = 0.0
-    """Seconds spent writing the manifest (hashing the files on the work volume that
-    changed since the previous snapshot's manifest, or every file)."""
+    """Seconds from the end of rsync to the manifest written (hashing the files on the
+    work volume that changed since the previous snapshot's manifest, or every file,
+    except those the follow pass hashed while rsync ran)."""
     manifest_reused: int = 0
     """Files whose digest the previous snapshot's manifest gave (unchanged since)."""
+    manifest_followed: int = 0
+    """Files whose digest the follow pass gave (hashed while rsync ran, unchanged since)."""
     manifest_hashed: int = 0
-    """Bytes of files read and hashed for the manifest."""
+    """Bytes of files read and hashed for the manifest once rsync was done."""
     volume_kept: bool = False
     """Whether the work volume was kept for the next run (``keep_volume``)."""
     volume_reused: bool = False
@@ -207,10 +212,9 @@ async def _run(
     t_volume = time.monotonic()
     try:
         tell("rsync")
-        stats, consistency = await _copy_into(m, volume, groups, progress)
-        t_rsync = time.monotonic()
-        tell("manifest")
-        manifest = await write_manifest(volume, earlier)
+        stats, consistency, t_rsync, manifest = await _copy_listed(
+            m, volume, groups, progress, earlier, tell
+        )
         t_manifest = time.monotonic()
         tell("snapshot")
         await lease.check()
@@ -252,10 +256,37 @@ async def _run(
         manifest_sha256=manifest["sha256"],
         manifest_s=t_manifest - t_rsync,
         manifest_reused=int(manifest.get("reused", 0)),
+        manifest_followed=int(manifest.get("followed", 0)),
         manifest_hashed=int(manifest.get("hashed", 0)),
         volume_kept=keep_volume,
         volume_reused=reused,
     )
+
+
+async def _copy_listed(
+    m: Manager,
+    volume: Volume,
+    groups: list[Group],
+    progress: ProgressCallback | None,
+    earlier: str | None,
+    tell: Phase,
+) -> tuple[TransferStats, str, float, dict[str, Any]]:
+    """rsync into the volume while the follow pass hashes what lands, then the manifest
+    (:mod:`asyncstage.backup.manifest`): the copy's figures, its consistency, when it
+    ended, and the manifest's answer."""
+    follower = Follower(volume, earlier)
+    done: list[tuple[TransferStats, str, float]] = []
+
+    async def copy() -> None:
+        stats, consistency = await _copy_into(m, volume, groups, progress, follower.rsyncing)
+        done.append((stats, consistency, time.monotonic()))
+        tell("manifest")
+        follower.rsyncing.set()  # (set already, unless no rsync ran)
+        follower.copied.set()
+
+    await concurrently(copy, follower.run)  # the copy's error as itself, the follower stopped
+    ((stats, consistency, copied),) = done
+    return stats, consistency, copied, await write_manifest(volume, earlier, follower.digest)
 
 
 async def _completed(m: Manager, snapshot_id: str, detach: Volume | None) -> None:
@@ -362,11 +393,15 @@ def _sole_source_server(groups: list[Group], zone: str | None, name: str) -> Ser
 
 
 async def _copy_into(
-    m: Manager, volume: Volume, groups: list[Group], progress: ProgressCallback | None
+    m: Manager,
+    volume: Volume,
+    groups: list[Group],
+    progress: ProgressCallback | None,
+    rsyncing: anyio.Event,
 ) -> tuple[TransferStats, str]:
-    """rsync each host's sources into its directory of the volume, between their hooks;
-    the summed figures and the consistency (application-consistent only when every
-    source had a ``pre`` hook that succeeded)."""
+    """rsync each host's sources into its directory of the volume, between their hooks
+    (``rsyncing`` set as the first rsync starts); the summed figures and the consistency
+    (application-consistent only when every source had a ``pre`` hook that succeeded)."""
     total = TransferStats(route="", elapsed=0.0, bytes=0)
     routes: list[str] = []
     quiesced = True
@@ -380,6 +415,7 @@ async def _copy_into(
                 ok = hooks.pre is not None and await run_hook("pre", hooks.pre, g.server)
                 quiesced = quiesced and ok
             try:
+                rsyncing.set()
                 stats = await _rsync_group(m, volume, g, progress)
             except (RsyncError, SSHError) as e:
                 better = await _explained(volume, g, e)

@@ -29,12 +29,33 @@ back to the old time) changes its ctime or inode, so it is read again. The earli
 manifest is used only when its own digest is the one the caller expects (its
 snapshot's tag).
 
+While a copy still writes into the tree, ``follow`` hashes what has landed, so that the
+final ``write`` re-reads only what changed since: the follow pass keeps a file's digest
+only when the file's ctime is older than the filesystem's own clock at the start of the
+pass (an unnamed file's ctime, stamped then: as git treats "racily clean" index
+entries, a change made later in the same timestamp tick would keep the file's size,
+times and inode) and when the file's stat is the same after hashing as before. Its
+digests go to a provisional manifest (``.asyncstage-manifest.tmp-follow``, a file of
+the reserved ``.asyncstage-manifest.tmp-`` names a walk skips), which the final pass
+trusts only by the digest the follow pass printed, and then deletes along with any
+other such leftover of a crashed run: the final pass stays the only authority, the
+provisional manifest is a cache of it.
+
 Commands:
 
-* ``write ROOT [SHA256]``: write ``ROOT/.asyncstage-manifest`` (a temporary file renamed
-  over it, synced), print its ``sha256``, the number of ``entries``, ``files`` and
-  ``bytes``, and how many files were ``reused`` from the manifest already there (only
-  when its digest is SHA256) and how many bytes were ``hashed``;
+* ``write ROOT [SHA256] [provisional=SHA256]``: write ``ROOT/.asyncstage-manifest`` (a
+  temporary file renamed over it, synced), print its ``sha256``, the number of
+  ``entries``, ``files`` and ``bytes``, how many files were ``reused`` from the manifest
+  already there (only when its digest is SHA256) or ``followed`` from the provisional
+  manifest (only when its digest is the ``provisional`` one), and how many bytes were
+  ``hashed``; then delete the provisional manifest and other leftovers at the root;
+* ``follow ROOT [SHA256]``: until its stdin ends, walk ROOT every
+  :data:`FOLLOW_INTERVAL` seconds (no more often than its walks take when one hashed
+  nothing) and hash each file that is neither hashed already nor unchanged since the
+  manifest there (SHA256 as for ``write``), skipping rsync's temporary files
+  (``.NAME.XXXXXX``); print one line per walk (``pass``, ``files`` and ``hashed``
+  bytes so far), then write the provisional manifest and print its ``sha256``, its
+  ``files``, the ``hashed`` bytes and the ``passes``;
 * ``check ROOT MANIFEST SHA256 [read-data] [ignore-extra]``: compare the tree at ROOT
   with the manifest file MANIFEST, which is trusted only when its own digest is SHA256;
   print ``manifest`` (``ok``, ``missing``, ``mismatch`` or ``unreadable``) and the
@@ -50,9 +71,11 @@ import hashlib
 import json
 import os
 import re
+import select
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 NAME = ".asyncstage-manifest"
 """The manifest's file name, at the root of the tree it lists."""
@@ -63,6 +86,11 @@ KINDS = ("missing", "changed", "extra", "damaged")
 _CHUNK = 1 << 20
 _SKIP_AT_ROOT = (NAME.encode(), b"lost+found")
 _TMP_PREFIX = (NAME + ".tmp-").encode()
+PROVISIONAL = NAME + ".tmp-follow"
+"""The follow pass's provisional manifest, at the root of the tree (skipped by walks)."""
+FOLLOW_INTERVAL = 0.5
+"""Seconds from the start of one follow walk to the next (at least)."""
+_RSYNC_TEMP = re.compile(rb"\..+\.[0-9A-Za-z]{6}", re.DOTALL)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TYPES = {
     stat.S_IFREG: "file",
@@ -150,21 +178,49 @@ _SAME_FILE = ("size", "mtime_ns", "ctime_ns", "ino")
 
 class Earlier:
     """The digests of an earlier manifest of the tree, looked up in walk order (one
-    streaming pass beside the walk). Empty when there is none, or its digest is not
-    the expected one, or it does not read as a manifest."""
+    streaming pass beside the walk; :meth:`restart` for another walk). Empty when there
+    is none, or its digest is not the expected one, or it does not read as a manifest.
+    The file stays open: what is read is what was verified, wherever it is moved."""
 
     def __init__(self, path: bytes, expected: str | None) -> None:
         self.entries: Iterator[tuple[Key, Entry]] = iter(())
         self.here: tuple[Key, Entry] | None = None
+        self._file: IO[bytes] | None = None
         if expected is None or not _SHA256.match(expected):
             return
         try:
-            if file_sha256(path) != expected:
-                return
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
         except OSError:
             return
-        self.entries = read_manifest(_text(path))
+        f = open(fd, "rb")  # noqa: SIM115 (kept open for restart, closed by close)
+        try:
+            if sha256_of(fd) != expected:
+                f.close()
+                return
+        except OSError:
+            f.close()
+            return
+        self._file = f
+        self.restart()
+
+    def restart(self) -> None:
+        """Read the manifest from its start again (for another walk of the tree)."""
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self.entries = _entries(self._file)
         self._next()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Earlier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _next(self) -> None:
         try:
@@ -186,8 +242,19 @@ class Earlier:
 
 def file_sha256(path: bytes) -> str:
     """sha256 of a file's content, read in chunks (never through a symlink)."""
-    h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    try:
+        digest = sha256_of(fd)
+    finally:
+        os.close(fd)
+    assert digest is not None
+    return digest
+
+
+def sha256_of(fd: int, stop: Callable[[], bool] | None = None) -> str | None:
+    """sha256 of an open file's content from its current offset, read in chunks; None
+    when ``stop`` (asked between chunks) says so."""
+    h = hashlib.sha256()
     # One read buffer for many files: a new one per file would cost more than a small
     # file takes to hash. A thread that finds none free makes its own.
     buf, view = _BUFFERS.pop() if _BUFFERS else _new_buffer()
@@ -196,8 +263,9 @@ def file_sha256(path: bytes) -> str:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := os.readv(fd, [buf]):
             h.update(view[:n])
+            if stop is not None and stop():
+                return None
     finally:
-        os.close(fd)
         _BUFFERS.append((buf, view))
     return h.hexdigest()
 
@@ -217,15 +285,20 @@ def _dump(entry: Entry) -> bytes:
 # -- writing ----------------------------------------------------------------------
 
 
-def write(root_text: str, earlier: str | None = None) -> dict[str, Any]:
+def write(
+    root_text: str, earlier: str | None = None, provisional: str | None = None
+) -> dict[str, Any]:
     """Write the manifest of ``root`` into it; its digest and counts. ``earlier``: the
-    digest of the manifest there now, whose unchanged files are not hashed again."""
+    digest of the manifest there now, whose unchanged files are not hashed again;
+    ``provisional``: the digest of the follow pass's manifest, likewise. Then the
+    provisional manifest and any other leftover of ours at the root are deleted."""
     root = _raw(root_text)
     final = os.path.join(root, NAME.encode())
     tmp = os.path.join(root, _TMP_PREFIX + str(os.getpid()).encode())
     h = hashlib.sha256()
-    counts = {"entries": 0, "files": 0, "bytes": 0, "reused": 0, "hashed": 0}
+    counts = dict.fromkeys(("entries", "files", "bytes", "reused", "followed", "hashed"), 0)
     before = Earlier(final, earlier)
+    cache = Earlier(os.path.join(root, PROVISIONAL.encode()), provisional)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
     try:
         with open(fd, "wb", closefd=False) as out:
@@ -238,13 +311,7 @@ def write(root_text: str, earlier: str | None = None) -> dict[str, Any]:
             for key, rel, st in walk(root):
                 entry = entry_of(rel, st, root, digest=False)
                 if entry["type"] == "file":
-                    known = before.digest(key, entry)
-                    if known is None:
-                        known = file_sha256(os.path.join(root, rel))
-                        counts["hashed"] += int(entry["size"])
-                    else:
-                        counts["reused"] += 1
-                    entry["sha256"] = known
+                    entry["sha256"] = _digest(root, key, rel, entry, before, cache, counts)
                     counts["files"] += 1
                     counts["bytes"] += int(entry["size"])
                 put(_dump(entry))
@@ -260,12 +327,223 @@ def write(root_text: str, earlier: str | None = None) -> dict[str, Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        before.close()
+        cache.close()
+    _sweep(root)
     dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
     return {"sha256": h.hexdigest(), **counts}
+
+
+def _digest(
+    root: bytes,
+    key: Key,
+    rel: bytes,
+    entry: Entry,
+    before: Earlier,
+    cache: Earlier,
+    counts: dict[str, int],
+) -> str:
+    """A file's digest for the manifest: the earlier manifest's, the provisional one's,
+    or read now (counted as such)."""
+    known = before.digest(key, entry)
+    if known is not None:
+        counts["reused"] += 1
+        return known
+    known = cache.digest(key, entry)
+    if known is not None:
+        counts["followed"] += 1
+        return known
+    counts["hashed"] += int(entry["size"])
+    return file_sha256(os.path.join(root, rel))
+
+
+def _sweep(root: bytes) -> None:
+    """Delete the files of the reserved temporary names at the root: the provisional
+    manifest once used, and whatever a follow or write that died left there."""
+    with os.scandir(root) as found:
+        for e in found:
+            if e.name.startswith(_TMP_PREFIX) and e.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
+
+
+# -- following a copy -------------------------------------------------------------
+
+Stamp = tuple[int, int, int, int]
+"""A file's (size, mtime_ns, ctime_ns, ino): what a digest is kept for."""
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+class Input:
+    """Whether the stdin of the follow pass has ended (the copy is done)."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.ended = False
+
+    def __call__(self) -> bool:
+        return self.wait(0.0)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the end; whether it came."""
+        if not self.ended and select.select([self.fd], [], [], timeout)[0]:
+            try:
+                self.ended = not os.read(self.fd, 1 << 16)
+            except OSError:
+                self.ended = True
+        return self.ended
+
+
+class Follow:
+    """The digests of a tree's files hashed while a copy still writes into it: an index
+    of what was hashed, kept only for files whose ctime was older than the start of the
+    walk that hashed them and whose stat did not change meanwhile."""
+
+    def __init__(self, root: bytes, earlier: str | None, stop: Callable[[], bool]) -> None:
+        self.root = root
+        self.stop = stop
+        self.dev = os.lstat(root).st_dev
+        self.index: dict[Key, tuple[Stamp, int, str]] = {}
+        self.passes = 0
+        self.hashed = 0
+        self._earlier = Earlier(os.path.join(root, NAME.encode()), earlier)
+        self._clock = _clock_file(root)
+
+    def close(self) -> None:
+        self._earlier.close()
+        os.close(self._clock)
+
+    def now(self) -> int:
+        """The filesystem's clock: the ctime a change made now gets (same granularity,
+        same source as the files' own)."""
+        os.utime(self._clock)
+        return os.fstat(self._clock).st_ctime_ns
+
+    def step(self) -> int:
+        """One walk of the tree; the number of files it hashed."""
+        self.passes += 1
+        clock = self.now()
+        self._earlier.restart()
+        hashed = 0
+        try:
+            for n, (key, rel, st) in enumerate(walk(self.root)):
+                if n % 256 == 0 and self.stop():
+                    break
+                if self._wanted(key, st, clock) and self._hash(key, rel, st):
+                    hashed += 1
+                    if self.stop():
+                        break
+        except OSError:
+            pass  # a directory went away under the walk (rsync --delete): the next one
+        return hashed
+
+    def _wanted(self, key: Key, st: os.stat_result, clock: int) -> bool:
+        if not stat.S_ISREG(st.st_mode) or st.st_dev != self.dev:
+            return False  # another filesystem may keep coarser times than the clock's
+        if _RSYNC_TEMP.fullmatch(key[-1]):
+            return False  # rsync's file in the making, renamed once written
+        stamp = _stamp(st)
+        known = self.index.get(key)
+        if known is not None and known[0] == stamp:
+            return False
+        size, mtime_ns, ctime_ns, ino = stamp
+        same = {"size": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "ino": ino}
+        if self._earlier.digest(key, {"type": "file", **same}) is not None:
+            return False  # unchanged since the earlier manifest: the final pass has it
+        return st.st_ctime_ns < clock
+
+    def _hash(self, key: Key, rel: bytes, st: os.stat_result) -> bool:
+        stamp = _stamp(st)
+        try:
+            fd = os.open(os.path.join(self.root, rel), os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or _stamp(now) != stamp:
+                return False
+            digest = sha256_of(fd, self.stop)
+            if digest is None or _stamp(os.fstat(fd)) != stamp:
+                return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self.index[key] = (stamp, stat.S_IMODE(st.st_mode), digest)
+        self.hashed += st.st_size
+        return True
+
+    def save(self) -> dict[str, Any]:
+        """Write the provisional manifest (the files hashed, in walk order); its digest
+        and counts."""
+        path = os.path.join(self.root, PROVISIONAL.encode())
+        h = hashlib.sha256()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600)
+        try:
+            with open(fd, "wb") as out:
+                for data in self._lines():
+                    out.write(data)
+                    h.update(data)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        files = len(self.index)
+        return {
+            "sha256": h.hexdigest(),
+            "files": files,
+            "hashed": self.hashed,
+            "passes": self.passes,
+        }
+
+    def _lines(self) -> Iterator[bytes]:
+        yield _dump({"asyncstage-manifest": FORMAT})
+        for key in sorted(self.index):
+            (size, mtime_ns, ctime_ns, ino), mode, digest = self.index[key]
+            entry = {"path": _text(b"/".join(key)), "type": "file", "size": size, "mode": mode}
+            entry |= {"mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "ino": ino, "sha256": digest}
+            yield _dump(entry)
+
+
+def _clock_file(root: bytes) -> int:
+    """An open file without a name on the filesystem of ``root``, for its ctime."""
+    if unnamed := getattr(os, "O_TMPFILE", 0):
+        try:
+            return os.open(root, unnamed | os.O_RDWR, 0o600)
+        except OSError:
+            pass  # a filesystem without unnamed files: a named one, unlinked at once
+    path = os.path.join(root, _TMP_PREFIX + b"clock-" + str(os.getpid()).encode())
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    os.unlink(path)
+    return fd
+
+
+def follow(
+    root_text: str, earlier: str | None = None, stdin: Input | None = None
+) -> dict[str, Any]:
+    """Hash the files landing in ``root`` until ``stdin`` ends (a line per walk on
+    stdout), then write the provisional manifest; its digest and counts."""
+    done = stdin or Input()
+    f = Follow(_raw(root_text), earlier, done)
+    try:
+        while not done():
+            started = time.monotonic()
+            hashed = f.step()
+            took = time.monotonic() - started
+            say({"pass": f.passes, "files": len(f.index), "hashed": f.hashed})
+            # walks that find nothing to hash take at most half of a core
+            done.wait(max(FOLLOW_INTERVAL - took, 0.0 if hashed else took))
+        return f.save()
+    finally:
+        f.close()
 
 
 # -- checking ---------------------------------------------------------------------
@@ -312,23 +590,27 @@ def read_manifest(path: str) -> Iterator[tuple[Key, Entry]]:
     """The entries of a manifest file with their keys; :class:`Unreadable` when it is not
     one (bad header, bad entry, or entries out of order)."""
     with open(_raw(path), "rb") as f:
+        yield from _entries(f)
+
+
+def _entries(f: IO[bytes]) -> Iterator[tuple[Key, Entry]]:
+    try:
+        header = json.loads(f.readline())
+    except ValueError as e:
+        raise Unreadable("no header") from e
+    if not isinstance(header, dict) or header.get("asyncstage-manifest") != FORMAT:
+        raise Unreadable(f"unknown header {header!r}")
+    last: Key | None = None
+    for line in f:
         try:
-            header = json.loads(f.readline())
+            entry = _check_entry(json.loads(line))
         except ValueError as e:
-            raise Unreadable("no header") from e
-        if not isinstance(header, dict) or header.get("asyncstage-manifest") != FORMAT:
-            raise Unreadable(f"unknown header {header!r}")
-        last: Key | None = None
-        for line in f:
-            try:
-                entry = _check_entry(json.loads(line))
-            except ValueError as e:
-                raise Unreadable(f"bad line {line[:80]!r}") from e
-            key = _key_of(entry.get("path"))
-            if last is not None and key <= last:
-                raise Unreadable(f"entries out of order at {entry['path']!r}")
-            last = key
-            yield key, entry
+            raise Unreadable(f"bad line {line[:80]!r}") from e
+        key = _key_of(entry.get("path"))
+        if last is not None and key <= last:
+            raise Unreadable(f"entries out of order at {entry['path']!r}")
+        last = key
+        yield key, entry
 
 
 def _differences(want: Entry, got: Entry) -> list[str]:
@@ -413,8 +695,21 @@ def check(
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) in (2, 3) and argv[0] == "write":
-        say(write(argv[1], argv[2] if len(argv) == 3 else None))
+    if len(argv) in (2, 3, 4) and argv[0] == "write":
+        given = {"provisional": [a for a in argv[2:] if a.startswith("provisional=")]}
+        given["earlier"] = [a for a in argv[2:] if a not in given["provisional"]]
+        if all(len(v) <= 1 for v in given.values()):
+            earlier = given["earlier"][0] if given["earlier"] else None
+            cache = given["provisional"][0].partition("=")[2] if given["provisional"] else None
+            say(write(argv[1], earlier, cache))
+            return 0
+    if len(argv) in (2, 3) and argv[0] == "follow":
+        answer = follow(argv[1], argv[2] if len(argv) == 3 else None)
+        try:
+            say(answer)
+        except OSError:  # nobody hears it (the controller is gone): nobody will use it
+            os.unlink(os.path.join(_raw(argv[1]), PROVISIONAL.encode()))
+            raise
         return 0
     if len(argv) >= 4 and argv[0] == "check" and set(argv[4:]) <= {"read-data", "ignore-extra"}:
         flags = set(argv[4:])
@@ -428,5 +723,10 @@ def main(argv: Sequence[str]) -> int:
             )
         )
         return 0
-    say({"error": "usage: manifest write ROOT [SHA256] | check ROOT MANIFEST SHA256 [read-data]"})
+    say(
+        {
+            "error": "usage: manifest write ROOT [SHA256] [provisional=SHA256] | follow ROOT "
+            "[SHA256] | check ROOT MANIFEST SHA256 [read-data] [ignore-extra]"
+        }
+    )
     return 2

@@ -323,7 +323,7 @@ class SSHHost:
         conn = self._conn
         stdout, stderr = Sink(), Sink(marker=True)
         async with conn.process(command, encoding, sudo=sudo, stdout=stdout, stderr=stderr) as run:
-            yield CommandWriter(conn, run, command, encoding)
+            yield CommandWriter(conn, run, command, encoding, stdout)
             with conn.map_errors(command):
                 if not run.proc.is_closing():
                     run.proc.stdin.write_eof()

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from typing import AnyStr, Generic
+from typing import AnyStr, Generic, cast
 
 import anyio
 import asyncssh
 
 from asyncstage.errors import SSHError
 from asyncstage.ssh.connection import CLOSE_WAIT, Connection, Running, wait_gone
+from asyncstage.ssh.sinks import Sink
 
 __all__ = ["CommandReader", "CommandWriter"]
 
@@ -51,12 +52,21 @@ class CommandReader(Generic[AnyStr]):
 class CommandWriter(Generic[AnyStr]):
     """The stdin of a remote command (see :meth:`SSHHost.scmd_write`)."""
 
-    def __init__(self, conn: Connection, run: Running, command: str, encoding: str | None):
+    def __init__(
+        self, conn: Connection, run: Running, command: str, encoding: str | None, stdout: Sink
+    ):
         self._conn = conn
         self._run = run
         self._proc: asyncssh.SSHClientProcess[AnyStr] = run.proc
         self._encoding = encoding
+        self._stdout = stdout
         self.command = command
+
+    @property
+    def output(self) -> AnyStr:
+        """What the command wrote to its stdout so far (its last MiB): all of it once
+        the block is left."""
+        return cast(AnyStr, self._stdout.value(self._encoding))
 
     async def write(self, data: AnyStr) -> None:
         """Send ``data``; waits while the remote side is behind (backpressure).
