@@ -213,6 +213,23 @@ for pid in os.listdir("/proc"):
 """
 
 
+_WAIT_FOR_FOLLOWING = """
+import os, sys, time
+for _ in range(1200):
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\\0")
+        except OSError:
+            continue
+        if b"follow" in argv and sys.argv[1].encode() in argv:
+            sys.exit(0)
+    time.sleep(0.1)
+sys.exit(1)
+"""
+"""Exits 0 once a follow pass over ``sys.argv[1]`` runs (1 after two minutes)."""
+
+
 async def _following(server: Server, root: str) -> list[str]:
     """The processes of a follow pass over ``root`` on ``server`` (with its sudo)."""
     return (await server.scmd("python3", "-c", _FOLLOWING, root)).split()
@@ -230,7 +247,13 @@ async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
     await src.scmd("sh", "-c", f"mkdir -p /srv/early && {fill}", sudo=True)
     late = _tree(tmp_path / "late")
     late_bytes = sum(p.stat().st_size for p in late.rglob("*") if p.is_file())
-    sources = ["follow-src:/srv/early", backup.Hooked(str(late), pre=backup.Hook("sleep 3"))]
+    # the hook (on this machine, which sees the server's processes) holds the copy until the
+    # follow pass runs, then leaves it several of its walks' time
+    wait = tmp_path / "wait.py"
+    wait.write_text(_WAIT_FOR_FOLLOWING)
+    root = server.default_mtpt("follow")
+    hold = backup.Hook(f"python3 {wait} {root} && sleep 3", timeout=180)
+    sources = ["follow-src:/srv/early", backup.Hooked(str(late), pre=hold)]
 
     first = await backup.backup(manager, "follow", sources, server=server)
     assert first.files == 37 and first.route == "host->host,local->host"
