@@ -99,6 +99,18 @@ _DROP_LOOP_MOUNTS = (
 )
 
 
+def in_private_mounts(setup: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in a private mount namespace once the shell command ``setup`` ran
+    there (a mount of its own): what it mounts ends with the namespace."""
+    script = f'{setup} && exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "-", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 class ClientKey:
     """An ed25519 client key pair, 0600 in a 0700 directory."""
 

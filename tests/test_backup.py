@@ -201,21 +201,9 @@ async def test_a_cancelled_backup_deletes_its_volume(manager: Manager, tmp_path:
 
 
 _FOLLOWING = """
-import os, sys
-for pid in os.listdir("/proc"):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\\0")
-    except OSError:
-        continue
-    if b"follow" in argv and sys.argv[1].encode() in argv:
-        print(pid)
-"""
-
-
-_WAIT_FOR_FOLLOWING = """
 import os, sys, time
-for _ in range(1200):
+def following():
+    found = []
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -223,11 +211,16 @@ for _ in range(1200):
         except OSError:
             continue
         if b"follow" in argv and sys.argv[1].encode() in argv:
+            found.append(pid)
+    return found
+if sys.argv[2:] == ["wait"]:  # until one runs, two minutes at most
+    for _ in range(1200):
+        if following():
             sys.exit(0)
-    time.sleep(0.1)
-sys.exit(1)
+        time.sleep(0.1)
+    sys.exit(1)
+print(*following())
 """
-"""Exits 0 once a follow pass over ``sys.argv[1]`` runs (1 after two minutes)."""
 
 
 async def _following(server: Server, root: str) -> list[str]:
@@ -249,10 +242,10 @@ async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
     late_bytes = sum(p.stat().st_size for p in late.rglob("*") if p.is_file())
     # the hook (on this machine, which sees the server's processes) holds the copy until the
     # follow pass runs, then leaves it several of its walks' time
-    wait = tmp_path / "wait.py"
-    wait.write_text(_WAIT_FOR_FOLLOWING)
+    wait = tmp_path / "following.py"
+    wait.write_text(_FOLLOWING)
     root = server.default_mtpt("follow")
-    hold = backup.Hook(f"python3 {wait} {root} && sleep 3", timeout=180)
+    hold = backup.Hook(f"python3 {wait} {root} wait && sleep 3", timeout=180)
     sources = ["follow-src:/srv/early", backup.Hooked(str(late), pre=hold)]
 
     first = await backup.backup(manager, "follow", sources, server=server)

@@ -49,6 +49,7 @@ from asyncstage.localcloud._isolation import (
 from asyncstage.localcloud._registry import REGISTRY_DIR
 from asyncstage.localcloud._system import process_start_time
 from asyncstage.localcloud.errors import NoDeviceIsolation
+from tests.sshd import in_private_mounts
 from tests.test_localcloud import launch, node, sh, ssh, wait_state, wait_volume
 
 pytestmark = [
@@ -387,14 +388,7 @@ def test_no_mechanism_refuses_to_start() -> None:
         anyio.run(main)
         """
     )
-    script = 'mount -t tmpfs none /sys/fs/cgroup && exec "$@"'
-    python = [sys.executable, "-c", code]
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "-", *python],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = in_private_mounts("mount -t tmpfs none /sys/fs/cgroup", [sys.executable, "-c", code])
     assert done.returncode == 0, done.stderr
     refused, started = done.stdout.splitlines()
     assert refused.startswith("refused: ")

@@ -14,7 +14,7 @@ import pytest
 
 from asyncstage import remote
 from asyncstage.remote import manifest
-from tests.sshd import _DROP_LOOP_MOUNTS
+from tests.sshd import _DROP_LOOP_MOUNTS, in_private_mounts
 
 
 def helper(*args: str) -> dict[str, object]:
@@ -434,15 +434,9 @@ def test_a_file_rewritten_within_the_tick_it_was_hashed_in_is_hashed_again(
     root = Path(__file__).resolve().parent.parent
     # the namespace's copy of the machine's loop mounts let go of first, so that it
     # keeps no other test's volume busy
-    script = f'{_DROP_LOOP_MOUNTS}; mount -t ramfs none {mnt} && exec "$@"'
     code = f"import sys; sys.path.insert(0, {str(root)!r})\n{_RACY}"
     python = [sys.executable, "-I", "-c", code, str(mnt)]
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "-", *python],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = in_private_mounts(f"{_DROP_LOOP_MOUNTS}; mount -t ramfs none {mnt}", python)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert all(s["right"] for s in seen), seen
