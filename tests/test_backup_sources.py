@@ -80,6 +80,27 @@ async def test_server_volume_ssh_and_local_sources_in_one_backup(
     await data.delete()
 
 
+async def test_a_whole_volume_rerun_hashes_only_what_changed(manager: Manager) -> None:
+    # one whole volume is copied into the work volume's root, with --delete: the manifest
+    # the previous snapshot left there must survive the copy for its digests to be reused
+    host = await manager.provision_server("src-whole")
+    data = await host.provision_volume("whole-data", size=1)
+    fill = f"cd {data.mtpt} && for i in 1 2 3 4; do echo file $i > f$i; done"
+    await host.scmd("sh", "-c", fill, sudo=True)
+    first = await backup.backup(manager, "whole", ["whole-data:"], server=host)
+    assert (first.files, first.manifest_reused) == (4, 0)
+    await host.scmd("sh", "-c", f"echo changed > {data.mtpt}/f2", sudo=True)
+    again = await backup.backup(manager, "whole", ["whole-data:"], server=host)
+    assert again.previous_snapshot_id == first.snapshot_id
+    assert again.manifest_reused == 3  # f1, f3, f4: their digests from the earlier manifest
+    assert again.manifest_followed + again.manifest_reused <= 4
+    assert again.manifest_hashed <= len("changed\n")
+    async with backup.snapshot_volume(manager, "whole", server=host) as vol:
+        top = (await host.scmd("ls", "-A", str(vol.mtpt), sudo=True)).split()
+    assert sorted(top) == sorted(["f1", "f2", "f3", "f4", "lost+found", MANIFEST_NAME])
+    await data.delete()
+
+
 async def test_an_unreachable_ssh_host_fails_that_backup_cleanly(
     manager: Manager, unmanaged: SSHServer
 ) -> None:

@@ -38,7 +38,13 @@ from asyncstage.adoption import extra_tags
 from asyncstage.backup._common import RSYNC_OPTIONS, Phase, ProgressCallback, delete_own, log
 from asyncstage.backup.hooks import Hook, HookFailed, run_hook
 from asyncstage.backup.lease import Lease, with_lease
-from asyncstage.backup.manifest import Follower, manifest_tag, recorded, write_manifest
+from asyncstage.backup.manifest import (
+    MANIFEST_NAME,
+    Follower,
+    manifest_tag,
+    recorded,
+    write_manifest,
+)
 from asyncstage.backup.runs import RunInfo
 from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
@@ -475,6 +481,8 @@ async def _rsync_group(
         assert volume.server is not None and volume.mtpt
         await volume.server.scmd("mkdir", "-p", "--", f"{volume.mtpt}/{g.dest}", sudo=True)
     options = [*RSYNC_OPTIONS, *(["--relative"] if g.relative else [])]
+    if not g.dest:  # into the root: --delete would take the manifest the next pass reuses
+        options += ["--exclude", f"/{MANIFEST_NAME}"]
     return await m.rsync(
         *g.paths,
         f"{volume.volume_id}:{volume_dir(g.dest)}",
