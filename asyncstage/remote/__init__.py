@@ -27,10 +27,13 @@ from asyncstage.errors import TransferError
 if TYPE_CHECKING:
     from asyncstage.ssh import SSHHost
 
-__all__ = ["SCRIPTS", "answer", "argv", "program", "run_json", "source"]
+__all__ = ["SCRIPTS", "SERVER_PYTHON", "answer", "argv", "program", "run_json", "source"]
 
 SCRIPTS = ("rsynchelper", "blockcopy", "manifest")
 """The scripts this package ships."""
+SERVER_PYTHON = (3, 8)
+"""The oldest ``python3`` on a server that runs them (Ubuntu 20.04's; not Amazon Linux
+2's 3.7): their syntax is kept to it."""
 
 _ENTRY = "\nimport sys as _sys\n\nraise SystemExit(main(_sys.argv[1:]))\n"
 
