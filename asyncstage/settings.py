@@ -95,9 +95,9 @@ class Connection:
     retry_mode: RetryMode = "adaptive"
     """botocore's retry mode: ``adaptive`` also paces calls after throttling."""
     request_rate: float | None = 1.0
-    """Non-mutating calls (``Describe*``, ``Get*``) go out at this multiple of EC2's
-    default request rate (:mod:`asyncstage.ec2.rate`): more for an account whose limits
-    AWS raised, ``None`` not paced at all."""
+    """Non-mutating calls (``Describe*``, ``Get*``) and ``CreateTags`` go out at this
+    multiple of EC2's default request rate (:mod:`asyncstage.ec2.rate`): more for an
+    account whose limits AWS raised, ``None`` not paced at all."""
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ import dataclasses
 import io
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -72,6 +73,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio
+from _cloud_apart import cloud_apart
 from _common import (
     Report,
     _busy_jiffies,
@@ -89,6 +91,7 @@ from asyncstage import Manager, hostkeys
 from asyncstage.ec2.console import console_fingerprints
 from asyncstage.localcloud import LocalCloud, Realism
 from asyncstage.localcloud._realism import BUCKETS
+from asyncstage.manager import local_manager
 from asyncstage.server import Server
 from asyncstage.settings import HostKeySource
 
@@ -572,6 +575,59 @@ async def _fleet(
     return run
 
 
+async def _apart_fleet(m: Manager, n: int, gcm: GcMeter) -> dict[str, Any]:
+    """One fleet with the cloud in its own process: the controller's CPU (every thread
+    of this process but the benchmark's own is the controller's here)."""
+    cpu, loop = controller_cpu(), loop_thread()
+    collected = gcm.of(_controller_threads())
+    t = time.perf_counter()
+    servers = await m.provision_servers(n)
+    wall = time.perf_counter() - t
+    answered = sum([await s.ping() for s in servers])
+    await m.terminate_servers(servers)
+    gc_s, gc_full_s, _ = (
+        b - a for a, b in zip(collected, gcm.of(_controller_threads()), strict=True)
+    )
+    user, kernel, waits = (b - a for a, b in zip(loop, loop_thread(), strict=True))
+    return {
+        "n": n,
+        "wall_s": round(wall, 3),
+        "answered_ssh": answered,
+        "controller_cpu_s": round(controller_cpu() - cpu, 3),
+        "controller_gc_cpu_s": round(gc_s, 3),
+        "controller_gc_full_cpu_s": round(gc_full_s, 3),
+        "loop_thread_per_server": {
+            "user_ms": round(1000 * user / n, 2),
+            "kernel_ms": round(1000 * kernel / n, 2),
+            "waits": round(waits / n, 1),
+        },
+    }
+
+
+async def _apart(
+    order: list[int], pending: float, poll_interval: float, gcm: GcMeter
+) -> list[dict[str, Any]]:
+    """The same fleets, in the same order, with the local cloud in a process of its own
+    (as on EC2: the controller does not share its interpreter with the cloud)."""
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="asyncstage-bench-") as dotdir:
+        async with (
+            cloud_apart(pending) as cloud,
+            local_manager(
+                cloud,
+                dotdir=dotdir,
+                on_exit="terminate",
+                scan=False,
+                verbosity=0,
+                poll_interval=poll_interval,
+            ) as m,
+        ):
+            for n in order:
+                runs.append(await _apart_fleet(m, n, gcm))
+                print(f"fleet of {n}, the cloud in its own process: {runs[-1]}")
+    return runs
+
+
 async def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--sizes", type=lambda v: [int(n) for n in v.split(",")], default=None)
@@ -605,7 +661,8 @@ async def main() -> None:
                 done = await _fleet(cloud, m, n, realism.api_rate, gcm)
                 (keyed if keys == USER_DATA else runs).append(done)
                 print(f"fleet of {n} ({keys}): {dict(done, timeline='...')}")
-    report.mark_load("after_fleets")
+        report.mark_load("after_fleets")
+        apart = await _apart(order, pending, poll_interval, gcm)
     singles = [r for r in runs if r["n"] == 1]
     single = statistics.median(r["wall_s"] for r in singles)
     single_share = statistics.median(r["library_share_s"] for r in singles)
@@ -663,17 +720,78 @@ async def main() -> None:
         fleets, singles
     )
     flat = [ms for n, ms in further.items() if n >= 10]
+    value = ratio(max(flat), min(flat)) if flat else 1.0
+    apart_value, apart_text = _apart_rows(report, apart, sizes)
+    shared = value > 1.5 >= apart_value
     report.target(
         "fleet_ec2_controller_cpu_flat",
-        ratio(max(flat), min(flat)) if flat else 1.0,
+        value,
         "<=",
         1.5,
         "controller CPU per further server (beyond one server's launch; the garbage "
         "collector's apart), highest / lowest over fleets of 10 and more (flat in N)",
+        bound=SHARED_BOUND if shared else "library",
+        evidence=_cpu_flat_text(fleets, singles, further) + "; " + apart_text,
+    )
+    report.target(
+        "fleet_ec2_controller_cpu_flat_cloud_apart",
+        apart_value,
+        "<=",
+        1.5,
+        "the same with the local cloud in a process of its own (as on EC2: the cloud is "
+        "not in the controller's process), highest / lowest over fleets of 10 and more",
         bound="library",
-        evidence=_cpu_flat_text(fleets, singles, further),
+        evidence=apart_text,
     )
     report.save()
+
+
+SHARED_BOUND = (
+    "the benchmark's process: the in-process local cloud's threads hold the interpreter's "
+    "lock in turns with the controller's event loop, more so the larger the fleet (the "
+    "same fleets with the cloud in its own process: fleet_ec2_controller_cpu_flat_cloud_apart)"
+)
+
+
+def _apart_rows(report: Report, apart: list[dict[str, Any]], sizes: list[int]) -> tuple[float, str]:
+    """The table of the fleets with the cloud in its own process; their flatness and
+    the text that gives it."""
+    singles = [r for r in apart if r["n"] == 1]
+    fleets = [next(r for r in apart if r["n"] == n) for n in sizes[1:]]
+    further = per_further_server(fleets, singles, less=lambda r: r["controller_gc_cpu_s"])
+    report.results["cloud_apart"] = {"runs": apart, "controller_cpu_ms_per_further_server": further}
+    report.table(
+        "The same fleets, the local cloud in a process of its own (one server: its last "
+        f"run; per further server against the median of {max(1, len(singles) - 1)})",
+        ["N", "wall s", "controller CPU s", "ms/further server", "loop user ms", "kernel ms"],
+        [
+            [
+                r["n"],
+                r["wall_s"],
+                r["controller_cpu_s"],
+                further.get(r["n"], "-"),
+                r["loop_thread_per_server"]["user_ms"],
+                r["loop_thread_per_server"]["kernel_ms"],
+            ]
+            for r in [singles[-1], *fleets]
+        ],
+    )
+    flat = [ms for n, ms in further.items() if n >= 10]
+    value = ratio(max(flat), min(flat)) if flat else 1.0
+    text = (
+        "with the local cloud in a process of its own (the same order and pace), controller "
+        f"CPU ms per further server beyond one server's launch ({1000 * baseline(singles):.0f} "
+        "ms): "
+        + ", ".join(f"N={n} {ms:g}" for n, ms in further.items())
+        + f" ({value}× highest / lowest); the event loop's thread per server (user ms, "
+        "kernel ms, waits): "
+        + ", ".join(
+            f"N={r['n']} {t['user_ms']:g}, {t['kernel_ms']:g}, {t['waits']:g}"
+            for r in fleets
+            if (t := r["loop_thread_per_server"])
+        )
+    )
+    return value, text
 
 
 USER_DATA: HostKeySource = "user-data"

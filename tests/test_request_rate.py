@@ -22,6 +22,7 @@ from asyncstage.ec2 import EC2
 from asyncstage.ec2.rate import (
     MARGIN,
     NON_MUTATING,
+    OWN_BUCKETS,
     Rate,
     RequestBuckets,
     TokenBucket,
@@ -100,7 +101,11 @@ def test_non_mutating_actions_have_a_bucket_each_and_throttling_drains_it() -> N
     buckets = RequestBuckets(0.5, clock)
     assert buckets.rate == Rate(NON_MUTATING.burst / 2, NON_MUTATING.refill / 2)
     assert non_mutating("GetConsoleOutput") and non_mutating("DescribeInstances")
-    assert buckets.bucket("RunInstances") is None and buckets.bucket("CreateTags") is None
+    assert buckets.bucket("RunInstances") is None and buckets.bucket("DeleteTags") is None
+    tags = buckets.bucket("CreateTags")  # mutating, but of a bucket of its own
+    assert tags is not None and tags.rate == Rate(50, 5) == Rate(
+        OWN_BUCKETS["CreateTags"].burst / 2, OWN_BUCKETS["CreateTags"].refill / 2
+    )
     console = buckets.bucket("GetConsoleOutput")
     assert console is not None and console is buckets.bucket("GetConsoleOutput")
     assert buckets.bucket("DescribeInstances") is not console  # EC2 counts each API apart
@@ -216,6 +221,54 @@ async def test_console_reads_go_out_at_the_accounts_rate_and_no_faster() -> None
                     assert ours == throttled
             finally:
                 await paced.terminate_instances([iid])
+
+
+@pytest.mark.localcloud
+@pytest.mark.anyio
+async def test_a_burst_of_create_tags_goes_out_at_its_buckets_rate() -> None:
+    """A fleet names each server with a CreateTags, an action of EC2's with a bucket of
+    its own (100 at once, 10 a second): a fleet larger than that burst is paced by the
+    client instead of refused by EC2 (each refusal a retry, and botocore's adaptive
+    limiter switched on for the client's later calls)."""
+    _need_root()
+    realism = dataclasses.replace(Realism.off(), api_rate=API_RATE)  # CreateTags: 20, 2/s
+    async with LocalCloud(realism=realism, seed=5) as cloud:
+        kwargs: dict[str, Any] = cloud.session_kwargs()
+        region = kwargs.pop("region_name")
+        async with EC2(region=region, **kwargs, request_rate=API_RATE) as ec2:
+            made = await ec2.run_instances(
+                image_id=cloud.image_id, count=1, instance_type="t3.micro"
+            )
+            iid = str(made[0]["InstanceId"])
+            try:
+                sent: list[float] = []
+
+                def leaves(event_name: str, **_: Any) -> None:
+                    if event_name.endswith(".CreateTags"):
+                        sent.append(time.monotonic())
+
+                ec2._client.meta.events.register_last("before-send.ec2", leaves)
+                assert ec2.requests is not None
+                bucket = ec2.requests.bucket("CreateTags")
+                assert bucket is not None
+                top = bucket.rate.burst - MARGIN * bucket.rate.refill
+                before = cloud.api_calls["CreateTags"], cloud.throttled["CreateTags"]
+                start = time.monotonic()
+                async with anyio.create_task_group() as tg:
+                    for k in range(26):  # the burst and six more: three seconds of refill
+                        tg.start_soon(ec2.create_tags, [iid], {"Name": f"n{k}"})
+                calls = cloud.api_calls["CreateTags"] - before[0]
+                refused = cloud.throttled["CreateTags"] - before[1]
+                assert calls == 26 + refused == len(sent)
+                assert ec2.requests.throttled == refused
+                early = [
+                    k
+                    for k, when in enumerate(sorted(sent), start=1)
+                    if when - start < (k - top) / bucket.rate.refill
+                ]
+                assert not early, f"calls {early} left before the bucket had their tokens"
+            finally:
+                await ec2.terminate_instances([iid])
 
 
 async def _until_refused(reads: Callable[[], Awaitable[None]], refused: Callable[[], int]) -> int:

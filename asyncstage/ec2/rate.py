@@ -6,7 +6,11 @@ EC2 throttles each account's calls per region with a token bucket per API action
 them is answered ``RequestLimitExceeded`` and costs a retry after a back-off. So the
 client keeps a bucket of its own for each non-mutating action it calls and sends a
 call when its bucket has a token, in the order the calls were made: a fleet's
-console reads go out at EC2's rate rather than a fixed few at once. Another process
+console reads go out at EC2's rate rather than a fixed few at once. ``CreateTags``,
+mutating but of a bucket of its own (100 at once, 10 a second), is paced the same
+way: a fleet names each of its servers with one, and a fleet of more than the burst
+would otherwise be throttled, each refusal a retry and each turning botocore's
+adaptive limiter on for every later call of the client. Another process
 on the same account draws from the same buckets unseen: a throttled answer empties
 this side's bucket too, and the call backs off as before.
 """
@@ -25,6 +29,7 @@ from asyncstage.errors import InvalidArgument
 __all__ = [
     "MARGIN",
     "NON_MUTATING",
+    "OWN_BUCKETS",
     "THROTTLED",
     "Rate",
     "RequestBuckets",
@@ -43,6 +48,10 @@ class Rate:
 
 NON_MUTATING = Rate(100, 20)
 """EC2's request bucket of each non-mutating action (account-level default)."""
+
+OWN_BUCKETS: dict[str, Rate] = {"CreateTags": Rate(100, 10)}
+"""The mutating actions this client paces, each with EC2's bucket of its own
+(account-level default); other mutating actions are left to EC2's answers."""
 
 THROTTLED = frozenset(
     {"RequestLimitExceeded", "Throttling", "ThrottlingException", "EC2ThrottledException"}
@@ -119,7 +128,8 @@ class TokenBucket:
 
 
 class RequestBuckets:
-    """The non-mutating actions' buckets of one client, hooked to botocore's events:
+    """The non-mutating actions' buckets of one client (and those of
+    :data:`OWN_BUCKETS`), hooked to botocore's events:
     each request sent (retries too) takes a token of its action's bucket, and a
     throttled answer drains it. ``scale``: the account's rates relative to EC2's
     defaults (a raised limit, or a cloud that plays them scaled)."""
@@ -128,19 +138,26 @@ class RequestBuckets:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
             raise InvalidArgument(f"request_rate must be a number above 0 or None, not {scale!r}")
         self.rate = Rate(NON_MUTATING.burst * scale, NON_MUTATING.refill * scale)
+        self._scale = scale
         self._clock = clock
         self.buckets: dict[str, TokenBucket] = {}
         self.throttled = 0
         """Throttled answers seen (each drained its action's bucket)."""
 
     def bucket(self, operation: str) -> TokenBucket | None:
-        """The action's bucket (made at its first call); None: not a non-mutating one."""
-        if not non_mutating(operation):
-            return None
+        """The action's bucket (made at its first call); None: an action not paced here
+        (mutating, not in :data:`OWN_BUCKETS`)."""
         found = self.buckets.get(operation)
-        if found is None:
-            reserve = MARGIN * self.rate.refill
-            found = self.buckets[operation] = TokenBucket(self.rate, self._clock, reserve)
+        if found is not None:
+            return found
+        if non_mutating(operation):
+            rate = self.rate
+        elif (own := OWN_BUCKETS.get(operation)) is not None:
+            rate = Rate(own.burst * self._scale, own.refill * self._scale)
+        else:
+            return None
+        reserve = MARGIN * rate.refill
+        found = self.buckets[operation] = TokenBucket(rate, self._clock, reserve)
         return found
 
     def register(self, events: Any) -> None:
