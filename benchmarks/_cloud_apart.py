@@ -46,7 +46,9 @@ async def _serve(state: Path, pending: float) -> None:
             "default_username": cloud.default_username,
             "checkip_url": cloud.checkip_url,
         }
-        await anyio.Path(state).write_text(json.dumps(seen))
+        partial = anyio.Path(f"{state}.partial")  # renamed: the benchmark never reads half
+        await partial.write_text(json.dumps(seen))
+        await partial.rename(state)
         await anyio.to_thread.run_sync(sys.stdin.read)  # until the benchmark lets go
 
 
@@ -75,7 +77,11 @@ async def cloud_apart(pending: float) -> AsyncIterator[Any]:
             with anyio.CancelScope(shield=True):
                 if child.stdin is not None:
                     await child.stdin.aclose()
-                await child.wait()
+                with anyio.move_on_after(120):  # its stop: the cloud's instances, volumes
+                    await child.wait()
+                if child.returncode is None:
+                    child.kill()  # the next local cloud to start sweeps what it left
+                    await child.wait()
 
 
 if __name__ == "__main__":
