@@ -287,28 +287,32 @@ async def test_new_ids_not_found_for_raw_clients_but_fine_through_the_library(
         # the library: create, then at once describe, tag, authorize, attach
         kwargs = cloud.session_kwargs()
         async with EC2(region=kwargs.pop("region_name"), **kwargs, poll_interval=0.1) as ec2:
-            made = await ec2.create_volume(availability_zone="us-east-1a", size=1)
-            vol2 = str(made["VolumeId"])
-            await ec2.create_tags([vol2], {"k": "v"})  # NotFound, retried
-            assert ec2.absorbed["InvalidVolume.NotFound"] >= 1
-            vol3 = str(
-                (await ec2.create_volume(availability_zone="us-east-1a", size=1))["VolumeId"]
-            )
-            # a filtered describe leaves it out for a moment: asked again, not "gone"
-            assert [v["VolumeId"] for v in await ec2.describe_volumes([vol3])] == [vol3]
-            group2 = await ec2.ensure_security_group("lib", cidrs=["127.0.0.1/32"])
-            instances = await ec2.run_instances(
-                image_id=cloud.image_id,
-                count=1,
-                instance_type="t3.micro",
-                security_group_ids=[group2],
-                availability_zone="us-east-1a",
-            )
-            iid = str(instances[0]["InstanceId"])
+            # new ids hidden 3 s: a loaded machine can take longer than half a second
+            # between two calls, and then nothing would be left to absorb
+            with playing(cloud, consistency=(3.0, 3.0)):
+                made = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+                vol2 = str(made["VolumeId"])
+                await ec2.create_tags([vol2], {"k": "v"})  # NotFound, retried
+                assert ec2.absorbed["InvalidVolume.NotFound"] >= 1
+                vol3 = str(
+                    (await ec2.create_volume(availability_zone="us-east-1a", size=1))["VolumeId"]
+                )
+                # a filtered describe leaves it out for a moment: asked again, not "gone"
+                assert [v["VolumeId"] for v in await ec2.describe_volumes([vol3])] == [vol3]
+                group2 = await ec2.ensure_security_group("lib", cidrs=["127.0.0.1/32"])
+                instances = await ec2.run_instances(
+                    image_id=cloud.image_id,
+                    count=1,
+                    instance_type="t3.micro",
+                    security_group_ids=[group2],
+                    availability_zone="us-east-1a",
+                )
+                iid = str(instances[0]["InstanceId"])
             await ec2.create_tags([iid], {"Name": "fresh"})
             await ec2.wait_for_instance(iid, "running", timeout=60)
-            snap = await ec2.create_snapshot(vol2, tags={"k": "v"})
-            await ec2.delete_snapshot(str(snap["SnapshotId"]))  # at once: absorbed too
+            with playing(cloud, consistency=(3.0, 3.0)):
+                snap = await ec2.create_snapshot(vol2, tags={"k": "v"})
+                await ec2.delete_snapshot(str(snap["SnapshotId"]))  # at once: absorbed too
             assert ec2.absorbed["InvalidSnapshot.NotFound"] >= 1
             assert ec2.absorbed["InvalidGroup.NotFound"] >= 1
             # a really unknown id still fails at once
