@@ -8,7 +8,9 @@ Two things move that figure without any change in what the library does per serv
   the run's one-time work (the security group, the key pair, botocore's service models,
   first imports): a single server measured first is no baseline for the others.
   :func:`baseline` leaves it out and takes the median of the rest, which are spread
-  through the run (interleaved with the fleets).
+  through the run (interleaved with the fleets). For the same reason the smallest
+  fleet, whose figure the baseline moves most, is run more than once (interleaved too)
+  and judged on the median of its runs.
 - **The garbage collector.** CPython's full collections (generation 2) come when the
   objects that survived since the last one reach a quarter of all long-lived ones;
   each scans every tracked object of the process, here the in-process local cloud's
@@ -29,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["GcMeter", "baseline", "per_further_server"]
+__all__ = ["GcMeter", "baseline", "further_runs", "per_further_server"]
 
 
 class GcMeter:
@@ -97,10 +99,22 @@ def per_further_server(
     less: Callable[[dict[str, Any]], float] = _none,
 ) -> dict[int, float]:
     """CPU ms per server beyond one server's launch, by N: ``key`` of each fleet (minus
-    ``less`` of it, e.g. its collections' CPU) against :func:`baseline` of the same."""
+    ``less`` of it, e.g. its collections' CPU) against :func:`baseline` of the same; of
+    several runs of one N, the median."""
+    return {n: statistics.median(ms) for n, ms in further_runs(fleets, singles, key, less).items()}
+
+
+def further_runs(
+    fleets: list[dict[str, Any]],
+    singles: list[dict[str, Any]],
+    key: str = "controller_cpu_s",
+    less: Callable[[dict[str, Any]], float] = _none,
+) -> dict[int, list[float]]:
+    """What :func:`per_further_server` takes the median of: each run's figure, by N, in
+    run order (the spread of a size measured more than once)."""
     one = baseline(singles, key, less)
-    return {
-        int(r["n"]): round(1000 * (float(r[key]) - less(r) - one) / (int(r["n"]) - 1), 2)
-        for r in fleets
-        if int(r["n"]) > 1
-    }
+    runs: dict[int, list[float]] = defaultdict(list)
+    for r in fleets:
+        if (n := int(r["n"])) > 1:
+            runs[n].append(round(1000 * (float(r[key]) - less(r) - one) / (n - 1), 2))
+    return dict(sorted(runs.items()))

@@ -18,7 +18,9 @@ are compared with, as a median with its spread):
   cloud's API server and its request threads, its engine's and firewall's workers, its
   timers, whose CPU is counted apart), by their scheduler run time. Flat in N is judged
   per further server: beyond one server's launch (its poll rounds over the pending time,
-  its calls, whatever N), which spread over ten servers alone would double their figure;
+  its calls, whatever N), which spread over ten servers alone would double their figure.
+  The fleet of 10 runs three times, interleaved (one server's noise moves its figure
+  most: 10 ms of it are 1 ms per further server); it is judged on the median of the three;
 - what EC2's API rate allows of the share: each new server's host key comes from its
   console (one ``GetConsoleOutput`` each, strict host key policy), an action whose
   token bucket holds 100 at once and refills 20 a second: the consoles of a fleet that
@@ -84,7 +86,7 @@ from _common import (
     parse_args,
     ratio,
 )
-from _cpu_flat import GcMeter, baseline, per_further_server
+from _cpu_flat import GcMeter, baseline, further_runs, per_further_server
 from bench_fleet import _concurrent
 
 from asyncstage import Manager, hostkeys
@@ -636,8 +638,9 @@ async def main() -> None:
     quick = args.quick
     sizes = [1, 3] if quick else [1, 10, 50, 100, 200]
     pending = 1.0 if quick else 20.0
-    # the first single pays the run's one-time work: not part of the baseline
-    order = [1, 3, 1] if quick else [1, 1, 10, 50, 1, 100, 200, 1]
+    # the first single pays the run's one-time work: not part of the baseline; the
+    # smallest fleet, whose per-further-server figure the baseline moves most, thrice
+    order = [1, 3, 1] if quick else [1, 1, 10, 50, 1, 10, 100, 200, 1, 10]
     if given.sizes:  # a part of the run (one server around the others)
         sizes = sorted({1, *given.sizes})
         order = [1, 1, *(n for n in given.sizes if n != 1), 1]
@@ -714,10 +717,14 @@ async def main() -> None:
     )
     _user_data_rows(report, keyed, pending)
     _fleet_targets(report, fleets[-1], singles, pending, keyed=False)
-    further = per_further_server(fleets, singles, less=lambda r: r["controller_gc_cpu_s"])
+    every = [r for r in runs if r["n"] > 1]
+    further = per_further_server(every, singles, less=lambda r: r["controller_gc_cpu_s"])
     report.results["controller_cpu_ms_per_further_server"] = further
+    report.results["controller_cpu_ms_per_further_server_runs"] = further_runs(
+        every, singles, less=lambda r: r["controller_gc_cpu_s"]
+    )
     report.results["controller_cpu_ms_per_further_server_with_gc"] = per_further_server(
-        fleets, singles
+        every, singles
     )
     flat = [ms for n, ms in further.items() if n >= 10]
     value = ratio(max(flat), min(flat)) if flat else 1.0
@@ -731,7 +738,7 @@ async def main() -> None:
         "controller CPU per further server (beyond one server's launch; the garbage "
         "collector's apart), highest / lowest over fleets of 10 and more (flat in N)",
         bound=SHARED_BOUND if shared else "library",
-        evidence=_cpu_flat_text(fleets, singles, further) + "; " + apart_text,
+        evidence=_cpu_flat_text(fleets, singles, every) + "; " + apart_text,
     )
     report.target(
         "fleet_ec2_controller_cpu_flat_cloud_apart",
@@ -746,6 +753,11 @@ async def main() -> None:
     report.save()
 
 
+def _runs_text(runs: list[float]) -> str:
+    """A size's runs, when there were several (its figure is their median)."""
+    return f" (median of {', '.join(f'{ms:g}' for ms in runs)})" if len(runs) > 1 else ""
+
+
 SHARED_BOUND = (
     "the benchmark's process: the in-process local cloud's threads hold the interpreter's "
     "lock in turns with the controller's event loop, more so the larger the fleet (the "
@@ -758,8 +770,14 @@ def _apart_rows(report: Report, apart: list[dict[str, Any]], sizes: list[int]) -
     the text that gives it."""
     singles = [r for r in apart if r["n"] == 1]
     fleets = [next(r for r in apart if r["n"] == n) for n in sizes[1:]]
-    further = per_further_server(fleets, singles, less=lambda r: r["controller_gc_cpu_s"])
-    report.results["cloud_apart"] = {"runs": apart, "controller_cpu_ms_per_further_server": further}
+    every = [r for r in apart if r["n"] > 1]
+    further = per_further_server(every, singles, less=lambda r: r["controller_gc_cpu_s"])
+    each = further_runs(every, singles, less=lambda r: r["controller_gc_cpu_s"])
+    report.results["cloud_apart"] = {
+        "runs": apart,
+        "controller_cpu_ms_per_further_server": further,
+        "controller_cpu_ms_per_further_server_runs": each,
+    }
     report.table(
         "The same fleets, the local cloud in a process of its own (one server: its last "
         f"run; per further server against the median of {max(1, len(singles) - 1)})",
@@ -782,7 +800,7 @@ def _apart_rows(report: Report, apart: list[dict[str, Any]], sizes: list[int]) -
         "with the local cloud in a process of its own (the same order and pace), controller "
         f"CPU ms per further server beyond one server's launch ({1000 * baseline(singles):.0f} "
         "ms): "
-        + ", ".join(f"N={n} {ms:g}" for n, ms in further.items())
+        + ", ".join(f"N={n} {ms:g}{_runs_text(each[n])}" for n, ms in further.items())
         + f" ({value}× highest / lowest); the event loop's thread per server (user ms, "
         "kernel ms, waits): "
         + ", ".join(
@@ -913,15 +931,21 @@ def _fleet_targets(
 
 
 def _cpu_flat_text(
-    fleets: list[dict[str, Any]], singles: list[dict[str, Any]], further: dict[int, float]
+    fleets: list[dict[str, Any]], singles: list[dict[str, Any]], every: list[dict[str, Any]]
 ) -> str:
-    """Per further server (one server's launch apart), per server, and the cloud's threads."""
+    """Per further server (one server's launch apart; ``every`` run of a fleet, a size
+    run more than once judged on its median), per server, and the cloud's threads."""
     one = baseline(singles)
+    gc_apart = lambda r: r["controller_gc_cpu_s"]  # noqa: E731
+    each = further_runs(every, singles, less=gc_apart)
     per_server = [r["controller_cpu_ms_per_server"] for r in fleets if r["n"] >= 10]
     return (
         f"controller CPU ms per further server, beyond one server's launch ({1000 * one:.0f} "
         "ms: its poll rounds over the pending time and its calls, whatever N): "
-        + ", ".join(f"N={n} {ms:g}" for n, ms in further.items())
+        + ", ".join(
+            f"N={n} {ms:g}{_runs_text(each[n])}"
+            for n, ms in per_further_server(every, singles, less=gc_apart).items()
+        )
         + "; per server, that launch included: "
         + ", ".join(f"N={r['n']} {r['controller_cpu_ms_per_server']:g}" for r in fleets)
         + (
@@ -939,7 +963,7 @@ def _cpu_flat_text(
             for r in fleets
         )
         + "; with it: "
-        + ", ".join(f"N={n} {ms:g}" for n, ms in per_further_server(fleets, singles).items())
+        + ", ".join(f"N={n} {ms:g}" for n, ms in per_further_server(every, singles).items())
         + "; the controller is this process's threads but the local cloud's, whose own "
         "threads used (CPU s): "
         + ", ".join(f"N={r['n']} {r.get('cloud_threads_cpu_s', 0):g}" for r in fleets)

@@ -61,3 +61,20 @@ def test_the_first_single_server_run_is_no_baseline() -> None:
         10: 20.0,
         101: 20.0,
     }
+
+
+def test_a_size_run_several_times_is_judged_on_its_median() -> None:
+    flat = _module()
+    singles = [
+        {"n": 1, "controller_cpu_s": 0.35},
+        {"n": 1, "controller_cpu_s": 0.20},
+        {"n": 1, "controller_cpu_s": 0.20},
+    ]
+    fleets = [
+        {"n": 10, "controller_cpu_s": 0.47},  # a run the baseline's noise moved most
+        {"n": 50, "controller_cpu_s": 0.69},
+        {"n": 10, "controller_cpu_s": 0.29},
+        {"n": 10, "controller_cpu_s": 0.32},
+    ]
+    assert flat.further_runs(fleets, singles) == {10: [30.0, 10.0, 13.33], 50: [10.0]}
+    assert flat.per_further_server(fleets, singles) == {10: 13.33, 50: 10.0}
