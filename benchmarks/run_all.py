@@ -39,6 +39,7 @@ SCRIPTS = [
     "check",
     "keep",
     "backup",
+    "follow",
 ]
 
 

@@ -1,5 +1,5 @@
 """Smoke test: the benchmarks of no other group (commands, streaming, transfers,
-controller, and any new one) run in quick mode and write sane JSON.
+controller, follow, and any new one) run in quick mode and write sane JSON.
 
 Never asserts timings or ratios against targets: the machines are shared and noisy. The
 scripts run in groups (tests/benchmarks_quick.py), a module each, so that the suite's
@@ -91,3 +91,12 @@ def test_controller(results: Path) -> None:
         assert positive(r[key]["peak_rss_mb"]) and positive(r[key]["cpu_s"])
     assert r["servers"]["connected"] == load(results, "controller")["params"]["servers"]
     assert positive(r["controlmaster_baseline"]["peak_rss_mb_sum"])
+
+
+def test_follow(results: Path) -> None:
+    data = load(results, "follow")
+    r = data["results"]
+    rounds = data["params"]["rounds"]
+    assert r["entries"] > r["directories_changed"] >= 1
+    assert len(r["follow_walk_cpu_s"]) == len(r["full_walk_cpu_s"]) == rounds
+    assert all(positive(x) for x in r["full_walk_cpu_s"])

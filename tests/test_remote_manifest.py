@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -381,6 +382,91 @@ def test_a_provisional_manifest_is_used_only_by_its_digest_and_always_swept(
     for path in leftovers:
         path.write_text(text)
     assert _check(tree, digest)["counts"] == dict.fromkeys(manifest.KINDS, 0)
+
+
+def _settled_follow(root: Path) -> manifest.Follow:
+    """A follow pass over ``root`` that walked it until nothing was left to hash (the
+    tree's times older than the pass's clock: one tick of the kernel's clock later)."""
+    time.sleep(0.05)
+    follow = manifest.Follow(str(root).encode(), None, lambda: False)
+    while follow.step():
+        pass
+    return follow
+
+
+class _Calls:
+    """How often ``os.scandir`` and ``os.lstat`` were called, and on what."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.listed: list[bytes] = []
+        self.stated: list[bytes] = []
+        scandir, lstat = os.scandir, os.lstat
+
+        def counted_scandir(path: bytes) -> object:
+            self.listed.append(path)
+            return scandir(path)
+
+        def counted_lstat(path: bytes) -> os.stat_result:
+            self.stated.append(path)
+            return lstat(path)
+
+        monkeypatch.setattr(os, "scandir", counted_scandir)
+        monkeypatch.setattr(os, "lstat", counted_lstat)
+
+
+def test_a_follow_walk_lists_only_the_directories_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a tree of many files, a walk reads again only the directories whose entries
+    changed since the last one; of the others it looks at their subdirectories alone."""
+    root = tmp_path / "big"
+    for d in range(10):
+        for sub in ("x", "y"):
+            (root / f"d{d}" / sub).mkdir(parents=True)
+            for i in range(20):
+                (root / f"d{d}" / sub / f"f{i}").write_bytes(b"%d" % i)
+    dirs = 1 + 10 + 20
+    follow = _settled_follow(root)
+    assert len(follow.index) == 400
+    calls = _Calls(monkeypatch)
+    assert follow.step() == 0
+    assert calls.listed == [] and len(calls.stated) == dirs  # no file looked at
+    # one file lands deep in the tree, as rsync's do (a temporary name renamed)
+    landed = root / "d7" / "y" / "new"
+    (root / "d7" / "y" / ".new.Ab12Cd").write_bytes(b"late")
+    os.rename(root / "d7" / "y" / ".new.Ab12Cd", landed)
+    time.sleep(0.05)
+    calls.listed.clear()
+    assert follow.step() == 1
+    assert calls.listed == [str(root / "d7" / "y").encode()]
+    assert follow.index[(b"d7", b"y", b"new")][2] == hashlib.sha256(b"late").hexdigest()
+    follow.close()
+
+
+def test_a_follow_walk_reads_again_a_directory_that_held_a_file_left_for_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file changed in place within the tick a walk started in (its ctime not older
+    than the walk's clock) is left for a later walk; its directory, unchanged since that
+    walk read it, is read again by the next walk, which hashes the file."""
+    root = tmp_path / "t"
+    (root / "a").mkdir(parents=True)
+    racy = root / "a" / "racy"
+    racy.write_bytes(b"old")
+    follow = _settled_follow(root)
+    assert follow.index[(b"a", b"racy")][2] == hashlib.sha256(b"old").hexdigest()
+    (root / "a" / "other").write_bytes(b"landed")  # the directory changes: read again
+    time.sleep(0.05)
+    with racy.open("r+b") as f:  # in place: the directory's times stay as they were
+        f.write(b"new")
+    same_tick = racy.stat().st_ctime_ns
+    with monkeypatch.context() as m:
+        m.setattr(follow, "now", lambda: same_tick)
+        assert follow.step() == 1  # the file that landed; the racy one left for later
+    time.sleep(0.05)
+    assert follow.step() == 1
+    assert follow.index[(b"a", b"racy")][2] == hashlib.sha256(b"new").hexdigest()
+    follow.close()
 
 
 def test_a_follow_pass_stopped_by_a_signal_leaves_nothing(tree: Path) -> None:

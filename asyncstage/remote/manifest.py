@@ -53,9 +53,10 @@ Commands:
   :data:`FOLLOW_INTERVAL` seconds (no more often than its walks take when one hashed
   nothing) and hash each file that is neither hashed already nor unchanged since the
   manifest there (SHA256 as for ``write``), skipping rsync's temporary files
-  (``.NAME.XXXXXX``); print one line per walk (``pass``, ``files`` and ``hashed``
-  bytes so far), then write the provisional manifest and print its ``sha256``, its
-  ``files``, the ``hashed`` bytes and the ``passes``;
+  (``.NAME.XXXXXX``) and reading again only the directories that changed since the
+  last walk or held a file left for later; print one line per walk (``pass``,
+  ``files`` and ``hashed`` bytes so far), then write the provisional manifest and
+  print its ``sha256``, its ``files``, the ``hashed`` bytes and the ``passes``;
 * ``check ROOT MANIFEST SHA256 [read-data] [ignore-extra]``: compare the tree at ROOT
   with the manifest file MANIFEST, which is trusted only when its own digest is SHA256;
   print ``manifest`` (``ok``, ``missing``, ``mismatch`` or ``unreadable``) and the
@@ -416,6 +417,10 @@ class Follow:
         self.hashed = 0
         self._earlier = Earlier(os.path.join(root, NAME.encode()), earlier)
         self._clock = _clock_file(root)
+        # per directory settled at the last walk: its stamp, its subdirectories' names
+        self._dirs: dict[Key, tuple[tuple[int, int, int], list[bytes]]] = {}
+        self._skipped: set[Key] = set()
+        self._unsettled: set[Key] = set()
 
     def close(self) -> None:
         self._earlier.close()
@@ -432,33 +437,83 @@ class Follow:
         self.passes += 1
         clock = self.now()
         self._earlier.restart()
+        self._unsettled.clear()
         hashed = 0
         try:
-            for n, (key, rel, st) in enumerate(walk(self.root)):
+            for n, (key, rel, st) in enumerate(self._walk(clock)):
                 if n % 256 == 0 and self.stop():
                     break
-                if self._wanted(key, st, clock) and self._hash(key, rel, st):
+                state = self._state(key, st, clock)
+                if state == "hash" and self._hash(key, rel, st):
                     hashed += 1
                     if self.stop():
                         break
+                elif state != "settled":
+                    self._unsettled.add(key[:-1])
         except OSError:
             pass  # a directory went away under the walk (rsync --delete): the next one
         return hashed
 
-    def _wanted(self, key: Key, st: os.stat_result, clock: int) -> bool:
+    def _walk(self, clock: int) -> Iterator[tuple[Key, bytes, os.stat_result]]:
+        """The files a walk looks at, in key order: those of each directory that changed
+        since the last walk or held a file not settled then (one still to hash, or in
+        the making); of the other directories, only their subdirectories are looked
+        into. A directory is skipped only when its ctime is older than the walk's clock
+        (as for files: a name added later in the same tick would keep its times)."""
+        stack: list[tuple[Key, Iterator[bytes], tuple[int, int, int], list[bytes]]] = []
+
+        def enter(key: Key, st: os.stat_result) -> None:
+            dstamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            known = self._dirs.get(key)
+            if known is not None and known[0] == dstamp:
+                stack.append((key, iter(known[1]), dstamp, []))  # its subdirectories only
+                self._skipped.add(key)
+                return
+            path = os.path.join(self.root, b"/".join(key)) if key else self.root
+            stack.append((key, iter(_names(path, top=not key)), dstamp, []))
+
+        enter((), os.lstat(self.root))
+        while stack:
+            prefix, names, dstamp, subdirs = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                if prefix in self._skipped:
+                    self._skipped.discard(prefix)
+                elif prefix not in self._unsettled and dstamp[1] < clock:
+                    self._dirs[prefix] = (dstamp, subdirs)
+                else:
+                    self._dirs.pop(prefix, None)
+                continue
+            key = (*prefix, name)
+            rel = b"/".join(key)
+            try:
+                st = os.lstat(os.path.join(self.root, rel))
+            except FileNotFoundError:
+                continue  # gone since the directory was read
+            if stat.S_ISDIR(st.st_mode):
+                if st.st_dev == self.dev:
+                    subdirs.append(name)
+                    enter(key, st)
+            elif prefix not in self._skipped:
+                yield key, rel, st
+
+    def _state(self, key: Key, st: os.stat_result, clock: int) -> str:
+        """``hash`` (now), ``settled`` (hashed already, unchanged since the earlier
+        manifest, or never the follow pass's) or ``later`` (to look at again)."""
         if not stat.S_ISREG(st.st_mode) or st.st_dev != self.dev:
-            return False  # another filesystem may keep coarser times than the clock's
+            return "settled"  # another filesystem may keep coarser times than the clock's
         if _RSYNC_TEMP.fullmatch(key[-1]):
-            return False  # rsync's file in the making, renamed once written
+            return "later"  # rsync's file in the making, renamed once written
         stamp = _stamp(st)
         known = self.index.get(key)
         if known is not None and known[0] == stamp:
-            return False
+            return "settled"
         size, mtime_ns, ctime_ns, ino = stamp
         same = {"size": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "ino": ino}
         if self._earlier.digest(key, {"type": "file", **same}) is not None:
-            return False  # unchanged since the earlier manifest: the final pass has it
-        return st.st_ctime_ns < clock
+            return "settled"  # unchanged since the earlier manifest: the final pass has it
+        return "hash" if st.st_ctime_ns < clock else "later"
 
     def _hash(self, key: Key, rel: bytes, st: os.stat_result) -> bool:
         stamp = _stamp(st)
