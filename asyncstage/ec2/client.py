@@ -47,12 +47,15 @@ Resource = dict[str, Any]
 RetryMode = Literal["adaptive", "standard"]
 
 _FILTER_CHUNK = 200  # values per filter EC2 accepts
-_PAGE = 50
+_PAGE = 100
 """Instances per page of a wait's steady rounds (EC2's ``MaxResults``: 5 to 1000 with
 filters): a round that finds a fleet arrived hands on its first page while EC2 makes the
 next, so that what follows an arrival (a console read, ssh) starts after one page's
-answer rather than the whole fleet's; small enough for that, large enough that a round
-of what changed is mostly one call."""
+answer rather than the whole fleet's. Not smaller: each further page is a call of its
+own, made while the first pages' servers are being taken on, and where that work is
+the controller's own (ssh handshakes) the calls slow it more than the early start
+gains; a page of EC2's burst of GetConsoleOutput (100) lets every console read of it
+start at once."""
 
 _NOT_FOUND: dict[str, type[AsyncstageError]] = {
     "InvalidInstanceID.NotFound": UnknownServer,
