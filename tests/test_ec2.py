@@ -25,6 +25,7 @@ from asyncstage.ec2 import (
     tags_of,
     waits,
 )
+from asyncstage.ec2 import client as client_module
 from asyncstage.errors import EC2Error, UnknownServer, UnknownVolume, WaitTimeout
 
 pytestmark = pytest.mark.anyio
@@ -129,6 +130,111 @@ async def test_a_round_can_ask_only_for_the_instances_that_changed(ec2: EC2) -> 
     assert set(results["any"]) == set(ids)
     assert ec2.calls["DescribeInstances"] - before == 2
     await ec2.terminate_instances(ids)
+
+
+PAGE = 5
+"""The page size of the paged rounds below: EC2's smallest ``MaxResults``."""
+
+
+async def _reservations(ec2: EC2, count: int) -> list[str]:
+    """``count`` instances, one RunInstances (one reservation) each: moto counts a page's
+    reservations, EC2 its instances; one instance a reservation, both count alike."""
+    image = await _image(ec2)
+    ids: list[str] = []
+    for _ in range(count):  # one after another: moto lists reservations as launched
+        (inst,) = await ec2.run_instances(
+            image_id=image, count=1, instance_type="t3.micro", tags={tag("role"): "pages"}
+        )
+        ids.append(inst["InstanceId"])
+    return ids
+
+
+def _describes_sent(ec2: EC2) -> list[int]:
+    """A list that counts the DescribeInstances requests as they are sent."""
+    sent: list[int] = []
+    ec2._client.meta.events.register(
+        "before-send.ec2.DescribeInstances", lambda **_: sent.append(1)
+    )
+    return sent
+
+
+async def test_a_wait_hands_on_each_page_before_it_asks_for_the_next(
+    ec2: EC2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every instance was seen, a wait's round comes in pages: the instances of the
+    first page reach ``on_reached`` before the last page is asked for, and the round
+    follows NextToken to the end (12 instances at 5 a page: 3 calls)."""
+    monkeypatch.setattr(client_module, "_PAGE", PAGE)
+    ids = await _reservations(ec2, 12)
+    await ec2.stop_instances(ids)
+    real = ec2.describe_instances_shared
+
+    async def start_after_the_first_round(
+        wanted: Collection[str], *, states: Collection[str] = (), on_page: object = None
+    ) -> dict[str, dict[str, object]]:
+        found = await real(wanted, states=states, on_page=on_page)  # type: ignore[arg-type]
+        if not states:  # the first round saw them all stopped: on their way now
+            await ec2.start_instances(ids)
+        return found
+
+    monkeypatch.setattr(ec2, "describe_instances_shared", start_after_the_first_round)
+    sent = _describes_sent(ec2)
+    reached_at: dict[str, int] = {}  # instance -> DescribeInstances sent by then
+    reached, failed = await ec2.wait_for_instances(
+        ids, "running", timeout=60, on_reached=lambda i, _: reached_at.setdefault(i, len(sent))
+    )
+    assert set(reached) == set(ids) and not failed and set(reached_at) == set(ids)
+    assert len(sent) == 1 + 3  # the first round, then the arrivals' three pages
+    by_call = sorted(reached_at.values())
+    assert by_call.count(2) == PAGE  # the first page's, before the second was sent
+    assert by_call.count(3) == PAGE and by_call.count(4) == 12 - 2 * PAGE
+
+
+@pytest.mark.parametrize("leader_ends", [None, "cancelled", "its own error"])
+async def test_coalesced_callers_each_get_their_instances_page_by_page(
+    ec2: EC2, monkeypatch: pytest.MonkeyPatch, leader_ends: str | None
+) -> None:
+    """Callers of one paged round each get their own instances, each once, page by page:
+    a follower's first page before the round's last page is asked for. A leader cancelled
+    or failing in its own ``on_page`` after the first page: the others still get all of
+    theirs, each once (a round of their own for what no page gave)."""
+    monkeypatch.setattr(client_module, "_PAGE", PAGE)
+    ids = await _reservations(ec2, 12)
+    sent = _describes_sent(ec2)
+    parts = {"leader": ids[:6], "follower": ids[6:], "both": ids[3:9]}
+    pages: dict[str, list[tuple[int, set[str]]]] = {name: [] for name in parts}
+    results: dict[str, dict[str, object]] = {}
+
+    async def ask(name: str, scope: anyio.CancelScope) -> None:
+        def on_page(found: dict[str, object]) -> None:
+            pages[name].append((len(sent), set(found)))
+            if name == "leader" and leader_ends == "cancelled":
+                scope.cancel()
+            if name == "leader" and leader_ends == "its own error":
+                raise LookupError("the leader's own")
+
+        with scope:
+            try:
+                results[name] = await ec2.describe_instances_shared(
+                    parts[name], states=("running",), on_page=on_page
+                )
+            except LookupError:
+                assert name == "leader" and leader_ends == "its own error"
+
+    async with anyio.create_task_group() as tg:
+        for name in parts:  # in this order: the first to ask leads the round
+            tg.start_soon(ask, name, anyio.CancelScope())
+    for name in ("follower", "both") if leader_ends else parts:
+        given = [i for _, page in pages[name] for i in page]
+        assert sorted(given) == sorted(parts[name]) == sorted(results[name])
+    # the first page: ids[0:5]; "both" (ids[3:9]) has two of them, before the page after
+    assert pages["both"][0][1] == set(ids[3:5])
+    if leader_ends:
+        assert "leader" not in results and len(pages["leader"]) == 1
+    else:
+        assert pages["both"][0][0] == 2  # when the second page was sent, not the third
+        assert len(sent) == 3  # one round for the three: 12 instances, 5 a page
+        assert all(len(p) == 2 for p in pages.values())  # each on two of the three pages
 
 
 async def test_tags_and_filters(ec2: EC2) -> None:
@@ -326,7 +432,9 @@ async def _late_fleet(
     monkeypatch.setattr(client, "now", lambda: launched + timedelta(seconds=clock.now))
     rounds: list[float] = []
 
-    async def describe(ids: object, states: Collection[str] = ()) -> dict[str, object]:
+    async def describe(
+        ids: object, states: Collection[str] = (), on_page: object = None
+    ) -> dict[str, object]:
         # the first round asks for every instance, the later ones for those not pending
         assert bool(states) == bool(rounds) and "pending" not in states
         rounds.append(clock.now)
@@ -407,7 +515,9 @@ async def test_a_fleet_on_its_way_out_is_described_once_more_each(
     rounds: list[tuple[str, ...]] = []
     described = [0]
 
-    async def describe(ids: Collection[str], states: Collection[str] = ()) -> dict[str, object]:
+    async def describe(
+        ids: Collection[str], states: Collection[str] = (), on_page: object = None
+    ) -> dict[str, object]:
         rounds.append(tuple(states))
         found = {
             i: {"InstanceId": i, "State": {"Name": state if clock.now >= at else way}}

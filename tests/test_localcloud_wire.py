@@ -263,6 +263,35 @@ def test_a_raw_client_runs_an_instance_and_attaches_partition_names(cloud: Local
         client.call("DeleteVolume", VolumeId=volume_id)
 
 
+def test_describe_instances_pages_count_instances_as_ec2s_do(cloud: LocalCloud) -> None:
+    """``MaxResults`` counts instances, not reservations: one launch of 7 comes in pages
+    of 5 and 2, its reservation on both, ``NextToken`` leading from one to the next;
+    sizes outside 5 - 1000 and a token the cloud did not give are refused."""
+    client = raw(cloud)
+    status, body = client.call(
+        "RunInstances", ImageId=cloud.image_id, MinCount="7", MaxCount="7", InstanceType="t2.micro"
+    )
+    assert status == 200, body
+    ids = find(body, "instanceId")
+    try:
+        named = {f"Filter.1.Value.{n}": i for n, i in enumerate(ids, 1)}
+        flt = {"Filter.1.Name": "instance-id", **named}
+        status, body = client.call("DescribeInstances", MaxResults="5", **flt)
+        assert status == 200, body
+        first, reservation = find(body, "instanceId"), find(body, "reservationId")
+        (token,) = find(body, "nextToken")
+        status, body = client.call("DescribeInstances", MaxResults="5", NextToken=token, **flt)
+        assert status == 200, body
+        rest = find(body, "instanceId")
+        assert len(first) == 5 and len(rest) == 2 and sorted(first + rest) == sorted(ids)
+        assert find(body, "nextToken") == [] and find(body, "reservationId") == reservation
+        for bad in ({"MaxResults": "4"}, {"MaxResults": "1001"}, {"NextToken": "not-ours"}):
+            status, body = client.call("DescribeInstances", **bad, **flt)
+            assert status == 400 and error_code(body) == "InvalidParameterValue", body
+    finally:
+        client.call("TerminateInstances", **{f"InstanceId.{n}": i for n, i in enumerate(ids, 1)})
+
+
 def test_a_filter_with_one_value_is_read_as_ec2_reads_it(cloud: LocalCloud) -> None:
     """``Filter.N.Value`` without an index (the Perl VM::EC2 sends one value so) filters."""
     client = raw(cloud)

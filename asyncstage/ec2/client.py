@@ -47,6 +47,15 @@ Resource = dict[str, Any]
 RetryMode = Literal["adaptive", "standard"]
 
 _FILTER_CHUNK = 200  # values per filter EC2 accepts
+_PAGE = 100
+"""Instances per page of a wait's steady rounds (EC2's ``MaxResults``: 5 to 1000 with
+filters): a round that finds a fleet arrived hands on its first page while EC2 makes the
+next, so that what follows an arrival (a console read, ssh) starts after one page's
+answer rather than the whole fleet's. Not smaller: each further page is a call of its
+own, made while the first pages' servers are being taken on, and where that work is
+the controller's own (ssh handshakes) the calls slow it more than the early start
+gains; a page of EC2's burst of GetConsoleOutput (100) lets every console read of it
+start at once."""
 
 _NOT_FOUND: dict[str, type[AsyncstageError]] = {
     "InvalidInstanceID.NotFound": UnknownServer,
@@ -158,13 +167,70 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
 
 
 class _Round:
-    """One shared DescribeInstances call: whoever comes first makes it for everybody."""
+    """One shared DescribeInstances round: whoever comes first makes it for everybody,
+    and hands on its answer page by page (:attr:`pages`, :attr:`moved` set at each)."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
         self.done = anyio.Event()
-        self.result: dict[str, Resource] | None = None
+        self.pages: list[dict[str, Resource]] = []
+        self.moved = anyio.Event()
+        self.complete = False  # every page came
         self.error: BaseException | None = None
+
+    def add(self, instances: Iterable[Resource]) -> None:
+        """A page of the answer: wakes those waiting for the next."""
+        self.pages.append({str(i["InstanceId"]): i for i in instances})
+        self.moved, moved = anyio.Event(), self.moved
+        moved.set()
+
+    async def lead(
+        self,
+        window: float,
+        release: Callable[[], None],
+        fetch: Callable[[Callable[[list[Resource]], None]], Awaitable[None]],
+        take: Callable[[dict[str, Resource]], None],
+    ) -> None:
+        """Make the round for all its callers: after ``window`` (others may join until
+        ``release`` closes it to them), ``fetch`` it, each page added and the leader's
+        own part of it given to ``take``."""
+        in_take = False  # an error of the leader's own ``take`` is not the round's
+
+        def add(instances: list[Resource]) -> None:
+            nonlocal in_take
+            self.add(instances)
+            in_take = True
+            take(self.pages[-1])
+            in_take = False
+
+        try:
+            await anyio.sleep(window)
+            release()
+            await fetch(add)
+            self.complete = True
+        except BaseException as e:
+            if not in_take:
+                self.error = e
+            raise
+        finally:
+            release()
+            self.finish()
+
+    def finish(self) -> None:
+        """The round is over (all its pages came, or it failed): wakes those waiting."""
+        self.done.set()
+        self.moved.set()
+
+    async def follow(self, take: Callable[[dict[str, Resource]], None]) -> None:
+        """``take`` each page of the round as it comes, until the round is over."""
+        taken = 0
+        while True:
+            while taken < len(self.pages):
+                taken += 1
+                take(self.pages[taken - 1])
+            if self.done.is_set():
+                return
+            await self.moved.wait()
 
 
 class Client:
@@ -338,13 +404,24 @@ class Client:
         """The time on EC2's clock (this machine's, moved by :attr:`clock_offset`)."""
         return datetime.now(UTC) + timedelta(seconds=self.clock_offset or 0.0)
 
-    async def paginate(self, operation: str, key: str, /, **params: Any) -> list[Resource]:
-        """All items under ``key`` of every page of a describe call."""
+    async def paginate(
+        self,
+        operation: str,
+        key: str,
+        /,
+        *,
+        each: Callable[[list[Resource]], None] | None = None,
+        **params: Any,
+    ) -> list[Resource]:
+        """All items under ``key`` of every page of a describe call; ``each(items)`` is
+        called with a page's items as soon as that page is in, before the next is asked for."""
         items: list[Resource] = []
         token: str | None = None
         while True:
             page = await self.call(operation, **params, **({"NextToken": token} if token else {}))
             items.extend(page.get(key, []))
+            if each is not None:
+                each(page.get(key, []))
             token = page.get("NextToken")
             if not token:
                 return items
@@ -412,7 +489,11 @@ class Client:
         return [i for r in reservations for i in r.get("Instances", [])]
 
     async def describe_instances_shared(
-        self, ids: Iterable[str], *, states: Collection[str] = ()
+        self,
+        ids: Iterable[str],
+        *,
+        states: Collection[str] = (),
+        on_page: Callable[[dict[str, Resource]], None] | None = None,
     ) -> dict[str, Resource]:
         """Instances by id, sharing one DescribeInstances round with concurrent callers.
 
@@ -422,59 +503,76 @@ class Client:
         out, as is an id EC2 does not show yet): a wait's round costs what changed, not
         the whole fleet's descriptions; such rounds are shared with callers asking for
         the same states.
+
+        Such a round comes in pages of ``_PAGE`` instances: ``on_page(found)`` is called,
+        in each caller's own task, with that caller's instances of a page as soon as the
+        page is in (the caller who makes the round: before it asks for the next page),
+        each instance once; the return value holds them all. The pages are asked for one
+        after another (each with the token the page before gave), not as parallel calls
+        for parts of the ids: the endpoint would make those answers side by side, on
+        threads sharing its cores (the in-process local cloud's also share the
+        interpreter's lock with this event loop), and each would end about as late as
+        the whole answer does now. A round that fails part-way raises its error after
+        the pages that came.
         """
         wanted = set(ids)
         key = frozenset(states)
+        got: dict[str, Resource] = {}
+
+        def take(page: dict[str, Resource]) -> None:
+            mine = {i: d for i, d in page.items() if i in wanted and i not in got}
+            got.update(mine)
+            if mine and on_page is not None:
+                on_page(mine)
+
         while True:
             rnd = self._rounds.get(key)
             leader = rnd is None
             if rnd is None:
                 rnd = self._rounds[key] = _Round()
-            rnd.ids |= wanted
+            rnd.ids |= wanted - got.keys()
             if leader:
-                try:
-                    await anyio.sleep(self.coalesce_window)
-                    if self._rounds.get(key) is rnd:
-                        del self._rounds[key]
+
+                async def fetch(add: Callable[[list[Resource]], None], rnd: _Round = rnd) -> None:
                     named = sorted(rnd.ids)
-                    found = await (
-                        self._describe_in_states(named, key)
-                        if key
-                        else self.describe_instances(named)
-                    )
-                    rnd.result = {i["InstanceId"]: i for i in found}
-                except BaseException as e:
-                    rnd.error = e
-                    raise
-                finally:
+                    if key:
+                        await self._describe_in_states(named, key, add)
+                    else:
+                        add(await self.describe_instances(named))
+
+                def release(rnd: _Round = rnd) -> None:
                     if self._rounds.get(key) is rnd:
                         del self._rounds[key]
-                    rnd.done.set()
-            else:
-                await rnd.done.wait()
-            if rnd.result is not None:
-                return {k: v for k, v in rnd.result.items() if k in wanted}
+
+                await rnd.lead(self.coalesce_window, release, fetch, take)
+                return got
+            await rnd.follow(take)
+            if rnd.complete:
+                return got
             if isinstance(rnd.error, Exception) and not isinstance(
                 rnd.error, anyio.get_cancelled_exc_class()
             ):
                 raise rnd.error
-            # the leader was cancelled: try again, maybe as the leader
+            # the round ended early (its leader cancelled): again, for what no page gave
 
     async def _describe_in_states(
-        self, ids: Sequence[str], states: Collection[str]
-    ) -> list[Resource]:
-        """The instances of these ids that are in one of these states (one call per 200
-        ids; the others are left out of EC2's answer)."""
-        found: list[Resource] = []
+        self, ids: Sequence[str], states: Collection[str], each: Callable[[list[Resource]], None]
+    ) -> None:
+        """``each`` page of the instances of these ids that are in one of these states
+        (the others are left out of EC2's answer): up to ``_PAGE`` instances a page, one
+        filter of up to 200 ids after another."""
         for chunk in _chunks(ids, _FILTER_CHUNK):
             flt = [
                 {"Name": "instance-id", "Values": list(chunk)},
                 {"Name": "instance-state-name", "Values": sorted(states)},
             ]
-            found += self._flatten(
-                await self.paginate("DescribeInstances", "Reservations", Filters=flt)
+            await self.paginate(
+                "DescribeInstances",
+                "Reservations",
+                each=lambda reservations: each(self._flatten(reservations)),
+                Filters=flt,
+                MaxResults=_PAGE,
             )
-        return found
 
     async def describe_volumes(
         self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()

@@ -14,7 +14,10 @@ whole fleet's round, and the steady pace is never under a quarter of that action
 refill of EC2's request rate (:mod:`~asyncstage.ec2.rate`). Once each instance was
 seen, a round asks EC2 only for those no longer on their way (a filter on the state:
 not pending, stopping or shutting down): its answer holds what changed, not the whole
-fleet's descriptions.
+fleet's descriptions, and comes in pages: each instance of a page is handed on
+(``on_reached``) as soon as that page is in, while EC2 makes the next, so that what
+follows an instance's arrival (its console read, ssh) starts after one page of a
+fleet's answer rather than all of it.
 """
 
 from __future__ import annotations
@@ -210,7 +213,8 @@ async def wait_for_instances(
     error: :class:`WaitTimeout` with its last state, or :class:`EC2Error` when it
     went somewhere it cannot come back from (terminated while waiting for running).
     ``labels`` name the instances in the errors; ``on_reached(id, instance)`` is
-    called as soon as each one gets there.
+    called as soon as each one gets there: once each was seen, as soon as the page of
+    the round's answer that shows it is in.
     """
     reached: dict[str, Resource] = {}
     failed: dict[str, Exception] = {}
@@ -223,10 +227,7 @@ async def wait_for_instances(
     def label(i: str) -> str:
         return f"{labels[i]} ({i})" if i in labels else i
 
-    async def fetch() -> bool:
-        # once each was seen, a round asks only for those that left their way there
-        arrived = _ARRIVED.get(state, ()) if waiting.issubset(last) else ()
-        found = await client.describe_instances_shared(waiting, states=arrived)
+    def see(found: Mapping[str, Resource]) -> None:
         for iid, inst in found.items():
             now = inst.get("State", {}).get("Name", "unknown")
             last[iid] = now
@@ -249,6 +250,21 @@ async def wait_for_instances(
                     operation="DescribeInstances",
                 )
                 waiting.discard(iid)
+
+    async def fetch() -> bool:
+        # once each was seen, a round asks only for those that left their way there,
+        # and each page of its answer is seen as soon as it is in
+        arrived = _ARRIVED.get(state, ()) if waiting.issubset(last) else ()
+        seen: set[str] = set()
+
+        def page(found: dict[str, Resource]) -> None:
+            seen.update(found)
+            see(found)
+
+        found = await client.describe_instances_shared(
+            set(waiting), states=arrived, on_page=page if arrived else None
+        )
+        see({i: d for i, d in found.items() if i not in seen})
         return not waiting
 
     try:

@@ -28,6 +28,7 @@ from asyncstage.localcloud._consistency import Consistency, created_ids
 from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, is_nitro
 from asyncstage.localcloud._firewall import Policy
 from asyncstage.localcloud._hooks import EngineHooks
+from asyncstage.localcloud._pages import PageRefused, page_asked, with_token
 from asyncstage.localcloud._query import renumber
 from asyncstage.localcloud._throttle import (
     THROTTLED_CODE,
@@ -311,24 +312,25 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
         numbered = renumber(params)  # lists from any index, as EC2 reads them (._query)
         if numbered != params:
             params, rewrite = numbered, True
+        try:  # EC2's pages count instances, moto's reservations (._pages)
+            page = page_asked(action, params)
+        except PageRefused as e:
+            return _error_response(start_response, "InvalidParameterValue", str(e))
+        rewrite = rewrite or page is not None
         if rewrite:  # after the signature check, which covered what the client sent
             body = urlencode(params).encode()
             environ["QUERY_STRING"] = ""
         if action == "GetConsoleOutput":
-            latest = params.get("Latest", "").lower() == "true"
-            instance_id = params.get("InstanceId", "")
-            with engine.lock:
-                no_latest = _latest_refusal(backend, instance_id) if latest else None
-                text = None if no_latest else engine.console(instance_id, latest)
-            if no_latest is not None:
-                return _error_response(start_response, "UnsupportedOperation", no_latest)
-            if text is not None:
-                return _console_response(start_response, params["InstanceId"], text, version)
+            console = _console_call(engine, backend, params, version, start_response)
+            if console is not None:
+                return console
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = engine.account
         with engine.lock:
             install_backend(backend)  # moto's resets (mock_aws elsewhere) clear it
             backend.request = params  # what moto does not pass on (DetachVolume's Force)
+            backend.page = page
             code, headers, data = _call(moto_app, environ, body)
+            token, backend.page, backend.next_token = backend.next_token, None, None
             ok = code.startswith("2")
             made = created_ids(action, data) if ok else []
             if made:  # recorded before any other request can learn the ids
@@ -336,6 +338,8 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
                 consistency.created(made, [draw(engine.random.random) for _ in made])
         if ok and hidden:
             data = consistency.leave_out(action, data, hidden)
+        if ok:
+            data = with_token(data, token)
         data = fix_response(action, version, ok, data)
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(code, [*headers, ("Content-Length", str(len(data)))])
@@ -379,6 +383,26 @@ def _kms_call(
     headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
     start_response(code, [*headers, ("Content-Length", str(len(data)))])
     return [data]
+
+
+def _console_call(
+    engine: EngineHooks,
+    backend: Any,
+    params: dict[str, str],
+    version: str | None,
+    start_response: StartResponse,
+) -> list[bytes] | None:
+    """The cloud's own answer to GetConsoleOutput (None: moto's, for an unknown instance)."""
+    latest = params.get("Latest", "").lower() == "true"
+    instance_id = params.get("InstanceId", "")
+    with engine.lock:
+        no_latest = _latest_refusal(backend, instance_id) if latest else None
+        text = None if no_latest else engine.console(instance_id, latest)
+    if no_latest is not None:
+        return _error_response(start_response, "UnsupportedOperation", no_latest)
+    if text is not None:
+        return _console_response(start_response, params["InstanceId"], text, version)
+    return None
 
 
 def _latest_refusal(backend: Any, instance_id: str) -> str | None:

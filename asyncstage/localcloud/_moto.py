@@ -33,6 +33,7 @@ from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, attachment_refusal,
 from asyncstage.localcloud._groups import GroupEffects
 from asyncstage.localcloud._hooks import ApiRefusal, EngineHooks
 from asyncstage.localcloud._network import Placement
+from asyncstage.localcloud._pages import Page, cut
 from asyncstage.localcloud._records import (
     LocalInstance,
     LocalNic,
@@ -60,6 +61,8 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
     engine: EngineHooks | None = None  # None while moto builds its own records
     image_id = ""  # the one image instances boot (set by the API)
     request: Mapping[str, str] = {}  # the parameters of the request in hand (set by the API)
+    page: Page | None = None  # the page of instances it asks for (set by the API)
+    next_token: str | None = None  # the token of the page after it (for the API)
     peers: Callable[[str], LocalBackend] | None = None  # region -> its backend (the API's)
     _launching = False
 
@@ -83,6 +86,14 @@ class LocalBackend(TagLookups, GroupEffects, RegionCopies):
         return volume
 
     # -- instances ---------------------------------------------------------------------
+
+    def describe_instances(self, filters: Any = None) -> list[Any]:
+        """moto's reservations, cut down to the page of instances asked for (:mod:`._pages`)."""
+        reservations: list[Any] = super().describe_instances(filters)
+        if self.page is None:
+            return reservations
+        reservations, self.next_token = cut(reservations, self.page)
+        return reservations
 
     def run_instances(
         self,
