@@ -312,7 +312,7 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
         numbered = renumber(params)  # lists from any index, as EC2 reads them (._query)
         if numbered != params:
             params, rewrite = numbered, True
-        try:  # EC2's pages count instances, moto's reservations (._pages)
+        try:  # pages of instances, where moto's count reservations (._pages)
             page = page_asked(action, params)
         except PageRefused as e:
             return _error_response(start_response, "InvalidParameterValue", str(e))

@@ -1,8 +1,10 @@
-"""DescribeInstances in pages of instances, as EC2 makes them.
+"""DescribeInstances in pages of instances.
 
-EC2's ``MaxResults`` (5 to 1000; not with instance ids) counts the instances of a page,
-and a reservation whose instances do not fit on one page goes on over the next ones.
-moto counts reservations instead (a fleet launched by one RunInstances call is one page,
+EC2's ``MaxResults`` (5 to 1000; not with instance ids) bounds the items of a page and
+``NextToken`` leads to the next (a page may hold fewer: callers follow the token). The
+cloud counts instances, a reservation whose instances do not fit on one page going on
+over the next ones, so that a fleet's answer comes in pages at all. moto counts
+reservations instead (a fleet launched by one RunInstances call is one page,
 whatever ``MaxResults`` asks) and takes a reservation's id for a token. So the cloud
 pages itself: moto gets the request without its token and asks for the largest page
 (:func:`page_asked` rewrites the parameters), the backend cuts its filtered
