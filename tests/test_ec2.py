@@ -138,7 +138,8 @@ PAGE = 5
 
 async def _reservations(ec2: EC2, count: int) -> list[str]:
     """``count`` instances, one RunInstances (one reservation) each: moto counts a page's
-    reservations, EC2 its instances; one instance a reservation, both count alike."""
+    reservations, the local cloud its instances; one instance a reservation, both count
+    alike."""
     image = await _image(ec2)
     ids: list[str] = []
     for _ in range(count):  # one after another: moto lists reservations as launched
