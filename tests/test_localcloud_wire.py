@@ -263,10 +263,11 @@ def test_a_raw_client_runs_an_instance_and_attaches_partition_names(cloud: Local
         client.call("DeleteVolume", VolumeId=volume_id)
 
 
-def test_describe_instances_pages_count_instances_as_ec2s_do(cloud: LocalCloud) -> None:
-    """``MaxResults`` counts instances, not reservations: one launch of 7 comes in pages
-    of 5 and 2, its reservation on both, ``NextToken`` leading from one to the next;
-    sizes outside 5 - 1000 and a token the cloud did not give are refused."""
+def test_describe_instances_pages_count_instances(cloud: LocalCloud) -> None:
+    """The cloud's ``MaxResults`` counts instances, not reservations (moto's): one launch
+    of 7 comes in pages of 5 and 2, its reservation on both, ``NextToken`` leading from
+    one to the next; sizes outside 5 - 1000 and a token the cloud did not give are
+    refused."""
     client = raw(cloud)
     status, body = client.call(
         "RunInstances", ImageId=cloud.image_id, MinCount="7", MaxCount="7", InstanceType="t2.micro"
