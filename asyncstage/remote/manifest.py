@@ -419,7 +419,6 @@ class Follow:
         self._clock = _clock_file(root)
         # per directory settled at the last walk: its stamp, its subdirectories' names
         self._dirs: dict[Key, tuple[tuple[int, int, int], list[bytes]]] = {}
-        self._skipped: set[Key] = set()
         self._unsettled: set[Key] = set()
 
     def close(self) -> None:
@@ -460,30 +459,30 @@ class Follow:
         the making); of the other directories, only their subdirectories are looked
         into. A directory is skipped only when its ctime is older than the walk's clock
         (as for files: a name added later in the same tick would keep its times)."""
-        stack: list[tuple[Key, Iterator[bytes], tuple[int, int, int], list[bytes]]] = []
+        # per directory entered: its key, the names to look at, its stamp, its
+        # subdirectories' names, and whether it is skipped (its names: those subdirectories)
+        stack: list[tuple[Key, Iterator[bytes], tuple[int, int, int], list[bytes], bool]] = []
 
         def enter(key: Key, st: os.stat_result) -> None:
             dstamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
             known = self._dirs.get(key)
             if known is not None and known[0] == dstamp:
-                stack.append((key, iter(known[1]), dstamp, []))  # its subdirectories only
-                self._skipped.add(key)
+                stack.append((key, iter(known[1]), dstamp, [], True))
                 return
             path = os.path.join(self.root, b"/".join(key)) if key else self.root
-            stack.append((key, iter(_names(path, top=not key)), dstamp, []))
+            stack.append((key, iter(_names(path, top=not key)), dstamp, [], False))
 
         enter((), os.lstat(self.root))
         while stack:
-            prefix, names, dstamp, subdirs = stack[-1]
+            prefix, names, dstamp, subdirs, skipped = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
-                if prefix in self._skipped:
-                    self._skipped.discard(prefix)
-                elif prefix not in self._unsettled and dstamp[1] < clock:
-                    self._dirs[prefix] = (dstamp, subdirs)
-                else:
-                    self._dirs.pop(prefix, None)
+                if not skipped:  # a skipped one stays as the last walk that read it left it
+                    if prefix not in self._unsettled and dstamp[1] < clock:
+                        self._dirs[prefix] = (dstamp, subdirs)
+                    else:
+                        self._dirs.pop(prefix, None)
                 continue
             key = (*prefix, name)
             rel = b"/".join(key)
@@ -495,7 +494,7 @@ class Follow:
                 if st.st_dev == self.dev:
                     subdirs.append(name)
                     enter(key, st)
-            elif prefix not in self._skipped:
+            elif not skipped:
                 yield key, rel, st
 
     def _state(self, key: Key, st: os.stat_result, clock: int) -> str:
