@@ -718,10 +718,10 @@ async def main() -> None:
     _user_data_rows(report, keyed, pending)
     _fleet_targets(report, fleets[-1], singles, pending, keyed=False)
     every = [r for r in runs if r["n"] > 1]
-    further = per_further_server(every, singles, less=lambda r: r["controller_gc_cpu_s"])
+    further = per_further_server(every, singles, less=_gc_cpu)
     report.results["controller_cpu_ms_per_further_server"] = further
     report.results["controller_cpu_ms_per_further_server_runs"] = further_runs(
-        every, singles, less=lambda r: r["controller_gc_cpu_s"]
+        every, singles, less=_gc_cpu
     )
     report.results["controller_cpu_ms_per_further_server_with_gc"] = per_further_server(
         every, singles
@@ -753,6 +753,11 @@ async def main() -> None:
     report.save()
 
 
+def _gc_cpu(run: dict[str, Any]) -> float:
+    """A run's garbage collections' CPU in the controller's threads (judged apart)."""
+    return float(run["controller_gc_cpu_s"])
+
+
 def _runs_text(runs: list[float]) -> str:
     """A size's runs, when there were several (its figure is their median)."""
     return f" (median of {', '.join(f'{ms:g}' for ms in runs)})" if len(runs) > 1 else ""
@@ -771,8 +776,8 @@ def _apart_rows(report: Report, apart: list[dict[str, Any]], sizes: list[int]) -
     singles = [r for r in apart if r["n"] == 1]
     fleets = [next(r for r in apart if r["n"] == n) for n in sizes[1:]]
     every = [r for r in apart if r["n"] > 1]
-    further = per_further_server(every, singles, less=lambda r: r["controller_gc_cpu_s"])
-    each = further_runs(every, singles, less=lambda r: r["controller_gc_cpu_s"])
+    further = per_further_server(every, singles, less=_gc_cpu)
+    each = further_runs(every, singles, less=_gc_cpu)
     report.results["cloud_apart"] = {
         "runs": apart,
         "controller_cpu_ms_per_further_server": further,
@@ -936,15 +941,14 @@ def _cpu_flat_text(
     """Per further server (one server's launch apart; ``every`` run of a fleet, a size
     run more than once judged on its median), per server, and the cloud's threads."""
     one = baseline(singles)
-    gc_apart = lambda r: r["controller_gc_cpu_s"]  # noqa: E731
-    each = further_runs(every, singles, less=gc_apart)
+    each = further_runs(every, singles, less=_gc_cpu)
     per_server = [r["controller_cpu_ms_per_server"] for r in fleets if r["n"] >= 10]
     return (
         f"controller CPU ms per further server, beyond one server's launch ({1000 * one:.0f} "
         "ms: its poll rounds over the pending time and its calls, whatever N): "
         + ", ".join(
             f"N={n} {ms:g}{_runs_text(each[n])}"
-            for n, ms in per_further_server(every, singles, less=gc_apart).items()
+            for n, ms in per_further_server(every, singles, less=_gc_cpu).items()
         )
         + "; per server, that launch included: "
         + ", ".join(f"N={r['n']} {r['controller_cpu_ms_per_server']:g}" for r in fleets)
