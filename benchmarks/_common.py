@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -526,6 +526,57 @@ def _is_cloud_thread(thread: threading.Thread) -> bool:
     )
 
 
+class EndedThreads:
+    """CPU seconds of this process's threads that have ended, by side (``cloud``,
+    ``bench``, ``controller``).
+
+    /proc lists live threads only, and ``getrusage`` keeps an ended thread's CPU in the
+    process's total without saying whose it was: the local cloud's short-lived threads
+    (an image copy, a timer, a request's thread) would count as the controller's once
+    ended. Each thread started after :meth:`install` adds its own CPU here as it ends.
+    """
+
+    seconds: ClassVar[dict[str, float]] = {"cloud": 0.0, "bench": 0.0, "controller": 0.0}
+    _lock = threading.Lock()
+    _original: Callable[[threading.Thread], None] | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        """Count every thread started from now on as it ends (once per process)."""
+        if cls._original is not None:
+            return
+        original = cls._original = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+        def bootstrap_inner(thread: threading.Thread) -> None:
+            try:
+                original(thread)
+            finally:  # still on the ended thread: its own clock
+                with cls._lock:
+                    cls.seconds[thread_side(thread)] += time.thread_time()
+
+        threading.Thread._bootstrap_inner = bootstrap_inner  # type: ignore[attr-defined]
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """Stop counting (threads already running keep counting as they end)."""
+        if cls._original is not None:
+            threading.Thread._bootstrap_inner = cls._original  # type: ignore[attr-defined]
+            cls._original = None
+
+
+def thread_side(thread: threading.Thread) -> str:
+    """Whose thread this is: the local cloud's, the benchmark's own samplers', or the
+    controller's (the event loop and its worker threads)."""
+    if _is_cloud_thread(thread):
+        return "cloud"
+    return "bench" if thread.name.startswith(BENCH_THREAD) else "controller"
+
+
+BENCH_THREAD = "bench-"
+"""Name prefix of the benchmark's own threads (samplers): neither controller nor cloud."""
+EndedThreads.install()  # on import: before the local cloud starts a thread
+
+
 def _thread_cpu(native_id: int, pid: int | str = "self") -> float:
     """CPU seconds of one thread (its scheduler run time, counted in ns: /proc's stat
     counts in clock ticks, and a process that lives for a few ms shows 0 there)."""
@@ -565,8 +616,9 @@ def descendants_cpu(root: int | None = None) -> float:
 
 
 def cloud_threads_cpu() -> float:
-    """CPU seconds used so far by the local cloud's live threads in this process."""
-    return sum(
+    """CPU seconds used so far by the local cloud's threads in this process, the live
+    ones and those that ended (:class:`EndedThreads`)."""
+    return EndedThreads.seconds["cloud"] + sum(
         _thread_cpu(t.native_id)
         for t in threading.enumerate()
         if t.native_id is not None and _is_cloud_thread(t)

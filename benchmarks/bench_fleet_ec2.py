@@ -77,14 +77,15 @@ from urllib.parse import parse_qsl
 import anyio
 from _cloud_apart import cloud_apart
 from _common import (
+    EndedThreads,
     Report,
     _busy_jiffies,
-    _is_cloud_thread,
     _thread_cpu,
     cloud_threads_cpu,
     local_cloud,
     parse_args,
     ratio,
+    thread_side,
 )
 from _cpu_flat import GcMeter, baseline, further_runs, per_further_server
 from bench_fleet import _concurrent
@@ -99,18 +100,14 @@ from asyncstage.settings import HostKeySource
 
 CORES = os.cpu_count() or 1
 
-# Threads of the benchmark itself (its samplers), neither controller nor cloud.
-BENCH_THREAD = "bench-"
-
 
 def controller_cpu() -> float:
-    """CPU seconds so far of this process's live threads that are the controller's."""
-    return sum(
+    """CPU seconds so far of this process's threads that are the controller's, the live
+    ones and those that ended."""
+    return EndedThreads.seconds["controller"] + sum(
         _thread_cpu(t.native_id)
         for t in threading.enumerate()
-        if t.native_id is not None
-        and not _is_cloud_thread(t)
-        and not t.name.startswith(BENCH_THREAD)
+        if t.native_id is not None and thread_side(t) == "controller"
     )
 
 
@@ -518,11 +515,7 @@ class _Timeline:
 
 
 def _controller_threads() -> list[threading.Thread]:
-    return [
-        t
-        for t in threading.enumerate()
-        if not _is_cloud_thread(t) and not t.name.startswith(BENCH_THREAD)
-    ]
+    return [t for t in threading.enumerate() if thread_side(t) == "controller"]
 
 
 async def _fleet(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -78,3 +80,36 @@ def test_a_size_run_several_times_is_judged_on_its_median() -> None:
     ]
     assert flat.further_runs(fleets, singles) == {10: [30.0, 10.0, 13.33], 50: [10.0]}
     assert flat.per_further_server(fleets, singles) == {10: 13.33, 50: 10.0}
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_an_ended_threads_cpu_stays_with_its_side() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        name = "bench_common_under_test"
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "_common.py")
+        assert spec is not None and spec.loader is not None
+        common = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(common)  # counts threads from here on
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop(name, None)
+    try:
+        before = common.cloud_threads_cpu()
+        mine = dict(common.EndedThreads.seconds)
+        copy = threading.Thread(target=_burn, args=(0.05,), name="localcloud-copy-vol-1")
+        worker = threading.Thread(target=_burn, args=(0.03,), name="asyncio_0")
+        for thread in (copy, worker):
+            thread.start()
+            thread.join()
+        assert common.cloud_threads_cpu() - before >= 0.05  # ended, still the cloud's
+        ended = {k: v - mine[k] for k, v in common.EndedThreads.seconds.items()}
+        assert ended["cloud"] >= 0.05 and 0.03 <= ended["controller"] < 0.05
+        assert ended["bench"] == 0.0
+    finally:
+        common.EndedThreads.uninstall()
