@@ -175,9 +175,9 @@ async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> 
         "n": len(plan.backups),
         "wall_s": round(wall, 3),
         "own_cpu_s": cpu.seconds,
-        # who used it: this process (the controller, and the local cloud's threads: those
-        # that ended count as the controller's), and the instances' processes (mkfs,
-        # mount, rsync, sshd, sudo)
+        # who used it: this process (the controller, and apart the local cloud's threads,
+        # those that ended too), and the instances' processes (mkfs, mount, rsync, sshd,
+        # sudo)
         "cpu_split": {k: split[k] for k in ("controller_cpu_s", "cloud_cpu_s", "instances_cpu_s")},
         "machine_busy": busy.busy,
     }

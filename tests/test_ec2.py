@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import stat
+import time
 import types
 from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,13 @@ from asyncstage.ec2 import (
     waits,
 )
 from asyncstage.ec2 import client as client_module
-from asyncstage.errors import EC2Error, UnknownServer, UnknownVolume, WaitTimeout
+from asyncstage.errors import (
+    EC2Error,
+    UnknownServer,
+    UnknownSnapshot,
+    UnknownVolume,
+    WaitTimeout,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -103,6 +110,50 @@ async def test_concurrent_waits_share_one_describe_per_round(ec2: EC2) -> None:
     await ec2.terminate_instances(ids)
     _, failed = await ec2.wait_for_instances(ids, "running", timeout=60)
     assert all(isinstance(e, EC2Error) and "terminated" in str(e) for e in failed.values())
+
+
+async def test_concurrent_snapshot_waits_share_one_describe_per_round(ec2: EC2) -> None:
+    vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+    snaps = [
+        str((await ec2.create_snapshot(vol["VolumeId"], description=f"s{i}"))["SnapshotId"])
+        for i in range(4)
+    ]
+    gone = "snap-0123456789abcdef0"
+    found: dict[str, object] = {}
+
+    async def wait(sid: str) -> None:
+        try:
+            found[sid] = (await ec2.wait_for_snapshot(sid, timeout=60))["State"]
+        except UnknownSnapshot as e:
+            found[sid] = e
+
+    before = ec2.calls["DescribeSnapshots"]
+    async with anyio.create_task_group() as tg:
+        for sid in [*snaps, gone]:
+            tg.start_soon(wait, sid)
+    assert ec2.calls["DescribeSnapshots"] - before == 1  # moto's are completed at once
+    assert all(found[sid] == "completed" for sid in snaps)
+    assert isinstance(found[gone], UnknownSnapshot)  # the one missing fails alone
+
+
+async def test_a_round_asks_for_every_watched_snapshot_and_serves_them_later(ec2: EC2) -> None:
+    vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+    a, b = [str((await ec2.create_snapshot(vol["VolumeId"]))["SnapshotId"]) for _ in range(2)]
+    gone = "snap-0123456789abcdef0"
+
+    def calls() -> int:
+        return ec2.calls["DescribeSnapshots"]
+
+    with ec2.watching_snapshot(a), ec2.watching_snapshot(b), ec2.watching_snapshot(gone):
+        start, before = time.monotonic(), calls()
+        assert set(await ec2.describe_snapshots_shared([a], since=start)) == {a}
+        assert calls() - before == 1  # nothing known yet: a round, b and the gone one in it
+        found = await ec2.describe_snapshots_shared([b, gone], since=start)
+        assert set(found) == {b} and calls() - before == 1  # that round's answer
+        await ec2.describe_snapshots_shared([b], since=time.monotonic())
+        assert calls() - before == 2  # newer than any round: a round of its own
+    await ec2.describe_snapshots_shared([b], since=start)
+    assert calls() - before == 3  # no longer watched: nothing kept
 
 
 async def test_a_round_can_ask_only_for_the_instances_that_changed(ec2: EC2) -> None:

@@ -16,6 +16,7 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -167,10 +168,12 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
 
 
 class _Round:
-    """One shared DescribeInstances round: whoever comes first makes it for everybody,
-    and hands on its answer page by page (:attr:`pages`, :attr:`moved` set at each)."""
+    """One shared describe round: whoever comes first makes it for everybody, and hands
+    on its answer page by page (:attr:`pages`, :attr:`moved` set at each); ``key`` is
+    the field that holds a resource's id."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str) -> None:
+        self.key = key
         self.ids: set[str] = set()
         self.done = anyio.Event()
         self.pages: list[dict[str, Resource]] = []
@@ -180,7 +183,7 @@ class _Round:
 
     def add(self, instances: Iterable[Resource]) -> None:
         """A page of the answer: wakes those waiting for the next."""
-        self.pages.append({str(i["InstanceId"]): i for i in instances})
+        self.pages.append({str(i[self.key]): i for i in instances})
         self.moved, moved = anyio.Event(), self.moved
         moved.set()
 
@@ -292,7 +295,12 @@ class Client:
         of its last answer); None before the first answer."""
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
-        self._rounds: dict[frozenset[str], _Round] = {}  # by the states asked for
+        # by the action and the states asked for
+        self._rounds: dict[tuple[str, frozenset[str]], _Round] = {}
+        # the snapshots being waited for (by how many waits), and the last description
+        # of each a round gave (None: not in its answer), with when that round was asked
+        self._watched: Counter[str] = Counter()
+        self._latest: dict[str, tuple[float, Resource | None]] = {}
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -515,8 +523,70 @@ class Client:
         the whole answer does now. A round that fails part-way raises its error after
         the pages that came.
         """
+        wanted = frozenset(states)
+
+        async def fetch(named: list[str], add: Callable[[list[Resource]], None]) -> None:
+            if wanted:
+                await self._describe_in_states(named, wanted, add)
+            else:
+                add(await self.describe_instances(named))
+
+        return await self._shared(("instances", wanted), "InstanceId", ids, fetch, on_page)
+
+    @contextlib.contextmanager
+    def watching_snapshot(self, snapshot_id: str) -> Iterator[None]:
+        """Within: every shared DescribeSnapshots round also asks for ``snapshot_id``,
+        and keeps its description for :meth:`describe_snapshots_shared`."""
+        self._watched[snapshot_id] += 1
+        try:
+            yield
+        finally:
+            self._watched[snapshot_id] -= 1
+            if self._watched[snapshot_id] <= 0:
+                del self._watched[snapshot_id]
+                self._latest.pop(snapshot_id, None)
+
+    async def describe_snapshots_shared(
+        self, ids: Iterable[str], *, since: float | None = None
+    ) -> dict[str, Resource]:
+        """Our own snapshots by id (unknown ids are left out), sharing one
+        DescribeSnapshots round with the callers arriving within ``coalesce_window``;
+        each round also asks for every snapshot watched (:meth:`watching_snapshot`).
+
+        ``since`` (a ``time.monotonic()``): a watched snapshot's description from a
+        round asked for at or after then is answer enough, without a call. A fleet's
+        backups waiting for their snapshots then make one call every few of their polls,
+        not one each: within EC2's request rate whatever the fleet's size.
+        """
+        wanted = list(ids)
+        if since is not None and all(
+            i in self._watched and self._latest.get(i, (-1.0, None))[0] >= since for i in wanted
+        ):
+            return {i: d for i in wanted if (d := self._latest[i][1]) is not None}
+
+        async def fetch(named: list[str], add: Callable[[list[Resource]], None]) -> None:
+            asked, named = time.monotonic(), sorted({*named, *self._watched})
+            found = await self.describe_snapshots(named)
+            shown = {str(d["SnapshotId"]): d for d in found}
+            for i in named:
+                if i in self._watched:
+                    self._latest[i] = (asked, shown.get(i))
+            add(found)
+
+        return await self._shared(("snapshots", frozenset()), "SnapshotId", wanted, fetch)
+
+    async def _shared(
+        self,
+        kind: tuple[str, frozenset[str]],
+        key: str,
+        ids: Iterable[str],
+        fetch: Callable[[list[str], Callable[[list[Resource]], None]], Awaitable[None]],
+        on_page: Callable[[dict[str, Resource]], None] | None = None,
+    ) -> dict[str, Resource]:
+        """The resources of ``ids`` from the round of ``kind`` that is open (joined) or a
+        new one (made: ``fetch(ids, add)`` of every caller's ids, each page given to
+        ``add``); ``on_page`` as for :meth:`describe_instances_shared`."""
         wanted = set(ids)
-        key = frozenset(states)
         got: dict[str, Resource] = {}
 
         def take(page: dict[str, Resource]) -> None:
@@ -526,25 +596,21 @@ class Client:
                 on_page(mine)
 
         while True:
-            rnd = self._rounds.get(key)
+            rnd = self._rounds.get(kind)
             leader = rnd is None
             if rnd is None:
-                rnd = self._rounds[key] = _Round()
+                rnd = self._rounds[kind] = _Round(key)
             rnd.ids |= wanted - got.keys()
             if leader:
 
-                async def fetch(add: Callable[[list[Resource]], None], rnd: _Round = rnd) -> None:
-                    named = sorted(rnd.ids)
-                    if key:
-                        await self._describe_in_states(named, key, add)
-                    else:
-                        add(await self.describe_instances(named))
+                async def made(add: Callable[[list[Resource]], None], rnd: _Round = rnd) -> None:
+                    await fetch(sorted(rnd.ids), add)
 
                 def release(rnd: _Round = rnd) -> None:
-                    if self._rounds.get(key) is rnd:
-                        del self._rounds[key]
+                    if self._rounds.get(kind) is rnd:
+                        del self._rounds[kind]
 
-                await rnd.lead(self.coalesce_window, release, fetch, take)
+                await rnd.lead(self.coalesce_window, release, made, take)
                 return got
             await rnd.follow(take)
             if rnd.complete:

@@ -342,7 +342,8 @@ async def wait_for_snapshot(
     timeout: float,
     on_progress: Callable[[Resource], object] | None = None,
 ) -> Resource:
-    """Poll a snapshot until it is completed, following its ``Progress``.
+    """Poll a snapshot until it is completed, following its ``Progress`` (the rounds
+    shared with other waits: :meth:`Client.describe_snapshots_shared`).
 
     Each new Progress (``"0%"`` ... ``"100%"``) is logged and given to
     ``on_progress`` (the snapshot's description). A Progress that stands still is
@@ -351,13 +352,18 @@ async def wait_for_snapshot(
     """
     seen: dict[str, Resource] = {}
     first: list[tuple[float, float]] = []  # (when, percent) of the first progress seen
+    polled: list[float] = []  # when this wait last asked
 
     async def fetch() -> bool:
-        found = await client.describe_snapshots([snapshot_id])
-        if not found:
+        # a round asked for by another wait since half this pause began will do
+        now = time.monotonic()
+        since = (now + polled[-1]) / 2 if polled else now
+        polled.append(now)
+        found = await client.describe_snapshots_shared([snapshot_id], since=since)
+        if snapshot_id not in found:
             raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
         before = seen.get("s", {}).get("Progress")
-        seen["s"] = snap = found[0]
+        seen["s"] = snap = found[snapshot_id]
         if not first and (done := _percent(snap)) is not None:
             first.append((time.monotonic(), done))
         if snap.get("State") == "error":
@@ -383,14 +389,15 @@ async def wait_for_snapshot(
         since, start = first[0]
         return (time.monotonic() - since) * (100 - done) / (done - start)
 
-    await poll(
-        client,
-        fetch,
-        what=f"snapshot {snapshot_id} to complete",
-        timeout=timeout,
-        last_state=last,
-        eta=eta,
-    )
+    with client.watching_snapshot(snapshot_id):
+        await poll(
+            client,
+            fetch,
+            what=f"snapshot {snapshot_id} to complete",
+            timeout=timeout,
+            last_state=last,
+            eta=eta,
+        )
     return seen["s"]
 
 
