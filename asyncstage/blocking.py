@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from asyncstage import keys
     from asyncstage.ec2 import Resource
     from asyncstage.jumps import JumpSpec
+    from asyncstage.localcloud._disks import Store
     from asyncstage.localcloud._isolation import DeviceIsolation
     from asyncstage.localcloud._network import NetworkMode
     from asyncstage.localcloud._realism import Realism
@@ -746,6 +747,7 @@ class LocalCloudOptions(TypedDict, total=False):
     seed: int | None
     device_isolation: DeviceIsolation
     network: NetworkMode
+    store: Store
 
 
 class _LocalCloudAttributes(_LocalCloudLifetime):
@@ -775,6 +777,11 @@ class _LocalCloudAttributes(_LocalCloudLifetime):
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:PORT`` of the EC2 API (empty before the cloud started)."""
         return self._async.endpoint_url
+
+    @property
+    def store(self) -> str:
+        """Where the volumes' and snapshots' images live: ``"plain"`` or ``"reflink"``."""
+        return self._async.store
 
     @property
     def device_isolation(self) -> str:

@@ -119,6 +119,7 @@ def test_local_status(daemon: dict[str, str]) -> None:
     assert state["network"] == ("vpc" if possible() is None else "loopback")
     assert f"network:     {state['network']} (" in shown
     assert bool(state["checkip_url"]) is (state["network"] == "vpc")
+    assert state["store"] == "plain" and "store:       plain\n" in shown  # images as files
     again = run(daemon, "local", "up")  # idempotent: says where the running one is
     assert state["endpoint_url"] in again.stdout and "already running" in again.stderr
     # `local env` exports the cloud's own random credentials, kept readable by root only

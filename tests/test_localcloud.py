@@ -35,6 +35,7 @@ from botocore.exceptions import ClientError
 
 from asyncstage.errors import MissingDependency
 from asyncstage.localcloud import LocalCloud
+from asyncstage.localcloud._disks import Store
 from asyncstage.localcloud.errors import NeedsRoot
 from tests.fixtures.cloud import admit_ssh_from_here
 from tests.patience import patient_client
@@ -644,10 +645,13 @@ async def _busy_cloud(cloud: LocalCloud) -> None:
             await sh(conn, "sleep 1000 </dev/null >/dev/null 2>&1 &")
 
 
-@pytest.mark.parametrize("how", ["normal", "exception", "cancelled"])
-async def test_nothing_left_behind(how: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "store"),
+    [("normal", "plain"), ("exception", "plain"), ("cancelled", "plain"), ("normal", "reflink")],
+)
+async def test_nothing_left_behind(how: str, store: Store) -> None:
     before = Footprint()
-    cloud = LocalCloud()
+    cloud = LocalCloud(store=store)
     namespaces: set[str] = set()
     entry = None
     with anyio.CancelScope() as scope:
@@ -682,7 +686,7 @@ _CRASHER = textwrap.dedent(
     from tests.test_localcloud import LocalCloud, _busy_cloud
 
     async def main():
-        cloud = LocalCloud()
+        cloud = LocalCloud(store={store!r})
         await cloud.start()
         await _busy_cloud(cloud)
         print(cloud.state_dir, flush=True)
@@ -693,12 +697,13 @@ _CRASHER = textwrap.dedent(
 )
 
 
-async def test_a_crashed_run_is_cleaned_at_the_next_start() -> None:
+@pytest.mark.parametrize("store", ["plain", "reflink"])
+async def test_a_crashed_run_is_cleaned_at_the_next_start(store: Store) -> None:
     before = Footprint()
     root = ROOT
     with anyio.fail_after(120):
         crashed = await anyio.run_process(
-            [sys.executable, "-c", _CRASHER.format(root=root)], cwd=root, check=False
+            [sys.executable, "-c", _CRASHER.format(root=root, store=store)], cwd=root, check=False
         )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
     state_dir = crashed.stdout.decode().strip()

@@ -479,3 +479,53 @@ async def test_an_unmounted_volume_is_copied_without_freezing_its_instance(
     async with restored(ec2, key, reader, snap) as rconn:
         assert (await sh(rconn, "sha256sum < /restored/big")).split()[0] == digest
     await ec2.delete_snapshot(SnapshotId=snap)
+
+
+def _fs_type(path: Path) -> str | None:
+    """The type of the filesystem mounted at ``path`` (None: nothing mounted there)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(path):
+            return fields[2]
+    return None
+
+
+def _same_ends(a: Path, b: Path, size: int) -> bool:
+    """Whether two images hold the same first and last MiB of their first ``size`` bytes."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for at in (0, size - (1 << 20)):
+            fa.seek(at)
+            fb.seek(at)
+            if fa.read(1 << 20) != fb.read(1 << 20):
+                return False
+    return True
+
+
+async def test_the_reflink_store_shares_a_snapshots_blocks() -> None:
+    """With ``store="reflink"`` the images live in an XFS of the cloud's own: a snapshot
+    and a volume made from it hold the volume's data without a copy of it (the store's
+    used space stays), and the volume from the snapshot reads back the same bytes."""
+    async with (
+        LocalCloud(store="reflink") as cloud,
+        patient_client(**cloud.session_kwargs()) as ec2,
+    ):
+        store = Path(cloud.state_dir) / "store"
+        assert cloud.store == "reflink" and _fs_type(store) == "xfs"
+
+        def used() -> int:
+            st = os.statvfs(store)
+            return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+        vol = (await ec2.create_volume(Size=2, AvailabilityZone="us-east-1a"))["VolumeId"]
+        image = store / "volumes" / f"{vol}.img"
+        _fill(image)
+        os.sync()
+        before = used()
+        snap = (await ec2.create_snapshot(VolumeId=vol))["SnapshotId"]
+        await wait_snapshot(ec2, snap, within=60)
+        made = await ec2.create_volume(SnapshotId=snap, AvailabilityZone="us-east-1a")
+        await wait_volume(ec2, made["VolumeId"], "available", within=60)
+        os.sync()
+        assert used() - before < (DATA_MIB << 20) // 8  # shared, not copied twice
+        copy = store / "volumes" / f"{made['VolumeId']}.img"
+        assert _same_ends(image, copy, DATA_MIB << 20)

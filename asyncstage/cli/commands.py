@@ -76,6 +76,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
         argv += ["--port", str(args.port), "--cloud-region", args.cloud_region]
         argv += ["--boot-delay", str(args.boot_delay)]
         argv += ["--device-isolation", args.device_isolation, "--network", args.network]
+        argv += ["--store", args.store]
         with open(logfile, "ab") as log_out:
             proc = subprocess.Popen(
                 argv,
@@ -148,6 +149,7 @@ def _local_status(args: argparse.Namespace, out: Output) -> int:
             f"image:       {state['image_id']} ({state['image_name']})",
             f"isolation:   {_isolation_text(state.get('device_isolation'))}",
             f"network:     {_network_text(state)}",
+            f"store:       {state.get('store', 'plain')}",
             f"state:       {directory}",
         ]
     )
@@ -203,6 +205,7 @@ def _local_serve(args: argparse.Namespace, out: Output) -> int:
         boot_delay=args.boot_delay,
         device_isolation=args.device_isolation,
         network=args.network,
+        store=args.store,
     )
     return EXIT_OK
 

@@ -116,6 +116,7 @@ def serve(directory: Path, **options: Unpack[LocalCloudOptions]) -> None:
                     "read_only_secret": read_only["aws_secret_access_key"],
                     "device_isolation": cloud.device_isolation,
                     "network": cloud.network,
+                    "store": cloud.store,
                     "checkip_url": cloud.checkip_url,
                     "dotdir": str(directory / "dot"),
                     "started": time.time(),

@@ -144,6 +144,14 @@ def _local_commands(command: _Command) -> None:
         "in a network namespace behind the cloud's router, security groups enforced), "
         "loopback (127.x addresses, groups not enforced: for machines without nftables)",
     )
+    p.add_argument(
+        "--store",
+        choices=["plain", "reflink"],
+        default="plain",
+        help="where volume and snapshot images live: plain (default: files in the state "
+        "dir, each snapshot a copy) or reflink (an XFS of the cloud's own: snapshots and "
+        "volumes from them share blocks, as EBS's do)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for up/down")
     p.add_argument(
         "--read-only",

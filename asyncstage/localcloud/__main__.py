@@ -8,6 +8,7 @@ import sys
 import anyio
 
 from asyncstage.localcloud._cloud import LocalCloud
+from asyncstage.localcloud._disks import STORES
 from asyncstage.localcloud._isolation import ISOLATION_MODES, MECHANISMS
 from asyncstage.localcloud.errors import LocalCloudError
 
@@ -19,6 +20,7 @@ async def _serve(args: argparse.Namespace) -> None:
         region=args.region,
         port=args.port,
         device_isolation=args.device_isolation,
+        store=args.store,
     ) as cloud:
         print(f"endpoint_url: {cloud.endpoint_url}", flush=True)
         print(f"region:       {cloud.region}", flush=True)
@@ -27,6 +29,7 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"state dir:    {cloud.state_dir}", flush=True)
         print(f"seed:         {cloud._engine.seed}", flush=True)
         print(f"isolation:    {MECHANISMS[cloud.device_isolation]}", flush=True)
+        print(f"store:        {cloud.store}", flush=True)
         session = cloud.session_kwargs()
         print(f"export AWS_ENDPOINT_URL_EC2={cloud.endpoint_url}", flush=True)
         print(f"export AWS_DEFAULT_REGION={cloud.region}", flush=True)
@@ -50,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=ISOLATION_MODES,
         default="auto",
         help="auto (default), v1, bpf, or none (accept weaker isolation)",
+    )
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default="plain",
+        help="plain (default: image files in the state dir) or reflink (an XFS of the "
+        "cloud's own, where snapshots share blocks)",
     )
     args = parser.parse_args(argv)
     try:

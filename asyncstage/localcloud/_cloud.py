@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
+from asyncstage.localcloud._disks import Store
 from asyncstage.localcloud._engine import Engine
 from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import LOGIN_USER
@@ -63,6 +64,13 @@ class LocalCloud:
     security groups recorded, not enforced), the fallback for machines without network
     namespaces or nftables. :attr:`network` says which is in force; :attr:`checkip_url`
     is the cloud's checkip service.
+
+    ``store`` chooses where the volumes' and snapshots' images live: ``"plain"`` (the
+    default) files in the state dir, each snapshot and each volume made from one a copy
+    of its data (instant where the state dir's filesystem shares blocks: xfs, btrfs);
+    ``"reflink"`` an XFS filesystem of the cloud's own (a sparse file in the state dir,
+    on a loop device of its own, removed with the cloud), where they share their
+    source's blocks at once, as EBS's incremental snapshots do (needs ``mkfs.xfs``).
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class LocalCloud:
         seed: int | None = None,
         device_isolation: DeviceIsolation = "auto",
         network: NetworkMode = "auto",
+        store: Store = "plain",
     ) -> None:
         self.realism = resolve(
             realism, api_rate=api_rate, insufficient_capacity=insufficient_capacity
@@ -92,6 +101,7 @@ class LocalCloud:
             realism=self.realism,
             device_isolation=device_isolation,
             network=network,
+            store=store,
         )
         self.region = region
         self.image_name = self._engine.image_name
@@ -101,6 +111,11 @@ class LocalCloud:
     def endpoint_url(self) -> str:
         """``http://127.0.0.1:PORT`` of the EC2 API (empty before the cloud started)."""
         return self._engine.endpoint_url
+
+    @property
+    def store(self) -> str:
+        """Where the volumes' and snapshots' images live: ``"plain"`` or ``"reflink"``."""
+        return self._engine.store
 
     @property
     def device_isolation(self) -> str:

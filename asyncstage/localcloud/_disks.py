@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from asyncstage.localcloud._registry import LoopId, free_loop
 from asyncstage.localcloud._system import run, which
@@ -16,6 +18,9 @@ from asyncstage.localcloud.errors import LocalCloudError
 
 GIB = 1 << 30
 ROOT_DISK_GIB = 8  # EC2's default root volume size
+
+Store = Literal["plain", "reflink"]
+STORES: tuple[Store, ...] = ("plain", "reflink")
 
 
 @dataclass
@@ -109,6 +114,59 @@ class RootDisk:
         self.loop = self.loop_id = self.rdev = self.part_rdev = None
 
 
+@dataclass
+class ReflinkStore:
+    """Where a run's volume and snapshot images live with ``store="reflink"``: an XFS
+    filesystem (``reflink=1``) in a sparse file of the state dir, on a loop device of its
+    own, mounted at ``mountpoint`` (``discard``: what is deleted in it is given back).
+
+    A snapshot, or a volume made from one, then shares its source's blocks at once
+    (``FICLONE``), as EBS keeps snapshots incremental and makes a volume from a
+    snapshot available at once; in a state dir on ext4 each is a copy of its data.
+    """
+
+    image: Path
+    mountpoint: Path
+    loop: str | None = None
+    loop_id: LoopId | None = None
+    mounted: bool = False
+
+    def attach(self) -> str:
+        """Make the filesystem (sparse, as large as the state dir's free space) and its
+        loop device (direct I/O: the pages are cached once, in the images' filesystem)."""
+        size = max(shutil.disk_usage(self.image.parent).free, GIB)
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        os.chmod(self.image, 0o600)
+        run(which("mkfs.xfs"), "-q", "-f", "-m", "reflink=1", self.image, what="mkfs.xfs")
+        self.loop_id = LoopId.of(self.image)
+        out = run(
+            which("losetup"), "--find", "--show", "--direct-io=on", self.image, what="losetup"
+        )
+        self.loop = out.strip()
+        return self.loop
+
+    def mount(self) -> None:
+        assert self.loop is not None
+        self.mountpoint.mkdir(mode=0o700, exist_ok=True)
+        run(
+            which("mount"),
+            "-t",
+            "xfs",
+            "-o",
+            "discard,nodev,nosuid,noexec",
+            self.loop,
+            self.mountpoint,
+            what="mount",
+        )
+        self.mounted = True
+
+    def detach(self) -> None:
+        if self.loop is not None and self.loop_id is not None:
+            free_loop(self.loop, self.loop_id)
+        self.loop = self.loop_id = None
+
+
 def _mbr(sectors: int) -> bytes:
     """A DOS partition table with one Linux partition from sector 2048 to the end."""
     entry = struct.pack(
@@ -141,10 +199,11 @@ class CopyStopped(Exception):
     """:func:`copy_image` was asked to stop (its target deleted, the cloud closed)."""
 
 
-def copy_image(source: int, dest: int, stop: threading.Event, size: int = 0) -> int:
+def copy_image(source: int, dest: int, stop: threading.Event, size: int = 0) -> tuple[int, bool]:
     """Copy the image open at ``source`` into the empty file open at ``dest``, holes kept,
     the kernel doing the work; ``dest`` is at least ``size`` bytes long afterwards. The
-    bytes of data copied (those a reflink shares: the source's allocated bytes).
+    bytes of data copied (those a reflink shares: the source's allocated bytes), and
+    whether the copy shares the source's blocks (a reflink).
 
     A reflink (``FICLONE``: xfs, btrfs) shares the blocks at once; elsewhere (ext4) each
     data run that ``SEEK_DATA``/``SEEK_HOLE`` find is copied by ``copy_file_range``, so
@@ -155,14 +214,14 @@ def copy_image(source: int, dest: int, stop: threading.Event, size: int = 0) -> 
     length = info.st_size
     try:
         fcntl.ioctl(dest, FICLONE, source)
-        copied = info.st_blocks * 512
+        copied, cloned = info.st_blocks * 512, True
     except OSError as e:
         if e.errno not in _NO_CLONE:
             raise
-        copied = _copy_runs(source, dest, length, stop)
+        copied, cloned = _copy_runs(source, dest, length, stop), False
     if os.fstat(dest).st_size < max(size, length):
         os.ftruncate(dest, max(size, length))
-    return copied
+    return copied, cloned
 
 
 def _copy_runs(source: int, dest: int, length: int, stop: threading.Event) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from asyncstage.errors import InvalidArgument
 from asyncstage.localcloud._auth import Credentials
 from asyncstage.localcloud._devices import is_nitro, root_nodes
-from asyncstage.localcloud._disks import Disk
+from asyncstage.localcloud._disks import STORES, Disk, Store
 from asyncstage.localcloud._firewall import Firewalls, Policy
 from asyncstage.localcloud._hooks import ApiHooks, EngineHooks
 from asyncstage.localcloud._hosts import Host
@@ -97,8 +97,12 @@ class Engine(StorageEvents):
         realism: Realism | None = None,
         device_isolation: DeviceIsolation = "auto",
         network: NetworkMode = "auto",
+        store: Store = "plain",
     ) -> None:
         self._isolation_wanted = _checked_isolation(device_isolation)
+        if store not in STORES:
+            raise InvalidArgument(f"store={store!r}: one of {', '.join(STORES)}")
+        self.store: Store = store
         self._network_wanted = checked_mode(network)
         # what was asked for; once started the network in force: "vpc" or "loopback"
         self.network: str = network
@@ -169,7 +173,7 @@ class Engine(StorageEvents):
                 f"state dir {self.state_dir}: overlayfs cannot use a path with "
                 "commas, colons, backslashes or white space"
             )
-        self._run.start(self.state_dir, created, self._isolation_wanted)
+        self._run.start(self.state_dir, created, self._isolation_wanted, self.store)
         self.device_isolation = self._run.isolation
         self._start_network()
         self.credentials.write(

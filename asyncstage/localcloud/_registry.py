@@ -258,16 +258,32 @@ def clean_run(data: dict[str, Any], claimed: set[str] | frozenset[str] = frozens
     for cgroup in data.get("cgroups", []):
         if Path(cgroup).name.startswith("asyncstage-localcloud-"):
             remove_cgroup_tree(Path(cgroup))
-    for mount in reversed(data.get("mounts", [])):
-        if isinstance(mount, list) and _mounted_source(mount[0]) == mount[1]:
+    mounts = [m for m in data.get("mounts", []) if isinstance(m, list) and len(m) == 2]
+    loops = [
+        (str(device), LoopId(*loop))
+        for device, loop in data.get("loops", {}).items()
+        if isinstance(loop, list) and len(loop) == 3
+    ]
+    # first the loop devices of images in a recorded mount (the reflink store's: their
+    # path is the recorded one only while it is mounted), then the mounts, then the rest
+    inside = {d for d, loop in loops if any(_below(loop.image, m[0]) for m in mounts)}
+    for device, loop in loops:
+        if device in inside:
+            free_loop(device, loop)
+    for mount in reversed(mounts):
+        if _mounted_source(mount[0]) == mount[1]:
             with contextlib.suppress(LocalCloudError):
                 run(which("umount"), "--lazy", mount[0], what="umount")
-    for device, loop in data.get("loops", {}).items():
-        if isinstance(loop, list) and len(loop) == 3:
-            free_loop(device, LoopId(*loop))
+    for device, loop in loops:
+        if device not in inside:
+            free_loop(device, loop)
     state_dir = data.get("state_dir")
     if state_dir and data.get("created_state_dir") and not state_dir_locked(Path(state_dir)):
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _below(path: str, top: str) -> bool:
+    return Path(path).is_relative_to(top) and path != top
 
 
 def _mounted_source(path: str) -> str | None:

@@ -3,7 +3,8 @@
 Its state dir's lock, its registry record (so that a crash is cleaned up by the next
 cloud), its device cgroup, the cgroup v2 tree whose cgroups freeze its instances (none
 when the device cgroups are v2 ones: they freeze then), the tmpfs of its instances'
-roots and its root disk. Each is recorded as soon as it exists and released by
+roots, its root disk, and with ``store="reflink"`` the filesystem of its images
+(:class:`~._disks.ReflinkStore`). Each is recorded as soon as it exists and released by
 :meth:`_Run.close`, also after a failed start.
 """
 
@@ -16,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from asyncstage.localcloud._disks import RootDisk
+from asyncstage.localcloud._disks import ReflinkStore, RootDisk, Store
 from asyncstage.localcloud._isolation import (
     DEVICES_V1,
     MECHANISMS,
@@ -35,7 +36,11 @@ from asyncstage.localcloud._system import run, which
 from asyncstage.localcloud.errors import LocalCloudError, NoDeviceIsolation
 
 log = logging.getLogger("asyncstage.localcloud")
-SUBDIRS = ("instances", "volumes", "snapshots", "roots")
+SUBDIRS = ("instances", "roots")
+IMAGES = ("volumes", "snapshots")
+"""The images' dirs: in the state dir, or in the reflink store."""
+STORE = "store"
+"""The reflink store's mount point in the state dir (its image: ``store.img``)."""
 
 
 class _Run:
@@ -48,16 +53,28 @@ class _Run:
         self.freezers: Path | None = None  # its cgroup v2 tree for freezing instances
         self.isolation = ""  # the mechanism in force: "v1", "bpf" or "none"
         self.root_disk: RootDisk | None = None
+        self.store: ReflinkStore | None = None
+        self.images = Path()  # where the volumes' and snapshots' images live
         self._lock_fd: int | None = None
         self._roots_mounted = False
 
-    def start(self, state_dir: Path, created: bool, isolation: DeviceIsolation = "auto") -> None:
-        self.state_dir = state_dir
+    def start(
+        self,
+        state_dir: Path,
+        created: bool,
+        isolation: DeviceIsolation = "auto",
+        store: Store = "plain",
+    ) -> None:
+        self.state_dir = self.images = state_dir
         self._lock_fd = lock_state_dir(state_dir)  # StateDirInUse: another cloud has it
         self.record = RunRecord(state_dir, created)
         register(self.record)  # cleans crashed runs, claims an address block
         for sub in SUBDIRS:
             (state_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        if store == "reflink":
+            self._reflink_store()
+        for sub in IMAGES:
+            (self.images / sub).mkdir(mode=0o700, exist_ok=True)
         self._device_isolation(isolation)
         self._freezers()
         log.info("local cloud: device isolation: %s", MECHANISMS[self.isolation])
@@ -71,6 +88,16 @@ class _Run:
         loop = disk.attach()
         assert disk.loop_id is not None
         self.record.add_loop(loop, disk.loop_id)
+
+    def _reflink_store(self) -> None:
+        assert self.record is not None
+        self.store = ReflinkStore(self.state_dir / f"{STORE}.img", self.state_dir / STORE)
+        loop = self.store.attach()
+        assert self.store.loop_id is not None
+        self.record.add_loop(loop, self.store.loop_id)
+        self.record.add_mount(self.store.mountpoint, loop)  # its source: the loop device
+        self.store.mount()
+        self.images = self.store.mountpoint
 
     def _device_isolation(self, wanted: DeviceIsolation) -> None:
         """The best mechanism the machine has (of those ``wanted`` allows), or refuse."""
@@ -184,13 +211,15 @@ class _Run:
                     self.record.remove_mount(roots)
             except LocalCloudError as e:
                 errors.append(str(e))
+        if self.store is not None:
+            self._close_store(errors)
         if self.record is not None and not errors:
             if self.record.data["created_state_dir"]:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
             else:
-                for sub in SUBDIRS:
+                for sub in (*SUBDIRS, *IMAGES, STORE):
                     shutil.rmtree(self.state_dir / sub, ignore_errors=True)
-                for name in ("credentials", "root-disk.img"):
+                for name in ("credentials", "root-disk.img", f"{STORE}.img"):
                     (self.state_dir / name).unlink(missing_ok=True)
             self.record.close()
         if self._lock_fd is not None:
@@ -198,6 +227,24 @@ class _Run:
             self._lock_fd = None
         if errors:
             raise LocalCloudError("local cloud cleanup incomplete: " + "; ".join(errors))
+
+    def _close_store(self, errors: list[str]) -> None:
+        """Unmount the reflink store (its volumes' loop devices are free by now), then
+        free its loop device."""
+        assert self.store is not None
+        if self.store.mounted:
+            try:
+                _unmount(self.store.mountpoint)
+                self.store.mounted = False
+                if self.record is not None:
+                    self.record.remove_mount(self.store.mountpoint)
+            except LocalCloudError as e:
+                errors.append(str(e))
+                return
+        loop = self.store.loop
+        self.store.detach()
+        if loop is not None:
+            self.remove_loop(loop)
 
 
 def _unmount(path: Path) -> None:

@@ -88,8 +88,9 @@ class StorageEvents:
     copies: dict[str, _Copy]  # target id -> its copy under way
     copied: threading.Condition  # on ``lock``: notified as each copy ends
     _frozen: dict[str, _Hold]  # instance -> its freeze
-    # copies made: "copies", "bytes" of data, "seconds" each (call to end); of them, the
-    # volumes made from snapshots: "volumes", "volume_seconds"
+    # copies made: "copies" (of them "cloned": sharing their source's blocks), "bytes" of
+    # data, "seconds" each (call to end); of them, the volumes made from snapshots:
+    # "volumes", "volume_seconds"
     copy_totals: dict[str, float]
     _slots: threading.Semaphore  # turns of the copies that hold no instance
 
@@ -97,6 +98,7 @@ class StorageEvents:
         self.copies = {}
         self.copy_totals = {
             "copies": 0,
+            "cloned": 0,
             "bytes": 0,
             "seconds": 0.0,
             "volumes": 0,
@@ -109,7 +111,7 @@ class StorageEvents:
     def volume_created(self, volume_id: str, size: int, source: Path | None) -> bool:
         """A new volume's image; True: ``creating`` until the copy of ``source`` (a
         snapshot's image) is done (:meth:`ApiHooks.copy_done`)."""
-        image = self.state_dir / "volumes" / f"{volume_id}.img"
+        image = self._run.images / "volumes" / f"{volume_id}.img"
         if source is None:
             self.disks[volume_id] = Disk.create(volume_id, image, size)
             return False
@@ -307,7 +309,7 @@ class StorageEvents:
     def snapshot_created(self, snapshot_id: str, source: Path) -> None:
         """Start the copy of ``source`` (a volume's image or a snapshot's) for the new
         snapshot; the API hears of its end (:meth:`ApiHooks.copy_done`)."""
-        image = self.state_dir / "snapshots" / f"{snapshot_id}.img"
+        image = self._run.images / "snapshots" / f"{snapshot_id}.img"
         disk = next((d for d in self.disks.values() if d.image == source), None)
         self._copy(snapshot_id, source, image, disk, 0)
 
@@ -367,12 +369,12 @@ class StorageEvents:
     def _copying(self, job: _Copy, source: int, dest: int, size: int) -> None:
         """The copy's thread: copy, thaw, report; a stopped or failed copy leaves no file."""
         error: str | None = "the copy of its data failed"  # until it ends well
-        copied = 0
+        copied, cloned = 0, False
         with contextlib.suppress(OSError):  # this thread only (Linux: a nice per thread)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         try:
             with self._turn(job):
-                copied = copy_image(source, dest, job.stop, size)
+                copied, cloned = copy_image(source, dest, job.stop, size)
             error = None
         except CopyStopped:
             error = None
@@ -396,6 +398,7 @@ class StorageEvents:
                     totals = self.copy_totals
                     took = time.monotonic() - job.began
                     totals["copies"] += 1
+                    totals["cloned"] += cloned
                     totals["bytes"] += copied
                     totals["seconds"] += took
                     if job.target.startswith("vol-"):
