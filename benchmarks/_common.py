@@ -35,6 +35,7 @@ import anyio  # noqa: E402
 
 from asyncstage import Manager, shell  # noqa: E402
 from asyncstage.localcloud import LocalCloud, Realism  # noqa: E402
+from asyncstage.localcloud._disks import Store  # noqa: E402
 from asyncstage.localcloud._network import NetworkMode  # noqa: E402
 from asyncstage.ssh import SSHHost  # noqa: E402
 
@@ -293,13 +294,15 @@ async def local_cloud(
     boot_delay: float = 0.0,
     realism: Realism | None = None,
     network: NetworkMode = "auto",
+    store: Store = "plain",
     **manager_options: Any,
 ) -> AsyncIterator[tuple[LocalCloud, Manager]]:
     """A running local cloud and an open Manager on it (terminates everything on exit).
 
     ``realism``: the cloud's profile (default: the realistic one, as in the tests);
     ``network``: where its instances live (the default: the VPC network where the machine
-    can make it, as the local cloud).
+    can make it, as the local cloud); ``store``: where its images live (the default:
+    files in its state dir, each snapshot a copy).
     """
     if os.geteuid() != 0:
         raise SystemExit("the benchmarks run on the local cloud, which needs root")
@@ -312,7 +315,7 @@ async def local_cloud(
     }
     options.update(manager_options)
     try:
-        cloud_options: dict[str, Any] = {"network": network}
+        cloud_options: dict[str, Any] = {"network": network, "store": store}
         if realism is not None:
             cloud_options["realism"] = realism
         async with (

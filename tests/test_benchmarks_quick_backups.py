@@ -31,8 +31,8 @@ def test_backup(results: Path) -> None:
     c = r["cpu_limit"]
     assert positive(c["limit_mb_s"]) and positive(c["copy_phase_mb_s"])
     assert 0 <= c["bare"]["busy"] <= 1
-    rerun = r["incremental"]["rerun"]
-    assert rerun["parents"] == data["params"]["focus_fleet"]  # every one incremental
+    rerun, n_focus = r["incremental"]["rerun"], data["params"]["focus_fleet"]
+    assert rerun["parents"] == n_focus  # every one incremental
     # the local cloud's image copies: each backup's volume from its snapshot, its snapshot
     assert rerun["image_copies"]["copies"] == 2 * data["params"]["focus_fleet"]
     assert rerun["image_copies"]["volumes"] == data["params"]["focus_fleet"]
@@ -45,11 +45,20 @@ def test_backup(results: Path) -> None:
     assert kept["volumes_reused"] == kept["parents"] == data["params"]["focus_fleet"]
     assert 0 < kept["files"] < r["incremental_kept"]["first"]["files"]
     assert r["snapshot_mode"]["snapshot"]["snapshots"] == data["params"]["focus_fleet"]
+    assert rerun["image_copies"]["cloned"] == 0  # the plain store: each a copy of its data
+    shared = r["reflink_store"]  # the same runs again, the images sharing blocks
+    assert shared["rerun"]["parents"] == shared["kept_rerun"]["volumes_reused"] == n_focus
+    for run in ("first", "rerun", "kept_first", "kept_rerun", "snapshot"):
+        made = shared[run]["image_copies"]
+        assert made["cloned"] == made["copies"] > 0
     assert {t["name"] for t in data["targets"]} >= {
         "copy_mode_vs_cpu_limit",
         "incremental_rerun",
         "incremental_rerun_kept_volume",
         "snapshot_vs_copy_mode",
+        "incremental_rerun_reflink_store",
+        "incremental_rerun_kept_volume_reflink_store",
+        "snapshot_vs_copy_mode_reflink_store",
     }
 
 
