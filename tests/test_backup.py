@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
 async def manager(manager_factory: ManagerFactory) -> AsyncIterator[Manager]:
     async with manager_factory() as m:
         yield m
-        for name in ("photos", "round", "broken", "cancelled", "follow", "follow-stopped"):
+        names = ("photos", "round", "broken", "cancelled", "follow", "follow-stopped", "quick")
+        for name in names:
             for snap in await m.snapshots(name):
                 await m.ec2.delete_snapshot(snap["SnapshotId"])
 
@@ -229,7 +234,7 @@ async def _following(server: Server, root: str) -> list[str]:
 
 
 async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
-    manager: Manager, server: Server, tmp_path: Path
+    manager: Manager, server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The first host's files land (server to server), then the second host's ``pre``
     hook holds the copy a while: the follow pass hashes the files there meanwhile and the
@@ -248,7 +253,9 @@ async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
     hold = backup.Hook(f"python3 {wait} {root} wait && sleep 3", timeout=180)
     sources = ["follow-src:/srv/early", backup.Hooked(str(late), pre=hold)]
 
-    first = await backup.backup(manager, "follow", sources, server=server)
+    with caplog.at_level(logging.DEBUG, logger="asyncstage.backup"):
+        first = await backup.backup(manager, "follow", sources, server=server)
+    assert [r for r in caplog.records if "follow pass on" in r.getMessage()]  # held: it ran
     assert first.files == 37 and first.route == "host->host,local->host"
     assert first.manifest_followed >= 30 and first.manifest_hashed <= late_bytes
 
@@ -266,6 +273,40 @@ async def test_files_copied_early_are_hashed_while_the_copy_goes_on(
         assert not [n for n in top if n.startswith(MANIFEST_NAME + ".")]  # no provisional
         plain = await remote.run_json(server.host, True, "manifest", "write", vol.mtpt)
     assert plain["hashed"] == plain["bytes"] and plain["sha256"] == second.manifest_sha256
+
+
+def _watch_for_follow_passes(root: str, stop: threading.Event, seen: set[str]) -> None:
+    """Until ``stop``: every process of a follow pass over ``root`` (this machine sees
+    the local cloud's instances' processes), looked for every few ms."""
+    while not stop.is_set():
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"follow" in argv and root.encode() in argv:
+                seen.add(pid)
+        time.sleep(0.002)
+
+
+async def test_a_copy_over_within_a_second_starts_no_follow_pass(
+    manager: Manager, server: Server
+) -> None:
+    """A copy that ends before the follow pass is due (a rerun's few files) leaves what it
+    wrote to the final pass: no helper is started beside it."""
+    await server.scmd("sh", "-c", "mkdir -p /srv/quick && echo a > /srv/quick/a", sudo=True)
+    stop, seen = threading.Event(), set[str]()
+    root = server.default_mtpt("quick")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(anyio.to_thread.run_sync, _watch_for_follow_passes, root, stop, seen))
+        try:
+            done = await backup.backup(manager, "quick", [f"{server.name}:/srv/quick"])
+        finally:
+            stop.set()
+    assert seen == set()
+    assert done.files == 1 and done.manifest_followed == 0 and done.manifest_hashed == 2
+    assert manager.volumes() == []
 
 
 @pytest.mark.parametrize("ending", ["cancelled", "failed"])

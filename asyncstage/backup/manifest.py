@@ -57,6 +57,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 FOLLOW_FINISH = 60.0
 """Seconds the follow pass has, once the copy is done, to write its provisional manifest:
 then it is stopped, and the final pass hashes without it."""
+FOLLOW_AFTER = 1.0
+"""Seconds of copying before the follow pass starts: a copy that is over by then (a
+rerun's few changed files) leaves the little it wrote to the final pass, and its
+server starts no helper for it."""
 
 Recorded = tuple[Literal["sha256", "none", "untagged", "bad-tag"], str]
 """What a snapshot's tag says: (``sha256``, digest), (``none``, ""), (``untagged``, "")
@@ -105,8 +109,9 @@ class Follower:
     :meth:`run` in a task beside the copy, :attr:`rsyncing` set as its first rsync
     starts (not before: its hooks may take long, and nothing lands meanwhile),
     :attr:`copied` once the copy is done; :attr:`digest` is then the provisional
-    manifest's (None when there is none: the final pass hashes without it). A copy that
-    fails or is cancelled cancels the task, which stops the remote command."""
+    manifest's (None when there is none: the final pass hashes without it). The pass
+    starts :data:`FOLLOW_AFTER` seconds into the copy, unless it is over by then. A copy
+    that fails or is cancelled cancels the task, which stops the remote command."""
 
     def __init__(self, volume: Volume, earlier: str | None) -> None:
         self.volume = volume
@@ -120,9 +125,12 @@ class Follower:
         """Run the follow pass until :attr:`copied`, then take its answer. Its own
         failures are logged, never raised: the copy does not depend on it."""
         await self.rsyncing.wait()
+        with anyio.move_on_after(FOLLOW_AFTER):
+            await self.copied.wait()
         server, root = self.volume.server, self.volume.mtpt
         if server is None or not root or self.copied.is_set():
             return
+        log.debug("manifest: the follow pass on %s starts", server.name)
         argv = remote.argv("manifest", "follow", root, *_digest_arg(self.earlier))
         try:
             with anyio.CancelScope() as finishing:
