@@ -1,6 +1,7 @@
 """The only package that talks to EC2 (through aioboto3).
 
 :mod:`~asyncstage.ec2.client` holds the API client and EC2's clock,
+:mod:`~asyncstage.ec2.rounds` the describe rounds its callers share,
 :mod:`~asyncstage.ec2.waits` the waits, :mod:`~asyncstage.ec2.creates` the idempotent
 creates, :mod:`~asyncstage.ec2.console` what we read on a console and
 :mod:`~asyncstage.ec2.tags` our tags, :mod:`~asyncstage.ec2.rate` EC2's request rate kept

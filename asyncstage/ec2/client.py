@@ -16,7 +16,6 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -32,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from asyncstage.ec2.console import CONSOLE_READS
 from asyncstage.ec2.rate import THROTTLED, RequestBuckets
+from asyncstage.ec2.rounds import Resource, SharedRounds
 from asyncstage.errors import (
     AsyncstageError,
     EC2Error,
@@ -44,7 +44,6 @@ from asyncstage.timeouts import Timeouts
 
 __all__ = ["Client", "Resource", "RetryMode"]
 
-Resource = dict[str, Any]
 RetryMode = Literal["adaptive", "standard"]
 
 _FILTER_CHUNK = 200  # values per filter EC2 accepts
@@ -167,75 +166,6 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
         yield items[i : i + size]
 
 
-class _Round:
-    """One shared describe round: whoever comes first makes it for everybody, and hands
-    on its answer page by page (:attr:`pages`, :attr:`moved` set at each); ``key`` is
-    the field that holds a resource's id."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.ids: set[str] = set()
-        self.done = anyio.Event()
-        self.pages: list[dict[str, Resource]] = []
-        self.moved = anyio.Event()
-        self.complete = False  # every page came
-        self.error: BaseException | None = None
-
-    def add(self, instances: Iterable[Resource]) -> None:
-        """A page of the answer: wakes those waiting for the next."""
-        self.pages.append({str(i[self.key]): i for i in instances})
-        self.moved, moved = anyio.Event(), self.moved
-        moved.set()
-
-    async def lead(
-        self,
-        window: float,
-        release: Callable[[], None],
-        fetch: Callable[[Callable[[list[Resource]], None]], Awaitable[None]],
-        take: Callable[[dict[str, Resource]], None],
-    ) -> None:
-        """Make the round for all its callers: after ``window`` (others may join until
-        ``release`` closes it to them), ``fetch`` it, each page added and the leader's
-        own part of it given to ``take``."""
-        in_take = False  # an error of the leader's own ``take`` is not the round's
-
-        def add(instances: list[Resource]) -> None:
-            nonlocal in_take
-            self.add(instances)
-            in_take = True
-            take(self.pages[-1])
-            in_take = False
-
-        try:
-            await anyio.sleep(window)
-            release()
-            await fetch(add)
-            self.complete = True
-        except BaseException as e:
-            if not in_take:
-                self.error = e
-            raise
-        finally:
-            release()
-            self.finish()
-
-    def finish(self) -> None:
-        """The round is over (all its pages came, or it failed): wakes those waiting."""
-        self.done.set()
-        self.moved.set()
-
-    async def follow(self, take: Callable[[dict[str, Resource]], None]) -> None:
-        """``take`` each page of the round as it comes, until the round is over."""
-        taken = 0
-        while True:
-            while taken < len(self.pages):
-                taken += 1
-                take(self.pages[taken - 1])
-            if self.done.is_set():
-                return
-            await self.moved.wait()
-
-
 class Client:
     """The aioboto3 client of one region, its lifetime, calls and describes."""
 
@@ -295,12 +225,7 @@ class Client:
         of its last answer); None before the first answer."""
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
-        # by the action and the states asked for
-        self._rounds: dict[tuple[str, frozenset[str]], _Round] = {}
-        # the snapshots being waited for (by how many waits), and the last description
-        # of each a round gave (None: not in its answer), with when that round was asked
-        self._watched: Counter[str] = Counter()
-        self._latest: dict[str, tuple[float, Resource | None]] = {}
+        self._rounds = SharedRounds()
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -531,20 +456,15 @@ class Client:
             else:
                 add(await self.describe_instances(named))
 
-        return await self._shared(("instances", wanted), "InstanceId", ids, fetch, on_page)
+        kind = ("instances", wanted)
+        return await self._rounds.shared(
+            kind, "InstanceId", ids, fetch, self.coalesce_window, on_page
+        )
 
-    @contextlib.contextmanager
-    def watching_snapshot(self, snapshot_id: str) -> Iterator[None]:
+    def watching_snapshot(self, snapshot_id: str) -> contextlib.AbstractContextManager[None]:
         """Within: every shared DescribeSnapshots round also asks for ``snapshot_id``,
         and keeps its description for :meth:`describe_snapshots_shared`."""
-        self._watched[snapshot_id] += 1
-        try:
-            yield
-        finally:
-            self._watched[snapshot_id] -= 1
-            if self._watched[snapshot_id] <= 0:
-                del self._watched[snapshot_id]
-                self._latest.pop(snapshot_id, None)
+        return self._rounds.watching(snapshot_id)
 
     async def describe_snapshots_shared(
         self, ids: Iterable[str], *, since: float | None = None
@@ -558,68 +478,9 @@ class Client:
         backups waiting for their snapshots then make one call every few of their polls,
         not one each: within EC2's request rate whatever the fleet's size.
         """
-        wanted = list(ids)
-        if since is not None and all(
-            i in self._watched and self._latest.get(i, (-1.0, None))[0] >= since for i in wanted
-        ):
-            return {i: d for i in wanted if (d := self._latest[i][1]) is not None}
-
-        async def fetch(named: list[str], add: Callable[[list[Resource]], None]) -> None:
-            asked, named = time.monotonic(), sorted({*named, *self._watched})
-            found = await self.describe_snapshots(named)
-            shown = {str(d["SnapshotId"]): d for d in found}
-            for i in named:
-                if i in self._watched:
-                    self._latest[i] = (asked, shown.get(i))
-            add(found)
-
-        return await self._shared(("snapshots", frozenset()), "SnapshotId", wanted, fetch)
-
-    async def _shared(
-        self,
-        kind: tuple[str, frozenset[str]],
-        key: str,
-        ids: Iterable[str],
-        fetch: Callable[[list[str], Callable[[list[Resource]], None]], Awaitable[None]],
-        on_page: Callable[[dict[str, Resource]], None] | None = None,
-    ) -> dict[str, Resource]:
-        """The resources of ``ids`` from the round of ``kind`` that is open (joined) or a
-        new one (made: ``fetch(ids, add)`` of every caller's ids, each page given to
-        ``add``); ``on_page`` as for :meth:`describe_instances_shared`."""
-        wanted = set(ids)
-        got: dict[str, Resource] = {}
-
-        def take(page: dict[str, Resource]) -> None:
-            mine = {i: d for i, d in page.items() if i in wanted and i not in got}
-            got.update(mine)
-            if mine and on_page is not None:
-                on_page(mine)
-
-        while True:
-            rnd = self._rounds.get(kind)
-            leader = rnd is None
-            if rnd is None:
-                rnd = self._rounds[kind] = _Round(key)
-            rnd.ids |= wanted - got.keys()
-            if leader:
-
-                async def made(add: Callable[[list[Resource]], None], rnd: _Round = rnd) -> None:
-                    await fetch(sorted(rnd.ids), add)
-
-                def release(rnd: _Round = rnd) -> None:
-                    if self._rounds.get(kind) is rnd:
-                        del self._rounds[kind]
-
-                await rnd.lead(self.coalesce_window, release, made, take)
-                return got
-            await rnd.follow(take)
-            if rnd.complete:
-                return got
-            if isinstance(rnd.error, Exception) and not isinstance(
-                rnd.error, anyio.get_cancelled_exc_class()
-            ):
-                raise rnd.error
-            # the round ended early (its leader cancelled): again, for what no page gave
+        return await self._rounds.snapshots(
+            list(ids), since, self.describe_snapshots, self.coalesce_window
+        )
 
     async def _describe_in_states(
         self, ids: Sequence[str], states: Collection[str], each: Callable[[list[Resource]], None]

@@ -1,0 +1,187 @@
+"""Describe rounds shared by concurrent callers: whoever comes first makes the call for
+everybody who joins within a window, and hands each page of its answer on as it comes.
+
+A snapshot wait also registers its id while it lasts: every DescribeSnapshots round
+then asks for all the registered ids and keeps their answers, so that a wait whose
+pause is half over takes another wait's answer instead of a call of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import anyio
+
+Resource = dict[str, Any]
+"""An EC2 resource's description, as botocore gives it."""
+Fetch = Callable[[list[str], Callable[[list[Resource]], None]], Awaitable[None]]
+"""``fetch(ids, add)``: describe ``ids``, each page of the answer given to ``add``."""
+
+
+class _Round:
+    """One shared describe round: whoever comes first makes it for everybody, and hands
+    on its answer page by page (:attr:`pages`, :attr:`moved` set at each); ``key`` is
+    the field that holds a resource's id."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ids: set[str] = set()
+        self.done = anyio.Event()
+        self.pages: list[dict[str, Resource]] = []
+        self.moved = anyio.Event()
+        self.complete = False  # every page came
+        self.error: BaseException | None = None
+
+    def add(self, instances: Iterable[Resource]) -> None:
+        """A page of the answer: wakes those waiting for the next."""
+        self.pages.append({str(i[self.key]): i for i in instances})
+        self.moved, moved = anyio.Event(), self.moved
+        moved.set()
+
+    async def lead(
+        self,
+        window: float,
+        release: Callable[[], None],
+        fetch: Callable[[Callable[[list[Resource]], None]], Awaitable[None]],
+        take: Callable[[dict[str, Resource]], None],
+    ) -> None:
+        """Make the round for all its callers: after ``window`` (others may join until
+        ``release`` closes it to them), ``fetch`` it, each page added and the leader's
+        own part of it given to ``take``."""
+        in_take = False  # an error of the leader's own ``take`` is not the round's
+
+        def add(instances: list[Resource]) -> None:
+            nonlocal in_take
+            self.add(instances)
+            in_take = True
+            take(self.pages[-1])
+            in_take = False
+
+        try:
+            await anyio.sleep(window)
+            release()
+            await fetch(add)
+            self.complete = True
+        except BaseException as e:
+            if not in_take:
+                self.error = e
+            raise
+        finally:
+            release()
+            self.finish()
+
+    def finish(self) -> None:
+        """The round is over (all its pages came, or it failed): wakes those waiting."""
+        self.done.set()
+        self.moved.set()
+
+    async def follow(self, take: Callable[[dict[str, Resource]], None]) -> None:
+        """``take`` each page of the round as it comes, until the round is over."""
+        taken = 0
+        while True:
+            while taken < len(self.pages):
+                taken += 1
+                take(self.pages[taken - 1])
+            if self.done.is_set():
+                return
+            await self.moved.wait()
+
+
+class SharedRounds:
+    """The shared rounds of one client, by action and the states asked for; the
+    snapshots being waited for (by how many waits), with the last description of each a
+    round gave (None: not in its answer) and when that round was asked."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, frozenset[str]], _Round] = {}
+        self._watched: Counter[str] = Counter()
+        self._latest: dict[str, tuple[float, Resource | None]] = {}
+
+    @contextlib.contextmanager
+    def watching(self, snapshot_id: str) -> Iterator[None]:
+        """Within: every snapshot round also asks for ``snapshot_id`` and keeps its answer."""
+        self._watched[snapshot_id] += 1
+        try:
+            yield
+        finally:
+            self._watched[snapshot_id] -= 1
+            if self._watched[snapshot_id] <= 0:
+                del self._watched[snapshot_id]
+                self._latest.pop(snapshot_id, None)
+
+    async def snapshots(
+        self,
+        ids: Sequence[str],
+        since: float | None,
+        describe: Callable[[list[str]], Awaitable[list[Resource]]],
+        window: float,
+    ) -> dict[str, Resource]:
+        """The snapshots of ``ids``: from the rounds asked for at or after ``since`` when
+        every one is watched and known so, else from a shared round of ``describe``."""
+        if since is not None and all(
+            i in self._watched and self._latest.get(i, (-1.0, None))[0] >= since for i in ids
+        ):
+            return {i: d for i in ids if (d := self._latest[i][1]) is not None}
+
+        async def fetch(named: list[str], add: Callable[[list[Resource]], None]) -> None:
+            asked, named = time.monotonic(), sorted({*named, *self._watched})
+            found = await describe(named)
+            shown = {str(d["SnapshotId"]): d for d in found}
+            for i in named:
+                if i in self._watched:
+                    self._latest[i] = (asked, shown.get(i))
+            add(found)
+
+        return await self.shared(("snapshots", frozenset()), "SnapshotId", ids, fetch, window)
+
+    async def shared(
+        self,
+        kind: tuple[str, frozenset[str]],
+        key: str,
+        ids: Iterable[str],
+        fetch: Fetch,
+        window: float,
+        on_page: Callable[[dict[str, Resource]], None] | None = None,
+    ) -> dict[str, Resource]:
+        """The resources of ``ids`` (``key``: the field of their id) from the round of
+        ``kind`` that is open (joined) or a new one (made after ``window``: ``fetch`` of
+        every caller's ids); ``on_page(found)`` in this caller's task with its resources
+        of each page as it comes, each once."""
+        wanted = set(ids)
+        got: dict[str, Resource] = {}
+
+        def take(page: dict[str, Resource]) -> None:
+            mine = {i: d for i, d in page.items() if i in wanted and i not in got}
+            got.update(mine)
+            if mine and on_page is not None:
+                on_page(mine)
+
+        while True:
+            rnd = self._open.get(kind)
+            leader = rnd is None
+            if rnd is None:
+                rnd = self._open[kind] = _Round(key)
+            rnd.ids |= wanted - got.keys()
+            if leader:
+
+                async def made(add: Callable[[list[Resource]], None], rnd: _Round = rnd) -> None:
+                    await fetch(sorted(rnd.ids), add)
+
+                def release(rnd: _Round = rnd) -> None:
+                    if self._open.get(kind) is rnd:
+                        del self._open[kind]
+
+                await rnd.lead(window, release, made, take)
+                return got
+            await rnd.follow(take)
+            if rnd.complete:
+                return got
+            if isinstance(rnd.error, Exception) and not isinstance(
+                rnd.error, anyio.get_cancelled_exc_class()
+            ):
+                raise rnd.error
+            # the round ended early (its leader cancelled): again, for what no page gave
