@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import inspect
 import logging
 import os
 import threading
@@ -205,27 +206,35 @@ async def test_a_cancelled_backup_deletes_its_volume(manager: Manager, tmp_path:
     assert await manager.snapshots("cancelled") == []
 
 
-_FOLLOWING = """
-import os, sys, time
-def following():
+def _follow_pids(root: str) -> list[str]:
+    """The processes of a follow pass over ``root`` (this machine sees the local cloud's
+    instances' processes)."""
     found = []
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\\0")
+                argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"follow" in argv and sys.argv[1].encode() in argv:
+        if b"follow" in argv and root.encode() in argv:
             found.append(pid)
     return found
-if sys.argv[2:] == ["wait"]:  # until one runs, two minutes at most
+
+
+# the same as a script: prints them; with "wait", waits until there is one (2 min at most)
+_FOLLOWING = (
+    "from __future__ import annotations\nimport os, sys, time\n"
+    + inspect.getsource(_follow_pids)
+    + """
+if sys.argv[2:] == ["wait"]:
     for _ in range(1200):
-        if following():
+        if _follow_pids(sys.argv[1]):
             sys.exit(0)
         time.sleep(0.1)
     sys.exit(1)
-print(*following())
+print(*_follow_pids(sys.argv[1]))
 """
+)
 
 
 async def _following(server: Server, root: str) -> list[str]:
@@ -279,14 +288,7 @@ def _watch_for_follow_passes(root: str, stop: threading.Event, seen: set[str]) -
     """Until ``stop``: every process of a follow pass over ``root`` (this machine sees
     the local cloud's instances' processes), looked for every few ms."""
     while not stop.is_set():
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"follow" in argv and root.encode() in argv:
-                seen.add(pid)
+        seen.update(_follow_pids(root))
         time.sleep(0.002)
 
 
