@@ -313,6 +313,22 @@ def test_a_filter_with_one_value_is_read_as_ec2_reads_it(cloud: LocalCloud) -> N
         client.call("DeleteSecurityGroup", GroupId=group_id)
 
 
+def test_a_filter_of_more_than_200_values_is_refused(cloud: LocalCloud) -> None:
+    """EC2 answers ``FilterLimitExceeded`` to a filter of more than 200 values; moto
+    would take it, the cloud does not. Two filters of 200 each are taken."""
+    client = raw(cloud)
+    ids = [f"snap-{n:017x}" for n in range(201)]
+
+    def values(n: int, taken: list[str]) -> dict[str, str]:
+        named = {f"Filter.{n}.Value.{k}": i for k, i in enumerate(taken, 1)}
+        return {f"Filter.{n}.Name": "snapshot-id", **named}
+
+    status, body = client.call("DescribeSnapshots", **values(1, ids))
+    assert status == 400 and error_code(body) == "FilterLimitExceeded", body
+    status, body = client.call("DescribeSnapshots", **values(1, ids[:200]), **values(2, ids[1:]))
+    assert status == 200 and find(body, "snapshotId") == [], body
+
+
 def test_a_group_in_use_is_not_deleted(cloud: LocalCloud) -> None:
     """DeleteSecurityGroup of a group an instance is in, or another group's rule names,
     answers EC2's DependencyViolation; once the instance is terminated and the rule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -297,3 +298,24 @@ async def test_copy_snapshot_and_image(manager_factory: ManagerFactory, server: 
         new_image = await manager.copy_image(image, other, name="copied-image")
         images = await other.ec2.describe_images([new_image])
         assert images[0]["State"] == "available" and images[0]["Name"] == "copied-image"
+
+
+async def test_describes_of_many_snapshots_keep_to_ec2s_filter_limit(manager: Manager) -> None:
+    """EC2 refuses a filter of more than 200 values (so does the local cloud): a
+    describe of 251 snapshot ids, and a shared round while 251 are watched, ask in
+    calls of 200 at most, and find the one that exists."""
+    ec2 = manager.ec2
+    (zone, *_) = await ec2.availability_zones()
+    vol = await ec2.create_volume(availability_zone=zone, size=1)
+    snap = str((await ec2.create_snapshot(vol["VolumeId"]))["SnapshotId"])
+    unknown = [f"snap-{n:017x}" for n in range(250)]
+    try:
+        found = await ec2.describe_snapshots([*unknown, snap])
+        assert [s["SnapshotId"] for s in found] == [snap]
+        with contextlib.ExitStack() as watching:
+            for sid in unknown:
+                watching.enter_context(ec2.watching_snapshot(sid))
+            assert list(await ec2.describe_snapshots_shared([snap])) == [snap]
+    finally:
+        await ec2.delete_snapshot(snap)
+        await ec2.delete_volume(vol["VolumeId"])

@@ -525,19 +525,27 @@ class Client:
     async def describe_snapshots(
         self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
     ) -> list[Resource]:
-        """Our own snapshots by id (unknown ids are left out) and/or filters."""
+        """Our own snapshots by id (unknown ids are left out; 200 ids a call, EC2's most
+        for a filter) and/or filters."""
         flt = list(filters)
-        if ids is not None:
-            flt.append({"Name": "snapshot-id", "Values": list(ids)})
-        else:
+        if ids is None:
             await self._settle("snap-", self.describe_snapshots)
-
-        async def fetch() -> list[Resource]:
             return await self.paginate(
                 "DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt
             )
 
-        return await self._until_seen(ids or (), "SnapshotId", fetch)
+        async def fetch() -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+                found += await self.paginate(
+                    "DescribeSnapshots",
+                    "Snapshots",
+                    OwnerIds=["self"],
+                    Filters=[*flt, {"Name": "snapshot-id", "Values": list(chunk)}],
+                )
+            return found
+
+        return await self._until_seen(ids, "SnapshotId", fetch)
 
     async def describe_images(
         self,

@@ -355,7 +355,7 @@ async def wait_for_snapshot(
     polled: list[float] = []  # when this wait last asked
 
     async def fetch() -> bool:
-        # a round asked for by another wait since half this pause began will do
+        # the answer to a round asked since the middle of this pause (another wait's) will do
         now = time.monotonic()
         since = (now + polled[-1]) / 2 if polled else now
         polled.append(now)

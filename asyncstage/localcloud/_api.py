@@ -29,7 +29,7 @@ from asyncstage.localcloud._devices import ROOT_DEVICE_NAME, is_nitro
 from asyncstage.localcloud._firewall import Policy
 from asyncstage.localcloud._hooks import EngineHooks
 from asyncstage.localcloud._pages import PageRefused, page_asked, with_token
-from asyncstage.localcloud._query import renumber
+from asyncstage.localcloud._query import filter_values_refused, renumber
 from asyncstage.localcloud._throttle import (
     THROTTLED_CODE,
     THROTTLED_MESSAGE,
@@ -309,6 +309,8 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
             LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
         if rewrite:
             params["MinCount"] = params["MaxCount"]
+        if (too_many := filter_values_refused(params)) is not None:
+            return _error_response(start_response, "FilterLimitExceeded", too_many)
         numbered = renumber(params)  # lists from any index, as EC2 reads them (._query)
         if numbered != params:
             params, rewrite = numbered, True

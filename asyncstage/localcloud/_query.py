@@ -10,15 +10,33 @@ turns every list, nested ones too (``Filter.N.Value.M``, ``BlockDeviceMapping.N.
 
 EC2 also takes a filter's one value as ``Filter.N.Value`` (older clients, the Perl
 VM::EC2 among them, send it so); it becomes ``Filter.N.Value.1``.
+
+EC2 refuses a filter of more than 200 values (``FilterLimitExceeded``), which moto
+takes: :func:`filter_values_refused`. (Whether EC2 counts the values of one filter or
+of all a request's filters is not written down; what clients have hit is one filter of
+ids, and the cloud counts per filter, refusing nothing EC2 may take.)
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 
 _INDEX = re.compile(r"\d+")
 _ONE_VALUE = re.compile(r"Filter\.\d+\.Value")
+_FILTER_VALUE = re.compile(r"Filter\.(\d+)\.Value(?:\.\d+)?")
+FILTER_VALUES = 200
+"""The values EC2 takes in one filter."""
+
+
+def filter_values_refused(params: Mapping[str, str]) -> str | None:
+    """EC2's message when a filter of the request names more than :data:`FILTER_VALUES`
+    values (None: none does)."""
+    counts = Counter(m[1] for k in params if (m := _FILTER_VALUE.fullmatch(k)))
+    if all(n <= FILTER_VALUES for n in counts.values()):
+        return None
+    return f"The maximum number of filter values specified on a single call is {FILTER_VALUES}"
 
 
 def renumber(params: Mapping[str, str]) -> dict[str, str]:
