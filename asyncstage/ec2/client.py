@@ -510,17 +510,7 @@ class Client:
             await self._settle("vol-", self.describe_volumes)
             return await self.paginate("DescribeVolumes", "Volumes", Filters=flt)
 
-        async def fetch() -> list[Resource]:
-            found: list[Resource] = []
-            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
-                found += await self.paginate(
-                    "DescribeVolumes",
-                    "Volumes",
-                    Filters=[*flt, {"Name": "volume-id", "Values": list(chunk)}],
-                )
-            return found
-
-        return await self._until_seen(ids, "VolumeId", fetch)
+        return await self._by_ids("DescribeVolumes", "Volumes", "volume-id", ids, flt)
 
     async def describe_snapshots(
         self, ids: Sequence[str] | None = None, *, filters: Sequence[Mapping[str, Any]] = ()
@@ -534,18 +524,31 @@ class Client:
                 "DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt
             )
 
+        return await self._by_ids(
+            "DescribeSnapshots", "Snapshots", "snapshot-id", ids, flt, OwnerIds=["self"]
+        )
+
+    async def _by_ids(
+        self,
+        action: str,
+        key: str,
+        filter_name: str,
+        ids: Sequence[str],
+        filters: Sequence[Mapping[str, Any]],
+        **params: Any,
+    ) -> list[Resource]:
+        """The ``key`` resources of ``ids`` (and ``filters``) by the ``filter_name``
+        filter, 200 ids a call (EC2's most for a filter), again while it leaves out a
+        fresh one (:meth:`_until_seen`)."""
+
         async def fetch() -> list[Resource]:
             found: list[Resource] = []
             for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
-                found += await self.paginate(
-                    "DescribeSnapshots",
-                    "Snapshots",
-                    OwnerIds=["self"],
-                    Filters=[*flt, {"Name": "snapshot-id", "Values": list(chunk)}],
-                )
+                flt = [*filters, {"Name": filter_name, "Values": list(chunk)}]
+                found += await self.paginate(action, key, Filters=flt, **params)
             return found
 
-        return await self._until_seen(ids, "SnapshotId", fetch)
+        return await self._until_seen(ids, key[:-1] + "Id", fetch)  # Volumes: VolumeId
 
     async def describe_images(
         self,

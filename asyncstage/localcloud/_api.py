@@ -300,7 +300,7 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
                 start_response, THROTTLED_CODE, THROTTLED_MESSAGE, THROTTLED_STATUS
             )
         hidden = consistency.hidden()
-        refused = consistency.refusal(params, hidden)
+        refused = filter_values_refused(params) or consistency.refusal(params, hidden)
         if refused is not None:
             return _error_response(start_response, *refused)
         # moto launches MinCount: it gets MaxCount, the backend MinCount aside (what fits)
@@ -309,8 +309,6 @@ def make_app(engine: EngineHooks, region_backend: Callable[[str], Any]) -> WSGIA
             LAUNCH_REQUEST.min_count = params.get("MinCount") or "1"
         if rewrite:
             params["MinCount"] = params["MaxCount"]
-        if (too_many := filter_values_refused(params)) is not None:
-            return _error_response(start_response, "FilterLimitExceeded", too_many)
         numbered = renumber(params)  # lists from any index, as EC2 reads them (._query)
         if numbered != params:
             params, rewrite = numbered, True

@@ -30,13 +30,16 @@ FILTER_VALUES = 200
 """The values EC2 takes in one filter."""
 
 
-def filter_values_refused(params: Mapping[str, str]) -> str | None:
-    """EC2's message when a filter of the request names more than :data:`FILTER_VALUES`
-    values (None: none does)."""
+def filter_values_refused(params: Mapping[str, str]) -> tuple[str, str] | None:
+    """EC2's (code, message) when a filter of the request names more than
+    :data:`FILTER_VALUES` values (None: none does)."""
     counts = Counter(m[1] for k in params if (m := _FILTER_VALUE.fullmatch(k)))
     if all(n <= FILTER_VALUES for n in counts.values()):
         return None
-    return f"The maximum number of filter values specified on a single call is {FILTER_VALUES}"
+    return (
+        "FilterLimitExceeded",
+        f"The maximum number of filter values specified on a single call is {FILTER_VALUES}",
+    )
 
 
 def renumber(params: Mapping[str, str]) -> dict[str, str]:
