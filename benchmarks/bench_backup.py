@@ -27,13 +27,15 @@ of copy-mode backups named after the servers, run by :func:`~asyncstage.backup.r
    backups of the same servers (their ``/srv/app`` volumes, one ``CreateSnapshots``
    each), against the copy-mode plan's first run.
 
-The run has two parts, each in a local cloud of its own (``--part perl``, ``--part
-scale``; both without ``--part``): ``perl`` sets up the fleets the Perl module backs up
-too (up to 16) and times both sides; ``scale`` times the larger fleet (Perl's time there:
-its time per server in the ``perl`` part, times N) and parts 2-4 on a first run of the
-fleet of 16 of its own. Each part keeps its figures in ``backup.part-NAME.json``; the
-report (``backup.json``) is written once both are there (``--part report`` writes it
-again). Measured plans start 10 s apart, so that each finds EC2's request buckets full.
+The run has three parts, each in a local cloud of its own (``--part perl``, ``--part
+scale``, ``--part ebs``; all without ``--part``): ``perl`` sets up the fleets the Perl
+module backs up too (up to 16) and times both sides; ``scale`` times the larger fleet
+(Perl's time there: its time per server in the ``perl`` part, times N) and parts 2-4 on
+a first run of the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a
+cloud whose images share blocks (``store="reflink"``) and times its first run and
+parts 3-4 there. Each part keeps its figures in ``backup.part-NAME.json``; the report
+(``backup.json``) is written once all are there (``--part report`` writes it again).
+Measured plans start 10 s apart, so that each finds EC2's request buckets full.
 
 Data: 64 MiB per server (200 files) for the fleets compared with Perl; the focus fleet
 of parts 2-4 is topped up to 256 MiB per server (800 files of the same size) once the
@@ -175,8 +177,8 @@ async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> 
         "n": len(plan.backups),
         "wall_s": round(wall, 3),
         "own_cpu_s": cpu.seconds,
-        # who used it: this process (the controller, and apart the local cloud's threads,
-        # those that ended too), and the instances' processes (mkfs, mount, rsync, sshd,
+        # who used it: the controller and, apart, the local cloud's threads (ended ones
+        # too) in this process, and the instances' processes (mkfs, mount, rsync, sshd,
         # sudo)
         "cpu_split": {k: split[k] for k in ("controller_cpu_s", "cloud_cpu_s", "instances_cpu_s")},
         "machine_busy": busy.busy,
