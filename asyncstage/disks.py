@@ -497,7 +497,19 @@ class Disks:
             argv += ["-t", volume.fstype]
         await self.server.run(*argv, "--", volume.mtdev, where, sudo=True)
         volume._record_mount(where)
-        await self.ctx.ec2.create_tags([volume.volume_id], {tag("mtpt"): where})
+        await self._tag_mount_point(volume, where)
+
+    async def _tag_mount_point(self, volume: VolumeRef, where: str) -> None:
+        """Tag the volume with its mount point, unless its description says so already
+        (a remount, a kept volume): a call less, of a bucket that a fleet's calls share."""
+        key = tag("mtpt")
+        if tags_of(volume.volume).get(key) == where:
+            return
+        await self.ctx.ec2.create_tags([volume.volume_id], {key: where})
+        others = [t for t in volume.volume.get("Tags", []) if t.get("Key") != key]
+        volume._record_description(
+            {**volume.volume, "Tags": [*others, {"Key": key, "Value": where}]}
+        )
 
     async def remount(self, volume: VolumeRef) -> None:
         """Mount again a volume unmounted from this server, at its old mount point."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from asyncstage import Manager, Server, Volume
-from asyncstage.ec2 import tag
+from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import (
     BadFstype,
     BadSize,
@@ -142,6 +142,27 @@ async def test_a_mount_reads_the_mount_table_once(
         await server.mount_volume(vol, "/srv/tables-moved")  # unmounted first: read again
         assert len(reads) == 3 and vol.mtpt == "/srv/tables-moved"
         assert "/srv/tables-moved" in await server.scmd("cat", "/proc/mounts")
+    finally:
+        await server.delete_volume(vol)
+
+
+async def test_a_mount_where_the_tag_says_makes_no_call(manager: Manager, server: Server) -> None:
+    """The mount point is a tag of the volume (for whoever adopts it): mounting it again
+    where the tag says makes no CreateTags call; mounting it elsewhere makes one, and
+    EC2 then says the new place."""
+    vol = await server.provision_volume("tagged", size=1, mount="/srv/tagged")
+    try:
+        assert tags_of(vol.volume)[tag("mtpt")] == "/srv/tagged"
+        before = manager.ec2.calls["CreateTags"]
+        await vol.unmount()
+        await vol.remount()
+        await server.unmount_volume(vol)
+        await server.mount_volume(vol, "/srv/tagged")
+        assert manager.ec2.calls["CreateTags"] == before
+        await server.mount_volume(vol, "/srv/tagged-moved")
+        assert manager.ec2.calls["CreateTags"] == before + 1
+        (found,) = await manager.ec2.describe_volumes([vol.volume_id])
+        assert tags_of(found)[tag("mtpt")] == "/srv/tagged-moved"
     finally:
         await server.delete_volume(vol)
 
