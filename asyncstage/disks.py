@@ -18,6 +18,7 @@ from asyncstage import mounts
 from asyncstage.adoption import creation_tags, ours, owner_tags
 from asyncstage.attachments import Attachments
 from asyncstage.ec2 import new_client_token, tag, tags_of
+from asyncstage.ec2.tags import tag_list
 from asyncstage.errors import (
     AsyncstageError,
     BadFstype,
@@ -506,10 +507,8 @@ class Disks:
         if tags_of(volume.volume).get(key) == where:
             return
         await self.ctx.ec2.create_tags([volume.volume_id], {key: where})
-        others = [t for t in volume.volume.get("Tags", []) if t.get("Key") != key]
-        volume._record_description(
-            {**volume.volume, "Tags": [*others, {"Key": key, "Value": where}]}
-        )
+        tags = {**tags_of(volume.volume), key: where}
+        volume._record_description({**volume.volume, "Tags": tag_list(tags)})
 
     async def remount(self, volume: VolumeRef) -> None:
         """Mount again a volume unmounted from this server, at its old mount point."""

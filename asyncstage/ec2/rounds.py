@@ -36,9 +36,9 @@ class _Round:
         self.complete = False  # every page came
         self.error: BaseException | None = None
 
-    def add(self, instances: Iterable[Resource]) -> None:
+    def add(self, items: Iterable[Resource]) -> None:
         """A page of the answer: wakes those waiting for the next."""
-        self.pages.append({str(i[self.key]): i for i in instances})
+        self.pages.append({str(i[self.key]): i for i in items})
         self.moved, moved = anyio.Event(), self.moved
         moved.set()
 
@@ -54,9 +54,9 @@ class _Round:
         own part of it given to ``take``."""
         in_take = False  # an error of the leader's own ``take`` is not the round's
 
-        def add(instances: list[Resource]) -> None:
+        def add(items: list[Resource]) -> None:
             nonlocal in_take
-            self.add(instances)
+            self.add(items)
             in_take = True
             take(self.pages[-1])
             in_take = False

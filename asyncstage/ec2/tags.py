@@ -47,10 +47,6 @@ def tag_filters(tags: Mapping[str, str | Sequence[str]]) -> list[dict[str, Any]]
     ]
 
 
-def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
-    return [{"Key": k, "Value": v} for k, v in tags.items()]
-
-
 def tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
     """``TagSpecifications``' form of ``tags``."""
     return [{"Key": k, "Value": v} for k, v in tags.items()]

@@ -352,13 +352,13 @@ async def wait_for_snapshot(
     """
     seen: dict[str, Resource] = {}
     first: list[tuple[float, float]] = []  # (when, percent) of the first progress seen
-    polled: list[float] = []  # when this wait last asked
+    polled: float | None = None  # when this wait last asked
 
     async def fetch() -> bool:
+        nonlocal polled
         # the answer to a round asked since the middle of this pause (another wait's) will do
         now = time.monotonic()
-        since = (now + polled[-1]) / 2 if polled else now
-        polled.append(now)
+        since, polled = (now if polled is None else (now + polled) / 2), now
         found = await client.describe_snapshots_shared([snapshot_id], since=since)
         if snapshot_id not in found:
             raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
