@@ -10,6 +10,7 @@ import types
 from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -154,6 +155,23 @@ async def test_a_round_asks_for_every_watched_snapshot_and_serves_them_later(ec2
         assert calls() - before == 2  # newer than any round: a round of its own
     await ec2.describe_snapshots_shared([b], since=start)
     assert calls() - before == 3  # no longer watched: nothing kept
+
+
+async def test_a_snapshot_seen_completed_is_waited_for_without_a_call(ec2: EC2) -> None:
+    """Completed is a snapshot's last state: one this client saw so (in a listing) is
+    returned by a wait at once; once this client deletes it, a wait asks again."""
+    vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
+    sid = str((await ec2.create_snapshot(vol["VolumeId"]))["SnapshotId"])
+    assert ec2.seen_completed(sid) is None
+    listed = await ec2.describe_snapshots(filters=[{"Name": "snapshot-id", "Values": [sid]}])
+    assert [s["State"] for s in listed] == ["completed"]
+    before = ec2.calls["DescribeSnapshots"]
+    assert (await ec2.wait_for_snapshot(sid, timeout=5))["SnapshotId"] == sid
+    assert ec2.calls["DescribeSnapshots"] == before
+    await ec2.delete_snapshot(sid)
+    with pytest.raises(UnknownSnapshot):
+        await ec2.wait_for_snapshot(sid, timeout=5)
+    assert ec2.calls["DescribeSnapshots"] == before + 1
 
 
 async def test_a_round_can_ask_only_for_the_instances_that_changed(ec2: EC2) -> None:
@@ -426,6 +444,35 @@ async def test_polls_start_over_while_a_fleet_arrives(
     )
     # the last arrival at 0.3: the rounds at 0.4 and 0.5 still within the steady 0.25 s
     assert _gaps(times) == [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+
+
+async def test_a_snapshot_wait_asks_again_when_its_pace_says_it_is_done(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot's Progress gives its pace: from when each answer held (another wait's
+    round, asked a moment before), not when it came. Once the pace says it is done, only
+    a round asked from then on will do (an older one says pending still); the wait sees
+    it completed a round after it is, not a back-off later."""
+    client = EC2(region="us-east-1", poll_interval=0.5, poll_backoff=1.5, poll_max_interval=5)
+    done_at, old = 3.0, 0.3  # the snapshot's pending time; how old the rounds' answers are
+    asks: list[tuple[float, float | None]] = []
+    held = [0.0]
+
+    async def shared(ids: Collection[str], *, since: float | None = None) -> dict[str, Any]:
+        asks.append((clock.now, since))
+        # the latest round, asked ``old`` s ago, unless this wait wants a newer one
+        held[0] = clock.now if since is not None and since > clock.now - old else clock.now - old
+        held[0] = max(0.0, held[0])
+        pct = min(100, int(100 * held[0] / done_at))
+        state = "completed" if held[0] >= done_at else "pending"
+        return {"snap-1": {"SnapshotId": "snap-1", "State": state, "Progress": f"{pct}%"}}
+
+    monkeypatch.setattr(client, "describe_snapshots_shared", shared)
+    monkeypatch.setattr(client, "snapshot_seen_at", lambda _: held[0])
+    assert (await client.wait_for_snapshot("snap-1", timeout=60))["State"] == "completed"
+    last, since = asks[-1]
+    assert since is not None and since >= done_at - 0.1  # no answer older than its due time
+    assert done_at <= last <= done_at + 0.1
 
 
 def test_pending_instances_are_polled_steadily_while_due() -> None:

@@ -315,6 +315,7 @@ class EC2(Client):
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot."""
+        self.forget_snapshot(snapshot_id)
         await self.call("DeleteSnapshot", SnapshotId=snapshot_id)
 
     async def copy_snapshot(

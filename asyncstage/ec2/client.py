@@ -67,6 +67,8 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
 }
 
 
+_COMPLETED_FRESH = 60.0  # seconds a snapshot seen completed is taken as such (completed is final)
+_COMPLETED_KEPT = 1000  # the most such snapshots remembered
 _FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
 _MAX_PAUSE = 5.0
 _ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
@@ -226,6 +228,7 @@ class Client:
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._rounds = SharedRounds()
+        self._completed: dict[str, tuple[float, Resource]] = {}
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -466,6 +469,11 @@ class Client:
         and keeps its description for :meth:`describe_snapshots_shared`."""
         return self._rounds.watching(snapshot_id)
 
+    def snapshot_seen_at(self, snapshot_id: str) -> float | None:
+        """When (``time.monotonic()``) the last description a shared round gave of a
+        watched snapshot held (None: none yet)."""
+        return self._rounds.seen_at(snapshot_id)
+
     async def describe_snapshots_shared(
         self, ids: Iterable[str], *, since: float | None = None
     ) -> dict[str, Resource]:
@@ -520,13 +528,37 @@ class Client:
         flt = list(filters)
         if ids is None:
             await self._settle("snap-", self.describe_snapshots)
-            return await self.paginate(
+            found = await self.paginate(
                 "DescribeSnapshots", "Snapshots", OwnerIds=["self"], Filters=flt
             )
+        else:
+            found = await self._by_ids(
+                "DescribeSnapshots", "Snapshots", "snapshot-id", ids, flt, OwnerIds=["self"]
+            )
+        self._note_completed(found)
+        return found
 
-        return await self._by_ids(
-            "DescribeSnapshots", "Snapshots", "snapshot-id", ids, flt, OwnerIds=["self"]
-        )
+    def _note_completed(self, snapshots: Iterable[Resource]) -> None:
+        now = time.monotonic()
+        for snap in snapshots:
+            if snap.get("State") == "completed":
+                self._completed[str(snap["SnapshotId"])] = (now, snap)
+        if len(self._completed) > _COMPLETED_KEPT:
+            oldest = sorted(self._completed, key=lambda i: self._completed[i][0])
+            for i in oldest[: len(oldest) - _COMPLETED_KEPT]:
+                del self._completed[i]
+
+    def seen_completed(self, snapshot_id: str) -> Resource | None:
+        """The snapshot's description, when this client saw it ``completed`` in the last
+        minute (a final state: only a delete ends it, and one made here forgets it)."""
+        seen = self._completed.get(snapshot_id)
+        if seen is None or time.monotonic() - seen[0] > _COMPLETED_FRESH:
+            return None
+        return seen[1]
+
+    def forget_snapshot(self, snapshot_id: str) -> None:
+        """The snapshot is being deleted: no longer known as completed."""
+        self._completed.pop(snapshot_id, None)
 
     async def _by_ids(
         self,

@@ -94,12 +94,12 @@ class _Round:
 class SharedRounds:
     """The shared rounds of one client, by action and the states asked for; the
     snapshots being waited for (by how many waits), with the last description of each a
-    round gave (None: not in its answer) and when that round was asked."""
+    round gave (None: not in its answer), when that round was asked and when answered."""
 
     def __init__(self) -> None:
         self._open: dict[tuple[str, frozenset[str]], _Round] = {}
         self._watched: Counter[str] = Counter()
-        self._latest: dict[str, tuple[float, Resource | None]] = {}
+        self._latest: dict[str, tuple[float, float, Resource | None]] = {}
 
     @contextlib.contextmanager
     def watching(self, snapshot_id: str) -> Iterator[None]:
@@ -113,6 +113,12 @@ class SharedRounds:
                 del self._watched[snapshot_id]
                 self._latest.pop(snapshot_id, None)
 
+    def seen_at(self, snapshot_id: str) -> float | None:
+        """When the description a round last gave of a watched snapshot held: the middle
+        of that call (its answer was made somewhere between asking and answering)."""
+        latest = self._latest.get(snapshot_id)
+        return None if latest is None else (latest[0] + latest[1]) / 2
+
     async def snapshots(
         self,
         ids: Sequence[str],
@@ -123,17 +129,18 @@ class SharedRounds:
         """The snapshots of ``ids``: from the rounds asked for at or after ``since`` when
         every one is watched and known so, else from a shared round of ``describe``."""
         if since is not None and all(
-            i in self._watched and self._latest.get(i, (-1.0, None))[0] >= since for i in ids
+            i in self._watched and self._latest.get(i, (-1.0, -1.0, None))[0] >= since for i in ids
         ):
-            return {i: d for i in ids if (d := self._latest[i][1]) is not None}
+            return {i: d for i in ids if (d := self._latest[i][2]) is not None}
 
         async def fetch(named: list[str], add: Callable[[list[Resource]], None]) -> None:
             asked, named = time.monotonic(), sorted({*named, *self._watched})
             found = await describe(named)
+            answered = time.monotonic()
             shown = {str(d["SnapshotId"]): d for d in found}
             for i in named:
                 if i in self._watched:
-                    self._latest[i] = (asked, shown.get(i))
+                    self._latest[i] = (asked, answered, shown.get(i))
             add(found)
 
         return await self.shared(("snapshots", frozenset()), "SnapshotId", ids, fetch, window)

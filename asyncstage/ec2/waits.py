@@ -100,8 +100,8 @@ async def poll(
     progress: Callable[[], int] | None = None,
 ) -> None:
     """Call ``fetch`` until it returns true, 1 s, 1.5 s, 2.25 s ... after the start of
-    the call before (less when ``eta()`` expects the end sooner, never under half the
-    first pause; at once when the call took longer).
+    the call before (less when ``eta()``, in seconds from that start, expects the end
+    sooner, never under half the first pause; at once when the call took longer).
 
     An ``eta()`` of at most :func:`steady_interval` holds the pauses there (what is
     awaited is due: a steady pace, no back-off while it is). A round in which ``progress()`` grew
@@ -348,24 +348,39 @@ async def wait_for_snapshot(
     Each new Progress (``"0%"`` ... ``"100%"``) is logged and given to
     ``on_progress`` (the snapshot's description). A Progress that stands still is
     waited on: EC2's snapshots may pause for long, so only ``timeout`` ends the wait
-    (:class:`WaitTimeout` with the last state and progress).
+    (:class:`WaitTimeout` with the last state and progress). Once Progress has moved,
+    the next round is asked for when it should reach 100 % at its pace so far. A
+    snapshot this client saw completed in the last minute is returned without a call.
     """
+    known = client.seen_completed(snapshot_id)
+    if known is not None:  # completed is final: seen so lately, it needs no call
+        return known
     seen: dict[str, Resource] = {}
-    first: list[tuple[float, float]] = []  # (when, percent) of the first progress seen
+    first: list[tuple[float, float]] = []  # (when it held, percent) of the first progress
     polled: float | None = None  # when this wait last asked
+    due: float | None = None  # when it should complete, at the pace Progress kept so far
 
     async def fetch() -> bool:
-        nonlocal polled
-        # the answer to a round asked since the middle of this pause (another wait's) will do
+        nonlocal polled, due
+        # the answer to a round asked since the middle of this pause (another wait's) will
+        # do, unless that round was asked before the snapshot is due: it says pending still
         now = time.monotonic()
-        since, polled = (now if polled is None else (now + polled) / 2), now
+        since = now if polled is None else max((now + polled) / 2, due or 0.0)
+        polled = now
         found = await client.describe_snapshots_shared([snapshot_id], since=since)
         if snapshot_id not in found:
             raise UnknownSnapshot(f"snapshot {snapshot_id} does not exist")
         before = seen.get("s", {}).get("Progress")
         seen["s"] = snap = found[snapshot_id]
-        if not first and (done := _percent(snap)) is not None:
-            first.append((time.monotonic(), done))
+        # the pace from when each answer held (its round's call), not from when it came:
+        # a shared round's answer may be half a pause old
+        held = client.snapshot_seen_at(snapshot_id) or time.monotonic()
+        if (done := _percent(snap)) is not None:
+            if not first:
+                first.append((held, done))
+            elif done > first[0][1]:
+                since_first, start = held - first[0][0], first[0][1]
+                due = held + since_first * (100 - done) / (done - start)
         if snap.get("State") == "error":
             raise EC2Error(
                 f"snapshot {snapshot_id} failed: {snap.get('StateMessage', '')}",
@@ -382,12 +397,8 @@ async def wait_for_snapshot(
         return None if snap is None else f"{snap.get('State')} {snap.get('Progress') or ''}".strip()
 
     def eta() -> float | None:
-        """Seconds left at the pace Progress has kept so far (None: no pace yet)."""
-        done = _percent(seen["s"])
-        if not first or done is None or done <= first[0][1]:
-            return None
-        since, start = first[0]
-        return (time.monotonic() - since) * (100 - done) / (done - start)
+        """Seconds from the round just made until the snapshot is due (None: no pace yet)."""
+        return None if due is None or polled is None else max(0.0, due - polled)
 
     with client.watching_snapshot(snapshot_id):
         await poll(
