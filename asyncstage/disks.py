@@ -143,6 +143,11 @@ async def _real_mount_point(server: ServerRef, where: str) -> str:
     """``where`` with its symlinks resolved on the server, checked again: a symlink
     that leads into a system directory is refused (MountPointRefused)."""
     real = (await server.scmd(*mounts.realpath_argv(where), sudo=True)).strip()
+    return _checked_real(server, where, real)
+
+
+def _checked_real(server: ServerRef, where: str, real: str) -> str:
+    """``real``, where ``where`` leads on the server, unless it is refused as a mount point."""
     try:
         return check_mount_point(real)
     except MountPointRefused as e:
@@ -472,8 +477,11 @@ class Disks:
             )
             volume._record_attach(self.server, volume.ec2_device, mtdev)
         assert volume.mtdev
-        where = await _real_mount_point(self.server, where)
-        table = await self._mounts()  # read once: again only when an unmount changed it
+        # where it leads and the mount table, in one command; the table again only when
+        # an unmount changed it
+        found = await self.server.scmd(*mounts.realpath_and_mounts_argv(where), sudo=True)
+        real, table = mounts.parse_realpath_and_mounts(found)
+        where = _checked_real(self.server, where, real)
         current = next((mp for dev, mp, _ in table if dev == volume.mtdev), None)
         if current == where:
             volume._record_mount(where)
@@ -483,7 +491,6 @@ class Disks:
             table = await self._mounts()
         if any(mp == where for _, mp, _ in table):
             raise MountPointRefused(f"{where} on {self.server.name} has another filesystem mounted")
-        await self.server.run("mkdir", "-p", where, sudo=True)
         options = [self.ctx.storage.mount_options]
         if volume.fstype == "vfat":
             ids = (
@@ -496,7 +503,8 @@ class Disks:
         argv = ["mount", "-o", ",".join(o for o in options if o)]
         if volume.fstype:
             argv += ["-t", volume.fstype]
-        await self.server.run(*argv, "--", volume.mtdev, where, sudo=True)
+        argv = mounts.mkdir_and_mount_argv(where, [*argv, "--", volume.mtdev, where])
+        await self.server.run(*argv, sudo=True)
         volume._record_mount(where)
         await self._tag_mount_point(volume, where)
 

@@ -114,6 +114,26 @@ def realpath_argv(path: str) -> list[str]:
     return ["realpath", "-m", "--", path]
 
 
+def realpath_and_mounts_argv(path: str) -> list[str]:
+    """The argv of one command that prints ``realpath -m`` of ``path``, a NUL, then
+    /proc/mounts (:func:`parse_realpath_and_mounts`)."""
+    return ["sh", "-c", 'realpath -m -z -- "$1" && exec cat /proc/mounts', "sh", path]
+
+
+def parse_realpath_and_mounts(text: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """The resolved path and the mount table (:func:`parse_mounts`) of that command."""
+    real, nul, table = text.partition("\0")
+    if not nul:
+        raise PathError(f"the server did not say where the mount point leads: {text[:200]!r}")
+    return real, parse_mounts(table)
+
+
+def mkdir_and_mount_argv(where: str, mount: Sequence[str]) -> list[str]:
+    """The argv of one command that makes the directory ``where`` and runs ``mount``
+    (an argv that mounts something there)."""
+    return ["sh", "-c", 'mkdir -p -- "$1" && shift && exec "$@"', "sh", where, *mount]
+
+
 def mkfs_probe_argv(volume_id: str, device: str) -> list[str]:
     """The argv (run with sudo) of the checks before formatting ``device``."""
     return ["sh", "-c", _MKFS_PROBE, "sh", serial_of(volume_id), device]

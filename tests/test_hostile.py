@@ -166,6 +166,11 @@ async def test_a_mount_point_that_is_a_symlink_out_is_refused(
     await server.scmd("ln", "-sfn", "/srv/real", "/mnt/links/fine", sudo=True)
     vol = await server.provision_volume("hostile-fine", size=1, mtpt="/mnt/links/fine")
     assert vol.mtpt == "/srv/real" and "/srv/real" in await _mounts(server)
+    # nor is a mounted volume moved through such a link: it stays where it was
+    for where in ("/mnt/links/escape", "/mnt/links/twice"):
+        with pytest.raises(MountPointRefused, match="/run"):
+            await server.mount_volume(vol, where)
+        assert vol.mtpt == "/srv/real" and "/srv/real" in await _mounts(server)
     await vol.delete()
     await server.scmd("rm", "-rf", target, "/mnt/links", "/srv/real", sudo=True)
 

@@ -120,27 +120,30 @@ async def test_info_and_mount_lifecycle(manager: Manager, server: Server) -> Non
         manager.find_volume_by_volid(vol.volume_id)
 
 
-async def test_a_mount_reads_the_mount_table_once(
+async def test_a_mount_is_two_commands_and_reads_the_mount_table_once(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each ssh command is a round trip (and a process) on the server: a mount reads the
-    table once, and again only after it unmounted the volume from elsewhere."""
+    """Each ssh command is a round trip (and a process) on the server: a mount is one
+    command that resolves the mount point and reads the table, and one that makes the
+    directory and mounts; the table is read again only after an unmount from elsewhere."""
     vol = await server.provision_volume("tables", size=1)
     try:
         await vol.unmount()
-        reads: list[str] = []
+        commands: list[str] = []
         original = SSHHost.run
 
         async def run(self: SSHHost, *cmd: Any, **kw: Any) -> Any:
-            if " ".join(map(str, cmd)) == "cat /proc/mounts":
-                reads.append(self.label)
+            commands.append(" ".join(map(str, cmd)))
             return await original(self, *cmd, **kw)
+
+        def reads() -> int:
+            return sum("/proc/mounts" in c for c in commands)
 
         monkeypatch.setattr(SSHHost, "run", run)
         await vol.remount()
-        assert len(reads) == 1 and vol.mounted
+        assert len(commands) == 2 and reads() == 1 and vol.mounted
         await server.mount_volume(vol, "/srv/tables-moved")  # unmounted first: read again
-        assert len(reads) == 3 and vol.mtpt == "/srv/tables-moved"
+        assert reads() == 3 and vol.mtpt == "/srv/tables-moved"
         assert "/srv/tables-moved" in await server.scmd("cat", "/proc/mounts")
     finally:
         await server.delete_volume(vol)
