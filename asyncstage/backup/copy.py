@@ -4,7 +4,8 @@ One run of backup ``NAME``:
 
 1. takes the backup's lease (:mod:`asyncstage.backup.lease`): another live run of the
    name makes it wait (``wait`` seconds) or refuse with ``BackupInProgress``;
-2. removes the leftovers of runs of the name that died (:mod:`asyncstage.backup.sweep`);
+2. removes the leftovers of runs of the name that died (:mod:`asyncstage.backup.sweep`),
+   while it lists the backup's complete snapshots and measures the sources;
 3. makes a **new** work volume called ``NAME``, tagged as the run's from its create call
    on: from the newest complete snapshot of the name (grown when the data needs more
    room), or empty for the first backup; with ``keep_volume``, the volume the previous
@@ -28,7 +29,7 @@ import contextlib
 import posixpath
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
@@ -46,9 +47,9 @@ from asyncstage.backup.manifest import (
     write_manifest,
 )
 from asyncstage.backup.runs import RunInfo
-from asyncstage.backup.snapshots import STATE_TAG, mark_complete, require_completed, usable
+from asyncstage.backup.snapshots import STATE_TAG, mark_complete, usable
 from asyncstage.backup.sources import Group, Source, measure, plan_sources, volume_dir
-from asyncstage.backup.sweep import sweep
+from asyncstage.backup.sweep import SweepResult, sweep
 from asyncstage.backup.warm import claim, is_kept, mark_kept, reuse
 from asyncstage.concurrency import concurrently
 from asyncstage.errors import (
@@ -192,13 +193,12 @@ async def _run(
 ) -> BackupResult:
     tell = phase or (lambda _: None)
     name = lease.run.name
-    swept = await sweep(m, name, current_run=lease.run.run_id)
-    existing, kept_desc = await _kept_volume(m, name, kept_elsewhere=bool(swept.kept_volumes))
+    found = await _look_around(m, lease, groups, size)
+    existing, kept_desc, swept = found.kept, found.kept_desc, found.swept
     started = time.monotonic()
     if server is None:
         server = _sole_source_server(groups, zone, name)
-    previous = usable(await m.snapshots(name))
-    needed = size if size is not None else await measure(groups)
+    previous, needed = found.previous, found.needed
     parent: str | None = None
     earlier: str | None = None  # the parent's manifest digest: its unchanged files kept
     if previous:
@@ -223,13 +223,14 @@ async def _run(
         )
         t_manifest = time.monotonic()
         tell("snapshot")
-        await lease.check()
-        await volume.unmount()  # the snapshot needs it unmounted; nothing mounts it again
+        # the snapshot needs it unmounted (nothing mounts it again); the lease is checked
+        # meanwhile, before anything is made
+        await concurrently(lease.check, volume.unmount, cancel_others=False)
         # the manifest's digest is known: tagged in the create call, not a call of its own
         with run_tags(lease.run, manifest_tag(manifest["sha256"])):
             new_id = await volume.create_snapshot(description or f"asyncstage backup {name}")
+        # EC2 said completed (the wait returns only then), so it can be a backup's base
         await _completed(m, new_id, None if keep_volume else volume)
-        await require_completed(m, new_id)
         await lease.check()  # a run that lost its lease never marks anything complete
         await mark_complete(m, [new_id], parent, consistency)
         if keep_volume:  # only now: a kept volume always holds a complete backup
@@ -267,6 +268,40 @@ async def _run(
         volume_kept=keep_volume,
         volume_reused=reused,
     )
+
+
+@dataclass
+class _Found:
+    """What a run finds before it makes anything (:func:`_look_around`)."""
+
+    swept: SweepResult
+    kept: Volume | None = None
+    kept_desc: dict[str, Any] = field(default_factory=dict)
+    previous: list[dict[str, Any]] = field(default_factory=list)
+    needed: int = 0
+
+
+async def _look_around(m: Manager, lease: Lease, groups: list[Group], size: int | None) -> _Found:
+    """Sweep what dead runs of the backup left, find the volume an earlier run kept, list
+    the complete backups and measure the sources, the three at once (each its own calls
+    or commands; the sweep never removes a complete backup, so the list holds). A failure
+    of one lets the others end first, the sweep above all."""
+    name = lease.run.name
+    found = _Found(swept=SweepResult())
+
+    async def swept_and_kept() -> None:
+        found.swept = await sweep(m, name, current_run=lease.run.run_id)
+        kept_elsewhere = bool(found.swept.kept_volumes)
+        found.kept, found.kept_desc = await _kept_volume(m, name, kept_elsewhere=kept_elsewhere)
+
+    async def listed() -> None:
+        found.previous = usable(await m.snapshots(name))
+
+    async def measured() -> None:
+        found.needed = size if size is not None else await measure(groups)
+
+    await concurrently(swept_and_kept, listed, measured, cancel_others=False)
+    return found
 
 
 async def _copy_listed(

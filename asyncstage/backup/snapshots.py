@@ -16,7 +16,7 @@ from typing import Any
 
 from asyncstage.backup.runs import RUN_TAG
 from asyncstage.ec2 import tag, tags_of
-from asyncstage.errors import EC2Error, UnknownSnapshot
+from asyncstage.errors import UnknownSnapshot
 from asyncstage.manager import Manager
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "is_backup",
     "mark_complete",
     "pick_snapshot",
-    "require_completed",
     "usable",
 ]
 
@@ -59,16 +58,6 @@ def consistency_of(snap: dict[str, Any]) -> str:
     """``application-consistent``, ``crash-consistent`` or ``-`` (not recorded)."""
     found = tags_of(snap).get(CONSISTENCY_TAG, "")
     return found if found in CONSISTENCIES else "-"
-
-
-async def require_completed(m: Manager, snapshot_id: str) -> None:
-    """Raise :class:`EC2Error` unless EC2 says the snapshot is ``completed``."""
-    found = await m.ec2.describe_snapshots([snapshot_id])
-    state = found[0].get("State") if found else "gone"
-    if state != "completed":
-        raise EC2Error(
-            f"snapshot {snapshot_id} is {state}, not completed", operation="DescribeSnapshots"
-        )
 
 
 async def mark_complete(

@@ -22,6 +22,7 @@ from asyncstage.backup.lease import leases, release
 from asyncstage.backup.runs import OF_TAG, RUN_TAG, RunInfo
 from asyncstage.backup.snapshots import is_backup, usable
 from asyncstage.backup.warm import KEPT_TAG, holds_newest, is_kept
+from asyncstage.concurrency import concurrently
 from asyncstage.ec2 import tags_of
 from asyncstage.errors import AsyncstageError, UnknownVolume
 from asyncstage.manager import Manager
@@ -78,8 +79,18 @@ async def sweep(
     filters = [{"Name": "tag-key", "Values": [RUN_TAG]}]
     if name is not None:
         filters.append({"Name": f"tag:{OF_TAG}", "Values": [name]})
+    listed: dict[str, list[dict[str, Any]]] = {}
+
+    async def list_volumes() -> None:
+        listed["volumes"] = await m.ec2.describe_volumes(filters=filters)
+
+    async def list_snapshots() -> None:
+        listed["snapshots"] = await m.ec2.describe_snapshots(filters=filters)
+
+    # both after the leases, as one listing: a run that was live then is left alone
+    await concurrently(list_volumes, list_snapshots)
     keys = m.known_key_names()
-    volumes = ours("volume", await m.ec2.describe_volumes(filters=filters), keys=keys)
+    volumes = ours("volume", listed["volumes"], keys=keys)
     scanned = False
     for desc in volumes:
         vid = str(desc["VolumeId"])
@@ -106,7 +117,7 @@ async def sweep(
         await _delete_volume(m, desc)
         log.info("backup %s: removed work volume %s of run %s", found.name, vid, found.run_id)
         done.volumes.append(vid)
-    snaps = ours("snapshot", await m.ec2.describe_snapshots(filters=filters), keys=keys)
+    snaps = ours("snapshot", listed["snapshots"], keys=keys)
     for snap in snaps:
         sid = str(snap["SnapshotId"])
         found = RunInfo.from_tags(tags_of(snap))
