@@ -385,6 +385,8 @@ class Disks:
         tags |= creation_tags(m.account.local_key().name)
         if plan.fstype:
             tags[tag("fstype")] = plan.fstype
+        if plan.fstype and plan.fstype != "raw":  # where it goes: the mount then tags nothing
+            tags[tag("mtpt")] = where or self.server.default_mtpt(name)
         token = new_client_token()
         # made and registered as one step (cancellation waits): what fails below deletes it
         with anyio.CancelScope(shield=True):
