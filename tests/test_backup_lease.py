@@ -15,10 +15,10 @@ import pytest
 from asyncstage import Manager
 from asyncstage.adoption import owner_tags
 from asyncstage.backup import sweep
-from asyncstage.backup.lease import Lease, acquire, lease_name, leases, with_lease
+from asyncstage.backup.lease import Lease, acquire, lease_name, leases, release, with_lease
 from asyncstage.backup.runs import RunInfo
 from asyncstage.ec2 import tag
-from asyncstage.errors import BackupInProgress
+from asyncstage.errors import BackupInProgress, InvalidArgument
 
 pytestmark = pytest.mark.anyio
 
@@ -137,3 +137,29 @@ async def test_sweep_removes_only_what_dead_runs_left(manager: Manager) -> None:
     assert again.volumes == [kept] and again.leases == [live_lease.group_id]
     await manager.ec2.delete_volume(hostile)
     assert lease_name("swept") == "asyncstage-backup-swept"
+
+
+async def test_a_sweep_by_the_lease_holder_lists_no_leases(manager: Manager) -> None:
+    """The run that holds a backup's lease sweeps without listing the leases (no other
+    lease of the name can exist): every other run's leftovers of the name go, its own
+    stay; asked without the name and run it is an error."""
+    base: dict[str, Any] = {
+        tag("role"): "volume",
+        tag("name"): "held",
+        **owner_tags(manager.key_pair.name if manager.key_pair else None),
+    }
+    older = RunInfo(**{**RunInfo.new("held", 600).__dict__, "host": "elsewhere"})
+    left = await _volume(manager, {**base, **older.tags()})
+    ours = RunInfo.new("held", 60)
+    mine = await _volume(manager, {**base, **ours.tags()})
+    lease = await acquire(manager, ours, wait=0.0)
+    try:
+        before = manager.ec2.calls["DescribeSecurityGroups"]
+        done = await sweep(manager, "held", current_run=ours.run_id, lease_held=True)
+        assert manager.ec2.calls["DescribeSecurityGroups"] == before
+        assert done.volumes == [left] and done.kept == [mine]
+        with pytest.raises(InvalidArgument):
+            await sweep(manager, current_run=ours.run_id, lease_held=True)
+    finally:
+        await release(manager, lease.group_id)
+        await manager.ec2.delete_volume(mine)

@@ -290,7 +290,7 @@ async def _look_around(m: Manager, lease: Lease, groups: list[Group], size: int 
     found = _Found(swept=SweepResult())
 
     async def swept_and_kept() -> None:
-        found.swept = await sweep(m, name, current_run=lease.run.run_id)
+        found.swept = await sweep(m, name, current_run=lease.run.run_id, lease_held=True)
         kept_elsewhere = bool(found.swept.kept_volumes)
         found.kept, found.kept_desc = await _kept_volume(m, name, kept_elsewhere=kept_elsewhere)
 
@@ -512,9 +512,10 @@ async def _explained(volume: Volume, g: Group, e: RsyncError | SSHError) -> Exce
 async def _rsync_group(
     m: Manager, volume: Volume, g: Group, progress: ProgressCallback | None
 ) -> TransferStats:
-    if g.dest:
+    if "/" in g.dest:  # rsync makes the destination's last directory, not those above it
         assert volume.server is not None and volume.mtpt
-        await volume.server.scmd("mkdir", "-p", "--", f"{volume.mtpt}/{g.dest}", sudo=True)
+        parent = posixpath.dirname(g.dest)
+        await volume.server.scmd("mkdir", "-p", "--", f"{volume.mtpt}/{parent}", sudo=True)
     options = [*RSYNC_OPTIONS, *(["--relative"] if g.relative else [])]
     if not g.dest:  # into the root: --delete would take the manifest the next pass reuses
         options += ["--exclude", f"/{MANIFEST_NAME}"]

@@ -113,7 +113,7 @@ async def _run(
     m: Manager, lease: Lease, server: Server, pre: Hook | None, post: Hook | None
 ) -> SnapshotSetResult:
     name, started = lease.run.name, time.monotonic()
-    swept = await sweep(m, name, current_run=lease.run.run_id)
+    swept = await sweep(m, name, current_run=lease.run.run_id, lease_held=True)
     volumes = {v.volume_id: v for v in m.volumes() if v.server is server}
     if not volumes:
         raise InvalidArgument(f"backup {name!r}: {server.name} has no data volumes to snapshot")

@@ -24,7 +24,7 @@ from asyncstage.backup.snapshots import is_backup, usable
 from asyncstage.backup.warm import KEPT_TAG, holds_newest, is_kept
 from asyncstage.concurrency import concurrently
 from asyncstage.ec2 import tags_of
-from asyncstage.errors import AsyncstageError, UnknownVolume
+from asyncstage.errors import AsyncstageError, InvalidArgument, UnknownVolume
 from asyncstage.manager import Manager
 
 __all__ = ["SweepResult", "drop_stale_kept", "sweep"]
@@ -64,13 +64,23 @@ def _over(run: RunInfo, holders: dict[str, RunInfo], current: str | None) -> boo
 
 
 async def sweep(
-    m: Manager, name: str | None = None, *, current_run: str | None = None
+    m: Manager,
+    name: str | None = None,
+    *,
+    current_run: str | None = None,
+    lease_held: bool = False,
 ) -> SweepResult:
     """Remove the work volumes, unfinished snapshots and dead leases of runs that are over
-    (of backup ``name``, or of every backup). ``current_run`` is never swept."""
+    (of backup ``name``, or of every backup). ``current_run`` is never swept.
+
+    ``lease_held``: the caller holds the lease of ``name`` for ``current_run``. A lease
+    is a group of a name unique to the backup, so no other lease of it exists: the
+    leases are not listed, and every other run of the name is over."""
     done = SweepResult()
     holders: dict[str, RunInfo] = {}
-    for group_id, held in await leases(m):
+    if lease_held and (name is None or current_run is None):
+        raise InvalidArgument("sweep: lease_held needs the backup's name and current_run")
+    for group_id, held in [] if lease_held else await leases(m):
         if not held.dead():
             holders[held.name] = held
         elif name is None or held.name == name:
