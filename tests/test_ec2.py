@@ -174,6 +174,54 @@ async def test_a_snapshot_seen_completed_is_waited_for_without_a_call(ec2: EC2) 
     assert ec2.calls["DescribeSnapshots"] == before + 1
 
 
+async def test_listings_by_a_tags_values_share_one_call(ec2: EC2) -> None:
+    """Concurrent listings by one tag's values are one call asking for all of them; each
+    caller gets exactly its own (a value that only starts like another's is not
+    taken), the other filters hold, and a leader cancelled in its window leaves the
+    others to ask again."""
+    key = tag("backup-of")
+    made: dict[str, str] = {}
+    for name, role in (("web", "x"), ("web1", "x"), ("db", "x"), ("db", "other")):
+        vol = await ec2.create_volume(
+            availability_zone="us-east-1a", size=1, tags={key: name, tag("role"): role}
+        )
+        made[f"{name}/{role}"] = vol["VolumeId"]
+    role = [{"Name": f"tag:{tag('role')}", "Values": ["x"]}]
+    found: dict[str, list[str]] = {}
+    await ec2.describe_volumes(list(made.values()))  # seen: a filtered describe needs no wait
+
+    async def listing(name: str) -> None:
+        vols = await ec2.describe_tagged_shared("volumes", key, name, filters=role)
+        found[name] = sorted(v["VolumeId"] for v in vols)
+
+    before = ec2.calls["DescribeVolumes"]
+    async with anyio.create_task_group() as tg:
+        for name in ("web", "web1", "db", "none"):
+            tg.start_soon(listing, name)
+    assert ec2.calls["DescribeVolumes"] - before == 1
+    assert found == {
+        "web": [made["web/x"]],
+        "web1": [made["web1/x"]],
+        "db": [made["db/x"]],
+        "none": [],
+    }
+
+    found.clear()
+    leader = anyio.CancelScope()
+
+    async def lead() -> None:
+        with leader:
+            await ec2.describe_tagged_shared("volumes", key, "web", filters=role)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lead)
+        await anyio.sleep(0.01)  # within the leader's window: joins its round
+        tg.start_soon(listing, "db")
+        await anyio.sleep(0.01)
+        leader.cancel()
+    assert found == {"db": [made["db/x"]]}
+
+
 async def test_a_round_can_ask_only_for_the_instances_that_changed(ec2: EC2) -> None:
     """A shared round with ``states`` names every instance and EC2 answers only those in
     these states: a wait's later rounds carry what changed, not the whole fleet; rounds

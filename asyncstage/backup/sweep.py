@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from asyncstage.adoption import ours
 from asyncstage.backup.lease import leases, release
@@ -87,15 +87,20 @@ async def sweep(
             await release(m, group_id)
             done.leases.append(group_id)
     filters = [{"Name": "tag-key", "Values": [RUN_TAG]}]
-    if name is not None:
-        filters.append({"Name": f"tag:{OF_TAG}", "Values": [name]})
     listed: dict[str, list[dict[str, Any]]] = {}
 
+    async def list_of(kind: Literal["volumes", "snapshots"]) -> None:
+        if name is None:
+            describe = m.ec2.describe_volumes if kind == "volumes" else m.ec2.describe_snapshots
+            listed[kind] = await describe(filters=filters)
+        else:  # a fleet's backups list theirs at once: one call for all
+            listed[kind] = await m.ec2.describe_tagged_shared(kind, OF_TAG, name, filters=filters)
+
     async def list_volumes() -> None:
-        listed["volumes"] = await m.ec2.describe_volumes(filters=filters)
+        await list_of("volumes")
 
     async def list_snapshots() -> None:
-        listed["snapshots"] = await m.ec2.describe_snapshots(filters=filters)
+        await list_of("snapshots")
 
     # both after the leases, as one listing: a run that was live then is left alone
     await concurrently(list_volumes, list_snapshots)

@@ -464,6 +464,35 @@ class Client:
             kind, "InstanceId", ids, fetch, self.coalesce_window, on_page
         )
 
+    async def describe_tagged_shared(
+        self,
+        kind: Literal["volumes", "snapshots"],
+        key: str,
+        value: str,
+        *,
+        filters: Sequence[Mapping[str, Any]] = (),
+    ) -> list[Resource]:
+        """Volumes or our own snapshots whose tag ``key`` is ``value`` (and ``filters``).
+
+        Callers asking within ``coalesce_window`` for the same kind, key and filters
+        share one describe that asks for all their values (200 a call, EC2's most for a
+        filter): a fleet's backups, listing each its own at the same moment, make one
+        call, not one each.
+        """
+        describe = self.describe_volumes if kind == "volumes" else self.describe_snapshots
+        rest = tuple((str(f["Name"]), tuple(map(str, f["Values"]))) for f in filters)
+
+        async def fetch(values: list[str]) -> list[Resource]:
+            found: list[Resource] = []
+            for chunk in _chunks(values, _FILTER_CHUNK):
+                wanted = [*filters, {"Name": f"tag:{key}", "Values": list(chunk)}]
+                found += await describe(filters=wanted)
+            return found
+
+        return await self._rounds.tagged(
+            ("tagged", kind, key, rest), key, value, fetch, self.coalesce_window
+        )
+
     def watching_snapshot(self, snapshot_id: str) -> contextlib.AbstractContextManager[None]:
         """Within: every shared DescribeSnapshots round also asks for ``snapshot_id``,
         and keeps its description for :meth:`describe_snapshots_shared`."""

@@ -1,6 +1,9 @@
 """Describe rounds shared by concurrent callers: whoever comes first makes the call for
 everybody who joins within a window, and hands each page of its answer on as it comes.
 
+Listings by the values of one tag (the volumes or snapshots of one backup, of one
+name) are shared the same way: one call asks for every value wanted meanwhile.
+
 A snapshot wait also registers its id while it lasts: every DescribeSnapshots round
 then asks for all the registered ids and keeps their answers, so that a wait whose
 pause is half over takes another wait's answer instead of a call of its own.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -20,6 +23,14 @@ Resource = dict[str, Any]
 """An EC2 resource's description, as botocore gives it."""
 Fetch = Callable[[list[str], Callable[[list[Resource]], None]], Awaitable[None]]
 """``fetch(ids, add)``: describe ``ids``, each page of the answer given to ``add``."""
+
+
+def _tag(resource: Resource, key: str) -> str | None:
+    """The value of a resource's tag ``key`` (None: it has none)."""
+    for t in resource.get("Tags") or ():
+        if t.get("Key") == key:
+            return str(t.get("Value"))
+    return None
 
 
 class _Round:
@@ -91,6 +102,17 @@ class _Round:
             await self.moved.wait()
 
 
+class _Tagged:
+    """One shared describe by the values of one tag: whoever comes first asks, after the
+    window, for every value the callers want; each takes the resources of its own."""
+
+    def __init__(self) -> None:
+        self.values: set[str] = set()
+        self.done = anyio.Event()
+        self.found: list[Resource] = []
+        self.error: BaseException | None = None
+
+
 class SharedRounds:
     """The shared rounds of one client, by action and the states asked for; the
     snapshots being waited for (by how many waits), with the last description of each a
@@ -100,6 +122,7 @@ class SharedRounds:
         self._open: dict[tuple[str, frozenset[str]], _Round] = {}
         self._watched: Counter[str] = Counter()
         self._latest: dict[str, tuple[float, float, Resource | None]] = {}
+        self._tagged: dict[Hashable, _Tagged] = {}
 
     @contextlib.contextmanager
     def watching(self, snapshot_id: str) -> Iterator[None]:
@@ -144,6 +167,44 @@ class SharedRounds:
             add(found)
 
         return await self.shared(("snapshots", frozenset()), "SnapshotId", ids, fetch, window)
+
+    async def tagged(
+        self,
+        kind: Hashable,
+        key: str,
+        value: str,
+        fetch: Callable[[list[str]], Awaitable[list[Resource]]],
+        window: float,
+    ) -> list[Resource]:
+        """The resources whose tag ``key`` is ``value``, from one ``fetch`` of every value
+        the callers of ``kind`` (the same describe but for the values) want within
+        ``window``. A round is closed to newcomers before its call: an answer is never
+        older than the question."""
+        while True:
+            rnd = self._tagged.get(kind)
+            if rnd is None:
+                rnd = self._tagged[kind] = _Tagged()
+                rnd.values.add(value)
+                try:
+                    await anyio.sleep(window)
+                    if self._tagged.get(kind) is rnd:
+                        del self._tagged[kind]
+                    rnd.found = await fetch(sorted(rnd.values))
+                except BaseException as e:
+                    rnd.error = e
+                    raise
+                finally:
+                    if self._tagged.get(kind) is rnd:
+                        del self._tagged[kind]
+                    rnd.done.set()
+            else:
+                rnd.values.add(value)
+                await rnd.done.wait()
+                if isinstance(rnd.error, anyio.get_cancelled_exc_class()):
+                    continue  # its leader was cancelled, not this caller: ask again
+                if rnd.error is not None:
+                    raise rnd.error
+            return [r for r in rnd.found if _tag(r, key) == value]
 
     async def shared(
         self,
