@@ -532,6 +532,17 @@ class Disks:
             raise VolumeError(f"volume {volume.name} is not attached to {self.server.name}")
         if not volume.mounted or volume.mtdev is None:
             return
+        if volume.mtpt is not None:  # where it was mounted, still there: one command
+            argv = mounts.umount_argv(volume.mtdev, volume.mtpt)
+            done = await self.server.run(*argv, sudo=True, check=False)
+            if done.exit_status == 0:
+                volume._record_unmount()
+                return
+            if done.exit_status != mounts.UNMOUNTED_ELSEWHERE:
+                raise VolumeInUse(
+                    f"cannot unmount {volume.name} from {self.server.name}: "
+                    f"{str(done.stderr).strip() or f'exit status {done.exit_status}'}"
+                )
         where = [mp for dev, mp, _ in await self._mounts() if dev == volume.mtdev]
         if where:  # its own mount point: `umount <device>` would take the latest mount
             target = volume.mtpt if volume.mtpt in where else where[0]

@@ -134,6 +134,23 @@ def mkdir_and_mount_argv(where: str, mount: Sequence[str]) -> list[str]:
     return ["sh", "-c", 'mkdir -p -- "$1" && shift && exec "$@"', "sh", where, *mount]
 
 
+UNMOUNTED_ELSEWHERE = 3
+"""The exit status of :func:`umount_argv`'s command when ``device`` is not mounted at
+``where`` (then nothing was done)."""
+
+_UMOUNT = (
+    'awk -v d="$1" -v m="$2" \'$1 == d && $2 == m { f = 1 } END { exit !f }\' /proc/mounts'
+    f' || exit {UNMOUNTED_ELSEWHERE}; exec umount -- "$2"'
+)
+
+
+def umount_argv(device: str, where: str) -> list[str]:
+    """The argv of one command that unmounts ``where`` only if /proc/mounts says
+    ``device`` is mounted there (else it exits :data:`UNMOUNTED_ELSEWHERE`). ``where``
+    is a valid mount point: no character /proc/mounts would escape."""
+    return ["sh", "-c", _UMOUNT, "sh", device, where]
+
+
 def mkfs_probe_argv(volume_id: str, device: str) -> list[str]:
     """The argv (run with sudo) of the checks before formatting ``device``."""
     return ["sh", "-c", _MKFS_PROBE, "sh", serial_of(volume_id), device]

@@ -17,6 +17,7 @@ from asyncstage.errors import (
     PathError,
     UnknownSnapshot,
     UnknownVolume,
+    VolumeInUse,
     VolumeNotMounted,
     ZoneMismatch,
 )
@@ -147,6 +148,50 @@ async def test_a_mount_is_two_commands_and_reads_the_mount_table_once(
         assert "/srv/tables-moved" in await server.scmd("cat", "/proc/mounts")
     finally:
         await server.delete_volume(vol)
+
+
+async def test_an_unmount_is_one_command_where_the_volume_was_mounted(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unmounting a volume that is still where it was mounted is one command; one that
+    was moved by hand is found in the mount table and unmounted there."""
+    vol = await server.provision_volume("unmounts", size=1)
+    moved = "/srv/unmounts-by-hand"
+    try:
+        commands: list[str] = []
+        original = SSHHost.run
+
+        async def run(self: SSHHost, *cmd: Any, **kw: Any) -> Any:
+            commands.append(" ".join(map(str, cmd)))
+            return await original(self, *cmd, **kw)
+
+        # busy (a process works inside): refused, and it stays mounted
+        assert vol.mtpt
+        busy = f"cd {vol.mtpt} && exec sleep 60 >/dev/null 2>&1 </dev/null"
+        pid = (await server.scmd("sh", "-c", f"({busy}) & echo $!", sudo=True)).strip()
+        try:
+            with pytest.raises(VolumeInUse, match="cannot unmount"):
+                await vol.unmount()
+            assert vol.mounted and vol.mtpt in await server.scmd("cat", "/proc/mounts")
+        finally:  # it ended (and its directory let go) before the next unmount
+            gone = f"kill {pid}; n=0; while kill -0 {pid} 2>/dev/null && [ $n -lt 200 ]; do"
+            await server.scmd("sh", "-c", f"{gone} n=$((n+1)); sleep 0.05; done", sudo=True)
+        monkeypatch.setattr(SSHHost, "run", run)
+        await vol.unmount()
+        assert len(commands) == 1 and not vol.mounted
+        assert vol.mtpt not in await server.scmd("cat", "/proc/mounts")
+        await vol.remount()
+        assert vol.mtdev and vol.mtpt
+        await server.scmd("umount", vol.mtpt, sudo=True)  # someone moves it
+        await server.scmd("mkdir", "-p", moved, sudo=True)
+        await server.scmd("mount", vol.mtdev, moved, sudo=True)
+        commands.clear()
+        await vol.unmount()
+        assert len(commands) == 3 and not vol.mounted  # tried, the table, the unmount
+        assert moved not in await server.scmd("cat", "/proc/mounts")
+    finally:
+        await server.delete_volume(vol)
+        await server.scmd("rmdir", moved, sudo=True)
 
 
 async def test_a_mount_where_the_tag_says_makes_no_call(manager: Manager, server: Server) -> None:
