@@ -212,6 +212,13 @@ async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> 
                 k: round(statistics.median(float(r[k]) for r in results), 3)
                 for k in ("volume_s", "rsync_s", "manifest_s", "snapshot_s", "elapsed")
             },
+            # the backup that ended last, from its volume on, and the longest wait for a
+            # snapshot (its pending time is the local cloud's realism)
+            "slowest_s": {
+                k: round(float(max(results, key=lambda r: float(r["elapsed"]))[k]), 3)
+                for k in ("volume_s", "rsync_s", "manifest_s", "snapshot_s", "elapsed")
+            },
+            "snapshot_max_s": round(max(float(r["snapshot_s"]) for r in results), 3),
             "parents": sum(1 for r in results if r["previous_snapshot_id"]),
             "volumes_reused": sum(1 for r in results if r.get("volume_reused")),
             # files whose digest the previous snapshot's manifest gave, or the follow pass
@@ -731,6 +738,19 @@ def _phases(run: dict[str, Any]) -> str:
     )
 
 
+def _slowest(run: dict[str, Any]) -> str:
+    """The backup of a run that ended last, and its longest snapshot phase, as text."""
+    if "slowest_s" not in run:
+        return ""
+    p = run["slowest_s"]
+    return (
+        f"the last backup {_f(p['elapsed'])} s from its volume on (volume "
+        f"{_f(p['volume_s'])} s, rsync {_f(p['rsync_s'])} s, manifest {_f(p['manifest_s'])} s, "
+        f"snapshot {_f(p['snapshot_s'])} s); the longest snapshot phase "
+        f"{_f(run['snapshot_max_s'])} s (the snapshot pending {_pending()} s in it); "
+    )
+
+
 def _cpu(run: dict[str, Any]) -> str:
     """Where a run's CPU went, as text."""
     c = run["cpu_split"]
@@ -1121,7 +1141,7 @@ def _reflink_targets(report: BaselineReport, res: dict[str, Any], focus: int) ->
             evidence=(
                 f"first {_f(first['wall_s'])} s, rerun {_f(rerun['wall_s'])} s; rerun: "
                 f"{_copies(rerun)}; median per backup: first {_phases(first)}; rerun "
-                f"{_phases(rerun)} of {_f(rerun['median_s']['elapsed'])} s; "
+                f"{_phases(rerun)} of {_f(rerun['median_s']['elapsed'])} s; {_slowest(rerun)}"
                 f"{_throttled(rerun)}first run {_cpu(first)}; rerun {_cpu(rerun)}"
             ),
         )
