@@ -142,6 +142,7 @@ class Attachments:
             ),
             what=f"volume {volume.name} ({volume.volume_id}) to attach to {self.server.name}",
             timeout=m.timeouts.volume,
+            kind="attached",
         )
         volume._record_description(desc)
         mtdev = await self.find_device(volume.volume_id, ec2_device, timeout=m.timeouts.volume)
@@ -183,6 +184,7 @@ class Attachments:
                 lambda v: v.get("State") == "available",
                 what=f"volume {volume.name} ({volume.volume_id}) to detach from {self.server.name}",
                 timeout=m.timeouts.volume,
+                kind="detached",
             )
         except (EC2Error, WaitTimeout) as e:
             if isinstance(e, EC2Error) and e.code != "VolumeInUse":

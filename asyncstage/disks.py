@@ -107,6 +107,7 @@ async def _discard_volume(ctx: Context, volume: VolumeRef) -> None:
                 lambda v: v.get("State") == "available",
                 what=f"volume {volume.volume_id} to detach",
                 timeout=m.timeouts.volume,
+                kind="detached",
             )
         await m.ec2.delete_volume(volume.volume_id)
     except AsyncstageError as e:
@@ -404,6 +405,7 @@ class Disks:
                 lambda v: v.get("State") == "available",
                 what=f"volume {name} ({volume.volume_id}) to be available",
                 timeout=m.timeouts.volume,
+                kind="created",
             )
             await self._attach(volume)
             await self._format_new_volume(volume, plan, where=where, label=label, uuid=uuid)

@@ -523,6 +523,38 @@ async def test_a_snapshot_wait_asks_again_when_its_pace_says_it_is_done(
     assert done_at <= last <= done_at + 0.1
 
 
+async def test_volume_waits_poll_at_the_pace_of_the_last_ones(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume wait of a kind the client has seen polls from three quarters of the
+    shortest such wait on at the steady pace, not a back-off later; until twice the
+    longest, then it backs off as usual. A wait of no kind polls as it always did."""
+    client = EC2(region="us-east-1", poll_interval=0.5, poll_backoff=1.5, poll_max_interval=5)
+    times: list[float] = []
+    ready_at = [0.0]
+
+    async def describe(ids: list[str], **_: Any) -> list[dict[str, Any]]:
+        times.append(clock.now)
+        return [{"VolumeId": ids[0], "State": "available" if clock.now >= ready_at[0] else "x"}]
+
+    monkeypatch.setattr(client, "describe_volumes", describe)
+
+    async def wait(ready: float, kind: str = "created") -> list[float]:
+        times.clear()
+        start, ready_at[0] = clock.now, clock.now + ready
+        await client.wait_for_volume(
+            "vol-1", lambda v: v["State"] == "available", what="v", timeout=60, kind=kind
+        )
+        return [round(t - start, 3) for t in times]
+
+    assert await wait(0.3) == [0, 0.5]  # nothing seen yet: the first pause
+    assert await wait(0.3) == [0, 0.375]  # due from 3/4 of 0.5 s
+    assert await wait(0.3) == [0, 0.281, 0.531]  # due from 3/4 of 0.375 s, then steady
+    assert await wait(0.3, kind="") == [0, 0.5]
+    # a slow one: steady until twice the longest (1.062 s), then the usual back-off
+    assert _gaps(await wait(4.0)) == [0.281, 0.25, 0.25, 0.25, 0.25, 0.75, 1.125, 1.688]
+
+
 def test_pending_instances_are_polled_steadily_while_due() -> None:
     """New instances are due from three quarters of the shortest pending time the
     client saw (EC2's shortest, 10 s, before it saw any) until twice the longest (at

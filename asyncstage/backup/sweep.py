@@ -199,7 +199,11 @@ async def _delete_volume(m: Manager, desc: dict[str, Any]) -> None:
         except AsyncstageError as e:
             log.debug("detaching %s from %s: %s", vid, att.get("InstanceId"), e)
         await m.ec2.wait_for_volume(
-            vid, lambda v: v.get("State") == "available", what=f"{vid} detached", timeout=300
+            vid,
+            lambda v: v.get("State") == "available",
+            what=f"{vid} detached",
+            timeout=300,
+            kind="detached",
         )
         break
     await m.ec2.delete_volume(vid)

@@ -69,6 +69,12 @@ once EC2 showed each of a wait's instances, its rounds ask for these only, and E
 leaves those still on their way out of the answer (a fleet's rounds carry what
 changed, not all of its descriptions each time)."""
 
+_volume_seen: weakref.WeakKeyDictionary[Client, dict[str, deque[float]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per client and kind of volume wait (``created``, ``attached``, ``detached``), how
+long its latest such waits took (seconds, from the wait's start)."""
+
 _STEADY_SHARE = 4
 """The steady polls take at most this share (one in so many) of the refill of their
 action's request bucket: other waits and describes of the client draw from it too."""
@@ -312,9 +318,26 @@ async def wait_for_volume(
     *,
     what: str,
     timeout: float,
+    kind: str = "",
 ) -> Resource:
-    """Poll one volume until ``check`` accepts it."""
+    """Poll one volume until ``check`` accepts it.
+
+    ``kind`` names the change waited for (``created``, ``attached``, ``detached``): the
+    client remembers how long its latest such waits took and, from three quarters of the
+    shortest until twice the longest, polls at the steady pace (the first pause, halved
+    when due at once) instead of backing off; after that, or with no ``kind``, as usual.
+    """
     seen: dict[str, Resource] = {}
+    started = time.monotonic()
+
+    def eta() -> float | None:
+        took = _volume_seen.get(client, {}).get(kind) if kind else None
+        if not took:
+            return None
+        waited = time.monotonic() - started
+        if waited > 2 * max(took):
+            return None  # overdue: back off as usual
+        return max(0.0, 0.75 * min(took) - waited)
 
     async def fetch() -> bool:
         found = await client.describe_volumes([volume_id])
@@ -331,7 +354,10 @@ async def wait_for_volume(
         state = str(vol.get("State"))
         return f"{state}, attachment {att[0].get('State')}" if att else state
 
-    await poll(client, fetch, what=what, timeout=timeout, last_state=last)
+    await poll(client, fetch, what=what, timeout=timeout, last_state=last, eta=eta)
+    if kind:
+        kept = _volume_seen.setdefault(client, {}).setdefault(kind, deque(maxlen=_PENDING_KEPT))
+        kept.append(time.monotonic() - started)
     return seen["v"]
 
 
