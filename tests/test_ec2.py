@@ -162,7 +162,7 @@ async def test_a_snapshot_seen_completed_is_waited_for_without_a_call(ec2: EC2) 
     returned by a wait at once; once this client deletes it, a wait asks again."""
     vol = await ec2.create_volume(availability_zone="us-east-1a", size=1)
     sid = str((await ec2.create_snapshot(vol["VolumeId"]))["SnapshotId"])
-    assert ec2.seen_completed(sid) is None
+    assert ec2.rounds.completed.get(sid) is None
     listed = await ec2.describe_snapshots(filters=[{"Name": "snapshot-id", "Values": [sid]}])
     assert [s["State"] for s in listed] == ["completed"]
     before = ec2.calls["DescribeSnapshots"]
@@ -516,7 +516,7 @@ async def test_a_snapshot_wait_asks_again_when_its_pace_says_it_is_done(
         return {"snap-1": {"SnapshotId": "snap-1", "State": state, "Progress": f"{pct}%"}}
 
     monkeypatch.setattr(client, "describe_snapshots_shared", shared)
-    monkeypatch.setattr(client, "snapshot_seen_at", lambda _: held[0])
+    monkeypatch.setattr(client.rounds, "seen_at", lambda _: held[0])
     assert (await client.wait_for_snapshot("snap-1", timeout=60))["State"] == "completed"
     last, since = asks[-1]
     assert since is not None and since >= done_at - 0.1  # no answer older than its due time

@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 
-from asyncstage.ec2 import waits
+from asyncstage.ec2 import listings, waits
 from asyncstage.ec2.client import Client, Resource
 from asyncstage.ec2.creates import CreatedKind, Tokens
 from asyncstage.ec2.tags import CLIENT_TOKEN_TAG, tag_list
@@ -91,6 +91,7 @@ class EC2(Client):
     wait_for_instances = waits.wait_for_instances
     wait_for_instance = waits.wait_for_instance
     wait_for_volume = waits.wait_for_volume
+    describe_tagged_shared = listings.describe_tagged_shared
     wait_for_snapshot = waits.wait_for_snapshot
     wait_for_image = waits.wait_for_image
 
@@ -315,7 +316,7 @@ class EC2(Client):
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot."""
-        self.forget_snapshot(snapshot_id)
+        self.rounds.completed.forget(snapshot_id)
         await self.call("DeleteSnapshot", SnapshotId=snapshot_id)
 
     async def copy_snapshot(

@@ -46,7 +46,8 @@ __all__ = ["Client", "Resource", "RetryMode"]
 
 RetryMode = Literal["adaptive", "standard"]
 
-_FILTER_CHUNK = 200  # values per filter EC2 accepts
+FILTER_CHUNK = 200
+"""Values per filter EC2 accepts."""
 _PAGE = 100
 """Instances per page of a wait's steady rounds (EC2's ``MaxResults``: 5 to 1000 with
 filters): a round that finds a fleet arrived hands on its first page while EC2 makes the
@@ -67,8 +68,6 @@ _NOT_FOUND: dict[str, type[AsyncstageError]] = {
 }
 
 
-_COMPLETED_FRESH = 60.0  # seconds a snapshot seen completed is taken as such (completed is final)
-_COMPLETED_KEPT = 1000  # the most such snapshots remembered
 _FIRST_PAUSE = 0.25  # the first pause before retrying a NotFound or throttled call
 _MAX_PAUSE = 5.0
 _ID = re.compile(r"\b(?:i|vol|snap|sg|ami)-[0-9a-z]+\b")
@@ -163,9 +162,10 @@ def _strings(value: object) -> Iterable[str]:
             yield from _strings(v)
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+def chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
     for i in range(0, len(items), size):
-        yield items[i : i + size]
+        yield list(items[i : i + size])
 
 
 class Client:
@@ -227,8 +227,8 @@ class Client:
         of its last answer); None before the first answer."""
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
-        self._rounds = SharedRounds()
-        self._completed: dict[str, tuple[float, Resource]] = {}
+        self.rounds = SharedRounds()
+        """The describe rounds shared by this client's callers, and what they saw."""
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -380,7 +380,7 @@ class Client:
 
         async def fetch() -> list[Resource]:
             found: list[Resource] = []
-            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+            for chunk in chunks(sorted(set(ids)), FILTER_CHUNK):
                 flt = [*filters, {"Name": "instance-id", "Values": list(chunk)}]
                 found += self._flatten(
                     await self.paginate("DescribeInstances", "Reservations", Filters=flt)
@@ -460,48 +460,14 @@ class Client:
                 add(await self.describe_instances(named))
 
         kind = ("instances", wanted)
-        return await self._rounds.shared(
+        return await self.rounds.shared(
             kind, "InstanceId", ids, fetch, self.coalesce_window, on_page
-        )
-
-    async def describe_tagged_shared(
-        self,
-        kind: Literal["volumes", "snapshots"],
-        key: str,
-        value: str,
-        *,
-        filters: Sequence[Mapping[str, Any]] = (),
-    ) -> list[Resource]:
-        """Volumes or our own snapshots whose tag ``key`` is ``value`` (and ``filters``).
-
-        Callers asking within ``coalesce_window`` for the same kind, key and filters
-        share one describe that asks for all their values (200 a call, EC2's most for a
-        filter): a fleet's backups, listing each its own at the same moment, make one
-        call, not one each.
-        """
-        describe = self.describe_volumes if kind == "volumes" else self.describe_snapshots
-        rest = tuple((str(f["Name"]), tuple(map(str, f["Values"]))) for f in filters)
-
-        async def fetch(values: list[str]) -> list[Resource]:
-            found: list[Resource] = []
-            for chunk in _chunks(values, _FILTER_CHUNK):
-                wanted = [*filters, {"Name": f"tag:{key}", "Values": list(chunk)}]
-                found += await describe(filters=wanted)
-            return found
-
-        return await self._rounds.tagged(
-            ("tagged", kind, key, rest), key, value, fetch, self.coalesce_window
         )
 
     def watching_snapshot(self, snapshot_id: str) -> contextlib.AbstractContextManager[None]:
         """Within: every shared DescribeSnapshots round also asks for ``snapshot_id``,
         and keeps its description for :meth:`describe_snapshots_shared`."""
-        return self._rounds.watching(snapshot_id)
-
-    def snapshot_seen_at(self, snapshot_id: str) -> float | None:
-        """When (``time.monotonic()``) the last description a shared round gave of a
-        watched snapshot held (None: none yet)."""
-        return self._rounds.seen_at(snapshot_id)
+        return self.rounds.watching(snapshot_id)
 
     async def describe_snapshots_shared(
         self, ids: Iterable[str], *, since: float | None = None
@@ -515,7 +481,7 @@ class Client:
         backups waiting for their snapshots then make one call every few of their polls,
         not one each: within EC2's request rate whatever the fleet's size.
         """
-        return await self._rounds.snapshots(
+        return await self.rounds.snapshots(
             list(ids), since, self.describe_snapshots, self.coalesce_window
         )
 
@@ -525,7 +491,7 @@ class Client:
         """``each`` page of the instances of these ids that are in one of these states
         (the others are left out of EC2's answer): up to ``_PAGE`` instances a page, one
         filter of up to 200 ids after another."""
-        for chunk in _chunks(ids, _FILTER_CHUNK):
+        for chunk in chunks(ids, FILTER_CHUNK):
             flt = [
                 {"Name": "instance-id", "Values": list(chunk)},
                 {"Name": "instance-state-name", "Values": sorted(states)},
@@ -564,30 +530,8 @@ class Client:
             found = await self._by_ids(
                 "DescribeSnapshots", "Snapshots", "snapshot-id", ids, flt, OwnerIds=["self"]
             )
-        self._note_completed(found)
+        self.rounds.completed.note(found)
         return found
-
-    def _note_completed(self, snapshots: Iterable[Resource]) -> None:
-        now = time.monotonic()
-        for snap in snapshots:
-            if snap.get("State") == "completed":
-                self._completed[str(snap["SnapshotId"])] = (now, snap)
-        if len(self._completed) > _COMPLETED_KEPT:
-            oldest = sorted(self._completed, key=lambda i: self._completed[i][0])
-            for i in oldest[: len(oldest) - _COMPLETED_KEPT]:
-                del self._completed[i]
-
-    def seen_completed(self, snapshot_id: str) -> Resource | None:
-        """The snapshot's description, when this client saw it ``completed`` in the last
-        minute (a final state: only a delete ends it, and one made here forgets it)."""
-        seen = self._completed.get(snapshot_id)
-        if seen is None or time.monotonic() - seen[0] > _COMPLETED_FRESH:
-            return None
-        return seen[1]
-
-    def forget_snapshot(self, snapshot_id: str) -> None:
-        """The snapshot is being deleted: no longer known as completed."""
-        self._completed.pop(snapshot_id, None)
 
     async def _by_ids(
         self,
@@ -604,7 +548,7 @@ class Client:
 
         async def fetch() -> list[Resource]:
             found: list[Resource] = []
-            for chunk in _chunks(sorted(set(ids)), _FILTER_CHUNK):
+            for chunk in chunks(sorted(set(ids)), FILTER_CHUNK):
                 flt = [*filters, {"Name": filter_name, "Values": list(chunk)}]
                 found += await self.paginate(action, key, Filters=flt, **params)
             return found

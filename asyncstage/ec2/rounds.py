@@ -113,16 +113,50 @@ class _Tagged:
         self.error: BaseException | None = None
 
 
+class Completed:
+    """Snapshots seen ``completed`` lately (a final state: only a delete ends it), with
+    their descriptions: for a minute, a wait for one needs no call."""
+
+    FRESH = 60.0
+    """Seconds a snapshot seen completed is taken as such."""
+    KEPT = 1000
+    """The most snapshots remembered (the oldest seen go first)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, Resource]] = {}
+
+    def note(self, snapshots: Iterable[Resource]) -> None:
+        """Remember the completed ones among these descriptions."""
+        now = time.monotonic()
+        for snap in snapshots:
+            if snap.get("State") == "completed":
+                self._seen.pop(str(snap["SnapshotId"]), None)  # the newest last
+                self._seen[str(snap["SnapshotId"])] = (now, snap)
+        while len(self._seen) > self.KEPT:
+            del self._seen[next(iter(self._seen))]
+
+    def get(self, snapshot_id: str) -> Resource | None:
+        """Its description, when it was seen completed within :attr:`FRESH` seconds."""
+        seen = self._seen.get(snapshot_id)
+        return None if seen is None or time.monotonic() - seen[0] > self.FRESH else seen[1]
+
+    def forget(self, snapshot_id: str) -> None:
+        """It is being deleted."""
+        self._seen.pop(snapshot_id, None)
+
+
 class SharedRounds:
     """The shared rounds of one client, by action and the states asked for; the
     snapshots being waited for (by how many waits), with the last description of each a
-    round gave (None: not in its answer), when that round was asked and when answered."""
+    round gave (None: not in its answer), when that round was asked and when answered;
+    the snapshots seen completed lately (:attr:`completed`)."""
 
     def __init__(self) -> None:
         self._open: dict[tuple[str, frozenset[str]], _Round] = {}
         self._watched: Counter[str] = Counter()
         self._latest: dict[str, tuple[float, float, Resource | None]] = {}
         self._tagged: dict[Hashable, _Tagged] = {}
+        self.completed = Completed()
 
     @contextlib.contextmanager
     def watching(self, snapshot_id: str) -> Iterator[None]:

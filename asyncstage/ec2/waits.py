@@ -378,7 +378,7 @@ async def wait_for_snapshot(
     the next round is asked for when it should reach 100 % at its pace so far. A
     snapshot this client saw completed in the last minute is returned without a call.
     """
-    known = client.seen_completed(snapshot_id)
+    known = client.rounds.completed.get(snapshot_id)
     if known is not None:  # completed is final: seen so lately, it needs no call
         return known
     seen: dict[str, Resource] = {}
@@ -400,7 +400,7 @@ async def wait_for_snapshot(
         seen["s"] = snap = found[snapshot_id]
         # the pace from when each answer held (its round's call), not from when it came:
         # a shared round's answer may be half a pause old
-        held = client.snapshot_seen_at(snapshot_id) or time.monotonic()
+        held = client.rounds.seen_at(snapshot_id) or time.monotonic()
         if (done := _percent(snap)) is not None:
             if not first:
                 first.append((held, done))
