@@ -33,7 +33,8 @@ module backs up too (up to 16) and times both sides; ``scale`` times the larger 
 (Perl's time there: its time per server in the ``perl`` part, times N) and parts 2-4 on
 a first run of the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a
 cloud whose images share blocks (``store="reflink"``) and times its first run and
-parts 3-4 there. Each part keeps its figures in ``backup.part-NAME.json``; the report
+parts 3-4 there, in three rounds of backups of names their own (the round whose rerun
+ratio is the median is reported, with every round's ratio). Each part keeps its figures in ``backup.part-NAME.json``; the report
 (``backup.json``) is written once all are there (``--part report`` writes it again).
 Measured plans start 10 s apart, so that each finds EC2's request buckets full.
 
@@ -383,6 +384,8 @@ class Setup:
     focus_per_server: int = 0
     """Bytes per server of the focus fleet (parts 2-4; 0: ``per_server``): topped up
     after the larger fleets' backups."""
+    ebs_rounds: int = 1
+    """Rounds of the ``ebs`` part's first runs and reruns (their median is reported)."""
 
     @property
     def focus_bytes(self) -> int:
@@ -401,7 +404,9 @@ class Setup:
         return [n for n in self.sizes if (n <= self.perl_max) == (part == "perl")]
 
 
-FULL = Setup(sizes=[4, 16, 50], focus=16, per_server=64 * MiB, focus_per_server=256 * MiB)
+FULL = Setup(
+    sizes=[4, 16, 50], focus=16, per_server=64 * MiB, focus_per_server=256 * MiB, ebs_rounds=3
+)
 
 
 def _part_path(results: Path, part: str) -> Path:
@@ -574,10 +579,41 @@ async def _ebs(m: Manager, cloud: LocalCloud, res: dict[str, Any], setup: Setup)
     t = time.perf_counter()
     group = await our_fleet(m, focus, setup.focus_bytes, setup.focus_files)
     res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
-    print(f"first run of the focus fleet: {focus} servers")
-    res["first"] = first = await run_timed(m, copy_plan(group, f"bk{focus}"), cloud)
-    print(f"  asyncstage: {first['wall_s']:.2f} s")
-    await _reruns(m, cloud, res, group, first, focus)
+    rounds: list[dict[str, Any]] = []
+    for i in range(setup.ebs_rounds):  # each a first run and its reruns, of names its own
+        print(f"round {i + 1} of {setup.ebs_rounds}: first run of the focus fleet")
+        done: dict[str, Any] = {"load": {}}
+        done["first"] = await run_timed(m, copy_plan(group, f"bk{focus}r{i}"), cloud)
+        print(f"  asyncstage: {done['first']['wall_s']:.2f} s")
+        last = i == setup.ebs_rounds - 1
+        await _reruns(m, cloud, done, group, done["first"], focus, f"r{i}", snapshot_mode=last)
+        rounds.append(done)
+    res |= _median_rounds(rounds)
+
+
+def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``ebs`` part's figures: those of the round whose rerun ratio is the median
+    (and of the round whose kept-volume ratio is), with every round's ratios."""
+
+    def pick(first: str, rerun: str) -> dict[str, Any]:
+        by = sorted(rounds, key=lambda r: float(r[rerun]["wall_s"]) / float(r[first]["wall_s"]))
+        return by[len(by) // 2]
+
+    mid, kept = pick("first", "rerun"), pick("kept_first", "kept_rerun")
+    return {
+        "first": mid["first"],
+        "rerun": mid["rerun"],
+        "kept_first": kept["kept_first"],
+        "kept_rerun": kept["kept_rerun"],
+        "snapshot": rounds[-1]["snapshot"],
+        "rounds": [
+            {
+                "ratio": ratio(r["rerun"]["wall_s"], r["first"]["wall_s"]),
+                "kept_ratio": ratio(r["kept_rerun"]["wall_s"], r["kept_first"]["wall_s"]),
+            }
+            for r in rounds
+        ],
+    }
 
 
 async def _reruns(
@@ -587,19 +623,22 @@ async def _reruns(
     group: list[Server],
     first: dict[str, Any],
     focus: int,
+    tag: str = "",
+    *,
+    snapshot_mode: bool = True,
 ) -> None:
-    """Parts 3-4 on the focus fleet after its ``first`` run: the rerun, the runs keeping
-    their volumes, snapshot mode."""
+    """Parts 3-4 on the focus fleet after its ``first`` run (of backups named
+    ``bk{focus}{tag}``): the rerun, the runs keeping their volumes, snapshot mode."""
     print(f"incremental: 1 % of the files changed on {focus} servers, the plan again")
     async with anyio.create_task_group() as tg:
         for s in group:
             tg.start_soon(partial(s.scmd, "sh", "-c", _change_script(100), sudo=True))
-    res["rerun"] = rerun = await run_timed(m, copy_plan(group, f"bk{focus}"), cloud)
+    res["rerun"] = rerun = await run_timed(m, copy_plan(group, f"bk{focus}{tag}"), cloud)
     print(f"  rerun {rerun['wall_s']:.2f} s, first {first['wall_s']:.2f} s")
     res["load"]["after_incremental"] = loadavg()
 
     print("kept work volumes: a first run keeping them, 1 % changed, the plan again")
-    kept_plan = copy_plan(group, f"bkw{focus}", keep_volume=True)
+    kept_plan = copy_plan(group, f"bkw{focus}{tag}", keep_volume=True)
     res["kept_first"] = kept_first = await run_timed(m, kept_plan, cloud)
     async with anyio.create_task_group() as tg:
         for s in group:
@@ -608,9 +647,11 @@ async def _reruns(
     print(f"  rerun {kept['wall_s']:.2f} s, first {kept_first['wall_s']:.2f} s")
     async with anyio.create_task_group() as tg:  # snapshot mode takes every attached volume
         for v in m.volumes():
-            if v.name.startswith(f"bkw{focus}-"):
+            if v.name.startswith(f"bkw{focus}{tag}-"):
                 tg.start_soon(v.delete)
     res["load"]["after_kept_volumes"] = loadavg()
+    if not snapshot_mode:
+        return
 
     print(f"snapshot mode on {focus} servers")
     res["snapshot"] = snap = await run_timed(m, snapshot_plan(group, f"snap{focus}"), cloud)
@@ -710,6 +751,7 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
     }
     ebs = parts["ebs"]
     res["reflink_store"] = {
+        "rounds": ebs.get("rounds", []),
         "first": ebs["first"],
         "rerun": ebs["rerun"],
         "ratio": ratio(ebs["rerun"]["wall_s"], ebs["first"]["wall_s"]),
@@ -736,6 +778,14 @@ def _phases(run: dict[str, Any]) -> str:
         f"volume {_f(p['volume_s'])} s, rsync {_f(p['rsync_s'])} s, "
         f"snapshot {_f(p['snapshot_s'])} s"
     )
+
+
+def _rounds(rounds: list[dict[str, Any]], key: str) -> str:
+    """The rounds a reflink row is the median of, as text (nothing for one round)."""
+    if len(rounds) < 2:
+        return ""
+    found = ", ".join(_f(r[key]) for r in rounds)
+    return f"the median of {len(rounds)} rounds, each a first run and its rerun ({found}); "
 
 
 def _slowest(run: dict[str, Any]) -> str:
@@ -1139,6 +1189,7 @@ def _reflink_targets(report: BaselineReport, res: dict[str, Any], focus: int) ->
             f"{how}; {where}",
             bound="library" if value <= 0.2 else _rerun_bound(rerun, first, focus),
             evidence=(
+                f"{_rounds(ebs['rounds'], 'ratio' if 'kept' not in name else 'kept_ratio')}"
                 f"first {_f(first['wall_s'])} s, rerun {_f(rerun['wall_s'])} s; rerun: "
                 f"{_copies(rerun)}; median per backup: first {_phases(first)}; rerun "
                 f"{_phases(rerun)} of {_f(rerun['median_s']['elapsed'])} s; {_slowest(rerun)}"
