@@ -34,8 +34,9 @@ module backs up too (up to 16) and times both sides; ``scale`` times the larger 
 a first run of the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a
 cloud whose images share blocks (``store="reflink"``) and times its first run and
 parts 3-4 there, in three rounds of backups of names their own (the round whose rerun
-ratio is the median is reported, with every round's ratio). Each part keeps its figures in ``backup.part-NAME.json``; the report
-(``backup.json``) is written once all are there (``--part report`` writes it again).
+ratio is the median is reported, with every round's ratio). Each part keeps its
+figures in ``backup.part-NAME.json``; the report (``backup.json``) is written once all
+are there (``--part report`` writes it again).
 Measured plans start 10 s apart, so that each finds EC2's request buckets full.
 
 Data: 64 MiB per server (200 files) for the fleets compared with Perl; the focus fleet
