@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from asyncstage.adoption import ours
@@ -96,14 +97,8 @@ async def sweep(
         else:  # a fleet's backups list theirs at once: one call for all
             listed[kind] = await m.ec2.describe_tagged_shared(kind, OF_TAG, name, filters=filters)
 
-    async def list_volumes() -> None:
-        await list_of("volumes")
-
-    async def list_snapshots() -> None:
-        await list_of("snapshots")
-
     # both after the leases, as one listing: a run that was live then is left alone
-    await concurrently(list_volumes, list_snapshots)
+    await concurrently(partial(list_of, "volumes"), partial(list_of, "snapshots"))
     keys = m.known_key_names()
     volumes = ours("volume", listed["volumes"], keys=keys)
     scanned = False

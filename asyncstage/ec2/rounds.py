@@ -19,18 +19,12 @@ from typing import Any
 
 import anyio
 
+from asyncstage.ec2.tags import tags_of
+
 Resource = dict[str, Any]
 """An EC2 resource's description, as botocore gives it."""
 Fetch = Callable[[list[str], Callable[[list[Resource]], None]], Awaitable[None]]
 """``fetch(ids, add)``: describe ``ids``, each page of the answer given to ``add``."""
-
-
-def _tag(resource: Resource, key: str) -> str | None:
-    """The value of a resource's tag ``key`` (None: it has none)."""
-    for t in resource.get("Tags") or ():
-        if t.get("Key") == key:
-            return str(t.get("Value"))
-    return None
 
 
 class _Round:
@@ -238,7 +232,7 @@ class SharedRounds:
                     continue  # its leader was cancelled, not this caller: ask again
                 if rnd.error is not None:
                     raise rnd.error
-            return [r for r in rnd.found if _tag(r, key) == value]
+            return [r for r in rnd.found if tags_of(r).get(key) == value]
 
     async def shared(
         self,
