@@ -427,6 +427,9 @@ async def test_volume_snapshot_and_restore(
     attached = await wait_volume(ec2, vol, "in-use")
     assert attached["Attachments"][0]["State"] == "attached"
     assert attached["Attachments"][0]["InstanceId"] == a["InstanceId"]
+    # its loop device does direct I/O: the instance's page cache is the only one
+    (loop,) = [line.split(":")[0] for line in losetup_lines() if vol in line]
+    assert Path(f"/sys/block/{Path(loop).name}/loop/dio").read_text().strip() == "1"
     by_id = BY_ID + vol.replace("-", "")
     async with ssh(ec2, a, key) as conn:
         # a Nitro type (t3): an NVMe name, found by the volume id as its serial
