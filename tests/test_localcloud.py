@@ -427,9 +427,6 @@ async def test_volume_snapshot_and_restore(
     attached = await wait_volume(ec2, vol, "in-use")
     assert attached["Attachments"][0]["State"] == "attached"
     assert attached["Attachments"][0]["InstanceId"] == a["InstanceId"]
-    # its loop device does direct I/O: the instance's page cache is the only one
-    (loop,) = [line.split(":")[0] for line in losetup_lines() if vol in line]
-    assert Path(f"/sys/block/{Path(loop).name}/loop/dio").read_text().strip() == "1"
     by_id = BY_ID + vol.replace("-", "")
     async with ssh(ec2, a, key) as conn:
         # a Nitro type (t3): an NVMe name, found by the volume id as its serial
@@ -648,6 +645,15 @@ async def _busy_cloud(cloud: LocalCloud) -> None:
             await sh(conn, "sleep 1000 </dev/null >/dev/null 2>&1 &")
 
 
+def _volume_dio(cloud: LocalCloud) -> set[str]:
+    """The direct I/O flags of the loop devices of the cloud's volumes."""
+    images = [x for x in losetup_lines() if cloud.state_dir in x and "/volumes/" in x]
+    return {
+        Path(f"/sys/block/{Path(x.split(':')[0]).name}/loop/dio").read_text().strip()
+        for x in images
+    }
+
+
 @pytest.mark.parametrize(
     ("how", "store"),
     [("normal", "plain"), ("exception", "plain"), ("cancelled", "plain"), ("normal", "reflink")],
@@ -665,6 +671,9 @@ async def test_nothing_left_behind(how: str, store: Store) -> None:
                 entry = registry_entry(cloud)
                 assert exists(str(entry))
                 assert losetup_lines() - before.loops
+                # the volume's loop device: direct I/O in the reflink store (the
+                # instance's page cache the only one), buffered in the plain one
+                assert _volume_dio(cloud) == {"1" if store == "reflink" else "0"}
                 if how == "exception":
                     raise RuntimeError("boom")
                 if how == "cancelled":

@@ -47,15 +47,16 @@ class Disk:
             raise LocalCloudError(f"{volume_id}: cannot create its image: {e}") from e
         return cls(volume_id, image)
 
-    def attach(self) -> str:
-        """Set up a loop device for the image; returns it (``/dev/loopN``). Direct I/O:
-        the instance's filesystem caches the pages once; a second copy in the image's
-        page cache, which EBS does not keep either, made each write and its writeback
-        dearer."""
+    def attach(self, *, direct_io: bool = False) -> str:
+        """Set up a loop device for the image; returns it (``/dev/loopN``). With
+        ``direct_io`` (the reflink store's) the instance's filesystem is the only cache of
+        its pages, as with EBS: new volumes fill much faster, with no second copy to write
+        back. The plain store's images are copies made through the machine's page cache,
+        which its loop devices read at once (direct I/O would write each copy back first
+        and read its source from the disk)."""
         self.loop_id = LoopId.of(self.image)
-        out = run(
-            which("losetup"), "--find", "--show", "--direct-io=on", self.image, what="losetup"
-        )
+        dio = ("--direct-io=on",) if direct_io else ()
+        out = run(which("losetup"), "--find", "--show", *dio, self.image, what="losetup")
         self.loop = out.strip()
         self.rdev = os.stat(self.loop).st_rdev
         return self.loop

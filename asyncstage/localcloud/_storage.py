@@ -144,7 +144,7 @@ class StorageEvents:
             node = xen_node(device)
             assert node is not None  # the API checked the name
             name, serial = node, None
-        loop = disk.attach()
+        loop = disk.attach(direct_io=self._run.store is not None)
         assert disk.loop_id is not None
         self._run.add_loop(loop, disk.loop_id)
         disk.instance_id, disk.name, disk.serial = instance_id, name, serial
