@@ -871,10 +871,15 @@ def _copy_mode_target(
         )
     else:
         bound = (
-            "library: the plan's copy phases move "
-            f"{_f(c['vs_limit_with_manifest'])}× what bare rsync followed by the same "
-            "manifest written by a plain command moves, so the plan's own steps cost more "
-            f"than the hashing ({manifest}); the copies start within "
+            "library: the manifest, a sha256 of every byte, is part of the gap (bare rsync "
+            f"followed by the same manifest written by a plain command moves "
+            f"{_f(c['limit_with_manifest_mb_s'])} MB/s, "
+            f"{_f(c['with_manifest_cpu_s_per_gib'])} CPU s/GiB against rsync's "
+            f"{_f(c['bare_cpu_s_per_gib'])}), but the plan's copy phases move only "
+            f"{_f(c['vs_limit_with_manifest'])}× that: the rest is the plan's own work "
+            "in the span on the same cores (the follow pass's walks, the later backups' "
+            "volumes made, formatted and mounted, the earlier ones' unmounts and "
+            f"snapshots; {manifest}); the copies start within "
             f"{_f(first.get('rsync_start_spread_s', float('nan')))} s of each other; "
             f"{_copies(first)}"
         )
