@@ -14,3 +14,55 @@ def test_a_script_parses_on_the_oldest_server_python(name: str) -> None:
     # The grammar only (an assignment expression needs 3.8, a match statement 3.10 ...):
     # a newer library call would still pass here.
     ast.parse(remote.program(name), name, feature_version=remote.SERVER_PYTHON)
+
+
+class _RunTimeGenerics(ast.NodeVisitor):
+    """Subscripts of builtin types in code a server's python3 runs (not annotations, which
+    ``from __future__ import annotations`` leaves unevaluated, nor ``if TYPE_CHECKING``
+    blocks): 3.8 raises TypeError on ``dict[str, Any]`` there."""
+
+    BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "type"})
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def visit_If(self, node: ast.If) -> None:
+        if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.orelse:
+                self.visit(child)
+            return
+        self.generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self.visit(node.value)
+
+    def visit_arg(self, node: ast.arg) -> None:
+        pass  # its annotation
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        parts: list[ast.AST] = [*node.decorator_list, *node.args.defaults, *node.body]
+        parts += [d for d in node.args.kw_defaults if d is not None]
+        for part in parts:
+            self.visit(part)
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _function
+
+    def visit_Subscript(self, node: ast.Subscript) -> None:
+        if isinstance(node.value, ast.Name) and node.value.id in self.BUILTINS:
+            self.found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        self.generic_visit(node)
+
+
+@pytest.mark.parametrize("name", remote.SCRIPTS)
+def test_a_script_subscripts_no_builtin_type_where_the_oldest_server_python_runs_it(
+    name: str,
+) -> None:
+    tree = ast.parse(remote.program(name), name)
+    seen = _RunTimeGenerics()
+    seen.visit(tree)
+    assert seen.found == []
+    # the check itself sees the alias the oldest python3 fails on at import
+    caught = _RunTimeGenerics()
+    caught.visit(ast.parse("Entry = dict[str, Any]\nx: list[int] = []\n"))
+    assert caught.found == ["line 1: dict[str, Any]"]

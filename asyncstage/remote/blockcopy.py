@@ -52,7 +52,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+
+# typing is for the type checker only: a server's python3 imports none of it (a
+# start the less), and 3.8's cannot subscript builtin types at run time
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 STARTED = time.monotonic()
 CHUNK = 1 << 20

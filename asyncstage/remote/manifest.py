@@ -76,7 +76,17 @@ import select
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+
+# typing is for the type checker only: a server's python3 imports none of it (a
+# start the less), and 3.8's cannot subscript builtin types at run time
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    Entry = dict[str, Any]
+    Key = tuple[bytes, ...]
+    Stamp = tuple[int, int, int, int]
+    """A file's (size, mtime_ns, ctime_ns, ino): what a digest is kept for."""
 
 NAME = ".asyncstage-manifest"
 """The manifest's file name, at the root of the tree it lists."""
@@ -103,9 +113,6 @@ _TYPES = {
     stat.S_IFBLK: "block",
 }
 _NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-
-Entry = dict[str, Any]
-Key = tuple[bytes, ...]
 
 
 class Unreadable(Exception):
@@ -374,9 +381,6 @@ def _sweep(root: bytes) -> None:
 
 
 # -- following a copy -------------------------------------------------------------
-
-Stamp = tuple[int, int, int, int]
-"""A file's (size, mtime_ns, ctime_ns, ino): what a digest is kept for."""
 
 
 def _stamp(st: os.stat_result) -> Stamp:

@@ -48,7 +48,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any
+
+# typing is for the type checker only: a server's python3 imports none of it (a
+# start the less), and 3.8's cannot subscript builtin types at run time
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # glob, socket and subprocess are imported by the few commands that use them: every
 # rsync starts this script, and at the top they cost about a seventh of its start.
