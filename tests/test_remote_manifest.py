@@ -447,26 +447,53 @@ def test_a_follow_walk_reads_again_a_directory_that_held_a_file_left_for_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file changed in place within the tick a walk started in (its ctime not older
-    than the walk's clock) is left for a later walk; its directory, unchanged since that
-    walk read it, is read again by the next walk, which hashes the file."""
+    than the walk's clock) is left for later; its directory, unchanged since that walk
+    read it, is read again by the next walk, which hashes the file."""
     root = tmp_path / "t"
     (root / "a").mkdir(parents=True)
     racy = root / "a" / "racy"
     racy.write_bytes(b"old")
-    follow = _settled_follow(root)
-    assert follow.index[(b"a", b"racy")][2] == hashlib.sha256(b"old").hexdigest()
-    (root / "a" / "other").write_bytes(b"landed")  # the directory changes: read again
     time.sleep(0.05)
     with racy.open("r+b") as f:  # in place: the directory's times stay as they were
         f.write(b"new")
     same_tick = racy.stat().st_ctime_ns
+    assert (root / "a").stat().st_ctime_ns < same_tick
+    follow = manifest.Follow(str(root).encode(), None, lambda: False)
     with monkeypatch.context() as m:
         m.setattr(follow, "now", lambda: same_tick)
-        assert follow.step() == 1  # the file that landed; the racy one left for later
+        assert follow.step() == 0  # left for later
     time.sleep(0.05)
     assert follow.step() == 1
     assert follow.index[(b"a", b"racy")][2] == hashlib.sha256(b"new").hexdigest()
     follow.close()
+
+
+def test_a_file_changed_after_the_follow_pass_hashed_it_is_read_again_by_the_final_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk does not look again at a file an earlier walk hashed (its directory is
+    read for the names that landed since, the file is not stated): a change since stamps
+    the file anew, so the final pass does not take the follow pass's digest for it."""
+    root = tmp_path / "t"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "kept").write_bytes(b"kept")
+    changed = root / "a" / "changed"
+    changed.write_bytes(b"old")
+    follow = _settled_follow(root)
+    with changed.open("r+b") as f:
+        f.write(b"new")
+    (root / "a" / "landed").write_bytes(b"landed")
+    time.sleep(0.05)
+    calls = _Calls(monkeypatch)
+    assert follow.step() == 1  # what landed
+    assert str(changed).encode() not in calls.stated
+    assert follow.index[(b"a", b"changed")][2] == hashlib.sha256(b"old").hexdigest()
+    provisional = follow.save()["sha256"]
+    follow.close()
+    monkeypatch.undo()
+    reply = manifest.write(str(root), None, provisional)
+    assert (reply["followed"], reply["hashed"]) == (2, len(b"new"))
+    assert _entries(root)["a/changed"]["sha256"] == hashlib.sha256(b"new").hexdigest()
 
 
 def test_a_follow_pass_stopped_by_a_signal_leaves_nothing(tree: Path) -> None:

@@ -460,9 +460,10 @@ class Follow:
     def _walk(self, clock: int) -> Iterator[tuple[Key, bytes, os.stat_result]]:
         """The files a walk looks at, in key order: those of each directory that changed
         since the last walk or held a file not settled then (one still to hash, or in
-        the making); of the other directories, only their subdirectories are looked
-        into. A directory is skipped only when its ctime is older than the walk's clock
-        (as for files: a name added later in the same tick would keep its times)."""
+        the making), except those hashed already; of the other directories, only their
+        subdirectories are looked into. A directory is skipped only when its ctime is
+        older than the walk's clock (as for files: a name added later in the same tick
+        would keep its times)."""
         # per directory entered: its key, the names to look at, its stamp, its
         # subdirectories' names, and whether it is skipped (its names: those subdirectories)
         stack: list[tuple[Key, Iterator[bytes], tuple[int, int, int], list[bytes], bool]] = []
@@ -489,6 +490,10 @@ class Follow:
                         self._dirs.pop(prefix, None)
                 continue
             key = (*prefix, name)
+            if not skipped and key in self.index:
+                # hashed by an earlier walk: its digest holds for the stamp it was hashed
+                # at, which the final pass compares (a change since stamps it anew)
+                continue
             rel = b"/".join(key)
             try:
                 st = os.lstat(os.path.join(self.root, rel))
