@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +15,28 @@ from asyncstage import remote
 @pytest.mark.parametrize("name", remote.SCRIPTS)
 def test_a_script_parses_on_the_oldest_server_python(name: str) -> None:
     # The grammar only (an assignment expression needs 3.8, a match statement 3.10 ...):
-    # a newer library call would still pass here.
+    # a newer library call or operator passes here; vermin (below) sees those.
     ast.parse(remote.program(name), name, feature_version=remote.SERVER_PYTHON)
+
+
+@pytest.mark.parametrize("name", remote.SCRIPTS)
+def test_a_script_uses_nothing_newer_than_the_oldest_server_python(
+    name: str, tmp_path: Path
+) -> None:
+    """The standard library's functions, methods and operators the script uses, as
+    vermin knows them (``dict | dict`` and ``str.removeprefix`` need 3.9, ...)."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(remote.program(name), encoding="utf-8")
+    oldest = ".".join(map(str, remote.SERVER_PYTHON))
+    vermin = "import sys; from vermin import main; sys.exit(main())"
+    argv = [sys.executable, "-c", vermin, f"-t={oldest}-", "--violations", "--no-tips"]
+    found = subprocess.run([*argv, str(script)], capture_output=True, text=True, check=False)
+    assert found.returncode == 0, found.stdout
+    # and it sees what the oldest one lacks
+    newer = tmp_path / "newer.py"
+    newer.write_text("d = {}\nd |= {'a': 1}\n", encoding="utf-8")
+    caught = subprocess.run([*argv, str(newer)], capture_output=True, text=True, check=False)
+    assert caught.returncode != 0 and "dict union" in caught.stdout
 
 
 class _RunTimeGenerics(ast.NodeVisitor):

@@ -33,7 +33,7 @@ SCRIPTS = ("rsynchelper", "blockcopy", "manifest")
 """The scripts this package ships."""
 SERVER_PYTHON = (3, 8)
 """The oldest ``python3`` on a server that runs them (Ubuntu 20.04's; not Amazon Linux
-2's 3.7): their syntax is kept to it."""
+2's 3.7): their syntax and what they use of the standard library are kept to it."""
 
 _ENTRY = "\nimport sys as _sys\n\nraise SystemExit(main(_sys.argv[1:]))\n"
 

@@ -572,7 +572,7 @@ class Follow:
         for key in sorted(self.index):
             (size, mtime_ns, ctime_ns, ino), mode, digest = self.index[key]
             entry = {"path": _text(b"/".join(key)), "type": "file", "size": size, "mode": mode}
-            entry |= {"mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "ino": ino, "sha256": digest}
+            entry.update(mtime_ns=mtime_ns, ctime_ns=ctime_ns, ino=ino, sha256=digest)
             yield _dump(entry)
 
 
