@@ -120,13 +120,31 @@ def _change_script(every: int) -> str:
 
 
 class Timeline:
-    """When each backup of a plan entered each phase (``on_change`` of run_plan)."""
+    """When each backup of a plan entered each phase (``on_change`` of run_plan), and
+    who used the CPU over the copy span (a :class:`CPUSample` at the first rsync's start
+    and at each snapshot phase's: the last one ends the span)."""
 
     def __init__(self) -> None:
         self.phases: dict[str, dict[str, float]] = {}
+        self.span_start: CPUSample | None = None
+        self.span_end: CPUSample | None = None
 
     def __call__(self, o: BackupOutcome) -> None:
-        self.phases.setdefault(o.name, {}).setdefault(o.phase, time.perf_counter())
+        phases = self.phases.setdefault(o.name, {})
+        if o.phase in phases:
+            return
+        phases[o.phase] = time.perf_counter()
+        if o.phase == "rsync" and self.span_start is None:
+            self.span_start = CPUSample.now()
+        elif o.phase == "snapshot" and "rsync" in phases:
+            self.span_end = CPUSample.now()
+
+    def span_cpu(self) -> dict[str, Any]:
+        """Who used the CPU over the copy span (:func:`cpu_split`), and the machine's
+        busy share."""
+        if self.span_start is None or self.span_end is None:
+            return {}
+        return cpu_split(self.span_start, self.span_end)
 
     def copy_span(self) -> float:
         """From the first backup's rsync start to the last backup's snapshot start (its
@@ -215,6 +233,7 @@ async def run_timed(m: Manager, plan: Plan, cloud: LocalCloud | None = None) -> 
             "files": sum(int(r["files"]) for r in results),
             "routes": sorted({str(r["route"]) for r in results}),
             "copy_span_s": round(span, 3),
+            "copy_span_cpu": timeline.span_cpu(),
             "rsync_start_spread_s": round(timeline.start_spread(), 3),
             "median_s": {
                 k: round(statistics.median(float(r[k]) for r in results), 3)
@@ -341,13 +360,20 @@ async def bare_copies(
             for s in servers:
                 tg.start_soon(clear, s)
         with MachineCPU() as busy, OwnCPU() as cpu:
-            t = time.perf_counter()
+            start, t = CPUSample.now(), time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for s in servers:
                     tg.start_soon(one, s, manifest)
             wall = time.perf_counter() - t
+            split = cpu_split(start, CPUSample.now())
         rounds[manifest].append(
-            {"wall_s": round(wall, 3), "own_cpu_s": cpu.seconds, "busy": busy.busy}
+            {
+                "wall_s": round(wall, 3),
+                "own_cpu_s": cpu.seconds,
+                "busy": busy.busy,
+                # as a plan's copy span counts them (:meth:`Timeline.span_cpu`)
+                "instances_cpu_s": split["instances_cpu_s"],
+            }
         )
     # the limits: the medians, as the plans' runs are judged (the machine's state moves
     # a round of 16 copies by a third from one round to the next)
@@ -808,7 +834,22 @@ def _cpu_limit(first: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
     nbytes, hashed = first["bytes"], bare["with_manifest"]
     limit, with_manifest = nbytes / bare["wall_s"], nbytes / hashed["wall_s"]
     copy_phase = nbytes / first["copy_span_s"]
-    return {
+    span = first.get("copy_span_cpu", {})
+    if span and "instances_cpu_s" in hashed:
+        # the instances' work per GiB over the plan's copy span against the limit's
+        # with the manifest, both as the instances' cgroup counts it: how lean the work
+        # is, apart from who else shared the cores meanwhile
+        ours = float(span["instances_cpu_s"]) / nbytes * GiB
+        theirs = float(hashed["instances_cpu_s"]) / nbytes * GiB
+        work = {
+            "span_cpu": span,
+            "span_instances_cpu_s_per_gib": round(ours, 2),
+            "with_manifest_instances_cpu_s_per_gib": round(theirs, 2),
+            "instances_work_vs_limit_with_manifest": ratio(theirs, ours),
+        }
+    else:
+        work = {}
+    return work | {
         "bare": bare,
         "limit_mb_s": round(limit / 1e6, 1),
         "limit_with_manifest_mb_s": round(with_manifest / 1e6, 1),
@@ -881,8 +922,21 @@ def _copy_mode_target(
         f"{_f(first['median_s']['manifest_s'])} s after rsync's "
         f"{_f(first['median_s']['rsync_s'])} s)"
     )
+    span = _span_work(c)
     if _own_share(first) >= 0.8:
         bound = _bound(first)
+    elif c.get("instances_work_vs_limit_with_manifest", 0.0) >= 0.8:
+        bound = (
+            "machine and design: a plan writes each backup's manifest, a sha256 of every "
+            "byte read where the data is (what a later check verifies): bare rsync followed "
+            f"by the same manifest written by a plain command moves "
+            f"{_f(c['limit_with_manifest_mb_s'])} MB/s, {_f(c['vs_limit_with_manifest'])}× "
+            "the plan's copy phases do; yet the instances' own work over the plan's copy "
+            f"span is {_f(c['instances_work_vs_limit_with_manifest'])}× as lean as that "
+            f"limit's ({span}): the rest of the span is the controller and the local "
+            f"cloud, on the same {os.cpu_count() or 1} cores as the instances here, on "
+            f"machines of their own on EC2 ({manifest})"
+        )
     elif c["vs_limit_with_manifest"] >= 0.8:
         bound = (
             "machine: a plan writes each backup's manifest, a sha256 of every byte read "
@@ -905,7 +959,7 @@ def _copy_mode_target(
             f"{_f(c['vs_limit_with_manifest'])}× that: the rest is the plan's own work "
             "in the span on the same cores (the follow pass's walks, the later backups' "
             "volumes made, formatted and mounted, the earlier ones' unmounts and "
-            f"snapshots; {manifest}); the copies start within "
+            f"snapshots; {manifest}){'; ' + span if span else ''}; the copies start within "
             f"{_f(first.get('rsync_start_spread_s', float('nan')))} s of each other; "
             f"{_copies(first)}"
         )
@@ -930,6 +984,21 @@ def _copy_mode_target(
             f"({_f(c['whole_run_vs_limit'])}× the limit, {_f(c['plan_cpu_s_per_gib'])} CPU "
             f"s/GiB): {_cpu(first)}"
         ),
+    )
+
+
+def _span_work(c: dict[str, Any]) -> str:
+    """Who used the CPU over a plan's copy span, against the limit's work, as text."""
+    if "span_cpu" not in c:
+        return ""
+    cpu = c["span_cpu"]
+    return (
+        f"over the span the instances used {_f(cpu['instances_cpu_s'])} CPU s, "
+        f"{_f(c['span_instances_cpu_s_per_gib'])} s/GiB against "
+        f"{_f(c['with_manifest_instances_cpu_s_per_gib'])} in the limit with the manifest; "
+        f"the controller {_f(cpu['controller_cpu_s'])} CPU s, the local cloud's threads "
+        f"{_f(cpu['cloud_cpu_s'])}; the cores "
+        f"{_f((1 - float(cpu['idle_share'] or 0)) * 100)} % busy"
     )
 
 
