@@ -313,8 +313,8 @@ async def _copy_listed(
     tell: Phase,
 ) -> tuple[TransferStats, str, float, dict[str, Any]]:
     """rsync into the volume while the follow pass hashes what lands, then the manifest
-    (:mod:`asyncstage.backup.manifest`): the copy's figures, its consistency, when it
-    ended, and the manifest's answer."""
+    (:mod:`asyncstage.backup.manifest`; the follow pass writes it when it ran): the
+    copy's figures, its consistency, when it ended, and the manifest's answer."""
     follower = Follower(volume, earlier)
     done: list[tuple[TransferStats, str, float]] = []
 
@@ -327,7 +327,7 @@ async def _copy_listed(
 
     await concurrently(copy, follower.run)  # the copy's error as itself, the follower stopped
     ((stats, consistency, copied),) = done
-    return stats, consistency, copied, await write_manifest(volume, earlier, follower.digest)
+    return stats, consistency, copied, follower.reply or await write_manifest(volume, earlier)
 
 
 async def _completed(m: Manager, snapshot_id: str, detach: Volume | None) -> None:

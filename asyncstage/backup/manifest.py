@@ -8,11 +8,14 @@ snapshot carries it. The manifest's own sha256 goes into the snapshot's
 first), so before the snapshot is marked complete.
 
 While rsync runs, a :class:`Follower` hashes on that server what has landed already (the
-script's ``follow`` pass), so that the final pass, which still stats every file, reads
-only what rsync wrote in the last moments: the digests of the follow pass are a cache
-that the final pass takes for a file only while its size, times and inode are the ones
-they were hashed with. The follow pass never outlives the copy: it ends when its stdin
-does (the copy is done), and is stopped like any command on an error or a cancellation.
+script's ``follow`` pass), then, in the same process once the copy is done, writes the
+manifest: its final pass, which still stats every file, reads only what rsync wrote in
+the last moments. The digests of the follow pass are a cache that the final pass takes
+for a file only while its size, times and inode are the ones they were hashed with.
+The follow pass never outlives the copy: its walks end when its stdin does (the copy
+is done), and it is stopped like any command on an error or a cancellation. When it
+fails, or did not start (a copy over within :data:`FOLLOW_AFTER`), the manifest is
+written by a pass of its own (:func:`write_manifest`).
 
 A ``snapshot``-mode set records ``none`` there: its snapshots are the server's own
 volumes, taken in place, and a manifest would mean reading all of them at backup time.
@@ -37,7 +40,6 @@ from asyncstage.remote import manifest as script
 from asyncstage.volume import Volume
 
 __all__ = [
-    "FOLLOW_FINISH",
     "MANIFEST_NAME",
     "MANIFEST_TAG",
     "NO_MANIFEST",
@@ -54,9 +56,6 @@ NO_MANIFEST = "none"
 MANIFEST_NAME = script.NAME
 """The manifest's file name at the root of a backup's volume (reserved there)."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-FOLLOW_FINISH = 60.0
-"""Seconds the follow pass has, once the copy is done, to write its provisional manifest:
-then it is stopped, and the final pass hashes without it."""
 FOLLOW_AFTER = 1.0
 """Seconds of copying before the follow pass starts: a copy that is over by then (a
 rerun's few changed files) leaves the little it wrote to the final pass, and its
@@ -80,23 +79,24 @@ def recorded(snap: dict[str, Any]) -> Recorded:
     return ("bad-tag", value[:80])
 
 
-async def write_manifest(
-    volume: Volume, earlier: str | None = None, provisional: str | None = None
-) -> dict[str, Any]:
+async def write_manifest(volume: Volume, earlier: str | None = None) -> dict[str, Any]:
     """Write the manifest of a mounted volume at its root, on its server; its ``sha256``
-    and its counts (``entries``, ``files``, ``bytes``; ``reused`` and ``followed``
-    digests, ``hashed`` bytes). ``earlier``: the digest of the manifest the volume holds
-    already (its snapshot's tag): the files it lists that did not change are not read
-    again; ``provisional``: likewise, the digest a :class:`Follower` got."""
+    and its counts (``entries``, ``files``, ``bytes``; ``reused`` digests, ``hashed``
+    bytes). ``earlier``: the digest of the manifest the volume holds already (its
+    snapshot's tag): the files it lists that did not change are not read again."""
     server = volume.server
     if server is None or not volume.mtpt:
         raise TransferError(f"manifest: volume {volume.name} is not mounted")
     args = ["write", volume.mtpt, *_digest_arg(earlier)]
-    args += [f"provisional={d}" for d in _digest_arg(provisional)]
     reply = await remote.run_json(server.host, True, "manifest", *args, timeout=None)
+    return _written(server.name, reply)
+
+
+def _written(server: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """A manifest pass's answer, once it has the manifest's digest."""
     digest = reply.get("sha256")
     if not isinstance(digest, str) or not _SHA256.match(digest):
-        raise TransferError(f"manifest: {server.name} answered no digest: {reply!r}")
+        raise TransferError(f"manifest: {server} answered no digest: {reply!r}")
     return reply
 
 
@@ -108,22 +108,23 @@ class Follower:
     """The follow pass on the server of a mounted volume while a copy writes into it:
     :meth:`run` in a task beside the copy, :attr:`rsyncing` set as its first rsync
     starts (not before: its hooks may take long, and nothing lands meanwhile),
-    :attr:`copied` once the copy is done; :attr:`digest` is then the provisional
-    manifest's (None when there is none: the final pass hashes without it). The pass
-    starts :data:`FOLLOW_AFTER` seconds into the copy, unless it is over by then. A copy
-    that fails or is cancelled cancels the task, which stops the remote command."""
+    :attr:`copied` once the copy is done; :attr:`reply` is then the answer of the
+    manifest it wrote (:func:`write_manifest`'s, with ``followed`` digests), or empty:
+    it did not start or failed, and the manifest is still to write. The pass starts
+    :data:`FOLLOW_AFTER` seconds into the copy, unless it is over by then. A copy that
+    fails or is cancelled cancels the task, which stops the remote command."""
 
     def __init__(self, volume: Volume, earlier: str | None) -> None:
         self.volume = volume
         self.earlier = earlier
         self.rsyncing = anyio.Event()
         self.copied = anyio.Event()
-        self.digest: str | None = None
         self.reply: dict[str, Any] = {}
 
     async def run(self) -> None:
-        """Run the follow pass until :attr:`copied`, then take its answer. Its own
-        failures are logged, never raised: the copy does not depend on it."""
+        """Run the follow pass until :attr:`copied`, then take the answer of the manifest
+        it writes. Its own failures are logged, never raised: the copy does not depend
+        on it."""
         await self.rsyncing.wait()
         with anyio.move_on_after(FOLLOW_AFTER):
             await self.copied.wait()
@@ -133,19 +134,11 @@ class Follower:
         log.debug("manifest: the follow pass on %s starts", server.name)
         argv = remote.argv("manifest", "follow", root, *_digest_arg(self.earlier))
         try:
-            with anyio.CancelScope() as finishing:
-                async with server.host.scmd_write(*argv, sudo=True) as stdin:
-                    await self.copied.wait()
-                    finishing.deadline = anyio.current_time() + FOLLOW_FINISH
-            if finishing.cancelled_caught:
-                raise TransferError(f"no answer within {FOLLOW_FINISH:g} s of the copy's end")
-            reply = remote.answer(server.host.label, stdin.output)
+            async with server.host.scmd_write(*argv, sudo=True) as stdin:
+                await self.copied.wait()
+            self.reply = _written(server.name, remote.answer(server.host.label, stdin.output))
         except (AsyncstageError, OSError) as e:
             log.warning("manifest: the follow pass on %s failed: %s", server.name, e)
-            return
-        digest = reply.get("sha256")
-        if isinstance(digest, str) and _SHA256.match(digest):
-            self.digest, self.reply = digest, reply
 
 
 def manifest_tag(digest: str) -> dict[str, str]:

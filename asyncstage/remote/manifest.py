@@ -34,29 +34,29 @@ final ``write`` re-reads only what changed since: the follow pass keeps a file's
 only when the file's ctime is older than the filesystem's own clock at the start of the
 pass (an unnamed file's ctime, stamped then: as git treats "racily clean" index
 entries, a change made later in the same timestamp tick would keep the file's size,
-times and inode) and when the file's stat is the same after hashing as before. Its
-digests go to a provisional manifest (``.asyncstage-manifest.tmp-follow``, a file of
-the reserved ``.asyncstage-manifest.tmp-`` names a walk skips), which the final pass
-trusts only by the digest the follow pass printed, and then deletes along with any
-other such leftover of a crashed run: the final pass stays the only authority, the
-provisional manifest is a cache of it.
+times and inode) and when the file's stat is the same after hashing as before. Once
+the copy is done, the same process writes the manifest: the final pass, which takes a
+digest of the follow pass only for a file whose size, times and inode are still those
+it was hashed at, and reads every other file. The final pass stays the only
+authority; what the follow pass hashed is a cache of it, in memory.
 
 Commands:
 
-* ``write ROOT [SHA256] [provisional=SHA256]``: write ``ROOT/.asyncstage-manifest`` (a
-  temporary file renamed over it, synced), print its ``sha256``, the number of
-  ``entries``, ``files`` and ``bytes``, how many files were ``reused`` from the manifest
-  already there (only when its digest is SHA256) or ``followed`` from the provisional
-  manifest (only when its digest is the ``provisional`` one), and how many bytes were
-  ``hashed``; then delete the provisional manifest and other leftovers at the root;
+* ``write ROOT [SHA256]``: write ``ROOT/.asyncstage-manifest`` (a temporary file
+  renamed over it, synced), print its ``sha256``, the number of ``entries``, ``files``
+  and ``bytes``, how many files were ``reused`` from the manifest already there (only
+  when its digest is SHA256), and how many bytes were ``hashed``; then delete any
+  leftover of ours at the root (the reserved ``.asyncstage-manifest.tmp-`` names, which
+  walks skip);
 * ``follow ROOT [SHA256]``: until its stdin ends, walk ROOT every
   :data:`FOLLOW_INTERVAL` seconds (no more often than its walks take when one hashed
   nothing) and hash each file that is neither hashed already nor unchanged since the
   manifest there (SHA256 as for ``write``), skipping rsync's temporary files
   (``.NAME.XXXXXX``) and reading again only the directories that changed since the
   last walk or held a file left for later; print one line per walk (``pass``,
-  ``files`` and ``hashed`` bytes so far), then write the provisional manifest and
-  print its ``sha256``, its ``files``, the ``hashed`` bytes and the ``passes``;
+  ``files`` and ``hashed`` bytes so far); then ``write`` as above, and print its
+  answer with how many files were ``followed`` (their digest from the follow pass) and
+  the follow pass's ``passes``;
 * ``check ROOT MANIFEST SHA256 [read-data] [ignore-extra]``: compare the tree at ROOT
   with the manifest file MANIFEST, which is trusted only when its own digest is SHA256;
   print ``manifest`` (``ok``, ``missing``, ``mismatch`` or ``unreadable``) and the
@@ -97,8 +97,6 @@ KINDS = ("missing", "changed", "extra", "damaged")
 _CHUNK = 1 << 20
 _SKIP_AT_ROOT = (NAME.encode(), b"lost+found")
 _TMP_PREFIX = (NAME + ".tmp-").encode()
-PROVISIONAL = NAME + ".tmp-follow"
-"""The follow pass's provisional manifest, at the root of the tree (skipped by walks)."""
 FOLLOW_INTERVAL = 0.5
 """Seconds from the start of one follow walk to the next (at least)."""
 _RSYNC_TEMP = re.compile(rb"\..+\.[0-9A-Za-z]{6}", re.DOTALL)
@@ -294,19 +292,18 @@ def _dump(entry: Entry) -> bytes:
 
 
 def write(
-    root_text: str, earlier: str | None = None, provisional: str | None = None
+    root_text: str, earlier: str | None = None, followed: Follow | None = None
 ) -> dict[str, Any]:
     """Write the manifest of ``root`` into it; its digest and counts. ``earlier``: the
     digest of the manifest there now, whose unchanged files are not hashed again;
-    ``provisional``: the digest of the follow pass's manifest, likewise. Then the
-    provisional manifest and any other leftover of ours at the root are deleted."""
+    ``followed``: a follow pass over ``root``, likewise. Then any leftover of ours at
+    the root is deleted."""
     root = _raw(root_text)
     final = os.path.join(root, NAME.encode())
     tmp = os.path.join(root, _TMP_PREFIX + str(os.getpid()).encode())
     h = hashlib.sha256()
     counts = dict.fromkeys(("entries", "files", "bytes", "reused", "followed", "hashed"), 0)
     before = Earlier(final, earlier)
-    cache = Earlier(os.path.join(root, PROVISIONAL.encode()), provisional)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
     try:
         with open(fd, "wb", closefd=False) as out:
@@ -319,7 +316,7 @@ def write(
             for key, rel, st in walk(root):
                 entry = entry_of(rel, st, root, digest=False)
                 if entry["type"] == "file":
-                    entry["sha256"] = _digest(root, key, rel, entry, before, cache, counts)
+                    entry["sha256"] = _digest(root, key, rel, entry, before, followed, counts)
                     counts["files"] += 1
                     counts["bytes"] += int(entry["size"])
                 put(_dump(entry))
@@ -337,7 +334,6 @@ def write(
         raise
     finally:
         before.close()
-        cache.close()
     _sweep(root)
     dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -353,16 +349,16 @@ def _digest(
     rel: bytes,
     entry: Entry,
     before: Earlier,
-    cache: Earlier,
+    followed: Follow | None,
     counts: dict[str, int],
 ) -> str:
-    """A file's digest for the manifest: the earlier manifest's, the provisional one's,
-    or read now (counted as such)."""
+    """A file's digest for the manifest: the earlier manifest's, the follow pass's, or
+    read now (counted as such)."""
     known = before.digest(key, entry)
     if known is not None:
         counts["reused"] += 1
         return known
-    known = cache.digest(key, entry)
+    known = followed.digest(key, entry) if followed is not None else None
     if known is not None:
         counts["followed"] += 1
         return known
@@ -371,8 +367,8 @@ def _digest(
 
 
 def _sweep(root: bytes) -> None:
-    """Delete the files of the reserved temporary names at the root: the provisional
-    manifest once used, and whatever a follow or write that died left there."""
+    """Delete the files of the reserved temporary names at the root: whatever a write
+    that died left there."""
     with os.scandir(root) as found:
         for e in found:
             if e.name.startswith(_TMP_PREFIX) and e.is_file(follow_symlinks=False):
@@ -544,36 +540,14 @@ class Follow:
         self.hashed += st.st_size
         return True
 
-    def save(self) -> dict[str, Any]:
-        """Write the provisional manifest (the files hashed, in walk order); its digest
-        and counts."""
-        path = os.path.join(self.root, PROVISIONAL.encode())
-        h = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600)
-        try:
-            with open(fd, "wb") as out:
-                for data in self._lines():
-                    out.write(data)
-                    h.update(data)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            raise
-        files = len(self.index)
-        return {
-            "sha256": h.hexdigest(),
-            "files": files,
-            "hashed": self.hashed,
-            "passes": self.passes,
-        }
-
-    def _lines(self) -> Iterator[bytes]:
-        yield _dump({"asyncstage-manifest": FORMAT})
-        for key in sorted(self.index):
-            (size, mtime_ns, ctime_ns, ino), mode, digest = self.index[key]
-            entry = {"path": _text(b"/".join(key)), "type": "file", "size": size, "mode": mode}
-            entry.update(mtime_ns=mtime_ns, ctime_ns=ctime_ns, ino=ino, sha256=digest)
-            yield _dump(entry)
+    def digest(self, key: Key, entry: Entry) -> str | None:
+        """The digest this pass hashed for the file ``entry`` (at ``key``), if the file's
+        size, times and inode are still those it was hashed at."""
+        known = self.index.get(key)
+        if known is None:
+            return None
+        now = (entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns"), entry.get("ino"))
+        return known[2] if now == known[0] else None
 
 
 def _clock_file(root: bytes) -> int:
@@ -593,7 +567,8 @@ def follow(
     root_text: str, earlier: str | None = None, stdin: Input | None = None
 ) -> dict[str, Any]:
     """Hash the files landing in ``root`` until ``stdin`` ends (a line per walk on
-    stdout), then write the provisional manifest; its digest and counts."""
+    stdout), then write the manifest (:func:`write`, with what was hashed); its answer
+    and the walks' count."""
     done = stdin or Input()
     f = Follow(_raw(root_text), earlier, done)
     try:
@@ -604,7 +579,7 @@ def follow(
             say({"pass": f.passes, "files": len(f.index), "hashed": f.hashed})
             # walks that find nothing to hash take at most half of a core
             done.wait(max(FOLLOW_INTERVAL - took, 0.0 if hashed else took))
-        return f.save()
+        return {**write(root_text, earlier, followed=f), "passes": f.passes}
     finally:
         f.close()
 
@@ -758,21 +733,9 @@ def check(
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) in (2, 3, 4) and argv[0] == "write":
-        given = {"provisional": [a for a in argv[2:] if a.startswith("provisional=")]}
-        given["earlier"] = [a for a in argv[2:] if a not in given["provisional"]]
-        if all(len(v) <= 1 for v in given.values()):
-            earlier = given["earlier"][0] if given["earlier"] else None
-            cache = given["provisional"][0].partition("=")[2] if given["provisional"] else None
-            say(write(argv[1], earlier, cache))
-            return 0
-    if len(argv) in (2, 3) and argv[0] == "follow":
-        answer = follow(argv[1], argv[2] if len(argv) == 3 else None)
-        try:
-            say(answer)
-        except OSError:  # nobody hears it (the controller is gone): nobody will use it
-            os.unlink(os.path.join(_raw(argv[1]), PROVISIONAL.encode()))
-            raise
+    if len(argv) in (2, 3) and argv[0] in ("write", "follow"):
+        writer = write if argv[0] == "write" else follow
+        say(writer(argv[1], argv[2] if len(argv) == 3 else None))
         return 0
     if len(argv) >= 4 and argv[0] == "check" and set(argv[4:]) <= {"read-data", "ignore-extra"}:
         flags = set(argv[4:])
@@ -788,8 +751,8 @@ def main(argv: Sequence[str]) -> int:
         return 0
     say(
         {
-            "error": "usage: manifest write ROOT [SHA256] [provisional=SHA256] | follow ROOT "
-            "[SHA256] | check ROOT MANIFEST SHA256 [read-data] [ignore-extra]"
+            "error": "usage: manifest write ROOT [SHA256] | follow ROOT [SHA256] | check ROOT "
+            "MANIFEST SHA256 [read-data] [ignore-extra]"
         }
     )
     return 2
