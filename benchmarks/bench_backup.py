@@ -930,12 +930,12 @@ def _copy_mode_target(
             "machine and design: a plan writes each backup's manifest, a sha256 of every "
             "byte read where the data is (what a later check verifies): bare rsync followed "
             f"by the same manifest written by a plain command moves "
-            f"{_f(c['limit_with_manifest_mb_s'])} MB/s, {_f(c['vs_limit_with_manifest'])}× "
-            "the plan's copy phases do; yet the instances' own work over the plan's copy "
-            f"span is {_f(c['instances_work_vs_limit_with_manifest'])}× as lean as that "
-            f"limit's ({span}): the rest of the span is the controller and the local "
-            f"cloud, on the same {os.cpu_count() or 1} cores as the instances here, on "
-            f"machines of their own on EC2 ({manifest})"
+            f"{_f(c['limit_with_manifest_mb_s'])} MB/s, and the plan's copy phases "
+            f"{_f(c['vs_limit_with_manifest'])}× that; the instances' own work over the "
+            f"plan's copy span is {_f(c['instances_work_vs_limit_with_manifest'])}× as lean "
+            f"as that limit's ({span}): the rest of the span went to what shares the "
+            f"{os.cpu_count() or 1} cores with the instances here, the controller and the "
+            f"local cloud, which run on machines of their own on EC2 ({manifest})"
         )
     elif c["vs_limit_with_manifest"] >= 0.8:
         bound = (
@@ -975,10 +975,9 @@ def _copy_mode_target(
         evidence=(
             f"limit: bare rsync -a of the same {_f(first['bytes'] / MiB)} MiB on all {focus} "
             f"servers at once: {_f(c['limit_mb_s'])} MB/s (cores {_f(bare['busy'] * 100)} % "
-            f"busy, {_f(c['bare_cpu_s_per_gib'])} CPU s/GiB; median of "
-            f"{len(bare['rounds'])}: {_rounds_s(bare['rounds'])}); with the manifest after "
-            f"it: {_f(c['limit_with_manifest_mb_s'])} MB/s (median of {len(hashed['rounds'])}: "
-            f"{_rounds_s(hashed['rounds'])}); the plan's copy phases "
+            f"busy, {_f(c['bare_cpu_s_per_gib'])} CPU s/GiB; {_rounds_s(bare['rounds'])}); "
+            f"with the manifest after it: {_f(c['limit_with_manifest_mb_s'])} MB/s "
+            f"({_rounds_s(hashed['rounds'])}); the plan's copy phases "
             f"{_f(c['copy_phase_mb_s'])} MB/s (route {', '.join(first['routes'])}); its whole "
             f"run, volumes and snapshots included, {_f(c['whole_run_mb_s'])} MB/s "
             f"({_f(c['whole_run_vs_limit'])}× the limit, {_f(c['plan_cpu_s_per_gib'])} CPU "
@@ -1004,7 +1003,9 @@ def _span_work(c: dict[str, Any]) -> str:
 
 def _rounds_s(rounds: list[dict[str, Any]]) -> str:
     """The walls of a limit's rounds, as text."""
-    return " / ".join(f"{_f(r['wall_s'])} s" for r in rounds)
+    if len(rounds) == 1:
+        return f"one round, right before the run: {_f(rounds[0]['wall_s'])} s"
+    return f"median of {len(rounds)}: " + " / ".join(f"{_f(r['wall_s'])} s" for r in rounds)
 
 
 def _own_share(run: dict[str, Any]) -> float:
