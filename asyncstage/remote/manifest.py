@@ -412,7 +412,7 @@ class Follow:
         self.root = root
         self.stop = stop
         self.dev = os.lstat(root).st_dev
-        self.index: dict[Key, tuple[Stamp, int, str]] = {}
+        self.index: dict[Key, tuple[Stamp, str]] = {}
         self.passes = 0
         self.hashed = 0
         self._earlier = Earlier(os.path.join(root, NAME.encode()), earlier)
@@ -503,17 +503,13 @@ class Follow:
                 yield key, rel, st
 
     def _state(self, key: Key, st: os.stat_result, clock: int) -> str:
-        """``hash`` (now), ``settled`` (hashed already, unchanged since the earlier
-        manifest, or never the follow pass's) or ``later`` (to look at again)."""
+        """``hash`` (now), ``settled`` (unchanged since the earlier manifest, or never
+        the follow pass's) or ``later`` (to look at again), for a file not hashed yet."""
         if not stat.S_ISREG(st.st_mode) or st.st_dev != self.dev:
             return "settled"  # another filesystem may keep coarser times than the clock's
         if _RSYNC_TEMP.fullmatch(key[-1]):
             return "later"  # rsync's file in the making, renamed once written
-        stamp = _stamp(st)
-        known = self.index.get(key)
-        if known is not None and known[0] == stamp:
-            return "settled"
-        size, mtime_ns, ctime_ns, ino = stamp
+        size, mtime_ns, ctime_ns, ino = _stamp(st)  # not hashed yet: walks skip those
         same = {"size": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "ino": ino}
         if self._earlier.digest(key, {"type": "file", **same}) is not None:
             return "settled"  # unchanged since the earlier manifest: the final pass has it
@@ -536,7 +532,7 @@ class Follow:
             return False
         finally:
             os.close(fd)
-        self.index[key] = (stamp, stat.S_IMODE(st.st_mode), digest)
+        self.index[key] = (stamp, digest)
         self.hashed += st.st_size
         return True
 
@@ -547,7 +543,7 @@ class Follow:
         if known is None:
             return None
         now = (entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns"), entry.get("ino"))
-        return known[2] if now == known[0] else None
+        return known[1] if now == known[0] else None
 
 
 def _clock_file(root: bytes) -> int:
