@@ -656,11 +656,12 @@ def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         by = sorted(rounds, key=lambda r: float(r[rerun]["wall_s"]) / float(r[first]["wall_s"]))
         return by[len(by) // 2]
 
-    def vs_limit(r: dict[str, Any]) -> float:
-        return float(_cpu_limit(r["first"], r["bare"])["vs_limit"])
-
+    # each round's first run against the limits of its own round, worked out once
+    limits = [_cpu_limit(r["first"], r["bare"]) for r in rounds]
     mid, kept = pick("first", "rerun"), pick("kept_first", "kept_rerun")
-    copy = sorted(rounds, key=vs_limit)[len(rounds) // 2]
+    copy = sorted(zip(rounds, limits, strict=True), key=lambda rl: float(rl[1]["vs_limit"]))[
+        len(rounds) // 2
+    ][0]
     return {
         "first": mid["first"],
         "rerun": mid["rerun"],
@@ -674,12 +675,10 @@ def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             {
                 "ratio": ratio(r["rerun"]["wall_s"], r["first"]["wall_s"]),
                 "kept_ratio": ratio(r["kept_rerun"]["wall_s"], r["kept_first"]["wall_s"]),
-                "copy_vs_limit": vs_limit(r),
-                "copy_vs_limit_with_manifest": _cpu_limit(r["first"], r["bare"])[
-                    "vs_limit_with_manifest"
-                ],
+                "copy_vs_limit": c["vs_limit"],
+                "copy_vs_limit_with_manifest": c["vs_limit_with_manifest"],
             }
-            for r in rounds
+            for r, c in zip(rounds, limits, strict=True)
         ],
     }
 

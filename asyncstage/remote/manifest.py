@@ -380,6 +380,7 @@ def _sweep(root: bytes) -> None:
 
 
 def _stamp(st: os.stat_result) -> Stamp:
+    """A file's stamp: its :data:`_SAME_FILE` fields, in that order."""
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
@@ -509,8 +510,8 @@ class Follow:
             return "settled"  # another filesystem may keep coarser times than the clock's
         if _RSYNC_TEMP.fullmatch(key[-1]):
             return "later"  # rsync's file in the making, renamed once written
-        size, mtime_ns, ctime_ns, ino = _stamp(st)  # not hashed yet: walks skip those
-        same = {"size": size, "mtime_ns": mtime_ns, "ctime_ns": ctime_ns, "ino": ino}
+        # not hashed yet (walks skip those); zip has no strict= before 3.10
+        same = dict(zip(_SAME_FILE, _stamp(st)))  # noqa: B905
         if self._earlier.digest(key, {"type": "file", **same}) is not None:
             return "settled"  # unchanged since the earlier manifest: the final pass has it
         return "hash" if st.st_ctime_ns < clock else "later"
@@ -542,7 +543,7 @@ class Follow:
         known = self.index.get(key)
         if known is None:
             return None
-        now = (entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns"), entry.get("ino"))
+        now = tuple(entry.get(f) for f in _SAME_FILE)
         return known[1] if now == known[0] else None
 
 
