@@ -472,6 +472,11 @@ class PerlDriver:
                 return _one_line(lines[-1])
         return "nothing on stderr"
 
+    async def stopped(self) -> list[str]:
+        """:meth:`stop` in a thread; the last 40 lines of the driver's log."""
+        await anyio.to_thread.run_sync(self.stop)
+        return self.log.read_text(errors="replace").splitlines()[-40:]
+
     def stop(self, timeout: float = 120.0) -> None:
         """Ask the driver to quit (it terminates its servers), else kill its group."""
         proc, self.proc = self.proc, None

@@ -674,6 +674,16 @@ class CPUAccounting:
         assert self.path is not None
         return int((self.path / "cpuacct.usage").read_text()) / 1e9
 
+    @property
+    def counted_by(self) -> str:
+        """Where the instances' CPU figures come from, for a report's parameters."""
+        return "cgroup cpuacct" if self.path else "/proc (clock ticks)"
+
+    def system(self) -> float:
+        """Of :meth:`usage`, the seconds spent in the kernel."""
+        assert self.path is not None
+        return int((self.path / "cpuacct.usage_sys").read_text()) / 1e9
+
     def __exit__(self, *exc: object) -> None:
         if self.path is None:
             return

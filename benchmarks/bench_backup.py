@@ -20,10 +20,9 @@ of copy-mode backups named after the servers, run by :func:`~asyncstage.backup.r
    machine moves. The plan's whole run (volumes and snapshots included) is shown beside,
    and a second limit, measured in rounds between those: each bare copy followed by its
    manifest written by a plain command (the library's own script: a sha256 of every
-   byte, which a plan cannot shed). Each limit is the median of its rounds. The ``ebs``
-   part measures both in its own cloud, in each of its rounds right before the round's
-   first run, for a row of its own: the median of the rounds' ratios, each a first run
-   against the limits of its own round.
+   byte, which a plan cannot shed). Both limits are measured in each round right before
+   the round's first run, so that each run is judged against the machine as it was
+   then; the row is the round with the median ratio, every round's ratios beside it.
 3. **Incremental** (the fleet of 16): 1 % of the files on every server rewritten with
    new bytes, then the same plan again: its time / the first run's. Twice: as a plan runs
    by default (each run makes its work volume from the previous snapshot), and with
@@ -37,10 +36,10 @@ The run has three parts, each in a local cloud of its own (``--part perl``, ``--
 scale``, ``--part ebs``; all without ``--part``): ``perl`` sets up the fleets the Perl
 module backs up too (up to 16) and times both sides; ``scale`` times the larger fleet
 (Perl's time there: its time per server in the ``perl`` part, times N) and parts 2-4 on
-a first run of the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a
-cloud whose images share blocks (``store="reflink"``), measures the CPU limits and
-times its first run and parts 3-4 there, in three rounds of backups of names their
-own (the round whose rerun ratio is the median is reported, with every round's
+the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a cloud whose images
+share blocks (``store="reflink"``) and runs parts 2-4 there. Parts 2-4 run in three
+rounds on each store, each round its limits, a first run and its reruns, of backup
+names its own (a row shows the round whose ratio is the median, with every round's
 ratio). Each part keeps its figures in ``backup.part-NAME.json``; the report
 (``backup.json``) is written once all are there (``--part report`` writes it again).
 Measured plans start 10 s apart, so that each finds EC2's request buckets full.
@@ -50,9 +49,9 @@ of parts 2-4 is topped up to 256 MiB per server (800 files of the same size) onc
 larger fleets are backed up. 64 MiB is small for a server's backup: a run's fixed part
 (volume, snapshot, EC2's calls) would dominate both the copy-mode throughput and the
 rerun ratio, which would then measure EC2's pace, not the copy. 256 MiB keeps the
-``scale`` part within about 5 minutes on two cores: the local cloud's volumes are sparse
+``scale`` part within about 9 minutes on two cores: the local cloud's volumes are sparse
 loop files and each snapshot is a sparse copy of its volume, so the focus fleet's five
-plans write about 20 GiB of snapshots, removed with the part's cloud.
+plans a round write about 20 GiB of snapshots, removed with the part's cloud.
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -75,6 +75,7 @@ from typing import Any
 import anyio
 from _baselines import HERE, BaselineReport, NotRun, PerlDriver, perl_driver, perl_module_missing
 from _common import (
+    CPUAccounting,
     CPUSample,
     GiB,
     MachineCPU,
@@ -119,6 +120,41 @@ def _change_script(every: int) -> str:
     )
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_KERNEL = ("instances_sys_cpu_s", "direct_reclaim_mib")
+"""The figures of a :class:`KernelSample` span."""
+
+
+def _direct_reclaim() -> int:
+    """Pages the machine's processes reclaimed so far in their own time (``pgscan_direct``
+    of /proc/vmstat: memory full, so each new page is taken from a cached one first)."""
+    with open("/proc/vmstat") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("pgscan_direct "))
+
+
+@dataclass(frozen=True)
+class KernelSample:
+    """The instances' CPU in the kernel so far (their cgroup's, this process's own taken
+    away; None without the cgroup) and the machine's direct reclaim: what their writes
+    cost the kernel, beside the commands' own work."""
+
+    system: float | None
+    reclaimed: int
+
+    @classmethod
+    def now(cls) -> KernelSample:
+        group = CPUAccounting.active
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        return cls(group.system() - own if group else None, _direct_reclaim())
+
+    def since(self, start: KernelSample) -> dict[str, float]:
+        """The instances' system CPU s and the MiB reclaimed directly from ``start`` on."""
+        out = {"direct_reclaim_mib": round((self.reclaimed - start.reclaimed) * _PAGE / MiB)}
+        if self.system is not None and start.system is not None:
+            out["instances_sys_cpu_s"] = round(self.system - start.system, 3)
+        return out
+
+
 class Timeline:
     """When each backup of a plan entered each phase (``on_change`` of run_plan), and
     who used the CPU over the copy span (a :class:`CPUSample` at the first rsync's start
@@ -128,6 +164,7 @@ class Timeline:
         self.phases: dict[str, dict[str, float]] = {}
         self.span_start: CPUSample | None = None
         self.span_end: CPUSample | None = None
+        self.kernel: list[KernelSample] = []  # at the span's start, then at its end
 
     def __call__(self, o: BackupOutcome) -> None:
         phases = self.phases.setdefault(o.name, {})
@@ -136,15 +173,18 @@ class Timeline:
         phases[o.phase] = time.perf_counter()
         if o.phase == "rsync" and self.span_start is None:
             self.span_start = CPUSample.now()
+            self.kernel = [KernelSample.now()]
         elif o.phase == "snapshot" and "rsync" in phases:
             self.span_end = CPUSample.now()
+            self.kernel[1:] = [KernelSample.now()]
 
     def span_cpu(self) -> dict[str, Any]:
         """Who used the CPU over the copy span (:func:`cpu_split`), and the machine's
         busy share."""
         if self.span_start is None or self.span_end is None:
             return {}
-        return cpu_split(self.span_start, self.span_end)
+        start, end = self.kernel
+        return cpu_split(self.span_start, self.span_end) | end.since(start)
 
     def copy_span(self) -> float:
         """From the first backup's rsync start to the last backup's snapshot start (its
@@ -360,12 +400,12 @@ async def bare_copies(
             for s in servers:
                 tg.start_soon(clear, s)
         with MachineCPU() as busy, OwnCPU() as cpu:
-            start, t = CPUSample.now(), time.perf_counter()
+            start, kernel, t = CPUSample.now(), KernelSample.now(), time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for s in servers:
                     tg.start_soon(one, s, manifest)
             wall = time.perf_counter() - t
-            split = cpu_split(start, CPUSample.now())
+            split = cpu_split(start, CPUSample.now()) | KernelSample.now().since(kernel)
         rounds[manifest].append(
             {
                 "wall_s": round(wall, 3),
@@ -373,6 +413,9 @@ async def bare_copies(
                 "busy": busy.busy,
                 # as a plan's copy span counts them (:meth:`Timeline.span_cpu`)
                 "instances_cpu_s": split["instances_cpu_s"],
+                **{
+                    k: split[k] for k in ("instances_sys_cpu_s", "direct_reclaim_mib") if k in split
+                },
             }
         )
     # the limits: the medians, as the plans' runs are judged (the machine's state moves
@@ -433,8 +476,9 @@ class Setup:
     focus_per_server: int = 0
     """Bytes per server of the focus fleet (parts 2-4; 0: ``per_server``): topped up
     after the larger fleets' backups."""
-    ebs_rounds: int = 1
-    """Rounds of the ``ebs`` part's first runs and reruns (their median is reported)."""
+    focus_rounds: int = 1
+    """Rounds of the focus fleet's limits, first runs and reruns, in each store (their
+    median is reported)."""
 
     @property
     def focus_bytes(self) -> int:
@@ -454,7 +498,7 @@ class Setup:
 
 
 FULL = Setup(
-    sizes=[4, 16, 50], focus=16, per_server=64 * MiB, focus_per_server=256 * MiB, ebs_rounds=3
+    sizes=[4, 16, 50], focus=16, per_server=64 * MiB, focus_per_server=256 * MiB, focus_rounds=3
 )
 
 
@@ -500,31 +544,32 @@ async def _part(
     t0 = time.perf_counter()
     try:
         store = "reflink" if part == "ebs" else "plain"
-        async with local_cloud(0.0, PERL_REALISM, store=store, poll_interval=0.5) as (
-            cloud,
-            m,
-        ):
-            driver = None
-            if part == "perl" and missing is None:
-                driver = perl_driver(cloud, work, ZONE, PERL_BACKUP_DRIVER)
-                driver.start()
-            perl = Perl(driver, missing, lambda: cloud.api_calls)
-            perl.measured_up_to = setup.perl_max
-            if part != "perl":  # its time: the perl part's per server, times N (the report)
-                perl.missing = missing or "the perl part has not run: no time per server"
-            try:
-                if part == "perl":
-                    await _fleets(m, cloud, perl, res, sizes, setup, largest=max(sizes))
-                elif part == "scale":
-                    await _scale(m, cloud, perl, res, sizes, setup)
-                else:
-                    await _ebs(m, cloud, res, setup)
-            finally:
-                if driver is not None:
-                    await anyio.to_thread.run_sync(driver.stop)
-                    log = (work / "perl.log").read_text(errors="replace")
-                    res["perl_stderr_tail"] = log.splitlines()[-40:]
-            res["api_calls"] = dict(sorted(cloud.api_calls.items()))
+        # before the cloud starts: its instances are then in the group with this process
+        with CPUAccounting() as accounting:
+            res["instances_cpu_from"] = accounting.counted_by
+            async with local_cloud(0.0, PERL_REALISM, store=store, poll_interval=0.5) as (
+                cloud,
+                m,
+            ):
+                driver = None
+                if part == "perl" and missing is None:
+                    driver = perl_driver(cloud, work, ZONE, PERL_BACKUP_DRIVER)
+                    driver.start()
+                perl = Perl(driver, missing, lambda: cloud.api_calls)
+                perl.measured_up_to = setup.perl_max
+                if part != "perl":  # its time: the perl part's per server, times N (the report)
+                    perl.missing = missing or "the perl part has not run: no time per server"
+                try:
+                    if part == "perl":
+                        await _fleets(m, cloud, perl, res, sizes, setup, largest=max(sizes))
+                    elif part == "scale":
+                        await _scale(m, cloud, perl, res, sizes, setup)
+                    else:
+                        await _ebs(m, cloud, res, setup)
+                finally:
+                    if driver is not None:
+                        res["perl_stderr_tail"] = await driver.stopped()
+                res["api_calls"] = dict(sorted(cloud.api_calls.items()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["perl_module_missing"] = perl.missing
@@ -594,20 +639,11 @@ async def _scale(
         async with anyio.create_task_group() as tg:
             for s in group:
                 tg.start_soon(partial(s.scmd, "sh", "-c", top_up, sudo=True, timeout=600))
-    if str(focus) in [str(n) for n in sizes] and not extra:
-        first = res["fleets"][str(focus)]["asyncstage"]
-    else:
-        print(f"first run of the focus fleet: {focus} servers")
-        first = await run_timed(m, copy_plan(group, f"bk{focus}"), cloud)
-        print(f"  asyncstage: {first['wall_s']:.2f} s")
-    res["first"] = first
-
-    await _limits(group, res)
-    await _reruns(m, cloud, res, group, first, focus)
+    res |= await _focus_rounds(m, cloud, group, setup)
 
 
-async def _limits(group: list[Server], res: dict[str, Any], pairs: int = 2) -> None:
-    """The CPU limits on ``group`` (:func:`bare_copies`, ``pairs`` rounds each), into
+async def _limits(group: list[Server], res: dict[str, Any]) -> None:
+    """The CPU limits on ``group`` (:func:`bare_copies`, one round each), into
     scratch volumes made for them and deleted after (snapshot mode takes every data
     volume)."""
     print(f"CPU limit: bare rsync on {len(group)} servers at once")
@@ -619,7 +655,7 @@ async def _limits(group: list[Server], res: dict[str, Any], pairs: int = 2) -> N
     async with anyio.create_task_group() as tg:
         for s in group:
             tg.start_soon(make_scratch, s)
-    res["bare"] = await bare_copies(group, scratch, pairs)
+    res["bare"] = await bare_copies(group, scratch, pairs=1)
     async with anyio.create_task_group() as tg:
         for v in scratch.values():
             tg.start_soon(v.delete)
@@ -633,19 +669,29 @@ async def _ebs(m: Manager, cloud: LocalCloud, res: dict[str, Any], setup: Setup)
     t = time.perf_counter()
     group = await our_fleet(m, focus, setup.focus_bytes, setup.focus_files)
     res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
+    res |= await _focus_rounds(m, cloud, group, setup)
+
+
+async def _focus_rounds(
+    m: Manager, cloud: LocalCloud, group: list[Server], setup: Setup
+) -> dict[str, Any]:
+    """Parts 2-4 on the focus fleet, ``setup.focus_rounds`` times, each round its limits,
+    then its first run and reruns under names of its own (snapshot mode in the last): the
+    figures of the median rounds (:func:`_median_rounds`)."""
+    focus = setup.focus
     rounds: list[dict[str, Any]] = []
-    for i in range(setup.ebs_rounds):  # each a first run and its reruns, of names its own
+    for i in range(setup.focus_rounds):
         done: dict[str, Any] = {"load": {}}
         # the limits of this round, right before its first run: each run is judged
         # against the machine as it was then
-        await _limits(group, done, pairs=1)
-        print(f"round {i + 1} of {setup.ebs_rounds}: first run of the focus fleet")
+        await _limits(group, done)
+        print(f"round {i + 1} of {setup.focus_rounds}: first run of the focus fleet")
         done["first"] = await run_timed(m, copy_plan(group, f"bk{focus}r{i}"), cloud)
         print(f"  asyncstage: {done['first']['wall_s']:.2f} s")
-        last = i == setup.ebs_rounds - 1
+        last = i == setup.focus_rounds - 1
         await _reruns(m, cloud, done, group, done["first"], focus, f"r{i}", snapshot_mode=last)
         rounds.append(done)
-    res |= _median_rounds(rounds)
+    return _median_rounds(rounds)
 
 
 def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -754,6 +800,9 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
         "source": f"{SRC}: a 1 GiB ext4 data volume per server",
         "boot_delay_s": 0.0,
         "realism": "aws, without the consistency window (as bench_perl)",
+        "instances_cpu_from": {
+            p: r.get("instances_cpu_from", "/proc (clock ticks)") for p, r in parts.items()
+        },
         "parts": {
             p: (
                 f"local cloud of its own (store='reflink'), parts 3-4 on a first run of "
@@ -788,7 +837,9 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
             row["perl_s"], row["perl_extrapolated"] = round(per_server * n, 3), True
             row["ratio"] = ratio(row["perl_s"], row["asyncstage"]["wall_s"])
     first = scale["first"]
-    res["cpu_limit"] = _cpu_limit(first, scale["bare"])
+    res["rounds"] = scale.get("rounds", [])
+    res["copy_first"] = scale.get("copy_first", first)
+    res["cpu_limit"] = _cpu_limit(res["copy_first"], scale["bare"])
     rerun, snap = scale["rerun"], scale["snapshot"]
     res["incremental"] = {
         "first": first,
@@ -846,6 +897,20 @@ def _cpu_limit(first: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
             "with_manifest_instances_cpu_s_per_gib": round(theirs, 2),
             "instances_work_vs_limit_with_manifest": ratio(theirs, ours),
         }
+        if "instances_sys_cpu_s" in span and "instances_sys_cpu_s" in hashed:
+            # of it, the kernel's (page cache, the volumes' loop devices, memory taken
+            # back) and the commands' own (rsync, the helpers, the shells)
+            sys_ours = float(span["instances_sys_cpu_s"]) / nbytes * GiB
+            sys_theirs = float(hashed["instances_sys_cpu_s"]) / nbytes * GiB
+            work |= {
+                "span_instances_sys_cpu_s_per_gib": round(sys_ours, 2),
+                "with_manifest_instances_sys_cpu_s_per_gib": round(sys_theirs, 2),
+                "instances_user_vs_limit_with_manifest": ratio(
+                    theirs - sys_theirs, ours - sys_ours
+                ),
+                "span_direct_reclaim_mib": span["direct_reclaim_mib"],
+                "with_manifest_direct_reclaim_mib": hashed["direct_reclaim_mib"],
+            }
     else:
         work = {}
     return work | {
@@ -877,7 +942,7 @@ def _phases(run: dict[str, Any]) -> str:
 
 
 def _rounds(rounds: list[dict[str, Any]], key: str) -> str:
-    """The rounds a reflink row is the median of, as text (nothing for one round)."""
+    """The rounds a row is the median of, as text (nothing for one round)."""
     if len(rounds) < 2:
         return ""
     found = ", ".join(_f(r[key]) for r in rounds)
@@ -993,10 +1058,24 @@ def _span_work(c: dict[str, Any]) -> str:
     return (
         f"over the span the instances used {_f(cpu['instances_cpu_s'])} CPU s, "
         f"{_f(c['span_instances_cpu_s_per_gib'])} s/GiB against "
-        f"{_f(c['with_manifest_instances_cpu_s_per_gib'])} in the limit with the manifest; "
-        f"the controller {_f(cpu['controller_cpu_s'])} CPU s, the local cloud's threads "
-        f"{_f(cpu['cloud_cpu_s'])}; the cores "
+        f"{_f(c['with_manifest_instances_cpu_s_per_gib'])} in the limit with the manifest"
+        f"{_kernel_work(c)}; the controller {_f(cpu['controller_cpu_s'])} CPU s, the local "
+        f"cloud's threads {_f(cpu['cloud_cpu_s'])}; the cores "
         f"{_f((1 - float(cpu['idle_share'] or 0)) * 100)} % busy"
+    )
+
+
+def _kernel_work(c: dict[str, Any]) -> str:
+    """The kernel's part of the instances' work over the span and in the limit, as text."""
+    if "span_instances_sys_cpu_s_per_gib" not in c:
+        return ""
+    return (
+        f" (of it in the kernel {_f(c['span_instances_sys_cpu_s_per_gib'])} s/GiB against "
+        f"{_f(c['with_manifest_instances_sys_cpu_s_per_gib'])}, the rest, the commands' own "
+        f"work, {_f(c['instances_user_vs_limit_with_manifest'])}× as lean as the limit's; "
+        f"memory the machine took back in the allocating processes' time: "
+        f"{_f(c['span_direct_reclaim_mib'])} MiB against "
+        f"{_f(c['with_manifest_direct_reclaim_mib'])})"
     )
 
 
@@ -1201,7 +1280,13 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         )
     first, rerun = res["incremental"]["first"], res["incremental"]["rerun"]
     focus = first["n"]
-    _copy_mode_target(report, "copy_mode_vs_cpu_limit", first, res["cpu_limit"], "")
+    _copy_mode_target(
+        report,
+        "copy_mode_vs_cpu_limit",
+        res["copy_first"],
+        res["cpu_limit"],
+        f" ({_copy_rounds(res['rounds'])})",
+    )
     report.target(
         "incremental_rerun",
         res["incremental"]["ratio"],
@@ -1209,23 +1294,20 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         0.2,
         f"rerun with 1 % of the files changed / first run, copy mode, {focus} servers, "
         "a new work volume from the previous snapshot each run",
-        bound=(
-            "library and ec2: the run's fixed part: every backup makes a volume from the "
-            "previous snapshot (median "
+        bound="library"
+        if res["incremental"]["ratio"] <= 0.2
+        else _rerun_bound(rerun, first, focus, copies=True),
+        evidence=(
+            f"{_rounds(res['rounds'], 'ratio')}the run's fixed part: every backup makes a "
+            "volume from the previous snapshot (median "
             f"{_f(rerun['median_s']['volume_s'])} s with the attach and the mount, against "
             f"{_f(first['median_s']['volume_s'])} s for the first run's blank volume; of it, "
             "the volume is creating while the local cloud copies the snapshot's whole "
             f"image, {_f(_volume_creating(rerun))} s on average, as many copies at a time as "
-            "cores, where EBS makes it available at once and loads its blocks later; the "
-            "rest is the polls for available and attached, the attach and the mount), "
-            "unmounts it, takes "
-            f"a snapshot (tagged in the call) and waits until it is completed (pending "
-            f"{_pending()} s), marks it complete, detaches and deletes the volume, each step "
-            "a call or an ssh command of its own; the changed data's part (rsync of the "
-            "change, manifest hashing only changed files) is small"
-        ),
-        evidence=(
-            f"rerun: {_copies(rerun)}; "
+            "cores, where EBS makes it available at once and loads its blocks later), "
+            "unmounts it, takes a snapshot and waits until it is completed, marks it "
+            "complete, detaches and deletes the volume, each step a call or an ssh command "
+            f"of its own; rerun: {_copies(rerun)}; "
             f"rerun median per backup: data {_f(_data_s(rerun))} s (rsync + manifest) of "
             f"{_f(rerun['median_s']['elapsed'])} s; manifest: {rerun.get('manifest_reused', 0)} "
             f"digests kept, {rerun.get('manifest_followed', 0)} from the follow pass, "
@@ -1248,16 +1330,14 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         0.2,
         f"rerun with 1 % of the files changed / first run, copy mode keeping its work "
         f"volume (keep_volume), {focus} servers",
-        bound=(
-            "library and ec2: a rerun into its kept volume makes no volume, but still "
-            "unmounts it, takes a snapshot and waits until it is completed (pending "
-            f"{_pending()} s; the local cloud's copy of the image, made out of the call and "
-            "all at once, ends within about that time), then marks it complete, each step a "
-            "call or an ssh command of its own; then rsync's scan of every file with the change, "
-            "and the manifest hashing only changed files"
-        ),
+        bound="library"
+        if kept["ratio"] <= 0.2
+        else _rerun_bound(k_rerun, k_first, focus, copies=True),
         evidence=(
-            f"rerun: {_copies(k_rerun)}; "
+            f"{_rounds(res['rounds'], 'kept_ratio')}a rerun into its kept volume makes no "
+            "volume, but still unmounts it, takes a snapshot and waits until it is "
+            "completed, then marks it complete, each step a call or an ssh command of its "
+            f"own; rerun: {_copies(k_rerun)}; "
             f"rerun median per backup: data {_f(_data_s(k_rerun))} s (rsync + manifest), "
             f"volume {_f(k_rerun['median_s']['volume_s'])} s, snapshot "
             f"{_f(k_rerun['median_s']['snapshot_s'])} s of {_f(k_rerun['median_s']['elapsed'])}"
@@ -1300,16 +1380,24 @@ def _floor(rerun: dict[str, Any], first: dict[str, Any]) -> float:
     return float(rerun["own_cpu_s"]) / ((os.cpu_count() or 1) * float(first["wall_s"]))
 
 
-def _rerun_bound(rerun: dict[str, Any], first: dict[str, Any], focus: int) -> str:
-    """Why a rerun on the reflink store is over its target: its fixed work per backup on
-    the shared cores when that alone is over it, else each backup's steps at EC2's pace."""
+def _rerun_bound(
+    rerun: dict[str, Any], first: dict[str, Any], focus: int, *, copies: bool = False
+) -> str:
+    """Why a rerun is over its target: its fixed work per backup on the shared cores when
+    that alone is over it (``copies``: with the local cloud's copies of the images, as in
+    the plain store), else each backup's steps at EC2's pace."""
     c, floor = rerun["cpu_split"], _floor(rerun, first)
+    cloud = "the cloud's API for their calls" + (
+        " and its copies of the images, which EBS makes away from the instances' hosts"
+        if copies
+        else ""
+    )
     work = (
         f"the instances {_f(c['instances_cpu_s'])} CPU s, the local cloud "
         f"{_f(c['cloud_cpu_s'])}, the controller {_f(c['controller_cpu_s'])} for {focus} "
         "backups' fixed work (commands over ssh, each under sudo; the helpers' "
-        "interpreters; rsync's scan of every file; the mount and the unmount; the cloud's "
-        f"API for their calls): {_f(floor)}× the first run's time at full use of the "
+        "interpreters; rsync's scan of every file; the mount and the unmount; "
+        f"{cloud}): {_f(floor)}× the first run's time at full use of the "
         f"{os.cpu_count() or 1} cores (they were {_f(rerun['machine_busy'] * 100)} % busy)"
     )
     pace = (

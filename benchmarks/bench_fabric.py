@@ -300,9 +300,7 @@ async def main() -> None:
         local = make_file(work / "put.bin", put_bytes)
         # before the cloud starts: its instances are then in the group with this process
         with CPUAccounting() as accounting:
-            report.params["instances_cpu_from"] = (
-                "cgroup cpuacct" if accounting.path else "/proc (clock ticks)"
-            )
+            report.params["instances_cpu_from"] = accounting.counted_by
             await _run_all(
                 report, res, n_servers, n_commands, local, put_bytes, (fleet_reps, reps), missing
             )

@@ -341,9 +341,7 @@ async def main() -> None:
                 report.mark_load("after_transfers")
             finally:
                 if driver is not None:
-                    await anyio.to_thread.run_sync(driver.stop)
-                    log = (work / "perl.log").read_text(errors="replace")
-                    results["perl_stderr_tail"] = log.splitlines()[-40:]
+                    results["perl_stderr_tail"] = await driver.stopped()
             results["api_calls"] = dict(sorted(cloud.api_calls.items()))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -261,9 +261,7 @@ async def main() -> None:
         local = make_file(work / "put.bin", put_bytes)
         # before the cloud starts: its instances are then in the group with this process
         with CPUAccounting() as accounting:
-            report.params["instances_cpu_from"] = (
-                "cgroup cpuacct" if accounting.path else "/proc (clock ticks)"
-            )
+            report.params["instances_cpu_from"] = accounting.counted_by
             async with local_cloud(0.0) as (_cloud, m):
                 servers = await m.provision_servers(n_servers)
                 set_cloud_aside()
