@@ -31,6 +31,14 @@ def test_backup(results: Path) -> None:
     c = r["cpu_limit"]
     assert positive(c["limit_mb_s"]) and positive(c["copy_phase_mb_s"])
     assert 0 <= c["bare"]["busy"] <= 1
+    assert len(r["rounds"]) == len(r["reflink_store"]["rounds"]) == 1  # quick: one round each
+    if set(data["params"]["instances_cpu_from"].values()) == {"cgroup cpuacct"}:
+        # of the instances' CPU over the copy span and in the limit, the kernel's part
+        span, hashed = c["span_cpu"], c["bare"]["with_manifest"]
+        assert 0 < span["instances_sys_cpu_s"] <= span["instances_cpu_s"]
+        assert 0 < hashed["instances_sys_cpu_s"] <= hashed["instances_cpu_s"]
+        assert span["direct_reclaim_mib"] >= 0 and hashed["direct_reclaim_mib"] >= 0
+        assert c["instances_user_vs_limit_with_manifest"] > 0
     rerun, n_focus = r["incremental"]["rerun"], data["params"]["focus_fleet"]
     assert rerun["parents"] == n_focus  # every one incremental
     # the local cloud's image copies: each backup's volume from its snapshot, its snapshot
