@@ -413,9 +413,7 @@ async def bare_copies(
                 "busy": busy.busy,
                 # as a plan's copy span counts them (:meth:`Timeline.span_cpu`)
                 "instances_cpu_s": split["instances_cpu_s"],
-                **{
-                    k: split[k] for k in ("instances_sys_cpu_s", "direct_reclaim_mib") if k in split
-                },
+                **{k: split[k] for k in _KERNEL if k in split},
             }
         )
     # the limits: the medians, as the plans' runs are judged (the machine's state moves
@@ -627,7 +625,7 @@ async def _fleets(
 async def _scale(
     m: Manager, cloud: LocalCloud, perl: Perl, res: dict[str, Any], sizes: list[int], setup: Setup
 ) -> None:
-    """The larger fleets, and parts 2-4 on the focus fleet (its first run here)."""
+    """The larger fleets, and parts 2-4 on the focus fleet (:func:`_focus_rounds`)."""
     focus = setup.focus
     servers = await _fleets(m, cloud, perl, res, [], setup, largest=max([*sizes, focus]))
     group = servers[:focus]
@@ -639,7 +637,7 @@ async def _scale(
         async with anyio.create_task_group() as tg:
             for s in group:
                 tg.start_soon(partial(s.scmd, "sh", "-c", top_up, sudo=True, timeout=600))
-    res |= await _focus_rounds(m, cloud, group, setup)
+    res |= await _focus_rounds(m, cloud, group, setup, res["load"])
 
 
 async def _limits(group: list[Server], res: dict[str, Any]) -> None:
@@ -663,21 +661,26 @@ async def _limits(group: list[Server], res: dict[str, Any]) -> None:
 
 
 async def _ebs(m: Manager, cloud: LocalCloud, res: dict[str, Any], setup: Setup) -> None:
-    """The focus fleet's first run, reruns and snapshot mode, its images sharing blocks."""
+    """The focus fleet made again, its images sharing blocks, and parts 2-4 on it."""
     focus = setup.focus
     print(f"set-up ({cloud.store} store): {focus} servers with {setup.focus_bytes // MiB} MiB")
     t = time.perf_counter()
     group = await our_fleet(m, focus, setup.focus_bytes, setup.focus_files)
     res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
-    res |= await _focus_rounds(m, cloud, group, setup)
+    res |= await _focus_rounds(m, cloud, group, setup, res["load"])
 
 
 async def _focus_rounds(
-    m: Manager, cloud: LocalCloud, group: list[Server], setup: Setup
+    m: Manager,
+    cloud: LocalCloud,
+    group: list[Server],
+    setup: Setup,
+    load: dict[str, Any],
 ) -> dict[str, Any]:
     """Parts 2-4 on the focus fleet, ``setup.focus_rounds`` times, each round its limits,
     then its first run and reruns under names of its own (snapshot mode in the last): the
-    figures of the median rounds (:func:`_median_rounds`)."""
+    figures of the median rounds (:func:`_median_rounds`); each round's load averages
+    into ``load``."""
     focus = setup.focus
     rounds: list[dict[str, Any]] = []
     for i in range(setup.focus_rounds):
@@ -690,13 +693,15 @@ async def _focus_rounds(
         print(f"  asyncstage: {done['first']['wall_s']:.2f} s")
         last = i == setup.focus_rounds - 1
         await _reruns(m, cloud, done, group, done["first"], focus, f"r{i}", snapshot_mode=last)
+        load |= {f"round{i + 1}_{k}": v for k, v in done["load"].items()}
         rounds.append(done)
     return _median_rounds(rounds)
 
 
 def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``ebs`` part's figures: those of the round whose rerun ratio is the median
-    (and of the round whose kept-volume ratio is), with every round's ratios."""
+    """A store's figures: those of the round whose rerun ratio is the median (and of the
+    round whose kept-volume ratio is, and whose copy-mode ratio is), with every round's
+    ratios."""
 
     def pick(first: str, rerun: str) -> dict[str, Any]:
         by = sorted(rounds, key=lambda r: float(r[rerun]["wall_s"]) / float(r[first]["wall_s"]))
@@ -1411,7 +1416,7 @@ def _rerun_bound(
 
 
 def _copy_rounds(rounds: list[dict[str, Any]]) -> str:
-    """Which of the ``ebs`` part's rounds its copy-mode row shows, as text."""
+    """Which of a store's rounds its copy-mode row shows, as text."""
     pairs = [(r["copy_vs_limit"], r["copy_vs_limit_with_manifest"]) for r in rounds]
     if len(pairs) < 2:
         return "its first run against the limits measured right before it"
