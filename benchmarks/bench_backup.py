@@ -980,10 +980,16 @@ def _cpu(run: dict[str, Any]) -> str:
 
 
 def _copy_mode_target(
-    report: BaselineReport, key: str, first: dict[str, Any], c: dict[str, Any], store: str
+    report: BaselineReport,
+    key: str,
+    first: dict[str, Any],
+    c: dict[str, Any],
+    store: str,
+    rerun: dict[str, Any],
 ) -> None:
     """The copy mode's throughput against the CPU limit of the same cloud; below 0.8 of
-    it, bound by the machine when the plan keeps 0.8 of the limit with the manifest."""
+    it, bound by the machine when the plan keeps 0.8 of the limit with the manifest
+    (``rerun``: a rerun of the same store, whose work is the backups' fixed steps)."""
     focus, bare, hashed = first["n"], c["bare"], c["bare"]["with_manifest"]
     manifest = (
         f"{first.get('manifest_followed', 0)} of {first['files']} digests from the follow "
@@ -1028,7 +1034,8 @@ def _copy_mode_target(
             f"{_f(c['vs_limit_with_manifest'])}× that: the rest is the plan's own work "
             "in the span on the same cores (the follow pass's walks, the later backups' "
             "volumes made, formatted and mounted, the earlier ones' unmounts and "
-            f"snapshots; {manifest}){'; ' + span if span else ''}; the copies start within "
+            f"snapshots; {manifest}){'; ' + span if span else ''}{_fixed_work(c, first, rerun)}"
+            "; the copies start within "
             f"{_f(first.get('rsync_start_spread_s', float('nan')))} s of each other; "
             f"{_copies(first)}"
         )
@@ -1067,6 +1074,22 @@ def _span_work(c: dict[str, Any]) -> str:
         f"{_kernel_work(c)}; the controller {_f(cpu['controller_cpu_s'])} CPU s, the local "
         f"cloud's threads {_f(cpu['cloud_cpu_s'])}; the cores "
         f"{_f((1 - float(cpu['idle_share'] or 0)) * 100)} % busy"
+    )
+
+
+def _fixed_work(c: dict[str, Any], first: dict[str, Any], rerun: dict[str, Any]) -> str:
+    """The plan's instance work over its limit's, per backup, beside a rerun's whole
+    instance work per backup (its fixed steps), as text."""
+    if "span_instances_cpu_s_per_gib" not in c:
+        return ""
+    n = first["n"]
+    gib = first["bytes"] / GiB
+    extra = c["span_instances_cpu_s_per_gib"] - c["with_manifest_instances_cpu_s_per_gib"]
+    return (
+        f"; that extra work is {_f(extra * gib / n)} CPU s per backup, about a rerun's "
+        f"backup's whole work ({_f(rerun['cpu_split']['instances_cpu_s'] / n)} CPU s): "
+        "each backup's fixed steps (its commands, each under sudo; the helpers' "
+        "interpreters; the mount and the unmount), not its bytes"
     )
 
 
@@ -1291,6 +1314,7 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         res["copy_first"],
         res["cpu_limit"],
         f" ({_copy_rounds(res['rounds'])})",
+        rerun,
     )
     report.target(
         "incremental_rerun",
@@ -1442,6 +1466,7 @@ def _reflink_targets(report: BaselineReport, res: dict[str, Any], focus: int) ->
             ebs["copy_first"],
             ebs["cpu_limit"],
             f" ({where}; {_copy_rounds(ebs['rounds'])})",
+            ebs["rerun"],
         )
     for name, first, rerun, value, how in (
         (
