@@ -183,7 +183,8 @@ class Disks:
     """The volume work of one server: device names, filesystems, attach, mount, provision.
 
     Holds what only this server's volume work needs: its :class:`Attachments` (device
-    names, slots, attach and detach) and the filesystems its kernel can mount.
+    names, slots, attach and detach), the filesystems its kernel can mount and the mkfs
+    programs it was found to have.
     """
 
     def __init__(self, ctx: Context, server: ServerRef) -> None:
@@ -191,6 +192,7 @@ class Disks:
         self.server = server
         self.attachments = Attachments(ctx, server)
         self._kernel_fs: set[str] = set()
+        self._mkfs: set[str] = set()
 
     async def unused_block_device(self, major_start: str = "f") -> tuple[str, str]:
         """A free device name: see :meth:`Attachments.unused_block_device
@@ -217,8 +219,13 @@ class Disks:
         )
 
     async def _ensure_mkfs(self, fstype: str) -> None:
+        """BadFstype unless this server has ``mkfs.FSTYPE`` (installed when allowed). Looked
+        up once per server: one removed since fails its mkfs, which tells (:meth:`_format`)."""
         program = f"mkfs.{fstype}"
+        if program in self._mkfs:
+            return
         if await self._has_program(program):
+            self._mkfs.add(program)
             return
         if self.ctx.storage.install_packages and await self._has_program("apt-get"):
             await self.server.run(
@@ -234,10 +241,30 @@ class Disks:
                 timeout=600,
             )
             if await self._has_program(program):
+                self._mkfs.add(program)
                 return
-        raise BadFstype(
+        raise self._no_mkfs(program, fstype)
+
+    def _no_mkfs(self, program: str, fstype: str) -> BadFstype:
+        return BadFstype(
             f"server {self.server.name} cannot make {fstype} filesystems ({program} missing)"
         )
+
+    async def _format(self, volume: VolumeRef, label: str | None, uuid: str | None) -> None:
+        """mkfs on a new, blank volume; BadFstype when its program has gone since it was
+        found (asked again only then)."""
+        assert volume.mtdev
+        fstype = volume.fstype
+        program = f"mkfs.{fstype}"
+        try:
+            await self.server.run(
+                *mkfs_argv(fstype, label, uuid), volume.mtdev, sudo=True, timeout=600
+            )
+        except CommandFailed as e:
+            if await self._has_program(program):
+                raise
+            self._mkfs.discard(program)
+            raise self._no_mkfs(program, fstype) from e
 
     async def _grow_unmounted(self, volume: VolumeRef) -> None:
         """Grow an ext2/3/4 filesystem to fill its device, offline (checked first)."""
@@ -431,9 +458,7 @@ class Disks:
             volume.fstype = plan.fstype or "ext4"
             if volume.fstype != "raw":
                 await _check_blank(self.server, volume)
-                await self.server.run(
-                    *mkfs_argv(volume.fstype, label, uuid), volume.mtdev, sudo=True, timeout=600
-                )
+                await self._format(volume, label, uuid)
         elif plan.fstype:
             volume.fstype = plan.fstype  # the snapshot's, tagged with the volume's creation
         else:

@@ -22,7 +22,6 @@ import yaml  # type: ignore[import-untyped]
 
 from asyncstage import Manager, Server, fleet, hostkeys
 from asyncstage.localcloud import LocalCloud
-from asyncstage.ssh import SSHHost
 from tests.fixtures.cloud import ManagerFactory
 from tests.test_realism_capacity import playing
 
@@ -227,18 +226,10 @@ async def test_a_rotation_cancelled_once_installed_still_moves_the_pin(
 
 
 async def test_the_replacement_is_the_first_contact_s_only_command(
-    manager_factory: ManagerFactory, monkeypatch: pytest.MonkeyPatch
+    manager_factory: ManagerFactory, commands: list[str]
 ) -> None:
     """The first contact is the verified handshake and one command, the replacement:
     no other command before it (each is a session its sshd starts a shell for)."""
-    commands: list[str] = []
-    real = SSHHost.run
-
-    async def run(self: SSHHost, *cmd: Any, **kwargs: Any) -> Any:
-        commands.append(" ".join(map(str, cmd)))
-        return await real(self, *cmd, **kwargs)
-
-    monkeypatch.setattr(SSHHost, "run", run)
     async with manager_factory(host_keys="user-data") as m:
         server = await m.provision_server()
         assert commands == [hostkeys._ROTATE]

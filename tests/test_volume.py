@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
+import anyio
 import pytest
 
 from asyncstage import Manager, Server, Volume
@@ -22,7 +22,6 @@ from asyncstage.errors import (
     ZoneMismatch,
 )
 from asyncstage.localcloud import LocalCloud
-from asyncstage.ssh import SSHHost
 from tests.fixtures.cloud import ManagerFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.localcloud]
@@ -122,7 +121,7 @@ async def test_info_and_mount_lifecycle(manager: Manager, server: Server) -> Non
 
 
 async def test_a_mount_is_two_commands_and_reads_the_mount_table_once(
-    server: Server, monkeypatch: pytest.MonkeyPatch
+    server: Server, commands: list[str]
 ) -> None:
     """Each ssh command is a round trip (and a process) on the server: a mount is one
     command that resolves the mount point and reads the table, and one that makes the
@@ -130,17 +129,11 @@ async def test_a_mount_is_two_commands_and_reads_the_mount_table_once(
     vol = await server.provision_volume("tables", size=1)
     try:
         await vol.unmount()
-        commands: list[str] = []
-        original = SSHHost.run
-
-        async def run(self: SSHHost, *cmd: Any, **kw: Any) -> Any:
-            commands.append(" ".join(map(str, cmd)))
-            return await original(self, *cmd, **kw)
 
         def reads() -> int:
             return sum("/proc/mounts" in c for c in commands)
 
-        monkeypatch.setattr(SSHHost, "run", run)
+        commands.clear()
         await vol.remount()
         assert len(commands) == 2 and reads() == 1 and vol.mounted
         await server.mount_volume(vol, "/srv/tables-moved")  # unmounted first: read again
@@ -151,20 +144,13 @@ async def test_a_mount_is_two_commands_and_reads_the_mount_table_once(
 
 
 async def test_an_unmount_is_one_command_where_the_volume_was_mounted(
-    server: Server, monkeypatch: pytest.MonkeyPatch
+    server: Server, commands: list[str]
 ) -> None:
     """Unmounting a volume that is still where it was mounted is one command; one that
     was moved by hand is found in the mount table and unmounted there."""
     vol = await server.provision_volume("unmounts", size=1)
     moved = "/srv/unmounts-by-hand"
     try:
-        commands: list[str] = []
-        original = SSHHost.run
-
-        async def run(self: SSHHost, *cmd: Any, **kw: Any) -> Any:
-            commands.append(" ".join(map(str, cmd)))
-            return await original(self, *cmd, **kw)
-
         # busy (a process works inside): refused, and it stays mounted
         assert vol.mtpt
         busy = f"cd {vol.mtpt} && exec sleep 60 >/dev/null 2>&1 </dev/null"
@@ -176,7 +162,7 @@ async def test_an_unmount_is_one_command_where_the_volume_was_mounted(
         finally:  # it ended (and its directory let go) before the next unmount
             gone = f"kill {pid}; n=0; while kill -0 {pid} 2>/dev/null && [ $n -lt 200 ]; do"
             await server.scmd("sh", "-c", f"{gone} n=$((n+1)); sleep 0.05; done", sudo=True)
-        monkeypatch.setattr(SSHHost, "run", run)
+        commands.clear()
         await vol.unmount()
         assert len(commands) == 1 and not vol.mounted
         assert vol.mtpt not in await server.scmd("cat", "/proc/mounts")
@@ -349,6 +335,41 @@ async def test_errors(server: Server, manager: Manager) -> None:
     with pytest.raises(NameTaken):
         await server.provision_volume("taken", reuse=False)
     assert [v.name for v in server.volumes()] == ["taken"]  # nothing half-made left
+
+
+async def test_mkfs_is_looked_up_once_and_one_gone_since_is_bad_fstype(
+    server: Server, commands: list[str]
+) -> None:
+    """A server's mkfs program is looked up with its first new volume only; one removed
+    since (in the instance's own root, a copy-on-write overlay) fails that volume's mkfs,
+    which is then told as BadFstype, the half-made volume gone, and looked up again."""
+
+    def lookups() -> int:
+        return sum(c == "which mkfs.ext4" for c in commands)
+
+    made = [await server.provision_volume("mkfs-once", size=1)]
+    made.append(await server.provision_volume("mkfs-twice", size=1))
+    assert lookups() == 1
+    program = (await server.scmd("which", "mkfs.ext4", sudo=True)).strip()
+    await server.scmd("mv", "--", program, f"{program}.gone", sudo=True)
+    assert await anyio.Path(program).exists()  # the machine's own is untouched
+    commands.clear()
+    try:
+        with pytest.raises(BadFstype, match=r"cannot make ext4 filesystems \(mkfs.ext4 missing"):
+            await server.provision_volume("mkfs-gone", size=1)
+        assert lookups() == 1  # asked again once its mkfs failed
+        assert sorted(v.name for v in server.volumes()) == ["mkfs-once", "mkfs-twice"]
+        assert not [
+            v
+            for v in await server.manager.ec2.describe_volumes()
+            if tags_of(v).get("Name") == "mkfs-gone"
+        ]
+    finally:
+        await server.scmd("mv", "--", f"{program}.gone", program, sudo=True)
+    made.append(await server.provision_volume("mkfs-back", size=1))
+    assert lookups() == 2 and made[-1].mounted  # found again: the cache was dropped
+    for vol in made:
+        await vol.delete()
 
 
 async def test_copy_snapshot_and_image(manager_factory: ManagerFactory, server: Server) -> None:
