@@ -132,6 +132,65 @@ def test_run_records_the_group_and_passes_the_status(tmp: Path) -> None:
     assert not pidfile.exists()  # removed once the command is done
 
 
+def test_run_passes_the_output_on_whole_and_in_batches(tmp: Path) -> None:
+    # 1000 lines, each a write of its own, 0.5 ms apart (as rsync writes a line per
+    # file): the reader gets them whole, in a batch per RELAY_EVERY (0.1 s), not one by one
+    script = (
+        "import os, time\n"
+        "for i in range(1000):\n os.write(1, b'line %d\\n' % i); time.sleep(5e-4)\n"
+        "os.write(1, b'end')"
+    )
+    argv = remote.argv("rsynchelper", "run", str(tmp / "t" / "x.pid"), sys.executable, "-c", script)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    pieces: list[bytes] = []
+    try:
+        assert proc.stdout is not None
+        started = time.monotonic()
+        while piece := os.read(proc.stdout.fileno(), 1 << 20):
+            pieces.append(piece)
+        took = time.monotonic() - started
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"".join(pieces).decode() == "".join(f"line {i}\n" for i in range(1000)) + "end"
+    assert len(pieces) <= took / rsynchelper.RELAY_EVERY + 2 < 1000
+
+
+def test_a_command_that_cannot_start_is_127_and_leaves_no_work_dir(tmp: Path) -> None:
+    token = "12" * 16
+    done = subprocess.run(
+        remote.argv("rsynchelper", "solo", token, "{}", "/nonexistent/program", "x"),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp / "t")},
+        check=False,
+    )
+    assert done.returncode == 127 and done.stdout == ""
+    assert "/nonexistent/program: No such file or directory" in done.stderr
+    assert "Traceback" not in done.stderr  # the child never went on with the script
+    assert list((tmp / "t").iterdir()) == []
+
+
+def test_a_reader_gone_stops_the_command(tmp: Path) -> None:
+    pidfile = tmp / "t" / "x.pid"
+    argv = remote.argv("rsynchelper", "run", str(pidfile), "yes")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.read(2) == b"y\n"
+        pgid = int(pidfile.read_text())
+        proc.stdout.close()  # the session is gone: the next batch finds no reader
+        assert proc.wait(timeout=30) == 128 + 15  # the group was sent SIGTERM
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_cleanup_stops_the_recorded_groups(tmp: Path) -> None:
     d = str(helper(tmp / "t", "workdir", "{}")["dir"])
     proc = subprocess.Popen(

@@ -21,7 +21,8 @@ Commands:
 * ``sweep USER FILE DEAD_JSON``: remove expired transfer keys and those of dead
   controllers (DEAD_JSON lists controller ids and key tags), and stale work dirs;
   print what is left for the controller to judge;
-* ``run PIDFILE ARGV...``: run ARGV in a process group of its own, recorded in PIDFILE;
+* ``run PIDFILE ARGV...``: run ARGV in a process group of its own, recorded in PIDFILE,
+  and pass its output on in batches (:func:`relay`);
 * ``solo TOKEN OWNER_JSON ARGV...``: ``workdir``, ``run`` and ``cleanup`` in one command
   (one interpreter and one round trip instead of three): makes the work dir named by
   TOKEN (random hex chosen by the controller, so that it can clean up without an
@@ -40,6 +41,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import stat
@@ -62,6 +64,11 @@ MARKER = "asyncstage-transfer-"
 """Start of the tag in the comment of every temporary key (and of work dir names)."""
 WORKDIR_PREFIX = "asyncstage-xfer-"
 _TOKEN = re.compile(r"^[0-9a-f]{32}$")
+RELAY_EVERY = 0.1
+"""Seconds a command's output is gathered before it is passed on (``run``, ``solo``)."""
+RELAY_MOST = 1 << 16
+"""Bytes of output passed on at once at most."""
+_RELAY_NAP = 0.02
 _NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -436,10 +443,18 @@ def run(pidfile: str, argv: Sequence[str]) -> None:
 def _run_group(pidfile: str, argv: Sequence[str]) -> int:
     # The command runs in a process group of its own whose id is written to
     # pidfile, so that a cleanup can stop it and everything it started.
+    out, into = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.setsid()
-        os.execvp(argv[0], list(argv))
+        try:
+            os.setsid()
+            os.dup2(into, 1)
+            os.execvp(argv[0], list(argv))
+        except OSError as e:
+            os.write(2, f"{argv[0]}: {e.strerror}\n".encode(errors="replace"))
+        finally:  # not started: the child never returns into this script
+            os._exit(127)
+    os.close(into)
     with open(pidfile + ".tmp", "w") as f:
         f.write(str(pid))
     os.rename(pidfile + ".tmp", pidfile)
@@ -450,6 +465,11 @@ def _run_group(pidfile: str, argv: Sequence[str]) -> int:
 
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, forward)
+    try:
+        relay(out)
+    except OSError:  # no one reads the output any more (the session is gone)
+        forward(signal.SIGTERM, None)
+    os.close(out)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -461,6 +481,33 @@ def _run_group(pidfile: str, argv: Sequence[str]) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def relay(fd: int) -> None:
+    """Pass what ``fd`` carries on to stdout until its end, in batches of what came
+    within :data:`RELAY_EVERY` seconds: rsync writes a line or two per file, each of
+    which would be an SSH packet of its own, for sshd to encrypt and the controller to
+    take apart (thousands a second for small files)."""
+    while chunk := os.read(fd, RELAY_MOST):
+        batch = [chunk]
+        size = len(chunk)
+        deadline = time.monotonic() + RELAY_EVERY
+        while size < RELAY_MOST and (left := deadline - time.monotonic()) > 0:
+            # naps, not a wait for each write: the end of the output still ends a batch
+            # within a nap, and a steady trickle costs a read a nap, not one per line
+            time.sleep(min(left, _RELAY_NAP))
+            if not select.select([fd], [], [], 0)[0]:
+                continue
+            chunk = os.read(fd, RELAY_MOST - size)
+            if not chunk:
+                break
+            batch.append(chunk)
+            size += len(chunk)
+        data = memoryview(b"".join(batch))
+        while data:
+            data = data[os.write(1, data) :]
+        if not chunk:
+            return
 
 
 def _solo_dir(token: str) -> str:
