@@ -40,6 +40,7 @@ SCRIPTS = [
     "keep",
     "backup",
     "follow",
+    "output",
 ]
 
 

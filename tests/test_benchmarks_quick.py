@@ -100,3 +100,18 @@ def test_follow(results: Path) -> None:
     assert r["entries"] > r["directories_changed"] >= 1
     assert len(r["follow_walk_cpu_s"]) == len(r["full_walk_cpu_s"]) == rounds
     assert all(positive(x) for x in r["full_walk_cpu_s"])
+
+
+def test_output(results: Path) -> None:
+    data = load(results, "output")
+    rounds = data["params"]["rounds"]
+    for side in ("asyncstage", "direct"):
+        figures = data["results"]["rounds"][side]
+        for key in ("seconds", "controller_cpu_s"):
+            assert len(figures[key]) == rounds and all(positive(x) for x in figures[key])
+        assert all(x >= 0 for x in figures["server_cpu_s"])
+    assert {t["name"] for t in data["targets"]} == {
+        "output_controller_cpu_s",
+        "output_server_cpu_s",
+        "output_seconds",
+    }
