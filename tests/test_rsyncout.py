@@ -38,11 +38,29 @@ async def test_output_parsed_in_any_pieces() -> None:
         assert out.file_bytes == 1 << 20
         assert out.wire_bytes == 1_049_000 + 123
         assert out.total == 1 << 20 and out.bytes_done == 1 << 20
-        assert [p.bytes_done for p in seen] == [524_288, 1 << 20]
-        assert seen[0].total is None and seen[1].total == 1 << 20
-        assert seen[1].rate == 12.5 * (1 << 20)
-        assert seen[0].current == "dir/sp ace\nline"
+        # a report per batch of lines, from its latest progress line
+        if step == len(SAMPLE):
+            assert [p.bytes_done for p in seen] == [1 << 20]
+        else:
+            assert [p.bytes_done for p in seen] == [524_288, 1 << 20]
+            assert seen[0].total is None
+        assert seen[-1].total == 1 << 20 and seen[-1].rate == 12.5 * (1 << 20)
+        assert seen[-1].current == "dir/sp ace\nline"  # the file then, not the next one's
         assert out.reporter.current == "dir/ünï"
+
+
+async def test_a_batch_of_many_files_is_one_report_of_its_latest_line() -> None:
+    seen: list[Progress] = []
+    out = RsyncOutput(Reporter(seen.append, "test"))
+    batch = "".join(
+        f"{RSYNC_MARK}f{i}\n      {(i + 1) * 10:,} {i + 1}%   1.00kB/s    0:00:00 "
+        f"(xfr#{i + 1}, to-chk={99 - i}/100)\r"
+        for i in range(50)
+    )
+    await out.feed(batch)
+    assert [(p.bytes_done, p.total, p.current) for p in seen] == [(500, 1000, "f49")]
+    await out.feed(f"{RSYNC_MARK}f50\n")  # a file started, no progress line yet
+    assert len(seen) == 1 and out.reporter.current == "f50"
 
 
 async def test_total_estimated_from_percentage() -> None:

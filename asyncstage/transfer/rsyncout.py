@@ -88,29 +88,46 @@ class RsyncOutput:
         text = self._decoder.decode(data) if isinstance(data, bytes) else data
         self.buffer += text
         *pieces, self.buffer = re.split(r"[\r\n]", self.buffer)
-        for piece in pieces:
-            await self._piece(piece)
+        await self._pieces(pieces)
 
     async def close(self) -> None:
         if self.buffer:
-            await self._piece(self.buffer)
+            await self._pieces([self.buffer])
             self.buffer = ""
 
-    async def _piece(self, piece: str) -> None:
-        if piece.startswith(RSYNC_MARK):
-            self.reporter.current = unescape(piece[len(RSYNC_MARK) :])
-            return
-        if m := _PROGRESS_RE.match(piece):
-            done, pct = _number(m.group(1)), int(m.group(2))
-            rate = float(m.group(3)) * _UNITS.get(m.group(4), 1)
-            if m.group(6) == "to" and pct > 0:
-                self.total = max(done, round(done * 100 / pct))
-            elif m.group(6) == "to" and m.group(7) == "0":
-                self.total = done
-            self.bytes_done = done
-            await self.reporter.update(done, self.total, rate)
-            return
-        stat = piece.strip()
+    async def _pieces(self, pieces: list[str]) -> None:
+        """Read a batch of rsync's lines. Its progress is reported once, from its latest
+        line, with the file current then: rsync prints a line or two per file, and a
+        report per line cost the controller more than reading them."""
+        latest: re.Match[str] | None = None
+        # the latest file name, and the one current at the latest progress (as printed)
+        mark: str | None = None
+        at_latest: str | None = None
+        for piece in pieces:
+            if piece.startswith(RSYNC_MARK):
+                mark = piece
+            elif m := _PROGRESS_RE.match(piece):
+                latest, at_latest = m, mark
+            else:
+                self._stat(piece.strip())
+        if latest is not None:
+            if at_latest is not None:
+                self.reporter.current = unescape(at_latest[len(RSYNC_MARK) :])
+            await self._progress(latest)
+        if mark is not None:
+            self.reporter.current = unescape(mark[len(RSYNC_MARK) :])
+
+    async def _progress(self, m: re.Match[str]) -> None:
+        done, pct = _number(m.group(1)), int(m.group(2))
+        rate = float(m.group(3)) * _UNITS.get(m.group(4), 1)
+        if m.group(6) == "to" and pct > 0:
+            self.total = max(done, round(done * 100 / pct))
+        elif m.group(6) == "to" and m.group(7) == "0":
+            self.total = done
+        self.bytes_done = done
+        await self.reporter.update(done, self.total, rate)
+
+    def _stat(self, stat: str) -> None:
         for prefix, attr in (
             ("Number of regular files transferred:", "files"),
             ("Total transferred file size:", "file_bytes"),
