@@ -158,6 +158,28 @@ def test_run_passes_the_output_on_whole_and_in_batches(tmp: Path) -> None:
     assert len(pieces) <= took / rsynchelper.RELAY_EVERY + 2 < 1000
 
 
+def test_a_full_non_blocking_stdout_is_waited_for_not_taken_for_a_reader_gone(
+    tmp: Path,
+) -> None:
+    out, into = os.pipe()
+    os.set_blocking(into, False)  # as a session's end might be: full means wait
+    pidfile = str(tmp / "t" / "x.pid")
+    argv = remote.argv("rsynchelper", "run", pidfile, "head", "-c", "1000000", "/dev/zero")
+    proc = subprocess.Popen(argv, stdout=into, stdin=subprocess.DEVNULL)
+    os.close(into)
+    try:
+        time.sleep(0.5)  # the pipe fills up (64 KiB) long before this
+        got = b""
+        while piece := os.read(out, 1 << 20):
+            got += piece
+        assert proc.wait(timeout=30) == 0 and got == bytes(1000000)
+    finally:
+        os.close(out)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_command_that_cannot_start_is_127_and_leaves_no_work_dir(tmp: Path) -> None:
     token = "12" * 16
     done = subprocess.run(

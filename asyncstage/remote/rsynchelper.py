@@ -503,11 +503,19 @@ def relay(fd: int) -> None:
                 break
             batch.append(chunk)
             size += len(chunk)
-        data = memoryview(b"".join(batch))
-        while data:
-            data = data[os.write(1, data) :]
+        _write_all(1, b"".join(batch))
         if not chunk:
             return
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, waiting while it is full (were it non-blocking)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def _solo_dir(token: str) -> str:
