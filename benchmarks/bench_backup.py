@@ -311,12 +311,12 @@ def _copy_totals(cloud: LocalCloud | None) -> dict[str, float]:
 # -- the fleets ---------------------------------------------------------------------------
 
 
-async def our_fleet(m: Manager, n: int, nbytes: int, files: int) -> list[Server]:
-    """n servers, each with SRC on a data volume of its own, filled."""
+async def our_fleet(m: Manager, n: int, nbytes: int, files: int, gib: int = 1) -> list[Server]:
+    """n servers, each with SRC on a data volume of its own (``gib`` GiB), filled."""
     servers = await m.provision_servers([f"src-{i:02d}" for i in range(n)])
 
     async def prepare(s: Server) -> None:
-        await s.provision_volume(f"data-{s.name}", size=1, mount=SRC)
+        await s.provision_volume(f"data-{s.name}", size=gib, mount=SRC)
         await s.scmd("sh", "-c", _fill_script(nbytes, files), sudo=True, timeout=600)
 
     async with anyio.create_task_group() as tg:
@@ -435,7 +435,7 @@ REST_S = 10.0
 refilled; the local cloud plays it) is full again, so that no plan pays for the calls of
 the one before it. Quick mode: none."""
 
-PARTS = ("perl", "scale", "ebs")
+PARTS = ("perl", "scale", "ebs", "large")
 """The run's parts, each in a local cloud of its own (so that one holds the machine a
 few minutes, not all of them): ``perl``, the fleets the Perl module backs up too, both
 sides; ``scale``, the larger fleets, and parts 2-4 on a first run of the focus fleet of
@@ -452,7 +452,9 @@ async def main() -> None:
     known, rest = pre.parse_known_args()
     args = parse_args(__doc__ or "", rest)
     if args.quick:  # two servers, no Perl: a smoke test of every part
-        setup = Setup(sizes=[2], focus=2, per_server=2 * MiB, files=100, perl_max=0)
+        setup = Setup(
+            sizes=[2], focus=2, per_server=2 * MiB, files=100, perl_max=0, large_per_server=4 * MiB
+        )
         await measure(args.results, True, setup, PARTS, perl_too=False)
     elif known.part == "report":
         report(args.results, False, FULL)
@@ -477,6 +479,20 @@ class Setup:
     focus_rounds: int = 1
     """Rounds of the focus fleet's limits, first runs and reruns, in each store (their
     median is reported)."""
+    large: int = 2
+    """Servers of the ``large`` part: backups large enough for their fixed steps to fade."""
+    large_per_server: int = 0
+    """Bytes per server of the ``large`` part (0: ``focus_bytes``)."""
+
+    @property
+    def large_bytes(self) -> int:
+        """Bytes per server of the ``large`` part."""
+        return self.large_per_server or self.focus_bytes
+
+    @property
+    def large_files(self) -> int:
+        """Files per server of the ``large`` part (files of the same size as the others')."""
+        return self.files * self.large_bytes // self.per_server
 
     @property
     def focus_bytes(self) -> int:
@@ -489,14 +505,23 @@ class Setup:
         return self.files * self.focus_bytes // self.per_server
 
     def of(self, part: str) -> list[int]:
-        """The fleet sizes part ``part`` backs up (``ebs``: only the focus fleet)."""
-        if part == "ebs":
+        """The fleet sizes part ``part`` backs up (``ebs``: only the focus fleet;
+        ``large``: only its own)."""
+        if part in ("ebs", "large"):
             return []
         return [n for n in self.sizes if (n <= self.perl_max) == (part == "perl")]
 
 
 FULL = Setup(
-    sizes=[4, 16, 50], focus=16, per_server=64 * MiB, focus_per_server=256 * MiB, focus_rounds=3
+    sizes=[4, 16, 50],
+    focus=16,
+    per_server=64 * MiB,
+    focus_per_server=256 * MiB,
+    focus_rounds=3,
+    # 8 GiB in all: the data and a copy of it fit this machine's page cache, as the
+    # focus fleet's do, so that the limit stays the cores' and not the disk's
+    large=8,
+    large_per_server=GiB,
 )
 
 
@@ -562,6 +587,8 @@ async def _part(
                         await _fleets(m, cloud, perl, res, sizes, setup, largest=max(sizes))
                     elif part == "scale":
                         await _scale(m, cloud, perl, res, sizes, setup)
+                    elif part == "large":
+                        await _large(m, cloud, res, setup)
                     else:
                         await _ebs(m, cloud, res, setup)
                 finally:
@@ -640,15 +667,15 @@ async def _scale(
     res |= await _focus_rounds(m, cloud, group, setup, res["load"])
 
 
-async def _limits(group: list[Server], res: dict[str, Any]) -> None:
+async def _limits(group: list[Server], res: dict[str, Any], gib: int = 1) -> None:
     """The CPU limits on ``group`` (:func:`bare_copies`, one round each), into
-    scratch volumes made for them and deleted after (snapshot mode takes every data
-    volume)."""
+    scratch volumes of ``gib`` GiB made for them and deleted after (snapshot mode takes
+    every data volume)."""
     print(f"CPU limit: bare rsync on {len(group)} servers at once")
     scratch: dict[str, Volume] = {}
 
     async def make_scratch(s: Server) -> None:
-        scratch[s.name] = await s.provision_volume(f"scratch-{s.name}", size=1, mount=SCRATCH)
+        scratch[s.name] = await s.provision_volume(f"scratch-{s.name}", size=gib, mount=SCRATCH)
 
     async with anyio.create_task_group() as tg:
         for s in group:
@@ -668,6 +695,51 @@ async def _ebs(m: Manager, cloud: LocalCloud, res: dict[str, Any], setup: Setup)
     group = await our_fleet(m, focus, setup.focus_bytes, setup.focus_files)
     res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
     res |= await _focus_rounds(m, cloud, group, setup, res["load"])
+
+
+async def _large(m: Manager, cloud: LocalCloud, res: dict[str, Any], setup: Setup) -> None:
+    """Copy-mode backups large enough that their fixed steps fade (a server's backup is
+    seldom 256 MiB), against the CPU limits: in rounds, each its limits right before its
+    first run; a round's snapshots are deleted after it, so that each round starts as the
+    first did (the plain store's snapshot copies fill the disk and the page cache)."""
+    n, nbytes = setup.large, setup.large_bytes
+    gib = max(1, -(-nbytes * 5 // (4 * GiB)))  # room for the data, as on a server
+    print(f"set-up: {n} servers with {nbytes // MiB} MiB each")
+    t = time.perf_counter()
+    group = await our_fleet(m, n, nbytes, setup.large_files, gib=gib)
+    res["setup_s"] = {"asyncstage": round(time.perf_counter() - t, 1)}
+    rounds: list[dict[str, Any]] = []
+    for i in range(setup.focus_rounds):
+        done: dict[str, Any] = {"load": {}}
+        await _limits(group, done, gib=gib)
+        print(f"round {i + 1} of {setup.focus_rounds}: {n} backups of {nbytes // MiB} MiB")
+        done["first"] = await run_timed(m, copy_plan(group, f"lg{i}"), cloud)
+        print(f"  asyncstage: {done['first']['wall_s']:.2f} s")
+        for s in group:
+            for snap in await m.snapshots(f"lg{i}-{s.name}"):
+                await m.ec2.delete_snapshot(snap["SnapshotId"])
+        res["load"] |= {f"round{i + 1}_{k}": v for k, v in done["load"].items()}
+        rounds.append(done)
+    copy, limits = _median_copy(rounds)
+    res |= {"copy_first": copy["first"], "bare": copy["bare"], "rounds": _copy_ratios(limits)}
+
+
+def _median_copy(
+    rounds: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The round whose first run is the median against the limits of its own round, and
+    every round's first run against its limits (:func:`_cpu_limit`)."""
+    limits = [_cpu_limit(r["first"], r["bare"]) for r in rounds]
+    by = sorted(zip(rounds, limits, strict=True), key=lambda rl: float(rl[1]["vs_limit"]))
+    return by[len(by) // 2][0], limits
+
+
+def _copy_ratios(limits: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each round's first run against its limits, as a store's ``rounds`` keep them."""
+    return [
+        {"copy_vs_limit": c["vs_limit"], "copy_vs_limit_with_manifest": c["vs_limit_with_manifest"]}
+        for c in limits
+    ]
 
 
 async def _focus_rounds(
@@ -707,12 +779,8 @@ def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         by = sorted(rounds, key=lambda r: float(r[rerun]["wall_s"]) / float(r[first]["wall_s"]))
         return by[len(by) // 2]
 
-    # each round's first run against the limits of its own round, worked out once
-    limits = [_cpu_limit(r["first"], r["bare"]) for r in rounds]
     mid, kept = pick("first", "rerun"), pick("kept_first", "kept_rerun")
-    copy = sorted(zip(rounds, limits, strict=True), key=lambda rl: float(rl[1]["vs_limit"]))[
-        len(rounds) // 2
-    ][0]
+    copy, limits = _median_copy(rounds)
     return {
         "first": mid["first"],
         "rerun": mid["rerun"],
@@ -726,10 +794,9 @@ def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             {
                 "ratio": ratio(r["rerun"]["wall_s"], r["first"]["wall_s"]),
                 "kept_ratio": ratio(r["kept_rerun"]["wall_s"], r["kept_first"]["wall_s"]),
-                "copy_vs_limit": c["vs_limit"],
-                "copy_vs_limit_with_manifest": c["vs_limit_with_manifest"],
+                **c,
             }
-            for r, c in zip(rounds, limits, strict=True)
+            for r, c in zip(rounds, _copy_ratios(limits), strict=True)
         ],
     }
 
@@ -799,6 +866,9 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
         "files_per_server": setup.files,
         "focus_bytes_per_server": setup.focus_bytes,
         "focus_files_per_server": setup.focus_files,
+        "large_fleet": setup.large,
+        "large_bytes_per_server": setup.large_bytes,
+        "large_files_per_server": setup.large_files,
         "changed_share": 0.01,
         "plan_concurrency": "N (every backup at once)",
         "perl_measured_up_to": setup.perl_max,
@@ -808,16 +878,7 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
         "instances_cpu_from": {
             p: r.get("instances_cpu_from", "/proc (clock ticks)") for p, r in parts.items()
         },
-        "parts": {
-            p: (
-                f"local cloud of its own (store='reflink'), parts 3-4 on a first run of "
-                f"{setup.focus}"
-                if p == "ebs"
-                else f"local cloud of its own, fleets {setup.of(p)}"
-                + (f", parts 2-4 on a first run of {setup.focus}" if p == "scale" else "")
-            )
-            for p in parts
-        },
+        "parts": {p: _part_text(p, setup) for p in parts},
     }
     scale = parts["scale"]
     res: dict[str, Any] = {
@@ -877,10 +938,31 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
     if "bare" in ebs:
         res["reflink_store"]["copy_first"] = ebs["copy_first"]
         res["reflink_store"]["cpu_limit"] = _cpu_limit(ebs["copy_first"], ebs["bare"])
+    large = parts["large"]
+    res["large"] = {
+        "rounds": large["rounds"],
+        "copy_first": large["copy_first"],
+        "cpu_limit": _cpu_limit(large["copy_first"], large["bare"]),
+    }
     rep.results.update(res)
     _tables(rep, res, setup.sizes)
     _targets(rep, res, setup.sizes)
     rep.save()
+
+
+def _part_text(part: str, setup: Setup) -> str:
+    """What part ``part`` runs, for the report's parameters."""
+    if part == "ebs":
+        return (
+            f"local cloud of its own (store='reflink'), parts 3-4 on a first run of {setup.focus}"
+        )
+    if part == "large":
+        return (
+            f"local cloud of its own, part 2 on {setup.large} servers of "
+            f"{setup.large_bytes // MiB} MiB each"
+        )
+    text = f"local cloud of its own, fleets {setup.of(part)}"
+    return text + (f", parts 2-4 on a first run of {setup.focus}" if part == "scale" else "")
 
 
 def _cpu_limit(first: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
@@ -985,7 +1067,7 @@ def _copy_mode_target(
     first: dict[str, Any],
     c: dict[str, Any],
     store: str,
-    rerun: dict[str, Any],
+    rerun: dict[str, Any] | None,
 ) -> None:
     """The copy mode's throughput against the CPU limit of the same cloud; below 0.8 of
     it, bound by the machine when the plan keeps 0.8 of the limit with the manifest
@@ -998,9 +1080,9 @@ def _copy_mode_target(
         f"{_f(first['median_s']['rsync_s'])} s)"
     )
     span = _span_work(c)
-    if _own_share(first) >= 0.8:
-        bound = _bound(first)
-    elif c.get("instances_work_vs_limit_with_manifest", 0.0) >= 0.8:
+    # how lean the instances' work is decides first: cores kept busy by a plan that does
+    # more per byte than its limit are not the machine's doing
+    if c.get("instances_work_vs_limit_with_manifest", 0.0) >= 0.8:
         bound = (
             "machine and design: a plan writes each backup's manifest, a sha256 of every "
             "byte read where the data is (what a later check verifies): bare rsync followed "
@@ -1012,6 +1094,8 @@ def _copy_mode_target(
             f"{os.cpu_count() or 1} cores with the instances here, the controller and the "
             f"local cloud, which run on machines of their own on EC2 ({manifest})"
         )
+    elif _own_share(first) >= 0.8:
+        bound = _bound(first)
     elif c["vs_limit_with_manifest"] >= 0.8:
         bound = (
             "machine: a plan writes each backup's manifest, a sha256 of every byte read "
@@ -1044,7 +1128,8 @@ def _copy_mode_target(
         c["vs_limit"],
         ">=",
         0.8,
-        f"copy mode, {focus} backups at once{store}: aggregate throughput of the copy "
+        f"copy mode, {focus} backups of {_f(first['bytes'] / focus / MiB)} MiB at once"
+        f"{store}: aggregate throughput of the copy "
         "phases / the CPU-bound limit (bare rsync of the same bytes on every server at "
         "once, same run)",
         bound=bound,
@@ -1077,17 +1162,18 @@ def _span_work(c: dict[str, Any]) -> str:
     )
 
 
-def _fixed_work(c: dict[str, Any], first: dict[str, Any], rerun: dict[str, Any]) -> str:
+def _fixed_work(c: dict[str, Any], first: dict[str, Any], rerun: dict[str, Any] | None) -> str:
     """The plan's instance work over its limit's, per backup, beside a rerun's whole
     instance work per backup (its fixed steps), as text."""
-    if "span_instances_cpu_s_per_gib" not in c:
+    if "span_instances_cpu_s_per_gib" not in c or rerun is None:
         return ""
     n = first["n"]
     gib = first["bytes"] / GiB
     extra = c["span_instances_cpu_s_per_gib"] - c["with_manifest_instances_cpu_s_per_gib"]
     return (
         f"; that extra work is {_f(extra * gib / n)} CPU s per backup, about a rerun's "
-        f"backup's whole work ({_f(rerun['cpu_split']['instances_cpu_s'] / n)} CPU s): "
+        f"backup's whole work ({_f(rerun['cpu_split']['instances_cpu_s'] / rerun['n'])} "
+        "CPU s): "
         "each backup's fixed steps (its commands, each under sudo; the helpers' "
         "interpreters; the mount and the unmount), not its bytes"
     )
@@ -1241,6 +1327,22 @@ def _tables(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> No
             ],
         ],
     )
+    large = res["large"]["cpu_limit"]
+    each = res["large"]["copy_first"]["bytes"] / res["large"]["copy_first"]["n"] / MiB
+    report.table(
+        f"Copy mode against the CPU limit, backups of {_f(each)} MiB (their fixed steps fade)",
+        ["figure", "value", "ratio"],
+        [
+            ["bare rsync on every server at once (the limit), MB/s", large["limit_mb_s"], 1.0],
+            [
+                "bare rsync, then the manifest by a plain command (limit with it), MB/s",
+                large["limit_with_manifest_mb_s"],
+                ratio(large["limit_with_manifest_mb_s"], large["limit_mb_s"]),
+            ],
+            ["plan, copy phases, MB/s", large["copy_phase_mb_s"], large["vs_limit"]],
+            ["plan, whole run, MB/s", large["whole_run_mb_s"], large["whole_run_vs_limit"]],
+        ],
+    )
     ebs, kept = res["reflink_store"], res["incremental_kept"]
     sides = [
         ("first run", inc["first"], ebs["first"], 1.0, 1.0),
@@ -1315,6 +1417,15 @@ def _targets(report: BaselineReport, res: dict[str, Any], sizes: list[int]) -> N
         res["cpu_limit"],
         f" ({_copy_rounds(res['rounds'])})",
         rerun,
+    )
+    large = res["large"]
+    _copy_mode_target(
+        report,
+        "copy_mode_vs_cpu_limit_large",
+        large["copy_first"],
+        large["cpu_limit"],
+        f" (backups large enough that their fixed steps fade; {_copy_rounds(large['rounds'])})",
+        None,
     )
     report.target(
         "incremental_rerun",

@@ -32,6 +32,12 @@ def test_backup(results: Path) -> None:
     assert positive(c["limit_mb_s"]) and positive(c["copy_phase_mb_s"])
     assert 0 <= c["bare"]["busy"] <= 1
     assert len(r["rounds"]) == len(r["reflink_store"]["rounds"]) == 1  # quick: one round each
+    large, p = r["large"], data["params"]  # backups large enough for their fixed steps to fade
+    assert len(large["rounds"]) == 1 and large["copy_first"]["n"] == p["large_fleet"]
+    assert large["copy_first"]["bytes"] >= p["large_fleet"] * p["large_bytes_per_server"] * 0.99
+    assert large["copy_first"]["routes"] == ["same-host"] and large["copy_first"]["parents"] == 0
+    assert positive(large["cpu_limit"]["limit_with_manifest_mb_s"])
+    assert positive(large["cpu_limit"]["copy_phase_mb_s"])
     if set(data["params"]["instances_cpu_from"].values()) == {"cgroup cpuacct"}:
         # of the instances' CPU over the copy span and in the limit, the kernel's part
         span, hashed = c["span_cpu"], c["bare"]["with_manifest"]
@@ -61,6 +67,7 @@ def test_backup(results: Path) -> None:
         assert made["cloned"] == made["copies"] > 0
     assert {t["name"] for t in data["targets"]} >= {
         "copy_mode_vs_cpu_limit",
+        "copy_mode_vs_cpu_limit_large",
         "incremental_rerun",
         "incremental_rerun_kept_volume",
         "snapshot_vs_copy_mode",
