@@ -21,7 +21,8 @@ caller raw: they are wrapped in one of these, with the original kept as
     │   ├── UnknownServer
     │   ├── UnknownVolume
     │   ├── UnknownSnapshot
-    │   └── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
+    │   ├── UnknownImage           also an EC2Error (code ``InvalidAMIID.NotFound``)
+    │   └── NoLocalCloud           ``--local``, and no ``asyncstage local up`` daemon runs
     ├── BackupInProgress           another run of the backup holds its lease (named)
     ├── HookFailed                 a backup's pre/post hook failed or timed out (on_error="fail")
     ├── WaitTimeout                what was awaited, and its last state
@@ -85,6 +86,7 @@ __all__ = [
     "MissingDependency",
     "MountPointRefused",
     "NameTaken",
+    "NoLocalCloud",
     "NoRoute",
     "NotFound",
     "PathError",
@@ -169,6 +171,10 @@ class UnknownVolume(NotFound):
 
 class UnknownSnapshot(NotFound):
     """No snapshot with that id or name."""
+
+
+class NoLocalCloud(NotFound):
+    """No local cloud daemon (``asyncstage local up``) runs in the directory looked in."""
 
 
 # -- waiting -----------------------------------------------------------------

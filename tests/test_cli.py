@@ -96,6 +96,19 @@ def test_the_local_cloud_is_polled_sooner_than_ec2(
     assert common.manager_options(keyed)["host_keys"] == "user-data"
 
 
+def test_no_local_cloud_names_where_it_looked(tmp_path: Path) -> None:
+    # a cloud started with --dir elsewhere is not found without ASYNCSTAGE_LOCAL_DIR: the
+    # error says where it looked and how to point the commands at another directory
+    env = os.environ | {"ASYNCSTAGE_LOCAL_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    done = run(env, "--local", "servers", "list", ok=False)
+    assert done.returncode == 3 and f"no local cloud running in {tmp_path}" in done.stderr
+    assert "ASYNCSTAGE_LOCAL_DIR" in done.stderr
+    done = run(env, "local", "env", ok=False)
+    assert done.returncode == 3 and str(tmp_path) in done.stderr
+    done = run(env, "local", "status", ok=False)
+    assert done.returncode == 3 and f"not running (looked in {tmp_path})" in done.stdout
+
+
 def test_usage_errors_exit_2() -> None:
     done = subprocess.run([str(EXE), "servers", "explode"], capture_output=True, text=True)
     assert done.returncode == 2 and "invalid choice" in done.stderr
@@ -131,6 +144,20 @@ def test_local_status(daemon: dict[str, str]) -> None:
     secret = json.loads(record.read_text())["aws_secret_access_key"]
     assert exports["AWS_SECRET_ACCESS_KEY"] == secret != "asyncstage-local"
     assert record.stat().st_mode & 0o777 == 0o600
+    # and where its daemon is: a shell that evaluates the lines finds the cloud with
+    # --local, wherever `local up --dir` put it
+    assert exports["ASYNCSTAGE_LOCAL_DIR"] == daemon["ASYNCSTAGE_LOCAL_DIR"]
+    elsewhere = {k: v for k, v in daemon.items() if k != "ASYNCSTAGE_LOCAL_DIR"}
+    script = f'eval "$({EXE} local env --dir "$1")" && exec {EXE} --local servers list'
+    shown = subprocess.run(
+        ["sh", "-c", script, "sh", daemon["ASYNCSTAGE_LOCAL_DIR"]],
+        capture_output=True,
+        text=True,
+        env=elsewhere,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
 
 
 @needs_root

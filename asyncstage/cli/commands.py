@@ -27,10 +27,7 @@ from asyncstage.cli.common import (
     settings,
     with_progress,
 )
-from asyncstage.errors import (
-    AsyncstageError,
-    NotFound,
-)
+from asyncstage.errors import AsyncstageError
 from asyncstage.names import Kind, check_mount_point, check_name
 from asyncstage.output import Output, human_bytes, human_duration
 
@@ -104,7 +101,7 @@ def _local_up(args: argparse.Namespace, out: Output) -> int:
     else:
         out.note(f"local cloud already running at {state['endpoint_url']} (pid {state['pid']})")
     out.note('point later commands at it with --local, or:  eval "$(asyncstage local env)"')
-    out.result(state, "\n".join(daemon.env_lines(state)))
+    out.result(state, "\n".join(daemon.env_lines(state, directory)))
     return EXIT_OK
 
 
@@ -138,7 +135,7 @@ def _local_status(args: argparse.Namespace, out: Output) -> int:
     directory = daemon.local_dir(args.dir)
     state = daemon.read_local_state(directory)
     if state is None:
-        out.result({"running": False}, "local cloud: not running")
+        out.result({"running": False}, f"local cloud: not running (looked in {directory})")
         return EXIT_NOT_RUNNING
     up = human_duration(time.time() - float(state.get("started", time.time())))
     text = "\n".join(
@@ -175,11 +172,12 @@ def _network_text(state: dict[str, Any]) -> str:
 
 
 def _local_env(args: argparse.Namespace, out: Output) -> int:
-    state = daemon.read_local_state(daemon.local_dir(args.dir))
+    directory = daemon.local_dir(args.dir)
+    state = daemon.read_local_state(directory)
     if state is None:
-        raise NotFound("no local cloud running: start one with `asyncstage local up`")
+        raise daemon.no_cloud(directory)
     read_only = bool(getattr(args, "read_only", False))
-    out.result(state, "\n".join(daemon.env_lines(state, read_only=read_only)))
+    out.result(state, "\n".join(daemon.env_lines(state, directory, read_only=read_only)))
     return EXIT_OK
 
 

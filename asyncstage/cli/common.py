@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncstage import completion, paths, userconfig
 from asyncstage.cli import daemon
-from asyncstage.cli.daemon import LOCAL_IMAGE_PATTERN, local_dir, read_local_state
+from asyncstage.cli.daemon import LOCAL_IMAGE_PATTERN, local_dir, no_cloud, read_local_state
 from asyncstage.errors import (
     NotFound,
     UnknownServer,
@@ -96,7 +96,7 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
     state = read_local_state(local_dir())
     if args.local:
         if state is None:
-            raise NotFound("no local cloud running: start one with `asyncstage local up`")
+            raise no_cloud(local_dir())
         endpoint = str(state["endpoint_url"])
     if endpoint:
         opts["endpoint_url"] = endpoint

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
-from asyncstage.errors import NotFound
+from asyncstage.errors import NoLocalCloud, NotFound
 from asyncstage.settings import local_credentials
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ __all__ = [
     "LOCAL_IMAGE_PATTERN",
     "env_lines",
     "local_dir",
+    "no_cloud",
     "pid_is_daemon",
     "read_local_state",
     "serve",
@@ -34,6 +36,14 @@ def local_dir(path: str | None = None) -> Path:
     ``~/.asyncstage/local``."""
     chosen = path or os.environ.get("ASYNCSTAGE_LOCAL_DIR") or "~/.asyncstage/local"
     return Path(chosen).expanduser().absolute()
+
+
+def no_cloud(directory: Path) -> NoLocalCloud:
+    """The error of a command that needs the local cloud when none runs in ``directory``."""
+    return NoLocalCloud(
+        f"no local cloud running in {directory}: start one with `asyncstage local up` (one "
+        "started with `--dir` elsewhere is found with ASYNCSTAGE_LOCAL_DIR set to that dir)"
+    )
 
 
 def pid_is_daemon(pid: int, directory: Path) -> bool:
@@ -76,10 +86,12 @@ def read_only_exported(state: dict[str, Any]) -> bool:
     return bool(key) and os.environ.get("AWS_ACCESS_KEY_ID") == key
 
 
-def env_lines(state: dict[str, Any], *, read_only: bool = False) -> list[str]:
-    """``export`` lines that point later commands (and aws-cli, boto3) at the cloud."""
+def env_lines(state: dict[str, Any], directory: Path, *, read_only: bool = False) -> list[str]:
+    """``export`` lines that point later commands (and aws-cli, boto3) at the cloud whose
+    daemon keeps ``directory`` (``--local`` finds it there)."""
     creds = cloud_credentials(state, read_only=read_only)
     return [
+        f"export ASYNCSTAGE_LOCAL_DIR={shlex.quote(str(directory))}",
         f"export ASYNCSTAGE_ENDPOINT_URL={state['endpoint_url']}",
         f"export AWS_ENDPOINT_URL_EC2={state['endpoint_url']}",
         f"export AWS_DEFAULT_REGION={state['region']}",

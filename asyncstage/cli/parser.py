@@ -28,11 +28,15 @@ from typing import Any
 from asyncstage import __version__, completion, userconfig
 from asyncstage.cli import backup_options
 from asyncstage.cli import commands as c
-from asyncstage.cli.common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
-from asyncstage.errors import (
-    AsyncstageError,
-    HostKeyMismatch,
+from asyncstage.cli.common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
 )
+from asyncstage.errors import AsyncstageError, HostKeyMismatch, NoLocalCloud
 from asyncstage.localcloud.errors import LocalCloudError, NeedsRoot
 from asyncstage.output import Output
 from asyncstage.settings import HOST_KEY_SOURCES, ON_EXIT
@@ -352,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asyncstage: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except NoLocalCloud as e:
+        print(f"asyncstage: error: {e}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     except (AsyncstageError, LocalCloudError, OSError, ValueError) as e:
         if args.verbose:
             traceback.print_exc()
