@@ -109,6 +109,35 @@ def test_no_local_cloud_names_where_it_looked(tmp_path: Path) -> None:
     assert done.returncode == 3 and f"not running (looked in {tmp_path})" in done.stdout
 
 
+def test_backup_options_a_form_ignores_are_refused(tmp_path: Path) -> None:
+    from asyncstage.cli.backup_options import unused_options
+
+    def unused(*argv: str, form: str) -> list[str]:
+        return unused_options(build_parser().parse_args(["backup", *argv]), form)
+
+    # each form takes its own options, and no others
+    assert unused("--name", "b", "web:/srv", "--size", "2", "--wait", "5", form="--name") == []
+    assert unused("--each", "web*", "/srv", "--concurrency", "8", form="--each") == []
+    assert unused("run", "plan.toml", "--concurrency", "2", "--wait", "9", form="run") == []
+    assert unused("forget", "b", "--keep-daily", "7", "--dry-run", form="forget") == []
+    assert unused("check", "b", "--all", "--read-data", form="check") == []
+    assert unused("list", "--copy-region", "eu-west-1", form="list") == []
+    assert unused("--name", "b", "web:/srv", "--keep-last", "2", "--all", form="--name") == [
+        "--all (used by backup check)",
+        "--keep-last (used by backup forget)",
+    ]
+    assert unused("list", "--name-template", "x-{server}", form="list") == [
+        "--name-template (used by backup --each)"
+    ]
+    # on the command line: a usage error before anything runs, not an option dropped
+    env = os.environ | {"ASYNCSTAGE_LOCAL_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    done = run(env, "--local", "backup", "--name", "b", "web:/srv", "--keep-last", "2", ok=False)
+    assert done.returncode == 2 and "--keep-last (used by backup forget)" in done.stderr
+    assert "retention: `backup forget NAME --keep-...`" in done.stderr
+    done = run(env, "--local", "backup", "sweep", "--read-data", ok=False)
+    assert done.returncode == 2 and "--read-data (used by backup check)" in done.stderr
+
+
 def test_usage_errors_exit_2() -> None:
     done = subprocess.run([str(EXE), "servers", "explode"], capture_output=True, text=True)
     assert done.returncode == 2 and "invalid choice" in done.stderr

@@ -43,8 +43,8 @@ from asyncstage.cli.backup_keep import (
     region_managers,
     run_plan_in_regions,
 )
-from asyncstage.cli.backup_options import ACTIONS
-from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, open_manager, with_progress
+from asyncstage.cli.backup_options import ACTIONS, unused_options
+from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, open_manager, with_progress
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.output import Output, human_bytes, human_duration
@@ -54,6 +54,15 @@ __all__ = ["backup_command"]
 
 def backup_command(args: argparse.Namespace, out: Output) -> int:
     """``asyncstage backup``: a backup with ``--name``, else the action named first."""
+    form = "--each" if args.each is not None else "--name" if args.name is not None else ""
+    form = form or (args.paths[0] if args.paths[0] in ACTIONS else "")
+    if form and (unused := unused_options(args, form)):
+        hint = (
+            " (retention: `backup forget NAME --keep-...`, or a plan's retention)"
+            if any(u.startswith("--keep-") for u in unused) and form != "forget"
+            else ""
+        )
+        raise UsageError(f"backup {form}: not its options: {'; '.join(unused)}{hint}")
     if args.each is not None:
         return _each(args, out)
     if args.name is None:
@@ -81,7 +90,7 @@ def backup_command(args: argparse.Namespace, out: Output) -> int:
             args.paths,
             size=args.size,
             zone=args.zone,
-            wait=args.wait,
+            wait=args.wait or 0.0,
             keep_volume=args.keep_volume,
         )
         swept = f", {len(result.swept)} leftovers of dead runs removed" if result.swept else ""
@@ -134,7 +143,7 @@ def _each(args: argparse.Namespace, out: Output) -> int:
             )
             for s in servers
         ]
-        plan = backup.Plan(tuple(planned), concurrency=args.concurrency or 4, wait=args.wait)
+        plan = backup.Plan(tuple(planned), concurrency=args.concurrency or 4, wait=args.wait or 0.0)
         return _report(out, _run_with_table(m, plan, out))
 
 
@@ -146,8 +155,12 @@ def _template(template: str, server: str) -> str:
 
 
 def _run_plan(args: argparse.Namespace, out: Output, plan: backup.Plan) -> int:
-    if args.concurrency:
-        plan = backup.Plan(plan.backups, concurrency=args.concurrency, wait=plan.wait)
+    if args.concurrency or args.wait is not None:  # the command line's over the plan's
+        plan = backup.Plan(
+            plan.backups,
+            concurrency=args.concurrency or plan.concurrency,
+            wait=plan.wait if args.wait is None else args.wait,
+        )
     with open_manager(args) as m, region_managers(args, plan_regions(plan)) as others:
         return _report(out, _run_with_table(m, plan, out, others))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["ACTIONS", "HELP", "KEEP_RULES", "add_arguments"]
+__all__ = ["ACTIONS", "HELP", "KEEP_RULES", "add_arguments", "unused_options"]
 
 HELP = "incremental backup of any sources into a snapshot; `backup sweep` removes leftovers"
 ACTIONS = ("run", "list", "sweep", "check", "forget")
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wait",
         type=float,
-        default=0.0,
-        help="seconds to wait for another run of the same backup (default: refuse at once)",
+        help="seconds to wait for another run of the same backup (--name, --each, run; "
+        "default: refuse at once, or the plan's)",
     )
     p.add_argument(
         "--keep-volume",
@@ -87,3 +87,36 @@ def _keep_arguments(p: argparse.ArgumentParser) -> None:
         metavar="REGION",
         help="backup list: also list REGION's backups (copies); repeatable",
     )
+
+
+_NAMED, _EACH = "--name", "--each"
+# the forms of the command that read each option (the rest never look at it)
+_USED_BY: dict[str, tuple[str, ...]] = {
+    "size": (_NAMED, _EACH),
+    "zone": (_NAMED, _EACH),
+    "keep_volume": (_NAMED, _EACH),
+    "name_template": (_EACH,),
+    "concurrency": (_EACH, "run"),
+    "wait": (_NAMED, _EACH, "run"),
+    "snapshot": ("check",),
+    "all_snapshots": ("check",),
+    "read_data": ("check",),
+    **{f"keep_{rule}": ("forget",) for rule in (*KEEP_RULES, "within")},
+    "dry_run": ("forget",),
+    "copy_region": ("list",),
+}
+_DEFAULTS: dict[str, object] = {"name_template": "{server}"}
+
+
+def unused_options(args: argparse.Namespace, form: str) -> list[str]:
+    """The options given that ``form`` (``--name``, ``--each`` or an action) ignores, each
+    with the forms that use it: a ``--keep-last`` given to a backup would otherwise be
+    dropped in silence, and its snapshots kept."""
+    found = []
+    for dest, forms in _USED_BY.items():
+        value = getattr(args, dest, None)
+        if value in (None, False, []) or value == _DEFAULTS.get(dest) or form in forms:
+            continue
+        flag = "--" + ("all" if dest == "all_snapshots" else dest.replace("_", "-"))
+        found.append(f"{flag} (used by {', '.join('backup ' + f for f in forms)})")
+    return found
