@@ -4,6 +4,9 @@ from a real sshd reached with the user's own ssh set-up)."""
 
 from __future__ import annotations
 
+import glob
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,8 +14,10 @@ import pytest
 
 from asyncstage import Manager, Server, backup, remote
 from asyncstage.backup.manifest import MANIFEST_NAME
-from asyncstage.backup.sources import plan_sources
+from asyncstage.backup.sizes import size_for
+from asyncstage.backup.sources import measure, plan_sources
 from asyncstage.errors import InvalidArgument, NotFound, RsyncError
+from asyncstage.localcloud import LocalCloud
 from tests.backup_support import NOTHING, leftovers, manager_dropping
 from tests.sshd import SSHServer
 
@@ -102,15 +107,34 @@ async def test_a_whole_volume_rerun_hashes_only_what_changed(manager: Manager) -
 
 
 async def test_an_unreachable_ssh_host_fails_that_backup_cleanly(
-    manager: Manager, unmanaged: SSHServer
+    manager: Manager, unmanaged: SSHServer, cloud: LocalCloud
 ) -> None:
     server = await manager.get_server("backup-host")
+    made = cloud.api_calls["CreateVolume"]
     # nothing listens on 127.0.0.44 at the sshd's port (RSYNC_RSH names the port)
-    with pytest.raises(RsyncError):
+    with pytest.raises(RsyncError, match="Connection refused"):
         await backup.backup(manager, "mixed", ["root@127.0.0.44:/srv"], server=server)
+    assert cloud.api_calls["CreateVolume"] == made  # found while measuring: nothing made
     assert manager.volumes() == []
     assert await leftovers(manager, "mixed") == NOTHING
     assert await manager.snapshots("mixed") == []
+
+
+async def test_an_ssh_hosts_data_is_measured_over_its_own_ssh(
+    manager: Manager, unmanaged: SSHServer, tmp_path: Path
+) -> None:
+    # the work volume is sized from the data, as for a server's: a 3 GiB (sparse) file on
+    # the host, whose apparent size rsync would copy, asks for more than the 1 GiB minimum
+    far = tmp_path / "far"
+    far.mkdir()
+    (far / "big.img").write_bytes(b"")
+    os.truncate(far / "big.img", 3 << 30)
+    (far / "small.txt").write_text("x" * 1000)
+    groups = plan_sources(manager, [f"root@{unmanaged.address}:{far}"])
+    assert await measure(groups) == size_for((3 << 30) + 1000)
+    with pytest.raises(RsyncError, match="No such file or directory"):
+        await measure(plan_sources(manager, [f"root@{unmanaged.address}:{far}/missing"]))
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "asyncstage-measure-*"))
 
 
 async def test_bad_sources_are_typed_errors_before_anything_is_made(

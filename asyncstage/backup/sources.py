@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from asyncstage.backup.sizes import data_size, size_for
 from asyncstage.errors import CommandFailed, InvalidArgument
 from asyncstage.manager import Manager
 from asyncstage.server import Server
+from asyncstage.transfer.rsync import rsync_endpoints
 from asyncstage.volume import Volume
 
 __all__ = ["Group", "Source", "plan_sources"]
@@ -150,16 +152,32 @@ def _bracketed(address: str) -> str:
 
 
 async def measure(groups: Sequence[Group]) -> int:
-    """GiB for the data of these sources (local files and server paths measured, volumes
-    by their size; an ssh host's data is not measured)."""
+    """GiB for the data of these sources (local files, server paths and ssh hosts' paths
+    measured, volumes by their size)."""
     total = 0
     for g in groups:
         if g.local:
             total += await anyio.to_thread.run_sync(data_size, g.local)
         if g.server is not None:
             total += await _du(g.server, [p.split(":", 1)[1] for p in g.paths])
+        if g.key[0] == "ssh":
+            total += await _pulled_size(g)
     gib = size_for(total) if total else 1
     return max([gib, *(g.volume_gib for g in groups)])
+
+
+async def _pulled_size(g: Group) -> int:
+    """Bytes a path on an ssh host holds (apparent sizes, as rsync copies them): a dry run
+    of the pull's own rsync, over the same ssh (``$RSYNC_RSH`` honoured), into an empty
+    directory here. An unreachable host or a missing path is that rsync's
+    :class:`~asyncstage.errors.RsyncError`, before anything is made."""
+    _, user, address, path = g.key
+    with tempfile.TemporaryDirectory(prefix="asyncstage-measure-") as empty:
+        source = paths.UnmanagedEndpoint(user, address, path)
+        stats = await rsync_endpoints(
+            [source], paths.LocalEndpoint(empty + "/"), options=["--dry-run"]
+        )
+    return stats.bytes
 
 
 async def _du(server: Server, where: list[str]) -> int:
