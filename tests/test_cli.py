@@ -136,6 +136,17 @@ def test_backup_options_a_form_ignores_are_refused(tmp_path: Path) -> None:
     assert "retention: `backup forget NAME --keep-...`" in done.stderr
     done = run(env, "--local", "backup", "sweep", "--read-data", ok=False)
     assert done.returncode == 2 and "--read-data (used by backup check)" in done.stderr
+    # the servers and volumes commands alike, and the combinations one option would lose
+    for argv, said in (
+        (["servers", "list", "--type", "t3.large"], "--type (used by servers provision)"),
+        (["servers", "list", "web"], "servers list takes no names"),
+        (["servers", "stop", "web", "--count", "2"], "--count (used by servers provision)"),
+        (["servers", "provision", "web", "--count", "2"], "names or --count, not both"),
+        (["volumes", "delete", "v", "--size", "5"], "--size (used by volumes provision)"),
+        (["volumes", "provision", "v", "--server", "s", "--zone", "z"], "not both"),
+    ):
+        done = run(env, "--local", *argv, ok=False)
+        assert done.returncode == 2 and said in done.stderr, (argv, done.stderr)
 
 
 def test_usage_errors_exit_2() -> None:

@@ -44,7 +44,13 @@ from asyncstage.cli.backup_keep import (
     run_plan_in_regions,
 )
 from asyncstage.cli.backup_options import ACTIONS, unused_options
-from asyncstage.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, open_manager, with_progress
+from asyncstage.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    open_manager,
+    refuse_ignored,
+    with_progress,
+)
 from asyncstage.ec2 import tag, tags_of
 from asyncstage.errors import InvalidArgument
 from asyncstage.output import Output, human_bytes, human_duration
@@ -56,13 +62,11 @@ def backup_command(args: argparse.Namespace, out: Output) -> int:
     """``asyncstage backup``: a backup with ``--name``, else the action named first."""
     form = "--each" if args.each is not None else "--name" if args.name is not None else ""
     form = form or (args.paths[0] if args.paths[0] in ACTIONS else "")
-    if form and (unused := unused_options(args, form)):
-        hint = (
-            " (retention: `backup forget NAME --keep-...`, or a plan's retention)"
-            if any(u.startswith("--keep-") for u in unused) and form != "forget"
-            else ""
-        )
-        raise UsageError(f"backup {form}: not its options: {'; '.join(unused)}{hint}")
+    if form:
+        unused = unused_options(args, form)
+        retention = any(u.startswith("--keep-") for u in unused)
+        hint = " (retention: `backup forget NAME --keep-...`, or a plan's retention)"
+        refuse_ignored(unused, f"backup {form}", hint if retention else "")
     if args.each is not None:
         return _each(args, out)
     if args.name is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from asyncstage.cli.common import ignored_options
+
 __all__ = ["ACTIONS", "HELP", "KEEP_RULES", "add_arguments", "unused_options"]
 
 HELP = "incremental backup of any sources into a snapshot; `backup sweep` removes leftovers"
@@ -89,34 +91,32 @@ def _keep_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-_NAMED, _EACH = "--name", "--each"
+_NAMED, _EACH = "backup --name", "backup --each"
 # the forms of the command that read each option (the rest never look at it)
 _USED_BY: dict[str, tuple[str, ...]] = {
     "size": (_NAMED, _EACH),
     "zone": (_NAMED, _EACH),
     "keep_volume": (_NAMED, _EACH),
     "name_template": (_EACH,),
-    "concurrency": (_EACH, "run"),
-    "wait": (_NAMED, _EACH, "run"),
-    "snapshot": ("check",),
-    "all_snapshots": ("check",),
-    "read_data": ("check",),
-    **{f"keep_{rule}": ("forget",) for rule in (*KEEP_RULES, "within")},
-    "dry_run": ("forget",),
-    "copy_region": ("list",),
+    "concurrency": (_EACH, "backup run"),
+    "wait": (_NAMED, _EACH, "backup run"),
+    "snapshot": ("backup check",),
+    "all_snapshots": ("backup check",),
+    "read_data": ("backup check",),
+    **{f"keep_{rule}": ("backup forget",) for rule in (*KEEP_RULES, "within")},
+    "dry_run": ("backup forget",),
+    "copy_region": ("backup list",),
 }
-_DEFAULTS: dict[str, object] = {"name_template": "{server}"}
 
 
 def unused_options(args: argparse.Namespace, form: str) -> list[str]:
     """The options given that ``form`` (``--name``, ``--each`` or an action) ignores, each
     with the forms that use it: a ``--keep-last`` given to a backup would otherwise be
     dropped in silence, and its snapshots kept."""
-    found = []
-    for dest, forms in _USED_BY.items():
-        value = getattr(args, dest, None)
-        if value in (None, False, []) or value == _DEFAULTS.get(dest) or form in forms:
-            continue
-        flag = "--" + ("all" if dest == "all_snapshots" else dest.replace("_", "-"))
-        found.append(f"{flag} (used by {', '.join('backup ' + f for f in forms)})")
-    return found
+    return ignored_options(
+        args,
+        f"backup {form}",
+        _USED_BY,
+        defaults={"name_template": "{server}"},
+        flags={"all_snapshots": "--all"},
+    )

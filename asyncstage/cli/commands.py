@@ -22,7 +22,9 @@ from asyncstage.cli.common import (
     UsageError,
     find_server,
     find_volume,
+    ignored_options,
     open_manager,
+    refuse_ignored,
     resolve_names,
     settings,
     with_progress,
@@ -243,16 +245,41 @@ def _print_servers(out: Output, servers: Sequence[blocking.Server]) -> None:
     out.table(rows, cells, headers, "no servers")
 
 
+# which action of `servers` and of `volumes` reads each option (the rest never look at it)
+_SERVER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "count": ("servers provision",),
+    "instance_type": ("servers provision",),
+    "image": ("servers provision",),
+    "zone": ("servers provision",),
+    "all": ("servers start", "servers stop", "servers terminate"),
+}
+_VOLUME_OPTIONS: dict[str, tuple[str, ...]] = {
+    dest: ("volumes provision",) for dest in ("size", "fstype", "server", "mtpt", "zone")
+}
+
+
 def _action(args: argparse.Namespace, kind: Kind) -> str:
-    """The action asked for (``list`` by default). Names and a mount point to provision are
-    checked before the manager opens: bad input is refused before any call to EC2 (the
-    library checks them again)."""
-    if args.action == "provision":
+    """The action asked for (``list`` by default). The command line is checked before the
+    manager opens: an option or names the action would ignore, names and a mount point to
+    provision (the library checks those again), so that bad input is refused before any
+    call to EC2."""
+    action = str(args.action or "list")
+    command = "servers" if kind == "server" else "volumes"
+    used_by = _SERVER_OPTIONS if kind == "server" else _VOLUME_OPTIONS
+    form = f"{command} {action}"
+    refuse_ignored(ignored_options(args, form, used_by, flags={"instance_type": "--type"}), form)
+    if action == "list" and args.names:
+        raise UsageError(f"{form} takes no names (it lists them all)")
+    if action == "provision":
         for name in args.names:
             check_name(name, kind)
         if getattr(args, "mtpt", None):
             check_mount_point(args.mtpt)
-    return str(args.action or "list")
+        if kind == "server" and args.names and args.count:
+            raise UsageError(f"{form}: names or --count, not both")
+        if kind == "volume" and args.server and args.zone:
+            raise UsageError(f"{form}: --server or --zone, not both (its server's zone)")
+    return action
 
 
 def servers(args: argparse.Namespace, out: Output) -> int:

@@ -36,8 +36,10 @@ __all__ = [
     "UsageError",
     "find_server",
     "find_volume",
+    "ignored_options",
     "manager_options",
     "open_manager",
+    "refuse_ignored",
     "resolve_names",
     "settings",
 ]
@@ -47,6 +49,34 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2,
 
 class UsageError(Exception):
     """A command line that cannot work (exit status 2)."""
+
+
+def ignored_options(
+    args: argparse.Namespace,
+    form: str,
+    used_by: dict[str, tuple[str, ...]],
+    *,
+    defaults: dict[str, object] | None = None,
+    flags: dict[str, str] | None = None,
+) -> list[str]:
+    """The options given on the command line that ``form`` (an action) does not read, each
+    with the forms that do (``used_by``: an option's dest and those forms; ``flags``: an
+    option whose flag is not its dest's): one command's actions share a parser, so an
+    option meant for another parses, and would be dropped in silence."""
+    found = []
+    for dest, forms in used_by.items():
+        value = getattr(args, dest, None)
+        if value in (None, False, [], 0) or value == (defaults or {}).get(dest) or form in forms:
+            continue
+        flag = (flags or {}).get(dest) or "--" + dest.replace("_", "-")
+        found.append(f"{flag} (used by {', '.join(forms)})")
+    return found
+
+
+def refuse_ignored(found: list[str], form: str, hint: str = "") -> None:
+    """:class:`UsageError` naming the options ``form`` would ignore (none: nothing)."""
+    if found:
+        raise UsageError(f"{form}: not its options: {'; '.join(found)}{hint}")
 
 
 def is_loopback(url: str) -> bool:
