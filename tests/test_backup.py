@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from asyncstage import Manager, Server, Volume, backup, remote
-from asyncstage.backup.manifest import MANIFEST_NAME, MANIFEST_TAG
+from asyncstage.backup.manifest import DATA_TAG, MANIFEST_NAME, MANIFEST_TAG, data_bytes, data_tag
 from asyncstage.backup.snapshots import CONSISTENCY_TAG, PARENT_TAG, STATE_TAG
 from asyncstage.ec2 import tag, tag_filters
 from asyncstage.errors import (
@@ -102,6 +102,9 @@ async def test_round_trip_incremental_and_restore_rules(
     (made,) = [p for op, p in calls if op == "CreateSnapshot"]
     (specs,) = made["TagSpecifications"]
     assert {"Key": MANIFEST_TAG, "Value": second.manifest_sha256} in specs["Tags"]
+    # and the bytes of the files it lists (what `backup list` shows as the backup's data)
+    total = await anyio.to_thread.run_sync(_file_bytes, src)
+    assert {"Key": DATA_TAG, "Value": str(total)} in specs["Tags"]
     tagged = [p for op, p in calls if op == "CreateTags" and second.snapshot_id in p["Resources"]]
     marked = {STATE_TAG, PARENT_TAG, CONSISTENCY_TAG}
     assert [{t["Key"] for t in p["Tags"]} for p in tagged] == [marked]
@@ -342,6 +345,21 @@ async def test_a_copy_cancelled_or_failed_stops_its_follow_pass(
     assert await _following(server, root) == []
     assert manager.volumes() == [] and await _volumes_named(manager, "follow-stopped") == []
     assert await manager.snapshots("follow-stopped") == []
+
+
+def _file_bytes(root: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_the_data_tag_is_read_only_as_a_plain_count() -> None:
+    def snap(value: str) -> dict[str, Any]:
+        return {"Tags": [{"Key": DATA_TAG, "Value": value}]}
+
+    assert data_bytes(snap("1234")) == 1234 and data_bytes({"Tags": []}) is None
+    for hostile in ("", "-1", "12abc", "1e9", "²", "9" * 20, " 12", "0x10"):
+        assert data_bytes(snap(hostile)) is None, hostile
+    assert data_tag({"bytes": 5}) == {DATA_TAG: "5"}
+    assert data_tag({"bytes": True}) == data_tag({"bytes": -1}) == data_tag({}) == {}
 
 
 def test_destination_rules_need_no_cloud(tmp_path: Path) -> None:

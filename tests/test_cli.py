@@ -422,8 +422,10 @@ def test_backup_plans_each_and_list(daemon: dict[str, str], tmp_path: Path) -> N
     }
     assert "broken" not in listed
     assert listed["docs"]["consistency"] == "crash-consistent"
+    # the data of the newest snapshot: the bytes its manifest lists ("a\n"; "web1\n")
+    assert (listed["docs"]["data_bytes"], listed["site-web1"]["data_bytes"]) == (2, 5)
     table = run(env, "--local", "backup", "list").stdout.splitlines()
-    assert table[0].split()[:3] == ["BACKUP", "LAST", "RUN"]
+    assert table[0].split()[:5] == ["BACKUP", "LAST", "RUN", "AGE", "DATA"]
     assert json.loads(run(env, "--local", "--json", "volumes").stdout) == []
     run(env, "--local", "servers", "terminate", "--all")
 

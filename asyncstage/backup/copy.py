@@ -42,6 +42,7 @@ from asyncstage.backup.lease import Lease, with_lease
 from asyncstage.backup.manifest import (
     MANIFEST_NAME,
     Follower,
+    data_tag,
     manifest_tag,
     recorded,
     write_manifest,
@@ -227,7 +228,7 @@ async def _run(
         # meanwhile, before anything is made
         await concurrently(lease.check, volume.unmount, cancel_others=False)
         # the manifest's digest is known: tagged in the create call, not a call of its own
-        with run_tags(lease.run, manifest_tag(manifest["sha256"])):
+        with run_tags(lease.run, manifest_tag(manifest["sha256"]) | data_tag(manifest)):
             new_id = await volume.create_snapshot(description or f"asyncstage backup {name}")
         # EC2 said completed (the wait returns only then), so it can be a backup's base
         await _completed(m, new_id, None if keep_volume else volume)

@@ -40,17 +40,22 @@ from asyncstage.remote import manifest as script
 from asyncstage.volume import Volume
 
 __all__ = [
+    "DATA_TAG",
     "MANIFEST_NAME",
     "MANIFEST_TAG",
     "NO_MANIFEST",
     "Follower",
     "Recorded",
+    "data_bytes",
+    "data_tag",
     "manifest_tag",
     "recorded",
     "write_manifest",
 ]
 
 MANIFEST_TAG = tag("backup-manifest")
+DATA_TAG = tag("backup-data")
+"""The bytes of the files a snapshot's manifest lists, tagged with its create call."""
 NO_MANIFEST = "none"
 """The tag's value on snapshots that have no manifest by design (``snapshot`` mode)."""
 MANIFEST_NAME = script.NAME
@@ -139,6 +144,20 @@ class Follower:
             self.reply = _written(server.name, remote.answer(server.host.label, stdin.output))
         except (AsyncstageError, OSError) as e:
             log.warning("manifest: the follow pass on %s failed: %s", server.name, e)
+
+
+def data_tag(reply: dict[str, Any]) -> dict[str, str]:
+    """The tag that records the bytes of the files a manifest pass listed (``reply``: its
+    answer); none when the answer has no such count."""
+    n = reply.get("bytes")
+    return {DATA_TAG: str(n)} if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else {}
+
+
+def data_bytes(snap: dict[str, Any]) -> int | None:
+    """The bytes the snapshot's data tag records; None without one, or when it is not a
+    plain count (tags are anyone's to write)."""
+    value = tags_of(snap).get(DATA_TAG, "")
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 19 else None
 
 
 def manifest_tag(digest: str) -> dict[str, str]:

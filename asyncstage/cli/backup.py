@@ -34,6 +34,7 @@ from rich.table import Table
 from asyncstage import backup, blocking
 from asyncstage.adoption import ours
 from asyncstage.backup.keep import copy_of
+from asyncstage.backup.manifest import data_bytes
 from asyncstage.backup.snapshots import consistency_of, is_backup
 from asyncstage.backup.warm import KEPT_TAG, holds_newest
 from asyncstage.cli import backup_check
@@ -232,7 +233,8 @@ def _report(out: Output, report: backup.PlanReport) -> int:
 
 
 def _list(args: argparse.Namespace, out: Output) -> int:
-    """Each backup (complete snapshots only): last run, age, size, count, consistency; with
+    """Each backup (complete snapshots only): last run, age, the newest one's data (what
+    its manifest lists) and volume size, count, consistency; with
     ``--copy-region``, each of those regions' too (a REGION column)."""
     with open_manager(args) as m, region_managers(args, args.copy_region) as others:
         listed = [(x.region, blocking.call(_backup_snapshots, x)) for x in [m, *others]]
@@ -257,6 +259,7 @@ def _list(args: argparse.Namespace, out: Output) -> int:
                 "copy_of": None if source is None else "/".join(source),
                 "last_run": started.isoformat() if isinstance(started, datetime) else None,
                 "age_s": None if age is None else round(age, 1),
+                "data_bytes": data_bytes(newest),
                 "size_gib": int(newest.get("VolumeSize", 0)),
                 "snapshots": len(found[name, region]),
                 "consistency": consistency_of(newest),
@@ -276,6 +279,7 @@ def _list(args: argparse.Namespace, out: Output) -> int:
             d["name"],
             d["last_run"] or "-",
             human_duration(d["age_s"]) if d["age_s"] is not None else "-",
+            human_bytes(d["data_bytes"]) if d["data_bytes"] is not None else "-",
             f"{d['size_gib']} GiB",
             d["snapshots"],
             d["consistency"],
@@ -283,7 +287,8 @@ def _list(args: argparse.Namespace, out: Output) -> int:
         ]
         for d in data
     ]
-    headers = ["BACKUP", "LAST RUN", "AGE", "SIZE", "SNAPSHOTS", "CONSISTENCY", "KEPT VOLUME"]
+    headers = ["BACKUP", "LAST RUN", "AGE", "DATA", "SIZE", "SNAPSHOTS", "CONSISTENCY"]
+    headers.append("KEPT VOLUME")
     if args.copy_region:
         headers.insert(1, "REGION")
         for row, d in zip(rows, data, strict=True):
