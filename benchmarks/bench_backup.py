@@ -32,12 +32,15 @@ of copy-mode backups named after the servers, run by :func:`~asyncstage.backup.r
    backups of the same servers (their ``/srv/app`` volumes, one ``CreateSnapshots``
    each), against the copy-mode plan's first run.
 
-The run has three parts, each in a local cloud of its own (``--part perl``, ``--part
-scale``, ``--part ebs``; all without ``--part``): ``perl`` sets up the fleets the Perl
-module backs up too (up to 16) and times both sides; ``scale`` times the larger fleet
-(Perl's time there: its time per server in the ``perl`` part, times N) and parts 2-4 on
-the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a cloud whose images
-share blocks (``store="reflink"``) and runs parts 2-4 there. Parts 2-4 run in three
+The run has four parts, each in a local cloud of its own (``--part perl``, ``--part
+scale``, ``--part ebs``, ``--part large``; all without ``--part``): ``perl`` sets up the
+fleets the Perl module backs up too (up to 16) and times both sides; ``scale`` times the
+larger fleet (Perl's time there: its time per server in the ``perl`` part, times N) and
+parts 2-4 on the fleet of 16 of its own; ``ebs`` makes the fleet of 16 again in a cloud
+whose images share blocks (``store="reflink"``) and runs parts 2-4 there; ``large`` runs
+part 2 on 8 servers of 1 GiB each (2 of 4 MiB in quick mode), in three rounds whose
+snapshots are deleted after each, so that each backup's fixed steps (its commands, the
+helpers' interpreters, the mount) weigh little beside its bytes. Parts 2-4 run in three
 rounds on each store, each round its limits, a first run and its reruns, of backup
 names its own (a row shows the round whose ratio is the median, with every round's
 ratio). Each part keeps its figures in ``backup.part-NAME.json``; the report
@@ -442,8 +445,9 @@ sides; ``scale``, the larger fleets, and parts 2-4 on a first run of the focus f
 its own; ``ebs``, the focus fleet's runs of parts 3-4 again in a local cloud whose
 images share blocks (``store="reflink"``): its snapshots and volumes from snapshots cost
 the machine nothing, as EBS's cost the instances' hosts nothing, where the other parts'
-copy each image's data on the same two cores as the backups. ``--part report`` writes
-the report of the parts' results on disk."""
+copy each image's data on the same two cores as the backups; ``large``, part 2 on a
+fleet of its own whose backups are large enough for their fixed steps to fade.
+``--part report`` writes the report of the parts' results on disk."""
 
 
 async def main() -> None:
