@@ -100,6 +100,9 @@ async def test_a_backup_writes_its_manifest_and_checks_clean(made: Made) -> None
         p.stat().st_size for p in (made.src / "docs").iterdir()
     )
     assert meta.files_read == 0
+    assert meta.summary() == f"ok ({meta.entries} entries, metadata checked)"
+    one = backup.CheckResult(NAME, "snap-1", "ok", read_data=True, entries=1, bytes_read=3)
+    assert one.summary() == "ok (1 entry, metadata and content checked, 3 bytes read)"
     assert await _state(made) == before  # scratch volumes and mounts gone
 
 

@@ -91,7 +91,8 @@ class CheckResult:
             return f"not verified: {MANIFEST_STATES.get(self.manifest, self.manifest)}"
         found = ", ".join(f"{n} {k}" for k, n in self.counts.items() if n)
         what = "metadata and content" if self.read_data else "metadata"
-        return f"{found or 'ok'} ({self.entries} entries, {what} checked" + (
+        entries = f"{self.entries} entr{'y' if self.entries == 1 else 'ies'}"
+        return f"{found or 'ok'} ({entries}, {what} checked" + (
             f", {self.bytes_read} bytes read)" if self.read_data else ")"
         )
 
