@@ -17,7 +17,7 @@ import pytest
 
 from asyncstage import Manager as AsyncManager
 from asyncstage import Server as AsyncServer
-from asyncstage import Volume, blocking
+from asyncstage import Volume, backup, blocking
 from asyncstage.errors import CommandFailed
 from asyncstage.localcloud import LocalCloud as AsyncLocalCloud
 from asyncstage.settings import ManagerKeywords
@@ -209,6 +209,32 @@ def test_end_to_end(bmanager: blocking.Manager) -> None:
         t.join()
     assert not errors and len(results) == 2 and results["one"] != results["two"]
     assert {x.name for x in m.servers()} == {"blocking-a", "blocking-b"}
+
+
+@pytest.mark.localcloud
+def test_a_script_runs_backups_through_call(bmanager: blocking.Manager, tmp_path: Path) -> None:
+    # the backup package is async functions: a plain script runs them with blocking.call,
+    # its blocking manager passed as it is (the guide's example)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    ec2 = bmanager.async_object.ec2
+    try:
+        done = blocking.call(backup.backup, bmanager, "blocking-bk", [src])
+        assert done.files == 1 and done.previous_snapshot_id is None
+        plan = backup.Plan((backup.PlannedBackup("blocking-bk", (str(src),)),))
+        report = blocking.call(backup.run_plan, bmanager, plan)
+        assert report.ok
+        assert report.outcomes[0].result["previous_snapshot_id"] == done.snapshot_id
+        (checked,) = blocking.call(backup.check, bmanager, "blocking-bk", read_data=True)
+        assert checked.verified
+        restored = blocking.call(backup.restore, bmanager, "blocking-bk", tmp_path / "out")
+        assert restored.files == 1
+        assert (tmp_path / "out" / src.relative_to("/") / "a.txt").read_text() == "a\n"
+    finally:  # the backups' snapshots: nothing of the test left in the session's cloud
+        for snap in bmanager.snapshots("blocking-bk"):
+            blocking.call(ec2.delete_snapshot, snap["SnapshotId"])
+    assert bmanager.snapshots("blocking-bk") == [] and bmanager.volumes() == []
 
 
 def _credentials(running: Any) -> dict[str, str]:
