@@ -123,10 +123,11 @@ def manager_options(args: argparse.Namespace) -> blocking.ManagerOptions:
         "verbosity": 0 if args.quiet else 1 + args.verbose,
     }
     endpoint = args.endpoint_url or os.environ.get("ASYNCSTAGE_ENDPOINT_URL") or None
-    state = read_local_state(local_dir())
+    directory = local_dir()
+    state = read_local_state(directory)
     if args.local:
         if state is None:
-            raise no_cloud(local_dir())
+            raise no_cloud(directory)
         endpoint = str(state["endpoint_url"])
     if endpoint:
         opts["endpoint_url"] = endpoint

@@ -356,11 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asyncstage: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except NoLocalCloud as e:
-        print(f"asyncstage: error: {e}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
     except (AsyncstageError, LocalCloudError, OSError, ValueError) as e:
         if args.verbose:
             traceback.print_exc()
         print(f"asyncstage: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_NOT_RUNNING if isinstance(e, NoLocalCloud) else EXIT_FAILURE
