@@ -224,13 +224,18 @@ def processes() -> dict[int, str]:
     return found
 
 
-def pid_namespaces(cloud: LocalCloud) -> set[str]:
-    """The pid namespaces of the cloud's running hosts (white box: for the leak checks)."""
+def pid_namespaces(cloud: LocalCloud, held: contextlib.ExitStack) -> set[str]:
+    """The pid namespaces of the cloud's running hosts (white box: for the leak checks),
+    each held open until ``held`` closes: the kernel gives a freed namespace's inode
+    number to the next one made, and another worker's cloud made meanwhile would be
+    counted as this one's leftovers. A held namespace keeps no process alive."""
     found = set()
     for machine in cloud._engine.machines.values():
         if machine.host.init_pid:
             with contextlib.suppress(OSError):
-                found.add(os.readlink(f"/proc/{machine.host.init_pid}/ns/pid"))
+                fd = os.open(f"/proc/{machine.host.init_pid}/ns/pid", os.O_RDONLY)
+                held.callback(os.close, fd)
+                found.add(os.readlink(f"/proc/self/fd/{fd}"))
     return found
 
 
@@ -530,16 +535,17 @@ async def test_terminate_cleans_up(cloud: LocalCloud, ec2: Any, key: asyncssh.SS
     )["VolumeId"]
     await ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/sdf")
     await wait_volume(ec2, vol, "in-use")
-    namespaces = pid_namespaces(cloud)
-    ns = os.readlink(f"/proc/{cloud._engine.machines[iid].host.init_pid}/ns/pid")
-    root = Path(cloud.state_dir) / "roots" / iid
-    assert root.exists()
-    reply = await ec2.terminate_instances(InstanceIds=[iid])
-    assert reply["TerminatingInstances"][0]["CurrentState"]["Name"] == "shutting-down"
-    await wait_state(ec2, [iid], "terminated")
-    await wait_volume(ec2, vol, "available")
-    assert ns in namespaces
-    assert ns not in set(processes().values())
+    with contextlib.ExitStack() as held:
+        namespaces = pid_namespaces(cloud, held)
+        ns = os.readlink(f"/proc/{cloud._engine.machines[iid].host.init_pid}/ns/pid")
+        root = Path(cloud.state_dir) / "roots" / iid
+        assert root.exists()
+        reply = await ec2.terminate_instances(InstanceIds=[iid])
+        assert reply["TerminatingInstances"][0]["CurrentState"]["Name"] == "shutting-down"
+        await wait_state(ec2, [iid], "terminated")
+        await wait_volume(ec2, vol, "available")
+        assert ns in namespaces
+        assert ns not in set(processes().values())
     assert not root.exists()
     assert not any(vol in line for line in losetup_lines())
     with pytest.raises(OSError):
@@ -663,31 +669,33 @@ async def test_nothing_left_behind(how: str, store: Store) -> None:
     cloud = LocalCloud(store=store)
     namespaces: set[str] = set()
     entry = None
-    with anyio.CancelScope() as scope:
-        with contextlib.suppress(RuntimeError):
-            async with cloud:
-                await _busy_cloud(cloud)
-                namespaces = pid_namespaces(cloud)
-                entry = registry_entry(cloud)
-                assert exists(str(entry))
-                assert losetup_lines() - before.loops
-                # the volume's loop device: direct I/O in the reflink store (the
-                # instance's page cache the only one), buffered in the plain one
-                assert _volume_dio(cloud) == {"1" if store == "reflink" else "0"}
-                if how == "exception":
-                    raise RuntimeError("boom")
-                if how == "cancelled":
-                    scope.cancel()
-                    await anyio.sleep(10)
-    assert namespaces
-    # a killed process stays in /proc until its parent reaps it, which on a loaded machine
-    # may come a moment after the cloud returned: allowed a bound, never a leak that lasts
-    left = before.leftovers(cloud.state_dir, namespaces)
-    with anyio.move_on_after(15):
-        while left:
-            await anyio.sleep(0.2)
-            left = before.leftovers(cloud.state_dir, namespaces)
-    assert left == []
+    with contextlib.ExitStack() as held:  # the namespaces held until they are checked
+        with anyio.CancelScope() as scope:
+            with contextlib.suppress(RuntimeError):
+                async with cloud:
+                    await _busy_cloud(cloud)
+                    namespaces = pid_namespaces(cloud, held)
+                    entry = registry_entry(cloud)
+                    assert exists(str(entry))
+                    assert losetup_lines() - before.loops
+                    # the volume's loop device: direct I/O in the reflink store (the
+                    # instance's page cache the only one), buffered in the plain one
+                    assert _volume_dio(cloud) == {"1" if store == "reflink" else "0"}
+                    if how == "exception":
+                        raise RuntimeError("boom")
+                    if how == "cancelled":
+                        scope.cancel()
+                        await anyio.sleep(10)
+        assert namespaces
+        # a killed process stays in /proc until its parent reaps it, which on a loaded
+        # machine may come a moment after the cloud returned: allowed a bound, never a
+        # leak that lasts
+        left = before.leftovers(cloud.state_dir, namespaces)
+        with anyio.move_on_after(15):
+            while left:
+                await anyio.sleep(0.2)
+                left = before.leftovers(cloud.state_dir, namespaces)
+        assert left == []
     assert entry is not None and not exists(str(entry))
 
 
