@@ -24,6 +24,7 @@ from asyncstage.errors import (
     BadFstype,
     BadSize,
     CommandFailed,
+    EC2Error,
     MountPointRefused,
     NameTaken,
     UnknownVolume,
@@ -98,21 +99,36 @@ async def _discard_volume(ctx: Context, volume: VolumeRef) -> None:
         server = volume.server
         if server is not None and volume.mtdev is not None and server.state == "running":
             await server.run("umount", volume.mtdev, sudo=True, check=False)
-        # EC2's word, not ours: a cancelled AttachVolume may have attached it unbeknown to us
+        # EC2's word, not ours: a cancelled AttachVolume may have attached it unbeknown to
+        # us, even after this description (the call was still in flight): a delete refused
+        # because it is attached detaches it and deletes it again
         found = await m.ec2.describe_volumes([volume.volume_id])
-        if server is not None or (found and found[0].get("Attachments")):
-            await m.ec2.detach_volume(volume.volume_id, force=True)
-            await m.ec2.wait_for_volume(
-                volume.volume_id,
-                lambda v: v.get("State") == "available",
-                what=f"volume {volume.volume_id} to detach",
-                timeout=m.timeouts.volume,
-                kind="detached",
-            )
-        await m.ec2.delete_volume(volume.volume_id)
+        attached = server is not None or bool(found and found[0].get("Attachments"))
+        for last in (False, False, True):
+            if attached:
+                await _force_detach(ctx, volume.volume_id)
+            try:
+                await m.ec2.delete_volume(volume.volume_id)
+                break
+            except EC2Error as e:
+                if e.code != "VolumeInUse" or last:
+                    raise
+                attached = True
     except AsyncstageError as e:
         log.warning("could not delete volume %s: %s", volume.volume_id, e)
     m.registry.forget_volume(volume)
+
+
+async def _force_detach(ctx: Context, volume_id: str) -> None:
+    """Detach a volume forcibly and wait until it is ``available``."""
+    await ctx.ec2.detach_volume(volume_id, force=True)
+    await ctx.ec2.wait_for_volume(
+        volume_id,
+        lambda v: v.get("State") == "available",
+        what=f"volume {volume_id} to detach",
+        timeout=ctx.timeouts.volume,
+        kind="detached",
+    )
 
 
 def _check_size(size: object) -> int | None:

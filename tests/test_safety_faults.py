@@ -12,13 +12,14 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from asyncstage import Manager, Server, Volume
 from asyncstage.ec2 import EC2, tag, tag_filters
-from asyncstage.errors import VolumeInUse, VolumeNotMounted
+from asyncstage.errors import EC2Error, VolumeInUse, VolumeNotMounted
 from asyncstage.localcloud import LocalCloud
 from tests.fixtures.cloud import ManagerFactory
 from tests.shared_server import shared_server
@@ -199,6 +200,41 @@ async def test_scan_takes_mount_state_from_the_server(
         adopted = again.server
         await again.delete()
         await second.terminate_servers([adopted])
+
+
+async def test_an_attach_that_lands_after_its_failure_is_undone(
+    server: Server, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An AttachVolume whose answer is lost (cancelled, a reset connection) may still
+    attach the volume after the clean-up has looked at it: the clean-up's delete, refused
+    because the volume is attached, detaches it and deletes it."""
+    ec2, raw = server.manager.ec2, await _raw_ec2(cloud)
+    in_flight: list[tuple[str, str, str]] = []
+    real_describe = ec2.describe_volumes
+
+    async def answer_lost(volume_id: str, instance_id: str, device: str) -> None:
+        in_flight.append((volume_id, instance_id, device))
+        raise EC2Error("AttachVolume failed: connection reset", code="RequestError")
+
+    async def lands_after_the_look(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        found = await real_describe(*args, **kwargs)
+        while in_flight:
+            await raw.attach_volume(*in_flight.pop())
+        return found
+
+    monkeypatch.setattr(ec2, "attach_volume", answer_lost)
+    monkeypatch.setattr(ec2, "describe_volumes", lands_after_the_look)
+    name = f"fault-late-attach-{secrets.token_hex(3)}"
+    try:
+        with pytest.raises(EC2Error, match="connection reset"):
+            await server.provision_volume(name, size=1)
+        monkeypatch.undo()
+        assert in_flight == []  # the attach did land
+        vols = await raw.describe_volumes(filters=tag_filters({tag("name"): name}))
+        assert [v["VolumeId"] for v in vols if v["State"] not in ("deleting", "deleted")] == []
+    finally:
+        await raw.close()
+    assert server.manager.find_volume_by_name(name) is None
 
 
 # -- provisions cancelled at 20 points in time ---------------------------------------------------
