@@ -407,9 +407,10 @@ def backup_chart(results: Path, plt: Any) -> Path | None:
     if not c:
         return _not_run(plt, results / "backup.png", "Backup throughput against the CPU limit")
     fig, (ax, fleet_ax) = plt.subplots(1, 2, figsize=(12, 5), dpi=110, width_ratios=[3, 3])
-    sides = [("focus fleet", c, res.get("copy_first", {}))]
+    sides = [("focus fleet, plain store", c, res.get("copy_first", {}))]
     if "large" in res:
-        sides.append(("large backups", res["large"]["cpu_limit"], res["large"]["copy_first"]))
+        large = res["large"]
+        sides.append(("large, reflink store", large["cpu_limit"], large["copy_first"]))
     ticks: list[tuple[float, str]] = []
     for k, (what, lim, first) in enumerate(sides):
         each = first.get("bytes", 0) / max(1, first.get("n", 1)) / 2**20

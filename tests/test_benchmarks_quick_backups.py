@@ -38,6 +38,12 @@ def test_backup(results: Path) -> None:
     assert large["copy_first"]["routes"] == ["same-host"] and large["copy_first"]["parents"] == 0
     assert positive(large["cpu_limit"]["limit_with_manifest_mb_s"])
     assert positive(large["cpu_limit"]["copy_phase_mb_s"])
+    # its reruns: each from its previous snapshot; then each into the volume a run kept
+    assert large["rerun"]["parents"] == large["kept_rerun"]["volumes_reused"] == p["large_fleet"]
+    assert 0 < large["kept_rerun"]["files"] < large["first"]["files"]
+    for run in ("first", "rerun", "kept_rerun"):  # its images share blocks
+        made = large[run]["image_copies"]
+        assert made["cloned"] == made["copies"] > 0
     if set(data["params"]["instances_cpu_from"].values()) == {"cgroup cpuacct"}:
         # of the instances' CPU over the copy span and in the limit, the kernel's part
         span, hashed = c["span_cpu"], c["bare"]["with_manifest"]
@@ -68,6 +74,8 @@ def test_backup(results: Path) -> None:
     assert {t["name"] for t in data["targets"]} >= {
         "copy_mode_vs_cpu_limit",
         "copy_mode_vs_cpu_limit_large",
+        "incremental_rerun_large",
+        "incremental_rerun_kept_volume_large",
         "incremental_rerun",
         "incremental_rerun_kept_volume",
         "snapshot_vs_copy_mode",
