@@ -752,14 +752,7 @@ async def _large(m: Manager, cloud: LocalCloud, res: dict[str, Any], setup: Setu
         "rerun": mid["rerun"],
         "kept_first": kept["first"],
         "kept_rerun": kept["kept_rerun"],
-        "rounds": [
-            {
-                "ratio": ratio(r["rerun"]["wall_s"], r["first"]["wall_s"]),
-                "kept_ratio": ratio(r["kept_rerun"]["wall_s"], r["first"]["wall_s"]),
-                **c,
-            }
-            for r, c in zip(rounds, _copy_ratios(limits), strict=True)
-        ],
+        "rounds": _round_ratios(rounds, limits, "first"),
     }
 
 
@@ -774,6 +767,21 @@ def _median_rerun(rounds: list[dict[str, Any]], rerun: str, first: str = "first"
     """The round whose ``rerun`` against its ``first`` run is the median ratio."""
     by = sorted(rounds, key=lambda r: float(r[rerun]["wall_s"]) / float(r[first]["wall_s"]))
     return by[len(by) // 2]
+
+
+def _round_ratios(
+    rounds: list[dict[str, Any]], limits: list[dict[str, Any]], kept_first: str
+) -> list[dict[str, float]]:
+    """Each round's rerun ratios (into kept volumes: against its ``kept_first`` run)
+    and its first run's against its limits."""
+    return [
+        {
+            "ratio": ratio(r["rerun"]["wall_s"], r["first"]["wall_s"]),
+            "kept_ratio": ratio(r["kept_rerun"]["wall_s"], r[kept_first]["wall_s"]),
+            **c,
+        }
+        for r, c in zip(rounds, _copy_ratios(limits), strict=True)
+    ]
 
 
 def _median_copy(
@@ -838,14 +846,7 @@ def _median_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         # the round whose first run is the median against the limits of its own round
         "copy_first": copy["first"],
         "bare": copy["bare"],
-        "rounds": [
-            {
-                "ratio": ratio(r["rerun"]["wall_s"], r["first"]["wall_s"]),
-                "kept_ratio": ratio(r["kept_rerun"]["wall_s"], r["kept_first"]["wall_s"]),
-                **c,
-            }
-            for r, c in zip(rounds, _copy_ratios(limits), strict=True)
-        ],
+        "rounds": _round_ratios(rounds, limits, "kept_first"),
     }
 
 
@@ -970,12 +971,7 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
     ebs = parts["ebs"]
     res["reflink_store"] = {
         "rounds": ebs.get("rounds", []),
-        "first": ebs["first"],
-        "rerun": ebs["rerun"],
-        "ratio": ratio(ebs["rerun"]["wall_s"], ebs["first"]["wall_s"]),
-        "kept_first": ebs["kept_first"],
-        "kept_rerun": ebs["kept_rerun"],
-        "kept_ratio": ratio(ebs["kept_rerun"]["wall_s"], ebs["kept_first"]["wall_s"]),
+        **_reruns_of(ebs),
         "snapshot": ebs["snapshot"],
         "snapshot_ratio": ratio(ebs["first"]["wall_s"], ebs["snapshot"]["wall_s"]),
     }
@@ -989,18 +985,26 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
         "cpu_limit": _cpu_limit(large["copy_first"], large["bare"]),
     }
     if "rerun" in large:
-        res["large"] |= {
-            "first": large["first"],
-            "rerun": large["rerun"],
-            "ratio": ratio(large["rerun"]["wall_s"], large["first"]["wall_s"]),
-            "kept_first": large["kept_first"],
-            "kept_rerun": large["kept_rerun"],
-            "kept_ratio": ratio(large["kept_rerun"]["wall_s"], large["kept_first"]["wall_s"]),
-        }
+        res["large"] |= _reruns_of(large)
     rep.results.update(res)
     _tables(rep, res, setup.sizes)
     _targets(rep, res, setup.sizes)
     rep.save()
+
+
+def _reruns_of(part: dict[str, Any]) -> dict[str, Any]:
+    """A part's reruns against their first runs, and their ratios."""
+    first, rerun, kept_first, kept = (
+        part[k] for k in ("first", "rerun", "kept_first", "kept_rerun")
+    )
+    return {
+        "first": first,
+        "rerun": rerun,
+        "ratio": ratio(rerun["wall_s"], first["wall_s"]),
+        "kept_first": kept_first,
+        "kept_rerun": kept,
+        "kept_ratio": ratio(kept["wall_s"], kept_first["wall_s"]),
+    }
 
 
 def _part_text(part: str, setup: Setup) -> str:
@@ -1626,34 +1630,53 @@ def _large_targets(report: BaselineReport, large: dict[str, Any]) -> None:
     if "rerun" not in large:
         return
     first = large["first"]
-    n, each = first["n"], _f(first["bytes"] / first["n"] / MiB)
-    for name, rerun, value, how in (
+    each = _f(first["bytes"] / first["n"] / MiB)
+    _rerun_targets(
+        report,
+        large["rounds"],
+        f"{first['n']} backups of {each} MiB",
+        where,
         (
-            "incremental_rerun_large",
-            large["rerun"],
-            large["ratio"],
-            "a new work volume from the previous snapshot each run",
+            (
+                "incremental_rerun_large",
+                first,
+                large["rerun"],
+                large["ratio"],
+                "a new work volume from the previous snapshot each run",
+            ),
+            (
+                "incremental_rerun_kept_volume_large",
+                large["kept_first"],
+                large["kept_rerun"],
+                large["kept_ratio"],
+                "into the work volumes a run before it kept (keep_volume)",
+            ),
         ),
-        (
-            "incremental_rerun_kept_volume_large",
-            large["kept_rerun"],
-            large["kept_ratio"],
-            "into the work volumes a run before it kept (keep_volume)",
-        ),
-    ):
+    )
+
+
+def _rerun_targets(
+    report: BaselineReport,
+    rounds: list[dict[str, Any]],
+    fleet: str,
+    where: str,
+    rows: tuple[tuple[str, dict[str, Any], dict[str, Any], float, str], ...],
+) -> None:
+    """The rerun rows of one part's rounds: (name, first run, rerun, ratio, how) each."""
+    for name, first, rerun, value, how in rows:
+        n = first["n"]
         report.target(
             name,
             value,
             "<=",
             0.2,
-            f"rerun with 1 % of the files changed / first run, copy mode, {n} backups of "
-            f"{each} MiB, {how}; {where}",
+            f"rerun with 1 % of the files changed / first run, copy mode, {fleet}, {how}; {where}",
             bound="library" if value <= 0.2 else _rerun_bound(rerun, first, n),
             evidence=(
-                f"{_rounds(large['rounds'], 'ratio' if 'kept' not in name else 'kept_ratio')}"
+                f"{_rounds(rounds, 'ratio' if 'kept' not in name else 'kept_ratio')}"
                 f"first {_f(first['wall_s'])} s, rerun {_f(rerun['wall_s'])} s "
-                f"({_f(rerun['bytes'] / MiB)} MiB sent; {rerun['volumes_reused']} of {n} into "
-                f"a kept volume); rerun: {_copies(rerun)}; median per backup: first "
+                f"({_f(rerun['bytes'] / MiB)} MiB sent; {rerun.get('volumes_reused', 0)} of "
+                f"{n} into a kept volume); rerun: {_copies(rerun)}; median per backup: first "
                 f"{_phases(first)}; rerun {_phases(rerun)} of "
                 f"{_f(rerun['median_s']['elapsed'])} s; {_slowest(rerun)}{_throttled(rerun)}"
                 f"first run {_cpu(first)}; rerun {_cpu(rerun)}"
@@ -1681,38 +1704,28 @@ def _reflink_targets(report: BaselineReport, res: dict[str, Any], focus: int) ->
             f" ({where}; {_copy_rounds(ebs['rounds'])})",
             ebs["rerun"],
         )
-    for name, first, rerun, value, how in (
+    _rerun_targets(
+        report,
+        ebs["rounds"],
+        f"{focus} servers",
+        where,
         (
-            "incremental_rerun_reflink_store",
-            ebs["first"],
-            ebs["rerun"],
-            ebs["ratio"],
-            "a new work volume from the previous snapshot each run",
-        ),
-        (
-            "incremental_rerun_kept_volume_reflink_store",
-            ebs["kept_first"],
-            ebs["kept_rerun"],
-            ebs["kept_ratio"],
-            "keeping its work volume (keep_volume)",
-        ),
-    ):
-        report.target(
-            name,
-            value,
-            "<=",
-            0.2,
-            f"rerun with 1 % of the files changed / first run, copy mode, {focus} servers, "
-            f"{how}; {where}",
-            bound="library" if value <= 0.2 else _rerun_bound(rerun, first, focus),
-            evidence=(
-                f"{_rounds(ebs['rounds'], 'ratio' if 'kept' not in name else 'kept_ratio')}"
-                f"first {_f(first['wall_s'])} s, rerun {_f(rerun['wall_s'])} s; rerun: "
-                f"{_copies(rerun)}; median per backup: first {_phases(first)}; rerun "
-                f"{_phases(rerun)} of {_f(rerun['median_s']['elapsed'])} s; {_slowest(rerun)}"
-                f"{_throttled(rerun)}first run {_cpu(first)}; rerun {_cpu(rerun)}"
+            (
+                "incremental_rerun_reflink_store",
+                ebs["first"],
+                ebs["rerun"],
+                ebs["ratio"],
+                "a new work volume from the previous snapshot each run",
             ),
-        )
+            (
+                "incremental_rerun_kept_volume_reflink_store",
+                ebs["kept_first"],
+                ebs["kept_rerun"],
+                ebs["kept_ratio"],
+                "keeping its work volume (keep_volume)",
+            ),
+        ),
+    )
     snap = ebs["snapshot"]
     report.target(
         "snapshot_vs_copy_mode_reflink_store",
