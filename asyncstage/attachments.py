@@ -10,6 +10,8 @@ naming where a volume is still mounted when the detach stays ``busy``.
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -23,6 +25,12 @@ if TYPE_CHECKING:
     from asyncstage.refs import ServerRef, VolumeRef
 
 __all__ = ["Attachments"]
+
+log = logging.getLogger("asyncstage")
+
+_CLOCK_SLACK = timedelta(seconds=2)
+"""How far EC2's clock may be from our estimate of it (taken from whole-second ``Date``
+headers): an attachment this much older than an unanswered call still counts as its."""
 
 # Waits (about 5 s each, on the server) for the first of its arguments that is a block
 # device and prints its real path: the node of a new attachment comes after `attached`.
@@ -129,7 +137,15 @@ class Attachments:
         try:
             async with self._name_lock:
                 ec2_device, _ = await self.unused_block_device()
-                await m.ec2.attach_volume(volume.volume_id, self.server.instance_id, ec2_device)
+                asked = m.ec2.now()
+                try:
+                    await m.ec2.attach_volume(volume.volume_id, self.server.instance_id, ec2_device)
+                except BaseException as e:
+                    # no answer came (cancelled, interrupted, the connection lost)
+                    if not isinstance(e, Exception) or (isinstance(e, EC2Error) and e.code is None):
+                        with anyio.CancelScope(shield=True):
+                            await self._undo_unanswered(volume, asked)
+                    raise
                 volume._record_attach(self.server, ec2_device, None)
         finally:
             self._reserved -= 1  # attached, the volume holds it now; failed, it is free
@@ -147,6 +163,39 @@ class Attachments:
         volume._record_description(desc)
         mtdev = await self.find_device(volume.volume_id, ec2_device, timeout=m.timeouts.volume)
         volume._record_attach(self.server, ec2_device, mtdev)
+
+    async def _undo_unanswered(self, volume: VolumeRef, asked: datetime) -> None:
+        """After an AttachVolume that got no answer (cancelled, the connection lost), which
+        EC2 may have carried out all the same: detach the volume again when EC2 says it was
+        attached here since ``asked`` (by that call, then), so that it is as it was before.
+        An attachment from before the call is someone else's and stays. Best effort: an
+        attach still in flight may land after this look (a later attach or delete of the
+        volume then says it is in use)."""
+        m = self.ctx
+        since = asked - _CLOCK_SLACK
+        try:
+            found = await m.ec2.describe_volumes([volume.volume_id])
+            made = [
+                a
+                for a in (found[0].get("Attachments") or [] if found else [])
+                if a.get("InstanceId") == self.server.instance_id
+                and isinstance(a.get("AttachTime"), datetime)
+                and a["AttachTime"] >= since
+            ]
+            if not made:
+                return
+            await m.ec2.detach_volume(volume.volume_id)
+            await m.ec2.wait_for_volume(
+                volume.volume_id,
+                lambda v: v.get("State") == "available",
+                what=f"volume {volume.name} ({volume.volume_id}) to detach again",
+                timeout=m.timeouts.volume,
+                kind="detached",
+            )
+        except AsyncstageError as e:
+            log.warning(
+                "volume %s may be left attached to %s: %s", volume.volume_id, self.server.name, e
+            )
 
     async def find_device(self, volume_id: str, ec2_device: str, *, timeout: float) -> str:
         """The device path of a volume attached here: by its NVMe serial on Nitro, by the

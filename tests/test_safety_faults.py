@@ -205,7 +205,7 @@ async def test_scan_takes_mount_state_from_the_server(
 async def test_an_attach_that_lands_after_its_failure_is_undone(
     server: Server, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An AttachVolume whose answer is lost (cancelled, a reset connection) may still
+    """An AttachVolume that failed (EC2's InternalError, or no answer at all) may still
     attach the volume after the clean-up has looked at it: the clean-up's delete, refused
     because the volume is attached, detaches it and deletes it."""
     ec2, raw = server.manager.ec2, await _raw_ec2(cloud)
@@ -214,7 +214,7 @@ async def test_an_attach_that_lands_after_its_failure_is_undone(
 
     async def answer_lost(volume_id: str, instance_id: str, device: str) -> None:
         in_flight.append((volume_id, instance_id, device))
-        raise EC2Error("AttachVolume failed: connection reset", code="RequestError")
+        raise EC2Error("AttachVolume failed: an internal error", code="InternalError")
 
     async def lands_after_the_look(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         found = await real_describe(*args, **kwargs)
@@ -226,7 +226,7 @@ async def test_an_attach_that_lands_after_its_failure_is_undone(
     monkeypatch.setattr(ec2, "describe_volumes", lands_after_the_look)
     name = f"fault-late-attach-{secrets.token_hex(3)}"
     try:
-        with pytest.raises(EC2Error, match="connection reset"):
+        with pytest.raises(EC2Error, match="an internal error"):
             await server.provision_volume(name, size=1)
         monkeypatch.undo()
         assert in_flight == []  # the attach did land
@@ -235,6 +235,64 @@ async def test_an_attach_that_lands_after_its_failure_is_undone(
     finally:
         await raw.close()
     assert server.manager.find_volume_by_name(name) is None
+
+
+async def test_a_mount_whose_attach_got_no_answer_leaves_the_volume_as_it_was(
+    server: Server, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An AttachVolume that got no answer (the connection lost, a cancel) but that EC2
+    carried out is undone: the volume is detached again, and mounts later as ever."""
+    ec2, raw = server.manager.ec2, await _raw_ec2(cloud)
+    vol = await server.provision_volume(f"fault-unanswered-{secrets.token_hex(3)}", size=1)
+    try:
+        await vol.detach()
+
+        async def carried_out_unanswered(volume_id: str, instance_id: str, device: str) -> None:
+            await raw.attach_volume(volume_id, instance_id, device)
+            raise EC2Error("AttachVolume failed: connection reset")  # no code: no answer
+
+        monkeypatch.setattr(ec2, "attach_volume", carried_out_unanswered)
+        with pytest.raises(EC2Error, match="connection reset"):
+            await vol.mount(server)
+        monkeypatch.undo()
+        (desc,) = await raw.describe_volumes([vol.volume_id])
+        assert desc["State"] == "available" and not desc.get("Attachments")
+        assert vol.server is None
+        await vol.mount(server)
+        assert vol.mounted and vol.server is server
+    finally:
+        await vol.delete()
+        await raw.close()
+
+
+async def test_an_attachment_from_before_an_unanswered_attach_stays(
+    server: Server, cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an attachment made since the unanswered call is undone: one that was there
+    before it (another party's, unknown to the manager) stays."""
+    ec2, raw = server.manager.ec2, await _raw_ec2(cloud)
+    vol = await server.provision_volume(f"fault-theirs-{secrets.token_hex(3)}", size=1)
+    try:
+        await vol.detach()
+        await raw.attach_volume(vol.volume_id, server.instance_id, "/dev/sdy")
+        await anyio.sleep(3)  # beyond the slack allowed for EC2's clock
+
+        async def unanswered(volume_id: str, instance_id: str, device: str) -> None:
+            raise EC2Error("AttachVolume failed: connection reset")
+
+        monkeypatch.setattr(ec2, "attach_volume", unanswered)
+        with pytest.raises(EC2Error, match="connection reset"):
+            await vol.mount(server)
+        monkeypatch.undo()
+        (desc,) = await raw.describe_volumes([vol.volume_id])
+        assert [a["InstanceId"] for a in desc["Attachments"]] == [server.instance_id]
+    finally:
+        await raw.detach_volume(vol.volume_id)
+        await raw.wait_for_volume(
+            vol.volume_id, lambda v: v.get("State") == "available", what="detached", timeout=60
+        )
+        await vol.delete()
+        await raw.close()
 
 
 # -- provisions cancelled at 20 points in time ---------------------------------------------------
