@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from asyncstage.context import Context
     from asyncstage.refs import ServerRef, VolumeRef
 
-__all__ = ["Attachments"]
+__all__ = ["Attachments", "detached"]
 
 log = logging.getLogger("asyncstage")
 
@@ -38,6 +38,18 @@ _WAIT_FOR_NODE = (
     'n=0; while [ "$n" -lt 50 ]; do for p; do if [ -b "$p" ]; then readlink -f -- "$p"; '
     "exit 0; fi; done; n=$((n+1)); sleep 0.1; done; exit 3"
 )
+
+
+async def detached(ctx: Context, volume_id: str, *, force: bool = False, what: str = "") -> None:
+    """Detach a volume (``force``: forcibly) and wait until EC2 says it is ``available``."""
+    await ctx.ec2.detach_volume(volume_id, force=force)
+    await ctx.ec2.wait_for_volume(
+        volume_id,
+        lambda v: v.get("State") == "available",
+        what=f"{what or 'volume to detach'} ({volume_id})",
+        timeout=ctx.timeouts.volume,
+        kind="detached",
+    )
 
 
 class Attachments:
@@ -184,14 +196,7 @@ class Attachments:
             ]
             if not made:
                 return
-            await m.ec2.detach_volume(volume.volume_id)
-            await m.ec2.wait_for_volume(
-                volume.volume_id,
-                lambda v: v.get("State") == "available",
-                what=f"volume {volume.name} ({volume.volume_id}) to detach again",
-                timeout=m.timeouts.volume,
-                kind="detached",
-            )
+            await detached(m, volume.volume_id, what=f"volume {volume.name} to detach again")
         except AsyncstageError as e:
             log.warning(
                 "volume %s may be left attached to %s: %s", volume.volume_id, self.server.name, e

@@ -16,7 +16,7 @@ import anyio
 
 from asyncstage import mounts
 from asyncstage.adoption import creation_tags, ours, owner_tags
-from asyncstage.attachments import Attachments
+from asyncstage.attachments import Attachments, detached
 from asyncstage.ec2 import new_client_token, tag, tags_of
 from asyncstage.ec2.tags import tag_list
 from asyncstage.errors import (
@@ -106,7 +106,7 @@ async def _discard_volume(ctx: Context, volume: VolumeRef) -> None:
         attached = server is not None or bool(found and found[0].get("Attachments"))
         for last in (False, False, True):
             if attached:
-                await _force_detach(ctx, volume.volume_id)
+                await detached(ctx, volume.volume_id, force=True)
             try:
                 await m.ec2.delete_volume(volume.volume_id)
                 break
@@ -117,18 +117,6 @@ async def _discard_volume(ctx: Context, volume: VolumeRef) -> None:
     except AsyncstageError as e:
         log.warning("could not delete volume %s: %s", volume.volume_id, e)
     m.registry.forget_volume(volume)
-
-
-async def _force_detach(ctx: Context, volume_id: str) -> None:
-    """Detach a volume forcibly and wait until it is ``available``."""
-    await ctx.ec2.detach_volume(volume_id, force=True)
-    await ctx.ec2.wait_for_volume(
-        volume_id,
-        lambda v: v.get("State") == "available",
-        what=f"volume {volume_id} to detach",
-        timeout=ctx.timeouts.volume,
-        kind="detached",
-    )
 
 
 def _check_size(size: object) -> int | None:
