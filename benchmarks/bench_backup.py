@@ -924,6 +924,7 @@ def report(results: Path, quick: bool, setup: Setup) -> None:
             p: r.get("instances_cpu_from", "/proc (clock ticks)") for p, r in parts.items()
         },
         "parts": {p: _part_text(p, setup) for p in parts},
+        "parts_started": {p: r.get("started") for p, r in parts.items()},
     }
     scale = parts["scale"]
     res: dict[str, Any] = {

@@ -77,6 +77,10 @@ def summarise(results: Path, names: list[str]) -> dict[str, Any]:
         machine = data.get("machine", machine)
         loads[name] = data.get("load", {})
         runs[name] = {"started": data.get("started"), "machine": data.get("machine", {})}
+        # a benchmark run in parts, each at a time of its own: when the last one started
+        latest = max((data.get("params") or {}).get("parts_started", {}).values(), default=None)
+        if latest and latest != data.get("started"):
+            runs[name]["last_part_started"] = latest
         for t in data.get("targets", []):
             rows.append({"benchmark": name, **restate(name, data, t)})
     return {"machine": machine, "load": loads, "runs": runs, "targets": rows}
@@ -114,7 +118,10 @@ def markdown(summary: dict[str, Any]) -> str:
             f"Linux {m.get('kernel')}, Python {m.get('python')}, asyncssh {m.get('asyncssh')}, "
             f"{m.get('openssh')}, {m.get('rsync')}"
         )
-        machines.setdefault(line, []).append(f"{name} {run.get('started') or '?'}")
+        when = run.get("started") or "?"
+        if run.get("last_part_started"):
+            when += f" to {run['last_part_started']} (parts)"
+        machines.setdefault(line, []).append(f"{name} {when}")
     if machines:
         lines.append("")
     for line, runs in machines.items():
