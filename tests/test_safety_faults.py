@@ -275,7 +275,7 @@ async def test_an_attachment_from_before_an_unanswered_attach_stays(
     try:
         await vol.detach()
         await raw.attach_volume(vol.volume_id, server.instance_id, "/dev/sdy")
-        await anyio.sleep(3)  # beyond the slack allowed for EC2's clock
+        await anyio.sleep(4)  # well beyond the slack allowed for EC2's clock
 
         async def unanswered(volume_id: str, instance_id: str, device: str) -> None:
             raise EC2Error("AttachVolume failed: connection reset")
